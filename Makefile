@@ -1,0 +1,29 @@
+# The README's two commands: `make demo` and `make test`. Both install what is missing first.
+VENV   ?= .venv
+SHOAL  := $(VENV)/bin/shoal
+PYTEST := $(VENV)/bin/pytest
+
+.PHONY: install demo test bench down proto clean
+
+install:
+	@bash scripts/install.sh
+
+demo: install
+	@$(SHOAL) up --nodes 2 --demo
+	@$(SHOAL) demo show
+
+test: install
+	@$(PYTEST) -q -ra tests
+
+bench: install
+	@$(VENV)/bin/python -m shoal.perf run
+
+down:
+	@$(SHOAL) down
+
+# Regenerate the committed gRPC/protobuf modules after editing shoal/api/*.proto.
+proto: install
+	@$(VENV)/bin/python -m shoal.api.generate
+
+clean: down
+	rm -rf $(VENV)

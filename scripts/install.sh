@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Installs what Shoal needs on a Debian 12 machine, idempotently:
+# apt packages, the kernel-headers wiring bcc needs, bpffs, and the project venv.
+# Touches nothing in the root network namespace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+APT_PACKAGES=(python3-bpfcc libbpfcc bpfcc-tools linux-headers-amd64 iproute2
+              iperf3 stunnel4 haproxy wrk nghttp2-client socat tcpdump bpftool curl)
+
+log() { printf '\033[1m[install]\033[0m %s\n' "$*"; }
+
+if [ "$(id -u)" != 0 ]; then
+  echo "install: must run as root (apt, bpffs and network namespaces need it)" >&2
+  exit 1
+fi
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  [ -n "$p" ] || continue
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "apt: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null
+  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# bcc compiles against /lib/modules/$(uname -r)/build. This kernel ships no headers
+# package of its own, so point build/ and source/ at Debian's newest headers.
+krel=$(uname -r)
+hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1)
+common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n1)
+if [ -n "$hdr" ] && [ ! -e "/lib/modules/$krel/build" ]; then
+  log "linking /lib/modules/$krel/build -> $hdr"
+  mkdir -p "/lib/modules/$krel"
+  ln -sfn "$hdr" "/lib/modules/$krel/build"
+  ln -sfn "$common" "/lib/modules/$krel/source"
+fi
+
+if ! mountpoint -q /sys/fs/bpf; then
+  log "mounting bpffs on /sys/fs/bpf"
+  mkdir -p /sys/fs/bpf
+  mount -t bpf bpf /sys/fs/bpf
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating venv $VENV with $($PY --version)"
+  "$PY" -m venv "$VENV"
+fi
+# bcc is pure Python over ctypes (libbcc.so from Debian); make Debian's copy importable.
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
+
+stamp="$VENV/.installed-$(sha1sum pyproject.toml | cut -c1-12)"
+if [ ! -e "$stamp" ]; then
+  log "pip: installing shoal and its dependencies"
+  "$VENV/bin/pip" install -q --upgrade pip >/dev/null
+  "$VENV/bin/pip" install -q -e '.[test]'
+  rm -f "$VENV"/.installed-*
+  touch "$stamp"
+fi
+log "ready: $VENV/bin/shoal"

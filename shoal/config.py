@@ -1,0 +1,158 @@
+"""Constants shared by every component: ports, labels, and the local cluster's layout.
+
+Each component owns one frozen config dataclass (``shoal.agent.config``,
+``shoal.controller.config``...) built from flags and environment in one place;
+this module only holds what they all agree on.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# Node proxy (in-pod listeners and per-node endpoints), as ztunnel.
+PORT_OUTBOUND = 15001
+PORT_INBOUND_PLAINTEXT = 15006
+PORT_HBONE = 15008
+PORT_PROXY_ADMIN = 15000
+PORT_PROXY_METRICS = 15020
+PORT_PROXY_READY = 15021
+# Controller: config stream + CA (istiod's 15012), metrics, readiness.
+PORT_CONTROLLER_GRPC = 15012
+PORT_CONTROLLER_METRICS = 15014
+# Agent metrics; flows (Hubble Observer) per node and the cluster relay.
+PORT_AGENT_METRICS = 9962
+PORT_HUBBLE = 4244
+PORT_HUBBLE_RELAY = 4245
+
+# Socket mark carried by the node proxy's own sockets: capture skips them.
+PROXY_MARK = 0x539
+
+DEFAULT_TRUST_DOMAIN = "cluster.local"
+
+LABEL_MESH = "shoal.io/mesh"                     # namespace: enabled; pod: disabled
+LABEL_MESH_ISTIO = "istio.io/dataplane-mode"     # namespace alias: ambient
+LABEL_USE_WAYPOINT = "shoal.io/use-waypoint"
+LABEL_USE_WAYPOINT_ISTIO = "istio.io/use-waypoint"
+WAYPOINT_GATEWAY_CLASS = "shoal-waypoint"
+
+
+def spiffe_id(namespace: str, service_account: str, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> str:
+    return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
+
+
+@dataclass(frozen=True)
+class ClusterLayout:
+    """Where a local cluster's pieces live on this machine.
+
+    Every name is prefixed with the cluster name, so several clusters (a demo and a
+    test run) can live side by side without touching the root network namespace.
+    """
+
+    name: str = "shoal"
+    run_root: Path = Path("/run/shoal")
+    cgroup_root: Path = Path("/sys/fs/cgroup/unified")
+    bpffs_root: Path = Path("/sys/fs/bpf")
+
+    @classmethod
+    def from_env(cls) -> "ClusterLayout":
+        return cls(name=os.environ.get("SHOAL_CLUSTER", "shoal"))
+
+    # -- directories
+    @property
+    def run_dir(self) -> Path:
+        return self.run_root / self.name
+
+    def node_dir(self, node: str) -> Path:
+        return self.run_dir / node
+
+    @property
+    def log_dir(self) -> Path:
+        return self.run_dir / "logs"
+
+    @property
+    def store_path(self) -> Path:
+        return self.run_dir / "store.db"
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.run_dir / "ca"
+
+    @property
+    def bootstrap_token_path(self) -> Path:
+        return self.run_dir / "bootstrap-token"
+
+    # -- Unix sockets
+    @property
+    def api_socket(self) -> Path:
+        """The controller's local API (apply/get/delete/status) for the CLI."""
+        return self.run_dir / "controller.sock"
+
+    @property
+    def relay_socket(self) -> Path:
+        """The controller's Hubble relay, for the CLI and the hubble CLI."""
+        return self.run_dir / "relay.sock"
+
+    def zds_socket(self, node: str) -> Path:
+        """Agent -> node proxy: pod netns handover (SCM_RIGHTS)."""
+        return self.node_dir(node) / "zds.sock"
+
+    def flows_socket(self, node: str) -> Path:
+        """Node proxy and waypoints -> agent: L4/L7 flow events."""
+        return self.node_dir(node) / "flows.sock"
+
+    def hubble_socket(self, node: str) -> Path:
+        """The agent's Hubble Observer API (also on TCP 4244 in the node netns)."""
+        return self.node_dir(node) / "hubble.sock"
+
+    # -- network namespaces (names under /run/netns)
+    @property
+    def control_netns(self) -> str:
+        return f"{self.name}-control"
+
+    def node_netns(self, node: str) -> str:
+        return f"{self.name}-{node}"
+
+    def pod_netns(self, namespace: str, pod: str) -> str:
+        return f"{self.name}-{namespace}-{pod}"
+
+    # -- cgroups (v2)
+    @property
+    def cgroup(self) -> Path:
+        return self.cgroup_root / self.name
+
+    def node_cgroup(self, node: str) -> Path:
+        """Every process of a node (agent, proxy, pods) lives below this: the node's 'root'."""
+        return self.cgroup / node
+
+    def pod_cgroup(self, node: str, namespace: str, pod: str) -> Path:
+        return self.node_cgroup(node) / "pods" / f"{namespace}.{pod}"
+
+    def system_cgroup(self, node: str, component: str) -> Path:
+        return self.node_cgroup(node) / "system" / component
+
+    # -- bpffs
+    def bpf_pin_dir(self, node: str) -> Path:
+        return self.bpffs_root / self.name / node
+
+    # -- addressing
+    FABRIC_CIDR = "172.18.0.0/24"
+    CONTROLLER_IP = "172.18.0.1"
+    SERVICE_CIDR = "10.96.0.0/16"
+
+    @staticmethod
+    def node_index(node: str) -> int:
+        return int(node.rsplit("-", 1)[1])
+
+    def node_ip(self, node: str) -> str:
+        return f"172.18.0.{10 + self.node_index(node)}"
+
+    def pod_cidr(self, node: str) -> str:
+        return f"10.244.{self.node_index(node)}.0/24"
+
+    def pod_gateway(self, node: str) -> str:
+        return f"10.244.{self.node_index(node)}.1"
+
+    @property
+    def controller_address(self) -> str:
+        return f"{self.CONTROLLER_IP}:{PORT_CONTROLLER_GRPC}"
