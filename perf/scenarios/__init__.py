@@ -1,0 +1,1 @@
+"""Scenario modules: each exports ``SCENARIO`` (see ``shoal.perf.scenario`` and perf/README.md)."""
