@@ -1,0 +1,110 @@
+"""The embedded store: validation, defaults, atomic applies, cascades, watch events."""
+import pytest
+
+from shoal.controller.manifests import ManifestError
+from shoal.controller.store import Store
+
+
+def node(name):
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}
+
+
+def pod(name, ns="demo", **spec):
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns},
+            "spec": {"containers": [{"name": "main", "command": ["sleep", "inf"]}], **spec}}
+
+
+def service(name, ns="demo", **spec):
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
+            "spec": {"selector": {"app": name}, "ports": [{"port": 8080}], **spec}}
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "store.db")
+    s.apply([node("node-1"), node("node-2")])
+    yield s
+    s.close()
+
+
+def test_deployment_expands_into_named_pods_spread_over_nodes(store):
+    store.apply([{
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "namespace": "demo"},
+        "spec": {"replicas": 2, "template": {"metadata": {"labels": {"app": "web"}},
+                                             "spec": {"containers": [{"command": ["web"]}]}}}}])
+    pods = {p["metadata"]["name"]: p for p in store.list("Pod", "demo")}
+    assert set(pods) == {"web-0", "web-1"}
+    assert pods["web-0"]["spec"]["nodeName"] == "node-1"
+    assert pods["web-1"]["spec"]["nodeName"] == "node-2"
+    assert pods["web-0"]["metadata"]["labels"] == {"app": "web"}
+
+
+def test_scaling_down_removes_surplus_pods_and_delete_cascades(store):
+    dep = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "namespace": "demo"},
+           "spec": {"replicas": 3, "template": {"spec": {"containers": [{"command": ["web"]}]}}}}
+    store.apply([dep])
+    dep["spec"]["replicas"] = 1
+    events = store.apply([dep])
+    assert sorted(e.object["metadata"]["name"] for e in events if e.type == "DELETED") == ["web-1", "web-2"]
+    store.delete([{"kind": "Deployment", "metadata": {"name": "web", "namespace": "demo"}}])
+    assert store.list("Pod") == []
+
+
+def test_one_bad_document_leaves_the_store_unchanged(store):
+    before = store.resource_version
+    bad = pod("broken")
+    bad["spec"]["containers"][0]["command"] = "not-a-list"
+    with pytest.raises(ManifestError) as err:
+        store.apply([pod("good"), bad])
+    assert "Pod demo/broken: spec.containers[0].command: expected a list of strings" in err.value.errors
+    assert store.list("Pod") == [] and store.resource_version == before
+
+
+def test_errors_name_object_and_field():
+    from shoal.controller.manifests import validate
+    errors = validate({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "db", "namespace": "demo"},
+                       "spec": {"ports": [{"port": 70000}]}})
+    assert errors == ["Service demo/db: spec.ports[0].port: expected a port number 1-65535, got 70000"]
+    assert "unknown kind" in validate({"kind": "Bogus", "metadata": {"name": "x"}})[0]
+    assert validate("text")[0].startswith("document 1: expected a mapping")
+
+
+def test_services_get_stable_unique_cluster_ips(store):
+    store.apply([service("web"), service("db")])
+    web = store.get("Service", "demo", "web")["spec"]["clusterIP"]
+    db = store.get("Service", "demo", "db")["spec"]["clusterIP"]
+    assert web != db and web.startswith("10.96.")
+    store.apply([service("web", ports=[{"port": 9090}])])
+    assert store.get("Service", "demo", "web")["spec"]["clusterIP"] == web
+
+
+def test_pods_are_scheduled_on_the_least_loaded_node_and_unknown_nodes_refused(store):
+    store.apply([pod("a"), pod("b")])
+    assert {p["spec"]["nodeName"] for p in store.list("Pod")} == {"node-1", "node-2"}
+    with pytest.raises(ManifestError, match="spec.nodeName: no node named 'node-9'"):
+        store.apply([pod("c", nodeName="node-9")])
+
+
+def test_watch_reports_changes_once_and_status_updates(store):
+    seen = []
+    store.watch(lambda events: seen.extend((e.type, e.object["metadata"]["name"]) for e in events))
+    store.apply([pod("a")])
+    store.apply([pod("a")])  # unchanged: no event
+    store.update_status("Pod", "demo", "a", {"phase": "Running", "podIP": "10.244.1.2"})
+    store.delete([pod("a")])
+    assert seen == [("ADDED", "a"), ("MODIFIED", "a"), ("DELETED", "a")]
+
+
+def test_deleting_a_namespace_removes_its_objects(store):
+    store.apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo"}}, pod("a"), service("web")])
+    store.delete([{"kind": "Namespace", "metadata": {"name": "demo"}}])
+    assert store.list("Pod") == [] and store.list("Service") == [] and store.list("Namespace") == []
+
+
+def test_store_survives_reopen(tmp_path):
+    s = Store(tmp_path / "db")
+    s.apply([node("node-1"), pod("a")])
+    rv = s.resource_version
+    s.close()
+    s2 = Store(tmp_path / "db")
+    assert s2.get("Pod", "demo", "a")["spec"]["nodeName"] == "node-1" and s2.resource_version == rv
