@@ -54,6 +54,10 @@ class ClusterLayout:
     cgroup_root: Path = Path("/sys/fs/cgroup/unified")
     bpffs_root: Path = Path("/sys/fs/bpf")
 
+    def __post_init__(self) -> None:
+        if not self.name or not all(c.isdigit() or "a" <= c <= "z" or c == "-" for c in self.name):
+            raise ValueError(f"cluster name {self.name!r}: use lowercase letters, digits and '-'")
+
     @classmethod
     def from_env(cls) -> "ClusterLayout":
         return cls(name=os.environ.get("SHOAL_CLUSTER", "shoal"))
@@ -106,15 +110,22 @@ class ClusterLayout:
         return self.node_dir(node) / "hubble.sock"
 
     # -- network namespaces (names under /run/netns)
+    # Dots separate the parts: cluster names and Kubernetes namespace names have none, so
+    # "<cluster>.<node>" and "<cluster>.<namespace>.<pod>" never collide, and one cluster's
+    # prefix never matches another's ("shoal." vs "shoal-t1.").
+    @property
+    def netns_prefix(self) -> str:
+        return f"{self.name}."
+
     @property
     def control_netns(self) -> str:
-        return f"{self.name}-control"
+        return f"{self.name}.control"
 
     def node_netns(self, node: str) -> str:
-        return f"{self.name}-{node}"
+        return f"{self.name}.{node}"
 
     def pod_netns(self, namespace: str, pod: str) -> str:
-        return f"{self.name}-{namespace}-{pod}"
+        return f"{self.name}.{namespace}.{pod}"
 
     # -- cgroups (v2)
     @property
