@@ -1,0 +1,43 @@
+"""Per-node flow observability, Hubble-compatible (issue 7).
+
+Pieces, each usable on its own:
+
+- ``emitter.FlowEmitter(path)``: used by the node proxy and the waypoint to send their
+  L4/L7 ``flow_pb2.Flow`` records to the agent over ``ClusterLayout.flows_socket(node)``
+  (Unix datagrams, never blocks; drops and counts when the agent is away or slow).
+  ``flows.l4_flow(...)`` / ``flows.http_flow(...)`` build those records.
+- ``store.FlowStore``: the bounded ring (4,095 by default) with followers.
+- ``filters``: Hubble's FlowFilter semantics, pure.
+- ``enrich``: kernel events and bare flows -> Hubble flows with endpoints from ConfigState.
+- ``server.HubbleServer``: the Observer gRPC API + health, on TCP 4244 and a Unix socket.
+
+How the agent's wiring module builds it::
+
+    from shoal.agent.hubble import HubbleConfig, HubbleServer
+
+    hubble = HubbleServer(
+        HubbleConfig.for_node(layout, node),   # or HubbleConfig(node_name=..., ...)
+        state,                                  # shoal.xds.state.ConfigState (read only)
+        registry=registry,                      # the agent's prometheus CollectorRegistry
+        kernel_lost=reader.lost_events,         # () -> int, cumulative ring-buffer losses
+    )
+    reader = RingBufferReader(..., sink=hubble.kernel_sink)   # KernelFlowEvent -> store
+    await hubble.start()     # binds flows socket, hubble socket and TCP 4244
+    ...
+    await hubble.stop()
+
+``hubble.kernel_sink(event)`` is cheap (one append): it is called for every ring-buffer
+record; the Hubble Flow is built only when someone reads it.
+"""
+from shoal.agent.hubble.config import HubbleConfig
+
+__all__ = ["HubbleConfig", "HubbleServer"]
+
+
+def __getattr__(name: str):
+    # The server pulls in grpc; keep ``import shoal.agent.hubble.emitter`` light for the proxy.
+    if name == "HubbleServer":
+        from shoal.agent.hubble.server import HubbleServer
+
+        return HubbleServer
+    raise AttributeError(name)

@@ -1,0 +1,126 @@
+"""Node proxy / waypoint -> agent: L4 and L7 flow records over a Unix datagram socket.
+
+One datagram per record: a one-byte kind, then the payload.
+
+- ``F`` + a serialized ``flow.Flow``;
+- ``L`` + little-endian u64: how many records this sender dropped since its last ``L``
+  (the agent turns it into a ``lost_events`` record, source OBSERVER_EVENTS_QUEUE).
+
+Datagrams keep record boundaries without framing, and a full receive queue gives EAGAIN
+on a non-blocking send: the sender drops and counts instead of waiting. A proxy must never
+stall its data path because nobody is watching its flows.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import struct
+from pathlib import Path
+
+from shoal.api.flow import flow_pb2
+
+log = logging.getLogger(__name__)
+
+KIND_FLOW = b"F"
+KIND_LOST = b"L"
+LOST_FORMAT = struct.Struct("<Q")
+# Far below the Unix datagram limit (the socket send buffer); bigger flows are bugs.
+MAX_RECORD_BYTES = 64 * 1024
+
+# Errors that mean "the agent is not there or not keeping up": drop, count, go on.
+_AGENT_AWAY = {errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN, errno.ENOBUFS, errno.ENOTCONN}
+
+
+def encode_flow(flow: flow_pb2.Flow) -> bytes:
+    return KIND_FLOW + flow.SerializeToString()
+
+
+def encode_lost(count: int) -> bytes:
+    return KIND_LOST + LOST_FORMAT.pack(count)
+
+
+class FlowEmitter:
+    """Non-blocking sender of flows to the node's agent.
+
+    ``emit(flow)`` returns at once: True when the record was handed to the kernel, False
+    when it was dropped (agent away, queue full, record too big). Drops are counted in
+    ``dropped`` and reported to the agent with the next record that gets through, so the
+    loss shows up in ``lost_events`` even though the agent never saw the records.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], registry=None, component: str = "proxy") -> None:
+        self.path = str(Path(path))
+        self.sent = 0
+        self.dropped = 0
+        self._unreported = 0
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._sock.setblocking(False)
+        self._metrics = _EmitterMetrics(registry, component) if registry is not None else None
+
+    def emit(self, flow: flow_pb2.Flow) -> bool:
+        record = encode_flow(flow)
+        if len(record) > MAX_RECORD_BYTES:
+            log.warning("flow record of %d bytes dropped (limit %d)", len(record), MAX_RECORD_BYTES)
+            self._drop("too_big")
+            return False
+        if not self._send(record):
+            return False
+        self.sent += 1
+        if self._metrics:
+            self._metrics.sent.inc()
+        if self._unreported and self._send(encode_lost(self._unreported)):
+            self._unreported = 0
+        return True
+
+    def _send(self, record: bytes) -> bool:
+        try:
+            self._sock.sendto(record, self.path)
+            return True
+        except OSError as error:
+            if error.errno not in _AGENT_AWAY:
+                log.warning("flow emitter: unexpected send error: %s", error)
+            self._drop(errno.errorcode.get(error.errno or 0, "error").lower())
+            return False
+
+    def _drop(self, reason: str) -> None:
+        self.dropped += 1
+        self._unreported += 1
+        if self._metrics:
+            self._metrics.dropped.labels(reason=reason).inc()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> "FlowEmitter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _EmitterMetrics:
+    def __init__(self, registry, component: str) -> None:
+        from prometheus_client import Counter
+
+        self.sent = Counter(
+            "shoal_flow_records_sent", "Flow records handed to the node agent",
+            ["component"], registry=registry,
+        ).labels(component=component)
+        dropped = Counter(
+            "shoal_flow_records_dropped", "Flow records dropped before reaching the agent",
+            ["component", "reason"], registry=registry,
+        )
+        self.dropped = _Bound(dropped, component=component)
+
+
+class _Bound:
+    """A labelled counter with some labels fixed."""
+
+    def __init__(self, counter, **fixed: str) -> None:
+        self._counter = counter
+        self._fixed = fixed
+
+    def labels(self, **labels: str):
+        return self._counter.labels(**self._fixed, **labels)
