@@ -1,0 +1,143 @@
+"""``ConfigState``: the cluster as the data path sees it.
+
+Written only by the config client (``apply``), read by everyone else on the node. Keeps
+indexes for the data path's lookups (by IP, by node, by VIP) and tells subscribers about
+every applied push, with the objects it replaced so they can undo derived state.
+"""
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import replace
+from typing import Callable, Iterable
+
+from shoal.xds import model as m
+
+log = logging.getLogger(__name__)
+
+Subscriber = Callable[[m.ConfigDelta], None]
+
+
+class ConfigState:
+    def __init__(self) -> None:
+        self._workloads: dict[str, m.Workload] = {}
+        self._by_ip: dict[str, m.Workload] = {}
+        self._by_node: dict[str, dict[str, m.Workload]] = defaultdict(dict)
+        self._services: dict[str, m.Service] = {}
+        self._by_vip: dict[str, m.Service] = {}
+        self._policies: dict[str, m.Authorization] = {}
+        self._policies_by_ns: dict[str, dict[str, m.Authorization]] = defaultdict(dict)
+        self._waypoints: dict[str, m.Waypoint] = {}
+        self._subscribers: list[Subscriber] = []
+        self.version = ""
+
+    # -- writing (config client only) ---------------------------------------------------
+
+    def apply(self, delta: m.ConfigDelta) -> m.ConfigDelta:
+        """Applies one push; returns it with ``previous`` filled and notifies subscribers."""
+        previous: dict[str, m.Resource] = {}
+        for key in delta.removed:
+            old = self._remove(key)
+            if old is not None:
+                previous[key] = old
+        for resource in delta.upserted:
+            key = m.resource_key(resource)
+            old = self._remove(key)
+            if old is not None:
+                previous[key] = old
+            self._insert(resource)
+        if delta.version:
+            self.version = delta.version
+        applied = replace(delta, previous=previous)
+        for callback in list(self._subscribers):
+            try:
+                callback(applied)
+            except Exception:  # one broken subscriber must not starve the others
+                log.exception("config subscriber %r failed on version %s", callback, delta.version)
+        return applied
+
+    def _insert(self, resource: m.Resource) -> None:
+        if isinstance(resource, m.Workload):
+            self._workloads[resource.uid] = resource
+            if resource.ip:
+                self._by_ip[resource.ip] = resource
+            self._by_node[resource.node][resource.uid] = resource
+        elif isinstance(resource, m.Service):
+            self._services[resource.key] = resource
+            if resource.vip:
+                self._by_vip[resource.vip] = resource
+        elif isinstance(resource, m.Authorization):
+            self._policies[resource.key] = resource
+            self._policies_by_ns[resource.namespace][resource.key] = resource
+        elif isinstance(resource, m.Waypoint):
+            self._waypoints[resource.key] = resource
+
+    def _remove(self, key: str) -> m.Resource | None:
+        kind, name = m.split_key(key)
+        if kind == m.WORKLOAD:
+            old = self._workloads.pop(name, None)
+            if old is not None:
+                if self._by_ip.get(old.ip) is old:
+                    del self._by_ip[old.ip]
+                self._by_node[old.node].pop(old.uid, None)
+            return old
+        if kind == m.SERVICE:
+            old = self._services.pop(name, None)
+            if old is not None and self._by_vip.get(old.vip) is old:
+                del self._by_vip[old.vip]
+            return old
+        if kind == m.AUTHORIZATION:
+            old = self._policies.pop(name, None)
+            if old is not None:
+                self._policies_by_ns[old.namespace].pop(name, None)
+            return old
+        return self._waypoints.pop(name, None)
+
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Calls ``callback(delta)`` after each applied push; returns an unsubscribe function."""
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback)
+
+    # -- reading ------------------------------------------------------------------------
+
+    def workload(self, uid: str) -> m.Workload | None:
+        return self._workloads.get(uid)
+
+    def workload_by_ip(self, ip: str) -> m.Workload | None:
+        return self._by_ip.get(ip)
+
+    def workloads_on_node(self, node: str) -> list[m.Workload]:
+        return list(self._by_node.get(node, {}).values())
+
+    def all_workloads(self) -> list[m.Workload]:
+        return list(self._workloads.values())
+
+    def service(self, namespace: str, name: str) -> m.Service | None:
+        return self._services.get(f"{namespace}/{name}")
+
+    def service_by_vip(self, vip: str) -> m.Service | None:
+        return self._by_vip.get(vip)
+
+    def all_services(self) -> list[m.Service]:
+        return list(self._services.values())
+
+    def endpoints(self, service: m.Service) -> list[m.Workload]:
+        """The service's endpoint workloads that this node knows."""
+        return [w for uid in service.endpoints if (w := self._workloads.get(uid)) is not None]
+
+    def policies_for(self, workload: m.Workload) -> list[m.Authorization]:
+        """The Authorizations selecting ``workload``: its namespace's plus mesh-wide ones."""
+        namespaces: Iterable[str] = (workload.namespace, m.MESH_ROOT_NAMESPACE)
+        if workload.namespace == m.MESH_ROOT_NAMESPACE:
+            namespaces = (workload.namespace,)
+        return [p for ns in namespaces for p in self._policies_by_ns.get(ns, {}).values()
+                if p.selects(workload)]
+
+    def all_policies(self) -> list[m.Authorization]:
+        return list(self._policies.values())
+
+    def waypoint(self, namespace: str, name: str) -> m.Waypoint | None:
+        return self._waypoints.get(f"{namespace}/{name}")
+
+    def all_waypoints(self) -> list[m.Waypoint]:
+        return list(self._waypoints.values())
