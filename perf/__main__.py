@@ -1,0 +1,3 @@
+from shoal.perf.cli import main
+
+main()

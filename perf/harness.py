@@ -1,0 +1,204 @@
+"""Discovers scenario modules, runs the selected ones on one bed, and builds the report."""
+from __future__ import annotations
+
+import datetime
+import importlib
+import os
+import pkgutil
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shoal.perf import report
+from shoal.perf.scenario import Bed, Measurement, Scenario
+
+SCENARIO_PACKAGE = "shoal.perf.scenarios"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+BED_KINDS = ("auto", "cluster", "netns")
+
+
+class SelectionError(ValueError):
+    """--only named a scenario that does not exist."""
+
+
+@dataclass(frozen=True)
+class Discovered:
+    scenarios: tuple[Scenario, ...]
+    broken: tuple[tuple[str, str], ...]      # (module, error) of modules that failed to load
+
+
+def discover(package: str = SCENARIO_PACKAGE) -> Discovered:
+    """Import every module of the package and collect its ``SCENARIO``."""
+    pkg = importlib.import_module(package)
+    found: list[Scenario] = []
+    broken: list[tuple[str, str]] = []
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        try:
+            module = importlib.import_module(f"{package}.{info.name}")
+        except Exception as exc:  # one broken module must not hide everyone else's figures
+            broken.append((info.name, f"import failed: {type(exc).__name__}: {exc}"))
+            continue
+        scenario = getattr(module, "SCENARIO", None)
+        if not isinstance(scenario, Scenario):
+            broken.append((info.name, "module has no SCENARIO = Scenario(...)"))
+            continue
+        found.append(scenario)
+    names = [s.name for s in found]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate scenario names: {', '.join(duplicates)}")
+    return Discovered(tuple(sorted(found, key=lambda s: (s.order, s.name))), tuple(broken))
+
+
+def select(scenarios: Sequence[Scenario], only: Sequence[str]) -> list[Scenario]:
+    if not only:
+        return list(scenarios)
+    known = {s.name for s in scenarios}
+    unknown = [n for n in only if n not in known]
+    if unknown:
+        raise SelectionError(f"unknown scenario(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return [s for s in scenarios if s.name in only]
+
+
+def unmet_requirements(scenario: Scenario, bed_kind: str, is_root: bool,
+                       which: Callable[[str], str | None] = shutil.which) -> list[str]:
+    missing = []
+    for need in scenario.requires:
+        if need == "root":
+            if not is_root:
+                missing.append("needs root")
+        elif need == "cluster":
+            if bed_kind != "cluster":
+                missing.append(f"needs the Shoal cluster bed (this run uses {bed_kind})")
+        elif need.startswith("bin:"):
+            if which(need[4:]) is None:
+                missing.append(f"{need[4:]} is not installed")
+        else:
+            missing.append(f"unknown requirement {need!r}")
+    return missing
+
+
+def cluster_available() -> bool:
+    """The local cluster exists once ``shoal.local`` (the lead's ``shoal up``) is installed."""
+    try:
+        importlib.import_module("shoal.local")
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_bed_kind(requested: str) -> str:
+    if requested not in BED_KINDS:
+        raise ValueError(f"bed must be one of {', '.join(BED_KINDS)}")
+    if requested == "auto":
+        return "cluster" if cluster_available() else "netns"
+    return requested
+
+
+def make_bed(kind: str, log: Callable[[str], None]) -> Bed:
+    if kind == "cluster":
+        from shoal.perf.beds.cluster import ClusterBed
+        return ClusterBed(log=log).up()
+    from shoal.perf.beds.netns import NetnsBed
+    log("bed: throwaway netns topology (2 nodes)")
+    return NetnsBed().up()
+
+
+@dataclass
+class RunContext:
+    """The ``Context`` a scenario gets; the bed is created on first use."""
+
+    quick: bool
+    workdir: Path
+    bed_kind: str
+    _bed_holder: dict[str, Bed]
+    repetitions: int = 3
+    _log: Callable[[str], None] = field(default=lambda m: print(m, file=sys.stderr, flush=True))
+
+    @property
+    def bed(self) -> Bed:
+        if "bed" not in self._bed_holder:
+            self._bed_holder["bed"] = make_bed(self.bed_kind, self._log)
+        return self._bed_holder["bed"]
+
+    def seconds(self, full: float, quick: float) -> float:
+        return quick if self.quick else full
+
+    def log(self, message: str) -> None:
+        self._log(message)
+
+
+def host_info() -> dict[str, object]:
+    load1, _, _ = os.getloadavg()
+    return {"kernel": platform.release(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "load1": round(load1, 2)}
+
+
+def _stamp(moment: datetime.datetime) -> str:
+    return moment.strftime("%Y%m%dT%H%M%SZ")
+
+
+def run(only: Sequence[str] = (), quick: bool = False, bed: str = "auto",
+        results_dir: Path = RESULTS_DIR, log: Callable[[str], None] | None = None,
+        package: str = SCENARIO_PACKAGE) -> tuple[dict[str, object], tuple[Path, Path]]:
+    """Run the selection; return the JSON document and the paths of the written report."""
+    say = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    started = datetime.datetime.now(datetime.timezone.utc)
+    discovered = discover(package)
+    selected = select(discovered.scenarios, only)
+    bed_kind = resolve_bed_kind(bed)
+    is_root = os.geteuid() == 0
+    holder: dict[str, Bed] = {}
+    outcomes: list[report.ScenarioOutcome] = [
+        report.ScenarioOutcome(name, "(broken module)", "failed", reason=error)
+        for name, error in discovered.broken if not only or name in only]
+    measurements: list[Measurement] = []
+    scratch = Path(tempfile.mkdtemp(prefix="shoal-perf-"))
+    host = host_info()
+    try:
+        for scenario in selected:
+            missing = unmet_requirements(scenario, bed_kind, is_root)
+            if missing:
+                say(f"skip {scenario.name}: {'; '.join(missing)}")
+                outcomes.append(report.ScenarioOutcome(scenario.name, scenario.title, "skipped",
+                                                       reason="; ".join(missing)))
+                continue
+            say(f"run {scenario.name}: {scenario.title}")
+            workdir = scratch / scenario.name
+            workdir.mkdir()
+            ctx = RunContext(quick=quick, workdir=workdir, bed_kind=bed_kind, _bed_holder=holder,
+                             repetitions=3 if quick else 5, _log=say)
+            began = time.monotonic()
+            try:
+                for measurement in scenario.run(ctx):
+                    if not isinstance(measurement, Measurement):
+                        raise TypeError(f"scenario yielded {type(measurement).__name__}, not a Measurement")
+                    measurements.append(measurement)
+                outcomes.append(report.ScenarioOutcome(scenario.name, scenario.title, "ok",
+                                                       time.monotonic() - began))
+            except Exception as exc:  # reported in the run's table; the other scenarios still run
+                say(f"{scenario.name} failed:\n{traceback.format_exc()}")
+                outcomes.append(report.ScenarioOutcome(scenario.name, scenario.title, "failed",
+                                                       time.monotonic() - began,
+                                                       f"{type(exc).__name__}: {exc}"))
+    finally:
+        if "bed" in holder:
+            say("bed: removing")
+            holder["bed"].close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    finished = datetime.datetime.now(datetime.timezone.utc)
+    run_report = report.RunReport(
+        started=started.isoformat(timespec="seconds"), finished=finished.isoformat(timespec="seconds"),
+        quick=quick, bed=bed_kind if holder else None, host=host, outcomes=outcomes,
+        measurements=measurements, targets=[t for s in selected for t in s.targets])
+    doc = report.to_json(run_report)
+    paths = report.write(doc, results_dir, _stamp(started))
+    return doc, paths

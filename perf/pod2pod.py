@@ -1,0 +1,91 @@
+"""The shared pod-to-pod workload: the same tools and settings for every path.
+
+A *route* is how the client pod reaches the servers: the server pod's IP for the direct
+path (and for Shoal, which captures transparently), or 127.0.0.1 and the local ports of
+a peer's client end. Repetitions are interleaved across routes (direct, stunnel,
+haproxy, direct, ...) so that a noisy minute on this shared machine hurts every path
+alike instead of one.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from shoal.perf import peers
+from shoal.perf.scenario import Context, Measurement, Pod
+from shoal.perf.tools import iperf3, sockperf
+
+STREAM = "pod2pod.tcp_stream"          # single-stream throughput
+RR = "pod2pod.tcp_rr_1k@1000/s"        # 1 KiB request/response at a fixed 1,000 per second
+RR_RATE = 1000
+RR_SIZE = 1024
+STREAM_PORT = iperf3.DEFAULT_PORT
+RR_PORT = sockperf.DEFAULT_PORT
+
+
+@dataclass(frozen=True)
+class Route:
+    path: str
+    client: Pod
+    host: str
+    stream_port: int = STREAM_PORT
+    rr_port: int = RR_PORT
+
+
+@contextmanager
+def servers(ctx: Context, pod: Pod) -> Iterator[None]:
+    """iperf3 and sockperf servers in ``pod`` (all addresses) for the duration of the block."""
+    logs = ctx.workdir / f"servers-{pod.namespace}-{pod.name}"
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = [pod.spawn(iperf3.server_argv(STREAM_PORT), log=logs / "iperf3.log"),
+             pod.spawn(sockperf.server_argv("0.0.0.0", RR_PORT), log=logs / "sockperf.log")]
+    try:
+        peers.wait_listening(pod, "0.0.0.0", STREAM_PORT)
+        peers.wait_listening(pod, "0.0.0.0", RR_PORT)
+        yield
+    finally:
+        for proc in procs:
+            ctx.bed.stop(proc)
+
+
+def stream_once(ctx: Context, route: Route) -> float:
+    seconds = ctx.seconds(5, 1.5)
+    done = route.client.run(iperf3.client_argv(route.host, seconds, route.stream_port),
+                            timeout=seconds + 30, check=False)
+    return iperf3.received_gbps(done.stdout)
+
+
+def rr_once(ctx: Context, route: Route) -> dict[float, float]:
+    seconds = ctx.seconds(5, 2)
+    done = route.client.run(sockperf.client_argv(route.host, seconds, RR_RATE, RR_SIZE, route.rr_port),
+                            timeout=seconds + 30, check=False)
+    return sockperf.percentiles(done.stdout + done.stderr)
+
+
+def measure_interleaved(ctx: Context, routes: Sequence[Route]) -> Iterator[Measurement]:
+    """Throughput, then latency, of every route; repetitions interleaved across routes."""
+    gbps: dict[str, list[float]] = {r.path: [] for r in routes}
+    for rep in range(ctx.repetitions):
+        for route in routes:
+            gbps[route.path].append(stream_once(ctx, route))
+            ctx.log(f"  {STREAM} {route.path} #{rep + 1}: {gbps[route.path][-1]:.2f} Gbit/s")
+    for route in routes:
+        yield Measurement(STREAM, route.path, "throughput", "Gbit/s", tuple(gbps[route.path]), "higher")
+    p50: dict[str, list[float]] = {r.path: [] for r in routes}
+    p99: dict[str, list[float]] = {r.path: [] for r in routes}
+    for rep in range(ctx.repetitions):
+        for route in routes:
+            pct = rr_once(ctx, route)
+            p50[route.path].append(pct[50.0])
+            p99[route.path].append(pct[99.0])
+            ctx.log(f"  {RR} {route.path} #{rep + 1}: p50 {pct[50.0]:.0f} µs, p99 {pct[99.0]:.0f} µs")
+    for route in routes:
+        yield Measurement(RR, route.path, "p50", "µs", tuple(p50[route.path]), "lower")
+        yield Measurement(RR, route.path, "p99", "µs", tuple(p99[route.path]), "lower")
+
+
+def measure(ctx: Context, path: str, client: Pod, host: str, stream_port: int = STREAM_PORT,
+            rr_port: int = RR_PORT) -> Iterator[Measurement]:
+    """The pod-to-pod figures of one path (what Shoal's scenarios call)."""
+    yield from measure_interleaved(ctx, [Route(path, client, host, stream_port, rr_port)])

@@ -1,0 +1,123 @@
+"""CPU and memory of processes from /proc, for scenarios that report them.
+
+CPU is (utime + stime) ticks consumed between two readings, divided by the wall time:
+1.0 means one full core. RSS is ``VmRSS`` from /proc/PID/status.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def parse_stat_cpu_ticks(stat_line: str) -> int:
+    """utime + stime from a /proc/PID/stat line (the comm field may hold spaces and parens)."""
+    close = stat_line.rfind(")")
+    if close < 0:
+        raise ValueError("not a /proc/PID/stat line: no ')' after comm")
+    fields = stat_line[close + 2:].split()
+    # After comm: state(3) ppid ... utime is field 14, stime 15 (1-based) -> 11, 12 here.
+    if len(fields) < 13:
+        raise ValueError("truncated /proc/PID/stat line")
+    return int(fields[11]) + int(fields[12])
+
+
+def parse_status_rss_kib(status_text: str) -> int:
+    """VmRSS in KiB from /proc/PID/status (0 for kernel threads and zombies, which have none)."""
+    for line in status_text.splitlines():
+        if line.startswith("VmRSS:"):
+            parts = line.split()
+            if len(parts) < 2 or not parts[1].isdigit():
+                raise ValueError(f"bad VmRSS line: {line!r}")
+            return int(parts[1])
+    return 0
+
+
+def cpu_ticks(pid: int) -> int:
+    return parse_stat_cpu_ticks(Path(f"/proc/{pid}/stat").read_text())
+
+
+def rss_mb(pid: int) -> float:
+    return parse_status_rss_kib(Path(f"/proc/{pid}/status").read_text()) / 1024
+
+
+def pids_in_cgroup(cgroup: Path) -> list[int]:
+    """Every PID in a cgroup v2 folder and its descendants."""
+    pids: list[int] = []
+    for procs in [cgroup / "cgroup.procs", *sorted(cgroup.rglob("*/cgroup.procs"))]:
+        if procs.exists():
+            pids += [int(p) for p in procs.read_text().split()]
+    return pids
+
+
+@dataclass(frozen=True)
+class Usage:
+    cpu_cores: float      # average over the window
+    rss_peak_mb: float    # sum over the processes, highest reading
+    rss_mean_mb: float
+    seconds: float
+
+
+class ProcessSampler:
+    """Samples a set of processes in a thread while a workload runs.
+
+    >>> with ProcessSampler([proxy_pid]) as sampler:
+    ...     run_load()
+    >>> sampler.usage.cpu_cores
+    """
+
+    def __init__(self, pids: Iterable[int], interval: float = 0.2) -> None:
+        self.pids = tuple(pids)
+        if not self.pids:
+            raise ValueError("ProcessSampler needs at least one PID")
+        self.interval = interval
+        self._rss: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="perf-sampler", daemon=True)
+        self._start_ticks = 0
+        self._start_time = 0.0
+        self.usage: Usage | None = None
+
+    def _ticks(self) -> int:
+        total = 0
+        for pid in self.pids:
+            try:
+                total += cpu_ticks(pid)
+            except FileNotFoundError:
+                continue  # exited during the window: its last ticks are lost, say so in notes
+        return total
+
+    def _rss_total(self) -> float:
+        total = 0.0
+        for pid in self.pids:
+            try:
+                total += rss_mb(pid)
+            except FileNotFoundError:
+                continue
+        return total
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._rss.append(self._rss_total())
+
+    def __enter__(self) -> "ProcessSampler":
+        self._start_ticks = self._ticks()
+        self._start_time = time.monotonic()
+        self._rss.append(self._rss_total())
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        seconds = time.monotonic() - self._start_time
+        ticks = self._ticks() - self._start_ticks
+        self._rss.append(self._rss_total())
+        self.usage = Usage(cpu_cores=ticks / CLOCK_TICKS / seconds if seconds > 0 else 0.0,
+                           rss_peak_mb=max(self._rss), rss_mean_mb=sum(self._rss) / len(self._rss),
+                           seconds=seconds)

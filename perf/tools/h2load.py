@@ -1,0 +1,47 @@
+"""h2load at a fixed request rate, for HTTP scenarios: per-request latencies from ``--log-file``.
+
+h2load prints only min/max/mean of request times, but ``--log-file`` writes one line per
+request: ``<start µs since epoch>\\t<status>\\t<µs until the end of the response>``.
+"""
+from __future__ import annotations
+
+from shoal.perf.tools import ToolOutputError
+
+
+def client_argv(url: str, seconds: float, rate: int, log_file: str, *, clients: int = 1,
+                http1: bool = True, data_file: str | None = None, warmup: float = 0.0) -> list[str]:
+    """``rate`` is the total; h2load's ``--rps`` is per client, so it is split evenly."""
+    if rate <= 0 or clients <= 0 or rate % clients:
+        raise ValueError("the rate must be a positive multiple of the client count")
+    argv = ["h2load", "--clients", str(clients), "--rps", str(rate // clients),
+            "--duration", f"{seconds:g}", "--log-file", log_file]
+    if warmup:
+        argv += ["--warm-up-time", f"{warmup:g}"]
+    if http1:
+        argv.append("--h1")
+    if data_file:
+        argv += ["--data", data_file]
+    return [*argv, url]
+
+
+def latencies_us(log_text: str) -> tuple[list[float], int]:
+    """(latencies of 2xx/3xx responses in µs, count of other statuses)."""
+    good: list[float] = []
+    bad = 0
+    for number, line in enumerate(log_text.splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != 3:
+            raise ToolOutputError(f"h2load log line {number}: expected 3 tab-separated fields")
+        try:
+            status, elapsed = int(fields[1]), float(fields[2])
+        except ValueError as exc:
+            raise ToolOutputError(f"h2load log line {number}: {exc}") from exc
+        if 200 <= status < 400:
+            good.append(elapsed)
+        else:
+            bad += 1
+    if not good:
+        raise ToolOutputError("h2load: no successful request in the log")
+    return good, bad
