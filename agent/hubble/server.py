@@ -1,0 +1,357 @@
+"""The agent's flow server: ingestion (kernel sink, proxy/waypoint socket) and the
+Hubble Observer gRPC API (+ gRPC health) on TCP 4244 and a Unix socket."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import socket
+import struct
+import time
+from pathlib import Path
+from typing import Callable
+
+import grpc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from shoal.agent.hubble.config import HubbleConfig
+from shoal.agent.hubble.emitter import KIND_FLOW, KIND_LOST, LOST_FORMAT
+from shoal.agent.hubble.enrich import Enricher
+from shoal.agent.hubble.metrics import HubbleMetrics
+from shoal.agent.hubble.query import FlowQuery
+from shoal.agent.hubble.store import FlowStore
+from shoal.api.flow import flow_pb2
+from shoal.api.observer import observer_pb2, observer_pb2_grpc, relay_pb2
+
+log = logging.getLogger(__name__)
+
+OBSERVER_SERVICE = "observer.Observer"
+# How many proxy/waypoint datagrams to take per wake-up before yielding to the loop.
+RECV_BATCH = 256
+RECV_BUFFER_BYTES = 4 * 1024 * 1024
+
+
+class ClientTooSlow(Exception):
+    pass
+
+
+class ObserverService(observer_pb2_grpc.ObserverServicer):
+    """GetFlows / ServerStatus / GetNodes over one node's FlowStore."""
+
+    def __init__(self, store: FlowStore, enricher: Enricher, config: HubbleConfig,
+                 metrics: HubbleMetrics) -> None:
+        self.store = store
+        self.enricher = enricher
+        self.config = config
+        self.metrics = metrics
+        self.started_ns = time.monotonic_ns()
+        self._rate_samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=61)
+
+    # -- status
+    def sample_rate(self) -> None:
+        self._rate_samples.append((time.monotonic(), self.store.head))
+
+    def flows_rate(self) -> float:
+        if len(self._rate_samples) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = self._rate_samples[0], self._rate_samples[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+    async def ServerStatus(self, request, context):
+        return observer_pb2.ServerStatusResponse(
+            num_flows=len(self.store), max_flows=self.store.capacity, seen_flows=self.store.head,
+            uptime_ns=time.monotonic_ns() - self.started_ns,
+            num_connected_nodes={"value": 1}, num_unavailable_nodes={"value": 0},
+            version=self.config.version, flows_rate=self.flows_rate())
+
+    async def GetNodes(self, request, context):
+        return observer_pb2.GetNodesResponse(nodes=[observer_pb2.Node(
+            name=self.config.node_name, version=self.config.version,
+            address=self.config.tcp_address or "", state=relay_pb2.NODE_CONNECTED,
+            uptime_ns=time.monotonic_ns() - self.started_ns, num_flows=len(self.store),
+            max_flows=self.store.capacity, seen_flows=self.store.head)])
+
+    # -- flows
+    def response_for(self, entry, query: FlowQuery) -> observer_pb2.GetFlowsResponse | None:
+        """The response for one stored entry, or None when the request filters it out."""
+        ts_ns, payload = entry
+        if not query.in_time(ts_ns):
+            return None
+        if isinstance(payload, flow_pb2.LostEvent):
+            response = observer_pb2.GetFlowsResponse(lost_events=payload, node_name=self.config.node_name)
+            response.time.FromNanoseconds(ts_ns)
+            return response
+        flow = payload if isinstance(payload, flow_pb2.Flow) else self.enricher.kernel_flow(payload)
+        if not query.matcher(flow):
+            return None
+        response = observer_pb2.GetFlowsResponse(flow=flow, node_name=self.config.node_name)
+        response.time.CopyFrom(flow.time)
+        return response
+
+    def history(self, query: FlowQuery, head: int) -> list[observer_pb2.GetFlowsResponse]:
+        """Stored entries matching ``query``, oldest first, up to its limit."""
+        limit = query.history_limit
+        if limit == 0:
+            return []
+        store, found = self.store, []
+        if limit is not None and not query.first:
+            # Last N: walk back from the newest, then give them in time order.
+            for seq in range(head - 1, store.oldest - 1, -1):
+                entry = store.get(seq)
+                if entry is not None and (response := self.response_for(entry, query)) is not None:
+                    found.append(response)
+                    if len(found) >= limit:
+                        break
+            found.reverse()
+            return found
+        for seq in range(store.oldest, head):
+            entry = store.get(seq)
+            if entry is None:
+                continue
+            if query.past_until(entry[0]):
+                break
+            if (response := self.response_for(entry, query)) is not None:
+                found.append(response)
+                if limit is not None and len(found) >= limit:
+                    break
+        return found
+
+    async def GetFlows(self, request, context):
+        try:
+            query = FlowQuery.from_request(request)
+        except ValueError as error:
+            self.metrics.bad_requests += 1
+            log.info("GetFlows rejected: %s", error)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        try:
+            await self._stream(query, context)
+        except asyncio.CancelledError:
+            self.metrics.client_disconnects += 1
+            raise
+        except ClientTooSlow as error:
+            self.metrics.slow_clients_cut += 1
+            log.warning("GetFlows: %s", error)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+
+    async def _stream(self, query: FlowQuery, context) -> None:
+        head = self.store.head
+        for response in self.history(query, head):
+            await context.write(response)
+        if not query.follow:
+            return
+        writer = _GuardedWriter(context, self.config.slow_client_timeout_s)
+        cursor = head
+        store = self.store
+        try:
+            while True:
+                await store.wait_beyond(cursor)
+                if cursor < store.oldest:
+                    lost = store.oldest - cursor
+                    raise ClientTooSlow(f"client fell {lost} flows behind the node's ring; stream cut")
+                end = store.head
+                for seq in range(cursor, end):
+                    entry = store.get(seq)
+                    if entry is None:
+                        raise ClientTooSlow("client fell behind the node's ring; stream cut")
+                    if query.past_until(entry[0]):
+                        return
+                    response = self.response_for(entry, query)
+                    if response is not None:
+                        await writer.write(response)
+                cursor = end
+        finally:
+            writer.close()
+
+
+class _GuardedWriter:
+    """Writes responses; a write stuck longer than ``timeout`` (client not reading) cuts
+    the stream, so one slow client only ever costs its own bounded buffers."""
+
+    def __init__(self, context, timeout: float) -> None:
+        self._context = context
+        self._timeout = timeout
+        self._task = asyncio.current_task()
+        self._since: float | None = None
+        self._timed_out = False
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+
+    async def write(self, response) -> None:
+        self._since = time.monotonic()
+        try:
+            await self._context.write(response)
+        except asyncio.CancelledError:
+            if self._timed_out:
+                raise ClientTooSlow(f"client did not read for {self._timeout:.1f}s; stream cut") from None
+            raise
+        finally:
+            self._since = None
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self._timeout / 4)
+            since = self._since
+            if since is not None and time.monotonic() - since > self._timeout:
+                self._timed_out = True
+                self._task.cancel()
+                return
+
+    def close(self) -> None:
+        self._watchdog.cancel()
+
+
+class FlowSocketReceiver:
+    """Receives proxy/waypoint records (see ``emitter``) on a Unix datagram socket."""
+
+    def __init__(self, path: Path, on_flow: Callable[[flow_pb2.Flow], None],
+                 on_lost: Callable[[int], None], metrics: HubbleMetrics) -> None:
+        self.path = Path(path)
+        self._on_flow = on_flow
+        self._on_lost = on_lost
+        self._metrics = metrics
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() or self.path.is_symlink():
+            self.path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER_BYTES)
+        sock.bind(str(self.path))
+        os.chmod(self.path, 0o666)  # waypoints may run as another user
+        sock.setblocking(False)
+        self._sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        for _ in range(RECV_BATCH):
+            try:
+                record = self._sock.recv(65536)
+            except BlockingIOError:
+                return
+            self.handle(record)
+
+    def handle(self, record: bytes) -> None:
+        kind, body = record[:1], record[1:]
+        try:
+            if kind == KIND_FLOW:
+                flow = flow_pb2.Flow.FromString(body)
+                if not flow.HasField("IP") or not flow.IP.source or not flow.IP.destination:
+                    raise ValueError("flow without source/destination IP")
+                self._on_flow(flow)
+            elif kind == KIND_LOST:
+                (count,) = LOST_FORMAT.unpack(body)
+                self._on_lost(count)
+            else:
+                raise ValueError(f"unknown record kind {kind!r}")
+        except (ValueError, struct.error, DecodeError) as error:
+            self._reject(error)
+
+    def _reject(self, error: Exception) -> None:
+        self._metrics.malformed_records += 1
+        if self._metrics.malformed_records <= 10 or self._metrics.malformed_records % 1000 == 0:
+            log.warning("malformed flow record #%d dropped: %s", self._metrics.malformed_records, error)
+
+    def stop(self) -> None:
+        if self._sock is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+            if self.path.exists():
+                self.path.unlink()
+
+
+class HubbleServer:
+    """One node's flow store and Observer API. See the package docstring for wiring."""
+
+    def __init__(self, config: HubbleConfig, state, *, registry=None,
+                 kernel_lost: Callable[[], int] | None = None, cluster_name: str = "") -> None:
+        self.config = config
+        self.store = FlowStore(config.capacity)
+        self.enricher = Enricher(state, config.node_name, cluster_name)
+        self.metrics = HubbleMetrics()
+        self.metrics.store = self.store
+        if registry is not None:
+            registry.register(self.metrics)
+        self.observer = ObserverService(self.store, self.enricher, config, self.metrics)
+        self._kernel_lost = kernel_lost
+        self._kernel_lost_seen = 0
+        self._server: grpc.aio.Server | None = None
+        self._receiver: FlowSocketReceiver | None = None
+        self._poller: asyncio.Task | None = None
+        self.tcp_port: int | None = None
+        # Bound once: the sink is called per kernel event.
+        self._append = self.store.append
+        self._count_kernel = self.metrics.count_kernel
+        self._wall_offset = self.enricher.wall_ns(0)
+
+    # -- ingestion
+    def kernel_sink(self, event) -> None:
+        """Takes one ``KernelFlowEvent``; stored raw, turned into a Flow when read."""
+        ts = event.ts_ns
+        self._append(ts if ts >= 10**18 else ts + self._wall_offset, event)
+        self._count_kernel(event.kind, event.verdict, event.drop_reason, event.protocol)
+
+    def ingest_flow(self, flow: flow_pb2.Flow) -> None:
+        """Takes one proxy/waypoint flow: completes its endpoints and stores it."""
+        self.enricher.proxy_flow(flow)
+        self.metrics.count_flow(flow)
+        self.store.append(flow.time.ToNanoseconds(), flow)
+
+    def record_lost(self, source: int, count: int) -> None:
+        self.store.record_lost(time.time_ns(), source, count)
+
+    def poll_kernel_lost(self) -> None:
+        if self._kernel_lost is None:
+            return
+        total = self._kernel_lost()
+        if total > self._kernel_lost_seen:
+            self.record_lost(flow_pb2.PERF_EVENT_RING_BUFFER, total - self._kernel_lost_seen)
+        self._kernel_lost_seen = max(total, self._kernel_lost_seen)
+
+    # -- lifecycle
+    async def start(self) -> None:
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        observer_pb2_grpc.add_ObserverServicer_to_server(self.observer, server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        if self.config.unix_socket is not None:
+            path = Path(self.config.unix_socket)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists() or path.is_symlink():
+                path.unlink()
+            server.add_insecure_port(f"unix:{path}")
+        if self.config.tcp_address:
+            self.tcp_port = server.add_insecure_port(self.config.tcp_address)
+        await server.start()
+        for service in ("", OBSERVER_SERVICE):
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._server = server
+        if self.config.flows_socket is not None:
+            self._receiver = FlowSocketReceiver(
+                self.config.flows_socket, self.ingest_flow,
+                lambda count: self.record_lost(flow_pb2.OBSERVER_EVENTS_QUEUE, count), self.metrics)
+            self._receiver.start()
+        self._poller = asyncio.get_running_loop().create_task(self._poll())
+        log.info("hubble observer for %s serving (unix %s, tcp %s)", self.config.node_name,
+                 self.config.unix_socket, self.config.tcp_address)
+
+    async def _poll(self) -> None:
+        while True:
+            self.poll_kernel_lost()
+            self.observer.sample_rate()
+            await asyncio.sleep(self.config.lost_poll_interval_s)
+
+    async def stop(self, grace: float = 1.0) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+        if self._receiver is not None:
+            self._receiver.stop()
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        if self.config.unix_socket is not None and Path(self.config.unix_socket).exists():
+            Path(self.config.unix_socket).unlink()
