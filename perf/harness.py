@@ -87,12 +87,12 @@ def unmet_requirements(scenario: Scenario, bed_kind: str, is_root: bool,
 
 
 def cluster_available() -> bool:
-    """The local cluster exists once ``shoal.local`` (the lead's ``shoal up``) is installed."""
+    """The local cluster exists once ``shoal.local.cluster`` (the lead's ``shoal up``) is installed."""
     try:
-        importlib.import_module("shoal.local")
+        module = importlib.import_module("shoal.local.cluster")
     except ImportError:
         return False
-    return True
+    return hasattr(module, "LocalCluster")
 
 
 def resolve_bed_kind(requested: str) -> str:

@@ -8,12 +8,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-def spawn(argv: Sequence[str], log: Path | None) -> "subprocess.Popen[bytes]":
+def spawn(argv: Sequence[str], log: Path | None, env: dict[str, str] | None = None) -> "subprocess.Popen[bytes]":
     """Start ``argv`` in a session of its own so it can be stopped with its children."""
     out = open(log, "ab") if log else subprocess.DEVNULL
     try:
         return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, env=env)
     finally:
         if log:
             out.close()

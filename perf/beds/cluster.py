@@ -1,0 +1,162 @@
+"""The local Shoal cluster as a bench bed: ``SHOAL_CLUSTER=perf shoal up --nodes 2``.
+
+Pods are made with ``shoal apply -f`` (a Namespace, a ServiceAccount and a Pod whose
+command only sleeps, with ``nodeName`` set) and every benchmark process runs through
+``shoal exec NS/POD -- ...``, i.e. in the pod's network namespace *and* cgroup, exactly
+where the agent's capture applies. ``close`` always runs ``shoal down`` for this
+cluster, which is never the default one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from shoal.config import LABEL_MESH, ClusterLayout
+from shoal.perf.beds import procs
+
+DEFAULT_CLUSTER = "perf"
+PROTECTED_CLUSTERS = frozenset({"shoal"})     # the user's default cluster: never touched
+
+
+class BedError(RuntimeError):
+    """The cluster did not come up, or a pod did not start."""
+
+
+def shoal_argv() -> list[str]:
+    """The ``shoal`` console script of this interpreter's venv (or ``python -m shoal.cli``)."""
+    script = Path(sys.executable).parent / "shoal"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("shoal")
+    return [found] if found else [sys.executable, "-m", "shoal.cli"]
+
+
+def pod_manifests(namespace: str, name: str, node: str, *, meshed: bool, service_account: str,
+                  labels: Mapping[str, str] | None) -> list[dict[str, Any]]:
+    """Namespace (labelled into the mesh or not), ServiceAccount and a sleeping Pod on ``node``."""
+    ns_labels = {LABEL_MESH: "enabled"} if meshed else {}
+    return [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "labels": ns_labels}},
+        {"apiVersion": "v1", "kind": "ServiceAccount",
+         "metadata": {"name": service_account, "namespace": namespace}},
+        {"apiVersion": "v1", "kind": "Pod",
+         "metadata": {"name": name, "namespace": namespace, "labels": {"app": name, **(labels or {})}},
+         "spec": {"nodeName": node, "serviceAccountName": service_account,
+                  "containers": [{"name": "bench", "command": ["sleep", "infinity"]}]}},
+    ]
+
+
+def find_pod(listing: str, namespace: str, name: str) -> tuple[str, str] | None:
+    """(phase, podIP) of a pod in ``shoal get pods -o json`` output, or None when absent."""
+    try:
+        doc = json.loads(listing)
+    except json.JSONDecodeError as exc:
+        raise BedError(f"shoal get pods: not JSON: {exc}") from exc
+    items = doc.get("items", []) if isinstance(doc, dict) else doc
+    for item in items:
+        meta = item.get("metadata", {})
+        if meta.get("namespace") == namespace and meta.get("name") == name:
+            status = item.get("status", {})
+            return status.get("phase", "Pending"), status.get("podIP", "")
+    return None
+
+
+@dataclass
+class ClusterPod:
+    namespace: str
+    name: str
+    node: str
+    ip: str
+    shoal: list[str]
+    env: dict[str, str]
+
+    def _argv(self, argv: Sequence[str]) -> list[str]:
+        return [*self.shoal, "exec", f"{self.namespace}/{self.name}", "--", *argv]
+
+    def run(self, argv: Sequence[str], *, timeout: float, check: bool = True) -> "subprocess.CompletedProcess[str]":
+        return subprocess.run(self._argv(argv), capture_output=True, text=True, timeout=timeout,
+                              check=check, env=self.env)
+
+    def spawn(self, argv: Sequence[str], *, log: Path | None = None) -> "subprocess.Popen[bytes]":
+        return procs.spawn(self._argv(argv), log, env=self.env)
+
+
+@dataclass
+class ClusterBed:
+    node_count: int = 2
+    name: str = field(default_factory=lambda: os.environ.get("SHOAL_PERF_CLUSTER", DEFAULT_CLUSTER))
+    log: Callable[[str], None] = print
+    kind: str = "cluster"
+    _pods: dict[tuple[str, str], ClusterPod] = field(default_factory=dict)
+    _workdir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.name in PROTECTED_CLUSTERS:
+            raise BedError(f"the bench bed never uses cluster {self.name!r}; pick another SHOAL_PERF_CLUSTER")
+        self.layout = ClusterLayout(name=self.name)
+        self.env = {**os.environ, "SHOAL_CLUSTER": self.name}
+        self.shoal = [*shoal_argv(), "--cluster", self.name]
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return tuple(f"node-{i}" for i in range(1, self.node_count + 1))
+
+    def _shoal(self, *args: str, timeout: float, input: str | None = None) -> "subprocess.CompletedProcess[str]":
+        done = subprocess.run([*self.shoal, *args], capture_output=True, text=True, timeout=timeout,
+                              input=input, env=self.env)
+        if done.returncode != 0:
+            raise BedError(f"shoal {' '.join(args)} failed ({done.returncode}): "
+                           f"{(done.stderr or done.stdout).strip()[-800:]}")
+        return done
+
+    def up(self) -> "ClusterBed":
+        self.log(f"bed: shoal up --nodes {self.node_count} (cluster {self.name!r})")
+        try:
+            self._shoal("up", "--nodes", str(self.node_count), timeout=300)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def pod(self, namespace: str, name: str, node: str, *, meshed: bool = False,
+            service_account: str = "default", labels: Mapping[str, str] | None = None) -> ClusterPod:
+        key = (namespace, name)
+        if key in self._pods:
+            return self._pods[key]
+        if node not in self.nodes:
+            raise ValueError(f"no node {node!r} in this bed ({', '.join(self.nodes)})")
+        docs = pod_manifests(namespace, name, node, meshed=meshed, service_account=service_account,
+                             labels=labels)
+        self._shoal("apply", "-f", "-", timeout=60, input=yaml.safe_dump_all(docs))
+        deadline = time.monotonic() + 60
+        while True:
+            found = find_pod(self._shoal("get", "pods", "-n", namespace, "-o", "json", timeout=30).stdout,
+                             namespace, name)
+            if found and found[0] == "Running" and found[1]:
+                break
+            if time.monotonic() > deadline:
+                raise BedError(f"pod {namespace}/{name} not Running with an IP after 60 s (last: {found})")
+            time.sleep(0.3)
+        pod = ClusterPod(namespace, name, node, found[1], self.shoal, self.env)
+        self._pods[key] = pod
+        return pod
+
+    def stop(self, proc: "subprocess.Popen[bytes]") -> None:
+        procs.stop(proc)
+
+    def close(self) -> None:
+        self.log(f"bed: shoal down (cluster {self.name!r})")
+        self._pods.clear()
+        done = subprocess.run([*self.shoal, "down"], capture_output=True, text=True, timeout=180, env=self.env)
+        if done.returncode != 0:
+            self.log(f"bed: shoal down failed: {(done.stderr or done.stdout).strip()[-500:]}")
