@@ -1,0 +1,236 @@
+"""Pinned maps, and bcc compilation/loading/attachment of the per-attach-point programs.
+
+Order of operations (so a node is never half-attached):
+1. open the node's pinned maps, creating and pinning the missing ones;
+2. compile and load every program, with map fds and feature flags as -D flags;
+   the first failure raises ProgramLoadError naming the program and the verifier's
+   reason, before anything was attached or replaced;
+3. pin the programs and attach the cgroup ones to the node's root cgroup. A legacy
+   (non-multi) cgroup attach atomically replaces the previous agent's program, so a
+   restart never leaves a window without capture.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from shoal.agent import bpfsys
+from shoal.agent.structs import MAPS, MapSpec
+
+log = logging.getLogger(__name__)
+
+
+class ProgramLoadError(RuntimeError):
+    """A program failed to compile or verify; nothing was attached."""
+
+    def __init__(self, program: str, reason: str):
+        super().__init__(f"eBPF program {program!r} failed to load: {reason}")
+        self.program = program
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ProgramSpec:
+    name: str          # also the pin name
+    source: str        # file in bpf/
+    function: str
+    prog_type: str     # bcc BPF.<prog_type>
+    attach_type: int | None  # cgroup attach type; None for tc (attached per pod)
+
+
+PROGRAMS: tuple[ProgramSpec, ...] = (
+    ProgramSpec("connect4", "connect4.c", "shoal_connect4", "CGROUP_SOCK_ADDR", bpfsys.ATTACH_CGROUP_INET4_CONNECT),
+    ProgramSpec("sockops", "sockops.c", "shoal_sockops", "SOCK_OPS", bpfsys.ATTACH_CGROUP_SOCK_OPS),
+    ProgramSpec("tc_ingress", "tc_ingress.c", "shoal_tc_ingress", "SCHED_CLS", None),
+)
+CGROUP_PROGRAMS = tuple(p for p in PROGRAMS if p.attach_type is not None)
+
+
+@dataclass(frozen=True)
+class FeatureFlags:
+    """Compile-time switches, passed as -D flags (no text surgery on the C)."""
+    proxy_mark: int
+    port_outbound: int
+    port_inbound: int
+    port_hbone: int
+    flow_events: bool = True
+    socket_lb: bool = True
+
+    def cflags(self) -> list[str]:
+        return [
+            f"-DSHOAL_PROXY_MARK={self.proxy_mark:#x}",
+            f"-DSHOAL_PORT_OUTBOUND={self.port_outbound}",
+            f"-DSHOAL_PORT_INBOUND={self.port_inbound}",
+            f"-DSHOAL_PORT_HBONE={self.port_hbone}",
+            f"-DSHOAL_FLOW_EVENTS={int(self.flow_events)}",
+            f"-DSHOAL_SOCKET_LB={int(self.socket_lb)}",
+        ]
+
+
+class PinnedMaps:
+    """The node's maps, pinned at <pin_dir>/<name>; created on first use, adopted after."""
+
+    def __init__(self, pin_dir: Path, create: bool = True):
+        self.pin_dir = Path(pin_dir)
+        self.fds: dict[str, int] = {}
+        self.adopted: list[str] = []
+        if create:
+            self.pin_dir.mkdir(parents=True, exist_ok=True)
+        for spec in MAPS:
+            self.fds[spec.name] = self._open(spec, create)
+
+    def _open(self, spec: MapSpec, create: bool) -> int:
+        path = self.pin_dir / spec.name
+        try:
+            fd = bpfsys.obj_get(path)
+            self.adopted.append(spec.name)
+            return fd
+        except bpfsys.BpfError as err:
+            if err.errno != errno.ENOENT or not create:
+                raise
+        fd = bpfsys.map_create(spec.map_type, spec.key_size, spec.value_size, spec.max_entries, spec.name)
+        bpfsys.obj_pin(fd, path)
+        return fd
+
+    def cflags(self) -> list[str]:
+        return [f"-DSHOAL_MAP_FD_{name}={fd}" for name, fd in self.fds.items()]
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+class _CapturedStderr:
+    """bcc prints compiler errors and the verifier log on fd 2: keep them for the error."""
+
+    def __enter__(self):
+        self._file = tempfile.TemporaryFile()
+        self._saved = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._file.seek(0)
+        self.text = self._file.read().decode(errors="replace")
+        self._file.close()
+        return False
+
+
+def _verifier_reason(log_text: str, fallback: str) -> str:
+    """The verifier's own words: the last meaningful lines of its log."""
+    lines = [line for line in log_text.strip().splitlines()
+             if line.strip() and not line.startswith(("processed ", "HINT"))]
+    if not lines:
+        return fallback
+    return " | ".join(lines[-3:])
+
+
+class LoadedProgram:
+    def __init__(self, spec: ProgramSpec, module, fd: int):
+        self.spec = spec
+        self.module = module  # keeps the bcc module, hence the program fd, alive
+        self.fd = fd
+
+
+class Datapath:
+    """Compiles, loads, pins and attaches the node's programs."""
+
+    def __init__(self, pin_dir: Path, flags: FeatureFlags, source_dir: Path | None = None):
+        from shoal import bpf as bpf_sources
+        self.pin_dir = Path(pin_dir)
+        self.flags = flags
+        self.source_dir = Path(source_dir) if source_dir else bpf_sources.SOURCE_DIR
+        self.maps = PinnedMaps(self.pin_dir)
+        self.programs: dict[str, LoadedProgram] = {}
+
+    def load(self) -> None:
+        """Compile and verify every program; raises ProgramLoadError on the first failure."""
+        from bcc import BPF  # only the loader needs bcc (and clang) on the path
+        cflags = [f'-DSHOAL_PIN_DIR="{self.pin_dir}"', f"-I{self.source_dir}"]
+        cflags += self.flags.cflags() + self.maps.cflags()
+        loaded = {}
+        for spec in PROGRAMS:
+            with _CapturedStderr() as captured:
+                try:
+                    module = BPF(src_file=str(self.source_dir / spec.source).encode(), cflags=cflags)
+                    kwargs = {}
+                    if spec.attach_type == bpfsys.ATTACH_CGROUP_INET4_CONNECT:
+                        kwargs["attach_type"] = spec.attach_type
+                    fn = module.load_func(spec.function.encode(), getattr(BPF, spec.prog_type), **kwargs)
+                except Exception as err:  # bcc raises bare Exception for compile and verify errors
+                    failure = err
+                else:
+                    failure = None
+            if failure is not None:
+                reason = _verifier_reason(captured.text, str(failure))
+                log.error("eBPF program %s failed to load: %s\n%s", spec.name, reason, captured.text)
+                raise ProgramLoadError(spec.name, reason) from failure
+            loaded[spec.name] = LoadedProgram(spec, module, fn.fd)
+        self.programs = loaded
+
+    def pin_programs(self) -> None:
+        """Pin each program at <pin_dir>/prog_<name>, replacing the previous agent's pin."""
+        for name, program in self.programs.items():
+            path = self.pin_dir / f"prog_{name}"
+            path.unlink(missing_ok=True)
+            bpfsys.obj_pin(program.fd, path)
+
+    def attach_cgroup(self, cgroup: Path) -> None:
+        """Attach (or atomically replace) connect4 and sockops on the node's root cgroup."""
+        fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for spec in CGROUP_PROGRAMS:
+                bpfsys.prog_attach(self.programs[spec.name].fd, fd, spec.attach_type)
+        finally:
+            os.close(fd)
+
+    def tc_program_fd(self) -> int:
+        return self.programs["tc_ingress"].fd
+
+    def start(self, cgroup: Path) -> None:
+        self.load()
+        self.pin_programs()
+        self.attach_cgroup(cgroup)
+
+    def close(self) -> None:
+        for program in self.programs.values():
+            program.module.cleanup()
+        self.programs.clear()
+        self.maps.close()
+
+
+def detach_cgroup(pin_dir: Path, cgroup: Path) -> list[str]:
+    """Detach the pinned cgroup programs from `cgroup` and unpin them; returns what was removed."""
+    removed = []
+    try:
+        cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        cg_fd = None
+    for spec in CGROUP_PROGRAMS:
+        path = Path(pin_dir) / f"prog_{spec.name}"
+        if not path.exists():
+            continue
+        prog_fd = bpfsys.obj_get(path)
+        try:
+            if cg_fd is not None:
+                try:
+                    bpfsys.prog_detach(prog_fd, cg_fd, spec.attach_type)
+                    removed.append(f"cgroup:{spec.name}")
+                except bpfsys.BpfError as err:
+                    if err.errno not in (errno.ENOENT, errno.EINVAL):
+                        raise
+        finally:
+            os.close(prog_fd)
+    if cg_fd is not None:
+        os.close(cg_fd)
+    return removed
+
+

@@ -1,0 +1,141 @@
+"""Per-pod network-namespace operations: netns cookie, tc attach/detach inside it.
+
+Entering a namespace is done on a short-lived thread: setns(2) only moves the
+calling thread, so the agent's event loop never changes namespace.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from pyroute2 import NetNS
+from pyroute2.netlink.exceptions import NetlinkError
+
+SO_NETNS_COOKIE = 71
+CLONE_NEWNET = 0x40000000
+TC_FILTER_NAME = "shoal_tc_ingress"
+TC_PRIORITY = 1
+TC_INGRESS_PARENT = 0xFFFFFFF2   # clsact ingress hook
+T = TypeVar("T")
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    """setns(2) on the calling thread (os.setns only exists from Python 3.12)."""
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+class NetnsError(RuntimeError):
+    """A pod's network namespace is missing or could not be configured."""
+
+
+def in_netns(netns_path: Path | str, fn: Callable[[], T]) -> T:
+    """Run fn() on a thread inside the namespace at netns_path; return its result."""
+    result: dict[str, object] = {}
+
+    def runner() -> None:
+        try:
+            fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _setns(fd)
+            finally:
+                os.close(fd)
+            result["value"] = fn()
+        except BaseException as err:  # handed back to the caller's thread, not swallowed
+            result["error"] = err
+
+    thread = threading.Thread(target=runner, name="shoal-netns")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def socket_netns_cookie(sock: socket.socket) -> int:
+    return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+
+
+def netns_cookie(netns_path: Path | str) -> int:
+    """The kernel's cookie for a namespace, as bpf_get_netns_cookie() returns it."""
+    def probe() -> int:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            return socket_netns_cookie(sock)
+    try:
+        return in_netns(netns_path, probe)
+    except FileNotFoundError as err:
+        raise NetnsError(f"network namespace {netns_path} does not exist") from err
+
+
+def _open(netns_path: Path | str) -> NetNS:
+    if not Path(netns_path).exists():
+        raise NetnsError(f"network namespace {netns_path} does not exist")
+    return NetNS(str(netns_path))
+
+
+def _ifindex(ns: NetNS, ifname: str, netns_path) -> int:
+    found = ns.link_lookup(ifname=ifname)
+    if not found:
+        raise NetnsError(f"no interface {ifname} in {netns_path}")
+    return found[0]
+
+
+def attach_tc_ingress(netns_path: Path | str, prog_fd: int, ifname: str = "eth0") -> None:
+    """Attach (or replace) the steering program on ifname's ingress, inside the namespace."""
+    ns = _open(netns_path)
+    try:
+        index = _ifindex(ns, ifname, netns_path)
+        try:
+            ns.tc("add", "clsact", index)
+        except NetlinkError as err:
+            if err.code != 17:  # EEXIST: already there (adoption, or another tool's clsact)
+                raise
+        ns.tc("replace-filter", "bpf", index, fd=prog_fd, name=TC_FILTER_NAME,
+              parent=TC_INGRESS_PARENT, prio=TC_PRIORITY, protocol=0x0003, classid=1, direct_action=True)
+    except NetlinkError as err:
+        raise NetnsError(f"tc attach in {netns_path} failed: {err}") from err
+    finally:
+        ns.close()
+
+
+def tc_ingress_programs(netns_path: Path | str, ifname: str = "eth0") -> list[str]:
+    """Names of bpf filters on ifname's ingress (for debug and tests)."""
+    ns = _open(netns_path)
+    try:
+        index = _ifindex(ns, ifname, netns_path)
+        names = []
+        for msg in ns.get_filters(index=index, parent=TC_INGRESS_PARENT):
+            options = msg.get_attr("TCA_OPTIONS")
+            if options is not None and options.get_attr("TCA_BPF_NAME"):
+                names.append(options.get_attr("TCA_BPF_NAME"))
+        return names
+    finally:
+        ns.close()
+
+
+def detach_tc_ingress(netns_path: Path | str, ifname: str = "eth0") -> bool:
+    """Remove our clsact (and with it the filter); False when there was nothing."""
+    if not Path(netns_path).exists():
+        return False
+    ns = _open(netns_path)
+    try:
+        found = ns.link_lookup(ifname=ifname)
+        if not found:
+            return False
+        try:
+            ns.tc("del", "clsact", found[0])
+        except NetlinkError as err:
+            if err.code in (2, 22):  # ENOENT / EINVAL: no clsact
+                return False
+            raise
+        return True
+    finally:
+        ns.close()

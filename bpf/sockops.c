@@ -1,0 +1,49 @@
+/* sockops on the node's root cgroup: re-key a captured connection's original
+ * destination by the app socket's 4-tuple, which is what the proxy sees as its peer.
+ *
+ * ACTIVE_ESTABLISHED runs on the app's socket while the SYN-ACK is processed, before
+ * the final ACK leaves, so the entry exists before the proxy can accept() the
+ * connection. The entry is deleted when the app socket closes (STATE_CB).
+ */
+#include "lib/helpers.h"
+
+static __always_inline struct origdst_key tuple_key(struct bpf_sock_ops *skops)
+{
+    struct origdst_key key = {
+        .netns_cookie = bpf_get_netns_cookie(skops),
+        .ip = skops->local_ip4,
+        .port = (__u16)skops->local_port,
+    };
+    return key;
+}
+
+int shoal_sockops(struct bpf_sock_ops *skops)
+{
+    if (skops->family != 2 /* AF_INET */)
+        return 1;
+    __u32 op = skops->op;
+    if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
+        /* remote_port is the network-order port in the upper 16 bits (uapi quirk). */
+        if (bpf_ntohl(skops->remote_port) != SHOAL_PORT_OUTBOUND)
+            return 1;
+        __u64 start = bpf_ktime_get_ns();
+        __u64 cookie = bpf_get_socket_cookie(skops);
+        struct orig_dst *orig = bpf_map_lookup_elem(SHOAL_MAP(origdst_by_cookie), &cookie);
+        if (!orig)
+            return 1;
+        struct orig_dst copy = *orig;
+        struct origdst_key key = tuple_key(skops);
+        bpf_map_update_elem(SHOAL_MAP(origdst), &key, &copy, BPF_ANY);
+        bpf_map_delete_elem(SHOAL_MAP(origdst_by_cookie), &cookie);
+        bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+        count(COUNTER_ORIGDST_RECORDED, 1);
+        count(COUNTER_SOCKOPS_NS, bpf_ktime_get_ns() - start);
+        count(COUNTER_SOCKOPS_RUNS, 1);
+    } else if (op == BPF_SOCK_OPS_STATE_CB) {
+        if (skops->args[1] == BPF_TCP_CLOSE) {
+            struct origdst_key key = tuple_key(skops);
+            bpf_map_delete_elem(SHOAL_MAP(origdst), &key);
+        }
+    }
+    return 1;
+}

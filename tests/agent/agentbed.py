@@ -1,0 +1,155 @@
+"""Agent test bed: two pod namespaces on a veth pair, a node cgroup, a bpffs pin dir.
+
+Everything is named shoal-t<pid>-... and removed by the fixtures even when tests fail.
+The programs are compiled once per module (bcc costs CPU on this machine).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from shoal.config import PROXY_MARK
+
+HERE = Path(__file__).resolve().parent
+CGROUP_ROOT = Path("/sys/fs/cgroup/unified")
+BPFFS_ROOT = Path("/sys/fs/bpf")
+
+
+def _sh(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True)
+
+
+@dataclass
+class Pod:
+    name: str
+    netns: str
+    ip: str
+    cgroup: Path
+
+    @property
+    def netns_path(self) -> str:
+        return f"/run/netns/{self.netns}"
+
+    def listen(self, port: int, host: str = "0.0.0.0") -> socket.socket:
+        """A listener created inside the pod's namespace (as the node proxy does)."""
+        from shoal.agent.netns import in_netns
+
+        def make() -> socket.socket:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(64)
+            sock.settimeout(3)
+            return sock
+        return in_netns(self.netns_path, make)
+
+    def spawn(self, *argv: str) -> subprocess.Popen:
+        """A process in the pod: its netns and its cgroup (below the node's)."""
+        procs = self.cgroup / "cgroup.procs"
+
+        def enter_cgroup() -> None:
+            procs.write_text("0")
+        return subprocess.Popen(["ip", "netns", "exec", self.netns, *argv], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, preexec_fn=enter_cgroup)
+
+    def connect(self, host: str, port: int, *, sport: int = 0, mark: int = 0, timeout: float = 2.0,
+                hold: float = 0.0, wait: bool = True):
+        argv = [sys.executable, str(HERE / "podclient.py"), host, str(port), "--timeout", str(timeout),
+                "--hold", str(hold)]
+        if sport:
+            argv += ["--sport", str(sport)]
+        if mark:
+            argv += ["--mark", str(mark)]
+        proc = self.spawn(*argv)
+        if not wait:
+            return proc
+        return finish(proc)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 15) -> dict:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def serve_once(listener: socket.socket, reply: bytes = b"pong") -> tuple[socket.socket, bytes]:
+    conn, _ = listener.accept()
+    conn.settimeout(3)
+    data = conn.recv(64)
+    conn.sendall(reply)
+    return conn, data
+
+
+@dataclass
+class Bed:
+    tag: str
+    pin_dir: Path
+    node_cgroup: Path
+    a: Pod
+    b: Pod
+
+
+@pytest.fixture(scope="module")
+def agent_bed(request):
+    """Pods a (10.99.0.2) and b (10.99.0.3) joined by a veth pair, plus node cgroup and pin dir."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: network namespaces, cgroups and eBPF")
+    tag = f"shoal-t{os.getpid()}-{zlib.crc32(request.module.__name__.encode()) % 10000}"
+    node_cgroup = CGROUP_ROOT / tag / "node-1"
+    pin_dir = BPFFS_ROOT / tag / "node-1"
+    pods = [Pod("a", f"{tag}-a", "10.99.0.2", node_cgroup / "pods" / "t.a"),
+            Pod("b", f"{tag}-b", "10.99.0.3", node_cgroup / "pods" / "t.b")]
+    try:
+        for pod in pods:
+            _sh("ip", "netns", "add", pod.netns)
+            _sh("ip", "-n", pod.netns, "link", "set", "lo", "up")
+            pod.cgroup.mkdir(parents=True)
+        _sh("ip", "-n", pods[0].netns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
+            "netns", pods[1].netns)
+        for pod in pods:
+            _sh("ip", "-n", pod.netns, "addr", "add", f"{pod.ip}/24", "dev", "eth0")
+            _sh("ip", "-n", pod.netns, "link", "set", "eth0", "up")
+        yield Bed(tag, pin_dir, node_cgroup, *pods)
+    finally:
+        cleanup_bed(tag, pods, node_cgroup, pin_dir)
+
+
+def cleanup_bed(tag: str, pods: list[Pod], node_cgroup: Path, pin_dir: Path) -> None:
+    from shoal.agent.loader import detach_cgroup
+    if pin_dir.exists():
+        detach_cgroup(pin_dir, node_cgroup)
+    for pod in pods:
+        subprocess.run(["ip", "netns", "del", pod.netns], capture_output=True)
+    if (BPFFS_ROOT / tag).exists():
+        shutil.rmtree(BPFFS_ROOT / tag, ignore_errors=True)
+    # cgroups: children first; a cgroup with live processes cannot go (our clients have exited)
+    for path in sorted((CGROUP_ROOT / tag).glob("**/"), key=lambda p: len(p.parts), reverse=True):
+        try:
+            path.rmdir()
+        except OSError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def datapath(agent_bed):
+    """The real programs, loaded, pinned and attached to the bed's node cgroup."""
+    from shoal.agent.loader import Datapath, FeatureFlags
+    from shoal.agent.mapsync import DatapathMaps
+    from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND
+    dp = Datapath(agent_bed.pin_dir, FeatureFlags(PROXY_MARK, PORT_OUTBOUND, PORT_INBOUND_PLAINTEXT, PORT_HBONE))
+    dp.start(agent_bed.node_cgroup)
+    maps = DatapathMaps(agent_bed.pin_dir)
+    try:
+        yield dp, maps
+    finally:
+        maps.close()
+        dp.close()

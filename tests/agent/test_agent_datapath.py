@@ -1,0 +1,211 @@
+"""The real programs on real namespaces: outbound capture, original destination,
+socket-LB, inbound steering, L4 deny, flow events."""
+from __future__ import annotations
+
+import errno
+import time
+
+import pytest
+
+from shoal.agent.compiler import PolicyEntry
+from shoal.agent.flowevents import RingBufferReader
+from shoal.agent.netns import attach_tc_ingress, detach_tc_ingress, netns_cookie, tc_ingress_programs
+from shoal.agent.origdst import OriginalDestinations
+from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND, PROXY_MARK
+
+from tests.agent.agentbed import finish, serve_once
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
+
+ID_A, ID_B = 1001, 1002
+VIP = "10.96.7.7"
+
+
+@pytest.fixture
+def events(datapath):
+    _dp, maps = datapath
+    seen = []
+    reader = RingBufferReader(maps.fds["flow_events"], seen.append)
+    reader.drain()
+    seen.clear()
+    yield reader, seen
+    reader.stop()
+
+
+@pytest.fixture
+def meshed_a(agent_bed, datapath):
+    """Pod a enrolled: its netns cookie in the map, a proxy stand-in on 127.0.0.1:15001."""
+    _dp, maps = datapath
+    cookie = netns_cookie(agent_bed.a.netns_path)
+    maps.set_pod(cookie, ID_A, agent_bed.a.ip, ns_id=7)
+    proxy = agent_bed.a.listen(PORT_OUTBOUND, host="127.0.0.1")
+    yield proxy
+    proxy.close()
+    maps.remove_pod(cookie)
+
+
+@pytest.fixture
+def meshed_b(agent_bed, datapath):
+    """Pod b enrolled for inbound: tc steering, proxy stand-ins on 15006 and 15008, an app on 8080."""
+    dp, _maps = datapath
+    attach_tc_ingress(agent_bed.b.netns_path, dp.tc_program_fd())
+    listeners = {port: agent_bed.b.listen(port) for port in (PORT_INBOUND_PLAINTEXT, PORT_HBONE, 8080)}
+    yield listeners
+    for sock in listeners.values():
+        sock.close()
+    detach_tc_ingress(agent_bed.b.netns_path)
+
+
+def test_outbound_connect_is_captured_with_original_destination(agent_bed, datapath, meshed_a):
+    client = agent_bed.a.connect(agent_bed.b.ip, 8080, hold=1.0, wait=False)
+    conn, data = serve_once(meshed_a)
+    with OriginalDestinations(agent_bed.pin_dir) as dests:
+        assert dests.lookup(conn) == (agent_bed.b.ip, 8080)
+    result = finish(client)
+    conn.close()
+    assert data == b"ping" and result["reply"] == "pong"
+    # the app still believes it talks to its destination's port via 15001 on loopback
+    assert result["peer"] == ["127.0.0.1", PORT_OUTBOUND]
+
+
+def test_origdst_entry_is_removed_when_the_connection_closes(agent_bed, datapath, meshed_a):
+    _dp, maps = datapath
+    before = maps.origdst_entries()
+    client = agent_bed.a.connect(agent_bed.b.ip, 9090, wait=False)
+    conn, _ = serve_once(meshed_a)
+    finish(client)
+    conn.close()
+    time.sleep(0.2)
+    assert maps.origdst_entries() == before
+
+
+def test_proxy_marked_and_unmeshed_sockets_are_not_captured(agent_bed, datapath, meshed_a):
+    app = agent_bed.b.listen(8181)
+    try:
+        marked = agent_bed.a.connect(agent_bed.b.ip, 8181, mark=PROXY_MARK, wait=False)
+        conn, _ = serve_once(app)
+        assert finish(marked)["peer"] == [agent_bed.b.ip, 8181]
+        conn.close()
+        # b is not enrolled: its connects go straight out
+        plain = agent_bed.b.connect(agent_bed.b.ip, 8181, wait=False)
+        conn, _ = serve_once(app)
+        assert finish(plain)["peer"] == [agent_bed.b.ip, 8181]
+        conn.close()
+    finally:
+        app.close()
+
+
+def test_socket_lb_rewrites_vip_for_unmeshed_pods(agent_bed, datapath):
+    _dp, maps = datapath
+    maps.sync_services({(VIP, 80): ((agent_bed.b.ip, 8282),)})
+    app = agent_bed.b.listen(8282)
+    try:
+        client = agent_bed.a.connect(VIP, 80, wait=False)
+        conn, data = serve_once(app)
+        assert data == b"ping"
+        assert conn.getsockname() == (agent_bed.b.ip, 8282)
+        assert finish(client)["reply"] == "pong"
+        conn.close()
+        assert maps.counters()["connect_balanced"] >= 1
+    finally:
+        app.close()
+        maps.sync_services({})
+    assert maps.services() == {}
+
+
+def test_meshed_pod_connect_to_vip_keeps_the_vip_as_original_destination(agent_bed, datapath, meshed_a):
+    _dp, maps = datapath
+    maps.sync_services({(VIP, 80): ((agent_bed.b.ip, 8282),)})
+    try:
+        client = agent_bed.a.connect(VIP, 80, wait=False)
+        conn, _ = serve_once(meshed_a)
+        with OriginalDestinations(agent_bed.pin_dir) as dests:
+            assert dests.lookup(conn) == (VIP, 80)
+        finish(client)
+        conn.close()
+    finally:
+        maps.sync_services({})
+
+
+@pytest.mark.parametrize("dport,sport,expected", [
+    (8080, 0, PORT_INBOUND_PLAINTEXT),
+    (8080, PORT_HBONE, PORT_INBOUND_PLAINTEXT),      # spoofed source port changes nothing
+    (PORT_HBONE, 0, PORT_HBONE),
+    (PORT_INBOUND_PLAINTEXT, 0, PORT_INBOUND_PLAINTEXT),
+])
+def test_inbound_tcp_is_steered_to_the_proxy(agent_bed, datapath, meshed_b, dport, sport, expected):
+    client = agent_bed.a.connect(agent_bed.b.ip, dport, sport=sport, wait=False)
+    conn, data = serve_once(meshed_b[expected])
+    # like TPROXY: the accepted socket keeps the original destination as its local address
+    assert conn.getsockname() == (agent_bed.b.ip, dport)
+    assert finish(client)["reply"] == "pong"
+    conn.close()
+    meshed_b[8080].settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        meshed_b[8080].accept()
+    meshed_b[8080].settimeout(3)
+
+
+def test_inbound_without_proxy_listener_fails_closed(agent_bed, datapath, meshed_b):
+    meshed_b.pop(PORT_INBOUND_PLAINTEXT).close()
+    result = agent_bed.a.connect(agent_bed.b.ip, 8080, timeout=1.0)
+    assert not result["ok"]
+    meshed_b[8080].settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        meshed_b[8080].accept()
+
+
+def test_tc_is_visible_and_detaches(agent_bed, datapath, meshed_b):
+    assert any("shoal" in name for name in tc_ingress_programs(agent_bed.b.netns_path))
+
+
+def test_l4_deny_fails_connect_at_once_with_a_flow_event(agent_bed, datapath, meshed_a, events):
+    _dp, maps = datapath
+    reader, seen = events
+    maps.sync_endpoints({})
+    from shoal.agent.compiler import Endpoint
+    maps.sync_endpoints({agent_bed.a.ip: Endpoint(ID_A, 7, 1), agent_bed.b.ip: Endpoint(ID_B, 8, 1)})
+    maps.sync_policies({PolicyEntry(ID_A, ID_B, 7000, 6): 4242})
+    try:
+        result = agent_bed.a.connect(agent_bed.b.ip, 7000, timeout=5)
+        assert not result["ok"] and result["errno"] in (errno.EPERM, errno.ECONNREFUSED)
+        assert result["elapsed"] < 1.0
+        reader.drain()
+        dropped = [e for e in seen if e.verdict == "DROPPED" and e.kind == "connect"]
+        assert dropped and dropped[-1].dst_port == 7000 and dropped[-1].drop_reason == 181
+        assert dropped[-1].src_identity == ID_A and dropped[-1].dst_identity == ID_B
+        assert dropped[-1].rule_id == 4242
+        # another port is still captured
+        client = agent_bed.a.connect(agent_bed.b.ip, 7001, wait=False)
+        conn, _ = serve_once(meshed_a)
+        finish(client)
+        conn.close()
+    finally:
+        maps.sync_policies({})
+        maps.sync_endpoints({})
+
+
+def test_l4_deny_drops_inbound_syn_at_tc(agent_bed, datapath, meshed_b, events):
+    _dp, maps = datapath
+    reader, seen = events
+    from shoal.agent.compiler import Endpoint
+    maps.sync_endpoints({agent_bed.a.ip: Endpoint(ID_A, 7, 0), agent_bed.b.ip: Endpoint(ID_B, 8, 1)})
+    maps.sync_policies({PolicyEntry(0, ID_B, 7000, 6): 77})   # any source
+    try:
+        result = agent_bed.a.connect(agent_bed.b.ip, 7000, timeout=0.5)
+        assert not result["ok"]
+        reader.drain()
+        dropped = [e for e in seen if e.verdict == "DROPPED" and e.kind == "tc"]
+        assert dropped and dropped[0].src_ip == agent_bed.a.ip and dropped[0].dst_port == 7000
+        assert dropped[0].direction == "INGRESS" and dropped[0].tcp_flags & 0x02
+        assert maps.counters()["tc_denied"] >= 1
+        # allowed port: redirected to the proxy, with a REDIRECTED event
+        client = agent_bed.a.connect(agent_bed.b.ip, 7001, wait=False)
+        conn, _ = serve_once(meshed_b[PORT_INBOUND_PLAINTEXT])
+        finish(client)
+        conn.close()
+        reader.drain()
+        assert any(e.verdict == "REDIRECTED" and e.dst_port == 7001 for e in seen)
+    finally:
+        maps.sync_policies({})
+        maps.sync_endpoints({})
