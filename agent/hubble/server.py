@@ -141,7 +141,7 @@ class ObserverService(observer_pb2_grpc.ObserverServicer):
             await context.write(response)
         if not query.follow:
             return
-        writer = _GuardedWriter(context, self.config.slow_client_timeout_s)
+        writer = GuardedWriter(context, self.config.slow_client_timeout_s)
         cursor = head
         store = self.store
         try:
@@ -165,7 +165,7 @@ class ObserverService(observer_pb2_grpc.ObserverServicer):
             writer.close()
 
 
-class _GuardedWriter:
+class GuardedWriter:
     """Writes responses; a write stuck longer than ``timeout`` (client not reading) cuts
     the stream, so one slow client only ever costs its own bounded buffers."""
 

@@ -1,0 +1,313 @@
+"""Hubble relay: one Observer API merging every node's flows (wire-compatible with Hubble).
+
+Runs inside the controller process. Nodes are whatever ``nodes()`` returns at the time of
+each request (a static list, or the local cluster's ``<run_dir>/<node>/hubble.sock``
+files), so nodes joining or dying need no restart. A node that cannot be reached, or dies
+mid-stream, is reported in ``node_status`` / ``unavailable_nodes``; everyone else keeps
+streaming.
+
+Wiring (controller app)::
+
+    relay = Relay.from_layout(layout, tcp_address=f"0.0.0.0:{PORT_HUBBLE_RELAY}", registry=registry)
+    await relay.start()      # serves layout.relay_socket and TCP 4245
+    ...
+    await relay.stop()
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from shoal.agent.hubble.query import FlowQuery
+from shoal.agent.hubble.server import ClientTooSlow, GuardedWriter
+from shoal.api.observer import observer_pb2, observer_pb2_grpc, relay_pb2
+from shoal.config import ClusterLayout
+
+log = logging.getLogger(__name__)
+
+VERSION = "shoal-relay-0.1.0"
+
+
+@dataclass(frozen=True)
+class NodeTarget:
+    name: str
+    address: str        # gRPC target: "unix:/path/hubble.sock" or "host:4244"
+
+
+class _NodeUnavailable(Exception):
+    def __init__(self, node: str, message: str) -> None:
+        super().__init__(message)
+        self.node = node
+
+
+def layout_nodes(layout: ClusterLayout) -> Callable[[], list[NodeTarget]]:
+    """The local cluster's nodes: every ``<run_dir>/<node>/hubble.sock`` there is."""
+
+    def discover() -> list[NodeTarget]:
+        nodes = []
+        if layout.run_dir.is_dir():
+            for node_dir in sorted(layout.run_dir.iterdir()):
+                if node_dir.is_dir() and node_dir.name.startswith("node-"):
+                    nodes.append(NodeTarget(node_dir.name, f"unix:{layout.hubble_socket(node_dir.name)}"))
+        return nodes
+
+    return discover
+
+
+class _Metrics:
+    def __init__(self, registry) -> None:
+        from prometheus_client import Counter, Gauge
+
+        self.requests = Counter("shoal_relay_requests", "Relay Observer requests", ["method"], registry=registry)
+        self.bad_requests = Counter("shoal_relay_bad_requests", "Relay requests rejected as invalid",
+                                    registry=registry)
+        self.node_errors = Counter("shoal_relay_node_errors", "Node streams that failed",
+                                   ["node"], registry=registry)
+        self.slow_clients_cut = Counter("shoal_relay_slow_clients_cut",
+                                        "Relay streams cut because the client fell behind", registry=registry)
+        self.flows = Counter("shoal_relay_flows_forwarded", "Flows forwarded to clients", registry=registry)
+        self.connected = Gauge("shoal_relay_connected_nodes", "Nodes answering at the last status",
+                               registry=registry)
+
+
+class RelayObserver(observer_pb2_grpc.ObserverServicer):
+    def __init__(self, nodes: Callable[[], Iterable[NodeTarget]], metrics: _Metrics,
+                 node_timeout_s: float, client_queue: int, write_timeout_s: float = 5.0) -> None:
+        self._nodes = nodes
+        self._write_timeout = write_timeout_s
+        self._metrics = metrics
+        self._node_timeout = node_timeout_s
+        self._client_queue = client_queue
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.started_ns = time.monotonic_ns()
+
+    def stub(self, node: NodeTarget) -> observer_pb2_grpc.ObserverStub:
+        channel = self._channels.get(node.address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(node.address)
+            self._channels[node.address] = channel
+        return observer_pb2_grpc.ObserverStub(channel)
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+    async def _status(self, node: NodeTarget):
+        try:
+            return await self.stub(node).ServerStatus(observer_pb2.ServerStatusRequest(),
+                                                      timeout=self._node_timeout)
+        except grpc.aio.AioRpcError as error:
+            self._metrics.node_errors.labels(node=node.name).inc()
+            return _NodeUnavailable(node.name, error.details() or error.code().name)
+
+    async def _statuses(self):
+        nodes = list(self._nodes())
+        results = await asyncio.gather(*(self._status(node) for node in nodes))
+        return list(zip(nodes, results))
+
+    # -- unary
+    async def ServerStatus(self, request, context):
+        self._metrics.requests.labels(method="ServerStatus").inc()
+        statuses = await self._statuses()
+        response = observer_pb2.ServerStatusResponse(version=VERSION)
+        connected = 0
+        for node, status in statuses:
+            if isinstance(status, _NodeUnavailable):
+                response.unavailable_nodes.append(node.name)
+                continue
+            connected += 1
+            response.num_flows += status.num_flows
+            response.max_flows += status.max_flows
+            response.seen_flows += status.seen_flows
+            response.uptime_ns = max(response.uptime_ns, status.uptime_ns)
+            response.flows_rate += status.flows_rate
+        response.num_connected_nodes.value = connected
+        response.num_unavailable_nodes.value = len(statuses) - connected
+        self._metrics.connected.set(connected)
+        return response
+
+    async def GetNodes(self, request, context):
+        self._metrics.requests.labels(method="GetNodes").inc()
+        response = observer_pb2.GetNodesResponse()
+        for node, status in await self._statuses():
+            entry = response.nodes.add(name=node.name, address=node.address)
+            if isinstance(status, _NodeUnavailable):
+                entry.state = relay_pb2.NODE_UNAVAILABLE
+                continue
+            entry.state = relay_pb2.NODE_CONNECTED
+            entry.version = status.version
+            entry.uptime_ns = status.uptime_ns
+            entry.num_flows, entry.max_flows, entry.seen_flows = (
+                status.num_flows, status.max_flows, status.seen_flows)
+        return response
+
+    # -- flows
+    async def GetFlows(self, request, context):
+        self._metrics.requests.labels(method="GetFlows").inc()
+        try:
+            query = FlowQuery.from_request(request)
+        except ValueError as error:
+            self._metrics.bad_requests.inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        nodes = list(self._nodes())
+        if query.follow:
+            await self._follow(request, nodes, context)
+        else:
+            await self._snapshot(request, query, nodes, context)
+
+    async def _node_flows(self, node: NodeTarget, request, sink: Callable) -> None:
+        """Streams one node's responses into ``sink``; raises _NodeUnavailable on failure."""
+        try:
+            async for response in self.stub(node).GetFlows(request):
+                response.node_name = node.name
+                if response.HasField("flow") and not response.flow.node_name:
+                    response.flow.node_name = node.name
+                sink(response)
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            self._metrics.node_errors.labels(node=node.name).inc()
+            raise _NodeUnavailable(node.name, error.details() or error.code().name) from None
+
+    @staticmethod
+    def _node_status(state: int, names: list[str], message: str = "") -> observer_pb2.GetFlowsResponse:
+        response = observer_pb2.GetFlowsResponse(
+            node_status=relay_pb2.NodeStatusEvent(state_change=state, node_names=names, message=message))
+        response.time.FromNanoseconds(time.time_ns())
+        return response
+
+    async def _snapshot(self, request, query: FlowQuery, nodes: list[NodeTarget], context) -> None:
+        collected: list[observer_pb2.GetFlowsResponse] = []
+        results = await asyncio.gather(
+            *(self._node_flows(node, request, collected.append) for node in nodes), return_exceptions=True)
+        connected, unavailable = [], []
+        for node, result in zip(nodes, results):
+            if isinstance(result, grpc.aio.AioRpcError):
+                await context.abort(result.code(), result.details())
+            if isinstance(result, _NodeUnavailable):
+                unavailable.append(result)
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                connected.append(node.name)
+        if connected:
+            await context.write(self._node_status(relay_pb2.NODE_CONNECTED, connected))
+        for failure in unavailable:
+            await context.write(self._node_status(relay_pb2.NODE_UNAVAILABLE, [failure.node], str(failure)))
+        collected.sort(key=lambda r: r.time.ToNanoseconds())
+        if query.number:
+            collected = collected[:query.number] if query.first else collected[-query.number:]
+        for response in collected:
+            await context.write(response)
+        self._metrics.flows.inc(len(collected))
+
+    async def _follow(self, request, nodes: list[NodeTarget], context) -> None:
+        queue: asyncio.Queue = asyncio.Queue(self._client_queue)
+        overflow = asyncio.Event()
+        tasks: list[asyncio.Task] = []
+
+        def sink(response) -> None:
+            if overflow.is_set():
+                return
+            try:
+                queue.put_nowait(response)
+            except asyncio.QueueFull:
+                # The client is not keeping up: stop pulling from the nodes at once.
+                overflow.set()
+                for task in tasks:
+                    task.cancel()
+
+        async def run(node: NodeTarget) -> None:
+            try:
+                await self._node_flows(node, request, sink)
+            except _NodeUnavailable as failure:
+                sink(self._node_status(relay_pb2.NODE_UNAVAILABLE, [node.name], str(failure)))
+            except grpc.aio.AioRpcError as error:
+                sink(self._node_status(relay_pb2.NODE_ERROR, [node.name], error.details() or ""))
+
+        if nodes:
+            await context.write(self._node_status(relay_pb2.NODE_CONNECTED, [n.name for n in nodes]))
+        tasks.extend(asyncio.create_task(run(node)) for node in nodes)
+        overflow_wait = asyncio.create_task(overflow.wait())
+        writer = GuardedWriter(context, self._write_timeout)
+        try:
+            while True:
+                getter = asyncio.create_task(queue.get())
+                done, _ = await asyncio.wait({getter, overflow_wait}, return_when=asyncio.FIRST_COMPLETED)
+                if overflow_wait in done:
+                    getter.cancel()
+                    raise ClientTooSlow(f"client fell {self._client_queue} responses behind; stream cut")
+                await writer.write(getter.result())
+                # Drain what is already there without creating tasks: the common case under load.
+                while not queue.empty() and not overflow.is_set():
+                    await writer.write(queue.get_nowait())
+                if all(task.done() for task in tasks) and queue.empty():
+                    return
+        except ClientTooSlow as error:
+            self._metrics.slow_clients_cut.inc()
+            log.warning("relay GetFlows: %s", error)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        finally:
+            writer.close()
+            overflow_wait.cancel()
+            for task in tasks:
+                task.cancel()
+
+
+class Relay:
+    """The Hubble relay server (Observer + health) on a Unix socket and/or TCP."""
+
+    def __init__(self, nodes: Callable[[], Iterable[NodeTarget]] | Iterable[NodeTarget], *,
+                 unix_socket: Path | None = None, tcp_address: str | None = None, registry=None,
+                 node_timeout_s: float = 2.0, client_queue: int = 10_000) -> None:
+        if not callable(nodes):
+            fixed = list(nodes)
+            nodes = lambda: fixed  # noqa: E731
+        if registry is None:
+            from prometheus_client import CollectorRegistry
+            registry = CollectorRegistry()
+        self.unix_socket = Path(unix_socket) if unix_socket else None
+        self.tcp_address = tcp_address
+        self.registry = registry
+        self.observer = RelayObserver(nodes, _Metrics(registry), node_timeout_s, client_queue)
+        self.tcp_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+
+    @classmethod
+    def from_layout(cls, layout: ClusterLayout, **kwargs) -> "Relay":
+        kwargs.setdefault("unix_socket", layout.relay_socket)
+        return cls(layout_nodes(layout), **kwargs)
+
+    async def start(self) -> None:
+        server = grpc.aio.server()
+        observer_pb2_grpc.add_ObserverServicer_to_server(self.observer, server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        if self.unix_socket is not None:
+            self.unix_socket.parent.mkdir(parents=True, exist_ok=True)
+            if self.unix_socket.exists() or self.unix_socket.is_symlink():
+                self.unix_socket.unlink()
+            server.add_insecure_port(f"unix:{self.unix_socket}")
+        if self.tcp_address:
+            self.tcp_port = server.add_insecure_port(self.tcp_address)
+        await server.start()
+        for service in ("", "observer.Observer"):
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._server = server
+        log.info("hubble relay serving (unix %s, tcp %s)", self.unix_socket, self.tcp_address)
+
+    async def stop(self, grace: float = 1.0) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        await self.observer.close()
+        if self.unix_socket is not None and self.unix_socket.exists():
+            self.unix_socket.unlink()

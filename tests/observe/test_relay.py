@@ -1,0 +1,99 @@
+"""The relay over real gRPC: two live agents' observers and one dead node."""
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from shoal.agent.hubble import HubbleConfig, HubbleServer
+from shoal.api.flow import flow_pb2 as F
+from shoal.api.observer import observer_pb2 as O
+from shoal.api.observer import observer_pb2_grpc, relay_pb2
+from shoal.controller.relay import NodeTarget, Relay
+
+from hubble_fixtures import demo_state, kernel_event
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def start_node(sockdir, name):
+    server = HubbleServer(HubbleConfig(node_name=name, unix_socket=sockdir / f"{name}.sock", tcp_address=None),
+                          demo_state())
+    await server.start()
+    return server
+
+
+@pytest.fixture
+async def cluster(sockdir):
+    nodes = {name: await start_node(sockdir, name) for name in ("node-1", "node-2")}
+    targets = [NodeTarget(name, f"unix:{sockdir / f'{name}.sock'}") for name in ("node-1", "node-2", "node-3")]
+    relay = Relay(targets, unix_socket=sockdir / "relay.sock", node_timeout_s=1.0)
+    await relay.start()
+    async with grpc.aio.insecure_channel(f"unix:{sockdir / 'relay.sock'}") as channel:
+        yield nodes, observer_pb2_grpc.ObserverStub(channel), relay
+    await relay.stop(grace=0)
+    for server in nodes.values():
+        await server.stop(grace=0)
+
+
+async def test_merges_nodes_in_time_order_and_reports_unavailable(cluster):
+    nodes, stub, _ = cluster
+    base = time.time_ns()
+    for i in range(6):
+        node = nodes["node-1" if i % 2 == 0 else "node-2"]
+        node.kernel_sink(kernel_event(sport=i, ts_ns=base + i * 1000))
+    responses = [r async for r in stub.GetFlows(O.GetFlowsRequest(number=4))]
+    statuses = [r.node_status for r in responses if r.HasField("node_status")]
+    flows = [r for r in responses if r.HasField("flow")]
+    assert [f.flow.l4.TCP.source_port for f in flows] == [2, 3, 4, 5]
+    assert [f.node_name for f in flows] == ["node-1", "node-2", "node-1", "node-2"]
+    assert [f.flow.node_name for f in flows] == ["node-1", "node-2", "node-1", "node-2"]
+    assert (statuses[0].state_change, list(statuses[0].node_names)) == (relay_pb2.NODE_CONNECTED, ["node-1", "node-2"])
+    assert (statuses[1].state_change, list(statuses[1].node_names)) == (relay_pb2.NODE_UNAVAILABLE, ["node-3"])
+
+
+async def test_status_and_nodes(cluster):
+    nodes, stub, _ = cluster
+    nodes["node-1"].kernel_sink(kernel_event())
+    status = await stub.ServerStatus(O.ServerStatusRequest())
+    assert status.num_connected_nodes.value == 2 and status.num_unavailable_nodes.value == 1
+    assert list(status.unavailable_nodes) == ["node-3"]
+    assert (status.num_flows, status.max_flows, status.seen_flows) == (1, 2 * 4095, 1)
+    listed = await stub.GetNodes(O.GetNodesRequest())
+    assert [(n.name, n.state) for n in listed.nodes] == [
+        ("node-1", relay_pb2.NODE_CONNECTED), ("node-2", relay_pb2.NODE_CONNECTED),
+        ("node-3", relay_pb2.NODE_UNAVAILABLE)]
+
+
+async def test_invalid_request_is_rejected_by_the_relay(cluster):
+    _, stub, _ = cluster
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        [r async for r in stub.GetFlows(O.GetFlowsRequest(whitelist=[F.FlowFilter(http_status_code=["6xx"])]))]
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "status code" in error.value.details()
+
+
+async def test_follow_survives_a_node_dying(cluster):
+    nodes, stub, _ = cluster
+    call = stub.GetFlows(O.GetFlowsRequest(follow=True))
+    seen = []
+
+    async def read():
+        async for response in call:
+            seen.append(response)
+
+    reader = asyncio.create_task(read())
+    await asyncio.sleep(0.3)
+    nodes["node-1"].kernel_sink(kernel_event(sport=1))
+    await asyncio.sleep(0.2)
+    await nodes["node-1"].stop(grace=0)
+    await asyncio.sleep(0.3)
+    nodes["node-2"].kernel_sink(kernel_event(sport=2))
+    await asyncio.sleep(0.3)
+    call.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+    flows = [(r.node_name, r.flow.l4.TCP.source_port) for r in seen if r.HasField("flow")]
+    assert flows == [("node-1", 1), ("node-2", 2)]
+    unavailable = {name for r in seen if r.HasField("node_status")
+                   and r.node_status.state_change == relay_pb2.NODE_UNAVAILABLE for name in r.node_status.node_names}
+    assert unavailable == {"node-1", "node-3"}
