@@ -1,7 +1,19 @@
-"""Suite-wide fixtures and markers."""
+"""Suite-wide fixtures and markers.
+
+``demo_cluster`` is one real local cluster (2 nodes, the demo deployed, every component
+running) shared by all cluster-level tests of the session: bringing one up costs seconds
+of CPU on this 2-core machine. Tests that change it (labels, policies) undo their change.
+"""
+from __future__ import annotations
+
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+
+from shoal.config import ClusterLayout
 
 
 def pytest_collection_modifyitems(config, items):
@@ -11,3 +23,36 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "root" in item.keywords or "cluster" in item.keywords:
             item.add_marker(skip)
+
+
+def shoal_cli(layout: ClusterLayout, *args: str, check: bool = True, timeout: float = 120,
+              input: str | None = None) -> subprocess.CompletedProcess:
+    """Runs the real `shoal` command against ``layout``'s cluster."""
+    env = {**os.environ, "SHOAL_CLUSTER": layout.name}
+    proc = subprocess.run([sys.executable, "-m", "shoal.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, input=input)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"shoal {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def pod_exec(layout: ClusterLayout, target: str, *argv: str, timeout: float = 30,
+             check: bool = True) -> subprocess.CompletedProcess:
+    return shoal_cli(layout, "exec", target, "--", *argv, timeout=timeout, check=check)
+
+
+@pytest.fixture(scope="session")
+def demo_cluster():
+    """A 2-node local cluster with the demo, shared by the session; removed at the end."""
+    from shoal.demo import deploy_demo
+    from shoal.local.cluster import LocalCluster
+
+    layout = ClusterLayout(name=f"shoal-test-{os.getpid()}")
+    cluster = LocalCluster(layout)
+    try:
+        cluster.up(2)
+        deploy_demo(cluster, echo=lambda _: None, settle=20)
+        yield cluster
+    finally:
+        cluster.down()
+        assert not cluster.leftovers(), cluster.leftovers()

@@ -1,0 +1,94 @@
+"""The controller's local API for the CLI: JSON over HTTP on a Unix socket.
+
+    POST /apply   {"objects": [...]}  -> 200 {"events": [...]} | 422 {"errors": [...]}
+    POST /delete  {"objects": [...]}  -> 200 {"events": [...]} | 404/422 {"errors": [...]}
+    GET  /objects?kind=Pod[&namespace=demo]   -> 200 {"items": [...], "resourceVersion": "N"}
+    GET  /status                              -> 200 {...} (the controller's own view)
+    GET  /healthz                             -> 200 ok
+
+The socket is created mode 0600 in the cluster's run dir: only root on this machine can
+use it, which is the same trust as running ``ip netns`` by hand.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from aiohttp import web
+
+from shoal.controller.manifests import KINDS, ManifestError
+from shoal.controller.store import Store
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 8 * 1024 * 1024
+
+
+def build_app(store: Store, status: Callable[[], dict[str, Any]], on_error: Callable[[str], None] = lambda _: None
+              ) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY)
+
+    async def read_objects(request: web.Request) -> list[Any]:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise _bad_request(f"request body is not JSON: {e}") from None
+        if not isinstance(body, dict) or not isinstance(body.get("objects"), list):
+            raise _bad_request('expected {"objects": [...]}')
+        return body["objects"]
+
+    def _bad_request(message: str) -> web.HTTPException:
+        on_error("bad_request")
+        return web.HTTPBadRequest(text=json.dumps({"errors": [message]}), content_type="application/json")
+
+    def write(operation: Callable[[list[Any]], list]) -> Callable:
+        async def handler(request: web.Request) -> web.Response:
+            objects = await read_objects(request)
+            try:
+                events = operation(objects)
+            except ManifestError as e:
+                on_error("invalid_manifest")
+                log.warning("refused %s: %s", request.path, e)
+                code = 404 if all(err.endswith(": not found") for err in e.errors) else 422
+                return web.json_response({"errors": e.errors}, status=code)
+            return web.json_response({"events": [
+                {"type": ev.type, "kind": ev.object["kind"], "namespace": ev.object["metadata"].get("namespace", ""),
+                 "name": ev.object["metadata"]["name"]} for ev in events]})
+        return handler
+
+    async def objects(request: web.Request) -> web.Response:
+        kind = request.query.get("kind", "")
+        if kind not in KINDS:
+            raise _bad_request(f"unknown kind {kind!r}")
+        items = store.list(kind, request.query.get("namespace"))
+        return web.json_response({"items": items, "resourceVersion": str(store.resource_version)})
+
+    async def status_handler(request: web.Request) -> web.Response:
+        return web.json_response(status())
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app.router.add_post("/apply", write(store.apply))
+    app.router.add_post("/delete", write(store.delete))
+    app.router.add_get("/objects", objects)
+    app.router.add_get("/status", status_handler)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+async def serve_unix(app: web.Application, path: Path) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        path.unlink()
+    old = os.umask(0o177)
+    try:
+        await web.UnixSite(runner, str(path)).start()
+    finally:
+        os.umask(old)
+    return runner

@@ -1,0 +1,261 @@
+"""``shoal up`` and ``shoal down``: a multi-node cluster on this one machine.
+
+Nodes and pods are network namespaces, every process lives in a cgroup below the
+cluster's own cgroup, and the real controller, agents and node proxies run as long-lived
+processes. Nothing touches the root network namespace or the root cgroup.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from shoal.config import ClusterLayout
+from shoal.local.apiclient import ApiClient
+from shoal.local.linux import Cgroup, LinuxError, Netns
+from shoal.local.topology import Topology
+
+Progress = Callable[[str], None]
+
+
+class PreflightError(RuntimeError):
+    """The machine cannot run a local cluster; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class Component:
+    """A long-running process of the cluster: which module, where, and its log name."""
+
+    name: str            # log and pid file name: controller, agent-node-1, proxy-node-1
+    module: str          # python -m <module>
+    netns: str
+    cgroup: Path
+    args: tuple[str, ...] = ()
+
+
+def preflight(layout: ClusterLayout) -> None:
+    problems = []
+    if os.geteuid() != 0:
+        raise PreflightError("shoal up must run as root: it creates network namespaces, cgroups and eBPF programs")
+    if shutil.which("ip") is None:
+        problems.append("the `ip` command (iproute2) is missing: apt-get install iproute2")
+    if not _is_mounted(layout.cgroup_root, "cgroup2"):
+        problems.append(f"no cgroup v2 hierarchy at {layout.cgroup_root}")
+    if not _is_mounted(layout.bpffs_root, "bpf"):
+        problems.append(f"bpffs is not mounted on {layout.bpffs_root}: mount -t bpf bpf {layout.bpffs_root}")
+    kernel = os.uname().release
+    if not Path(f"/lib/modules/{kernel}/build").exists():
+        problems.append(f"no kernel headers at /lib/modules/{kernel}/build (bcc needs them): run scripts/install.sh")
+    config = _kernel_config()
+    for option in ("CONFIG_BPF_SYSCALL", "CONFIG_CGROUP_BPF", "CONFIG_NET_CLS_ACT", "CONFIG_VETH", "CONFIG_BRIDGE"):
+        if config and config.get(option) not in ("y", "m"):
+            problems.append(f"the kernel lacks {option}")
+    if problems:
+        raise PreflightError("cannot bring up a local cluster:\n  - " + "\n  - ".join(problems))
+
+
+def _is_mounted(path: Path, fstype: str) -> bool:
+    for line in Path("/proc/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 2 and fields[1] == str(path) and fields[2] == fstype:
+            return True
+    return False
+
+
+def _kernel_config() -> dict[str, str]:
+    for candidate in (Path("/proc/config.gz"), Path(f"/boot/config-{os.uname().release}")):
+        if candidate.exists():
+            if candidate.suffix == ".gz":
+                import gzip
+                text = gzip.decompress(candidate.read_bytes()).decode()
+            else:
+                text = candidate.read_text()
+            return dict(line.split("=", 1) for line in text.splitlines() if line.startswith("CONFIG_") and "=" in line)
+    return {}
+
+
+class LocalCluster:
+    def __init__(self, layout: ClusterLayout, progress: Progress = lambda _: None):
+        self.layout = layout
+        self.progress = progress
+        self.topology = Topology(layout)
+        self.api = ApiClient(layout.api_socket)
+
+    # -- state -------------------------------------------------------------------------
+
+    def leftovers(self) -> list[str]:
+        found = [f"netns {n.name}" for n in Netns.list(self.layout.netns_prefix)]
+        if self.layout.cgroup.exists():
+            found.append(f"cgroup {self.layout.cgroup}")
+        if self.layout.run_dir.exists():
+            found.append(f"run dir {self.layout.run_dir}")
+        if (self.layout.bpffs_root / self.layout.name).exists():
+            found.append(f"bpf pins {self.layout.bpffs_root / self.layout.name}")
+        return found
+
+    def nodes(self) -> list[str]:
+        return sorted((n.name.split(".", 1)[1] for n in Netns.list(self.layout.netns_prefix)
+                       if n.name.count(".") == 1 and n.name.split(".", 1)[1].startswith("node-")),
+                      key=ClusterLayout.node_index)
+
+    # -- up ----------------------------------------------------------------------------
+
+    def up(self, nodes: int, components: Iterable[str] | None = None) -> None:
+        if not 1 <= nodes <= 200:
+            raise ValueError(f"--nodes must be between 1 and 200, got {nodes}")
+        preflight(self.layout)
+        leftovers = self.leftovers()
+        if leftovers:
+            self.progress(f"cleaning leftovers of cluster {self.layout.name!r}: {', '.join(leftovers[:4])}"
+                          + (" ..." if len(leftovers) > 4 else ""))
+            self.down()
+        node_names = [f"node-{i}" for i in range(1, nodes + 1)]
+        wanted = set(components) if components is not None else self.available_components()
+        try:
+            self._up(node_names, wanted)
+        except BaseException:
+            self.progress("bring-up failed; removing what was made")
+            self.down()
+            raise
+
+    @staticmethod
+    def available_components() -> set[str]:
+        """The node components whose code is present (the agent, the node proxy)."""
+        found = set()
+        for name, module in (("agent", "shoal.agent.__main__"), ("proxy", "shoal.agent.ztunnel.__main__")):
+            try:
+                if importlib.util.find_spec(module) is not None:
+                    found.add(name)
+            except ModuleNotFoundError:
+                continue
+        return found
+
+    def _up(self, node_names: list[str], components: set[str]) -> None:
+        layout = self.layout
+        layout.run_dir.mkdir(parents=True, exist_ok=True)
+        layout.log_dir.mkdir(parents=True, exist_ok=True)
+        layout.bootstrap_token_path.write_text(secrets.token_urlsafe(32))
+        layout.bootstrap_token_path.chmod(0o600)
+        self.progress(f"fabric: netns {layout.control_netns}, bridge fabric0 {layout.CONTROLLER_IP}")
+        self.topology.build_control()
+        Cgroup(layout.cgroup / "control").create()
+        for node in node_names:
+            self.progress(f"node {node}: netns {layout.node_netns(node)}, {layout.node_ip(node)}, "
+                          f"pods {layout.pod_cidr(node)}")
+            self.topology.build_node(node, node_names)
+            for part in ("pods", "system"):
+                Cgroup(layout.node_cgroup(node) / part).create()
+            layout.node_dir(node).mkdir(parents=True, exist_ok=True)
+        self.progress("controller: starting")
+        self.start(self.controller_component())
+        self._wait(self.api.healthy, 30, "the controller did not become ready (see `shoal logs controller`)")
+        self.api.apply([self._node_object(n) for n in node_names])
+        for node in node_names:
+            for component in self.node_components(node):
+                if component.name.split("-")[0] in components:
+                    self.progress(f"{component.name}: starting")
+                    self.start(component)
+
+    def _node_object(self, node: str) -> dict:
+        return {"apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": node, "labels": {"kubernetes.io/hostname": node}},
+                "spec": {"podCIDR": self.layout.pod_cidr(node)},
+                "status": {"addresses": [{"type": "InternalIP", "address": self.layout.node_ip(node)}]}}
+
+    def controller_component(self) -> Component:
+        return Component("controller", "shoal.controller", self.layout.control_netns,
+                         self.layout.cgroup / "control",
+                         ("--cluster", self.layout.name, "--grpc-address", self.layout.controller_address))
+
+    def node_components(self, node: str) -> list[Component]:
+        layout = self.layout
+        return [
+            Component(f"agent-{node}", "shoal.agent", layout.node_netns(node),
+                      layout.system_cgroup(node, "agent"), ("--node", node)),
+            Component(f"proxy-{node}", "shoal.agent.ztunnel", layout.node_netns(node),
+                      layout.system_cgroup(node, "proxy"), ("--node", node)),
+        ]
+
+    def component_env(self, node: str | None = None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
+        env.update({
+            "SHOAL_CLUSTER": self.layout.name,
+            "SHOAL_CONTROLLER": self.layout.controller_address,
+            "SHOAL_TOKEN_FILE": str(self.layout.bootstrap_token_path),
+            "PYTHONUNBUFFERED": "1",
+        })
+        if node:
+            env["SHOAL_NODE"] = node
+        return env
+
+    def start(self, component: Component) -> int:
+        """Starts a component in its netns and cgroup, detached, logging to a file."""
+        cgroup = Cgroup(component.cgroup).create()
+        argv = cgroup.join_argv(Netns(component.netns).enter_argv(
+            [sys.executable, "-m", component.module, *component.args]))
+        node = component.name.split("-", 1)[1] if "-" in component.name else None
+        with open(self.layout.log_dir / f"{component.name}.log", "ab") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=self.component_env(node), start_new_session=True, cwd="/")
+        (self.layout.run_dir / f"{component.name}.pid").write_text(str(proc.pid))
+        return proc.pid
+
+    def stop(self, component: Component, kill: bool = False) -> None:
+        Cgroup(component.cgroup).kill_all(grace=0.0 if kill else 5.0)
+
+    @staticmethod
+    def _wait(ready: Callable[[], bool], timeout: float, message: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ready():
+                return
+            time.sleep(0.1)
+        raise LinuxError(message)
+
+    def wait_pods_running(self, timeout: float = 60.0) -> list[dict]:
+        def running() -> bool:
+            pods = self.api.list("Pod")
+            return all(p.get("status", {}).get("phase") == "Running" for p in pods)
+        self._wait(running, timeout, "pods did not reach Running (see `shoal get pods` and `shoal logs`)")
+        return self.api.list("Pod")
+
+    # -- down --------------------------------------------------------------------------
+
+    def down(self) -> list[str]:
+        """Removes every process, namespace, cgroup, pin and file of this cluster; idempotent."""
+        removed = []
+        layout = self.layout
+        # The controller first, so that its kubelet does not restart pods we are stopping.
+        for cgroup in (Cgroup(layout.cgroup / "control"), Cgroup(layout.cgroup)):
+            if cgroup.exists() and cgroup.pids():
+                removed.append(f"{len(cgroup.pids())} processes in {cgroup.path}")
+                cgroup.kill_all()
+        for node in self.nodes():
+            self._uninstall_node_datapath(node)
+        pins = layout.bpffs_root / layout.name
+        if pins.exists():
+            shutil.rmtree(pins)  # unlinking a pin drops our reference to the program or map
+            removed.append(f"bpf pins {pins}")
+        for netns in Netns.list(layout.netns_prefix):
+            netns.delete()
+            removed.append(f"netns {netns.name}")
+        if layout.cgroup.exists():
+            Cgroup(layout.cgroup).remove()
+            removed.append(f"cgroup {layout.cgroup}")
+        if layout.run_dir.exists():
+            shutil.rmtree(layout.run_dir)
+        return removed
+
+    def _uninstall_node_datapath(self, node: str) -> None:
+        try:
+            from shoal.agent.uninstall import remove_node
+        except ImportError:
+            return
+        remove_node(self.layout, node)

@@ -1,0 +1,206 @@
+"""The local cluster's kubelet and CNI: turns Pod objects into running pods.
+
+For each Pod scheduled on one of the cluster's nodes it makes the pod's network namespace
+(veth into the node, an IP from the node's pod CIDR), a cgroup of its own below the node's
+cgroup, the hosts file that resolves Service names, and it runs the pod's command there,
+restarting it when it exits. State lives in the pod's cgroup and netns, not in this
+process: a restarted controller adopts running pods instead of restarting them.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shoal.config import ClusterLayout
+from shoal.controller.store import Store, WatchEvent
+from shoal.local.linux import Cgroup, LinuxError, Netns
+from shoal.local.topology import Topology
+
+log = logging.getLogger(__name__)
+
+RESTART_BACKOFF_MAX = 10.0
+# No DNS server in the local cluster: Service names come from the hosts file, and a lookup
+# that misses fails at once instead of waiting on the machine's resolver.
+RESOLV_CONF = "# names of the local cluster come from /etc/hosts\nnameserver 127.0.0.53\noptions timeout:1 attempts:1\n"
+
+
+@dataclass
+class _PodRuntime:
+    restarts: int = 0
+    next_start: float = 0.0
+    ip: str = ""
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+
+def hosts_file(pod_namespace: str, pod_name: str, pod_ip: str, services: list[dict[str, Any]]) -> str:
+    """/etc/hosts for one pod: itself, then every Service by its cluster DNS names."""
+    lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback", f"{pod_ip}\t{pod_name}"]
+    for svc in services:
+        ip = svc["spec"].get("clusterIP")
+        if not ip or ip == "None":
+            continue
+        name, ns = svc["metadata"]["name"], svc["metadata"]["namespace"]
+        names = [f"{name}.{ns}", f"{name}.{ns}.svc", f"{name}.{ns}.svc.cluster.local"]
+        if ns == pod_namespace:
+            names.insert(0, name)
+        lines.append(f"{ip}\t{' '.join(names)}")
+    return "\n".join(lines) + "\n"
+
+
+class LocalKubelet:
+    """Reconciles the store's Pods with namespaces, cgroups and processes on this machine."""
+
+    def __init__(self, layout: ClusterLayout, store: Store, interval: float = 1.0):
+        self.layout = layout
+        self.store = store
+        self.topology = Topology(layout)
+        self.interval = interval
+        self._pods: dict[tuple[str, str], _PodRuntime] = {}
+        self._wake = asyncio.Event()
+        self._hosts_dirty = True
+        store.watch(self._on_events)
+
+    def _on_events(self, events: list[WatchEvent]) -> None:
+        if any(e.object["kind"] in ("Pod", "Service") for e in events):
+            self._hosts_dirty = self._hosts_dirty or any(e.object["kind"] == "Service" for e in events)
+            self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                self.reconcile()
+            except LinuxError as e:
+                log.error("kubelet: %s", e)
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+
+    # -- reconcile ---------------------------------------------------------------------
+
+    def reconcile(self) -> None:
+        nodes = {n["metadata"]["name"] for n in self.store.list("Node")}
+        pods = {(p["metadata"]["namespace"], p["metadata"]["name"]): p
+                for p in self.store.list("Pod") if p["spec"].get("nodeName") in nodes}
+        for key in list(self._pods):
+            if key not in pods:
+                self._stop_pod(key)
+        for key, pod in pods.items():
+            try:
+                self._ensure_pod(pod)
+            except LinuxError as e:
+                log.error("pod %s/%s: %s", *key, e)
+                self.store.update_status("Pod", *key, {"phase": "Failed", "message": str(e)})
+        # Pods deleted while we were not running: their namespaces are still around.
+        for netns in Netns.list(self.layout.netns_prefix):
+            parts = netns.name.split(".", 2)
+            if len(parts) == 3 and (parts[1], parts[2]) not in pods:
+                log.info("removing orphan pod namespace %s", netns.name)
+                netns.delete()
+        if self._hosts_dirty:
+            self._write_hosts(pods.values())
+            self._hosts_dirty = False
+
+    def _ensure_pod(self, pod: dict[str, Any]) -> None:
+        meta, spec = pod["metadata"], pod["spec"]
+        key = (meta["namespace"], meta["name"])
+        node = spec["nodeName"]
+        runtime = self._pods.get(key)
+        if runtime is None:
+            runtime = self._pods[key] = _PodRuntime(restarts=pod.get("status", {}).get("restartCount", 0))
+            runtime.ip = self._pod_ip(pod)
+            netns = self.topology.attach_pod(node, *key, runtime.ip)
+            # Before the first start: `ip netns exec` bind-mounts these files only if they exist.
+            netns.write_etc("hosts", hosts_file(*key, runtime.ip, self.store.list("Service")))
+            netns.write_etc("resolv.conf", RESOLV_CONF)
+        cgroup = Cgroup(self.layout.pod_cgroup(node, *key)).create()
+        runtime.procs = [p for p in runtime.procs if p.poll() is None]
+        if cgroup.pids():
+            status = {"phase": "Running", "podIP": runtime.ip, "hostIP": self.layout.node_ip(node),
+                      "restartCount": runtime.restarts}
+            self.store.update_status("Pod", *key, status)
+            return
+        now = time.monotonic()
+        if now < runtime.next_start:
+            return
+        if pod.get("status", {}).get("phase") == "Running":
+            runtime.restarts += 1
+            log.warning("pod %s/%s exited; restarting (restart %d)", *key, runtime.restarts)
+        runtime.next_start = now + min(RESTART_BACKOFF_MAX, 0.5 * 2 ** min(runtime.restarts, 5))
+        self._start(pod, runtime, cgroup)
+        self.store.update_status("Pod", *key, {
+            "phase": "Running", "podIP": runtime.ip, "hostIP": self.layout.node_ip(node),
+            "restartCount": runtime.restarts, "startTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+    def _pod_ip(self, pod: dict[str, Any]) -> str:
+        """Keeps the IP a pod already has (adoption after a restart), else the lowest free one."""
+        node = pod["spec"]["nodeName"]
+        current = pod.get("status", {}).get("podIP")
+        if current:
+            return current
+        used = {p.get("status", {}).get("podIP") for p in self.store.list("Pod")}
+        used |= {r.ip for r in self._pods.values()}
+        for ip in self.topology.pod_ip_range(node):
+            if ip not in used:
+                return ip
+        raise LinuxError(f"node {node}: pod CIDR exhausted")
+
+    def _start(self, pod: dict[str, Any], runtime: _PodRuntime, cgroup: Cgroup) -> None:
+        meta, spec = pod["metadata"], pod["spec"]
+        netns = Netns(self.layout.pod_netns(meta["namespace"], meta["name"]))
+        log_dir = self.layout.log_dir / "pods"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        for container in spec["containers"]:
+            argv = list(container["command"]) + list(container.get("args", []))
+            env = self._pod_env(pod, runtime.ip, container)
+            name = container.get("name", "main")
+            log_path = log_dir / f"{meta['namespace']}_{meta['name']}_{name}.log"
+            with open(log_path, "ab") as out:
+                proc = subprocess.Popen(cgroup.join_argv(netns.exec_argv(argv)), stdout=out,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        env=env, start_new_session=True, cwd="/")
+            runtime.procs.append(proc)
+            log.info("started pod %s/%s container %s (pid %d): %s", meta["namespace"], meta["name"],
+                     name, proc.pid, " ".join(argv))
+
+    def _pod_env(self, pod: dict[str, Any], ip: str, container: dict[str, Any]) -> dict[str, str]:
+        meta, spec = pod["metadata"], pod["spec"]
+        venv_bin = str(Path(sys.executable).parent)
+        env = {
+            "PATH": f"{venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": "/root", "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1",
+            "POD_NAME": meta["name"], "POD_NAMESPACE": meta["namespace"], "POD_IP": ip,
+            "NODE_NAME": spec["nodeName"], "SERVICE_ACCOUNT": spec.get("serviceAccountName", "default"),
+        }
+        for item in container.get("env", []) or []:
+            if isinstance(item, dict) and isinstance(item.get("name"), str):
+                env[item["name"]] = str(item.get("value", ""))
+        return env
+
+    def _stop_pod(self, key: tuple[str, str]) -> None:
+        runtime = self._pods.pop(key)
+        for cgroup_dir in self.layout.cgroup.glob(f"*/pods/{key[0]}.{key[1]}"):
+            cgroup = Cgroup(cgroup_dir)
+            cgroup.kill_all()
+            cgroup.remove()
+        for proc in runtime.procs:
+            proc.wait(timeout=5)
+        self.topology.detach_pod(*key)
+        log.info("stopped pod %s/%s", *key)
+
+    def _write_hosts(self, pods) -> None:
+        services = self.store.list("Service")
+        for pod in pods:
+            meta = pod["metadata"]
+            runtime = self._pods.get((meta["namespace"], meta["name"]))
+            if runtime is None:
+                continue
+            Netns(self.layout.pod_netns(meta["namespace"], meta["name"])).write_etc(
+                "hosts", hosts_file(meta["namespace"], meta["name"], runtime.ip, services))

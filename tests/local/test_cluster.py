@@ -1,0 +1,177 @@
+"""The local cluster: real namespaces, veths, cgroups and processes; clean removal."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from shoal.config import ClusterLayout
+from shoal.local.linux import Cgroup, Netns
+
+from tests.conftest import pod_exec, shoal_cli
+
+pytestmark = pytest.mark.cluster
+
+
+def pods_by_name(layout):
+    listing = json.loads(shoal_cli(layout, "get", "pods", "-o", "json").stdout)
+    return {f"{p['metadata']['namespace']}/{p['metadata']['name']}": p for p in listing["items"]}
+
+
+def test_demo_pods_run_on_two_nodes_with_ips_from_their_node_cidr(demo_cluster):
+    layout = demo_cluster.layout
+    pods = pods_by_name(layout)
+    assert set(pods) == {"demo/web-0", "demo/web-1", "demo/client-0", "demo/db-0", "legacy/client-0"}
+    assert pods["demo/web-0"]["spec"]["nodeName"] != pods["demo/web-1"]["spec"]["nodeName"]
+    for pod in pods.values():
+        node = pod["spec"]["nodeName"]
+        assert pod["status"]["phase"] == "Running"
+        assert pod["status"]["podIP"].startswith(layout.pod_cidr(node).rsplit(".", 2)[0] + ".")
+    table = shoal_cli(layout, "get", "pods").stdout.splitlines()
+    assert table[0].split() == ["NAMESPACE", "NAME", "NODE", "IP", "STATUS", "MESHED", "RESTARTS"]
+    assert any(row.split()[:2] == ["legacy", "client-0"] and row.split()[5] == "False" for row in table[1:])
+    meshed = {name: p["meshed"] for name, p in pods.items()}
+    assert meshed["demo/client-0"] is True and meshed["legacy/client-0"] is False
+
+
+def test_pod_to_pod_across_nodes(demo_cluster):
+    layout = demo_cluster.layout
+    pods = pods_by_name(layout)
+    client_node = pods["legacy/client-0"]["spec"]["nodeName"]
+    remote = next(p for n, p in pods.items() if n.startswith("demo/web-") and p["spec"]["nodeName"] != client_node)
+    out = pod_exec(layout, "legacy/client-0", "curl", "-s", "--max-time", "5",
+                   f"http://{remote['status']['podIP']}:8080/").stdout
+    assert f"hello from {remote['metadata']['name']} on {remote['spec']['nodeName']}" in out
+    assert f"from {pods['legacy/client-0']['status']['podIP']}" in out
+
+
+def test_service_names_resolve_inside_pods(demo_cluster):
+    layout = demo_cluster.layout
+    services = json.loads(shoal_cli(layout, "get", "services", "-o", "json").stdout)["items"]
+    web_ip = next(s["spec"]["clusterIP"] for s in services if s["metadata"]["name"] == "web")
+    out = pod_exec(layout, "legacy/client-0", "getent", "hosts", "web.demo.svc.cluster.local").stdout
+    assert out.split()[0] == web_ip
+    short = pod_exec(layout, "demo/client-0", "getent", "hosts", "db").stdout
+    assert short.split()[0].startswith("10.96.")
+
+
+def test_pod_processes_live_in_their_own_netns_and_cgroup(demo_cluster):
+    layout = demo_cluster.layout
+    pods = pods_by_name(layout)
+    node = pods["demo/web-0"]["spec"]["nodeName"]
+    cgroup = Cgroup(layout.pod_cgroup(node, "demo", "web-0"))
+    pids = cgroup.pids()
+    assert pids, "web-0 has no process in its cgroup"
+    netns_inode = os.stat(Netns(layout.pod_netns("demo", "web-0")).path).st_ino
+    for pid in pids:
+        assert os.stat(f"/proc/{pid}/ns/net").st_ino == netns_inode
+        assert Path(f"/proc/{pid}/cgroup").read_text().count(f"/{layout.name}/{node}/pods/demo.web-0") == 1
+    # Root netns untouched: the pod's eth0 is not visible from here.
+    assert os.stat("/proc/self/ns/net").st_ino != netns_inode
+
+
+def test_a_pod_whose_process_dies_is_restarted(demo_cluster):
+    layout = demo_cluster.layout
+    node = pods_by_name(layout)["demo/db-0"]["spec"]["nodeName"]
+    cgroup = Cgroup(layout.pod_cgroup(node, "demo", "db-0"))
+    before = set(cgroup.pids())
+    for pid in before:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        now = set(cgroup.pids())
+        if now and not now & before:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("db-0 was not restarted")
+    while time.monotonic() < deadline and pods_by_name(layout)["demo/db-0"]["status"].get("restartCount", 0) < 1:
+        time.sleep(0.2)
+    assert pods_by_name(layout)["demo/db-0"]["status"]["restartCount"] >= 1
+
+
+def test_invalid_manifest_is_refused_whole_with_object_and_field(demo_cluster, tmp_path):
+    layout = demo_cluster.layout
+    manifest = tmp_path / "bad.yaml"
+    manifest.write_text("""
+apiVersion: v1
+kind: Pod
+metadata: {name: fine, namespace: demo}
+spec: {containers: [{name: c, command: [sleep, "60"]}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: broken, namespace: demo}
+spec: {ports: [{port: 99999}]}
+""")
+    proc = shoal_cli(layout, "apply", "-f", str(manifest), check=False)
+    assert proc.returncode == 1
+    assert "Service demo/broken: spec.ports[0].port" in proc.stderr
+    assert "demo/fine" not in pods_by_name(layout)
+    garbage = tmp_path / "garbage.yaml"
+    garbage.write_text("kind: [unclosed")
+    proc = shoal_cli(layout, "apply", "-f", str(garbage), check=False)
+    assert proc.returncode == 2 and "not valid YAML" in proc.stderr
+
+
+def test_exec_into_a_missing_pod_is_a_clear_error(demo_cluster):
+    proc = shoal_cli(demo_cluster.layout, "exec", "demo/nope", "--", "true", check=False)
+    assert proc.returncode == 1 and "pod demo/nope is not running" in proc.stderr
+    proc = shoal_cli(demo_cluster.layout, "exec", "no-slash", "--", "true", check=False)
+    assert proc.returncode == 2 and "NAMESPACE/POD" in proc.stderr
+
+
+def test_logs_show_component_and_pod_output(demo_cluster):
+    out = shoal_cli(demo_cluster.layout, "logs", "controller").stdout
+    assert "controller ready" in out
+    web0 = pods_by_name(demo_cluster.layout)["demo/web-0"]["status"]["podIP"]
+    pod_exec(demo_cluster.layout, "legacy/client-0", "curl", "-s", f"http://{web0}:8080/logs-probe")
+    pod_log = shoal_cli(demo_cluster.layout, "logs", "demo/web-0").stdout
+    assert "GET /logs-probe" in pod_log
+
+
+def root_netns_fingerprint() -> str:
+    parts = [subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout,
+             subprocess.run(["ip", "route", "show", "table", "all"], capture_output=True, text=True).stdout,
+             Path("/proc/sys/net/ipv4/ip_forward").read_text()]
+    # Interface counters and states of unrelated links change on their own; names and routes must not.
+    links = sorted(line.split(":")[1].strip() for line in parts[0].splitlines())
+    return json.dumps([links, sorted(parts[1].splitlines()), parts[2]])
+
+
+def test_up_and_down_leave_the_machine_as_it_was(tmp_path):
+    layout = ClusterLayout(name=f"shoal-test-updown-{os.getpid()}")
+    before = root_netns_fingerprint()
+    shoal_cli(layout, "up", "--nodes", "2", timeout=180)
+    try:
+        assert len(Netns.list(layout.netns_prefix)) == 3
+        assert Cgroup(layout.cgroup).pids()  # the controller (and node components) run
+        controller_pid = int((layout.run_dir / "controller.pid").read_text())
+        # A crash: the controller is gone, everything else is left behind.
+        os.kill(controller_pid, signal.SIGKILL)
+        out = shoal_cli(layout, "up", "--nodes", "1", timeout=180).stdout
+        assert "cleaning leftovers" in out
+        assert len(Netns.list(layout.netns_prefix)) == 2
+        pids = Cgroup(layout.cgroup).pids()
+    finally:
+        shoal_cli(layout, "down")
+    assert Netns.list(layout.netns_prefix) == []
+    assert not layout.cgroup.exists() and not layout.run_dir.exists()
+    assert not (Path("/etc/netns").exists() and any(Path("/etc/netns").glob(f"{layout.netns_prefix}*")))
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    assert root_netns_fingerprint() == before
+    assert "Nothing to remove" in shoal_cli(layout, "down").stdout
+
+
+def test_up_refuses_without_root():
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           str(Path(os.sys.executable).parent / "shoal"), "--cluster", "shoal-test-nobody",
+                           "up"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "must run as root" in proc.stderr
