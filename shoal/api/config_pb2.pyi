@@ -174,8 +174,20 @@ class Waypoint(_message.Message):
     uid: str
     def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., ip: _Optional[str] = ..., service_account: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., uid: _Optional[str] = ...) -> None: ...
 
+class KubeObject(_message.Message):
+    __slots__ = ("kind", "namespace", "name", "json")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    namespace: str
+    name: str
+    json: str
+    def __init__(self, kind: _Optional[str] = ..., namespace: _Optional[str] = ..., name: _Optional[str] = ..., json: _Optional[str] = ...) -> None: ...
+
 class Resource(_message.Message):
-    __slots__ = ("type", "name", "version", "workload", "service", "authorization", "waypoint")
+    __slots__ = ("type", "name", "version", "workload", "service", "authorization", "waypoint", "object")
     TYPE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +195,7 @@ class Resource(_message.Message):
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     AUTHORIZATION_FIELD_NUMBER: _ClassVar[int]
     WAYPOINT_FIELD_NUMBER: _ClassVar[int]
+    OBJECT_FIELD_NUMBER: _ClassVar[int]
     type: str
     name: str
     version: str
@@ -190,7 +203,8 @@ class Resource(_message.Message):
     service: Service
     authorization: Authorization
     waypoint: Waypoint
-    def __init__(self, type: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., workload: _Optional[_Union[Workload, _Mapping]] = ..., service: _Optional[_Union[Service, _Mapping]] = ..., authorization: _Optional[_Union[Authorization, _Mapping]] = ..., waypoint: _Optional[_Union[Waypoint, _Mapping]] = ...) -> None: ...
+    object: KubeObject
+    def __init__(self, type: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., workload: _Optional[_Union[Workload, _Mapping]] = ..., service: _Optional[_Union[Service, _Mapping]] = ..., authorization: _Optional[_Union[Authorization, _Mapping]] = ..., waypoint: _Optional[_Union[Waypoint, _Mapping]] = ..., object: _Optional[_Union[KubeObject, _Mapping]] = ...) -> None: ...
 
 class ErrorDetail(_message.Message):
     __slots__ = ("code", "message")

@@ -7,6 +7,7 @@ and keeps its last good version.
 from __future__ import annotations
 
 import ipaddress
+import json
 
 from shoal.api import config_pb2 as pb
 from shoal.xds import model as m
@@ -101,6 +102,10 @@ def to_proto(resource: m.Resource, version: str = "") -> pb.Resource:
         w.name, w.namespace, w.ip = resource.name, resource.namespace, resource.ip
         w.service_account, w.spiffe_id, w.uid = (resource.service_account, resource.spiffe_id,
                                                  resource.uid)
+    elif isinstance(resource, m.KubeObject):
+        o = out.object
+        o.kind, o.namespace, o.name, o.json = (resource.kind, resource.namespace, resource.name,
+                                               resource.json)
     return out
 
 
@@ -178,11 +183,23 @@ def _waypoint(w: pb.Waypoint, where: str) -> m.Waypoint:
                       service_account=w.service_account, spiffe_id=w.spiffe_id, uid=w.uid)
 
 
+def _object(o: pb.KubeObject, where: str) -> m.KubeObject:
+    try:
+        body = json.loads(o.json)
+    except ValueError as err:
+        raise ValueError(f"{where}.json: not JSON: {err}") from None
+    if not isinstance(body, dict) or body.get("kind") != o.kind:
+        raise ValueError(f"{where}.json: expected a {o.kind} object")
+    return m.KubeObject(kind=_need(f"{where}.kind", o.kind), namespace=o.namespace,
+                        name=_need(f"{where}.name", o.name), json=o.json)
+
+
 _DECODERS = {
     m.WORKLOAD: ("workload", _workload),
     m.SERVICE: ("service", _service),
     m.AUTHORIZATION: ("authorization", _authorization),
     m.WAYPOINT: ("waypoint", _waypoint),
+    m.OBJECT: ("object", _object),
 }
 
 

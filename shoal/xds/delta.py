@@ -77,11 +77,12 @@ class DeltaSender:
         return cls(node=request.node, component=request.component, known=known)
 
     def plan(self, desired: Mapping[str, str], system_version: str,
-             keys: Iterable[str] | None = None) -> Push | None:
+             keys: Iterable[str] | None = None, force: bool = False) -> Push | None:
         """Diffs ``desired`` (key -> version, already filtered for this node) against what the
         client holds; ``keys`` limits the diff to changed keys (None: everything).
 
-        Returns None when there is nothing to send.
+        Returns None when there is nothing to send, unless ``force`` (the first answer on a
+        stream is always sent, even empty: it tells the node it is in sync).
         """
         if keys is None:
             candidates = set(desired) | set(self.known)
@@ -99,7 +100,7 @@ class DeltaSender:
             else:
                 upserts.append(key)
                 self.known[key] = want
-        if not upserts and not removed:
+        if not upserts and not removed and not force:
             return None
         nonce = str(next(self._nonces))
         self.in_flight[nonce] = system_version

@@ -5,6 +5,7 @@ Built by the controller from Kubernetes-shaped objects, carried on the config st
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Union
 
@@ -14,7 +15,8 @@ WORKLOAD = "workload"
 SERVICE = "service"
 AUTHORIZATION = "authorization"
 WAYPOINT = "waypoint"
-RESOURCE_TYPES = (WORKLOAD, SERVICE, AUTHORIZATION, WAYPOINT)
+OBJECT = "object"
+RESOURCE_TYPES = (WORKLOAD, SERVICE, AUTHORIZATION, WAYPOINT, OBJECT)
 
 
 class Labels(Mapping[str, str]):
@@ -179,9 +181,29 @@ class Waypoint:
         return f"{self.namespace}/{self.name}"
 
 
-Resource = Union[Workload, Service, Authorization, Waypoint]
+@dataclass(frozen=True)
+class KubeObject:
+    """A Kubernetes-shaped object passed through as JSON (HTTPRoute, TrafficPolicy) for
+    waypoints, which parse it with their own model."""
 
-_TYPE_OF = {Workload: WORKLOAD, Service: SERVICE, Authorization: AUTHORIZATION, Waypoint: WAYPOINT}
+    kind: str
+    namespace: str
+    name: str
+    json: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}/{self.namespace}/{self.name}"
+
+    @property
+    def body(self) -> dict:
+        return json.loads(self.json)
+
+
+Resource = Union[Workload, Service, Authorization, Waypoint, KubeObject]
+
+_TYPE_OF = {Workload: WORKLOAD, Service: SERVICE, Authorization: AUTHORIZATION, Waypoint: WAYPOINT,
+            KubeObject: OBJECT}
 
 
 def resource_type(resource: Resource) -> str:
@@ -232,6 +254,10 @@ class ConfigDelta:
     @property
     def waypoints(self) -> tuple[Waypoint, ...]:
         return self.of_type(Waypoint)
+
+    @property
+    def objects(self) -> tuple[KubeObject, ...]:
+        return self.of_type(KubeObject)
 
     def removed_of_type(self, kind: str) -> tuple[str, ...]:
         """Names (without the type prefix) of removed resources of one type."""

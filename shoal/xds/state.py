@@ -28,6 +28,7 @@ class ConfigState:
         self._policies: dict[str, m.Authorization] = {}
         self._policies_by_ns: dict[str, dict[str, m.Authorization]] = defaultdict(dict)
         self._waypoints: dict[str, m.Waypoint] = {}
+        self._objects: dict[str, m.KubeObject] = {}
         self._subscribers: list[Subscriber] = []
         self.version = ""
 
@@ -71,6 +72,8 @@ class ConfigState:
             self._policies_by_ns[resource.namespace][resource.key] = resource
         elif isinstance(resource, m.Waypoint):
             self._waypoints[resource.key] = resource
+        elif isinstance(resource, m.KubeObject):
+            self._objects[resource.key] = resource
 
     def _remove(self, key: str) -> m.Resource | None:
         kind, name = m.split_key(key)
@@ -91,7 +94,9 @@ class ConfigState:
             if old is not None:
                 self._policies_by_ns[old.namespace].pop(name, None)
             return old
-        return self._waypoints.pop(name, None)
+        if kind == m.WAYPOINT:
+            return self._waypoints.pop(name, None)
+        return self._objects.pop(name, None)
 
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
         """Calls ``callback(delta)`` after each applied push; returns an unsubscribe function."""
@@ -141,3 +146,7 @@ class ConfigState:
 
     def all_waypoints(self) -> list[m.Waypoint]:
         return list(self._waypoints.values())
+
+    def objects(self, kind: str) -> list[m.KubeObject]:
+        """Pass-through Kubernetes objects of one kind (HTTPRoute, TrafficPolicy): waypoints."""
+        return [o for o in self._objects.values() if o.kind == kind]

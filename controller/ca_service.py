@@ -1,0 +1,83 @@
+"""The ``CertificateAuthority`` gRPC service: authenticated nodes get SVIDs for their pods."""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+import grpc
+
+from shoal.api import config_pb2 as pb
+from shoal.controller.auth import AuthError, Authenticator
+from shoal.controller.ca import CertificateAuthority, CsrError, parse_spiffe_from_csr
+from shoal.controller.metrics import ControllerMetrics
+from shoal.controller.model import MeshModel
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "shoal.config.v1.CertificateAuthority"
+MAX_CSR_BYTES = 16 * 1024
+
+
+class CertificateService:
+    def __init__(self, ca: CertificateAuthority, model: MeshModel, authenticator: Authenticator,
+                 metrics: ControllerMetrics) -> None:
+        self.ca, self.model, self.authenticator, self.metrics = ca, model, authenticator, metrics
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        def decoder(message_type, rpc):
+            def decode(data: bytes):
+                try:
+                    return message_type.FromString(data)
+                except Exception:  # protobuf's DecodeError and friends
+                    self.metrics.bad_requests.labels(rpc).inc()
+                    log.warning("refused an undecodable %s request", rpc)
+                    raise
+            return decode
+
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+            "SignCertificate": grpc.unary_unary_rpc_method_handler(
+                self.sign, request_deserializer=decoder(pb.CertificateRequest, "SignCertificate"),
+                response_serializer=pb.CertificateResponse.SerializeToString),
+            "TrustBundle": grpc.unary_unary_rpc_method_handler(
+                self.trust_bundle,
+                request_deserializer=decoder(pb.TrustBundleRequest, "TrustBundle"),
+                response_serializer=pb.TrustBundleResponse.SerializeToString),
+        })
+
+    async def _node(self, context, rpc: str) -> str:
+        try:
+            return await self.authenticator.authenticate(context.invocation_metadata())
+        except AuthError as err:
+            self.metrics.auth_failures.labels(rpc).inc()
+            log.warning("%s from %s refused: %s", rpc, context.peer(), err)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(err))
+
+    async def sign(self, request: pb.CertificateRequest, context) -> pb.CertificateResponse:
+        node = await self._node(context, "SignCertificate")
+        if len(request.csr_pem) > MAX_CSR_BYTES:
+            await self._refuse(context, node, "too_large", grpc.StatusCode.INVALID_ARGUMENT,
+                               f"CSR larger than {MAX_CSR_BYTES} bytes")
+        spiffe_id = request.spiffe_id or parse_spiffe_from_csr(request.csr_pem)
+        if spiffe_id not in self.model.identities_on_node(node):
+            await self._refuse(context, node, "not_on_node", grpc.StatusCode.PERMISSION_DENIED,
+                               f"no pod of {spiffe_id or '<no identity>'} is scheduled on "
+                               f"node {node}")
+        ttl = dt.timedelta(seconds=request.ttl_seconds) if request.ttl_seconds else None
+        try:
+            signed = self.ca.sign(request.csr_pem, spiffe_id, ttl)
+        except CsrError as err:
+            await self._refuse(context, node, "bad_csr", grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        self.metrics.certs_issued.inc()
+        log.info("issued %s to node %s (serial %x, until %s)", spiffe_id, node, signed.serial,
+                 signed.not_after.isoformat())
+        return pb.CertificateResponse(cert_chain_pem=signed.chain_pem, roots_pem=signed.roots_pem)
+
+    async def _refuse(self, context, node: str, reason: str, code: grpc.StatusCode,
+                      message: str) -> None:
+        self.metrics.cert_errors.labels(reason).inc()
+        log.warning("certificate for node %s refused: %s", node, message)
+        await context.abort(code, message)
+
+    async def trust_bundle(self, request: pb.TrustBundleRequest, context) -> pb.TrustBundleResponse:
+        await self._node(context, "TrustBundle")
+        return pb.TrustBundleResponse(roots_pem=self.ca.roots_pem)

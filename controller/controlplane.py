@@ -1,0 +1,126 @@
+"""The control plane core: model + config distribution + CA behind one gRPC server.
+
+Sources (local store, Kubernetes) call ``apply``/``replace``; both update the model and
+queue the change for every connected node. ``status()`` is the view behind ``shoal status``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Iterable
+
+import grpc
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from shoal.controller.auth import Authenticator
+from shoal.controller.ca import CertificateAuthority
+from shoal.controller.ca_service import CertificateService
+from shoal.controller.distribution import Distributor
+from shoal.controller.metrics import ControllerMetrics
+from shoal.controller.model import Change, MeshModel, Obj
+from shoal.xds.client import CHANNEL_OPTIONS
+
+log = logging.getLogger(__name__)
+
+
+class ControlPlane:
+    def __init__(self, model: MeshModel, ca: CertificateAuthority, authenticator: Authenticator,
+                 metrics: ControllerMetrics | None = None) -> None:
+        self.model = model
+        self.ca = ca
+        self.metrics = metrics or ControllerMetrics.create()
+        self.distributor = Distributor(model, authenticator, self.metrics)
+        self.certificates = CertificateService(ca, model, authenticator, self.metrics)
+        self.server: grpc.aio.Server | None = None
+        self.port: int | None = None
+        self._synced_sources: set[str] = set()
+        self._expected_sources: set[str] = set()
+        self._metrics_runner: web.AppRunner | None = None
+        self.started_at = time.time()
+
+    # -- sources -----------------------------------------------------------------------------
+
+    def expect_source(self, name: str) -> None:
+        """Readiness waits until every expected source has done its first full list."""
+        self._expected_sources.add(name)
+
+    def source_synced(self, name: str) -> None:
+        self._synced_sources.add(name)
+
+    @property
+    def ready(self) -> bool:
+        return self.server is not None and self._expected_sources <= self._synced_sources
+
+    def apply(self, events: Iterable[tuple[str, Obj]]) -> Change:
+        change = self.model.apply(events)
+        self._after(change)
+        return change
+
+    def replace(self, kind: str, objs: Iterable[Obj]) -> Change:
+        change = self.model.replace(kind, objs)
+        self._after(change)
+        return change
+
+    def _after(self, change: Change) -> None:
+        self.metrics.model_errors.set(len(self.model.errors))
+        if change:
+            for kind, count in self.model.counts().items():
+                self.metrics.resources.labels(kind).set(count)
+            self.distributor.notify(change)
+
+    # -- serving -------------------------------------------------------------------------------
+
+    async def start(self, address: str) -> int:
+        """Serves the config stream and the CA on ``address``; returns the bound port."""
+        self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        self.server.add_generic_rpc_handlers((self.distributor.handler(),
+                                              self.certificates.handler()))
+        self.port = self.server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"cannot listen on {address}")
+        await self.server.start()
+        log.info("config stream and CA on %s (port %d)", address, self.port)
+        return self.port
+
+    async def start_admin(self, host: str, port: int) -> None:
+        """/metrics (Prometheus), /ready and /status (JSON) over HTTP."""
+        app = web.Application()
+
+        async def metrics(_request):
+            return web.Response(body=generate_latest(self.metrics.registry),
+                                headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        async def ready(_request):
+            return web.Response(status=200 if self.ready else 503,
+                                text="ready\n" if self.ready else "not ready\n")
+
+        async def status(_request):
+            return web.json_response(self.status())
+
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/ready", ready)
+        app.router.add_get("/status", status)
+        self._metrics_runner = web.AppRunner(app, access_log=None)
+        await self._metrics_runner.setup()
+        await web.TCPSite(self._metrics_runner, host, port).start()
+
+    async def stop(self, grace: float = 1.0) -> None:
+        if self.server is not None:
+            await self.server.stop(grace)
+            self.server = None
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+            self._metrics_runner = None
+
+    def status(self) -> dict[str, Any]:
+        """Connected agents and the config version each holds (for ``shoal status``)."""
+        return {
+            "ready": self.ready,
+            "version": str(self.model.generation),
+            "resources": self.model.counts(),
+            "identities": len(self.model.identities),
+            "agents": self.distributor.status(),
+            "errors": sorted(self.model.errors.values()),
+            "trust_domain": self.ca.trust_domain,
+        }

@@ -1,0 +1,207 @@
+"""Config distribution: the gRPC ``ConfigDiscovery`` stream, one task pair per node.
+
+The model changes; ``Distributor.notify`` adds the changed keys to every connection's
+pending set and wakes it. Each connection's writer diffs only those keys against what its
+node holds (``DeltaSender``) and writes one pre-encoded push: resources are serialized
+once per version in the model, so a push is byte concatenation, not protobuf building.
+Each connection's reader records ACKs/NACKs. A slow or broken node only slows its own
+stream; pending keys coalesce while it is busy.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import grpc
+
+from shoal.api import config_pb2 as pb
+from shoal.controller.auth import AuthError, Authenticator
+from shoal.controller.metrics import ControllerMetrics
+from shoal.controller.model import Change, MeshModel
+from shoal.xds.delta import DeltaSender, ProtocolError
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "shoal.config.v1.ConfigDiscovery"
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def encode_push(system_version: str, nonce: str, resources: list[bytes],
+                removed: tuple[str, ...]) -> bytes:
+    """A serialized ``DeltaResponse`` from already-serialized ``Resource`` messages."""
+    parts = [_field(1, system_version.encode()), _field(2, nonce.encode())]
+    parts.extend(_field(3, r) for r in resources)
+    parts.extend(_field(4, k.encode()) for k in removed)
+    return b"".join(parts)
+
+
+@dataclass(eq=False)
+class Connection:
+    node: str
+    component: str
+    peer: str
+    sender: DeltaSender
+    connected_at: float = field(default_factory=time.time)
+    pending: set[str] | None = None         # None: everything (first sync)
+    pending_since: float | None = None      # monotonic time of the oldest unsent change
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    sent_at: dict[str, float] = field(default_factory=dict)   # nonce -> change time
+    pushes: int = 0
+
+    def status(self) -> dict:
+        nack = self.sender.last_nack
+        return {
+            "node": self.node, "component": self.component, "peer": self.peer,
+            "connected_since": self.connected_at, "version": self.sender.acked_version,
+            "in_flight": len(self.sender.in_flight), "resources": len(self.sender.known),
+            "pushes": self.pushes,
+            "last_nack": None if nack is None else {
+                "version": nack.system_version, "message": nack.message,
+                "rejected": list(nack.rejected)},
+        }
+
+
+class Distributor:
+    def __init__(self, model: MeshModel, authenticator: Authenticator,
+                 metrics: ControllerMetrics) -> None:
+        self.model = model
+        self.authenticator = authenticator
+        self.metrics = metrics
+        self.connections: set[Connection] = set()
+
+    # -- model side -------------------------------------------------------------------------
+
+    def notify(self, change: Change) -> None:
+        """Queues a model change for every connected node."""
+        if not change.keys:
+            return
+        now = time.monotonic()
+        for conn in self.connections:
+            if conn.pending is not None:
+                conn.pending.update(change.keys)
+            if conn.pending_since is None:
+                conn.pending_since = now
+            conn.wake.set()
+        self.metrics.generation.set(change.generation)
+
+    def status(self) -> list[dict]:
+        return sorted((c.status() for c in self.connections),
+                      key=lambda s: (s["node"], s["component"]))
+
+    # -- gRPC ---------------------------------------------------------------------------------
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        def decode(data: bytes) -> pb.DeltaRequest:
+            try:
+                return pb.DeltaRequest.FromString(data)
+            except Exception:  # protobuf raises DecodeError or others on garbage
+                self.metrics.bad_requests.labels("StreamConfig").inc()
+                log.warning("refused an undecodable DeltaRequest (%d bytes)", len(data))
+                raise
+
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+            "StreamConfig": grpc.stream_stream_rpc_method_handler(
+                self.stream, request_deserializer=decode,
+                response_serializer=lambda push: push),   # pushes are pre-encoded bytes
+        })
+
+    async def stream(self, requests: AsyncIterator[pb.DeltaRequest],
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        try:
+            node = await self.authenticator.authenticate(context.invocation_metadata())
+        except AuthError as err:
+            self.metrics.auth_failures.labels("StreamConfig").inc()
+            log.warning("config stream from %s refused: %s", context.peer(), err)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(err))
+        iterator = requests.__aiter__()
+        try:
+            hello = await asyncio.wait_for(iterator.__anext__(), timeout=30)
+            sender = DeltaSender.from_hello(hello)
+            if sender.node != node:
+                raise ProtocolError(f"authenticated as node {node!r} but hello names "
+                                    f"{sender.node!r}")
+        except (ProtocolError, ValueError) as err:
+            self.metrics.bad_requests.labels("StreamConfig").inc()
+            log.warning("config stream from %s (%s) refused: %s", context.peer(), node, err)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except (StopAsyncIteration, asyncio.TimeoutError):
+            return
+        conn = Connection(node=node, component=sender.component, peer=context.peer(),
+                          sender=sender, pending_since=time.monotonic())
+        conn.wake.set()
+        self.connections.add(conn)
+        self.metrics.connected.labels(conn.component).inc()
+        log.info("node %s (%s) connected from %s, resuming %d resources", node,
+                 conn.component, conn.peer, len(sender.known))
+        reader = asyncio.ensure_future(self._read(conn, iterator, context))
+        try:
+            while not reader.done():
+                waiter = asyncio.ensure_future(conn.wake.wait())
+                await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                if reader.done():
+                    break
+                conn.wake.clear()
+                push = self._plan(conn)
+                if push is not None:
+                    yield push
+            error = reader.exception()
+            if error is not None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        finally:
+            reader.cancel()
+            self.connections.discard(conn)
+            self.metrics.connected.labels(conn.component).dec()
+            log.info("node %s (%s) disconnected", node, conn.component)
+
+    def _plan(self, conn: Connection) -> bytes | None:
+        keys, conn.pending = conn.pending, set()
+        changed_at, conn.pending_since = conn.pending_since, None
+        first = not conn.pushes
+        version = str(self.model.generation)
+        push = conn.sender.plan(self.model.view(conn.node, conn.component), version, keys,
+                                force=first)
+        if push is None:
+            return None
+        nonce, removed = push.nonce, push.removed
+        resources = [self.model.resources[key].encoded for key in push.upserts]
+        conn.sent_at[nonce] = changed_at if changed_at is not None else time.monotonic()
+        conn.pushes += 1
+        self.metrics.pushes.labels(conn.component).inc()
+        self.metrics.push_resources.labels(conn.component).inc(len(resources) + len(removed))
+        return encode_push(version, nonce, resources, removed)
+
+    async def _read(self, conn: Connection, iterator, context) -> None:
+        async for request in iterator:
+            try:
+                nack = conn.sender.on_reply(request)
+            except ProtocolError as err:
+                self.metrics.bad_requests.labels("StreamConfig").inc()
+                log.warning("node %s: %s", conn.node, err)
+                raise
+            changed_at = conn.sent_at.pop(request.response_nonce, None)
+            if nack is not None:
+                self.metrics.rejects.labels(conn.component).inc()
+                log.warning("node %s (%s) NACKed version %s: %s (rejected: %s)", conn.node,
+                            conn.component, nack.system_version, nack.message,
+                            ", ".join(nack.rejected))
+            elif changed_at is not None:
+                self.metrics.convergence.observe(time.monotonic() - changed_at)

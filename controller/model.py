@@ -1,0 +1,622 @@
+"""The mesh model: Kubernetes-shaped objects in, config-stream resources out.
+
+Both sources (the embedded store and Kubernetes list/watch) feed ``MeshModel.apply`` with
+(event, object) pairs. The model keeps the raw objects, rebuilds only the resources an
+event can affect (a pod change touches one workload and the services selecting it), and
+returns the changed resource keys. Each resource is encoded once: its serialized
+``Resource`` protobuf and a content-hash version, which is why versions survive a
+controller restart and a reconnecting agent resumes with only what really changed.
+
+Per-node filtering of policies is kept incrementally: which workloads each policy
+selects, hence on which nodes it is needed.
+
+Mesh membership: a namespace joins with ``shoal.io/mesh=enabled`` (alias
+``istio.io/dataplane-mode=ambient``); a pod leaves with ``shoal.io/mesh=disabled`` (alias
+``istio.io/dataplane-mode=none``); host-network pods are never meshed.
+
+mTLS mode: ``PeerAuthentication`` (Istio's shape, ``spec.mtls.mode`` STRICT|PERMISSIVE|UNSET,
+optional ``spec.selector.matchLabels``). The most specific wins: a workload-selecting one in
+the pod's namespace, then a namespace-wide one, then one in the root namespace
+``shoal-system``; UNSET defers to the next level; the default is PERMISSIVE.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+from shoal.api import config_pb2 as pb
+from shoal.config import (DEFAULT_TRUST_DOMAIN, LABEL_MESH, LABEL_MESH_ISTIO, LABEL_USE_WAYPOINT,
+                          LABEL_USE_WAYPOINT_ISTIO, WAYPOINT_GATEWAY_CLASS, spiffe_id)
+from shoal.controller.identity import IdentityAllocator
+from shoal.xds import convert
+from shoal.xds import model as m
+
+log = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+
+WATCHED_KINDS = ("Namespace", "Pod", "Service", "EndpointSlice", "ServiceAccount",
+                 "AuthorizationPolicy", "PeerAuthentication", "Gateway", "HTTPRoute",
+                 "TrafficPolicy")
+PASS_THROUGH_KINDS = ("HTTPRoute", "TrafficPolicy")   # sent to waypoints as KubeObjects
+LABEL_SERVICE_NAME = "kubernetes.io/service-name"     # EndpointSlice -> Service
+LABEL_GATEWAY_NAME = "gateway.networking.k8s.io/gateway-name"   # waypoint pods
+TERMINAL_PHASES = ("Succeeded", "Failed")
+
+
+class ObjectError(ValueError):
+    """An object the model cannot use; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One resource as distributed: the model object, its version, its encoded bytes."""
+
+    version: str
+    resource: m.Resource
+    encoded: bytes      # a serialized pb.Resource, version included
+
+
+@dataclass
+class Change:
+    """What one ``apply`` changed: resource keys to re-diff for every connected node."""
+
+    generation: int
+    keys: set[str] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        return bool(self.keys)
+
+
+def encode_entry(resource: m.Resource) -> Entry:
+    body = convert.to_proto(resource).SerializeToString(deterministic=True)
+    version = hashlib.blake2b(body, digest_size=8).hexdigest()
+    # Field 3 (version, a 16-byte string) appended: protobuf accepts fields in any order,
+    # so the message is serialized once.
+    return Entry(version=version, resource=resource, encoded=body + b"\x1a\x10" + version.encode())
+
+
+def namespace_meshed(namespace: Obj | None) -> bool:
+    labels = _labels(namespace) if namespace else {}
+    return labels.get(LABEL_MESH) == "enabled" or labels.get(LABEL_MESH_ISTIO) == "ambient"
+
+
+def _labels(obj: Obj | None) -> dict[str, str]:
+    return ((obj or {}).get("metadata") or {}).get("labels") or {}
+
+
+def _meta(obj: Obj) -> tuple[str, str]:
+    meta = obj.get("metadata") or {}
+    return meta.get("namespace") or "", meta.get("name") or ""
+
+
+def _describe(kind: str, namespace: str, name: str) -> str:
+    return f"{kind} {namespace + '/' if namespace else ''}{name}"
+
+
+def _selector_matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def _waypoint_label(*objs: Obj | None) -> m.WaypointRef | None:
+    """The first ``use-waypoint`` label among ``objs`` (most specific first); "none" opts out."""
+    for obj in objs:
+        labels = _labels(obj)
+        value = labels.get(LABEL_USE_WAYPOINT) or labels.get(LABEL_USE_WAYPOINT_ISTIO)
+        if value:
+            if value == "none":
+                return None
+            namespace = (obj.get("metadata") or {}).get("namespace") or \
+                (obj.get("metadata") or {}).get("name")   # a Namespace names itself
+            if obj.get("kind") == "Namespace":
+                namespace = obj["metadata"]["name"]
+            return m.WaypointRef(namespace=namespace, name=value)
+    return None
+
+
+class MeshModel:
+    def __init__(self, identities: IdentityAllocator | None = None,
+                 trust_domain: str = DEFAULT_TRUST_DOMAIN) -> None:
+        self.identities = identities if identities is not None else IdentityAllocator(None)
+        self.trust_domain = trust_domain
+        # kind -> namespace -> name -> object
+        self._objects: dict[str, dict[str, dict[str, Obj]]] = {
+            kind: defaultdict(dict) for kind in WATCHED_KINDS}
+        self.resources: dict[str, Entry] = {}
+        self.generation = 0
+        self.errors: dict[str, str] = {}             # "Kind ns/name" -> problem
+        # Policy selection, kept incrementally.
+        self._members: dict[str, set[str]] = defaultdict(set)          # policy -> workloads
+        self._selected_by: dict[str, set[str]] = defaultdict(set)      # workload -> policies
+        self._policy_nodes: dict[str, Counter[str]] = defaultdict(Counter)
+        self._policies_by_ns: dict[str, set[str]] = defaultdict(set)
+        # CA: which identities have pods on which node.
+        self._node_identities: dict[str, Counter[str]] = defaultdict(Counter)
+
+    # -- reading -------------------------------------------------------------------------
+
+    def get(self, kind: str, namespace: str, name: str) -> Obj | None:
+        return self._objects[kind].get(namespace, {}).get(name)
+
+    def objects(self, kind: str, namespace: str | None = None) -> Iterator[Obj]:
+        spaces = self._objects[kind]
+        if namespace is not None:
+            yield from spaces.get(namespace, {}).values()
+            return
+        for objs in spaces.values():
+            yield from objs.values()
+
+    def entry(self, key: str) -> Entry | None:
+        return self.resources.get(key)
+
+    def policy_needed_on(self, key: str, node: str) -> bool:
+        return self._policy_nodes.get(key, Counter())[node] > 0
+
+    def identities_on_node(self, node: str) -> set[str]:
+        """SPIFFE IDs of the service accounts with scheduled pods on ``node``."""
+        return {sid for sid, count in self._node_identities.get(node, Counter()).items() if count}
+
+    def view(self, node: str, component: str) -> "NodeView":
+        return NodeView(self, node, component)
+
+    def counts(self) -> dict[str, int]:
+        counts = Counter(key.partition("/")[0] for key in self.resources)
+        return {kind: counts.get(kind, 0) for kind in m.RESOURCE_TYPES}
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def replace(self, kind: str, objs: Iterable[Obj]) -> Change:
+        """A relist: ``objs`` is every object of ``kind``; missing ones are deleted."""
+        fresh = {_meta(o): o for o in objs}
+        events = [("DELETED", obj) for obj in self.objects(kind) if _meta(obj) not in fresh]
+        events += [("MODIFIED", obj) for obj in fresh.values()]
+        return self.apply(events)
+
+    def apply(self, events: Iterable[tuple[str, Obj]]) -> Change:
+        """Applies watch events; returns the resource keys whose content or audience changed."""
+        dirty_pods: set[tuple[str, str]] = set()
+        dirty_services: set[tuple[str, str]] = set()
+        dirty_policies: set[tuple[str, str]] = set()
+        dirty_gateways: set[tuple[str, str]] = set()
+        dirty_objects: set[tuple[str, str, str]] = set()
+        for event, obj in events:
+            kind = obj.get("kind")
+            if kind not in self._objects:
+                continue
+            namespace, name = _meta(obj)
+            old = self.get(kind, namespace, name)
+            if event == "DELETED":
+                self._objects[kind].get(namespace, {}).pop(name, None)
+            else:
+                self._objects[kind][namespace][name] = obj
+            if kind == "Pod":
+                dirty_pods.add((namespace, name))
+                for labels in (_labels(old), _labels(obj)):
+                    for svc in self.objects("Service", namespace):
+                        selector = (svc.get("spec") or {}).get("selector")
+                        if selector and _selector_matches(selector, labels):
+                            dirty_services.add(_meta(svc))
+                    gateway = labels.get(LABEL_GATEWAY_NAME)
+                    if gateway:
+                        dirty_gateways.add((namespace, gateway))
+            elif kind == "Namespace":
+                dirty_pods.update((name, pod) for pod in self._objects["Pod"].get(name, {}))
+                dirty_services.update((name, s) for s in self._objects["Service"].get(name, {}))
+            elif kind == "Service":
+                dirty_services.add((namespace, name))
+            elif kind == "EndpointSlice":
+                for labels in (_labels(old), _labels(obj)):
+                    if labels.get(LABEL_SERVICE_NAME):
+                        dirty_services.add((namespace, labels[LABEL_SERVICE_NAME]))
+            elif kind == "AuthorizationPolicy":
+                dirty_policies.add((namespace, name))
+            elif kind == "PeerAuthentication":
+                spaces = (self._objects["Pod"].keys() if namespace == m.MESH_ROOT_NAMESPACE
+                          else [namespace])
+                for ns in list(spaces):
+                    dirty_pods.update((ns, pod) for pod in self._objects["Pod"].get(ns, {}))
+            elif kind == "Gateway":
+                dirty_gateways.add((namespace, name))
+            elif kind in PASS_THROUGH_KINDS:
+                dirty_objects.add((kind, namespace, name))
+
+        change = Change(generation=self.generation)
+        # Policies first, so workloads are matched against current selectors; then a
+        # policy's own membership is recomputed over its whole scope.
+        changed_policies = [key for ns, name in sorted(dirty_policies)
+                            if (key := self._rebuild_policy(ns, name, change)) is not None]
+        for ns, name in sorted(dirty_pods):
+            self._rebuild_workload(ns, name, change)
+        for key in changed_policies:
+            self._reselect_policy(key, change)
+        for ns, name in sorted(dirty_services):
+            self._rebuild(f"{m.SERVICE}/{ns}/{name}", lambda: self._build_service(ns, name),
+                          _describe("Service", ns, name), change)
+        for ns, name in sorted(dirty_gateways):
+            self._rebuild(f"{m.WAYPOINT}/{ns}/{name}", lambda: self._build_waypoint(ns, name),
+                          _describe("Gateway", ns, name), change)
+        for kind, ns, name in sorted(dirty_objects):
+            self._rebuild(f"{m.OBJECT}/{kind}/{ns}/{name}",
+                          lambda: self._build_object(kind, ns, name),
+                          _describe(kind, ns, name), change)
+        self.identities.commit()
+        if change.keys:
+            self.generation += 1
+            change.generation = self.generation
+        return change
+
+    # -- rebuilding ----------------------------------------------------------------------------
+
+    def _rebuild(self, key: str, build, description: str, change: Change) -> Entry | None:
+        """Builds one resource; records the change. An object the model cannot use is
+        reported in ``errors`` and its last good version stays in force."""
+        try:
+            resource = build()
+        except ObjectError as err:
+            self.errors[description] = f"{description}: {err}"
+            log.warning("rejected %s: %s", description, err)
+            return self.resources.get(key)
+        self.errors.pop(description, None)
+        old = self.resources.get(key)
+        if resource is None:
+            if old is not None:
+                del self.resources[key]
+                change.keys.add(key)
+            return None
+        entry = encode_entry(resource)
+        if old is None or old.version != entry.version:
+            self.resources[key] = entry
+            change.keys.add(key)
+            return entry
+        return old
+
+    def _rebuild_workload(self, namespace: str, name: str, change: Change) -> None:
+        key = f"{m.WORKLOAD}/{namespace}/{name}"
+        old = self.resources.get(key)
+        entry = self._rebuild(key, lambda: self._build_workload(namespace, name),
+                              _describe("Pod", namespace, name), change)
+        if old is not None and (entry is None or entry is not old):
+            self._node_identities[old.resource.node][old.resource.spiffe_id] -= 1
+        if entry is not None and entry is not old:
+            self._node_identities[entry.resource.node][entry.resource.spiffe_id] += 1
+        if entry is not old:
+            self._select_workload(key, entry.resource if entry else None,
+                                  old.resource.node if old else None, change)
+
+    def _select_workload(self, key: str, workload: m.Workload | None, old_node: str | None,
+                         change: Change) -> None:
+        """Updates which policies select a (re)built workload and where they are needed."""
+        for policy in self._selected_by.pop(key, set()):
+            self._members[policy].discard(key)
+            self._count(policy, old_node, -1, change)
+        if workload is None:
+            return
+        selected = set()
+        for ns in {workload.namespace, m.MESH_ROOT_NAMESPACE}:
+            for policy in self._policies_by_ns.get(ns, ()):
+                entry = self.resources.get(policy)
+                if entry is not None and entry.resource.selects(workload):
+                    selected.add(policy)
+                    self._members[policy].add(key)
+                    self._count(policy, workload.node, +1, change)
+        if selected:
+            self._selected_by[key] = selected
+
+    def _count(self, policy: str, node: str | None, delta: int, change: Change) -> None:
+        if node is None:
+            return
+        counter = self._policy_nodes[policy]
+        before = counter[node] > 0
+        counter[node] += delta
+        if counter[node] <= 0:
+            del counter[node]
+        if before != (counter[node] > 0):
+            change.keys.add(policy)   # the policy's audience changed on this node
+
+    def _rebuild_policy(self, namespace: str, name: str, change: Change) -> str | None:
+        key = f"{m.AUTHORIZATION}/{namespace}/{name}"
+        old = self.resources.get(key)
+        entry = self._rebuild(key, lambda: self._build_policy(namespace, name),
+                              _describe("AuthorizationPolicy", namespace, name), change)
+        if entry is not None:
+            self._policies_by_ns[namespace].add(key)
+        else:
+            self._policies_by_ns[namespace].discard(key)
+        return key if entry is not old else None
+
+    def _reselect_policy(self, key: str, change: Change) -> None:
+        """Recomputes which workloads a changed policy selects."""
+        for workload_key in self._members.pop(key, set()):
+            self._selected_by[workload_key].discard(key)
+        before = set(self._policy_nodes.pop(key, Counter()))
+        entry = self.resources.get(key)
+        counter: Counter[str] = Counter()
+        if entry is not None:
+            policy: m.Authorization = entry.resource
+            spaces = (None if policy.namespace == m.MESH_ROOT_NAMESPACE else policy.namespace)
+            for pod in list(self.objects("Pod", spaces)):
+                pod_ns, pod_name = _meta(pod)
+                workload_key = f"{m.WORKLOAD}/{pod_ns}/{pod_name}"
+                workload = self.resources.get(workload_key)
+                if workload is not None and policy.selects(workload.resource):
+                    self._members[key].add(workload_key)
+                    self._selected_by[workload_key].add(key)
+                    counter[workload.resource.node] += 1
+            self._policy_nodes[key] = counter
+        if before != set(counter):
+            change.keys.add(key)
+
+    # -- builders: Kubernetes object -> model ----------------------------------------------------
+
+    def _build_workload(self, namespace: str, name: str) -> m.Workload | None:
+        pod = self.get("Pod", namespace, name)
+        if pod is None:
+            return None
+        spec, status = pod.get("spec") or {}, pod.get("status") or {}
+        node = spec.get("nodeName")
+        if not node or status.get("phase") in TERMINAL_PHASES:
+            return None
+        labels = _labels(pod)
+        ns_obj = self.get("Namespace", "", namespace)
+        meshed = (namespace_meshed(ns_obj) and labels.get(LABEL_MESH) != "disabled"
+                  and labels.get(LABEL_MESH_ISTIO) != "none" and not spec.get("hostNetwork"))
+        sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+        ip = status.get("podIP") or ""
+        if ip:
+            try:
+                convert._check_ip("status.podIP", ip)
+            except ValueError as err:
+                raise ObjectError(str(err)) from None
+        return m.Workload(
+            uid=f"{namespace}/{name}", name=name, namespace=namespace, service_account=sa,
+            node=node, ip=ip, identity=self.identities.get(namespace, sa),
+            spiffe_id=spiffe_id(namespace, sa, self.trust_domain), meshed=meshed,
+            waypoint=_waypoint_label(pod, ns_obj) if meshed else None,
+            protocol="HBONE" if meshed else "TCP", labels=m.Labels(labels),
+            canonical_service=(labels.get("service.istio.io/canonical-name")
+                               or labels.get("app.kubernetes.io/name") or labels.get("app")
+                               or name),
+            mtls_mode=self._mtls_mode(namespace, labels))
+
+    def _mtls_mode(self, namespace: str, labels: Mapping[str, str]) -> str:
+        levels = []
+        for peer in self.objects("PeerAuthentication", namespace):
+            selector = ((peer.get("spec") or {}).get("selector") or {}).get("matchLabels")
+            if selector and _selector_matches(selector, labels):
+                levels.insert(0, peer)
+            elif not selector:
+                levels.append(peer)
+        levels += [p for p in self.objects("PeerAuthentication", m.MESH_ROOT_NAMESPACE)
+                   if not ((p.get("spec") or {}).get("selector") or {}).get("matchLabels")]
+        for peer in levels:
+            mode = ((peer.get("spec") or {}).get("mtls") or {}).get("mode", "UNSET")
+            if mode in ("STRICT", "PERMISSIVE"):
+                return mode
+        return "PERMISSIVE"
+
+    def _build_service(self, namespace: str, name: str) -> m.Service | None:
+        svc = self.get("Service", namespace, name)
+        if svc is None:
+            return None
+        spec = svc.get("spec") or {}
+        vip = spec.get("clusterIP") or ""
+        if vip == "None":
+            vip = ""
+        elif vip:
+            try:
+                convert._check_ip("spec.clusterIP", vip)
+            except ValueError as err:
+                raise ObjectError(str(err)) from None
+        selector = spec.get("selector")
+        if selector:
+            endpoints = sorted(
+                f"{namespace}/{pod_name}"
+                for pod_name, pod in self._objects["Pod"].get(namespace, {}).items()
+                if _selector_matches(selector, _labels(pod))
+                and f"{m.WORKLOAD}/{namespace}/{pod_name}" in self.resources)
+        else:
+            endpoints = sorted(self._slice_endpoints(namespace, name))
+        ports = []
+        for i, port in enumerate(spec.get("ports") or []):
+            number = port.get("port")
+            if not isinstance(number, int) or not 1 <= number <= 65535:
+                raise ObjectError(f"spec.ports[{i}].port: expected 1-65535, got {number!r}")
+            target = port.get("targetPort", number)
+            if isinstance(target, str):
+                target = self._named_port(namespace, endpoints, target)
+            protocol = port.get("protocol", "TCP")
+            if protocol not in convert.PORT_PROTOCOLS:
+                raise ObjectError(f"spec.ports[{i}].protocol: unsupported {protocol!r}")
+            ports.append(m.ServicePort(name=port.get("name", ""), port=number,
+                                       target_port=target, protocol=protocol))
+        ns_obj = self.get("Namespace", "", namespace)
+        return m.Service(name=name, namespace=namespace, vip=vip, ports=tuple(ports),
+                         endpoints=tuple(endpoints), waypoint=_waypoint_label(svc, ns_obj))
+
+    def _slice_endpoints(self, namespace: str, service: str) -> set[str]:
+        uids = set()
+        for eps in self.objects("EndpointSlice", namespace):
+            if _labels(eps).get(LABEL_SERVICE_NAME) != service:
+                continue
+            for endpoint in eps.get("endpoints") or []:
+                ref = endpoint.get("targetRef") or {}
+                if ref.get("kind") == "Pod" and ref.get("name"):
+                    uids.add(f"{ref.get('namespace') or namespace}/{ref['name']}")
+        return uids
+
+    def _named_port(self, namespace: str, endpoints: list[str], port_name: str) -> int:
+        """Resolves a named targetPort from the first endpoint that declares it (0: unknown)."""
+        for uid in endpoints:
+            pod = self.get("Pod", namespace, uid.split("/", 1)[1])
+            for container in ((pod or {}).get("spec") or {}).get("containers") or []:
+                for port in container.get("ports") or []:
+                    if port.get("name") == port_name:
+                        return int(port.get("containerPort", 0))
+        return 0
+
+    def _build_policy(self, namespace: str, name: str) -> m.Authorization | None:
+        obj = self.get("AuthorizationPolicy", namespace, name)
+        if obj is None:
+            return None
+        return authorization_from_object(obj)
+
+    def _build_waypoint(self, namespace: str, name: str) -> m.Waypoint | None:
+        gateway = self.get("Gateway", namespace, name)
+        if gateway is None or (gateway.get("spec") or {}).get("gatewayClassName") \
+                != WAYPOINT_GATEWAY_CLASS:
+            return None
+        meta = gateway.get("metadata") or {}
+        ip = ""
+        for address in (gateway.get("status") or {}).get("addresses") or []:
+            ip = address.get("value") or ""
+            break
+        if not ip:
+            for pod in self.objects("Pod", namespace):
+                if _labels(pod).get(LABEL_GATEWAY_NAME) == name:
+                    ip = (pod.get("status") or {}).get("podIP") or ""
+                    break
+        sa = (meta.get("annotations") or {}).get("shoal.io/service-account") or name
+        return m.Waypoint(name=name, namespace=namespace, ip=ip, service_account=sa,
+                          spiffe_id=spiffe_id(namespace, sa, self.trust_domain),
+                          uid=meta.get("uid", ""))
+
+    def _build_object(self, kind: str, namespace: str, name: str) -> m.KubeObject | None:
+        obj = self.get(kind, namespace, name)
+        if obj is None:
+            return None
+        body = {k: v for k, v in obj.items() if k != "status"}
+        body["metadata"] = {k: v for k, v in (obj.get("metadata") or {}).items()
+                            if k not in ("managedFields", "resourceVersion")}
+        return m.KubeObject(kind=kind, namespace=namespace, name=name,
+                            json=json.dumps(body, sort_keys=True, separators=(",", ":")))
+
+
+def _strings(value: Any, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ObjectError(f"{where}: expected a list of strings")
+    return tuple(value)
+
+
+def _ports(value: Any, where: str) -> tuple[int, ...]:
+    ports = []
+    for i, port in enumerate(_strings([str(p) for p in value] if isinstance(value, list)
+                                      else value, where)):
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ObjectError(f"{where}[{i}]: expected a port number, got {port!r}")
+        ports.append(int(port))
+    return tuple(ports)
+
+
+def _cidrs(value: Any, where: str) -> tuple[str, ...]:
+    blocks = _strings(value, where)
+    for i, block in enumerate(blocks):
+        try:
+            convert._check_cidr(f"{where}[{i}]", block)
+        except ValueError as err:
+            raise ObjectError(str(err)) from None
+    return blocks
+
+
+def authorization_from_object(obj: Obj) -> m.Authorization:
+    """An AuthorizationPolicy (Istio's spec shape) -> Authorization; ObjectError names the field."""
+    namespace, name = _meta(obj)
+    spec = obj.get("spec") or {}
+    if not isinstance(spec, dict):
+        raise ObjectError("spec: expected a mapping")
+    action = spec.get("action", "ALLOW")
+    if action not in convert.ACTIONS:
+        raise ObjectError(f"spec.action: {action!r} is not supported (ALLOW or DENY)")
+    selector = (spec.get("selector") or {}).get("matchLabels") or {}
+    if not isinstance(selector, dict):
+        raise ObjectError("spec.selector.matchLabels: expected a map of strings")
+    rules = []
+    raw_rules = spec.get("rules") or []
+    if not isinstance(raw_rules, list):
+        raise ObjectError("spec.rules: expected a list")
+    for i, rule in enumerate(raw_rules):
+        where = f"spec.rules[{i}]"
+        if not isinstance(rule, dict):
+            raise ObjectError(f"{where}: expected a mapping")
+        sources = []
+        for j, item in enumerate(rule.get("from") or []):
+            src = (item or {}).get("source") or {}
+            here = f"{where}.from[{j}].source"
+            sources.append(m.Source(
+                principals=_strings(src.get("principals"), f"{here}.principals"),
+                not_principals=_strings(src.get("notPrincipals"), f"{here}.notPrincipals"),
+                namespaces=_strings(src.get("namespaces"), f"{here}.namespaces"),
+                not_namespaces=_strings(src.get("notNamespaces"), f"{here}.notNamespaces"),
+                ip_blocks=_cidrs(src.get("ipBlocks"), f"{here}.ipBlocks"),
+                not_ip_blocks=_cidrs(src.get("notIpBlocks"), f"{here}.notIpBlocks")))
+        operations = []
+        for j, item in enumerate(rule.get("to") or []):
+            op = (item or {}).get("operation") or {}
+            here = f"{where}.to[{j}].operation"
+            operations.append(m.Operation(
+                ports=_ports(op.get("ports"), f"{here}.ports"),
+                not_ports=_ports(op.get("notPorts"), f"{here}.notPorts"),
+                methods=_strings(op.get("methods"), f"{here}.methods"),
+                not_methods=_strings(op.get("notMethods"), f"{here}.notMethods"),
+                paths=_strings(op.get("paths"), f"{here}.paths"),
+                not_paths=_strings(op.get("notPaths"), f"{here}.notPaths"),
+                hosts=_strings(op.get("hosts"), f"{here}.hosts"),
+                not_hosts=_strings(op.get("notHosts"), f"{here}.notHosts")))
+        conditions = []
+        for j, cond in enumerate(rule.get("when") or []):
+            here = f"{where}.when[{j}]"
+            if not isinstance(cond, dict) or not isinstance(cond.get("key"), str):
+                raise ObjectError(f"{here}.key: required string")
+            conditions.append(m.Condition(key=cond["key"],
+                                          values=_strings(cond.get("values"), f"{here}.values"),
+                                          not_values=_strings(cond.get("notValues"),
+                                                              f"{here}.notValues")))
+        rules.append(m.Rule(sources=tuple(sources), operations=tuple(operations),
+                            conditions=tuple(conditions)))
+    return m.Authorization(name=name, namespace=namespace, action=action,
+                           selector=m.Labels({str(k): str(v) for k, v in selector.items()}),
+                           rules=tuple(rules))
+
+
+class NodeView(Mapping[str, str]):
+    """key -> version of what one node's component should hold (for ``DeltaSender.plan``).
+
+    Everyone gets all workloads, services and waypoints; agents and proxies get the
+    policies selecting a workload on their node; waypoints get every policy and the
+    pass-through objects (routes, traffic policies).
+    """
+
+    def __init__(self, model: MeshModel, node: str, component: str) -> None:
+        self._model, self._node, self._component = model, node, component
+
+    def _wanted(self, key: str) -> bool:
+        kind = key.partition("/")[0]
+        if kind == m.AUTHORIZATION:
+            return self._component == "waypoint" or self._model.policy_needed_on(key, self._node)
+        if kind == m.OBJECT:
+            return self._component == "waypoint"
+        return True
+
+    def get(self, key: str, default=None):
+        entry = self._model.resources.get(key)
+        if entry is None or not self._wanted(key):
+            return default
+        return entry.version
+
+    def __getitem__(self, key: str) -> str:
+        version = self.get(key)
+        if version is None:
+            raise KeyError(key)
+        return version
+
+    def __iter__(self) -> Iterator[str]:
+        return (key for key in self._model.resources if self._wanted(key))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)

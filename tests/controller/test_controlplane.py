@@ -1,0 +1,289 @@
+"""The control plane over real gRPC on loopback, driven by the real ConfigClient."""
+import asyncio
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+from shoal.api import config_pb2 as pb
+from shoal.controller.auth import BootstrapTokenAuthenticator
+from shoal.controller.ca import CertificateAuthority
+from shoal.controller.controlplane import ControlPlane
+from shoal.controller.identity import IdentityAllocator
+from shoal.controller.model import MeshModel
+from shoal.xds import model as m
+from shoal.xds.client import ConfigClient
+from shoal.xds.state import ConfigState
+
+from .objects import added, namespace, pod, policy, service
+
+TOKEN = "bootstrap-secret"
+WEB = "spiffe://cluster.local/ns/demo/sa/web"
+DB = "spiffe://cluster.local/ns/demo/sa/db"
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def demo_objects():
+    return added(namespace("demo"),
+                 pod("demo", "web-0", node="node-1", sa="web", labels={"app": "web"}),
+                 pod("demo", "db-0", node="node-2", ip="10.244.2.2", sa="db", labels={"app": "db"}),
+                 service("demo", "web", {"app": "web"}),
+                 policy("demo", "web-policy", selector={"app": "web"}))
+
+
+@pytest.fixture
+def ca(tmp_path):
+    return CertificateAuthority.load_or_create(tmp_path / "ca", "cluster.local")
+
+
+async def start_plane(ca, tmp_path, objects=None, port=0):
+    plane = ControlPlane(MeshModel(IdentityAllocator(tmp_path / "identities")), ca,
+                         BootstrapTokenAuthenticator(TOKEN))
+    plane.apply(objects if objects is not None else demo_objects())
+    await plane.start(f"127.0.0.1:{port}")
+    return plane
+
+
+@pytest.fixture
+async def plane(ca, tmp_path):
+    plane = await start_plane(ca, tmp_path)
+    yield plane
+    await plane.stop(0)
+
+
+class Node:
+    """A ConfigClient running in the background, as an agent would run it."""
+
+    def __init__(self, port, name, component="proxy", token=TOKEN, validator=None):
+        self.state = ConfigState()
+        self.deltas = []
+        self.state.subscribe(self.deltas.append)
+        self.client = ConfigClient(f"127.0.0.1:{port}", name, token, self.state,
+                                   component=component, validator=validator,
+                                   min_backoff=0.05, max_backoff=0.2)
+        self.task = asyncio.ensure_future(self.client.run())
+
+    async def until(self, predicate, timeout=10):
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not predicate():
+            assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+            await asyncio.sleep(0.01)
+
+    async def close(self):
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        await self.client.close()
+
+
+@pytest.fixture
+async def nodes(plane):
+    started = []
+
+    def start(name, **kw):
+        node = Node(plane.port, name, **kw)
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        await node.close()
+
+
+def acked(plane, node_name, version=None):
+    version = version or str(plane.model.generation)
+    return any(a["node"] == node_name and a["version"] == version and a["in_flight"] == 0
+               for a in plane.status()["agents"])
+
+
+async def test_full_sync_incremental_change_and_status(plane, nodes):
+    n1, n2 = nodes("node-1"), nodes("node-2")
+    await n1.client.synced.wait()
+    await n2.client.synced.wait()
+    for n in (n1, n2):
+        assert {w.uid for w in n.state.all_workloads()} == {"demo/web-0", "demo/db-0"}
+        assert n.state.service_by_vip("10.96.0.10").endpoints == ("demo/web-0",)
+    # The web policy selects only a workload on node-1.
+    assert [p.name for p in n1.state.all_policies()] == ["web-policy"]
+    assert n2.state.all_policies() == []
+    await n1.until(lambda: acked(plane, "node-1") and acked(plane, "node-2"))
+    # One pod change reaches both nodes as a one-resource delta.
+    plane.apply(added(pod("demo", "web-1", node="node-2", ip="10.244.2.3", sa="web",
+                          labels={"app": "web"})))
+    await n2.until(lambda: n2.state.workload_by_ip("10.244.2.3") is not None)
+    await n1.until(lambda: n1.state.service("demo", "web").endpoints == ("demo/web-0", "demo/web-1"))
+    # node-2 now runs a web pod, so it receives the web policy; node-1 keeps it.
+    await n2.until(lambda: [p.name for p in n2.state.all_policies()] == ["web-policy"])
+    assert n1.state.policies_for(n1.state.workload("demo/web-0"))[0].name == "web-policy"
+    await n1.until(lambda: acked(plane, "node-1") and acked(plane, "node-2"))
+    status = plane.status()
+    assert {a["node"] for a in status["agents"]} == {"node-1", "node-2"}
+    assert {a["version"] for a in status["agents"]} == {status["version"]}
+    assert n1.state.version == status["version"]
+
+
+async def test_resume_after_controller_restart_sends_only_changes(ca, tmp_path):
+    plane = await start_plane(ca, tmp_path)
+    port = plane.port
+    node = Node(port, "node-1")
+    try:
+        await node.client.synced.wait()
+        assert len(node.state.all_workloads()) == 2
+        await plane.stop(0)
+        await node.until(lambda: not node.client.connected)
+        node.client.synced.clear()
+        before = len(node.deltas)
+        # The data path keeps its config while the controller is away.
+        assert node.state.workload("demo/web-0") is not None
+        # Restarted with one pod changed and one deleted meanwhile.
+        objs = demo_objects()
+        objs = [(e, o) for e, o in objs if o["metadata"]["name"] != "db-0"]
+        objs += added(pod("demo", "web-0", node="node-1", ip="10.244.1.99", sa="web",
+                          labels={"app": "web"}))
+        plane = await start_plane(ca, tmp_path, objs, port=port)
+        await node.client.synced.wait()
+        resumed = node.deltas[before]
+        assert {m.resource_key(r) for r in resumed.upserted} == {"workload/demo/web-0"}
+        assert resumed.removed == ("workload/demo/db-0",)
+        assert node.state.workload_by_ip("10.244.1.99").uid == "demo/web-0"
+    finally:
+        await node.close()
+        await plane.stop(0)
+
+
+async def test_nack_is_reported_and_other_resources_apply(plane, nodes):
+    def refuse_db(resource):
+        if isinstance(resource, m.Workload) and resource.name == "db-0":
+            raise ValueError("db-0 is not welcome")
+
+    node = nodes("node-1", validator=refuse_db)
+    await node.client.synced.wait()
+    assert node.state.workload("demo/db-0") is None and node.state.workload("demo/web-0")
+    await node.until(lambda: plane.status()["agents"] and
+                     plane.status()["agents"][0]["last_nack"] is not None)
+    nack = plane.status()["agents"][0]["last_nack"]
+    assert "db-0 is not welcome" in nack["message"]
+    assert nack["rejected"] == ["workload/demo/db-0"]
+    assert plane.metrics.rejects.labels("proxy")._value.get() == 1
+
+
+async def test_bad_token_and_malformed_messages_are_refused_others_continue(plane, nodes):
+    good = nodes("node-1")
+    await good.client.synced.wait()
+    # A wrong token: refused and counted.
+    bad = nodes("node-2", token="wrong")
+    await bad.until(lambda: plane.metrics.auth_failures.labels("StreamConfig")._value.get() >= 1)
+    assert not bad.client.synced.is_set()
+    # Garbage bytes on the stream.
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.port}") as channel:
+        call = channel.stream_stream("/shoal.config.v1.ConfigDiscovery/StreamConfig",
+                                     request_serializer=lambda b: b,
+                                     response_deserializer=lambda b: b)(
+            iter([b"\xff\xff\xff\xff"]),
+            metadata=(("authorization", f"Bearer {TOKEN}"), ("x-shoal-node", "node-2")))
+        with pytest.raises(grpc.aio.AioRpcError):
+            async for _ in call:
+                pass
+        # A hello naming another node than the one authenticated.
+        stub = channel.stream_stream("/shoal.config.v1.ConfigDiscovery/StreamConfig",
+                                     request_serializer=pb.DeltaRequest.SerializeToString,
+                                     response_deserializer=pb.DeltaResponse.FromString)
+        call = stub(iter([pb.DeltaRequest(node="node-1", component="proxy")]),
+                    metadata=(("authorization", f"Bearer {TOKEN}"), ("x-shoal-node", "node-2")))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in call:
+                pass
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert plane.metrics.bad_requests.labels("StreamConfig")._value.get() >= 2
+    # The good node still receives changes.
+    plane.apply(added(pod("demo", "late-0", ip="10.244.1.77")))
+    await good.until(lambda: good.state.workload_by_ip("10.244.1.77") is not None)
+
+
+def make_csr(spiffe_id, key=None, ca_bit=False, extra_dns=None):
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    names = [x509.UniformResourceIdentifier(spiffe_id)]
+    if extra_dns:
+        names.append(x509.DNSName(extra_dns))
+    builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])) \
+        .add_extension(x509.SubjectAlternativeName(names), critical=True)
+    if ca_bit:
+        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None),
+                                        critical=True)
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
+
+
+async def test_certificates_only_for_identities_on_the_node(plane, nodes):
+    node1 = nodes("node-1")
+    chain_pem, roots_pem = await node1.client.sign_certificate(make_csr(WEB))
+    chain = x509.load_pem_x509_certificates(chain_pem.encode())
+    leaf = chain[0]
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [WEB]
+    assert not leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
+    assert 24 * 3600 <= lifetime.total_seconds() <= 24 * 3600 + 600
+    root = x509.load_pem_x509_certificates(roots_pem.encode())[0]
+    leaf.verify_directly_issued_by(root)
+    assert await node1.client.trust_bundle() == roots_pem
+    # db only runs on node-2: node-1 is refused, node-2 is served.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await node1.client.sign_certificate(make_csr(DB))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    await nodes("node-2").client.sign_certificate(make_csr(DB), ttl_seconds=3600)
+    assert plane.metrics.certs_issued._value.get() == 2
+    assert plane.metrics.cert_errors.labels("not_on_node")._value.get() == 1
+
+
+@pytest.mark.parametrize("csr, message", [
+    (lambda: make_csr(WEB, ca_bit=True), "CA certificate"),
+    (lambda: make_csr(WEB, extra_dns="evil.example"), "SAN must be exactly"),
+    (lambda: make_csr(WEB, key=rsa.generate_private_key(65537, 1024)), "1024 bits"),
+    (lambda: make_csr(WEB, key=ec.generate_private_key(ec.SECP521R1())), "not allowed"),
+    (lambda: "-----BEGIN CERTIFICATE REQUEST-----\nbm9wZQ==\n-----END CERTIFICATE REQUEST-----\n",
+     "not a PEM certificate request"),
+])
+async def test_bad_csrs_are_refused_with_a_reason(plane, nodes, csr, message):
+    node1 = nodes("node-1")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await node1.client.sign_certificate(csr(), spiffe_id=WEB)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.value.details()
+    assert plane.metrics.cert_errors.labels("bad_csr")._value.get() == 1
+
+
+def test_ca_persists_and_accepts_a_plugged_in_intermediate(tmp_path):
+    first = CertificateAuthority.load_or_create(tmp_path / "ca", "cluster.local")
+    again = CertificateAuthority.load_or_create(tmp_path / "ca", "cluster.local")
+    assert first.roots_pem == again.roots_pem
+    assert oct((tmp_path / "ca" / "ca-key.pem").stat().st_mode & 0o777) == "0o600"
+    # A user-supplied intermediate under that root: leaves chain through it.
+    key = ec.generate_private_key(ec.SECP256R1())
+    root_key = serialization.load_pem_private_key((tmp_path / "ca" / "ca-key.pem").read_bytes(), None)
+    import datetime as dt
+    now = dt.datetime.now(dt.timezone.utc)
+    inter = (x509.CertificateBuilder()
+             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "inter")]))
+             .issuer_name(first.cert.subject).public_key(key.public_key())
+             .serial_number(x509.random_serial_number())
+             .not_valid_before(now).not_valid_after(now + dt.timedelta(days=30))
+             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+             .sign(root_key, hashes.SHA256()))
+    plugged = tmp_path / "plugged"
+    plugged.mkdir()
+    pem = serialization.Encoding.PEM
+    (plugged / "ca-cert.pem").write_bytes(inter.public_bytes(pem))
+    (plugged / "ca-key.pem").write_bytes(key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (plugged / "root-cert.pem").write_text(first.roots_pem)
+    (plugged / "cert-chain.pem").write_bytes(inter.public_bytes(pem))
+    ca = CertificateAuthority.load_or_create(plugged, "cluster.local")
+    signed = ca.sign(make_csr(WEB), WEB)
+    chain = x509.load_pem_x509_certificates(signed.chain_pem.encode())
+    assert [c.subject for c in chain] == [x509.Name([]), inter.subject]
+    chain[0].verify_directly_issued_by(inter)
+    chain[1].verify_directly_issued_by(first.cert)
+    assert signed.not_after <= inter.not_valid_after_utc

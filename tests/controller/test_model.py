@@ -1,0 +1,163 @@
+"""The mesh model: Kubernetes objects in, per-node resources out (pure, no I/O)."""
+from shoal.controller.identity import IdentityAllocator
+from shoal.controller.model import MeshModel
+from shoal.xds import model as m
+
+from .objects import added, namespace, peer_auth, pod, policy, service
+
+
+def build(*objs, identities=None):
+    model = MeshModel(identities or IdentityAllocator(None))
+    model.apply(added(*objs))
+    return model
+
+
+def workload(model, uid):
+    return model.resources[f"workload/{uid}"].resource
+
+
+def test_namespace_opt_in_aliases_and_pod_opt_out():
+    model = build(
+        namespace("demo"),
+        namespace("amb", meshed=False, labels={"istio.io/dataplane-mode": "ambient"}),
+        namespace("legacy", meshed=False),
+        pod("demo", "web-0", sa="web", labels={"app": "web"}),
+        pod("demo", "out-0", ip="10.244.1.3", labels={"shoal.io/mesh": "disabled"}),
+        pod("amb", "a-0", ip="10.244.1.4"),
+        pod("legacy", "client-0", ip="10.244.1.5"))
+    web = workload(model, "demo/web-0")
+    assert web.meshed and web.protocol == "HBONE" and web.spiffe_id.endswith("/ns/demo/sa/web")
+    assert web.canonical_service == "web" and web.ip == "10.244.1.2" and web.node == "node-1"
+    assert not workload(model, "demo/out-0").meshed
+    assert workload(model, "amb/a-0").meshed
+    legacy = workload(model, "legacy/client-0")
+    assert not legacy.meshed and legacy.protocol == "TCP"
+    # Relabelling the namespace reaches its workloads, and only them.
+    change = model.apply([("MODIFIED", namespace("legacy"))])
+    assert change.keys == {"workload/legacy/client-0"}
+    assert workload(model, "legacy/client-0").meshed
+
+
+def test_identities_stable_per_namespace_and_sa_across_restarts(tmp_path):
+    path = tmp_path / "identities"
+    first = build(namespace("demo"), pod("demo", "a", sa="web"), pod("demo", "b", sa="web"),
+                  pod("demo", "c", sa="db"), identities=IdentityAllocator(path))
+    ids = {uid: workload(first, uid).identity for uid in ("demo/a", "demo/b", "demo/c")}
+    assert ids["demo/a"] == ids["demo/b"] != ids["demo/c"]
+    # A restarted controller sees the objects in another order: same numbers.
+    second = build(pod("demo", "c", sa="db"), namespace("demo"), pod("demo", "a", sa="web"),
+                   identities=IdentityAllocator(path))
+    assert workload(second, "demo/c").identity == ids["demo/c"]
+    assert workload(second, "demo/a").identity == ids["demo/a"]
+
+
+def test_service_endpoints_follow_pods_and_named_ports():
+    svc = service("demo", "web", {"app": "web"}, target="http")
+    model = build(namespace("demo"), svc,
+                  pod("demo", "web-0", labels={"app": "web"}, ports={"http": 8080}),
+                  pod("demo", "db-0", ip="10.244.1.9", labels={"app": "db"}))
+    web = model.resources["service/demo/web"].resource
+    assert web.endpoints == ("demo/web-0",) and web.vip == "10.96.0.10"
+    assert web.ports == (m.ServicePort("p", 80, 8080, "TCP"),)
+    change = model.apply(added(pod("demo", "web-1", node="node-2", ip="10.244.2.2",
+                                   labels={"app": "web"}, ports={"http": 8080})))
+    assert change.keys == {"workload/demo/web-1", "service/demo/web"}
+    assert model.resources["service/demo/web"].resource.endpoints == ("demo/web-0", "demo/web-1")
+    model.apply([("DELETED", pod("demo", "web-0"))])
+    assert model.resources["service/demo/web"].resource.endpoints == ("demo/web-1",)
+    assert "workload/demo/web-0" not in model.resources
+
+
+def test_versions_are_content_hashes():
+    a = build(namespace("demo"), pod("demo", "web-0"))
+    b = build(pod("demo", "web-0"), namespace("demo"))
+    assert a.resources["workload/demo/web-0"].version == b.resources["workload/demo/web-0"].version
+    change = a.apply([("MODIFIED", pod("demo", "web-0"))])
+    assert not change and a.generation == 1
+
+
+def test_policies_go_only_to_nodes_with_selected_workloads():
+    model = build(namespace("demo"),
+                  pod("demo", "web-0", node="node-1", labels={"app": "web"}),
+                  pod("demo", "db-0", node="node-2", ip="10.244.2.2", labels={"app": "db"}),
+                  policy("demo", "web-only", selector={"app": "web"}),
+                  policy("shoal-system", "mesh-deny", action="DENY"))
+    node1, node2 = model.view("node-1", "proxy"), model.view("node-2", "proxy")
+    assert "authorization/demo/web-only" in node1 and "authorization/demo/web-only" not in node2
+    assert "authorization/shoal-system/mesh-deny" in node1
+    assert "authorization/shoal-system/mesh-deny" in node2
+    assert "workload/demo/db-0" in node1   # every node gets every workload
+    assert "authorization/demo/web-only" in model.view("node-3", "waypoint")
+    # A web pod lands on node-2: the policy's audience changes, so it is in the change.
+    change = model.apply(added(pod("demo", "web-1", node="node-2", ip="10.244.2.3",
+                                   labels={"app": "web"})))
+    assert "authorization/demo/web-only" in change.keys
+    assert "authorization/demo/web-only" in model.view("node-2", "proxy")
+    # The selector changes to db: node-1 no longer needs it.
+    model.apply([("MODIFIED", policy("demo", "web-only", selector={"app": "db"}))])
+    assert "authorization/demo/web-only" not in model.view("node-1", "proxy")
+    assert "authorization/demo/web-only" in model.view("node-2", "proxy")
+
+
+def test_bad_policy_is_reported_by_field_and_last_good_kept():
+    good = policy("demo", "p", rules=[{"to": [{"operation": {"ports": ["8080"]}}]}])
+    model = build(namespace("demo"), good)
+    before = model.resources["authorization/demo/p"]
+    bad = policy("demo", "p", rules=[{"to": [{"operation": {"ports": ["http"]}}]}])
+    change = model.apply([("MODIFIED", bad)])
+    assert not change
+    assert model.resources["authorization/demo/p"] is before
+    assert model.errors == {"AuthorizationPolicy demo/p":
+                            "AuthorizationPolicy demo/p: spec.rules[0].to[0].operation.ports[0]: "
+                            "expected a port number, got 'http'"}
+    model.apply([("MODIFIED", good)])
+    assert model.errors == {}
+
+
+def test_mtls_mode_most_specific_wins():
+    model = build(namespace("demo"), pod("demo", "a", labels={"app": "a"}),
+                  pod("demo", "b", ip="10.244.1.3", labels={"app": "b"}),
+                  peer_auth("shoal-system", "mesh", "STRICT"))
+    assert workload(model, "demo/a").mtls_mode == "STRICT"
+    model.apply(added(peer_auth("demo", "ns", "PERMISSIVE"),
+                      peer_auth("demo", "only-b", "STRICT", selector={"app": "b"})))
+    assert workload(model, "demo/a").mtls_mode == "PERMISSIVE"
+    assert workload(model, "demo/b").mtls_mode == "STRICT"
+
+
+def test_waypoints_gateways_and_pass_through_routes():
+    gateway = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+               "metadata": {"name": "waypoint", "namespace": "demo", "uid": "g1"},
+               "spec": {"gatewayClassName": "shoal-waypoint"},
+               "status": {"addresses": [{"value": "10.244.1.50"}]}}
+    route = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+             "metadata": {"name": "r", "namespace": "demo"}, "spec": {"rules": []}}
+    model = build(namespace("demo", labels={"shoal.io/use-waypoint": "waypoint"}), gateway, route,
+                  pod("demo", "web-0", labels={"app": "web"}),
+                  service("demo", "web", {"app": "web"},
+                          labels={"shoal.io/use-waypoint": "none"}))
+    wp = model.resources["waypoint/demo/waypoint"].resource
+    assert wp.ip == "10.244.1.50" and wp.spiffe_id.endswith("/ns/demo/sa/waypoint")
+    assert workload(model, "demo/web-0").waypoint == m.WaypointRef("demo", "waypoint")
+    assert model.resources["service/demo/web"].resource.waypoint is None   # service label wins
+    assert "object/HTTPRoute/demo/r" in model.view("node-1", "waypoint")
+    assert "object/HTTPRoute/demo/r" not in model.view("node-1", "proxy")
+    assert model.resources["object/HTTPRoute/demo/r"].resource.body["kind"] == "HTTPRoute"
+
+
+def test_ca_scope_counts_scheduled_pods_per_node():
+    model = build(namespace("demo"), pod("demo", "web-0", node="node-1", sa="web"),
+                  pod("demo", "db-0", node="node-2", ip="10.244.2.2", sa="db"))
+    assert model.identities_on_node("node-1") == {"spiffe://cluster.local/ns/demo/sa/web"}
+    model.apply([("DELETED", pod("demo", "web-0"))])
+    assert model.identities_on_node("node-1") == set()
+    model.apply([("MODIFIED", pod("demo", "db-0", node="node-2", ip="10.244.2.2", sa="db",
+                                  phase="Succeeded"))])
+    assert model.identities_on_node("node-2") == set()
+
+
+def test_relist_deletes_what_disappeared():
+    model = build(namespace("demo"), pod("demo", "a"), pod("demo", "b", ip="10.244.1.3"))
+    change = model.replace("Pod", [pod("demo", "b", ip="10.244.1.3")])
+    assert change.keys == {"workload/demo/a"}
+    assert "workload/demo/a" not in model.resources
