@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Builds Shoal's images (needs docker or another BuildKit front end; none runs on the
+# development machines, so this is verified by reading and by tests/deploy).
+# Usage: images/build.sh [HUB] [TAG]   e.g. images/build.sh ghcr.io/me 0.1.0
+set -euo pipefail
+cd "$(dirname "$0")/.."
+HUB=${1:-ghcr.io/shoal-mesh}
+TAG=${2:-0.1.0}
+DOCKER=${DOCKER:-docker}
+"$DOCKER" build -f images/base.Dockerfile -t "$HUB/shoal-bcc-base:$TAG" .
+"$DOCKER" build -f images/agent.Dockerfile --build-arg "BASE=$HUB/shoal-bcc-base:$TAG" -t "$HUB/shoal-agent:$TAG" .
+"$DOCKER" build -f images/controller.Dockerfile -t "$HUB/shoal-controller:$TAG" .
+"$DOCKER" build -f images/waypoint.Dockerfile -t "$HUB/shoal-waypoint:$TAG" .
+echo "then: shoal install --hub $HUB --image-tag $TAG"

@@ -1,0 +1,1 @@
+from tests.deploy.deploybed import base, everything, kubectl, rendered  # noqa: F401  (fixtures)
