@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 from .model import ConnectionPoolPolicy, OutlierPolicy, RateLimitPolicy, RetryPolicy
 
@@ -121,9 +121,6 @@ class OutlierDetector:
     def is_ejected(self, endpoint: str) -> bool:
         health = self._health.get(endpoint)
         return health is not None and health.ejected_until > self._clock()
-
-    def healthy(self, endpoints: Iterable[str]) -> list[str]:
-        return [e for e in endpoints if not self.is_ejected(e)]
 
     def record(self, endpoint: str, outcome: int | str, peers: int) -> bool:
         """Note one attempt's outcome; returns True when this call ejected the endpoint."""

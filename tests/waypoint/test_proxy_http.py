@@ -1,0 +1,272 @@
+"""End to end over loopback: HTTP/1.1 and HTTP/2 through the waypoint to real backends."""
+import asyncio
+import json
+import socket
+import time
+
+import aiohttp
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+
+from shoal.waypoint.model import parse_httproute
+from shoal.xds.model import Authorization, Operation, Rule
+
+from .conftest import route, traffic_policy
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def get(bed, path, method="GET", host="web.demo:8080", session=None, **kw):
+    own = session is None
+    session = session or aiohttp.ClientSession()
+    try:
+        async with session.request(method, f"http://127.0.0.1:{bed.port}{path}", headers={"host": host, **kw.pop("headers", {})},
+                                   allow_redirects=False, **kw) as resp:
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, await resp.read()
+    finally:
+        if own:
+            await session.close()
+
+
+async def test_proxies_keeps_alive_and_propagates_trace(bed):
+    await bed.backend("web")
+    await bed.start()
+    trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    async with aiohttp.ClientSession() as session:
+        s1, h1, b1 = await get(bed, "/hello?x=1", session=session, headers={"traceparent": trace, "connection": "keep-alive"})
+        s2, _, _ = await get(bed, "/again", session=session)
+    assert s1 == 200 and s2 == 200 and h1["x-backend"] == "web"
+    seen = json.loads(b1)
+    assert seen["path"] == "/hello?x=1"
+    upstream_trace = seen["headers"]["traceparent"].split("-")
+    assert upstream_trace[1] == "0af7651916cd43dd8448eb211c80319c" and upstream_trace[2] != "b7ad6b7169203331"
+    assert bed.metric("istio_requests_total", response_code="200", reporter="waypoint",
+                      destination_service="web.demo.svc.cluster.local", response_flags="-") == 2
+    assert bed.metric("shoal_waypoint_downstream_connections_total", protocol="HTTP/1.1") == 1  # keep-alive reused
+    log = bed.access_log[0]
+    assert log["response_code"] == 200 and log["path"] == "/hello" and log["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
+
+
+async def test_streams_large_bodies_both_ways(bed):
+    await bed.backend("web")
+    await bed.start()
+    payload = bytes(range(256)) * (8 * 1024 * 4)  # 8 MiB
+
+    async def gen():
+        for i in range(0, len(payload), 65536):
+            yield payload[i:i + 65536]
+
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"http://127.0.0.1:{bed.port}/stream", data=gen(), headers={"host": "web"}) as resp:
+            got = await resp.read()
+    assert resp.status == 200 and got == payload
+    assert bed.access_log[0]["bytes_received"] == len(payload) and bed.access_log[0]["bytes_sent"] == len(payload)
+
+
+async def test_http2_cleartext_concurrent_streams(bed):
+    await bed.backend("web")
+    await bed.start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", bed.port)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn.initiate_connection()
+    ids = []
+    for i in range(5):
+        sid = conn.get_next_available_stream_id()
+        ids.append(sid)
+        end = i % 2 == 0
+        conn.send_headers(sid, [(":method", "GET" if end else "POST"), (":path", f"/s{i}?delay_ms={50 * (5 - i)}"),
+                                (":scheme", "http"), (":authority", "web.demo:8080")], end_stream=end)
+        if not end:
+            conn.send_data(sid, b"x" * 1000, end_stream=True)
+    writer.write(conn.data_to_send())
+    statuses, bodies, done = {}, {}, set()
+    while len(done) < len(ids):
+        data = await asyncio.wait_for(reader.read(65536), 10)
+        assert data, "server closed"
+        for ev in conn.receive_data(data):
+            if isinstance(ev, h2.events.ResponseReceived):
+                statuses[ev.stream_id] = dict(ev.headers)[":status"]
+            elif isinstance(ev, h2.events.DataReceived):
+                bodies[ev.stream_id] = bodies.get(ev.stream_id, b"") + ev.data
+                conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            elif isinstance(ev, h2.events.StreamEnded):
+                done.add(ev.stream_id)
+        writer.write(conn.data_to_send())
+    writer.close()
+    assert all(statuses[i] == "200" for i in ids)
+    assert [json.loads(bodies[i])["body_len"] for i in ids] == [0, 1000, 0, 1000, 0]
+    assert bed.metric("istio_requests_total", request_protocol="http2") == 5
+
+
+async def test_weighted_split_redirect_and_header_filters(bed):
+    await bed.backend("web-v1")
+    await bed.backend("web-v2")
+    await bed.backend("web")
+    await bed.start(routes=[route([
+        {"matches": [{"path": {"type": "PathPrefix", "value": "/old"}}],
+         "filters": [{"type": "RequestRedirect", "requestRedirect": {"path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/new"}}}]},
+        {"filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {"add": [{"name": "x-canary-split", "value": "yes"}]}},
+                     {"type": "ResponseHeaderModifier", "responseHeaderModifier": {"remove": ["server"], "set": [{"name": "x-via", "value": "waypoint"}]}}],
+         "backendRefs": [{"name": "web-v1", "port": 8080, "weight": 90}, {"name": "web-v2", "port": 8080, "weight": 10}]},
+    ])])
+    counts = {"web-v1": 0, "web-v2": 0}
+    async with aiohttp.ClientSession() as session:
+        for _ in range(400):
+            status, headers, body = await get(bed, "/", session=session)
+            counts[headers["x-backend"]] += 1
+        assert "server" not in {k.lower() for k in headers} and headers["x-via"] == "waypoint"
+        assert json.loads(body)["headers"]["x-canary-split"] == "yes"
+        status, headers, _ = await get(bed, "/old/x?y=1", session=session)
+    assert abs(counts["web-v2"] / 400 - 0.10) < 0.04, counts
+    assert status == 302 and headers["location"] == "http://web.demo:8080/new/x?y=1"
+
+
+async def test_fault_abort_is_recovered_by_retries(bed):
+    await bed.backend("web")
+    await bed.start(policies=[traffic_policy({
+        "faults": {"abort": {"httpStatus": 503, "percentage": 50}},
+        "retries": {"attempts": 3, "retryOn": ["5xx"], "backoff": {"baseInterval": "1ms", "maxInterval": "2ms"}}})])
+    async with aiohttp.ClientSession() as session:
+        statuses = [(await get(bed, "/", session=session))[0] for _ in range(100)]
+    assert statuses.count(200) >= 99
+    assert bed.metric("shoal_waypoint_upstream_retries_total") >= 40
+
+
+async def test_fault_abort_without_retries_fails_half(bed):
+    await bed.backend("web")
+    await bed.start(policies=[traffic_policy({"faults": {"abort": {"httpStatus": 503, "percentage": 50}}})])
+    async with aiohttp.ClientSession() as session:
+        statuses = [(await get(bed, "/", session=session))[0] for _ in range(40)]
+    assert statuses.count(503) == 20
+    assert bed.metric("istio_requests_total", response_code="503", response_flags="FI") == 20
+
+
+async def test_request_timeout_answers_504_quickly(bed):
+    await bed.backend("web")
+    await bed.start(routes=[route([{"timeouts": {"request": "100ms"}, "backendRefs": [{"name": "web", "port": 8080}]}])])
+    start = time.monotonic()
+    status, _, body = await get(bed, "/?delay_ms=1000")
+    elapsed = time.monotonic() - start
+    assert status == 504 and 0.09 < elapsed < 0.6, elapsed
+    assert bed.access_log[-1]["response_flags"] == "UT"
+
+
+async def test_fixed_delay_fault(bed):
+    await bed.backend("web")
+    await bed.start(policies=[traffic_policy({"faults": {"delay": {"fixedDelay": "200ms", "percentage": 100}}})])
+    start = time.monotonic()
+    status, _, _ = await get(bed, "/")
+    assert status == 200 and time.monotonic() - start >= 0.2
+    assert "DI" in bed.access_log[-1]["response_flags"]
+
+
+async def test_l7_deny_answers_403_and_is_recorded(bed):
+    await bed.backend("web")
+    deny = Authorization("no-admin-delete", "demo", "DENY",
+                         rules=(Rule(operations=(Operation(methods=("DELETE",), paths=("/admin*",)),)),))
+    await bed.start(authz=[deny])
+    assert (await get(bed, "/admin/users", method="DELETE"))[0] == 403
+    assert (await get(bed, "/admin/users", method="GET"))[0] == 200
+    assert (await get(bed, "/items", method="DELETE"))[0] == 200
+    assert bed.metric("istio_requests_total", response_code="403", response_flags="RBAC") == 1
+    assert bed.metric("shoal_waypoint_authorization_decisions_total", decision="deny", policy="demo/no-admin-delete") == 1
+    assert bed.access_log[0]["authz_policy"] == "demo/no-admin-delete"
+    assert all(m != "DELETE" or "/admin" not in p for m, p, _ in bed.seen["web"])
+
+
+async def test_rate_limit_answers_429(bed):
+    await bed.backend("web")
+    await bed.start(policies=[traffic_policy({"rateLimit": {"maxTokens": 5, "tokensPerFill": 5, "fillInterval": "1h"}})])
+    async with aiohttp.ClientSession() as session:
+        statuses = [(await get(bed, "/", session=session))[0] for _ in range(8)]
+    assert statuses == [200] * 5 + [429] * 3
+
+
+async def test_circuit_breaker_overflow(bed):
+    await bed.backend("web")
+    await bed.start(policies=[traffic_policy({"connectionPool": {"maxRequests": 2, "maxConnections": 2, "maxPendingRequests": 0}})])
+    results = await asyncio.gather(*[get(bed, "/?delay_ms=300") for _ in range(5)])
+    statuses = sorted(r[0] for r in results)
+    assert statuses.count(200) == 2 and statuses.count(503) == 3
+    assert bed.metric("istio_requests_total", response_flags="UO") == 3
+
+
+async def test_outlier_detection_ejects_failing_endpoint(bed):
+    await bed.backend("web", name="good")
+    await bed.backend("web", name="bad")
+    await bed.start(routes=[route([
+        {"matches": [{"headers": [{"name": "x-fail", "value": "1"}]}], "backendRefs": [{"name": "web", "port": 8080}]},
+        {"backendRefs": [{"name": "web", "port": 8080}]}])],
+        policies=[traffic_policy({"outlierDetection": {"consecutive5xxErrors": 2, "baseEjectionTime": "30s", "maxEjectionPercent": 50}})])
+    async with aiohttp.ClientSession() as session:
+        # the "bad" endpoint answers 500 when asked to by the query; drive it until ejected
+        for _ in range(6):
+            await get(bed, "/?status=500", session=session)
+        hits = [(await get(bed, "/", session=session))[1]["x-backend"] for _ in range(10)]
+    assert bed.metric("shoal_waypoint_outlier_ejections_total") == 1
+    assert len(set(hits)) == 1  # one of the two was ejected: everything goes to the other
+
+
+async def test_retry_on_connect_failure_reaches_live_endpoint(bed):
+    bed.dead_endpoint("web")
+    await bed.backend("web")
+    await bed.start(policies=[traffic_policy({"retries": {"attempts": 2, "retryOn": ["connect-failure"],
+                                                          "backoff": {"baseInterval": "1ms", "maxInterval": "1ms"}}})])
+    async with aiohttp.ClientSession() as session:
+        statuses = [(await get(bed, "/", session=session))[0] for _ in range(6)]
+    assert statuses == [200] * 6
+
+
+async def test_no_retry_policy_reports_connect_failure(bed):
+    bed.dead_endpoint("web")
+    await bed.start()
+    status, _, _ = await get(bed, "/")
+    assert status == 503 and bed.access_log[-1]["response_flags"] == "UF"
+
+
+async def test_request_mirror_sends_a_copy(bed):
+    await bed.backend("web")
+    await bed.backend("shadow")
+    await bed.start(routes=[route([{"filters": [{"type": "RequestMirror", "requestMirror": {"backendRef": {"name": "shadow", "port": 8080}}}],
+                                    "backendRefs": [{"name": "web", "port": 8080}]}])])
+    status, _, _ = await get(bed, "/copy-me", method="POST", data=b"hello")
+    assert status == 200
+    for _ in range(50):
+        if bed.seen.get("shadow"):
+            break
+        await asyncio.sleep(0.02)
+    method, path, headers = bed.seen["shadow"][0]
+    assert (method, path) == ("POST", "/copy-me") and headers["Host"].startswith("web.demo-shadow")
+
+
+async def test_unknown_service_and_no_matching_route(bed):
+    await bed.backend("web")
+    await bed.start(routes=[route([{"matches": [{"path": {"type": "Exact", "value": "/only"}}], "backendRefs": [{"name": "web", "port": 8080}]}])])
+    assert (await get(bed, "/", host="nothing.demo"))[0] == 404
+    assert (await get(bed, "/other"))[0] == 404
+    assert (await get(bed, "/only"))[0] == 200
+
+
+async def test_websocket_upgrade_passthrough(bed):
+    await bed.backend("web")
+    await bed.start()
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"http://127.0.0.1:{bed.port}/ws", headers={"host": "web.demo"}) as ws:
+            await ws.send_str("ping")
+            assert (await ws.receive(timeout=5)).data == "web:ping"
+            await ws.send_str("again")
+            assert (await ws.receive(timeout=5)).data == "web:again"
+
+
+async def test_route_update_applies_without_restart(bed):
+    await bed.backend("web-v1")
+    await bed.backend("web-v2")
+    await bed.backend("web")
+    await bed.start()
+    assert (await get(bed, "/"))[1]["x-backend"] == "web"
+    bed.proxy.update([parse_httproute(route([{"backendRefs": [{"name": "web-v2", "port": 8080}]}]))], [])
+    assert (await get(bed, "/"))[1]["x-backend"] == "web-v2"
+    bed.proxy.update([], [])
+    assert (await get(bed, "/"))[1]["x-backend"] == "web"

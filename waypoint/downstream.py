@@ -1,0 +1,499 @@
+"""Downstream HTTP servers: HTTP/1.1 (h11) and HTTP/2 cleartext (h2) over one byte stream.
+
+The stream is whatever carried the client: an HBONE tunnel (the mesh) or a TCP
+connection (tests, benchmarks). ``serve_connection`` sniffs the HTTP/2 preface and
+runs one of the two servers; both turn requests into ``ProxyRequest`` + body
+iterator and hand them to the proxy pipeline, and enforce ``Limits``: a broken or
+hostile client gets 400 / 408 / 431 and loses its own connection (HTTP/1.1) or
+stream (HTTP/2), never anyone else's.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Awaitable, Callable
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import h11
+
+from .http import Body, BodyError, Limits, PeerInfo, ProxyRequest, Tunnel, pipe
+
+log = logging.getLogger(__name__)
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+READ_CHUNK = 65536
+REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large", 431: "Request Header Fields Too Large",
+           501: "Not Implemented", 505: "HTTP Version Not Supported"}
+MAX_DRAIN_BYTES = 256 * 1024  # unread request body we still swallow to keep a connection alive
+
+Handler = Callable[[ProxyRequest, Body, object], Awaitable[None]]
+Reject = Callable[[str, int], None]  # (reason, status) -> count it
+
+
+async def serve_connection(stream: Tunnel, peer: PeerInfo, handler: Handler, limits: Limits,
+                           reject: Reject, on_protocol: Callable[[str], None] = lambda p: None) -> None:
+    """Serve one downstream connection until it closes; never raises for client misbehaviour."""
+    try:
+        try:
+            first = await asyncio.wait_for(stream.read(READ_CHUNK), limits.keepalive_timeout)
+            while first and len(first) < len(H2_PREFACE) and H2_PREFACE.startswith(first):
+                more = await asyncio.wait_for(stream.read(READ_CHUNK), limits.header_timeout)
+                if not more:
+                    break
+                first += more
+        except (TimeoutError, OSError):
+            return
+        if not first:
+            return
+        if first.startswith(H2_PREFACE):
+            on_protocol("HTTP/2")
+            await H2Server(stream, peer, handler, limits, reject).run(first)
+        else:
+            on_protocol("HTTP/1.1")
+            await H1Server(stream, peer, handler, limits, reject).run(first)
+    except (ConnectionError, OSError) as err:
+        log.debug("downstream %s:%d: %s", peer.source_ip, peer.source_port, err)
+    finally:
+        stream.close()
+
+
+def _raw_error(status: int, detail: str) -> bytes:
+    """An error answer written without h11: for clients whose request never parsed."""
+    body = f"{detail}\n".encode()
+    return (f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\ncontent-type: text/plain\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
+
+
+class _Close(Exception):
+    """Stop serving this connection (after an answer was written, or silently)."""
+
+
+class H1Server:
+    def __init__(self, stream: Tunnel, peer: PeerInfo, handler: Handler, limits: Limits, reject: Reject) -> None:
+        self.stream = stream
+        self.peer = peer
+        self.handler = handler
+        self.limits = limits
+        self.reject = reject
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+        self.response_started = False
+
+    def _fail(self, status: int, reason: str, detail: str) -> _Close:
+        self.reject(reason, status)
+        log.info("downstream %s:%d: %d %s (%s)", self.peer.source_ip, self.peer.source_port, status, reason, detail)
+        if not self.response_started:
+            self.stream.write(_raw_error(status, detail))
+        return _Close()
+
+    async def run(self, initial: bytes) -> None:
+        self.conn.receive_data(initial)
+        try:
+            while True:
+                request = await self._read_head()
+                if request is None:
+                    return
+                await self._serve(request)
+                if self.conn.our_state is h11.SWITCHED_PROTOCOL:
+                    return
+                if not await self._finish_cycle():
+                    return
+        except _Close:
+            pass
+        try:
+            await self.stream.drain()
+        except (ConnectionError, OSError):
+            pass
+
+    async def _read_head(self) -> h11.Request | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.header_timeout if self.conn.trailing_data[0] else None
+        while True:
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError as err:
+                status = err.error_status_hint if err.error_status_hint in (400, 431, 505) else 400
+                reason = "header_too_large" if status == 431 else "malformed_request"
+                raise self._fail(status, reason, str(err)) from None
+            if event is h11.NEED_DATA:
+                timeout = deadline - loop.time() if deadline is not None else self.limits.keepalive_timeout
+                try:
+                    data = await asyncio.wait_for(self.stream.read(READ_CHUNK), max(timeout, 0.001))
+                except TimeoutError:
+                    if deadline is None:
+                        return None  # idle keep-alive connection: close quietly
+                    raise self._fail(408, "header_timeout", "request head not received in time") from None
+                if deadline is None:
+                    deadline = loop.time() + self.limits.header_timeout
+                self.conn.receive_data(data)
+                continue
+            if isinstance(event, h11.ConnectionClosed):
+                return None
+            if isinstance(event, h11.Request):
+                return event
+            raise self._fail(400, "malformed_request", f"unexpected {type(event).__name__}")
+
+    async def _serve(self, event: h11.Request) -> None:
+        if len(event.headers) > self.limits.max_headers:
+            raise self._fail(431, "too_many_headers", f"{len(event.headers)} headers (limit {self.limits.max_headers})")
+        headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers]
+        names = {n for n, _ in headers}
+        if "content-length" in names and "transfer-encoding" in names:
+            raise self._fail(400, "ambiguous_length", "both Content-Length and Transfer-Encoding")
+        content_length = None
+        for name, value in headers:
+            if name == "content-length":
+                content_length = int(value)  # h11 validated it
+        if content_length is None and "transfer-encoding" not in names:
+            content_length = 0
+        upgrade = None
+        connection_tokens = {t.strip().lower() for n, v in headers if n == "connection" for t in v.split(",")}
+        if "upgrade" in connection_tokens:
+            upgrade = next((v for n, v in headers if n == "upgrade"), None)
+        authority = next((v for n, v in headers if n == "host"), "")
+        request = ProxyRequest(method=event.method.decode("ascii"), target=event.target.decode("latin-1"),
+                               authority=authority, headers=[(n, v) for n, v in headers if n != "host"],
+                               protocol=f"HTTP/{event.http_version.decode()}", peer=self.peer,
+                               content_length=content_length, upgrade=upgrade)
+        self.response_started = False
+        if content_length == 0:
+            # An empty body is complete already: consume its EndOfMessage without I/O, so the
+            # connection is reusable however the handler answers.
+            end = self.conn.next_event()
+            if not isinstance(end, h11.EndOfMessage):
+                raise self._fail(400, "malformed_request", f"unexpected {type(end).__name__}")
+        try:
+            await self.handler(request, self._body(), self)
+        except BodyError as err:
+            raise self._fail(err.status, "bad_body", err.reason) from None
+        except _Close:
+            raise
+        except Exception as err:  # noqa: BLE001 - an upstream failure mid-response: this client only
+            if self.response_started:
+                log.info("response to %s:%d aborted: %s", self.peer.source_ip, self.peer.source_port, err)
+                raise _Close() from None
+            raise
+
+    async def _body(self) -> Body:
+        while True:
+            if self.conn.they_are_waiting_for_100_continue:
+                self.stream.write(self.conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError as err:
+                raise BodyError(400, f"malformed body: {err}") from None
+            if event is h11.NEED_DATA:
+                try:
+                    data = await asyncio.wait_for(self.stream.read(READ_CHUNK), self.limits.body_idle_timeout)
+                except TimeoutError:
+                    raise BodyError(408, "request body stalled") from None
+                self.conn.receive_data(data)
+                continue
+            if isinstance(event, h11.Data):
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return
+            elif event is h11.PAUSED:
+                return  # an Upgrade request's (empty) body is complete
+            else:
+                raise BodyError(400, "connection closed inside the request body")
+
+    async def _finish_cycle(self) -> bool:
+        """After a response: swallow a small unread body, then get ready for the next request."""
+        if self.conn.our_state is not h11.DONE:
+            return False
+        drained = 0
+        while self.conn.their_state is h11.SEND_BODY and drained < MAX_DRAIN_BYTES:
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError:
+                return False
+            if event is h11.NEED_DATA:
+                try:
+                    data = await asyncio.wait_for(self.stream.read(READ_CHUNK), self.limits.body_idle_timeout)
+                except TimeoutError:
+                    return False
+                drained += len(data)
+                self.conn.receive_data(data)
+            elif isinstance(event, h11.ConnectionClosed):
+                return False
+        if self.conn.their_state is not h11.DONE or self.conn.our_state is not h11.DONE:
+            return False
+        self.conn.start_next_cycle()
+        return True
+
+    # -- ResponseSink -------------------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        return self.response_started
+
+    async def start(self, status: int, headers: list[tuple[str, str]], content_length: int | None) -> None:
+        self.response_started = True
+        if self.conn.their_state is not h11.DONE and self.conn.their_state is not h11.MIGHT_SWITCH_PROTOCOL:
+            # Answering before the whole request body arrived (403, 429...): this
+            # connection closes after the response rather than reading a body nobody wants.
+            headers = [(n, v) for n, v in headers if n != "connection"] + [("connection", "close")]
+        self.stream.write(self.conn.send(h11.Response(status_code=status, headers=headers)))
+
+    async def send(self, chunk: bytes) -> None:
+        self.stream.write(self.conn.send(h11.Data(data=chunk)))
+        await self.stream.drain()
+
+    async def end(self) -> None:
+        self.stream.write(self.conn.send(h11.EndOfMessage()))
+        await self.stream.drain()
+
+    async def upgrade(self, headers: list[tuple[str, str]], upstream: Tunnel, leftover: bytes) -> None:
+        """101 Switching Protocols: from now on both sides are raw bytes (websockets)."""
+        self.response_started = True
+        self.stream.write(self.conn.send(h11.InformationalResponse(status_code=101, headers=headers)))
+        await self.stream.drain()
+        if leftover:
+            self.stream.write(leftover)
+        trailing, _ = self.conn.trailing_data
+        if trailing:
+            upstream.write(trailing)
+        up = asyncio.ensure_future(pipe(self.stream, upstream))
+        down = asyncio.ensure_future(pipe(upstream, self.stream))
+        try:
+            await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (up, down):
+                task.cancel()
+            await asyncio.gather(up, down, return_exceptions=True)
+
+
+class _H2Stream:
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+        self.chunks: asyncio.Queue[tuple[bytes, int] | None] = asyncio.Queue()
+        self.task: asyncio.Task | None = None
+        self.window_open = asyncio.Event()
+        self.started = False
+        self.reset = False
+
+
+class H2Server:
+    """HTTP/2 cleartext (prior knowledge, as inside an HBONE tunnel)."""
+
+    def __init__(self, stream: Tunnel, peer: PeerInfo, handler: Handler, limits: Limits, reject: Reject) -> None:
+        self.stream = stream
+        self.peer = peer
+        self.handler = handler
+        self.limits = limits
+        self.reject = reject
+        config = h2.config.H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True)
+        self.h2 = h2.connection.H2Connection(config)
+        # hpack refuses header lists past twice our limit (connection error); between 1x and 2x
+        # the stream gets a clean 431.
+        self.h2.max_inbound_frame_size = limits.max_h2_frame
+        self.streams: dict[int, _H2Stream] = {}
+        self.closed = False
+
+    def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and not self.closed:
+            self.stream.write(data)
+
+    async def run(self, initial: bytes) -> None:
+        self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.limits.max_concurrent_streams,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20,
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: self.limits.max_h2_frame,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self.limits.max_header_bytes,
+        })
+        self.h2.initiate_connection()
+        self.h2.decoder.max_header_list_size = 2 * self.limits.max_header_bytes
+        self.h2.increment_flow_control_window(16 << 20)
+        self.flush()
+        data = initial
+        try:
+            while data:
+                try:
+                    events = self.h2.receive_data(data)
+                except h2.exceptions.ProtocolError as err:
+                    self.reject("h2_protocol_error", 400)
+                    log.info("downstream %s:%d: HTTP/2 protocol error: %s", self.peer.source_ip, self.peer.source_port, err)
+                    self.flush()  # h2 queued the GOAWAY
+                    return
+                for event in events:
+                    self._on_event(event)
+                self.flush()
+                await self.stream.drain()
+                timeout = None if self.streams else self.limits.keepalive_timeout
+                try:
+                    data = await asyncio.wait_for(self.stream.read(READ_CHUNK), timeout)
+                except TimeoutError:
+                    self.h2.close_connection()
+                    self.flush()
+                    return
+        finally:
+            self.closed = True
+            for s in list(self.streams.values()):
+                if s.task is not None:
+                    s.task.cancel()
+                s.window_open.set()
+            tasks = [s.task for s in self.streams.values() if s.task is not None]
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _on_event(self, event) -> None:
+        if isinstance(event, h2.events.RequestReceived):
+            self._on_request(event)
+        elif isinstance(event, h2.events.DataReceived):
+            s = self.streams.get(event.stream_id)
+            if s is None or s.reset:
+                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            else:
+                s.chunks.put_nowait((event.data, event.flow_controlled_length))
+        elif isinstance(event, h2.events.StreamEnded):
+            s = self.streams.get(event.stream_id)
+            if s is not None:
+                s.chunks.put_nowait(None)
+        elif isinstance(event, h2.events.StreamReset):
+            s = self.streams.get(event.stream_id)
+            if s is not None:
+                s.reset = True
+                s.window_open.set()
+                if s.task is not None:
+                    s.task.cancel()
+        elif isinstance(event, h2.events.WindowUpdated):
+            targets = self.streams.values() if event.stream_id == 0 else [self.streams.get(event.stream_id)]
+            for s in targets:
+                if s is not None:
+                    s.window_open.set()
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self.closed = True
+
+    def _on_request(self, event: h2.events.RequestReceived) -> None:
+        stream_id = event.stream_id
+        s = self.streams[stream_id] = _H2Stream(stream_id)
+        headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers]
+        size = sum(len(n) + len(v) + 32 for n, v in headers)
+        if len(headers) > self.limits.max_headers or size > self.limits.max_header_bytes:
+            self.reject("header_too_large", 431)
+            s.task = asyncio.ensure_future(self._reply_error(s, 431, "request headers too large"))
+            return
+        pseudo = {n: v for n, v in headers if n.startswith(":")}
+        regular = [(n, v) for n, v in headers if not n.startswith(":")]
+        method = pseudo.get(":method", "")
+        if method == "CONNECT" or ":path" not in pseudo:
+            self.reject("malformed_request", 400 if method != "CONNECT" else 501)
+            s.task = asyncio.ensure_future(self._reply_error(s, 501 if method == "CONNECT" else 400, "unsupported request"))
+            return
+        content_length = None
+        for name, value in regular:
+            if name == "content-length":
+                content_length = int(value)  # h2 validated it
+        if event.stream_ended is not None:
+            content_length = 0
+            s.chunks.put_nowait(None)
+        authority = pseudo.get(":authority") or next((v for n, v in regular if n == "host"), "")
+        request = ProxyRequest(method=method, target=pseudo[":path"], authority=authority,
+                               headers=[(n, v) for n, v in regular if n != "host"], protocol="HTTP/2",
+                               peer=self.peer, content_length=content_length, scheme=pseudo.get(":scheme", "http"))
+        s.task = asyncio.ensure_future(self._serve_stream(s, request))
+
+    async def _reply_error(self, s: _H2Stream, status: int, detail: str) -> None:
+        sink = _H2Sink(self, s)
+        payload = (detail + "\n").encode()
+        try:
+            await sink.start(status, [("content-type", "text/plain"), ("content-length", str(len(payload)))], len(payload))
+            await sink.send(payload)
+            await sink.end()
+        finally:
+            self._forget(s)
+
+    async def _serve_stream(self, s: _H2Stream, request: ProxyRequest) -> None:
+        sink = _H2Sink(self, s)
+        try:
+            await self.handler(request, self._body(s), sink)
+        except BodyError as err:
+            self.reject("bad_body", err.status)
+            self._reset(s, h2.errors.ErrorCodes.CANCEL)
+        except asyncio.CancelledError:
+            self._reset(s, h2.errors.ErrorCodes.CANCEL)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as err:
+            log.debug("stream %d: %s", s.stream_id, err)
+        except Exception as err:  # noqa: BLE001 - an upstream failure: reset this stream only
+            log.info("stream %d from %s aborted: %s", s.stream_id, self.peer.source_ip, err)
+            self._reset(s, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        finally:
+            self._forget(s)
+
+    def _forget(self, s: _H2Stream) -> None:
+        self.streams.pop(s.stream_id, None)
+        # Unread body bytes still count against the connection window: give them back.
+        while not s.chunks.empty():
+            item = s.chunks.get_nowait()
+            if item is not None and not self.closed:
+                self.h2.acknowledge_received_data(item[1], s.stream_id)
+        if not self.closed:
+            self.flush()
+
+    def _reset(self, s: _H2Stream, code: int) -> None:
+        if self.closed or s.reset:
+            return
+        s.reset = True
+        try:
+            self.h2.reset_stream(s.stream_id, code)
+        except h2.exceptions.StreamClosedError:
+            return
+        self.flush()
+
+    async def _body(self, s: _H2Stream) -> Body:
+        while True:
+            try:
+                item = await asyncio.wait_for(s.chunks.get(), self.limits.body_idle_timeout)
+            except TimeoutError:
+                raise BodyError(408, "request body stalled") from None
+            if item is None:
+                return
+            data, flow_length = item
+            if not self.closed:
+                self.h2.acknowledge_received_data(flow_length, s.stream_id)
+                self.flush()
+            yield data
+
+
+class _H2Sink:
+    def __init__(self, server: H2Server, s: _H2Stream) -> None:
+        self.server = server
+        self.s = s
+
+    @property
+    def started(self) -> bool:
+        return self.s.started
+
+    async def start(self, status: int, headers: list[tuple[str, str]], content_length: int | None) -> None:
+        self.s.started = True
+        h2_headers = [(":status", str(status))] + [(n, v) for n, v in headers if n not in ("connection", "keep-alive")]
+        self.server.h2.send_headers(self.s.stream_id, h2_headers)
+        self.server.flush()
+
+    async def send(self, chunk: bytes) -> None:
+        server, stream_id = self.server, self.s.stream_id
+        view = memoryview(chunk)
+        while view:
+            if server.closed or self.s.reset:
+                raise ConnectionError("downstream stream closed")
+            window = min(server.h2.local_flow_control_window(stream_id), server.h2.max_outbound_frame_size)
+            if window <= 0:
+                self.s.window_open.clear()
+                await self.s.window_open.wait()
+                continue
+            server.h2.send_data(stream_id, bytes(view[:window]))
+            view = view[window:]
+            server.flush()
+        await server.stream.drain()
+
+    async def end(self) -> None:
+        if not self.server.closed and not self.s.reset:
+            self.server.h2.end_stream(self.s.stream_id)
+            self.server.flush()
+            await self.server.stream.drain()

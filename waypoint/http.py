@@ -1,0 +1,153 @@
+"""Types shared by the downstream servers, the proxy pipeline and the upstream client.
+
+A request travels as a ``ProxyRequest`` (head) plus an async iterator of body chunks;
+the answer goes back through a ``ResponseSink``. HTTP/1.1 and HTTP/2 downstream
+connections both speak these, so the pipeline never knows which one it serves.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Protocol
+
+# Hop-by-hop headers (RFC 9110 7.6.1): never forwarded as they are.
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te",
+                        "upgrade", "trailer", "proxy-authenticate", "proxy-authorization"})
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Documented bounds on what one client may send (see waypoint/README.md).
+
+    Past a bound the waypoint answers 400 / 408 / 431 and closes that connection
+    (HTTP/1.1) or resets that stream (HTTP/2); other clients are not affected.
+    """
+
+    max_header_bytes: int = 64 * 1024      # request line + headers -> 431
+    max_headers: int = 100                 # header count -> 431
+    header_timeout: float = 10.0           # whole request head must arrive within -> 408 (slowloris)
+    body_idle_timeout: float = 30.0        # longest silence inside a request body -> 408
+    keepalive_timeout: float = 60.0        # idle keep-alive connection closed silently
+    max_concurrent_streams: int = 100      # HTTP/2 per connection
+    retry_buffer_bytes: int = 64 * 1024    # request bodies up to this size can be replayed by retries
+    max_h2_frame: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """Who is on the other end of a downstream connection."""
+
+    source_ip: str
+    source_port: int
+    source_principal: str = ""            # SPIFFE id from the HBONE peer certificate
+    destination_ip: str = ""              # the original destination (service VIP) from HBONE
+    destination_port: int = 0
+    mtls: bool = False
+
+
+@dataclass
+class ProxyRequest:
+    method: str
+    target: str                          # path + query, as received
+    authority: str
+    headers: list[tuple[str, str]]       # lower-case names, hop-by-hop removed
+    protocol: str                        # "HTTP/1.1" | "HTTP/2"
+    peer: PeerInfo
+    content_length: int | None = None    # None: unknown (chunked / h2 without content-length)
+    upgrade: str | None = None           # e.g. "websocket" on an HTTP/1.1 Upgrade request
+    scheme: str = "http"
+    header_map: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.header_map:
+            for name, value in self.headers:
+                # Repeated headers match as one comma-joined value, as Envoy does.
+                self.header_map[name] = f"{self.header_map[name]},{value}" if name in self.header_map else value
+
+    @property
+    def path(self) -> str:
+        return self.target.partition("?")[0]
+
+
+class ResponseSink(Protocol):
+    """Where the pipeline writes its answer; the downstream connection implements it."""
+
+    started: bool
+
+    async def start(self, status: int, headers: list[tuple[str, str]], content_length: int | None) -> None: ...
+
+    async def send(self, chunk: bytes) -> None: ...
+
+    async def end(self) -> None: ...
+
+
+class Tunnel(Protocol):
+    """A raw byte stream left after a successful Upgrade (101)."""
+
+    async def read(self, n: int) -> bytes: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class BodyError(Exception):
+    """The downstream request body broke (client vanished, lied about its length, stalled)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+Body = AsyncIterator[bytes]
+
+
+async def empty_body() -> Body:
+    return
+    yield b""  # pragma: no cover - makes this an async generator
+
+
+def strip_hop_by_hop(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Drop hop-by-hop headers, including those named by ``Connection``."""
+    named = set()
+    for name, value in headers:
+        if name == "connection":
+            named.update(token.strip().lower() for token in value.split(","))
+    return [(n, v) for n, v in headers if n not in HOP_BY_HOP and n not in named]
+
+
+async def pipe(src: Tunnel, dst: Tunnel, chunk: int = 65536) -> None:
+    """Copy bytes until EOF (used for upgraded connections)."""
+    while True:
+        data = await src.read(chunk)
+        if not data:
+            break
+        dst.write(data)
+        await dst.drain()
+
+
+class StreamPair:
+    """An asyncio (reader, writer) pair as one ``Tunnel``."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def read(self, n: int) -> bytes:
+        return await self.reader.read(n)
+
+    def write(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def drain(self) -> None:
+        await self.writer.drain()
+
+    def write_eof(self) -> None:
+        if self.writer.can_write_eof() and not self.writer.is_closing():
+            self.writer.write_eof()
+
+    def close(self) -> None:
+        self.writer.close()

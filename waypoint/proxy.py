@@ -1,0 +1,514 @@
+"""The request pipeline: authorization, rate limit, routing, filters, resilience, upstream.
+
+``WaypointProxy.handle(request, body, sink)`` is called once per downstream request by
+the HTTP/1.1 and HTTP/2 servers. Decisions come from the pure modules (``routing``,
+``authz``, ``resilience``); this module sequences them, owns the timers and the
+upstream I/O, and fills the telemetry record.
+
+Which TrafficPolicy applies where (documented in waypoint/README.md):
+- request-level features (rateLimit, faults, retries) come from the policy that
+  targets the Service the client called (the HTTPRoute's parent);
+- connection-level features (connectionPool, outlierDetection) come from the policy
+  targeting the backend Service, or else the called Service's.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Protocol
+
+from shoal.xds.model import Authorization
+
+from . import authz
+from .http import Body, BodyError, Limits, PeerInfo, ProxyRequest, ResponseSink, strip_hop_by_hop
+from .model import ConnectionPoolPolicy, HTTPRoute, TrafficPolicy
+from .resilience import (CONNECT_FAILURE, RESET, TIMEOUT, CircuitBreaker, OutlierDetector, PercentSampler,
+                         TokenBucket, backoff_delay, is_retriable)
+from .routing import RequestPlan, RouteTable, ServiceKey, apply_response_filters, plan_request
+from .telemetry import RequestRecord, Telemetry, TraceContext
+from .upstream import ClusterPool, Connector, Endpoint, PoolOverflow, UpstreamError, send_request
+
+log = logging.getLogger(__name__)
+
+DEFAULT_POOL = ConnectionPoolPolicy()
+
+
+@dataclass(frozen=True)
+class ServiceInfo:
+    key: ServiceKey
+    fqdn: str
+    vip: str = ""
+
+
+@dataclass(frozen=True)
+class WorkloadInfo:
+    name: str
+    namespace: str
+    app: str
+    principal: str = ""
+
+
+class Resolver(Protocol):
+    """The cluster as the proxy needs it (ConfigState in the mesh, a table in tests)."""
+
+    def service_for(self, peer: PeerInfo, authority: str) -> ServiceInfo | None: ...
+
+    def endpoints(self, namespace: str, name: str, port: int) -> list[Endpoint] | None: ...
+
+    def policies_for(self, service: ServiceKey) -> Iterable[Authorization]: ...
+
+    def workload_by_ip(self, ip: str) -> WorkloadInfo | None: ...
+
+
+class L7Config:
+    """Routes and TrafficPolicies currently in force (swapped whole on each update)."""
+
+    def __init__(self, routes: Iterable[HTTPRoute] = (), policies: Iterable[TrafficPolicy] = (),
+                 rng: random.Random | None = None) -> None:
+        self.routes = RouteTable(routes, rng)
+        self.policies: dict[tuple[str, str], TrafficPolicy] = {}
+        for policy in sorted(policies, key=lambda p: p.key):
+            for target in policy.targets:
+                self.policies.setdefault((policy.namespace, target), policy)
+
+    def policy_for(self, namespace: str, name: str) -> TrafficPolicy | None:
+        return self.policies.get((namespace, name))
+
+
+class _Cluster:
+    """Runtime state of one backend Service: pool, circuit breaker, outlier detector."""
+
+    def __init__(self, name: str, policy: TrafficPolicy | None, connector: Connector, clock: Callable[[], float]) -> None:
+        self.name = name  # "namespace/service"
+        self.policy = policy
+        pool_policy = (policy.connection_pool if policy else None) or DEFAULT_POOL
+        self.pool = ClusterPool(connector, pool_policy)
+        self.breaker = CircuitBreaker(pool_policy)
+        self.outliers = OutlierDetector(policy.outlier_detection, clock) if policy and policy.outlier_detection else None
+        self._next = itertools.count()
+
+    def pick(self, endpoints: list[Endpoint], tried: set[Endpoint]) -> Endpoint | None:
+        outliers = self.outliers
+        candidates = [e for e in endpoints if not outliers.is_ejected(e.address)] if outliers else endpoints
+        if not candidates:
+            candidates = endpoints  # everything ejected: panic mode, use them all
+        fresh = [e for e in candidates if e not in tried] or candidates
+        return fresh[next(self._next) % len(fresh)] if fresh else None
+
+
+class _RequestPolicy:
+    """Runtime state of request-level features for one called Service."""
+
+    def __init__(self, policy: TrafficPolicy | None, clock: Callable[[], float]) -> None:
+        self.policy = policy
+        self.retries = policy.retries if policy else None
+        self.faults = policy.faults if policy else None
+        self.bucket = TokenBucket(policy.rate_limit, clock) if policy and policy.rate_limit else None
+        self.delay_sampler = PercentSampler(self.faults.delay_percent) if self.faults and self.faults.delay else None
+        self.abort_sampler = PercentSampler(self.faults.abort_percent) if self.faults and self.faults.abort_status else None
+
+
+class _Attempt:
+    """The outcome of one try: a response head, or a failure outcome."""
+
+    def __init__(self, outcome: int | str, response=None, endpoint: Endpoint | None = None, flag: str = "") -> None:
+        self.outcome = outcome
+        self.response = response
+        self.endpoint = endpoint
+        self.flag = flag
+
+
+FAILURE_ANSWERS = {
+    CONNECT_FAILURE: (503, "UF", "upstream connect error or disconnect/reset before headers. reset reason: connection failure"),
+    RESET: (503, "UC", "upstream connect error or disconnect/reset before headers. reset reason: connection termination"),
+    TIMEOUT: (504, "UT", "upstream request timeout"),
+    "protocol-error": (502, "UPE", "upstream protocol error"),
+}
+
+
+class WaypointProxy:
+    def __init__(self, resolver: Resolver, connector: Connector, telemetry: Telemetry, limits: Limits = Limits(),
+                 clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None,
+                 mirror_connector: Connector | None = None) -> None:
+        self.resolver = resolver
+        self.connector = connector
+        self.telemetry = telemetry
+        self.limits = limits
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.config = L7Config(rng=self.rng)
+        self._clusters: dict[tuple[str, str], _Cluster] = {}
+        self._request_policies: dict[tuple[str, str], _RequestPolicy] = {}
+        self._background: set[asyncio.Task] = set()
+
+    # -- configuration ---------------------------------------------------------------------
+
+    def update(self, routes: Iterable[HTTPRoute], policies: Iterable[TrafficPolicy]) -> None:
+        """Swap in new routes and policies; runtime state survives where its policy did not change."""
+        self.config = L7Config(routes, policies, self.rng)
+        for key, cluster in list(self._clusters.items()):
+            if self._cluster_policy(*key) != cluster.policy:
+                cluster.pool.close()
+                del self._clusters[key]
+        for key, state in list(self._request_policies.items()):
+            if self.config.policy_for(*key) != state.policy:
+                del self._request_policies[key]
+
+    def _cluster_policy(self, namespace: str, name: str) -> TrafficPolicy | None:
+        return self.config.policy_for(namespace, name)
+
+    def _cluster(self, namespace: str, name: str, called: ServiceKey) -> _Cluster:
+        key = (namespace, name)
+        cluster = self._clusters.get(key)
+        if cluster is None:
+            policy = self.config.policy_for(namespace, name) or self.config.policy_for(called.namespace, called.name)
+            cluster = self._clusters[key] = _Cluster(f"{namespace}/{name}", policy, self.connector, self.clock)
+        return cluster
+
+    def _request_policy(self, service: ServiceKey) -> _RequestPolicy:
+        key = (service.namespace, service.name)
+        state = self._request_policies.get(key)
+        if state is None:
+            state = self._request_policies[key] = _RequestPolicy(self.config.policy_for(*key), self.clock)
+        return state
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        for cluster in self._clusters.values():
+            cluster.pool.close()
+
+    # -- one request -------------------------------------------------------------------------
+
+    async def handle(self, req: ProxyRequest, body: Body, sink: ResponseSink) -> None:
+        rec = RequestRecord(start=self.clock(), method=req.method, path=req.path, authority=req.authority,
+                            protocol=req.protocol, source_ip=req.peer.source_ip, source_port=req.peer.source_port,
+                            source_principal=req.peer.source_principal, mtls=req.peer.mtls,
+                            user_agent=req.header_map.get("user-agent", ""),
+                            request_id=req.header_map.get("x-request-id") or os.urandom(16).hex())
+        rec.trace = TraceContext.from_header(req.header_map.get("traceparent"))
+        source = self.resolver.workload_by_ip(req.peer.source_ip)
+        if source is not None:
+            rec.source_workload, rec.source_namespace, rec.source_app = source.name, source.namespace, source.app
+        try:
+            await self._handle(req, body, sink, rec)
+        except BodyError as err:
+            rec.flags.add("DPE" if err.status == 400 else "DC")
+            if not sink.started:
+                await self._local_reply(sink, rec, err.status, err.reason)
+            else:
+                raise
+        except asyncio.CancelledError:
+            rec.flags.add("DC")
+            raise
+        finally:
+            if not rec.status:
+                rec.status = 0  # downstream went away before any response
+            self.telemetry.record(rec)
+
+    async def _local_reply(self, sink: ResponseSink, rec: RequestRecord, status: int, text: str,
+                           extra: list[tuple[str, str]] = ()) -> None:
+        payload = (text + "\n").encode()
+        rec.status = status
+        rec.response_bytes = len(payload)
+        await sink.start(status, [("content-type", "text/plain"), ("content-length", str(len(payload))), *extra],
+                         len(payload))
+        await sink.send(payload)
+        await sink.end()
+
+    async def _handle(self, req: ProxyRequest, body: Body, sink: ResponseSink, rec: RequestRecord) -> None:
+        service = self.resolver.service_for(req.peer, req.authority)
+        if service is None:
+            rec.flags.add("NR")
+            return await self._local_reply(sink, rec, 404, f"no service for {req.authority}")
+        rec.destination_service = service.fqdn
+        rec.destination_service_name = service.key.name
+        rec.destination_service_namespace = service.key.namespace
+
+        verdict = authz.evaluate(self.resolver.policies_for(service.key), authz.RequestAttributes(
+            source_principal=req.peer.source_principal, source_namespace=rec.source_namespace if source_known(rec) else _ns_of(req.peer.source_principal),
+            source_ip=req.peer.source_ip, destination_ip=req.peer.destination_ip or service.vip,
+            destination_port=service.key.port, method=req.method, path=req.path, host=req.authority,
+            headers=req.header_map))
+        rec.authz_policy = verdict.policy
+        self.telemetry.metrics.authz.labels(decision="allow" if verdict.allowed else "deny", policy=verdict.policy or "-").inc()
+        if not verdict.allowed:
+            rec.flags.add("RBAC")
+            log.info("L7 deny %s %s from %s to %s: %s (%s)", req.method, req.path, req.peer.source_principal or req.peer.source_ip,
+                     service.fqdn, verdict.reason, verdict.policy or "-")
+            return await self._local_reply(sink, rec, 403, "RBAC: access denied")
+
+        request_policy = self._request_policy(service.key)
+        if request_policy.bucket is not None and not request_policy.bucket.take():
+            rec.flags.add("RL")
+            return await self._local_reply(sink, rec, 429, "local_rate_limited")
+
+        decision = self.config.routes.select(service.key, req.method, req.target, req.header_map)
+        rec.route = decision.route_name
+        if decision.rule is None:
+            rec.flags.add("NR")
+            return await self._local_reply(sink, rec, 404, "no matching route")
+        headers = strip_hop_by_hop(req.headers)
+        plan = plan_request(decision, req.target, req.authority, headers, req.scheme)
+        if plan.redirect is not None:
+            status, location = plan.redirect
+            return await self._local_reply(sink, rec, status, f"redirecting to {location}", [("location", location)])
+        backend = decision.backend
+        if backend is None:
+            rec.flags.add("NC")
+            return await self._local_reply(sink, rec, 500, "route has no usable backend")
+        endpoints = self.resolver.endpoints(backend.namespace, backend.name, backend.port or service.key.port)
+        if endpoints is None:
+            rec.flags.add("NC")
+            return await self._local_reply(sink, rec, 500, f"unknown backend service {backend.namespace}/{backend.name}")
+        if not endpoints:
+            rec.flags.add("UH")
+            return await self._local_reply(sink, rec, 503, "no healthy upstream")
+
+        cluster = self._cluster(backend.namespace, backend.name, service.key)
+        if not cluster.breaker.try_acquire():
+            rec.flags.add("UO")
+            return await self._local_reply(sink, rec, 503, "upstream overflow (max requests)")
+        try:
+            plan.headers = self._upstream_headers(plan, req, rec)
+            timeout = decision.rule.timeouts.request if decision.rule else None
+            try:
+                async with asyncio.timeout(timeout):
+                    attempt, body_source = await self._attempts(req, body, plan, cluster, endpoints, request_policy,
+                                                                decision.rule.timeouts.backend_request, rec)
+            except TimeoutError:
+                rec.flags.add("UT")
+                return await self._local_reply(sink, rec, 504, "upstream request timeout")
+            rec.request_bytes = body_source.bytes
+            if plan.mirrors and body_source.replayable:
+                self._mirror(plan, req, body_source.buffer, service.key)
+            await self._respond(attempt, plan, req, sink, rec, cluster, service.key)
+        finally:
+            cluster.breaker.release()
+
+    def _upstream_headers(self, plan: RequestPlan, req: ProxyRequest, rec: RequestRecord) -> list[tuple[str, str]]:
+        headers = [(n, v) for n, v in plan.headers
+                   if n not in ("host", "traceparent", "content-length", "x-forwarded-proto", "x-request-id", "expect")]
+        headers.insert(0, ("host", plan.authority))
+        if req.content_length is not None:
+            headers.append(("content-length", str(req.content_length)))
+        headers.append(("x-forwarded-proto", req.scheme))
+        headers.append(("x-request-id", rec.request_id))
+        assert rec.trace is not None
+        headers.append(("traceparent", rec.trace.traceparent))
+        if req.upgrade:
+            headers += [("connection", "upgrade"), ("upgrade", req.upgrade)]
+        return headers
+
+    async def _attempts(self, req: ProxyRequest, body: Body, plan: RequestPlan, cluster: _Cluster,
+                        endpoints: list[Endpoint], rp: _RequestPolicy, backend_timeout: float | None,
+                        rec: RequestRecord) -> tuple[_Attempt, "_BodySource"]:
+        """Up to ``attempts`` tries, each under the per-try timeout; returns the one that stands."""
+        retries = rp.retries
+        attempts = retries.attempts if retries else 1
+        per_try = backend_timeout
+        if retries and retries.per_try_timeout:
+            per_try = min(per_try, retries.per_try_timeout) if per_try else retries.per_try_timeout
+        source = _BodySource(req, body, self.limits.retry_buffer_bytes if attempts > 1 or plan.mirrors else 0)
+        await source.prepare()
+        tried: set[Endpoint] = set()
+        attempt = _Attempt(CONNECT_FAILURE)
+        for number in range(1, attempts + 1):
+            rec.attempts = number
+            endpoint = cluster.pick(endpoints, tried)
+            assert endpoint is not None
+            tried.add(endpoint)
+            rec.upstream_host = endpoint.address
+            try:
+                async with asyncio.timeout(per_try):
+                    attempt = await self._try_once(req, source, plan, cluster, endpoint, rp, rec)
+            except TimeoutError:
+                attempt = _Attempt(TIMEOUT, endpoint=endpoint)
+            if attempt.flag != "FI" and cluster.outliers is not None:
+                if cluster.outliers.record(endpoint.address, attempt.outcome, len(endpoints)):
+                    self.telemetry.metrics.ejections.labels(destination_service=cluster.name).inc()
+            last = number == attempts
+            if last or not (retries and is_retriable(retries, attempt.outcome)) or not source.replayable:
+                if number > 1 and retries and is_retriable(retries, attempt.outcome):
+                    rec.flags.add("URX")
+                return attempt, source
+            self.telemetry.metrics.retries.labels(destination_service=rec.destination_service,
+                                                  outcome=str(attempt.outcome)).inc()
+            if attempt.response is not None:
+                attempt.response.body.abandon()
+            await asyncio.sleep(backoff_delay(retries, number, self.rng))
+        return attempt, source  # pragma: no cover - the loop always returns
+
+    async def _try_once(self, req: ProxyRequest, source: "_BodySource", plan: RequestPlan, cluster: _Cluster,
+                        endpoint: Endpoint, rp: _RequestPolicy, rec: RequestRecord) -> _Attempt:
+        faults = rp.faults
+        if faults is not None:
+            if rp.delay_sampler is not None and rp.delay_sampler.sample():
+                rec.flags.add("DI")
+                await asyncio.sleep(faults.delay)
+            if rp.abort_sampler is not None and rp.abort_sampler.sample():
+                rec.flags.add("FI")
+                return _Attempt(faults.abort_status, endpoint=endpoint, flag="FI")
+        try:
+            conn = await cluster.pool.acquire(endpoint, fresh=bool(req.upgrade))
+        except PoolOverflow:
+            return _Attempt(503, endpoint=endpoint, flag="UO")
+        except UpstreamError as err:
+            log.debug("connect to %s failed: %s", endpoint.address, err)
+            return _Attempt(err.outcome, endpoint=endpoint)
+        reused = conn.reused
+        try:
+            response = await send_request(cluster.pool, conn, req.method, plan.target, plan.headers,
+                                          source.body(), req.content_length is None and source.may_have_body)
+        except UpstreamError as err:
+            cluster.pool.discard(conn)
+            if reused and err.outcome == RESET and source.replayable:
+                # A pooled keep-alive connection the server had already closed: try a fresh one, once.
+                return await self._try_fresh(req, source, plan, cluster, endpoint)
+            return _Attempt(err.outcome, endpoint=endpoint)
+        except asyncio.CancelledError:
+            cluster.pool.discard(conn)
+            raise
+        return _Attempt(response.status, response, endpoint)
+
+    async def _try_fresh(self, req, source, plan, cluster, endpoint) -> _Attempt:
+        try:
+            conn = await cluster.pool.acquire(endpoint, fresh=True)
+        except PoolOverflow:
+            return _Attempt(503, endpoint=endpoint, flag="UO")
+        except UpstreamError as err:
+            return _Attempt(err.outcome, endpoint=endpoint)
+        try:
+            response = await send_request(cluster.pool, conn, req.method, plan.target, plan.headers,
+                                          source.body(), req.content_length is None and source.may_have_body)
+        except UpstreamError as err:
+            cluster.pool.discard(conn)
+            return _Attempt(err.outcome, endpoint=endpoint)
+        except asyncio.CancelledError:
+            cluster.pool.discard(conn)
+            raise
+        return _Attempt(response.status, response, endpoint)
+
+    async def _respond(self, attempt: _Attempt, plan: RequestPlan, req: ProxyRequest, sink: ResponseSink,
+                       rec: RequestRecord, cluster: _Cluster, service: ServiceKey) -> None:
+        if attempt.endpoint is not None:
+            ep = attempt.endpoint
+            rec.destination_workload = ep.name or "unknown"
+            rec.destination_namespace = ep.namespace or "unknown"
+            rec.destination_principal = ep.spiffe_id or "unknown"
+        if attempt.flag == "FI":
+            return await self._local_reply(sink, rec, int(attempt.outcome), "fault filter abort")
+        if attempt.flag == "UO":
+            rec.flags.add("UO")
+            return await self._local_reply(sink, rec, 503, "upstream overflow (max pending)")
+        response = attempt.response
+        if response is None:
+            status, flag, text = FAILURE_ANSWERS.get(attempt.outcome, (503, "UF", str(attempt.outcome)))
+            rec.flags.add(flag)
+            return await self._local_reply(sink, rec, status, text)
+        rec.status = response.status
+        headers = apply_response_filters(plan, strip_hop_by_hop(response.headers))
+        if response.upgraded:
+            upgrade = getattr(sink, "upgrade", None)
+            if upgrade is None:
+                response.connection.close()
+                cluster.pool.discard(response.connection)
+                rec.status = 502
+                return await self._local_reply(sink, rec, 502, "upgrade not possible on this protocol")
+            try:
+                await upgrade(headers + [("connection", "upgrade"), ("upgrade", req.upgrade or "")], response.connection.stream,
+                              response.leftover)
+            finally:
+                cluster.pool.discard(response.connection)
+            return
+        await sink.start(response.status, headers, response.content_length)
+        try:
+            async for chunk in response.body:
+                rec.response_bytes += len(chunk)
+                await sink.send(chunk)
+        except UpstreamError:
+            rec.flags.add("UC")
+            raise
+        finally:
+            response.body.abandon()
+        await sink.end()
+
+    def _mirror(self, plan: RequestPlan, req: ProxyRequest, body: bytes, service: ServiceKey) -> None:
+        for backend, percent in plan.mirrors:
+            if percent < 100 and self.rng.uniform(0, 100) >= percent:
+                continue
+            task = asyncio.get_running_loop().create_task(self._send_mirror(backend, plan, req, body, service))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _send_mirror(self, backend, plan: RequestPlan, req: ProxyRequest, body: bytes, service: ServiceKey) -> None:
+        """Fire and forget: the answer is read and dropped; failures are only logged."""
+        endpoints = self.resolver.endpoints(backend.namespace, backend.name, backend.port or service.port) or []
+        if not endpoints:
+            return
+        cluster = self._cluster(backend.namespace, backend.name, service)
+        endpoint = cluster.pick(endpoints, set())
+        host, _, port = plan.authority.partition(":")
+        headers = [(n, v) for n, v in plan.headers if n != "host"]
+        headers.insert(0, ("host", f"{host}-shadow" + (f":{port}" if port else "")))
+        try:
+            conn = await cluster.pool.acquire(endpoint)
+            response = await send_request(cluster.pool, conn, req.method, plan.target, headers, body, False)
+            async for _ in response.body:
+                pass
+        except (UpstreamError, PoolOverflow) as err:
+            log.debug("mirror to %s failed: %s", backend.name, err)
+
+
+def source_known(rec: RequestRecord) -> bool:
+    return rec.source_namespace != "unknown"
+
+
+def _ns_of(principal: str) -> str:
+    """'spiffe://td/ns/X/sa/Y' -> 'X' (the source namespace when the IP is unknown)."""
+    parts = principal.split("/")
+    return parts[parts.index("ns") + 1] if "ns" in parts and parts.index("ns") + 1 < len(parts) else ""
+
+
+class _BodySource:
+    """The downstream request body, buffered for replay when small enough, else streamed once."""
+
+    def __init__(self, req: ProxyRequest, body: Body, buffer_limit: int) -> None:
+        self._req = req
+        self._body = body
+        self._limit = buffer_limit
+        self.buffer = b""
+        self.replayable = False
+        self.consumed = False
+        self.bytes = 0
+        self.may_have_body = req.content_length != 0
+
+    async def prepare(self) -> None:
+        length = self._req.content_length
+        if length == 0:
+            self.replayable = True
+        elif length is not None and length <= self._limit:
+            chunks = []
+            async for chunk in self._body:
+                chunks.append(chunk)
+            self.buffer = b"".join(chunks)
+            self.bytes = len(self.buffer)
+            self.replayable = True
+
+    def body(self) -> Body | bytes:
+        if self.replayable:
+            return self.buffer
+        if self.consumed:
+            raise BodyError(500, "request body already streamed")
+        self.consumed = True
+        return self._counting(self._body)
+
+    async def _counting(self, body: Body) -> Body:
+        async for chunk in body:
+            self.bytes += len(chunk)
+            yield chunk

@@ -1,0 +1,274 @@
+"""Request telemetry: Istio metrics, JSON access log, W3C trace context, L7 flow events.
+
+One ``RequestRecord`` is filled while a request goes through the proxy and handed to
+``Telemetry.record`` once the response is done (or failed). Everything here is
+optional at run time except the metrics: the access log, the flow emitter and the
+OTLP exporter are wired only when configured.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+log = logging.getLogger(__name__)
+
+# Istio's standard label set for request metrics (reporter="waypoint" as in ambient).
+ISTIO_LABELS = (
+    "reporter", "source_workload", "source_workload_namespace", "source_principal", "source_app",
+    "source_canonical_service", "destination_workload", "destination_workload_namespace",
+    "destination_principal", "destination_app", "destination_canonical_service",
+    "destination_service", "destination_service_name", "destination_service_namespace",
+    "request_protocol", "response_code", "grpc_response_status", "response_flags",
+    "connection_security_policy",
+)
+DURATION_BUCKETS_MS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000)
+SIZE_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000)
+
+_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+
+
+@dataclass
+class TraceContext:
+    """W3C trace context for one request: the waypoint's own span in the caller's trace."""
+
+    trace_id: str
+    span_id: str          # the waypoint's span
+    parent_span_id: str   # the caller's span, '' when the waypoint started the trace
+    sampled: bool
+
+    @property
+    def traceparent(self) -> str:
+        return f"00-{self.trace_id}-{self.span_id}-{'01' if self.sampled else '00'}"
+
+    @classmethod
+    def from_header(cls, value: str | None) -> "TraceContext":
+        """Continue the caller's trace, or start one if the header is absent or malformed."""
+        span_id = os.urandom(8).hex()
+        match = _TRACEPARENT.match(value.strip().lower()) if value else None
+        if match and match.group(1) != "ff" and set(match.group(2)) != {"0"} and set(match.group(3)) != {"0"}:
+            return cls(match.group(2), span_id, match.group(3), bool(int(match.group(4), 16) & 1))
+        return cls(os.urandom(16).hex(), span_id, "", True)
+
+
+@dataclass
+class RequestRecord:
+    """Everything telemetry needs about one request, filled in by the proxy as it goes."""
+
+    start: float
+    method: str = ""
+    path: str = ""
+    authority: str = ""
+    protocol: str = "HTTP/1.1"
+    user_agent: str = ""
+    request_id: str = ""
+    source_ip: str = ""
+    source_port: int = 0
+    source_principal: str = ""
+    source_workload: str = "unknown"
+    source_namespace: str = "unknown"
+    source_app: str = "unknown"
+    destination_service: str = "unknown"        # FQDN, e.g. web.demo.svc.cluster.local
+    destination_service_name: str = "unknown"
+    destination_service_namespace: str = "unknown"
+    destination_workload: str = "unknown"
+    destination_namespace: str = "unknown"
+    destination_principal: str = "unknown"
+    destination_app: str = "unknown"
+    upstream_host: str = ""
+    route: str = ""
+    status: int = 0
+    flags: set[str] = field(default_factory=set)
+    request_bytes: int = 0
+    response_bytes: int = 0
+    attempts: int = 0
+    mtls: bool = False
+    trace: TraceContext | None = None
+    authz_policy: str = ""
+    end: float = 0.0
+
+    @property
+    def response_flags(self) -> str:
+        return ",".join(sorted(self.flags)) or "-"
+
+    @property
+    def duration_ms(self) -> float:
+        return max(0.0, (self.end or time.monotonic()) - self.start) * 1000.0
+
+
+class RequestMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("istio_requests", "Requests handled by the waypoint", ISTIO_LABELS, registry=registry)
+        self.duration = Histogram("istio_request_duration_milliseconds", "Request duration (ms)", ISTIO_LABELS,
+                                  buckets=DURATION_BUCKETS_MS, registry=registry)
+        self.request_bytes = Histogram("istio_request_bytes", "Request body sizes (bytes)", ISTIO_LABELS,
+                                       buckets=SIZE_BUCKETS, registry=registry)
+        self.response_bytes = Histogram("istio_response_bytes", "Response body sizes (bytes)", ISTIO_LABELS,
+                                        buckets=SIZE_BUCKETS, registry=registry)
+        self.rejected = Counter("shoal_waypoint_rejected_requests", "Downstream input rejected before routing",
+                                ["reason", "status"], registry=registry)
+        self.authz = Counter("shoal_waypoint_authorization_decisions", "L7 authorization decisions",
+                             ["decision", "policy"], registry=registry)
+        self.retries = Counter("shoal_waypoint_upstream_retries", "Upstream attempts retried",
+                               ["destination_service", "outcome"], registry=registry)
+        self.ejections = Counter("shoal_waypoint_outlier_ejections", "Endpoints ejected by outlier detection",
+                                 ["destination_service"], registry=registry)
+        self.config_rejected = Counter("shoal_waypoint_config_rejected", "Routes/policies rejected as invalid",
+                                       ["kind"], registry=registry)
+        self.downstream_connections = Counter("shoal_waypoint_downstream_connections",
+                                              "Downstream connections accepted", ["protocol"], registry=registry)
+
+
+class Telemetry:
+    def __init__(self, registry: CollectorRegistry, access_log: Callable[[str], None] | None = None,
+                 flow_emitter: Any = None, span_exporter: Any = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.metrics = RequestMetrics(registry)
+        self._access_log = access_log
+        self._flows = flow_emitter
+        self._spans = span_exporter
+        self.clock = clock
+
+    def labels(self, r: RequestRecord) -> dict[str, str]:
+        return {
+            "reporter": "waypoint",
+            "source_workload": r.source_workload,
+            "source_workload_namespace": r.source_namespace,
+            "source_principal": r.source_principal or "unknown",
+            "source_app": r.source_app,
+            "source_canonical_service": r.source_app,
+            "destination_workload": r.destination_workload,
+            "destination_workload_namespace": r.destination_namespace,
+            "destination_principal": r.destination_principal,
+            "destination_app": r.destination_app,
+            "destination_canonical_service": r.destination_app,
+            "destination_service": r.destination_service,
+            "destination_service_name": r.destination_service_name,
+            "destination_service_namespace": r.destination_service_namespace,
+            "request_protocol": "http" if r.protocol.startswith("HTTP/1") else "http2" if r.protocol == "HTTP/2" else r.protocol,
+            "response_code": str(r.status),
+            "grpc_response_status": "",
+            "response_flags": r.response_flags,
+            "connection_security_policy": "mutual_tls" if r.mtls else "none",
+        }
+
+    def record(self, r: RequestRecord) -> None:
+        if not r.end:
+            r.end = self.clock()
+        labels = self.labels(r)
+        self.metrics.requests.labels(**labels).inc()
+        self.metrics.duration.labels(**labels).observe(r.duration_ms)
+        self.metrics.request_bytes.labels(**labels).observe(r.request_bytes)
+        self.metrics.response_bytes.labels(**labels).observe(r.response_bytes)
+        if self._access_log is not None:
+            self._access_log(access_log_line(r))
+        if self._flows is not None:
+            self._emit_flow(r)
+        if self._spans is not None and r.trace is not None and r.trace.sampled:
+            self._spans.export(r)
+
+    def _emit_flow(self, r: RequestRecord) -> None:
+        from shoal.agent.hubble.flows import http_flow
+
+        url = f"http://{r.authority}{r.path}"
+        verdict = "DROPPED" if "RBAC" in r.flags else "FORWARDED"
+        dst_ip, _, dst_port = r.upstream_host.rpartition(":")
+        flow = http_flow(r.source_ip or "0.0.0.0", r.source_port, dst_ip or "0.0.0.0", int(dst_port or 0),
+                         kind="response", method=r.method, url=url, code=r.status, protocol=r.protocol,
+                         latency_ns=int(r.duration_ms * 1e6), verdict=verdict, mtls=r.mtls,
+                         trace_id=r.trace.trace_id if r.trace else "")
+        self._flows.emit(flow)
+
+
+def access_log_line(r: RequestRecord) -> str:
+    """One JSON object per request, with Envoy's access-log field names where they exist."""
+    return json.dumps({
+        "start_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - r.duration_ms / 1000)),
+        "method": r.method,
+        "path": r.path,
+        "protocol": r.protocol,
+        "response_code": r.status,
+        "response_flags": r.response_flags,
+        "bytes_received": r.request_bytes,
+        "bytes_sent": r.response_bytes,
+        "duration_ms": round(r.duration_ms, 3),
+        "upstream_host": r.upstream_host or None,
+        "upstream_attempts": r.attempts,
+        "route_name": r.route or None,
+        "authority": r.authority,
+        "user_agent": r.user_agent or None,
+        "x_request_id": r.request_id,
+        "downstream_remote_address": f"{r.source_ip}:{r.source_port}",
+        "source_principal": r.source_principal or None,
+        "destination_service": r.destination_service,
+        "authz_policy": r.authz_policy or None,
+        "trace_id": r.trace.trace_id if r.trace else None,
+    }, separators=(",", ":"))
+
+
+class OtlpSpanExporter:
+    """Exports one server span per request with the OpenTelemetry SDK (optional dependency).
+
+    The span keeps the ids the waypoint already propagated in ``traceparent``, so the
+    exported trace and the headers seen by the application agree.
+    """
+
+    def __init__(self, endpoint: str, service_name: str) -> None:
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            from opentelemetry.sdk.resources import Resource
+            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+            from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags, set_span_in_context
+            from opentelemetry.sdk.trace.id_generator import IdGenerator
+        except ImportError as err:
+            raise RuntimeError("OTLP export needs the optional dependency: pip install 'shoal[otel]'") from err
+
+        class _Fixed(IdGenerator):
+            """Hands the SDK the span id the waypoint already put on the wire."""
+
+            def __init__(self) -> None:
+                self.next_span_id = 0
+                self.next_trace_id = 0
+
+            def generate_span_id(self) -> int:
+                return self.next_span_id
+
+            def generate_trace_id(self) -> int:
+                return self.next_trace_id
+
+        self._ids = _Fixed()
+        self._provider = TracerProvider(resource=Resource.create({"service.name": service_name}), id_generator=self._ids)
+        self._provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+        self._tracer = self._provider.get_tracer("shoal.waypoint")
+        self._otel = (NonRecordingSpan, SpanContext, SpanKind, TraceFlags, set_span_in_context)
+
+    def export(self, r: RequestRecord) -> None:
+        NonRecordingSpan, SpanContext, SpanKind, TraceFlags, set_span_in_context = self._otel
+        trace = r.trace
+        assert trace is not None
+        self._ids.next_trace_id = int(trace.trace_id, 16)
+        self._ids.next_span_id = int(trace.span_id, 16)
+        context = None
+        if trace.parent_span_id:
+            parent = SpanContext(int(trace.trace_id, 16), int(trace.parent_span_id, 16), is_remote=True,
+                                 trace_flags=TraceFlags(TraceFlags.SAMPLED))
+            context = set_span_in_context(NonRecordingSpan(parent))
+        end_ns = time.time_ns()
+        start_ns = end_ns - int(r.duration_ms * 1e6)
+        span = self._tracer.start_span(f"{r.method} {r.destination_service}", context=context,
+                                       kind=SpanKind.SERVER, start_time=start_ns)
+        span.set_attribute("http.request.method", r.method)
+        span.set_attribute("url.path", r.path)
+        span.set_attribute("http.response.status_code", r.status)
+        span.set_attribute("shoal.response_flags", r.response_flags)
+        span.set_attribute("upstream.address", r.upstream_host)
+        span.end(end_time=end_ns)
+
+    def shutdown(self) -> None:
+        self._provider.shutdown()
