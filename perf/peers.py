@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from shoal.perf import procstat
 from shoal.perf.scenario import Bed, Pod
 
 SERVER_NAME = "perf-server"
@@ -164,10 +165,13 @@ class PeerKind:
     client_config: ConfigWriter
     server_config: ConfigWriter
     command: Callable[[Path], list[str]]
+    process_name: str          # comm of the running tool, to sample its CPU and memory
 
 
-STUNNEL = PeerKind("stunnel", stunnel_client_config, stunnel_server_config, lambda c: ["stunnel4", str(c)])
-HAPROXY = PeerKind("haproxy", haproxy_client_config, haproxy_server_config, lambda c: ["haproxy", "-db", "-f", str(c)])
+STUNNEL = PeerKind("stunnel", stunnel_client_config, stunnel_server_config,
+                   lambda c: ["stunnel4", str(c)], "stunnel4")
+HAPROXY = PeerKind("haproxy", haproxy_client_config, haproxy_server_config,
+                   lambda c: ["haproxy", "-db", "-f", str(c)], "haproxy")
 PEERS = {p.name: p for p in (STUNNEL, HAPROXY)}
 
 
@@ -186,8 +190,11 @@ def wait_listening(pod: Pod, address: str, port: int, timeout: float = 10.0) -> 
 
 @contextmanager
 def pair(peer: PeerKind, bed: Bed, client: Pod, server: Pod, forwards: Sequence[Forward],
-         workdir: Path) -> Iterator[None]:
-    """Run the peer's two ends for the duration of the block."""
+         workdir: Path) -> Iterator[Callable[[], list[int]]]:
+    """Run the peer's two ends for the duration of the block.
+
+    Yields a function returning the PIDs of both ends (for CPU and memory sampling).
+    """
     directory = workdir / peer.name
     certs = mint_certificates(directory / "certs", server.ip)
     server_conf, client_conf = directory / "server.conf", directory / "client.conf"
@@ -204,7 +211,7 @@ def pair(peer: PeerKind, bed: Bed, client: Pod, server: Pod, forwards: Sequence[
             if proc.poll() is not None:
                 log = (directory / f"{end}.log").read_text()[-500:]
                 raise RuntimeError(f"{peer.name} {end} end exited ({proc.returncode}): {log}")
-        yield
+        yield lambda: [pid for proc in procs for pid in procstat.pids_in_group(proc.pid, peer.process_name)]
     finally:
         for proc in procs:
             bed.stop(proc)

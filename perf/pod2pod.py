@@ -8,11 +8,11 @@ alike instead of one.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from shoal.perf import peers
+from shoal.perf import peers, procstat
 from shoal.perf.scenario import Context, Measurement, Pod
 from shoal.perf.tools import iperf3, sockperf
 
@@ -26,11 +26,19 @@ RR_PORT = sockperf.DEFAULT_PORT
 
 @dataclass(frozen=True)
 class Route:
+    """How the client reaches the servers on one path.
+
+    ``processes`` returns the PIDs of the path's own processes (peer ends, node proxies):
+    their CPU and RSS are sampled during the fixed-rate request/response runs, which gives
+    the "cores per 1,000 req/s" figure.
+    """
+
     path: str
     client: Pod
     host: str
     stream_port: int = STREAM_PORT
     rr_port: int = RR_PORT
+    processes: Callable[[], Sequence[int]] | None = None
 
 
 @contextmanager
@@ -74,18 +82,34 @@ def measure_interleaved(ctx: Context, routes: Sequence[Route]) -> Iterator[Measu
         yield Measurement(STREAM, route.path, "throughput", "Gbit/s", tuple(gbps[route.path]), "higher")
     p50: dict[str, list[float]] = {r.path: [] for r in routes}
     p99: dict[str, list[float]] = {r.path: [] for r in routes}
+    cpu: dict[str, list[float]] = {r.path: [] for r in routes}
+    rss: dict[str, list[float]] = {r.path: [] for r in routes}
     for rep in range(ctx.repetitions):
         for route in routes:
-            pct = rr_once(ctx, route)
+            pids = list(route.processes()) if route.processes else []
+            if pids:
+                with procstat.ProcessSampler(pids) as sampler:
+                    pct = rr_once(ctx, route)
+                assert sampler.usage is not None
+                cpu[route.path].append(sampler.usage.cpu_cores)
+                rss[route.path].append(sampler.usage.rss_peak_mb)
+            else:
+                pct = rr_once(ctx, route)
             p50[route.path].append(pct[50.0])
             p99[route.path].append(pct[99.0])
-            ctx.log(f"  {RR} {route.path} #{rep + 1}: p50 {pct[50.0]:.0f} µs, p99 {pct[99.0]:.0f} µs")
+            usage = f", {cpu[route.path][-1]:.3f} cores" if pids else ""
+            ctx.log(f"  {RR} {route.path} #{rep + 1}: p50 {pct[50.0]:.0f} µs, p99 {pct[99.0]:.0f} µs{usage}")
     for route in routes:
         yield Measurement(RR, route.path, "p50", "µs", tuple(p50[route.path]), "lower")
         yield Measurement(RR, route.path, "p99", "µs", tuple(p99[route.path]), "lower")
+        if cpu[route.path]:
+            note = "both ends of the path together, over the fixed-rate run"
+            yield Measurement(RR, route.path, "cpu", "cores", tuple(cpu[route.path]), "lower", note)
+            yield Measurement(RR, route.path, "rss", "MB", tuple(rss[route.path]), "lower", note)
 
 
 def measure(ctx: Context, path: str, client: Pod, host: str, stream_port: int = STREAM_PORT,
-            rr_port: int = RR_PORT) -> Iterator[Measurement]:
+            rr_port: int = RR_PORT, processes: Callable[[], Sequence[int]] | None = None,
+            ) -> Iterator[Measurement]:
     """The pod-to-pod figures of one path (what Shoal's scenarios call)."""
-    yield from measure_interleaved(ctx, [Route(path, client, host, stream_port, rr_port)])
+    yield from measure_interleaved(ctx, [Route(path, client, host, stream_port, rr_port, processes)])

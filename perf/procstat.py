@@ -55,6 +55,37 @@ def pids_in_cgroup(cgroup: Path) -> list[int]:
     return pids
 
 
+def parse_stat_pgid_comm(stat_line: str) -> tuple[int, str, str]:
+    """(process group id, comm, state letter) from a /proc/PID/stat line."""
+    open_, close = stat_line.find("("), stat_line.rfind(")")
+    if open_ < 0 or close < 0:
+        raise ValueError("not a /proc/PID/stat line")
+    fields = stat_line[close + 2:].split()
+    if len(fields) < 3:
+        raise ValueError("truncated /proc/PID/stat line")
+    return int(fields[2]), stat_line[open_ + 1:close], fields[0]
+
+
+def pids_in_group(pgid: int, comm: str | None = None, proc: Path = Path("/proc")) -> list[int]:
+    """PIDs of process group ``pgid`` (what ``Pod.spawn`` made), optionally only those named ``comm``.
+
+    A pod's process may sit under wrappers (``shoal exec``, ``ip netns exec``, a shell);
+    filtering by name measures the tool itself, not its idle wrappers. Zombies (exited,
+    not yet reaped) are left out.
+    """
+    found = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            group, name, state = parse_stat_pgid_comm((entry / "stat").read_text())
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited while we looked
+        if group == pgid and state != "Z" and (comm is None or name == comm):
+            found.append(int(entry.name))
+    return sorted(found)
+
+
 @dataclass(frozen=True)
 class Usage:
     cpu_cores: float      # average over the window

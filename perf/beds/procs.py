@@ -4,8 +4,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from shoal.perf import procstat
 
 
 def spawn(argv: Sequence[str], log: Path | None, env: dict[str, str] | None = None) -> "subprocess.Popen[bytes]":
@@ -19,17 +22,27 @@ def spawn(argv: Sequence[str], log: Path | None, env: dict[str, str] | None = No
             out.close()
 
 
+def _group_gone(proc: "subprocess.Popen[bytes]", within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the leader, else it stays listed as a zombie of ours
+        if not procstat.pids_in_group(proc.pid):
+            return True
+        time.sleep(0.02)
+    return False
+
+
 def stop(proc: "subprocess.Popen[bytes]", grace: float = 3.0) -> None:
-    """SIGTERM the process group the harness made, then SIGKILL what is left."""
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
+    """SIGTERM the process group the harness made, then SIGKILL what is left.
+
+    Waits for the whole group, not only its leader: a server under ``shoal exec`` or a
+    shell outlives its wrapper by a moment, and the next scenario may reuse its port.
+    """
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            break  # the group is already empty
+        if _group_gone(proc, grace):
+            break
+    proc.poll()

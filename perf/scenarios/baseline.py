@@ -27,8 +27,9 @@ def run(ctx: Context) -> Iterator[Measurement]:
         stack.enter_context(pod2pod.servers(ctx, server))
         for base, peer in ((20000, peers.STUNNEL), (21000, peers.HAPROXY)):
             forwards = _forwards(base)
-            stack.enter_context(peers.pair(peer, ctx.bed, client, server, forwards, ctx.workdir))
-            routes.append(pod2pod.Route(peer.name, client, "127.0.0.1", forwards[0].local, forwards[1].local))
+            pids = stack.enter_context(peers.pair(peer, ctx.bed, client, server, forwards, ctx.workdir))
+            routes.append(pod2pod.Route(peer.name, client, "127.0.0.1", forwards[0].local, forwards[1].local,
+                                        processes=pids))
         yield from pod2pod.measure_interleaved(ctx, routes)
 
 

@@ -1,4 +1,5 @@
 import os
+import time
 
 import pytest
 
@@ -58,3 +59,24 @@ def test_sampler_needs_pids_and_reads_cgroups(tmp_path):
     (tmp_path / "cgroup.procs").write_text("10\n11\n")
     (tmp_path / "a" / "cgroup.procs").write_text("12\n")
     assert procstat.pids_in_cgroup(tmp_path) == [10, 11, 12]
+
+
+def test_pgid_and_comm_from_stat_line():
+    line = "4242 (my (odd) tool) S 1 4240 4240 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0 1000 0 0"
+    assert procstat.parse_stat_pgid_comm(line) == (4240, "my (odd) tool", "S")
+    with pytest.raises(ValueError):
+        procstat.parse_stat_pgid_comm("garbage")
+
+
+def test_pids_in_group_finds_the_tool_under_its_wrapper():
+    from shoal.perf.beds import procs
+    proc = procs.spawn(["sh", "-c", "sleep 30 & sleep 30 & wait"], log=None)
+    try:
+        deadline = time.monotonic() + 5
+        while len(found := procstat.pids_in_group(proc.pid, "sleep")) < 2:
+            assert time.monotonic() < deadline, found
+        assert proc.pid not in found
+        assert proc.pid in procstat.pids_in_group(proc.pid)
+    finally:
+        procs.stop(proc)
+    assert proc.poll() is not None and procstat.pids_in_group(proc.pid) == []
