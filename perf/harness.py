@@ -103,10 +103,18 @@ def resolve_bed_kind(requested: str) -> str:
     return requested
 
 
-def make_bed(kind: str, log: Callable[[str], None]) -> Bed:
+def make_bed(kind: str, log: Callable[[str], None], fallback: bool = False) -> Bed:
+    """The bed of this run. With ``fallback`` (``--bed auto``), a cluster that does not come
+    up is reported and replaced by the netns bed, so the peers are still measured."""
     if kind == "cluster":
-        from shoal.perf.beds.cluster import ClusterBed
-        return ClusterBed(log=log).up()
+        from shoal.perf.beds.cluster import BedError, ClusterBed
+        try:
+            return ClusterBed(log=log).up()
+        except BedError as exc:
+            if not fallback:
+                raise
+            log(f"bed: the cluster did not come up ({exc}); falling back to the netns bed, "
+                "scenarios that need the cluster will be skipped")
     from shoal.perf.beds.netns import NetnsBed
     log("bed: throwaway netns topology (2 nodes)")
     return NetnsBed().up()
@@ -122,11 +130,12 @@ class RunContext:
     _bed_holder: dict[str, Bed]
     repetitions: int = 3
     _log: Callable[[str], None] = field(default=lambda m: print(m, file=sys.stderr, flush=True))
+    bed_fallback: bool = False
 
     @property
     def bed(self) -> Bed:
         if "bed" not in self._bed_holder:
-            self._bed_holder["bed"] = make_bed(self.bed_kind, self._log)
+            self._bed_holder["bed"] = make_bed(self.bed_kind, self._log, self.bed_fallback)
         return self._bed_holder["bed"]
 
     def seconds(self, full: float, quick: float) -> float:
@@ -165,6 +174,8 @@ def run(only: Sequence[str] = (), quick: bool = False, bed: str = "auto",
     host = host_info()
     try:
         for scenario in selected:
+            if "bed" in holder:
+                bed_kind = holder["bed"].kind  # after a fallback, "cluster" needs are unmet
             missing = unmet_requirements(scenario, bed_kind, is_root)
             if missing:
                 say(f"skip {scenario.name}: {'; '.join(missing)}")
@@ -175,7 +186,7 @@ def run(only: Sequence[str] = (), quick: bool = False, bed: str = "auto",
             workdir = scratch / scenario.name
             workdir.mkdir()
             ctx = RunContext(quick=quick, workdir=workdir, bed_kind=bed_kind, _bed_holder=holder,
-                             repetitions=3 if quick else 5, _log=say)
+                             repetitions=3 if quick else 5, _log=say, bed_fallback=bed == "auto")
             began = time.monotonic()
             try:
                 for measurement in scenario.run(ctx):
@@ -197,7 +208,7 @@ def run(only: Sequence[str] = (), quick: bool = False, bed: str = "auto",
     finished = datetime.datetime.now(datetime.timezone.utc)
     run_report = report.RunReport(
         started=started.isoformat(timespec="seconds"), finished=finished.isoformat(timespec="seconds"),
-        quick=quick, bed=bed_kind if holder else None, host=host, outcomes=outcomes,
+        quick=quick, bed=holder["bed"].kind if holder else None, host=host, outcomes=outcomes,
         measurements=measurements, targets=[t for s in selected for t in s.targets])
     doc = report.to_json(run_report)
     paths = report.write(doc, results_dir, _stamp(started))
