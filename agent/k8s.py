@@ -155,13 +155,14 @@ def pod_uid_from_cgroup(cgroup_path: str) -> str | None:
 
 
 def process_cgroup(cgroup_file_text: str) -> str | None:
-    """The cgroup path of a process: the v2 line (``0::``), else a v1 line naming a pod."""
+    """The cgroup path of a process: a line naming a pod (v2 or v1), else the v2 line (``0::``)."""
     lines = [line.split(":", 2) for line in cgroup_file_text.splitlines() if line.count(":") >= 2]
-    for hierarchy, _controllers, path in lines:
-        if hierarchy == "0":
-            return path
+    # On hybrid hosts the v2 line can be just "/" while a v1 line names the pod.
     for _hierarchy, _controllers, path in lines:
         if pod_uid_from_cgroup(path):
+            return path
+    for hierarchy, _controllers, path in lines:
+        if hierarchy == "0":
             return path
     return None
 
