@@ -94,6 +94,7 @@ class H1Server:
         self.conn.receive_data(initial)
         try:
             while True:
+                self.response_started = False
                 request = await self._read_head()
                 if request is None:
                     return
@@ -138,8 +139,14 @@ class H1Server:
             raise self._fail(400, "malformed_request", f"unexpected {type(event).__name__}")
 
     async def _serve(self, event: h11.Request) -> None:
+        if event.http_version not in (b"1.1", b"1.0"):
+            raise self._fail(505, "bad_version", f"HTTP/{event.http_version.decode('latin-1')} not supported")
         if len(event.headers) > self.limits.max_headers:
             raise self._fail(431, "too_many_headers", f"{len(event.headers)} headers (limit {self.limits.max_headers})")
+        head_size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
+        if head_size > self.limits.max_header_bytes:
+            # h11 bounds only an incomplete head; one that arrived whole is measured here.
+            raise self._fail(431, "header_too_large", f"{head_size} header bytes (limit {self.limits.max_header_bytes})")
         headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers]
         names = {n for n, _ in headers}
         if "content-length" in names and "transfer-encoding" in names:
@@ -159,7 +166,6 @@ class H1Server:
                                authority=authority, headers=[(n, v) for n, v in headers if n != "host"],
                                protocol=f"HTTP/{event.http_version.decode()}", peer=self.peer,
                                content_length=content_length, upgrade=upgrade)
-        self.response_started = False
         if content_length == 0:
             # An empty body is complete already: consume its EndOfMessage without I/O, so the
             # connection is reusable however the handler answers.

@@ -199,6 +199,8 @@ class WaypointProxy:
             await self._handle(req, body, sink, rec)
         except BodyError as err:
             rec.flags.add("DPE" if err.status == 400 else "DC")
+            self.telemetry.metrics.rejected.labels(reason="bad_body", status=str(err.status)).inc()
+            log.info("request body from %s:%d rejected: %s", req.peer.source_ip, req.peer.source_port, err.reason)
             if not sink.started:
                 await self._local_reply(sink, rec, err.status, err.reason)
             else:
@@ -371,8 +373,8 @@ class WaypointProxy:
                 # A pooled keep-alive connection the server had already closed: try a fresh one, once.
                 return await self._try_fresh(req, source, plan, cluster, endpoint)
             return _Attempt(err.outcome, endpoint=endpoint)
-        except asyncio.CancelledError:
-            cluster.pool.discard(conn)
+        except BaseException:
+            cluster.pool.discard(conn)  # a broken downstream body or a cancel: the exchange is half-sent
             raise
         return _Attempt(response.status, response, endpoint)
 
@@ -389,7 +391,7 @@ class WaypointProxy:
         except UpstreamError as err:
             cluster.pool.discard(conn)
             return _Attempt(err.outcome, endpoint=endpoint)
-        except asyncio.CancelledError:
+        except BaseException:
             cluster.pool.discard(conn)
             raise
         return _Attempt(response.status, response, endpoint)

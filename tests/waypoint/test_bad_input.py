@@ -1,0 +1,179 @@
+"""Hostile and broken clients get 400 / 408 / 431 and never disturb anyone else."""
+import asyncio
+import time
+
+import aiohttp
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+
+from shoal.waypoint.http import Limits
+
+pytestmark = pytest.mark.timeout(60)
+
+TIGHT = Limits(max_header_bytes=4096, max_headers=20, header_timeout=0.3, body_idle_timeout=0.3, keepalive_timeout=2)
+
+
+async def raw(bed, payload: bytes, wait: float = 3.0, close_write: bool = False) -> bytes:
+    """Send ``payload``; everything the waypoint answers until it closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", bed.port)
+    writer.write(payload)
+    await writer.drain()
+    if close_write:
+        writer.write_eof()
+    answer = b""
+    try:
+        while True:
+            data = await asyncio.wait_for(reader.read(65536), wait)
+            if not data:
+                return answer
+            answer += data
+    except (TimeoutError, ConnectionError):
+        return answer
+    finally:
+        writer.close()
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
+
+
+async def healthy_client_works(bed) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{bed.port}/ok", headers={"host": "web"}) as resp:
+            assert resp.status == 200
+
+
+@pytest.fixture
+async def tight(bed):
+    await bed.backend("web")
+    await bed.start(limits=TIGHT)
+    return bed
+
+
+@pytest.mark.parametrize("payload", [
+    b"GARBAGE\r\n\r\n",
+    b"GET / HTTP/9.9\r\nHost: web\r\n\r\n",
+    b"GET /\x00 HTTP/1.1\r\nHost: web\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: web\r\nBad Header: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\n\r\n",  # no Host
+    b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: -1\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n",
+])
+async def test_malformed_requests_get_400(tight, payload):
+    answer = await raw(tight, payload)
+    assert status_of(answer) in (400, 505), answer
+    await healthy_client_works(tight)
+    assert tight.metric("shoal_waypoint_rejected_requests_total") >= 1
+
+
+async def test_oversized_and_too_many_headers_get_431(tight):
+    big = b"GET / HTTP/1.1\r\nHost: web\r\nX-Big: " + b"a" * 8000 + b"\r\n\r\n"
+    assert status_of(await raw(tight, big)) == 431
+    many = b"GET / HTTP/1.1\r\nHost: web\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(30)) + b"\r\n"
+    assert status_of(await raw(tight, many)) == 431
+    assert tight.metric("shoal_waypoint_rejected_requests_total", status="431") == 2
+    await healthy_client_works(tight)
+
+
+async def test_slowloris_gets_408_while_others_are_served(tight):
+    reader, writer = await asyncio.open_connection("127.0.0.1", tight.port)
+    start = time.monotonic()
+    writer.write(b"GET / HTTP/1.1\r\nHost: web\r\n")
+    await healthy_client_works(tight)  # served while the slow client dribbles
+    answer = b""
+    for _ in range(20):
+        writer.write(b"X-Slow: 1\r\n")  # one header line every 100 ms, never the end of the head
+        try:
+            answer = await asyncio.wait_for(reader.read(65536), 0.1)
+            break
+        except TimeoutError:
+            continue
+    writer.close()
+    assert status_of(answer) == 408 and time.monotonic() - start < 1.5
+
+
+async def test_body_shorter_than_content_length_gets_408(tight):
+    answer = await raw(tight, b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 100\r\n\r\nonly-ten!!")
+    assert status_of(answer) == 408
+    assert tight.metric("shoal_waypoint_rejected_requests_total", reason="bad_body", status="408") == 1
+
+
+async def test_body_cut_short_by_close_is_rejected(tight):
+    answer = await raw(tight, b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 100\r\n\r\nshort", close_write=True)
+    assert status_of(answer) == 400
+    await healthy_client_works(tight)
+
+
+async def test_body_longer_than_content_length_is_a_bad_next_request(tight):
+    answer = await raw(tight, b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 2\r\n\r\nokEXTRA-GARBAGE\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 400" in answer
+
+
+async def test_idle_keepalive_connection_is_closed_quietly(bed):
+    await bed.backend("web")
+    await bed.start(limits=Limits(keepalive_timeout=0.2))
+    reader, writer = await asyncio.open_connection("127.0.0.1", bed.port)
+    assert await asyncio.wait_for(reader.read(100), 2) == b""
+    writer.close()
+
+
+async def test_http2_protocol_error_gets_goaway_and_others_live_on(tight):
+    reader, writer = await asyncio.open_connection("127.0.0.1", tight.port)
+    # The preface, then a DATA frame on stream 0: a connection error (PROTOCOL_ERROR).
+    writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+                 + b"\x00\x00\x04\x00\x01\x00\x00\x00\x00" + b"abcd")
+    got = b""
+    while True:
+        data = await asyncio.wait_for(reader.read(65536), 3)
+        if not data:
+            break
+        got += data
+    writer.close()
+    # Frame type 0x7 = GOAWAY, with error code PROTOCOL_ERROR (1)
+    assert b"\x07\x00\x00\x00\x00\x00" in got
+    assert tight.metric("shoal_waypoint_rejected_requests_total", reason="h2_protocol_error") == 1
+    await healthy_client_works(tight)
+
+
+async def test_http2_oversized_headers_get_431_on_that_stream(tight):
+    reader, writer = await asyncio.open_connection("127.0.0.1", tight.port)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn.initiate_connection()
+    base = [(":method", "GET"), (":scheme", "http"), (":authority", "web.demo")]
+    conn.send_headers(1, base + [(":path", "/big"), ("x-big", "a" * 5000)], end_stream=True)
+    conn.send_headers(3, base + [(":path", "/fine")], end_stream=True)
+    writer.write(conn.data_to_send())
+    statuses = {}
+    while len(statuses) < 2:
+        data = await asyncio.wait_for(reader.read(65536), 3)
+        assert data
+        for ev in conn.receive_data(data):
+            if isinstance(ev, h2.events.ResponseReceived):
+                statuses[ev.stream_id] = dict(ev.headers)[":status"]
+        writer.write(conn.data_to_send())
+    writer.close()
+    assert statuses == {1: "431", 3: "200"}
+
+
+async def test_http2_stalled_body_resets_only_that_stream(tight):
+    reader, writer = await asyncio.open_connection("127.0.0.1", tight.port)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn.initiate_connection()
+    base = [(":scheme", "http"), (":authority", "web.demo")]
+    conn.send_headers(1, base + [(":method", "POST"), (":path", "/stall"), ("content-length", "100")])
+    conn.send_data(1, b"x" * 10)
+    conn.send_headers(3, base + [(":method", "GET"), (":path", "/fine")], end_stream=True)
+    writer.write(conn.data_to_send())
+    statuses = {}
+    while len(statuses) < 2:
+        data = await asyncio.wait_for(reader.read(65536), 3)
+        assert data
+        for ev in conn.receive_data(data):
+            if isinstance(ev, h2.events.ResponseReceived):
+                statuses[ev.stream_id] = dict(ev.headers)[":status"]
+        writer.write(conn.data_to_send())
+    writer.close()
+    assert statuses == {1: "408", 3: "200"}
