@@ -1,0 +1,180 @@
+"""Wiring: builds the agent from its config and runs it.
+
+    datapath (programs, pinned maps) <- map reconciler <- ConfigState <- ConfigClient
+    enroller (cookie map, tc, ZDS link to the node proxy) <- ConfigState
+    ring buffer reader -> Hubble server (flows), metrics
+
+Stopping the agent (SIGTERM or SIGKILL) leaves programs, pins, tc filters and maps in
+place: the kernel keeps capturing, and the next agent adopts them. Only
+`shoal.agent.uninstall.remove_node` takes them away.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+from prometheus_client import CollectorRegistry
+
+from shoal.agent import compiler
+from shoal.agent.config import AgentConfig
+from shoal.agent.enrolment import Enroller, LocalPodNetns
+from shoal.agent.flowevents import RingBufferReader
+from shoal.agent.loader import Datapath
+from shoal.agent.mapsync import DatapathMaps
+from shoal.agent.metrics import AgentMetrics
+from shoal.agent.netns import attach_tc_ingress
+from shoal.agent.zdslink import ZdsProxyLink
+from shoal.xds import model as m
+from shoal.xds.client import ConfigClient, read_token
+from shoal.xds.state import ConfigState
+
+log = logging.getLogger("shoal.agent")
+
+
+class MapReconciler:
+    """Keeps ipcache, services and policy_deny equal to what ConfigState implies."""
+
+    def __init__(self, node: str, state: ConfigState, maps: DatapathMaps, metrics: AgentMetrics | None = None):
+        self.node = node
+        self.state = state
+        self.maps = maps
+        self.metrics = metrics
+        self.last_sync_seconds = 0.0
+        self.skipped: list[compiler.Skipped] = []
+
+    def sync(self, delta: m.ConfigDelta | None = None) -> None:
+        started = time.perf_counter()
+        workloads = self.state.all_workloads()
+        changed_types = None if delta is None else {type(r) for r in delta.upserted} | {
+            k.split("/", 1)[0] for k in delta.removed}
+        if changed_types is None or changed_types & {m.Workload, m.WORKLOAD}:
+            self.maps.sync_endpoints(compiler.endpoints(workloads, self.node))
+        if changed_types is None or changed_types & {m.Workload, m.WORKLOAD, m.Service, m.SERVICE}:
+            by_uid = {w.uid: w for w in workloads}
+            self.maps.sync_services(compiler.services(self.state.all_services(), by_uid))
+        if changed_types is None or changed_types & {m.Workload, m.WORKLOAD, m.Authorization, m.AUTHORIZATION}:
+            entries, self.skipped = compiler.deny_entries(self.state.all_policies(), workloads)
+            self.maps.sync_policies(entries)
+            for skipped in self.skipped:
+                log.debug("DENY %s not compiled into the kernel: %s", skipped.policy, skipped.reason)
+        self.last_sync_seconds = time.perf_counter() - started
+        if self.metrics is not None:
+            self.metrics.map_sync_seconds.observe(self.last_sync_seconds)
+            self.metrics.policies_skipped.set(len(self.skipped))
+
+
+class AgentApp:
+    def __init__(self, config: AgentConfig):
+        self.config = config
+        self.registry = CollectorRegistry()
+        self.state = ConfigState()
+        self.datapath = Datapath(config.pin_dir, config.features)
+        self.maps: DatapathMaps | None = None
+        self.metrics: AgentMetrics | None = None
+        self._stop = asyncio.Event()
+        self._reconcile = asyncio.Event()
+
+    def _validate(self, resource: m.Resource) -> None:
+        try:
+            compiler.validate(resource)
+        except ValueError as err:
+            log.warning("rejecting %s from the config stream: %s", m.resource_key(resource), err)
+            if self.metrics is not None:
+                self.metrics.config_rejected.labels(m.resource_type(resource)).inc()
+            raise
+
+    def lost_events(self) -> int:
+        kernel = self.maps.counters().get("ringbuf_lost", 0) if self.maps else 0
+        return kernel + (self.reader.malformed if getattr(self, "reader", None) else 0)
+
+    async def run(self) -> None:
+        config = self.config
+        # Load everything first: a program that fails to verify stops us here, attaching nothing.
+        self.datapath.load()
+        self.datapath.pin_programs()
+        self.datapath.attach_cgroup(config.node_cgroup)
+        adopted = self.datapath.maps.adopted
+        log.info("programs loaded and attached to %s; maps %s", config.node_cgroup,
+                 f"adopted ({', '.join(adopted)})" if adopted else "created")
+        self.maps = DatapathMaps(config.pin_dir)
+        self.metrics = AgentMetrics(self.registry, self.maps.counters)
+        reconciler = MapReconciler(config.node, self.state, self.maps, self.metrics)
+        proxy = ZdsProxyLink(config.zds_socket)
+        enroller = Enroller(config.node, self.maps, self.datapath.tc_program_fd(), LocalPodNetns(config.layout),
+                            config.enrolment_state, proxy)
+        if enroller.enrolled:
+            log.info("adopting %d enrolled pods from %s", len(enroller.enrolled), config.enrolment_state)
+        # Re-attach tc with this agent's program (atomic replace), so everyone runs the same code.
+        for pod in enroller.enrolled.values():
+            try:
+                await asyncio.to_thread(attach_tc_ingress, pod.netns_path, self.datapath.tc_program_fd())
+            except (OSError, RuntimeError) as err:
+                log.warning("re-attach tc for %s/%s: %s (reconciled later)", pod.namespace, pod.name, err)
+
+        def on_delta(delta: m.ConfigDelta) -> None:
+            reconciler.sync(delta)
+            self._reconcile.set()
+        self.state.subscribe(on_delta)
+
+        client = ConfigClient(config.controller, config.node, read_token(config.token_file), self.state,
+                              component="agent", validator=self._validate)
+        loop = asyncio.get_running_loop()
+        hubble = None
+        sink = None
+        if config.hubble:
+            from shoal.agent.hubble import HubbleConfig, HubbleServer
+            hubble = HubbleServer(HubbleConfig.for_node(config.layout, config.node), self.state,
+                                  registry=self.registry, kernel_lost=self.lost_events,
+                                  cluster_name=config.layout.name)
+            sink = hubble.kernel_sink
+        metrics = self.metrics
+
+        def deliver(event) -> None:
+            metrics.flow_events.inc()
+            if sink is not None:
+                loop.call_soon_threadsafe(sink, event)
+        self.reader = RingBufferReader(self.maps.fds["flow_events"], deliver)
+        self.reader.start()
+        if hubble is not None:
+            await hubble.start()
+        runner = await self.metrics.serve(config.metrics_address, config.metrics_port)
+
+        async def on_proxy_synced() -> None:
+            self._reconcile.set()
+
+        async def enrolment_loop() -> None:
+            await client.synced.wait()   # never reconcile against an empty view (restart adoption)
+            while not self._stop.is_set():
+                await enroller.reconcile(self.state.all_workloads())
+                self.metrics.enrolled_pods.set(len(enroller.enrolled))
+                self.metrics.enrol_failures.set(len(enroller.failures))
+                self._reconcile.clear()
+                try:
+                    await asyncio.wait_for(self._reconcile.wait(), config.resync_interval)
+                except asyncio.TimeoutError:
+                    pass
+
+        tasks = [asyncio.create_task(client.run(), name="config-client"),
+                 asyncio.create_task(proxy.run(enroller.replay, on_proxy_synced), name="zds-link"),
+                 asyncio.create_task(enrolment_loop(), name="enrolment")]
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        log.info("agent for %s running (metrics on %s:%d)", config.node, config.metrics_address, config.metrics_port)
+        stopper = asyncio.create_task(self._stop.wait())
+        done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not stopper and task.exception() is not None:
+                log.error("%s failed: %r", task.get_name(), task.exception())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await client.close()
+        if hubble is not None:
+            await hubble.stop()
+        await runner.cleanup()
+        self.reader.stop()
+        self.maps.close()
+        self.datapath.close()
+        log.info("agent stopped; programs and pins stay for the next agent")

@@ -1,0 +1,76 @@
+"""The agent's configuration: one frozen dataclass, read from flags and environment here."""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from shoal.agent.loader import FeatureFlags
+from shoal.config import (
+    PORT_AGENT_METRICS, PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND, PROXY_MARK, ClusterLayout,
+)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node: str
+    layout: ClusterLayout
+    controller: str
+    token_file: Path
+    metrics_address: str = "0.0.0.0"
+    metrics_port: int = PORT_AGENT_METRICS
+    flow_events: bool = True
+    hubble: bool = True
+    resync_interval: float = 1.0     # enrolment retry pass (pods whose netns is not there yet)
+    log_level: str = "INFO"
+
+    @property
+    def pin_dir(self) -> Path:
+        return self.layout.bpf_pin_dir(self.node)
+
+    @property
+    def node_cgroup(self) -> Path:
+        return self.layout.node_cgroup(self.node)
+
+    @property
+    def zds_socket(self) -> Path:
+        return self.layout.zds_socket(self.node)
+
+    @property
+    def enrolment_state(self) -> Path:
+        return self.layout.node_dir(self.node) / "agent-enrolled.json"
+
+    @property
+    def features(self) -> FeatureFlags:
+        return FeatureFlags(PROXY_MARK, PORT_OUTBOUND, PORT_INBOUND_PLAINTEXT, PORT_HBONE,
+                            flow_events=self.flow_events)
+
+
+def parse_config(argv: list[str] | None = None) -> AgentConfig:
+    env = os.environ
+    parser = argparse.ArgumentParser(prog="python -m shoal.agent", description="Shoal node agent (eBPF data path)")
+    parser.add_argument("--node", default=env.get("SHOAL_NODE"), required="SHOAL_NODE" not in env)
+    parser.add_argument("--cluster", default=env.get("SHOAL_CLUSTER", "shoal"))
+    parser.add_argument("--controller", default=env.get("SHOAL_CONTROLLER"))
+    parser.add_argument("--token-file", default=env.get("SHOAL_TOKEN_FILE"))
+    parser.add_argument("--metrics-address", default=env.get("SHOAL_AGENT_METRICS_ADDRESS", "0.0.0.0"))
+    parser.add_argument("--metrics-port", type=int, default=int(env.get("SHOAL_AGENT_METRICS_PORT", PORT_AGENT_METRICS)))
+    parser.add_argument("--no-flow-events", action="store_true")
+    parser.add_argument("--no-hubble", action="store_true")
+    parser.add_argument("--log-level", default=env.get("SHOAL_LOG_LEVEL", "INFO"))
+    args = parser.parse_args(argv)
+    layout = ClusterLayout(name=args.cluster)
+    if not 0 < args.metrics_port < 65536:
+        parser.error(f"--metrics-port must be 1..65535, got {args.metrics_port}")
+    try:
+        layout.node_index(args.node)
+    except (IndexError, ValueError):
+        parser.error(f"--node must look like node-<n>, got {args.node!r}")
+    return AgentConfig(
+        node=args.node, layout=layout,
+        controller=args.controller or layout.controller_address,
+        token_file=Path(args.token_file) if args.token_file else layout.bootstrap_token_path,
+        metrics_address=args.metrics_address, metrics_port=args.metrics_port,
+        flow_events=not args.no_flow_events, hubble=not args.no_hubble, log_level=args.log_level,
+    )

@@ -1,0 +1,181 @@
+"""Enrolment of this node's meshed pods: netns cookie map, tc inside the pod, ZDS add.
+
+Order matters. On enrol the proxy opens its in-pod listeners first (ZDS add acks
+after that), then tc steers inbound to them, and only then the cookie goes into the
+map so outbound connects are captured. Unenrol runs the same steps backwards. A pod
+is only enrolled while the proxy is reachable; once enrolled, a proxy crash leaves
+it captured (fail closed) and the proxy gets it back on reconnect (replay).
+
+The enrolled set is written to a small JSON file next to the node's sockets, so a
+restarted agent knows which namespaces carry its tc filter and adopts them.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Protocol
+
+from shoal.agent.compiler import namespace_id, validate_workload
+from shoal.agent.mapsync import DatapathMaps
+from shoal.agent.netns import NetnsError, attach_tc_ingress, detach_tc_ingress, netns_cookie
+from shoal.config import ClusterLayout
+from shoal.xds import model as m
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EnrolledPod:
+    uid: str
+    namespace: str
+    name: str
+    ip: str
+    service_account: str
+    identity: int
+    netns_path: str
+    cookie: int
+
+    def same_pod(self, workload: m.Workload, netns_path: str) -> bool:
+        return (self.ip, self.identity, self.service_account, self.netns_path) == (
+            workload.ip, workload.identity, workload.service_account, netns_path)
+
+
+class PodNetnsResolver(Protocol):
+    def netns_path(self, workload: m.Workload) -> Path: ...
+
+
+@dataclass(frozen=True)
+class LocalPodNetns:
+    """The local cluster names every pod's namespace after its cluster, namespace and name."""
+    layout: ClusterLayout
+    netns_dir: Path = Path("/run/netns")
+
+    def netns_path(self, workload: m.Workload) -> Path:
+        return self.netns_dir / self.layout.pod_netns(workload.namespace, workload.name)
+
+
+class ProxyLink(Protocol):
+    """The node proxy side of enrolment (agent/zdslink.py over contract B)."""
+    @property
+    def connected(self) -> bool: ...
+    async def add(self, pod: EnrolledPod) -> None: ...
+    async def remove(self, uid: str) -> None: ...
+
+
+class Enroller:
+    def __init__(self, node: str, maps: DatapathMaps, tc_prog_fd: int, resolver: PodNetnsResolver,
+                 state_file: Path, proxy: ProxyLink | None):
+        self.node = node
+        self.maps = maps
+        self.tc_prog_fd = tc_prog_fd
+        self.resolver = resolver
+        self.state_file = Path(state_file)
+        self.proxy = proxy
+        self.enrolled: dict[str, EnrolledPod] = self._load()
+        self.failures: dict[str, str] = {}   # uid -> last error, retried on the next pass
+        self._lock = asyncio.Lock()
+
+    # -- persistence
+    def _load(self) -> dict[str, EnrolledPod]:
+        try:
+            raw = json.loads(self.state_file.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as err:
+            log.warning("ignoring unreadable enrolment state %s: %s", self.state_file, err)
+            return {}
+        pods = {}
+        for item in raw.get("pods", []):
+            try:
+                pod = EnrolledPod(**item)
+            except TypeError as err:
+                log.warning("ignoring malformed enrolment record %r: %s", item, err)
+                continue
+            pods[pod.uid] = pod
+        return pods
+
+    def _save(self) -> None:
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pods": [asdict(p) for p in self.enrolled.values()]}, indent=1))
+        os.replace(tmp, self.state_file)
+
+    # -- reconciliation
+    def desired(self, workloads: Iterable[m.Workload]) -> dict[str, m.Workload]:
+        return {w.uid: w for w in workloads if w.node == self.node and w.meshed}
+
+    async def reconcile(self, workloads: Iterable[m.Workload]) -> None:
+        async with self._lock:
+            desired = self.desired(workloads)
+            for uid in list(self.enrolled):
+                workload = desired.get(uid)
+                if workload is None or not self.enrolled[uid].same_pod(
+                        workload, str(self.resolver.netns_path(workload))):
+                    await self._unenrol(uid)
+            for uid, workload in desired.items():
+                if uid in self.enrolled:
+                    continue
+                try:
+                    await self._enrol(workload)
+                    self.failures.pop(uid, None)
+                except (NetnsError, OSError, ValueError, RuntimeError) as err:  # incl. EnrolmentDeferred, ProxyLinkError
+                    if self.failures.get(uid) != str(err):
+                        log.warning("enrol %s/%s deferred: %s", workload.namespace, workload.name, err)
+                    self.failures[uid] = str(err)
+            for uid in list(self.failures):
+                if uid not in desired:
+                    del self.failures[uid]
+
+    async def _enrol(self, workload: m.Workload) -> None:
+        validate_workload(workload)
+        if self.proxy is None or not self.proxy.connected:
+            raise EnrolmentDeferred("node proxy not connected")
+        path = str(self.resolver.netns_path(workload))
+        # pyroute2 runs its own event loop: netns work goes to a thread (and keeps ours free)
+        cookie = await asyncio.to_thread(netns_cookie, path)
+        pod = EnrolledPod(workload.uid, workload.namespace, workload.name, workload.ip,
+                          workload.service_account, workload.identity, path, cookie)
+        await self.proxy.add(pod)                      # listeners open in the pod first
+        await asyncio.to_thread(attach_tc_ingress, path, self.tc_prog_fd)   # then inbound steering
+        self.maps.set_pod(cookie, workload.identity, workload.ip, namespace_id(workload.namespace))
+        self.enrolled[pod.uid] = pod
+        self._save()
+        log.info("enrolled %s/%s (%s, netns cookie %d)", pod.namespace, pod.name, pod.ip, cookie)
+
+    async def _unenrol(self, uid: str) -> None:
+        pod = self.enrolled[uid]
+        self.maps.remove_pod(pod.cookie)               # outbound capture stops first
+        try:
+            await asyncio.to_thread(detach_tc_ingress, pod.netns_path)
+        except (NetnsError, OSError) as err:
+            log.warning("tc detach in %s: %s", pod.netns_path, err)
+        if self.proxy is not None and self.proxy.connected:
+            try:
+                await self.proxy.remove(uid)
+            except RuntimeError as err:  # ProxyLinkError: a reconnecting proxy gets the snapshot anyway
+                log.warning("proxy did not ack removal of %s: %s", uid, err)
+        del self.enrolled[uid]
+        self._save()
+        log.info("unenrolled %s/%s", pod.namespace, pod.name)
+
+    async def replay(self, proxy) -> None:
+        """Hand every enrolled pod to a (re)connected proxy, before its snapshot_sent."""
+        async with self._lock:
+            for pod in list(self.enrolled.values()):
+                try:
+                    await proxy.add(pod)
+                except (OSError, RuntimeError) as err:
+                    log.warning("replay of %s/%s to the proxy failed: %s", pod.namespace, pod.name, err)
+
+    async def remove_all(self) -> None:
+        async with self._lock:
+            for uid in list(self.enrolled):
+                await self._unenrol(uid)
+
+
+class EnrolmentDeferred(RuntimeError):
+    """Not an error: the pod is enrolled on a later pass (proxy or namespace not there yet)."""

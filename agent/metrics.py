@@ -1,0 +1,73 @@
+"""The agent's Prometheus metrics, in its own registry, served on /metrics (aiohttp)."""
+from __future__ import annotations
+
+from typing import Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+
+class _KernelCounters:
+    """Reads the per-CPU counters map at scrape time (no polling loop)."""
+
+    def __init__(self, read: Callable[[], dict[str, int]]):
+        self._read = read
+
+    def collect(self):
+        values = self._read()
+        family = CounterMetricFamily("shoal_agent_bpf_events", "Data-path events counted in the kernel",
+                                     labels=["event"])
+        for name, value in values.items():
+            if not name.endswith(("_ns", "_runs")) and name != "ringbuf_lost":
+                family.add_metric([name], value)
+        yield family
+        lost = CounterMetricFamily("shoal_agent_flow_events_lost", "Flow events the ring buffer could not take")
+        lost.add_metric([], values.get("ringbuf_lost", 0))
+        yield lost
+        cost = GaugeMetricFamily("shoal_agent_capture_cost_nanoseconds",
+                                 "Mean in-kernel time per captured/balanced socket operation", labels=["program"])
+        for program in ("connect", "sockops", "tc"):
+            runs = values.get(f"{program}_runs", 0)
+            if runs:
+                cost.add_metric([program], values.get(f"{program}_ns", 0) / runs)
+        yield cost
+
+
+class AgentMetrics:
+    def __init__(self, registry: CollectorRegistry, read_kernel_counters: Callable[[], dict[str, int]]):
+        self.registry = registry
+        registry.register(_KernelCounters(read_kernel_counters))
+        self.enrolled_pods = Gauge("shoal_agent_enrolled_pods", "Meshed pods enrolled on this node",
+                                   registry=registry)
+        self.enrol_failures = Gauge("shoal_agent_enrolment_pending", "Meshed pods not enrolled yet (retrying)",
+                                    registry=registry)
+        self.map_entries = Gauge("shoal_agent_map_entries", "Entries the agent keeps in each map",
+                                 ["map"], registry=registry)
+        self.map_sync_seconds = Histogram("shoal_agent_map_sync_seconds",
+                                          "Time from a config push received to the kernel maps updated",
+                                          buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5),
+                                          registry=registry)
+        self.policies_skipped = Gauge("shoal_agent_policy_rules_not_in_kernel",
+                                      "DENY rules left to the proxy (not pure L4)", registry=registry)
+        self.flow_events = Counter("shoal_agent_flow_events", "Kernel flow events delivered", registry=registry)
+        self.flow_events_malformed = Counter("shoal_agent_flow_events_malformed",
+                                             "Ring-buffer records that failed to decode", registry=registry)
+        self.config_rejected = Counter("shoal_agent_config_rejected", "Resources rejected from the config stream",
+                                       ["type"], registry=registry)
+
+    async def serve(self, host: str, port: int) -> web.AppRunner:
+        async def metrics(_request: web.Request) -> web.Response:
+            body = generate_latest(self.registry)
+            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        async def ready(_request: web.Request) -> web.Response:
+            return web.Response(text="ok\n")
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/healthz", ready)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+        return runner
