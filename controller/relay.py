@@ -202,9 +202,9 @@ class RelayObserver(observer_pb2_grpc.ObserverServicer):
             await context.write(self._node_status(relay_pb2.NODE_CONNECTED, connected))
         for failure in unavailable:
             await context.write(self._node_status(relay_pb2.NODE_UNAVAILABLE, [failure.node], str(failure)))
+        # As Hubble's relay: ``number`` applies per node (each node already cut its answer);
+        # the merged result is put in time order.
         collected.sort(key=lambda r: r.time.ToNanoseconds())
-        if query.number:
-            collected = collected[:query.number] if query.first else collected[-query.number:]
         for response in collected:
             await context.write(response)
         self._metrics.flows.inc(len(collected))
