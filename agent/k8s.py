@@ -214,6 +214,28 @@ def pod_netns_path(proc_root: Path, pod_uid: str, pods: Mapping[str, list[int]] 
     raise PodNotRunning(f"pod {pod_uid}: its processes exited while being looked up")
 
 
+class KubernetesPodNetns:
+    """The agent's pod netns resolver on a Kubernetes node (``PodNetnsResolver`` protocol).
+
+    ``Workload.uid`` is the pod's ``metadata.uid``. One ``/proc`` scan serves every pod
+    looked up within ``max_age`` seconds, so a reconcile pass costs one scan, not one
+    per pod. Raises ``PodNotRunning`` / ``HostNetworkPod`` (both RuntimeError).
+    """
+
+    def __init__(self, proc_root: Path = Path("/proc"), max_age: float = 1.0,
+                 clock=time.monotonic):
+        self.proc_root = Path(proc_root)
+        self.max_age = max_age
+        self._clock = clock
+        self._scan: tuple[float, dict[str, list[int]]] | None = None
+
+    def netns_path(self, workload: Any) -> Path:
+        now = self._clock()
+        if self._scan is None or now - self._scan[0] > self.max_age or workload.uid.lower() not in self._scan[1]:
+            self._scan = (now, pods_by_uid(self.proc_root))
+        return pod_netns_path(self.proc_root, workload.uid, self._scan[1])
+
+
 def _netns_id(path: Path) -> tuple[int, int] | None:
     try:
         st = os.stat(path)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shoal.agent.k8s import (HostNetworkPod, KubernetesLayout, KubernetesModeError, PodNotRunning,
+from shoal.agent.k8s import (HostNetworkPod, KubernetesLayout, KubernetesPodNetns, KubernetesModeError, PodNotRunning,
                              ServiceAccountToken, TokenError, cgroup2_root, is_bpffs, parse_mountinfo,
                              pod_netns_path, pod_uid_from_cgroup, pods_by_uid, process_cgroup, token_claims,
                              token_expires_in)
@@ -74,6 +74,25 @@ def test_pods_are_found_with_their_sandbox_first(fake_proc):
     assert pods == {UID_SYSTEMD: [4000, 4100], UID_CGROUPFS: [5000], UID_HOSTNET: [6000]}
     assert pod_netns_path(fake_proc, UID_SYSTEMD) == fake_proc / "4000" / "ns" / "net"
     assert pod_netns_path(fake_proc, UID_CGROUPFS.upper(), pods) == fake_proc / "5000" / "ns" / "net"
+
+
+def test_resolver_scans_once_per_pass_and_rescans_for_new_pods(fake_proc, monkeypatch):
+    import shoal.agent.k8s as k8s
+    scans = []
+    real = k8s.pods_by_uid
+    monkeypatch.setattr(k8s, "pods_by_uid", lambda root: scans.append(root) or real(root))
+    now = [100.0]
+    resolver = KubernetesPodNetns(fake_proc, max_age=1.0, clock=lambda: now[0])
+    pod = lambda uid: type("W", (), {"uid": uid})()  # noqa: E731
+    assert resolver.netns_path(pod(UID_SYSTEMD)) == fake_proc / "4000" / "ns" / "net"
+    assert resolver.netns_path(pod(UID_CGROUPFS)) == fake_proc / "5000" / "ns" / "net"
+    assert len(scans) == 1
+    now[0] += 2
+    resolver.netns_path(pod(UID_SYSTEMD))
+    assert len(scans) == 2, "a stale scan is redone"
+    with pytest.raises(PodNotRunning):
+        resolver.netns_path(pod(str(uuid.uuid4())))
+    assert len(scans) == 3, "an unknown pod triggers a fresh scan (it may have just started)"
 
 
 def test_host_network_and_missing_pods_are_told_apart(fake_proc):

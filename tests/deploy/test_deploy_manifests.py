@@ -93,7 +93,8 @@ def test_agent_mounts_what_the_data_path_needs(rendered):
     spec = agent_pod(rendered)
     assert spec["hostNetwork"] is True and spec["dnsPolicy"] == "ClusterFirstWithHostNet"
     host_paths = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
-    assert set(host_paths.values()) == {"/sys/fs/bpf", "/sys/fs/cgroup", "/proc", "/lib/modules", "/usr/src"}
+    assert set(host_paths.values()) == {"/sys/fs/bpf", "/sys/fs/cgroup", "/proc", "/lib/modules", "/usr/src",
+                                        "/var/run/shoal"}
     agent = next(c for c in spec["containers"] if c["name"] == "agent")
     mounts = {m["name"]: m for m in agent["volumeMounts"]}
     assert mounts["bpffs"]["mountPath"] == "/sys/fs/bpf" and mounts["bpffs"]["mountPropagation"] == "HostToContainer"
