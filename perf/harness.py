@@ -206,6 +206,7 @@ def run(only: Sequence[str] = (), quick: bool = False, bed: str = "auto",
             holder["bed"].close()
         shutil.rmtree(scratch, ignore_errors=True)
     finished = datetime.datetime.now(datetime.timezone.utc)
+    host["load1_end"] = round(os.getloadavg()[0], 2)   # a busy machine explains wide spreads
     run_report = report.RunReport(
         started=started.isoformat(timespec="seconds"), finished=finished.isoformat(timespec="seconds"),
         quick=quick, bed=holder["bed"].kind if holder else None, host=host, outcomes=outcomes,

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from shoal.config import LABEL_MESH, ClusterLayout
+from shoal.perf import procstat
 from shoal.perf.beds import procs
 
 DEFAULT_CLUSTER = "perf"
@@ -153,6 +154,16 @@ class ClusterBed:
 
     def stop(self, proc: "subprocess.Popen[bytes]") -> None:
         procs.stop(proc)
+
+    def component_pids(self, component: str, nodes: Sequence[str] | None = None) -> list[int]:
+        """PIDs of a node component ("proxy", "agent") on the given nodes (default: all),
+        read from its cgroup ``<cluster>/<node>/system/<component>``."""
+        pids: list[int] = []
+        for node in nodes or self.nodes:
+            cgroup = self.layout.system_cgroup(node, component)
+            if cgroup.is_dir():
+                pids += procstat.pids_in_cgroup(cgroup)
+        return pids
 
     def close(self) -> None:
         self.log(f"bed: shoal down (cluster {self.name!r})")
