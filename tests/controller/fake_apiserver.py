@@ -1,0 +1,199 @@
+"""A local HTTP server speaking the Kubernetes list/watch wire protocol, for the real client.
+
+JSON lists with ``metadata.resourceVersion`` and ``limit``/``continue`` pagination; watches
+as chunked streams of newline-delimited ADDED/MODIFIED/DELETED/BOOKMARK events from a
+resourceVersion; a compacted history answers old versions with an ERROR event carrying a
+410 Status (as the API server does inside a 200 stream) and old continue tokens with an
+HTTP 410; TokenReview. Good enough to drive kubernetes_asyncio, not a real API server.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import json
+import uuid
+
+from aiohttp import web
+
+RESOURCES = {
+    ("api/v1", "namespaces"): ("Namespace", "v1"),
+    ("api/v1", "pods"): ("Pod", "v1"),
+    ("api/v1", "services"): ("Service", "v1"),
+    ("api/v1", "serviceaccounts"): ("ServiceAccount", "v1"),
+    ("apis/discovery.k8s.io/v1", "endpointslices"): ("EndpointSlice", "discovery.k8s.io/v1"),
+    ("apis/security.shoal.io/v1", "authorizationpolicies"): ("AuthorizationPolicy", "security.shoal.io/v1"),
+    ("apis/security.shoal.io/v1", "peerauthentications"): ("PeerAuthentication", "security.shoal.io/v1"),
+    ("apis/gateway.networking.k8s.io/v1", "gateways"): ("Gateway", "gateway.networking.k8s.io/v1"),
+    ("apis/gateway.networking.k8s.io/v1", "httproutes"): ("HTTPRoute", "gateway.networking.k8s.io/v1"),
+    ("apis/networking.shoal.io/v1", "trafficpolicies"): ("TrafficPolicy", "networking.shoal.io/v1"),
+}
+
+
+def _status(code, reason, message):
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": message, "reason": reason, "code": code}
+
+
+class FakeApiServer:
+    def __init__(self, missing_kinds=()):
+        self.rv = 100
+        self.compacted = 0                      # versions <= this are gone
+        self.objects: dict[str, dict[tuple[str, str], dict]] = {k: {} for k, _ in RESOURCES.values()}
+        self.history: list[tuple[int, str, str, dict]] = []   # (rv, kind, type, object)
+        self.watchers: list[tuple[str, asyncio.Queue]] = []
+        self.missing = set(missing_kinds)
+        self.tokens: dict[str, dict] = {}       # token -> TokenReview status.user
+        self.requests: list[str] = []
+        self.runner = None
+        self.url = ""
+
+    # -- test controls ----------------------------------------------------------------------
+
+    def put(self, obj, event=None):
+        obj = copy.deepcopy(obj)
+        kind = obj["kind"]
+        meta = obj.setdefault("metadata", {})
+        key = (meta.get("namespace", ""), meta["name"])
+        existed = key in self.objects[kind]
+        meta.setdefault("uid", self.objects[kind][key]["metadata"]["uid"] if existed else str(uuid.uuid4()))
+        self.rv += 1
+        meta["resourceVersion"] = str(self.rv)
+        self.objects[kind][key] = obj
+        self._publish(kind, event or ("MODIFIED" if existed else "ADDED"), obj)
+
+    def delete(self, kind, namespace, name):
+        obj = self.objects[kind].pop((namespace, name))
+        self.rv += 1
+        obj = copy.deepcopy(obj)
+        obj["metadata"]["resourceVersion"] = str(self.rv)
+        self._publish(kind, "DELETED", obj)
+
+    def compact(self):
+        """Forgets the history: watches from older versions get 410 Gone."""
+        self.compacted = self.rv
+        self.history.clear()
+
+    def bookmark(self):
+        for kind, queue in self.watchers:
+            queue.put_nowait(("BOOKMARK", {"kind": kind, "apiVersion": "v1",
+                                           "metadata": {"resourceVersion": str(self.rv)}}))
+
+    def end_watches(self):
+        for _, queue in self.watchers:
+            queue.put_nowait(None)
+
+    def _publish(self, kind, event, obj):
+        self.history.append((self.rv, kind, event, obj))
+        for watched, queue in self.watchers:
+            if watched == kind:
+                queue.put_nowait((event, obj))
+
+    # -- serving ------------------------------------------------------------------------------
+
+    async def start(self):
+        app = web.Application()
+        app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", self._token_review)
+        for (prefix, plural) in RESOURCES:
+            app.router.add_get(f"/{prefix}/{plural}", self._handler(prefix, plural))
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def stop(self):
+        self.end_watches()
+        await self.runner.cleanup()
+
+    def _handler(self, prefix, plural):
+        kind, api_version = RESOURCES[(prefix, plural)]
+
+        async def handle(request):
+            self.requests.append(str(request.rel_url))
+            if kind in self.missing:
+                return web.json_response(_status(404, "NotFound", "the server could not find "
+                                                 "the requested resource"), status=404)
+            if request.query.get("watch") in ("true", "1", "True"):
+                return await self._watch(request, kind, api_version)
+            return self._list(request, kind, api_version)
+        return handle
+
+    def _list(self, request, kind, api_version):
+        limit = int(request.query.get("limit", "0") or 0)
+        offset, list_rv = 0, self.rv
+        token = request.query.get("continue")
+        if token:
+            state = json.loads(base64.b64decode(token))
+            offset, list_rv = state["offset"], state["rv"]
+            if list_rv <= self.compacted:
+                return web.json_response(_status(410, "Expired", "The provided continue "
+                                                 "parameter is too old"), status=410)
+        items = [copy.deepcopy(o) for _, o in sorted(self.objects[kind].items())]
+        for item in items:   # as the API server: list items carry no kind/apiVersion
+            item.pop("kind", None)
+            item.pop("apiVersion", None)
+        page = items[offset:offset + limit] if limit else items[offset:]
+        metadata = {"resourceVersion": str(list_rv)}
+        if limit and offset + limit < len(items):
+            metadata["continue"] = base64.b64encode(json.dumps(
+                {"offset": offset + limit, "rv": list_rv}).encode()).decode()
+        return web.json_response({"kind": f"{kind}List", "apiVersion": api_version,
+                                  "metadata": metadata, "items": page})
+
+    async def _watch(self, request, kind, api_version):
+        since = int(request.query.get("resourceVersion") or 0)
+        timeout = float(request.query.get("timeoutSeconds") or 3600)
+        bookmarks = request.query.get("allowWatchBookmarks") in ("true", "True", "1")
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+
+        async def send(event_type, obj):
+            await response.write(json.dumps({"type": event_type, "object": obj}).encode() + b"\n")
+
+        if since and since < self.compacted:
+            await send("ERROR", _status(410, "Expired", f"too old resource version: {since} "
+                                        f"({self.compacted})"))
+            await response.write_eof()
+            return response
+        queue: asyncio.Queue = asyncio.Queue()
+        for rv, k, event, obj in self.history:
+            if k == kind and rv > since:
+                queue.put_nowait((event, obj))
+        entry = (kind, queue)
+        self.watchers.append(entry)
+        try:
+            deadline = asyncio.get_running_loop().time() + timeout
+            while True:
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    break
+                if item is None:
+                    break
+                event, obj = item
+                if event == "BOOKMARK" and not bookmarks:
+                    continue
+                await send(event, obj)
+            await response.write_eof()
+        except ConnectionResetError:
+            pass   # the client went away: as a real server, just drop the stream
+        finally:
+            self.watchers.remove(entry)
+        return response
+
+    async def _token_review(self, request):
+        body = await request.json()
+        token = (body.get("spec") or {}).get("token", "")
+        user = self.tokens.get(token)
+        status = {"authenticated": True, "user": user} if user else \
+            {"authenticated": False, "error": "invalid bearer token"}
+        return web.json_response({"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
+                                  "metadata": {}, "spec": body.get("spec"), "status": status},
+                                 status=201)
