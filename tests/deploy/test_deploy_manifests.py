@@ -155,13 +155,14 @@ def ports_opened_by(container, rendered) -> set[int]:
         return {int(cfg.grpc_address.rsplit(":", 1)[1]), shoal_config.PORT_CONTROLLER_METRICS,
                 shoal_config.PORT_HUBBLE_RELAY}
     if module == "shoal.agent.ztunnel":
-        from shoal.agent.ztunnel.config import ProxyConfig
+        ProxyConfig = pytest.importorskip("shoal.agent.ztunnel.config", reason="node proxy config not landed").ProxyConfig
         cfg = ProxyConfig.from_args(container.get("args") or [], env=env)
         return {cfg.metrics_port, cfg.ready_port}   # admin (15000) is loopback only
     if module == "shoal.agent":
+        from shoal.agent.config import AgentConfig
         from shoal.agent.hubble.config import HubbleConfig
         hubble = HubbleConfig(node_name=env["SHOAL_NODE"])
-        return {int(hubble.tcp_address.rsplit(":", 1)[1]), shoal_config.PORT_AGENT_METRICS}
+        return {int(hubble.tcp_address.rsplit(":", 1)[1]), AgentConfig.__dataclass_fields__["metrics_port"].default}
     if module == "shoal.waypoint":
         return {shoal_config.PORT_HBONE, shoal_config.PORT_PROXY_METRICS, shoal_config.PORT_PROXY_READY}
     if module == "shoal.agent.k8s":
