@@ -1,0 +1,256 @@
+"""Wiring: builds the node proxy from its config and runs it.
+
+Restart without refusals (``handover``): a new proxy started beside the old one takes
+over the ZDS path and asks the old one to retire (SIGTERM). The old one closes its agent
+link; the agent reconnects to the new proxy and replays every pod; the new proxy opens
+its in-pod listeners with SO_REUSEPORT next to the old ones and, once the snapshot is
+complete, writes ``<node dir>/proxy.ready``. Only then does the old proxy stop
+accepting (``tcp_migrate_req`` hands its queued connections to the new listeners) and
+drain its live connections for ``drain_grace`` seconds. A proxy restarted after a crash
+gets every pod again the same way, because the agent replays on reconnect.
+
+Inbound delivery: the app is reached from inside its namespace at ``<pod ip>:<port>``,
+so it sees the *pod's own IP* as the client address, not the real client (IP_TRANSPARENT
+needs a policy route for the app's replies, which the capture programs do not leave
+room for yet; the real client is in the access log and flows).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Callable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from shoal.agent.ztunnel.admin import admin_app, metrics_app, ready_app
+from shoal.agent.ztunnel.config import ProxyConfig
+from shoal.agent.ztunnel.identity import IdentityManager, Signer
+from shoal.agent.ztunnel.netns import NetnsHandle
+from shoal.agent.ztunnel.outbound import OriginalDestinations
+from shoal.agent.ztunnel.pool import HbonePool
+from shoal.agent.ztunnel.proxy import PodRegistry, ProxyContext
+from shoal.agent.ztunnel.telemetry import ProxyMetrics, Telemetry
+from shoal.agent.ztunnel.zds import ZdsServer
+from shoal.xds.state import ConfigState
+
+log = logging.getLogger(__name__)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError as exc:
+        return exc.errno == errno.EPERM
+
+
+def _marker_pid(marker: str) -> int:
+    head = marker.split("-", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+class ProxyApp:
+    def __init__(self, config: ProxyConfig, *, state: ConfigState | None = None, signer: Signer | None = None,
+                 origdst: OriginalDestinations | None = None, emitter=None, config_client=None,
+                 serve_http: bool = True):
+        self.config = config
+        self.registry = CollectorRegistry()
+        self.state = state if state is not None else ConfigState()
+        self.metrics = ProxyMetrics(self.registry)
+        self._config_client = config_client
+        if signer is None:
+            signer = self._controller_signer()
+        identities = IdentityManager(signer, config.trust_domain,
+                                     on_error=lambda reason: self.metrics.reject("identity", "svid"))
+        pool = HbonePool(on_change=self.metrics.hbone_connections.set)
+        self.ctx = ProxyContext(config=config, state=self.state, identities=identities, metrics=self.metrics,
+                                telemetry=Telemetry(self.metrics, emitter, config.node), pool=pool,
+                                origdst=origdst, home=NetnsHandle.current())
+        self.pods = PodRegistry(self.ctx)
+        self.zds = ZdsServer(config.zds_path, self.pods, on_error=lambda r: self.metrics.reject("zds", "message"))
+        self._serve_http = serve_http
+        self._runners: list[web.AppRunner] = []
+        self._tasks: list[asyncio.Task] = []
+        self.retiring = asyncio.Event()
+        # Markers name this instance, not just the pid (two instances may share a pid in tests).
+        self.instance = f"{os.getpid()}-{os.urandom(4).hex()}"
+
+    @property
+    def ready(self) -> bool:
+        return self.pods.snapshot_done.is_set() and not self.retiring.is_set()
+
+    def _controller_signer(self) -> Signer:
+        async def sign(csr_pem: bytes):
+            chain, roots = await self._client().sign_certificate(csr_pem, ttl_seconds=self.config.cert_ttl_seconds)
+            to_bytes = lambda v: v.encode() if isinstance(v, str) else v
+            return to_bytes(chain), to_bytes(roots)
+        return sign
+
+    def _client(self):
+        if self._config_client is None:
+            from shoal.xds.client import ConfigClient, read_token
+
+            token = read_token(self.config.token_file) if self.config.token_file else ""
+            self._config_client = ConfigClient(self.config.controller, self.config.node, token, self.state,
+                                               component="proxy")
+        return self._config_client
+
+    # -- lifecycle
+    async def start(self) -> None:
+        Path(self.config.node_dir).mkdir(parents=True, exist_ok=True)
+        predecessor = self._read_marker("proxy.pid")
+        await self.zds.start()  # from here on the agent's (re)connects reach us
+        self._write_marker("proxy.pid")
+        if self.config.controller or self._config_client is not None:
+            self._tasks.append(asyncio.ensure_future(self._client().run()))
+        self._tasks.append(asyncio.ensure_future(self._rotate()))
+        self._tasks.append(asyncio.ensure_future(self._announce_ready()))
+        if self._serve_http:
+            await self._start_http()
+        old_pid = _marker_pid(predecessor)
+        if old_pid and old_pid != os.getpid() and _pid_alive(old_pid):
+            log.info("handover: asking proxy %d to retire", old_pid)
+            os.kill(old_pid, signal.SIGTERM)
+
+    async def _start_http(self) -> None:
+        home = "0.0.0.0"
+        for factory, host, port in ((admin_app, self.config.admin_address, self.config.admin_port),
+                                    (metrics_app, home, self.config.metrics_port),
+                                    (ready_app, home, self.config.ready_port)):
+            runner = web.AppRunner(factory(self), access_log=None)
+            await runner.setup()
+            # reuse_port: a successor binds beside us during a handover.
+            await web.TCPSite(runner, host, port, reuse_port=True).start()
+            self._runners.append(runner)
+
+    async def _rotate(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.rotation_check_interval)
+            rotated = await self.ctx.identities.rotate_due()
+            if rotated:
+                self.metrics.certs_rotated.inc(rotated)
+
+    async def _announce_ready(self) -> None:
+        await self.pods.snapshot_done.wait()
+        self._write_marker("proxy.ready")
+
+    async def retire(self) -> None:
+        """Handover/shutdown: let a successor take over, stop accepting, drain, stop."""
+        if self.retiring.is_set():
+            return
+        self.retiring.set()
+        successor = not self._owns_zds_path()
+        await self.zds.close()  # the agent reconnects to the successor and replays
+        if successor:
+            deadline = time.monotonic() + self.config.handover_wait
+            while time.monotonic() < deadline:
+                ready = self._read_marker("proxy.ready")
+                if ready and ready != self.instance and _pid_alive(_marker_pid(ready)):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                log.warning("handover: no ready successor after %.0fs, stopping anyway", self.config.handover_wait)
+        self.pods.stop_accepting()
+        deadline = time.monotonic() + self.config.drain_grace
+        while self.ctx.telemetry.live and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        log.info("drained; %d connections left", len(self.ctx.telemetry.live))
+        await self.stop()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        await self.zds.close()
+        self.ctx.pool.close_all()
+        for session in list(self.ctx.inbound_sessions):
+            session.close()
+        self.pods.close()
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
+        if self._config_client is not None:
+            await self._config_client.close()
+        for name in ("proxy.pid", "proxy.ready"):
+            if self._read_marker(name) == self.instance:
+                with contextlib.suppress(FileNotFoundError):
+                    (Path(self.config.node_dir) / name).unlink()
+
+    # -- markers
+    def _owns_zds_path(self) -> bool:
+        try:
+            return os.stat(self.config.zds_path).st_ino == self.zds._path_inode
+        except FileNotFoundError:
+            return False
+
+    def _write_marker(self, name: str) -> None:
+        path = Path(self.config.node_dir) / name
+        tmp = path.with_name(f".{name}.{self.instance}")
+        tmp.write_text(f"{self.instance}\n")
+        os.replace(tmp, path)
+
+    def _read_marker(self, name: str) -> str:
+        try:
+            return (Path(self.config.node_dir) / name).read_text().strip()
+        except FileNotFoundError:
+            return ""
+
+
+def _default_origdst(config: ProxyConfig) -> OriginalDestinations | None:
+    try:
+        from shoal.agent.origdst import OriginalDestinations as Lookup
+
+        return Lookup(config.layout.bpf_pin_dir(config.node))
+    except (ImportError, OSError) as exc:
+        log.warning("original-destination map unavailable (%s): outbound capture cannot be served", exc)
+        return None
+
+
+class _LazyOrigdst:
+    """Opens the agent's pinned map on first use (the agent may start after us)."""
+
+    def __init__(self, config: ProxyConfig):
+        self._config = config
+        self._lookup: OriginalDestinations | None = None
+
+    def lookup(self, sock):
+        if self._lookup is None:
+            self._lookup = _default_origdst(self._config)
+            if self._lookup is None:
+                raise LookupError("the agent's origdst map is not pinned yet")
+        return self._lookup.lookup(sock)
+
+
+async def main(config: ProxyConfig, install_signals: bool = True) -> None:
+    emitter = None
+    try:
+        from shoal.agent.hubble.emitter import FlowEmitter
+    except ImportError:
+        FlowEmitter = None
+    app = ProxyApp(config, origdst=_LazyOrigdst(config))
+    if FlowEmitter is not None:
+        emitter = FlowEmitter(config.flows_path, registry=app.registry, component="proxy")
+        app.ctx.telemetry.emitter = emitter
+    await app.start()
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        task = asyncio.ensure_future(app.retire())
+        task.add_done_callback(lambda _: done.set())
+
+    if install_signals:
+        loop.add_signal_handler(signal.SIGTERM, on_signal)
+        loop.add_signal_handler(signal.SIGINT, on_signal)
+    log.info("node proxy for %s up (pid %d)", config.node, os.getpid())
+    await done.wait()

@@ -1,0 +1,72 @@
+"""The node proxy's configuration: one frozen dataclass, built from flags and env once."""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from shoal.config import (
+    DEFAULT_TRUST_DOMAIN, PORT_PROXY_ADMIN, PORT_PROXY_METRICS, PORT_PROXY_READY, ClusterLayout,
+)
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    node: str
+    layout: ClusterLayout = field(default_factory=ClusterLayout)
+    controller: str = ""                 # host:port of the config stream + CA; "" = none
+    token_file: str = ""
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    admin_address: str = "127.0.0.1"     # admin is loopback only
+    admin_port: int = PORT_PROXY_ADMIN
+    metrics_port: int = PORT_PROXY_METRICS
+    ready_port: int = PORT_PROXY_READY
+    handshake_timeout: float = 10.0      # TLS handshake (stalled clients are cut here)
+    connect_timeout: float = 5.0         # upstream TCP connect, and waiting for a 200
+    pool_idle_timeout: float = 60.0      # HBONE connections with no stream are closed after this
+    drain_grace: float = 30.0            # after a handover, live connections get this long
+    handover_wait: float = 10.0          # how long a retiring proxy waits for its successor
+    cert_ttl_seconds: int = 0            # asked of the CA; 0 = the CA's default
+    rotation_check_interval: float = 5.0
+    log_level: str = "INFO"
+
+    @property
+    def zds_path(self) -> str:
+        return str(self.layout.zds_socket(self.node))
+
+    @property
+    def flows_path(self) -> str:
+        return str(self.layout.flows_socket(self.node))
+
+    @property
+    def node_dir(self) -> str:
+        return str(self.layout.node_dir(self.node))
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> "ProxyConfig":
+        env = os.environ if env is None else env
+        parser = argparse.ArgumentParser(prog="python -m shoal.agent.ztunnel", description="Shoal node proxy")
+        parser.add_argument("--node", default=env.get("SHOAL_NODE"), help="node name (env SHOAL_NODE)")
+        parser.add_argument("--cluster", default=env.get("SHOAL_CLUSTER", "shoal"))
+        parser.add_argument("--controller", default=env.get("SHOAL_CONTROLLER", ""))
+        parser.add_argument("--token-file", default=env.get("SHOAL_TOKEN_FILE", ""))
+        parser.add_argument("--trust-domain", default=env.get("SHOAL_TRUST_DOMAIN", DEFAULT_TRUST_DOMAIN))
+        parser.add_argument("--admin-port", type=int, default=PORT_PROXY_ADMIN)
+        parser.add_argument("--metrics-port", type=int, default=PORT_PROXY_METRICS)
+        parser.add_argument("--ready-port", type=int, default=PORT_PROXY_READY)
+        parser.add_argument("--handshake-timeout", type=float, default=10.0)
+        parser.add_argument("--drain-grace", type=float, default=float(env.get("SHOAL_PROXY_DRAIN_GRACE", 30)))
+        parser.add_argument("--cert-ttl", type=int, default=int(env.get("SHOAL_CERT_TTL", 0)),
+                            help="SVID lifetime to ask the CA for, seconds (0: CA default)")
+        parser.add_argument("--log-level", default=env.get("SHOAL_LOG_LEVEL", "INFO"))
+        args = parser.parse_args(argv)
+        if not args.node:
+            parser.error("--node (or SHOAL_NODE) is required")
+        if args.handshake_timeout <= 0 or args.drain_grace < 0 or args.cert_ttl < 0:
+            parser.error("timeouts and TTL must be positive")
+        return cls(node=args.node, layout=ClusterLayout(name=args.cluster), controller=args.controller,
+                   token_file=args.token_file, trust_domain=args.trust_domain, admin_port=args.admin_port,
+                   metrics_port=args.metrics_port, ready_port=args.ready_port,
+                   handshake_timeout=args.handshake_timeout, drain_grace=args.drain_grace,
+                   cert_ttl_seconds=args.cert_ttl, log_level=args.log_level.upper())

@@ -1,0 +1,182 @@
+"""Connections arriving at an enrolled pod.
+
+- 15008, HBONE: mTLS (client certificate required), then HTTP/2 CONNECT streams. A
+  stream gets 200 only after L4 authorization passed *and* the upstream connect to the
+  app succeeded; 400 malformed or not addressed to this pod, 401 denied, 503 no upstream.
+- 15006, plaintext (the agent's tc program steers other inbound TCP here): refused in
+  STRICT mode, authorized without an identity in PERMISSIVE mode, then relayed.
+
+The app is reached from inside the pod's namespace at ``<pod ip>:<port>``; it sees the
+pod's own IP as the client address (see docs in ``app.py`` about IP_TRANSPARENT).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from typing import TYPE_CHECKING
+
+from shoal.agent.ztunnel import hbone
+from shoal.agent.ztunnel.authz import ConnectionInfo, authorize
+from shoal.agent.ztunnel.identity import check_session
+from shoal.agent.ztunnel.telemetry import (
+    FLAG_DENIED, FLAG_NO_ROUTE, FLAG_UPSTREAM_FAILURE, ConnectionRecord,
+)
+from shoal.agent.ztunnel.outbound import reset_connection, join_plain
+from shoal.agent.ztunnel.tunnel import HboneSession, StreamPeer
+from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND
+
+if TYPE_CHECKING:
+    from shoal.agent.ztunnel.proxy import EnrolledPod, ProxyContext
+
+log = logging.getLogger(__name__)
+
+PROXY_PORTS = frozenset({PORT_OUTBOUND, PORT_INBOUND_PLAINTEXT, PORT_HBONE})
+
+
+async def connect_app(ctx: "ProxyContext", pod: "EnrolledPod", port: int) -> socket.socket:
+    """A TCP connection from the proxy to the app, made inside the pod's namespace."""
+    family = socket.AF_INET6 if ":" in pod.info.ip else socket.AF_INET
+    sock = pod.netns.socket(family)
+    try:
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (pod.info.ip, port)),
+                               ctx.config.connect_timeout)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+# -- 15008 ------------------------------------------------------------------------------------
+
+async def handle_hbone(ctx: "ProxyContext", pod: "EnrolledPod", conn: socket.socket) -> None:
+    """One accepted connection on 15008: mTLS handshake (bounded), then HTTP/2."""
+    peer = conn.getpeername()
+    svid = ctx.identities.current(pod.spiffe_id)
+    if svid is None:
+        ctx.metrics.reject("hbone", "no_certificate")
+        conn.close()
+        return
+    session = HboneSession(client_side=False, idle_timeout=ctx.config.pool_idle_timeout,
+                           on_request=lambda s, ev: _on_request(ctx, pod, s, ev, peer[0]),
+                           on_rejected=lambda reason: ctx.metrics.reject("hbone", reason),
+                           on_closed=ctx.inbound_sessions.discard,
+                           verify=lambda ssl_object: check_session(ssl_object, None))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        # The context is the SVID current at accept time: rotation never touches live sessions.
+        await loop.connect_accepted_socket(lambda: session, conn, ssl=svid.server_context,
+                                           ssl_handshake_timeout=ctx.config.handshake_timeout)
+    except (ssl.SSLError, OSError, asyncio.TimeoutError) as exc:
+        timed_out = loop.time() - started >= ctx.config.handshake_timeout * 0.99
+        _refuse_handshake(ctx, conn, peer, "handshake_timeout" if timed_out else "tls_handshake", exc)
+        return
+    if session.verify_error is not None:
+        _refuse_handshake(ctx, conn, peer, "peer_identity", session.verify_error)
+        return
+    session.local_identity = pod.spiffe_id
+    ctx.inbound_sessions.add(session)
+
+
+def _refuse_handshake(ctx, conn, peer, reason: str, exc: BaseException) -> None:
+    ctx.metrics.reject("hbone", reason)
+    log.warning("hbone: refused %s:%s: %s (%s)", peer[0], peer[1], reason, exc or type(exc).__name__)
+    conn.close()
+
+
+def _on_request(ctx, pod, session: HboneSession, ev: hbone.TunnelRequested, peer_ip: str) -> None:
+    asyncio.ensure_future(_serve_stream(ctx, pod, session, ev, peer_ip))
+
+
+async def _serve_stream(ctx: "ProxyContext", pod: "EnrolledPod", session: HboneSession,
+                        ev: hbone.TunnelRequested, peer_ip: str) -> None:
+    src_ip = ev.forwarded_for if ev.forwarded_for and _is_ip(ev.forwarded_for) else peer_ip
+    src_workload = ctx.state.workload_by_ip(src_ip)
+    dst_workload = ctx.state.workload(pod.info.uid) or pod.workload_stub()
+    rec = ConnectionRecord("destination", src_ip, 0, ev.host, ev.port, src_workload=src_workload,
+                           dst_workload=dst_workload, src_identity=session.peer_identity,
+                           dst_identity=pod.spiffe_id, mtls=True, route="inbound")
+    if ev.host != pod.info.ip or ev.port in PROXY_PORTS:
+        rec.response_flags, rec.error = FLAG_NO_ROUTE, f"{ev.host}:{ev.port} is not an app port of {pod.info.name}"
+        ctx.metrics.reject("hbone", "not_local_pod")
+        log.warning("hbone: %s asked for %s:%d at %s", session.peer_identity, ev.host, ev.port, pod.info.name)
+        session.refuse_stream(ev.stream_id, hbone.STATUS_BAD_REQUEST)
+        ctx.telemetry.closed(rec)
+        return
+    decision = authorize(ctx.state.policies_for(dst_workload) if dst_workload else (),
+                         ConnectionInfo(src_ip, ev.host, ev.port, session.peer_identity))
+    if not decision.allowed:
+        rec.response_flags, rec.error = FLAG_DENIED, f"{decision.reason} ({decision.policy or '-'})"
+        ctx.metrics.reject("hbone", "policy_denied")
+        session.refuse_stream(ev.stream_id, hbone.STATUS_UNAUTHORIZED)
+        ctx.telemetry.closed(rec)
+        return
+    try:
+        upstream = await connect_app(ctx, pod, ev.port)
+    except (OSError, asyncio.TimeoutError) as exc:
+        rec.response_flags, rec.error = FLAG_UPSTREAM_FAILURE, f"{type(exc).__name__}: {exc}"
+        ctx.metrics.reject("hbone", "upstream_connect")
+        session.refuse_stream(ev.stream_id, hbone.STATUS_UNAVAILABLE)
+        ctx.telemetry.closed(rec)
+        return
+    if session.closed:
+        upstream.close()
+        return
+    peer = StreamPeer(rec, ctx.telemetry.closed, tcp_is_client=False)
+    await asyncio.get_running_loop().connect_accepted_socket(lambda: peer, upstream)
+    session.accept_stream(peer, ev.stream_id)
+    ctx.telemetry.opened(rec)
+    peer.established()
+
+
+def _is_ip(text: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+# -- 15006 ------------------------------------------------------------------------------------
+
+def plaintext_verdict(state, workload, src_ip: str, dst_ip: str, dst_port: int) -> tuple[str | None, str]:
+    """(refusal reason or None, detail) for plaintext arriving at ``workload``. Pure."""
+    if dst_port in PROXY_PORTS:
+        return "proxy_port", f"plaintext to the proxy's own port {dst_port}"
+    if workload.mtls_mode == "STRICT":
+        return "strict_mtls", "STRICT mTLS: plaintext from outside the mesh refused"
+    decision = authorize(state.policies_for(workload), ConnectionInfo(src_ip, dst_ip, dst_port, None))
+    if not decision.allowed:
+        return "policy_denied", f"{decision.reason} ({decision.policy or '-'})"
+    return None, ""
+
+
+async def handle_plaintext(ctx: "ProxyContext", pod: "EnrolledPod", conn: socket.socket) -> None:
+    """One accepted connection on 15006 (steered here by the agent's tc program)."""
+    src_ip, src_port = conn.getpeername()[:2]
+    dst_ip, dst_port = conn.getsockname()[:2]  # bpf_sk_assign keeps the original destination
+    dst_workload = ctx.state.workload(pod.info.uid) or pod.workload_stub()
+    rec = ConnectionRecord("destination", src_ip, src_port, dst_ip, dst_port,
+                           src_workload=ctx.state.workload_by_ip(src_ip), dst_workload=dst_workload,
+                           dst_identity=pod.spiffe_id, route="inbound")
+    reason, detail = plaintext_verdict(ctx.state, dst_workload, src_ip, dst_ip, dst_port)
+    if reason is not None:
+        rec.response_flags, rec.error = FLAG_DENIED, detail
+        ctx.metrics.reject("plaintext", reason)
+        log.info("plaintext %s:%s -> %s:%s refused: %s", src_ip, src_port, dst_ip, dst_port, detail)
+        reset_connection(conn)
+        ctx.telemetry.closed(rec)
+        return
+    try:
+        upstream = await connect_app(ctx, pod, dst_port)
+    except (OSError, asyncio.TimeoutError) as exc:
+        rec.response_flags, rec.error = FLAG_UPSTREAM_FAILURE, f"{type(exc).__name__}: {exc}"
+        ctx.metrics.reject("plaintext", "upstream_connect")
+        reset_connection(conn)
+        ctx.telemetry.closed(rec)
+        return
+    await join_plain(conn, upstream, rec, ctx.telemetry)

@@ -1,0 +1,111 @@
+"""Sockets inside a pod's network namespace, created from the proxy's own thread.
+
+The calling thread enters the pod's namespace (``setns(2)``), creates the socket, and
+returns to the node's namespace at once; the socket stays bound to the pod's namespace.
+Only the calling thread moves, and it never awaits while inside, so the event loop is
+never observed in the wrong namespace. Every socket carries the proxy mark so the
+agent's capture programs skip it.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import socket
+from contextlib import contextmanager
+from typing import Iterator
+
+from shoal.config import PROXY_MARK
+
+CLONE_NEWNET = 0x40000000
+IP_TRANSPARENT = 19
+IPV6_TRANSPARENT = 75
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+class NetnsHandle:
+    """An open network namespace (owns the fd) plus a way back to the proxy's own."""
+
+    def __init__(self, fd: int, home_fd: int):
+        self.fd = fd
+        self._home_fd = home_fd
+        self.inode = os.fstat(fd).st_ino
+
+    @classmethod
+    def current(cls) -> "NetnsHandle":
+        fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        return cls(fd, fd)
+
+    @classmethod
+    def from_path(cls, path: str, home: "NetnsHandle") -> "NetnsHandle":
+        return cls(os.open(path, os.O_RDONLY | os.O_CLOEXEC), home.fd)
+
+    @contextmanager
+    def entered(self) -> Iterator[None]:
+        """Run a short, synchronous block inside this namespace (no awaits inside)."""
+        if self.fd == self._home_fd:
+            yield
+            return
+        setns(self.fd)
+        try:
+            yield
+        finally:
+            setns(self._home_fd)
+
+    def socket(self, family: int = socket.AF_INET, transparent: bool = False) -> socket.socket:
+        """A non-blocking TCP socket living in this namespace, marked as the proxy's."""
+        with self.entered():
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, PROXY_MARK)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if transparent:
+                set_transparent(sock, family)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def listener(self, host: str, port: int, transparent: bool = False, backlog: int = 1024) -> socket.socket:
+        """A listening socket with SO_REUSEPORT, so a successor proxy can bind beside us."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = self.socket(family, transparent=transparent)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            sock.listen(backlog)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def write_sysctl(self, name: str, value: str) -> None:
+        """Set a per-namespace sysctl (``net/ipv4/...``) of this namespace."""
+        with self.entered():
+            # /proc/sys/net resolves against the opening thread's namespace.
+            with open(f"/proc/sys/{name}", "w") as f:
+                f.write(value)
+
+    def close(self) -> None:
+        if self.fd != self._home_fd and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def set_transparent(sock: socket.socket, family: int) -> None:
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+
+
+def is_permission_error(exc: OSError) -> bool:
+    return exc.errno in (errno.EPERM, errno.EACCES)

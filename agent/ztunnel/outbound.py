@@ -1,0 +1,218 @@
+"""15001: connections leaving an enrolled pod.
+
+The agent's connect4 program rewrote the app's ``connect()`` to ``127.0.0.1:15001`` in
+the pod's namespace and recorded the original destination; we recover it from the
+accepted socket, decide (pure :func:`plan_route`) and either tunnel it (HBONE to the
+destination pod, or to its waypoint) or pass it through in plaintext (unmeshed peers).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Protocol
+
+from shoal.agent.ztunnel import hbone
+from shoal.agent.ztunnel.identity import IdentityError, check_session
+from shoal.agent.ztunnel.pool import PoolKey
+from shoal.agent.ztunnel.telemetry import (
+    FLAG_DENIED, FLAG_NO_ROUTE, FLAG_UPSTREAM_FAILURE, ConnectionRecord,
+)
+from shoal.agent.ztunnel.tunnel import HboneSession, PipeEnd, StreamPeer
+from shoal.config import PORT_HBONE
+from shoal.xds.model import Workload
+from shoal.xds.state import ConfigState
+
+if TYPE_CHECKING:
+    from shoal.agent.ztunnel.proxy import EnrolledPod, ProxyContext
+
+log = logging.getLogger(__name__)
+
+
+class OriginalDestinations(Protocol):
+    """The agent's lookup (``shoal.agent.origdst``): accepted socket -> (ip, port),
+    LookupError when the connection was not captured."""
+
+    def lookup(self, sock) -> tuple[str, int]: ...
+
+
+@dataclass(frozen=True)
+class Route:
+    kind: str                          # "hbone" | "waypoint" | "passthrough" | "none"
+    target_ip: str = ""                # where the TCP/TLS connection goes
+    target_port: int = 0
+    authority_ip: str = ""             # HBONE :authority (the tunnel's destination)
+    authority_port: int = 0
+    identity: str = ""                 # expected SPIFFE ID of the HBONE server
+    workload: Workload | None = None
+    service: str = "unknown"
+    reason: str = ""
+
+
+def plan_route(state: ConfigState, dst_ip: str, dst_port: int,
+               choose: Callable[[list], object] = random.choice) -> Route:
+    """Where a connection to ``dst_ip:dst_port`` goes (no I/O)."""
+    service = state.service_by_vip(dst_ip)
+    waypoint_ref = None
+    service_name = "unknown"
+    if service is not None:
+        service_name = f"{service.name}.{service.namespace}.svc"
+        ports = [p for p in service.ports if p.port == dst_port]
+        if not ports:
+            return Route("none", service=service_name, reason=f"service {service.key} has no port {dst_port}")
+        target_port = ports[0].target_port or dst_port
+        waypoint_ref = service.waypoint
+        endpoints = state.endpoints(service)
+        if waypoint_ref is None:
+            if not endpoints:
+                return Route("none", service=service_name, reason=f"service {service.key} has no endpoints")
+            workload = choose(endpoints)
+        else:
+            workload = None
+    else:
+        workload = state.workload_by_ip(dst_ip)
+        target_port = dst_port
+        if workload is not None:
+            waypoint_ref = workload.waypoint
+    if waypoint_ref is not None:
+        waypoint = state.waypoint(waypoint_ref.namespace, waypoint_ref.name)
+        if waypoint is None:
+            return Route("none", service=service_name,
+                         reason=f"waypoint {waypoint_ref.namespace}/{waypoint_ref.name} unknown")
+        # The waypoint gets the original destination (VIP or pod) as :authority.
+        return Route("waypoint", waypoint.ip, PORT_HBONE, dst_ip, dst_port, waypoint.spiffe_id,
+                     workload, service_name)
+    if workload is not None and workload.meshed and workload.protocol == "HBONE":
+        return Route("hbone", workload.ip, PORT_HBONE, workload.ip, target_port, workload.spiffe_id,
+                     workload, service_name)
+    target_ip = workload.ip if workload is not None else dst_ip
+    return Route("passthrough", target_ip, target_port, target_ip, target_port, "", workload, service_name)
+
+
+async def handle_outbound(ctx: "ProxyContext", pod: "EnrolledPod", conn: socket.socket) -> None:
+    """One accepted connection on 15001 (unread: the kernel holds its bytes meanwhile)."""
+    peer = conn.getpeername()
+    try:
+        original = ctx.origdst.lookup(conn) if ctx.origdst is not None else None
+    except (LookupError, OSError) as exc:
+        log.debug("origdst lookup: %s", exc)
+        original = None
+    if original is None:
+        ctx.metrics.reject("outbound", "no_original_destination")
+        log.warning("outbound from %s: no original destination for %s", pod.info.name, peer)
+        reset_connection(conn)
+        return
+    dst_ip, dst_port = original
+    route = plan_route(ctx.state, dst_ip, dst_port)
+    rec = ConnectionRecord("source", pod.info.ip, peer[1], dst_ip, dst_port,
+                           src_workload=ctx.state.workload(pod.info.uid) or pod.workload_stub(),
+                           dst_workload=route.workload, service=route.service, route=route.kind)
+    try:
+        if route.kind == "none":
+            rec.response_flags, rec.error = FLAG_NO_ROUTE, route.reason
+            ctx.metrics.reject("outbound", "no_route")
+            reset_connection(conn)
+            ctx.telemetry.closed(rec)
+        elif route.kind == "passthrough":
+            await _passthrough(ctx, pod, conn, route, rec)
+        else:
+            await _tunnel(ctx, pod, conn, route, rec)
+    except (OSError, asyncio.TimeoutError, IdentityError) as exc:
+        if rec.response_flags == "-":
+            rec.response_flags = FLAG_UPSTREAM_FAILURE
+        rec.error = rec.error or f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, IdentityError):
+            ctx.metrics.reject("outbound", "upstream_connect")
+        log.info("outbound %s -> %s:%d failed: %s", pod.info.name, dst_ip, dst_port, rec.error)
+        reset_connection(conn)
+        ctx.telemetry.closed(rec)
+
+
+def reset_connection(conn: socket.socket) -> None:
+    """Close with RST (SO_LINGER 0): the app sees a refused/reset connection at once."""
+    try:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    except OSError:
+        pass
+    conn.close()
+
+
+async def _passthrough(ctx, pod, conn: socket.socket, route: Route, rec: ConnectionRecord) -> None:
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in route.target_ip else socket.AF_INET
+    upstream = pod.netns.socket(family)
+    try:
+        await asyncio.wait_for(loop.sock_connect(upstream, (route.target_ip, route.target_port)),
+                               ctx.config.connect_timeout)
+    except BaseException:
+        upstream.close()
+        raise
+    await join_plain(conn, upstream, rec, ctx.telemetry)
+
+
+async def dial(ctx: "ProxyContext", pod: "EnrolledPod", key: PoolKey) -> HboneSession:
+    """A new mTLS HBONE connection from inside ``pod`` to ``key``'s address."""
+    loop = asyncio.get_running_loop()
+    svid = await ctx.identities.get(key.src_identity)
+    family = socket.AF_INET6 if ":" in key.dst_ip else socket.AF_INET
+    sock = pod.netns.socket(family)
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, (key.dst_ip, key.dst_port)), ctx.config.connect_timeout)
+    except BaseException:
+        sock.close()
+        raise
+    session = HboneSession(client_side=True, idle_timeout=ctx.config.pool_idle_timeout,
+                           on_closed=ctx.pool.discard,
+                           verify=lambda ssl_object: check_session(ssl_object, key.dst_identity))
+    await loop.create_connection(lambda: session, sock=sock, ssl=svid.client_context, server_hostname="",
+                                 ssl_handshake_timeout=ctx.config.handshake_timeout)
+    if session.verify_error is not None:
+        ctx.metrics.reject("outbound", "peer_identity")
+        log.warning("outbound HBONE to %s:%d: %s", key.dst_ip, key.dst_port, session.verify_error)
+        raise session.verify_error
+    session.local_identity = key.src_identity
+    return session
+
+
+async def _tunnel(ctx, pod, conn: socket.socket, route: Route, rec: ConnectionRecord) -> None:
+    key = PoolKey(pod.spiffe_id, route.identity, route.target_ip, route.target_port)
+    rec.src_identity, rec.dst_identity, rec.mtls = pod.spiffe_id, route.identity, True
+    session = await ctx.pool.session(key, lambda k: dial(ctx, pod, k))
+    peer = StreamPeer(rec, ctx.telemetry.closed, tcp_is_client=True)
+    peer.response = asyncio.get_running_loop().create_future()
+    session.open_stream(peer, route.authority_ip, route.authority_port, pod.info.ip, hbone.new_traceparent())
+    try:
+        status = await asyncio.wait_for(asyncio.shield(peer.response), ctx.config.connect_timeout)
+    except (asyncio.TimeoutError, ConnectionError) as exc:
+        rec.response_flags, rec.error = FLAG_UPSTREAM_FAILURE, f"no HBONE answer: {exc}"
+        ctx.metrics.reject("outbound", "hbone_no_answer")
+        session.h2.reset(peer.stream_id)
+        session.stream_done(peer.stream_id)
+        session.flush()
+        reset_connection(conn)
+        ctx.telemetry.closed(rec)
+        return
+    if status == hbone.STATUS_OK:
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: peer, conn)
+        ctx.telemetry.opened(rec)
+        peer.established()
+        return
+    session.stream_done(peer.stream_id)
+    rec.response_flags = {hbone.STATUS_UNAUTHORIZED: FLAG_DENIED}.get(status, FLAG_UPSTREAM_FAILURE)
+    rec.error = f"HBONE status {status}"
+    ctx.metrics.reject("outbound", "denied" if status == hbone.STATUS_UNAUTHORIZED else f"hbone_{status}")
+    reset_connection(conn)  # the app sees a reset, like a refused connection
+    ctx.telemetry.closed(rec)
+
+
+async def join_plain(client: socket.socket, upstream: socket.socket, rec: ConnectionRecord, telemetry) -> None:
+    """Relay two connected sockets back to back."""
+    loop = asyncio.get_running_loop()
+    client_end = PipeEnd(rec, True, telemetry.closed)
+    server_end = PipeEnd(rec, False, telemetry.closed)
+    PipeEnd.join(client_end, server_end)
+    await loop.connect_accepted_socket(lambda: server_end, upstream)
+    await loop.connect_accepted_socket(lambda: client_end, client)
+    telemetry.opened(rec)

@@ -1,0 +1,193 @@
+"""Enrolled pods and their in-pod listeners; the context every handler reads.
+
+:class:`PodRegistry` is the ZDS handler (contract B): on ``add`` it enters the pod's
+namespace, opens 15001/15006/15008 there with SO_REUSEPORT (so a successor proxy can
+bind beside us during a restart) and acks only then; on ``del`` it stops accepting
+(live connections finish on their own).
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import socket
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+from shoal.agent.ztunnel.config import ProxyConfig
+from shoal.agent.ztunnel.identity import IdentityError, IdentityManager
+from shoal.agent.ztunnel.inbound import handle_hbone, handle_plaintext
+from shoal.agent.ztunnel.netns import NetnsHandle
+from shoal.agent.ztunnel.outbound import OriginalDestinations, handle_outbound
+from shoal.agent.ztunnel.pool import HbonePool
+from shoal.agent.ztunnel.telemetry import ProxyMetrics, Telemetry
+from shoal.agent.ztunnel.zds import PodInfo, ZdsError
+from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND
+from shoal.xds.model import Workload
+from shoal.xds.state import ConfigState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProxyContext:
+    """What the data path needs, built once by the app wiring and passed down."""
+    config: ProxyConfig
+    state: ConfigState
+    identities: IdentityManager
+    metrics: ProxyMetrics
+    telemetry: Telemetry
+    pool: HbonePool
+    origdst: OriginalDestinations | None
+    home: NetnsHandle
+    inbound_sessions: set = field(default_factory=set)
+
+
+class Acceptor:
+    """Accepts on one listening socket and hands each raw connection to a handler task.
+
+    Raw sockets (not asyncio servers) so nothing is read before the handler decides
+    where the bytes go: the kernel keeps them until the connection is wired up.
+    """
+
+    def __init__(self, listener: socket.socket, handler: Callable[[socket.socket], Awaitable[None]],
+                 name: str, on_error: Callable[[BaseException], None]):
+        self.listener, self.handler, self.name = listener, handler, name
+        self._on_error = on_error
+        self._tasks: set[asyncio.Task] = set()
+        self.serving = True
+        asyncio.get_running_loop().add_reader(listener.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        while self.serving:
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: log, keep the listener
+                self._on_error(exc)
+                return
+            conn.setblocking(False)
+            task = asyncio.ensure_future(self._run(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, conn: socket.socket) -> None:
+        try:
+            await self.handler(conn)
+        except (OSError, asyncio.TimeoutError) as exc:
+            self._on_error(exc)
+            conn.close()
+
+    def close(self) -> None:
+        """Stop accepting. Live connections carry on; queued ones migrate to a successor's
+        SO_REUSEPORT listener (tcp_migrate_req) instead of being reset."""
+        if self.serving:
+            self.serving = False
+            asyncio.get_running_loop().remove_reader(self.listener.fileno())
+            self.listener.close()
+
+
+@dataclass
+class EnrolledPod:
+    info: PodInfo
+    netns: NetnsHandle
+    spiffe_id: str
+    servers: list[Acceptor] = field(default_factory=list)
+
+    def workload_stub(self) -> Workload:
+        """Our view of the pod before the config stream names it."""
+        return Workload(uid=self.info.uid, name=self.info.name, namespace=self.info.namespace,
+                        service_account=self.info.service_account, node="", ip=self.info.ip, identity=0,
+                        spiffe_id=self.spiffe_id, meshed=True)
+
+    def stop_accepting(self) -> None:
+        for server in self.servers:
+            server.close()
+
+    def describe(self) -> dict:
+        return {"uid": self.info.uid, "namespace": self.info.namespace, "name": self.info.name,
+                "ip": self.info.ip, "identity": self.spiffe_id, "netns_inode": self.netns.inode,
+                "listening": bool(self.servers) and all(s.serving for s in self.servers)}
+
+
+class PodRegistry:
+    """The pods this proxy serves (the ZDS handler)."""
+
+    def __init__(self, ctx: ProxyContext):
+        self.ctx = ctx
+        self.pods: dict[str, EnrolledPod] = {}
+        self.snapshot_done = asyncio.Event()
+
+    async def add_pod(self, pod: PodInfo, netns_fd: int) -> None:
+        current = self.pods.get(pod.uid)
+        netns = NetnsHandle(netns_fd, self.ctx.home.fd)
+        if current is not None:
+            if current.netns.inode == netns.inode and current.info == pod:
+                netns.close()  # a replay after reconnect: already serving it
+                return
+            await self.remove_pod(pod.uid)
+        try:
+            enrolled = await self._enroll(pod, netns)
+        except BaseException:
+            netns.close()
+            raise
+        self.pods[pod.uid] = enrolled
+        self.ctx.metrics.pods.set(len(self.pods))
+        log.info("enrolled %s/%s (%s) as %s", pod.namespace, pod.name, pod.ip, enrolled.spiffe_id)
+
+    async def _enroll(self, pod: PodInfo, netns: NetnsHandle) -> EnrolledPod:
+        try:
+            svid = await self.ctx.identities.acquire(pod.namespace, pod.service_account)
+        except IdentityError as exc:
+            raise ZdsError(str(exc)) from exc
+        enrolled = EnrolledPod(pod, netns, svid.spiffe_id)
+        loopback, anywhere = ("::1", "::") if ":" in pod.ip else ("127.0.0.1", "0.0.0.0")
+        try:
+            # A successor proxy's SO_REUSEPORT listeners take over queued connections when
+            # ours close, instead of the kernel resetting them (net.ipv4.tcp_migrate_req).
+            netns.write_sysctl("net/ipv4/tcp_migrate_req", "1")
+        except OSError as exc:
+            log.warning("tcp_migrate_req not set in %s: %s", pod.name, exc)
+        plan = [(loopback, PORT_OUTBOUND, False, handle_outbound, "outbound"),
+                (anywhere, PORT_INBOUND_PLAINTEXT, True, handle_plaintext, "plaintext"),
+                (anywhere, PORT_HBONE, True, handle_hbone, "hbone")]
+        try:
+            for host, port, transparent, handler, name in plan:
+                sock = netns.listener(host, port, transparent=transparent)
+                enrolled.servers.append(Acceptor(
+                    sock, functools.partial(handler, self.ctx, enrolled), name,
+                    on_error=functools.partial(self._handler_failed, name)))
+        except OSError:
+            enrolled.stop_accepting()
+            self.ctx.identities.release(pod.namespace, pod.service_account)
+            raise
+        return enrolled
+
+    def _handler_failed(self, listener: str, exc: BaseException) -> None:
+        log.warning("%s: %s: %s", listener, type(exc).__name__, exc)
+        self.ctx.metrics.reject(listener, "internal_error")
+
+    async def remove_pod(self, uid: str) -> None:
+        enrolled = self.pods.pop(uid, None)
+        if enrolled is None:
+            raise ZdsError(f"unknown pod {uid}")
+        enrolled.stop_accepting()
+        enrolled.netns.close()
+        self.ctx.identities.release(enrolled.info.namespace, enrolled.info.service_account)
+        self.ctx.metrics.pods.set(len(self.pods))
+        log.info("released %s/%s", enrolled.info.namespace, enrolled.info.name)
+
+    async def snapshot_complete(self) -> None:
+        self.snapshot_done.set()
+        log.info("agent snapshot complete: serving %d pods", len(self.pods))
+
+    def stop_accepting(self) -> None:
+        for enrolled in self.pods.values():
+            enrolled.stop_accepting()
+
+    def close(self) -> None:
+        for uid in list(self.pods):
+            enrolled = self.pods.pop(uid)
+            enrolled.stop_accepting()
+            enrolled.netns.close()

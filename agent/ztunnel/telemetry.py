@@ -1,0 +1,178 @@
+"""TCP telemetry: Istio metrics, one JSON access-log line per closed connection, and L4
+flow events (open/close) to the agent's flow pipeline (contract C).
+
+The data path only fills a :class:`ConnectionRecord` (counters are plain ints bumped per
+read, not per byte); everything here runs once at open and once at close.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from shoal.xds.model import Workload
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("shoal.proxy.access")
+
+ISTIO_LABELS = (
+    "reporter", "source_workload", "source_workload_namespace", "source_principal",
+    "source_canonical_service", "destination_workload", "destination_workload_namespace",
+    "destination_principal", "destination_canonical_service", "destination_service",
+    "request_protocol", "connection_security_policy", "response_flags",
+)
+
+# Istio/Envoy response flags used by the node proxy.
+FLAG_NONE = "-"
+FLAG_DENIED = "UAEX"          # unauthorized (external/RBAC authorization)
+FLAG_UPSTREAM_FAILURE = "UF"  # upstream connection failure
+FLAG_NO_ROUTE = "NR"          # no upstream / unknown destination
+FLAG_RESET = "UR"             # reset by peer
+
+
+@dataclass
+class ConnectionRecord:
+    """One proxied TCP connection, as telemetry sees it."""
+    reporter: str                       # "source" (outbound) | "destination" (inbound)
+    src_ip: str
+    src_port: int
+    dst_ip: str
+    dst_port: int
+    src_workload: Workload | None = None
+    dst_workload: Workload | None = None
+    src_identity: str | None = None
+    dst_identity: str | None = None
+    service: str = "unknown"
+    mtls: bool = False
+    route: str = ""                     # "hbone" | "waypoint" | "passthrough" | "inbound"
+    response_flags: str = FLAG_NONE
+    error: str = ""
+    bytes_in: int = 0                   # client -> server (Istio "received")
+    bytes_out: int = 0                  # server -> client (Istio "sent")
+    started: float = field(default_factory=time.time)
+    opened: bool = False
+    closed: bool = False
+
+    @property
+    def denied(self) -> bool:
+        return self.response_flags == FLAG_DENIED
+
+
+def _principal(identity: str | None) -> str:
+    return identity.removeprefix("spiffe://") if identity else "unknown"
+
+
+class ProxyMetrics:
+    """Every metric the node proxy serves, in the app's own registry (no globals)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        self.opened = Counter("istio_tcp_connections_opened", "TCP connections opened", ISTIO_LABELS, registry=registry)
+        self.closed = Counter("istio_tcp_connections_closed", "TCP connections closed", ISTIO_LABELS, registry=registry)
+        self.sent = Counter("istio_tcp_sent_bytes", "Bytes sent during the response (server to client)",
+                            ISTIO_LABELS, registry=registry)
+        self.received = Counter("istio_tcp_received_bytes", "Bytes received during the request (client to server)",
+                                ISTIO_LABELS, registry=registry)
+        self.rejected = Counter("shoal_proxy_rejected", "Connections, streams or messages refused, by reason",
+                                ["listener", "reason"], registry=registry)
+        self.active = Gauge("shoal_proxy_active_connections", "Proxied connections open now", ["reporter"],
+                            registry=registry)
+        self.pods = Gauge("shoal_proxy_enrolled_pods", "Pods whose in-pod listeners are open", registry=registry)
+        self.hbone_connections = Gauge("shoal_proxy_hbone_connections", "Pooled outbound HBONE connections",
+                                       registry=registry)
+        self.certs_rotated = Counter("shoal_proxy_certificates_rotated", "SVIDs renewed at half-life",
+                                     registry=registry)
+
+    def reject(self, listener: str, reason: str) -> None:
+        self.rejected.labels(listener, reason).inc()
+
+
+class Telemetry:
+    """Turns connection records into metrics, access-log lines and flow events."""
+
+    def __init__(self, metrics: ProxyMetrics, emitter=None, node: str = ""):
+        self.metrics = metrics
+        self.emitter = emitter  # shoal.agent.hubble.emitter.FlowEmitter or None
+        self.node = node
+        self.live: dict[int, ConnectionRecord] = {}
+
+    def _labels(self, rec: ConnectionRecord) -> tuple[str, ...]:
+        src, dst = rec.src_workload, rec.dst_workload
+        return (
+            rec.reporter,
+            (src.canonical_service or src.name) if src else "unknown",
+            src.namespace if src else "unknown",
+            _principal(rec.src_identity),
+            (src.canonical_service or src.name) if src else "unknown",
+            (dst.canonical_service or dst.name) if dst else "unknown",
+            dst.namespace if dst else "unknown",
+            _principal(rec.dst_identity),
+            (dst.canonical_service or dst.name) if dst else "unknown",
+            rec.service,
+            "tcp",
+            "mutual_tls" if rec.mtls else "none",
+            rec.response_flags,
+        )
+
+    def opened(self, rec: ConnectionRecord) -> None:
+        if rec.opened:
+            return
+        rec.opened = True
+        self.live[id(rec)] = rec
+        self.metrics.opened.labels(*self._labels(rec)).inc()
+        self.metrics.active.labels(rec.reporter).inc()
+        self._flow(rec, "open")
+
+    def closed(self, rec: ConnectionRecord) -> None:
+        if rec.closed:
+            return
+        rec.closed = True
+        labels = self._labels(rec)
+        if rec.opened:
+            self.live.pop(id(rec), None)
+            self.metrics.active.labels(rec.reporter).dec()
+        else:
+            # Refused before it opened (denied, no upstream): still one opened+closed pair,
+            # so dashboards see the attempt with its response flag.
+            self.metrics.opened.labels(*labels).inc()
+        self.metrics.closed.labels(*labels).inc()
+        if rec.bytes_out:
+            self.metrics.sent.labels(*labels).inc(rec.bytes_out)
+        if rec.bytes_in:
+            self.metrics.received.labels(*labels).inc(rec.bytes_in)
+        self._flow(rec, "close")
+        access_log.info(json.dumps(self.access_entry(rec), separators=(",", ":")))
+
+    def access_entry(self, rec: ConnectionRecord) -> dict:
+        return {
+            "start_time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(rec.started)) + "Z",
+            "duration_ms": int((time.time() - rec.started) * 1000),
+            "reporter": rec.reporter, "route": rec.route,
+            "src": f"{rec.src_ip}:{rec.src_port}", "dst": f"{rec.dst_ip}:{rec.dst_port}",
+            "src_workload": rec.src_workload.name if rec.src_workload else None,
+            "dst_workload": rec.dst_workload.name if rec.dst_workload else None,
+            "src_identity": rec.src_identity, "dst_identity": rec.dst_identity,
+            "service": rec.service, "mtls": rec.mtls,
+            "bytes_received": rec.bytes_in, "bytes_sent": rec.bytes_out,
+            "response_flags": rec.response_flags, "error": rec.error or None,
+        }
+
+    def _flow(self, rec: ConnectionRecord, event: str) -> None:
+        if self.emitter is None:
+            return
+        from shoal.agent.hubble.flows import l4_flow
+
+        denied = rec.response_flags == FLAG_DENIED
+        flow = l4_flow(rec.src_ip, rec.src_port, rec.dst_ip, rec.dst_port, event=event,
+                       verdict="DROPPED" if denied else "FORWARDED",
+                       direction="EGRESS" if rec.reporter == "source" else "INGRESS",
+                       mtls=rec.mtls, src_spiffe=rec.src_identity or "", dst_spiffe=rec.dst_identity or "",
+                       bytes_sent=rec.bytes_in, bytes_received=rec.bytes_out,
+                       drop_reason=133 if denied else 0, error=rec.error)
+        self.emitter.emit(flow)
+
+    def live_connections(self) -> list[dict]:
+        return [self.access_entry(rec) for rec in list(self.live.values())]

@@ -1,0 +1,73 @@
+"""Fixtures for the node proxy: a DevCA, two pod namespaces joined by a veth, an app."""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import uuid
+
+import pytest
+import uvloop
+
+from shoal.agent.ztunnel.devca import DevCA
+from shoal.xds.model import ConfigDelta
+from shoal.xds.state import ConfigState
+
+from shoal.agent.ztunnel.testing import CLIENT_IP, OTHER_IP, SERVER_IP, workload
+
+
+@pytest.fixture(scope="session")
+def event_loop_policy():
+    return uvloop.EventLoopPolicy()  # the proxy runs on uvloop: test on it
+
+
+@pytest.fixture(scope="session")
+def ca():
+    return DevCA()
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pod_netns():
+    """Three pod namespaces on one bridge-less veth segment: client, server, other.
+
+    Names are unique (shoal-t<pid>-<tag>-x); removed even when tests fail.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("needs root: creates network namespaces")
+    tag = f"shoal-t{os.getpid()}-{uuid.uuid4().hex[:4]}"
+    names = {"client": f"{tag}-c", "server": f"{tag}-s", "other": f"{tag}-o"}
+    try:
+        for name in names.values():
+            _ip("netns", "add", name)
+            _ip("-n", name, "link", "set", "lo", "up")
+        # server <-> client and server <-> other: a bridge in the server's namespace.
+        _ip("-n", names["server"], "link", "add", "br0", "type", "bridge")
+        for role, ip in (("client", CLIENT_IP), ("other", OTHER_IP)):
+            _ip("-n", names[role], "link", "add", "eth0", "type", "veth", "peer", "name", f"v{role}",
+                "netns", names["server"])
+            _ip("-n", names[role], "addr", "add", f"{ip}/24", "dev", "eth0")
+            _ip("-n", names[role], "link", "set", "eth0", "up")
+            _ip("-n", names["server"], "link", "set", f"v{role}", "master", "br0", "up")
+        _ip("-n", names["server"], "addr", "add", f"{SERVER_IP}/24", "dev", "br0")
+        _ip("-n", names["server"], "link", "set", "br0", "up")
+        yield names
+    finally:
+        for name in names.values():
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@pytest.fixture
+def state():
+    st = ConfigState()
+    st.apply(ConfigDelta("1", upserted=(workload("client-0", CLIENT_IP, "client"),
+                                        workload("web-0", SERVER_IP, "web"),
+                                        workload("legacy-0", OTHER_IP, "default", ns="legacy", meshed=False,
+                                                 protocol="TCP"))))
+    return st
+
+
