@@ -104,6 +104,14 @@ class KubernetesLayout(ClusterLayout):
         raise KubernetesModeError("pod namespaces have no names here: use pod_netns_path(layout.proc_root, uid)")
 
 
+def layout_from_env(environ: Mapping[str, str] = os.environ) -> ClusterLayout:
+    """The layout the agent and the node proxy must share: Kubernetes when
+    ``SHOAL_MODE=kubernetes`` (set by the DaemonSet), else the local cluster's."""
+    if environ.get("SHOAL_MODE") == "kubernetes":
+        return KubernetesLayout.from_env(environ)
+    return ClusterLayout(name=environ.get("SHOAL_CLUSTER", "shoal"))
+
+
 def cgroup2_root(host_cgroup: Path) -> Path:
     """The cgroup v2 hierarchy under the host's mount: unified (v2) or hybrid (v1 + unified/)."""
     for candidate in (host_cgroup, host_cgroup / "unified"):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from shoal.agent.k8s import (HostNetworkPod, KubernetesLayout, KubernetesPodNetns, KubernetesModeError, PodNotRunning,
-                             ServiceAccountToken, TokenError, cgroup2_root, is_bpffs, parse_mountinfo,
+                             ServiceAccountToken, TokenError, cgroup2_root, is_bpffs, layout_from_env, parse_mountinfo,
                              pod_netns_path, pod_uid_from_cgroup, pods_by_uid, process_cgroup, token_claims,
                              token_expires_in)
 
@@ -129,6 +129,14 @@ def test_layout_from_the_daemonset_env(tmp_path):
     assert layout.proc_root == Path("/host/proc")
     with pytest.raises(KubernetesModeError):
         layout.pod_cgroup("node-a", "demo", "web-0")
+
+
+def test_mode_picks_the_layout(tmp_path):
+    (tmp_path / "cgroup.controllers").write_text("")
+    k8s = layout_from_env({"SHOAL_MODE": "kubernetes", "SHOAL_CGROUP_ROOT": str(tmp_path)})
+    assert isinstance(k8s, KubernetesLayout) and k8s.node_cgroup("any-node-name") == tmp_path
+    local = layout_from_env({"SHOAL_CLUSTER": "shoal-t1"})
+    assert not isinstance(local, KubernetesLayout) and local.name == "shoal-t1"
 
 
 MOUNTINFO = """\
