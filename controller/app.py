@@ -1,39 +1,147 @@
-"""Wires the controller: store, local API, and (local mode) the embedded kubelet."""
+"""Wires the controller: the mesh model and its source (embedded store or Kubernetes), the
+config stream + CA (gRPC), admin (metrics/readiness/status), the Hubble relay, and in local
+mode the local API for the CLI and the embedded kubelet."""
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
 import signal
 from typing import Any
 
+from shoal.controller.auth import (Authenticator, BootstrapTokenAuthenticator,
+                                   TokenReviewAuthenticator, kubernetes_token_reviewer)
+from shoal.controller.ca import CertificateAuthority
 from shoal.controller.config import ControllerConfig
-from shoal.controller.localapi import build_app, serve_unix
-from shoal.controller.store import Store
-from shoal.local.kubelet import LocalKubelet
+from shoal.controller.controlplane import ControlPlane
+from shoal.controller.identity import IdentityAllocator
+from shoal.controller.metrics import ControllerMetrics
+from shoal.controller.model import MeshModel
 
 log = logging.getLogger(__name__)
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def bootstrap_token(path) -> str:
+    """Reads the local cluster's bootstrap token; creates one (0600) when missing."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32))
+        log.info("created bootstrap token %s", path)
+    return path.read_text().strip()
 
 
 class ControllerApp:
     def __init__(self, config: ControllerConfig):
         self.config = config
         config.state_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store(config.layout.store_path, service_cidr=config.layout.SERVICE_CIDR)
-        self.kubelet = LocalKubelet(config.layout, self.store) if config.run_kubelet else None
+        self.metrics = ControllerMetrics.create()
+        self.ca = CertificateAuthority.load_or_create(config.ca_dir, config.trust_domain,
+                                                      default_ttl=config.cert_ttl)
+        self.model = MeshModel(IdentityAllocator(config.identities_path), config.trust_domain)
+        self.store = None
+        self.kubelet = None
+        self.api_client = None
+        if config.source == "local":
+            from shoal.controller.store import Store
+            self.store = Store(config.layout.store_path, service_cidr=config.layout.SERVICE_CIDR)
+            if config.run_kubelet:
+                from shoal.local.kubelet import LocalKubelet
+                self.kubelet = LocalKubelet(config.layout, self.store)
+        self.control_plane: ControlPlane | None = None
+        self.relay = None
+
+    async def _authenticator(self) -> Authenticator:
+        if self.config.source == "local":
+            return BootstrapTokenAuthenticator(bootstrap_token(self.config.token_file))
+        return TokenReviewAuthenticator(
+            kubernetes_token_reviewer(self.api_client, self.config.token_audiences),
+            self.config.agent_service_accounts, self._pod_node)
+
+    def _pod_node(self, namespace: str, name: str) -> str | None:
+        pod = self.model.get("Pod", namespace, name)
+        return ((pod or {}).get("spec") or {}).get("nodeName")
+
+    async def _kubernetes_client(self):
+        from kubernetes_asyncio import client, config as kube_config
+        if self.config.kubeconfig:
+            await kube_config.load_kube_config(config_file=self.config.kubeconfig)
+        else:
+            kube_config.load_incluster_config()
+        return client.ApiClient()
 
     def controller_status(self) -> dict[str, Any]:
-        return {"resourceVersion": str(self.store.resource_version), "agents": []}
+        """The view behind ``shoal status``: connected agents and each node's config version."""
+        status = self.control_plane.status() if self.control_plane else {"ready": False, "agents": []}
+        if self.store is not None:
+            status["resourceVersion"] = str(self.store.resource_version)
+        return status
 
     async def run(self) -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        runner = await serve_unix(build_app(self.store, self.controller_status), self.config.layout.api_socket)
-        tasks = [asyncio.create_task(self.kubelet.run())] if self.kubelet else []
-        log.info("controller ready: API on %s", self.config.layout.api_socket)
-        await stop.wait()
+        if self.config.source == "kubernetes":
+            self.api_client = await self._kubernetes_client()
+        self.control_plane = ControlPlane(self.model, self.ca, await self._authenticator(),
+                                          self.metrics)
+        await self.control_plane.start(self.config.grpc_address)
+        await self.control_plane.start_admin(*_host_port(self.config.admin_address))
+        tasks = []
+        runner = None
+        if self.store is not None:
+            from shoal.controller.localapi import build_app, serve_unix
+            from shoal.controller.sources.local import LocalSource
+            tasks.append(asyncio.create_task(LocalSource(self.store, self.control_plane).run()))
+            runner = await serve_unix(build_app(self.store, self.controller_status),
+                                      self.config.layout.api_socket)
+        else:
+            from shoal.controller.sources.kubernetes import KubernetesSource
+            tasks.append(asyncio.create_task(
+                KubernetesSource(self.api_client, self.control_plane).run()))
+        if self.kubelet is not None:
+            tasks.append(asyncio.create_task(self.kubelet.run()))
+        await self._start_relay()
+        log.info("controller up: config stream + CA on %s, admin on %s, source %s",
+                 self.config.grpc_address, self.config.admin_address, self.config.source)
+        done = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([done, *tasks], return_when=asyncio.FIRST_COMPLETED)
         for task in tasks:
+            if task.done() and task.exception() is not None:
+                log.error("controller task failed", exc_info=task.exception())
             task.cancel()
-        await runner.cleanup()
-        self.store.close()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.relay is not None:
+            await self.relay.stop()
+        await self.control_plane.stop()
+        if runner is not None:
+            await runner.cleanup()
+        if self.api_client is not None:
+            await self.api_client.close()
+        if self.store is not None:
+            self.store.close()
+
+    async def _start_relay(self) -> None:
+        """The Hubble relay (the observability engineer's) merging every node's flows."""
+        if not self.config.relay_address or self.config.source != "local":
+            return
+        try:
+            from shoal.controller.relay import Relay
+        except ImportError as err:
+            log.warning("Hubble relay not available: %s", err)
+            return
+        self.relay = Relay.from_layout(self.config.layout, tcp_address=self.config.relay_address,
+                                       registry=self.metrics.registry)
+        try:
+            await self.relay.start()
+        except (OSError, RuntimeError) as err:
+            log.error("Hubble relay failed to start: %s", err)
+            self.relay = None

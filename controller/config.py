@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from shoal.config import DEFAULT_TRUST_DOMAIN, PORT_CONTROLLER_GRPC, ClusterLayout
+from shoal.config import (DEFAULT_TRUST_DOMAIN, PORT_CONTROLLER_GRPC, PORT_CONTROLLER_METRICS,
+                          PORT_HUBBLE_RELAY, ClusterLayout)
 
 
 @dataclass(frozen=True)
@@ -14,25 +16,89 @@ class ControllerConfig:
     layout: ClusterLayout
     source: str = "local"                      # local | kubernetes
     grpc_address: str = f"0.0.0.0:{PORT_CONTROLLER_GRPC}"
+    admin_address: str = f"0.0.0.0:{PORT_CONTROLLER_METRICS}"   # /metrics /ready /status
+    relay_address: str = f"0.0.0.0:{PORT_HUBBLE_RELAY}"         # "" disables the relay
     trust_domain: str = DEFAULT_TRUST_DOMAIN
+    cert_ttl: dt.timedelta = dt.timedelta(hours=24)
+    state_dir_override: Path | None = None     # identities (and the CA unless --ca-dir)
+    ca_dir_override: Path | None = None        # Istio "cacerts" layout; a mounted Secret in k8s
+    token_file_override: Path | None = None    # local mode: the bootstrap token
+    kubeconfig: str | None = None              # kubernetes mode; None: in-cluster config
+    agent_service_accounts: tuple[str, ...] = field(
+        default=("shoal-system/shoal-agent",))  # kubernetes mode: who may connect
+    token_audiences: tuple[str, ...] = ()
     run_kubelet: bool = True                   # local mode: run pods for the store's Pods
     log_level: str = "INFO"
 
     @property
     def state_dir(self) -> Path:
-        return self.layout.run_dir
+        return self.state_dir_override or self.layout.run_dir
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.ca_dir_override or (self.state_dir / "ca" if self.state_dir_override
+                                        else self.layout.ca_dir)
+
+    @property
+    def identities_path(self) -> Path:
+        return self.state_dir / "identities"
+
+    @property
+    def token_file(self) -> Path:
+        return self.token_file_override or self.layout.bootstrap_token_path
+
+
+def _duration(text: str) -> dt.timedelta:
+    """``24h``, ``90m``, ``3600s`` or plain seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text and text[-1] in units:
+            value = float(text[:-1]) * units[text[-1]]
+        else:
+            value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 24h, 90m, 3600)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"duration must be positive: {text!r}")
+    return dt.timedelta(seconds=value)
 
 
 def parse_config(argv: list[str] | None = None) -> ControllerConfig:
+    env = os.environ.get
     parser = argparse.ArgumentParser(prog="python -m shoal.controller", description="Shoal controller")
-    parser.add_argument("--cluster", default=os.environ.get("SHOAL_CLUSTER", "shoal"))
-    parser.add_argument("--source", choices=("local", "kubernetes"), default=os.environ.get("SHOAL_SOURCE", "local"))
-    parser.add_argument("--grpc-address", default=os.environ.get("SHOAL_GRPC_ADDRESS",
-                                                                 f"0.0.0.0:{PORT_CONTROLLER_GRPC}"))
-    parser.add_argument("--trust-domain", default=os.environ.get("SHOAL_TRUST_DOMAIN", DEFAULT_TRUST_DOMAIN))
+    parser.add_argument("--cluster", default=env("SHOAL_CLUSTER", "shoal"))
+    parser.add_argument("--source", choices=("local", "kubernetes"), default=env("SHOAL_SOURCE", "local"))
+    parser.add_argument("--grpc-address", default=env("SHOAL_GRPC_ADDRESS",
+                                                      f"0.0.0.0:{PORT_CONTROLLER_GRPC}"))
+    parser.add_argument("--admin-address", default=env("SHOAL_ADMIN_ADDRESS",
+                                                       f"0.0.0.0:{PORT_CONTROLLER_METRICS}"),
+                        help="/metrics, /ready and /status over HTTP")
+    parser.add_argument("--relay-address", default=env("SHOAL_RELAY_ADDRESS",
+                                                       f"0.0.0.0:{PORT_HUBBLE_RELAY}"),
+                        help="Hubble relay TCP address ('' to disable)")
+    parser.add_argument("--trust-domain", default=env("SHOAL_TRUST_DOMAIN", DEFAULT_TRUST_DOMAIN))
+    parser.add_argument("--cert-ttl", type=_duration, default=_duration(env("SHOAL_CERT_TTL", "24h")),
+                        help="workload certificate lifetime (default 24h)")
+    parser.add_argument("--state-dir", type=Path, default=env("SHOAL_STATE_DIR"),
+                        help="identities and CA (default: the cluster's run dir)")
+    parser.add_argument("--ca-dir", type=Path, default=env("SHOAL_CA_DIR"),
+                        help="CA files in Istio's cacerts layout (ca-cert.pem, ca-key.pem, "
+                             "cert-chain.pem, root-cert.pem); generated when empty")
+    parser.add_argument("--token-file", type=Path, default=env("SHOAL_TOKEN_FILE"),
+                        help="local mode: the nodes' bootstrap token (created when missing)")
+    parser.add_argument("--kubeconfig", default=env("KUBECONFIG"),
+                        help="kubernetes mode: kubeconfig (default: in-cluster)")
+    parser.add_argument("--agent-service-account", action="append", dest="agent_accounts",
+                        help="kubernetes mode: <namespace>/<name> allowed to connect as a node "
+                             "(repeatable; default shoal-system/shoal-agent)")
     parser.add_argument("--no-kubelet", action="store_true", help="do not run the local cluster's pods")
-    parser.add_argument("--log-level", default=os.environ.get("SHOAL_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-level", default=env("SHOAL_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
-    return ControllerConfig(layout=ClusterLayout(name=args.cluster), source=args.source,
-                            grpc_address=args.grpc_address, trust_domain=args.trust_domain,
-                            run_kubelet=args.source == "local" and not args.no_kubelet, log_level=args.log_level)
+    return ControllerConfig(
+        layout=ClusterLayout(name=args.cluster), source=args.source,
+        grpc_address=args.grpc_address, admin_address=args.admin_address,
+        relay_address=args.relay_address, trust_domain=args.trust_domain, cert_ttl=args.cert_ttl,
+        state_dir_override=args.state_dir, ca_dir_override=args.ca_dir,
+        token_file_override=args.token_file, kubeconfig=args.kubeconfig,
+        agent_service_accounts=tuple(args.agent_accounts or ("shoal-system/shoal-agent",)),
+        run_kubelet=args.source == "local" and not args.no_kubelet, log_level=args.log_level)
