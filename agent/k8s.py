@@ -261,7 +261,7 @@ class TokenError(KubernetesModeError):
 
 @dataclass
 class ServiceAccountToken:
-    """The projected token (audience "shoal"), re-read whenever the kubelet rotates it.
+    """The projected ServiceAccount token, re-read whenever the kubelet rotates it.
 
     The kubelet swaps the file atomically (a ``..data`` symlink), so checking the
     target's modification time and size on each use is enough to see a new token.

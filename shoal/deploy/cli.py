@@ -63,10 +63,11 @@ class Kubectl:
         return done
 
 
-def _options(trust_domain: str, hub: str, image_tag: str, flows: int, log_level: str) -> RenderOptions:
+def _options(trust_domain: str, hub: str, image_tag: str, flows: int, log_level: str,
+             ca_secret: str | None = None) -> RenderOptions:
     try:
         return RenderOptions(trust_domain=trust_domain, hub=hub, image_tag=image_tag, flows=flows,
-                             log_level=log_level)
+                             log_level=log_level, ca_secret=ca_secret)
     except ValueError as err:
         raise click.UsageError(str(err)) from err
 
@@ -101,12 +102,16 @@ def _render_options(func):
 @click.command("install")
 @click.option("--render", "render_only", is_flag=True, help="Print the manifests instead of applying them.")
 @_render_options
+@click.option("--ca-secret", default=None,
+              help="Secret in shoal-system holding the mesh CA (Istio cacerts layout). Without it the "
+                   "controller generates a root that lives as long as its pod.")
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="Wait for the controller and every agent to be ready.")
 def install(render_only: bool, trust_domain: str, hub: str, image_tag: str, flows: int, log_level: str,
-            manifests: Path | None, kubectl_bin: str, context: str | None, timeout: str, wait: bool) -> None:
+            manifests: Path | None, kubectl_bin: str, context: str | None, timeout: str, ca_secret: str | None,
+            wait: bool) -> None:
     """Install Shoal on the current Kubernetes cluster (or print its manifests)."""
-    options = _options(trust_domain, hub, image_tag, flows, log_level)
+    options = _options(trust_domain, hub, image_tag, flows, log_level, ca_secret)
     objects = render(options, manifests)
     if render_only:
         click.echo(to_yaml(objects), nl=False)

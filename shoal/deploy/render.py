@@ -34,6 +34,9 @@ CONFIG_CHECKSUM_ANNOTATION = "shoal.io/config-checksum"
 # Images Shoal builds (images/Dockerfile.*); only these get the hub and tag options.
 SHOAL_IMAGES = ("shoal-controller", "shoal-agent", "shoal-waypoint")
 
+CONTROLLER = "shoal-controller"
+CA_MOUNT = "/etc/shoal/cacerts"
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _TRUST_DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,253}[a-z0-9])?$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _HUB = re.compile(r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?(:[0-9]+)?(/[a-z0-9]([a-z0-9._-]*[a-z0-9])?)*$")
@@ -56,6 +59,10 @@ class RenderOptions:
     image_tag: str = DEFAULT_TAG
     flows: int = DEFAULT_FLOWS
     log_level: str = "INFO"
+    # A Secret in Istio's cacerts layout (ca-cert.pem, ca-key.pem, cert-chain.pem,
+    # root-cert.pem). Without one the controller generates a root that lives as long
+    # as its pod.
+    ca_secret: str | None = None
 
     def __post_init__(self) -> None:
         if not _TRUST_DOMAIN.match(self.trust_domain) or ".." in self.trust_domain:
@@ -67,6 +74,8 @@ class RenderOptions:
             raise ValueError(f"image tag {self.image_tag!r}: expected [A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}}")
         if isinstance(self.flows, bool) or not isinstance(self.flows, int) or not 1 <= self.flows <= MAX_FLOWS:
             raise ValueError(f"flows {self.flows!r}: expected an integer in [1, {MAX_FLOWS}]")
+        if self.ca_secret is not None and not _DNS_SUBDOMAIN.match(self.ca_secret):
+            raise ValueError(f"CA secret {self.ca_secret!r}: expected a Secret name (lowercase, digits, '-', '.')")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log level {self.log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
 
@@ -120,6 +129,8 @@ def _apply(obj: dict[str, Any], options: RenderOptions) -> dict[str, Any]:
     if _is(obj, "ConfigMap", WAYPOINT_TEMPLATE):
         docs = [d for d in yaml.safe_load_all(obj["data"][WAYPOINT_TEMPLATE_KEY]) if d]
         obj["data"][WAYPOINT_TEMPLATE_KEY] = to_yaml([_apply(d, options) for d in docs])
+    if _is(obj, "Deployment", CONTROLLER) and options.ca_secret:
+        _mount_ca_secret(obj, options.ca_secret)
     obj = _map_strings(obj, lambda s: _replace_trust_domain(s, options.trust_domain))
     for container in _containers(obj):
         container["image"] = _retag(container["image"], options)
@@ -128,6 +139,17 @@ def _apply(obj: dict[str, Any], options: RenderOptions) -> dict[str, Any]:
         annotations = template.setdefault("metadata", {}).setdefault("annotations", {})
         annotations[CONFIG_CHECKSUM_ANNOTATION] = _config_checksum(options)
     return obj
+
+
+def _mount_ca_secret(deployment: dict[str, Any], secret: str) -> None:
+    """The controller reads its CA from the Secret (--ca-dir, Istio's cacerts layout)."""
+    spec = deployment["spec"]["template"]["spec"]
+    spec.setdefault("volumes", []).append({"name": "cacerts", "secret": {"secretName": secret}})
+    for container in spec["containers"]:
+        if container["name"] == "controller":
+            container.setdefault("volumeMounts", []).append(
+                {"name": "cacerts", "mountPath": CA_MOUNT, "readOnly": True})
+            container.setdefault("env", []).append({"name": "SHOAL_CA_DIR", "value": CA_MOUNT})
 
 
 def _is(obj: dict[str, Any], kind: str, name: str) -> bool:

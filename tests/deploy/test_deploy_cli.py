@@ -197,3 +197,26 @@ def test_uninstall_does_not_delete_anything_if_node_cleanup_fails(fake_kubectl, 
     result = run(uninstall, "--kubectl", kubectl)
     assert result.exit_code == 1
     assert not any(c["argv"][0] == "delete" for c in calls())
+
+
+def test_ca_secret_is_mounted_where_the_controller_reads_its_ca(monkeypatch):
+    import kubernetes_validate
+    from kubernetes_validate.utils import latest_version
+    from shoal.controller.config import parse_config
+    result = run(install, "--render", "--ca-secret", "shoal-cacerts")
+    assert result.exit_code == 0, result.output
+    objects = [o for o in yaml.safe_load_all(result.stdout) if o]
+    deployment = find(objects, "Deployment", "shoal-controller")
+    kubernetes_validate.validate(deployment, latest_version(), strict=True)
+    spec = deployment["spec"]["template"]["spec"]
+    assert {"name": "cacerts", "secret": {"secretName": "shoal-cacerts"}} in spec["volumes"]
+    container = spec["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    config = parse_config(container["args"])
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "cacerts")
+    assert str(config.ca_dir) == mount["mountPath"] and mount["readOnly"]
+    assert run(install, "--render", "--ca-secret", "Bad Secret").exit_code == 2
+    default = find(render(RenderOptions()), "Deployment", "shoal-controller")
+    assert "cacerts" not in str(default), "no CA secret unless asked for"

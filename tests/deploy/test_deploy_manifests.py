@@ -106,7 +106,15 @@ def test_agent_mounts_what_the_data_path_needs(rendered):
     assert env["SHOAL_CGROUP_ROOT"]["value"] == mounts["cgroup"]["mountPath"]
     assert env["SHOAL_NODE"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     token = next(v for v in spec["volumes"] if v["name"] == "shoal-token")["projected"]["sources"][0]
-    assert token["serviceAccountToken"]["audience"] == "shoal"
+    # The token must be one the controller accepts: its audience among those it reviews
+    # with, and its ServiceAccount among the agents it lets in.
+    from shoal.controller.config import parse_config
+    controller = pod_spec(find(rendered, "Deployment", "shoal-controller"))["containers"][0]
+    accepted = parse_config(controller["args"])
+    audience = token["serviceAccountToken"].get("audience")
+    assert (audience in accepted.token_audiences) if audience else not accepted.token_audiences
+    ds = find(rendered, "DaemonSet", "shoal-agent")
+    assert f"{ds['metadata']['namespace']}/{spec['serviceAccountName']}" in accepted.agent_service_accounts
     assert env["SHOAL_TOKEN_FILE"]["value"].endswith("/" + token["serviceAccountToken"]["path"])
     assert spec["automountServiceAccountToken"] is False
 
