@@ -1,0 +1,173 @@
+"""The waypoint inside the mesh's transport: mTLS HBONE in, HBONE out (loopback, DevCA)."""
+import asyncio
+import json
+import random
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from shoal.agent.ztunnel import hbone
+from shoal.agent.ztunnel.devca import DevCA
+from shoal.agent.ztunnel.identity import IdentityManager, check_session
+from shoal.agent.ztunnel.tunnel import HboneSession
+from shoal.waypoint.hbone import HboneConnector, HboneStream, start_hbone_listener
+from shoal.waypoint.http import Limits, pipe, StreamPair
+from shoal.waypoint.proxy import WaypointProxy
+from shoal.waypoint.resolver import StaticResolver
+from shoal.waypoint.telemetry import Telemetry
+from shoal.waypoint.upstream import Endpoint
+from shoal.xds.model import Authorization, Rule, Source
+
+from .conftest import make_backend_app
+
+pytestmark = pytest.mark.timeout(60)
+
+WAYPOINT_ID = "spiffe://cluster.local/ns/demo/sa/waypoint"
+CLIENT_ID = "spiffe://cluster.local/ns/demo/sa/client"
+WEB_ID = "spiffe://cluster.local/ns/demo/sa/web"
+VIP = "10.96.0.10"
+
+
+async def hbone_terminator(identities: IdentityManager, spiffe: str):
+    """A stand-in for the endpoint's node proxy: HBONE in, plain TCP to the CONNECT target."""
+    svid = await identities.get(spiffe)
+    loop = asyncio.get_running_loop()
+    seen = []
+
+    def on_request(session, event):
+        seen.append((session.peer_identity, event.host, event.port))
+        stream = HboneStream()
+        session.accept_stream(stream, event.stream_id)
+
+        async def join():
+            reader, writer = await asyncio.open_connection(event.host, event.port)
+            app = StreamPair(reader, writer)
+            await asyncio.gather(pipe(stream, app), pipe(app, stream), return_exceptions=True)
+            stream.close()
+            writer.close()
+        asyncio.ensure_future(join())
+
+    class Accepted(asyncio.Protocol):
+        def connection_made(self, transport):
+            async def tls():
+                session = HboneSession(client_side=False, idle_timeout=30, on_request=on_request)
+                t = await loop.start_tls(transport, session, svid.server_context, server_side=True)
+                session.peer_identity = check_session(t.get_extra_info("ssl_object"), None)
+                session.connection_made(t)
+            asyncio.ensure_future(tls())
+
+    server = await loop.create_server(Accepted, "127.0.0.1", 0)
+    return server, seen
+
+
+async def hbone_client(identities, port):
+    svid = await identities.get(CLIENT_ID)
+    loop = asyncio.get_running_loop()
+    session = HboneSession(client_side=True, idle_timeout=30)
+    transport, _ = await loop.create_connection(lambda: session, "127.0.0.1", port, ssl=svid.client_context,
+                                                server_hostname="")
+    assert check_session(transport.get_extra_info("ssl_object"), WAYPOINT_ID) == WAYPOINT_ID
+    return session
+
+
+async def open_tunnel(session, authority_ip, authority_port, forwarded_for="10.244.1.7"):
+    stream = HboneStream()
+    stream.response = asyncio.get_running_loop().create_future()
+    session.open_stream(stream, authority_ip, authority_port, forwarded_for, hbone.new_traceparent())
+    return stream, await asyncio.wait_for(stream.response, 5)
+
+
+async def http_over(stream, request: bytes) -> bytes:
+    stream.write(request)
+    await stream.drain()
+    answer = b""
+    while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < int(
+            [l for l in answer.split(b"\r\n") if l.lower().startswith(b"content-length")][0].split(b":")[1]):
+        chunk = await asyncio.wait_for(stream.read(65536), 5)
+        assert chunk, answer
+        answer += chunk
+    return answer
+
+
+async def test_hbone_in_and_out_with_identities_and_policy():
+    from aiohttp import web
+    ca = DevCA()
+    identities = IdentityManager(ca.sign)
+    await identities.get(WAYPOINT_ID)
+    seen_app = []
+    runner = web.AppRunner(make_backend_app("web", seen_app), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    app_port = runner.addresses[0][1]
+    terminator, seen_tunnels = await hbone_terminator(identities, WEB_ID)
+    term_port = terminator.sockets[0].getsockname()[1]
+
+    endpoint = Endpoint("127.0.0.1", app_port, "web-0", "web-0", "demo", WEB_ID, "HBONE")
+    only_client = Authorization("only-client", "demo", "ALLOW", rules=(Rule(sources=(Source(principals=(CLIENT_ID,)),)),))
+    resolver = StaticResolver({("demo", "web"): [endpoint]}, namespace="demo", policies=[only_client],
+                              vips={VIP: ("demo", "web")})
+    registry = CollectorRegistry()
+    connector = HboneConnector(identities, WAYPOINT_ID, "127.0.0.1", hbone_port=term_port, mark=None)
+    proxy = WaypointProxy(resolver, connector, Telemetry(registry), Limits(), rng=random.Random(1))
+    listener = await start_hbone_listener(proxy, Limits(), identities, WAYPOINT_ID, host="127.0.0.1", port=0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        session = await hbone_client(identities, port)
+        stream, status = await open_tunnel(session, VIP, 8080)
+        assert status == 200
+        # Two requests on one tunnel (keep-alive), the Host header is ignored: the VIP decides.
+        for path in ("/one", "/two"):
+            answer = await http_over(stream, f"GET {path} HTTP/1.1\r\nHost: whatever\r\n\r\n".encode())
+            assert answer.startswith(b"HTTP/1.1 200"), answer
+            body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+            assert body["path"] == path
+        stream.close()
+        # The upstream leg went over HBONE with the waypoint's identity, to the endpoint's address.
+        assert seen_tunnels[0] == (WAYPOINT_ID, "127.0.0.1", app_port)
+        assert len(seen_tunnels) == 1  # pooled: both requests on one upstream stream
+        samples = {s.labels["source_principal"]: s.value for f in registry.collect() for s in f.samples
+                   if s.name == "istio_requests_total"}
+        assert samples == {CLIENT_ID: 2.0}
+
+        # Another identity is refused by the L7 ALLOW policy.
+        other = IdentityManager(ca.sign)
+        svid = await other.get("spiffe://cluster.local/ns/legacy/sa/intruder")
+        loop = asyncio.get_running_loop()
+        intruder = HboneSession(client_side=True, idle_timeout=30)
+        await loop.create_connection(lambda: intruder, "127.0.0.1", port, ssl=svid.client_context, server_hostname="")
+        stream, status = await open_tunnel(intruder, VIP, 8080)
+        answer = await http_over(stream, b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 403")
+        stream.close()
+    finally:
+        listener.close()
+        terminator.close()
+        connector.close()
+        await proxy.close()
+        await runner.cleanup()
+
+
+async def test_plain_tls_without_client_certificate_is_refused():
+    import ssl
+    ca = DevCA()
+    identities = IdentityManager(ca.sign)
+    await identities.get(WAYPOINT_ID)
+    proxy = WaypointProxy(StaticResolver({}), HboneConnector(identities, WAYPOINT_ID, "127.0.0.1", mark=None),
+                          Telemetry(CollectorRegistry()))
+    listener = await start_hbone_listener(proxy, Limits(), identities, WAYPOINT_ID, host="127.0.0.1", port=0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="")
+        writer.write(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+        with pytest.raises((ConnectionError, ssl.SSLError, asyncio.IncompleteReadError)):
+            data = await asyncio.wait_for(reader.read(100), 5)
+            if not data:
+                raise ConnectionError("closed")
+        writer.close()
+    finally:
+        listener.close()
+        await proxy.close()

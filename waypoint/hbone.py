@@ -1,0 +1,343 @@
+"""HBONE for the waypoint, on the node proxy's HBONE layer (``shoal.agent.ztunnel``).
+
+The node proxy joins each HBONE stream to a TCP socket (``StreamPeer``); the waypoint
+instead parses HTTP inside the stream. ``HboneStream`` is that other kind of stream
+peer: it plugs into the node proxy's ``HboneSession`` (same callbacks as
+``StreamPeer``) and offers the waypoint's byte-stream interface (``read``, ``write``,
+``drain``, ``close``) to the HTTP servers and the upstream client. Sessions, pooling
+(``HbonePool``), TLS contexts and SPIFFE checks are the node proxy's, not copies.
+
+- ``start_hbone_listener``: the waypoint's only listener in the mesh: mTLS HBONE on
+  15008 with the waypoint's SVID. Each CONNECT ``:authority`` (the Service VIP and port
+  the client dialled) becomes one downstream HTTP connection.
+- ``HboneConnector``: upstream streams to endpoints' node proxies (HBONE, pooled per
+  destination identity and address) or plain TCP for endpoints outside the mesh.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import ssl
+from collections import deque
+
+from shoal.agent.ztunnel import hbone
+from shoal.agent.ztunnel.identity import IdentityError, IdentityManager, check_session
+from shoal.agent.ztunnel.pool import HbonePool, PoolKey
+from shoal.agent.ztunnel.tunnel import HboneSession
+from shoal.config import PORT_HBONE, PROXY_MARK
+
+from .downstream import serve_connection
+from .http import Limits, PeerInfo
+from .listener import connection_callbacks
+from .proxy import WaypointProxy
+from .upstream import Endpoint, TcpConnector
+
+log = logging.getLogger(__name__)
+
+
+class HboneStream:
+    """One HBONE stream as an async byte stream (and a stream peer for ``HboneSession``).
+
+    Backpressure: received bytes are credited back to the sender only when ``read``
+    hands them out; ``drain`` waits for send window and for the TLS transport.
+    """
+
+    def __init__(self) -> None:
+        self.session: HboneSession | None = None
+        self.stream_id = 0
+        self.response: asyncio.Future | None = None
+        self._chunks: deque[tuple[bytes, int]] = deque()
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._pending = memoryview(b"")
+        self._tls_paused = False
+        self._eof_in = False
+        self._want_eof = False
+        self._eof_out = False
+        self._reset: str | None = None
+        self.finished = False
+
+    # -- HboneSession's stream-peer callbacks
+    def bind(self, session: HboneSession, stream_id: int) -> None:
+        self.session, self.stream_id = session, stream_id
+        self._tls_paused = session.write_paused
+        self._update_writable()
+
+    def on_response(self, status: int) -> None:
+        if self.response is not None and not self.response.done():
+            self.response.set_result(status)
+
+    def on_stream_data(self, data: bytes, length: int) -> None:
+        self._chunks.append((data, length))
+        self._readable.set()
+
+    def on_window(self) -> None:
+        self._push()
+
+    def on_stream_end(self) -> None:
+        self._eof_in = True
+        self._readable.set()
+        if self._eof_out:
+            self._finish()
+
+    def on_stream_reset(self, reason: str) -> None:
+        self._reset = reason
+        if self.response is not None and not self.response.done():
+            self.response.set_exception(ConnectionResetError(reason))
+        self._readable.set()
+        self._writable.set()
+        self._finish()
+
+    def set_paused(self, why: str, paused: bool) -> None:
+        if why == "tls":
+            self._tls_paused = paused
+            self._update_writable()
+
+    # -- the byte-stream interface
+    async def read(self, n: int) -> bytes:
+        while not self._chunks:
+            if self._reset is not None:
+                raise ConnectionResetError(self._reset)
+            if self._eof_in:
+                return b""
+            self._readable.clear()
+            await self._readable.wait()
+        data, length = self._chunks.popleft()
+        session = self.session
+        if session is not None and not session.closed and length:
+            session.h2.consumed(self.stream_id, length)
+            session.flush()
+        return data
+
+    def write(self, data: bytes) -> None:
+        if self._reset is not None:
+            raise ConnectionResetError(self._reset)
+        if not data:
+            return
+        self._pending = memoryview(bytes(self._pending) + data) if self._pending else memoryview(data)
+        self._push()
+
+    async def drain(self) -> None:
+        while not self._writable.is_set():
+            await self._writable.wait()
+        if self._reset is not None:
+            raise ConnectionResetError(self._reset)
+
+    def write_eof(self) -> None:
+        self._want_eof = True
+        self._push()
+
+    def close(self) -> None:
+        if self.finished:
+            return
+        session = self.session
+        if session is not None and not session.closed:
+            if self._pending or not self._eof_in:
+                session.h2.reset(self.stream_id)  # unsent bytes or a peer still talking: abort
+            elif not self._eof_out:
+                session.h2.end(self.stream_id)
+            session.flush()
+        self._finish()
+
+    # -- internals
+    def _push(self) -> None:
+        session = self.session
+        if session is None or session.closed or self._reset is not None:
+            return
+        if self._pending:
+            sent = session.h2.send(self.stream_id, self._pending)
+            self._pending = self._pending[sent:]
+        if self._want_eof and not self._pending and not self._eof_out:
+            self._eof_out = True
+            session.h2.end(self.stream_id)
+        session.flush()
+        self._update_writable()
+        if self._eof_out and self._eof_in:
+            self._finish()
+
+    def _update_writable(self) -> None:
+        if (self._pending or self._tls_paused) and self._reset is None:
+            self._writable.clear()
+        else:
+            self._writable.set()
+
+    def _finish(self) -> None:
+        if not self.finished:
+            self.finished = True
+            if self.session is not None:
+                self.session.stream_done(self.stream_id)
+
+
+class _Gate(asyncio.Protocol):
+    """Holds what arrives between the TLS handshake and the identity check.
+
+    The client's first HTTP/2 bytes often come with its TLS Finished, so the TLS
+    transport can deliver them before ``start_tls`` returns: they wait here until the
+    peer's identity is checked and the HBONE session is attached.
+    """
+
+    def __init__(self) -> None:
+        self._buffer: list[bytes] = []
+        self._eof = False
+        self._lost: tuple[Exception | None] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer.append(data)
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = (exc,)
+
+    def hand_over(self, transport: asyncio.Transport, session: HboneSession) -> None:
+        transport.set_protocol(session)
+        session.connection_made(transport)
+        for data in self._buffer:
+            session.data_received(data)
+        self._buffer.clear()
+        if self._eof:
+            session.eof_received()
+        if self._lost is not None:
+            session.connection_lost(self._lost[0])
+
+
+def _forwarded_source(forwarded_for: str | None, peer_ip: str) -> str:
+    if forwarded_for:
+        try:
+            return str(ipaddress.ip_address(forwarded_for))
+        except ValueError:
+            pass
+    return peer_ip
+
+
+async def start_hbone_listener(proxy: WaypointProxy, limits: Limits, identities: IdentityManager, spiffe_id: str,
+                               host: str = "0.0.0.0", port: int = PORT_HBONE, handshake_timeout: float = 10.0,
+                               idle_timeout: float = 300.0) -> asyncio.Server:
+    """mTLS HBONE with the waypoint's SVID; every tunnel carries one downstream HTTP connection."""
+    reject, on_protocol = connection_callbacks(proxy, limits)
+    loop = asyncio.get_running_loop()
+    sessions: set[HboneSession] = set()
+
+    def on_request(session: HboneSession, event: hbone.TunnelRequested, peer_ip: str) -> None:
+        stream = HboneStream()
+        session.accept_stream(stream, event.stream_id)
+        peer = PeerInfo(source_ip=_forwarded_source(event.forwarded_for, peer_ip), source_port=0,
+                        source_principal=session.peer_identity or "", destination_ip=event.host,
+                        destination_port=event.port, mtls=True)
+        asyncio.ensure_future(serve_connection(stream, peer, proxy.handle, limits, reject, on_protocol))
+
+    async def handshake(transport: asyncio.Transport) -> None:
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        svid = identities.current(spiffe_id)
+        if svid is None:
+            reject("no_certificate", 503)
+            transport.abort()
+            return
+        session = HboneSession(client_side=False, idle_timeout=idle_timeout,
+                               on_request=lambda s, ev: on_request(s, ev, peer[0]),
+                               on_rejected=lambda reason: reject(f"hbone_{reason}", 400),
+                               on_closed=sessions.discard)
+        gate = _Gate()
+        try:
+            tls = await loop.start_tls(transport, gate, svid.server_context, server_side=True,
+                                       ssl_handshake_timeout=handshake_timeout)
+        except (TimeoutError, ssl.SSLError, ConnectionError, OSError) as err:
+            reject("tls_handshake", 400)
+            log.info("hbone: handshake with %s failed: %s", peer[0], err or type(err).__name__)
+            transport.abort()
+            return
+        try:
+            session.peer_identity = check_session(tls.get_extra_info("ssl_object"), None)
+        except IdentityError as err:
+            reject("peer_identity", 401)
+            log.warning("hbone: %s refused: %s", peer[0], err)
+            tls.abort()
+            return
+        session.local_identity = spiffe_id
+        sessions.add(session)
+        gate.hand_over(tls, session)
+
+    class _Accepted(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            asyncio.ensure_future(handshake(transport))
+
+    return await loop.create_server(_Accepted, host, port, reuse_address=True, backlog=1024)
+
+
+class HboneConnector:
+    """Upstream transport: HBONE to meshed endpoints (pooled sessions), TCP to the others."""
+
+    def __init__(self, identities: IdentityManager, spiffe_id: str, source_ip: str, pool: HbonePool | None = None,
+                 connect_timeout: float = 5.0, hbone_port: int = PORT_HBONE, mark: int | None = PROXY_MARK,
+                 idle_timeout: float = 300.0) -> None:
+        self.identities = identities
+        self.spiffe_id = spiffe_id
+        self.source_ip = source_ip
+        self.pool = pool or HbonePool()
+        self.connect_timeout = connect_timeout
+        self.hbone_port = hbone_port
+        self.mark = mark
+        self.idle_timeout = idle_timeout
+        self._tcp = TcpConnector(connect_timeout)
+
+    async def open(self, endpoint: Endpoint):
+        if endpoint.protocol != "HBONE":
+            return await self._tcp.open(endpoint)
+        key = PoolKey(self.spiffe_id, endpoint.spiffe_id, endpoint.ip, self.hbone_port)
+        try:
+            session = await self.pool.session(key, self._dial)
+        except IdentityError as err:
+            raise ConnectionRefusedError(f"HBONE to {endpoint.ip}: {err}") from None
+        stream = HboneStream()
+        stream.response = asyncio.get_running_loop().create_future()
+        session.open_stream(stream, endpoint.ip, endpoint.port, self.source_ip, hbone.new_traceparent())
+        try:
+            status = await asyncio.wait_for(stream.response, self.connect_timeout)
+        except BaseException:
+            stream.close()
+            raise
+        if status != hbone.STATUS_OK:
+            stream.close()
+            raise ConnectionRefusedError(f"HBONE CONNECT {endpoint.address} answered {status}")
+        return stream
+
+    def _socket(self, family: int) -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.mark is not None:
+            try:
+                # Marked sockets are skipped by Shoal's capture, like the node proxy's own.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.mark)
+            except PermissionError:
+                log.debug("SO_MARK needs CAP_NET_ADMIN; socket left unmarked")
+        return sock
+
+    async def _dial(self, key: PoolKey) -> HboneSession:
+        loop = asyncio.get_running_loop()
+        svid = await self.identities.get(self.spiffe_id)
+        sock = self._socket(socket.AF_INET6 if ":" in key.dst_ip else socket.AF_INET)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, (key.dst_ip, key.dst_port)), self.connect_timeout)
+        except BaseException:
+            sock.close()
+            raise
+        session = HboneSession(client_side=True, idle_timeout=self.idle_timeout, on_closed=self.pool.discard)
+        transport, _ = await loop.create_connection(lambda: session, sock=sock, ssl=svid.client_context,
+                                                    server_hostname="", ssl_handshake_timeout=self.connect_timeout)
+        try:
+            session.peer_identity = check_session(transport.get_extra_info("ssl_object"), key.dst_identity or None)
+        except IdentityError:
+            transport.abort()
+            raise
+        session.local_identity = self.spiffe_id
+        return session
+
+    def close(self) -> None:
+        self.pool.close_all()
+
