@@ -220,3 +220,22 @@ def test_ca_secret_is_mounted_where_the_controller_reads_its_ca(monkeypatch):
     assert run(install, "--render", "--ca-secret", "Bad Secret").exit_code == 2
     default = find(render(RenderOptions()), "Deployment", "shoal-controller")
     assert "cacerts" not in str(default), "no CA secret unless asked for"
+
+
+def test_every_install_command_in_the_docs_works():
+    """The docs' `shoal install ...` lines, run with --render: no option there is made up."""
+    import re
+    import shlex
+    from tests.deploy.deploybed import REPO
+    text = (REPO / "docs" / "kubernetes.md").read_text()
+    lines = [line.split("#")[0].split(">")[0].strip()
+             for block in re.findall(r"```sh\n(.*?)```", text, re.S) for line in block.splitlines()]
+    commands = [shlex.split(line)[2:] for line in lines if line.startswith("shoal install")]
+    assert len(commands) >= 4
+    for args in commands:
+        result = run(install, *args, *([] if "--render" in args else ["--render"]))
+        assert result.exit_code == 0, (args, result.output)
+    uninstall_lines = [shlex.split(line)[2:] for line in lines if line.startswith("shoal uninstall")]
+    assert uninstall_lines
+    for args in uninstall_lines:
+        assert run(uninstall, *args, "--help").exit_code == 0, args
