@@ -145,8 +145,9 @@ def uninstall(trust_domain: str, hub: str, image_tag: str, flows: int, log_level
     cleanup = render_file(options, base, CLEANUP_MANIFEST)
     kubectl = _kubectl(kubectl_bin, context)
     # 1. Stop the agents. On SIGTERM they leave their programs pinned (upgrade path).
-    kubectl.run(["-n", NAMESPACE, "delete", "daemonset/shoal-agent", "--ignore-not-found", "--wait=true",
-                 f"--timeout={timeout}"])
+    # Foreground: kubectl returns once the agent pods are gone, not just the DaemonSet.
+    kubectl.run(["-n", NAMESPACE, "delete", "daemonset/shoal-agent", "--ignore-not-found", "--cascade=foreground",
+                 "--wait=true", f"--timeout={timeout}"])
     # 2. Remove programs, pins and pod tc filters on every node, and wait for all nodes.
     kubectl.run(["apply", "--server-side", f"--field-manager={FIELD_MANAGER}", "-f", "-"], stdin=to_yaml(cleanup))
     kubectl.run(["-n", NAMESPACE, "rollout", "status", "daemonset/shoal-node-cleanup", f"--timeout={timeout}"])
