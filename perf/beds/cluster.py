@@ -94,12 +94,16 @@ class ClusterPod:
 
 @dataclass
 class ClusterBed:
+    """``up`` makes the cluster and ``close`` removes it, unless ``attach``: then the bed
+    uses a running cluster it does not own, and ``close`` only deletes the pods it made."""
+
     node_count: int = 2
     name: str = field(default_factory=lambda: os.environ.get("SHOAL_PERF_CLUSTER", DEFAULT_CLUSTER))
     log: Callable[[str], None] = print
+    attach: bool = False
     kind: str = "cluster"
     _pods: dict[tuple[str, str], ClusterPod] = field(default_factory=dict)
-    _workdir: Path | None = None
+    _applied: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.name in PROTECTED_CLUSTERS:
@@ -121,6 +125,10 @@ class ClusterBed:
         return done
 
     def up(self) -> "ClusterBed":
+        if self.attach:
+            self.log(f"bed: using the running cluster {self.name!r}")
+            self._shoal("get", "nodes", timeout=30)
+            return self
         self.log(f"bed: shoal up --nodes {self.node_count} (cluster {self.name!r})")
         try:
             self._shoal("up", "--nodes", str(self.node_count), timeout=300)
@@ -139,6 +147,7 @@ class ClusterBed:
         docs = pod_manifests(namespace, name, node, meshed=meshed, service_account=service_account,
                              labels=labels)
         self._shoal("apply", "-f", "-", timeout=60, input=yaml.safe_dump_all(docs))
+        self._applied += [d for d in docs if d not in self._applied]
         deadline = time.monotonic() + 60
         while True:
             found = find_pod(self._shoal("get", "pods", "-n", namespace, "-o", "json", timeout=30).stdout,
@@ -166,8 +175,19 @@ class ClusterBed:
         return pids
 
     def close(self) -> None:
-        self.log(f"bed: shoal down (cluster {self.name!r})")
         self._pods.clear()
+        if self.attach:
+            # Pods first, then their service accounts and namespaces.
+            order = {"Pod": 0, "ServiceAccount": 1, "Namespace": 2}
+            for doc in sorted(self._applied, key=lambda d: order[d["kind"]]):
+                done = subprocess.run([*self.shoal, "delete", "-f", "-"], input=yaml.safe_dump(doc),
+                                      capture_output=True, text=True, timeout=60, env=self.env)
+                if done.returncode != 0:
+                    self.log(f"bed: deleting {doc['kind']} {doc['metadata']['name']} failed: "
+                             f"{(done.stderr or done.stdout).strip()[-300:]}")
+            self._applied.clear()
+            return
+        self.log(f"bed: shoal down (cluster {self.name!r})")
         done = subprocess.run([*self.shoal, "down"], capture_output=True, text=True, timeout=180, env=self.env)
         if done.returncode != 0:
             self.log(f"bed: shoal down failed: {(done.stderr or done.stdout).strip()[-500:]}")
