@@ -310,7 +310,7 @@ def token_expires_in(token: str, now: float | None = None) -> float | None:
 # -- node clean-up (shoal uninstall) ---------------------------------------------------
 
 
-def cleanup_node(layout: KubernetesLayout, node: str) -> None:
+def cleanup_node(layout: KubernetesLayout, node: str) -> list[str]:
     """Removes Shoal's programs, pins and pod tc filters from this node.
 
     Delegates to the agent's own uninstall (``shoal.agent.uninstall.remove_node``),
@@ -321,7 +321,10 @@ def cleanup_node(layout: KubernetesLayout, node: str) -> None:
         from shoal.agent.uninstall import remove_node
     except ImportError as err:
         raise KubernetesModeError(f"this agent build has no uninstall: {err}") from err
-    remove_node(layout, node)
+    try:
+        return remove_node(layout, node)
+    except OSError as err:
+        raise KubernetesModeError(f"removing the data path: {err}") from err
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -338,11 +341,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--node or SHOAL_NODE is required")
     try:
         layout = KubernetesLayout.from_env()
-        cleanup_node(layout, args.node)
+        removed = cleanup_node(layout, args.node)
     except KubernetesModeError as err:
         log.error("clean-up of node %s failed: %s", args.node, err)
         return 1
-    log.info("node %s: Shoal's programs and pins removed", args.node)
+    for item in removed:
+        log.info("removed %s", item)
+    log.info("node %s: Shoal's programs and pins removed (%d items)", args.node, len(removed))
     args.done_file.write_text("done\n")
     while args.stay:
         time.sleep(3600)

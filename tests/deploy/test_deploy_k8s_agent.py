@@ -229,3 +229,27 @@ def test_real_process_in_a_pod_cgroup_is_found_in_its_netns():
             if d.exists():
                 d.rmdir()
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_cleanup_entry_point_removes_state_and_reports_done(tmp_path):
+    """`python -m shoal.agent.k8s cleanup`, as the clean-up DaemonSet runs it (empty bpffs here)."""
+    import sys
+    (tmp_path / "cg").mkdir()
+    (tmp_path / "cg" / "cgroup.controllers").write_text("")
+    run_dir, bpffs = tmp_path / "run", tmp_path / "bpffs"
+    run_dir.mkdir()
+    bpffs.mkdir()
+    state = run_dir / "agent-enrolled.json"
+    state.write_text(json.dumps({"pods": [{"netns_path": str(tmp_path / "gone" / "ns" / "net")}]}))
+    env = dict(os.environ, SHOAL_NODE="worker-a", SHOAL_RUN_DIR=str(run_dir), SHOAL_BPFFS=str(bpffs),
+               SHOAL_CGROUP_ROOT=str(tmp_path / "cg"), SHOAL_HOST_PROC=str(tmp_path / "proc"))
+    done = tmp_path / "done"
+    result = subprocess.run([sys.executable, "-m", "shoal.agent.k8s", "cleanup", "--done-file", str(done)],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert done.read_text() == "done\n" and not state.exists()
+    assert "removed enrolment state" in result.stderr
+    missing = subprocess.run([sys.executable, "-m", "shoal.agent.k8s", "cleanup"],
+                             env={k: v for k, v in env.items() if k != "SHOAL_NODE"},
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "SHOAL_NODE" in missing.stderr
