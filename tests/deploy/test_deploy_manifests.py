@@ -265,5 +265,30 @@ def test_rbac_is_least_privilege(rendered):
     cluster = find(rendered, "ClusterRole", "shoal-controller")
     write = {r for rule in cluster["rules"] for r in rule["resources"]
              if set(rule["verbs"]) & {"create", "update", "patch", "delete"}}
-    assert write <= {"gateways/status", "httproutes/status", "gatewayclasses/status", "tokenreviews",
+    assert write <= {"gateways/status", "httproutes/status", "tokenreviews",
                      "deployments", "services", "serviceaccounts", "configmaps", "events"}
+
+
+CORE_RESOURCES = {"Namespace": ("", "namespaces"), "Pod": ("", "pods"), "Service": ("", "services"),
+                  "ServiceAccount": ("", "serviceaccounts"), "Node": ("", "nodes"),
+                  "EndpointSlice": ("discovery.k8s.io", "endpointslices"),
+                  "Gateway": ("gateway.networking.k8s.io", "gateways"),
+                  "HTTPRoute": ("gateway.networking.k8s.io", "httproutes")}
+
+
+def test_controller_may_list_and_watch_every_kind_it_watches(rendered):
+    from shoal.controller.model import WATCHED_KINDS
+    resources = dict(CORE_RESOURCES)
+    for crd in (o for o in rendered if o["kind"] == "CustomResourceDefinition"):
+        resources[crd["spec"]["names"]["kind"]] = (crd["spec"]["group"], crd["spec"]["names"]["plural"])
+    rules = find(rendered, "ClusterRole", "shoal-controller")["rules"]
+    for kind in WATCHED_KINDS:
+        group, plural = resources[kind]
+        granted = {v for r in rules if group in r["apiGroups"] and plural in r["resources"] for v in r["verbs"]}
+        assert {"list", "watch"} <= granted, f"the controller watches {kind} but may not list/watch {plural}"
+    watched = {resources[kind][1] for kind in WATCHED_KINDS}
+    # Beyond what it watches, it reads only the waypoint instances and root-cert ConfigMaps it owns.
+    read = {res for r in rules if {"list", "watch"} & set(r["verbs"]) for res in r["resources"]}
+    assert read - watched <= {"deployments", "configmaps"}, f"needless read access: {read - watched}"
+    token_review = [r for r in rules if "tokenreviews" in r["resources"]]
+    assert token_review and token_review[0]["verbs"] == ["create"]
