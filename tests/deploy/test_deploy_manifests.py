@@ -172,7 +172,9 @@ def ports_opened_by(container, rendered) -> set[int]:
         hubble = HubbleConfig(node_name=env["SHOAL_NODE"])
         return {int(hubble.tcp_address.rsplit(":", 1)[1]), AgentConfig.__dataclass_fields__["metrics_port"].default}
     if module == "shoal.waypoint":
-        return {shoal_config.PORT_HBONE, shoal_config.PORT_PROXY_METRICS, shoal_config.PORT_PROXY_READY}
+        WaypointConfig = pytest.importorskip("shoal.waypoint.config", reason="waypoint config not landed").WaypointConfig
+        cfg = WaypointConfig.from_args(container.get("args") or [], env=env)
+        return {cfg.hbone_address[1], cfg.metrics_port, cfg.ready_port}
     if module == "shoal.agent.k8s":
         return set()
     raise AssertionError(f"unknown component {module}")

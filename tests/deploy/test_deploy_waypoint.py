@@ -24,6 +24,11 @@ def test_template_yields_a_valid_deployment_service_and_account(rendered):
     deployment = objects[1]
     env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["SHOAL_WAYPOINT_NAME"] == "waypoint" and env["SHOAL_WAYPOINT_NAMESPACE"] == "demo"
+    # The identity the waypoint claims is the ServiceAccount its pod runs as.
+    config = pytest.importorskip("shoal.waypoint.config").WaypointConfig.from_args([], env={
+        k: v for k, v in env.items() if v is not None})
+    pod = deployment["spec"]["template"]["spec"]
+    assert config.spiffe_id == f"spiffe://cluster.local/ns/demo/sa/{pod['serviceAccountName']}"
 
 
 @pytest.mark.parametrize("change", [
