@@ -89,7 +89,8 @@ class Enricher:
             endpoint.labels.append(f"k8s:io.kubernetes.pod.namespace={service.namespace}")
             return service
         endpoint.identity = identity or (IDENTITY_HOST if ip.startswith("127.") or ip == "::1" else IDENTITY_WORLD)
-        endpoint.labels.append("reserved:host" if endpoint.identity == IDENTITY_HOST else "reserved:world")
+        if endpoint.identity in (IDENTITY_HOST, IDENTITY_WORLD):
+            endpoint.labels.append("reserved:host" if endpoint.identity == IDENTITY_HOST else "reserved:world")
         return None
 
     def fill_endpoints(self, flow: flow_pb2.Flow, src_identity: int = 0, dst_identity: int = 0) -> None:
@@ -104,7 +105,11 @@ class Enricher:
 
     # -- kernel events
     def kernel_flow(self, event) -> flow_pb2.Flow:
-        """A ``shoal.agent.flowevents.KernelFlowEvent`` -> Flow."""
+        """A ``shoal.agent.flowevents.KernelFlowEvent`` (or its raw record bytes) -> Flow."""
+        if isinstance(event, bytes):
+            from shoal.agent.flowevents import decode   # raises MalformedRecord (a ValueError)
+
+            event = decode(event)
         flow = flow_pb2.Flow()
         flow.time.FromNanoseconds(self.wall_ns(event.ts_ns))
         protocol = event.protocol

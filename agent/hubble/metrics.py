@@ -21,6 +21,9 @@ class HubbleMetrics:
         self.slow_clients_cut = 0
         self.client_disconnects = 0
         self.store = None
+        # Raw kernel records counted by their key bytes (see server.RawRecordLayout).
+        self.raw_counts: dict[bytes, int] = {}
+        self.raw_layout = None
 
     def count_kernel(self, kind: str, verdict: str, drop_reason: int, protocol) -> None:
         key = ("L3_L4", kind, verdict)
@@ -39,15 +42,27 @@ class HubbleMetrics:
             drop = (int(flow.drop_reason_desc) or flow.drop_reason, protocol)
             self.drops[drop] = self.drops.get(drop, 0) + 1
 
+    def _fold_raw(self) -> tuple[dict, dict]:
+        processed, drops = dict(self.processed), dict(self.drops)
+        if self.raw_layout is not None:
+            for key, value in list(self.raw_counts.items()):
+                kind, verdict, reason, protocol = self.raw_layout.describe(key)
+                label = ("L3_L4", kind, verdict)
+                processed[label] = processed.get(label, 0) + value
+                if verdict == "DROPPED":
+                    drops[(reason, protocol)] = drops.get((reason, protocol), 0) + value
+        return processed, drops
+
     def collect(self):
+        processed_counts, drop_counts = self._fold_raw()
         processed = CounterMetricFamily(
             "hubble_flows_processed", "Flows processed by the node's flow store",
             labels=["type", "subtype", "verdict"])
-        for (kind, subtype, verdict), value in list(self.processed.items()):
+        for (kind, subtype, verdict), value in processed_counts.items():
             processed.add_metric([kind, subtype, verdict], value)
         yield processed
         drops = CounterMetricFamily("hubble_drop", "Dropped flows by reason", labels=["reason", "protocol"])
-        for (reason, protocol), value in list(self.drops.items()):
+        for (reason, protocol), value in drop_counts.items():
             drops.add_metric([_reason_name(reason), _protocol_name(protocol)], value)
         yield drops
         lost = CounterMetricFamily("hubble_lost_events", "Flow events lost, by where", labels=["source"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 import logging
 import os
 import socket
@@ -83,7 +84,15 @@ class ObserverService(observer_pb2_grpc.ObserverServicer):
             response = observer_pb2.GetFlowsResponse(lost_events=payload, node_name=self.config.node_name)
             response.time.FromNanoseconds(ts_ns)
             return response
-        flow = payload if isinstance(payload, flow_pb2.Flow) else self.enricher.kernel_flow(payload)
+        if isinstance(payload, flow_pb2.Flow):
+            flow = payload
+        else:
+            try:
+                flow = self.enricher.kernel_flow(payload)
+            except ValueError as error:      # a raw record that does not decode
+                self.metrics.malformed_records += 1
+                log.debug("undecodable kernel record skipped: %s", error)
+                return None
         if not query.matcher(flow):
             return None
         response = observer_pb2.GetFlowsResponse(flow=flow, node_name=self.config.node_name)
@@ -264,6 +273,35 @@ class FlowSocketReceiver:
                 self.path.unlink()
 
 
+class RawRecordLayout:
+    """Where the fields the hot path needs sit in the agent's FlowRecord (``agent.structs``)."""
+
+    def __init__(self) -> None:
+        from shoal.agent.structs import FlowRecord
+
+        self.size = ctypes.sizeof(FlowRecord)
+        self.ts_offset = FlowRecord.ts_ns.offset
+        self.unpack_ts = struct.Struct("<Q").unpack_from
+        # protocol, verdict, direction, kind, tcp_flags, drop_reason: the metric key.
+        self.key_start = FlowRecord.protocol.offset
+        self.key_end = FlowRecord.drop_reason.offset + 1
+        self.protocol = 0
+        self.verdict = FlowRecord.verdict.offset - self.key_start
+        self.kind = FlowRecord.kind.offset - self.key_start
+        self.drop_reason = self.key_end - 1 - self.key_start
+
+    def describe(self, key: bytes) -> tuple[str, str, int, int]:
+        """Metric key bytes -> (kind, verdict, drop reason, IP protocol number)."""
+        from shoal.agent.structs import Kind, Verdict
+
+        try:
+            kind = Kind(key[self.kind]).name.lower()
+            verdict = Verdict(key[self.verdict]).name
+        except ValueError:
+            return "unknown", "VERDICT_UNKNOWN", 0, key[self.protocol]
+        return kind, verdict, key[self.drop_reason], key[self.protocol]
+
+
 class HubbleServer:
     """One node's flow store and Observer API. See the package docstring for wiring."""
 
@@ -287,6 +325,8 @@ class HubbleServer:
         self._append = self.store.append
         self._count_kernel = self.metrics.count_kernel
         self._wall_offset = self.enricher.wall_ns(0)
+        self._raw = RawRecordLayout()
+        self.metrics.raw_layout = self._raw
 
     # -- ingestion
     def kernel_sink(self, event) -> None:
@@ -294,6 +334,21 @@ class HubbleServer:
         ts = event.ts_ns
         self._append(ts if ts >= 10**18 else ts + self._wall_offset, event)
         self._count_kernel(event.kind, event.verdict, event.drop_reason, event.protocol)
+
+    def kernel_records(self, records: list[bytes]) -> None:
+        """Takes a batch of raw FlowRecord bytes (``ringbuf.RingReader``); decoded when read."""
+        layout = self._raw
+        wall_offset = self._wall_offset
+        unpack_ts = layout.unpack_ts
+        entries = []
+        counts = self.metrics.raw_counts
+        key_start, key_end = layout.key_start, layout.key_end
+        for record in records:
+            ts = unpack_ts(record, layout.ts_offset)[0]
+            entries.append((ts if ts >= 10**18 else ts + wall_offset, record))
+            key = record[key_start:key_end]
+            counts[key] = counts.get(key, 0) + 1
+        self.store.extend(entries)
 
     def ingest_flow(self, flow: flow_pb2.Flow) -> None:
         """Takes one proxy/waypoint flow: completes its endpoints and stores it."""

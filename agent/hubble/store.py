@@ -31,13 +31,30 @@ class FlowStore:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._wake_pending = False
+        # Two producers (the ring-buffer reader's thread, the loop's socket reader) share
+        # the head; an uncontended lock costs far less than a lost or torn append.
+        self._append_lock = threading.Lock()
         self.lost_by_source: dict[int, int] = {}
 
     # -- producers
     def append(self, ts_ns: int, payload: Any) -> None:
-        head = self._head
-        self._slots[head % self.capacity] = (ts_ns, payload)
-        self._head = head + 1
+        """Stores one entry; safe from any thread (the kernel reader calls it from its own)."""
+        with self._append_lock:
+            head = self._head
+            self._slots[head % self.capacity] = (ts_ns, payload)
+            self._head = head + 1
+        if self._waiters:
+            self._wake()
+
+    def extend(self, entries: list[Entry]) -> None:
+        """Stores a batch under one lock acquisition (the kernel reader's path)."""
+        capacity, slots = self.capacity, self._slots
+        with self._append_lock:
+            head = self._head
+            for entry in entries:
+                slots[head % capacity] = entry
+                head += 1
+            self._head = head
         if self._waiters:
             self._wake()
 
