@@ -196,17 +196,20 @@ class HboneConnection:
         return self._h2.local_flow_control_window(stream_id)
 
     def end(self, stream_id: int) -> None:
-        self._h2.end_stream(stream_id)
+        try:
+            self._h2.end_stream(stream_id)
+        except h2.exceptions.StreamClosedError:
+            pass  # reset meanwhile: the reset already told the peer
 
     def reset(self, stream_id: int, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
         try:
             self._h2.reset_stream(stream_id, error_code)
-        except h2.exceptions.StreamClosedError:
-            pass  # already gone: nothing to reset
+        except h2.exceptions.ProtocolError:
+            pass  # the stream or the whole connection is already gone: nothing to reset
 
     def consumed(self, stream_id: int, length: int) -> None:
         """Credit back ``length`` bytes of received DATA (they have been written out)."""
-        if length:
+        if length and not self.closed:
             try:
                 self._h2.acknowledge_received_data(length, stream_id)
             except h2.exceptions.StreamClosedError:

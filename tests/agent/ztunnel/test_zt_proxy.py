@@ -303,3 +303,113 @@ async def test_client_verifies_server_identity(harness, state):
     await _expect_closed(reader)
     assert metric(harness.app, "shoal_proxy_rejected_total", listener="outbound", reason="peer_identity") == 1
     assert harness.echo.peers == []
+
+
+# -- lifecycle: rotation and restart --------------------------------------------------------------
+
+async def _make_app(tmp_path, state, signer, origdst, **overrides) -> ProxyApp:
+    config = ProxyConfig(node="node-1", layout=ClusterLayout(name="shoal-test", run_root=tmp_path),
+                         handshake_timeout=1.0, connect_timeout=2.0, drain_grace=3.0, handover_wait=3.0,
+                         **overrides)
+    app = ProxyApp(config, state=state, signer=signer, origdst=origdst, serve_http=False)
+    await app.start()
+    return app
+
+
+async def _agent(path: str, netns: dict, synced: asyncio.Event) -> None:
+    """What the agent does: connect, replay every pod, say so; reconnect when the proxy goes."""
+    from shoal.agent.ztunnel.zds import ZdsError
+
+    while True:
+        client = ZdsClient(path, timeout=3)
+        try:
+            await client.connect()
+            for role, pod in PODS.items():
+                fd = os.open(f"/run/netns/{netns[role]}", os.O_RDONLY)
+                try:
+                    await client.add(pod, fd)
+                finally:
+                    os.close(fd)
+            await client.snapshot_sent()
+            synced.set()
+            await client.wait_closed()
+        except ZdsError:
+            await asyncio.sleep(0.05)
+        finally:
+            await client.close()
+
+
+async def test_certificate_rotation_keeps_long_lived_connection(pod_netns, state, tmp_path):
+    short = DevCA("short-lived", ttl=datetime.timedelta(seconds=3))
+    origdst = FakeOrigdst()
+    app = await _make_app(tmp_path, state, short.sign, origdst, rotation_check_interval=0.2)
+    echo = await EchoServer().start(f"/run/netns/{pod_netns['server']}", SERVER_IP, APP_PORT)
+    synced = asyncio.Event()
+    agent = asyncio.ensure_future(_agent(app.config.zds_path, pod_netns, synced))
+    try:
+        await asyncio.wait_for(synced.wait(), 5)
+        h = Harness(pod_netns, app, origdst, echo)
+        reader, writer = await h.connect_via_proxy(SERVER_IP, APP_PORT)
+        before = {c["identity"]: c["not_after"] for c in app.ctx.identities.describe()}
+        for _ in range(8):  # 4 s: past the first certificates' expiry
+            writer.write(b"ping")
+            assert await asyncio.wait_for(reader.readexactly(4), 3) == b"ping"
+            await asyncio.sleep(0.5)
+        after = {c["identity"]: c["not_after"] for c in app.ctx.identities.describe()}
+        assert all(after[k] > before[k] for k in before)  # every SVID was renewed...
+        assert metric(app, "shoal_proxy_certificates_rotated_total") >= 2
+        writer.close()
+        app.ctx.pool.close_all()  # ...and new connections handshake with the new ones
+        assert await h.echo_roundtrip() == b"hello"
+    finally:
+        agent.cancel()
+        echo.close()
+        await app.stop()
+
+
+async def test_restart_handover_refuses_no_connection(pod_netns, state, ca, tmp_path):
+    origdst = FakeOrigdst()
+    old = await _make_app(tmp_path, state, ca.sign, origdst)
+    echo = await EchoServer().start(f"/run/netns/{pod_netns['server']}", SERVER_IP, APP_PORT)
+    synced = asyncio.Event()
+    agent = asyncio.ensure_future(_agent(old.config.zds_path, pod_netns, synced))
+    h = Harness(pod_netns, old, origdst, echo)
+    results = {"ok": 0, "failed": []}
+
+    async def one():
+        try:
+            data = await h.echo_roundtrip()
+            if data == b"hello":
+                results["ok"] += 1
+            else:
+                results["failed"].append(data)
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
+            results["failed"].append(repr(exc))
+
+    async def load(seconds: float, rate: int = 200):
+        tasks = []
+        for _ in range(int(seconds * rate)):
+            tasks.append(asyncio.ensure_future(one()))
+            await asyncio.sleep(1 / rate)
+        await asyncio.gather(*tasks)
+
+    new = None
+    try:
+        await asyncio.wait_for(synced.wait(), 5)
+        traffic = asyncio.ensure_future(load(3.0))
+        await asyncio.sleep(0.5)
+        synced.clear()
+        new = await _make_app(tmp_path, state, ca.sign, origdst)   # the successor binds beside...
+        retiring = asyncio.ensure_future(old.retire())              # ...and the old one retires
+        await asyncio.wait_for(synced.wait(), 5)
+        await traffic
+        await asyncio.wait_for(retiring, 10)
+        assert results["failed"] == [] and results["ok"] == 600
+        assert all(not s.serving for pod in old.pods.pods.values() for s in pod.servers)
+        assert metric(new, "istio_tcp_connections_opened_total", reporter="source") > 0
+    finally:
+        agent.cancel()
+        echo.close()
+        if new is not None:
+            await new.stop()
+        await old.stop()
