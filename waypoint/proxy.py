@@ -70,6 +70,8 @@ class L7Config:
 
     def __init__(self, routes: Iterable[HTTPRoute] = (), policies: Iterable[TrafficPolicy] = (),
                  rng: random.Random | None = None) -> None:
+        routes = list(routes)
+        self.route_keys = sorted(r.key for r in routes)
         self.routes = RouteTable(routes, rng)
         self.policies: dict[tuple[str, str], TrafficPolicy] = {}
         for policy in sorted(policies, key=lambda p: p.key):

@@ -1,0 +1,141 @@
+"""The waypoint as a whole: wiring, config from the stream's objects, and the real process."""
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from shoal.waypoint.app import WaypointApp, validate_resource
+from shoal.waypoint.config import WaypointConfig
+from shoal.xds import model as m
+from shoal.xds.state import ConfigState
+
+from .conftest import make_backend_app, route, traffic_policy
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kube(obj) -> m.KubeObject:
+    meta = obj["metadata"]
+    return m.KubeObject(obj["kind"], meta["namespace"], meta["name"], json.dumps(obj))
+
+
+async def start_backend(name):
+    runner = web.AppRunner(make_backend_app(name, []), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, runner.addresses[0][1]
+
+
+def test_validator_nacks_bad_routes_only():
+    good = kube(route([{"backendRefs": [{"name": "web", "port": 80}]}]))
+    validate_resource(good)
+    bad = kube(route([{"matches": [{"path": {"type": "Nope", "value": "/"}}]}]))
+    with pytest.raises(ValueError, match="path.type"):
+        validate_resource(bad)
+    validate_resource(m.Waypoint("w", "demo", "10.244.1.9", "w", "spiffe://x"))
+
+
+async def test_routes_follow_the_config_state_without_restart():
+    v1, p1 = await start_backend("web-v1")
+    v2, p2 = await start_backend("web-v2")
+    state = ConfigState()
+    state.apply(m.ConfigDelta("1", upserted=(
+        m.Workload("web-v1-0", "web-v1-0", "demo", "web", "node-1", "127.0.0.1", 1, "spiffe://cluster.local/ns/demo/sa/web",
+                   meshed=False, protocol="TCP"),
+        m.Service("web", "demo", "10.96.0.10", (m.ServicePort("http", 80, p1),), ("web-v1-0",)),
+        m.Service("web-v2", "demo", "10.96.0.11", (m.ServicePort("http", 80, p2),), ("web-v1-0",)),
+    )))
+    port = free_port()
+    config = WaypointConfig(name="waypoint", namespace="demo", plaintext_address=("127.0.0.1", port),
+                            metrics_port=0, ready_port=0, access_log="", emit_flows=False)
+    app = WaypointApp(config, state=state)
+    await app.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            async def backend():
+                async with session.get(f"http://127.0.0.1:{port}/", headers={"host": "web.demo:80"}) as resp:
+                    body = await resp.read()
+                    return (json.loads(body)["backend"] if resp.status == 200 else body.decode().strip()), resp.status
+            assert await backend() == ("web-v1", 200)
+            # An HTTPRoute arrives on the stream: the next request follows it.
+            to_v2 = route([{"backendRefs": [{"name": "web-v2", "port": 80}]}])
+            state.apply(m.ConfigDelta("2", upserted=(kube(to_v2),)))
+            assert await backend() == ("web-v2", 200)
+            # A broken object is ignored (and counted); the good one stays.
+            broken = route([{"matches": [{"path": {"type": "Nope"}}]}], name="broken")
+            state.apply(m.ConfigDelta("3", upserted=(kube(broken),)))
+            assert await backend() == ("web-v2", 200)
+            assert app.telemetry.metrics.config_rejected.labels(kind="HTTPRoute")._value.get() >= 1
+            # Rate limit policy added, then the route removed.
+            state.apply(m.ConfigDelta("4", upserted=(kube(traffic_policy({"rateLimit": {"maxTokens": 1, "fillInterval": "1h"}})),),
+                                      removed=("object/HTTPRoute/demo/r",)))
+            assert await backend() == ("web-v1", 200)
+            assert (await backend())[1] == 429
+    finally:
+        await app.stop()
+        await v1.cleanup()
+        await v2.cleanup()
+
+
+async def test_the_real_process_serves_metrics_and_stops_on_sigterm(tmp_path):
+    runner, backend_port = await start_backend("web")
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(json.dumps(route([{"filters": [{"type": "ResponseHeaderModifier",
+                                                      "responseHeaderModifier": {"set": [{"name": "x-wp", "value": "1"}]}}],
+                                         "backendRefs": [{"name": "web", "port": 80}]}])))
+    port, metrics_port, ready_port = free_port(), free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "shoal.waypoint", "--name", "waypoint", "--namespace", "demo",
+                             "--plaintext", f"127.0.0.1:{port}", "--static-service", f"demo/web=127.0.0.1:{backend_port}",
+                             "--routes-file", str(routes), "--metrics-port", str(metrics_port),
+                             "--ready-port", str(ready_port), "--no-flows"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "SHOAL_CONTROLLER": ""})
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{ready_port}/healthz/ready", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read().decode()
+                assert time.monotonic() < deadline, "waypoint never became ready"
+                await asyncio.sleep(0.1)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/x", headers={"host": "web"}) as resp:
+                assert resp.status == 200 and resp.headers["x-wp"] == "1"
+            async with session.get(f"http://127.0.0.1:{metrics_port}/metrics") as resp:
+                text = await resp.text()
+        assert 'istio_requests_total{' in text and 'response_code="200"' in text
+        assert "istio_request_duration_milliseconds_bucket" in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=10)
+        await runner.cleanup()
+    assert proc.returncode == 0, err.decode()
+    line = json.loads(out.decode().splitlines()[0])  # the JSON access log on stdout
+    assert line["path"] == "/x" and line["response_code"] == 200
+
+
+def test_bad_flags_are_rejected():
+    with pytest.raises(SystemExit):
+        WaypointConfig.from_args(["--name", "w"], env={})
+    with pytest.raises(SystemExit):
+        WaypointConfig.from_args(["--name", "w", "--namespace", "d", "--static-service", "nonsense"], env={})
+    c = WaypointConfig.from_args(["--name", "w", "--namespace", "d", "--static-service", "d/web=10.0.0.1:80,10.0.0.2:81"], env={})
+    assert c.static_services == (("d", "web", (("10.0.0.1", 80), ("10.0.0.2", 81))),)
+    assert c.spiffe_id == "spiffe://cluster.local/ns/d/sa/w"

@@ -1,0 +1,253 @@
+"""Wiring: builds the waypoint from its config and runs it.
+
+Pieces, as in the node proxy: state (``ConfigState``, written only by the config
+client), identity (``IdentityManager`` with the waypoint's SVID), the proxy pipeline,
+the listeners (HBONE; plain HTTP only when asked, for development and benchmarks),
+metrics and readiness over HTTP, telemetry sinks (access log, flows, OTLP).
+
+Routes and TrafficPolicies arrive on the config stream as pass-through Kubernetes
+objects (``KubeObject``); each push re-parses them and swaps them into the proxy, so a
+new HTTPRoute or a removed policy applies to the next request, without a restart.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import yaml
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from shoal.xds import model as m
+from shoal.xds.state import ConfigState
+
+from .config import WaypointConfig
+from .listener import start_plaintext
+from .model import HTTPRoute, TrafficPolicy, parse_httproute, parse_traffic_policy
+from .proxy import WaypointProxy
+from .resolver import StateResolver, StaticResolver
+from .telemetry import OtlpSpanExporter, Telemetry
+from .upstream import Endpoint, TcpConnector
+
+log = logging.getLogger(__name__)
+access_logger = logging.getLogger("shoal.waypoint.access")
+
+PARSERS: dict[str, Callable[[dict], Any]] = {"HTTPRoute": parse_httproute, "TrafficPolicy": parse_traffic_policy}
+
+
+def validate_resource(resource: m.Resource) -> None:
+    """Config-stream validator: a malformed HTTPRoute/TrafficPolicy is NACKed (ValueError)."""
+    if isinstance(resource, m.KubeObject) and resource.kind in PARSERS:
+        try:
+            body = resource.body
+        except ValueError as err:
+            raise ValueError(f"{resource.kind} {resource.namespace}/{resource.name}: bad JSON: {err}") from None
+        PARSERS[resource.kind](body)
+
+
+def parse_objects(objects: Iterable[dict], on_error: Callable[[str, str], None]) -> tuple[list[HTTPRoute], list[TrafficPolicy]]:
+    routes, policies = [], []
+    for obj in objects:
+        kind = obj.get("kind") if isinstance(obj, dict) else None
+        if kind not in PARSERS:
+            continue
+        try:
+            parsed = PARSERS[kind](obj)
+        except ValueError as err:
+            meta = obj.get("metadata") or {}
+            on_error(kind, f"{kind} {meta.get('namespace')}/{meta.get('name')}: {err}")
+            continue
+        (routes if kind == "HTTPRoute" else policies).append(parsed)
+    return routes, policies
+
+
+def load_objects_file(path: str) -> list[dict]:
+    with open(path) as f:
+        return [doc for doc in yaml.safe_load_all(f) if doc]
+
+
+class WaypointApp:
+    def __init__(self, config: WaypointConfig, *, state: ConfigState | None = None, signer=None,
+                 config_client=None) -> None:
+        self.config = config
+        self.registry = CollectorRegistry()
+        self.state = state if state is not None else ConfigState()
+        self._config_client = config_client
+        self._tasks: list[asyncio.Task] = []
+        self._servers: list[asyncio.base_events.Server] = []
+        self._runners: list[web.AppRunner] = []
+        self.ready = asyncio.Event()
+        self.flows = None
+        if config.emit_flows and config.flows_path:
+            from shoal.agent.hubble.emitter import FlowEmitter
+
+            self.flows = FlowEmitter(config.flows_path, registry=self.registry, component="waypoint")
+        self.spans = OtlpSpanExporter(config.otlp_endpoint, f"{config.name}.{config.namespace}") \
+            if config.otlp_endpoint else None
+        self.telemetry = Telemetry(self.registry, access_log=self._access_sink(), flow_emitter=self.flows,
+                                   span_exporter=self.spans)
+        self.identities = None
+        if config.static_services:
+            services = {(ns, name): [Endpoint(ip, port, name=f"{name}-{i}", namespace=ns)
+                                     for i, (ip, port) in enumerate(eps)]
+                        for ns, name, eps in config.static_services}
+            resolver = StaticResolver(services, namespace=config.namespace)
+            connector = TcpConnector(config.connect_timeout)
+        else:
+            resolver = StateResolver(self.state, config.namespace, config.trust_domain)
+            connector = TcpConnector(config.connect_timeout)
+        if signer is not None or config.controller:
+            from shoal.agent.ztunnel.identity import IdentityManager
+
+            from .hbone import HboneConnector
+
+            self.identities = IdentityManager(signer or self._controller_signer(), config.trust_domain)
+            if not config.static_services:
+                connector = HboneConnector(self.identities, config.spiffe_id, config.pod_ip,
+                                           connect_timeout=config.connect_timeout)
+        self.connector = connector
+        self.proxy = WaypointProxy(resolver, connector, self.telemetry, config.limits)
+        self._static_objects = load_objects_file(config.routes_file) if config.routes_file else []
+
+    def _access_sink(self) -> Callable[[str], None] | None:
+        target = self.config.access_log
+        if not target:
+            return None
+        access_logger.propagate = False
+        handler = logging.StreamHandler(sys.stdout) if target == "-" else logging.FileHandler(target)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access_logger.handlers[:] = [handler]
+        access_logger.setLevel(logging.INFO)
+        return access_logger.info
+
+    def _controller_signer(self):
+        async def sign(csr_pem: bytes):
+            chain, roots = await self._client().sign_certificate(csr_pem, ttl_seconds=self.config.cert_ttl_seconds)
+            as_bytes = lambda v: v.encode() if isinstance(v, str) else v  # noqa: E731
+            return as_bytes(chain), as_bytes(roots)
+        return sign
+
+    def _client(self):
+        if self._config_client is None:
+            from shoal.xds.client import ConfigClient, read_token
+
+            token = read_token(self.config.token_file) if self.config.token_file else ""
+            node = self.config.node or f"waypoint-{self.config.namespace}-{self.config.name}"
+            self._config_client = ConfigClient(self.config.controller, node, token, self.state,
+                                               component="waypoint", validator=validate_resource)
+        return self._config_client
+
+    # -- configuration
+    def reload(self, _delta: m.ConfigDelta | None = None) -> None:
+        objects = [o.body for kind in PARSERS for o in self.state.objects(kind)] + self._static_objects
+
+        def rejected(kind: str, message: str) -> None:
+            self.telemetry.metrics.config_rejected.labels(kind=kind).inc()
+            log.warning("ignoring invalid %s", message)
+
+        routes, policies = parse_objects(objects, rejected)
+        self.proxy.update(routes, policies)
+        log.info("config: %d HTTPRoutes, %d TrafficPolicies", len(routes), len(policies))
+
+    # -- lifecycle
+    async def start(self) -> None:
+        config = self.config
+        self.state.subscribe(self.reload)
+        self.reload()
+        if config.controller or self._config_client is not None:
+            self._tasks.append(asyncio.ensure_future(self._client().run()))
+        if self.identities is not None:
+            await self._acquire_identity()
+            from .hbone import start_hbone_listener
+
+            host, port = config.hbone_address
+            self._servers.append(await start_hbone_listener(self.proxy, config.limits, self.identities,
+                                                            config.spiffe_id, host, port))
+            self._tasks.append(asyncio.ensure_future(self._rotate()))
+        if config.plaintext_address is not None:
+            host, port = config.plaintext_address
+            self._servers.append(await start_plaintext(self.proxy, config.limits, host, port))
+        await self._start_http()
+        self.ready.set()
+        log.info("waypoint %s/%s serving as %s", config.namespace, config.name, config.spiffe_id)
+
+    async def _acquire_identity(self) -> None:
+        from shoal.agent.ztunnel.identity import IdentityError
+
+        delay = 0.2
+        while True:
+            try:
+                await self.identities.get(self.config.spiffe_id)
+                return
+            except IdentityError as err:
+                log.warning("no SVID yet for %s: %s (retrying)", self.config.spiffe_id, err)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _rotate(self) -> None:
+        while True:
+            await asyncio.sleep(5.0)
+            await self.identities.rotate_due()
+
+    async def _start_http(self) -> None:
+        async def metrics(_request: web.Request) -> web.Response:
+            return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        async def ready(_request: web.Request) -> web.Response:
+            return web.Response(status=200 if self.ready.is_set() else 503, text="ready\n")
+
+        async def config_dump(_request: web.Request) -> web.Response:
+            cfg = self.proxy.config
+            return web.json_response({
+                "routes": [f"{ns}/{name}" for ns, name in cfg.route_keys],
+                "traffic_policies": sorted({f"{p.namespace}/{p.name}" for p in cfg.policies.values()}),
+                "identity": self.config.spiffe_id,
+            })
+
+        for port, routes in ((self.config.metrics_port, [("/metrics", metrics), ("/config_dump", config_dump)]),
+                             (self.config.ready_port, [("/healthz/ready", ready)])):
+            if not port:
+                continue
+            app = web.Application()
+            for path, handler in routes:
+                app.router.add_get(path, handler)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, "0.0.0.0", port, reuse_address=True).start()
+            self._runners.append(runner)
+
+    async def stop(self) -> None:
+        for server in self._servers:
+            server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.proxy.close()
+        close = getattr(self.connector, "close", None)
+        if close is not None:
+            close()
+        for runner in self._runners:
+            await runner.cleanup()
+        if self._config_client is not None:
+            await self._config_client.close()
+        if self.flows is not None:
+            self.flows.close()
+        if self.spans is not None:
+            self.spans.shutdown()
+
+
+async def main(config: WaypointConfig) -> None:
+    import signal
+
+    app = WaypointApp(config)
+    await app.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("waypoint stopping")
+    await app.stop()
