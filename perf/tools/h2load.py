@@ -5,6 +5,8 @@ request: ``<start µs since epoch>\\t<status>\\t<µs until the end of the respon
 """
 from __future__ import annotations
 
+import re
+
 from shoal.perf.tools import ToolOutputError
 
 
@@ -45,3 +47,32 @@ def latencies_us(log_text: str) -> tuple[list[float], int]:
     if not good:
         raise ToolOutputError("h2load: no successful request in the log")
     return good, bad
+
+
+_FINISHED = re.compile(r"finished in ([\d.]+)s, ([\d.]+) req/s")
+_REQUESTS = re.compile(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+                       r"(\d+) failed, (\d+) errored, (\d+) timeout")
+
+
+def max_rate_argv(url: str, seconds: float, connections: int, *, http1: bool = True,
+                  data_file: str | None = None) -> list[str]:
+    """As many requests as the path takes: ``connections`` clients on one h2load thread."""
+    argv = ["h2load", "--clients", str(connections), "--threads", "1", "--duration", f"{seconds:g}"]
+    if http1:
+        argv.append("--h1")
+    if data_file:
+        argv += ["--data", data_file]
+    return [*argv, url]
+
+
+def summary_rate(output: str) -> float:
+    """req/s from h2load's summary; refuses runs where any request failed."""
+    finished = _FINISHED.search(output)
+    counts = _REQUESTS.search(output)
+    if not finished or not counts:
+        raise ToolOutputError("h2load: no summary in the output: " + output.strip()[-300:])
+    total, _, _, succeeded, failed, errored, timeout = map(int, counts.groups())
+    if failed or errored or timeout or succeeded == 0:
+        raise ToolOutputError(f"h2load: {succeeded}/{total} succeeded, {failed} failed, "
+                              f"{errored} errored, {timeout} timed out")
+    return float(finished.group(2))

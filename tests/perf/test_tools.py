@@ -109,3 +109,34 @@ def test_h2load_total_rate_split_over_clients():
     assert argv[argv.index("--rps") + 1] == "250" and "--h1" in argv and argv[-1].startswith("http://")
     with pytest.raises(ValueError):
         h2load.client_argv("http://x/", 5, 1000, "/tmp/x.log", clients=3)
+
+
+H2LOAD_SUMMARY = """finished in 2.00s, 996.00 req/s, 1.04MB/s
+requests: 1992 total, 1993 started, 1992 done, 1992 succeeded, 0 failed, 0 errored, 0 timeout
+status codes: 1992 2xx, 0 3xx, 0 4xx, 0 5xx
+"""
+
+
+def test_h2load_summary_rate():
+    assert h2load.summary_rate("starting benchmark...\n" + H2LOAD_SUMMARY) == 996.0
+    failing = H2LOAD_SUMMARY.replace("1992 succeeded, 0 failed", "1900 succeeded, 92 failed")
+    with pytest.raises(ToolOutputError, match="92 failed"):
+        h2load.summary_rate(failing)
+    with pytest.raises(ToolOutputError, match="no summary"):
+        h2load.summary_rate("connect: Connection refused\n")
+
+
+def test_h2load_max_rate_argv_one_thread():
+    argv = h2load.max_rate_argv("http://127.0.0.1:18081/", 2, 16, data_file="/tmp/b")
+    assert argv[argv.index("--threads") + 1] == "1" and argv[argv.index("--clients") + 1] == "16"
+    assert "--rps" not in argv and argv[argv.index("--data") + 1] == "/tmp/b"
+
+
+def test_http_haproxy_configs(tmp_path):
+    from shoal.perf import http
+    body = http.body_file(tmp_path)
+    assert body.stat().st_size == http.BODY_SIZE
+    origin = http.origin_config(18080, body)
+    assert "bind 0.0.0.0:18080" in origin and f"file {body}" in origin and "nbthread 1" in origin
+    proxy = http.proxy_config("0.0.0.0:18081", "10.244.2.10:18080", threads=1)
+    assert "mode http" in proxy and "server origin 10.244.2.10:18080" in proxy

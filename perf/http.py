@@ -1,0 +1,129 @@
+"""The shared HTTP workload (for waypoint scenarios): fixed-rate latency and maximum rate.
+
+* ``origin``: a fast HTTP/1.1 origin in the server pod that answers every request with a
+  1 KiB body (haproxy's ``http-request return``, C, single thread), so the origin's own
+  cost stays small and equal for every path.
+* ``measure``: ``h2load --rps`` at a fixed 1,000 req/s with 1 KiB request bodies (POST),
+  percentiles from its per-request log; and ``h2load`` unthrottled for the maximum rate.
+* ``haproxy_http_proxy``: haproxy in HTTP mode, one thread ("one core"), as the peer a
+  waypoint is compared with on the same path.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from shoal.perf import peers, procstat, stats
+from shoal.perf.scenario import Context, Measurement, Pod
+from shoal.perf.tools import ToolOutputError, h2load
+
+RR = "http.rr_1k@1000/s"        # fixed-rate request/response, 1 KiB bodies both ways
+MAX = "http.max_rate"           # unthrottled requests per second
+ORIGIN_PORT = 18080
+BODY_SIZE = 1024
+RATE = 1000
+MAX_CONNECTIONS = 16
+
+
+def body_file(directory: Path) -> Path:
+    path = directory / "body-1k.txt"
+    if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        path.write_text("x" * BODY_SIZE)
+    return path
+
+
+def _haproxy_head(threads: int) -> str:
+    return (f"global\n    log stderr format short local0 warning\n    nbthread {threads}\n"
+            "defaults\n    mode http\n    log global\n    timeout connect 5s\n"
+            "    timeout client 1m\n    timeout server 1m\n    timeout http-keep-alive 1m\n")
+
+
+def origin_config(port: int, body: Path) -> str:
+    return (_haproxy_head(1) + f"frontend origin\n    bind 0.0.0.0:{port}\n"
+            f"    http-request return status 200 content-type text/plain file {body}\n")
+
+
+def proxy_config(listen: str, upstream: str, threads: int = 1) -> str:
+    return (_haproxy_head(threads) + f"frontend proxy\n    bind {listen}\n    default_backend upstream\n"
+            f"backend upstream\n    http-reuse always\n    server origin {upstream}\n")
+
+
+@contextmanager
+def _haproxy(ctx: Context, pod: Pod, name: str, config: str, port: int) -> Iterator[Callable[[], list[int]]]:
+    path = ctx.workdir / f"{name}.cfg"
+    path.write_text(config)
+    proc = pod.spawn(["haproxy", "-db", "-f", str(path)], log=ctx.workdir / f"{name}.log")
+    try:
+        peers.wait_listening(pod, "0.0.0.0", port)
+        yield lambda: procstat.pids_in_group(proc.pid, "haproxy")
+    finally:
+        ctx.bed.stop(proc)
+
+
+@contextmanager
+def origin(ctx: Context, pod: Pod, port: int = ORIGIN_PORT) -> Iterator[None]:
+    """The 1 KiB origin on ``pod``:``port`` for the duration of the block."""
+    with _haproxy(ctx, pod, f"origin-{pod.name}", origin_config(port, body_file(ctx.workdir)), port):
+        yield
+
+
+@contextmanager
+def haproxy_http_proxy(ctx: Context, pod: Pod, port: int, upstream: str,
+                       threads: int = 1) -> Iterator[Callable[[], list[int]]]:
+    """haproxy in HTTP mode on ``pod`` 0.0.0.0:``port`` -> ``upstream`` (host:port); yields its PIDs."""
+    with _haproxy(ctx, pod, f"proxy-{pod.name}-{port}", proxy_config(f"0.0.0.0:{port}", upstream, threads),
+                  port) as pids:
+        yield pids
+
+
+def fixed_rate_once(ctx: Context, client: Pod, url: str, rate: int = RATE) -> list[float]:
+    seconds = ctx.seconds(5, 2)
+    log = ctx.workdir / "h2load-requests.log"
+    log.unlink(missing_ok=True)
+    argv = h2load.client_argv(url, seconds, rate, str(log), data_file=str(body_file(ctx.workdir)))
+    done = client.run(argv, timeout=seconds + 30, check=False)
+    if not log.exists():
+        raise ToolOutputError(f"h2load wrote no log: {(done.stdout + done.stderr).strip()[-300:]}")
+    good, bad = h2load.latencies_us(log.read_text())
+    if bad:
+        raise ToolOutputError(f"h2load: {bad} requests got an error status")
+    return good
+
+
+def max_rate_once(ctx: Context, client: Pod, url: str, connections: int = MAX_CONNECTIONS) -> float:
+    seconds = ctx.seconds(5, 2)
+    argv = h2load.max_rate_argv(url, seconds, connections, data_file=str(body_file(ctx.workdir)))
+    done = client.run(argv, timeout=seconds + 30, check=False)
+    return h2load.summary_rate(done.stdout)
+
+
+def measure(ctx: Context, path: str, client: Pod, url: str,
+            processes: Callable[[], Sequence[int]] | None = None,
+            max_rate: bool = True) -> Iterator[Measurement]:
+    """p50/p99 (µs) at a fixed 1,000 req/s, [cpu, rss of ``processes``], and the max req/s."""
+    p50, p99, cpu, rss, rates = [], [], [], [], []
+    for rep in range(ctx.repetitions):
+        pids = list(processes()) if processes else []
+        if pids:
+            with procstat.ProcessSampler(pids) as sampler:
+                latencies = fixed_rate_once(ctx, client, url)
+            assert sampler.usage is not None
+            cpu.append(sampler.usage.cpu_cores)
+            rss.append(sampler.usage.rss_peak_mb)
+        else:
+            latencies = fixed_rate_once(ctx, client, url)
+        p50.append(stats.percentile(latencies, 50))
+        p99.append(stats.percentile(latencies, 99))
+        ctx.log(f"  {RR} {path} #{rep + 1}: p50 {p50[-1]:.0f} µs, p99 {p99[-1]:.0f} µs")
+    yield Measurement(RR, path, "p50", "µs", tuple(p50), "lower")
+    yield Measurement(RR, path, "p99", "µs", tuple(p99), "lower")
+    if cpu:
+        yield Measurement(RR, path, "cpu", "cores", tuple(cpu), "lower")
+        yield Measurement(RR, path, "rss", "MB", tuple(rss), "lower")
+    if max_rate:
+        for rep in range(ctx.repetitions):
+            rates.append(max_rate_once(ctx, client, url))
+            ctx.log(f"  {MAX} {path} #{rep + 1}: {rates[-1]:.0f} req/s")
+        yield Measurement(MAX, path, "rate", "req/s", tuple(rates), "higher")
