@@ -152,6 +152,7 @@ class Distributor:
         log.info("node %s (%s) connected from %s, resuming %d resources", node,
                  conn.component, conn.peer, len(sender.known))
         reader = asyncio.ensure_future(self._read(conn, iterator, context))
+        waiter: asyncio.Future | None = None
         try:
             while not reader.done():
                 waiter = asyncio.ensure_future(conn.wake.wait())
@@ -168,6 +169,8 @@ class Distributor:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         finally:
             reader.cancel()
+            if waiter is not None:
+                waiter.cancel()
             self.connections.discard(conn)
             self.metrics.connected.labels(conn.component).dec()
             log.info("node %s (%s) disconnected", node, conn.component)

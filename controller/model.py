@@ -134,9 +134,14 @@ class MeshModel:
         self._members: dict[str, set[str]] = defaultdict(set)          # policy -> workloads
         self._selected_by: dict[str, set[str]] = defaultdict(set)      # workload -> policies
         self._policy_nodes: dict[str, Counter[str]] = defaultdict(Counter)
-        self._policies_by_ns: dict[str, set[str]] = defaultdict(set)
+        self._policy_selectors = LabelIndex()                          # ns -> pair -> policies
+        self._namespace_policies: dict[str, set[str]] = defaultdict(set)  # empty selectors
         # CA: which identities have pods on which node.
         self._node_identities: dict[str, Counter[str]] = defaultdict(Counter)
+        # Label indexes (namespace -> (key, value) -> names): selectors look up candidates
+        # instead of scanning every pod or service of a namespace.
+        self._pod_labels = LabelIndex()
+        self._service_selectors = LabelIndex()
 
     # -- reading -------------------------------------------------------------------------
 
@@ -195,12 +200,16 @@ class MeshModel:
             else:
                 self._objects[kind][namespace][name] = obj
             if kind == "Pod":
+                self._pod_labels.remove(namespace, name, _labels(old))
+                if event != "DELETED":
+                    self._pod_labels.add(namespace, name, _labels(obj))
                 dirty_pods.add((namespace, name))
                 for labels in (_labels(old), _labels(obj)):
-                    for svc in self.objects("Service", namespace):
-                        selector = (svc.get("spec") or {}).get("selector")
+                    for svc_name in self._service_selectors.candidates_for_labels(namespace, labels):
+                        svc = self.get("Service", namespace, svc_name)
+                        selector = ((svc or {}).get("spec") or {}).get("selector")
                         if selector and _selector_matches(selector, labels):
-                            dirty_services.add(_meta(svc))
+                            dirty_services.add((namespace, svc_name))
                     gateway = labels.get(LABEL_GATEWAY_NAME)
                     if gateway:
                         dirty_gateways.add((namespace, gateway))
@@ -208,6 +217,11 @@ class MeshModel:
                 dirty_pods.update((name, pod) for pod in self._objects["Pod"].get(name, {}))
                 dirty_services.update((name, s) for s in self._objects["Service"].get(name, {}))
             elif kind == "Service":
+                self._service_selectors.remove(namespace, name,
+                                               ((old or {}).get("spec") or {}).get("selector"))
+                if event != "DELETED":
+                    self._service_selectors.add(namespace, name,
+                                                (obj.get("spec") or {}).get("selector"))
                 dirty_services.add((namespace, name))
             elif kind == "EndpointSlice":
                 for labels in (_labels(old), _labels(obj)):
@@ -298,7 +312,9 @@ class MeshModel:
             return
         selected = set()
         for ns in {workload.namespace, m.MESH_ROOT_NAMESPACE}:
-            for policy in self._policies_by_ns.get(ns, ()):
+            candidates = self._namespace_policies.get(ns, set()) | \
+                self._policy_selectors.candidates_for_labels(ns, workload.labels)
+            for policy in candidates:
                 entry = self.resources.get(policy)
                 if entry is not None and entry.resource.selects(workload):
                     selected.add(policy)
@@ -323,11 +339,17 @@ class MeshModel:
         old = self.resources.get(key)
         entry = self._rebuild(key, lambda: self._build_policy(namespace, name),
                               _describe("AuthorizationPolicy", namespace, name), change)
+        if entry is old:
+            return None
+        if old is not None:
+            self._policy_selectors.remove(namespace, key, old.resource.selector)
+            self._namespace_policies[namespace].discard(key)
         if entry is not None:
-            self._policies_by_ns[namespace].add(key)
-        else:
-            self._policies_by_ns[namespace].discard(key)
-        return key if entry is not old else None
+            if entry.resource.selector:
+                self._policy_selectors.add(namespace, key, entry.resource.selector)
+            else:
+                self._namespace_policies[namespace].add(key)
+        return key
 
     def _reselect_policy(self, key: str, change: Change) -> None:
         """Recomputes which workloads a changed policy selects."""
@@ -338,9 +360,11 @@ class MeshModel:
         counter: Counter[str] = Counter()
         if entry is not None:
             policy: m.Authorization = entry.resource
-            spaces = (None if policy.namespace == m.MESH_ROOT_NAMESPACE else policy.namespace)
-            for pod in list(self.objects("Pod", spaces)):
-                pod_ns, pod_name = _meta(pod)
+            spaces = (list(self._objects["Pod"]) if policy.namespace == m.MESH_ROOT_NAMESPACE
+                      else [policy.namespace])
+            candidates = [(ns, name) for ns in spaces
+                          for name in self._pods_selected(ns, policy.selector)]
+            for pod_ns, pod_name in candidates:
                 workload_key = f"{m.WORKLOAD}/{pod_ns}/{pod_name}"
                 workload = self.resources.get(workload_key)
                 if workload is not None and policy.selects(workload.resource):
@@ -350,6 +374,15 @@ class MeshModel:
             self._policy_nodes[key] = counter
         if before != set(counter):
             change.keys.add(key)
+
+    def _pods_selected(self, namespace: str, selector: Mapping[str, str]) -> list[str]:
+        """Names of the pods of ``namespace`` whose labels match ``selector`` (empty: all)."""
+        pods = self._objects["Pod"].get(namespace, {})
+        if not selector:
+            return list(pods)
+        candidates = self._pod_labels.candidates_for_selector(namespace, selector)
+        return [name for name in candidates
+                if name in pods and _selector_matches(selector, _labels(pods[name]))]
 
     # -- builders: Kubernetes object -> model ----------------------------------------------------
 
@@ -416,9 +449,8 @@ class MeshModel:
         if selector:
             endpoints = sorted(
                 f"{namespace}/{pod_name}"
-                for pod_name, pod in self._objects["Pod"].get(namespace, {}).items()
-                if _selector_matches(selector, _labels(pod))
-                and f"{m.WORKLOAD}/{namespace}/{pod_name}" in self.resources)
+                for pod_name in self._pods_selected(namespace, selector)
+                if f"{m.WORKLOAD}/{namespace}/{pod_name}" in self.resources)
         else:
             endpoints = sorted(self._slice_endpoints(namespace, name))
         ports = []
@@ -582,6 +614,43 @@ def authorization_from_object(obj: Obj) -> m.Authorization:
     return m.Authorization(name=name, namespace=namespace, action=action,
                            selector=m.Labels({str(k): str(v) for k, v in selector.items()}),
                            rules=tuple(rules))
+
+
+class LabelIndex:
+    """namespace -> (label key, value) -> names, for selector lookups."""
+
+    def __init__(self) -> None:
+        self._index: dict[str, dict[tuple[str, str], set[str]]] = defaultdict(
+            lambda: defaultdict(set))
+
+    def add(self, namespace: str, name: str, labels: Mapping[str, str] | None) -> None:
+        for pair in (labels or {}).items():
+            self._index[namespace][pair].add(name)
+
+    def remove(self, namespace: str, name: str, labels: Mapping[str, str] | None) -> None:
+        space = self._index.get(namespace)
+        if space is None:
+            return
+        for pair in (labels or {}).items():
+            names = space.get(pair)
+            if names is not None:
+                names.discard(name)
+                if not names:
+                    del space[pair]
+
+    def candidates_for_selector(self, namespace: str, selector: Mapping[str, str]) -> set[str]:
+        """Names having at least the rarest of the selector's pairs (a superset of matches)."""
+        space = self._index.get(namespace, {})
+        sets = [space.get(pair, set()) for pair in selector.items()]
+        return min(sets, key=len) if sets else set()
+
+    def candidates_for_labels(self, namespace: str, labels: Mapping[str, str]) -> set[str]:
+        """Names indexed under any of ``labels``' pairs (e.g. services that may select them)."""
+        space = self._index.get(namespace, {})
+        found: set[str] = set()
+        for pair in labels.items():
+            found |= space.get(pair, set())
+        return found
 
 
 class NodeView(Mapping[str, str]):
