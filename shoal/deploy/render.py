@@ -31,7 +31,7 @@ CONFIG_MAP = "shoal-config"
 WAYPOINT_TEMPLATE = "shoal-waypoint-template"
 WAYPOINT_TEMPLATE_KEY = "template.yaml"
 CONFIG_CHECKSUM_ANNOTATION = "shoal.io/config-checksum"
-# Images Shoal builds (images/Dockerfile.*); only these get the hub and tag options.
+# Images Shoal builds (images/*.Dockerfile); only these get the hub and tag options.
 SHOAL_IMAGES = ("shoal-controller", "shoal-agent", "shoal-waypoint")
 
 CONTROLLER = "shoal-controller"
