@@ -57,9 +57,10 @@ class WaypointConfig:
         p = argparse.ArgumentParser(prog="python -m shoal.waypoint", description="Shoal waypoint (L7 proxy)")
         p.add_argument("--name", default=env.get("SHOAL_WAYPOINT_NAME"), help="Gateway name (env SHOAL_WAYPOINT_NAME)")
         p.add_argument("--namespace", default=env.get("SHOAL_WAYPOINT_NAMESPACE"), help="Gateway namespace")
-        p.add_argument("--service-account", default=env.get("SHOAL_WAYPOINT_SERVICE_ACCOUNT", ""))
-        p.add_argument("--node", default=env.get("SHOAL_NODE", ""))
-        p.add_argument("--pod-ip", default=env.get("SHOAL_POD_IP", ""))
+        p.add_argument("--service-account", default=env.get("SHOAL_WAYPOINT_SERVICE_ACCOUNT", ""),
+                       help="default: the Gateway's name")
+        p.add_argument("--node", default=env.get("SHOAL_NODE") or env.get("NODE_NAME", ""))
+        p.add_argument("--pod-ip", default=env.get("SHOAL_POD_IP") or env.get("POD_IP", ""))
         p.add_argument("--cluster", default=env.get("SHOAL_CLUSTER", "shoal"))
         p.add_argument("--controller", default=env.get("SHOAL_CONTROLLER", ""))
         p.add_argument("--token-file", default=env.get("SHOAL_TOKEN_FILE", ""))

@@ -1,0 +1,112 @@
+"""`shoal waypoint` against a real controller store and local API; the launcher's Deployments."""
+import asyncio
+import threading
+
+import pytest
+from click.testing import CliRunner
+
+from shoal.config import ClusterLayout
+from shoal.controller.localapi import build_app, serve_unix
+from shoal.controller.store import Store
+from shoal.local.apiclient import ApiClient
+from shoal.waypoint import cli
+from shoal.waypoint.launcher import LABEL_GATEWAY_NAME, LocalWaypointLauncher, plan
+
+LAYOUT = ClusterLayout(name="shoal-wp-test")
+
+
+@pytest.fixture
+def api(tmp_path, monkeypatch):
+    """The controller's local API on a Unix socket, served from a thread."""
+    seed = [{"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"}},
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo", "labels": {"shoal.io/mesh": "enabled"}}},
+                 {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "demo",
+                                                                      "labels": {"shoal.io/use-waypoint": "waypoint"}},
+                  "spec": {"selector": {"app": "web"}, "ports": [{"port": 8080}]}}]
+    loop = asyncio.new_event_loop()
+    path = tmp_path / "controller.sock"
+    started = threading.Event()
+
+    def serve():
+        # sqlite objects belong to the thread that made them: the store lives in the server thread.
+        asyncio.set_event_loop(loop)
+        store = Store(tmp_path / "store.db")
+        store.apply(seed)
+        LocalWaypointLauncher(store, LAYOUT, python="/usr/bin/python3").attach()
+        runner = loop.run_until_complete(serve_unix(build_app(store, lambda: {}), path))
+        started.set()
+        loop.run_forever()
+        loop.run_until_complete(runner.cleanup())
+        store.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert started.wait(10)
+    monkeypatch.setattr(cli, "_client", lambda: ApiClient(path))
+    yield _Reader(ApiClient(path))
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+class _Reader:
+    """get/list through the API (the store itself stays in its thread)."""
+
+    def __init__(self, client: ApiClient) -> None:
+        self.client = client
+
+    def list(self, kind, namespace=None):
+        return self.client.list(kind, namespace)
+
+    def get(self, kind, namespace, name):
+        return next((o for o in self.client.list(kind, namespace or None) if o["metadata"]["name"] == name), None)
+
+
+def test_apply_list_delete(api):
+    runner = CliRunner()
+    result = runner.invoke(cli.waypoint, ["apply", "-n", "demo", "--enroll-namespace"])
+    assert result.exit_code == 0, result.output
+    gw = api.get("Gateway", "demo", "waypoint")
+    assert gw["spec"]["gatewayClassName"] == "shoal-waypoint"
+    assert api.get("Namespace", "", "demo")["metadata"]["labels"]["shoal.io/use-waypoint"] == "waypoint"
+    assert api.get("Namespace", "", "demo")["metadata"]["labels"]["shoal.io/mesh"] == "enabled"  # kept
+    # The launcher turned the Gateway into a Deployment and the store into a Pod.
+    for _ in range(50):
+        if api.get("Deployment", "demo", "waypoint"):
+            break
+        import time; time.sleep(0.05)
+    dep = api.get("Deployment", "demo", "waypoint")
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][1:] == ["-m", "shoal.waypoint"]
+    assert container["args"][:4] == ["--name", "waypoint", "--namespace", "demo"]
+    pods = [p for p in api.list("Pod", "demo") if p["metadata"]["labels"].get(LABEL_GATEWAY_NAME) == "waypoint"]
+    assert len(pods) == 1 and pods[0]["metadata"]["labels"]["shoal.io/mesh"] == "disabled"
+
+    result = runner.invoke(cli.waypoint, ["list", "-n", "demo"])
+    assert result.exit_code == 0 and "waypoint" in result.output and "namespace, svc/web" in result.output
+
+    result = runner.invoke(cli.waypoint, ["delete", "-n", "demo"])
+    assert result.exit_code == 0, result.output
+    for _ in range(50):
+        if not api.get("Deployment", "demo", "waypoint"):
+            break
+        import time; time.sleep(0.05)
+    assert api.get("Deployment", "demo", "waypoint") is None
+    assert not [p for p in api.list("Pod", "demo") if p["metadata"]["labels"].get(LABEL_GATEWAY_NAME)]
+
+
+def test_bad_arguments_are_refused(api):
+    runner = CliRunner()
+    assert runner.invoke(cli.waypoint, ["apply", "-n", "Not_A_Namespace"]).exit_code != 0
+    assert runner.invoke(cli.waypoint, ["apply"]).exit_code != 0
+    result = runner.invoke(cli.waypoint, ["delete", "ghost", "-n", "demo"])
+    assert result.exit_code != 0 and "not found" in result.output
+
+
+def test_plan_ignores_other_gateway_classes_and_user_deployments():
+    gateways = [{"metadata": {"name": "waypoint", "namespace": "demo"}, "spec": {"gatewayClassName": "shoal-waypoint"}},
+                {"metadata": {"name": "edge", "namespace": "demo"}, "spec": {"gatewayClassName": "nginx"}}]
+    user = {"metadata": {"name": "web", "namespace": "demo", "labels": {}}, "spec": {}}
+    to_apply, to_delete = plan(gateways, [user], LAYOUT)
+    assert [d["metadata"]["name"] for d in to_apply] == ["waypoint"] and to_delete == []
+    to_apply, to_delete = plan([], [user] + to_apply, LAYOUT)
+    assert to_apply == [] and [d["metadata"]["name"] for d in to_delete] == ["waypoint"]

@@ -1,0 +1,133 @@
+"""``shoal waypoint apply|list|delete``: the shortcut for waypoint Gateways.
+
+Talks to the controller's local API (``ClusterLayout.api_socket``). ``apply`` creates
+``Gateway`` ``waypoint`` (``gatewayClassName: shoal-waypoint``) in a namespace and, with
+``--enroll-namespace``, labels the namespace ``shoal.io/use-waypoint=<name>``.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import click
+
+from shoal.config import LABEL_USE_WAYPOINT, LABEL_USE_WAYPOINT_ISTIO, PORT_HBONE, WAYPOINT_GATEWAY_CLASS, ClusterLayout
+
+NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def gateway(name: str, namespace: str, service_account: str | None = None) -> dict:
+    meta = {"name": name, "namespace": namespace}
+    if service_account:
+        meta["annotations"] = {"shoal.io/service-account": service_account}
+    return {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway", "metadata": meta,
+            "spec": {"gatewayClassName": WAYPOINT_GATEWAY_CLASS,
+                     "listeners": [{"name": "mesh", "port": PORT_HBONE, "protocol": "HBONE"}]}}
+
+
+def _client():
+    from shoal.local.apiclient import ApiClient
+
+    return ApiClient(ClusterLayout.from_env().api_socket)
+
+
+def _check_name(value: str, what: str) -> str:
+    if not NAME.match(value):
+        raise click.BadParameter(f"{value!r} is not a valid {what} (lower-case DNS label)")
+    return value
+
+
+def _call(fn, *args):
+    from shoal.local.apiclient import ApiError, ControllerUnavailable
+
+    try:
+        return fn(*args)
+    except ControllerUnavailable as err:
+        raise click.ClickException(str(err)) from None
+    except ApiError as err:
+        raise click.ClickException("; ".join(err.errors)) from None
+
+
+@click.group("waypoint")
+def waypoint() -> None:
+    """Manage waypoints (L7 proxies) of the mesh."""
+
+
+@waypoint.command("apply")
+@click.option("-n", "--namespace", required=True, help="namespace of the waypoint")
+@click.option("--name", default="waypoint", show_default=True, help="Gateway name")
+@click.option("--service-account", default=None, help="identity of the waypoint (default: its name)")
+@click.option("--enroll-namespace", is_flag=True, help=f"label the namespace {LABEL_USE_WAYPOINT}=<name>")
+def apply_cmd(namespace: str, name: str, service_account: str | None, enroll_namespace: bool) -> None:
+    """Create (or update) a waypoint in NAMESPACE."""
+    _check_name(namespace, "namespace")
+    _check_name(name, "waypoint name")
+    objects = [gateway(name, namespace, service_account)]
+    if enroll_namespace:
+        found = [ns for ns in _call(_client().list, "Namespace") if ns["metadata"]["name"] == namespace]
+        if not found:
+            raise click.ClickException(f"namespace {namespace!r} not found")
+        ns = {k: v for k, v in found[0].items() if k != "status"}
+        ns["metadata"] = {k: v for k, v in ns["metadata"].items() if k in ("name", "labels", "annotations")}
+        ns["metadata"].setdefault("labels", {})[LABEL_USE_WAYPOINT] = name
+        objects.append(ns)
+    _call(_client().apply, objects)
+    click.echo(f"waypoint {namespace}/{name} applied" + (f"; namespace {namespace} enrolled" if enroll_namespace else ""))
+
+
+@waypoint.command("list")
+@click.option("-n", "--namespace", default=None, help="only this namespace")
+@click.option("-A", "--all-namespaces", is_flag=True, help="every namespace (the default without -n)")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
+def list_cmd(namespace: str | None, all_namespaces: bool, output: str) -> None:
+    """List waypoints and who uses them."""
+    client = _client()
+    ns_filter = None if all_namespaces else namespace
+    gateways = [g for g in _call(client.list, "Gateway", ns_filter)
+                if (g.get("spec") or {}).get("gatewayClassName") == WAYPOINT_GATEWAY_CLASS]
+    namespaces = _call(client.list, "Namespace")
+    services = _call(client.list, "Service", ns_filter)
+    pods = _call(client.list, "Pod", ns_filter)
+    rows = []
+    for g in gateways:
+        name, ns = g["metadata"]["name"], g["metadata"]["namespace"]
+
+        def uses(obj: dict) -> bool:
+            labels = obj["metadata"].get("labels") or {}
+            return labels.get(LABEL_USE_WAYPOINT, labels.get(LABEL_USE_WAYPOINT_ISTIO)) == name
+
+        pod = next((p for p in pods if p["metadata"]["namespace"] == ns
+                    and (p["metadata"].get("labels") or {}).get("gateway.networking.k8s.io/gateway-name") == name), None)
+        rows.append({
+            "namespace": ns, "name": name,
+            "address": ((pod or {}).get("status") or {}).get("podIP", ""),
+            "status": ((pod or {}).get("status") or {}).get("phase", "Pending"),
+            "enrolled_namespace": any(n["metadata"]["name"] == ns and uses(n) for n in namespaces),
+            "services": sorted(s["metadata"]["name"] for s in services if s["metadata"]["namespace"] == ns and uses(s)),
+        })
+    if output == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no waypoints", err=True)
+        return
+    header = f"{'NAMESPACE':<16}{'NAME':<20}{'ADDRESS':<16}{'STATUS':<10}USED BY"
+    click.echo(header)
+    for r in rows:
+        used = (["namespace"] if r["enrolled_namespace"] else []) + [f"svc/{s}" for s in r["services"]]
+        click.echo(f"{r['namespace']:<16}{r['name']:<20}{r['address'] or '-':<16}{r['status']:<10}{', '.join(used) or '-'}")
+
+
+@waypoint.command("delete")
+@click.argument("name", default="waypoint")
+@click.option("-n", "--namespace", required=True)
+def delete_cmd(name: str, namespace: str) -> None:
+    """Delete waypoint NAME (default "waypoint") from NAMESPACE."""
+    _call(_client().delete, [{"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                              "metadata": {"name": name, "namespace": namespace}}])
+    click.echo(f"waypoint {namespace}/{name} deleted")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    waypoint(sys.argv[1:])

@@ -1,0 +1,154 @@
+"""Runs waypoints on demand: one Deployment per waypoint Gateway.
+
+A Gateway with ``gatewayClassName: shoal-waypoint`` asks for a waypoint in its
+namespace. In the local cluster the controller's store has a Deployment controller,
+a scheduler and a kubelet that runs pods as processes in their own network namespace
+and cgroup; the launcher only has to keep one Deployment per such Gateway, whose pod
+runs ``python -m shoal.waypoint``. (In Kubernetes the same Deployment comes from the
+waypoint template in ``daemonset/``.)
+
+``desired_deployments`` is pure (Gateways in, Deployments out); ``LocalWaypointLauncher``
+applies the difference to the store whenever a Gateway changes.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import Any, Callable, Iterable
+
+from shoal.config import LABEL_MESH, PORT_HBONE, WAYPOINT_GATEWAY_CLASS, ClusterLayout
+
+log = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+LABEL_GATEWAY_NAME = "gateway.networking.k8s.io/gateway-name"   # the controller finds waypoint pods by it
+LABEL_MANAGED_BY = "shoal.io/managed-by"
+MANAGER = "waypoint-launcher"
+ANNOTATION_SERVICE_ACCOUNT = "shoal.io/service-account"
+
+
+def is_waypoint(gateway: Obj) -> bool:
+    return (gateway.get("spec") or {}).get("gatewayClassName") == WAYPOINT_GATEWAY_CLASS
+
+
+def service_account_of(gateway: Obj) -> str:
+    meta = gateway.get("metadata") or {}
+    return (meta.get("annotations") or {}).get(ANNOTATION_SERVICE_ACCOUNT) or meta["name"]
+
+
+def deployment_for(gateway: Obj, layout: ClusterLayout, python: str = sys.executable,
+                   extra_env: Iterable[tuple[str, str]] = ()) -> Obj:
+    """The Deployment running one waypoint for ``gateway`` (one replica)."""
+    meta = gateway["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
+    sa = service_account_of(gateway)
+    labels = {LABEL_GATEWAY_NAME: name, LABEL_MANAGED_BY: MANAGER, "app": name,
+              # The waypoint terminates HBONE itself: the node proxy must not capture it.
+              LABEL_MESH: "disabled"}
+    env = [{"name": "SHOAL_CLUSTER", "value": layout.name},
+           {"name": "SHOAL_CONTROLLER", "value": layout.controller_address},
+           {"name": "SHOAL_TOKEN_FILE", "value": str(layout.bootstrap_token_path)},
+           *({"name": k, "value": v} for k, v in extra_env)]
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": namespace, "labels": {LABEL_GATEWAY_NAME: name, LABEL_MANAGED_BY: MANAGER}},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {LABEL_GATEWAY_NAME: name}},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "serviceAccountName": sa,
+                    "containers": [{
+                        "name": "waypoint",
+                        "command": [python, "-m", "shoal.waypoint"],
+                        "args": ["--name", name, "--namespace", namespace, "--service-account", sa],
+                        "env": env,
+                        "ports": [{"name": "hbone", "containerPort": PORT_HBONE}],
+                    }],
+                },
+            },
+        },
+    }
+
+
+def desired_deployments(gateways: Iterable[Obj], layout: ClusterLayout, python: str = sys.executable) -> dict[tuple[str, str], Obj]:
+    return {(g["metadata"]["namespace"], g["metadata"]["name"]): deployment_for(g, layout, python)
+            for g in gateways if is_waypoint(g)}
+
+
+def _managed(deployment: Obj) -> bool:
+    return ((deployment.get("metadata") or {}).get("labels") or {}).get(LABEL_MANAGED_BY) == MANAGER
+
+
+def plan(gateways: Iterable[Obj], deployments: Iterable[Obj], layout: ClusterLayout,
+         python: str = sys.executable) -> tuple[list[Obj], list[Obj]]:
+    """(Deployments to apply, Deployments to delete) to match the waypoint Gateways."""
+    desired = desired_deployments(gateways, layout, python)
+    current = {(d["metadata"]["namespace"], d["metadata"]["name"]): d for d in deployments if _managed(d)}
+    to_apply = [d for key, d in desired.items()
+                if key not in current or current[key].get("spec") != d["spec"]]
+    to_delete = [{"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": k[1], "namespace": k[0]}}
+                 for k in current if k not in desired]
+    return to_apply, to_delete
+
+
+class LocalWaypointLauncher:
+    """Keeps the local store's waypoint Deployments in step with its Gateways.
+
+    Wiring (controller, local source)::
+
+        launcher = LocalWaypointLauncher(store, layout)
+        launcher.attach()       # reconciles now and after every Gateway/Deployment change
+    """
+
+    def __init__(self, store, layout: ClusterLayout, python: str = sys.executable,
+                 on_error: Callable[[str], None] = lambda reason: None) -> None:
+        self.store = store
+        self.layout = layout
+        self.python = python
+        self.on_error = on_error
+        self._scheduled = False
+
+    def attach(self) -> None:
+        self.store.watch(self._on_events)
+        self.reconcile()
+
+    def _on_events(self, events) -> None:
+        if not any(ev.object.get("kind") in ("Gateway", "Deployment") for ev in events):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.reconcile()
+            return
+        # Not from inside the store's commit: on the next loop turn, once.
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._reconcile_scheduled)
+
+    def _reconcile_scheduled(self) -> None:
+        self._scheduled = False
+        self.reconcile()
+
+    def reconcile(self) -> None:
+        from shoal.controller.manifests import ManifestError
+
+        to_apply, to_delete = plan(self.store.list("Gateway"), self.store.list("Deployment"), self.layout, self.python)
+        for deployment in to_apply:
+            try:
+                self.store.apply([deployment])
+                log.info("waypoint %s/%s: deployment applied", deployment["metadata"]["namespace"],
+                         deployment["metadata"]["name"])
+            except ManifestError as err:
+                self.on_error("waypoint_deployment")
+                log.warning("waypoint deployment %s refused: %s", deployment["metadata"]["name"], err)
+        for deployment in to_delete:
+            try:
+                self.store.delete([deployment])
+                log.info("waypoint %s/%s: deployment removed", deployment["metadata"]["namespace"],
+                         deployment["metadata"]["name"])
+            except ManifestError as err:
+                self.on_error("waypoint_deployment")
+                log.warning("waypoint deployment %s not removed: %s", deployment["metadata"]["name"], err)
