@@ -84,7 +84,7 @@ class Enricher:
             return self._services_by_uid().get(workload.uid)
         service = self.state.service_by_vip(ip) if (self.state is not None and ip) else None
         if service is not None:
-            endpoint.identity = identity or IDENTITY_WORLD
+            endpoint.identity = identity   # a VIP is no workload: no identity of its own
             endpoint.namespace = service.namespace
             endpoint.labels.append(f"k8s:io.kubernetes.pod.namespace={service.namespace}")
             return service

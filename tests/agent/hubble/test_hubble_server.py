@@ -183,3 +183,31 @@ async def test_slow_follower_is_cut_and_node_keeps_ingesting(hub):
     health = health_pb2_grpc.HealthStub(hub.test_channel)
     reply = await health.Check(health_pb2.HealthCheckRequest(service="observer.Observer"))
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_client_that_stops_reading_is_cut_without_blocking_ingestion(sockdir):
+    server = HubbleServer(HubbleConfig(node_name="node-1", unix_socket=sockdir / "big.sock", tcp_address=None,
+                                       capacity=200_000, slow_client_timeout_s=0.5), demo_state())
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"unix:{sockdir / 'big.sock'}") as channel:
+            call = observer_pb2_grpc.ObserverStub(channel).GetFlows(O.GetFlowsRequest(follow=True))
+            await asyncio.sleep(0.2)
+            started = time.monotonic()
+            for _ in range(300):                  # up to ~90 MB of responses nobody reads
+                for i in range(1000):
+                    server.kernel_sink(kernel_event(sport=i))
+                await asyncio.sleep(0.02)
+                if server.metrics.slow_clients_cut:
+                    break
+            assert server.metrics.slow_clients_cut == 1
+            assert time.monotonic() - started < 10
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                async for _ in call:
+                    pass
+            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "did not read" in error.value.details()
+            status = await observer_pb2_grpc.ObserverStub(channel).ServerStatus(O.ServerStatusRequest())
+            assert status.seen_flows >= 1000
+    finally:
+        await server.stop(grace=0)
