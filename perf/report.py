@@ -122,13 +122,20 @@ def to_markdown(doc: dict[str, object]) -> str:
     assert isinstance(rows, list)
     benchmarks = list(dict.fromkeys(r["benchmark"] for r in rows))
     for benchmark in benchmarks:
-        lines += [f"## {benchmark}", "",
-                  "| metric | path | median | unit | min – max (n) | × direct | vs direct |",
-                  "|---|---|---:|---|---|---:|---:|"]
-        for r in (r for r in rows if r["benchmark"] == benchmark):
-            lines.append(f"| {r['metric']} | {r['path']} | {_num(r['median'])} | {r['unit']} | "
-                         f"{_num(r['min'])} – {_num(r['max'])} ({r['n']}) | "
-                         f"{_num(r['ratio_to_direct'])} | {_signed(r['added_over_direct'])} |")
+        group = [r for r in rows if r["benchmark"] == benchmark]
+        has_direct = any(r["path"] == PATH_DIRECT for r in group)
+        lines += [f"## {benchmark}", ""]
+        if has_direct:
+            lines += ["| metric | path | median | unit | min – max (n) | × direct | vs direct |",
+                      "|---|---|---:|---|---|---:|---:|"]
+        else:
+            lines += ["| metric | path | median | unit | min – max (n) |", "|---|---|---:|---|---|"]
+        for r in group:
+            line = (f"| {r['metric']} | {r['path']} | {_num(r['median'])} | {r['unit']} | "
+                    f"{_num(r['min'])} – {_num(r['max'])} ({r['n']}) |")
+            if has_direct:
+                line += f" {_num(r['ratio_to_direct'])} | {_signed(r['added_over_direct'])} |"
+            lines.append(line)
         lines.append("")
     targets = doc["targets"]
     assert isinstance(targets, list)

@@ -99,3 +99,10 @@ def test_target_and_scenario_validation():
         Target("b", "m", "p", "==", 1.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="scenario name"):
         Scenario(name="has space", title="t", run=lambda ctx: [])
+
+
+def test_markdown_leaves_out_ratio_columns_without_a_direct_path():
+    doc = report.to_json(report.RunReport("s", "f", False, None, {}, measurements=[
+        Measurement("controller.full_push[pods=5000]", "shoal", "seconds", "s", (1.25,), "lower")]))
+    md = report.to_markdown(doc)
+    assert "| seconds | shoal | 1.25 | s | 1.25 – 1.25 (1) |\n" in md and "× direct" not in md
