@@ -93,7 +93,9 @@ class ControllerApp:
             self.api_client = await self._kubernetes_client()
         self.control_plane = ControlPlane(self.model, self.ca, await self._authenticator(),
                                           self.metrics)
-        await self.control_plane.start(self.config.grpc_address)
+        await self.control_plane.start(
+            self.config.grpc_address,
+            tls_names=self.config.certificate_names() if self.config.tls else None)
         await self.control_plane.start_admin(*_host_port(self.config.admin_address))
         tasks = []
         runner = None

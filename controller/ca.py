@@ -22,6 +22,7 @@ Root rotation (no connection loses trust):
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import logging
 import os
 import re
@@ -218,6 +219,36 @@ class CertificateAuthority:
             [c for c in self.chain if c not in self.roots]
         return SignedCertificate(chain_pem=_to_pem(chain), roots_pem=self.roots_pem,
                                  not_after=not_after, serial=cert.serial_number)
+
+
+def issue_serving_certificate(ca: "CertificateAuthority", names: list[str],
+                              ttl: dt.timedelta = dt.timedelta(days=365)) -> tuple[bytes, bytes]:
+    """A TLS server certificate for the controller itself (config stream + CA), signed by the
+    workload CA so nodes verify it with the trust bundle. ``names`` are DNS names or IPs.
+    Returns (cert chain PEM, private key PEM)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            sans.append(x509.DNSName(name))
+    now = _now()
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "shoal-controller")]))
+            .issuer_name(ca.cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - CLOCK_SKEW)
+            .not_valid_after(min(now + ttl, ca.cert.not_valid_after_utc))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .sign(ca._key, hashes.SHA256()))
+    chain = [cert] + ([ca.cert] if ca.cert not in ca.roots else []) + \
+        [c for c in ca.chain if c not in ca.roots]
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return _to_pem(chain).encode(), key_pem
 
 
 def parse_spiffe_from_csr(csr_pem: str | bytes) -> str:

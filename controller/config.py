@@ -27,6 +27,8 @@ class ControllerConfig:
     agent_service_accounts: tuple[str, ...] = field(
         default=("shoal-system/shoal-agent",))  # kubernetes mode: who may connect
     token_audiences: tuple[str, ...] = ()
+    tls: bool = False                          # serve the config stream + CA over TLS
+    tls_names: tuple[str, ...] = ()            # extra DNS names / IPs for its certificate
     run_kubelet: bool = True                   # local mode: run pods for the store's Pods
     log_level: str = "INFO"
 
@@ -46,6 +48,19 @@ class ControllerConfig:
     @property
     def token_file(self) -> Path:
         return self.token_file_override or self.layout.bootstrap_token_path
+
+    def certificate_names(self) -> list[str]:
+        """Names the controller's TLS certificate carries: its listen host, loopback, the
+        local cluster's address and the in-cluster Service names, plus --tls-name."""
+        host = self.grpc_address.rpartition(":")[0].strip("[]")
+        names = ["localhost", "127.0.0.1", self.layout.CONTROLLER_IP,
+                 "shoal-controller", "shoal-controller.shoal-system",
+                 "shoal-controller.shoal-system.svc",
+                 f"shoal-controller.shoal-system.svc.{self.trust_domain}"]
+        if host and host not in ("0.0.0.0", "::"):
+            names.insert(0, host)
+        names += list(self.tls_names)
+        return list(dict.fromkeys(names))
 
 
 def _duration(text: str) -> dt.timedelta:
@@ -91,6 +106,12 @@ def parse_config(argv: list[str] | None = None) -> ControllerConfig:
     parser.add_argument("--agent-service-account", action="append", dest="agent_accounts",
                         help="kubernetes mode: <namespace>/<name> allowed to connect as a node "
                              "(repeatable; default shoal-system/shoal-agent)")
+    parser.add_argument("--tls", action=argparse.BooleanOptionalAction,
+                        default=env("SHOAL_CONTROLLER_TLS", "") in ("1", "true", "yes"),
+                        help="serve the config stream and CA over TLS (certificate from the "
+                             "workload CA; nodes verify it with root-cert.pem = SHOAL_CA_BUNDLE)")
+    parser.add_argument("--tls-name", action="append", dest="tls_names", default=[],
+                        help="extra DNS name or IP for the controller's certificate (repeatable)")
     parser.add_argument("--no-kubelet", action="store_true", help="do not run the local cluster's pods")
     parser.add_argument("--log-level", default=env("SHOAL_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
@@ -101,4 +122,5 @@ def parse_config(argv: list[str] | None = None) -> ControllerConfig:
         state_dir_override=args.state_dir, ca_dir_override=args.ca_dir,
         token_file_override=args.token_file, kubeconfig=args.kubeconfig,
         agent_service_accounts=tuple(args.agent_accounts or ("shoal-system/shoal-agent",)),
+        tls=args.tls, tls_names=tuple(args.tls_names),
         run_kubelet=args.source == "local" and not args.no_kubelet, log_level=args.log_level)

@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from shoal.controller.auth import Authenticator
-from shoal.controller.ca import CertificateAuthority
+from shoal.controller.ca import CertificateAuthority, issue_serving_certificate
 from shoal.controller.ca_service import CertificateService
 from shoal.controller.distribution import Distributor
 from shoal.controller.metrics import ControllerMetrics
@@ -71,12 +71,21 @@ class ControlPlane:
 
     # -- serving -------------------------------------------------------------------------------
 
-    async def start(self, address: str) -> int:
-        """Serves the config stream and the CA on ``address``; returns the bound port."""
+    async def start(self, address: str, tls_names: list[str] | None = None) -> int:
+        """Serves the config stream and the CA on ``address``; returns the bound port.
+
+        With ``tls_names`` (DNS names / IPs) it serves TLS with a certificate from its own CA,
+        so nodes verify the controller with the trust bundle (``root-cert.pem``).
+        """
         self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
         self.server.add_generic_rpc_handlers((self.distributor.handler(),
                                               self.certificates.handler()))
-        self.port = self.server.add_insecure_port(address)
+        if tls_names:
+            chain, key = issue_serving_certificate(self.ca, tls_names)
+            credentials = grpc.ssl_server_credentials([(key, chain)])
+            self.port = self.server.add_secure_port(address, credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
         if not self.port:
             raise OSError(f"cannot listen on {address}")
         await self.server.start()

@@ -42,8 +42,14 @@ def read_token(path: str | Path) -> str:
 class ConfigClient:
     def __init__(self, address: str, node: str, token: str, state: ConfigState,
                  component: str = "agent", validator: Validator | None = None,
-                 min_backoff: float = 0.1, max_backoff: float = 5.0) -> None:
+                 min_backoff: float = 0.1, max_backoff: float = 5.0,
+                 ca_bundle: str | Path | None = None, server_name: str | None = None) -> None:
+        """``ca_bundle``: path of the controller's root certificate(s) (``SHOAL_CA_BUNDLE``);
+        when set the stream uses TLS and verifies the controller against it (and against
+        ``server_name`` instead of the address's host, if given). None: plaintext."""
         self.address = address
+        self.ca_bundle = Path(ca_bundle) if ca_bundle else None
+        self.server_name = server_name
         self.node = node
         self.state = state
         self.receiver = DeltaReceiver(node=node, component=component, validator=validator)
@@ -58,7 +64,16 @@ class ConfigClient:
 
     def _get_channel(self) -> grpc.aio.Channel:
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            if self.ca_bundle is None:
+                self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            else:
+                credentials = grpc.ssl_channel_credentials(
+                    root_certificates=self.ca_bundle.read_bytes())
+                options = CHANNEL_OPTIONS
+                if self.server_name:
+                    options += (("grpc.ssl_target_name_override", self.server_name),)
+                self._channel = grpc.aio.secure_channel(self.address, credentials,
+                                                        options=options)
         return self._channel
 
     async def close(self) -> None:
@@ -76,6 +91,9 @@ class ConfigClient:
                 got_push = False
                 log.warning("config stream to %s: %s %s", self.address, err.code().name,
                             err.details())
+            except OSError as err:   # the CA bundle is not there (yet)
+                got_push = False
+                log.warning("config stream to %s: cannot read CA bundle: %s", self.address, err)
             finally:
                 self.connected = False
             if got_push:

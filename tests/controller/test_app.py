@@ -43,7 +43,7 @@ class ControllerProcess:
             [sys.executable, "-m", "shoal.controller", "--cluster", self.layout.name,
              "--no-kubelet", "--grpc-address", f"127.0.0.1:{self.grpc_port}",
              "--admin-address", f"127.0.0.1:{self.admin_port}", "--relay-address", "",
-             "--cert-ttl", "2h"],
+             "--cert-ttl", "2h", "--tls"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         api = ApiClient(self.layout.api_socket, timeout=5)
         deadline = time.time() + 30
@@ -100,7 +100,8 @@ async def test_controller_process_streams_survives_restart_and_reports_status(co
     assert oct(layout.bootstrap_token_path.stat().st_mode & 0o777) == "0o600"
     state = ConfigState()
     client = ConfigClient(f"127.0.0.1:{controller.grpc_port}", "node-1", token, state,
-                          component="agent", min_backoff=0.05, max_backoff=0.3)
+                          component="agent", min_backoff=0.05, max_backoff=0.3,
+                          ca_bundle=layout.ca_dir / "root-cert.pem")   # --tls
     task = asyncio.ensure_future(client.run())
     try:
         await until(lambda: state.workload_by_ip("10.244.1.2") is not None)

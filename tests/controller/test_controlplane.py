@@ -287,3 +287,41 @@ def test_ca_persists_and_accepts_a_plugged_in_intermediate(tmp_path):
     chain[0].verify_directly_issued_by(inter)
     chain[1].verify_directly_issued_by(first.cert)
     assert signed.not_after <= inter.not_valid_after_utc
+
+
+async def test_tls_stream_verified_with_the_trust_bundle(ca, tmp_path):
+    plane = ControlPlane(MeshModel(), ca, BootstrapTokenAuthenticator(TOKEN))
+    plane.apply(demo_objects())
+    port = await plane.start("127.0.0.1:0", tls_names=["127.0.0.1", "shoal-controller"])
+    bundle = tmp_path / "root-cert.pem"
+    bundle.write_text(ca.roots_pem)
+    other = CertificateAuthority.load_or_create(tmp_path / "other-ca", "cluster.local")
+    wrong = tmp_path / "wrong-root.pem"
+    wrong.write_text(other.roots_pem)
+    clients = []
+    try:
+        def client(**kw):
+            c = ConfigClient(f"127.0.0.1:{port}", "node-1", TOKEN, ConfigState(), component="proxy",
+                             min_backoff=0.05, max_backoff=0.1, **kw)
+            clients.append((c, asyncio.ensure_future(c.run())))
+            return c
+
+        good = client(ca_bundle=bundle)
+        named = client(ca_bundle=bundle, server_name="shoal-controller")
+        await asyncio.wait_for(good.synced.wait(), 10)
+        await asyncio.wait_for(named.synced.wait(), 10)
+        assert good.state.workload("demo/web-0") is not None
+        chain, _ = await good.sign_certificate(make_csr(WEB))
+        assert "BEGIN CERTIFICATE" in chain
+        impostor = client(ca_bundle=wrong)         # does not trust this controller
+        plaintext = client()                       # does not speak TLS
+        missing = client(ca_bundle=tmp_path / "absent.pem")
+        await asyncio.sleep(0.5)
+        assert not impostor.synced.is_set() and not plaintext.synced.is_set()
+        assert not missing.synced.is_set() and missing.reconnects >= 1
+    finally:
+        for c, task in clients:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await c.close()
+        await plane.stop(0)
