@@ -45,7 +45,9 @@ class ControllerApp:
         self.metrics = ControllerMetrics.create()
         self.ca = CertificateAuthority.load_or_create(config.ca_dir, config.trust_domain,
                                                       default_ttl=config.cert_ttl)
-        self.model = MeshModel(IdentityAllocator(config.identities_path), config.trust_domain)
+        self._generation_path = config.state_dir / "generation"
+        self.model = MeshModel(IdentityAllocator(config.identities_path), config.trust_domain,
+                               generation=self._saved_generation())
         self.store = None
         self.kubelet = None
         self.api_client = None
@@ -57,6 +59,27 @@ class ControllerApp:
                 self.kubelet = LocalKubelet(config.layout, self.store)
         self.control_plane: ControlPlane | None = None
         self.relay = None
+
+    def _saved_generation(self) -> int:
+        try:
+            return int(self._generation_path.read_text().strip() or 0)
+        except FileNotFoundError:
+            return 0
+        except ValueError:
+            log.warning("ignoring unreadable %s", self._generation_path)
+            return 0
+
+    async def _save_generation(self, interval: float = 1.0) -> None:
+        """Saves the config version now and then: only for display continuity (nodes resume
+        by content hashes), so a crash losing the last second is harmless."""
+        saved = None
+        while True:
+            if self.model.generation != saved:
+                saved = self.model.generation
+                tmp = self._generation_path.with_suffix(".tmp")
+                tmp.write_text(f"{saved}\n")
+                tmp.replace(self._generation_path)
+            await asyncio.sleep(interval)
 
     async def _authenticator(self) -> Authenticator:
         if self.config.source == "local":
@@ -97,7 +120,7 @@ class ControllerApp:
             self.config.grpc_address,
             tls_names=self.config.certificate_names() if self.config.tls else None)
         await self.control_plane.start_admin(*_host_port(self.config.admin_address))
-        tasks = []
+        tasks = [asyncio.create_task(self._save_generation())]
         runner = None
         if self.store is not None:
             from shoal.controller.localapi import build_app, serve_unix
@@ -124,6 +147,7 @@ class ControllerApp:
         if self.relay is not None:
             await self.relay.stop()
         await self.control_plane.stop()
+        self._generation_path.write_text(f"{self.model.generation}\n")
         if runner is not None:
             await runner.cleanup()
         if self.api_client is not None:

@@ -121,14 +121,16 @@ def _waypoint_label(*objs: Obj | None) -> m.WaypointRef | None:
 
 class MeshModel:
     def __init__(self, identities: IdentityAllocator | None = None,
-                 trust_domain: str = DEFAULT_TRUST_DOMAIN) -> None:
+                 trust_domain: str = DEFAULT_TRUST_DOMAIN, generation: int = 0) -> None:
+        """``generation``: where the config version counter starts (the app resumes the last
+        one it saved, so versions shown by ``shoal status`` keep growing across restarts)."""
         self.identities = identities if identities is not None else IdentityAllocator(None)
         self.trust_domain = trust_domain
         # kind -> namespace -> name -> object
         self._objects: dict[str, dict[str, dict[str, Obj]]] = {
             kind: defaultdict(dict) for kind in WATCHED_KINDS}
         self.resources: dict[str, Entry] = {}
-        self.generation = 0
+        self.generation = generation
         self.errors: dict[str, str] = {}             # "Kind ns/name" -> problem
         # Policy selection, kept incrementally.
         self._members: dict[str, set[str]] = defaultdict(set)          # policy -> workloads

@@ -123,7 +123,9 @@ async def test_controller_process_streams_survives_restart_and_reports_status(co
         await until(lambda: not client.connected)
         assert state.workload_by_ip("10.244.1.2").identity == workload.identity
         # Back up (same store, CA, identities): a change applied now reaches the node.
+        version_before = int(status["version"])
         api = controller.start()
+        assert int(api.status()["version"]) >= version_before   # versions keep growing
         api.apply([pod("web-1", "10.244.1.3")])
         await until(lambda: state.workload_by_ip("10.244.1.3") is not None)
         assert state.workload("demo/web-1").identity == workload.identity
