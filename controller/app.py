@@ -125,6 +125,7 @@ class ControllerApp:
         if self.store is not None:
             from shoal.controller.localapi import build_app, serve_unix
             from shoal.controller.sources.local import LocalSource
+            self._attach_waypoint_launcher()
             tasks.append(asyncio.create_task(LocalSource(self.store, self.control_plane).run()))
             runner = await serve_unix(build_app(self.store, self.controller_status),
                                       self.config.layout.api_socket)
@@ -154,6 +155,15 @@ class ControllerApp:
             await self.api_client.close()
         if self.store is not None:
             self.store.close()
+
+    def _attach_waypoint_launcher(self) -> None:
+        """Local mode: one waypoint Deployment per waypoint Gateway (the waypoint engineer's)."""
+        try:
+            from shoal.waypoint.launcher import LocalWaypointLauncher
+        except ImportError as err:
+            log.warning("waypoint launcher not available: %s", err)
+            return
+        LocalWaypointLauncher(self.store, self.config.layout).attach()
 
     async def _start_relay(self) -> None:
         """The Hubble relay (the observability engineer's) merging every node's flows."""

@@ -58,7 +58,7 @@ class CertificateService:
             await self._refuse(context, node, "too_large", grpc.StatusCode.INVALID_ARGUMENT,
                                f"CSR larger than {MAX_CSR_BYTES} bytes")
         spiffe_id = request.spiffe_id or parse_spiffe_from_csr(request.csr_pem)
-        if spiffe_id not in self.model.identities_on_node(node):
+        if spiffe_id not in self.model.identities_for_caller(node):
             await self._refuse(context, node, "not_on_node", grpc.StatusCode.PERMISSION_DENIED,
                                f"no pod of {spiffe_id or '<no identity>'} is scheduled on "
                                f"node {node}")

@@ -168,6 +168,19 @@ class MeshModel:
         """SPIFFE IDs of the service accounts with scheduled pods on ``node``."""
         return {sid for sid, count in self._node_identities.get(node, Counter()).items() if count}
 
+    def identities_for_caller(self, node: str) -> set[str]:
+        """What a caller may get certificates for: the identities on its node; a waypoint
+        connecting as ``waypoint-<namespace>-<name>`` (its own name, as the waypoint's
+        ConfigClient does) may also get its Gateway's identity."""
+        allowed = self.identities_on_node(node)
+        if node.startswith("waypoint-"):
+            for key, entry in self.resources.items():
+                if key.startswith(f"{m.WAYPOINT}/"):
+                    waypoint = entry.resource
+                    if node == f"waypoint-{waypoint.namespace}-{waypoint.name}":
+                        allowed.add(waypoint.spiffe_id)
+        return allowed
+
     def view(self, node: str, component: str) -> "NodeView":
         return NodeView(self, node, component)
 

@@ -161,3 +161,13 @@ def test_relist_deletes_what_disappeared():
     change = model.replace("Pod", [pod("demo", "b", ip="10.244.1.3")])
     assert change.keys == {"workload/demo/a"}
     assert "workload/demo/a" not in model.resources
+
+
+def test_waypoints_may_get_their_own_identity_only():
+    gateway = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+               "metadata": {"name": "wp", "namespace": "demo"},
+               "spec": {"gatewayClassName": "shoal-waypoint"}}
+    model = build(namespace("demo"), gateway, pod("demo", "web-0", sa="web"))
+    assert model.identities_for_caller("waypoint-demo-wp") == {"spiffe://cluster.local/ns/demo/sa/wp"}
+    assert model.identities_for_caller("waypoint-demo-other") == set()
+    assert model.identities_for_caller("node-1") == {"spiffe://cluster.local/ns/demo/sa/web"}
