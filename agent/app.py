@@ -70,7 +70,7 @@ class AgentApp:
         self.config = config
         self.registry = CollectorRegistry()
         self.state = ConfigState()
-        self.datapath = Datapath(config.pin_dir, config.features)
+        self.datapath = Datapath(config.pin_dir, config.features, config.bpf_source_dir)
         self.maps: DatapathMaps | None = None
         self.metrics: AgentMetrics | None = None
         self._stop = asyncio.Event()

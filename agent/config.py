@@ -24,6 +24,7 @@ class AgentConfig:
     hubble: bool = True
     resync_interval: float = 1.0     # enrolment retry pass (pods whose netns is not there yet)
     log_level: str = "INFO"
+    bpf_source_dir: Path | None = None   # development: load programs from another tree
 
     @property
     def pin_dir(self) -> Path:
@@ -59,6 +60,8 @@ def parse_config(argv: list[str] | None = None) -> AgentConfig:
     parser.add_argument("--no-flow-events", action="store_true")
     parser.add_argument("--no-hubble", action="store_true")
     parser.add_argument("--log-level", default=env.get("SHOAL_LOG_LEVEL", "INFO"))
+    parser.add_argument("--bpf-source-dir", default=env.get("SHOAL_BPF_SOURCE_DIR"),
+                        help="load the C programs from this directory instead of the installed ones")
     args = parser.parse_args(argv)
     layout = ClusterLayout(name=args.cluster)
     if not 0 < args.metrics_port < 65536:
@@ -73,4 +76,5 @@ def parse_config(argv: list[str] | None = None) -> AgentConfig:
         token_file=Path(args.token_file) if args.token_file else layout.bootstrap_token_path,
         metrics_address=args.metrics_address, metrics_port=args.metrics_port,
         flow_events=not args.no_flow_events, hubble=not args.no_hubble, log_level=args.log_level,
+        bpf_source_dir=Path(args.bpf_source_dir) if args.bpf_source_dir else None,
     )

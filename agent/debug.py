@@ -129,13 +129,18 @@ def debug() -> None:
 
 @debug.command("bpf")
 @click.option("--node", required=True, help="node name, e.g. node-1")
-@click.option("--cluster", envvar="SHOAL_CLUSTER", default="shoal", show_default=True)
+@click.option("--cluster", default=None, help="cluster name (default: shoal's --cluster / SHOAL_CLUSTER)")
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
-def bpf(node: str, cluster: str, output: str) -> None:
+@click.pass_context
+def bpf(ctx: click.Context, node: str, cluster: str | None, output: str) -> None:
     """Programs, maps (identities, services, policies, enrolled pods) and counters of NODE."""
     try:
         ClusterLayout.node_index(node)
     except (IndexError, ValueError):
         raise click.BadParameter(f"expected node-<n>, got {node!r}", param_hint="--node")
-    report = collect(ClusterLayout(name=cluster), node)
+    if cluster is not None:
+        layout = ClusterLayout(name=cluster)
+    else:
+        layout = ctx.find_object(ClusterLayout) or ClusterLayout.from_env()
+    report = collect(layout, node)
     click.echo(json.dumps(report, indent=2) if output == "json" else render(report))

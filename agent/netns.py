@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from pyroute2 import NetNS
+from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 SO_NETNS_COOKIE = 71
@@ -75,67 +75,73 @@ def netns_cookie(netns_path: Path | str) -> int:
         raise NetnsError(f"network namespace {netns_path} does not exist") from err
 
 
-def _open(netns_path: Path | str) -> NetNS:
+def _with_iproute(netns_path: Path | str, action: Callable[[IPRoute], T]) -> T:
+    """Run action(ipr) with a netlink socket opened inside the namespace.
+
+    The socket is made on a thread that entered the namespace (pyroute2's NetNS forks a
+    helper process instead, and forking a process that runs gRPC threads is unsafe).
+    """
     if not Path(netns_path).exists():
         raise NetnsError(f"network namespace {netns_path} does not exist")
-    return NetNS(str(netns_path))
+
+    def run() -> T:
+        with IPRoute() as ipr:
+            return action(ipr)
+    return in_netns(netns_path, run)
 
 
-def _ifindex(ns: NetNS, ifname: str, netns_path) -> int:
-    found = ns.link_lookup(ifname=ifname)
+def _ifindex(ipr: IPRoute, ifname: str, netns_path) -> int:
+    found = ipr.link_lookup(ifname=ifname)
     if not found:
         raise NetnsError(f"no interface {ifname} in {netns_path}")
     return found[0]
 
 
 def attach_tc_ingress(netns_path: Path | str, prog_fd: int, ifname: str = "eth0") -> None:
-    """Attach (or replace) the steering program on ifname's ingress, inside the namespace."""
-    ns = _open(netns_path)
-    try:
-        index = _ifindex(ns, ifname, netns_path)
+    """Attach (or atomically replace) the steering program on ifname's ingress, in the namespace."""
+    def attach(ipr: IPRoute) -> None:
+        index = _ifindex(ipr, ifname, netns_path)
         try:
-            ns.tc("add", "clsact", index)
+            ipr.tc("add", "clsact", index)
         except NetlinkError as err:
             if err.code != 17:  # EEXIST: already there (adoption, or another tool's clsact)
                 raise
-        ns.tc("replace-filter", "bpf", index, fd=prog_fd, name=TC_FILTER_NAME,
-              parent=TC_INGRESS_PARENT, prio=TC_PRIORITY, protocol=0x0003, classid=1, direct_action=True)
+        ipr.tc("replace-filter", "bpf", index, fd=prog_fd, name=TC_FILTER_NAME,
+               parent=TC_INGRESS_PARENT, prio=TC_PRIORITY, handle=1, protocol=0x0003, classid=1,
+               direct_action=True)
+    try:
+        _with_iproute(netns_path, attach)
     except NetlinkError as err:
         raise NetnsError(f"tc attach in {netns_path} failed: {err}") from err
-    finally:
-        ns.close()
 
 
 def tc_ingress_programs(netns_path: Path | str, ifname: str = "eth0") -> list[str]:
     """Names of bpf filters on ifname's ingress (for debug and tests)."""
-    ns = _open(netns_path)
-    try:
-        index = _ifindex(ns, ifname, netns_path)
-        names = []
-        for msg in ns.get_filters(index=index, parent=TC_INGRESS_PARENT):
+    def names(ipr: IPRoute) -> list[str]:
+        index = _ifindex(ipr, ifname, netns_path)
+        found = []
+        for msg in ipr.get_filters(index=index, parent=TC_INGRESS_PARENT):
             options = msg.get_attr("TCA_OPTIONS")
             if options is not None and options.get_attr("TCA_BPF_NAME"):
-                names.append(options.get_attr("TCA_BPF_NAME"))
-        return names
-    finally:
-        ns.close()
+                found.append(options.get_attr("TCA_BPF_NAME"))
+        return found
+    return _with_iproute(netns_path, names)
 
 
 def detach_tc_ingress(netns_path: Path | str, ifname: str = "eth0") -> bool:
     """Remove our clsact (and with it the filter); False when there was nothing."""
     if not Path(netns_path).exists():
         return False
-    ns = _open(netns_path)
-    try:
-        found = ns.link_lookup(ifname=ifname)
+
+    def detach(ipr: IPRoute) -> bool:
+        found = ipr.link_lookup(ifname=ifname)
         if not found:
             return False
         try:
-            ns.tc("del", "clsact", found[0])
+            ipr.tc("del", "clsact", found[0])
         except NetlinkError as err:
             if err.code in (2, 22):  # ENOENT / EINVAL: no clsact
                 return False
             raise
         return True
-    finally:
-        ns.close()
+    return _with_iproute(netns_path, detach)

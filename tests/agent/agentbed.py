@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import shutil
 import socket
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from shoal.config import PROXY_MARK
+from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND, PROXY_MARK, ClusterLayout
 
 HERE = Path(__file__).resolve().parent
 CGROUP_ROOT = Path("/sys/fs/cgroup/unified")
@@ -62,13 +63,15 @@ class Pod:
                                 stderr=subprocess.PIPE, text=True, preexec_fn=enter_cgroup)
 
     def connect(self, host: str, port: int, *, sport: int = 0, mark: int = 0, timeout: float = 2.0,
-                hold: float = 0.0, wait: bool = True):
+                hold: float = 0.0, again: bool = False, wait: bool = True):
         argv = [sys.executable, str(HERE / "podclient.py"), host, str(port), "--timeout", str(timeout),
                 "--hold", str(hold)]
         if sport:
             argv += ["--sport", str(sport)]
         if mark:
             argv += ["--mark", str(mark)]
+        if again:
+            argv.append("--again")
         proc = self.spawn(*argv)
         if not wait:
             return proc
@@ -89,6 +92,65 @@ def serve_once(listener: socket.socket, reply: bytes = b"pong") -> tuple[socket.
     return conn, data
 
 
+class InPodProxy:
+    """The proxy's half of contract B: listeners opened inside the pod's namespace."""
+
+    def __init__(self):
+        self.listeners: dict[str, dict[int, socket.socket]] = {}
+        self.events: list[tuple[str, str]] = []
+
+    async def add_pod(self, pod, netns_fd: int) -> None:
+        from shoal.agent.netns import _setns
+        if pod.uid in self.listeners:      # a replayed pod: keep its listeners, as the proxy does
+            os.close(netns_fd)
+            self.events.append(("add", pod.uid))
+            return
+        opened = {}
+
+        def make() -> None:
+            _setns(netns_fd)
+            for host, port in (("127.0.0.1", PORT_OUTBOUND), ("0.0.0.0", PORT_INBOUND_PLAINTEXT),
+                               ("0.0.0.0", PORT_HBONE)):
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((host, port))
+                sock.listen(16)
+                sock.settimeout(3)
+                opened[port] = sock
+        errors = []
+
+        def guarded() -> None:
+            try:
+                make()
+            except OSError as err:
+                errors.append(err)
+        thread = threading.Thread(target=guarded)
+        thread.start()
+        thread.join()
+        os.close(netns_fd)
+        if errors:
+            raise errors[0]
+        for old in self.listeners.pop(pod.uid, {}).values():
+            old.close()
+        self.listeners[pod.uid] = opened
+        self.events.append(("add", pod.uid))
+
+    async def remove_pod(self, uid: str) -> None:
+        for sock in self.listeners.pop(uid, {}).values():
+            sock.close()
+        self.events.append(("del", uid))
+
+    def crash(self) -> None:
+        """A dying proxy's sockets close with it."""
+        for listeners in self.listeners.values():
+            for sock in listeners.values():
+                sock.close()
+        self.listeners.clear()
+
+    async def snapshot_complete(self) -> None:
+        self.events.append(("snapshot", ""))
+
+
 @dataclass
 class Bed:
     tag: str
@@ -104,10 +166,12 @@ def agent_bed(request):
     if os.geteuid() != 0:
         pytest.skip("needs root: network namespaces, cgroups and eBPF")
     tag = f"shoal-t{os.getpid()}-{zlib.crc32(request.module.__name__.encode()) % 10000}"
-    node_cgroup = CGROUP_ROOT / tag / "node-1"
-    pin_dir = BPFFS_ROOT / tag / "node-1"
-    pods = [Pod("a", f"{tag}-a", "10.99.0.2", node_cgroup / "pods" / "t.a"),
-            Pod("b", f"{tag}-b", "10.99.0.3", node_cgroup / "pods" / "t.b")]
+    node_cgroup = ClusterLayout(name=tag).node_cgroup("node-1")
+    pin_dir = ClusterLayout(name=tag).bpf_pin_dir("node-1")
+    # named as the local cluster names them, so a real agent process finds them
+    layout = ClusterLayout(name=tag)
+    pods = [Pod(name, layout.pod_netns("t", name), ip, layout.pod_cgroup("node-1", "t", name))
+            for name, ip in (("a", "10.99.0.2"), ("b", "10.99.0.3"))]
     try:
         for pod in pods:
             _sh("ip", "netns", "add", pod.netns)
@@ -129,6 +193,7 @@ def cleanup_bed(tag: str, pods: list[Pod], node_cgroup: Path, pin_dir: Path) -> 
         detach_cgroup(pin_dir, node_cgroup)
     for pod in pods:
         subprocess.run(["ip", "netns", "del", pod.netns], capture_output=True)
+    shutil.rmtree(ClusterLayout(name=tag).run_dir, ignore_errors=True)
     if (BPFFS_ROOT / tag).exists():
         shutil.rmtree(BPFFS_ROOT / tag, ignore_errors=True)
     # cgroups: children first; a cgroup with live processes cannot go (our clients have exited)

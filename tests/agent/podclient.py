@@ -15,6 +15,7 @@ parser.add_argument("--sport", type=int, default=0)
 parser.add_argument("--mark", type=int, default=0)
 parser.add_argument("--timeout", type=float, default=2.0)
 parser.add_argument("--hold", type=float, default=0.0)
+parser.add_argument("--again", action="store_true", help="after --hold, one more ping on the same connection")
 args = parser.parse_args()
 
 sock = socket.socket()
@@ -32,11 +33,19 @@ except OSError as err:
                       "elapsed": time.monotonic() - started}))
     sys.exit(0)
 local = sock.getsockname()
+peer = sock.getpeername()
 sock.sendall(b"ping")
 try:
     reply = sock.recv(64).decode()
 except OSError as err:
     reply = f"error: {err}"
 time.sleep(args.hold)
-print(json.dumps({"ok": True, "local": list(local), "peer": list(sock.getpeername()), "reply": reply,
+again = None
+if args.again:
+    try:
+        sock.sendall(b"ping2")
+        again = sock.recv(64).decode()
+    except OSError as err:
+        again = f"error: {err}"
+print(json.dumps({"ok": True, "again": again, "local": list(local), "peer": list(peer), "reply": reply,
                   "elapsed": time.monotonic() - started}))

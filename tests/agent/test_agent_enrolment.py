@@ -3,79 +3,22 @@ standing in for the node proxy (it opens in-pod listeners like the proxy does)."
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import threading
 
 import pytest
 
 from shoal.agent.app import MapReconciler
 from shoal.agent.enrolment import Enroller
-from shoal.agent.netns import _setns, netns_cookie, tc_ingress_programs
+from shoal.agent.netns import netns_cookie, tc_ingress_programs
 from shoal.agent.origdst import OriginalDestinations
 from shoal.agent.ztunnel.zds import ZdsServer
 from shoal.agent.zdslink import ZdsProxyLink
-from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND
+from shoal.config import PORT_OUTBOUND
 from shoal.xds import model as m
 from shoal.xds.state import ConfigState
 
-from tests.agent.agentbed import finish, serve_once
+from tests.agent.agentbed import InPodProxy, finish, serve_once
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
-
-
-class InPodProxy:
-    """The proxy's half of contract B: listeners opened inside the pod's namespace."""
-
-    def __init__(self):
-        self.listeners: dict[str, dict[int, socket.socket]] = {}
-        self.events: list[tuple[str, str]] = []
-
-    async def add_pod(self, pod, netns_fd: int) -> None:
-        opened = {}
-
-        def make() -> None:
-            _setns(netns_fd)
-            for host, port in (("127.0.0.1", PORT_OUTBOUND), ("0.0.0.0", PORT_INBOUND_PLAINTEXT),
-                               ("0.0.0.0", PORT_HBONE)):
-                sock = socket.socket()
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind((host, port))
-                sock.listen(16)
-                sock.settimeout(3)
-                opened[port] = sock
-        errors = []
-
-        def guarded() -> None:
-            try:
-                make()
-            except OSError as err:
-                errors.append(err)
-        thread = threading.Thread(target=guarded)
-        thread.start()
-        thread.join()
-        os.close(netns_fd)
-        if errors:
-            raise errors[0]
-        for old in self.listeners.pop(pod.uid, {}).values():
-            old.close()
-        self.listeners[pod.uid] = opened
-        self.events.append(("add", pod.uid))
-
-    async def remove_pod(self, uid: str) -> None:
-        for sock in self.listeners.pop(uid, {}).values():
-            sock.close()
-        self.events.append(("del", uid))
-
-    def crash(self) -> None:
-        """A dying proxy's sockets close with it."""
-        for listeners in self.listeners.values():
-            for sock in listeners.values():
-                sock.close()
-        self.listeners.clear()
-
-    async def snapshot_complete(self) -> None:
-        self.events.append(("snapshot", ""))
 
 
 class PodNetnsOfBed:

@@ -1,0 +1,149 @@
+"""Pure parts of the agent: the policy/map compiler, flow decoding, struct layouts, config."""
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+
+from shoal.agent import compiler
+from shoal.agent.config import parse_config
+from shoal.agent.flowevents import MalformedRecord, decode
+from shoal.agent.structs import C_MIRRORS, FlowRecord, ip_to_be32
+from shoal.xds import model as m
+
+
+def wl(name, ns="demo", sa=None, ip="10.244.1.2", identity=100, node="node-1", meshed=True, labels=None):
+    return m.Workload(uid=f"{ns}/{name}", name=name, namespace=ns, service_account=sa or name, node=node, ip=ip,
+                      identity=identity, spiffe_id=f"spiffe://cluster.local/ns/{ns}/sa/{sa or name}",
+                      meshed=meshed, labels=m.Labels(labels or {"app": name}))
+
+
+CLIENT = wl("client-0", sa="client", ip="10.244.1.2", identity=100)
+DB = wl("db-0", sa="db", ip="10.244.2.2", identity=200, node="node-2", labels={"app": "db"})
+LEGACY = wl("client-0", ns="legacy", sa="default", ip="10.244.1.4", identity=300, meshed=False)
+ALL = [CLIENT, DB, LEGACY]
+
+
+def deny(rules, selector=None, ns="demo", name="deny-db"):
+    return m.Authorization(name=name, namespace=ns, action="DENY", selector=m.Labels({"app": "db"} if selector is None else selector),
+                           rules=tuple(rules))
+
+
+def test_deny_by_principal_and_port_compiles_to_identity_keys():
+    policy = deny([m.Rule(sources=(m.Source(principals=("cluster.local/ns/demo/sa/client",)),),
+                          operations=(m.Operation(ports=(7000,)),))])
+    entries, skipped = compiler.deny_entries([policy], ALL)
+    assert set(entries) == {compiler.PolicyEntry(100, 200, 7000, 6)}
+    assert set(entries.values()) == {compiler.rule_id(policy)} and not skipped
+
+
+def test_deny_by_namespace_covers_every_identity_of_the_namespace_and_any_port():
+    policy = deny([m.Rule(sources=(m.Source(namespaces=("legacy",)),))])
+    entries, _ = compiler.deny_entries([policy], ALL)
+    assert set(entries) == {compiler.PolicyEntry(300, 200, 0, 6)}
+
+
+def test_rule_without_sources_denies_any_source():
+    entries, _ = compiler.deny_entries([deny([m.Rule(operations=(m.Operation(ports=(7000, 7001)),))])], ALL)
+    assert set(entries) == {compiler.PolicyEntry(0, 200, 7000, 6), compiler.PolicyEntry(0, 200, 7001, 6)}
+
+
+@pytest.mark.parametrize("rule", [
+    m.Rule(operations=(m.Operation(methods=("GET",)),)),
+    m.Rule(sources=(m.Source(ip_blocks=("10.0.0.0/8",)),)),
+    m.Rule(sources=(m.Source(not_namespaces=("demo",)),)),
+    m.Rule(sources=(m.Source(principals=("*",)),)),
+    m.Rule(conditions=(m.Condition("request.headers[x]", ("1",)),)),
+])
+def test_non_l4_rules_are_left_to_the_proxy(rule):
+    entries, skipped = compiler.deny_entries([deny([rule])], ALL)
+    assert entries == {} and skipped and skipped[0].policy == "demo/deny-db"
+
+
+def test_allow_policies_and_ruleless_deny_compile_to_nothing():
+    allow = m.Authorization(name="a", namespace="demo", action="ALLOW", rules=(m.Rule(),))
+    entries, _ = compiler.deny_entries([allow, deny([])], ALL)
+    assert entries == {}
+
+
+def test_selector_narrower_than_an_identity_is_not_compiled():
+    twin = wl("db-1", sa="db", ip="10.244.2.9", identity=200, labels={"app": "db", "canary": "yes"})
+    policy = deny([m.Rule()], selector={"canary": "yes"})
+    entries, skipped = compiler.deny_entries([policy], ALL + [twin])
+    assert entries == {} and "narrower" in skipped[0].reason
+
+
+def test_mesh_wide_policy_from_the_root_namespace():
+    policy = deny([m.Rule(sources=(m.Source(namespaces=("legacy",)),))], selector={}, ns="shoal-system")
+    entries, _ = compiler.deny_entries([policy], ALL)
+    assert {e.dst_identity for e in entries} == {100, 200, 300}
+
+
+def test_services_resolve_endpoints_to_target_ports():
+    web0, web1 = wl("web-0", ip="10.244.1.3", identity=5), wl("web-1", ip="10.244.2.3", identity=5, node="node-2")
+    service = m.Service(name="web", namespace="demo", vip="10.96.0.20",
+                        ports=(m.ServicePort("http", 8080, 8080), m.ServicePort("alt", 80, 8080)),
+                        endpoints=("demo/web-0", "demo/web-1", "demo/gone"))
+    out = compiler.services([service], {w.uid: w for w in (web0, web1)})
+    assert out == {("10.96.0.20", 8080): (("10.244.1.3", 8080), ("10.244.2.3", 8080)),
+                   ("10.96.0.20", 80): (("10.244.1.3", 8080), ("10.244.2.3", 8080))}
+
+
+def test_endpoints_mark_meshed_and_local():
+    out = compiler.endpoints(ALL, "node-1")
+    assert out["10.244.1.2"].flags == 3 and out["10.244.2.2"].flags == 1 and out["10.244.1.4"].flags == 2
+    assert out["10.244.1.2"].ns_id == out["10.244.2.2"].ns_id != out["10.244.1.4"].ns_id
+
+
+@pytest.mark.parametrize("resource", [
+    wl("x", ip="not-an-ip"),
+    wl("x", ip="fd00::1"),
+    wl("x", identity=2),
+    m.Service(name="s", namespace="demo", vip="10.96.0.1", ports=(m.ServicePort("p", 0, 80),)),
+    m.Service(name="s", namespace="demo", vip="nope"),
+    m.Authorization(name="p", namespace="demo", action="MAYBE"),
+    deny([m.Rule(operations=(m.Operation(ports=(70000,)),))]),
+])
+def test_malformed_resources_are_rejected(resource):
+    with pytest.raises(ValueError):
+        compiler.validate(resource)
+
+
+def test_flow_record_decodes_and_rejects_garbage():
+    record = FlowRecord(ts_ns=5, src_ip=ip_to_be32("10.244.1.4"), dst_ip=ip_to_be32("10.244.2.2"),
+                        src_port=40000, dst_port=7000, src_identity=300, dst_identity=200, protocol=6,
+                        verdict=2, direction=1, kind=3, tcp_flags=2, drop_reason=181)
+    event = decode(bytes(record))
+    assert (event.src_ip, event.dst_ip, event.dst_port, event.verdict, event.direction, event.kind,
+            event.drop_reason, event.protocol) == ("10.244.1.4", "10.244.2.2", 7000, "DROPPED", "INGRESS",
+                                                   "tc", 181, "TCP")
+    with pytest.raises(MalformedRecord):
+        decode(b"\x00" * 8)
+    record.verdict = 99
+    with pytest.raises(MalformedRecord):
+        decode(bytes(record))
+
+
+@pytest.mark.root
+def test_c_structs_match_the_ctypes_mirrors():
+    """Compile (not load) a unit with static asserts on every struct's size."""
+    from bcc import BPF
+
+    from shoal import bpf
+    asserts = "\n".join(f"_Static_assert(sizeof(struct {name}) == {ctypes.sizeof(mirror)}, \"{name}\");"
+                        for name, mirror in C_MIRRORS.items())
+    text = f'#include "lib/shoal.h"\n{asserts}\nint noop(void *ctx) {{ return 0; }}\n'
+    BPF(text=text.encode(), cflags=[f"-I{bpf.SOURCE_DIR}", '-DSHOAL_PIN_DIR="/nonexistent"']).cleanup()
+
+
+@pytest.mark.parametrize("argv", [["--node", "web"], ["--node", "node-1", "--metrics-port", "0"]])
+def test_config_rejects_bad_flags(argv):
+    with pytest.raises(SystemExit):
+        parse_config(argv)
+
+
+def test_config_from_flags_and_env(monkeypatch):
+    monkeypatch.setenv("SHOAL_CLUSTER", "c1")
+    config = parse_config(["--node", "node-2"])
+    assert str(config.pin_dir) == "/sys/fs/bpf/c1/node-2"
+    assert config.node_cgroup.name == "node-2" and config.controller == "172.18.0.1:15012"
