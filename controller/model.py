@@ -140,6 +140,7 @@ class MeshModel:
         self._namespace_policies: dict[str, set[str]] = defaultdict(set)  # empty selectors
         # CA: which identities have pods on which node.
         self._node_identities: dict[str, Counter[str]] = defaultdict(Counter)
+        self._scheduled: dict[tuple[str, str], tuple[str, str]] = {}   # pod -> (node, spiffe)
         # Label indexes (namespace -> (key, value) -> names): selectors look up candidates
         # instead of scanning every pod or service of a namespace.
         self._pod_labels = LabelIndex()
@@ -309,13 +310,31 @@ class MeshModel:
         old = self.resources.get(key)
         entry = self._rebuild(key, lambda: self._build_workload(namespace, name),
                               _describe("Pod", namespace, name), change)
-        if old is not None and (entry is None or entry is not old):
-            self._node_identities[old.resource.node][old.resource.spiffe_id] -= 1
-        if entry is not None and entry is not old:
-            self._node_identities[entry.resource.node][entry.resource.spiffe_id] += 1
+        self._track_scheduled(namespace, name)
         if entry is not old:
             self._select_workload(key, entry.resource if entry else None,
                                   old.resource.node if old else None, change)
+
+    def _track_scheduled(self, namespace: str, name: str) -> None:
+        """The CA's view: which identity each scheduled pod has on which node (even before
+        the pod has an IP, so its node proxy can fetch the certificate early)."""
+        pod = self.get("Pod", namespace, name)
+        placed = None
+        if pod is not None:
+            spec, status = pod.get("spec") or {}, pod.get("status") or {}
+            if spec.get("nodeName") and status.get("phase") not in TERMINAL_PHASES:
+                sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+                placed = (spec["nodeName"], spiffe_id(namespace, sa, self.trust_domain))
+        before = self._scheduled.pop((namespace, name), None)
+        if before == placed:
+            if placed is not None:
+                self._scheduled[(namespace, name)] = placed
+            return
+        if before is not None:
+            self._node_identities[before[0]][before[1]] -= 1
+        if placed is not None:
+            self._scheduled[(namespace, name)] = placed
+            self._node_identities[placed[0]][placed[1]] += 1
 
     def _select_workload(self, key: str, workload: m.Workload | None, old_node: str | None,
                          change: Change) -> None:
@@ -415,11 +434,12 @@ class MeshModel:
                   and labels.get(LABEL_MESH_ISTIO) != "none" and not spec.get("hostNetwork"))
         sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
         ip = status.get("podIP") or ""
-        if ip:
-            try:
-                convert._check_ip("status.podIP", ip)
-            except ValueError as err:
-                raise ObjectError(str(err)) from None
+        if not ip:
+            return None   # not routable yet: it appears once the CNI has given it an address
+        try:
+            convert._check_ip("status.podIP", ip)
+        except ValueError as err:
+            raise ObjectError(str(err)) from None
         return m.Workload(
             uid=f"{namespace}/{name}", name=name, namespace=namespace, service_account=sa,
             node=node, ip=ip, identity=self.identities.get(namespace, sa),

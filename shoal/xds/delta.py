@@ -57,6 +57,8 @@ class DeltaSender:
     component: str
     known: dict[str, str] = field(default_factory=dict)
     in_flight: dict[str, str] = field(default_factory=dict)   # nonce -> system version
+    _pushed: dict[str, frozenset[str]] = field(default_factory=dict, repr=False)  # nonce -> keys
+    _unresolved: set[str] = field(default_factory=set, repr=False)   # NACKed, not yet replaced
     acked_version: str = ""
     last_nack: Nack | None = None
     _nonces: Iterable[int] = field(default_factory=lambda: itertools.count(1), repr=False)
@@ -104,6 +106,7 @@ class DeltaSender:
             return None
         nonce = str(next(self._nonces))
         self.in_flight[nonce] = system_version
+        self._pushed[nonce] = frozenset(upserts) | frozenset(removed)
         return Push(nonce=nonce, system_version=system_version,
                     upserts=tuple(sorted(upserts)), removed=tuple(sorted(removed)))
 
@@ -114,12 +117,19 @@ class DeltaSender:
         if nonce not in self.in_flight:
             raise ProtocolError(f"reply to unknown nonce {nonce!r}")
         version = self.in_flight.pop(nonce)
+        pushed = self._pushed.pop(nonce, frozenset())
         if request.HasField("error_detail"):
             self.last_nack = Nack(nonce=nonce, system_version=version,
                                   message=request.error_detail.message,
                                   rejected=tuple(request.rejected))
+            self._unresolved = set(request.rejected)
             return self.last_nack
         self.acked_version = version
+        # A NACK is history once every resource it rejected was replaced and accepted.
+        if self.last_nack is not None:
+            self._unresolved -= pushed
+            if not self._unresolved:
+                self.last_nack = None
         return None
 
     @property

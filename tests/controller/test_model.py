@@ -171,3 +171,14 @@ def test_waypoints_may_get_their_own_identity_only():
     assert model.identities_for_caller("waypoint-demo-wp") == {"spiffe://cluster.local/ns/demo/sa/wp"}
     assert model.identities_for_caller("waypoint-demo-other") == set()
     assert model.identities_for_caller("node-1") == {"spiffe://cluster.local/ns/demo/sa/web"}
+
+
+def test_pods_without_ip_are_not_sent_but_count_for_the_ca():
+    model = build(namespace("demo"), pod("demo", "web-0", sa="web", ip=""))
+    assert "workload/demo/web-0" not in model.resources
+    assert model.identities_on_node("node-1") == {"spiffe://cluster.local/ns/demo/sa/web"}
+    change = model.apply([("MODIFIED", pod("demo", "web-0", sa="web", ip="10.244.1.7"))])
+    assert change.keys == {"workload/demo/web-0"}
+    model.apply([("MODIFIED", pod("demo", "web-0", sa="web", node="node-2", ip="10.244.2.7"))])
+    assert model.identities_on_node("node-1") == set()
+    assert model.identities_on_node("node-2") == {"spiffe://cluster.local/ns/demo/sa/web"}

@@ -78,6 +78,11 @@ def test_nack_keeps_last_good_and_is_not_resent():
     nack = tx.on_reply(reply)
     assert nack.rejected == ("workload/demo/web-0",) and tx.acked_version == "1"
     assert tx.plan({"workload/demo/web-0": "v2", "workload/demo/web-1": "v2"}, "3") is None
+    # A fixed version of the rejected resource is accepted: the NACK is resolved.
+    fixed = tx.plan({"workload/demo/web-0": "v3", "workload/demo/web-1": "v2"}, "4")
+    assert fixed.upserts == ("workload/demo/web-0",) and tx.last_nack is not None
+    tx.on_reply(pb.DeltaRequest(response_nonce=fixed.nonce))
+    assert tx.last_nack is None and tx.acked_version == "4"
 
 
 def test_validator_rejection_is_a_nack():
