@@ -94,7 +94,8 @@ class WaypointApp:
             services = {(ns, name): [Endpoint(ip, port, name=f"{name}-{i}", namespace=ns)
                                      for i, (ip, port) in enumerate(eps)]
                         for ns, name, eps in config.static_services}
-            resolver = StaticResolver(services, namespace=config.namespace)
+            first = config.static_services[0]
+            resolver = StaticResolver(services, namespace=config.namespace, default=(first[0], first[1]))
             connector = TcpConnector(config.connect_timeout)
         else:
             resolver = StateResolver(self.state, config.namespace, config.trust_domain)

@@ -71,7 +71,8 @@ class WaypointConfig:
         p.add_argument("--ready-port", type=int, default=PORT_PROXY_READY)
         p.add_argument("--routes-file", default="", help="YAML with HTTPRoute/TrafficPolicy objects")
         p.add_argument("--static-service", action="append", default=[],
-                       help="NS/NAME=IP:PORT[,IP:PORT...]: endpoints without a control plane (plain TCP)")
+                       help="NS/NAME=IP:PORT[,IP:PORT...]: endpoints without a control plane (plain TCP); "
+                            "the first also serves Hosts that name no known service")
         p.add_argument("--access-log", default=env.get("SHOAL_ACCESS_LOG", "-"))
         p.add_argument("--otlp-endpoint", default=env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", ""))
         p.add_argument("--no-flows", action="store_true", help="do not send L7 flow events to the node agent")

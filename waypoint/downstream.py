@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from http import HTTPStatus
 from typing import Awaitable, Callable
 
 import h2.config
@@ -69,6 +70,14 @@ def _raw_error(status: int, detail: str) -> bytes:
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
 
 
+def _reason(status: int) -> bytes:
+    """Some clients (h2load among them) want a reason phrase, though HTTP/1.1 makes it optional."""
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
 class _Close(Exception):
     """Stop serving this connection (after an answer was written, or silently)."""
 
@@ -82,6 +91,7 @@ class H1Server:
         self.reject = reject
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         self.response_started = False
+        self._held = b""
 
     def _fail(self, status: int, reason: str, detail: str) -> _Close:
         self.reject(reason, status)
@@ -244,14 +254,22 @@ class H1Server:
             # Answering before the whole request body arrived (403, 429...): this
             # connection closes after the response rather than reading a body nobody wants.
             headers = [(n, v) for n, v in headers if n != "connection"] + [("connection", "close")]
-        self.stream.write(self.conn.send(h11.Response(status_code=status, headers=headers)))
+        # Held back and sent with the first body bytes: one write per small response.
+        self._held = self.conn.send(h11.Response(status_code=status, headers=headers, reason=_reason(status)))
 
     async def send(self, chunk: bytes) -> None:
-        self.stream.write(self.conn.send(h11.Data(data=chunk)))
+        data = self.conn.send(h11.Data(data=chunk))
+        if self._held:
+            data, self._held = self._held + data, b""
+        self.stream.write(data)
         await self.stream.drain()
 
     async def end(self) -> None:
-        self.stream.write(self.conn.send(h11.EndOfMessage()))
+        data = self.conn.send(h11.EndOfMessage())
+        if self._held:
+            data, self._held = self._held + data, b""
+        if data:
+            self.stream.write(data)
         await self.stream.drain()
 
     async def upgrade(self, headers: list[tuple[str, str]], upstream: Tunnel, leftover: bytes) -> None:

@@ -116,6 +116,7 @@ class StaticResolver:
     policies: list[Authorization] = field(default_factory=list)
     workloads: Mapping[str, WorkloadInfo] = field(default_factory=dict)
     vips: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    default: tuple[str, str] | None = None   # serves Hosts that name no known service (benchmarks)
 
     def service_for(self, peer: PeerInfo, authority: str) -> ServiceInfo | None:
         named = self.vips.get(peer.destination_ip)
@@ -125,6 +126,8 @@ class StaticResolver:
             named = service_name_from_host(host, self.namespace)
             port = port or host_port or 80
         if named is None or tuple(named) not in self.services:
+            named = self.default
+        if named is None:
             return None
         return ServiceInfo(ServiceKey(named[0], named[1], port), fqdn(*named))
 

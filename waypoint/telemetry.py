@@ -31,6 +31,8 @@ ISTIO_LABELS = (
 DURATION_BUCKETS_MS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000)
 SIZE_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000)
 
+MAX_CACHED_LABEL_SETS = 4096
+
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 
 
@@ -133,6 +135,8 @@ class Telemetry:
         self._flows = flow_emitter
         self._spans = span_exporter
         self.clock = clock
+        # prometheus_client's labels() validates on every call; requests repeat few label sets.
+        self._children: dict[tuple[str, ...], tuple] = {}
 
     def labels(self, r: RequestRecord) -> dict[str, str]:
         return {
@@ -161,10 +165,19 @@ class Telemetry:
         if not r.end:
             r.end = self.clock()
         labels = self.labels(r)
-        self.metrics.requests.labels(**labels).inc()
-        self.metrics.duration.labels(**labels).observe(r.duration_ms)
-        self.metrics.request_bytes.labels(**labels).observe(r.request_bytes)
-        self.metrics.response_bytes.labels(**labels).observe(r.response_bytes)
+        key = tuple(labels.values())
+        children = self._children.get(key)
+        if children is None:
+            if len(self._children) >= MAX_CACHED_LABEL_SETS:
+                self._children.clear()  # bounded: a label explosion costs speed, not memory
+            m = self.metrics
+            children = self._children[key] = (m.requests.labels(**labels), m.duration.labels(**labels),
+                                              m.request_bytes.labels(**labels), m.response_bytes.labels(**labels))
+        requests, duration, request_bytes, response_bytes = children
+        requests.inc()
+        duration.observe(r.duration_ms)
+        request_bytes.observe(r.request_bytes)
+        response_bytes.observe(r.response_bytes)
         if self._access_log is not None:
             self._access_log(access_log_line(r))
         if self._flows is not None:
