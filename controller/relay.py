@@ -149,6 +149,25 @@ class RelayObserver(observer_pb2_grpc.ObserverServicer):
                 status.num_flows, status.max_flows, status.seen_flows)
         return response
 
+    async def GetNamespaces(self, request, context):
+        self._metrics.requests.labels(method="GetNamespaces").inc()
+
+        async def one(node: NodeTarget):
+            try:
+                return await self.stub(node).GetNamespaces(observer_pb2.GetNamespacesRequest(),
+                                                           timeout=self._node_timeout)
+            except grpc.aio.AioRpcError as error:
+                self._metrics.node_errors.labels(node=node.name).inc()
+                log.info("GetNamespaces: node %s: %s", node.name, error.details())
+                return None
+
+        seen = set()
+        for answer in await asyncio.gather(*(one(node) for node in self._nodes())):
+            if answer is not None:
+                seen.update((ns.cluster, ns.namespace) for ns in answer.namespaces)
+        return observer_pb2.GetNamespacesResponse(namespaces=[
+            observer_pb2.Namespace(cluster=cluster, namespace=name) for cluster, name in sorted(seen)])
+
     # -- flows
     async def GetFlows(self, request, context):
         self._metrics.requests.labels(method="GetFlows").inc()

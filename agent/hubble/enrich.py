@@ -154,6 +154,26 @@ class Enricher:
         self.fill_endpoints(flow, event.src_identity, event.dst_identity)
         return flow
 
+    def namespaces_of(self, payload) -> tuple[str, ...]:
+        """The namespaces at either end of a stored entry, without building a Flow."""
+        if isinstance(payload, flow_pb2.Flow):
+            return payload.source.namespace, payload.destination.namespace
+        if isinstance(payload, flow_pb2.LostEvent) or self.state is None:
+            return ()
+        if isinstance(payload, bytes):
+            from shoal.agent.flowevents import decode
+
+            try:
+                payload = decode(payload)
+            except ValueError:
+                return ()
+        found = []
+        for ip in (payload.src_ip, payload.dst_ip):
+            workload = self.state.workload_by_ip(ip)
+            if workload is not None:
+                found.append(workload.namespace)
+        return tuple(found)
+
     # -- proxy / waypoint flows
     def proxy_flow(self, flow: flow_pb2.Flow) -> flow_pb2.Flow:
         """Completes a flow built by ``flows.l4_flow`` / ``flows.http_flow`` in place."""

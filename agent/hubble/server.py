@@ -74,6 +74,18 @@ class ObserverService(observer_pb2_grpc.ObserverServicer):
             uptime_ns=time.monotonic_ns() - self.started_ns, num_flows=len(self.store),
             max_flows=self.store.capacity, seen_flows=self.store.head)])
 
+    async def GetNamespaces(self, request, context):
+        namespaces = set()
+        store = self.store
+        for seq in range(store.oldest, store.head):
+            entry = store.get(seq)
+            if entry is not None:
+                namespaces.update(self.enricher.namespaces_of(entry[1]))
+        namespaces.discard("")
+        return observer_pb2.GetNamespacesResponse(namespaces=[
+            observer_pb2.Namespace(cluster=self.enricher.cluster_name, namespace=name)
+            for name in sorted(namespaces)])
+
     # -- flows
     def response_for(self, entry, query: FlowQuery) -> observer_pb2.GetFlowsResponse | None:
         """The response for one stored entry, or None when the request filters it out."""

@@ -178,3 +178,22 @@ def list_nodes(ctx: click.Context, output: str, server: str | None) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         click.echo("".join(cell.ljust(w + 3) for cell, w in zip(row, widths)) + row[-1])
+
+
+@list_cmd.command("namespaces", help="Namespaces seen in the stored flows, like `hubble list namespaces`.")
+@click.option("--server", help="Observer address (default: this cluster's relay socket).")
+@click.pass_context
+def list_namespaces(ctx: click.Context, server: str | None) -> None:
+    client = ObserverClient(server_address(_layout(ctx), server))
+    try:
+        namespaces = client.namespaces().namespaces
+    except ObserverUnreachable as error:
+        raise click.ClickException(str(error)) from None
+    except grpc.RpcError as error:
+        raise click.ClickException(f"{error.code().name}: {error.details()}") from None
+    finally:
+        client.close()
+    rows = [("CLUSTER", "NAMESPACE")] + [(ns.cluster or "-", ns.namespace) for ns in namespaces]
+    width = max(len(row[0]) for row in rows)
+    for cluster, name in rows:
+        click.echo(f"{cluster.ljust(width + 3)}{name}")

@@ -49,6 +49,9 @@ class ObserverClient:
     def nodes(self) -> observer_pb2.GetNodesResponse:
         return self._unary(self._stub.GetNodes, observer_pb2.GetNodesRequest())
 
+    def namespaces(self) -> observer_pb2.GetNamespacesResponse:
+        return self._unary(self._stub.GetNamespaces, observer_pb2.GetNamespacesRequest())
+
     def flows(self, request: observer_pb2.GetFlowsRequest) -> Iterator[observer_pb2.GetFlowsResponse]:
         call = self._stub.GetFlows(request)
         try:

@@ -80,3 +80,9 @@ async def test_list_nodes(relay):
     assert lines[0].split() == ["NAME", "STATUS", "AGE", "FLOWS/S", "CURRENT/MAX-FLOWS"]
     assert [line.split()[:2] for line in lines[1:]] == [["node-1", "Connected"], ["node-2", "Connected"]]
     assert "3/4095" in lines[2]
+
+
+async def test_list_namespaces(relay):
+    code, out, err = await shoal("list", "namespaces", "--server", relay)
+    assert code == 0, err
+    assert [line.split()[-1] for line in out.splitlines()] == ["NAMESPACE", "demo", "legacy"]

@@ -98,3 +98,11 @@ async def test_follow_survives_a_node_dying(cluster):
     unavailable = {name for r in seen if r.HasField("node_status")
                    and r.node_status.state_change == relay_pb2.NODE_UNAVAILABLE for name in r.node_status.node_names}
     assert unavailable == {"node-1", "node-3"}
+
+
+async def test_namespaces_are_merged_across_nodes(cluster):
+    nodes, stub, _ = cluster
+    nodes["node-1"].kernel_sink(kernel_event(src="10.244.1.2", dst="10.244.1.3"))     # demo -> demo
+    nodes["node-2"].kernel_sink(kernel_event(src="10.244.2.9", dst="10.244.2.3"))     # legacy -> demo
+    answer = await stub.GetNamespaces(O.GetNamespacesRequest())
+    assert [ns.namespace for ns in answer.namespaces] == ["demo", "legacy"]

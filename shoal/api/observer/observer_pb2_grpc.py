@@ -44,6 +44,11 @@ class ObserverStub:
                 request_serializer=shoal_dot_api_dot_observer_dot_observer__pb2.GetNodesRequest.SerializeToString,
                 response_deserializer=shoal_dot_api_dot_observer_dot_observer__pb2.GetNodesResponse.FromString,
                 _registered_method=True)
+        self.GetNamespaces = channel.unary_unary(
+                '/observer.Observer/GetNamespaces',
+                request_serializer=shoal_dot_api_dot_observer_dot_observer__pb2.GetNamespacesRequest.SerializeToString,
+                response_deserializer=shoal_dot_api_dot_observer_dot_observer__pb2.GetNamespacesResponse.FromString,
+                _registered_method=True)
         self.ServerStatus = channel.unary_unary(
                 '/observer.Observer/ServerStatus',
                 request_serializer=shoal_dot_api_dot_observer_dot_observer__pb2.ServerStatusRequest.SerializeToString,
@@ -61,6 +66,12 @@ class ObserverServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetNodes(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetNamespaces(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -84,6 +95,11 @@ def add_ObserverServicer_to_server(servicer, server):
                     servicer.GetNodes,
                     request_deserializer=shoal_dot_api_dot_observer_dot_observer__pb2.GetNodesRequest.FromString,
                     response_serializer=shoal_dot_api_dot_observer_dot_observer__pb2.GetNodesResponse.SerializeToString,
+            ),
+            'GetNamespaces': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetNamespaces,
+                    request_deserializer=shoal_dot_api_dot_observer_dot_observer__pb2.GetNamespacesRequest.FromString,
+                    response_serializer=shoal_dot_api_dot_observer_dot_observer__pb2.GetNamespacesResponse.SerializeToString,
             ),
             'ServerStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerStatus,
@@ -145,6 +161,33 @@ class Observer:
             '/observer.Observer/GetNodes',
             shoal_dot_api_dot_observer_dot_observer__pb2.GetNodesRequest.SerializeToString,
             shoal_dot_api_dot_observer_dot_observer__pb2.GetNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetNamespaces(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/observer.Observer/GetNamespaces',
+            shoal_dot_api_dot_observer_dot_observer__pb2.GetNamespacesRequest.SerializeToString,
+            shoal_dot_api_dot_observer_dot_observer__pb2.GetNamespacesResponse.FromString,
             options,
             channel_credentials,
             insecure,
