@@ -180,20 +180,22 @@ class HboneConnection:
         self._h2.send_headers(stream_id, [(":status", str(status))], end_stream=status != STATUS_OK)
 
     def send(self, stream_id: int, data: memoryview) -> int:
-        """Queue as much of ``data`` as flow control allows; return how many bytes went."""
+        """Queue as much of ``data`` as flow control allows; return how many bytes went,
+        or -1 when the stream is already closed (h2 processes a whole read before we see
+        its events, so a reset may be known here before its ``TunnelReset`` arrives)."""
         sent = 0
         total = len(data)
-        while sent < total:
-            window = self._h2.local_flow_control_window(stream_id)
-            chunk = min(window, self._max_frame, self._h2.max_outbound_frame_size, total - sent)
-            if chunk <= 0:
-                break
-            self._h2.send_data(stream_id, data[sent:sent + chunk])
-            sent += chunk
+        try:
+            while sent < total:
+                window = self._h2.local_flow_control_window(stream_id)
+                chunk = min(window, self._max_frame, self._h2.max_outbound_frame_size, total - sent)
+                if chunk <= 0:
+                    break
+                self._h2.send_data(stream_id, data[sent:sent + chunk])
+                sent += chunk
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            return -1
         return sent
-
-    def send_window(self, stream_id: int) -> int:
-        return self._h2.local_flow_control_window(stream_id)
 
     def end(self, stream_id: int) -> None:
         try:
