@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -29,6 +30,8 @@ def run_cmd(quick: bool, as_json: bool, only: tuple[str, ...], bed: str, results
         doc, (json_path, md_path) = harness.run(only=only, quick=quick, bed=bed, results_dir=results)
     except harness.SelectionError as exc:
         raise click.UsageError(str(exc)) from exc
+    except harness.BusyError as exc:
+        raise click.ClickException(str(exc)) from exc
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     else:
@@ -48,5 +51,12 @@ def list_cmd() -> None:
         click.echo(f"{name:20} BROKEN     {error}")
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # SystemExit unwinds through the harness's finally blocks: the bed (and the perf
+    # cluster) is removed even when the run is stopped.
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     perf(prog_name="python -m shoal.perf")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import fcntl
 import importlib
 import os
 import pkgutil
@@ -11,7 +12,8 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +25,52 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BED_KINDS = ("auto", "cluster", "netns")
 
 
+LOCK_PATH = Path("/run/shoal/perf-bench.lock")
+LOCK_WAIT = 900.0
+
+
 class SelectionError(ValueError):
     """--only named a scenario that does not exist."""
+
+
+class BusyError(RuntimeError):
+    """Another benchmark run holds the machine (and the ``perf`` cluster)."""
+
+
+@contextmanager
+def exclusive_run(path: Path | None, say: Callable[[str], None], wait: float = LOCK_WAIT) -> Iterator[None]:
+    """One benchmark run at a time on this machine.
+
+    Two runs would share (and tear down) the same ``perf`` cluster, and would skew each
+    other's figures anyway. A second run waits for the first, then fails after ``wait``.
+    """
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        deadline, told = time.monotonic() + wait, False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "?"
+                if time.monotonic() > deadline:
+                    raise BusyError(f"another benchmark run (pid {holder}) held {path} for {wait:.0f} s") from None
+                if not told:
+                    say(f"waiting for another benchmark run to finish (pid {holder}, lock {path})")
+                    told = True
+                time.sleep(1.0)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @dataclass(frozen=True)
@@ -157,12 +203,20 @@ def _stamp(moment: datetime.datetime) -> str:
 
 def run(only: Sequence[str] = (), quick: bool = False, bed: str = "auto",
         results_dir: Path = RESULTS_DIR, log: Callable[[str], None] | None = None,
-        package: str = SCENARIO_PACKAGE) -> tuple[dict[str, object], tuple[Path, Path]]:
+        package: str = SCENARIO_PACKAGE, lock: Path | None = LOCK_PATH,
+        ) -> tuple[dict[str, object], tuple[Path, Path]]:
     """Run the selection; return the JSON document and the paths of the written report."""
     say = log or (lambda m: print(m, file=sys.stderr, flush=True))
-    started = datetime.datetime.now(datetime.timezone.utc)
     discovered = discover(package)
     selected = select(discovered.scenarios, only)
+    with exclusive_run(lock, say):
+        return _run(discovered, selected, only, quick, bed, results_dir, say)
+
+
+def _run(discovered: Discovered, selected: Sequence[Scenario], only: Sequence[str], quick: bool,
+         bed: str, results_dir: Path, say: Callable[[str], None],
+         ) -> tuple[dict[str, object], tuple[Path, Path]]:
+    started = datetime.datetime.now(datetime.timezone.utc)
     bed_kind = resolve_bed_kind(bed)
     is_root = os.geteuid() == 0
     holder: dict[str, Bed] = {}

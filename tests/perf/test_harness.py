@@ -1,5 +1,6 @@
 """The harness's plumbing, on a fake scenario package (no benchmark runs)."""
 import json
+import os
 import sys
 import textwrap
 import uuid
@@ -80,7 +81,7 @@ def test_requirements():
 def test_run_collects_figures_failures_and_skips(fake_package, tmp_path):
     lines = []
     doc, (json_path, md_path) = harness.run(quick=True, bed="netns", results_dir=tmp_path / "out",
-                                            log=lines.append, package=fake_package)
+                                            log=lines.append, package=fake_package, lock=tmp_path / "lock")
     status = {o["name"]: o["status"] for o in doc["scenarios"]}
     assert status == {"broken": "failed", "nothing": "failed", "good": "ok", "halfway": "failed",
                       "needy": "skipped"}
@@ -97,7 +98,7 @@ def test_run_collects_figures_failures_and_skips(fake_package, tmp_path):
 
 def test_run_only(fake_package, tmp_path):
     doc, _ = harness.run(only=["good"], quick=True, bed="netns", results_dir=tmp_path, log=lambda m: None,
-                         package=fake_package)
+                         package=fake_package, lock=None)
     assert [o["name"] for o in doc["scenarios"]] == ["good"]
 
 
@@ -113,3 +114,15 @@ def test_cli_rejects_unknown_scenario():
     from shoal.perf.cli import perf
     result = CliRunner().invoke(perf, ["run", "--only", "no-such-scenario", "--bed", "netns"])
     assert result.exit_code == 2 and "unknown scenario" in result.output
+
+
+def test_one_run_at_a_time(tmp_path):
+    lock, lines = tmp_path / "run" / "bench.lock", []
+    with harness.exclusive_run(lock, lines.append):
+        assert lock.read_text() == str(os.getpid())
+        with pytest.raises(harness.BusyError, match=f"pid {os.getpid()}"):
+            with harness.exclusive_run(lock, lines.append, wait=0.3):
+                pass
+    assert any("waiting for another benchmark run" in line for line in lines)
+    with harness.exclusive_run(lock, lines.append, wait=0):   # free again once released
+        pass
