@@ -222,11 +222,10 @@ def _endpoint_matchers(flow_filter: flow_pb2.FlowFilter, side: str) -> list[Pred
         wanted = parse_namespaced(pods, f"{field_prefix}_pod")
 
         def match_pod(f, wanted=wanted):
+            # "ns/" matches every pod of ns; a bare prefix matches pods of any namespace.
             ep = getattr(f, side)
-            return bool(ep.namespace or ep.pod_name) and any(
-                (not ns or ns == ep.namespace) and ep.pod_name.startswith(prefix)
-                and (ns or ep.pod_name)
-                for ns, prefix in wanted)
+            return bool(ep.pod_name) and any(
+                (not ns or ns == ep.namespace) and ep.pod_name.startswith(prefix) for ns, prefix in wanted)
 
         checks.append(match_pod)
     services = getattr(flow_filter, f"{field_prefix}_service")

@@ -10,6 +10,7 @@ import os
 import socket
 import struct
 import time
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -48,6 +49,7 @@ class ObserverService(observer_pb2_grpc.ObserverServicer):
         self.config = config
         self.metrics = metrics
         self.started_ns = time.monotonic_ns()
+        self._uuid_namespace = uuid.uuid5(uuid.NAMESPACE_URL, f"shoal-flows/{config.node_name}/{time.time_ns()}")
         self._rate_samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=61)
 
     # -- status
@@ -87,8 +89,8 @@ class ObserverService(observer_pb2_grpc.ObserverServicer):
             for name in sorted(namespaces)])
 
     # -- flows
-    def response_for(self, entry, query: FlowQuery) -> observer_pb2.GetFlowsResponse | None:
-        """The response for one stored entry, or None when the request filters it out."""
+    def response_for(self, seq: int, entry, query: FlowQuery) -> observer_pb2.GetFlowsResponse | None:
+        """The response for stored entry ``seq``, or None when the request filters it out."""
         ts_ns, payload = entry
         if not query.in_time(ts_ns):
             return None
@@ -105,6 +107,9 @@ class ObserverService(observer_pb2_grpc.ObserverServicer):
                 self.metrics.malformed_records += 1
                 log.debug("undecodable kernel record skipped: %s", error)
                 return None
+        if not flow.uuid:
+            # Stable across reads (Hubble UI keys flows by it), distinct across agent restarts.
+            flow.uuid = str(uuid.uuid5(self._uuid_namespace, str(seq)))
         if not query.matcher(flow):
             return None
         response = observer_pb2.GetFlowsResponse(flow=flow, node_name=self.config.node_name)
@@ -121,7 +126,7 @@ class ObserverService(observer_pb2_grpc.ObserverServicer):
             # Last N: walk back from the newest, then give them in time order.
             for seq in range(head - 1, store.oldest - 1, -1):
                 entry = store.get(seq)
-                if entry is not None and (response := self.response_for(entry, query)) is not None:
+                if entry is not None and (response := self.response_for(seq, entry, query)) is not None:
                     found.append(response)
                     if len(found) >= limit:
                         break
@@ -133,7 +138,7 @@ class ObserverService(observer_pb2_grpc.ObserverServicer):
                 continue
             if query.past_until(entry[0]):
                 break
-            if (response := self.response_for(entry, query)) is not None:
+            if (response := self.response_for(seq, entry, query)) is not None:
                 found.append(response)
                 if limit is not None and len(found) >= limit:
                     break
@@ -178,7 +183,7 @@ class ObserverService(observer_pb2_grpc.ObserverServicer):
                         raise ClientTooSlow("client fell behind the node's ring; stream cut")
                     if query.past_until(entry[0]):
                         return
-                    response = self.response_for(entry, query)
+                    response = self.response_for(seq, entry, query)
                     if response is not None:
                         await writer.write(response)
                 cursor = end

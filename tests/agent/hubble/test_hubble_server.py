@@ -211,3 +211,13 @@ async def test_client_that_stops_reading_is_cut_without_blocking_ingestion(sockd
             assert status.seen_flows >= 1000
     finally:
         await server.stop(grace=0)
+
+
+async def test_flow_uuids_are_stable_and_filterable(hub):
+    for i in range(3):
+        hub.kernel_sink(kernel_event(sport=i))
+    first = [r.flow.uuid for r in await collect(hub.test_stub)]
+    again = [r.flow.uuid for r in await collect(hub.test_stub)]
+    assert first == again and len(set(first)) == 3
+    only = await collect(hub.test_stub, whitelist=[F.FlowFilter(uuid=[first[1]])])
+    assert ports_of(only) == [1]
