@@ -46,6 +46,8 @@ class ProgramSpec:
 PROGRAMS: tuple[ProgramSpec, ...] = (
     ProgramSpec("connect4", "connect4.c", "shoal_connect4", "CGROUP_SOCK_ADDR", bpfsys.ATTACH_CGROUP_INET4_CONNECT),
     ProgramSpec("sockops", "sockops.c", "shoal_sockops", "SOCK_OPS", bpfsys.ATTACH_CGROUP_SOCK_OPS),
+    ProgramSpec("getpeername4", "getpeername4.c", "shoal_getpeername4", "CGROUP_SOCK_ADDR",
+                bpfsys.ATTACH_CGROUP_INET4_GETPEERNAME),
     ProgramSpec("tc_ingress", "tc_ingress.c", "shoal_tc_ingress", "SCHED_CLS", None),
 )
 CGROUP_PROGRAMS = tuple(p for p in PROGRAMS if p.attach_type is not None)
@@ -162,7 +164,7 @@ class Datapath:
                 try:
                     module = BPF(src_file=str(self.source_dir / spec.source).encode(), cflags=cflags)
                     kwargs = {}
-                    if spec.attach_type == bpfsys.ATTACH_CGROUP_INET4_CONNECT:
+                    if spec.prog_type == "CGROUP_SOCK_ADDR":  # the kernel checks it at load time
                         kwargs["attach_type"] = spec.attach_type
                     fn = module.load_func(spec.function.encode(), getattr(BPF, spec.prog_type), **kwargs)
                 except Exception as err:  # bcc raises bare Exception for compile and verify errors
@@ -184,7 +186,7 @@ class Datapath:
             bpfsys.obj_pin(program.fd, path)
 
     def attach_cgroup(self, cgroup: Path) -> None:
-        """Attach (or atomically replace) connect4 and sockops on the node's root cgroup."""
+        """Attach (or atomically replace) the cgroup programs on the node's root cgroup."""
         fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
         try:
             for spec in CGROUP_PROGRAMS:

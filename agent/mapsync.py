@@ -161,7 +161,12 @@ class DatapathMaps:
         return out
 
     def origdst_entries(self) -> int:
+        """Live captured connections as the proxy's lookup sees them (by 4-tuple)."""
         return len(bpfsys.map_keys(self.fds["origdst"], OrigDstKey))
+
+    def origdst_cookie_entries(self) -> int:
+        """... and as getpeername4 sees them (by socket cookie)."""
+        return len(bpfsys.map_keys(self.fds["origdst_by_cookie"], U64))
 
 
 def _policy_key(entry: PolicyEntry) -> PolicyKey:

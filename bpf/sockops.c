@@ -3,7 +3,8 @@
  *
  * ACTIVE_ESTABLISHED runs on the app's socket while the SYN-ACK is processed, before
  * the final ACK leaves, so the entry exists before the proxy can accept() the
- * connection. The entry is deleted when the app socket closes (STATE_CB).
+ * connection. Both entries (by tuple for the proxy, by cookie for getpeername4) are
+ * deleted when the app socket closes (STATE_CB).
  */
 #include "lib/helpers.h"
 
@@ -34,7 +35,6 @@ int shoal_sockops(struct bpf_sock_ops *skops)
         struct orig_dst copy = *orig;
         struct origdst_key key = tuple_key(skops);
         bpf_map_update_elem(SHOAL_MAP(origdst), &key, &copy, BPF_ANY);
-        bpf_map_delete_elem(SHOAL_MAP(origdst_by_cookie), &cookie);
         bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
         count(COUNTER_ORIGDST_RECORDED, 1);
         count(COUNTER_SOCKOPS_NS, bpf_ktime_get_ns() - start);
@@ -42,7 +42,9 @@ int shoal_sockops(struct bpf_sock_ops *skops)
     } else if (op == BPF_SOCK_OPS_STATE_CB) {
         if (skops->args[1] == BPF_TCP_CLOSE) {
             struct origdst_key key = tuple_key(skops);
+            __u64 cookie = bpf_get_socket_cookie(skops);
             bpf_map_delete_elem(SHOAL_MAP(origdst), &key);
+            bpf_map_delete_elem(SHOAL_MAP(origdst_by_cookie), &cookie);
         }
     }
     return 1;

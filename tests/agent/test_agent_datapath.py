@@ -64,19 +64,20 @@ def test_outbound_connect_is_captured_with_original_destination(agent_bed, datap
     result = finish(client)
     conn.close()
     assert data == b"ping" and result["reply"] == "pong"
-    # the app still believes it talks to its destination's port via 15001 on loopback
-    assert result["peer"] == ["127.0.0.1", PORT_OUTBOUND]
+    # getpeername4: the app sees the destination it asked for, not the proxy's listener
+    assert result["peer"] == [agent_bed.b.ip, 8080]
+    assert result["local"][0] == "127.0.0.1"
 
 
 def test_origdst_entry_is_removed_when_the_connection_closes(agent_bed, datapath, meshed_a):
     _dp, maps = datapath
-    before = maps.origdst_entries()
+    before = (maps.origdst_entries(), maps.origdst_cookie_entries())
     client = agent_bed.a.connect(agent_bed.b.ip, 9090, wait=False)
     conn, _ = serve_once(meshed_a)
     finish(client)
     conn.close()
     time.sleep(0.2)
-    assert maps.origdst_entries() == before
+    assert (maps.origdst_entries(), maps.origdst_cookie_entries()) == before
 
 
 def test_proxy_marked_and_unmeshed_sockets_are_not_captured(agent_bed, datapath, meshed_a):
