@@ -29,7 +29,7 @@ class Limits:
     body_idle_timeout: float = 30.0        # longest silence inside a request body -> 408
     keepalive_timeout: float = 60.0        # idle keep-alive connection closed silently
     max_concurrent_streams: int = 100      # HTTP/2 per connection
-    retry_buffer_bytes: int = 64 * 1024    # request bodies up to this size can be replayed by retries
+    retry_buffer_bytes: int = 64 * 1024    # bodies up to this size (known length) are read whole: replayable
     max_h2_frame: int = 1 << 20
 
 

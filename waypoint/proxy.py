@@ -318,7 +318,9 @@ class WaypointProxy:
         per_try = backend_timeout
         if retries and retries.per_try_timeout:
             per_try = min(per_try, retries.per_try_timeout) if per_try else retries.per_try_timeout
-        source = _BodySource(req, body, self.limits.retry_buffer_bytes if attempts > 1 or plan.mirrors else 0)
+        # Small bodies of known length are read whole: they can be replayed (retries, mirrors)
+        # and go upstream with the head in one write. Larger or chunked bodies stream.
+        source = _BodySource(req, body, self.limits.retry_buffer_bytes)
         await source.prepare()
         tried: set[Endpoint] = set()
         attempt = _Attempt(CONNECT_FAILURE)
