@@ -2,8 +2,9 @@
 
 - ``compact``: ``TIME [NODE]: SRC (ID) -> DST (ID) TYPE VERDICT (SUMMARY)``; a reply is
   printed ``DST <- SRC`` so the client stays on the left, an unknown direction ``<>``;
-- ``json``: the flow alone (Hubble's legacy json), one object per line;
-- ``jsonpb``: the whole GetFlowsResponse (proto3 JSON mapping, proto field names), one per line;
+- ``json`` / ``jsonpb``: the whole GetFlowsResponse (``{"flow": {...}, "node_name", "time"}``,
+  proto3 JSON mapping with proto field names), one object per line, as current Hubble
+  prints both (its flow-only legacy json is gone);
 - ``dict``: one ``KEY: value`` block per flow, separated by ``------------``;
 - ``table``: aligned columns, written when the printer is closed.
 Node status and lost events go to the error stream, as Hubble does.
@@ -175,9 +176,7 @@ class Printer:
         flow = response.flow
         if self.output == "compact":
             print(compact_line(response), file=self.out, flush=True)
-        elif self.output == "json":
-            print(to_json(flow), file=self.out, flush=True)
-        elif self.output == "jsonpb":
+        elif self.output in ("json", "jsonpb"):
             print(to_json(response), file=self.out, flush=True)
         else:
             src, dst = host_names(flow)
@@ -210,7 +209,7 @@ class Printer:
 
     def _lost(self, response) -> None:
         lost = response.lost_events
-        if self.output == "jsonpb":
+        if self.output in ("json", "jsonpb"):
             print(to_json(response), file=self.out, flush=True)
             return
         source = flow_pb2.LostEventSource.Name(lost.source)

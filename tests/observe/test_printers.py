@@ -53,9 +53,8 @@ def test_json_and_jsonpb_one_object_per_line_with_proto_names():
         lines = out.getvalue().splitlines()
         assert len(lines) == 2
         doc = json.loads(lines[0])
-        body = doc if output == "json" else doc["flow"]
-        if output == "jsonpb":
-            assert doc["node_name"] == "node-1" and doc["time"].endswith("Z")
+        body = doc["flow"]
+        assert doc["node_name"] == "node-1" and doc["time"].endswith("Z")
         assert body["verdict"] == "DROPPED" and body["drop_reason_desc"] == "POLICY_DENY"
         assert body["source"]["pod_name"] == "client-0" and body["Type"] == "L3_L4"
         assert body["l4"]["TCP"]["destination_port"] == 8080 and body["is_reply"] is False
