@@ -175,6 +175,12 @@ class ObserverService(observer_pb2_grpc.ObserverServicer):
                 await store.wait_beyond(cursor)
                 if cursor < store.oldest:
                     lost = store.oldest - cursor
+                    # Tell the client what it missed (Hubble's HUBBLE_RING_BUFFER), then cut.
+                    notice = observer_pb2.GetFlowsResponse(
+                        lost_events=flow_pb2.LostEvent(source=flow_pb2.HUBBLE_RING_BUFFER, num_events_lost=lost),
+                        node_name=self.config.node_name)
+                    notice.time.FromNanoseconds(time.time_ns())
+                    await writer.write(notice)
                     raise ClientTooSlow(f"client fell {lost} flows behind the node's ring; stream cut")
                 end = store.head
                 for seq in range(cursor, end):

@@ -175,11 +175,14 @@ async def test_slow_follower_is_cut_and_node_keeps_ingesting(hub):
     await asyncio.sleep(0.3)   # the handler is following (no history asked for)
     for i in range(hub.store.capacity * 3):
         hub.kernel_sink(kernel_event(sport=i))
+    received = []
     with pytest.raises(grpc.aio.AioRpcError) as error:
-        async for _ in call:
-            pass
+        async for response in call:
+            received.append(response)
     assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert hub.metrics.slow_clients_cut == 1
+    assert received[-1].lost_events.source == F.HUBBLE_RING_BUFFER
+    assert received[-1].lost_events.num_events_lost == hub.store.capacity * 2
     health = health_pb2_grpc.HealthStub(hub.test_channel)
     reply = await health.Check(health_pb2.HealthCheckRequest(service="observer.Observer"))
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
