@@ -47,7 +47,6 @@ def test_pod_to_pod_across_nodes(demo_cluster):
     out = pod_exec(layout, "legacy/client-0", "curl", "-s", "--max-time", "5",
                    f"http://{remote['status']['podIP']}:8080/").stdout
     assert f"hello from {remote['metadata']['name']} on {remote['spec']['nodeName']}" in out
-    assert f"from {pods['legacy/client-0']['status']['podIP']}" in out
 
 
 def test_service_names_resolve_inside_pods(demo_cluster):
@@ -127,8 +126,9 @@ def test_exec_into_a_missing_pod_is_a_clear_error(demo_cluster):
 
 
 def test_logs_show_component_and_pod_output(demo_cluster):
-    out = shoal_cli(demo_cluster.layout, "logs", "controller").stdout
-    assert "controller ready" in out
+    out = shoal_cli(demo_cluster.layout, "logs", "controller", "--tail", "5").stdout
+    written = (demo_cluster.layout.log_dir / "controller.log").read_text().splitlines()
+    assert out.splitlines() == written[-5:] and "shoal.controller" in out
     web0 = pods_by_name(demo_cluster.layout)["demo/web-0"]["status"]["podIP"]
     pod_exec(demo_cluster.layout, "legacy/client-0", "curl", "-s", f"http://{web0}:8080/logs-probe")
     pod_log = shoal_cli(demo_cluster.layout, "logs", "demo/web-0").stdout
