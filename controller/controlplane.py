@@ -19,10 +19,21 @@ from shoal.controller.ca_service import CertificateService
 from shoal.controller.distribution import Distributor
 from shoal.controller.metrics import ControllerMetrics
 from shoal.controller.model import Change, MeshModel, Obj
-from shoal.xds.client import CHANNEL_OPTIONS
+from shoal.xds.client import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
+# Nodes ping every 20 s even when idle (ConfigClient's keepalive): accept that instead of
+# answering GOAWAY "too_many_pings"; ping nodes too, to notice dead ones.
+SERVER_OPTIONS = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+)
 
 class ControlPlane:
     def __init__(self, model: MeshModel, ca: CertificateAuthority, authenticator: Authenticator,
@@ -77,7 +88,7 @@ class ControlPlane:
         With ``tls_names`` (DNS names / IPs) it serves TLS with a certificate from its own CA,
         so nodes verify the controller with the trust bundle (``root-cert.pem``).
         """
-        self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
         self.server.add_generic_rpc_handlers((self.distributor.handler(),
                                               self.certificates.handler()))
         if tls_names:

@@ -59,7 +59,8 @@ class DeltaSender:
     in_flight: dict[str, str] = field(default_factory=dict)   # nonce -> system version
     _pushed: dict[str, frozenset[str]] = field(default_factory=dict, repr=False)  # nonce -> keys
     _unresolved: set[str] = field(default_factory=set, repr=False)   # NACKed, not yet replaced
-    acked_version: str = ""
+    acked_version: str = ""       # the newest system version the client is in sync with
+    latest_version: str = ""      # the system version of the last plan()
     last_nack: Nack | None = None
     _nonces: Iterable[int] = field(default_factory=lambda: itertools.count(1), repr=False)
 
@@ -86,6 +87,7 @@ class DeltaSender:
         Returns None when there is nothing to send, unless ``force`` (the first answer on a
         stream is always sent, even empty: it tells the node it is in sync).
         """
+        self.latest_version = system_version
         if keys is None:
             candidates = set(desired) | set(self.known)
         else:
@@ -103,6 +105,9 @@ class DeltaSender:
                 upserts.append(key)
                 self.known[key] = want
         if not upserts and not removed and not force:
+            if not self.in_flight:
+                # Nothing in this version concerns the client: it is in sync with it.
+                self.acked_version = system_version
             return None
         nonce = str(next(self._nonces))
         self.in_flight[nonce] = system_version
@@ -124,7 +129,8 @@ class DeltaSender:
                                   rejected=tuple(request.rejected))
             self._unresolved = set(request.rejected)
             return self.last_nack
-        self.acked_version = version
+        # Once nothing is in flight the client holds everything up to the last plan.
+        self.acked_version = version if self.in_flight else self.latest_version
         # A NACK is history once every resource it rejected was replaced and accepted.
         if self.last_nack is not None:
             self._unresolved -= pushed

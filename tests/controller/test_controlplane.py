@@ -119,10 +119,18 @@ async def test_full_sync_incremental_change_and_status(plane, nodes):
     await n2.until(lambda: [p.name for p in n2.state.all_policies()] == ["web-policy"])
     assert n1.state.policies_for(n1.state.workload("demo/web-0"))[0].name == "web-policy"
     await n1.until(lambda: acked(plane, "node-1") and acked(plane, "node-2"))
+    # A change that concerns only node-2 (a policy selecting db): node-1 gets no push but
+    # is in sync with the new version too.
+    pushes_before = plane.metrics.pushes.labels("proxy")._value.get()
+    plane.apply(added(policy("demo", "db-policy", selector={"app": "db"})))
+    await n2.until(lambda: n2.state.policies_for(n2.state.workload("demo/db-0")))
+    await n1.until(lambda: acked(plane, "node-1") and acked(plane, "node-2"))
+    assert plane.metrics.pushes.labels("proxy")._value.get() == pushes_before + 1
+    assert [p.name for p in n1.state.all_policies()] == ["web-policy"]
     status = plane.status()
     assert {a["node"] for a in status["agents"]} == {"node-1", "node-2"}
     assert {a["version"] for a in status["agents"]} == {status["version"]}
-    assert n1.state.version == status["version"]
+    assert n2.state.version == status["version"]   # node-1 needed no push for it
 
 
 async def test_resume_after_controller_restart_sends_only_changes(ca, tmp_path):

@@ -38,8 +38,9 @@ def test_full_sync_then_incremental_then_ack():
     assert not reply.HasField("error_detail") and reply.response_nonce == push.nonce
     assert tx.on_reply(reply) is None and tx.acked_version == "1" and tx.synced
 
-    # Nothing changed: nothing to send.
+    # Nothing changed for this client: nothing to send, and it is in sync with version 2.
     assert tx.plan(desired(res), "2") is None
+    assert tx.acked_version == "2"
     # web-1 goes away, web-0 changes IP.
     moved = make_workload(ip="10.244.1.9")
     res2 = world(moved, svc)
@@ -51,6 +52,15 @@ def test_full_sync_then_incremental_then_ack():
     assert delta2.workloads == (moved,) and delta2.removed_of_type("workload") == ("demo/web-1",)
     tx.on_reply(reply2)
     assert tx.acked_version == "2"
+    # Two pushes in flight: the first ACK is version 3, the last brings it to version 5.
+    p3 = tx.plan({**desired(res2), "workload/demo/web-0": "v3"}, "3")
+    assert tx.plan({**desired(res2), "workload/demo/web-0": "v3"}, "4") is None
+    assert tx.acked_version == "2"      # v3 still in flight
+    p5 = tx.plan({**desired(res2), "workload/demo/web-0": "v5"}, "5")
+    tx.on_reply(pb.DeltaRequest(response_nonce=p3.nonce))
+    assert tx.acked_version == "3"
+    tx.on_reply(pb.DeltaRequest(response_nonce=p5.nonce))
+    assert tx.acked_version == "5"
     assert rx.versions == desired(res2)
 
 
