@@ -32,9 +32,10 @@ class FakeOrigdst:
 class EchoServer:
     """An app in a pod namespace: echoes, and remembers client addresses."""
 
-    def __init__(self):
+    def __init__(self, greeting: bytes = b""):
         self.peers: list[tuple] = []
         self.server = None
+        self.greeting = greeting  # server-first protocols speak before the client
 
     async def start(self, netns_path: str, ip: str, port: int):
         from shoal.agent.ztunnel.netns import NetnsHandle
@@ -53,6 +54,8 @@ class EchoServer:
 
     async def _serve(self, reader, writer):
         self.peers.append(writer.get_extra_info("peername"))
+        if self.greeting:
+            writer.write(self.greeting)
         try:
             while data := await reader.read(65536):
                 writer.write(data)

@@ -218,6 +218,7 @@ class StreamPeer(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._pending = memoryview(b"")     # TCP bytes waiting for send window
         self._early: list[tuple[bytes, int]] = []  # stream bytes before the TCP side existed
+        self._held: list[bytes] = []        # TCP bytes before the tunnel was established
         self._unacked = 0                   # stream bytes written but not credited back
         self._tcp_write_paused = False
         self._paused: set[str] = set()
@@ -245,6 +246,11 @@ class StreamPeer(asyncio.Protocol):
     def established(self) -> None:
         """The tunnel is up: start moving TCP bytes into the stream."""
         self._established = True
+        held, self._held = self._held, []
+        for data in held:
+            self._push(data)
+        self._send_eof_if_ready()
+        self._maybe_finish()
         self._apply_pause()
 
     # -- TCP side (asyncio.Protocol)
@@ -256,6 +262,15 @@ class StreamPeer(asyncio.Protocol):
             self.record.bytes_in += len(data)
         else:
             self.record.bytes_out += len(data)
+        if not self._established:
+            # uvloop starts reading right after connection_made, paused or not: hold the
+            # bytes (a server-first app greets before the tunnel is answered) until then.
+            self._held.append(data)
+            self.transport.pause_reading()
+            return
+        self._push(data)
+
+    def _push(self, data: bytes) -> None:
         session = self.session
         if session is None or session.closed:
             return

@@ -123,6 +123,18 @@ async def test_hbone_echo_pooled_with_istio_metrics_and_access_log(harness, capl
     assert harness.echo.peers[0][0] == SERVER_IP
 
 
+async def test_server_first_protocol_greeting_is_not_lost(harness):
+    db = await EchoServer(greeting=b"db ready\n").start(f"/run/netns/{harness.netns['server']}", SERVER_IP, 7000)
+    try:
+        reader, writer = await harness.connect_via_proxy(SERVER_IP, 7000)
+        assert await asyncio.wait_for(reader.readline(), 5) == b"db ready\n"
+        writer.write(b"select 1\n")
+        assert await asyncio.wait_for(reader.readline(), 5) == b"select 1\n"
+        writer.close()
+    finally:
+        db.close()
+
+
 async def test_service_vip_is_balanced_to_endpoints(harness, state):
     state.apply(ConfigDelta("2", upserted=(Service("web", "demo", "10.96.0.10",
                                                    (ServicePort("http", 80, APP_PORT),), ("uid-web-0",)),)))
