@@ -691,8 +691,9 @@ class LabelIndex:
 class NodeView(Mapping[str, str]):
     """key -> version of what one node's component should hold (for ``DeltaSender.plan``).
 
-    Everyone gets all workloads, services and waypoints; agents and proxies get the
-    policies selecting a workload on their node; waypoints get every policy and the
+    Everyone gets all workloads, services and waypoints; proxies get the policies
+    selecting a workload on their node; agents (connect-time L4 DENY at the source) and
+    waypoints get every policy; waypoints also get the
     pass-through objects (routes, traffic policies).
     """
 
@@ -702,7 +703,8 @@ class NodeView(Mapping[str, str]):
     def _wanted(self, key: str) -> bool:
         kind = key.partition("/")[0]
         if kind == m.AUTHORIZATION:
-            return self._component == "waypoint" or self._model.policy_needed_on(key, self._node)
+            # Agents enforce L4 DENY at the source's connect(), so they need every policy.
+            return self._component in ("waypoint", "agent") or self._model.policy_needed_on(key, self._node)
         if kind == m.OBJECT:
             return self._component == "waypoint"
         return True
