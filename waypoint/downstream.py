@@ -41,9 +41,9 @@ async def serve_connection(stream: Tunnel, peer: PeerInfo, handler: Handler, lim
     """Serve one downstream connection until it closes; never raises for client misbehaviour."""
     try:
         try:
-            first = await asyncio.wait_for(stream.read(READ_CHUNK), limits.keepalive_timeout)
+            first = await read_within(stream, limits.keepalive_timeout)
             while first and len(first) < len(H2_PREFACE) and H2_PREFACE.startswith(first):
-                more = await asyncio.wait_for(stream.read(READ_CHUNK), limits.header_timeout)
+                more = await read_within(stream, limits.header_timeout)
                 if not more:
                     break
                 first += more
@@ -61,6 +61,12 @@ async def serve_connection(stream: Tunnel, peer: PeerInfo, handler: Handler, lim
         log.debug("downstream %s:%d: %s", peer.source_ip, peer.source_port, err)
     finally:
         stream.close()
+
+
+async def read_within(stream: Tunnel, timeout: float | None) -> bytes:
+    """One read with a deadline (asyncio.timeout: no extra task per read, unlike wait_for)."""
+    async with asyncio.timeout(timeout):
+        return await stream.read(READ_CHUNK)
 
 
 def _raw_error(status: int, detail: str) -> bytes:
@@ -133,7 +139,7 @@ class H1Server:
             if event is h11.NEED_DATA:
                 timeout = deadline - loop.time() if deadline is not None else self.limits.keepalive_timeout
                 try:
-                    data = await asyncio.wait_for(self.stream.read(READ_CHUNK), max(timeout, 0.001))
+                    data = await read_within(self.stream, max(timeout, 0.001))
                 except TimeoutError:
                     if deadline is None:
                         return None  # idle keep-alive connection: close quietly
@@ -204,7 +210,7 @@ class H1Server:
                 raise BodyError(400, f"malformed body: {err}") from None
             if event is h11.NEED_DATA:
                 try:
-                    data = await asyncio.wait_for(self.stream.read(READ_CHUNK), self.limits.body_idle_timeout)
+                    data = await read_within(self.stream, self.limits.body_idle_timeout)
                 except TimeoutError:
                     raise BodyError(408, "request body stalled") from None
                 self.conn.receive_data(data)
@@ -230,7 +236,7 @@ class H1Server:
                 return False
             if event is h11.NEED_DATA:
                 try:
-                    data = await asyncio.wait_for(self.stream.read(READ_CHUNK), self.limits.body_idle_timeout)
+                    data = await read_within(self.stream, self.limits.body_idle_timeout)
                 except TimeoutError:
                     return False
                 drained += len(data)
@@ -351,7 +357,7 @@ class H2Server:
                 await self.stream.drain()
                 timeout = None if self.streams else self.limits.keepalive_timeout
                 try:
-                    data = await asyncio.wait_for(self.stream.read(READ_CHUNK), timeout)
+                    data = await read_within(self.stream, timeout)
                 except TimeoutError:
                     self.h2.close_connection()
                     self.flush()

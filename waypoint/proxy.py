@@ -14,9 +14,9 @@ Which TrafficPolicy applies where (documented in waypoint/README.md):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -192,7 +192,7 @@ class WaypointProxy:
                             protocol=req.protocol, source_ip=req.peer.source_ip, source_port=req.peer.source_port,
                             source_principal=req.peer.source_principal, mtls=req.peer.mtls,
                             user_agent=req.header_map.get("user-agent", ""),
-                            request_id=req.header_map.get("x-request-id") or os.urandom(16).hex())
+                            request_id=req.header_map.get("x-request-id") or f"{random.getrandbits(128):032x}")
         rec.trace = TraceContext.from_header(req.header_map.get("traceparent"))
         source = self.resolver.workload_by_ip(req.peer.source_ip)
         if source is not None:
@@ -282,7 +282,7 @@ class WaypointProxy:
             plan.headers = self._upstream_headers(plan, req, rec)
             timeout = decision.rule.timeouts.request if decision.rule else None
             try:
-                async with asyncio.timeout(timeout):
+                async with _deadline(timeout):
                     attempt, body_source = await self._attempts(req, body, plan, cluster, endpoints, request_policy,
                                                                 decision.rule.timeouts.backend_request, rec)
             except TimeoutError:
@@ -331,7 +331,7 @@ class WaypointProxy:
             tried.add(endpoint)
             rec.upstream_host = endpoint.address
             try:
-                async with asyncio.timeout(per_try):
+                async with _deadline(per_try):
                     attempt = await self._try_once(req, source, plan, cluster, endpoint, rp, rec)
             except TimeoutError:
                 attempt = _Attempt(TIMEOUT, endpoint=endpoint)
@@ -469,6 +469,11 @@ class WaypointProxy:
                 pass
         except (UpstreamError, PoolOverflow) as err:
             log.debug("mirror to %s failed: %s", backend.name, err)
+
+
+def _deadline(seconds: float | None):
+    """asyncio.timeout, or nothing at all when there is no timeout (the common case is cheaper)."""
+    return asyncio.timeout(seconds) if seconds else contextlib.nullcontext()
 
 
 def source_known(rec: RequestRecord) -> bool:
