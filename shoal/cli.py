@@ -312,16 +312,55 @@ def logs(ctx: click.Context, component: str, node: str | None, follow: bool, tai
 @click.pass_context
 @_fail_on_api_errors
 def status(ctx: click.Context, output: str) -> None:
-    """The controller's view: connected agents and the config version of each node."""
-    report = _api(ctx).status()
+    """Controller, per-node agents and proxies with their config version, and flows."""
+    layout = layout_of(ctx)
+    report: dict[str, Any] = {"controller": _api(ctx).status()}
+    try:
+        from shoal.observe.client import ObserverUnreachable, status_summary
+        report["flows"] = status_summary(layout)
+    except ImportError as e:
+        report["flows"] = {"error": f"not available in this build: {e}"}
+    except ObserverUnreachable as e:
+        report["flows"] = {"error": str(e)}
     if output == "json":
         click.echo(json.dumps(report, indent=2))
         return
-    click.echo(f"Controller: ready, store resourceVersion {report.get('resourceVersion', '?')}")
-    agents = report.get("agents", [])
-    click.echo(f"Agents connected: {len(agents)}")
-    for agent in agents:
-        click.echo("  " + "  ".join(f"{k}={v}" for k, v in agent.items()))
+    click.echo(render_status(report))
+
+
+def render_status(report: dict[str, Any]) -> str:
+    """The human view of ``shoal status``: one line per node, in sync or not."""
+    ctl = report["controller"]
+    version = ctl.get("version", "?")
+    resources = ctl.get("resources", {})
+    counts = ", ".join(f"{n} {kind}s" for kind, n in resources.items() if kind != "object")
+    lines = [f"Controller:  {'ready' if ctl.get('ready') else 'NOT READY'}, config version {version}"
+             + (f" ({counts})" if counts else "")]
+    by_node: dict[str, dict[str, dict[str, Any]]] = {}
+    for agent in ctl.get("agents", []):
+        by_node.setdefault(agent.get("node", "?"), {})[agent.get("component", "?")] = agent
+    lines.append(f"Nodes:       {len(by_node)} connected")
+    for node in sorted(by_node):
+        cells = []
+        for component in ("agent", "proxy"):
+            peer = by_node[node].get(component)
+            if peer is None:
+                cells.append(f"{component}: not connected")
+                continue
+            state = "in sync" if str(peer.get("version")) == str(version) else f"behind (at {peer.get('version')})"
+            nack = f", last NACK: {peer['last_nack']}" if peer.get("last_nack") else ""
+            cells.append(f"{component}: v{peer.get('version')} {state}{nack}")
+        lines.append(f"  {node:<10} " + "   ".join(cells))
+    flows = report.get("flows", {})
+    if "error" in flows:
+        lines.append(f"Flows:       unavailable ({flows['error']})")
+    else:
+        f, n = flows["flows"], flows["nodes"]
+        share = 100.0 * f["current"] / f["max"] if f.get("max") else 0.0
+        unavailable = f", unavailable: {', '.join(n['unavailable'])}" if n.get("unavailable") else ""
+        lines.append(f"Flows:       {f['current']}/{f['max']} ({share:.2f}%), {f['rate']} flows/s, "
+                     f"{n['connected']} node(s) connected{unavailable}")
+    return "\n".join(lines)
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -43,3 +44,17 @@ def show_traffic(cluster, echo: Callable[[str], None], settle: float) -> None:
                 break
             time.sleep(0.5)
         echo(f"  {namespace}/client-0 -> web.demo:8080: {answer or 'no answer'}")
+    show_flows(layout, echo)
+
+
+def show_flows(layout, echo: Callable[[str], None]) -> None:
+    """The last few flows of the demo namespace, as `shoal observe` prints them."""
+    argv = [sys.executable, "-m", "shoal.cli", "--cluster", layout.name,
+            "observe", "--namespace", "demo", "--to-port", "8080", "--last", "6"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        echo(f"  (no flows to show: {result.stderr.strip()})")
+        return
+    echo("Flows (shoal observe --namespace demo --to-port 8080 --last 6):")
+    for line in result.stdout.splitlines():
+        echo(f"  {line}")

@@ -175,3 +175,24 @@ def test_up_refuses_without_root():
                            "up"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert "must run as root" in proc.stderr
+
+
+def test_status_shows_every_node_in_sync(demo_cluster):
+    report = json.loads(shoal_cli(demo_cluster.layout, "status", "-o", "json").stdout)
+    version = report["controller"]["version"]
+    seen = {(a["node"], a["component"]): a["version"] for a in report["controller"]["agents"]}
+    assert set(seen) == {(n, c) for n in ("node-1", "node-2") for c in ("agent", "proxy")}
+    deadline = time.monotonic() + 10
+    while set(seen.values()) != {version} and time.monotonic() < deadline:
+        time.sleep(0.3)
+        report = json.loads(shoal_cli(demo_cluster.layout, "status", "-o", "json").stdout)
+        version = report["controller"]["version"]
+        seen = {(a["node"], a["component"]): a["version"] for a in report["controller"]["agents"]}
+    assert set(seen.values()) == {version}
+    assert report["flows"]["nodes"]["connected"] == 2
+
+
+def test_service_vip_answers_from_meshed_and_unmeshed_clients(demo_cluster):
+    for client in ("demo/client-0", "legacy/client-0"):
+        out = pod_exec(demo_cluster.layout, client, "curl", "-s", "--max-time", "5", "http://web.demo:8080/").stdout
+        assert out.startswith("hello from web-"), (client, out)
