@@ -79,9 +79,12 @@ class _Metrics:
 
 class RelayObserver(observer_pb2_grpc.ObserverServicer):
     def __init__(self, nodes: Callable[[], Iterable[NodeTarget]], metrics: _Metrics,
-                 node_timeout_s: float, client_queue: int, write_timeout_s: float = 5.0) -> None:
+                 node_timeout_s: float, client_queue: int, write_timeout_s: float = 5.0,
+                 retry_min_s: float = 0.5, retry_max_s: float = 5.0, rediscover_s: float = 2.0) -> None:
         self._nodes = nodes
         self._write_timeout = write_timeout_s
+        self._retry_min, self._retry_max = retry_min_s, retry_max_s
+        self._rediscover_s = rediscover_s
         self._metrics = metrics
         self._node_timeout = node_timeout_s
         self._client_queue = client_queue
@@ -182,10 +185,19 @@ class RelayObserver(observer_pb2_grpc.ObserverServicer):
         else:
             await self._snapshot(request, query, nodes, context)
 
-    async def _node_flows(self, node: NodeTarget, request, sink: Callable) -> None:
-        """Streams one node's responses into ``sink``; raises _NodeUnavailable on failure."""
+    async def _node_flows(self, node: NodeTarget, request, sink: Callable,
+                          on_connected: Callable[[], None] | None = None) -> None:
+        """Streams one node's responses into ``sink``; raises _NodeUnavailable on failure.
+
+        ``on_connected`` runs once the node has accepted the stream (its initial metadata
+        arrived), before any flow: a quiet node is still a connected one.
+        """
+        call = self.stub(node).GetFlows(request)
         try:
-            async for response in self.stub(node).GetFlows(request):
+            await call.initial_metadata()
+            if on_connected is not None and not call.done():
+                on_connected()
+            async for response in call:
                 response.node_name = node.name
                 if response.HasField("flow") and not response.flow.node_name:
                     response.flow.node_name = node.name
@@ -195,6 +207,8 @@ class RelayObserver(observer_pb2_grpc.ObserverServicer):
                 raise
             self._metrics.node_errors.labels(node=node.name).inc()
             raise _NodeUnavailable(node.name, error.details() or error.code().name) from None
+        finally:
+            call.cancel()
 
     @staticmethod
     def _node_status(state: int, names: list[str], message: str = "") -> observer_pb2.GetFlowsResponse:
@@ -231,7 +245,7 @@ class RelayObserver(observer_pb2_grpc.ObserverServicer):
     async def _follow(self, request, nodes: list[NodeTarget], context) -> None:
         queue: asyncio.Queue = asyncio.Queue(self._client_queue)
         overflow = asyncio.Event()
-        tasks: list[asyncio.Task] = []
+        tasks: dict[str, asyncio.Task] = {}
 
         def sink(response) -> None:
             if overflow.is_set():
@@ -241,20 +255,59 @@ class RelayObserver(observer_pb2_grpc.ObserverServicer):
             except asyncio.QueueFull:
                 # The client is not keeping up: stop pulling from the nodes at once.
                 overflow.set()
-                for task in tasks:
+                for task in tasks.values():
                     task.cancel()
 
-        async def run(node: NodeTarget) -> None:
-            try:
-                await self._node_flows(node, request, sink)
-            except _NodeUnavailable as failure:
-                sink(self._node_status(relay_pb2.NODE_UNAVAILABLE, [node.name], str(failure)))
-            except grpc.aio.AioRpcError as error:
-                sink(self._node_status(relay_pb2.NODE_ERROR, [node.name], error.details() or ""))
+        async def follow_node(node: NodeTarget) -> None:
+            """One node's stream; on failure report it, then retry until it is back."""
+            node_request, down, delay = request, False, self._retry_min
+            last_ns = 0
 
-        if nodes:
-            await context.write(self._node_status(relay_pb2.NODE_CONNECTED, [n.name for n in nodes]))
-        tasks.extend(asyncio.create_task(run(node)) for node in nodes)
+            def forward(response) -> None:
+                nonlocal last_ns
+                if response.HasField("flow"):
+                    last_ns = max(last_ns, response.time.ToNanoseconds())
+                sink(response)
+
+            def connected() -> None:
+                nonlocal down, delay
+                down, delay = False, self._retry_min
+                sink(self._node_status(relay_pb2.NODE_CONNECTED, [node.name]))
+
+            while True:
+                try:
+                    await self._node_flows(node, node_request, forward, connected)
+                    return                       # the node ended the stream: ``until`` reached
+                except _NodeUnavailable as failure:
+                    if not down:
+                        down = True
+                        sink(self._node_status(relay_pb2.NODE_UNAVAILABLE, [node.name], str(failure)))
+                except grpc.aio.AioRpcError as error:
+                    sink(self._node_status(relay_pb2.NODE_ERROR, [node.name], error.details() or ""))
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._retry_max)
+                # Resume where this node left off: no history again, no duplicates.
+                node_request = observer_pb2.GetFlowsRequest()
+                node_request.CopyFrom(request)
+                node_request.ClearField("number")
+                node_request.first = False
+                if last_ns:
+                    node_request.since.FromNanoseconds(last_ns + 1)
+
+        def start(found: Iterable[NodeTarget]) -> None:
+            for node in found:
+                if node.name not in tasks:
+                    tasks[node.name] = asyncio.create_task(follow_node(node))
+
+        async def discover() -> None:
+            # Nodes that join while the client follows are picked up too.
+            while True:
+                await asyncio.sleep(self._rediscover_s)
+                start(self._nodes())
+
+        start(nodes)
+        discovery = asyncio.create_task(discover())
         overflow_wait = asyncio.create_task(overflow.wait())
         writer = GuardedWriter(context, self._write_timeout)
         try:
@@ -268,7 +321,8 @@ class RelayObserver(observer_pb2_grpc.ObserverServicer):
                 # Drain what is already there without creating tasks: the common case under load.
                 while not queue.empty() and not overflow.is_set():
                     await writer.write(queue.get_nowait())
-                if all(task.done() for task in tasks) and queue.empty():
+                if request.HasField("until") and tasks and all(t.done() for t in tasks.values()) \
+                        and queue.empty():
                     return
         except ClientTooSlow as error:
             self._metrics.slow_clients_cut.inc()
@@ -276,8 +330,9 @@ class RelayObserver(observer_pb2_grpc.ObserverServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
         finally:
             writer.close()
+            discovery.cancel()
             overflow_wait.cancel()
-            for task in tasks:
+            for task in tasks.values():
                 task.cancel()
 
 
@@ -286,7 +341,8 @@ class Relay:
 
     def __init__(self, nodes: Callable[[], Iterable[NodeTarget]] | Iterable[NodeTarget], *,
                  unix_socket: Path | None = None, tcp_address: str | None = None, registry=None,
-                 node_timeout_s: float = 2.0, client_queue: int = 10_000) -> None:
+                 node_timeout_s: float = 2.0, client_queue: int = 10_000, retry_min_s: float = 0.5,
+                 rediscover_s: float = 2.0) -> None:
         if not callable(nodes):
             fixed = list(nodes)
             nodes = lambda: fixed  # noqa: E731
@@ -296,7 +352,8 @@ class Relay:
         self.unix_socket = Path(unix_socket) if unix_socket else None
         self.tcp_address = tcp_address
         self.registry = registry
-        self.observer = RelayObserver(nodes, _Metrics(registry), node_timeout_s, client_queue)
+        self.observer = RelayObserver(nodes, _Metrics(registry), node_timeout_s, client_queue,
+                                      retry_min_s=retry_min_s, rediscover_s=rediscover_s)
         self.tcp_port: int | None = None
         self._server: grpc.aio.Server | None = None
 

@@ -155,6 +155,8 @@ class ObserverService(observer_pb2_grpc.ObserverServicer):
             self.metrics.bad_requests += 1
             log.info("GetFlows rejected: %s", error)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        # Headers go out at once: a relay knows this node is there even before any flow.
+        await context.send_initial_metadata(())
         try:
             await self._stream(query, context)
         except asyncio.CancelledError:

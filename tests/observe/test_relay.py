@@ -74,8 +74,9 @@ async def test_invalid_request_is_rejected_by_the_relay(cluster):
     assert "status code" in error.value.details()
 
 
-async def test_follow_survives_a_node_dying(cluster):
-    nodes, stub, _ = cluster
+async def test_follow_survives_a_node_dying_and_picks_it_up_again(cluster, sockdir):
+    nodes, stub, relay = cluster
+    relay.observer._retry_min = 0.1
     call = stub.GetFlows(O.GetFlowsRequest(follow=True))
     seen = []
 
@@ -83,21 +84,64 @@ async def test_follow_survives_a_node_dying(cluster):
         async for response in call:
             seen.append(response)
 
+    def statuses(state):
+        return [name for r in seen if r.HasField("node_status") and r.node_status.state_change == state
+                for name in r.node_status.node_names]
+
     reader = asyncio.create_task(read())
     await asyncio.sleep(0.3)
+    assert sorted(statuses(relay_pb2.NODE_CONNECTED)) == ["node-1", "node-2"]
     nodes["node-1"].kernel_sink(kernel_event(sport=1))
     await asyncio.sleep(0.2)
     await nodes["node-1"].stop(grace=0)
     await asyncio.sleep(0.3)
     nodes["node-2"].kernel_sink(kernel_event(sport=2))
     await asyncio.sleep(0.3)
+    assert sorted(statuses(relay_pb2.NODE_UNAVAILABLE)) == ["node-1", "node-3"]
+    # node-1 comes back (a restarted agent, empty store): the relay reconnects by itself.
+    nodes["node-1"] = await start_node(sockdir, "node-1")
+    await asyncio.sleep(1.0)
+    nodes["node-1"].kernel_sink(kernel_event(sport=3))
+    await asyncio.sleep(0.3)
     call.cancel()
     await asyncio.gather(reader, return_exceptions=True)
     flows = [(r.node_name, r.flow.l4.TCP.source_port) for r in seen if r.HasField("flow")]
-    assert flows == [("node-1", 1), ("node-2", 2)]
-    unavailable = {name for r in seen if r.HasField("node_status")
-                   and r.node_status.state_change == relay_pb2.NODE_UNAVAILABLE for name in r.node_status.node_names}
-    assert unavailable == {"node-1", "node-3"}
+    assert flows == [("node-1", 1), ("node-2", 2), ("node-1", 3)]
+    assert statuses(relay_pb2.NODE_CONNECTED).count("node-1") == 2
+
+
+async def test_follow_picks_up_a_node_that_joins(sockdir):
+    first = await start_node(sockdir, "node-1")
+    targets = [NodeTarget("node-1", f"unix:{sockdir / 'node-1.sock'}")]
+    relay = Relay(lambda: list(targets), unix_socket=sockdir / "relay.sock", rediscover_s=0.2)
+    await relay.start()
+    late = None
+    try:
+        async with grpc.aio.insecure_channel(f"unix:{sockdir / 'relay.sock'}") as channel:
+            call = observer_pb2_grpc.ObserverStub(channel).GetFlows(O.GetFlowsRequest(follow=True))
+            seen = []
+
+            async def read():
+                async for response in call:
+                    if response.HasField("flow"):
+                        seen.append(response.node_name)
+
+            reader = asyncio.create_task(read())
+            await asyncio.sleep(0.2)
+            late = await start_node(sockdir, "node-2")
+            targets.append(NodeTarget("node-2", f"unix:{sockdir / 'node-2.sock'}"))
+            await asyncio.sleep(0.8)
+            late.kernel_sink(kernel_event())
+            first.kernel_sink(kernel_event())
+            await asyncio.sleep(0.3)
+            call.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            assert sorted(seen) == ["node-1", "node-2"]
+    finally:
+        await relay.stop(grace=0)
+        for server in (first, late):
+            if server is not None:
+                await server.stop(grace=0)
 
 
 async def test_namespaces_are_merged_across_nodes(cluster):
