@@ -125,8 +125,14 @@ class WaypointApp:
         return access_logger.info
 
     def _controller_signer(self):
+        import grpc
+
         async def sign(csr_pem: bytes):
-            chain, roots = await self._client().sign_certificate(csr_pem, ttl_seconds=self.config.cert_ttl_seconds)
+            try:
+                chain, roots = await self._client().sign_certificate(csr_pem, ttl_seconds=self.config.cert_ttl_seconds)
+            except grpc.aio.AioRpcError as err:
+                # The identity manager treats OSError as "try again later".
+                raise ConnectionError(f"CA at {self.config.controller}: {err.code().name} {err.details()}") from None
             as_bytes = lambda v: v.encode() if isinstance(v, str) else v  # noqa: E731
             return as_bytes(chain), as_bytes(roots)
         return sign

@@ -29,7 +29,10 @@ def gateway(name: str, namespace: str, service_account: str | None = None) -> di
 def _client():
     from shoal.local.apiclient import ApiClient
 
-    return ApiClient(ClusterLayout.from_env().api_socket)
+    # `shoal --cluster NAME waypoint ...` puts the layout in the click context.
+    context = click.get_current_context(silent=True)
+    layout = context.find_object(ClusterLayout) if context is not None else None
+    return ApiClient((layout or ClusterLayout.from_env()).api_socket)
 
 
 def _check_name(value: str, what: str) -> str:
