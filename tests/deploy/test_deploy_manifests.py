@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import re
 import subprocess
 
@@ -38,7 +39,9 @@ def test_base_holds_every_part_the_issue_names(rendered):
     find(rendered, "Namespace", "shoal-system")
     find(rendered, "CustomResourceDefinition", "authorizationpolicies.security.shoal.io")
     dashboards = find(rendered, "ConfigMap", "shoal-grafana-dashboards")
-    assert dashboards["data"] and all(v.strip().startswith("{") for v in dashboards["data"].values())
+    assert dashboards["data"] and dashboards["metadata"]["labels"]["grafana_dashboard"] == "1"
+    for name, text in dashboards["data"].items():
+        assert json.loads(text)["panels"], f"{name} is not a Grafana dashboard"
     for obj in rendered:
         if obj["kind"] not in ("Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"):
             assert obj["metadata"]["namespace"] == "shoal-system", KEY(obj)
