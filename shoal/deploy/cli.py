@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import click
 
 from shoal.config import DEFAULT_TRUST_DOMAIN, WAYPOINT_GATEWAY_CLASS
+from shoal.deploy.kustomize import KustomizeError
 from shoal.deploy.render import (DEFAULT_FLOWS, DEFAULT_HUB, DEFAULT_TAG, LOG_LEVELS, MAX_FLOWS, NAMESPACE,
                                  RenderOptions, default_base, render, render_file, to_yaml)
 
@@ -72,6 +73,13 @@ def _options(trust_domain: str, hub: str, image_tag: str, flows: int, log_level:
         raise click.UsageError(str(err)) from err
 
 
+def _render(options: RenderOptions, base: Path | None) -> list[dict[str, Any]]:
+    try:
+        return render(options, base)
+    except KustomizeError as err:
+        raise click.ClickException(f"{err} (point --manifests or SHOAL_MANIFESTS at Shoal's daemonset/ folder)")
+
+
 def _kubectl(binary: str, context: str | None) -> Kubectl:
     if shutil.which(binary) is None:
         raise click.ClickException(f"{binary} not found: install kubectl, pass --kubectl PATH, "
@@ -112,7 +120,7 @@ def install(render_only: bool, trust_domain: str, hub: str, image_tag: str, flow
             wait: bool) -> None:
     """Install Shoal on the current Kubernetes cluster (or print its manifests)."""
     options = _options(trust_domain, hub, image_tag, flows, log_level, ca_secret)
-    objects = render(options, manifests)
+    objects = _render(options, manifests)
     if render_only:
         click.echo(to_yaml(objects), nl=False)
         return
@@ -141,7 +149,7 @@ def uninstall(trust_domain: str, hub: str, image_tag: str, flows: int, log_level
     """Remove Shoal from the current cluster, eBPF programs on every node included."""
     options = _options(trust_domain, hub, image_tag, flows, log_level)
     base = manifests or default_base()
-    objects = render(options, base)
+    objects = _render(options, base)
     cleanup = render_file(options, base, CLEANUP_MANIFEST)
     kubectl = _kubectl(kubectl_bin, context)
     # 1. Stop the agents. On SIGTERM they leave their programs pinned (upgrade path).

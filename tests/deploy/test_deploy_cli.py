@@ -237,3 +237,9 @@ def test_every_install_command_in_the_docs_works():
     assert uninstall_lines
     for args in uninstall_lines:
         assert run(uninstall, *args, "--help").exit_code == 0, args
+
+
+def test_missing_manifests_say_where_to_point(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHOAL_MANIFESTS", str(tmp_path))
+    result = run(install, "--render")
+    assert result.exit_code == 1 and "SHOAL_MANIFESTS" in result.output and "kustomization.yaml" in result.output
