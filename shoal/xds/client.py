@@ -104,17 +104,16 @@ class ConfigClient:
 
     async def _stream_once(self) -> bool:
         stub = pb_grpc.ConfigDiscoveryStub(self._get_channel())
-        outgoing: asyncio.Queue[pb.DeltaRequest] = asyncio.Queue()
-        outgoing.put_nowait(self.receiver.hello())
-
-        async def requests():
-            while True:
-                yield await outgoing.get()
-
-        call = stub.StreamConfig(requests(), metadata=self._metadata)
+        # Explicit write()/read() rather than a request generator: nothing is left running
+        # when the call is cancelled.
+        call = stub.StreamConfig(metadata=self._metadata)
         got_push = False
         try:
-            async for push in call:
+            await call.write(self.receiver.hello())
+            while True:
+                push = await call.read()
+                if push is grpc.aio.EOF:
+                    break
                 self.connected = True
                 delta, reply = self.receiver.on_push(push)
                 self.state.apply(delta)
@@ -122,7 +121,7 @@ class ConfigClient:
                     self.nacks_sent += 1
                     log.warning("NACK push %s (version %s): %s", push.nonce,
                                 push.system_version, reply.error_detail.message)
-                outgoing.put_nowait(reply)
+                await call.write(reply)
                 self.pushes_applied += 1
                 got_push = True
                 self.synced.set()

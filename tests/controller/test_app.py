@@ -147,3 +147,69 @@ async def test_controller_process_streams_survives_restart_and_reports_status(co
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await client.close()
+
+
+async def test_controller_process_kubernetes_mode_with_token_review(tmp_path):
+    """`--source kubernetes` against the fake API server: list/watch feeds the stream and
+    nodes authenticate with ServiceAccount tokens through TokenReview."""
+    from .fake_apiserver import FakeApiServer
+    from .objects import namespace, pod
+
+    server = await FakeApiServer().start()
+    server.put(namespace("demo"))
+    server.put(pod("demo", "web-0", node="node-7", ip="10.244.7.2", sa="web"))
+    server.tokens["agent-7"] = {"username": "system:serviceaccount:shoal-system:shoal-agent",
+                                "extra": {"authentication.kubernetes.io/node-name": ["node-7"]}}
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(f"""apiVersion: v1
+kind: Config
+clusters: [{{name: fake, cluster: {{server: "{server.url}"}}}}]
+users: [{{name: controller, user: {{token: controller-token}}}}]
+contexts: [{{name: fake, context: {{cluster: fake, user: controller}}}}]
+current-context: fake
+""")
+    grpc_port, admin_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shoal.controller", "--source", "kubernetes",
+         "--kubeconfig", str(kubeconfig), "--state-dir", str(tmp_path / "state"),
+         "--grpc-address", f"127.0.0.1:{grpc_port}", "--admin-address", f"127.0.0.1:{admin_port}",
+         "--relay-address", ""], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    state = ConfigState()
+    client = ConfigClient(f"127.0.0.1:{grpc_port}", "node-7", "agent-7", state,
+                          component="agent", min_backoff=0.05, max_backoff=0.3)
+    # The same token claiming another node is refused: the node comes from the token.
+    liar = ConfigClient(f"127.0.0.1:{grpc_port}", "node-1", "agent-7", ConfigState(),
+                        component="agent", min_backoff=0.05, max_backoff=0.3)
+    task = asyncio.ensure_future(client.run())
+    liar_task = asyncio.ensure_future(liar.run())
+    try:
+        await until(lambda: state.workload("demo/web-0") is not None)
+        server.put(pod("demo", "web-1", node="node-7", ip="10.244.7.3", sa="web"))
+        await until(lambda: state.workload_by_ip("10.244.7.3") is not None)
+
+        def ready():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/status") as r:
+                    import json
+                    return json.loads(r.read())
+            except OSError:
+                return None
+        status = ready()
+        assert [a["node"] for a in status["agents"]] == ["node-7"] and status["ready"]
+        assert liar.reconnects >= 1 and not liar.synced.is_set()
+        assert (tmp_path / "state" / "ca" / "root-cert.pem").exists()
+        assert (tmp_path / "state" / "identities").read_text().split()[1:] == ["demo", "web"]
+    finally:
+        task.cancel()
+        liar_task.cancel()
+        await asyncio.gather(task, liar_task, return_exceptions=True)
+        await client.close()
+        await liar.close()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        await server.stop()
