@@ -103,19 +103,14 @@ def _selector_matches(selector: Mapping[str, str], labels: Mapping[str, str]) ->
     return all(labels.get(k) == v for k, v in selector.items())
 
 
-def _waypoint_label(*objs: Obj | None) -> m.WaypointRef | None:
-    """The first ``use-waypoint`` label among ``objs`` (most specific first); "none" opts out."""
+def _waypoint_label(namespace: str, *objs: Obj | None) -> m.WaypointRef | None:
+    """The first ``use-waypoint`` label among ``objs`` (most specific first): a waypoint of
+    ``namespace`` (the waypoint lives with what uses it). The value "none" opts out."""
     for obj in objs:
         labels = _labels(obj)
         value = labels.get(LABEL_USE_WAYPOINT) or labels.get(LABEL_USE_WAYPOINT_ISTIO)
         if value:
-            if value == "none":
-                return None
-            namespace = (obj.get("metadata") or {}).get("namespace") or \
-                (obj.get("metadata") or {}).get("name")   # a Namespace names itself
-            if obj.get("kind") == "Namespace":
-                namespace = obj["metadata"]["name"]
-            return m.WaypointRef(namespace=namespace, name=value)
+            return None if value == "none" else m.WaypointRef(namespace=namespace, name=value)
     return None
 
 
@@ -437,14 +432,14 @@ class MeshModel:
         if not ip:
             return None   # not routable yet: it appears once the CNI has given it an address
         try:
-            convert._check_ip("status.podIP", ip)
+            convert.check_ip("status.podIP", ip)
         except ValueError as err:
             raise ObjectError(str(err)) from None
         return m.Workload(
             uid=f"{namespace}/{name}", name=name, namespace=namespace, service_account=sa,
             node=node, ip=ip, identity=self.identities.get(namespace, sa),
             spiffe_id=spiffe_id(namespace, sa, self.trust_domain), meshed=meshed,
-            waypoint=_waypoint_label(pod, ns_obj) if meshed else None,
+            waypoint=_waypoint_label(namespace, pod, ns_obj) if meshed else None,
             protocol="HBONE" if meshed else "TCP", labels=m.Labels(labels),
             canonical_service=(labels.get("service.istio.io/canonical-name")
                                or labels.get("app.kubernetes.io/name") or labels.get("app")
@@ -477,7 +472,7 @@ class MeshModel:
             vip = ""
         elif vip:
             try:
-                convert._check_ip("spec.clusterIP", vip)
+                convert.check_ip("spec.clusterIP", vip)
             except ValueError as err:
                 raise ObjectError(str(err)) from None
         selector = spec.get("selector")
@@ -503,7 +498,7 @@ class MeshModel:
                                        target_port=target, protocol=protocol))
         ns_obj = self.get("Namespace", "", namespace)
         return m.Service(name=name, namespace=namespace, vip=vip, ports=tuple(ports),
-                         endpoints=tuple(endpoints), waypoint=_waypoint_label(svc, ns_obj))
+                         endpoints=tuple(endpoints), waypoint=_waypoint_label(namespace, svc, ns_obj))
 
     def _slice_endpoints(self, namespace: str, service: str) -> set[str]:
         uids = set()
@@ -585,7 +580,7 @@ def _cidrs(value: Any, where: str) -> tuple[str, ...]:
     blocks = _strings(value, where)
     for i, block in enumerate(blocks):
         try:
-            convert._check_cidr(f"{where}[{i}]", block)
+            convert.check_cidr(f"{where}[{i}]", block)
         except ValueError as err:
             raise ObjectError(str(err)) from None
     return blocks

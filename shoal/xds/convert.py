@@ -18,7 +18,7 @@ ACTIONS = ("ALLOW", "DENY")
 PORT_PROTOCOLS = ("TCP", "UDP", "SCTP")
 
 
-def _check_ip(where: str, value: str, allow_empty: bool = False) -> str:
+def check_ip(where: str, value: str, allow_empty: bool = False) -> str:
     if allow_empty and not value:
         return value
     try:
@@ -28,7 +28,7 @@ def _check_ip(where: str, value: str, allow_empty: bool = False) -> str:
     return value
 
 
-def _check_cidr(where: str, value: str) -> str:
+def check_cidr(where: str, value: str) -> str:
     try:
         ipaddress.ip_network(value, strict=False)
     except ValueError:
@@ -123,7 +123,7 @@ def _workload(w: pb.Workload, where: str) -> m.Workload:
     _need(f"{where}.namespace", w.namespace)
     return m.Workload(
         uid=w.uid, name=w.name, namespace=w.namespace, service_account=w.service_account,
-        node=w.node, ip=_check_ip(f"{where}.ip", w.ip, allow_empty=True),
+        node=w.node, ip=check_ip(f"{where}.ip", w.ip, allow_empty=True),
         identity=w.identity, spiffe_id=w.spiffe_id, meshed=w.meshed,
         waypoint=_ref_from_proto(w, "waypoint"),
         protocol=_check_choice(f"{where}.protocol", w.protocol, PROTOCOLS),
@@ -142,7 +142,7 @@ def _service(s: pb.Service, where: str) -> m.Service:
                                              PORT_PROTOCOLS))
         for i, p in enumerate(s.ports))
     return m.Service(name=s.name, namespace=s.namespace,
-                     vip=_check_ip(f"{where}.vip", s.vip, allow_empty=True), ports=ports,
+                     vip=check_ip(f"{where}.vip", s.vip, allow_empty=True), ports=ports,
                      endpoints=tuple(s.endpoints), waypoint=_ref_from_proto(s, "waypoint"))
 
 
@@ -153,9 +153,9 @@ def _authorization(a: pb.Authorization, where: str) -> m.Authorization:
         sources = tuple(
             m.Source(principals=tuple(s.principals), not_principals=tuple(s.not_principals),
                      namespaces=tuple(s.namespaces), not_namespaces=tuple(s.not_namespaces),
-                     ip_blocks=tuple(_check_cidr(f"{here}.sources[{j}].ip_blocks", b)
+                     ip_blocks=tuple(check_cidr(f"{here}.sources[{j}].ip_blocks", b)
                                      for b in s.ip_blocks),
-                     not_ip_blocks=tuple(_check_cidr(f"{here}.sources[{j}].not_ip_blocks", b)
+                     not_ip_blocks=tuple(check_cidr(f"{here}.sources[{j}].not_ip_blocks", b)
                                          for b in s.not_ip_blocks))
             for j, s in enumerate(r.sources))
         operations = tuple(
@@ -179,7 +179,7 @@ def _authorization(a: pb.Authorization, where: str) -> m.Authorization:
 
 def _waypoint(w: pb.Waypoint, where: str) -> m.Waypoint:
     return m.Waypoint(name=_need(f"{where}.name", w.name), namespace=w.namespace,
-                      ip=_check_ip(f"{where}.ip", w.ip, allow_empty=True),
+                      ip=check_ip(f"{where}.ip", w.ip, allow_empty=True),
                       service_account=w.service_account, spiffe_id=w.spiffe_id, uid=w.uid)
 
 
