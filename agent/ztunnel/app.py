@@ -158,8 +158,13 @@ class ProxyApp:
             else:
                 log.warning("handover: no ready successor after %.0fs, stopping anyway", self.config.handover_wait)
         self.pods.stop_accepting()
+        for session in list(self.ctx.inbound_sessions):
+            session.drain()  # peers' pools stop opening tunnels to us, live ones go on
         deadline = time.monotonic() + self.config.drain_grace
-        while self.ctx.telemetry.live and time.monotonic() < deadline:
+        # Drained: no live connection, none being set up, and every inbound HBONE
+        # connection closed by its peer's ACK of the drain (so no tunnel is in flight).
+        while (self.ctx.telemetry.live or self.pods.connections_in_setup() or self.ctx.inbound_sessions) \
+                and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         log.info("drained; %d connections left", len(self.ctx.telemetry.live))
         await self.stop()

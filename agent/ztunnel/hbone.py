@@ -94,6 +94,11 @@ class WindowOpened:
 
 
 @dataclass(frozen=True)
+class SettingsAcked:
+    """The peer applied our last SETTINGS (e.g. the drain's zero stream limit)."""
+
+
+@dataclass(frozen=True)
 class ConnectionEnded:
     """GOAWAY received, or a protocol violation (``error`` set; GOAWAY already queued)."""
     error: str | None
@@ -101,7 +106,7 @@ class ConnectionEnded:
 
 
 Event = (TunnelRequested | RequestRejected | TunnelResponse | TunnelData | TunnelEnded
-         | TunnelReset | WindowOpened | ConnectionEnded)
+         | TunnelReset | WindowOpened | SettingsAcked | ConnectionEnded)
 
 
 def format_authority(host: str, port: int) -> str:
@@ -155,6 +160,12 @@ class HboneConnection:
 
     def data_to_send(self) -> bytes:
         return self._h2.data_to_send()
+
+    def drain(self) -> None:
+        """Ask the peer to open no more tunnels here (MAX_CONCURRENT_STREAMS 0). Unlike a
+        GOAWAY (after which h2 can no longer send), live tunnels carry on; streams the
+        peer opened before applying it arrive before its ACK and are still served."""
+        self._h2.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0})
 
     def close(self, error_code: int = 0) -> None:
         if not self.closed:
@@ -249,6 +260,8 @@ class HboneConnection:
                 events.append(WindowOpened(ev.stream_id))
             elif isinstance(ev, h2.events.RemoteSettingsChanged):
                 events.append(WindowOpened(0))  # initial window may have grown
+            elif isinstance(ev, h2.events.SettingsAcknowledged):
+                events.append(SettingsAcked())
             elif isinstance(ev, h2.events.ConnectionTerminated):
                 self.closed = True
                 events.append(ConnectionEnded(None if ev.error_code == 0 else f"GOAWAY {ev.error_code!r}",

@@ -179,18 +179,29 @@ async def dial(ctx: "ProxyContext", pod: "EnrolledPod", key: PoolKey) -> HboneSe
 async def _tunnel(ctx, pod, conn: socket.socket, route: Route, rec: ConnectionRecord) -> None:
     key = PoolKey(pod.spiffe_id, route.identity, route.target_ip, route.target_port)
     rec.src_identity, rec.dst_identity, rec.mtls = pod.spiffe_id, route.identity, True
-    session = await ctx.pool.session(key, lambda k: dial(ctx, pod, k))
-    peer = StreamPeer(rec, ctx.telemetry.closed, tcp_is_client=True)
-    peer.response = asyncio.get_running_loop().create_future()
-    session.open_stream(peer, route.authority_ip, route.authority_port, pod.info.ip, hbone.new_traceparent())
-    try:
-        status = await asyncio.wait_for(asyncio.shield(peer.response), ctx.config.connect_timeout)
-    except (asyncio.TimeoutError, ConnectionError) as exc:
-        rec.response_flags, rec.error = FLAG_UPSTREAM_FAILURE, f"no HBONE answer: {exc}"
+    for attempt in (1, 2):
+        session = await ctx.pool.session(key, lambda k: dial(ctx, pod, k))
+        peer = StreamPeer(rec, ctx.telemetry.closed, tcp_is_client=True)
+        peer.response = asyncio.get_running_loop().create_future()
+        session.open_stream(peer, route.authority_ip, route.authority_port, pod.info.ip, hbone.new_traceparent())
+        try:
+            status = await asyncio.wait_for(asyncio.shield(peer.response), ctx.config.connect_timeout)
+            break
+        except ConnectionError as exc:
+            # The HBONE connection went away before answering (e.g. the peer proxy was
+            # retiring): nothing reached the app yet, so one retry on a fresh connection.
+            session.stream_done(peer.stream_id)
+            if attempt == 1:
+                log.info("outbound %s: stream lost before its answer (%s), retrying", pod.info.name, exc)
+                continue
+            error = f"no HBONE answer: {exc}"
+        except asyncio.TimeoutError:
+            error = "no HBONE answer in time"
+            session.h2.reset(peer.stream_id)
+            session.stream_done(peer.stream_id)
+            session.flush()
+        rec.response_flags, rec.error = FLAG_UPSTREAM_FAILURE, error
         ctx.metrics.reject("outbound", "hbone_no_answer")
-        session.h2.reset(peer.stream_id)
-        session.stream_done(peer.stream_id)
-        session.flush()
         reset_connection(conn)
         ctx.telemetry.closed(rec)
         return

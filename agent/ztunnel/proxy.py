@@ -54,7 +54,7 @@ class Acceptor:
                  name: str, on_error: Callable[[BaseException], None]):
         self.listener, self.handler, self.name = listener, handler, name
         self._on_error = on_error
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task] = set()  # handlers still setting a connection up
         self.serving = True
         asyncio.get_running_loop().add_reader(listener.fileno(), self._on_readable)
 
@@ -71,6 +71,10 @@ class Acceptor:
             task = asyncio.ensure_future(self._run(conn))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    @property
+    def in_setup(self) -> int:
+        return len(self._tasks)
 
     async def _run(self, conn: socket.socket) -> None:
         try:
@@ -185,6 +189,10 @@ class PodRegistry:
     def stop_accepting(self) -> None:
         for enrolled in self.pods.values():
             enrolled.stop_accepting()
+
+    def connections_in_setup(self) -> int:
+        """Accepted connections whose handler has not finished wiring them up yet."""
+        return sum(a.in_setup for pod in self.pods.values() for a in pod.servers)
 
     def close(self) -> None:
         for uid in list(self.pods):

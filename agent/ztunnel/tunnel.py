@@ -44,6 +44,9 @@ class HboneSession(asyncio.Protocol):
         self._on_rejected = on_rejected or (lambda reason: None)
         self._on_closed = on_closed
         self.closed = False
+        self.draining = False
+        self._drain_acked = False
+        self._requests: set[int] = set()  # server side: CONNECTs not answered yet
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.Transport) -> None:
@@ -90,6 +93,7 @@ class HboneSession(asyncio.Protocol):
                     peer.on_stream_reset(f"stream reset by peer (code {event.error_code})")
             elif kind is hbone.TunnelRequested:
                 self._cancel_idle()
+                self._requests.add(event.stream_id)
                 if self._on_request is None:
                     self.h2.reset(event.stream_id)
                 else:
@@ -97,6 +101,10 @@ class HboneSession(asyncio.Protocol):
             elif kind is hbone.RequestRejected:
                 log.warning("hbone: rejected stream %d from %s: %s", event.stream_id, self.peer_identity, event.reason)
                 self._on_rejected("bad_request")
+            elif kind is hbone.SettingsAcked:
+                if self.draining:
+                    self._drain_acked = True
+                    self._close_if_drained()
             elif kind is hbone.ConnectionEnded:
                 if event.error:
                     log.warning("hbone: connection from %s ended: %s", self.peer_identity, event.error)
@@ -132,7 +140,19 @@ class HboneSession(asyncio.Protocol):
 
     @property
     def usable(self) -> bool:
-        return not self.closed and self.h2.stream_capacity > 0
+        return not self.closed and not self.draining and self.h2.stream_capacity > 0
+
+    def drain(self) -> None:
+        """Server side, when retiring: no new tunnels here; close once the live ones end."""
+        if self.closed or self.draining:
+            return
+        self.draining = True
+        self.h2.drain()
+        self.flush()
+
+    def _close_if_drained(self) -> None:
+        if self.draining and self._drain_acked and not self.streams and not self._requests:
+            self.close()
 
     def open_stream(self, peer: "StreamPeer", host: str, port: int, forwarded_for: str, traceparent: str) -> int:
         self._cancel_idle()
@@ -144,12 +164,14 @@ class HboneSession(asyncio.Protocol):
 
     def accept_stream(self, peer: "StreamPeer", stream_id: int) -> None:
         """Server side: answer 200 and join the stream to ``peer``."""
+        self._requests.discard(stream_id)
         self.streams[stream_id] = peer
         peer.bind(self, stream_id)
         self.h2.respond(stream_id, hbone.STATUS_OK)
         self.flush()
 
     def refuse_stream(self, stream_id: int, status: int) -> None:
+        self._requests.discard(stream_id)
         if self.closed:
             return
         self.h2.respond(stream_id, status)
@@ -160,6 +182,7 @@ class HboneSession(asyncio.Protocol):
         self.streams.pop(stream_id, None)
         if not self.streams:
             self._arm_idle()
+            self._close_if_drained()
 
     def close(self) -> None:
         """GOAWAY and close once flushed (used when draining and at idle)."""
@@ -358,7 +381,10 @@ class StreamPeer(asyncio.Protocol):
 
     def on_stream_reset(self, reason: str) -> None:
         if self.response is not None and not self.response.done():
+            # Not answered yet: whoever awaits the answer decides (retry or give up).
             self.response.set_exception(ConnectionResetError(reason))
+            self.finished = True
+            return
         if not self.finished:
             if not (self._eof_sent and self._eof_from_stream):
                 self.record.error = self.record.error or reason
