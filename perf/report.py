@@ -70,9 +70,10 @@ def evaluate_target(target: Target, measurements: Sequence[Measurement]) -> dict
     table = _medians(measurements)
     subject = table.get((target.benchmark, target.metric, target.path))
     against = table.get((target.benchmark, target.metric, target.against)) if target.against else None
-    result: dict[str, object] = {**asdict(target), "actual": None, "status": "not measured"}
+    result: dict[str, object] = {**asdict(target), "actual": None, "unit": "", "status": "not measured"}
     if subject is None or (target.against and against is None):
         return result
+    result["unit"] = "×" if target.kind == "ratio" else subject.unit
     if target.kind == "ratio":
         actual = stats.ratio(subject.median, against.median)  # type: ignore[union-attr]
     elif target.kind == "added":
@@ -140,10 +141,15 @@ def to_markdown(doc: dict[str, object]) -> str:
     targets = doc["targets"]
     assert isinstance(targets, list)
     if targets:
-        lines += ["## Targets", "", "| target | actual | status |", "|---|---:|---|"]
+        lines += ["## Targets", "", "| target | goal | actual | status |", "|---|---|---:|---|"]
         for t in targets:
             what = t["label"] or _describe(t)
-            lines.append(f"| {what} | {_num(t['actual'])} | {t['status']} |")
+            goal = f"{t['op']} {_num(t['value'])}"
+            if t["kind"] == "ratio":
+                goal += f" × {t['against']}"
+            elif t["kind"] == "added":
+                goal += f" over {t['against']}"
+            lines.append(f"| {what} | {goal} | {_num(t['actual'])} {t.get('unit', '')} | {t['status']} |")
         lines.append("")
     lines += ["## Scenarios", "", "| scenario | status | seconds | reason |", "|---|---|---:|---|"]
     for o in doc["scenarios"]:  # type: ignore[union-attr]
