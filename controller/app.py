@@ -43,11 +43,16 @@ class ControllerApp:
         self.config = config
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = ControllerMetrics.create()
-        self.ca = CertificateAuthority.load_or_create(config.ca_dir, config.trust_domain,
-                                                      default_ttl=config.cert_ttl)
         self._generation_path = config.state_dir / "generation"
-        self.model = MeshModel(IdentityAllocator(config.identities_path), config.trust_domain,
-                               generation=self._saved_generation())
+        # Kubernetes mode keeps the CA and identities in the API server: built in run().
+        self.ca: CertificateAuthority | None = None
+        self.model: MeshModel | None = None
+        self.kube_state = None
+        if config.source == "local":
+            self.ca = CertificateAuthority.load_or_create(config.ca_dir, config.trust_domain,
+                                                          default_ttl=config.cert_ttl)
+            self.model = MeshModel(IdentityAllocator(config.identities_path),
+                                   config.trust_domain, generation=self._saved_generation())
         self.store = None
         self.kubelet = None
         self.api_client = None
@@ -88,6 +93,23 @@ class ControllerApp:
             kubernetes_token_reviewer(self.api_client, self.config.token_audiences),
             self.config.agent_service_accounts, self._pod_node)
 
+    async def _kubernetes_state(self):
+        """CA from the Secret (created on first start), trust bundle published, identities
+        restored from their ConfigMap; returns the identity saver for the control plane."""
+        from shoal.controller.kubestate import KubernetesState
+        config = self.config
+        self.kube_state = KubernetesState(self.api_client, namespace=config.namespace,
+                                          ca_secret=config.ca_secret)
+        self.ca = await self.kube_state.load_ca(config.ca_dir, config.trust_domain,
+                                                default_ttl=config.cert_ttl)
+        await self.kube_state.publish_roots(self.ca.roots_pem)
+        identities = IdentityAllocator(None, external=True)
+        identities.restore(await self.kube_state.load_identities())
+        self.model = MeshModel(identities, config.trust_domain, generation=self._saved_generation())
+        log.info("kubernetes state: CA from Secret %s/%s, %d identities restored",
+                 config.namespace, config.ca_secret, len(identities))
+        return self.kube_state.save_identities
+
     def _pod_node(self, namespace: str, name: str) -> str | None:
         pod = self.model.get("Pod", namespace, name)
         return ((pod or {}).get("spec") or {}).get("nodeName")
@@ -112,10 +134,12 @@ class ControllerApp:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        persist = None
         if self.config.source == "kubernetes":
             self.api_client = await self._kubernetes_client()
+            persist = await self._kubernetes_state()
         self.control_plane = ControlPlane(self.model, self.ca, await self._authenticator(),
-                                          self.metrics)
+                                          self.metrics, persist_identities=persist)
         await self.control_plane.start(
             self.config.grpc_address,
             tls_names=self.config.certificate_names() if self.config.tls else None)

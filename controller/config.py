@@ -27,6 +27,8 @@ class ControllerConfig:
     agent_service_accounts: tuple[str, ...] = field(
         default=("shoal-system/shoal-agent",))  # kubernetes mode: who may connect
     token_audiences: tuple[str, ...] = ()
+    namespace: str = "shoal-system"            # kubernetes mode: where its own state lives
+    ca_secret: str = "shoal-ca"                # kubernetes mode: the CA Secret (cacerts keys)
     tls: bool = False                          # serve the config stream + CA over TLS
     tls_names: tuple[str, ...] = ()            # extra DNS names / IPs for its certificate
     run_kubelet: bool = True                   # local mode: run pods for the store's Pods
@@ -112,6 +114,12 @@ def parse_config(argv: list[str] | None = None) -> ControllerConfig:
                              "workload CA; nodes verify it with root-cert.pem = SHOAL_CA_BUNDLE)")
     parser.add_argument("--tls-name", action="append", dest="tls_names", default=[],
                         help="extra DNS name or IP for the controller's certificate (repeatable)")
+    parser.add_argument("--namespace", default=env("SHOAL_NAMESPACE", "shoal-system"),
+                        help="kubernetes mode: namespace of the CA Secret and the identity "
+                             "and trust-bundle ConfigMaps")
+    parser.add_argument("--ca-secret", default=env("SHOAL_CA_SECRET", "shoal-ca"),
+                        help="kubernetes mode: the CA Secret (ca-cert.pem, ca-key.pem, "
+                             "cert-chain.pem, root-cert.pem); created with a new root if absent")
     parser.add_argument("--no-kubelet", action="store_true", help="do not run the local cluster's pods")
     parser.add_argument("--log-level", default=env("SHOAL_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
@@ -122,5 +130,6 @@ def parse_config(argv: list[str] | None = None) -> ControllerConfig:
         state_dir_override=args.state_dir, ca_dir_override=args.ca_dir,
         token_file_override=args.token_file, kubeconfig=args.kubeconfig,
         agent_service_accounts=tuple(args.agent_accounts or ("shoal-system/shoal-agent",)),
-        tls=args.tls, tls_names=tuple(args.tls_names),
+        tls=args.tls, tls_names=tuple(args.tls_names), namespace=args.namespace,
+        ca_secret=args.ca_secret,
         run_kubelet=args.source == "local" and not args.no_kubelet, log_level=args.log_level)

@@ -5,9 +5,10 @@ queue the change for every connected node. ``status()`` is the view behind ``sho
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from typing import Any, Iterable
+from typing import Any, Awaitable, Callable, Iterable
 
 import grpc
 from aiohttp import web
@@ -37,8 +38,12 @@ SERVER_OPTIONS = (
 
 class ControlPlane:
     def __init__(self, model: MeshModel, ca: CertificateAuthority, authenticator: Authenticator,
-                 metrics: ControllerMetrics | None = None) -> None:
+                 metrics: ControllerMetrics | None = None,
+                 persist_identities: Callable[[list], Awaitable[None]] | None = None) -> None:
+        """``persist_identities``: saves new identity allocations elsewhere (Kubernetes mode)
+        before any push uses them; see ``apply_async``."""
         self.model = model
+        self.persist_identities = persist_identities
         self.ca = ca
         self.metrics = metrics or ControllerMetrics.create()
         self.distributor = Distributor(model, authenticator, self.metrics)
@@ -72,6 +77,35 @@ class ControlPlane:
         change = self.model.replace(kind, objs)
         self._after(change)
         return change
+
+    async def apply_async(self, events: Iterable[tuple[str, Obj]]) -> Change:
+        """``apply`` for sources whose identities are persisted asynchronously: new
+        identities are saved (retrying) before the change is pushed."""
+        change = self.model.apply(events)
+        await self._persist()
+        self._after(change)
+        return change
+
+    async def replace_async(self, kind: str, objs: Iterable[Obj]) -> Change:
+        change = self.model.replace(kind, objs)
+        await self._persist()
+        self._after(change)
+        return change
+
+    async def _persist(self, max_backoff: float = 10.0) -> None:
+        if self.persist_identities is None:
+            return
+        pending = self.model.identities.take_pending()
+        backoff = 0.2
+        while pending:
+            try:
+                await self.persist_identities(pending)
+                return
+            except Exception as err:  # API errors of any kind: nothing is pushed until saved
+                self.metrics.source_errors.labels("identities", "ConfigMap").inc()
+                log.warning("saving %d new identities failed (%s); retrying", len(pending), err)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, max_backoff)
 
     def _after(self, change: Change) -> None:
         self.metrics.model_errors.set(len(self.model.errors))

@@ -19,15 +19,32 @@ FIRST_IDENTITY = 256
 MAX_IDENTITY = 2**32 - 1   # the eBPF maps hold u32
 
 
+Allocation = tuple[int, str, str]   # (identity, namespace, service account)
+
+
 class IdentityAllocator:
-    def __init__(self, path: Path | str | None) -> None:
-        """``path`` None keeps allocations in memory only (tests, benchmarks)."""
+    def __init__(self, path: Path | str | None, external: bool = False) -> None:
+        """``path``: the local log file. None keeps allocations in memory (tests,
+        benchmarks), or, with ``external``, for someone else to persist: ``take_pending()``
+        (the Kubernetes mode's ConfigMap), after ``restore()`` of what was saved."""
         self._path = Path(path) if path is not None else None
+        self._external = external
         self._ids: dict[tuple[str, str], int] = {}
         self._next = FIRST_IDENTITY
-        self._pending: list[str] = []
+        self._pending: list[Allocation] = []
         if self._path is not None and self._path.exists():
             self._load()
+
+    def restore(self, allocations: list[Allocation]) -> None:
+        """Loads allocations persisted elsewhere (before any ``get``)."""
+        for number, namespace, sa in allocations:
+            self._ids[(namespace, sa)] = number
+            self._next = max(self._next, number + 1)
+
+    def take_pending(self) -> list[Allocation]:
+        """External persistence: the allocations not yet saved (and forgets them)."""
+        pending, self._pending = self._pending, []
+        return pending
 
     def _load(self) -> None:
         for lineno, line in enumerate(self._path.read_text().splitlines(), 1):
@@ -49,19 +66,22 @@ class IdentityAllocator:
         if self._next > MAX_IDENTITY:
             raise RuntimeError("identity space exhausted")
         number = self._next
-        self._pending.append(f"{number} {namespace} {service_account}\n")
+        self._pending.append((number, namespace, service_account))
         self._ids[key] = number
         self._next = number + 1
         return number
 
     def commit(self) -> None:
-        """Makes the allocations since the last commit durable (one fsync per batch)."""
+        """Makes the allocations since the last commit durable (one fsync per batch); with
+        ``external`` persistence they wait for ``take_pending()``."""
+        if self._external:
+            return
         if not self._pending or self._path is None:
             self._pending.clear()
             return
         self._path.parent.mkdir(parents=True, exist_ok=True)
         with open(self._path, "a") as log_file:
-            log_file.write("".join(self._pending))
+            log_file.write("".join(f"{n} {ns} {sa}\n" for n, ns, sa in self._pending))
             log_file.flush()
             os.fsync(log_file.fileno())
         self._pending.clear()

@@ -110,17 +110,17 @@ class KubernetesSource:
             for item in items:
                 if item[0] == "RELIST":
                     if events:
-                        self.control_plane.apply(events)
+                        await self.control_plane.apply_async(events)
                         events = []
                     _, kind, objs = item
-                    self.control_plane.replace(kind, objs)
+                    await self.control_plane.replace_async(kind, objs)
                     self._unsynced.discard(kind)
                     if not self._unsynced:
                         self.control_plane.source_synced(SOURCE)
                 else:
                     events.append(item)
             if events:
-                self.control_plane.apply(events)
+                await self.control_plane.apply_async(events)
 
     # -- list + watch, per kind ------------------------------------------------------------------
 

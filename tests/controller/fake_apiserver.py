@@ -45,6 +45,7 @@ class FakeApiServer:
         self.missing = set(missing_kinds)
         self.tokens: dict[str, dict] = {}       # token -> TokenReview status.user
         self.requests: list[str] = []
+        self.stored: dict[tuple[str, str, str], dict] = {}   # (plural, ns, name): secrets, configmaps
         self.runner = None
         self.url = ""
 
@@ -94,6 +95,10 @@ class FakeApiServer:
     async def start(self):
         app = web.Application()
         app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", self._token_review)
+        for plural in ("secrets", "configmaps"):
+            app.router.add_get(f"/api/v1/namespaces/{{ns}}/{plural}/{{name}}", self._get_stored(plural))
+            app.router.add_post(f"/api/v1/namespaces/{{ns}}/{plural}", self._create_stored(plural))
+            app.router.add_put(f"/api/v1/namespaces/{{ns}}/{plural}/{{name}}", self._replace_stored(plural))
         for (prefix, plural) in RESOURCES:
             app.router.add_get(f"/{prefix}/{plural}", self._handler(prefix, plural))
         self.runner = web.AppRunner(app, access_log=None)
@@ -107,6 +112,45 @@ class FakeApiServer:
     async def stop(self):
         self.end_watches()
         await self.runner.cleanup()
+
+    # -- secrets and configmaps: get, create, replace with resourceVersion checks ----------------
+
+    def _get_stored(self, plural):
+        async def handle(request):
+            obj = self.stored.get((plural, request.match_info["ns"], request.match_info["name"]))
+            if obj is None:
+                return web.json_response(_status(404, "NotFound", f"{plural} not found"), status=404)
+            return web.json_response(obj)
+        return handle
+
+    def _create_stored(self, plural):
+        async def handle(request):
+            obj = await request.json()
+            key = (plural, request.match_info["ns"], obj["metadata"]["name"])
+            if key in self.stored:
+                return web.json_response(_status(409, "AlreadyExists", "already exists"), status=409)
+            self.rv += 1
+            obj["metadata"].update(namespace=key[1], resourceVersion=str(self.rv))
+            self.stored[key] = obj
+            return web.json_response(obj, status=201)
+        return handle
+
+    def _replace_stored(self, plural):
+        async def handle(request):
+            obj = await request.json()
+            key = (plural, request.match_info["ns"], request.match_info["name"])
+            current = self.stored.get(key)
+            if current is None:
+                return web.json_response(_status(404, "NotFound", f"{plural} not found"), status=404)
+            sent = (obj.get("metadata") or {}).get("resourceVersion")
+            if sent and sent != current["metadata"]["resourceVersion"]:
+                return web.json_response(_status(409, "Conflict", "the object has been modified"),
+                                         status=409)
+            self.rv += 1
+            obj["metadata"].update(namespace=key[1], resourceVersion=str(self.rv))
+            self.stored[key] = obj
+            return web.json_response(obj)
+        return handle
 
     def _handler(self, prefix, plural):
         kind, api_version = RESOURCES[(prefix, plural)]

@@ -197,8 +197,25 @@ current-context: fake
         status = ready()
         assert [a["node"] for a in status["agents"]] == ["node-7"] and status["ready"]
         assert liar.reconnects >= 1 and not liar.synced.is_set()
-        assert (tmp_path / "state" / "ca" / "root-cert.pem").exists()
-        assert (tmp_path / "state" / "identities").read_text().split()[1:] == ["demo", "web"]
+        # Its state lives in the API: the CA Secret, the trust bundle, the identity table.
+        secret = server.stored[("secrets", "shoal-system", "shoal-ca")]
+        assert {"ca-cert.pem", "ca-key.pem", "root-cert.pem"} <= set(secret["data"])
+        roots = server.stored[("configmaps", "shoal-system", "shoal-ca-root")]["data"]["root-cert.pem"]
+        identities = server.stored[("configmaps", "shoal-system", "shoal-identities")]["data"]
+        assert identities == {"demo.web": str(state.workload("demo/web-0").identity)}
+        # Another controller (new pod, empty disk) keeps the root and the numbers.
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+        shutil.rmtree(tmp_path / "state")
+        server.tokens["agent-7"]["extra"] = {"authentication.kubernetes.io/node-name": ["node-7"]}
+        proc = subprocess.Popen(proc.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        server.put(pod("demo", "db-0", node="node-7", ip="10.244.7.4", sa="db"))
+        await until(lambda: state.workload_by_ip("10.244.7.4") is not None, timeout=30)
+        assert state.workload("demo/web-0").identity == int(identities["demo.web"])
+        assert server.stored[("configmaps", "shoal-system", "shoal-ca-root")]["data"]["root-cert.pem"] == roots
+        new_ids = server.stored[("configmaps", "shoal-system", "shoal-identities")]["data"]
+        assert new_ids["demo.web"] == identities["demo.web"] and "demo.db" in new_ids
+        assert state.workload("demo/db-0").identity == int(new_ids["demo.db"])
     finally:
         task.cancel()
         liar_task.cancel()
