@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,11 +177,19 @@ class RunContext:
     repetitions: int = 3
     _log: Callable[[str], None] = field(default=lambda m: print(m, file=sys.stderr, flush=True))
     bed_fallback: bool = False
+    _bed_failure: dict[str, Exception] = field(default_factory=dict)
 
     @property
     def bed(self) -> Bed:
         if "bed" not in self._bed_holder:
-            self._bed_holder["bed"] = make_bed(self.bed_kind, self._log, self.bed_fallback)
+            failure = self._bed_failure.get("error")
+            if failure is not None:
+                raise RuntimeError(f"the bed could not be made earlier in this run: {failure}")
+            try:
+                self._bed_holder["bed"] = make_bed(self.bed_kind, self._log, self.bed_fallback)
+            except Exception as exc:  # remembered so later scenarios fail fast instead of retrying
+                self._bed_failure["error"] = exc
+                raise
         return self._bed_holder["bed"]
 
     def seconds(self, full: float, quick: float) -> float:
@@ -189,6 +197,19 @@ class RunContext:
 
     def log(self, message: str) -> None:
         self._log(message)
+
+
+@contextmanager
+def closing_iterator(figures: Iterable[Measurement]) -> Iterator[Iterator[Measurement]]:
+    """Iterate a scenario's figures and always close its generator, so its own cleanup
+    (servers, peers) runs now, before the bed goes away, not whenever it is collected."""
+    iterator = iter(figures)
+    try:
+        yield iterator
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
 
 
 def host_info() -> dict[str, object]:
@@ -220,6 +241,7 @@ def _run(discovered: Discovered, selected: Sequence[Scenario], only: Sequence[st
     bed_kind = resolve_bed_kind(bed)
     is_root = os.geteuid() == 0
     holder: dict[str, Bed] = {}
+    bed_failure: dict[str, Exception] = {}
     outcomes: list[report.ScenarioOutcome] = [
         report.ScenarioOutcome(name, "(broken module)", "failed", reason=error)
         for name, error in discovered.broken if not only or name in only]
@@ -240,13 +262,15 @@ def _run(discovered: Discovered, selected: Sequence[Scenario], only: Sequence[st
             workdir = scratch / scenario.name
             workdir.mkdir()
             ctx = RunContext(quick=quick, workdir=workdir, bed_kind=bed_kind, _bed_holder=holder,
-                             repetitions=3 if quick else 5, _log=say, bed_fallback=bed == "auto")
+                             repetitions=3 if quick else 5, _log=say, bed_fallback=bed == "auto",
+                             _bed_failure=bed_failure)
             began = time.monotonic()
             try:
-                for measurement in scenario.run(ctx):
-                    if not isinstance(measurement, Measurement):
-                        raise TypeError(f"scenario yielded {type(measurement).__name__}, not a Measurement")
-                    measurements.append(measurement)
+                with closing_iterator(scenario.run(ctx)) as figures:
+                    for measurement in figures:
+                        if not isinstance(measurement, Measurement):
+                            raise TypeError(f"scenario yielded {type(measurement).__name__}, not a Measurement")
+                        measurements.append(measurement)
                 outcomes.append(report.ScenarioOutcome(scenario.name, scenario.title, "ok",
                                                        time.monotonic() - began))
             except Exception as exc:  # reported in the run's table; the other scenarios still run

@@ -34,6 +34,16 @@ MODULES = {
             raise AssertionError("must not run")
         SCENARIO = Scenario("needy", "needs things", run, requires=("bin:shoal-no-such-tool", "cluster"))
     """,
+    "wrongtype": """
+        from shoal.perf.scenario import Scenario
+        CLEANED = []
+        def run(ctx):
+            try:
+                yield "not a measurement"
+            finally:
+                CLEANED.append(True)
+        SCENARIO = Scenario("wrongtype", "yields junk", run, order=3)
+    """,
     "broken": "import shoal.perf.no_such_module\n",
     "nothing": "X = 1\n",
     "_private": "raise SystemExit('not imported')\n",
@@ -56,7 +66,7 @@ def fake_package(tmp_path, monkeypatch):
 
 def test_discover_orders_and_reports_broken_modules(fake_package):
     found = harness.discover(fake_package)
-    assert [s.name for s in found.scenarios] == ["good", "halfway", "needy"]
+    assert [s.name for s in found.scenarios] == ["good", "halfway", "wrongtype", "needy"]
     broken = dict(found.broken)
     assert set(broken) == {"broken", "nothing"}
     assert "no_such_module" in broken["broken"] and "SCENARIO" in broken["nothing"]
@@ -84,8 +94,10 @@ def test_run_collects_figures_failures_and_skips(fake_package, tmp_path):
                                             log=lines.append, package=fake_package, lock=tmp_path / "lock")
     status = {o["name"]: o["status"] for o in doc["scenarios"]}
     assert status == {"broken": "failed", "nothing": "failed", "good": "ok", "halfway": "failed",
-                      "needy": "skipped"}
+                      "wrongtype": "failed", "needy": "skipped"}
     reasons = {o["name"]: o["reason"] for o in doc["scenarios"]}
+    assert "not a Measurement" in reasons["wrongtype"]
+    assert sys.modules[f"{fake_package}.wrongtype"].CLEANED == [True]   # its finally ran at once
     assert "tool crashed" in reasons["halfway"] and "shoal-no-such-tool" in reasons["needy"]
     rows = {(r["benchmark"], r["path"]): r for r in doc["measurements"]}
     assert rows[("w", "fast")]["ratio_to_direct"] == pytest.approx(2.0)
@@ -126,3 +138,19 @@ def test_one_run_at_a_time(tmp_path):
     assert any("waiting for another benchmark run" in line for line in lines)
     with harness.exclusive_run(lock, lines.append, wait=0):   # free again once released
         pass
+
+
+def test_a_bed_that_failed_is_not_made_again(tmp_path, monkeypatch):
+    calls = []
+
+    def failing_bed(kind, log, fallback=False):
+        calls.append(kind)
+        raise RuntimeError("shoal up failed")
+    monkeypatch.setattr(harness, "make_bed", failing_bed)
+    failures: dict = {}
+    contexts = [harness.RunContext(quick=True, workdir=tmp_path, bed_kind="cluster", _bed_holder={},
+                                   _bed_failure=failures) for _ in range(2)]
+    for ctx in contexts:
+        with pytest.raises(RuntimeError, match="shoal up failed"):
+            ctx.bed
+    assert calls == ["cluster"]
