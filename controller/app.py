@@ -18,6 +18,7 @@ from shoal.controller.controlplane import ControlPlane
 from shoal.controller.identity import IdentityAllocator
 from shoal.controller.metrics import ControllerMetrics
 from shoal.controller.model import MeshModel
+from shoal.config import PORT_HUBBLE
 
 log = logging.getLogger(__name__)
 
@@ -191,15 +192,27 @@ class ControllerApp:
 
     async def _start_relay(self) -> None:
         """The Hubble relay (the observability engineer's) merging every node's flows."""
-        if not self.config.relay_address or self.config.source != "local":
+        if not self.config.relay_address:
             return
         try:
-            from shoal.controller.relay import Relay
+            from shoal.controller.relay import NodeTarget, Relay
         except ImportError as err:
             log.warning("Hubble relay not available: %s", err)
             return
-        self.relay = Relay.from_layout(self.config.layout, tcp_address=self.config.relay_address,
-                                       registry=self.metrics.registry)
+        if self.config.source == "local":
+            self.relay = Relay.from_layout(self.config.layout,
+                                           tcp_address=self.config.relay_address,
+                                           registry=self.metrics.registry)
+        else:
+            distributor = self.control_plane.distributor
+
+            def nodes() -> list[NodeTarget]:
+                # Nodes are found through their agents' config streams.
+                return [NodeTarget(node, f"[{host}]:{PORT_HUBBLE}" if ":" in host
+                                   else f"{host}:{PORT_HUBBLE}")
+                        for node, host in sorted(distributor.agent_hosts().items())]
+            self.relay = Relay(nodes, tcp_address=self.config.relay_address,
+                               registry=self.metrics.registry)
         try:
             await self.relay.start()
         except (OSError, RuntimeError) as err:

@@ -102,6 +102,19 @@ class Distributor:
             conn.wake.set()
         self.metrics.generation.set(change.generation)
 
+    def agent_hosts(self) -> dict[str, str]:
+        """node -> the IP its agent connects from (in Kubernetes the agents use the host
+        network, so it is the node's address: where the node's Hubble API listens)."""
+        hosts = {}
+        for conn in self.connections:
+            if conn.component != "agent":
+                continue
+            family, _, rest = conn.peer.partition(":")
+            host = rest.rsplit(":", 1)[0]
+            if family in ("ipv4", "ipv6") and host:
+                hosts[conn.node] = host if family == "ipv4" else host.strip("[]")
+        return hosts
+
     def status(self) -> list[dict]:
         return sorted((c.status() for c in self.connections),
                       key=lambda s: (s["node"], s["component"]))

@@ -128,6 +128,7 @@ async def test_full_sync_incremental_change_and_status(plane, nodes):
     assert plane.metrics.pushes.labels("proxy")._value.get() == pushes_before + 1
     assert [p.name for p in n1.state.all_policies()] == ["web-policy"]
     status = plane.status()
+    assert plane.distributor.agent_hosts() == {}   # proxies are not agents
     assert {a["node"] for a in status["agents"]} == {"node-1", "node-2"}
     assert {a["version"] for a in status["agents"]} == {status["version"]}
     assert n2.state.version == status["version"]   # node-1 needed no push for it
@@ -333,3 +334,9 @@ async def test_tls_stream_verified_with_the_trust_bundle(ca, tmp_path):
             await asyncio.gather(task, return_exceptions=True)
             await c.close()
         await plane.stop(0)
+
+
+async def test_agent_hosts_feed_relay_discovery(plane, nodes):
+    agent = nodes("node-1", component="agent")
+    await agent.client.synced.wait()
+    assert plane.distributor.agent_hosts() == {"node-1": "127.0.0.1"}
