@@ -99,7 +99,7 @@ class AgentApp:
         log.info("programs loaded and attached to %s; maps %s", config.node_cgroup,
                  f"adopted ({', '.join(adopted)})" if adopted else "created")
         self.maps = DatapathMaps(config.pin_dir)
-        self.metrics = AgentMetrics(self.registry, self.maps.counters)
+        self.metrics = AgentMetrics(self.registry, self.maps.counters, self.maps.cost_histograms)
         reconciler = MapReconciler(config.node, self.state, self.maps, self.metrics)
         proxy = ZdsProxyLink(config.zds_socket)
         enroller = Enroller(config.node, self.maps, self.datapath.tc_program_fd(), LocalPodNetns(config.layout),

@@ -55,7 +55,7 @@ def _flags(flags: int) -> str:
 
 
 def collect(layout: ClusterLayout, node: str) -> dict:
-    from shoal.agent.mapsync import DatapathMaps
+    from shoal.agent.mapsync import DatapathMaps, histogram_quantile
     pin_dir = layout.bpf_pin_dir(node)
     if not (pin_dir / "enrolled_pods").exists():
         raise click.ClickException(f"no data path pinned for {node} of cluster {layout.name!r} ({pin_dir})")
@@ -85,8 +85,14 @@ def collect(layout: ClusterLayout, node: str) -> dict:
                      "port": e.dport or "*", "proto": "TCP" if e.proto == 6 else e.proto, "rule_id": rule}
                     for e, rule in sorted(maps.policies().items(), key=lambda kv: (kv[0].dst_identity, kv[0].src_identity, kv[0].dport))]
         counters = maps.counters()
-        cost = {p: round(counters[f"{p}_ns"] / counters[f"{p}_runs"]) for p in ("connect", "sockops", "tc")
-                if counters.get(f"{p}_runs")}
+        histograms = maps.cost_histograms()
+        cost = {}
+        for program in ("connect", "sockops", "tc"):
+            if counters.get(f"{program}_runs"):
+                cost[program] = {"p50": round(histogram_quantile(histograms[program], 0.5)),
+                                 "p99": round(histogram_quantile(histograms[program], 0.99)),
+                                 "mean": round(counters[f"{program}_ns"] / counters[f"{program}_runs"]),
+                                 "runs": counters[f"{program}_runs"]}
         return {"node": node, "cluster": layout.name, "pin_dir": str(pin_dir),
                 "programs": _programs(pin_dir, layout.node_cgroup(node)), "enrolled_pods": pods,
                 "identities": endpoints, "services": services, "policy_deny": policies,
@@ -117,8 +123,9 @@ def render(report: dict) -> str:
     lines.append("counters")
     lines += [f"  {name:<24} {value}" for name, value in report["counters"].items()]
     lines.append(f"  {'origdst_entries':<24} {report['origdst_entries']}")
-    lines.append("capture cost (mean in-kernel ns per run): "
-                 + (", ".join(f"{k} {v}" for k, v in report["capture_cost_ns"].items()) or "no runs yet"))
+    lines.append("in-kernel cost per run (ns, p50 / p99 / mean over runs):")
+    lines += [f"  {program:<10} {c['p50']} / {c['p99']} / {c['mean']}  ({c['runs']} runs)"
+              for program, c in report["capture_cost_ns"].items()] or ["  no runs yet"]
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ from typing import Mapping
 from shoal.agent import bpfsys
 from shoal.agent.compiler import Endpoint, PolicyEntry
 from shoal.agent.structs import (
-    MAPS, Counter, OrigDstKey, EndpointInfo, PodInfo, PolicyKey, PolicyValue, SvcKey, SvcValue,
+    COST_BUCKETS, COST_PROGRAMS, MAPS, Counter, OrigDstKey, EndpointInfo, PodInfo, PolicyKey, PolicyValue, SvcKey, SvcValue,
     be16_to_port, be32_to_ip, ip_to_be32, port_to_be16,
 )
 
@@ -160,6 +160,19 @@ class DatapathMaps:
             out[counter.name.lower()] = sum(values)
         return out
 
+    def cost_histograms(self) -> dict[str, list[int]]:
+        """Per program: runs per log2(ns) bucket (bucket b holds [2^b, 2^(b+1)) ns)."""
+        fd = self.fds["cost_hist"]
+        out = {}
+        for index, program in enumerate(COST_PROGRAMS):
+            buckets = []
+            for bucket in range(COST_BUCKETS):
+                values = (ctypes.c_uint64 * self._cpus)()
+                bpfsys.map_lookup(fd, U32(index * COST_BUCKETS + bucket), values)
+                buckets.append(sum(values))
+            out[program] = buckets
+        return out
+
     def origdst_entries(self) -> int:
         """Live captured connections as the proxy's lookup sees them (by 4-tuple)."""
         return len(bpfsys.map_keys(self.fds["origdst"], OrigDstKey))
@@ -173,3 +186,27 @@ def _policy_key(entry: PolicyEntry) -> PolicyKey:
     return PolicyKey(src_identity=entry.src_identity, dst_identity=entry.dst_identity,
                      dport=entry.dport, proto=entry.proto)
 
+
+
+def cost_bucket_bounds(index: int) -> tuple[int, int]:
+    """[low, high) ns of one cost_hist bucket (the kernel's log2 x 4 sub-buckets)."""
+    if index < 8:
+        return index, index + 1
+    log2, sub = divmod(index, 4)
+    step = 1 << (log2 - 2)
+    return (4 + sub) * step, (5 + sub) * step
+
+
+def histogram_quantile(buckets: list[int], quantile: float) -> float | None:
+    """A quantile of a cost histogram, interpolated inside its bucket; None when empty."""
+    total = sum(buckets)
+    if not total:
+        return None
+    rank = quantile * total
+    seen = 0
+    for index, count in enumerate(buckets):
+        if count and seen + count >= rank:
+            low, high = cost_bucket_bounds(index)
+            return low + (high - low) * (rank - seen) / count
+        seen += count
+    return float(cost_bucket_bounds(len(buckets) - 1)[1])

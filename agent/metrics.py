@@ -11,10 +11,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 class _KernelCounters:
     """Reads the per-CPU counters map at scrape time (no polling loop)."""
 
-    def __init__(self, read: Callable[[], dict[str, int]]):
+    def __init__(self, read: Callable[[], dict[str, int]], read_costs: Callable[[], dict[str, list[int]]] | None):
         self._read = read
+        self._read_costs = read_costs
 
     def collect(self):
+        from shoal.agent.mapsync import histogram_quantile
         values = self._read()
         family = CounterMetricFamily("shoal_agent_bpf_events", "Data-path events counted in the kernel",
                                      labels=["event"])
@@ -26,18 +28,25 @@ class _KernelCounters:
         lost.add_metric([], values.get("ringbuf_lost", 0))
         yield lost
         cost = GaugeMetricFamily("shoal_agent_capture_cost_nanoseconds",
-                                 "Mean in-kernel time per captured/balanced socket operation", labels=["program"])
+                                 "In-kernel time per captured/balanced socket operation or steered packet",
+                                 labels=["program", "stat"])
+        histograms = self._read_costs() if self._read_costs else {}
         for program in ("connect", "sockops", "tc"):
             runs = values.get(f"{program}_runs", 0)
             if runs:
-                cost.add_metric([program], values.get(f"{program}_ns", 0) / runs)
+                cost.add_metric([program, "mean"], values.get(f"{program}_ns", 0) / runs)
+            for label, quantile in (("p50", 0.5), ("p99", 0.99)):
+                figure = histogram_quantile(histograms.get(program, []), quantile)
+                if figure is not None:
+                    cost.add_metric([program, label], figure)
         yield cost
 
 
 class AgentMetrics:
-    def __init__(self, registry: CollectorRegistry, read_kernel_counters: Callable[[], dict[str, int]]):
+    def __init__(self, registry: CollectorRegistry, read_kernel_counters: Callable[[], dict[str, int]],
+                 read_cost_histograms: Callable[[], dict[str, list[int]]] | None = None):
         self.registry = registry
-        registry.register(_KernelCounters(read_kernel_counters))
+        registry.register(_KernelCounters(read_kernel_counters, read_cost_histograms))
         self.enrolled_pods = Gauge("shoal_agent_enrolled_pods", "Meshed pods enrolled on this node",
                                    registry=registry)
         self.enrol_failures = Gauge("shoal_agent_enrolment_pending", "Meshed pods not enrolled yet (retrying)",

@@ -63,6 +63,9 @@ class Counter(enum.IntEnum):
 
 COUNTER_MAX = len(Counter)
 
+COST_BUCKETS = 128   # log2 buckets x 4 linear sub-buckets (bpf/lib/shoal.h)
+COST_PROGRAMS = ("connect", "sockops", "tc")   # enum shoal_cost_program order
+
 
 def ip_to_be32(ip: str) -> int:
     """An IPv4 string as the u32 the kernel stores (network order read as native)."""
@@ -158,6 +161,7 @@ MAPS: tuple[MapSpec, ...] = (
     MapSpec("origdst_by_cookie", bpfsys.MAP_TYPE_LRU_HASH, U64, OrigDst, 65536),
     MapSpec("origdst", bpfsys.MAP_TYPE_LRU_HASH, OrigDstKey, OrigDst, 65536),
     MapSpec("counters", bpfsys.MAP_TYPE_PERCPU_ARRAY, U32, U64, COUNTER_MAX),
+    MapSpec("cost_hist", bpfsys.MAP_TYPE_PERCPU_ARRAY, U32, U64, COST_BUCKETS * len(COST_PROGRAMS)),
     MapSpec("flow_events", bpfsys.MAP_TYPE_RINGBUF, None, None, RINGBUF_BYTES),
 )
 MAP_BY_NAME = {spec.name: spec for spec in MAPS}

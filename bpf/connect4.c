@@ -90,8 +90,7 @@ int shoal_connect4(struct bpf_sock_addr *ctx)
         event.verdict = VERDICT_REDIRECTED;
         emit_flow(&event);
         count(COUNTER_CONNECT_REDIRECTED, 1);
-        count(COUNTER_CONNECT_NS, bpf_ktime_get_ns() - start);
-        count(COUNTER_CONNECT_RUNS, 1);
+        observe_cost(COST_CONNECT, COUNTER_CONNECT_NS, COUNTER_CONNECT_RUNS, start);
         return 1;
     }
 
@@ -99,8 +98,7 @@ int shoal_connect4(struct bpf_sock_addr *ctx)
         ctx->user_ip4 = backend.ip;
         ctx->user_port = backend.port;
         count(COUNTER_CONNECT_BALANCED, 1);
-        count(COUNTER_CONNECT_NS, bpf_ktime_get_ns() - start);
-        count(COUNTER_CONNECT_RUNS, 1);
+        observe_cost(COST_CONNECT, COUNTER_CONNECT_NS, COUNTER_CONNECT_RUNS, start);
     }
     return 1;
 }

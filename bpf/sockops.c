@@ -37,8 +37,7 @@ int shoal_sockops(struct bpf_sock_ops *skops)
         bpf_map_update_elem(SHOAL_MAP(origdst), &key, &copy, BPF_ANY);
         bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
         count(COUNTER_ORIGDST_RECORDED, 1);
-        count(COUNTER_SOCKOPS_NS, bpf_ktime_get_ns() - start);
-        count(COUNTER_SOCKOPS_RUNS, 1);
+        observe_cost(COST_SOCKOPS, COUNTER_SOCKOPS_NS, COUNTER_SOCKOPS_RUNS, start);
     } else if (op == BPF_SOCK_OPS_STATE_CB) {
         if (skops->args[1] == BPF_TCP_CLOSE) {
             struct origdst_key key = tuple_key(skops);

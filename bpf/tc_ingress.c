@@ -115,7 +115,6 @@ int shoal_tc_ingress(struct __sk_buff *skb)
         emit_flow(&event);
         count(COUNTER_TC_STEERED, 1);
     }
-    count(COUNTER_TC_NS, bpf_ktime_get_ns() - start);
-    count(COUNTER_TC_RUNS, 1);
+    observe_cost(COST_TC, COUNTER_TC_NS, COUNTER_TC_RUNS, start);
     return TC_ACT_OK;
 }

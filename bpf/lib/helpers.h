@@ -9,6 +9,26 @@ static __always_inline void count(__u32 which, __u64 delta)
         *value += delta;  /* per-CPU slot: no atomics needed */
 }
 
+/* Account one run's cost: the mean (sum + runs counters) and the log2 histogram. */
+static __always_inline void observe_cost(__u32 program, __u32 ns_counter, __u32 runs_counter, __u64 started)
+{
+    __u64 ns = bpf_ktime_get_ns() - started;
+    count(ns_counter, ns);
+    count(runs_counter, 1);
+    /* bcc's bpf_log2l() is floor(log2(v)) + 1 (its histograms keep 0 apart) */
+    __u32 log2 = bpf_log2l(ns);
+    log2 = log2 ? log2 - 1 : 0;
+    if (log2 > 31)
+        log2 = 31;
+    __u32 bucket = log2 < 2 ? (__u32)ns : log2 * 4 + (__u32)((ns >> (log2 - 2)) & 3);
+    if (bucket >= COST_BUCKETS)
+        bucket = COST_BUCKETS - 1;
+    __u32 slot = program * COST_BUCKETS + bucket;
+    __u64 *value = bpf_map_lookup_elem(SHOAL_MAP(cost_hist), &slot);
+    if (value)
+        *value += 1;
+}
+
 static __always_inline void emit_flow(struct flow_event *event)
 {
 #if SHOAL_FLOW_EVENTS

@@ -86,6 +86,18 @@ enum shoal_counter {
     COUNTER_MAX,
 };
 
+/* cost_hist: per-CPU histogram of in-kernel ns per run, COST_BUCKETS per program:
+ * log2 buckets split in 4 linear sub-buckets (about 20% wide). Means lie on a shared,
+ * preemptible machine (one descheduled run weighs like a thousand); the agent reports
+ * the median and p99 from these buckets. */
+#define COST_BUCKETS 128
+enum shoal_cost_program {
+    COST_CONNECT = 0,
+    COST_SOCKOPS,
+    COST_TC,
+    COST_PROGRAMS,
+};
+
 /* enrolled_pods: netns cookie -> meshed pod on this node. */
 struct pod_info {
     __u32 identity;

@@ -147,3 +147,20 @@ def test_config_from_flags_and_env(monkeypatch):
     config = parse_config(["--node", "node-2"])
     assert str(config.pin_dir) == "/sys/fs/bpf/c1/node-2"
     assert config.node_cgroup.name == "node-2" and config.controller == "172.18.0.1:15012"
+
+
+def test_cost_histogram_buckets_and_quantiles():
+    from shoal.agent.mapsync import cost_bucket_bounds, histogram_quantile
+
+    def bucket_of(ns: int) -> int:   # the kernel's formula, in Python
+        log2 = max(ns.bit_length() - 1, 0)
+        return ns if log2 < 2 else log2 * 4 + ((ns >> (log2 - 2)) & 3)
+    for ns in (0, 1, 3, 4, 7, 1000, 1023, 1024, 1300, 2047, 10**6):
+        low, high = cost_bucket_bounds(bucket_of(ns))
+        assert low <= ns < high, ns
+    buckets = [0] * 128
+    buckets[bucket_of(1100)] = 90
+    buckets[bucket_of(50_000)] = 10
+    assert 1024 <= histogram_quantile(buckets, 0.5) < 1280
+    assert histogram_quantile(buckets, 0.99) > 40_000
+    assert histogram_quantile([0] * 128, 0.5) is None
