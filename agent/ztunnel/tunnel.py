@@ -22,6 +22,13 @@ from shoal.agent.ztunnel.telemetry import FLAG_RESET, ConnectionRecord
 log = logging.getLogger(__name__)
 
 
+# Write-buffer watermarks: sized to the HTTP/2 frames and windows, not asyncio's 64 KiB.
+SESSION_WRITE_HIGH = 8 * 1024 * 1024
+SESSION_WRITE_LOW = 2 * 1024 * 1024
+TCP_WRITE_HIGH = 2 * 1024 * 1024
+TCP_WRITE_LOW = 512 * 1024
+
+
 class HboneSession(asyncio.Protocol):
     """An HTTP/2 connection (over TLS) carrying many tunnels."""
 
@@ -51,6 +58,8 @@ class HboneSession(asyncio.Protocol):
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
+        # asyncio's 64 KiB default would pause every stream at each 1 MiB frame.
+        transport.set_write_buffer_limits(high=SESSION_WRITE_HIGH, low=SESSION_WRITE_LOW)
         if self._verify is not None:
             try:
                 self.peer_identity = self._verify(transport.get_extra_info("ssl_object"))
@@ -261,6 +270,7 @@ class StreamPeer(asyncio.Protocol):
     def start(self, transport: asyncio.Transport) -> None:
         """Take over a TCP transport (``connection_made`` or ``set_protocol`` handover)."""
         self.transport = transport
+        transport.set_write_buffer_limits(high=TCP_WRITE_HIGH, low=TCP_WRITE_LOW)
         for data, length in self._early:
             self._deliver(data, length)
         self._early.clear()
