@@ -27,7 +27,8 @@ def perf() -> None:
 def run_cmd(quick: bool, as_json: bool, only: tuple[str, ...], bed: str, results: Path) -> None:
     """Run the scenarios and write perf/results/<time>.json and .md."""
     try:
-        doc, (json_path, md_path) = harness.run(only=only, quick=quick, bed=bed, results_dir=results)
+        doc, (json_path, md_path) = harness.run(only=only, quick=quick, bed=bed, results_dir=results,
+                                                enforce_timeouts=True)
     except harness.SelectionError as exc:
         raise click.UsageError(str(exc)) from exc
     except harness.BusyError as exc:

@@ -8,6 +8,7 @@ import os
 import pkgutil
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shoal.perf import report
-from shoal.perf.scenario import Bed, Measurement, Scenario
+from shoal.perf.scenario import Bed, Measurement, Scenario, ScenarioTimeout
 
 SCENARIO_PACKAGE = "shoal.perf.scenarios"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -200,6 +201,33 @@ class RunContext:
 
 
 @contextmanager
+def time_limit(seconds: float | None, name: str) -> Iterator[None]:
+    """Raise ``ScenarioTimeout`` in the main thread after ``seconds`` (SIGALRM).
+
+    Nests with an alarm already set (pytest-timeout's): a shorter outer one is left alone,
+    a longer one is re-armed afterwards with what remains of it.
+    """
+    outer_remaining = signal.getitimer(signal.ITIMER_REAL)[0]
+    if seconds is None or (outer_remaining and outer_remaining <= seconds):
+        yield
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        raise ScenarioTimeout(f"scenario {name} ran past its {seconds:.0f} s limit")
+
+    began = time.monotonic()
+    outer_handler = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, outer_handler)
+        if outer_remaining:
+            signal.setitimer(signal.ITIMER_REAL, max(0.001, outer_remaining - (time.monotonic() - began)))
+
+
+@contextmanager
 def closing_iterator(figures: Iterable[Measurement]) -> Iterator[Iterator[Measurement]]:
     """Iterate a scenario's figures and always close its generator, so its own cleanup
     (servers, peers) runs now, before the bed goes away, not whenever it is collected."""
@@ -224,18 +252,18 @@ def _stamp(moment: datetime.datetime) -> str:
 
 def run(only: Sequence[str] = (), quick: bool = False, bed: str = "auto",
         results_dir: Path = RESULTS_DIR, log: Callable[[str], None] | None = None,
-        package: str = SCENARIO_PACKAGE, lock: Path | None = LOCK_PATH,
+        package: str = SCENARIO_PACKAGE, lock: Path | None = LOCK_PATH, enforce_timeouts: bool = False,
         ) -> tuple[dict[str, object], tuple[Path, Path]]:
     """Run the selection; return the JSON document and the paths of the written report."""
     say = log or (lambda m: print(m, file=sys.stderr, flush=True))
     discovered = discover(package)
     selected = select(discovered.scenarios, only)
     with exclusive_run(lock, say):
-        return _run(discovered, selected, only, quick, bed, results_dir, say)
+        return _run(discovered, selected, only, quick, bed, results_dir, say, enforce_timeouts)
 
 
 def _run(discovered: Discovered, selected: Sequence[Scenario], only: Sequence[str], quick: bool,
-         bed: str, results_dir: Path, say: Callable[[str], None],
+         bed: str, results_dir: Path, say: Callable[[str], None], enforce_timeouts: bool,
          ) -> tuple[dict[str, object], tuple[Path, Path]]:
     started = datetime.datetime.now(datetime.timezone.utc)
     bed_kind = resolve_bed_kind(bed)
@@ -266,7 +294,8 @@ def _run(discovered: Discovered, selected: Sequence[Scenario], only: Sequence[st
                              _bed_failure=bed_failure)
             began = time.monotonic()
             try:
-                with closing_iterator(scenario.run(ctx)) as figures:
+                limit = scenario.time_limit(quick) if enforce_timeouts else None
+                with time_limit(limit, scenario.name), closing_iterator(scenario.run(ctx)) as figures:
                     for measurement in figures:
                         if not isinstance(measurement, Measurement):
                             raise TypeError(f"scenario yielded {type(measurement).__name__}, not a Measurement")

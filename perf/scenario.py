@@ -150,7 +150,9 @@ class Scenario:
     figures). ``requires`` lists what must be there, checked before running and reported
     as a skip otherwise: "root", "cluster" (the real Shoal cluster, not the netns
     fallback), and executables as "bin:iperf3". ``order`` sorts scenarios (baselines
-    first, so the direct path is measured early in the run).
+    first, so the direct path is measured early in the run). ``timeout`` (seconds, for a
+    full run; a third of it under --quick, at least 60 s) stops a scenario that hangs:
+    the harness raises ``ScenarioTimeout`` inside it, so its own cleanup still runs.
     """
 
     name: str
@@ -159,7 +161,17 @@ class Scenario:
     requires: tuple[str, ...] = ()
     targets: tuple[Target, ...] = ()
     order: int = 50
+    timeout: float = 900.0
+
+    def time_limit(self, quick: bool) -> float:
+        return max(60.0, self.timeout / 3) if quick else self.timeout
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
             raise ValueError(f"scenario name must be [A-Za-z0-9_-]+, got {self.name!r}")
+        if self.timeout <= 0:
+            raise ValueError(f"scenario {self.name}: timeout must be positive")
+
+
+class ScenarioTimeout(Exception):
+    """Raised inside a scenario that ran past its ``timeout``."""

@@ -154,3 +154,28 @@ def test_a_bed_that_failed_is_not_made_again(tmp_path, monkeypatch):
         with pytest.raises(RuntimeError, match="shoal up failed"):
             ctx.bed
     assert calls == ["cluster"]
+
+
+def test_time_limit_interrupts_and_restores_the_outer_alarm():
+    import signal
+    import time
+
+    from shoal.perf.scenario import ScenarioTimeout
+    outer = signal.getitimer(signal.ITIMER_REAL)[0]
+    began = time.monotonic()
+    with pytest.raises(ScenarioTimeout, match="slow ran past"):
+        with harness.time_limit(0.2, "slow"):
+            time.sleep(5)
+    assert time.monotonic() - began < 2
+    if outer:                                   # pytest-timeout's alarm is armed again
+        assert 0 < signal.getitimer(signal.ITIMER_REAL)[0] <= outer
+    with harness.time_limit(None, "off"):
+        pass
+
+
+def test_scenario_time_limits():
+    s = Scenario("x", "t", lambda ctx: [], timeout=600)
+    assert s.time_limit(quick=False) == 600 and s.time_limit(quick=True) == 200
+    assert Scenario("y", "t", lambda ctx: [], timeout=90).time_limit(quick=True) == 60
+    with pytest.raises(ValueError, match="timeout"):
+        Scenario("z", "t", lambda ctx: [], timeout=0)
