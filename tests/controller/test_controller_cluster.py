@@ -1,0 +1,101 @@
+"""The controller on the real local cluster (the session's shared demo cluster)."""
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from shoal.local.apiclient import ApiClient
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
+
+
+def converge(api, objs, delete=False, timeout=5.0):
+    """Applies (or deletes) objects; returns seconds until every connected node component
+    has ACKed the resulting config version (agents ACK after updating their maps)."""
+    started = time.monotonic()
+    (api.delete if delete else api.apply)(objs)
+    while True:
+        status = api.status()
+        agents = status["agents"]
+        if agents and all(a["version"] == status["version"] and a["in_flight"] == 0 for a in agents):
+            return time.monotonic() - started, status
+        assert time.monotonic() - started < timeout, status
+        time.sleep(0.01)
+
+
+def test_relabel_and_policy_reach_every_node_within_a_second(demo_cluster):
+    api = ApiClient(demo_cluster.layout.api_socket)
+    components = {(a["node"], a["component"]) for a in api.status()["agents"]}
+    assert {("node-1", "agent"), ("node-2", "agent"), ("node-1", "proxy"), ("node-2", "proxy")} <= components
+    legacy = {"apiVersion": "v1", "kind": "Namespace",
+              "metadata": {"name": "legacy", "labels": {"shoal.io/mesh": "enabled"}}}
+    policy = {"apiVersion": "security.shoal.io/v1", "kind": "AuthorizationPolicy",
+              "metadata": {"name": "t-controller-deny", "namespace": "demo"},
+              "spec": {"action": "DENY", "selector": {"matchLabels": {"app": "db"}},
+                       "rules": [{"from": [{"source": {"namespaces": ["nowhere"]}}]}]}}
+    try:
+        seconds, status = converge(api, [legacy])
+        assert seconds < 1.0
+        seconds, status = converge(api, [policy])
+        assert seconds < 1.0
+        assert status["resources"]["authorization"] >= 1
+    finally:
+        legacy["metadata"]["labels"] = {}
+        converge(api, [legacy])
+        converge(api, [policy], delete=True)
+
+
+CERT_PROBE = textwrap.dedent("""
+    import asyncio, sys
+    import grpc
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from shoal.xds.client import ConfigClient, read_token
+    from shoal.xds.state import ConfigState
+
+    address, node, token_file, *accounts = sys.argv[1:]
+
+    async def ask(client, spiffe):
+        csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+               .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe)]),
+                              critical=True)
+               .sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256()))
+        try:
+            await client.sign_certificate(csr.public_bytes(serialization.Encoding.PEM))
+            return "issued"
+        except grpc.aio.AioRpcError as err:
+            return err.code().name
+
+    async def main():
+        client = ConfigClient(address, node, read_token(token_file), ConfigState(), component="proxy")
+        for sa in accounts:
+            print(sa, await ask(client, f"spiffe://cluster.local/ns/demo/sa/{sa}"))
+        await client.close()
+
+    asyncio.run(main())
+""")
+
+
+def test_node_1_cannot_get_a_certificate_for_an_identity_only_on_node_2(demo_cluster):
+    layout = demo_cluster.layout
+    api = ApiClient(layout.api_socket)
+    only_on_2 = {"apiVersion": "v1", "kind": "Pod",
+                 "metadata": {"name": "t-cert-0", "namespace": "demo"},
+                 "spec": {"nodeName": "node-2", "serviceAccountName": "t-only-node-2",
+                          "containers": [{"name": "main", "command": ["sleep", "600"]}]}}
+    api.apply([only_on_2])
+    try:
+        on_1 = next(p["spec"].get("serviceAccountName", "default") for p in api.list("Pod", "demo")
+                    if p["spec"].get("nodeName") == "node-1")
+        out = subprocess.run(
+            ["ip", "netns", "exec", layout.node_netns("node-1"), sys.executable, "-c", CERT_PROBE,
+             layout.controller_address, "node-1", str(layout.bootstrap_token_path),
+             on_1, "t-only-node-2"],
+            capture_output=True, text=True, timeout=60)
+        lines = dict(line.split() for line in out.stdout.splitlines() if line.count(" ") == 1)
+        assert lines == {on_1: "issued", "t-only-node-2": "PERMISSION_DENIED"}, out.stdout + out.stderr
+    finally:
+        api.delete([only_on_2])
