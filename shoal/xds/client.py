@@ -42,7 +42,7 @@ def read_token(path: str | Path) -> str:
 class ConfigClient:
     def __init__(self, address: str, node: str, token: str, state: ConfigState,
                  component: str = "agent", validator: Validator | None = None,
-                 min_backoff: float = 0.1, max_backoff: float = 5.0,
+                 min_backoff: float = 0.1, max_backoff: float = 2.0,
                  ca_bundle: str | Path | None = None, server_name: str | None = None) -> None:
         """``ca_bundle``: path of the controller's root certificate(s) (``SHOAL_CA_BUNDLE``);
         when set the stream uses TLS and verifies the controller against it (and against
