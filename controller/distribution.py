@@ -177,9 +177,11 @@ class Distributor:
                 push = self._plan(conn)
                 if push is not None:
                     yield push
-            error = reader.exception()
-            if error is not None:
+            error = None if reader.cancelled() else reader.exception()
+            if isinstance(error, ProtocolError):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            elif error is not None:   # the node went away mid-read: nothing to answer
+                log.info("node %s (%s) stream ended: %r", node, conn.component, error)
         finally:
             reader.cancel()
             if waiter is not None:
