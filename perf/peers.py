@@ -175,17 +175,27 @@ HAPROXY = PeerKind("haproxy", haproxy_client_config, haproxy_server_config,
 PEERS = {p.name: p for p in (STUNNEL, HAPROXY)}
 
 
-def wait_listening(pod: Pod, address: str, port: int, timeout: float = 10.0) -> None:
-    """Poll ``ss`` inside the pod until something listens on address:port."""
+def listening(ss_output: str, address: str, port: int) -> bool:
+    """Whether ``ss -Htln`` output shows a listener that accepts on address:port."""
+    wanted = {f"{address}:{port}", f"*:{port}", f"[::]:{port}", f"0.0.0.0:{port}"}
+    return any(field in wanted for line in ss_output.splitlines() for field in line.split()[3:4])
+
+
+def wait_all_listening(pod: Pod, address: str, ports: Sequence[int], timeout: float = 10.0) -> None:
+    """Poll ``ss`` inside the pod until something listens on every address:port."""
     deadline = time.monotonic() + timeout
     while True:
-        out = pod.run(["ss", "-Htln", f"sport = :{port}"], timeout=5, check=False).stdout
-        if any(f"{address}:{port}" in line or f"*:{port}" in line or f"[::]:{port}" in line
-               for line in out.splitlines()):
+        out = pod.run(["ss", "-Htln"], timeout=10, check=False).stdout
+        missing = [p for p in ports if not listening(out, address, p)]
+        if not missing:
             return
         if time.monotonic() > deadline:
-            raise TimeoutError(f"nothing listens on {address}:{port} in {pod.namespace}/{pod.name}")
+            raise TimeoutError(f"nothing listens on {address}:{missing} in {pod.namespace}/{pod.name}")
         time.sleep(0.1)
+
+
+def wait_listening(pod: Pod, address: str, port: int, timeout: float = 10.0) -> None:
+    wait_all_listening(pod, address, (port,), timeout)
 
 
 @contextmanager
@@ -204,9 +214,8 @@ def pair(peer: PeerKind, bed: Bed, client: Pod, server: Pod, forwards: Sequence[
     try:
         procs.append(server.spawn(peer.command(server_conf), log=directory / "server.log"))
         procs.append(client.spawn(peer.command(client_conf), log=directory / "client.log"))
-        for f in forwards:
-            wait_listening(server, server.ip, f.tls)
-            wait_listening(client, "127.0.0.1", f.local)
+        wait_all_listening(server, server.ip, [f.tls for f in forwards])
+        wait_all_listening(client, "127.0.0.1", [f.local for f in forwards])
         for proc, end in zip(procs, ("server", "client")):
             if proc.poll() is not None:
                 log = (directory / f"{end}.log").read_text()[-500:]

@@ -8,6 +8,7 @@ alike instead of one.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,26 +43,39 @@ class Route:
 
 
 @contextmanager
-def servers(ctx: Context, pod: Pod) -> Iterator[None]:
-    """iperf3 and sockperf servers in ``pod`` (all addresses) for the duration of the block."""
+def servers(ctx: Context, pod: Pod, stream_ports: Sequence[int] = (STREAM_PORT,),
+            rr_ports: Sequence[int] = (RR_PORT,)) -> Iterator[None]:
+    """iperf3 and sockperf servers in ``pod`` (all addresses) for the duration of the block.
+
+    An iperf3 server runs one test at a time; give each route its own port when several
+    routes share the server pod.
+    """
     logs = ctx.workdir / f"servers-{pod.namespace}-{pod.name}"
     logs.mkdir(parents=True, exist_ok=True)
-    procs = [pod.spawn(iperf3.server_argv(STREAM_PORT), log=logs / "iperf3.log"),
-             pod.spawn(sockperf.server_argv("0.0.0.0", RR_PORT), log=logs / "sockperf.log")]
+    procs = [pod.spawn(iperf3.server_argv(port), log=logs / f"iperf3-{port}.log") for port in stream_ports]
+    procs += [pod.spawn(sockperf.server_argv("0.0.0.0", port), log=logs / f"sockperf-{port}.log")
+              for port in rr_ports]
     try:
-        peers.wait_listening(pod, "0.0.0.0", STREAM_PORT)
-        peers.wait_listening(pod, "0.0.0.0", RR_PORT)
+        peers.wait_all_listening(pod, "0.0.0.0", (*stream_ports, *rr_ports))
         yield
     finally:
         for proc in procs:
             ctx.bed.stop(proc)
 
 
-def stream_once(ctx: Context, route: Route) -> float:
+def stream_once(ctx: Context, route: Route, attempts: int = 4) -> float:
     seconds = ctx.seconds(5, 1.5)
-    done = route.client.run(iperf3.client_argv(route.host, seconds, route.stream_port),
-                            timeout=seconds + 30, check=False)
-    return iperf3.received_gbps(done.stdout)
+    attempt = 1
+    while True:
+        done = route.client.run(iperf3.client_argv(route.host, seconds, route.stream_port),
+                                timeout=seconds + 30, check=False)
+        try:
+            return iperf3.received_gbps(done.stdout)
+        except iperf3.ServerBusy:
+            if attempt >= attempts:
+                raise
+        time.sleep(0.5 * attempt)  # the server is still closing the previous test
+        attempt += 1
 
 
 def rr_once(ctx: Context, route: Route) -> dict[float, float]:

@@ -9,6 +9,10 @@ from shoal.perf.tools import ToolOutputError
 DEFAULT_PORT = 5201
 
 
+class ServerBusy(ToolOutputError):
+    """The iperf3 server was still finishing the previous test (it serves one at a time)."""
+
+
 def server_argv(port: int = DEFAULT_PORT, bind: str | None = None) -> list[str]:
     argv = ["iperf3", "--server", "--port", str(port)]
     if bind:
@@ -33,7 +37,8 @@ def received_gbps(report: str | bytes) -> float:
     if not isinstance(doc, dict):
         raise ToolOutputError("iperf3: output is not a JSON object")
     if doc.get("error"):
-        raise ToolOutputError(f"iperf3: {doc['error']}")
+        error = str(doc["error"])
+        raise (ServerBusy if "busy" in error else ToolOutputError)(f"iperf3: {error}")
     try:
         bps = doc["end"]["sum_received"]["bits_per_second"]
     except (KeyError, TypeError) as exc:

@@ -69,3 +69,14 @@ def test_peer_configs_require_mutual_tls13(tmp_path):
     hserver = peers.haproxy_server_config(certs, "10.244.2.10", FORWARDS)
     assert f"bind 10.244.2.10:20002 ssl crt {certs.server_pem} ca-file {certs.ca} verify required" in hserver
     assert "ssl-min-ver TLSv1.3" in hserver and "server local 127.0.0.1:5201" in hserver
+
+
+def test_listening_reads_ss_output():
+    out = ("LISTEN 0 128 10.244.2.10:20002 0.0.0.0:*\n"
+           "LISTEN 0 4096 *:5201 *:*\n"
+           "LISTEN 0 4096 127.0.0.1:20001 0.0.0.0:*\n")
+    assert peers.listening(out, "10.244.2.10", 20002)
+    assert peers.listening(out, "0.0.0.0", 5201)            # iperf3's dual-stack socket
+    assert peers.listening(out, "127.0.0.1", 20001)
+    assert not peers.listening(out, "127.0.0.1", 2000)      # no prefix matches
+    assert not peers.listening(out, "10.244.2.10", 20001)   # bound to another address

@@ -140,3 +140,9 @@ def test_http_haproxy_configs(tmp_path):
     assert "bind 0.0.0.0:18080" in origin and f"file {body}" in origin and "nbthread 1" in origin
     proxy = http.proxy_config("0.0.0.0:18081", "10.244.2.10:18080", threads=1)
     assert "mode http" in proxy and "server origin 10.244.2.10:18080" in proxy
+
+
+def test_iperf3_busy_server_is_its_own_error():
+    busy = json.dumps({"start": {}, "error": "the server is busy running a test. try again later"})
+    with pytest.raises(iperf3.ServerBusy):
+        iperf3.received_gbps(busy)
