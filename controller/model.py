@@ -12,7 +12,8 @@ selects, hence on which nodes it is needed.
 
 Mesh membership: a namespace joins with ``shoal.io/mesh=enabled`` (alias
 ``istio.io/dataplane-mode=ambient``); a pod leaves with ``shoal.io/mesh=disabled`` (alias
-``istio.io/dataplane-mode=none``); host-network pods are never meshed.
+``istio.io/dataplane-mode=none``); host-network pods are not workloads at all (they share
+the node's IP).
 
 mTLS mode: ``PeerAuthentication`` (Istio's shape, ``spec.mtls.mode`` STRICT|PERMISSIVE|UNSET,
 optional ``spec.selector.matchLabels``). The most specific wins: a workload-selecting one in
@@ -423,10 +424,12 @@ class MeshModel:
         node = spec.get("nodeName")
         if not node or status.get("phase") in TERMINAL_PHASES:
             return None
+        if spec.get("hostNetwork"):
+            return None   # it has the node's IP, shared with every other host-network pod
         labels = _labels(pod)
         ns_obj = self.get("Namespace", "", namespace)
         meshed = (namespace_meshed(ns_obj) and labels.get(LABEL_MESH) != "disabled"
-                  and labels.get(LABEL_MESH_ISTIO) != "none" and not spec.get("hostNetwork"))
+                  and labels.get(LABEL_MESH_ISTIO) != "none")
         sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
         ip = status.get("podIP") or ""
         if not ip:

@@ -182,3 +182,10 @@ def test_pods_without_ip_are_not_sent_but_count_for_the_ca():
     model.apply([("MODIFIED", pod("demo", "web-0", sa="web", node="node-2", ip="10.244.2.7"))])
     assert model.identities_on_node("node-1") == set()
     assert model.identities_on_node("node-2") == {"spiffe://cluster.local/ns/demo/sa/web"}
+
+
+def test_host_network_pods_are_not_workloads():
+    host = pod("demo", "agent-x", ip="172.18.0.11")
+    host["spec"]["hostNetwork"] = True
+    model = build(namespace("demo"), host)
+    assert "workload/demo/agent-x" not in model.resources
