@@ -6,7 +6,8 @@
  * A packet of an established connection (lookup by its own 4-tuple finds a non-
  * listening socket) is left to the stack: those are the proxy's own connections and
  * connections accepted before enrolment. A lookup that finds a LISTEN socket (the
- * app's, or the proxy's 15006 hit directly) is steered like any new connection.
+ * app's, or the proxy's 15006 hit directly), or a SYN reusing a TIME_WAIT tuple, is
+ * steered like any new connection.
  */
 #include "lib/helpers.h"
 
@@ -62,18 +63,19 @@ int shoal_tc_ingress(struct __sk_buff *skb)
     tuple.ipv4.sport = tcp->source;
     tuple.ipv4.dport = tcp->dest;
 
-    struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
-    if (sk) {
-        if (sk->state != BPF_TCP_LISTEN) {
-            bpf_sk_release(sk);
-            return TC_ACT_OK;
-        }
-        bpf_sk_release(sk);
-    }
-
     __u8 flags = ((__u8 *)tcp)[13];
     __u16 dport = bpf_ntohs(tcp->dest);
     int is_syn = (flags & TCP_SYN) && !(flags & TCP_ACK);
+
+    struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+    if (sk) {
+        __u32 state = sk->state;
+        bpf_sk_release(sk);
+        /* A SYN that hits a TIME_WAIT socket would be handed by the stack to whatever
+         * listens on the original port (the app): steer it like any new connection. */
+        if (state != BPF_TCP_LISTEN && !(state == BPF_TCP_TIME_WAIT && is_syn))
+            return TC_ACT_OK;
+    }
     struct flow_event event = {
         .src_ip = ip->saddr, .dst_ip = ip->daddr,
         .src_port = bpf_ntohs(tcp->source), .dst_port = dport,

@@ -3,6 +3,7 @@ socket-LB, inbound steering, L4 deny, flow events."""
 from __future__ import annotations
 
 import errno
+import sys
 import time
 
 import pytest
@@ -145,6 +146,51 @@ def test_inbound_tcp_is_steered_to_the_proxy(agent_bed, datapath, meshed_b, dpor
     with pytest.raises(TimeoutError):
         meshed_b[8080].accept()
     meshed_b[8080].settimeout(3)
+
+
+def test_syn_reusing_a_time_wait_tuple_never_reaches_the_app(agent_bed, datapath, meshed_b):
+    """The proxy closes first (TIME_WAIT on its side, local port 8080). A new SYN with the
+    same 4-tuple would be handed by the stack's TIME_WAIT logic to the app listening on
+    8080; tc steers it to the proxy instead (where the kernel refuses it while the
+    TIME_WAIT lives: fail closed, the client retries or times out)."""
+    sport = 40123
+    client = agent_bed.a.connect(agent_bed.b.ip, 8080, sport=sport, hold=0.3, wait=False)
+    conn, _ = meshed_b[PORT_INBOUND_PLAINTEXT].accept()
+    conn.recv(64)
+    conn.sendall(b"pong")
+    conn.close()                          # active close: the proxy side keeps TIME_WAIT
+    assert finish(client)["ok"]
+    again = agent_bed.a.connect(agent_bed.b.ip, 8080, sport=sport, timeout=1.5, wait=False)
+    meshed_b[8080].settimeout(2)
+    with pytest.raises(TimeoutError):
+        meshed_b[8080].accept()
+    meshed_b[8080].settimeout(3)
+    finish(again)
+
+
+def test_meshed_pod_connecting_to_its_own_ip_is_captured(agent_bed, datapath, meshed_a):
+    client = agent_bed.a.connect(agent_bed.a.ip, 8080, wait=False)
+    conn, _ = serve_once(meshed_a)
+    with OriginalDestinations(agent_bed.pin_dir) as dests:
+        assert dests.lookup(conn) == (agent_bed.a.ip, 8080)
+    finish(client)
+    conn.close()
+
+
+def test_full_ring_buffer_loses_and_counts_events(agent_bed, datapath, meshed_b):
+    """Nobody reads: the kernel drops records rather than blocking, and counts them."""
+    _dp, maps = datapath
+    before = maps.counters()["ringbuf_lost"]
+    proc = agent_bed.a.spawn(sys.executable, "-c", (
+        "import socket\n"
+        "for _ in range(8000):\n"
+        "    s = socket.socket(); s.setblocking(False)\n"
+        f"    s.connect_ex(('{agent_bed.b.ip}', 7777)); s.close()\n"))
+    proc.communicate(timeout=60)
+    assert maps.counters()["ringbuf_lost"] > before
+    reader = RingBufferReader(maps.fds["flow_events"], lambda event: None)
+    reader.drain()
+    reader.stop()
 
 
 def test_inbound_without_proxy_listener_fails_closed(agent_bed, datapath, meshed_b):
