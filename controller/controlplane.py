@@ -169,12 +169,16 @@ class ControlPlane:
 
     def status(self) -> dict[str, Any]:
         """Connected agents and the config version each holds (for ``shoal status``)."""
+        version = str(self.model.generation)
+        agents = self.distributor.status()
+        for agent in agents:
+            agent["synced"] = agent["version"] == version and agent["in_flight"] == 0
         return {
             "ready": self.ready,
-            "version": str(self.model.generation),
+            "version": version,
             "resources": self.model.counts(),
             "identities": len(self.model.identities),
-            "agents": self.distributor.status(),
+            "agents": agents,
             "errors": sorted(self.model.errors.values()),
             "trust_domain": self.ca.trust_domain,
         }

@@ -131,6 +131,7 @@ async def test_full_sync_incremental_change_and_status(plane, nodes):
     assert plane.distributor.agent_hosts() == {}   # proxies are not agents
     assert {a["node"] for a in status["agents"]} == {"node-1", "node-2"}
     assert {a["version"] for a in status["agents"]} == {status["version"]}
+    assert all(a["synced"] for a in status["agents"])
     assert n2.state.version == status["version"]   # node-1 needed no push for it
 
 
