@@ -85,6 +85,13 @@ class AgentApp:
                 self.metrics.config_rejected.labels(m.resource_type(resource)).inc()
             raise
 
+    def _netns_resolver(self):
+        """Local cluster: namespaces have names; Kubernetes: found through the host's /proc."""
+        from shoal.agent.k8s import KubernetesLayout, KubernetesPodNetns
+        if isinstance(self.config.layout, KubernetesLayout):
+            return KubernetesPodNetns(self.config.layout.proc_root)
+        return LocalPodNetns(self.config.layout)
+
     def lost_events(self) -> int:
         kernel = self.maps.counters().get("ringbuf_lost", 0) if self.maps else 0
         return kernel + (self.reader.malformed if getattr(self, "reader", None) else 0)
@@ -102,7 +109,7 @@ class AgentApp:
         self.metrics = AgentMetrics(self.registry, self.maps.counters, self.maps.cost_histograms)
         reconciler = MapReconciler(config.node, self.state, self.maps, self.metrics)
         proxy = ZdsProxyLink(config.zds_socket)
-        enroller = Enroller(config.node, self.maps, self.datapath.tc_program_fd(), LocalPodNetns(config.layout),
+        enroller = Enroller(config.node, self.maps, self.datapath.tc_program_fd(), self._netns_resolver(),
                             config.enrolment_state, proxy)
         if enroller.enrolled:
             log.info("adopting %d enrolled pods from %s", len(enroller.enrolled), config.enrolment_state)
@@ -114,7 +121,11 @@ class AgentApp:
                 log.warning("re-attach tc for %s/%s: %s (reconciled later)", pod.namespace, pod.name, err)
 
         def on_delta(delta: m.ConfigDelta) -> None:
-            reconciler.sync(delta)
+            try:
+                reconciler.sync(delta)
+            except OSError as err:   # BpfError (a full map...): keep the last good state, retry on next push
+                log.error("kernel maps not updated for push %s: %s", delta.version, err)
+                self.metrics.config_rejected.labels("map_write").inc()
             self._reconcile.set()
         self.state.subscribe(on_delta)
 

@@ -40,7 +40,8 @@ class AgentConfig:
 
     @property
     def enrolment_state(self) -> Path:
-        return self.layout.node_dir(self.node) / "agent-enrolled.json"
+        from shoal.agent.uninstall import enrolment_state_path
+        return enrolment_state_path(self.layout, self.node)
 
     @property
     def features(self) -> FeatureFlags:
@@ -63,7 +64,11 @@ def parse_config(argv: list[str] | None = None) -> AgentConfig:
     parser.add_argument("--bpf-source-dir", default=env.get("SHOAL_BPF_SOURCE_DIR"),
                         help="load the C programs from this directory instead of the installed ones")
     args = parser.parse_args(argv)
-    layout = ClusterLayout(name=args.cluster)
+    if env.get("SHOAL_MODE") == "kubernetes":
+        from shoal.agent.k8s import layout_from_env
+        layout = layout_from_env(env)      # host paths of a real node (DaemonSet env)
+    else:
+        layout = ClusterLayout(name=args.cluster)
     if not 0 < args.metrics_port < 65536:
         parser.error(f"--metrics-port must be 1..65535, got {args.metrics_port}")
     try:

@@ -113,8 +113,13 @@ class Enroller:
             desired = self.desired(workloads)
             for uid in list(self.enrolled):
                 workload = desired.get(uid)
-                if workload is None or not self.enrolled[uid].same_pod(
-                        workload, str(self.resolver.netns_path(workload))):
+                if workload is not None:
+                    try:
+                        current_path = str(self.resolver.netns_path(workload))
+                    except (OSError, RuntimeError) as err:   # the pod's sandbox is gone
+                        log.info("pod %s/%s has no namespace any more: %s", workload.namespace, workload.name, err)
+                        workload = None
+                if workload is None or not self.enrolled[uid].same_pod(workload, current_path):
                     await self._unenrol(uid)
             for uid, workload in desired.items():
                 if uid in self.enrolled:
@@ -134,7 +139,7 @@ class Enroller:
         validate_workload(workload)
         if self.proxy is None or not self.proxy.connected:
             raise EnrolmentDeferred("node proxy not connected")
-        path = str(self.resolver.netns_path(workload))
+        path = str(self.resolver.netns_path(workload))   # RuntimeError/OSError: not running yet
         # pyroute2 runs its own event loop: netns work goes to a thread (and keeps ours free)
         cookie = await asyncio.to_thread(netns_cookie, path)
         pod = EnrolledPod(workload.uid, workload.namespace, workload.name, workload.ip,
