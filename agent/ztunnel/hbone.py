@@ -197,9 +197,11 @@ class HboneConnection:
         self._h2.send_headers(stream_id, [(":status", str(status))], end_stream=status != STATUS_OK)
 
     def send(self, stream_id: int, data: memoryview) -> int:
-        """Queue as much of ``data`` as flow control allows; return how many bytes went,
-        or -1 when the stream is already closed (h2 processes a whole read before we see
-        its events, so a reset may be known here before its ``TunnelReset`` arrives)."""
+        """Queue as much of ``data`` as flow control allows; return how many bytes went.
+
+        A stream h2 already closed takes nothing (0): h2 processes a whole read before
+        we see its events, so a reset can be known here before its ``TunnelReset``
+        arrives, which then ends the stream's peer."""
         sent = 0
         total = len(data)
         try:
@@ -211,7 +213,7 @@ class HboneConnection:
                 self._h2.send_data(stream_id, data[sent:sent + chunk])
                 sent += chunk
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            return -1
+            return sent
         return sent
 
     def end(self, stream_id: int) -> None:

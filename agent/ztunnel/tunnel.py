@@ -312,9 +312,6 @@ class StreamPeer(asyncio.Protocol):
         else:
             view = memoryview(data)
             sent = session.h2.send(self.stream_id, view)
-            if sent < 0:
-                self._stream_gone()
-                return
             if sent < len(data):
                 self._pending = view[sent:]
         if self._pending:
@@ -373,9 +370,6 @@ class StreamPeer(asyncio.Protocol):
         if not self._pending or self.session is None:
             return
         sent = self.session.h2.send(self.stream_id, self._pending)
-        if sent < 0:
-            self._stream_gone()
-            return
         self._pending = self._pending[sent:]
         if not self._pending:
             self._pending = memoryview(b"")
@@ -405,12 +399,6 @@ class StreamPeer(asyncio.Protocol):
             self._finish()
 
     # -- helpers
-    def _stream_gone(self) -> None:
-        """The stream closed under us (its reset event is on its way): stop feeding it."""
-        self._pending = memoryview(b"")
-        if self.transport is not None:
-            self.transport.pause_reading()
-
     def set_paused(self, why: str, paused: bool) -> None:
         (self._paused.add if paused else self._paused.discard)(why)
         self._apply_pause()
