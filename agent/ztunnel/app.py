@@ -120,7 +120,7 @@ class ProxyApp:
             os.kill(old_pid, signal.SIGTERM)
 
     async def _start_http(self) -> None:
-        home = "0.0.0.0"
+        home = self.config.http_address
         for factory, host, port in ((admin_app, self.config.admin_address, self.config.admin_port),
                                     (metrics_app, home, self.config.metrics_port),
                                     (ready_app, home, self.config.ready_port)):

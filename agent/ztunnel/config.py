@@ -20,6 +20,7 @@ class ProxyConfig:
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     admin_address: str = "127.0.0.1"     # admin is loopback only
     admin_port: int = PORT_PROXY_ADMIN
+    http_address: str = "0.0.0.0"        # metrics and readiness (the node's netns)
     metrics_port: int = PORT_PROXY_METRICS
     ready_port: int = PORT_PROXY_READY
     handshake_timeout: float = 10.0      # TLS handshake (stalled clients are cut here)

@@ -319,11 +319,11 @@ async def test_client_verifies_server_identity(harness, state):
 
 # -- lifecycle: rotation and restart --------------------------------------------------------------
 
-async def _make_app(tmp_path, state, signer, origdst, **overrides) -> ProxyApp:
+async def _make_app(tmp_path, state, signer, origdst, serve_http=False, **overrides) -> ProxyApp:
     config = ProxyConfig(node="node-1", layout=ClusterLayout(name="shoal-test", run_root=tmp_path),
                          handshake_timeout=1.0, connect_timeout=2.0, drain_grace=3.0, handover_wait=3.0,
                          **overrides)
-    app = ProxyApp(config, state=state, signer=signer, origdst=origdst, serve_http=False)
+    app = ProxyApp(config, state=state, signer=signer, origdst=origdst, serve_http=serve_http)
     await app.start()
     return app
 
@@ -425,3 +425,48 @@ async def test_restart_handover_refuses_no_connection(pod_netns, state, ca, tmp_
         if new is not None:
             await new.stop()
         await old.stop()
+
+
+async def test_admin_metrics_and_readiness_endpoints(pod_netns, state, ca, tmp_path):
+    import random
+    import urllib.error
+    import urllib.request
+
+    base = random.randint(20000, 40000)
+    ports = dict(admin_port=base, metrics_port=base + 1, ready_port=base + 2)
+    origdst = FakeOrigdst()
+    app = await _make_app(tmp_path, state, ca.sign, origdst, serve_http=True, http_address="127.0.0.1", **ports)
+    echo = await EchoServer().start(f"/run/netns/{pod_netns['server']}", SERVER_IP, APP_PORT)
+
+    async def get(port, path):
+        def fetch():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
+                    return reply.status, reply.read().decode()
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.read().decode()
+        return await asyncio.get_running_loop().run_in_executor(None, fetch)
+
+    synced = asyncio.Event()
+    try:
+        assert (await get(ports["ready_port"], "/healthz/ready"))[0] == 503  # no agent snapshot yet
+        agent = asyncio.ensure_future(_agent(app.config.zds_path, pod_netns, synced))
+        await asyncio.wait_for(synced.wait(), 5)
+        assert (await get(ports["ready_port"], "/healthz/ready"))[0] == 200
+        assert await Harness(pod_netns, app, origdst, echo).echo_roundtrip() == b"hello"
+        status, body = await get(ports["admin_port"], "/config_dump")
+        dump = json.loads(body)
+        assert status == 200 and {p["name"] for p in dump["pods"]} == {"client-0", "web-0"}
+        assert all(p["listening"] for p in dump["pods"])
+        certs = json.loads((await get(ports["admin_port"], "/certs"))[1])["certificates"]
+        assert {c["identity"] for c in certs} == {"spiffe://cluster.local/ns/demo/sa/client",
+                                                  "spiffe://cluster.local/ns/demo/sa/web"}
+        connections = json.loads((await get(ports["admin_port"], "/connections"))[1])
+        assert connections["pool"] and connections["pool"][0]["dst"].endswith("/sa/web")
+        status, metrics = await get(ports["metrics_port"], "/metrics")
+        assert status == 200 and 'istio_tcp_connections_opened_total{' in metrics
+        assert 'connection_security_policy="mutual_tls"' in metrics
+        agent.cancel()
+    finally:
+        echo.close()
+        await app.stop()
