@@ -231,6 +231,9 @@ class WaypointProxy:
             rec.flags.add("NR")
             return await self._local_reply(sink, rec, 404, f"no service for {req.authority}")
         rec.destination_service = service.fqdn
+        vip = req.peer.destination_ip or service.vip
+        if vip:
+            rec.requested_address = f"{vip}:{service.key.port}"
         rec.destination_service_name = service.key.name
         rec.destination_service_namespace = service.key.namespace
 

@@ -85,6 +85,7 @@ class RequestRecord:
     destination_principal: str = "unknown"
     destination_app: str = "unknown"
     upstream_host: str = ""
+    requested_address: str = ""               # ip:port the client dialled (the Service VIP via HBONE)
     route: str = ""
     status: int = 0
     flags: set[str] = field(default_factory=set)
@@ -191,8 +192,11 @@ class Telemetry:
 
         url = f"http://{r.authority}{r.path}"
         verdict = "DROPPED" if "RBAC" in r.flags else "FORWARDED"
-        dst_ip, _, dst_port = r.upstream_host.rpartition(":")
-        flow = http_flow(r.source_ip or "0.0.0.0", r.source_port, dst_ip or "0.0.0.0", int(dst_port or 0),
+        # A response flow carries the addresses as seen on the reply: server -> client. The
+        # server is the endpoint that answered, else the address the client asked for.
+        server = r.upstream_host or r.requested_address
+        server_ip, _, server_port = server.rpartition(":")
+        flow = http_flow(server_ip or "0.0.0.0", int(server_port or 0), r.source_ip or "0.0.0.0", r.source_port,
                          kind="response", method=r.method, url=url, code=r.status, protocol=r.protocol,
                          latency_ns=int(r.duration_ms * 1e6), verdict=verdict, mtls=r.mtls,
                          trace_id=r.trace.trace_id if r.trace else "")

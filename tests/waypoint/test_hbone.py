@@ -171,3 +171,49 @@ async def test_plain_tls_without_client_certificate_is_refused():
     finally:
         listener.close()
         await proxy.close()
+
+
+def test_l7_flow_per_request_with_reply_addresses(tmp_path):
+    """Each request becomes one Hubble L7 flow on the agent's socket (server -> client addresses)."""
+    import socket
+
+    from shoal.agent.hubble.emitter import KIND_FLOW, FlowEmitter
+    from shoal.api.flow import flow_pb2
+    from shoal.waypoint.http import PeerInfo, ProxyRequest, empty_body
+    from shoal.xds.model import Operation
+
+    path = tmp_path / "flows.sock"
+    agent = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    agent.bind(str(path))
+    agent.settimeout(5)
+    emitter = FlowEmitter(path)
+    deny = Authorization("no-delete", "demo", "DENY", rules=(Rule(operations=(Operation(methods=("DELETE",)),)),))
+    resolver = StaticResolver({("demo", "web"): [Endpoint("10.244.2.3", 8080)]}, policies=[deny],
+                              vips={VIP: ("demo", "web")})
+    proxy = WaypointProxy(resolver, HboneConnector(None, WAYPOINT_ID, "127.0.0.1", mark=None),
+                          Telemetry(CollectorRegistry(), flow_emitter=emitter))
+
+    class Sink:
+        started = False
+
+        async def start(self, status, headers, length):
+            self.started, self.status = True, status
+
+        async def send(self, chunk):
+            pass
+
+        async def end(self):
+            pass
+
+    peer = PeerInfo("10.244.1.7", 0, CLIENT_ID, VIP, 8080, mtls=True)
+    sink = Sink()
+    asyncio.run(proxy.handle(ProxyRequest("DELETE", "/admin/x", "web.demo:8080", [], "HTTP/1.1", peer, 0),
+                             empty_body(), sink))
+    assert sink.status == 403
+    record = agent.recv(65536)
+    agent.close()
+    assert record[:1] == KIND_FLOW
+    flow = flow_pb2.Flow.FromString(record[1:])
+    assert flow.verdict == flow_pb2.DROPPED and flow.l7.http.code == 403 and flow.l7.http.method == "DELETE"
+    assert flow.l7.http.url == "http://web.demo:8080/admin/x"
+    assert (flow.IP.source, flow.IP.destination) == (VIP, "10.244.1.7")
