@@ -49,8 +49,9 @@ class TunnelRequested:
     stream_id: int
     host: str
     port: int
-    forwarded_for: str | None
+    forwarded_for: str | None       # the original client's IP (RFC 7239 ``for=``)
     traceparent: str | None
+    forwarded_port: int = 0         # and its port, when the client proxy sent one
 
 
 @dataclass(frozen=True)
@@ -183,12 +184,12 @@ class HboneConnection:
         return 0 if self.closed else max(0, min(limit, MAX_STREAMS) - self.open_streams)
 
     # -- commands
-    def connect(self, host: str, port: int, forwarded_for: str, traceparent: str) -> int:
+    def connect(self, host: str, port: int, forwarded_for: str, traceparent: str, forwarded_port: int = 0) -> int:
         stream_id = self._h2.get_next_available_stream_id()
         self._h2.send_headers(stream_id, [
             (":method", "CONNECT"),
             (":authority", format_authority(host, port)),
-            ("forwarded", f'for="{_forwarded_node(forwarded_for)}"'),
+            ("forwarded", f'for="{_forwarded_node(forwarded_for, forwarded_port)}"'),
             ("traceparent", traceparent),
         ])
         return stream_id
@@ -288,23 +289,37 @@ class HboneConnection:
         if reason is not None:
             self.respond(ev.stream_id, STATUS_BAD_REQUEST)
             return RequestRejected(ev.stream_id, STATUS_BAD_REQUEST, reason)
-        return TunnelRequested(ev.stream_id, host, port, _forwarded_for(headers.get("forwarded")),
-                               headers.get("traceparent"))
+        client_ip, client_port = _forwarded_for(headers.get("forwarded"))
+        return TunnelRequested(ev.stream_id, host, port, client_ip, headers.get("traceparent"), client_port)
 
 
-def _forwarded_for(value: str | None) -> str | None:
-    """The ``for=`` of an RFC 7239 ``forwarded`` header, without quotes or brackets."""
+def _forwarded_for(value: str | None) -> tuple[str | None, int]:
+    """The node of an RFC 7239 ``for=`` (``ip``, ``"ip:port"``, ``"[v6]:port"``) as
+    (ip, port); (None, 0) when absent or not an IP address."""
     if not value:
-        return None
+        return None, 0
     for part in value.split(";"):
         key, _, item = part.strip().partition("=")
-        if key.lower() == "for":
-            item = item.strip().strip('"')
-            if item.startswith("["):
-                item = item[1:item.find("]")]
-            return item or None
-    return None
+        if key.strip().lower() != "for":
+            continue
+        item = item.strip().strip('"')
+        port_text = ""
+        if item.startswith("["):
+            host, _, rest = item[1:].partition("]")
+            port_text = rest[1:] if rest.startswith(":") else ""
+        elif item.count(":") == 1:
+            host, _, port_text = item.partition(":")
+        else:
+            host = item
+        try:
+            ip = str(ipaddress.ip_address(host))
+        except ValueError:
+            return None, 0
+        port = int(port_text) if port_text.isdigit() and 0 < int(port_text) < 65536 else 0
+        return ip, port
+    return None, 0
 
 
-def _forwarded_node(ip: str) -> str:
-    return f"[{ip}]" if ":" in ip else ip
+def _forwarded_node(ip: str, port: int = 0) -> str:
+    host = f"[{ip}]" if ":" in ip else ip
+    return f"{host}:{port}" if port else host

@@ -92,10 +92,10 @@ def _on_request(ctx, pod, session: HboneSession, ev: hbone.TunnelRequested, peer
 
 async def _serve_stream(ctx: "ProxyContext", pod: "EnrolledPod", session: HboneSession,
                         ev: hbone.TunnelRequested, peer_ip: str) -> None:
-    src_ip = ev.forwarded_for if ev.forwarded_for and _is_ip(ev.forwarded_for) else peer_ip
+    src_ip = ev.forwarded_for or peer_ip  # hbone validated it as an IP address
     src_workload = ctx.state.workload_by_ip(src_ip)
     dst_workload = ctx.state.workload(pod.info.uid) or pod.workload_stub()
-    rec = ConnectionRecord("destination", src_ip, 0, ev.host, ev.port, src_workload=src_workload,
+    rec = ConnectionRecord("destination", src_ip, ev.forwarded_port, ev.host, ev.port, src_workload=src_workload,
                            dst_workload=dst_workload, src_identity=session.peer_identity,
                            dst_identity=pod.spiffe_id, mtls=True, route="inbound")
     if ev.host != pod.info.ip or ev.port in PROXY_PORTS:
@@ -129,16 +129,6 @@ async def _serve_stream(ctx: "ProxyContext", pod: "EnrolledPod", session: HboneS
     session.accept_stream(peer, ev.stream_id)
     ctx.telemetry.opened(rec)
     peer.established()
-
-
-def _is_ip(text: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(text)
-        return True
-    except ValueError:
-        return False
 
 
 # -- 15006 ------------------------------------------------------------------------------------

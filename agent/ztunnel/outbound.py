@@ -183,7 +183,8 @@ async def _tunnel(ctx, pod, conn: socket.socket, route: Route, rec: ConnectionRe
         session = await ctx.pool.session(key, lambda k: dial(ctx, pod, k))
         peer = StreamPeer(rec, ctx.telemetry.closed, tcp_is_client=True)
         peer.response = asyncio.get_running_loop().create_future()
-        session.open_stream(peer, route.authority_ip, route.authority_port, pod.info.ip, hbone.new_traceparent())
+        session.open_stream(peer, route.authority_ip, route.authority_port, pod.info.ip, hbone.new_traceparent(),
+                            rec.src_port)
         try:
             status = await asyncio.wait_for(asyncio.shield(peer.response), ctx.config.connect_timeout)
             break

@@ -163,9 +163,10 @@ class HboneSession(asyncio.Protocol):
         if self.draining and self._drain_acked and not self.streams and not self._requests:
             self.close()
 
-    def open_stream(self, peer: "StreamPeer", host: str, port: int, forwarded_for: str, traceparent: str) -> int:
+    def open_stream(self, peer: "StreamPeer", host: str, port: int, forwarded_for: str, traceparent: str,
+                    forwarded_port: int = 0) -> int:
         self._cancel_idle()
-        stream_id = self.h2.connect(host, port, forwarded_for, traceparent)
+        stream_id = self.h2.connect(host, port, forwarded_for, traceparent, forwarded_port)
         self.streams[stream_id] = peer
         peer.bind(self, stream_id)
         self.flush()

@@ -104,6 +104,22 @@ def test_parse_authority(text, expected):
     assert parse_authority(text) == expected
 
 
+@pytest.mark.parametrize("header,expected", [
+    ('for="10.0.0.7:40123"', ("10.0.0.7", 40123)), ("for=10.0.0.7", ("10.0.0.7", 0)),
+    ('for="[fd00::7]:443";proto=https', ("fd00::7", 443)), ('by=x; For="fd00::7"', ("fd00::7", 0)),
+    ("for=unknown", (None, 0)), ("for=_hidden", (None, 0)), (None, (None, 0)),
+])
+def test_forwarded_for_parsing(header, expected):
+    assert hbone._forwarded_for(header) == expected
+
+
+def test_forwarded_carries_client_ip_and_port(pair):
+    client, server = pair
+    client.connect("10.0.0.1", 80, "10.244.1.7", hbone.new_traceparent(), forwarded_port=40123)
+    (req,) = pump(client, server)
+    assert (req.forwarded_for, req.forwarded_port) == ("10.244.1.7", 40123)
+
+
 def test_stream_capacity_counts_open_tunnels(pair):
     client, server = pair
     before = client.stream_capacity
