@@ -13,6 +13,7 @@ wraps around is still contiguous. Each record starts with an 8-byte header: u32 
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import os
@@ -26,8 +27,13 @@ log = logging.getLogger(__name__)
 BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
 HEADER_BYTES = 8
-_U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 class RingReader:
@@ -42,9 +48,21 @@ class RingReader:
         self._poll_ms = poll_ms
         self._max_batch = max_batch
         page = mmap.PAGESIZE
+        # Positions are read and written with single aligned 8-byte accesses (ctypes
+        # c_uint64): struct.pack_into writes byte by byte, and a torn consumer position
+        # makes the kernel see a ring that is suddenly full and refuse records.
         self._consumer = mmap.mmap(self._fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
-        self._producer = mmap.mmap(self._fd, page + 2 * data_bytes, mmap.MAP_SHARED, mmap.PROT_READ,
-                                   offset=page)
+        self._consumer_pos = ctypes.c_uint64.from_buffer(self._consumer)
+        # The producer page and the data area are read-only for us: mapped with libc's mmap
+        # so that we have their address for ctypes loads.
+        self._producer_len = page + 2 * data_bytes
+        address = _libc.mmap(None, self._producer_len, mmap.PROT_READ, mmap.MAP_SHARED, self._fd, page)
+        if address in (None, _MAP_FAILED):
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"mmap of the flow ring failed: {os.strerror(errno)}")
+        self._producer_address = address
+        self._producer_pos = ctypes.c_uint64.from_address(address)
+        self._producer = (ctypes.c_char * self._producer_len).from_address(address)
         self._data_offset = page
         self._epoll = select.epoll()
         self._epoll.register(self._fd, select.EPOLLIN)
@@ -55,17 +73,17 @@ class RingReader:
 
     def consume(self) -> int:
         """Hands every complete record now in the ring to ``on_records``; returns how many."""
-        producer_map, data_offset, mask = self._producer, self._data_offset, self._mask
-        consumer_pos = _U64.unpack_from(self._consumer, 0)[0]
+        data, data_offset, mask = memoryview(self._producer), self._data_offset, self._mask
+        consumer_pos = self._consumer_pos.value
         total = 0
         while True:
-            producer_pos = _U64.unpack_from(producer_map, 0)[0]
+            producer_pos = self._producer_pos.value
             if consumer_pos >= producer_pos:
                 break
             batch = []
             while consumer_pos < producer_pos and len(batch) < self._max_batch:
                 offset = data_offset + (consumer_pos & mask)
-                length = _U32.unpack_from(producer_map, offset)[0]
+                length = _U32.unpack_from(data, offset)[0]
                 if length & BUSY_BIT:
                     producer_pos = consumer_pos     # a producer is still writing this one
                     break
@@ -73,10 +91,10 @@ class RingReader:
                 if length & DISCARD_BIT:
                     self.discarded += 1
                 else:
-                    batch.append(producer_map[offset + HEADER_BYTES: offset + HEADER_BYTES + size])
+                    batch.append(bytes(data[offset + HEADER_BYTES: offset + HEADER_BYTES + size]))
                 consumer_pos += (size + HEADER_BYTES + 7) & ~7
             # Give the space back before handing records on: the kernel can write again.
-            _U64.pack_into(self._consumer, 0, consumer_pos)
+            self._consumer_pos.value = consumer_pos
             if batch:
                 self.delivered += len(batch)
                 total += len(batch)
@@ -101,6 +119,8 @@ class RingReader:
         if self._thread.is_alive():
             self._thread.join()
         self._epoll.close()
+        del self._consumer_pos        # the ctypes view pins the mmap's buffer
         self._consumer.close()
-        self._producer.close()
+        del self._producer, self._producer_pos
+        _libc.munmap(ctypes.c_void_p(self._producer_address), self._producer_len)
         os.close(self._fd)

@@ -30,6 +30,8 @@ from pathlib import Path
 from shoal.perf.scenario import Context, Measurement, Scenario, Target
 
 PATH = "shoal-agent"
+PATH_BIG_RING = "shoal-agent-4MiB-ring"
+BIG_RING_BYTES = 4 * 1024 * 1024
 INGEST_RATES = (100_000, 200_000, 300_000, 400_000, 500_000, 600_000, 800_000, 1_000_000)
 TICK_S = 0.005
 BPF_PROG_TEST_RUN = 10
@@ -77,12 +79,13 @@ class _TestRunAttr(ctypes.Structure):
 class KernelProducer:
     """Runs the producer program ``repeat`` times per syscall: real ring-buffer records."""
 
-    def __init__(self) -> None:
+    def __init__(self, ring_bytes: int | None = None) -> None:
         from bcc import BPF
 
         from shoal.agent.structs import RINGBUF_BYTES
 
-        self.bpf = BPF(text=PRODUCER_C, cflags=[f"-DPAGES={RINGBUF_BYTES // 4096}"])
+        self.ring_bytes = ring_bytes or RINGBUF_BYTES
+        self.bpf = BPF(text=PRODUCER_C, cflags=[f"-DPAGES={self.ring_bytes // 4096}"])
         self.prog_fd = self.bpf.load_func("produce", BPF.SOCKET_FILTER).fd
         self.ring_fd = self.bpf["events"].map_fd
         self._lost = self.bpf["lost"]
@@ -127,13 +130,12 @@ def _ingest_path(ctx: Context, path: str) -> tuple[int, int | None]:
     from shoal.agent.hubble import HubbleConfig, HubbleServer
 
     seconds = ctx.seconds(2.0, 1.0)
-    producer = KernelProducer()
+    producer = KernelProducer(BIG_RING_BYTES if path == PATH_BIG_RING else None)
     server = HubbleServer(HubbleConfig(node_name="perf", tcp_address=None), None)
-    if path == PATH:
+    if path in (PATH, PATH_BIG_RING):
         from shoal.agent.hubble.ringbuf import RingReader
-        from shoal.agent.structs import RINGBUF_BYTES
 
-        reader = RingReader(producer.ring_fd, RINGBUF_BYTES, server.kernel_records)
+        reader = RingReader(producer.ring_fd, producer.ring_bytes, server.kernel_records)
     else:
         from shoal.agent.flowevents import RingBufferReader
 
@@ -156,9 +158,11 @@ def _ingest_path(ctx: Context, path: str) -> tuple[int, int | None]:
 
 
 def measure_ingest(ctx: Context) -> Iterator[Measurement]:
-    # PATH: the mmap batch reader with raw records stored (what the agent should run);
-    # "bcc-callback": libbcc's per-record callback + eager decode (shoal.agent.flowevents).
-    for path in (PATH, "bcc-callback"):
+    # PATH: the mmap batch reader with raw records stored (what the agent should run), on
+    # the agent's ring size; PATH_BIG_RING: the same with a 4 MiB ring (more headroom when
+    # the reader thread is descheduled on a busy machine); "bcc-callback": libbcc's
+    # per-record callback + eager decode (shoal.agent.flowevents.RingBufferReader).
+    for path in (PATH, PATH_BIG_RING, "bcc-callback"):
         lossless, onset = [], []
         for _ in range(ctx.repetitions):
             best, first_loss = _ingest_path(ctx, path)
