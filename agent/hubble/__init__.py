@@ -10,6 +10,7 @@ Pieces, each usable on its own:
 - ``filters``: Hubble's FlowFilter semantics, pure.
 - ``enrich``: kernel events and bare flows -> Hubble flows with endpoints from ConfigState.
 - ``server.HubbleServer``: the Observer gRPC API + health, on TCP 4244 and a Unix socket.
+- ``ringbuf.RingReader``: the kernel ring buffer read by mmap, raw records in batches.
 
 How the agent's wiring module builds it::
 
@@ -19,9 +20,11 @@ How the agent's wiring module builds it::
         HubbleConfig.for_node(layout, node),   # or HubbleConfig(node_name=..., ...)
         state,                                  # shoal.xds.state.ConfigState (read only)
         registry=registry,                      # the agent's prometheus CollectorRegistry
-        kernel_lost=reader.lost_events,         # () -> int, cumulative ring-buffer losses
+        kernel_lost=agent.lost_events,          # () -> int, cumulative ring-buffer losses
     )
-    # The fast path: batches of raw FlowRecord bytes, decoded only when read (>= 300k/s).
+    # The fast path: batches of raw FlowRecord bytes, decoded only when read; about 500k
+    # records/s without loss here (perf/scenarios/flows.py), against ~100k/s for libbcc's
+    # per-record callback with eager decoding.
     reader = RingReader(maps.fds["flow_events"], RINGBUF_BYTES, hubble.kernel_records)
     reader.start()           # its own thread; kernel_records is thread-safe
     await hubble.start()     # binds flows socket, hubble socket and TCP 4244
