@@ -84,11 +84,15 @@ def fixed_rate_once(ctx: Context, client: Pod, url: str, rate: int = RATE) -> li
     log.unlink(missing_ok=True)
     argv = h2load.client_argv(url, seconds, rate, str(log), data_file=str(body_file(ctx.workdir)))
     done = client.run(argv, timeout=seconds + 30, check=False)
+    said = (done.stdout + done.stderr).strip()[-400:]
     if not log.exists():
-        raise ToolOutputError(f"h2load wrote no log: {(done.stdout + done.stderr).strip()[-300:]}")
-    good, bad = h2load.latencies_us(log.read_text())
+        raise ToolOutputError(f"h2load wrote no log: {said}")
+    try:
+        good, bad = h2load.latencies_us(log.read_text())
+    except ToolOutputError as exc:
+        raise ToolOutputError(f"{exc} (url {url}); h2load said: {said}") from exc
     if bad:
-        raise ToolOutputError(f"h2load: {bad} requests got an error status")
+        raise ToolOutputError(f"h2load: {sum(bad.values())} requests to {url} got an error status {bad}")
     return good
 
 

@@ -26,10 +26,10 @@ def client_argv(url: str, seconds: float, rate: int, log_file: str, *, clients: 
     return [*argv, url]
 
 
-def latencies_us(log_text: str) -> tuple[list[float], int]:
-    """(latencies of 2xx/3xx responses in µs, count of other statuses)."""
+def latencies_us(log_text: str) -> tuple[list[float], dict[int, int]]:
+    """(latencies of 2xx/3xx responses in µs, {other status: count})."""
     good: list[float] = []
-    bad = 0
+    bad: dict[int, int] = {}
     for number, line in enumerate(log_text.splitlines(), 1):
         if not line.strip():
             continue
@@ -43,9 +43,11 @@ def latencies_us(log_text: str) -> tuple[list[float], int]:
         if 200 <= status < 400:
             good.append(elapsed)
         else:
-            bad += 1
+            bad[status] = bad.get(status, 0) + 1
     if not good:
-        raise ToolOutputError("h2load: no successful request in the log")
+        if not bad:
+            raise ToolOutputError("h2load: the log is empty, no request completed")
+        raise ToolOutputError(f"h2load: no successful request; statuses {dict(sorted(bad.items()))}")
     return good, bad
 
 

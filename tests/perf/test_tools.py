@@ -91,13 +91,14 @@ def test_sockperf_client_argv_fixed_rate_round_trips():
 def test_h2load_log_latencies_and_errors():
     log = "1700000000000000\t200\t812\n1700000000001000\t200\t640\n1700000000002000\t503\t90\n\n"
     good, bad = h2load.latencies_us(log)
-    assert good == [812.0, 640.0] and bad == 1
+    assert good == [812.0, 640.0] and bad == {503: 1}
 
 
 @pytest.mark.parametrize("log, message", [
     ("1\t200\n", "3 tab-separated"),
     ("1\tOK\t5\n", "line 1"),
-    ("1\t500\t5\n", "no successful"),
+    ("1\t500\t5\n2\t503\t5\n1\t500\t5\n", "no successful request; statuses {500: 2, 503: 1}"),
+    ("\n", "log is empty"),
 ])
 def test_h2load_rejects_bad_logs(log, message):
     with pytest.raises(ToolOutputError, match=message):
