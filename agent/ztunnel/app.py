@@ -9,10 +9,10 @@ accepting (``tcp_migrate_req`` hands its queued connections to the new listeners
 drain its live connections for ``drain_grace`` seconds. A proxy restarted after a crash
 gets every pod again the same way, because the agent replays on reconnect.
 
-Inbound delivery: the app is reached from inside its namespace at ``<pod ip>:<port>``,
-so it sees the *pod's own IP* as the client address, not the real client (IP_TRANSPARENT
-needs a policy route for the app's replies, which the capture programs do not leave
-room for yet; the real client is in the access log and flows).
+Inbound delivery: the app sees the client's real IP (IP_TRANSPARENT plus a policy route
+for its replies, set up per pod by ``transparent.py``) for app ports 1-15000 and
+15009-32767 over IPv4; elsewhere it sees the pod's own IP (the real client is always in
+the access log and the flows).
 """
 from __future__ import annotations
 

@@ -6,8 +6,9 @@
 - 15006, plaintext (the agent's tc program steers other inbound TCP here): refused in
   STRICT mode, authorized without an identity in PERMISSIVE mode, then relayed.
 
-The app is reached from inside the pod's namespace at ``<pod ip>:<port>``; it sees the
-pod's own IP as the client address (see docs in ``app.py`` about IP_TRANSPARENT).
+The app is reached from inside the pod's namespace at ``<pod ip>:<port>``, from the
+client's real IP where ``transparent.py`` could set the pod up (app ports 1-15000 and
+15009-32767, IPv4); otherwise the app sees the pod's own IP as the client address.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import socket
 import ssl
 from typing import TYPE_CHECKING
 
-from shoal.agent.ztunnel import hbone
+from shoal.agent.ztunnel import hbone, transparent
 from shoal.agent.ztunnel.authz import ConnectionInfo, authorize
 from shoal.agent.ztunnel.identity import check_session
 from shoal.agent.ztunnel.telemetry import (
@@ -35,11 +36,17 @@ log = logging.getLogger(__name__)
 PROXY_PORTS = frozenset({PORT_OUTBOUND, PORT_INBOUND_PLAINTEXT, PORT_HBONE})
 
 
-async def connect_app(ctx: "ProxyContext", pod: "EnrolledPod", port: int) -> socket.socket:
-    """A TCP connection from the proxy to the app, made inside the pod's namespace."""
+async def connect_app(ctx: "ProxyContext", pod: "EnrolledPod", port: int, client_ip: str) -> socket.socket:
+    """A TCP connection from the proxy to the app, made inside the pod's namespace; from
+    the client's own IP when the pod is set up for it (IP_TRANSPARENT), else from the
+    pod's IP."""
     family = socket.AF_INET6 if ":" in pod.info.ip else socket.AF_INET
-    sock = pod.netns.socket(family)
+    spoof = pod.transparent and transparent.port_supported(port) and client_ip not in ("", pod.info.ip) \
+        and ":" not in client_ip
+    sock = pod.netns.socket(family, transparent=spoof)
     try:
+        if spoof:
+            sock.bind((client_ip, 0))
         await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (pod.info.ip, port)),
                                ctx.config.connect_timeout)
     except BaseException:
@@ -114,7 +121,7 @@ async def _serve_stream(ctx: "ProxyContext", pod: "EnrolledPod", session: HboneS
         ctx.telemetry.closed(rec)
         return
     try:
-        upstream = await connect_app(ctx, pod, ev.port)
+        upstream = await connect_app(ctx, pod, ev.port, src_ip)
     except (OSError, asyncio.TimeoutError) as exc:
         rec.response_flags, rec.error = FLAG_UPSTREAM_FAILURE, f"{type(exc).__name__}: {exc}"
         ctx.metrics.reject("hbone", "upstream_connect")
@@ -162,7 +169,7 @@ async def handle_plaintext(ctx: "ProxyContext", pod: "EnrolledPod", conn: socket
         ctx.telemetry.closed(rec)
         return
     try:
-        upstream = await connect_app(ctx, pod, dst_port)
+        upstream = await connect_app(ctx, pod, dst_port, src_ip)
     except (OSError, asyncio.TimeoutError) as exc:
         rec.response_flags, rec.error = FLAG_UPSTREAM_FAILURE, f"{type(exc).__name__}: {exc}"
         ctx.metrics.reject("plaintext", "upstream_connect")

@@ -59,12 +59,14 @@ class NetnsHandle:
         finally:
             setns(self._home_fd)
 
-    def socket(self, family: int = socket.AF_INET, transparent: bool = False) -> socket.socket:
-        """A non-blocking TCP socket living in this namespace, marked as the proxy's."""
+    def socket(self, family: int = socket.AF_INET, transparent: bool = False, mark: bool = True) -> socket.socket:
+        """A non-blocking TCP socket living in this namespace, marked as the proxy's
+        (the agent's capture skips marked connects)."""
         with self.entered():
             sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, PROXY_MARK)
+            if mark:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, PROXY_MARK)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if transparent:
                 set_transparent(sock, family)
@@ -74,9 +76,12 @@ class NetnsHandle:
         return sock
 
     def listener(self, host: str, port: int, transparent: bool = False, backlog: int = 1024) -> socket.socket:
-        """A listening socket with SO_REUSEPORT, so a successor proxy can bind beside us."""
+        """A listening socket with SO_REUSEPORT, so a successor proxy can bind beside us.
+
+        Unmarked: accepted connections take their client's mark (tcp_fwmark_accept), so
+        replies to clients never match the transparent-delivery route (transparent.py)."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = self.socket(family, transparent=transparent)
+        sock = self.socket(family, transparent=transparent, mark=False)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

@@ -14,6 +14,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
+from shoal.agent.ztunnel import transparent
 from shoal.agent.ztunnel.config import ProxyConfig
 from shoal.agent.ztunnel.identity import IdentityError, IdentityManager
 from shoal.agent.ztunnel.inbound import handle_hbone, handle_plaintext
@@ -98,6 +99,7 @@ class EnrolledPod:
     netns: NetnsHandle
     spiffe_id: str
     servers: list[Acceptor] = field(default_factory=list)
+    transparent: bool = False  # the app sees real client IPs (see transparent.py)
 
     def workload_stub(self) -> Workload:
         """Our view of the pod before the config stream names it."""
@@ -112,7 +114,8 @@ class EnrolledPod:
     def describe(self) -> dict:
         return {"uid": self.info.uid, "namespace": self.info.namespace, "name": self.info.name,
                 "ip": self.info.ip, "identity": self.spiffe_id, "netns_inode": self.netns.inode,
-                "listening": bool(self.servers) and all(s.serving for s in self.servers)}
+                "listening": bool(self.servers) and all(s.serving for s in self.servers),
+                "transparent": self.transparent}
 
 
 class PodRegistry:
@@ -153,12 +156,13 @@ class PodRegistry:
             netns.write_sysctl("net/ipv4/tcp_migrate_req", "1")
         except OSError as exc:
             log.warning("tcp_migrate_req not set in %s: %s", pod.name, exc)
+        enrolled.transparent = ":" not in pod.ip and transparent.install(netns)
         plan = [(loopback, PORT_OUTBOUND, False, handle_outbound, "outbound"),
                 (anywhere, PORT_INBOUND_PLAINTEXT, True, handle_plaintext, "plaintext"),
                 (anywhere, PORT_HBONE, True, handle_hbone, "hbone")]
         try:
-            for host, port, transparent, handler, name in plan:
-                sock = netns.listener(host, port, transparent=transparent)
+            for host, port, any_address, handler, name in plan:
+                sock = netns.listener(host, port, transparent=any_address)
                 enrolled.servers.append(Acceptor(
                     sock, functools.partial(handler, self.ctx, enrolled), name,
                     on_error=functools.partial(self._handler_failed, name)))
@@ -177,6 +181,8 @@ class PodRegistry:
         if enrolled is None:
             raise ZdsError(f"unknown pod {uid}")
         enrolled.stop_accepting()
+        if enrolled.transparent:
+            transparent.remove(enrolled.netns)
         enrolled.netns.close()
         self.ctx.identities.release(enrolled.info.namespace, enrolled.info.service_account)
         self.ctx.metrics.pods.set(len(self.pods))

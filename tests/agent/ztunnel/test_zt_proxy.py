@@ -119,8 +119,8 @@ async def test_hbone_echo_pooled_with_istio_metrics_and_access_log(harness, capl
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "shoal.proxy.access"]
     outbound = [line for line in lines if line["reporter"] == "source"]
     assert len(outbound) == 2 and all(line["mtls"] and line["response_flags"] == "-" for line in outbound)
-    # What the app sees as the client address (documented: the pod's own IP, no IP_TRANSPARENT).
-    assert harness.echo.peers[0][0] == SERVER_IP
+    # IP_TRANSPARENT: the app sees the real client, not the proxy.
+    assert {peer[0] for peer in harness.echo.peers} == {CLIENT_IP}
 
 
 async def test_server_first_protocol_greeting_is_not_lost(harness):
@@ -133,6 +133,15 @@ async def test_server_first_protocol_greeting_is_not_lost(harness):
         writer.close()
     finally:
         db.close()
+
+
+async def test_app_port_outside_transparent_range_still_served(harness):
+    high = await EchoServer().start(f"/run/netns/{harness.netns['server']}", SERVER_IP, 40000)
+    try:
+        assert await harness.echo_roundtrip(dst=(SERVER_IP, 40000)) == b"hello"
+        assert high.peers[0][0] == SERVER_IP  # documented fallback: the pod's own address
+    finally:
+        high.close()
 
 
 async def test_service_vip_is_balanced_to_endpoints(harness, state):
