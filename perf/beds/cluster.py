@@ -108,6 +108,9 @@ class ClusterBed:
     def __post_init__(self) -> None:
         if self.name in PROTECTED_CLUSTERS:
             raise BedError(f"the bench bed never uses cluster {self.name!r}; pick another SHOAL_PERF_CLUSTER")
+        if not self.attach and not self.name.startswith(DEFAULT_CLUSTER):
+            # This bed runs `shoal down` on its cluster: only ever on a bench cluster.
+            raise BedError(f"the bench bed only creates (and removes) clusters named perf*, not {self.name!r}")
         self.layout = ClusterLayout(name=self.name)
         self.env = {**os.environ, "SHOAL_CLUSTER": self.name}
         self.shoal = [*shoal_argv(), "--cluster", self.name]

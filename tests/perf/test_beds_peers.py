@@ -39,6 +39,10 @@ def test_cluster_bed_never_uses_the_default_cluster(monkeypatch):
     monkeypatch.setenv("SHOAL_PERF_CLUSTER", "perf-t1")
     bed = ClusterBed()
     assert bed.env["SHOAL_CLUSTER"] == "perf-t1" and bed.shoal[-2:] == ["--cluster", "perf-t1"]
+    monkeypatch.setenv("SHOAL_PERF_CLUSTER", "demo-x")
+    with pytest.raises(BedError, match="only creates"):
+        ClusterBed()
+    assert ClusterBed(attach=True).name == "demo-x"      # attaching never removes the cluster
 
 
 def test_certificates_chain_and_names(tmp_path):
