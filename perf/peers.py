@@ -181,14 +181,20 @@ def listening(ss_output: str, address: str, port: int) -> bool:
     return any(field in wanted for line in ss_output.splitlines() for field in line.split()[3:4])
 
 
-def wait_all_listening(pod: Pod, address: str, ports: Sequence[int], timeout: float = 10.0) -> None:
-    """Poll ``ss`` inside the pod until something listens on every address:port."""
+def wait_all_listening(pod: Pod, address: str, ports: Sequence[int], timeout: float = 10.0,
+                       procs: Sequence["subprocess.Popen[bytes]"] = ()) -> None:
+    """Poll ``ss`` inside the pod until something listens on every address:port.
+
+    Stops early when one of ``procs`` (the servers being waited for) has exited.
+    """
     deadline = time.monotonic() + timeout
     while True:
         out = pod.run(["ss", "-Htln"], timeout=10, check=False).stdout
         missing = [p for p in ports if not listening(out, address, p)]
         if not missing:
             return
+        if any(proc.poll() is not None for proc in procs):
+            raise TimeoutError(f"a server for {address}:{missing} exited in {pod.namespace}/{pod.name}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"nothing listens on {address}:{missing} in {pod.namespace}/{pod.name}")
         time.sleep(0.1)
@@ -214,12 +220,16 @@ def pair(peer: PeerKind, bed: Bed, client: Pod, server: Pod, forwards: Sequence[
     try:
         procs.append(server.spawn(peer.command(server_conf), log=directory / "server.log"))
         procs.append(client.spawn(peer.command(client_conf), log=directory / "client.log"))
-        wait_all_listening(server, server.ip, [f.tls for f in forwards])
-        wait_all_listening(client, "127.0.0.1", [f.local for f in forwards])
-        for proc, end in zip(procs, ("server", "client")):
-            if proc.poll() is not None:
-                log = (directory / f"{end}.log").read_text()[-500:]
-                raise RuntimeError(f"{peer.name} {end} end exited ({proc.returncode}): {log}")
+        try:
+            wait_all_listening(server, server.ip, [f.tls for f in forwards], procs=procs)
+            wait_all_listening(client, "127.0.0.1", [f.local for f in forwards], procs=procs)
+        except TimeoutError:
+            # A bad config makes the tool exit at once: its own log says why.
+            for proc, end in zip(procs, ("server", "client")):
+                if proc.poll() is not None:
+                    log = (directory / f"{end}.log").read_text()[-500:]
+                    raise RuntimeError(f"{peer.name} {end} end exited ({proc.returncode}): {log}") from None
+            raise
         yield lambda: [pid for proc in procs for pid in procstat.pids_in_group(proc.pid, peer.process_name)]
     finally:
         for proc in procs:

@@ -41,3 +41,15 @@ def test_peers_carry_request_response(bed, tmp_path):
         # Nothing listens on the peer ports once the pairs are gone.
         out = client.run(["ss", "-Htln"], timeout=5).stdout
         assert ":20003" not in out and ":21003" not in out
+
+
+def test_a_peer_that_cannot_start_says_why(bed, tmp_path):
+    client = bed.pod("perf", "client", "node-1")
+    server = bed.pod("perf", "server", "node-2")
+    broken = peers.PeerKind("haproxy", peers.haproxy_client_config,
+                            lambda certs, ip, forwards: "global\n    no-such-keyword\n",
+                            peers.HAPROXY.command, "haproxy")
+    forward = peers.Forward("rr", 22003, 22004, pod2pod.RR_PORT)
+    with pytest.raises(RuntimeError, match="haproxy server end exited"):
+        with peers.pair(broken, bed, client, server, [forward], tmp_path):
+            pass
