@@ -56,7 +56,7 @@ def servers(ctx: Context, pod: Pod, stream_ports: Sequence[int] = (STREAM_PORT,)
     procs += [pod.spawn(sockperf.server_argv("0.0.0.0", port), log=logs / f"sockperf-{port}.log")
               for port in rr_ports]
     try:
-        peers.wait_all_listening(pod, "0.0.0.0", (*stream_ports, *rr_ports))
+        peers.wait_all_listening(pod, "0.0.0.0", (*stream_ports, *rr_ports), procs=procs)
         yield
     finally:
         for proc in procs:
