@@ -22,13 +22,16 @@ def perf() -> None:
 @click.option("--only", multiple=True, metavar="NAME", help="Run only this scenario (repeatable).")
 @click.option("--bed", type=click.Choice(harness.BED_KINDS), default="auto", show_default=True,
               help="cluster: SHOAL_CLUSTER=perf shoal up; netns: throwaway namespaces, peers only.")
+@click.option("--repeat", type=click.IntRange(1, 50), default=None,
+              help="Repetitions of each figure (default 3 with --quick, else 5).")
 @click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=harness.RESULTS_DIR,
               show_default=True, help="Where the JSON and markdown reports go.")
-def run_cmd(quick: bool, as_json: bool, only: tuple[str, ...], bed: str, results: Path) -> None:
+def run_cmd(quick: bool, as_json: bool, only: tuple[str, ...], bed: str, repeat: int | None,
+            results: Path) -> None:
     """Run the scenarios and write perf/results/<time>.json and .md."""
     try:
         doc, (json_path, md_path) = harness.run(only=only, quick=quick, bed=bed, results_dir=results,
-                                                enforce_timeouts=True)
+                                                repetitions=repeat, enforce_timeouts=True)
     except harness.SelectionError as exc:
         raise click.UsageError(str(exc)) from exc
     except harness.BusyError as exc:

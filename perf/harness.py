@@ -253,18 +253,19 @@ def _stamp(moment: datetime.datetime) -> str:
 def run(only: Sequence[str] = (), quick: bool = False, bed: str = "auto",
         results_dir: Path = RESULTS_DIR, log: Callable[[str], None] | None = None,
         package: str = SCENARIO_PACKAGE, lock: Path | None = LOCK_PATH, enforce_timeouts: bool = False,
-        ) -> tuple[dict[str, object], tuple[Path, Path]]:
+        repetitions: int | None = None) -> tuple[dict[str, object], tuple[Path, Path]]:
     """Run the selection; return the JSON document and the paths of the written report."""
     say = log or (lambda m: print(m, file=sys.stderr, flush=True))
     discovered = discover(package)
     selected = select(discovered.scenarios, only)
     with exclusive_run(lock, say):
-        return _run(discovered, selected, only, quick, bed, results_dir, say, enforce_timeouts)
+        return _run(discovered, selected, only, quick, bed, results_dir, say, enforce_timeouts,
+                    repetitions or (3 if quick else 5))
 
 
 def _run(discovered: Discovered, selected: Sequence[Scenario], only: Sequence[str], quick: bool,
          bed: str, results_dir: Path, say: Callable[[str], None], enforce_timeouts: bool,
-         ) -> tuple[dict[str, object], tuple[Path, Path]]:
+         repetitions: int) -> tuple[dict[str, object], tuple[Path, Path]]:
     started = datetime.datetime.now(datetime.timezone.utc)
     bed_kind = resolve_bed_kind(bed)
     is_root = os.geteuid() == 0
@@ -290,7 +291,7 @@ def _run(discovered: Discovered, selected: Sequence[Scenario], only: Sequence[st
             workdir = scratch / scenario.name
             workdir.mkdir()
             ctx = RunContext(quick=quick, workdir=workdir, bed_kind=bed_kind, _bed_holder=holder,
-                             repetitions=3 if quick else 5, _log=say, bed_fallback=bed == "auto",
+                             repetitions=repetitions, _log=say, bed_fallback=bed == "auto",
                              _bed_failure=bed_failure)
             began = time.monotonic()
             try:

@@ -112,6 +112,9 @@ def test_run_only(fake_package, tmp_path):
     doc, _ = harness.run(only=["good"], quick=True, bed="netns", results_dir=tmp_path, log=lambda m: None,
                          package=fake_package, lock=None)
     assert [o["name"] for o in doc["scenarios"]] == ["good"]
+    doc, _ = harness.run(only=["good"], quick=True, bed="netns", results_dir=tmp_path, log=lambda m: None,
+                         package=fake_package, lock=None, repetitions=4)
+    assert doc["scenarios"][0]["status"] == "failed"      # the fake asserts 3 repetitions
 
 
 def test_real_scenarios_load():
