@@ -93,13 +93,10 @@ class CaptureBed:
             _sh("ip", "-n", self.netns[pod], "link", "set", "eth0", "up")
 
     def spawn(self, pod: str, code: str, *args: str, in_cgroup: bool = True) -> subprocess.Popen:
-        procs = self.cgroups[pod] / "cgroup.procs"
-
-        def enter() -> None:
-            if in_cgroup:
-                procs.write_text("0")
-        return subprocess.Popen(["ip", "netns", "exec", self.netns[pod], sys.executable, "-c", code, *args],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=enter)
+        argv = ["ip", "netns", "exec", self.netns[pod], sys.executable, "-c", code, *args]
+        if in_cgroup:   # a shell joins the pod's cgroup, then execs (no preexec_fn)
+            argv = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.cgroups[pod] / "cgroup.procs"), *argv]
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def close(self) -> None:
         from shoal.agent.loader import detach_cgroup

@@ -55,12 +55,11 @@ class Pod:
 
     def spawn(self, *argv: str) -> subprocess.Popen:
         """A process in the pod: its netns and its cgroup (below the node's)."""
-        procs = self.cgroup / "cgroup.procs"
-
-        def enter_cgroup() -> None:
-            procs.write_text("0")
-        return subprocess.Popen(["ip", "netns", "exec", self.netns, *argv], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, preexec_fn=enter_cgroup)
+        # A shell joins the cgroup and execs: no preexec_fn (Python in a child forked from a
+        # process running gRPC threads can deadlock).
+        script = 'echo $$ > "$0" && exec ip netns exec "$@"'
+        return subprocess.Popen(["sh", "-c", script, str(self.cgroup / "cgroup.procs"), self.netns, *argv],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def connect(self, host: str, port: int, *, sport: int = 0, mark: int = 0, timeout: float = 2.0,
                 hold: float = 0.0, again: bool = False, wait: bool = True):

@@ -203,6 +203,10 @@ async def test_agent_process_lifecycle(agent_bed, tmp_path):
         (await proxy_task).close()
         assert ("del", "t/a") not in handler.events          # adoption, not re-enrolment
         assert await asyncio.to_thread(tc_ingress_programs, bed.a.netns_path) == ["shoal_tc_ingress"]
+        # the agent reports the in-kernel capture cost, including runs made while it was down
+        text = metrics_text(agent.metrics_port)
+        assert 'shoal_agent_capture_cost_nanoseconds{program="connect",stat="p50"}' in text
+        assert 'shoal_agent_bpf_events_total{event="connect_redirected"}' in text
 
         # a DENY pushed on the stream reaches the kernel map and fails connect() at once
         policy = m.Authorization(name="no-a-db", namespace="t", action="DENY", selector=m.Labels({}),
