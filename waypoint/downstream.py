@@ -23,6 +23,7 @@ import h2.settings
 import h11
 
 from .http import Body, BodyError, Limits, PeerInfo, ProxyRequest, Tunnel, pipe
+from .upstream import UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,8 @@ class H1Server:
             raise self._fail(err.status, "bad_body", err.reason) from None
         except _Close:
             raise
-        except Exception as err:  # noqa: BLE001 - an upstream failure mid-response: this client only
+        except (UpstreamError, ConnectionError, OSError) as err:
+            # The upstream broke mid-response, or this client went away: this connection only.
             if self.response_started:
                 log.info("response to %s:%d aborted: %s", self.peer.source_ip, self.peer.source_port, err)
                 raise _Close() from None
@@ -450,7 +452,8 @@ class H2Server:
             self._reset(s, h2.errors.ErrorCodes.CANCEL)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as err:
             log.debug("stream %d: %s", s.stream_id, err)
-        except Exception as err:  # noqa: BLE001 - an upstream failure: reset this stream only
+        except (UpstreamError, ConnectionError, OSError) as err:
+            # The upstream broke mid-response: reset this stream only.
             log.info("stream %d from %s aborted: %s", s.stream_id, self.peer.source_ip, err)
             self._reset(s, h2.errors.ErrorCodes.INTERNAL_ERROR)
         finally:

@@ -222,6 +222,7 @@ async def start_hbone_listener(proxy: WaypointProxy, limits: Limits, identities:
     reject, on_protocol = connection_callbacks(proxy, limits)
     loop = asyncio.get_running_loop()
     sessions: set[HboneSession] = set()
+    tunnels: set[asyncio.Task] = set()  # strong references: a task nobody holds may be collected
 
     def on_request(session: HboneSession, event: hbone.TunnelRequested, peer_ip: str) -> None:
         stream = HboneStream()
@@ -229,7 +230,9 @@ async def start_hbone_listener(proxy: WaypointProxy, limits: Limits, identities:
         peer = PeerInfo(source_ip=_forwarded_source(event.forwarded_for, peer_ip), source_port=0,
                         source_principal=session.peer_identity or "", destination_ip=event.host,
                         destination_port=event.port, mtls=True)
-        asyncio.ensure_future(serve_connection(stream, peer, proxy.handle, limits, reject, on_protocol))
+        task = loop.create_task(serve_connection(stream, peer, proxy.handle, limits, reject, on_protocol))
+        tunnels.add(task)
+        task.add_done_callback(tunnels.discard)
 
     async def handshake(transport: asyncio.Transport) -> None:
         peer = transport.get_extra_info("peername") or ("?", 0)
@@ -264,7 +267,9 @@ async def start_hbone_listener(proxy: WaypointProxy, limits: Limits, identities:
 
     class _Accepted(asyncio.Protocol):
         def connection_made(self, transport: asyncio.Transport) -> None:
-            asyncio.ensure_future(handshake(transport))
+            task = loop.create_task(handshake(transport))
+            tunnels.add(task)
+            task.add_done_callback(tunnels.discard)
 
     return await loop.create_server(_Accepted, host, port, reuse_address=True, backlog=1024)
 

@@ -123,6 +123,7 @@ class _Attempt:
         self.response = response
         self.endpoint = endpoint
         self.flag = flag
+        self.stale = False  # failed on a reused keep-alive connection before any answer
 
 
 FAILURE_ANSWERS = {
@@ -363,43 +364,32 @@ class WaypointProxy:
             if rp.abort_sampler is not None and rp.abort_sampler.sample():
                 rec.flags.add("FI")
                 return _Attempt(faults.abort_status, endpoint=endpoint, flag="FI")
+        attempt = await self._exchange(req, source, plan, cluster, endpoint, fresh=bool(req.upgrade))
+        if attempt.stale and source.replayable:
+            # A pooled keep-alive connection the server had already closed: try a fresh one, once.
+            attempt = await self._exchange(req, source, plan, cluster, endpoint, fresh=True)
+        return attempt
+
+    async def _exchange(self, req: ProxyRequest, source: "_BodySource", plan: RequestPlan, cluster: _Cluster,
+                        endpoint: Endpoint, fresh: bool) -> _Attempt:
+        """One request/response-head exchange on a pooled (or fresh) upstream connection."""
         try:
-            conn = await cluster.pool.acquire(endpoint, fresh=bool(req.upgrade))
+            conn = await cluster.pool.acquire(endpoint, fresh=fresh)
         except PoolOverflow:
             return _Attempt(503, endpoint=endpoint, flag="UO")
         except UpstreamError as err:
             log.debug("connect to %s failed: %s", endpoint.address, err)
             return _Attempt(err.outcome, endpoint=endpoint)
-        reused = conn.reused
         try:
             response = await send_request(cluster.pool, conn, req.method, plan.target, plan.headers,
                                           source.body(), req.content_length is None and source.may_have_body)
         except UpstreamError as err:
             cluster.pool.discard(conn)
-            if reused and err.outcome == RESET and source.replayable:
-                # A pooled keep-alive connection the server had already closed: try a fresh one, once.
-                return await self._try_fresh(req, source, plan, cluster, endpoint)
-            return _Attempt(err.outcome, endpoint=endpoint)
+            attempt = _Attempt(err.outcome, endpoint=endpoint)
+            attempt.stale = conn.reused and err.outcome == RESET
+            return attempt
         except BaseException:
             cluster.pool.discard(conn)  # a broken downstream body or a cancel: the exchange is half-sent
-            raise
-        return _Attempt(response.status, response, endpoint)
-
-    async def _try_fresh(self, req, source, plan, cluster, endpoint) -> _Attempt:
-        try:
-            conn = await cluster.pool.acquire(endpoint, fresh=True)
-        except PoolOverflow:
-            return _Attempt(503, endpoint=endpoint, flag="UO")
-        except UpstreamError as err:
-            return _Attempt(err.outcome, endpoint=endpoint)
-        try:
-            response = await send_request(cluster.pool, conn, req.method, plan.target, plan.headers,
-                                          source.body(), req.content_length is None and source.may_have_body)
-        except UpstreamError as err:
-            cluster.pool.discard(conn)
-            return _Attempt(err.outcome, endpoint=endpoint)
-        except BaseException:
-            cluster.pool.discard(conn)
             raise
         return _Attempt(response.status, response, endpoint)
 

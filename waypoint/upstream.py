@@ -77,6 +77,7 @@ class UpstreamConnection:
         self.stream = stream
         self.h11 = h11.Connection(h11.CLIENT)
         self.reused = False
+        self.received = 0  # bytes read on this connection, all exchanges
 
     async def _next_event(self):
         while True:
@@ -86,6 +87,7 @@ class UpstreamConnection:
                     data = await self.stream.read(READ_CHUNK)
                 except OSError as err:
                     raise UpstreamError(RESET, str(err)) from None
+                self.received += len(data)
                 self.h11.receive_data(data)
                 continue
             return event
@@ -190,6 +192,7 @@ async def send_request(pool: ClusterPool, conn: UpstreamConnection, method: str,
     """
     h = conn.h11
     stream = conn.stream
+    received_before = conn.received
     if chunked:
         headers = headers + [("transfer-encoding", "chunked")]
     try:
@@ -217,7 +220,9 @@ async def send_request(pool: ClusterPool, conn: UpstreamConnection, method: str,
     except (OSError, h11.LocalProtocolError) as err:
         raise UpstreamError(RESET, str(err) or type(err).__name__) from None
     except h11.RemoteProtocolError as err:
-        raise UpstreamError("protocol-error", str(err)) from None
+        # Nothing at all came back: the peer hung up (a stale keep-alive connection), not a bad answer.
+        outcome = RESET if conn.received == received_before else "protocol-error"
+        raise UpstreamError(outcome, str(err)) from None
     response_headers = _decode(event.headers)
     length = None
     for name, value in response_headers:

@@ -270,3 +270,28 @@ async def test_route_update_applies_without_restart(bed):
     assert (await get(bed, "/"))[1]["x-backend"] == "web-v2"
     bed.proxy.update([], [])
     assert (await get(bed, "/"))[1]["x-backend"] == "web"
+
+
+async def test_stale_pooled_connection_is_replaced_transparently(bed):
+    """A backend that silently closes keep-alive connections: the next request gets a fresh one."""
+    served = []
+
+    async def one_shot(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        served.append(1)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()  # no "connection: close": the waypoint pools it and finds it dead later
+
+    server = await asyncio.start_server(one_shot, "127.0.0.1", 0)
+    from shoal.waypoint.upstream import Endpoint
+    bed.services[("demo", "web")] = [Endpoint("127.0.0.1", server.sockets[0].getsockname()[1])]
+    await bed.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(3):
+                await asyncio.sleep(0.05)  # let the close reach the waypoint's idle connection
+                assert (await get(bed, "/", session=session))[0] == 200
+    finally:
+        server.close()
+    assert len(served) == 3 and bed.metric("istio_requests_total", response_code="200") == 3
