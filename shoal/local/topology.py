@@ -55,6 +55,8 @@ class Topology:
         netns.ip("addr", "replace", f"{self.layout.pod_gateway(node)}/{pod_prefix}", "dev", "cni0")
         netns.ip("link", "set", "cni0", "up")
         netns.sysctl("net.ipv4.ip_forward", "1")
+        # The control netns reaches pods (waypoints and webhooks dial the controller from pods).
+        control.ip("route", "replace", self.layout.pod_cidr(node), "via", self.layout.node_ip(node))
         for other in all_nodes:
             if other != node:
                 netns.ip("route", "replace", self.layout.pod_cidr(other), "via", self.layout.node_ip(other))
