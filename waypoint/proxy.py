@@ -400,6 +400,7 @@ class WaypointProxy:
             rec.destination_workload = ep.name or "unknown"
             rec.destination_namespace = ep.namespace or "unknown"
             rec.destination_principal = ep.spiffe_id or "unknown"
+            rec.destination_app = ep.app or "unknown"
         if attempt.flag == "FI":
             return await self._local_reply(sink, rec, int(attempt.outcome), "fault filter abort")
         if attempt.flag == "UO":

@@ -79,7 +79,8 @@ class StateResolver:
             return None
         target = self._service_port(service, port)
         return [Endpoint(w.ip, target, w.uid, w.name, w.namespace, w.spiffe_id,
-                         "HBONE" if w.protocol == "HBONE" and w.meshed else "TCP")
+                         "HBONE" if w.protocol == "HBONE" and w.meshed else "TCP",
+                         w.canonical_service or w.labels.get("app", w.name))
                 for w in self.state.endpoints(service) if w.ip]
 
     def policies_for(self, service: ServiceKey) -> Iterable[Authorization]:

@@ -34,6 +34,7 @@ class Endpoint:
     namespace: str = ""
     spiffe_id: str = ""
     protocol: str = "TCP"   # "HBONE" | "TCP"
+    app: str = ""           # canonical service, for telemetry labels
 
     @property
     def address(self) -> str:
