@@ -60,8 +60,6 @@ class Topology:
         for other in all_nodes:
             if other != node:
                 netns.ip("route", "replace", self.layout.pod_cidr(other), "via", self.layout.node_ip(other))
-        # Pods that talk to the controller themselves (waypoints: config stream and CA) need the way back.
-        control.ip("route", "replace", self.layout.pod_cidr(node), "via", self.layout.node_ip(node))
         return netns
 
     # -- pods --------------------------------------------------------------------------
