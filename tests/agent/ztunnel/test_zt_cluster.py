@@ -113,6 +113,8 @@ def eventually(check, what, timeout=30.0):
 def test_cross_node_traffic_is_only_tls_on_15008(demo_cluster):
     layout = demo_cluster.layout
     client, web1 = pod_ip(layout, "demo/client-0"), pod_ip(layout, "demo/web-1")
+    get = "GET / HTTP/1.0\r\nHost: web\r\n"
+    eventually(lambda: "HTTP/1" in probe(layout, "demo/client-0", web1, 8080, get), "web-1 enrolled")
     capture = subprocess.Popen(["ip", "netns", "exec", layout.control_netns, "tcpdump", "-i", "fabric0", "-nn",
                                 "-A", "-s", "0", "-c", "400", f"host {client}"],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, errors="replace")
@@ -132,7 +134,8 @@ def test_cross_node_traffic_is_only_tls_on_15008(demo_cluster):
 def test_strict_blocks_plaintext_from_legacy_permissive_lets_it_in(demo_cluster):
     layout = demo_cluster.layout
     web1 = pod_ip(layout, "demo/web-1")
-    assert "HTTP/1" in probe(layout, "legacy/client-0", web1, 8080, "GET / HTTP/1.0\r\nHost: web\r\n")
+    eventually(lambda: "HTTP/1" in probe(layout, "legacy/client-0", web1, 8080, "GET / HTTP/1.0\r\nHost: web\r\n"),
+               "legacy to reach web-1")
     plain_before = proxy_metric(layout, "node-2", "istio_tcp_connections_opened_total",
                                 reporter="destination", connection_security_policy="none")
     assert plain_before >= 1  # PERMISSIVE: in, and counted as plaintext
@@ -151,7 +154,7 @@ def test_strict_blocks_plaintext_from_legacy_permissive_lets_it_in(demo_cluster)
 
 def test_allow_policy_naming_another_account_denies_client_to_db(demo_cluster):
     layout = demo_cluster.layout
-    assert "reply: db" in probe(layout, "demo/client-0", "db.demo", 7000, "hello")
+    eventually(lambda: "reply: db" in probe(layout, "demo/client-0", "db.demo", 7000, "hello"), "db reachable")
     denied_before = proxy_metric(layout, "node-2", "shoal_proxy_rejected_total", reason="policy_denied")
     shoal_cli(layout, "apply", "-f", "-", input=ALLOW_OTHER_ONLY)
     try:
