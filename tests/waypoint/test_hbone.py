@@ -126,9 +126,32 @@ async def test_hbone_in_and_out_with_identities_and_policy():
         # The upstream leg went over HBONE with the waypoint's identity, to the endpoint's address.
         assert seen_tunnels[0] == (WAYPOINT_ID, "127.0.0.1", app_port)
         assert len(seen_tunnels) == 1  # pooled: both requests on one upstream stream
-        samples = {s.labels["source_principal"]: s.value for f in registry.collect() for s in f.samples
-                   if s.name == "istio_requests_total"}
-        assert samples == {CLIENT_ID: 2.0}
+        samples = {(s.labels["source_principal"], s.labels["connection_security_policy"]): s.value
+                   for f in registry.collect() for s in f.samples if s.name == "istio_requests_total"}
+        assert samples == {(CLIENT_ID, "mutual_tls"): 2.0}
+
+        # HTTP/2 cleartext inside another tunnel: two concurrent streams.
+        import h2.config
+        import h2.connection
+        import h2.events
+        stream, status = await open_tunnel(session, VIP, 8080)
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        client.initiate_connection()
+        for sid in (1, 3):
+            client.send_headers(sid, [(":method", "GET"), (":path", f"/h2/{sid}"), (":scheme", "http"),
+                                      (":authority", "web.demo")], end_stream=True)
+        stream.write(client.data_to_send())
+        bodies, ended = {}, set()
+        while len(ended) < 2:
+            for ev in client.receive_data(await asyncio.wait_for(stream.read(65536), 5)):
+                if isinstance(ev, h2.events.DataReceived):
+                    bodies[ev.stream_id] = bodies.get(ev.stream_id, b"") + ev.data
+                    client.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                elif isinstance(ev, h2.events.StreamEnded):
+                    ended.add(ev.stream_id)
+            stream.write(client.data_to_send())
+        assert {sid: json.loads(b)["path"] for sid, b in bodies.items()} == {1: "/h2/1", 3: "/h2/3"}
+        stream.close()
 
         # Another identity is refused by the L7 ALLOW policy.
         other = IdentityManager(ca.sign)
