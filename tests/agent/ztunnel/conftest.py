@@ -17,9 +17,8 @@ from shoal.xds.state import ConfigState
 from shoal.agent.ztunnel.testing import CLIENT_IP, OTHER_IP, SERVER_IP, workload
 
 
-@pytest.fixture(scope="session")
-def event_loop_policy():
-    return uvloop.EventLoopPolicy()  # the proxy runs on uvloop: test on it
+def pytest_asyncio_loop_factories(config, item):
+    return {"uvloop": uvloop.new_event_loop}  # the proxy runs on uvloop: test on it
 
 
 @pytest.fixture(scope="session")
