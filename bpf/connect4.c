@@ -41,6 +41,36 @@ static __always_inline struct backend_choice pick_backend(__u32 vip, __u16 port)
     return choice;
 }
 
+#ifndef SHOAL_DENY_SCAN_BACKENDS
+#define SHOAL_DENY_SCAN_BACKENDS 16
+#endif
+
+/* A meshed pod connecting to a VIP: the proxy picks the backend later, so the connect
+ * fails only when every backend denies (the first SHOAL_DENY_SCAN_BACKENDS of them);
+ * otherwise the proxy and the destination enforce per backend. Returns the rule id. */
+static __always_inline __u32 service_denied(__u32 src_identity, __u32 vip, __u16 port)
+{
+    struct svc_key key = { .vip = vip, .port = port, .slot = 0 };
+    struct svc_value *service = bpf_map_lookup_elem(SHOAL_MAP(services), &key);
+    if (!service || service->count == 0)
+        return 0;
+    __u32 count_ = service->count;
+    __u32 rule = 0;
+    for (__u32 slot = 1; slot <= SHOAL_DENY_SCAN_BACKENDS; slot++) {
+        if (slot > count_)
+            break;
+        key.slot = slot;
+        struct svc_value *backend = bpf_map_lookup_elem(SHOAL_MAP(services), &key);
+        if (!backend)
+            return 0;
+        rule = policy_denied(src_identity, identity_of(backend->backend_ip), bpf_ntohs(backend->backend_port),
+                             IPPROTO_TCP);
+        if (!rule)
+            return 0;
+    }
+    return rule;
+}
+
 int shoal_connect4(struct bpf_sock_addr *ctx)
 {
     __u64 start = bpf_ktime_get_ns();
@@ -66,7 +96,8 @@ int shoal_connect4(struct bpf_sock_addr *ctx)
         __u32 target_ip = backend.found ? backend.ip : dst_ip;
         __u16 target_port = backend.found ? backend.port : dst_port;
         __u32 dst_identity = identity_of(target_ip);
-        __u32 rule = policy_denied(pod->identity, dst_identity, bpf_ntohs(target_port), IPPROTO_TCP);
+        __u32 rule = backend.found ? service_denied(pod->identity, dst_ip, dst_port)
+                                   : policy_denied(pod->identity, dst_identity, bpf_ntohs(target_port), IPPROTO_TCP);
         struct flow_event event = {
             .src_ip = pod->ip, .dst_ip = dst_ip,
             .dst_port = bpf_ntohs(dst_port),

@@ -232,6 +232,28 @@ def test_l4_deny_fails_connect_at_once_with_a_flow_event(agent_bed, datapath, me
         maps.sync_endpoints({})
 
 
+def test_connect_to_a_vip_fails_only_when_every_backend_denies(agent_bed, datapath, meshed_a):
+    _dp, maps = datapath
+    from shoal.agent.compiler import Endpoint
+    other = "10.99.0.9"   # a second backend with another identity, allowed
+    maps.sync_endpoints({agent_bed.a.ip: Endpoint(ID_A, 7, 1), agent_bed.b.ip: Endpoint(ID_B, 8, 1),
+                         other: Endpoint(ID_B + 1, 8, 1)})
+    maps.sync_policies({PolicyEntry(ID_A, ID_B, 7000, 6): 5})
+    try:
+        maps.sync_services({(VIP, 7000): ((agent_bed.b.ip, 7000),)})
+        denied = agent_bed.a.connect(VIP, 7000, timeout=5)
+        assert not denied["ok"] and denied["errno"] == errno.EPERM
+        maps.sync_services({(VIP, 7000): ((agent_bed.b.ip, 7000), (other, 7000))})
+        client = agent_bed.a.connect(VIP, 7000, wait=False)
+        conn, _ = serve_once(meshed_a)    # captured: the proxy picks (and checks) the backend
+        finish(client)
+        conn.close()
+    finally:
+        maps.sync_services({})
+        maps.sync_policies({})
+        maps.sync_endpoints({})
+
+
 def test_l4_deny_drops_inbound_syn_at_tc(agent_bed, datapath, meshed_b, events):
     _dp, maps = datapath
     reader, seen = events
