@@ -1,25 +1,100 @@
-"""Per-node HTTP endpoints: admin on loopback 15000, Prometheus on 15020, readiness on 15021."""
+"""Per-node HTTP endpoints: admin on loopback 15000, Prometheus on 15020, readiness on 15021.
+
+A few GETs answered by a tiny HTTP/1.1 responder on asyncio streams (one request per
+connection): aiohttp would cost the proxy ~10 MB of RSS for three read-only pages.
+Malformed or oversized requests get a 400 and are counted; other methods a 405.
+"""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
-from typing import TYPE_CHECKING
+import logging
+import socket
+from typing import TYPE_CHECKING, Awaitable, Callable
 
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 if TYPE_CHECKING:
     from shoal.agent.ztunnel.app import ProxyApp
 
+log = logging.getLogger(__name__)
 
-def _json(data) -> web.Response:
-    return web.Response(text=json.dumps(data, indent=1, default=str), content_type="application/json")
+MAX_REQUEST_HEAD = 8192
+READ_TIMEOUT = 5.0
+
+Page = Callable[[], Awaitable[tuple[int, str, bytes]]]  # -> (status, content type, body)
+REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 
 
-def admin_app(app: "ProxyApp") -> web.Application:
+def _json(data, status: int = 200) -> tuple[int, str, bytes]:
+    return status, "application/json", json.dumps(data, indent=1, default=str).encode()
+
+
+def parse_request_line(head: bytes) -> tuple[str, str]:
+    """(method, path) of an HTTP/1.x request head; ValueError when malformed."""
+    line = head.split(b"\r\n", 1)[0].decode("ascii")
+    method, target, version = line.split(" ")
+    if not version.startswith("HTTP/1.") or not target.startswith("/"):
+        raise ValueError(f"bad request line {line!r}")
+    return method, target.split("?", 1)[0]
+
+
+class HttpEndpoint:
+    """One listening socket serving a fixed set of GET pages."""
+
+    def __init__(self, pages: dict[str, Page], on_bad_request: Callable[[], None]):
+        self.pages = pages
+        self._on_bad_request = on_bad_request
+        self.server: asyncio.base_events.Server | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # a successor binds beside us
+        sock.bind((host, port))
+        sock.listen(64)
+        sock.setblocking(False)
+        self.server = await asyncio.start_server(self._serve, sock=sock)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
+                if len(head) > MAX_REQUEST_HEAD:
+                    raise ValueError("request head too large")
+                method, path = parse_request_line(head)
+            except (ValueError, UnicodeDecodeError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                    asyncio.TimeoutError) as exc:
+                self._on_bad_request()
+                log.info("admin: bad request: %s", exc)
+                status, ctype, body = 400, "text/plain", b"bad request\n"
+            else:
+                page = self.pages.get(path)
+                if page is None:
+                    status, ctype, body = 404, "text/plain", b"not found\n"
+                elif method != "GET":
+                    status, ctype, body = 405, "text/plain", b"GET only\n"
+                else:
+                    status, ctype, body = await page()
+            writer.write(f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}\r\nContent-Type: {ctype}\r\n"
+                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+def admin_pages(app: "ProxyApp") -> dict[str, Page]:
     ctx = app.ctx
 
-    async def config_dump(_request):
+    async def config_dump():
         return _json({
             "node": app.config.node,
             "config_version": ctx.state.version,
@@ -29,34 +104,27 @@ def admin_app(app: "ProxyApp") -> web.Application:
             "policies": [dataclasses.asdict(p) for p in ctx.state.all_policies()],
         })
 
-    async def certs(_request):
+    async def certs():
         return _json({"certificates": ctx.identities.describe(), "rotations": ctx.identities.rotations})
 
-    async def connections(_request):
+    async def connections():
         return _json({"connections": ctx.telemetry.live_connections(), "pool": ctx.pool.describe(),
                       "inbound_hbone_sessions": len(ctx.inbound_sessions)})
 
-    web_app = web.Application()
-    web_app.add_routes([web.get("/config_dump", config_dump), web.get("/certs", certs),
-                        web.get("/connections", connections)])
-    return web_app
+    return {"/config_dump": config_dump, "/certs": certs, "/connections": connections}
 
 
-def metrics_app(app: "ProxyApp") -> web.Application:
-    async def metrics(_request):
-        return web.Response(body=generate_latest(app.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+def metrics_pages(app: "ProxyApp") -> dict[str, Page]:
+    async def metrics():
+        return 200, CONTENT_TYPE_LATEST, generate_latest(app.registry)
 
-    web_app = web.Application()
-    web_app.add_routes([web.get("/metrics", metrics), web.get("/stats/prometheus", metrics)])
-    return web_app
+    return {"/metrics": metrics, "/stats/prometheus": metrics}
 
 
-def ready_app(app: "ProxyApp") -> web.Application:
-    async def ready(_request):
+def ready_pages(app: "ProxyApp") -> dict[str, Page]:
+    async def ready():
         if app.ready:
-            return web.Response(text="ready\n")
-        return web.Response(status=503, text="not ready: waiting for the agent's pod snapshot\n")
+            return 200, "text/plain", b"ready\n"
+        return 503, "text/plain", b"not ready: waiting for the agent's pod snapshot\n"
 
-    web_app = web.Application()
-    web_app.add_routes([web.get("/healthz/ready", ready)])
-    return web_app
+    return {"/healthz/ready": ready}

@@ -26,10 +26,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from shoal.agent.ztunnel.admin import admin_app, metrics_app, ready_app
+from shoal.agent.ztunnel.admin import HttpEndpoint, admin_pages, metrics_pages, ready_pages
 from shoal.agent.ztunnel.config import ProxyConfig
 from shoal.agent.ztunnel.identity import IdentityManager, Signer
 from shoal.agent.ztunnel.netns import NetnsHandle
@@ -76,7 +75,7 @@ class ProxyApp:
         self.pods = PodRegistry(self.ctx)
         self.zds = ZdsServer(config.zds_path, self.pods, on_error=lambda r: self.metrics.reject("zds", "message"))
         self._serve_http = serve_http
-        self._runners: list[web.AppRunner] = []
+        self._endpoints: list[HttpEndpoint] = []
         self._tasks: list[asyncio.Task] = []
         self.retiring = asyncio.Event()
         # Markers name this instance, not just the pid (two instances may share a pid in tests).
@@ -121,14 +120,12 @@ class ProxyApp:
 
     async def _start_http(self) -> None:
         home = self.config.http_address
-        for factory, host, port in ((admin_app, self.config.admin_address, self.config.admin_port),
-                                    (metrics_app, home, self.config.metrics_port),
-                                    (ready_app, home, self.config.ready_port)):
-            runner = web.AppRunner(factory(self), access_log=None)
-            await runner.setup()
-            # reuse_port: a successor binds beside us during a handover.
-            await web.TCPSite(runner, host, port, reuse_port=True).start()
-            self._runners.append(runner)
+        for pages, host, port in ((admin_pages, self.config.admin_address, self.config.admin_port),
+                                  (metrics_pages, home, self.config.metrics_port),
+                                  (ready_pages, home, self.config.ready_port)):
+            endpoint = HttpEndpoint(pages(self), on_bad_request=lambda: self.metrics.reject("http", "bad_request"))
+            await endpoint.start(host, port)
+            self._endpoints.append(endpoint)
 
     async def _rotate(self) -> None:
         while True:
@@ -181,9 +178,9 @@ class ProxyApp:
         for session in list(self.ctx.inbound_sessions):
             session.close()
         self.pods.close()
-        for runner in self._runners:
-            await runner.cleanup()
-        self._runners.clear()
+        for endpoint in self._endpoints:
+            await endpoint.close()
+        self._endpoints.clear()
         if self._config_client is not None:
             await self._config_client.close()
         for name in ("proxy.pid", "proxy.ready"):

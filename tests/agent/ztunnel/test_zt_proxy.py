@@ -475,6 +475,11 @@ async def test_admin_metrics_and_readiness_endpoints(pod_netns, state, ca, tmp_p
         status, metrics = await get(ports["metrics_port"], "/metrics")
         assert status == 200 and 'istio_tcp_connections_opened_total{' in metrics
         assert 'connection_security_policy="mutual_tls"' in metrics
+        assert (await get(ports["admin_port"], "/nope"))[0] == 404
+        reader, writer = await asyncio.open_connection("127.0.0.1", ports["metrics_port"])
+        writer.write(b"\x16\x03\x01garbage\r\n\r\n")
+        assert (await reader.read()).startswith(b"HTTP/1.1 400")
+        assert metric(app, "shoal_proxy_rejected_total", listener="http", reason="bad_request") == 1
         agent.cancel()
     finally:
         echo.close()
