@@ -102,9 +102,10 @@ class AgentApp:
         self.datapath.load()
         self.datapath.pin_programs()
         self.datapath.attach_cgroup(config.node_cgroup)
-        adopted = self.datapath.maps.adopted
-        log.info("programs loaded and attached to %s; maps %s", config.node_cgroup,
-                 f"adopted ({', '.join(adopted)})" if adopted else "created")
+        adopted, replaced = self.datapath.maps.adopted, self.datapath.maps.replaced
+        log.info("programs loaded and attached to %s; maps %s%s", config.node_cgroup,
+                 f"adopted ({', '.join(adopted)})" if adopted else "created",
+                 f"; replaced after a layout change ({', '.join(replaced)})" if replaced else "")
         self.maps = DatapathMaps(config.pin_dir)
         self.metrics = AgentMetrics(self.registry, self.maps.counters, self.maps.cost_histograms)
         reconciler = MapReconciler(config.node, self.state, self.maps, self.metrics)

@@ -91,6 +91,19 @@ class ProgInfo(ctypes.Structure):
                 ("name", ctypes.c_char * 16)]
 
 
+class MapInfo(ctypes.Structure):
+    """The head of struct bpf_map_info."""
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
+                ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32),
+                ("map_flags", ctypes.c_uint32), ("name", ctypes.c_char * 16)]
+
+
+def map_info(fd: int) -> MapInfo:
+    info = MapInfo()
+    _call(OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info)))
+    return info
+
+
 def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, name: str) -> int:
     attr = _MapCreateAttr(map_type=map_type, key_size=key_size, value_size=value_size,
                           max_entries=max_entries, map_name=name[:15].encode())

@@ -81,6 +81,7 @@ class PinnedMaps:
         self.pin_dir = Path(pin_dir)
         self.fds: dict[str, int] = {}
         self.adopted: list[str] = []
+        self.replaced: list[str] = []
         if create:
             self.pin_dir.mkdir(parents=True, exist_ok=True)
         for spec in MAPS:
@@ -90,11 +91,22 @@ class PinnedMaps:
         path = self.pin_dir / spec.name
         try:
             fd = bpfsys.obj_get(path)
-            self.adopted.append(spec.name)
-            return fd
         except bpfsys.BpfError as err:
             if err.errno != errno.ENOENT or not create:
                 raise
+        else:
+            info = bpfsys.map_info(fd)
+            found = (info.type, info.key_size, info.value_size, info.max_entries)
+            wanted = (spec.map_type, spec.key_size, spec.value_size, spec.max_entries)
+            if found == wanted or not create:
+                self.adopted.append(spec.name)
+                return fd
+            # An upgrade changed this map's layout: programs must never see the old one.
+            log.warning("pinned map %s has layout %s, this agent needs %s: replacing it (its entries are lost)",
+                        spec.name, found, wanted)
+            os.close(fd)
+            path.unlink()
+            self.replaced.append(spec.name)
         fd = bpfsys.map_create(spec.map_type, spec.key_size, spec.value_size, spec.max_entries, spec.name)
         bpfsys.obj_pin(fd, path)
         return fd
