@@ -64,11 +64,12 @@ def test_policy_drop_shows_dropped_with_reason(demo_cluster):
     try:
         def dropped():
             pod_exec(layout, "demo/client-0", "curl", "-s", "--max-time", "2", "telnet://db:7000", check=False)
-            out = shoal_cli(layout, "observe", "--verdict", "DROPPED", "--to-pod", "demo/db", "--last", "5",
-                            check=False).stdout
+            # The deny hits connect() to the ClusterIP: the destination is the db service.
+            out = shoal_cli(layout, "observe", "--verdict", "DROPPED", "--from-pod", "demo/client-0",
+                            "--to-service", "demo/db", "--last", "5", check=False).stdout
             return out if "DROPPED" in out else None
 
         line = eventually(dropped, "a DROPPED flow to db").splitlines()[-1]
-        assert "demo/client-0" in line and "Policy denied" in line
+        assert "demo/client-0" in line and "demo/db:7000" in line and "Policy denied" in line
     finally:
         shoal_cli(layout, "delete", "-f", "-", input=DENY_DB, check=False)
