@@ -18,9 +18,8 @@ class HubbleConfig:
     unix_socket: Path | None = None
     tcp_address: str | None = f"0.0.0.0:{PORT_HUBBLE}"
     capacity: int = DEFAULT_CAPACITY
-    # Per-follower queue: a client that lets this many responses pile up is cut.
-    follower_queue: int = 4096
-    # A follower stuck in a write longer than this is cut too.
+    # Followers read the ring by position: one that falls a whole ring behind is cut, and
+    # so is one stuck in a write (client not reading) for longer than this.
     slow_client_timeout_s: float = 5.0
     # How often the kernel's lost-record counter is turned into lost_events records.
     lost_poll_interval_s: float = 1.0
@@ -29,8 +28,8 @@ class HubbleConfig:
     def __post_init__(self) -> None:
         if self.capacity < 1:
             raise ValueError(f"flow store capacity must be >= 1, got {self.capacity}")
-        if self.follower_queue < 1:
-            raise ValueError(f"follower queue must be >= 1, got {self.follower_queue}")
+        if self.slow_client_timeout_s <= 0:
+            raise ValueError(f"slow client timeout must be > 0, got {self.slow_client_timeout_s}")
 
     @classmethod
     def for_node(cls, layout: ClusterLayout, node: str, **overrides) -> "HubbleConfig":
