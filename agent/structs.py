@@ -59,6 +59,7 @@ class Counter(enum.IntEnum):
     TC_RUNS = 12
     SOCKOPS_NS = 13
     SOCKOPS_RUNS = 14
+    TC_MALFORMED = 15
 
 
 COUNTER_MAX = len(Counter)

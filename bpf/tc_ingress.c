@@ -41,7 +41,10 @@ int shoal_tc_ingress(struct __sk_buff *skb)
         struct ipv6hdr_min { __u32 vtc; __u16 len; __u8 nexthdr; __u8 hop; } *ip6 = (void *)(eth + 1);
         if ((void *)(ip6 + 1) > data_end)
             return TC_ACT_OK;
-        return ip6->nexthdr == IPPROTO_TCP ? TC_ACT_SHOT : TC_ACT_OK;
+        if (ip6->nexthdr != IPPROTO_TCP)
+            return TC_ACT_OK;
+        count(COUNTER_TC_MALFORMED, 1);
+        return TC_ACT_SHOT;
     }
     if (eth->h_proto != bpf_htons(ETH_P_IP))
         return TC_ACT_OK;
@@ -50,11 +53,14 @@ int shoal_tc_ingress(struct __sk_buff *skb)
         return TC_ACT_OK;
     if (ip->protocol != IPPROTO_TCP)
         return TC_ACT_OK;
-    if (ip->ihl != 5)
-        return TC_ACT_SHOT;  /* IP options: not worth parsing, and a classic evasion trick */
+    /* IP options and fragments: classic evasion tricks. A fragment has no (or a partial)
+     * TCP header here, and reassembly happens after tc, where our socket assignment
+     * would not survive: a fragmented SYN could reach the app. TCP sets DF anyway. */
     struct tcphdr *tcp = (void *)(ip + 1);
-    if ((void *)(tcp + 1) > data_end)
+    if (ip->ihl != 5 || (ip->frag_off & bpf_htons(0x3fff)) || (void *)(tcp + 1) > data_end) {
+        count(COUNTER_TC_MALFORMED, 1);
         return TC_ACT_SHOT;
+    }
 
     __u64 start = bpf_ktime_get_ns();
     struct bpf_sock_tuple tuple = {};

@@ -83,6 +83,7 @@ enum shoal_counter {
     COUNTER_TC_RUNS,
     COUNTER_SOCKOPS_NS,
     COUNTER_SOCKOPS_RUNS,
+    COUNTER_TC_MALFORMED,       /* dropped: IPv4 options, fragments, truncated TCP, TCP over IPv6 */
     COUNTER_MAX,
 };
 

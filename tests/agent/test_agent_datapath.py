@@ -278,3 +278,44 @@ def test_l4_deny_drops_inbound_syn_at_tc(agent_bed, datapath, meshed_b, events):
     finally:
         maps.sync_policies({})
         maps.sync_endpoints({})
+
+
+FRAGMENTED_SYN = r"""
+import socket, struct, sys
+src, dst, dport = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+def checksum(data):
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+payload = b"x" * 16
+tcp = struct.pack("!HHIIBBHHH", 40999, dport, 1, 0, 5 << 4, 0x02, 65535, 0, 0)
+pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(tcp) + len(payload))
+tcp = tcp[:16] + struct.pack("!H", checksum(pseudo + tcp + payload)) + tcp[18:] + payload
+sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+# the first fragment carries the whole TCP header: it looks like a plain SYN to a parser
+for offset, more, chunk in ((0, 1, tcp[:24]), (3, 0, tcp[24:])):   # offsets in 8-byte units
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(chunk), 777, (more << 13) | offset, 64, 6, 0,
+                         socket.inet_aton(src), socket.inet_aton(dst))
+    sock.sendto(header + chunk, (dst, 0))
+print("sent")
+"""
+
+
+def test_fragmented_tcp_never_reaches_the_app(agent_bed, datapath, meshed_b):
+    _dp, maps = datapath
+    before = maps.counters()["tc_malformed"]
+    proc = agent_bed.a.spawn(sys.executable, "-c", FRAGMENTED_SYN, agent_bed.a.ip, agent_bed.b.ip, "8080")
+    out, err = proc.communicate(timeout=20)
+    assert "sent" in out, err
+    time.sleep(0.3)
+    assert maps.counters()["tc_malformed"] >= before + 2
+    for port in (8080, PORT_INBOUND_PLAINTEXT):
+        meshed_b[port].settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            meshed_b[port].accept()
+        meshed_b[port].settimeout(3)
