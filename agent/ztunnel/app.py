@@ -83,7 +83,7 @@ class ProxyApp:
 
     @property
     def ready(self) -> bool:
-        return self.pods.snapshot_done.is_set() and not self.retiring.is_set()
+        return self.pods.snapshot_done.is_set() and self.ctx.config_synced.is_set() and not self.retiring.is_set()
 
     def _controller_signer(self) -> Signer:
         async def sign(csr_pem: bytes):
@@ -108,7 +108,11 @@ class ProxyApp:
         await self.zds.start()  # from here on the agent's (re)connects reach us
         self._write_marker("proxy.pid")
         if self.config.controller or self._config_client is not None:
-            self._tasks.append(asyncio.ensure_future(self._client().run()))
+            client = self._client()
+            self._tasks.append(asyncio.ensure_future(client.run()))
+            self._tasks.append(asyncio.ensure_future(self._mark_synced(client.synced)))
+        else:
+            self.ctx.config_synced.set()  # state handed in (tests, benches): nothing to wait for
         self._tasks.append(asyncio.ensure_future(self._rotate()))
         self._tasks.append(asyncio.ensure_future(self._announce_ready()))
         if self._serve_http:
@@ -133,6 +137,10 @@ class ProxyApp:
             rotated = await self.ctx.identities.rotate_due()
             if rotated:
                 self.metrics.certs_rotated.inc(rotated)
+
+    async def _mark_synced(self, synced: asyncio.Event) -> None:
+        await synced.wait()
+        self.ctx.config_synced.set()
 
     async def _announce_ready(self) -> None:
         await self.pods.snapshot_done.wait()

@@ -105,6 +105,14 @@ async def handle_outbound(ctx: "ProxyContext", pod: "EnrolledPod", conn: socket.
         reset_connection(conn)
         return
     dst_ip, dst_port = original
+    if not ctx.config_synced.is_set():
+        try:
+            await asyncio.wait_for(ctx.config_synced.wait(), ctx.config.connect_timeout)
+        except asyncio.TimeoutError:
+            ctx.metrics.reject("outbound", "config_not_synced")
+            log.warning("outbound from %s to %s:%d refused: no config yet", pod.info.name, dst_ip, dst_port)
+            reset_connection(conn)
+            return
     route = plan_route(ctx.state, dst_ip, dst_port)
     rec = ConnectionRecord("source", pod.info.ip, peer[1], dst_ip, dst_port,
                            src_workload=ctx.state.workload(pod.info.uid) or pod.workload_stub(),

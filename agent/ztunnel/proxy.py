@@ -42,6 +42,9 @@ class ProxyContext:
     origdst: OriginalDestinations | None
     home: NetnsHandle
     inbound_sessions: set = field(default_factory=set)
+    # Set once the config stream delivered its first snapshot: before that an unknown
+    # destination might be a meshed pod, and guessing "plaintext" would leak.
+    config_synced: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Acceptor:

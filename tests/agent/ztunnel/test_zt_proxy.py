@@ -178,6 +178,19 @@ async def test_allow_policy_for_another_account_denies_with_401(harness, state):
     assert harness.echo.peers == []
 
 
+async def test_no_guessing_before_the_config_stream_synced(harness):
+    harness.app.ctx.config_synced.clear()  # e.g. a proxy just restarted, controller slow
+    reader, writer = await harness.connect_via_proxy(SERVER_IP, APP_PORT)
+    writer.write(b"hello")
+    with pytest.raises(ConnectionError):
+        if not await asyncio.wait_for(reader.read(), 5):
+            raise ConnectionResetError("closed")
+    assert metric(harness.app, "shoal_proxy_rejected_total", reason="config_not_synced") == 1
+    assert harness.echo.peers == []  # nothing went out in plaintext meanwhile
+    harness.app.ctx.config_synced.set()
+    assert await harness.echo_roundtrip() == b"hello"
+
+
 async def test_upstream_down_gives_503(harness):
     reader, writer = await harness.connect_via_proxy(SERVER_IP, 8999)
     with pytest.raises(ConnectionError):
