@@ -143,7 +143,9 @@ class ProxyApp:
         self.ctx.config_synced.set()
 
     async def _announce_ready(self) -> None:
+        # A predecessor stops accepting only when we can route: pods open AND config in.
         await self.pods.snapshot_done.wait()
+        await self.ctx.config_synced.wait()
         self._write_marker("proxy.ready")
 
     async def retire(self) -> None:
