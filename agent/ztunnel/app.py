@@ -24,7 +24,6 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Callable
 
 from prometheus_client import CollectorRegistry
 

@@ -1,9 +1,7 @@
 """Fixtures for the node proxy: a DevCA, two pod namespaces joined by a veth, an app."""
 from __future__ import annotations
 
-import asyncio
 import os
-import socket
 import subprocess
 import uuid
 
