@@ -56,7 +56,7 @@ def _marker_pid(marker: str) -> int:
 
 class ProxyApp:
     def __init__(self, config: ProxyConfig, *, state: ConfigState | None = None, signer: Signer | None = None,
-                 origdst: OriginalDestinations | None = None, emitter=None, config_client=None,
+                 origdst: OriginalDestinations | None = None, flows: bool = False, config_client=None,
                  serve_http: bool = True):
         self.config = config
         self.registry = CollectorRegistry()
@@ -68,6 +68,11 @@ class ProxyApp:
         identities = IdentityManager(signer, config.trust_domain,
                                      on_error=lambda reason: self.metrics.reject("identity", "svid"))
         pool = HbonePool(on_change=self.metrics.hbone_connections.set)
+        emitter = None
+        if flows:  # L4 flow events to the agent (contract C); drops and counts when it is away
+            from shoal.agent.hubble.emitter import FlowEmitter
+
+            emitter = FlowEmitter(config.flows_path, registry=self.registry, component="proxy")
         self.ctx = ProxyContext(config=config, state=self.state, identities=identities, metrics=self.metrics,
                                 telemetry=Telemetry(self.metrics, emitter, config.node), pool=pool,
                                 origdst=origdst, home=NetnsHandle.current())
@@ -243,15 +248,7 @@ class _LazyOrigdst:
 
 
 async def main(config: ProxyConfig, install_signals: bool = True) -> None:
-    emitter = None
-    try:
-        from shoal.agent.hubble.emitter import FlowEmitter
-    except ImportError:
-        FlowEmitter = None
-    app = ProxyApp(config, origdst=_LazyOrigdst(config))
-    if FlowEmitter is not None:
-        emitter = FlowEmitter(config.flows_path, registry=app.registry, component="proxy")
-        app.ctx.telemetry.emitter = emitter
+    app = ProxyApp(config, origdst=_LazyOrigdst(config), flows=True)
     await app.start()
     done = asyncio.Event()
     loop = asyncio.get_running_loop()
