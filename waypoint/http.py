@@ -7,6 +7,7 @@ connections both speak these, so the pipeline never knows which one it serves.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
 
@@ -151,3 +152,103 @@ class StreamPair:
 
     def close(self) -> None:
         self.writer.close()
+
+
+class TcpStream(asyncio.Protocol):
+    """A TCP connection as a ``Tunnel``, straight on the transport (no StreamReader/Writer).
+
+    Received chunks are handed out as they came (no copying into one buffer); past
+    ``high_water`` unread bytes the socket stops being read, which is the backpressure
+    towards a fast sender. Half-close is kept: EOF from the peer ends ``read`` but the
+    answer can still be written.
+    """
+
+    def __init__(self, high_water: int = 256 * 1024) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._high_water = high_water
+        self._reading_paused = False
+        self._eof = False
+        self._lost = False
+        self._error: Exception | None = None
+        self._read_waiter: asyncio.Future | None = None
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future | None = None
+
+    # -- asyncio.Protocol
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > self._high_water and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake_reader()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake_reader()
+        return True  # keep our direction open: the answer may still be on its way
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = self._lost = True
+        self._error = exc
+        self._wake_reader()
+        self._write_paused = False
+        self._wake_drainer()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_drainer()
+
+    def _wake_reader(self) -> None:
+        waiter, self._read_waiter = self._read_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _wake_drainer(self) -> None:
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- Tunnel
+    async def read(self, n: int) -> bytes:
+        while not self._chunks:
+            if self._eof:
+                if self._error is not None:
+                    raise ConnectionResetError(str(self._error))
+                return b""
+            self._read_waiter = asyncio.get_running_loop().create_future()
+            await self._read_waiter
+        data = self._chunks.popleft()
+        self._buffered -= len(data)
+        if self._reading_paused and self._buffered <= self._high_water // 2 and not self._lost:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        return data
+
+    def write(self, data: bytes) -> None:
+        if self._lost:
+            raise ConnectionResetError("connection lost")
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        while self._write_paused and not self._lost:
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            await self._drain_waiter
+        if self._lost and self._error is not None:
+            raise ConnectionResetError(str(self._error))
+
+    def write_eof(self) -> None:
+        if self.transport is not None and self.transport.can_write_eof() and not self.transport.is_closing():
+            self.transport.write_eof()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()

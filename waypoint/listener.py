@@ -7,14 +7,11 @@ see ``shoal.waypoint.hbone``.
 from __future__ import annotations
 
 import asyncio
-import socket
 from typing import Callable
 
 from .downstream import serve_connection
-from .http import Limits, PeerInfo, StreamPair
+from .http import Limits, PeerInfo, TcpStream
 from .proxy import WaypointProxy
-
-READ_LIMIT = 1 << 20
 
 
 def connection_callbacks(proxy: WaypointProxy, limits: Limits) -> tuple[Callable[[str, int], None], Callable[[str], None]]:
@@ -33,14 +30,17 @@ async def start_plaintext(proxy: WaypointProxy, limits: Limits, host: str = "127
                           destination: tuple[str, int] | None = None) -> asyncio.Server:
     """Plain HTTP on ``host:port``; ``destination`` (ip, port) plays the role of the HBONE target."""
     reject, on_protocol = connection_callbacks(proxy, limits)
+    loop = asyncio.get_running_loop()
+    connections: set[asyncio.Task] = set()  # strong references to the per-connection tasks
 
-    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        ip, src_port = writer.get_extra_info("peername")[:2]
-        dst_ip, dst_port = destination or ("", 0)
-        peer = PeerInfo(ip, src_port, destination_ip=dst_ip, destination_port=dst_port)
-        await serve_connection(StreamPair(reader, writer), peer, proxy.handle, limits, reject, on_protocol)
+    class Accepted(TcpStream):
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            super().connection_made(transport)
+            ip, src_port = transport.get_extra_info("peername")[:2]
+            dst_ip, dst_port = destination or ("", 0)
+            peer = PeerInfo(ip, src_port, destination_ip=dst_ip, destination_port=dst_port)
+            task = loop.create_task(serve_connection(self, peer, proxy.handle, limits, reject, on_protocol))
+            connections.add(task)
+            task.add_done_callback(connections.discard)
 
-    return await asyncio.start_server(on_connection, host, port, limit=READ_LIMIT, backlog=1024)
+    return await loop.create_server(Accepted, host, port, backlog=1024)

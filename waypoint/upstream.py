@@ -16,7 +16,7 @@ from typing import AsyncIterator, Protocol
 
 import h11
 
-from .http import Body, Tunnel
+from .http import Body, TcpStream, Tunnel
 from .model import ConnectionPoolPolicy
 from .resilience import CONNECT_FAILURE, RESET
 
@@ -65,11 +65,10 @@ class TcpConnector:
         self.connect_timeout = connect_timeout
 
     async def open(self, endpoint: Endpoint) -> Tunnel:
-        from .http import StreamPair
-
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(endpoint.ip, endpoint.port, limit=READ_CHUNK), self.connect_timeout)
-        return StreamPair(reader, writer)
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(self.connect_timeout):
+            _, stream = await loop.create_connection(TcpStream, endpoint.ip, endpoint.port)
+        return stream
 
 
 class UpstreamConnection:
