@@ -83,7 +83,7 @@ class Harness:
 async def harness(pod_netns, state, ca, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="shoal.proxy.access")
     config = ProxyConfig(node="node-1", layout=ClusterLayout(name="shoal-test", run_root=tmp_path),
-                         handshake_timeout=1.0, connect_timeout=2.0, drain_grace=2.0, handover_wait=3.0)
+                         handshake_timeout=2.0, connect_timeout=4.0, drain_grace=2.0, handover_wait=3.0)
     origdst = FakeOrigdst()
     app = ProxyApp(config, state=state, signer=ca.sign, origdst=origdst, serve_http=False)
     await app.start()
@@ -230,7 +230,7 @@ async def test_garbage_and_plaintext_http_on_15008_are_refused(harness):
 
 async def test_stalled_handshake_times_out(harness):
     reader, writer = await _raw_15008(harness)
-    await _expect_closed(reader)  # handshake_timeout is 1 s in the fixture
+    await _expect_closed(reader)  # handshake_timeout is 2 s in the fixture
     writer.close()
     assert metric(harness.app, "shoal_proxy_rejected_total", reason="handshake_timeout") == 1
 
@@ -343,7 +343,7 @@ async def test_client_verifies_server_identity(harness, state):
 
 async def _make_app(tmp_path, state, signer, origdst, serve_http=False, **overrides) -> ProxyApp:
     config = ProxyConfig(node="node-1", layout=ClusterLayout(name="shoal-test", run_root=tmp_path),
-                         handshake_timeout=1.0, connect_timeout=2.0, drain_grace=3.0, handover_wait=3.0,
+                         handshake_timeout=2.0, connect_timeout=4.0, drain_grace=3.0, handover_wait=5.0,
                          **overrides)
     app = ProxyApp(config, state=state, signer=signer, origdst=origdst, serve_http=serve_http)
     await app.start()
