@@ -1,0 +1,32 @@
+"""The node proxy's config: flags and environment, read once into a frozen dataclass."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from shoal.agent.ztunnel.config import ProxyConfig
+
+
+def test_environment_of_the_local_cluster():
+    config = ProxyConfig.from_args([], env={"SHOAL_NODE": "node-2", "SHOAL_CLUSTER": "c1",
+                                            "SHOAL_CONTROLLER": "172.18.0.1:15012", "SHOAL_TOKEN_FILE": "/t",
+                                            "SHOAL_CERT_TTL": "600"})
+    assert (config.node, config.layout.name, config.controller, config.token_file) == \
+        ("node-2", "c1", "172.18.0.1:15012", "/t")
+    assert config.cert_ttl_seconds == 600
+    assert config.zds_path.endswith("/c1/node-2/zds.sock") and config.flows_path.endswith("/c1/node-2/flows.sock")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.node = "x"
+
+
+def test_flags_win_over_environment():
+    config = ProxyConfig.from_args(["--node", "node-1", "--drain-grace", "5"], env={"SHOAL_NODE": "node-9"})
+    assert config.node == "node-1" and config.drain_grace == 5
+
+
+@pytest.mark.parametrize("argv", [[], ["--node", "n", "--cert-ttl", "-1"], ["--node", "n", "--handshake-timeout", "0"],
+                                  ["--node", "n", "--admin-port", "x"]])
+def test_bad_arguments_are_refused(argv):
+    with pytest.raises(SystemExit):
+        ProxyConfig.from_args(argv, env={})
