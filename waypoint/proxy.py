@@ -20,7 +20,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Protocol
+from typing import Callable, Iterable, Protocol
 
 from shoal.xds.model import Authorization
 

@@ -1,6 +1,7 @@
 """`shoal waypoint` against a real controller store and local API; the launcher's Deployments."""
 import asyncio
 import threading
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -73,7 +74,7 @@ def test_apply_list_delete(api):
     for _ in range(50):
         if api.get("Deployment", "demo", "waypoint"):
             break
-        import time; time.sleep(0.05)
+        time.sleep(0.05)
     dep = api.get("Deployment", "demo", "waypoint")
     container = dep["spec"]["template"]["spec"]["containers"][0]
     assert container["command"][1:] == ["-m", "shoal.waypoint"]
@@ -89,7 +90,7 @@ def test_apply_list_delete(api):
     for _ in range(50):
         if not api.get("Deployment", "demo", "waypoint"):
             break
-        import time; time.sleep(0.05)
+        time.sleep(0.05)
     assert api.get("Deployment", "demo", "waypoint") is None
     assert not [p for p in api.list("Pod", "demo") if p["metadata"]["labels"].get(LABEL_GATEWAY_NAME)]
 

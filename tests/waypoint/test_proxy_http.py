@@ -1,7 +1,6 @@
 """End to end over loopback: HTTP/1.1 and HTTP/2 through the waypoint to real backends."""
 import asyncio
 import json
-import socket
 import time
 
 import aiohttp

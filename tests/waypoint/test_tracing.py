@@ -1,5 +1,4 @@
 """W3C trace context and OTLP export of the waypoint's spans."""
-import asyncio
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
