@@ -19,12 +19,11 @@ from prometheus_client import CollectorRegistry
 
 from shoal.agent import compiler
 from shoal.agent.config import AgentConfig
-from shoal.agent.enrolment import Enroller, LocalPodNetns
+from shoal.agent.enrolment import Enroller, LocalPodNetns, PodPrograms
 from shoal.agent.flowevents import RingBufferReader
 from shoal.agent.loader import Datapath
 from shoal.agent.mapsync import DatapathMaps
 from shoal.agent.metrics import AgentMetrics
-from shoal.agent.netns import attach_tc_ingress
 from shoal.agent.zdslink import ZdsProxyLink
 from shoal.xds import model as m
 from shoal.xds.client import ConfigClient, read_token
@@ -110,16 +109,17 @@ class AgentApp:
         self.metrics = AgentMetrics(self.registry, self.maps.counters, self.maps.cost_histograms)
         reconciler = MapReconciler(config.node, self.state, self.maps, self.metrics)
         proxy = ZdsProxyLink(config.zds_socket)
-        enroller = Enroller(config.node, self.maps, self.datapath.tc_program_fd(), self._netns_resolver(),
-                            config.enrolment_state, proxy)
+        programs = PodPrograms(self.datapath.tc_program_fd(), self.datapath.sk_lookup_program_fd(),
+                               config.pin_dir / "links")
+        enroller = Enroller(config.node, self.maps, programs, self._netns_resolver(), config.enrolment_state, proxy)
         if enroller.enrolled:
             log.info("adopting %d enrolled pods from %s", len(enroller.enrolled), config.enrolment_state)
-        # Re-attach tc with this agent's program (atomic replace), so everyone runs the same code.
+        # Re-attach tc and sk_lookup with this agent's programs (atomic replace), so every pod runs the same code.
         for pod in enroller.enrolled.values():
             try:
-                await asyncio.to_thread(attach_tc_ingress, pod.netns_path, self.datapath.tc_program_fd())
+                await asyncio.to_thread(programs.attach, pod.netns_path, pod.cookie)
             except (OSError, RuntimeError) as err:
-                log.warning("re-attach tc for %s/%s: %s (reconciled later)", pod.namespace, pod.name, err)
+                log.warning("re-attach for %s/%s: %s (reconciled later)", pod.namespace, pod.name, err)
 
         def on_delta(delta: m.ConfigDelta) -> None:
             try:

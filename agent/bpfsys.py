@@ -19,9 +19,12 @@ _SYS_BPF = 321  # x86_64
 MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY = 0, 1, 2, 3, 4
 OBJ_PIN, OBJ_GET, PROG_ATTACH, PROG_DETACH = 6, 7, 8, 9
 PROG_GET_FD_BY_ID, OBJ_GET_INFO_BY_FD, PROG_QUERY = 13, 15, 16
+LINK_CREATE, LINK_UPDATE = 28, 29
 
 # bpf_map_type
-MAP_TYPE_HASH, MAP_TYPE_PERCPU_ARRAY, MAP_TYPE_LRU_HASH, MAP_TYPE_RINGBUF = 1, 6, 9, 27
+MAP_TYPE_HASH, MAP_TYPE_PERCPU_ARRAY, MAP_TYPE_LRU_HASH, MAP_TYPE_SOCKHASH, MAP_TYPE_RINGBUF = 1, 6, 9, 18, 27
+PROG_TYPE_SK_LOOKUP = 30
+ATTACH_SK_LOOKUP = 36
 # bpf_attach_type
 ATTACH_CGROUP_SOCK_OPS, ATTACH_CGROUP_INET4_CONNECT, ATTACH_CGROUP_INET4_GETPEERNAME = 3, 10, 29
 BPF_ANY = 0
@@ -172,6 +175,24 @@ def prog_attach(prog_fd: int, target_fd: int, attach_type: int, flags: int = 0) 
 
 def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> None:
     _call(PROG_DETACH, _AttachAttr(target_fd=target_fd, attach_bpf_fd=prog_fd, attach_type=attach_type))
+
+
+class _LinkCreateAttr(ctypes.Structure):
+    _fields_ = [("prog_fd", ctypes.c_uint32), ("target_fd", ctypes.c_uint32),
+                ("attach_type", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
+class _LinkUpdateAttr(ctypes.Structure):
+    _fields_ = [("link_fd", ctypes.c_uint32), ("new_prog_fd", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    return _call(LINK_CREATE, _LinkCreateAttr(prog_fd=prog_fd, target_fd=target_fd, attach_type=attach_type))
+
+
+def link_update(link_fd: int, new_prog_fd: int) -> None:
+    """Swap the program behind a link atomically (adoption by a new agent)."""
+    _call(LINK_UPDATE, _LinkUpdateAttr(link_fd=link_fd, new_prog_fd=new_prog_fd))
 
 
 def prog_query(target_fd: int, attach_type: int) -> list[int]:

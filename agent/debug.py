@@ -44,7 +44,8 @@ def _programs(pin_dir: Path, cgroup: Path) -> list[dict]:
             if spec.attach_type is not None:
                 row["attached_to"] = str(cgroup) if info.id in attached.get(spec.attach_type, ()) else None
             else:
-                row["attached_to"] = "tc ingress of each enrolled pod"
+                row["attached_to"] = ("tc ingress of each enrolled pod" if spec.name == "tc_ingress"
+                                      else "a link in each enrolled pod's netns")
         out.append(row)
     return out
 
@@ -76,7 +77,8 @@ def collect(layout: ClusterLayout, node: str) -> dict:
                 except (NetnsError, OSError) as err:
                     tc = [f"error: {err}"]
             pods.append({"pod": f"{known.get('namespace', '?')}/{known.get('name', '?')}", "ip": info["ip"],
-                         "identity": info["identity"], "netns_cookie": cookie, "tc": tc})
+                         "identity": info["identity"], "netns_cookie": cookie, "tc": tc,
+                         "sk_lookup": (pin_dir / "links" / f"sk_lookup_{cookie}").exists()})
         endpoints = [{"ip": ip, "identity": e.identity, "ns_id": e.ns_id, "flags": _flags(e.flags)}
                      for ip, e in sorted(maps.endpoints().items())]
         services = [{"service": f"{vip}:{port}", "backends": [f"{ip}:{p}" for ip, p in backends]}

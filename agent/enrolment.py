@@ -21,7 +21,9 @@ from typing import Iterable, Protocol
 
 from shoal.agent.compiler import namespace_id, validate_workload
 from shoal.agent.mapsync import DatapathMaps
-from shoal.agent.netns import NetnsError, attach_tc_ingress, detach_tc_ingress, netns_cookie
+from shoal.agent.netns import (
+    NetnsError, attach_sk_lookup, attach_tc_ingress, detach_sk_lookup, detach_tc_ingress, netns_cookie,
+)
 from shoal.config import ClusterLayout
 from shoal.xds import model as m
 
@@ -42,6 +44,25 @@ class EnrolledPod:
     def same_pod(self, workload: m.Workload, netns_path: str) -> bool:
         return (self.ip, self.identity, self.service_account, self.netns_path) == (
             workload.ip, workload.identity, workload.service_account, netns_path)
+
+
+@dataclass(frozen=True)
+class PodPrograms:
+    """What goes into each meshed pod's namespace: tc on eth0, and an sk_lookup link."""
+    tc_fd: int
+    sk_lookup_fd: int
+    links_dir: Path
+
+    def link_pin(self, cookie: int) -> Path:
+        return self.links_dir / f"sk_lookup_{cookie}"
+
+    def attach(self, netns_path: str, cookie: int) -> None:
+        attach_sk_lookup(netns_path, self.sk_lookup_fd, self.link_pin(cookie))   # before tc hands it work
+        attach_tc_ingress(netns_path, self.tc_fd)
+
+    def detach(self, netns_path: str, cookie: int) -> None:
+        detach_tc_ingress(netns_path)
+        detach_sk_lookup(self.link_pin(cookie))
 
 
 class PodNetnsResolver(Protocol):
@@ -67,11 +88,11 @@ class ProxyLink(Protocol):
 
 
 class Enroller:
-    def __init__(self, node: str, maps: DatapathMaps, tc_prog_fd: int, resolver: PodNetnsResolver,
+    def __init__(self, node: str, maps: DatapathMaps, programs: PodPrograms, resolver: PodNetnsResolver,
                  state_file: Path, proxy: ProxyLink | None):
         self.node = node
         self.maps = maps
-        self.tc_prog_fd = tc_prog_fd
+        self.programs = programs
         self.resolver = resolver
         self.state_file = Path(state_file)
         self.proxy = proxy
@@ -145,7 +166,7 @@ class Enroller:
         pod = EnrolledPod(workload.uid, workload.namespace, workload.name, workload.ip,
                           workload.service_account, workload.identity, path, cookie)
         await self.proxy.add(pod)                      # listeners open in the pod first
-        await asyncio.to_thread(attach_tc_ingress, path, self.tc_prog_fd)   # then inbound steering
+        await asyncio.to_thread(self.programs.attach, path, cookie)          # then inbound steering
         self.maps.set_pod(cookie, workload.identity, workload.ip, namespace_id(workload.namespace))
         self.enrolled[pod.uid] = pod
         self._save()
@@ -155,9 +176,9 @@ class Enroller:
         pod = self.enrolled[uid]
         self.maps.remove_pod(pod.cookie)               # outbound capture stops first
         try:
-            await asyncio.to_thread(detach_tc_ingress, pod.netns_path)
+            await asyncio.to_thread(self.programs.detach, pod.netns_path, pod.cookie)
         except (NetnsError, OSError) as err:
-            log.warning("tc detach in %s: %s", pod.netns_path, err)
+            log.warning("tc/sk_lookup detach in %s: %s", pod.netns_path, err)
         if self.proxy is not None and self.proxy.connected:
             try:
                 await self.proxy.remove(uid)

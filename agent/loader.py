@@ -39,8 +39,9 @@ class ProgramSpec:
     name: str          # also the pin name
     source: str        # file in bpf/
     function: str
-    prog_type: str     # bcc BPF.<prog_type>
-    attach_type: int | None  # cgroup attach type; None for tc (attached per pod)
+    prog_type: str | int     # bcc BPF.<prog_type>, or the kernel's number when bcc has no name
+    attach_type: int | None  # cgroup attach type; None for per-pod programs (tc, sk_lookup)
+    expected_attach_type: int | None = None   # checked by the kernel at load time
 
 
 PROGRAMS: tuple[ProgramSpec, ...] = (
@@ -49,6 +50,8 @@ PROGRAMS: tuple[ProgramSpec, ...] = (
     ProgramSpec("getpeername4", "getpeername4.c", "shoal_getpeername4", "CGROUP_SOCK_ADDR",
                 bpfsys.ATTACH_CGROUP_INET4_GETPEERNAME),
     ProgramSpec("tc_ingress", "tc_ingress.c", "shoal_tc_ingress", "SCHED_CLS", None),
+    ProgramSpec("sk_lookup", "sk_lookup.c", "shoal_sk_lookup", bpfsys.PROG_TYPE_SK_LOOKUP, None,
+                bpfsys.ATTACH_SK_LOOKUP),
 )
 CGROUP_PROGRAMS = tuple(p for p in PROGRAMS if p.attach_type is not None)
 
@@ -178,7 +181,10 @@ class Datapath:
                     kwargs = {}
                     if spec.prog_type == "CGROUP_SOCK_ADDR":  # the kernel checks it at load time
                         kwargs["attach_type"] = spec.attach_type
-                    fn = module.load_func(spec.function.encode(), getattr(BPF, spec.prog_type), **kwargs)
+                    if spec.expected_attach_type is not None:
+                        kwargs["attach_type"] = spec.expected_attach_type
+                    prog_type = spec.prog_type if isinstance(spec.prog_type, int) else getattr(BPF, spec.prog_type)
+                    fn = module.load_func(spec.function.encode(), prog_type, **kwargs)
                 except Exception as err:  # bcc raises bare Exception for compile and verify errors
                     failure = err
                 else:
@@ -208,6 +214,9 @@ class Datapath:
 
     def tc_program_fd(self) -> int:
         return self.programs["tc_ingress"].fd
+
+    def sk_lookup_program_fd(self) -> int:
+        return self.programs["sk_lookup"].fd
 
     def start(self, cgroup: Path) -> None:
         self.load()

@@ -145,3 +145,41 @@ def detach_tc_ingress(netns_path: Path | str, ifname: str = "eth0") -> bool:
             raise
         return True
     return _with_iproute(netns_path, detach)
+
+
+def attach_sk_lookup(netns_path: Path | str, prog_fd: int, link_pin: Path) -> None:
+    """Link the sk_lookup program to the namespace, pinned at link_pin (it outlives the
+    agent); an existing link gets the new program atomically (adoption)."""
+    from shoal.agent import bpfsys
+    link_pin = Path(link_pin)
+    if link_pin.exists():
+        link_fd = bpfsys.obj_get(link_pin)
+        try:
+            bpfsys.link_update(link_fd, prog_fd)
+            return
+        except bpfsys.BpfError:   # a link whose namespace is gone: make a new one
+            link_pin.unlink()
+        finally:
+            os.close(link_fd)
+    try:
+        ns_fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError as err:
+        raise NetnsError(f"network namespace {netns_path} does not exist") from err
+    try:
+        link_fd = bpfsys.link_create(prog_fd, ns_fd, bpfsys.ATTACH_SK_LOOKUP)
+    finally:
+        os.close(ns_fd)
+    try:
+        link_pin.parent.mkdir(parents=True, exist_ok=True)
+        bpfsys.obj_pin(link_fd, link_pin)
+    finally:
+        os.close(link_fd)
+
+
+def detach_sk_lookup(link_pin: Path) -> bool:
+    """Unpinning the (otherwise unreferenced) link detaches it."""
+    link_pin = Path(link_pin)
+    if not link_pin.exists():
+        return False
+    link_pin.unlink()
+    return True

@@ -112,6 +112,10 @@ class PolicyValue(ctypes.Structure):
     _fields_ = [("rule_id", ctypes.c_uint32)]
 
 
+class ListenerKey(ctypes.Structure):
+    _fields_ = [("ip", ctypes.c_uint32), ("port", ctypes.c_uint32)]
+
+
 class OrigDst(ctypes.Structure):
     _fields_ = [("ip", ctypes.c_uint32), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
 
@@ -164,6 +168,8 @@ MAPS: tuple[MapSpec, ...] = (
     MapSpec("counters", bpfsys.MAP_TYPE_PERCPU_ARRAY, U32, U64, COUNTER_MAX),
     MapSpec("cost_hist", bpfsys.MAP_TYPE_PERCPU_ARRAY, U32, U64, COST_BUCKETS * len(COST_PROGRAMS)),
     MapSpec("flow_events", bpfsys.MAP_TYPE_RINGBUF, None, None, RINGBUF_BYTES),
+    # the proxy's in-pod listeners, refreshed by tc, read by sk_lookup (value: socket cookie)
+    MapSpec("proxy_listeners", bpfsys.MAP_TYPE_SOCKHASH, ListenerKey, U64, 8192),
 )
 MAP_BY_NAME = {spec.name: spec for spec in MAPS}
 
@@ -171,5 +177,5 @@ MAP_BY_NAME = {spec.name: spec for spec in MAPS}
 C_MIRRORS = {
     "pod_info": PodInfo, "endpoint_info": EndpointInfo, "svc_key": SvcKey, "svc_value": SvcValue,
     "policy_key": PolicyKey, "policy_value": PolicyValue, "orig_dst": OrigDst,
-    "origdst_key": OrigDstKey, "flow_event": FlowRecord,
+    "origdst_key": OrigDstKey, "flow_event": FlowRecord, "listener_key": ListenerKey,
 }

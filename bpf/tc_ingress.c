@@ -6,8 +6,8 @@
  * A packet of an established connection (lookup by its own 4-tuple finds a non-
  * listening socket) is left to the stack: those are the proxy's own connections and
  * connections accepted before enrolment. A lookup that finds a LISTEN socket (the
- * app's, or the proxy's 15006 hit directly), or a SYN reusing a TIME_WAIT tuple, is
- * steered like any new connection.
+ * app's, or the proxy's 15006 hit directly) is steered like any new connection; a SYN
+ * reusing a TIME_WAIT tuple is handed to sk_lookup.c (see there).
  */
 #include "lib/helpers.h"
 
@@ -19,7 +19,8 @@ static __always_inline struct bpf_sock *listener(struct __sk_buff *skb, struct b
 {
     struct bpf_sock_tuple probe = *tuple;
     probe.ipv4.dport = bpf_htons(port);
-    struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &probe, sizeof(probe.ipv4), BPF_F_CURRENT_NETNS, 0);
+    /* a full socket (listeners are), so it can also go into the proxy_listeners sockhash */
+    struct bpf_sock *sk = bpf_sk_lookup_tcp(skb, &probe, sizeof(probe.ipv4), BPF_F_CURRENT_NETNS, 0);
     if (!sk)
         return 0;
     if (sk->state != BPF_TCP_LISTEN) {
@@ -73,13 +74,14 @@ int shoal_tc_ingress(struct __sk_buff *skb)
     __u16 dport = bpf_ntohs(tcp->dest);
     int is_syn = (flags & TCP_SYN) && !(flags & TCP_ACK);
 
+    int time_wait_syn = 0;
     struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
     if (sk) {
         __u32 state = sk->state;
         bpf_sk_release(sk);
-        /* A SYN that hits a TIME_WAIT socket would be handed by the stack to whatever
-         * listens on the original port (the app): steer it like any new connection. */
-        if (state != BPF_TCP_LISTEN && !(state == BPF_TCP_TIME_WAIT && is_syn))
+        if (state == BPF_TCP_TIME_WAIT && is_syn)
+            time_wait_syn = 1;       /* see the sk_lookup hand-off below */
+        else if (state != BPF_TCP_LISTEN)
             return TC_ACT_OK;
     }
     struct flow_event event = {
@@ -114,7 +116,24 @@ int shoal_tc_ingress(struct __sk_buff *skb)
         count(COUNTER_TC_NO_LISTENER, 1);
         return TC_ACT_SHOT;
     }
-    long err = bpf_sk_assign(skb, proxy, 0);
+    long err = 0;
+    if (is_syn) {
+        struct listener_key key = { .ip = ip->daddr, .port = target };
+        err = bpf_map_update_elem(SHOAL_MAP(proxy_listeners), &key, proxy, BPF_ANY);
+    }
+    if (time_wait_syn) {
+        /* The stack would refuse a connection on our listener next to a TIME_WAIT with the
+         * same tuple; its TIME_WAIT path recycles the tuple and then asks sk_lookup (linked
+         * in this namespace) for a listener, which answers with the entry just refreshed. */
+        bpf_sk_release(proxy);
+        if (err)
+            return TC_ACT_SHOT;
+        event.verdict = VERDICT_REDIRECTED;
+        emit_flow(&event);
+        count(COUNTER_TC_STEERED, 1);
+        return TC_ACT_OK;
+    }
+    err = bpf_sk_assign(skb, proxy, 0);
     bpf_sk_release(proxy);
     if (err)
         return TC_ACT_SHOT;

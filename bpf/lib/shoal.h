@@ -143,6 +143,12 @@ struct policy_value {
     __u32 rule_id;   /* crc32 of "<namespace>/<policy name>", for flow events and debug */
 };
 
+/* proxy_listeners (a SOCKHASH): the proxy's in-pod listener for (pod IP, port). */
+struct listener_key {
+    __u32 ip;        /* network order */
+    __u32 port;      /* host order: 15006 or 15008 */
+};
+
 /* Original destination of a captured connect(). */
 struct orig_dst {
     __u32 ip;        /* network order */

@@ -11,6 +11,8 @@ all named shoal-pc<pid>-*), with the real programs loaded by the real loader:
   same server, same socket path, the difference is the capture.
 - `capture.connect_rr[socket-lb]`: pod b (unmeshed) to pod a's :8080, `direct` to the
   pod IP, `socket-lb` to a Service VIP rewritten by connect4.
+- `capture.connect_rr[inbound]`: pod b to pod a's :8080, `direct` without tc, `steered`
+  with tc in pod a (every packet looked up, the SYN assigned to the :15006 listener).
 - `capture.kernel_cost`: the in-kernel time per connection as the programs measure it
   (bpf_ktime_get_ns around the work, into a per-CPU log2 histogram; the median, since
   a preempted run would swamp a mean); the agent exports the same figures as
@@ -40,6 +42,7 @@ POD_A, POD_B = "10.99.7.2", "10.99.7.3"
 VIP = "10.96.77.7"
 OUTBOUND = "capture.connect_rr[outbound]"
 SOCKET_LB = "capture.connect_rr[socket-lb]"
+INBOUND = "capture.connect_rr[inbound]"
 KERNEL_COST = "capture.kernel_cost"
 
 SERVER = textwrap.dedent("""
@@ -52,6 +55,7 @@ SERVER = textwrap.dedent("""
             conn, _ = sock.accept()
             conn.recv(16); conn.sendall(b"y"); conn.close()
     threading.Thread(target=serve, args=("0.0.0.0", 8080), daemon=True).start()
+    threading.Thread(target=serve, args=("0.0.0.0", 15006), daemon=True).start()
     print("ready", flush=True)
     serve("127.0.0.1", 15001)
 """)
@@ -180,6 +184,27 @@ def _policy_latency(maps, samples: int, workloads: int) -> list[float]:
     return latencies
 
 
+def _inbound(ctx: Context, bed: CaptureBed, datapath, maps, count: int) -> Iterator[Measurement]:
+    from shoal.agent.netns import attach_tc_ingress, detach_tc_ingress
+    netns = f"/run/netns/{bed.netns['a']}"
+    paths = {PATH_DIRECT: [], "steered": []}
+    cost = []
+    for _ in range(ctx.repetitions):
+        paths[PATH_DIRECT].append(_loop(bed, "b", POD_A, 8080, count))
+        attach_tc_ingress(netns, datapath.tc_program_fd())
+        try:
+            before = maps.cost_histograms()
+            paths["steered"].append(_loop(bed, "b", POD_A, 8080, count))
+            cost.append(_kernel_ns(before, maps.cost_histograms(), ("tc",)))
+        finally:
+            detach_tc_ingress(netns)
+    for path, samples in paths.items():
+        yield Measurement(INBOUND, path, "per_conn", "us", tuple(samples), better="lower",
+                          note=f"{count} connect+request+close per sample")
+    yield Measurement(KERNEL_COST, "inbound-steer", "per_packet", "ns", tuple(cost), better="lower",
+                      note="p50 of tc_ingress per packet (SYN: two socket lookups + sk_assign)")
+
+
 def run(ctx: Context) -> Iterator[Measurement]:
     from shoal.agent.loader import Datapath, FeatureFlags
     from shoal.agent.mapsync import DatapathMaps
@@ -224,6 +249,7 @@ def run(ctx: Context) -> Iterator[Measurement]:
                               note="p50 of connect4")
             maps.remove_pod(netns_cookie(f"/run/netns/{bed.netns['a']}"))
             maps.sync_services({})
+            yield from _inbound(ctx, bed, datapath, maps, count)
             for workloads in ((200,) if ctx.quick else (200, 2000)):
                 samples = _policy_latency(maps, max(5, ctx.repetitions * 3), workloads)
                 yield Measurement(f"capture.policy_to_map[workloads={workloads}]", "agent", "latency", "ms",
@@ -246,6 +272,8 @@ SCENARIO = Scenario(
                label="capture costs <= 10 us per connection in the kernel"),
         Target(OUTBOUND, "per_conn", "capture", "<=", 10, kind="added", against=PATH_DIRECT,
                label="capture adds <= 10 us per connection, end to end"),
+        Target(INBOUND, "per_conn", "steered", "<=", 10, kind="added", against=PATH_DIRECT,
+               label="inbound steering adds <= 10 us per connection, end to end"),
         Target("capture.policy_to_map[workloads=200]", "latency", "agent", "<=", 10, kind="absolute",
                label="policy change reaches the kernel map <= 10 ms"),
     ),

@@ -217,3 +217,9 @@ def datapath(agent_bed):
     finally:
         maps.close()
         dp.close()
+
+
+def pod_programs(dp, bed: Bed):
+    """tc + sk_lookup for a bed pod, as the enroller attaches them."""
+    from shoal.agent.enrolment import PodPrograms
+    return PodPrograms(dp.tc_program_fd(), dp.sk_lookup_program_fd(), bed.pin_dir / "links")

@@ -10,11 +10,11 @@ import pytest
 
 from shoal.agent.compiler import PolicyEntry
 from shoal.agent.flowevents import RingBufferReader
-from shoal.agent.netns import attach_tc_ingress, detach_tc_ingress, netns_cookie, tc_ingress_programs
+from shoal.agent.netns import netns_cookie, tc_ingress_programs
 from shoal.agent.origdst import OriginalDestinations
 from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND, PROXY_MARK
 
-from tests.agent.agentbed import finish, serve_once
+from tests.agent.agentbed import finish, pod_programs, serve_once
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 
@@ -49,12 +49,14 @@ def meshed_a(agent_bed, datapath):
 def meshed_b(agent_bed, datapath):
     """Pod b enrolled for inbound: tc steering, proxy stand-ins on 15006 and 15008, an app on 8080."""
     dp, _maps = datapath
-    attach_tc_ingress(agent_bed.b.netns_path, dp.tc_program_fd())
+    programs = pod_programs(dp, agent_bed)
+    cookie = netns_cookie(agent_bed.b.netns_path)
+    programs.attach(agent_bed.b.netns_path, cookie)
     listeners = {port: agent_bed.b.listen(port) for port in (PORT_INBOUND_PLAINTEXT, PORT_HBONE, 8080)}
     yield listeners
     for sock in listeners.values():
         sock.close()
-    detach_tc_ingress(agent_bed.b.netns_path)
+    programs.detach(agent_bed.b.netns_path, cookie)
 
 
 def test_outbound_connect_is_captured_with_original_destination(agent_bed, datapath, meshed_a):
@@ -148,24 +150,24 @@ def test_inbound_tcp_is_steered_to_the_proxy(agent_bed, datapath, meshed_b, dpor
     meshed_b[8080].settimeout(3)
 
 
-def test_syn_reusing_a_time_wait_tuple_never_reaches_the_app(agent_bed, datapath, meshed_b):
+def test_syn_reusing_a_time_wait_tuple_goes_to_the_proxy(agent_bed, datapath, meshed_b):
     """The proxy closes first (TIME_WAIT on its side, local port 8080). A new SYN with the
-    same 4-tuple would be handed by the stack's TIME_WAIT logic to the app listening on
-    8080; tc steers it to the proxy instead (where the kernel refuses it while the
-    TIME_WAIT lives: fail closed, the client retries or times out)."""
+    same 4-tuple: the stack's TIME_WAIT path would pick the app's listener on 8080; the
+    sk_lookup program linked in the pod makes it pick the proxy's."""
     sport = 40123
-    client = agent_bed.a.connect(agent_bed.b.ip, 8080, sport=sport, hold=0.3, wait=False)
-    conn, _ = meshed_b[PORT_INBOUND_PLAINTEXT].accept()
-    conn.recv(64)
-    conn.sendall(b"pong")
-    conn.close()                          # active close: the proxy side keeps TIME_WAIT
-    assert finish(client)["ok"]
-    again = agent_bed.a.connect(agent_bed.b.ip, 8080, sport=sport, timeout=1.5, wait=False)
-    meshed_b[8080].settimeout(2)
+    for attempt in range(3):
+        client = agent_bed.a.connect(agent_bed.b.ip, 8080, sport=sport, hold=0.3, timeout=0.9, wait=False)
+        conn, _ = meshed_b[PORT_INBOUND_PLAINTEXT].accept()
+        assert conn.getsockname() == (agent_bed.b.ip, 8080)
+        conn.recv(64)
+        conn.sendall(b"pong")
+        conn.close()                      # active close: the proxy side keeps TIME_WAIT
+        result = finish(client)
+        assert result["ok"] and result["elapsed"] < 0.9, (attempt, result)   # no SYN retransmit
+    meshed_b[8080].settimeout(0.2)
     with pytest.raises(TimeoutError):
         meshed_b[8080].accept()
     meshed_b[8080].settimeout(3)
-    finish(again)
 
 
 def test_meshed_pod_connecting_to_its_own_ip_is_captured(agent_bed, datapath, meshed_a):
@@ -202,8 +204,10 @@ def test_inbound_without_proxy_listener_fails_closed(agent_bed, datapath, meshed
         meshed_b[8080].accept()
 
 
-def test_tc_is_visible_and_detaches(agent_bed, datapath, meshed_b):
+def test_tc_and_sk_lookup_are_attached_in_the_pod(agent_bed, datapath, meshed_b):
+    dp, _maps = datapath
     assert any("shoal" in name for name in tc_ingress_programs(agent_bed.b.netns_path))
+    assert pod_programs(dp, agent_bed).link_pin(netns_cookie(agent_bed.b.netns_path)).exists()
 
 
 def test_l4_deny_fails_connect_at_once_with_a_flow_event(agent_bed, datapath, meshed_a, events):

@@ -16,7 +16,7 @@ from shoal.config import PORT_OUTBOUND
 from shoal.xds import model as m
 from shoal.xds.state import ConfigState
 
-from tests.agent.agentbed import InPodProxy, finish, serve_once
+from tests.agent.agentbed import InPodProxy, finish, pod_programs, serve_once
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 
@@ -50,7 +50,7 @@ async def test_enrol_and_unenrol_follow_the_config(agent_bed, datapath, tmp_path
     await server.start()
     link = ZdsProxyLink(tmp_path / "zds.sock")
     state = ConfigState()
-    enroller = Enroller("node-1", maps, dp.tc_program_fd(), PodNetnsOfBed(agent_bed), tmp_path / "state.json", link)
+    enroller = Enroller("node-1", maps, pod_programs(dp, agent_bed), PodNetnsOfBed(agent_bed), tmp_path / "state.json", link)
     link_task = asyncio.create_task(link.run(enroller.replay))
     try:
         await wait_for(lambda: link.connected)
@@ -60,6 +60,7 @@ async def test_enrol_and_unenrol_follow_the_config(agent_bed, datapath, tmp_path
         cookie = await asyncio.to_thread(netns_cookie, agent_bed.a.netns_path)
         assert set(maps.pods()) == {cookie}
         assert await asyncio.to_thread(tc_ingress_programs, agent_bed.a.netns_path)
+        assert pod_programs(dp, agent_bed).link_pin(cookie).exists()      # sk_lookup linked
         assert not await asyncio.to_thread(tc_ingress_programs, agent_bed.b.netns_path)
         assert ("add", "uid-a") in handler.events
 
@@ -72,7 +73,7 @@ async def test_enrol_and_unenrol_follow_the_config(agent_bed, datapath, tmp_path
         conn.close()
 
         # a restarted agent adopts the enrolled pods from the state file
-        again = Enroller("node-1", maps, dp.tc_program_fd(), PodNetnsOfBed(agent_bed), tmp_path / "state.json", link)
+        again = Enroller("node-1", maps, pod_programs(dp, agent_bed), PodNetnsOfBed(agent_bed), tmp_path / "state.json", link)
         assert set(again.enrolled) == {"uid-a"}
 
         # the label flips: unenrol everything, live
@@ -80,6 +81,7 @@ async def test_enrol_and_unenrol_follow_the_config(agent_bed, datapath, tmp_path
         await enroller.reconcile(state.all_workloads())
         assert maps.pods() == {}
         assert not await asyncio.to_thread(tc_ingress_programs, agent_bed.a.netns_path)
+        assert not pod_programs(dp, agent_bed).link_pin(cookie).exists()
         assert ("del", "uid-a") in handler.events
         app = agent_bed.b.listen(8383)
         client = agent_bed.a.connect(agent_bed.b.ip, 8383, wait=False)
@@ -99,7 +101,7 @@ async def test_enrolment_waits_for_the_proxy_and_replays_on_reconnect(agent_bed,
     link = ZdsProxyLink(tmp_path / "zds.sock", max_backoff=0.2)
     state = ConfigState()
     state.apply(m.ConfigDelta("1", upserted=(workload(agent_bed, "a", True, 3001),)))
-    enroller = Enroller("node-1", maps, dp.tc_program_fd(), PodNetnsOfBed(agent_bed), tmp_path / "state.json", link)
+    enroller = Enroller("node-1", maps, pod_programs(dp, agent_bed), PodNetnsOfBed(agent_bed), tmp_path / "state.json", link)
     await enroller.reconcile(state.all_workloads())
     assert maps.pods() == {} and "uid-a" in enroller.failures   # no proxy: deferred, nothing half-done
     handler = InPodProxy()

@@ -1,0 +1,33 @@
+/* sk_lookup, linked to each meshed pod's network namespace: the stack asks it which
+ * listener gets a new TCP connection, and it always names the proxy's.
+ *
+ * tc already assigns ordinary SYNs (the stack then skips the listener lookup). This
+ * program covers the one path tc cannot: a SYN that reuses the 4-tuple of a TIME_WAIT
+ * socket. The stack recycles the TIME_WAIT and looks a listener up for the original
+ * port (the app's); assigning the listener from tc instead would be refused next to
+ * the TIME_WAIT. tc keeps proxy_listeners fresh (one entry per pod IP and port).
+ * Loopback is left alone: the proxy delivers to the app there, and pod-local
+ * connects are captured by connect4.
+ */
+#include "lib/helpers.h"
+
+#define LOOPBACK_IFINDEX 1
+
+int shoal_sk_lookup(struct bpf_sk_lookup *ctx)
+{
+    if (ctx->family != 2 /* AF_INET */ || ctx->protocol != IPPROTO_TCP)
+        return SK_PASS;
+    if (ctx->ingress_ifindex == LOOPBACK_IFINDEX)
+        return SK_PASS;
+    /* Lookups for the proxy's own ports resolve normally: tc's bpf_sk_lookup_tcp() of
+     * the listener runs through here too, and must find it before the entry exists. */
+    if (ctx->local_port == SHOAL_PORT_INBOUND || ctx->local_port == SHOAL_PORT_HBONE)
+        return SK_PASS;
+    struct listener_key key = { .ip = ctx->local_ip4, .port = SHOAL_PORT_INBOUND };
+    struct bpf_sock *proxy = bpf_map_lookup_elem(SHOAL_MAP(proxy_listeners), &key);
+    if (!proxy)
+        return SK_DROP;   /* no proxy listener known: fail closed, never the app's */
+    long err = bpf_sk_assign(ctx, proxy, 0);
+    bpf_sk_release(proxy);
+    return err ? SK_DROP : SK_PASS;
+}
