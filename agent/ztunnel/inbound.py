@@ -6,9 +6,10 @@
 - 15006, plaintext (the agent's tc program steers other inbound TCP here): refused in
   STRICT mode, authorized without an identity in PERMISSIVE mode, then relayed.
 
-The app is reached from inside the pod's namespace at ``<pod ip>:<port>``, from the
-client's real IP where ``transparent.py`` could set the pod up (app ports 1-15000 and
-15009-32767, IPv4); otherwise the app sees the pod's own IP as the client address.
+The app is reached from inside the pod's namespace at ``127.0.0.1:<port>`` (apps must
+listen on all addresses or loopback), from the client's real IP where ``transparent.py``
+could set the pod up (app ports 1-15000 and 15009-32767, IPv4); otherwise the app sees
+127.0.0.1 as the client address.
 """
 from __future__ import annotations
 
@@ -37,17 +38,19 @@ PROXY_PORTS = frozenset({PORT_OUTBOUND, PORT_INBOUND_PLAINTEXT, PORT_HBONE})
 
 
 async def connect_app(ctx: "ProxyContext", pod: "EnrolledPod", port: int, client_ip: str) -> socket.socket:
-    """A TCP connection from the proxy to the app, made inside the pod's namespace; from
-    the client's own IP when the pod is set up for it (IP_TRANSPARENT), else from the
-    pod's IP."""
+    """A TCP connection from the proxy to the app, made inside the pod's namespace over
+    its loopback: the agent steers every other path to the app back into the proxy
+    (its sk_lookup and tc programs leave only loopback alone). From the client's own IP
+    when the pod is set up for it (IP_TRANSPARENT), else from the loopback address."""
     family = socket.AF_INET6 if ":" in pod.info.ip else socket.AF_INET
+    loopback = "::1" if family == socket.AF_INET6 else "127.0.0.1"
     spoof = pod.transparent and transparent.port_supported(port) and client_ip not in ("", pod.info.ip) \
         and ":" not in client_ip
     sock = pod.netns.socket(family, transparent=spoof)
     try:
         if spoof:
             sock.bind((client_ip, 0))
-        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (pod.info.ip, port)),
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (loopback, port)),
                                ctx.config.connect_timeout)
     except BaseException:
         sock.close()

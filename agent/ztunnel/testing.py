@@ -45,7 +45,7 @@ class EchoServer:
         with ns.entered():
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((ip, port))
+        sock.bind(("0.0.0.0", port))  # the proxy delivers over the pod's loopback
         sock.listen(512)
         sock.setblocking(False)
         ns.close()
