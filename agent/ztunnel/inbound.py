@@ -27,7 +27,7 @@ from shoal.agent.ztunnel.telemetry import (
 )
 from shoal.agent.ztunnel.outbound import reset_connection, join_plain
 from shoal.agent.ztunnel.tunnel import HboneSession, StreamPeer
-from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND
+from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND, PROXY_MARK
 
 if TYPE_CHECKING:
     from shoal.agent.ztunnel.proxy import EnrolledPod, ProxyContext
@@ -159,6 +159,14 @@ async def handle_plaintext(ctx: "ProxyContext", pod: "EnrolledPod", conn: socket
     """One accepted connection on 15006 (steered here by the agent's tc program)."""
     src_ip, src_port = conn.getpeername()[:2]
     dst_ip, dst_port = conn.getsockname()[:2]  # bpf_sk_assign keeps the original destination
+    if conn.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == PROXY_MARK:
+        # Our own upstream connect came back (tcp_fwmark_accept gives accepted sockets
+        # the SYN's mark): a capture loop would eat every fd; refuse and say so loudly.
+        ctx.metrics.reject("plaintext", "proxy_loop")
+        log.error("plaintext: the proxy's own connection %s:%s -> %s:%s was steered back to it",
+                  src_ip, src_port, dst_ip, dst_port)
+        reset_connection(conn)
+        return
     dst_workload = ctx.state.workload(pod.info.uid) or pod.workload_stub()
     rec = ConnectionRecord("destination", src_ip, src_port, dst_ip, dst_port,
                            src_workload=ctx.state.workload_by_ip(src_ip), dst_workload=dst_workload,

@@ -497,3 +497,16 @@ async def test_admin_metrics_and_readiness_endpoints(pod_netns, state, ca, tmp_p
     finally:
         echo.close()
         await app.stop()
+
+
+async def test_own_connection_steered_back_is_refused_not_looped(harness):
+    # What a capture bug looks like from 15006: a connection carrying the proxy's mark.
+    pod = harness.app.pods.pods["uid-web-0"]
+    sock = pod.netns.socket()  # marked, like every proxy upstream socket
+    await asyncio.get_running_loop().sock_connect(sock, (SERVER_IP, 15006))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    await _expect_closed(reader)
+    writer.close()
+    await asyncio.sleep(0.05)
+    assert metric(harness.app, "shoal_proxy_rejected_total", listener="plaintext", reason="proxy_loop") == 1
+    assert harness.echo.peers == []
