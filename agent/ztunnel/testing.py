@@ -38,6 +38,7 @@ class EchoServer:
         self.greeting = greeting  # server-first protocols speak before the client
 
     async def start(self, netns_path: str, ip: str, port: int):
+        """Listen on all addresses of the pod (``ip`` names the pod, for readers)."""
         from shoal.agent.ztunnel.netns import NetnsHandle
 
         home = NetnsHandle.current()
