@@ -225,6 +225,15 @@ def _authorization_policy(check: _Checker, spec: dict[str, Any]) -> None:
     selector = spec.get("selector")
     if selector is not None and check.typed(selector, "spec.selector", dict, "a mapping"):
         check.labels(selector.get("matchLabels", {}), "spec.selector.matchLabels")
+    refs = spec.get("targetRefs", [])
+    if check.typed(refs, "spec.targetRefs", list, "a list of references"):
+        if refs and selector:
+            check.fail("spec.targetRefs", "cannot be combined with spec.selector")
+        for i, ref in enumerate(refs):
+            if check.typed(ref, f"spec.targetRefs[{i}]", dict, "a mapping"):
+                if ref.get("kind") not in ("Gateway", "Service"):
+                    check.fail(f"spec.targetRefs[{i}].kind", f"expected Gateway or Service, got {ref.get('kind')!r}")
+                check.name(ref.get("name"), f"spec.targetRefs[{i}].name")
     rules = spec.get("rules", [])
     if not check.typed(rules, "spec.rules", list, "a list of rules"):
         return

@@ -646,7 +646,32 @@ def authorization_from_object(obj: Obj) -> m.Authorization:
                             conditions=tuple(conditions)))
     return m.Authorization(name=name, namespace=namespace, action=action,
                            selector=m.Labels({str(k): str(v) for k, v in selector.items()}),
-                           rules=tuple(rules))
+                           rules=tuple(rules), target_refs=_target_refs(spec))
+
+
+def _target_refs(spec: Obj) -> tuple[m.TargetRef, ...]:
+    """``spec.targetRefs`` (or the older single ``spec.targetRef``): Gateways and Services."""
+    raw = spec.get("targetRefs")
+    field = "spec.targetRefs"
+    if raw is None and spec.get("targetRef") is not None:
+        raw, field = [spec["targetRef"]], "spec.targetRef"
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ObjectError(f"{field}: expected a list")
+    if raw and spec.get("selector"):
+        raise ObjectError(f"{field}: cannot be combined with spec.selector")
+    refs = []
+    for i, ref in enumerate(raw):
+        here = f"{field}[{i}]" if field.endswith("s") else field
+        if not isinstance(ref, dict):
+            raise ObjectError(f"{here}: expected a mapping")
+        if ref.get("kind") not in m.TARGET_KINDS:
+            raise ObjectError(f"{here}.kind: {ref.get('kind')!r} is not supported (Gateway or Service)")
+        if not isinstance(ref.get("name"), str) or not ref["name"]:
+            raise ObjectError(f"{here}.name: required string")
+        refs.append(m.TargetRef(kind=ref["kind"], name=ref["name"], group=str(ref.get("group", ""))))
+    return tuple(refs)
 
 
 class LabelIndex:

@@ -97,7 +97,8 @@ class WaypointApp:
             resolver = StaticResolver(services, namespace=config.namespace, default=(first[0], first[1]))
             connector = TcpConnector(config.connect_timeout)
         else:
-            resolver = StateResolver(self.state, config.namespace, config.trust_domain)
+            resolver = StateResolver(self.state, config.namespace, config.trust_domain,
+                                     gateway=(config.namespace, config.name))
             connector = TcpConnector(config.connect_timeout)
         if signer is not None or config.controller:
             from shoal.agent.ztunnel.identity import IdentityManager

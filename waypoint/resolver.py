@@ -49,10 +49,12 @@ def service_name_from_host(host: str, default_namespace: str) -> tuple[str, str]
 class StateResolver:
     """The mesh: services by VIP (the HBONE destination) or by Host name, from ConfigState."""
 
-    def __init__(self, state: ConfigState, namespace: str, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> None:
+    def __init__(self, state: ConfigState, namespace: str, trust_domain: str = DEFAULT_TRUST_DOMAIN,
+                 gateway: tuple[str, str] | None = None) -> None:
         self.state = state
         self.namespace = namespace  # the waypoint's own: default for short Host names
         self.trust_domain = trust_domain
+        self.gateway = gateway      # (namespace, name) of this waypoint's Gateway
 
     def service_for(self, peer: PeerInfo, authority: str) -> ServiceInfo | None:
         service = self.state.service_by_vip(peer.destination_ip) if peer.destination_ip else None
@@ -84,11 +86,19 @@ class StateResolver:
                 for w in self.state.endpoints(service) if w.ip]
 
     def policies_for(self, service: ServiceKey) -> Iterable[Authorization]:
-        """The policies selecting any endpoint of the Service (a workload's policies hold at its waypoint)."""
+        """The policies that hold for a request to the Service at this waypoint.
+
+        Those attached to the Service or to this waypoint's Gateway (targetRefs), and
+        those selecting any endpoint of the Service (a workload's policies hold at its
+        waypoint too).
+        """
         svc = self.state.service(service.namespace, service.name)
         if svc is None:
             return []
-        seen: dict[str, Authorization] = {}
+        seen: dict[str, Authorization] = {
+            p.key: p for p in self.state.all_policies()
+            if p.targets("Service", svc.namespace, svc.name)
+            or (self.gateway is not None and p.targets("Gateway", *self.gateway))}
         for workload in self.state.endpoints(svc):
             for policy in self.state.policies_for(workload):
                 seen.setdefault(policy.key, policy)

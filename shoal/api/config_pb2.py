@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16shoal/api/config.proto\x12\x0fshoal.config.v1\".\n\x0bWaypointRef\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"\xf6\x02\n\x08Workload\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x17\n\x0fservice_account\x18\x04 \x01(\t\x12\x0c\n\x04node\x18\x05 \x01(\t\x12\n\n\x02ip\x18\x06 \x01(\t\x12\x10\n\x08identity\x18\x07 \x01(\r\x12\x11\n\tspiffe_id\x18\x08 \x01(\t\x12\x0e\n\x06meshed\x18\t \x01(\x08\x12.\n\x08waypoint\x18\n \x01(\x0b\x32\x1c.shoal.config.v1.WaypointRef\x12\x10\n\x08protocol\x18\x0b \x01(\t\x12\x35\n\x06labels\x18\x0c \x03(\x0b\x32%.shoal.config.v1.Workload.LabelsEntry\x12\x19\n\x11\x63\x61nonical_service\x18\r \x01(\t\x12\x11\n\tmtls_mode\x18\x0e \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"P\n\x0bServicePort\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x13\n\x0btarget_port\x18\x03 \x01(\r\x12\x10\n\x08protocol\x18\x04 \x01(\t\"\xa7\x01\n\x07Service\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0b\n\x03vip\x18\x03 \x01(\t\x12+\n\x05ports\x18\x04 \x03(\x0b\x32\x1c.shoal.config.v1.ServicePort\x12\x11\n\tendpoints\x18\x05 \x03(\t\x12.\n\x08waypoint\x18\x06 \x01(\x0b\x32\x1c.shoal.config.v1.WaypointRef\"\x8a\x01\n\x06Source\x12\x12\n\nprincipals\x18\x01 \x03(\t\x12\x16\n\x0enot_principals\x18\x02 \x03(\t\x12\x12\n\nnamespaces\x18\x03 \x03(\t\x12\x16\n\x0enot_namespaces\x18\x04 \x03(\t\x12\x11\n\tip_blocks\x18\x05 \x03(\t\x12\x15\n\rnot_ip_blocks\x18\x06 \x03(\t\"\x97\x01\n\tOperation\x12\r\n\x05ports\x18\x01 \x03(\r\x12\x11\n\tnot_ports\x18\x02 \x03(\r\x12\x0f\n\x07methods\x18\x03 \x03(\t\x12\x13\n\x0bnot_methods\x18\x04 \x03(\t\x12\r\n\x05paths\x18\x05 \x03(\t\x12\x11\n\tnot_paths\x18\x06 \x03(\t\x12\r\n\x05hosts\x18\x07 \x03(\t\x12\x11\n\tnot_hosts\x18\x08 \x03(\t\"<\n\tCondition\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\x12\x12\n\nnot_values\x18\x03 \x03(\t\"\x90\x01\n\x04Rule\x12(\n\x07sources\x18\x01 \x03(\x0b\x32\x17.shoal.config.v1.Source\x12.\n\noperations\x18\x02 \x03(\x0b\x32\x1a.shoal.config.v1.Operation\x12.\n\nconditions\x18\x03 \x03(\x0b\x32\x1a.shoal.config.v1.Condition\"\xd7\x01\n\rAuthorization\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12>\n\x08selector\x18\x04 \x03(\x0b\x32,.shoal.config.v1.Authorization.SelectorEntry\x12$\n\x05rules\x18\x05 \x03(\x0b\x32\x15.shoal.config.v1.Rule\x1a/\n\rSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"p\n\x08Waypoint\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\n\n\x02ip\x18\x03 \x01(\t\x12\x17\n\x0fservice_account\x18\x04 \x01(\t\x12\x11\n\tspiffe_id\x18\x05 \x01(\t\x12\x0b\n\x03uid\x18\x06 \x01(\t\"I\n\nKubeObject\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04json\x18\x04 \x01(\t\"\xb2\x02\n\x08Resource\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12-\n\x08workload\x18\n \x01(\x0b\x32\x19.shoal.config.v1.WorkloadH\x00\x12+\n\x07service\x18\x0b \x01(\x0b\x32\x18.shoal.config.v1.ServiceH\x00\x12\x37\n\rauthorization\x18\x0c \x01(\x0b\x32\x1e.shoal.config.v1.AuthorizationH\x00\x12-\n\x08waypoint\x18\r \x01(\x0b\x32\x19.shoal.config.v1.WaypointH\x00\x12-\n\x06object\x18\x0e \x01(\x0b\x32\x1b.shoal.config.v1.KubeObjectH\x00\x42\x06\n\x04\x62ody\",\n\x0b\x45rrorDetail\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xac\x02\n\x0c\x44\x65ltaRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x11\n\tcomponent\x18\x02 \x01(\t\x12]\n\x19initial_resource_versions\x18\x03 \x03(\x0b\x32:.shoal.config.v1.DeltaRequest.InitialResourceVersionsEntry\x12\x16\n\x0eresponse_nonce\x18\x04 \x01(\t\x12\x32\n\x0c\x65rror_detail\x18\x05 \x01(\x0b\x32\x1c.shoal.config.v1.ErrorDetail\x12\x10\n\x08rejected\x18\x06 \x03(\t\x1a>\n\x1cInitialResourceVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"u\n\rDeltaResponse\x12\x16\n\x0esystem_version\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\t\x12,\n\tresources\x18\x03 \x03(\x0b\x32\x19.shoal.config.v1.Resource\x12\x0f\n\x07removed\x18\x04 \x03(\t\"M\n\x12\x43\x65rtificateRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\"@\n\x13\x43\x65rtificateResponse\x12\x16\n\x0e\x63\x65rt_chain_pem\x18\x01 \x01(\t\x12\x11\n\troots_pem\x18\x02 \x01(\t\"\x14\n\x12TrustBundleRequest\"(\n\x13TrustBundleResponse\x12\x11\n\troots_pem\x18\x01 \x01(\t2d\n\x0f\x43onfigDiscovery\x12Q\n\x0cStreamConfig\x12\x1d.shoal.config.v1.DeltaRequest\x1a\x1e.shoal.config.v1.DeltaResponse(\x01\x30\x01\x32\xce\x01\n\x14\x43\x65rtificateAuthority\x12\\\n\x0fSignCertificate\x12#.shoal.config.v1.CertificateRequest\x1a$.shoal.config.v1.CertificateResponse\x12X\n\x0bTrustBundle\x12#.shoal.config.v1.TrustBundleRequest\x1a$.shoal.config.v1.TrustBundleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16shoal/api/config.proto\x12\x0fshoal.config.v1\".\n\x0bWaypointRef\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"\xf6\x02\n\x08Workload\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x17\n\x0fservice_account\x18\x04 \x01(\t\x12\x0c\n\x04node\x18\x05 \x01(\t\x12\n\n\x02ip\x18\x06 \x01(\t\x12\x10\n\x08identity\x18\x07 \x01(\r\x12\x11\n\tspiffe_id\x18\x08 \x01(\t\x12\x0e\n\x06meshed\x18\t \x01(\x08\x12.\n\x08waypoint\x18\n \x01(\x0b\x32\x1c.shoal.config.v1.WaypointRef\x12\x10\n\x08protocol\x18\x0b \x01(\t\x12\x35\n\x06labels\x18\x0c \x03(\x0b\x32%.shoal.config.v1.Workload.LabelsEntry\x12\x19\n\x11\x63\x61nonical_service\x18\r \x01(\t\x12\x11\n\tmtls_mode\x18\x0e \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"P\n\x0bServicePort\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x13\n\x0btarget_port\x18\x03 \x01(\r\x12\x10\n\x08protocol\x18\x04 \x01(\t\"\xa7\x01\n\x07Service\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0b\n\x03vip\x18\x03 \x01(\t\x12+\n\x05ports\x18\x04 \x03(\x0b\x32\x1c.shoal.config.v1.ServicePort\x12\x11\n\tendpoints\x18\x05 \x03(\t\x12.\n\x08waypoint\x18\x06 \x01(\x0b\x32\x1c.shoal.config.v1.WaypointRef\"\x8a\x01\n\x06Source\x12\x12\n\nprincipals\x18\x01 \x03(\t\x12\x16\n\x0enot_principals\x18\x02 \x03(\t\x12\x12\n\nnamespaces\x18\x03 \x03(\t\x12\x16\n\x0enot_namespaces\x18\x04 \x03(\t\x12\x11\n\tip_blocks\x18\x05 \x03(\t\x12\x15\n\rnot_ip_blocks\x18\x06 \x03(\t\"\x97\x01\n\tOperation\x12\r\n\x05ports\x18\x01 \x03(\r\x12\x11\n\tnot_ports\x18\x02 \x03(\r\x12\x0f\n\x07methods\x18\x03 \x03(\t\x12\x13\n\x0bnot_methods\x18\x04 \x03(\t\x12\r\n\x05paths\x18\x05 \x03(\t\x12\x11\n\tnot_paths\x18\x06 \x03(\t\x12\r\n\x05hosts\x18\x07 \x03(\t\x12\x11\n\tnot_hosts\x18\x08 \x03(\t\"<\n\tCondition\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\x12\x12\n\nnot_values\x18\x03 \x03(\t\"\x90\x01\n\x04Rule\x12(\n\x07sources\x18\x01 \x03(\x0b\x32\x17.shoal.config.v1.Source\x12.\n\noperations\x18\x02 \x03(\x0b\x32\x1a.shoal.config.v1.Operation\x12.\n\nconditions\x18\x03 \x03(\x0b\x32\x1a.shoal.config.v1.Condition\"6\n\tTargetRef\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"\x88\x02\n\rAuthorization\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12>\n\x08selector\x18\x04 \x03(\x0b\x32,.shoal.config.v1.Authorization.SelectorEntry\x12$\n\x05rules\x18\x05 \x03(\x0b\x32\x15.shoal.config.v1.Rule\x12/\n\x0btarget_refs\x18\x06 \x03(\x0b\x32\x1a.shoal.config.v1.TargetRef\x1a/\n\rSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"p\n\x08Waypoint\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\n\n\x02ip\x18\x03 \x01(\t\x12\x17\n\x0fservice_account\x18\x04 \x01(\t\x12\x11\n\tspiffe_id\x18\x05 \x01(\t\x12\x0b\n\x03uid\x18\x06 \x01(\t\"I\n\nKubeObject\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04json\x18\x04 \x01(\t\"\xb2\x02\n\x08Resource\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12-\n\x08workload\x18\n \x01(\x0b\x32\x19.shoal.config.v1.WorkloadH\x00\x12+\n\x07service\x18\x0b \x01(\x0b\x32\x18.shoal.config.v1.ServiceH\x00\x12\x37\n\rauthorization\x18\x0c \x01(\x0b\x32\x1e.shoal.config.v1.AuthorizationH\x00\x12-\n\x08waypoint\x18\r \x01(\x0b\x32\x19.shoal.config.v1.WaypointH\x00\x12-\n\x06object\x18\x0e \x01(\x0b\x32\x1b.shoal.config.v1.KubeObjectH\x00\x42\x06\n\x04\x62ody\",\n\x0b\x45rrorDetail\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xac\x02\n\x0c\x44\x65ltaRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x11\n\tcomponent\x18\x02 \x01(\t\x12]\n\x19initial_resource_versions\x18\x03 \x03(\x0b\x32:.shoal.config.v1.DeltaRequest.InitialResourceVersionsEntry\x12\x16\n\x0eresponse_nonce\x18\x04 \x01(\t\x12\x32\n\x0c\x65rror_detail\x18\x05 \x01(\x0b\x32\x1c.shoal.config.v1.ErrorDetail\x12\x10\n\x08rejected\x18\x06 \x03(\t\x1a>\n\x1cInitialResourceVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"u\n\rDeltaResponse\x12\x16\n\x0esystem_version\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\t\x12,\n\tresources\x18\x03 \x03(\x0b\x32\x19.shoal.config.v1.Resource\x12\x0f\n\x07removed\x18\x04 \x03(\t\"M\n\x12\x43\x65rtificateRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\"@\n\x13\x43\x65rtificateResponse\x12\x16\n\x0e\x63\x65rt_chain_pem\x18\x01 \x01(\t\x12\x11\n\troots_pem\x18\x02 \x01(\t\"\x14\n\x12TrustBundleRequest\"(\n\x13TrustBundleResponse\x12\x11\n\troots_pem\x18\x01 \x01(\t2d\n\x0f\x43onfigDiscovery\x12Q\n\x0cStreamConfig\x12\x1d.shoal.config.v1.DeltaRequest\x1a\x1e.shoal.config.v1.DeltaResponse(\x01\x30\x01\x32\xce\x01\n\x14\x43\x65rtificateAuthority\x12\\\n\x0fSignCertificate\x12#.shoal.config.v1.CertificateRequest\x1a$.shoal.config.v1.CertificateResponse\x12X\n\x0bTrustBundle\x12#.shoal.config.v1.TrustBundleRequest\x1a$.shoal.config.v1.TrustBundleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -55,34 +55,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONDITION']._serialized_end=1075
   _globals['_RULE']._serialized_start=1078
   _globals['_RULE']._serialized_end=1222
-  _globals['_AUTHORIZATION']._serialized_start=1225
-  _globals['_AUTHORIZATION']._serialized_end=1440
-  _globals['_AUTHORIZATION_SELECTORENTRY']._serialized_start=1393
-  _globals['_AUTHORIZATION_SELECTORENTRY']._serialized_end=1440
-  _globals['_WAYPOINT']._serialized_start=1442
-  _globals['_WAYPOINT']._serialized_end=1554
-  _globals['_KUBEOBJECT']._serialized_start=1556
-  _globals['_KUBEOBJECT']._serialized_end=1629
-  _globals['_RESOURCE']._serialized_start=1632
-  _globals['_RESOURCE']._serialized_end=1938
-  _globals['_ERRORDETAIL']._serialized_start=1940
-  _globals['_ERRORDETAIL']._serialized_end=1984
-  _globals['_DELTAREQUEST']._serialized_start=1987
-  _globals['_DELTAREQUEST']._serialized_end=2287
-  _globals['_DELTAREQUEST_INITIALRESOURCEVERSIONSENTRY']._serialized_start=2225
-  _globals['_DELTAREQUEST_INITIALRESOURCEVERSIONSENTRY']._serialized_end=2287
-  _globals['_DELTARESPONSE']._serialized_start=2289
-  _globals['_DELTARESPONSE']._serialized_end=2406
-  _globals['_CERTIFICATEREQUEST']._serialized_start=2408
-  _globals['_CERTIFICATEREQUEST']._serialized_end=2485
-  _globals['_CERTIFICATERESPONSE']._serialized_start=2487
-  _globals['_CERTIFICATERESPONSE']._serialized_end=2551
-  _globals['_TRUSTBUNDLEREQUEST']._serialized_start=2553
-  _globals['_TRUSTBUNDLEREQUEST']._serialized_end=2573
-  _globals['_TRUSTBUNDLERESPONSE']._serialized_start=2575
-  _globals['_TRUSTBUNDLERESPONSE']._serialized_end=2615
-  _globals['_CONFIGDISCOVERY']._serialized_start=2617
-  _globals['_CONFIGDISCOVERY']._serialized_end=2717
-  _globals['_CERTIFICATEAUTHORITY']._serialized_start=2720
-  _globals['_CERTIFICATEAUTHORITY']._serialized_end=2926
+  _globals['_TARGETREF']._serialized_start=1224
+  _globals['_TARGETREF']._serialized_end=1278
+  _globals['_AUTHORIZATION']._serialized_start=1281
+  _globals['_AUTHORIZATION']._serialized_end=1545
+  _globals['_AUTHORIZATION_SELECTORENTRY']._serialized_start=1498
+  _globals['_AUTHORIZATION_SELECTORENTRY']._serialized_end=1545
+  _globals['_WAYPOINT']._serialized_start=1547
+  _globals['_WAYPOINT']._serialized_end=1659
+  _globals['_KUBEOBJECT']._serialized_start=1661
+  _globals['_KUBEOBJECT']._serialized_end=1734
+  _globals['_RESOURCE']._serialized_start=1737
+  _globals['_RESOURCE']._serialized_end=2043
+  _globals['_ERRORDETAIL']._serialized_start=2045
+  _globals['_ERRORDETAIL']._serialized_end=2089
+  _globals['_DELTAREQUEST']._serialized_start=2092
+  _globals['_DELTAREQUEST']._serialized_end=2392
+  _globals['_DELTAREQUEST_INITIALRESOURCEVERSIONSENTRY']._serialized_start=2330
+  _globals['_DELTAREQUEST_INITIALRESOURCEVERSIONSENTRY']._serialized_end=2392
+  _globals['_DELTARESPONSE']._serialized_start=2394
+  _globals['_DELTARESPONSE']._serialized_end=2511
+  _globals['_CERTIFICATEREQUEST']._serialized_start=2513
+  _globals['_CERTIFICATEREQUEST']._serialized_end=2590
+  _globals['_CERTIFICATERESPONSE']._serialized_start=2592
+  _globals['_CERTIFICATERESPONSE']._serialized_end=2656
+  _globals['_TRUSTBUNDLEREQUEST']._serialized_start=2658
+  _globals['_TRUSTBUNDLEREQUEST']._serialized_end=2678
+  _globals['_TRUSTBUNDLERESPONSE']._serialized_start=2680
+  _globals['_TRUSTBUNDLERESPONSE']._serialized_end=2720
+  _globals['_CONFIGDISCOVERY']._serialized_start=2722
+  _globals['_CONFIGDISCOVERY']._serialized_end=2822
+  _globals['_CERTIFICATEAUTHORITY']._serialized_start=2825
+  _globals['_CERTIFICATEAUTHORITY']._serialized_end=3031
 # @@protoc_insertion_point(module_scope)

@@ -137,8 +137,18 @@ class Rule(_message.Message):
     conditions: _containers.RepeatedCompositeFieldContainer[Condition]
     def __init__(self, sources: _Optional[_Iterable[_Union[Source, _Mapping]]] = ..., operations: _Optional[_Iterable[_Union[Operation, _Mapping]]] = ..., conditions: _Optional[_Iterable[_Union[Condition, _Mapping]]] = ...) -> None: ...
 
+class TargetRef(_message.Message):
+    __slots__ = ("group", "kind", "name")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    kind: str
+    name: str
+    def __init__(self, group: _Optional[str] = ..., kind: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
 class Authorization(_message.Message):
-    __slots__ = ("name", "namespace", "action", "selector", "rules")
+    __slots__ = ("name", "namespace", "action", "selector", "rules", "target_refs")
     class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -151,12 +161,14 @@ class Authorization(_message.Message):
     ACTION_FIELD_NUMBER: _ClassVar[int]
     SELECTOR_FIELD_NUMBER: _ClassVar[int]
     RULES_FIELD_NUMBER: _ClassVar[int]
+    TARGET_REFS_FIELD_NUMBER: _ClassVar[int]
     name: str
     namespace: str
     action: str
     selector: _containers.ScalarMap[str, str]
     rules: _containers.RepeatedCompositeFieldContainer[Rule]
-    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., action: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., rules: _Optional[_Iterable[_Union[Rule, _Mapping]]] = ...) -> None: ...
+    target_refs: _containers.RepeatedCompositeFieldContainer[TargetRef]
+    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., action: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., rules: _Optional[_Iterable[_Union[Rule, _Mapping]]] = ..., target_refs: _Optional[_Iterable[_Union[TargetRef, _Mapping]]] = ...) -> None: ...
 
 class Waypoint(_message.Message):
     __slots__ = ("name", "namespace", "ip", "service_account", "spiffe_id", "uid")

@@ -85,6 +85,8 @@ def to_proto(resource: m.Resource, version: str = "") -> pb.Resource:
         a = out.authorization
         a.name, a.namespace, a.action = resource.name, resource.namespace, resource.action
         a.selector.update(resource.selector)
+        a.target_refs.extend(pb.TargetRef(group=ref.group, kind=ref.kind, name=ref.name)
+                             for ref in resource.target_refs)
         for rule in resource.rules:
             r = a.rules.add()
             for src in rule.sources:
@@ -172,9 +174,13 @@ def _authorization(a: pb.Authorization, where: str) -> m.Authorization:
                         not_values=tuple(c.not_values))
             for j, c in enumerate(r.conditions))
         rules.append(m.Rule(sources=sources, operations=operations, conditions=conditions))
+    target_refs = tuple(
+        m.TargetRef(kind=_check_choice(f"{where}.target_refs[{i}].kind", ref.kind, m.TARGET_KINDS),
+                    name=_need(f"{where}.target_refs[{i}].name", ref.name), group=ref.group)
+        for i, ref in enumerate(a.target_refs))
     return m.Authorization(name=_need(f"{where}.name", a.name), namespace=a.namespace,
                            action=_check_choice(f"{where}.action", a.action, ACTIONS),
-                           selector=m.Labels(a.selector), rules=tuple(rules))
+                           selector=m.Labels(a.selector), rules=tuple(rules), target_refs=target_refs)
 
 
 def _waypoint(w: pb.Waypoint, where: str) -> m.Waypoint:

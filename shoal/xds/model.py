@@ -142,6 +142,18 @@ class Rule:
     conditions: tuple[Condition, ...] = ()
 
 
+TARGET_KINDS = ("Gateway", "Service")
+
+
+@dataclass(frozen=True)
+class TargetRef:
+    """What a targeted policy attaches to, in the policy's own namespace."""
+
+    kind: str                            # "Gateway" (a waypoint) | "Service"
+    name: str
+    group: str = ""
+
+
 @dataclass(frozen=True)
 class Authorization:
     """Istio AuthorizationPolicy semantics: DENY first, then allow-if-any-ALLOW-matches.
@@ -149,6 +161,11 @@ class Authorization:
     ``selector`` empty selects the whole namespace; in ``MESH_ROOT_NAMESPACE`` it selects
     the whole mesh. An ALLOW with no rules matches nothing (deny all); a rule with no
     sources/operations/conditions matches everything.
+
+    A policy with ``target_refs`` (Istio's targetRefs) selects no workload: it attaches to
+    a waypoint Gateway or a Service and only that waypoint enforces it. This is how L7
+    rules reach the waypoint without the node proxies failing closed on rules they
+    cannot see (Istio's ambient rule for L7 policies on workloads).
     """
 
     name: str
@@ -156,15 +173,23 @@ class Authorization:
     action: str                          # "ALLOW" | "DENY"
     selector: Labels = EMPTY_LABELS
     rules: tuple[Rule, ...] = ()
+    target_refs: tuple[TargetRef, ...] = ()
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
 
     def selects(self, workload: Workload) -> bool:
+        if self.target_refs:
+            return False
         if self.namespace != MESH_ROOT_NAMESPACE and self.namespace != workload.namespace:
             return False
         return self.selector.matches(workload.labels)
+
+    def targets(self, kind: str, namespace: str, name: str) -> bool:
+        """Whether this policy attaches to the Gateway or Service ``namespace/name``."""
+        return self.namespace == namespace and any(
+            ref.kind == kind and ref.name == name for ref in self.target_refs)
 
 
 @dataclass(frozen=True)

@@ -189,3 +189,25 @@ def test_host_network_pods_are_not_workloads():
     host["spec"]["hostNetwork"] = True
     model = build(namespace("demo"), host)
     assert "workload/demo/agent-x" not in model.resources
+
+
+def test_targeted_policies_go_to_waypoints_not_node_proxies():
+    targeted = policy("demo", "no-admin-delete", action="DENY",
+                      rules=[{"to": [{"operation": {"methods": ["DELETE"], "paths": ["/admin*"]}}]}])
+    targeted["spec"]["targetRefs"] = [{"kind": "Service", "group": "", "name": "web"}]
+    model = build(namespace("demo"), pod("demo", "web-0", labels={"app": "web"}), targeted)
+    resource = model.resources["authorization/demo/no-admin-delete"].resource
+    assert resource.target_refs == (m.TargetRef(kind="Service", name="web", group=""),)
+    assert resource.targets("Service", "demo", "web") and not resource.targets("Service", "other", "web")
+    workload = model.resources["workload/demo/web-0"].resource
+    assert not resource.selects(workload)          # node proxies never fail closed on it
+    assert "authorization/demo/no-admin-delete" not in model.view("node-1", "proxy")
+    assert "authorization/demo/no-admin-delete" in model.view("node-1", "waypoint")
+
+
+def test_bad_target_refs_name_the_field():
+    bad = policy("demo", "p")
+    bad["spec"]["targetRefs"] = [{"kind": "Deployment", "name": "web"}]
+    model = build(namespace("demo"), bad)
+    assert model.errors == {"AuthorizationPolicy demo/p": "AuthorizationPolicy demo/p: spec.targetRefs[0].kind: "
+                                                          "'Deployment' is not supported (Gateway or Service)"}

@@ -108,3 +108,13 @@ def test_store_survives_reopen(tmp_path):
     s.close()
     s2 = Store(tmp_path / "db")
     assert s2.get("Pod", "demo", "a")["spec"]["nodeName"] == "node-1" and s2.resource_version == rv
+
+
+def test_policy_target_refs_are_validated():
+    from shoal.controller.manifests import validate
+    policy = {"apiVersion": "security.shoal.io/v1", "kind": "AuthorizationPolicy",
+              "metadata": {"name": "p", "namespace": "demo"},
+              "spec": {"targetRefs": [{"kind": "Deployment", "name": "web"}], "selector": {"matchLabels": {"a": "b"}}}}
+    assert validate(policy) == [
+        "AuthorizationPolicy demo/p: spec.targetRefs: cannot be combined with spec.selector",
+        "AuthorizationPolicy demo/p: spec.targetRefs[0].kind: expected Gateway or Service, got 'Deployment'"]
