@@ -18,29 +18,32 @@ def http_probes(objects, module):
                     yield c[probe]["httpGet"]["path"]
 
 
-async def get_status(runner: web.AppRunner, path: str) -> int:
-    host, port = runner.addresses[0][:2]
+async def get_url(url: str) -> int:
     async with aiohttp.ClientSession() as session:
-        async with session.get(f"http://{host}:{port}{path}") as response:
+        async with session.get(url) as response:
             return response.status
 
 
+async def get_status(runner: web.AppRunner, path: str) -> int:
+    host, port = runner.addresses[0][:2]
+    return await get_url(f"http://{host}:{port}{path}")
+
+
 async def test_proxy_readiness_path_is_served(everything):
-    import pytest
-    ready_app = pytest.importorskip("shoal.agent.ztunnel.admin", reason="node proxy admin not landed").ready_app
+    from shoal.agent.ztunnel.admin import HttpEndpoint, ready_pages
     paths = set(http_probes(everything, "shoal.agent.ztunnel")) | set(http_probes(everything, "shoal.waypoint"))
     assert paths == {"/healthz/ready"}
     proxy = SimpleNamespace(ready=False)
-    runner = web.AppRunner(ready_app(proxy))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    endpoint = HttpEndpoint(ready_pages(proxy), on_bad_request=lambda: None)
+    await endpoint.start("127.0.0.1", 0)
+    port = endpoint.server.sockets[0].getsockname()[1]
     try:
         for path in paths:
-            assert await get_status(runner, path) == 503      # before the agent's snapshot
+            assert await get_url(f"http://127.0.0.1:{port}{path}") == 503      # before the agent's snapshot
             proxy.ready = True
-            assert await get_status(runner, path) == 200
+            assert await get_url(f"http://127.0.0.1:{port}{path}") == 200
     finally:
-        await runner.cleanup()
+        await endpoint.close()
 
 
 async def test_controller_probe_path_is_served(rendered):
