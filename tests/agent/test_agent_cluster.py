@@ -148,6 +148,14 @@ def test_l4_deny_fails_connect_at_the_source_and_drops_syns_at_the_pod(demo_clus
     finally:
         shoal_cli(layout, "delete", "-f", "-", input=DENY, check=False)
     eventually(lambda: not datapath(layout, "node-1")["policy_deny"], "deny entries removed")
+    # leave the cluster as found: the proxies drop their copy of the policy on their own stream
+    eventually(lambda: _db_session_works(layout), "client-0 -> db allowed again", timeout=60, interval=0.5)
+
+
+def _db_session_works(layout) -> bool:
+    out = pod_exec(layout, "demo/client-0", "python3", PROBE, "session", "db.demo", "7000", check=False).stdout
+    lines = out.strip().splitlines()
+    return bool(lines) and json.loads(lines[-1]).get("replies") == ["ok one", "ok two"]
 
 
 def test_db_session_survives_sigkill_of_the_agent(demo_cluster):
@@ -155,6 +163,7 @@ def test_db_session_survives_sigkill_of_the_agent(demo_cluster):
     component = next(c for c in demo_cluster.node_components("node-1") if c.name == "agent-node-1")
     pid_file = layout.run_dir / f"{component.name}.pid"
     env = {**os.environ, "SHOAL_CLUSTER": layout.name}
+    eventually(lambda: _db_session_works(layout), "a working client-0 -> db path", timeout=60, interval=0.5)
     session = subprocess.Popen([sys.executable, "-m", "shoal.cli", "exec", "demo/client-0", "--", "python3", PROBE,
                                 "session", "db.demo", "7000", "--hold", "8"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -171,6 +180,7 @@ def test_db_session_survives_sigkill_of_the_agent(demo_cluster):
         eventually(lambda: {p["name"]: p.get("id") for p in datapath(layout, "node-1")["programs"]}
                    != programs_before, "the new agent's programs attached", timeout=60, interval=0.5)
         out, err = session.communicate(timeout=60)
+        assert out.strip(), f"session printed nothing: {err[-1500:]}"
         result = json.loads(out.strip().splitlines()[-1])
         assert result["replies"] == ["ok one", "ok two"], (result, err)
         after = probe(layout, "demo/client-0", "connect", "web.demo", "8080")
