@@ -192,3 +192,11 @@ def test_pinned_map_with_another_layout_is_replaced_on_adoption(tmp_path):
         again.close()
     finally:
         shutil.rmtree(pin_dir.parent, ignore_errors=True)
+
+
+def test_policies_attached_to_a_waypoint_or_service_stay_out_of_the_kernel():
+    policy = m.Authorization(name="l7", namespace="demo", action="DENY",
+                             rules=(m.Rule(sources=(m.Source(namespaces=("legacy",)),)),),
+                             target_refs=(m.TargetRef(kind="Service", name="db"),))
+    entries, _ = compiler.deny_entries([policy], ALL)
+    assert entries == {}
