@@ -5,7 +5,8 @@
  * program covers the one path tc cannot: a SYN that reuses the 4-tuple of a TIME_WAIT
  * socket. The stack recycles the TIME_WAIT and looks a listener up for the original
  * port (the app's); assigning the listener from tc instead would be refused next to
- * the TIME_WAIT. tc keeps proxy_listeners fresh (one entry per pod IP and port).
+ * the TIME_WAIT. tc writes the proxy_listeners entry (pod IP, 15006) right before it
+ * hands such a SYN over; without an entry this program drops, never picks the app.
  * Loopback is left alone: the proxy delivers to the app there, and pod-local
  * connects are captured by connect4.
  */

@@ -116,15 +116,14 @@ int shoal_tc_ingress(struct __sk_buff *skb)
         count(COUNTER_TC_NO_LISTENER, 1);
         return TC_ACT_SHOT;
     }
-    long err = 0;
-    if (is_syn) {
-        struct listener_key key = { .ip = ip->daddr, .port = target };
-        err = bpf_map_update_elem(SHOAL_MAP(proxy_listeners), &key, proxy, BPF_ANY);
-    }
+    long err;
     if (time_wait_syn) {
         /* The stack would refuse a connection on our listener next to a TIME_WAIT with the
          * same tuple; its TIME_WAIT path recycles the tuple and then asks sk_lookup (linked
-         * in this namespace) for a listener, which answers with the entry just refreshed. */
+         * in this namespace) for a listener, which answers with the entry written here
+         * (only here: a sockhash update costs more than the rest of a SYN's work). */
+        struct listener_key key = { .ip = ip->daddr, .port = target };
+        err = bpf_map_update_elem(SHOAL_MAP(proxy_listeners), &key, proxy, BPF_ANY);
         bpf_sk_release(proxy);
         if (err)
             return TC_ACT_SHOT;
