@@ -131,7 +131,7 @@ class AgentApp:
         self.state.subscribe(on_delta)
 
         client = ConfigClient(config.controller, config.node, read_token(config.token_file), self.state,
-                              component="agent", validator=self._validate)
+                              component="agent", validator=self._validate, ca_bundle=config.ca_bundle)
         loop = asyncio.get_running_loop()
         hubble = None
         sink = None

@@ -18,6 +18,7 @@ class AgentConfig:
     layout: ClusterLayout
     controller: str
     token_file: Path
+    ca_bundle: Path | None = None        # verify the controller's TLS with it; None: plaintext
     metrics_address: str = "0.0.0.0"
     metrics_port: int = PORT_AGENT_METRICS
     flow_events: bool = True
@@ -56,6 +57,8 @@ def parse_config(argv: list[str] | None = None) -> AgentConfig:
     parser.add_argument("--cluster", default=env.get("SHOAL_CLUSTER", "shoal"))
     parser.add_argument("--controller", default=env.get("SHOAL_CONTROLLER"))
     parser.add_argument("--token-file", default=env.get("SHOAL_TOKEN_FILE"))
+    parser.add_argument("--ca-bundle", default=env.get("SHOAL_CA_BUNDLE"),
+                        help="root certificate(s) of the controller's TLS (env SHOAL_CA_BUNDLE)")
     parser.add_argument("--metrics-address", default=env.get("SHOAL_AGENT_METRICS_ADDRESS", "0.0.0.0"))
     parser.add_argument("--metrics-port", type=int, default=int(env.get("SHOAL_AGENT_METRICS_PORT", PORT_AGENT_METRICS)))
     parser.add_argument("--no-flow-events", action="store_true")
@@ -79,6 +82,7 @@ def parse_config(argv: list[str] | None = None) -> AgentConfig:
         node=args.node, layout=layout,
         controller=args.controller or layout.controller_address,
         token_file=Path(args.token_file) if args.token_file else layout.bootstrap_token_path,
+        ca_bundle=Path(args.ca_bundle) if args.ca_bundle else None,
         metrics_address=args.metrics_address, metrics_port=args.metrics_port,
         flow_events=not args.no_flow_events, hubble=not args.no_hubble, log_level=args.log_level,
         bpf_source_dir=Path(args.bpf_source_dir) if args.bpf_source_dir else None,

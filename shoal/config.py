@@ -86,6 +86,11 @@ class ClusterLayout:
     def bootstrap_token_path(self) -> Path:
         return self.run_dir / "bootstrap-token"
 
+    @property
+    def ca_bundle_path(self) -> Path:
+        """The workload CA's root: node components verify the controller's TLS with it."""
+        return self.ca_dir / "root-cert.pem"
+
     # -- Unix sockets
     @property
     def api_socket(self) -> Path:

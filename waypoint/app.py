@@ -144,7 +144,8 @@ class WaypointApp:
             token = read_token(self.config.token_file) if self.config.token_file else ""
             node = self.config.node or f"waypoint-{self.config.namespace}-{self.config.name}"
             self._config_client = ConfigClient(self.config.controller, node, token, self.state,
-                                               component="waypoint", validator=validate_resource)
+                                               component="waypoint", validator=validate_resource,
+                                               ca_bundle=self.config.ca_bundle or None)
         return self._config_client
 
     # -- configuration

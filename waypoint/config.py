@@ -28,6 +28,7 @@ class WaypointConfig:
     layout: ClusterLayout = field(default_factory=ClusterLayout)
     controller: str = ""                        # config stream + CA; "" = none (static mode)
     token_file: str = ""
+    ca_bundle: str = ""                         # verify the controller's TLS with it; "" = plaintext
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     hbone_address: tuple[str, int] = ("0.0.0.0", PORT_HBONE)
     plaintext_address: tuple[str, int] | None = None   # development/benchmarks only, never in the mesh
@@ -64,6 +65,8 @@ class WaypointConfig:
         p.add_argument("--cluster", default=env.get("SHOAL_CLUSTER", "shoal"))
         p.add_argument("--controller", default=env.get("SHOAL_CONTROLLER", ""))
         p.add_argument("--token-file", default=env.get("SHOAL_TOKEN_FILE", ""))
+        p.add_argument("--ca-bundle", default=env.get("SHOAL_CA_BUNDLE", ""),
+                       help="root certificate(s) of the controller's TLS (env SHOAL_CA_BUNDLE)")
         p.add_argument("--trust-domain", default=env.get("SHOAL_TRUST_DOMAIN", DEFAULT_TRUST_DOMAIN))
         p.add_argument("--hbone", default=f"0.0.0.0:{PORT_HBONE}", help="HBONE listen address")
         p.add_argument("--plaintext", default="", help="also serve plain HTTP here (development, benchmarks)")
@@ -96,7 +99,7 @@ class WaypointConfig:
                         header_timeout=args.header_timeout)
         return cls(name=args.name, namespace=args.namespace, node=args.node, service_account=args.service_account,
                    pod_ip=args.pod_ip, layout=ClusterLayout(name=args.cluster), controller=args.controller,
-                   token_file=args.token_file, trust_domain=args.trust_domain, hbone_address=hbone,
+                   token_file=args.token_file, ca_bundle=args.ca_bundle, trust_domain=args.trust_domain, hbone_address=hbone,
                    plaintext_address=plaintext, metrics_port=args.metrics_port, ready_port=args.ready_port,
                    routes_file=args.routes_file, static_services=static, access_log=args.access_log,
                    otlp_endpoint=args.otlp_endpoint, emit_flows=not args.no_flows, limits=limits,

@@ -49,6 +49,7 @@ def deployment_for(gateway: Obj, layout: ClusterLayout, python: str = sys.execut
     env = [{"name": "SHOAL_CLUSTER", "value": layout.name},
            {"name": "SHOAL_CONTROLLER", "value": layout.controller_address},
            {"name": "SHOAL_TOKEN_FILE", "value": str(layout.bootstrap_token_path)},
+           {"name": "SHOAL_CA_BUNDLE", "value": str(layout.ca_bundle_path)},
            *({"name": k, "value": v} for k, v in extra_env)]
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",

@@ -102,7 +102,7 @@ class ProxyApp:
 
             token = read_token(self.config.token_file) if self.config.token_file else ""
             self._config_client = ConfigClient(self.config.controller, self.config.node, token, self.state,
-                                               component="proxy")
+                                               component="proxy", ca_bundle=self.config.ca_bundle or None)
         return self._config_client
 
     # -- lifecycle

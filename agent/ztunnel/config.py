@@ -17,6 +17,7 @@ class ProxyConfig:
     layout: ClusterLayout = field(default_factory=ClusterLayout)
     controller: str = ""                 # host:port of the config stream + CA; "" = none
     token_file: str = ""
+    ca_bundle: str = ""                  # verify the controller's TLS with it; "" = plaintext
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     admin_address: str = "127.0.0.1"     # admin is loopback only
     admin_port: int = PORT_PROXY_ADMIN
@@ -52,6 +53,8 @@ class ProxyConfig:
         parser.add_argument("--cluster", default=env.get("SHOAL_CLUSTER", "shoal"))
         parser.add_argument("--controller", default=env.get("SHOAL_CONTROLLER", ""))
         parser.add_argument("--token-file", default=env.get("SHOAL_TOKEN_FILE", ""))
+        parser.add_argument("--ca-bundle", default=env.get("SHOAL_CA_BUNDLE", ""),
+                            help="root certificate(s) of the controller's TLS (env SHOAL_CA_BUNDLE)")
         parser.add_argument("--trust-domain", default=env.get("SHOAL_TRUST_DOMAIN", DEFAULT_TRUST_DOMAIN))
         parser.add_argument("--admin-port", type=int, default=PORT_PROXY_ADMIN)
         parser.add_argument("--metrics-port", type=int, default=PORT_PROXY_METRICS)
@@ -67,7 +70,7 @@ class ProxyConfig:
         if args.handshake_timeout <= 0 or args.drain_grace < 0 or args.cert_ttl < 0:
             parser.error("timeouts and TTL must be positive")
         return cls(node=args.node, layout=ClusterLayout(name=args.cluster), controller=args.controller,
-                   token_file=args.token_file, trust_domain=args.trust_domain, admin_port=args.admin_port,
+                   token_file=args.token_file, ca_bundle=args.ca_bundle, trust_domain=args.trust_domain, admin_port=args.admin_port,
                    metrics_port=args.metrics_port, ready_port=args.ready_port,
                    handshake_timeout=args.handshake_timeout, drain_grace=args.drain_grace,
                    cert_ttl_seconds=args.cert_ttl, log_level=args.log_level.upper())

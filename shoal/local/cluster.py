@@ -172,7 +172,8 @@ class LocalCluster:
     def controller_component(self) -> Component:
         return Component("controller", "shoal.controller", self.layout.control_netns,
                          self.layout.cgroup / "control",
-                         ("--cluster", self.layout.name, "--grpc-address", self.layout.controller_address))
+                         ("--cluster", self.layout.name, "--grpc-address", self.layout.controller_address,
+                          "--tls"))
 
     def node_components(self, node: str) -> list[Component]:
         layout = self.layout
@@ -189,6 +190,8 @@ class LocalCluster:
             "SHOAL_CLUSTER": self.layout.name,
             "SHOAL_CONTROLLER": self.layout.controller_address,
             "SHOAL_TOKEN_FILE": str(self.layout.bootstrap_token_path),
+            # The config stream and the CA are served over TLS from the workload CA's root.
+            "SHOAL_CA_BUNDLE": str(self.layout.ca_bundle_path),
             "PYTHONUNBUFFERED": "1",
         })
         if node:

@@ -56,7 +56,7 @@ CERT_PROBE = textwrap.dedent("""
     from shoal.xds.client import ConfigClient, read_token
     from shoal.xds.state import ConfigState
 
-    address, node, token_file, *accounts = sys.argv[1:]
+    address, node, token_file, ca_bundle, *accounts = sys.argv[1:]
 
     async def ask(client, spiffe):
         csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
@@ -70,7 +70,8 @@ CERT_PROBE = textwrap.dedent("""
             return err.code().name
 
     async def main():
-        client = ConfigClient(address, node, read_token(token_file), ConfigState(), component="proxy")
+        client = ConfigClient(address, node, read_token(token_file), ConfigState(), component="proxy",
+                              ca_bundle=ca_bundle)
         for sa in accounts:
             print(sa, await ask(client, f"spiffe://cluster.local/ns/demo/sa/{sa}"))
         await client.close()
@@ -92,7 +93,7 @@ def test_node_1_cannot_get_a_certificate_for_an_identity_only_on_node_2(demo_clu
                     if p["spec"].get("nodeName") == "node-1")
         out = subprocess.run(
             ["ip", "netns", "exec", layout.node_netns("node-1"), sys.executable, "-c", CERT_PROBE,
-             layout.controller_address, "node-1", str(layout.bootstrap_token_path),
+             layout.controller_address, "node-1", str(layout.bootstrap_token_path), str(layout.ca_bundle_path),
              on_1, "t-only-node-2"],
             capture_output=True, text=True, timeout=60)
         lines = dict(line.split() for line in out.stdout.splitlines() if line.count(" ") == 1)

@@ -196,3 +196,19 @@ def test_service_vip_answers_from_meshed_and_unmeshed_clients(demo_cluster):
     for client in ("demo/client-0", "legacy/client-0"):
         out = pod_exec(demo_cluster.layout, client, "curl", "-s", "--max-time", "5", "http://web.demo:8080/").stdout
         assert out.startswith("hello from web-"), (client, out)
+
+
+def test_config_stream_is_tls_verified_with_the_cluster_ca(demo_cluster):
+    layout = demo_cluster.layout
+    node = Netns(layout.node_netns("node-1"))
+
+    def handshake(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(node.exec_argv(["openssl", "s_client", "-connect", layout.controller_address,
+                                              "-verify_return_error", "-brief", *extra]),
+                              capture_output=True, text=True, timeout=20, input="")
+
+    trusted = handshake("-CAfile", str(layout.ca_bundle_path), "-verify_ip", layout.CONTROLLER_IP)
+    assert trusted.returncode == 0, trusted.stderr
+    assert "Verification: OK" in trusted.stderr
+    untrusted = handshake()  # the machine's CAs do not vouch for the controller
+    assert untrusted.returncode != 0
