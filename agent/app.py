@@ -20,10 +20,11 @@ from prometheus_client import CollectorRegistry
 from shoal.agent import compiler
 from shoal.agent.config import AgentConfig
 from shoal.agent.enrolment import Enroller, LocalPodNetns, PodPrograms
-from shoal.agent.flowevents import RingBufferReader
 from shoal.agent.loader import Datapath
 from shoal.agent.mapsync import DatapathMaps
 from shoal.agent.metrics import AgentMetrics
+from shoal.agent.ringbuf import RingReader
+from shoal.agent.structs import RINGBUF_BYTES
 from shoal.agent.zdslink import ZdsProxyLink
 from shoal.xds import model as m
 from shoal.xds.client import ConfigClient, read_token
@@ -140,14 +141,15 @@ class AgentApp:
             hubble = HubbleServer(HubbleConfig.for_node(config.layout, config.node), self.state,
                                   registry=self.registry, kernel_lost=self.lost_events,
                                   cluster_name=config.layout.name)
-            sink = hubble.kernel_sink
-        metrics = self.metrics
+            sink = hubble.kernel_records
+        flow_events = self.metrics.flow_events
 
-        def deliver(event) -> None:
-            metrics.flow_events.inc()
+        def deliver(records: list[bytes]) -> None:
+            # On the reader's thread: raw records in batches, decoded only when a client reads.
+            flow_events.inc(len(records))
             if sink is not None:
-                loop.call_soon_threadsafe(sink, event)
-        self.reader = RingBufferReader(self.maps.fds["flow_events"], deliver)
+                sink(records)
+        self.reader = RingReader(self.maps.fds["flow_events"], RINGBUF_BYTES, deliver)
         self.reader.start()
         if hubble is not None:
             await hubble.start()

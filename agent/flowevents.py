@@ -1,17 +1,15 @@
 """Kernel flow events: ring-buffer records decoded into KernelFlowEvent (contract C).
 
-The reader polls the pinned ring buffer on its own thread (libbcc's ring-buffer
-consumer) and hands each decoded event to `sink(event)`. Records the kernel could
-not write (ring full) are counted in the `counters` map by the programs; records
-that fail to decode here are counted by the reader. Both surface as lost events.
+``shoal.agent.ringbuf.RingReader`` reads the pinned ring buffer in raw batches; ``decode``
+turns one record into a ``KernelFlowEvent`` when someone needs it (the flow store decodes
+only what a client reads). Records the kernel could not write (ring full) are counted in
+the ``counters`` map by the programs and surface as lost events.
 """
 from __future__ import annotations
 
 import ctypes
 import logging
-import threading
 from dataclasses import dataclass
-from typing import Callable
 
 from shoal.agent.structs import Direction, FlowRecord, Kind, Verdict, be32_to_ip
 
@@ -60,56 +58,3 @@ def decode(raw: bytes) -> KernelFlowEvent:
         verdict=verdict, drop_reason=record.drop_reason, direction=direction,
         tcp_flags=record.tcp_flags, kind=kind, rule_id=record.rule_id,
     )
-
-
-
-
-
-class RingBufferReader:
-    """Consumes the pinned `flow_events` ring buffer on a thread; calls sink(event) per record."""
-
-    def __init__(self, map_fd: int, sink: Callable[[KernelFlowEvent], None], poll_ms: int = 100):
-        from bcc import libbcc  # libbcc's consumer handles the mmap protocol for us
-        self._lib = libbcc.lib
-        self._sink = sink
-        self._poll_ms = poll_ms
-        self.malformed = 0
-        self.delivered = 0
-        self._callback = libbcc._RINGBUF_CB_TYPE(self._on_record)  # keep a reference: ctypes does not
-        self._ring = self._lib.bpf_new_ringbuf(map_fd, self._callback, None)
-        if not self._ring:
-            raise OSError(f"cannot open the flow ring buffer (fd {map_fd})")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="shoal-flow-events", daemon=True)
-
-    def _on_record(self, _ctx, data, size) -> int:
-        try:
-            event = decode(ctypes.string_at(data, size))
-        except MalformedRecord as err:
-            self.malformed += 1
-            log.warning("dropping malformed flow record: %s", err)
-            return 0
-        self.delivered += 1
-        try:
-            self._sink(event)
-        except Exception:  # a broken sink must not kill the reader; log it loudly
-            log.exception("flow event sink failed")
-        return 0
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._lib.bpf_poll_ringbuf(self._ring, self._poll_ms)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def drain(self) -> None:
-        """Consume whatever is pending now, on the caller's thread (tests, shutdown)."""
-        self._lib.bpf_consume_ringbuf(self._ring)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-        self._lib.bpf_free_ringbuf(self._ring)
-        self._ring = None

@@ -10,7 +10,7 @@ Pieces, each usable on its own:
 - ``filters``: Hubble's FlowFilter semantics, pure.
 - ``enrich``: kernel events and bare flows -> Hubble flows with endpoints from ConfigState.
 - ``server.HubbleServer``: the Observer gRPC API + health, on TCP 4244 and a Unix socket.
-- ``ringbuf.RingReader``: the kernel ring buffer read by mmap, raw records in batches.
+- ``shoal.agent.ringbuf.RingReader`` (the agent's) feeds ``kernel_records`` raw records in batches.
 
 How the agent's wiring module builds it::
 

@@ -2,7 +2,7 @@
 
 1. ``flows.kernel_ingest``: a tiny BPF program (run by the kernel with BPF_PROG_TEST_RUN
    and a repeat count) writes records shaped like the agent's FlowRecord into a ring
-   buffer of the agent's size, at paced rates; ``hubble.ringbuf.RingReader`` hands them in
+   buffer of the agent's size, at paced rates; ``shoal.agent.ringbuf.RingReader`` hands them in
    batches to ``HubbleServer.kernel_records`` (path ``shoal-agent``), and for comparison
    the agent's libbcc-callback ``RingBufferReader`` feeds ``kernel_sink`` (``bcc-callback``). For each rate we count records the
    kernel could not write (ring full) and records never delivered. Reported: the highest
@@ -133,7 +133,7 @@ def _ingest_path(ctx: Context, path: str) -> tuple[int, int | None]:
     producer = KernelProducer(BIG_RING_BYTES if path == PATH_BIG_RING else None)
     server = HubbleServer(HubbleConfig(node_name="perf", tcp_address=None), None)
     if path in (PATH, PATH_BIG_RING):
-        from shoal.agent.hubble.ringbuf import RingReader
+        from shoal.agent.ringbuf import RingReader
 
         reader = RingReader(producer.ring_fd, producer.ring_bytes, server.kernel_records)
     else:

@@ -9,7 +9,9 @@ import time
 import pytest
 
 from shoal.agent.compiler import PolicyEntry
-from shoal.agent.flowevents import RingBufferReader
+from shoal.agent.flowevents import decode
+from shoal.agent.ringbuf import RingReader
+from shoal.agent.structs import RINGBUF_BYTES
 from shoal.agent.netns import netns_cookie, tc_ingress_programs
 from shoal.agent.origdst import OriginalDestinations
 from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND, PROXY_MARK
@@ -26,8 +28,8 @@ VIP = "10.96.7.7"
 def events(datapath):
     _dp, maps = datapath
     seen = []
-    reader = RingBufferReader(maps.fds["flow_events"], seen.append)
-    reader.drain()
+    reader = RingReader(maps.fds["flow_events"], RINGBUF_BYTES, lambda batch: seen.extend(map(decode, batch)))
+    reader.consume()
     seen.clear()
     yield reader, seen
     reader.stop()
@@ -190,8 +192,8 @@ def test_full_ring_buffer_loses_and_counts_events(agent_bed, datapath, meshed_b)
         f"    s.connect_ex(('{agent_bed.b.ip}', 7777)); s.close()\n"))
     proc.communicate(timeout=60)
     assert maps.counters()["ringbuf_lost"] > before
-    reader = RingBufferReader(maps.fds["flow_events"], lambda event: None)
-    reader.drain()
+    reader = RingReader(maps.fds["flow_events"], RINGBUF_BYTES, lambda batch: None)
+    reader.consume()
     reader.stop()
 
 
@@ -221,7 +223,7 @@ def test_l4_deny_fails_connect_at_once_with_a_flow_event(agent_bed, datapath, me
         result = agent_bed.a.connect(agent_bed.b.ip, 7000, timeout=5)
         assert not result["ok"] and result["errno"] in (errno.EPERM, errno.ECONNREFUSED)
         assert result["elapsed"] < 1.0
-        reader.drain()
+        reader.consume()
         dropped = [e for e in seen if e.verdict == "DROPPED" and e.kind == "connect"]
         assert dropped and dropped[-1].dst_port == 7000 and dropped[-1].drop_reason == 181
         assert dropped[-1].src_identity == ID_A and dropped[-1].dst_identity == ID_B
@@ -267,7 +269,7 @@ def test_l4_deny_drops_inbound_syn_at_tc(agent_bed, datapath, meshed_b, events):
     try:
         result = agent_bed.a.connect(agent_bed.b.ip, 7000, timeout=0.5)
         assert not result["ok"]
-        reader.drain()
+        reader.consume()
         dropped = [e for e in seen if e.verdict == "DROPPED" and e.kind == "tc"]
         assert dropped and dropped[0].src_ip == agent_bed.a.ip and dropped[0].dst_port == 7000
         assert dropped[0].direction == "INGRESS" and dropped[0].tcp_flags & 0x02
@@ -277,7 +279,7 @@ def test_l4_deny_drops_inbound_syn_at_tc(agent_bed, datapath, meshed_b, events):
         conn, _ = serve_once(meshed_b[PORT_INBOUND_PLAINTEXT])
         finish(client)
         conn.close()
-        reader.drain()
+        reader.consume()
         assert any(e.verdict == "REDIRECTED" and e.dst_port == 7001 for e in seen)
     finally:
         maps.sync_policies({})

@@ -19,7 +19,7 @@ def producer():
 
 def test_reader_delivers_every_record_across_wraparound_and_store_decodes_them(producer):
     from shoal.agent.hubble import HubbleConfig, HubbleServer
-    from shoal.agent.hubble.ringbuf import RingReader
+    from shoal.agent.ringbuf import RingReader
     from shoal.agent.structs import RINGBUF_BYTES
     from shoal.api.flow import flow_pb2 as F
 
@@ -43,7 +43,7 @@ def test_reader_delivers_every_record_across_wraparound_and_store_decodes_them(p
 
 
 def test_bad_ring_size_is_rejected():
-    from shoal.agent.hubble.ringbuf import RingReader
+    from shoal.agent.ringbuf import RingReader
 
     with pytest.raises(ValueError, match="power of two"):
         RingReader(0, 1000, lambda batch: None)
