@@ -74,10 +74,11 @@ def parse_config(argv: list[str] | None = None) -> AgentConfig:
         layout = ClusterLayout(name=args.cluster)
     if not 0 < args.metrics_port < 65536:
         parser.error(f"--metrics-port must be 1..65535, got {args.metrics_port}")
-    try:
-        layout.node_index(args.node)
-    except (IndexError, ValueError):
-        parser.error(f"--node must look like node-<n>, got {args.node!r}")
+    if env.get("SHOAL_MODE") != "kubernetes":   # a real node's name is whatever the cloud gave it
+        try:
+            layout.node_index(args.node)
+        except (IndexError, ValueError):
+            parser.error(f"--node must look like node-<n> in a local cluster, got {args.node!r}")
     return AgentConfig(
         node=args.node, layout=layout,
         controller=args.controller or layout.controller_address,

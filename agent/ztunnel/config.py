@@ -69,7 +69,12 @@ class ProxyConfig:
             parser.error("--node (or SHOAL_NODE) is required")
         if args.handshake_timeout <= 0 or args.drain_grace < 0 or args.cert_ttl < 0:
             parser.error("timeouts and TTL must be positive")
-        return cls(node=args.node, layout=ClusterLayout(name=args.cluster), controller=args.controller,
+        if env.get("SHOAL_MODE") == "kubernetes":
+            from shoal.agent.k8s import layout_from_env
+            layout = layout_from_env(env)      # the same host paths as the agent (DaemonSet env)
+        else:
+            layout = ClusterLayout(name=args.cluster)
+        return cls(node=args.node, layout=layout, controller=args.controller,
                    token_file=args.token_file, ca_bundle=args.ca_bundle, trust_domain=args.trust_domain, admin_port=args.admin_port,
                    metrics_port=args.metrics_port, ready_port=args.ready_port,
                    handshake_timeout=args.handshake_timeout, drain_grace=args.drain_grace,
