@@ -3,7 +3,7 @@
 Nothing called ``agent`` or ``controller`` lands at the top of site-packages:
 ``agent/`` installs as ``shoal.agent``, ``controller/`` as ``shoal.controller``...
 """
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, find_packages, setup
 
 FOLDERS = {
     "shoal": "shoal",
@@ -20,7 +20,9 @@ def packages() -> tuple[list[str], dict[str, str]]:
     for package, folder in FOLDERS.items():
         names.append(package)
         dirs[package] = folder
-        for sub in find_packages(folder):
+        # bpf/ holds C sources: its lib/ folder is package data, found as a namespace package.
+        finder = find_namespace_packages if folder == "bpf" else find_packages
+        for sub in finder(folder, exclude=["__pycache__", "*.__pycache__"]):
             names.append(f"{package}.{sub}")
             dirs[f"{package}.{sub}"] = f"{folder}/{sub.replace('.', '/')}"
     return names, dirs
