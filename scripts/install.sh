@@ -56,11 +56,12 @@ fi
 site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
 
-stamp="$VENV/.installed-$(sha1sum pyproject.toml | cut -c1-12)"
+# Reinstall when what decides the install changes (dependencies, package mapping, this script).
+stamp="$VENV/.installed-$(cat pyproject.toml setup.py scripts/install.sh | sha1sum | cut -c1-12)"
 if [ ! -e "$stamp" ]; then
   log "pip: installing shoal and its dependencies"
   "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-  "$VENV/bin/pip" install -q -e '.[test]'
+  "$VENV/bin/pip" install -q -e '.[test,otel]'
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 fi
