@@ -7,10 +7,10 @@ DENY first, then allowed if there is no ALLOW policy or any ALLOW matches.
 """
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
+from shoal.policymatch import any_string, field_matches, in_blocks, match_string, principal_form
 from shoal.xds.model import Authorization, Condition, Operation, Rule, Source
 
 SUPPORTED_CONDITION_KEYS = ("source.ip", "remote.ip", "source.namespace", "source.principal",
@@ -40,54 +40,13 @@ class Verdict:
     reason: str
 
 
-def _principal(value: str) -> str:
-    """Istio writes principals without the scheme: compare 'td/ns/x/sa/y' forms."""
-    return value[len("spiffe://"):] if value.startswith("spiffe://") else value
-
-
-def match_string(pattern: str, value: str) -> bool:
-    """Istio string match: exact, 'prefix*', '*suffix' or '*'."""
-    if pattern == "*":
-        return True
-    if pattern.endswith("*"):
-        return value.startswith(pattern[:-1])
-    if pattern.startswith("*"):
-        return value.endswith(pattern[1:])
-    return value == pattern
-
-
-def _any(patterns: Iterable[str], value: str) -> bool:
-    return any(match_string(p, value) for p in patterns)
-
-
-def _in_blocks(blocks: Iterable[str], ip: str) -> bool:
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    for block in blocks:
-        try:
-            if address in ipaddress.ip_network(block, strict=False):
-                return True
-        except ValueError:
-            continue  # validated by the controller; a bad block simply never matches
-    return False
-
-
-def _field(values: tuple, not_values: tuple, test) -> bool:
-    """One positive/negative field pair: positive must match (if set), negative must not."""
-    if values and not test(values):
-        return False
-    return not (not_values and test(not_values))
-
-
 def _source_matches(s: Source, req: RequestAttributes) -> bool:
-    principal = _principal(req.source_principal)
-    return (_field(s.principals, s.not_principals,
-                   lambda ps: bool(principal) and _any((_principal(p) for p in ps), principal))
-            and _field(s.namespaces, s.not_namespaces,
-                       lambda ns: bool(req.source_namespace) and _any(ns, req.source_namespace))
-            and _field(s.ip_blocks, s.not_ip_blocks, lambda bs: _in_blocks(bs, req.source_ip)))
+    principal = principal_form(req.source_principal)
+    return (field_matches(s.principals, s.not_principals,
+                   lambda ps: bool(principal) and any_string((principal_form(p) for p in ps), principal))
+            and field_matches(s.namespaces, s.not_namespaces,
+                       lambda ns: bool(req.source_namespace) and any_string(ns, req.source_namespace))
+            and field_matches(s.ip_blocks, s.not_ip_blocks, lambda bs: in_blocks(bs, req.source_ip)))
 
 
 def _host_matches(patterns: Iterable[str], host: str) -> bool:
@@ -97,10 +56,10 @@ def _host_matches(patterns: Iterable[str], host: str) -> bool:
 
 
 def _operation_matches(o: Operation, req: RequestAttributes) -> bool:
-    return (_field(o.ports, o.not_ports, lambda ps: req.destination_port in ps)
-            and _field(o.methods, o.not_methods, lambda ms: _any(ms, req.method))
-            and _field(o.paths, o.not_paths, lambda ps: _any(ps, req.path))
-            and _field(o.hosts, o.not_hosts, lambda hs: _host_matches(hs, req.host)))
+    return (field_matches(o.ports, o.not_ports, lambda ps: req.destination_port in ps)
+            and field_matches(o.methods, o.not_methods, lambda ms: any_string(ms, req.method))
+            and field_matches(o.paths, o.not_paths, lambda ps: any_string(ps, req.path))
+            and field_matches(o.hosts, o.not_hosts, lambda hs: _host_matches(hs, req.host)))
 
 
 def condition_value(key: str, req: RequestAttributes) -> str | None:
@@ -112,7 +71,7 @@ def condition_value(key: str, req: RequestAttributes) -> str | None:
     if key == "source.namespace":
         return req.source_namespace
     if key == "source.principal":
-        return _principal(req.source_principal)
+        return principal_form(req.source_principal)
     if key == "destination.ip":
         return req.destination_ip
     if key == "destination.port":
@@ -127,12 +86,12 @@ def _condition_matches(c: Condition, req: RequestAttributes, action: str) -> boo
         # Fail closed: an unknown key makes a DENY match and an ALLOW not match.
         return action == "DENY"
     if c.key in ("source.ip", "remote.ip", "destination.ip"):
-        test = lambda vs: actual is not None and _in_blocks(vs, actual)  # noqa: E731
+        test = lambda vs: actual is not None and in_blocks(vs, actual)  # noqa: E731
     elif c.key == "source.principal":
-        test = lambda vs: actual is not None and _any((_principal(v) for v in vs), actual)  # noqa: E731
+        test = lambda vs: actual is not None and any_string((principal_form(v) for v in vs), actual)  # noqa: E731
     else:
-        test = lambda vs: actual is not None and _any(vs, actual)  # noqa: E731
-    return _field(c.values, c.not_values, test)
+        test = lambda vs: actual is not None and any_string(vs, actual)  # noqa: E731
+    return field_matches(c.values, c.not_values, test)
 
 
 def rule_matches(rule: Rule, req: RequestAttributes, action: str) -> bool:

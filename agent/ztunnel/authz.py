@@ -15,10 +15,10 @@ closed), a DENY rule ignores them (so it denies more, never less).
 """
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from typing import Iterable
 
+from shoal.policymatch import any_string, field_matches, in_blocks, principal_form
 from shoal.xds.model import Authorization, Condition, Operation, Rule, Source
 
 _L4_CONDITION_KEYS = {"source.ip", "source.namespace", "source.principal", "destination.ip",
@@ -36,7 +36,7 @@ class ConnectionInfo:
     @property
     def principal(self) -> str | None:
         """Istio's principal form: the SPIFFE ID without the scheme."""
-        return self.src_identity.removeprefix("spiffe://") if self.src_identity else None
+        return principal_form(self.src_identity) if self.src_identity else None
 
     @property
     def namespace(self) -> str | None:
@@ -51,44 +51,10 @@ class Decision:
     reason: str
 
 
-def _match_string(pattern: str, value: str | None) -> bool:
-    if value is None:
-        return False
-    if pattern == "*":
-        return True
-    if pattern.endswith("*"):
-        return value.startswith(pattern[:-1])
-    if pattern.startswith("*"):
-        return value.endswith(pattern[1:])
-    return value == pattern
-
-
-def _any_string(patterns: Iterable[str], value: str | None) -> bool:
-    return any(_match_string(p, value) for p in patterns)
-
-
-def _any_block(blocks: Iterable[str], ip: str) -> bool:
-    address = ipaddress.ip_address(ip)
-    for block in blocks:
-        try:
-            if address in ipaddress.ip_network(block, strict=False):
-                return True
-        except ValueError:
-            continue  # the controller validates blocks; a bad one matches nothing
-    return False
-
-
-def _field(values, not_values, matcher) -> bool:
-    """A positive list (if any) must match, a negative list (if any) must not."""
-    if values and not matcher(values):
-        return False
-    return not (not_values and matcher(not_values))
-
-
 def _source_matches(src: Source, conn: ConnectionInfo) -> bool:
-    return (_field(src.principals, src.not_principals, lambda p: _any_string(p, conn.principal))
-            and _field(src.namespaces, src.not_namespaces, lambda n: _any_string(n, conn.namespace))
-            and _field(src.ip_blocks, src.not_ip_blocks, lambda b: _any_block(b, conn.src_ip)))
+    return (field_matches(src.principals, src.not_principals, lambda p: any_string(p, conn.principal))
+            and field_matches(src.namespaces, src.not_namespaces, lambda n: any_string(n, conn.namespace))
+            and field_matches(src.ip_blocks, src.not_ip_blocks, lambda b: in_blocks(b, conn.src_ip)))
 
 
 def _has_http_fields(op: Operation) -> bool:
@@ -98,22 +64,22 @@ def _has_http_fields(op: Operation) -> bool:
 def _operation_matches(op: Operation, conn: ConnectionInfo, deny: bool) -> bool:
     if _has_http_fields(op) and not deny:
         return False
-    return _field(op.ports, op.not_ports, lambda ports: conn.dst_port in {int(p) for p in ports})
+    return field_matches(op.ports, op.not_ports, lambda ports: conn.dst_port in {int(p) for p in ports})
 
 
 def _condition_matches(cond: Condition, conn: ConnectionInfo, deny: bool) -> bool:
     if cond.key not in _L4_CONDITION_KEYS:
         return deny  # HTTP-only attribute: see the module docstring
     if cond.key in ("source.ip", "remote.ip"):
-        matcher = lambda blocks: _any_block(blocks, conn.src_ip)
+        matcher = lambda blocks: in_blocks(blocks, conn.src_ip)
     elif cond.key == "destination.ip":
-        matcher = lambda blocks: _any_block(blocks, conn.dst_ip)
+        matcher = lambda blocks: in_blocks(blocks, conn.dst_ip)
     elif cond.key == "destination.port":
         matcher = lambda ports: str(conn.dst_port) in ports
     else:
         value = conn.namespace if cond.key == "source.namespace" else conn.principal
-        matcher = lambda patterns: _any_string(patterns, value)
-    return _field(cond.values, cond.not_values, matcher)
+        matcher = lambda patterns: any_string(patterns, value)
+    return field_matches(cond.values, cond.not_values, matcher)
 
 
 def _rule_matches(rule: Rule, conn: ConnectionInfo, deny: bool) -> bool:
