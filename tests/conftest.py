@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
+import time
 
 import pytest
 
@@ -34,6 +34,18 @@ def shoal_cli(layout: ClusterLayout, *args: str, check: bool = True, timeout: fl
     if check and proc.returncode != 0:
         raise AssertionError(f"shoal {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def eventually(check, what: str, timeout: float = 30.0, interval: float = 0.2):
+    """Polls ``check`` until it returns something truthy (returned), or fails naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
 
 
 def pod_exec(layout: ClusterLayout, target: str, *argv: str, timeout: float = 30,

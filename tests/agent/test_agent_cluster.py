@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import pod_exec, shoal_cli
+from tests.conftest import eventually, pod_exec, shoal_cli
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
@@ -64,16 +64,6 @@ def datapath(layout, node: str) -> dict:
 
 def enrolled(layout, node: str) -> set[str]:
     return {pod["pod"] for pod in datapath(layout, node)["enrolled_pods"]}
-
-
-def eventually(fn, what: str, timeout: float = 20.0, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(interval)
 
 
 def test_meshed_client_is_captured_and_legacy_is_not(demo_cluster):

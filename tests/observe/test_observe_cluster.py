@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
-from tests.conftest import pod_exec, shoal_cli
+from tests.conftest import eventually, pod_exec, shoal_cli
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
@@ -28,17 +27,6 @@ def flows(layout, *args):
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
-def eventually(check, what, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(1)
-
-
 def test_demo_flows_with_identities_and_mtls(demo_cluster):
     layout = demo_cluster.layout
 
@@ -49,7 +37,7 @@ def test_demo_flows_with_identities_and_mtls(demo_cluster):
         mtls = [d for d in found if d["flow"].get("auth_type") == "SPIRE"]
         return found if mtls else None
 
-    found = eventually(client_to_web, "client -> web flows with mTLS")
+    found = eventually(client_to_web, "client -> web flows with mTLS", timeout=60)
     flow = found[-1]["flow"]
     assert flow["source"]["identity"] and flow["destination"]["identity"]
     assert "k8s:app=client" in flow["source"]["labels"]
@@ -69,7 +57,7 @@ def test_policy_drop_shows_dropped_with_reason(demo_cluster):
                             "--to-service", "demo/db", "--last", "5", check=False).stdout
             return out if "DROPPED" in out else None
 
-        line = eventually(dropped, "a DROPPED flow to db").splitlines()[-1]
+        line = eventually(dropped, "a DROPPED flow to db", timeout=60).splitlines()[-1]
         assert "demo/client-0" in line and "demo/db:7000" in line and "Policy denied" in line
     finally:
         shoal_cli(layout, "delete", "-f", "-", input=DENY_DB, check=False)

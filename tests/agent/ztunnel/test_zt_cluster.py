@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.conftest import pod_exec, shoal_cli
+from tests.conftest import eventually, pod_exec, shoal_cli
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
@@ -97,17 +97,6 @@ def proxy_metric(layout, node: str, name: str, **labels) -> float:
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
-
-
-def eventually(check, what, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(1)
 
 
 def test_cross_node_traffic_is_only_tls_on_15008(demo_cluster):
