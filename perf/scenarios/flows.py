@@ -2,9 +2,10 @@
 
 1. ``flows.kernel_ingest``: a tiny BPF program (run by the kernel with BPF_PROG_TEST_RUN
    and a repeat count) writes records shaped like the agent's FlowRecord into a ring
-   buffer of the agent's size, at paced rates; ``shoal.agent.ringbuf.RingReader`` hands them in
-   batches to ``HubbleServer.kernel_records`` (path ``shoal-agent``), and for comparison
-   the agent's libbcc-callback ``RingBufferReader`` feeds ``kernel_sink`` (``bcc-callback``). For each rate we count records the
+   buffer of the agent's size, at paced rates; ``shoal.agent.ringbuf.RingReader`` (the
+   agent's reader) hands them in batches to ``HubbleServer.kernel_records`` (path
+   ``shoal-agent``; libbcc's per-record callback, which it replaced, topped out near
+   100,000/s). For each rate we count records the
    kernel could not write (ring full) and records never delivered. Reported: the highest
    rate without loss and the rate where loss begins (issue 7: >= 200,000 events/s).
 2. ``flows.follow_latency``: two node observers and the relay, each its own process (as
@@ -132,14 +133,9 @@ def _ingest_path(ctx: Context, path: str) -> tuple[int, int | None]:
     seconds = ctx.seconds(2.0, 1.0)
     producer = KernelProducer(BIG_RING_BYTES if path == PATH_BIG_RING else None)
     server = HubbleServer(HubbleConfig(node_name="perf", tcp_address=None), None)
-    if path in (PATH, PATH_BIG_RING):
-        from shoal.agent.ringbuf import RingReader
+    from shoal.agent.ringbuf import RingReader
 
-        reader = RingReader(producer.ring_fd, producer.ring_bytes, server.kernel_records)
-    else:
-        from shoal.agent.flowevents import RingBufferReader
-
-        reader = RingBufferReader(producer.ring_fd, server.kernel_sink, poll_ms=10)
+    reader = RingReader(producer.ring_fd, producer.ring_bytes, server.kernel_records)
     reader.start()
     best, first_loss = 0, None
     try:
@@ -160,9 +156,8 @@ def _ingest_path(ctx: Context, path: str) -> tuple[int, int | None]:
 def measure_ingest(ctx: Context) -> Iterator[Measurement]:
     # PATH: the mmap batch reader with raw records stored (what the agent should run), on
     # the agent's ring size; PATH_BIG_RING: the same with a 4 MiB ring (more headroom when
-    # the reader thread is descheduled on a busy machine); "bcc-callback": libbcc's
-    # per-record callback + eager decode (shoal.agent.flowevents.RingBufferReader).
-    for path in (PATH, PATH_BIG_RING, "bcc-callback"):
+    # the reader thread is descheduled on a busy machine).
+    for path in (PATH, PATH_BIG_RING):
         lossless, onset = [], []
         for _ in range(ctx.repetitions):
             best, first_loss = _ingest_path(ctx, path)
