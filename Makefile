@@ -10,7 +10,7 @@ install:
 
 demo: install
 	@$(SHOAL) up --nodes 2 --demo
-	@$(SHOAL) demo show
+	@echo "The CLI is $(SHOAL): try '$(SHOAL) observe --namespace demo -f' or '$(SHOAL) status'; 'make down' removes the cluster."
 
 test: install
 	@$(PYTEST) -q -ra tests

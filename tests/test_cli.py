@@ -45,3 +45,16 @@ def test_documents_load_lists_and_refuse_empty(tmp_path):
         _load_documents((str(f),))
     with pytest.raises(click.BadParameter, match="No such file"):
         _load_documents((str(tmp_path / "missing.yaml"),))
+
+
+def test_every_shoal_command_the_makefile_runs_exists():
+    import re
+    from pathlib import Path
+
+    from shoal.cli import cli
+    makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
+    used = set(re.findall(r"\$\(SHOAL\) ([a-z-]+)", makefile))
+    assert {"up", "down"} <= used
+    ctx = click.Context(cli)
+    missing = {name for name in used if cli.get_command(ctx, name) is None}
+    assert not missing, f"the Makefile runs shoal commands that do not exist: {missing}"
