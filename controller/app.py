@@ -152,8 +152,11 @@ class ControllerApp:
             from shoal.controller.sources.local import LocalSource
             self._attach_waypoint_launcher()
             tasks.append(asyncio.create_task(LocalSource(self.store, self.control_plane).run()))
-            runner = await serve_unix(build_app(self.store, self.controller_status),
-                                      self.config.layout.api_socket)
+            bad_requests = self.metrics.bad_requests
+            runner = await serve_unix(
+                build_app(self.store, self.controller_status,
+                          on_error=lambda reason: bad_requests.labels(f"local-api:{reason}").inc()),
+                self.config.layout.api_socket)
         else:
             from shoal.controller.sources.kubernetes import KubernetesSource
             tasks.append(asyncio.create_task(
