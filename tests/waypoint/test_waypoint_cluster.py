@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import pod_exec, shoal_cli
+from tests.conftest import eventually, pod_exec, shoal_cli
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(420)]
 
@@ -111,27 +111,15 @@ def waypoint_requests(layout) -> int:
     return shoal_cli(layout, "logs", "demo/waypoint-0", "--tail", "1000000", check=False).stdout.count('"response_code"')
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def waypoint(demo_cluster):
     layout = demo_cluster.layout
     shoal_cli(layout, "waypoint", "apply", "-n", "demo", "--enroll-namespace")
     try:
-        wait_for(lambda: "Running" in shoal_cli(layout, "waypoint", "list").stdout, 60, "the waypoint pod")
+        eventually(lambda: "Running" in shoal_cli(layout, "waypoint", "list").stdout, "the waypoint pod", timeout=60, interval=0.5)
         # Traffic of the demo client goes through the waypoint once config reached the nodes.
         try:
-            wait_for(lambda: load(layout, 5)["statuses"].get("200") == 5 and waypoint_requests(layout) > 0, 90,
-                     "requests through the waypoint")
+            eventually(lambda: load(layout, 5)["statuses"].get("200") == 5 and waypoint_requests(layout) > 0, "requests through the waypoint", timeout=90, interval=0.5)
         except AssertionError as err:
             logs = shoal_cli(layout, "logs", "demo/waypoint-0", check=False)
             raise AssertionError(f"{err}\nwaypoint log:\n{(logs.stdout + logs.stderr)[-3000:]}") from None
@@ -145,7 +133,7 @@ def test_http_route_splits_90_10(waypoint):
     layout = waypoint
     shoal_cli(layout, "apply", "-f", "-", input=SPLIT)
     try:
-        wait_for(lambda: "web-v2-0" in load(layout, 20)["backends"], 60, "web-v2 to serve")
+        eventually(lambda: "web-v2-0" in load(layout, 20)["backends"], "web-v2 to serve", timeout=60, interval=0.5)
         result = load(layout, 2000, connections=4)
         assert result["statuses"] == {"200": 2000}, result
         v2 = result["backends"].get("web-v2-0", 0) / 2000
@@ -169,7 +157,7 @@ def test_request_timeout_answers_504_in_about_100ms(waypoint):
     layout = waypoint
     shoal_cli(layout, "apply", "-f", "-", input=TIMEOUT)
     try:
-        wait_for(lambda: load(layout, 1, "--path", "/slow")["statuses"].get("504"), 30, "the timeout route")
+        eventually(lambda: load(layout, 1, "--path", "/slow")["statuses"].get("504"), "the timeout route", timeout=30, interval=0.5)
         result = load(layout, 5, "--path", "/slow")
         assert result["statuses"] == {"504": 5}, result
         assert 90 <= result["p50_ms"] <= 400, result
@@ -181,8 +169,7 @@ def test_l7_deny_answers_403_and_shows_in_flows(waypoint):
     layout = waypoint
     shoal_cli(layout, "apply", "-f", "-", input=DENY)
     try:
-        wait_for(lambda: load(layout, 1, "--method", "DELETE", "--path", "/admin/users")["statuses"].get("403"),
-                 30, "the L7 deny")
+        eventually(lambda: load(layout, 1, "--method", "DELETE", "--path", "/admin/users")["statuses"].get("403"), "the L7 deny", timeout=30, interval=0.5)
         assert load(layout, 3, "--method", "DELETE", "--path", "/admin/x")["statuses"] == {"403": 3}
         flows = shoal_cli(layout, "observe", "--namespace", "demo", "--last", "200", check=False).stdout
         assert any("403" in line and "DELETE" in line and "DROPPED" in line for line in flows.splitlines()), flows[-2000:]
@@ -194,8 +181,7 @@ def test_l7_deny_leaves_other_requests_alone(waypoint):
     layout = waypoint
     shoal_cli(layout, "apply", "-f", "-", input=DENY)
     try:
-        wait_for(lambda: load(layout, 1, "--method", "DELETE", "--path", "/admin/users")["statuses"].get("403"),
-                 30, "the L7 deny")
+        eventually(lambda: load(layout, 1, "--method", "DELETE", "--path", "/admin/users")["statuses"].get("403"), "the L7 deny", timeout=30, interval=0.5)
         assert load(layout, 3, "--method", "GET", "--path", "/admin/users")["statuses"] == {"200": 3}
     finally:
         shoal_cli(layout, "delete", "-f", "-", input=DENY, check=False)
