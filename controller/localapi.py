@@ -25,6 +25,24 @@ from shoal.controller.store import Store
 log = logging.getLogger(__name__)
 
 MAX_BODY = 8 * 1024 * 1024
+# Kubernetes objects nest a dozen levels; anything far deeper is an attack on the recursive
+# code after the parser (copies, JSON encoding in the store), so it is refused up front.
+MAX_DEPTH = 64
+
+
+def nesting_depth(value: Any, limit: int) -> int:
+    """Depth of nested lists/dicts, counted without recursion; stops counting past ``limit``."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, (dict, list)):
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def build_app(store: Store, status: Callable[[], dict[str, Any]], on_error: Callable[[str], None] = lambda _: None
@@ -33,15 +51,21 @@ def build_app(store: Store, status: Callable[[], dict[str, Any]], on_error: Call
 
     async def read_objects(request: web.Request) -> list[Any]:
         try:
-            body = await request.json()
+            body = json.loads((await request.read()).decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise _bad_request(f"request body is not JSON: {e}") from None
+            raise _bad_request(f"request body is not JSON: {e}", "not_json") from None
+        except RecursionError:
+            raise _bad_request(f"request body nests deeper than {MAX_DEPTH} levels",
+                               "too_deep") from None
+        if nesting_depth(body, MAX_DEPTH) > MAX_DEPTH:
+            raise _bad_request(f"request body nests deeper than {MAX_DEPTH} levels", "too_deep")
         if not isinstance(body, dict) or not isinstance(body.get("objects"), list):
             raise _bad_request('expected {"objects": [...]}')
         return body["objects"]
 
-    def _bad_request(message: str) -> web.HTTPException:
-        on_error("bad_request")
+    def _bad_request(message: str, reason: str = "bad_request") -> web.HTTPException:
+        on_error(reason)
+        log.warning("local API: refused a request: %s", message)
         return web.HTTPBadRequest(text=json.dumps({"errors": [message]}), content_type="application/json")
 
     def write(operation: Callable[[list[Any]], list]) -> Callable:
@@ -62,7 +86,7 @@ def build_app(store: Store, status: Callable[[], dict[str, Any]], on_error: Call
     async def objects(request: web.Request) -> web.Response:
         kind = request.query.get("kind", "")
         if kind not in KINDS:
-            raise _bad_request(f"unknown kind {kind!r}")
+            raise _bad_request(f"unknown kind {kind!r}", "unknown_kind")
         items = store.list(kind, request.query.get("namespace"))
         return web.json_response({"items": items, "resourceVersion": str(store.resource_version)})
 

@@ -59,6 +59,23 @@ class _Checker:
         self.fail(field, f"expected {what}, got {type(value).__name__}")
         return False
 
+    def mappings(self, value: Any, field: str, what: str = "a list of mappings"):
+        """Yields (index, item) for each mapping of a list field (absent = empty); reports
+        a non-list and each non-mapping item instead of letting ``.get`` fail on them."""
+        if value is None:
+            return
+        if not self.typed(value, field, list, what):
+            return
+        for i, item in enumerate(value):
+            if self.typed(item, f"{field}[{i}]", dict, "a mapping"):
+                yield i, item
+
+    def mapping(self, value: Any, field: str) -> dict[str, Any]:
+        """The mapping at ``field`` (absent = empty); reports anything else and returns {}."""
+        if value is None:
+            return {}
+        return value if self.typed(value, field, dict, "a mapping") else {}
+
     def string_list(self, value: Any, field: str) -> None:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             self.fail(field, "expected a list of strings")
@@ -82,8 +99,10 @@ class _Checker:
 
 
 def object_key(obj: dict[str, Any]) -> tuple[str, str, str]:
-    meta = obj.get("metadata") or {}
-    return obj.get("kind", ""), meta.get("namespace", "") or "", meta.get("name", "")
+    meta = obj.get("metadata")
+    meta = meta if isinstance(meta, dict) else {}
+    parts = (obj.get("kind", ""), meta.get("namespace", "") or "", meta.get("name", ""))
+    return tuple(p if isinstance(p, str) else repr(p) for p in parts)
 
 
 def describe(obj: dict[str, Any]) -> str:
@@ -106,11 +125,11 @@ def validate(obj: Any, index: int = 0) -> list[str]:
         return [f"document {index + 1}: expected a mapping (a Kubernetes object), got {type(obj).__name__}"]
     check = _Checker(describe(obj) if obj.get("kind") else f"document {index + 1}", [])
     kind = obj.get("kind")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         check.fail("kind", f"unknown kind {kind!r}; known: {', '.join(sorted(KINDS))}")
         return check.errors
     versions, namespaced = KINDS[kind]
-    if obj.get("apiVersion") not in versions:
+    if not isinstance(obj.get("apiVersion"), str) or obj["apiVersion"] not in versions:
         check.fail("apiVersion", f"{obj.get('apiVersion')!r} is not one of {', '.join(sorted(versions))}")
     meta = obj.get("metadata")
     if not check.typed(meta, "metadata", dict, "a mapping"):
@@ -168,9 +187,8 @@ def _containers(check: _Checker, containers: Any, field: str) -> None:
             check.string_list(container["command"], f"{where}.command")
         if "args" in container:
             check.string_list(container["args"], f"{where}.args")
-        for j, port in enumerate(container.get("ports", []) or []):
-            if check.typed(port, f"{where}.ports[{j}]", dict, "a mapping"):
-                check.port(port.get("containerPort"), f"{where}.ports[{j}].containerPort")
+        for j, port in check.mappings(container.get("ports"), f"{where}.ports", "a list of ports"):
+            check.port(port.get("containerPort"), f"{where}.ports[{j}].containerPort")
 
 
 def _pod_spec(check: _Checker, spec: dict[str, Any], field: str = "spec") -> None:
@@ -187,7 +205,7 @@ def _deployment(check: _Checker, spec: dict[str, Any]) -> None:
         check.fail("spec.replicas", f"expected an integer 0-1000, got {replicas!r}")
     template = spec.get("template")
     if check.typed(template, "spec.template", dict, "a pod template"):
-        labels = (template.get("metadata") or {}).get("labels", {})
+        labels = check.mapping(template.get("metadata"), "spec.template.metadata").get("labels", {})
         check.labels(labels, "spec.template.metadata.labels")
         tspec = template.get("spec")
         if check.typed(tspec, "spec.template.spec", dict, "a pod spec"):
@@ -225,54 +243,52 @@ def _authorization_policy(check: _Checker, spec: dict[str, Any]) -> None:
     selector = spec.get("selector")
     if selector is not None and check.typed(selector, "spec.selector", dict, "a mapping"):
         check.labels(selector.get("matchLabels", {}), "spec.selector.matchLabels")
-    refs = spec.get("targetRefs", [])
-    if check.typed(refs, "spec.targetRefs", list, "a list of references"):
-        if refs and selector:
-            check.fail("spec.targetRefs", "cannot be combined with spec.selector")
-        for i, ref in enumerate(refs):
-            if check.typed(ref, f"spec.targetRefs[{i}]", dict, "a mapping"):
-                if ref.get("kind") not in ("Gateway", "Service"):
-                    check.fail(f"spec.targetRefs[{i}].kind", f"expected Gateway or Service, got {ref.get('kind')!r}")
-                check.name(ref.get("name"), f"spec.targetRefs[{i}].name")
+    refs = spec.get("targetRefs")
+    if refs and selector:
+        check.fail("spec.targetRefs", "cannot be combined with spec.selector")
+    for i, ref in check.mappings(refs, "spec.targetRefs", "a list of references"):
+        if ref.get("kind") not in ("Gateway", "Service"):
+            check.fail(f"spec.targetRefs[{i}].kind", f"expected Gateway or Service, got {ref.get('kind')!r}")
+        check.name(ref.get("name"), f"spec.targetRefs[{i}].name")
     rules = spec.get("rules", [])
-    if not check.typed(rules, "spec.rules", list, "a list of rules"):
-        return
-    for i, rule in enumerate(rules):
+    for i, rule in check.mappings(rules, "spec.rules", "a list of rules"):
         where = f"spec.rules[{i}]"
-        if not check.typed(rule, where, dict, "a mapping"):
-            continue
-        for j, source in enumerate(rule.get("from", []) or []):
-            src = (source or {}).get("source", {})
-            if not check.typed(src, f"{where}.from[{j}].source", dict, "a mapping"):
-                continue
+        for j, source in check.mappings(rule.get("from"), f"{where}.from"):
+            src = check.mapping(source.get("source"), f"{where}.from[{j}].source")
             for field in ("principals", "notPrincipals", "namespaces", "notNamespaces"):
                 if field in src:
                     check.string_list(src[field], f"{where}.from[{j}].source.{field}")
             for field in ("ipBlocks", "notIpBlocks"):
-                for k, block in enumerate(src.get(field, []) or []):
+                if field not in src:
+                    continue
+                check.string_list(src[field], f"{where}.from[{j}].source.{field}")
+                for k, block in enumerate(src[field] if isinstance(src[field], list) else []):
+                    if not isinstance(block, str):
+                        continue   # string_list reported it
                     try:
                         ipaddress.ip_network(block, strict=False)
                     except (TypeError, ValueError):
                         check.fail(f"{where}.from[{j}].source.{field}[{k}]", f"not a CIDR or IP: {block!r}")
-        for j, target in enumerate(rule.get("to", []) or []):
-            op = (target or {}).get("operation", {})
-            if not check.typed(op, f"{where}.to[{j}].operation", dict, "a mapping"):
-                continue
+        for j, target in check.mappings(rule.get("to"), f"{where}.to"):
+            op = check.mapping(target.get("operation"), f"{where}.to[{j}].operation")
             for field in ("ports", "notPorts"):
-                for k, port in enumerate(op.get(field, []) or []):
+                if field not in op:
+                    continue
+                check.string_list(op[field], f"{where}.to[{j}].operation.{field}")
+                for k, port in enumerate(op[field] if isinstance(op[field], list) else []):
                     if not (isinstance(port, str) and port.isdigit() and 1 <= int(port) <= 65535):
                         check.fail(f"{where}.to[{j}].operation.{field}[{k}]",
                                    f"expected a port number as a string, got {port!r}")
             for field in ("methods", "notMethods", "paths", "notPaths", "hosts", "notHosts"):
                 if field in op:
                     check.string_list(op[field], f"{where}.to[{j}].operation.{field}")
-        for j, cond in enumerate(rule.get("when", []) or []):
-            if check.typed(cond, f"{where}.when[{j}]", dict, "a mapping") and not isinstance(cond.get("key"), str):
+        for j, cond in check.mappings(rule.get("when"), f"{where}.when"):
+            if not isinstance(cond.get("key"), str):
                 check.fail(f"{where}.when[{j}].key", "required string")
 
 
 def _peer_authentication(check: _Checker, spec: dict[str, Any]) -> None:
-    mode = (spec.get("mtls") or {}).get("mode", "PERMISSIVE")
+    mode = check.mapping(spec.get("mtls"), "spec.mtls").get("mode", "PERMISSIVE")
     if mode not in ("STRICT", "PERMISSIVE", "UNSET"):
         check.fail("spec.mtls.mode", f"expected STRICT, PERMISSIVE or UNSET, got {mode!r}")
 

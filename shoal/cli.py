@@ -147,8 +147,13 @@ def _load_documents(files: tuple[str, ...]) -> list[Any]:
             docs.extend(d for d in yaml.safe_load_all(text) if d is not None)
         except OSError as e:
             raise click.BadParameter(f"{name}: {e.strerror}", param_hint="-f") from None
+        except UnicodeDecodeError as e:
+            raise click.BadParameter(f"{name}: not UTF-8 text: {e}", param_hint="-f") from None
         except yaml.YAMLError as e:
             raise click.BadParameter(f"{name}: not valid YAML: {e}", param_hint="-f") from None
+        except RecursionError:
+            raise click.BadParameter(f"{name}: nested too deeply to be a Kubernetes object",
+                                     param_hint="-f") from None
     for i, doc in enumerate(list(docs)):
         if isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(doc.get("items"), list):
             docs[i:i + 1] = doc["items"]

@@ -58,3 +58,14 @@ def test_every_shoal_command_the_makefile_runs_exists():
     ctx = click.Context(cli)
     missing = {name for name in used if cli.get_command(ctx, name) is None}
     assert not missing, f"the Makefile runs shoal commands that do not exist: {missing}"
+
+
+def test_documents_refuse_non_utf8_and_deep_nesting_with_a_clear_error(tmp_path):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"kind: Pod\nname: \xff\xfe\n")
+    with pytest.raises(click.BadParameter, match="not UTF-8"):
+        _load_documents((str(binary),))
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("[" * 20000 + "]" * 20000)
+    with pytest.raises(click.BadParameter, match="nested too deeply"):
+        _load_documents((str(deep),))
