@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+from shoal.xds import model as m
+
 # kind -> (apiVersions accepted, namespaced)
 KINDS: dict[str, tuple[frozenset[str], bool]] = {
     "Namespace": (frozenset({"v1"}), False),
@@ -228,12 +230,48 @@ def _service(check: _Checker, spec: dict[str, Any]) -> None:
             check.port(target, f"spec.ports[{i}].targetPort")
         if port.get("protocol", "TCP") not in ("TCP", "UDP", "SCTP"):
             check.fail(f"spec.ports[{i}].protocol", f"expected TCP, UDP or SCTP, got {port.get('protocol')!r}")
-    ip = spec.get("clusterIP")
-    if ip not in (None, "", "None"):
+    _service_ip_families(check, spec)
+
+
+def _service_ip_families(check: _Checker, spec: dict[str, Any]) -> None:
+    """Kubernetes' dual-stack Service fields, checked as the API server does: known
+    families, each at most once, at most one ClusterIP per family, every ClusterIP of a
+    family the Service asks for, and a policy that allows as many families as it lists."""
+    families = spec.get("ipFamilies", [])
+    if check.typed(families, "spec.ipFamilies", list, "a list of IP families"):
+        for i, family in enumerate(families):
+            if family not in m.IP_FAMILIES:
+                check.fail(f"spec.ipFamilies[{i}]", f"unknown IP family {family!r}; expected IPv4 or IPv6")
+        if len(set(map(str, families))) != len(families):
+            check.fail("spec.ipFamilies", f"{families} lists a family twice")
+    else:
+        families = []
+    policy = spec.get("ipFamilyPolicy", m.SINGLE_STACK)
+    if policy not in m.IP_FAMILY_POLICIES:
+        check.fail("spec.ipFamilyPolicy", f"expected {', '.join(m.IP_FAMILY_POLICIES)}, got {policy!r}")
+    elif policy == m.SINGLE_STACK and len(families) > 1:
+        check.fail("spec.ipFamilies", "SingleStack allows one IP family")
+    primary = spec.get("clusterIP")
+    listed = spec.get("clusterIPs")
+    addresses = [] if primary in (None, "", "None") else [("spec.clusterIP", primary)]
+    if listed is not None and check.typed(listed, "spec.clusterIPs", list, "a list of IP addresses"):
+        if listed and primary not in (None, "") and listed[0] != primary:
+            check.fail("spec.clusterIPs", f"the first entry must equal spec.clusterIP {primary!r}")
+        addresses += [(f"spec.clusterIPs[{i}]", a) for i, a in enumerate(listed) if a != "None"]
+        if len(listed) > 2:
+            check.fail("spec.clusterIPs", "at most one address per IP family (two)")
+    seen: dict[str, str] = {}
+    for field, address in addresses:
         try:
-            ipaddress.ip_address(ip)
-        except ValueError:
-            check.fail("spec.clusterIP", f"not an IP address: {ip!r}")
+            family = m.ip_family(address)
+        except (TypeError, ValueError):
+            check.fail(field, f"not an IP address: {address!r}")
+            continue
+        if families and family not in families:
+            check.fail(field, f"{address} is an {family} address; spec.ipFamilies is {families}")
+        if seen.get(family, address) != address:
+            check.fail(field, f"a second {family} ClusterIP ({address}, already {seen[family]})")
+        seen[family] = address
 
 
 def _authorization_policy(check: _Checker, spec: dict[str, Any]) -> None:

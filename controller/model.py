@@ -431,16 +431,12 @@ class MeshModel:
         meshed = (namespace_meshed(ns_obj) and labels.get(LABEL_MESH) != "disabled"
                   and labels.get(LABEL_MESH_ISTIO) != "none")
         sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
-        ip = status.get("podIP") or ""
+        ip, ips = pod_addresses(status)
         if not ip:
             return None   # not routable yet: it appears once the CNI has given it an address
-        try:
-            convert.check_ip("status.podIP", ip)
-        except ValueError as err:
-            raise ObjectError(str(err)) from None
         return m.Workload(
             uid=f"{namespace}/{name}", name=name, namespace=namespace, service_account=sa,
-            node=node, ip=ip, identity=self.identities.get(namespace, sa),
+            node=node, ip=ip, ips=ips, identity=self.identities.get(namespace, sa),
             spiffe_id=spiffe_id(namespace, sa, self.trust_domain), meshed=meshed,
             waypoint=_waypoint_label(namespace, pod, ns_obj) if meshed else None,
             protocol="HBONE" if meshed else "TCP", labels=m.Labels(labels),
@@ -470,14 +466,7 @@ class MeshModel:
         if svc is None:
             return None
         spec = svc.get("spec") or {}
-        vip = spec.get("clusterIP") or ""
-        if vip == "None":
-            vip = ""
-        elif vip:
-            try:
-                convert.check_ip("spec.clusterIP", vip)
-            except ValueError as err:
-                raise ObjectError(str(err)) from None
+        vip, vips, families, family_policy = service_addresses(spec)
         selector = spec.get("selector")
         if selector:
             endpoints = sorted(
@@ -501,7 +490,8 @@ class MeshModel:
                                        target_port=target, protocol=protocol))
         ns_obj = self.get("Namespace", "", namespace)
         return m.Service(name=name, namespace=namespace, vip=vip, ports=tuple(ports),
-                         endpoints=tuple(endpoints), waypoint=_waypoint_label(namespace, svc, ns_obj))
+                         endpoints=tuple(endpoints), waypoint=_waypoint_label(namespace, svc, ns_obj),
+                         vips=vips, ip_families=families, ip_family_policy=family_policy)
 
     def _slice_endpoints(self, namespace: str, service: str) -> set[str]:
         uids = set()
@@ -536,17 +526,20 @@ class MeshModel:
                 != WAYPOINT_GATEWAY_CLASS:
             return None
         meta = gateway.get("metadata") or {}
-        ip = ""
-        for address in (gateway.get("status") or {}).get("addresses") or []:
-            ip = address.get("value") or ""
-            break
+        ips = tuple(address.get("value") for address in
+                    (gateway.get("status") or {}).get("addresses") or [] if address.get("value"))
+        ip = ips[0] if ips else ""
         if not ip:
             for pod in self.objects("Pod", namespace):
                 if _labels(pod).get(LABEL_GATEWAY_NAME) == name:
-                    ip = (pod.get("status") or {}).get("podIP") or ""
+                    ip, ips = pod_addresses(pod.get("status") or {})
                     break
+        try:
+            ips = convert.check_addresses("status.addresses", ip, ips, "address")
+        except ValueError as err:
+            raise ObjectError(str(err)) from None
         sa = (meta.get("annotations") or {}).get("shoal.io/service-account") or name
-        return m.Waypoint(name=name, namespace=namespace, ip=ip, service_account=sa,
+        return m.Waypoint(name=name, namespace=namespace, ip=ip, ips=ips, service_account=sa,
                           spiffe_id=spiffe_id(namespace, sa, self.trust_domain),
                           uid=meta.get("uid", ""))
 
@@ -559,6 +552,47 @@ class MeshModel:
                             if k not in ("managedFields", "resourceVersion")}
         return m.KubeObject(kind=kind, namespace=namespace, name=name,
                             json=json.dumps(body, sort_keys=True, separators=(",", ":")))
+
+
+def pod_addresses(status: Obj) -> tuple[str, tuple[str, ...]]:
+    """A pod's primary address and every address: ``status.podIP`` and ``status.podIPs``
+    (a dual-stack pod has one of each family; ``podIPs[0]`` is ``podIP``)."""
+    ip = status.get("podIP") or ""
+    listed = tuple(entry.get("ip") or "" for entry in status.get("podIPs") or []
+                   if isinstance(entry, dict))
+    try:
+        convert.check_ip("status.podIP", ip, allow_empty=True)
+        ips = convert.check_addresses("status.podIPs", ip, listed, "status.podIP")
+    except ValueError as err:
+        raise ObjectError(str(err)) from None
+    return ip or (ips[0] if ips else ""), ips
+
+
+def service_addresses(spec: Obj) -> tuple[str, tuple[str, ...], tuple[str, ...], str]:
+    """A Service's ClusterIPs and families from ``spec.clusterIP``/``clusterIPs``/
+    ``ipFamilies``/``ipFamilyPolicy``, checked as the API server does (the local store's
+    ``shoal apply`` has already refused bad ones with the object named)."""
+    vip = spec.get("clusterIP") or ""
+    vip = "" if vip == "None" else vip
+    listed = tuple(a for a in spec.get("clusterIPs") or () if a and a != "None")
+    families = tuple(spec.get("ipFamilies") or ())
+    policy = spec.get("ipFamilyPolicy") or m.SINGLE_STACK
+    try:
+        convert.check_ip("spec.clusterIP", vip, allow_empty=True)
+        vips = convert.check_addresses("spec.clusterIPs", vip, listed, "spec.clusterIP")
+        for i, family in enumerate(families):
+            if family not in m.IP_FAMILIES:
+                raise ValueError(f"spec.ipFamilies[{i}]: {family!r} is not one of IPv4, IPv6")
+        for address in vips:
+            if families and m.ip_family(address) not in families:
+                raise ValueError(f"spec.clusterIPs: {address} is not of spec.ipFamilies "
+                                 f"{list(families)}")
+        if policy not in m.IP_FAMILY_POLICIES:
+            raise ValueError(f"spec.ipFamilyPolicy: {policy!r} is not one of "
+                             f"{', '.join(m.IP_FAMILY_POLICIES)}")
+    except ValueError as err:
+        raise ObjectError(str(err)) from None
+    return vip or (vips[0] if vips else ""), vips, families, policy
 
 
 def _strings(value: Any, where: str) -> tuple[str, ...]:

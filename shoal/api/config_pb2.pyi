@@ -15,7 +15,7 @@ class WaypointRef(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class Workload(_message.Message):
-    __slots__ = ("uid", "name", "namespace", "service_account", "node", "ip", "identity", "spiffe_id", "meshed", "waypoint", "protocol", "labels", "canonical_service", "mtls_mode")
+    __slots__ = ("uid", "name", "namespace", "service_account", "node", "ip", "identity", "spiffe_id", "meshed", "waypoint", "protocol", "labels", "canonical_service", "mtls_mode", "ips")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class Workload(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     CANONICAL_SERVICE_FIELD_NUMBER: _ClassVar[int]
     MTLS_MODE_FIELD_NUMBER: _ClassVar[int]
+    IPS_FIELD_NUMBER: _ClassVar[int]
     uid: str
     name: str
     namespace: str
@@ -51,7 +52,8 @@ class Workload(_message.Message):
     labels: _containers.ScalarMap[str, str]
     canonical_service: str
     mtls_mode: str
-    def __init__(self, uid: _Optional[str] = ..., name: _Optional[str] = ..., namespace: _Optional[str] = ..., service_account: _Optional[str] = ..., node: _Optional[str] = ..., ip: _Optional[str] = ..., identity: _Optional[int] = ..., spiffe_id: _Optional[str] = ..., meshed: _Optional[bool] = ..., waypoint: _Optional[_Union[WaypointRef, _Mapping]] = ..., protocol: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., canonical_service: _Optional[str] = ..., mtls_mode: _Optional[str] = ...) -> None: ...
+    ips: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, uid: _Optional[str] = ..., name: _Optional[str] = ..., namespace: _Optional[str] = ..., service_account: _Optional[str] = ..., node: _Optional[str] = ..., ip: _Optional[str] = ..., identity: _Optional[int] = ..., spiffe_id: _Optional[str] = ..., meshed: _Optional[bool] = ..., waypoint: _Optional[_Union[WaypointRef, _Mapping]] = ..., protocol: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., canonical_service: _Optional[str] = ..., mtls_mode: _Optional[str] = ..., ips: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ServicePort(_message.Message):
     __slots__ = ("name", "port", "target_port", "protocol")
@@ -66,20 +68,26 @@ class ServicePort(_message.Message):
     def __init__(self, name: _Optional[str] = ..., port: _Optional[int] = ..., target_port: _Optional[int] = ..., protocol: _Optional[str] = ...) -> None: ...
 
 class Service(_message.Message):
-    __slots__ = ("name", "namespace", "vip", "ports", "endpoints", "waypoint")
+    __slots__ = ("name", "namespace", "vip", "ports", "endpoints", "waypoint", "vips", "ip_families", "ip_family_policy")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     VIP_FIELD_NUMBER: _ClassVar[int]
     PORTS_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     WAYPOINT_FIELD_NUMBER: _ClassVar[int]
+    VIPS_FIELD_NUMBER: _ClassVar[int]
+    IP_FAMILIES_FIELD_NUMBER: _ClassVar[int]
+    IP_FAMILY_POLICY_FIELD_NUMBER: _ClassVar[int]
     name: str
     namespace: str
     vip: str
     ports: _containers.RepeatedCompositeFieldContainer[ServicePort]
     endpoints: _containers.RepeatedScalarFieldContainer[str]
     waypoint: WaypointRef
-    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., vip: _Optional[str] = ..., ports: _Optional[_Iterable[_Union[ServicePort, _Mapping]]] = ..., endpoints: _Optional[_Iterable[str]] = ..., waypoint: _Optional[_Union[WaypointRef, _Mapping]] = ...) -> None: ...
+    vips: _containers.RepeatedScalarFieldContainer[str]
+    ip_families: _containers.RepeatedScalarFieldContainer[str]
+    ip_family_policy: str
+    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., vip: _Optional[str] = ..., ports: _Optional[_Iterable[_Union[ServicePort, _Mapping]]] = ..., endpoints: _Optional[_Iterable[str]] = ..., waypoint: _Optional[_Union[WaypointRef, _Mapping]] = ..., vips: _Optional[_Iterable[str]] = ..., ip_families: _Optional[_Iterable[str]] = ..., ip_family_policy: _Optional[str] = ...) -> None: ...
 
 class Source(_message.Message):
     __slots__ = ("principals", "not_principals", "namespaces", "not_namespaces", "ip_blocks", "not_ip_blocks")
@@ -171,20 +179,22 @@ class Authorization(_message.Message):
     def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., action: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., rules: _Optional[_Iterable[_Union[Rule, _Mapping]]] = ..., target_refs: _Optional[_Iterable[_Union[TargetRef, _Mapping]]] = ...) -> None: ...
 
 class Waypoint(_message.Message):
-    __slots__ = ("name", "namespace", "ip", "service_account", "spiffe_id", "uid")
+    __slots__ = ("name", "namespace", "ip", "service_account", "spiffe_id", "uid", "ips")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     IP_FIELD_NUMBER: _ClassVar[int]
     SERVICE_ACCOUNT_FIELD_NUMBER: _ClassVar[int]
     SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
     UID_FIELD_NUMBER: _ClassVar[int]
+    IPS_FIELD_NUMBER: _ClassVar[int]
     name: str
     namespace: str
     ip: str
     service_account: str
     spiffe_id: str
     uid: str
-    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., ip: _Optional[str] = ..., service_account: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., uid: _Optional[str] = ...) -> None: ...
+    ips: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., ip: _Optional[str] = ..., service_account: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., uid: _Optional[str] = ..., ips: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class KubeObject(_message.Message):
     __slots__ = ("kind", "namespace", "name", "json")

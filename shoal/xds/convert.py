@@ -36,6 +36,19 @@ def check_cidr(where: str, value: str) -> str:
     return value
 
 
+def check_addresses(where: str, primary: str, addresses, primary_field: str) -> tuple[str, ...]:
+    """Validates a dual-stack address list (``ips``/``vips``): addresses, at most one per
+    family (Kubernetes' rule for podIPs and clusterIPs), holding the primary."""
+    addresses = tuple(check_ip(f"{where}[{i}]", a) for i, a in enumerate(addresses))
+    families = [m.ip_family(a) for a in addresses]
+    for family in m.IP_FAMILIES:
+        if families.count(family) > 1:
+            raise ValueError(f"{where}: more than one {family} address in {list(addresses)}")
+    if addresses and primary and primary not in addresses:
+        raise ValueError(f"{where}: does not hold the primary {primary_field} {primary!r}")
+    return addresses
+
+
 def _check_port(where: str, value: int, allow_zero: bool = False) -> int:
     if not (0 if allow_zero else 1) <= value <= 65535:
         raise ValueError(f"{where}: port {value} out of range")
@@ -74,6 +87,7 @@ def to_proto(resource: m.Resource, version: str = "") -> pb.Resource:
         w.protocol = resource.protocol
         w.labels.update(resource.labels)
         w.canonical_service, w.mtls_mode = resource.canonical_service, resource.mtls_mode
+        w.ips.extend(resource.ips)
     elif isinstance(resource, m.Service):
         s = out.service
         s.name, s.namespace, s.vip = resource.name, resource.namespace, resource.vip
@@ -81,6 +95,9 @@ def to_proto(resource: m.Resource, version: str = "") -> pb.Resource:
                                       protocol=p.protocol) for p in resource.ports)
         s.endpoints.extend(resource.endpoints)
         _ref_to_proto(resource.waypoint, s.waypoint)
+        s.vips.extend(resource.vips)
+        s.ip_families.extend(resource.ip_families)
+        s.ip_family_policy = resource.ip_family_policy
     elif isinstance(resource, m.Authorization):
         a = out.authorization
         a.name, a.namespace, a.action = resource.name, resource.namespace, resource.action
@@ -104,6 +121,7 @@ def to_proto(resource: m.Resource, version: str = "") -> pb.Resource:
         w.name, w.namespace, w.ip = resource.name, resource.namespace, resource.ip
         w.service_account, w.spiffe_id, w.uid = (resource.service_account, resource.spiffe_id,
                                                  resource.uid)
+        w.ips.extend(resource.ips)
     elif isinstance(resource, m.KubeObject):
         o = out.object
         o.kind, o.namespace, o.name, o.json = (resource.kind, resource.namespace, resource.name,
@@ -126,6 +144,7 @@ def _workload(w: pb.Workload, where: str) -> m.Workload:
     return m.Workload(
         uid=w.uid, name=w.name, namespace=w.namespace, service_account=w.service_account,
         node=w.node, ip=check_ip(f"{where}.ip", w.ip, allow_empty=True),
+        ips=check_addresses(f"{where}.ips", w.ip, w.ips, "ip"),
         identity=w.identity, spiffe_id=w.spiffe_id, meshed=w.meshed,
         waypoint=_ref_from_proto(w, "waypoint"),
         protocol=_check_choice(f"{where}.protocol", w.protocol, PROTOCOLS),
@@ -143,9 +162,20 @@ def _service(s: pb.Service, where: str) -> m.Service:
                       protocol=_check_choice(f"{where}.ports[{i}].protocol", p.protocol,
                                              PORT_PROTOCOLS))
         for i, p in enumerate(s.ports))
-    return m.Service(name=s.name, namespace=s.namespace,
-                     vip=check_ip(f"{where}.vip", s.vip, allow_empty=True), ports=ports,
-                     endpoints=tuple(s.endpoints), waypoint=_ref_from_proto(s, "waypoint"))
+    vip = check_ip(f"{where}.vip", s.vip, allow_empty=True)
+    vips = check_addresses(f"{where}.vips", vip, s.vips, "vip")
+    families = tuple(_check_choice(f"{where}.ip_families[{i}]", f, m.IP_FAMILIES)
+                     for i, f in enumerate(s.ip_families))
+    if len(set(families)) != len(families):
+        raise ValueError(f"{where}.ip_families: {list(families)} names a family twice")
+    for address in vips:
+        if families and m.ip_family(address) not in families:
+            raise ValueError(f"{where}.vips: {address} is not of ip_families {list(families)}")
+    policy = _check_choice(f"{where}.ip_family_policy", s.ip_family_policy or m.SINGLE_STACK,
+                           m.IP_FAMILY_POLICIES)
+    return m.Service(name=s.name, namespace=s.namespace, vip=vip, ports=ports,
+                     endpoints=tuple(s.endpoints), waypoint=_ref_from_proto(s, "waypoint"),
+                     vips=vips, ip_families=families, ip_family_policy=policy)
 
 
 def _authorization(a: pb.Authorization, where: str) -> m.Authorization:
@@ -186,7 +216,8 @@ def _authorization(a: pb.Authorization, where: str) -> m.Authorization:
 def _waypoint(w: pb.Waypoint, where: str) -> m.Waypoint:
     return m.Waypoint(name=_need(f"{where}.name", w.name), namespace=w.namespace,
                       ip=check_ip(f"{where}.ip", w.ip, allow_empty=True),
-                      service_account=w.service_account, spiffe_id=w.spiffe_id, uid=w.uid)
+                      service_account=w.service_account, spiffe_id=w.spiffe_id, uid=w.uid,
+                      ips=check_addresses(f"{where}.ips", w.ip, w.ips, "ip"))
 
 
 def _object(o: pb.KubeObject, where: str) -> m.KubeObject:

@@ -5,6 +5,7 @@ Built by the controller from Kubernetes-shaped objects, carried on the config st
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Union
@@ -55,6 +56,53 @@ class Labels(Mapping[str, str]):
 
 EMPTY_LABELS = Labels()
 
+# Kubernetes' IP family names (Service ``spec.ipFamilies``) and family policies.
+IPV4, IPV6 = "IPv4", "IPv6"
+IP_FAMILIES = (IPV4, IPV6)
+SINGLE_STACK, PREFER_DUAL_STACK, REQUIRE_DUAL_STACK = (
+    "SingleStack", "PreferDualStack", "RequireDualStack")
+IP_FAMILY_POLICIES = (SINGLE_STACK, PREFER_DUAL_STACK, REQUIRE_DUAL_STACK)
+
+
+def ip_family(address: str) -> str:
+    """``"IPv4"`` or ``"IPv6"`` for an address; an IPv4-mapped IPv6 address is IPv4, because
+    the data path treats ``::ffff:a.b.c.d`` exactly as ``a.b.c.d``."""
+    parsed = ipaddress.ip_address(address)
+    if parsed.version == 6 and parsed.ipv4_mapped is None:
+        return IPV6
+    return IPV4
+
+
+def _family_or_empty(address: str) -> str:
+    """``ip_family`` for model construction, which does not validate: "" for a non-address
+    (the config stream's decoder rejects those with the field named)."""
+    try:
+        return ip_family(address)
+    except ValueError:
+        return ""
+
+
+def ipv4_first(addresses: tuple[str, ...]) -> tuple[str, ...]:
+    """The addresses with IPv4 before IPv6, each family keeping its order (stable sort):
+    one canonical order, so the same set of addresses always hashes and encodes the same."""
+    return tuple(sorted(addresses, key=lambda a: _family_or_empty(a) == IPV6))
+
+
+def _with_primary(primary: str, addresses: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """Fills the primary address and the full list from each other (backwards compatible:
+    an object built with only ``ip`` has ``ips == (ip,)``), IPv4 first."""
+    if not addresses:
+        addresses = (primary,) if primary else ()
+    addresses = ipv4_first(tuple(addresses))
+    if not primary and addresses:
+        primary = addresses[0]
+    return primary, addresses
+
+
+def address_of_family(addresses: tuple[str, ...], family: str) -> str:
+    """The first address of ``family`` ("IPv4"/"IPv6") among ``addresses``, or ""."""
+    return next((a for a in addresses if _family_or_empty(a) == family), "")
+
 
 @dataclass(frozen=True)
 class WaypointRef:
@@ -78,10 +126,23 @@ class Workload:
     labels: Labels = EMPTY_LABELS
     canonical_service: str = ""
     mtls_mode: str = "PERMISSIVE"       # "PERMISSIVE" | "STRICT"
+    # Every address of the pod (Kubernetes ``status.podIPs``), IPv4 first when present, at
+    # most one per family. ``ip`` stays the primary address (``status.podIP``) and is one of
+    # them; built with only ``ip``, ``ips == (ip,)``.
+    ips: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        primary, addresses = _with_primary(self.ip, self.ips)
+        object.__setattr__(self, "ip", primary)
+        object.__setattr__(self, "ips", addresses)
 
     @property
     def key(self) -> str:
         return self.uid
+
+    def address(self, family: str) -> str:
+        """The pod's address of ``family`` ("IPv4"/"IPv6"), or "" when it has none."""
+        return address_of_family(self.ips, family)
 
 
 @dataclass(frozen=True)
@@ -94,16 +155,41 @@ class ServicePort:
 
 @dataclass(frozen=True)
 class Service:
+    """A Service. ``vip`` is the primary ClusterIP (``spec.clusterIP``); ``vips`` every
+    ClusterIP (``spec.clusterIPs``), IPv4 first, at most one per family.
+
+    ``ip_families`` and ``ip_family_policy`` are Kubernetes' ``spec.ipFamilies`` (in the
+    object's order: the primary family first) and ``spec.ipFamilyPolicy``. Built with only
+    ``vip``, ``vips == (vip,)`` and ``ip_families`` is that address's family; a headless
+    Service (no ClusterIP) keeps ``ip_families`` empty unless given.
+    """
+
     name: str
     namespace: str
     vip: str
     ports: tuple[ServicePort, ...] = ()
     endpoints: tuple[str, ...] = ()     # workload uids
     waypoint: WaypointRef | None = None
+    vips: tuple[str, ...] = ()
+    ip_families: tuple[str, ...] = ()   # "IPv4" | "IPv6", primary first
+    ip_family_policy: str = SINGLE_STACK
+
+    def __post_init__(self) -> None:
+        primary, addresses = _with_primary(self.vip, self.vips)
+        object.__setattr__(self, "vip", primary)
+        object.__setattr__(self, "vips", addresses)
+        if not self.ip_families and primary:
+            families = tuple(dict.fromkeys(
+                f for f in map(_family_or_empty, (primary, *addresses)) if f))
+            object.__setattr__(self, "ip_families", families)
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    def address(self, family: str) -> str:
+        """The ClusterIP of ``family`` ("IPv4"/"IPv6"), or "" when the Service has none."""
+        return address_of_family(self.vips, family)
 
 
 @dataclass(frozen=True)
@@ -200,10 +286,19 @@ class Waypoint:
     service_account: str
     spiffe_id: str
     uid: str = ""
+    ips: tuple[str, ...] = ()           # every address, IPv4 first; ``ip`` is the primary
+
+    def __post_init__(self) -> None:
+        primary, addresses = _with_primary(self.ip, self.ips)
+        object.__setattr__(self, "ip", primary)
+        object.__setattr__(self, "ips", addresses)
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    def address(self, family: str) -> str:
+        return address_of_family(self.ips, family)
 
 
 @dataclass(frozen=True)

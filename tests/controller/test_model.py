@@ -211,3 +211,31 @@ def test_bad_target_refs_name_the_field():
     model = build(namespace("demo"), bad)
     assert model.errors == {"AuthorizationPolicy demo/p": "AuthorizationPolicy demo/p: spec.targetRefs[0].kind: "
                                                           "'Deployment' is not supported (Gateway or Service)"}
+
+
+def test_dual_stack_pods_and_services_from_kubernetes_fields():
+    dual_pod = pod("demo", "web-0", ip="10.244.1.2", labels={"app": "web"})
+    dual_pod["status"]["podIPs"] = [{"ip": "10.244.1.2"}, {"ip": "fd00:10:244:1::2"}]
+    svc = service("demo", "web", {"app": "web"}, ip="fd00:96::a")
+    svc["spec"].update(clusterIPs=["fd00:96::a", "10.96.0.10"], ipFamilies=["IPv6", "IPv4"],
+                       ipFamilyPolicy="RequireDualStack")
+    model = build(namespace("demo"), dual_pod, svc)
+    wl = workload(model, "demo/web-0")
+    assert wl.ip == "10.244.1.2" and wl.ips == ("10.244.1.2", "fd00:10:244:1::2")
+    built = model.resources["service/demo/web"].resource
+    assert built.vip == "fd00:96::a" and built.vips == ("10.96.0.10", "fd00:96::a")
+    assert built.ip_families == ("IPv6", "IPv4") and built.ip_family_policy == "RequireDualStack"
+    assert built.endpoints == ("demo/web-0",)
+
+
+def test_bad_dual_stack_fields_name_the_object_and_field():
+    bad_family = service("demo", "web", {"app": "web"})
+    bad_family["spec"]["ipFamilies"] = ["IPv5"]
+    wrong_family = service("demo", "db", {"app": "db"}, ip="10.96.0.11")
+    wrong_family["spec"].update(clusterIPs=["10.96.0.11"], ipFamilies=["IPv6"])
+    two_v4 = pod("demo", "web-0")
+    two_v4["status"]["podIPs"] = [{"ip": "10.244.1.2"}, {"ip": "10.244.1.3"}]
+    model = build(namespace("demo"), bad_family, wrong_family, two_v4)
+    assert "spec.ipFamilies[0]: 'IPv5'" in model.errors["Service demo/web"]
+    assert "spec.clusterIPs: 10.96.0.11 is not of spec.ipFamilies" in model.errors["Service demo/db"]
+    assert "status.podIPs: more than one IPv4" in model.errors["Pod demo/web-0"]

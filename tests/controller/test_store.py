@@ -118,3 +118,23 @@ def test_policy_target_refs_are_validated():
     assert validate(policy) == [
         "AuthorizationPolicy demo/p: spec.targetRefs: cannot be combined with spec.selector",
         "AuthorizationPolicy demo/p: spec.targetRefs[0].kind: expected Gateway or Service, got 'Deployment'"]
+
+
+@pytest.mark.parametrize("spec, error", [
+    ({"ipFamilies": ["IPv5"]}, "Service demo/web: spec.ipFamilies[0]: unknown IP family 'IPv5'"),
+    ({"ipFamilies": ["IPv6"], "clusterIP": "10.96.0.20"},
+     "Service demo/web: spec.clusterIP: 10.96.0.20 is an IPv4 address; spec.ipFamilies is ['IPv6']"),
+    ({"ipFamilies": ["IPv4"], "clusterIPs": ["fd00:96::20"]},
+     "Service demo/web: spec.clusterIPs[0]: fd00:96::20 is an IPv6 address; spec.ipFamilies is ['IPv4']"),
+    ({"ipFamilyPolicy": "DualStackPlease"},
+     "Service demo/web: spec.ipFamilyPolicy: expected SingleStack, PreferDualStack, RequireDualStack, "
+     "got 'DualStackPlease'"),
+    ({"ipFamilies": ["IPv4", "IPv6"]}, "Service demo/web: spec.ipFamilies: SingleStack allows one IP family"),
+    ({"clusterIPs": ["10.96.0.20", "10.96.0.21"], "ipFamilyPolicy": "RequireDualStack"},
+     "Service demo/web: spec.clusterIPs[1]: a second IPv4 ClusterIP (10.96.0.21, already 10.96.0.20)"),
+])
+def test_bad_dual_stack_service_fields_are_refused_by_name(store, spec, error):
+    with pytest.raises(ManifestError) as err:
+        store.apply([service("web", **spec)])
+    assert any(e.startswith(error) for e in err.value.errors), err.value.errors
+    assert store.list("Service") == []
