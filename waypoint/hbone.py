@@ -21,6 +21,7 @@ import logging
 import socket
 import ssl
 from collections import deque
+from typing import Awaitable, Callable
 
 from shoal.agent.ztunnel import hbone
 from shoal.agent.ztunnel.identity import IdentityError, IdentityManager, check_session
@@ -171,41 +172,6 @@ class HboneStream:
                 self.session.stream_done(self.stream_id)
 
 
-class _Gate(asyncio.Protocol):
-    """Holds what arrives between the TLS handshake and the identity check.
-
-    The client's first HTTP/2 bytes often come with its TLS Finished, so the TLS
-    transport can deliver them before ``start_tls`` returns: they wait here until the
-    peer's identity is checked and the HBONE session is attached.
-    """
-
-    def __init__(self) -> None:
-        self._buffer: list[bytes] = []
-        self._eof = False
-        self._lost: tuple[Exception | None] | None = None
-
-    def data_received(self, data: bytes) -> None:
-        self._buffer.append(data)
-
-    def eof_received(self) -> bool:
-        self._eof = True
-        return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = (exc,)
-
-    def hand_over(self, transport: asyncio.Transport, session: HboneSession) -> None:
-        transport.set_protocol(session)
-        session.connection_made(transport)
-        for data in self._buffer:
-            session.data_received(data)
-        self._buffer.clear()
-        if self._eof:
-            session.eof_received()
-        if self._lost is not None:
-            session.connection_lost(self._lost[0])
-
-
 def _forwarded_source(forwarded_for: str | None, peer_ip: str) -> str:
     if forwarded_for:
         try:
@@ -215,9 +181,84 @@ def _forwarded_source(forwarded_for: str | None, peer_ip: str) -> str:
     return peer_ip
 
 
+class HboneListener:
+    """The HBONE server socket: accepted connections go to TLS before anything reads them.
+
+    Accepting on a raw socket (not ``create_server`` then ``start_tls``) matters: a
+    protocol that owns the socket before TLS does would receive, and lose, a ClientHello
+    that arrives early (uvloop reads right after ``connection_made``); the handshake
+    then stalls until the client gives up. Here the kernel keeps the bytes until
+    ``connect_accepted_socket(ssl=...)`` starts TLS on the socket. The context is the
+    SVID current at accept time: rotation never touches live sessions.
+
+    ``drain`` stops accepting and asks every session to finish (GOAWAY): streams in
+    flight complete, new ones go elsewhere.
+    """
+
+    def __init__(self, sock: socket.socket, accept: Callable[[socket.socket], Awaitable[None]],
+                 sessions: set[HboneSession], tunnels: set[asyncio.Task]) -> None:
+        self.sockets = [sock]
+        self._accept = accept
+        self.sessions = sessions
+        self.tunnels = tunnels
+        self.serving = True
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        sock = self.sockets[0]
+        while self.serving:
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:  # EMFILE and friends: keep the listener
+                log.warning("hbone: accept failed: %s", err)
+                return
+            conn.setblocking(False)
+            task = self._loop.create_task(self._accept(conn))
+            self.tunnels.add(task)
+            task.add_done_callback(self.tunnels.discard)
+
+    def stop_accepting(self) -> None:
+        if self.serving:
+            self.serving = False
+            self._loop.remove_reader(self.sockets[0].fileno())
+            self.sockets[0].close()
+
+    def drain(self) -> None:
+        self.stop_accepting()
+        for session in list(self.sessions):
+            session.drain()
+
+    @property
+    def active(self) -> int:
+        """Tunnels (downstream HTTP connections) and handshakes still running."""
+        return len(self.tunnels)
+
+    def close(self) -> None:
+        self.stop_accepting()
+        for session in list(self.sessions):
+            session.close()
+
+
+def _listening_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def start_hbone_listener(proxy: WaypointProxy, limits: Limits, identities: IdentityManager, spiffe_id: str,
                                host: str = "0.0.0.0", port: int = PORT_HBONE, handshake_timeout: float = 10.0,
-                               idle_timeout: float = 300.0) -> asyncio.Server:
+                               idle_timeout: float = 300.0) -> HboneListener:
     """mTLS HBONE with the waypoint's SVID; every tunnel carries one downstream HTTP connection."""
     reject, on_protocol = connection_callbacks(proxy, limits)
     loop = asyncio.get_running_loop()
@@ -234,44 +275,34 @@ async def start_hbone_listener(proxy: WaypointProxy, limits: Limits, identities:
         tunnels.add(task)
         task.add_done_callback(tunnels.discard)
 
-    async def handshake(transport: asyncio.Transport) -> None:
-        peer = transport.get_extra_info("peername") or ("?", 0)
+    async def accept(conn: socket.socket) -> None:
+        peer = conn.getpeername()
         svid = identities.current(spiffe_id)
         if svid is None:
             reject("no_certificate", 503)
-            transport.abort()
+            conn.close()
             return
         session = HboneSession(client_side=False, idle_timeout=idle_timeout,
                                on_request=lambda s, ev: on_request(s, ev, peer[0]),
                                on_rejected=lambda reason: reject(f"hbone_{reason}", 400),
-                               on_closed=sessions.discard)
-        gate = _Gate()
+                               on_closed=sessions.discard,
+                               verify=lambda ssl_object: check_session(ssl_object, None))
         try:
-            tls = await loop.start_tls(transport, gate, svid.server_context, server_side=True,
-                                       ssl_handshake_timeout=handshake_timeout)
+            await loop.connect_accepted_socket(lambda: session, conn, ssl=svid.server_context,
+                                               ssl_handshake_timeout=handshake_timeout)
         except (TimeoutError, ssl.SSLError, ConnectionError, OSError) as err:
             reject("tls_handshake", 400)
             log.info("hbone: handshake with %s failed: %s", peer[0], err or type(err).__name__)
-            transport.abort()
+            conn.close()
             return
-        try:
-            session.peer_identity = check_session(tls.get_extra_info("ssl_object"), None)
-        except IdentityError as err:
+        if session.verify_error is not None:
             reject("peer_identity", 401)
-            log.warning("hbone: %s refused: %s", peer[0], err)
-            tls.abort()
+            log.warning("hbone: %s refused: %s", peer[0], session.verify_error)
             return
         session.local_identity = spiffe_id
         sessions.add(session)
-        gate.hand_over(tls, session)
 
-    class _Accepted(asyncio.Protocol):
-        def connection_made(self, transport: asyncio.Transport) -> None:
-            task = loop.create_task(handshake(transport))
-            tunnels.add(task)
-            task.add_done_callback(tunnels.discard)
-
-    return await loop.create_server(_Accepted, host, port, reuse_address=True, backlog=1024)
+    return HboneListener(_listening_socket(host, port), accept, sessions, tunnels)
 
 
 class HboneConnector:

@@ -47,16 +47,11 @@ async def hbone_terminator(identities: IdentityManager, spiffe: str):
             writer.close()
         asyncio.ensure_future(join())
 
-    class Accepted(asyncio.Protocol):
-        def connection_made(self, transport):
-            async def tls():
-                session = HboneSession(client_side=False, idle_timeout=30, on_request=on_request)
-                t = await loop.start_tls(transport, session, svid.server_context, server_side=True)
-                session.peer_identity = check_session(t.get_extra_info("ssl_object"), None)
-                session.connection_made(t)
-            asyncio.ensure_future(tls())
-
-    server = await loop.create_server(Accepted, "127.0.0.1", 0)
+    # TLS owns each socket from the accept on (no start_tls later: an early ClientHello would be lost).
+    server = await loop.create_server(
+        lambda: HboneSession(client_side=False, idle_timeout=30, on_request=on_request,
+                             verify=lambda ssl_object: check_session(ssl_object, None)),
+        "127.0.0.1", 0, ssl=svid.server_context)
     return server, seen
 
 
@@ -240,3 +235,43 @@ def test_l7_flow_per_request_with_reply_addresses(tmp_path):
     assert flow.verdict == flow_pb2.DROPPED and flow.l7.http.code == 403 and flow.l7.http.method == "DELETE"
     assert flow.l7.http.url == "http://web.demo:8080/admin/x"
     assert (flow.IP.source, flow.IP.destination) == (VIP, "10.244.1.7")
+
+
+def test_early_client_hello_is_never_lost_on_uvloop():
+    """The ClientHello sent with the connect (as every TLS client does) reaches TLS even
+    when the waypoint's loop is busy (uvloop reads right after accept): every handshake
+    of a burst completes at once. Before the listener accepted raw sockets, a share of
+    them stalled until the handshake timeout."""
+    import time
+    import uvloop
+
+    async def burst():
+        ca = DevCA()
+        identities = IdentityManager(ca.sign)
+        await identities.get(WAYPOINT_ID)
+        await identities.get(CLIENT_ID)
+        proxy = WaypointProxy(StaticResolver({}), HboneConnector(identities, WAYPOINT_ID, "127.0.0.1", mark=None),
+                              Telemetry(CollectorRegistry()))
+        listener = await start_hbone_listener(proxy, Limits(), identities, WAYPOINT_ID, host="127.0.0.1", port=0,
+                                              handshake_timeout=8.0)
+        port = listener.sockets[0].getsockname()[1]
+        client = (await identities.get(CLIENT_ID)).client_context
+        loop = asyncio.get_running_loop()
+        try:
+            for _round in range(5):
+                started = time.monotonic()
+                # The loop is held while the connections are made and their ClientHellos sent.
+                connects = [loop.create_connection(asyncio.Protocol, "127.0.0.1", port, ssl=client,
+                                                   server_hostname="") for _ in range(40)]
+                results = await asyncio.wait_for(asyncio.gather(*connects), 20)
+                took = time.monotonic() - started
+                assert took < 4.0, f"a handshake stalled: the burst took {took:.1f} s"
+                for transport, _ in results:
+                    assert check_session(transport.get_extra_info("ssl_object"), WAYPOINT_ID) == WAYPOINT_ID
+                    transport.close()
+        finally:
+            listener.close()
+            await proxy.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(burst())
