@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 APT_PACKAGES=(python3-bpfcc libbpfcc bpfcc-tools linux-headers-amd64 iproute2
               iperf3 sockperf stunnel4 haproxy wrk nghttp2-client socat tcpdump bpftool curl
-              iptables nftables)
+              iptables nftables chromium)
 
 log() { printf '\033[1m[install]\033[0m %s\n' "$*"; }
 
@@ -61,7 +61,8 @@ stamp="$VENV/.installed-$(cat pyproject.toml setup.py scripts/install.sh | sha1s
 if [ ! -e "$stamp" ]; then
   log "pip: installing shoal and its dependencies"
   "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-  "$VENV/bin/pip" install -q -e '.[test,otel]'
+  # playwright drives Debian's chromium (tests/ui): never let it download a browser of its own.
+  PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 "$VENV/bin/pip" install -q -e '.[test,otel]'
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 fi

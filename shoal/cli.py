@@ -23,6 +23,7 @@ LAZY_COMMANDS = {
     "debug": "shoal.agent.debug:debug",
     "observe": "shoal.observe.cli:observe",
     "list": "shoal.observe.cli:list_cmd",
+    "ui": "shoal.ui.cli:ui",
     "waypoint": "shoal.waypoint.cli:waypoint",
     "install": "shoal.deploy.cli:install",
     "uninstall": "shoal.deploy.cli:uninstall",
