@@ -11,22 +11,12 @@ import time
 import pytest
 
 from tests.conftest import eventually, shoal_cli
+from tests.observe.test_observe_cluster import DENY_DB
 from tests.ui.browser import chromium_page, require_chromium, screenshot
 from tests.ui.uiserver import UiServer
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
-DENY_DB = """
-apiVersion: security.shoal.io/v1
-kind: AuthorizationPolicy
-metadata: {name: ui-deny-client-db, namespace: demo}
-spec:
-  selector: {matchLabels: {app: db}}
-  action: DENY
-  rules:
-    - from: [{source: {principals: ["cluster.local/ns/demo/sa/client"]}}]
-      to: [{operation: {ports: ["7000"]}}]
-"""
 # client-0 talks to db twice a second (the demo client only calls web).
 DB_LOOP = """
 import socket, time
