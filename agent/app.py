@@ -151,8 +151,13 @@ class AgentApp:
                 sink(records)
         self.reader = RingReader(self.maps.fds["flow_events"], RINGBUF_BYTES, deliver)
         self.reader.start()
+        hubble_thread = None
         if hubble is not None:
-            await hubble.start()
+            # Flow queries run on their own loop: none can delay the policy path (issue 11).
+            from shoal.agent.hubble.thread import LoopThread
+            hubble_thread = LoopThread("hubble")
+            hubble_thread.start()
+            await hubble_thread.run(hubble.start())
         runner = await self.metrics.serve(config.metrics_address, config.metrics_port)
 
         async def on_proxy_synced() -> None:
@@ -186,7 +191,8 @@ class AgentApp:
         await asyncio.gather(*tasks, return_exceptions=True)
         await client.close()
         if hubble is not None:
-            await hubble.stop()
+            await hubble_thread.run(hubble.stop())
+            hubble_thread.stop()
         await runner.cleanup()
         self.reader.stop()
         self.maps.close()

@@ -16,6 +16,8 @@ import ipaddress
 import re
 from collections.abc import Callable, Iterable, Sequence
 
+import re2
+
 from shoal.api.flow import flow_pb2
 
 Predicate = Callable[[flow_pb2.Flow], bool]
@@ -96,13 +98,31 @@ def parse_status_codes(values: Sequence[str]) -> Callable[[int], bool]:
     return match
 
 
-def compile_regexes(values: Sequence[str], field: str) -> list[re.Pattern]:
+# A client's regex is compiled by RE2 (Go's regexp syntax, as Hubble's own filters): matching
+# is linear in the input, so no pattern can backtrack for seconds (ReDoS). Patterns and the
+# automaton's memory are bounded too.
+MAX_REGEX_CHARS = 1024
+REGEX_MAX_MEM = 1 << 20
+
+
+def _re2_options():
+    options = re2.Options()
+    options.max_mem = REGEX_MAX_MEM
+    options.log_errors = False
+    return options
+
+
+def compile_regexes(values: Sequence[str], field: str) -> list:
     patterns = []
     for value in values:
+        if len(value) > MAX_REGEX_CHARS:
+            raise FilterError(f"{field}: regular expression longer than {MAX_REGEX_CHARS} characters")
         try:
-            patterns.append(re.compile(value))
-        except re.error as error:
-            raise FilterError(f"{field}: invalid regular expression {value!r}: {error}") from None
+            patterns.append(re2.compile(value, _re2_options()))
+        except re2.error as error:
+            reason = error.args[0].decode(errors="replace") if error.args and isinstance(
+                error.args[0], bytes) else str(error)
+            raise FilterError(f"{field}: invalid regular expression {value!r} (RE2 syntax): {reason}") from None
     return patterns
 
 
