@@ -94,7 +94,8 @@ class AgentApp:
 
     def lost_events(self) -> int:
         kernel = self.maps.counters().get("ringbuf_lost", 0) if self.maps else 0
-        return kernel + (self.reader.malformed if getattr(self, "reader", None) else 0)
+        # Records the reader discarded (busy or short) are lost to Hubble as well.
+        return kernel + (self.reader.discarded if getattr(self, "reader", None) else 0)
 
     async def run(self) -> None:
         config = self.config

@@ -25,14 +25,15 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from shoal.agent.hubble.query import FlowQuery
-from shoal.agent.hubble.server import ClientTooSlow, GuardedWriter
+from shoal.agent.hubble.query import HEALTH_SERVICES, FlowQuery
+from shoal.agent.hubble.server import MAX_REQUEST_BYTES, ClientTooSlow, GuardedWriter
 from shoal.api.observer import observer_pb2, observer_pb2_grpc, relay_pb2
+from shoal import __version__
 from shoal.config import ClusterLayout
 
 log = logging.getLogger(__name__)
 
-VERSION = "shoal-relay-0.1.0"
+VERSION = f"shoal-relay-{__version__}"
 
 
 @dataclass(frozen=True)
@@ -180,10 +181,24 @@ class RelayObserver(observer_pb2_grpc.ObserverServicer):
             self._metrics.bad_requests.inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         nodes = list(self._nodes())
-        if query.follow:
-            await self._follow(request, nodes, context)
-        else:
+        if not query.follow:
             await self._snapshot(request, query, nodes, context)
+            return
+        if query.history_limit:
+            # As Hubble: --last N -f is the N newest flows of the whole cluster, then the
+            # stream. Each node answers up to N; the merge keeps the newest N in time order.
+            history = observer_pb2.GetFlowsRequest()
+            history.CopyFrom(request)
+            history.follow = False
+            history.until.FromNanoseconds(time.time_ns())
+            await self._snapshot(history, query, nodes, context)
+            request = observer_pb2.GetFlowsRequest()
+            request.CopyFrom(history)
+            request.ClearField("number")
+            request.ClearField("until")
+            request.follow = True
+            request.since.FromNanoseconds(history.until.ToNanoseconds() + 1)
+        await self._follow(request, nodes, context)
 
     async def _node_flows(self, node: NodeTarget, request, sink: Callable,
                           on_connected: Callable[[], None] | None = None) -> None:
@@ -235,9 +250,14 @@ class RelayObserver(observer_pb2_grpc.ObserverServicer):
             await context.write(self._node_status(relay_pb2.NODE_CONNECTED, connected))
         for failure in unavailable:
             await context.write(self._node_status(relay_pb2.NODE_UNAVAILABLE, [failure.node], str(failure)))
-        # As Hubble's relay: ``number`` applies per node (each node already cut its answer);
-        # the merged result is put in time order.
+        # ``number`` is the total, as in Hubble: each node already cut its answer to N; the
+        # merge keeps the N oldest (``first``) or newest across nodes, in time order.
         collected.sort(key=lambda r: r.time.ToNanoseconds())
+        if query.number:
+            flows = [r for r in collected if r.HasField("flow")]
+            kept = flows[:query.number] if query.first else flows[-query.number:]
+            keep = {id(r) for r in kept}
+            collected = [r for r in collected if not r.HasField("flow") or id(r) in keep]
         for response in collected:
             await context.write(response)
         self._metrics.flows.inc(len(collected))
@@ -363,7 +383,7 @@ class Relay:
         return cls(layout_nodes(layout), **kwargs)
 
     async def start(self) -> None:
-        server = grpc.aio.server()
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
         observer_pb2_grpc.add_ObserverServicer_to_server(self.observer, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -375,7 +395,7 @@ class Relay:
         if self.tcp_address:
             self.tcp_port = server.add_insecure_port(self.tcp_address)
         await server.start()
-        for service in ("", "observer.Observer"):
+        for service in HEALTH_SERVICES:
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._server = server
         log.info("hubble relay serving (unix %s, tcp %s)", self.unix_socket, self.tcp_address)

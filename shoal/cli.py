@@ -356,6 +356,10 @@ def render_status(report: dict[str, Any]) -> str:
             state = "in sync" if str(peer.get("version")) == str(version) else f"behind (at {peer.get('version')})"
             nack = f", last NACK: {peer['last_nack']}" if peer.get("last_nack") else ""
             cells.append(f"{component}: v{peer.get('version')} {state}{nack}")
+        hubble = report.get("flows", {}).get("per_node", {}).get(node)
+        if hubble is not None:
+            health = "healthy" if hubble["state"] == "NODE_CONNECTED" else hubble["state"].removeprefix("NODE_").lower()
+            cells.append(f"flows: {health}" + (f" ({hubble['version']})" if hubble.get("version") else ""))
         lines.append(f"  {node:<10} " + "   ".join(cells))
     flows = report.get("flows", {})
     if "error" in flows:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from shoal import __version__
 from shoal.config import PORT_HUBBLE, ClusterLayout
 
 DEFAULT_CAPACITY = 4095
@@ -23,7 +24,7 @@ class HubbleConfig:
     slow_client_timeout_s: float = 5.0
     # How often the kernel's lost-record counter is turned into lost_events records.
     lost_poll_interval_s: float = 1.0
-    version: str = "shoal-0.1.0"
+    version: str = f"shoal-{__version__}"
 
     def __post_init__(self) -> None:
         if self.capacity < 1:

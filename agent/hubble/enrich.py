@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from google.protobuf.wrappers_pb2 import BoolValue
 
+from shoal.agent.compiler import rule_id as kernel_rule_id   # what the kernel's deny entries carry
 from shoal.agent.hubble import flows as F
 from shoal.api.flow import flow_pb2
 
@@ -35,11 +36,19 @@ class StateView(Protocol):
 
     def all_services(self): ...
 
+    def all_policies(self): ...
+
 
 @dataclass(frozen=True)
 class _ServiceIndex:
     version: Any
     by_workload_uid: dict
+
+
+@dataclass(frozen=True)
+class _PolicyIndex:
+    version: Any
+    by_rule_id: dict      # the kernel's rule_id (crc32 of "<namespace>/<name>") -> (namespace, name)
 
 
 class Enricher:
@@ -48,6 +57,7 @@ class Enricher:
         self.node_name = node_name
         self.cluster_name = cluster_name
         self._index = _ServiceIndex(version=object(), by_workload_uid={})
+        self._policies = _PolicyIndex(version=object(), by_rule_id={})
         # Offset turning CLOCK_MONOTONIC kernel stamps into wall-clock ones.
         self._mono_to_wall = time.time_ns() - time.monotonic_ns()
 
@@ -65,6 +75,16 @@ class Enricher:
                     by_uid.setdefault(uid, service)
             self._index = _ServiceIndex(version=version, by_workload_uid=by_uid)
         return self._index.by_workload_uid
+
+    def policy_of_rule(self, rule_id: int) -> tuple[str, str] | None:
+        """(namespace, name) of the AuthorizationPolicy behind a kernel rule_id."""
+        if not rule_id or self.state is None:
+            return None
+        version = getattr(self.state, "version", None)
+        if self._policies.version != version:
+            by_rule = {kernel_rule_id(p): (p.namespace, p.name) for p in self.state.all_policies()}
+            self._policies = _PolicyIndex(version=version, by_rule_id=by_rule)
+        return self._policies.by_rule_id.get(rule_id)
 
     def fill_endpoint(self, endpoint: flow_pb2.Endpoint, ip: str, identity: int = 0):
         """Fills ``endpoint`` for ``ip``; returns the Service whose VIP or endpoint it is."""
@@ -142,6 +162,11 @@ class Enricher:
             flow.drop_reason = reason
             if reason in flow_pb2.DropReason.values():
                 flow.drop_reason_desc = reason
+            policy = self.policy_of_rule(getattr(event, "rule_id", 0))
+            if policy is not None:
+                # Hubble's --print-policy-names: the connect() is the client's egress.
+                denied_by = flow.egress_denied_by if direction == "EGRESS" else flow.ingress_denied_by
+                denied_by.add(namespace=policy[0], name=policy[1], kind="AuthorizationPolicy")
         elif event.verdict == "REDIRECTED":
             flow.event_type.type = F.MSG_TRACE
             flow.event_type.sub_type = F.TRACE_TO_PROXY

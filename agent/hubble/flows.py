@@ -72,14 +72,16 @@ def l4_flow(
     bytes_received: int = 0,
     drop_reason: int = 0,
     error: str = "",
+    denied_by: str = "",
     ts_ns: int | None = None,
 ) -> flow_pb2.Flow:
     """A node-proxy connection event: ``event`` is "open" (SYN) or "close" (FIN).
 
     ``direction`` is EGRESS for the client side's proxy (outbound), INGRESS for the
-    server side's (inbound). mTLS flows carry ``auth_type=SPIRE`` and ``IP.encrypted``;
-    the peers' SPIFFE IDs and the byte counts go into ``Summary`` (Hubble has no field
-    for them).
+    server side's (inbound). mTLS flows carry ``IP.encrypted`` (``auth_type`` stays
+    DISABLED: it names Cilium's SPIRE mutual-auth mode, which Shoal is not); the peers'
+    SPIFFE IDs and the byte counts go into ``Summary`` (Hubble has no field for them).
+    ``denied_by`` ("namespace/name") names the AuthorizationPolicy that refused it.
     """
     if event not in ("open", "close"):
         raise ValueError(f"l4 event must be 'open' or 'close', got {event!r}")
@@ -102,8 +104,11 @@ def l4_flow(
         flow.trace_observation_point = (
             flow_pb2.FROM_PROXY if direction == "EGRESS" else flow_pb2.TO_ENDPOINT)
     if mtls:
-        flow.auth_type = flow_pb2.SPIRE
         flow.IP.encrypted = True
+    if denied_by:
+        namespace, _, name = denied_by.rpartition("/")
+        policies = flow.egress_denied_by if direction == "EGRESS" else flow.ingress_denied_by
+        policies.add(namespace=namespace, name=name, kind="AuthorizationPolicy")
     parts = [f"TCP {event}"]
     if mtls:
         parts.append(f"mTLS {src_spiffe or '?'} -> {dst_spiffe or '?'}")
@@ -156,7 +161,6 @@ def http_flow(
     for key, value in (headers or {}).items():
         http.headers.add(key=key, value=value)
     if mtls:
-        flow.auth_type = flow_pb2.SPIRE
         flow.IP.encrypted = True
     if trace_id:
         flow.trace_context.parent.trace_id = trace_id

@@ -3,11 +3,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from google.protobuf.field_mask_pb2 import FieldMask
+
 from shoal.agent.hubble.filters import FilterError, FlowMatcher
+from shoal.api.flow import flow_pb2
 from shoal.api.observer import observer_pb2
 
 # ``--all`` in the hubble CLI asks for this many: effectively "everything stored".
 NUMBER_ALL = 2**64 - 1
+# gRPC health names: Hubble's clients ask for "hubble.server.Observer" (pkg/hubble/api/v1's
+# ObserverServiceName); "" is the server as a whole, "observer.Observer" the gRPC service.
+HEALTH_SERVICES = ("", "observer.Observer", "hubble.server.Observer")
+# One request's filters are compiled for every stored flow it scans: bounded.
+MAX_FILTERS = 64
+MAX_FILTER_VALUES = 1024
+MAX_FIELD_MASK_PATHS = 64
 
 
 @dataclass(frozen=True)
@@ -18,23 +28,32 @@ class FlowQuery:
     since_ns: int | None
     until_ns: int | None
     matcher: FlowMatcher
+    field_mask: FieldMask | None = None
 
     @classmethod
     def from_request(cls, request: observer_pb2.GetFlowsRequest) -> "FlowQuery":
         """Validates ``request``; raises FilterError (a ValueError) with a clear message."""
         has_since = request.HasField("since")
         has_until = request.HasField("until")
-        if request.number and (has_since or has_until) and request.number != NUMBER_ALL:
-            raise FilterError("number cannot be combined with since/until")
         if request.first and request.follow:
             raise FilterError("first cannot be combined with follow")
         since_ns = _timestamp_ns(request.since, "since") if has_since else None
         until_ns = _timestamp_ns(request.until, "until") if has_until else None
         if since_ns is not None and until_ns is not None and since_ns > until_ns:
             raise FilterError("since is after until")
+        _check_size(request)
         matcher = FlowMatcher(request.whitelist, request.blacklist)
         number = 0 if request.number == NUMBER_ALL else request.number
-        return cls(number, request.first, request.follow, since_ns, until_ns, matcher)
+        return cls(number, request.first, request.follow, since_ns, until_ns, matcher,
+                   _field_mask(request))
+
+    def shape(self, flow: flow_pb2.Flow) -> flow_pb2.Flow:
+        """The flow as the client asked to see it (only the field mask's paths, if any)."""
+        if self.field_mask is None:
+            return flow
+        shaped = flow_pb2.Flow()
+        self.field_mask.MergeMessage(flow, shaped)
+        return shaped
 
     @property
     def history_limit(self) -> int | None:
@@ -51,6 +70,35 @@ class FlowQuery:
 
     def past_until(self, ts_ns: int) -> bool:
         return self.until_ns is not None and ts_ns > self.until_ns
+
+
+def _check_size(request: observer_pb2.GetFlowsRequest) -> None:
+    for name in ("whitelist", "blacklist"):
+        filters = getattr(request, name)
+        if len(filters) > MAX_FILTERS:
+            raise FilterError(f"{name}: {len(filters)} filters, at most {MAX_FILTERS}")
+    values = 0
+    for flow_filter in (*request.whitelist, *request.blacklist):
+        for _, value in flow_filter.ListFields():
+            values += len(value) if hasattr(value, "__len__") and not isinstance(value, (str, bytes)) else 1
+    if values > MAX_FILTER_VALUES:
+        raise FilterError(f"filters hold {values} values, at most {MAX_FILTER_VALUES}")
+
+
+def _field_mask(request: observer_pb2.GetFlowsRequest) -> FieldMask | None:
+    """Hubble's experimental field mask: paths of Flow fields to keep; unknown paths refused."""
+    if not request.HasField("experimental") or not request.experimental.field_mask.paths:
+        return None
+    mask = request.experimental.field_mask
+    if len(mask.paths) > MAX_FIELD_MASK_PATHS:
+        raise FilterError(f"field_mask: {len(mask.paths)} paths, at most {MAX_FIELD_MASK_PATHS}")
+    for path in mask.paths:
+        if not FieldMask(paths=[path]).IsValidForDescriptor(flow_pb2.Flow.DESCRIPTOR):
+            raise FilterError(f"field_mask: unknown path {path!r} (want Flow fields, e.g. 'time', "
+                              "'source.pod_name', 'verdict')")
+    canonical = FieldMask()
+    canonical.CanonicalFormFromMask(mask)
+    return canonical
 
 
 def _timestamp_ns(timestamp, name: str) -> int:

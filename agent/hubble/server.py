@@ -22,18 +22,19 @@ from shoal.agent.hubble.config import HubbleConfig
 from shoal.agent.hubble.emitter import KIND_FLOW, KIND_LOST, LOST_FORMAT
 from shoal.agent.hubble.enrich import Enricher
 from shoal.agent.hubble.metrics import HubbleMetrics
-from shoal.agent.hubble.query import FlowQuery
+from shoal.agent.hubble.query import HEALTH_SERVICES, FlowQuery
 from shoal.agent.hubble.store import FlowStore
 from shoal.api.flow import flow_pb2
 from shoal.api.observer import observer_pb2, observer_pb2_grpc, relay_pb2
 
 log = logging.getLogger(__name__)
 
-OBSERVER_SERVICE = "observer.Observer"
 # How many proxy/waypoint datagrams to take per wake-up before yielding to the loop.
 RECV_BATCH = 256
 RECV_BUFFER_BYTES = 4 * 1024 * 1024
 HISTORY_SLICE = 256
+# A GetFlowsRequest is filters, never data: anything larger is refused by gRPC itself.
+MAX_REQUEST_BYTES = 256 * 1024
 
 
 class ClientTooSlow(Exception):
@@ -113,7 +114,7 @@ class ObserverService(observer_pb2_grpc.ObserverServicer):
             flow.uuid = str(uuid.uuid5(self._uuid_namespace, str(seq)))
         if not query.matcher(flow):
             return None
-        response = observer_pb2.GetFlowsResponse(flow=flow, node_name=self.config.node_name)
+        response = observer_pb2.GetFlowsResponse(flow=query.shape(flow), node_name=self.config.node_name)
         response.time.CopyFrom(flow.time)
         return response
 
@@ -398,7 +399,8 @@ class HubbleServer:
 
     # -- lifecycle
     async def start(self) -> None:
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
+                                          ("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
         observer_pb2_grpc.add_ObserverServicer_to_server(self.observer, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -411,7 +413,7 @@ class HubbleServer:
         if self.config.tcp_address:
             self.tcp_port = server.add_insecure_port(self.config.tcp_address)
         await server.start()
-        for service in ("", OBSERVER_SERVICE):
+        for service in HEALTH_SERVICES:
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._server = server
         if self.config.flows_socket is not None:
@@ -425,8 +427,12 @@ class HubbleServer:
 
     async def _poll(self) -> None:
         while True:
-            self.poll_kernel_lost()
+            # The rate is sampled first: a failing loss counter must not freeze flows/s at 0.
             self.observer.sample_rate()
+            try:
+                self.poll_kernel_lost()
+            except (OSError, ValueError) as error:
+                log.error("kernel lost-events counter unreadable: %r", error)
             await asyncio.sleep(self.config.lost_poll_interval_s)
 
     async def stop(self, grace: float = 1.0) -> None:

@@ -119,6 +119,7 @@ async def _serve_stream(ctx: "ProxyContext", pod: "EnrolledPod", session: HboneS
                          ConnectionInfo(src_ip, ev.host, ev.port, session.peer_identity))
     if not decision.allowed:
         rec.response_flags, rec.error = FLAG_DENIED, f"{decision.reason} ({decision.policy or '-'})"
+        rec.denied_by = decision.policy or ""
         ctx.metrics.reject("hbone", "policy_denied")
         session.refuse_stream(ev.stream_id, hbone.STATUS_UNAUTHORIZED)
         ctx.telemetry.closed(rec)

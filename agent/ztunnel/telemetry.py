@@ -50,6 +50,7 @@ class ConnectionRecord:
     route: str = ""                     # "hbone" | "waypoint" | "passthrough" | "inbound"
     response_flags: str = FLAG_NONE
     error: str = ""
+    denied_by: str = ""          # "namespace/name" of the AuthorizationPolicy that refused it
     bytes_in: int = 0                   # client -> server (Istio "received")
     bytes_out: int = 0                  # server -> client (Istio "sent")
     started: float = field(default_factory=time.time)
@@ -171,7 +172,8 @@ class Telemetry:
                        direction="EGRESS" if rec.reporter == "source" else "INGRESS",
                        mtls=rec.mtls, src_spiffe=rec.src_identity or "", dst_spiffe=rec.dst_identity or "",
                        bytes_sent=rec.bytes_in, bytes_received=rec.bytes_out,
-                       drop_reason=133 if denied else 0, error=rec.error)
+                       drop_reason=133 if denied else 0, error=rec.error,
+                       denied_by=rec.denied_by if denied else "")
         self.emitter.emit(flow)
 
     def live_connections(self) -> list[dict]:

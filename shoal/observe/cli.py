@@ -95,8 +95,9 @@ def _layout(ctx: click.Context) -> ClusterLayout:
                help="Observe flows of the whole cluster through the relay, like `hubble observe`.\n\n"
                     "Flags of the same filter are ANDed, repeated values ORed; --not negates the next filter "
                     "flag (e.g. --not --verdict FORWARDED).")
-@click.option("--last", type=int, help="Get the last N flows stored on each node (default 20).")
-@click.option("--first", type=int, help="Get the first N flows stored on each node.")
+@click.option("--last", type=int, help="Get the last N flows, in total across nodes (default 20); "
+                                       "with --since/--until, the last N of that window.")
+@click.option("--first", type=int, help="Get the first N flows, in total across nodes.")
 @click.option("--all", "all_", is_flag=True, help="Get every flow stored.")
 @click.option("-f", "--follow", is_flag=True, help="Keep streaming new flows.")
 @click.option("--since", help="Flows since this time: a duration ago (5m, 1h30m) or RFC 3339.")

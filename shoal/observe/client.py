@@ -66,16 +66,23 @@ class ObserverClient:
 
 
 def status_summary(layout: ClusterLayout | None = None, server: str | None = None) -> dict:
-    """What ``shoal status`` shows about flows: current/max, flows/s, connected nodes.
+    """What ``shoal status`` shows about flows: current/max, flows/s (over the last minute),
+    connected nodes, and per node its flow server's state and version.
 
     Raises ObserverUnreachable when the relay does not answer.
     """
     client = ObserverClient(server_address(layout or ClusterLayout.from_env(), server), timeout_s=3.0)
     try:
         status = client.server_status()
+        nodes = client.nodes().nodes
     finally:
         client.close()
+    from shoal.api.observer import relay_pb2
+
     return {
+        "per_node": {node.name: {"state": relay_pb2.NodeState.Name(node.state), "version": node.version,
+                                 "flows": node.num_flows, "seen": node.seen_flows}
+                     for node in nodes},
         "flows": {"current": status.num_flows, "max": status.max_flows, "seen": status.seen_flows,
                   "rate": round(status.flows_rate, 2)},
         "nodes": {"connected": status.num_connected_nodes.value,

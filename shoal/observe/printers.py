@@ -127,8 +127,11 @@ def summary(flow: flow_pb2.Flow) -> str:
             text = f"{text}; {flow.Summary[4:]}"
     else:
         text = flow.Summary or flow.l4.WhichOneof("protocol") or ""
-    if flow.auth_type == flow_pb2.SPIRE and "mTLS" not in text:
+    if flow.IP.encrypted and "mTLS" not in text:
         text += "; mTLS"
+    policies = [f"{p.namespace}/{p.name}" for p in (*flow.egress_denied_by, *flow.ingress_denied_by)]
+    if policies:
+        text += f"; denied by {', '.join(policies)}"
     return text
 
 

@@ -219,8 +219,6 @@ def build_request(selection: Selection, allow: FilterFlags, deny: FilterFlags,
         raise FilterError(f"{' and '.join(chosen)} cannot be combined")
     if selection.first is not None and selection.follow:
         raise FilterError("--first cannot be combined with --follow")
-    if (selection.since or selection.until) and (selection.last is not None or selection.first is not None):
-        raise FilterError("--last/--first cannot be combined with --since/--until")
     for name, value in (("--last", selection.last), ("--first", selection.first)):
         if value is not None and value < 1:
             raise FilterError(f"{name} must be at least 1")

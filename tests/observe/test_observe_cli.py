@@ -67,10 +67,21 @@ async def test_observe_drops_and_http_status_compact(relay):
 async def test_bad_input_is_a_usage_error(relay):
     code, _, err = await shoal("observe", "--server", relay, "--verdict", "maybe")
     assert code == 2 and "unknown verdict 'maybe'" in err
-    code, _, err = await shoal("observe", "--server", relay, "--last", "3", "--since", "5m")
-    assert code == 2 and "--since" in err
+    code, _, err = await shoal("observe", "--server", relay, "--first", "3", "--follow")
+    assert code == 2 and "--follow" in err
     code, _, err = await shoal("observe", "--server", relay, "--not")
     assert code == 2 and "--not must be followed" in err
+
+
+async def test_last_is_the_total_across_nodes_and_takes_since(relay):
+    code, out, err = await shoal("observe", "--server", relay, "--last", "2")
+    assert code == 0, err
+    assert out.count("\n") == 2            # 4 flows on 2 nodes: the 2 newest, not 2 per node
+    code, out, err = await shoal("observe", "--server", relay, "--last", "3", "--since", "5m", "-o", "jsonpb")
+    assert code == 0, err
+    assert len(out.splitlines()) == 3
+    code, out, err = await shoal("observe", "--server", relay, "--last", "3", "--since", "1s", "--until", "1s")
+    assert code == 0 and out == "", (out, err)
 
 
 async def test_list_nodes(relay):

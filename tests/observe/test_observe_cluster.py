@@ -34,7 +34,7 @@ def test_demo_flows_with_identities_and_mtls(demo_cluster):
         found = [d for d in flows(layout, "--namespace", "demo", "--last", "20")
                  if d.get("flow", {}).get("source", {}).get("pod_name") == "client-0"
                  and d["flow"].get("destination", {}).get("pod_name", "").startswith("web-")]
-        mtls = [d for d in found if d["flow"].get("auth_type") == "SPIRE"]
+        mtls = [d for d in found if d["flow"]["IP"].get("encrypted") and "auth_type" not in d["flow"]]
         return found if mtls else None
 
     found = eventually(client_to_web, "client -> web flows with mTLS", timeout=60)
@@ -59,5 +59,29 @@ def test_policy_drop_shows_dropped_with_reason(demo_cluster):
 
         line = eventually(dropped, "a DROPPED flow to db", timeout=60).splitlines()[-1]
         assert "demo/client-0" in line and "demo/db:7000" in line and "Policy denied" in line
+        assert "denied by demo/observe-deny-client-db" in line        # the kernel's rule_id, named
     finally:
         shoal_cli(layout, "delete", "-f", "-", input=DENY_DB, check=False)
+
+
+def test_status_shows_a_real_flow_rate_and_each_nodes_flow_server(demo_cluster):
+    layout = demo_cluster.layout
+
+    def rate():
+        report = json.loads(shoal_cli(layout, "status", "-o", "json").stdout)
+        return report if report["flows"]["flows"]["rate"] > 0 else None
+
+    report = eventually(rate, "a non-zero flow rate in shoal status", timeout=30)
+    per_node = report["flows"]["per_node"]
+    assert {name: node["state"] for name, node in per_node.items()} == {
+        "node-1": "NODE_CONNECTED", "node-2": "NODE_CONNECTED"}
+    assert all(node["version"].startswith("shoal-") for node in per_node.values())
+    text = shoal_cli(layout, "status").stdout
+    assert "0.0 flows/s" not in text and text.count("flows: healthy (shoal-") == 2
+
+
+def test_last_n_is_n_in_total(demo_cluster):
+    out = shoal_cli(demo_cluster.layout, "observe", "--last", "20").stdout
+    lines = out.splitlines()
+    assert len(lines) == 20, out
+    assert {"[node-1]", "[node-2]"} <= {line.split()[3].rstrip(":") for line in lines}

@@ -32,10 +32,11 @@ def test_selection_defaults_and_limits():
     assert (follow.number, follow.follow) == (0, True)
     since = request(Selection(since="5m"))
     assert since.number == 0 and since.since.ToDatetime(tzinfo=dt.timezone.utc) == NOW - dt.timedelta(minutes=5)
+    last_since = request(Selection(last=5, since="1m"))      # Hubble: the last 5 of the last minute
+    assert last_since.number == 5 and last_since.HasField("since")
 
 
 @pytest.mark.parametrize("selection, message", [
-    (Selection(last=5, since="1m"), "--since"),
     (Selection(first=5, follow=True), "--follow"),
     (Selection(last=5, all=True), "cannot be combined"),
     (Selection(last=0), "at least 1"),

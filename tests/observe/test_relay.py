@@ -42,13 +42,15 @@ async def test_merges_nodes_in_time_order_and_reports_unavailable(cluster):
     for i in range(6):
         node = nodes["node-1" if i % 2 == 0 else "node-2"]
         node.kernel_sink(kernel_event(sport=i, ts_ns=base + i * 1000))
-    # number applies per node (Hubble's relay semantics), the merge is in time order.
-    responses = [r async for r in stub.GetFlows(O.GetFlowsRequest(number=2))]
+    # number is the total (as Hubble: --last 3 prints 3 lines), the merge is in time order.
+    responses = [r async for r in stub.GetFlows(O.GetFlowsRequest(number=3))]
     statuses = [r.node_status for r in responses if r.HasField("node_status")]
     flows = [r for r in responses if r.HasField("flow")]
-    assert [f.flow.l4.TCP.source_port for f in flows] == [2, 3, 4, 5]
-    assert [f.node_name for f in flows] == ["node-1", "node-2", "node-1", "node-2"]
-    assert [f.flow.node_name for f in flows] == ["node-1", "node-2", "node-1", "node-2"]
+    assert [f.flow.l4.TCP.source_port for f in flows] == [3, 4, 5]
+    assert [f.node_name for f in flows] == ["node-2", "node-1", "node-2"]
+    assert [f.flow.node_name for f in flows] == ["node-2", "node-1", "node-2"]
+    first = [r async for r in stub.GetFlows(O.GetFlowsRequest(number=3, first=True))]
+    assert [r.flow.l4.TCP.source_port for r in first if r.HasField("flow")] == [0, 1, 2]
     assert (statuses[0].state_change, list(statuses[0].node_names)) == (relay_pb2.NODE_CONNECTED, ["node-1", "node-2"])
     assert (statuses[1].state_change, list(statuses[1].node_names)) == (relay_pb2.NODE_UNAVAILABLE, ["node-3"])
 

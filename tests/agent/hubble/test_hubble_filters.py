@@ -125,9 +125,9 @@ def test_unknown_ip_is_world():
     assert list(flow.destination.labels) == ["reserved:world"]
 
 
-def test_query_rejects_number_with_since_and_first_with_follow():
-    with pytest.raises(ValueError, match="since"):
-        FlowQuery.from_request(O.GetFlowsRequest(number=5, since={"seconds": 10}))
+def test_query_takes_number_with_since_and_rejects_first_with_follow():
+    query = FlowQuery.from_request(O.GetFlowsRequest(number=5, since={"seconds": 10}))
+    assert query.history_limit == 5 and query.since_ns == 10 * 10**9       # --last 5 --since
     with pytest.raises(ValueError, match="follow"):
         FlowQuery.from_request(O.GetFlowsRequest(number=5, first=True, follow=True))
     with pytest.raises(ValueError, match="after until"):

@@ -94,7 +94,7 @@ async def test_since_until(hub):
 
 async def test_bad_requests_get_invalid_argument_and_server_goes_on(hub):
     hub.kernel_sink(kernel_event())
-    for request in (O.GetFlowsRequest(number=3, since={"seconds": 1}),
+    for request in (O.GetFlowsRequest(number=3, first=True, follow=True),
                     O.GetFlowsRequest(whitelist=[F.FlowFilter(source_ip=["300.1.1.1"])]),
                     O.GetFlowsRequest(whitelist=[F.FlowFilter(verdict=[99])])):
         with pytest.raises(grpc.aio.AioRpcError) as error:
@@ -128,7 +128,7 @@ async def test_follow_and_emitter_path(hub, sockdir):
     response = received[1].flow
     assert response.source.pod_name == "web-0" and response.destination.pod_name == "client-0"
     assert response.source_service.name == "web" and response.is_reply.value
-    assert response.auth_type == F.SPIRE and response.node_name == "node-1"
+    assert response.IP.encrypted and response.auth_type == F.DISABLED and response.node_name == "node-1"
 
 
 async def test_lost_events_from_kernel_and_emitters(hub, sockdir):
