@@ -214,8 +214,13 @@ class ControllerApp:
                 return [NodeTarget(node, f"[{host}]:{PORT_HUBBLE}" if ":" in host
                                    else f"{host}:{PORT_HUBBLE}")
                         for node, host in sorted(distributor.agent_hosts().items())]
-            self.relay = Relay(nodes, tcp_address=self.config.relay_address,
-                               registry=self.metrics.registry)
+            # The Hubble CA's certificates, from a Secret mounted at SHOAL_HUBBLE_TLS_DIR.
+            from shoal.hubbletls import RELAY_CLIENT, RELAY_SERVER, HubbleCertificates
+            certificates = HubbleCertificates(os.environ.get("SHOAL_HUBBLE_TLS_DIR", "/etc/shoal/hubble-tls"))
+            server, client = certificates.files(RELAY_SERVER), certificates.files(RELAY_CLIENT)
+            self.relay = Relay(nodes, tcp_address=self.config.relay_address, registry=self.metrics.registry,
+                               tls=server if server.exists() else None,
+                               client_tls=client if client.exists() else None)
         try:
             await self.relay.start()
         except (OSError, RuntimeError) as err:

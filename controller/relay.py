@@ -29,7 +29,9 @@ from shoal.agent.hubble.query import HEALTH_SERVICES, FlowQuery
 from shoal.agent.hubble.server import MAX_REQUEST_BYTES, ClientTooSlow, GuardedWriter
 from shoal.api.observer import observer_pb2, observer_pb2_grpc, relay_pb2
 from shoal import __version__
-from shoal.config import ClusterLayout
+from shoal.config import PORT_HUBBLE, ClusterLayout
+from shoal.hubbletls import (RELAY_CLIENT, RELAY_SERVER, HubbleCertificates, TlsFiles, node_server_name,
+                             serve_tcp)
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,8 @@ VERSION = f"shoal-relay-{__version__}"
 @dataclass(frozen=True)
 class NodeTarget:
     name: str
-    address: str        # gRPC target: "unix:/path/hubble.sock" or "host:4244"
+    address: str        # gRPC target: "unix:/path/hubble.sock" or "host:4244" (dialled with mTLS)
+    server_name: str = ""   # the name the agent's certificate carries, when not its address
 
 
 class _NodeUnavailable(Exception):
@@ -48,15 +51,19 @@ class _NodeUnavailable(Exception):
         self.node = node
 
 
-def layout_nodes(layout: ClusterLayout) -> Callable[[], list[NodeTarget]]:
-    """The local cluster's nodes: every ``<run_dir>/<node>/hubble.sock`` there is."""
+def layout_nodes(layout: ClusterLayout, over_tcp: bool = False) -> Callable[[], list[NodeTarget]]:
+    """The local cluster's nodes (every ``<run_dir>/node-*`` there is): their agents' TCP 4244
+    over mTLS when ``over_tcp`` (as hubble-relay dials Cilium agents), else their Unix sockets."""
 
     def discover() -> list[NodeTarget]:
         nodes = []
         if layout.run_dir.is_dir():
             for node_dir in sorted(layout.run_dir.iterdir()):
                 if node_dir.is_dir() and node_dir.name.startswith("node-"):
-                    nodes.append(NodeTarget(node_dir.name, f"unix:{layout.hubble_socket(node_dir.name)}"))
+                    node = node_dir.name
+                    nodes.append(NodeTarget(node, f"{layout.node_ip(node)}:{PORT_HUBBLE}",
+                                            node_server_name(node, layout.name)) if over_tcp
+                                 else NodeTarget(node, f"unix:{layout.hubble_socket(node)}"))
         return nodes
 
     return discover
@@ -81,8 +88,10 @@ class _Metrics:
 class RelayObserver(observer_pb2_grpc.ObserverServicer):
     def __init__(self, nodes: Callable[[], Iterable[NodeTarget]], metrics: _Metrics,
                  node_timeout_s: float, client_queue: int, write_timeout_s: float = 5.0,
-                 retry_min_s: float = 0.5, retry_max_s: float = 5.0, rediscover_s: float = 2.0) -> None:
+                 retry_min_s: float = 0.5, retry_max_s: float = 5.0, rediscover_s: float = 2.0,
+                 client_tls: TlsFiles | None = None) -> None:
         self._nodes = nodes
+        self._client_tls = client_tls
         self._write_timeout = write_timeout_s
         self._retry_min, self._retry_max = retry_min_s, retry_max_s
         self._rediscover_s = rediscover_s
@@ -95,7 +104,13 @@ class RelayObserver(observer_pb2_grpc.ObserverServicer):
     def stub(self, node: NodeTarget) -> observer_pb2_grpc.ObserverStub:
         channel = self._channels.get(node.address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(node.address)
+            if node.address.startswith("unix:"):
+                channel = grpc.aio.insecure_channel(node.address)
+            elif self._client_tls is None:
+                raise _NodeUnavailable(node.name, f"{node.address}: no client certificate to dial it with mTLS")
+            else:
+                options = [("grpc.ssl_target_name_override", node.server_name)] if node.server_name else []
+                channel = grpc.aio.secure_channel(node.address, self._client_tls.channel_credentials(), options)
             self._channels[node.address] = channel
         return observer_pb2_grpc.ObserverStub(channel)
 
@@ -111,6 +126,8 @@ class RelayObserver(observer_pb2_grpc.ObserverServicer):
         except grpc.aio.AioRpcError as error:
             self._metrics.node_errors.labels(node=node.name).inc()
             return _NodeUnavailable(node.name, error.details() or error.code().name)
+        except _NodeUnavailable as unavailable:
+            return unavailable
 
     async def _statuses(self):
         nodes = list(self._nodes())
@@ -163,6 +180,9 @@ class RelayObserver(observer_pb2_grpc.ObserverServicer):
             except grpc.aio.AioRpcError as error:
                 self._metrics.node_errors.labels(node=node.name).inc()
                 log.info("GetNamespaces: node %s: %s", node.name, error.details())
+                return None
+            except _NodeUnavailable as unavailable:
+                log.info("GetNamespaces: %s", unavailable)
                 return None
 
         seen = set()
@@ -362,7 +382,10 @@ class Relay:
     def __init__(self, nodes: Callable[[], Iterable[NodeTarget]] | Iterable[NodeTarget], *,
                  unix_socket: Path | None = None, tcp_address: str | None = None, registry=None,
                  node_timeout_s: float = 2.0, client_queue: int = 10_000, retry_min_s: float = 0.5,
-                 rediscover_s: float = 2.0) -> None:
+                 rediscover_s: float = 2.0, tls: TlsFiles | None = None, client_tls: TlsFiles | None = None,
+                 insecure_tcp: bool = False) -> None:
+        """``tls``: the relay's server certificate (4245 requires a client certificate from
+        the Hubble CA); ``client_tls``: its client certificate for dialling agents over TCP."""
         if not callable(nodes):
             fixed = list(nodes)
             nodes = lambda: fixed  # noqa: E731
@@ -372,15 +395,23 @@ class Relay:
         self.unix_socket = Path(unix_socket) if unix_socket else None
         self.tcp_address = tcp_address
         self.registry = registry
+        self.tls, self.insecure_tcp = tls, insecure_tcp
         self.observer = RelayObserver(nodes, _Metrics(registry), node_timeout_s, client_queue,
-                                      retry_min_s=retry_min_s, rediscover_s=rediscover_s)
+                                      retry_min_s=retry_min_s, rediscover_s=rediscover_s, client_tls=client_tls)
         self.tcp_port: int | None = None
         self._server: grpc.aio.Server | None = None
 
     @classmethod
     def from_layout(cls, layout: ClusterLayout, **kwargs) -> "Relay":
+        """The local cluster's relay: with the Hubble CA's certificates (``shoal up`` issues
+        them) it serves 4245 over mTLS and dials the agents' 4244 with mTLS."""
         kwargs.setdefault("unix_socket", layout.relay_socket)
-        return cls(layout_nodes(layout), **kwargs)
+        certificates = HubbleCertificates(layout.hubble_tls_dir)
+        server, client = certificates.files(RELAY_SERVER), certificates.files(RELAY_CLIENT)
+        if server.exists() and client.exists():
+            kwargs.setdefault("tls", server)
+            kwargs.setdefault("client_tls", client)
+        return cls(layout_nodes(layout, over_tcp=kwargs.get("client_tls") is not None), **kwargs)
 
     async def start(self) -> None:
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
@@ -392,8 +423,7 @@ class Relay:
             if self.unix_socket.exists() or self.unix_socket.is_symlink():
                 self.unix_socket.unlink()
             server.add_insecure_port(f"unix:{self.unix_socket}")
-        if self.tcp_address:
-            self.tcp_port = server.add_insecure_port(self.tcp_address)
+        self.tcp_port = serve_tcp(server, self.tcp_address, self.tls, self.insecure_tcp, "hubble relay")
         await server.start()
         for service in HEALTH_SERVICES:
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -110,6 +110,11 @@ class ClusterLayout:
         """Node proxy and waypoints -> agent: L4/L7 flow events."""
         return self.node_dir(node) / "flows.sock"
 
+    @property
+    def hubble_tls_dir(self) -> Path:
+        """The Hubble CA and the flow APIs' certificates (``shoal.hubbletls``)."""
+        return self.run_dir / "hubble-tls"
+
     def hubble_socket(self, node: str) -> Path:
         """The agent's Hubble Observer API (also on TCP 4244 in the node netns)."""
         return self.node_dir(node) / "hubble.sock"

@@ -1,11 +1,13 @@
 """The flow server's one frozen config, built in one place from the cluster layout."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from shoal import __version__
 from shoal.config import PORT_HUBBLE, ClusterLayout
+from shoal.hubbletls import HubbleCertificates, TlsFiles
 
 DEFAULT_CAPACITY = 4095
 
@@ -15,9 +17,13 @@ class HubbleConfig:
     node_name: str
     # Unix datagram socket where the node proxy and waypoints send their flows.
     flows_socket: Path | None = None
-    # Observer API on a Unix socket (the relay's way in) and on TCP (the hubble CLI's).
+    # Observer API on a Unix socket (local use) and on TCP (the relay's and the hubble CLI's).
     unix_socket: Path | None = None
     tcp_address: str | None = f"0.0.0.0:{PORT_HUBBLE}"
+    # TCP is served only with TLS and a client certificate from the Hubble CA; without
+    # certificates it is not served at all, unless plaintext is asked for (local use only).
+    tls: TlsFiles | None = None
+    insecure_tcp: bool = False
     capacity: int = DEFAULT_CAPACITY
     # Followers read the ring by position: one that falls a whole ring behind is cut, and
     # so is one stuck in a write (client not reading) for longer than this.
@@ -34,6 +40,11 @@ class HubbleConfig:
 
     @classmethod
     def for_node(cls, layout: ClusterLayout, node: str, **overrides) -> "HubbleConfig":
+        """``SHOAL_HUBBLE_TLS_DIR`` (a mounted Secret on Kubernetes) or the local cluster's dir."""
+        tls_dir = Path(os.environ.get("SHOAL_HUBBLE_TLS_DIR") or layout.hubble_tls_dir)
+        tls = HubbleCertificates(tls_dir).node(node)
+        overrides.setdefault("tls", tls if tls.exists() else None)
+        overrides.setdefault("insecure_tcp", os.environ.get("SHOAL_HUBBLE_INSECURE_TCP") == "1")
         return cls(
             node_name=node,
             flows_socket=layout.flows_socket(node),

@@ -26,6 +26,7 @@ from shoal.agent.hubble.query import HEALTH_SERVICES, FlowQuery
 from shoal.agent.hubble.store import FlowStore
 from shoal.api.flow import flow_pb2
 from shoal.api.observer import observer_pb2, observer_pb2_grpc, relay_pb2
+from shoal.hubbletls import serve_tcp
 
 log = logging.getLogger(__name__)
 
@@ -410,8 +411,8 @@ class HubbleServer:
             if path.exists() or path.is_symlink():
                 path.unlink()
             server.add_insecure_port(f"unix:{path}")
-        if self.config.tcp_address:
-            self.tcp_port = server.add_insecure_port(self.config.tcp_address)
+        self.tcp_port = serve_tcp(server, self.config.tcp_address, self.config.tls, self.config.insecure_tcp,
+                                 "hubble observer")
         await server.start()
         for service in HEALTH_SERVICES:
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from shoal.config import ClusterLayout
+from shoal.hubbletls import HubbleCertificates
 from shoal.local.apiclient import ApiClient
 from shoal.local.linux import Cgroup, LinuxError, Netns
 from shoal.local.topology import Topology
@@ -143,6 +144,9 @@ class LocalCluster:
         layout.log_dir.mkdir(parents=True, exist_ok=True)
         layout.bootstrap_token_path.write_text(secrets.token_urlsafe(32))
         layout.bootstrap_token_path.chmod(0o600)
+        # The flow APIs' mTLS material (4244 on each agent, the relay's 4245), before anyone starts.
+        HubbleCertificates(layout.hubble_tls_dir).ensure(
+            layout.name, {node: layout.node_ip(node) for node in node_names}, [layout.CONTROLLER_IP])
         self.progress(f"fabric: netns {layout.control_netns}, bridge fabric0 {layout.CONTROLLER_IP}")
         self.topology.build_control()
         Cgroup(layout.cgroup / "control").create()

@@ -8,7 +8,7 @@ import grpc
 
 from shoal.agent.hubble.filters import FilterError
 from shoal.config import ClusterLayout
-from shoal.observe.client import ObserverClient, ObserverUnreachable, server_address
+from shoal.observe.client import ObserverClient, ObserverUnreachable, connection, tls_options
 from shoal.observe.printers import OUTPUTS, Printer
 from shoal.observe.request import FilterFlags, Selection, build_request
 
@@ -103,10 +103,12 @@ def _layout(ctx: click.Context) -> ClusterLayout:
 @click.option("--since", help="Flows since this time: a duration ago (5m, 1h30m) or RFC 3339.")
 @click.option("--until", help="Flows until this time: a duration ago or RFC 3339.")
 @click.option("-o", "--output", type=click.Choice(OUTPUTS), default="compact", show_default=True)
-@click.option("--server", help="Observer address: host:port, unix:/path (default: this cluster's relay socket).")
+@click.option("--server", help="Observer address: host:port (mTLS), unix:/path (default: this cluster's relay socket).")
+@tls_options
 @_filter_options
 @click.pass_context
-def observe(ctx: click.Context, last, first, all_, follow, since, until, output, server, **filters) -> None:
+def observe(ctx: click.Context, last, first, all_, follow, since, until, output, server, insecure,
+            tls_ca, tls_cert, tls_key, tls_server_name, **filters) -> None:
     allow, deny = FilterFlags(), FilterFlags()
     try:
         for key, values in filters.items():
@@ -116,7 +118,7 @@ def observe(ctx: click.Context, last, first, all_, follow, since, until, output,
         request = build_request(Selection(last, first, all_, follow, since, until), allow, deny)
     except FilterError as error:
         raise click.UsageError(str(error)) from None
-    client = ObserverClient(server_address(_layout(ctx), server))
+    client = ObserverClient(connection(_layout(ctx), server, tls_ca, tls_cert, tls_key, tls_server_name, insecure))
     printer = Printer(output, sys.stdout, sys.stderr)
     try:
         for response in client.flows(request):
@@ -147,12 +149,13 @@ def _duration(ns: int) -> str:
 @list_cmd.command("nodes", help="Nodes known to the relay and their flow stores, like `hubble list nodes`.")
 @click.option("-o", "--output", type=click.Choice(("table", "json")), default="table", show_default=True)
 @click.option("--server", help="Observer address (default: this cluster's relay socket).")
+@tls_options
 @click.pass_context
-def list_nodes(ctx: click.Context, output: str, server: str | None) -> None:
+def list_nodes(ctx: click.Context, output: str, server: str | None, **tls) -> None:
     from shoal.api.observer import relay_pb2
     from shoal.observe.printers import to_json
 
-    client = ObserverClient(server_address(_layout(ctx), server))
+    client = ObserverClient(connection(_layout(ctx), server, **tls))
     try:
         nodes = client.nodes().nodes
     except ObserverUnreachable as error:
@@ -183,9 +186,10 @@ def list_nodes(ctx: click.Context, output: str, server: str | None) -> None:
 
 @list_cmd.command("namespaces", help="Namespaces seen in the stored flows, like `hubble list namespaces`.")
 @click.option("--server", help="Observer address (default: this cluster's relay socket).")
+@tls_options
 @click.pass_context
-def list_namespaces(ctx: click.Context, server: str | None) -> None:
-    client = ObserverClient(server_address(_layout(ctx), server))
+def list_namespaces(ctx: click.Context, server: str | None, **tls) -> None:
+    client = ObserverClient(connection(_layout(ctx), server, **tls))
     try:
         namespaces = client.namespaces().namespaces
     except ObserverUnreachable as error:

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
+import click
 import grpc
 
 from shoal.api.observer import observer_pb2, observer_pb2_grpc
 from shoal.config import ClusterLayout
+from shoal.hubbletls import CLI_CLIENT, RELAY_SERVER_NAME, HubbleCertificates, TlsFiles
 
 
 class ObserverUnreachable(Exception):
@@ -24,11 +28,58 @@ def server_address(layout: ClusterLayout, server: str | None) -> str:
     return server
 
 
+@dataclass(frozen=True)
+class Connection:
+    """Where the relay is and how to reach it: its Unix socket (local, plaintext), or TCP
+    with TLS and a client certificate from the Hubble CA (the cluster's CLI certificate by
+    default, or Hubble's flags), or plaintext TCP only when asked for (``--insecure``)."""
+
+    address: str
+    tls: TlsFiles | None = None
+    server_name: str = ""
+
+    def channel(self, aio: bool = False):
+        grpc_module = grpc.aio if aio else grpc
+        if self.tls is None:
+            return grpc_module.insecure_channel(self.address)
+        options = [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+        return grpc_module.secure_channel(self.address, self.tls.channel_credentials(), options)
+
+
+def tls_options(func):
+    """Hubble's TLS flags, on every command that talks to the relay."""
+    for decls, doc in ((("--tls-ca-cert-files", "tls_ca"), "CA certificate of the relay (PEM)"),
+                       (("--tls-client-cert-file", "tls_cert"), "client certificate (PEM)"),
+                       (("--tls-client-key-file", "tls_key"), "client key (PEM)"),
+                       (("--tls-server-name", "tls_server_name"), "name the relay's certificate carries")):
+        func = click.option(*decls, help=doc)(func)
+    return click.option("--insecure", is_flag=True,
+                        help="Plaintext TCP to a relay started without TLS (local use only).")(func)
+
+
+def connection(layout: ClusterLayout, server: str | None, tls_ca: str | None = None, tls_cert: str | None = None,
+               tls_key: str | None = None, tls_server_name: str | None = None, insecure: bool = False) -> Connection:
+    address = server_address(layout, server)
+    if address.startswith("unix:") or insecure:
+        return Connection(address)
+    if tls_ca or tls_cert or tls_key:
+        if not (tls_ca and tls_cert and tls_key):
+            raise click.UsageError("--tls-ca-cert-files, --tls-client-cert-file and --tls-client-key-file go together")
+        files = TlsFiles(Path(tls_ca), Path(tls_cert), Path(tls_key))
+    else:
+        files = HubbleCertificates(layout.hubble_tls_dir).files(CLI_CLIENT)
+        if not files.exists():
+            raise click.UsageError(f"{address}: the relay requires mTLS and there is no client certificate in "
+                                   f"{layout.hubble_tls_dir}; pass --tls-* flags (or --insecure)")
+    return Connection(address, files, tls_server_name or RELAY_SERVER_NAME)
+
+
 class ObserverClient:
-    def __init__(self, address: str, timeout_s: float = 10.0) -> None:
-        self.address = address
+    def __init__(self, address: "str | Connection", timeout_s: float = 10.0) -> None:
+        target = address if isinstance(address, Connection) else Connection(address)
+        self.address = target.address
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(address)
+        self._channel = target.channel()
         self._stub = observer_pb2_grpc.ObserverStub(self._channel)
 
     def _unary(self, method, request):

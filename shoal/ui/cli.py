@@ -5,9 +5,9 @@ import asyncio
 import logging
 
 import click
-import grpc
 
 from shoal.config import ClusterLayout
+from shoal.observe.client import connection, tls_options
 
 DEFAULT_ADDRESS = "127.0.0.1:8089"
 
@@ -20,27 +20,27 @@ DEFAULT_ADDRESS = "127.0.0.1:8089"
 @click.option("--server", help="Relay address: host:port or unix:/path (default: this cluster's relay socket).")
 @click.option("--allow-host", multiple=True,
               help="Extra Host header values to answer (the UI refuses others: DNS rebinding).")
+@tls_options
 @click.pass_context
-def ui(ctx: click.Context, address: str, server: str | None, allow_host: tuple[str, ...]) -> None:
+def ui(ctx: click.Context, address: str, server: str | None, allow_host: tuple[str, ...], **tls) -> None:
     from aiohttp import web
 
-    from shoal.observe.client import server_address
     from shoal.ui.feed import FlowFeed
     from shoal.ui.server import build_app
 
     layout = ctx.find_object(ClusterLayout) or ClusterLayout.from_env()
-    relay = server_address(layout, server)
+    relay = connection(layout, server, **tls)
     host, _, port = address.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
     hosts = {"localhost", "127.0.0.1", "::1", host, *allow_host}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     async def serve() -> None:
-        feed = FlowFeed(lambda: grpc.aio.insecure_channel(relay))
+        feed = FlowFeed(lambda: relay.channel(aio=True))
         runner = web.AppRunner(build_app(feed, hosts), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, host, int(port)).start()
-        click.echo(f"shoal ui: http://{address}/ (flows from {relay}); Ctrl-C to stop", err=True)
+        click.echo(f"shoal ui: http://{address}/ (flows from {relay.address}); Ctrl-C to stop", err=True)
         try:
             await asyncio.Event().wait()
         finally:

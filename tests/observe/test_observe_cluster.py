@@ -85,3 +85,42 @@ def test_last_n_is_n_in_total(demo_cluster):
     lines = out.splitlines()
     assert len(lines) == 20, out
     assert {"[node-1]", "[node-2]"} <= {line.split()[3].rstrip(":") for line in lines}
+
+
+POD_PROBE = """
+import sys, grpc
+from shoal.api.observer import observer_pb2, observer_pb2_grpc
+for target in sys.argv[1:]:
+    try:
+        observer_pb2_grpc.ObserverStub(grpc.insecure_channel(target)).ServerStatus(
+            observer_pb2.ServerStatusRequest(), timeout=3)
+        print(target, "ANSWERED")
+    except grpc.RpcError as error:
+        print(target, error.code().name)
+"""
+
+
+def test_pods_cannot_read_flows_and_the_relay_dials_agents_with_mtls(demo_cluster):
+    """No plaintext flow API is reachable from a pod: agents' 4244 and the relay's 4245
+    take only mTLS with a Hubble CA certificate. The CLI's certificate reads through."""
+    import sys
+
+    from shoal.config import PORT_HUBBLE, PORT_HUBBLE_RELAY
+
+    layout = demo_cluster.layout
+    targets = [f"{layout.node_ip('node-1')}:{PORT_HUBBLE}", f"{layout.pod_gateway('node-1')}:{PORT_HUBBLE}",
+               f"{layout.CONTROLLER_IP}:{PORT_HUBBLE_RELAY}"]
+    out = pod_exec(layout, "demo/client-0", sys.executable, "-c", POD_PROBE, *targets).stdout
+    assert "ANSWERED" not in out and out.count("UNAVAILABLE") == 3, out
+    # The relay reaches the agents over TCP 4244 with its client certificate ...
+    nodes = shoal_cli(layout, "list", "nodes", "-o", "json").stdout
+    assert nodes.count("NODE_CONNECTED") == 2 and f":{PORT_HUBBLE}" in nodes
+    # ... and the CLI reads 4245 over mTLS with the cluster's CLI certificate.
+    import os
+    import subprocess
+
+    over_tcp = subprocess.run(
+        ["ip", "netns", "exec", layout.control_netns, sys.executable, "-m", "shoal.cli", "observe",
+         "--server", f"{layout.CONTROLLER_IP}:{PORT_HUBBLE_RELAY}", "--last", "3"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "SHOAL_CLUSTER": layout.name})
+    assert over_tcp.returncode == 0 and len(over_tcp.stdout.splitlines()) == 3, over_tcp

@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import eventually, shoal_cli
 from tests.observe.test_observe_cluster import DENY_DB
 from tests.ui.browser import chromium_page, require_chromium, screenshot
-from tests.ui.uiserver import UiServer
+from shoal.ui.background import UiServer
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 

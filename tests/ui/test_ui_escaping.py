@@ -5,7 +5,7 @@ import time
 
 from shoal.agent.hubble.flows import l4_flow
 from tests.ui.browser import chromium_page, require_chromium, screenshot
-from tests.ui.uiserver import UiServer
+from shoal.ui.background import UiServer
 
 HOSTILE = ["<script>window.__pwned=1;alert(1)</script>", "<img src=x onerror=\"window.__pwned=2\">",
            "\"><svg onload=window.__pwned=3>"]

@@ -1,4 +1,5 @@
-"""Runs the UI's aiohttp app on a free loopback port in a background thread (for the browser)."""
+"""The UI's aiohttp app on a free loopback port in a background thread: what the browser
+tests and the UI benchmark drive (``shoal ui`` itself runs it in the foreground)."""
 from __future__ import annotations
 
 import asyncio
