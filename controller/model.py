@@ -115,6 +115,11 @@ def _waypoint_label(namespace: str, *objs: Obj | None) -> m.WaypointRef | None:
     return None
 
 
+def _condition_true(obj: Obj | None, kind: str) -> bool:
+    return any(c.get("type") == kind and c.get("status") == "True"
+               for c in ((obj or {}).get("status") or {}).get("conditions") or [] if isinstance(c, dict))
+
+
 class MeshModel:
     def __init__(self, identities: IdentityAllocator | None = None,
                  trust_domain: str = DEFAULT_TRUST_DOMAIN, generation: int = 0) -> None:
@@ -141,6 +146,11 @@ class MeshModel:
         # instead of scanning every pod or service of a namespace.
         self._pod_labels = LabelIndex()
         self._service_selectors = LabelIndex()
+        # Waypoints traffic may be sent to: (namespace, name) -> Gateway uid. A waypoint is
+        # bound once it is ready (a Ready pod, or the Gateway Programmed), so a route never
+        # points at a waypoint that does not listen yet; it stays bound while its Gateway
+        # lives (a crashed waypoint fails closed rather than skipping its L7 policies).
+        self._bound_waypoints: dict[tuple[str, str], str] = {}
 
     # -- reading -------------------------------------------------------------------------
 
@@ -256,6 +266,14 @@ class MeshModel:
         # policy's own membership is recomputed over its whole scope.
         changed_policies = [key for ns, name in sorted(dirty_policies)
                             if (key := self._rebuild_policy(ns, name, change)) is not None]
+        # Waypoints before what uses them: a waypoint becoming bound (ready) or unbound
+        # (Gateway gone) re-publishes the workloads and services of its namespace.
+        for ns, name in sorted(dirty_gateways):
+            self._rebuild(f"{m.WAYPOINT}/{ns}/{name}", lambda: self._build_waypoint(ns, name),
+                          _describe("Gateway", ns, name), change)
+            if self._rebind_waypoint(ns, name):
+                dirty_pods.update((ns, pod) for pod in self._objects["Pod"].get(ns, {}))
+                dirty_services.update((ns, svc) for svc in self._objects["Service"].get(ns, {}))
         for ns, name in sorted(dirty_pods):
             self._rebuild_workload(ns, name, change)
         for key in changed_policies:
@@ -263,9 +281,6 @@ class MeshModel:
         for ns, name in sorted(dirty_services):
             self._rebuild(f"{m.SERVICE}/{ns}/{name}", lambda: self._build_service(ns, name),
                           _describe("Service", ns, name), change)
-        for ns, name in sorted(dirty_gateways):
-            self._rebuild(f"{m.WAYPOINT}/{ns}/{name}", lambda: self._build_waypoint(ns, name),
-                          _describe("Gateway", ns, name), change)
         for kind, ns, name in sorted(dirty_objects):
             self._rebuild(f"{m.OBJECT}/{kind}/{ns}/{name}",
                           lambda: self._build_object(kind, ns, name),
@@ -438,7 +453,7 @@ class MeshModel:
             uid=f"{namespace}/{name}", name=name, namespace=namespace, service_account=sa,
             node=node, ip=ip, ips=ips, identity=self.identities.get(namespace, sa),
             spiffe_id=spiffe_id(namespace, sa, self.trust_domain), meshed=meshed,
-            waypoint=_waypoint_label(namespace, pod, ns_obj) if meshed else None,
+            waypoint=self._bound_waypoint(_waypoint_label(namespace, pod, ns_obj)) if meshed else None,
             protocol="HBONE" if meshed else "TCP", labels=m.Labels(labels),
             canonical_service=(labels.get("service.istio.io/canonical-name")
                                or labels.get("app.kubernetes.io/name") or labels.get("app")
@@ -490,7 +505,8 @@ class MeshModel:
                                        target_port=target, protocol=protocol))
         ns_obj = self.get("Namespace", "", namespace)
         return m.Service(name=name, namespace=namespace, vip=vip, ports=tuple(ports),
-                         endpoints=tuple(endpoints), waypoint=_waypoint_label(namespace, svc, ns_obj),
+                         endpoints=tuple(endpoints),
+                         waypoint=self._bound_waypoint(_waypoint_label(namespace, svc, ns_obj)),
                          vips=vips, ip_families=families, ip_family_policy=family_policy)
 
     def _slice_endpoints(self, namespace: str, service: str) -> set[str]:
@@ -520,6 +536,41 @@ class MeshModel:
             return None
         return authorization_from_object(obj)
 
+    def _bound_waypoint(self, ref: m.WaypointRef | None) -> m.WaypointRef | None:
+        """``ref`` if traffic may go to that waypoint now; else None (traffic stays on L4,
+        as before the waypoint was asked for)."""
+        return ref if ref is not None and (ref.namespace, ref.name) in self._bound_waypoints else None
+
+    def _waypoint_pods(self, namespace: str, name: str) -> list[Obj]:
+        return [pod for pod in self.objects("Pod", namespace) if _labels(pod).get(LABEL_GATEWAY_NAME) == name]
+
+    def _rebind_waypoint(self, namespace: str, name: str) -> bool:
+        """Updates whether waypoint ``namespace/name`` is bound; True if that changed."""
+        key = (namespace, name)
+        entry = self.resources.get(f"{m.WAYPOINT}/{namespace}/{name}")
+        gateway = self.get("Gateway", namespace, name)
+        uid = ((gateway or {}).get("metadata") or {}).get("uid", "")
+        was = self._bound_waypoints.get(key)
+        if entry is None:
+            bound = False
+        elif was is not None and was == uid:
+            bound = True   # sticky while this Gateway lives
+        else:
+            bound = _condition_true(gateway, "Programmed") or any(
+                _condition_true(pod, "Ready") for pod in self._waypoint_pods(namespace, name))
+        if bound:
+            self._bound_waypoints[key] = uid
+        else:
+            self._bound_waypoints.pop(key, None)
+        if bound != (was is not None):
+            log.info("waypoint %s/%s %s", namespace, name, "ready: traffic moves to it" if bound
+                     else "gone: traffic moves away")
+            return True
+        return False
+
+    def waypoint_bound(self, namespace: str, name: str) -> bool:
+        return (namespace, name) in self._bound_waypoints
+
     def _build_waypoint(self, namespace: str, name: str) -> m.Waypoint | None:
         gateway = self.get("Gateway", namespace, name)
         if gateway is None or (gateway.get("spec") or {}).get("gatewayClassName") \
@@ -530,9 +581,11 @@ class MeshModel:
                     (gateway.get("status") or {}).get("addresses") or [] if address.get("value"))
         ip = ips[0] if ips else ""
         if not ip:
-            for pod in self.objects("Pod", namespace):
-                if _labels(pod).get(LABEL_GATEWAY_NAME) == name:
-                    ip, ips = pod_addresses(pod.get("status") or {})
+            # A Ready pod first: an address that listens (replacement pods start unready).
+            pods = sorted(self._waypoint_pods(namespace, name), key=lambda pod: not _condition_true(pod, "Ready"))
+            for pod in pods:
+                ip, ips = pod_addresses(pod.get("status") or {})
+                if ip:
                     break
         try:
             ips = convert.check_addresses("status.addresses", ip, ips, "address")

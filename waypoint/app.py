@@ -76,9 +76,10 @@ class WaypointApp:
         self.state = state if state is not None else ConfigState()
         self._config_client = config_client
         self._tasks: list[asyncio.Task] = []
-        self._servers: list[asyncio.base_events.Server] = []
+        self._servers: list = []   # PlainListener, HboneListener: drain(), active, close()
         self._runners: list[web.AppRunner] = []
-        self.ready = asyncio.Event()
+        self.ready = asyncio.Event()    # listeners up (see ``serving`` for the probe's answer)
+        self.draining = False
         self.flows = None
         if config.emit_flows and config.flows_path:
             from shoal.agent.hubble.emitter import FlowEmitter
@@ -205,7 +206,7 @@ class WaypointApp:
             return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
         async def ready(_request: web.Request) -> web.Response:
-            return web.Response(status=200 if self.ready.is_set() else 503, text="ready\n")
+            return web.Response(status=200 if self.serving else 503, text="ready\n" if self.serving else "not ready\n")
 
         async def config_dump(_request: web.Request) -> web.Response:
             cfg = self.proxy.config
@@ -226,6 +227,28 @@ class WaypointApp:
             await runner.setup()
             await web.TCPSite(runner, "0.0.0.0", port, reuse_address=True).start()
             self._runners.append(runner)
+
+    @property
+    def serving(self) -> bool:
+        """What the readiness probe answers, and what the controller waits for before it
+        routes to this waypoint: listening, with its SVID, and the first config applied
+        (a request arriving earlier would find no Service); false again once draining."""
+        synced = self._config_client is None or self._config_client.synced.is_set()
+        return self.ready.is_set() and synced and not self.draining
+
+    async def drain(self, grace: float) -> None:
+        """Stop taking connections, let the ones in flight finish (HBONE sessions get
+        GOAWAY), for at most ``grace`` seconds. By the time the waypoint is told to stop,
+        the controller has already moved the routes away from it."""
+        self.draining = True
+        for listener in self._servers:
+            listener.drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while loop.time() < deadline and any(listener.active for listener in self._servers):
+            await asyncio.sleep(0.05)
+        left = sum(listener.active for listener in self._servers)
+        log.info("drained%s", f"; {left} connections still open after {grace:.1f} s" if left else "")
 
     async def stop(self) -> None:
         for server in self._servers:
@@ -257,5 +280,6 @@ async def main(config: WaypointConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("waypoint stopping")
+    log.info("waypoint stopping: draining for up to %.1f s", config.drain_seconds)
+    await app.drain(config.drain_seconds)
     await app.stop()

@@ -40,6 +40,7 @@ class WaypointConfig:
     otlp_endpoint: str = ""                     # e.g. http://collector:4318/v1/traces; "" = no export
     emit_flows: bool = True
     connect_timeout: float = 5.0
+    drain_seconds: float = 2.5                  # on SIGTERM: in-flight connections finish (kubelet's grace is 3 s)
     limits: Limits = Limits()
     cert_ttl_seconds: int = 0
     log_level: str = "INFO"
@@ -82,6 +83,8 @@ class WaypointConfig:
         p.add_argument("--header-timeout", type=float, default=Limits.header_timeout)
         p.add_argument("--max-header-bytes", type=int, default=Limits.max_header_bytes)
         p.add_argument("--max-headers", type=int, default=Limits.max_headers)
+        p.add_argument("--drain-seconds", type=float, default=2.5,
+                       help="on SIGTERM, how long connections in flight may take to finish")
         p.add_argument("--cert-ttl", type=int, default=int(env.get("SHOAL_CERT_TTL", 0)))
         p.add_argument("--log-level", default=env.get("SHOAL_LOG_LEVEL", "INFO"))
         args = p.parse_args(argv)
@@ -103,7 +106,7 @@ class WaypointConfig:
                    plaintext_address=plaintext, metrics_port=args.metrics_port, ready_port=args.ready_port,
                    routes_file=args.routes_file, static_services=static, access_log=args.access_log,
                    otlp_endpoint=args.otlp_endpoint, emit_flows=not args.no_flows, limits=limits,
-                   cert_ttl_seconds=args.cert_ttl, log_level=args.log_level.upper())
+                   cert_ttl_seconds=args.cert_ttl, drain_seconds=max(0.0, args.drain_seconds), log_level=args.log_level.upper())
 
 
 def _static_service(text: str) -> tuple[str, str, tuple[tuple[str, int], ...]]:

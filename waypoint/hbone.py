@@ -136,9 +136,14 @@ class HboneStream:
             return
         session = self.session
         if session is not None and not session.closed:
-            if self._pending or not self._eof_in:
-                session.h2.reset(self.stream_id)  # unsent bytes or a peer still talking: abort
+            # As a TCP close: FIN (END_STREAM) when everything written was sent, RST only
+            # when bytes would be lost. A peer that has not finished yet (an idle pooled
+            # upstream, a client that keeps its side open) gets a normal end, which its
+            # node proxy must not report as a reset ("UR").
+            if self._pending:
+                session.h2.reset(self.stream_id)
             elif not self._eof_out:
+                self._eof_out = True
                 session.h2.end(self.stream_id)
             session.flush()
         self._finish()

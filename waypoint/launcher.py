@@ -9,15 +9,24 @@ waypoint template in ``daemonset/``.)
 
 ``desired_deployments`` is pure (Gateways in, Deployments out); ``LocalWaypointLauncher``
 applies the difference to the store whenever a Gateway changes.
+
+Changes lose no request: the pod's readiness probe (``/healthz/ready``: listening, SVID
+and first config in hand) is what the controller waits for before it routes to the
+waypoint; when a Gateway goes, the controller moves the routes away at once and the
+Deployment is removed only ``drain_seconds`` later, so connections that were already on
+their way finish (the waypoint drains again on SIGTERM).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import sys
+import time
 from typing import Any, Callable, Iterable
 
 from shoal.config import LABEL_MESH, PORT_HBONE, WAYPOINT_GATEWAY_CLASS, ClusterLayout
+
+PORT_READY = 15021
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +76,8 @@ def deployment_for(gateway: Obj, layout: ClusterLayout, python: str = sys.execut
                         "args": ["--name", name, "--namespace", namespace, "--service-account", sa],
                         "env": env,
                         "ports": [{"name": "hbone", "containerPort": PORT_HBONE}],
+                        "readinessProbe": {"httpGet": {"path": "/healthz/ready", "port": PORT_READY},
+                                           "periodSeconds": 1, "timeoutSeconds": 1},
                     }],
                 },
             },
@@ -105,11 +116,15 @@ class LocalWaypointLauncher:
     """
 
     def __init__(self, store, layout: ClusterLayout, python: str = sys.executable,
-                 on_error: Callable[[str], None] = lambda reason: None) -> None:
+                 on_error: Callable[[str], None] = lambda reason: None, drain_seconds: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.layout = layout
         self.python = python
         self.on_error = on_error
+        self.drain_seconds = drain_seconds
+        self._clock = clock
+        self._gone_since: dict[tuple[str, str], float] = {}   # Deployments whose Gateway went
         self._scheduled = False
 
     def attach(self) -> None:
@@ -145,7 +160,7 @@ class LocalWaypointLauncher:
             except ManifestError as err:
                 self.on_error("waypoint_deployment")
                 log.warning("waypoint deployment %s refused: %s", deployment["metadata"]["name"], err)
-        for deployment in to_delete:
+        for deployment in self._drained(to_delete):
             try:
                 self.store.delete([deployment])
                 log.info("waypoint %s/%s: deployment removed", deployment["metadata"]["namespace"],
@@ -153,3 +168,19 @@ class LocalWaypointLauncher:
             except ManifestError as err:
                 self.on_error("waypoint_deployment")
                 log.warning("waypoint deployment %s not removed: %s", deployment["metadata"]["name"], err)
+
+    def _drained(self, to_delete: list[Obj]) -> list[Obj]:
+        """The Deployments whose Gateway has been gone for ``drain_seconds``; a later
+        reconcile is scheduled for the others."""
+        now = self._clock()
+        keys = {(d["metadata"]["namespace"], d["metadata"]["name"]): d for d in to_delete}
+        self._gone_since = {key: self._gone_since.get(key, now) for key in keys}
+        ready = [d for key, d in keys.items() if now - self._gone_since[key] >= self.drain_seconds]
+        waiting = [self._gone_since[key] + self.drain_seconds - now for key in keys
+                   if now - self._gone_since[key] < self.drain_seconds]
+        if waiting:
+            try:
+                asyncio.get_running_loop().call_later(min(waiting), self.reconcile)
+            except RuntimeError:
+                pass   # no loop (tests calling reconcile directly): the next call finishes it
+        return ready

@@ -26,8 +26,28 @@ def connection_callbacks(proxy: WaypointProxy, limits: Limits) -> tuple[Callable
     return reject, on_protocol
 
 
+class PlainListener:
+    """An asyncio server and its connection tasks: ``drain`` stops accepting, ``active``
+    says how many connections are still being served (same interface as the HBONE one)."""
+
+    def __init__(self, server: asyncio.AbstractServer, connections: set[asyncio.Task]) -> None:
+        self.server = server
+        self.sockets = server.sockets
+        self.connections = connections
+
+    @property
+    def active(self) -> int:
+        return len(self.connections)
+
+    def drain(self) -> None:
+        self.server.close()
+
+    def close(self) -> None:
+        self.server.close()
+
+
 async def start_plaintext(proxy: WaypointProxy, limits: Limits, host: str = "127.0.0.1", port: int = 0,
-                          destination: tuple[str, int] | None = None) -> asyncio.Server:
+                          destination: tuple[str, int] | None = None) -> PlainListener:
     """Plain HTTP on ``host:port``; ``destination`` (ip, port) plays the role of the HBONE target."""
     reject, on_protocol = connection_callbacks(proxy, limits)
     loop = asyncio.get_running_loop()
@@ -43,4 +63,4 @@ async def start_plaintext(proxy: WaypointProxy, limits: Limits, host: str = "127
             connections.add(task)
             task.add_done_callback(connections.discard)
 
-    return await loop.create_server(Accepted, host, port, backlog=1024)
+    return PlainListener(await loop.create_server(Accepted, host, port, backlog=1024), connections)

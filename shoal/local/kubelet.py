@@ -3,7 +3,9 @@
 For each Pod scheduled on one of the cluster's nodes it makes the pod's network namespace
 (veth into the node, an IP from the node's pod CIDR), a cgroup of its own below the node's
 cgroup, the hosts file that resolves Service names, and it runs the pod's command there,
-restarting it when it exits. State lives in the pod's cgroup and netns, not in this
+restarting it when it exits. A container's ``readinessProbe.httpGet`` is probed from here
+(the control netns routes to every pod) and sets the pod's ``Ready`` condition; a pod
+without a probe is Ready once running. State lives in the pod's cgroup and netns, not in this
 process: a restarted controller adopts running pods instead of restarting them.
 """
 from __future__ import annotations
@@ -36,6 +38,39 @@ class _PodRuntime:
     next_start: float = 0.0
     ip: str = ""
     procs: list[subprocess.Popen] = field(default_factory=list)
+    ready: bool | None = None          # last probe result written to the Pod's status
+    next_probe: float = 0.0
+
+
+def ready_condition(ready: bool) -> list[dict[str, str]]:
+    return [{"type": "Ready", "status": "True" if ready else "False"}]
+
+
+def http_probe_of(pod: dict[str, Any]) -> dict[str, Any] | None:
+    """The first container's ``readinessProbe`` with an ``httpGet`` (others are not run)."""
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        probe = container.get("readinessProbe") or {}
+        if isinstance(probe.get("httpGet"), dict):
+            return probe
+    return None
+
+
+async def probe_http(ip: str, probe: dict[str, Any]) -> bool:
+    """One HTTP GET as the kubelet does it: success is a 2xx/3xx answer within the timeout."""
+    get = probe["httpGet"]
+    timeout = float(probe.get("timeoutSeconds", 1))
+    writer = None
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(ip, int(get.get("port", 80))), timeout)
+        writer.write(f"GET {get.get('path', '/')} HTTP/1.0\r\nHost: {ip}\r\n\r\n".encode())
+        status_line = await asyncio.wait_for(reader.readline(), timeout)
+    except (OSError, asyncio.TimeoutError, ValueError):
+        return False
+    finally:
+        if writer is not None:
+            writer.close()
+    parts = status_line.split()
+    return len(parts) >= 2 and parts[1][:1] in (b"2", b"3")
 
 
 def hosts_file(pod_namespace: str, pod_name: str, pod_ip: str, services: list[dict[str, Any]]) -> str:
@@ -72,6 +107,13 @@ class LocalKubelet:
             self._wake.set()
 
     async def run(self) -> None:
+        prober = asyncio.ensure_future(self._probe_forever())
+        try:
+            await self._reconcile_forever()
+        finally:
+            prober.cancel()
+
+    async def _reconcile_forever(self) -> None:
         while True:
             try:
                 self.reconcile()
@@ -82,6 +124,31 @@ class LocalKubelet:
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
+
+    async def _probe_forever(self, tick: float = 0.2) -> None:
+        while True:
+            await self.probe_due()
+            await asyncio.sleep(tick)
+
+    async def probe_due(self) -> None:
+        """Runs the readiness probes that are due; writes a Ready condition when it changes."""
+        now = time.monotonic()
+        due = []
+        for pod in self.store.list("Pod"):
+            key = (pod["metadata"]["namespace"], pod["metadata"]["name"])
+            runtime = self._pods.get(key)
+            probe = http_probe_of(pod)
+            running = (pod.get("status") or {}).get("phase") == "Running"
+            if runtime is None or probe is None or not running or now < runtime.next_probe:
+                continue
+            runtime.next_probe = now + float(probe.get("periodSeconds", 10))
+            due.append((key, runtime, probe))
+        results = await asyncio.gather(*(probe_http(runtime.ip, probe) for _, runtime, probe in due))
+        for (key, runtime, _), ready in zip(due, results):
+            if ready != runtime.ready and self._pods.get(key) is runtime:
+                runtime.ready = ready
+                log.info("pod %s/%s: %s", *key, "ready" if ready else "not ready")
+                self.store.update_status("Pod", *key, {"conditions": ready_condition(ready)})
 
     # -- reconcile ---------------------------------------------------------------------
 
@@ -135,9 +202,13 @@ class LocalKubelet:
             log.warning("pod %s/%s exited; restarting (restart %d)", *key, runtime.restarts)
         runtime.next_start = now + min(RESTART_BACKOFF_MAX, 0.5 * 2 ** min(runtime.restarts, 5))
         self._start(pod, runtime, cgroup)
+        # A (re)started container is not ready until its probe says so.
+        runtime.ready = http_probe_of(pod) is None
+        runtime.next_probe = now
         self.store.update_status("Pod", *key, {
             "phase": "Running", "podIP": runtime.ip, "hostIP": self.layout.node_ip(node),
-            "restartCount": runtime.restarts, "startTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            "restartCount": runtime.restarts, "startTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "conditions": ready_condition(runtime.ready)})
 
     def _pod_ip(self, pod: dict[str, Any]) -> str:
         """Keeps the IP a pod already has (adoption after a restart), else the lowest free one."""

@@ -129,7 +129,8 @@ def test_waypoints_gateways_and_pass_through_routes():
     gateway = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
                "metadata": {"name": "waypoint", "namespace": "demo", "uid": "g1"},
                "spec": {"gatewayClassName": "shoal-waypoint"},
-               "status": {"addresses": [{"value": "10.244.1.50"}]}}
+               "status": {"addresses": [{"value": "10.244.1.50"}],
+                          "conditions": [{"type": "Programmed", "status": "True"}]}}
     route = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
              "metadata": {"name": "r", "namespace": "demo"}, "spec": {"rules": []}}
     model = build(namespace("demo", labels={"shoal.io/use-waypoint": "waypoint"}), gateway, route,
@@ -143,6 +144,45 @@ def test_waypoints_gateways_and_pass_through_routes():
     assert "object/HTTPRoute/demo/r" in model.view("node-1", "waypoint")
     assert "object/HTTPRoute/demo/r" not in model.view("node-1", "proxy")
     assert model.resources["object/HTTPRoute/demo/r"].resource.body["kind"] == "HTTPRoute"
+
+
+def waypoint_pod(ready: bool, ip="10.244.1.60", name="waypoint-0"):
+    obj = pod("demo", name, ip=ip, sa="waypoint",
+              labels={"gateway.networking.k8s.io/gateway-name": "waypoint", "shoal.io/mesh": "disabled"})
+    obj["status"]["conditions"] = [{"type": "Ready", "status": "True" if ready else "False"}]
+    return obj
+
+
+def test_traffic_moves_to_a_waypoint_only_once_it_is_ready_and_away_when_it_goes():
+    gateway = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+               "metadata": {"name": "waypoint", "namespace": "demo", "uid": "g1"},
+               "spec": {"gatewayClassName": "shoal-waypoint"}}
+    model = build(namespace("demo", labels={"shoal.io/use-waypoint": "waypoint"}),
+                  pod("demo", "web-0", labels={"app": "web"}), service("demo", "web", {"app": "web"}),
+                  gateway, waypoint_pod(ready=False))
+    web = lambda: model.resources["service/demo/web"].resource  # noqa: E731
+    # Asked for, running, not ready: the Waypoint is known (it may get its certificate),
+    # but nothing routes to it yet.
+    assert model.resources["waypoint/demo/waypoint"].resource.ip == "10.244.1.60"
+    assert web().waypoint is None and workload(model, "demo/web-0").waypoint is None
+    change = model.apply([("MODIFIED", waypoint_pod(ready=True))])
+    assert {"service/demo/web", "workload/demo/web-0"} <= change.keys
+    assert web().waypoint == m.WaypointRef("demo", "waypoint")
+    assert workload(model, "demo/web-0").waypoint == m.WaypointRef("demo", "waypoint")
+    # A replacement pod that is not ready yet does not take the address.
+    model.apply([("ADDED", waypoint_pod(ready=False, ip="10.244.1.61", name="waypoint-1"))])
+    assert model.resources["waypoint/demo/waypoint"].resource.ip == "10.244.1.60"
+    # Once bound, a waypoint that stops answering keeps the route (fail closed, its L7
+    # policies are not skipped)...
+    model.apply([("MODIFIED", waypoint_pod(ready=False))])
+    assert web().waypoint == m.WaypointRef("demo", "waypoint")
+    # ...until its Gateway goes: the route moves away in the same change.
+    change = model.apply([("DELETED", gateway)])
+    assert {"service/demo/web", "waypoint/demo/waypoint"} <= change.keys
+    assert web().waypoint is None and workload(model, "demo/web-0").waypoint is None
+    # A new Gateway of the same name starts unbound again.
+    model.apply([("ADDED", {**gateway, "metadata": {**gateway["metadata"], "uid": "g2"}})])
+    assert web().waypoint is None
 
 
 def test_ca_scope_counts_scheduled_pods_per_node():

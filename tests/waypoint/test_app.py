@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import aiohttp
@@ -129,6 +130,52 @@ async def test_the_real_process_serves_metrics_and_stops_on_sigterm(tmp_path):
     assert proc.returncode == 0, err.decode()
     line = json.loads(out.decode().splitlines()[0])  # the JSON access log on stdout
     assert line["path"] == "/x" and line["response_code"] == 200
+
+
+async def test_sigterm_drains_requests_in_flight_and_turns_unready(tmp_path):
+    """A waypoint told to stop (its routes already moved away) finishes what it is serving."""
+    runner, backend_port = await start_backend("web")
+    port, ready_port = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "shoal.waypoint", "--name", "waypoint", "--namespace", "demo",
+                             "--plaintext", f"127.0.0.1:{port}", "--static-service", f"demo/web=127.0.0.1:{backend_port}",
+                             "--metrics-port", "0", "--ready-port", str(ready_port), "--no-flows",
+                             "--access-log", "", "--drain-seconds", "5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "SHOAL_CONTROLLER": ""})
+
+    def ready_status() -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{ready_port}/healthz/ready", timeout=1) as r:
+                return r.status
+        except urllib.error.HTTPError as err:
+            return err.code
+        except OSError:
+            return 0
+
+    try:
+        deadline = time.monotonic() + 20
+        while ready_status() != 200:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "waypoint never became ready"
+            await asyncio.sleep(0.1)
+        async with aiohttp.ClientSession() as session:
+            slow = asyncio.ensure_future(session.get(f"http://127.0.0.1:{port}/slow?delay_ms=1500",
+                                                     headers={"host": "web"}))
+            await asyncio.sleep(0.4)
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            assert await asyncio.to_thread(ready_status) == 503   # draining: not ready
+            with pytest.raises(OSError):                        # no new connections
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            resp = await asyncio.wait_for(slow, 5)
+            assert resp.status == 200 and (await resp.text())
+        out, err = await asyncio.to_thread(proc.communicate, timeout=10)
+        assert proc.returncode == 0, err.decode()
+        assert b"drained" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        await runner.cleanup()
 
 
 def test_bad_flags_are_rejected():

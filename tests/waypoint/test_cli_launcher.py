@@ -85,9 +85,13 @@ def test_apply_list_delete(api):
     result = runner.invoke(cli.waypoint, ["list", "-n", "demo"])
     assert result.exit_code == 0 and "waypoint" in result.output and "namespace, svc/web" in result.output
 
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz/ready", "port": 15021}
+
     result = runner.invoke(cli.waypoint, ["delete", "-n", "demo"])
     assert result.exit_code == 0, result.output
-    for _ in range(50):
+    # The waypoint outlives its Gateway for the drain period: routes move away first.
+    assert api.get("Deployment", "demo", "waypoint") is not None
+    for _ in range(100):
         if not api.get("Deployment", "demo", "waypoint"):
             break
         time.sleep(0.05)
@@ -111,3 +115,28 @@ def test_plan_ignores_other_gateway_classes_and_user_deployments():
     assert [d["metadata"]["name"] for d in to_apply] == ["waypoint"] and to_delete == []
     to_apply, to_delete = plan([], [user] + to_apply, LAYOUT)
     assert to_apply == [] and [d["metadata"]["name"] for d in to_delete] == ["waypoint"]
+
+
+def test_deployment_removed_only_after_the_drain_period(tmp_path):
+    now = [100.0]
+    store = Store(tmp_path / "store.db")
+    try:
+        store.apply([{"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"}},
+                     {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo"}},
+                     {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                      "metadata": {"name": "waypoint", "namespace": "demo"},
+                      "spec": {"gatewayClassName": "shoal-waypoint"}}])
+        launcher = LocalWaypointLauncher(store, LAYOUT, drain_seconds=2.0, clock=lambda: now[0])
+        launcher.reconcile()
+        assert store.get("Deployment", "demo", "waypoint") is not None
+        store.delete([{"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                       "metadata": {"name": "waypoint", "namespace": "demo"}}])
+        launcher.reconcile()
+        now[0] += 1.9
+        launcher.reconcile()
+        assert store.get("Deployment", "demo", "waypoint") is not None
+        now[0] += 0.2
+        launcher.reconcile()
+        assert store.get("Deployment", "demo", "waypoint") is None
+    finally:
+        store.close()

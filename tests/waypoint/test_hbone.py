@@ -28,15 +28,20 @@ WEB_ID = "spiffe://cluster.local/ns/demo/sa/web"
 VIP = "10.96.0.10"
 
 
+terminated_streams: dict[str, list] = {}   # the terminator's streams, per identity, for the tests to inspect
+
+
 async def hbone_terminator(identities: IdentityManager, spiffe: str):
     """A stand-in for the endpoint's node proxy: HBONE in, plain TCP to the CONNECT target."""
     svid = await identities.get(spiffe)
     loop = asyncio.get_running_loop()
     seen = []
+    streams = terminated_streams.setdefault(spiffe, [])
 
     def on_request(session, event):
         seen.append((session.peer_identity, event.host, event.port))
         stream = HboneStream()
+        streams.append(stream)
         session.accept_stream(stream, event.stream_id)
 
         async def join():
@@ -275,3 +280,50 @@ def test_early_client_hello_is_never_lost_on_uvloop():
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(burst())
+
+
+async def test_normal_closes_end_streams_instead_of_resetting_them():
+    """A response that closes the connection, and an idle pooled upstream closed by the
+    waypoint, end their HBONE streams with END_STREAM: the node proxies on the other side
+    must not see "stream reset by peer (code 8)" and report UR for normal traffic."""
+    from aiohttp import web
+
+    ca = DevCA()
+    identities = IdentityManager(ca.sign)
+    await identities.get(WAYPOINT_ID)
+    runner = web.AppRunner(make_backend_app("web", []), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    app_port = runner.addresses[0][1]
+    terminated_streams.pop(WEB_ID, None)
+    terminator, _ = await hbone_terminator(identities, WEB_ID)
+    endpoint = Endpoint("127.0.0.1", app_port, "web-0", "web-0", "demo", WEB_ID, "HBONE")
+    connector = HboneConnector(identities, WAYPOINT_ID, "127.0.0.1",
+                               hbone_port=terminator.sockets[0].getsockname()[1], mark=None)
+    proxy = WaypointProxy(StaticResolver({("demo", "web"): [endpoint]}, namespace="demo", vips={VIP: ("demo", "web")}),
+                          connector, Telemetry(CollectorRegistry()), Limits())
+    listener = await start_hbone_listener(proxy, Limits(), identities, WAYPOINT_ID, host="127.0.0.1", port=0)
+    try:
+        session = await hbone_client(identities, listener.sockets[0].getsockname()[1])
+        stream, status = await open_tunnel(session, VIP, 8080)
+        assert status == 200
+        stream.write(b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := await asyncio.wait_for(stream.read(65536), 5):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200")
+        assert stream._reset is None and stream._eof_in   # the waypoint ended its side
+        stream.close()
+        await proxy.close()   # closes the idle pooled upstream
+        upstream = terminated_streams[WEB_ID]
+        for _ in range(50):
+            if all(s._eof_in for s in upstream):
+                break
+            await asyncio.sleep(0.02)
+        assert upstream and all(s._eof_in and s._reset is None for s in upstream)
+    finally:
+        listener.close()
+        terminator.close()
+        connector.close()
+        await proxy.close()
+        await runner.cleanup()
