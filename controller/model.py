@@ -115,6 +115,22 @@ def _waypoint_label(namespace: str, *objs: Obj | None) -> m.WaypointRef | None:
     return None
 
 
+def owning_workload(pod: Obj) -> tuple[str, str]:
+    """(kind, name) of what runs ``pod``, as Istio names workloads: the Deployment behind a
+    ReplicaSet (its name less the ``pod-template-hash`` suffix), else the controlling
+    owner; a bare Pod is its own workload."""
+    meta = pod.get("metadata") or {}
+    refs = [r for r in meta.get("ownerReferences") or [] if isinstance(r, dict) and r.get("kind") and r.get("name")]
+    ref = next((r for r in refs if r.get("controller")), refs[0] if refs else None)
+    if ref is None:
+        return "Pod", meta.get("name", "")
+    kind, name = ref["kind"], ref["name"]
+    template_hash = (meta.get("labels") or {}).get("pod-template-hash")
+    if kind == "ReplicaSet" and template_hash and name.endswith(f"-{template_hash}"):
+        return "Deployment", name[:-len(template_hash) - 1]
+    return kind, name
+
+
 def _condition_true(obj: Obj | None, kind: str) -> bool:
     return any(c.get("type") == kind and c.get("status") == "True"
                for c in ((obj or {}).get("status") or {}).get("conditions") or [] if isinstance(c, dict))
@@ -442,6 +458,7 @@ class MeshModel:
         if spec.get("hostNetwork"):
             return None   # it has the node's IP, shared with every other host-network pod
         labels = _labels(pod)
+        owner_kind, owner_name = owning_workload(pod)
         ns_obj = self.get("Namespace", "", namespace)
         meshed = (namespace_meshed(ns_obj) and labels.get(LABEL_MESH) != "disabled"
                   and labels.get(LABEL_MESH_ISTIO) != "none")
@@ -457,7 +474,8 @@ class MeshModel:
             protocol="HBONE" if meshed else "TCP", labels=m.Labels(labels),
             canonical_service=(labels.get("service.istio.io/canonical-name")
                                or labels.get("app.kubernetes.io/name") or labels.get("app")
-                               or name),
+                               or owner_name),
+            workload_name=owner_name, workload_kind=owner_kind,
             mtls_mode=self._mtls_mode(namespace, labels))
 
     def _mtls_mode(self, namespace: str, labels: Mapping[str, str]) -> str:

@@ -22,7 +22,7 @@ import h2.exceptions
 import h2.settings
 import h11
 
-from .http import Body, BodyError, Limits, PeerInfo, ProxyRequest, Tunnel, pipe
+from .http import Body, BodyError, Limits, PeerInfo, ProxyRequest, Tunnel, framing_problem, pipe
 from .upstream import UpstreamError
 
 log = logging.getLogger(__name__)
@@ -131,12 +131,17 @@ class H1Server:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.limits.header_timeout if self.conn.trailing_data[0] else None
         while True:
+            buffered = self.conn.trailing_data[0]
             try:
                 event = self.conn.next_event()
             except h11.RemoteProtocolError as err:
                 status = err.error_status_hint if err.error_status_hint in (400, 431, 505) else 400
                 reason = "header_too_large" if status == 431 else "malformed_request"
                 raise self._fail(status, reason, str(err)) from None
+            if isinstance(event, h11.Request):
+                problem = framing_problem(buffered)
+                if problem is not None:
+                    raise self._fail(400, "request_smuggling", problem)
             if event is h11.NEED_DATA:
                 timeout = deadline - loop.time() if deadline is not None else self.limits.keepalive_timeout
                 try:
@@ -167,7 +172,7 @@ class H1Server:
         headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers]
         names = {n for n, _ in headers}
         if "content-length" in names and "transfer-encoding" in names:
-            raise self._fail(400, "ambiguous_length", "both Content-Length and Transfer-Encoding")
+            raise self._fail(400, "request_smuggling", "both Content-Length and Transfer-Encoding")
         content_length = None
         for name, value in headers:
             if name == "content-length":

@@ -132,7 +132,7 @@ class LocalWaypointLauncher:
         self.reconcile()
 
     def _on_events(self, events) -> None:
-        if not any(ev.object.get("kind") in ("Gateway", "Deployment") for ev in events):
+        if not any(ev.object.get("kind") in ("Gateway", "Deployment", "HTTPRoute", "Service") for ev in events):
             return
         try:
             loop = asyncio.get_running_loop()
@@ -151,6 +151,7 @@ class LocalWaypointLauncher:
     def reconcile(self) -> None:
         from shoal.controller.manifests import ManifestError
 
+        self.update_route_status()
         to_apply, to_delete = plan(self.store.list("Gateway"), self.store.list("Deployment"), self.layout, self.python)
         for deployment in to_apply:
             try:
@@ -168,6 +169,20 @@ class LocalWaypointLauncher:
             except ManifestError as err:
                 self.on_error("waypoint_deployment")
                 log.warning("waypoint deployment %s not removed: %s", deployment["metadata"]["name"], err)
+
+    def update_route_status(self) -> None:
+        """Writes each HTTPRoute's status (Accepted, ResolvedRefs), as Gateway API's route
+        controller does; unchanged statuses are not rewritten."""
+        from .model import httproute_status
+
+        services = {(s["metadata"]["namespace"], s["metadata"]["name"]) for s in self.store.list("Service")}
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        for route in self.store.list("HTTPRoute"):
+            meta = route["metadata"]
+            previous = route.get("status") or {}
+            status = httproute_status(route, lambda ns, name: (ns, name) in services, previous, now)
+            if status["parents"] != previous.get("parents"):
+                self.store.update_status("HTTPRoute", meta["namespace"], meta["name"], status)
 
     def _drained(self, to_delete: list[Obj]) -> list[Obj]:
         """The Deployments whose Gateway has been gone for ``drain_seconds``; a later

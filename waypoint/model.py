@@ -13,9 +13,10 @@ limiting. See ``waypoint/README.md`` for the full schema.
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 HTTPROUTE_API_VERSIONS = ("gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1")
 TRAFFIC_POLICY_API_VERSION = "networking.shoal.io/v1"
@@ -601,3 +602,53 @@ def parse_traffic_policy(obj: Mapping[str, Any]) -> TrafficPolicy:
         if rate.fill_interval <= 0:
             raise ValueError("spec.rateLimit.fillInterval: must be positive")
     return TrafficPolicy(name, namespace, tuple(targets), retries, faults, pool, outlier, rate)
+
+
+# ---------------------------------------------------------------- HTTPRoute status
+
+CONTROLLER_NAME = "shoal.io/waypoint"
+
+
+def httproute_status(obj: Mapping[str, Any], service_exists: Callable[[str, str], bool],
+                     previous: Mapping[str, Any] | None = None, now: str = "") -> dict[str, Any]:
+    """Gateway API ``status`` for an HTTPRoute: per parent, ``Accepted`` (the route parses)
+    and ``ResolvedRefs`` (False, reason ``BackendNotFound``, naming the missing Services;
+    the waypoint answers 500 to the requests such a rule matches). A condition keeps its
+    ``lastTransitionTime`` while its status and reason stay the same."""
+    meta = obj.get("metadata") or {}
+    generation = meta.get("generation", 1)
+    try:
+        route = parse_httproute(obj)
+        accepted = ("True", "Accepted", "the route is valid")
+        refs = [b for rule in route.rules for b in rule.backend_refs] + \
+               [f.mirror.backend for rule in route.rules for f in rule.filters if f.mirror is not None]
+        missing = sorted({f"{b.namespace}/{b.name}" for b in refs if not service_exists(b.namespace, b.name)})
+        resolved = ("False", "BackendNotFound", f"no Service {', '.join(missing)}") if missing \
+            else ("True", "ResolvedRefs", "every backend Service exists")
+        parents = [{"group": "", "kind": p.kind, "name": p.name, "namespace": p.namespace,
+                    **({"port": p.port} if p.port is not None else {})} for p in route.parent_refs]
+    except ValueError as err:
+        accepted = ("False", "Invalid", str(err))
+        resolved = ("False", "Invalid", "the route is not valid")
+        parents = [p for p in ((obj.get("spec") or {}).get("parentRefs") or []) if isinstance(p, dict)] or [{}]
+    old_conditions = {}
+    for parent in (previous or {}).get("parents") or []:
+        for c in parent.get("conditions") or []:
+            old_conditions[(json_key(parent.get("parentRef")), c.get("type"))] = c
+
+    def condition(parent: dict, kind: str, value: tuple[str, str, str]) -> dict[str, Any]:
+        status, reason, message = value
+        old = old_conditions.get((json_key(parent), kind)) or {}
+        same = old.get("status") == status and old.get("reason") == reason
+        return {"type": kind, "status": status, "reason": reason, "message": message,
+                "observedGeneration": generation,
+                "lastTransitionTime": old.get("lastTransitionTime", now) if same else now}
+
+    return {"parents": [{"parentRef": parent, "controllerName": CONTROLLER_NAME,
+                         "conditions": [condition(parent, "Accepted", accepted),
+                                        condition(parent, "ResolvedRefs", resolved)]}
+                        for parent in parents]}
+
+
+def json_key(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)

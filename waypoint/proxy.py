@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
 
+from shoal.telemetry_labels import PeerLabels, ServiceLabels, principal
 from shoal.xds.model import Authorization
 
 from . import authz
@@ -51,6 +52,11 @@ class WorkloadInfo:
     namespace: str
     app: str
     principal: str = ""
+    labels: PeerLabels | None = None    # Istio's labels of this workload (shoal.telemetry_labels)
+
+    def peer_labels(self) -> PeerLabels:
+        return self.labels or PeerLabels(workload=self.name, namespace=self.namespace, principal=principal(self.principal),
+                                         app=self.app, canonical_service=self.app)
 
 
 class Resolver(Protocol):
@@ -197,7 +203,7 @@ class WaypointProxy:
         rec.trace = TraceContext.from_header(req.header_map.get("traceparent"))
         source = self.resolver.workload_by_ip(req.peer.source_ip)
         if source is not None:
-            rec.source_workload, rec.source_namespace, rec.source_app = source.name, source.namespace, source.app
+            rec.source = source.peer_labels()
         try:
             await self._handle(req, body, sink, rec)
         except BodyError as err:
@@ -231,12 +237,10 @@ class WaypointProxy:
         if service is None:
             rec.flags.add("NR")
             return await self._local_reply(sink, rec, 404, f"no service for {req.authority}")
-        rec.destination_service = service.fqdn
+        rec.service = ServiceLabels(service.fqdn, service.key.name, service.key.namespace)
         vip = req.peer.destination_ip or service.vip
         if vip:
             rec.requested_address = f"{vip}:{service.key.port}"
-        rec.destination_service_name = service.key.name
-        rec.destination_service_namespace = service.key.namespace
 
         verdict = authz.evaluate(self.resolver.policies_for(service.key), authz.RequestAttributes(
             source_principal=req.peer.source_principal, source_namespace=rec.source_namespace if source_known(rec) else _ns_of(req.peer.source_principal),
@@ -396,11 +400,7 @@ class WaypointProxy:
     async def _respond(self, attempt: _Attempt, plan: RequestPlan, req: ProxyRequest, sink: ResponseSink,
                        rec: RequestRecord, cluster: _Cluster, service: ServiceKey) -> None:
         if attempt.endpoint is not None:
-            ep = attempt.endpoint
-            rec.destination_workload = ep.name or "unknown"
-            rec.destination_namespace = ep.namespace or "unknown"
-            rec.destination_principal = ep.spiffe_id or "unknown"
-            rec.destination_app = ep.app or "unknown"
+            rec.destination = attempt.endpoint.peer_labels()
         if attempt.flag == "FI":
             return await self._local_reply(sink, rec, int(attempt.outcome), "fault filter abort")
         if attempt.flag == "UO":

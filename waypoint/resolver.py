@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from shoal.config import DEFAULT_TRUST_DOMAIN
+from shoal.telemetry_labels import CLUSTER_DOMAIN, peer, service_fqdn
 from shoal.xds.model import Authorization, Service, Workload
 from shoal.xds.state import ConfigState
 
@@ -17,11 +18,8 @@ from .proxy import ServiceInfo, WorkloadInfo
 from .routing import ServiceKey
 from .upstream import Endpoint
 
-CLUSTER_DOMAIN = "svc.cluster.local"
-
-
 def fqdn(namespace: str, name: str) -> str:
-    return f"{name}.{namespace}.{CLUSTER_DOMAIN}"
+    return service_fqdn(name, namespace)
 
 
 def split_host(authority: str) -> tuple[str, int | None]:
@@ -82,7 +80,7 @@ class StateResolver:
         target = self._service_port(service, port)
         return [Endpoint(w.ip, target, w.uid, w.name, w.namespace, w.spiffe_id,
                          "HBONE" if w.protocol == "HBONE" and w.meshed else "TCP",
-                         w.canonical_service or w.labels.get("app", w.name))
+                         w.canonical_service or w.labels.get("app", w.name), peer(w))
                 for w in self.state.endpoints(service) if w.ip]
 
     def policies_for(self, service: ServiceKey) -> Iterable[Authorization]:
@@ -115,7 +113,7 @@ class StateResolver:
         if w is None:
             return None
         app = w.canonical_service or w.labels.get("app", w.name)
-        return WorkloadInfo(w.name, w.namespace, app, w.spiffe_id)
+        return WorkloadInfo(w.name, w.namespace, app, w.spiffe_id, peer(w))
 
 
 @dataclass

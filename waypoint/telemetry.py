@@ -7,6 +7,7 @@ OTLP exporter are wired only when configured.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -17,17 +18,14 @@ from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from shoal.telemetry_labels import (
+    REQUEST_LABELS, UNKNOWN_PEER, UNKNOWN_SERVICE, PeerLabels, ServiceLabels, principal, standard_labels,
+)
+
 log = logging.getLogger(__name__)
 
-# Istio's standard label set for request metrics (reporter="waypoint" as in ambient).
-ISTIO_LABELS = (
-    "reporter", "source_workload", "source_workload_namespace", "source_principal", "source_app",
-    "source_canonical_service", "destination_workload", "destination_workload_namespace",
-    "destination_principal", "destination_app", "destination_canonical_service",
-    "destination_service", "destination_service_name", "destination_service_namespace",
-    "request_protocol", "response_code", "grpc_response_status", "response_flags",
-    "connection_security_policy",
-)
+# Istio's standard label set, computed by shoal.telemetry_labels as the node proxy does.
+ISTIO_LABELS = REQUEST_LABELS
 DURATION_BUCKETS_MS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000)
 SIZE_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000)
 
@@ -74,16 +72,10 @@ class RequestRecord:
     source_ip: str = ""
     source_port: int = 0
     source_principal: str = ""
-    source_workload: str = "unknown"
-    source_namespace: str = "unknown"
-    source_app: str = "unknown"
-    destination_service: str = "unknown"        # FQDN, e.g. web.demo.svc.cluster.local
-    destination_service_name: str = "unknown"
-    destination_service_namespace: str = "unknown"
-    destination_workload: str = "unknown"
-    destination_namespace: str = "unknown"
-    destination_principal: str = "unknown"
-    destination_app: str = "unknown"
+    source: PeerLabels = UNKNOWN_PEER            # the client's workload (by source IP)
+    destination: PeerLabels = UNKNOWN_PEER       # the endpoint that answered
+    service: ServiceLabels = UNKNOWN_SERVICE     # the Service called (FQDN, name, namespace)
+    grpc_status: str = ""
     upstream_host: str = ""
     requested_address: str = ""               # ip:port the client dialled (the Service VIP via HBONE)
     route: str = ""
@@ -100,6 +92,14 @@ class RequestRecord:
     @property
     def response_flags(self) -> str:
         return ",".join(sorted(self.flags)) or "-"
+
+    @property
+    def source_namespace(self) -> str:
+        return self.source.namespace
+
+    @property
+    def destination_service(self) -> str:
+        return self.service.fqdn
 
     @property
     def duration_ms(self) -> float:
@@ -140,41 +140,31 @@ class Telemetry:
         # prometheus_client's labels() validates on every call; requests repeat few label sets.
         self._children: dict[tuple[str, ...], tuple] = {}
 
+    def label_values(self, r: RequestRecord) -> tuple[str, ...]:
+        """``ISTIO_LABELS`` values; the source principal is the HBONE peer's certificate."""
+        source = r.source
+        if r.source_principal and source.principal != principal(r.source_principal):
+            source = dataclasses.replace(source, principal=principal(r.source_principal))
+        protocol = "http" if r.protocol.startswith("HTTP/1") else "http2" if r.protocol == "HTTP/2" else r.protocol
+        if r.grpc_status:
+            protocol = "grpc"
+        return standard_labels("waypoint", source, r.destination, r.service, protocol, r.response_flags,
+                               r.mtls) + (str(r.status), r.grpc_status)
+
     def labels(self, r: RequestRecord) -> dict[str, str]:
-        return {
-            "reporter": "waypoint",
-            "source_workload": r.source_workload,
-            "source_workload_namespace": r.source_namespace,
-            "source_principal": r.source_principal or "unknown",
-            "source_app": r.source_app,
-            "source_canonical_service": r.source_app,
-            "destination_workload": r.destination_workload,
-            "destination_workload_namespace": r.destination_namespace,
-            "destination_principal": r.destination_principal,
-            "destination_app": r.destination_app,
-            "destination_canonical_service": r.destination_app,
-            "destination_service": r.destination_service,
-            "destination_service_name": r.destination_service_name,
-            "destination_service_namespace": r.destination_service_namespace,
-            "request_protocol": "http" if r.protocol.startswith("HTTP/1") else "http2" if r.protocol == "HTTP/2" else r.protocol,
-            "response_code": str(r.status),
-            "grpc_response_status": "",
-            "response_flags": r.response_flags,
-            "connection_security_policy": "mutual_tls" if r.mtls else "none",
-        }
+        return dict(zip(ISTIO_LABELS, self.label_values(r)))
 
     def record(self, r: RequestRecord) -> None:
         if not r.end:
             r.end = self.clock()
-        labels = self.labels(r)
-        key = tuple(labels.values())
+        key = self.label_values(r)
         children = self._children.get(key)
         if children is None:
             if len(self._children) >= MAX_CACHED_LABEL_SETS:
                 self._children.clear()  # bounded: a label explosion costs speed, not memory
             m = self.metrics
-            children = self._children[key] = (m.requests.labels(**labels), m.duration.labels(**labels),
-                                              m.request_bytes.labels(**labels), m.response_bytes.labels(**labels))
+            children = self._children[key] = (m.requests.labels(*key), m.duration.labels(*key),
+                                              m.request_bytes.labels(*key), m.response_bytes.labels(*key))
         requests, duration, request_bytes, response_bytes = children
         requests.inc()
         duration.observe(r.duration_ms)

@@ -16,6 +16,8 @@ from typing import Protocol
 
 import h11
 
+from shoal.telemetry_labels import UNKNOWN, PeerLabels, principal
+
 from .http import Body, TcpStream, Tunnel
 from .model import ConnectionPoolPolicy
 from .resilience import CONNECT_FAILURE, RESET
@@ -35,10 +37,16 @@ class Endpoint:
     spiffe_id: str = ""
     protocol: str = "TCP"   # "HBONE" | "TCP"
     app: str = ""           # canonical service, for telemetry labels
+    labels: PeerLabels | None = None   # Istio's labels of the workload (shoal.telemetry_labels)
 
     @property
     def address(self) -> str:
         return f"{self.ip}:{self.port}"
+
+    def peer_labels(self) -> PeerLabels:
+        return self.labels or PeerLabels(workload=self.name or UNKNOWN, namespace=self.namespace or UNKNOWN,
+                                         principal=principal(self.spiffe_id), app=self.app or UNKNOWN,
+                                         canonical_service=self.app or UNKNOWN)
 
 
 class Connector(Protocol):

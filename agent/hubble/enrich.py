@@ -15,6 +15,7 @@ from google.protobuf.wrappers_pb2 import BoolValue
 from shoal.agent.compiler import rule_id as kernel_rule_id   # what the kernel's deny entries carry
 from shoal.agent.hubble import flows as F
 from shoal.api.flow import flow_pb2
+from shoal.telemetry_labels import workload_name
 
 # Cilium's reserved identities, for addresses no workload owns.
 IDENTITY_HOST = 1
@@ -97,8 +98,8 @@ class Enricher:
             labels.append(f"k8s:io.kubernetes.pod.namespace={workload.namespace}")
             labels.append(f"k8s:io.cilium.k8s.policy.serviceaccount={workload.service_account}")
             endpoint.labels.extend(sorted(labels))
-            if workload.canonical_service:
-                endpoint.workloads.add(name=workload.canonical_service, kind="Deployment")
+            # The real owner, as the controller derived it (a bare Pod is kind Pod).
+            endpoint.workloads.add(name=workload_name(workload), kind=workload.workload_kind or "Pod")
             if self.cluster_name:
                 endpoint.cluster_name = self.cluster_name
             return self._services_by_uid().get(workload.uid)

@@ -28,6 +28,7 @@ from shoal.agent.ztunnel.telemetry import (
 from shoal.agent.ztunnel.outbound import reset_connection, join_plain
 from shoal.agent.ztunnel.tunnel import HboneSession, StreamPeer
 from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND, PROXY_MARK
+from shoal.telemetry_labels import service_of_endpoint
 
 if TYPE_CHECKING:
     from shoal.agent.ztunnel.proxy import EnrolledPod, ProxyContext
@@ -107,7 +108,8 @@ async def _serve_stream(ctx: "ProxyContext", pod: "EnrolledPod", session: HboneS
     dst_workload = ctx.state.workload(pod.info.uid) or pod.workload_stub()
     rec = ConnectionRecord("destination", src_ip, ev.forwarded_port, ev.host, ev.port, src_workload=src_workload,
                            dst_workload=dst_workload, src_identity=session.peer_identity,
-                           dst_identity=pod.spiffe_id, mtls=True, route="inbound")
+                           dst_identity=pod.spiffe_id, mtls=True, route="inbound",
+                           service=service_of_endpoint(ctx.state.all_services(), dst_workload, ev.port).fqdn)
     if ev.host != pod.info.ip or ev.port in PROXY_PORTS:
         rec.response_flags, rec.error = FLAG_NO_ROUTE, f"{ev.host}:{ev.port} is not an app port of {pod.info.name}"
         ctx.metrics.reject("hbone", "not_local_pod")
@@ -171,7 +173,8 @@ async def handle_plaintext(ctx: "ProxyContext", pod: "EnrolledPod", conn: socket
     dst_workload = ctx.state.workload(pod.info.uid) or pod.workload_stub()
     rec = ConnectionRecord("destination", src_ip, src_port, dst_ip, dst_port,
                            src_workload=ctx.state.workload_by_ip(src_ip), dst_workload=dst_workload,
-                           dst_identity=pod.spiffe_id, route="inbound")
+                           dst_identity=pod.spiffe_id, route="inbound",
+                           service=service_of_endpoint(ctx.state.all_services(), dst_workload, dst_port).fqdn)
     reason, detail = plaintext_verdict(ctx.state, dst_workload, src_ip, dst_ip, dst_port)
     if reason is not None:
         rec.response_flags, rec.error = FLAG_DENIED, detail

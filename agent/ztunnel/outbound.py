@@ -22,6 +22,7 @@ from shoal.agent.ztunnel.telemetry import (
 )
 from shoal.agent.ztunnel.tunnel import HboneSession, PipeEnd, StreamPeer
 from shoal.config import PORT_HBONE
+from shoal.telemetry_labels import service_fqdn
 from shoal.xds.model import Workload
 from shoal.xds.state import ConfigState
 
@@ -58,7 +59,7 @@ def plan_route(state: ConfigState, dst_ip: str, dst_port: int,
     waypoint_ref = None
     service_name = "unknown"
     if service is not None:
-        service_name = f"{service.name}.{service.namespace}.svc"
+        service_name = service_fqdn(service.name, service.namespace)
         ports = [p for p in service.ports if p.port == dst_port]
         if not ports:
             return Route("none", service=service_name, reason=f"service {service.key} has no port {dst_port}")

@@ -13,17 +13,13 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from shoal.telemetry_labels import TCP_LABELS, ServiceLabels, peer, standard_labels
 from shoal.xds.model import Workload
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("shoal.proxy.access")
 
-ISTIO_LABELS = (
-    "reporter", "source_workload", "source_workload_namespace", "source_principal",
-    "source_canonical_service", "destination_workload", "destination_workload_namespace",
-    "destination_principal", "destination_canonical_service", "destination_service",
-    "request_protocol", "connection_security_policy", "response_flags",
-)
+ISTIO_LABELS = TCP_LABELS   # computed by shoal.telemetry_labels, the same as the waypoint's
 
 # Istio/Envoy response flags used by the node proxy.
 FLAG_NONE = "-"
@@ -45,7 +41,7 @@ class ConnectionRecord:
     dst_workload: Workload | None = None
     src_identity: str | None = None
     dst_identity: str | None = None
-    service: str = "unknown"
+    service: str = "unknown"           # the Service's FQDN (web.demo.svc.cluster.local)
     mtls: bool = False
     route: str = ""                     # "hbone" | "waypoint" | "passthrough" | "inbound"
     response_flags: str = FLAG_NONE
@@ -60,10 +56,6 @@ class ConnectionRecord:
     @property
     def denied(self) -> bool:
         return self.response_flags == FLAG_DENIED
-
-
-def _principal(identity: str | None) -> str:
-    return identity.removeprefix("spiffe://") if identity else "unknown"
 
 
 class ProxyMetrics:
@@ -101,22 +93,9 @@ class Telemetry:
         self.live: dict[int, ConnectionRecord] = {}
 
     def _labels(self, rec: ConnectionRecord) -> tuple[str, ...]:
-        src, dst = rec.src_workload, rec.dst_workload
-        return (
-            rec.reporter,
-            (src.canonical_service or src.name) if src else "unknown",
-            src.namespace if src else "unknown",
-            _principal(rec.src_identity),
-            (src.canonical_service or src.name) if src else "unknown",
-            (dst.canonical_service or dst.name) if dst else "unknown",
-            dst.namespace if dst else "unknown",
-            _principal(rec.dst_identity),
-            (dst.canonical_service or dst.name) if dst else "unknown",
-            rec.service,
-            "tcp",
-            "mutual_tls" if rec.mtls else "none",
-            rec.response_flags,
-        )
+        return standard_labels(rec.reporter, peer(rec.src_workload, rec.src_identity),
+                               peer(rec.dst_workload, rec.dst_identity), ServiceLabels.from_fqdn(rec.service),
+                               "tcp", rec.response_flags, rec.mtls)
 
     def opened(self, rec: ConnectionRecord) -> None:
         if rec.opened:

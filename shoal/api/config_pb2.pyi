@@ -15,7 +15,7 @@ class WaypointRef(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class Workload(_message.Message):
-    __slots__ = ("uid", "name", "namespace", "service_account", "node", "ip", "identity", "spiffe_id", "meshed", "waypoint", "protocol", "labels", "canonical_service", "mtls_mode", "ips")
+    __slots__ = ("uid", "name", "namespace", "service_account", "node", "ip", "identity", "spiffe_id", "meshed", "waypoint", "protocol", "labels", "canonical_service", "mtls_mode", "ips", "workload_name", "workload_kind")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,8 @@ class Workload(_message.Message):
     CANONICAL_SERVICE_FIELD_NUMBER: _ClassVar[int]
     MTLS_MODE_FIELD_NUMBER: _ClassVar[int]
     IPS_FIELD_NUMBER: _ClassVar[int]
+    WORKLOAD_NAME_FIELD_NUMBER: _ClassVar[int]
+    WORKLOAD_KIND_FIELD_NUMBER: _ClassVar[int]
     uid: str
     name: str
     namespace: str
@@ -53,7 +55,9 @@ class Workload(_message.Message):
     canonical_service: str
     mtls_mode: str
     ips: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, uid: _Optional[str] = ..., name: _Optional[str] = ..., namespace: _Optional[str] = ..., service_account: _Optional[str] = ..., node: _Optional[str] = ..., ip: _Optional[str] = ..., identity: _Optional[int] = ..., spiffe_id: _Optional[str] = ..., meshed: _Optional[bool] = ..., waypoint: _Optional[_Union[WaypointRef, _Mapping]] = ..., protocol: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., canonical_service: _Optional[str] = ..., mtls_mode: _Optional[str] = ..., ips: _Optional[_Iterable[str]] = ...) -> None: ...
+    workload_name: str
+    workload_kind: str
+    def __init__(self, uid: _Optional[str] = ..., name: _Optional[str] = ..., namespace: _Optional[str] = ..., service_account: _Optional[str] = ..., node: _Optional[str] = ..., ip: _Optional[str] = ..., identity: _Optional[int] = ..., spiffe_id: _Optional[str] = ..., meshed: _Optional[bool] = ..., waypoint: _Optional[_Union[WaypointRef, _Mapping]] = ..., protocol: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., canonical_service: _Optional[str] = ..., mtls_mode: _Optional[str] = ..., ips: _Optional[_Iterable[str]] = ..., workload_name: _Optional[str] = ..., workload_kind: _Optional[str] = ...) -> None: ...
 
 class ServicePort(_message.Message):
     __slots__ = ("name", "port", "target_port", "protocol")

@@ -88,6 +88,7 @@ def to_proto(resource: m.Resource, version: str = "") -> pb.Resource:
         w.labels.update(resource.labels)
         w.canonical_service, w.mtls_mode = resource.canonical_service, resource.mtls_mode
         w.ips.extend(resource.ips)
+        w.workload_name, w.workload_kind = resource.workload_name, resource.workload_kind
     elif isinstance(resource, m.Service):
         s = out.service
         s.name, s.namespace, s.vip = resource.name, resource.namespace, resource.vip
@@ -150,6 +151,7 @@ def _workload(w: pb.Workload, where: str) -> m.Workload:
         protocol=_check_choice(f"{where}.protocol", w.protocol, PROTOCOLS),
         labels=m.Labels(w.labels), canonical_service=w.canonical_service,
         mtls_mode=_check_choice(f"{where}.mtls_mode", w.mtls_mode, MTLS_MODES),
+        workload_name=w.workload_name, workload_kind=w.workload_kind,
     )
 
 

@@ -126,6 +126,10 @@ class Workload:
     labels: Labels = EMPTY_LABELS
     canonical_service: str = ""
     mtls_mode: str = "PERMISSIVE"       # "PERMISSIVE" | "STRICT"
+    # The owning workload, for telemetry (Istio's *_workload): a Deployment's pods carry
+    # the Deployment; a bare Pod itself ("" : the pod's own name and kind Pod).
+    workload_name: str = ""
+    workload_kind: str = ""
     # Every address of the pod (Kubernetes ``status.podIPs``), IPv4 first when present, at
     # most one per family. ``ip`` stays the primary address (``status.podIP``) and is one of
     # them; built with only ``ip``, ``ips == (ip,)``.

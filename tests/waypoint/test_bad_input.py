@@ -69,6 +69,27 @@ async def test_malformed_requests_get_400(tight, payload):
     assert tight.metric("shoal_waypoint_rejected_requests_total") >= 1
 
 
+@pytest.mark.parametrize("payload", [
+    # Request smuggling: framing a proxy and a server could read differently.
+    b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+    b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 5, 5\r\n\r\nhello",
+    b"POST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: web\r\nX-Folded: a\r\n b\r\n\r\n",                          # obs-fold
+    b"GET / HTTP/1.1\r\nHost: web\r\nX-Folded: a\r\n\tb\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: +5\r\n\r\nhello",
+])
+async def test_request_smuggling_attempts_get_400(tight, payload):
+    answer = await raw(tight, payload)
+    assert status_of(answer) == 400, answer
+    assert answer.count(b"HTTP/1.1 ") == 1, answer          # nothing smuggled behind it
+    await healthy_client_works(tight)
+    assert tight.metric("shoal_waypoint_rejected_requests_total", status="400") >= 1
+
+
 async def test_oversized_and_too_many_headers_get_431(tight):
     big = b"GET / HTTP/1.1\r\nHost: web\r\nX-Big: " + b"a" * 8000 + b"\r\n\r\n"
     assert status_of(await raw(tight, big)) == 431

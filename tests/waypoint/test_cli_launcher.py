@@ -140,3 +140,39 @@ def test_deployment_removed_only_after_the_drain_period(tmp_path):
         assert store.get("Deployment", "demo", "waypoint") is None
     finally:
         store.close()
+
+
+def test_route_status_says_which_backend_is_missing(tmp_path):
+    """Gateway API route status: ResolvedRefs False / BackendNotFound names the missing
+    Service (the waypoint answers 500 to what the rule matches), and flips back once it exists."""
+    route = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+             "metadata": {"name": "split", "namespace": "demo"},
+             "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 8080}],
+                      "rules": [{"backendRefs": [{"name": "web-v1", "port": 8080, "weight": 90},
+                                                 {"name": "web-v2", "port": 8080, "weight": 10}]}]}}
+    service = lambda name: {"apiVersion": "v1", "kind": "Service",  # noqa: E731
+                            "metadata": {"name": name, "namespace": "demo"},
+                            "spec": {"selector": {"app": name}, "ports": [{"port": 8080}]}}
+    store = Store(tmp_path / "store.db")
+    try:
+        store.apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo"}},
+                     service("web"), service("web-v1"), route])
+        launcher = LocalWaypointLauncher(store, LAYOUT)
+        launcher.reconcile()
+
+        def conditions():
+            parents = store.get("HTTPRoute", "demo", "split")["status"]["parents"]
+            assert parents[0]["parentRef"]["name"] == "web" and parents[0]["controllerName"] == "shoal.io/waypoint"
+            return {c["type"]: (c["status"], c["reason"], c["message"]) for c in parents[0]["conditions"]}
+
+        assert conditions()["Accepted"][:2] == ("True", "Accepted")
+        assert conditions()["ResolvedRefs"] == ("False", "BackendNotFound", "no Service demo/web-v2")
+        store.apply([service("web-v2")])
+        launcher.reconcile()
+        assert conditions()["ResolvedRefs"][:2] == ("True", "ResolvedRefs")
+        broken = {**route, "spec": {**route["spec"], "rules": [{"timeouts": {"request": "soon"}}]}}
+        store.apply([broken])
+        launcher.reconcile()
+        assert conditions()["Accepted"][:2] == ("False", "Invalid")
+    finally:
+        store.close()

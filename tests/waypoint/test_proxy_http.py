@@ -294,3 +294,16 @@ async def test_stale_pooled_connection_is_replaced_transparently(bed):
     finally:
         server.close()
     assert len(served) == 3 and bed.metric("istio_requests_total", response_code="200") == 3
+
+
+async def test_a_rule_whose_backend_is_missing_answers_500_and_others_still_route(bed):
+    """Gateway API: requests matched by a rule with an unresolvable backend get 500."""
+    await bed.backend("web")
+    await bed.start(routes=[route([
+        {"matches": [{"path": {"type": "PathPrefix", "value": "/ghost"}}],
+         "backendRefs": [{"name": "no-such-service", "port": 80}]},
+        {"backendRefs": [{"name": "web", "port": 80}]}])])
+    status, _, body = await get(bed, "/ghost/x")
+    assert status == 500 and b"no-such-service" in body
+    assert (await get(bed, "/fine"))[0] == 200
+    assert bed.metric("istio_requests_total", response_code="500") == 1

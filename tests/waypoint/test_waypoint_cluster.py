@@ -205,3 +205,67 @@ def test_removing_the_label_goes_back_to_l4_without_restart(waypoint):
         assert restarts(layout) == before_restarts
     finally:
         shoal_cli(layout, "waypoint", "apply", "-n", "demo", "--enroll-namespace")
+
+
+def metric_label_sets(text: str, name: str, **match: str) -> list[dict[str, str]]:
+    """The label sets of ``name``'s samples (Prometheus text) whose labels include ``match``."""
+    import re
+
+    found = []
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', line[len(name) + 1:line.rindex("}")]))
+        if all(labels.get(k) == v for k, v in match.items()):
+            found.append(labels)
+    return found
+
+
+METRICS_GET = "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:15020/metrics', timeout=5).read().decode())"
+
+
+def node_proxy_metrics(layout) -> str:
+    import subprocess
+    import sys
+
+    return "\n".join(subprocess.run(["ip", "netns", "exec", layout.node_netns(node), sys.executable, "-c", METRICS_GET],
+                                    capture_output=True, text=True, timeout=30).stdout
+                     for node in ("node-1", "node-2"))
+
+
+def test_node_proxy_and_waypoint_report_the_same_istio_labels(waypoint):
+    """The same request (client-0 -> web), once on the L4 path only and once through the
+    waypoint: the node proxy (destination reporter) and the waypoint label it alike."""
+    from shoal.telemetry_labels import TCP_LABELS
+
+    layout = waypoint
+    client = {"source_workload": "client-0", "source_workload_namespace": "demo",
+              "destination_service": "web.demo.svc.cluster.local",
+              "destination_workload": "web"}
+    shoal_cli(layout, "apply", "-f", "-", input=DEMO_NS)   # L4 only
+    try:
+        time.sleep(3)
+        assert load(layout, 5)["statuses"] == {"200": 5}
+        l4 = metric_label_sets(node_proxy_metrics(layout), "istio_tcp_connections_opened_total",
+                               reporter="destination", **client)
+    finally:
+        shoal_cli(layout, "waypoint", "apply", "-n", "demo", "--enroll-namespace")
+    before = waypoint_requests(layout)
+    eventually(lambda: load(layout, 5)["statuses"] == {"200": 5} and waypoint_requests(layout) > before,
+               "requests through the waypoint again", timeout=60, interval=0.5)
+    out = pod_exec(layout, "demo/waypoint-0", "python3", "-c", METRICS_GET).stdout
+    l7 = metric_label_sets(out, "istio_requests_total", reporter="waypoint", **client)
+    assert l4 and l7, (l4, l7)
+    per_protocol = {"reporter", "request_protocol", "response_flags"}
+    shared = [k for k in TCP_LABELS if k not in per_protocol]
+    assert {tuple(s[k] for k in shared) for s in l4} == {tuple(s[k] for k in shared) for s in l7}
+    # Istio's semantics, not just agreement.
+    sample = l7[0]
+    assert set(TCP_LABELS) | {"response_code", "grpc_response_status"} <= set(sample)
+    assert sample["source_principal"] == "spiffe://cluster.local/ns/demo/sa/client"
+    assert sample["destination_principal"] == "spiffe://cluster.local/ns/demo/sa/web"
+    assert sample["source_workload_namespace"] == "demo" and sample["source_canonical_service"] == "client"
+    assert sample["destination_canonical_service"] == "web" and sample["destination_canonical_revision"] == "v1"
+    assert sample["destination_service_name"] == "web" and sample["destination_service_namespace"] == "demo"
+    assert sample["connection_security_policy"] == "mutual_tls"
+    assert all(s["response_flags"] == "-" for s in l4 + l7)

@@ -27,12 +27,14 @@ except ImportError:  # the agent's decoder lands separately; same fields (contra
         kind: str
 
 
-def workload(name, ns, ip, identity, app, node="node-1", sa=None):
+def workload(name, ns, ip, identity, app, node="node-1", sa=None, owner=None):
+    """``owner``: (kind, name) as the controller derives it; default a Deployment named ``app``."""
     sa = sa or app
+    kind, owner_name = owner or ("Deployment", app)
     return m.Workload(
         uid=f"{ns}/{name}", name=name, namespace=ns, service_account=sa, node=node, ip=ip,
         identity=identity, spiffe_id=f"spiffe://cluster.local/ns/{ns}/sa/{sa}", meshed=True,
-        labels=m.Labels({"app": app}), canonical_service=app)
+        labels=m.Labels({"app": app}), canonical_service=app, workload_name=owner_name, workload_kind=kind)
 
 
 def demo_state() -> ConfigState:

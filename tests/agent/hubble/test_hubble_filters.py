@@ -63,6 +63,7 @@ def test_labels_identity_service_workload():
     assert matches(flow, destination_service=["demo/web"])
     assert matches(flow, destination_workload=[F.Workload(name="web")])
     assert not matches(flow, source_workload=[F.Workload(name="web")])
+    assert [(w.kind, w.name) for w in flow.destination.workloads] == [("Deployment", "web")]
     with pytest.raises(FilterError, match="label selector"):
         compile_filter(F.FlowFilter(source_label=["app in web"]))
 
@@ -136,3 +137,15 @@ def test_query_takes_number_with_since_and_rejects_first_with_follow():
         FlowQuery.from_request(O.GetFlowsRequest(since={"seconds": 10, "nanos": -1}))
     assert FlowQuery.from_request(O.GetFlowsRequest(follow=True)).history_limit == 0
     assert FlowQuery.from_request(O.GetFlowsRequest()).history_limit is None
+
+
+def test_a_bare_pod_is_its_own_workload_of_kind_pod():
+    from hubble_fixtures import workload
+    from shoal.xds.state import ConfigState
+    from shoal.xds import model as m
+
+    state = ConfigState()
+    state.apply(m.ConfigDelta("1", upserted=(workload("solo", "demo", "10.244.1.9", 1009, "solo",
+                                                      owner=("Pod", "solo")),)))
+    flow = Enricher(state, "node-1").kernel_flow(kernel_event(src="10.244.1.9"))
+    assert [(w.kind, w.name) for w in flow.source.workloads] == [("Pod", "solo")]

@@ -151,7 +151,7 @@ def test_allow_policy_naming_another_account_denies_client_to_db(demo_cluster):
                    "the ALLOW policy to apply")
         assert proxy_metric(layout, "node-2", "shoal_proxy_rejected_total", reason="policy_denied") > denied_before
         assert proxy_metric(layout, "node-2", "istio_tcp_connections_closed_total", reporter="destination",
-                            response_flags="UAEX", source_principal="cluster.local/ns/demo/sa/client") >= 1
+                            response_flags="UAEX", source_principal="spiffe://cluster.local/ns/demo/sa/client") >= 1
     finally:
         shoal_cli(layout, "delete", "-f", "-", input=ALLOW_OTHER_ONLY)
     eventually(lambda: "reply: db" in probe(layout, "demo/client-0", "db.demo", 7000, "hello"), "policy removal")

@@ -110,8 +110,8 @@ async def test_hbone_echo_pooled_with_istio_metrics_and_access_log(harness, capl
     await asyncio.sleep(0.1)
     app = harness.app
     assert len(app.ctx.pool) == 1  # both tunnels rode one pooled HBONE connection
-    labels = dict(reporter="source", source_principal="cluster.local/ns/demo/sa/client",
-                  destination_principal="cluster.local/ns/demo/sa/web", connection_security_policy="mutual_tls")
+    labels = dict(reporter="source", source_principal="spiffe://cluster.local/ns/demo/sa/client",
+                  destination_principal="spiffe://cluster.local/ns/demo/sa/web", connection_security_policy="mutual_tls")
     assert metric(app, "istio_tcp_connections_opened_total", **labels) == 2
     assert metric(app, "istio_tcp_connections_closed_total", **labels) == 2
     assert metric(app, "istio_tcp_received_bytes_total", **labels) == 300_005
@@ -148,7 +148,10 @@ async def test_service_vip_is_balanced_to_endpoints(harness, state):
     state.apply(ConfigDelta("2", upserted=(Service("web", "demo", "10.96.0.10",
                                                    (ServicePort("http", 80, APP_PORT),), ("uid-web-0",)),)))
     assert await harness.echo_roundtrip(dst=("10.96.0.10", 80)) == b"hello"
-    assert metric(harness.app, "istio_tcp_connections_opened_total", destination_service="web.demo.svc") == 1
+    # Both reporters name the Service by its FQDN (the destination finds it from its endpoint and port).
+    for reporter in ("source", "destination"):
+        assert metric(harness.app, "istio_tcp_connections_opened_total", reporter=reporter,
+                      destination_service="web.demo.svc.cluster.local") == 1
 
 
 async def test_unmeshed_destination_is_passed_through_in_plaintext(harness):

@@ -28,7 +28,7 @@ def test_vip_is_balanced_over_endpoints_with_target_port():
     svc = Service("web", "demo", "10.96.0.10", (ServicePort("http", 80, 8080),), (WEB0.uid, WEB1.uid))
     picked = [plan_route(state(svc), "10.96.0.10", 80, choose=lambda eps, i=i: eps[i]) for i in (0, 1)]
     assert {r.target_ip for r in picked} == {"10.244.1.3", "10.244.2.3"}
-    assert all(r.kind == "hbone" and r.authority_port == 8080 and r.service == "web.demo.svc" for r in picked)
+    assert all(r.kind == "hbone" and r.authority_port == 8080 and r.service == "web.demo.svc.cluster.local" for r in picked)
 
 
 def test_vip_without_that_port_or_endpoints_has_no_route():
