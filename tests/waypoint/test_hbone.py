@@ -1,7 +1,9 @@
 """The waypoint inside the mesh's transport: mTLS HBONE in, HBONE out (loopback, DevCA)."""
 import asyncio
+import contextlib
 import json
 import random
+import types
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -89,7 +91,9 @@ async def http_over(stream, request: bytes) -> bytes:
     return answer
 
 
-async def test_hbone_in_and_out_with_identities_and_policy():
+@contextlib.asynccontextmanager
+async def mesh_bed(policies=()):
+    """A web app behind a stand-in node proxy (HBONE), and a waypoint in front (HBONE)."""
     from aiohttp import web
     ca = DevCA()
     identities = IdentityManager(ca.sign)
@@ -97,22 +101,34 @@ async def test_hbone_in_and_out_with_identities_and_policy():
     seen_app = []
     runner = web.AppRunner(make_backend_app("web", seen_app), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
     app_port = runner.addresses[0][1]
+    terminated_streams.pop(WEB_ID, None)
     terminator, seen_tunnels = await hbone_terminator(identities, WEB_ID)
-    term_port = terminator.sockets[0].getsockname()[1]
-
     endpoint = Endpoint("127.0.0.1", app_port, "web-0", "web-0", "demo", WEB_ID, "HBONE")
-    only_client = Authorization("only-client", "demo", "ALLOW", rules=(Rule(sources=(Source(principals=(CLIENT_ID,)),)),))
-    resolver = StaticResolver({("demo", "web"): [endpoint]}, namespace="demo", policies=[only_client],
+    resolver = StaticResolver({("demo", "web"): [endpoint]}, namespace="demo", policies=list(policies),
                               vips={VIP: ("demo", "web")})
     registry = CollectorRegistry()
-    connector = HboneConnector(identities, WAYPOINT_ID, "127.0.0.1", hbone_port=term_port, mark=None)
+    connector = HboneConnector(identities, WAYPOINT_ID, "127.0.0.1",
+                               hbone_port=terminator.sockets[0].getsockname()[1], mark=None)
     proxy = WaypointProxy(resolver, connector, Telemetry(registry), Limits(), rng=random.Random(1))
     listener = await start_hbone_listener(proxy, Limits(), identities, WAYPOINT_ID, host="127.0.0.1", port=0)
-    port = listener.sockets[0].getsockname()[1]
     try:
+        yield types.SimpleNamespace(ca=ca, identities=identities, port=listener.sockets[0].getsockname()[1],
+                                    app_port=app_port, seen_tunnels=seen_tunnels, registry=registry, proxy=proxy)
+    finally:
+        listener.close()
+        terminator.close()
+        connector.close()
+        await proxy.close()
+        await runner.cleanup()
+
+
+async def test_hbone_in_and_out_with_identities_and_policy():
+    only_client = Authorization("only-client", "demo", "ALLOW", rules=(Rule(sources=(Source(principals=(CLIENT_ID,)),)),))
+    async with mesh_bed([only_client]) as bed:
+        ca, identities, port, app_port = bed.ca, bed.identities, bed.port, bed.app_port
+        seen_tunnels, registry = bed.seen_tunnels, bed.registry
         session = await hbone_client(identities, port)
         stream, status = await open_tunnel(session, VIP, 8080)
         assert status == 200
@@ -163,12 +179,6 @@ async def test_hbone_in_and_out_with_identities_and_policy():
         answer = await http_over(stream, b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 403")
         stream.close()
-    finally:
-        listener.close()
-        terminator.close()
-        connector.close()
-        await proxy.close()
-        await runner.cleanup()
 
 
 async def test_plain_tls_without_client_certificate_is_refused():
@@ -286,25 +296,8 @@ async def test_normal_closes_end_streams_instead_of_resetting_them():
     """A response that closes the connection, and an idle pooled upstream closed by the
     waypoint, end their HBONE streams with END_STREAM: the node proxies on the other side
     must not see "stream reset by peer (code 8)" and report UR for normal traffic."""
-    from aiohttp import web
-
-    ca = DevCA()
-    identities = IdentityManager(ca.sign)
-    await identities.get(WAYPOINT_ID)
-    runner = web.AppRunner(make_backend_app("web", []), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    app_port = runner.addresses[0][1]
-    terminated_streams.pop(WEB_ID, None)
-    terminator, _ = await hbone_terminator(identities, WEB_ID)
-    endpoint = Endpoint("127.0.0.1", app_port, "web-0", "web-0", "demo", WEB_ID, "HBONE")
-    connector = HboneConnector(identities, WAYPOINT_ID, "127.0.0.1",
-                               hbone_port=terminator.sockets[0].getsockname()[1], mark=None)
-    proxy = WaypointProxy(StaticResolver({("demo", "web"): [endpoint]}, namespace="demo", vips={VIP: ("demo", "web")}),
-                          connector, Telemetry(CollectorRegistry()), Limits())
-    listener = await start_hbone_listener(proxy, Limits(), identities, WAYPOINT_ID, host="127.0.0.1", port=0)
-    try:
-        session = await hbone_client(identities, listener.sockets[0].getsockname()[1])
+    async with mesh_bed() as bed:
+        session = await hbone_client(bed.identities, bed.port)
         stream, status = await open_tunnel(session, VIP, 8080)
         assert status == 200
         stream.write(b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
@@ -314,16 +307,10 @@ async def test_normal_closes_end_streams_instead_of_resetting_them():
         assert answer.startswith(b"HTTP/1.1 200")
         assert stream._reset is None and stream._eof_in   # the waypoint ended its side
         stream.close()
-        await proxy.close()   # closes the idle pooled upstream
+        await bed.proxy.close()   # closes the idle pooled upstream
         upstream = terminated_streams[WEB_ID]
         for _ in range(50):
             if all(s._eof_in for s in upstream):
                 break
             await asyncio.sleep(0.02)
         assert upstream and all(s._eof_in and s._reset is None for s in upstream)
-    finally:
-        listener.close()
-        terminator.close()
-        connector.close()
-        await proxy.close()
-        await runner.cleanup()
