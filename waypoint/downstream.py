@@ -22,6 +22,8 @@ import h2.exceptions
 import h2.settings
 import h11
 
+from shoal.h2guard import ENHANCE_YOUR_CALM, FloodGuard
+
 from .http import Body, BodyError, Limits, PeerInfo, ProxyRequest, Tunnel, framing_problem, pipe
 from .upstream import UpstreamError
 
@@ -331,6 +333,9 @@ class H2Server:
         self.h2.max_inbound_frame_size = limits.max_h2_frame
         self.streams: dict[int, _H2Stream] = {}
         self.closed = False
+        # Rapid reset and CONTINUATION floods, which h2 itself lets through.
+        self.guard = FloodGuard(max_header_block=2 * limits.max_header_bytes, max_resets=limits.max_h2_resets,
+                                expect_preface=True)
 
     def flush(self) -> None:
         data = self.h2.data_to_send()
@@ -351,6 +356,13 @@ class H2Server:
         data = initial
         try:
             while data:
+                flood = self.guard.feed(data)
+                if flood is not None:
+                    self.reject("h2_flood", 400)
+                    log.warning("downstream %s:%d: %s: GOAWAY", self.peer.source_ip, self.peer.source_port, flood)
+                    self.h2.close_connection(ENHANCE_YOUR_CALM)
+                    self.flush()
+                    return
                 try:
                     events = self.h2.receive_data(data)
                 except h2.exceptions.ProtocolError as err:

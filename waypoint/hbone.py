@@ -28,6 +28,7 @@ from shoal.agent.ztunnel.identity import IdentityError, IdentityManager, check_s
 from shoal.agent.ztunnel.pool import HbonePool, PoolKey
 from shoal.agent.ztunnel.tunnel import HboneSession
 from shoal.config import PORT_HBONE, PROXY_MARK
+from shoal.h2guard import ENHANCE_YOUR_CALM, FloodGuard
 
 from .downstream import serve_connection
 from .http import Limits, PeerInfo
@@ -177,6 +178,28 @@ class HboneStream:
                 self.session.stream_done(self.stream_id)
 
 
+class GuardedSession(HboneSession):
+    """A server-side HBONE session whose peer's frames go through a ``FloodGuard`` first:
+    a rapid-reset or CONTINUATION flood ends the whole session with GOAWAY
+    (ENHANCE_YOUR_CALM) before the HTTP/2 library buffers or dispatches any of it."""
+
+    def __init__(self, guard: FloodGuard, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.guard = guard
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        flood = self.guard.feed(data)
+        if flood is None:
+            super().data_received(data)
+            return
+        log.warning("hbone: %s from %s: GOAWAY", flood, self.peer_identity)
+        self._on_rejected("h2_flood")
+        self.h2.close(ENHANCE_YOUR_CALM)   # the GOAWAY close() flushes, with this code
+        self.close()
+
+
 def _forwarded_source(forwarded_for: str | None, peer_ip: str) -> str:
     if forwarded_for:
         try:
@@ -287,11 +310,13 @@ async def start_hbone_listener(proxy: WaypointProxy, limits: Limits, identities:
             reject("no_certificate", 503)
             conn.close()
             return
-        session = HboneSession(client_side=False, idle_timeout=idle_timeout,
-                               on_request=lambda s, ev: on_request(s, ev, peer[0]),
-                               on_rejected=lambda reason: reject(f"hbone_{reason}", 400),
-                               on_closed=sessions.discard,
-                               verify=lambda ssl_object: check_session(ssl_object, None))
+        session = GuardedSession(FloodGuard(max_header_block=2 * limits.max_header_bytes,
+                                            max_resets=limits.max_h2_resets, expect_preface=True),
+                                 client_side=False, idle_timeout=idle_timeout,
+                                 on_request=lambda s, ev: on_request(s, ev, peer[0]),
+                                 on_rejected=lambda reason: reject(f"hbone_{reason}", 400),
+                                 on_closed=sessions.discard,
+                                 verify=lambda ssl_object: check_session(ssl_object, None))
         try:
             await loop.connect_accepted_socket(lambda: session, conn, ssl=svid.server_context,
                                                ssl_handshake_timeout=handshake_timeout)

@@ -159,6 +159,63 @@ async def test_http2_protocol_error_gets_goaway_and_others_live_on(tight):
     await healthy_client_works(tight)
 
 
+def goaway_code(data: bytes) -> int | None:
+    """The error code of the first GOAWAY frame in ``data`` (a server's frames)."""
+    at = 0
+    while at + 9 <= len(data):
+        length, kind = int.from_bytes(data[at:at + 3], "big"), data[at + 3]
+        if kind == 0x7:
+            return int.from_bytes(data[at + 9 + 4:at + 9 + 8], "big")
+        at += 9 + length
+    return None
+
+
+async def read_all(reader, wait: float = 3.0) -> bytes:
+    got = b""
+    try:
+        while data := await asyncio.wait_for(reader.read(65536), wait):
+            got += data
+    except (TimeoutError, ConnectionError):
+        pass
+    return got
+
+
+def rapid_resets(count: int) -> bytes:
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    for i in range(count):
+        client.send_headers(1 + 2 * i, [(":method", "GET"), (":path", "/ok"), (":scheme", "http"),
+                                        (":authority", "web")], end_stream=True)
+        client.reset_stream(1 + 2 * i)
+    return client.data_to_send()
+
+
+def continuation_flood(frames: int) -> bytes:
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    head = client.data_to_send()
+    # HEADERS without END_HEADERS on stream 1, then CONTINUATION frames that never end it.
+    payload = b"\x40\x01x\x01y" * 3000                   # literal "x: y" fields, over and over
+    frames_out = [len(payload).to_bytes(3, "big") + b"\x01\x00\x00\x00\x00\x01" + payload]
+    frames_out += [len(payload).to_bytes(3, "big") + b"\x09\x00\x00\x00\x00\x01" + payload] * frames
+    return head + b"".join(frames_out)
+
+
+@pytest.mark.parametrize("attack,reason", [(rapid_resets(400), "rapid"), (continuation_flood(200), "continuation")])
+async def test_http2_floods_get_goaway_enhance_your_calm_and_others_live_on(tight, attack, reason):
+    reader, writer = await asyncio.open_connection("127.0.0.1", tight.port)
+    writer.write(attack)
+    try:
+        await writer.drain()
+    except ConnectionError:
+        pass   # the waypoint may close before it read everything
+    got = await read_all(reader)
+    writer.close()
+    assert goaway_code(got) == 0xB, got[:200]      # ENHANCE_YOUR_CALM
+    assert tight.metric("shoal_waypoint_rejected_requests_total", reason="h2_flood") == 1
+    await healthy_client_works(tight)
+
+
 async def test_http2_oversized_headers_get_431_on_that_stream(tight):
     reader, writer = await asyncio.open_connection("127.0.0.1", tight.port)
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))

@@ -314,3 +314,32 @@ async def test_normal_closes_end_streams_instead_of_resetting_them():
                 break
             await asyncio.sleep(0.02)
         assert upstream and all(s._eof_in and s._reset is None for s in upstream)
+
+
+async def test_rapid_reset_on_the_hbone_side_gets_goaway_and_others_live_on():
+    import h2.config
+    import h2.connection
+
+    from .test_bad_input import goaway_code, read_all
+
+    async with mesh_bed() as bed:
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        for i in range(400):
+            client.send_headers(1 + 2 * i, [(":method", "CONNECT"), (":authority", f"{VIP}:8080")])
+            client.reset_stream(1 + 2 * i)
+        svid = await bed.identities.get(CLIENT_ID)
+        reader, writer = await asyncio.open_connection("127.0.0.1", bed.port, ssl=svid.client_context,
+                                                       server_hostname="")
+        writer.write(client.data_to_send())
+        got = await read_all(reader)
+        writer.close()
+        assert goaway_code(got) == 0xB        # ENHANCE_YOUR_CALM
+        assert any(s.labels.get("reason") == "hbone_h2_flood" and s.value == 1
+                   for f in bed.registry.collect() for s in f.samples)
+        # Another client's tunnel is unaffected.
+        session = await hbone_client(bed.identities, bed.port)
+        stream, status = await open_tunnel(session, VIP, 8080)
+        assert status == 200
+        assert (await http_over(stream, b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        stream.close()
