@@ -25,7 +25,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from shoal.agent.hubble.query import HEALTH_SERVICES, FlowQuery
+from shoal.agent.hubble.query import HEALTH_SERVICES, FlowQuery, as_flows_request
 from shoal.agent.hubble.server import MAX_REQUEST_BYTES, ClientTooSlow, GuardedWriter
 from shoal.api.observer import observer_pb2, observer_pb2_grpc, relay_pb2
 from shoal import __version__
@@ -165,6 +165,8 @@ class RelayObserver(observer_pb2_grpc.ObserverServicer):
                 continue
             entry.state = relay_pb2.NODE_CONNECTED
             entry.version = status.version
+            if not node.address.startswith("unix:"):
+                entry.tls.enabled, entry.tls.server_name = True, node.server_name
             entry.uptime_ns = status.uptime_ns
             entry.num_flows, entry.max_flows, entry.seen_flows = (
                 status.num_flows, status.max_flows, status.seen_flows)
@@ -191,6 +193,51 @@ class RelayObserver(observer_pb2_grpc.ObserverServicer):
                 seen.update((ns.cluster, ns.namespace) for ns in answer.namespaces)
         return observer_pb2.GetNamespacesResponse(namespaces=[
             observer_pb2.Namespace(cluster=cluster, namespace=name) for cluster, name in sorted(seen)])
+
+    # -- agent events
+    async def GetAgentEvents(self, request, context):
+        """Every node's agent events, merged by time; ``number`` is the total, as for flows."""
+        self._metrics.requests.labels(method="GetAgentEvents").inc()
+        try:
+            query = FlowQuery.from_request(as_flows_request(request))
+        except ValueError as error:
+            self._metrics.bad_requests.inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        # History is bounded by each node's ring; a follower's queue is bounded by client_queue
+        # (a client that does not read slows only its own pumps, then is cut by the writer).
+        queue: asyncio.Queue = asyncio.Queue(self._client_queue if query.follow else 0)
+
+        async def pump(node: NodeTarget) -> None:
+            try:
+                call = self.stub(node).GetAgentEvents(request)
+                async for response in call:
+                    response.node_name = response.node_name or node.name
+                    await queue.put(response)
+            except (grpc.aio.AioRpcError, _NodeUnavailable) as error:
+                self._metrics.node_errors.labels(node=node.name).inc()
+                log.info("GetAgentEvents: node %s: %s", node.name, error)
+
+        pumps = [asyncio.create_task(pump(node)) for node in self._nodes()]
+        writer = GuardedWriter(context, self._write_timeout)
+        try:
+            if not query.follow:
+                await asyncio.gather(*pumps)
+                merged = sorted((queue.get_nowait() for _ in range(queue.qsize())),
+                                key=lambda r: r.time.ToNanoseconds())
+                if query.number:
+                    merged = merged[:query.number] if query.first else merged[-query.number:]
+                for response in merged:
+                    await writer.write(response)
+                return
+            while True:
+                await writer.write(await queue.get())
+        except ClientTooSlow as error:
+            self._metrics.slow_clients_cut.inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        finally:
+            writer.close()
+            for task in pumps:
+                task.cancel()
 
     # -- flows
     async def GetFlows(self, request, context):

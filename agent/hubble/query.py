@@ -72,6 +72,15 @@ class FlowQuery:
         return self.until_ns is not None and ts_ns > self.until_ns
 
 
+def as_flows_request(request: observer_pb2.GetAgentEventsRequest) -> observer_pb2.GetFlowsRequest:
+    """GetAgentEvents selects like GetFlows (number, first, follow, since, until), no filters."""
+    flows = observer_pb2.GetFlowsRequest(number=request.number, first=request.first, follow=request.follow)
+    for name in ("since", "until"):
+        if request.HasField(name):
+            getattr(flows, name).CopyFrom(getattr(request, name))
+    return flows
+
+
 def _check_size(request: observer_pb2.GetFlowsRequest) -> None:
     for name in ("whitelist", "blacklist"):
         filters = getattr(request, name)

@@ -18,12 +18,13 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from shoal.agent.hubble.agentevents import AgentEvents
 from shoal.agent.hubble.config import HubbleConfig
 from shoal.agent.hubble.emitter import KIND_FLOW, KIND_LOST, LOST_FORMAT
 from shoal.agent.hubble.enrich import Enricher
 from shoal.agent.hubble.metrics import HubbleMetrics
-from shoal.agent.hubble.query import HEALTH_SERVICES, FlowQuery
-from shoal.agent.hubble.store import FlowStore
+from shoal.agent.hubble.query import HEALTH_SERVICES, FlowQuery, as_flows_request
+from shoal.agent.hubble.store import FlowStore, RingSource
 from shoal.api.flow import flow_pb2
 from shoal.api.observer import observer_pb2, observer_pb2_grpc, relay_pb2
 from shoal.hubbletls import serve_tcp
@@ -46,8 +47,9 @@ class ObserverService(observer_pb2_grpc.ObserverServicer):
     """GetFlows / ServerStatus / GetNodes over one node's FlowStore."""
 
     def __init__(self, store: FlowStore, enricher: Enricher, config: HubbleConfig,
-                 metrics: HubbleMetrics) -> None:
+                 metrics: HubbleMetrics, agent_events: "AgentEvents | None" = None) -> None:
         self.store = store
+        self.agent_events = agent_events or AgentEvents(config.node_name)
         self.enricher = enricher
         self.config = config
         self.metrics = metrics
@@ -119,16 +121,28 @@ class ObserverService(observer_pb2_grpc.ObserverServicer):
         response.time.CopyFrom(flow.time)
         return response
 
-    async def history(self, query: FlowQuery, head: int) -> list[observer_pb2.GetFlowsResponse]:
+    def flows_source(self) -> RingSource:
+        return RingSource(self.store, self.response_for, self._lost_notice, "flows")
+
+    def _lost_notice(self, lost: int) -> observer_pb2.GetFlowsResponse:
+        # Tell the client what it missed (Hubble's HUBBLE_RING_BUFFER) before the cut.
+        notice = observer_pb2.GetFlowsResponse(
+            lost_events=flow_pb2.LostEvent(source=flow_pb2.HUBBLE_RING_BUFFER, num_events_lost=lost),
+            node_name=self.config.node_name)
+        notice.time.FromNanoseconds(time.time_ns())
+        return notice
+
+    async def history(self, query: FlowQuery, head: int, source: RingSource | None = None) -> list:
         """Stored entries matching ``query``, oldest first, up to its limit.
 
         Building a flow costs ~15 us; a full ring is ~60 ms of work, so the scan yields to
-        the event loop every HISTORY_SLICE entries to keep the agent responsive.
+        the event loop every HISTORY_SLICE entries to keep the flow server responsive.
         """
+        source = source or self.flows_source()
         limit = query.history_limit
         if limit == 0:
             return []
-        store, found = self.store, []
+        store, found = source.store, []
         backwards = limit is not None and not query.first
         # Last N: walk back from the newest, then give them in time order.
         sequence = range(head - 1, store.oldest - 1, -1) if backwards else range(store.oldest, head)
@@ -142,7 +156,7 @@ class ObserverService(observer_pb2_grpc.ObserverServicer):
                 continue
             if not backwards and query.past_until(entry[0]):
                 break
-            if (response := self.response_for(seq, entry, query)) is not None:
+            if (response := source.respond(seq, entry, query)) is not None:
                 found.append(response)
                 if limit is not None and len(found) >= limit:
                     break
@@ -151,45 +165,47 @@ class ObserverService(observer_pb2_grpc.ObserverServicer):
         return found
 
     async def GetFlows(self, request, context):
+        await self._serve(request, context, self.flows_source())
+
+    async def GetAgentEvents(self, request, context):
+        await self._serve(as_flows_request(request), context, self.agent_events.source())
+
+    async def _serve(self, request, context, source: RingSource) -> None:
         try:
             query = FlowQuery.from_request(request)
         except ValueError as error:
             self.metrics.bad_requests += 1
-            log.info("GetFlows rejected: %s", error)
+            log.info("%s request rejected: %s", source.what, error)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         # Headers go out at once: a relay knows this node is there even before any flow.
         await context.send_initial_metadata(())
         try:
-            await self._stream(query, context)
+            await self._stream(query, context, source)
         except asyncio.CancelledError:
             self.metrics.client_disconnects += 1
             raise
         except ClientTooSlow as error:
             self.metrics.slow_clients_cut += 1
-            log.warning("GetFlows: %s", error)
+            log.warning("%s: %s", source.what, error)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
 
-    async def _stream(self, query: FlowQuery, context) -> None:
-        head = self.store.head
-        for response in await self.history(query, head):
+    async def _stream(self, query: FlowQuery, context, source: RingSource) -> None:
+        store = source.store
+        head = store.head
+        for response in await self.history(query, head, source):
             await context.write(response)
         if not query.follow:
             return
         writer = GuardedWriter(context, self.config.slow_client_timeout_s)
         cursor = head
-        store = self.store
         try:
             while True:
                 await store.wait_beyond(cursor)
                 if cursor < store.oldest:
                     lost = store.oldest - cursor
-                    # Tell the client what it missed (Hubble's HUBBLE_RING_BUFFER), then cut.
-                    notice = observer_pb2.GetFlowsResponse(
-                        lost_events=flow_pb2.LostEvent(source=flow_pb2.HUBBLE_RING_BUFFER, num_events_lost=lost),
-                        node_name=self.config.node_name)
-                    notice.time.FromNanoseconds(time.time_ns())
-                    await writer.write(notice)
-                    raise ClientTooSlow(f"client fell {lost} flows behind the node's ring; stream cut")
+                    if source.lost_notice is not None:
+                        await writer.write(source.lost_notice(lost))
+                    raise ClientTooSlow(f"client fell {lost} {source.what} behind the node's ring; stream cut")
                 end = store.head
                 for seq in range(cursor, end):
                     entry = store.get(seq)
@@ -197,7 +213,7 @@ class ObserverService(observer_pb2_grpc.ObserverServicer):
                         raise ClientTooSlow("client fell behind the node's ring; stream cut")
                     if query.past_until(entry[0]):
                         return
-                    response = self.response_for(seq, entry, query)
+                    response = source.respond(seq, entry, query)
                     if response is not None:
                         await writer.write(response)
                 cursor = end
@@ -345,7 +361,9 @@ class HubbleServer:
         self.metrics.store = self.store
         if registry is not None:
             registry.register(self.metrics)
-        self.observer = ObserverService(self.store, self.enricher, config, self.metrics)
+        self.agent_events = AgentEvents(config.node_name)
+        self._unsubscribe = state.subscribe(self.agent_events.on_delta) if hasattr(state, "subscribe") else None
+        self.observer = ObserverService(self.store, self.enricher, config, self.metrics, self.agent_events)
         self._kernel_lost = kernel_lost
         self._kernel_lost_seen = 0
         self._server: grpc.aio.Server | None = None
@@ -417,6 +435,7 @@ class HubbleServer:
         for service in HEALTH_SERVICES:
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._server = server
+        self.agent_events.started()
         if self.config.flows_socket is not None:
             self._receiver = FlowSocketReceiver(
                 self.config.flows_socket, self.ingest_flow,
@@ -437,6 +456,9 @@ class HubbleServer:
             await asyncio.sleep(self.config.lost_poll_interval_s)
 
     async def stop(self, grace: float = 1.0) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
         if self._poller is not None:
             self._poller.cancel()
         if self._receiver is not None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from shoal.api.flow import flow_pb2
@@ -120,3 +121,13 @@ class FlowStore:
         for future in waiters:
             if not future.done():
                 future.set_result(None)
+
+
+@dataclass(frozen=True)
+class RingSource:
+    """A ring the Observer streams from, and how one of its entries becomes a response."""
+
+    store: FlowStore
+    respond: Callable                       # (seq, entry, query) -> response or None
+    lost_notice: Callable[[int], object] | None
+    what: str

@@ -9,6 +9,7 @@ from shoal.agent.hubble import HubbleConfig, HubbleServer
 from shoal.api.flow import flow_pb2 as F
 from shoal.api.observer import observer_pb2 as O
 from shoal.api.observer import observer_pb2_grpc, relay_pb2
+from shoal.agent.hubble.flows import http_flow
 from shoal.controller.relay import NodeTarget, Relay
 
 from hubble_fixtures import demo_state, kernel_event
@@ -152,3 +153,66 @@ async def test_namespaces_are_merged_across_nodes(cluster):
     nodes["node-2"].kernel_sink(kernel_event(src="10.244.2.9", dst="10.244.2.3"))     # legacy -> demo
     answer = await stub.GetNamespaces(O.GetNamespacesRequest())
     assert [ns.namespace for ns in answer.namespaces] == ["demo", "legacy"]
+
+
+async def test_agent_events_are_merged_across_nodes(cluster):
+    from shoal.xds import model as m
+
+    nodes, stub, _ = cluster
+    nodes["node-2"].enricher.state.apply(m.ConfigDelta(version="5", upserted=(
+        m.Authorization(name="deny", namespace="demo", action="DENY"),)))
+    got = [r async for r in stub.GetAgentEvents(O.GetAgentEventsRequest())]
+    assert [(r.node_name, r.agent_event.type) for r in got] == [
+        ("node-1", F.AGENT_STARTED), ("node-2", F.AGENT_STARTED), ("node-2", F.POLICY_UPDATED)]
+    last = [r async for r in stub.GetAgentEvents(O.GetAgentEventsRequest(number=1))]
+    assert [r.agent_event.type for r in last] == [F.POLICY_UPDATED]
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        [r async for r in stub.GetAgentEvents(O.GetAgentEventsRequest(number=1, first=True, follow=True))]
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_client_that_never_reads_is_cut_and_others_keep_streaming(sockdir):
+    node = HubbleServer(HubbleConfig(node_name="node-1", unix_socket=sockdir / "node-1.sock", tcp_address=None,
+                                     capacity=400_000), demo_state())
+    await node.start()
+    relay = Relay([NodeTarget("node-1", f"unix:{sockdir / 'node-1.sock'}")], unix_socket=sockdir / "r.sock")
+    await relay.start()
+    try:
+        async with grpc.aio.insecure_channel(f"unix:{sockdir / 'r.sock'}") as stuck_channel, \
+                grpc.aio.insecure_channel(f"unix:{sockdir / 'r.sock'}") as live_channel:
+            stuck = observer_pb2_grpc.ObserverStub(stuck_channel).GetFlows(O.GetFlowsRequest(follow=True))
+            live = observer_pb2_grpc.ObserverStub(live_channel).GetFlows(O.GetFlowsRequest(follow=True))
+            await stuck.initial_metadata()
+            await live.initial_metadata()
+            seen: list[int] = []
+
+            async def read_live():
+                async for response in live:
+                    if response.HasField("flow"):
+                        seen.append(response.flow.l4.TCP.source_port)
+            reader = asyncio.create_task(read_live())
+            sent = 0
+            for _ in range(400):                    # 8 KiB flows: buffers fill in seconds, not minutes
+                for i in range(40):
+                    node.ingest_flow(http_flow("10.244.1.2", 1000 + i, "10.244.1.3", 8080, kind="request",
+                                               method="GET", url="/" + "x" * 8192))
+                sent += 40
+                await asyncio.sleep(0.05)
+                if (relay.registry.get_sample_value("shoal_relay_slow_clients_cut_total") or 0):
+                    break
+            assert (relay.registry.get_sample_value("shoal_relay_slow_clients_cut_total") or 0) == 1, "the client that never reads was not cut"
+            with pytest.raises(grpc.aio.AioRpcError) as error:   # its buffered flows, then the status
+                async for _ in stuck:
+                    pass
+            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            node.kernel_sink(kernel_event(sport=65000))
+            for _ in range(100):                    # the other client kept streaming, to the last flow
+                if seen and seen[-1] == 65000:
+                    break
+                await asyncio.sleep(0.05)
+            assert seen[-1] == 65000 and len(seen) >= 0.9 * sent, (len(seen), sent)
+            reader.cancel()
+            live.cancel()
+    finally:
+        await relay.stop(grace=0)
+        await node.stop(grace=0)

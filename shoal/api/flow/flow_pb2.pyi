@@ -148,6 +148,21 @@ class LostEventSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PERF_EVENT_RING_BUFFER: _ClassVar[LostEventSource]
     OBSERVER_EVENTS_QUEUE: _ClassVar[LostEventSource]
     HUBBLE_RING_BUFFER: _ClassVar[LostEventSource]
+
+class AgentEventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    AGENT_EVENT_UNKNOWN: _ClassVar[AgentEventType]
+    AGENT_STARTED: _ClassVar[AgentEventType]
+    POLICY_UPDATED: _ClassVar[AgentEventType]
+    POLICY_DELETED: _ClassVar[AgentEventType]
+    ENDPOINT_REGENERATE_SUCCESS: _ClassVar[AgentEventType]
+    ENDPOINT_REGENERATE_FAILURE: _ClassVar[AgentEventType]
+    ENDPOINT_CREATED: _ClassVar[AgentEventType]
+    ENDPOINT_DELETED: _ClassVar[AgentEventType]
+    IPCACHE_UPSERTED: _ClassVar[AgentEventType]
+    IPCACHE_DELETED: _ClassVar[AgentEventType]
+    SERVICE_UPSERTED: _ClassVar[AgentEventType]
+    SERVICE_DELETED: _ClassVar[AgentEventType]
 UNKNOWN_TYPE: FlowType
 L3_L4: FlowType
 L7: FlowType
@@ -259,6 +274,18 @@ UNKNOWN_LOST_EVENT_SOURCE: LostEventSource
 PERF_EVENT_RING_BUFFER: LostEventSource
 OBSERVER_EVENTS_QUEUE: LostEventSource
 HUBBLE_RING_BUFFER: LostEventSource
+AGENT_EVENT_UNKNOWN: AgentEventType
+AGENT_STARTED: AgentEventType
+POLICY_UPDATED: AgentEventType
+POLICY_DELETED: AgentEventType
+ENDPOINT_REGENERATE_SUCCESS: AgentEventType
+ENDPOINT_REGENERATE_FAILURE: AgentEventType
+ENDPOINT_CREATED: AgentEventType
+ENDPOINT_DELETED: AgentEventType
+IPCACHE_UPSERTED: AgentEventType
+IPCACHE_DELETED: AgentEventType
+SERVICE_UPSERTED: AgentEventType
+SERVICE_DELETED: AgentEventType
 
 class Flow(_message.Message):
     __slots__ = ("time", "uuid", "verdict", "drop_reason", "auth_type", "ethernet", "IP", "l4", "source", "destination", "Type", "node_name", "source_names", "destination_names", "l7", "reply", "event_type", "source_service", "destination_service", "traffic_direction", "policy_match_type", "trace_observation_point", "drop_reason_desc", "is_reply", "interface", "proxy_port", "trace_context", "socket_cookie", "cgroup_id", "egress_allowed_by", "ingress_allowed_by", "egress_denied_by", "ingress_denied_by", "Summary")
@@ -643,3 +670,89 @@ class NetworkInterface(_message.Message):
     index: int
     name: str
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
+
+class AgentEvent(_message.Message):
+    __slots__ = ("type", "unknown", "agent_start", "policy_update", "endpoint_update", "service_upsert", "service_delete")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_FIELD_NUMBER: _ClassVar[int]
+    AGENT_START_FIELD_NUMBER: _ClassVar[int]
+    POLICY_UPDATE_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_UPDATE_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_UPSERT_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_DELETE_FIELD_NUMBER: _ClassVar[int]
+    type: AgentEventType
+    unknown: AgentEventUnknown
+    agent_start: TimeNotification
+    policy_update: PolicyUpdateNotification
+    endpoint_update: EndpointUpdateNotification
+    service_upsert: ServiceUpsertNotification
+    service_delete: ServiceDeleteNotification
+    def __init__(self, type: _Optional[_Union[AgentEventType, str]] = ..., unknown: _Optional[_Union[AgentEventUnknown, _Mapping]] = ..., agent_start: _Optional[_Union[TimeNotification, _Mapping]] = ..., policy_update: _Optional[_Union[PolicyUpdateNotification, _Mapping]] = ..., endpoint_update: _Optional[_Union[EndpointUpdateNotification, _Mapping]] = ..., service_upsert: _Optional[_Union[ServiceUpsertNotification, _Mapping]] = ..., service_delete: _Optional[_Union[ServiceDeleteNotification, _Mapping]] = ...) -> None: ...
+
+class AgentEventUnknown(_message.Message):
+    __slots__ = ("type", "notification")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    NOTIFICATION_FIELD_NUMBER: _ClassVar[int]
+    type: str
+    notification: str
+    def __init__(self, type: _Optional[str] = ..., notification: _Optional[str] = ...) -> None: ...
+
+class TimeNotification(_message.Message):
+    __slots__ = ("time",)
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    time: _timestamp_pb2.Timestamp
+    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class PolicyUpdateNotification(_message.Message):
+    __slots__ = ("labels", "revision", "rule_count")
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    RULE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    revision: int
+    rule_count: int
+    def __init__(self, labels: _Optional[_Iterable[str]] = ..., revision: _Optional[int] = ..., rule_count: _Optional[int] = ...) -> None: ...
+
+class EndpointUpdateNotification(_message.Message):
+    __slots__ = ("id", "labels", "error", "pod_name", "namespace")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    POD_NAME_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    error: str
+    pod_name: str
+    namespace: str
+    def __init__(self, id: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ..., pod_name: _Optional[str] = ..., namespace: _Optional[str] = ...) -> None: ...
+
+class ServiceUpsertNotificationAddr(_message.Message):
+    __slots__ = ("ip", "port")
+    IP_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    ip: str
+    port: int
+    def __init__(self, ip: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
+
+class ServiceUpsertNotification(_message.Message):
+    __slots__ = ("id", "frontend_address", "backend_addresses", "type", "name", "namespace")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    FRONTEND_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    frontend_address: ServiceUpsertNotificationAddr
+    backend_addresses: _containers.RepeatedCompositeFieldContainer[ServiceUpsertNotificationAddr]
+    type: str
+    name: str
+    namespace: str
+    def __init__(self, id: _Optional[int] = ..., frontend_address: _Optional[_Union[ServiceUpsertNotificationAddr, _Mapping]] = ..., backend_addresses: _Optional[_Iterable[_Union[ServiceUpsertNotificationAddr, _Mapping]]] = ..., type: _Optional[str] = ..., name: _Optional[str] = ..., namespace: _Optional[str] = ...) -> None: ...
+
+class ServiceDeleteNotification(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    def __init__(self, id: _Optional[int] = ...) -> None: ...

@@ -39,6 +39,11 @@ class ObserverStub:
                 request_serializer=shoal_dot_api_dot_observer_dot_observer__pb2.GetFlowsRequest.SerializeToString,
                 response_deserializer=shoal_dot_api_dot_observer_dot_observer__pb2.GetFlowsResponse.FromString,
                 _registered_method=True)
+        self.GetAgentEvents = channel.unary_stream(
+                '/observer.Observer/GetAgentEvents',
+                request_serializer=shoal_dot_api_dot_observer_dot_observer__pb2.GetAgentEventsRequest.SerializeToString,
+                response_deserializer=shoal_dot_api_dot_observer_dot_observer__pb2.GetAgentEventsResponse.FromString,
+                _registered_method=True)
         self.GetNodes = channel.unary_unary(
                 '/observer.Observer/GetNodes',
                 request_serializer=shoal_dot_api_dot_observer_dot_observer__pb2.GetNodesRequest.SerializeToString,
@@ -61,6 +66,13 @@ class ObserverServicer:
 
     def GetFlows(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAgentEvents(self, request, context):
+        """The agent's own events (started, policy, endpoint and service changes it applied).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -90,6 +102,11 @@ def add_ObserverServicer_to_server(servicer, server):
                     servicer.GetFlows,
                     request_deserializer=shoal_dot_api_dot_observer_dot_observer__pb2.GetFlowsRequest.FromString,
                     response_serializer=shoal_dot_api_dot_observer_dot_observer__pb2.GetFlowsResponse.SerializeToString,
+            ),
+            'GetAgentEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetAgentEvents,
+                    request_deserializer=shoal_dot_api_dot_observer_dot_observer__pb2.GetAgentEventsRequest.FromString,
+                    response_serializer=shoal_dot_api_dot_observer_dot_observer__pb2.GetAgentEventsResponse.SerializeToString,
             ),
             'GetNodes': grpc.unary_unary_rpc_method_handler(
                     servicer.GetNodes,
@@ -134,6 +151,33 @@ class Observer:
             '/observer.Observer/GetFlows',
             shoal_dot_api_dot_observer_dot_observer__pb2.GetFlowsRequest.SerializeToString,
             shoal_dot_api_dot_observer_dot_observer__pb2.GetFlowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAgentEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/observer.Observer/GetAgentEvents',
+            shoal_dot_api_dot_observer_dot_observer__pb2.GetAgentEventsRequest.SerializeToString,
+            shoal_dot_api_dot_observer_dot_observer__pb2.GetAgentEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,
