@@ -27,6 +27,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from shoal.agent.ztunnel.admission import Admission, DialLimits, default_max_connections, raise_open_file_limit
 from shoal.agent.ztunnel.admin import HttpEndpoint, admin_pages, metrics_pages, ready_pages
 from shoal.agent.ztunnel.config import ProxyConfig
 from shoal.agent.ztunnel.identity import IdentityManager, Signer
@@ -73,9 +74,13 @@ class ProxyApp:
             from shoal.agent.hubble.emitter import FlowEmitter
 
             emitter = FlowEmitter(config.flows_path, registry=self.registry, component="proxy")
+        telemetry = Telemetry(self.metrics, emitter, config.node)
+        admission = Admission(config.max_connections_in_setup, config.max_connections or default_max_connections(),
+                              live=lambda: len(telemetry.live))
+        self.metrics.in_setup.set_function(lambda: admission.in_setup)
         self.ctx = ProxyContext(config=config, state=self.state, identities=identities, metrics=self.metrics,
-                                telemetry=Telemetry(self.metrics, emitter, config.node), pool=pool,
-                                origdst=origdst, home=NetnsHandle.current())
+                                telemetry=telemetry, pool=pool, origdst=origdst, home=NetnsHandle.current(),
+                                admission=admission, dial_limits=DialLimits(config.upstream_dials_per_identity))
         self.pods = PodRegistry(self.ctx)
         self.zds = ZdsServer(config.zds_path, self.pods, on_error=lambda r: self.metrics.reject("zds", "message"))
         self._serve_http = serve_http
@@ -248,6 +253,7 @@ class _LazyOrigdst:
 
 
 async def main(config: ProxyConfig, install_signals: bool = True) -> None:
+    log.info("open-file limit %d", raise_open_file_limit())
     app = ProxyApp(config, origdst=_LazyOrigdst(config), flows=True)
     await app.start()
     done = asyncio.Event()

@@ -31,6 +31,12 @@ class ProxyConfig:
     handover_wait: float = 10.0          # how long a retiring proxy waits for its successor
     cert_ttl_seconds: int = 0            # asked of the CA; 0 = the CA's default
     rotation_check_interval: float = 5.0
+    # Overload (issue 18): past these a NEW connection is refused (RST, metric
+    # reason="overloaded"); established ones keep being served. max_connections 0 =
+    # derived from the open-file limit (two sockets per proxied connection, at worst).
+    max_connections_in_setup: int = 8192
+    max_connections: int = 0
+    upstream_dials_per_identity: int = 256   # concurrent app connects per HBONE peer identity
     log_level: str = "INFO"
 
     @property
@@ -61,13 +67,15 @@ class ProxyConfig:
         parser.add_argument("--ready-port", type=int, default=PORT_PROXY_READY)
         parser.add_argument("--handshake-timeout", type=float, default=10.0)
         parser.add_argument("--drain-grace", type=float, default=float(env.get("SHOAL_PROXY_DRAIN_GRACE", 30)))
+        parser.add_argument("--max-connections", type=int, default=int(env.get("SHOAL_PROXY_MAX_CONNECTIONS", 0)),
+                            help="live connections before new ones are refused (0: from the open-file limit)")
         parser.add_argument("--cert-ttl", type=int, default=int(env.get("SHOAL_CERT_TTL", 0)),
                             help="SVID lifetime to ask the CA for, seconds (0: CA default)")
         parser.add_argument("--log-level", default=env.get("SHOAL_LOG_LEVEL", "INFO"))
         args = parser.parse_args(argv)
         if not args.node:
             parser.error("--node (or SHOAL_NODE) is required")
-        if args.handshake_timeout <= 0 or args.drain_grace < 0 or args.cert_ttl < 0:
+        if args.handshake_timeout <= 0 or args.drain_grace < 0 or args.cert_ttl < 0 or args.max_connections < 0:
             parser.error("timeouts and TTL must be positive")
         if env.get("SHOAL_MODE") == "kubernetes":
             from shoal.agent.k8s import layout_from_env
@@ -78,4 +86,5 @@ class ProxyConfig:
                    token_file=args.token_file, ca_bundle=args.ca_bundle, trust_domain=args.trust_domain, admin_port=args.admin_port,
                    metrics_port=args.metrics_port, ready_port=args.ready_port,
                    handshake_timeout=args.handshake_timeout, drain_grace=args.drain_grace,
+                   max_connections=args.max_connections,
                    cert_ttl_seconds=args.cert_ttl, log_level=args.log_level.upper())

@@ -7,6 +7,13 @@ sockets, timers and backpressure; this module owns HTTP/2 (through ``h2``) and t
 rules: ``:authority`` is the destination ``ip:port``, the request carries ``forwarded``
 and a W3C ``traceparent``, the answer is 200 / 400 / 401 / 503.
 
+Abuse limits (issue 18), enforced here so every HBONE endpoint gets them: the header
+block (HEADERS + CONTINUATION) is capped at 64 KiB before it is buffered; PING,
+SETTINGS, PRIORITY, empty DATA and RST_STREAM frames, and streams the peer resets
+before they were answered (Rapid Reset), each draw from a per-connection budget; past
+it the connection ends with GOAWAY ``ENHANCE_YOUR_CALM``. Header bytes are decoded here,
+strictly: a non-ASCII ``:authority`` is a 400 for that stream, not an exception.
+
 Speed: windows and frames are large (ztunnel's 4 MiB stream windows, 1 MiB frames), so
 Python work is per frame, not per byte; flow control is credited back only once the
 driver says the bytes left the process (``consumed``), which is the backpressure.
@@ -15,13 +22,16 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 import h2.config
 import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.frame_buffer
 import h2.settings
 import hyperframe.frame
 
@@ -33,12 +43,107 @@ hyperframe.frame.DataFrame._body_repr = lambda frame: f"<{len(frame.data)} bytes
 STREAM_WINDOW = 4 * 1024 * 1024
 CONNECTION_WINDOW = 16 * 1024 * 1024
 MAX_FRAME = 1024 * 1024
-MAX_STREAMS = 100
+MAX_STREAMS = 100              # per HBONE connection, as ztunnel; the pool opens more beyond
+MAX_HEADER_BLOCK = 64 * 1024   # HEADERS + CONTINUATION bytes of one block (and SETTINGS_MAX_HEADER_LIST_SIZE)
 
 STATUS_OK = 200
 STATUS_BAD_REQUEST = 400
 STATUS_UNAUTHORIZED = 401
 STATUS_UNAVAILABLE = 503
+
+
+# -- abuse limits -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Limit:
+    """A token bucket: ``burst`` frames at once, refilled at ``per_second``."""
+    burst: int
+    per_second: float
+
+
+# Our own peers send none of the first four in steady state (no keepalive PINGs, one
+# SETTINGS per drain); legitimate clients stay far below. Premature resets are streams
+# the peer reset before we answered them: each one cost us an upstream dial.
+LIMITS: dict[str, Limit] = {
+    "ping": Limit(100, 10.0),
+    "settings": Limit(50, 5.0),
+    "priority": Limit(200, 50.0),
+    "empty_data": Limit(200, 50.0),
+    "rst_stream": Limit(2000, 500.0),
+    "premature_reset": Limit(200, 20.0),
+}
+
+
+class Budget:
+    """Per-connection frame budgets (token buckets); ``spend`` says False once one is empty."""
+
+    def __init__(self, limits: dict[str, Limit] = LIMITS, clock: Callable[[], float] = time.monotonic):
+        self._limits = limits
+        self._clock = clock
+        self._tokens = {kind: float(limit.burst) for kind, limit in limits.items()}
+        self._stamp = {kind: clock() for kind in limits}
+
+    def spend(self, kind: str) -> bool:
+        limit = self._limits[kind]
+        now = self._clock()
+        tokens = min(limit.burst, self._tokens[kind] + (now - self._stamp[kind]) * limit.per_second)
+        self._stamp[kind] = now
+        if tokens < 1:
+            self._tokens[kind] = tokens
+            return False
+        self._tokens[kind] = tokens - 1
+        return True
+
+
+class Abuse(h2.exceptions.ProtocolError):
+    """A peer went past a limit: h2 answers it with GOAWAY ENHANCE_YOUR_CALM."""
+    error_code = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+class GuardedFrameBuffer(h2.frame_buffer.FrameBuffer):
+    """h2's frame iterator with the limits applied per frame, before h2 acts on it.
+
+    h2 buffers up to 64 CONTINUATION frames of the peer's maximum frame size (64 MiB
+    with our 1 MiB frames) and answers every PING and SETTINGS; here the header block
+    is capped in bytes and the control frames are budgeted."""
+
+    def __init__(self, server: bool, budget: Budget, max_header_block: int = MAX_HEADER_BLOCK):
+        super().__init__(server=server)
+        self._budget = budget
+        self._max_header_block = max_header_block
+        self._header_block = 0
+
+    def __next__(self) -> hyperframe.frame.Frame:
+        frame = super().__next__()
+        kind = _BUDGETED.get(type(frame))
+        if kind == "empty_data" and (frame.data or "END_STREAM" in frame.flags):
+            kind = None
+        elif kind in ("ping", "settings") and "ACK" in frame.flags:
+            kind = None
+        if kind is not None and not self._budget.spend(kind):
+            raise Abuse(f"{kind}_flood", f"{kind.replace('_', ' ')} budget exhausted")
+        return frame
+
+    def _update_header_buffer(self, frame):
+        if isinstance(frame, (hyperframe.frame.HeadersFrame, hyperframe.frame.ContinuationFrame,
+                              hyperframe.frame.PushPromiseFrame)):
+            self._header_block += len(frame.data)
+            if self._header_block > self._max_header_block:
+                raise Abuse("header_block_too_large",
+                            f"header block over {self._max_header_block} bytes (HEADERS + CONTINUATION)")
+        result = super()._update_header_buffer(frame)
+        if not self._headers_buffer:
+            self._header_block = 0
+        return result
+
+
+_BUDGETED = {hyperframe.frame.PingFrame: "ping", hyperframe.frame.SettingsFrame: "settings",
+             hyperframe.frame.PriorityFrame: "priority", hyperframe.frame.DataFrame: "empty_data",
+             hyperframe.frame.RstStreamFrame: "rst_stream"}
 
 
 # -- events -----------------------------------------------------------------------------------
@@ -101,9 +206,11 @@ class SettingsAcked:
 
 @dataclass(frozen=True)
 class ConnectionEnded:
-    """GOAWAY received, or a protocol violation (``error`` set; GOAWAY already queued)."""
+    """GOAWAY received, or a protocol violation or abuse (``error`` set; GOAWAY already
+    queued). ``reason`` names it for metrics: ``h2_protocol``, ``ping_flood``..."""
     error: str | None
     last_stream_id: int | None = None
+    reason: str = ""
 
 
 Event = (TunnelRequested | RequestRejected | TunnelResponse | TunnelData | TunnelEnded
@@ -137,19 +244,27 @@ class HboneConnection:
 
     def __init__(self, client_side: bool, stream_window: int = STREAM_WINDOW,
                  connection_window: int = CONNECTION_WINDOW, max_frame: int = MAX_FRAME,
-                 max_streams: int = MAX_STREAMS):
-        config = h2.config.H2Configuration(client_side=client_side, header_encoding="utf-8")
+                 max_streams: int = MAX_STREAMS, limits: dict[str, Limit] = LIMITS,
+                 clock: Callable[[], float] = time.monotonic):
+        # Header bytes stay bytes: h2 would decode them as UTF-8 and raise from inside
+        # receive_data on a bad byte; we decode the few we read, strictly, per stream.
+        config = h2.config.H2Configuration(client_side=client_side, header_encoding=None)
         self.client_side = client_side
         self._h2 = h2.connection.H2Connection(config=config)
         self._h2.local_settings = h2.settings.Settings(client=client_side, initial_values={
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: stream_window,
             h2.settings.SettingCodes.MAX_FRAME_SIZE: max_frame,
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_BLOCK,
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
         })
         self._h2.max_inbound_frame_size = max_frame  # h2 reads it once, from the defaults
+        self._budget = Budget(limits, clock)
+        self._h2.incoming_buffer = GuardedFrameBuffer(server=not client_side, budget=self._budget)
         self._connection_window = connection_window
         self._max_frame = max_frame
+        self._max_streams = max_streams
+        self._unanswered: set[int] = set()  # server side: CONNECTs not answered yet
         self.closed = False
 
     # -- lifecycle
@@ -174,14 +289,18 @@ class HboneConnection:
             self._h2.close_connection(error_code)
 
     @property
-    def open_streams(self) -> int:
-        return self._h2.open_outbound_streams if self.client_side else self._h2.open_inbound_streams
+    def stream_limit(self) -> int:
+        """How many tunnels the peer lets us have open at once here (O(1): a settings
+        lookup, never h2's scan of its stream table). The driver counts its own."""
+        return 0 if self.closed else min(self._h2.remote_settings.max_concurrent_streams, self._max_streams)
 
-    @property
-    def stream_capacity(self) -> int:
-        """How many more tunnels the peer lets us open on this connection."""
-        limit = self._h2.remote_settings.max_concurrent_streams
-        return 0 if self.closed else max(0, min(limit, MAX_STREAMS) - self.open_streams)
+    def release(self, stream_id: int) -> None:
+        """The driver is done with a stream: make sure h2 no longer counts it as open
+        (a refused CONNECT is half-closed until someone resets it), so h2's count never
+        exceeds the driver's."""
+        stream = self._h2.streams.get(stream_id)
+        if stream is not None and not stream.closed:
+            self.reset(stream_id)
 
     # -- commands
     def connect(self, host: str, port: int, forwarded_for: str, traceparent: str, forwarded_port: int = 0) -> int:
@@ -194,8 +313,14 @@ class HboneConnection:
         ])
         return stream_id
 
-    def respond(self, stream_id: int, status: int) -> None:
-        self._h2.send_headers(stream_id, [(":status", str(status))], end_stream=status != STATUS_OK)
+    def respond(self, stream_id: int, status: int) -> bool:
+        """Answer a CONNECT; False when the stream is gone (the peer reset it meanwhile)."""
+        self._unanswered.discard(stream_id)
+        try:
+            self._h2.send_headers(stream_id, [(":status", str(status))], end_stream=status != STATUS_OK)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            return False
+        return True
 
     def send(self, stream_id: int, data: memoryview) -> int:
         """Queue as much of ``data`` as flow control allows; return how many bytes went.
@@ -240,11 +365,17 @@ class HboneConnection:
 
     # -- input
     def receive(self, data: bytes) -> list[Event]:
+        if self.closed:
+            return []  # after our GOAWAY: nothing more is acted on
         try:
             h2_events = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
-            self.close(h2.errors.ErrorCodes.PROTOCOL_ERROR)
-            return [ConnectionEnded(error=f"{type(exc).__name__}: {exc}")]
+            # h2 queued GOAWAY with the error's code (ENHANCE_YOUR_CALM for Abuse),
+            # except for a bad preface, which it rejects before its state machine runs.
+            if self._h2.state_machine.state != h2.connection.ConnectionState.CLOSED:
+                self._h2.close_connection(exc.error_code)
+            self.closed = True
+            return [ConnectionEnded(f"{type(exc).__name__}: {exc}", reason=getattr(exc, "reason", "h2_protocol"))]
         events: list[Event] = []
         for ev in h2_events:
             if isinstance(ev, h2.events.DataReceived):
@@ -253,11 +384,18 @@ class HboneConnection:
             elif isinstance(ev, h2.events.RequestReceived):
                 events.append(self._on_request(ev))
             elif isinstance(ev, h2.events.ResponseReceived):
-                status = dict(ev.headers).get(":status", "0")
+                status = dict(ev.headers).get(b":status", b"0")
                 events.append(TunnelResponse(ev.stream_id, int(status) if status.isdigit() else 0))
             elif isinstance(ev, h2.events.StreamEnded):
                 events.append(TunnelEnded(ev.stream_id))
             elif isinstance(ev, h2.events.StreamReset):
+                if ev.stream_id in self._unanswered:
+                    self._unanswered.discard(ev.stream_id)
+                    if not self._budget.spend("premature_reset"):
+                        self.close(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+                        events.append(ConnectionEnded("streams reset before their answer (rapid reset)",
+                                                      reason="premature_reset_flood"))
+                        return events
                 events.append(TunnelReset(ev.stream_id, int(ev.error_code)))
             elif isinstance(ev, h2.events.WindowUpdated):
                 events.append(WindowOpened(ev.stream_id))
@@ -268,14 +406,15 @@ class HboneConnection:
             elif isinstance(ev, h2.events.ConnectionTerminated):
                 self.closed = True
                 events.append(ConnectionEnded(None if ev.error_code == 0 else f"GOAWAY {ev.error_code!r}",
-                                              ev.last_stream_id))
+                                              ev.last_stream_id, reason="peer_goaway"))
         return events
 
     def _on_request(self, ev: h2.events.RequestReceived) -> Event:
-        headers = dict(ev.headers)
-        reason = None
+        headers, reason = _decode_headers(ev.headers)
         host, port = "", 0
-        if self.client_side:
+        if reason is not None:
+            pass
+        elif self.client_side:
             reason = "request on a client connection"
         elif headers.get(":method") != "CONNECT":
             reason = f"method {headers.get(':method')!r} is not CONNECT"
@@ -289,8 +428,26 @@ class HboneConnection:
         if reason is not None:
             self.respond(ev.stream_id, STATUS_BAD_REQUEST)
             return RequestRejected(ev.stream_id, STATUS_BAD_REQUEST, reason)
+        self._unanswered.add(ev.stream_id)
         client_ip, client_port = _forwarded_for(headers.get("forwarded"))
         return TunnelRequested(ev.stream_id, host, port, client_ip, headers.get("traceparent"), client_port)
+
+
+# The request headers HBONE reads; all ASCII by their grammars (RFC 9113, 7239, W3C).
+_READ_HEADERS = frozenset({b":method", b":authority", b"forwarded", b"traceparent"})
+
+
+def _decode_headers(raw) -> tuple[dict[str, str], str | None]:
+    """(the headers HBONE reads, as text; refusal reason or None). Strict ASCII: a
+    stray byte is the sender's error, answered 400 on that stream only."""
+    headers: dict[str, str] = {}
+    for name, value in raw:
+        if name in _READ_HEADERS:
+            try:
+                headers[name.decode("ascii")] = value.decode("ascii")
+            except UnicodeDecodeError:
+                return {}, f"non-ASCII bytes in {name.decode('ascii')}"
+    return headers, None
 
 
 def _forwarded_for(value: str | None) -> tuple[str | None, int]:

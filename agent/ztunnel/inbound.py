@@ -26,7 +26,7 @@ from shoal.agent.ztunnel.telemetry import (
     FLAG_DENIED, FLAG_NO_ROUTE, FLAG_UPSTREAM_FAILURE, ConnectionRecord,
 )
 from shoal.agent.ztunnel.outbound import reset_connection, join_plain
-from shoal.agent.ztunnel.tunnel import HboneSession, StreamPeer
+from shoal.agent.ztunnel.tunnel import HboneSession, StreamPeer, abort_with_reset
 from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND, PROXY_MARK
 from shoal.telemetry_labels import service_of_endpoint
 
@@ -97,8 +97,9 @@ def _refuse_handshake(ctx, conn, peer, reason: str, exc: BaseException) -> None:
     conn.close()
 
 
-def _on_request(ctx, pod, session: HboneSession, ev: hbone.TunnelRequested, peer_ip: str) -> None:
-    asyncio.ensure_future(_serve_stream(ctx, pod, session, ev, peer_ip))
+def _on_request(ctx, pod, session: HboneSession, ev: hbone.TunnelRequested, peer_ip: str) -> asyncio.Task:
+    """The serving task, held by the session: a reset of the stream cancels it."""
+    return asyncio.ensure_future(_serve_stream(ctx, pod, session, ev, peer_ip))
 
 
 async def _serve_stream(ctx: "ProxyContext", pod: "EnrolledPod", session: HboneSession,
@@ -127,19 +128,33 @@ async def _serve_stream(ctx: "ProxyContext", pod: "EnrolledPod", session: HboneS
         ctx.telemetry.closed(rec)
         return
     try:
-        upstream = await connect_app(ctx, pod, ev.port, src_ip)
+        async with ctx.dial_limits.slot(session.peer_identity):
+            upstream = await connect_app(ctx, pod, ev.port, src_ip)
     except (OSError, asyncio.TimeoutError) as exc:
         rec.response_flags, rec.error = FLAG_UPSTREAM_FAILURE, f"{type(exc).__name__}: {exc}"
         ctx.metrics.reject("hbone", "upstream_connect")
         session.refuse_stream(ev.stream_id, hbone.STATUS_UNAVAILABLE)
         ctx.telemetry.closed(rec)
         return
-    if session.closed:
-        upstream.close()
+    except asyncio.CancelledError:
+        # The peer reset the stream (or the connection went) while we dialled: connect_app
+        # closed the half-made socket; nothing reached the app.
+        ctx.metrics.reject("hbone", "reset_before_answer")
+        raise
+    if not session.request_pending(ev.stream_id):
+        reset_connection(upstream)  # reset meanwhile: RST, not a FIN the app may never answer
+        ctx.metrics.reject("hbone", "reset_before_answer")
         return
     peer = StreamPeer(rec, ctx.telemetry.closed, tcp_is_client=False)
-    await asyncio.get_running_loop().connect_accepted_socket(lambda: peer, upstream)
-    session.accept_stream(peer, ev.stream_id)
+    try:
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: peer, upstream)
+    except BaseException:
+        abort_with_reset(peer.transport) if peer.transport is not None else reset_connection(upstream)
+        raise
+    if not session.accept_stream(peer, ev.stream_id):
+        abort_with_reset(peer.transport)
+        ctx.metrics.reject("hbone", "reset_before_answer")
+        return
     ctx.telemetry.opened(rec)
     peer.established()
 

@@ -8,6 +8,7 @@ bind beside us during a restart) and acks only then; on ``del`` it stops accepti
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
 import socket
@@ -15,11 +16,12 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from shoal.agent.ztunnel import transparent
+from shoal.agent.ztunnel.admission import Admission, DialLimits
 from shoal.agent.ztunnel.config import ProxyConfig
 from shoal.agent.ztunnel.identity import IdentityError, IdentityManager
 from shoal.agent.ztunnel.inbound import handle_hbone, handle_plaintext
 from shoal.agent.ztunnel.netns import NetnsHandle
-from shoal.agent.ztunnel.outbound import OriginalDestinations, handle_outbound
+from shoal.agent.ztunnel.outbound import OriginalDestinations, handle_outbound, reset_connection
 from shoal.agent.ztunnel.pool import HbonePool
 from shoal.agent.ztunnel.telemetry import ProxyMetrics, Telemetry
 from shoal.agent.ztunnel.zds import PodInfo, ZdsError
@@ -41,10 +43,21 @@ class ProxyContext:
     pool: HbonePool
     origdst: OriginalDestinations | None
     home: NetnsHandle
+    admission: Admission
+    dial_limits: DialLimits
     inbound_sessions: set = field(default_factory=set)
     # Set once the config stream delivered its first snapshot: before that an unknown
     # destination might be a meshed pod, and guessing "plaintext" would leak.
     config_synced: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+# accept() failures that say "no resources now": the listener stays readable, so
+# retrying at once would spin the loop at 100 % CPU; pause this listener instead.
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_PAUSE = 0.1
+# A burst of new connections queues in the kernel instead of costing SYN retransmits
+# (1 s, then 3 s); the kernel caps it at net.core.somaxconn (4096 by default).
+LISTEN_BACKLOG = 4096
 
 
 class Acceptor:
@@ -52,13 +65,18 @@ class Acceptor:
 
     Raw sockets (not asyncio servers) so nothing is read before the handler decides
     where the bytes go: the kernel keeps them until the connection is wired up.
+    Admission first: under overload a new connection is reset at once and counted.
     """
 
     def __init__(self, listener: socket.socket, handler: Callable[[socket.socket], Awaitable[None]],
-                 name: str, on_error: Callable[[BaseException], None]):
+                 name: str, on_error: Callable[[BaseException], None], admission: Admission,
+                 on_shed: Callable[[str], None]):
         self.listener, self.handler, self.name = listener, handler, name
         self._on_error = on_error
+        self._admission = admission
+        self._on_shed = on_shed
         self._tasks: set[asyncio.Task] = set()  # handlers still setting a connection up
+        self._resume: asyncio.TimerHandle | None = None
         self.serving = True
         asyncio.get_running_loop().add_reader(listener.fileno(), self._on_readable)
 
@@ -68,13 +86,34 @@ class Acceptor:
                 conn, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and friends: log, keep the listener
+            except OSError as exc:
                 self._on_error(exc)
+                if exc.errno in RESOURCE_ERRNOS:
+                    self._pause()
                 return
+            if self._admission.admit() is not None:
+                reset_connection(conn)
+                self._on_shed(self.name)
+                continue
             conn.setblocking(False)
+            self._admission.in_setup += 1
             task = asyncio.ensure_future(self._run(conn))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._setup_done)
+
+    def _setup_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        self._admission.in_setup -= 1
+
+    def _pause(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.listener.fileno())
+        self._resume = loop.call_later(ACCEPT_PAUSE, self._unpause)
+
+    def _unpause(self) -> None:
+        self._resume = None
+        if self.serving:
+            asyncio.get_running_loop().add_reader(self.listener.fileno(), self._on_readable)
 
     @property
     def in_setup(self) -> int:
@@ -92,6 +131,8 @@ class Acceptor:
         SO_REUSEPORT listener (tcp_migrate_req) instead of being reset."""
         if self.serving:
             self.serving = False
+            if self._resume is not None:
+                self._resume.cancel()
             asyncio.get_running_loop().remove_reader(self.listener.fileno())
             self.listener.close()
 
@@ -165,10 +206,11 @@ class PodRegistry:
                 (anywhere, PORT_HBONE, True, handle_hbone, "hbone")]
         try:
             for host, port, any_address, handler, name in plan:
-                sock = netns.listener(host, port, transparent=any_address)
+                sock = netns.listener(host, port, transparent=any_address, backlog=LISTEN_BACKLOG)
                 enrolled.servers.append(Acceptor(
                     sock, functools.partial(handler, self.ctx, enrolled), name,
-                    on_error=functools.partial(self._handler_failed, name)))
+                    on_error=functools.partial(self._handler_failed, name), admission=self.ctx.admission,
+                    on_shed=lambda listener: self.ctx.metrics.reject(listener, "overloaded")))
         except OSError:
             enrolled.stop_accepting()
             self.ctx.identities.release(pod.namespace, pod.service_account)

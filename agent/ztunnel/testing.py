@@ -47,10 +47,11 @@ class EchoServer:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("0.0.0.0", port))  # the proxy delivers over the pod's loopback
-        sock.listen(512)
         sock.setblocking(False)
         ns.close()
-        self.server = await asyncio.start_server(self._serve, sock=sock)
+        # asyncio listens again with its own backlog (100 by default): an app that cannot
+        # queue a burst would reset connections the proxy already carried to it.
+        self.server = await asyncio.start_server(self._serve, sock=sock, backlog=4096)
         return self
 
     async def _serve(self, reader, writer):

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
 from typing import Callable
 
 from shoal.agent.ztunnel import hbone
@@ -33,7 +35,7 @@ class HboneSession(asyncio.Protocol):
     """An HTTP/2 connection (over TLS) carrying many tunnels."""
 
     def __init__(self, client_side: bool, idle_timeout: float,
-                 on_request: Callable[["HboneSession", hbone.TunnelRequested], None] | None = None,
+                 on_request: Callable[["HboneSession", hbone.TunnelRequested], asyncio.Task | None] | None = None,
                  on_rejected: Callable[[str], None] | None = None,
                  on_closed: Callable[["HboneSession"], None] | None = None,
                  verify: Callable[[object], str] | None = None):
@@ -53,7 +55,13 @@ class HboneSession(asyncio.Protocol):
         self.closed = False
         self.draining = False
         self._drain_acked = False
-        self._requests: set[int] = set()  # server side: CONNECTs not answered yet
+        # Server side: CONNECTs not answered yet, with the task serving each; a reset
+        # from the peer cancels the task, which closes its upstream socket at once.
+        self._requests: dict[int, asyncio.Task | None] = {}
+        # Client side, set by the pool: told whenever has_room may have changed.
+        self.pool_key = None
+        self.on_room: Callable[["HboneSession"], None] | None = None
+        self._had_room = False
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.Transport) -> None:
@@ -97,16 +105,22 @@ class HboneSession(asyncio.Protocol):
                 if peer is not None:
                     peer.on_response(event.status)
             elif kind is hbone.TunnelReset:
+                task = self._requests.pop(event.stream_id, None)
+                if task is not None:
+                    task.cancel()
                 peer = self.streams.pop(event.stream_id, None)
                 if peer is not None:
                     peer.on_stream_reset(f"stream reset by peer (code {event.error_code})")
+                self.report_room()
             elif kind is hbone.TunnelRequested:
                 self._cancel_idle()
-                self._requests.add(event.stream_id)
                 if self._on_request is None:
                     self.h2.reset(event.stream_id)
                 else:
-                    self._on_request(self, event)
+                    self._requests[event.stream_id] = None  # pending (on_request may answer at once)
+                    task = self._on_request(self, event)
+                    if task is not None and event.stream_id in self._requests:
+                        self._requests[event.stream_id] = task
             elif kind is hbone.RequestRejected:
                 log.warning("hbone: rejected stream %d from %s: %s", event.stream_id, self.peer_identity, event.reason)
                 self._on_rejected("bad_request")
@@ -116,12 +130,13 @@ class HboneSession(asyncio.Protocol):
                     self._close_if_drained()
             elif kind is hbone.ConnectionEnded:
                 if event.error:
-                    log.warning("hbone: connection from %s ended: %s", self.peer_identity, event.error)
-                    self._on_rejected("h2_protocol")
+                    log.warning("hbone: connection with %s ended: %s", self.peer_identity, event.error)
+                    self._on_rejected(event.reason)
                 self.flush()
                 self._shutdown(event.error or "peer sent GOAWAY")
                 return
         self.flush()
+        self.report_room()  # the peer's stream limit may have changed
 
     def eof_received(self) -> bool:
         return False  # TLS: close
@@ -148,8 +163,15 @@ class HboneSession(asyncio.Protocol):
             self.transport.write(data)
 
     @property
-    def usable(self) -> bool:
-        return not self.closed and not self.draining and self.h2.stream_capacity > 0
+    def has_room(self) -> bool:
+        """Room for one more tunnel. O(1): our own count against the peer's limit."""
+        return not self.closed and not self.draining and len(self.streams) < self.h2.stream_limit
+
+    def report_room(self) -> None:
+        """Tell the pool when room appeared or ran out (called wherever the count changes)."""
+        if self.on_room is not None and self.has_room != self._had_room:
+            self._had_room = not self._had_room
+            self.on_room(self)
 
     def drain(self) -> None:
         """Server side, when retiring: no new tunnels here; close once the live ones end."""
@@ -158,6 +180,7 @@ class HboneSession(asyncio.Protocol):
         self.draining = True
         self.h2.drain()
         self.flush()
+        self.report_room()
 
     def _close_if_drained(self) -> None:
         if self.draining and self._drain_acked and not self.streams and not self._requests:
@@ -170,29 +193,41 @@ class HboneSession(asyncio.Protocol):
         self.streams[stream_id] = peer
         peer.bind(self, stream_id)
         self.flush()
+        self.report_room()
         return stream_id
 
-    def accept_stream(self, peer: "StreamPeer", stream_id: int) -> None:
-        """Server side: answer 200 and join the stream to ``peer``."""
-        self._requests.discard(stream_id)
+    def request_pending(self, stream_id: int) -> bool:
+        """Server side: the CONNECT is still waiting for its answer (not reset, not closed)."""
+        return not self.closed and stream_id in self._requests
+
+    def accept_stream(self, peer: "StreamPeer", stream_id: int) -> bool:
+        """Server side: answer 200 and join the stream to ``peer``; False when the
+        stream is gone (reset or connection closed meanwhile): the caller closes."""
+        if self._requests.pop(stream_id, False) is False or self.closed:
+            return False
+        if not self.h2.respond(stream_id, hbone.STATUS_OK):
+            return False
         self.streams[stream_id] = peer
         peer.bind(self, stream_id)
-        self.h2.respond(stream_id, hbone.STATUS_OK)
         self.flush()
+        return True
 
     def refuse_stream(self, stream_id: int, status: int) -> None:
-        self._requests.discard(stream_id)
+        self._requests.pop(stream_id, None)
         if self.closed:
             return
         self.h2.respond(stream_id, status)
         self.flush()
-        self.stream_done(stream_id)
+        self._close_if_drained()
 
     def stream_done(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)
+        self.h2.release(stream_id)
+        self.flush()
         if not self.streams:
             self._arm_idle()
             self._close_if_drained()
+        self.report_room()
 
     def close(self) -> None:
         """GOAWAY and close once flushed (used when draining and at idle)."""
@@ -209,9 +244,14 @@ class HboneSession(asyncio.Protocol):
             return
         self.closed = True
         self._cancel_idle()
+        requests, self._requests = self._requests, {}
+        for task in requests.values():
+            if task is not None:
+                task.cancel()  # upstream dials still running: stop them, close their sockets
         for peer in list(self.streams.values()):
             peer.on_stream_reset(reason)
         self.streams.clear()
+        self.report_room()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
         if self._on_closed is not None:
@@ -231,6 +271,21 @@ class HboneSession(asyncio.Protocol):
     def _idle(self) -> None:
         if not self.streams:
             self.close()
+
+
+def abort_with_reset(transport: asyncio.BaseTransport) -> None:
+    """Close at once with a TCP RST (SO_LINGER 0): a FIN to an app that does not read
+    would leave the socket in FIN-WAIT-1, orphaned, for minutes (Rapid Reset left 12,443)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        except OSError:
+            pass  # already closed: nothing left to linger
+    transport.abort()
+
+
+LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class StreamPeer(asyncio.Protocol):
@@ -396,7 +451,7 @@ class StreamPeer(asyncio.Protocol):
                 if self.record.response_flags == "-":
                     self.record.response_flags = FLAG_RESET
             if self.transport is not None:
-                self.transport.abort()
+                abort_with_reset(self.transport)
             self._finish()
 
     # -- helpers
