@@ -25,12 +25,13 @@ import signal
 import time
 from pathlib import Path
 
+import grpc
 from prometheus_client import CollectorRegistry
 
 from shoal.agent.ztunnel.admission import Admission, DialLimits, default_max_connections, raise_open_file_limit
 from shoal.agent.ztunnel.admin import HttpEndpoint, admin_pages, metrics_pages, ready_pages
 from shoal.agent.ztunnel.config import ProxyConfig
-from shoal.agent.ztunnel.identity import IdentityManager, Signer
+from shoal.agent.ztunnel.identity import IdentityError, IdentityManager, Signer, SignerUnavailable
 from shoal.agent.ztunnel.netns import NetnsHandle
 from shoal.agent.ztunnel.outbound import OriginalDestinations
 from shoal.agent.ztunnel.pool import HbonePool
@@ -40,6 +41,12 @@ from shoal.agent.ztunnel.zds import ZdsServer
 from shoal.xds.state import ConfigState
 
 log = logging.getLogger(__name__)
+
+
+# The controller's CA answering these is down, restarting or busy: retried with backoff.
+TRANSIENT_RPC_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                 grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
+                                 grpc.StatusCode.CANCELLED})
 
 
 def _pid_alive(pid: int) -> bool:
@@ -96,7 +103,14 @@ class ProxyApp:
 
     def _controller_signer(self) -> Signer:
         async def sign(csr_pem: bytes):
-            chain, roots = await self._client().sign_certificate(csr_pem, ttl_seconds=self.config.cert_ttl_seconds)
+            try:
+                chain, roots = await self._client().sign_certificate(csr_pem,
+                                                                     ttl_seconds=self.config.cert_ttl_seconds)
+            except grpc.aio.AioRpcError as exc:
+                # Down or restarting (UNAVAILABLE, DEADLINE_EXCEEDED...) is retried with
+                # backoff by the identity manager; a refusal is final.
+                error = SignerUnavailable if exc.code() in TRANSIENT_RPC_CODES else IdentityError
+                raise error(f"controller CA: {exc.code().name}: {exc.details()}") from None
             to_bytes = lambda v: v.encode() if isinstance(v, str) else v
             return to_bytes(chain), to_bytes(roots)
         return sign

@@ -37,6 +37,20 @@ class IdentityError(Exception):
     """A peer presented the wrong identity, or an SVID could not be obtained."""
 
 
+class SvidPending(IdentityError):
+    """No SVID yet: the CA is being retried (the caller decides whether to wait on)."""
+
+
+class SignerUnavailable(IdentityError):
+    """The CA could not be reached (controller down, restarting, overloaded): worth
+    retrying, unlike a refusal. Signers raise it; the manager retries with backoff."""
+
+
+RETRY_FIRST = 0.2    # seconds before the first retry of an unreachable CA, doubling...
+RETRY_MAX = 5.0      # ...up to this
+WAIT_DEFAULT = 8.0   # how long a caller waits for an SVID being retried (< the ZDS ack timeout)
+
+
 def make_csr(spiffe: str) -> tuple[bytes, bytes]:
     """A fresh P-256 key and a CSR naming ``spiffe`` as its URI SAN -> (key_pem, csr_pem)."""
     key = ec.generate_private_key(ec.SECP256R1())
@@ -139,8 +153,10 @@ class IdentityManager:
     """Fetches, caches and rotates SVIDs, keyed by (namespace, service account)."""
 
     def __init__(self, signer: Signer, trust_domain: str = DEFAULT_TRUST_DOMAIN,
-                 clock: Callable[[], float] = time.time, on_error: Callable[[str], None] | None = None):
+                 clock: Callable[[], float] = time.time, on_error: Callable[[str], None] | None = None,
+                 wait: float = WAIT_DEFAULT):
         self._signer = signer
+        self.wait = wait
         self.trust_domain = trust_domain
         self._clock = clock
         self._svids: dict[str, Svid] = {}
@@ -152,12 +168,21 @@ class IdentityManager:
     def spiffe_id(self, namespace: str, service_account: str) -> str:
         return spiffe_id(namespace, service_account, self.trust_domain)
 
-    async def acquire(self, namespace: str, service_account: str) -> Svid:
-        """The SVID for a service account, fetching it if needed; counts one user."""
+    async def acquire(self, namespace: str, service_account: str) -> str:
+        """Count one user of a service account's identity and get its SVID; returns the
+        SPIFFE ID. A CA that cannot be reached is not fatal: after ``wait`` seconds the
+        caller goes on (its pod is served; 15008 refuses until the SVID is there) while
+        the fetch keeps retrying in the background. A refusal raises IdentityError."""
         key = self.spiffe_id(namespace, service_account)
-        svid = await self.get(key)
         self._users[key] = self._users.get(key, 0) + 1
-        return svid
+        try:
+            await self.get(key)
+        except SvidPending as exc:
+            log.warning("%s; going on, the fetch keeps retrying", exc)
+        except IdentityError:
+            self.release(namespace, service_account)
+            raise
+        return key
 
     def release(self, namespace: str, service_account: str) -> None:
         """Drop one user; forget the SVID when no pod on the node uses it any more."""
@@ -166,6 +191,9 @@ class IdentityManager:
         if left <= 0:
             self._users.pop(key, None)
             self._svids.pop(key, None)
+            pending = self._inflight.pop(key, None)
+            if pending is not None:
+                pending.cancel()  # nobody needs it any more: stop retrying
         else:
             self._users[key] = left
 
@@ -173,28 +201,47 @@ class IdentityManager:
         return self._svids.get(spiffe)
 
     async def get(self, spiffe: str) -> Svid:
+        """The current SVID, fetched if needed; SvidPending after ``wait`` seconds of an
+        unreachable CA (the fetch goes on), IdentityError when the CA refuses."""
         svid = self._svids.get(spiffe)
         if svid is not None and self._clock() < svid.not_after:
             return svid
         return await self._fetch(spiffe)
 
     async def _fetch(self, spiffe: str) -> Svid:
-        # Concurrent callers for the same identity share one CSR.
+        # Concurrent callers for the same identity share one CSR (and its retries).
         pending = self._inflight.get(spiffe)
         if pending is None:
             pending = asyncio.ensure_future(self._sign(spiffe))
             self._inflight[spiffe] = pending
-            pending.add_done_callback(lambda _: self._inflight.pop(spiffe, None))
-        return await asyncio.shield(pending)
+            pending.add_done_callback(lambda done: self._fetched(spiffe, done))
+        try:
+            return await asyncio.wait_for(asyncio.shield(pending), self.wait)
+        except asyncio.TimeoutError:
+            raise SvidPending(f"svid {spiffe}: CA unreachable for {self.wait:.0f}s") from None
+
+    def _fetched(self, spiffe: str, done: asyncio.Future) -> None:
+        if self._inflight.get(spiffe) is done:
+            del self._inflight[spiffe]
+        if not done.cancelled():
+            done.exception()  # retrieved here, whoever (if anyone) still waits for it
 
     async def _sign(self, spiffe: str) -> Svid:
-        key_pem, csr_pem = make_csr(spiffe)
-        try:
-            chain_pem, roots_pem = await self._signer(csr_pem)
-            svid = Svid.from_pem(spiffe, chain_pem, key_pem, roots_pem)
-        except (IdentityError, ValueError, OSError, ssl.SSLError) as exc:
-            self._on_error(f"svid {spiffe}: {exc}")
-            raise IdentityError(f"cannot obtain an SVID for {spiffe}: {exc}") from exc
+        delay = RETRY_FIRST
+        while True:
+            key_pem, csr_pem = make_csr(spiffe)
+            try:
+                chain_pem, roots_pem = await self._signer(csr_pem)
+                svid = Svid.from_pem(spiffe, chain_pem, key_pem, roots_pem)
+                break
+            except SignerUnavailable as exc:
+                self._on_error(f"svid {spiffe}: {exc}")
+                log.warning("svid %s: %s; retrying in %.1fs", spiffe, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+            except (IdentityError, ValueError, OSError, ssl.SSLError) as exc:
+                self._on_error(f"svid {spiffe}: {exc}")
+                raise IdentityError(f"cannot obtain an SVID for {spiffe}: {exc}") from exc
         self._svids[spiffe] = svid
         log.info("svid %s valid until %s", spiffe, svid.describe()["not_after"])
         return svid

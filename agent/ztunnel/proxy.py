@@ -189,10 +189,10 @@ class PodRegistry:
 
     async def _enroll(self, pod: PodInfo, netns: NetnsHandle) -> EnrolledPod:
         try:
-            svid = await self.ctx.identities.acquire(pod.namespace, pod.service_account)
+            spiffe = await self.ctx.identities.acquire(pod.namespace, pod.service_account)
         except IdentityError as exc:
             raise ZdsError(str(exc)) from exc
-        enrolled = EnrolledPod(pod, netns, svid.spiffe_id)
+        enrolled = EnrolledPod(pod, netns, spiffe)
         loopback, anywhere = ("::1", "::") if ":" in pod.ip else ("127.0.0.1", "0.0.0.0")
         try:
             # A successor proxy's SO_REUSEPORT listeners take over queued connections when

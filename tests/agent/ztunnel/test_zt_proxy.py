@@ -345,9 +345,8 @@ async def test_client_verifies_server_identity(harness, state):
 # -- lifecycle: rotation and restart --------------------------------------------------------------
 
 async def _make_app(tmp_path, state, signer, origdst, serve_http=False, **overrides) -> ProxyApp:
-    config = ProxyConfig(node="node-1", layout=ClusterLayout(name="shoal-test", run_root=tmp_path),
-                         handshake_timeout=2.0, connect_timeout=4.0, drain_grace=3.0, handover_wait=5.0,
-                         **overrides)
+    settings = dict(handshake_timeout=2.0, connect_timeout=4.0, drain_grace=3.0, handover_wait=5.0) | overrides
+    config = ProxyConfig(node="node-1", layout=ClusterLayout(name="shoal-test", run_root=tmp_path), **settings)
     app = ProxyApp(config, state=state, signer=signer, origdst=origdst, serve_http=serve_http)
     await app.start()
     return app
