@@ -33,6 +33,7 @@ import h2.events
 import h2.exceptions
 import h2.frame_buffer
 import h2.settings
+import h2.stream
 import hyperframe.frame
 
 # h2 4.x formats repr(frame) for its trace log on every received frame, logging on or
@@ -294,13 +295,22 @@ class HboneConnection:
         lookup, never h2's scan of its stream table). The driver counts its own."""
         return 0 if self.closed else min(self._h2.remote_settings.max_concurrent_streams, self._max_streams)
 
-    def release(self, stream_id: int) -> None:
-        """The driver is done with a stream: make sure h2 no longer counts it as open
-        (a refused CONNECT is half-closed until someone resets it), so h2's count never
-        exceeds the driver's."""
+    def release(self, stream_id: int) -> bool:
+        """The driver is done with a stream: close it in h2 too, so h2's count of open
+        streams never exceeds the driver's. True when closed now; False when it is
+        half-closed on our side and closes with the peer's END_STREAM or RST (a normal
+        end is not turned into a reset)."""
         stream = self._h2.streams.get(stream_id)
-        if stream is not None and not stream.closed:
-            self.reset(stream_id)
+        if stream is None or stream.closed:
+            return True
+        state = stream.state_machine.state
+        if state == h2.stream.StreamState.HALF_CLOSED_LOCAL:
+            return False
+        if state == h2.stream.StreamState.HALF_CLOSED_REMOTE:
+            self.end(stream_id)  # the peer is done (a refused CONNECT): end ours, no RST
+        else:
+            self.reset(stream_id)  # still open both ways and nobody reads it any more
+        return True
 
     # -- commands
     def connect(self, host: str, port: int, forwarded_for: str, traceparent: str, forwarded_port: int = 0) -> int:

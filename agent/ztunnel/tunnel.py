@@ -62,6 +62,7 @@ class HboneSession(asyncio.Protocol):
         self.pool_key = None
         self.on_room: Callable[["HboneSession"], None] | None = None
         self._had_room = False
+        self._lingering: set[int] = set()  # done here, still open in h2 until the peer ends them
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.Transport) -> None:
@@ -97,6 +98,7 @@ class HboneSession(asyncio.Protocol):
                 for peer in targets:
                     peer.on_window()
             elif kind is hbone.TunnelEnded:
+                self._lingering.discard(event.stream_id)
                 peer = self.streams.get(event.stream_id)
                 if peer is not None:
                     peer.on_stream_end()
@@ -105,6 +107,7 @@ class HboneSession(asyncio.Protocol):
                 if peer is not None:
                     peer.on_response(event.status)
             elif kind is hbone.TunnelReset:
+                self._lingering.discard(event.stream_id)
                 task = self._requests.pop(event.stream_id, None)
                 if task is not None:
                     task.cancel()
@@ -165,7 +168,8 @@ class HboneSession(asyncio.Protocol):
     @property
     def has_room(self) -> bool:
         """Room for one more tunnel. O(1): our own count against the peer's limit."""
-        return not self.closed and not self.draining and len(self.streams) < self.h2.stream_limit
+        return not self.closed and not self.draining and \
+            len(self.streams) + len(self._lingering) < self.h2.stream_limit
 
     def report_room(self) -> None:
         """Tell the pool when room appeared or ran out (called wherever the count changes)."""
@@ -222,7 +226,8 @@ class HboneSession(asyncio.Protocol):
 
     def stream_done(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)
-        self.h2.release(stream_id)
+        if not self.h2.release(stream_id):
+            self._lingering.add(stream_id)  # still counts against the peer's limit
         self.flush()
         if not self.streams:
             self._arm_idle()

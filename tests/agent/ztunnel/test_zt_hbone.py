@@ -131,9 +131,18 @@ def test_stream_limit_is_the_peers_capped_at_100_and_release_frees_refused_strea
     server.respond(sid, hbone.STATUS_UNAUTHORIZED)  # refused: END_STREAM from the server only
     pump(server, client)
     assert client._h2.open_outbound_streams == 1   # half-closed: h2 would count it forever
-    client.release(sid)
+    assert client.release(sid)                     # closed now...
     assert client._h2.open_outbound_streams == 0
-    assert any(isinstance(e, TunnelReset) for e in pump(client, server))
+    assert [type(e) for e in pump(client, server)] == [TunnelEnded]  # ...with END_STREAM, not a reset
+    assert server._h2.open_inbound_streams == 0
+    sid = client.connect("10.0.0.1", 80, "10.0.0.2", hbone.new_traceparent())
+    client.end(sid)                                # our side done, the peer's not yet:
+    assert not client.release(sid)                 # it closes with the peer's END_STREAM
+    pump(client, server)
+    server.respond(sid, 200)
+    server.end(sid)
+    pump(server, client)
+    assert client._h2.open_outbound_streams == 0
 
 
 # -- abuse and bad input (issue 18) -----------------------------------------------------------
