@@ -19,6 +19,7 @@ from shoal.controller.identity import IdentityAllocator
 from shoal.controller.metrics import ControllerMetrics
 from shoal.controller.model import MeshModel
 from shoal.config import PORT_HUBBLE
+from shoal.hubbletls import node_server_name
 
 log = logging.getLogger(__name__)
 
@@ -212,11 +213,12 @@ class ControllerApp:
             def nodes() -> list[NodeTarget]:
                 # Nodes are found through their agents' config streams.
                 return [NodeTarget(node, f"[{host}]:{PORT_HUBBLE}" if ":" in host
-                                   else f"{host}:{PORT_HUBBLE}")
+                                   else f"{host}:{PORT_HUBBLE}", node_server_name(node, self.config.layout.name))
                         for node, host in sorted(distributor.agent_hosts().items())]
             # The Hubble CA's certificates, from a Secret mounted at SHOAL_HUBBLE_TLS_DIR.
             from shoal.hubbletls import RELAY_CLIENT, RELAY_SERVER, HubbleCertificates
-            certificates = HubbleCertificates(os.environ.get("SHOAL_HUBBLE_TLS_DIR", "/etc/shoal/hubble-tls"))
+            certificates = HubbleCertificates(os.environ.get("SHOAL_HUBBLE_TLS_DIR",
+                                                             "/var/run/secrets/shoal/hubble-tls"))
             server, client = certificates.files(RELAY_SERVER), certificates.files(RELAY_CLIENT)
             self.relay = Relay(nodes, tcp_address=self.config.relay_address, registry=self.metrics.registry,
                                tls=server if server.exists() else None,

@@ -38,6 +38,7 @@ def node_server_name(node: str, cluster: str) -> str:
 
 
 RELAY_SERVER_NAME = "relay.hubble-relay.cilium.io"
+SHARED_NODE_SERVER = "server"
 
 
 @dataclass(frozen=True)
@@ -92,11 +93,16 @@ class HubbleCertificates:
                         self.directory / f"{name}-key.pem")
 
     def node(self, node: str) -> TlsFiles:
-        """The agent's server certificate on ``node``."""
-        return self.files(f"server-{node}")
+        """The agent's server certificate on ``node``: its own (local cluster), else the one
+        every node shares on Kubernetes (``*.<cluster>.hubble-grpc.cilium.io``, as Cilium)."""
+        own = self.files(f"server-{node}")
+        return own if own.cert.exists() else self.files(SHARED_NODE_SERVER)
 
-    def ensure(self, cluster: str, nodes: dict[str, str], relay_addresses: list[str]) -> None:
-        """Creates the CA once, then any certificate not there yet. ``nodes``: name -> IP."""
+    def ensure(self, cluster: str, nodes: dict[str, str], relay_addresses: list[str],
+               shared_node_certificate: bool = False) -> None:
+        """Creates the CA once, then any certificate not there yet. ``nodes``: name -> IP;
+        ``shared_node_certificate``: one wildcard server certificate for every node (Kubernetes,
+        where nodes come and go; the relay dials each with its ``node_server_name``)."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         ca_cert, ca_key = self._ca(cluster)
         wanted = {RELAY_SERVER: (["*.hubble-relay.cilium.io", RELAY_SERVER_NAME, "localhost", "127.0.0.1",
@@ -105,6 +111,8 @@ class HubbleCertificates:
                   CLI_CLIENT: ([f"cli.{cluster}.hubble-grpc.cilium.io"], False)}
         for node, ip in nodes.items():
             wanted[f"server-{node}"] = ([node_server_name(node, cluster), ip], True)
+        if shared_node_certificate:
+            wanted[SHARED_NODE_SERVER] = ([f"*.{cluster}.hubble-grpc.cilium.io"], True)
         for name, (sans, server) in wanted.items():
             if not self.files(name).cert.exists():
                 self._issue(name, sans, server, ca_cert, ca_key)
@@ -176,3 +184,25 @@ def _write(path: Path, data: bytes, private: bool = True) -> None:
     with os.fdopen(fd, "wb") as out:
         out.write(data)
     tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m shoal.hubbletls --out DIR``: the Hubble CA and certificates for Kubernetes;
+    then ``kubectl -n shoal-system create secret generic shoal-hubble-tls --from-file=DIR``
+    (ca-key.pem stays out of the Secret: keep it offline to issue more)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m shoal.hubbletls", description=main.__doc__)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--cluster", default="shoal", help="SHOAL_CLUSTER of the agents (default shoal)")
+    parser.add_argument("--relay-name", action="append", default=[],
+                        help="extra DNS name or IP of the relay (e.g. its Service name)")
+    args = parser.parse_args(argv)
+    HubbleCertificates(args.out).ensure(args.cluster, {}, ["shoal-controller.shoal-system.svc", *args.relay_name],
+                                        shared_node_certificate=True)
+    print(f"Hubble CA and certificates in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

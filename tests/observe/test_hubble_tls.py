@@ -95,3 +95,18 @@ def test_certificates_are_private_and_issued_once(tmp_path):
     for key in (tmp_path / "tls").glob("*key.pem"):
         assert key.stat().st_mode & 0o077 == 0, key
     assert (tmp_path / "tls").stat().st_mode & 0o077 == 0
+
+
+def test_kubernetes_set_shares_one_wildcard_node_certificate(tmp_path):
+    from cryptography import x509
+
+    from shoal.hubbletls import main
+
+    assert main(["--out", str(tmp_path / "k8s"), "--cluster", "prod"]) == 0
+    certificates = HubbleCertificates(tmp_path / "k8s")
+    files = certificates.node("any-node")
+    assert files.exists() and files.cert.name == "server.pem"
+    sans = x509.load_pem_x509_certificate(files.cert.read_bytes()).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert sans == ["*.prod.hubble-grpc.cilium.io"]
+    assert "any-node.prod.hubble-grpc.cilium.io".endswith(sans[0][1:])

@@ -35,17 +35,23 @@ function makeMap() {
   return cytoscape({
     container: document.getElementById("map"),
     wheelSensitivity: 0.3,
+    // Large maps: draw cheap while panning, and skip labels too small to read.
+    hideEdgesOnViewport: true,
+    textureOnViewport: true,
+    pixelRatio: 1,
     style: [
       { selector: "node", style: {
           "label": "data(label)", "text-wrap": "wrap", "font-size": 11, "text-valign": "bottom",
-          "text-margin-y": 4, "background-color": "#1565c0", "width": 28, "height": 28 } },
+          "text-margin-y": 4, "background-color": "#1565c0", "width": 28, "height": 28,
+          "min-zoomed-font-size": 6 } },
       { selector: "node[kind = 'service']", style: { "shape": "round-diamond", "background-color": "#6a1b9a" } },
       { selector: "node[kind = 'world']", style: { "shape": "hexagon", "background-color": "#9e9e9e" } },
       { selector: "edge", style: {
           "width": 3, "curve-style": "bezier", "target-arrow-shape": "triangle",
           "line-color": "data(color)", "target-arrow-color": "data(color)",
           "line-style": "data(lineStyle)", "label": "data(label)", "font-size": 9,
-          "text-rotation": "autorotate", "text-background-color": "#fff", "text-background-opacity": 0.8 } },
+          "text-rotation": "autorotate", "text-background-color": "#fff", "text-background-opacity": 0.8,
+          "min-zoomed-font-size": 7 } },
       { selector: "edge[?idle]", style: { "opacity": 0.35 } },
     ],
   });
