@@ -275,13 +275,16 @@ class RelayObserver(observer_pb2_grpc.ObserverServicer):
         arrived), before any flow: a quiet node is still a connected one.
         """
         call = self.stub(node).GetFlows(request)
+        # A field mask without node_name asked for flows without it: keep them that way.
+        mask = request.experimental.field_mask.paths if request.HasField("experimental") else ()
+        name_flows = not mask or "node_name" in mask
         try:
             await call.initial_metadata()
             if on_connected is not None and not call.done():
                 on_connected()
             async for response in call:
                 response.node_name = node.name
-                if response.HasField("flow") and not response.flow.node_name:
+                if name_flows and response.HasField("flow") and not response.flow.node_name:
                     response.flow.node_name = node.name
                 sink(response)
         except grpc.aio.AioRpcError as error:

@@ -216,3 +216,39 @@ async def test_a_client_that_never_reads_is_cut_and_others_keep_streaming(sockdi
     finally:
         await relay.stop(grace=0)
         await node.stop(grace=0)
+
+
+async def test_last_n_then_follow_is_n_in_total_then_live(cluster):
+    nodes, stub, _ = cluster
+    base = time.time_ns() - 10**9
+    for i in range(6):
+        nodes["node-1" if i % 2 == 0 else "node-2"].kernel_sink(kernel_event(sport=i, ts_ns=base + i * 1000))
+    call = stub.GetFlows(O.GetFlowsRequest(number=3, follow=True))
+    ports = []
+
+    async def read_until(count):
+        while len(ports) < count:
+            response = await call.read()
+            if response.HasField("flow"):
+                ports.append(response.flow.l4.TCP.source_port)
+    await asyncio.wait_for(read_until(3), 10)
+    assert ports == [3, 4, 5]                      # the cluster's 3 newest, not 3 per node
+    await asyncio.sleep(0.5)
+    nodes["node-2"].kernel_sink(kernel_event(sport=100))
+    await asyncio.wait_for(read_until(4), 10)
+    assert ports == [3, 4, 5, 100]
+    call.cancel()
+
+
+async def test_field_mask_through_the_relay(cluster):
+    nodes, stub, _ = cluster
+    nodes["node-1"].kernel_sink(kernel_event(sport=7))
+    request = O.GetFlowsRequest()
+    request.experimental.field_mask.paths.extend(["l4.TCP.source_port", "verdict"])
+    flows = [r.flow async for r in stub.GetFlows(request) if r.HasField("flow")]
+    assert [f.l4.TCP.source_port for f in flows] == [7]
+    assert not flows[0].node_name and not flows[0].source.pod_name and flows[0].verdict == F.FORWARDED
+    request.experimental.field_mask.paths.append("no.such.path")
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        [r async for r in stub.GetFlows(request)]
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no.such.path" in error.value.details()
