@@ -143,6 +143,11 @@ class ProcessSampler:
         self._thread.start()
         return self
 
+    @property
+    def rss_samples_mb(self) -> tuple[float, ...]:
+        """Every RSS reading so far (MB, the processes together), oldest first."""
+        return tuple(self._rss)
+
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()

@@ -38,10 +38,11 @@ def raise_open_file_limit() -> int:
 
 
 def default_max_connections() -> int:
-    """Live connections the fd limit allows: two sockets each at worst (a pod talking to
-    a pod of the same node holds the app's socket and the upstream one)."""
+    """Live connections the fd limit allows: each proxied leg holds one socket (the
+    app's accepted one, or the upstream one; HBONE connections are shared and in the
+    reserve), and connections in setup count too."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return max(64, (soft - FD_RESERVE) // 2)
+    return max(64, soft - FD_RESERVE)
 
 
 class Admission:
@@ -61,7 +62,7 @@ class Admission:
         """None to accept, else why not (``in_setup`` or ``live``)."""
         if self.in_setup >= self.max_in_setup:
             why = "in_setup"
-        elif self._live() >= self.max_live:
+        elif self._live() + self.in_setup >= self.max_live:
             why = "live"
         else:
             return None

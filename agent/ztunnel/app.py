@@ -190,14 +190,27 @@ class ProxyApp:
         self.pods.stop_accepting()
         for session in list(self.ctx.inbound_sessions):
             session.drain()  # peers' pools stop opening tunnels to us, live ones go on
-        deadline = time.monotonic() + self.config.drain_grace
+        await self._drain()
+        await self.stop()
+
+    async def _drain(self) -> None:
+        """Serve the live connections until they end or ``drain_grace`` passes, then say
+        how many were carried to their end and how many the deadline cut (log + metric)."""
+        live = self.ctx.telemetry.live
+        started, at_start = time.monotonic(), set(live)
+        log.info("drain: %d live connections, up to %.0fs grace", len(at_start), self.config.drain_grace)
+        deadline = started + self.config.drain_grace
         # Drained: no live connection, none being set up, and every inbound HBONE
         # connection closed by its peer's ACK of the drain (so no tunnel is in flight).
-        while (self.ctx.telemetry.live or self.pods.connections_in_setup() or self.ctx.inbound_sessions) \
+        while (live or self.pods.connections_in_setup() or self.ctx.inbound_sessions) \
                 and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        log.info("drained; %d connections left", len(self.ctx.telemetry.live))
-        await self.stop()
+        cut = len(live)
+        completed = len(at_start - set(live))
+        self.metrics.drained.labels("completed").inc(completed)
+        self.metrics.drained.labels("cut").inc(cut)
+        log.info("drain: carried %d of %d connections to their end in %.1fs; %d cut at the %.0fs grace deadline",
+                 completed, len(at_start), time.monotonic() - started, cut, self.config.drain_grace)
 
     async def stop(self) -> None:
         for task in self._tasks:

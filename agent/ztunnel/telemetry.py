@@ -76,6 +76,10 @@ class ProxyMetrics:
         self.pods = Gauge("shoal_proxy_enrolled_pods", "Pods whose in-pod listeners are open", registry=registry)
         self.hbone_connections = Gauge("shoal_proxy_hbone_connections", "Pooled outbound HBONE connections",
                                        registry=registry)
+        self.drained = Counter("shoal_proxy_drained_connections",
+                               "Connections live when a retiring proxy began draining, by outcome "
+                               "(completed: ended on their own within the grace; cut: still open at its end)",
+                               ["outcome"], registry=registry)
         self.in_setup = Gauge("shoal_proxy_connections_in_setup",
                               "Accepted connections not wired up yet (admission caps them)", registry=registry)
         self.certs_rotated = Counter("shoal_proxy_certificates_rotated", "SVIDs renewed at half-life",

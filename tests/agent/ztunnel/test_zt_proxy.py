@@ -4,6 +4,7 @@ agent (ZDS adds, and the original-destination lookup)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 import logging
@@ -373,6 +374,24 @@ async def _agent(path: str, netns: dict, synced: asyncio.Event) -> None:
             await asyncio.sleep(0.05)
         finally:
             await client.close()
+
+
+@contextlib.asynccontextmanager
+async def running_proxy(pod_netns, state, signer, tmp_path, **overrides):
+    """A proxy app, the echo app and a stand-in agent that follows restarts; yields
+    (Harness, the agent's synced event). Everything is stopped on the way out."""
+    origdst = FakeOrigdst()
+    app = await _make_app(tmp_path, state, signer, origdst, **overrides)
+    echo = await EchoServer().start(f"/run/netns/{pod_netns['server']}", SERVER_IP, APP_PORT)
+    synced = asyncio.Event()
+    agent = asyncio.ensure_future(_agent(app.config.zds_path, pod_netns, synced))
+    try:
+        await asyncio.wait_for(synced.wait(), 5)
+        yield Harness(pod_netns, app, origdst, echo), synced
+    finally:
+        agent.cancel()
+        echo.close()
+        await app.stop()
 
 
 async def test_certificate_rotation_keeps_long_lived_connection(pod_netns, state, tmp_path):
