@@ -132,7 +132,7 @@ class LocalWaypointLauncher:
         self.reconcile()
 
     def _on_events(self, events) -> None:
-        if not any(ev.object.get("kind") in ("Gateway", "Deployment", "HTTPRoute", "Service") for ev in events):
+        if not any(ev.object.get("kind") in ("Gateway", "Deployment", "HTTPRoute", "Service", "Pod") for ev in events):
             return
         try:
             loop = asyncio.get_running_loop()
@@ -152,6 +152,7 @@ class LocalWaypointLauncher:
         from shoal.controller.manifests import ManifestError
 
         self.update_route_status()
+        self.update_gateway_status()
         to_apply, to_delete = plan(self.store.list("Gateway"), self.store.list("Deployment"), self.layout, self.python)
         for deployment in to_apply:
             try:
@@ -183,6 +184,32 @@ class LocalWaypointLauncher:
             status = httproute_status(route, lambda ns, name: (ns, name) in services, previous, now)
             if status["parents"] != previous.get("parents"):
                 self.store.update_status("HTTPRoute", meta["namespace"], meta["name"], status)
+
+    def update_gateway_status(self) -> None:
+        """Each waypoint Gateway's ``Programmed`` condition: True once a waypoint pod is Ready
+        (what the controller waits for before it routes to the waypoint)."""
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        pods = self.store.list("Pod")
+        for gateway in self.store.list("Gateway"):
+            if not is_waypoint(gateway):
+                continue
+            meta = gateway["metadata"]
+            ready = any(p["metadata"]["namespace"] == meta["namespace"]
+                        and (p["metadata"].get("labels") or {}).get(LABEL_GATEWAY_NAME) == meta["name"]
+                        and any(c.get("type") == "Ready" and c.get("status") == "True"
+                                for c in (p.get("status") or {}).get("conditions") or [])
+                        for p in pods)
+            wanted = {"Accepted": ("True", "Accepted", "a waypoint of class shoal-waypoint"),
+                      "Programmed": ("True", "Programmed", "the waypoint is ready") if ready
+                      else ("False", "Pending", "waiting for the waypoint pod to be ready")}
+            old = {c.get("type"): c for c in (gateway.get("status") or {}).get("conditions") or []}
+            if all((old.get(k) or {}).get("status") == v[0] and (old.get(k) or {}).get("reason") == v[1]
+                   for k, v in wanted.items()):
+                continue
+            conditions = [{"type": k, "status": v[0], "reason": v[1], "message": v[2],
+                           "observedGeneration": meta.get("generation", 1), "lastTransitionTime": now}
+                          for k, v in wanted.items()]
+            self.store.update_status("Gateway", meta["namespace"], meta["name"], {"conditions": conditions})
 
     def _drained(self, to_delete: list[Obj]) -> list[Obj]:
         """The Deployments whose Gateway has been gone for ``drain_seconds``; a later

@@ -78,12 +78,32 @@ def _mesh_paths(ctx: Context) -> Iterator[Measurement]:
     ]
     subprocess.run([*bed.shoal, "apply", "-f", "-"], input=yaml.safe_dump_all(docs), text=True, env=bed.env,
                    check=True, capture_output=True, timeout=60)
-    time.sleep(ctx.seconds(8, 5))  # waypoint pod up, config pushed to every node
+    _wait_waypoint_ready(bed, timeout=60)
+    time.sleep(ctx.seconds(2, 1))  # the binding pushed to every node proxy
     pids = lambda: [p for p in procstat.pids_in_cgroup(bed.layout.cgroup) if _is_waypoint(p)]  # noqa: E731
     with http.origin(ctx, server):
         yield from http.measure(ctx, PATH_L4, client, f"http://origin.{MESH_NAMESPACE}/", max_rate=True)
         yield from http.measure(ctx, PATH_MESH_WAYPOINT, client, f"http://origin-wp.{MESH_NAMESPACE}/",
                                 processes=pids, max_rate=True)
+
+
+def _wait_waypoint_ready(bed, timeout: float) -> None:
+    """Until the waypoint pod is Ready: only then does the controller route to it (before,
+    traffic to origin-wp would take the L4 path and the figures would not be the waypoint's)."""
+    import json
+
+    deadline = time.monotonic() + timeout
+    while True:
+        out = subprocess.run([*bed.shoal, "get", "pods", "-n", MESH_NAMESPACE, "-o", "json"], env=bed.env,
+                             capture_output=True, text=True, timeout=30).stdout
+        pods = json.loads(out or '{"items": []}')["items"]
+        if any(p["metadata"]["name"].startswith("waypoint-") and any(
+                c.get("type") == "Ready" and c.get("status") == "True"
+                for c in (p.get("status") or {}).get("conditions") or []) for p in pods):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"waypoint in {MESH_NAMESPACE} not ready after {timeout:.0f} s")
+        time.sleep(0.5)
 
 
 def _is_waypoint(pid: int) -> bool:

@@ -176,3 +176,27 @@ def test_route_status_says_which_backend_is_missing(tmp_path):
         assert conditions()["Accepted"][:2] == ("False", "Invalid")
     finally:
         store.close()
+
+
+def test_gateway_is_programmed_once_its_waypoint_pod_is_ready(tmp_path):
+    store = Store(tmp_path / "store.db")
+    try:
+        store.apply([{"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"}},
+                     {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo"}},
+                     {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                      "metadata": {"name": "waypoint", "namespace": "demo"},
+                      "spec": {"gatewayClassName": "shoal-waypoint"}}])
+        launcher = LocalWaypointLauncher(store, LAYOUT)
+        launcher.reconcile()
+
+        def programmed():
+            conditions = store.get("Gateway", "demo", "waypoint")["status"]["conditions"]
+            return next((c["status"], c["reason"]) for c in conditions if c["type"] == "Programmed")
+
+        assert programmed() == ("False", "Pending")
+        store.update_status("Pod", "demo", "waypoint-0", {"phase": "Running", "podIP": "10.244.1.9",
+                                                           "conditions": [{"type": "Ready", "status": "True"}]})
+        launcher.reconcile()
+        assert programmed() == ("True", "Programmed")
+    finally:
+        store.close()
