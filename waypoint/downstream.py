@@ -24,6 +24,8 @@ import h11
 
 from shoal.h2guard import ENHANCE_YOUR_CALM, FloodGuard
 
+from .grpc import RESOURCE_EXHAUSTED, MessageSizeLimit, MessageTooLarge, is_grpc
+
 from .http import Body, BodyError, Limits, PeerInfo, ProxyRequest, Tunnel, framing_problem, pipe
 from .upstream import UpstreamError
 
@@ -461,7 +463,9 @@ class H2Server:
     async def _serve_stream(self, s: _H2Stream, request: ProxyRequest) -> None:
         sink = _H2Sink(self, s)
         try:
-            await self.handler(request, self._body(s), sink)
+            grpc_limit = MessageSizeLimit(self.limits.max_grpc_message) \
+                if is_grpc(request.header_map.get("content-type", "")) else None
+            await self.handler(request, self._body(s, grpc_limit), sink)
         except BodyError as err:
             self.reject("bad_body", err.status)
             self._reset(s, h2.errors.ErrorCodes.CANCEL)
@@ -496,7 +500,7 @@ class H2Server:
             return
         self.flush()
 
-    async def _body(self, s: _H2Stream) -> Body:
+    async def _body(self, s: _H2Stream, grpc_limit: MessageSizeLimit | None = None) -> Body:
         while True:
             try:
                 item = await asyncio.wait_for(s.chunks.get(), self.limits.body_idle_timeout)
@@ -508,6 +512,12 @@ class H2Server:
             if not self.closed:
                 self.h2.acknowledge_received_data(flow_length, s.stream_id)
                 self.flush()
+            if grpc_limit is not None:
+                try:
+                    grpc_limit.feed(data)
+                except MessageTooLarge as err:
+                    self.reject("grpc_message_too_large", 413)
+                    raise BodyError(413, str(err), grpc_status=RESOURCE_EXHAUSTED) from None
             yield data
 
 
@@ -515,6 +525,7 @@ class _H2Sink:
     def __init__(self, server: H2Server, s: _H2Stream) -> None:
         self.server = server
         self.s = s
+        self._held: list[tuple[str, str]] | None = None
 
     @property
     def started(self) -> bool:
@@ -523,11 +534,18 @@ class _H2Sink:
     async def start(self, status: int, headers: list[tuple[str, str]], content_length: int | None) -> None:
         self.s.started = True
         h2_headers = [(":status", str(status))] + [(n, v) for n, v in headers if n not in ("connection", "keep-alive")]
+        if content_length == 0:
+            # Held for end(): one HEADERS frame with END_STREAM (gRPC's trailers-only form).
+            self._held = h2_headers
+            return
         self.server.h2.send_headers(self.s.stream_id, h2_headers)
         self.server.flush()
 
     async def send(self, chunk: bytes) -> None:
         server, stream_id = self.server, self.s.stream_id
+        if self._held is not None:
+            held, self._held = self._held, None
+            server.h2.send_headers(stream_id, held)
         view = memoryview(chunk)
         while view:
             if server.closed or self.s.reset:
@@ -544,6 +562,12 @@ class _H2Sink:
 
     async def end(self) -> None:
         if not self.server.closed and not self.s.reset:
+            if self._held is not None:
+                held, self._held = self._held, None
+                self.server.h2.send_headers(self.s.stream_id, held, end_stream=True)
+                self.server.flush()
+                await self.server.stream.drain()
+                return
             self.server.h2.end_stream(self.s.stream_id)
             self.server.flush()
             await self.server.stream.drain()

@@ -34,6 +34,7 @@ class Limits:
     max_h2_resets: int = 200               # RST_STREAM from one peer per 10 s -> GOAWAY (rapid reset)
     retry_buffer_bytes: int = 64 * 1024    # bodies up to this size (known length) are read whole: replayable
     max_h2_frame: int = 1 << 20
+    max_grpc_message: int = 4 * 1024 * 1024   # one gRPC request message -> RESOURCE_EXHAUSTED
 
 
 @dataclass(frozen=True)
@@ -99,10 +100,11 @@ class Tunnel(Protocol):
 class BodyError(Exception):
     """The downstream request body broke (client vanished, lied about its length, stalled)."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, grpc_status: int | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.grpc_status = grpc_status   # for gRPC requests: the code the client sees
 
 
 Body = AsyncIterator[bytes]

@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Protocol
 from shoal.telemetry_labels import PeerLabels, ServiceLabels, principal
 from shoal.xds.model import Authorization
 
-from . import authz
+from . import authz, grpc
 from .http import Body, BodyError, Limits, PeerInfo, ProxyRequest, ResponseSink, strip_hop_by_hop
 from .model import ConnectionPoolPolicy, HTTPRoute, TrafficPolicy
 from .resilience import (CONNECT_FAILURE, RESET, TIMEOUT, CircuitBreaker, OutlierDetector, PercentSampler,
@@ -201,17 +201,18 @@ class WaypointProxy:
                             user_agent=req.header_map.get("user-agent", ""),
                             request_id=req.header_map.get("x-request-id") or f"{random.getrandbits(128):032x}")
         rec.trace = TraceContext.from_header(req.header_map.get("traceparent"))
+        rec.grpc = req.protocol == "HTTP/2" and grpc.is_grpc(req.header_map.get("content-type", ""))
         source = self.resolver.workload_by_ip(req.peer.source_ip)
         if source is not None:
             rec.source = source.peer_labels()
         try:
             await self._handle(req, body, sink, rec)
         except BodyError as err:
-            rec.flags.add("DPE" if err.status == 400 else "DC")
+            rec.flags.add("DPE" if err.status in (400, 413) else "DC")
             self.telemetry.metrics.rejected.labels(reason="bad_body", status=str(err.status)).inc()
             log.info("request body from %s:%d rejected: %s", req.peer.source_ip, req.peer.source_port, err.reason)
             if not sink.started:
-                await self._local_reply(sink, rec, err.status, err.reason)
+                await self._local_reply(sink, rec, err.status, err.reason, grpc_status=err.grpc_status)
             else:
                 raise
         except asyncio.CancelledError:
@@ -223,7 +224,14 @@ class WaypointProxy:
             self.telemetry.record(rec)
 
     async def _local_reply(self, sink: ResponseSink, rec: RequestRecord, status: int, text: str,
-                           extra: list[tuple[str, str]] = ()) -> None:
+                           extra: list[tuple[str, str]] = (), grpc_status: int | None = None) -> None:
+        if rec.grpc:
+            # gRPC clients read grpc-status: trailers-only, HTTP 200 (as Envoy's local replies).
+            code = grpc_status if grpc_status is not None else grpc.status_for_http(status)
+            rec.status, rec.grpc_status, rec.response_bytes = 200, str(code), 0
+            await sink.start(200, grpc.trailers_only(code, text), 0)
+            await sink.end()
+            return
         payload = (text + "\n").encode()
         rec.status = status
         rec.response_bytes = len(payload)

@@ -75,6 +75,7 @@ class RequestRecord:
     source: PeerLabels = UNKNOWN_PEER            # the client's workload (by source IP)
     destination: PeerLabels = UNKNOWN_PEER       # the endpoint that answered
     service: ServiceLabels = UNKNOWN_SERVICE     # the Service called (FQDN, name, namespace)
+    grpc: bool = False                           # a gRPC request (HTTP/2, application/grpc*)
     grpc_status: str = ""
     upstream_host: str = ""
     requested_address: str = ""               # ip:port the client dialled (the Service VIP via HBONE)
