@@ -20,6 +20,8 @@ import time
 from collections import deque
 from typing import Callable
 
+from shoal.framescan import FrameScanner
+
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 FRAME_HEADER = 9
 TYPE_HEADERS, TYPE_RST_STREAM, TYPE_CONTINUATION = 0x1, 0x3, 0x9
@@ -41,35 +43,15 @@ class FloodGuard:
         self.max_resets = max_resets
         self.window = window
         self._clock = clock
-        self._preface = len(PREFACE) if expect_preface else 0
-        self._skip = 0                  # payload bytes of the current frame still to pass
-        self._header = b""              # a frame header split across reads
+        self._frames = FrameScanner(FRAME_HEADER, lambda header: int.from_bytes(header[:3], "big"),
+                                    skip_first=len(PREFACE) if expect_preface else 0)
         self._block = -1                # bytes of the open header block; -1: none open
         self._resets: deque[float] = deque()
 
     def feed(self, data: bytes) -> str | None:
         """The violation in ``data`` (with what came before), or None."""
-        view = memoryview(data)
-        if self._preface:
-            taken = min(self._preface, len(view))
-            self._preface -= taken
-            view = view[taken:]
-        while len(view):
-            if self._skip:
-                taken = min(self._skip, len(view))
-                self._skip -= taken
-                view = view[taken:]
-                continue
-            need = FRAME_HEADER - len(self._header)
-            self._header += bytes(view[:need])
-            view = view[need:]
-            if len(self._header) < FRAME_HEADER:
-                return None
-            header, self._header = self._header, b""
-            length = int.from_bytes(header[:3], "big")
-            kind, flags = header[3], header[4]
-            self._skip = length
-            problem = self._frame(kind, flags, length)
+        for header in self._frames.feed(data):
+            problem = self._frame(header[3], header[4], int.from_bytes(header[:3], "big"))
             if problem is not None:
                 return problem
         return None

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
+from shoal.framescan import FrameScanner
+
 OK, UNKNOWN, DEADLINE_EXCEEDED, PERMISSION_DENIED, RESOURCE_EXHAUSTED = 0, 2, 4, 7, 8
 UNIMPLEMENTED, INTERNAL, UNAVAILABLE, UNAUTHENTICATED = 12, 13, 14, 16
 
@@ -43,24 +45,10 @@ class MessageSizeLimit:
 
     def __init__(self, limit: int = DEFAULT_MAX_MESSAGE) -> None:
         self.limit = limit
-        self._prefix = b""
-        self._skip = 0
+        self._messages = FrameScanner(5, lambda prefix: int.from_bytes(prefix[1:5], "big"))
 
     def feed(self, chunk: bytes) -> None:
-        view = memoryview(chunk)
-        while len(view):
-            if self._skip:
-                taken = min(self._skip, len(view))
-                self._skip -= taken
-                view = view[taken:]
-                continue
-            need = 5 - len(self._prefix)
-            self._prefix += bytes(view[:need])
-            view = view[need:]
-            if len(self._prefix) < 5:
-                return
-            length = int.from_bytes(self._prefix[1:5], "big")
-            self._prefix = b""
+        for prefix in self._messages.feed(chunk):
+            length = int.from_bytes(prefix[1:5], "big")
             if length > self.limit:
                 raise MessageTooLarge(f"gRPC message of {length} bytes (limit {self.limit})")
-            self._skip = length

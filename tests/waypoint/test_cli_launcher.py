@@ -117,15 +117,21 @@ def test_plan_ignores_other_gateway_classes_and_user_deployments():
     assert to_apply == [] and [d["metadata"]["name"] for d in to_delete] == ["waypoint"]
 
 
+def gateway_store(tmp_path) -> Store:
+    """A store with a node, namespace demo and a waypoint Gateway in it."""
+    store = Store(tmp_path / "store.db")
+    store.apply([{"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"}},
+                 {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo"}},
+                 {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                  "metadata": {"name": "waypoint", "namespace": "demo"},
+                  "spec": {"gatewayClassName": "shoal-waypoint"}}])
+    return store
+
+
 def test_deployment_removed_only_after_the_drain_period(tmp_path):
     now = [100.0]
-    store = Store(tmp_path / "store.db")
+    store = gateway_store(tmp_path)
     try:
-        store.apply([{"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"}},
-                     {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo"}},
-                     {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
-                      "metadata": {"name": "waypoint", "namespace": "demo"},
-                      "spec": {"gatewayClassName": "shoal-waypoint"}}])
         launcher = LocalWaypointLauncher(store, LAYOUT, drain_seconds=2.0, clock=lambda: now[0])
         launcher.reconcile()
         assert store.get("Deployment", "demo", "waypoint") is not None
@@ -179,13 +185,8 @@ def test_route_status_says_which_backend_is_missing(tmp_path):
 
 
 def test_gateway_is_programmed_once_its_waypoint_pod_is_ready(tmp_path):
-    store = Store(tmp_path / "store.db")
+    store = gateway_store(tmp_path)
     try:
-        store.apply([{"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"}},
-                     {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo"}},
-                     {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
-                      "metadata": {"name": "waypoint", "namespace": "demo"},
-                      "spec": {"gatewayClassName": "shoal-waypoint"}}])
         launcher = LocalWaypointLauncher(store, LAYOUT)
         launcher.reconcile()
 
