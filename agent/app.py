@@ -97,6 +97,12 @@ class AgentApp:
         # Records the reader discarded (busy or short) are lost to Hubble as well.
         return kernel + (self.reader.discarded if getattr(self, "reader", None) else 0)
 
+    def _proxy_cgroup(self, cgroup_id: int) -> None:
+        """The node proxy's sockets are exempt from capture by its cgroup (see cgroupid.py)."""
+        if cgroup_id != self.maps.proxy_cgroup():
+            log.info("node proxy runs in cgroup %d: its sockets are exempt from capture", cgroup_id)
+        self.maps.set_proxy_cgroup(cgroup_id)
+
     async def run(self) -> None:
         config = self.config
         # Load everything first: a program that fails to verify stops us here, attaching nothing.
@@ -110,7 +116,7 @@ class AgentApp:
         self.maps = DatapathMaps(config.pin_dir)
         self.metrics = AgentMetrics(self.registry, self.maps.counters, self.maps.cost_histograms)
         reconciler = MapReconciler(config.node, self.state, self.maps, self.metrics)
-        proxy = ZdsProxyLink(config.zds_socket)
+        proxy = ZdsProxyLink(config.zds_socket, on_proxy_cgroup=self._proxy_cgroup)
         programs = PodPrograms(self.datapath.tc_program_fd(), self.datapath.sk_lookup_program_fd(),
                                config.pin_dir / "links")
         enroller = Enroller(config.node, self.maps, programs, self._netns_resolver(), config.enrolment_state, proxy)

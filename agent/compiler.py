@@ -14,12 +14,16 @@ import zlib
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from shoal.agent.structs import ENDPOINT_LOCAL, ENDPOINT_MESHED, IDENTITY_ANY
+from shoal.agent.structs import ENDPOINT_LOCAL, ENDPOINT_MESHED, ENDPOINT_STRICT, IDENTITY_ANY
 from shoal.xds import model as m
 
 log = logging.getLogger(__name__)
 
 PROTO_TCP = socket.IPPROTO_TCP
+PROTO_UDP = socket.IPPROTO_UDP
+# Service port protocols -> the IP protocol the kernel balances (SCTP is not balanced).
+SERVICE_PROTOCOLS = {"TCP": PROTO_TCP, "HTTP": PROTO_TCP, "HTTP2": PROTO_TCP, "GRPC": PROTO_TCP, "": PROTO_TCP,
+                     "UDP": PROTO_UDP}
 
 
 def namespace_id(namespace: str) -> int:
@@ -52,24 +56,27 @@ class Skipped:
     reason: str
 
 
+def _address(text: str, what: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError as err:
+        raise ValueError(f"{what}: bad address {text!r}") from err
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return address.ipv4_mapped    # the data path keys IPv4 as mapped anyway: one form
+    return address
+
+
 def validate_workload(workload: m.Workload) -> None:
     """ValueError for a workload the data path cannot use (the stream client NACKs it)."""
-    try:
-        address = ipaddress.ip_address(workload.ip)
-    except ValueError as err:
-        raise ValueError(f"workload {workload.uid}: bad ip {workload.ip!r}") from err
-    if address.version != 4:
-        raise ValueError(f"workload {workload.uid}: only IPv4 pod addresses are supported ({workload.ip})")
+    for ip in workload.ips or (workload.ip,):
+        _address(ip, f"workload {workload.uid}")
     if not 0 < workload.identity < 2**32 or workload.identity in (1, 2):
         raise ValueError(f"workload {workload.uid}: identity {workload.identity} out of range or reserved")
 
 
 def validate_service(service: m.Service) -> None:
-    try:
-        if ipaddress.ip_address(service.vip).version != 4:
-            raise ValueError(f"service {service.key}: only IPv4 VIPs are supported ({service.vip})")
-    except ValueError as err:
-        raise ValueError(f"service {service.key}: bad vip {service.vip!r}") from err
+    for vip in service.vips or (service.vip,):
+        _address(vip, f"service {service.key}: vip")
     for port in service.ports:
         for value in (port.port, port.target_port):
             if not isinstance(value, int) or not 0 < value < 65536:
@@ -97,7 +104,7 @@ def validate(resource: object) -> None:
 
 
 def endpoints(workloads: Iterable[m.Workload], node: str) -> dict[str, Endpoint]:
-    """ipcache: every IPv4 workload in the cluster."""
+    """ipcache: every address (both families) of every workload in the cluster."""
     out = {}
     for workload in workloads:
         try:
@@ -105,14 +112,17 @@ def endpoints(workloads: Iterable[m.Workload], node: str) -> dict[str, Endpoint]
         except ValueError as err:
             log.warning("ipcache: skipping %s", err)
             continue
-        flags = (ENDPOINT_MESHED if workload.meshed else 0) | (ENDPOINT_LOCAL if workload.node == node else 0)
-        out[workload.ip] = Endpoint(workload.identity, namespace_id(workload.namespace), flags)
+        flags = ((ENDPOINT_MESHED if workload.meshed else 0) | (ENDPOINT_LOCAL if workload.node == node else 0)
+                 | (ENDPOINT_STRICT if workload.meshed and workload.mtls_mode == "STRICT" else 0))
+        for ip in workload.ips:
+            out[str(_address(ip, workload.uid))] = Endpoint(workload.identity, namespace_id(workload.namespace), flags)
     return out
 
 
-def services(all_services: Iterable[m.Service],
-             workload: Mapping[str, m.Workload]) -> dict[tuple[str, int], tuple[tuple[str, int], ...]]:
-    """(vip, port) -> backends (ip, target port), in a stable order."""
+def services(all_services: Iterable[m.Service], workload: Mapping[str, m.Workload]
+             ) -> dict[tuple[str, int, int], tuple[tuple[str, int], ...]]:
+    """(vip, port, IP protocol) -> backends (ip, target port), in a stable order, for
+    every ClusterIP of the Service; each VIP gets the backends' addresses of its own family."""
     out = {}
     for service in all_services:
         try:
@@ -120,11 +130,16 @@ def services(all_services: Iterable[m.Service],
         except ValueError as err:
             log.warning("services: skipping %s", err)
             continue
-        ips = sorted({workload[uid].ip for uid in service.endpoints if uid in workload})
-        for port in service.ports:
-            if port.protocol.upper() not in ("TCP", "HTTP", "HTTP2", "GRPC", ""):
-                continue
-            out[(service.vip, port.port)] = tuple((ip, port.target_port) for ip in ips)
+        members = [workload[uid] for uid in service.endpoints if uid in workload]
+        for vip in service.vips:
+            address = _address(vip, service.key)
+            family = m.IPV4 if address.version == 4 else m.IPV6
+            ips = sorted({str(_address(ip, w.uid)) for w in members if (ip := w.address(family))})
+            for port in service.ports:
+                proto = SERVICE_PROTOCOLS.get(port.protocol.upper())
+                if proto is None:
+                    continue
+                out[(str(address), port.port, proto)] = tuple((ip, port.target_port) for ip in ips)
     return out
 
 
@@ -171,7 +186,7 @@ def _rule_ports(rule: m.Rule) -> set[int]:
 
 def deny_entries(policies: Iterable[m.Authorization], workloads: Iterable[m.Workload]
                  ) -> tuple[dict[PolicyEntry, int], list[Skipped]]:
-    """Pure-L4 DENY rules as (src identity, dst identity, port, proto) -> rule id."""
+    """Pure-L4 DENY rules as (src identity, dst identity, port, proto) -> rule id, for TCP and UDP."""
     workloads = list(workloads)
     identities = {(w.namespace, w.service_account): w.identity for w in workloads}
     by_identity: dict[int, list[m.Workload]] = {}
@@ -207,8 +222,11 @@ def deny_entries(policies: Iterable[m.Authorization], workloads: Iterable[m.Work
             except ValueError as err:
                 skipped.append(Skipped(policy.key, f"rule {index}: {err}"))
                 continue
+            # An Istio L4 rule names ports, not protocols: it holds for TCP and, since UDP
+            # is not tunnelled and the kernel is its only enforcer, for UDP as well.
             for src in sources:
                 for dst in dst_identities:
                     for port in ports:
-                        entries.setdefault(PolicyEntry(src, dst, port, PROTO_TCP), the_id)
+                        for proto in (PROTO_TCP, PROTO_UDP):
+                            entries.setdefault(PolicyEntry(src, dst, port, proto), the_id)
     return entries, skipped

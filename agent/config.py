@@ -8,7 +8,7 @@ from pathlib import Path
 
 from shoal.agent.loader import FeatureFlags
 from shoal.config import (
-    PORT_AGENT_METRICS, PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND, PROXY_MARK, ClusterLayout,
+    PORT_AGENT_METRICS, PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND, ClusterLayout,
 )
 
 
@@ -46,7 +46,7 @@ class AgentConfig:
 
     @property
     def features(self) -> FeatureFlags:
-        return FeatureFlags(PROXY_MARK, PORT_OUTBOUND, PORT_INBOUND_PLAINTEXT, PORT_HBONE,
+        return FeatureFlags(PORT_OUTBOUND, PORT_INBOUND_PLAINTEXT, PORT_HBONE,
                             flow_events=self.flow_events)
 
 

@@ -15,7 +15,7 @@ import click
 from shoal.agent import bpfsys
 from shoal.agent.loader import CGROUP_PROGRAMS, PROGRAMS
 from shoal.agent.netns import NetnsError, tc_ingress_programs
-from shoal.agent.structs import ENDPOINT_LOCAL, ENDPOINT_MESHED
+from shoal.agent.structs import ENDPOINT_LOCAL, ENDPOINT_MESHED, ENDPOINT_STRICT
 from shoal.agent.uninstall import enrolment_state_path
 from shoal.config import ClusterLayout
 
@@ -50,8 +50,16 @@ def _programs(pin_dir: Path, cgroup: Path) -> list[dict]:
     return out
 
 
+_PROTO_NAMES = {6: "TCP", 17: "UDP"}
+
+
+def _hostport(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
 def _flags(flags: int) -> str:
-    names = [name for bit, name in ((ENDPOINT_MESHED, "meshed"), (ENDPOINT_LOCAL, "local")) if flags & bit]
+    names = [name for bit, name in ((ENDPOINT_MESHED, "meshed"), (ENDPOINT_LOCAL, "local"),
+                                    (ENDPOINT_STRICT, "strict")) if flags & bit]
     return ",".join(names) or "-"
 
 
@@ -81,10 +89,11 @@ def collect(layout: ClusterLayout, node: str) -> dict:
                          "sk_lookup": (pin_dir / "links" / f"sk_lookup_{cookie}").exists()})
         endpoints = [{"ip": ip, "identity": e.identity, "ns_id": e.ns_id, "flags": _flags(e.flags)}
                      for ip, e in sorted(maps.endpoints().items())]
-        services = [{"service": f"{vip}:{port}", "backends": [f"{ip}:{p}" for ip, p in backends]}
-                    for (vip, port), backends in sorted(maps.services().items())]
+        services = [{"service": _hostport(vip, port), "proto": _PROTO_NAMES.get(proto, str(proto)),
+                     "backends": [_hostport(ip, p) for ip, p in backends]}
+                    for (vip, port, proto), backends in sorted(maps.services().items())]
         policies = [{"src_identity": e.src_identity or "*", "dst_identity": e.dst_identity,
-                     "port": e.dport or "*", "proto": "TCP" if e.proto == 6 else e.proto, "rule_id": rule}
+                     "port": e.dport or "*", "proto": _PROTO_NAMES.get(e.proto, e.proto), "rule_id": rule}
                     for e, rule in sorted(maps.policies().items(), key=lambda kv: (kv[0].dst_identity, kv[0].src_identity, kv[0].dport))]
         counters = maps.counters()
         histograms = maps.cost_histograms()
@@ -99,7 +108,8 @@ def collect(layout: ClusterLayout, node: str) -> dict:
                 "programs": _programs(pin_dir, layout.node_cgroup(node)), "enrolled_pods": pods,
                 "identities": endpoints, "services": services, "policy_deny": policies,
                 "counters": {k: v for k, v in counters.items() if not k.endswith(("_ns", "_runs"))},
-                "capture_cost_ns": cost, "origdst_entries": maps.origdst_entries()}
+                "capture_cost_ns": cost, "origdst_entries": maps.origdst_entries(),
+                "proxy_cgroup": maps.proxy_cgroup()}
     finally:
         maps.close()
 
@@ -125,6 +135,7 @@ def render(report: dict) -> str:
     lines.append("counters")
     lines += [f"  {name:<24} {value}" for name, value in report["counters"].items()]
     lines.append(f"  {'origdst_entries':<24} {report['origdst_entries']}")
+    lines.append(f"node proxy cgroup id: {report['proxy_cgroup'] or 'not known yet (its sockets would be captured)'}")
     lines.append("in-kernel cost per run (ns, p50 / p99 / mean over runs):")
     lines += [f"  {program:<10} {c['p50']} / {c['p99']} / {c['mean']}  ({c['runs']} runs)"
               for program, c in report["capture_cost_ns"].items()] or ["  no runs yet"]

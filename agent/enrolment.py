@@ -167,7 +167,8 @@ class Enroller:
                           workload.service_account, workload.identity, path, cookie)
         await self.proxy.add(pod)                      # listeners open in the pod first
         await asyncio.to_thread(self.programs.attach, path, cookie)          # then inbound steering
-        self.maps.set_pod(cookie, workload.identity, workload.ip, namespace_id(workload.namespace))
+        self.maps.set_pod(cookie, workload.identity, workload.ip, namespace_id(workload.namespace),
+                          ip6=workload.address("IPv6") or None)
         self.enrolled[pod.uid] = pod
         self._save()
         log.info("enrolled %s/%s (%s, netns cookie %d)", pod.namespace, pod.name, pod.ip, cookie)

@@ -11,7 +11,7 @@ import ctypes
 import logging
 from dataclasses import dataclass
 
-from shoal.agent.structs import Direction, FlowRecord, Kind, Verdict, be32_to_ip
+from shoal.agent.structs import Direction, FlowRecord, Kind, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def decode(raw: bytes) -> KernelFlowEvent:
     except ValueError as err:
         raise MalformedRecord(str(err)) from err
     return KernelFlowEvent(
-        ts_ns=record.ts_ns, src_ip=be32_to_ip(record.src_ip), dst_ip=be32_to_ip(record.dst_ip),
+        ts_ns=record.ts_ns, src_ip=record.src_ip.text() or "0.0.0.0", dst_ip=record.dst_ip.text() or "0.0.0.0",
         src_port=record.src_port, dst_port=record.dst_port,
         protocol=_PROTOCOLS.get(record.protocol, str(record.protocol)),
         src_identity=record.src_identity, dst_identity=record.dst_identity,

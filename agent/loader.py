@@ -44,11 +44,20 @@ class ProgramSpec:
     expected_attach_type: int | None = None   # checked by the kernel at load time
 
 
+def _sock_addr(name: str, attach_type: int) -> ProgramSpec:
+    return ProgramSpec(name, f"{name}.c", f"shoal_{name}", "CGROUP_SOCK_ADDR", attach_type)
+
+
 PROGRAMS: tuple[ProgramSpec, ...] = (
-    ProgramSpec("connect4", "connect4.c", "shoal_connect4", "CGROUP_SOCK_ADDR", bpfsys.ATTACH_CGROUP_INET4_CONNECT),
+    _sock_addr("connect4", bpfsys.ATTACH_CGROUP_INET4_CONNECT),
+    _sock_addr("connect6", bpfsys.ATTACH_CGROUP_INET6_CONNECT),
     ProgramSpec("sockops", "sockops.c", "shoal_sockops", "SOCK_OPS", bpfsys.ATTACH_CGROUP_SOCK_OPS),
-    ProgramSpec("getpeername4", "getpeername4.c", "shoal_getpeername4", "CGROUP_SOCK_ADDR",
-                bpfsys.ATTACH_CGROUP_INET4_GETPEERNAME),
+    _sock_addr("getpeername4", bpfsys.ATTACH_CGROUP_INET4_GETPEERNAME),
+    _sock_addr("getpeername6", bpfsys.ATTACH_CGROUP_INET6_GETPEERNAME),
+    _sock_addr("sendmsg4", bpfsys.ATTACH_CGROUP_UDP4_SENDMSG),
+    _sock_addr("sendmsg6", bpfsys.ATTACH_CGROUP_UDP6_SENDMSG),
+    _sock_addr("recvmsg4", bpfsys.ATTACH_CGROUP_UDP4_RECVMSG),
+    _sock_addr("recvmsg6", bpfsys.ATTACH_CGROUP_UDP6_RECVMSG),
     ProgramSpec("tc_ingress", "tc_ingress.c", "shoal_tc_ingress", "SCHED_CLS", None),
     ProgramSpec("sk_lookup", "sk_lookup.c", "shoal_sk_lookup", bpfsys.PROG_TYPE_SK_LOOKUP, None,
                 bpfsys.ATTACH_SK_LOOKUP),
@@ -59,7 +68,6 @@ CGROUP_PROGRAMS = tuple(p for p in PROGRAMS if p.attach_type is not None)
 @dataclass(frozen=True)
 class FeatureFlags:
     """Compile-time switches, passed as -D flags (no text surgery on the C)."""
-    proxy_mark: int
     port_outbound: int
     port_inbound: int
     port_hbone: int
@@ -68,7 +76,6 @@ class FeatureFlags:
 
     def cflags(self) -> list[str]:
         return [
-            f"-DSHOAL_PROXY_MARK={self.proxy_mark:#x}",
             f"-DSHOAL_PORT_OUTBOUND={self.port_outbound}",
             f"-DSHOAL_PORT_INBOUND={self.port_inbound}",
             f"-DSHOAL_PORT_HBONE={self.port_hbone}",

@@ -6,6 +6,7 @@ code serves a fresh start, an update, and a restarted agent adopting pinned stat
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import os
 from pathlib import Path
 from typing import Mapping
@@ -13,9 +14,13 @@ from typing import Mapping
 from shoal.agent import bpfsys
 from shoal.agent.compiler import Endpoint, PolicyEntry
 from shoal.agent.structs import (
-    COST_BUCKETS, COST_PROGRAMS, MAPS, Counter, OrigDstKey, EndpointInfo, PodInfo, PolicyKey, PolicyValue, SvcKey, SvcValue,
-    be16_to_port, be32_to_ip, ip_to_be32, port_to_be16,
+    CONFIG_PROXY_CGROUP, CONFIG_PROXY_CGROUP_PREVIOUS, COST_BUCKETS, COST_PROGRAMS, MAPS, Addr, Counter,
+    EndpointInfo, OrigDstKey, PodInfo, PolicyKey, PolicyValue, SvcKey, SvcValue, be16_to_port, port_to_be16,
 )
+
+# services: (vip, port, IP protocol number) -> backends ((ip, target port), ...)
+ServiceKey = tuple[str, int, int]
+Backends = tuple[tuple[str, int], ...]
 
 U32 = ctypes.c_uint32
 U64 = ctypes.c_uint64
@@ -35,8 +40,12 @@ class DatapathMaps:
         self.fds.clear()
 
     # -- enrolled pods (netns cookie -> pod)
-    def set_pod(self, cookie: int, identity: int, ip: str, ns_id: int, flags: int = 0) -> None:
-        value = PodInfo(identity=identity, ip=ip_to_be32(ip), flags=flags, ns_id=ns_id)
+    def set_pod(self, cookie: int, identity: int, ip: str, ns_id: int, flags: int = 0, ip6: str | None = None) -> None:
+        """`ip` of either family; `ip6` the pod's IPv6 when it has both (flow events use
+        the address of the destination's family)."""
+        ip4 = ip if ipaddress.ip_address(ip).version == 4 else None
+        ip6 = ip6 or (ip if ip4 is None else None)
+        value = PodInfo(identity=identity, flags=flags, ns_id=ns_id, ip4=Addr.of(ip4), ip6=Addr.of(ip6))
         bpfsys.map_update(self.fds["enrolled_pods"], U64(cookie), value)
 
     def remove_pod(self, cookie: int) -> bool:
@@ -48,18 +57,34 @@ class DatapathMaps:
         for key in bpfsys.map_keys(fd, U64):
             value = PodInfo()
             if bpfsys.map_lookup(fd, key, value):
-                out[key.value] = {"identity": value.identity, "ip": be32_to_ip(value.ip),
-                                  "ns_id": value.ns_id, "flags": value.flags}
+                out[key.value] = {"identity": value.identity, "ip": value.ip4.text() or value.ip6.text(),
+                                  "ip6": value.ip6.text(), "ns_id": value.ns_id, "flags": value.flags}
         return out
 
-    # -- ipcache
+    # -- config: the node proxy's cgroup (its sockets are never captured)
+    def set_proxy_cgroup(self, cgroup_id: int) -> None:
+        """The proxy's cgroup; the one it replaces stays exempt too (a proxy restarted into a
+        new cgroup, as a Kubernetes container is, while the old one drains)."""
+        current = self.proxy_cgroup()
+        if current == cgroup_id:
+            return
+        if current:
+            bpfsys.map_update(self.fds["config"], U32(CONFIG_PROXY_CGROUP_PREVIOUS), U64(current))
+        bpfsys.map_update(self.fds["config"], U32(CONFIG_PROXY_CGROUP), U64(cgroup_id))
+
+    def proxy_cgroup(self) -> int:
+        value = U64()
+        bpfsys.map_lookup(self.fds["config"], U32(CONFIG_PROXY_CGROUP), value)
+        return value.value
+
+    # -- ipcache (addresses of both families)
     def endpoints(self) -> dict[str, Endpoint]:
         out = {}
         fd = self.fds["ipcache"]
-        for key in bpfsys.map_keys(fd, U32):
+        for key in bpfsys.map_keys(fd, Addr):
             value = EndpointInfo()
             if bpfsys.map_lookup(fd, key, value):
-                out[be32_to_ip(key.value)] = Endpoint(value.identity, value.ns_id, value.flags)
+                out[key.text()] = Endpoint(value.identity, value.ns_id, value.flags)
         return out
 
     def sync_endpoints(self, desired: Mapping[str, Endpoint]) -> int:
@@ -68,62 +93,62 @@ class DatapathMaps:
         changes = 0
         for ip, endpoint in desired.items():
             if current.get(ip) != endpoint:
-                bpfsys.map_update(fd, U32(ip_to_be32(ip)),
+                bpfsys.map_update(fd, Addr.of(ip),
                                   EndpointInfo(identity=endpoint.identity, ns_id=endpoint.ns_id, flags=endpoint.flags))
                 changes += 1
         for ip in current.keys() - desired.keys():
-            bpfsys.map_delete(fd, U32(ip_to_be32(ip)))
+            bpfsys.map_delete(fd, Addr.of(ip))
             changes += 1
         return changes
 
     # -- services
-    def services(self) -> dict[tuple[str, int], tuple[tuple[str, int], ...]]:
+    def services(self) -> dict[ServiceKey, Backends]:
         fd = self.fds["services"]
-        slots: dict[tuple[str, int], dict[int, tuple[str, int]]] = {}
-        counts: dict[tuple[str, int], int] = {}
+        slots: dict[ServiceKey, dict[int, tuple[str, int]]] = {}
+        counts: dict[ServiceKey, int] = {}
         for key in bpfsys.map_keys(fd, SvcKey):
             value = SvcValue()
             if not bpfsys.map_lookup(fd, key, value):
                 continue
-            service = (be32_to_ip(key.vip), be16_to_port(key.port))
+            service = (key.vip.text(), be16_to_port(key.port), key.proto)
             if key.slot == 0:
                 counts[service] = value.count
             else:
-                slots.setdefault(service, {})[key.slot] = (be32_to_ip(value.backend_ip), be16_to_port(value.backend_port))
+                slots.setdefault(service, {})[key.slot] = (value.backend.text(), be16_to_port(value.backend_port))
         out = {}
         for service in counts.keys() | slots.keys():
             backends = slots.get(service, {})
             out[service] = tuple(backends[slot] for slot in sorted(backends) if slot <= counts.get(service, 0))
         return out
 
-    def _service_slots(self) -> set[tuple[int, int, int]]:
-        return {(k.vip, k.port, k.slot) for k in bpfsys.map_keys(self.fds["services"], SvcKey)}
-
-    def sync_services(self, desired: Mapping[tuple[str, int], tuple[tuple[str, int], ...]]) -> int:
+    def sync_services(self, desired: Mapping[ServiceKey, Backends]) -> int:
         """Backends first, then the count; on shrink the count first, then the slots,
-        so connect4 never picks a slot that is not there."""
+        so connect never picks a slot that is not there."""
         fd = self.fds["services"]
         current = self.services()
-        present = self._service_slots()
+        present = {(k.vip.text(), be16_to_port(k.port), k.proto, k.slot)
+                   for k in bpfsys.map_keys(fd, SvcKey)}
+
+        def key(service: ServiceKey, slot: int) -> SvcKey:
+            vip, port, proto = service
+            return SvcKey(vip=Addr.of(vip), port=port_to_be16(port), proto=proto, slot=slot)
+
         changes = 0
-        for (vip, port), backends in desired.items():
-            if current.get((vip, port)) == tuple(backends) and (ip_to_be32(vip), port_to_be16(port), 0) in present:
+        for service, backends in desired.items():
+            if current.get(service) == tuple(backends) and (*service, 0) in present:
                 continue
-            vip32, port16 = ip_to_be32(vip), port_to_be16(port)
-            old_count = len(current.get((vip, port), ()))
+            old_count = len(current.get(service, ()))
             if len(backends) < old_count:
-                bpfsys.map_update(fd, SvcKey(vip=vip32, port=port16, slot=0), SvcValue(count=len(backends)))
+                bpfsys.map_update(fd, key(service, 0), SvcValue(count=len(backends)))
             for slot, (ip, target) in enumerate(backends, start=1):
-                bpfsys.map_update(fd, SvcKey(vip=vip32, port=port16, slot=slot),
-                                  SvcValue(backend_ip=ip_to_be32(ip), backend_port=port_to_be16(target)))
-            bpfsys.map_update(fd, SvcKey(vip=vip32, port=port16, slot=0), SvcValue(count=len(backends)))
+                bpfsys.map_update(fd, key(service, slot), SvcValue(backend=Addr.of(ip), backend_port=port_to_be16(target)))
+            bpfsys.map_update(fd, key(service, 0), SvcValue(count=len(backends)))
             for slot in range(len(backends) + 1, old_count + 1):
-                bpfsys.map_delete(fd, SvcKey(vip=vip32, port=port16, slot=slot))
+                bpfsys.map_delete(fd, key(service, slot))
             changes += 1
-        wanted = {(ip_to_be32(vip), port_to_be16(port)) for vip, port in desired}
-        for vip32, port16, slot in sorted(present, key=lambda s: s[2]):
-            if (vip32, port16) not in wanted:
-                bpfsys.map_delete(fd, SvcKey(vip=vip32, port=port16, slot=slot))
+        for vip, port, proto, slot in sorted(present, key=lambda s: s[3]):
+            if (vip, port, proto) not in desired:
+                bpfsys.map_delete(fd, key((vip, port, proto), slot))
                 changes += slot == 0
         return changes
 
@@ -178,7 +203,7 @@ class DatapathMaps:
         return len(bpfsys.map_keys(self.fds["origdst"], OrigDstKey))
 
     def origdst_cookie_entries(self) -> int:
-        """... and as getpeername4 sees them (by socket cookie)."""
+        """... and as getpeername sees them (by socket cookie)."""
         return len(bpfsys.map_keys(self.fds["origdst_by_cookie"], U64))
 
 

@@ -7,6 +7,9 @@ app socket's (netns cookie, ip, port), which is the accepted socket's peer.
     dests = OriginalDestinations(layout.bpf_pin_dir(node))
     ip, port = dests.lookup(accepted_sock)      # LookupError when not captured
 
+Both families: the accepted socket's peer is 127.0.0.1 (or ::ffff:127.0.0.1 on a dual-stack
+listener) for an IPv4 destination, ::1 for an IPv6 one; the answer is '10.0.0.5' or 'fd00::5'.
+
 No bcc needed: one bpf(2) lookup on the pinned map per accepted connection.
 """
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 
 from shoal.agent import bpfsys
 from shoal.agent.netns import socket_netns_cookie
-from shoal.agent.structs import OrigDst, OrigDstKey, be16_to_port, be32_to_ip, ip_to_be32
+from shoal.agent.structs import Addr, OrigDst, OrigDstKey, be16_to_port
 
 
 class OriginalDestinations:
@@ -30,11 +33,11 @@ class OriginalDestinations:
         return self.lookup_peer(socket_netns_cookie(sock), peer_ip, peer_port)
 
     def lookup_peer(self, netns_cookie: int, peer_ip: str, peer_port: int) -> tuple[str, int]:
-        key = OrigDstKey(netns_cookie=netns_cookie, ip=ip_to_be32(peer_ip), port=peer_port)
+        key = OrigDstKey(cookie=netns_cookie, ip=Addr.of(peer_ip), port=peer_port)
         value = OrigDst()
         if not bpfsys.map_lookup(self._fd, key, value):
             raise LookupError(f"no original destination for {peer_ip}:{peer_port} (netns {netns_cookie})")
-        return be32_to_ip(value.ip), be16_to_port(value.port)
+        return value.ip.text(), be16_to_port(value.port)
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Awaitable, Callable
 
+from shoal.agent.cgroupid import peer_cgroup_id
 from shoal.agent.enrolment import EnrolledPod
 from shoal.agent.ztunnel.zds import PodInfo, ZdsClient, ZdsError
 
@@ -23,8 +25,12 @@ class ProxyLinkError(RuntimeError):
 
 
 class ZdsProxyLink:
-    def __init__(self, path: Path | str, min_backoff: float = 0.1, max_backoff: float = 2.0):
+    def __init__(self, path: Path | str, min_backoff: float = 0.1, max_backoff: float = 2.0,
+                 on_proxy_cgroup: Callable[[int], None] | None = None):
+        """on_proxy_cgroup(id): called with the proxy's cgroup id on each connection, before
+        any pod is handed over (its sockets must be exempt from capture first)."""
         self.path = Path(path)
+        self.on_proxy_cgroup = on_proxy_cgroup
         self._client: ZdsClient | None = None
         self._synced = False
         self.min_backoff, self.max_backoff = min_backoff, max_backoff
@@ -54,6 +60,16 @@ class ZdsProxyLink:
         except ZdsError as err:
             raise ProxyLinkError(str(err)) from err
 
+    @staticmethod
+    def _proxy_cgroup(client: ZdsClient) -> int:
+        with socket.socket(fileno=os.dup(client.fileno())) as sock:
+            try:
+                return peer_cgroup_id(sock)
+            except OSError as err:
+                log.error("cannot learn the node proxy's cgroup (%s): its own connections would be "
+                          "captured, so no pod is handed to it", err)
+                raise ProxyLinkError(f"proxy cgroup unknown: {err}") from err
+
     async def run(self, replay: Callable[["ZdsProxyLink"], Awaitable[None]],
                   on_synced: Callable[[], Awaitable[None]] | None = None) -> None:
         """Forever: connect, replay (under the enroller's lock), snapshot_sent, wait for loss."""
@@ -62,6 +78,8 @@ class ZdsProxyLink:
             client = ZdsClient(self.path)
             try:
                 await client.connect()
+                if self.on_proxy_cgroup is not None:
+                    self.on_proxy_cgroup(self._proxy_cgroup(client))
                 self._client = client
                 await replay(self)
                 await client.snapshot_sent()

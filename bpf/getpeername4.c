@@ -1,21 +1,13 @@
-/* cgroup/getpeername4 on the node's root cgroup: a captured app asks who it talks to.
+/* cgroup/getpeername4: a captured app sees the destination it connected to (not the
+ * proxy's 127.0.0.1:15001), a connected UDP socket the VIP (not the backend).
  *
- * Its socket is really connected to the proxy's 127.0.0.1:15001; without this program
- * getpeername() would say so and break apps that log or check their peer. The
- * original destination stays keyed by socket cookie for the connection's lifetime
- * (sockops deletes it on close), so the answer is one lookup.
+ * Attached to the node's root cgroup. All logic is shared with the other family's
+ * entry point in lib/sock.h; this file only says which fields of bpf_sock_addr hold
+ * the address (user_ip4).
  */
-#include "lib/helpers.h"
+#include "lib/sock.h"
 
 int shoal_getpeername4(struct bpf_sock_addr *ctx)
 {
-    if (ctx->user_ip4 != bpf_htonl(0x7f000001) || ctx->user_port != bpf_htons(SHOAL_PORT_OUTBOUND))
-        return 1;
-    __u64 cookie = bpf_get_socket_cookie(ctx);
-    struct orig_dst *orig = bpf_map_lookup_elem(SHOAL_MAP(origdst_by_cookie), &cookie);
-    if (!orig)
-        return 1;
-    ctx->user_ip4 = orig->ip;
-    ctx->user_port = orig->port;
-    return 1;
+    return sock_getpeername(ctx, FAMILY_V4);
 }

@@ -8,7 +8,7 @@
  * the TIME_WAIT. tc writes the proxy_listeners entry (pod IP, 15006) right before it
  * hands such a SYN over; without an entry this program drops, never picks the app.
  * Loopback is left alone: the proxy delivers to the app there, and pod-local
- * connects are captured by connect4.
+ * connects are captured by connect4/6. Both families: keys are struct shoal_addr.
  */
 #include "lib/helpers.h"
 
@@ -16,7 +16,7 @@
 
 int shoal_sk_lookup(struct bpf_sk_lookup *ctx)
 {
-    if (ctx->family != 2 /* AF_INET */ || ctx->protocol != IPPROTO_TCP)
+    if (ctx->protocol != IPPROTO_TCP)
         return SK_PASS;
     if (ctx->ingress_ifindex == LOOPBACK_IFINDEX)
         return SK_PASS;
@@ -24,7 +24,15 @@ int shoal_sk_lookup(struct bpf_sk_lookup *ctx)
      * the listener runs through here too, and must find it before the entry exists. */
     if (ctx->local_port == SHOAL_PORT_INBOUND || ctx->local_port == SHOAL_PORT_HBONE)
         return SK_PASS;
-    struct listener_key key = { .ip = ctx->local_ip4, .port = SHOAL_PORT_INBOUND };
+    struct listener_key key = { .port = SHOAL_PORT_INBOUND };
+    if (ctx->family == 2 /* AF_INET */) {
+        key.ip = addr_from_v4(ctx->local_ip4);
+    } else {
+        key.ip.w[0] = ctx->local_ip6[0];
+        key.ip.w[1] = ctx->local_ip6[1];
+        key.ip.w[2] = ctx->local_ip6[2];
+        key.ip.w[3] = ctx->local_ip6[3];
+    }
     struct bpf_sock *proxy = bpf_map_lookup_elem(SHOAL_MAP(proxy_listeners), &key);
     if (!proxy)
         return SK_DROP;   /* no proxy listener known: fail closed, never the app's */

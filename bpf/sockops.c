@@ -3,24 +3,37 @@
  *
  * ACTIVE_ESTABLISHED runs on the app's socket while the SYN-ACK is processed, before
  * the final ACK leaves, so the entry exists before the proxy can accept() the
- * connection. Both entries (by tuple for the proxy, by cookie for getpeername4) are
- * deleted when the app socket closes (STATE_CB).
+ * connection. Both entries (by tuple for the proxy, by cookie for getpeername) are
+ * deleted when the app socket closes (STATE_CB). Both families: an AF_INET6 app socket
+ * captured to ::ffff:127.0.0.1 or ::1 is keyed like an AF_INET one (see tuple_key).
  */
 #include "lib/helpers.h"
 
+#define AF_INET_ 2
+#define AF_INET6_ 10
+
+/* The app socket's local address is the proxy's peer: 127.0.0.1 (also as
+ * ::ffff:127.0.0.1 from an AF_INET6 socket) or ::1, one key form for all three. */
 static __always_inline struct origdst_key tuple_key(struct bpf_sock_ops *skops)
 {
     struct origdst_key key = {
-        .netns_cookie = bpf_get_netns_cookie(skops),
-        .ip = skops->local_ip4,
+        .cookie = bpf_get_netns_cookie(skops),
         .port = (__u16)skops->local_port,
     };
+    if (skops->family == AF_INET_) {
+        key.ip = addr_from_v4(skops->local_ip4);
+    } else {
+        key.ip.w[0] = skops->local_ip6[0];
+        key.ip.w[1] = skops->local_ip6[1];
+        key.ip.w[2] = skops->local_ip6[2];
+        key.ip.w[3] = skops->local_ip6[3];
+    }
     return key;
 }
 
 int shoal_sockops(struct bpf_sock_ops *skops)
 {
-    if (skops->family != 2 /* AF_INET */)
+    if (skops->family != AF_INET_ && skops->family != AF_INET6_)
         return 1;
     __u32 op = skops->op;
     if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {

@@ -226,6 +226,12 @@ class ZdsClient:
     def connected(self) -> bool:
         return self._sock is not None and not self._closed.is_set()
 
+    def fileno(self) -> int:
+        """The connected socket's fd (the agent reads the proxy's credentials from it)."""
+        if self._sock is None:
+            raise ZdsError("not connected")
+        return self._sock.fileno()
+
     async def connect(self) -> None:
         await self.close()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)

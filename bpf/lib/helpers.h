@@ -39,9 +39,68 @@ static __always_inline void emit_flow(struct flow_event *event)
 #endif
 }
 
-static __always_inline __u32 identity_of(__u32 ip)
+/* -- addresses of both families (struct shoal_addr, see shoal.h) */
+
+#define V4_MAPPED_PREFIX 0x0000ffff  /* w[2] of ::ffff:a.b.c.d, host order */
+
+static __always_inline struct shoal_addr addr_from_v4(__u32 ip4)
 {
-    struct endpoint_info *endpoint = bpf_map_lookup_elem(SHOAL_MAP(ipcache), &ip);
+    struct shoal_addr a = { .w = { 0, 0, bpf_htonl(V4_MAPPED_PREFIX), ip4 } };
+    return a;
+}
+
+static __always_inline int addr_is_v4(const struct shoal_addr *a)
+{
+    return a->w[0] == 0 && a->w[1] == 0 && a->w[2] == bpf_htonl(V4_MAPPED_PREFIX);
+}
+
+static __always_inline int addr_equal(const struct shoal_addr *a, const struct shoal_addr *b)
+{
+    return a->w[0] == b->w[0] && a->w[1] == b->w[1] && a->w[2] == b->w[2] && a->w[3] == b->w[3];
+}
+
+/* 127.0.0.0/8 (also as ::ffff:127.x.y.z) or ::1: the pod's own loopback. */
+static __always_inline int addr_is_loopback(const struct shoal_addr *a)
+{
+    if (addr_is_v4(a))
+        return (bpf_ntohl(a->w[3]) & 0xff000000) == 0x7f000000;
+    return a->w[0] == 0 && a->w[1] == 0 && a->w[2] == 0 && a->w[3] == bpf_htonl(1);
+}
+
+/* Where a captured connect() goes: the proxy's in-pod outbound listener, on the
+ * loopback of the destination's family (127.0.0.1 as mapped for IPv4, ::1 for IPv6). */
+static __always_inline struct shoal_addr addr_proxy_outbound(const struct shoal_addr *dst)
+{
+    if (addr_is_v4(dst))
+        return addr_from_v4(bpf_htonl(0x7f000001));
+    struct shoal_addr loopback6 = { .w = { 0, 0, 0, bpf_htonl(1) } };
+    return loopback6;
+}
+
+/* The node proxy's own sockets are never captured, balanced or denied. Keyed on the
+ * cgroup of the task calling connect()/sendmsg() (the agent stores the proxy's cgroup
+ * id in the config map): a socket mark is a value any CAP_NET_ADMIN process can set,
+ * a cgroup is placed by the node (kubelet / local cluster), not by the pod. */
+static __always_inline int from_node_proxy(void)
+{
+    __u64 caller = bpf_get_current_cgroup_id();
+    __u32 slot = CONFIG_PROXY_CGROUP;
+    __u64 *proxy = bpf_map_lookup_elem(SHOAL_MAP(config), &slot);
+    if (proxy && *proxy == caller)
+        return 1;
+    slot = CONFIG_PROXY_CGROUP_PREVIOUS;
+    proxy = bpf_map_lookup_elem(SHOAL_MAP(config), &slot);
+    return proxy && *proxy == caller;
+}
+
+static __always_inline struct endpoint_info *endpoint_of(const struct shoal_addr *ip)
+{
+    return bpf_map_lookup_elem(SHOAL_MAP(ipcache), (void *)ip);
+}
+
+static __always_inline __u32 identity_of(const struct shoal_addr *ip)
+{
+    struct endpoint_info *endpoint = endpoint_of(ip);
     return endpoint ? endpoint->identity : IDENTITY_WORLD;
 }
 

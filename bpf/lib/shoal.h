@@ -9,6 +9,8 @@
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/udp.h>
 #include <uapi/linux/tcp.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/pkt_cls.h>
@@ -16,9 +18,6 @@
 /* Build-time feature flags, passed by the loader with -D (see agent/loader.py). */
 #ifndef SHOAL_PIN_DIR
 #error "SHOAL_PIN_DIR (the per-node bpffs directory) must be defined by the loader"
-#endif
-#ifndef SHOAL_PROXY_MARK
-#define SHOAL_PROXY_MARK 0x539
 #endif
 #ifndef SHOAL_PORT_OUTBOUND
 #define SHOAL_PORT_OUTBOUND 15001
@@ -47,6 +46,7 @@
 /* endpoint_info.flags */
 #define ENDPOINT_MESHED 0x1
 #define ENDPOINT_LOCAL  0x2
+#define ENDPOINT_STRICT 0x4   /* PeerAuthentication STRICT: no plaintext from outside the mesh */
 
 /* flow_event.verdict */
 #define VERDICT_FORWARDED  1
@@ -63,8 +63,20 @@
 #define KIND_TC      3
 
 /* Drop reasons, Hubble/Cilium codes where one fits. */
+#define DROP_INVALID_PACKET     134 /* IPv4 options, truncated headers */
+#define DROP_INVALID_EXTHDR     156 /* an IPv6 extension header we do not walk, or too many of them */
+#define DROP_FRAGMENT           157 /* IPv4 or IPv6 fragment: reassembly happens after tc */
+#define DROP_NO_BACKEND         158 /* a Service VIP with no backend: ECONNREFUSED */
 #define DROP_POLICY_DENY        181 /* an explicit DENY rule matched */
 #define DROP_PROXY_UNAVAILABLE  182 /* meshed pod but the proxy's in-pod listener is absent: fail closed */
+#define DROP_AUTH_REQUIRED      189 /* STRICT: plaintext UDP from outside the mesh */
+
+/* config (an array of u64 written by the agent) */
+enum shoal_config {
+    CONFIG_PROXY_CGROUP = 0,    /* cgroup v2 id of the node proxy: its sockets are never captured */
+    CONFIG_PROXY_CGROUP_PREVIOUS, /* the one before a proxy restart moved it (a draining proxy still dials) */
+    CONFIG_MAX,
+};
 
 /* counters (a per-CPU array, summed by the agent) */
 enum shoal_counter {
@@ -72,8 +84,8 @@ enum shoal_counter {
     COUNTER_CONNECT_REDIRECTED,
     COUNTER_CONNECT_BALANCED,
     COUNTER_CONNECT_DENIED,
-    COUNTER_CONNECT_SKIPPED_MARK,
-    COUNTER_CONNECT_NS,         /* total ns spent in connect4 for captured/balanced sockets */
+    COUNTER_CONNECT_SKIPPED_PROXY, /* the node proxy's own connect()/sendmsg() (by cgroup) */
+    COUNTER_CONNECT_NS,         /* total ns spent in connect4/6 for captured/balanced sockets */
     COUNTER_CONNECT_RUNS,       /* ... and how many such runs */
     COUNTER_ORIGDST_RECORDED,
     COUNTER_TC_STEERED,
@@ -83,7 +95,13 @@ enum shoal_counter {
     COUNTER_TC_RUNS,
     COUNTER_SOCKOPS_NS,
     COUNTER_SOCKOPS_RUNS,
-    COUNTER_TC_MALFORMED,       /* dropped: IPv4 options, fragments, truncated TCP, TCP over IPv6 */
+    COUNTER_TC_MALFORMED,       /* dropped: IPv4 options, fragments, truncated headers, IPv6 ext headers we do not walk */
+    COUNTER_NO_BACKEND,         /* connect()/sendmsg() to a VIP without backends: ECONNREFUSED */
+    COUNTER_UDP_BALANCED,       /* sendmsg() to a VIP rewritten to a backend */
+    COUNTER_UDP_DENIED,         /* UDP connect()/sendmsg() refused by a DENY rule */
+    COUNTER_UDP_REVNAT,         /* recvmsg() source restored to the VIP */
+    COUNTER_TC_UDP_DENIED,      /* inbound UDP dropped by a DENY rule */
+    COUNTER_TC_UDP_STRICT,      /* inbound plaintext UDP from outside the mesh dropped under STRICT */
     COUNTER_MAX,
 };
 
@@ -99,15 +117,25 @@ enum shoal_cost_program {
     COST_PROGRAMS,
 };
 
+/* An address of either family, network order: IPv6 as is, IPv4 as the mapped
+ * ::ffff:a.b.c.d (RFC 4291). One key type for both families, so an AF_INET6 socket
+ * dialling ::ffff:a.b.c.d looks up exactly the entries an AF_INET socket dialling
+ * a.b.c.d does: same maps, same decisions. */
+struct shoal_addr {
+    __u32 w[4];
+};
+
 /* enrolled_pods: netns cookie -> meshed pod on this node. */
 struct pod_info {
     __u32 identity;
-    __u32 ip;        /* network byte order */
     __u32 flags;
     __u32 ns_id;
+    __u32 pad;
+    struct shoal_addr ip4;   /* mapped; all zero when the pod has no IPv4 */
+    struct shoal_addr ip6;   /* all zero when the pod has no IPv6 */
 };
 
-/* ipcache: IPv4 (network order) -> every workload in the cluster. */
+/* ipcache: every workload address in the cluster (both families) -> identity. */
 struct endpoint_info {
     __u32 identity;
     __u32 ns_id;
@@ -115,17 +143,21 @@ struct endpoint_info {
     __u32 pad;
 };
 
-/* services: (vip, port, slot). Slot 0 is the service itself (count of backends),
- * slots 1..count are the backends, as Cilium's lb4 maps: the agent writes the
- * backends before raising the count, and lowers the count before deleting. */
+/* services: (vip, port, protocol, slot). Slot 0 is the service itself (count of
+ * backends), slots 1..count are the backends, as Cilium's lb maps: the agent writes
+ * the backends before raising the count, and lowers the count before deleting.
+ * A service with count 0 exists and has no backend: connect()/sendmsg() get
+ * ECONNREFUSED. A backend has the VIP's family (the agent pairs them). */
 struct svc_key {
-    __u32 vip;       /* network order */
+    struct shoal_addr vip;
     __u16 port;      /* network order */
     __u16 slot;
+    __u8  proto;     /* IPPROTO_TCP or IPPROTO_UDP */
+    __u8  pad[3];
 };
 
 struct svc_value {
-    __u32 backend_ip;    /* network order; 0 in slot 0 */
+    struct shoal_addr backend;   /* all zero in slot 0 */
     __u16 backend_port;  /* network order */
     __u16 count;         /* slot 0 only */
 };
@@ -145,31 +177,33 @@ struct policy_value {
 
 /* proxy_listeners (a SOCKHASH): the proxy's in-pod listener for (pod IP, port). */
 struct listener_key {
-    __u32 ip;        /* network order */
+    struct shoal_addr ip;
     __u32 port;      /* host order: 15006 or 15008 */
 };
 
-/* Original destination of a captured connect(). */
+/* Original destination of a captured connect(); also the VIP of a UDP reverse entry. */
 struct orig_dst {
-    __u32 ip;        /* network order */
+    struct shoal_addr ip;
     __u16 port;      /* network order */
     __u16 pad;
 };
 
 /* origdst: the proxy's accepted socket's peer (the app's socket) -> orig_dst.
- * Keyed with the netns cookie because every pod's loopback is 127.0.0.1. */
+ * Keyed with the netns cookie because every pod's loopback is 127.0.0.1.
+ * udp_revnat uses the same key with the socket cookie and the backend it was sent to. */
 struct origdst_key {
-    __u64 netns_cookie;
-    __u32 ip;        /* network order */
-    __u16 port;      /* host order */
+    __u64 cookie;
+    struct shoal_addr ip;
+    __u16 port;      /* origdst: host order; udp_revnat: network order */
     __u16 pad;
+    __u32 pad2;
 };
 
 /* One flow event record in the ring buffer. */
 struct flow_event {
     __u64 ts_ns;
-    __u32 src_ip;        /* network order */
-    __u32 dst_ip;        /* network order */
+    struct shoal_addr src_ip;
+    struct shoal_addr dst_ip;
     __u16 src_port;      /* host order */
     __u16 dst_port;      /* host order */
     __u32 src_identity;

@@ -43,7 +43,7 @@ BPF_RINGBUF_OUTPUT(events, PAGES);
 BPF_ARRAY(lost, u64, 1);
 
 struct record {            /* same layout as shoal.agent.structs.FlowRecord */
-    u64 ts_ns; u32 src_ip, dst_ip; u16 src_port, dst_port;
+    u64 ts_ns; u32 src_ip[4], dst_ip[4]; u16 src_port, dst_port;   /* IPv4 as ::ffff:a.b.c.d */
     u32 src_identity, dst_identity, rule_id;
     u8 protocol, verdict, direction, kind, tcp_flags, drop_reason; u16 pad;
 };
@@ -52,7 +52,8 @@ int produce(struct __sk_buff *skb)
 {
     struct record r = {};
     r.ts_ns = bpf_ktime_get_ns();
-    r.src_ip = 0x0201F40A; r.dst_ip = 0x0301F40A; r.src_port = 40000; r.dst_port = 8080;
+    r.src_ip[2] = r.dst_ip[2] = 0xFFFF0000;
+    r.src_ip[3] = 0x0201F40A; r.dst_ip[3] = 0x0301F40A; r.src_port = 40000; r.dst_port = 8080;
     r.src_identity = 1001; r.dst_identity = 1002;
     r.protocol = 6; r.verdict = 1; r.direction = 2; r.kind = 3; r.tcp_flags = 2;
     if (events.ringbuf_output(&r, sizeof(r), 0) != 0) {

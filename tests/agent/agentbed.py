@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND, PROXY_MARK, ClusterLayout
+from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND, ClusterLayout
 
 HERE = Path(__file__).resolve().parent
 CGROUP_ROOT = Path("/sys/fs/cgroup/unified")
@@ -35,43 +35,58 @@ class Pod:
     netns: str
     ip: str
     cgroup: Path
+    ip6: str = ""
 
     @property
     def netns_path(self) -> str:
         return f"/run/netns/{self.netns}"
 
-    def listen(self, port: int, host: str = "0.0.0.0") -> socket.socket:
-        """A listener created inside the pod's namespace (as the node proxy does)."""
+    def listen(self, port: int, host: str = "0.0.0.0", udp: bool = False) -> socket.socket:
+        """A listener (or a bound UDP socket) created inside the pod's namespace (as the
+        node proxy does). An IPv6 host gets a V6ONLY socket: the IPv4 one is separate."""
         from shoal.agent.netns import in_netns
 
         def make() -> socket.socket:
-            sock = socket.socket()
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind((host, port))
-            sock.listen(64)
+            if not udp:
+                sock.listen(64)
             sock.settimeout(3)
             return sock
         return in_netns(self.netns_path, make)
 
-    def spawn(self, *argv: str) -> subprocess.Popen:
-        """A process in the pod: its netns and its cgroup (below the node's)."""
+    def spawn(self, *argv: str, cgroup: Path | None = None) -> subprocess.Popen:
+        """A process in the pod: its netns and its cgroup (below the node's), or `cgroup`
+        (the node proxy's, say: it works inside pod namespaces from its own cgroup)."""
         # A shell joins the cgroup and execs: no preexec_fn (Python in a child forked from a
         # process running gRPC threads can deadlock).
         script = 'echo $$ > "$0" && exec ip netns exec "$@"'
-        return subprocess.Popen(["sh", "-c", script, str(self.cgroup / "cgroup.procs"), self.netns, *argv],
+        procs = (cgroup or self.cgroup) / "cgroup.procs"
+        return subprocess.Popen(["sh", "-c", script, str(procs), self.netns, *argv],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def connect(self, host: str, port: int, *, sport: int = 0, mark: int = 0, timeout: float = 2.0,
-                hold: float = 0.0, again: bool = False, wait: bool = True):
+                hold: float = 0.0, again: bool = False, wait: bool = True, family: int = 0,
+                udp: str | None = None, cgroup: Path | None = None):
+        """podclient.py in this pod: family=6 dials from an AF_INET6 socket (HOST may be
+        ::ffff:a.b.c.d); udp='connect'/'sendto' sends one datagram and waits for the reply."""
         argv = [sys.executable, str(HERE / "podclient.py"), host, str(port), "--timeout", str(timeout),
                 "--hold", str(hold)]
+        if family:
+            argv += ["--family", str(family)]
+        if udp:
+            argv += ["--udp", udp]
         if sport:
             argv += ["--sport", str(sport)]
         if mark:
             argv += ["--mark", str(mark)]
         if again:
             argv.append("--again")
-        proc = self.spawn(*argv)
+        proc = self.spawn(*argv, cgroup=cgroup)
         if not wait:
             return proc
         return finish(proc)
@@ -158,10 +173,17 @@ class Bed:
     a: Pod
     b: Pod
 
+    @property
+    def proxy_cgroup(self) -> Path:
+        """Where the local cluster runs the node proxy (below the node's cgroup, so the
+        programs do run for its sockets: only its cgroup id exempts them)."""
+        return ClusterLayout(name=self.tag).system_cgroup("node-1", "proxy")
+
 
 @pytest.fixture(scope="module")
 def agent_bed(request):
-    """Pods a (10.99.0.2) and b (10.99.0.3) joined by a veth pair, plus node cgroup and pin dir."""
+    """Pods a (10.99.0.2, fd00:99::2) and b (10.99.0.3, fd00:99::3) joined by a veth pair,
+    plus node cgroup and pin dir."""
     if os.geteuid() != 0:
         pytest.skip("needs root: network namespaces, cgroups and eBPF")
     tag = f"shoal-t{os.getpid()}-{zlib.crc32(request.module.__name__.encode()) % 10000}"
@@ -169,8 +191,8 @@ def agent_bed(request):
     pin_dir = ClusterLayout(name=tag).bpf_pin_dir("node-1")
     # named as the local cluster names them, so a real agent process finds them
     layout = ClusterLayout(name=tag)
-    pods = [Pod(name, layout.pod_netns("t", name), ip, layout.pod_cgroup("node-1", "t", name))
-            for name, ip in (("a", "10.99.0.2"), ("b", "10.99.0.3"))]
+    pods = [Pod(name, layout.pod_netns("t", name), ip, layout.pod_cgroup("node-1", "t", name), ip6)
+            for name, ip, ip6 in (("a", "10.99.0.2", "fd00:99::2"), ("b", "10.99.0.3", "fd00:99::3"))]
     try:
         for pod in pods:
             _sh("ip", "netns", "add", pod.netns)
@@ -180,6 +202,7 @@ def agent_bed(request):
             "netns", pods[1].netns)
         for pod in pods:
             _sh("ip", "-n", pod.netns, "addr", "add", f"{pod.ip}/24", "dev", "eth0")
+            _sh("ip", "-n", pod.netns, "addr", "add", f"{pod.ip6}/64", "dev", "eth0", "nodad")
             _sh("ip", "-n", pod.netns, "link", "set", "eth0", "up")
         yield Bed(tag, pin_dir, node_cgroup, *pods)
     finally:
@@ -207,16 +230,71 @@ def cleanup_bed(tag: str, pods: list[Pod], node_cgroup: Path, pin_dir: Path) -> 
 def datapath(agent_bed):
     """The real programs, loaded, pinned and attached to the bed's node cgroup."""
     from shoal.agent.loader import Datapath, FeatureFlags
+    from shoal.agent.cgroupid import cgroup_id
     from shoal.agent.mapsync import DatapathMaps
     from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND
-    dp = Datapath(agent_bed.pin_dir, FeatureFlags(PROXY_MARK, PORT_OUTBOUND, PORT_INBOUND_PLAINTEXT, PORT_HBONE))
+    dp = Datapath(agent_bed.pin_dir, FeatureFlags(PORT_OUTBOUND, PORT_INBOUND_PLAINTEXT, PORT_HBONE))
     dp.start(agent_bed.node_cgroup)
     maps = DatapathMaps(agent_bed.pin_dir)
+    agent_bed.proxy_cgroup.mkdir(parents=True, exist_ok=True)
+    maps.set_proxy_cgroup(cgroup_id(agent_bed.proxy_cgroup))
     try:
         yield dp, maps
     finally:
         maps.close()
         dp.close()
+
+
+ID_A, ID_B = 1001, 1002
+
+
+def _imports():
+    """The agent's modules, imported when a fixture runs (collection needs no bcc)."""
+    from shoal.agent.flowevents import decode
+    from shoal.agent.netns import netns_cookie
+    from shoal.agent.ringbuf import RingReader
+    from shoal.agent.structs import RINGBUF_BYTES
+    return decode, netns_cookie, RingReader, RINGBUF_BYTES
+
+
+@pytest.fixture
+def events(datapath):
+    decode, _netns_cookie, RingReader, RINGBUF_BYTES = _imports()
+    _dp, maps = datapath
+    seen = []
+    reader = RingReader(maps.fds["flow_events"], RINGBUF_BYTES, lambda batch: seen.extend(map(decode, batch)))
+    reader.consume()
+    seen.clear()
+    yield reader, seen
+    reader.stop()
+
+
+@pytest.fixture
+def meshed_a(agent_bed, datapath):
+    """Pod a enrolled: its netns cookie in the map, a proxy stand-in on 127.0.0.1:15001."""
+    netns_cookie = _imports()[1]
+    _dp, maps = datapath
+    cookie = netns_cookie(agent_bed.a.netns_path)
+    maps.set_pod(cookie, ID_A, agent_bed.a.ip, ns_id=7, ip6=agent_bed.a.ip6)
+    proxy = agent_bed.a.listen(PORT_OUTBOUND, host="127.0.0.1")
+    yield proxy
+    proxy.close()
+    maps.remove_pod(cookie)
+
+
+@pytest.fixture
+def meshed_b(agent_bed, datapath):
+    """Pod b enrolled for inbound: tc steering, proxy stand-ins on 15006 and 15008, an app on 8080."""
+    netns_cookie = _imports()[1]
+    dp, _maps = datapath
+    programs = pod_programs(dp, agent_bed)
+    cookie = netns_cookie(agent_bed.b.netns_path)
+    programs.attach(agent_bed.b.netns_path, cookie)
+    listeners = {port: agent_bed.b.listen(port) for port in (PORT_INBOUND_PLAINTEXT, PORT_HBONE, 8080)}
+    yield listeners
+    for sock in listeners.values():
+        sock.close()
+    programs.detach(agent_bed.b.netns_path, cookie)
 
 
 def pod_programs(dp, bed: Bed):

@@ -16,49 +16,11 @@ from shoal.agent.netns import netns_cookie, tc_ingress_programs
 from shoal.agent.origdst import OriginalDestinations
 from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND, PROXY_MARK
 
-from tests.agent.agentbed import finish, pod_programs, serve_once
+from tests.agent.agentbed import ID_A, ID_B, finish, pod_programs, serve_once
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 
-ID_A, ID_B = 1001, 1002
 VIP = "10.96.7.7"
-
-
-@pytest.fixture
-def events(datapath):
-    _dp, maps = datapath
-    seen = []
-    reader = RingReader(maps.fds["flow_events"], RINGBUF_BYTES, lambda batch: seen.extend(map(decode, batch)))
-    reader.consume()
-    seen.clear()
-    yield reader, seen
-    reader.stop()
-
-
-@pytest.fixture
-def meshed_a(agent_bed, datapath):
-    """Pod a enrolled: its netns cookie in the map, a proxy stand-in on 127.0.0.1:15001."""
-    _dp, maps = datapath
-    cookie = netns_cookie(agent_bed.a.netns_path)
-    maps.set_pod(cookie, ID_A, agent_bed.a.ip, ns_id=7)
-    proxy = agent_bed.a.listen(PORT_OUTBOUND, host="127.0.0.1")
-    yield proxy
-    proxy.close()
-    maps.remove_pod(cookie)
-
-
-@pytest.fixture
-def meshed_b(agent_bed, datapath):
-    """Pod b enrolled for inbound: tc steering, proxy stand-ins on 15006 and 15008, an app on 8080."""
-    dp, _maps = datapath
-    programs = pod_programs(dp, agent_bed)
-    cookie = netns_cookie(agent_bed.b.netns_path)
-    programs.attach(agent_bed.b.netns_path, cookie)
-    listeners = {port: agent_bed.b.listen(port) for port in (PORT_INBOUND_PLAINTEXT, PORT_HBONE, 8080)}
-    yield listeners
-    for sock in listeners.values():
-        sock.close()
-    programs.detach(agent_bed.b.netns_path, cookie)
 
 
 def test_outbound_connect_is_captured_with_original_destination(agent_bed, datapath, meshed_a):
@@ -85,13 +47,36 @@ def test_origdst_entry_is_removed_when_the_connection_closes(agent_bed, datapath
     assert (maps.origdst_entries(), maps.origdst_cookie_entries()) == before
 
 
-def test_proxy_marked_and_unmeshed_sockets_are_not_captured(agent_bed, datapath, meshed_a):
+def test_pod_socket_with_the_proxy_mark_is_still_captured_and_denied(agent_bed, datapath, meshed_a):
+    """Attack (issue 11): pods run with CAP_NET_ADMIN and set SO_MARK 0x539, the proxy's
+    mark. The mark exempts nothing: capture and DENY hold."""
+    _dp, maps = datapath
+    from shoal.agent.compiler import Endpoint
+    marked = agent_bed.a.connect(agent_bed.b.ip, 8181, mark=PROXY_MARK, wait=False)
+    conn, _ = serve_once(meshed_a)                     # the proxy's 15001, not b's app
+    assert finish(marked)["peer"] == [agent_bed.b.ip, 8181]
+    conn.close()
+    maps.sync_endpoints({agent_bed.a.ip: Endpoint(ID_A, 7, 1), agent_bed.b.ip: Endpoint(ID_B, 8, 1)})
+    maps.sync_policies({PolicyEntry(ID_A, ID_B, 8181, 6): 9})
+    try:
+        denied = agent_bed.a.connect(agent_bed.b.ip, 8181, mark=PROXY_MARK, timeout=3)
+        assert not denied["ok"] and denied["errno"] == errno.EPERM
+    finally:
+        maps.sync_policies({})
+        maps.sync_endpoints({})
+
+
+def test_node_proxy_cgroup_and_unmeshed_pods_are_not_captured(agent_bed, datapath, meshed_a):
+    _dp, maps = datapath
     app = agent_bed.b.listen(8181)
     try:
-        marked = agent_bed.a.connect(agent_bed.b.ip, 8181, mark=PROXY_MARK, wait=False)
+        before = maps.counters()["connect_skipped_proxy"]
+        # the node proxy dials from inside a meshed pod's namespace, from its own cgroup, unmarked
+        proxy = agent_bed.a.connect(agent_bed.b.ip, 8181, cgroup=agent_bed.proxy_cgroup, wait=False)
         conn, _ = serve_once(app)
-        assert finish(marked)["peer"] == [agent_bed.b.ip, 8181]
+        assert finish(proxy)["peer"] == [agent_bed.b.ip, 8181]
         conn.close()
+        assert maps.counters()["connect_skipped_proxy"] > before
         # b is not enrolled: its connects go straight out
         plain = agent_bed.b.connect(agent_bed.b.ip, 8181, wait=False)
         conn, _ = serve_once(app)
@@ -103,7 +88,7 @@ def test_proxy_marked_and_unmeshed_sockets_are_not_captured(agent_bed, datapath,
 
 def test_socket_lb_rewrites_vip_for_unmeshed_pods(agent_bed, datapath):
     _dp, maps = datapath
-    maps.sync_services({(VIP, 80): ((agent_bed.b.ip, 8282),)})
+    maps.sync_services({(VIP, 80, 6): ((agent_bed.b.ip, 8282),)})
     app = agent_bed.b.listen(8282)
     try:
         client = agent_bed.a.connect(VIP, 80, wait=False)
@@ -121,7 +106,7 @@ def test_socket_lb_rewrites_vip_for_unmeshed_pods(agent_bed, datapath):
 
 def test_meshed_pod_connect_to_vip_keeps_the_vip_as_original_destination(agent_bed, datapath, meshed_a):
     _dp, maps = datapath
-    maps.sync_services({(VIP, 80): ((agent_bed.b.ip, 8282),)})
+    maps.sync_services({(VIP, 80, 6): ((agent_bed.b.ip, 8282),)})
     try:
         client = agent_bed.a.connect(VIP, 80, wait=False)
         conn, _ = serve_once(meshed_a)
@@ -246,10 +231,10 @@ def test_connect_to_a_vip_fails_only_when_every_backend_denies(agent_bed, datapa
                          other: Endpoint(ID_B + 1, 8, 1)})
     maps.sync_policies({PolicyEntry(ID_A, ID_B, 7000, 6): 5})
     try:
-        maps.sync_services({(VIP, 7000): ((agent_bed.b.ip, 7000),)})
+        maps.sync_services({(VIP, 7000, 6): ((agent_bed.b.ip, 7000),)})
         denied = agent_bed.a.connect(VIP, 7000, timeout=5)
         assert not denied["ok"] and denied["errno"] == errno.EPERM
-        maps.sync_services({(VIP, 7000): ((agent_bed.b.ip, 7000), (other, 7000))})
+        maps.sync_services({(VIP, 7000, 6): ((agent_bed.b.ip, 7000), (other, 7000))})
         client = agent_bed.a.connect(VIP, 7000, wait=False)
         conn, _ = serve_once(meshed_a)    # captured: the proxy picks (and checks) the backend
         finish(client)

@@ -143,7 +143,7 @@ def test_map_reconciler_compiles_config_into_maps(agent_bed, datapath):
     try:
         state.apply(m.ConfigDelta("1", upserted=(a, b, service)))
         assert maps.endpoints()[agent_bed.a.ip].identity == 3001
-        assert maps.services() == {("10.96.9.9", 7000): ((agent_bed.b.ip, 7001),)}
+        assert maps.services() == {("10.96.9.9", 7000, 6): ((agent_bed.b.ip, 7001),)}
         assert maps.policies() == {}
         state.apply(m.ConfigDelta("2", upserted=(deny,)))
         entries = maps.policies()

@@ -26,7 +26,7 @@ from shoal.agent.uninstall import remove_node
 from shoal.agent.ztunnel.zds import ZdsServer
 from shoal.api import config_pb2 as pb
 from shoal.api import config_pb2_grpc as pb_grpc
-from shoal.config import PORT_OUTBOUND, PROXY_MARK, ClusterLayout
+from shoal.config import PORT_OUTBOUND, ClusterLayout
 from shoal.xds import convert
 from shoal.xds import model as m
 
@@ -171,12 +171,12 @@ async def test_agent_process_lifecycle(agent_bed, tmp_path):
     try:
         agent.start()
         from shoal.agent.mapsync import DatapathMaps
-        await eventually(lambda: (bed.pin_dir / "prog_connect4").exists(), what="programs pinned")
+        await eventually(lambda: (bed.pin_dir / "prog_connect4").exists(), timeout=60, what="programs pinned")
         cookie = await asyncio.to_thread(netns_cookie, bed.a.netns_path)
         maps = await eventually(lambda: DatapathMaps(bed.pin_dir), what="maps")
         await eventually(lambda: cookie in maps.pods(), what="pod a enrolled from the stream")
         assert ("add", "t/a") in handler.events
-        assert maps.services() == {(DB_VIP, 7000): ((bed.b.ip, 7000),)}
+        assert maps.services() == {(DB_VIP, 7000, 6): ((bed.b.ip, 7000),)}
 
         # a long-lived captured connection to the db VIP, held across SIGKILL + restart
         proxy_listener = handler.listeners["t/a"][PORT_OUTBOUND]
@@ -196,7 +196,7 @@ async def test_agent_process_lifecycle(agent_bed, tmp_path):
         before = cgroup_program_ids(bed.node_cgroup)
         agent.start()
         await eventually(lambda: "shoal_agent_enrolled_pods 1.0" in metrics_text(agent.metrics_port),
-                         what="restarted agent adopting pod a")
+                         timeout=60, what="restarted agent adopting pod a")
         assert cgroup_program_ids(bed.node_cgroup) != before   # atomically replaced by the new agent's programs
         result = await asyncio.to_thread(finish, session, 30)
         assert result["reply"] == "pong" and result["again"] == "pong2", result
@@ -253,9 +253,9 @@ def test_a_program_that_fails_to_verify_stops_the_agent_attaching_nothing(agent_
     broken = tmp_path / "bpf"
     shutil.copytree(bpf.SOURCE_DIR, broken, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
     source = (broken / "tc_ingress.c").read_text()
-    bounds_check = " || (void *)(tcp + 1) > data_end)"   # the TCP header's bounds check
+    bounds_check = "if ((void *)(ip6 + 1) > data_end)\n            return TC_ACT_OK;"   # the IPv6 header's
     assert bounds_check in source
-    (broken / "tc_ingress.c").write_text(source.replace(bounds_check, ")"))
+    (broken / "tc_ingress.c").write_text(source.replace(bounds_check, ""))
     agent_bed.node_cgroup.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run([sys.executable, "-m", "shoal.agent", "--node", "node-1", "--cluster", agent_bed.tag,
                            "--bpf-source-dir", str(broken), "--no-hubble", "--token-file", "/nonexistent"],
@@ -265,5 +265,5 @@ def test_a_program_that_fails_to_verify_stops_the_agent_attaching_nothing(agent_
     assert not cgroup_program_ids(agent_bed.node_cgroup)
     assert not (agent_bed.pin_dir / "prog_connect4").exists()
     with pytest.raises(ProgramLoadError) as raised:
-        Datapath(agent_bed.pin_dir.parent / "verify", FeatureFlags(PROXY_MARK, 15001, 15006, 15008), broken).load()
+        Datapath(agent_bed.pin_dir.parent / "verify", FeatureFlags(15001, 15006, 15008), broken).load()
     assert raised.value.program == "tc_ingress"

@@ -8,7 +8,7 @@ import pytest
 from shoal.agent import compiler
 from shoal.agent.config import parse_config
 from shoal.agent.flowevents import MalformedRecord, decode
-from shoal.agent.structs import C_MIRRORS, FlowRecord, ip_to_be32
+from shoal.agent.structs import C_MIRRORS, Addr, FlowRecord
 from shoal.xds import model as m
 
 
@@ -29,23 +29,28 @@ def deny(rules, selector=None, ns="demo", name="deny-db"):
                            rules=tuple(rules))
 
 
+def both(src, dst, port):
+    """A DENY entry holds for TCP and UDP alike."""
+    return {compiler.PolicyEntry(src, dst, port, 6), compiler.PolicyEntry(src, dst, port, 17)}
+
+
 def test_deny_by_principal_and_port_compiles_to_identity_keys():
     policy = deny([m.Rule(sources=(m.Source(principals=("cluster.local/ns/demo/sa/client",)),),
                           operations=(m.Operation(ports=(7000,)),))])
     entries, skipped = compiler.deny_entries([policy], ALL)
-    assert set(entries) == {compiler.PolicyEntry(100, 200, 7000, 6)}
+    assert set(entries) == both(100, 200, 7000)
     assert set(entries.values()) == {compiler.rule_id(policy)} and not skipped
 
 
 def test_deny_by_namespace_covers_every_identity_of_the_namespace_and_any_port():
     policy = deny([m.Rule(sources=(m.Source(namespaces=("legacy",)),))])
     entries, _ = compiler.deny_entries([policy], ALL)
-    assert set(entries) == {compiler.PolicyEntry(300, 200, 0, 6)}
+    assert set(entries) == both(300, 200, 0)
 
 
 def test_rule_without_sources_denies_any_source():
     entries, _ = compiler.deny_entries([deny([m.Rule(operations=(m.Operation(ports=(7000, 7001)),))])], ALL)
-    assert set(entries) == {compiler.PolicyEntry(0, 200, 7000, 6), compiler.PolicyEntry(0, 200, 7001, 6)}
+    assert set(entries) == both(0, 200, 7000) | both(0, 200, 7001)
 
 
 @pytest.mark.parametrize("rule", [
@@ -85,19 +90,38 @@ def test_services_resolve_endpoints_to_target_ports():
                         ports=(m.ServicePort("http", 8080, 8080), m.ServicePort("alt", 80, 8080)),
                         endpoints=("demo/web-0", "demo/web-1", "demo/gone"))
     out = compiler.services([service], {w.uid: w for w in (web0, web1)})
-    assert out == {("10.96.0.20", 8080): (("10.244.1.3", 8080), ("10.244.2.3", 8080)),
-                   ("10.96.0.20", 80): (("10.244.1.3", 8080), ("10.244.2.3", 8080))}
+    assert out == {("10.96.0.20", 8080, 6): (("10.244.1.3", 8080), ("10.244.2.3", 8080)),
+                   ("10.96.0.20", 80, 6): (("10.244.1.3", 8080), ("10.244.2.3", 8080))}
+
+
+def test_dual_stack_and_udp_services_pair_each_vip_with_backends_of_its_family():
+    web0 = m.Workload(uid="demo/web-0", name="web-0", namespace="demo", service_account="web", node="node-1",
+                      ip="10.244.1.3", ips=("10.244.1.3", "fd00:10:244:1::3"), identity=5, spiffe_id="x", meshed=True)
+    web1 = wl("web-1", ip="10.244.2.3", identity=5)          # IPv4 only
+    service = m.Service(name="dns", namespace="demo", vip="10.96.0.10", vips=("10.96.0.10", "fd00:10:96::a"),
+                        ports=(m.ServicePort("dns", 53, 5353, "UDP"), m.ServicePort("dns-tcp", 53, 5353, "TCP"),
+                               m.ServicePort("sctp", 9, 9, "SCTP")),
+                        endpoints=("demo/web-0", "demo/web-1"))
+    out = compiler.services([service], {w.uid: w for w in (web0, web1)})
+    assert out == {("10.96.0.10", 53, 17): (("10.244.1.3", 5353), ("10.244.2.3", 5353)),
+                   ("10.96.0.10", 53, 6): (("10.244.1.3", 5353), ("10.244.2.3", 5353)),
+                   ("fd00:10:96::a", 53, 17): (("fd00:10:244:1::3", 5353),),
+                   ("fd00:10:96::a", 53, 6): (("fd00:10:244:1::3", 5353),)}
 
 
 def test_endpoints_mark_meshed_and_local():
     out = compiler.endpoints(ALL, "node-1")
     assert out["10.244.1.2"].flags == 3 and out["10.244.2.2"].flags == 1 and out["10.244.1.4"].flags == 2
     assert out["10.244.1.2"].ns_id == out["10.244.2.2"].ns_id != out["10.244.1.4"].ns_id
+    strict = m.Workload(uid="demo/s-0", name="s-0", namespace="demo", service_account="s", node="node-1",
+                        ip="10.244.1.9", ips=("10.244.1.9", "fd00:10:244:1::9"), identity=9, spiffe_id="x",
+                        meshed=True, mtls_mode="STRICT")
+    out = compiler.endpoints([strict], "node-1")
+    assert out["10.244.1.9"] == out["fd00:10:244:1::9"] and out["10.244.1.9"].flags == 1 | 2 | 4
 
 
 @pytest.mark.parametrize("resource", [
     wl("x", ip="not-an-ip"),
-    wl("x", ip="fd00::1"),
     wl("x", identity=2),
     m.Service(name="s", namespace="demo", vip="10.96.0.1", ports=(m.ServicePort("p", 0, 80),)),
     m.Service(name="s", namespace="demo", vip="nope"),
@@ -110,12 +134,12 @@ def test_malformed_resources_are_rejected(resource):
 
 
 def test_flow_record_decodes_and_rejects_garbage():
-    record = FlowRecord(ts_ns=5, src_ip=ip_to_be32("10.244.1.4"), dst_ip=ip_to_be32("10.244.2.2"),
+    record = FlowRecord(ts_ns=5, src_ip=Addr.of("10.244.1.4"), dst_ip=Addr.of("fd00:10:244::2"),
                         src_port=40000, dst_port=7000, src_identity=300, dst_identity=200, protocol=6,
                         verdict=2, direction=1, kind=3, tcp_flags=2, drop_reason=181)
     event = decode(bytes(record))
     assert (event.src_ip, event.dst_ip, event.dst_port, event.verdict, event.direction, event.kind,
-            event.drop_reason, event.protocol) == ("10.244.1.4", "10.244.2.2", 7000, "DROPPED", "INGRESS",
+            event.drop_reason, event.protocol) == ("10.244.1.4", "fd00:10:244::2", 7000, "DROPPED", "INGRESS",
                                                    "tc", 181, "TCP")
     with pytest.raises(MalformedRecord):
         decode(b"\x00" * 8)
@@ -126,12 +150,17 @@ def test_flow_record_decodes_and_rejects_garbage():
 
 @pytest.mark.root
 def test_c_structs_match_the_ctypes_mirrors():
-    """Compile (not load) a unit with static asserts on every struct's size."""
+    """Compile (not load) a unit with static asserts on every struct's size and field offsets."""
     from bcc import BPF
 
     from shoal import bpf
-    asserts = "\n".join(f"_Static_assert(sizeof(struct {name}) == {ctypes.sizeof(mirror)}, \"{name}\");"
-                        for name, mirror in C_MIRRORS.items())
+    asserts = [f"_Static_assert(sizeof(struct {name}) == {ctypes.sizeof(mirror)}, \"{name}\");"
+               for name, mirror in C_MIRRORS.items()]
+    # ... and every field at the same offset (struct shoal_addr's bytes are named w in C, b here)
+    asserts += [f"_Static_assert(__builtin_offsetof(struct {name}, {field}) == {getattr(mirror, field).offset}, "
+                f"\"{name}.{field}\");"
+                for name, mirror in C_MIRRORS.items() if name != "shoal_addr" for field, *_ in mirror._fields_]
+    asserts = "\n".join(asserts)
     text = f'#include "lib/shoal.h"\n{asserts}\nint noop(void *ctx) {{ return 0; }}\n'
     BPF(text=text.encode(), cflags=[f"-I{bpf.SOURCE_DIR}", '-DSHOAL_PIN_DIR="/nonexistent"']).cleanup()
 
