@@ -177,23 +177,35 @@ static __always_inline int sock_udp(struct bpf_sock_addr *ctx, int family, struc
     return 1;
 }
 
+/* 0 when the hooks leave this call alone: the node proxy's own sockets, loopback.
+ * Otherwise the destination, and the meshed pod the socket lives in (NULL if none). */
+static __always_inline int sock_subject(struct bpf_sock_addr *ctx, int family, struct shoal_addr *dst, __u16 *dst_port,
+                                        struct pod_info **pod)
+{
+    if (from_node_proxy()) {
+        count(COUNTER_CONNECT_SKIPPED_PROXY, 1);
+        return 0;
+    }
+    *dst = ctx_user_addr(ctx, family);
+    *dst_port = (__u16)ctx->user_port;
+    if (addr_is_loopback(dst))
+        return 0;
+    __u64 netns = bpf_get_netns_cookie(ctx);
+    *pod = bpf_map_lookup_elem(SHOAL_MAP(enrolled_pods), &netns);
+    return 1;
+}
+
 static __always_inline int sock_connect(struct bpf_sock_addr *ctx, int family)
 {
     __u64 start = bpf_ktime_get_ns();
     __u8 proto = ctx->protocol;
     if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
         return 1;
-    if (from_node_proxy()) {
-        count(COUNTER_CONNECT_SKIPPED_PROXY, 1);
+    struct shoal_addr dst;
+    __u16 dst_port;
+    struct pod_info *pod;
+    if (!sock_subject(ctx, family, &dst, &dst_port, &pod))
         return 1;
-    }
-    struct shoal_addr dst = ctx_user_addr(ctx, family);
-    __u16 dst_port = (__u16)ctx->user_port;
-    if (addr_is_loopback(&dst))
-        return 1;
-
-    __u64 netns = bpf_get_netns_cookie(ctx);
-    struct pod_info *pod = bpf_map_lookup_elem(SHOAL_MAP(enrolled_pods), &netns);
     if (proto == IPPROTO_UDP) {
         int verdict = sock_udp(ctx, family, &dst, dst_port, pod, 1);
         observe_cost(COST_CONNECT, COUNTER_CONNECT_NS, COUNTER_CONNECT_RUNS, start);
@@ -241,14 +253,11 @@ static __always_inline int sock_connect(struct bpf_sock_addr *ctx, int family)
  * only then: connected sockets were decided at connect()). */
 static __always_inline int sock_sendmsg(struct bpf_sock_addr *ctx, int family)
 {
-    if (from_node_proxy())
+    struct shoal_addr dst;
+    __u16 dst_port;
+    struct pod_info *pod;
+    if (!sock_subject(ctx, family, &dst, &dst_port, &pod))
         return 1;
-    struct shoal_addr dst = ctx_user_addr(ctx, family);
-    __u16 dst_port = (__u16)ctx->user_port;
-    if (addr_is_loopback(&dst))
-        return 1;
-    __u64 netns = bpf_get_netns_cookie(ctx);
-    struct pod_info *pod = bpf_map_lookup_elem(SHOAL_MAP(enrolled_pods), &netns);
     return sock_udp(ctx, family, &dst, dst_port, pod, 0);
 }
 

@@ -247,6 +247,17 @@ def datapath(agent_bed):
 
 ID_A, ID_B = 1001, 1002
 
+# For the raw-packet scripts the tests run in a pod: the Internet checksum (RFC 1071).
+CHECKSUM_SOURCE = r"""
+def checksum(data):
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+"""
+
 
 def _imports():
     """The agent's modules, imported when a fixture runs (collection needs no bcc)."""

@@ -16,7 +16,7 @@ from shoal.agent.netns import netns_cookie, tc_ingress_programs
 from shoal.agent.origdst import OriginalDestinations
 from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND, PROXY_MARK
 
-from tests.agent.agentbed import ID_A, ID_B, finish, pod_programs, serve_once
+from tests.agent.agentbed import CHECKSUM_SOURCE, ID_A, ID_B, finish, pod_programs, serve_once
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 
@@ -271,17 +271,9 @@ def test_l4_deny_drops_inbound_syn_at_tc(agent_bed, datapath, meshed_b, events):
         maps.sync_endpoints({})
 
 
-FRAGMENTED_SYN = r"""
+FRAGMENTED_SYN = CHECKSUM_SOURCE + r"""
 import socket, struct, sys
 src, dst, dport = sys.argv[1], sys.argv[2], int(sys.argv[3])
-
-def checksum(data):
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 payload = b"x" * 16
 tcp = struct.pack("!HHIIBBHHH", 40999, dport, 1, 0, 5 << 4, 0x02, 65535, 0, 0)

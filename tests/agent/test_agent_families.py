@@ -18,7 +18,7 @@ from shoal.agent.origdst import OriginalDestinations
 from shoal.agent.structs import ENDPOINT_MESHED, ENDPOINT_STRICT
 from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND
 
-from tests.agent.agentbed import ID_A, ID_B, finish, serve_once
+from tests.agent.agentbed import CHECKSUM_SOURCE, ID_A, ID_B, finish, serve_once
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 
@@ -237,17 +237,9 @@ def test_ipv6_extension_headers_do_not_bypass_the_proxy(agent_bed, datapath, mes
     assert_nothing_accepted(meshed_b6[8080])
 
 
-RAW_IPV6_SYN = r"""
+RAW_IPV6_SYN = CHECKSUM_SOURCE + r"""
 import socket, struct, sys
 src, dst, dport, chain = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-
-def checksum(data):
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 s, d = socket.inet_pton(socket.AF_INET6, src), socket.inet_pton(socket.AF_INET6, dst)
 tcp = struct.pack("!HHIIBBHHH", 40777, dport, 1, 0, 5 << 4, 0x02, 65535, 0, 0)
