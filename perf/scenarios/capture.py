@@ -209,10 +209,10 @@ def run(ctx: Context) -> Iterator[Measurement]:
     from shoal.agent.loader import Datapath, FeatureFlags
     from shoal.agent.mapsync import DatapathMaps
     from shoal.agent.netns import netns_cookie
-    from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND, PROXY_MARK
+    from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND
     count = 300 if ctx.quick else 1500
     with capture_bed() as bed:
-        datapath = Datapath(bed.pin_dir, FeatureFlags(PROXY_MARK, PORT_OUTBOUND, PORT_INBOUND_PLAINTEXT, PORT_HBONE))
+        datapath = Datapath(bed.pin_dir, FeatureFlags(PORT_OUTBOUND, PORT_INBOUND_PLAINTEXT, PORT_HBONE))
         datapath.start(bed.node_cgroup)
         maps = DatapathMaps(bed.pin_dir)
         # the server runs in pod a's netns but outside the node cgroup: never captured itself
@@ -221,7 +221,7 @@ def run(ctx: Context) -> Iterator[Measurement]:
             if server.stdout.readline().strip() != "ready":
                 raise RuntimeError(f"server did not start: {server.stderr.read()[-500:]}")
             maps.set_pod(netns_cookie(f"/run/netns/{bed.netns['a']}"), 4242, POD_A, ns_id=1)
-            maps.sync_services({(VIP, 80): ((POD_A, 8080),)})
+            maps.sync_services({(VIP, 80, 6): ((POD_A, 8080),)})
             outbound = {PATH_DIRECT: [], "capture": []}
             balanced = {PATH_DIRECT: [], "socket-lb": []}
             cost_capture, cost_lb = [], []
