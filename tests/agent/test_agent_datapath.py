@@ -302,3 +302,25 @@ def test_fragmented_tcp_never_reaches_the_app(agent_bed, datapath, meshed_b):
         with pytest.raises(TimeoutError):
             meshed_b[port].accept()
         meshed_b[port].settimeout(3)
+
+
+def test_agent_learns_the_proxy_cgroup_from_its_unix_socket(agent_bed, tmp_path):
+    """SO_PEERPIDFD + PIDFD_GET_INFO: the cgroup of whoever listens on the ZDS path, with no
+    shared pid namespace needed (as between the agent and proxy containers in Kubernetes)."""
+    import socket
+
+    from shoal.agent.cgroupid import cgroup_id, peer_cgroup_id
+    path = tmp_path / "zds.sock"
+    agent_bed.proxy_cgroup.mkdir(parents=True, exist_ok=True)
+    server = agent_bed.a.spawn(sys.executable, "-c", (
+        "import socket, sys, time\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET); s.bind(sys.argv[1]); s.listen(1)\n"
+        "print('ready', flush=True); time.sleep(30)\n"), str(path), cgroup=agent_bed.proxy_cgroup)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as client:
+            client.connect(str(path))
+            assert peer_cgroup_id(client) == cgroup_id(agent_bed.proxy_cgroup) != cgroup_id(agent_bed.a.cgroup)
+    finally:
+        server.kill()
+        server.wait()
