@@ -208,6 +208,25 @@ def test_inbound_ipv6_tcp_is_steered_to_the_proxy(agent_bed, datapath, meshed_b6
     assert_nothing_accepted(meshed_b6[8080])
 
 
+@pytest.mark.parametrize("family", [4, 6])
+def test_syn_reusing_a_time_wait_tuple_goes_to_the_proxy(agent_bed, datapath, meshed_b, meshed_b6, family):
+    """The proxy closes first (TIME_WAIT on its side, local port 8080). A new SYN with the
+    same 4-tuple: the stack's TIME_WAIT path would pick the app's listener on 8080; the
+    sk_lookup program linked in the pod makes it pick the proxy's, in both families."""
+    listeners, host = (meshed_b, agent_bed.b.ip) if family == 4 else (meshed_b6, agent_bed.b.ip6)
+    sport = 40123 + family
+    for attempt in range(3):
+        client = agent_bed.a.connect(host, 8080, sport=sport, hold=0.3, timeout=0.9, wait=False)
+        conn, _ = listeners[PORT_INBOUND_PLAINTEXT].accept()
+        assert conn.getsockname()[:2] == (host, 8080)
+        conn.recv(64)
+        conn.sendall(b"pong")
+        conn.close()                      # active close: the proxy side keeps TIME_WAIT
+        result = finish(client)
+        assert result["ok"] and result["elapsed"] < 0.9, (attempt, result)   # no SYN retransmit
+    assert_nothing_accepted(listeners[8080])
+
+
 EXTHDR_CLIENT = r"""
 import json, socket, sys
 host, port, option = sys.argv[1], int(sys.argv[2]), sys.argv[3]
