@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 
 import click
 
@@ -97,8 +98,7 @@ def list_cmd(namespace: str | None, all_namespaces: bool, output: str) -> None:
         name, ns = g["metadata"]["name"], g["metadata"]["namespace"]
 
         def uses(obj: dict) -> bool:
-            labels = obj["metadata"].get("labels") or {}
-            return labels.get(LABEL_USE_WAYPOINT, labels.get(LABEL_USE_WAYPOINT_ISTIO)) == name
+            return _uses(obj, name)
 
         pod = next((p for p in pods if p["metadata"]["namespace"] == ns
                     and (p["metadata"].get("labels") or {}).get("gateway.networking.k8s.io/gateway-name") == name), None)
@@ -125,11 +125,61 @@ def list_cmd(namespace: str | None, all_namespaces: bool, output: str) -> None:
 @waypoint.command("delete")
 @click.argument("name", default="waypoint")
 @click.option("-n", "--namespace", required=True)
-def delete_cmd(name: str, namespace: str) -> None:
-    """Delete waypoint NAME (default "waypoint") from NAMESPACE."""
-    _call(_client().delete, [{"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
-                              "metadata": {"name": name, "namespace": namespace}}])
+@click.option("--settle-timeout", default=15.0, show_default=True,
+              help="seconds to wait for every node to take the namespace off the waypoint")
+def delete_cmd(name: str, namespace: str, settle_timeout: float) -> None:
+    """Delete waypoint NAME (default "waypoint") from NAMESPACE.
+
+    Undoes ``apply --enroll-namespace`` first: the namespace's use-waypoint label is removed,
+    and the Gateway is deleted only once every connected node has that config, so new
+    connections take the L4 path before the waypoint goes (none is refused as "waypoint
+    unknown" in between)."""
+    client = _client()
+    enrolled = [ns for ns in _call(client.list, "Namespace")
+                if ns["metadata"]["name"] == namespace and _uses(ns, name)]
+    if enrolled:
+        version = int(_call(client.status)["version"])
+        _call(client.apply, [_without_waypoint_labels(enrolled[0], name)])
+        click.echo(f"namespace {namespace}: {LABEL_USE_WAYPOINT} label removed")
+        if not _nodes_caught_up(client, version, settle_timeout):
+            click.echo(f"warning: not every node confirmed the change within {settle_timeout:g}s; "
+                       "deleting the waypoint anyway", err=True)
+    labelled = sorted(s["metadata"]["name"] for s in _call(client.list, "Service", namespace)
+                      if _uses(s, name))
+    _call(client.delete, [{"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                           "metadata": {"name": name, "namespace": namespace}}])
     click.echo(f"waypoint {namespace}/{name} deleted")
+    if labelled:
+        click.echo(f"warning: services still labelled to use it (their traffic is refused until "
+                   f"the label goes): {', '.join(labelled)}", err=True)
+
+
+def _uses(obj: dict, name: str) -> bool:
+    labels = obj["metadata"].get("labels") or {}
+    return labels.get(LABEL_USE_WAYPOINT, labels.get(LABEL_USE_WAYPOINT_ISTIO)) == name
+
+
+def _without_waypoint_labels(namespace_obj: dict, name: str) -> dict:
+    """The Namespace as the user would re-apply it, minus the labels naming waypoint ``name``."""
+    meta = {k: v for k, v in namespace_obj["metadata"].items() if k in ("name", "labels", "annotations")}
+    meta["labels"] = {k: v for k, v in (meta.get("labels") or {}).items()
+                      if not (k in (LABEL_USE_WAYPOINT, LABEL_USE_WAYPOINT_ISTIO) and v == name)}
+    return {**{k: v for k, v in namespace_obj.items() if k != "status"}, "metadata": meta}
+
+
+def _nodes_caught_up(client, version_before: int, timeout: float) -> bool:
+    """True once the config version moved past ``version_before`` and every connected node
+    component has ACKed the current version (nothing in flight)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = _call(client.status)
+        current = int(status["version"])
+        agents = status.get("agents") or []
+        if current > version_before and all(
+                int(a["version"] or 0) >= current and not a["in_flight"] for a in agents):
+            return True
+        time.sleep(0.1)
+    return False
 
 
 if __name__ == "__main__":  # pragma: no cover
