@@ -14,6 +14,7 @@ import asyncio
 import logging
 import signal
 import time
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
@@ -27,7 +28,7 @@ from shoal.agent.ringbuf import RingReader
 from shoal.agent.structs import RINGBUF_BYTES
 from shoal.agent.zdslink import ZdsProxyLink
 from shoal.xds import model as m
-from shoal.xds.client import ConfigClient, read_token
+from shoal.xds.client import ConfigClient
 from shoal.xds.state import ConfigState
 
 log = logging.getLogger("shoal.agent")
@@ -138,7 +139,7 @@ class AgentApp:
             self._reconcile.set()
         self.state.subscribe(on_delta)
 
-        client = ConfigClient(config.controller, config.node, read_token(config.token_file), self.state,
+        client = ConfigClient(config.controller, config.node, Path(config.token_file), self.state,
                               component="agent", validator=self._validate, ca_bundle=config.ca_bundle)
         loop = asyncio.get_running_loop()
         hubble = None

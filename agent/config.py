@@ -82,7 +82,7 @@ def parse_config(argv: list[str] | None = None) -> AgentConfig:
     return AgentConfig(
         node=args.node, layout=layout,
         controller=args.controller or layout.controller_address,
-        token_file=Path(args.token_file) if args.token_file else layout.bootstrap_token_path,
+        token_file=Path(args.token_file) if args.token_file else layout.node_credential_path(args.node),
         ca_bundle=Path(args.ca_bundle) if args.ca_bundle else None,
         metrics_address=args.metrics_address, metrics_port=args.metrics_port,
         flow_events=not args.no_flow_events, hubble=not args.no_hubble, log_level=args.log_level,

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import secrets
 import signal
 from typing import Any
 
-from shoal.controller.auth import (Authenticator, BootstrapTokenAuthenticator,
-                                   TokenReviewAuthenticator, kubernetes_token_reviewer)
+from shoal.controller.auth import (Authenticator, NodeCredentialAuthenticator,
+                                   TokenReviewAuthenticator, kubernetes_pod_lookup,
+                                   kubernetes_token_reviewer)
 from shoal.controller.ca import CertificateAuthority
 from shoal.controller.config import ControllerConfig
 from shoal.controller.controlplane import ControlPlane
@@ -19,6 +18,7 @@ from shoal.controller.identity import IdentityAllocator
 from shoal.controller.metrics import ControllerMetrics
 from shoal.controller.model import MeshModel
 from shoal.config import PORT_HUBBLE
+from shoal.credentials import NodeCredentials
 from shoal.hubbletls import node_server_name
 
 log = logging.getLogger(__name__)
@@ -29,15 +29,8 @@ def _host_port(address: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def bootstrap_token(path) -> str:
-    """Reads the local cluster's bootstrap token; creates one (0600) when missing."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32))
-        log.info("created bootstrap token %s", path)
-    return path.read_text().strip()
+class LeadershipLost(RuntimeError):
+    """This replica lost the Lease: it stopped issuing and must exit (to rejoin as standby)."""
 
 
 class ControllerApp:
@@ -65,6 +58,7 @@ class ControllerApp:
                 from shoal.local.kubelet import LocalKubelet
                 self.kubelet = LocalKubelet(config.layout, self.store)
         self.control_plane: ControlPlane | None = None
+        self.elector = None   # kubernetes mode with --leader-elect: controller/leader.py
         self.relay = None
 
     def _saved_generation(self) -> int:
@@ -90,10 +84,12 @@ class ControllerApp:
 
     async def _authenticator(self) -> Authenticator:
         if self.config.source == "local":
-            return BootstrapTokenAuthenticator(bootstrap_token(self.config.token_file))
+            return NodeCredentialAuthenticator(
+                NodeCredentials.load_or_create(self.config.credential_key))
         return TokenReviewAuthenticator(
             kubernetes_token_reviewer(self.api_client, self.config.token_audiences),
-            self.config.agent_service_accounts, self._pod_node)
+            self.config.agent_service_accounts, kubernetes_pod_lookup(self.api_client),
+            self.config.token_audiences)
 
     async def _kubernetes_state(self):
         """CA from the Secret (created on first start), trust bundle published, identities
@@ -112,10 +108,6 @@ class ControllerApp:
                  config.namespace, config.ca_secret, len(identities))
         return self.kube_state.save_identities
 
-    def _pod_node(self, namespace: str, name: str) -> str | None:
-        pod = self.model.get("Pod", namespace, name)
-        return ((pod or {}).get("spec") or {}).get("nodeName")
-
     async def _kubernetes_client(self):
         from kubernetes_asyncio import client, config as kube_config
         if self.config.kubeconfig:
@@ -123,6 +115,36 @@ class ControllerApp:
         else:
             kube_config.load_incluster_config()
         return client.ApiClient()
+
+    async def _lead(self, stop: asyncio.Event) -> bool:
+        """Stands by until this replica holds the Lease (True) or is told to stop (False).
+        Meanwhile it answers /status (who leads) and /metrics, and /ready says 503 so the
+        Service sends nodes to the leader only."""
+        from shoal.controller.controlplane import serve_admin
+        from shoal.controller.leader import LeaseElector
+
+        config = self.config
+        self.elector = LeaseElector(self.api_client, config.namespace, config.lease_name,
+                                    config.identity)
+        standby = await serve_admin(*_host_port(config.admin_address), self.metrics,
+                                    await self._authenticator(), lambda: False,
+                                    lambda: {"ready": False, "role": "standby",
+                                             "identity": config.identity,
+                                             "leader": self.elector.holder, "agents": []})
+        log.info("standing by as %s for Lease %s/%s", config.identity, config.namespace,
+                 config.lease_name)
+        acquired = asyncio.ensure_future(self.elector.acquire())
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({acquired, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            await standby.cleanup()
+        if not acquired.done():
+            acquired.cancel()
+            await asyncio.gather(acquired, return_exceptions=True)
+            return False
+        return True
 
     def controller_status(self) -> dict[str, Any]:
         """The view behind ``shoal status``: connected agents and each node's config version."""
@@ -139,6 +161,9 @@ class ControllerApp:
         persist = None
         if self.config.source == "kubernetes":
             self.api_client = await self._kubernetes_client()
+            if self.config.leader_elect and not await self._lead(stop):
+                await self.api_client.close()
+                return
             persist = await self._kubernetes_state()
         self.control_plane = ControlPlane(self.model, self.ca, await self._authenticator(),
                                           self.metrics, persist_identities=persist)
@@ -167,8 +192,15 @@ class ControllerApp:
         await self._start_relay()
         log.info("controller up: config stream + CA on %s, admin on %s, source %s",
                  self.config.grpc_address, self.config.admin_address, self.config.source)
+        leadership = None
+        if self.elector is not None:
+            leadership = asyncio.create_task(self.elector.keep())
+            tasks.append(leadership)
         done = asyncio.ensure_future(stop.wait())
         await asyncio.wait([done, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        lost = leadership is not None and leadership.done()
+        if lost:   # stop issuing first: another replica may lead once the Lease expires
+            await self.control_plane.stop(grace=0)
         for task in tasks:
             if task.done() and task.exception() is not None:
                 log.error("controller task failed", exc_info=task.exception())
@@ -180,10 +212,15 @@ class ControllerApp:
         self._generation_path.write_text(f"{self.model.generation}\n")
         if runner is not None:
             await runner.cleanup()
+        if self.elector is not None and not lost:
+            await self.elector.release()
         if self.api_client is not None:
             await self.api_client.close()
         if self.store is not None:
             self.store.close()
+        if lost:
+            raise LeadershipLost(f"lost the Lease {self.config.namespace}/{self.config.lease_name}: "
+                                 "stopped issuing; exiting so that this replica restarts as a standby")
 
     def _attach_waypoint_launcher(self) -> None:
         """Local mode: one waypoint Deployment per waypoint Gateway (the waypoint engineer's)."""

@@ -91,6 +91,42 @@ def generate_root(trust_domain: str, lifetime: dt.timedelta = ROOT_LIFETIME
     return cert, key
 
 
+def _check_chain(cert: x509.Certificate, chain: list[x509.Certificate],
+                 roots: list[x509.Certificate]) -> None:
+    """ca-cert.pem must lead through cert-chain.pem to one of the roots (a signer that does
+    not would issue certificates no node trusts)."""
+    path = [cert, *chain]
+    for child, parent in zip(path, path[1:]):
+        try:
+            child.verify_directly_issued_by(parent)
+        except (ValueError, TypeError, InvalidSignature):
+            raise ValueError(f"cert-chain.pem does not chain: {child.subject.rfc4514_string()!r} "
+                             f"is not issued by {parent.subject.rfc4514_string()!r}") from None
+    top = path[-1]
+    for root in roots:
+        if top == root:
+            return
+        try:
+            top.verify_directly_issued_by(root)
+            return
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+    raise ValueError("ca-cert.pem does not chain to root-cert.pem (a CA of another mesh?)")
+
+
+def _check_trust_domain(roots: list[x509.Certificate], trust_domain: str) -> None:
+    """A root that names a SPIFFE trust domain (as ours do) must name this one."""
+    for root in roots[:1]:
+        try:
+            uris = root.extensions.get_extension_for_class(
+                x509.SubjectAlternativeName).value.get_values_for_type(x509.UniformResourceIdentifier)
+        except x509.ExtensionNotFound:
+            return
+        domains = [u.removeprefix("spiffe://").rstrip("/") for u in uris if u.startswith("spiffe://")]
+        if domains and trust_domain not in domains:
+            raise ValueError(f"the root is for trust domain {domains[0]!r}, not {trust_domain!r}")
+
+
 @dataclass(frozen=True)
 class SignedCertificate:
     chain_pem: str
@@ -105,9 +141,18 @@ class CertificateAuthority:
                  default_ttl: dt.timedelta = DEFAULT_TTL, max_ttl: dt.timedelta = MAX_TTL) -> None:
         if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
             raise ValueError("the CA key must be EC or RSA")
-        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        try:
+            constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        except x509.ExtensionNotFound:
+            raise ValueError("ca-cert.pem has no basicConstraints: not a CA certificate") from None
         if not constraints.ca:
             raise ValueError("the CA certificate is not a CA (basicConstraints CA:FALSE)")
+        if key.public_key().public_numbers() != cert.public_key().public_numbers():
+            raise ValueError("ca-key.pem is not the key of ca-cert.pem")
+        if cert.not_valid_after_utc <= _now():
+            raise ValueError(f"ca-cert.pem expired on {cert.not_valid_after_utc.isoformat()}")
+        _check_chain(cert, chain, roots)
+        _check_trust_domain(roots, trust_domain)
         self.cert, self._key, self.chain, self.roots = cert, key, chain, roots
         self.trust_domain = trust_domain
         self.default_ttl, self.max_ttl = default_ttl, max_ttl

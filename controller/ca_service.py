@@ -7,56 +7,45 @@ import logging
 import grpc
 
 from shoal.api import config_pb2 as pb
-from shoal.controller.auth import AuthError, Authenticator
 from shoal.controller.ca import CertificateAuthority, CsrError, parse_spiffe_from_csr
 from shoal.controller.metrics import ControllerMetrics
 from shoal.controller.model import MeshModel
+from shoal.controller.rpcguard import TooLarge, decoder
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "shoal.config.v1.CertificateAuthority"
 MAX_CSR_BYTES = 16 * 1024
+# The request adds the SPIFFE ID and the TTL to the CSR; TrustBundle requests are empty.
+MAX_CSR_REQUEST_BYTES = MAX_CSR_BYTES + 1024
+MAX_TRUST_BUNDLE_REQUEST_BYTES = 1024
 
 
 class CertificateService:
-    def __init__(self, ca: CertificateAuthority, model: MeshModel, authenticator: Authenticator,
+    def __init__(self, ca: CertificateAuthority, model: MeshModel,
                  metrics: ControllerMetrics) -> None:
-        self.ca, self.model, self.authenticator, self.metrics = ca, model, authenticator, metrics
+        self.ca, self.model, self.metrics = ca, model, metrics
 
     def handler(self) -> grpc.GenericRpcHandler:
-        def decoder(message_type, rpc):
-            def decode(data: bytes):
-                try:
-                    return message_type.FromString(data)
-                except Exception:  # protobuf's DecodeError and friends
-                    self.metrics.bad_requests.labels(rpc).inc()
-                    log.warning("refused an undecodable %s request", rpc)
-                    raise
-            return decode
-
+        """Callers are authenticated by NodeAuthInterceptor before a body is read; the
+        handlers get the proven node as a third argument."""
         return grpc.method_handlers_generic_handler(SERVICE_NAME, {
             "SignCertificate": grpc.unary_unary_rpc_method_handler(
-                self.sign, request_deserializer=decoder(pb.CertificateRequest, "SignCertificate"),
+                self.sign, request_deserializer=decoder(
+                    pb.CertificateRequest, "SignCertificate", MAX_CSR_REQUEST_BYTES, self.metrics),
                 response_serializer=pb.CertificateResponse.SerializeToString),
             "TrustBundle": grpc.unary_unary_rpc_method_handler(
-                self.trust_bundle,
-                request_deserializer=decoder(pb.TrustBundleRequest, "TrustBundle"),
+                self.trust_bundle, request_deserializer=decoder(
+                    pb.TrustBundleRequest, "TrustBundle", MAX_TRUST_BUNDLE_REQUEST_BYTES,
+                    self.metrics),
                 response_serializer=pb.TrustBundleResponse.SerializeToString),
         })
 
-    async def _node(self, context, rpc: str) -> str:
-        try:
-            return await self.authenticator.authenticate(context.invocation_metadata())
-        except AuthError as err:
-            self.metrics.auth_failures.labels(rpc).inc()
-            log.warning("%s from %s refused: %s", rpc, context.peer(), err)
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(err))
-
-    async def sign(self, request: pb.CertificateRequest, context) -> pb.CertificateResponse:
-        node = await self._node(context, "SignCertificate")
-        if len(request.csr_pem) > MAX_CSR_BYTES:
-            await self._refuse(context, node, "too_large", grpc.StatusCode.INVALID_ARGUMENT,
-                               f"CSR larger than {MAX_CSR_BYTES} bytes")
+    async def sign(self, request: pb.CertificateRequest, context, node: str) -> pb.CertificateResponse:
+        if isinstance(request, TooLarge) or len(request.csr_pem) > MAX_CSR_BYTES:
+            await self._refuse(context, node, "too_large", grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               str(request) if isinstance(request, TooLarge)
+                               else f"CSR larger than {MAX_CSR_BYTES} bytes")
         spiffe_id = request.spiffe_id or parse_spiffe_from_csr(request.csr_pem)
         if spiffe_id not in self.model.identities_for_caller(node):
             await self._refuse(context, node, "not_on_node", grpc.StatusCode.PERMISSION_DENIED,
@@ -78,6 +67,9 @@ class CertificateService:
         log.warning("certificate for node %s refused: %s", node, message)
         await context.abort(code, message)
 
-    async def trust_bundle(self, request: pb.TrustBundleRequest, context) -> pb.TrustBundleResponse:
-        await self._node(context, "TrustBundle")
+    async def trust_bundle(self, request: pb.TrustBundleRequest, context,
+                           node: str) -> pb.TrustBundleResponse:
+        if isinstance(request, TooLarge):
+            self.metrics.cert_errors.labels("too_large").inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(request))
         return pb.TrustBundleResponse(roots_pem=self.ca.roots_pem)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,15 +23,18 @@ class ControllerConfig:
     cert_ttl: dt.timedelta = dt.timedelta(hours=24)
     state_dir_override: Path | None = None     # identities (and the CA unless --ca-dir)
     ca_dir_override: Path | None = None        # Istio "cacerts" layout; a mounted Secret in k8s
-    token_file_override: Path | None = None    # local mode: the bootstrap token
+    credential_key_override: Path | None = None   # local mode: key of the per-node credentials
     kubeconfig: str | None = None              # kubernetes mode; None: in-cluster config
     agent_service_accounts: tuple[str, ...] = field(
         default=("shoal-system/shoal-agent",))  # kubernetes mode: who may connect
-    token_audiences: tuple[str, ...] = ()
+    token_audiences: tuple[str, ...] = ("shoal",)   # kubernetes mode: the tokens' audience
     namespace: str = "shoal-system"            # kubernetes mode: where its own state lives
     ca_secret: str = "shoal-ca"                # kubernetes mode: the CA Secret (cacerts keys)
     tls: bool = False                          # serve the config stream + CA over TLS
     tls_names: tuple[str, ...] = ()            # extra DNS names / IPs for its certificate
+    leader_elect: bool = True                  # kubernetes mode: Lease election among replicas
+    lease_name: str = "shoal-controller"
+    identity: str = ""                         # kubernetes mode: this replica (POD_NAME)
     run_kubelet: bool = True                   # local mode: run pods for the store's Pods
     log_level: str = "INFO"
 
@@ -48,8 +52,8 @@ class ControllerConfig:
         return self.state_dir / "identities"
 
     @property
-    def token_file(self) -> Path:
-        return self.token_file_override or self.layout.bootstrap_token_path
+    def credential_key(self) -> Path:
+        return self.credential_key_override or self.layout.credential_key_path
 
     def certificate_names(self) -> list[str]:
         """Names the controller's TLS certificate carries: its listen host, loopback, the
@@ -101,8 +105,12 @@ def parse_config(argv: list[str] | None = None) -> ControllerConfig:
     parser.add_argument("--ca-dir", type=Path, default=env("SHOAL_CA_DIR"),
                         help="CA files in Istio's cacerts layout (ca-cert.pem, ca-key.pem, "
                              "cert-chain.pem, root-cert.pem); generated when empty")
-    parser.add_argument("--token-file", type=Path, default=env("SHOAL_TOKEN_FILE"),
-                        help="local mode: the nodes' bootstrap token (created when missing)")
+    parser.add_argument("--credential-key", type=Path, default=env("SHOAL_CREDENTIAL_KEY"),
+                        help="local mode: the key that signs per-node credentials (created "
+                             "when missing; shoal up issues each node its own credential)")
+    parser.add_argument("--token-audience", action="append", dest="token_audiences",
+                        help="kubernetes mode: audience the nodes' ServiceAccount tokens must "
+                             "carry (repeatable; default shoal)")
     parser.add_argument("--kubeconfig", default=env("KUBECONFIG"),
                         help="kubernetes mode: kubeconfig (default: in-cluster)")
     parser.add_argument("--agent-service-account", action="append", dest="agent_accounts",
@@ -120,6 +128,12 @@ def parse_config(argv: list[str] | None = None) -> ControllerConfig:
     parser.add_argument("--ca-secret", default=env("SHOAL_CA_SECRET", "shoal-ca"),
                         help="kubernetes mode: the CA Secret (ca-cert.pem, ca-key.pem, "
                              "cert-chain.pem, root-cert.pem); created with a new root if absent")
+    parser.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=True,
+                        help="kubernetes mode: run as one of several replicas; the holder of "
+                             "the coordination.k8s.io Lease leads, the others stand by")
+    parser.add_argument("--lease-name", default=env("SHOAL_LEASE_NAME", "shoal-controller"))
+    parser.add_argument("--identity", default=env("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",
+                        help="kubernetes mode: this replica's name in the Lease (default $POD_NAME)")
     parser.add_argument("--no-kubelet", action="store_true", help="do not run the local cluster's pods")
     parser.add_argument("--log-level", default=env("SHOAL_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
@@ -128,8 +142,10 @@ def parse_config(argv: list[str] | None = None) -> ControllerConfig:
         grpc_address=args.grpc_address, admin_address=args.admin_address,
         relay_address=args.relay_address, trust_domain=args.trust_domain, cert_ttl=args.cert_ttl,
         state_dir_override=args.state_dir, ca_dir_override=args.ca_dir,
-        token_file_override=args.token_file, kubeconfig=args.kubeconfig,
+        credential_key_override=args.credential_key, kubeconfig=args.kubeconfig,
         agent_service_accounts=tuple(args.agent_accounts or ("shoal-system/shoal-agent",)),
+        token_audiences=tuple(args.token_audiences or ("shoal",)),
         tls=args.tls, tls_names=tuple(args.tls_names), namespace=args.namespace,
-        ca_secret=args.ca_secret,
+        ca_secret=args.ca_secret, leader_elect=args.leader_elect, lease_name=args.lease_name,
+        identity=args.identity,
         run_kubelet=args.source == "local" and not args.no_kubelet, log_level=args.log_level)

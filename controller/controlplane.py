@@ -14,20 +14,23 @@ import grpc
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from shoal.controller.auth import Authenticator
+from shoal.controller.auth import AuthError, Authenticator, AuthUnavailable
 from shoal.controller.ca import CertificateAuthority, issue_serving_certificate
-from shoal.controller.ca_service import CertificateService
-from shoal.controller.distribution import Distributor
+from shoal.controller.ca_service import SERVICE_NAME as CA_SERVICE, CertificateService
+from shoal.controller.distribution import SERVICE_NAME as DISTRIBUTION_SERVICE, Distributor
 from shoal.controller.metrics import ControllerMetrics
 from shoal.controller.model import Change, MeshModel, Obj
+from shoal.controller.rpcguard import MAX_REQUEST_BYTES, NodeAuthInterceptor
 from shoal.xds.client import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
 # Nodes ping every 20 s even when idle (ConfigClient's keepalive): accept that instead of
 # answering GOAWAY "too_many_pings"; ping nodes too, to notice dead ones.
+# Requests are small (per-method limits in rpcguard); pushes can be large.
 SERVER_OPTIONS = (
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+    ("grpc.http2.bdp_probe", 0),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
@@ -35,6 +38,43 @@ SERVER_OPTIONS = (
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_ping_strikes", 0),
 )
+
+async def serve_admin(host: str, port: int, metrics: ControllerMetrics,
+                      authenticator: Authenticator, ready: Callable[[], bool],
+                      status: Callable[[], dict[str, Any]]) -> web.AppRunner:
+    """/metrics (Prometheus: counts only, no secrets, no per-flow data) and /ready for
+    anyone, as scrapers and probes expect; /status (JSON: every node and its config
+    version) only for a caller presenting a node credential as a bearer token."""
+    app = web.Application()
+
+    async def metrics_handler(_request):
+        return web.Response(body=generate_latest(metrics.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def ready_handler(_request):
+        ok = ready()
+        return web.Response(status=200 if ok else 503, text="ready\n" if ok else "not ready\n")
+
+    async def status_handler(request):
+        try:
+            await authenticator.authenticate(
+                (("authorization", request.headers.get("Authorization", "")),))
+        except AuthError as err:
+            metrics.auth_failures.labels("status", err.reason).inc()
+            log.warning("/status from %s refused: %s", request.remote, err)
+            code = 503 if isinstance(err, AuthUnavailable) else 401
+            return web.json_response({"error": str(err)}, status=code,
+                                     headers={"WWW-Authenticate": "Bearer"})
+        return web.json_response(status())
+
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/ready", ready_handler)
+    app.router.add_get("/status", status_handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
 
 class ControlPlane:
     def __init__(self, model: MeshModel, ca: CertificateAuthority, authenticator: Authenticator,
@@ -46,8 +86,9 @@ class ControlPlane:
         self.persist_identities = persist_identities
         self.ca = ca
         self.metrics = metrics or ControllerMetrics.create()
-        self.distributor = Distributor(model, authenticator, self.metrics)
-        self.certificates = CertificateService(ca, model, authenticator, self.metrics)
+        self.authenticator = authenticator
+        self.distributor = Distributor(model, self.metrics)
+        self.certificates = CertificateService(ca, model, self.metrics)
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
         self._synced_sources: set[str] = set()
@@ -122,7 +163,9 @@ class ControlPlane:
         With ``tls_names`` (DNS names / IPs) it serves TLS with a certificate from its own CA,
         so nodes verify the controller with the trust bundle (``root-cert.pem``).
         """
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        guard = NodeAuthInterceptor(self.authenticator, self.metrics,
+                                    (DISTRIBUTION_SERVICE, CA_SERVICE))
+        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=(guard,))
         self.server.add_generic_rpc_handlers((self.distributor.handler(),
                                               self.certificates.handler()))
         if tls_names:
@@ -138,26 +181,9 @@ class ControlPlane:
         return self.port
 
     async def start_admin(self, host: str, port: int) -> None:
-        """/metrics (Prometheus), /ready and /status (JSON) over HTTP."""
-        app = web.Application()
-
-        async def metrics(_request):
-            return web.Response(body=generate_latest(self.metrics.registry),
-                                headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-        async def ready(_request):
-            return web.Response(status=200 if self.ready else 503,
-                                text="ready\n" if self.ready else "not ready\n")
-
-        async def status(_request):
-            return web.json_response(self.status())
-
-        app.router.add_get("/metrics", metrics)
-        app.router.add_get("/ready", ready)
-        app.router.add_get("/status", status)
-        self._metrics_runner = web.AppRunner(app, access_log=None)
-        await self._metrics_runner.setup()
-        await web.TCPSite(self._metrics_runner, host, port).start()
+        """The admin HTTP endpoints (``serve_admin``) for this control plane."""
+        self._metrics_runner = await serve_admin(host, port, self.metrics, self.authenticator,
+                                                 lambda: self.ready, self.status)
 
     async def stop(self, grace: float = 1.0) -> None:
         if self.server is not None:

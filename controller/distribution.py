@@ -18,9 +18,9 @@ from typing import AsyncIterator
 import grpc
 
 from shoal.api import config_pb2 as pb
-from shoal.controller.auth import AuthError, Authenticator
 from shoal.controller.metrics import ControllerMetrics
 from shoal.controller.model import Change, MeshModel
+from shoal.controller.rpcguard import MAX_REQUEST_BYTES, TooLarge, decoder
 from shoal.xds.delta import DeltaSender, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -80,10 +80,8 @@ class Connection:
 
 
 class Distributor:
-    def __init__(self, model: MeshModel, authenticator: Authenticator,
-                 metrics: ControllerMetrics) -> None:
+    def __init__(self, model: MeshModel, metrics: ControllerMetrics) -> None:
         self.model = model
-        self.authenticator = authenticator
         self.metrics = metrics
         self.connections: set[Connection] = set()
 
@@ -122,31 +120,21 @@ class Distributor:
     # -- gRPC ---------------------------------------------------------------------------------
 
     def handler(self) -> grpc.GenericRpcHandler:
-        def decode(data: bytes) -> pb.DeltaRequest:
-            try:
-                return pb.DeltaRequest.FromString(data)
-            except Exception:  # protobuf raises DecodeError or others on garbage
-                self.metrics.bad_requests.labels("StreamConfig").inc()
-                log.warning("refused an undecodable DeltaRequest (%d bytes)", len(data))
-                raise
-
+        """Callers are authenticated by NodeAuthInterceptor before a message is read."""
         return grpc.method_handlers_generic_handler(SERVICE_NAME, {
             "StreamConfig": grpc.stream_stream_rpc_method_handler(
-                self.stream, request_deserializer=decode,
+                self.stream, request_deserializer=decoder(
+                    pb.DeltaRequest, "StreamConfig", MAX_REQUEST_BYTES, self.metrics),
                 response_serializer=lambda push: push),   # pushes are pre-encoded bytes
         })
 
     async def stream(self, requests: AsyncIterator[pb.DeltaRequest],
-                     context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        try:
-            node = await self.authenticator.authenticate(context.invocation_metadata())
-        except AuthError as err:
-            self.metrics.auth_failures.labels("StreamConfig").inc()
-            log.warning("config stream from %s refused: %s", context.peer(), err)
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(err))
+                     context: grpc.aio.ServicerContext, node: str) -> AsyncIterator[bytes]:
         iterator = requests.__aiter__()
         try:
             hello = await asyncio.wait_for(iterator.__anext__(), timeout=30)
+            if isinstance(hello, TooLarge):
+                raise ProtocolError(str(hello))
             sender = DeltaSender.from_hello(hello)
             if sender.node != node:
                 raise ProtocolError(f"authenticated as node {node!r} but hello names "
@@ -210,6 +198,8 @@ class Distributor:
     async def _read(self, conn: Connection, iterator, context) -> None:
         async for request in iterator:
             try:
+                if isinstance(request, TooLarge):
+                    raise ProtocolError(str(request))
                 nack = conn.sender.on_reply(request)
             except ProtocolError as err:
                 self.metrics.bad_requests.labels("StreamConfig").inc()

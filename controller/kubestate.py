@@ -14,10 +14,12 @@ run the controller and a restart changes nothing:
 from __future__ import annotations
 
 import base64
+import binascii
 import logging
 import os
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -25,6 +27,14 @@ from shoal.controller.ca import CertificateAuthority
 from shoal.controller.identity import Allocation
 
 log = logging.getLogger(__name__)
+
+class CASecretError(RuntimeError):
+    """The CA Secret exists but cannot be used: the controller stops rather than replace it."""
+
+    def __str__(self) -> str:
+        return (f"{self.args[0]}. Refusing to start: generating a new root would invalidate "
+                "every certificate in the mesh. Fix the Secret, or delete it to start a new mesh root.")
+
 
 CA_FILES = ("ca-cert.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem", "extra-roots.pem")
 
@@ -65,16 +75,27 @@ class KubernetesState:
                 secret = await self._read_secret()
                 for stale in CA_FILES:
                     (ca_dir / stale).unlink(missing_ok=True)
-        for name, value in (secret.data or {}).items():
+        where = f"Secret {self.namespace}/{self.ca_secret}"
+        data = secret.data or {}
+        missing = [name for name in ("ca-cert.pem", "ca-key.pem") if name not in data]
+        if missing:
+            raise CASecretError(f"{where}: missing {', '.join(missing)} (has: "
+                                f"{', '.join(sorted(data)) or 'nothing'})")
+        for name, value in data.items():
             if name in CA_FILES:
+                try:
+                    content = base64.b64decode(value, validate=True)
+                except (binascii.Error, ValueError) as err:
+                    raise CASecretError(f"{where}: {name} is not base64 ({err})") from None
                 path = ca_dir / name
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 with os.fdopen(fd, "wb") as f:
-                    f.write(base64.b64decode(value))
-        if not (ca_dir / "ca-cert.pem").exists() or not (ca_dir / "ca-key.pem").exists():
-            raise ValueError(f"Secret {self.namespace}/{self.ca_secret}: needs ca-cert.pem and "
-                             "ca-key.pem")
-        return CertificateAuthority.load_or_create(ca_dir, trust_domain, **ca_options)
+                    f.write(content)
+        try:
+            return CertificateAuthority.load_or_create(ca_dir, trust_domain, **ca_options)
+        except (ValueError, TypeError, UnsupportedAlgorithm) as err:
+            # Never a new root in its place: every certificate and node would stop matching.
+            raise CASecretError(f"{where}: {err}") from None
 
     async def _read_secret(self):
         try:

@@ -47,7 +47,7 @@ class ControllerMetrics:
                                  registry=r),
             auth_failures=Counter("shoal_controller_auth_failures",
                                   "Calls refused because the node did not authenticate",
-                                  ["rpc"], registry=r),
+                                  ["rpc", "reason"], registry=r),
             certs_issued=Counter("citadel_server_success_cert_issuance_count",
                                  "Workload certificates issued", registry=r),
             cert_errors=Counter("citadel_server_csr_sign_err_count",

@@ -343,7 +343,11 @@ def render_status(report: dict[str, Any]) -> str:
     lines = [f"Controller:  {'ready' if ctl.get('ready') else 'NOT READY'}, config version {version}"
              + (f" ({counts})" if counts else "")]
     by_node: dict[str, dict[str, dict[str, Any]]] = {}
+    waypoints = []
     for agent in ctl.get("agents", []):
+        if agent.get("component") == "waypoint":   # connects under its own name, not a node's
+            waypoints.append(agent)
+            continue
         by_node.setdefault(agent.get("node", "?"), {})[agent.get("component", "?")] = agent
     lines.append(f"Nodes:       {len(by_node)} connected")
     for node in sorted(by_node):
@@ -361,6 +365,10 @@ def render_status(report: dict[str, Any]) -> str:
             health = "healthy" if hubble["state"] == "NODE_CONNECTED" else hubble["state"].removeprefix("NODE_").lower()
             cells.append(f"flows: {health}" + (f" ({hubble['version']})" if hubble.get("version") else ""))
         lines.append(f"  {node:<10} " + "   ".join(cells))
+    if waypoints:
+        lines.append("Waypoints:   " + ", ".join(
+            f"{w.get('node', '?').removeprefix('waypoint-')} v{w.get('version')}"
+            + ("" if str(w.get("version")) == str(version) else " behind") for w in waypoints))
     flows = report.get("flows", {})
     if "error" in flows:
         lines.append(f"Flows:       unavailable ({flows['error']})")

@@ -83,8 +83,17 @@ class ClusterLayout:
         return self.run_dir / "ca"
 
     @property
-    def bootstrap_token_path(self) -> Path:
-        return self.run_dir / "bootstrap-token"
+    def credential_key_path(self) -> Path:
+        """The key of the per-node credentials (shoal/credentials.py): the controller's."""
+        return self.run_dir / "credential-key"
+
+    def node_credential_path(self, node: str) -> Path:
+        """``node``'s own credential, in its state directory only."""
+        return self.node_dir(node) / "credential"
+
+    def waypoint_credential_path(self, namespace: str, name: str) -> Path:
+        """A local waypoint's own credential (caller ``waypoint-<namespace>-<name>``)."""
+        return self.run_dir / "waypoints" / f"{namespace}.{name}" / "credential"
 
     @property
     def ca_bundle_path(self) -> Path:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import yaml
@@ -140,10 +141,12 @@ class WaypointApp:
 
     def _client(self):
         if self._config_client is None:
-            from shoal.xds.client import ConfigClient, read_token
+            from shoal.xds.client import ConfigClient
 
-            token = read_token(self.config.token_file) if self.config.token_file else ""
-            node = self.config.node or f"waypoint-{self.config.namespace}-{self.config.name}"
+            token = Path(self.config.token_file) if self.config.token_file else ""
+            # The caller name its credential proves (issued by the local launcher): the
+            # waypoint's own, not its node's, so it gets its Gateway's identity and no other.
+            node = f"waypoint-{self.config.namespace}-{self.config.name}"
             self._config_client = ConfigClient(self.config.controller, node, token, self.state,
                                                component="waypoint", validator=validate_resource,
                                                ca_bundle=self.config.ca_bundle or None)

@@ -57,7 +57,7 @@ def deployment_for(gateway: Obj, layout: ClusterLayout, python: str = sys.execut
               LABEL_MESH: "disabled"}
     env = [{"name": "SHOAL_CLUSTER", "value": layout.name},
            {"name": "SHOAL_CONTROLLER", "value": layout.controller_address},
-           {"name": "SHOAL_TOKEN_FILE", "value": str(layout.bootstrap_token_path)},
+           {"name": "SHOAL_TOKEN_FILE", "value": str(layout.waypoint_credential_path(namespace, name))},
            {"name": "SHOAL_CA_BUNDLE", "value": str(layout.ca_bundle_path)},
            *({"name": k, "value": v} for k, v in extra_env)]
     return {
@@ -131,6 +131,17 @@ class LocalWaypointLauncher:
         self.store.watch(self._on_events)
         self.reconcile()
 
+    def _issue_credentials(self, deployments: list[Obj]) -> None:
+        """Each waypoint gets its own credential, naming it ``waypoint-<ns>-<name>``: with
+        it the controller gives the waypoint its config and its Gateway's identity only."""
+        from shoal.credentials import NodeCredentials
+
+        credentials = NodeCredentials.load_or_create(self.layout.credential_key_path)
+        for deployment in deployments:
+            namespace, name = deployment["metadata"]["namespace"], deployment["metadata"]["name"]
+            credentials.issue_file(f"waypoint-{namespace}-{name}",
+                                   self.layout.waypoint_credential_path(namespace, name))
+
     def _on_events(self, events) -> None:
         if not any(ev.object.get("kind") in ("Gateway", "Deployment", "HTTPRoute", "Service", "Pod") for ev in events):
             return
@@ -154,6 +165,8 @@ class LocalWaypointLauncher:
         self.update_route_status()
         self.update_gateway_status()
         to_apply, to_delete = plan(self.store.list("Gateway"), self.store.list("Deployment"), self.layout, self.python)
+        if to_apply:
+            self._issue_credentials(to_apply)
         for deployment in to_apply:
             try:
                 self.store.apply([deployment])

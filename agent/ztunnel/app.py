@@ -117,9 +117,9 @@ class ProxyApp:
 
     def _client(self):
         if self._config_client is None:
-            from shoal.xds.client import ConfigClient, read_token
+            from shoal.xds.client import ConfigClient
 
-            token = read_token(self.config.token_file) if self.config.token_file else ""
+            token = Path(self.config.token_file) if self.config.token_file else ""
             self._config_client = ConfigClient(self.config.controller, self.config.node, token, self.state,
                                                component="proxy", ca_bundle=self.config.ca_bundle or None)
         return self._config_client

@@ -82,8 +82,10 @@ class ProxyConfig:
             layout = layout_from_env(env)      # the same host paths as the agent (DaemonSet env)
         else:
             layout = ClusterLayout(name=args.cluster)
+        token_file = args.token_file or (
+            "" if env.get("SHOAL_MODE") == "kubernetes" else str(layout.node_credential_path(args.node)))
         return cls(node=args.node, layout=layout, controller=args.controller,
-                   token_file=args.token_file, ca_bundle=args.ca_bundle, trust_domain=args.trust_domain, admin_port=args.admin_port,
+                   token_file=token_file, ca_bundle=args.ca_bundle, trust_domain=args.trust_domain, admin_port=args.admin_port,
                    metrics_port=args.metrics_port, ready_port=args.ready_port,
                    handshake_timeout=args.handshake_timeout, drain_grace=args.drain_grace,
                    max_connections=args.max_connections,

@@ -36,7 +36,8 @@ from shoal.perf.scenario import Context, Measurement, Scenario, Target
 PATH = "shoal-controller"
 AGENTS = 10
 NAMESPACES = 50
-TOKEN = "perf-bootstrap-token"
+# The agents' credentials are issued with this (perf-only) cluster key.
+CREDENTIAL_KEY = b"perf-controlplane-credential-key!"
 
 
 # -- the synthetic cluster ---------------------------------------------------------------------
@@ -81,7 +82,8 @@ async def serve(pods: int, port_file: str) -> None:
     import tempfile
     from pathlib import Path
 
-    from shoal.controller.auth import BootstrapTokenAuthenticator
+    from shoal.controller.auth import NodeCredentialAuthenticator
+    from shoal.credentials import NodeCredentials
     from shoal.controller.ca import CertificateAuthority
     from shoal.controller.controlplane import ControlPlane
     from shoal.controller.identity import IdentityAllocator
@@ -90,7 +92,7 @@ async def serve(pods: int, port_file: str) -> None:
     state = Path(tempfile.mkdtemp(prefix="shoal-perf-cp-"))
     ca = CertificateAuthority.load_or_create(state / "ca", "cluster.local")
     plane = ControlPlane(MeshModel(IdentityAllocator(state / "identities")), ca,
-                         BootstrapTokenAuthenticator(TOKEN))
+                         NodeCredentialAuthenticator(NodeCredentials(CREDENTIAL_KEY)))
     objs = cluster_objects(pods)
     started = time.perf_counter()
     plane.apply([("ADDED", o) for o in objs])
@@ -138,8 +140,9 @@ class Agent:
                 while True:
                     yield await replies.get()
 
-            call = stub.StreamConfig(requests(), metadata=(("authorization", f"Bearer {TOKEN}"),
-                                                           ("x-shoal-node", self.node)))
+            from shoal.credentials import NodeCredentials
+            token = NodeCredentials(CREDENTIAL_KEY).issue(self.node)
+            call = stub.StreamConfig(requests(), metadata=(("authorization", f"Bearer {token}"),))
             async for push in call:
                 for resource in push.resources:
                     key = f"{resource.type}/{resource.name}"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from shoal.config import ClusterLayout
+from shoal.credentials import NodeCredentials
 from shoal.hubbletls import HubbleCertificates
 from shoal.local.apiclient import ApiClient
 from shoal.local.linux import Cgroup, LinuxError, Netns
@@ -142,8 +142,10 @@ class LocalCluster:
         layout = self.layout
         layout.run_dir.mkdir(parents=True, exist_ok=True)
         layout.log_dir.mkdir(parents=True, exist_ok=True)
-        layout.bootstrap_token_path.write_text(secrets.token_urlsafe(32))
-        layout.bootstrap_token_path.chmod(0o600)
+        # One key for the cluster (the controller's); each node gets a credential naming it,
+        # written only into its own state directory (shoal/credentials.py).
+        layout.credential_key_path.unlink(missing_ok=True)
+        credentials = NodeCredentials.load_or_create(layout.credential_key_path)
         # The flow APIs' mTLS material (4244 on each agent, the relay's 4245), before anyone starts.
         HubbleCertificates(layout.hubble_tls_dir).ensure(
             layout.name, {node: layout.node_ip(node) for node in node_names}, [layout.CONTROLLER_IP])
@@ -156,7 +158,8 @@ class LocalCluster:
             self.topology.build_node(node, node_names)
             for part in ("pods", "system"):
                 Cgroup(layout.node_cgroup(node) / part).create()
-            layout.node_dir(node).mkdir(parents=True, exist_ok=True)
+            layout.node_dir(node).mkdir(parents=True, exist_ok=True, mode=0o700)
+            credentials.issue_file(node, layout.node_credential_path(node))
         self.progress("controller: starting")
         self.start(self.controller_component())
         self._wait(self.api.healthy, 30, "the controller did not become ready (see `shoal logs controller`)")
@@ -193,13 +196,13 @@ class LocalCluster:
         env.update({
             "SHOAL_CLUSTER": self.layout.name,
             "SHOAL_CONTROLLER": self.layout.controller_address,
-            "SHOAL_TOKEN_FILE": str(self.layout.bootstrap_token_path),
             # The config stream and the CA are served over TLS from the workload CA's root.
             "SHOAL_CA_BUNDLE": str(self.layout.ca_bundle_path),
             "PYTHONUNBUFFERED": "1",
         })
         if node:
             env["SHOAL_NODE"] = node
+            env["SHOAL_TOKEN_FILE"] = str(self.layout.node_credential_path(node))
         return env
 
     def start(self, component: Component) -> int:

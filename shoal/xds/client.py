@@ -31,29 +31,32 @@ CHANNEL_OPTIONS = (
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
 )
-NODE_METADATA = "x-shoal-node"
 
 
 def read_token(path: str | Path) -> str:
-    """Reads a bootstrap/ServiceAccount token file (surrounding whitespace stripped)."""
+    """Reads a node credential / ServiceAccount token file (whitespace stripped)."""
     return Path(path).read_text().strip()
 
 
 class ConfigClient:
-    def __init__(self, address: str, node: str, token: str, state: ConfigState,
+    def __init__(self, address: str, node: str, token: str | Path, state: ConfigState,
                  component: str = "agent", validator: Validator | None = None,
                  min_backoff: float = 0.1, max_backoff: float = 2.0,
                  ca_bundle: str | Path | None = None, server_name: str | None = None) -> None:
         """``ca_bundle``: path of the controller's root certificate(s) (``SHOAL_CA_BUNDLE``);
         when set the stream uses TLS and verifies the controller against it (and against
-        ``server_name`` instead of the address's host, if given). None: plaintext."""
+        ``server_name`` instead of the address's host, if given). None: plaintext.
+
+        ``token``: the node's credential (local cluster) or projected ServiceAccount token
+        (Kubernetes); a Path is re-read for every call, as the kubelet rotates the token.
+        The controller derives the node from it: the client declares nothing else."""
         self.address = address
         self.ca_bundle = Path(ca_bundle) if ca_bundle else None
         self.server_name = server_name
         self.node = node
         self.state = state
         self.receiver = DeltaReceiver(node=node, component=component, validator=validator)
-        self._metadata = (("authorization", f"Bearer {token}"), (NODE_METADATA, node))
+        self._token = token
         self._min_backoff, self._max_backoff = min_backoff, max_backoff
         self._channel: grpc.aio.Channel | None = None
         self.connected = False
@@ -61,6 +64,11 @@ class ConfigClient:
         self.pushes_applied = 0
         self.nacks_sent = 0
         self.reconnects = 0
+
+    @property
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        token = read_token(self._token) if isinstance(self._token, Path) else self._token
+        return (("authorization", f"Bearer {token}"),)
 
     def _get_channel(self) -> grpc.aio.Channel:
         if self._channel is None:
@@ -91,9 +99,10 @@ class ConfigClient:
                 got_push = False
                 log.warning("config stream to %s: %s %s", self.address, err.code().name,
                             err.details())
-            except OSError as err:   # the CA bundle is not there (yet)
+            except OSError as err:   # the CA bundle or the token is not there (yet)
                 got_push = False
-                log.warning("config stream to %s: cannot read CA bundle: %s", self.address, err)
+                log.warning("config stream to %s: cannot read CA bundle or token: %s",
+                            self.address, err)
             finally:
                 self.connected = False
             if got_push:

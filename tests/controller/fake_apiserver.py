@@ -4,7 +4,10 @@ JSON lists with ``metadata.resourceVersion`` and ``limit``/``continue`` paginati
 as chunked streams of newline-delimited ADDED/MODIFIED/DELETED/BOOKMARK events from a
 resourceVersion; a compacted history answers old versions with an ERROR event carrying a
 410 Status (as the API server does inside a 200 stream) and old continue tokens with an
-HTTP 410; TokenReview. Good enough to drive kubernetes_asyncio, not a real API server.
+HTTP 410; TokenReview of bound ServiceAccount tokens (audiences, expiry, the bound pod's
+existence and UID, as the API server checks them); GET of one pod; Secrets and ConfigMaps
+with resourceVersion conflicts. Good enough to drive kubernetes_asyncio, not a real API
+server.
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import asyncio
 import base64
 import copy
 import json
+import secrets
+import time
 import uuid
 
 from aiohttp import web
@@ -44,8 +49,11 @@ class FakeApiServer:
         self.watchers: list[tuple[str, asyncio.Queue]] = []
         self.missing = set(missing_kinds)
         self.tokens: dict[str, dict] = {}       # token -> TokenReview status.user
+        self.bound: dict[str, dict] = {}        # token -> {audiences, expires, pod: (ns, name, uid)}
+        self.reviews: list[dict] = []           # TokenReview specs received
         self.requests: list[str] = []
-        self.stored: dict[tuple[str, str, str], dict] = {}   # (plural, ns, name): secrets, configmaps
+        self.stored: dict[tuple[str, str, str], dict] = {}   # (plural, ns, name): secrets, configmaps, leases
+        self.failing: set[str] = set()          # plurals answered 503 (an API server outage for them)
         self.runner = None
         self.url = ""
 
@@ -69,6 +77,26 @@ class FakeApiServer:
         obj = copy.deepcopy(obj)
         obj["metadata"]["resourceVersion"] = str(self.rv)
         self._publish(kind, "DELETED", obj)
+
+    def pod_token(self, namespace, pod, service_account="shoal-system/shoal-agent",
+                  audiences=("shoal",), expires_in=3600.0):
+        """A projected ServiceAccount token bound to ``pod`` (which must exist), as the
+        kubelet gets one: the review answers with the pod-name/pod-uid (and node-name)
+        extras while the pod exists with that UID, the token is unexpired and the
+        requested audiences intersect the token's."""
+        obj = self.objects["Pod"][(namespace, pod)]
+        sa_ns, sa_name = service_account.split("/")
+        token = "fake-jwt." + secrets.token_urlsafe(24)
+        extra = {"authentication.kubernetes.io/pod-name": [pod],
+                 "authentication.kubernetes.io/pod-uid": [obj["metadata"]["uid"]]}
+        node = (obj.get("spec") or {}).get("nodeName")
+        if node:
+            extra["authentication.kubernetes.io/node-name"] = [node]
+        self.tokens[token] = {"username": f"system:serviceaccount:{sa_ns}:{sa_name}",
+                              "uid": str(uuid.uuid4()), "extra": extra}
+        self.bound[token] = {"audiences": list(audiences), "expires": time.time() + expires_in,
+                             "pod": (namespace, pod, obj["metadata"]["uid"])}
+        return token
 
     def compact(self):
         """Forgets the history: watches from older versions get 410 Gone."""
@@ -95,10 +123,13 @@ class FakeApiServer:
     async def start(self):
         app = web.Application()
         app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", self._token_review)
-        for plural in ("secrets", "configmaps"):
-            app.router.add_get(f"/api/v1/namespaces/{{ns}}/{plural}/{{name}}", self._get_stored(plural))
-            app.router.add_post(f"/api/v1/namespaces/{{ns}}/{plural}", self._create_stored(plural))
-            app.router.add_put(f"/api/v1/namespaces/{{ns}}/{plural}/{{name}}", self._replace_stored(plural))
+        app.router.add_get("/api/v1/namespaces/{ns}/pods/{name}", self._get_pod)
+        for prefix, plural in (("api/v1", "secrets"), ("api/v1", "configmaps"),
+                               ("apis/coordination.k8s.io/v1", "leases")):
+            base = f"/{prefix}/namespaces/{{ns}}/{plural}"
+            app.router.add_get(f"{base}/{{name}}", self._get_stored(plural))
+            app.router.add_post(base, self._create_stored(plural))
+            app.router.add_put(f"{base}/{{name}}", self._replace_stored(plural))
         for (prefix, plural) in RESOURCES:
             app.router.add_get(f"/{prefix}/{plural}", self._handler(prefix, plural))
         self.runner = web.AppRunner(app, access_log=None)
@@ -110,13 +141,25 @@ class FakeApiServer:
         return self
 
     async def stop(self):
+        """Stops serving (idempotent: a test may stop it early to play an outage)."""
+        if self.runner is None:
+            return
         self.end_watches()
         await self.runner.cleanup()
+        self.runner = None
 
-    # -- secrets and configmaps: get, create, replace with resourceVersion checks ----------------
+    # -- secrets, configmaps, leases: get, create, replace with resourceVersion checks -----------
+
+    def _outage(self, plural):
+        if plural in self.failing:
+            return web.json_response(_status(503, "ServiceUnavailable", "etcd is unavailable"),
+                                     status=503)
+        return None
 
     def _get_stored(self, plural):
         async def handle(request):
+            if (outage := self._outage(plural)) is not None:
+                return outage
             obj = self.stored.get((plural, request.match_info["ns"], request.match_info["name"]))
             if obj is None:
                 return web.json_response(_status(404, "NotFound", f"{plural} not found"), status=404)
@@ -125,6 +168,8 @@ class FakeApiServer:
 
     def _create_stored(self, plural):
         async def handle(request):
+            if (outage := self._outage(plural)) is not None:
+                return outage
             obj = await request.json()
             key = (plural, request.match_info["ns"], obj["metadata"]["name"])
             if key in self.stored:
@@ -137,6 +182,8 @@ class FakeApiServer:
 
     def _replace_stored(self, plural):
         async def handle(request):
+            if (outage := self._outage(plural)) is not None:
+                return outage
             obj = await request.json()
             key = (plural, request.match_info["ns"], request.match_info["name"])
             current = self.stored.get(key)
@@ -232,12 +279,47 @@ class FakeApiServer:
             self.watchers.remove(entry)
         return response
 
+    async def _get_pod(self, request):
+        self.requests.append(str(request.rel_url))
+        obj = self.objects["Pod"].get((request.match_info["ns"], request.match_info["name"]))
+        if obj is None:
+            return web.json_response(_status(404, "NotFound", f'pods "{request.match_info["name"]}" '
+                                             "not found"), status=404)
+        return web.json_response(obj)
+
+    def _review(self, token, wanted):
+        """(status) of one token, as the API server's authenticator chain answers it."""
+        user = self.tokens.get(token)
+        if user is None:
+            return {"authenticated": False, "error": "invalid bearer token"}
+        bound = self.bound.get(token)
+        if bound is None:   # a legacy token: audiences are the API server's own
+            if wanted:
+                return {"authenticated": False, "error": "token audiences are invalid for "
+                        f"the target audiences {wanted}"}
+            return {"authenticated": True, "user": user, "audiences": ["https://kubernetes.default.svc"]}
+        if time.time() >= bound["expires"]:
+            return {"authenticated": False, "error": "[invalid bearer token, square/go-jose/jwt: "
+                    "validation failed, token is expired (exp)]"}
+        audiences = [a for a in bound["audiences"] if a in wanted] if wanted else \
+            [a for a in bound["audiences"] if a == "https://kubernetes.default.svc"]
+        if not audiences:
+            return {"authenticated": False, "error": f"token audiences {bound['audiences']} are "
+                    f"invalid for the target audiences {wanted or ['https://kubernetes.default.svc']}"}
+        namespace, pod, uid = bound["pod"]
+        current = self.objects["Pod"].get((namespace, pod))
+        if current is None:
+            return {"authenticated": False, "error": f'[invalid bearer token, pods "{pod}" not found]'}
+        if current["metadata"]["uid"] != uid:
+            return {"authenticated": False, "error": f"[invalid bearer token, the UID in the bound "
+                    f"object reference ({uid}) does not match the UID in record]"}
+        return {"authenticated": True, "user": user, "audiences": audiences}
+
     async def _token_review(self, request):
         body = await request.json()
-        token = (body.get("spec") or {}).get("token", "")
-        user = self.tokens.get(token)
-        status = {"authenticated": True, "user": user} if user else \
-            {"authenticated": False, "error": "invalid bearer token"}
+        spec = body.get("spec") or {}
+        self.reviews.append(spec)
+        status = self._review(spec.get("token", ""), list(spec.get("audiences") or []))
         return web.json_response({"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
-                                  "metadata": {}, "spec": body.get("spec"), "status": status},
+                                  "metadata": {}, "spec": spec, "status": status},
                                  status=201)

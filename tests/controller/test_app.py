@@ -1,6 +1,7 @@
 """The real controller process (`python -m shoal.controller`, local source, no kubelet) on
 loopback: apply through the local API, stream with the real ConfigClient, survive a restart."""
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -8,11 +9,13 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
 
 from shoal.config import ClusterLayout
+from shoal.credentials import NodeCredentials
 from shoal.local.apiclient import ApiClient
 from shoal.xds.client import ConfigClient
 from shoal.xds.state import ConfigState
@@ -96,8 +99,9 @@ async def test_controller_process_streams_survives_restart_and_reports_status(co
     base, pod = objects()
     api.apply(base[:1])   # the store checks spec.nodeName against existing Nodes
     api.apply(base[1:])
-    token = layout.bootstrap_token_path.read_text().strip()
-    assert oct(layout.bootstrap_token_path.stat().st_mode & 0o777) == "0o600"
+    # The controller made the cluster's credential key (0600); shoal up issues from it.
+    assert oct(layout.credential_key_path.stat().st_mode & 0o777) == "0o600"
+    token = NodeCredentials.load_or_create(layout.credential_key_path).issue("node-1")
     state = ConfigState()
     client = ConfigClient(f"127.0.0.1:{controller.grpc_port}", "node-1", token, state,
                           component="agent", min_backoff=0.05, max_backoff=0.3,
@@ -112,9 +116,20 @@ async def test_controller_process_streams_survives_restart_and_reports_status(co
         status = api.status()
         assert status["agents"][0]["node"] == "node-1" and status["ready"]
         assert "resourceVersion" in status
+        # /status needs a node credential; /metrics and /ready are for scrapers and probes.
+        status_url = f"http://127.0.0.1:{controller.admin_port}/status"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(status_url)
+        assert refused.value.code == 401 and b"Bearer" in refused.value.read()
+        with urllib.request.urlopen(urllib.request.Request(
+                status_url, headers={"Authorization": f"Bearer {token}"})) as r:
+            assert json.loads(r.read())["agents"][0]["node"] == "node-1"
         with urllib.request.urlopen(f"http://127.0.0.1:{controller.admin_port}/metrics") as r:
             metrics = r.read().decode()
         assert 'pilot_xds{component="agent"} 1.0' in metrics
+        # Metrics carry counts: no credential, no key, no workload address.
+        key = layout.credential_key_path.read_text().strip()
+        assert token not in metrics and key not in metrics and "10.244.1.2" not in metrics
         with urllib.request.urlopen(f"http://127.0.0.1:{controller.admin_port}/ready") as r:
             assert r.status == 200
 
@@ -158,8 +173,9 @@ async def test_controller_process_kubernetes_mode_with_token_review(tmp_path):
     server = await FakeApiServer().start()
     server.put(namespace("demo"))
     server.put(pod("demo", "web-0", node="node-7", ip="10.244.7.2", sa="web"))
-    server.tokens["agent-7"] = {"username": "system:serviceaccount:shoal-system:shoal-agent",
-                                "extra": {"authentication.kubernetes.io/node-name": ["node-7"]}}
+    agent = pod("shoal-system", "shoal-agent-x7", node="node-7", ip="192.168.0.7", sa="shoal-agent")
+    server.put(agent)
+    token = server.pod_token("shoal-system", "shoal-agent-x7")   # audience shoal, pod-bound
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(f"""apiVersion: v1
 kind: Config
@@ -175,10 +191,10 @@ current-context: fake
          "--grpc-address", f"127.0.0.1:{grpc_port}", "--admin-address", f"127.0.0.1:{admin_port}",
          "--relay-address", ""], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     state = ConfigState()
-    client = ConfigClient(f"127.0.0.1:{grpc_port}", "node-7", "agent-7", state,
+    client = ConfigClient(f"127.0.0.1:{grpc_port}", "node-7", token, state,
                           component="agent", min_backoff=0.05, max_backoff=0.3)
     # The same token claiming another node is refused: the node comes from the token.
-    liar = ConfigClient(f"127.0.0.1:{grpc_port}", "node-1", "agent-7", ConfigState(),
+    liar = ConfigClient(f"127.0.0.1:{grpc_port}", "node-1", token, ConfigState(),
                         component="agent", min_backoff=0.05, max_backoff=0.3)
     task = asyncio.ensure_future(client.run())
     liar_task = asyncio.ensure_future(liar.run())
@@ -189,12 +205,19 @@ current-context: fake
 
         def ready():
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/status") as r:
-                    import json
+                with urllib.request.urlopen(urllib.request.Request(
+                        f"http://127.0.0.1:{admin_port}/status",
+                        headers={"Authorization": f"Bearer {token}"})) as r:
                     return json.loads(r.read())
             except OSError:
                 return None
-        status = ready()
+        # In a thread: /status makes the controller call the fake API server (TokenReview),
+        # which serves from this test's event loop.
+        status = await asyncio.to_thread(ready)
+        assert status["agents"] and status["ready"]
+        with pytest.raises(urllib.error.HTTPError) as refused:   # no credential
+            await asyncio.to_thread(urllib.request.urlopen, f"http://127.0.0.1:{admin_port}/status")
+        assert refused.value.code == 401
         assert [a["node"] for a in status["agents"]] == ["node-7"] and status["ready"]
         assert liar.reconnects >= 1 and not liar.synced.is_set()
         # Its state lives in the API: the CA Secret, the trust bundle, the identity table.
@@ -202,12 +225,11 @@ current-context: fake
         assert {"ca-cert.pem", "ca-key.pem", "root-cert.pem"} <= set(secret["data"])
         roots = server.stored[("configmaps", "shoal-system", "shoal-ca-root")]["data"]["root-cert.pem"]
         identities = server.stored[("configmaps", "shoal-system", "shoal-identities")]["data"]
-        assert identities == {"demo.web": str(state.workload("demo/web-0").identity)}
+        assert identities["demo.web"] == str(state.workload("demo/web-0").identity)
         # Another controller (new pod, empty disk) keeps the root and the numbers.
         proc.send_signal(signal.SIGTERM)
         proc.wait(15)
         shutil.rmtree(tmp_path / "state")
-        server.tokens["agent-7"]["extra"] = {"authentication.kubernetes.io/node-name": ["node-7"]}
         proc = subprocess.Popen(proc.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         server.put(pod("demo", "db-0", node="node-7", ip="10.244.7.4", sa="db"))
         await until(lambda: state.workload_by_ip("10.244.7.4") is not None, timeout=30)
@@ -230,3 +252,192 @@ current-context: fake
                 proc.kill()
                 proc.wait()
         await server.stop()
+
+
+def rss_kib(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def test_unauthenticated_huge_requests_cost_the_controller_process_no_memory(controller, layout):
+    """Four 64 MiB SignCertificate requests without a credential (the full-size 4 x 200 MiB
+    run is perf/scenarios/ctrlflood.py): refused on the metadata, the body never read, so
+    the real process's RSS barely moves (before: +1.5 GB for 4 x 200 MiB)."""
+    import grpc
+    from shoal.api import config_pb2 as pb
+
+    controller.start()
+    credentials = NodeCredentials.load_or_create(layout.credential_key_path)
+    bundle = grpc.ssl_channel_credentials((layout.ca_dir / "root-cert.pem").read_bytes())
+    body = pb.CertificateRequest(csr_pem="A" * (64 << 20)).SerializeToString()
+    async with grpc.aio.secure_channel(f"127.0.0.1:{controller.grpc_port}", bundle, options=(
+            ("grpc.max_send_message_length", -1),)) as channel:
+        sign = channel.unary_unary("/shoal.config.v1.CertificateAuthority/SignCertificate",
+                                   request_serializer=lambda b: b,
+                                   response_deserializer=pb.CertificateResponse.FromString)
+        # Warm up the server's TLS and call paths with a refused authenticated call.
+        with pytest.raises(grpc.aio.AioRpcError):
+            await sign(b"", metadata=(("authorization", f"Bearer {credentials.issue('node-1')}"),))
+        before = rss_kib(controller.proc.pid)
+        results = await asyncio.gather(*(sign(body, timeout=30) for _ in range(4)),
+                                       return_exceptions=True)
+        after = rss_kib(controller.proc.pid)
+    assert [r.code() for r in results] == [grpc.StatusCode.UNAUTHENTICATED] * 4, results
+    assert after - before < 8 * 1024, f"RSS grew {(after - before) / 1024:.1f} MiB"
+    with urllib.request.urlopen(f"http://127.0.0.1:{controller.admin_port}/metrics") as r:
+        metrics = r.read().decode()
+    assert ('shoal_controller_auth_failures_total{reason="no_credential",rpc="SignCertificate"} 4.0'
+            in metrics)
+
+
+def _kubeconfig(tmp_path, server):
+    path = tmp_path / "kubeconfig"
+    path.write_text(f"""apiVersion: v1
+kind: Config
+clusters: [{{name: fake, cluster: {{server: "{server.url}"}}}}]
+users: [{{name: controller, user: {{token: controller-token}}}}]
+contexts: [{{name: fake, context: {{cluster: fake, user: controller}}}}]
+current-context: fake
+""")
+    return path
+
+
+def _http(url, token=None):
+    """(status, body) of a GET; run it in a thread when the controller will call the fake
+    API server (served by this test's loop) to answer."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+    except OSError:
+        return None, b""
+
+
+async def test_two_replicas_one_lease_failover_keeps_root_and_identities(tmp_path):
+    """2 controllers on one coordination.k8s.io Lease (fake API server): one leads, the
+    other stands by (not ready, /status names the leader, no config stream, no CA); the
+    leader is SIGKILLed and the standby takes over within 15 s with the same root and the
+    same numbers; then the Lease can no longer be renewed and the new leader stops
+    issuing within the lease time."""
+    import grpc
+    from cryptography import x509
+
+    from shoal.api import config_pb2 as pb
+
+    from .fake_apiserver import FakeApiServer
+    from .objects import namespace, pod
+
+    server = await FakeApiServer().start()
+    server.put(namespace("demo"))
+    server.put(pod("demo", "web-0", node="node-7", ip="10.244.7.2", sa="web"))
+    server.put(pod("shoal-system", "shoal-agent-x7", node="node-7", ip="192.168.0.7", sa="shoal-agent"))
+    token = server.pod_token("shoal-system", "shoal-agent-x7")
+    kubeconfig = _kubeconfig(tmp_path, server)
+    replicas = {}
+
+    def start(name):
+        grpc_port, admin_port = free_port(), free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shoal.controller", "--source", "kubernetes",
+             "--kubeconfig", str(kubeconfig), "--state-dir", str(tmp_path / name),
+             "--identity", name, "--grpc-address", f"127.0.0.1:{grpc_port}",
+             "--admin-address", f"127.0.0.1:{admin_port}", "--relay-address", ""],
+            stdout=open(tmp_path / f"{name}.log", "wb"), stderr=subprocess.STDOUT)
+        replicas[name] = (proc, grpc_port, admin_port)
+        return proc, grpc_port, admin_port
+
+    async def ready(name):
+        return (await asyncio.to_thread(_http, f"http://127.0.0.1:{replicas[name][2]}/ready"))[0]
+
+    async def status(name):
+        code, body = await asyncio.to_thread(_http, f"http://127.0.0.1:{replicas[name][2]}/status", token)
+        return json.loads(body) if code == 200 else {}
+
+    async def wait_for(check, timeout, what):
+        deadline = time.monotonic() + timeout
+        while not await check():
+            assert time.monotonic() < deadline, f"{what}: {[(tmp_path / f'{n}.log').read_text()[-1500:] for n in replicas]}"
+            await asyncio.sleep(0.1)
+
+    async def identities_and_root(grpc_port):
+        state = ConfigState()
+        client = ConfigClient(f"127.0.0.1:{grpc_port}", "node-7", token, state, component="agent",
+                              min_backoff=0.05, max_backoff=0.3)
+        task = asyncio.ensure_future(client.run())
+        try:
+            await until(lambda: state.workload("demo/web-0") is not None, timeout=20)
+            from cryptography.hazmat.primitives import hashes, serialization
+            from cryptography.hazmat.primitives.asymmetric import ec
+            spiffe = "spiffe://cluster.local/ns/demo/sa/web"
+            csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+                   .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe)]),
+                                  critical=True)
+                   .sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256()))
+            chain, roots = await client.sign_certificate(csr.public_bytes(serialization.Encoding.PEM))
+            leaf = x509.load_pem_x509_certificates(chain.encode())[0]
+            leaf.verify_directly_issued_by(x509.load_pem_x509_certificates(roots.encode())[0])
+            return state.workload("demo/web-0").identity, roots
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await client.close()
+
+    try:
+        start("replica-a")
+        await wait_for(lambda: _is(ready("replica-a"), 200), 30, "replica-a leads")
+        start("replica-b")
+        await wait_for(lambda: _has_status(status("replica-b")), 30, "replica-b stands by")
+        standby = await status("replica-b")
+        assert standby["role"] == "standby" and standby["leader"] == "replica-a"
+        assert await ready("replica-b") == 503
+        lease = server.stored[("leases", "shoal-system", "shoal-controller")]
+        assert lease["spec"]["holderIdentity"] == "replica-a"
+        identity, root = await identities_and_root(replicas["replica-a"][1])
+        # The standby issues nothing: its config and CA port is not even open.
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", replicas["replica-b"][1]), timeout=1).close()
+
+        replicas["replica-a"][0].kill()          # SIGKILL: no release of the Lease
+        replicas["replica-a"][0].wait()
+        killed = time.monotonic()
+        await wait_for(lambda: _is(ready("replica-b"), 200), 20, "replica-b takes over")
+        took = time.monotonic() - killed
+        print(f"takeover after SIGKILL: {took:.1f} s")
+        assert took <= 15, f"takeover took {took:.1f} s"
+        assert server.stored[("leases", "shoal-system", "shoal-controller")]["spec"]["holderIdentity"] == "replica-b"
+        assert await identities_and_root(replicas["replica-b"][1]) == (identity, root)
+
+        # The API server stops accepting Lease writes: the leader stops issuing in time.
+        server.failing.add("leases")
+        failed = time.monotonic()
+        proc_b = replicas["replica-b"][0]
+        while proc_b.poll() is None:
+            assert time.monotonic() - failed < 12, "the leader kept running without its Lease"
+            await asyncio.sleep(0.1)
+        assert time.monotonic() - failed <= 8.0 and proc_b.returncode == 1   # the lease time
+        assert "lost the Lease" in (tmp_path / "replica-b.log").read_text()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{replicas['replica-b'][1]}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await channel.unary_unary("/shoal.config.v1.CertificateAuthority/TrustBundle",
+                                          request_serializer=pb.TrustBundleRequest.SerializeToString,
+                                          response_deserializer=pb.TrustBundleResponse.FromString)(
+                    pb.TrustBundleRequest(), metadata=(("authorization", f"Bearer {token}"),), timeout=3)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        for proc, *_ in replicas.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        await server.stop()
+
+
+async def _is(awaitable, value):
+    return await awaitable == value
+
+
+async def _has_status(awaitable):
+    return bool(await awaitable)

@@ -9,18 +9,19 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from shoal.api import config_pb2 as pb
-from shoal.controller.auth import BootstrapTokenAuthenticator
+from shoal.controller.auth import NodeCredentialAuthenticator
 from shoal.controller.ca import CertificateAuthority
 from shoal.controller.controlplane import ControlPlane
 from shoal.controller.identity import IdentityAllocator
 from shoal.controller.model import MeshModel
+from shoal.credentials import NodeCredentials
 from shoal.xds import model as m
 from shoal.xds.client import ConfigClient
 from shoal.xds.state import ConfigState
 
 from .objects import added, namespace, pod, policy, service
 
-TOKEN = "bootstrap-secret"
+CREDENTIALS = NodeCredentials(b"test-cluster-key" * 2)
 WEB = "spiffe://cluster.local/ns/demo/sa/web"
 DB = "spiffe://cluster.local/ns/demo/sa/db"
 
@@ -42,7 +43,7 @@ def ca(tmp_path):
 
 async def start_plane(ca, tmp_path, objects=None, port=0):
     plane = ControlPlane(MeshModel(IdentityAllocator(tmp_path / "identities")), ca,
-                         BootstrapTokenAuthenticator(TOKEN))
+                         NodeCredentialAuthenticator(CREDENTIALS))
     plane.apply(objects if objects is not None else demo_objects())
     await plane.start(f"127.0.0.1:{port}")
     return plane
@@ -58,11 +59,12 @@ async def plane(ca, tmp_path):
 class Node:
     """A ConfigClient running in the background, as an agent would run it."""
 
-    def __init__(self, port, name, component="proxy", token=TOKEN, validator=None):
+    def __init__(self, port, name, component="proxy", token=None, validator=None):
         self.state = ConfigState()
         self.deltas = []
         self.state.subscribe(self.deltas.append)
-        self.client = ConfigClient(f"127.0.0.1:{port}", name, token, self.state,
+        self.client = ConfigClient(f"127.0.0.1:{port}", name, token or CREDENTIALS.issue(name),
+                                   self.state,
                                    component=component, validator=validator,
                                    min_backoff=0.05, max_backoff=0.2)
         self.task = asyncio.ensure_future(self.client.run())
@@ -185,7 +187,8 @@ async def test_bad_token_and_malformed_messages_are_refused_others_continue(plan
     await good.client.synced.wait()
     # A wrong token: refused and counted.
     bad = nodes("node-2", token="wrong")
-    await bad.until(lambda: plane.metrics.auth_failures.labels("StreamConfig")._value.get() >= 1)
+    await bad.until(lambda: plane.metrics.auth_failures.labels(
+        "StreamConfig", "bad_credential")._value.get() >= 1)
     assert not bad.client.synced.is_set()
     # Garbage bytes on the stream.
     async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.port}") as channel:
@@ -193,7 +196,7 @@ async def test_bad_token_and_malformed_messages_are_refused_others_continue(plan
                                      request_serializer=lambda b: b,
                                      response_deserializer=lambda b: b)(
             iter([b"\xff\xff\xff\xff"]),
-            metadata=(("authorization", f"Bearer {TOKEN}"), ("x-shoal-node", "node-2")))
+            metadata=(("authorization", f"Bearer {CREDENTIALS.issue('node-2')}"),))
         with pytest.raises(grpc.aio.AioRpcError):
             async for _ in call:
                 pass
@@ -202,7 +205,7 @@ async def test_bad_token_and_malformed_messages_are_refused_others_continue(plan
                                      request_serializer=pb.DeltaRequest.SerializeToString,
                                      response_deserializer=pb.DeltaResponse.FromString)
         call = stub(iter([pb.DeltaRequest(node="node-1", component="proxy")]),
-                    metadata=(("authorization", f"Bearer {TOKEN}"), ("x-shoal-node", "node-2")))
+                    metadata=(("authorization", f"Bearer {CREDENTIALS.issue('node-2')}"),))
         with pytest.raises(grpc.aio.AioRpcError) as err:
             async for _ in call:
                 pass
@@ -300,7 +303,7 @@ def test_ca_persists_and_accepts_a_plugged_in_intermediate(tmp_path):
 
 
 async def test_tls_stream_verified_with_the_trust_bundle(ca, tmp_path):
-    plane = ControlPlane(MeshModel(), ca, BootstrapTokenAuthenticator(TOKEN))
+    plane = ControlPlane(MeshModel(), ca, NodeCredentialAuthenticator(CREDENTIALS))
     plane.apply(demo_objects())
     port = await plane.start("127.0.0.1:0", tls_names=["127.0.0.1", "shoal-controller"])
     bundle = tmp_path / "root-cert.pem"
@@ -311,7 +314,7 @@ async def test_tls_stream_verified_with_the_trust_bundle(ca, tmp_path):
     clients = []
     try:
         def client(**kw):
-            c = ConfigClient(f"127.0.0.1:{port}", "node-1", TOKEN, ConfigState(), component="proxy",
+            c = ConfigClient(f"127.0.0.1:{port}", "node-1", CREDENTIALS.issue("node-1"), ConfigState(), component="proxy",
                              min_backoff=0.05, max_backoff=0.1, **kw)
             clients.append((c, asyncio.ensure_future(c.run())))
             return c
@@ -341,3 +344,65 @@ async def test_agent_hosts_feed_relay_discovery(plane, nodes):
     agent = nodes("node-1", component="agent")
     await agent.client.synced.wait()
     assert plane.distributor.agent_hosts() == {"node-1": "127.0.0.1"}
+
+
+async def test_node_1s_credential_never_obtains_node_2s_identities(plane):
+    """The node is the one the credential names: no header, hello or forged MAC changes it
+    (before: the shared token + a self-declared ``x-shoal-node: node-2`` got db's cert)."""
+    node1_token = CREDENTIALS.issue("node-1")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.port}") as channel:
+        sign = channel.unary_unary("/shoal.config.v1.CertificateAuthority/SignCertificate",
+                                   request_serializer=pb.CertificateRequest.SerializeToString,
+                                   response_deserializer=pb.CertificateResponse.FromString)
+        request = pb.CertificateRequest(csr_pem=make_csr(DB), spiffe_id=DB)
+        # node-1's credential with every way of claiming node-2: still node-1.
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await sign(request, metadata=(("authorization", f"Bearer {node1_token}"),
+                                          ("x-shoal-node", "node-2")))
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "node node-1" in err.value.details()
+        # A credential for node-2 made by splicing node-1's MAC, or with another key.
+        forged = [node1_token.replace("node-1", "node-2"),
+                  NodeCredentials(b"another-cluster-key" * 2).issue("node-2")]
+        for token in forged:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await sign(request, metadata=(("authorization", f"Bearer {token}"),))
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "not issued by this cluster" in err.value.details()
+    assert plane.metrics.certs_issued._value.get() == 0
+    assert plane.metrics.auth_failures.labels("SignCertificate", "bad_credential")._value.get() == 2
+    assert plane.metrics.cert_errors.labels("not_on_node")._value.get() == 1
+
+
+async def test_requests_are_refused_by_size_per_method_and_unauthenticated_unread(plane):
+    """No credential: refused on the metadata, the body never decoded (not counted as a bad
+    request). With a credential: a CSR past 16 KiB and any message past the server's limit
+    are refused without reaching protobuf."""
+    token = CREDENTIALS.issue("node-1")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.port}") as channel:
+        raw = channel.unary_unary("/shoal.config.v1.CertificateAuthority/SignCertificate",
+                                  request_serializer=lambda b: b,
+                                  response_deserializer=pb.CertificateResponse.FromString)
+        big = pb.CertificateRequest(csr_pem="A" * (12 << 20)).SerializeToString()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await raw(big, timeout=20)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert plane.metrics.auth_failures.labels("SignCertificate", "no_credential")._value.get() == 1
+        assert plane.metrics.bad_requests.labels("SignCertificate")._value.get() == 0
+        authed = (("authorization", f"Bearer {token}"),)
+        with pytest.raises(grpc.aio.AioRpcError) as err:   # past MAX_REQUEST_BYTES: gRPC's own
+            await raw(big, metadata=authed, timeout=20)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        csr = pb.CertificateRequest(csr_pem="A" * (64 << 10)).SerializeToString()
+        with pytest.raises(grpc.aio.AioRpcError) as err:   # past the CSR limit: ours
+            await raw(csr, metadata=authed, timeout=20)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "exceeds this method's limit of 17408 bytes" in err.value.details()
+        assert plane.metrics.bad_requests.labels("SignCertificate")._value.get() == 1
+        assert plane.metrics.cert_errors.labels("too_large")._value.get() == 1
+        # The same channel still works for a proper request.
+        stub = channel.unary_unary("/shoal.config.v1.CertificateAuthority/SignCertificate",
+                                   request_serializer=pb.CertificateRequest.SerializeToString,
+                                   response_deserializer=pb.CertificateResponse.FromString)
+        reply = await stub(pb.CertificateRequest(csr_pem=make_csr(WEB)), metadata=authed)
+        assert "BEGIN CERTIFICATE" in reply.cert_chain_pem

@@ -3,7 +3,8 @@ import asyncio
 
 import pytest
 
-from shoal.controller.auth import BootstrapTokenAuthenticator
+from shoal.controller.auth import NodeCredentialAuthenticator
+from shoal.credentials import NodeCredentials
 from shoal.controller.ca import CertificateAuthority
 from shoal.controller.controlplane import ControlPlane
 from shoal.controller.model import MeshModel
@@ -37,7 +38,7 @@ async def test_store_changes_reach_the_model(tmp_path):
                  for n in ("node-1", "node-2")])
     store.apply([namespace("demo"), deployment("web", 2, {"app": "web"})])
     plane = ControlPlane(MeshModel(), CertificateAuthority.load_or_create(tmp_path / "ca", "cluster.local"),
-                         BootstrapTokenAuthenticator("t"))
+                         NodeCredentialAuthenticator(NodeCredentials(bytes(32))))
     source = LocalSource(store, plane)
     task = asyncio.ensure_future(source.run())
     try:
