@@ -314,3 +314,19 @@ def test_agent_and_proxy_configs_accept_the_daemonset_env(rendered, monkeypatch,
     agent = parse_config([])
     proxy = ProxyConfig.from_args([], env=env)
     assert str(agent.zds_socket) == proxy.zds_path == f"{run_dir}/zds.sock"
+
+
+def test_controller_runs_two_replicas_electing_a_leader_on_a_lease(rendered):
+    from shoal.controller.config import parse_config
+    deployment = find(rendered, "Deployment", "shoal-controller")
+    assert deployment["spec"]["replicas"] == 2
+    container = pod_spec(deployment)["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    config = parse_config(container["args"])
+    assert config.leader_elect and config.lease_name == "shoal-controller"
+    role = find(rendered, "Role", "shoal-controller")
+    assert any("leases" in r["resources"] and {"get", "create", "update"} <= set(r["verbs"])
+               for r in role["rules"])
+    cluster_role = find(rendered, "ClusterRole", "shoal-controller")
+    assert any("pods" in r["resources"] and "get" in r["verbs"] for r in cluster_role["rules"])

@@ -47,15 +47,17 @@ async def test_proxy_readiness_path_is_served(everything):
 
 
 async def test_controller_probe_path_is_served(rendered):
-    from shoal.controller.controlplane import ControlPlane
+    from shoal.controller.auth import NodeCredentialAuthenticator
+    from shoal.controller.controlplane import serve_admin
+    from shoal.credentials import NodeCredentials
     (path,) = set(http_probes(rendered, "shoal.controller"))
-    plane = SimpleNamespace(metrics=SimpleNamespace(registry=CollectorRegistry()), ready=True,
-                            status=lambda: {}, _metrics_runner=None)
-    await ControlPlane.start_admin(plane, "127.0.0.1", 0)
+    runner = await serve_admin("127.0.0.1", 0, SimpleNamespace(registry=CollectorRegistry()),
+                               NodeCredentialAuthenticator(NodeCredentials(bytes(32))),
+                               lambda: True, lambda: {})
     try:
-        assert await get_status(plane._metrics_runner, path) == 200
-        assert await get_status(plane._metrics_runner, path + "-not") == 404
+        assert await get_status(runner, path) == 200
+        assert await get_status(runner, path + "-not") == 404
     finally:
-        await plane._metrics_runner.cleanup()
+        await runner.cleanup()
     probe = pod_spec(find(rendered, "Deployment", "shoal-controller"))["containers"][0]["readinessProbe"]
     assert probe["httpGet"]["port"] == 15014
