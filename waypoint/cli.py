@@ -138,10 +138,10 @@ def delete_cmd(name: str, namespace: str, settle_timeout: float) -> None:
     enrolled = [ns for ns in _call(client.list, "Namespace")
                 if ns["metadata"]["name"] == namespace and _uses(ns, name)]
     if enrolled:
-        version = int(_call(client.status)["version"])
+        version = _call(client.status).get("version")
         _call(client.apply, [_without_waypoint_labels(enrolled[0], name)])
         click.echo(f"namespace {namespace}: {LABEL_USE_WAYPOINT} label removed")
-        if not _nodes_caught_up(client, version, settle_timeout):
+        if version is not None and not _nodes_caught_up(client, int(version), settle_timeout):
             click.echo(f"warning: not every node confirmed the change within {settle_timeout:g}s; "
                        "deleting the waypoint anyway", err=True)
     labelled = sorted(s["metadata"]["name"] for s in _call(client.list, "Service", namespace)

@@ -33,7 +33,7 @@ def api(tmp_path, monkeypatch):
         asyncio.set_event_loop(loop)
         store = Store(tmp_path / "store.db")
         store.apply(seed)
-        LocalWaypointLauncher(store, LAYOUT, python="/usr/bin/python3").attach()
+        LocalWaypointLauncher(store, ClusterLayout(name=LAYOUT.name, run_root=tmp_path), python="/usr/bin/python3").attach()
         runner = loop.run_until_complete(serve_unix(build_app(store, lambda: {}), path))
         started.set()
         loop.run_forever()
@@ -89,6 +89,12 @@ def test_apply_list_delete(api):
 
     result = runner.invoke(cli.waypoint, ["delete", "-n", "demo"])
     assert result.exit_code == 0, result.output
+    # What --enroll-namespace added is gone; the user's own labels stay; a Service still
+    # labelled to use the waypoint is named.
+    labels = api.get("Namespace", "", "demo")["metadata"]["labels"]
+    assert "shoal.io/use-waypoint" not in labels and labels["shoal.io/mesh"] == "enabled"
+    assert "label removed" in result.output and "still labelled to use it" in result.output
+    assert "web" in result.output
     # The waypoint outlives its Gateway for the drain period: routes move away first.
     assert api.get("Deployment", "demo", "waypoint") is not None
     for _ in range(100):
@@ -132,7 +138,8 @@ def test_deployment_removed_only_after_the_drain_period(tmp_path):
     now = [100.0]
     store = gateway_store(tmp_path)
     try:
-        launcher = LocalWaypointLauncher(store, LAYOUT, drain_seconds=2.0, clock=lambda: now[0])
+        launcher = LocalWaypointLauncher(store, ClusterLayout(name=LAYOUT.name, run_root=tmp_path),
+                                         drain_seconds=2.0, clock=lambda: now[0])
         launcher.reconcile()
         assert store.get("Deployment", "demo", "waypoint") is not None
         store.delete([{"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
@@ -163,7 +170,7 @@ def test_route_status_says_which_backend_is_missing(tmp_path):
     try:
         store.apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo"}},
                      service("web"), service("web-v1"), route])
-        launcher = LocalWaypointLauncher(store, LAYOUT)
+        launcher = LocalWaypointLauncher(store, ClusterLayout(name=LAYOUT.name, run_root=tmp_path))
         launcher.reconcile()
 
         def conditions():
