@@ -1,8 +1,12 @@
 """The controller on the real local cluster (the session's shared demo cluster)."""
+import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -162,3 +166,94 @@ def test_a_pod_without_a_node_credential_can_neither_stream_config_nor_read_stat
                      "stream[made-up]": "UNAUTHENTICATED", "status[made-up]": "401",
                      f"stream[{forged[:12]}]": "UNAUTHENTICATED", f"status[{forged[:12]}]": "401"}, \
         out.stdout + out.stderr
+
+
+IDENTITY_PROBE = textwrap.dedent("""
+    import asyncio, json, sys
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from shoal.xds.client import ConfigClient
+    from shoal.xds.state import ConfigState
+
+    address, node, token_file, ca_bundle, spiffe = sys.argv[1:]
+
+    async def main():
+        from pathlib import Path
+        state = ConfigState()
+        client = ConfigClient(address, node, Path(token_file), state, component="proxy",
+                              ca_bundle=ca_bundle, min_backoff=0.1, max_backoff=0.5)
+        task = asyncio.ensure_future(client.run())
+        await asyncio.wait_for(client.synced.wait(), 30)
+        csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+               .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe)]),
+                              critical=True)
+               .sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256()))
+        chain, roots = await client.sign_certificate(csr.public_bytes(serialization.Encoding.PEM))
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await client.close()
+        print(json.dumps({"identities": {w.uid: w.identity for w in state.all_workloads()},
+                          "chain": chain, "roots": roots}))
+
+    asyncio.run(main())
+""")
+SESSION_PROBE = str(Path(__file__).resolve().parents[1] / "agent" / "podprobe.py")
+
+
+def _node_view(layout, node="node-1"):
+    """(identity of every workload, the certificate chain and roots the CA gives now), as
+    node-1's proxy sees them (its own credential, from its netns)."""
+    pods = ApiClient(layout.api_socket).list("Pod", "demo")
+    sa = next(p["spec"].get("serviceAccountName", "default") for p in pods
+              if p["spec"].get("nodeName") == node)
+    out = subprocess.run(
+        ["ip", "netns", "exec", layout.node_netns(node), sys.executable, "-c", IDENTITY_PROBE,
+         layout.controller_address, node, str(layout.node_credential_path(node)),
+         str(layout.ca_bundle_path), f"spiffe://cluster.local/ns/demo/sa/{sa}"],
+        capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_killing_the_controller_changes_neither_root_nor_identities_and_traffic_flows(demo_cluster):
+    """SIGKILL of the local cluster's controller, then a new one: the CA root and every
+    numeric identity are the ones persisted (store dir: ca/, identities), a db session
+    opened before keeps flowing across the outage, and new certificates chain to the
+    same root."""
+    from cryptography import x509
+
+    layout = demo_cluster.layout
+    before = _node_view(layout)
+    root_before = (layout.ca_dir / "root-cert.pem").read_text()
+    assert before["roots"] == root_before and before["identities"]
+    env = {**os.environ, "SHOAL_CLUSTER": layout.name}
+    session = subprocess.Popen([sys.executable, "-m", "shoal.cli", "exec", "demo/client-0", "--",
+                                "python3", SESSION_PROBE, "session", "db.demo", "7000", "--hold", "8"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    controller = demo_cluster.controller_component()
+    restarted = False
+    try:
+        time.sleep(2.5)   # the session is established and had its first exchange
+        os.kill(int((layout.run_dir / "controller.pid").read_text()), signal.SIGKILL)
+        demo_cluster.stop(controller, kill=True)   # the rest of its cgroup (nothing else)
+        time.sleep(1.0)
+        demo_cluster.start(controller)
+        restarted = True
+        demo_cluster._wait(demo_cluster.api.healthy, 30, "the controller did not come back")
+        out, err = session.communicate(timeout=60)
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result["replies"] == ["ok one", "ok two"], (result, err)
+        after = _node_view(layout)
+        assert (layout.ca_dir / "root-cert.pem").read_text() == root_before
+        assert after["roots"] == root_before
+        assert after["identities"] == before["identities"]
+        leaf = x509.load_pem_x509_certificates(after["chain"].encode())[0]
+        leaf.verify_directly_issued_by(x509.load_pem_x509_certificates(root_before.encode())[0])
+    finally:
+        if session.poll() is None:
+            session.kill()
+            session.wait()
+        if not restarted:
+            demo_cluster.start(controller)
+            demo_cluster._wait(demo_cluster.api.healthy, 30, "the controller did not come back")
