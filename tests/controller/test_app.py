@@ -176,14 +176,7 @@ async def test_controller_process_kubernetes_mode_with_token_review(tmp_path):
     agent = pod("shoal-system", "shoal-agent-x7", node="node-7", ip="192.168.0.7", sa="shoal-agent")
     server.put(agent)
     token = server.pod_token("shoal-system", "shoal-agent-x7")   # audience shoal, pod-bound
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(f"""apiVersion: v1
-kind: Config
-clusters: [{{name: fake, cluster: {{server: "{server.url}"}}}}]
-users: [{{name: controller, user: {{token: controller-token}}}}]
-contexts: [{{name: fake, context: {{cluster: fake, user: controller}}}}]
-current-context: fake
-""")
+    kubeconfig = _kubeconfig(tmp_path, server)
     grpc_port, admin_port = free_port(), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "shoal.controller", "--source", "kubernetes",
