@@ -310,6 +310,7 @@ def _http(url, token=None):
         return None, b""
 
 
+@pytest.mark.timeout(240)   # two controllers, a lease expiry and a lost lease: ~45 s unloaded
 async def test_two_replicas_one_lease_failover_keeps_root_and_identities(tmp_path):
     """2 controllers on one coordination.k8s.io Lease (fake API server): one leads, the
     other stands by (not ready, /status names the leader, no config stream, no CA); the
