@@ -194,7 +194,7 @@ def test_route_status_says_which_backend_is_missing(tmp_path):
 def test_gateway_is_programmed_once_its_waypoint_pod_is_ready(tmp_path):
     store = gateway_store(tmp_path)
     try:
-        launcher = LocalWaypointLauncher(store, LAYOUT)
+        launcher = LocalWaypointLauncher(store, ClusterLayout(name=LAYOUT.name, run_root=tmp_path))
         launcher.reconcile()
 
         def programmed():
