@@ -63,8 +63,14 @@ def waypoint() -> None:
 @click.option("--name", default="waypoint", show_default=True, help="Gateway name")
 @click.option("--service-account", default=None, help="identity of the waypoint (default: its name)")
 @click.option("--enroll-namespace", is_flag=True, help=f"label the namespace {LABEL_USE_WAYPOINT}=<name>")
-def apply_cmd(namespace: str, name: str, service_account: str | None, enroll_namespace: bool) -> None:
-    """Create (or update) a waypoint in NAMESPACE."""
+@click.option("--wait", "wait_seconds", type=float, default=0, metavar="SECONDS",
+              help="wait until the waypoint is ready (Gateway Programmed), at most SECONDS")
+def apply_cmd(namespace: str, name: str, service_account: str | None, enroll_namespace: bool,
+              wait_seconds: float) -> None:
+    """Create (or update) a waypoint in NAMESPACE.
+
+    Traffic moves to the waypoint only once it is ready (until then it keeps its L4 path):
+    --wait returns when that happened."""
     _check_name(namespace, "namespace")
     _check_name(name, "waypoint name")
     objects = [gateway(name, namespace, service_account)]
@@ -78,6 +84,23 @@ def apply_cmd(namespace: str, name: str, service_account: str | None, enroll_nam
         objects.append(ns)
     _call(_client().apply, objects)
     click.echo(f"waypoint {namespace}/{name} applied" + (f"; namespace {namespace} enrolled" if enroll_namespace else ""))
+    if wait_seconds > 0:
+        deadline = time.monotonic() + wait_seconds
+        while not programmed(_gateway_of(namespace, name)):
+            if time.monotonic() > deadline:
+                raise click.ClickException(f"waypoint {namespace}/{name} not ready after {wait_seconds:g} s")
+            time.sleep(0.25)
+        click.echo(f"waypoint {namespace}/{name} ready: traffic goes through it")
+
+
+def _gateway_of(namespace: str, name: str) -> dict | None:
+    return next((g for g in _call(_client().list, "Gateway", namespace) if g["metadata"]["name"] == name), None)
+
+
+def programmed(gateway: dict | None) -> bool:
+    """The Gateway's Programmed condition (the launcher sets it once the waypoint is ready)."""
+    return any(c.get("type") == "Programmed" and c.get("status") == "True"
+               for c in ((gateway or {}).get("status") or {}).get("conditions") or [])
 
 
 @waypoint.command("list")
@@ -106,6 +129,7 @@ def list_cmd(namespace: str | None, all_namespaces: bool, output: str) -> None:
             "namespace": ns, "name": name,
             "address": ((pod or {}).get("status") or {}).get("podIP", ""),
             "status": ((pod or {}).get("status") or {}).get("phase", "Pending"),
+            "ready": programmed(g),
             "enrolled_namespace": any(n["metadata"]["name"] == ns and uses(n) for n in namespaces),
             "services": sorted(s["metadata"]["name"] for s in services if s["metadata"]["namespace"] == ns and uses(s)),
         })
@@ -115,11 +139,13 @@ def list_cmd(namespace: str | None, all_namespaces: bool, output: str) -> None:
     if not rows:
         click.echo("no waypoints", err=True)
         return
-    header = f"{'NAMESPACE':<16}{'NAME':<20}{'ADDRESS':<16}{'STATUS':<10}USED BY"
+    header = f"{'NAMESPACE':<16}{'NAME':<20}{'ADDRESS':<16}{'STATUS':<10}{'READY':<7}USED BY"
     click.echo(header)
     for r in rows:
         used = (["namespace"] if r["enrolled_namespace"] else []) + [f"svc/{s}" for s in r["services"]]
-        click.echo(f"{r['namespace']:<16}{r['name']:<20}{r['address'] or '-':<16}{r['status']:<10}{', '.join(used) or '-'}")
+        ready = "yes" if r["ready"] else "no"
+        click.echo(f"{r['namespace']:<16}{r['name']:<20}{r['address'] or '-':<16}{r['status']:<10}{ready:<7}"
+                   f"{', '.join(used) or '-'}")
 
 
 @waypoint.command("delete")

@@ -1,5 +1,6 @@
 """`shoal waypoint` against a real controller store and local API; the launcher's Deployments."""
 import asyncio
+import json
 import threading
 import time
 
@@ -103,6 +104,15 @@ def test_apply_list_delete(api):
         time.sleep(0.05)
     assert api.get("Deployment", "demo", "waypoint") is None
     assert not [p for p in api.list("Pod", "demo") if p["metadata"]["labels"].get(LABEL_GATEWAY_NAME)]
+
+
+def test_apply_wait_fails_while_the_waypoint_is_not_ready(api):
+    """No kubelet here: the pod never gets Ready, so --wait times out and says so."""
+    runner = CliRunner()
+    result = runner.invoke(cli.waypoint, ["apply", "-n", "demo", "--wait", "0.5"])
+    assert result.exit_code != 0 and "not ready after 0.5 s" in result.output
+    listed = runner.invoke(cli.waypoint, ["list", "-n", "demo", "-o", "json"])
+    assert json.loads(listed.output)[0]["ready"] is False
 
 
 def test_bad_arguments_are_refused(api):

@@ -53,7 +53,8 @@ def test_applies_and_deletes_lose_no_request(demo_cluster):
     try:
         for _ in range(CYCLES):
             before = waypoint_requests(layout)
-            shoal_cli(layout, "waypoint", "apply", "-n", "demo", "--enroll-namespace")
+            out = shoal_cli(layout, "waypoint", "apply", "-n", "demo", "--enroll-namespace", "--wait", "60").stdout
+            assert "ready: traffic goes through it" in out
             eventually(lambda: waypoint_requests(layout) > before + 3, "traffic through the waypoint",
                        timeout=60, interval=0.5)
             shoal_cli(layout, "waypoint", "delete", "-n", "demo")
