@@ -219,6 +219,13 @@ class IdentityManager:
             return await asyncio.wait_for(asyncio.shield(pending), self.wait)
         except asyncio.TimeoutError:
             raise SvidPending(f"svid {spiffe}: CA unreachable for {self.wait:.0f}s") from None
+        except asyncio.CancelledError:
+            # The fetch was dropped (its last pod left), not this caller: a clear error,
+            # so a connection waiting for it is refused and closed, not left cancelled.
+            caller = asyncio.current_task()
+            if pending.cancelled() and (caller is None or not caller.cancelling()):
+                raise IdentityError(f"svid {spiffe}: no longer served on this node") from None
+            raise
 
     def _fetched(self, spiffe: str, done: asyncio.Future) -> None:
         if self._inflight.get(spiffe) is done:

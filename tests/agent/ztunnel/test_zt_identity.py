@@ -64,11 +64,16 @@ async def test_refusal_is_final_and_released(ca, caplog):
     assert _never_retrieved(caplog) == []
 
 
-async def test_release_stops_the_retries(ca):
+async def test_release_stops_the_retries_and_fails_who_still_waits(ca):
     flaky = FlakyCA(ca, down=10**6)
     identities = IdentityManager(flaky.sign, wait=0.1)
-    await identities.acquire("demo", "web")
+    spiffe = await identities.acquire("demo", "web")
+    identities.wait = 5.0
+    waiter = asyncio.ensure_future(identities.get(spiffe))  # e.g. a dial from that pod
+    await asyncio.sleep(0.05)
     identities.release("demo", "web")
+    with pytest.raises(IdentityError, match="no longer served"):  # refused, not left cancelled
+        await asyncio.wait_for(waiter, 2)
     calls = flaky.calls
     await asyncio.sleep(0.6)
     assert flaky.calls == calls  # nobody needs it: no more requests to the CA
