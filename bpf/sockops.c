@@ -31,6 +31,36 @@ static __always_inline struct origdst_key tuple_key(struct bpf_sock_ops *skops)
     return key;
 }
 
+/* A connection of a pod outside the mesh: nothing captures it, but the kernel sees it, so
+ * Hubble shows it (as Cilium shows every pod): one event when it is established, with the
+ * ipcache's identities and no mTLS. Meshed pods' sockets (app and proxy, all in an
+ * enrolled netns) are skipped: their connect() and the proxy already report them; so is
+ * anything whose local address is no pod's (the node's own daemons). */
+static __always_inline void unmeshed_established(struct bpf_sock_ops *skops, __u16 remote_port)
+{
+    struct origdst_key local = tuple_key(skops);
+    if (bpf_map_lookup_elem(SHOAL_MAP(enrolled_pods), &local.cookie))
+        return;
+    struct endpoint_info *source = endpoint_of(&local.ip);
+    if (!source)
+        return;
+    struct flow_event event = {
+        .src_ip = local.ip, .src_port = local.port, .dst_port = remote_port,
+        .src_identity = source->identity, .protocol = IPPROTO_TCP, .verdict = VERDICT_FORWARDED,
+        .direction = DIRECTION_EGRESS, .kind = KIND_SOCK, .tcp_flags = 0x02,  /* its SYN */
+    };
+    if (skops->family == AF_INET_) {
+        event.dst_ip = addr_from_v4(skops->remote_ip4);
+    } else {
+        event.dst_ip.w[0] = skops->remote_ip6[0];
+        event.dst_ip.w[1] = skops->remote_ip6[1];
+        event.dst_ip.w[2] = skops->remote_ip6[2];
+        event.dst_ip.w[3] = skops->remote_ip6[3];
+    }
+    event.dst_identity = identity_of(&event.dst_ip);
+    emit_flow(&event);
+}
+
 int shoal_sockops(struct bpf_sock_ops *skops)
 {
     if (skops->family != AF_INET_ && skops->family != AF_INET6_)
@@ -38,8 +68,11 @@ int shoal_sockops(struct bpf_sock_ops *skops)
     __u32 op = skops->op;
     if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
         /* remote_port is the network-order port in the upper 16 bits (uapi quirk). */
-        if (bpf_ntohl(skops->remote_port) != SHOAL_PORT_OUTBOUND)
+        __u16 remote_port = (__u16)bpf_ntohl(skops->remote_port);
+        if (remote_port != SHOAL_PORT_OUTBOUND) {
+            unmeshed_established(skops, remote_port);
             return 1;
+        }
         __u64 start = bpf_ktime_get_ns();
         __u64 cookie = bpf_get_socket_cookie(skops);
         struct orig_dst *orig = bpf_map_lookup_elem(SHOAL_MAP(origdst_by_cookie), &cookie);

@@ -304,3 +304,54 @@ def test_agent_learns_the_proxy_cgroup_from_its_unix_socket(agent_bed, tmp_path)
     finally:
         server.kill()
         server.wait()
+
+
+def test_unmeshed_pods_connections_are_reported_once_established(agent_bed, datapath, events):
+    """Issue 16: the kernel sees connections between pods outside the mesh; Hubble shows them."""
+    _dp, maps = datapath
+    reader, seen = events
+    from shoal.agent.compiler import Endpoint
+    maps.sync_endpoints({agent_bed.a.ip: Endpoint(ID_A, 7, 0), agent_bed.b.ip: Endpoint(ID_B, 8, 0)})
+    app = agent_bed.b.listen(8383)
+    try:
+        client = agent_bed.a.connect(agent_bed.b.ip, 8383, wait=False)
+        conn, _ = serve_once(app)
+        client_port = conn.getpeername()[1]
+        finish(client)
+        conn.close()
+        reader.consume()
+        reported = [e for e in seen if e.kind == "sock"]
+        assert len(reported) == 1, seen
+        event = reported[0]
+        assert (event.verdict, event.direction) == ("FORWARDED", "EGRESS")
+        assert (event.src_ip, event.src_port, event.dst_ip, event.dst_port) == (
+            agent_bed.a.ip, client_port, agent_bed.b.ip, 8383)
+        assert (event.src_identity, event.dst_identity) == (ID_A, ID_B)
+        # A socket whose address is no pod's (the node's own daemons) is not reported.
+        maps.sync_endpoints({agent_bed.b.ip: Endpoint(ID_B, 8, 0)})
+        seen.clear()
+        client = agent_bed.a.connect(agent_bed.b.ip, 8383, wait=False)
+        conn, _ = serve_once(app)
+        finish(client)
+        conn.close()
+        reader.consume()
+        assert [e for e in seen if e.kind == "sock"] == []
+    finally:
+        app.close()
+        maps.sync_endpoints({})
+
+
+def test_meshed_pods_connections_are_not_reported_twice(agent_bed, datapath, meshed_a, events):
+    _dp, maps = datapath
+    reader, seen = events
+    from shoal.agent.compiler import Endpoint
+    maps.sync_endpoints({agent_bed.a.ip: Endpoint(ID_A, 7, 1), agent_bed.b.ip: Endpoint(ID_B, 8, 0)})
+    try:
+        client = agent_bed.a.connect(agent_bed.b.ip, 8484, wait=False)
+        conn, _ = serve_once(meshed_a)        # captured to the proxy stand-in
+        finish(client)
+        conn.close()
+        reader.consume()
+        assert [e.kind for e in seen if e.kind in ("connect", "sock")] == ["connect"]
+    finally:
+        maps.sync_endpoints({})

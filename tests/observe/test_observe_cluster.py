@@ -124,3 +124,19 @@ def test_pods_cannot_read_flows_and_the_relay_dials_agents_with_mtls(demo_cluste
          "--server", f"{layout.CONTROLLER_IP}:{PORT_HUBBLE_RELAY}", "--last", "3"],
         capture_output=True, text=True, timeout=60, env={**os.environ, "SHOAL_CLUSTER": layout.name})
     assert over_tcp.returncode == 0 and len(over_tcp.stdout.splitlines()) == 3, over_tcp
+
+
+def test_unmeshed_pods_connections_show_with_their_identities(demo_cluster):
+    """legacy/client-0 is outside the mesh: nothing captures its connections, but the
+    kernel reports each one at its source (from-endpoint), with the ipcache's identities."""
+    layout = demo_cluster.layout
+
+    def reported():
+        found = [d["flow"] for d in flows(layout, "--from-pod", "legacy/client-0", "--last", "50")
+                 if d["flow"].get("trace_observation_point") == "FROM_ENDPOINT"]
+        return found or None
+
+    flow = eventually(reported, "legacy/client-0's own connections in the flows", timeout=60)[-1]
+    assert flow["source"]["identity"] and flow["source"]["namespace"] == "legacy"
+    assert flow["destination"]["pod_name"].startswith("web-") and flow["verdict"] == "FORWARDED"
+    assert not flow["IP"].get("encrypted")

@@ -29,14 +29,18 @@ while True:
     time.sleep(0.5)
 """
 RED = "rgb(211,47,47)"
-CLIENT_WEB = "workload:demo/client->service:demo/web"
-CLIENT_DB = "workload:demo/client->service:demo/db"
+# demo/client-0 is a bare Pod (its own workload) or a Deployment's pod ("client"): either way.
+CLIENT_WEB = "service:demo/web"
+CLIENT_DB = "service:demo/db"
 
 
-def edge(page, edge_id: str):
-    return page.evaluate("""id => { const e = window.shoalMap && window.shoalMap.getElementById(id);
-        return e && e.nonempty() ? Object.assign({}, e.data(), {lineColor: e.style('line-color')}) : null; }""",
-                         edge_id)
+def edge(page, target: str):
+    """The edge from demo's client workload to ``target``, with its drawn colour."""
+    return page.evaluate("""target => { const cy = window.shoalMap;
+        const e = cy && cy.edges().filter(x => x.data('target') === target
+            && /^workload:demo[/]client(-0)?$/.test(x.data('source')));
+        return e && e.nonempty() ? Object.assign({}, e[0].data(), {lineColor: e[0].style('line-color')}) : null; }""",
+                         target)
 
 
 def test_map_shows_mtls_edges_and_a_deny_turns_red(demo_cluster):
@@ -59,7 +63,12 @@ def test_map_shows_mtls_edges_and_a_deny_turns_red(demo_cluster):
                     and web["verdict"] == db["verdict"] == "forwarded"
                 return (web, db) if ok else None
 
-            web, db = eventually(meshed_edges, "client -> web and client -> db with mTLS", timeout=60)
+            try:
+                web, db = eventually(meshed_edges, "client -> web and client -> db with mTLS", timeout=60)
+            except AssertionError as failure:
+                screenshot(page, "ui-map-timeout.png")
+                edges = page.evaluate("window.shoalMap.edges().map(e => e.data())")
+                raise AssertionError(f"{failure}; the map's edges: {edges}") from None
             assert any("sa/client" in identity and "sa/db" in identity for identity in db["identities"])
             assert web["lineColor"].replace(" ", "") != RED
             screenshot(page, "ui-map-mtls.png")
@@ -75,7 +84,7 @@ def test_map_shows_mtls_edges_and_a_deny_turns_red(demo_cluster):
                 print(f"edge red {time.monotonic() - applied:.2f}s after the DENY was applied")
                 assert denied["verdict"] == "denied"
                 assert edge(page, CLIENT_WEB)["verdict"] == "forwarded"
-                row = page.locator(f"#edges tr[data-edge='{CLIENT_DB}']")
+                row = page.locator(f"#edges tr[data-edge='{denied['id']}']")
                 assert "denied" in row.inner_text()
                 screenshot(page, "ui-map-denied.png")
             finally:
