@@ -301,8 +301,9 @@ class HboneConnection:
         half-closed on our side and closes with the peer's END_STREAM or RST (a normal
         end is not turned into a reset)."""
         stream = self._h2.streams.get(stream_id)
-        if stream is None or stream.closed:
-            return True
+        if stream is None or stream.closed or self.closed \
+                or self._h2.state_machine.state == h2.connection.ConnectionState.CLOSED:
+            return True  # nothing can be sent on a closed connection, nor needs to be
         state = stream.state_machine.state
         if state == h2.stream.StreamState.HALF_CLOSED_LOCAL:
             return False
@@ -355,8 +356,8 @@ class HboneConnection:
     def end(self, stream_id: int) -> None:
         try:
             self._h2.end_stream(stream_id)
-        except h2.exceptions.StreamClosedError:
-            pass  # reset meanwhile: the reset already told the peer
+        except h2.exceptions.ProtocolError:
+            pass  # the stream was reset or the connection closed meanwhile: the peer knows
 
     def reset(self, stream_id: int, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
         try:
@@ -372,6 +373,8 @@ class HboneConnection:
             except h2.exceptions.StreamClosedError:
                 # The stream ended meanwhile; the connection window still needs the credit.
                 self._h2.increment_flow_control_window(length)
+            except h2.exceptions.ProtocolError:
+                pass  # the connection is closing (GOAWAY): no credit to give any more
 
     # -- input
     def receive(self, data: bytes) -> list[Event]:

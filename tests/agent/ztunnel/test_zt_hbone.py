@@ -261,3 +261,22 @@ def test_non_ascii_header_bytes_are_a_400_for_that_stream_only(server, name, val
     attacker.send_headers(3, [(":method", "CONNECT"), (":authority", "10.0.0.1:80")])
     (event,) = server.receive(attacker.data_to_send())
     assert isinstance(event, TunnelRequested) and not server.closed  # the connection lives on
+
+
+def test_commands_after_the_peer_goaway_raise_nothing(pair):
+    # Streams still held by the driver are released, ended and credited while the
+    # connection is already closed: none of that may raise into the data path.
+    client, server = pair
+    sid = client.connect("10.0.0.1", 80, "10.0.0.2", hbone.new_traceparent())
+    pump(client, server)
+    server.respond(sid, 200)
+    server.send(sid, memoryview(b"data"))
+    server.end(sid)
+    server.close()
+    events = pump(server, client)
+    assert isinstance(events[-1], ConnectionEnded) and client.closed
+    assert client.release(sid)
+    client.end(sid)
+    client.consumed(sid, 4)
+    client.reset(sid)
+    assert client.send(sid, memoryview(b"more")) == 0
