@@ -25,7 +25,7 @@ from shoal.agent.loader import Datapath
 from shoal.agent.mapsync import DatapathMaps
 from shoal.agent.metrics import AgentMetrics
 from shoal.agent.ringbuf import RingReader
-from shoal.agent.structs import RINGBUF_BYTES
+from shoal.datapath.structs import RINGBUF_BYTES
 from shoal.agent.zdslink import ZdsProxyLink
 from shoal.xds import model as m
 from shoal.xds.client import ConfigClient
@@ -88,7 +88,8 @@ class AgentApp:
 
     def _netns_resolver(self):
         """Local cluster: namespaces have names; Kubernetes: found through the host's /proc."""
-        from shoal.agent.k8s import KubernetesLayout, KubernetesPodNetns
+        from shoal.agent.k8s import KubernetesPodNetns
+        from shoal.kubernetes import KubernetesLayout
         if isinstance(self.config.layout, KubernetesLayout):
             return KubernetesPodNetns(self.config.layout.proc_root)
         return LocalPodNetns(self.config.layout)

@@ -14,7 +14,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from shoal.agent.structs import ENDPOINT_LOCAL, ENDPOINT_MESHED, ENDPOINT_STRICT, IDENTITY_ANY
+from shoal.datapath.structs import ENDPOINT_LOCAL, ENDPOINT_MESHED, ENDPOINT_STRICT, IDENTITY_ANY
 from shoal.xds import model as m
 
 log = logging.getLogger(__name__)

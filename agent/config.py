@@ -68,7 +68,7 @@ def parse_config(argv: list[str] | None = None) -> AgentConfig:
                         help="load the C programs from this directory instead of the installed ones")
     args = parser.parse_args(argv)
     if env.get("SHOAL_MODE") == "kubernetes":
-        from shoal.agent.k8s import layout_from_env
+        from shoal.kubernetes import layout_from_env
         layout = layout_from_env(env)      # host paths of a real node (DaemonSet env)
     else:
         layout = ClusterLayout(name=args.cluster)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import click
 
-from shoal.agent import bpfsys
+from shoal.datapath import bpfsys
 from shoal.agent.loader import CGROUP_PROGRAMS, PROGRAMS
 from shoal.agent.netns import NetnsError, tc_ingress_programs
-from shoal.agent.structs import ENDPOINT_LOCAL, ENDPOINT_MESHED, ENDPOINT_STRICT
+from shoal.datapath.structs import ENDPOINT_LOCAL, ENDPOINT_MESHED, ENDPOINT_STRICT
 from shoal.agent.uninstall import enrolment_state_path
 from shoal.config import ClusterLayout
 

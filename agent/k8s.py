@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from shoal.config import ClusterLayout
+from shoal.kubernetes import KubernetesLayout, KubernetesModeError
 
 log = logging.getLogger("shoal.agent.k8s")
 
@@ -39,11 +39,6 @@ log = logging.getLogger("shoal.agent.k8s")
 _POD_UID = re.compile(
     r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})(?:\.slice)?(?:/|$)")
 _JWT_PART = re.compile(r"^[A-Za-z0-9_-]+$")
-CGROUP2_MARKER = "cgroup.controllers"
-
-
-class KubernetesModeError(RuntimeError):
-    """The node does not look as the agent needs it to (with what to fix)."""
 
 
 class PodNotRunning(KubernetesModeError):
@@ -52,74 +47,6 @@ class PodNotRunning(KubernetesModeError):
 
 class HostNetworkPod(KubernetesModeError):
     """The pod shares the node's network namespace: there is nothing to capture."""
-
-
-# -- layout ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class KubernetesLayout(ClusterLayout):
-    """``ClusterLayout`` for a Kubernetes node: one node per machine, host paths mounted.
-
-    The agent and the proxy share ``run_root`` (an emptyDir in the DaemonSet pod);
-    ``cgroup_root`` is the node's cgroup v2 root; pins live under ``bpffs_root/shoal``.
-    """
-
-    name: str = "shoal"
-    run_root: Path = Path("/var/run/shoal")
-    cgroup_root: Path = Path("/sys/fs/cgroup")
-    bpffs_root: Path = Path("/sys/fs/bpf")
-    proc_root: Path = Path("/proc")
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ) -> "KubernetesLayout":
-        """From the DaemonSet's env: SHOAL_RUN_DIR, SHOAL_CGROUP_ROOT, SHOAL_BPFFS, SHOAL_HOST_PROC."""
-        host_cgroup = Path(environ.get("SHOAL_CGROUP_ROOT", "/sys/fs/cgroup"))
-        return cls(
-            name=environ.get("SHOAL_CLUSTER", "shoal"),
-            run_root=Path(environ.get("SHOAL_RUN_DIR", "/var/run/shoal")),
-            cgroup_root=cgroup2_root(host_cgroup),
-            bpffs_root=Path(environ.get("SHOAL_BPFFS", "/sys/fs/bpf")),
-            proc_root=Path(environ.get("SHOAL_HOST_PROC", "/proc")),
-        )
-
-    @property
-    def run_dir(self) -> Path:
-        return self.run_root
-
-    def node_dir(self, node: str) -> Path:
-        return self.run_root
-
-    def node_cgroup(self, node: str) -> Path:
-        """The cgroup v2 root: every pod of the node (and the node itself) is below it."""
-        return self.cgroup_root
-
-    def bpf_pin_dir(self, node: str) -> Path:
-        return self.bpffs_root / self.name
-
-    def pod_cgroup(self, node: str, namespace: str, pod: str) -> Path:
-        raise KubernetesModeError("pod cgroups belong to the kubelet: use pod_netns_path() to find a pod")
-
-    def pod_netns(self, namespace: str, pod: str) -> str:
-        raise KubernetesModeError("pod namespaces have no names here: use pod_netns_path(layout.proc_root, uid)")
-
-
-def layout_from_env(environ: Mapping[str, str] = os.environ) -> ClusterLayout:
-    """The layout the agent and the node proxy must share: Kubernetes when
-    ``SHOAL_MODE=kubernetes`` (set by the DaemonSet), else the local cluster's."""
-    if environ.get("SHOAL_MODE") == "kubernetes":
-        return KubernetesLayout.from_env(environ)
-    return ClusterLayout(name=environ.get("SHOAL_CLUSTER", "shoal"))
-
-
-def cgroup2_root(host_cgroup: Path) -> Path:
-    """The cgroup v2 hierarchy under the host's mount: unified (v2) or hybrid (v1 + unified/)."""
-    for candidate in (host_cgroup, host_cgroup / "unified"):
-        if (candidate / CGROUP2_MARKER).is_file():
-            return candidate
-    raise KubernetesModeError(
-        f"no cgroup v2 hierarchy at {host_cgroup} or {host_cgroup}/unified: Shoal needs cgroup v2 "
-        "(unified or hybrid layout) mounted on the host at /sys/fs/cgroup")
 
 
 @dataclass(frozen=True)

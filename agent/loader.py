@@ -19,8 +19,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from shoal.agent import bpfsys
-from shoal.agent.structs import MAPS, MapSpec
+from shoal.datapath import bpfsys
+from shoal.datapath.structs import MAPS, MapSpec
 
 log = logging.getLogger(__name__)
 

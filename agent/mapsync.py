@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 from typing import Mapping
 
-from shoal.agent import bpfsys
+from shoal.datapath import bpfsys
 from shoal.agent.compiler import Endpoint, PolicyEntry
-from shoal.agent.structs import (
+from shoal.datapath.structs import (
     CONFIG_PROXY_CGROUP, CONFIG_PROXY_CGROUP_PREVIOUS, COST_BUCKETS, COST_PROGRAMS, MAPS, Addr, Counter,
     EndpointInfo, OrigDstKey, PodInfo, PolicyKey, PolicyValue, SvcKey, SvcValue, be16_to_port, port_to_be16,
 )

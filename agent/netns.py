@@ -5,8 +5,6 @@ calling thread, so the agent's event loop never changes namespace.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import socket
 import threading
@@ -16,22 +14,12 @@ from typing import Callable, TypeVar
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-SO_NETNS_COOKIE = 71
-CLONE_NEWNET = 0x40000000
+from shoal.netns import setns, socket_netns_cookie
+
 TC_FILTER_NAME = "shoal_tc_ingress"
 TC_PRIORITY = 1
 TC_INGRESS_PARENT = 0xFFFFFFF2   # clsact ingress hook
 T = TypeVar("T")
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    """setns(2) on the calling thread (os.setns only exists from Python 3.12)."""
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
 
 class NetnsError(RuntimeError):
     """A pod's network namespace is missing or could not be configured."""
@@ -45,7 +33,7 @@ def in_netns(netns_path: Path | str, fn: Callable[[], T]) -> T:
         try:
             fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                _setns(fd)
+                setns(fd)
             finally:
                 os.close(fd)
             result["value"] = fn()
@@ -58,10 +46,6 @@ def in_netns(netns_path: Path | str, fn: Callable[[], T]) -> T:
     if "error" in result:
         raise result["error"]
     return result["value"]
-
-
-def socket_netns_cookie(sock: socket.socket) -> int:
-    return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
 
 
 def netns_cookie(netns_path: Path | str) -> int:
@@ -150,7 +134,7 @@ def detach_tc_ingress(netns_path: Path | str, ifname: str = "eth0") -> bool:
 def attach_sk_lookup(netns_path: Path | str, prog_fd: int, link_pin: Path) -> None:
     """Link the sk_lookup program to the namespace, pinned at link_pin (it outlives the
     agent); an existing link gets the new program atomically (adoption)."""
-    from shoal.agent import bpfsys
+    from shoal.datapath import bpfsys
     link_pin = Path(link_pin)
     if link_pin.exists():
         link_fd = bpfsys.obj_get(link_pin)

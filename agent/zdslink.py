@@ -15,7 +15,7 @@ from typing import Awaitable, Callable
 
 from shoal.agent.cgroupid import peer_cgroup_id
 from shoal.agent.enrolment import EnrolledPod
-from shoal.agent.ztunnel.zds import PodInfo, ZdsClient, ZdsError
+from shoal.zds import PodInfo, ZdsClient, ZdsError
 
 log = logging.getLogger(__name__)
 

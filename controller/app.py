@@ -1,12 +1,16 @@
 """Wires the controller: the mesh model and its source (embedded store or Kubernetes), the
 config stream + CA (gRPC), admin (metrics/readiness/status), the Hubble relay, and in local
-mode the local API for the CLI and the embedded kubelet."""
+mode the local API for the CLI.
+
+The local cluster's own parts (the embedded kubelet, the waypoint launcher) follow the
+store, but the controller never imports them: ``shoal.local.controller`` hands them in as
+``store_followers``."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
-from typing import Any
+from typing import Any, Awaitable, Callable, Sequence
 
 from shoal.controller.auth import (Authenticator, NodeCredentialAuthenticator,
                                    TokenReviewAuthenticator, kubernetes_pod_lookup,
@@ -23,6 +27,10 @@ from shoal.hubbletls import node_server_name
 
 log = logging.getLogger(__name__)
 
+StoreFollower = Callable[[Any], Awaitable[None]]
+"""Local mode: called with the embedded ``Store`` once the control plane is up; runs until
+cancelled (e.g. the kubelet, the waypoint launcher). Its failure stops the controller."""
+
 
 def _host_port(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
@@ -34,8 +42,9 @@ class LeadershipLost(RuntimeError):
 
 
 class ControllerApp:
-    def __init__(self, config: ControllerConfig):
+    def __init__(self, config: ControllerConfig, store_followers: Sequence[StoreFollower] = ()):
         self.config = config
+        self.store_followers = tuple(store_followers)
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = ControllerMetrics.create()
         self._generation_path = config.state_dir / "generation"
@@ -49,14 +58,10 @@ class ControllerApp:
             self.model = MeshModel(IdentityAllocator(config.identities_path),
                                    config.trust_domain, generation=self._saved_generation())
         self.store = None
-        self.kubelet = None
         self.api_client = None
         if config.source == "local":
             from shoal.controller.store import Store
             self.store = Store(config.layout.store_path, service_cidr=config.layout.SERVICE_CIDR)
-            if config.run_kubelet:
-                from shoal.local.kubelet import LocalKubelet
-                self.kubelet = LocalKubelet(config.layout, self.store)
         self.control_plane: ControlPlane | None = None
         self.elector = None   # kubernetes mode with --leader-elect: controller/leader.py
         self.relay = None
@@ -176,7 +181,7 @@ class ControllerApp:
         if self.store is not None:
             from shoal.controller.localapi import build_app, serve_unix
             from shoal.controller.sources.local import LocalSource
-            self._attach_waypoint_launcher()
+            tasks.extend(asyncio.create_task(follow(self.store)) for follow in self.store_followers)
             tasks.append(asyncio.create_task(LocalSource(self.store, self.control_plane).run()))
             bad_requests = self.metrics.bad_requests
             runner = await serve_unix(
@@ -187,8 +192,6 @@ class ControllerApp:
             from shoal.controller.sources.kubernetes import KubernetesSource
             tasks.append(asyncio.create_task(
                 KubernetesSource(self.api_client, self.control_plane).run()))
-        if self.kubelet is not None:
-            tasks.append(asyncio.create_task(self.kubelet.run()))
         await self._start_relay()
         log.info("controller up: config stream + CA on %s, admin on %s, source %s",
                  self.config.grpc_address, self.config.admin_address, self.config.source)
@@ -221,15 +224,6 @@ class ControllerApp:
         if lost:
             raise LeadershipLost(f"lost the Lease {self.config.namespace}/{self.config.lease_name}: "
                                  "stopped issuing; exiting so that this replica restarts as a standby")
-
-    def _attach_waypoint_launcher(self) -> None:
-        """Local mode: one waypoint Deployment per waypoint Gateway (the waypoint engineer's)."""
-        try:
-            from shoal.waypoint.launcher import LocalWaypointLauncher
-        except ImportError as err:
-            log.warning("waypoint launcher not available: %s", err)
-            return
-        LocalWaypointLauncher(self.store, self.config.layout).attach()
 
     async def _start_relay(self) -> None:
         """The Hubble relay (the observability engineer's) merging every node's flows."""

@@ -25,8 +25,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from shoal.agent.hubble.query import HEALTH_SERVICES, FlowQuery, as_flows_request
-from shoal.agent.hubble.server import MAX_REQUEST_BYTES, ClientTooSlow, GuardedWriter
+from shoal.flows.query import HEALTH_SERVICES, MAX_REQUEST_BYTES, FlowQuery, as_flows_request
+from shoal.flows.writer import ClientTooSlow, GuardedWriter
 from shoal.api.observer import observer_pb2, observer_pb2_grpc, relay_pb2
 from shoal import __version__
 from shoal.config import PORT_HUBBLE, ClusterLayout

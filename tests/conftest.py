@@ -7,9 +7,12 @@ of CPU on this 2-core machine. Tests that change it (labels, policies) undo thei
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -29,7 +32,7 @@ def shoal_cli(layout: ClusterLayout, *args: str, check: bool = True, timeout: fl
               input: str | None = None) -> subprocess.CompletedProcess:
     """Runs the real `shoal` command against ``layout``'s cluster."""
     env = {**os.environ, "SHOAL_CLUSTER": layout.name}
-    proc = subprocess.run([sys.executable, "-m", "shoal.cli", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "shoal", *args], capture_output=True, text=True,
                           env=env, timeout=timeout, input=input)
     if check and proc.returncode != 0:
         raise AssertionError(f"shoal {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -56,7 +59,7 @@ def pod_exec(layout: ClusterLayout, target: str, *argv: str, timeout: float = 30
 @pytest.fixture(scope="session")
 def demo_cluster():
     """A 2-node local cluster with the demo, shared by the session; removed at the end."""
-    from shoal.demo import deploy_demo
+    from shoal.local.demo import deploy_demo
     from shoal.local.cluster import LocalCluster
 
     layout = ClusterLayout(name=f"shoal-test-{os.getpid()}")
@@ -68,3 +71,11 @@ def demo_cluster():
     finally:
         cluster.down()
         assert not cluster.leftovers(), cluster.leftovers()
+
+
+@pytest.fixture
+def sockdir():
+    """A private folder for the Unix sockets of one test (flows, Hubble, relay)."""
+    path = Path(tempfile.mkdtemp(prefix="shoal-obs-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -83,7 +83,7 @@ class WaypointApp:
         self.draining = False
         self.flows = None
         if config.emit_flows and config.flows_path:
-            from shoal.agent.hubble.emitter import FlowEmitter
+            from shoal.flows.emitter import FlowEmitter
 
             self.flows = FlowEmitter(config.flows_path, registry=self.registry, component="waypoint")
         self.spans = OtlpSpanExporter(config.otlp_endpoint, f"{config.name}.{config.namespace}") \
@@ -103,7 +103,7 @@ class WaypointApp:
                                      gateway=(config.namespace, config.name))
             connector = TcpConnector(config.connect_timeout)
         if signer is not None or config.controller:
-            from shoal.agent.ztunnel.identity import IdentityManager
+            from shoal.hbone.identity import IdentityManager
 
             from .hbone import HboneConnector
 
@@ -187,7 +187,7 @@ class WaypointApp:
         log.info("waypoint %s/%s serving as %s", config.namespace, config.name, config.spiffe_id)
 
     async def _acquire_identity(self) -> None:
-        from shoal.agent.ztunnel.identity import IdentityError
+        from shoal.hbone.identity import IdentityError
 
         delay = 0.2
         while True:

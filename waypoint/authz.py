@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
-from shoal.policymatch import any_string, field_matches, in_blocks, match_string, principal_form
+from shoal.policy.match import any_string, field_matches, in_blocks, match_string, principal_form
 from shoal.xds.model import Authorization, Condition, Operation, Rule, Source
 
 SUPPORTED_CONDITION_KEYS = ("source.ip", "remote.ip", "source.namespace", "source.principal",

@@ -23,10 +23,10 @@ import ssl
 from collections import deque
 from typing import Awaitable, Callable
 
-from shoal.agent.ztunnel import hbone
-from shoal.agent.ztunnel.identity import IdentityError, IdentityManager, check_session
-from shoal.agent.ztunnel.pool import HbonePool, PoolKey
-from shoal.agent.ztunnel.tunnel import HboneSession
+from shoal.hbone import framing as hbone
+from shoal.hbone.identity import IdentityError, IdentityManager, check_session
+from shoal.hbone.pool import HbonePool, PoolKey
+from shoal.hbone.session import HboneSession
 from shoal.config import PORT_HBONE, PROXY_MARK
 from shoal.h2guard import ENHANCE_YOUR_CALM, FloodGuard
 

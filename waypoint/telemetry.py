@@ -179,7 +179,7 @@ class Telemetry:
             self._spans.export(r)
 
     def _emit_flow(self, r: RequestRecord) -> None:
-        from shoal.agent.hubble.flows import http_flow
+        from shoal.flows.records import http_flow
 
         url = f"http://{r.authority}{r.path}"
         verdict = "DROPPED" if "RBAC" in r.flags else "FORWARDED"

@@ -42,7 +42,7 @@ __all__ = ["HubbleConfig", "HubbleServer"]
 
 
 def __getattr__(name: str):
-    # The server pulls in grpc; keep ``import shoal.agent.hubble.emitter`` light for the proxy.
+    # The server pulls in grpc; keep ``import shoal.flows.emitter`` light for the proxy.
     if name == "HubbleServer":
         from shoal.agent.hubble.server import HubbleServer
 

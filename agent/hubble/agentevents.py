@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import zlib
 
-from shoal.agent.hubble.store import FlowStore, RingSource
+from shoal.flows.store import FlowStore, RingSource
 from shoal.api.flow import flow_pb2
 from shoal.api.observer import observer_pb2
 from shoal.xds import model as m

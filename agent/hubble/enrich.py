@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from google.protobuf.wrappers_pb2 import BoolValue
 
 from shoal.agent.compiler import rule_id as kernel_rule_id   # what the kernel's deny entries carry
-from shoal.agent.hubble import flows as F
+from shoal.flows import records as F
 from shoal.api.flow import flow_pb2
 from shoal.telemetry_labels import workload_name
 
@@ -126,9 +126,9 @@ class Enricher:
 
     # -- kernel events
     def kernel_flow(self, event) -> flow_pb2.Flow:
-        """A ``shoal.agent.flowevents.KernelFlowEvent`` (or its raw record bytes) -> Flow."""
+        """A ``shoal.flows.kernel.KernelFlowEvent`` (or its raw record bytes) -> Flow."""
         if isinstance(event, bytes):
-            from shoal.agent.flowevents import decode   # raises MalformedRecord (a ValueError)
+            from shoal.flows.kernel import decode   # raises MalformedRecord (a ValueError)
 
             event = decode(event)
         flow = flow_pb2.Flow()
@@ -187,7 +187,7 @@ class Enricher:
         if isinstance(payload, flow_pb2.LostEvent) or self.state is None:
             return ()
         if isinstance(payload, bytes):
-            from shoal.agent.flowevents import decode
+            from shoal.flows.kernel import decode
 
             try:
                 payload = decode(payload)

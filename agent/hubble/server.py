@@ -20,11 +20,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from shoal.agent.hubble.agentevents import AgentEvents
 from shoal.agent.hubble.config import HubbleConfig
-from shoal.agent.hubble.emitter import KIND_FLOW, KIND_LOST, LOST_FORMAT
+from shoal.flows.emitter import KIND_FLOW, KIND_LOST, LOST_FORMAT
 from shoal.agent.hubble.enrich import Enricher
 from shoal.agent.hubble.metrics import HubbleMetrics
-from shoal.agent.hubble.query import HEALTH_SERVICES, FlowQuery, as_flows_request
-from shoal.agent.hubble.store import FlowStore, RingSource
+from shoal.flows.query import HEALTH_SERVICES, MAX_REQUEST_BYTES, FlowQuery, as_flows_request
+from shoal.flows.store import FlowStore, RingSource
+from shoal.flows.writer import ClientTooSlow, GuardedWriter
 from shoal.api.flow import flow_pb2
 from shoal.api.observer import observer_pb2, observer_pb2_grpc, relay_pb2
 from shoal.hubbletls import serve_tcp
@@ -35,12 +36,6 @@ log = logging.getLogger(__name__)
 RECV_BATCH = 256
 RECV_BUFFER_BYTES = 4 * 1024 * 1024
 HISTORY_SLICE = 256
-# A GetFlowsRequest is filters, never data: anything larger is refused by gRPC itself.
-MAX_REQUEST_BYTES = 256 * 1024
-
-
-class ClientTooSlow(Exception):
-    pass
 
 
 class ObserverService(observer_pb2_grpc.ObserverServicer):
@@ -221,42 +216,6 @@ class ObserverService(observer_pb2_grpc.ObserverServicer):
             writer.close()
 
 
-class GuardedWriter:
-    """Writes responses; a write stuck longer than ``timeout`` (client not reading) cuts
-    the stream, so one slow client only ever costs its own bounded buffers."""
-
-    def __init__(self, context, timeout: float) -> None:
-        self._context = context
-        self._timeout = timeout
-        self._task = asyncio.current_task()
-        self._since: float | None = None
-        self._timed_out = False
-        self._watchdog = asyncio.get_running_loop().create_task(self._watch())
-
-    async def write(self, response) -> None:
-        self._since = time.monotonic()
-        try:
-            await self._context.write(response)
-        except asyncio.CancelledError:
-            if self._timed_out:
-                raise ClientTooSlow(f"client did not read for {self._timeout:.1f}s; stream cut") from None
-            raise
-        finally:
-            self._since = None
-
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(self._timeout / 4)
-            since = self._since
-            if since is not None and time.monotonic() - since > self._timeout:
-                self._timed_out = True
-                self._task.cancel()
-                return
-
-    def close(self) -> None:
-        self._watchdog.cancel()
-
-
 class FlowSocketReceiver:
     """Receives proxy/waypoint records (see ``emitter``) on a Unix datagram socket."""
 
@@ -324,7 +283,7 @@ class RawRecordLayout:
     """Where the fields the hot path needs sit in the agent's FlowRecord (``agent.structs``)."""
 
     def __init__(self) -> None:
-        from shoal.agent.structs import FlowRecord
+        from shoal.datapath.structs import FlowRecord
 
         self.size = ctypes.sizeof(FlowRecord)
         self.ts_offset = FlowRecord.ts_ns.offset
@@ -339,7 +298,7 @@ class RawRecordLayout:
 
     def describe(self, key: bytes) -> tuple[str, str, int, int]:
         """Metric key bytes -> (kind, verdict, drop reason, IP protocol number)."""
-        from shoal.agent.structs import Kind, Verdict
+        from shoal.datapath.structs import Kind, Verdict
 
         try:
             kind = Kind(key[self.kind]).name.lower()

@@ -31,13 +31,13 @@ from prometheus_client import CollectorRegistry
 from shoal.agent.ztunnel.admission import Admission, DialLimits, default_max_connections, raise_open_file_limit
 from shoal.agent.ztunnel.admin import HttpEndpoint, admin_pages, metrics_pages, ready_pages
 from shoal.agent.ztunnel.config import ProxyConfig
-from shoal.agent.ztunnel.identity import IdentityError, IdentityManager, Signer, SignerUnavailable
+from shoal.hbone.identity import IdentityError, IdentityManager, Signer, SignerUnavailable
 from shoal.agent.ztunnel.netns import NetnsHandle
 from shoal.agent.ztunnel.outbound import OriginalDestinations
-from shoal.agent.ztunnel.pool import HbonePool
+from shoal.hbone.pool import HbonePool
 from shoal.agent.ztunnel.proxy import PodRegistry, ProxyContext
 from shoal.agent.ztunnel.telemetry import ProxyMetrics, Telemetry
-from shoal.agent.ztunnel.zds import ZdsServer
+from shoal.zds import ZdsServer
 from shoal.xds.state import ConfigState
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class ProxyApp:
         pool = HbonePool(on_change=self.metrics.hbone_connections.set)
         emitter = None
         if flows:  # L4 flow events to the agent (contract C); drops and counts when it is away
-            from shoal.agent.hubble.emitter import FlowEmitter
+            from shoal.flows.emitter import FlowEmitter
 
             emitter = FlowEmitter(config.flows_path, registry=self.registry, component="proxy")
         telemetry = Telemetry(self.metrics, emitter, config.node)
@@ -256,7 +256,7 @@ class ProxyApp:
 
 def _default_origdst(config: ProxyConfig) -> OriginalDestinations | None:
     try:
-        from shoal.agent.origdst import OriginalDestinations as Lookup
+        from shoal.datapath.origdst import OriginalDestinations as Lookup
 
         return Lookup(config.layout.bpf_pin_dir(config.node))
     except (ImportError, OSError) as exc:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
-from shoal.policymatch import any_string, field_matches, in_blocks, principal_form
+from shoal.policy.match import any_string, field_matches, in_blocks, principal_form
 from shoal.xds.model import Authorization, Condition, Operation, Rule, Source
 
 _L4_CONDITION_KEYS = {"source.ip", "source.namespace", "source.principal", "destination.ip",

@@ -78,7 +78,7 @@ class ProxyConfig:
         if args.handshake_timeout <= 0 or args.drain_grace < 0 or args.cert_ttl < 0 or args.max_connections < 0:
             parser.error("timeouts and TTL must be positive")
         if env.get("SHOAL_MODE") == "kubernetes":
-            from shoal.agent.k8s import layout_from_env
+            from shoal.kubernetes import layout_from_env
             layout = layout_from_env(env)      # the same host paths as the agent (DaemonSet env)
         else:
             layout = ClusterLayout(name=args.cluster)

@@ -19,14 +19,15 @@ import socket
 import ssl
 from typing import TYPE_CHECKING
 
-from shoal.agent.ztunnel import hbone, transparent
+from shoal.agent.ztunnel import transparent
+from shoal.hbone import framing as hbone
 from shoal.agent.ztunnel.authz import ConnectionInfo, authorize
-from shoal.agent.ztunnel.identity import check_session
+from shoal.hbone.identity import check_session
 from shoal.agent.ztunnel.telemetry import (
     FLAG_DENIED, FLAG_NO_ROUTE, FLAG_UPSTREAM_FAILURE, ConnectionRecord,
 )
 from shoal.agent.ztunnel.outbound import reset_connection, join_plain
-from shoal.agent.ztunnel.tunnel import HboneSession, StreamPeer, abort_with_reset
+from shoal.hbone.session import HboneSession, StreamPeer, abort_with_reset
 from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND, PROXY_MARK
 from shoal.telemetry_labels import service_of_endpoint
 

@@ -8,7 +8,6 @@ agent's capture programs skip it.
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import socket
@@ -16,19 +15,10 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from shoal.config import PROXY_MARK
+from shoal.netns import setns
 
-CLONE_NEWNET = 0x40000000
 IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
 
 class NetnsHandle:
     """An open network namespace (owns the fd) plus a way back to the proxy's own."""

@@ -14,13 +14,13 @@ import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol
 
-from shoal.agent.ztunnel import hbone
-from shoal.agent.ztunnel.identity import IdentityError, check_session
-from shoal.agent.ztunnel.pool import PoolKey
+from shoal.hbone import framing as hbone
+from shoal.hbone.identity import IdentityError, check_session
+from shoal.hbone.pool import PoolKey
 from shoal.agent.ztunnel.telemetry import (
     FLAG_DENIED, FLAG_NO_ROUTE, FLAG_UPSTREAM_FAILURE, ConnectionRecord,
 )
-from shoal.agent.ztunnel.tunnel import HboneSession, PipeEnd, StreamPeer
+from shoal.hbone.session import HboneSession, PipeEnd, StreamPeer
 from shoal.config import PORT_HBONE
 from shoal.telemetry_labels import service_fqdn
 from shoal.xds.model import Workload
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 class OriginalDestinations(Protocol):
-    """The agent's lookup (``shoal.agent.origdst``): accepted socket -> (ip, port),
+    """The agent's lookup (``shoal.datapath.origdst``): accepted socket -> (ip, port),
     LookupError when the connection was not captured."""
 
     def lookup(self, sock) -> tuple[str, int]: ...

@@ -94,7 +94,7 @@ class Telemetry:
 
     def __init__(self, metrics: ProxyMetrics, emitter=None, node: str = ""):
         self.metrics = metrics
-        self.emitter = emitter  # shoal.agent.hubble.emitter.FlowEmitter or None
+        self.emitter = emitter  # shoal.flows.emitter.FlowEmitter or None
         self.node = node
         self.live: dict[int, ConnectionRecord] = {}
 
@@ -149,7 +149,7 @@ class Telemetry:
     def _flow(self, rec: ConnectionRecord, event: str) -> None:
         if self.emitter is None:
             return
-        from shoal.agent.hubble.flows import l4_flow
+        from shoal.flows.records import l4_flow
 
         denied = rec.response_flags == FLAG_DENIED
         flow = l4_flow(rec.src_ip, rec.src_port, rec.dst_ip, rec.dst_port, event=event,

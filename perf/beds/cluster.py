@@ -34,12 +34,12 @@ class BedError(RuntimeError):
 
 
 def shoal_argv() -> list[str]:
-    """The ``shoal`` console script of this interpreter's venv (or ``python -m shoal.cli``)."""
+    """The ``shoal`` console script of this interpreter's venv (or ``python -m shoal``)."""
     script = Path(sys.executable).parent / "shoal"
     if script.exists():
         return [str(script)]
     found = shutil.which("shoal")
-    return [found] if found else [sys.executable, "-m", "shoal.cli"]
+    return [found] if found else [sys.executable, "-m", "shoal"]
 
 
 def pod_manifests(namespace: str, name: str, node: str, *, meshed: bool, service_account: str,

@@ -42,7 +42,7 @@ PRODUCER_C = r"""
 BPF_RINGBUF_OUTPUT(events, PAGES);
 BPF_ARRAY(lost, u64, 1);
 
-struct record {            /* same layout as shoal.agent.structs.FlowRecord */
+struct record {            /* same layout as shoal.datapath.structs.FlowRecord */
     u64 ts_ns; u32 src_ip[4], dst_ip[4]; u16 src_port, dst_port;   /* IPv4 as ::ffff:a.b.c.d */
     u32 src_identity, dst_identity, rule_id;
     u8 protocol, verdict, direction, kind, tcp_flags, drop_reason; u16 pad;
@@ -84,7 +84,7 @@ class KernelProducer:
     def __init__(self, ring_bytes: int | None = None) -> None:
         from bcc import BPF
 
-        from shoal.agent.structs import RINGBUF_BYTES
+        from shoal.datapath.structs import RINGBUF_BYTES
 
         self.ring_bytes = ring_bytes or RINGBUF_BYTES
         self.bpf = BPF(text=PRODUCER_C, cflags=[f"-DPAGES={self.ring_bytes // 4096}"])
@@ -271,7 +271,7 @@ SCENARIO = Scenario(
 # ------------------------------------------------------------------ helper processes
 
 async def _serve_node(name: str, socket_path: str, rate: int) -> None:
-    from shoal.agent.flowevents import KernelFlowEvent
+    from shoal.flows.kernel import KernelFlowEvent
     from shoal.agent.hubble import HubbleConfig, HubbleServer
 
     server = HubbleServer(HubbleConfig(node_name=name, unix_socket=Path(socket_path), tcp_address=None), None)

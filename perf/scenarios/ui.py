@@ -26,7 +26,7 @@ RED = "rgb(211,47,47)"
 
 def synthetic_flows(workloads: int, ts_ns: int, verdict: str = "FORWARDED"):
     """Flows for ``workloads`` client workloads, each calling two Services backed by workloads."""
-    from shoal.agent.hubble.flows import l4_flow
+    from shoal.flows.records import l4_flow
 
     flows = []
     for index in range(workloads):
@@ -47,8 +47,8 @@ def synthetic_flows(workloads: int, ts_ns: int, verdict: str = "FORWARDED"):
 
 
 def measure(workloads: int, repetitions: int, log) -> tuple[list[float], list[float]]:
-    from shoal.ui.background import UiServer
-    from shoal.ui.browser import chromium_page
+    from shoal.cli.ui.background import UiServer
+    from shoal.cli.ui.browser import chromium_page
 
     loads, updates = [], []
     for _ in range(repetitions):

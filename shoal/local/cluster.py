@@ -177,7 +177,7 @@ class LocalCluster:
                 "status": {"addresses": [{"type": "InternalIP", "address": self.layout.node_ip(node)}]}}
 
     def controller_component(self) -> Component:
-        return Component("controller", "shoal.controller", self.layout.control_netns,
+        return Component("controller", "shoal.local.controller", self.layout.control_netns,
                          self.layout.cgroup / "control",
                          ("--cluster", self.layout.name, "--grpc-address", self.layout.controller_address,
                           "--tls"))

@@ -114,7 +114,7 @@ class InPodProxy:
         self.events: list[tuple[str, str]] = []
 
     async def add_pod(self, pod, netns_fd: int) -> None:
-        from shoal.agent.netns import _setns
+        from shoal.netns import setns
         if pod.uid in self.listeners:      # a replayed pod: keep its listeners, as the proxy does
             os.close(netns_fd)
             self.events.append(("add", pod.uid))
@@ -122,7 +122,7 @@ class InPodProxy:
         opened = {}
 
         def make() -> None:
-            _setns(netns_fd)
+            setns(netns_fd)
             for host, port in (("127.0.0.1", PORT_OUTBOUND), ("0.0.0.0", PORT_INBOUND_PLAINTEXT),
                                ("0.0.0.0", PORT_HBONE)):
                 sock = socket.socket()
@@ -261,10 +261,10 @@ def checksum(data):
 
 def _imports():
     """The agent's modules, imported when a fixture runs (collection needs no bcc)."""
-    from shoal.agent.flowevents import decode
+    from shoal.flows.kernel import decode
     from shoal.agent.netns import netns_cookie
     from shoal.agent.ringbuf import RingReader
-    from shoal.agent.structs import RINGBUF_BYTES
+    from shoal.datapath.structs import RINGBUF_BYTES
     return decode, netns_cookie, RingReader, RINGBUF_BYTES
 
 

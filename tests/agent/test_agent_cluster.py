@@ -154,7 +154,7 @@ def test_db_session_survives_sigkill_of_the_agent(demo_cluster):
     pid_file = layout.run_dir / f"{component.name}.pid"
     env = {**os.environ, "SHOAL_CLUSTER": layout.name}
     eventually(lambda: _db_session_works(layout), "a working client-0 -> db path", timeout=60, interval=0.5)
-    session = subprocess.Popen([sys.executable, "-m", "shoal.cli", "exec", "demo/client-0", "--", "python3", PROBE,
+    session = subprocess.Popen([sys.executable, "-m", "shoal", "exec", "demo/client-0", "--", "python3", PROBE,
                                 "session", "db.demo", "7000", "--hold", "8"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     restarted = False

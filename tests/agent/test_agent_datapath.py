@@ -9,11 +9,11 @@ import time
 import pytest
 
 from shoal.agent.compiler import PolicyEntry
-from shoal.agent.flowevents import decode
+from shoal.flows.kernel import decode
 from shoal.agent.ringbuf import RingReader
-from shoal.agent.structs import RINGBUF_BYTES
+from shoal.datapath.structs import RINGBUF_BYTES
 from shoal.agent.netns import netns_cookie, tc_ingress_programs
-from shoal.agent.origdst import OriginalDestinations
+from shoal.datapath.origdst import OriginalDestinations
 from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND, PROXY_MARK
 
 from tests.agent.agentbed import CHECKSUM_SOURCE, ID_A, ID_B, finish, pod_programs, serve_once

@@ -9,8 +9,8 @@ import pytest
 from shoal.agent.app import MapReconciler
 from shoal.agent.enrolment import Enroller
 from shoal.agent.netns import netns_cookie, tc_ingress_programs
-from shoal.agent.origdst import OriginalDestinations
-from shoal.agent.ztunnel.zds import ZdsServer
+from shoal.datapath.origdst import OriginalDestinations
+from shoal.zds import ZdsServer
 from shoal.agent.zdslink import ZdsProxyLink
 from shoal.config import PORT_OUTBOUND
 from shoal.xds import model as m

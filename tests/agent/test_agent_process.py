@@ -18,12 +18,12 @@ import urllib.request
 import grpc
 import pytest
 
-from shoal.agent import bpfsys
+from shoal.datapath import bpfsys
 from shoal.agent.loader import CGROUP_PROGRAMS, Datapath, FeatureFlags, ProgramLoadError
 from shoal.agent.netns import netns_cookie, tc_ingress_programs
-from shoal.agent.origdst import OriginalDestinations
+from shoal.datapath.origdst import OriginalDestinations
 from shoal.agent.uninstall import remove_node
-from shoal.agent.ztunnel.zds import ZdsServer
+from shoal.zds import ZdsServer
 from shoal.api import config_pb2 as pb
 from shoal.api import config_pb2_grpc as pb_grpc
 from shoal.config import PORT_OUTBOUND, ClusterLayout

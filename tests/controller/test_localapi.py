@@ -9,7 +9,7 @@ from aiohttp import ClientSession, UnixConnector
 
 from shoal.controller.localapi import build_app, serve_unix
 from shoal.controller.manifests import KINDS
-from shoal.demo import demo_objects
+from shoal.local.demo import demo_objects
 from shoal.controller.store import Store
 
 

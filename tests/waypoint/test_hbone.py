@@ -8,10 +8,10 @@ import types
 import pytest
 from prometheus_client import CollectorRegistry
 
-from shoal.agent.ztunnel import hbone
-from shoal.agent.ztunnel.devca import DevCA
-from shoal.agent.ztunnel.identity import IdentityManager, check_session
-from shoal.agent.ztunnel.tunnel import HboneSession
+from shoal.hbone import framing as hbone
+from tests.devca import DevCA
+from shoal.hbone.identity import IdentityManager, check_session
+from shoal.hbone.session import HboneSession
 from shoal.waypoint.hbone import HboneConnector, HboneStream, start_hbone_listener
 from shoal.waypoint.http import Limits, pipe, StreamPair
 from shoal.waypoint.proxy import WaypointProxy
@@ -210,7 +210,7 @@ def test_l7_flow_per_request_with_reply_addresses(tmp_path):
     """Each request becomes one Hubble L7 flow on the agent's socket (server -> client addresses)."""
     import socket
 
-    from shoal.agent.hubble.emitter import KIND_FLOW, FlowEmitter
+    from shoal.flows.emitter import KIND_FLOW, FlowEmitter
     from shoal.api.flow import flow_pb2
     from shoal.waypoint.http import PeerInfo, ProxyRequest, empty_body
     from shoal.xds.model import Operation

@@ -10,8 +10,8 @@ from shoal.api.flow import flow_pb2 as F
 from shoal.api.observer import observer_pb2 as O
 from shoal.xds import model as m
 
-from hubble_fixtures import workload
-from test_hubble_server import hub, sockdir  # noqa: F401 (fixtures)
+from tests.shoal.flows.flowbed import workload
+from tests.agent.hubble.test_server import hub, sockdir  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(60)
 

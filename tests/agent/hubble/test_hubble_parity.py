@@ -9,15 +9,15 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shoal.agent.hubble.query import MAX_FIELD_MASK_PATHS, MAX_FILTERS
-from shoal.agent.hubble.server import MAX_REQUEST_BYTES
+from shoal.flows.query import MAX_FIELD_MASK_PATHS, MAX_FILTERS
+from shoal.flows.query import MAX_REQUEST_BYTES
 from shoal.agent.compiler import rule_id
 from shoal.api.flow import flow_pb2 as F
 from shoal.api.observer import observer_pb2 as O
 from shoal.xds import model as m
 
-from hubble_fixtures import kernel_event
-from test_hubble_server import collect, hub, ports_of, sockdir  # noqa: F401 (fixtures)
+from tests.shoal.flows.flowbed import kernel_event
+from tests.agent.hubble.test_server import collect, hub, ports_of, sockdir  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -8,11 +8,11 @@ import uuid
 import pytest
 import uvloop
 
-from shoal.agent.ztunnel.devca import DevCA
+from tests.devca import DevCA
 from shoal.xds.model import ConfigDelta
 from shoal.xds.state import ConfigState
 
-from shoal.agent.ztunnel.testing import CLIENT_IP, OTHER_IP, SERVER_IP, workload
+from tests.agent.ztunnel.proxybed import CLIENT_IP, OTHER_IP, SERVER_IP, workload
 
 
 def pytest_asyncio_loop_factories(config, item):

@@ -1,0 +1,389 @@
+"""The ``shoal`` command line.
+
+Cluster commands (up, down, apply, get, exec, logs, status) live here; each area adds its
+own command group from its own module, loaded only when used (see ``LAZY_COMMANDS``).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from shoal.config import ClusterLayout
+
+# command name -> "module:attribute", imported on first use so that `shoal get` stays fast.
+LAZY_COMMANDS = {
+    "debug": "shoal.agent.debug:debug",
+    "observe": "shoal.cli.observe.cli:observe",
+    "list": "shoal.cli.observe.cli:list_cmd",
+    "ui": "shoal.cli.ui.cli:ui",
+    "waypoint": "shoal.cli.waypoint:waypoint",
+    "install": "shoal.cli.deploy.cli:install",
+    "uninstall": "shoal.cli.deploy.cli:uninstall",
+}
+
+RESOURCE_KINDS = {
+    "pods": "Pod", "pod": "Pod", "po": "Pod",
+    "services": "Service", "service": "Service", "svc": "Service",
+    "namespaces": "Namespace", "namespace": "Namespace", "ns": "Namespace",
+    "policies": "AuthorizationPolicy", "policy": "AuthorizationPolicy",
+    "authorizationpolicies": "AuthorizationPolicy", "peerauthentications": "PeerAuthentication",
+    "nodes": "Node", "node": "Node",
+    "deployments": "Deployment", "deploy": "Deployment",
+    "serviceaccounts": "ServiceAccount", "sa": "ServiceAccount",
+    "gateways": "Gateway", "httproutes": "HTTPRoute", "trafficpolicies": "TrafficPolicy",
+}
+
+
+class ShoalGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in LAZY_COMMANDS:
+            module, attr = LAZY_COMMANDS[name].split(":")
+            try:
+                return getattr(importlib.import_module(module), attr)
+            except (ImportError, AttributeError) as e:
+                return _unavailable(name, str(e))
+        return super().get_command(ctx, name)
+
+
+def _unavailable(name: str, reason: str) -> click.Command:
+    @click.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+                   help=f"(not available in this build: {reason})")
+    def command() -> None:
+        raise click.ClickException(f"`shoal {name}` is not available in this build: {reason}")
+    return command
+
+
+def layout_of(ctx: click.Context) -> ClusterLayout:
+    return ctx.find_object(ClusterLayout) or ClusterLayout.from_env()
+
+
+def _api(ctx: click.Context):
+    from shoal.local.apiclient import ApiClient
+    return ApiClient(layout_of(ctx).api_socket)
+
+
+def _fail_on_api_errors(func):
+    """Turns API and availability errors into clean CLI errors (exit 1, message on stderr)."""
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from shoal.local.apiclient import ApiError, ControllerUnavailable
+        try:
+            return func(*args, **kwargs)
+        except ControllerUnavailable as e:
+            raise click.ClickException(f"{e}; start a cluster with `shoal up`") from None
+        except ApiError as e:
+            raise click.ClickException("\n".join(e.errors)) from None
+    return wrapper
+
+
+@click.group(cls=ShoalGroup)
+@click.option("--cluster", envvar="SHOAL_CLUSTER", default="shoal", show_default=True,
+              help="Name of the local cluster (env SHOAL_CLUSTER).")
+@click.pass_context
+def cli(ctx: click.Context, cluster: str) -> None:
+    """Shoal: a sidecarless, per-node eBPF service mesh."""
+    try:
+        ctx.obj = ClusterLayout(name=cluster)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--cluster") from None
+
+
+# -- cluster lifecycle -----------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--nodes", type=click.IntRange(1, 200), default=2, show_default=True)
+@click.option("--demo", is_flag=True, help="Deploy the demo namespaces and show meshed traffic.")
+@click.pass_context
+def up(ctx: click.Context, nodes: int, demo: bool) -> None:
+    """Build a local cluster from network namespaces, cgroups and eBPF."""
+    from shoal.local.cluster import LocalCluster, PreflightError
+    from shoal.local.linux import LinuxError
+    layout = layout_of(ctx)
+    cluster = LocalCluster(layout, progress=lambda m: click.echo(f"  {m}"))
+    click.echo(f"Bringing up cluster {layout.name!r} with {nodes} node(s)")
+    try:
+        cluster.up(nodes)
+        if demo:
+            from shoal.local.demo import deploy_demo
+            deploy_demo(cluster, echo=click.echo)
+    except (PreflightError, LinuxError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"Cluster {layout.name!r} is up. Try: shoal get pods -A")
+
+
+@cli.command()
+@click.pass_context
+def down(ctx: click.Context) -> None:
+    """Remove the local cluster: processes, namespaces, veths, cgroups, pins."""
+    from shoal.local.cluster import LocalCluster
+    if os.geteuid() != 0:
+        raise click.ClickException("shoal down must run as root")
+    removed = LocalCluster(layout_of(ctx)).down()
+    click.echo(f"Removed {len(removed)} item(s) of cluster {layout_of(ctx).name!r}" if removed
+               else f"Nothing to remove for cluster {layout_of(ctx).name!r}")
+
+
+# -- objects ---------------------------------------------------------------------------
+
+
+def _load_documents(files: tuple[str, ...]) -> list[Any]:
+    docs: list[Any] = []
+    for name in files:
+        try:
+            text = sys.stdin.read() if name == "-" else Path(name).read_text()
+            docs.extend(d for d in yaml.safe_load_all(text) if d is not None)
+        except OSError as e:
+            raise click.BadParameter(f"{name}: {e.strerror}", param_hint="-f") from None
+        except UnicodeDecodeError as e:
+            raise click.BadParameter(f"{name}: not UTF-8 text: {e}", param_hint="-f") from None
+        except yaml.YAMLError as e:
+            raise click.BadParameter(f"{name}: not valid YAML: {e}", param_hint="-f") from None
+        except RecursionError:
+            raise click.BadParameter(f"{name}: nested too deeply to be a Kubernetes object",
+                                     param_hint="-f") from None
+    for i, doc in enumerate(list(docs)):
+        if isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(doc.get("items"), list):
+            docs[i:i + 1] = doc["items"]
+    if not docs:
+        raise click.BadParameter("no objects in the given file(s)", param_hint="-f")
+    return docs
+
+
+def _print_events(events: list[dict[str, str]], verb: str) -> None:
+    words = {"ADDED": "created", "MODIFIED": "configured", "DELETED": "deleted"}
+    for ev in events:
+        ns = f"{ev['namespace']}/" if ev["namespace"] else ""
+        click.echo(f"{ev['kind'].lower()}/{ns}{ev['name']} {words.get(ev['type'], verb)}")
+    if not events:
+        click.echo("unchanged")
+
+
+@cli.command()
+@click.option("-f", "--filename", "files", multiple=True, required=True, help="YAML file, or - for stdin.")
+@click.pass_context
+@_fail_on_api_errors
+def apply(ctx: click.Context, files: tuple[str, ...]) -> None:
+    """Create or update objects (all or nothing)."""
+    _print_events(_api(ctx).apply(_load_documents(files)), "configured")
+
+
+@cli.command()
+@click.option("-f", "--filename", "files", multiple=True, required=True)
+@click.pass_context
+@_fail_on_api_errors
+def delete(ctx: click.Context, files: tuple[str, ...]) -> None:
+    """Delete the objects named in the files."""
+    _print_events(_api(ctx).delete(_load_documents(files)), "deleted")
+
+
+def _columns(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
+    meta, spec, status = obj["metadata"], obj.get("spec", {}), obj.get("status", {})
+    if kind == "Pod":
+        return {"namespace": meta["namespace"], "name": meta["name"], "node": spec.get("nodeName", ""),
+                "ip": status.get("podIP", ""), "status": status.get("phase", "Pending"),
+                "meshed": obj.get("meshed", ""), "restarts": status.get("restartCount", 0)}
+    if kind == "Service":
+        ports = ",".join(f"{p['port']}/{p.get('protocol', 'TCP')}" for p in spec.get("ports", []))
+        return {"namespace": meta["namespace"], "name": meta["name"], "cluster-ip": spec.get("clusterIP", ""),
+                "ports": ports}
+    if kind == "Namespace":
+        labels = ",".join(f"{k}={v}" for k, v in sorted(meta.get("labels", {}).items()))
+        return {"name": meta["name"], "labels": labels or "<none>"}
+    if kind == "Node":
+        return {"name": meta["name"], "pod-cidr": spec.get("podCIDR", ""),
+                "ip": next((a["address"] for a in status.get("addresses", [])), "")}
+    row = {"namespace": meta.get("namespace", ""), "name": meta["name"]}
+    if kind == "AuthorizationPolicy":
+        row["action"] = spec.get("action", "ALLOW")
+    return row
+
+
+@cli.command()
+@click.argument("resource", type=click.Choice(sorted(RESOURCE_KINDS), case_sensitive=False))
+@click.option("-n", "--namespace", default=None, help="Only this namespace.")
+@click.option("-A", "--all-namespaces", is_flag=True, help="Every namespace (the default when -n is absent).")
+@click.option("-o", "--output", type=click.Choice(["table", "json", "yaml", "wide"]), default="table")
+@click.pass_context
+@_fail_on_api_errors
+def get(ctx: click.Context, resource: str, namespace: str | None, all_namespaces: bool, output: str) -> None:
+    """List pods, services, namespaces, policies, nodes..."""
+    kind = RESOURCE_KINDS[resource.lower()]
+    api = _api(ctx)
+    items = api.list(kind, None if all_namespaces else namespace)
+    if kind == "Pod":
+        meshed = mesh_membership(api.list("Namespace"))
+        for pod in items:
+            pod["meshed"] = pod_is_meshed(pod, meshed)
+    if output == "json":
+        click.echo(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}, indent=2))
+        return
+    if output == "yaml":
+        click.echo(yaml.safe_dump_all(items, sort_keys=False))
+        return
+    rows = [_columns(kind, obj) for obj in items]
+    if not rows:
+        click.echo("No resources found.")
+        return
+    headers = list(rows[0])
+    widths = {h: max(len(h), *(len(str(r[h])) for r in rows)) for h in headers}
+    click.echo("  ".join(h.upper().ljust(widths[h]) for h in headers).rstrip())
+    for row in rows:
+        click.echo("  ".join(str(row[h]).ljust(widths[h]) for h in headers).rstrip())
+
+
+def mesh_membership(namespaces: list[dict[str, Any]]) -> set[str]:
+    """Names of namespaces that joined the mesh (the label or Istio's alias)."""
+    from shoal.config import LABEL_MESH, LABEL_MESH_ISTIO
+    joined = set()
+    for ns in namespaces:
+        labels = ns["metadata"].get("labels", {})
+        if labels.get(LABEL_MESH) == "enabled" or labels.get(LABEL_MESH_ISTIO) == "ambient":
+            joined.add(ns["metadata"]["name"])
+    return joined
+
+
+def pod_is_meshed(pod: dict[str, Any], meshed_namespaces: set[str]) -> bool:
+    from shoal.config import LABEL_MESH
+    if pod["metadata"].get("labels", {}).get(LABEL_MESH) == "disabled":
+        return False
+    return pod["metadata"]["namespace"] in meshed_namespaces
+
+
+# -- pods and components ---------------------------------------------------------------
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("target")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_context
+def exec(ctx: click.Context, target: str, command: tuple[str, ...]) -> None:  # noqa: A001 - kubectl's name
+    """Run COMMAND inside pod NS/POD (its network namespace and cgroup)."""
+    from shoal.local.linux import Cgroup, Netns
+    layout = layout_of(ctx)
+    namespace, _, pod = target.partition("/")
+    if not pod:
+        raise click.BadParameter("expected NAMESPACE/POD, e.g. demo/client-0", param_hint="TARGET")
+    netns = Netns(layout.pod_netns(namespace, pod))
+    cgroups = list(layout.cgroup.glob(f"*/pods/{namespace}.{pod}"))
+    if not netns.exists() or not cgroups:
+        raise click.ClickException(f"pod {namespace}/{pod} is not running in cluster {layout.name!r}")
+    argv = Cgroup(cgroups[0]).join_argv(netns.exec_argv(list(command)))
+    sys.exit(subprocess.call(argv))
+
+
+@cli.command()
+@click.argument("component")
+@click.option("--node", default=None, help="For agent and proxy: the node (default: all).")
+@click.option("-f", "--follow", is_flag=True)
+@click.option("--tail", type=int, default=200, show_default=True)
+@click.pass_context
+def logs(ctx: click.Context, component: str, node: str | None, follow: bool, tail: int) -> None:
+    """Show logs of controller, agent, proxy, waypoint-*, or a pod (NS/POD)."""
+    layout = layout_of(ctx)
+    if "/" in component:
+        ns, _, pod = component.partition("/")
+        files = sorted((layout.log_dir / "pods").glob(f"{ns}_{pod}_*.log"))
+    elif component in ("agent", "proxy"):
+        files = sorted(layout.log_dir.glob(f"{component}-{node or '*'}.log"))
+    else:
+        files = sorted(layout.log_dir.glob(f"{component}.log"))
+    if not files:
+        raise click.ClickException(f"no logs for {component!r} in {layout.log_dir}")
+    if follow:
+        sys.exit(subprocess.call(["tail", "-n", str(tail), "-F", *map(str, files)]))
+    for path in files:
+        if len(files) > 1:
+            click.echo(f"==> {path.name} <==")
+        lines = path.read_text(errors="replace").splitlines()
+        for line in lines[-tail:]:
+            click.echo(line)
+
+
+@cli.command()
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
+@click.pass_context
+@_fail_on_api_errors
+def status(ctx: click.Context, output: str) -> None:
+    """Controller, per-node agents and proxies with their config version, and flows."""
+    layout = layout_of(ctx)
+    report: dict[str, Any] = {"controller": _api(ctx).status()}
+    try:
+        from shoal.cli.observe.client import ObserverUnreachable, status_summary
+        report["flows"] = status_summary(layout)
+    except ImportError as e:
+        report["flows"] = {"error": f"not available in this build: {e}"}
+    except ObserverUnreachable as e:
+        report["flows"] = {"error": str(e)}
+    if output == "json":
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(render_status(report))
+
+
+def render_status(report: dict[str, Any]) -> str:
+    """The human view of ``shoal status``: one line per node, in sync or not."""
+    ctl = report["controller"]
+    version = ctl.get("version", "?")
+    resources = ctl.get("resources", {})
+    counts = ", ".join(f"{n} {kind}s" for kind, n in resources.items() if kind != "object")
+    lines = [f"Controller:  {'ready' if ctl.get('ready') else 'NOT READY'}, config version {version}"
+             + (f" ({counts})" if counts else "")]
+    by_node: dict[str, dict[str, dict[str, Any]]] = {}
+    waypoints = []
+    for agent in ctl.get("agents", []):
+        if agent.get("component") == "waypoint":   # connects under its own name, not a node's
+            waypoints.append(agent)
+            continue
+        by_node.setdefault(agent.get("node", "?"), {})[agent.get("component", "?")] = agent
+    lines.append(f"Nodes:       {len(by_node)} connected")
+    for node in sorted(by_node):
+        cells = []
+        for component in ("agent", "proxy"):
+            peer = by_node[node].get(component)
+            if peer is None:
+                cells.append(f"{component}: not connected")
+                continue
+            state = "in sync" if str(peer.get("version")) == str(version) else f"behind (at {peer.get('version')})"
+            nack = f", last NACK: {peer['last_nack']}" if peer.get("last_nack") else ""
+            cells.append(f"{component}: v{peer.get('version')} {state}{nack}")
+        hubble = report.get("flows", {}).get("per_node", {}).get(node)
+        if hubble is not None:
+            health = "healthy" if hubble["state"] == "NODE_CONNECTED" else hubble["state"].removeprefix("NODE_").lower()
+            cells.append(f"flows: {health}" + (f" ({hubble['version']})" if hubble.get("version") else ""))
+        lines.append(f"  {node:<10} " + "   ".join(cells))
+    if waypoints:
+        lines.append("Waypoints:   " + ", ".join(
+            f"{w.get('node', '?').removeprefix('waypoint-')} v{w.get('version')}"
+            + ("" if str(w.get("version")) == str(version) else " behind") for w in waypoints))
+    flows = report.get("flows", {})
+    if "error" in flows:
+        lines.append(f"Flows:       unavailable ({flows['error']})")
+    else:
+        f, n = flows["flows"], flows["nodes"]
+        share = 100.0 * f["current"] / f["max"] if f.get("max") else 0.0
+        unavailable = f", unavailable: {', '.join(n['unavailable'])}" if n.get("unavailable") else ""
+        lines.append(f"Flows:       {f['current']}/{f['max']} ({share:.2f}%), {f['rate']} flows/s, "
+                     f"{n['connected']} node(s) connected{unavailable}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    cli(prog_name="shoal")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""``python -m shoal.local.controller``: the controller of a local cluster.
+
+The same ``ControllerApp`` as ``python -m shoal.controller``, assembled with the local
+cluster's own parts that follow the embedded store: the kubelet (Pods become namespaces
+and processes) and the waypoint launcher (one Deployment per waypoint Gateway). They are
+handed in, so the controller never imports ``shoal.local``.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from shoal.controller.app import ControllerApp, StoreFollower
+from shoal.controller.config import ControllerConfig, parse_config
+from shoal.local.kubelet import LocalKubelet
+from shoal.local.waypoints import LocalWaypointLauncher
+
+
+def store_followers(config: ControllerConfig) -> list[StoreFollower]:
+    """The kubelet (unless ``--no-kubelet``) and the waypoint launcher, for ``config``'s cluster."""
+    followers: list[StoreFollower] = []
+    if config.run_kubelet:
+        followers.append(lambda store: LocalKubelet(config.layout, store).run())
+    followers.append(lambda store: LocalWaypointLauncher(store, config.layout).run())
+    return followers
+
+
+def main() -> None:
+    config = parse_config()
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(ControllerApp(config, store_followers(config)).run())
+
+
+if __name__ == "__main__":
+    main()

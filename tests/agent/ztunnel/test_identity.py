@@ -1,0 +1,100 @@
+"""Certificate fetch while the controller is down (issue 18): retried with backoff,
+logged and counted, never an unhandled ``AioRpcError`` ("Task exception was never
+retrieved"); a refusal stays final. The real gRPC client against a dead address."""
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import socket
+
+import pytest
+
+from shoal.agent.ztunnel.app import ProxyApp
+from shoal.agent.ztunnel.config import ProxyConfig
+from shoal.hbone.identity import IdentityError, IdentityManager, SignerUnavailable
+from shoal.config import ClusterLayout
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class FlakyCA:
+    """Unreachable for the first ``down`` requests, then the real test CA."""
+
+    def __init__(self, ca, down: int):
+        self.ca, self.down, self.calls = ca, down, 0
+
+    async def sign(self, csr_pem: bytes):
+        self.calls += 1
+        if self.calls <= self.down:
+            raise SignerUnavailable("controller CA: UNAVAILABLE: connection refused")
+        return await self.ca.sign(csr_pem)
+
+
+def _never_retrieved(caplog) -> list:
+    gc.collect()
+    return [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+async def test_unreachable_ca_is_retried_with_backoff_and_the_pod_goes_on(ca, caplog):
+    flaky, errors = FlakyCA(ca, down=4), []
+    identities = IdentityManager(flaky.sign, on_error=errors.append, wait=0.3)
+    spiffe = await identities.acquire("demo", "web")   # does not raise: enrolment goes on
+    assert spiffe == "spiffe://cluster.local/ns/demo/sa/web" and identities.current(spiffe) is None
+    svid = await asyncio.wait_for(_eventually_issued(identities, spiffe), 10)
+    assert svid.spiffe_id == spiffe and flaky.calls == 5 and len(errors) == 4  # counted each time
+    assert sum("retrying in" in r.getMessage() for r in caplog.records) == 4    # and logged
+    assert _never_retrieved(caplog) == []
+
+
+async def _eventually_issued(identities, spiffe):
+    while identities.current(spiffe) is None:
+        await asyncio.sleep(0.05)
+    return identities.current(spiffe)
+
+
+async def test_refusal_is_final_and_released(ca, caplog):
+    async def refuse(csr_pem):
+        raise IdentityError("controller CA: PERMISSION_DENIED: node-1 does not host demo/db")
+
+    identities = IdentityManager(refuse, wait=0.3)
+    with pytest.raises(IdentityError, match="PERMISSION_DENIED"):
+        await identities.acquire("demo", "db")
+    assert identities._users == {} and identities._inflight == {}
+    assert _never_retrieved(caplog) == []
+
+
+async def test_release_stops_the_retries_and_fails_who_still_waits(ca):
+    flaky = FlakyCA(ca, down=10**6)
+    identities = IdentityManager(flaky.sign, wait=0.1)
+    spiffe = await identities.acquire("demo", "web")
+    identities.wait = 5.0
+    waiter = asyncio.ensure_future(identities.get(spiffe))  # e.g. a dial from that pod
+    await asyncio.sleep(0.05)
+    identities.release("demo", "web")
+    with pytest.raises(IdentityError, match="no longer served"):  # refused, not left cancelled
+        await asyncio.wait_for(waiter, 2)
+    calls = flaky.calls
+    await asyncio.sleep(0.6)
+    assert flaky.calls == calls  # nobody needs it: no more requests to the CA
+
+
+async def test_real_controller_client_down_is_a_retried_unavailable(tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{probe.getsockname()[1]}"
+    config = ProxyConfig(node="node-1", layout=ClusterLayout(name="shoal-test", run_root=tmp_path), controller=dead)
+    app = ProxyApp(config, serve_http=False)
+    app.ctx.identities.wait = 1.0
+    try:
+        spiffe = await app.ctx.identities.acquire("demo", "web")
+        assert app.ctx.identities.current(spiffe) is None
+        retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+        assert retries and "UNAVAILABLE" in retries[0]
+        assert _never_retrieved(caplog) == []
+        with pytest.raises(IdentityError):  # a caller that needs it now gets a clear error
+            await app.ctx.identities.get(spiffe)
+    finally:
+        app.ctx.identities.release("demo", "web")
+        await app.stop()

@@ -1,0 +1,231 @@
+"""Issue 18 on the real in-process proxy (real namespaces, TLS, HTTP/2): many concurrent
+connections, overload shedding, and HTTP/2 abuse on 15008 from a certificate holder
+(a raw ``h2`` client over TLS) while another client keeps working. Floods are scaled
+down for CI; the full-size runs are ``python -m shoal.perf run --only load``."""
+from __future__ import annotations
+
+import asyncio
+import subprocess
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import hyperframe.frame
+import pytest
+
+from shoal.hbone import framing as hbone
+from tests.agent.ztunnel.test_proxy import (
+    APP_PORT, Harness, _client_context, _tls_15008, metric, running_proxy,
+)
+from tests.agent.ztunnel.proxybed import SERVER_IP
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(90)]
+ATTACKER = "spiffe://cluster.local/ns/demo/sa/client"  # any meshed pod's certificate will do
+
+
+async def _roundtrips(h: Harness, count: int, payload: bytes = b"hello", timeout: float = 5) -> list:
+    """``count`` concurrent echo round trips through the proxy; the failures."""
+    async def one(i):
+        line = payload + b"%d" % i
+        try:
+            reader, writer = await h.connect_via_proxy(SERVER_IP, APP_PORT)
+            writer.write(line)
+            writer.write_eof()
+            data = await asyncio.wait_for(reader.read(), timeout)
+            writer.close()
+            return None if data == line else data
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
+            return repr(exc)
+    results = await asyncio.gather(*(one(i) for i in range(count)))
+    return [r for r in results if r is not None]
+
+
+async def test_many_concurrent_connections_share_capped_hbone_connections(pod_netns, state, ca, tmp_path):
+    # One loop runs the clients, both proxy halves and the app here, on a shared CI
+    # machine: generous timeouts (all must succeed, not fast); 1,000 run against the
+    # cluster's real proxies (test_zt_cluster) and 10,000 in perf/ (scenario "load").
+    async with running_proxy(pod_netns, state, ca.sign, tmp_path, connect_timeout=60.0,
+                             handshake_timeout=60.0) as (h, _):
+        assert await _roundtrips(h, 350, timeout=60) == []
+        pool = h.app.ctx.pool
+        assert len(pool) == 4  # 100 streams per HBONE connection, more opened beyond
+        assert sorted(s["streams"] for s in pool.describe()) == [0, 0, 0, 0]  # every stream released
+        assert await h.echo_roundtrip() == b"hello"  # and right after, business as usual
+
+
+async def test_overload_sheds_new_connections_and_keeps_established_ones(pod_netns, state, ca, tmp_path):
+    # Both ends on this proxy: each connection is two live records (source, destination).
+    async with running_proxy(pod_netns, state, ca.sign, tmp_path, max_connections=20) as (h, _):
+        held = [await h.connect_via_proxy(SERVER_IP, APP_PORT) for _ in range(10)]
+        for reader, writer in held:
+            writer.write(b"up")
+            assert await asyncio.wait_for(reader.readexactly(2), 5) == b"up"
+        with pytest.raises(ConnectionError):  # refused at once (reset), not left hanging
+            reader, writer = await h.connect_via_proxy(SERVER_IP, APP_PORT)
+            if not await asyncio.wait_for(reader.read(), 2):
+                raise ConnectionResetError("closed")
+        assert metric(h.app, "shoal_proxy_rejected_total", reason="overloaded") >= 1
+        for reader, writer in held:  # established connections carry on
+            writer.write(b"still")
+            assert await asyncio.wait_for(reader.readexactly(5), 5) == b"still"
+        for _, writer in held[:5]:
+            writer.close()
+        await asyncio.sleep(0.3)
+        assert await h.echo_roundtrip() == b"hello"  # room again: served
+
+
+# -- HTTP/2 abuse on 15008 ---------------------------------------------------------------------
+
+@pytest.fixture
+async def bed(pod_netns, state, ca, tmp_path):
+    """The proxy with room in its timeouts: the other client's requests must all succeed
+    during a flood on a shared CI machine; their latency is perf's business."""
+    async with running_proxy(pod_netns, state, ca.sign, tmp_path, connect_timeout=30.0) as (h, _):
+        yield h
+
+
+class RawH2:
+    """A certificate holder speaking raw HTTP/2 to a pod's 15008 (from the 'other' pod)."""
+
+    def __init__(self, reader, writer):
+        self.reader, self.writer = reader, writer
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
+                                                                         validate_outbound_headers=False))
+        self.events: list = []
+
+    @classmethod
+    async def open(cls, h: Harness, ca) -> "RawH2":
+        raw = cls(*await _tls_15008(h, _client_context(ca, ATTACKER)))
+        raw.conn.initiate_connection()
+        raw.conn.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1000})
+        raw.flush()
+        return raw
+
+    def flush(self) -> None:
+        self.writer.write(self.conn.data_to_send())
+
+    async def write(self, data: bytes) -> bool:
+        try:
+            self.writer.write(data)
+            await self.writer.drain()
+            return True
+        except ConnectionError:
+            return False
+
+    async def read_until_closed(self, timeout: float = 10) -> list:
+        try:
+            while data := await asyncio.wait_for(self.reader.read(65536), timeout):
+                try:
+                    self.events += self.conn.receive_data(data)
+                except h2.exceptions.ProtocolError:
+                    pass  # the attacker does not care
+        except ConnectionError:
+            pass
+        self.writer.close()
+        return self.events
+
+    def goaway(self):
+        return next((int(e.error_code) for e in self.events if isinstance(e, h2.events.ConnectionTerminated)), None)
+
+
+def _sockets_to_app(netns: str) -> list[str]:
+    """TCP sockets to or from the app's port in the server pod, any state but TIME-WAIT."""
+    out = subprocess.run(["ip", "netns", "exec", netns, "ss", "-Htan"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if f":{APP_PORT} " in line + " " and "TIME-WAIT" not in line
+            and "LISTEN" not in line]
+
+
+async def _during(h: Harness, flood) -> list:
+    """Another client's round trips, 40 over the flood's duration; their failures."""
+    failures: list = []
+
+    async def other_client():
+        for _ in range(20):
+            failures.extend(await _roundtrips(h, 2, timeout=15))
+            await asyncio.sleep(0.02)
+    await asyncio.gather(flood, other_client())
+    return failures
+
+
+async def test_rapid_reset_costs_no_orphaned_upstream_socket_and_no_other_client(bed, ca):
+    raw = await RawH2.open(bed, ca)
+    authority = f"{SERVER_IP}:{APP_PORT}"
+
+    async def flood():
+        reading = asyncio.ensure_future(raw.read_until_closed())
+        for batch in range(40):  # up to 4,000 CONNECT+RST pairs
+            for stream_id in range(1 + batch * 200, 1 + (batch + 1) * 200, 2):
+                raw.conn.send_headers(stream_id, [(":method", "CONNECT"), (":authority", authority)])
+                raw.conn.reset_stream(stream_id)
+            if not await raw.write(raw.conn.data_to_send()):
+                break
+            await asyncio.sleep(0)
+        await reading
+
+    assert await _during(bed, flood()) == []
+    assert raw.goaway() == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    assert metric(bed.app, "shoal_proxy_rejected_total", reason="premature_reset_flood") == 1
+    await asyncio.sleep(0.5)
+    assert _sockets_to_app(bed.netns["server"]) == []  # no FIN-WAIT-1, no leaked ESTABLISHED
+    assert len(bed.echo.peers) <= hbone.LIMITS["premature_reset"].burst + 40  # not one per reset
+
+
+@pytest.mark.parametrize("kind", ["ping", "settings"])
+async def test_control_frame_flood_gets_goaway_and_costs_other_clients_nothing(bed, ca, kind):
+    raw = await RawH2.open(bed, ca)
+    frame = hyperframe.frame.PingFrame(0, opaque_data=bytes(8)) if kind == "ping" else \
+        hyperframe.frame.SettingsFrame(0, settings={4: 1 << 20})
+    chunk = frame.serialize() * 2000
+
+    async def flood():
+        reading = asyncio.ensure_future(raw.read_until_closed())
+        for _ in range(100):  # up to 200,000 frames
+            if not await raw.write(chunk):
+                break
+        await reading
+
+    assert await _during(bed, flood()) == []
+    assert raw.goaway() == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    assert metric(bed.app, "shoal_proxy_rejected_total", reason=f"{kind}_flood") == 1
+
+
+async def test_continuation_flood_is_cut_at_the_header_block_cap(bed, ca):
+    raw = await RawH2.open(bed, ca)
+    block = bytes(16 * 1024)
+    sent = 0
+
+    async def flood():
+        nonlocal sent
+        reading = asyncio.ensure_future(raw.read_until_closed())
+        await raw.write(hyperframe.frame.HeadersFrame(1, data=block).serialize())
+        for _ in range(4000):  # 64 MiB offered; h2 alone buffered 64 frames of 1 MiB per connection
+            if not await raw.write(hyperframe.frame.ContinuationFrame(1, data=block).serialize()):
+                break
+            sent += len(block)
+        await reading
+
+    assert await _during(bed, flood()) == []
+    assert raw.goaway() == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    assert metric(bed.app, "shoal_proxy_rejected_total", reason="header_block_too_large") == 1
+    assert sent < 8 * 1024 * 1024  # cut early: what was offered later never reached the proxy's memory
+
+
+async def test_non_utf8_header_bytes_get_400_on_that_stream_and_are_counted(bed, ca):
+    raw = await RawH2.open(bed, ca)
+    raw.conn.send_headers(1, [(b":method", b"CONNECT"), (b":authority", b"10.250.0.2:80\xff\xfe")])
+    raw.conn.send_headers(3, [(b":method", b"CONNECT"), (b":authority", f"{SERVER_IP}:{APP_PORT}".encode()),
+                              (b"forwarded", b"for=\xc3\x28")])
+    raw.conn.send_headers(5, [(b":method", b"CONNECT"), (b":authority", f"{SERVER_IP}:{APP_PORT}".encode())])
+    raw.flush()
+    statuses: dict[int, int] = {}
+    while len(statuses) < 3:
+        data = await asyncio.wait_for(raw.reader.read(65536), 5)
+        assert data, "the connection must survive bad header bytes"
+        for event in raw.conn.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                statuses[event.stream_id] = int(dict(event.headers)[b":status"])
+        raw.flush()
+    raw.writer.close()
+    assert statuses == {1: 400, 3: 400, 5: 200}
+    assert metric(bed.app, "shoal_proxy_rejected_total", listener="hbone", reason="bad_request") == 2

@@ -1,0 +1,60 @@
+"""Outbound decisions (pure): HBONE to meshed pods and VIPs, waypoints, passthrough."""
+from __future__ import annotations
+
+from shoal.agent.ztunnel.outbound import plan_route
+from tests.agent.ztunnel.proxybed import workload
+from shoal.xds.model import ConfigDelta, Service, ServicePort, Waypoint, WaypointRef
+from shoal.xds.state import ConfigState
+
+WEB0 = workload("web-0", "10.244.1.3", "web")
+WEB1 = workload("web-1", "10.244.2.3", "web")
+LEGACY = workload("legacy-0", "10.244.1.4", "default", ns="legacy", meshed=False, protocol="TCP")
+WAYPOINT = Waypoint("waypoint", "demo", "10.244.2.9", "waypoint", "spiffe://cluster.local/ns/demo/sa/waypoint")
+
+
+def state(*resources) -> ConfigState:
+    st = ConfigState()
+    st.apply(ConfigDelta("1", upserted=(WEB0, WEB1, LEGACY, WAYPOINT, *resources)))
+    return st
+
+
+def test_meshed_pod_gets_hbone_with_its_identity():
+    route = plan_route(state(), "10.244.2.3", 8080)
+    assert (route.kind, route.target_ip, route.target_port) == ("hbone", "10.244.2.3", 15008)
+    assert (route.authority_ip, route.authority_port, route.identity) == ("10.244.2.3", 8080, WEB1.spiffe_id)
+
+
+def test_vip_is_balanced_over_endpoints_with_target_port():
+    svc = Service("web", "demo", "10.96.0.10", (ServicePort("http", 80, 8080),), (WEB0.uid, WEB1.uid))
+    picked = [plan_route(state(svc), "10.96.0.10", 80, choose=lambda eps, i=i: eps[i]) for i in (0, 1)]
+    assert {r.target_ip for r in picked} == {"10.244.1.3", "10.244.2.3"}
+    assert all(r.kind == "hbone" and r.authority_port == 8080 and r.service == "web.demo.svc.cluster.local" for r in picked)
+
+
+def test_vip_without_that_port_or_endpoints_has_no_route():
+    svc = Service("web", "demo", "10.96.0.10", (ServicePort("http", 80, 8080),), ())
+    assert plan_route(state(svc), "10.96.0.10", 81).kind == "none"
+    assert plan_route(state(svc), "10.96.0.10", 80).kind == "none"
+
+
+def test_service_waypoint_gets_the_vip_as_authority():
+    svc = Service("web", "demo", "10.96.0.10", (ServicePort("http", 80, 8080),), (WEB0.uid,),
+                  waypoint=WaypointRef("demo", "waypoint"))
+    route = plan_route(state(svc), "10.96.0.10", 80)
+    assert (route.kind, route.target_ip, route.target_port) == ("waypoint", "10.244.2.9", 15008)
+    assert (route.authority_ip, route.authority_port, route.identity) == ("10.96.0.10", 80, WAYPOINT.spiffe_id)
+
+
+def test_workload_waypoint_and_unknown_waypoint():
+    import dataclasses
+
+    behind = dataclasses.replace(WEB1, waypoint=WaypointRef("demo", "waypoint"))
+    assert plan_route(state(behind), "10.244.2.3", 8080).kind == "waypoint"
+    lost = dataclasses.replace(WEB1, waypoint=WaypointRef("demo", "gone"))
+    assert plan_route(state(lost), "10.244.2.3", 8080).kind == "none"  # never around the waypoint
+
+
+def test_unmeshed_and_unknown_destinations_pass_through():
+    assert plan_route(state(), "10.244.1.4", 9000).kind == "passthrough"
+    route = plan_route(state(), "192.0.2.7", 443)
+    assert (route.kind, route.target_ip, route.target_port) == ("passthrough", "192.0.2.7", 443)

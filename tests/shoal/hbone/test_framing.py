@@ -1,0 +1,282 @@
+"""The pure HBONE layer: two HboneConnections wired back to back, no sockets."""
+from __future__ import annotations
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import hyperframe.frame
+import pytest
+
+from shoal.hbone import framing as hbone
+from shoal.hbone.framing import (
+    ConnectionEnded, HboneConnection, RequestRejected, TunnelData, TunnelEnded, TunnelRequested,
+    TunnelReset, TunnelResponse, WindowOpened, parse_authority,
+)
+
+
+def pump(src: HboneConnection, dst: HboneConnection) -> list:
+    return dst.receive(src.data_to_send())
+
+
+@pytest.fixture
+def pair():
+    client, server = HboneConnection(client_side=True), HboneConnection(client_side=False)
+    client.initiate(), server.initiate()
+    pump(client, server), pump(server, client), pump(client, server)
+    return client, server
+
+
+def test_connect_accept_and_carry_bytes_both_ways(pair):
+    client, server = pair
+    sid = client.connect("10.244.2.5", 8080, forwarded_for="10.244.1.7", traceparent=hbone.new_traceparent())
+    (req,) = pump(client, server)
+    assert isinstance(req, TunnelRequested)
+    assert (req.host, req.port, req.forwarded_for) == ("10.244.2.5", 8080, "10.244.1.7")
+    assert req.traceparent.startswith("00-")
+    server.respond(sid, 200)
+    assert pump(server, client) == [TunnelResponse(sid, 200)]
+    assert client.send(sid, memoryview(b"ping")) == 4
+    client.end(sid)
+    events = pump(client, server)
+    assert events[0] == TunnelData(sid, b"ping", 4) and events[1] == TunnelEnded(sid)
+    server.consumed(sid, 4)
+    server.send(sid, memoryview(b"pong"))
+    server.end(sid)
+    events = pump(server, client)
+    assert [type(e) for e in events][-2:] == [TunnelData, TunnelEnded]
+
+
+def test_large_windows_and_frames(pair):
+    client, server = pair
+    sid = client.connect("10.0.0.1", 80, "10.0.0.2", hbone.new_traceparent())
+    pump(client, server)
+    server.respond(sid, 200)
+    pump(server, client)
+    payload = memoryview(bytes(8 * 1024 * 1024))
+    sent = client.send(sid, payload)
+    assert sent == hbone.STREAM_WINDOW  # 4 MiB in flight before any credit
+    data = [e for e in pump(client, server) if isinstance(e, TunnelData)]
+    assert len(data) == 4  # 1 MiB frames: Python work per frame, not per byte
+    assert client.send(sid, payload[sent:]) == 0  # window exhausted: backpressure
+    server.consumed(sid, sum(e.flow_controlled_length for e in data))
+    assert any(isinstance(e, WindowOpened) for e in pump(server, client))
+    assert client.send(sid, payload[sent:]) == 4 * 1024 * 1024
+
+
+@pytest.mark.parametrize("headers,reason", [
+    ([(":method", "CONNECT"), (":authority", "web.demo:80")], "not"),
+    ([(":method", "CONNECT"), (":authority", "10.0.0.1:99999")], "range"),
+    ([(":method", "GET"), (":scheme", "https"), (":path", "/"), (":authority", "10.0.0.1:80")], "not CONNECT"),
+])
+def test_malformed_connect_gets_400(headers, reason):
+    raw = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    raw.initiate_connection()
+    server = HboneConnection(client_side=False)
+    server.initiate()
+    server.receive(raw.data_to_send())
+    raw.send_headers(1, headers)
+    (event,) = server.receive(raw.data_to_send())
+    assert isinstance(event, RequestRejected) and event.status == 400 and reason in event.reason
+    answer = raw.receive_data(server.data_to_send())
+    assert any(getattr(e, "headers", None) and dict(e.headers)[b":status"] == b"400" for e in answer)
+
+
+def test_connect_without_authority_is_rejected():
+    raw = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, validate_outbound_headers=False))
+    raw.initiate_connection()
+    server = HboneConnection(client_side=False)
+    server.initiate()
+    server.receive(raw.data_to_send())
+    raw.send_headers(1, [(":method", "CONNECT")])
+    events = server.receive(raw.data_to_send())
+    assert len(events) == 1 and isinstance(events[0], (RequestRejected, ConnectionEnded))
+
+
+def test_garbage_is_a_protocol_violation_with_goaway():
+    server = HboneConnection(client_side=False)
+    server.initiate()
+    server.data_to_send()
+    (event,) = server.receive(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert isinstance(event, ConnectionEnded) and event.error
+    assert server.closed and server.data_to_send()  # GOAWAY queued
+
+
+@pytest.mark.parametrize("text,expected", [("10.0.0.1:80", ("10.0.0.1", 80)), ("[fd00::1]:8080", ("fd00::1", 8080))])
+def test_parse_authority(text, expected):
+    assert parse_authority(text) == expected
+
+
+@pytest.mark.parametrize("header,expected", [
+    ('for="10.0.0.7:40123"', ("10.0.0.7", 40123)), ("for=10.0.0.7", ("10.0.0.7", 0)),
+    ('for="[fd00::7]:443";proto=https', ("fd00::7", 443)), ('by=x; For="fd00::7"', ("fd00::7", 0)),
+    ("for=unknown", (None, 0)), ("for=_hidden", (None, 0)), (None, (None, 0)),
+])
+def test_forwarded_for_parsing(header, expected):
+    assert hbone._forwarded_for(header) == expected
+
+
+def test_forwarded_carries_client_ip_and_port(pair):
+    client, server = pair
+    client.connect("10.0.0.1", 80, "10.244.1.7", hbone.new_traceparent(), forwarded_port=40123)
+    (req,) = pump(client, server)
+    assert (req.forwarded_for, req.forwarded_port) == ("10.244.1.7", 40123)
+
+
+def test_stream_limit_is_the_peers_capped_at_100_and_release_frees_refused_streams(pair):
+    client, server = pair
+    assert client.stream_limit == hbone.MAX_STREAMS  # O(1): settings, not h2's stream table
+    sid = client.connect("10.0.0.1", 80, "10.0.0.2", hbone.new_traceparent())
+    pump(client, server)
+    server.respond(sid, hbone.STATUS_UNAUTHORIZED)  # refused: END_STREAM from the server only
+    pump(server, client)
+    assert client._h2.open_outbound_streams == 1   # half-closed: h2 would count it forever
+    assert client.release(sid)                     # closed now...
+    assert client._h2.open_outbound_streams == 0
+    assert [type(e) for e in pump(client, server)] == [TunnelEnded]  # ...with END_STREAM, not a reset
+    assert server._h2.open_inbound_streams == 0
+    sid = client.connect("10.0.0.1", 80, "10.0.0.2", hbone.new_traceparent())
+    client.end(sid)                                # our side done, the peer's not yet:
+    assert not client.release(sid)                 # it closes with the peer's END_STREAM
+    pump(client, server)
+    server.respond(sid, 200)
+    server.end(sid)
+    pump(server, client)
+    assert client._h2.open_outbound_streams == 0
+
+
+# -- abuse and bad input (issue 18) -----------------------------------------------------------
+
+def _attacker(server: HboneConnection) -> h2.connection.H2Connection:
+    """A raw h2 client that has done the handshake with ``server``."""
+    attacker = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    attacker.initiate_connection()
+    server.receive(attacker.data_to_send())
+    attacker.receive_data(server.data_to_send())
+    server.receive(attacker.data_to_send())
+    server.data_to_send()
+    return attacker
+
+
+def _goaway_code(data: bytes) -> int | None:
+    attacker = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    attacker.initiate_connection()
+    for event in attacker.receive_data(data):
+        if isinstance(event, h2.events.ConnectionTerminated):
+            return int(event.error_code)
+    return None
+
+
+@pytest.fixture
+def server():
+    server = HboneConnection(client_side=False)
+    server.initiate()
+    return server
+
+
+def test_header_block_is_capped_across_continuation_frames(server):
+    _attacker(server)
+    block = bytes(16 * 1024)
+    headers = hyperframe.frame.HeadersFrame(1, data=block)  # no END_HEADERS: CONTINUATION follows
+    fed, events = 0, []
+    frames = [headers] + [hyperframe.frame.ContinuationFrame(1, data=block) for _ in range(200)]
+    for frame in frames:  # 3.2 MiB offered; h2 alone would buffer 64 frames of up to 1 MiB
+        events = server.receive(frame.serialize())
+        fed += len(frame.data)
+        if events:
+            break
+    assert [e.reason for e in events] == ["header_block_too_large"]
+    assert fed <= hbone.MAX_HEADER_BLOCK + len(block)
+    assert server.closed
+    assert _goaway_code(server.data_to_send()) == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+
+@pytest.mark.parametrize("kind, frame", [
+    ("ping", lambda i: hyperframe.frame.PingFrame(0, opaque_data=i.to_bytes(8, "big"))),
+    ("settings", lambda i: hyperframe.frame.SettingsFrame(0, settings={4: 65535 + i})),
+    ("priority", lambda i: hyperframe.frame.PriorityFrame(2 * i + 1, depends_on=0, stream_weight=16)),
+])
+def test_control_frame_floods_end_with_enhance_your_calm(server, kind, frame):
+    _attacker(server)
+    flood = b"".join(frame(i).serialize() for i in range(5000))
+    events = server.receive(flood)
+    assert [e.reason for e in events if isinstance(e, ConnectionEnded)] == [f"{kind}_flood"]
+    out = server.data_to_send()
+    assert _goaway_code(out) == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    # Answers stop at the budget: not 5,000 PING/SETTINGS ACKs queued (17 / 9 bytes each).
+    assert len(out) < 200 * 17
+    assert server.receive(flood) == []  # after GOAWAY nothing more is acted on
+
+
+def test_budget_refills_so_a_steady_polite_peer_is_never_cut():
+    now = [0.0]
+    server = HboneConnection(client_side=False, clock=lambda: now[0])
+    server.initiate()
+    attacker = _attacker(server)
+    for second in range(60):  # 5 PINGs a second for a minute: under the 10/s refill
+        now[0] = float(second)
+        for i in range(5):
+            attacker.ping(bytes(8))
+        assert not any(isinstance(e, ConnectionEnded) for e in server.receive(attacker.data_to_send()))
+    assert not server.closed
+
+
+def test_rapid_reset_ends_the_connection_once_the_premature_budget_is_spent():
+    server = HboneConnection(client_side=False, clock=lambda: 0.0)  # no refill: exact count
+    server.initiate()
+    attacker = _attacker(server)
+    ended, requested, stream_id = [], 0, 1
+    while not ended and stream_id < 20000:
+        attacker.send_headers(stream_id, [(":method", "CONNECT"), (":authority", "10.0.0.1:80")])
+        attacker.reset_stream(stream_id)
+        events = server.receive(attacker.data_to_send())
+        requested += sum(isinstance(e, TunnelRequested) for e in events)
+        ended = [e for e in events if isinstance(e, ConnectionEnded)]
+        stream_id += 2
+    assert ended and ended[0].reason == "premature_reset_flood"
+    assert requested == hbone.LIMITS["premature_reset"].burst + 1  # each one could have cost a dial
+    assert _goaway_code(server.data_to_send()) == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def test_answered_streams_reset_by_the_client_are_not_premature(pair):
+    client, server = pair
+    for _ in range(3 * hbone.LIMITS["premature_reset"].burst):
+        sid = client.connect("10.0.0.1", 80, "10.0.0.2", hbone.new_traceparent())
+        pump(client, server)
+        server.respond(sid, 200)
+        pump(server, client)
+        client.reset(sid)
+        assert not any(isinstance(e, ConnectionEnded) for e in pump(client, server))
+
+
+@pytest.mark.parametrize("name, value", [(b":authority", b"10.0.0.1:8\xff"), (b"forwarded", b"for=\xc3\x28"),
+                                         (b"traceparent", b"\x80\x81")])
+def test_non_ascii_header_bytes_are_a_400_for_that_stream_only(server, name, value):
+    attacker = _attacker(server)
+    headers = [(b":method", b"CONNECT"), (b":authority", b"10.0.0.1:80"), (b"forwarded", b"for=10.0.0.2")]
+    headers = [(n, value if n == name else v) for n, v in headers] + ([(name, value)] if name == b"traceparent" else [])
+    attacker.send_headers(1, headers)
+    (event,) = server.receive(attacker.data_to_send())
+    assert isinstance(event, RequestRejected) and event.status == 400 and "non-ASCII" in event.reason
+    attacker.send_headers(3, [(":method", "CONNECT"), (":authority", "10.0.0.1:80")])
+    (event,) = server.receive(attacker.data_to_send())
+    assert isinstance(event, TunnelRequested) and not server.closed  # the connection lives on
+
+
+def test_commands_after_the_peer_goaway_raise_nothing(pair):
+    # Streams still held by the driver are released, ended and credited while the
+    # connection is already closed: none of that may raise into the data path.
+    client, server = pair
+    sid = client.connect("10.0.0.1", 80, "10.0.0.2", hbone.new_traceparent())
+    pump(client, server)
+    server.respond(sid, 200)
+    server.send(sid, memoryview(b"data"))
+    server.end(sid)
+    server.close()
+    events = pump(server, client)
+    assert isinstance(events[-1], ConnectionEnded) and client.closed
+    assert client.release(sid)
+    client.end(sid)
+    client.consumed(sid, 4)
+    client.reset(sid)
+    assert client.send(sid, memoryview(b"more")) == 0
