@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from shoal.agent.ztunnel.admission import Admission, DialLimits
 
 
 def test_sheds_past_either_cap_and_logs_at_most_once_a_second(caplog):
+    caplog.set_level(logging.WARNING, logger="shoal.agent.ztunnel.admission")
     now, live = [0.0], [0]
     admission = Admission(max_in_setup=3, max_live=10, live=lambda: live[0], clock=lambda: now[0])
     assert admission.admit() is None
