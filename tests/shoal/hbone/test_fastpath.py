@@ -9,8 +9,8 @@ import h2.events
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from shoal.agent.ztunnel import fastpath
-from shoal.agent.ztunnel.fastpath import (
+from shoal.hbone import fastpath
+from shoal.hbone.fastpath import (
     Data, FrameReader, FramingError, Passthrough, Window, WindowUpdate, data_header, window_update,
 )
 
