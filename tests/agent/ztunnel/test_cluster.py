@@ -192,7 +192,7 @@ def _start_echo(layout, pod: str) -> subprocess.Popen:
 
 
 def _hold(layout, client: str, ip: str, count: int, seconds: float) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "shoal.cli", "exec", client, "--", sys.executable, "-c", HOLD_CLIENT,
+    return subprocess.Popen([sys.executable, "-m", "shoal", "exec", client, "--", sys.executable, "-c", HOLD_CLIENT,
                              ip, str(ECHO_PORT), str(count), str(seconds)],
                             env={**__import__("os").environ, "SHOAL_CLUSTER": layout.name},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
