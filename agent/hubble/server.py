@@ -172,10 +172,13 @@ class ObserverService(observer_pb2_grpc.ObserverServicer):
             self.metrics.bad_requests += 1
             log.info("%s request rejected: %s", source.what, error)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        # A follower starts where the ring was when the request was accepted: what arrives
+        # after the headers went out is never missed.
+        head = source.store.head
         # Headers go out at once: a relay knows this node is there even before any flow.
         await context.send_initial_metadata(())
         try:
-            await self._stream(query, context, source)
+            await self._stream(query, context, source, head)
         except asyncio.CancelledError:
             self.metrics.client_disconnects += 1
             raise
@@ -184,9 +187,8 @@ class ObserverService(observer_pb2_grpc.ObserverServicer):
             log.warning("%s: %s", source.what, error)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
 
-    async def _stream(self, query: FlowQuery, context, source: RingSource) -> None:
+    async def _stream(self, query: FlowQuery, context, source: RingSource, head: int) -> None:
         store = source.store
-        head = store.head
         for response in await self.history(query, head, source):
             await context.write(response)
         if not query.follow:
