@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,8 +229,8 @@ def cleanup_bed(tag: str, pods: list[Pod], node_cgroup: Path, pin_dir: Path) -> 
 @pytest.fixture(scope="module")
 def datapath(agent_bed):
     """The real programs, loaded, pinned and attached to the bed's node cgroup."""
-    from shoal.agent.loader import Datapath, FeatureFlags
     from shoal.agent.cgroupid import cgroup_id
+    from shoal.agent.loader import Datapath, FeatureFlags
     from shoal.agent.mapsync import DatapathMaps
     from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND
     dp = Datapath(agent_bed.pin_dir, FeatureFlags(PORT_OUTBOUND, PORT_INBOUND_PLAINTEXT, PORT_HBONE))

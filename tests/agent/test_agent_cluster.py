@@ -234,7 +234,7 @@ def test_udp_service_is_programmed_and_answers_from_its_cluster_ip(demo_cluster)
         for pod in ("demo/client-0", "legacy/client-0"):
             for host in (vip, f"::ffff:{vip}"):
                 for mode in ("connect", "sendto"):
-                    answer = eventually(lambda: (r := udp_client(layout, pod, host, mode))["ok"] and r,
+                    answer = eventually(lambda p=pod, h=host, m=mode: (r := udp_client(layout, p, h, m))["ok"] and r,
                                         f"{pod} -> {host} ({mode})")
                     assert answer["reply"] == "pong:ping" and answer["source"] == [host, 53]
         # STRICT (issue 11): plaintext UDP from outside the mesh no longer reaches the pod, in the

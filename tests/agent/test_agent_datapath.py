@@ -9,13 +9,11 @@ import time
 import pytest
 
 from shoal.agent.compiler import PolicyEntry
-from shoal.flows.kernel import decode
-from shoal.agent.ringbuf import RingReader
-from shoal.datapath.structs import RINGBUF_BYTES
 from shoal.agent.netns import netns_cookie, tc_ingress_programs
+from shoal.agent.ringbuf import RingReader
+from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PROXY_MARK
 from shoal.datapath.origdst import OriginalDestinations
-from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND, PROXY_MARK
-
+from shoal.datapath.structs import RINGBUF_BYTES
 from tests.agent.agentbed import CHECKSUM_SOURCE, ID_A, ID_B, finish, pod_programs, serve_once
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]

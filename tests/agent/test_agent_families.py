@@ -8,6 +8,7 @@ pod, UDP under STRICT and DENY.
 from __future__ import annotations
 
 import errno
+import socket
 import sys
 import time
 
@@ -17,7 +18,6 @@ from shoal.agent.compiler import Endpoint, PolicyEntry
 from shoal.datapath.origdst import OriginalDestinations
 from shoal.datapath.structs import ENDPOINT_MESHED, ENDPOINT_STRICT
 from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND
-
 from tests.agent.agentbed import CHECKSUM_SOURCE, ID_A, ID_B, finish, serve_once
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
@@ -191,7 +191,7 @@ def meshed_b6(agent_bed, meshed_b):
         sock.close()
 
 
-def assert_nothing_accepted(sock: "socket.socket") -> None:
+def assert_nothing_accepted(sock: socket.socket) -> None:
     sock.settimeout(0.2)
     with pytest.raises(TimeoutError):
         sock.accept()
