@@ -12,12 +12,12 @@ from pathlib import Path
 
 import click
 
-from shoal.datapath import bpfsys
 from shoal.agent.loader import CGROUP_PROGRAMS, PROGRAMS
 from shoal.agent.netns import NetnsError, tc_ingress_programs
-from shoal.datapath.structs import ENDPOINT_LOCAL, ENDPOINT_MESHED, ENDPOINT_STRICT
 from shoal.agent.uninstall import enrolment_state_path
 from shoal.config import ClusterLayout
+from shoal.datapath import bpfsys
+from shoal.datapath.structs import ENDPOINT_LOCAL, ENDPOINT_MESHED, ENDPOINT_STRICT
 
 
 def _programs(pin_dir: Path, cgroup: Path) -> list[dict]:

@@ -11,11 +11,25 @@ import os
 from pathlib import Path
 from typing import Mapping
 
-from shoal.datapath import bpfsys
 from shoal.agent.compiler import Endpoint, PolicyEntry
+from shoal.datapath import bpfsys
 from shoal.datapath.structs import (
-    CONFIG_PROXY_CGROUP, CONFIG_PROXY_CGROUP_PREVIOUS, COST_BUCKETS, COST_PROGRAMS, MAPS, Addr, Counter,
-    EndpointInfo, OrigDstKey, PodInfo, PolicyKey, PolicyValue, SvcKey, SvcValue, be16_to_port, port_to_be16,
+    CONFIG_PROXY_CGROUP,
+    CONFIG_PROXY_CGROUP_PREVIOUS,
+    COST_BUCKETS,
+    COST_PROGRAMS,
+    MAPS,
+    Addr,
+    Counter,
+    EndpointInfo,
+    OrigDstKey,
+    PodInfo,
+    PolicyKey,
+    PolicyValue,
+    SvcKey,
+    SvcValue,
+    be16_to_port,
+    port_to_be16,
 )
 
 # services: (vip, port, IP protocol number) -> backends ((ip, target port), ...)

@@ -19,8 +19,8 @@ import socket
 from pathlib import Path
 
 from shoal.datapath import bpfsys
-from shoal.netns import socket_netns_cookie
 from shoal.datapath.structs import Addr, OrigDst, OrigDstKey, be16_to_port
+from shoal.netns import socket_netns_cookie
 
 
 class OriginalDestinations:

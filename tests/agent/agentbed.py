@@ -261,10 +261,10 @@ def checksum(data):
 
 def _imports():
     """The agent's modules, imported when a fixture runs (collection needs no bcc)."""
-    from shoal.flows.kernel import decode
     from shoal.agent.netns import netns_cookie
     from shoal.agent.ringbuf import RingReader
     from shoal.datapath.structs import RINGBUF_BYTES
+    from shoal.flows.kernel import decode
     return decode, netns_cookie, RingReader, RINGBUF_BYTES
 
 

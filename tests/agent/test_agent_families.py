@@ -15,9 +15,9 @@ import time
 import pytest
 
 from shoal.agent.compiler import Endpoint, PolicyEntry
+from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND
 from shoal.datapath.origdst import OriginalDestinations
 from shoal.datapath.structs import ENDPOINT_MESHED, ENDPOINT_STRICT
-from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND
 from tests.agent.agentbed import CHECKSUM_SOURCE, ID_A, ID_B, finish, serve_once
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
