@@ -87,7 +87,7 @@ def objects():
     return [node, ns, pod("web-0", "10.244.1.2")], pod
 
 
-async def until(predicate, timeout=15):
+async def until(predicate, timeout=30):
     deadline = time.time() + timeout
     while not predicate():
         assert time.time() < deadline, "condition not reached"
@@ -213,6 +213,32 @@ async def test_controller_process_kubernetes_mode_with_token_review(tmp_path):
         assert refused.value.code == 401
         assert [a["node"] for a in status["agents"]] == ["node-7"] and status["ready"]
         assert liar.reconnects >= 1 and not liar.synced.is_set()
+        # Bad tokens on the real process: refused before the body, logged, counted by reason,
+        # no certificate issued.
+        import grpc
+
+        from shoal.api import config_pb2 as pb
+        server.put(pod("shoal-system", "shoal-agent-gone", node="node-7", ip="192.168.0.8",
+                       sa="shoal-agent"))
+        gone = server.pod_token("shoal-system", "shoal-agent-gone")
+        server.delete("Pod", "shoal-system", "shoal-agent-gone")
+        bad = {"expired": server.pod_token("shoal-system", "shoal-agent-x7", expires_in=-1),
+               "wrong audience": server.pod_token("shoal-system", "shoal-agent-x7",
+                                                  audiences=["https://kubernetes.default.svc"]),
+               "deleted pod": gone}
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            sign = channel.unary_unary("/shoal.config.v1.CertificateAuthority/SignCertificate",
+                                       request_serializer=pb.CertificateRequest.SerializeToString,
+                                       response_deserializer=pb.CertificateResponse.FromString)
+            for case, bad_token in bad.items():
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await sign(pb.CertificateRequest(csr_pem="x"), timeout=10,
+                               metadata=(("authorization", f"Bearer {bad_token}"),))
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, case
+        metrics = (await asyncio.to_thread(_http, f"http://127.0.0.1:{admin_port}/metrics"))[1].decode()
+        assert 'shoal_controller_auth_failures_total{reason="expired",rpc="SignCertificate"} 1.0' in metrics
+        assert 'shoal_controller_auth_failures_total{reason="rejected",rpc="SignCertificate"} 2.0' in metrics
+        assert "citadel_server_success_cert_issuance_count_total 0.0" in metrics
         # Its state lives in the API: the CA Secret, the trust bundle, the identity table.
         secret = server.stored[("secrets", "shoal-system", "shoal-ca")]
         assert {"ca-cert.pem", "ca-key.pem", "root-cert.pem"} <= set(secret["data"])
