@@ -228,7 +228,7 @@ def test_killing_the_controller_changes_neither_root_nor_identities_and_traffic_
     root_before = (layout.ca_dir / "root-cert.pem").read_text()
     assert before["roots"] == root_before and before["identities"]
     env = {**os.environ, "SHOAL_CLUSTER": layout.name}
-    session = subprocess.Popen([sys.executable, "-m", "shoal.cli", "exec", "demo/client-0", "--",
+    session = subprocess.Popen([sys.executable, "-m", "shoal", "exec", "demo/client-0", "--",
                                 "python3", SESSION_PROBE, "session", "db.demo", "7000", "--hold", "8"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     controller = demo_cluster.controller_component()

@@ -62,7 +62,7 @@ def test_waypoint_delete_removes_the_enrolment_and_no_request_is_refused(demo_cl
         eventually(lambda: sample(layout, 1).get("200") and waypoint_requests(layout) > 0,
                    "requests through the waypoint", timeout=90, interval=0.5)
         sampler = subprocess.Popen(
-            [sys.executable, "-m", "shoal.cli", "exec", "demo/client-0", "--", sys.executable,
+            [sys.executable, "-m", "shoal", "exec", "demo/client-0", "--", sys.executable,
              "-c", SAMPLER, "web.demo", "8080", "12"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**__import__("os").environ, "SHOAL_CLUSTER": layout.name})

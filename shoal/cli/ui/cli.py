@@ -15,7 +15,8 @@ DEFAULT_ADDRESS = "127.0.0.1:8089"
 @click.command("ui", help="Serve the web UI (service map, live flows) from the flow relay. "
                           "Read only; binds to loopback by default. On Kubernetes: "
                           "`kubectl -n shoal-system port-forward svc/shoal-controller 4245` "
-                          "and `shoal ui --server localhost:4245`.")
+                          "and `shoal ui --server localhost:4245` with the --tls-* flags "
+                          "(the relay takes only mTLS; see docs/kubernetes.md).")
 @click.option("--address", default=DEFAULT_ADDRESS, show_default=True, help="host:port to serve on.")
 @click.option("--server", help="Relay address: host:port or unix:/path (default: this cluster's relay socket).")
 @click.option("--allow-host", multiple=True,

@@ -120,7 +120,7 @@ def test_pods_cannot_read_flows_and_the_relay_dials_agents_with_mtls(demo_cluste
     import subprocess
 
     over_tcp = subprocess.run(
-        ["ip", "netns", "exec", layout.control_netns, sys.executable, "-m", "shoal.cli", "observe",
+        ["ip", "netns", "exec", layout.control_netns, sys.executable, "-m", "shoal", "observe",
          "--server", f"{layout.CONTROLLER_IP}:{PORT_HUBBLE_RELAY}", "--last", "3"],
         capture_output=True, text=True, timeout=60, env={**os.environ, "SHOAL_CLUSTER": layout.name})
     assert over_tcp.returncode == 0 and len(over_tcp.stdout.splitlines()) == 3, over_tcp

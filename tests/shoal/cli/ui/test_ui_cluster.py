@@ -47,7 +47,7 @@ def test_map_shows_mtls_edges_and_a_deny_turns_red(demo_cluster):
     require_chromium()
     layout = demo_cluster.layout
     env = {**os.environ, "SHOAL_CLUSTER": layout.name}
-    db_client = subprocess.Popen([sys.executable, "-m", "shoal.cli", "exec", "demo/client-0", "--",
+    db_client = subprocess.Popen([sys.executable, "-m", "shoal", "exec", "demo/client-0", "--",
                                   "python3", "-c", DB_LOOP], env=env, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -68,7 +68,8 @@ def test_map_shows_mtls_edges_and_a_deny_turns_red(demo_cluster):
             except AssertionError as failure:
                 screenshot(page, "ui-map-timeout.png")
                 edges = page.evaluate("window.shoalMap.edges().map(e => e.data())")
-                raise AssertionError(f"{failure}; the map's edges: {edges}") from None
+                raise AssertionError(f"{failure}; db loop exit code {db_client.poll()}; "
+                                     f"the map's edges: {edges}") from None
             assert any("sa/client" in identity and "sa/db" in identity for identity in db["identities"])
             assert web["lineColor"].replace(" ", "") != RED
             screenshot(page, "ui-map-mtls.png")
