@@ -66,5 +66,16 @@ def test_applies_and_deletes_lose_no_request(demo_cluster):
         shoal_cli(layout, "apply", "-f", "-", input=DEMO_NS, check=False)
     assert cycles_done == CYCLES
     assert result["sent"] >= duration * 2, result          # at most ~0.5 s per request on average
-    assert result["failed"] == 0, result
-    assert result["slowest_s"] < 2.0, result                # no stall
+    if result["failed"] or result["slowest_s"] >= 2.0:
+        raise AssertionError(f"{json.dumps(result)}\n{proxy_problems(layout)}")
+
+
+def proxy_problems(layout) -> str:
+    """The node proxies' access-log lines with a response flag, and their warnings (diagnosis)."""
+    lines = []
+    for path in sorted(layout.log_dir.glob("proxy-*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            if ('"response_flags":"-"' not in line and '"response_flags"' in line) or " WARNING " in line \
+                    or " ERROR " in line:
+                lines.append(f"{path.name}: {line[:400]}")
+    return "\n".join(lines[-40:])
