@@ -61,7 +61,7 @@ class ControllerApp:
         self.api_client = None
         if config.source == "local":
             from shoal.controller.store import Store
-            self.store = Store(config.layout.store_path, service_cidr=config.layout.SERVICE_CIDR)
+            self.store = Store(config.layout.store_path, service_cidrs=config.layout.SERVICE_CIDRS)
         self.control_plane: ControlPlane | None = None
         self.elector = None   # kubernetes mode with --leader-elect: controller/leader.py
         self.relay = None

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from shoal.config import ClusterLayout
 from shoal.controller import manifests
+from shoal.xds import model as m
 from shoal.controller.manifests import ManifestError, object_key
 
 log = logging.getLogger(__name__)
@@ -45,10 +47,12 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 class Store:
     """Kubernetes-shaped objects, persisted; every write is one transaction."""
 
-    def __init__(self, path: Path | str, service_cidr: str = "10.96.0.0/16"):
+    def __init__(self, path: Path | str, service_cidrs: Iterable[str] = ClusterLayout.SERVICE_CIDRS):
+        """``service_cidrs``: the ClusterIP range of each IP family the cluster has."""
         self._db = sqlite3.connect(str(path), isolation_level=None)
         self._db.executescript(_SCHEMA)
-        self._service_net = ipaddress.ip_network(service_cidr)
+        self._service_nets = {m.ip_family(str(net.network_address)): net
+                              for net in map(ipaddress.ip_network, service_cidrs)}
         self._watchers: list[Watcher] = []
 
     def close(self) -> None:
@@ -183,26 +187,58 @@ class Store:
                 tx.remove("Pod", namespace, pod["metadata"]["name"])
 
     def _assign_cluster_ip(self, tx: "_Transaction", service: Obj) -> None:
+        """Fills ``spec.clusterIP(s)``, ``ipFamilies`` and ``ipFamilyPolicy`` as the API server
+        of a dual-stack cluster does: one ClusterIP per requested family, IPv4 primary unless
+        the Service says otherwise. SingleStack (Kubernetes' default) gets the primary family
+        only; PreferDualStack and RequireDualStack get both. ClusterIPs are immutable, except
+        that a Service may gain or lose its secondary family (Kubernetes' upgrade rule)."""
         spec = service["spec"]
+        what = manifests.describe(service)
         existing = tx.get("Service", service["metadata"]["namespace"], service["metadata"]["name"])
-        if spec.get("clusterIP") in (None, ""):
-            if existing and existing["spec"].get("clusterIP"):
-                spec["clusterIP"] = existing["spec"]["clusterIP"]
-                return
-            used = {s["spec"].get("clusterIP") for s in tx.list("Service")}
-            # .0 is the network, .1 is kept free like the API server's "kubernetes" service.
-            for host in self._service_net.hosts():
-                if int(host) - int(self._service_net.network_address) < 10:
-                    continue
-                if str(host) not in used:
-                    spec["clusterIP"] = str(host)
-                    return
-            raise ManifestError([f"{manifests.describe(service)}: spec.clusterIP: service range exhausted"])
-        elif existing and existing["spec"].get("clusterIP") not in (None, spec["clusterIP"]):
-            raise ManifestError([f"{manifests.describe(service)}: spec.clusterIP: field is immutable"])
-        elif not existing and any(s["spec"].get("clusterIP") == spec["clusterIP"] for s in tx.list("Service")):
-            raise ManifestError([f"{manifests.describe(service)}: spec.clusterIP: "
-                                 f"{spec['clusterIP']} is already allocated"])
+        old = existing["spec"] if existing else {}
+        if "None" in (spec.get("clusterIP"), old.get("clusterIP") if not spec.get("clusterIP") else None):
+            spec["clusterIP"] = "None"      # headless: no ClusterIP, no family to allocate
+            return
+        given = [a for a in spec.get("clusterIPs") or [spec.get("clusterIP")] if a]
+        kept = [a for a in old.get("clusterIPs") or [old.get("clusterIP")] if a]
+        if given and kept and given[0] != kept[0]:
+            raise ManifestError([f"{what}: spec.clusterIP: field is immutable ({kept[0]})"])
+        addresses = {m.ip_family(a): a for a in (given or kept)}
+        policy = spec.get("ipFamilyPolicy") or m.SINGLE_STACK
+        families = list(spec.get("ipFamilies") or [m.ip_family(a) for a in given or kept[:1]]
+                        or [m.IPV4])
+        if policy != m.SINGLE_STACK and len(families) == 1:
+            families += [f for f in self._service_nets if f not in families]
+        if policy == m.REQUIRE_DUAL_STACK and len(families) < 2:
+            raise ManifestError([f"{what}: spec.ipFamilyPolicy: RequireDualStack, but the cluster "
+                                 f"has only {', '.join(self._service_nets)}"])
+        used = {a for s in tx.list("Service") if object_key(s) != object_key(service)
+                for a in s["spec"].get("clusterIPs") or [s["spec"].get("clusterIP")] if a}
+        chosen = []
+        for i, family in enumerate(families[:len(self._service_nets)]):
+            net = self._service_nets.get(family)
+            if net is None:
+                raise ManifestError([f"{what}: spec.ipFamilies[{i}]: this cluster has no {family} "
+                                     f"service range"])
+            address = addresses.get(family) or self._free_cluster_ip(net, used, what)
+            if ipaddress.ip_address(address) not in net:
+                raise ManifestError([f"{what}: spec.clusterIPs: {address} is outside the {family} "
+                                     f"service range {net}"])
+            if address in used:
+                raise ManifestError([f"{what}: spec.clusterIP: {address} is already allocated"])
+            chosen.append(address)
+        spec.update(clusterIP=chosen[0], clusterIPs=chosen, ipFamilies=families[:len(chosen)],
+                    ipFamilyPolicy=policy)
+
+    @staticmethod
+    def _free_cluster_ip(net: ipaddress.IPv4Network | ipaddress.IPv6Network, used: set[str],
+                         what: str) -> str:
+        # The first ten addresses stay free, like the API server's "kubernetes" service's .1.
+        for offset in range(10, net.num_addresses - 1):
+            address = str(net.network_address + offset)
+            if address not in used:
+                return address
+        raise ManifestError([f"{what}: spec.clusterIP: service range {net} exhausted"])
 
     def _delete_cascading(self, tx: "_Transaction", kind: str, namespace: str, name: str) -> None:
         if kind == "Namespace":

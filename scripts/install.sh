@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 APT_PACKAGES=(python3-bpfcc libbpfcc bpfcc-tools linux-headers-amd64 iproute2
               iperf3 sockperf stunnel4 haproxy wrk nghttp2-client socat tcpdump bpftool curl
-              iptables nftables chromium)
+              iptables nftables chromium
+              openjdk-17-jdk-headless nodejs)   # real-client tests: a Java (javac + JRE) and a Node.js client
 
 log() { printf '\033[1m[install]\033[0m %s\n' "$*"; }
 

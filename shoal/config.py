@@ -166,22 +166,44 @@ class ClusterLayout:
         return self.bpffs_root / self.name / node
 
     # -- addressing
+    # Dual-stack: every range has an IPv4 and an IPv6 (ULA, fd00::/8) form, IPv4 first.
+    # The IPv6 forms spell the IPv4 numbers as hex groups (10.244.1.23 <-> fd00:10:244:1::23)
+    # so an address reads the same in both families; IPv4 stays the primary family.
     FABRIC_CIDR = "172.18.0.0/24"
     CONTROLLER_IP = "172.18.0.1"
     SERVICE_CIDR = "10.96.0.0/16"
+    FABRIC_CIDRS = (FABRIC_CIDR, "fd00:172:18::/64")
+    CONTROLLER_IPS = (CONTROLLER_IP, "fd00:172:18::1")
+    SERVICE_CIDRS = (SERVICE_CIDR, "fd00:10:96::/112")
 
     @staticmethod
     def node_index(node: str) -> int:
         return int(node.rsplit("-", 1)[1])
 
     def node_ip(self, node: str) -> str:
-        return f"172.18.0.{10 + self.node_index(node)}"
+        return self.node_ips(node)[0]
+
+    def node_ips(self, node: str) -> tuple[str, str]:
+        index = 10 + self.node_index(node)
+        return f"172.18.0.{index}", f"fd00:172:18::{index}"
 
     def pod_cidr(self, node: str) -> str:
-        return f"10.244.{self.node_index(node)}.0/24"
+        return self.pod_cidrs(node)[0]
+
+    def pod_cidrs(self, node: str) -> tuple[str, str]:
+        index = self.node_index(node)
+        return f"10.244.{index}.0/24", f"fd00:10:244:{index}::/64"
 
     def pod_gateway(self, node: str) -> str:
-        return f"10.244.{self.node_index(node)}.1"
+        return self.pod_gateways(node)[0]
+
+    def pod_gateways(self, node: str) -> tuple[str, str]:
+        return self.pod_ips(node, self.pod_cidr(node).replace(".0/24", ".1"))
+
+    def pod_ips(self, node: str, ipv4: str) -> tuple[str, str]:
+        """Both addresses of the pod (or gateway) that has ``ipv4`` on ``node``: the IPv6
+        one is derived, so one allocator (IPv4's) serves both families."""
+        return ipv4, f"fd00:10:244:{self.node_index(node)}::{ipv4.rsplit('.', 1)[1]}"
 
     @property
     def controller_address(self) -> str:

@@ -36,7 +36,7 @@ RESOLV_CONF = "# names of the local cluster come from /etc/hosts\nnameserver 127
 class _PodRuntime:
     restarts: int = 0
     next_start: float = 0.0
-    ip: str = ""
+    ips: tuple[str, ...] = ()          # IPv4 first (the primary), then IPv6
     procs: list[subprocess.Popen] = field(default_factory=list)
     ready: bool | None = None          # last probe result written to the Pod's status
     next_probe: float = 0.0
@@ -73,19 +73,28 @@ async def probe_http(ip: str, probe: dict[str, Any]) -> bool:
     return len(parts) >= 2 and parts[1][:1] in (b"2", b"3")
 
 
-def hosts_file(pod_namespace: str, pod_name: str, pod_ip: str, services: list[dict[str, Any]]) -> str:
-    """/etc/hosts for one pod: itself, then every Service by its cluster DNS names."""
-    lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback", f"{pod_ip}\t{pod_name}"]
+def hosts_file(pod_namespace: str, pod_name: str, pod_ips: tuple[str, ...],
+               services: list[dict[str, Any]]) -> str:
+    """/etc/hosts for one pod: itself, then every Service by its cluster DNS names, one line
+    per ClusterIP (``spec.clusterIPs``), so a dual-stack Service resolves to both families
+    (glibc returns every matching line; ``curl -4``/``-6`` pick one)."""
+    lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
+    lines += [f"{ip}\t{pod_name}" for ip in pod_ips]
     for svc in services:
-        ip = svc["spec"].get("clusterIP")
-        if not ip or ip == "None":
-            continue
+        spec = svc["spec"]
+        addresses = [a for a in spec.get("clusterIPs") or [spec.get("clusterIP")] if a and a != "None"]
         name, ns = svc["metadata"]["name"], svc["metadata"]["namespace"]
         names = [f"{name}.{ns}", f"{name}.{ns}.svc", f"{name}.{ns}.svc.cluster.local"]
         if ns == pod_namespace:
             names.insert(0, name)
-        lines.append(f"{ip}\t{' '.join(names)}")
+        lines += [f"{ip}\t{' '.join(names)}" for ip in addresses]
     return "\n".join(lines) + "\n"
+
+
+def _addresses_status(pod_ips: tuple[str, ...], node_ips: tuple[str, ...]) -> dict[str, Any]:
+    """The address part of a Pod's status, as a dual-stack kubelet reports it."""
+    return {"podIP": pod_ips[0], "podIPs": [{"ip": ip} for ip in pod_ips],
+            "hostIP": node_ips[0], "hostIPs": [{"ip": ip} for ip in node_ips]}
 
 
 class LocalKubelet:
@@ -143,7 +152,7 @@ class LocalKubelet:
                 continue
             runtime.next_probe = now + float(probe.get("periodSeconds", 10))
             due.append((key, runtime, probe))
-        results = await asyncio.gather(*(probe_http(runtime.ip, probe) for _, runtime, probe in due))
+        results = await asyncio.gather(*(probe_http(runtime.ips[0], probe) for _, runtime, probe in due))
         for (key, runtime, _), ready in zip(due, results):
             if ready != runtime.ready and self._pods.get(key) is runtime:
                 runtime.ready = ready
@@ -182,16 +191,16 @@ class LocalKubelet:
         runtime = self._pods.get(key)
         if runtime is None:
             runtime = self._pods[key] = _PodRuntime(restarts=pod.get("status", {}).get("restartCount", 0))
-            runtime.ip = self._pod_ip(pod)
-            netns = self.topology.attach_pod(node, *key, runtime.ip)
+            runtime.ips = self.layout.pod_ips(node, self._pod_ip(pod))
+            netns = self.topology.attach_pod(node, *key, runtime.ips)
             # Before the first start: `ip netns exec` bind-mounts these files only if they exist.
-            netns.write_etc("hosts", hosts_file(*key, runtime.ip, self.store.list("Service")))
+            netns.write_etc("hosts", hosts_file(*key, runtime.ips, self.store.list("Service")))
             netns.write_etc("resolv.conf", RESOLV_CONF)
         cgroup = Cgroup(self.layout.pod_cgroup(node, *key)).create()
         runtime.procs = [p for p in runtime.procs if p.poll() is None]
         if cgroup.pids():
-            status = {"phase": "Running", "podIP": runtime.ip, "hostIP": self.layout.node_ip(node),
-                      "restartCount": runtime.restarts}
+            status = {**_addresses_status(runtime.ips, self.layout.node_ips(node)),
+                      "phase": "Running", "restartCount": runtime.restarts}
             self.store.update_status("Pod", *key, status)
             return
         now = time.monotonic()
@@ -206,18 +215,19 @@ class LocalKubelet:
         runtime.ready = http_probe_of(pod) is None
         runtime.next_probe = now
         self.store.update_status("Pod", *key, {
-            "phase": "Running", "podIP": runtime.ip, "hostIP": self.layout.node_ip(node),
+            **_addresses_status(runtime.ips, self.layout.node_ips(node)), "phase": "Running",
             "restartCount": runtime.restarts, "startTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "conditions": ready_condition(runtime.ready)})
 
     def _pod_ip(self, pod: dict[str, Any]) -> str:
-        """Keeps the IP a pod already has (adoption after a restart), else the lowest free one."""
+        """The pod's IPv4 address (its IPv6 one is derived from it): the one it already has
+        (adoption after a restart), else the lowest free one."""
         node = pod["spec"]["nodeName"]
         current = pod.get("status", {}).get("podIP")
         if current:
             return current
         used = {p.get("status", {}).get("podIP") for p in self.store.list("Pod")}
-        used |= {r.ip for r in self._pods.values()}
+        used |= {r.ips[0] for r in self._pods.values() if r.ips}
         for ip in self.topology.pod_ip_range(node):
             if ip not in used:
                 return ip
@@ -230,7 +240,7 @@ class LocalKubelet:
         log_dir.mkdir(parents=True, exist_ok=True)
         for container in spec["containers"]:
             argv = list(container["command"]) + list(container.get("args", []))
-            env = self._pod_env(pod, runtime.ip, container)
+            env = self._pod_env(pod, runtime.ips, container)
             name = container.get("name", "main")
             log_path = log_dir / f"{meta['namespace']}_{meta['name']}_{name}.log"
             with open(log_path, "ab") as out:
@@ -241,13 +251,13 @@ class LocalKubelet:
             log.info("started pod %s/%s container %s (pid %d): %s", meta["namespace"], meta["name"],
                      name, proc.pid, " ".join(argv))
 
-    def _pod_env(self, pod: dict[str, Any], ip: str, container: dict[str, Any]) -> dict[str, str]:
+    def _pod_env(self, pod: dict[str, Any], ips: tuple[str, ...], container: dict[str, Any]) -> dict[str, str]:
         meta, spec = pod["metadata"], pod["spec"]
         venv_bin = str(Path(sys.executable).parent)
         env = {
             "PATH": f"{venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "HOME": "/root", "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1",
-            "POD_NAME": meta["name"], "POD_NAMESPACE": meta["namespace"], "POD_IP": ip,
+            "POD_NAME": meta["name"], "POD_NAMESPACE": meta["namespace"], "POD_IP": ips[0], "POD_IPS": ",".join(ips),
             "NODE_NAME": spec["nodeName"], "SERVICE_ACCOUNT": spec.get("serviceAccountName", "default"),
         }
         for item in container.get("env", []) or []:
@@ -274,4 +284,4 @@ class LocalKubelet:
             if runtime is None:
                 continue
             Netns(self.layout.pod_netns(meta["namespace"], meta["name"])).write_etc(
-                "hosts", hosts_file(meta["namespace"], meta["name"], runtime.ip, services))
+                "hosts", hosts_file(meta["namespace"], meta["name"], runtime.ips, services))

@@ -1,10 +1,16 @@
 """The local cluster's network: a fabric, nodes and pods, all in namespaces of our own.
 
-    control netns   fabric0 172.18.0.1/24 (bridge; the controller listens here)
+    control netns   fabric0 172.18.0.1/24 fd00:172:18::1/64 (bridge; the controller listens here)
         |  veth per node
-    node-i netns    eth0 172.18.0.(10+i)   cni0 10.244.i.1/24 (bridge)   routes to other pod CIDRs
+    node-i netns    eth0 172.18.0.(10+i) fd00:172:18::(10+i)
+                    cni0 10.244.i.1/24 fd00:10:244:i::1/64 (bridge), routes to other pod CIDRs
         |  veth per pod
-    pod netns       eth0 10.244.i.k/24, default via 10.244.i.1
+    pod netns       eth0 10.244.i.k/24 fd00:10:244:i::k/64, default routes via the cni0 gateways
+
+Dual-stack: every address, route and forwarding sysctl exists once per family (the
+layout's ``*_cidrs``/``*_ips`` pairs, IPv4 first). IPv6 addresses are added with
+``nodad``: duplicate address detection would leave them unusable ("tentative") for a
+second after creation, and the allocator already guarantees uniqueness.
 
 Nothing is created in the root network namespace: each veth pair is created inside one of
 our namespaces with its peer placed directly in another of ours.
@@ -17,6 +23,13 @@ from dataclasses import dataclass
 
 from shoal.config import ClusterLayout
 from shoal.local.linux import Netns
+
+
+def _add_address(netns: Netns, device: str, address: str, cidr: str) -> None:
+    """``address`` with the prefix length of ``cidr`` on ``device`` (idempotent)."""
+    prefix = ipaddress.ip_network(cidr).prefixlen
+    extra = ("nodad",) if ipaddress.ip_address(address).version == 6 else ()
+    netns.ip("addr", "replace", f"{address}/{prefix}", "dev", device, *extra)
 
 
 def _veth_name(key: str) -> str:
@@ -34,8 +47,8 @@ class Topology:
         control = Netns(self.layout.control_netns).create()
         if not control.has_link("fabric0"):
             control.ip("link", "add", "fabric0", "type", "bridge")
-        prefix = ipaddress.ip_network(self.layout.FABRIC_CIDR).prefixlen
-        control.ip("addr", "replace", f"{self.layout.CONTROLLER_IP}/{prefix}", "dev", "fabric0")
+        for address, cidr in zip(self.layout.CONTROLLER_IPS, self.layout.FABRIC_CIDRS):
+            _add_address(control, "fabric0", address, cidr)
         control.ip("link", "set", "fabric0", "up")
         return control
 
@@ -46,35 +59,44 @@ class Topology:
         if not netns.has_link("eth0"):
             netns.ip("link", "add", "eth0", "type", "veth", "peer", "name", port, "netns", control.name)
         control.ip("link", "set", port, "master", "fabric0", "up")
-        prefix = ipaddress.ip_network(self.layout.FABRIC_CIDR).prefixlen
-        netns.ip("addr", "replace", f"{self.layout.node_ip(node)}/{prefix}", "dev", "eth0")
+        for address, cidr in zip(self.layout.node_ips(node), self.layout.FABRIC_CIDRS):
+            _add_address(netns, "eth0", address, cidr)
         netns.ip("link", "set", "eth0", "up")
         if not netns.has_link("cni0"):
             netns.ip("link", "add", "cni0", "type", "bridge")
-        pod_prefix = ipaddress.ip_network(self.layout.pod_cidr(node)).prefixlen
-        netns.ip("addr", "replace", f"{self.layout.pod_gateway(node)}/{pod_prefix}", "dev", "cni0")
+        for gateway, cidr in zip(self.layout.pod_gateways(node), self.layout.pod_cidrs(node)):
+            _add_address(netns, "cni0", gateway, cidr)
         netns.ip("link", "set", "cni0", "up")
         netns.sysctl("net.ipv4.ip_forward", "1")
+        netns.sysctl("net.ipv6.conf.all.forwarding", "1")
         # The control netns reaches pods (waypoints and webhooks dial the controller from pods).
-        control.ip("route", "replace", self.layout.pod_cidr(node), "via", self.layout.node_ip(node))
-        for other in all_nodes:
-            if other != node:
-                netns.ip("route", "replace", self.layout.pod_cidr(other), "via", self.layout.node_ip(other))
+        for family in range(2):
+            control.ip("route", "replace", self.layout.pod_cidrs(node)[family],
+                       "via", self.layout.node_ips(node)[family])
+            for other in all_nodes:
+                if other != node:
+                    netns.ip("route", "replace", self.layout.pod_cidrs(other)[family],
+                             "via", self.layout.node_ips(other)[family])
         return netns
 
     # -- pods --------------------------------------------------------------------------
 
-    def attach_pod(self, node: str, namespace: str, pod: str, ip: str) -> Netns:
+    def attach_pod(self, node: str, namespace: str, pod: str, ips: tuple[str, ...]) -> Netns:
+        """Puts the pod on the node's bridge with every address in ``ips`` (one per family)."""
         netns = Netns(self.layout.pod_netns(namespace, pod)).create()
         node_netns = Netns(self.layout.node_netns(node))
         host_side = _veth_name(f"{namespace}/{pod}")
         if not netns.has_link("eth0"):
             netns.ip("link", "add", "eth0", "type", "veth", "peer", "name", host_side, "netns", node_netns.name)
         node_netns.ip("link", "set", host_side, "master", "cni0", "up")
-        prefix = ipaddress.ip_network(self.layout.pod_cidr(node)).prefixlen
-        netns.ip("addr", "replace", f"{ip}/{prefix}", "dev", "eth0")
+        families = {ipaddress.ip_address(g).version: (g, c) for g, c in
+                    zip(self.layout.pod_gateways(node), self.layout.pod_cidrs(node))}
+        for address in ips:
+            _add_address(netns, "eth0", address, families[ipaddress.ip_address(address).version][1])
         netns.ip("link", "set", "eth0", "up")
-        netns.ip("route", "replace", "default", "via", self.layout.pod_gateway(node))
+        for address in ips:
+            version = ipaddress.ip_address(address).version
+            netns.ip(f"-{version}", "route", "replace", "default", "via", families[version][0])
         return netns
 
     def detach_pod(self, namespace: str, pod: str) -> None:

@@ -73,6 +73,17 @@ def ip_family(address: str) -> str:
     return IPV4
 
 
+def canonical_ip(address: str) -> str:
+    """``address`` as the data path keys it: ``::ffff:a.b.c.d`` is ``a.b.c.d`` (an AF_INET6
+    socket reports IPv4 peers that way); anything else, non-addresses included, unchanged."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    mapped = getattr(parsed, "ipv4_mapped", None)
+    return str(mapped) if mapped is not None else address
+
+
 def _family_or_empty(address: str) -> str:
     """``ip_family`` for model construction, which does not validate: "" for a non-address
     (the config stream's decoder rejects those with the field named)."""

@@ -60,13 +60,13 @@ class ConfigState:
     def _insert(self, resource: m.Resource) -> None:
         if isinstance(resource, m.Workload):
             self._workloads[resource.uid] = resource
-            if resource.ip:
-                self._by_ip[resource.ip] = resource
+            for address in resource.ips:      # every family: the data path keys by each
+                self._by_ip[address] = resource
             self._by_node[resource.node][resource.uid] = resource
         elif isinstance(resource, m.Service):
             self._services[resource.key] = resource
-            if resource.vip:
-                self._by_vip[resource.vip] = resource
+            for address in resource.vips:
+                self._by_vip[address] = resource
         elif isinstance(resource, m.Authorization):
             self._policies[resource.key] = resource
             self._policies_by_ns[resource.namespace][resource.key] = resource
@@ -80,14 +80,16 @@ class ConfigState:
         if kind == m.WORKLOAD:
             old = self._workloads.pop(name, None)
             if old is not None:
-                if self._by_ip.get(old.ip) is old:
-                    del self._by_ip[old.ip]
+                for address in old.ips:
+                    if self._by_ip.get(address) is old:
+                        del self._by_ip[address]
                 self._by_node[old.node].pop(old.uid, None)
             return old
         if kind == m.SERVICE:
             old = self._services.pop(name, None)
-            if old is not None and self._by_vip.get(old.vip) is old:
-                del self._by_vip[old.vip]
+            for address in old.vips if old is not None else ():
+                if self._by_vip.get(address) is old:
+                    del self._by_vip[address]
             return old
         if kind == m.AUTHORIZATION:
             old = self._policies.pop(name, None)
@@ -109,7 +111,8 @@ class ConfigState:
         return self._workloads.get(uid)
 
     def workload_by_ip(self, ip: str) -> m.Workload | None:
-        return self._by_ip.get(ip)
+        """The workload with address ``ip`` (either family; IPv4-mapped IPv6 is IPv4)."""
+        return self._by_ip.get(ip) or self._by_ip.get(m.canonical_ip(ip)) if ip else None
 
     def workloads_on_node(self, node: str) -> list[m.Workload]:
         return list(self._by_node.get(node, {}).values())
@@ -121,7 +124,8 @@ class ConfigState:
         return self._services.get(f"{namespace}/{name}")
 
     def service_by_vip(self, vip: str) -> m.Service | None:
-        return self._by_vip.get(vip)
+        """The Service with ClusterIP ``vip`` (either family; IPv4-mapped is IPv4)."""
+        return self._by_vip.get(vip) or self._by_vip.get(m.canonical_ip(vip)) if vip else None
 
     def all_services(self) -> list[m.Service]:
         return list(self._services.values())

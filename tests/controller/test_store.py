@@ -138,3 +138,34 @@ def test_bad_dual_stack_service_fields_are_refused_by_name(store, spec, error):
         store.apply([service("web", **spec)])
     assert any(e.startswith(error) for e in err.value.errors), err.value.errors
     assert store.list("Service") == []
+
+
+def test_services_get_a_cluster_ip_per_requested_family(store):
+    store.apply([service("single"), service("dual", ipFamilyPolicy="PreferDualStack"),
+                 service("v6", ipFamilies=["IPv6"]),
+                 service("v6first", ipFamilies=["IPv6", "IPv4"], ipFamilyPolicy="RequireDualStack")])
+    spec = {s["metadata"]["name"]: s["spec"] for s in store.list("Service")}
+    assert spec["single"]["ipFamilies"] == ["IPv4"] and len(spec["single"]["clusterIPs"]) == 1
+    assert spec["single"]["ipFamilyPolicy"] == "SingleStack"
+    assert spec["dual"]["ipFamilies"] == ["IPv4", "IPv6"]
+    v4, v6 = spec["dual"]["clusterIPs"]
+    assert v4.startswith("10.96.") and v6.startswith("fd00:10:96::") and spec["dual"]["clusterIP"] == v4
+    assert spec["v6"]["clusterIP"].startswith("fd00:10:96::") and spec["v6"]["ipFamilies"] == ["IPv6"]
+    assert spec["v6first"]["clusterIP"] == spec["v6first"]["clusterIPs"][0]
+    assert spec["v6first"]["clusterIP"].startswith("fd00:10:96::")
+    every = [a for s in spec.values() for a in s["clusterIPs"]]
+    assert len(every) == len(set(every))
+    # Upgrading to dual-stack keeps the primary ClusterIP and adds the other family's.
+    store.apply([service("single", ipFamilyPolicy="RequireDualStack")])
+    upgraded = store.get("Service", "demo", "single")["spec"]
+    assert upgraded["clusterIPs"][0] == spec["single"]["clusterIP"] and len(upgraded["clusterIPs"]) == 2
+
+
+def test_cluster_ips_outside_their_family_range_are_refused(store):
+    with pytest.raises(ManifestError) as err:
+        store.apply([service("web", clusterIP="fd00:99::1")])
+    assert err.value.errors == ["Service demo/web: spec.clusterIPs: fd00:99::1 is outside the IPv6 "
+                                "service range fd00:10:96::/112"]
+    store.apply([service("web", clusterIP="fd00:10:96::20")])
+    with pytest.raises(ManifestError, match="spec.clusterIP: field is immutable"):
+        store.apply([service("web", clusterIP="fd00:10:96::21")])

@@ -32,7 +32,7 @@ class WebHandler(BaseHTTPRequestHandler):
         if length:
             self.rfile.read(length)
         body = (f"hello from {identity()} ({os.environ.get('POD_IP', '?')}): "
-                f"{self.command} {self.path} from {self.client_address[0]}\n").encode()
+                f"{self.command} {self.path} from {client_address(self.client_address[0])}\n").encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
@@ -47,9 +47,36 @@ class WebHandler(BaseHTTPRequestHandler):
         sys.stdout.write(f"{self.address_string()} {fmt % args}\n")
 
 
+def client_address(address: str) -> str:
+    """The client's address as it was sent: an IPv4 client of a dual-stack socket shows
+    as ``::ffff:a.b.c.d``."""
+    return address.removeprefix("::ffff:") if "." in address else address
+
+
+class DualStack:
+    """Server mixin: one IPv6 socket with V6ONLY off listens on every address of both
+    families (an IPv4 client shows as ``::ffff:a.b.c.d``)."""
+
+    address_family = socket.AF_INET6
+    allow_reuse_address = True
+    daemon_threads = True
+    request_queue_size = 256   # socketserver's default (5) overflows under a burst of clients
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+class DualStackHTTPServer(DualStack, ThreadingHTTPServer):
+    pass
+
+
+class DualStackTCPServer(DualStack, socketserver.ThreadingTCPServer):
+    pass
+
+
 def run_web(port: int) -> None:
-    ThreadingHTTPServer.daemon_threads = True
-    ThreadingHTTPServer(("0.0.0.0", port), WebHandler).serve_forever()
+    DualStackHTTPServer(("::", port), WebHandler).serve_forever()
 
 
 def run_client(url: str, interval: float) -> None:
@@ -74,9 +101,7 @@ class DbHandler(socketserver.StreamRequestHandler):
 
 
 def run_db(port: int) -> None:
-    socketserver.ThreadingTCPServer.allow_reuse_address = True
-    socketserver.ThreadingTCPServer.daemon_threads = True
-    socketserver.ThreadingTCPServer(("0.0.0.0", port), DbHandler).serve_forever()
+    DualStackTCPServer(("::", port), DbHandler).serve_forever()
 
 
 def main(argv: list[str] | None = None) -> None:

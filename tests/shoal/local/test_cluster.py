@@ -52,10 +52,13 @@ def test_pod_to_pod_across_nodes(demo_cluster):
 def test_service_names_resolve_inside_pods(demo_cluster):
     layout = demo_cluster.layout
     services = json.loads(shoal_cli(layout, "get", "services", "-o", "json").stdout)["items"]
-    web_ip = next(s["spec"]["clusterIP"] for s in services if s["metadata"]["name"] == "web")
-    out = pod_exec(layout, "legacy/client-0", "getent", "hosts", "web.demo.svc.cluster.local").stdout
-    assert out.split()[0] == web_ip
-    short = pod_exec(layout, "demo/client-0", "getent", "hosts", "db").stdout
+    web = next(s["spec"] for s in services if s["metadata"]["name"] == "web")
+    v4, v6 = web["clusterIPs"]   # the demo's Services are PreferDualStack: one per family
+    assert web["ipFamilies"] == ["IPv4", "IPv6"] and web["clusterIP"] == v4
+    for database, address in (("ahostsv4", v4), ("ahostsv6", v6)):
+        out = pod_exec(layout, "legacy/client-0", "getent", database, "web.demo.svc.cluster.local").stdout
+        assert out.split()[0] == address
+    short = pod_exec(layout, "demo/client-0", "getent", "ahostsv4", "db").stdout
     assert short.split()[0].startswith("10.96.")
 
 
