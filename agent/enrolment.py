@@ -40,10 +40,15 @@ class EnrolledPod:
     identity: int
     netns_path: str
     cookie: int
+    ips: tuple[str, ...] = ()   # every address, IPv4 first ("ip" is the primary)
+
+    def __post_init__(self) -> None:
+        # JSON state gives a list (or nothing, from before dual-stack).
+        object.__setattr__(self, "ips", tuple(self.ips) or (self.ip,))
 
     def same_pod(self, workload: m.Workload, netns_path: str) -> bool:
-        return (self.ip, self.identity, self.service_account, self.netns_path) == (
-            workload.ip, workload.identity, workload.service_account, netns_path)
+        return (self.ips, self.identity, self.service_account, self.netns_path) == (
+            workload.ips, workload.identity, workload.service_account, netns_path)
 
 
 @dataclass(frozen=True)
@@ -164,7 +169,7 @@ class Enroller:
         # pyroute2 runs its own event loop: netns work goes to a thread (and keeps ours free)
         cookie = await asyncio.to_thread(netns_cookie, path)
         pod = EnrolledPod(workload.uid, workload.namespace, workload.name, workload.ip,
-                          workload.service_account, workload.identity, path, cookie)
+                          workload.service_account, workload.identity, path, cookie, workload.ips)
         await self.proxy.add(pod)                      # listeners open in the pod first
         await asyncio.to_thread(self.programs.attach, path, cookie)          # then inbound steering
         self.maps.set_pod(cookie, workload.identity, workload.ip, namespace_id(workload.namespace),

@@ -46,7 +46,8 @@ class ZdsProxyLink:
             raise ProxyLinkError("node proxy not connected")
         fd = os.open(pod.netns_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            await self._client.add(PodInfo(pod.uid, pod.namespace, pod.name, pod.ip, pod.service_account), fd)
+            await self._client.add(PodInfo(pod.uid, pod.namespace, pod.name, pod.ip, pod.service_account,
+                                                   pod.ips), fd)
         except ZdsError as err:
             raise ProxyLinkError(f"proxy refused {pod.namespace}/{pod.name}: {err}") from err
         finally:

@@ -51,6 +51,12 @@ class PodInfo:
     name: str
     ip: str
     service_account: str
+    # Every address of the pod, IPv4 first; ``ip`` (the primary) is one of them. An older
+    # agent sends only ``ip``: then ``ips == (ip,)``.
+    ips: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ips", tuple(self.ips) or (self.ip,))
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,14 @@ def _text_field(obj: dict, key: str) -> str:
     return value
 
 
+def _address(value: str, field: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ZdsError(f"{field} is not an IP address: {value!r}") from None
+    return value
+
+
 def decode(data: bytes) -> Message:
     """Parse one datagram; raise :class:`ZdsError` on anything unexpected."""
     if len(data) > MAX_MESSAGE:
@@ -121,15 +135,18 @@ def decode(data: bytes) -> Message:
             raise ZdsError("hello.version must be an integer")
         return Hello(version)
     if kind == "add":
-        ip = _text_field(obj, "ip")
-        try:
-            ipaddress.ip_address(ip)
-        except ValueError:
-            raise ZdsError(f"add.ip is not an IP address: {ip!r}") from None
+        ip = _address(_text_field(obj, "ip"), "add.ip")
+        ips = obj.get("ips", [ip])
+        if not isinstance(ips, list) or not 1 <= len(ips) <= 2 or ip not in ips:
+            raise ZdsError(f"add.ips must list one or two addresses including add.ip, got {ips!r}")
+        ips = tuple(_address(a if isinstance(a, str) else repr(a), f"add.ips[{i}]")
+                    for i, a in enumerate(ips))
+        if len({ipaddress.ip_address(a).version for a in ips}) != len(ips):
+            raise ZdsError(f"add.ips must hold at most one address per family, got {list(ips)}")
         return AddPod(PodInfo(
             uid=_text_field(obj, "uid"), namespace=_text_field(obj, "namespace"),
             name=_text_field(obj, "name"), ip=ip,
-            service_account=_text_field(obj, "service_account")))
+            service_account=_text_field(obj, "service_account"), ips=ips))
     if kind == "del":
         return DelPod(_text_field(obj, "uid"))
     if kind == "snapshot_sent":

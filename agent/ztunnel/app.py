@@ -9,10 +9,11 @@ accepting (``tcp_migrate_req`` hands its queued connections to the new listeners
 drain its live connections for ``drain_grace`` seconds. A proxy restarted after a crash
 gets every pod again the same way, because the agent replays on reconnect.
 
-Inbound delivery (over the pod's loopback): the app sees the client's real IP
-(IP_TRANSPARENT plus a policy route for its replies, set up per pod by
-``transparent.py``) for app ports 1-15000 and 15009-32767 over IPv4; elsewhere it sees
-127.0.0.1 (the real client is always in the access log and the flows).
+Inbound delivery goes to the app's pod IP over the pod's ``lo`` (never to its loopback
+address): the app sees the client's real IP (IP_TRANSPARENT plus policy routes for its
+replies, set up per pod by ``transparent.py``) for app ports 1-15000 and 15009-32767 in
+both families; elsewhere the loopback address (the real client is always in the access
+log and the flows).
 """
 from __future__ import annotations
 

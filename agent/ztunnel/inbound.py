@@ -6,14 +6,22 @@
 - 15006, plaintext (the agent's tc program steers other inbound TCP here): refused in
   STRICT mode, authorized without an identity in PERMISSIVE mode, then relayed.
 
-The app is reached from inside the pod's namespace at ``127.0.0.1:<port>`` (apps must
-listen on all addresses or loopback), from the client's real IP where ``transparent.py``
-could set the pod up (app ports 1-15000 and 15009-32767, IPv4); otherwise the app sees
-127.0.0.1 as the client address.
+The app is reached from inside the pod's namespace at ``<pod IP>:<port>``, the pod IP
+of the destination's family, never at a loopback address: a listener the app bound to
+127.0.0.1 or ::1 stays local to the pod. Anything asking for a loopback destination is
+refused (``loopback_destination``). The app sees the client's real IP where
+``transparent.py`` could set the pod up (app ports 1-15000 and 15009-32767, both
+families), otherwise the pod's own IP.
+
+The client's address is the peer address of the proxy's own connection: on 15008 that
+is the source pod's IP (the source node proxy dials from inside that pod), with its
+identity from the mTLS certificate. A ``forwarded`` header is never trusted for it: it
+is client-controlled text (counted as ``forwarded_ignored`` when it disagrees).
 """
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 import ssl
@@ -30,6 +38,7 @@ from shoal.agent.ztunnel.outbound import reset_connection, join_plain
 from shoal.hbone.session import HboneSession, StreamPeer, abort_with_reset
 from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND, PROXY_MARK
 from shoal.telemetry_labels import service_of_endpoint
+from shoal.xds.model import canonical_ip
 
 if TYPE_CHECKING:
     from shoal.agent.ztunnel.proxy import EnrolledPod, ProxyContext
@@ -37,22 +46,42 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROXY_PORTS = frozenset({PORT_OUTBOUND, PORT_INBOUND_PLAINTEXT, PORT_HBONE})
+LOOPBACK = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
 
 
-async def connect_app(ctx: "ProxyContext", pod: "EnrolledPod", port: int, client_ip: str) -> socket.socket:
-    """A TCP connection from the proxy to the app, made inside the pod's namespace over
-    its loopback: the agent steers every other path to the app back into the proxy
-    (its sk_lookup and tc programs leave only loopback alone). From the client's own IP
-    when the pod is set up for it (IP_TRANSPARENT), else from the loopback address."""
-    family = socket.AF_INET6 if ":" in pod.info.ip else socket.AF_INET
-    loopback = "::1" if family == socket.AF_INET6 else "127.0.0.1"
-    spoof = pod.transparent and transparent.port_supported(port) and client_ip not in ("", pod.info.ip) \
-        and ":" not in client_ip
-    sock = pod.netns.socket(family, transparent=spoof)
+def delivery_refusal(pod: "EnrolledPod", dst_ip: str, dst_port: int) -> tuple[str, str] | None:
+    """(reason, detail) when ``dst_ip:dst_port`` is not something this pod's app exposes to
+    the network: a loopback or unspecified address, an address that is not the pod's, or
+    one of the proxy's own ports. Pure."""
+    address = ipaddress.ip_address(dst_ip)
+    if address.is_loopback or address.is_unspecified or \
+            getattr(address, "ipv4_mapped", None) is not None and address.ipv4_mapped.is_loopback:
+        return "loopback_destination", f"{dst_ip}:{dst_port} is local to {pod.info.name}, not exposed"
+    if not pod.owns(dst_ip) or dst_port in PROXY_PORTS:
+        return "not_local_pod", f"{dst_ip}:{dst_port} is not an app port of {pod.info.name}"
+    return None
+
+
+async def connect_app(ctx: "ProxyContext", pod: "EnrolledPod", dst_ip: str, port: int,
+                      client_ip: str) -> socket.socket:
+    """A TCP connection from the proxy to the app at its pod IP ``dst_ip``, made inside
+    the pod's namespace with the socket bound to ``lo``: the agent's sk_lookup leaves
+    connections arriving on ``lo`` to the app and steers every other one back into the
+    proxy. From the client's own IP (IP_TRANSPARENT), in both families, on the ports
+    transparent.py can route the app's replies for; see there for the routing."""
+    dst_ip = canonical_ip(dst_ip)
+    client_ip = canonical_ip(client_ip) if client_ip else ""
+    family = socket.AF_INET6 if ":" in dst_ip else socket.AF_INET
+    if (":" in client_ip) != (family == socket.AF_INET6):
+        raise ConnectionRefusedError(f"client {client_ip} and destination {dst_ip} differ in family")
+    # From loopback: a hairpin from the pod itself, and app ports whose replies the
+    # delivery rules cannot route back while the delivery mark is shared (transparent.py).
+    spoof = not pod.owns(client_ip) and transparent.port_supported(port)
+    sock = pod.netns.socket(family, transparent=spoof, mark=transparent.DELIVERY_MARK)
     try:
-        if spoof:
-            sock.bind((client_ip, 0))
-        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (loopback, port)),
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo")
+        sock.bind((client_ip if spoof else LOOPBACK[family], 0))
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (dst_ip, port)),
                                ctx.config.connect_timeout)
     except BaseException:
         sock.close()
@@ -105,17 +134,25 @@ def _on_request(ctx, pod, session: HboneSession, ev: hbone.TunnelRequested, peer
 
 async def _serve_stream(ctx: "ProxyContext", pod: "EnrolledPod", session: HboneSession,
                         ev: hbone.TunnelRequested, peer_ip: str) -> None:
-    src_ip = ev.forwarded_for or peer_ip  # hbone validated it as an IP address
+    # The client is who connected to us, as the TLS session authenticated it; a
+    # ``forwarded`` header is text its sender chose (trust rule: README, "Client address").
+    src_ip = canonical_ip(peer_ip)
+    if ev.forwarded_for is not None and canonical_ip(ev.forwarded_for) != src_ip:
+        ctx.metrics.reject("hbone", "forwarded_ignored")
+        log.info("hbone: %s at %s claimed forwarded for=%s; using the peer address",
+                 session.peer_identity, src_ip, ev.forwarded_for)
     src_workload = ctx.state.workload_by_ip(src_ip)
     dst_workload = ctx.state.workload(pod.info.uid) or pod.workload_stub()
     rec = ConnectionRecord("destination", src_ip, ev.forwarded_port, ev.host, ev.port, src_workload=src_workload,
                            dst_workload=dst_workload, src_identity=session.peer_identity,
                            dst_identity=pod.spiffe_id, mtls=True, route="inbound",
                            service=service_of_endpoint(ctx.state.all_services(), dst_workload, ev.port).fqdn)
-    if ev.host != pod.info.ip or ev.port in PROXY_PORTS:
-        rec.response_flags, rec.error = FLAG_NO_ROUTE, f"{ev.host}:{ev.port} is not an app port of {pod.info.name}"
-        ctx.metrics.reject("hbone", "not_local_pod")
-        log.warning("hbone: %s asked for %s:%d at %s", session.peer_identity, ev.host, ev.port, pod.info.name)
+    refusal = delivery_refusal(pod, ev.host, ev.port)
+    if refusal is not None:
+        rec.response_flags, rec.error = FLAG_NO_ROUTE, refusal[1]
+        ctx.metrics.reject("hbone", refusal[0])
+        log.warning("hbone: %s asked for %s:%d at %s: %s", session.peer_identity, ev.host, ev.port,
+                    pod.info.name, refusal[0])
         session.refuse_stream(ev.stream_id, hbone.STATUS_BAD_REQUEST)
         ctx.telemetry.closed(rec)
         return
@@ -130,7 +167,7 @@ async def _serve_stream(ctx: "ProxyContext", pod: "EnrolledPod", session: HboneS
         return
     try:
         async with ctx.dial_limits.slot(session.peer_identity):
-            upstream = await connect_app(ctx, pod, ev.port, src_ip)
+            upstream = await connect_app(ctx, pod, ev.host, ev.port, src_ip)
     except (OSError, asyncio.TimeoutError) as exc:
         rec.response_flags, rec.error = FLAG_UPSTREAM_FAILURE, f"{type(exc).__name__}: {exc}"
         ctx.metrics.reject("hbone", "upstream_connect")
@@ -162,10 +199,14 @@ async def _serve_stream(ctx: "ProxyContext", pod: "EnrolledPod", session: HboneS
 
 # -- 15006 ------------------------------------------------------------------------------------
 
-def plaintext_verdict(state, workload, src_ip: str, dst_ip: str, dst_port: int) -> tuple[str | None, str]:
+def plaintext_verdict(state, pod: "EnrolledPod", workload, src_ip: str, dst_ip: str,
+                      dst_port: int) -> tuple[str | None, str]:
     """(refusal reason or None, detail) for plaintext arriving at ``workload``. Pure."""
     if dst_port in PROXY_PORTS:
         return "proxy_port", f"plaintext to the proxy's own port {dst_port}"
+    refusal = delivery_refusal(pod, dst_ip, dst_port)
+    if refusal is not None:
+        return refusal
     if workload.mtls_mode == "STRICT":
         return "strict_mtls", "STRICT mTLS: plaintext from outside the mesh refused"
     decision = authorize(state.policies_for(workload), ConnectionInfo(src_ip, dst_ip, dst_port, None))
@@ -178,7 +219,8 @@ async def handle_plaintext(ctx: "ProxyContext", pod: "EnrolledPod", conn: socket
     """One accepted connection on 15006 (steered here by the agent's tc program)."""
     src_ip, src_port = conn.getpeername()[:2]
     dst_ip, dst_port = conn.getsockname()[:2]  # bpf_sk_assign keeps the original destination
-    if conn.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == PROXY_MARK:
+    src_ip, dst_ip = canonical_ip(src_ip), canonical_ip(dst_ip)
+    if conn.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) in {PROXY_MARK, transparent.DELIVERY_MARK}:
         # Our own upstream connect came back (tcp_fwmark_accept gives accepted sockets
         # the SYN's mark): a capture loop would eat every fd; refuse and say so loudly.
         ctx.metrics.reject("plaintext", "proxy_loop")
@@ -191,7 +233,7 @@ async def handle_plaintext(ctx: "ProxyContext", pod: "EnrolledPod", conn: socket
                            src_workload=ctx.state.workload_by_ip(src_ip), dst_workload=dst_workload,
                            dst_identity=pod.spiffe_id, route="inbound",
                            service=service_of_endpoint(ctx.state.all_services(), dst_workload, dst_port).fqdn)
-    reason, detail = plaintext_verdict(ctx.state, dst_workload, src_ip, dst_ip, dst_port)
+    reason, detail = plaintext_verdict(ctx.state, pod, dst_workload, src_ip, dst_ip, dst_port)
     if reason is not None:
         rec.response_flags, rec.error = FLAG_DENIED, detail
         ctx.metrics.reject("plaintext", reason)
@@ -200,7 +242,7 @@ async def handle_plaintext(ctx: "ProxyContext", pod: "EnrolledPod", conn: socket
         ctx.telemetry.closed(rec)
         return
     try:
-        upstream = await connect_app(ctx, pod, dst_port, src_ip)
+        upstream = await connect_app(ctx, pod, dst_ip, dst_port, src_ip)
     except (OSError, asyncio.TimeoutError) as exc:
         rec.response_flags, rec.error = FLAG_UPSTREAM_FAILURE, f"{type(exc).__name__}: {exc}"
         ctx.metrics.reject("plaintext", "upstream_connect")

@@ -49,14 +49,16 @@ class NetnsHandle:
         finally:
             setns(self._home_fd)
 
-    def socket(self, family: int = socket.AF_INET, transparent: bool = False, mark: bool = True) -> socket.socket:
-        """A non-blocking TCP socket living in this namespace, marked as the proxy's
-        (the agent's capture skips marked connects)."""
+    def socket(self, family: int = socket.AF_INET, transparent: bool = False,
+               mark: int = PROXY_MARK) -> socket.socket:
+        """A non-blocking TCP socket living in this namespace, with ``mark`` (0: none).
+        The proxy mark only names the proxy's sockets in packet captures and rules: the
+        agent's capture recognises the proxy by its cgroup, not by a mark."""
         with self.entered():
             sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
             if mark:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, PROXY_MARK)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if transparent:
                 set_transparent(sock, family)
@@ -69,10 +71,13 @@ class NetnsHandle:
         """A listening socket with SO_REUSEPORT, so a successor proxy can bind beside us.
 
         Unmarked: accepted connections take their client's mark (tcp_fwmark_accept), so
-        replies to clients never match the transparent-delivery route (transparent.py)."""
+        replies to clients never match the delivery route (transparent.py)."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = self.socket(family, transparent=transparent, mark=False)
+        sock = self.socket(family, transparent=transparent, mark=0)
         try:
+            if family == socket.AF_INET6:
+                # One family per socket: the IPv4 twin listens on its own (see proxy.py).
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((host, port))

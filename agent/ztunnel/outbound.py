@@ -23,7 +23,7 @@ from shoal.agent.ztunnel.telemetry import (
 from shoal.hbone.session import HboneSession, PipeEnd, StreamPeer
 from shoal.config import PORT_HBONE
 from shoal.telemetry_labels import service_fqdn
-from shoal.xds.model import Workload
+from shoal.xds.model import Waypoint, Workload, canonical_ip, ip_family
 from shoal.xds.state import ConfigState
 
 if TYPE_CHECKING:
@@ -52,9 +52,17 @@ class Route:
     reason: str = ""
 
 
+def same_family_address(target: Workload | Waypoint, dst_ip: str) -> str:
+    """``target``'s address in the family the app dialled (an IPv6 ClusterIP leads to the
+    endpoint's IPv6 address), or its primary address when it has none in that family."""
+    return target.address(ip_family(dst_ip)) or target.ip
+
+
 def plan_route(state: ConfigState, dst_ip: str, dst_port: int,
                choose: Callable[[list], object] = random.choice) -> Route:
-    """Where a connection to ``dst_ip:dst_port`` goes (no I/O)."""
+    """Where a connection to ``dst_ip:dst_port`` goes (no I/O). Both families: the tunnel
+    runs in the family the app used, pod IP to pod IP."""
+    dst_ip = canonical_ip(dst_ip)
     service = state.service_by_vip(dst_ip)
     waypoint_ref = None
     service_name = "unknown"
@@ -83,12 +91,13 @@ def plan_route(state: ConfigState, dst_ip: str, dst_port: int,
             return Route("none", service=service_name,
                          reason=f"waypoint {waypoint_ref.namespace}/{waypoint_ref.name} unknown")
         # The waypoint gets the original destination (VIP or pod) as :authority.
-        return Route("waypoint", waypoint.ip, PORT_HBONE, dst_ip, dst_port, waypoint.spiffe_id,
-                     workload, service_name)
+        return Route("waypoint", same_family_address(waypoint, dst_ip), PORT_HBONE, dst_ip, dst_port,
+                     waypoint.spiffe_id, workload, service_name)
     if workload is not None and workload.meshed and workload.protocol == "HBONE":
-        return Route("hbone", workload.ip, PORT_HBONE, workload.ip, target_port, workload.spiffe_id,
+        address = same_family_address(workload, dst_ip)
+        return Route("hbone", address, PORT_HBONE, address, target_port, workload.spiffe_id,
                      workload, service_name)
-    target_ip = workload.ip if workload is not None else dst_ip
+    target_ip = same_family_address(workload, dst_ip) if workload is not None else dst_ip
     return Route("passthrough", target_ip, target_port, target_ip, target_port, "", workload, service_name)
 
 
@@ -105,7 +114,7 @@ async def handle_outbound(ctx: "ProxyContext", pod: "EnrolledPod", conn: socket.
         log.warning("outbound from %s: no original destination for %s", pod.info.name, peer)
         reset_connection(conn)
         return
-    dst_ip, dst_port = original
+    dst_ip, dst_port = canonical_ip(original[0]), original[1]
     if not ctx.config_synced.is_set():
         try:
             await asyncio.wait_for(ctx.config_synced.wait(), ctx.config.connect_timeout)
@@ -115,7 +124,8 @@ async def handle_outbound(ctx: "ProxyContext", pod: "EnrolledPod", conn: socket.
             reset_connection(conn)
             return
     route = plan_route(ctx.state, dst_ip, dst_port)
-    rec = ConnectionRecord("source", pod.info.ip, peer[1], dst_ip, dst_port,
+    source_ip = pod.workload_stub().address(ip_family(route.target_ip or dst_ip)) or pod.info.ip
+    rec = ConnectionRecord("source", source_ip, peer[1], dst_ip, dst_port,
                            src_workload=ctx.state.workload(pod.info.uid) or pod.workload_stub(),
                            dst_workload=route.workload, service=route.service, route=route.kind)
     try:
@@ -192,7 +202,7 @@ async def _tunnel(ctx, pod, conn: socket.socket, route: Route, rec: ConnectionRe
         session = await ctx.pool.session(key, lambda k: dial(ctx, pod, k))
         peer = StreamPeer(rec, ctx.telemetry.closed, tcp_is_client=True)
         peer.response = asyncio.get_running_loop().create_future()
-        session.open_stream(peer, route.authority_ip, route.authority_port, pod.info.ip, hbone.new_traceparent(),
+        session.open_stream(peer, route.authority_ip, route.authority_port, rec.src_ip, hbone.new_traceparent(),
                             rec.src_port)
         try:
             status = await asyncio.wait_for(asyncio.shield(peer.response), ctx.config.connect_timeout)

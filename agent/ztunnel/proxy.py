@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import ipaddress
 import logging
 import socket
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from shoal.hbone.pool import HbonePool
 from shoal.agent.ztunnel.telemetry import ProxyMetrics, Telemetry
 from shoal.zds import PodInfo, ZdsError
 from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND
-from shoal.xds.model import Workload
+from shoal.xds.model import Workload, canonical_ip
 from shoal.xds.state import ConfigState
 
 log = logging.getLogger(__name__)
@@ -137,19 +138,42 @@ class Acceptor:
             self.listener.close()
 
 
+LOOPBACK = {4: "127.0.0.1", 6: "::1"}
+ANY_ADDRESS = {4: "0.0.0.0", 6: "::"}
+
+
+def listener_plan(pod_ips: tuple[str, ...]) -> list[tuple[str, int, bool, Callable, str]]:
+    """The in-pod listeners: (host, port, any-address/transparent, handler, name).
+
+    Outbound on loopback: connect4/connect6 redirect IPv4 (and IPv4-mapped) destinations
+    to 127.0.0.1:15001, always, and native IPv6 ones to [::1]:15001, which exists when the
+    pod has IPv6 at all. Inbound 15006/15008 once per family the pod has an address in,
+    each socket of one family (IPv6 ones are V6ONLY), so the tc program's listener lookup
+    for a packet of one family finds exactly the listener of that family."""
+    versions = sorted({ipaddress.ip_address(a).version for a in pod_ips})
+    plan = [(LOOPBACK[v], PORT_OUTBOUND, False, handle_outbound, "outbound") for v in sorted({4, *versions})]
+    for v in versions:
+        plan += [(ANY_ADDRESS[v], PORT_INBOUND_PLAINTEXT, True, handle_plaintext, "plaintext"),
+                 (ANY_ADDRESS[v], PORT_HBONE, True, handle_hbone, "hbone")]
+    return plan
+
+
 @dataclass
 class EnrolledPod:
     info: PodInfo
     netns: NetnsHandle
     spiffe_id: str
     servers: list[Acceptor] = field(default_factory=list)
-    transparent: bool = False  # the app sees real client IPs (see transparent.py)
 
     def workload_stub(self) -> Workload:
         """Our view of the pod before the config stream names it."""
         return Workload(uid=self.info.uid, name=self.info.name, namespace=self.info.namespace,
                         service_account=self.info.service_account, node="", ip=self.info.ip, identity=0,
-                        spiffe_id=self.spiffe_id, meshed=True)
+                        spiffe_id=self.spiffe_id, meshed=True, ips=self.info.ips)
+
+    def owns(self, address: str) -> bool:
+        """Whether ``address`` is one of the pod's IPs (an IPv4-mapped form counts as IPv4)."""
+        return canonical_ip(address) in self.info.ips
 
     def stop_accepting(self) -> None:
         for server in self.servers:
@@ -157,9 +181,8 @@ class EnrolledPod:
 
     def describe(self) -> dict:
         return {"uid": self.info.uid, "namespace": self.info.namespace, "name": self.info.name,
-                "ip": self.info.ip, "identity": self.spiffe_id, "netns_inode": self.netns.inode,
-                "listening": bool(self.servers) and all(s.serving for s in self.servers),
-                "transparent": self.transparent}
+                "ip": self.info.ip, "ips": list(self.info.ips), "identity": self.spiffe_id, "netns_inode": self.netns.inode,
+                "listening": bool(self.servers) and all(s.serving for s in self.servers)}
 
 
 class PodRegistry:
@@ -193,19 +216,18 @@ class PodRegistry:
         except IdentityError as exc:
             raise ZdsError(str(exc)) from exc
         enrolled = EnrolledPod(pod, netns, spiffe)
-        loopback, anywhere = ("::1", "::") if ":" in pod.ip else ("127.0.0.1", "0.0.0.0")
         try:
             # A successor proxy's SO_REUSEPORT listeners take over queued connections when
             # ours close, instead of the kernel resetting them (net.ipv4.tcp_migrate_req).
             netns.write_sysctl("net/ipv4/tcp_migrate_req", "1")
         except OSError as exc:
             log.warning("tcp_migrate_req not set in %s: %s", pod.name, exc)
-        enrolled.transparent = ":" not in pod.ip and transparent.install(netns)
-        plan = [(loopback, PORT_OUTBOUND, False, handle_outbound, "outbound"),
-                (anywhere, PORT_INBOUND_PLAINTEXT, True, handle_plaintext, "plaintext"),
-                (anywhere, PORT_HBONE, True, handle_hbone, "hbone")]
+        problem = transparent.install(netns, pod.ips)
+        if problem is not None:
+            self.ctx.identities.release(pod.namespace, pod.service_account)
+            raise ZdsError(f"{pod.namespace}/{pod.name}: inbound delivery: {problem}")
         try:
-            for host, port, any_address, handler, name in plan:
+            for host, port, any_address, handler, name in listener_plan(pod.ips):
                 sock = netns.listener(host, port, transparent=any_address, backlog=LISTEN_BACKLOG)
                 enrolled.servers.append(Acceptor(
                     sock, functools.partial(handler, self.ctx, enrolled), name,
@@ -213,6 +235,7 @@ class PodRegistry:
                     on_shed=lambda listener: self.ctx.metrics.reject(listener, "overloaded")))
         except OSError:
             enrolled.stop_accepting()
+            transparent.remove(netns, pod.ips)
             self.ctx.identities.release(pod.namespace, pod.service_account)
             raise
         return enrolled
@@ -226,8 +249,7 @@ class PodRegistry:
         if enrolled is None:
             raise ZdsError(f"unknown pod {uid}")
         enrolled.stop_accepting()
-        if enrolled.transparent:
-            transparent.remove(enrolled.netns)
+        transparent.remove(enrolled.netns, enrolled.info.ips)
         enrolled.netns.close()
         self.ctx.identities.release(enrolled.info.namespace, enrolled.info.service_account)
         self.ctx.metrics.pods.set(len(self.pods))

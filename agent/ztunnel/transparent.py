@@ -1,19 +1,45 @@
-"""Inbound delivery with the client's real source IP (IP_TRANSPARENT), per pod.
+"""Inbound delivery to the app's pod IP from the client's real IP, per pod, both families.
 
-The proxy connects to the app from inside the pod with a transparent socket bound to
-the client's IP. The app's replies are then addressed to a remote IP and would leave
-through eth0; they must come back to the proxy over ``lo`` instead. The app's accepted
-socket inherits the proxy's SYN mark (``net.ipv4.tcp_fwmark_accept=1``; RSTs from closed
-ports via ``fwmark_reflect``), so its replies carry the proxy mark, and a policy rule sends marked replies to a ``local`` route.
+**Why over ``lo``.** The proxy connects to the app at the pod IP (of the destination's
+family) from inside the pod, with its socket bound to the ``lo`` device
+(``SO_BINDTODEVICE``). The agent's sk_lookup program hands every new connection in a
+meshed pod to the proxy's 15006 listener, except connections arriving on ``lo``. A
+connect to the pod's own IP is delivered over ``lo``, but the kernel reports the
+address's device (eth0) as its ingress unless the socket itself routed through ``lo``;
+a ``lo``-bound socket does, so its SYN reaches the app's listener instead of coming
+back to 15006 (the loop that once exhausted fds). Nothing in the packet is trusted: only
+a socket inside the pod's namespace can route through its ``lo`` (and binding to a
+device needs ``CAP_NET_RAW`` there), and pod processes' own connects are captured
+earlier by the agent's connect4/connect6, keyed to the proxy's cgroup.
 
-The proxy's *other* sockets carry the same mark (the agent's capture skips exactly that
-mark), so the rule also keys on the source port: app replies come from the app's port,
-the proxy's own connections from ephemeral ports (>= 32768) or 15006/15008. Hence the
-rule ranges below, and transparency only for app ports inside them (else the app sees
-the pod's own IP, as without this module). IPv4 only for now.
+**Real client IP.** The delivery socket is bound to the client's IP (IP_TRANSPARENT /
+IPV6_TRANSPARENT) and carries ``DELIVERY_MARK``. The app's accepted socket inherits the
+SYN's mark (``net.ipv4.tcp_fwmark_accept=1``, which covers TCP over IPv6 too; RSTs of
+closed ports through ``fwmark_reflect``), so every reply of the app on that connection
+carries it, and a rule per family sends marked replies to a table holding only
+``local 0.0.0.0/0`` / ``local ::/0`` on ``lo``: replies addressed to a remote IP come
+back to the proxy's ``lo``-bound socket instead of leaving through eth0. A second rule,
+``oif lo``, routes the delivery socket's own SYN through that table (IPv6 needs it; IPv4
+does it by itself). The mark only routes packets inside the pod: a pod process that sets
+it only routes its own packets to itself.
+
+While the agent's connect4 still recognises the proxy's sockets by the proxy mark
+(0x539), delivery sockets must carry that same mark (else connect4 would capture the
+delivery and loop it back through 15001), and so do the proxy's other sockets, which
+connect from ephemeral ports (>= 32768) or 15006/15008. The reply rules therefore also
+key on the app's source port: app ports 1-15000 and 15009-32767 (``SHARED_MARK_PORTS``).
+On other app ports the delivery comes from the loopback address of the family, the only
+source whose replies return over ``lo`` without the rule. Once capture recognises the
+proxy by its cgroup, ``DELIVERY_MARK`` becomes a mark of its own and the rule needs no
+port range: every port gets the real client address.
+
+A connection from the pod to itself (hairpin through a Service) has the pod's own
+address as client, which cannot be bound next to the app: it comes from loopback too
+(it is local, after all).
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import subprocess
 
@@ -22,60 +48,72 @@ from shoal.config import PROXY_MARK
 
 log = logging.getLogger(__name__)
 
+DELIVERY_MARK = PROXY_MARK     # shared with the proxy's other sockets: see the docstring
+SHARED_MARK_PORTS = ((1, 15000), (15009, 32767))
 TABLE = 15539
-RULES = ((15538, 1, 15000), (15539, 15009, 32767))  # (priority, first sport, last sport)
-EPHEMERAL_FLOOR = 32768
+DELIVERY_RULE_PRIORITY = 15537
+REPLY_RULE_PRIORITIES = (15538, 15539)
+ANY_ADDRESS = {4: "0.0.0.0/0", 6: "::/0"}
+
+
+def reply_port_ranges() -> tuple[tuple[int, int], ...]:
+    """App ports whose replies the rules route back (the app sees the real client)."""
+    return SHARED_MARK_PORTS if DELIVERY_MARK == PROXY_MARK else ((1, 65535),)
 
 
 def port_supported(port: int) -> bool:
-    return any(first <= port <= last for _, first, last in RULES)
+    return any(first <= port <= last for first, last in reply_port_ranges())
 
 
-def _batch(remove_only: bool) -> str:
-    lines = [f"rule del priority {priority}" for priority, _, _ in RULES]
+def _batch(remove_only: bool, version: int) -> str:
+    """The ``ip -<version> -batch`` script for one family: delete what we may have added,
+    then unless ``remove_only`` add the rules and the table."""
+    lines = [f"rule del priority {p}" for p in (DELIVERY_RULE_PRIORITY, *REPLY_RULE_PRIORITIES)]
     lines.append(f"route flush table {TABLE}")
     if not remove_only:
-        lines += [f"rule add priority {priority} fwmark {PROXY_MARK:#x}/0xffffffff sport {first}-{last} "
-                  f"lookup {TABLE}" for priority, first, last in RULES]
-        lines.append(f"route add local 0.0.0.0/0 dev lo table {TABLE}")
+        lines.append(f"rule add priority {DELIVERY_RULE_PRIORITY} oif lo lookup {TABLE}")
+        lines += [f"rule add priority {priority} fwmark {DELIVERY_MARK:#x}/0xffffffff sport {first}-{last} "
+                  f"lookup {TABLE}" for priority, (first, last) in zip(REPLY_RULE_PRIORITIES, reply_port_ranges())]
+        lines.append(f"route add local {ANY_ADDRESS[version]} dev lo table {TABLE}")
     return "\n".join(lines) + "\n"
 
 
-def _ip_batch(netns: NetnsHandle, script: str) -> subprocess.CompletedProcess:
+def _ip_batch(netns: NetnsHandle, version: int, script: str) -> list[str]:
+    """Runs ``script`` for one family in the pod's namespace; returns the failed adds."""
     # A child forked from this thread starts in the thread's (pod's) namespace.
     with netns.entered():
-        return subprocess.run(["ip", "-force", "-batch", "-"], input=script, capture_output=True, text=True,
-                              timeout=10)
+        done = subprocess.run(["ip", f"-{version}", "-force", "-batch", "-"], input=script,
+                              capture_output=True, text=True, timeout=10)
+    # -force keeps going past the deletes of rules that did not exist yet; the adds must work.
+    return [line for line in done.stderr.splitlines() if "add" in line or "File exists" in line]
 
 
-def install(netns: NetnsHandle) -> bool:
-    """Prepare a pod namespace for transparent delivery; False (and why, logged) if not."""
+def _versions(addresses: tuple[str, ...]) -> tuple[int, ...]:
+    return tuple(sorted({ipaddress.ip_address(a).version for a in addresses}))
+
+
+def install(netns: NetnsHandle, addresses: tuple[str, ...]) -> str | None:
+    """Prepares a pod namespace for delivery to its ``addresses``; None when done, else
+    why not (logged by the caller: the pod cannot be served without it)."""
+    versions = _versions(addresses)
     try:
-        with netns.entered():
-            with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-                floor = int(f.read().split()[0])
-        if floor < EPHEMERAL_FLOOR:
-            log.warning("transparent delivery off: ephemeral ports start at %d (< %d)", floor, EPHEMERAL_FLOOR)
-            return False
         netns.write_sysctl("net/ipv4/tcp_fwmark_accept", "1")
         # Kernel answers without a socket (the RST of a closed port) reflect the mark too,
-        # so a refused transparent connect fails at once instead of timing out.
-        netns.write_sysctl("net/ipv4/fwmark_reflect", "1")
-        done = _ip_batch(netns, _batch(remove_only=False))
-    except (OSError, ValueError, subprocess.SubprocessError) as exc:
-        log.warning("transparent delivery off: %s", exc)
-        return False
-    # -force keeps going past the deletes of rules that did not exist yet; the adds must work.
-    errors = [line for line in done.stderr.splitlines() if "add" in line or "File exists" in line]
-    if errors:
-        log.warning("transparent delivery off: %s", "; ".join(errors))
-        _ip_batch(netns, _batch(remove_only=True))
-        return False
-    return True
-
-
-def remove(netns: NetnsHandle) -> None:
-    try:
-        _ip_batch(netns, _batch(remove_only=True))
+        # so a refused delivery fails at once instead of timing out.
+        for version in versions:
+            netns.write_sysctl(f"net/ipv{version}/fwmark_reflect", "1")
+        errors = [e for v in versions for e in _ip_batch(netns, v, _batch(False, v))]
     except (OSError, subprocess.SubprocessError) as exc:
-        log.info("transparent rules not removed: %s", exc)
+        return f"delivery setup failed: {exc}"
+    if errors:
+        remove(netns, addresses)
+        return f"delivery rules failed: {'; '.join(errors)}"
+    return None
+
+
+def remove(netns: NetnsHandle, addresses: tuple[str, ...]) -> None:
+    try:
+        for version in _versions(addresses):
+            _ip_batch(netns, version, _batch(True, version))
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.info("delivery rules not removed: %s", exc)

@@ -12,7 +12,8 @@ from tests.devca import DevCA
 from shoal.xds.model import ConfigDelta
 from shoal.xds.state import ConfigState
 
-from tests.agent.ztunnel.proxybed import CLIENT_IP, OTHER_IP, SERVER_IP, workload
+from tests.agent.ztunnel.proxybed import (CLIENT_IP, CLIENT_IP6, OTHER_IP, OTHER_IP6, SERVER_IP,
+                                          SERVER_IP6, workload)
 
 
 def pytest_asyncio_loop_factories(config, item):
@@ -30,7 +31,7 @@ def _ip(*args: str) -> None:
 
 @pytest.fixture(scope="module")
 def pod_netns():
-    """Three pod namespaces on one bridge-less veth segment: client, server, other.
+    """Three dual-stack pod namespaces on one veth segment: client, server, other.
 
     Names are unique (shoal-t<pid>-<tag>-x); removed even when tests fail.
     """
@@ -44,13 +45,15 @@ def pod_netns():
             _ip("-n", name, "link", "set", "lo", "up")
         # server <-> client and server <-> other: a bridge in the server's namespace.
         _ip("-n", names["server"], "link", "add", "br0", "type", "bridge")
-        for role, ip in (("client", CLIENT_IP), ("other", OTHER_IP)):
+        for role, ip, ip6 in (("client", CLIENT_IP, CLIENT_IP6), ("other", OTHER_IP, OTHER_IP6)):
             _ip("-n", names[role], "link", "add", "eth0", "type", "veth", "peer", "name", f"v{role}",
                 "netns", names["server"])
             _ip("-n", names[role], "addr", "add", f"{ip}/24", "dev", "eth0")
+            _ip("-n", names[role], "addr", "add", f"{ip6}/64", "dev", "eth0", "nodad")
             _ip("-n", names[role], "link", "set", "eth0", "up")
             _ip("-n", names["server"], "link", "set", f"v{role}", "master", "br0", "up")
         _ip("-n", names["server"], "addr", "add", f"{SERVER_IP}/24", "dev", "br0")
+        _ip("-n", names["server"], "addr", "add", f"{SERVER_IP6}/64", "dev", "br0", "nodad")
         _ip("-n", names["server"], "link", "set", "br0", "up")
         yield names
     finally:
@@ -61,10 +64,10 @@ def pod_netns():
 @pytest.fixture
 def state():
     st = ConfigState()
-    st.apply(ConfigDelta("1", upserted=(workload("client-0", CLIENT_IP, "client"),
-                                        workload("web-0", SERVER_IP, "web"),
+    st.apply(ConfigDelta("1", upserted=(workload("client-0", CLIENT_IP, "client", ips=(CLIENT_IP, CLIENT_IP6)),
+                                        workload("web-0", SERVER_IP, "web", ips=(SERVER_IP, SERVER_IP6)),
                                         workload("legacy-0", OTHER_IP, "default", ns="legacy", meshed=False,
-                                                 protocol="TCP"))))
+                                                 protocol="TCP", ips=(OTHER_IP, OTHER_IP6)))))
     return st
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from shoal.xds.model import Workload
+from shoal.xds.model import Workload, canonical_ip
 
 CLIENT_IP, SERVER_IP, OTHER_IP = "10.250.0.1", "10.250.0.2", "10.250.0.3"
+CLIENT_IP6, SERVER_IP6, OTHER_IP6 = "fd00:250::1", "fd00:250::2", "fd00:250::3"
 
 
 def workload(name, ip, sa, ns="demo", meshed=True, **kw) -> Workload:
@@ -34,19 +35,24 @@ class EchoServer:
 
     def __init__(self, greeting: bytes = b""):
         self.peers: list[tuple] = []
+        self.finished = 0        # connections the client side has closed
         self.server = None
         self.greeting = greeting  # server-first protocols speak before the client
 
-    async def start(self, netns_path: str, ip: str, port: int):
-        """Listen on all addresses of the pod (``ip`` names the pod, for readers)."""
+    async def start(self, netns_path: str, ip: str, port: int, bind: str = "::"):
+        """Listen in the pod on ``bind``: by default every address of both families (``ip``
+        names the pod, for readers); an app bound to its pod IP or to loopback passes it."""
         from shoal.agent.ztunnel.netns import NetnsHandle
 
         home = NetnsHandle.current()
         ns = NetnsHandle.from_path(netns_path, home)
+        family = socket.AF_INET6 if ":" in bind else socket.AF_INET
         with ns.entered():
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("0.0.0.0", port))  # the proxy delivers over the pod's loopback
+        if bind == "::":
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((bind, port))
         sock.setblocking(False)
         ns.close()
         # asyncio listens again with its own backlog (100 by default): an app that cannot
@@ -55,7 +61,8 @@ class EchoServer:
         return self
 
     async def _serve(self, reader, writer):
-        self.peers.append(writer.get_extra_info("peername"))
+        peer = writer.get_extra_info("peername")
+        self.peers.append((canonical_ip(peer[0]), *peer[1:]))
         if self.greeting:
             writer.write(self.greeting)
         try:
@@ -65,6 +72,7 @@ class EchoServer:
         except ConnectionError:
             pass
         finally:
+            self.finished += 1
             writer.close()
 
     def close(self):

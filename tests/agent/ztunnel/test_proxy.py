@@ -25,14 +25,15 @@ from shoal.zds import PodInfo, ZdsClient
 from shoal.config import ClusterLayout
 from shoal.xds.model import Authorization, ConfigDelta, Rule, Service, ServicePort, Source
 
-from tests.agent.ztunnel.proxybed import CLIENT_IP, OTHER_IP, SERVER_IP, EchoServer, FakeOrigdst, workload
+from tests.agent.ztunnel.proxybed import (CLIENT_IP, CLIENT_IP6, OTHER_IP, SERVER_IP, SERVER_IP6, EchoServer,
+                                          FakeOrigdst, workload)
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(60)]
 
 APP_PORT = 8080
 PODS = {
-    "client": PodInfo("uid-client-0", "demo", "client-0", CLIENT_IP, "client"),
-    "server": PodInfo("uid-web-0", "demo", "web-0", SERVER_IP, "web"),
+    "client": PodInfo("uid-client-0", "demo", "client-0", CLIENT_IP, "client", (CLIENT_IP, CLIENT_IP6)),
+    "server": PodInfo("uid-web-0", "demo", "web-0", SERVER_IP, "web", (SERVER_IP, SERVER_IP6)),
 }
 
 
@@ -137,10 +138,13 @@ async def test_server_first_protocol_greeting_is_not_lost(harness):
 
 
 async def test_app_port_outside_transparent_range_still_served(harness):
+    from shoal.agent.ztunnel import transparent
+
     high = await EchoServer().start(f"/run/netns/{harness.netns['server']}", SERVER_IP, 40000)
     try:
         assert await harness.echo_roundtrip(dst=(SERVER_IP, 40000)) == b"hello"
-        assert high.peers[0][0] == "127.0.0.1"  # documented fallback: the loopback address
+        # The documented fallback while the delivery mark is shared: the loopback address.
+        assert high.peers[0][0] == (CLIENT_IP if transparent.port_supported(40000) else "127.0.0.1")
     finally:
         high.close()
 
