@@ -23,7 +23,7 @@ from shoal.agent.ztunnel.telemetry import (
 from shoal.hbone.session import HboneSession, PipeEnd, StreamPeer
 from shoal.config import PORT_HBONE
 from shoal.telemetry_labels import service_fqdn
-from shoal.xds.model import Waypoint, Workload, canonical_ip, ip_family
+from shoal.xds.model import Waypoint, Workload, address_of_family, canonical_ip, ip_family
 from shoal.xds.state import ConfigState
 
 if TYPE_CHECKING:
@@ -124,7 +124,7 @@ async def handle_outbound(ctx: "ProxyContext", pod: "EnrolledPod", conn: socket.
             reset_connection(conn)
             return
     route = plan_route(ctx.state, dst_ip, dst_port)
-    source_ip = pod.workload_stub().address(ip_family(route.target_ip or dst_ip)) or pod.info.ip
+    source_ip = address_of_family(pod.info.ips, ip_family(route.target_ip or dst_ip)) or pod.info.ip
     rec = ConnectionRecord("source", source_ip, peer[1], dst_ip, dst_port,
                            src_workload=ctx.state.workload(pod.info.uid) or pod.workload_stub(),
                            dst_workload=route.workload, service=route.service, route=route.kind)

@@ -11,16 +11,18 @@ from shoal.zds import (
 )
 
 POD = PodInfo(uid="u1", namespace="demo", name="web-0", ip="10.244.1.5", service_account="web")
+DUAL = PodInfo("u2", "demo", "web-1", "10.244.1.6", "web", ("10.244.1.6", "fd00:10:244:1::6"))
 
 
-@pytest.mark.parametrize("message", [Hello(1), AddPod(POD), DelPod("u1"), SnapshotSent(), Ack(None), Ack("boom")])
+@pytest.mark.parametrize("message", [Hello(1), AddPod(POD), AddPod(DUAL), DelPod("u1"), SnapshotSent(), Ack(None), Ack("boom")])
 def test_roundtrip(message):
     assert decode(encode(message)) == message
 
 
 def test_wire_format_matches_contract():
     assert decode(b'{"type":"add","uid":"u","namespace":"n","name":"p","ip":"fd00::1","service_account":"sa"}') \
-        == AddPod(PodInfo("u", "n", "p", "fd00::1", "sa"))
+        == AddPod(PodInfo("u", "n", "p", "fd00::1", "sa"))   # an older agent: ips == (ip,)
+    assert decode(encode(AddPod(DUAL))).pod.ips == ("10.244.1.6", "fd00:10:244:1::6")
     assert encode(Ack(None)) == b'{"type":"ack","error":null}'
 
 
@@ -29,6 +31,12 @@ def test_wire_format_matches_contract():
     b'{"type":"add","uid":"u","namespace":"n","name":"p","ip":"not-an-ip","service_account":"sa"}',
     b'{"type":"add","uid":"","namespace":"n","name":"p","ip":"10.0.0.1","service_account":"sa"}',
     b'{"type":"del"}', b'{"type":"ack","error":3}',
+    # dual-stack: the list must hold ip, be addresses, one per family
+    b'{"type":"add","uid":"u","namespace":"n","name":"p","ip":"10.0.0.1","service_account":"sa","ips":["fd00::1"]}',
+    b'{"type":"add","uid":"u","namespace":"n","name":"p","ip":"10.0.0.1","service_account":"sa","ips":["10.0.0.1",7]}',
+    b'{"type":"add","uid":"u","namespace":"n","name":"p","ip":"10.0.0.1","service_account":"sa",'
+    b'"ips":["10.0.0.1","10.0.0.2"]}',
+    b'{"type":"add","uid":"u","namespace":"n","name":"p","ip":"10.0.0.1","service_account":"sa","ips":"10.0.0.1"}',
 ])
 def test_rejects_malformed(raw):
     with pytest.raises(ZdsError):

@@ -58,3 +58,23 @@ def test_unmeshed_and_unknown_destinations_pass_through():
     assert plan_route(state(), "10.244.1.4", 9000).kind == "passthrough"
     route = plan_route(state(), "192.0.2.7", 443)
     assert (route.kind, route.target_ip, route.target_port) == ("passthrough", "192.0.2.7", 443)
+
+
+def test_routes_stay_in_the_family_the_app_dialled():
+    web1 = workload("web-1", "10.244.2.3", "web", ips=("10.244.2.3", "fd00:10:244:2::3"))
+    wp = Waypoint("waypoint", "demo", "10.244.2.9", "waypoint", WAYPOINT.spiffe_id, ips=("10.244.2.9", "fd00::9"))
+    svc = Service("web", "demo", "10.96.0.10", (ServicePort("http", 80, 8080),), (web1.uid,),
+                  vips=("10.96.0.10", "fd00:10:96::a"))
+    st = ConfigState()
+    st.apply(ConfigDelta("1", upserted=(web1, wp, svc, LEGACY)))
+    v6 = plan_route(st, "fd00:10:96::a", 80)       # IPv6 ClusterIP -> the pod's IPv6, HBONE over IPv6
+    assert (v6.kind, v6.target_ip, v6.authority_ip, v6.authority_port) == ("hbone", "fd00:10:244:2::3",
+                                                                          "fd00:10:244:2::3", 8080)
+    mapped = plan_route(st, "::ffff:10.96.0.10", 80)  # IPv4-mapped is IPv4: same decision as 10.96.0.10
+    assert (mapped.kind, mapped.target_ip) == ("hbone", "10.244.2.3")
+    assert plan_route(st, "fd00:10:244:2::3", 8080).target_ip == "fd00:10:244:2::3"
+    # A destination without an address of that family gets its primary one.
+    assert plan_route(st, "::ffff:10.244.1.4", 9000).target_ip == "10.244.1.4"
+    st.apply(ConfigDelta("2", upserted=(workload("web-1", "10.244.2.3", "web", ips=("10.244.2.3", "fd00:10:244:2::3"),
+                                                 waypoint=WaypointRef("demo", "waypoint")),)))
+    assert plan_route(st, "fd00:10:244:2::3", 8080).target_ip == "fd00::9"   # the waypoint's IPv6
