@@ -102,7 +102,7 @@ async def handle_hbone(ctx: "ProxyContext", pod: "EnrolledPod", conn: socket.soc
     session = HboneSession(client_side=False, idle_timeout=ctx.config.pool_idle_timeout,
                            on_request=lambda s, ev: _on_request(ctx, pod, s, ev, peer[0]),
                            on_rejected=lambda reason: ctx.metrics.reject("hbone", reason),
-                           on_closed=ctx.inbound_sessions.discard,
+                           on_closed=lambda s: (ctx.inbound_sessions.discard(s), pod.sessions.discard(s)),
                            verify=lambda ssl_object: check_session(ssl_object, None))
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -119,6 +119,7 @@ async def handle_hbone(ctx: "ProxyContext", pod: "EnrolledPod", conn: socket.soc
         return
     session.local_identity = pod.spiffe_id
     ctx.inbound_sessions.add(session)
+    pod.sessions.add(session)
 
 
 def _refuse_handshake(ctx, conn, peer, reason: str, exc: BaseException) -> None:

@@ -164,6 +164,7 @@ class EnrolledPod:
     netns: NetnsHandle
     spiffe_id: str
     servers: list[Acceptor] = field(default_factory=list)
+    sessions: set = field(default_factory=set)   # inbound HBONE sessions into this pod
 
     def workload_stub(self) -> Workload:
         """Our view of the pod before the config stream names it."""
@@ -249,6 +250,11 @@ class PodRegistry:
         if enrolled is None:
             raise ZdsError(f"unknown pod {uid}")
         enrolled.stop_accepting()
+        # Its inbound tunnels go too: each socket keeps the pod's network namespace (and its
+        # veth, with the pod's IP) alive, so a new pod given that IP would see its traffic
+        # land in the dead pod's namespace.
+        for session in list(enrolled.sessions):
+            session.close()
         transparent.remove(enrolled.netns, enrolled.info.ips)
         enrolled.netns.close()
         self.ctx.identities.release(enrolled.info.namespace, enrolled.info.service_account)

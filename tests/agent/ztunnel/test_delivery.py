@@ -119,3 +119,15 @@ async def test_client_giving_up_during_the_app_connect_leaves_no_app_connection(
         await asyncio.sleep(0.05)
     writer.close()
     assert len(harness.echo.peers) == 1 and harness.echo.finished == 1
+
+
+async def test_releasing_a_pod_closes_its_inbound_tunnels(harness):
+    """A live HBONE session into a deleted pod kept that pod's namespace (and its veth, with
+    its IP) alive: a new pod given the same IP then saw its traffic land in the dead one."""
+    assert await harness.echo_roundtrip() == b"hello"
+    server = harness.app.pods.pods["uid-web-0"]
+    assert len(server.sessions) == 1
+    session = next(iter(server.sessions))
+    await harness.app.pods.remove_pod("uid-web-0")
+    await asyncio.sleep(0.1)
+    assert session.closed and not harness.app.ctx.inbound_sessions
