@@ -10,10 +10,8 @@ drain its live connections for ``drain_grace`` seconds. A proxy restarted after 
 gets every pod again the same way, because the agent replays on reconnect.
 
 Inbound delivery goes to the app's pod IP over the pod's ``lo`` (never to its loopback
-address): the app sees the client's real IP (IP_TRANSPARENT plus policy routes for its
-replies, set up per pod by ``transparent.py``) for app ports 1-15000 and 15009-32767 in
-both families; elsewhere the loopback address (the real client is always in the access
-log and the flows).
+address): the app sees the client's real IP on every port, both families (IP_TRANSPARENT
+plus a policy route for its replies, set up per pod by ``transparent.py``).
 """
 from __future__ import annotations
 

@@ -9,9 +9,8 @@
 The app is reached from inside the pod's namespace at ``<pod IP>:<port>``, the pod IP
 of the destination's family, never at a loopback address: a listener the app bound to
 127.0.0.1 or ::1 stays local to the pod. Anything asking for a loopback destination is
-refused (``loopback_destination``). The app sees the client's real IP where
-``transparent.py`` could set the pod up (app ports 1-15000 and 15009-32767, both
-families), otherwise the pod's own IP.
+refused (``loopback_destination``). The app sees the client's real IP on every port, in
+both families (``transparent.py``); only a hairpin from the pod itself comes from loopback.
 
 The client's address is the peer address of the proxy's own connection: on 15008 that
 is the source pod's IP (the source node proxy dials from inside that pod), with its
@@ -67,16 +66,14 @@ async def connect_app(ctx: "ProxyContext", pod: "EnrolledPod", dst_ip: str, port
     """A TCP connection from the proxy to the app at its pod IP ``dst_ip``, made inside
     the pod's namespace with the socket bound to ``lo``: the agent's sk_lookup leaves
     connections arriving on ``lo`` to the app and steers every other one back into the
-    proxy. From the client's own IP (IP_TRANSPARENT), in both families, on the ports
-    transparent.py can route the app's replies for; see there for the routing."""
+    proxy. From the client's own IP (IP_TRANSPARENT), on every port and both families;
+    see transparent.py for the routing that makes both work."""
     dst_ip = canonical_ip(dst_ip)
     client_ip = canonical_ip(client_ip) if client_ip else ""
     family = socket.AF_INET6 if ":" in dst_ip else socket.AF_INET
     if (":" in client_ip) != (family == socket.AF_INET6):
         raise ConnectionRefusedError(f"client {client_ip} and destination {dst_ip} differ in family")
-    # From loopback: a hairpin from the pod itself, and app ports whose replies the
-    # delivery rules cannot route back while the delivery mark is shared (transparent.py).
-    spoof = not pod.owns(client_ip) and transparent.port_supported(port)
+    spoof = not pod.owns(client_ip)   # a hairpin from the pod itself comes from loopback
     sock = pod.netns.socket(family, transparent=spoof, mark=transparent.DELIVERY_MARK)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo")

@@ -18,24 +18,19 @@ SYN's mark (``net.ipv4.tcp_fwmark_accept=1``, which covers TCP over IPv6 too; RS
 closed ports through ``fwmark_reflect``), so every reply of the app on that connection
 carries it, and a rule per family sends marked replies to a table holding only
 ``local 0.0.0.0/0`` / ``local ::/0`` on ``lo``: replies addressed to a remote IP come
-back to the proxy's ``lo``-bound socket instead of leaving through eth0. A second rule,
-``oif lo``, routes the delivery socket's own SYN through that table (IPv6 needs it; IPv4
-does it by itself). The mark only routes packets inside the pod: a pod process that sets
-it only routes its own packets to itself.
+back to the proxy's ``lo``-bound socket instead of leaving through eth0. The same rule
+routes the delivery socket's own SYN through that table (IPv6 needs it; IPv4 does it by
+itself). The mark only routes packets inside the pod: a pod process that sets it only
+routes its own packets to itself.
 
-While the agent's connect4 still recognises the proxy's sockets by the proxy mark
-(0x539), delivery sockets must carry that same mark (else connect4 would capture the
-delivery and loop it back through 15001), and so do the proxy's other sockets, which
-connect from ephemeral ports (>= 32768) or 15006/15008. The reply rules therefore also
-key on the app's source port: app ports 1-15000 and 15009-32767 (``SHARED_MARK_PORTS``).
-On other app ports the delivery comes from the loopback address of the family, the only
-source whose replies return over ``lo`` without the rule. Once capture recognises the
-proxy by its cgroup, ``DELIVERY_MARK`` becomes a mark of its own and the rule needs no
-port range: every port gets the real client address.
+The mark is the delivery's own (``DELIVERY_MARK``, not the proxy mark 0x539 its other
+sockets carry): the agent's capture recognises the proxy by its cgroup, so nothing forces
+the two to be one, and with its own mark the rule needs no port range. The app sees the
+real client address on every port, in both families.
 
 A connection from the pod to itself (hairpin through a Service) has the pod's own
-address as client, which cannot be bound next to the app: it comes from loopback too
-(it is local, after all).
+address as client, which cannot be bound next to the app: it comes from the loopback
+address of the family (it is local, after all).
 """
 from __future__ import annotations
 
@@ -44,36 +39,25 @@ import logging
 import subprocess
 
 from shoal.agent.ztunnel.netns import NetnsHandle
-from shoal.config import PROXY_MARK
 
 log = logging.getLogger(__name__)
 
-DELIVERY_MARK = PROXY_MARK     # shared with the proxy's other sockets: see the docstring
-SHARED_MARK_PORTS = ((1, 15000), (15009, 32767))
+DELIVERY_MARK = 0x53a          # delivery sockets, and the app sockets they made (tcp_fwmark_accept)
 TABLE = 15539
-DELIVERY_RULE_PRIORITY = 15537
-REPLY_RULE_PRIORITIES = (15538, 15539)
+RULE_PRIORITY = 15538
 ANY_ADDRESS = {4: "0.0.0.0/0", 6: "::/0"}
-
-
-def reply_port_ranges() -> tuple[tuple[int, int], ...]:
-    """App ports whose replies the rules route back (the app sees the real client)."""
-    return SHARED_MARK_PORTS if DELIVERY_MARK == PROXY_MARK else ((1, 65535),)
-
-
-def port_supported(port: int) -> bool:
-    return any(first <= port <= last for first, last in reply_port_ranges())
+# Earlier versions installed rules at these priorities (oif lo; mark 0x539 by port range):
+# deleted on install, so a pod enrolled by an older proxy is cleaned up.
+_OLD_PRIORITIES = (15537, 15539)
 
 
 def _batch(remove_only: bool, version: int) -> str:
-    """The ``ip -<version> -batch`` script for one family: delete what we may have added,
-    then unless ``remove_only`` add the rules and the table."""
-    lines = [f"rule del priority {p}" for p in (DELIVERY_RULE_PRIORITY, *REPLY_RULE_PRIORITIES)]
+    """The ``ip -<version> -batch`` script for one family: delete what we (or an older
+    version) may have added, then unless ``remove_only`` add the rule and the table."""
+    lines = [f"rule del priority {p}" for p in (RULE_PRIORITY, *_OLD_PRIORITIES)]
     lines.append(f"route flush table {TABLE}")
     if not remove_only:
-        lines.append(f"rule add priority {DELIVERY_RULE_PRIORITY} oif lo lookup {TABLE}")
-        lines += [f"rule add priority {priority} fwmark {DELIVERY_MARK:#x}/0xffffffff sport {first}-{last} "
-                  f"lookup {TABLE}" for priority, (first, last) in zip(REPLY_RULE_PRIORITIES, reply_port_ranges())]
+        lines.append(f"rule add priority {RULE_PRIORITY} fwmark {DELIVERY_MARK:#x}/0xffffffff lookup {TABLE}")
         lines.append(f"route add local {ANY_ADDRESS[version]} dev lo table {TABLE}")
     return "\n".join(lines) + "\n"
 

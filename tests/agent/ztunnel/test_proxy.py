@@ -137,14 +137,11 @@ async def test_server_first_protocol_greeting_is_not_lost(harness):
         db.close()
 
 
-async def test_app_port_outside_transparent_range_still_served(harness):
-    from shoal.agent.ztunnel import transparent
-
+async def test_real_client_ip_on_ephemeral_range_ports_too(harness):
     high = await EchoServer().start(f"/run/netns/{harness.netns['server']}", SERVER_IP, 40000)
     try:
         assert await harness.echo_roundtrip(dst=(SERVER_IP, 40000)) == b"hello"
-        # The documented fallback while the delivery mark is shared: the loopback address.
-        assert high.peers[0][0] == (CLIENT_IP if transparent.port_supported(40000) else "127.0.0.1")
+        assert high.peers[0][0] == CLIENT_IP  # the delivery's own mark: no port ranges
     finally:
         high.close()
 

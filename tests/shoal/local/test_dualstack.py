@@ -15,9 +15,6 @@ from tests.conftest import eventually, pod_exec, shoal_cli
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
 APP = str(Path(__file__).resolve().parent / "ipapp.py")
-# Needs the agent's IPv6 capture (connect6, tc for IPv6): until then IPv6 TCP to a meshed
-# pod is dropped by design (fail closed), so these fail, and must start passing with it.
-NEEDS_V6_CAPTURE = pytest.mark.xfail(strict=True, reason="IPv6 capture (connect6/tc v6, kernel side) not on main yet")
 
 
 def _pod(namespace: str, name: str, node: str, *listen: str) -> dict:
@@ -80,12 +77,13 @@ def test_nodes_and_pods_are_dual_stack_and_ipv6_is_routed_across_nodes(demo_clus
     assert _connect(layout, "control", server6, 9100) == f"from {layout.CONTROLLER_IPS[1]}"
 
 
+@pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize("where", ["demo/client-0", "legacy/client-0", "control"])
-def test_loopback_only_listener_is_not_reachable_through_the_pod_ip(demo_cluster, apps, where):
+def test_loopback_only_listener_is_not_reachable_through_the_pod_ip(demo_cluster, apps, where, family):
     """Issue 11: an app on 127.0.0.1:9999 in a meshed pod answered meshed pods, an unmeshed
     pod and the control netns, because the proxy delivered to the pod's loopback."""
     layout = demo_cluster.layout
-    answer = _connect(layout, where, _ips(apps["demo/ipapp-0"])[4], 9999)
+    answer = _connect(layout, where, _ips(apps["demo/ipapp-0"])[family], 9999)
     assert answer.startswith("error"), f"{where} reached a loopback-only listener: {answer}"
     assert "9999: connection" not in shoal_cli(layout, "logs", "demo/ipapp-0").stdout
 
@@ -100,7 +98,6 @@ def test_app_bound_only_to_its_pod_ip_answers_through_the_mesh_with_the_real_cli
     assert "mTLS spiffe://cluster.local/ns/demo/sa/client -> spiffe://cluster.local/ns/demo/sa/default" in flows
 
 
-@NEEDS_V6_CAPTURE
 def test_app_bound_only_to_its_pod_ipv6_answers_through_the_mesh_with_the_real_client(demo_cluster, apps):
     layout = demo_cluster.layout
     client6 = _ips(_pods(layout)["demo/client-0"])[6]
@@ -113,7 +110,6 @@ def test_curl_ipv4_to_the_dual_stack_service(demo_cluster):
     assert out.startswith("hello from web-")
 
 
-@NEEDS_V6_CAPTURE
 def test_curl_ipv6_to_the_dual_stack_service(demo_cluster):
     out = pod_exec(demo_cluster.layout, "demo/client-0", "curl", "-6", "-s", "--max-time", "5",
                    "http://web.demo:8080/").stdout
