@@ -7,8 +7,11 @@
  * port (the app's); assigning the listener from tc instead would be refused next to
  * the TIME_WAIT. tc writes the proxy_listeners entry (pod IP, 15006) right before it
  * hands such a SYN over; without an entry this program drops, never picks the app.
- * Loopback is left alone: the proxy delivers to the app there, and pod-local
- * connects are captured by connect4/6. Both families: keys are struct shoal_addr.
+ * Connections arriving on lo are left alone: the proxy delivers to the app's pod IP
+ * from a socket bound to lo (a connect to a local address reports the address's device,
+ * eth0, as its ingress unless the socket itself routed through lo; see
+ * agent/ztunnel/transparent.py), and pod-local connects are captured by connect4/6
+ * before they get here. Both families: keys are struct shoal_addr.
  */
 #include "lib/helpers.h"
 
