@@ -32,7 +32,7 @@ SERVERS = [
     {"apiVersion": "v1", "kind": "Pod",
      "metadata": {"name": "far-0", "namespace": "demo", "labels": {"app": "far"}},
      "spec": {"nodeName": "node-2", "containers": [
-         {"name": "web", "command": ["python3", "-m", "shoal.demo.apps", "web", "--port", "8080"]}]}},
+         {"name": "web", "command": ["python3", "-m", "shoal.local.demo.apps", "web", "--port", "8080"]}]}},
     {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "far", "namespace": "demo"},
      "spec": {"selector": {"app": "far"}, "ipFamilyPolicy": "PreferDualStack",
               "ports": [{"name": "http", "port": 8080, "targetPort": 8080}]}},
