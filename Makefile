@@ -15,7 +15,9 @@ demo: install
 test: install
 	@$(PYTEST) -q -ra tests
 
-bench: install
+# The benchmarks also need the real servers and clients (redis, postgresql): --perf adds them.
+bench:
+	@bash scripts/install.sh --perf
 	@$(VENV)/bin/python -m shoal.perf run
 
 down:

@@ -12,9 +12,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 from shoal.perf import peers, procstat
-from shoal.perf.scenario import Context, Measurement, Pod
+from shoal.perf.scenario import Bed, Context, Measurement, Pod
 from shoal.perf.tools import iperf3, sockperf
 
 STREAM = "pod2pod.tcp_stream"          # single-stream throughput
@@ -23,6 +24,24 @@ RR_RATE = 1000
 RR_SIZE = 1024
 STREAM_PORT = iperf3.DEFAULT_PORT
 RR_PORT = sockperf.DEFAULT_PORT
+PLAIN_NAMESPACE = "perf-plain"         # direct and the peers: not meshed
+MESH_NAMESPACE = "perf-mesh"           # the Shoal path: meshed pods, same nodes
+PATH_SHOAL = "shoal-l4"
+PROXY_ENDS = 2                         # every path has two proxies: one per node, or a peer's two ends
+
+T = TypeVar("T")
+
+
+def rounds(items: Sequence[T], repetitions: int) -> Iterator[tuple[int, T]]:
+    """(repetition, item) in interleaved order: every item once per round, round after round.
+
+    Each round measures every path back to back, so a noisy minute on this shared machine
+    lands on one repetition of every path (which the median discards) instead of on all
+    repetitions of the one path that happened to run then.
+    """
+    for rep in range(repetitions):
+        for item in items:
+            yield rep, item
 
 
 @dataclass(frozen=True)
@@ -31,7 +50,9 @@ class Route:
 
     ``processes`` returns the PIDs of the path's own processes (peer ends, node proxies):
     their CPU and RSS are sampled during the fixed-rate request/response runs, which gives
-    the "cores per 1,000 req/s" figure.
+    the "cores per 1,000 req/s" figure, for the path (``cpu``) and per proxy
+    (``cpu_per_proxy``: the path's cores over its ``ends``, two node proxies or a peer's
+    two ends).
     """
 
     path: str
@@ -40,6 +61,23 @@ class Route:
     stream_port: int = STREAM_PORT
     rr_port: int = RR_PORT
     processes: Callable[[], Sequence[int]] | None = None
+    ends: int = PROXY_ENDS
+
+
+def plain_pods(bed: Bed) -> tuple[Pod, Pod]:
+    """Client on node-1, server on node-2, outside the mesh (direct path, peers)."""
+    return bed.pod(PLAIN_NAMESPACE, "client", "node-1"), bed.pod(PLAIN_NAMESPACE, "server", "node-2")
+
+
+def meshed_pods(bed: Bed) -> tuple[Pod, Pod]:
+    """The same placement in a meshed namespace: their traffic crosses both node proxies."""
+    return (bed.pod(MESH_NAMESPACE, "client", "node-1", meshed=True, service_account="client"),
+            bed.pod(MESH_NAMESPACE, "server", "node-2", meshed=True, service_account="server"))
+
+
+def node_proxies(bed: Bed) -> Callable[[], list[int]]:
+    """PIDs of the two node proxies the Shoal path crosses (cluster bed only)."""
+    return lambda: bed.component_pids("proxy", nodes=("node-1", "node-2"))  # type: ignore[attr-defined]
 
 
 @contextmanager
@@ -88,31 +126,29 @@ def rr_once(ctx: Context, route: Route) -> dict[float, float]:
 def measure_interleaved(ctx: Context, routes: Sequence[Route]) -> Iterator[Measurement]:
     """Throughput, then latency, of every route; repetitions interleaved across routes."""
     gbps: dict[str, list[float]] = {r.path: [] for r in routes}
-    for rep in range(ctx.repetitions):
-        for route in routes:
-            gbps[route.path].append(stream_once(ctx, route))
-            ctx.log(f"  {STREAM} {route.path} #{rep + 1}: {gbps[route.path][-1]:.2f} Gbit/s")
+    for rep, route in rounds(routes, ctx.repetitions):
+        gbps[route.path].append(stream_once(ctx, route))
+        ctx.log(f"  {STREAM} {route.path} #{rep + 1}: {gbps[route.path][-1]:.2f} Gbit/s")
     for route in routes:
         yield Measurement(STREAM, route.path, "throughput", "Gbit/s", tuple(gbps[route.path]), "higher")
     p50: dict[str, list[float]] = {r.path: [] for r in routes}
     p99: dict[str, list[float]] = {r.path: [] for r in routes}
     cpu: dict[str, list[float]] = {r.path: [] for r in routes}
     rss: dict[str, list[float]] = {r.path: [] for r in routes}
-    for rep in range(ctx.repetitions):
-        for route in routes:
-            pids = list(route.processes()) if route.processes else []
-            if pids:
-                with procstat.ProcessSampler(pids) as sampler:
-                    pct = rr_once(ctx, route)
-                assert sampler.usage is not None
-                cpu[route.path].append(sampler.usage.cpu_cores)
-                rss[route.path].append(sampler.usage.rss_peak_mb)
-            else:
+    for rep, route in rounds(routes, ctx.repetitions):
+        pids = list(route.processes()) if route.processes else []
+        if pids:
+            with procstat.ProcessSampler(pids) as sampler:
                 pct = rr_once(ctx, route)
-            p50[route.path].append(pct[50.0])
-            p99[route.path].append(pct[99.0])
-            usage = f", {cpu[route.path][-1]:.3f} cores" if pids else ""
-            ctx.log(f"  {RR} {route.path} #{rep + 1}: p50 {pct[50.0]:.0f} µs, p99 {pct[99.0]:.0f} µs{usage}")
+            assert sampler.usage is not None
+            cpu[route.path].append(sampler.usage.cpu_cores)
+            rss[route.path].append(sampler.usage.rss_peak_mb)
+        else:
+            pct = rr_once(ctx, route)
+        p50[route.path].append(pct[50.0])
+        p99[route.path].append(pct[99.0])
+        usage = f", {cpu[route.path][-1]:.3f} cores" if pids else ""
+        ctx.log(f"  {RR} {route.path} #{rep + 1}: p50 {pct[50.0]:.0f} µs, p99 {pct[99.0]:.0f} µs{usage}")
     for route in routes:
         yield Measurement(RR, route.path, "p50", "µs", tuple(p50[route.path]), "lower")
         yield Measurement(RR, route.path, "p99", "µs", tuple(p99[route.path]), "lower")
@@ -120,6 +156,8 @@ def measure_interleaved(ctx: Context, routes: Sequence[Route]) -> Iterator[Measu
             note = "both ends of the path together, over the fixed-rate run"
             yield Measurement(RR, route.path, "cpu", "cores", tuple(cpu[route.path]), "lower", note)
             yield Measurement(RR, route.path, "rss", "MB", tuple(rss[route.path]), "lower", note)
+            yield Measurement(RR, route.path, "cpu_per_proxy", "cores", tuple(c / route.ends for c in cpu[route.path]),
+                              "lower", f"cores per 1,000 req/s per proxy: the path's cores over its {route.ends} ends")
 
 
 def measure(ctx: Context, path: str, client: Pod, host: str, stream_port: int = STREAM_PORT,

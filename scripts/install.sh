@@ -2,6 +2,8 @@
 # Installs what Shoal needs on a Debian 12 machine, idempotently:
 # apt packages, the kernel-headers wiring bcc needs, bpffs, and the project venv.
 # Touches nothing in the root network namespace.
+#   --perf  also the real clients and servers of the benchmarks (redis, postgresql; `make bench`),
+#           installed without starting their system-wide services.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +13,15 @@ APT_PACKAGES=(python3-bpfcc libbpfcc bpfcc-tools linux-headers-amd64 iproute2
               iptables nftables chromium
               openjdk-17-jdk-headless nodejs)   # real-client tests: a Java (javac + JRE) and a Node.js client
 
+PERF_PACKAGES=(redis-server redis-tools postgresql postgresql-contrib)
+WITH_PERF=0
+for arg in "$@"; do
+  case "$arg" in
+    --perf) WITH_PERF=1 ;;
+    *) echo "install: unknown option $arg (known: --perf)" >&2; exit 2 ;;
+  esac
+done
+
 log() { printf '\033[1m[install]\033[0m %s\n' "$*"; }
 
 if [ "$(id -u)" != 0 ]; then
@@ -18,16 +29,42 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 
-missing=()
-for p in "${APT_PACKAGES[@]}"; do
-  [ -n "$p" ] || continue
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  log "apt: installing ${missing[*]}"
+missing_packages() {
+  local p
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"
+  done
+}
+
+apt_install() {
+  log "apt: installing $*"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q >/dev/null
-  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+  apt-get install -y -q --no-install-recommends "$@" >/dev/null
+}
+
+# The benchmark servers run inside pods, started by the scenarios. Debian's postinst would
+# start redis and postgres system-wide: a policy-rc.d that refuses (101) keeps them down,
+# and anything that started anyway is stopped by its PID file.
+perf_install() {
+  local policy=/usr/sbin/policy-rc.d made_policy=0 pidfile
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod 755 "$policy" && made_policy=1
+  fi
+  apt_install "$@" || { [ "$made_policy" = 0 ] || rm -f "$policy"; return 1; }
+  [ "$made_policy" = 0 ] || rm -f "$policy"
+  for pidfile in /run/redis/redis-server.pid /run/postgresql/*.pid; do
+    [ -s "$pidfile" ] || continue
+    log "stopping the system-wide service of $pidfile (benchmarks start their own in pods)"
+    kill "$(head -n1 "$pidfile")" 2>/dev/null || true
+  done
+}
+
+mapfile -t missing < <(missing_packages "${APT_PACKAGES[@]}")
+[ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+if [ "$WITH_PERF" = 1 ]; then
+  mapfile -t missing < <(missing_packages "${PERF_PACKAGES[@]}")
+  [ ${#missing[@]} -eq 0 ] || perf_install "${missing[@]}"
 fi
 
 # bcc compiles against /lib/modules/$(uname -r)/build. This kernel ships no headers

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from shoal.perf.tools import ToolOutputError, h2load, iperf3, sockperf
+from shoal.perf.tools import ToolOutputError, curl, h2load, iperf3, pgbench, redisbench, sockperf
 
 SOCKPERF_OUTPUT = """sockperf: \x1b[2;35m== version #3.7-no.git == \x1b[0m
 sockperf[CLIENT] send on:sockperf: using recvfrom() to block on socket(s)
@@ -147,3 +147,50 @@ def test_iperf3_busy_server_is_its_own_error():
     busy = json.dumps({"start": {}, "error": "the server is busy running a test. try again later"})
     with pytest.raises(iperf3.ServerBusy):
         iperf3.received_gbps(busy)
+
+
+REDIS_CSV = '''"test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+"SET","25974.03","0.519","0.072","0.311","0.711","5.783","6.527"
+"GET","42553.19","0.307","0.104","0.303","0.463","0.599","0.951"
+'''
+
+
+def test_redis_benchmark_rates_per_test():
+    assert redisbench.rates("WARNING: noise\n" + REDIS_CSV) == {"SET": 25974.03, "GET": 42553.19}
+    argv = redisbench.client_argv("10.0.0.2", 1000, pipeline=16)
+    assert argv[argv.index("-c") + 1] == "20" and argv[argv.index("-P") + 1] == "16" and "--csv" in argv
+
+
+@pytest.mark.parametrize("text", ["Could not connect to Redis at 10.0.0.2:6379: Connection refused",
+                                  REDIS_CSV.replace("42553.19", "0")])
+def test_redis_benchmark_rejects_failed_runs(text):
+    with pytest.raises(ToolOutputError):
+        redisbench.rates(text)
+
+
+PGBENCH_OUTPUT = """transaction type: <builtin: select only>
+number of clients: 8
+number of transactions actually processed: 41250
+number of failed transactions: 0 (0.000%)
+latency average = 0.580 ms
+initial connection time = 12.345 ms
+tps = 13792.118852 (without initial connection time)
+"""
+
+
+def test_pgbench_tps_and_failures():
+    assert pgbench.tps(PGBENCH_OUTPUT) == pytest.approx(13792.118852)
+    with pytest.raises(ToolOutputError, match="failed transactions"):
+        pgbench.tps(PGBENCH_OUTPUT.replace("failed transactions: 0", "failed transactions: 3"))
+    with pytest.raises(ToolOutputError, match="no tps"):
+        pgbench.tps('pgbench: error: connection to server at "10.0.0.2", port 5432 failed')
+    argv = pgbench.select_argv("10.0.0.2", 5)
+    assert "-S" in argv and argv[argv.index("-c") + 1] == "8"
+
+
+def test_curl_download_rate_needs_the_whole_body():
+    assert curl.download_mb_per_s("100000000 250000000.000", 100_000_000) == pytest.approx(250.0)
+    with pytest.raises(ToolOutputError, match="expected"):
+        curl.download_mb_per_s("5000 250000000.000", 100_000_000)
+    with pytest.raises(ToolOutputError):
+        curl.download_mb_per_s("curl: (7) Failed to connect", 100_000_000)
