@@ -14,6 +14,7 @@ import grpc
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from shoal import __version__
 from shoal.controller.auth import AuthError, Authenticator, AuthUnavailable
 from shoal.controller.ca import CertificateAuthority, issue_serving_certificate
 from shoal.controller.ca_service import SERVICE_NAME as CA_SERVICE, CertificateService
@@ -198,10 +199,12 @@ class ControlPlane:
         version = str(self.model.generation)
         agents = self.distributor.status()
         for agent in agents:
-            agent["synced"] = agent["version"] == version and agent["in_flight"] == 0
+            agent["synced"] = (agent["connected"] and agent["version"] == version
+                               and agent["in_flight"] == 0)
         return {
             "ready": self.ready,
             "version": version,
+            "build_version": __version__,
             "resources": self.model.counts(),
             "identities": len(self.model.identities),
             "agents": agents,

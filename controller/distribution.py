@@ -26,6 +26,8 @@ from shoal.xds.delta import DeltaSender, ProtocolError
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "shoal.config.v1.ConfigDiscovery"
+# A push unanswered this long means the component stopped ACKing: its config is stale.
+STALE_AFTER_SECONDS = 10.0
 
 
 def _varint(value: int) -> bytes:
@@ -64,15 +66,26 @@ class Connection:
     pending_since: float | None = None      # monotonic time of the oldest unsent change
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     sent_at: dict[str, float] = field(default_factory=dict)   # nonce -> change time
+    unanswered_since: float | None = None   # monotonic: when the oldest unanswered push left
     pushes: int = 0
 
-    def status(self) -> dict:
+    def status(self, now: float) -> dict:
+        """What ``shoal status`` shows; ``health`` is "healthy", "syncing" (a push is out),
+        "stale" (no answer for STALE_AFTER_SECONDS) or "rejected" (its last answer was a NACK)."""
         nack = self.sender.last_nack
+        waiting = 0.0 if self.unanswered_since is None else now - self.unanswered_since
+        if waiting > STALE_AFTER_SECONDS:
+            health = "stale"
+        elif nack is not None:
+            health = "rejected"
+        else:
+            health = "syncing" if self.sender.in_flight else "healthy"
         return {
             "node": self.node, "component": self.component, "peer": self.peer,
+            "build_version": self.sender.build_version or "unknown", "connected": True,
             "connected_since": self.connected_at, "version": self.sender.acked_version,
-            "in_flight": len(self.sender.in_flight), "resources": len(self.sender.known),
-            "pushes": self.pushes,
+            "in_flight": len(self.sender.in_flight), "unanswered_for": round(waiting, 1),
+            "health": health, "resources": len(self.sender.known), "pushes": self.pushes,
             "last_nack": None if nack is None else {
                 "version": nack.system_version, "message": nack.message,
                 "rejected": list(nack.rejected)},
@@ -84,6 +97,9 @@ class Distributor:
         self.model = model
         self.metrics = metrics
         self.connections: set[Connection] = set()
+        # (node, component) -> its last status, for components that went away and have not
+        # come back: shown as disconnected rather than silently missing.
+        self.departed: dict[tuple[str, str], dict] = {}
 
     # -- model side -------------------------------------------------------------------------
 
@@ -114,8 +130,11 @@ class Distributor:
         return hosts
 
     def status(self) -> list[dict]:
-        return sorted((c.status() for c in self.connections),
-                      key=lambda s: (s["node"], s["component"]))
+        now = time.monotonic()
+        connected = [c.status(now) for c in self.connections]
+        here = {(s["node"], s["component"]) for s in connected}
+        gone = [s for key, s in self.departed.items() if key not in here]
+        return sorted(connected + gone, key=lambda s: (s["node"], s["component"]))
 
     # -- gRPC ---------------------------------------------------------------------------------
 
@@ -149,6 +168,7 @@ class Distributor:
                           sender=sender, pending_since=time.monotonic())
         conn.wake.set()
         self.connections.add(conn)
+        self.departed.pop((node, conn.component), None)
         self.metrics.connected.labels(conn.component).inc()
         log.info("node %s (%s) connected from %s, resuming %d resources", node,
                  conn.component, conn.peer, len(sender.known))
@@ -175,8 +195,17 @@ class Distributor:
             if waiter is not None:
                 waiter.cancel()
             self.connections.discard(conn)
+            self._remember_departed(conn)
             self.metrics.connected.labels(conn.component).dec()
             log.info("node %s (%s) disconnected", node, conn.component)
+
+    def _remember_departed(self, conn: Connection) -> None:
+        if any(c.node == conn.node and c.component == conn.component for c in self.connections):
+            return   # it reconnected before the old stream finished
+        last = conn.status(time.monotonic())
+        last.update(connected=False, health="disconnected", disconnected_at=time.time(),
+                    in_flight=0, unanswered_for=0.0)
+        self.departed[(conn.node, conn.component)] = last
 
     def _plan(self, conn: Connection) -> bytes | None:
         keys, conn.pending = conn.pending, set()
@@ -190,6 +219,8 @@ class Distributor:
         nonce, removed = push.nonce, push.removed
         resources = [self.model.resources[key].encoded for key in push.upserts]
         conn.sent_at[nonce] = changed_at if changed_at is not None else time.monotonic()
+        if conn.unanswered_since is None:
+            conn.unanswered_since = time.monotonic()
         conn.pushes += 1
         self.metrics.pushes.labels(conn.component).inc()
         self.metrics.push_resources.labels(conn.component).inc(len(resources) + len(removed))
@@ -206,6 +237,8 @@ class Distributor:
                 log.warning("node %s: %s", conn.node, err)
                 raise
             changed_at = conn.sent_at.pop(request.response_nonce, None)
+            # The next unanswered push left at the latest now (an upper bound on its age).
+            conn.unanswered_since = time.monotonic() if conn.sender.in_flight else None
             if nack is not None:
                 self.metrics.rejects.labels(conn.component).inc()
                 log.warning("node %s (%s) NACKed version %s: %s (rejected: %s)", conn.node,

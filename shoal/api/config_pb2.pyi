@@ -241,7 +241,7 @@ class ErrorDetail(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class DeltaRequest(_message.Message):
-    __slots__ = ("node", "component", "initial_resource_versions", "response_nonce", "error_detail", "rejected")
+    __slots__ = ("node", "component", "initial_resource_versions", "response_nonce", "error_detail", "rejected", "build_version")
     class InitialResourceVersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -255,13 +255,15 @@ class DeltaRequest(_message.Message):
     RESPONSE_NONCE_FIELD_NUMBER: _ClassVar[int]
     ERROR_DETAIL_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
+    BUILD_VERSION_FIELD_NUMBER: _ClassVar[int]
     node: str
     component: str
     initial_resource_versions: _containers.ScalarMap[str, str]
     response_nonce: str
     error_detail: ErrorDetail
     rejected: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, node: _Optional[str] = ..., component: _Optional[str] = ..., initial_resource_versions: _Optional[_Mapping[str, str]] = ..., response_nonce: _Optional[str] = ..., error_detail: _Optional[_Union[ErrorDetail, _Mapping]] = ..., rejected: _Optional[_Iterable[str]] = ...) -> None: ...
+    build_version: str
+    def __init__(self, node: _Optional[str] = ..., component: _Optional[str] = ..., initial_resource_versions: _Optional[_Mapping[str, str]] = ..., response_nonce: _Optional[str] = ..., error_detail: _Optional[_Union[ErrorDetail, _Mapping]] = ..., rejected: _Optional[_Iterable[str]] = ..., build_version: _Optional[str] = ...) -> None: ...
 
 class DeltaResponse(_message.Message):
     __slots__ = ("system_version", "nonce", "resources", "removed")

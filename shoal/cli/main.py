@@ -318,7 +318,8 @@ def logs(ctx: click.Context, component: str, node: str | None, follow: bool, tai
 @click.pass_context
 @_fail_on_api_errors
 def status(ctx: click.Context, output: str) -> None:
-    """Controller, per-node agents and proxies with their config version, and flows."""
+    """Controller, and per node each component's software version, applied config version
+    and health (stale or disconnected ones flagged), waypoints, and flows."""
     layout = layout_of(ctx)
     report: dict[str, Any] = {"controller": _api(ctx).status()}
     try:
@@ -334,13 +335,39 @@ def status(ctx: click.Context, output: str) -> None:
     click.echo(render_status(report))
 
 
+def describe_component(peer: dict[str, Any] | None, version: str) -> str:
+    """One component as ``shoal status`` shows it: software version, applied (ACKed) config
+    version and health. Fields an older controller does not send default to "unknown"."""
+    if peer is None:
+        return "not connected"
+    build = peer.get("build_version", "unknown")
+    applied = peer.get("version") or "none"
+    if peer.get("connected", True) is False:
+        return f"{build}, DISCONNECTED (last config v{applied})"
+    health = peer.get("health")
+    if health == "stale":
+        state = f"STALE (no ACK for {peer.get('unanswered_for', 0):.0f}s)"
+    elif health == "syncing":
+        state = "syncing"
+    elif str(applied) != str(version):
+        state = "behind"
+    else:
+        state = "healthy"
+    nack = peer.get("last_nack")
+    if nack:
+        state += f", last NACK: {nack.get('message', nack) if isinstance(nack, dict) else nack}"
+    return f"{build}, config v{applied}, {state}"
+
+
 def render_status(report: dict[str, Any]) -> str:
-    """The human view of ``shoal status``: one line per node, in sync or not."""
+    """The human view of ``shoal status``: per node, each component's software version,
+    applied config version and health; then waypoints and flows."""
     ctl = report["controller"]
     version = ctl.get("version", "?")
     resources = ctl.get("resources", {})
     counts = ", ".join(f"{n} {kind}s" for kind, n in resources.items() if kind != "object")
-    lines = [f"Controller:  {'ready' if ctl.get('ready') else 'NOT READY'}, config version {version}"
+    build = f"{ctl['build_version']}, " if ctl.get("build_version") else ""
+    lines = [f"Controller:  {'ready' if ctl.get('ready') else 'NOT READY'}, {build}config version {version}"
              + (f" ({counts})" if counts else "")]
     by_node: dict[str, dict[str, dict[str, Any]]] = {}
     waypoints = []
@@ -349,26 +376,21 @@ def render_status(report: dict[str, Any]) -> str:
             waypoints.append(agent)
             continue
         by_node.setdefault(agent.get("node", "?"), {})[agent.get("component", "?")] = agent
-    lines.append(f"Nodes:       {len(by_node)} connected")
+    connected = sum(any(p.get("connected", True) for p in comps.values()) for comps in by_node.values())
+    lines.append(f"Nodes:       {connected} connected" + (
+        f", {len(by_node) - connected} disconnected" if connected < len(by_node) else ""))
     for node in sorted(by_node):
-        cells = []
-        for component in ("agent", "proxy"):
-            peer = by_node[node].get(component)
-            if peer is None:
-                cells.append(f"{component}: not connected")
-                continue
-            state = "in sync" if str(peer.get("version")) == str(version) else f"behind (at {peer.get('version')})"
-            nack = f", last NACK: {peer['last_nack']}" if peer.get("last_nack") else ""
-            cells.append(f"{component}: v{peer.get('version')} {state}{nack}")
+        cells = [f"{component}: {describe_component(by_node[node].get(component), version)}"
+                 for component in ("agent", "proxy")]
         hubble = report.get("flows", {}).get("per_node", {}).get(node)
         if hubble is not None:
             health = "healthy" if hubble["state"] == "NODE_CONNECTED" else hubble["state"].removeprefix("NODE_").lower()
             cells.append(f"flows: {health}" + (f" ({hubble['version']})" if hubble.get("version") else ""))
         lines.append(f"  {node:<10} " + "   ".join(cells))
     if waypoints:
-        lines.append("Waypoints:   " + ", ".join(
-            f"{w.get('node', '?').removeprefix('waypoint-')} v{w.get('version')}"
-            + ("" if str(w.get("version")) == str(version) else " behind") for w in waypoints))
+        lines.append("Waypoints:   " + "   ".join(
+            f"{w.get('node', '?').removeprefix('waypoint-')}: {describe_component(w, version)}"
+            for w in waypoints))
     flows = report.get("flows", {})
     if "error" in flows:
         lines.append(f"Flows:       unavailable ({flows['error']})")

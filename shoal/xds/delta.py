@@ -15,6 +15,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
+from shoal import __version__
 from shoal.api import config_pb2 as pb
 from shoal.xds import convert
 from shoal.xds import model as m
@@ -55,6 +56,7 @@ class DeltaSender:
 
     node: str
     component: str
+    build_version: str = ""       # the client's software version ("": an older client)
     known: dict[str, str] = field(default_factory=dict)
     in_flight: dict[str, str] = field(default_factory=dict)   # nonce -> system version
     _pushed: dict[str, frozenset[str]] = field(default_factory=dict, repr=False)  # nonce -> keys
@@ -77,7 +79,8 @@ class DeltaSender:
         for key, version in request.initial_resource_versions.items():
             m.split_key(key)   # ValueError on a malformed key
             known[key] = version
-        return cls(node=request.node, component=request.component, known=known)
+        return cls(node=request.node, component=request.component,
+                   build_version=request.build_version[:64], known=known)
 
     def plan(self, desired: Mapping[str, str], system_version: str,
              keys: Iterable[str] | None = None, force: bool = False) -> Push | None:
@@ -156,11 +159,14 @@ class DeltaReceiver:
     validator: Validator | None = None
     versions: dict[str, str] = field(default_factory=dict)
     system_version: str = ""
+    build_version: str = __version__
 
     def hello(self) -> pb.DeltaRequest:
-        """The first message of every (re)connection: resume from what is applied."""
+        """The first message of every (re)connection: resume from what is applied, and say
+        which software applies it (the controller reports it in ``shoal status``)."""
         return pb.DeltaRequest(node=self.node, component=self.component,
-                               initial_resource_versions=self.versions)
+                               initial_resource_versions=self.versions,
+                               build_version=self.build_version)
 
     def on_push(self, push: pb.DeltaResponse) -> tuple[m.ConfigDelta, pb.DeltaRequest]:
         """Decodes a push. Returns the delta to apply (good resources only) and the reply."""

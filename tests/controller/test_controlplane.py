@@ -9,6 +9,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from shoal.api import config_pb2 as pb
+from shoal.api import config_pb2_grpc as pb_grpc
 from shoal.controller.auth import NodeCredentialAuthenticator
 from shoal.controller.ca import CertificateAuthority
 from shoal.controller.controlplane import ControlPlane
@@ -135,6 +136,37 @@ async def test_full_sync_incremental_change_and_status(plane, nodes):
     assert {a["version"] for a in status["agents"]} == {status["version"]}
     assert all(a["synced"] for a in status["agents"])
     assert n2.state.version == status["version"]   # node-1 needed no push for it
+
+
+async def test_status_names_build_versions_stale_and_disconnected_components(plane, nodes, monkeypatch):
+    from shoal import __version__
+    from shoal.controller import distribution
+    monkeypatch.setattr(distribution, "STALE_AFTER_SECONDS", 0.5)
+    good = nodes("node-1")
+    await good.until(lambda: acked(plane, "node-1"))
+    # A client that says hello (as an older build: no version) and then never ACKs.
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.port}") as channel:
+        call = pb_grpc.ConfigDiscoveryStub(channel).StreamConfig(
+            metadata=(("authorization", f"Bearer {CREDENTIALS.issue('node-2')}"),))
+        await call.write(pb.DeltaRequest(node="node-2", component="agent"))
+        await call.read()                      # the first push, left unanswered
+
+        def by_node():
+            return {(a["node"], a["component"]): a for a in plane.status()["agents"]}
+        await good.until(lambda: by_node().get(("node-2", "agent"), {}).get("health") == "stale")
+        silent, healthy = by_node()[("node-2", "agent")], by_node()[("node-1", "proxy")]
+        assert silent["build_version"] == "unknown" and not silent["synced"]
+        assert silent["unanswered_for"] >= 0.5
+        assert healthy["build_version"] == __version__ and healthy["health"] == "healthy"
+        assert plane.status()["build_version"] == __version__
+        call.cancel()
+    await good.until(lambda: by_node().get(("node-2", "agent"), {}).get("health") == "disconnected")
+    gone = by_node()[("node-2", "agent")]
+    assert gone["connected"] is False and not gone["synced"] and gone["disconnected_at"] > 0
+    # It comes back: connected again, and listed once.
+    back = nodes("node-2", component="agent")
+    await back.until(lambda: by_node()[("node-2", "agent")]["health"] == "healthy")
+    assert [(a["node"], a["component"]) for a in plane.status()["agents"]].count(("node-2", "agent")) == 1
 
 
 async def test_resume_after_controller_restart_sends_only_changes(ca, tmp_path):

@@ -5,19 +5,42 @@ import pytest
 from shoal.cli.main import _load_documents, mesh_membership, pod_is_meshed, render_status
 
 
-def test_status_marks_nodes_behind_and_missing_components():
+def test_status_shows_each_components_build_config_version_and_health():
+    def peer(node, component, version="7", **extra):
+        return {"node": node, "component": component, "version": version, "build_version": "0.1.0",
+                "connected": True, "health": "healthy", **extra}
     report = {
-        "controller": {"ready": True, "version": "7", "resources": {"workload": 5, "service": 2},
-                       "agents": [{"node": "node-1", "component": "agent", "version": "7"},
-                                  {"node": "node-1", "component": "proxy", "version": "7"},
-                                  {"node": "node-2", "component": "agent", "version": "6", "last_nack": "bad"}]},
-        "flows": {"flows": {"current": 10, "max": 100, "rate": 2.5}, "nodes": {"connected": 1, "unavailable": ["node-2"]}},
+        "controller": {"ready": True, "version": "7", "build_version": "0.1.0",
+                       "resources": {"workload": 5, "service": 2},
+                       "agents": [peer("node-1", "agent"), peer("node-1", "proxy"),
+                                  peer("node-2", "agent", "6", health="stale", unanswered_for=42.3,
+                                       last_nack={"message": "bad"}),
+                                  peer("node-3", "agent", "5", connected=False, health="disconnected"),
+                                  peer("node-3", "proxy", "7", health="syncing"),
+                                  # an older controller: no build version, no health
+                                  {"node": "node-4", "component": "agent", "version": "6"},
+                                  peer("waypoint-demo.waypoint", "waypoint")]},
+        "flows": {"flows": {"current": 10, "max": 100, "rate": 2.5}, "nodes": {"connected": 1, "unavailable": ["node-2"]},
+                  "per_node": {"node-1": {"state": "NODE_CONNECTED", "version": "shoal-0.1.0"}}},
     }
     text = render_status(report).splitlines()
-    assert text[0] == "Controller:  ready, config version 7 (5 workloads, 2 services)"
-    assert "  node-1     agent: v7 in sync   proxy: v7 in sync" in text
-    assert "  node-2     agent: v6 behind (at 6), last NACK: bad   proxy: not connected" in text
+    assert text[0] == "Controller:  ready, 0.1.0, config version 7 (5 workloads, 2 services)"
+    assert text[1] == "Nodes:       4 connected"
+    assert ("  node-1     agent: 0.1.0, config v7, healthy   proxy: 0.1.0, config v7, healthy"
+            "   flows: healthy (shoal-0.1.0)") in text
+    assert "  node-2     agent: 0.1.0, config v6, STALE (no ACK for 42s), last NACK: bad   proxy: not connected" in text
+    assert "  node-3     agent: 0.1.0, DISCONNECTED (last config v5)   proxy: 0.1.0, config v7, syncing" in text
+    assert "  node-4     agent: unknown, config v6, behind   proxy: not connected" in text
+    assert "Waypoints:   demo.waypoint: 0.1.0, config v7, healthy" in text
     assert text[-1] == "Flows:       10/100 (10.00%), 2.5 flows/s, 1 node(s) connected, unavailable: node-2"
+
+
+def test_status_counts_a_node_with_nothing_connected_as_disconnected():
+    gone = {"node": "node-1", "component": "agent", "version": "3", "build_version": "0.1.0", "connected": False}
+    text = render_status({"controller": {"ready": True, "version": "3", "agents": [gone]},
+                          "flows": {"error": "relay down"}}).splitlines()
+    assert text[1] == "Nodes:       0 connected, 1 disconnected"
+    assert "agent: 0.1.0, DISCONNECTED (last config v3)" in text[2]
 
 
 def test_status_without_relay_says_why():

@@ -1,6 +1,7 @@
 """The local cluster: real namespaces, veths, cgroups and processes; clean removal."""
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import pytest
 from shoal.config import ClusterLayout
 from shoal.local.linux import Cgroup, Netns
 
-from tests.conftest import pod_exec, shoal_cli
+from tests.conftest import eventually, pod_exec, shoal_cli
 
 pytestmark = pytest.mark.cluster
 
@@ -180,19 +181,54 @@ def test_up_refuses_without_root():
     assert "must run as root" in proc.stderr
 
 
-def test_status_shows_every_node_in_sync(demo_cluster):
-    report = json.loads(shoal_cli(demo_cluster.layout, "status", "-o", "json").stdout)
-    version = report["controller"]["version"]
-    seen = {(a["node"], a["component"]): a["version"] for a in report["controller"]["agents"]}
-    assert set(seen) == {(n, c) for n in ("node-1", "node-2") for c in ("agent", "proxy")}
-    deadline = time.monotonic() + 10
-    while set(seen.values()) != {version} and time.monotonic() < deadline:
-        time.sleep(0.3)
-        report = json.loads(shoal_cli(demo_cluster.layout, "status", "-o", "json").stdout)
+UNUSED_DENY = """
+apiVersion: security.shoal.io/v1
+kind: AuthorizationPolicy
+metadata: {name: status-version-probe, namespace: demo}
+spec:
+  selector: {matchLabels: {app: db}}
+  action: DENY
+  rules:
+    - from: [{source: {principals: ["cluster.local/ns/nowhere/sa/nobody"]}}]
+"""
+
+
+def status_when_every_component_acked(layout, newer_than: int = -1):
+    """Polls ``shoal status -o json`` until every node's agent and proxy is connected, healthy
+    and has ACKed the controller's current config version (which is above ``newer_than``)."""
+    def in_sync():
+        report = json.loads(shoal_cli(layout, "status", "-o", "json").stdout)
         version = report["controller"]["version"]
-        seen = {(a["node"], a["component"]): a["version"] for a in report["controller"]["agents"]}
-    assert set(seen.values()) == {version}
+        peers = [a for a in report["controller"]["agents"] if a["component"] in ("agent", "proxy")]
+        done = int(version) > newer_than and all(
+            a["version"] == version and a["health"] == "healthy" and a["connected"] for a in peers)
+        return report if done else None
+    return eventually(in_sync, f"every agent and proxy to ACK a config version above {newer_than}", timeout=30)
+
+
+def test_status_shows_each_nodes_components_with_build_and_applied_config_version(demo_cluster):
+    layout = demo_cluster.layout
+    package_version = importlib.metadata.version("shoal")
+    report = status_when_every_component_acked(layout)
+    version = report["controller"]["version"]
+    assert report["controller"]["build_version"] == package_version
+    seen = {(a["node"], a["component"]): a for a in report["controller"]["agents"]
+            if a["component"] != "waypoint"}
+    assert set(seen) == {(n, c) for n in ("node-1", "node-2") for c in ("agent", "proxy")}
+    assert {a["build_version"] for a in seen.values()} == {package_version}
     assert report["flows"]["nodes"]["connected"] == 2
+    text = shoal_cli(layout, "status").stdout
+    for node in ("node-1", "node-2"):
+        line = next(line for line in text.splitlines() if line.strip().startswith(node))
+        expected = f"{package_version}, config v{version}, healthy"
+        assert f"agent: {expected}" in line and f"proxy: {expected}" in line, text
+    # A policy change: every node's agent and proxy ACKs the new config version.
+    shoal_cli(layout, "apply", "-f", "-", input=UNUSED_DENY)
+    try:
+        after = status_when_every_component_acked(layout, newer_than=int(version))
+        assert int(after["controller"]["version"]) > int(version)
+    finally:
+        shoal_cli(layout, "delete", "-f", "-", input=UNUSED_DENY, check=False)
 
 
 def test_service_vip_answers_from_meshed_and_unmeshed_clients(demo_cluster):

@@ -24,6 +24,15 @@ def desired(resources):
     return {k: v for k, (v, _) in resources.items()}
 
 
+def test_hello_names_the_build_and_an_older_client_sends_none():
+    from shoal import __version__
+    assert DeltaSender.from_hello(DeltaReceiver(node="n", component="agent").hello()).build_version == __version__
+    older = DeltaSender.from_hello(pb.DeltaRequest(node="n", component="proxy"))
+    assert older.build_version == ""
+    huge = DeltaSender.from_hello(pb.DeltaRequest(node="n", component="proxy", build_version="x" * 10_000))
+    assert len(huge.build_version) == 64   # a peer cannot bloat every status report
+
+
 def test_full_sync_then_incremental_then_ack():
     rx = DeltaReceiver(node="node-1", component="agent")
     tx = DeltaSender.from_hello(rx.hello())
