@@ -2,6 +2,7 @@
 
     datapath (programs, pinned maps) <- map reconciler <- ConfigState <- ConfigClient
     enroller (cookie map, tc, ZDS link to the node proxy) <- ConfigState
+    capture audit (every enrolled pod still captured? repair, report) -> metrics, flows, status file
     ring buffer reader -> Hubble server (flows), metrics
 
 Stopping the agent (SIGTERM or SIGKILL) leaves programs, pins, tc filters and maps in
@@ -19,7 +20,9 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from shoal.agent import compiler
+from shoal.agent.audit import CaptureAudit, Drift
 from shoal.agent.config import AgentConfig
+from shoal.flows.records import capture_drift_flow
 from shoal.agent.enrolment import Enroller, LocalPodNetns, PodPrograms
 from shoal.agent.loader import Datapath
 from shoal.agent.mapsync import DatapathMaps
@@ -184,9 +187,26 @@ class AgentApp:
                 except asyncio.TimeoutError:
                     pass
 
+        def publish_drift(drift: Drift, pod_ips: list[str]) -> None:
+            if hubble is None:
+                return
+            hubble.agent_events.capture_drift(drift.pod, drift.kind, drift.detail, drift.repaired)
+            for ip in pod_ips:
+                flow = capture_drift_flow(ip, drift.kind, drift.detail, drift.repaired)
+                hubble_thread.loop.call_soon_threadsafe(hubble.ingest_flow, flow)
+
+        audit = CaptureAudit(enroller, self.datapath, config.node_cgroup,
+                             config.layout.capture_audit_state(config.node), config.audit_interval,
+                             self.metrics, on_drift=publish_drift, on_reenrol=self._reconcile.set)
+
+        async def audit_loop() -> None:
+            await client.synced.wait()   # adopted pods are re-attached above; audit once the view is whole
+            await audit.run()
+
         tasks = [asyncio.create_task(client.run(), name="config-client"),
                  asyncio.create_task(proxy.run(enroller.replay, on_proxy_synced), name="zds-link"),
-                 asyncio.create_task(enrolment_loop(), name="enrolment")]
+                 asyncio.create_task(enrolment_loop(), name="enrolment"),
+                 asyncio.create_task(audit_loop(), name="capture-audit")]
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         log.info("agent for %s running (metrics on %s:%d)", config.node, config.metrics_address, config.metrics_port)

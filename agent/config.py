@@ -24,6 +24,7 @@ class AgentConfig:
     flow_events: bool = True
     hubble: bool = True
     resync_interval: float = 1.0     # enrolment retry pass (pods whose netns is not there yet)
+    audit_interval: float = 3.0      # capture audit pass: drift is found within this (plus one pass)
     log_level: str = "INFO"
     bpf_source_dir: Path | None = None   # development: load programs from another tree
 
@@ -64,6 +65,8 @@ def parse_config(argv: list[str] | None = None) -> AgentConfig:
     parser.add_argument("--no-flow-events", action="store_true")
     parser.add_argument("--no-hubble", action="store_true")
     parser.add_argument("--log-level", default=env.get("SHOAL_LOG_LEVEL", "INFO"))
+    parser.add_argument("--audit-interval", type=float, default=env.get("SHOAL_AUDIT_INTERVAL", "3.0"),
+                        help="seconds between capture audit passes (0.2-5; env SHOAL_AUDIT_INTERVAL)")
     parser.add_argument("--bpf-source-dir", default=env.get("SHOAL_BPF_SOURCE_DIR"),
                         help="load the C programs from this directory instead of the installed ones")
     args = parser.parse_args(argv)
@@ -72,6 +75,8 @@ def parse_config(argv: list[str] | None = None) -> AgentConfig:
         layout = layout_from_env(env)      # host paths of a real node (DaemonSet env)
     else:
         layout = ClusterLayout(name=args.cluster)
+    if not 0.2 <= args.audit_interval <= 5.0:
+        parser.error(f"--audit-interval must be 0.2-5 seconds, got {args.audit_interval}")
     if not 0 < args.metrics_port < 65536:
         parser.error(f"--metrics-port must be 1..65535, got {args.metrics_port}")
     if env.get("SHOAL_MODE") != "kubernetes":   # a real node's name is whatever the cloud gave it
@@ -86,5 +91,6 @@ def parse_config(argv: list[str] | None = None) -> AgentConfig:
         ca_bundle=Path(args.ca_bundle) if args.ca_bundle else None,
         metrics_address=args.metrics_address, metrics_port=args.metrics_port,
         flow_events=not args.no_flow_events, hubble=not args.no_hubble, log_level=args.log_level,
+        audit_interval=args.audit_interval,
         bpf_source_dir=Path(args.bpf_source_dir) if args.bpf_source_dir else None,
     )

@@ -17,7 +17,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Protocol
 
 from shoal.agent.compiler import namespace_id, validate_workload
 from shoal.agent.mapsync import DatapathMaps
@@ -193,6 +193,37 @@ class Enroller:
         del self.enrolled[uid]
         self._save()
         log.info("unenrolled %s/%s", pod.namespace, pod.name)
+
+    async def repair(self, pod: EnrolledPod, inspect: Callable[[EnrolledPod], list[tuple[str, str]]]
+                     ) -> tuple[list[tuple[str, str]], bool]:
+        """Puts back what the capture audit finds missing in ``pod``: (drift, repaired). repaired
+        is False when it could not (the proxy is away: inbound stays fail-closed until it returns).
+
+        ``inspect`` runs again under the lock, so a replay or an unenrol that ran since the
+        audit's look is not undone. A namespace replaced under the same path is unenrolled: the
+        next pass enrols the new one. Lost listeners need the proxy to forget the pod first (a
+        repeated add is a no-op there).
+        """
+        async with self._lock:
+            if self.enrolled.get(pod.uid) != pod:
+                return [], True
+            drift = await asyncio.to_thread(inspect, pod)
+            kinds = {kind for kind, _ in drift}
+            if not drift:
+                return [], True
+            return drift, await self._repair(pod, kinds)
+
+    async def _repair(self, pod: EnrolledPod, kinds: set[str]) -> bool:
+            if "netns_replaced" in kinds:
+                await self._unenrol(pod.uid)
+                return True
+            if "proxy_listener" in kinds:
+                if self.proxy is None or not self.proxy.connected:
+                    return False
+                await self.proxy.remove(pod.uid)
+                await self.proxy.add(pod)
+            await asyncio.to_thread(self.programs.attach, pod.netns_path, pod.cookie)
+            return True
 
     async def replay(self, proxy) -> None:
         """Hand every enrolled pod to a (re)connected proxy, before its snapshot_sent."""

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -254,9 +255,41 @@ def cleanup_node(layout: KubernetesLayout, node: str) -> list[str]:
         raise KubernetesModeError(f"removing the data path: {err}") from err
 
 
+# TEST-NET-1 (RFC 5737): never routed. A captured connect() to it ends at the proxy's in-pod
+# outbound listener; an uncaptured one would go nowhere (and the probe never waits for it).
+CAPTURE_PROBE = ("192.0.2.1", 9)
+
+
+def outbound_captured(probe: tuple[str, int] = CAPTURE_PROBE) -> bool:
+    """Is this network namespace's outbound traffic captured right now?
+
+    connect4 rewrites a meshed pod's connect() to 127.0.0.1:15001, so the socket's own address
+    becomes 127.0.0.1 before any packet leaves; getsockname (which getpeername4 does not hide)
+    shows it. The enrolment order (listeners, then tc, then the cookie map) makes this the last
+    step: captured outbound means inbound steering and the proxy's listeners are there too.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setblocking(False)
+        sock.connect_ex(probe)
+        return sock.getsockname()[0] == "127.0.0.1"
+
+
+def wait_captured(timeout: float, interval: float = 0.1, probe: tuple[str, int] = CAPTURE_PROBE) -> float:
+    """Blocks until outbound_captured(); returns the seconds waited. Raises TimeoutError."""
+    started = time.monotonic()
+    while not outbound_captured(probe):
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"this pod's traffic was not captured within {timeout:.0f}s: is the namespace "
+                               f"labelled shoal.io/mesh=enabled, and is the node's shoal-agent running?")
+        time.sleep(interval)
+    return time.monotonic() - started
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shoal.agent.k8s")
     sub = parser.add_subparsers(dest="command", required=True)
+    wait = sub.add_parser("wait-captured", help="init container: exit 0 once this pod's traffic is captured")
+    wait.add_argument("--timeout", type=float, default=60.0)
     clean = sub.add_parser("cleanup", help="remove Shoal's eBPF programs and pins from this node")
     clean.add_argument("--node", default=os.environ.get("SHOAL_NODE"))
     clean.add_argument("--done-file", type=Path, default=Path("/tmp/shoal-cleanup-done"),
@@ -264,6 +297,14 @@ def main(argv: list[str] | None = None) -> int:
     clean.add_argument("--stay", action="store_true", help="keep running when done (DaemonSet)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "wait-captured":
+        try:
+            waited = wait_captured(args.timeout)
+        except TimeoutError as err:
+            log.error("%s", err)
+            return 1
+        log.info("traffic captured by the mesh (waited %.2fs)", waited)
+        return 0
     if not args.node:
         parser.error("--node or SHOAL_NODE is required")
     try:

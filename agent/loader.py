@@ -250,6 +250,18 @@ class Datapath:
         finally:
             os.close(fd)
 
+    def missing_cgroup_programs(self, cgroup: Path) -> list[str]:
+        """Our cgroup programs that are not attached to ``cgroup`` (detached or replaced by hand)."""
+        fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            return [spec.name for spec in CGROUP_PROGRAMS
+                    if self.program_id(spec.name) not in bpfsys.prog_query(fd, spec.attach_type)]
+        finally:
+            os.close(fd)
+
+    def program_id(self, name: str) -> int:
+        return bpfsys.prog_info(self.programs[name].fd).id
+
     def tc_program_fd(self) -> int:
         return self.programs["tc_ingress"].fd
 

@@ -62,6 +62,13 @@ class AgentMetrics:
         self.flow_events = Counter("shoal_agent_flow_events", "Kernel flow events delivered", registry=registry)
         self.flow_events_malformed = Counter("shoal_agent_flow_events_malformed",
                                              "Ring-buffer records that failed to decode", registry=registry)
+        self.capture_drift = Counter("shoal_capture_drift", "Capture found out of place by the audit "
+                                     "(cgroup_program, tc_filter, sk_lookup, proxy_listener, netns_replaced)",
+                                     ["kind"], registry=registry)
+        self.capture_repaired = Counter("shoal_capture_drift_repaired", "Drift the audit put back",
+                                        ["kind"], registry=registry)
+        self.capture_audit_seconds = Gauge("shoal_capture_audit_seconds", "Duration of the last capture audit pass",
+                                           registry=registry)
         self.config_rejected = Counter("shoal_agent_config_rejected", "Resources rejected from the config stream",
                                        ["type"], registry=registry)
 

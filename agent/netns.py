@@ -1,63 +1,25 @@
-"""Per-pod network-namespace operations: netns cookie, tc attach/detach inside it.
+"""Per-pod network-namespace operations: tc and sk_lookup attach/detach inside it.
 
-Entering a namespace is done on a short-lived thread: setns(2) only moves the
-calling thread, so the agent's event loop never changes namespace.
+Entering a namespace and reading its cookie live in ``shoal.netns`` (the local kubelet
+uses them too); they are re-exported here.
 """
 from __future__ import annotations
 
 import os
-import socket
-import threading
 from pathlib import Path
 from typing import Callable, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from shoal.netns import setns, socket_netns_cookie
+from shoal.netns import (  # noqa: F401 - in_netns/netns_cookie/NetnsError re-exported for the agent's modules
+    NetnsError, in_netns, netns_cookie, setns, socket_netns_cookie,
+)
 
 TC_FILTER_NAME = "shoal_tc_ingress"
 TC_PRIORITY = 1
 TC_INGRESS_PARENT = 0xFFFFFFF2   # clsact ingress hook
 T = TypeVar("T")
-
-class NetnsError(RuntimeError):
-    """A pod's network namespace is missing or could not be configured."""
-
-
-def in_netns(netns_path: Path | str, fn: Callable[[], T]) -> T:
-    """Run fn() on a thread inside the namespace at netns_path; return its result."""
-    result: dict[str, object] = {}
-
-    def runner() -> None:
-        try:
-            fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                setns(fd)
-            finally:
-                os.close(fd)
-            result["value"] = fn()
-        except BaseException as err:  # handed back to the caller's thread, not swallowed
-            result["error"] = err
-
-    thread = threading.Thread(target=runner, name="shoal-netns")
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
-
-
-def netns_cookie(netns_path: Path | str) -> int:
-    """The kernel's cookie for a namespace, as bpf_get_netns_cookie() returns it."""
-    def probe() -> int:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            return socket_netns_cookie(sock)
-    try:
-        return in_netns(netns_path, probe)
-    except FileNotFoundError as err:
-        raise NetnsError(f"network namespace {netns_path} does not exist") from err
-
 
 def _with_iproute(netns_path: Path | str, action: Callable[[IPRoute], T]) -> T:
     """Run action(ipr) with a netlink socket opened inside the namespace.
@@ -99,17 +61,21 @@ def attach_tc_ingress(netns_path: Path | str, prog_fd: int, ifname: str = "eth0"
         raise NetnsError(f"tc attach in {netns_path} failed: {err}") from err
 
 
+def tc_ingress_filters(ipr: IPRoute, ifname: str = "eth0", netns_path: Path | str = "") -> list[tuple[str, int]]:
+    """(name, program id) of each bpf filter on ifname's ingress, through a netlink socket
+    already opened in the pod's namespace (the capture audit's one trip into it)."""
+    index = _ifindex(ipr, ifname, netns_path)
+    found = []
+    for msg in ipr.get_filters(index=index, parent=TC_INGRESS_PARENT):
+        options = msg.get_attr("TCA_OPTIONS")
+        if options is not None and options.get_attr("TCA_BPF_NAME"):
+            found.append((options.get_attr("TCA_BPF_NAME"), options.get_attr("TCA_BPF_ID") or 0))
+    return found
+
+
 def tc_ingress_programs(netns_path: Path | str, ifname: str = "eth0") -> list[str]:
     """Names of bpf filters on ifname's ingress (for debug and tests)."""
-    def names(ipr: IPRoute) -> list[str]:
-        index = _ifindex(ipr, ifname, netns_path)
-        found = []
-        for msg in ipr.get_filters(index=index, parent=TC_INGRESS_PARENT):
-            options = msg.get_attr("TCA_OPTIONS")
-            if options is not None and options.get_attr("TCA_BPF_NAME"):
-                found.append(options.get_attr("TCA_BPF_NAME"))
-        return found
-    return _with_iproute(netns_path, names)
+    return [name for name, _ in _with_iproute(netns_path, lambda ipr: tc_ingress_filters(ipr, ifname, netns_path))]
 
 
 def detach_tc_ingress(netns_path: Path | str, ifname: str = "eth0") -> bool:

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def enrolment_state_path(layout: ClusterLayout, node: str) -> Path:
-    return layout.node_dir(node) / "agent-enrolled.json"
+    return layout.enrolment_state(node)
 
 
 def enrolled_netns(layout: ClusterLayout, node: str) -> list[str]:

@@ -194,7 +194,10 @@ def _containers(check: _Checker, containers: Any, field: str) -> None:
 
 
 def _pod_spec(check: _Checker, spec: dict[str, Any], field: str = "spec") -> None:
+    from shoal.local.sandbox import validate_pod_spec
     _containers(check, spec.get("containers"), f"{field}.containers")
+    for problem in validate_pod_spec(spec):
+        check.fail(field, problem)
     if "serviceAccountName" in spec:
         check.name(spec["serviceAccountName"], f"{field}.serviceAccountName")
     if "nodeName" in spec:

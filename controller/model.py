@@ -87,6 +87,14 @@ def namespace_meshed(namespace: Obj | None) -> bool:
     return labels.get(LABEL_MESH) == "enabled" or labels.get(LABEL_MESH_ISTIO) == "ambient"
 
 
+def pod_meshed(pod: Obj, namespace: Obj | None) -> bool:
+    """The mesh captures this pod: its namespace joined and the pod did not opt out.
+    (The local kubelet asks the same question before it starts a pod.)"""
+    labels = _labels(pod)
+    return (namespace_meshed(namespace) and labels.get(LABEL_MESH) != "disabled"
+            and labels.get(LABEL_MESH_ISTIO) != "none" and not (pod.get("spec") or {}).get("hostNetwork"))
+
+
 def _labels(obj: Obj | None) -> dict[str, str]:
     return ((obj or {}).get("metadata") or {}).get("labels") or {}
 
@@ -460,8 +468,7 @@ class MeshModel:
         labels = _labels(pod)
         owner_kind, owner_name = owning_workload(pod)
         ns_obj = self.get("Namespace", "", namespace)
-        meshed = (namespace_meshed(ns_obj) and labels.get(LABEL_MESH) != "disabled"
-                  and labels.get(LABEL_MESH_ISTIO) != "none")
+        meshed = pod_meshed(pod, ns_obj)
         sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
         ip, ips = pod_addresses(status)
         if not ip:

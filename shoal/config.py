@@ -124,6 +124,15 @@ class ClusterLayout:
         """The Hubble CA and the flow APIs' certificates (``shoal.hubbletls``)."""
         return self.run_dir / "hubble-tls"
 
+    def enrolment_state(self, node: str) -> Path:
+        """The agent's record of the pods it captures (written once a pod's capture is complete);
+        the local kubelet starts a meshed pod's processes only once its netns cookie is in it."""
+        return self.node_dir(node) / "agent-enrolled.json"
+
+    def capture_audit_state(self, node: str) -> Path:
+        """The agent's capture audit: last pass, drift counts and the latest drift (`shoal status`)."""
+        return self.node_dir(node) / "capture-audit.json"
+
     def hubble_socket(self, node: str) -> Path:
         """The agent's Hubble Observer API (also on TCP 4244 in the node netns)."""
         return self.node_dir(node) / "hubble.sock"

@@ -51,6 +51,42 @@ def eventually(check, what: str, timeout: float = 30.0, interval: float = 0.2):
         time.sleep(interval)
 
 
+def strict_web_manifest(namespace: str, pod: str, node: str | None = None) -> str:
+    """A meshed namespace under STRICT mTLS with one demo web server pod (port 8080, Service
+    ``server``): a plaintext connection that reaches it is refused, a captured one answers."""
+    placement = f"\n  nodeName: {node}" if node else ""
+    return f"""
+apiVersion: v1
+kind: Namespace
+metadata: {{name: {namespace}, labels: {{shoal.io/mesh: enabled}}}}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: server, namespace: {namespace}}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: strict, namespace: {namespace}}}
+spec: {{mtls: {{mode: STRICT}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: {pod}, namespace: {namespace}, labels: {{app: server}}}}
+spec:{placement}
+  serviceAccountName: server
+  containers:
+    - name: web
+      command: [python3, -m, shoal.demo.apps, web, --port, "8080"]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: server, namespace: {namespace}}}
+spec:
+  selector: {{app: server}}
+  ports: [{{name: http, port: 8080, targetPort: 8080}}]
+"""
+
+
 def pod_exec(layout: ClusterLayout, target: str, *argv: str, timeout: float = 30,
              check: bool = True) -> subprocess.CompletedProcess:
     return shoal_cli(layout, "exec", target, "--", *argv, timeout=timeout, check=check)

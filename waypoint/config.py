@@ -44,6 +44,7 @@ class WaypointConfig:
     limits: Limits = Limits()
     cert_ttl_seconds: int = 0
     log_level: str = "INFO"
+    flows_socket: str = ""                      # default: the node's flows socket in the cluster layout
 
     @property
     def spiffe_id(self) -> str:
@@ -51,6 +52,8 @@ class WaypointConfig:
 
     @property
     def flows_path(self) -> str:
+        if self.flows_socket:   # a local-cluster pod sees the node's socket where its hostPath volume puts it
+            return self.flows_socket
         return str(self.layout.flows_socket(self.node)) if self.node else ""
 
     @classmethod
@@ -106,7 +109,8 @@ class WaypointConfig:
                    plaintext_address=plaintext, metrics_port=args.metrics_port, ready_port=args.ready_port,
                    routes_file=args.routes_file, static_services=static, access_log=args.access_log,
                    otlp_endpoint=args.otlp_endpoint, emit_flows=not args.no_flows, limits=limits,
-                   cert_ttl_seconds=args.cert_ttl, drain_seconds=max(0.0, args.drain_seconds), log_level=args.log_level.upper())
+                   cert_ttl_seconds=args.cert_ttl, drain_seconds=max(0.0, args.drain_seconds),
+                   log_level=args.log_level.upper(), flows_socket=env.get("SHOAL_FLOWS_SOCKET", ""))
 
 
 def _static_service(text: str) -> tuple[str, str, tuple[tuple[str, int], ...]]:

@@ -67,6 +67,15 @@ class AgentEvents:
                 self.record(flow_pb2.AgentEvent(type=flow_pb2.SERVICE_DELETED,
                                                 service_delete=flow_pb2.ServiceDeleteNotification(id=_service_id(key))))
 
+    def capture_drift(self, pod: str, kind: str, detail: str, repaired: bool) -> None:
+        """The capture audit re-did (or failed to re-do) part of an endpoint's datapath: Cilium's
+        endpoint regeneration, with what was missing as the error text."""
+        namespace, _, name = pod.partition("/")
+        self.record(flow_pb2.AgentEvent(
+            type=flow_pb2.ENDPOINT_REGENERATE_SUCCESS if repaired else flow_pb2.ENDPOINT_REGENERATE_FAILURE,
+            endpoint_update=flow_pb2.EndpointUpdateNotification(
+                pod_name=name, namespace=namespace, error=f"capture drift: {kind}: {detail}")))
+
     @staticmethod
     def _endpoint(kind: int, workload: m.Workload) -> flow_pb2.AgentEvent:
         labels = [f"k8s:{label}={value}" for label, value in sorted(workload.labels.items())]

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -271,17 +272,16 @@ def pod_is_meshed(pod: dict[str, Any], meshed_namespaces: set[str]) -> bool:
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context
 def exec(ctx: click.Context, target: str, command: tuple[str, ...]) -> None:  # noqa: A001 - kubectl's name
-    """Run COMMAND inside pod NS/POD (its network namespace and cgroup)."""
-    from shoal.local.linux import Cgroup, Netns
+    """Run COMMAND inside pod NS/POD: its namespaces, cgroup, uid and capabilities (as kubectl exec)."""
+    from shoal.local.sandbox import SandboxError, exec_argv
     layout = layout_of(ctx)
     namespace, _, pod = target.partition("/")
     if not pod:
         raise click.BadParameter("expected NAMESPACE/POD, e.g. demo/client-0", param_hint="TARGET")
-    netns = Netns(layout.pod_netns(namespace, pod))
-    cgroups = list(layout.cgroup.glob(f"*/pods/{namespace}.{pod}"))
-    if not netns.exists() or not cgroups:
-        raise click.ClickException(f"pod {namespace}/{pod} is not running in cluster {layout.name!r}")
-    argv = Cgroup(cgroups[0]).join_argv(netns.exec_argv(list(command)))
+    try:
+        argv = exec_argv(layout, namespace, pod, list(command))
+    except SandboxError as err:
+        raise click.ClickException(str(err)) from None
     sys.exit(subprocess.call(argv))
 
 
@@ -329,6 +329,7 @@ def status(ctx: click.Context, output: str) -> None:
         report["flows"] = {"error": f"not available in this build: {e}"}
     except ObserverUnreachable as e:
         report["flows"] = {"error": str(e)}
+    report["capture"] = capture_audits(layout)
     if output == "json":
         click.echo(json.dumps(report, indent=2))
         return
@@ -357,6 +358,36 @@ def describe_component(peer: dict[str, Any] | None, version: str) -> str:
     if nack:
         state += f", last NACK: {nack.get('message', nack) if isinstance(nack, dict) else nack}"
     return f"{build}, config v{applied}, {state}"
+
+
+def capture_audits(layout) -> dict[str, Any]:
+    """Each node agent's capture audit record (its last pass and the drift it found), by node."""
+    found = {}
+    for path in sorted(layout.run_dir.glob(f"*/{layout.capture_audit_state('x').name}")):
+        try:
+            found[path.parent.name] = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            found[path.parent.name] = {"error": f"unreadable {path}: {err}"}
+    return found
+
+
+def render_capture(node: str, audit: dict[str, Any], now: float) -> str:
+    if "error" in audit:
+        return f"  {node:<10} {audit['error']}"
+    age = now - audit.get("time", 0)
+    line = f"  {node:<10} {audit.get('pods', 0)} pods audited {age:.1f}s ago"
+    if age > 3 * audit.get("interval", 2.0) + 1:
+        line += " (STALE: is the agent running?)"
+    drift = audit.get("drift") or {}
+    if not drift:
+        return line + ", no drift"
+    line += ", drift: " + ", ".join(f"{kind} {n}" for kind, n in sorted(drift.items()))
+    last = (audit.get("recent") or [{}])[-1]
+    if last:
+        when = time.strftime("%H:%M:%S", time.localtime(last.get("time", 0)))
+        line += (f" (last: {last.get('pod') or 'node'} {last.get('kind')} at {when}, "
+                 f"{'repaired' if last.get('repaired') else 'NOT repaired'})")
+    return line
 
 
 def render_status(report: dict[str, Any]) -> str:
@@ -400,6 +431,11 @@ def render_status(report: dict[str, Any]) -> str:
         unavailable = f", unavailable: {', '.join(n['unavailable'])}" if n.get("unavailable") else ""
         lines.append(f"Flows:       {f['current']}/{f['max']} ({share:.2f}%), {f['rate']} flows/s, "
                      f"{n['connected']} node(s) connected{unavailable}")
+    audits = report.get("capture") or {}
+    if audits:
+        lines.append("Capture:     audited by each node's agent (cgroup programs, tc, sk_lookup, proxy listeners)")
+        now = time.time()
+        lines.extend(render_capture(node, audits[node], now) for node in sorted(audits))
     return "\n".join(lines)
 
 

@@ -120,6 +120,22 @@ def l4_flow(
     return flow
 
 
+def capture_drift_flow(pod_ip: str, kind: str, detail: str, repaired: bool,
+                       ts_ns: int | None = None) -> flow_pb2.Flow:
+    """The capture audit found part of a pod's capture missing: an AUDIT flow from the pod
+    (the agent fills in its endpoint), saying what was missing and whether it was put back."""
+    flow = flow_pb2.Flow()
+    set_time(flow, ts_ns)
+    flow.IP.source = flow.IP.destination = pod_ip   # no L4: printers show the Summary
+    flow.IP.ipVersion = flow_pb2.IPv4 if ipaddress.ip_address(pod_ip).version == 4 else flow_pb2.IPv6
+    flow.Type = flow_pb2.L3_L4
+    flow.verdict = flow_pb2.AUDIT
+    flow.traffic_direction = flow_pb2.INGRESS
+    flow.event_type.type = MSG_POLICY_VERDICT
+    flow.Summary = f"capture drift: {kind}: {detail} ({'repaired' if repaired else 'NOT repaired'})"
+    return flow
+
+
 def http_flow(
     src_ip: str, src_port: int, dst_ip: str, dst_port: int, *,
     kind: str,

@@ -11,7 +11,9 @@ process: a restarted controller adopts running pods instead of restarting them.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -20,13 +22,19 @@ from pathlib import Path
 from typing import Any
 
 from shoal.config import ClusterLayout
+from shoal.controller.model import pod_meshed
 from shoal.controller.store import Store, WatchEvent
 from shoal.local.linux import Cgroup, LinuxError, Netns
+from shoal.local.sandbox import PodSecurity, SandboxError, default_uid, pod_argv, security_record
 from shoal.local.topology import Topology
+from shoal.netns import NetnsError, netns_cookie
 
 log = logging.getLogger(__name__)
 
 RESTART_BACKOFF_MAX = 10.0
+# How long a meshed pod waits for its node's agent to confirm capture before the pod says so
+# (it keeps waiting: it is never started unmeshed).
+CAPTURE_TIMEOUT = 30.0
 # No DNS server in the local cluster: Service names come from the hosts file, and a lookup
 # that misses fails at once instead of waiting on the machine's resolver.
 RESOLV_CONF = "# names of the local cluster come from /etc/hosts\nnameserver 127.0.0.53\noptions timeout:1 attempts:1\n"
@@ -37,9 +45,14 @@ class _PodRuntime:
     restarts: int = 0
     next_start: float = 0.0
     ips: tuple[str, ...] = ()          # IPv4 first (the primary), then IPv6
+    netns_cookie: int = 0
     procs: list[subprocess.Popen] = field(default_factory=list)
     ready: bool | None = None          # last probe result written to the Pod's status
     next_probe: float = 0.0
+    # A meshed pod not started yet: its Pod object, and since when it waits for capture.
+    awaiting_capture: dict[str, Any] | None = None
+    waiting_since: float = 0.0
+    timed_out: bool = False
 
 
 def ready_condition(ready: bool) -> list[dict[str, str]]:
@@ -100,11 +113,15 @@ def _addresses_status(pod_ips: tuple[str, ...], node_ips: tuple[str, ...]) -> di
 class LocalKubelet:
     """Reconciles the store's Pods with namespaces, cgroups and processes on this machine."""
 
-    def __init__(self, layout: ClusterLayout, store: Store, interval: float = 1.0):
+    def __init__(self, layout: ClusterLayout, store: Store, interval: float = 1.0,
+                 capture_timeout: float = CAPTURE_TIMEOUT, capture_poll: float = 0.05):
         self.layout = layout
         self.store = store
         self.topology = Topology(layout)
         self.interval = interval
+        self.capture_timeout = capture_timeout
+        self.capture_poll = capture_poll
+        self._captured: dict[str, tuple[float, frozenset[tuple[str, str, int]]]] = {}   # node -> (mtime, pods)
         self._pods: dict[tuple[str, str], _PodRuntime] = {}
         self._wake = asyncio.Event()
         self._hosts_dirty = True
@@ -128,10 +145,17 @@ class LocalKubelet:
                 self.reconcile()
             except LinuxError as e:
                 log.error("kubelet: %s", e)
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.interval)
-            except asyncio.TimeoutError:
-                pass
+            # While meshed pods wait for capture, look for the agent's confirmation often
+            # (a file read per node); a full pass runs on changes and every interval.
+            deadline = time.monotonic() + self.interval
+            while not self._wake.is_set() and time.monotonic() < deadline:
+                if not self.start_captured():
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), deadline - time.monotonic())
+                    except asyncio.TimeoutError:
+                        pass
+                    break
+                await asyncio.sleep(self.capture_poll)
             self._wake.clear()
 
     async def _probe_forever(self, tick: float = 0.2) -> None:
@@ -171,7 +195,7 @@ class LocalKubelet:
         for key, pod in pods.items():
             try:
                 self._ensure_pod(pod)
-            except LinuxError as e:
+            except (LinuxError, SandboxError) as e:
                 log.error("pod %s/%s: %s", *key, e)
                 self.store.update_status("Pod", *key, {"phase": "Failed", "message": str(e)})
         # Pods deleted while we were not running: their namespaces are still around.
@@ -196,9 +220,15 @@ class LocalKubelet:
             # Before the first start: `ip netns exec` bind-mounts these files only if they exist.
             netns.write_etc("hosts", hosts_file(*key, runtime.ips, self.store.list("Service")))
             netns.write_etc("resolv.conf", RESOLV_CONF)
+        if not runtime.netns_cookie:
+            try:
+                runtime.netns_cookie = netns_cookie(Netns(self.layout.pod_netns(*key)).path)
+            except (NetnsError, OSError) as err:
+                raise LinuxError(f"the pod's network namespace: {err}") from err
         cgroup = Cgroup(self.layout.pod_cgroup(node, *key)).create()
         runtime.procs = [p for p in runtime.procs if p.poll() is None]
         if cgroup.pids():
+            runtime.awaiting_capture = None
             status = {**_addresses_status(runtime.ips, self.layout.node_ips(node)),
                       "phase": "Running", "restartCount": runtime.restarts}
             self.store.update_status("Pod", *key, status)
@@ -206,6 +236,11 @@ class LocalKubelet:
         now = time.monotonic()
         if now < runtime.next_start:
             return
+        namespace = self.store.get("Namespace", "", meta["namespace"])
+        if pod_meshed(pod, namespace) and not self._capture_confirmed(node, key, runtime):
+            self._await_capture(pod, runtime, now)
+            return
+        runtime.awaiting_capture = None
         if pod.get("status", {}).get("phase") == "Running":
             runtime.restarts += 1
             log.warning("pod %s/%s exited; restarting (restart %d)", *key, runtime.restarts)
@@ -217,7 +252,68 @@ class LocalKubelet:
         self.store.update_status("Pod", *key, {
             **_addresses_status(runtime.ips, self.layout.node_ips(node)), "phase": "Running",
             "restartCount": runtime.restarts, "startTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "conditions": ready_condition(runtime.ready)})
+            "reason": "", "message": "", "conditions": ready_condition(runtime.ready)})
+
+    # -- enrolment before the first packet ---------------------------------------------------
+
+    def _await_capture(self, pod: dict[str, Any], runtime: _PodRuntime, now: float) -> None:
+        """A meshed pod's processes wait until its node's agent has captured the namespace (as
+        istio-cni holds sandbox creation): its IP is published, so the agent enrols it, and the
+        processes start once the agent's record holds this namespace's cookie. Never unmeshed."""
+        meta, node = pod["metadata"], pod["spec"]["nodeName"]
+        key = (meta["namespace"], meta["name"])
+        if runtime.awaiting_capture is None:
+            runtime.awaiting_capture, runtime.waiting_since, runtime.timed_out = pod, now, False
+            self.store.update_status("Pod", *key, {
+                **_addresses_status(runtime.ips, self.layout.node_ips(node)), "phase": "Pending",
+                "reason": "WaitingForMeshCapture",
+                "message": f"waiting for {node}'s agent to capture the pod's traffic before starting it"})
+        runtime.awaiting_capture = pod
+        if not runtime.timed_out and now - runtime.waiting_since > self.capture_timeout:
+            runtime.timed_out = True
+            message = (f"{node}'s agent did not confirm capture within {self.capture_timeout:.0f}s "
+                       f"(is it running? see `shoal logs agent --node {node}`); the pod is not started "
+                       f"unmeshed and keeps waiting")
+            log.error("pod %s/%s: %s", *key, message)
+            self.store.update_status("Pod", *key, {"phase": "Pending", "reason": "MeshCaptureTimeout",
+                                                   "message": message})
+
+    def _capture_confirmed(self, node: str, key: tuple[str, str], runtime: _PodRuntime) -> bool:
+        path = self.layout.enrolment_state(node)
+        try:
+            mtime = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return False
+        cached = self._captured.get(node)
+        if cached is None or cached[0] != mtime:
+            try:
+                raw = json.loads(path.read_text())
+                pods = frozenset((p["namespace"], p["name"], p["cookie"]) for p in raw.get("pods", []))
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                log.warning("unreadable capture record %s: %s", path, err)
+                return False
+            cached = self._captured[node] = (mtime, pods)
+        return (*key, runtime.netns_cookie) in cached[1]
+
+    def start_captured(self) -> bool:
+        """Starts the waiting pods whose capture is now confirmed; True while some still wait."""
+        waiting = False
+        for key, runtime in list(self._pods.items()):
+            pod = runtime.awaiting_capture
+            if pod is None:
+                continue
+            if not self._capture_confirmed(pod["spec"]["nodeName"], key, runtime):
+                self._await_capture(pod, runtime, time.monotonic())
+                waiting = True
+                continue
+            try:
+                self._ensure_pod(pod)
+            except (LinuxError, SandboxError) as e:
+                log.error("pod %s/%s: %s", *key, e)
+                self.store.update_status("Pod", *key, {"phase": "Failed", "message": str(e)})
+                runtime.awaiting_capture = None
+            waiting = waiting or runtime.awaiting_capture is not None
+        return waiting
 
     def _pod_ip(self, pod: dict[str, Any]) -> str:
         """The pod's IPv4 address (its IPv6 one is derived from it): the one it already has
@@ -235,28 +331,40 @@ class LocalKubelet:
 
     def _start(self, pod: dict[str, Any], runtime: _PodRuntime, cgroup: Cgroup) -> None:
         meta, spec = pod["metadata"], pod["spec"]
-        netns = Netns(self.layout.pod_netns(meta["namespace"], meta["name"]))
+        netns_name = self.layout.pod_netns(meta["namespace"], meta["name"])
         log_dir = self.layout.log_dir / "pods"
         log_dir.mkdir(parents=True, exist_ok=True)
-        for container in spec["containers"]:
+        for index, container in enumerate(spec["containers"]):
             argv = list(container["command"]) + list(container.get("args", []))
             env = self._pod_env(pod, runtime.ips, container)
+            security = PodSecurity.for_container(pod, container, default_uid(runtime.ips[0], self.layout.name), env)
+            security.check_host()
+            if security.uid != 0:
+                env.setdefault("HOME", "/tmp")   # /root is not theirs
+            env.setdefault("HOME", "/root")
+            if index == 0:   # `shoal exec` enters the first container, as kubectl does
+                record = security_record(self.layout, meta["namespace"], meta["name"])
+                record.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                staged = record.with_suffix(".tmp")
+                staged.write_text(security.to_json())
+                os.replace(staged, record)   # `shoal exec` never reads half a record
             name = container.get("name", "main")
             log_path = log_dir / f"{meta['namespace']}_{meta['name']}_{name}.log"
             with open(log_path, "ab") as out:
-                proc = subprocess.Popen(cgroup.join_argv(netns.exec_argv(argv)), stdout=out,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                proc = subprocess.Popen(cgroup.join_argv(pod_argv(self.layout, netns_name, security, argv)),
+                                        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         env=env, start_new_session=True, cwd="/")
             runtime.procs.append(proc)
-            log.info("started pod %s/%s container %s (pid %d): %s", meta["namespace"], meta["name"],
-                     name, proc.pid, " ".join(argv))
+            log.info("started pod %s/%s container %s (pid %d, uid %d, capabilities %s): %s", meta["namespace"],
+                     meta["name"], name, proc.pid, security.uid, ",".join(security.capabilities) or "none",
+                     " ".join(argv))
 
     def _pod_env(self, pod: dict[str, Any], ips: tuple[str, ...], container: dict[str, Any]) -> dict[str, str]:
         meta, spec = pod["metadata"], pod["spec"]
         venv_bin = str(Path(sys.executable).parent)
         env = {
             "PATH": f"{venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            "HOME": "/root", "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1",
+            "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1",
             "POD_NAME": meta["name"], "POD_NAMESPACE": meta["namespace"], "POD_IP": ips[0], "POD_IPS": ",".join(ips),
             "NODE_NAME": spec["nodeName"], "SERVICE_ACCOUNT": spec.get("serviceAccountName", "default"),
         }
@@ -274,6 +382,7 @@ class LocalKubelet:
         for proc in runtime.procs:
             proc.wait(timeout=5)
         self.topology.detach_pod(*key)
+        security_record(self.layout, *key).unlink(missing_ok=True)
         log.info("stopped pod %s/%s", *key)
 
     def _write_hosts(self, pods) -> None:

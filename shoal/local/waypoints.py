@@ -35,6 +35,8 @@ LABEL_GATEWAY_NAME = "gateway.networking.k8s.io/gateway-name"   # the controller
 LABEL_MANAGED_BY = "shoal.io/managed-by"
 MANAGER = "waypoint-launcher"
 ANNOTATION_SERVICE_ACCOUNT = "shoal.io/service-account"
+# Where a waypoint pod sees its node's flows socket (a hostPath volume: pods do not see the run dir).
+POD_FLOWS_SOCKET = "/run/shoal-node/flows.sock"
 
 
 def is_waypoint(gateway: Obj) -> bool:
@@ -59,7 +61,17 @@ def deployment_for(gateway: Obj, layout: ClusterLayout, python: str = sys.execut
            {"name": "SHOAL_CONTROLLER", "value": layout.controller_address},
            {"name": "SHOAL_TOKEN_FILE", "value": str(layout.waypoint_credential_path(namespace, name))},
            {"name": "SHOAL_CA_BUNDLE", "value": str(layout.ca_bundle_path)},
+           {"name": "SHOAL_FLOWS_SOCKET", "value": POD_FLOWS_SOCKET},
            *({"name": k, "value": v} for k, v in extra_env)]
+    # Pods are sandboxed (shoal/local/sandbox.py): the waypoint gets exactly the three host files it
+    # needs, read-only, and runs as uid 0 without capabilities to read its root-only credential.
+    credential = str(layout.waypoint_credential_path(namespace, name))
+    volumes = [{"name": "credential", "hostPath": {"path": credential}},
+               {"name": "ca-bundle", "hostPath": {"path": str(layout.ca_bundle_path)}},
+               {"name": "node-run", "hostPath": {"path": str(layout.run_dir)}}]
+    mounts = [{"name": "credential", "mountPath": credential, "readOnly": True},
+              {"name": "ca-bundle", "mountPath": str(layout.ca_bundle_path), "readOnly": True},
+              {"name": "node-run", "mountPath": POD_FLOWS_SOCKET, "subPathExpr": "$(NODE_NAME)/flows.sock"}]
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": name, "namespace": namespace, "labels": {LABEL_GATEWAY_NAME: name, LABEL_MANAGED_BY: MANAGER}},
@@ -70,11 +82,14 @@ def deployment_for(gateway: Obj, layout: ClusterLayout, python: str = sys.execut
                 "metadata": {"labels": labels},
                 "spec": {
                     "serviceAccountName": sa,
+                    "volumes": volumes,
                     "containers": [{
                         "name": "waypoint",
                         "command": [python, "-m", "shoal.waypoint"],
                         "args": ["--name", name, "--namespace", namespace, "--service-account", sa],
                         "env": env,
+                        "volumeMounts": mounts,
+                        "securityContext": {"runAsUser": 0},
                         "ports": [{"name": "hbone", "containerPort": PORT_HBONE}],
                         "readinessProbe": {"httpGet": {"path": "/healthz/ready", "port": PORT_READY},
                                            "periodSeconds": 1, "timeoutSeconds": 1},

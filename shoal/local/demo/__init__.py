@@ -28,16 +28,18 @@ def deploy_demo(cluster, echo: Callable[[str], None] = print, settle: float = 30
 
 
 def show_traffic(cluster, echo: Callable[[str], None], settle: float) -> None:
-    from shoal.local.linux import Cgroup, Netns
+    from shoal.local.sandbox import SandboxError, exec_argv
     layout = cluster.layout
     for namespace in ("demo", "legacy"):
-        netns = Netns(layout.pod_netns(namespace, "client-0"))
-        cgroup = next(iter(layout.cgroup.glob(f"*/pods/{namespace}.client-0")))
-        argv = Cgroup(cgroup).join_argv(netns.exec_argv(
-            ["curl", "-s", "--max-time", "3", "http://web.demo:8080/"]))
         deadline = time.monotonic() + settle
         answer = ""
         while time.monotonic() < deadline:
+            try:
+                argv = exec_argv(layout, namespace, "client-0",
+                                 ["curl", "-s", "--max-time", "3", "http://web.demo:8080/"])
+            except SandboxError:   # its process is still setting up its sandbox
+                time.sleep(0.2)
+                continue
             result = subprocess.run(argv, capture_output=True, text=True)
             answer = result.stdout.strip()
             if result.returncode == 0 and answer:

@@ -1,0 +1,221 @@
+"""Pods isolated like containers (issue 11, item 2): mount namespace, unprivileged uid, no capabilities.
+
+The unit tests check how a manifest's securityContext becomes a sandbox; the cluster tests attack
+a running pod of the session's demo cluster as a compromised application would.
+"""
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from shoal.config import ClusterLayout
+from shoal.local.sandbox import (
+    POD_UID_BASE, HostMount, PodSecurity, SandboxError, default_uid, hidden_paths, validate_pod_spec,
+)
+from tests.conftest import eventually, pod_exec, shoal_cli
+
+CAP_NET_ADMIN = 1 << 12
+
+
+def pod(spec_ctx=None, **container) -> dict:
+    spec = {"containers": [{"name": "c", "command": ["true"], **container}]}
+    if spec_ctx is not None:
+        spec["securityContext"] = spec_ctx
+    return {"metadata": {"namespace": "ns", "name": "p"}, "spec": spec}
+
+
+def security(p: dict, env=None) -> PodSecurity:
+    return PodSecurity.for_container(p, p["spec"]["containers"][0], default_uid("10.244.1.7", "c1"), env)
+
+
+# -- unit: manifest -> sandbox -------------------------------------------------------------------
+
+
+def test_default_is_a_pod_uid_with_no_capabilities_and_no_new_privileges():
+    sec = security(pod())
+    assert sec.uid == sec.gid == default_uid("10.244.1.7", "c1")
+    assert sec.uid % 0x10000 == (POD_UID_BASE + 256 + 7) % 0x10000
+    assert sec.capabilities == () and sec.no_new_privs and not sec.privileged
+    argv = sec.setpriv_argv(["app"])
+    assert "--bounding-set=-all" in argv and "--inh-caps=-all" in argv and "--no-new-privs" in argv
+    assert argv[-2:] == ["--", "app"]
+
+
+def test_every_pod_ip_gets_its_own_uid_and_each_cluster_its_own_block():
+    ips = [f"10.244.{n}.{k}" for n in range(1, 4) for k in range(2, 255)]
+    assert len({default_uid(ip, "c1") for ip in ips}) == len(ips)
+    assert min(default_uid(ip, "c1") for ip in ips) > 65535   # never a system or login user
+    assert default_uid("10.244.1.2", "c1") != default_uid("10.244.1.2", "shoal-test-1234")
+    assert max(default_uid("10.244.255.255", str(n)) for n in range(2000)) < 2**31 - 1
+
+
+def test_container_security_context_overrides_the_pods():
+    sec = security(pod({"runAsUser": 1000, "runAsGroup": 3000}, securityContext={"runAsUser": 2000}))
+    assert (sec.uid, sec.gid) == (2000, 3000)
+    assert security(pod({"runAsUser": 0})).uid == 0
+
+
+def test_capabilities_add_gives_exactly_those_capabilities():
+    sec = security(pod(securityContext={"capabilities": {"add": ["NET_ADMIN", "cap_net_raw"]}}))
+    assert sec.capabilities == ("NET_ADMIN", "NET_RAW")
+    argv = sec.setpriv_argv(["app"])
+    assert "--bounding-set=-all,+net_admin,+net_raw" in argv
+    assert "--ambient-caps=-all,+net_admin,+net_raw" in argv   # kept across exec by a non-root uid
+
+
+@pytest.mark.parametrize("ctx, message", [
+    ({"runAsUser": "root"}, "runAsUser: expected an integer"),
+    ({"runAsUser": -1}, "runAsUser: expected an integer"),
+    ({"runAsUser": True}, "runAsUser: expected an integer"),
+    ({"capabilities": {"add": ["NET_ADMIN", "FLY"]}}, "unknown capabilities FLY"),
+    ({"capabilities": {"add": "NET_ADMIN"}}, "expected a list of capability names"),
+    ({"capabilities": []}, "capabilities: expected a mapping"),
+    ({"allowPrivilegeEscalation": "yes"}, "expected true or false"),
+])
+def test_bad_security_context_is_refused_naming_the_field(ctx, message):
+    with pytest.raises(SandboxError, match=message):
+        security(pod(securityContext=ctx))
+    problems = validate_pod_spec(pod(securityContext=ctx)["spec"])
+    assert len(problems) == 1 and message.split(":")[0] in problems[0]
+
+
+def test_apply_refuses_a_bad_security_context():
+    from shoal.controller.manifests import validate
+    bad = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "ns"},
+           "spec": {"containers": [{"name": "c", "command": ["true"],
+                                    "securityContext": {"capabilities": {"add": ["ALL_OF_THEM"]}}}]}}
+    assert any("unknown capabilities ALL_OF_THEM" in problem for problem in validate(bad))
+
+
+def test_host_path_volumes_with_sub_path_expr():
+    p = pod(volumeMounts=[{"name": "run", "mountPath": "/run/node/flows.sock", "subPathExpr": "$(NODE_NAME)/flows.sock"}])
+    p["spec"]["volumes"] = [{"name": "run", "hostPath": {"path": "/run/shoal/c1"}}]
+    sec = security(p, {"NODE_NAME": "node-2"})
+    assert sec.mounts == (HostMount("/run/shoal/c1/node-2/flows.sock", "/run/node/flows.sock", False),)
+    assert PodSecurity.from_json(sec.to_json()) == sec
+    p["spec"]["containers"][0]["volumeMounts"][0]["subPathExpr"] = "../../etc"
+    with pytest.raises(SandboxError, match="without '..'"):
+        security(p)
+    p["spec"]["volumes"] = [{"name": "run", "emptyDir": {}}]
+    with pytest.raises(SandboxError, match="only hostPath volumes"):
+        security(p)
+
+
+def test_the_mesh_state_bpffs_and_cgroupfs_are_hidden():
+    layout = ClusterLayout(name="c1", run_root=Path("/var/lib/shoal-c"))
+    hidden = hidden_paths(layout)
+    for path in ("/var/lib/shoal-c", "/sys/fs/bpf", "/sys/fs/cgroup/unified", "/etc/netns", "/root"):
+        assert path in hidden
+    script = PodSecurity(uid=1, gid=1).mount_script(layout)
+    assert "mount --make-rprivate /" in script and "shoal-run /run" in script
+    for private in ("/tmp", "/var/tmp", "/dev/shm"):
+        assert f"shoal-pod {private}" in script
+
+
+# -- cluster: attack a running pod ----------------------------------------------------------------
+
+ATTEMPT = textwrap.dedent("""
+    import json, os, socket, sys
+    results = {}
+    for path in sys.argv[1:]:
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+            results[path] = "read"
+        except OSError as err:
+            results[path] = type(err).__name__
+    try:
+        socket.socket().setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0x539)
+        results["so_mark"] = "set"
+    except OSError as err:
+        results["so_mark"] = type(err).__name__
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    results["uid"] = os.getuid()
+    results["cap_eff"] = int(status["CapEff"].strip(), 16)
+    results["cap_bnd"] = int(status["CapBnd"].strip(), 16)
+    print(json.dumps(results))
+""")
+
+
+def attempt(layout: ClusterLayout, target: str, *paths: str) -> dict:
+    out = pod_exec(layout, target, "python3", "-c", ATTEMPT, *paths).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def pod_pids(layout: ClusterLayout, namespace: str, name: str) -> list[int]:
+    cgroup = next(layout.cgroup.glob(f"*/pods/{namespace}.{name}"))
+    return [int(pid) for path in cgroup.rglob("cgroup.procs") for pid in path.read_text().split()]
+
+
+@pytest.mark.cluster
+def test_a_pod_cannot_read_the_mesh_secrets_pins_or_another_pods_files(demo_cluster):
+    layout = demo_cluster.layout
+    secrets = [layout.ca_dir / "ca-key.pem", layout.credential_key_path, layout.node_credential_path("node-1"),
+               *sorted(p for p in layout.bpf_pin_dir("node-1").iterdir() if p.is_file())[:3]]
+    for secret in secrets:   # they are there, for root on the machine
+        assert secret.exists(), secret
+    # db-0 leaves a world-readable file in its /tmp; web-0 looks for it directly and through /proc.
+    pod_exec(layout, "demo/db-0", "sh", "-c", "echo private > /tmp/db-secret && chmod 644 /tmp/db-secret")
+    db_pid = next(pid for pid in pod_pids(layout, "demo", "db-0")
+                  if os.stat(f"/proc/{pid}").st_uid != 0)
+    agent_pid = int((layout.run_dir / "agent-node-1.pid").read_text())
+    paths = [*map(str, secrets), "/tmp/db-secret", f"/proc/{db_pid}/root/tmp/db-secret",
+             f"/proc/{db_pid}/environ", f"/proc/{agent_pid}/environ", "/run/netns/" + layout.pod_netns("demo", "db-0")]
+    seen = attempt(layout, "demo/web-0", *paths)
+    for path in paths:
+        assert seen[path] != "read", f"a pod read {path}"
+    assert seen[str(layout.ca_dir / "ca-key.pem")] == "FileNotFoundError"   # hidden, not just denied
+    assert seen["/tmp/db-secret"] == "FileNotFoundError"                    # each pod its own /tmp
+    assert seen[f"/proc/{db_pid}/root/tmp/db-secret"] == "PermissionError"  # another uid
+    assert pod_exec(layout, "demo/db-0", "cat", "/tmp/db-secret").stdout == "private\n"
+
+
+@pytest.mark.cluster
+def test_a_pod_runs_as_its_own_uid_without_capabilities_and_cannot_set_the_proxy_mark(demo_cluster):
+    layout = demo_cluster.layout
+    seen = attempt(layout, "demo/web-0")
+    assert seen["uid"] >= POD_UID_BASE and seen["cap_eff"] == 0 and seen["cap_bnd"] == 0
+    assert seen["so_mark"] == "PermissionError"
+    other = attempt(layout, "demo/db-0")
+    assert other["uid"] != seen["uid"]
+    # The pod's own processes, not only what `shoal exec` starts.
+    for pid in pod_pids(layout, "demo", "web-0"):
+        status = Path(f"/proc/{pid}/status").read_text()
+        if "\nUid:\t0" not in status:
+            assert "CapEff:\t0000000000000000" in status and "NoNewPrivs:\t1" in status
+
+
+NET_ADMIN_POD = """
+apiVersion: v1
+kind: Pod
+metadata: {name: netadmin-0, namespace: legacy}
+spec:
+  securityContext: {runAsUser: 4321}
+  containers:
+    - name: main
+      command: [sleep, "600"]
+      securityContext: {capabilities: {add: [NET_ADMIN]}}
+"""
+
+
+@pytest.mark.cluster
+def test_a_pod_whose_manifest_adds_net_admin_gets_exactly_that(demo_cluster):
+    layout = demo_cluster.layout
+    try:
+        shoal_cli(layout, "apply", "-f", "-", input=NET_ADMIN_POD)
+
+        def started():
+            proc = pod_exec(layout, "legacy/netadmin-0", "true", check=False)
+            return proc.returncode == 0
+        eventually(started, "legacy/netadmin-0 running")
+        seen = attempt(layout, "legacy/netadmin-0", str(layout.node_credential_path("node-1")))
+        assert seen["uid"] == 4321
+        assert seen["cap_eff"] == CAP_NET_ADMIN and seen["cap_bnd"] == CAP_NET_ADMIN
+        assert seen["so_mark"] == "set"
+        assert seen[str(layout.node_credential_path("node-1"))] == "FileNotFoundError"
+    finally:
+        shoal_cli(layout, "delete", "-f", "-", input=NET_ADMIN_POD, check=False)
