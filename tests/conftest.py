@@ -76,7 +76,7 @@ spec:{placement}
   serviceAccountName: server
   containers:
     - name: web
-      command: [python3, -m, shoal.demo.apps, web, --port, "8080"]
+      command: [python3, -m, shoal.local.demo.apps, web, --port, "8080"]
 ---
 apiVersion: v1
 kind: Service
