@@ -200,8 +200,11 @@ class Distributor:
             log.info("node %s (%s) disconnected", node, conn.component)
 
     def _remember_departed(self, conn: Connection) -> None:
-        if any(c.node == conn.node and c.component == conn.component for c in self.connections):
-            return   # it reconnected before the old stream finished
+        """Keeps a node's agent or proxy listed as disconnected until it returns. Not
+        waypoints: they come and go with their Gateway, and a deleted one is not missing."""
+        if conn.component == "waypoint" or any(
+                c.node == conn.node and c.component == conn.component for c in self.connections):
+            return   # (or it reconnected before the old stream finished)
         last = conn.status(time.monotonic())
         last.update(connected=False, health="disconnected", disconnected_at=time.time(),
                     in_flight=0, unanswered_for=0.0)

@@ -200,7 +200,7 @@ def _nodes_caught_up(client, version_before: int, timeout: float) -> bool:
     while time.monotonic() < deadline:
         status = _call(client.status)
         current = int(status["version"])
-        agents = status.get("agents") or []
+        agents = [a for a in status.get("agents") or [] if a.get("connected", True)]
         if current > version_before and all(
                 int(a["version"] or 0) >= current and not a["in_flight"] for a in agents):
             return True

@@ -25,7 +25,7 @@ def converge(api, objs, delete=False, timeout=5.0):
     (api.delete if delete else api.apply)(objs)
     while True:
         status = api.status()
-        agents = status["agents"]
+        agents = [a for a in status["agents"] if a["connected"]]
         if agents and all(a["version"] == status["version"] and a["in_flight"] == 0 for a in agents):
             return time.monotonic() - started, status
         assert time.monotonic() - started < timeout, status
