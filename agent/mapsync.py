@@ -23,7 +23,7 @@ from shoal.datapath.structs import (
     Counter,
     EndpointInfo,
     OrigDstKey,
-    PodInfo,
+    PodValue,
     PolicyKey,
     PolicyValue,
     SvcKey,
@@ -59,7 +59,7 @@ class DatapathMaps:
         the address of the destination's family)."""
         ip4 = ip if ipaddress.ip_address(ip).version == 4 else None
         ip6 = ip6 or (ip if ip4 is None else None)
-        value = PodInfo(identity=identity, flags=flags, ns_id=ns_id, ip4=Addr.of(ip4), ip6=Addr.of(ip6))
+        value = PodValue(identity=identity, flags=flags, ns_id=ns_id, ip4=Addr.of(ip4), ip6=Addr.of(ip6))
         bpfsys.map_update(self.fds["enrolled_pods"], U64(cookie), value)
 
     def remove_pod(self, cookie: int) -> bool:
@@ -69,7 +69,7 @@ class DatapathMaps:
         out = {}
         fd = self.fds["enrolled_pods"]
         for key in bpfsys.map_keys(fd, U64):
-            value = PodInfo()
+            value = PodValue()
             if bpfsys.map_lookup(fd, key, value):
                 out[key.value] = {"identity": value.identity, "ip": value.ip4.text() or value.ip6.text(),
                                   "ip6": value.ip6.text(), "ns_id": value.ns_id, "flags": value.flags}

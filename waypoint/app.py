@@ -29,7 +29,7 @@ from .listener import start_plaintext
 from .model import HTTPRoute, TrafficPolicy, parse_httproute, parse_traffic_policy
 from .proxy import WaypointProxy
 from .resolver import StateResolver, StaticResolver
-from .telemetry import OtlpSpanExporter, Telemetry
+from .telemetry import OtlpSpanExporter, RequestTelemetry
 from .upstream import Endpoint, TcpConnector
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class WaypointApp:
             self.flows = FlowEmitter(config.flows_path, registry=self.registry, component="waypoint")
         self.spans = OtlpSpanExporter(config.otlp_endpoint, f"{config.name}.{config.namespace}") \
             if config.otlp_endpoint else None
-        self.telemetry = Telemetry(self.registry, access_log=self._access_sink(), flow_emitter=self.flows,
+        self.telemetry = RequestTelemetry(self.registry, access_log=self._access_sink(), flow_emitter=self.flows,
                                    span_exporter=self.spans)
         self.identities = None
         if config.static_services:

@@ -2,16 +2,18 @@
 
 The policies come from the config stream (``shoal.xds.model.Authorization``). The
 waypoint evaluates those that select the destination workload (or the whole
-namespace, or the mesh root namespace) with the request's L7 attributes:
-DENY first, then allowed if there is no ALLOW policy or any ALLOW matches.
+namespace, or the mesh root namespace) with the request's L7 attributes. The order
+(DENY first, then allowed if there is no ALLOW policy or any ALLOW matches) and the rule
+shape are ``shoal.policy.authz``'s, shared with the node proxy.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
+from shoal.policy.authz import Decision, PartMatchers, decide
 from shoal.policy.match import any_string, field_matches, in_blocks, match_string, principal_form
-from shoal.xds.model import Authorization, Condition, Operation, Rule, Source
+from shoal.xds.model import Authorization, Condition, Operation, Source
 
 SUPPORTED_CONDITION_KEYS = ("source.ip", "remote.ip", "source.namespace", "source.principal",
                             "destination.ip", "destination.port")
@@ -31,13 +33,6 @@ class RequestAttributes:
     path: str          # without the query string
     host: str
     headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
-
-
-@dataclass(frozen=True)
-class Verdict:
-    allowed: bool
-    policy: str  # "ns/name" of the deciding policy, "" for default allow / allow-list miss
-    reason: str
 
 
 def _source_matches(s: Source, req: RequestAttributes) -> bool:
@@ -79,12 +74,12 @@ def condition_value(key: str, req: RequestAttributes) -> str | None:
     raise ValueError(f"unsupported condition key {key!r}")
 
 
-def _condition_matches(c: Condition, req: RequestAttributes, action: str) -> bool:
+def _condition_matches(c: Condition, req: RequestAttributes, deny: bool) -> bool:
     try:
         actual = condition_value(c.key, req)
     except ValueError:
         # Fail closed: an unknown key makes a DENY match and an ALLOW not match.
-        return action == "DENY"
+        return deny
     if c.key in ("source.ip", "remote.ip", "destination.ip"):
         test = lambda vs: actual is not None and in_blocks(vs, actual)  # noqa: E731
     elif c.key == "source.principal":
@@ -94,26 +89,11 @@ def _condition_matches(c: Condition, req: RequestAttributes, action: str) -> boo
     return field_matches(c.values, c.not_values, test)
 
 
-def rule_matches(rule: Rule, req: RequestAttributes, action: str) -> bool:
-    """All of from/to/when must hold; within from or to, any entry may match."""
-    if rule.sources and not any(_source_matches(s, req) for s in rule.sources):
-        return False
-    if rule.operations and not any(_operation_matches(o, req) for o in rule.operations):
-        return False
-    return all(_condition_matches(c, req, action) for c in rule.conditions)
+def _parts(req: RequestAttributes) -> PartMatchers:
+    return PartMatchers(source=lambda s: _source_matches(s, req),
+                        operation=lambda o, deny: _operation_matches(o, req),
+                        condition=lambda c, deny: _condition_matches(c, req, deny))
 
 
-def evaluate(policies: Iterable[Authorization], req: RequestAttributes) -> Verdict:
-    allow_policies = []
-    for policy in policies:
-        if policy.action == "DENY":
-            if any(rule_matches(r, req, "DENY") for r in policy.rules):
-                return Verdict(False, policy.key, "denied by DENY policy")
-        elif policy.action == "ALLOW":
-            allow_policies.append(policy)
-    if not allow_policies:
-        return Verdict(True, "", "no ALLOW policy")
-    for policy in allow_policies:
-        if any(rule_matches(r, req, "ALLOW") for r in policy.rules):
-            return Verdict(True, policy.key, "allowed by ALLOW policy")
-    return Verdict(False, "", "no ALLOW policy matched")
+def evaluate(policies: Iterable[Authorization], req: RequestAttributes) -> Decision:
+    return decide(policies, _parts(req))

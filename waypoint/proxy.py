@@ -31,7 +31,7 @@ from .model import ConnectionPoolPolicy, HTTPRoute, TrafficPolicy
 from .resilience import (CONNECT_FAILURE, RESET, TIMEOUT, CircuitBreaker, OutlierDetector, PercentSampler,
                          TokenBucket, backoff_delay, is_retriable)
 from .routing import RequestPlan, RouteTable, ServiceKey, apply_response_filters, plan_request
-from .telemetry import RequestRecord, Telemetry, TraceContext
+from .telemetry import RequestRecord, RequestTelemetry, TraceContext
 from .upstream import ClusterPool, Connector, Endpoint, PoolOverflow, UpstreamError, send_request
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ FAILURE_ANSWERS = {
 
 
 class WaypointProxy:
-    def __init__(self, resolver: Resolver, connector: Connector, telemetry: Telemetry, limits: Limits = Limits(),
+    def __init__(self, resolver: Resolver, connector: Connector, telemetry: RequestTelemetry, limits: Limits = Limits(),
                  clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None,
                  mirror_connector: Connector | None = None) -> None:
         self.resolver = resolver
@@ -255,7 +255,7 @@ class WaypointProxy:
             source_ip=req.peer.source_ip, destination_ip=req.peer.destination_ip or service.vip,
             destination_port=service.key.port, method=req.method, path=req.path, host=req.authority,
             headers=req.header_map))
-        rec.authz_policy = verdict.policy
+        rec.authz_policy = verdict.policy or ""
         self.telemetry.metrics.authz.labels(decision="allow" if verdict.allowed else "deny", policy=verdict.policy or "-").inc()
         if not verdict.allowed:
             rec.flags.add("RBAC")

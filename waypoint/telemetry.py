@@ -1,7 +1,7 @@
 """Request telemetry: Istio metrics, JSON access log, W3C trace context, L7 flow events.
 
 One ``RequestRecord`` is filled while a request goes through the proxy and handed to
-``Telemetry.record`` once the response is done (or failed). Everything here is
+``RequestTelemetry.record`` once the response is done (or failed). Everything here is
 optional at run time except the metrics: the access log, the flow emitter and the
 OTLP exporter are wired only when configured.
 """
@@ -130,7 +130,7 @@ class RequestMetrics:
                                               "Downstream connections accepted", ["protocol"], registry=registry)
 
 
-class Telemetry:
+class RequestTelemetry:
     def __init__(self, registry: CollectorRegistry, access_log: Callable[[str], None] | None = None,
                  flow_emitter: Any = None, span_exporter: Any = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.metrics = RequestMetrics(registry)

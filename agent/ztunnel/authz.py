@@ -1,13 +1,8 @@
 """L4 AuthorizationPolicy evaluation with Istio's semantics, pure.
 
-1. If any DENY policy matches the connection, it is refused.
-2. Otherwise, if no ALLOW policy selects the workload, it is allowed.
-3. Otherwise it is allowed only when at least one ALLOW policy matches.
-
-A policy matches when any of its rules matches; a rule matches when each of its
-non-empty parts (sources, operations, conditions) has a match; within a part every
-non-empty field must match (and no ``not_`` field may). An ALLOW with no rules matches
-nothing, which is Istio's "deny all".
+The order (DENY, then ALLOW) and the rule shape are ``shoal.policy.authz``'s, shared with
+the waypoint; this module says what a source, an operation and a condition mean for one
+connection. Within a part every non-empty field must match (and no ``not_`` field may).
 
 The node proxy only sees L4. HTTP-only fields (methods, paths, hosts, request.*
 conditions) follow Istio's rule for TCP: an ALLOW rule using them never matches (fail
@@ -18,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
+from shoal.policy.authz import Decision, PartMatchers, decide
 from shoal.policy.match import any_string, field_matches, in_blocks, principal_form
-from shoal.xds.model import Authorization, Condition, Operation, Rule, Source
+from shoal.xds.model import Authorization, Condition, Operation, Source
 
 _L4_CONDITION_KEYS = {"source.ip", "source.namespace", "source.principal", "destination.ip",
                       "destination.port", "remote.ip"}
@@ -42,13 +38,6 @@ class ConnectionInfo:
     def namespace(self) -> str | None:
         parts = (self.principal or "").split("/")
         return parts[2] if len(parts) >= 5 and parts[1] == "ns" else None
-
-
-@dataclass(frozen=True)
-class Decision:
-    allowed: bool
-    policy: str | None  # namespace/name of the deciding policy, if any
-    reason: str
 
 
 def _source_matches(src: Source, conn: ConnectionInfo) -> bool:
@@ -82,31 +71,16 @@ def _condition_matches(cond: Condition, conn: ConnectionInfo, deny: bool) -> boo
     return field_matches(cond.values, cond.not_values, matcher)
 
 
-def _rule_matches(rule: Rule, conn: ConnectionInfo, deny: bool) -> bool:
-    if rule.sources and not any(_source_matches(s, conn) for s in rule.sources):
-        return False
-    if rule.operations and not any(_operation_matches(o, conn, deny) for o in rule.operations):
-        return False
-    return all(_condition_matches(c, conn, deny) for c in rule.conditions)
+def _parts(conn: ConnectionInfo) -> PartMatchers:
+    return PartMatchers(source=lambda s: _source_matches(s, conn),
+                        operation=lambda o, deny: _operation_matches(o, conn, deny),
+                        condition=lambda c, deny: _condition_matches(c, conn, deny))
 
 
 def policy_matches(policy: Authorization, conn: ConnectionInfo) -> bool:
-    deny = policy.action == "DENY"
-    return any(_rule_matches(rule, conn, deny) for rule in policy.rules)
+    return _parts(conn).policy_matches(policy)
 
 
 def authorize(policies: Iterable[Authorization], conn: ConnectionInfo) -> Decision:
     """Evaluate the policies that select the destination workload."""
-    allows = []
-    for policy in policies:
-        if policy.action == "DENY":
-            if policy_matches(policy, conn):
-                return Decision(False, policy.key, "matched a DENY policy")
-        elif policy.action == "ALLOW":
-            allows.append(policy)
-    if not allows:
-        return Decision(True, None, "no ALLOW policy selects the workload")
-    for policy in allows:
-        if policy_matches(policy, conn):
-            return Decision(True, policy.key, "matched an ALLOW policy")
-    return Decision(False, None, "no ALLOW policy matched")
+    return decide(policies, _parts(conn))

@@ -115,7 +115,8 @@ def be16_to_port(value: int) -> int:
     return socket.ntohs(value)
 
 
-class PodInfo(ctypes.Structure):
+class PodValue(ctypes.Structure):
+    """The enrolled_pods map's value (struct pod_info); the pod itself is ``shoal.zds.PodInfo``."""
     _fields_ = [("identity", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("ns_id", ctypes.c_uint32),
                 ("pad", ctypes.c_uint32), ("ip4", Addr), ("ip6", Addr)]
 
@@ -189,7 +190,7 @@ class MapSpec:
 RINGBUF_BYTES = 64 * 4096
 
 MAPS: tuple[MapSpec, ...] = (
-    MapSpec("enrolled_pods", bpfsys.MAP_TYPE_HASH, U64, PodInfo, 4096),
+    MapSpec("enrolled_pods", bpfsys.MAP_TYPE_HASH, U64, PodValue, 4096),
     MapSpec("ipcache", bpfsys.MAP_TYPE_HASH, Addr, EndpointInfo, 65536),
     MapSpec("services", bpfsys.MAP_TYPE_HASH, SvcKey, SvcValue, 65536),
     MapSpec("policy_deny", bpfsys.MAP_TYPE_HASH, PolicyKey, PolicyValue, 65536),
@@ -209,7 +210,7 @@ MAP_BY_NAME = {spec.name: spec for spec in MAPS}
 
 # struct name in bpf/lib/shoal.h -> mirror, for the layout test.
 C_MIRRORS = {
-    "pod_info": PodInfo, "endpoint_info": EndpointInfo, "svc_key": SvcKey, "svc_value": SvcValue,
+    "pod_info": PodValue, "endpoint_info": EndpointInfo, "svc_key": SvcKey, "svc_value": SvcValue,
     "policy_key": PolicyKey, "policy_value": PolicyValue, "orig_dst": OrigDst,
     "origdst_key": OrigDstKey, "flow_event": FlowRecord, "listener_key": ListenerKey,
     "shoal_addr": Addr,

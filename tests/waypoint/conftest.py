@@ -19,7 +19,7 @@ from shoal.waypoint.listener import start_plaintext
 from shoal.waypoint.model import parse_httproute, parse_traffic_policy
 from shoal.waypoint.proxy import WaypointProxy
 from shoal.waypoint.resolver import StaticResolver
-from shoal.waypoint.telemetry import Telemetry
+from shoal.waypoint.telemetry import RequestTelemetry
 from shoal.waypoint.upstream import Endpoint, TcpConnector
 
 
@@ -92,7 +92,7 @@ class Bed:
 
     async def start(self, routes=(), policies=(), authz=(), limits: Limits = Limits(), seed: int = 1) -> None:
         resolver = StaticResolver(self.services, namespace="demo", policies=list(authz))
-        telemetry = Telemetry(self.registry, access_log=lambda line: self.access_log.append(json.loads(line)))
+        telemetry = RequestTelemetry(self.registry, access_log=lambda line: self.access_log.append(json.loads(line)))
         self.proxy = WaypointProxy(resolver, TcpConnector(), telemetry, limits, rng=random.Random(seed))
         self.proxy.update([parse_httproute(r) for r in routes], [parse_traffic_policy(p) for p in policies])
         self.server = await start_plaintext(self.proxy, limits)
