@@ -57,6 +57,15 @@ class ConnectionRecord:
     def denied(self) -> bool:
         return self.response_flags == FLAG_DENIED
 
+    # -- fed by the HBONE drivers (shoal.hbone.session.TransferRecord)
+    def failed(self, reason: str) -> None:
+        self.error = self.error or reason
+
+    def reset(self, reason: str) -> None:
+        self.failed(reason)
+        if self.response_flags == FLAG_NONE:
+            self.response_flags = FLAG_RESET
+
 
 class ProxyMetrics:
     """Every metric the node proxy serves, in the app's own registry (no globals)."""

@@ -4,4 +4,5 @@
 - ``session``: the asyncio drivers (``HboneSession``, ``StreamPeer``, ``PipeEnd``).
 - ``pool``: outbound connections pooled per (source, destination identity, address).
 - ``identity``: SVIDs, their TLS contexts and SPIFFE checks (``IdentityManager``).
+- ``stream``: ``HboneStream``, one stream as an async byte stream (the waypoint parses HTTP in it).
 """

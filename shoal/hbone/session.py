@@ -15,13 +15,26 @@ import asyncio
 import logging
 import socket
 import struct
-from typing import Callable
+from typing import Callable, Protocol
 
 from shoal.hbone import framing as hbone
 from shoal.hbone.identity import IdentityError
-from shoal.agent.ztunnel.telemetry import FLAG_RESET, ConnectionRecord
 
 log = logging.getLogger(__name__)
+
+
+class TransferRecord(Protocol):
+    """Where the drivers report one connection: bytes each way (plain ints, bumped per
+    read) and how it broke. The node proxy's telemetry record implements it; the drivers
+    know nothing else of telemetry."""
+    bytes_in: int    # client -> server
+    bytes_out: int   # server -> client
+
+    def failed(self, reason: str) -> None:
+        """The connection broke (first reason wins)."""
+
+    def reset(self, reason: str) -> None:
+        """The peer reset the stream before both ends were done."""
 
 
 # Write-buffer watermarks: sized to the HTTP/2 frames and windows, not asyncio's 64 KiB.
@@ -301,7 +314,7 @@ class StreamPeer(asyncio.Protocol):
     ``to_stream`` names which record counter the TCP bytes feed.
     """
 
-    def __init__(self, record: ConnectionRecord, on_finished: Callable[[ConnectionRecord], None],
+    def __init__(self, record: TransferRecord, on_finished: Callable[[TransferRecord], None],
                  tcp_is_client: bool):
         self.record = record
         self._on_finished = on_finished
@@ -402,7 +415,7 @@ class StreamPeer(asyncio.Protocol):
                     self.session.h2.reset(self.stream_id)
                     self.session.flush()
                 if exc is not None:
-                    self.record.error = self.record.error or str(exc)
+                    self.record.failed(str(exc))
             self._finish()
 
     # -- stream side (called by HboneSession)
@@ -452,9 +465,7 @@ class StreamPeer(asyncio.Protocol):
             return
         if not self.finished:
             if not (self._eof_sent and self._eof_from_stream):
-                self.record.error = self.record.error or reason
-                if self.record.response_flags == "-":
-                    self.record.response_flags = FLAG_RESET
+                self.record.reset(reason)
             if self.transport is not None:
                 abort_with_reset(self.transport)
             self._finish()
@@ -495,7 +506,7 @@ class StreamPeer(asyncio.Protocol):
 class PipeEnd(asyncio.Protocol):
     """One side of a plain TCP relay; two of them point at each other."""
 
-    def __init__(self, record: ConnectionRecord, is_client: bool, on_finished: Callable[[ConnectionRecord], None]):
+    def __init__(self, record: TransferRecord, is_client: bool, on_finished: Callable[[TransferRecord], None]):
         self.record = record
         self.is_client = is_client
         self.other: "PipeEnd | None" = None
@@ -553,7 +564,7 @@ class PipeEnd(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None:
-            self.record.error = self.record.error or str(exc)
+            self.record.failed(str(exc))
         if self.other is not None and self.other.transport is not None:
             if exc is not None:
                 self.other.transport.abort()

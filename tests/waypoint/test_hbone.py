@@ -12,7 +12,8 @@ from shoal.hbone import framing as hbone
 from tests.devca import DevCA
 from shoal.hbone.identity import IdentityManager, check_session
 from shoal.hbone.session import HboneSession
-from shoal.waypoint.hbone import HboneConnector, HboneStream, start_hbone_listener
+from shoal.hbone.stream import HboneStream
+from shoal.waypoint.hbone import HboneConnector, start_hbone_listener
 from shoal.waypoint.http import Limits, pipe, StreamPair
 from shoal.waypoint.proxy import WaypointProxy
 from shoal.waypoint.resolver import StaticResolver

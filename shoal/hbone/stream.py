@@ -1,0 +1,152 @@
+"""One HBONE stream as an async byte stream, for whoever parses a protocol inside it.
+
+The node proxy joins each stream to a TCP socket (``session.StreamPeer``); the waypoint
+parses HTTP inside it instead. ``HboneStream`` plugs into ``HboneSession`` with the same
+stream-peer callbacks as ``StreamPeer`` and offers ``read``, ``write``, ``drain``,
+``write_eof`` and ``close``.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+from shoal.hbone.session import HboneSession
+
+
+class HboneStream:
+    """One HBONE stream as an async byte stream (and a stream peer for ``HboneSession``).
+
+    Backpressure: received bytes are credited back to the sender only when ``read``
+    hands them out; ``drain`` waits for send window and for the TLS transport.
+    """
+
+    def __init__(self) -> None:
+        self.session: HboneSession | None = None
+        self.stream_id = 0
+        self.response: asyncio.Future | None = None
+        self._chunks: deque[tuple[bytes, int]] = deque()
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._pending = memoryview(b"")
+        self._tls_paused = False
+        self._eof_in = False
+        self._want_eof = False
+        self._eof_out = False
+        self._reset: str | None = None
+        self.finished = False
+
+    # -- HboneSession's stream-peer callbacks
+    def bind(self, session: HboneSession, stream_id: int) -> None:
+        self.session, self.stream_id = session, stream_id
+        self._tls_paused = session.write_paused
+        self._update_writable()
+
+    def on_response(self, status: int) -> None:
+        if self.response is not None and not self.response.done():
+            self.response.set_result(status)
+
+    def on_stream_data(self, data: bytes, length: int) -> None:
+        self._chunks.append((data, length))
+        self._readable.set()
+
+    def on_window(self) -> None:
+        self._push()
+
+    def on_stream_end(self) -> None:
+        self._eof_in = True
+        self._readable.set()
+        if self._eof_out:
+            self._finish()
+
+    def on_stream_reset(self, reason: str) -> None:
+        self._reset = reason
+        if self.response is not None and not self.response.done():
+            self.response.set_exception(ConnectionResetError(reason))
+        self._readable.set()
+        self._writable.set()
+        self._finish()
+
+    def set_paused(self, why: str, paused: bool) -> None:
+        if why == "tls":
+            self._tls_paused = paused
+            self._update_writable()
+
+    # -- the byte-stream interface
+    async def read(self, n: int) -> bytes:
+        while not self._chunks:
+            if self._reset is not None:
+                raise ConnectionResetError(self._reset)
+            if self._eof_in:
+                return b""
+            self._readable.clear()
+            await self._readable.wait()
+        data, length = self._chunks.popleft()
+        session = self.session
+        if session is not None and not session.closed and length:
+            session.h2.consumed(self.stream_id, length)
+            session.flush()
+        return data
+
+    def write(self, data: bytes) -> None:
+        if self._reset is not None:
+            raise ConnectionResetError(self._reset)
+        if not data:
+            return
+        self._pending = memoryview(bytes(self._pending) + data) if self._pending else memoryview(data)
+        self._push()
+
+    async def drain(self) -> None:
+        while not self._writable.is_set():
+            await self._writable.wait()
+        if self._reset is not None:
+            raise ConnectionResetError(self._reset)
+
+    def write_eof(self) -> None:
+        self._want_eof = True
+        self._push()
+
+    def close(self) -> None:
+        if self.finished:
+            return
+        session = self.session
+        if session is not None and not session.closed:
+            # As a TCP close: FIN (END_STREAM) when everything written was sent, RST only
+            # when bytes would be lost. A peer that has not finished yet (an idle pooled
+            # upstream, a client that keeps its side open) gets a normal end, which its
+            # node proxy must not report as a reset ("UR").
+            if self._pending:
+                session.h2.reset(self.stream_id)
+            elif not self._eof_out:
+                self._eof_out = True
+                session.h2.end(self.stream_id)
+            session.flush()
+        self._finish()
+
+    # -- internals
+    def _push(self) -> None:
+        session = self.session
+        if session is None or session.closed or self._reset is not None:
+            return
+        if self._pending:
+            sent = session.h2.send(self.stream_id, self._pending)
+            self._pending = self._pending[sent:]
+        if self._want_eof and not self._pending and not self._eof_out:
+            self._eof_out = True
+            session.h2.end(self.stream_id)
+        session.flush()
+        self._update_writable()
+        if self._eof_out and self._eof_in:
+            self._finish()
+
+    def _update_writable(self) -> None:
+        if (self._pending or self._tls_paused) and self._reset is None:
+            self._writable.clear()
+        else:
+            self._writable.set()
+
+    def _finish(self) -> None:
+        if not self.finished:
+            self.finished = True
+            if self.session is not None:
+                self.session.stream_done(self.stream_id)
