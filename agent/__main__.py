@@ -1,21 +1,18 @@
 """`python -m shoal.agent --node node-1`: the node agent."""
 from __future__ import annotations
 
-import asyncio
-import logging
 import sys
 
-from shoal.agent.config import parse_config
+from shoal.agent.config import AgentConfig
 from shoal.agent.loader import ProgramLoadError
+from shoal.runtime import run_daemon
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_config(argv)
-    logging.basicConfig(level=config.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = AgentConfig.from_args(argv)
     from shoal.agent.app import AgentApp
     try:
-        asyncio.run(AgentApp(config).run())
+        run_daemon(lambda: AgentApp(config).run(), config.log_level)
     except ProgramLoadError as err:
         print(f"shoal-agent: {err}", file=sys.stderr)
         return 2

@@ -1,18 +1,17 @@
-"""``python -m shoal.controller``"""
-import asyncio
+"""``python -m shoal.controller``: the controller (the local cluster runs ``shoal.local.controller``)."""
 import logging
 import sys
 
 from shoal.controller.app import ControllerApp, LeadershipLost
-from shoal.controller.config import parse_config
+from shoal.controller.config import ControllerConfig
 from shoal.controller.kubestate import CASecretError
+from shoal.runtime import run_daemon
 
 
 def main() -> None:
-    config = parse_config()
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ControllerConfig.from_args()
     try:
-        asyncio.run(ControllerApp(config).run())
+        run_daemon(lambda: ControllerApp(config).run(), config.log_level)
     except CASecretError as err:
         logging.getLogger("shoal.controller").critical("%s", err)
         sys.exit(2)

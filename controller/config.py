@@ -7,9 +7,10 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping, Sequence
 
 from shoal.config import (DEFAULT_TRUST_DOMAIN, PORT_CONTROLLER_GRPC, PORT_CONTROLLER_METRICS,
-                          PORT_HUBBLE_RELAY, ClusterLayout)
+                          PORT_HUBBLE_RELAY, ClusterLayout, cluster_name)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,73 @@ class ControllerConfig:
         names += list(self.tls_names)
         return list(dict.fromkeys(names))
 
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> "ControllerConfig":
+        """Built once, here, from flags and the environment (flags win)."""
+        env = os.environ if env is None else env
+        parser = argparse.ArgumentParser(prog="python -m shoal.controller", description="Shoal controller")
+        parser.add_argument("--cluster", default=cluster_name(env))
+        parser.add_argument("--source", choices=("local", "kubernetes"), default=env.get("SHOAL_SOURCE", "local"))
+        parser.add_argument("--grpc-address", default=env.get("SHOAL_GRPC_ADDRESS",
+                                                          f"0.0.0.0:{PORT_CONTROLLER_GRPC}"))
+        parser.add_argument("--admin-address", default=env.get("SHOAL_ADMIN_ADDRESS",
+                                                           f"0.0.0.0:{PORT_CONTROLLER_METRICS}"),
+                            help="/metrics, /ready and /status over HTTP")
+        parser.add_argument("--relay-address", default=env.get("SHOAL_RELAY_ADDRESS",
+                                                           f"0.0.0.0:{PORT_HUBBLE_RELAY}"),
+                            help="Hubble relay TCP address ('' to disable)")
+        parser.add_argument("--trust-domain", default=env.get("SHOAL_TRUST_DOMAIN", DEFAULT_TRUST_DOMAIN))
+        parser.add_argument("--cert-ttl", type=_duration, default=_duration(env.get("SHOAL_CERT_TTL", "24h")),
+                            help="workload certificate lifetime (default 24h)")
+        parser.add_argument("--state-dir", type=Path, default=env.get("SHOAL_STATE_DIR"),
+                            help="identities and CA (default: the cluster's run dir)")
+        parser.add_argument("--ca-dir", type=Path, default=env.get("SHOAL_CA_DIR"),
+                            help="CA files in Istio's cacerts layout (ca-cert.pem, ca-key.pem, "
+                                 "cert-chain.pem, root-cert.pem); generated when empty")
+        parser.add_argument("--credential-key", type=Path, default=env.get("SHOAL_CREDENTIAL_KEY"),
+                            help="local mode: the key that signs per-node credentials (created "
+                                 "when missing; shoal up issues each node its own credential)")
+        parser.add_argument("--token-audience", action="append", dest="token_audiences",
+                            help="kubernetes mode: audience the nodes' ServiceAccount tokens must "
+                                 "carry (repeatable; default shoal)")
+        parser.add_argument("--kubeconfig", default=env.get("KUBECONFIG"),
+                            help="kubernetes mode: kubeconfig (default: in-cluster)")
+        parser.add_argument("--agent-service-account", action="append", dest="agent_accounts",
+                            help="kubernetes mode: <namespace>/<name> allowed to connect as a node "
+                                 "(repeatable; default shoal-system/shoal-agent)")
+        parser.add_argument("--tls", action=argparse.BooleanOptionalAction,
+                            default=env.get("SHOAL_CONTROLLER_TLS", "") in ("1", "true", "yes"),
+                            help="serve the config stream and CA over TLS (certificate from the "
+                                 "workload CA; nodes verify it with root-cert.pem = SHOAL_CA_BUNDLE)")
+        parser.add_argument("--tls-name", action="append", dest="tls_names", default=[],
+                            help="extra DNS name or IP for the controller's certificate (repeatable)")
+        parser.add_argument("--namespace", default=env.get("SHOAL_NAMESPACE", "shoal-system"),
+                            help="kubernetes mode: namespace of the CA Secret and the identity "
+                                 "and trust-bundle ConfigMaps")
+        parser.add_argument("--ca-secret", default=env.get("SHOAL_CA_SECRET", "shoal-ca"),
+                            help="kubernetes mode: the CA Secret (ca-cert.pem, ca-key.pem, "
+                                 "cert-chain.pem, root-cert.pem); created with a new root if absent")
+        parser.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=True,
+                            help="kubernetes mode: run as one of several replicas; the holder of "
+                                 "the coordination.k8s.io Lease leads, the others stand by")
+        parser.add_argument("--lease-name", default=env.get("SHOAL_LEASE_NAME", "shoal-controller"))
+        parser.add_argument("--identity", default=env.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",
+                            help="kubernetes mode: this replica's name in the Lease (default $POD_NAME)")
+        parser.add_argument("--no-kubelet", action="store_true", help="do not run the local cluster's pods")
+        parser.add_argument("--log-level", default=env.get("SHOAL_LOG_LEVEL", "INFO"))
+        args = parser.parse_args(argv)
+        return cls(
+            layout=ClusterLayout(name=args.cluster), source=args.source,
+            grpc_address=args.grpc_address, admin_address=args.admin_address,
+            relay_address=args.relay_address, trust_domain=args.trust_domain, cert_ttl=args.cert_ttl,
+            state_dir_override=args.state_dir, ca_dir_override=args.ca_dir,
+            credential_key_override=args.credential_key, kubeconfig=args.kubeconfig,
+            agent_service_accounts=tuple(args.agent_accounts or ("shoal-system/shoal-agent",)),
+            token_audiences=tuple(args.token_audiences or ("shoal",)),
+            tls=args.tls, tls_names=tuple(args.tls_names), namespace=args.namespace,
+            ca_secret=args.ca_secret, leader_elect=args.leader_elect, lease_name=args.lease_name,
+            identity=args.identity,
+            run_kubelet=args.source == "local" and not args.no_kubelet, log_level=args.log_level)
 
 def _duration(text: str) -> dt.timedelta:
     """``24h``, ``90m``, ``3600s`` or plain seconds."""
@@ -82,70 +150,3 @@ def _duration(text: str) -> dt.timedelta:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"duration must be positive: {text!r}")
     return dt.timedelta(seconds=value)
-
-
-def parse_config(argv: list[str] | None = None) -> ControllerConfig:
-    env = os.environ.get
-    parser = argparse.ArgumentParser(prog="python -m shoal.controller", description="Shoal controller")
-    parser.add_argument("--cluster", default=env("SHOAL_CLUSTER", "shoal"))
-    parser.add_argument("--source", choices=("local", "kubernetes"), default=env("SHOAL_SOURCE", "local"))
-    parser.add_argument("--grpc-address", default=env("SHOAL_GRPC_ADDRESS",
-                                                      f"0.0.0.0:{PORT_CONTROLLER_GRPC}"))
-    parser.add_argument("--admin-address", default=env("SHOAL_ADMIN_ADDRESS",
-                                                       f"0.0.0.0:{PORT_CONTROLLER_METRICS}"),
-                        help="/metrics, /ready and /status over HTTP")
-    parser.add_argument("--relay-address", default=env("SHOAL_RELAY_ADDRESS",
-                                                       f"0.0.0.0:{PORT_HUBBLE_RELAY}"),
-                        help="Hubble relay TCP address ('' to disable)")
-    parser.add_argument("--trust-domain", default=env("SHOAL_TRUST_DOMAIN", DEFAULT_TRUST_DOMAIN))
-    parser.add_argument("--cert-ttl", type=_duration, default=_duration(env("SHOAL_CERT_TTL", "24h")),
-                        help="workload certificate lifetime (default 24h)")
-    parser.add_argument("--state-dir", type=Path, default=env("SHOAL_STATE_DIR"),
-                        help="identities and CA (default: the cluster's run dir)")
-    parser.add_argument("--ca-dir", type=Path, default=env("SHOAL_CA_DIR"),
-                        help="CA files in Istio's cacerts layout (ca-cert.pem, ca-key.pem, "
-                             "cert-chain.pem, root-cert.pem); generated when empty")
-    parser.add_argument("--credential-key", type=Path, default=env("SHOAL_CREDENTIAL_KEY"),
-                        help="local mode: the key that signs per-node credentials (created "
-                             "when missing; shoal up issues each node its own credential)")
-    parser.add_argument("--token-audience", action="append", dest="token_audiences",
-                        help="kubernetes mode: audience the nodes' ServiceAccount tokens must "
-                             "carry (repeatable; default shoal)")
-    parser.add_argument("--kubeconfig", default=env("KUBECONFIG"),
-                        help="kubernetes mode: kubeconfig (default: in-cluster)")
-    parser.add_argument("--agent-service-account", action="append", dest="agent_accounts",
-                        help="kubernetes mode: <namespace>/<name> allowed to connect as a node "
-                             "(repeatable; default shoal-system/shoal-agent)")
-    parser.add_argument("--tls", action=argparse.BooleanOptionalAction,
-                        default=env("SHOAL_CONTROLLER_TLS", "") in ("1", "true", "yes"),
-                        help="serve the config stream and CA over TLS (certificate from the "
-                             "workload CA; nodes verify it with root-cert.pem = SHOAL_CA_BUNDLE)")
-    parser.add_argument("--tls-name", action="append", dest="tls_names", default=[],
-                        help="extra DNS name or IP for the controller's certificate (repeatable)")
-    parser.add_argument("--namespace", default=env("SHOAL_NAMESPACE", "shoal-system"),
-                        help="kubernetes mode: namespace of the CA Secret and the identity "
-                             "and trust-bundle ConfigMaps")
-    parser.add_argument("--ca-secret", default=env("SHOAL_CA_SECRET", "shoal-ca"),
-                        help="kubernetes mode: the CA Secret (ca-cert.pem, ca-key.pem, "
-                             "cert-chain.pem, root-cert.pem); created with a new root if absent")
-    parser.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=True,
-                        help="kubernetes mode: run as one of several replicas; the holder of "
-                             "the coordination.k8s.io Lease leads, the others stand by")
-    parser.add_argument("--lease-name", default=env("SHOAL_LEASE_NAME", "shoal-controller"))
-    parser.add_argument("--identity", default=env("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",
-                        help="kubernetes mode: this replica's name in the Lease (default $POD_NAME)")
-    parser.add_argument("--no-kubelet", action="store_true", help="do not run the local cluster's pods")
-    parser.add_argument("--log-level", default=env("SHOAL_LOG_LEVEL", "INFO"))
-    args = parser.parse_args(argv)
-    return ControllerConfig(
-        layout=ClusterLayout(name=args.cluster), source=args.source,
-        grpc_address=args.grpc_address, admin_address=args.admin_address,
-        relay_address=args.relay_address, trust_domain=args.trust_domain, cert_ttl=args.cert_ttl,
-        state_dir_override=args.state_dir, ca_dir_override=args.ca_dir,
-        credential_key_override=args.credential_key, kubeconfig=args.kubeconfig,
-        agent_service_accounts=tuple(args.agent_accounts or ("shoal-system/shoal-agent",)),
-        token_audiences=tuple(args.token_audiences or ("shoal",)),
-        tls=args.tls, tls_names=tuple(args.tls_names), namespace=args.namespace,
-        ca_secret=args.ca_secret, leader_elect=args.leader_elect, lease_name=args.lease_name,
-        identity=args.identity,
-        run_kubelet=args.source == "local" and not args.no_kubelet, log_level=args.log_level)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 # Node proxy (in-pod listeners and per-node endpoints), as ztunnel.
 PORT_OUTBOUND = 15001
@@ -37,6 +38,16 @@ LABEL_USE_WAYPOINT_ISTIO = "istio.io/use-waypoint"
 WAYPOINT_GATEWAY_CLASS = "shoal-waypoint"
 
 
+# The one environment variable that names the cluster every process belongs to.
+ENV_CLUSTER = "SHOAL_CLUSTER"
+DEFAULT_CLUSTER = "shoal"
+
+
+def cluster_name(environ: Mapping[str, str] = os.environ) -> str:
+    """The cluster this process belongs to: ``$SHOAL_CLUSTER``, else "shoal"."""
+    return environ.get(ENV_CLUSTER, DEFAULT_CLUSTER)
+
+
 def spiffe_id(namespace: str, service_account: str, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> str:
     return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
 
@@ -49,7 +60,7 @@ class ClusterLayout:
     test run) can live side by side without touching the root network namespace.
     """
 
-    name: str = "shoal"
+    name: str = DEFAULT_CLUSTER
     run_root: Path = Path("/run/shoal")
     cgroup_root: Path = Path("/sys/fs/cgroup/unified")
     bpffs_root: Path = Path("/sys/fs/bpf")
@@ -60,7 +71,7 @@ class ClusterLayout:
 
     @classmethod
     def from_env(cls) -> "ClusterLayout":
-        return cls(name=os.environ.get("SHOAL_CLUSTER", "shoal"))
+        return cls(name=cluster_name())
 
     # -- directories
     @property

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from shoal.config import ClusterLayout
+from shoal.config import ClusterLayout, cluster_name
 
 CGROUP2_MARKER = "cgroup.controllers"
 
@@ -40,7 +40,7 @@ class KubernetesLayout(ClusterLayout):
         """From the DaemonSet's env: SHOAL_RUN_DIR, SHOAL_CGROUP_ROOT, SHOAL_BPFFS, SHOAL_HOST_PROC."""
         host_cgroup = Path(environ.get("SHOAL_CGROUP_ROOT", "/sys/fs/cgroup"))
         return cls(
-            name=environ.get("SHOAL_CLUSTER", "shoal"),
+            name=cluster_name(environ),
             run_root=Path(environ.get("SHOAL_RUN_DIR", "/var/run/shoal")),
             cgroup_root=cgroup2_root(host_cgroup),
             bpffs_root=Path(environ.get("SHOAL_BPFFS", "/sys/fs/bpf")),
@@ -73,7 +73,7 @@ def layout_from_env(environ: Mapping[str, str] = os.environ) -> ClusterLayout:
     ``SHOAL_MODE=kubernetes`` (set by the DaemonSet), else the local cluster's."""
     if environ.get("SHOAL_MODE") == "kubernetes":
         return KubernetesLayout.from_env(environ)
-    return ClusterLayout(name=environ.get("SHOAL_CLUSTER", "shoal"))
+    return ClusterLayout(name=cluster_name(environ))
 
 
 def cgroup2_root(host_cgroup: Path) -> Path:

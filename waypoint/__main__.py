@@ -9,7 +9,7 @@ from .config import WaypointConfig
 
 def run(argv: list[str] | None = None) -> None:
     config = WaypointConfig.from_args(argv)
-    run_daemon(main(config), config.log_level)
+    run_daemon(lambda: main(config), config.log_level)
 
 
 if __name__ == "__main__":

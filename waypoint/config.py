@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from shoal.config import DEFAULT_TRUST_DOMAIN, PORT_HBONE, PORT_PROXY_METRICS, PORT_PROXY_READY, ClusterLayout, spiffe_id
+from shoal.config import DEFAULT_TRUST_DOMAIN, PORT_HBONE, PORT_PROXY_METRICS, PORT_PROXY_READY, ClusterLayout, cluster_name, spiffe_id
 
 from .http import Limits
 
@@ -66,7 +66,7 @@ class WaypointConfig:
                        help="default: the Gateway's name")
         p.add_argument("--node", default=env.get("SHOAL_NODE") or env.get("NODE_NAME", ""))
         p.add_argument("--pod-ip", default=env.get("SHOAL_POD_IP") or env.get("POD_IP", ""))
-        p.add_argument("--cluster", default=env.get("SHOAL_CLUSTER", "shoal"))
+        p.add_argument("--cluster", default=cluster_name(env))
         p.add_argument("--controller", default=env.get("SHOAL_CONTROLLER", ""))
         p.add_argument("--token-file", default=env.get("SHOAL_TOKEN_FILE", ""))
         p.add_argument("--ca-bundle", default=env.get("SHOAL_CA_BUNDLE", ""),

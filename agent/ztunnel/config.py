@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from shoal.config import (
-    DEFAULT_TRUST_DOMAIN, PORT_PROXY_ADMIN, PORT_PROXY_METRICS, PORT_PROXY_READY, ClusterLayout,
+    DEFAULT_TRUST_DOMAIN, PORT_PROXY_ADMIN, PORT_PROXY_METRICS, PORT_PROXY_READY, ClusterLayout, cluster_name,
 )
 
 
@@ -56,7 +56,7 @@ class ProxyConfig:
         env = os.environ if env is None else env
         parser = argparse.ArgumentParser(prog="python -m shoal.agent.ztunnel", description="Shoal node proxy")
         parser.add_argument("--node", default=env.get("SHOAL_NODE"), help="node name (env SHOAL_NODE)")
-        parser.add_argument("--cluster", default=env.get("SHOAL_CLUSTER", "shoal"))
+        parser.add_argument("--cluster", default=cluster_name(env))
         parser.add_argument("--controller", default=env.get("SHOAL_CONTROLLER", ""))
         parser.add_argument("--token-file", default=env.get("SHOAL_TOKEN_FILE", ""))
         parser.add_argument("--ca-bundle", default=env.get("SHOAL_CA_BUNDLE", ""),

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from shoal.config import LABEL_MESH, ClusterLayout
+from shoal.config import ENV_CLUSTER, LABEL_MESH, ClusterLayout
 from shoal.perf import procstat
 from shoal.perf.beds import procs
 
@@ -112,7 +112,7 @@ class ClusterBed:
             # This bed runs `shoal down` on its cluster: only ever on a bench cluster.
             raise BedError(f"the bench bed only creates (and removes) clusters named perf*, not {self.name!r}")
         self.layout = ClusterLayout(name=self.name)
-        self.env = {**os.environ, "SHOAL_CLUSTER": self.name}
+        self.env = {**os.environ, ENV_CLUSTER: self.name}
         self.shoal = [*shoal_argv(), "--cluster", self.name]
 
     @property

@@ -17,7 +17,7 @@ from typing import Any
 import click
 import yaml
 
-from shoal.config import ClusterLayout
+from shoal.config import DEFAULT_CLUSTER, ENV_CLUSTER, ClusterLayout
 
 # command name -> "module:attribute", imported on first use so that `shoal get` stays fast.
 LAZY_COMMANDS = {
@@ -91,8 +91,8 @@ def _fail_on_api_errors(func):
 
 
 @click.group(cls=ShoalGroup)
-@click.option("--cluster", envvar="SHOAL_CLUSTER", default="shoal", show_default=True,
-              help="Name of the local cluster (env SHOAL_CLUSTER).")
+@click.option("--cluster", envvar=ENV_CLUSTER, default=DEFAULT_CLUSTER, show_default=True,
+              help=f"Name of the local cluster (env {ENV_CLUSTER}).")
 @click.pass_context
 def cli(ctx: click.Context, cluster: str) -> None:
     """Shoal: a sidecarless, per-node eBPF service mesh."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from shoal.config import ClusterLayout
+from shoal.config import ENV_CLUSTER, ClusterLayout
 from shoal.credentials import NodeCredentials
 from shoal.hubbletls import HubbleCertificates
 from shoal.local.apiclient import ApiClient
@@ -194,7 +194,7 @@ class LocalCluster:
     def component_env(self, node: str | None = None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
         env.update({
-            "SHOAL_CLUSTER": self.layout.name,
+            ENV_CLUSTER: self.layout.name,
             "SHOAL_CONTROLLER": self.layout.controller_address,
             # The config stream and the CA are served over TLS from the workload CA's root.
             "SHOAL_CA_BUNDLE": str(self.layout.ca_bundle_path),

@@ -7,13 +7,11 @@ handed in, so the controller never imports ``shoal.local``.
 """
 from __future__ import annotations
 
-import asyncio
-import logging
-
 from shoal.controller.app import ControllerApp, StoreFollower
-from shoal.controller.config import ControllerConfig, parse_config
+from shoal.controller.config import ControllerConfig
 from shoal.local.kubelet import LocalKubelet
 from shoal.local.waypoints import LocalWaypointLauncher
+from shoal.runtime import run_daemon
 
 
 def store_followers(config: ControllerConfig) -> list[StoreFollower]:
@@ -26,9 +24,8 @@ def store_followers(config: ControllerConfig) -> list[StoreFollower]:
 
 
 def main() -> None:
-    config = parse_config()
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(ControllerApp(config, store_followers(config)).run())
+    config = ControllerConfig.from_args()
+    run_daemon(lambda: ControllerApp(config, store_followers(config)).run(), config.log_level)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Any, Callable, Iterable
 
-from shoal.config import LABEL_MESH, PORT_HBONE, WAYPOINT_GATEWAY_CLASS, ClusterLayout
+from shoal.config import ENV_CLUSTER, LABEL_MESH, PORT_HBONE, WAYPOINT_GATEWAY_CLASS, ClusterLayout
 
 PORT_READY = 15021
 
@@ -57,7 +57,7 @@ def deployment_for(gateway: Obj, layout: ClusterLayout, python: str = sys.execut
     labels = {LABEL_GATEWAY_NAME: name, LABEL_MANAGED_BY: MANAGER, "app": name,
               # The waypoint terminates HBONE itself: the node proxy must not capture it.
               LABEL_MESH: "disabled"}
-    env = [{"name": "SHOAL_CLUSTER", "value": layout.name},
+    env = [{"name": ENV_CLUSTER, "value": layout.name},
            {"name": "SHOAL_CONTROLLER", "value": layout.controller_address},
            {"name": "SHOAL_TOKEN_FILE", "value": str(layout.waypoint_credential_path(namespace, name))},
            {"name": "SHOAL_CA_BUNDLE", "value": str(layout.ca_bundle_path)},

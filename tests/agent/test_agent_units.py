@@ -6,7 +6,7 @@ import ctypes
 import pytest
 
 from shoal.agent import compiler
-from shoal.agent.config import parse_config
+from shoal.agent.config import AgentConfig
 from shoal.flows.kernel import MalformedRecord, decode
 from shoal.datapath.structs import C_MIRRORS, Addr, FlowRecord
 from shoal.xds import model as m
@@ -168,12 +168,12 @@ def test_c_structs_match_the_ctypes_mirrors():
 @pytest.mark.parametrize("argv", [["--node", "web"], ["--node", "node-1", "--metrics-port", "0"]])
 def test_config_rejects_bad_flags(argv):
     with pytest.raises(SystemExit):
-        parse_config(argv)
+        AgentConfig.from_args(argv)
 
 
 def test_config_from_flags_and_env(monkeypatch):
     monkeypatch.setenv("SHOAL_CLUSTER", "c1")
-    config = parse_config(["--node", "node-2"])
+    config = AgentConfig.from_args(["--node", "node-2"])
     assert str(config.pin_dir) == "/sys/fs/bpf/c1/node-2"
     assert config.node_cgroup.name == "node-2" and config.controller == "172.18.0.1:15012"
 

@@ -4,7 +4,7 @@ import datetime as dt
 import pytest
 
 from shoal.api import config_pb2 as pb
-from shoal.controller.config import parse_config
+from shoal.controller.config import ControllerConfig
 from shoal.controller.distribution import encode_push
 from shoal.controller.identity import FIRST_IDENTITY, IdentityAllocator
 from shoal.controller.model import encode_entry
@@ -46,12 +46,12 @@ def test_pre_encoded_push_is_a_valid_delta_response():
 
 def test_config_flags_and_errors(monkeypatch, capsys):
     monkeypatch.delenv("SHOAL_CLUSTER", raising=False)
-    config = parse_config(["--cluster", "shoal-x", "--cert-ttl", "90m", "--source", "kubernetes",
+    config = ControllerConfig.from_args(["--cluster", "shoal-x", "--cert-ttl", "90m", "--source", "kubernetes",
                            "--agent-service-account", "kube-system/shoal"])
     assert config.cert_ttl == dt.timedelta(minutes=90)
     assert config.ca_dir == config.layout.ca_dir and not config.run_kubelet
     assert config.agent_service_accounts == ("kube-system/shoal",)
     for bad in (["--cert-ttl", "soon"], ["--cert-ttl", "-1h"], ["--source", "etcd"]):
         with pytest.raises(SystemExit):
-            parse_config(bad)
+            ControllerConfig.from_args(bad)
     assert "not a duration" in capsys.readouterr().err

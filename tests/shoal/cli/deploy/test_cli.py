@@ -200,7 +200,7 @@ def test_uninstall_does_not_delete_anything_if_node_cleanup_fails(fake_kubectl, 
 def test_ca_secret_is_mounted_where_the_controller_reads_its_ca(monkeypatch):
     import kubernetes_validate
     from kubernetes_validate.utils import latest_version
-    from shoal.controller.config import parse_config
+    from shoal.controller.config import ControllerConfig
     result = run(install, "--render", "--ca-secret", "shoal-cacerts")
     assert result.exit_code == 0, result.output
     objects = [o for o in yaml.safe_load_all(result.stdout) if o]
@@ -212,7 +212,7 @@ def test_ca_secret_is_mounted_where_the_controller_reads_its_ca(monkeypatch):
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    config = parse_config(container["args"])
+    config = ControllerConfig.from_args(container["args"])
     mount = next(m for m in container["volumeMounts"] if m["name"] == "cacerts")
     assert str(config.ca_dir) == mount["mountPath"] and mount["readOnly"]
     assert run(install, "--render", "--ca-secret", "Bad Secret").exit_code == 2

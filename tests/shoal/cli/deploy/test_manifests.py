@@ -111,9 +111,9 @@ def test_agent_mounts_what_the_data_path_needs(rendered):
     token = next(v for v in spec["volumes"] if v["name"] == "shoal-token")["projected"]["sources"][0]
     # The token must be one the controller accepts: its audience among those it reviews
     # with, and its ServiceAccount among the agents it lets in.
-    from shoal.controller.config import parse_config
+    from shoal.controller.config import ControllerConfig
     controller = pod_spec(find(rendered, "Deployment", "shoal-controller"))["containers"][0]
-    accepted = parse_config(controller["args"])
+    accepted = ControllerConfig.from_args(controller["args"])
     audience = token["serviceAccountToken"].get("audience")
     assert (audience in accepted.token_audiences) if audience else not accepted.token_audiences
     ds = find(rendered, "DaemonSet", "shoal-agent")
@@ -162,8 +162,8 @@ def ports_opened_by(container, rendered) -> set[int]:
     # Ports do not depend on the node's host paths, which Kubernetes mode checks on parse.
     env = {k: v for k, v in resolved_env(container, rendered).items() if k != "SHOAL_MODE"}
     if module == "shoal.controller":
-        from shoal.controller.config import parse_config
-        cfg = parse_config(container.get("args") or [])
+        from shoal.controller.config import ControllerConfig
+        cfg = ControllerConfig.from_args(container.get("args") or [])
         return {int(cfg.grpc_address.rsplit(":", 1)[1]), shoal_config.PORT_CONTROLLER_METRICS,
                 shoal_config.PORT_HUBBLE_RELAY}
     if module == "shoal.agent.ztunnel":
@@ -302,7 +302,7 @@ def test_controller_may_list_and_watch_every_kind_it_watches(rendered):
 
 def test_agent_and_proxy_configs_accept_the_daemonset_env(rendered, monkeypatch, tmp_path):
     """With the DaemonSet's env on a node named like a cloud VM, both sides meet at /var/run/shoal."""
-    from shoal.agent.config import parse_config
+    from shoal.agent.config import AgentConfig
     from shoal.agent.ztunnel.config import ProxyConfig
     (tmp_path / "cgroup.controllers").write_text("")
     pods = {c["name"]: c for c in agent_pod(rendered)["containers"]}
@@ -311,19 +311,19 @@ def test_agent_and_proxy_configs_accept_the_daemonset_env(rendered, monkeypatch,
                                                    "SHOAL_CGROUP_ROOT": str(tmp_path)}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    agent = parse_config([])
+    agent = AgentConfig.from_args([])
     proxy = ProxyConfig.from_args([], env=env)
     assert str(agent.zds_socket) == proxy.zds_path == f"{run_dir}/zds.sock"
 
 
 def test_controller_runs_two_replicas_electing_a_leader_on_a_lease(rendered):
-    from shoal.controller.config import parse_config
+    from shoal.controller.config import ControllerConfig
     deployment = find(rendered, "Deployment", "shoal-controller")
     assert deployment["spec"]["replicas"] == 2
     container = pod_spec(deployment)["containers"][0]
     env = {e["name"]: e for e in container["env"]}
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
-    config = parse_config(container["args"])
+    config = ControllerConfig.from_args(container["args"])
     assert config.leader_elect and config.lease_name == "shoal-controller"
     role = find(rendered, "Role", "shoal-controller")
     assert any("leases" in r["resources"] and {"get", "create", "update"} <= set(r["verbs"])
