@@ -17,7 +17,7 @@ from shoal.waypoint.hbone import HboneConnector, start_hbone_listener
 from shoal.waypoint.http import Limits, pipe, StreamPair
 from shoal.waypoint.proxy import WaypointProxy
 from shoal.waypoint.resolver import StaticResolver
-from shoal.waypoint.telemetry import Telemetry
+from shoal.waypoint.telemetry import RequestTelemetry
 from shoal.waypoint.upstream import Endpoint
 from shoal.xds.model import Authorization, Rule, Source
 
@@ -112,7 +112,7 @@ async def mesh_bed(policies=()):
     registry = CollectorRegistry()
     connector = HboneConnector(identities, WAYPOINT_ID, "127.0.0.1",
                                hbone_port=terminator.sockets[0].getsockname()[1], mark=None)
-    proxy = WaypointProxy(resolver, connector, Telemetry(registry), Limits(), rng=random.Random(1))
+    proxy = WaypointProxy(resolver, connector, RequestTelemetry(registry), Limits(), rng=random.Random(1))
     listener = await start_hbone_listener(proxy, Limits(), identities, WAYPOINT_ID, host="127.0.0.1", port=0)
     try:
         yield types.SimpleNamespace(ca=ca, identities=identities, port=listener.sockets[0].getsockname()[1],
@@ -188,7 +188,7 @@ async def test_plain_tls_without_client_certificate_is_refused():
     identities = IdentityManager(ca.sign)
     await identities.get(WAYPOINT_ID)
     proxy = WaypointProxy(StaticResolver({}), HboneConnector(identities, WAYPOINT_ID, "127.0.0.1", mark=None),
-                          Telemetry(CollectorRegistry()))
+                          RequestTelemetry(CollectorRegistry()))
     listener = await start_hbone_listener(proxy, Limits(), identities, WAYPOINT_ID, host="127.0.0.1", port=0)
     port = listener.sockets[0].getsockname()[1]
     try:
@@ -225,7 +225,7 @@ def test_l7_flow_per_request_with_reply_addresses(tmp_path):
     resolver = StaticResolver({("demo", "web"): [Endpoint("10.244.2.3", 8080)]}, policies=[deny],
                               vips={VIP: ("demo", "web")})
     proxy = WaypointProxy(resolver, HboneConnector(None, WAYPOINT_ID, "127.0.0.1", mark=None),
-                          Telemetry(CollectorRegistry(), flow_emitter=emitter))
+                          RequestTelemetry(CollectorRegistry(), flow_emitter=emitter))
 
     class Sink:
         started = False
@@ -267,7 +267,7 @@ def test_early_client_hello_is_never_lost_on_uvloop():
         await identities.get(WAYPOINT_ID)
         await identities.get(CLIENT_ID)
         proxy = WaypointProxy(StaticResolver({}), HboneConnector(identities, WAYPOINT_ID, "127.0.0.1", mark=None),
-                              Telemetry(CollectorRegistry()))
+                              RequestTelemetry(CollectorRegistry()))
         listener = await start_hbone_listener(proxy, Limits(), identities, WAYPOINT_ID, host="127.0.0.1", port=0,
                                               handshake_timeout=8.0)
         port = listener.sockets[0].getsockname()[1]
