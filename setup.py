@@ -2,6 +2,13 @@
 
 Nothing called ``agent`` or ``controller`` lands at the top of site-packages:
 ``agent/`` installs as ``shoal.agent``, ``controller/`` as ``shoal.controller``...
+
+From an import to its file: ``shoal.agent.X`` is ``agent/X.py`` (``shoal.agent.ztunnel.X``
+is ``agent/ztunnel/X.py``), ``shoal.controller.X`` is ``controller/X.py``,
+``shoal.waypoint.X`` is ``waypoint/X.py``, ``shoal.perf.X`` is ``perf/X.py``, ``shoal.bpf``
+is ``bpf/``; any other ``shoal.X`` is ``shoal/X.py`` or ``shoal/X/``. The README's layout
+table says what each holds; tests/test_checks.py reads FOLDERS to lay the package out as
+installed for the import contracts.
 """
 from setuptools import find_namespace_packages, find_packages, setup
 

@@ -22,14 +22,14 @@ from prometheus_client import CollectorRegistry
 from shoal.agent import compiler
 from shoal.agent.audit import CaptureAudit, Drift
 from shoal.agent.config import AgentConfig
-from shoal.flows.records import capture_drift_flow
 from shoal.agent.enrolment import Enroller, LocalPodNetns, PodPrograms
 from shoal.agent.loader import Datapath
 from shoal.agent.mapsync import DatapathMaps
 from shoal.agent.metrics import AgentMetrics
 from shoal.agent.ringbuf import RingReader
-from shoal.datapath.structs import RINGBUF_BYTES
 from shoal.agent.zdslink import ZdsProxyLink
+from shoal.datapath.structs import RINGBUF_BYTES
+from shoal.flows.records import capture_drift_flow
 from shoal.xds import model as m
 from shoal.xds.client import ConfigClient
 from shoal.xds.state import ConfigState

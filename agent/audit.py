@@ -35,7 +35,7 @@ from pyroute2 import DiagSocket, IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from shoal.agent.enrolment import EnrolledPod, Enroller
-from shoal.agent.netns import NetnsError, TC_FILTER_NAME, in_netns, socket_netns_cookie, tc_ingress_filters
+from shoal.agent.netns import TC_FILTER_NAME, NetnsError, in_netns, socket_netns_cookie, tc_ingress_filters
 from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,12 @@ from typing import Mapping, Sequence
 
 from shoal.agent.loader import FeatureFlags
 from shoal.config import (
-    PORT_AGENT_METRICS, PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND, ClusterLayout, cluster_name,
+    PORT_AGENT_METRICS,
+    PORT_HBONE,
+    PORT_INBOUND_PLAINTEXT,
+    PORT_OUTBOUND,
+    ClusterLayout,
+    cluster_name,
 )
 
 

@@ -157,7 +157,7 @@ def bpf(ctx: click.Context, node: str, cluster: str | None, output: str) -> None
     try:
         ClusterLayout.node_index(node)
     except (IndexError, ValueError):
-        raise click.BadParameter(f"expected node-<n>, got {node!r}", param_hint="--node")
+        raise click.BadParameter(f"expected node-<n>, got {node!r}", param_hint="--node") from None
     if cluster is not None:
         layout = ClusterLayout(name=cluster)
     else:

@@ -22,7 +22,12 @@ from typing import Callable, Iterable, Protocol
 from shoal.agent.compiler import namespace_id, validate_workload
 from shoal.agent.mapsync import DatapathMaps
 from shoal.agent.netns import (
-    NetnsError, attach_sk_lookup, attach_tc_ingress, detach_sk_lookup, detach_tc_ingress, netns_cookie,
+    NetnsError,
+    attach_sk_lookup,
+    attach_tc_ingress,
+    detach_sk_lookup,
+    detach_tc_ingress,
+    netns_cookie,
 )
 from shoal.config import ClusterLayout
 from shoal.xds import model as m

@@ -11,7 +11,6 @@ Order of operations (so a node is never half-attached):
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os

@@ -13,7 +13,11 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from shoal.netns import (  # noqa: F401 - in_netns/netns_cookie/NetnsError re-exported for the agent's modules
-    NetnsError, in_netns, netns_cookie, setns, socket_netns_cookie,
+    NetnsError,
+    in_netns,
+    netns_cookie,
+    setns,
+    socket_netns_cookie,
 )
 
 TC_FILTER_NAME = "shoal_tc_ingress"

@@ -9,19 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from typing import Any, Awaitable, Callable, Sequence
 
-from shoal.controller.auth import (Authenticator, NodeCredentialAuthenticator,
-                                   TokenReviewAuthenticator, kubernetes_pod_lookup,
-                                   kubernetes_token_reviewer)
+from shoal.config import PORT_HUBBLE
+from shoal.controller.auth import (
+    Authenticator,
+    NodeCredentialAuthenticator,
+    TokenReviewAuthenticator,
+    kubernetes_pod_lookup,
+    kubernetes_token_reviewer,
+)
 from shoal.controller.ca import CertificateAuthority
 from shoal.controller.config import ControllerConfig
 from shoal.controller.controlplane import ControlPlane
 from shoal.controller.identity import IdentityAllocator
 from shoal.controller.metrics import ControllerMetrics
 from shoal.controller.model import MeshModel
-from shoal.config import PORT_HUBBLE
 from shoal.credentials import NodeCredentials
 from shoal.hubbletls import node_server_name
 
@@ -114,7 +119,8 @@ class ControllerApp:
         return self.kube_state.save_identities
 
     async def _kubernetes_client(self):
-        from kubernetes_asyncio import client, config as kube_config
+        from kubernetes_asyncio import client
+        from kubernetes_asyncio import config as kube_config
         if self.config.kubeconfig:
             await kube_config.load_kube_config(config_file=self.config.kubeconfig)
         else:

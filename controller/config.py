@@ -9,8 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from shoal.config import (DEFAULT_TRUST_DOMAIN, PORT_CONTROLLER_GRPC, PORT_CONTROLLER_METRICS,
-                          PORT_HUBBLE_RELAY, ClusterLayout, cluster_name)
+from shoal.config import (
+    DEFAULT_TRUST_DOMAIN,
+    PORT_CONTROLLER_GRPC,
+    PORT_CONTROLLER_METRICS,
+    PORT_HUBBLE_RELAY,
+    ClusterLayout,
+    cluster_name,
+)
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,12 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from shoal import __version__
-from shoal.controller.auth import AuthError, Authenticator, AuthUnavailable
+from shoal.controller.auth import Authenticator, AuthError, AuthUnavailable
 from shoal.controller.ca import CertificateAuthority, issue_serving_certificate
-from shoal.controller.ca_service import SERVICE_NAME as CA_SERVICE, CertificateService
-from shoal.controller.distribution import SERVICE_NAME as DISTRIBUTION_SERVICE, Distributor
+from shoal.controller.ca_service import SERVICE_NAME as CA_SERVICE
+from shoal.controller.ca_service import CertificateService
+from shoal.controller.distribution import SERVICE_NAME as DISTRIBUTION_SERVICE
+from shoal.controller.distribution import Distributor
 from shoal.controller.metrics import ControllerMetrics
 from shoal.controller.model import Change, MeshModel, Obj
 from shoal.controller.rpcguard import MAX_REQUEST_BYTES, NodeAuthInterceptor

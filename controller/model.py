@@ -22,6 +22,7 @@ the pod's namespace, then a namespace-wide one, then one in the root namespace
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -30,9 +31,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
-from shoal.api import config_pb2 as pb
-from shoal.config import (DEFAULT_TRUST_DOMAIN, LABEL_MESH, LABEL_MESH_ISTIO, LABEL_USE_WAYPOINT,
-                          LABEL_USE_WAYPOINT_ISTIO, WAYPOINT_GATEWAY_CLASS, spiffe_id)
+from shoal.config import (
+    DEFAULT_TRUST_DOMAIN,
+    LABEL_MESH,
+    LABEL_MESH_ISTIO,
+    LABEL_USE_WAYPOINT,
+    LABEL_USE_WAYPOINT_ISTIO,
+    WAYPOINT_GATEWAY_CLASS,
+    spiffe_id,
+)
 from shoal.controller.identity import IdentityAllocator
 from shoal.xds import convert
 from shoal.xds import model as m
@@ -293,7 +300,7 @@ class MeshModel:
         # Waypoints before what uses them: a waypoint becoming bound (ready) or unbound
         # (Gateway gone) re-publishes the workloads and services of its namespace.
         for ns, name in sorted(dirty_gateways):
-            self._rebuild(f"{m.WAYPOINT}/{ns}/{name}", lambda: self._build_waypoint(ns, name),
+            self._rebuild(f"{m.WAYPOINT}/{ns}/{name}", functools.partial(self._build_waypoint, ns, name),
                           _describe("Gateway", ns, name), change)
             if self._rebind_waypoint(ns, name):
                 dirty_pods.update((ns, pod) for pod in self._objects["Pod"].get(ns, {}))
@@ -303,11 +310,11 @@ class MeshModel:
         for key in changed_policies:
             self._reselect_policy(key, change)
         for ns, name in sorted(dirty_services):
-            self._rebuild(f"{m.SERVICE}/{ns}/{name}", lambda: self._build_service(ns, name),
+            self._rebuild(f"{m.SERVICE}/{ns}/{name}", functools.partial(self._build_service, ns, name),
                           _describe("Service", ns, name), change)
         for kind, ns, name in sorted(dirty_objects):
             self._rebuild(f"{m.OBJECT}/{kind}/{ns}/{name}",
-                          lambda: self._build_object(kind, ns, name),
+                          functools.partial(self._build_object, kind, ns, name),
                           _describe(kind, ns, name), change)
         self.identities.commit()
         if change.keys:

@@ -25,13 +25,12 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from shoal import __version__
+from shoal.api.observer import observer_pb2, observer_pb2_grpc, relay_pb2
+from shoal.config import PORT_HUBBLE, ClusterLayout
 from shoal.flows.query import HEALTH_SERVICES, MAX_REQUEST_BYTES, FlowQuery, as_flows_request
 from shoal.flows.writer import ClientTooSlow, GuardedWriter
-from shoal.api.observer import observer_pb2, observer_pb2_grpc, relay_pb2
-from shoal import __version__
-from shoal.config import PORT_HUBBLE, ClusterLayout
-from shoal.hubbletls import (RELAY_CLIENT, RELAY_SERVER, HubbleCertificates, TlsFiles, node_server_name,
-                             serve_tcp)
+from shoal.hubbletls import RELAY_CLIENT, RELAY_SERVER, HubbleCertificates, TlsFiles, node_server_name, serve_tcp
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import grpc
 
-from shoal.controller.auth import AuthError, Authenticator, AuthUnavailable
+from shoal.controller.auth import Authenticator, AuthError, AuthUnavailable
 from shoal.controller.metrics import ControllerMetrics
 
 log = logging.getLogger(__name__)

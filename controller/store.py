@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterable
 
 from shoal.config import ClusterLayout
 from shoal.controller import manifests
-from shoal.xds import model as m
 from shoal.controller.manifests import ManifestError, object_key
+from shoal.xds import model as m
 
 log = logging.getLogger(__name__)
 

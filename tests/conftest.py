@@ -95,8 +95,8 @@ def pod_exec(layout: ClusterLayout, target: str, *argv: str, timeout: float = 30
 @pytest.fixture(scope="session")
 def demo_cluster():
     """A 2-node local cluster with the demo, shared by the session; removed at the end."""
-    from shoal.local.demo import deploy_demo
     from shoal.local.cluster import LocalCluster
+    from shoal.local.demo import deploy_demo
 
     layout = ClusterLayout(name=f"shoal-test-{os.getpid()}")
     cluster = LocalCluster(layout)

@@ -6,7 +6,15 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from shoal.config import DEFAULT_TRUST_DOMAIN, PORT_HBONE, PORT_PROXY_METRICS, PORT_PROXY_READY, ClusterLayout, cluster_name, spiffe_id
+from shoal.config import (
+    DEFAULT_TRUST_DOMAIN,
+    PORT_HBONE,
+    PORT_PROXY_METRICS,
+    PORT_PROXY_READY,
+    ClusterLayout,
+    cluster_name,
+    spiffe_id,
+)
 
 from .http import Limits
 

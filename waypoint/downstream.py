@@ -25,7 +25,6 @@ import h11
 from shoal.h2guard import ENHANCE_YOUR_CALM, FloodGuard
 
 from .grpc import RESOURCE_EXHAUSTED, MessageSizeLimit, MessageTooLarge, is_grpc
-
 from .http import Body, BodyError, Limits, PeerInfo, ProxyRequest, Tunnel, framing_problem, pipe
 from .upstream import UpstreamError
 

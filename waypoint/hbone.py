@@ -21,13 +21,13 @@ import socket
 import ssl
 from typing import Awaitable, Callable
 
+from shoal.config import PORT_HBONE, PROXY_MARK
+from shoal.h2guard import ENHANCE_YOUR_CALM, FloodGuard
 from shoal.hbone import framing as hbone
 from shoal.hbone.identity import IdentityError, IdentityManager, check_session
 from shoal.hbone.pool import HbonePool, PoolKey
 from shoal.hbone.session import HboneSession
 from shoal.hbone.stream import HboneStream
-from shoal.config import PORT_HBONE, PROXY_MARK
-from shoal.h2guard import ENHANCE_YOUR_CALM, FloodGuard
 
 from .downstream import serve_connection
 from .http import Limits, PeerInfo

@@ -28,8 +28,17 @@ from shoal.xds.model import Authorization
 from . import authz, grpc
 from .http import Body, BodyError, Limits, PeerInfo, ProxyRequest, ResponseSink, strip_hop_by_hop
 from .model import ConnectionPoolPolicy, HTTPRoute, TrafficPolicy
-from .resilience import (CONNECT_FAILURE, RESET, TIMEOUT, CircuitBreaker, OutlierDetector, PercentSampler,
-                         TokenBucket, backoff_delay, is_retriable)
+from .resilience import (
+    CONNECT_FAILURE,
+    RESET,
+    TIMEOUT,
+    CircuitBreaker,
+    OutlierDetector,
+    PercentSampler,
+    TokenBucket,
+    backoff_delay,
+    is_retriable,
+)
 from .routing import RequestPlan, RouteTable, ServiceKey, apply_response_filters, plan_request
 from .telemetry import RequestRecord, RequestTelemetry, TraceContext
 from .upstream import ClusterPool, Connector, Endpoint, PoolOverflow, UpstreamError, send_request

@@ -18,6 +18,7 @@ from .proxy import ServiceInfo, WorkloadInfo
 from .routing import ServiceKey
 from .upstream import Endpoint
 
+
 def fqdn(namespace: str, name: str) -> str:
     return service_fqdn(name, namespace)
 

@@ -19,7 +19,13 @@ from typing import Any, Callable
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from shoal.telemetry_labels import (
-    REQUEST_LABELS, UNKNOWN_PEER, UNKNOWN_SERVICE, PeerLabels, ServiceLabels, principal, standard_labels,
+    REQUEST_LABELS,
+    UNKNOWN_PEER,
+    UNKNOWN_SERVICE,
+    PeerLabels,
+    ServiceLabels,
+    principal,
+    standard_labels,
 )
 
 log = logging.getLogger(__name__)
@@ -233,8 +239,8 @@ class OtlpSpanExporter:
             from opentelemetry.sdk.resources import Resource
             from opentelemetry.sdk.trace import TracerProvider
             from opentelemetry.sdk.trace.export import BatchSpanProcessor
-            from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags, set_span_in_context
             from opentelemetry.sdk.trace.id_generator import IdGenerator
+            from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags, set_span_in_context
         except ImportError as err:
             raise RuntimeError("OTLP export needs the optional dependency: pip install 'shoal[otel]'") from err
 

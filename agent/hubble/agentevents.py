@@ -10,9 +10,9 @@ from __future__ import annotations
 import time
 import zlib
 
-from shoal.flows.store import FlowStore, RingSource
 from shoal.api.flow import flow_pb2
 from shoal.api.observer import observer_pb2
+from shoal.flows.store import FlowStore, RingSource
 from shoal.xds import model as m
 
 DEFAULT_CAPACITY = 1023

@@ -12,9 +12,9 @@ from typing import Any, Protocol
 
 from google.protobuf.wrappers_pb2 import BoolValue
 
-from shoal.agent.compiler import rule_id as kernel_rule_id   # what the kernel's deny entries carry
-from shoal.flows import records as F
+from shoal.agent.compiler import rule_id as kernel_rule_id  # what the kernel's deny entries carry
 from shoal.api.flow import flow_pb2
+from shoal.flows import records as F
 from shoal.telemetry_labels import workload_name
 
 # Cilium's reserved identities, for addresses no workload owns.
@@ -128,7 +128,7 @@ class Enricher:
     def kernel_flow(self, event) -> flow_pb2.Flow:
         """A ``shoal.flows.kernel.KernelFlowEvent`` (or its raw record bytes) -> Flow."""
         if isinstance(event, bytes):
-            from shoal.flows.kernel import decode   # raises MalformedRecord (a ValueError)
+            from shoal.flows.kernel import decode  # raises MalformedRecord (a ValueError)
 
             event = decode(event)
         flow = flow_pb2.Flow()

@@ -20,14 +20,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from shoal.agent.hubble.agentevents import AgentEvents
 from shoal.agent.hubble.config import HubbleConfig
-from shoal.flows.emitter import KIND_FLOW, KIND_LOST, LOST_FORMAT
 from shoal.agent.hubble.enrich import Enricher
 from shoal.agent.hubble.metrics import HubbleMetrics
+from shoal.api.flow import flow_pb2
+from shoal.api.observer import observer_pb2, observer_pb2_grpc, relay_pb2
+from shoal.flows.emitter import KIND_FLOW, KIND_LOST, LOST_FORMAT
 from shoal.flows.query import HEALTH_SERVICES, MAX_REQUEST_BYTES, FlowQuery, as_flows_request
 from shoal.flows.store import FlowStore, RingSource
 from shoal.flows.writer import ClientTooSlow, GuardedWriter
-from shoal.api.flow import flow_pb2
-from shoal.api.observer import observer_pb2, observer_pb2_grpc, relay_pb2
 from shoal.hubbletls import serve_tcp
 
 log = logging.getLogger(__name__)

@@ -27,17 +27,17 @@ from pathlib import Path
 import grpc
 from prometheus_client import CollectorRegistry
 
-from shoal.agent.ztunnel.admission import Admission, DialLimits, default_max_connections, raise_open_file_limit
 from shoal.agent.ztunnel.admin import HttpEndpoint, admin_pages, metrics_pages, ready_pages
+from shoal.agent.ztunnel.admission import Admission, DialLimits, default_max_connections, raise_open_file_limit
 from shoal.agent.ztunnel.config import ProxyConfig
-from shoal.hbone.identity import IdentityError, IdentityManager, Signer, SignerUnavailable
 from shoal.agent.ztunnel.netns import NetnsHandle
 from shoal.agent.ztunnel.outbound import OriginalDestinations
-from shoal.hbone.pool import HbonePool
 from shoal.agent.ztunnel.proxy import PodRegistry, ProxyContext
 from shoal.agent.ztunnel.telemetry import ProxyMetrics, Telemetry
-from shoal.zds import ZdsServer
+from shoal.hbone.identity import IdentityError, IdentityManager, Signer, SignerUnavailable
+from shoal.hbone.pool import HbonePool
 from shoal.xds.state import ConfigState
+from shoal.zds import ZdsServer
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,12 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from shoal.config import (
-    DEFAULT_TRUST_DOMAIN, PORT_PROXY_ADMIN, PORT_PROXY_METRICS, PORT_PROXY_READY, ClusterLayout, cluster_name,
+    DEFAULT_TRUST_DOMAIN,
+    PORT_PROXY_ADMIN,
+    PORT_PROXY_METRICS,
+    PORT_PROXY_READY,
+    ClusterLayout,
+    cluster_name,
 )
 
 

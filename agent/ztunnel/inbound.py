@@ -27,15 +27,18 @@ import ssl
 from typing import TYPE_CHECKING
 
 from shoal.agent.ztunnel import transparent
-from shoal.hbone import framing as hbone
 from shoal.agent.ztunnel.authz import ConnectionInfo, authorize
-from shoal.hbone.identity import check_session
+from shoal.agent.ztunnel.outbound import join_plain, reset_connection
 from shoal.agent.ztunnel.telemetry import (
-    FLAG_DENIED, FLAG_NO_ROUTE, FLAG_UPSTREAM_FAILURE, ConnectionRecord,
+    FLAG_DENIED,
+    FLAG_NO_ROUTE,
+    FLAG_UPSTREAM_FAILURE,
+    ConnectionRecord,
 )
-from shoal.agent.ztunnel.outbound import reset_connection, join_plain
-from shoal.hbone.session import HboneSession, StreamPeer, abort_with_reset
 from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND, PROXY_MARK
+from shoal.hbone import framing as hbone
+from shoal.hbone.identity import check_session
+from shoal.hbone.session import HboneSession, StreamPeer, abort_with_reset
 from shoal.telemetry_labels import service_of_endpoint
 from shoal.xds.model import canonical_ip
 

@@ -14,14 +14,17 @@ import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol
 
+from shoal.agent.ztunnel.telemetry import (
+    FLAG_DENIED,
+    FLAG_NO_ROUTE,
+    FLAG_UPSTREAM_FAILURE,
+    ConnectionRecord,
+)
+from shoal.config import PORT_HBONE
 from shoal.hbone import framing as hbone
 from shoal.hbone.identity import IdentityError, check_session
 from shoal.hbone.pool import PoolKey
-from shoal.agent.ztunnel.telemetry import (
-    FLAG_DENIED, FLAG_NO_ROUTE, FLAG_UPSTREAM_FAILURE, ConnectionRecord,
-)
 from shoal.hbone.session import HboneSession, PipeEnd, StreamPeer
-from shoal.config import PORT_HBONE
 from shoal.telemetry_labels import service_fqdn
 from shoal.xds.model import Waypoint, Workload, address_of_family, canonical_ip, ip_family
 from shoal.xds.state import ConfigState

@@ -19,16 +19,14 @@ from typing import Awaitable, Callable
 from shoal.agent.ztunnel import transparent
 from shoal.agent.ztunnel.admission import Admission, DialLimits
 from shoal.agent.ztunnel.config import ProxyConfig
-from shoal.hbone.identity import IdentityError, IdentityManager
 from shoal.agent.ztunnel.inbound import handle_hbone, handle_plaintext
 from shoal.agent.ztunnel.netns import NetnsHandle
 from shoal.agent.ztunnel.outbound import OriginalDestinations, handle_outbound, reset_connection
-from shoal.hbone.pool import HbonePool
 from shoal.agent.ztunnel.telemetry import ProxyMetrics, Telemetry
-from shoal.zds import PodInfo, ZdsError
 from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND
 from shoal.xds.model import Workload, canonical_ip
 from shoal.xds.state import ConfigState
+from shoal.zds import PodInfo, ZdsError
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import subprocess
 import sys
@@ -83,11 +82,11 @@ async def serve(pods: int, port_file: str) -> None:
     from pathlib import Path
 
     from shoal.controller.auth import NodeCredentialAuthenticator
-    from shoal.credentials import NodeCredentials
     from shoal.controller.ca import CertificateAuthority
     from shoal.controller.controlplane import ControlPlane
     from shoal.controller.identity import IdentityAllocator
     from shoal.controller.model import MeshModel
+    from shoal.credentials import NodeCredentials
 
     state = Path(tempfile.mkdtemp(prefix="shoal-perf-cp-"))
     ca = CertificateAuthority.load_or_create(state / "ca", "cluster.local")
@@ -182,7 +181,7 @@ async def measure(pods: int, repetitions: int, changes: int, workdir) -> dict:
         full_push = []
         agents: list[Agent] = []
         tasks: list[asyncio.Task] = []
-        for rep in range(repetitions):
+        for _ in range(repetitions):
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

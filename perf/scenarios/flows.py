@@ -271,8 +271,8 @@ SCENARIO = Scenario(
 # ------------------------------------------------------------------ helper processes
 
 async def _serve_node(name: str, socket_path: str, rate: int) -> None:
-    from shoal.flows.kernel import KernelFlowEvent
     from shoal.agent.hubble import HubbleConfig, HubbleServer
+    from shoal.flows.kernel import KernelFlowEvent
 
     server = HubbleServer(HubbleConfig(node_name=name, unix_socket=Path(socket_path), tcp_address=None), None)
     await server.start()

@@ -19,8 +19,8 @@ def proto_files() -> list[Path]:
 
 def generate() -> list[Path]:
     """Runs grpc_tools.protoc over every proto; returns the protos compiled."""
-    from grpc_tools import protoc
     import grpc_tools
+    from grpc_tools import protoc
 
     include = Path(grpc_tools.__file__).resolve().parent / "_proto"
     protos = proto_files()

@@ -120,7 +120,7 @@ def list_cmd(namespace: str | None, all_namespaces: bool, output: str) -> None:
     for g in gateways:
         name, ns = g["metadata"]["name"], g["metadata"]["namespace"]
 
-        def uses(obj: dict) -> bool:
+        def uses(obj: dict, name: str = name) -> bool:
             return _uses(obj, name)
 
         pod = next((p for p in pods if p["metadata"]["namespace"] == ns

@@ -155,7 +155,7 @@ def map_delete(fd: int, key) -> bool:
 
 def map_keys(fd: int, key_type: type) -> list:
     """Every key of a hash map (a snapshot: entries may come and go meanwhile)."""
-    keys = []
+    keys: list = []
     current = None
     while True:
         following = key_type()

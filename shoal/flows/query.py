@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from google.protobuf.field_mask_pb2 import FieldMask
 
 from shoal.api.flow import flow_pb2
-from shoal.flows.filters import FilterError, FlowMatcher
 from shoal.api.observer import observer_pb2
+from shoal.flows.filters import FilterError, FlowMatcher
 
 # ``--all`` in the hubble CLI asks for this many: effectively "everything stored".
 NUMBER_ALL = 2**64 - 1

@@ -24,7 +24,7 @@ try:
 except OSError as err:
     print(json.dumps({"ok": False, "errno": err.errno or 0, "error": str(err),
                       "elapsed": time.monotonic() - started}))
-    raise SystemExit(0)
+    raise SystemExit(0) from None
 result = {"ok": True, "peer": list(sock.getpeername()), "elapsed": time.monotonic() - started}
 if args.mode == "session":
     sock.settimeout(max(args.timeout, args.hold + 10))

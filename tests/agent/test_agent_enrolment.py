@@ -9,13 +9,12 @@ import pytest
 from shoal.agent.app import MapReconciler
 from shoal.agent.enrolment import Enroller
 from shoal.agent.netns import netns_cookie, tc_ingress_programs
-from shoal.datapath.origdst import OriginalDestinations
-from shoal.zds import ZdsServer
 from shoal.agent.zdslink import ZdsProxyLink
 from shoal.config import PORT_OUTBOUND
+from shoal.datapath.origdst import OriginalDestinations
 from shoal.xds import model as m
 from shoal.xds.state import ConfigState
-
+from shoal.zds import ZdsServer
 from tests.agent.agentbed import InPodProxy, finish, pod_programs, serve_once
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]

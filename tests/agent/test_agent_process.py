@@ -18,18 +18,17 @@ import urllib.request
 import grpc
 import pytest
 
-from shoal.datapath import bpfsys
 from shoal.agent.loader import CGROUP_PROGRAMS, Datapath, FeatureFlags, ProgramLoadError
 from shoal.agent.netns import netns_cookie, tc_ingress_programs
-from shoal.datapath.origdst import OriginalDestinations
 from shoal.agent.uninstall import remove_node
-from shoal.zds import ZdsServer
 from shoal.api import config_pb2 as pb
 from shoal.api import config_pb2_grpc as pb_grpc
 from shoal.config import PORT_OUTBOUND, ClusterLayout
+from shoal.datapath import bpfsys
+from shoal.datapath.origdst import OriginalDestinations
 from shoal.xds import convert
 from shoal.xds import model as m
-
+from shoal.zds import ZdsServer
 from tests.agent.agentbed import InPodProxy, finish, serve_once
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]

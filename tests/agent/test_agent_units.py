@@ -7,8 +7,8 @@ import pytest
 
 from shoal.agent import compiler
 from shoal.agent.config import AgentConfig
-from shoal.flows.kernel import MalformedRecord, decode
 from shoal.datapath.structs import C_MIRRORS, Addr, FlowRecord
+from shoal.flows.kernel import MalformedRecord, decode
 from shoal.xds import model as m
 
 
@@ -201,8 +201,8 @@ def test_pinned_map_with_another_layout_is_replaced_on_adoption(tmp_path):
     import shutil
     from pathlib import Path
 
-    from shoal.datapath import bpfsys
     from shoal.agent.loader import PinnedMaps
+    from shoal.datapath import bpfsys
     from shoal.datapath.structs import MAP_BY_NAME
     if not Path("/sys/fs/bpf").is_mount():
         pytest.skip("bpffs not mounted")

@@ -22,7 +22,6 @@ from shoal.agent.metrics import AgentMetrics
 from shoal.cli.main import render_capture
 from tests.conftest import eventually, pod_exec, shoal_cli, strict_web_manifest
 
-
 # -- unit: reporting ------------------------------------------------------------------------------
 
 
@@ -161,8 +160,8 @@ def test_a_tc_filter_deleted_by_hand_is_repaired_within_10s_and_plaintext_stays_
 @pytest.mark.cluster
 @pytest.mark.timeout(120)
 def test_a_cgroup_program_detached_by_hand_is_reattached_within_10s(demo_cluster):
-    from shoal.datapath import bpfsys
     from shoal.agent.loader import CGROUP_PROGRAMS
+    from shoal.datapath import bpfsys
     layout = demo_cluster.layout
     spec = next(s for s in CGROUP_PROGRAMS if s.name == "connect4")
     cgroup = layout.node_cgroup("node-2")

@@ -11,9 +11,21 @@ from pathlib import Path
 
 import pytest
 
-from shoal.agent.k8s import (HostNetworkPod, KubernetesPodNetns, PodNotRunning, ServiceAccountToken, TokenError,
-                             is_bpffs, parse_mountinfo, pod_netns_path, pod_uid_from_cgroup, pods_by_uid,
-                             process_cgroup, token_claims, token_expires_in)
+from shoal.agent.k8s import (
+    HostNetworkPod,
+    KubernetesPodNetns,
+    PodNotRunning,
+    ServiceAccountToken,
+    TokenError,
+    is_bpffs,
+    parse_mountinfo,
+    pod_netns_path,
+    pod_uid_from_cgroup,
+    pods_by_uid,
+    process_cgroup,
+    token_claims,
+    token_expires_in,
+)
 from shoal.kubernetes import KubernetesLayout, KubernetesModeError, cgroup2_root, layout_from_env
 
 UID_SYSTEMD = "1f2e3d4c-5b6a-4798-8a7b-6c5d4e3f2a1b"

@@ -285,6 +285,7 @@ async def test_unauthenticated_huge_requests_cost_the_controller_process_no_memo
     run is perf/scenarios/ctrlflood.py): refused on the metadata, the body never read, so
     the real process's RSS barely moves (before: +1.5 GB for 4 x 200 MiB)."""
     import grpc
+
     from shoal.api import config_pb2 as pb
 
     controller.start()

@@ -12,7 +12,6 @@ import pytest
 
 from shoal.config import PORT_CONTROLLER_METRICS
 from shoal.local.apiclient import ApiClient
-
 from tests.conftest import pod_exec
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]

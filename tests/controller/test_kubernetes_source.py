@@ -8,8 +8,13 @@ import re
 import pytest
 from kubernetes_asyncio import client
 
-from shoal.controller.auth import (AuthError, AuthUnavailable, TokenReviewAuthenticator,
-                                   kubernetes_pod_lookup, kubernetes_token_reviewer)
+from shoal.controller.auth import (
+    AuthError,
+    AuthUnavailable,
+    TokenReviewAuthenticator,
+    kubernetes_pod_lookup,
+    kubernetes_token_reviewer,
+)
 from shoal.controller.ca import CertificateAuthority
 from shoal.controller.controlplane import ControlPlane
 from shoal.controller.model import MeshModel

@@ -4,12 +4,12 @@ import asyncio
 import pytest
 
 from shoal.controller.auth import NodeCredentialAuthenticator
-from shoal.credentials import NodeCredentials
 from shoal.controller.ca import CertificateAuthority
 from shoal.controller.controlplane import ControlPlane
 from shoal.controller.model import MeshModel
 from shoal.controller.sources.local import LocalSource
 from shoal.controller.store import Store
+from shoal.credentials import NodeCredentials
 
 from .objects import namespace, policy
 

@@ -9,8 +9,8 @@ from aiohttp import ClientSession, UnixConnector
 
 from shoal.controller.localapi import build_app, serve_unix
 from shoal.controller.manifests import KINDS
-from shoal.local.demo import demo_objects
 from shoal.controller.store import Store
+from shoal.local.demo import demo_objects
 
 
 @pytest.fixture

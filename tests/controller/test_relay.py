@@ -9,9 +9,8 @@ from shoal.agent.hubble import HubbleConfig, HubbleServer
 from shoal.api.flow import flow_pb2 as F
 from shoal.api.observer import observer_pb2 as O
 from shoal.api.observer import observer_pb2_grpc, relay_pb2
-from shoal.flows.records import http_flow
 from shoal.controller.relay import NodeTarget, Relay
-
+from shoal.flows.records import http_flow
 from tests.shoal.flows.flowbed import demo_state, kernel_event
 
 pytestmark = pytest.mark.timeout(60)

@@ -8,7 +8,8 @@ from shoal.controller.config import ControllerConfig
 from shoal.controller.distribution import encode_push
 from shoal.controller.identity import FIRST_IDENTITY, IdentityAllocator
 from shoal.controller.model import encode_entry
-from shoal.xds import convert, model as m
+from shoal.xds import convert
+from shoal.xds import model as m
 
 
 def test_identity_log_survives_a_torn_line_and_never_reuses(tmp_path):

@@ -5,7 +5,6 @@ import pytest
 
 from shoal.perf import peers, procstat
 from shoal.perf.beds.cluster import ClusterBed
-
 from tests.conftest import shoal_cli
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(120)]

@@ -155,7 +155,7 @@ def test_a_bed_that_failed_is_not_made_again(tmp_path, monkeypatch):
                                    _bed_failure=failures) for _ in range(2)]
     for ctx in contexts:
         with pytest.raises(RuntimeError, match="shoal up failed"):
-            ctx.bed
+            _ = ctx.bed
     assert calls == ["cluster"]
 
 

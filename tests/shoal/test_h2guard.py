@@ -44,7 +44,7 @@ def test_rapid_reset_counts_resets_in_a_sliding_window():
         assert guard.feed(client.data_to_send()) is None
         now[0] += 1.5                                           # 10 resets over 15 s: within the rate
     sid = 21
-    for i in range(10):
+    for _ in range(10):
         client.send_headers(sid, [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "a")])
         client.reset_stream(sid)
         sid += 2

@@ -1,7 +1,13 @@
 """Istio's standard labels, one module for both proxies (pure)."""
 from shoal.controller.model import owning_workload
 from shoal.telemetry_labels import (
-    TCP_LABELS, UNKNOWN_SERVICE, ServiceLabels, peer, principal, service_of_endpoint, standard_labels,
+    TCP_LABELS,
+    UNKNOWN_SERVICE,
+    ServiceLabels,
+    peer,
+    principal,
+    service_of_endpoint,
+    standard_labels,
 )
 from shoal.xds import model as m
 

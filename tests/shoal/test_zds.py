@@ -7,7 +7,17 @@ import os
 import pytest
 
 from shoal.zds import (
-    Ack, AddPod, DelPod, Hello, PodInfo, SnapshotSent, ZdsClient, ZdsError, ZdsServer, decode, encode,
+    Ack,
+    AddPod,
+    DelPod,
+    Hello,
+    PodInfo,
+    SnapshotSent,
+    ZdsClient,
+    ZdsError,
+    ZdsServer,
+    decode,
+    encode,
 )
 
 POD = PodInfo(uid="u1", namespace="demo", name="web-0", ip="10.244.1.5", service_account="web")

@@ -9,17 +9,17 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from shoal.hbone import framing as hbone
-from tests.devca import DevCA
 from shoal.hbone.identity import IdentityManager, check_session
 from shoal.hbone.session import HboneSession
 from shoal.hbone.stream import HboneStream
 from shoal.waypoint.hbone import HboneConnector, start_hbone_listener
-from shoal.waypoint.http import Limits, pipe, StreamPair
+from shoal.waypoint.http import Limits, StreamPair, pipe
 from shoal.waypoint.proxy import WaypointProxy
 from shoal.waypoint.resolver import StaticResolver
 from shoal.waypoint.telemetry import RequestTelemetry
 from shoal.waypoint.upstream import Endpoint
 from shoal.xds.model import Authorization, Rule, Source
+from tests.devca import DevCA
 
 from .conftest import make_backend_app
 
@@ -85,7 +85,7 @@ async def http_over(stream, request: bytes) -> bytes:
     await stream.drain()
     answer = b""
     while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < int(
-            [l for l in answer.split(b"\r\n") if l.lower().startswith(b"content-length")][0].split(b":")[1]):
+            [line for line in answer.split(b"\r\n") if line.lower().startswith(b"content-length")][0].split(b":")[1]):
         chunk = await asyncio.wait_for(stream.read(65536), 5)
         assert chunk, answer
         answer += chunk
@@ -211,8 +211,8 @@ def test_l7_flow_per_request_with_reply_addresses(tmp_path):
     """Each request becomes one Hubble L7 flow on the agent's socket (server -> client addresses)."""
     import socket
 
-    from shoal.flows.emitter import KIND_FLOW, FlowEmitter
     from shoal.api.flow import flow_pb2
+    from shoal.flows.emitter import KIND_FLOW, FlowEmitter
     from shoal.waypoint.http import PeerInfo, ProxyRequest, empty_body
     from shoal.xds.model import Operation
 
@@ -259,6 +259,7 @@ def test_early_client_hello_is_never_lost_on_uvloop():
     of a burst completes at once. Before the listener accepted raw sockets, a share of
     them stalled until the handshake timeout."""
     import time
+
     import uvloop
 
     async def burst():

@@ -2,8 +2,16 @@
 import random
 
 from shoal.waypoint.model import ConnectionPoolPolicy, OutlierPolicy, RateLimitPolicy, RetryPolicy
-from shoal.waypoint.resilience import (CONNECT_FAILURE, RESET, CircuitBreaker, OutlierDetector,
-                                        PercentSampler, TokenBucket, backoff_delay, is_retriable)
+from shoal.waypoint.resilience import (
+    CONNECT_FAILURE,
+    RESET,
+    CircuitBreaker,
+    OutlierDetector,
+    PercentSampler,
+    TokenBucket,
+    backoff_delay,
+    is_retriable,
+)
 
 
 class Clock:

@@ -63,7 +63,7 @@ def test_applies_and_deletes_lose_no_request(demo_cluster):
             before = waypoint_requests(layout)
             out = shoal_cli(layout, "waypoint", "apply", "-n", "demo", "--enroll-namespace", "--wait", "60").stdout
             assert "ready: traffic goes through it" in out
-            eventually(lambda: waypoint_requests(layout) > before + 3, "traffic through the waypoint",
+            eventually(lambda before=before: waypoint_requests(layout) > before + 3, "traffic through the waypoint",
                        timeout=60, interval=0.5)
             shoal_cli(layout, "waypoint", "delete", "-n", "demo")
             eventually(lambda: waypoint_gone(layout), "the waypoint pod to go", timeout=30, interval=0.5)

@@ -17,10 +17,21 @@ from typing import Any, Sequence
 
 import click
 
-from shoal.config import DEFAULT_TRUST_DOMAIN, WAYPOINT_GATEWAY_CLASS
 from shoal.cli.deploy.kustomize import KustomizeError
-from shoal.cli.deploy.render import (DEFAULT_FLOWS, DEFAULT_HUB, DEFAULT_TAG, LOG_LEVELS, MAX_FLOWS, NAMESPACE,
-                                 RenderOptions, default_base, render, render_file, to_yaml)
+from shoal.cli.deploy.render import (
+    DEFAULT_FLOWS,
+    DEFAULT_HUB,
+    DEFAULT_TAG,
+    LOG_LEVELS,
+    MAX_FLOWS,
+    NAMESPACE,
+    RenderOptions,
+    default_base,
+    render,
+    render_file,
+    to_yaml,
+)
+from shoal.config import DEFAULT_TRUST_DOMAIN, WAYPOINT_GATEWAY_CLASS
 
 GATEWAY_CRD = "customresourcedefinition.apiextensions.k8s.io/gateways.gateway.networking.k8s.io"
 CLEANUP_MANIFEST = "uninstall/node-cleanup.yaml"
@@ -77,7 +88,7 @@ def _render(options: RenderOptions, base: Path | None) -> list[dict[str, Any]]:
     try:
         return render(options, base)
     except KustomizeError as err:
-        raise click.ClickException(f"{err} (point --manifests or SHOAL_MANIFESTS at Shoal's daemonset/ folder)")
+        raise click.ClickException(f"{err} (point --manifests or SHOAL_MANIFESTS at Shoal's daemonset/ folder)") from err
 
 
 def _kubectl(binary: str, context: str | None) -> Kubectl:

@@ -17,8 +17,8 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
-from shoal.config import DEFAULT_TRUST_DOMAIN
 from shoal.cli.deploy import kustomize
+from shoal.config import DEFAULT_TRUST_DOMAIN
 
 DEFAULT_HUB = "ghcr.io/shoal-mesh"
 DEFAULT_TAG = "0.1.0"

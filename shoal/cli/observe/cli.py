@@ -6,11 +6,11 @@ import sys
 import click
 import grpc
 
-from shoal.flows.filters import FilterError
-from shoal.config import ClusterLayout
 from shoal.cli.observe.client import ObserverClient, ObserverUnreachable, connection, tls_options
 from shoal.cli.observe.printers import OUTPUTS, Printer
 from shoal.cli.observe.request import FilterFlags, Selection, build_request
+from shoal.config import ClusterLayout
+from shoal.flows.filters import FilterError
 
 # (long flag, short flag, help). Every endpoint flag also has --from-/--to- forms.
 ENDPOINT_FLAGS = (

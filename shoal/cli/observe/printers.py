@@ -17,9 +17,9 @@ from typing import TextIO
 
 from google.protobuf import json_format
 
-from shoal.flows import records as F
 from shoal.api.flow import flow_pb2
 from shoal.api.observer import observer_pb2, relay_pb2
+from shoal.flows import records as F
 
 OUTPUTS = ("compact", "json", "jsonpb", "dict", "table")
 DICT_SEPARATOR = "------------"

@@ -12,10 +12,10 @@ import datetime as dt
 import re
 from dataclasses import dataclass, field
 
-from shoal.flows.filters import FilterError, FlowMatcher
-from shoal.flows.query import NUMBER_ALL
 from shoal.api.flow import flow_pb2
 from shoal.api.observer import observer_pb2
+from shoal.flows.filters import FilterError, FlowMatcher
+from shoal.flows.query import NUMBER_ALL
 
 DEFAULT_LAST = 20
 

@@ -6,8 +6,8 @@ import logging
 
 import click
 
-from shoal.config import ClusterLayout
 from shoal.cli.observe.client import connection, tls_options
+from shoal.config import ClusterLayout
 
 DEFAULT_ADDRESS = "127.0.0.1:8089"
 

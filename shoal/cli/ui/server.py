@@ -16,12 +16,12 @@ from importlib import resources
 
 from aiohttp import web
 
-from shoal.flows.filters import FilterError, FlowMatcher
 from shoal.api.flow import flow_pb2
 from shoal.cli.observe.printers import flow_type, format_time, host_names, summary
 from shoal.cli.observe.request import FilterFlags
 from shoal.cli.ui.feed import FlowFeed
 from shoal.cli.ui.graph import endpoint_node
+from shoal.flows.filters import FilterError, FlowMatcher
 
 STATIC_FILES = {
     "app.js": "application/javascript",

@@ -9,9 +9,8 @@ import pytest
 from shoal.api.flow import flow_pb2 as F
 from shoal.api.observer import observer_pb2 as O
 from shoal.xds import model as m
-
-from tests.shoal.flows.flowbed import workload
 from tests.agent.hubble.test_server import hub, sockdir  # noqa: F401 (fixtures)
+from tests.shoal.flows.flowbed import workload
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -9,15 +9,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shoal.flows.query import MAX_FIELD_MASK_PATHS, MAX_FILTERS
-from shoal.flows.query import MAX_REQUEST_BYTES
 from shoal.agent.compiler import rule_id
 from shoal.api.flow import flow_pb2 as F
 from shoal.api.observer import observer_pb2 as O
+from shoal.flows.query import MAX_FIELD_MASK_PATHS, MAX_FILTERS, MAX_REQUEST_BYTES
 from shoal.xds import model as m
-
-from tests.shoal.flows.flowbed import kernel_event
 from tests.agent.hubble.test_server import collect, hub, ports_of, sockdir  # noqa: F401 (fixtures)
+from tests.shoal.flows.flowbed import kernel_event
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -20,8 +20,8 @@ def producer():
 def test_reader_delivers_every_record_across_wraparound_and_store_decodes_them(producer):
     from shoal.agent.hubble import HubbleConfig, HubbleServer
     from shoal.agent.ringbuf import RingReader
-    from shoal.datapath.structs import RINGBUF_BYTES
     from shoal.api.flow import flow_pb2 as F
+    from shoal.datapath.structs import RINGBUF_BYTES
 
     server = HubbleServer(HubbleConfig(node_name="node-1", tcp_address=None, capacity=64), None)
     reader = RingReader(producer.ring_fd, RINGBUF_BYTES, server.kernel_records)

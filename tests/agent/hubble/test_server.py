@@ -11,12 +11,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, generate_latest
 
 from shoal.agent.hubble import HubbleConfig, HubbleServer
-from shoal.flows.emitter import FlowEmitter
-from shoal.flows.records import http_flow, l4_flow
 from shoal.api.flow import flow_pb2 as F
 from shoal.api.observer import observer_pb2 as O
 from shoal.api.observer import observer_pb2_grpc
-
+from shoal.flows.emitter import FlowEmitter
+from shoal.flows.records import http_flow, l4_flow
 from tests.shoal.flows.flowbed import demo_state, kernel_event
 
 pytestmark = pytest.mark.timeout(60)

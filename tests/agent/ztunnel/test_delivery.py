@@ -6,9 +6,8 @@ import asyncio
 
 import pytest
 
-from tests.agent.ztunnel.proxybed import (CLIENT_IP, CLIENT_IP6, OTHER_IP, SERVER_IP, SERVER_IP6,
-                                         EchoServer)
 from shoal.xds.model import Authorization, ConfigDelta, Rule, Source
+from tests.agent.ztunnel.proxybed import CLIENT_IP, CLIENT_IP6, OTHER_IP, SERVER_IP, SERVER_IP6, EchoServer
 
 from .test_proxy import APP_PORT, _h2_exchange, _status, harness, metric  # noqa: F401 (fixture)
 
@@ -90,6 +89,7 @@ async def test_client_giving_up_during_the_app_connect_leaves_no_app_connection(
     import h2.connection
 
     from shoal.agent.ztunnel import inbound
+
     from .test_proxy import _client_context, _tls_15008
 
     connected, release = asyncio.Event(), asyncio.Event()

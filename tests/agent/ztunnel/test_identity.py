@@ -12,8 +12,8 @@ import pytest
 
 from shoal.agent.ztunnel.app import ProxyApp
 from shoal.agent.ztunnel.config import ProxyConfig
-from shoal.hbone.identity import IdentityError, IdentityManager, SignerUnavailable
 from shoal.config import ClusterLayout
+from shoal.hbone.identity import IdentityError, IdentityManager, SignerUnavailable
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -15,10 +15,15 @@ import hyperframe.frame
 import pytest
 
 from shoal.hbone import framing as hbone
-from tests.agent.ztunnel.test_proxy import (
-    APP_PORT, Harness, _client_context, _tls_15008, metric, running_proxy,
-)
 from tests.agent.ztunnel.proxybed import SERVER_IP
+from tests.agent.ztunnel.test_proxy import (
+    APP_PORT,
+    Harness,
+    _client_context,
+    _tls_15008,
+    metric,
+    running_proxy,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(90)]
 ATTACKER = "spiffe://cluster.local/ns/demo/sa/client"  # any meshed pod's certificate will do

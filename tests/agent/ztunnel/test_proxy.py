@@ -19,14 +19,19 @@ import pytest
 
 from shoal.agent.ztunnel.app import ProxyApp
 from shoal.agent.ztunnel.config import ProxyConfig
-from tests.devca import DevCA
-from shoal.hbone.identity import make_csr
-from shoal.zds import PodInfo, ZdsClient
 from shoal.config import ClusterLayout
+from shoal.hbone.identity import make_csr
 from shoal.xds.model import Authorization, ConfigDelta, Rule, Service, ServicePort, Source
-
-from tests.agent.ztunnel.proxybed import (CLIENT_IP, CLIENT_IP6, OTHER_IP, SERVER_IP, SERVER_IP6, EchoServer,
-                                          FakeOrigdst, workload)
+from tests.agent.ztunnel.proxybed import (
+    CLIENT_IP,
+    CLIENT_IP6,
+    OTHER_IP,
+    SERVER_IP,
+    SERVER_IP6,
+    EchoServer,
+    FakeOrigdst,
+    workload,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(60)]
 

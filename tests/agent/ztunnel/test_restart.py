@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from tests.agent.ztunnel.test_proxy import APP_PORT, Harness, _make_app, metric, running_proxy
 from tests.agent.ztunnel.proxybed import SERVER_IP
+from tests.agent.ztunnel.test_proxy import APP_PORT, Harness, _make_app, metric, running_proxy
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(90)]
 LIVE = 50

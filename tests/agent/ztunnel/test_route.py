@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from shoal.agent.ztunnel.outbound import plan_route
-from tests.agent.ztunnel.proxybed import workload
 from shoal.xds.model import ConfigDelta, Service, ServicePort, Waypoint, WaypointRef
 from shoal.xds.state import ConfigState
+from tests.agent.ztunnel.proxybed import workload
 
 WEB0 = workload("web-0", "10.244.1.3", "web")
 WEB1 = workload("web-1", "10.244.2.3", "web")

@@ -7,11 +7,11 @@ import time
 import pytest
 from click.testing import CliRunner
 
+from shoal.cli import waypoint as cli
 from shoal.config import ClusterLayout
 from shoal.controller.localapi import build_app, serve_unix
 from shoal.controller.store import Store
 from shoal.local.apiclient import ApiClient
-from shoal.cli import waypoint as cli
 from shoal.local.waypoints import LABEL_GATEWAY_NAME, LocalWaypointLauncher, plan
 
 LAYOUT = ClusterLayout(name="shoal-wp-test")

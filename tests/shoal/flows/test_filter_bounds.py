@@ -5,9 +5,9 @@ import time
 
 import pytest
 
+from shoal.api.flow import flow_pb2
 from shoal.flows.filters import MAX_REGEX_CHARS, FilterError, FlowMatcher
 from shoal.flows.records import http_flow
-from shoal.api.flow import flow_pb2
 
 
 def path_flow(path: str) -> flow_pb2.Flow:

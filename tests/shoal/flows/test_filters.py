@@ -2,12 +2,11 @@
 import pytest
 
 from shoal.agent.hubble.enrich import Enricher
-from shoal.flows.filters import FilterError, FlowMatcher, compile_filter, parse_label_selector
-from shoal.flows.records import http_flow
-from shoal.flows.query import FlowQuery
 from shoal.api.flow import flow_pb2 as F
 from shoal.api.observer import observer_pb2 as O
-
+from shoal.flows.filters import FilterError, FlowMatcher, compile_filter, parse_label_selector
+from shoal.flows.query import FlowQuery
+from shoal.flows.records import http_flow
 from tests.shoal.flows.flowbed import demo_state, kernel_event
 
 ENRICH = Enricher(demo_state(), "node-1")
@@ -140,9 +139,9 @@ def test_query_takes_number_with_since_and_rejects_first_with_follow():
 
 
 def test_a_bare_pod_is_its_own_workload_of_kind_pod():
-    from tests.shoal.flows.flowbed import workload
-    from shoal.xds.state import ConfigState
     from shoal.xds import model as m
+    from shoal.xds.state import ConfigState
+    from tests.shoal.flows.flowbed import workload
 
     state = ConfigState()
     state.apply(m.ConfigDelta("1", upserted=(workload("solo", "demo", "10.244.1.9", 1009, "solo",

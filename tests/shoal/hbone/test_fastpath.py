@@ -7,11 +7,19 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shoal.hbone import fastpath
 from shoal.hbone.fastpath import (
-    Data, FrameReader, FramingError, Passthrough, Window, WindowUpdate, data_header, window_update,
+    Data,
+    FrameReader,
+    FramingError,
+    Passthrough,
+    Window,
+    WindowUpdate,
+    data_header,
+    window_update,
 )
 
 
@@ -129,7 +137,7 @@ frames = st.lists(st.tuples(st.sampled_from(["data", "update", "ping"]), st.bina
 @given(frames, st.lists(st.integers(0, 4000), max_size=6))
 def test_fuzz_round_trip_split_at_random_points(spec, cuts):
     wire, expected = b"", []
-    for kind, payload, end, increment in spec:
+    for kind, payload, _end, increment in spec:
         if kind == "data":
             wire += data_header(1, len(payload)) + payload
             expected.append(("data", payload))

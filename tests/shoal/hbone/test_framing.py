@@ -10,8 +10,15 @@ import pytest
 
 from shoal.hbone import framing as hbone
 from shoal.hbone.framing import (
-    ConnectionEnded, HboneConnection, RequestRejected, TunnelData, TunnelEnded, TunnelRequested,
-    TunnelReset, TunnelResponse, WindowOpened, parse_authority,
+    ConnectionEnded,
+    HboneConnection,
+    RequestRejected,
+    TunnelData,
+    TunnelEnded,
+    TunnelRequested,
+    TunnelResponse,
+    WindowOpened,
+    parse_authority,
 )
 
 
@@ -215,7 +222,7 @@ def test_budget_refills_so_a_steady_polite_peer_is_never_cut():
     attacker = _attacker(server)
     for second in range(60):  # 5 PINGs a second for a minute: under the 10/s refill
         now[0] = float(second)
-        for i in range(5):
+        for _ in range(5):
             attacker.ping(bytes(8))
         assert not any(isinstance(e, ConnectionEnded) for e in server.receive(attacker.data_to_send()))
     assert not server.closed

@@ -13,7 +13,6 @@ import pytest
 
 from shoal.config import ClusterLayout
 from shoal.local.linux import Cgroup, Netns
-
 from tests.conftest import eventually, pod_exec, shoal_cli
 
 pytestmark = pytest.mark.cluster

@@ -14,7 +14,13 @@ import pytest
 
 from shoal.config import ClusterLayout
 from shoal.local.sandbox import (
-    POD_UID_BASE, HostMount, PodSecurity, SandboxError, default_uid, hidden_paths, validate_pod_spec,
+    POD_UID_BASE,
+    HostMount,
+    PodSecurity,
+    SandboxError,
+    default_uid,
+    hidden_paths,
+    validate_pod_spec,
 )
 from tests.conftest import eventually, pod_exec, shoal_cli
 

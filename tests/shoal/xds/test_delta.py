@@ -2,8 +2,10 @@
 import pytest
 
 from shoal.api import config_pb2 as pb
-from shoal.xds import convert, model as m
+from shoal.xds import convert
+from shoal.xds import model as m
 from shoal.xds.delta import DeltaReceiver, DeltaSender, ProtocolError
+
 from .conftest import make_workload
 
 

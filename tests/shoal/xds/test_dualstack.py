@@ -3,7 +3,9 @@ IPv4 first, with the single-address fields kept as the primary (backwards compat
 import pytest
 
 from shoal.api import config_pb2 as pb
-from shoal.xds import convert, model as m
+from shoal.xds import convert
+from shoal.xds import model as m
+
 from .conftest import make_workload
 
 

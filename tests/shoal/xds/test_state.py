@@ -1,5 +1,6 @@
 from shoal.xds import model as m
 from shoal.xds.state import ConfigState
+
 from .conftest import make_workload
 
 

@@ -9,11 +9,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from shoal.config import DEFAULT_TRUST_DOMAIN
 from shoal.cli.deploy import RenderOptions, render
 from shoal.cli.deploy.cli import install, uninstall
 from shoal.cli.deploy.render import CONFIG_CHECKSUM_ANNOTATION, WAYPOINT_TEMPLATE, WAYPOINT_TEMPLATE_KEY
-
+from shoal.config import DEFAULT_TRUST_DOMAIN
 from tests.shoal.cli.deploy.deploybed import containers, find, waypoint_objects
 
 
@@ -200,6 +199,7 @@ def test_uninstall_does_not_delete_anything_if_node_cleanup_fails(fake_kubectl, 
 def test_ca_secret_is_mounted_where_the_controller_reads_its_ca(monkeypatch):
     import kubernetes_validate
     from kubernetes_validate.utils import latest_version
+
     from shoal.controller.config import ControllerConfig
     result = run(install, "--render", "--ca-secret", "shoal-cacerts")
     assert result.exit_code == 0, result.output
@@ -224,6 +224,7 @@ def test_every_install_command_in_the_docs_works():
     """The docs' `shoal install ...` lines, run with --render: no option there is made up."""
     import re
     import shlex
+
     from tests.shoal.cli.deploy.deploybed import REPO
     text = (REPO / "docs" / "kubernetes.md").read_text()
     lines = [line.split("#")[0].split(">")[0].strip()

@@ -10,7 +10,6 @@ import yaml
 
 from shoal.controller.manifests import validate as controller_validate
 from shoal.waypoint.model import parse_traffic_policy
-
 from tests.shoal.cli.deploy.deploybed import REPO
 
 DOCS = REPO / "docs" / "kubernetes.md"

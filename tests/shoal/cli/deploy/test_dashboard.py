@@ -6,8 +6,8 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, generate_latest
 
 from shoal.agent.hubble import HubbleConfig, HubbleServer
-from shoal.flows.emitter import FlowEmitter
 from shoal.controller.relay import Relay
+from shoal.flows.emitter import FlowEmitter
 
 ROOT = Path(__file__).resolve().parents[4]
 DASHBOARD = ROOT / "daemonset" / "dashboards" / "shoal.json"

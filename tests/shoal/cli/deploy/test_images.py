@@ -58,7 +58,7 @@ def test_stages_are_multi_stage_and_reference_existing_stages():
     for path in dockerfiles():
         steps = instructions(path)
         stages = [a.split()[-1] for w, a in steps if w == "FROM" and " AS " in a.upper()]
-        for word, args in steps:
+        for _word, args in steps:
             for ref in re.findall(r"--from=(\S+)", args):
                 assert ref in stages, f"{path.name}: --from={ref} names no stage"
         if path.name != "base.Dockerfile":

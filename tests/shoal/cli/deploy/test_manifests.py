@@ -15,7 +15,6 @@ from kubernetes_validate.utils import latest_version
 from shoal import config as shoal_config
 from shoal.cli.deploy import kustomize
 from shoal.cli.deploy.render import CONFIG_MAP, SHOAL_IMAGES
-
 from tests.shoal.cli.deploy.deploybed import REPO, containers, find, pod_spec, workloads
 
 K8S_VERSION = latest_version()
@@ -86,7 +85,7 @@ def test_agent_is_not_privileged_and_every_capability_is_explained(everything, r
 
 def test_bidirectional_mounts_only_where_kubernetes_allows_them(everything):
     """The API server refuses Bidirectional propagation outside privileged containers."""
-    for obj, c in containers(everything):
+    for _obj, c in containers(everything):
         for mount in c.get("volumeMounts") or []:
             if mount.get("mountPropagation") == "Bidirectional":
                 assert (c.get("securityContext") or {}).get("privileged"), f"{c['name']}: {mount['name']}"
@@ -239,14 +238,14 @@ def dockerfile_titles() -> dict[str, str]:
 
 def test_every_container_image_is_built_by_a_dockerfile(everything):
     titles = dockerfile_titles()
-    for obj, c in containers(everything):
+    for _obj, c in containers(everything):
         name = c["image"].rsplit("/", 1)[-1].split(":")[0]
         assert name in SHOAL_IMAGES and name in titles, f"{c['image']} is built by no Dockerfile"
 
 
 def test_every_container_command_is_a_runnable_module(everything):
     missing = []
-    for obj, c in containers(everything):
+    for _obj, c in containers(everything):
         assert c["command"][:2] == ["python", "-m"], c["name"]
         module = c["command"][2]
         spec = importlib.util.find_spec(module)

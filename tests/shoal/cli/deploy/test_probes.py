@@ -11,7 +11,7 @@ from tests.shoal.cli.deploy.deploybed import containers, find, pod_spec
 
 
 def http_probes(objects, module):
-    for obj, c in containers(objects):
+    for _obj, c in containers(objects):
         if c["command"][2] == module:
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 if "httpGet" in (c.get(probe) or {}):

@@ -8,7 +8,6 @@ import pytest
 from kubernetes_validate.utils import latest_version
 
 from shoal.cli.deploy.waypoint import WaypointTemplateError, instantiate, template_values
-
 from tests.shoal.cli.deploy.deploybed import SAMPLE_GATEWAY, waypoint_objects
 
 

@@ -6,9 +6,8 @@ import sys
 import pytest
 
 from shoal.agent.hubble import HubbleConfig, HubbleServer
-from shoal.flows.records import http_flow
 from shoal.controller.relay import NodeTarget, Relay
-
+from shoal.flows.records import http_flow
 from tests.shoal.flows.flowbed import demo_state, kernel_event
 
 pytestmark = pytest.mark.timeout(90)

@@ -14,10 +14,9 @@ import zlib
 import grpc
 import pytest
 
+from shoal.api.observer import observer_pb2, observer_pb2_grpc
 from shoal.flows.emitter import encode_flow
 from shoal.flows.records import http_flow
-from shoal.api.flow import flow_pb2
-from shoal.api.observer import observer_pb2, observer_pb2_grpc
 from shoal.local.apiclient import ApiClient
 from tests.conftest import eventually
 

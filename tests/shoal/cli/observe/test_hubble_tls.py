@@ -9,11 +9,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shoal.agent.hubble import HubbleConfig, HubbleServer
 from shoal.api.observer import observer_pb2 as O
 from shoal.api.observer import observer_pb2_grpc
-from shoal.controller.relay import NodeTarget, Relay
-from shoal.hubbletls import (CLI_CLIENT, RELAY_CLIENT, RELAY_SERVER, RELAY_SERVER_NAME, HubbleCertificates,
-                             node_server_name)
 from shoal.cli.observe.client import Connection
-
+from shoal.controller.relay import NodeTarget, Relay
+from shoal.hubbletls import (
+    CLI_CLIENT,
+    RELAY_CLIENT,
+    RELAY_SERVER,
+    RELAY_SERVER_NAME,
+    HubbleCertificates,
+    node_server_name,
+)
 from tests.shoal.flows.flowbed import demo_state, kernel_event
 
 pytestmark = pytest.mark.timeout(60)

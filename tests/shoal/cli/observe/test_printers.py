@@ -4,11 +4,10 @@ import json
 import re
 
 from shoal.agent.hubble.enrich import Enricher
-from shoal.flows.records import http_flow, l4_flow
 from shoal.api.observer import observer_pb2 as O
 from shoal.api.observer import relay_pb2
 from shoal.cli.observe.printers import Printer, compact_line
-
+from shoal.flows.records import http_flow, l4_flow
 from tests.shoal.flows.flowbed import demo_state, kernel_event
 
 ENRICH = Enricher(demo_state(), "node-1")

@@ -3,10 +3,10 @@ import datetime as dt
 
 import pytest
 
-from shoal.flows.filters import FilterError
-from shoal.flows.query import NUMBER_ALL
 from shoal.api.flow import flow_pb2 as F
 from shoal.cli.observe.request import FilterFlags, Selection, build_request, parse_time
+from shoal.flows.filters import FilterError
+from shoal.flows.query import NUMBER_ALL
 
 NOW = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
 

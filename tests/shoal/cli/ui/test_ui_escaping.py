@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import time
 
+from shoal.cli.ui.background import UiServer
 from shoal.flows.records import l4_flow
 from tests.shoal.cli.ui.browser import chromium_page, require_chromium, screenshot
-from shoal.cli.ui.background import UiServer
 
 HOSTILE = ["<script>window.__pwned=1;alert(1)</script>", "<img src=x onerror=\"window.__pwned=2\">",
            "\"><svg onload=window.__pwned=3>"]

@@ -5,11 +5,11 @@ import time
 
 import pytest
 
-from shoal.flows.records import http_flow, l4_flow
-from shoal.flows.filters import FilterError
 from shoal.cli.ui.feed import FlowFeed
 from shoal.cli.ui.graph import ServiceMap
 from shoal.cli.ui.server import MAX_FILTER_TERMS, build_app, parse_filter_text
+from shoal.flows.filters import FilterError
+from shoal.flows.records import http_flow, l4_flow
 
 NOW = time.time_ns()
 
