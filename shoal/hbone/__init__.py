@@ -5,4 +5,5 @@
 - ``pool``: outbound connections pooled per (source, destination identity, address).
 - ``identity``: SVIDs, their TLS contexts and SPIFFE checks (``IdentityManager``).
 - ``stream``: ``HboneStream``, one stream as an async byte stream (the waypoint parses HTTP in it).
+- ``fastpath``: a pure DATA/WINDOW_UPDATE framer for established tunnels (not wired in yet).
 """
