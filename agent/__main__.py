@@ -12,7 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     config = AgentConfig.from_args(argv)
     from shoal.agent.app import AgentApp
     try:
-        run_daemon(lambda: AgentApp(config).run(), config.log_level)
+        run_daemon(lambda: AgentApp(config).run(), config.log_level, fast_loop=False)  # pyroute2: see run_daemon
     except ProgramLoadError as err:
         print(f"shoal-agent: {err}", file=sys.stderr)
         return 2
