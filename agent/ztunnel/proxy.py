@@ -24,6 +24,8 @@ from shoal.agent.ztunnel.netns import NetnsHandle
 from shoal.agent.ztunnel.outbound import OriginalDestinations, handle_outbound, reset_connection
 from shoal.agent.ztunnel.telemetry import ProxyMetrics, Telemetry
 from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND
+from shoal.hbone.identity import IdentityError, IdentityManager
+from shoal.hbone.pool import HbonePool
 from shoal.xds.model import Workload, canonical_ip
 from shoal.xds.state import ConfigState
 from shoal.zds import PodInfo, ZdsError

@@ -11,6 +11,7 @@ import uvloop
 from shoal.xds.model import ConfigDelta
 from shoal.xds.state import ConfigState
 from tests.agent.ztunnel.proxybed import CLIENT_IP, CLIENT_IP6, OTHER_IP, OTHER_IP6, SERVER_IP, SERVER_IP6, workload
+from tests.devca import DevCA
 
 
 def pytest_asyncio_loop_factories(config, item):

@@ -22,6 +22,7 @@ from shoal.agent.ztunnel.config import ProxyConfig
 from shoal.config import ClusterLayout
 from shoal.hbone.identity import make_csr
 from shoal.xds.model import Authorization, ConfigDelta, Rule, Service, ServicePort, Source
+from shoal.zds import PodInfo, ZdsClient
 from tests.agent.ztunnel.proxybed import (
     CLIENT_IP,
     CLIENT_IP6,
@@ -32,6 +33,7 @@ from tests.agent.ztunnel.proxybed import (
     FakeOrigdst,
     workload,
 )
+from tests.devca import DevCA
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(60)]
 

@@ -53,7 +53,7 @@ def servers(demo_cluster, tmp_path_factory):
         eventually(lambda: "serving on 50051" in shoal_cli(layout, "logs", "demo/grpc-0", check=False).stdout,
                    "the gRPC server", timeout=60)
         for family in ("-4", "-6"):   # a new pod's both families, through the mesh
-            eventually(lambda: pod_exec(layout, "demo/client-0", "curl", family, "-s", "--max-time", "3",
+            eventually(lambda family=family: pod_exec(layout, "demo/client-0", "curl", family, "-s", "--max-time", "3",
                                         "http://far.demo:8080/", check=False).stdout.startswith("hello"),
                        f"the far web server ({family})", timeout=60)
         yield layout
