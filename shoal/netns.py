@@ -41,7 +41,8 @@ class NetnsError(RuntimeError):
 
 def in_netns(netns_path: Path | str, fn: Callable[[], T]) -> T:
     """Run fn() on a thread inside the namespace at netns_path; return its result."""
-    result: dict[str, object] = {}
+    value: list[T] = []
+    error: list[BaseException] = []
 
     def runner() -> None:
         try:
@@ -50,16 +51,16 @@ def in_netns(netns_path: Path | str, fn: Callable[[], T]) -> T:
                 setns(fd)
             finally:
                 os.close(fd)
-            result["value"] = fn()
+            value.append(fn())
         except BaseException as err:  # handed back to the caller's thread, not swallowed
-            result["error"] = err
+            error.append(err)
 
     thread = threading.Thread(target=runner, name="shoal-netns")
     thread.start()
     thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
+    if error:
+        raise error[0]
+    return value[0]
 
 
 def netns_cookie(netns_path: Path | str) -> int:
