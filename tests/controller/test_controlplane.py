@@ -169,6 +169,17 @@ async def test_status_names_build_versions_stale_and_disconnected_components(pla
     assert [(a["node"], a["component"]) for a in plane.status()["agents"]].count(("node-2", "agent")) == 1
 
 
+async def test_a_departed_waypoint_is_dropped_a_departed_proxy_is_kept(plane):
+    from shoal.controller.distribution import Connection
+    from shoal.xds.delta import DeltaSender
+    for node, component in (("waypoint-demo.waypoint", "waypoint"), ("node-9", "proxy")):
+        plane.distributor._remember_departed(Connection(
+            node=node, component=component, peer="ipv4:127.0.0.1:1",
+            sender=DeltaSender(node=node, component=component, build_version="0.0.9")))
+    assert [(a["node"], a["health"], a["build_version"]) for a in plane.status()["agents"]] == [
+        ("node-9", "disconnected", "0.0.9")]
+
+
 async def test_resume_after_controller_restart_sends_only_changes(ca, tmp_path):
     plane = await start_plane(ca, tmp_path)
     port = plane.port
