@@ -30,10 +30,10 @@ from prometheus_client import CollectorRegistry
 from shoal.agent.ztunnel.admin import HttpEndpoint, admin_pages, metrics_pages, ready_pages
 from shoal.agent.ztunnel.admission import Admission, DialLimits, default_max_connections, raise_open_file_limit
 from shoal.agent.ztunnel.config import ProxyConfig
+from shoal.agent.ztunnel.context import DestinationLookup, ProxyContext
 from shoal.agent.ztunnel.netns import NetnsHandle
-from shoal.agent.ztunnel.outbound import OriginalDestinations
-from shoal.agent.ztunnel.proxy import PodRegistry, ProxyContext
-from shoal.agent.ztunnel.telemetry import ProxyMetrics, Telemetry
+from shoal.agent.ztunnel.proxy import PodRegistry
+from shoal.agent.ztunnel.telemetry import ConnectionTelemetry, ProxyMetrics
 from shoal.hbone.identity import IdentityError, IdentityManager, Signer, SignerUnavailable
 from shoal.hbone.pool import HbonePool
 from shoal.xds.state import ConfigState
@@ -63,7 +63,7 @@ def _marker_pid(marker: str) -> int:
 
 class ProxyApp:
     def __init__(self, config: ProxyConfig, *, state: ConfigState | None = None, signer: Signer | None = None,
-                 origdst: OriginalDestinations | None = None, flows: bool = False, config_client=None,
+                 origdst: DestinationLookup | None = None, flows: bool = False, config_client=None,
                  serve_http: bool = True):
         self.config = config
         self.registry = CollectorRegistry()
@@ -80,7 +80,7 @@ class ProxyApp:
             from shoal.flows.emitter import FlowEmitter
 
             emitter = FlowEmitter(config.flows_path, registry=self.registry, component="proxy")
-        telemetry = Telemetry(self.metrics, emitter, config.node)
+        telemetry = ConnectionTelemetry(self.metrics, emitter, config.node)
         admission = Admission(config.max_connections_in_setup, config.max_connections or default_max_connections(),
                               live=lambda: len(telemetry.live))
         self.metrics.in_setup.set_function(lambda: admission.in_setup)
@@ -253,7 +253,7 @@ class ProxyApp:
             return ""
 
 
-def _default_origdst(config: ProxyConfig) -> OriginalDestinations | None:
+def _default_origdst(config: ProxyConfig) -> DestinationLookup | None:
     try:
         from shoal.datapath.origdst import OriginalDestinations as Lookup
 
@@ -268,7 +268,7 @@ class _LazyOrigdst:
 
     def __init__(self, config: ProxyConfig):
         self._config = config
-        self._lookup: OriginalDestinations | None = None
+        self._lookup: DestinationLookup | None = None
 
     def lookup(self, sock):
         if self._lookup is None:

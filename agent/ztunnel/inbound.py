@@ -24,11 +24,11 @@ import ipaddress
 import logging
 import socket
 import ssl
-from typing import TYPE_CHECKING
 
 from shoal.agent.ztunnel import transparent
 from shoal.agent.ztunnel.authz import ConnectionInfo, authorize
-from shoal.agent.ztunnel.outbound import join_plain, reset_connection
+from shoal.agent.ztunnel.context import ProxyContext, ServedPod
+from shoal.agent.ztunnel.relay import join_plain, reset_connection
 from shoal.agent.ztunnel.telemetry import (
     FLAG_DENIED,
     FLAG_NO_ROUTE,
@@ -42,16 +42,13 @@ from shoal.hbone.session import HboneSession, StreamPeer, abort_with_reset
 from shoal.telemetry_labels import service_of_endpoint
 from shoal.xds.model import canonical_ip
 
-if TYPE_CHECKING:
-    from shoal.agent.ztunnel.proxy import EnrolledPod, ProxyContext
-
 log = logging.getLogger(__name__)
 
 PROXY_PORTS = frozenset({PORT_OUTBOUND, PORT_INBOUND_PLAINTEXT, PORT_HBONE})
 LOOPBACK = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
 
 
-def delivery_refusal(pod: "EnrolledPod", dst_ip: str, dst_port: int) -> tuple[str, str] | None:
+def delivery_refusal(pod: ServedPod, dst_ip: str, dst_port: int) -> tuple[str, str] | None:
     """(reason, detail) when ``dst_ip:dst_port`` is not something this pod's app exposes to
     the network: a loopback or unspecified address, an address that is not the pod's, or
     one of the proxy's own ports. Pure."""
@@ -64,7 +61,7 @@ def delivery_refusal(pod: "EnrolledPod", dst_ip: str, dst_port: int) -> tuple[st
     return None
 
 
-async def connect_app(ctx: "ProxyContext", pod: "EnrolledPod", dst_ip: str, port: int,
+async def connect_app(ctx: ProxyContext, pod: ServedPod, dst_ip: str, port: int,
                       client_ip: str) -> socket.socket:
     """A TCP connection from the proxy to the app at its pod IP ``dst_ip``, made inside
     the pod's namespace with the socket bound to ``lo``: the agent's sk_lookup leaves
@@ -91,7 +88,7 @@ async def connect_app(ctx: "ProxyContext", pod: "EnrolledPod", dst_ip: str, port
 
 # -- 15008 ------------------------------------------------------------------------------------
 
-async def handle_hbone(ctx: "ProxyContext", pod: "EnrolledPod", conn: socket.socket) -> None:
+async def handle_hbone(ctx: ProxyContext, pod: ServedPod, conn: socket.socket) -> None:
     """One accepted connection on 15008: mTLS handshake (bounded), then HTTP/2."""
     peer = conn.getpeername()
     svid = ctx.identities.current(pod.spiffe_id)
@@ -133,7 +130,7 @@ def _on_request(ctx, pod, session: HboneSession, ev: hbone.TunnelRequested, peer
     return asyncio.ensure_future(_serve_stream(ctx, pod, session, ev, peer_ip))
 
 
-async def _serve_stream(ctx: "ProxyContext", pod: "EnrolledPod", session: HboneSession,
+async def _serve_stream(ctx: ProxyContext, pod: ServedPod, session: HboneSession,
                         ev: hbone.TunnelRequested, peer_ip: str) -> None:
     # The client is who connected to us, as the TLS session authenticated it; a
     # ``forwarded`` header is text its sender chose (trust rule: README, "Client address").
@@ -200,7 +197,7 @@ async def _serve_stream(ctx: "ProxyContext", pod: "EnrolledPod", session: HboneS
 
 # -- 15006 ------------------------------------------------------------------------------------
 
-def plaintext_verdict(state, pod: "EnrolledPod", workload, src_ip: str, dst_ip: str,
+def plaintext_verdict(state, pod: ServedPod, workload, src_ip: str, dst_ip: str,
                       dst_port: int) -> tuple[str | None, str]:
     """(refusal reason or None, detail) for plaintext arriving at ``workload``. Pure."""
     if dst_port in PROXY_PORTS:
@@ -216,7 +213,7 @@ def plaintext_verdict(state, pod: "EnrolledPod", workload, src_ip: str, dst_ip: 
     return None, ""
 
 
-async def handle_plaintext(ctx: "ProxyContext", pod: "EnrolledPod", conn: socket.socket) -> None:
+async def handle_plaintext(ctx: ProxyContext, pod: ServedPod, conn: socket.socket) -> None:
     """One accepted connection on 15006 (steered here by the agent's tc program)."""
     src_ip, src_port = conn.getpeername()[:2]
     dst_ip, dst_port = conn.getsockname()[:2]  # bpf_sk_assign keeps the original destination

@@ -12,8 +12,10 @@ import logging
 import random
 import socket
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import Callable
 
+from shoal.agent.ztunnel.context import ProxyContext, ServedPod
+from shoal.agent.ztunnel.relay import join_plain, reset_connection
 from shoal.agent.ztunnel.telemetry import (
     FLAG_DENIED,
     FLAG_NO_ROUTE,
@@ -24,22 +26,12 @@ from shoal.config import PORT_HBONE
 from shoal.hbone import framing as hbone
 from shoal.hbone.identity import IdentityError, check_session
 from shoal.hbone.pool import PoolKey
-from shoal.hbone.session import HboneSession, PipeEnd, StreamPeer
+from shoal.hbone.session import HboneSession, StreamPeer
 from shoal.telemetry_labels import service_fqdn
 from shoal.xds.model import Waypoint, Workload, address_of_family, canonical_ip, ip_family
 from shoal.xds.state import ConfigState
 
-if TYPE_CHECKING:
-    from shoal.agent.ztunnel.proxy import EnrolledPod, ProxyContext
-
 log = logging.getLogger(__name__)
-
-
-class OriginalDestinations(Protocol):
-    """The agent's lookup (``shoal.datapath.origdst``): accepted socket -> (ip, port),
-    LookupError when the connection was not captured."""
-
-    def lookup(self, sock) -> tuple[str, int]: ...
 
 
 @dataclass(frozen=True)
@@ -104,7 +96,7 @@ def plan_route(state: ConfigState, dst_ip: str, dst_port: int,
     return Route("passthrough", target_ip, target_port, target_ip, target_port, "", workload, service_name)
 
 
-async def handle_outbound(ctx: "ProxyContext", pod: "EnrolledPod", conn: socket.socket) -> None:
+async def handle_outbound(ctx: ProxyContext, pod: ServedPod, conn: socket.socket) -> None:
     """One accepted connection on 15001 (unread: the kernel holds its bytes meanwhile)."""
     peer = conn.getpeername()
     try:
@@ -152,15 +144,6 @@ async def handle_outbound(ctx: "ProxyContext", pod: "EnrolledPod", conn: socket.
         ctx.telemetry.closed(rec)
 
 
-def reset_connection(conn: socket.socket) -> None:
-    """Close with RST (SO_LINGER 0): the app sees a refused/reset connection at once."""
-    try:
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    except OSError:
-        pass
-    conn.close()
-
-
 async def _passthrough(ctx, pod, conn: socket.socket, route: Route, rec: ConnectionRecord) -> None:
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in route.target_ip else socket.AF_INET
@@ -174,7 +157,7 @@ async def _passthrough(ctx, pod, conn: socket.socket, route: Route, rec: Connect
     await join_plain(conn, upstream, rec, ctx.telemetry)
 
 
-async def dial(ctx: "ProxyContext", pod: "EnrolledPod", key: PoolKey) -> HboneSession:
+async def dial(ctx: ProxyContext, pod: ServedPod, key: PoolKey) -> HboneSession:
     """A new mTLS HBONE connection from inside ``pod`` to ``key``'s address."""
     loop = asyncio.get_running_loop()
     svid = await ctx.identities.get(key.src_identity)
@@ -239,14 +222,3 @@ async def _tunnel(ctx, pod, conn: socket.socket, route: Route, rec: ConnectionRe
     ctx.metrics.reject("outbound", "denied" if status == hbone.STATUS_UNAUTHORIZED else f"hbone_{status}")
     reset_connection(conn)  # the app sees a reset, like a refused connection
     ctx.telemetry.closed(rec)
-
-
-async def join_plain(client: socket.socket, upstream: socket.socket, rec: ConnectionRecord, telemetry) -> None:
-    """Relay two connected sockets back to back."""
-    loop = asyncio.get_running_loop()
-    client_end = PipeEnd(rec, True, telemetry.closed)
-    server_end = PipeEnd(rec, False, telemetry.closed)
-    PipeEnd.join(client_end, server_end)
-    await loop.connect_accepted_socket(lambda: server_end, upstream)
-    await loop.connect_accepted_socket(lambda: client_end, client)
-    telemetry.opened(rec)

@@ -13,43 +13,20 @@ import functools
 import ipaddress
 import logging
 import socket
-from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from shoal.agent.ztunnel import transparent
-from shoal.agent.ztunnel.admission import Admission, DialLimits
-from shoal.agent.ztunnel.config import ProxyConfig
+from shoal.agent.ztunnel.admission import Admission
+from shoal.agent.ztunnel.context import ProxyContext, ServedPod
 from shoal.agent.ztunnel.inbound import handle_hbone, handle_plaintext
 from shoal.agent.ztunnel.netns import NetnsHandle
-from shoal.agent.ztunnel.outbound import OriginalDestinations, handle_outbound, reset_connection
-from shoal.agent.ztunnel.telemetry import ProxyMetrics, Telemetry
+from shoal.agent.ztunnel.outbound import handle_outbound
+from shoal.agent.ztunnel.relay import reset_connection
 from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND
-from shoal.hbone.identity import IdentityError, IdentityManager
-from shoal.hbone.pool import HbonePool
-from shoal.xds.model import Workload, canonical_ip
-from shoal.xds.state import ConfigState
+from shoal.hbone.identity import IdentityError
 from shoal.zds import PodInfo, ZdsError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ProxyContext:
-    """What the data path needs, built once by the app wiring and passed down."""
-    config: ProxyConfig
-    state: ConfigState
-    identities: IdentityManager
-    metrics: ProxyMetrics
-    telemetry: Telemetry
-    pool: HbonePool
-    origdst: OriginalDestinations | None
-    home: NetnsHandle
-    admission: Admission
-    dial_limits: DialLimits
-    inbound_sessions: set = field(default_factory=set)
-    # Set once the config stream delivered its first snapshot: before that an unknown
-    # destination might be a meshed pod, and guessing "plaintext" would leak.
-    config_synced: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 # accept() failures that say "no resources now": the listener stays readable, so
@@ -158,40 +135,12 @@ def listener_plan(pod_ips: tuple[str, ...]) -> list[tuple[str, int, bool, Callab
     return plan
 
 
-@dataclass
-class EnrolledPod:
-    info: PodInfo
-    netns: NetnsHandle
-    spiffe_id: str
-    servers: list[Acceptor] = field(default_factory=list)
-    sessions: set = field(default_factory=set)   # inbound HBONE sessions into this pod
-
-    def workload_stub(self) -> Workload:
-        """Our view of the pod before the config stream names it."""
-        return Workload(uid=self.info.uid, name=self.info.name, namespace=self.info.namespace,
-                        service_account=self.info.service_account, node="", ip=self.info.ip, identity=0,
-                        spiffe_id=self.spiffe_id, meshed=True, ips=self.info.ips)
-
-    def owns(self, address: str) -> bool:
-        """Whether ``address`` is one of the pod's IPs (an IPv4-mapped form counts as IPv4)."""
-        return canonical_ip(address) in self.info.ips
-
-    def stop_accepting(self) -> None:
-        for server in self.servers:
-            server.close()
-
-    def describe(self) -> dict:
-        return {"uid": self.info.uid, "namespace": self.info.namespace, "name": self.info.name,
-                "ip": self.info.ip, "ips": list(self.info.ips), "identity": self.spiffe_id, "netns_inode": self.netns.inode,
-                "listening": bool(self.servers) and all(s.serving for s in self.servers)}
-
-
 class PodRegistry:
     """The pods this proxy serves (the ZDS handler)."""
 
     def __init__(self, ctx: ProxyContext):
         self.ctx = ctx
-        self.pods: dict[str, EnrolledPod] = {}
+        self.pods: dict[str, ServedPod] = {}
         self.snapshot_done = asyncio.Event()
 
     async def add_pod(self, pod: PodInfo, netns_fd: int) -> None:
@@ -211,12 +160,12 @@ class PodRegistry:
         self.ctx.metrics.pods.set(len(self.pods))
         log.info("enrolled %s/%s (%s) as %s", pod.namespace, pod.name, pod.ip, enrolled.spiffe_id)
 
-    async def _enroll(self, pod: PodInfo, netns: NetnsHandle) -> EnrolledPod:
+    async def _enroll(self, pod: PodInfo, netns: NetnsHandle) -> ServedPod:
         try:
             spiffe = await self.ctx.identities.acquire(pod.namespace, pod.service_account)
         except IdentityError as exc:
             raise ZdsError(str(exc)) from exc
-        enrolled = EnrolledPod(pod, netns, spiffe)
+        enrolled = ServedPod(pod, netns, spiffe)
         try:
             # A successor proxy's SO_REUSEPORT listeners take over queued connections when
             # ours close, instead of the kernel resetting them (net.ipv4.tcp_migrate_req).

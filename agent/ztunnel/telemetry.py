@@ -98,7 +98,7 @@ class ProxyMetrics:
         self.rejected.labels(listener, reason).inc()
 
 
-class Telemetry:
+class ConnectionTelemetry:
     """Turns connection records into metrics, access-log lines and flow events."""
 
     def __init__(self, metrics: ProxyMetrics, emitter=None, node: str = ""):

@@ -1,0 +1,82 @@
+"""What every handler of the node proxy reads: the context built once by the app wiring,
+and the pods it serves. Handlers (inbound, outbound) and the pod registry (proxy) import
+this module; it imports none of them.
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from shoal.agent.ztunnel.admission import Admission, DialLimits
+from shoal.agent.ztunnel.config import ProxyConfig
+from shoal.agent.ztunnel.netns import NetnsHandle
+from shoal.agent.ztunnel.telemetry import ConnectionTelemetry, ProxyMetrics
+from shoal.hbone.identity import IdentityManager
+from shoal.hbone.pool import HbonePool
+from shoal.xds.model import Workload, canonical_ip
+from shoal.xds.state import ConfigState
+from shoal.zds import PodInfo
+
+
+class DestinationLookup(Protocol):
+    """Accepted socket -> the (ip, port) the app dialled; LookupError when it was not captured.
+    The agent's pinned map answers it (``shoal.datapath.origdst.OriginalDestinations``)."""
+
+    def lookup(self, sock: socket.socket) -> tuple[str, int]: ...
+
+
+class Listening(Protocol):
+    """One in-pod listener (``proxy.Acceptor``)."""
+    serving: bool
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class ProxyContext:
+    """What the data path needs, built once by the app wiring and passed down."""
+    config: ProxyConfig
+    state: ConfigState
+    identities: IdentityManager
+    metrics: ProxyMetrics
+    telemetry: ConnectionTelemetry
+    pool: HbonePool
+    origdst: DestinationLookup | None
+    home: NetnsHandle
+    admission: Admission
+    dial_limits: DialLimits
+    inbound_sessions: set = field(default_factory=set)
+    # Set once the config stream delivered its first snapshot: before that an unknown
+    # destination might be a meshed pod, and guessing "plaintext" would leak.
+    config_synced: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class ServedPod:
+    """A pod this proxy serves: its ZDS record, namespace, identity and in-pod listeners."""
+    info: PodInfo
+    netns: NetnsHandle
+    spiffe_id: str
+    servers: list[Listening] = field(default_factory=list)
+    sessions: set = field(default_factory=set)   # inbound HBONE sessions into this pod
+
+    def workload_stub(self) -> Workload:
+        """Our view of the pod before the config stream names it."""
+        return Workload(uid=self.info.uid, name=self.info.name, namespace=self.info.namespace,
+                        service_account=self.info.service_account, node="", ip=self.info.ip, identity=0,
+                        spiffe_id=self.spiffe_id, meshed=True, ips=self.info.ips)
+
+    def owns(self, address: str) -> bool:
+        """Whether ``address`` is one of the pod's IPs (an IPv4-mapped form counts as IPv4)."""
+        return canonical_ip(address) in self.info.ips
+
+    def stop_accepting(self) -> None:
+        for server in self.servers:
+            server.close()
+
+    def describe(self) -> dict:
+        return {"uid": self.info.uid, "namespace": self.info.namespace, "name": self.info.name,
+                "ip": self.info.ip, "ips": list(self.info.ips), "identity": self.spiffe_id, "netns_inode": self.netns.inode,
+                "listening": bool(self.servers) and all(s.serving for s in self.servers)}

@@ -1,0 +1,30 @@
+"""Bytes between two plain sockets, and the way a refused connection ends: shared by the
+inbound (15006, 15008) and outbound (15001) listeners and the pod registry."""
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from shoal.agent.ztunnel.telemetry import ConnectionRecord, ConnectionTelemetry
+from shoal.hbone.session import PipeEnd
+
+
+def reset_connection(conn: socket.socket) -> None:
+    """Close with RST (SO_LINGER 0): the app sees a refused/reset connection at once."""
+    try:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    except OSError:
+        pass
+    conn.close()
+
+
+async def join_plain(client: socket.socket, upstream: socket.socket, rec: ConnectionRecord,
+                     telemetry: ConnectionTelemetry) -> None:
+    """Relay two connected sockets back to back."""
+    loop = asyncio.get_running_loop()
+    client_end = PipeEnd(rec, True, telemetry.closed)
+    server_end = PipeEnd(rec, False, telemetry.closed)
+    PipeEnd.join(client_end, server_end)
+    await loop.connect_accepted_socket(lambda: server_end, upstream)
+    await loop.connect_accepted_socket(lambda: client_end, client)
+    telemetry.opened(rec)
