@@ -28,7 +28,7 @@ from shoal.hbone.identity import IdentityError, check_session
 from shoal.hbone.pool import PoolKey
 from shoal.hbone.session import HboneSession, StreamPeer
 from shoal.telemetry_labels import service_fqdn
-from shoal.xds.model import Waypoint, Workload, address_of_family, canonical_ip, ip_family
+from shoal.xds.model import Workload, address_of_family, canonical_ip, ip_family
 from shoal.xds.state import ConfigState
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class Route:
     reason: str = ""
 
 
-def same_family_address(target: Workload | Waypoint, dst_ip: str) -> str:
+def same_family_address(target: Workload, dst_ip: str) -> str:
     """``target``'s address in the family the app dialled (an IPv6 ClusterIP leads to the
     endpoint's IPv6 address), or its primary address when it has none in that family."""
     return target.address(ip_family(dst_ip)) or target.ip
@@ -86,7 +86,9 @@ def plan_route(state: ConfigState, dst_ip: str, dst_port: int,
             return Route("none", service=service_name,
                          reason=f"waypoint {waypoint_ref.namespace}/{waypoint_ref.name} unknown")
         # The waypoint gets the original destination (VIP or pod) as :authority.
-        return Route("waypoint", same_family_address(waypoint, dst_ip), PORT_HBONE, dst_ip, dst_port,
+        # The waypoint at its primary address: it listens on IPv4 only for now, and it looks
+        # the original destination (either family, the :authority) up itself.
+        return Route("waypoint", waypoint.ip, PORT_HBONE, dst_ip, dst_port,
                      waypoint.spiffe_id, workload, service_name)
     if workload is not None and workload.meshed and workload.protocol == "HBONE":
         address = same_family_address(workload, dst_ip)

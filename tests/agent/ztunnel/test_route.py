@@ -77,4 +77,5 @@ def test_routes_stay_in_the_family_the_app_dialled():
     assert plan_route(st, "::ffff:10.244.1.4", 9000).target_ip == "10.244.1.4"
     st.apply(ConfigDelta("2", upserted=(workload("web-1", "10.244.2.3", "web", ips=("10.244.2.3", "fd00:10:244:2::3"),
                                                  waypoint=WaypointRef("demo", "waypoint")),)))
-    assert plan_route(st, "fd00:10:244:2::3", 8080).target_ip == "fd00::9"   # the waypoint's IPv6
+    via_waypoint = plan_route(st, "fd00:10:244:2::3", 8080)   # the waypoint listens on IPv4 only
+    assert (via_waypoint.target_ip, via_waypoint.authority_ip) == ("10.244.2.9", "fd00:10:244:2::3")
