@@ -11,12 +11,11 @@ import dataclasses
 import json
 import logging
 import socket
-from typing import TYPE_CHECKING, Awaitable, Callable
+from typing import Awaitable, Callable, Iterable
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-if TYPE_CHECKING:
-    from shoal.agent.ztunnel.app import ProxyApp
+from shoal.agent.ztunnel.context import ProxyContext, ServedPod
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +90,14 @@ class HttpEndpoint:
             writer.close()
 
 
-def admin_pages(app: "ProxyApp") -> dict[str, Page]:
-    ctx = app.ctx
+def admin_pages(ctx: ProxyContext, served: Callable[[], Iterable[ServedPod]]) -> dict[str, Page]:
+    """Loopback only: /config_dump, /certs, /connections, read from the data path's context."""
 
     async def config_dump():
         return _json({
-            "node": app.config.node,
+            "node": ctx.config.node,
             "config_version": ctx.state.version,
-            "pods": [pod.describe() for pod in app.pods.pods.values()],
+            "pods": [pod.describe() for pod in served()],
             "workloads": [dataclasses.asdict(w) for w in ctx.state.all_workloads()],
             "services": [dataclasses.asdict(s) for s in ctx.state.all_services()],
             "policies": [dataclasses.asdict(p) for p in ctx.state.all_policies()],
@@ -114,16 +113,16 @@ def admin_pages(app: "ProxyApp") -> dict[str, Page]:
     return {"/config_dump": config_dump, "/certs": certs, "/connections": connections}
 
 
-def metrics_pages(app: "ProxyApp") -> dict[str, Page]:
+def metrics_pages(registry: CollectorRegistry) -> dict[str, Page]:
     async def metrics():
-        return 200, CONTENT_TYPE_LATEST, generate_latest(app.registry)
+        return 200, CONTENT_TYPE_LATEST, generate_latest(registry)
 
     return {"/metrics": metrics, "/stats/prometheus": metrics}
 
 
-def ready_pages(app: "ProxyApp") -> dict[str, Page]:
+def ready_pages(is_ready: Callable[[], bool]) -> dict[str, Page]:
     async def ready():
-        if app.ready:
+        if is_ready():
             return 200, "text/plain", b"ready\n"
         return 503, "text/plain", b"not ready: waiting for the agent's pod snapshot\n"
 

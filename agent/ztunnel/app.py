@@ -146,10 +146,11 @@ class ProxyApp:
 
     async def _start_http(self) -> None:
         home = self.config.http_address
-        for pages, host, port in ((admin_pages, self.config.admin_address, self.config.admin_port),
-                                  (metrics_pages, home, self.config.metrics_port),
-                                  (ready_pages, home, self.config.ready_port)):
-            endpoint = HttpEndpoint(pages(self), on_bad_request=lambda: self.metrics.reject("http", "bad_request"))
+        for pages, host, port in (
+                (admin_pages(self.ctx, lambda: self.pods.pods.values()), self.config.admin_address, self.config.admin_port),
+                (metrics_pages(self.registry), home, self.config.metrics_port),
+                (ready_pages(lambda: self.ready), home, self.config.ready_port)):
+            endpoint = HttpEndpoint(pages, on_bad_request=lambda: self.metrics.reject("http", "bad_request"))
             await endpoint.start(host, port)
             self._endpoints.append(endpoint)
 

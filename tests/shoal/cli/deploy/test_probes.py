@@ -34,7 +34,7 @@ async def test_proxy_readiness_path_is_served(everything):
     paths = set(http_probes(everything, "shoal.agent.ztunnel")) | set(http_probes(everything, "shoal.waypoint"))
     assert paths == {"/healthz/ready"}
     proxy = SimpleNamespace(ready=False)
-    endpoint = HttpEndpoint(ready_pages(proxy), on_bad_request=lambda: None)
+    endpoint = HttpEndpoint(ready_pages(lambda: proxy.ready), on_bad_request=lambda: None)
     await endpoint.start("127.0.0.1", 0)
     port = endpoint.server.sockets[0].getsockname()[1]
     try:
