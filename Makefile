@@ -3,7 +3,7 @@ VENV   ?= .venv
 SHOAL  := $(VENV)/bin/shoal
 PYTEST := $(VENV)/bin/pytest
 
-.PHONY: install demo test bench down proto clean
+.PHONY: install demo test bench down proto clean images
 
 install:
 	@bash scripts/install.sh
@@ -19,6 +19,11 @@ test: install
 bench:
 	@bash scripts/install.sh --perf
 	@$(VENV)/bin/python -m shoal.perf run
+
+# The three images, with buildah from images/*.Dockerfile on a debootstrapped base (never pulled).
+images:
+	@bash scripts/install.sh --images
+	@bash images/build-local.sh
 
 down:
 	@$(SHOAL) down

@@ -3,9 +3,12 @@
 # (python -m shoal.agent.ztunnel) run from it, as two containers of one pod.
 # Build (context = repository root): images/build.sh, or
 #   docker build -f images/agent.Dockerfile -t ghcr.io/shoal-mesh/shoal-agent:0.1.0 .
-ARG BASE=ghcr.io/shoal-mesh/shoal-bcc-base:0.1.0
+# BCC_BASE: images/base.Dockerfile. BASE/BUILD_BASE: as in controller.Dockerfile.
+ARG BCC_BASE=ghcr.io/shoal-mesh/shoal-bcc-base:0.1.0
+ARG BASE=debian:bookworm-slim
+ARG BUILD_BASE=${BASE}
 
-FROM debian:bookworm-slim AS build
+FROM ${BUILD_BASE} AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-pip \
  && rm -rf /var/lib/apt/lists/*
@@ -22,7 +25,7 @@ COPY bpf/ bpf/
 RUN python3 -m venv --system-site-packages /opt/shoal \
  && /opt/shoal/bin/pip install --no-cache-dir --no-compile /src
 
-FROM ${BASE}
+FROM ${BCC_BASE}
 COPY --from=build /opt/shoal /opt/shoal
 ENV PATH=/opt/shoal/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -3,7 +3,8 @@
 # embedded clang/LLVM, which compiles the programs on the node against the host's
 # kernel headers, mounted at /lib/modules and /usr/src) and its Python bindings.
 # Build: docker build -f images/base.Dockerfile -t ghcr.io/shoal-mesh/shoal-bcc-base:0.1.0 .
-FROM debian:bookworm-slim
+ARG BASE=debian:bookworm-slim
+FROM ${BASE}
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-bpfcc libbpfcc ca-certificates \
  && rm -rf /var/lib/apt/lists/* /usr/share/doc /usr/share/man

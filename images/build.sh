@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds Shoal's images (needs docker or another BuildKit front end; none runs on the
-# development machines, so this is verified by reading and by tests/deploy).
+# Builds Shoal's images with docker or another BuildKit front end, from debian:bookworm-slim.
+# On the development machines, `make images` (images/build-local.sh) builds the same
+# Dockerfiles with buildah on a debootstrapped base instead, never pulling.
 # Usage: images/build.sh [HUB] [TAG]   e.g. images/build.sh ghcr.io/me 0.1.0
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -3,7 +3,13 @@
 # No bcc here: this image loads no eBPF, so it starts from plain Debian.
 # Build (context = repository root): images/build.sh, or
 #   docker build -f images/waypoint.Dockerfile -t ghcr.io/shoal-mesh/shoal-waypoint:0.1.0 .
-FROM debian:bookworm-slim AS build
+# BASE: any Debian bookworm image. `make images` passes the local debootstrapped
+# shoal-base:bookworm (never pulled); docker/BuildKit elsewhere use the default.
+# BUILD_BASE: the build stage's base (make images adds the machine's CA bundle there, for pip).
+ARG BASE=debian:bookworm-slim
+ARG BUILD_BASE=${BASE}
+
+FROM ${BUILD_BASE} AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-pip \
  && rm -rf /var/lib/apt/lists/*
@@ -18,7 +24,7 @@ COPY bpf/ bpf/
 RUN python3 -m venv /opt/shoal \
  && /opt/shoal/bin/pip install --no-cache-dir --no-compile /src
 
-FROM debian:bookworm-slim
+FROM ${BASE}
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 ca-certificates \
  && rm -rf /var/lib/apt/lists/* /usr/share/doc /usr/share/man \

@@ -14,13 +14,22 @@ APT_PACKAGES=(python3-bpfcc libbpfcc bpfcc-tools linux-headers-amd64 iproute2
               openjdk-17-jdk-headless nodejs)   # real-client tests: a Java (javac + JRE) and a Node.js client
 
 PERF_PACKAGES=(redis-server redis-tools postgresql postgresql-contrib)
+# `--images` (make images) adds the image tools: buildah builds, podman runs (with runc: crun
+# refuses this machine's hybrid cgroup layout), debootstrap makes the base root filesystem
+# from the Debian mirror (no container registry is ever pulled).
+IMAGE_PACKAGES=(buildah podman runc debootstrap uidmap slirp4netns fuse-overlayfs)
 WITH_PERF=0
+WITH_IMAGES=0
 for arg in "$@"; do
   case "$arg" in
     --perf) WITH_PERF=1 ;;
-    *) echo "install: unknown option $arg (known: --perf)" >&2; exit 2 ;;
+    --images) WITH_IMAGES=1 ;;
+    *) echo "install: unknown option $arg (known: --perf, --images)" >&2; exit 2 ;;
   esac
 done
+if [ "$WITH_IMAGES" = 1 ]; then
+  APT_PACKAGES+=("${IMAGE_PACKAGES[@]}")
+fi
 
 log() { printf '\033[1m[install]\033[0m %s\n' "$*"; }
 

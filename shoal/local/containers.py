@@ -1,0 +1,157 @@
+"""Podman flags derived from the rendered Kubernetes manifests (``shoal install --render``).
+
+The local cluster's container mode runs the same images with the same privileges as the
+DaemonSet and Deployments. Rather than restating capabilities, read-only root, user,
+seccomp, hostPath mounts and env here (and letting them drift from daemonset/), every
+flag is read from the rendered pod template: change the manifest and this changes too.
+
+What Kubernetes supplies and podman cannot (the projected token, the CA ConfigMap, the
+Secret, a pod IP) is provided by the caller as a host directory per volume name; a
+volume the caller leaves out is an error naming it, never silently dropped.
+"""
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass, field
+from typing import Any
+
+# runc + cgroupfs: crun refuses this machine's hybrid cgroup layout.
+PODMAN_GLOBAL = ("--runtime", "runc", "--cgroup-manager", "cgroupfs")
+
+
+def ulimits() -> tuple[str, ...]:
+    """Explicit --ulimit flags: the caller's hard nofile (runc cannot raise it) and an nproc
+    of 4096 (runc's setrlimit is refused the caller's higher value on this machine)."""
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return ("--ulimit", f"nofile={nofile}:{nofile}", "--ulimit", "nproc=4096:4096")
+
+
+class ManifestError(ValueError):
+    """The rendered manifest asks for something this translation cannot honour."""
+
+
+@dataclass(frozen=True)
+class ContainerRun:
+    """One container of a rendered pod template, as podman flags."""
+
+    name: str
+    image: str
+    command: tuple[str, ...]
+    cap_add: tuple[str, ...]
+    cap_drop_all: bool
+    read_only: bool
+    user: str | None
+    no_new_privileges: bool
+    env: dict[str, str] = field(default_factory=dict)
+    mounts: tuple[str, ...] = ()      # podman --mount values
+    tmpfs: tuple[str, ...] = ()       # emptyDir volumes
+
+    def argv(self, container_name: str, network: str, cgroup_parent: str | None = None,
+             extra_env: dict[str, str] | None = None, command: tuple[str, ...] | None = None) -> list[str]:
+        """``podman run`` argv; ``extra_env`` overrides manifest env (local addresses)."""
+        argv = ["podman", *PODMAN_GLOBAL, "run", "--detach", "--pull=never", "--name", container_name,
+                "--network", network, *ulimits()]
+        if cgroup_parent:
+            argv += ["--cgroup-parent", cgroup_parent]
+        if self.cap_drop_all:
+            argv += ["--cap-drop", "ALL"]
+        for cap in self.cap_add:
+            argv += ["--cap-add", cap]
+        if self.read_only:
+            argv += ["--read-only", "--read-only-tmpfs=false"]
+        if self.no_new_privileges:
+            argv += ["--security-opt", "no-new-privileges"]
+        if self.user is not None:
+            argv += ["--user", self.user]
+        for mount in self.mounts:
+            argv += ["--mount", mount]
+        for path in self.tmpfs:
+            argv += ["--tmpfs", path]
+        for key, value in sorted({**self.env, **(extra_env or {})}.items()):
+            argv += ["--env", f"{key}={value}"]
+        return [*argv, self.image, *(command if command is not None else self.command)]
+
+
+def pod_template(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    for obj in objects:
+        if obj.get("kind") == kind and obj.get("metadata", {}).get("name") == name:
+            return obj["spec"]["template"]
+    raise ManifestError(f"no {kind} {name} in the rendered manifests")
+
+
+def container_run(objects: list[dict[str, Any]], kind: str, name: str, container: str,
+                  node: str, volume_sources: dict[str, str]) -> ContainerRun:
+    """The podman view of ``container`` in the pod template of ``kind``/``name``.
+
+    ``volume_sources`` maps each non-hostPath, non-emptyDir volume to a host directory.
+    ``node`` stands in for spec.nodeName; the pod is named after the container.
+    """
+    template = pod_template(objects, kind, name)
+    owner = next(o for o in objects if o.get("kind") == kind and o["metadata"]["name"] == name)
+    fields = {"spec.nodeName": node, "metadata.namespace": owner["metadata"].get("namespace", "default"),
+              "metadata.name": f"{name}-{node}"}
+    spec = template["spec"]
+    found = [c for c in spec["containers"] if c["name"] == container]
+    if not found:
+        raise ManifestError(f"{kind} {name} has no container {container!r}")
+    c = found[0]
+    pod_sc = spec.get("securityContext", {})
+    sc = {**pod_sc, **c.get("securityContext", {})}
+    if sc.get("privileged"):
+        raise ManifestError(f"{kind} {name}/{container} asks for privileged mode")
+    caps = sc.get("capabilities", {})
+    drops = caps.get("drop", [])
+    if drops not in ([], ["ALL"]):
+        raise ManifestError(f"{kind} {name}/{container}: only drop [ALL] is supported, got {drops}")
+    user = None
+    if "runAsUser" in sc:
+        user = str(sc["runAsUser"]) + (f":{sc['runAsGroup']}" if "runAsGroup" in sc else "")
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    mounts, tmpfs = [], []
+    for vm in c.get("volumeMounts", []):
+        volume = volumes[vm["name"]]
+        target, read_only = vm["mountPath"], vm.get("readOnly", False)
+        if "emptyDir" in volume:
+            tmpfs.append(target)
+            continue
+        if "hostPath" in volume:
+            source = volume["hostPath"]["path"]
+        elif vm["name"] in volume_sources:
+            source = volume_sources[vm["name"]]
+        else:
+            raise ManifestError(f"{kind} {name}/{container}: volume {vm['name']!r} needs a local source")
+        mount = f"type=bind,source={source},destination={target}"
+        if read_only:
+            mount += ",ro=true"
+        # HostToContainer = rslave: host mounts (the bpffs) propagate in, never out.
+        if vm.get("mountPropagation") == "HostToContainer":
+            mount += ",bind-propagation=rslave"
+        mounts.append(mount)
+    return ContainerRun(
+        name=container, image=c["image"], command=tuple(c.get("command", ())) + tuple(c.get("args", ())),
+        cap_add=tuple(caps.get("add", [])), cap_drop_all=drops == ["ALL"],
+        read_only=bool(sc.get("readOnlyRootFilesystem")), user=user,
+        no_new_privileges=sc.get("allowPrivilegeEscalation") is False,
+        env=_env(objects, c.get("env", []), fields), mounts=tuple(mounts), tmpfs=tuple(tmpfs))
+
+
+def _env(objects: list[dict[str, Any]], entries: list[dict[str, Any]], fields: dict[str, str]) -> dict[str, str]:
+    """Resolves literal values, the pod fields in ``fields`` and keys of the rendered ConfigMaps."""
+    config_maps = {o["metadata"]["name"]: o.get("data", {}) for o in objects if o.get("kind") == "ConfigMap"}
+    env = {}
+    for entry in entries:
+        if "value" in entry:
+            env[entry["name"]] = str(entry["value"])
+            continue
+        source = entry.get("valueFrom", {})
+        if source.get("fieldRef", {}).get("fieldPath") in fields:
+            env[entry["name"]] = fields[source["fieldRef"]["fieldPath"]]
+        elif "configMapKeyRef" in source:
+            ref = source["configMapKeyRef"]
+            try:
+                env[entry["name"]] = config_maps[ref["name"]][ref["key"]]
+            except KeyError:
+                raise ManifestError(f"env {entry['name']}: ConfigMap {ref['name']} has no key {ref['key']}") from None
+        else:
+            raise ManifestError(f"env {entry['name']}: unsupported source {sorted(source)}")
+    return env

@@ -1,0 +1,152 @@
+"""Container mode: podman flags come from the rendered manifests, and the built images run.
+
+The translation tests always run (no podman needed). The image tests need `make images`
+and skip, saying so, when the images are absent: building them takes minutes.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from shoal.cli.deploy.render import RenderOptions, render
+from shoal.local.containers import PODMAN_GLOBAL, ContainerRun, ManifestError, container_run
+
+REPO = Path(__file__).resolve().parents[3]
+NODE_VOLUMES = {"shoal-token": "/tmp/token", "shoal-ca": "/tmp/ca", "shoal-hubble-tls": "/tmp/hubble"}
+
+
+def agent_pod(objects):
+    return next(o for o in objects if o["kind"] == "DaemonSet")["spec"]["template"]["spec"]
+
+
+def test_node_containers_get_exactly_the_manifest_capabilities():
+    objects = render()
+    for manifest in agent_pod(objects)["containers"]:
+        run = container_run(objects, "DaemonSet", "shoal-agent", manifest["name"], "node-1", NODE_VOLUMES)
+        sc = manifest["securityContext"]
+        assert run.cap_add == tuple(sc["capabilities"]["add"])
+        assert run.cap_drop_all and run.read_only and run.no_new_privileges and run.user == "0"
+        argv = run.argv("c", "ns:/run/netns/x")
+        assert argv[argv.index("--cap-drop") + 1] == "ALL"
+        assert [argv[i + 1] for i, a in enumerate(argv) if a == "--cap-add"] == sc["capabilities"]["add"]
+        assert "--privileged" not in argv and "--read-only" in argv
+        assert argv[-len(manifest["command"]):] == manifest["command"]
+
+
+def test_mounts_env_and_image_follow_the_render_options():
+    objects = render(RenderOptions(hub="registry.example/mesh", image_tag="9.9.9", trust_domain="corp.example"))
+    run = container_run(objects, "DaemonSet", "shoal-agent", "agent", "node-7", NODE_VOLUMES)
+    assert run.image == "registry.example/mesh/shoal-agent:9.9.9"
+    assert run.env["SHOAL_NODE"] == "node-7"                 # fieldRef spec.nodeName
+    assert run.env["SHOAL_TRUST_DOMAIN"] == "corp.example"   # configMapKeyRef of the rendered ConfigMap
+    mounts = {m.split("destination=")[1].split(",")[0]: m for m in run.mounts}
+    assert "source=/sys/fs/bpf," in mounts["/sys/fs/bpf"] and "bind-propagation=rslave" in mounts["/sys/fs/bpf"]
+    assert mounts["/host/proc"].endswith("ro=true")
+    assert "source=/tmp/token," in mounts["/var/run/secrets/shoal/tokens"]
+    assert run.tmpfs == ("/tmp",)                            # emptyDir
+    proxy = container_run(objects, "DaemonSet", "shoal-agent", "proxy", "node-7", NODE_VOLUMES)
+    assert "/host/proc" not in " ".join(proxy.mounts)        # the proxy never sees the host's /proc
+
+
+def test_controller_runs_as_its_non_root_user_without_capabilities():
+    objects = render()
+    run = container_run(objects, "Deployment", "shoal-controller", "controller", "node-1",
+                        {"shoal-hubble-tls": "/tmp/hubble", "cacerts": "/tmp/ca"})
+    assert run.cap_add == () and run.cap_drop_all and run.user == "1337:1337"
+    assert run.command[:3] == ("python", "-m", "shoal.controller")
+
+
+def test_a_volume_without_a_local_source_is_refused_by_name():
+    with pytest.raises(ManifestError, match="shoal-token"):
+        container_run(render(), "DaemonSet", "shoal-agent", "agent", "node-1", {})
+
+
+def test_a_privileged_manifest_is_refused():
+    objects = render()
+    agent_pod(objects)["containers"][0]["securityContext"]["privileged"] = True
+    with pytest.raises(ManifestError, match="privileged"):
+        container_run(objects, "DaemonSet", "shoal-agent", "agent", "node-1", NODE_VOLUMES)
+
+
+def test_make_images_builds_every_dockerfile_on_the_local_base_without_pulling():
+    """The build plumbing, dry: each image from its Dockerfile, BASE local, --pull=never."""
+    out = subprocess.run(["bash", str(REPO / "images/build-local.sh"), "--dry-run"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "SHOAL_IMAGE_STATE": "/nonexistent/state",
+                              "PYTHON": str(REPO / ".venv/bin/python")})
+    assert out.returncode == 0, out.stderr
+    builds = [line for line in out.stdout.splitlines() if " bud " in line]
+    for name in ("shoal-bcc-base", "shoal-agent", "shoal-controller", "shoal-waypoint"):
+        line = next(b for b in builds if f"-t localhost/{name}:" in b)
+        assert "--pull=never" in line and "BASE=localhost/shoal-base:bookworm" in line
+        assert f"ghcr.io/shoal-mesh/{name}:" in line   # the name the rendered manifests use
+    assert "debootstrap --variant=minbase" in out.stdout
+    # Each Dockerfile still builds elsewhere: every FROM is an ARG with a public default.
+    for dockerfile in (REPO / "images").glob("*.Dockerfile"):
+        text = dockerfile.read_text()
+        assert re.search(r"^ARG BASE=debian:bookworm-slim$", text, re.M), dockerfile
+        assert all(line.split()[1].startswith("${") for line in text.splitlines() if line.startswith("FROM ")), dockerfile
+
+
+# -- the built images --------------------------------------------------------------------
+
+def image_present(image: str) -> bool:
+    if not shutil.which("podman"):
+        return False
+    return subprocess.run(["podman", *PODMAN_GLOBAL, "image", "exists", image]).returncode == 0
+
+
+needs_images = pytest.mark.skipif(
+    not all(image_present(f"ghcr.io/shoal-mesh/shoal-{n}:0.1.0") for n in ("agent", "controller", "waypoint")),
+    reason="images not built: run `make images` (debootstrap + buildah, several minutes)")
+
+
+def run_once(run: ContainerRun, command: tuple[str, ...], network: str = "none") -> tuple[dict, str]:
+    """Runs ``command`` in ``run``'s container to completion; returns podman inspect and output."""
+    name = f"shoal-test-{uuid.uuid4().hex[:10]}"
+    argv = run.argv(name, network, command=command)
+    container_id = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=120).stdout.strip()
+    try:
+        subprocess.run(["podman", *PODMAN_GLOBAL, "wait", container_id], capture_output=True, timeout=120)
+        inspect = json.loads(subprocess.run(["podman", *PODMAN_GLOBAL, "inspect", container_id],
+                                            capture_output=True, text=True, check=True).stdout)[0]
+        logs = subprocess.run(["podman", *PODMAN_GLOBAL, "logs", container_id], capture_output=True, text=True)
+        return inspect, logs.stdout + logs.stderr
+    finally:
+        subprocess.run(["podman", *PODMAN_GLOBAL, "rm", "--force", container_id], capture_output=True)
+
+
+@needs_images
+@pytest.mark.parametrize("container", ["agent", "proxy"])
+def test_node_container_runs_with_the_manifest_capabilities(container, tmp_path):
+    for directory in NODE_VOLUMES.values():
+        Path(directory).mkdir(exist_ok=True)
+    objects = render()
+    run = container_run(objects, "DaemonSet", "shoal-agent", container, "node-1",
+                        {k: str(tmp_path) for k in NODE_VOLUMES})
+    probe = ("python", "-c", "import bcc, shoal.agent, shoal.agent.ztunnel; "
+             "print(open('/proc/self/status').read()); open('/probe', 'w')")
+    inspect, output = run_once(run, probe)
+    assert sorted(c.removeprefix("CAP_") for c in inspect["EffectiveCaps"]) == sorted(run.cap_add)
+    assert inspect["HostConfig"]["ReadonlyRootfs"] is True
+    assert "Read-only file system" in output                 # the probe's write to / failed
+    # The kernel's view agrees: exactly the manifest's capabilities are effective, none ambient.
+    eff = int(re.search(r"CapEff:\s*([0-9a-f]+)", output).group(1), 16)
+    assert bin(eff).count("1") == len(run.cap_add)
+
+
+@needs_images
+@pytest.mark.parametrize("image,user", [("controller", "1337"), ("waypoint", "1337")])
+def test_control_images_carry_no_compiler_and_run_unprivileged(image, user):
+    argv = ["podman", *PODMAN_GLOBAL, "run", "--rm", "--pull=never", "--network", "none",
+            f"ghcr.io/shoal-mesh/shoal-{image}:0.1.0", "python", "-c",
+            "import os, shutil, shoal; print(os.getuid(), [c for c in ('cc', 'gcc', 'clang', 'pip') if shutil.which(c)])"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[0] == user and "[]" in out.stdout
