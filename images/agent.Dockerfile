@@ -23,7 +23,8 @@ COPY bpf/ bpf/
 # --system-site-packages: bcc comes from the base image's python3-bpfcc (the PyPI
 # package called "bcc" is unrelated).
 RUN python3 -m venv --system-site-packages /opt/shoal \
- && /opt/shoal/bin/pip install --no-cache-dir --no-compile /src
+ && /opt/shoal/bin/pip install --no-cache-dir --no-compile /src \
+ && /opt/shoal/bin/pip uninstall -q -y pip setuptools
 
 FROM ${BCC_BASE}
 COPY --from=build /opt/shoal /opt/shoal

@@ -7,6 +7,6 @@ ARG BASE=debian:bookworm-slim
 FROM ${BASE}
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-bpfcc libbpfcc ca-certificates \
- && rm -rf /var/lib/apt/lists/* /usr/share/doc /usr/share/man
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /usr/share/doc /usr/share/man
 LABEL org.opencontainers.image.title="shoal-bcc-base" \
       org.opencontainers.image.source="https://github.com/shoal-mesh/shoal"

@@ -65,6 +65,8 @@ base_image() {
 build_base_image() {
   local ctr
   if [ -n "$DRY" ]; then echo buildah from "$BASE" '+' /usr/local/share/ca-certificates; return; fi
+  # Kept once made: a new image ID here would void every build stage's layer cache.
+  buildah inspect --type image "$BUILD_BASE" >/dev/null 2>&1 && return
   ctr=$("${BUILDAH[@]}" from --pull=never "$BASE")
   # Removed whatever happens next: no working container is left behind.
   trap '"${BUILDAH[@]}" rm "$ctr" >/dev/null 2>&1 || true' RETURN

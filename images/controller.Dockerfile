@@ -22,12 +22,13 @@ COPY waypoint/ waypoint/
 COPY perf/ perf/
 COPY bpf/ bpf/
 RUN python3 -m venv /opt/shoal \
- && /opt/shoal/bin/pip install --no-cache-dir --no-compile /src
+ && /opt/shoal/bin/pip install --no-cache-dir --no-compile /src \
+ && /opt/shoal/bin/pip uninstall -q -y pip setuptools
 
 FROM ${BASE}
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 ca-certificates \
- && rm -rf /var/lib/apt/lists/* /usr/share/doc /usr/share/man \
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /usr/share/doc /usr/share/man \
  && groupadd --gid 1337 shoal && useradd --uid 1337 --gid 1337 --no-create-home shoal
 COPY --from=build /opt/shoal /opt/shoal
 ENV PATH=/opt/shoal/bin:$PATH \
