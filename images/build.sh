@@ -9,7 +9,7 @@ HUB=${1:-ghcr.io/shoal-mesh}
 TAG=${2:-0.1.0}
 DOCKER=${DOCKER:-docker}
 "$DOCKER" build -f images/base.Dockerfile -t "$HUB/shoal-bcc-base:$TAG" .
-"$DOCKER" build -f images/agent.Dockerfile --build-arg "BASE=$HUB/shoal-bcc-base:$TAG" -t "$HUB/shoal-agent:$TAG" .
+"$DOCKER" build -f images/agent.Dockerfile --build-arg "BCC_BASE=$HUB/shoal-bcc-base:$TAG" -t "$HUB/shoal-agent:$TAG" .
 "$DOCKER" build -f images/controller.Dockerfile -t "$HUB/shoal-controller:$TAG" .
 "$DOCKER" build -f images/waypoint.Dockerfile -t "$HUB/shoal-waypoint:$TAG" .
 echo "then: shoal install --hub $HUB --image-tag $TAG"

@@ -1,4 +1,4 @@
-"""The Dockerfiles, checked by reading: no container engine runs on these machines."""
+"""The Dockerfiles, checked by reading (fast; `make images` builds them: tests/shoal/local/test_containers.py)."""
 from __future__ import annotations
 
 import re
@@ -69,7 +69,8 @@ def test_stages_are_multi_stage_and_reference_existing_stages():
 
 def test_agent_image_is_built_on_the_bcc_base():
     steps = dict((a.split("=")[0], a) for w, a in instructions(IMAGES / "agent.Dockerfile") if w == "ARG")
-    assert "shoal-bcc-base" in steps["BASE"]
+    assert "shoal-bcc-base" in steps["BCC_BASE"]
+    assert [a for w, a in instructions(IMAGES / "agent.Dockerfile") if w == "FROM"][-1] == "${BCC_BASE}"
     base = (IMAGES / "base.Dockerfile").read_text()
     assert "python3-bpfcc" in base and "libbpfcc" in base
     for name in ("controller", "waypoint"):
@@ -78,5 +79,8 @@ def test_agent_image_is_built_on_the_bcc_base():
 
 def test_build_script_builds_every_dockerfile():
     script = (IMAGES / "build.sh").read_text()
+    local = (IMAGES / "build-local.sh").read_text()
     for path in dockerfiles():
         assert f"images/{path.name}" in script, path.name
+        assert f"images/{path.name}" in local, path.name
+    assert '"BCC_BASE=' in script
