@@ -147,7 +147,7 @@ def test_node_container_runs_with_the_manifest_capabilities(container, tmp_path)
 @needs_images
 @pytest.mark.parametrize("image,user", [("controller", "1337"), ("waypoint", "1337")])
 def test_control_images_carry_no_compiler_and_run_unprivileged(image, user):
-    argv = ["podman", *PODMAN_GLOBAL, "run", "--rm", "--pull=never", "--network", "none",
+    argv = ["podman", *PODMAN_GLOBAL, "run", "--rm", "--pull=never", "--network", "none", *ulimits(),
             f"ghcr.io/shoal-mesh/shoal-{image}:0.1.0", "python", "-c",
             "import os, shutil, shoal; print(os.getuid(), [c for c in ('cc', 'gcc', 'clang', 'ld') if shutil.which(c)])"]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
