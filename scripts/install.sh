@@ -17,7 +17,7 @@ PERF_PACKAGES=(redis-server redis-tools postgresql postgresql-contrib)
 # `--images` (make images) adds the image tools: buildah builds, podman runs (with runc: crun
 # refuses this machine's hybrid cgroup layout), debootstrap makes the base root filesystem
 # from the Debian mirror (no container registry is ever pulled).
-IMAGE_PACKAGES=(buildah podman runc debootstrap uidmap slirp4netns fuse-overlayfs)
+IMAGE_PACKAGES=(buildah podman runc debootstrap)
 WITH_PERF=0
 WITH_IMAGES=0
 for arg in "$@"; do
