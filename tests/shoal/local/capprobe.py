@@ -55,9 +55,22 @@ def check_perfmon() -> None:
 
 
 def check_net_admin() -> None:
-    """CAP_NET_ADMIN: SO_MARK on a socket (the proxy's 0x539)."""
+    """CAP_NET_ADMIN: a policy-routing rule (the proxy's delivery rules; the agent's tc/cgroup
+    attach is netlink/bpf admin of the same kind). SO_MARK alone would not show it: the
+    kernel also accepts CAP_NET_RAW for that. Done in the probe's own network namespace."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+    with IPRoute() as ipr:
+        try:
+            ipr.rule("add", table=100, priority=1000, fwmark=0x539)
+        except NetlinkError as e:
+            raise OSError(e.code, os.strerror(e.code)) from None
+
+
+def check_net_raw() -> None:
+    """CAP_NET_RAW: SO_BINDTODEVICE lo (the proxy's inbound delivery socket)."""
     with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0x539)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo")
 
 
 def check_sys_admin() -> None:
@@ -79,7 +92,7 @@ def check_sys_ptrace() -> None:
 
 
 CHECKS = {"BPF": check_bpf, "PERFMON": check_perfmon, "NET_ADMIN": check_net_admin,
-          "SYS_ADMIN": check_sys_admin, "SYS_PTRACE": check_sys_ptrace}
+          "NET_RAW": check_net_raw, "SYS_ADMIN": check_sys_admin, "SYS_PTRACE": check_sys_ptrace}
 
 if __name__ == "__main__":
     results = {}

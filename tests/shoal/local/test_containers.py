@@ -159,7 +159,7 @@ CAPPROBE = (Path(__file__).parent / "capprobe.py").read_text()
 # Each capability's documented operation (docs/kubernetes.md, "Capabilities") and the error
 # the kernel gives without it: EPERM from bpf()/setsockopt()/setns(), EACCES from the ptrace
 # check on /proc/<pid>/ns, EINVAL/EPERM/EACCES from the verifier for probe_read_kernel.
-EXPECTED_FAILURE = {"BPF": ("EPERM",), "PERFMON": ("EINVAL", "EPERM", "EACCES"), "NET_ADMIN": ("EPERM",),
+EXPECTED_FAILURE = {"BPF": ("EPERM",), "PERFMON": ("EINVAL", "EPERM", "EACCES"), "NET_ADMIN": ("EPERM",), "NET_RAW": ("EPERM",),
                     "SYS_ADMIN": ("EPERM",), "SYS_PTRACE": ("EACCES", "EPERM")}
 
 
@@ -174,6 +174,10 @@ def probe_caps(run: ContainerRun) -> dict[str, str]:
 # the intent survives if SYS_ADMIN is ever replaced; the test shows each one is what the
 # operation needs once SYS_ADMIN is gone too.
 SUBSUMED_BY_SYS_ADMIN = {"BPF", "PERFMON"}
+# Finding, left to the node proxy's owners: since Linux 5.7 a socket's first SO_BINDTODEVICE
+# needs no capability (only re-binding a bound socket needs CAP_NET_RAW), so the documented
+# use of NET_RAW does not fail without it (test below). Not removed from the manifest here.
+NOT_SHOWN_NEEDED = {"NET_RAW"}
 
 
 @needs_images
@@ -184,12 +188,12 @@ def test_every_node_capability_is_needed_and_its_absence_fails_as_documented(con
                         {k: str(tmp_path) for k in NODE_VOLUMES})
     granted = probe_caps(run)
     assert {cap: granted[cap] for cap in run.cap_add} == {cap: "ok" for cap in run.cap_add}
-    for cap in run.cap_add:
+    for cap in set(run.cap_add) - NOT_SHOWN_NEEDED:
         removed = {cap, "SYS_ADMIN"} if cap in SUBSUMED_BY_SYS_ADMIN else {cap}
         result = probe_caps(replace(run, cap_add=tuple(c for c in run.cap_add if c not in removed)))
         assert result[cap].split(":")[0] in EXPECTED_FAILURE[cap], (cap, result)
         # The checks that depend on no other capability still pass: the failure is this one's.
-        assert all(result[other] == "ok" for other in ("NET_ADMIN", "SYS_PTRACE")
+        assert all(result[other] == "ok" for other in ("NET_ADMIN", "NET_RAW", "SYS_PTRACE")
                    if other in run.cap_add and other not in removed), result
 
 
@@ -200,3 +204,12 @@ def test_sys_admin_alone_grants_what_bpf_and_perfmon_grant(cap, tmp_path):
                         {k: str(tmp_path) for k in NODE_VOLUMES})
     result = probe_caps(replace(run, cap_add=tuple(c for c in run.cap_add if c != cap)))
     assert result[cap] == "ok", result
+
+
+@needs_images
+def test_a_first_so_bindtodevice_needs_no_net_raw(tmp_path):
+    run = container_run(render(), "DaemonSet", "shoal-agent", "proxy", "node-1",
+                        {k: str(tmp_path) for k in NODE_VOLUMES})
+    assert "NET_RAW" in run.cap_add
+    result = probe_caps(replace(run, cap_add=tuple(c for c in run.cap_add if c != "NET_RAW")))
+    assert result["NET_RAW"] == "ok", result
