@@ -53,7 +53,7 @@ class FakeContext:
         self.lines.append(message)
 
 
-def test_shoal_runs_in_the_same_rounds_as_direct_and_the_peers(monkeypatch):
+def test_shoal_runs_in_the_same_rounds_as_direct_and_the_peers():
     calls: list[tuple[str, str]] = []
     routes = [pod2pod.Route(name, RecordingPod(name, calls), "10.0.0.2")
               for name in ("direct", "stunnel", "haproxy", PATH_SHOAL)]
