@@ -20,6 +20,8 @@ from shoal.cli.deploy.render import RenderOptions, render
 from shoal.local.containers import PODMAN_GLOBAL, ContainerRun, ManifestError, container_run, ulimits
 
 REPO = Path(__file__).resolve().parents[3]
+# Stand-ins for the projected token, CA ConfigMap and Hubble Secret (never mounted by the
+# translation tests; the container tests pass their tmp_path instead).
 NODE_VOLUMES = {"shoal-token": "/tmp/token", "shoal-ca": "/tmp/ca", "shoal-hubble-tls": "/tmp/hubble"}
 
 
@@ -128,8 +130,6 @@ def run_once(run: ContainerRun, command: tuple[str, ...], network: str = "none",
 @needs_images
 @pytest.mark.parametrize("container", ["agent", "proxy"])
 def test_node_container_runs_with_the_manifest_capabilities(container, tmp_path):
-    for directory in NODE_VOLUMES.values():
-        Path(directory).mkdir(exist_ok=True)
     objects = render()
     run = container_run(objects, "DaemonSet", "shoal-agent", container, "node-1",
                         {k: str(tmp_path) for k in NODE_VOLUMES})
