@@ -92,6 +92,6 @@ bud images/base.Dockerfile shoal-bcc-base
 bud images/agent.Dockerfile shoal-agent --build-arg "BCC_BASE=localhost/shoal-bcc-base:$TAG"
 bud images/controller.Dockerfile shoal-controller
 bud images/waypoint.Dockerfile shoal-waypoint
-# Dangling intermediate layers of earlier builds (not the --layers cache of this one).
-$DRY "${BUILDAH[@]}" rmi --prune >/dev/null 2>&1 || true
+# The build stages' layers stay as untagged images: they are the --layers cache that makes
+# the next `make images` rebuild only what changed. `buildah rmi --prune` reclaims them.
 [ -n "$DRY" ] || podman images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E "^localhost/shoal-" | sort
