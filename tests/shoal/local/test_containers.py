@@ -213,3 +213,15 @@ def test_a_first_so_bindtodevice_needs_no_net_raw(tmp_path):
     assert "NET_RAW" in run.cap_add
     result = probe_caps(replace(run, cap_add=tuple(c for c in run.cap_add if c != "NET_RAW")))
     assert result["NET_RAW"] == "ok", result
+
+
+@needs_images
+def test_bcc_compiles_in_the_agent_container_against_the_hosts_mounted_headers(tmp_path):
+    """The agent image ships no kernel headers: the manifest's /lib/modules and /usr/src
+    mounts must be enough for bcc's embedded clang (kernel struct access included)."""
+    run = container_run(render(), "DaemonSet", "shoal-agent", "agent", "node-1",
+                        {k: str(tmp_path) for k in NODE_VOLUMES})
+    source = ("import bcc; bcc.BPF(text='#include <net/sock.h>\\n"
+              "int f(struct sock *sk) { return sk->__sk_common.skc_family; }'); print('compiled')")
+    inspect, output = run_once(run, ("python", "-c", source))
+    assert inspect["State"]["ExitCode"] == 0 and "compiled" in output, output
