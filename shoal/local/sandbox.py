@@ -55,6 +55,7 @@ CAPABILITIES = frozenset({
 MAX_ID = 2**31 - 2
 # Writable and private to each pod (containers get the same from their own root filesystem).
 PRIVATE_TMPFS = ("/tmp", "/var/tmp", "/dev/shm")
+STAGE = "/mnt"   # where host paths wait while the folders above them are covered
 # Paths a mount script may create a mount point under (they are tmpfs by then).
 _CREATABLE_UNDER = ("/run/", "/tmp/")
 _VOLUME_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -134,9 +135,15 @@ class PodSecurity:
         return [*out, "--", *argv]
 
     def mount_script(self, layout: ClusterLayout) -> str:
-        """Shell run as root inside the pod's fresh mount namespace, before setpriv."""
+        """Shell run as root inside the pod's fresh mount namespace, before setpriv.
+
+        Host paths the pod may see are bound aside first (into a staging tmpfs), then every
+        folder the pod must not see is covered, the private /tmp, /var/tmp and /dev/shm are
+        made, and only then are the staged paths moved to their targets: a source or target
+        may lie in a covered folder (a checkout under /tmp or /root, a hostPath under /run)."""
         q = shlex.quote
-        masks, runtime = runtime_exposure()
+        hidden_now = hidden_paths(layout)
+        masks, runtime = runtime_exposure(covered=[*hidden_now, "/run", *PRIVATE_TMPFS])
         mounts = [*runtime, *self.mounts]
         lines = ["set -e", "mount --make-rprivate /"]
         if not self.privileged:
@@ -145,28 +152,29 @@ class PodSecurity:
             lines.append('findmnt -rn -o TARGET | while read -r target; do case "$target" in '
                          '/dev|/dev/*|/proc|/proc/*|/sys|/sys/*|/run/*) ;; '
                          '*) mount -o remount,bind,ro "$target" 2>/dev/null || true ;; esac; done')
-        # Host paths the pod may see are bound aside first: the folders they sit in get hidden next.
-        lines.append("mount -t tmpfs -o mode=0700,size=64k shoal-stage /tmp")
+        # Staged on /mnt, which no pod path needs: /tmp, /run and the hidden folders may hold
+        # sources (a checkout under /tmp, a hostPath under /run) and get covered below.
+        lines.append(f"mount -t tmpfs -o mode=0700,size=64k shoal-stage {STAGE}")
         for i, mount in enumerate(mounts):
-            lines.append(f"if [ -d {q(mount.source)} ]; then mkdir /tmp/v{i}; else touch /tmp/v{i}; fi")
-            lines.append(f"mount --bind {q(mount.source)} /tmp/v{i}")
+            lines.append(f"if [ -d {q(mount.source)} ]; then mkdir {STAGE}/v{i}; else touch {STAGE}/v{i}; fi")
+            lines.append(f"mount --bind {q(mount.source)} {STAGE}/v{i}")
         lines.append("mount -t tmpfs -o mode=0755,nosuid,nodev,size=16m shoal-run /run")
-        hidden = [p for p in dict.fromkeys([*hidden_paths(layout), *masks])]
+        hidden = list(dict.fromkeys([*hidden_now, *masks]))
         for path in hidden:
             lines.append(f"if [ -d {q(path)} ]; then mount -t tmpfs -o mode=0755,nosuid,nodev,size=1m "
                          f"shoal-hidden {q(path)}; fi")
+        for path in PRIVATE_TMPFS:
+            lines.append(f"mount -t tmpfs -o mode=1777,nosuid,nodev,size=256m shoal-pod {path}")
         for i, mount in enumerate(mounts):
             target = q(mount.target)
             lines.append(f"mkdir -p \"$(dirname {target})\"")
-            lines.append(f"if [ -d /tmp/v{i} ]; then mkdir -p {target}; else [ -e {target} ] || touch {target}; fi")
-            lines.append(f"mount --move /tmp/v{i} {target}")
+            lines.append(f"if [ -d {STAGE}/v{i} ]; then mkdir -p {target}; else [ -e {target} ] || touch {target}; fi")
+            lines.append(f"mount --move {STAGE}/v{i} {target}")
             if mount.read_only:
                 lines.append(f"mount -o remount,bind,ro {target}")
+        lines.append(f"umount {STAGE}")
         for path in hidden:   # nothing more is made in them
             lines.append(f"if [ -d {q(path)} ]; then mount -o remount,ro {q(path)}; fi")
-        lines.append("umount /tmp")
-        for path in PRIVATE_TMPFS:
-            lines.append(f"mount -t tmpfs -o mode=1777,nosuid,nodev,size=256m shoal-pod {path}")
         lines.append('exec "$@"')
         return "\n".join(lines)
 
@@ -196,10 +204,12 @@ def hidden_paths(layout: ClusterLayout) -> list[str]:
     return [p for p in dict.fromkeys(paths) if p != "/run" and not p.startswith("/run/")]
 
 
-def runtime_exposure() -> tuple[list[str], list[HostMount]]:
-    """The Python that runs pods, its venv and Shoal's source tree, when a folder above them is
-    closed to other users (pyenv or a clone under /root): that folder becomes an empty tmpfs in
-    the pod, with just these paths bound back read-only. Returns (folders to cover, mounts)."""
+def runtime_exposure(covered: list[str]) -> tuple[list[str], list[HostMount]]:
+    """The Python that runs pods, its venv and Shoal's source tree, bound back read-only where
+    the pod would not see them: under a folder closed to other users (pyenv or a clone under
+    /root; that folder becomes an empty tmpfs in the pod), or under a folder the sandbox
+    covers anyway (``covered``: a checkout under /tmp, as CI may make). Returns (folders to
+    cover, mounts)."""
     import shoal
     paths = [os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix),
              str(Path(shoal.__file__).resolve().parents[1])]
@@ -209,8 +219,13 @@ def runtime_exposure() -> tuple[list[str], list[HostMount]]:
         closed = _closed_ancestor(path)
         if closed is not None:
             masks.append(closed)
+        if closed is not None or any(_is_under(path, folder) for folder in covered):
             mounts.append(HostMount(path, path, True))
     return masks, mounts
+
+
+def _is_under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
 def _closed_ancestor(path: str) -> str | None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from shoal.local.sandbox import (
     SandboxError,
     default_uid,
     hidden_paths,
+    runtime_exposure,
     validate_pod_spec,
 )
 from tests.conftest import eventually, pod_exec, shoal_cli
@@ -120,6 +123,36 @@ def test_the_mesh_state_bpffs_and_cgroupfs_are_hidden():
     assert "mount --make-rprivate /" in script and "shoal-run /run" in script
     for private in ("/tmp", "/var/tmp", "/dev/shm"):
         assert f"shoal-pod {private}" in script
+
+
+def test_a_checkout_under_a_covered_folder_is_bound_back_read_only():
+    import shoal
+    tree = str(Path(shoal.__file__).resolve().parents[1])
+    _, mounts = runtime_exposure(covered=[str(Path(tree).parent)])
+    assert HostMount(tree, tree, True) in mounts
+    _, mounts = runtime_exposure(covered=["/nonexistent-folder"])
+    assert all(m.source != tree for m in mounts) or not os.stat(tree).st_mode & 0o001
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a mount namespace")
+def test_host_paths_under_tmp_and_the_source_tree_reach_the_pod(tmp_path):
+    """Sources under /tmp (a CI checkout, pytest's tmp_path) and targets under the pod's own
+    /tmp survive the covering of /tmp, /run and the hidden folders; the mesh state does not."""
+    layout = ClusterLayout(name="sandbox-unit", run_root=tmp_path / "run-root")
+    (tmp_path / "run-root").mkdir()
+    (tmp_path / "run-root" / "secret").write_text("key")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "hello").write_text("hi")
+    script = PodSecurity(uid=0, gid=0, mounts=(HostMount(str(data), "/tmp/seen", True),)).mount_script(layout)
+    probe = ("import pathlib, shoal.local.sandbox as s, sys; "
+             "print(pathlib.Path('/tmp/seen/hello').read_text()); "
+             f"print(pathlib.Path({str(tmp_path / 'run-root' / 'secret')!r}).exists())")
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+                          sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["hi", "False"]
 
 
 # -- cluster: attack a running pod ----------------------------------------------------------------
