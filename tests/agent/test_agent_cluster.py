@@ -66,6 +66,11 @@ def enrolled(layout, node: str) -> set[str]:
     return {pod["pod"] for pod in datapath(layout, node)["enrolled_pods"]}
 
 
+def enrolled_in_process(layout, node: str) -> set[str]:
+    from shoal.agent.debug import collect
+    return {pod["pod"] for pod in collect(layout, node)["enrolled_pods"]}
+
+
 def test_meshed_client_is_captured_and_legacy_is_not(demo_cluster):
     layout = demo_cluster.layout
     pods = enrolled(layout, "node-1")
@@ -94,10 +99,14 @@ def test_no_iptables_or_nftables_rules_in_pods(demo_cluster):
 def test_labelling_a_namespace_enrols_its_running_pod_within_2s(demo_cluster):
     layout = demo_cluster.layout
     try:
-        started = time.monotonic()
         shoal_cli(layout, "apply", "-f", "-", input=LEGACY_MESHED)
-        eventually(lambda: "legacy/client-0" in enrolled(layout, "node-1"), "legacy/client-0 enrolled")
-        assert time.monotonic() - started < 2.0 + 0.5   # + the debug CLI's own start-up per poll
+        # The clock starts once the label is in (apply returned) and the pinned map is read in-process
+        # (the report `shoal debug bpf` prints): a CLI per poll measured its own start-up (2.8-4.7 s
+        # under load for a ~0.35 s enrolment), not the property.
+        started = time.monotonic()
+        eventually(lambda: "legacy/client-0" in enrolled_in_process(layout, "node-1"),
+                   "legacy/client-0 enrolled", timeout=10, interval=0.05)
+        assert time.monotonic() - started < 2.0
         report = datapath(layout, "node-1")
         legacy = next(p for p in report["enrolled_pods"] if p["pod"] == "legacy/client-0")
         assert legacy["tc"] == ["shoal_tc_ingress"]
