@@ -246,7 +246,7 @@ def test_config_stream_is_tls_verified_with_the_cluster_ca(demo_cluster):
         # "unexpected eof" and exit 1 whenever the drop beats its own shutdown on stdin EOF.
         return subprocess.run(node.exec_argv(["openssl", "s_client", "-connect", layout.controller_address,
                                               "-alpn", "h2", "-verify_return_error", "-brief", *extra]),
-                              capture_output=True, text=True, timeout=20, input="")
+                              capture_output=True, text=True, errors="replace", timeout=20, input="")  # h2 SETTINGS are binary
 
     trusted = handshake("-CAfile", str(layout.ca_bundle_path), "-verify_ip", layout.CONTROLLER_IP)
     assert trusted.returncode == 0, trusted.stderr
