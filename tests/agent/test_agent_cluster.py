@@ -121,7 +121,9 @@ def test_labelling_a_namespace_enrols_its_running_pod_within_2s(demo_cluster):
 def _dropped_flows(layout, *filters: str) -> list[dict]:
     out = shoal_cli(layout, "observe", "-o", "jsonpb", "--verdict", "DROPPED", "--last", "50", *filters,
                     check=False).stdout
-    return [json.loads(line)["flow"] for line in out.splitlines() if line.startswith("{")]
+    # jsonpb is Hubble's GetFlowsResponse stream: flows, and node_status/lost_events records too
+    responses = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return [response["flow"] for response in responses if "flow" in response]
 
 
 def test_l4_deny_fails_connect_at_the_source_and_drops_syns_at_the_pod(demo_cluster):
