@@ -88,8 +88,9 @@ spec:
 
 
 def pod_exec(layout: ClusterLayout, target: str, *argv: str, timeout: float = 30,
-             check: bool = True) -> subprocess.CompletedProcess:
-    return shoal_cli(layout, "exec", target, "--", *argv, timeout=timeout, check=check)
+             check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
+    """`shoal exec` (the pod's uid and filesystem: host files reach it on ``input``, as with kubectl)."""
+    return shoal_cli(layout, "exec", target, "--", *argv, timeout=timeout, check=check, input=input)
 
 
 @pytest.fixture(scope="session")

@@ -109,13 +109,18 @@ def test_node_1_cannot_get_a_certificate_for_an_identity_only_on_node_2(demo_clu
         api.delete([only_on_2])
 
 
+# The CA bundle (public) arrives on stdin: a pod cannot see the cluster's run directory.
 NO_CREDENTIAL_PROBE = textwrap.dedent("""
-    import asyncio, sys, urllib.error, urllib.request
+    import asyncio, sys, tempfile, urllib.error, urllib.request
     import grpc
     from shoal.xds.client import ConfigClient
     from shoal.xds.state import ConfigState
 
-    address, status_url, ca_bundle, *tokens = sys.argv[1:]
+    address, status_url, *tokens = sys.argv[1:]
+    ca_file = tempfile.NamedTemporaryFile(suffix=".pem")
+    ca_file.write(sys.stdin.buffer.read())
+    ca_file.flush()
+    ca_bundle = ca_file.name
 
     async def stream(token):
         client = ConfigClient(address, "node-1", token, ConfigState(), component="agent",
@@ -159,7 +164,7 @@ def test_a_pod_without_a_node_credential_can_neither_stream_config_nor_read_stat
     out = pod_exec(layout, "demo/client-0", sys.executable, "-c", NO_CREDENTIAL_PROBE,
                    layout.controller_address,
                    f"http://{layout.CONTROLLER_IP}:{PORT_CONTROLLER_METRICS}/status",
-                   str(layout.ca_bundle_path), "-", "made-up", forged, timeout=90)
+                   "-", "made-up", forged, timeout=90, input=layout.ca_bundle_path.read_text())
     lines = dict(line.split() for line in out.stdout.splitlines() if line.count(" ") == 1)
     assert lines == {"stream[]": "UNAUTHENTICATED", "status[]": "401",
                      "stream[made-up]": "UNAUTHENTICATED", "status[made-up]": "401",

@@ -8,8 +8,11 @@ takes the agent's cgroup/connect6 program (an IPv4-mapped destination takes the 
 Node.js dials the name's IPv6 address here (the Services are PreferDualStack)."""
 from __future__ import annotations
 
+import base64
+import io
 import json
 import shutil
+import tarfile
 import subprocess
 import sys
 from pathlib import Path
@@ -85,14 +88,27 @@ def java_classes(tmp_path_factory):
     if not shutil.which("javac") or not shutil.which("java"):
         pytest.fail("java/javac missing: scripts/install.sh installs Debian's JDK")
     out = tmp_path_factory.mktemp("java")
-    out.chmod(0o755)
     subprocess.run(["javac", "-d", str(out), str(CLIENTS / "HttpGet.java")], check=True, timeout=120)
     return out
 
 
+def _tar_base64(folder: Path) -> str:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        tar.add(folder, arcname=".")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+# The pod runs as its own uid with a private /tmp: the classes are copied in over stdin (as
+# kubectl cp does with tar), then run from there.
+JAVA_IN_POD = 'd=$(mktemp -d) && base64 -d | tar -x -C "$d" && exec java -cp "$d" "$@"'
+
+
 @pytest.mark.parametrize("pod", CLIENT_PODS)
 def test_java_client_on_debians_jre(servers, java_classes, pod):
-    out = _run(servers, pod, "java", "-cp", str(java_classes), "HttpGet", "http://far.demo:8080/")
+    out = pod_exec(servers, pod, "sh", "-c", JAVA_IN_POD, "java", "HttpGet", "http://far.demo:8080/",
+                   timeout=60, check=False, input=_tar_base64(java_classes))
+    out = out.stdout.strip() or out.stderr
     assert out.startswith("200 hello from far-0"), out
     if pod.startswith("demo/"):
         assert eventually(lambda: _mtls_flow_seen(servers, 8080), "an mTLS flow for the Java client", timeout=10)
