@@ -107,13 +107,19 @@ class Store:
     def delete(self, docs: Iterable[Any]) -> list[WatchEvent]:
         """Deletes objects named by (kind, namespace, name), cascading like the API server."""
         with _Transaction(self) as tx:
+            keys = []
             for doc in docs:
                 if not isinstance(doc, dict):
                     raise ManifestError([f"expected an object to delete, got {type(doc).__name__}"])
-                kind, namespace, name = object_key(manifests.normalize(copy.deepcopy(doc)))
-                if tx.get(kind, namespace, name) is None:
-                    raise ManifestError([f"{kind} {namespace + '/' if namespace else ''}{name}: not found"])
-                self._delete_cascading(tx, kind, namespace, name)
+                keys.append(object_key(manifests.normalize(copy.deepcopy(doc))))
+            missing = [f"{kind} {namespace + '/' if namespace else ''}{name}: not found"
+                       for kind, namespace, name in keys if tx.get(kind, namespace, name) is None]
+            if missing:
+                raise ManifestError(missing)
+            for kind, namespace, name in keys:
+                # A Namespace named earlier in the same file took its objects with it.
+                if tx.get(kind, namespace, name) is not None:
+                    self._delete_cascading(tx, kind, namespace, name)
         return tx.events
 
     def update_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> None:

@@ -155,6 +155,9 @@ def test_a_tc_filter_deleted_by_hand_is_repaired_within_10s_and_plaintext_stays_
         assert 'shoal_capture_drift_total{kind="tc_filter"}' in metrics
     finally:
         shoal_cli(layout, "delete", "-f", "-", input=TARGET, check=False)
+        # Later tests of the session's cluster count its pods: this one must be gone.
+        eventually(lambda: not json.loads(shoal_cli(layout, "get", "pods", "-n", "audit", "-o", "json").stdout)["items"],
+                   "audit/target-0 deleted", timeout=30)
 
 
 @pytest.mark.cluster

@@ -101,6 +101,23 @@ def test_deleting_a_namespace_removes_its_objects(store):
     assert store.list("Pod") == [] and store.list("Service") == [] and store.list("Namespace") == []
 
 
+def test_deleting_the_file_that_created_a_namespace_removes_all_of_it(store):
+    """`shoal delete -f` of a manifest that starts with its Namespace: the cascade already took
+    the objects listed after it, which is not an error (it was, and the file's Pod stayed)."""
+    ns = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo"}}
+    store.apply([ns, pod("a"), service("web")])
+    store.delete([ns, pod("a"), service("web")])
+    assert store.list("Pod") == [] and store.list("Service") == [] and store.list("Namespace") == []
+
+
+def test_deleting_an_object_that_does_not_exist_deletes_nothing(store):
+    store.apply([pod("a")])
+    with pytest.raises(ManifestError) as err:
+        store.delete([pod("a"), pod("ghost")])
+    assert err.value.errors == ["Pod demo/ghost: not found"]
+    assert [p["metadata"]["name"] for p in store.list("Pod")] == ["a"]
+
+
 def test_store_survives_reopen(tmp_path):
     s = Store(tmp_path / "db")
     s.apply([node("node-1"), pod("a")])
