@@ -322,7 +322,7 @@ async def test_rapid_reset_on_the_hbone_side_gets_goaway_and_others_live_on():
     import h2.config
     import h2.connection
 
-    from .test_bad_input import goaway_code, read_all
+    from .test_downstream import goaway_code, read_all
 
     async with mesh_bed() as bed:
         client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))

@@ -1,21 +1,23 @@
 """Certificate fetch while the controller is down (issue 18): retried with backoff,
 logged and counted, never an unhandled ``AioRpcError`` ("Task exception was never
-retrieved"); a refusal stays final. The real gRPC client against a dead address."""
+retrieved"); a refusal stays final. The node proxy's real gRPC client against a dead
+address is in tests/agent/ztunnel/test_app.py."""
 from __future__ import annotations
 
 import asyncio
 import gc
-import logging
-import socket
 
 import pytest
 
-from shoal.agent.ztunnel.app import ProxyApp
-from shoal.agent.ztunnel.config import ProxyConfig
-from shoal.config import ClusterLayout
 from shoal.hbone.identity import IdentityError, IdentityManager, SignerUnavailable
+from tests.devca import DevCA
 
 pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture(scope="module")
+def ca():
+    return DevCA()
 
 
 class FlakyCA:
@@ -31,7 +33,7 @@ class FlakyCA:
         return await self.ca.sign(csr_pem)
 
 
-def _never_retrieved(caplog) -> list:
+def never_retrieved(caplog) -> list:
     gc.collect()
     return [r for r in caplog.records if "never retrieved" in r.getMessage()]
 
@@ -44,7 +46,7 @@ async def test_unreachable_ca_is_retried_with_backoff_and_the_pod_goes_on(ca, ca
     svid = await asyncio.wait_for(_eventually_issued(identities, spiffe), 10)
     assert svid.spiffe_id == spiffe and flaky.calls == 5 and len(errors) == 4  # counted each time
     assert sum("retrying in" in r.getMessage() for r in caplog.records) == 4    # and logged
-    assert _never_retrieved(caplog) == []
+    assert never_retrieved(caplog) == []
 
 
 async def _eventually_issued(identities, spiffe):
@@ -61,7 +63,7 @@ async def test_refusal_is_final_and_released(ca, caplog):
     with pytest.raises(IdentityError, match="PERMISSION_DENIED"):
         await identities.acquire("demo", "db")
     assert identities._users == {} and identities._inflight == {}
-    assert _never_retrieved(caplog) == []
+    assert never_retrieved(caplog) == []
 
 
 async def test_release_stops_the_retries_and_fails_who_still_waits(ca):
@@ -77,24 +79,3 @@ async def test_release_stops_the_retries_and_fails_who_still_waits(ca):
     calls = flaky.calls
     await asyncio.sleep(0.6)
     assert flaky.calls == calls  # nobody needs it: no more requests to the CA
-
-
-async def test_real_controller_client_down_is_a_retried_unavailable(tmp_path, caplog):
-    caplog.set_level(logging.WARNING)
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        dead = f"127.0.0.1:{probe.getsockname()[1]}"
-    config = ProxyConfig(node="node-1", layout=ClusterLayout(name="shoal-test", run_root=tmp_path), controller=dead)
-    app = ProxyApp(config, serve_http=False)
-    app.ctx.identities.wait = 1.0
-    try:
-        spiffe = await app.ctx.identities.acquire("demo", "web")
-        assert app.ctx.identities.current(spiffe) is None
-        retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
-        assert retries and "UNAVAILABLE" in retries[0]
-        assert _never_retrieved(caplog) == []
-        with pytest.raises(IdentityError):  # a caller that needs it now gets a clear error
-            await app.ctx.identities.get(spiffe)
-    finally:
-        app.ctx.identities.release("demo", "web")
-        await app.stop()
