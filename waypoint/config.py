@@ -23,6 +23,8 @@ def _address(text: str, what: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"{what}: expected host:port, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]   # "[::]:15008", "[fd00::1]:8080"
     return host or "127.0.0.1", int(port)
 
 
@@ -38,7 +40,7 @@ class WaypointConfig:
     token_file: str = ""
     ca_bundle: str = ""                         # verify the controller's TLS with it; "" = plaintext
     trust_domain: str = DEFAULT_TRUST_DOMAIN
-    hbone_address: tuple[str, int] = ("0.0.0.0", PORT_HBONE)
+    hbone_address: tuple[str, int] = ("::", PORT_HBONE)   # both families (IPv4 too)
     plaintext_address: tuple[str, int] | None = None   # development/benchmarks only, never in the mesh
     metrics_port: int = PORT_PROXY_METRICS
     ready_port: int = PORT_PROXY_READY
@@ -80,7 +82,8 @@ class WaypointConfig:
         p.add_argument("--ca-bundle", default=env.get("SHOAL_CA_BUNDLE", ""),
                        help="root certificate(s) of the controller's TLS (env SHOAL_CA_BUNDLE)")
         p.add_argument("--trust-domain", default=env.get("SHOAL_TRUST_DOMAIN", DEFAULT_TRUST_DOMAIN))
-        p.add_argument("--hbone", default=f"0.0.0.0:{PORT_HBONE}", help="HBONE listen address")
+        p.add_argument("--hbone", default=f"[::]:{PORT_HBONE}",
+                       help="HBONE listen address ([::]: both IPv6 and IPv4, the default)")
         p.add_argument("--plaintext", default="", help="also serve plain HTTP here (development, benchmarks)")
         p.add_argument("--metrics-port", type=int, default=PORT_PROXY_METRICS)
         p.add_argument("--ready-port", type=int, default=PORT_PROXY_READY)

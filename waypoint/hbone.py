@@ -15,6 +15,7 @@ checks are ``shoal.hbone``'s, the same code as the node proxy's.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import socket
@@ -22,7 +23,6 @@ import ssl
 from typing import Awaitable, Callable
 
 from shoal.config import PORT_HBONE, PROXY_MARK
-from shoal.h2guard import ENHANCE_YOUR_CALM, FloodGuard
 from shoal.hbone import framing as hbone
 from shoal.hbone.identity import IdentityError, IdentityManager, check_session
 from shoal.hbone.pool import HbonePool, PoolKey
@@ -38,35 +38,36 @@ from .upstream import Endpoint, TcpConnector
 log = logging.getLogger(__name__)
 
 
-class GuardedSession(HboneSession):
-    """A server-side HBONE session whose peer's frames go through a ``FloodGuard`` first:
-    a rapid-reset or CONTINUATION flood ends the whole session with GOAWAY
-    (ENHANCE_YOUR_CALM) before the HTTP/2 library buffers or dispatches any of it."""
+def trusted_source(forwarded_for: str | None, peer_ip: str, peer_identity: str | None,
+                   identity_at: Callable[[str], str | None]) -> str:
+    """The downstream client's address for an HBONE tunnel.
 
-    def __init__(self, guard: FloodGuard, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.guard = guard
+    A node proxy dials the waypoint with the identity of the workload it speaks for
+    (as ztunnel does) and names that workload's address in ``forwarded``. Any other HBONE
+    peer (another waypoint, a stolen or foreign SVID) could name any address there and
+    borrow another workload's source IP, namespace and labels in L7 policy. So the header
+    is believed only when the workload at that address has the peer's identity, that is
+    when the peer is the node proxy of that workload; otherwise the source is the peer's
+    own address (its identity is the principal either way).
+    """
+    peer_ip = _unmapped(peer_ip)
+    if not forwarded_for or not peer_identity:
+        return peer_ip
+    try:
+        claimed = _unmapped(str(ipaddress.ip_address(forwarded_for)))
+    except ValueError:
+        return peer_ip
+    return claimed if identity_at(claimed) == peer_identity else peer_ip
 
-    def data_received(self, data: bytes) -> None:
-        if self.closed:
-            return
-        flood = self.guard.feed(data)
-        if flood is None:
-            super().data_received(data)
-            return
-        log.warning("hbone: %s from %s: GOAWAY", flood, self.peer_identity)
-        self._on_rejected("h2_flood")
-        self.h2.close(ENHANCE_YOUR_CALM)   # the GOAWAY close() flushes, with this code
-        self.close()
 
-
-def _forwarded_source(forwarded_for: str | None, peer_ip: str) -> str:
-    if forwarded_for:
-        try:
-            return str(ipaddress.ip_address(forwarded_for))
-        except ValueError:
-            pass
-    return peer_ip
+def _unmapped(ip: str) -> str:
+    """'::ffff:10.0.0.1' (an IPv4 peer of a dual-stack socket) -> '10.0.0.1'."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(mapped) if mapped is not None else str(address)
 
 
 class HboneListener:
@@ -130,10 +131,28 @@ class HboneListener:
             session.close()
 
 
+DUAL_STACK = "::"
+
+
 def _listening_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    """``::`` listens on both families (one IPv6 socket, V6ONLY off: IPv4 peers show as
+    ``::ffff:a.b.c.d``); it falls back to IPv4 only where the pod has no IPv6 at all."""
+    if host == DUAL_STACK:
+        try:
+            return _bind(socket.AF_INET6, host, port, backlog, dual_stack=True)
+        except OSError as err:
+            if err.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                raise
+            log.warning("hbone: no IPv6 here (%s): listening on IPv4 only", err)
+            host = "0.0.0.0"
+    return _bind(socket.AF_INET6 if ":" in host else socket.AF_INET, host, port, backlog)
+
+
+def _bind(family: int, host: str, port: int, backlog: int, dual_stack: bool = False) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(backlog)
@@ -145,7 +164,7 @@ def _listening_socket(host: str, port: int, backlog: int = 1024) -> socket.socke
 
 
 async def start_hbone_listener(proxy: WaypointProxy, limits: Limits, identities: IdentityManager, spiffe_id: str,
-                               host: str = "0.0.0.0", port: int = PORT_HBONE, handshake_timeout: float = 10.0,
+                               host: str = DUAL_STACK, port: int = PORT_HBONE, handshake_timeout: float = 10.0,
                                idle_timeout: float = 300.0) -> HboneListener:
     """mTLS HBONE with the waypoint's SVID; every tunnel carries one downstream HTTP connection."""
     reject, on_protocol = connection_callbacks(proxy, limits)
@@ -153,10 +172,15 @@ async def start_hbone_listener(proxy: WaypointProxy, limits: Limits, identities:
     sessions: set[HboneSession] = set()
     tunnels: set[asyncio.Task] = set()  # strong references: a task nobody holds may be collected
 
+    def identity_at(ip: str) -> str | None:
+        workload = proxy.resolver.workload_by_ip(ip)
+        return workload.principal if workload is not None else None
+
     def on_request(session: HboneSession, event: hbone.TunnelRequested, peer_ip: str) -> None:
         stream = HboneStream()
         session.accept_stream(stream, event.stream_id)
-        peer = PeerInfo(source_ip=_forwarded_source(event.forwarded_for, peer_ip), source_port=0,
+        source = trusted_source(event.forwarded_for, peer_ip, session.peer_identity, identity_at)
+        peer = PeerInfo(source_ip=source, source_port=0,
                         source_principal=session.peer_identity or "", destination_ip=event.host,
                         destination_port=event.port, mtls=True)
         task = loop.create_task(serve_connection(stream, peer, proxy.handle, limits, reject, on_protocol))
@@ -170,13 +194,14 @@ async def start_hbone_listener(proxy: WaypointProxy, limits: Limits, identities:
             reject("no_certificate", 503)
             conn.close()
             return
-        session = GuardedSession(FloodGuard(max_header_block=2 * limits.max_header_bytes,
-                                            max_resets=limits.max_h2_resets, expect_preface=True),
-                                 client_side=False, idle_timeout=idle_timeout,
-                                 on_request=lambda s, ev: on_request(s, ev, peer[0]),
-                                 on_rejected=lambda reason: reject(f"hbone_{reason}", 400),
-                                 on_closed=sessions.discard,
-                                 verify=lambda ssl_object: check_session(ssl_object, None))
+        # Flood limits (rapid reset, CONTINUATION, control-frame floods) are the shared
+        # HBONE layer's (shoal.hbone.framing), as for the node proxy: a flood ends the
+        # session with GOAWAY ENHANCE_YOUR_CALM, counted as hbone_<reason>.
+        session = HboneSession(client_side=False, idle_timeout=idle_timeout,
+                               on_request=lambda s, ev: on_request(s, ev, peer[0]),
+                               on_rejected=lambda reason: reject(f"hbone_{reason}", 400),
+                               on_closed=sessions.discard,
+                               verify=lambda ssl_object: check_session(ssl_object, None))
         try:
             await loop.connect_accepted_socket(lambda: session, conn, ssl=svid.server_context,
                                                ssl_handshake_timeout=handshake_timeout)

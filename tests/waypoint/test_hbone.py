@@ -12,7 +12,7 @@ from shoal.hbone import framing as hbone
 from shoal.hbone.identity import IdentityManager, check_session
 from shoal.hbone.session import HboneSession
 from shoal.hbone.stream import HboneStream
-from shoal.waypoint.hbone import HboneConnector, start_hbone_listener
+from shoal.waypoint.hbone import HboneConnector, start_hbone_listener, trusted_source
 from shoal.waypoint.http import Limits, StreamPair, pipe
 from shoal.waypoint.proxy import WaypointProxy
 from shoal.waypoint.resolver import StaticResolver
@@ -63,11 +63,11 @@ async def hbone_terminator(identities: IdentityManager, spiffe: str):
     return server, seen
 
 
-async def hbone_client(identities, port):
-    svid = await identities.get(CLIENT_ID)
+async def hbone_client(identities, port, identity=CLIENT_ID, host="127.0.0.1"):
+    svid = await identities.get(identity)
     loop = asyncio.get_running_loop()
     session = HboneSession(client_side=True, idle_timeout=30)
-    transport, _ = await loop.create_connection(lambda: session, "127.0.0.1", port, ssl=svid.client_context,
+    transport, _ = await loop.create_connection(lambda: session, host, port, ssl=svid.client_context,
                                                 server_hostname="")
     assert check_session(transport.get_extra_info("ssl_object"), WAYPOINT_ID) == WAYPOINT_ID
     return session
@@ -93,7 +93,7 @@ async def http_over(stream, request: bytes) -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def mesh_bed(policies=()):
+async def mesh_bed(policies=(), workloads=None, listen="127.0.0.1"):
     """A web app behind a stand-in node proxy (HBONE), and a waypoint in front (HBONE)."""
     from aiohttp import web
     ca = DevCA()
@@ -108,15 +108,18 @@ async def mesh_bed(policies=()):
     terminator, seen_tunnels = await hbone_terminator(identities, WEB_ID)
     endpoint = Endpoint("127.0.0.1", app_port, "web-0", "web-0", "demo", WEB_ID, "HBONE")
     resolver = StaticResolver({("demo", "web"): [endpoint]}, namespace="demo", policies=list(policies),
-                              vips={VIP: ("demo", "web")})
+                              vips={VIP: ("demo", "web")}, workloads=workloads or {})
     registry = CollectorRegistry()
+    access_log: list[dict] = []
     connector = HboneConnector(identities, WAYPOINT_ID, "127.0.0.1",
                                hbone_port=terminator.sockets[0].getsockname()[1], mark=None)
-    proxy = WaypointProxy(resolver, connector, RequestTelemetry(registry), Limits(), rng=random.Random(1))
-    listener = await start_hbone_listener(proxy, Limits(), identities, WAYPOINT_ID, host="127.0.0.1", port=0)
+    telemetry = RequestTelemetry(registry, access_log=lambda line: access_log.append(json.loads(line)))
+    proxy = WaypointProxy(resolver, connector, telemetry, Limits(), rng=random.Random(1))
+    listener = await start_hbone_listener(proxy, Limits(), identities, WAYPOINT_ID, host=listen, port=0)
     try:
         yield types.SimpleNamespace(ca=ca, identities=identities, port=listener.sockets[0].getsockname()[1],
-                                    app_port=app_port, seen_tunnels=seen_tunnels, registry=registry, proxy=proxy)
+                                    app_port=app_port, seen_tunnels=seen_tunnels, registry=registry, proxy=proxy,
+                                    access_log=access_log)
     finally:
         listener.close()
         terminator.close()
@@ -318,30 +321,100 @@ async def test_normal_closes_end_streams_instead_of_resetting_them():
         assert upstream and all(s._eof_in and s._reset is None for s in upstream)
 
 
-async def test_rapid_reset_on_the_hbone_side_gets_goaway_and_others_live_on():
+def _hbone_rapid_reset() -> bytes:
     import h2.config
     import h2.connection
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    for i in range(400):
+        client.send_headers(1 + 2 * i, [(":method", "CONNECT"), (":authority", f"{VIP}:8080")])
+        client.reset_stream(1 + 2 * i)
+    return client.data_to_send()
 
+
+def _hbone_continuation_flood() -> bytes:
+    from .test_downstream import continuation_flood
+    return continuation_flood(4)   # 5 x 18 KB: past the 64 KiB cap, small enough to be read whole
+
+
+@pytest.mark.parametrize("attack,reason", [(_hbone_rapid_reset, "hbone_premature_reset_flood"),
+                                           (_hbone_continuation_flood, "hbone_header_block_too_large")])
+async def test_floods_on_the_hbone_side_get_goaway_and_others_live_on(attack, reason):
+    """The HBONE side relies on the shared HBONE limits (shoal.hbone.framing), once."""
     from .test_downstream import goaway_code, read_all
 
     async with mesh_bed() as bed:
-        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        client.initiate_connection()
-        for i in range(400):
-            client.send_headers(1 + 2 * i, [(":method", "CONNECT"), (":authority", f"{VIP}:8080")])
-            client.reset_stream(1 + 2 * i)
         svid = await bed.identities.get(CLIENT_ID)
         reader, writer = await asyncio.open_connection("127.0.0.1", bed.port, ssl=svid.client_context,
                                                        server_hostname="")
-        writer.write(client.data_to_send())
+        writer.write(attack())
         got = await read_all(reader)
         writer.close()
         assert goaway_code(got) == 0xB        # ENHANCE_YOUR_CALM
-        assert any(s.labels.get("reason") == "hbone_h2_flood" and s.value == 1
-                   for f in bed.registry.collect() for s in f.samples)
+        rejected = {s.labels.get("reason"): s.value for f in bed.registry.collect() for s in f.samples
+                    if s.name == "shoal_waypoint_rejected_requests_total"}
+        assert rejected == {reason: 1}, rejected
         # Another client's tunnel is unaffected.
         session = await hbone_client(bed.identities, bed.port)
         stream, status = await open_tunnel(session, VIP, 8080)
         assert status == 200
         assert (await http_over(stream, b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")).startswith(b"HTTP/1.1 200")
         stream.close()
+
+
+def test_forwarded_source_is_believed_only_from_that_workloads_own_identity():
+    identities = {"10.244.1.7": CLIENT_ID}.get
+    # The node proxy of client-0 speaks with client-0's identity: its forwarded address holds.
+    assert trusted_source("10.244.1.7", "10.244.1.1", CLIENT_ID, identities) == "10.244.1.7"
+    # Any other identity naming that address gets its own (connection) address instead.
+    assert trusted_source("10.244.1.7", "10.244.2.9", WEB_ID, identities) == "10.244.2.9"
+    # An address nobody hosts, garbage, no header, no identity: the peer's address.
+    assert trusted_source("10.244.9.9", "10.244.2.9", CLIENT_ID, identities) == "10.244.2.9"
+    assert trusted_source("not-an-ip", "10.244.2.9", CLIENT_ID, identities) == "10.244.2.9"
+    assert trusted_source(None, "10.244.2.9", CLIENT_ID, identities) == "10.244.2.9"
+    assert trusted_source("10.244.1.7", "10.244.2.9", None, identities) == "10.244.2.9"
+    # IPv4 peers of the dual-stack listener are reported as IPv4.
+    assert trusted_source(None, "::ffff:10.244.2.9", None, identities) == "10.244.2.9"
+    assert trusted_source("::ffff:10.244.1.7", "::ffff:10.244.1.1", CLIENT_ID, identities) == "10.244.1.7"
+
+
+async def test_a_forged_forwarded_header_does_not_borrow_another_workloads_source():
+    """Attack: an HBONE peer with its own valid SVID (legacy/intruder) claims in ``forwarded``
+    to come from client-0's address, to pass a policy that admits the demo namespace and
+    client-0's address. The waypoint takes the intruder's own address and namespace: 403."""
+    from shoal.waypoint.proxy import WorkloadInfo
+
+    client_ip = "10.244.1.7"
+    workloads = {client_ip: WorkloadInfo("client-0", "demo", "client", CLIENT_ID)}
+    from_demo = Authorization("from-demo", "demo", "ALLOW", rules=(
+        Rule(sources=(Source(namespaces=("demo",), ip_blocks=(f"{client_ip}/32",)),)),))
+    async with mesh_bed([from_demo], workloads=workloads) as bed:
+        intruder_id = "spiffe://cluster.local/ns/legacy/sa/intruder"
+        intruder = await hbone_client(bed.identities, bed.port, identity=intruder_id)
+        stream, status = await open_tunnel(intruder, VIP, 8080, forwarded_for=client_ip)
+        assert status == 200
+        answer = await http_over(stream, b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 403"), answer
+        stream.close()
+        # client-0's own node proxy (client-0's identity) with the same header is admitted.
+        session = await hbone_client(bed.identities, bed.port)
+        stream, status = await open_tunnel(session, VIP, 8080, forwarded_for=client_ip)
+        answer = await http_over(stream, b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        stream.close()
+        sources = [(line["downstream_remote_address"], line["response_code"]) for line in bed.access_log]
+        assert sources == [("127.0.0.1:0", 403), (f"{client_ip}:0", 200)], bed.access_log
+
+
+async def test_the_hbone_listener_is_dual_stack():
+    """Listening on ``::`` (the default) takes IPv6 and IPv4 clients on one socket; an IPv4
+    client is reported with its IPv4 address, not ``::ffff:...``."""
+    async with mesh_bed(listen="::") as bed:
+        for host in ("::1", "127.0.0.1"):
+            session = await hbone_client(bed.identities, bed.port, host=host)
+            stream, status = await open_tunnel(session, VIP, 8080, forwarded_for=host)
+            assert status == 200
+            answer = await http_over(stream, b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 200"), (host, answer)
+            stream.close()
+        assert [line["downstream_remote_address"] for line in bed.access_log] == ["::1:0", "127.0.0.1:0"]
