@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+from shoal.podspec import validate_pod_spec
 from shoal.xds import model as m
 
 # kind -> (apiVersions accepted, namespaced)
@@ -194,7 +195,6 @@ def _containers(check: _Checker, containers: Any, field: str) -> None:
 
 
 def _pod_spec(check: _Checker, spec: dict[str, Any], field: str = "spec") -> None:
-    from shoal.local.sandbox import validate_pod_spec
     _containers(check, spec.get("containers"), f"{field}.containers")
     for problem in validate_pod_spec(spec):
         check.fail(field, problem)

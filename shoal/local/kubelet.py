@@ -25,9 +25,10 @@ from shoal.config import ClusterLayout
 from shoal.controller.model import pod_meshed
 from shoal.controller.store import Store, WatchEvent
 from shoal.local.linux import Cgroup, LinuxError, Netns
-from shoal.local.sandbox import PodSecurity, SandboxError, default_uid, pod_argv, security_record
+from shoal.local.sandbox import SandboxError, check_host, default_uid, pod_argv, security_record
 from shoal.local.topology import Topology
 from shoal.netns import NetnsError, netns_cookie
+from shoal.podspec import PodSecurity, PodSpecError
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ class LocalKubelet:
         for key, pod in pods.items():
             try:
                 self._ensure_pod(pod)
-            except (LinuxError, SandboxError) as e:
+            except (LinuxError, SandboxError, PodSpecError) as e:
                 log.error("pod %s/%s: %s", *key, e)
                 self.store.update_status("Pod", *key, {"phase": "Failed", "message": str(e)})
         # Pods deleted while we were not running: their namespaces are still around.
@@ -308,7 +309,7 @@ class LocalKubelet:
                 continue
             try:
                 self._ensure_pod(pod)
-            except (LinuxError, SandboxError) as e:
+            except (LinuxError, SandboxError, PodSpecError) as e:
                 log.error("pod %s/%s: %s", *key, e)
                 self.store.update_status("Pod", *key, {"phase": "Failed", "message": str(e)})
                 runtime.awaiting_capture = None
@@ -338,7 +339,7 @@ class LocalKubelet:
             argv = list(container["command"]) + list(container.get("args", []))
             env = self._pod_env(pod, runtime.ips, container)
             security = PodSecurity.for_container(pod, container, default_uid(runtime.ips[0], self.layout.name), env)
-            security.check_host()
+            check_host(security)
             if security.uid != 0:
                 env.setdefault("HOME", "/tmp")   # /root is not theirs
             env.setdefault("HOME", "/root")

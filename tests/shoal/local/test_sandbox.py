@@ -1,7 +1,8 @@
 """Pods isolated like containers (issue 11, item 2): mount namespace, unprivileged uid, no capabilities.
 
-The unit tests check how a manifest's securityContext becomes a sandbox; the cluster tests attack
-a running pod of the session's demo cluster as a compromised application would.
+The unit tests check how a pod's security settings (``shoal.podspec``, tested in
+tests/shoal/test_podspec.py) become a sandbox; the cluster tests attack a running pod of the
+session's demo cluster as a compromised application would.
 """
 from __future__ import annotations
 
@@ -17,14 +18,13 @@ import pytest
 from shoal.config import ClusterLayout
 from shoal.local.sandbox import (
     POD_UID_BASE,
-    HostMount,
-    PodSecurity,
-    SandboxError,
     default_uid,
     hidden_paths,
+    mount_script,
     runtime_exposure,
-    validate_pod_spec,
+    setpriv_argv,
 )
+from shoal.podspec import HostMount, PodSecurity
 from tests.conftest import eventually, pod_exec, shoal_cli
 
 CAP_NET_ADMIN = 1 << 12
@@ -49,7 +49,7 @@ def test_default_is_a_pod_uid_with_no_capabilities_and_no_new_privileges():
     assert sec.uid == sec.gid == default_uid("10.244.1.7", "c1")
     assert sec.uid % 0x10000 == (POD_UID_BASE + 256 + 7) % 0x10000
     assert sec.capabilities == () and sec.no_new_privs and not sec.privileged
-    argv = sec.setpriv_argv(["app"])
+    argv = setpriv_argv(sec, ["app"])
     assert "--bounding-set=-all" in argv and "--inh-caps=-all" in argv and "--no-new-privs" in argv
     assert argv[-2:] == ["--", "app"]
 
@@ -62,56 +62,12 @@ def test_every_pod_ip_gets_its_own_uid_and_each_cluster_its_own_block():
     assert max(default_uid("10.244.255.255", str(n)) for n in range(2000)) < 2**31 - 1
 
 
-def test_container_security_context_overrides_the_pods():
-    sec = security(pod({"runAsUser": 1000, "runAsGroup": 3000}, securityContext={"runAsUser": 2000}))
-    assert (sec.uid, sec.gid) == (2000, 3000)
-    assert security(pod({"runAsUser": 0})).uid == 0
-
-
 def test_capabilities_add_gives_exactly_those_capabilities():
     sec = security(pod(securityContext={"capabilities": {"add": ["NET_ADMIN", "cap_net_raw"]}}))
     assert sec.capabilities == ("NET_ADMIN", "NET_RAW")
-    argv = sec.setpriv_argv(["app"])
+    argv = setpriv_argv(sec, ["app"])
     assert "--bounding-set=-all,+net_admin,+net_raw" in argv
     assert "--ambient-caps=-all,+net_admin,+net_raw" in argv   # kept across exec by a non-root uid
-
-
-@pytest.mark.parametrize("ctx, message", [
-    ({"runAsUser": "root"}, "runAsUser: expected an integer"),
-    ({"runAsUser": -1}, "runAsUser: expected an integer"),
-    ({"runAsUser": True}, "runAsUser: expected an integer"),
-    ({"capabilities": {"add": ["NET_ADMIN", "FLY"]}}, "unknown capabilities FLY"),
-    ({"capabilities": {"add": "NET_ADMIN"}}, "expected a list of capability names"),
-    ({"capabilities": []}, "capabilities: expected a mapping"),
-    ({"allowPrivilegeEscalation": "yes"}, "expected true or false"),
-])
-def test_bad_security_context_is_refused_naming_the_field(ctx, message):
-    with pytest.raises(SandboxError, match=message):
-        security(pod(securityContext=ctx))
-    problems = validate_pod_spec(pod(securityContext=ctx)["spec"])
-    assert len(problems) == 1 and message.split(":")[0] in problems[0]
-
-
-def test_apply_refuses_a_bad_security_context():
-    from shoal.controller.manifests import validate
-    bad = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "ns"},
-           "spec": {"containers": [{"name": "c", "command": ["true"],
-                                    "securityContext": {"capabilities": {"add": ["ALL_OF_THEM"]}}}]}}
-    assert any("unknown capabilities ALL_OF_THEM" in problem for problem in validate(bad))
-
-
-def test_host_path_volumes_with_sub_path_expr():
-    p = pod(volumeMounts=[{"name": "run", "mountPath": "/run/node/flows.sock", "subPathExpr": "$(NODE_NAME)/flows.sock"}])
-    p["spec"]["volumes"] = [{"name": "run", "hostPath": {"path": "/run/shoal/c1"}}]
-    sec = security(p, {"NODE_NAME": "node-2"})
-    assert sec.mounts == (HostMount("/run/shoal/c1/node-2/flows.sock", "/run/node/flows.sock", False),)
-    assert PodSecurity.from_json(sec.to_json()) == sec
-    p["spec"]["containers"][0]["volumeMounts"][0]["subPathExpr"] = "../../etc"
-    with pytest.raises(SandboxError, match="without '..'"):
-        security(p)
-    p["spec"]["volumes"] = [{"name": "run", "emptyDir": {}}]
-    with pytest.raises(SandboxError, match="only hostPath volumes"):
-        security(p)
 
 
 def test_the_mesh_state_bpffs_and_cgroupfs_are_hidden():
@@ -119,7 +75,7 @@ def test_the_mesh_state_bpffs_and_cgroupfs_are_hidden():
     hidden = hidden_paths(layout)
     for path in ("/var/lib/shoal-c", "/sys/fs/bpf", "/sys/fs/cgroup/unified", "/etc/netns", "/root"):
         assert path in hidden
-    script = PodSecurity(uid=1, gid=1).mount_script(layout)
+    script = mount_script(PodSecurity(uid=1, gid=1), layout)
     assert "mount --make-rprivate /" in script and "shoal-run /run" in script
     for private in ("/tmp", "/var/tmp", "/dev/shm"):
         assert f"shoal-pod {private}" in script
@@ -145,7 +101,7 @@ def test_host_paths_under_tmp_and_the_source_tree_reach_the_pod(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     (data / "hello").write_text("hi")
-    script = PodSecurity(uid=0, gid=0, mounts=(HostMount(str(data), "/tmp/seen", True),)).mount_script(layout)
+    script = mount_script(PodSecurity(uid=0, gid=0, mounts=(HostMount(str(data), "/tmp/seen", True),)), layout)
     probe = ("import pathlib, shoal.local.sandbox as s, sys; "
              "print(pathlib.Path('/tmp/seen/hello').read_text()); "
              f"print(pathlib.Path({str(tmp_path / 'run-root' / 'secret')!r}).exists())")
