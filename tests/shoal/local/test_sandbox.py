@@ -26,15 +26,9 @@ from shoal.local.sandbox import (
 )
 from shoal.podspec import HostMount, PodSecurity
 from tests.conftest import eventually, pod_exec, shoal_cli
+from tests.shoal.test_podspec import pod
 
 CAP_NET_ADMIN = 1 << 12
-
-
-def pod(spec_ctx=None, **container) -> dict:
-    spec = {"containers": [{"name": "c", "command": ["true"], **container}]}
-    if spec_ctx is not None:
-        spec["securityContext"] = spec_ctx
-    return {"metadata": {"namespace": "ns", "name": "p"}, "spec": spec}
 
 
 def security(p: dict, env=None) -> PodSecurity:
