@@ -5,7 +5,8 @@
     node-i netns    eth0 172.18.0.(10+i) fd00:172:18::(10+i)
                     cni0 10.244.i.1/24 fd00:10:244:i::1/64 (bridge), routes to other pod CIDRs
         |  veth per pod
-    pod netns       eth0 10.244.i.k/24 fd00:10:244:i::k/64, default routes via the cni0 gateways
+    pod netns       eth0 10.244.i.k/24 fd00:10:244:i::k/64, default routes via the cni0 gateways;
+                    its MAC derived from its address (``stable_mac``: a recycled address keeps it)
 
 Dual-stack: every address, route and forwarding sysctl exists once per family (the
 layout's ``*_cidrs``/``*_ips`` pairs, IPv4 first). IPv6 addresses are added with
@@ -32,7 +33,23 @@ def _add_address(netns: Netns, device: str, address: str, cidr: str) -> None:
     netns.ip("addr", "replace", f"{address}/{prefix}", "dev", device, *extra)
 
 
-def _veth_name(key: str) -> str:
+def stable_mac(ipv4: str) -> str:
+    """The MAC of the device whose IPv4 address is ``ipv4`` (a pod's eth0, a bridge): a
+    function of the address, as Docker does (a fixed prefix + the IPv4 bytes). Peers keep a
+    neighbour entry REACHABLE for 15-45 s, longer while traffic flows; a MAC that changes
+    under an address black-holes everything sent to it meanwhile:
+
+    - a pod given a released address (a waypoint deleted and applied again) came with a
+      new random MAC: every new connection to it timed out;
+    - a bridge without a MAC of its own takes the lowest MAC of its ports and another one
+      when that port leaves: when a deleted pod had it, the other pods' gateway pointed
+      nowhere, and established HBONE connections to other nodes got no answer to any stream.
+
+    Prefix 02:5e: locally administered, unicast."""
+    return "02:5e:" + ":".join(f"{b:02x}" for b in ipaddress.IPv4Address(ipv4).packed)
+
+
+def veth_name(key: str) -> str:
     # Interface names are limited to 15 characters: a short stable hash of the pod.
     return "veth" + hashlib.sha1(key.encode()).hexdigest()[:8]
 
@@ -47,6 +64,7 @@ class Topology:
         control = Netns(self.layout.control_netns).create()
         if not control.has_link("fabric0"):
             control.ip("link", "add", "fabric0", "type", "bridge")
+        control.ip("link", "set", "fabric0", "address", stable_mac(self.layout.CONTROLLER_IP))
         for address, cidr in zip(self.layout.CONTROLLER_IPS, self.layout.FABRIC_CIDRS):
             _add_address(control, "fabric0", address, cidr)
         control.ip("link", "set", "fabric0", "up")
@@ -57,13 +75,15 @@ class Topology:
         control = Netns(self.layout.control_netns)
         port = f"fab-{node}"
         if not netns.has_link("eth0"):
-            netns.ip("link", "add", "eth0", "type", "veth", "peer", "name", port, "netns", control.name)
+            netns.ip("link", "add", "eth0", "address", stable_mac(self.layout.node_ips(node)[0]), "type", "veth",
+                     "peer", "name", port, "netns", control.name)
         control.ip("link", "set", port, "master", "fabric0", "up")
         for address, cidr in zip(self.layout.node_ips(node), self.layout.FABRIC_CIDRS):
             _add_address(netns, "eth0", address, cidr)
         netns.ip("link", "set", "eth0", "up")
         if not netns.has_link("cni0"):
             netns.ip("link", "add", "cni0", "type", "bridge")
+        netns.ip("link", "set", "cni0", "address", stable_mac(self.layout.pod_gateway(node)))
         for gateway, cidr in zip(self.layout.pod_gateways(node), self.layout.pod_cidrs(node)):
             _add_address(netns, "cni0", gateway, cidr)
         netns.ip("link", "set", "cni0", "up")
@@ -85,9 +105,11 @@ class Topology:
         """Puts the pod on the node's bridge with every address in ``ips`` (one per family)."""
         netns = Netns(self.layout.pod_netns(namespace, pod)).create()
         node_netns = Netns(self.layout.node_netns(node))
-        host_side = _veth_name(f"{namespace}/{pod}")
+        host_side = veth_name(f"{namespace}/{pod}")
+        ipv4 = next(a for a in ips if ipaddress.ip_address(a).version == 4)
         if not netns.has_link("eth0"):
-            netns.ip("link", "add", "eth0", "type", "veth", "peer", "name", host_side, "netns", node_netns.name)
+            netns.ip("link", "add", "eth0", "address", stable_mac(ipv4), "type", "veth",
+                     "peer", "name", host_side, "netns", node_netns.name)
         node_netns.ip("link", "set", host_side, "master", "cni0", "up")
         families = {ipaddress.ip_address(g).version: (g, c) for g, c in
                     zip(self.layout.pod_gateways(node), self.layout.pod_cidrs(node))}
