@@ -95,7 +95,8 @@ def pod_exec(layout: ClusterLayout, target: str, *argv: str, timeout: float = 30
 
 @pytest.fixture(scope="session")
 def demo_cluster():
-    """A 2-node local cluster with the demo, shared by the session; removed at the end."""
+    """A 2-node local cluster with the demo, shared by the session; removed at the end.
+    ``SHOAL_KEEP_LOGS=<folder>`` copies its logs there first (diagnosing a cluster test)."""
     from shoal.local.cluster import LocalCluster
     from shoal.local.demo import deploy_demo
 
@@ -106,6 +107,8 @@ def demo_cluster():
         deploy_demo(cluster, echo=lambda _: None, settle=20)
         yield cluster
     finally:
+        if os.environ.get("SHOAL_KEEP_LOGS"):
+            shutil.copytree(layout.log_dir, os.environ["SHOAL_KEEP_LOGS"], dirs_exist_ok=True)
         cluster.down()
         assert not cluster.leftovers(), cluster.leftovers()
 
