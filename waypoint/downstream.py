@@ -1,4 +1,4 @@
-"""Downstream HTTP servers: HTTP/1.1 (h11) and HTTP/2 cleartext (h2) over one byte stream.
+"""Downstream HTTP servers: HTTP/1.1 (llhttp, through ``h1.RequestReader``) and HTTP/2 cleartext (h2) over one byte stream.
 
 The stream is whatever carried the client: an HBONE tunnel (the mesh) or a TCP
 connection (tests, benchmarks). ``serve_connection`` sniffs the HTTP/2 preface and
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from http import HTTPStatus
 from typing import Awaitable, Callable
 
 import h2.config
@@ -20,12 +19,12 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
-import h11
 
 from shoal.h2guard import ENHANCE_YOUR_CALM, FloodGuard
 
 from .grpc import RESOURCE_EXHAUSTED, MessageSizeLimit, MessageTooLarge, is_grpc
-from .http import Body, BodyError, Limits, PeerInfo, ProxyRequest, Tunnel, framing_problem, pipe
+from .h1 import END, LAST_CHUNK, H1Error, RequestHead, RequestReader, Upgraded, encode_chunk, encode_head, status_line
+from .http import Body, BodyError, Limits, PeerInfo, ProxyRequest, Tunnel, pipe
 from .upstream import UpstreamError
 
 log = logging.getLogger(__name__)
@@ -34,7 +33,7 @@ H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 READ_CHUNK = 65536
 REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large", 431: "Request Header Fields Too Large",
            501: "Not Implemented", 505: "HTTP Version Not Supported"}
-MAX_DRAIN_BYTES = 256 * 1024  # unread request body we still swallow to keep a connection alive
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 Handler = Callable[[ProxyRequest, Body, object], Awaitable[None]]
 Reject = Callable[[str, int], None]  # (reason, status) -> count it
@@ -74,18 +73,10 @@ async def read_within(stream: Tunnel, timeout: float | None) -> bytes:
 
 
 def _raw_error(status: int, detail: str) -> bytes:
-    """An error answer written without h11: for clients whose request never parsed."""
+    """An error answer for clients whose request never parsed."""
     body = f"{detail}\n".encode()
     return (f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\ncontent-type: text/plain\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
-
-
-def _reason(status: int) -> bytes:
-    """Some clients (h2load among them) want a reason phrase, though HTTP/1.1 makes it optional."""
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b""
 
 
 class _Close(Exception):
@@ -93,15 +84,29 @@ class _Close(Exception):
 
 
 class H1Server:
+    """HTTP/1.1 on one connection: ``RequestReader`` (llhttp) events in, the pipeline's answers out.
+
+    Requests are served one after the other (pipelined ones wait in the reader's queue,
+    parsed from at most one read chunk). Bytes are read only when the reader has no
+    event left, so a client that sends faster than it is served is held back by the
+    stream's own backpressure.
+    """
+
     def __init__(self, stream: Tunnel, peer: PeerInfo, handler: Handler, limits: Limits, reject: Reject) -> None:
         self.stream = stream
         self.peer = peer
         self.handler = handler
         self.limits = limits
         self.reject = reject
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+        self.reader = RequestReader(limits.max_header_bytes, limits.max_headers)
         self.response_started = False
-        self._held = b""
+        self._head: RequestHead | None = None
+        self._body_done = False        # the current request's END was consumed
+        self._held = b""               # response head, sent with the first body bytes
+        self._chunked = False          # the current response is chunk-encoded
+        self._no_body = False          # ...or has no body at all (HEAD, 204, 304)
+        self._close_after = False      # the connection ends with the current response
+        self._switched = False
 
     def _fail(self, status: int, reason: str, detail: str) -> _Close:
         self.reject(reason, status)
@@ -111,17 +116,15 @@ class H1Server:
         return _Close()
 
     async def run(self, initial: bytes) -> None:
-        self.conn.receive_data(initial)
+        self.reader.feed(initial)
         try:
             while True:
                 self.response_started = False
-                request = await self._read_head()
-                if request is None:
+                head = await self._read_head()
+                if head is None:
                     return
-                await self._serve(request)
-                if self.conn.our_state is h11.SWITCHED_PROTOCOL:
-                    return
-                if not await self._finish_cycle():
+                await self._serve(head)
+                if self._switched or self._close_after or not self._body_done:
                     return
         except _Close:
             pass
@@ -130,73 +133,49 @@ class H1Server:
         except (ConnectionError, OSError):
             pass
 
-    async def _read_head(self) -> h11.Request | None:
+    async def _read_head(self) -> RequestHead | None:
+        events = self.reader.events
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.limits.header_timeout if self.conn.trailing_data[0] else None
-        while True:
-            buffered = self.conn.trailing_data[0]
+        deadline = loop.time() + self.limits.header_timeout if self.reader.in_head else None
+        while not events:
+            timeout = deadline - loop.time() if deadline is not None else self.limits.keepalive_timeout
             try:
-                event = self.conn.next_event()
-            except h11.RemoteProtocolError as err:
-                status = err.error_status_hint if err.error_status_hint in (400, 431, 505) else 400
-                reason = "header_too_large" if status == 431 else "malformed_request"
-                raise self._fail(status, reason, str(err)) from None
-            if isinstance(event, h11.Request):
-                problem = framing_problem(buffered)
-                if problem is not None:
-                    raise self._fail(400, "request_smuggling", problem)
-            if event is h11.NEED_DATA:
-                timeout = deadline - loop.time() if deadline is not None else self.limits.keepalive_timeout
-                try:
-                    data = await read_within(self.stream, max(timeout, 0.001))
-                except TimeoutError:
-                    if deadline is None:
-                        return None  # idle keep-alive connection: close quietly
-                    raise self._fail(408, "header_timeout", "request head not received in time") from None
+                data = await read_within(self.stream, max(timeout, 0.001))
+            except TimeoutError:
                 if deadline is None:
-                    deadline = loop.time() + self.limits.header_timeout
-                self.conn.receive_data(data)
-                continue
-            if isinstance(event, h11.ConnectionClosed):
-                return None
-            if isinstance(event, h11.Request):
-                return event
-            raise self._fail(400, "malformed_request", f"unexpected {type(event).__name__}")
+                    return None  # idle keep-alive connection: close quietly
+                raise self._fail(408, "header_timeout", "request head not received in time") from None
+            if not data:
+                return None      # the client closed (mid-head or between requests)
+            if deadline is None:
+                deadline = loop.time() + self.limits.header_timeout
+            self.reader.feed(data)
+        event = events.popleft()
+        if isinstance(event, RequestHead):
+            return event
+        if isinstance(event, H1Error):
+            raise self._fail(event.status, event.reason, event.detail)
+        raise self._fail(400, "malformed_request", f"unexpected {event!r}")
 
-    async def _serve(self, event: h11.Request) -> None:
-        if event.http_version not in (b"1.1", b"1.0"):
-            raise self._fail(505, "bad_version", f"HTTP/{event.http_version.decode('latin-1')} not supported")
-        if len(event.headers) > self.limits.max_headers:
-            raise self._fail(431, "too_many_headers", f"{len(event.headers)} headers (limit {self.limits.max_headers})")
-        head_size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
-        if head_size > self.limits.max_header_bytes:
-            # h11 bounds only an incomplete head; one that arrived whole is measured here.
-            raise self._fail(431, "header_too_large", f"{head_size} header bytes (limit {self.limits.max_header_bytes})")
-        headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers]
-        names = {n for n, _ in headers}
-        if "content-length" in names and "transfer-encoding" in names:
-            raise self._fail(400, "request_smuggling", "both Content-Length and Transfer-Encoding")
-        content_length = None
-        for name, value in headers:
-            if name == "content-length":
-                content_length = int(value)  # h11 validated it
-        if content_length is None and "transfer-encoding" not in names:
-            content_length = 0
-        upgrade = None
-        connection_tokens = {t.strip().lower() for n, v in headers if n == "connection" for t in v.split(",")}
-        if "upgrade" in connection_tokens:
-            upgrade = next((v for n, v in headers if n == "upgrade"), None)
-        authority = next((v for n, v in headers if n == "host"), "")
-        request = ProxyRequest(method=event.method.decode("ascii"), target=event.target.decode("latin-1"),
-                               authority=authority, headers=[(n, v) for n, v in headers if n != "host"],
-                               protocol=f"HTTP/{event.http_version.decode()}", peer=self.peer,
-                               content_length=content_length, upgrade=upgrade)
-        if content_length == 0:
-            # An empty body is complete already: consume its EndOfMessage without I/O, so the
-            # connection is reusable however the handler answers.
-            end = self.conn.next_event()
-            if not isinstance(end, h11.EndOfMessage):
-                raise self._fail(400, "malformed_request", f"unexpected {type(end).__name__}")
+    async def _serve(self, head: RequestHead) -> None:
+        self._head = head
+        self._body_done = False
+        events = self.reader.events
+        if events and events[0] is END and head.content_length == 0:
+            # An empty body is complete already: consumed now, so the connection is
+            # reusable however the handler answers.
+            events.popleft()
+            self._body_done = True
+        authority = ""
+        headers = []
+        for name, value in head.headers:
+            if name == "host":
+                authority = value
+            else:
+                headers.append((name, value))
+        request = ProxyRequest(method=head.method, target=head.target, authority=authority, headers=headers,
+                               protocol="HTTP/1.1" if head.version == "1.1" else "HTTP/1.0", peer=self.peer,
+                               content_length=head.content_length, upgrade=head.upgrade)
         try:
             await self.handler(request, self._body(), self)
         except BodyError as err:
@@ -211,52 +190,34 @@ class H1Server:
             raise
 
     async def _body(self) -> Body:
+        events = self.reader.events
+        head = self._head
+        assert head is not None
+        received = False
         while True:
-            if self.conn.they_are_waiting_for_100_continue:
-                self.stream.write(self.conn.send(h11.InformationalResponse(status_code=100, headers=[])))
-            try:
-                event = self.conn.next_event()
-            except h11.RemoteProtocolError as err:
-                raise BodyError(400, f"malformed body: {err}") from None
-            if event is h11.NEED_DATA:
+            if not events:
+                if head.expect_continue and not received and not self.response_started:
+                    self.stream.write(CONTINUE)
+                    received = True
                 try:
                     data = await read_within(self.stream, self.limits.body_idle_timeout)
                 except TimeoutError:
                     raise BodyError(408, "request body stalled") from None
-                self.conn.receive_data(data)
+                if not data:
+                    raise BodyError(400, "connection closed inside the request body")
+                self.reader.feed(data)
                 continue
-            if isinstance(event, h11.Data):
-                yield bytes(event.data)
-            elif isinstance(event, h11.EndOfMessage):
+            event = events.popleft()
+            if isinstance(event, bytes):
+                received = True
+                yield event
+            elif event is END:
+                self._body_done = True
                 return
-            elif event is h11.PAUSED:
-                return  # an Upgrade request's (empty) body is complete
+            elif isinstance(event, H1Error):
+                raise BodyError(400, f"malformed body: {event.detail}")
             else:
-                raise BodyError(400, "connection closed inside the request body")
-
-    async def _finish_cycle(self) -> bool:
-        """After a response: swallow a small unread body, then get ready for the next request."""
-        if self.conn.our_state is not h11.DONE:
-            return False
-        drained = 0
-        while self.conn.their_state is h11.SEND_BODY and drained < MAX_DRAIN_BYTES:
-            try:
-                event = self.conn.next_event()
-            except h11.RemoteProtocolError:
-                return False
-            if event is h11.NEED_DATA:
-                try:
-                    data = await read_within(self.stream, self.limits.body_idle_timeout)
-                except TimeoutError:
-                    return False
-                drained += len(data)
-                self.conn.receive_data(data)
-            elif isinstance(event, h11.ConnectionClosed):
-                return False
-        if self.conn.their_state is not h11.DONE or self.conn.our_state is not h11.DONE:
-            return False
-        self.conn.start_next_cycle()
-        return True
+                raise BodyError(400, f"unexpected {event!r} inside the request body")
 
     # -- ResponseSink -------------------------------------------------------------------------
 
@@ -266,22 +227,42 @@ class H1Server:
 
     async def start(self, status: int, headers: list[tuple[str, str]], content_length: int | None) -> None:
         self.response_started = True
-        if self.conn.their_state is not h11.DONE and self.conn.their_state is not h11.MIGHT_SWITCH_PROTOCOL:
+        head = self._head
+        assert head is not None
+        close = not head.keep_alive or self.reader.upgraded
+        if not self._body_done:
             # Answering before the whole request body arrived (403, 429...): this
             # connection closes after the response rather than reading a body nobody wants.
-            headers = [(n, v) for n, v in headers if n != "connection"] + [("connection", "close")]
-        # Held back and sent with the first body bytes: one write per small response.
-        self._held = self.conn.send(h11.Response(status_code=status, headers=headers, reason=_reason(status)))
+            close = True
+        self._no_body = head.method == "HEAD" or status in (204, 304) or status < 200
+        self._chunked = False
+        headers = [(n, v) for n, v in headers if n != "connection"]
+        if not self._no_body and content_length is None:
+            if head.version == "1.1":
+                self._chunked = True
+                headers.append(("transfer-encoding", "chunked"))
+            else:
+                close = True     # an HTTP/1.0 client reads the body until the connection closes
+        elif content_length is not None and not self._no_body and not any(n == "content-length" for n, _ in headers):
+            headers.append(("content-length", str(content_length)))
+        if close:
+            headers.append(("connection", "close"))
+        elif head.version == "1.0":
+            headers.append(("connection", "keep-alive"))
+        self._close_after = close
+        self._held = encode_head(status_line(status), headers)
 
     async def send(self, chunk: bytes) -> None:
-        data = self.conn.send(h11.Data(data=chunk))
+        if self._no_body or not chunk:
+            return
+        data = encode_chunk(chunk) if self._chunked else chunk
         if self._held:
             data, self._held = self._held + data, b""
         self.stream.write(data)
         await self.stream.drain()
 
     async def end(self) -> None:
-        data = self.conn.send(h11.EndOfMessage())
+        data = LAST_CHUNK if self._chunked else b""
         if self._held:
             data, self._held = self._held + data, b""
         if data:
@@ -291,13 +272,14 @@ class H1Server:
     async def upgrade(self, headers: list[tuple[str, str]], upstream: Tunnel, leftover: bytes) -> None:
         """101 Switching Protocols: from now on both sides are raw bytes (websockets)."""
         self.response_started = True
-        self.stream.write(self.conn.send(h11.InformationalResponse(status_code=101, headers=headers)))
+        self._switched = True
+        self.stream.write(encode_head(status_line(101), headers))
         await self.stream.drain()
         if leftover:
             self.stream.write(leftover)
-        trailing, _ = self.conn.trailing_data
-        if trailing:
-            upstream.write(trailing)
+        for event in self.reader.events:
+            if isinstance(event, Upgraded) and event.leftover:
+                upstream.write(event.leftover)
         up = asyncio.ensure_future(pipe(self.stream, upstream))
         down = asyncio.ensure_future(pipe(upstream, self.stream))
         try:

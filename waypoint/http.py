@@ -7,7 +7,6 @@ connections both speak these, so the pipeline never knows which one it serves.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
@@ -113,32 +112,6 @@ Body = AsyncIterator[bytes]
 async def empty_body() -> Body:
     return
     yield b""  # pragma: no cover - makes this an async generator
-
-
-_HEAD_END = re.compile(rb"\r?\n\r?\n")
-
-
-def framing_problem(buffered: bytes) -> str | None:
-    """Why the HTTP/1 request head at the start of ``buffered`` must be refused, if it must.
-
-    The parser accepts what RFC 9112 lets a recipient repair: folded header lines
-    (obs-fold, joined) and a repeated or list-valued Content-Length with equal values
-    (collapsed). A proxy that repairs them forwards a head the next hop may read
-    differently (request smuggling), so they are refused outright, as are Content-Length
-    and Transfer-Encoding together (checked on the parsed head).
-    """
-    end = _HEAD_END.search(buffered)
-    head = buffered[:end.start()] if end else buffered
-    lengths = 0
-    for line in head.split(b"\n")[1:]:
-        if line[:1] in (b" ", b"\t"):
-            return "obs-fold (a folded header line)"
-        name, colon, value = line.partition(b":")
-        if colon and name.strip().lower() == b"content-length":
-            lengths += 1
-            if b"," in value:
-                return "a list-valued Content-Length"
-    return "more than one Content-Length" if lengths > 1 else None
 
 
 def strip_hop_by_hop(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:

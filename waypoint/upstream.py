@@ -3,7 +3,7 @@
 The transport (``Connector``) opens a byte stream to one endpoint: HBONE (an HTTP/2
 CONNECT stream over mTLS to the endpoint's node proxy, the normal case in the mesh)
 or plain TCP (endpoints outside the mesh, tests, benchmarks). On top of it the
-waypoint speaks HTTP/1.1 with h11 and keeps idle connections per endpoint, within the
+waypoint speaks HTTP/1.1 (``h1``: llhttp framing, sans I/O) and keeps idle connections per endpoint, within the
 per-Service circuit-breaker limits (max connections, max pending).
 """
 from __future__ import annotations
@@ -14,10 +14,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Protocol
 
-import h11
-
 from shoal.telemetry_labels import UNKNOWN, PeerLabels, principal
 
+from .h1 import END, LAST_CHUNK, ResponseHead, ResponseReader, Upgraded, UpstreamFramingError, encode_chunk, encode_head
 from .http import Body, TcpStream, Tunnel
 from .model import ConnectionPoolPolicy
 from .resilience import CONNECT_FAILURE, RESET
@@ -83,22 +82,31 @@ class UpstreamConnection:
     def __init__(self, endpoint: Endpoint, stream: Tunnel) -> None:
         self.endpoint = endpoint
         self.stream = stream
-        self.h11 = h11.Connection(h11.CLIENT)
+        self.reader: ResponseReader | None = None   # the current exchange's answer
         self.reused = False
-        self.received = 0  # bytes read on this connection, all exchanges
 
-    async def _next_event(self):
-        while True:
-            event = self.h11.next_event()
-            if event is h11.NEED_DATA:
-                try:
-                    data = await self.stream.read(READ_CHUNK)
-                except OSError as err:
-                    raise UpstreamError(RESET, str(err)) from None
-                self.received += len(data)
-                self.h11.receive_data(data)
-                continue
-            return event
+    @property
+    def reusable(self) -> bool:
+        """The last answer is complete and the connection may carry another exchange."""
+        return self.reader is not None and self.reader.reusable
+
+    async def next_event(self):
+        """The next event of the current answer, reading as needed (OSError -> RESET)."""
+        reader = self.reader
+        assert reader is not None
+        events = reader.events
+        while not events:
+            if reader.done:
+                raise UpstreamFramingError("read past the end of the answer")
+            try:
+                data = await self.stream.read(READ_CHUNK)
+            except OSError as err:
+                raise UpstreamError(RESET, str(err) or type(err).__name__) from None
+            if data:
+                reader.feed(data)
+            else:
+                reader.eof()
+        return events.popleft()
 
     def close(self) -> None:
         self.stream.close()
@@ -165,8 +173,7 @@ class ClusterPool:
 
     def release(self, conn: UpstreamConnection) -> None:
         """Back to the idle list if the exchange finished cleanly, else closed."""
-        if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
-            conn.h11.start_next_cycle()
+        if conn.reusable:
             self._idle[conn.endpoint].append(conn)
             self._wake()
         else:
@@ -196,51 +203,41 @@ async def send_request(pool: ClusterPool, conn: UpstreamConnection, method: str,
                        headers: list[tuple[str, str]], body: Body | bytes, chunked: bool) -> UpstreamResponse:
     """One HTTP/1.1 exchange up to the response head; the body streams afterwards.
 
-    Raises UpstreamError(RESET) when the connection dies before a response head.
+    Raises UpstreamError(RESET) when the connection dies before a response head, and
+    UpstreamError("protocol-error") when what came back is not HTTP/1.1.
     """
-    h = conn.h11
     stream = conn.stream
-    received_before = conn.received
+    reader = conn.reader = ResponseReader(head_only=method == "HEAD")
     if chunked:
         headers = headers + [("transfer-encoding", "chunked")]
     try:
-        head = h.send(h11.Request(method=method, target=target, headers=headers))
+        head = encode_head(f"{method} {target} HTTP/1.1", headers)
         if isinstance(body, bytes):
             # A buffered body goes out with the head in one write (one syscall, one TLS record).
-            stream.write(head + (h.send(h11.Data(data=body)) if body else b"") + h.send(h11.EndOfMessage()))
+            if chunked:
+                body = encode_chunk(body) + LAST_CHUNK
+            stream.write(head + body if body else head)
         else:
             stream.write(head)
             async for chunk in body:
-                stream.write(h.send(h11.Data(data=chunk)))
-                await stream.drain()
-            stream.write(h.send(h11.EndOfMessage()))
+                if chunk:
+                    stream.write(encode_chunk(chunk) if chunked else chunk)
+                    await stream.drain()
+            if chunked:
+                stream.write(LAST_CHUNK)
         await stream.drain()
-        while True:
-            event = await conn._next_event()
-            if isinstance(event, h11.InformationalResponse):
-                if event.status_code == 101:
-                    leftover, _ = h.trailing_data
-                    return UpstreamResponse(101, _decode(event.headers), None, _NoBody(), conn, True, leftover)
-                continue  # 100 Continue and friends
-            if isinstance(event, h11.Response):
-                break
-            raise UpstreamError(RESET, f"connection closed before the response ({type(event).__name__})")
-    except (OSError, h11.LocalProtocolError) as err:
+        event = await conn.next_event()
+    except OSError as err:
         raise UpstreamError(RESET, str(err) or type(err).__name__) from None
-    except h11.RemoteProtocolError as err:
+    except UpstreamFramingError as err:
         # Nothing at all came back: the peer hung up (a stale keep-alive connection), not a bad answer.
-        outcome = RESET if conn.received == received_before else "protocol-error"
-        raise UpstreamError(outcome, str(err)) from None
-    response_headers = _decode(event.headers)
-    length = None
-    for name, value in response_headers:
-        if name == "content-length":
-            length = int(value)
-    return UpstreamResponse(event.status_code, response_headers, length, _ResponseBody(pool, conn), conn)
-
-
-def _decode(headers) -> list[tuple[str, str]]:
-    return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
+        raise UpstreamError(RESET if reader.received == 0 else "protocol-error", str(err)) from None
+    if not isinstance(event, ResponseHead):
+        raise UpstreamError("protocol-error", f"unexpected {event!r} before the response head")
+    if event.status == 101:
+        leftover = next((e.leftover for e in reader.events if isinstance(e, Upgraded)), b"")
+        return UpstreamResponse(101, event.headers, None, _NoBody(), conn, True, leftover)
+    return UpstreamResponse(event.status, event.headers, event.content_length, _ResponseBody(pool, conn), conn)
 
 
 class _NoBody:
@@ -275,21 +272,21 @@ class _ResponseBody:
         if self._settled:
             raise StopAsyncIteration
         try:
-            event = await self._conn._next_event()
-        except h11.RemoteProtocolError as err:
+            event = await self._conn.next_event()
+        except UpstreamFramingError as err:
             self.abandon()
             raise UpstreamError(RESET, f"response body: {err}") from None
         except UpstreamError:
             self.abandon()
             raise
-        if isinstance(event, h11.Data):
-            return bytes(event.data)
-        if isinstance(event, h11.EndOfMessage):
+        if isinstance(event, bytes):
+            return event
+        if event is END:
             self._settled = True
             self._pool.release(self._conn)
             raise StopAsyncIteration
         self.abandon()
-        raise UpstreamError(RESET, "connection closed inside the response body")
+        raise UpstreamError(RESET, f"unexpected {event!r} inside the response body")
 
     def abandon(self) -> None:
         if not self._settled:

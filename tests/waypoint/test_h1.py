@@ -1,0 +1,184 @@
+"""The HTTP/1.1 framing layer (waypoint/h1.py) without sockets: bytes in, events out."""
+import pytest
+
+from shoal.waypoint.h1 import (
+    END,
+    LAST_CHUNK,
+    H1Error,
+    RequestHead,
+    RequestReader,
+    ResponseHead,
+    ResponseReader,
+    Upgraded,
+    UpstreamFramingError,
+    encode_chunk,
+    encode_head,
+    status_line,
+)
+
+
+def request_events(*chunks: bytes, **limits) -> list:
+    reader = RequestReader(**limits)
+    for chunk in chunks:
+        reader.feed(chunk)
+    return list(reader.events)
+
+
+def refusal(*chunks: bytes, **limits) -> H1Error:
+    events = request_events(*chunks, **limits)
+    assert isinstance(events[-1], H1Error), events
+    assert not any(isinstance(e, RequestHead) for e in events), events
+    return events[-1]
+
+
+def test_a_request_with_a_body_split_anywhere_gives_the_same_events():
+    raw = b"POST /a?b=1 HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\nX-Two: a\r\nX-Two: b\r\n\r\nhello"
+    for cut in range(1, len(raw)):
+        events = request_events(raw[:cut], raw[cut:])
+        head = events[0]
+        assert isinstance(head, RequestHead)
+        assert (head.method, head.target, head.version, head.content_length) == ("POST", "/a?b=1", "1.1", 5)
+        assert head.headers == [("host", "web"), ("content-length", "5"), ("x-two", "a"), ("x-two", "b")]
+        assert b"".join(e for e in events if isinstance(e, bytes)) == b"hello" and events[-1] is END
+
+
+def test_chunked_bodies_come_out_decoded():
+    events = request_events(b"POST / HTTP/1.1\r\nHost: w\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+    assert events[0].content_length is None
+    assert b"".join(e for e in events if isinstance(e, bytes)) == b"abcde" and events[-1] is END
+
+
+def test_pipelined_requests_are_served_before_a_refusal_behind_them():
+    events = request_events(b"GET /1 HTTP/1.1\r\nHost: w\r\n\r\nGET /2 HTTP/1.1\r\nHost: w\r\n\r\nGARBAGE\r\n\r\n")
+    assert [e.target for e in events if isinstance(e, RequestHead)] == ["/1", "/2"]
+    assert isinstance(events[-1], H1Error) and events[-1].status == 400
+
+
+def test_keep_alive_follows_the_version_and_connection_header():
+    assert request_events(b"GET / HTTP/1.1\r\nHost: w\r\n\r\n")[0].keep_alive
+    assert not request_events(b"GET / HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n")[0].keep_alive
+    assert not request_events(b"GET / HTTP/1.0\r\n\r\n")[0].keep_alive
+    assert request_events(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")[0].keep_alive
+
+
+@pytest.mark.parametrize("raw", [
+    b"POST / HTTP/1.1\r\nHost: w\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: w\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: w\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+    b"POST / HTTP/1.1\r\nHost: w\r\nContent-Length: 5, 5\r\n\r\nhello",
+    b"POST / HTTP/1.1\r\nHost: w\r\nContent-Length: +5\r\n\r\nhello",
+    b"GET / HTTP/1.1\r\nHost: w\r\nX-Folded: a\r\n b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: w\r\nX-Folded: a\r\n\tb\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: w\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: w\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: w\r\nTransfer-Encoding: identity\r\n\r\n",
+])
+def test_request_smuggling_is_refused_with_400(raw):
+    error = refusal(raw)
+    assert (error.status, error.reason) == (400, "request_smuggling"), error.detail
+
+
+@pytest.mark.parametrize("raw,status", [
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"GET / HTTP/9.9\r\nHost: w\r\n\r\n", 400),
+    (b"GET / HTTP/2.0\r\nHost: w\r\n\r\n", 505),
+    (b"GET /\r\n\r\n", 400),                                   # HTTP/0.9
+    (b"GET / HTTP/1.1\r\n\r\n", 400),                          # no Host
+    (b"GET / HTTP/1.1\nHost: w\n\n", 400),                      # bare LF
+    (b"GET / HTTP/1.1\r\nHost: w\r\nBad Header: x\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: w\r\nX: a\x00b\r\n\r\n", 400),
+    (b"CONNECT web:443 HTTP/1.1\r\nHost: web:443\r\n\r\n", 501),
+])
+def test_malformed_requests_are_refused(raw, status):
+    assert refusal(raw).status == status
+
+
+def test_head_size_and_header_count_limits():
+    big = b"GET / HTTP/1.1\r\nHost: w\r\nX-Big: " + b"a" * 5000 + b"\r\n\r\n"
+    assert refusal(big, max_header_bytes=4096).status == 431
+    # A head arriving in pieces is refused before it completes (its bytes are not kept).
+    pieces = [b"GET / HTTP/1.1\r\nHost: w\r\nX-Big: "] + [b"a" * 1000] * 5
+    error = refusal(*pieces, max_header_bytes=4096)
+    assert (error.status, error.reason) == (431, "header_too_large")
+    many = b"GET / HTTP/1.1\r\nHost: w\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(30)) + b"\r\n"
+    assert (refusal(many, max_headers=20).reason) == "too_many_headers"
+
+
+def test_nothing_is_parsed_after_a_refusal():
+    reader = RequestReader()
+    reader.feed(b"GET / HTTP/1.1\r\nHost: w\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx")
+    reader.feed(b"GET / HTTP/1.1\r\nHost: w\r\n\r\n")
+    assert len(reader.events) == 1 and isinstance(reader.events[0], H1Error)
+
+
+def test_upgrade_hands_over_the_bytes_after_the_head():
+    events = request_events(b"GET /ws HTTP/1.1\r\nHost: w\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n\x81\x01x")
+    assert events[0].upgrade == "websocket" and events[1] is END
+    assert isinstance(events[2], Upgraded) and events[2].leftover == b"\x81\x01x"
+    # Upgrade without Connection: upgrade is just a header.
+    assert request_events(b"GET / HTTP/1.1\r\nHost: w\r\nUpgrade: websocket\r\n\r\n")[0].upgrade is None
+
+
+def test_expect_continue_is_reported():
+    head = request_events(b"POST / HTTP/1.1\r\nHost: w\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")[0]
+    assert head.expect_continue
+
+
+def response_events(reader: ResponseReader, *chunks: bytes) -> list:
+    for chunk in chunks:
+        reader.feed(chunk)
+    return list(reader.events)
+
+
+def test_response_with_length_skips_interim_answers_and_is_reusable():
+    reader = ResponseReader()
+    events = response_events(reader, b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\nX: y\r\n\r\n", b"ok")
+    assert isinstance(events[0], ResponseHead) and events[0].status == 200 and events[0].content_length == 2
+    assert events[1:] == [b"ok", END] and reader.reusable
+
+
+def test_response_until_close_ends_at_eof_and_is_not_reusable():
+    reader = ResponseReader()
+    response_events(reader, b"HTTP/1.1 200 OK\r\n\r\nabc")
+    reader.eof()
+    assert list(reader.events)[1:] == [b"abc", END] and not reader.reusable
+
+
+def test_response_cut_short_is_an_error():
+    reader = ResponseReader()
+    response_events(reader, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    with pytest.raises(UpstreamFramingError):
+        reader.eof()
+
+
+def test_head_answers_have_no_body_and_extra_bytes_spoil_the_connection():
+    reader = ResponseReader(head_only=True)
+    events = response_events(reader, b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+    assert events[0].content_length == 100 and events[1] is END and reader.reusable
+    reader.feed(b"junk")
+    assert not reader.reusable
+
+
+def test_response_connection_close_and_204():
+    reader = ResponseReader()
+    response_events(reader, b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+    assert reader.events[0].content_length == 0 and reader.events[1] is END and not reader.reusable
+
+
+def test_switching_protocols_keeps_the_tunnel_bytes():
+    reader = ResponseReader()
+    events = response_events(reader, b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\nRAW")
+    assert events[0].status == 101 and isinstance(events[-1], Upgraded) and events[-1].leftover == b"RAW"
+
+
+def test_bad_response_framing_is_an_error():
+    with pytest.raises(UpstreamFramingError):
+        ResponseReader().feed(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n")
+
+
+def test_encoding():
+    assert encode_head(status_line(200), [("a", "b")]) == b"HTTP/1.1 200 OK\r\na: b\r\n\r\n"
+    assert encode_head(status_line(599), []) == b"HTTP/1.1 599 \r\n\r\n"
+    assert encode_chunk(b"hello") == b"5\r\nhello\r\n" and encode_chunk(b"") == b"" and LAST_CHUNK == b"0\r\n\r\n"
+    with pytest.raises(ValueError):
+        encode_head("GET / HTTP/1.1", [("x", "a\r\nInjected: yes")])

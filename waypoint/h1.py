@@ -1,0 +1,343 @@
+"""HTTP/1.1 framing, sans I/O, on llhttp (``httptools``): the waypoint's hot path.
+
+``RequestReader`` turns a client's bytes into events (``RequestHead``, body ``bytes``,
+``END``, ``Upgraded``); ``ResponseReader`` does the same for an upstream's answer; the
+``encode_*`` functions write heads and chunked bodies. No sockets here: the drivers in
+``downstream.py`` and ``upstream.py`` feed bytes in and write bytes out.
+
+llhttp (strict, its default) already refuses what a proxy must not repair: Content-Length
+with Transfer-Encoding, a repeated or list-valued Content-Length, folded header lines
+(obs-fold), bare LF line ends, control characters, bad chunk sizes. The checks that
+matter most are repeated here on the parsed head anyway (request smuggling must not
+depend on one library's defaults), with the limits llhttp does not have: head size,
+header count, HTTP version, the Host header.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from http import HTTPStatus
+
+import httptools
+
+
+class H1Error(Exception):
+    """The client's request cannot be served: answer ``status`` and close (counted as ``reason``)."""
+
+    def __init__(self, status: int, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.reason = reason
+        self.detail = detail
+
+
+class UpstreamFramingError(Exception):
+    """The upstream's answer does not parse as HTTP/1.1."""
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: str
+    target: str
+    version: str                        # "1.1" | "1.0"
+    headers: list[tuple[str, str]]      # lower-case names, in order, Host included
+    content_length: int | None          # None: chunked
+    keep_alive: bool
+    upgrade: str | None                 # the Upgrade token when the client asked to switch protocols
+    expect_continue: bool
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    status: int
+    headers: list[tuple[str, str]]      # lower-case names, in order
+    content_length: int | None          # None: chunked, or until the connection closes
+    keep_alive: bool                    # the connection can carry another exchange afterwards
+
+
+@dataclass(slots=True)
+class Upgraded:
+    """The connection switched protocols: ``leftover`` are the first bytes of the new one."""
+
+    leftover: bytes
+
+
+class _End:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "END"
+
+
+END = _End()   # the current message is complete
+
+Event = RequestHead | ResponseHead | bytes | _End | Upgraded | H1Error
+
+_SUPPORTED_VERSIONS = ("1.1", "1.0")
+
+
+def _decode_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    return [(name.decode("latin-1").lower(), value.decode("latin-1")) for name, value in raw]
+
+
+class RequestReader:
+    """Requests from one client connection, as events in ``events`` after each ``feed``.
+
+    A request that must be refused becomes an ``H1Error`` event, after the events of
+    the requests before it (pipelined): those are still answered, then the connection
+    closes with the error's status. ``in_head`` says a request head is
+    partly received (the slowloris deadline runs then). After ``Upgraded`` the bytes are
+    not HTTP any more: stop feeding.
+    """
+
+    def __init__(self, max_header_bytes: int = 64 * 1024, max_headers: int = 100) -> None:
+        self.max_header_bytes = max_header_bytes
+        self.max_headers = max_headers
+        self.events: deque[Event] = deque()
+        self.in_head = False
+        self.upgraded = False
+        self.failed = False
+        self._parser = httptools.HttpRequestParser(self)
+        self._pending_head_bytes = 0
+        self._url = b""
+        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._error: H1Error | None = None
+
+    def feed(self, data: bytes) -> None:
+        if self.failed or self.upgraded:
+            return      # nothing after a refusal or a protocol switch is HTTP/1 to parse
+        if self.in_head:
+            self._pending_head_bytes += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as switch:
+            self.upgraded = True
+            self.events.append(Upgraded(data[switch.args[0]:]))
+        except httptools.HttpParserCallbackError:
+            error, self._error = self._error, None
+            if error is None:
+                raise
+            self._refuse(error)
+        except httptools.HttpParserError as err:
+            self._refuse(_classify(str(err)))
+        else:
+            if self.in_head and self._pending_head_bytes > self.max_header_bytes:
+                self._refuse(H1Error(431, "header_too_large", f"request head over {self.max_header_bytes} bytes"))
+
+    def _refuse(self, error: H1Error) -> None:
+        """The error is an event: the requests complete before it are still served, in order."""
+        self.failed = True
+        self.events.append(error)
+
+    # -- llhttp callbacks (through httptools)
+
+    def on_message_begin(self) -> None:
+        self.in_head = True
+        self._pending_head_bytes = 0
+        self._url = b""
+        self._raw_headers = []
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._raw_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        try:
+            self.events.append(self._head())
+        except H1Error as err:
+            self._error = err
+            raise
+
+    def on_body(self, body: bytes) -> None:
+        self.events.append(body)
+
+    def on_message_complete(self) -> None:
+        self.events.append(END)
+
+    def _head(self) -> RequestHead:
+        parser = self._parser
+        raw = self._raw_headers
+        version = parser.get_http_version()
+        if version not in _SUPPORTED_VERSIONS:
+            if version.startswith(("2", "3")):
+                raise H1Error(505, "bad_version", f"HTTP/{version} not supported on HTTP/1")
+            raise H1Error(400, "bad_version", f"HTTP/{version} not supported")
+        if len(raw) > self.max_headers:
+            raise H1Error(431, "too_many_headers", f"{len(raw)} headers (limit {self.max_headers})")
+        size = len(self._url) + sum(len(n) + len(v) + 4 for n, v in raw)
+        if size > self.max_header_bytes:
+            raise H1Error(431, "header_too_large", f"{size} header bytes (limit {self.max_header_bytes})")
+        method = parser.get_method().decode("ascii")
+        if method == "CONNECT":
+            raise H1Error(501, "malformed_request", "CONNECT is not proxied")
+        headers = _decode_headers(raw)
+        content_length: int | None = 0
+        lengths = transfer_encodings = 0
+        host = upgrade = None
+        expect_continue = False
+        for name, value in headers:
+            if name == "content-length":
+                lengths += 1
+                content_length = int(value)        # llhttp checked the digits
+            elif name == "transfer-encoding":
+                transfer_encodings += 1
+                if value.strip().lower() != "chunked":
+                    raise H1Error(400, "request_smuggling", f"Transfer-Encoding {value!r} (only chunked)")
+                content_length = None
+            elif name == "host":
+                host = value
+            elif name == "upgrade":
+                upgrade = value
+            elif name == "expect":
+                expect_continue = value.strip().lower() == "100-continue"
+        if lengths and transfer_encodings:
+            raise H1Error(400, "request_smuggling", "both Content-Length and Transfer-Encoding")
+        if lengths > 1 or transfer_encodings > 1:
+            raise H1Error(400, "request_smuggling", "more than one Content-Length or Transfer-Encoding")
+        if host is None and version == "1.1":
+            raise H1Error(400, "malformed_request", "no Host header")
+        if upgrade is not None and not parser.should_upgrade():
+            upgrade = None      # Upgrade without "Connection: upgrade" is only a header
+        return RequestHead(method=method, target=self._url.decode("latin-1"), version=version, headers=headers,
+                           content_length=content_length, keep_alive=parser.should_keep_alive(), upgrade=upgrade,
+                           expect_continue=expect_continue)
+
+
+# llhttp's messages for the framing a proxy must not repair (see the module docstring).
+_SMUGGLING = ("Content-Length", "Transfer-Encoding", "whitespace after header value", "Duplicate")
+
+
+def _classify(message: str) -> H1Error:
+    if any(marker in message for marker in _SMUGGLING):
+        return H1Error(400, "request_smuggling", message)
+    if "Invalid HTTP version" in message:
+        return H1Error(505 if "HTTP/2" in message else 400, "bad_version", message)
+    return H1Error(400, "malformed_request", message)
+
+
+class ResponseReader:
+    """One upstream answer (1xx interim answers skipped), as events in ``events``.
+
+    ``head_only`` is for answers to HEAD: they announce a body they do not carry.
+    ``eof()`` when the upstream closed: ends a body delimited by the close, else fails.
+    ``reusable`` is True once the answer is complete and the connection may carry
+    another exchange.
+    """
+
+    def __init__(self, head_only: bool = False) -> None:
+        self.events: deque[Event] = deque()
+        self.head_only = head_only
+        self.done = False
+        self.reusable = False
+        self.received = 0
+        self._parser = httptools.HttpResponseParser(self)
+        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._head: ResponseHead | None = None
+        self._until_close = False
+        self._interim = False
+
+    def feed(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.done:
+            self.reusable = False       # bytes nobody asked for: never reuse this connection
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as switch:
+            self.done = True
+            self.events.append(Upgraded(data[switch.args[0]:]))
+        except httptools.HttpParserError as err:
+            if self.done and self.head_only:
+                self.reusable = False
+                return
+            raise UpstreamFramingError(str(err)) from None
+
+    def eof(self) -> None:
+        if self.done:
+            return
+        if self._head is not None and self._until_close:
+            self.done = True
+            self.events.append(END)
+            return
+        raise UpstreamFramingError("connection closed before the answer was complete")
+
+    # -- llhttp callbacks
+
+    def on_message_begin(self) -> None:
+        if self.done:
+            self.reusable = False
+        self._raw_headers = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._raw_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self._interim = True
+            return
+        headers = _decode_headers(self._raw_headers)
+        length: int | None = None
+        chunked = False
+        for name, value in headers:
+            if name == "content-length":
+                length = int(value)
+            elif name == "transfer-encoding":
+                chunked = True
+        no_body = self.head_only or status in (204, 304) or status == 101
+        if no_body:
+            length = 0 if status in (204, 304) else length
+        self._until_close = not no_body and length is None and not chunked
+        keep_alive = self._parser.should_keep_alive() and not self._until_close
+        self._head = ResponseHead(status, headers, length, keep_alive)
+        self.events.append(self._head)
+        if self.head_only and status != 101:
+            self._finish(keep_alive)
+
+    def on_body(self, body: bytes) -> None:
+        self.events.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        if not self.done:
+            self._finish(self._head is not None and self._head.keep_alive)
+
+    def _finish(self, reusable: bool) -> None:
+        self.done = True
+        self.reusable = reusable
+        self.events.append(END)
+
+
+def encode_head(first_line: str, headers: list[tuple[str, str]]) -> bytes:
+    """A head from trusted parts; header values are checked for CR/LF (no response splitting)."""
+    lines = [first_line]
+    for name, value in headers:
+        if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
+            raise ValueError(f"header {name!r} would split the message")
+        lines.append(f"{name}: {value}")
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("latin-1")
+
+
+def encode_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data) if data else b""
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def _status_lines() -> dict[int, str]:
+    return {status.value: f"HTTP/1.1 {status.value} {status.phrase}" for status in HTTPStatus}
+
+
+_STATUS_LINES = _status_lines()
+
+
+def status_line(status: int) -> str:
+    """``HTTP/1.1 200 OK``: with a reason phrase, which some clients (h2load) want though HTTP/1.1 makes it optional."""
+    return _STATUS_LINES.get(status) or f"HTTP/1.1 {status} "
