@@ -25,7 +25,7 @@ asyncio.run(main())
 
 # Opens COUNT connections at once, holds every one open until all have exchanged a line,
 # then (for SECONDS, 0 for none) pings each every half second, then prints a JSON summary
-# (ok, n_failed, lost, pings, open_seconds). Args: host port count seconds.
+# (ok, n_failed, failures by reason, lost, pings, open_seconds). Args: host port count seconds.
 HOLD_CLIENT = """
 import asyncio, json, resource, sys, time
 host, port, count, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
@@ -37,13 +37,16 @@ async def one(i, held):
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 60)
         if not await exchange(reader, writer, b"hello %d\\n" % i):
-            return f"{i}: bad echo"
+            return f"{i}: bad echo", "bad echo"
         held.append((i, reader, writer))
     except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
-        return f"{i}: {exc!r}"
+        return f"{i}: {exc!r}", type(exc).__name__ + (f"[errno {exc.errno}]" if getattr(exc, "errno", None) else "")
 async def main():
     held, started = [], time.monotonic()
     failed = [r for r in await asyncio.gather(*(one(i, held) for i in range(count))) if r]
+    reasons = {}
+    for _, why in failed:
+        reasons[why] = reasons.get(why, 0) + 1
     opened = time.monotonic() - started
     lost, pings = set(), 0
     end = time.monotonic() + seconds
@@ -59,7 +62,62 @@ async def main():
         await asyncio.sleep(0.5)
     for _, _, writer in held:
         writer.close()
-    print(json.dumps({"ok": len(held), "failed": failed[:20], "n_failed": len(failed), "lost": sorted(lost),
+    print(json.dumps({"ok": len(held), "failed": [f for f, _ in failed[:20]], "n_failed": len(failed),
+                      "reasons": reasons, "lost": sorted(lost),
                       "pings": pings, "open_seconds": round(opened, 2)}))
+asyncio.run(main())
+"""
+
+# Opens RATE connections a second for SECONDS, each echoing a line (connect and echo within
+# 10 s each), and holds no finished task (an hour at 200/s is 720,000 of them). Prints a
+# JSON progress line every PROGRESS seconds and a JSON summary last: ok, failed, the
+# failures by reason (exception type and errno), the first few errors, and the p50/p99
+# seconds of connect + echo. Args: host port rate seconds.
+SOAK_CLIENT = """
+import asyncio, collections, json, sys, time
+host, port, rate, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+PROGRESS = 60.0
+ok, reasons, errors, latencies = 0, collections.Counter(), [], []
+def reason(exc):
+    errno = getattr(exc, "errno", None)
+    return type(exc).__name__ + (f"[errno {errno}]" if errno else "")
+async def one(i):
+    global ok
+    line = b"soak %d\\n" % i
+    began = time.monotonic()
+    try:
+        r, w = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+        try:
+            w.write(line)
+            if await asyncio.wait_for(r.readexactly(len(line)), 10) != line:
+                raise ValueError("bad echo")
+        finally:
+            w.close()
+        ok += 1
+        latencies.append(time.monotonic() - began)
+    except (OSError, ValueError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
+        reasons[reason(exc)] += 1
+        if len(errors) < 10:
+            errors.append(f"{i}: {exc!r}")
+def percentile(values, q):
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(q * len(values)))], 4) if values else None
+async def main():
+    pending, start = set(), time.monotonic()
+    next_report = start + PROGRESS
+    for i in range(int(rate * seconds)):
+        task = asyncio.ensure_future(one(i))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        now = time.monotonic()
+        if now >= next_report:
+            next_report += PROGRESS
+            print(json.dumps({"t": round(now - start), "ok": ok, "failed": sum(reasons.values()),
+                              "pending": len(pending)}), flush=True)
+        await asyncio.sleep(max(0, start + (i + 1) / rate - now))
+    if pending:
+        await asyncio.wait(pending)
+    print(json.dumps({"ok": ok, "failed": sum(reasons.values()), "reasons": dict(reasons), "errors": errors,
+                      "p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99)}), flush=True)
 asyncio.run(main())
 """

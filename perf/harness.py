@@ -26,8 +26,16 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BED_KINDS = ("auto", "cluster", "netns")
 
 
-LOCK_PATH = Path("/run/shoal/perf-bench.lock")
+LOCK_DIR = Path("/run/shoal")
 LOCK_WAIT = 900.0
+PER_CLUSTER = "per-cluster"
+
+
+def bench_lock(cluster: str | None = None) -> Path:
+    """The lock of one bench cluster (``SHOAL_PERF_CLUSTER``, default ``perf``): two runs on
+    one cluster would tear it down under each other; runs on differently named clusters
+    (an hour's soak beside a short run) may overlap, and their figures say "under load"."""
+    return LOCK_DIR / f"perf-bench-{cluster or os.environ.get('SHOAL_PERF_CLUSTER', 'perf')}.lock"
 
 
 class SelectionError(ValueError):
@@ -252,13 +260,13 @@ def _stamp(moment: datetime.datetime) -> str:
 
 def run(only: Sequence[str] = (), quick: bool = False, bed: str = "auto",
         results_dir: Path = RESULTS_DIR, log: Callable[[str], None] | None = None,
-        package: str = SCENARIO_PACKAGE, lock: Path | None = LOCK_PATH, enforce_timeouts: bool = False,
+        package: str = SCENARIO_PACKAGE, lock: Path | str | None = PER_CLUSTER, enforce_timeouts: bool = False,
         repetitions: int | None = None) -> tuple[dict[str, object], tuple[Path, Path]]:
     """Run the selection; return the JSON document and the paths of the written report."""
     say = log or (lambda m: print(m, file=sys.stderr, flush=True))
     discovered = discover(package)
     selected = select(discovered.scenarios, only)
-    with exclusive_run(lock, say):
+    with exclusive_run(bench_lock() if lock == PER_CLUSTER else Path(lock) if lock else None, say):
         return _run(discovered, selected, only, quick, bed, results_dir, say, enforce_timeouts,
                     repetitions or (3 if quick else 5))
 

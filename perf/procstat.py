@@ -108,6 +108,8 @@ class ProcessSampler:
             raise ValueError("ProcessSampler needs at least one PID")
         self.interval = interval
         self._rss: list[float] = []
+        self._latest: dict[int, float] = {}
+        self._peaks: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="perf-sampler", daemon=True)
         self._start_ticks = 0
@@ -124,13 +126,15 @@ class ProcessSampler:
         return total
 
     def _rss_total(self) -> float:
-        total = 0.0
+        latest = {}
         for pid in self.pids:
             try:
-                total += rss_mb(pid)
+                latest[pid] = rss_mb(pid)
             except FileNotFoundError:
                 continue
-        return total
+            self._peaks[pid] = max(latest[pid], self._peaks.get(pid, 0.0))
+        self._latest = latest
+        return sum(latest.values())
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
@@ -147,6 +151,16 @@ class ProcessSampler:
     def rss_samples_mb(self) -> tuple[float, ...]:
         """Every RSS reading so far (MB, the processes together), oldest first."""
         return tuple(self._rss)
+
+    @property
+    def latest_rss_mb(self) -> dict[int, float]:
+        """The last RSS reading of each process (MB)."""
+        return dict(self._latest)
+
+    @property
+    def rss_peak_per_process_mb(self) -> dict[int, float]:
+        """Each process's highest RSS reading (MB): a per-worker limit is checked on these."""
+        return dict(self._peaks)
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
