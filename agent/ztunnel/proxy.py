@@ -43,23 +43,32 @@ class Acceptor:
 
     Raw sockets (not asyncio servers) so nothing is read before the handler decides
     where the bytes go: the kernel keeps them until the connection is wired up.
-    Admission first: under overload a new connection is reset at once and counted.
+    Admission first: while too many connections are in setup, this listener stops
+    accepting (the kernel queues the burst); past the open-file budget a new connection
+    is reset at once and counted.
     """
 
     def __init__(self, listener: socket.socket, handler: Callable[[socket.socket], Awaitable[None]],
                  name: str, on_error: Callable[[BaseException], None], admission: Admission,
-                 on_shed: Callable[[str], None]):
+                 on_shed: Callable[[str], None], on_pause: Callable[[str], None] = lambda name: None):
         self.listener, self.handler, self.name = listener, handler, name
         self._on_error = on_error
         self._admission = admission
         self._on_shed = on_shed
+        self._on_pause = on_pause
         self._tasks: set[asyncio.Task] = set()  # handlers still setting a connection up
         self._resume: asyncio.TimerHandle | None = None
+        self._reading = True
         self.serving = True
         asyncio.get_running_loop().add_reader(listener.fileno(), self._on_readable)
 
     def _on_readable(self) -> None:
         while self.serving:
+            if self._admission.full(self.name):
+                self._stop_reading()
+                self._admission.wait_for_room(self.name, self._start_reading)
+                self._on_pause(self.name)
+                return
             try:
                 conn, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -67,31 +76,36 @@ class Acceptor:
             except OSError as exc:
                 self._on_error(exc)
                 if exc.errno in RESOURCE_ERRNOS:
-                    self._pause()
+                    self._stop_reading()
+                    self._resume = asyncio.get_running_loop().call_later(ACCEPT_PAUSE, self._unpause)
                 return
             if self._admission.admit() is not None:
                 reset_connection(conn)
                 self._on_shed(self.name)
                 continue
             conn.setblocking(False)
-            self._admission.in_setup += 1
+            self._admission.setup_started(self.name)
             task = asyncio.ensure_future(self._run(conn))
             self._tasks.add(task)
             task.add_done_callback(self._setup_done)
 
     def _setup_done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
-        self._admission.in_setup -= 1
+        self._admission.setup_done(self.name)
 
-    def _pause(self) -> None:
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(self.listener.fileno())
-        self._resume = loop.call_later(ACCEPT_PAUSE, self._unpause)
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            asyncio.get_running_loop().remove_reader(self.listener.fileno())
+
+    def _start_reading(self) -> None:
+        if self.serving and not self._reading:
+            self._reading = True
+            asyncio.get_running_loop().add_reader(self.listener.fileno(), self._on_readable)
 
     def _unpause(self) -> None:
         self._resume = None
-        if self.serving:
-            asyncio.get_running_loop().add_reader(self.listener.fileno(), self._on_readable)
+        self._start_reading()
 
     @property
     def in_setup(self) -> int:
@@ -111,7 +125,7 @@ class Acceptor:
             self.serving = False
             if self._resume is not None:
                 self._resume.cancel()
-            asyncio.get_running_loop().remove_reader(self.listener.fileno())
+            self._stop_reading()
             self.listener.close()
 
 
@@ -182,7 +196,8 @@ class PodRegistry:
                 enrolled.servers.append(Acceptor(
                     sock, functools.partial(handler, self.ctx, enrolled), name,
                     on_error=functools.partial(self._handler_failed, name), admission=self.ctx.admission,
-                    on_shed=lambda listener: self.ctx.metrics.reject(listener, "overloaded")))
+                    on_shed=lambda listener: self.ctx.metrics.reject(listener, "overloaded"),
+                    on_pause=lambda listener: self.ctx.metrics.accept_paused.labels(listener).inc()))
         except OSError:
             enrolled.stop_accepting()
             transparent.remove(netns, pod.ips)

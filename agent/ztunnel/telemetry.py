@@ -91,6 +91,10 @@ class ProxyMetrics:
                                ["outcome"], registry=registry)
         self.in_setup = Gauge("shoal_proxy_connections_in_setup",
                               "Accepted connections not wired up yet (admission caps them)", registry=registry)
+        self.accept_paused = Counter("shoal_proxy_accept_paused",
+                                     "Times a listener stopped accepting because too many connections were in "
+                                     "setup (the burst waits in the kernel's accept queue)", ["listener"],
+                                     registry=registry)
         self.certs_rotated = Counter("shoal_proxy_certificates_rotated", "SVIDs renewed at half-life",
                                      registry=registry)
 
