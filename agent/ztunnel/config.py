@@ -30,7 +30,8 @@ class ProxyConfig:
     metrics_port: int = PORT_PROXY_METRICS
     ready_port: int = PORT_PROXY_READY
     handshake_timeout: float = 10.0      # TLS handshake (stalled clients are cut here)
-    connect_timeout: float = 5.0         # upstream TCP connect, and waiting for a 200
+    connect_timeout: float = 5.0         # upstream TCP connect; a 200 from a peer that answers nothing
+    answer_limit: float = 60.0           # a 200 from a busy peer that keeps answering others
     pool_idle_timeout: float = 60.0      # HBONE connections with no stream are closed after this
     drain_grace: float = 30.0            # after a handover, live connections get this long
     handover_wait: float = 10.0          # how long a retiring proxy waits for its successor

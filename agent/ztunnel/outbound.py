@@ -11,6 +11,7 @@ import asyncio
 import logging
 import random
 import socket
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -183,17 +184,51 @@ async def dial(ctx: ProxyContext, pod: ServedPod, key: PoolKey) -> HboneSession:
     return session
 
 
+def answer_deadline(opened: float, last_answer: float, quiet: float, limit: float) -> float:
+    """When to stop waiting for a stream's answer (pure): once the connection has answered
+    no stream for ``quiet`` seconds since ours was opened (a stuck or dead peer), or
+    ``limit`` after opening at the latest. A peer answering others is busy, not stuck:
+    a 10,000-connection burst queues at its dial limit for longer than a connect
+    timeout, and a fixed 5 s here failed 2,163 of them (each reset, then counted by
+    the peer as a Rapid Reset, which cost whole connections)."""
+    return min(max(opened, last_answer) + quiet, opened + limit)
+
+
+async def await_answer(session: HboneSession, response: asyncio.Future, quiet: float, limit: float) -> int:
+    """The HBONE status of a stream just opened on ``session``; TimeoutError past
+    :func:`answer_deadline`."""
+    opened = time.monotonic()
+    while True:
+        remaining = answer_deadline(opened, session.last_answer, quiet, limit) - time.monotonic()
+        if remaining <= 0:
+            raise asyncio.TimeoutError
+        try:
+            return await asyncio.wait_for(asyncio.shield(response), remaining)
+        except asyncio.TimeoutError:
+            continue  # the peer may have answered others meanwhile: the deadline moved
+
+
 async def _tunnel(ctx, pod, conn: socket.socket, route: Route, rec: ConnectionRecord) -> None:
     key = PoolKey(pod.spiffe_id, route.identity, route.target_ip, route.target_port)
     rec.src_identity, rec.dst_identity, rec.mtls = pod.spiffe_id, route.identity, True
     for attempt in (1, 2):
-        session = await ctx.pool.session(key, lambda k: dial(ctx, pod, k))
+        try:
+            session = await ctx.pool.session(key, lambda k: dial(ctx, pod, k))
+        except (ConnectionError, asyncio.TimeoutError) as exc:
+            # A dial that failed (a handshake the busy peer did not finish in time) fails
+            # every stream waiting for it: each gets one more dial before giving up.
+            if attempt == 2:
+                raise
+            log.info("outbound %s: HBONE dial to %s failed (%s: %s), retrying", pod.info.name, route.target_ip,
+                     type(exc).__name__, exc)
+            continue
         peer = StreamPeer(rec, ctx.telemetry.closed, tcp_is_client=True)
         peer.response = asyncio.get_running_loop().create_future()
         session.open_stream(peer, route.authority_ip, route.authority_port, rec.src_ip, hbone.new_traceparent(),
                             rec.src_port)
         try:
-            status = await asyncio.wait_for(asyncio.shield(peer.response), ctx.config.connect_timeout)
+            status = await await_answer(session, peer.response, ctx.config.connect_timeout,
+                                        ctx.config.answer_limit)
             break
         except ConnectionError as exc:
             # The HBONE connection went away before answering (e.g. the peer proxy was

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import socket
 import struct
+import time
 from typing import Callable, Protocol
 
 from shoal.hbone import framing as hbone
@@ -76,6 +77,9 @@ class HboneSession(asyncio.Protocol):
         self.on_room: Callable[["HboneSession"], None] | None = None
         self._had_room = False
         self._lingering: set[int] = set()  # done here, still open in h2 until the peer ends them
+        # Client side: when the peer last answered a CONNECT (any stream). A peer that keeps
+        # answering is alive, just busy; one that answers nothing is stuck (outbound's wait).
+        self.last_answer = time.monotonic()
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.Transport) -> None:
@@ -116,6 +120,7 @@ class HboneSession(asyncio.Protocol):
                 if peer is not None:
                     peer.on_stream_end()
             elif kind is hbone.TunnelResponse:
+                self.last_answer = time.monotonic()
                 peer = self.streams.get(event.stream_id)
                 if peer is not None:
                     peer.on_response(event.status)

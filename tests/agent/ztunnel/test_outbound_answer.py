@@ -1,0 +1,63 @@
+"""Outbound's wait for a stream's answer: a busy peer is waited for, a stuck one is not."""
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from shoal.agent.ztunnel.outbound import answer_deadline, await_answer
+
+
+def test_answer_deadline_follows_the_peers_answers_up_to_the_limit():
+    # Nothing answered since the stream opened: quiet seconds after opening.
+    assert answer_deadline(opened=100.0, last_answer=90.0, quiet=5.0, limit=30.0) == 105.0
+    # The peer answered another stream at 108: still alive, wait on.
+    assert answer_deadline(opened=100.0, last_answer=108.0, quiet=5.0, limit=30.0) == 113.0
+    # However busy, never past the limit.
+    assert answer_deadline(opened=100.0, last_answer=128.0, quiet=5.0, limit=30.0) == 130.0
+
+
+async def test_a_busy_peer_is_waited_for_past_the_quiet_time():
+    session = SimpleNamespace(last_answer=time.monotonic())
+    response = asyncio.get_running_loop().create_future()
+
+    async def busy_peer():  # answers other streams every 50 ms, ours after 0.4 s
+        for _ in range(8):
+            await asyncio.sleep(0.05)
+            session.last_answer = time.monotonic()
+        response.set_result(200)
+
+    answering = asyncio.ensure_future(busy_peer())
+    assert await await_answer(session, response, quiet=0.15, limit=5.0) == 200
+    await answering
+
+
+async def test_a_peer_that_answers_nothing_times_out_after_the_quiet_time():
+    session = SimpleNamespace(last_answer=time.monotonic() - 60)
+    response = asyncio.get_running_loop().create_future()
+    began = time.monotonic()
+    with pytest.raises(asyncio.TimeoutError):
+        await await_answer(session, response, quiet=0.2, limit=5.0)
+    assert 0.15 <= time.monotonic() - began < 2.0
+    assert not response.done()   # shielded: the caller resets the stream itself
+
+
+async def test_a_peer_answering_only_others_times_out_at_the_limit():
+    session = SimpleNamespace(last_answer=time.monotonic())
+    response = asyncio.get_running_loop().create_future()
+
+    async def answers_others():
+        while True:
+            await asyncio.sleep(0.05)
+            session.last_answer = time.monotonic()
+
+    chatter = asyncio.ensure_future(answers_others())
+    began = time.monotonic()
+    try:
+        with pytest.raises(asyncio.TimeoutError):
+            await await_answer(session, response, quiet=0.2, limit=0.6)
+    finally:
+        chatter.cancel()
+    assert 0.55 <= time.monotonic() - began < 3.0
