@@ -14,7 +14,7 @@ Full size is 10,000 connections and a 10-minute soak (the issue's 1 h soak:
 ``SHOAL_PERF_LOAD_CONNECTIONS`` sets the count. Either set to 0 skips that part (a soak-only run:
 ``SHOAL_PERF_LOAD_CONNECTIONS=0 SHOAL_PERF_SOAK_SECONDS=3600``). Failures are reported by
 reason (exception type and errno, client side) beside the proxies' refusals.
-The HTTP/2 floods are scaled down in ``make test`` (tests/agent/ztunnel/test_zt_load.py).
+The HTTP/2 floods are scaled down in ``make test`` (tests/agent/ztunnel/test_proxy_load.py).
 """
 from __future__ import annotations
 
