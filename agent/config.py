@@ -9,6 +9,7 @@ from typing import Mapping, Sequence
 
 from shoal.agent.loader import FeatureFlags
 from shoal.config import (
+    LOCAL_CONTROLLER_ADDRESS,
     PORT_AGENT_METRICS,
     PORT_HBONE,
     PORT_INBOUND_PLAINTEXT,
@@ -93,7 +94,7 @@ class AgentConfig:
                 parser.error(f"--node must look like node-<n> in a local cluster, got {args.node!r}")
         return cls(
             node=args.node, layout=layout,
-            controller=args.controller or layout.controller_address,
+            controller=args.controller or LOCAL_CONTROLLER_ADDRESS,
             token_file=Path(args.token_file) if args.token_file else layout.node_credential_path(args.node),
             ca_bundle=Path(args.ca_bundle) if args.ca_bundle else None,
             metrics_address=args.metrics_address, metrics_port=args.metrics_port,

@@ -4,7 +4,7 @@ mode the local API for the CLI.
 
 The local cluster's own parts (the embedded kubelet, the waypoint launcher) follow the
 store, but the controller never imports them: ``shoal.local.controller`` hands them in as
-``store_followers``."""
+``store_followers``, with the local nodes' addresses (``node_address``) its relay dials."""
 from __future__ import annotations
 
 import asyncio
@@ -47,9 +47,13 @@ class LeadershipLost(RuntimeError):
 
 
 class ControllerApp:
-    def __init__(self, config: ControllerConfig, store_followers: Sequence[StoreFollower] = ()):
+    def __init__(self, config: ControllerConfig, store_followers: Sequence[StoreFollower] = (),
+                 node_address: Callable[[str], str] | None = None):
+        """``node_address``: local mode, a node's address for the relay's mTLS dial to its agent
+        (without it, the relay reads the agents' Unix sockets)."""
         self.config = config
         self.store_followers = tuple(store_followers)
+        self.node_address = node_address
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = ControllerMetrics.create()
         self._generation_path = config.state_dir / "generation"
@@ -66,7 +70,7 @@ class ControllerApp:
         self.api_client = None
         if config.source == "local":
             from shoal.controller.store import Store
-            self.store = Store(config.layout.store_path, service_cidrs=config.layout.SERVICE_CIDRS)
+            self.store = Store(config.layout.store_path)
         self.control_plane: ControlPlane | None = None
         self.elector = None   # kubernetes mode with --leader-elect: controller/leader.py
         self.relay = None
@@ -241,7 +245,7 @@ class ControllerApp:
             log.warning("Hubble relay not available: %s", err)
             return
         if self.config.source == "local":
-            self.relay = Relay.from_layout(self.config.layout,
+            self.relay = Relay.from_layout(self.config.layout, node_address=self.node_address,
                                            tcp_address=self.config.relay_address,
                                            registry=self.metrics.registry)
         else:

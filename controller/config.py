@@ -11,6 +11,7 @@ from typing import Mapping, Sequence
 
 from shoal.config import (
     DEFAULT_TRUST_DOMAIN,
+    LOCAL_CONTROLLER_IP,
     PORT_CONTROLLER_GRPC,
     PORT_CONTROLLER_METRICS,
     PORT_HUBBLE_RELAY,
@@ -66,7 +67,7 @@ class ControllerConfig:
         """Names the controller's TLS certificate carries: its listen host, loopback, the
         local cluster's address and the in-cluster Service names, plus --tls-name."""
         host = self.grpc_address.rpartition(":")[0].strip("[]")
-        names = ["localhost", "127.0.0.1", self.layout.CONTROLLER_IP,
+        names = ["localhost", "127.0.0.1", LOCAL_CONTROLLER_IP,
                  "shoal-controller", "shoal-controller.shoal-system",
                  "shoal-controller.shoal-system.svc",
                  f"shoal-controller.shoal-system.svc.{self.trust_domain}"]

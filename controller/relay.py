@@ -50,9 +50,11 @@ class _NodeUnavailable(Exception):
         self.node = node
 
 
-def layout_nodes(layout: ClusterLayout, over_tcp: bool = False) -> Callable[[], list[NodeTarget]]:
+def layout_nodes(layout: ClusterLayout, node_address: Callable[[str], str] | None = None
+                 ) -> Callable[[], list[NodeTarget]]:
     """The local cluster's nodes (every ``<run_dir>/node-*`` there is): their agents' TCP 4244
-    over mTLS when ``over_tcp`` (as hubble-relay dials Cilium agents), else their Unix sockets."""
+    at ``node_address(node)`` over mTLS when given (as hubble-relay dials Cilium agents), else
+    their Unix sockets."""
 
     def discover() -> list[NodeTarget]:
         nodes = []
@@ -60,8 +62,8 @@ def layout_nodes(layout: ClusterLayout, over_tcp: bool = False) -> Callable[[], 
             for node_dir in sorted(layout.run_dir.iterdir()):
                 if node_dir.is_dir() and node_dir.name.startswith("node-"):
                     node = node_dir.name
-                    nodes.append(NodeTarget(node, f"{layout.node_ip(node)}:{PORT_HUBBLE}",
-                                            node_server_name(node, layout.name)) if over_tcp
+                    nodes.append(NodeTarget(node, f"{node_address(node)}:{PORT_HUBBLE}",
+                                            node_server_name(node, layout.name)) if node_address
                                  else NodeTarget(node, f"unix:{layout.hubble_socket(node)}"))
         return nodes
 
@@ -451,16 +453,19 @@ class Relay:
         self._server: grpc.aio.Server | None = None
 
     @classmethod
-    def from_layout(cls, layout: ClusterLayout, **kwargs) -> "Relay":
+    def from_layout(cls, layout: ClusterLayout, node_address: Callable[[str], str] | None = None,
+                    **kwargs) -> "Relay":
         """The local cluster's relay: with the Hubble CA's certificates (``shoal up`` issues
-        them) it serves 4245 over mTLS and dials the agents' 4244 with mTLS."""
+        them) it serves 4245 over mTLS and, given the nodes' addresses, dials the agents'
+        4244 with mTLS (else their Unix sockets)."""
         kwargs.setdefault("unix_socket", layout.relay_socket)
         certificates = HubbleCertificates(layout.hubble_tls_dir)
         server, client = certificates.files(RELAY_SERVER), certificates.files(RELAY_CLIENT)
         if server.exists() and client.exists():
             kwargs.setdefault("tls", server)
             kwargs.setdefault("client_tls", client)
-        return cls(layout_nodes(layout, over_tcp=kwargs.get("client_tls") is not None), **kwargs)
+        over_tcp = kwargs.get("client_tls") is not None and node_address is not None
+        return cls(layout_nodes(layout, node_address if over_tcp else None), **kwargs)
 
     async def start(self) -> None:
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])

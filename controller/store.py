@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from shoal.config import ClusterLayout
 from shoal.controller import manifests
 from shoal.controller.manifests import ManifestError, object_key
 from shoal.xds import model as m
@@ -44,10 +43,15 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
+# The ClusterIP ranges of the embedded store, one per IP family (kube-apiserver's
+# --service-cluster-ip-range): Services get their addresses from these.
+SERVICE_CIDRS = ("10.96.0.0/16", "fd00:10:96::/112")
+
+
 class Store:
     """Kubernetes-shaped objects, persisted; every write is one transaction."""
 
-    def __init__(self, path: Path | str, service_cidrs: Iterable[str] = ClusterLayout.SERVICE_CIDRS):
+    def __init__(self, path: Path | str, service_cidrs: Iterable[str] = SERVICE_CIDRS):
         """``service_cidrs``: the ClusterIP range of each IP family the cluster has."""
         self._db = sqlite3.connect(str(path), isolation_level=None)
         self._db.executescript(_SCHEMA)

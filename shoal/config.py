@@ -1,4 +1,4 @@
-"""Constants shared by every component: ports, labels, and the local cluster's layout.
+"""Constants shared by every component: ports, labels, and where a cluster's runtime state lives.
 
 Each component owns one frozen config dataclass (``shoal.agent.config``,
 ``shoal.controller.config``...) built from flags and environment in one place;
@@ -52,12 +52,21 @@ def spiffe_id(namespace: str, service_account: str, trust_domain: str = DEFAULT_
     return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
 
 
+# Where a local cluster's controller listens (shoal/local/network.py puts it there): the
+# controller a node agent started without --controller dials, and a name on the controller's
+# certificate. The rest of the local cluster's address plan is shoal/local/network.py's.
+LOCAL_CONTROLLER_IP = "172.18.0.1"
+LOCAL_CONTROLLER_ADDRESS = f"{LOCAL_CONTROLLER_IP}:{PORT_CONTROLLER_GRPC}"
+
+
 @dataclass(frozen=True)
 class ClusterLayout:
-    """Where a local cluster's pieces live on this machine.
+    """Where a cluster's runtime state lives on this machine: state directories, sockets,
+    credentials, network namespace names, cgroups and bpffs pins, as every daemon finds them.
 
     Every name is prefixed with the cluster name, so several clusters (a demo and a
-    test run) can live side by side without touching the root network namespace.
+    test run) can live side by side without touching the root network namespace. The
+    local cluster's addresses (fabric, node and pod CIDRs) are in shoal/local/network.py.
     """
 
     name: str = DEFAULT_CLUSTER
@@ -185,46 +194,9 @@ class ClusterLayout:
     def bpf_pin_dir(self, node: str) -> Path:
         return self.bpffs_root / self.name / node
 
-    # -- addressing
-    # Dual-stack: every range has an IPv4 and an IPv6 (ULA, fd00::/8) form, IPv4 first.
-    # The IPv6 forms spell the IPv4 numbers as hex groups (10.244.1.23 <-> fd00:10:244:1::23)
-    # so an address reads the same in both families; IPv4 stays the primary family.
-    FABRIC_CIDR = "172.18.0.0/24"
-    CONTROLLER_IP = "172.18.0.1"
-    SERVICE_CIDR = "10.96.0.0/16"
-    FABRIC_CIDRS = (FABRIC_CIDR, "fd00:172:18::/64")
-    CONTROLLER_IPS = (CONTROLLER_IP, "fd00:172:18::1")
-    SERVICE_CIDRS = (SERVICE_CIDR, "fd00:10:96::/112")
-
+    # -- names
     @staticmethod
     def node_index(node: str) -> int:
+        """The N of a local cluster's node ``node-N`` (its addresses are derived from it:
+        shoal/local/network.py); a ValueError or IndexError for any other name."""
         return int(node.rsplit("-", 1)[1])
-
-    def node_ip(self, node: str) -> str:
-        return self.node_ips(node)[0]
-
-    def node_ips(self, node: str) -> tuple[str, str]:
-        index = 10 + self.node_index(node)
-        return f"172.18.0.{index}", f"fd00:172:18::{index}"
-
-    def pod_cidr(self, node: str) -> str:
-        return self.pod_cidrs(node)[0]
-
-    def pod_cidrs(self, node: str) -> tuple[str, str]:
-        index = self.node_index(node)
-        return f"10.244.{index}.0/24", f"fd00:10:244:{index}::/64"
-
-    def pod_gateway(self, node: str) -> str:
-        return self.pod_gateways(node)[0]
-
-    def pod_gateways(self, node: str) -> tuple[str, str]:
-        return self.pod_ips(node, self.pod_cidr(node).replace(".0/24", ".1"))
-
-    def pod_ips(self, node: str, ipv4: str) -> tuple[str, str]:
-        """Both addresses of the pod (or gateway) that has ``ipv4`` on ``node``: the IPv6
-        one is derived, so one allocator (IPv4's) serves both families."""
-        return ipv4, f"fd00:10:244:{self.node_index(node)}::{ipv4.rsplit('.', 1)[1]}"
-
-    @property
-    def controller_address(self) -> str:
-        return f"{self.CONTROLLER_IP}:{PORT_CONTROLLER_GRPC}"

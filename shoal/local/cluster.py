@@ -19,6 +19,7 @@ from typing import Callable, Iterable
 from shoal.config import ENV_CLUSTER, ClusterLayout
 from shoal.credentials import NodeCredentials
 from shoal.hubbletls import HubbleCertificates
+from shoal.local import network
 from shoal.local.apiclient import ApiClient
 from shoal.local.linux import Cgroup, LinuxError, Netns
 from shoal.local.topology import Topology
@@ -148,13 +149,13 @@ class LocalCluster:
         credentials = NodeCredentials.load_or_create(layout.credential_key_path)
         # The flow APIs' mTLS material (4244 on each agent, the relay's 4245), before anyone starts.
         HubbleCertificates(layout.hubble_tls_dir).ensure(
-            layout.name, {node: layout.node_ip(node) for node in node_names}, [layout.CONTROLLER_IP])
-        self.progress(f"fabric: netns {layout.control_netns}, bridge fabric0 {layout.CONTROLLER_IP}")
+            layout.name, {node: network.node_ip(node) for node in node_names}, [network.CONTROLLER_IP])
+        self.progress(f"fabric: netns {layout.control_netns}, bridge fabric0 {network.CONTROLLER_IP}")
         self.topology.build_control()
         Cgroup(layout.cgroup / "control").create()
         for node in node_names:
-            self.progress(f"node {node}: netns {layout.node_netns(node)}, {layout.node_ip(node)}, "
-                          f"pods {layout.pod_cidr(node)}")
+            self.progress(f"node {node}: netns {layout.node_netns(node)}, {network.node_ip(node)}, "
+                          f"pods {network.pod_cidr(node)}")
             self.topology.build_node(node, node_names)
             for part in ("pods", "system"):
                 Cgroup(layout.node_cgroup(node) / part).create()
@@ -173,13 +174,13 @@ class LocalCluster:
     def _node_object(self, node: str) -> dict:
         return {"apiVersion": "v1", "kind": "Node",
                 "metadata": {"name": node, "labels": {"kubernetes.io/hostname": node}},
-                "spec": {"podCIDR": self.layout.pod_cidr(node)},
-                "status": {"addresses": [{"type": "InternalIP", "address": self.layout.node_ip(node)}]}}
+                "spec": {"podCIDR": network.pod_cidr(node)},
+                "status": {"addresses": [{"type": "InternalIP", "address": network.node_ip(node)}]}}
 
     def controller_component(self) -> Component:
         return Component("controller", "shoal.local.controller", self.layout.control_netns,
                          self.layout.cgroup / "control",
-                         ("--cluster", self.layout.name, "--grpc-address", self.layout.controller_address,
+                         ("--cluster", self.layout.name, "--grpc-address", network.CONTROLLER_ADDRESS,
                           "--tls"))
 
     def node_components(self, node: str) -> list[Component]:
@@ -195,7 +196,7 @@ class LocalCluster:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
         env.update({
             ENV_CLUSTER: self.layout.name,
-            "SHOAL_CONTROLLER": self.layout.controller_address,
+            "SHOAL_CONTROLLER": network.CONTROLLER_ADDRESS,
             # The config stream and the CA are served over TLS from the workload CA's root.
             "SHOAL_CA_BUNDLE": str(self.layout.ca_bundle_path),
             "PYTHONUNBUFFERED": "1",

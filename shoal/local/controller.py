@@ -2,13 +2,15 @@
 
 The same ``ControllerApp`` as ``python -m shoal.controller``, assembled with the local
 cluster's own parts that follow the embedded store: the kubelet (Pods become namespaces
-and processes) and the waypoint launcher (one Deployment per waypoint Gateway). They are
-handed in, so the controller never imports ``shoal.local``.
+and processes) and the waypoint launcher (one Deployment per waypoint Gateway), and the
+nodes' addresses the relay dials. They are handed in, so the controller never imports
+``shoal.local``.
 """
 from __future__ import annotations
 
 from shoal.controller.app import ControllerApp, StoreFollower
 from shoal.controller.config import ControllerConfig
+from shoal.local import network
 from shoal.local.kubelet import LocalKubelet
 from shoal.local.waypoints import LocalWaypointLauncher
 from shoal.runtime import run_daemon
@@ -25,7 +27,7 @@ def store_followers(config: ControllerConfig) -> list[StoreFollower]:
 
 def main() -> None:
     config = ControllerConfig.from_args()
-    run_daemon(lambda: ControllerApp(config, store_followers(config)).run(), config.log_level)
+    run_daemon(lambda: ControllerApp(config, store_followers(config), node_address=network.node_ip).run(), config.log_level)
 
 
 if __name__ == "__main__":

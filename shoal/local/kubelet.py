@@ -24,6 +24,7 @@ from typing import Any
 from shoal.config import ClusterLayout
 from shoal.controller.model import pod_meshed
 from shoal.controller.store import Store, WatchEvent
+from shoal.local import network
 from shoal.local.linux import Cgroup, LinuxError, Netns
 from shoal.local.sandbox import SandboxError, check_host, default_uid, pod_argv, security_record
 from shoal.local.topology import Topology
@@ -216,7 +217,7 @@ class LocalKubelet:
         runtime = self._pods.get(key)
         if runtime is None:
             runtime = self._pods[key] = _PodRuntime(restarts=pod.get("status", {}).get("restartCount", 0))
-            runtime.ips = self.layout.pod_ips(node, self._pod_ip(pod))
+            runtime.ips = network.pod_ips(node, self._pod_ip(pod))
             netns = self.topology.attach_pod(node, *key, runtime.ips)
             # Before the first start: `ip netns exec` bind-mounts these files only if they exist.
             netns.write_etc("hosts", hosts_file(*key, runtime.ips, self.store.list("Service")))
@@ -230,7 +231,7 @@ class LocalKubelet:
         runtime.procs = [p for p in runtime.procs if p.poll() is None]
         if cgroup.pids():
             runtime.awaiting_capture = None
-            status = {**_addresses_status(runtime.ips, self.layout.node_ips(node)),
+            status = {**_addresses_status(runtime.ips, network.node_ips(node)),
                       "phase": "Running", "restartCount": runtime.restarts}
             self.store.update_status("Pod", *key, status)
             return
@@ -251,7 +252,7 @@ class LocalKubelet:
         runtime.ready = http_probe_of(pod) is None
         runtime.next_probe = now
         self.store.update_status("Pod", *key, {
-            **_addresses_status(runtime.ips, self.layout.node_ips(node)), "phase": "Running",
+            **_addresses_status(runtime.ips, network.node_ips(node)), "phase": "Running",
             "restartCount": runtime.restarts, "startTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "reason": "", "message": "", "conditions": ready_condition(runtime.ready)})
 
@@ -266,7 +267,7 @@ class LocalKubelet:
         if runtime.awaiting_capture is None:
             runtime.awaiting_capture, runtime.waiting_since, runtime.timed_out = pod, now, False
             self.store.update_status("Pod", *key, {
-                **_addresses_status(runtime.ips, self.layout.node_ips(node)), "phase": "Pending",
+                **_addresses_status(runtime.ips, network.node_ips(node)), "phase": "Pending",
                 "reason": "WaitingForMeshCapture",
                 "message": f"waiting for {node}'s agent to capture the pod's traffic before starting it"})
         runtime.awaiting_capture = pod

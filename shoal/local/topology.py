@@ -9,7 +9,7 @@
                     its MAC derived from its address (``stable_mac``: a recycled address keeps it)
 
 Dual-stack: every address, route and forwarding sysctl exists once per family (the
-layout's ``*_cidrs``/``*_ips`` pairs, IPv4 first). IPv6 addresses are added with
+address plan's ``*_cidrs``/``*_ips`` pairs in ``shoal/local/network.py``, IPv4 first). IPv6 addresses are added with
 ``nodad``: duplicate address detection would leave them unusable ("tentative") for a
 second after creation, and the allocator already guarantees uniqueness.
 
@@ -23,6 +23,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from shoal.config import ClusterLayout
+from shoal.local import network
 from shoal.local.linux import Netns
 
 
@@ -64,8 +65,8 @@ class Topology:
         control = Netns(self.layout.control_netns).create()
         if not control.has_link("fabric0"):
             control.ip("link", "add", "fabric0", "type", "bridge")
-        control.ip("link", "set", "fabric0", "address", stable_mac(self.layout.CONTROLLER_IP))
-        for address, cidr in zip(self.layout.CONTROLLER_IPS, self.layout.FABRIC_CIDRS):
+        control.ip("link", "set", "fabric0", "address", stable_mac(network.CONTROLLER_IP))
+        for address, cidr in zip(network.CONTROLLER_IPS, network.FABRIC_CIDRS):
             _add_address(control, "fabric0", address, cidr)
         control.ip("link", "set", "fabric0", "up")
         return control
@@ -75,28 +76,28 @@ class Topology:
         control = Netns(self.layout.control_netns)
         port = f"fab-{node}"
         if not netns.has_link("eth0"):
-            netns.ip("link", "add", "eth0", "address", stable_mac(self.layout.node_ips(node)[0]), "type", "veth",
+            netns.ip("link", "add", "eth0", "address", stable_mac(network.node_ips(node)[0]), "type", "veth",
                      "peer", "name", port, "netns", control.name)
         control.ip("link", "set", port, "master", "fabric0", "up")
-        for address, cidr in zip(self.layout.node_ips(node), self.layout.FABRIC_CIDRS):
+        for address, cidr in zip(network.node_ips(node), network.FABRIC_CIDRS):
             _add_address(netns, "eth0", address, cidr)
         netns.ip("link", "set", "eth0", "up")
         if not netns.has_link("cni0"):
             netns.ip("link", "add", "cni0", "type", "bridge")
-        netns.ip("link", "set", "cni0", "address", stable_mac(self.layout.pod_gateway(node)))
-        for gateway, cidr in zip(self.layout.pod_gateways(node), self.layout.pod_cidrs(node)):
+        netns.ip("link", "set", "cni0", "address", stable_mac(network.pod_gateway(node)))
+        for gateway, cidr in zip(network.pod_gateways(node), network.pod_cidrs(node)):
             _add_address(netns, "cni0", gateway, cidr)
         netns.ip("link", "set", "cni0", "up")
         netns.sysctl("net.ipv4.ip_forward", "1")
         netns.sysctl("net.ipv6.conf.all.forwarding", "1")
         # The control netns reaches pods (waypoints and webhooks dial the controller from pods).
         for family in range(2):
-            control.ip("route", "replace", self.layout.pod_cidrs(node)[family],
-                       "via", self.layout.node_ips(node)[family])
+            control.ip("route", "replace", network.pod_cidrs(node)[family],
+                       "via", network.node_ips(node)[family])
             for other in all_nodes:
                 if other != node:
-                    netns.ip("route", "replace", self.layout.pod_cidrs(other)[family],
-                             "via", self.layout.node_ips(other)[family])
+                    netns.ip("route", "replace", network.pod_cidrs(other)[family],
+                             "via", network.node_ips(other)[family])
         return netns
 
     # -- pods --------------------------------------------------------------------------
@@ -112,7 +113,7 @@ class Topology:
                      "peer", "name", host_side, "netns", node_netns.name)
         node_netns.ip("link", "set", host_side, "master", "cni0", "up")
         families = {ipaddress.ip_address(g).version: (g, c) for g, c in
-                    zip(self.layout.pod_gateways(node), self.layout.pod_cidrs(node))}
+                    zip(network.pod_gateways(node), network.pod_cidrs(node))}
         for address in ips:
             _add_address(netns, "eth0", address, families[ipaddress.ip_address(address).version][1])
         netns.ip("link", "set", "eth0", "up")
@@ -127,7 +128,7 @@ class Topology:
 
     def pod_ip_range(self, node: str) -> list[str]:
         """Addresses a pod on ``node`` may get (.1 is the node's gateway)."""
-        net = ipaddress.ip_network(self.layout.pod_cidr(node))
+        net = ipaddress.ip_network(network.pod_cidr(node))
         return [str(h) for h in net.hosts()][1:]
 
     def teardown(self) -> None:

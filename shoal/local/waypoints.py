@@ -25,6 +25,7 @@ import time
 from typing import Any, Callable, Iterable
 
 from shoal.config import ENV_CLUSTER, LABEL_MESH, PORT_HBONE, WAYPOINT_GATEWAY_CLASS, ClusterLayout
+from shoal.local import network
 
 PORT_READY = 15021
 
@@ -58,7 +59,7 @@ def deployment_for(gateway: Obj, layout: ClusterLayout, python: str = sys.execut
               # The waypoint terminates HBONE itself: the node proxy must not capture it.
               LABEL_MESH: "disabled"}
     env = [{"name": ENV_CLUSTER, "value": layout.name},
-           {"name": "SHOAL_CONTROLLER", "value": layout.controller_address},
+           {"name": "SHOAL_CONTROLLER", "value": network.CONTROLLER_ADDRESS},
            {"name": "SHOAL_TOKEN_FILE", "value": str(layout.waypoint_credential_path(namespace, name))},
            {"name": "SHOAL_CA_BUNDLE", "value": str(layout.ca_bundle_path)},
            {"name": "SHOAL_FLOWS_SOCKET", "value": POD_FLOWS_SOCKET},

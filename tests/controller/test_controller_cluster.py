@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from shoal.config import PORT_CONTROLLER_METRICS
+from shoal.local import network
 from shoal.local.apiclient import ApiClient
 from tests.conftest import pod_exec
 
@@ -99,7 +100,7 @@ def test_node_1_cannot_get_a_certificate_for_an_identity_only_on_node_2(demo_clu
                     if p["spec"].get("nodeName") == "node-1")
         out = subprocess.run(
             ["ip", "netns", "exec", layout.node_netns("node-1"), sys.executable, "-c", CERT_PROBE,
-             layout.controller_address, "node-1", str(layout.node_credential_path("node-1")),
+             network.CONTROLLER_ADDRESS, "node-1", str(layout.node_credential_path("node-1")),
              str(layout.ca_bundle_path),
              on_1, "t-only-node-2"],
             capture_output=True, text=True, timeout=60)
@@ -162,8 +163,8 @@ def test_a_pod_without_a_node_credential_can_neither_stream_config_nor_read_stat
     from shoal.credentials import NodeCredentials
     forged = NodeCredentials(b"not-this-clusters-key-at-all-000").issue("node-1")
     out = pod_exec(layout, "demo/client-0", sys.executable, "-c", NO_CREDENTIAL_PROBE,
-                   layout.controller_address,
-                   f"http://{layout.CONTROLLER_IP}:{PORT_CONTROLLER_METRICS}/status",
+                   network.CONTROLLER_ADDRESS,
+                   f"http://{network.CONTROLLER_IP}:{PORT_CONTROLLER_METRICS}/status",
                    "-", "made-up", forged, timeout=90, input=layout.ca_bundle_path.read_text())
     lines = dict(line.split() for line in out.stdout.splitlines() if line.count(" ") == 1)
     assert lines == {"stream[]": "UNAUTHENTICATED", "status[]": "401",
@@ -213,7 +214,7 @@ def _node_view(layout, node="node-1"):
               if p["spec"].get("nodeName") == node)
     out = subprocess.run(
         ["ip", "netns", "exec", layout.node_netns(node), sys.executable, "-c", IDENTITY_PROBE,
-         layout.controller_address, node, str(layout.node_credential_path(node)),
+         network.CONTROLLER_ADDRESS, node, str(layout.node_credential_path(node)),
          str(layout.ca_bundle_path), f"spiffe://cluster.local/ns/demo/sa/{sa}"],
         capture_output=True, text=True, timeout=90)
     assert out.returncode == 0, out.stdout + out.stderr

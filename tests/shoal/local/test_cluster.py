@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from shoal.config import ClusterLayout
+from shoal.local import network
 from shoal.local.linux import Cgroup, Netns
 from tests.conftest import eventually, pod_exec, shoal_cli
 
@@ -31,7 +32,7 @@ def test_demo_pods_run_on_two_nodes_with_ips_from_their_node_cidr(demo_cluster):
     for pod in pods.values():
         node = pod["spec"]["nodeName"]
         assert pod["status"]["phase"] == "Running"
-        assert pod["status"]["podIP"].startswith(layout.pod_cidr(node).rsplit(".", 2)[0] + ".")
+        assert pod["status"]["podIP"].startswith(network.pod_cidr(node).rsplit(".", 2)[0] + ".")
     table = shoal_cli(layout, "get", "pods").stdout.splitlines()
     assert table[0].split() == ["NAMESPACE", "NAME", "NODE", "IP", "STATUS", "MESHED", "RESTARTS"]
     assert any(row.split()[:2] == ["legacy", "client-0"] and row.split()[5] == "False" for row in table[1:])
@@ -244,11 +245,11 @@ def test_config_stream_is_tls_verified_with_the_cluster_ca(demo_cluster):
         # "-alpn h2" as every gRPC client offers: gRPC servers drop a TLS connection that did not
         # negotiate h2 right after the handshake (without close_notify), which openssl reports as
         # "unexpected eof" and exit 1 whenever the drop beats its own shutdown on stdin EOF.
-        return subprocess.run(node.exec_argv(["openssl", "s_client", "-connect", layout.controller_address,
+        return subprocess.run(node.exec_argv(["openssl", "s_client", "-connect", network.CONTROLLER_ADDRESS,
                                               "-alpn", "h2", "-verify_return_error", "-brief", *extra]),
                               capture_output=True, text=True, errors="replace", timeout=20, input="")  # h2 SETTINGS are binary
 
-    trusted = handshake("-CAfile", str(layout.ca_bundle_path), "-verify_ip", layout.CONTROLLER_IP)
+    trusted = handshake("-CAfile", str(layout.ca_bundle_path), "-verify_ip", network.CONTROLLER_IP)
     assert trusted.returncode == 0, trusted.stderr
     assert "Verification: OK" in trusted.stderr
     untrusted = handshake()  # the machine's CAs do not vouch for the controller

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from shoal.local import network
 from tests.conftest import eventually, pod_exec, shoal_cli
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
@@ -66,7 +67,7 @@ def test_nodes_and_pods_are_dual_stack_and_ipv6_is_routed_across_nodes(demo_clus
         ips = _ips(pod)
         node = pod["spec"]["nodeName"]
         assert pod["status"]["podIP"] == ips[4], f"{key}: IPv4 is the primary family"
-        assert ipaddress.ip_address(ips[6]) in ipaddress.ip_network(layout.pod_cidrs(node)[1]), key
+        assert ipaddress.ip_address(ips[6]) in ipaddress.ip_network(network.pod_cidrs(node)[1]), key
     hosts = Path(f"/etc/netns/{layout.pod_netns('demo', 'client-0')}/hosts").read_text()
     assert _ips(_pods(layout)["demo/client-0"])[6] in hosts
     # IPv6 between unmeshed pods on different nodes, and from the control netns over the fabric.
@@ -74,7 +75,7 @@ def test_nodes_and_pods_are_dual_stack_and_ipv6_is_routed_across_nodes(demo_clus
     client6 = _ips(_pods(layout)["legacy/client-0"])[6]
     assert _pods(layout)["legacy/client-0"]["spec"]["nodeName"] != "node-2"
     assert _connect(layout, "legacy/client-0", server6, 9100) == f"from {client6}"
-    assert _connect(layout, "control", server6, 9100) == f"from {layout.CONTROLLER_IPS[1]}"
+    assert _connect(layout, "control", server6, 9100) == f"from {network.CONTROLLER_IPS[1]}"
 
 
 @pytest.mark.parametrize("family", [4, 6])

@@ -106,10 +106,11 @@ def test_pods_cannot_read_flows_and_the_relay_dials_agents_with_mtls(demo_cluste
     import sys
 
     from shoal.config import PORT_HUBBLE, PORT_HUBBLE_RELAY
+    from shoal.local import network
 
     layout = demo_cluster.layout
-    targets = [f"{layout.node_ip('node-1')}:{PORT_HUBBLE}", f"{layout.pod_gateway('node-1')}:{PORT_HUBBLE}",
-               f"{layout.CONTROLLER_IP}:{PORT_HUBBLE_RELAY}"]
+    targets = [f"{network.node_ip('node-1')}:{PORT_HUBBLE}", f"{network.pod_gateway('node-1')}:{PORT_HUBBLE}",
+               f"{network.CONTROLLER_IP}:{PORT_HUBBLE_RELAY}"]
     out = pod_exec(layout, "demo/client-0", sys.executable, "-c", POD_PROBE, *targets).stdout
     assert "ANSWERED" not in out and out.count("UNAVAILABLE") == 3, out
     # The relay reaches the agents over TCP 4244 with its client certificate ...
@@ -121,7 +122,7 @@ def test_pods_cannot_read_flows_and_the_relay_dials_agents_with_mtls(demo_cluste
 
     over_tcp = subprocess.run(
         ["ip", "netns", "exec", layout.control_netns, sys.executable, "-m", "shoal", "observe",
-         "--server", f"{layout.CONTROLLER_IP}:{PORT_HUBBLE_RELAY}", "--last", "3"],
+         "--server", f"{network.CONTROLLER_IP}:{PORT_HUBBLE_RELAY}", "--last", "3"],
         capture_output=True, text=True, timeout=60, env={**os.environ, "SHOAL_CLUSTER": layout.name})
     assert over_tcp.returncode == 0 and len(over_tcp.stdout.splitlines()) == 3, over_tcp
 
