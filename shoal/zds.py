@@ -165,7 +165,12 @@ async def _wait_fd(loop: asyncio.AbstractEventLoop, sock: socket.socket, writabl
     done = loop.create_future()
     fd = sock.fileno()
     add, remove = (loop.add_writer, loop.remove_writer) if writable else (loop.add_reader, loop.remove_reader)
-    add(fd, lambda: done.done() or done.set_result(None))
+
+    def ready() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    add(fd, ready)
     try:
         await done
     finally:
@@ -260,7 +265,7 @@ class ZdsClient:
             raise ZdsError(f"cannot connect to {self.path}: {exc}") from exc
         self._sock = sock
         self._closed = asyncio.Event()
-        self._reader = asyncio.create_task(self._read_acks(), name="zds-client-reader")
+        self._reader = asyncio.create_task(self._read_acks(sock), name="zds-client-reader")
         await self._request(Hello(PROTOCOL_VERSION))
 
     async def add(self, pod: PodInfo, netns_fd: int) -> None:
@@ -296,13 +301,14 @@ class ZdsClient:
         await self.close()
 
     async def _request(self, message: Message, fd: int | None = None) -> None:
-        if not self.connected:
+        sock = self._sock
+        if sock is None or not self.connected:
             raise ZdsError("not connected")
         async with self._lock:
             waiter = asyncio.get_running_loop().create_future()
             self._pending.append(waiter)
             try:
-                await send_message(self._sock, message, fd)
+                await send_message(sock, message, fd)
             except OSError as exc:
                 self._pending.remove(waiter)
                 raise ZdsError(f"send failed: {exc}") from exc
@@ -313,11 +319,11 @@ class ZdsClient:
         if ack.error is not None:
             raise ZdsError(ack.error)
 
-    async def _read_acks(self) -> None:
+    async def _read_acks(self, sock: socket.socket) -> None:
         reason = "proxy closed the connection"
         try:
             while True:
-                received = await recv_message(self._sock)
+                received = await recv_message(sock)
                 if received is None:
                     break
                 message, _ = received
@@ -381,7 +387,7 @@ class ZdsServer:
         self._path_inode = os.stat(tmp).st_ino
         os.replace(tmp, self.path)
         self._listener = sock
-        self._accept_task = asyncio.create_task(self._accept_loop(), name="zds-accept")
+        self._accept_task = asyncio.create_task(self._accept_loop(sock), name="zds-accept")
 
     async def close(self, unlink: bool = True) -> None:
         if self._accept_task is not None:
@@ -402,10 +408,10 @@ class ZdsServer:
             self._listener.close()
             self._listener = None
 
-    async def _accept_loop(self) -> None:
+    async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            conn, _ = await loop.sock_accept(self._listener)
+            conn, _ = await loop.sock_accept(listener)
             conn.setblocking(False)
             task = asyncio.create_task(self._serve(conn), name="zds-conn")
             self._connections.add(task)
@@ -442,6 +448,8 @@ class ZdsServer:
             if not greeted:
                 return "hello first"
             if isinstance(message, AddPod):
+                if fd is None:
+                    raise ZdsError("add without a network namespace fd")   # recv_message refuses it first
                 owned, fd = fd, None
                 await self.handler.add_pod(message.pod, owned)
             elif isinstance(message, DelPod):

@@ -366,7 +366,7 @@ class HubbleServer:
         self.metrics.count_flow(flow)
         self.store.append(flow.time.ToNanoseconds(), flow)
 
-    def record_lost(self, source: int, count: int) -> None:
+    def record_lost(self, source: flow_pb2.LostEventSource, count: int) -> None:
         self.store.record_lost(time.time_ns(), source, count)
 
     def poll_kernel_lost(self) -> None:

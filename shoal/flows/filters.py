@@ -15,6 +15,7 @@ import fnmatch
 import ipaddress
 import re
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 
 import re2
 
@@ -135,7 +136,9 @@ _REQ_EXISTS = re.compile(r"^\s*(!?)([^\s!=(),]+)\s*$")
 
 def _split_requirements(selector: str) -> list[str]:
     """Splits on commas outside parentheses: ``"a in (x,y),b"`` -> two requirements."""
-    parts, depth, current = [], 0, []
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
     for char in selector:
         if char == "(":
             depth += 1
@@ -163,6 +166,31 @@ def _label_lookup(labels: Iterable[str]) -> dict[str, str]:
     return table
 
 
+# One requirement of a label selector, over the table of ``_label_lookup``.
+def _value_in(key: str, values: frozenset[str], table: dict[str, str]) -> bool:
+    return table.get(key) in values
+
+
+def _value_not_in(key: str, values: frozenset[str], table: dict[str, str]) -> bool:
+    return table.get(key) not in values
+
+
+def _value_is(key: str, value: str, table: dict[str, str]) -> bool:
+    return key in table and table[key] == value
+
+
+def _value_is_not(key: str, value: str, table: dict[str, str]) -> bool:
+    return table.get(key) != value
+
+
+def _has(key: str, table: dict[str, str]) -> bool:
+    return key in table
+
+
+def _lacks(key: str, table: dict[str, str]) -> bool:
+    return key not in table
+
+
 def parse_label_selector(selector: str, field: str) -> Callable[[Sequence[str]], bool]:
     """Kubernetes label selector syntax over Cilium-style ``source:key=value`` labels."""
     checks: list[Callable[[dict[str, str]], bool]] = []
@@ -174,22 +202,13 @@ def parse_label_selector(selector: str, field: str) -> Callable[[Sequence[str]],
             if negate:
                 raise FilterError(f"{field}: invalid label selector {selector!r}")
             values = frozenset(v.strip() for v in raw.split(",") if v.strip())
-            if op == "in":
-                checks.append(lambda t, k=key, v=values: t.get(k) in v)
-            else:
-                checks.append(lambda t, k=key, v=values: t.get(k) not in v)
+            checks.append(partial(_value_in if op == "in" else _value_not_in, key, values))
         elif (found := _REQ_EQ.match(requirement)):
             key, op, value = found.groups()
-            if op == "!=":
-                checks.append(lambda t, k=key, v=value: t.get(k) != v)
-            else:
-                checks.append(lambda t, k=key, v=value: k in t and t[k] == v)
+            checks.append(partial(_value_is_not if op == "!=" else _value_is, key, value))
         elif (found := _REQ_EXISTS.match(requirement)):
             negate, key = found.groups()
-            if negate:
-                checks.append(lambda t, k=key: k not in t)
-            else:
-                checks.append(lambda t, k=key: k in t)
+            checks.append(partial(_lacks if negate else _has, key))
         else:
             raise FilterError(f"{field}: invalid label selector {selector!r}")
 
@@ -262,10 +281,10 @@ def _endpoint_matchers(flow_filter: flow_pb2.FlowFilter, side: str) -> list[Pred
     selectors = getattr(flow_filter, f"{field_prefix}_label")
     if selectors:
         matchers = [parse_label_selector(s, f"{field_prefix}_label") for s in selectors]
-        checks.append(lambda f, ms=matchers: any(m(getattr(f, side).labels) for m in ms))
+        checks.append(lambda f: any(m(getattr(f, side).labels) for m in matchers))
     identities = frozenset(getattr(flow_filter, f"{field_prefix}_identity"))
     if identities:
-        checks.append(lambda f, ids=identities: getattr(f, side).identity in ids)
+        checks.append(lambda f: getattr(f, side).identity in identities)
     workloads = [(w.name, w.kind) for w in getattr(flow_filter, f"{field_prefix}_workload")]
     if workloads:
         def match_workload(f, wanted=workloads):
@@ -277,12 +296,12 @@ def _endpoint_matchers(flow_filter: flow_pb2.FlowFilter, side: str) -> list[Pred
     if port_values:
         wanted_ports = parse_ports(port_values, f"{field_prefix}_port")
         index = 0 if side == "source" else 1
-        checks.append(lambda f, p=wanted_ports, i=index: bool(f.l4.WhichOneof("protocol")) and ports(f)[i] in p)
+        checks.append(lambda f: bool(f.l4.WhichOneof("protocol")) and ports(f)[index] in wanted_ports)
     fqdns = getattr(flow_filter, f"{field_prefix}_fqdn")
     if fqdns:
-        names_attr = f"{field_prefix}_names"
-        checks.append(lambda f, want=list(fqdns), a=names_attr: any(
-            fnmatch.fnmatchcase(name, pattern) for name in getattr(f, a) for pattern in want))
+        names_attr, patterns = f"{field_prefix}_names", list(fqdns)
+        checks.append(lambda f: any(
+            fnmatch.fnmatchcase(name, pattern) for name in getattr(f, names_attr) for pattern in patterns))
     return checks
 
 

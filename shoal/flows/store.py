@@ -59,7 +59,7 @@ class FlowStore:
         if self._waiters:
             self._wake()
 
-    def record_lost(self, ts_ns: int, source: int, count: int) -> None:
+    def record_lost(self, ts_ns: int, source: flow_pb2.LostEventSource, count: int) -> None:
         """Counts ``count`` events lost at ``source`` and stores a lost-events record."""
         if count <= 0:
             return
@@ -95,18 +95,19 @@ class FlowStore:
     async def wait_beyond(self, seq: int) -> None:
         """Returns once an entry with sequence number >= ``seq`` exists."""
         while self._head <= seq:
-            self._attach_loop()
-            future = self._loop.create_future()
+            future = self._attach_loop().create_future()
             self._waiters.append(future)
             if self._head > seq:           # appended between the check and the registration
                 self._release()
             await future
 
     # -- waking followers
-    def _attach_loop(self) -> None:
+    def _attach_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the followers wait on: the first one to wait fixes it."""
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
             self._loop_thread = threading.get_ident()
+        return self._loop
 
     def _wake(self) -> None:
         if threading.get_ident() == self._loop_thread:

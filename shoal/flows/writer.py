@@ -20,7 +20,10 @@ class GuardedWriter:
     def __init__(self, context, timeout: float) -> None:
         self._context = context
         self._timeout = timeout
-        self._task = asyncio.current_task()
+        task = asyncio.current_task()
+        if task is None:   # the stream's own task is what a stuck write cancels
+            raise RuntimeError("GuardedWriter must be created inside the task that writes the stream")
+        self._task: asyncio.Task = task
         self._since: float | None = None
         self._timed_out = False
         self._watchdog = asyncio.get_running_loop().create_task(self._watch())

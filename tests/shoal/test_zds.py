@@ -7,6 +7,7 @@ import os
 import pytest
 
 from shoal.zds import (
+    PROTOCOL_VERSION,
     Ack,
     AddPod,
     DelPod,
@@ -140,6 +141,11 @@ async def test_server_rejects_messages_before_hello_and_stray_fds(tmp_path):
     await send_message(sock, Hello(2))
     (ack, _) = await recv_message(sock)
     assert "unsupported version" in ack.error
+    await send_message(sock, Hello(PROTOCOL_VERSION))
+    await recv_message(sock)
+    await send_message(sock, AddPod(POD))   # no SCM_RIGHTS fd: refused, not handed on as None
+    (ack, _) = await recv_message(sock)
+    assert "without a network namespace fd" in ack.error and handler.pods == {}
     sock.close()
     await server.close()
     assert handler.snapshots == 0
