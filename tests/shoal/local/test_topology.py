@@ -10,6 +10,7 @@ import uuid
 import pytest
 
 from shoal.config import ClusterLayout
+from shoal.local import network
 from shoal.local.linux import Netns
 from shoal.local.topology import Topology, stable_mac, veth_name
 from shoal.netns import in_netns
@@ -55,10 +56,9 @@ def test_a_pod_on_a_recycled_address_is_reachable_at_once(topology, version):
     the old MAC as REACHABLE for 15-45 s: SYNs went to a MAC that no longer existed and
     every dial timed out (the node proxy's 5 s "TimeoutError" to the waypoint). The MAC
     is now derived from the address, so the neighbour entries stay right."""
-    layout = topology.layout
     family = socket.AF_INET if version == 4 else socket.AF_INET6
-    client_ips = layout.pod_ips("node-1", "10.244.1.2")
-    server_ips = layout.pod_ips("node-1", "10.244.1.3")
+    client_ips = network.pod_ips("node-1", "10.244.1.2")
+    server_ips = network.pod_ips("node-1", "10.244.1.3")
     target = server_ips[0 if version == 4 else 1]
     client = topology.attach_pod("node-1", "demo", "client-0", client_ips)
     old = topology.attach_pod("node-1", "demo", "waypoint-a", server_ips)
@@ -91,13 +91,13 @@ def test_the_pod_gateway_keeps_its_mac_when_a_pod_leaves(topology, version):
     port MAC. The node's bridge now has a fixed MAC."""
     layout = topology.layout
     family = socket.AF_INET if version == 4 else socket.AF_INET6
-    client = topology.attach_pod("node-1", "demo", "client-0", layout.pod_ips("node-1", "10.244.1.2"))
-    topology.attach_pod("node-1", "demo", "waypoint-0", layout.pod_ips("node-1", "10.244.1.5"))
+    client = topology.attach_pod("node-1", "demo", "client-0", network.pod_ips("node-1", "10.244.1.2"))
+    topology.attach_pod("node-1", "demo", "waypoint-0", network.pod_ips("node-1", "10.244.1.5"))
     node = Netns(layout.node_netns("node-1"))
     # The leaving pod's port has the lowest MAC of the bridge (random MACs: about as likely
     # as not for a pod among a few).
     node.ip("link", "set", veth_name("demo/waypoint-0"), "address", "02:00:00:00:00:01")
-    gateway = layout.pod_gateways("node-1")[0 if version == 4 else 1]
+    gateway = network.pod_gateways("node-1")[0 if version == 4 else 1]
     listener = _listener(str(node.path), family, gateway)   # the node itself, beyond the gateway
     try:
         _connect(str(client.path), family, gateway, timeout=5)
