@@ -533,8 +533,11 @@ class MeshModel:
             protocol = port.get("protocol", "TCP")
             if protocol not in convert.PORT_PROTOCOLS:
                 raise ObjectError(f"spec.ports[{i}].protocol: unsupported {protocol!r}")
+            app_protocol = port.get("appProtocol", "")
+            if not isinstance(app_protocol, str):
+                raise ObjectError(f"spec.ports[{i}].appProtocol: expected a string, got {app_protocol!r}")
             ports.append(m.ServicePort(name=port.get("name", ""), port=number,
-                                       target_port=target, protocol=protocol))
+                                       target_port=target, protocol=protocol, app_protocol=app_protocol))
         ns_obj = self.get("Namespace", "", namespace)
         return m.Service(name=name, namespace=namespace, vip=vip, ports=tuple(ports),
                          endpoints=tuple(endpoints),

@@ -541,6 +541,19 @@ class _H2Sink:
             server.flush()
         await server.stream.drain()
 
+    async def end_with_trailers(self, trailers: list[tuple[str, str]]) -> None:
+        """Ends the stream with a HEADERS frame of trailers (an HTTP/2 upstream's grpc-status)."""
+        server = self.server
+        if server.closed or self.s.reset:
+            return
+        if self._held is not None:
+            held, self._held = self._held, None
+            server.h2.send_headers(self.s.stream_id, held)
+        server.h2.send_headers(self.s.stream_id, [(n, v) for n, v in trailers if not n.startswith(":")],
+                               end_stream=True)
+        server.flush()
+        await server.stream.drain()
+
     async def end(self) -> None:
         if not self.server.closed and not self.s.reset:
             if self._held is not None:

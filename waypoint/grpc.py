@@ -12,8 +12,12 @@ from urllib.parse import quote
 
 from shoal.framescan import FrameScanner
 
-OK, UNKNOWN, DEADLINE_EXCEEDED, PERMISSION_DENIED, RESOURCE_EXHAUSTED = 0, 2, 4, 7, 8
+OK, CANCELLED, UNKNOWN, DEADLINE_EXCEEDED, PERMISSION_DENIED, RESOURCE_EXHAUSTED = 0, 1, 2, 4, 7, 8
 UNIMPLEMENTED, INTERNAL, UNAVAILABLE, UNAUTHENTICATED = 12, 13, 14, 16
+
+# TrafficPolicy ``retries.retryOn`` names for gRPC codes (Istio's / Envoy's retry_on).
+RETRY_ON_CODES = {"cancelled": CANCELLED, "deadline-exceeded": DEADLINE_EXCEEDED,
+                  "resource-exhausted": RESOURCE_EXHAUSTED, "unavailable": UNAVAILABLE, "internal": INTERNAL}
 
 _FROM_HTTP = {400: INTERNAL, 401: UNAUTHENTICATED, 403: PERMISSION_DENIED, 404: UNIMPLEMENTED,
               429: UNAVAILABLE, 502: UNAVAILABLE, 503: UNAVAILABLE, 504: UNAVAILABLE}
@@ -22,6 +26,14 @@ DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024    # gRPC's default receive limit
 
 def is_grpc(content_type: str) -> bool:
     return content_type.startswith("application/grpc")
+
+
+def status_of(headers: list[tuple[str, str]] | None) -> int | None:
+    """The ``grpc-status`` in a header list (trailers, or a trailers-only head), if any."""
+    for name, value in headers or ():
+        if name == "grpc-status":
+            return int(value) if value.isdigit() else UNKNOWN
+    return None
 
 
 def status_for_http(status: int) -> int:

@@ -478,7 +478,9 @@ class RetryPolicy:
     backoff_base: float = 0.025
     backoff_max: float = 0.25
 
-    RETRY_ON = frozenset({"5xx", "gateway-error", "reset", "connect-failure", "retriable-status-codes"})
+    RETRY_ON = frozenset({"5xx", "gateway-error", "reset", "connect-failure", "retriable-status-codes",
+                          # gRPC (a trailers-only answer's grpc-status), as Istio's retryOn
+                          "cancelled", "deadline-exceeded", "resource-exhausted", "unavailable", "internal"})
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from .resilience import (
 from .routing import RequestPlan, RouteTable, ServiceKey, apply_response_filters, plan_request
 from .telemetry import RequestRecord, RequestTelemetry, TraceContext
 from .upstream import ClusterPool, Connector, Endpoint, PoolOverflow, UpstreamError, send_request
+from .upstream_h2 import H2ClusterPool, send_request_h2
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ class Resolver(Protocol):
 
     def policies_for(self, service: ServiceKey) -> Iterable[Authorization]: ...
 
+    def speaks_http2(self, namespace: str, name: str, port: int) -> bool: ...
+
     def workload_by_ip(self, ip: str) -> WorkloadInfo | None: ...
 
 
@@ -100,11 +103,16 @@ class L7Config:
 class _Cluster:
     """Runtime state of one backend Service: pool, circuit breaker, outlier detector."""
 
-    def __init__(self, name: str, policy: TrafficPolicy | None, connector: Connector, clock: Callable[[], float]) -> None:
+    def __init__(self, name: str, policy: TrafficPolicy | None, connector: Connector, clock: Callable[[], float],
+                 http2: bool = False) -> None:
         self.name = name  # "namespace/service"
         self.policy = policy
         pool_policy = (policy.connection_pool if policy else None) or DEFAULT_POOL
-        self.pool = ClusterPool(connector, pool_policy)
+        # The upstream protocol is the backend port's (upstream_h2.speaks_h2c): both pools
+        # and both send functions share one interface.
+        self.pool: ClusterPool | H2ClusterPool = \
+            H2ClusterPool(connector, pool_policy) if http2 else ClusterPool(connector, pool_policy)
+        self.send = send_request_h2 if http2 else send_request
         self.breaker = CircuitBreaker(pool_policy)
         self.outliers = OutlierDetector(policy.outlier_detection, clock) if policy and policy.outlier_detection else None
         self._next = itertools.count()
@@ -139,6 +147,7 @@ class _Attempt:
         self.endpoint = endpoint
         self.flag = flag
         self.stale = False  # failed on a reused keep-alive connection before any answer
+        self.grpc_status: int | None = None   # grpc-status of a trailers-only answer
 
 
 FAILURE_ANSWERS = {
@@ -160,7 +169,7 @@ class WaypointProxy:
         self.clock = clock
         self.rng = rng or random.Random()
         self.config = L7Config(rng=self.rng)
-        self._clusters: dict[tuple[str, str], _Cluster] = {}
+        self._clusters: dict[tuple[str, str, bool], _Cluster] = {}   # (namespace, name, HTTP/2)
         self._request_policies: dict[tuple[str, str], _RequestPolicy] = {}
         self._background: set[asyncio.Task] = set()
 
@@ -170,7 +179,7 @@ class WaypointProxy:
         """Swap in new routes and policies; runtime state survives where its policy did not change."""
         self.config = L7Config(routes, policies, self.rng)
         for key, cluster in list(self._clusters.items()):
-            if self._cluster_policy(*key) != cluster.policy:
+            if self._cluster_policy(key[0], key[1]) != cluster.policy:
                 cluster.pool.close()
                 del self._clusters[key]
         for key, state in list(self._request_policies.items()):
@@ -180,12 +189,13 @@ class WaypointProxy:
     def _cluster_policy(self, namespace: str, name: str) -> TrafficPolicy | None:
         return self.config.policy_for(namespace, name)
 
-    def _cluster(self, namespace: str, name: str, called: ServiceKey) -> _Cluster:
-        key = (namespace, name)
+    def _cluster(self, namespace: str, name: str, called: ServiceKey, port: int) -> _Cluster:
+        http2 = self.resolver.speaks_http2(namespace, name, port)
+        key = (namespace, name, http2)
         cluster = self._clusters.get(key)
         if cluster is None:
             policy = self.config.policy_for(namespace, name) or self.config.policy_for(called.namespace, called.name)
-            cluster = self._clusters[key] = _Cluster(f"{namespace}/{name}", policy, self.connector, self.clock)
+            cluster = self._clusters[key] = _Cluster(f"{namespace}/{name}", policy, self.connector, self.clock, http2)
         return cluster
 
     def _request_policy(self, service: ServiceKey) -> _RequestPolicy:
@@ -299,7 +309,7 @@ class WaypointProxy:
             rec.flags.add("UH")
             return await self._local_reply(sink, rec, 503, "no healthy upstream")
 
-        cluster = self._cluster(backend.namespace, backend.name, service.key)
+        cluster = self._cluster(backend.namespace, backend.name, service.key, backend.port or service.key.port)
         if not cluster.breaker.try_acquire():
             rec.flags.add("UO")
             return await self._local_reply(sink, rec, 503, "upstream overflow (max requests)")
@@ -364,8 +374,9 @@ class WaypointProxy:
                 if cluster.outliers.record(endpoint.address, attempt.outcome, len(endpoints)):
                     self.telemetry.metrics.ejections.labels(destination_service=cluster.name).inc()
             last = number == attempts
-            if last or not (retries and is_retriable(retries, attempt.outcome)) or not source.replayable:
-                if number > 1 and retries and is_retriable(retries, attempt.outcome):
+            retriable = retries is not None and is_retriable(retries, attempt.outcome, attempt.grpc_status)
+            if last or not retriable or not source.replayable:
+                if number > 1 and retriable:
                     rec.flags.add("URX")
                 return attempt, source
             self.telemetry.metrics.retries.labels(destination_service=rec.destination_service,
@@ -402,7 +413,7 @@ class WaypointProxy:
             log.debug("connect to %s failed: %s", endpoint.address, err)
             return _Attempt(err.outcome, endpoint=endpoint)
         try:
-            response = await send_request(cluster.pool, conn, req.method, plan.target, plan.headers,
+            response = await cluster.send(cluster.pool, conn, req.method, plan.target, plan.headers,  # type: ignore[arg-type]
                                           source.body(), req.content_length is None and source.may_have_body)
         except UpstreamError as err:
             cluster.pool.discard(conn)
@@ -412,7 +423,9 @@ class WaypointProxy:
         except BaseException:
             cluster.pool.discard(conn)  # a broken downstream body or a cancel: the exchange is half-sent
             raise
-        return _Attempt(response.status, response, endpoint)
+        attempt = _Attempt(response.status, response, endpoint)
+        attempt.grpc_status = grpc.status_of(response.headers)   # a trailers-only gRPC answer
+        return attempt
 
     async def _respond(self, attempt: _Attempt, plan: RequestPlan, req: ProxyRequest, sink: ResponseSink,
                        rec: RequestRecord, cluster: _Cluster, service: ServiceKey) -> None:
@@ -453,7 +466,15 @@ class WaypointProxy:
             raise
         finally:
             response.body.abandon()
-        await sink.end()
+        trailers = getattr(response, "trailers", None)   # HTTP/2 upstreams (grpc-status...)
+        code = grpc.status_of(trailers or response.headers)
+        if rec.grpc and code is not None:
+            rec.grpc_status = str(code)
+        send_trailers = getattr(sink, "end_with_trailers", None)
+        if trailers and send_trailers is not None:
+            await send_trailers(trailers)
+        else:
+            await sink.end()
 
     def _mirror(self, plan: RequestPlan, req: ProxyRequest, body: bytes, service: ServiceKey) -> None:
         for backend, percent in plan.mirrors:
@@ -468,14 +489,14 @@ class WaypointProxy:
         endpoints = self.resolver.endpoints(backend.namespace, backend.name, backend.port or service.port) or []
         if not endpoints:
             return
-        cluster = self._cluster(backend.namespace, backend.name, service)
+        cluster = self._cluster(backend.namespace, backend.name, service, backend.port or service.port)
         endpoint = cluster.pick(endpoints, set())
         host, _, port = plan.authority.partition(":")
         headers = [(n, v) for n, v in plan.headers if n != "host"]
         headers.insert(0, ("host", f"{host}-shadow" + (f":{port}" if port else "")))
         try:
             conn = await cluster.pool.acquire(endpoint)
-            response = await send_request(cluster.pool, conn, req.method, plan.target, headers, body, False)
+            response = await cluster.send(cluster.pool, conn, req.method, plan.target, headers, body, False)  # type: ignore[arg-type]
             async for _ in response.body:
                 pass
         except (UpstreamError, PoolOverflow) as err:
@@ -531,6 +552,16 @@ class _BodySource:
         return self._counting(self._body)
 
     async def _counting(self, body: Body) -> Body:
+        kept: list[bytes] | None = []
         async for chunk in body:
             self.bytes += len(chunk)
+            if kept is not None:
+                kept.append(chunk)
+                if self.bytes > self._limit:
+                    kept = None
             yield chunk
+        if kept is not None:
+            # A small body of unknown length (chunked, HTTP/2, every gRPC call) streamed
+            # whole: it can be replayed now, so a failed attempt can still be retried.
+            self.buffer = b"".join(kept)
+            self.replayable = True

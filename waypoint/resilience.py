@@ -9,6 +9,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
+from .grpc import RETRY_ON_CODES
 from .model import ConnectionPoolPolicy, OutlierPolicy, RateLimitPolicy, RetryPolicy
 
 Clock = Callable[[], float]
@@ -19,9 +20,13 @@ RESET = "reset"
 TIMEOUT = "timeout"
 
 
-def is_retriable(policy: RetryPolicy, outcome: int | str) -> bool:
-    """Envoy's retry_on semantics: '5xx' covers every 5xx plus reset and connect failure."""
+def is_retriable(policy: RetryPolicy, outcome: int | str, grpc_status: int | None = None) -> bool:
+    """Envoy's retry_on semantics: '5xx' covers every 5xx plus reset and connect failure;
+    the gRPC names (``unavailable``...) match the grpc-status of a trailers-only answer,
+    which gRPC servers send with HTTP 200."""
     on = policy.retry_on
+    if grpc_status:
+        return any(RETRY_ON_CODES.get(name) == grpc_status for name in on)
     if isinstance(outcome, int):
         if outcome >= 500 and "5xx" in on:
             return True

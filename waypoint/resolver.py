@@ -17,6 +17,7 @@ from .http import PeerInfo
 from .proxy import ServiceInfo, WorkloadInfo
 from .routing import ServiceKey
 from .upstream import Endpoint
+from .upstream_h2 import speaks_h2c
 
 
 def fqdn(namespace: str, name: str) -> str:
@@ -67,6 +68,14 @@ class StateResolver:
         if service is None:
             return None
         return ServiceInfo(ServiceKey(service.namespace, service.name, port), fqdn(service.namespace, service.name), service.vip)
+
+    def speaks_http2(self, namespace: str, name: str, port: int) -> bool:
+        """Istio's protocol selection on the backend's Service port (upstream_h2.speaks_h2c)."""
+        service = self.state.service(namespace, name)
+        for p in service.ports if service is not None else ():
+            if p.port == port:
+                return speaks_h2c(p.app_protocol, p.name)
+        return False
 
     def _service_port(self, service: Service, port: int) -> int:
         for p in service.ports:
@@ -127,6 +136,7 @@ class StaticResolver:
     workloads: Mapping[str, WorkloadInfo] = field(default_factory=dict)
     vips: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     default: tuple[str, str] | None = None   # serves Hosts that name no known service (benchmarks)
+    http2: frozenset[tuple[str, str]] = frozenset()   # (namespace, name) of Services that speak h2c
 
     def service_for(self, peer: PeerInfo, authority: str) -> ServiceInfo | None:
         named = self.vips.get(peer.destination_ip)
@@ -143,6 +153,9 @@ class StaticResolver:
 
     def endpoints(self, namespace: str, name: str, port: int) -> list[Endpoint] | None:
         return self.services.get((namespace, name))
+
+    def speaks_http2(self, namespace: str, name: str, port: int) -> bool:
+        return (namespace, name) in self.http2
 
     def policies_for(self, service: ServiceKey) -> Iterable[Authorization]:
         return [p for p in self.policies if p.namespace in (service.namespace, "shoal-system")]

@@ -60,16 +60,18 @@ class Workload(_message.Message):
     def __init__(self, uid: _Optional[str] = ..., name: _Optional[str] = ..., namespace: _Optional[str] = ..., service_account: _Optional[str] = ..., node: _Optional[str] = ..., ip: _Optional[str] = ..., identity: _Optional[int] = ..., spiffe_id: _Optional[str] = ..., meshed: _Optional[bool] = ..., waypoint: _Optional[_Union[WaypointRef, _Mapping]] = ..., protocol: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., canonical_service: _Optional[str] = ..., mtls_mode: _Optional[str] = ..., ips: _Optional[_Iterable[str]] = ..., workload_name: _Optional[str] = ..., workload_kind: _Optional[str] = ...) -> None: ...
 
 class ServicePort(_message.Message):
-    __slots__ = ("name", "port", "target_port", "protocol")
+    __slots__ = ("name", "port", "target_port", "protocol", "app_protocol")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
     TARGET_PORT_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    APP_PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     name: str
     port: int
     target_port: int
     protocol: str
-    def __init__(self, name: _Optional[str] = ..., port: _Optional[int] = ..., target_port: _Optional[int] = ..., protocol: _Optional[str] = ...) -> None: ...
+    app_protocol: str
+    def __init__(self, name: _Optional[str] = ..., port: _Optional[int] = ..., target_port: _Optional[int] = ..., protocol: _Optional[str] = ..., app_protocol: _Optional[str] = ...) -> None: ...
 
 class Service(_message.Message):
     __slots__ = ("name", "namespace", "vip", "ports", "endpoints", "waypoint", "vips", "ip_families", "ip_family_policy")

@@ -93,7 +93,7 @@ def to_proto(resource: m.Resource, version: str = "") -> pb.Resource:
         s = out.service
         s.name, s.namespace, s.vip = resource.name, resource.namespace, resource.vip
         s.ports.extend(pb.ServicePort(name=p.name, port=p.port, target_port=p.target_port,
-                                      protocol=p.protocol) for p in resource.ports)
+                                      protocol=p.protocol, app_protocol=p.app_protocol) for p in resource.ports)
         s.endpoints.extend(resource.endpoints)
         _ref_to_proto(resource.waypoint, s.waypoint)
         s.vips.extend(resource.vips)
@@ -162,7 +162,8 @@ def _service(s: pb.Service, where: str) -> m.Service:
                       target_port=_check_port(f"{where}.ports[{i}].target_port", p.target_port,
                                               allow_zero=True),
                       protocol=_check_choice(f"{where}.ports[{i}].protocol", p.protocol,
-                                             PORT_PROTOCOLS))
+                                             PORT_PROTOCOLS),
+                      app_protocol=p.app_protocol)
         for i, p in enumerate(s.ports))
     vip = check_ip(f"{where}.vip", s.vip, allow_empty=True)
     vips = check_addresses(f"{where}.vips", vip, s.vips, "vip")

@@ -166,6 +166,7 @@ class ServicePort:
     port: int
     target_port: int
     protocol: str = "TCP"
+    app_protocol: str = ""    # spec.ports[].appProtocol: the L7 protocol (waypoints pick HTTP/2 by it)
 
 
 @dataclass(frozen=True)

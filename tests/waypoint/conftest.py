@@ -65,6 +65,8 @@ class Bed:
         self.seen: dict[str, list] = {}
         self.registry = CollectorRegistry()
         self.access_log: list[dict] = []
+        self.http2: set[tuple[str, str]] = set()   # Services whose endpoints speak h2c
+        self.grpc_servers: list = []
         self.proxy: WaypointProxy | None = None
         self.server: asyncio.Server | None = None
         self.port = 0
@@ -82,6 +84,23 @@ class Bed:
         self.services.setdefault((namespace, service), []).append(endpoint)
         return endpoint
 
+    def grpc_backend(self, service: str, name: str | None = None, namespace: str = "demo") -> Endpoint:
+        """A real grpcio server (h2c) as an endpoint of ``service`` (see grpc_echo_handler)."""
+        from concurrent import futures
+
+        import grpc
+        name = name or service
+        seen = self.seen.setdefault(name, [])
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        server.add_generic_rpc_handlers((grpc_echo_handler(name, seen),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        self.grpc_servers.append(server)
+        self.http2.add((namespace, service))
+        endpoint = Endpoint("127.0.0.1", port, uid=name, name=name, namespace=namespace)
+        self.services.setdefault((namespace, service), []).append(endpoint)
+        return endpoint
+
     def dead_endpoint(self, service: str, namespace: str = "demo") -> None:
         import socket
         s = socket.socket()
@@ -91,7 +110,7 @@ class Bed:
         self.services.setdefault((namespace, service), []).append(Endpoint("127.0.0.1", port, name="dead", namespace=namespace))
 
     async def start(self, routes=(), policies=(), authz=(), limits: Limits = Limits(), seed: int = 1) -> None:
-        resolver = StaticResolver(self.services, namespace="demo", policies=list(authz))
+        resolver = StaticResolver(self.services, namespace="demo", policies=list(authz), http2=frozenset(self.http2))
         telemetry = RequestTelemetry(self.registry, access_log=lambda line: self.access_log.append(json.loads(line)))
         self.proxy = WaypointProxy(resolver, TcpConnector(), telemetry, limits, rng=random.Random(seed))
         self.proxy.update([parse_httproute(r) for r in routes], [parse_traffic_policy(p) for p in policies])
@@ -113,6 +132,8 @@ class Bed:
             await self.proxy.close()
         for runner in self.runners:
             await runner.cleanup()
+        for server in self.grpc_servers:
+            server.stop(grace=None)
 
 
 @pytest.fixture
@@ -122,6 +143,51 @@ async def bed():
         yield b
     finally:
         await b.close()
+
+
+def grpc_echo_handler(name: str, seen: list):
+    """Raw-bytes gRPC service ``demo.Echo`` (no generated code) that names its backend:
+
+    Say (unary): ``<name>:<request>``, with the request's metadata noted in ``seen``;
+    Fail (unary): the request is ``CODE[:N]``: the first N calls (all, without N) end with
+    that status code and a trailing ``x-failed-by``, then OK; Count (server streaming):
+    the request is a number, that many messages; Chat (bidi): echoes each message."""
+    import threading
+
+    import grpc
+    failures: dict[bytes, int] = {}
+    lock = threading.Lock()
+
+    def say(request: bytes, context) -> bytes:
+        seen.append(("Say", dict(context.invocation_metadata())))
+        return f"{name}:".encode() + request
+
+    def fail(request: bytes, context) -> bytes:
+        code, _, times = request.partition(b":")
+        with lock:
+            failures[request] = failures.get(request, 0) + 1
+            failing = not times or failures[request] <= int(times)
+        seen.append(("Fail", failures[request]))
+        if failing:
+            context.set_trailing_metadata((("x-failed-by", name),))
+            context.abort(grpc.StatusCode(next(c.value for c in grpc.StatusCode if c.value[0] == int(code))),
+                          f"failed by {name}")
+        return f"{name}:recovered".encode()
+
+    def count(request: bytes, context):
+        for i in range(int(request)):
+            yield f"{name}:{i}".encode()
+
+    def chat(requests, context):
+        for request in requests:
+            yield f"{name}:".encode() + request
+
+    return grpc.method_handlers_generic_handler("demo.Echo", {
+        "Say": grpc.unary_unary_rpc_method_handler(say),
+        "Fail": grpc.unary_unary_rpc_method_handler(fail),
+        "Count": grpc.unary_stream_rpc_method_handler(count),
+        "Chat": grpc.stream_stream_rpc_method_handler(chat),
+    })
 
 
 def route(rules, name="r", service="web", namespace="demo"):
