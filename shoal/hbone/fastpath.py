@@ -1,29 +1,30 @@
-"""HBONE DATA fast path (issue 13): a sans-I/O framer for the two frame types that carry
-an established tunnel's bytes, DATA and WINDOW_UPDATE.
+"""HBONE DATA fast path (issue 13): sans-I/O pieces that read and write the two frame
+types carrying an established tunnel's bytes, DATA and WINDOW_UPDATE, without h2.
 
 Profiles of the node proxy put most of its time in h2's per-frame machinery (an event
-object, a state-machine step and several copies per frame). Once a CONNECT stream is
-answered, what remains on it is DATA one way and WINDOW_UPDATE the other; this module
-reads and writes those with a 9-byte header parse/encode, ``memoryview`` slices of
-the received bytes (no copy) and flow control kept as plain integers. Every other frame
-type, and any frame for a stream the fast path does not own, is handed back whole
-(``Passthrough``) for h2 to process: the handshake, SETTINGS, PING, GOAWAY, RST_STREAM,
-HEADERS stay h2's.
+object, a state-machine step and several copies per frame). Here a frame costs a 9-byte
+header parse or encode; payloads are ``memoryview`` slices of the received bytes (no
+copy); flow control is plain integers (:class:`FlowControl`).
 
-Bad input gets the answer RFC 9113 prescribes, as a :class:`FramingError` naming the
-error code and whether it ends the stream or the connection: an oversized frame
-(FRAME_SIZE_ERROR), padding longer than the frame (PROTOCOL_ERROR), DATA on stream 0
-(PROTOCOL_ERROR), DATA past our receive window or a window grown past 2^31-1
-(FLOW_CONTROL_ERROR), a zero window increment (PROTOCOL_ERROR). A peer that ignores
-flow control cannot make us buffer without bound: its DATA beyond the window is an
-error, not a queue.
+Who owns what (``framing.HboneConnection`` wires it): the fast path owns the
+connection-level flow control in both directions, alone, and every DATA and
+WINDOW_UPDATE frame of the streams it owns. h2 never sees a DATA payload, so its own
+connection windows never move and cannot disagree with ours: a DATA frame of a stream
+the fast path does not own (idle, closed, reset, not answered yet) is counted here and
+handed to h2 with its payload cut (:func:`empty_data`), so h2 gives the answer it always
+gave for that stream state; END_STREAM reaches h2 the same way, as an empty DATA frame.
+Every other frame (HEADERS, SETTINGS, PING, GOAWAY, RST_STREAM, PRIORITY...) is h2's.
 
-Not yet wired into the data path: the driver still hands every frame to h2 (see the
-node proxy README, "HBONE DATA fast path").
+Bad input gets h2's answer, as a :class:`FramingError` naming the code and whether it
+ends the stream or the connection: an oversized frame (FRAME_SIZE_ERROR), padding
+longer than the frame or DATA on stream 0 (PROTOCOL_ERROR), DATA past a receive window
+or a send window grown past 2^31-1 (FLOW_CONTROL_ERROR; a stream's send window: stream
+error). A peer that ignores flow control cannot make us buffer without bound: its DATA
+beyond the window ends the connection, it is not queued.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 FRAME_HEADER = 9
 TYPE_DATA = 0x0
@@ -31,6 +32,7 @@ TYPE_WINDOW_UPDATE = 0x8
 FLAG_END_STREAM = 0x1
 FLAG_PADDED = 0x8
 MAX_WINDOW = 2 ** 31 - 1
+DEFAULT_WINDOW = 65_535          # RFC 9113's initial window, stream and connection
 DEFAULT_MAX_FRAME = 16_384
 
 # RFC 9113 section 7 error codes used here.
@@ -46,28 +48,6 @@ class FramingError(Exception):
     def __init__(self, code: int, stream_id: int, reason: str):
         super().__init__(reason)
         self.code, self.stream_id, self.reason = code, stream_id, reason
-
-
-@dataclass(frozen=True)
-class Data:
-    """Payload bytes of an owned stream (padding removed). ``flow_length`` is what the
-    frame cost in flow control (padding included): credit it back once written out."""
-    stream_id: int
-    payload: memoryview
-    end_stream: bool
-    flow_length: int
-
-
-@dataclass(frozen=True)
-class WindowUpdate:
-    stream_id: int
-    increment: int
-
-
-@dataclass(frozen=True)
-class Passthrough:
-    """A whole frame (header included) that is h2's to process, in arrival order."""
-    frame: memoryview
 
 
 # -- encoding -----------------------------------------------------------------------------------
@@ -89,123 +69,158 @@ def window_update(stream_id: int, increment: int) -> bytes:
     return frame_header(4, TYPE_WINDOW_UPDATE, 0, stream_id) + increment.to_bytes(4, "big")
 
 
-# -- flow control ---------------------------------------------------------------------------------
-
-class Window:
-    """One flow-control window in plain integers (a stream's or the connection's)."""
-    __slots__ = ("size",)
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def take(self, wanted: int) -> int:
-        """Send up to ``wanted`` bytes: how many the window allows now (it shrinks by that)."""
-        granted = min(wanted, self.size) if self.size > 0 else 0
-        self.size -= granted
-        return granted
-
-    def grow(self, increment: int, stream_id: int) -> None:
-        if self.size + increment > MAX_WINDOW:
-            raise FramingError(FLOW_CONTROL_ERROR, stream_id, f"window grown past 2^31-1 on stream {stream_id}")
-        self.size += increment
+def empty_data(stream_id: int, flags: int) -> bytes:
+    """The DATA frame h2 is given in place of one the fast path counted: no payload (so
+    h2's windows never move), the END_STREAM flag kept (so h2's stream states do)."""
+    return frame_header(0, TYPE_DATA, flags & FLAG_END_STREAM, stream_id)
 
 
 # -- decoding -----------------------------------------------------------------------------------
 
-class FrameReader:
-    """Splits received bytes into frames: DATA and WINDOW_UPDATE of owned streams become
-    events, everything else ``Passthrough``. Tracks the receive windows it enforces."""
+class FrameSplitter:
+    """Splits received bytes into whole frames; holds at most one partial frame between
+    calls, and refuses a header announcing more than ``max_frame`` before buffering it."""
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, connection_window: int = 65_535):
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME):
         self.max_frame = max_frame
-        self.receive_window = connection_window      # connection level, what the peer may still send
-        self._streams: dict[int, int] = {}           # owned stream -> its receive window
-        self._chunks: list[bytes] = []
-        self._buffered = 0
+        self._partial = b""
 
-    def own(self, stream_id: int, receive_window: int) -> None:
-        """From now on this stream's DATA and WINDOW_UPDATE frames are the fast path's."""
-        self._streams[stream_id] = receive_window
+    def split(self, data: bytes | memoryview) -> Iterator[tuple[int, int, int, int, memoryview]]:
+        """(type, flags, stream_id, length, whole frame) for every complete frame so far."""
+        if self._partial:
+            data = self._partial + bytes(data)
+            self._partial = b""
+        view = memoryview(data)
+        offset, end, max_frame = 0, len(view), self.max_frame
+        while end - offset >= FRAME_HEADER:
+            length = (view[offset] << 16) | (view[offset + 1] << 8) | view[offset + 2]
+            if length > max_frame:
+                raise FramingError(FRAME_SIZE_ERROR, 0, f"frame of {length} bytes over the {max_frame} maximum")
+            stop = offset + FRAME_HEADER + length
+            if stop > end:
+                _check_stream_association(view[offset + 3], int.from_bytes(view[offset + 5:offset + 9], "big"))
+                break
+            stream_id = int.from_bytes(view[offset + 5:offset + 9], "big") & MAX_WINDOW
+            yield view[offset + 3], view[offset + 4], stream_id, length, view[offset:stop]
+            offset = stop
+        if offset < end:
+            self._partial = bytes(view[offset:])
+
+
+# Frame types that must name a stream, and those that must not (RFC 9113 section 6). h2
+# refuses a wrong one from the header alone; so does the splitter, for a frame it holds.
+_ON_A_STREAM = frozenset((0x0, 0x1, 0x2, 0x3, 0x5, 0x9))
+_ON_THE_CONNECTION = frozenset((0x4, 0x6, 0x7))
+
+
+def _check_stream_association(frame_type: int, stream_id: int) -> None:
+    stream_id &= MAX_WINDOW
+    if (frame_type in _ON_A_STREAM and not stream_id) or (frame_type in _ON_THE_CONNECTION and stream_id):
+        raise FramingError(PROTOCOL_ERROR, 0, f"frame type {frame_type} on stream {stream_id}")
+
+
+def data_payload(frame: memoryview, length: int, flags: int) -> memoryview:
+    """The payload of a DATA frame, padding removed (a view: no copy)."""
+    if not flags & FLAG_PADDED:
+        return frame[FRAME_HEADER:]
+    if length < 1 or frame[FRAME_HEADER] >= length:
+        raise FramingError(PROTOCOL_ERROR, 0, "DATA padding as long as the frame")
+    return frame[FRAME_HEADER + 1:FRAME_HEADER + length - frame[FRAME_HEADER]]
+
+
+def window_increment(frame: memoryview) -> int:
+    """The raw 32 bits: h2 refuses the reserved bit set (PROTOCOL_ERROR), and so do we,
+    by leaving such a frame to h2, like a zero increment."""
+    return int.from_bytes(frame[FRAME_HEADER:FRAME_HEADER + 4], "big")
+
+
+# -- flow control ---------------------------------------------------------------------------------
+
+class FlowControl:
+    """Every window of one connection in plain integers: the connection's, both ways,
+    and those of the streams the fast path owns. Credit is given back in batches (a
+    quarter of a window at a time), so a request/response exchange costs no extra frame."""
+
+    def __init__(self, stream_window: int, connection_window: int):
+        self.stream_window = stream_window          # what we grant each stream (our SETTINGS)
+        self.connection_window = connection_window  # what we grant the connection
+        self.receive_connection = connection_window  # what the peer may still send, all streams
+        self.send_connection = DEFAULT_WINDOW        # what we may still send, all streams
+        self.receive: dict[int, int] = {}            # owned stream -> what the peer may still send on it
+        self.send: dict[int, int] = {}               # owned stream -> what we may still send on it
+        self.send_ended: set[int] = set()            # owned streams we sent END_STREAM on
+        self._credit_connection = 0
+        self._credit: dict[int, int] = {}
+
+    # -- ownership
+    def own_receive(self, stream_id: int) -> None:
+        self.receive[stream_id] = self.stream_window
+
+    def own_send(self, stream_id: int, initial_window: int) -> None:
+        self.send[stream_id] = initial_window
 
     def release(self, stream_id: int) -> None:
-        self._streams.pop(stream_id, None)
+        self.receive.pop(stream_id, None)
+        self.send.pop(stream_id, None)
+        self.send_ended.discard(stream_id)
+        self._credit.pop(stream_id, None)
+
+    # -- receiving
+    def received(self, stream_id: int, length: int, owned: bool) -> None:
+        """Count a DATA frame's flow-controlled length against the windows."""
+        if length > self.receive_connection:
+            raise FramingError(FLOW_CONTROL_ERROR, 0, f"{length} bytes of DATA past the connection window")
+        self.receive_connection -= length
+        if owned:
+            left = self.receive[stream_id] - length
+            if left < 0:  # as h2: a connection error (RFC 9113 6.9.1 allows either)
+                raise FramingError(FLOW_CONTROL_ERROR, 0, f"{length} bytes of DATA past the window of stream {stream_id}")
+            self.receive[stream_id] = left
 
     def credit(self, stream_id: int, length: int) -> bytes:
-        """Give ``length`` bytes of receive window back (they were written out): the
-        WINDOW_UPDATE frames to send, stream and connection."""
-        if length <= 0:
-            return b""
-        self.receive_window += length
-        out = window_update(0, length)
-        if stream_id in self._streams:
-            self._streams[stream_id] += length
-            out += window_update(stream_id, length)
+        """``length`` received bytes left the process: the WINDOW_UPDATE frames that are
+        due (none until a quarter of a window has gathered)."""
+        out = b""
+        self._credit_connection += length
+        if self._credit_connection * 4 >= self.connection_window:
+            self.receive_connection += self._credit_connection
+            out = window_update(0, self._credit_connection)
+            self._credit_connection = 0
+        if stream_id in self.receive and length:
+            due = self._credit.get(stream_id, 0) + length
+            if due * 4 >= self.stream_window:
+                self.receive[stream_id] += due
+                out += window_update(stream_id, due)
+                due = 0
+            self._credit[stream_id] = due
         return out
 
-    def feed(self, data: bytes) -> list[Data | WindowUpdate | Passthrough]:
-        """Every complete frame in what arrived so far; a partial one waits for more."""
-        if self._chunks:
-            self._chunks.append(data)
-            self._buffered += len(data)
-            if not self._complete():
-                return []
-            data = b"".join(self._chunks)
-            self._chunks, self._buffered = [], 0
-        view = memoryview(data)
-        events: list[Data | WindowUpdate | Passthrough] = []
-        offset, end = 0, len(view)
-        while end - offset >= FRAME_HEADER:
-            length = int.from_bytes(view[offset:offset + 3], "big")
-            if length > self.max_frame:
-                raise FramingError(FRAME_SIZE_ERROR, 0, f"frame of {length} bytes over the {self.max_frame} maximum")
-            if end - offset < FRAME_HEADER + length:
-                break
-            events.append(self._frame(view[offset:offset + FRAME_HEADER + length], length))
-            offset += FRAME_HEADER + length
-        if offset < end:
-            rest = bytes(view[offset:])  # a partial frame: at most one frame is ever held
-            self._chunks, self._buffered = [rest], len(rest)
-        return events
+    # -- sending
+    def grant(self, stream_id: int, wanted: int) -> int:
+        """How many bytes of ``wanted`` may go on the stream now (taken off both windows)."""
+        window = self.send.get(stream_id)
+        if window is None or stream_id in self.send_ended:
+            return 0
+        granted = min(wanted, window, self.send_connection)
+        if granted <= 0:
+            return 0
+        self.send[stream_id] = window - granted
+        self.send_connection -= granted
+        return granted
 
-    def _complete(self) -> bool:
-        head = b"".join(self._chunks)[:FRAME_HEADER] if len(self._chunks[0]) < FRAME_HEADER else self._chunks[0]
-        if len(head) < FRAME_HEADER:
-            return False
-        length = int.from_bytes(head[:3], "big")
-        if length > self.max_frame:
-            raise FramingError(FRAME_SIZE_ERROR, 0, f"frame of {length} bytes over the {self.max_frame} maximum")
-        return self._buffered >= FRAME_HEADER + length
+    def window_updated(self, stream_id: int, increment: int) -> None:
+        if stream_id == 0:
+            if self.send_connection + increment > MAX_WINDOW:
+                raise FramingError(FLOW_CONTROL_ERROR, 0, "connection window grown past 2^31-1")
+            self.send_connection += increment
+            return
+        if self.send[stream_id] + increment > MAX_WINDOW:
+            raise FramingError(FLOW_CONTROL_ERROR, stream_id, f"window of stream {stream_id} grown past 2^31-1")
+        self.send[stream_id] += increment
 
-    def _frame(self, frame: memoryview, length: int) -> Data | WindowUpdate | Passthrough:
-        frame_type, flags = frame[3], frame[4]
-        stream_id = int.from_bytes(frame[5:9], "big") & MAX_WINDOW
-        if frame_type == TYPE_DATA:
-            if stream_id == 0:
-                raise FramingError(PROTOCOL_ERROR, 0, "DATA on stream 0")
-            if stream_id not in self._streams:
-                return Passthrough(frame)
-            return self._data(frame, length, flags, stream_id)
-        if frame_type == TYPE_WINDOW_UPDATE and (stream_id in self._streams or stream_id == 0):
-            if length != 4:
-                raise FramingError(FRAME_SIZE_ERROR, 0, f"WINDOW_UPDATE of {length} bytes, not 4")
-            increment = int.from_bytes(frame[9:13], "big") & MAX_WINDOW
-            if increment == 0:
-                raise FramingError(PROTOCOL_ERROR, stream_id, f"zero window increment on stream {stream_id}")
-            return WindowUpdate(stream_id, increment)
-        return Passthrough(frame)
-
-    def _data(self, frame: memoryview, length: int, flags: int, stream_id: int) -> Data:
-        start, stop = FRAME_HEADER, FRAME_HEADER + length
-        if flags & FLAG_PADDED:
-            if length < 1 or frame[FRAME_HEADER] >= length:
-                raise FramingError(PROTOCOL_ERROR, 0, "DATA padding as long as the frame")
-            start, stop = start + 1, stop - frame[FRAME_HEADER]
-        if length > self.receive_window or length > self._streams[stream_id]:
-            raise FramingError(FLOW_CONTROL_ERROR, 0 if length > self.receive_window else stream_id,
-                               f"{length} bytes of DATA past the receive window on stream {stream_id}")
-        self.receive_window -= length
-        self._streams[stream_id] -= length
-        end_stream = bool(flags & FLAG_END_STREAM)
-        if end_stream:
-            del self._streams[stream_id]  # the peer's direction is over: its frames are h2's again
-        return Data(stream_id, frame[start:stop], end_stream, length)
+    def initial_window_changed(self, delta: int) -> None:
+        """The peer's SETTINGS_INITIAL_WINDOW_SIZE moved: every stream's send window with it."""
+        for stream_id, window in self.send.items():
+            if window + delta > MAX_WINDOW:
+                raise FramingError(FLOW_CONTROL_ERROR, 0, f"window of stream {stream_id} grown past 2^31-1")
+            self.send[stream_id] = window + delta

@@ -17,6 +17,9 @@ strictly: a non-ASCII ``:authority`` is a 400 for that stream, not an exception.
 Speed: windows and frames are large (ztunnel's 4 MiB stream windows, 1 MiB frames), so
 Python work is per frame, not per byte; flow control is credited back only once the
 driver says the bytes left the process (``consumed``), which is the backpressure.
+With ``fast_path`` (the default), DATA and WINDOW_UPDATE frames and all connection-level
+flow control are :mod:`shoal.hbone.fastpath`'s, not h2's (see there who owns what);
+``fast_path=False`` keeps every frame in h2, the reference the tests compare against.
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ import h2.settings
 import h2.stream
 import hyperframe.frame
 
+from shoal.hbone import fastpath
+
 # h2 4.x formats repr(frame) for its trace log on every received frame, logging on or
 # off, and hyperframe's DATA repr hex-encodes the whole payload to show 20 characters:
 # a third of the proxy's CPU with 1 MiB frames. Describe DATA frames by size instead.
@@ -48,6 +53,7 @@ MAX_STREAMS = 100              # per HBONE connection, as ztunnel; the pool open
 MAX_HEADER_BLOCK = 64 * 1024   # HEADERS + CONTINUATION bytes of one block (and SETTINGS_MAX_HEADER_LIST_SIZE)
 
 STATUS_OK = 200
+_COPY_BELOW = 16 * 1024  # payloads this small are merged into one write; larger ones go as they are
 STATUS_BAD_REQUEST = 400
 STATUS_UNAUTHORIZED = 401
 STATUS_UNAVAILABLE = 503
@@ -112,16 +118,18 @@ class GuardedFrameBuffer(h2.frame_buffer.FrameBuffer):
     with our 1 MiB frames) and answers every PING and SETTINGS; here the header block
     is capped in bytes and the control frames are budgeted."""
 
-    def __init__(self, server: bool, budget: Budget, max_header_block: int = MAX_HEADER_BLOCK):
+    def __init__(self, server: bool, budget: Budget, max_header_block: int = MAX_HEADER_BLOCK,
+                 budget_data: bool = True):
         super().__init__(server=server)
         self._budget = budget
+        self._budget_data = budget_data  # False: the fast path budgets empty DATA itself
         self._max_header_block = max_header_block
         self._header_block = 0
 
     def __next__(self) -> hyperframe.frame.Frame:
         frame = super().__next__()
         kind = _BUDGETED.get(type(frame))
-        if kind == "empty_data" and (frame.data or "END_STREAM" in frame.flags):
+        if kind == "empty_data" and (frame.data or "END_STREAM" in frame.flags or not self._budget_data):
             kind = None
         elif kind in ("ping", "settings") and "ACK" in frame.flags:
             kind = None
@@ -246,7 +254,7 @@ class HboneConnection:
     def __init__(self, client_side: bool, stream_window: int = STREAM_WINDOW,
                  connection_window: int = CONNECTION_WINDOW, max_frame: int = MAX_FRAME,
                  max_streams: int = MAX_STREAMS, limits: dict[str, Limit] = LIMITS,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, fast_path: bool = True):
         # Header bytes stay bytes: h2 would decode them as UTF-8 and raise from inside
         # receive_data on a bad byte; we decode the few we read, strictly, per stream.
         config = h2.config.H2Configuration(client_side=client_side, header_encoding=None)
@@ -261,33 +269,86 @@ class HboneConnection:
         })
         self._h2.max_inbound_frame_size = max_frame  # h2 reads it once, from the defaults
         self._budget = Budget(limits, clock)
-        self._h2.incoming_buffer = GuardedFrameBuffer(server=not client_side, budget=self._budget)
+        self._h2.incoming_buffer = GuardedFrameBuffer(server=not client_side, budget=self._budget,
+                                                      budget_data=not fast_path)
         self._connection_window = connection_window
         self._max_frame = max_frame
         self._max_streams = max_streams
         self._unanswered: set[int] = set()  # server side: CONNECTs not answered yet
         self.closed = False
+        self._closed_by_us = False
+        # The fast path: its flow control, its frame splitter, and the one outbound buffer
+        # that h2's bytes and ours join in order (small pieces merged; large payloads kept
+        # as the caller's buffers, so they are not copied before TLS).
+        self.fast_path = fast_path
+        self._flow = fastpath.FlowControl(stream_window, connection_window)
+        self._splitter = fastpath.FrameSplitter(max_frame)
+        self._preface = 0 if client_side else 24  # the client's magic "PRI * HTTP/2.0...", h2's
+        self._out: list[bytes | memoryview] = []
+        self._small = bytearray()
 
     # -- lifecycle
     def initiate(self) -> None:
         self._h2.initiate_connection()
-        extra = self._connection_window - 65535
-        if extra > 0:
+        extra = self._connection_window - fastpath.DEFAULT_WINDOW
+        if self.fast_path:
+            self._pull_h2()
+            if extra > 0:
+                self._small += fastpath.window_update(0, extra)
+        elif extra > 0:
             self._h2.increment_flow_control_window(extra)
 
     def data_to_send(self) -> bytes:
-        return self._h2.data_to_send()
+        if not self.fast_path:
+            return self._h2.data_to_send()
+        return b"".join(self.buffers_to_send())
+
+    def buffers_to_send(self) -> list[bytes | memoryview]:
+        """What to write, in order, as a list (for ``writelines``): large payloads are the
+        buffers they were sent from, the rest is merged. Empties the outbound buffer."""
+        if not self.fast_path:
+            data = self._h2.data_to_send()
+            return [data] if data else []
+        self._pull_h2()
+        out = self._out
+        if self._small:
+            out.append(bytes(self._small))
+            self._small.clear()
+        self._out = []
+        return out
+
+    def _pull_h2(self) -> None:
+        """Move h2's queued bytes into the one outbound buffer (after every h2 command,
+        so its frames and the fast path's leave in the order they were made)."""
+        data = self._h2.data_to_send()
+        if data:
+            self._small += data
+
+    def _emit_payload(self, payload: memoryview) -> None:
+        if len(payload) >= _COPY_BELOW:
+            if self._small:
+                self._out.append(bytes(self._small))
+                self._small.clear()
+            self._out.append(payload)
+        else:
+            self._small += payload
 
     def drain(self) -> None:
         """Ask the peer to open no more tunnels here (MAX_CONCURRENT_STREAMS 0). Unlike a
         GOAWAY (after which h2 can no longer send), live tunnels carry on; streams the
         peer opened before applying it arrive before its ACK and are still served."""
         self._h2.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0})
+        self._pull_h2_if_fast()
 
     def close(self, error_code: int = 0) -> None:
         if not self.closed:
-            self.closed = True
+            self.closed = self._closed_by_us = True
             self._h2.close_connection(error_code)
+            self._pull_h2_if_fast()
+
+    def _pull_h2_if_fast(self) -> None:
+        if self.fast_path:
+            self._pull_h2()
 
     @property
     def stream_limit(self) -> int:
@@ -303,6 +364,7 @@ class HboneConnection:
         stream = self._h2.streams.get(stream_id)
         if stream is None or stream.closed or self.closed \
                 or self._h2.state_machine.state == h2.connection.ConnectionState.CLOSED:
+            self._flow.release(stream_id)
             return True  # nothing can be sent on a closed connection, nor needs to be
         state = stream.state_machine.state
         if state == h2.stream.StreamState.HALF_CLOSED_LOCAL:
@@ -311,6 +373,7 @@ class HboneConnection:
             self.end(stream_id)  # the peer is done (a refused CONNECT): end ours, no RST
         else:
             self.reset(stream_id)  # still open both ways and nobody reads it any more
+        self._flow.release(stream_id)
         return True
 
     # -- commands
@@ -322,6 +385,10 @@ class HboneConnection:
             ("forwarded", f'for="{_forwarded_node(forwarded_for, forwarded_port)}"'),
             ("traceparent", traceparent),
         ])
+        if self.fast_path:
+            self._pull_h2()
+            # Our DATA waits for the 200 (the driver holds it); the peer's is owned then.
+            self._flow.own_send(stream_id, self._h2.remote_settings.initial_window_size)
         return stream_id
 
     def respond(self, stream_id: int, status: int) -> bool:
@@ -331,6 +398,10 @@ class HboneConnection:
             self._h2.send_headers(stream_id, [(":status", str(status))], end_stream=status != STATUS_OK)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             return False
+        if self.fast_path:
+            self._pull_h2()
+            if status == STATUS_OK:
+                self._flow.own_send(stream_id, self._h2.remote_settings.initial_window_size)
         return True
 
     def send(self, stream_id: int, data: memoryview) -> int:
@@ -339,6 +410,8 @@ class HboneConnection:
         A stream h2 already closed takes nothing (0): h2 processes a whole read before
         we see its events, so a reset can be known here before its ``TunnelReset``
         arrives, which then ends the stream's peer."""
+        if self.fast_path:
+            return self._send_fast(stream_id, data)
         sent = 0
         total = len(data)
         try:
@@ -353,66 +426,175 @@ class HboneConnection:
             return sent
         return sent
 
+    def _send_fast(self, stream_id: int, data: memoryview) -> int:
+        if self.closed:
+            return 0
+        granted = self._flow.grant(stream_id, len(data))
+        frame = min(self._max_frame, self._h2.max_outbound_frame_size)
+        for offset in range(0, granted, frame):
+            chunk = data[offset:offset + min(frame, granted - offset)]
+            self._small += fastpath.data_header(stream_id, len(chunk))
+            self._emit_payload(chunk)
+        return granted
+
     def end(self, stream_id: int) -> None:
         try:
-            self._h2.end_stream(stream_id)
+            self._h2.end_stream(stream_id)  # an empty DATA frame: no window, h2's states move
         except h2.exceptions.ProtocolError:
             pass  # the stream was reset or the connection closed meanwhile: the peer knows
+        if self.fast_path:
+            self._pull_h2()
+            if stream_id in self._flow.receive:
+                self._flow.send_ended.add(stream_id)
+            else:
+                self._flow.release(stream_id)  # the peer's direction is over too
 
     def reset(self, stream_id: int, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
         try:
             self._h2.reset_stream(stream_id, error_code)
         except h2.exceptions.ProtocolError:
             pass  # the stream or the whole connection is already gone: nothing to reset
+        if self.fast_path:
+            self._pull_h2()
+            self._flow.release(stream_id)
 
     def consumed(self, stream_id: int, length: int) -> None:
         """Credit back ``length`` bytes of received DATA (they have been written out)."""
-        if length and not self.closed:
-            try:
-                self._h2.acknowledge_received_data(length, stream_id)
-            except h2.exceptions.StreamClosedError:
-                # The stream ended meanwhile; the connection window still needs the credit.
-                self._h2.increment_flow_control_window(length)
-            except h2.exceptions.ProtocolError:
-                pass  # the connection is closing (GOAWAY): no credit to give any more
+        if not length or self.closed:
+            return
+        if self.fast_path:
+            self._small += self._flow.credit(stream_id, length)
+            return
+        try:
+            self._h2.acknowledge_received_data(length, stream_id)
+        except h2.exceptions.StreamClosedError:
+            # The stream ended meanwhile; the connection window still needs the credit.
+            self._h2.increment_flow_control_window(length)
+        except h2.exceptions.ProtocolError:
+            pass  # the connection is closing (GOAWAY): no credit to give any more
 
     # -- input
-    def receive(self, data: bytes) -> list[Event]:
+    def receive(self, data: bytes | memoryview) -> list[Event]:
         if self.closed:
             return []  # after our GOAWAY: nothing more is acted on
+        events: list[Event] = []
         try:
-            h2_events = self._h2.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
+            if self.fast_path:
+                self._receive_fast(data, events)
+            else:
+                self._receive_h2(data, events)
+        except (h2.exceptions.ProtocolError, fastpath.FramingError) as exc:
             # h2 queued GOAWAY with the error's code (ENHANCE_YOUR_CALM for Abuse),
             # except for a bad preface, which it rejects before its state machine runs.
+            # The fast path's connection errors carry the code h2 would have used.
+            code = exc.code if isinstance(exc, fastpath.FramingError) else exc.error_code
             if self._h2.state_machine.state != h2.connection.ConnectionState.CLOSED:
-                self._h2.close_connection(exc.error_code)
-            self.closed = True
-            return [ConnectionEnded(f"{type(exc).__name__}: {exc}", reason=getattr(exc, "reason", "h2_protocol"))]
-        events: list[Event] = []
+                self._h2.close_connection(code)
+            self._pull_h2_if_fast()
+            self.closed = self._closed_by_us = True
+            events.clear()  # as h2, which raises before returning any event of the read
+            events.append(ConnectionEnded(f"{type(exc).__name__}: {exc}", reason=getattr(exc, "reason", "h2_protocol")
+                                          if isinstance(exc, Abuse) else "h2_protocol"))
+        return events
+
+    def _receive_fast(self, data: bytes | memoryview, events: list[Event]) -> None:
+        """Split the bytes into frames: DATA and WINDOW_UPDATE are the fast path's, runs of
+        other frames go to h2 in order. h2 has processed every frame before a DATA frame
+        when that DATA frame's ownership is decided (a 200 and its first bytes may share
+        a read)."""
+        if self._preface:
+            head = bytes(data[:self._preface])
+            data = data[self._preface:]
+            self._preface -= len(head)
+            self._receive_h2(head, events)
+        flow = self._flow
+        for_h2: list[bytes | memoryview] = []
+        for frame_type, flags, stream_id, length, frame in self._splitter.split(data):
+            if frame_type == fastpath.TYPE_DATA:
+                if for_h2:
+                    self._receive_h2(b"".join(for_h2), events)
+                    for_h2.clear()
+                    if self._closed_by_us:
+                        return  # our GOAWAY is out: nothing more is acted on
+                if stream_id == 0:
+                    raise fastpath.FramingError(fastpath.PROTOCOL_ERROR, 0, "DATA on stream 0")
+                if not length and not flags & fastpath.FLAG_END_STREAM and not self._budget.spend("empty_data"):
+                    raise Abuse("empty_data_flood", "empty data budget exhausted")
+                owned = stream_id in flow.receive
+                payload = fastpath.data_payload(frame, length, flags)
+                flow.received(stream_id, length, owned)
+                end_stream = flags & fastpath.FLAG_END_STREAM
+                if owned:
+                    if len(payload):
+                        events.append(TunnelData(stream_id, payload, length))
+                    elif length:
+                        self._small += flow.credit(stream_id, length)  # all padding: nobody consumes it
+                    if end_stream:
+                        del flow.receive[stream_id]
+                        for_h2.append(fastpath.empty_data(stream_id, flags))
+                else:
+                    # Not ours (idle, closed, reset, unanswered): h2 answers as it always
+                    # did for that state; the connection window gets its credit back now.
+                    if length:
+                        self._small += flow.credit(stream_id, length)
+                    for_h2.append(fastpath.empty_data(stream_id, flags))
+            elif frame_type == fastpath.TYPE_WINDOW_UPDATE and length == 4 and (
+                    stream_id == 0 or stream_id in flow.send) \
+                    and 0 < (increment := fastpath.window_increment(frame)) <= fastpath.MAX_WINDOW:
+                try:
+                    flow.window_updated(stream_id, increment)
+                except fastpath.FramingError as exc:
+                    if not exc.stream_id:
+                        raise
+                    # As h2: RST_STREAM FLOW_CONTROL_ERROR, and the stream is over here.
+                    self.reset(stream_id, exc.code)
+                    events.append(TunnelReset(stream_id, exc.code))
+                    continue
+                events.append(WindowOpened(stream_id))
+            else:
+                for_h2.append(frame)  # malformed WINDOW_UPDATEs too: h2 gives its answer
+        if for_h2:
+            self._receive_h2(b"".join(for_h2), events)
+
+    def _receive_h2(self, data: bytes, events: list[Event]) -> None:
+        h2_events = self._h2.receive_data(data)
+        if self.fast_path:
+            self._pull_h2()
+        flow = self._flow
         for ev in h2_events:
             if isinstance(ev, h2.events.DataReceived):
                 if ev.flow_controlled_length:
                     events.append(TunnelData(ev.stream_id, ev.data, ev.flow_controlled_length))
             elif isinstance(ev, h2.events.RequestReceived):
-                events.append(self._on_request(ev))
+                event = self._on_request(ev)
+                events.append(event)
+                if self.fast_path and isinstance(event, TunnelRequested):
+                    flow.own_receive(ev.stream_id)
             elif isinstance(ev, h2.events.ResponseReceived):
                 status = dict(ev.headers).get(b":status", b"0")
                 events.append(TunnelResponse(ev.stream_id, int(status) if status.isdigit() else 0))
+                if self.fast_path and status == b"200" and ev.stream_ended is None:
+                    flow.own_receive(ev.stream_id)
             elif isinstance(ev, h2.events.StreamEnded):
+                if ev.stream_id in flow.send_ended:
+                    flow.release(ev.stream_id)  # both directions over
                 events.append(TunnelEnded(ev.stream_id))
             elif isinstance(ev, h2.events.StreamReset):
+                flow.release(ev.stream_id)
                 if ev.stream_id in self._unanswered:
                     self._unanswered.discard(ev.stream_id)
                     if not self._budget.spend("premature_reset"):
                         self.close(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
                         events.append(ConnectionEnded("streams reset before their answer (rapid reset)",
                                                       reason="premature_reset_flood"))
-                        return events
+                        return
                 events.append(TunnelReset(ev.stream_id, int(ev.error_code)))
             elif isinstance(ev, h2.events.WindowUpdated):
                 events.append(WindowOpened(ev.stream_id))
             elif isinstance(ev, h2.events.RemoteSettingsChanged):
+                changed = ev.changed_settings.get(h2.settings.SettingCodes.INITIAL_WINDOW_SIZE)
+                if self.fast_path and changed is not None and changed.original_value is not None:
+                    flow.initial_window_changed(changed.new_value - changed.original_value)
                 events.append(WindowOpened(0))  # initial window may have grown
             elif isinstance(ev, h2.events.SettingsAcknowledged):
                 events.append(SettingsAcked())
@@ -420,7 +602,6 @@ class HboneConnection:
                 self.closed = True
                 events.append(ConnectionEnded(None if ev.error_code == 0 else f"GOAWAY {ev.error_code!r}",
                                               ev.last_stream_id, reason="peer_goaway"))
-        return events
 
     def _on_request(self, ev: h2.events.RequestReceived) -> Event:
         headers, reason = _decode_headers(ev.headers)

@@ -52,8 +52,8 @@ class HboneSession(asyncio.Protocol):
                  on_request: Callable[["HboneSession", hbone.TunnelRequested], asyncio.Task | None] | None = None,
                  on_rejected: Callable[[str], None] | None = None,
                  on_closed: Callable[["HboneSession"], None] | None = None,
-                 verify: Callable[[object], str] | None = None):
-        self.h2 = hbone.HboneConnection(client_side=client_side)
+                 verify: Callable[[object], str] | None = None, fast_path: bool = True):
+        self.h2 = hbone.HboneConnection(client_side=client_side, fast_path=fast_path)
         self._verify = verify  # ssl_object -> peer SPIFFE ID; raises IdentityError
         self.verify_error: Exception | None = None
         self.streams: dict[int, "StreamPeer"] = {}
@@ -180,9 +180,12 @@ class HboneSession(asyncio.Protocol):
 
     # -- used by stream peers and the pool
     def flush(self) -> None:
-        data = self.h2.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        buffers = self.h2.buffers_to_send()
+        if buffers and self.transport is not None and not self.transport.is_closing():
+            if len(buffers) == 1:
+                self.transport.write(buffers[0])
+            else:
+                self.transport.writelines(buffers)  # large payloads as they are: no join copy
 
     def flush_soon(self) -> None:
         """Flush once at the end of this event-loop turn: the DATA frames of every stream

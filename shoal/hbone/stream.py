@@ -46,8 +46,9 @@ class HboneStream:
         if self.response is not None and not self.response.done():
             self.response.set_result(status)
 
-    def on_stream_data(self, data: bytes, length: int) -> None:
-        self._chunks.append((data, length))
+    def on_stream_data(self, data: bytes | memoryview, length: int) -> None:
+        # The fast path hands out views of the received bytes; readers here parse them.
+        self._chunks.append((bytes(data), length))
         self._readable.set()
 
     def on_window(self) -> None:
