@@ -1,0 +1,185 @@
+"""A local HBONE pair on loopback: the node proxy's data path without a cluster.
+
+    app -> TCP listener -> client HboneSession ==TLS 1.3, HTTP/2 CONNECT==> server HboneSession -> upstream
+
+Both ends are the real drivers (``shoal.hbone.session``: ``HboneSession`` and
+``StreamPeer``), over real sockets and real TLS, in one process. Each end can run the
+fast path or the h2 path, so tests carry the same bytes through every combination, and
+profiles (py-spy) and benchmarks see the data path alone:
+
+    python -m shoal.perf.hbonepair --listen 5301 --upstream 127.0.0.1:5201 [--client-path h2] [--server-path h2]
+    iperf3 -c 127.0.0.1 -p 5301
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import ssl
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from shoal.hbone import framing
+from shoal.hbone.session import HboneSession, StreamPeer
+
+SERVER_NAME = "hbone-pair"
+
+
+@dataclass
+class PairRecord:
+    """The drivers' transfer record (``session.TransferRecord``)."""
+    bytes_in: int = 0
+    bytes_out: int = 0
+    failure: str = ""
+    reset_reason: str = ""
+
+    def failed(self, reason: str) -> None:
+        self.failure = self.failure or reason
+
+    def reset(self, reason: str) -> None:
+        self.reset_reason = self.reset_reason or reason
+
+
+def tls_contexts(directory: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server, client) contexts: one self-signed P-256 certificate both trust, TLS 1.3, h2."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SERVER_NAME)])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(SERVER_NAME)]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "pair.crt", directory / "pair.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.minimum_version = ssl.TLSVersion.TLSv1_3
+    server.load_cert_chain(cert_path, key_path)
+    server.set_alpn_protocols(["h2"])
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.minimum_version = ssl.TLSVersion.TLSv1_3
+    client.load_verify_locations(cert_path)
+    client.set_alpn_protocols(["h2"])
+    return server, client
+
+
+@dataclass
+class HbonePair:
+    """One HBONE connection between two local ends; every accepted TCP connection on
+    ``port`` becomes a stream to ``upstream``. ``records`` keep each stream's counts."""
+    upstream: tuple[str, int]
+    client_fast: bool = True
+    server_fast: bool = True
+    port: int = 0
+    records: list[PairRecord] = field(default_factory=list)
+    client: HboneSession | None = None
+    server: HboneSession | None = None
+
+    async def start(self, listen_port: int = 0) -> "HbonePair":
+        loop = asyncio.get_running_loop()
+        self._tasks: set[asyncio.Task] = set()
+        self._tmp = tempfile.TemporaryDirectory(prefix="hbone-pair-")
+        server_tls, client_tls = tls_contexts(Path(self._tmp.name))
+        accepted: asyncio.Future[HboneSession] = loop.create_future()
+
+        def server_session() -> HboneSession:
+            session = HboneSession(client_side=False, idle_timeout=0, on_request=self._serve,
+                                   fast_path=self.server_fast)
+            if not accepted.done():
+                accepted.set_result(session)
+            return session
+
+        self._tls_server = await loop.create_server(server_session, "127.0.0.1", 0, ssl=server_tls)
+        tls_port = self._tls_server.sockets[0].getsockname()[1]
+        self.client = HboneSession(client_side=True, idle_timeout=0, fast_path=self.client_fast)
+        await loop.create_connection(lambda: self.client, "127.0.0.1", tls_port, ssl=client_tls,
+                                     server_hostname=SERVER_NAME)
+        self.server = await accepted
+        self._listener = await loop.create_server(self._accept, "127.0.0.1", listen_port, backlog=1024)
+        self.port = self._listener.sockets[0].getsockname()[1]
+        return self
+
+    def _accept(self) -> StreamPeer:
+        record = PairRecord()
+        self.records.append(record)
+        peer = StreamPeer(record, on_finished=lambda r: None, tcp_is_client=True)
+        peer.response = asyncio.get_running_loop().create_future()
+        self.client.open_stream(peer, self.upstream[0], self.upstream[1], "127.0.0.1", framing.new_traceparent())
+        self._spawn(self._established(peer))
+        return peer
+
+    async def _established(self, peer: StreamPeer) -> None:
+        try:
+            status = await peer.response
+        except ConnectionError:
+            status = 0
+        if status == framing.STATUS_OK:
+            peer.established()
+        elif peer.transport is not None:
+            peer.transport.abort()
+
+    def _serve(self, session: HboneSession, request: framing.TunnelRequested) -> asyncio.Task:
+        return self._spawn(self._dial(session, request))
+
+    async def _dial(self, session: HboneSession, request: framing.TunnelRequested) -> None:
+        peer = StreamPeer(PairRecord(), on_finished=lambda r: None, tcp_is_client=False)
+        try:
+            transport, _ = await asyncio.get_running_loop().create_connection(lambda: peer, request.host, request.port)
+        except OSError:
+            session.refuse_stream(request.stream_id, framing.STATUS_UNAVAILABLE)
+            return
+        if not session.accept_stream(peer, request.stream_id):
+            transport.abort()
+            return
+        peer.established()
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def close(self) -> None:
+        self._listener.close()
+        for session in (self.client, self.server):
+            if session is not None:
+                session.close()
+        self._tls_server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.sleep(0)
+        self._tmp.cleanup()
+
+
+async def _serve_forever(args: argparse.Namespace) -> None:
+    host, _, port = args.upstream.rpartition(":")
+    pair = await HbonePair((host, int(port)), client_fast=args.client_path == "fast",
+                           server_fast=args.server_path == "fast").start(args.listen)
+    print(f"hbone pair: 127.0.0.1:{pair.port} -> {args.upstream} "
+          f"(client {args.client_path} path, server {args.server_path} path)", flush=True)
+    await asyncio.Event().wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--listen", type=int, default=0, help="local port for the app side (0: any)")
+    parser.add_argument("--upstream", required=True, help="host:port each stream is carried to")
+    for end in ("client", "server"):
+        parser.add_argument(f"--{end}-path", choices=("fast", "h2"), default="fast",
+                            help=f"the {end} end's DATA path (h2: every frame through h2, the reference)")
+    args = parser.parse_args()
+    import uvloop
+    uvloop.run(_serve_forever(args))
+
+
+if __name__ == "__main__":
+    main()
