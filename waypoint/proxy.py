@@ -275,7 +275,7 @@ class WaypointProxy:
             destination_port=service.key.port, method=req.method, path=req.path, host=req.authority,
             headers=req.header_map))
         rec.authz_policy = verdict.policy or ""
-        self.telemetry.metrics.authz.labels(decision="allow" if verdict.allowed else "deny", policy=verdict.policy or "-").inc()
+        self.telemetry.count_authz(verdict.allowed, verdict.policy)
         if not verdict.allowed:
             rec.flags.add("RBAC")
             log.info("L7 deny %s %s from %s to %s: %s (%s)", req.method, req.path, req.peer.source_principal or req.peer.source_ip,

@@ -146,6 +146,7 @@ class RequestTelemetry:
         self.clock = clock
         # prometheus_client's labels() validates on every call; requests repeat few label sets.
         self._children: dict[tuple[str, ...], tuple] = {}
+        self._authz_children: dict[tuple[bool, str], Any] = {}
 
     def label_values(self, r: RequestRecord) -> tuple[str, ...]:
         """``ISTIO_LABELS`` values; the source principal is the HBONE peer's certificate."""
@@ -157,6 +158,17 @@ class RequestTelemetry:
             protocol = "grpc"
         return standard_labels("waypoint", source, r.destination, r.service, protocol, r.response_flags,
                                r.mtls) + (str(r.status), r.grpc_status)
+
+    def count_authz(self, allowed: bool, policy: str | None) -> None:
+        """One L7 authorization decision (once per request: the labelled child is cached)."""
+        key = (allowed, policy or "-")
+        child = self._authz_children.get(key)
+        if child is None:
+            if len(self._authz_children) >= MAX_CACHED_LABEL_SETS:
+                self._authz_children.clear()
+            child = self._authz_children[key] = self.metrics.authz.labels(decision="allow" if allowed else "deny",
+                                                                         policy=key[1])
+        child.inc()
 
     def labels(self, r: RequestRecord) -> dict[str, str]:
         return dict(zip(ISTIO_LABELS, self.label_values(r)))
