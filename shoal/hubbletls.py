@@ -23,6 +23,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +126,9 @@ class HubbleCertificates:
         if not key_path.exists():
             from cryptography.hazmat.primitives.asymmetric import ec
 
-            key = ec.generate_private_key(ec.SECP256R1())
-            cert = _builder(f"shoal hubble CA {cluster}", key.public_key(), None, key, ca=True)
-            _write(key_path, _key_pem(key))
+            new_key = ec.generate_private_key(ec.SECP256R1())
+            cert = _builder(f"shoal hubble CA {cluster}", new_key.public_key(), None, new_key, ca=True)
+            _write(key_path, _key_pem(new_key))
             _write(self.directory / CA_FILE, cert.public_bytes(serialization.Encoding.PEM), private=False)
         cert = x509.load_pem_x509_certificate((self.directory / CA_FILE).read_bytes())
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
@@ -144,7 +145,7 @@ class HubbleCertificates:
         _write(files.cert, cert.public_bytes(serialization.Encoding.PEM), private=False)
 
 
-def _builder(common_name: str, public_key, issuer, signing_key, *, ca: bool, sans: list[str] = (),
+def _builder(common_name: str, public_key, issuer, signing_key, *, ca: bool, sans: Sequence[str] = (),
              server: bool = False):
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
@@ -160,7 +161,7 @@ def _builder(common_name: str, public_key, issuer, signing_key, *, ca: bool, san
                .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True))
     if not ca:
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-        names = []
+        names: list[x509.GeneralName] = []
         for san in sans:
             try:
                 names.append(x509.IPAddress(ipaddress.ip_address(san)))

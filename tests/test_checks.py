@@ -83,7 +83,8 @@ def test_ruff_fails_on_a_planted_violation(tmp_path):
 
 def test_mypy_passes_on_the_shared_libraries():
     result = run("mypy", "--no-incremental")
-    assert result.returncode == 0, f"mypy (files in pyproject.toml [tool.mypy]):\n{result.stdout}{result.stderr}"
+    assert result.returncode == 0, (f"mypy (files in pyproject.toml [tool.mypy]; 'Library stubs not installed': "
+                                    f"run scripts/install.sh):\n{result.stdout}{result.stderr}")
 
 
 def test_mypy_fails_on_a_planted_violation(tmp_path):

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 
-import re2
+import re2  # type: ignore[import-untyped]  # google-re2 ships no type stubs
 
 from shoal.api.flow import flow_pb2
 

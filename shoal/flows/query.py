@@ -104,7 +104,9 @@ def _field_mask(request: observer_pb2.GetFlowsRequest) -> FieldMask | None:
     if len(mask.paths) > MAX_FIELD_MASK_PATHS:
         raise FilterError(f"field_mask: {len(mask.paths)} paths, at most {MAX_FIELD_MASK_PATHS}")
     for path in mask.paths:
-        if not FieldMask(paths=[path]).IsValidForDescriptor(flow_pb2.Flow.DESCRIPTOR):
+        # types-protobuf types DESCRIPTOR as upb's Descriptor or the pure-Python one, and this
+        # argument as the latter only: both are accepted at run time.
+        if not FieldMask(paths=[path]).IsValidForDescriptor(flow_pb2.Flow.DESCRIPTOR):  # type: ignore[arg-type]
             raise FilterError(f"field_mask: unknown path {path!r} (want Flow fields, e.g. 'time', "
                               "'source.pod_name', 'verdict')")
     canonical = FieldMask()

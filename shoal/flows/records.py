@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import time
 from collections.abc import Mapping
+from typing import cast
 
 from google.protobuf.wrappers_pb2 import BoolValue
 
@@ -30,6 +31,12 @@ TRACE_FROM_ENDPOINT = 5
 TRACE_FROM_PROXY = 6
 
 TCP_FLAG_NAMES = ("FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR", "NS")
+
+
+def verdict_value(name: str) -> flow_pb2.Verdict:
+    """``"FORWARDED"`` -> the enum value; a ValueError for an unknown name. (The generated
+    stubs type ``Value()`` as int and the field as the enum: the cast says they agree.)"""
+    return cast(flow_pb2.Verdict, flow_pb2.Verdict.Value(name))
 
 
 def tcp_flags_from_bits(bits: int) -> flow_pb2.TCPFlags:
@@ -89,8 +96,8 @@ def l4_flow(
     set_time(flow, ts_ns)
     set_addresses(flow, src_ip, dst_ip, src_port, dst_port)
     flow.Type = flow_pb2.L3_L4
-    flow.verdict = flow_pb2.Verdict.Value(verdict)
-    flow.traffic_direction = flow_pb2.TrafficDirection.Value(direction)
+    flow.verdict = verdict_value(verdict)
+    flow.traffic_direction = cast(flow_pb2.TrafficDirection, flow_pb2.TrafficDirection.Value(direction))
     flow.is_reply.CopyFrom(BoolValue(value=False))
     flow.l4.TCP.flags.CopyFrom(tcp_flags_from_bits(0x02 if event == "open" else 0x11))
     if verdict == "DROPPED":
@@ -163,7 +170,7 @@ def http_flow(
     set_addresses(flow, src_ip, dst_ip, src_port, dst_port)
     flow.Type = flow_pb2.L7
     flow.event_type.type = MSG_ACCESS_LOG
-    flow.verdict = flow_pb2.Verdict.Value(verdict)
+    flow.verdict = verdict_value(verdict)
     reply = kind == "response"
     flow.is_reply.CopyFrom(BoolValue(value=reply))
     flow.traffic_direction = flow_pb2.INGRESS

@@ -77,7 +77,7 @@ class ConfigClient:
             else:
                 credentials = grpc.ssl_channel_credentials(
                     root_certificates=self.ca_bundle.read_bytes())
-                options = CHANNEL_OPTIONS
+                options: tuple[tuple[str, int | str], ...] = CHANNEL_OPTIONS
                 if self.server_name:
                     options += (("grpc.ssl_target_name_override", self.server_name),)
                 self._channel = grpc.aio.secure_channel(self.address, credentials,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from typing import Any, Callable
 
 from shoal.api import config_pb2 as pb
 from shoal.xds import model as m
@@ -118,11 +119,11 @@ def to_proto(resource: m.Resource, version: str = "") -> pb.Resource:
             for cond in rule.conditions:
                 r.conditions.add(key=cond.key, values=cond.values, not_values=cond.not_values)
     elif isinstance(resource, m.Waypoint):
-        w = out.waypoint
-        w.name, w.namespace, w.ip = resource.name, resource.namespace, resource.ip
-        w.service_account, w.spiffe_id, w.uid = (resource.service_account, resource.spiffe_id,
-                                                 resource.uid)
-        w.ips.extend(resource.ips)
+        wp = out.waypoint
+        wp.name, wp.namespace, wp.ip = resource.name, resource.namespace, resource.ip
+        wp.service_account, wp.spiffe_id, wp.uid = (resource.service_account, resource.spiffe_id,
+                                                    resource.uid)
+        wp.ips.extend(resource.ips)
     elif isinstance(resource, m.KubeObject):
         o = out.object
         o.kind, o.namespace, o.name, o.json = (resource.kind, resource.namespace, resource.name,
@@ -234,7 +235,8 @@ def _object(o: pb.KubeObject, where: str) -> m.KubeObject:
                         name=_need(f"{where}.name", o.name), json=o.json)
 
 
-_DECODERS = {
+# resource type -> (the body field that carries it, its decoder)
+_DECODERS: dict[str, tuple[str, Callable[[Any, str], m.Resource]]] = {
     m.WORKLOAD: ("workload", _workload),
     m.SERVICE: ("service", _service),
     m.AUTHORIZATION: ("authorization", _authorization),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 from shoal import __version__
 from shoal.api import config_pb2 as pb
@@ -64,7 +64,7 @@ class DeltaSender:
     acked_version: str = ""       # the newest system version the client is in sync with
     latest_version: str = ""      # the system version of the last plan()
     last_nack: Nack | None = None
-    _nonces: Iterable[int] = field(default_factory=lambda: itertools.count(1), repr=False)
+    _nonces: Iterator[int] = field(default_factory=lambda: itertools.count(1), repr=False)
 
     @classmethod
     def from_hello(cls, request: pb.DeltaRequest) -> "DeltaSender":
@@ -91,10 +91,7 @@ class DeltaSender:
         stream is always sent, even empty: it tells the node it is in sync).
         """
         self.latest_version = system_version
-        if keys is None:
-            candidates = set(desired) | set(self.known)
-        else:
-            candidates = keys
+        candidates: Iterable[str] = set(desired) | set(self.known) if keys is None else keys
         upserts, removed = [], []
         for key in candidates:
             want = desired.get(key)

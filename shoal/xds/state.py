@@ -78,24 +78,24 @@ class ConfigState:
     def _remove(self, key: str) -> m.Resource | None:
         kind, name = m.split_key(key)
         if kind == m.WORKLOAD:
-            old = self._workloads.pop(name, None)
-            if old is not None:
-                for address in old.ips:
-                    if self._by_ip.get(address) is old:
+            workload = self._workloads.pop(name, None)
+            if workload is not None:
+                for address in workload.ips:
+                    if self._by_ip.get(address) is workload:
                         del self._by_ip[address]
-                self._by_node[old.node].pop(old.uid, None)
-            return old
+                self._by_node[workload.node].pop(workload.uid, None)
+            return workload
         if kind == m.SERVICE:
-            old = self._services.pop(name, None)
-            for address in old.vips if old is not None else ():
-                if self._by_vip.get(address) is old:
+            service = self._services.pop(name, None)
+            for address in service.vips if service is not None else ():
+                if self._by_vip.get(address) is service:
                     del self._by_vip[address]
-            return old
+            return service
         if kind == m.AUTHORIZATION:
-            old = self._policies.pop(name, None)
-            if old is not None:
-                self._policies_by_ns[old.namespace].pop(name, None)
-            return old
+            policy = self._policies.pop(name, None)
+            if policy is not None:
+                self._policies_by_ns[policy.namespace].pop(name, None)
+            return policy
         if kind == m.WAYPOINT:
             return self._waypoints.pop(name, None)
         return self._objects.pop(name, None)
