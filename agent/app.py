@@ -28,6 +28,7 @@ from shoal.agent.mapsync import DatapathMaps
 from shoal.agent.metrics import AgentMetrics
 from shoal.agent.ringbuf import RingReader
 from shoal.agent.zdslink import ZdsProxyLink
+from shoal.config import ClusterLayout
 from shoal.datapath.structs import RINGBUF_BYTES
 from shoal.flows.records import capture_drift_flow
 from shoal.xds import model as m
@@ -93,8 +94,12 @@ class AgentApp:
         """Local cluster: namespaces have names; Kubernetes: found through the host's /proc."""
         from shoal.agent.k8s import KubernetesPodNetns
         from shoal.kubernetes import KubernetesLayout
-        if isinstance(self.config.layout, KubernetesLayout):
-            return KubernetesPodNetns(self.config.layout.proc_root)
+        layout = self.config.layout
+        if isinstance(layout, KubernetesLayout) and layout.netns_dir is not None:
+            # A local cluster's node run from the DaemonSet: its pods' namespaces are named.
+            return LocalPodNetns(ClusterLayout(name=layout.name), layout.netns_dir)
+        if isinstance(layout, KubernetesLayout):
+            return KubernetesPodNetns(layout.proc_root)
         return LocalPodNetns(self.config.layout)
 
     def lost_events(self) -> int:

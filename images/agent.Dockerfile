@@ -27,6 +27,10 @@ RUN python3 -m venv --system-site-packages /opt/shoal \
  && /opt/shoal/bin/pip uninstall -q -y pip setuptools
 
 FROM ${BCC_BASE}
+# iproute2: the node proxy installs each pod's delivery rules with `ip -batch` (both families).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends iproute2 \
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /usr/share/doc /usr/share/man
 COPY --from=build /opt/shoal /opt/shoal
 ENV PATH=/opt/shoal/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \

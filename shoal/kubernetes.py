@@ -26,7 +26,9 @@ class KubernetesLayout(ClusterLayout):
     """``ClusterLayout`` for a Kubernetes node: one node per machine, host paths mounted.
 
     The agent and the proxy share ``run_root`` (an emptyDir in the DaemonSet pod);
-    ``cgroup_root`` is the node's cgroup v2 root; pins live under ``bpffs_root/shoal``.
+    ``cgroup_root`` is where the host's cgroups are mounted (``node_cgroup`` finds v2 there);
+    pins live under ``bpffs_root/<cluster>/<node>``
+    as in a local cluster (whose nodes, run from this DaemonSet, share one bpffs).
     """
 
     name: str = "shoal"
@@ -34,17 +36,21 @@ class KubernetesLayout(ClusterLayout):
     cgroup_root: Path = Path("/sys/fs/cgroup")
     bpffs_root: Path = Path("/sys/fs/bpf")
     proc_root: Path = Path("/proc")
+    # Named pod namespaces (``ip netns``), for a local cluster's nodes run from the DaemonSet
+    # (``shoal up --containers``); None on a Kubernetes node, where pods are found via proc_root.
+    netns_dir: Path | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "KubernetesLayout":
-        """From the DaemonSet's env: SHOAL_RUN_DIR, SHOAL_CGROUP_ROOT, SHOAL_BPFFS, SHOAL_HOST_PROC."""
-        host_cgroup = Path(environ.get("SHOAL_CGROUP_ROOT", "/sys/fs/cgroup"))
+        """From the DaemonSet's env: SHOAL_RUN_DIR, SHOAL_CGROUP_ROOT, SHOAL_BPFFS, SHOAL_HOST_PROC
+        (and SHOAL_NETNS_DIR, set only when rendered for a local cluster)."""
         return cls(
             name=cluster_name(environ),
             run_root=Path(environ.get("SHOAL_RUN_DIR", "/var/run/shoal")),
-            cgroup_root=cgroup2_root(host_cgroup),
+            cgroup_root=Path(environ.get("SHOAL_CGROUP_ROOT", "/sys/fs/cgroup")),
             bpffs_root=Path(environ.get("SHOAL_BPFFS", "/sys/fs/bpf")),
             proc_root=Path(environ.get("SHOAL_HOST_PROC", "/proc")),
+            netns_dir=Path(environ["SHOAL_NETNS_DIR"]) if environ.get("SHOAL_NETNS_DIR") else None,
         )
 
     @property
@@ -55,11 +61,9 @@ class KubernetesLayout(ClusterLayout):
         return self.run_root
 
     def node_cgroup(self, node: str) -> Path:
-        """The cgroup v2 root: every pod of the node (and the node itself) is below it."""
-        return self.cgroup_root
-
-    def bpf_pin_dir(self, node: str) -> Path:
-        return self.bpffs_root / self.name
+        """The cgroup v2 root: every pod of the node (and the node itself) is below it.
+        Found when asked, not at start: the proxy shares the env but mounts no cgroup."""
+        return cgroup2_root(self.cgroup_root)
 
     def pod_cgroup(self, node: str, namespace: str, pod: str) -> Path:
         raise KubernetesModeError("pod cgroups belong to the kubelet: use pod_netns_path() to find a pod")

@@ -88,9 +88,13 @@ class NetnsHandle:
         return sock
 
     def write_sysctl(self, name: str, value: str) -> None:
-        """Set a per-namespace sysctl (``net/ipv4/...``) of this namespace."""
+        """Set a per-namespace sysctl (``net/ipv4/...``) of this namespace. One already set
+        is not written: a container's /proc/sys is read-only (transparent.DELIVERY_SYSCTLS)."""
         with self.entered():
             # /proc/sys/net resolves against the opening thread's namespace.
+            with open(f"/proc/sys/{name}") as current:
+                if current.read().strip() == value:
+                    return
             with open(f"/proc/sys/{name}", "w") as f:
                 f.write(value)
 

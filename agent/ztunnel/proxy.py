@@ -183,7 +183,7 @@ class PodRegistry:
         try:
             # A successor proxy's SO_REUSEPORT listeners take over queued connections when
             # ours close, instead of the kernel resetting them (net.ipv4.tcp_migrate_req).
-            netns.write_sysctl("net/ipv4/tcp_migrate_req", "1")
+            netns.write_sysctl(transparent.HANDOVER_SYSCTL, "1")
         except OSError as exc:
             log.warning("tcp_migrate_req not set in %s: %s", pod.name, exc)
         problem = transparent.install(netns, pod.ips)

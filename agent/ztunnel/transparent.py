@@ -76,6 +76,16 @@ def _versions(addresses: tuple[str, ...]) -> tuple[int, ...]:
     return tuple(sorted({ipaddress.ip_address(a).version for a in addresses}))
 
 
+# The pod namespace's sysctls delivery relies on (both families' reflect: a pod may be
+# dual-stack). A container's /proc/sys is read-only, so on a platform that runs the proxy
+# in one, whoever creates the pod's namespace (the CNI step) sets them first; the proxy
+# then finds them set and writes nothing (NetnsHandle.write_sysctl).
+DELIVERY_SYSCTLS = ("net/ipv4/tcp_fwmark_accept", "net/ipv4/fwmark_reflect", "net/ipv6/fwmark_reflect")
+# Not delivery, but set the same way: a successor proxy's SO_REUSEPORT listeners take over
+# the queued connections of ours when they close (proxy.py).
+HANDOVER_SYSCTL = "net/ipv4/tcp_migrate_req"
+
+
 def install(netns: NetnsHandle, addresses: tuple[str, ...]) -> str | None:
     """Prepares a pod namespace for delivery to its ``addresses``; None when done, else
     why not (logged by the caller: the pod cannot be served without it)."""

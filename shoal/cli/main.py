@@ -108,20 +108,29 @@ def cli(ctx: click.Context, cluster: str) -> None:
 @cli.command()
 @click.option("--nodes", type=click.IntRange(1, 200), default=2, show_default=True)
 @click.option("--demo", is_flag=True, help="Deploy the demo namespaces and show meshed traffic.")
+@click.option("--containers", is_flag=True,
+              help="Run each node's agent and proxy as podman containers from the images (`make images`), "
+                   "with the rendered DaemonSet's privileges.")
 @click.pass_context
-def up(ctx: click.Context, nodes: int, demo: bool) -> None:
+def up(ctx: click.Context, nodes: int, demo: bool, containers: bool) -> None:
     """Build a local cluster from network namespaces, cgroups and eBPF."""
     from shoal.local.cluster import LocalCluster, PreflightError
     from shoal.local.linux import LinuxError
+    from shoal.local.podman import PodmanError
     layout = layout_of(ctx)
-    cluster = LocalCluster(layout, progress=lambda m: click.echo(f"  {m}"))
+    node_manifests = None
+    if containers:
+        from shoal.cli.deploy.render import RenderOptions, render
+        node_manifests = lambda tag: render(RenderOptions(local_cluster=layout.name,   # noqa: E731
+                                                          **({"image_tag": tag} if tag else {})))
+    cluster = LocalCluster(layout, progress=lambda m: click.echo(f"  {m}"), node_manifests=node_manifests)
     click.echo(f"Bringing up cluster {layout.name!r} with {nodes} node(s)")
     try:
         cluster.up(nodes)
         if demo:
             from shoal.local.demo import deploy_demo
             deploy_demo(cluster, echo=click.echo)
-    except (PreflightError, LinuxError, ValueError) as e:
+    except (PreflightError, LinuxError, PodmanError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"Cluster {layout.name!r} is up. Try: shoal get pods -A")
 

@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from shoal.config import ENV_CLUSTER, ClusterLayout
 from shoal.credentials import NodeCredentials
@@ -23,6 +23,9 @@ from shoal.local import network
 from shoal.local.apiclient import ApiClient
 from shoal.local.linux import Cgroup, LinuxError, Netns
 from shoal.local.topology import Topology
+
+if TYPE_CHECKING:
+    from shoal.local.nodepods import RenderManifests
 
 Progress = Callable[[str], None]
 
@@ -84,9 +87,13 @@ def _kernel_config() -> dict[str, str]:
 
 
 class LocalCluster:
-    def __init__(self, layout: ClusterLayout, progress: Progress = lambda _: None):
+    def __init__(self, layout: ClusterLayout, progress: Progress = lambda _: None,
+                 node_manifests: "RenderManifests | None" = None):
         self.layout = layout
         self.progress = progress
+        # With the DaemonSet rendered for this cluster: node components run as podman
+        # containers from the images, under exactly its privileges (shoal/local/nodepods.py).
+        self.node_manifests = node_manifests
         self.topology = Topology(layout)
         self.api = ApiClient(layout.api_socket)
 
@@ -113,6 +120,11 @@ class LocalCluster:
         if not 1 <= nodes <= 200:
             raise ValueError(f"--nodes must be between 1 and 200, got {nodes}")
         preflight(self.layout)
+        if self.node_manifests is not None:
+            from shoal.local import podman
+            missing = podman.available()
+            if missing:
+                raise PreflightError(f"--containers: {missing}")
         leftovers = self.leftovers()
         if leftovers:
             self.progress(f"cleaning leftovers of cluster {self.layout.name!r}: {', '.join(leftovers[:4])}"
@@ -165,11 +177,24 @@ class LocalCluster:
         self.start(self.controller_component())
         self._wait(self.api.healthy, 30, "the controller did not become ready (see `shoal logs controller`)")
         self.api.apply([self._node_object(n) for n in node_names])
+        if self.node_manifests is not None:
+            self._start_node_containers(self.node_manifests, node_names, components)
+            return
         for node in node_names:
             for component in self.node_components(node):
                 if component.name.split("-")[0] in components:
                     self.progress(f"{component.name}: starting")
                     self.start(component)
+
+    def _start_node_containers(self, render: "RenderManifests", node_names: list[str], components: set[str]) -> None:
+        from shoal.local.nodepods import NodeContainers
+        pods = NodeContainers(self.layout, render)
+        pods.prepare_images(self.progress)
+        for node in node_names:
+            for container in ("agent", "proxy"):
+                if container in components:
+                    self.progress(f"{container}-{node}: starting container {pods.image}")
+                    pods.start(node, container)
 
     def _node_object(self, node: str) -> dict:
         return {"apiVersion": "v1", "kind": "Node",
@@ -243,6 +268,7 @@ class LocalCluster:
         """Removes every process, namespace, cgroup, pin and file of this cluster; idempotent."""
         removed = []
         layout = self.layout
+        removed += self._remove_containers()
         # The controller first, so that its kubelet does not restart pods we are stopping.
         for cgroup in (Cgroup(layout.cgroup / "control"), Cgroup(layout.cgroup)):
             if cgroup.exists() and cgroup.pids():
@@ -263,6 +289,15 @@ class LocalCluster:
         if layout.run_dir.exists():
             shutil.rmtree(layout.run_dir)
         return removed
+
+    def _remove_containers(self) -> list[str]:
+        """Every podman container labelled with this cluster (``shoal up --containers``)."""
+        from shoal.local import podman
+        if podman.available() is not None:
+            return []
+        found = podman.cluster_containers(self.layout.name)
+        podman.remove(found)
+        return [f"container {c[:12]}" for c in found]
 
     def _uninstall_node_datapath(self, node: str) -> None:
         try:

@@ -11,6 +11,7 @@ volume the caller leaves out is an error naming it, never silently dropped.
 """
 from __future__ import annotations
 
+import re
 import resource
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,12 +46,25 @@ class ContainerRun:
     env: dict[str, str] = field(default_factory=dict)
     mounts: tuple[str, ...] = ()      # podman --mount values
     tmpfs: tuple[str, ...] = ()       # emptyDir volumes
+    # shareProcessNamespace: the pod's containers join one PID namespace (the caller's sandbox).
+    share_process_namespace: bool = False
 
     def argv(self, container_name: str, network: str, cgroup_parent: str | None = None,
-             extra_env: dict[str, str] | None = None, command: tuple[str, ...] | None = None) -> list[str]:
-        """``podman run`` argv; ``extra_env`` overrides manifest env (local addresses)."""
+             extra_env: dict[str, str] | None = None, command: tuple[str, ...] | None = None,
+             labels: dict[str, str] | None = None, hosts: dict[str, str] | None = None,
+             sandbox: str | None = None) -> list[str]:
+        """``podman run`` argv; ``extra_env`` overrides manifest env; ``hosts`` are the names
+        the cluster's DNS would resolve (name -> address), ``labels`` find the container again;
+        ``sandbox`` is the container whose PID namespace the pod shares (shareProcessNamespace;
+        without one, a container run alone, such as a probe, keeps its own)."""
         argv = ["podman", *PODMAN_GLOBAL, "run", "--detach", "--pull=never", "--name", container_name,
                 "--network", network, *ulimits()]
+        if self.share_process_namespace and sandbox is not None:
+            argv += ["--pid", f"container:{sandbox}"]
+        for key, value in sorted((labels or {}).items()):
+            argv += ["--label", f"{key}={value}"]
+        for name, address in sorted((hosts or {}).items()):
+            argv += ["--add-host", f"{name}:{address}"]
         if cgroup_parent:
             argv += ["--cgroup-parent", cgroup_parent]
         if self.cap_drop_all:
@@ -107,6 +121,7 @@ def container_run(objects: list[dict[str, Any]], kind: str, name: str, container
     if "runAsUser" in sc:
         user = str(sc["runAsUser"]) + (f":{sc['runAsGroup']}" if "runAsGroup" in sc else "")
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    env = _env(objects, c.get("env", []), fields)
     mounts, tmpfs = [], []
     for vm in c.get("volumeMounts", []):
         volume = volumes[vm["name"]]
@@ -120,6 +135,10 @@ def container_run(objects: list[dict[str, Any]], kind: str, name: str, container
             source = volume_sources[vm["name"]]
         else:
             raise ManifestError(f"{kind} {name}/{container}: volume {vm['name']!r} needs a local source")
+        if "subPathExpr" in vm:
+            source = f"{source.rstrip('/')}/{_expand(vm['subPathExpr'], env, f'{kind} {name}/{container}')}"
+        elif "subPath" in vm:
+            source = f"{source.rstrip('/')}/{vm['subPath']}"
         mount = f"type=bind,source={source},destination={target}"
         if read_only:
             mount += ",ro=true"
@@ -132,7 +151,20 @@ def container_run(objects: list[dict[str, Any]], kind: str, name: str, container
         cap_add=tuple(caps.get("add", [])), cap_drop_all=drops == ["ALL"],
         read_only=bool(sc.get("readOnlyRootFilesystem")), user=user,
         no_new_privileges=sc.get("allowPrivilegeEscalation") is False,
-        env=_env(objects, c.get("env", []), fields), mounts=tuple(mounts), tmpfs=tuple(tmpfs))
+        env=env, mounts=tuple(mounts), tmpfs=tuple(tmpfs),
+        share_process_namespace=bool(spec.get("shareProcessNamespace")))
+
+
+def _expand(expression: str, env: dict[str, str], where: str) -> str:
+    """A ``subPathExpr``: ``$(VAR)`` from the container's env, as the kubelet expands it."""
+    def value(match: re.Match[str]) -> str:
+        if match.group(1) not in env:
+            raise ManifestError(f"{where}: subPathExpr {expression!r} names {match.group(1)}, which is not in its env")
+        return env[match.group(1)]
+    expanded = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", value, expression)
+    if expanded.startswith("/") or ".." in expanded.split("/"):
+        raise ManifestError(f"{where}: subPathExpr {expression!r} leaves its volume ({expanded!r})")
+    return expanded
 
 
 def _env(objects: list[dict[str, Any]], entries: list[dict[str, Any]], fields: dict[str, str]) -> dict[str, str]:

@@ -66,9 +66,9 @@ class Netns:
     def ip(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return run(["ip", "-n", self.name, *args], check=check)
 
-    def sysctl(self, key: str, value: str) -> None:
-        """Sets a per-namespace sysctl inside this namespace (never the root one)."""
-        run(["ip", "netns", "exec", self.name, "sysctl", "-qw", f"{key}={value}"])
+    def sysctl(self, settings: dict[str, str]) -> None:
+        """Sets per-namespace sysctls (``net.ipv4.x``) inside this namespace (never the root one)."""
+        run(["ip", "netns", "exec", self.name, "sysctl", "-qw", *(f"{k}={v}" for k, v in settings.items())])
 
     def exec_argv(self, argv: Sequence[str]) -> list[str]:
         """For pods: ``ip netns exec`` also bind-mounts /etc/netns/NAME/* (the hosts file) over /etc.

@@ -22,6 +22,7 @@ import hashlib
 import ipaddress
 from dataclasses import dataclass
 
+from shoal.agent.ztunnel.transparent import DELIVERY_SYSCTLS, HANDOVER_SYSCTL
 from shoal.config import ClusterLayout
 from shoal.local import network
 from shoal.local.linux import Netns
@@ -88,8 +89,7 @@ class Topology:
         for gateway, cidr in zip(network.pod_gateways(node), network.pod_cidrs(node)):
             _add_address(netns, "cni0", gateway, cidr)
         netns.ip("link", "set", "cni0", "up")
-        netns.sysctl("net.ipv4.ip_forward", "1")
-        netns.sysctl("net.ipv6.conf.all.forwarding", "1")
+        netns.sysctl({"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"})
         # The control netns reaches pods (waypoints and webhooks dial the controller from pods).
         for family in range(2):
             control.ip("route", "replace", network.pod_cidrs(node)[family],
@@ -117,6 +117,9 @@ class Topology:
         for address in ips:
             _add_address(netns, "eth0", address, families[ipaddress.ip_address(address).version][1])
         netns.ip("link", "set", "eth0", "up")
+        # As a CNI step would: the node proxy may run in a container, whose /proc/sys is
+        # read-only, so the pod sysctls its delivery and handover need are set here first.
+        netns.sysctl({name.replace("/", "."): "1" for name in (*DELIVERY_SYSCTLS, HANDOVER_SYSCTL)})
         for address in ips:
             version = ipaddress.ip_address(address).version
             netns.ip(f"-{version}", "route", "replace", "default", "via", families[version][0])

@@ -137,8 +137,18 @@ def test_layout_from_the_daemonset_env(tmp_path):
     assert layout.node_cgroup("node-a") == tmp_path / "cg" / "unified"
     assert layout.zds_socket("node-a") == Path("/var/run/shoal/zds.sock")
     assert layout.flows_socket("node-a") == Path("/var/run/shoal/flows.sock")
-    assert layout.bpf_pin_dir("node-a") == Path("/sys/fs/bpf/shoal")
+    assert layout.bpf_pin_dir("node-a") == Path("/sys/fs/bpf/shoal/node-a")
     assert layout.proc_root == Path("/host/proc")
+    assert layout.netns_dir is None          # pods are found through /host/proc
+
+
+def test_a_daemonset_rendered_for_a_local_cluster_names_its_netns_folder(tmp_path):
+    (tmp_path / "cgroup.controllers").write_text("")
+    layout = KubernetesLayout.from_env({"SHOAL_CGROUP_ROOT": str(tmp_path), "SHOAL_CLUSTER": "c1",
+                                        "SHOAL_NETNS_DIR": "/host/run/netns"})
+    assert layout.netns_dir == Path("/host/run/netns")
+    assert layout.node_cgroup("node-2") == tmp_path        # the node's own cgroup, mounted as the root
+    assert layout.bpf_pin_dir("node-2") == Path("/sys/fs/bpf/c1/node-2")   # where process mode pins
     with pytest.raises(KubernetesModeError):
         layout.pod_cgroup("node-a", "demo", "web-0")
 

@@ -76,10 +76,10 @@ class Kubectl:
 
 
 def _options(trust_domain: str, hub: str, image_tag: str, flows: int, log_level: str,
-             ca_secret: str | None = None) -> RenderOptions:
+             ca_secret: str | None = None, local_cluster: str | None = None) -> RenderOptions:
     try:
         return RenderOptions(trust_domain=trust_domain, hub=hub, image_tag=image_tag, flows=flows,
-                             log_level=log_level, ca_secret=ca_secret)
+                             log_level=log_level, ca_secret=ca_secret, local_cluster=local_cluster)
     except ValueError as err:
         raise click.UsageError(str(err)) from err
 
@@ -126,11 +126,16 @@ def _render_options(func):
                    "controller generates a root that lives as long as its pod.")
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="Wait for the controller and every agent to be ready.")
+@click.option("--local-cluster", default=None, metavar="NAME",
+              help="With --render: the DaemonSet's host paths of local cluster NAME, as `shoal up --containers` "
+                   "runs it (per-node run dir and cgroup, named pod namespaces).")
 def install(render_only: bool, trust_domain: str, hub: str, image_tag: str, flows: int, log_level: str,
             manifests: Path | None, kubectl_bin: str, context: str | None, timeout: str, ca_secret: str | None,
-            wait: bool) -> None:
+            wait: bool, local_cluster: str | None) -> None:
     """Install Shoal on the current Kubernetes cluster (or print its manifests)."""
-    options = _options(trust_domain, hub, image_tag, flows, log_level, ca_secret)
+    if local_cluster and not render_only:
+        raise click.UsageError("--local-cluster renders for `shoal up --containers`: use it with --render")
+    options = _options(trust_domain, hub, image_tag, flows, log_level, ca_secret, local_cluster)
     objects = _render(options, manifests)
     if render_only:
         click.echo(to_yaml(objects), nl=False)

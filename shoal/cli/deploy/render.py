@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from shoal.cli.deploy import kustomize
-from shoal.config import DEFAULT_TRUST_DOMAIN
+from shoal.config import DEFAULT_TRUST_DOMAIN, ClusterLayout
 
 DEFAULT_HUB = "ghcr.io/shoal-mesh"
 DEFAULT_TAG = "0.1.0"
@@ -35,6 +35,9 @@ CONFIG_CHECKSUM_ANNOTATION = "shoal.io/config-checksum"
 SHOAL_IMAGES = ("shoal-controller", "shoal-agent", "shoal-waypoint")
 
 CONTROLLER = "shoal-controller"
+AGENT = "shoal-agent"
+# Where the agent sees the local cluster's named pod namespaces (render for a local cluster only).
+LOCAL_NETNS_MOUNT = "/host/run/netns"
 CA_MOUNT = "/etc/shoal/cacerts"
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _TRUST_DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,253}[a-z0-9])?$")
@@ -63,6 +66,9 @@ class RenderOptions:
     # root-cert.pem). Without one the controller generates a root that lives as long
     # as its pod.
     ca_secret: str | None = None
+    # The local cluster this render is for (``shoal up --containers``): the DaemonSet's host
+    # paths become that cluster's (see ``_local_node_paths``); None renders for Kubernetes.
+    local_cluster: str | None = None
 
     def __post_init__(self) -> None:
         if not _TRUST_DOMAIN.match(self.trust_domain) or ".." in self.trust_domain:
@@ -78,6 +84,8 @@ class RenderOptions:
             raise ValueError(f"CA secret {self.ca_secret!r}: expected a Secret name (lowercase, digits, '-', '.')")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log level {self.log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
+        if self.local_cluster is not None:
+            ClusterLayout(name=self.local_cluster)   # raises with the naming rule
 
     def image(self, name: str) -> str:
         return f"{self.hub}/{name}:{self.image_tag}"
@@ -131,6 +139,8 @@ def _apply(obj: dict[str, Any], options: RenderOptions) -> dict[str, Any]:
         obj["data"][WAYPOINT_TEMPLATE_KEY] = to_yaml([_apply(d, options) for d in docs])
     if _is(obj, "Deployment", CONTROLLER) and options.ca_secret:
         _mount_ca_secret(obj, options.ca_secret)
+    if _is(obj, "DaemonSet", AGENT) and options.local_cluster:
+        _local_node_paths(obj, ClusterLayout(name=options.local_cluster))
     obj = _map_strings(obj, lambda s: _replace_trust_domain(s, options.trust_domain))
     for container in _containers(obj):
         container["image"] = _retag(container["image"], options)
@@ -150,6 +160,38 @@ def _mount_ca_secret(deployment: dict[str, Any], secret: str) -> None:
             container.setdefault("volumeMounts", []).append(
                 {"name": "cacerts", "mountPath": CA_MOUNT, "readOnly": True})
             container.setdefault("env", []).append({"name": "SHOAL_CA_DIR", "value": CA_MOUNT})
+
+
+def _local_node_paths(daemonset: dict[str, Any], layout: ClusterLayout) -> None:
+    """The DaemonSet for one local cluster, whose nodes share this machine.
+
+    A Kubernetes node owns its machine's /var/run/shoal and cgroup root. Local nodes get
+    their own folders instead, through ``subPathExpr: $(SHOAL_NODE)`` as a DaemonSet would
+    on shared storage: the run volume is the cluster's run dir (``<run>/<node>``: sockets,
+    enrolment state), the cgroup volume the cluster's cgroup (``<cluster>/<node>`` is the
+    node's root: the machine's root cgroup is never attached to). The pod namespaces are
+    named (``ip netns``), not kubelet sandboxes found through /proc, so the agent also
+    mounts the netns folder read-only and is told so by SHOAL_NETNS_DIR. SHOAL_CLUSTER
+    names the cluster: pins land in ``/sys/fs/bpf/<cluster>/<node>`` as in process mode.
+    """
+    spec = daemonset["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    volumes["run"]["hostPath"]["path"] = str(layout.run_dir)
+    volumes["cgroup"]["hostPath"]["path"] = str(layout.cgroup)
+    spec["volumes"].append({"name": "netns", "hostPath": {"path": "/run/netns", "type": "Directory"}})
+    for container in spec["containers"]:
+        for mount in container.get("volumeMounts", []):
+            if mount["name"] in ("run", "cgroup"):
+                mount["subPathExpr"] = "$(SHOAL_NODE)"
+        # The YAML anchor shares one env list between the containers: give each its own.
+        container["env"] = [dict(entry) for entry in container.get("env", [])]
+        for entry in container["env"]:
+            if entry["name"] == "SHOAL_CLUSTER":
+                entry["value"] = layout.name
+        if container["name"] == "agent":
+            container["volumeMounts"].append({"name": "netns", "mountPath": LOCAL_NETNS_MOUNT, "readOnly": True,
+                                              "mountPropagation": "HostToContainer"})
+            container["env"].append({"name": "SHOAL_NETNS_DIR", "value": LOCAL_NETNS_MOUNT})
 
 
 def _is(obj: dict[str, Any], kind: str, name: str) -> bool:

@@ -66,6 +66,51 @@ def test_controller_runs_as_its_non_root_user_without_capabilities():
     assert run.command[:3] == ("python", "-m", "shoal.controller")
 
 
+def test_rendered_for_a_local_cluster_each_node_gets_its_own_folders_and_never_the_root_cgroup():
+    objects = render(RenderOptions(local_cluster="c7"))
+    agent = container_run(objects, "DaemonSet", "shoal-agent", "agent", "node-2", NODE_VOLUMES)
+    mounts = {m.split("destination=")[1].split(",")[0]: m for m in agent.mounts}
+    # subPathExpr $(SHOAL_NODE), expanded from the container's own env as the kubelet does.
+    assert "source=/run/shoal/c7/node-2," in mounts["/var/run/shoal"]
+    assert "source=/sys/fs/cgroup/unified/c7/node-2," in mounts["/host/sys/fs/cgroup"]
+    assert "source=/run/netns," in mounts["/host/run/netns"] and "ro=true" in mounts["/host/run/netns"]
+    assert agent.env["SHOAL_CLUSTER"] == "c7" and agent.env["SHOAL_NETNS_DIR"] == "/host/run/netns"
+    proxy = container_run(objects, "DaemonSet", "shoal-agent", "proxy", "node-2", NODE_VOLUMES)
+    assert "SHOAL_NETNS_DIR" not in proxy.env and "/host/run/netns" not in " ".join(proxy.mounts)
+    # Everything else is the Kubernetes render's: privileges, command, the other mounts.
+    kube = container_run(render(), "DaemonSet", "shoal-agent", "agent", "node-2", NODE_VOLUMES)
+    assert (agent.cap_add, agent.read_only, agent.user, agent.command) == (kube.cap_add, kube.read_only, kube.user,
+                                                                           kube.command)
+    assert set(kube.mounts) - set(agent.mounts) == {m for m in kube.mounts if "/var/run/shoal" in m or "/host/sys" in m}
+
+
+def test_the_pod_shares_one_pid_namespace_through_its_sandbox():
+    run = container_run(render(), "DaemonSet", "shoal-agent", "proxy", "node-1", NODE_VOLUMES)
+    assert run.share_process_namespace
+    argv = run.argv("c", "ns:/run/netns/x", sandbox="c-sandbox")
+    assert argv[argv.index("--pid") + 1] == "container:c-sandbox"
+    assert "--pid" not in run.argv("c", "ns:/run/netns/x")     # a probe run alone
+
+
+def test_a_subpathexpr_that_leaves_its_volume_is_refused():
+    objects = render(RenderOptions(local_cluster="c7"))
+    ds = next(o for o in objects if o["kind"] == "DaemonSet")
+    agent = ds["spec"]["template"]["spec"]["containers"][0]
+    next(m for m in agent["volumeMounts"] if m["name"] == "run")["subPathExpr"] = "../$(SHOAL_NODE)"
+    with pytest.raises(ManifestError, match="leaves its volume"):
+        container_run(objects, "DaemonSet", "shoal-agent", "agent", "node-1", NODE_VOLUMES)
+
+
+def test_the_proxy_starts_from_the_daemonset_env_without_a_cgroup_mount(tmp_path):
+    """The proxy shares the agent's env (SHOAL_CGROUP_ROOT) but mounts no cgroup: its
+    config must not look for one (it did, and the proxy container exited at start)."""
+    from shoal.agent.ztunnel.config import ProxyConfig
+    run = container_run(render(), "DaemonSet", "shoal-agent", "proxy", "node-1", NODE_VOLUMES)
+    assert "/host/sys/fs/cgroup" not in " ".join(run.mounts)
+    config = ProxyConfig.from_args([], env={**run.env, "SHOAL_CGROUP_ROOT": str(tmp_path / "absent")})
+    assert config.layout.zds_socket("node-1") == Path("/var/run/shoal/zds.sock")
+
+
 def test_a_volume_without_a_local_source_is_refused_by_name():
     with pytest.raises(ManifestError, match="shoal-token"):
         container_run(render(), "DaemonSet", "shoal-agent", "agent", "node-1", {})
@@ -159,7 +204,7 @@ CAPPROBE = (Path(__file__).parent / "capprobe.py").read_text()
 # Each capability's documented operation (docs/kubernetes.md, "Capabilities") and the error
 # the kernel gives without it: EPERM from bpf()/setsockopt()/setns(), EACCES from the ptrace
 # check on /proc/<pid>/ns, EINVAL/EPERM/EACCES from the verifier for probe_read_kernel.
-EXPECTED_FAILURE = {"BPF": ("EPERM",), "PERFMON": ("EINVAL", "EPERM", "EACCES"), "NET_ADMIN": ("EPERM",), "NET_RAW": ("EPERM",),
+EXPECTED_FAILURE = {"BPF": ("EPERM",), "PERFMON": ("EINVAL", "EPERM", "EACCES"), "NET_ADMIN": ("EPERM",),
                     "SYS_ADMIN": ("EPERM",), "SYS_PTRACE": ("EACCES", "EPERM")}
 
 
@@ -174,10 +219,6 @@ def probe_caps(run: ContainerRun) -> dict[str, str]:
 # the intent survives if SYS_ADMIN is ever replaced; the test shows each one is what the
 # operation needs once SYS_ADMIN is gone too.
 SUBSUMED_BY_SYS_ADMIN = {"BPF", "PERFMON"}
-# Finding, left to the node proxy's owners: since Linux 5.7 a socket's first SO_BINDTODEVICE
-# needs no capability (only re-binding a bound socket needs CAP_NET_RAW), so the documented
-# use of NET_RAW does not fail without it (test below). Not removed from the manifest here.
-NOT_SHOWN_NEEDED = {"NET_RAW"}
 
 
 @needs_images
@@ -188,12 +229,12 @@ def test_every_node_capability_is_needed_and_its_absence_fails_as_documented(con
                         {k: str(tmp_path) for k in NODE_VOLUMES})
     granted = probe_caps(run)
     assert {cap: granted[cap] for cap in run.cap_add} == {cap: "ok" for cap in run.cap_add}
-    for cap in set(run.cap_add) - NOT_SHOWN_NEEDED:
+    for cap in run.cap_add:
         removed = {cap, "SYS_ADMIN"} if cap in SUBSUMED_BY_SYS_ADMIN else {cap}
         result = probe_caps(replace(run, cap_add=tuple(c for c in run.cap_add if c not in removed)))
         assert result[cap].split(":")[0] in EXPECTED_FAILURE[cap], (cap, result)
         # The checks that depend on no other capability still pass: the failure is this one's.
-        assert all(result[other] == "ok" for other in ("NET_ADMIN", "NET_RAW", "SYS_PTRACE")
+        assert all(result[other] == "ok" for other in ("NET_ADMIN", "SYS_PTRACE")
                    if other in run.cap_add and other not in removed), result
 
 
@@ -207,12 +248,16 @@ def test_sys_admin_alone_grants_what_bpf_and_perfmon_grant(cap, tmp_path):
 
 
 @needs_images
-def test_a_first_so_bindtodevice_needs_no_net_raw(tmp_path):
+def test_the_proxy_binds_its_delivery_socket_to_lo_without_net_raw(tmp_path):
+    """NET_RAW was removed from the proxy: since Linux 5.7 a socket's first SO_BINDTODEVICE
+    needs no capability (only re-binding a bound socket does), which is all delivery does
+    (agent/ztunnel/inbound.py); SO_MARK and IP_TRANSPARENT accept NET_ADMIN. The meshed
+    traffic of the container cluster test is the end-to-end proof."""
     run = container_run(render(), "DaemonSet", "shoal-agent", "proxy", "node-1",
                         {k: str(tmp_path) for k in NODE_VOLUMES})
-    assert "NET_RAW" in run.cap_add
-    result = probe_caps(replace(run, cap_add=tuple(c for c in run.cap_add if c != "NET_RAW")))
-    assert result["NET_RAW"] == "ok", result
+    assert "NET_RAW" not in run.cap_add
+    result = probe_caps(run)
+    assert result["NET_RAW"] == "ok", result   # the probe's SO_BINDTODEVICE lo
 
 
 @needs_images

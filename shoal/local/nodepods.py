@@ -1,0 +1,126 @@
+"""A local cluster's node pods as podman containers (``shoal up --containers``).
+
+Each node runs the agent DaemonSet's pod: the ``agent`` and ``proxy`` containers of
+``shoal install --render --local-cluster NAME``, with exactly their capabilities,
+read-only root, user, hostPath mounts, env and command (``containers.py``). The render
+option only moves the host paths to this cluster's (its run dir, its cgroup, its named
+pod namespaces); everything else is what a Kubernetes node gets.
+
+What the kubelet would supply is staged here, per node, outside the node's run dir:
+the projected token (the node's own credential), the CA ConfigMap (the root only, never
+the key) and the Hubble Secret (the Hubble CA and this node's server pair, never the CA
+key). The pod shares the node's network namespace (``hostNetwork``); the cluster's DNS
+name of the controller Service is given as a host entry.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from shoal.config import ClusterLayout
+from shoal.credentials import write_secret_file
+from shoal.local import podman
+from shoal.local.containers import PODMAN_GLOBAL, ContainerRun, container_run, ulimits
+
+DAEMONSET = "shoal-agent"
+CONTROLLER_SERVICE = "shoal-controller.shoal-system.svc"
+# The sandbox's process, as Kubernetes' pause: holds the pod's PID namespace and reaps
+# the orphans that land on it (PID 1), nothing else.
+PAUSE = ("import os, signal\n"
+         "signal.signal(signal.SIGTERM, lambda *_: os._exit(0))\n"
+         "signal.signal(signal.SIGCHLD, lambda *_: None)\n"
+         "while True:\n"
+         "    signal.pause()\n"
+         "    try:\n"
+         "        while os.waitpid(-1, os.WNOHANG)[0]:\n"
+         "            pass\n"
+         "    except ChildProcessError:\n"
+         "        pass\n")
+
+
+# ``shoal install --render --local-cluster NAME [--image-tag TAG]``: the caller renders
+# (the CLI owns the manifests); None keeps the rendered default tag.
+RenderManifests = Callable[[str | None], list[dict[str, Any]]]
+
+
+class NodeContainers:
+    def __init__(self, layout: ClusterLayout, render: RenderManifests):
+        self.layout = layout
+        self.render = render
+        self.objects = render(None)
+
+    @property
+    def image(self) -> str:
+        template = next(o for o in self.objects if o.get("kind") == "DaemonSet"
+                        and o["metadata"]["name"] == DAEMONSET)["spec"]["template"]
+        return template["spec"]["containers"][0]["image"]
+
+    def prepare_images(self, progress: Callable[[str], None] = lambda _: None) -> None:
+        """Runs this checkout's code: the built image plus a layer of the current sources."""
+        root = podman.source_root()
+        if root is None:
+            if not podman.image_exists(self.image):
+                raise podman.PodmanError(f"image {self.image} is not built: run `make images`")
+            return
+        progress(f"images: {self.image} with this checkout's sources")
+        tagged = podman.source_image(self.image, root)
+        self.objects = self.render(tagged.rsplit(":", 1)[1])
+
+    def container_name(self, node: str, container: str) -> str:
+        return f"{self.layout.name}.{node}.{container}"
+
+    def run_of(self, node: str, container: str) -> ContainerRun:
+        return container_run(self.objects, "DaemonSet", DAEMONSET, container, node, self.volumes(node))
+
+    def volumes(self, node: str) -> dict[str, str]:
+        base = self.layout.run_dir / "volumes"
+        return {"shoal-token": str(base / node / "tokens"), "shoal-ca": str(base / "ca"),
+                "shoal-hubble-tls": str(base / node / "hubble-tls")}
+
+    def stage(self, node: str) -> None:
+        """The kubelet's part: per-volume folders, and the subPathExpr folders it would create."""
+        layout, volumes = self.layout, self.volumes(node)
+        write_secret_file(Path(volumes["shoal-token"]) / "shoal-token",
+                          layout.node_credential_path(node).read_text())
+        ca = Path(volumes["shoal-ca"])
+        ca.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(layout.ca_bundle_path, ca / "root-cert.pem")
+        hubble = Path(volumes["shoal-hubble-tls"])
+        hubble.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for source in layout.hubble_tls_dir.iterdir():
+            if source.name == "ca.pem" or source.name.startswith(f"server-{node}"):
+                shutil.copy2(source, hubble / source.name)
+        layout.node_dir(node).mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def labels(self, node: str) -> dict[str, str]:
+        return {podman.LABEL_CLUSTER: self.layout.name, "shoal.io/node": node}
+
+    def network(self, node: str) -> str:
+        """hostNetwork: the node's namespace."""
+        return f"ns:/run/netns/{self.layout.node_netns(node)}"
+
+    def start_sandbox(self, node: str) -> str:
+        """The pod sandbox (the pause container): owns the PID namespace the containers share."""
+        name = self.container_name(node, "sandbox")
+        labels = [flag for key, value in self.labels(node).items() for flag in ("--label", f"{key}={value}")]
+        podman.run(["podman", *PODMAN_GLOBAL, "run", "--detach", "--pull=never", "--name", name,
+                    "--network", self.network(node), *ulimits(), *labels, "--cap-drop", "ALL",
+                    "--read-only", "--security-opt", "no-new-privileges", "--user", "65535:65535",
+                    self.image, "python", "-c", PAUSE])
+        return name
+
+    def start(self, node: str, container: str) -> str:
+        self.stage(node)
+        name = self.container_name(node, container)
+        run = self.run_of(node, container)
+        sandbox = self.container_name(node, "sandbox")
+        if run.share_process_namespace and not podman.exists(sandbox):
+            self.start_sandbox(node)
+        argv = run.argv(name, self.network(node), labels=self.labels(node),
+                        hosts={CONTROLLER_SERVICE: self.layout.CONTROLLER_IP}, sandbox=sandbox)
+        # The container's output goes where `shoal logs` reads a process's.
+        log = self.layout.log_dir / f"{container}-{node}.log"
+        argv[argv.index("--detach") + 1:argv.index("--detach") + 1] = [
+            "--log-driver", "k8s-file", "--log-opt", f"path={log}"]
+        return podman.run(argv)

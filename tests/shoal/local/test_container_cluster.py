@@ -1,0 +1,152 @@
+"""``shoal up --containers``: every node's agent and proxy run as podman containers of the
+rendered DaemonSet, with its exact privileges, and the demo's meshed traffic flows over mTLS.
+
+Needs root, podman (scripts/install.sh --images) and the images of `make images`. The test
+does not build them: the first build takes minutes (debootstrap, apt, pip), longer than
+the whole suite may spend, so without them it skips and says so. Once they exist, the
+cluster runs this checkout's code on them (a source layer made in seconds, see
+shoal/local/podman.py), so the test never checks stale code.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from shoal.cli.deploy.render import RenderOptions, render
+from shoal.config import ClusterLayout
+from shoal.local import podman
+from tests.conftest import eventually, pod_exec
+
+pytestmark = pytest.mark.cluster
+
+AGENT_IMAGE = RenderOptions().image("shoal-agent")
+
+
+def _missing() -> str | None:
+    return podman.available() or (None if podman.image_exists(AGENT_IMAGE) else
+                                  f"image {AGENT_IMAGE} is not built: `make images` takes minutes, "
+                                  "more than the suite may spend, so make test does not build it")
+
+
+def local_manifests(layout: ClusterLayout):
+    """What `shoal up --containers` renders: `shoal install --render` for this local cluster."""
+    return lambda tag: render(RenderOptions(local_cluster=layout.name, **({"image_tag": tag} if tag else {})))
+
+
+@pytest.fixture(scope="module")
+def container_cluster():
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    missing = _missing()
+    if missing:
+        pytest.skip(missing)
+    from shoal.local.cluster import LocalCluster
+    from shoal.local.demo import deploy_demo
+
+    layout = ClusterLayout(name=f"shoal-ctr-{os.getpid()}")
+    cluster = LocalCluster(layout, node_manifests=local_manifests(layout))
+    try:
+        cluster.up(2)
+        deploy_demo(cluster, echo=lambda _: None, settle=20)
+        yield cluster
+    finally:
+        cluster.down()
+        assert not cluster.leftovers(), cluster.leftovers()
+        assert podman.cluster_containers(layout.name) == [], "containers left behind"
+
+
+def daemonset_container(objects, name: str) -> dict:
+    ds = next(o for o in objects if o["kind"] == "DaemonSet" and o["metadata"]["name"] == "shoal-agent")
+    return next(c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == name)
+
+
+@pytest.mark.parametrize("node", ["node-1", "node-2"])
+@pytest.mark.parametrize("name", ["agent", "proxy"])
+def test_each_node_container_has_exactly_the_rendered_privileges(container_cluster, node, name):
+    layout = container_cluster.layout
+    info = podman.inspect(f"{layout.name}.{node}.{name}")
+    assert info["State"]["Running"], podman.logs(info["Id"])[-2000:]
+    # The manifest the cluster was started from (its image carries this checkout's sources).
+    image_tag = info["Config"]["Image"].rsplit(":", 1)[1]
+    manifest = daemonset_container(local_manifests(layout)(image_tag), name)
+    sc = manifest["securityContext"]
+    assert info["Config"]["Image"] == manifest["image"]
+    assert sorted(info["EffectiveCaps"]) == sorted(f"CAP_{c}" for c in sc["capabilities"]["add"])
+    assert sorted(info["HostConfig"]["CapAdd"]) == sorted(f"CAP_{c}" for c in sc["capabilities"]["add"])
+    assert "NET_RAW" not in sc["capabilities"]["add"]
+    assert info["HostConfig"]["ReadonlyRootfs"] is sc["readOnlyRootFilesystem"] is True
+    assert not info["HostConfig"]["Privileged"]
+    assert "no-new-privileges" in info["HostConfig"]["SecurityOpt"]
+    assert info["Config"]["User"] == str(sc["runAsUser"])
+    assert info["Config"]["Cmd"] == manifest["command"]
+    # hostNetwork: the node's namespace; shareProcessNamespace: the sandbox's PID namespace.
+    assert info["HostConfig"]["NetworkMode"] == f"ns:/run/netns/{layout.node_netns(node)}"
+    assert info["HostConfig"]["PidMode"].startswith("container:")
+    # Every volumeMount, and nothing else but the emptyDir tmpfs and podman's own files.
+    destinations = {m["Destination"]: m for m in info["Mounts"]}
+    assert {m["mountPath"] for m in manifest["volumeMounts"]} - {"/tmp"} == set(destinations)
+    for mount in manifest["volumeMounts"]:
+        if mount["mountPath"] in destinations:
+            assert destinations[mount["mountPath"]]["RW"] is not mount.get("readOnly", False), mount
+    env = dict(item.split("=", 1) for item in info["Config"]["Env"])
+    assert env["SHOAL_MODE"] == "kubernetes" and env["SHOAL_NODE"] == node
+    assert env["SHOAL_CLUSTER"] == layout.name
+    # The kernel's view of the running process agrees with podman's.
+    pid = info["State"]["Pid"]
+    cap_eff = next(int(line.split()[1], 16) for line in open(f"/proc/{pid}/status") if line.startswith("CapEff"))
+    assert cap_eff == sum(1 << CAP_NUMBERS[c] for c in sc["capabilities"]["add"])
+    # The machine's root cgroup is never the agent's: it attached to its node's own cgroup.
+    if name == "agent":
+        assert f"/{layout.name}/{node}" in destinations["/host/sys/fs/cgroup"]["Source"]
+
+
+CAP_NUMBERS = {"NET_RAW": 13, "NET_ADMIN": 12, "SYS_PTRACE": 19, "SYS_ADMIN": 21, "PERFMON": 38, "BPF": 39}
+
+
+def test_no_node_component_runs_outside_its_container(container_cluster):
+    layout = container_cluster.layout
+    for node in ("node-1", "node-2"):
+        for name in ("agent", "proxy"):
+            pidfile = layout.run_dir / f"{name}-{node}.pid"
+            assert not pidfile.exists(), f"{name}-{node} was started as a host process"
+
+
+def test_meshed_traffic_across_nodes_is_mtls_only(container_cluster):
+    layout = container_cluster.layout
+    answered = eventually(lambda: pod_exec(layout, "demo/client-0", "curl", "-s", "--max-time", "5",
+                                           "http://web.demo:8080/", check=False).stdout,
+                          "web.demo answering demo/client-0", timeout=60)
+    assert "hello from web-" in answered
+    pods = {p["metadata"]["name"]: p for p in container_cluster.api.list("Pod") if p["metadata"]["namespace"] == "demo"}
+    client_node = pods["client-0"]["spec"]["nodeName"]
+    remote = next(p for n, p in pods.items() if n.startswith("web-") and p["spec"]["nodeName"] != client_node)
+    remote_ip = remote["status"]["podIP"]
+    capture = subprocess.Popen(["ip", "netns", "exec", layout.control_netns, "tcpdump", "-i", "fabric0", "-nn",
+                                "-A", "-s", "0", "-c", "400", f"host {pods['client-0']['status']['podIP']}"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, errors="replace")
+    try:
+        time.sleep(1)
+        answers = [pod_exec(layout, "demo/client-0", "curl", "-s", "--max-time", "5",
+                            f"http://{remote_ip}:8080/", check=False).stdout for _ in range(3)]
+        time.sleep(1)
+    finally:
+        capture.terminate()
+        dump = capture.communicate(timeout=10)[0]
+    assert all(f"hello from {remote['metadata']['name']}" in a for a in answers), answers
+    assert f"{remote_ip}.15008" in dump        # the HBONE tunnel crossed the fabric...
+    assert f"{remote_ip}.8080" not in dump     # ...never the app port...
+    assert "GET / HTTP" not in dump and "hello from" not in dump   # ...and no plaintext
+
+
+def test_the_agent_in_its_container_serves_the_node_proxy_and_hubble(container_cluster):
+    """The proxy's sockets are recognised by its cgroup through the shared PID namespace
+    (without it PIDFD_GET_INFO answers EREMOTE and no pod is handed over)."""
+    layout = container_cluster.layout
+    out = subprocess.run([sys.executable, "-m", "shoal", "--cluster", layout.name, "logs", "agent",
+                          "--node", "node-1"], capture_output=True, text=True, timeout=30).stdout
+    assert "its sockets are exempt from capture" in out
+    assert "cannot learn the node proxy's cgroup" not in out
