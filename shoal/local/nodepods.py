@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from shoal.config import ClusterLayout
+from shoal.config import LOCAL_CONTROLLER_IP, ClusterLayout
 from shoal.credentials import write_secret_file
 from shoal.local import podman
 from shoal.local.containers import PODMAN_GLOBAL, ContainerRun, container_run, ulimits
@@ -118,7 +118,7 @@ class NodeContainers:
         if run.share_process_namespace and not podman.exists(sandbox):
             self.start_sandbox(node)
         argv = run.argv(name, self.network(node), labels=self.labels(node),
-                        hosts={CONTROLLER_SERVICE: self.layout.CONTROLLER_IP}, sandbox=sandbox)
+                        hosts={CONTROLLER_SERVICE: LOCAL_CONTROLLER_IP}, sandbox=sandbox)
         # The container's output goes where `shoal logs` reads a process's.
         log = self.layout.log_dir / f"{container}-{node}.log"
         argv[argv.index("--detach") + 1:argv.index("--detach") + 1] = [
