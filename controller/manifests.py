@@ -29,6 +29,7 @@ KINDS: dict[str, tuple[frozenset[str], bool]] = {
     "TrafficPolicy": (frozenset({"networking.shoal.io/v1"}), True),
     "Gateway": (frozenset({"gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1"}), True),
     "HTTPRoute": (frozenset({"gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1"}), True),
+    "GRPCRoute": (frozenset({"gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1alpha2"}), True),
 }
 
 # RFC 1123 label (names of namespaces, pods, services...).
@@ -233,6 +234,8 @@ def _service(check: _Checker, spec: dict[str, Any]) -> None:
             check.port(target, f"spec.ports[{i}].targetPort")
         if port.get("protocol", "TCP") not in ("TCP", "UDP", "SCTP"):
             check.fail(f"spec.ports[{i}].protocol", f"expected TCP, UDP or SCTP, got {port.get('protocol')!r}")
+        if "appProtocol" in port:
+            check.typed(port["appProtocol"], f"spec.ports[{i}].appProtocol", str, "a string (http2, grpc...)")
     _service_ip_families(check, spec)
 
 

@@ -49,9 +49,9 @@ log = logging.getLogger(__name__)
 Obj = dict[str, Any]
 
 WATCHED_KINDS = ("Namespace", "Pod", "Service", "EndpointSlice", "ServiceAccount",
-                 "AuthorizationPolicy", "PeerAuthentication", "Gateway", "HTTPRoute",
+                 "AuthorizationPolicy", "PeerAuthentication", "Gateway", "HTTPRoute", "GRPCRoute",
                  "TrafficPolicy")
-PASS_THROUGH_KINDS = ("HTTPRoute", "TrafficPolicy")   # sent to waypoints as KubeObjects
+PASS_THROUGH_KINDS = ("HTTPRoute", "GRPCRoute", "TrafficPolicy")   # sent to waypoints as KubeObjects
 LABEL_SERVICE_NAME = "kubernetes.io/service-name"     # EndpointSlice -> Service
 LABEL_GATEWAY_NAME = "gateway.networking.k8s.io/gateway-name"   # waypoint pods
 TERMINAL_PHASES = ("Succeeded", "Failed")

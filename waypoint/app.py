@@ -26,7 +26,7 @@ from shoal.xds.state import ConfigState
 
 from .config import WaypointConfig
 from .listener import start_plaintext
-from .model import HTTPRoute, TrafficPolicy, parse_httproute, parse_traffic_policy
+from .model import ROUTE_KINDS, HTTPRoute, TrafficPolicy, parse_grpcroute, parse_httproute, parse_traffic_policy
 from .proxy import WaypointProxy
 from .resolver import StateResolver, StaticResolver
 from .telemetry import OtlpSpanExporter, RequestTelemetry
@@ -35,11 +35,12 @@ from .upstream import Endpoint, TcpConnector
 log = logging.getLogger(__name__)
 access_logger = logging.getLogger("shoal.waypoint.access")
 
-PARSERS: dict[str, Callable[[dict], Any]] = {"HTTPRoute": parse_httproute, "TrafficPolicy": parse_traffic_policy}
+PARSERS: dict[str, Callable[[dict], Any]] = {"HTTPRoute": parse_httproute, "GRPCRoute": parse_grpcroute,
+                                             "TrafficPolicy": parse_traffic_policy}
 
 
 def validate_resource(resource: m.Resource) -> None:
-    """Config-stream validator: a malformed HTTPRoute/TrafficPolicy is NACKed (ValueError)."""
+    """Config-stream validator: a malformed HTTPRoute/GRPCRoute/TrafficPolicy is NACKed (ValueError)."""
     if isinstance(resource, m.KubeObject) and resource.kind in PARSERS:
         try:
             body = resource.body
@@ -60,7 +61,7 @@ def parse_objects(objects: Iterable[dict], on_error: Callable[[str, str], None])
             meta = obj.get("metadata") or {}
             on_error(kind, f"{kind} {meta.get('namespace')}/{meta.get('name')}: {err}")
             continue
-        (routes if kind == "HTTPRoute" else policies).append(parsed)
+        (routes if kind in ROUTE_KINDS else policies).append(parsed)
     return routes, policies
 
 
@@ -162,7 +163,7 @@ class WaypointApp:
 
         routes, policies = parse_objects(objects, rejected)
         self.proxy.update(routes, policies)
-        log.info("config: %d HTTPRoutes, %d TrafficPolicies", len(routes), len(policies))
+        log.info("config: %d routes (HTTPRoute, GRPCRoute), %d TrafficPolicies", len(routes), len(policies))
 
     # -- lifecycle
     async def start(self) -> None:

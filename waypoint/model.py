@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 HTTPROUTE_API_VERSIONS = ("gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1")
+GRPCROUTE_API_VERSIONS = ("gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1alpha2")
+ROUTE_KINDS = ("HTTPRoute", "GRPCRoute")
 TRAFFIC_POLICY_API_VERSION = "networking.shoal.io/v1"
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
@@ -265,6 +267,7 @@ class HTTPRoute:
     hostnames: tuple[str, ...] = ()
     rules: tuple[RouteRule, ...] = ()
     created: str = ""  # metadata.creationTimestamp: older routes win ties
+    kind: str = "HTTPRoute"   # or "GRPCRoute", translated to the same rules (see parse_grpcroute)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -412,14 +415,24 @@ def _parse_filters(raw: Any, where: str, namespace: str) -> tuple[Filter, ...]:
     return tuple(out)
 
 
-def parse_httproute(obj: Mapping[str, Any]) -> HTTPRoute:
-    """Validate and convert one Gateway API HTTPRoute object."""
-    obj = _require_mapping(obj, "HTTPRoute")
-    if obj.get("kind", "HTTPRoute") != "HTTPRoute":
-        raise ValueError(f"kind: expected HTTPRoute, got {obj.get('kind')!r}")
-    api = obj.get("apiVersion", HTTPROUTE_API_VERSIONS[0])
-    if api not in HTTPROUTE_API_VERSIONS:
-        raise ValueError(f"apiVersion: expected one of {HTTPROUTE_API_VERSIONS}, got {api!r}")
+@dataclass(frozen=True)
+class _RouteHead:
+    name: str
+    namespace: str
+    spec: Mapping[str, Any]
+    parents: tuple[ParentRef, ...]
+    hostnames: tuple[str, ...]
+    created: str
+
+
+def _parse_route_head(obj: Mapping[str, Any], kind: str, versions: tuple[str, ...]) -> _RouteHead:
+    """What HTTPRoute and GRPCRoute share: kind, apiVersion, metadata, parentRefs, hostnames."""
+    obj = _require_mapping(obj, kind)
+    if obj.get("kind", kind) != kind:
+        raise ValueError(f"kind: expected {kind}, got {obj.get('kind')!r}")
+    api = obj.get("apiVersion", versions[0])
+    if api not in versions:
+        raise ValueError(f"apiVersion: expected one of {versions}, got {api!r}")
     meta = _require_mapping(obj.get("metadata"), "metadata")
     name, namespace = meta.get("name"), meta.get("namespace", "default")
     if not isinstance(name, str) or not name:
@@ -428,17 +441,24 @@ def parse_httproute(obj: Mapping[str, Any]) -> HTTPRoute:
     parents = []
     for i, p in enumerate(_require_list(spec.get("parentRefs"), "spec.parentRefs")):
         p = _require_mapping(p, f"spec.parentRefs[{i}]")
-        kind = p.get("kind", "Gateway")
-        if kind not in ("Service", "Gateway"):
-            raise ValueError(f"spec.parentRefs[{i}].kind: Service or Gateway, got {kind!r}")
+        parent_kind = p.get("kind", "Gateway")
+        if parent_kind not in ("Service", "Gateway"):
+            raise ValueError(f"spec.parentRefs[{i}].kind: Service or Gateway, got {parent_kind!r}")
         if not isinstance(p.get("name"), str):
             raise ValueError(f"spec.parentRefs[{i}].name: required")
         port = p.get("port")
-        parents.append(ParentRef(kind, p["name"], p.get("namespace", namespace),
+        parents.append(ParentRef(parent_kind, p["name"], p.get("namespace", namespace),
                                  None if port is None else _int_in(port, f"spec.parentRefs[{i}].port", 1, 65535)))
     if not parents:
         raise ValueError("spec.parentRefs: at least one parent (a Service, GAMMA style) is required")
     hostnames = tuple(h.lower() for h in _require_list(spec.get("hostnames"), "spec.hostnames"))
+    return _RouteHead(name, namespace, spec, tuple(parents), hostnames, str(meta.get("creationTimestamp", "")))
+
+
+def parse_httproute(obj: Mapping[str, Any]) -> HTTPRoute:
+    """Validate and convert one Gateway API HTTPRoute object."""
+    head = _parse_route_head(obj, "HTTPRoute", HTTPROUTE_API_VERSIONS)
+    name, namespace, spec = head.name, head.namespace, head.spec
     rules = []
     for i, r in enumerate(_require_list(spec.get("rules"), "spec.rules")):
         at = f"spec.rules[{i}]"
@@ -464,7 +484,79 @@ def parse_httproute(obj: Mapping[str, Any]) -> HTTPRoute:
         rules.append(RouteRule(matches, filters, backends, timeouts, r.get("name")))
     if not rules:
         rules.append(RouteRule((RouteMatch(),)))
-    return HTTPRoute(name, namespace, tuple(parents), hostnames, tuple(rules), str(meta.get("creationTimestamp", "")))
+    return HTTPRoute(name, namespace, head.parents, head.hostnames, tuple(rules), head.created)
+
+
+# ---------------------------------------------------------------- GRPCRoute
+
+GRPC_FILTERS = frozenset({"RequestHeaderModifier", "ResponseHeaderModifier", "RequestMirror"})
+_GRPC_SERVICE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_GRPC_METHOD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _grpc_method_path(raw: Any, where: str) -> PathMatch:
+    """A GRPCMethodMatch as the match on the request path ``/<service>/<method>``."""
+    raw = _require_mapping(raw, where)
+    kind = raw.get("type", "Exact")
+    service, method = raw.get("service"), raw.get("method")
+    for key, value in (("service", service), ("method", method)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ValueError(f"{where}.{key}: expected a non-empty string")
+    if service is None and method is None:
+        raise ValueError(f"{where}: one of service and method is required")
+    if kind == "Exact":
+        for key, value, grammar in (("service", service, _GRPC_SERVICE), ("method", method, _GRPC_METHOD)):
+            if value is not None and not grammar.match(value):
+                raise ValueError(f"{where}.{key}: not a gRPC {key} name: {value!r}")
+        if service is not None and method is not None:
+            return PathMatch("Exact", f"/{service}/{method}")
+        if service is not None:
+            return PathMatch("PathPrefix", f"/{service}")   # whole segments: /svc/<any method>
+        pattern = f"/[^/]+/{re.escape(method)}"
+        return PathMatch("RegularExpression", pattern, _compile(pattern, f"{where}.method"))
+    if kind == "RegularExpression":
+        for key, value in (("service", service), ("method", method)):
+            if value is not None:
+                _compile(value, f"{where}.{key}")
+        pattern = f"/(?:{service or '[^/]+'})/(?:{method or '[^/]+'})"
+        return PathMatch("RegularExpression", pattern, _compile(pattern, where))
+    raise ValueError(f"{where}.type: unsupported {kind!r} (Exact, RegularExpression)")
+
+
+def parse_grpcroute(obj: Mapping[str, Any]) -> HTTPRoute:
+    """Validate one Gateway API GRPCRoute and translate it into route rules: a method match
+    is a match on the path ``/<service>/<method>`` (gRPC's), headers match as headers."""
+    head = _parse_route_head(obj, "GRPCRoute", GRPCROUTE_API_VERSIONS)
+    namespace, spec = head.namespace, head.spec
+    rules = []
+    for i, r in enumerate(_require_list(spec.get("rules"), "spec.rules")):
+        at = f"spec.rules[{i}]"
+        r = _require_mapping(r, at)
+        matches = []
+        for j, m in enumerate(_require_list(r.get("matches"), f"{at}.matches")):
+            m = _require_mapping(m, f"{at}.matches[{j}]")
+            path = _grpc_method_path(m["method"], f"{at}.matches[{j}].method") if m.get("method") is not None \
+                else PathMatch("PathPrefix", "/")
+            matches.append(RouteMatch(path=path, headers=_parse_value_matches(
+                m.get("headers"), f"{at}.matches[{j}].headers", header=True)))
+        filters = _parse_filters(r.get("filters"), f"{at}.filters", namespace)
+        backends = tuple(_parse_backend_ref(b, f"{at}.backendRefs[{j}]", namespace)
+                         for j, b in enumerate(_require_list(r.get("backendRefs"), f"{at}.backendRefs")))
+        for where, chain in [(f"{at}.filters", filters)] + [
+                (f"{at}.backendRefs[{j}].filters", b.filters) for j, b in enumerate(backends)]:
+            unsupported = sorted({f.type for f in chain} - GRPC_FILTERS)
+            if unsupported:
+                raise ValueError(f"{where}: {unsupported} not allowed in a GRPCRoute (allowed: {sorted(GRPC_FILTERS)})")
+        rules.append(RouteRule(tuple(matches) or (RouteMatch(),), filters, backends, Timeouts(), r.get("name")))
+    if not rules:
+        rules.append(RouteRule((RouteMatch(),)))
+    return HTTPRoute(head.name, namespace, head.parents, head.hostnames, tuple(rules), head.created, kind="GRPCRoute")
+
+
+def parse_route(obj: Mapping[str, Any]) -> HTTPRoute:
+    """An HTTPRoute or a GRPCRoute, by its kind."""
+    kind = obj.get("kind", "HTTPRoute") if isinstance(obj, Mapping) else "HTTPRoute"
+    return parse_grpcroute(obj) if kind == "GRPCRoute" else parse_httproute(obj)
 
 
 # ---------------------------------------------------------------- TrafficPolicy
@@ -613,14 +705,14 @@ CONTROLLER_NAME = "shoal.io/waypoint"
 
 def httproute_status(obj: Mapping[str, Any], service_exists: Callable[[str, str], bool],
                      previous: Mapping[str, Any] | None = None, now: str = "") -> dict[str, Any]:
-    """Gateway API ``status`` for an HTTPRoute: per parent, ``Accepted`` (the route parses)
+    """Gateway API ``status`` for an HTTPRoute or a GRPCRoute: per parent, ``Accepted`` (the route parses)
     and ``ResolvedRefs`` (False, reason ``BackendNotFound``, naming the missing Services;
     the waypoint answers 500 to the requests such a rule matches). A condition keeps its
     ``lastTransitionTime`` while its status and reason stay the same."""
     meta = obj.get("metadata") or {}
     generation = meta.get("generation", 1)
     try:
-        route = parse_httproute(obj)
+        route = parse_route(obj)
         accepted = ("True", "Accepted", "the route is valid")
         refs = [b for rule in route.rules for b in rule.backend_refs] + \
                [f.mirror.backend for rule in route.rules for f in rule.filters if f.mirror is not None]

@@ -69,6 +69,7 @@ def kind_clients(api_client: client.ApiClient) -> list[KindClient]:
         KindClient("PeerAuthentication", crd("security.shoal.io", "v1", "peerauthentications")),
         KindClient("Gateway", crd("gateway.networking.k8s.io", "v1", "gateways")),
         KindClient("HTTPRoute", crd("gateway.networking.k8s.io", "v1", "httproutes")),
+        KindClient("GRPCRoute", crd("gateway.networking.k8s.io", "v1", "grpcroutes")),
         KindClient("TrafficPolicy", crd("networking.shoal.io", "v1", "trafficpolicies")),
     ]
     assert {c.kind for c in clients} == set(WATCHED_KINDS)

@@ -39,7 +39,7 @@ RESOURCE_KINDS = {
     "nodes": "Node", "node": "Node",
     "deployments": "Deployment", "deploy": "Deployment",
     "serviceaccounts": "ServiceAccount", "sa": "ServiceAccount",
-    "gateways": "Gateway", "httproutes": "HTTPRoute", "trafficpolicies": "TrafficPolicy",
+    "gateways": "Gateway", "httproutes": "HTTPRoute", "grpcroutes": "GRPCRoute", "trafficpolicies": "TrafficPolicy",
 }
 
 

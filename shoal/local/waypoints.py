@@ -164,7 +164,8 @@ class LocalWaypointLauncher:
         await asyncio.Event().wait()
 
     def _on_events(self, events) -> None:
-        if not any(ev.object.get("kind") in ("Gateway", "Deployment", "HTTPRoute", "Service", "Pod") for ev in events):
+        if not any(ev.object.get("kind") in ("Gateway", "Deployment", "HTTPRoute", "GRPCRoute", "Service", "Pod")
+                   for ev in events):
             return
         try:
             loop = asyncio.get_running_loop()
@@ -206,18 +207,19 @@ class LocalWaypointLauncher:
                 log.warning("waypoint deployment %s not removed: %s", deployment["metadata"]["name"], err)
 
     def update_route_status(self) -> None:
-        """Writes each HTTPRoute's status (Accepted, ResolvedRefs), as Gateway API's route
-        controller does; unchanged statuses are not rewritten."""
-        from shoal.waypoint.model import httproute_status
+        """Writes each HTTPRoute's and GRPCRoute's status (Accepted, ResolvedRefs), as Gateway
+        API's route controller does; unchanged statuses are not rewritten."""
+        from shoal.waypoint.model import ROUTE_KINDS, httproute_status
 
         services = {(s["metadata"]["namespace"], s["metadata"]["name"]) for s in self.store.list("Service")}
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        for route in self.store.list("HTTPRoute"):
-            meta = route["metadata"]
-            previous = route.get("status") or {}
-            status = httproute_status(route, lambda ns, name: (ns, name) in services, previous, now)
-            if status["parents"] != previous.get("parents"):
-                self.store.update_status("HTTPRoute", meta["namespace"], meta["name"], status)
+        for kind in ROUTE_KINDS:
+            for route in self.store.list(kind):
+                meta = route["metadata"]
+                previous = route.get("status") or {}
+                status = httproute_status(route, lambda ns, name: (ns, name) in services, previous, now)
+                if status["parents"] != previous.get("parents"):
+                    self.store.update_status(kind, meta["namespace"], meta["name"], status)
 
     def update_gateway_status(self) -> None:
         """Each waypoint Gateway's ``Programmed`` condition: True once a waypoint pod is Ready

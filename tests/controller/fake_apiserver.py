@@ -31,6 +31,7 @@ RESOURCES = {
     ("apis/security.shoal.io/v1", "peerauthentications"): ("PeerAuthentication", "security.shoal.io/v1"),
     ("apis/gateway.networking.k8s.io/v1", "gateways"): ("Gateway", "gateway.networking.k8s.io/v1"),
     ("apis/gateway.networking.k8s.io/v1", "httproutes"): ("HTTPRoute", "gateway.networking.k8s.io/v1"),
+    ("apis/gateway.networking.k8s.io/v1", "grpcroutes"): ("GRPCRoute", "gateway.networking.k8s.io/v1"),
     ("apis/networking.shoal.io/v1", "trafficpolicies"): ("TrafficPolicy", "networking.shoal.io/v1"),
 }
 

@@ -279,3 +279,16 @@ def test_bad_dual_stack_fields_name_the_object_and_field():
     assert "spec.ipFamilies[0]: 'IPv5'" in model.errors["Service demo/web"]
     assert "spec.clusterIPs: 10.96.0.11 is not of spec.ipFamilies" in model.errors["Service demo/db"]
     assert "status.podIPs: more than one IPv4" in model.errors["Pod demo/web-0"]
+
+
+def test_service_ports_carry_their_app_protocol_and_grpcroutes_pass_through():
+    svc = service("demo", "echo", {"app": "echo"})
+    svc["spec"]["ports"].append({"name": "rpc", "port": 50051, "targetPort": 50051, "appProtocol": "kubernetes.io/h2c"})
+    route = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
+             "metadata": {"name": "echo", "namespace": "demo"},
+             "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "echo"}]}}
+    model = build(namespace("demo"), svc, route)
+    echo = model.resources["service/demo/echo"].resource
+    assert [p.app_protocol for p in echo.ports] == ["", "kubernetes.io/h2c"]
+    passed = [r.resource for r in model.resources.values() if isinstance(r.resource, m.KubeObject)]
+    assert [(o.kind, o.namespace, o.name) for o in passed] == [("GRPCRoute", "demo", "echo")]

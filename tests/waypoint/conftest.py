@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from shoal.waypoint.http import Limits
 from shoal.waypoint.listener import start_plaintext
-from shoal.waypoint.model import parse_httproute, parse_traffic_policy
+from shoal.waypoint.model import parse_route, parse_traffic_policy
 from shoal.waypoint.proxy import WaypointProxy
 from shoal.waypoint.resolver import StaticResolver
 from shoal.waypoint.telemetry import RequestTelemetry
@@ -113,7 +113,7 @@ class Bed:
         resolver = StaticResolver(self.services, namespace="demo", policies=list(authz), http2=frozenset(self.http2))
         telemetry = RequestTelemetry(self.registry, access_log=lambda line: self.access_log.append(json.loads(line)))
         self.proxy = WaypointProxy(resolver, TcpConnector(), telemetry, limits, rng=random.Random(seed))
-        self.proxy.update([parse_httproute(r) for r in routes], [parse_traffic_policy(p) for p in policies])
+        self.proxy.update([parse_route(r) for r in routes], [parse_traffic_policy(p) for p in policies])
         self.server = await start_plaintext(self.proxy, limits)
         self.port = self.server.sockets[0].getsockname()[1]
 

@@ -1,4 +1,6 @@
 """Parsing HTTPRoute and TrafficPolicy from Kubernetes-shaped dicts."""
+import re
+
 import pytest
 
 from shoal.waypoint.model import parse_duration, parse_httproute, parse_traffic_policy
@@ -98,3 +100,60 @@ def test_traffic_policy_parses():
 def test_bad_traffic_policies(spec, needle):
     with pytest.raises(ValueError, match=needle):
         parse_traffic_policy(policy(spec))
+
+
+# ---------------------------------------------------------------- GRPCRoute
+
+def grpcroute(rules, name="g"):
+    return {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
+            "metadata": {"name": name, "namespace": "demo"},
+            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "echo", "port": 50051}], "rules": rules}}
+
+
+def test_grpcroute_method_matches_become_path_matches():
+    from shoal.waypoint.model import parse_grpcroute
+    route = parse_grpcroute(grpcroute([
+        {"matches": [{"method": {"service": "demo.Echo", "method": "Say"}},
+                     {"method": {"service": "demo.Admin"}},
+                     {"method": {"method": "Count"}},
+                     {"method": {"type": "RegularExpression", "service": "demo\\.(Echo|Chat)", "method": "C.*"}},
+                     {"headers": [{"name": "X-Tenant", "value": "blue"}]}],
+         "filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {"set": [{"name": "x-via", "value": "wp"}]}}],
+         "backendRefs": [{"name": "echo-v1", "port": 50051, "weight": 90}, {"name": "echo-v2", "port": 50051, "weight": 10}]}]))
+    assert route.kind == "GRPCRoute" and route.parent_refs[0].port == 50051
+    exact, service, method, regex, header = route.rules[0].matches
+    assert exact.path.matches("/demo.Echo/Say") and not exact.path.matches("/demo.Echo/Sayx")
+    assert service.path.matches("/demo.Admin/Anything") and not service.path.matches("/demo.AdminX/Any")
+    assert method.path.matches("/any.Service/Count") and not method.path.matches("/a/b/Count")
+    assert regex.path.matches("/demo.Chat/Chat") and regex.path.matches("/demo.Echo/Count")
+    assert not regex.path.matches("/demo.Echo/Say")
+    assert header.path.matches("/x.Y/Z") and header.headers[0].name == "x-tenant"
+    assert exact.precedence() > service.precedence()     # an exact method wins over a service prefix
+    assert [(b.name, b.weight) for b in route.rules[0].backend_refs] == [("echo-v1", 90), ("echo-v2", 10)]
+    assert route.rules[0].filters[0].request_headers.set == (("x-via", "wp"),)
+
+
+@pytest.mark.parametrize("rules,error", [
+    ([{"matches": [{"method": {}}]}], "one of service and method"),
+    ([{"matches": [{"method": {"service": "demo/Echo"}}]}], "not a gRPC service name"),
+    ([{"matches": [{"method": {"method": "Say.Hi"}}]}], "not a gRPC method name"),
+    ([{"matches": [{"method": {"type": "RegularExpression", "service": "("}}]}], "bad regular expression"),
+    ([{"matches": [{"method": {"type": "Prefix", "service": "a"}}]}], "unsupported 'Prefix'"),
+    ([{"filters": [{"type": "URLRewrite", "urlRewrite": {"hostname": "x"}}]}], "not allowed in a GRPCRoute"),
+    ([{"backendRefs": [{"name": "e", "filters": [{"type": "RequestRedirect", "requestRedirect": {}}]}]}],
+     "backendRefs[0].filters"),
+])
+def test_grpcroute_refuses_what_gateway_api_refuses(rules, error):
+    from shoal.waypoint.model import parse_grpcroute
+    with pytest.raises(ValueError, match=re.escape(error)):
+        parse_grpcroute(grpcroute(rules))
+
+
+def test_grpcroute_status_like_httproutes():
+    from shoal.waypoint.model import httproute_status
+    ok = httproute_status(grpcroute([{"backendRefs": [{"name": "echo-v1"}]}]), lambda ns, n: True, now="t0")
+    assert [(c["type"], c["status"]) for c in ok["parents"][0]["conditions"]] == [("Accepted", "True"), ("ResolvedRefs", "True")]
+    missing = httproute_status(grpcroute([{"backendRefs": [{"name": "gone"}]}]), lambda ns, n: False, now="t0")
+    assert missing["parents"][0]["conditions"][1]["reason"] == "BackendNotFound"
+    bad = httproute_status(grpcroute([{"matches": [{"method": {}}]}]), lambda ns, n: True, now="t0")
+    assert bad["parents"][0]["conditions"][0]["reason"] == "Invalid"

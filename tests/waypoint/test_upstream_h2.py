@@ -142,7 +142,7 @@ def channel_call(port: int, kind: str, method: str, request, authority="web.demo
             response, call = channel.unary_unary(method).with_call(request, timeout=10, metadata=metadata)
             return response, dict(call.trailing_metadata() or ())
         if kind == "stream":
-            return list(channel.unary_stream(method)(request, timeout=10))
+            return list(channel.unary_stream(method)(request, timeout=10, metadata=metadata))
         return list(channel.stream_stream(method)(iter(request), timeout=10))
 
 
@@ -217,3 +217,36 @@ async def test_waypoint_errors_to_grpc_clients_are_http_200_with_grpc_status(bed
         grpc.StatusCode.UNIMPLEMENTED         # no route
     assert bed.metric("istio_requests_total", response_code="200", grpc_response_status="14") == 1
     assert bed.metric("istio_requests_total", response_code="200", grpc_response_status="12") == 1
+
+
+def grpcroute(rules):
+    return {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
+            "metadata": {"name": "echo", "namespace": "demo"},
+            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web"}], "rules": rules}}
+
+
+async def test_grpcroute_weights_method_and_header_matches_and_header_filter(bed):
+    for name in ("web", "web-v1", "web-v2"):
+        bed.grpc_backend(name)
+    await bed.start(routes=[grpcroute([
+        {"matches": [{"method": {"service": "demo.Echo", "method": "Say"}}],
+         "filters": [{"type": "RequestHeaderModifier",
+                      "requestHeaderModifier": {"set": [{"name": "x-route", "value": "split"}], "remove": ["x-secret"]}}],
+         "backendRefs": [{"name": "web-v1", "weight": 90}, {"name": "web-v2", "weight": 10}]},
+        {"matches": [{"method": {"type": "RegularExpression", "service": "demo\\.Ech.", "method": "Count"},
+                      "headers": [{"name": "x-tenant", "value": "blue"}]}],
+         "backendRefs": [{"name": "web-v2"}]},
+    ])], seed=7)
+    answers = await asyncio.gather(*(call(bed.port, "unary", "/demo.Echo/Say", b"x", metadata=(("x-secret", "s"),))
+                                     for _ in range(200)))
+    v2 = sum(1 for response, _ in answers if response.startswith(b"web-v2:"))
+    assert sum(1 for response, _ in answers if response.startswith(b"web-v1:")) + v2 == 200
+    assert 10 <= v2 <= 30, v2                   # 10 % of 200, within +-10
+    metadata = bed.seen["web-v1"][0][1]
+    assert metadata["x-route"] == "split" and "x-secret" not in metadata
+    # The second rule needs its header; without it nothing matches: UNIMPLEMENTED (no route).
+    assert await call(bed.port, "stream", "/demo.Echo/Count", b"2", metadata=(("x-tenant", "blue"),)) == \
+        [b"web-v2:0", b"web-v2:1"]
+    with pytest.raises(grpc.RpcError) as caught:
+        await call(bed.port, "stream", "/demo.Echo/Count", b"2")
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -159,7 +159,8 @@ def test_convert_round_trip_every_type():
                     spiffe_id="spiffe://cluster.local/ns/demo/sa/wp", uid="u1")
     wl = make_workload(waypoint=m.WaypointRef("demo", "waypoint"), mtls_mode="STRICT")
     svc = m.Service(name="web", namespace="demo", vip="10.96.0.10",
-                    ports=(m.ServicePort("http", 80, 8080, "TCP"),), endpoints=("demo/web-0",),
+                    ports=(m.ServicePort("http", 80, 8080, "TCP"), m.ServicePort("grpc", 50051, 50051, "TCP", "grpc")),
+                    endpoints=("demo/web-0",),
                     waypoint=m.WaypointRef("demo", "waypoint"))
     for resource in (policy, wp, wl, svc):
         wire = convert.to_proto(resource, "v").SerializeToString()

@@ -271,7 +271,7 @@ def test_rbac_is_least_privilege(rendered):
     cluster = find(rendered, "ClusterRole", "shoal-controller")
     write = {r for rule in cluster["rules"] for r in rule["resources"]
              if set(rule["verbs"]) & {"create", "update", "patch", "delete"}}
-    assert write <= {"gateways/status", "httproutes/status", "tokenreviews",
+    assert write <= {"gateways/status", "httproutes/status", "grpcroutes/status", "tokenreviews",
                      "deployments", "services", "serviceaccounts", "configmaps", "events"}
 
 
@@ -279,7 +279,8 @@ CORE_RESOURCES = {"Namespace": ("", "namespaces"), "Pod": ("", "pods"), "Service
                   "ServiceAccount": ("", "serviceaccounts"), "Node": ("", "nodes"),
                   "EndpointSlice": ("discovery.k8s.io", "endpointslices"),
                   "Gateway": ("gateway.networking.k8s.io", "gateways"),
-                  "HTTPRoute": ("gateway.networking.k8s.io", "httproutes")}
+                  "HTTPRoute": ("gateway.networking.k8s.io", "httproutes"),
+                  "GRPCRoute": ("gateway.networking.k8s.io", "grpcroutes")}
 
 
 def test_controller_may_list_and_watch_every_kind_it_watches(rendered):
