@@ -13,10 +13,13 @@ import logging
 import random
 import re
 import time
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from shoal.telemetry_labels import (
     REQUEST_LABELS,
@@ -113,15 +116,81 @@ class RequestRecord:
         return max(0.0, (self.end or time.monotonic()) - self.start) * 1000.0
 
 
+class _Buckets:
+    """One histogram series as plain numbers: a bisect and two additions per observation."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)     # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1   # first bound >= value: Prometheus' "le"
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        running = 0
+        out: list[tuple[str, float]] = []
+        for bound, count in zip((*map(floatToGoString, self.bounds), "+Inf"), self.counts):
+            running += count
+            out.append((bound, running))
+        return out
+
+
+class _RequestSeries:
+    __slots__ = ("count", "duration", "request_bytes", "response_bytes")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.duration = _Buckets(DURATION_BUCKETS_MS)
+        self.request_bytes = _Buckets(SIZE_BUCKETS)
+        self.response_bytes = _Buckets(SIZE_BUCKETS)
+
+
+class IstioRequestMetrics:
+    """``istio_requests_total`` and the three ``istio_request*`` histograms, by ``ISTIO_LABELS``.
+
+    Counted once per request, so counted cheaply: plain integers per label set, no lock
+    and no label validation (one event-loop thread writes them, and /metrics is served
+    by the same loop); turned into Prometheus families only when scraped.
+    """
+
+    _HISTOGRAMS = (("istio_request_duration_milliseconds", "Request duration (ms)", "duration"),
+                   ("istio_request_bytes", "Request body sizes (bytes)", "request_bytes"),
+                   ("istio_response_bytes", "Response body sizes (bytes)", "response_bytes"))
+
+    def __init__(self) -> None:
+        self.series: dict[tuple[str, ...], _RequestSeries] = {}
+
+    def record(self, labels: tuple[str, ...], duration_ms: float, request_bytes: int, response_bytes: int) -> None:
+        series = self.series.get(labels)
+        if series is None:
+            series = self.series[labels] = _RequestSeries()
+        series.count += 1
+        series.duration.observe(duration_ms)
+        series.request_bytes.observe(request_bytes)
+        series.response_bytes.observe(response_bytes)
+
+    def collect(self):
+        items = list(self.series.items())
+        requests = CounterMetricFamily("istio_requests", "Requests handled by the waypoint", labels=ISTIO_LABELS)
+        for labels, series in items:
+            requests.add_metric(labels, series.count)
+        yield requests
+        for name, doc, attribute in self._HISTOGRAMS:
+            family = HistogramMetricFamily(name, doc, labels=ISTIO_LABELS)
+            for labels, series in items:
+                buckets = getattr(series, attribute)
+                family.add_metric(labels, buckets.cumulative(), buckets.total)
+            yield family
+
+
 class RequestMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter("istio_requests", "Requests handled by the waypoint", ISTIO_LABELS, registry=registry)
-        self.duration = Histogram("istio_request_duration_milliseconds", "Request duration (ms)", ISTIO_LABELS,
-                                  buckets=DURATION_BUCKETS_MS, registry=registry)
-        self.request_bytes = Histogram("istio_request_bytes", "Request body sizes (bytes)", ISTIO_LABELS,
-                                       buckets=SIZE_BUCKETS, registry=registry)
-        self.response_bytes = Histogram("istio_response_bytes", "Response body sizes (bytes)", ISTIO_LABELS,
-                                        buckets=SIZE_BUCKETS, registry=registry)
+        self.istio = IstioRequestMetrics()
+        registry.register(self.istio)
         self.rejected = Counter("shoal_waypoint_rejected_requests", "Downstream input rejected before routing",
                                 ["reason", "status"], registry=registry)
         self.authz = Counter("shoal_waypoint_authorization_decisions", "L7 authorization decisions",
@@ -145,7 +214,6 @@ class RequestTelemetry:
         self._spans = span_exporter
         self.clock = clock
         # prometheus_client's labels() validates on every call; requests repeat few label sets.
-        self._children: dict[tuple[str, ...], tuple] = {}
         self._authz_children: dict[tuple[bool, str], Any] = {}
 
     def label_values(self, r: RequestRecord) -> tuple[str, ...]:
@@ -176,19 +244,7 @@ class RequestTelemetry:
     def record(self, r: RequestRecord) -> None:
         if not r.end:
             r.end = self.clock()
-        key = self.label_values(r)
-        children = self._children.get(key)
-        if children is None:
-            if len(self._children) >= MAX_CACHED_LABEL_SETS:
-                self._children.clear()  # bounded: a label explosion costs speed, not memory
-            m = self.metrics
-            children = self._children[key] = (m.requests.labels(*key), m.duration.labels(*key),
-                                              m.request_bytes.labels(*key), m.response_bytes.labels(*key))
-        requests, duration, request_bytes, response_bytes = children
-        requests.inc()
-        duration.observe(r.duration_ms)
-        request_bytes.observe(r.request_bytes)
-        response_bytes.observe(r.response_bytes)
+        self.metrics.istio.record(self.label_values(r), r.duration_ms, r.request_bytes, r.response_bytes)
         if self._access_log is not None:
             self._access_log(access_log_line(r))
         if self._flows is not None:

@@ -1,10 +1,11 @@
-"""W3C trace context and OTLP export of the waypoint's spans."""
+"""W3C trace context, OTLP export of the waypoint's spans, the request metrics."""
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
+from prometheus_client import CollectorRegistry
 
-from shoal.waypoint.telemetry import RequestRecord, TraceContext
+from shoal.waypoint.telemetry import ISTIO_LABELS, RequestRecord, RequestTelemetry, TraceContext
 
 
 def test_traceparent_is_continued_or_started():
@@ -55,3 +56,27 @@ def test_spans_are_exported_over_otlp():
     assert span.span_id.hex() == rec.trace.span_id
     attrs = {a.key: a.value for a in span.attributes}
     assert attrs["http.response.status_code"].int_value == 503 and attrs["shoal.response_flags"].string_value == "UF"
+
+
+def samples(registry: CollectorRegistry, name: str) -> dict[tuple, float]:
+    return {(s.labels.get("le"), s.labels["response_code"]): s.value
+            for family in registry.collect() for s in family.samples if s.name == name}
+
+
+def test_counts_and_histograms_follow_prometheus_semantics():
+    registry = CollectorRegistry()
+    telemetry = RequestTelemetry(registry)
+    for duration_s, code, sent in ((0.0005, 200, 10), (0.0007, 200, 1000), (0.004, 200, 5), (2.0, 503, 0)):
+        telemetry.record(RequestRecord(start=0.0, end=duration_s, status=code, response_bytes=sent))
+    assert samples(registry, "istio_requests_total") == {(None, "200"): 3, (None, "503"): 1}
+    buckets = samples(registry, "istio_request_duration_milliseconds_bucket")
+    # "le" is inclusive (0.5 ms lands in le=0.5) and buckets are cumulative, up to +Inf.
+    assert buckets[("0.5", "200")] == 1 and buckets[("1.0", "200")] == 2 and buckets[("5.0", "200")] == 3
+    assert buckets[("+Inf", "200")] == 3 and buckets[("1000.0", "503")] == 0 and buckets[("2500.0", "503")] == 1
+    assert samples(registry, "istio_request_duration_milliseconds_count")[(None, "200")] == 3
+    assert abs(samples(registry, "istio_request_duration_milliseconds_sum")[(None, "200")] - 5.2) < 1e-9
+    sizes = samples(registry, "istio_response_bytes_bucket")
+    assert sizes[("10.0", "200")] == 2 and sizes[("1000.0", "200")] == 3
+    assert samples(registry, "istio_response_bytes_sum")[(None, "200")] == 1015
+    labelled = next(s for f in registry.collect() for s in f.samples if s.name == "istio_requests_total")
+    assert set(labelled.labels) == set(ISTIO_LABELS)
