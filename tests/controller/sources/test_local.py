@@ -10,8 +10,7 @@ from shoal.controller.model import MeshModel
 from shoal.controller.sources.local import LocalSource
 from shoal.controller.store import Store
 from shoal.credentials import NodeCredentials
-
-from .objects import namespace, policy
+from tests.controller.objects import namespace, policy
 
 pytestmark = pytest.mark.timeout(30)
 

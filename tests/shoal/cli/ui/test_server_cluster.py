@@ -12,7 +12,7 @@ import pytest
 
 from shoal.cli.ui.background import UiServer
 from tests.conftest import eventually, shoal_cli
-from tests.shoal.cli.observe.test_cluster import DENY_DB
+from tests.shoal.cli.observe.test_cli_cluster import DENY_DB
 from tests.shoal.cli.ui.browser import chromium_page, require_chromium, screenshot
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]

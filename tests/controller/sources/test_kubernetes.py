@@ -20,9 +20,8 @@ from shoal.controller.controlplane import ControlPlane
 from shoal.controller.model import MeshModel
 from shoal.controller.sources import kubernetes as kube
 from shoal.controller.sources.kubernetes import KubernetesSource
-
-from .fake_apiserver import FakeApiServer
-from .objects import namespace, pod, policy, service
+from tests.controller.fake_apiserver import FakeApiServer
+from tests.controller.objects import namespace, pod, policy, service
 
 pytestmark = pytest.mark.timeout(60)
 
