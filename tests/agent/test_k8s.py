@@ -26,11 +26,18 @@ from shoal.agent.k8s import (
     token_claims,
     token_expires_in,
 )
-from shoal.kubernetes import KubernetesLayout, KubernetesModeError, cgroup2_root, layout_from_env
+from shoal.kubernetes import KubernetesModeError, cgroup2_root
 
 UID_SYSTEMD = "1f2e3d4c-5b6a-4798-8a7b-6c5d4e3f2a1b"
+
+
+
 UID_CGROUPFS = "aa11bb22-cc33-4d44-8e55-ff6677889900"
+
+
+
 UID_HOSTNET = "0badc0de-0000-4000-8000-000000000001"
+
 
 
 def _process(proc: Path, pid: int, cgroup: str | None, netns: Path | None) -> None:
@@ -40,6 +47,7 @@ def _process(proc: Path, pid: int, cgroup: str | None, netns: Path | None) -> No
         (d / "cgroup").write_text(cgroup)
     if netns is not None:
         os.link(netns, d / "ns" / "net")   # same inode = same namespace, as in the real /proc
+
 
 
 @pytest.fixture
@@ -67,6 +75,7 @@ def fake_proc(tmp_path) -> Path:
     return proc
 
 
+
 def test_pod_uid_from_both_cgroup_drivers():
     assert pod_uid_from_cgroup(f"/kubepods/burstable/pod{UID_CGROUPFS}/abc") == UID_CGROUPFS
     assert pod_uid_from_cgroup("/kubepods.slice/kubepods-pod"
@@ -75,10 +84,12 @@ def test_pod_uid_from_both_cgroup_drivers():
     assert pod_uid_from_cgroup("/kubepods/podnot-a-uid/x") is None
 
 
+
 def test_process_cgroup_prefers_the_line_naming_a_pod():
     assert process_cgroup("0::/a/b\n") == "/a/b"
     assert process_cgroup(f"3:cpu:/kubepods/pod{UID_CGROUPFS}/c\n0::/\n") == f"/kubepods/pod{UID_CGROUPFS}/c"
     assert process_cgroup("garbage\n") is None
+
 
 
 def test_pods_are_found_with_their_sandbox_first(fake_proc):
@@ -86,6 +97,7 @@ def test_pods_are_found_with_their_sandbox_first(fake_proc):
     assert pods == {UID_SYSTEMD: [4000, 4100], UID_CGROUPFS: [5000], UID_HOSTNET: [6000]}
     assert pod_netns_path(fake_proc, UID_SYSTEMD) == fake_proc / "4000" / "ns" / "net"
     assert pod_netns_path(fake_proc, UID_CGROUPFS.upper(), pods) == fake_proc / "5000" / "ns" / "net"
+
 
 
 def test_resolver_scans_once_per_pass_and_rescans_for_new_pods(fake_proc, monkeypatch):
@@ -107,6 +119,7 @@ def test_resolver_scans_once_per_pass_and_rescans_for_new_pods(fake_proc, monkey
     assert len(scans) == 3, "an unknown pod triggers a fresh scan (it may have just started)"
 
 
+
 def test_host_network_and_missing_pods_are_told_apart(fake_proc):
     with pytest.raises(HostNetworkPod):
         pod_netns_path(fake_proc, UID_HOSTNET)
@@ -115,50 +128,6 @@ def test_host_network_and_missing_pods_are_told_apart(fake_proc):
     with pytest.raises(KubernetesModeError, match="host /proc"):
         pods_by_uid(fake_proc / "missing")
 
-
-def test_cgroup2_root_unified_hybrid_and_missing(tmp_path):
-    unified = tmp_path / "unified-host"
-    unified.mkdir()
-    (unified / "cgroup.controllers").write_text("cpu memory\n")
-    assert cgroup2_root(unified) == unified
-    hybrid = tmp_path / "hybrid-host"
-    (hybrid / "unified").mkdir(parents=True)
-    (hybrid / "unified" / "cgroup.controllers").write_text("")
-    assert cgroup2_root(hybrid) == hybrid / "unified"
-    with pytest.raises(KubernetesModeError, match="cgroup v2"):
-        cgroup2_root(tmp_path / "v1-only")
-
-
-def test_layout_from_the_daemonset_env(tmp_path):
-    (tmp_path / "cg" / "unified").mkdir(parents=True)
-    (tmp_path / "cg" / "unified" / "cgroup.controllers").write_text("")
-    layout = KubernetesLayout.from_env({"SHOAL_CGROUP_ROOT": str(tmp_path / "cg"), "SHOAL_RUN_DIR": "/var/run/shoal",
-                                        "SHOAL_BPFFS": "/sys/fs/bpf", "SHOAL_HOST_PROC": "/host/proc"})
-    assert layout.node_cgroup("node-a") == tmp_path / "cg" / "unified"
-    assert layout.zds_socket("node-a") == Path("/var/run/shoal/zds.sock")
-    assert layout.flows_socket("node-a") == Path("/var/run/shoal/flows.sock")
-    assert layout.bpf_pin_dir("node-a") == Path("/sys/fs/bpf/shoal/node-a")
-    assert layout.proc_root == Path("/host/proc")
-    assert layout.netns_dir is None          # pods are found through /host/proc
-
-
-def test_a_daemonset_rendered_for_a_local_cluster_names_its_netns_folder(tmp_path):
-    (tmp_path / "cgroup.controllers").write_text("")
-    layout = KubernetesLayout.from_env({"SHOAL_CGROUP_ROOT": str(tmp_path), "SHOAL_CLUSTER": "c1",
-                                        "SHOAL_NETNS_DIR": "/host/run/netns"})
-    assert layout.netns_dir == Path("/host/run/netns")
-    assert layout.node_cgroup("node-2") == tmp_path        # the node's own cgroup, mounted as the root
-    assert layout.bpf_pin_dir("node-2") == Path("/sys/fs/bpf/c1/node-2")   # where process mode pins
-    with pytest.raises(KubernetesModeError):
-        layout.pod_cgroup("node-a", "demo", "web-0")
-
-
-def test_mode_picks_the_layout(tmp_path):
-    (tmp_path / "cgroup.controllers").write_text("")
-    k8s = layout_from_env({"SHOAL_MODE": "kubernetes", "SHOAL_CGROUP_ROOT": str(tmp_path)})
-    assert isinstance(k8s, KubernetesLayout) and k8s.node_cgroup("any-node-name") == tmp_path
-    local = layout_from_env({"SHOAL_CLUSTER": "shoal-t1"})
-    assert not isinstance(local, KubernetesLayout) and local.name == "shoal-t1"
 
 
 MOUNTINFO = """\
@@ -170,6 +139,7 @@ MOUNTINFO = """\
 """
 
 
+
 def test_mountinfo_parsing_and_bpffs_check():
     mounts = parse_mountinfo(MOUNTINFO + "short line\n")
     assert [m.mount_point for m in mounts][-1] == "/mnt/with space"
@@ -178,9 +148,11 @@ def test_mountinfo_parsing_and_bpffs_check():
     assert not is_bpffs(MOUNTINFO.replace(" - bpf bpf", " - tmpfs tmpfs"), "/sys/fs/bpf")
 
 
+
 def _jwt(claims: dict) -> str:
     enc = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()  # noqa: E731
     return ".".join([enc(b'{"alg":"RS256"}'), enc(json.dumps(claims).encode()), enc(b"signature")])
+
 
 
 def test_projected_token_is_read_checked_and_reread_on_rotation(tmp_path):
@@ -200,6 +172,7 @@ def test_projected_token_is_read_checked_and_reread_on_rotation(tmp_path):
     assert token_expires_in(_jwt({"aud": "shoal"})) is None
 
 
+
 @pytest.mark.parametrize("text", ["", "not-a-jwt", "a.b", "a.b.c.d", "a.!!!.c",
                                   "eyJh.bm90IGpzb24.c2ln", "eyJh.WzFd.c2ln"])
 def test_malformed_tokens_are_refused(tmp_path, text):
@@ -209,14 +182,15 @@ def test_malformed_tokens_are_refused(tmp_path, text):
         ServiceAccountToken(path).read()
 
 
+
 def test_missing_token_names_the_file(tmp_path):
     with pytest.raises(TokenError, match="no-token"):
         ServiceAccountToken(tmp_path / "no-token").read()
 
 
-# -- on this machine's real /proc and cgroup2 ---------------------------------------------
 
 CGROUP2 = Path("/sys/fs/cgroup/unified")
+
 
 
 @pytest.mark.root
@@ -251,6 +225,7 @@ def test_real_process_in_a_pod_cgroup_is_found_in_its_netns():
             if d.exists():
                 d.rmdir()
         subprocess.run(["ip", "netns", "del", name], check=False)
+
 
 
 def test_cleanup_entry_point_removes_state_and_reports_done(tmp_path):

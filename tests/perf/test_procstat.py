@@ -1,28 +1,10 @@
+"""Process CPU and memory sampling from /proc and cgroups."""
 import os
 import time
 
 import pytest
 
-from shoal.perf import procstat, stats
-
-
-def test_percentile_interpolates_like_numpy():
-    values = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
-    assert stats.percentile(values, 50) == 5.5
-    assert stats.percentile(values, 99) == pytest.approx(9.91)
-    assert stats.percentile(values, 0) == 1 and stats.percentile(values, 100) == 10
-    assert stats.percentile([7], 99) == 7
-    with pytest.raises(ValueError):
-        stats.percentile([], 50)
-    with pytest.raises(ValueError):
-        stats.percentile(values, 101)
-
-
-def test_median_ratio_spread():
-    assert stats.median([3, 1, 2]) == 2
-    assert stats.ratio(5, 10) == 0.5 and stats.ratio(5, 0) is None
-    assert stats.spread([9, 10, 11]) == pytest.approx(0.2)
-    assert stats.spread([0, 0]) == 0.0
+from shoal.perf import procstat
 
 
 def test_stat_line_with_spaces_and_parens_in_comm():
@@ -34,11 +16,13 @@ def test_stat_line_with_spaces_and_parens_in_comm():
         procstat.parse_stat_cpu_ticks("4242 (x) S 1 2 3")
 
 
+
 def test_status_rss():
     assert procstat.parse_status_rss_kib("Name:\tx\nVmRSS:\t   20480 kB\nThreads: 1\n") == 20480
     assert procstat.parse_status_rss_kib("Name:\tkthreadd\n") == 0
     with pytest.raises(ValueError):
         procstat.parse_status_rss_kib("VmRSS:\n")
+
 
 
 def test_sampler_measures_this_process_burning_cpu():
@@ -59,6 +43,7 @@ def test_sampler_measures_this_process_burning_cpu():
     assert sampler.rss_peak_per_process_mb[os.getpid()] == usage.rss_peak_mb
 
 
+
 def test_sampler_needs_pids_and_reads_cgroups(tmp_path):
     with pytest.raises(ValueError):
         procstat.ProcessSampler([])
@@ -68,11 +53,13 @@ def test_sampler_needs_pids_and_reads_cgroups(tmp_path):
     assert procstat.pids_in_cgroup(tmp_path) == [10, 11, 12]
 
 
+
 def test_pgid_and_comm_from_stat_line():
     line = "4242 (my (odd) tool) S 1 4240 4240 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0 1000 0 0"
     assert procstat.parse_stat_pgid_comm(line) == (4240, "my (odd) tool", "S")
     with pytest.raises(ValueError):
         procstat.parse_stat_pgid_comm("garbage")
+
 
 
 def test_pids_in_group_finds_the_tool_under_its_wrapper():

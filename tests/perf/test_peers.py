@@ -1,48 +1,12 @@
-import json
+"""The peer proxies' configs and certificates (mutual TLS 1.3), and their listeners."""
 import ssl
 
-import pytest
 from cryptography import x509
 
 from shoal.perf import peers
-from shoal.perf.beds.cluster import BedError, ClusterBed, find_pod, pod_manifests
 
 FORWARDS = (peers.Forward("stream", 20001, 20002, 5201), peers.Forward("rr", 20003, 20004, 11111))
 
-
-def test_pod_manifests_mesh_label_and_node():
-    ns, sa, pod = pod_manifests("perf-mesh", "client", "node-1", meshed=True, service_account="bench",
-                                labels={"tier": "x"})
-    assert ns["metadata"]["labels"] == {"shoal.io/mesh": "enabled"}
-    assert sa["kind"] == "ServiceAccount" and sa["metadata"] == {"name": "bench", "namespace": "perf-mesh"}
-    assert pod["spec"]["nodeName"] == "node-1" and pod["spec"]["serviceAccountName"] == "bench"
-    assert pod["metadata"]["labels"] == {"app": "client", "tier": "x"}
-    plain = pod_manifests("perf-plain", "s", "node-2", meshed=False, service_account="default", labels=None)
-    assert plain[0]["metadata"]["labels"] == {}
-
-
-def test_find_pod_in_listing():
-    listing = json.dumps({"kind": "List", "items": [
-        {"metadata": {"namespace": "a", "name": "p"}, "status": {"phase": "Running", "podIP": "10.244.1.2"}},
-        {"metadata": {"namespace": "b", "name": "p"}}]})
-    assert find_pod(listing, "a", "p") == ("Running", "10.244.1.2")
-    assert find_pod(listing, "b", "p") == ("Pending", "")
-    assert find_pod(listing, "c", "p") is None
-    with pytest.raises(BedError, match="not JSON"):
-        find_pod("No resources found.", "a", "p")
-
-
-def test_cluster_bed_never_uses_the_default_cluster(monkeypatch):
-    monkeypatch.setenv("SHOAL_PERF_CLUSTER", "shoal")
-    with pytest.raises(BedError, match="never uses"):
-        ClusterBed()
-    monkeypatch.setenv("SHOAL_PERF_CLUSTER", "perf-t1")
-    bed = ClusterBed()
-    assert bed.env["SHOAL_CLUSTER"] == "perf-t1" and bed.shoal[-2:] == ["--cluster", "perf-t1"]
-    monkeypatch.setenv("SHOAL_PERF_CLUSTER", "demo-x")
-    with pytest.raises(BedError, match="only creates"):
-        ClusterBed()
-    assert ClusterBed(attach=True).name == "demo-x"      # attaching never removes the cluster
 
 
 def test_certificates_chain_and_names(tmp_path):
@@ -60,6 +24,7 @@ def test_certificates_chain_and_names(tmp_path):
     assert oct(certs.client_key.stat().st_mode & 0o777) == "0o600"
 
 
+
 def test_peer_configs_require_mutual_tls13(tmp_path):
     certs = peers.mint_certificates(tmp_path, "10.244.2.10")
     client = peers.stunnel_client_config(certs, "10.244.2.10", FORWARDS)
@@ -73,6 +38,7 @@ def test_peer_configs_require_mutual_tls13(tmp_path):
     hserver = peers.haproxy_server_config(certs, "10.244.2.10", FORWARDS)
     assert f"bind 10.244.2.10:20002 ssl crt {certs.server_pem} ca-file {certs.ca} verify required" in hserver
     assert "ssl-min-ver TLSv1.3" in hserver and "server local 127.0.0.1:5201" in hserver
+
 
 
 def test_listening_reads_ss_output():

@@ -1,17 +1,13 @@
-"""The service map's folding rules and the UI server's read-only surface (no cluster)."""
+"""The service map: edges counted once, denied and plaintext edges, rates, namespaces, bounds."""
 from __future__ import annotations
 
 import time
 
-import pytest
-
-from shoal.cli.ui.feed import FlowFeed
 from shoal.cli.ui.graph import ServiceMap
-from shoal.cli.ui.server import MAX_FILTER_TERMS, build_app, parse_filter_text
-from shoal.flows.filters import FilterError
 from shoal.flows.records import http_flow, l4_flow
 
 NOW = time.time_ns()
+
 
 
 def endpoint(ep, namespace, pod, workload=None, identity=0, sa=None):
@@ -20,6 +16,7 @@ def endpoint(ep, namespace, pod, workload=None, identity=0, sa=None):
         ep.workloads.add(name=workload, kind="Deployment")
     if sa:
         ep.labels.append(f"k8s:io.cilium.k8s.policy.serviceaccount={sa}")
+
 
 
 def proxied(port, ts, *, verdict="FORWARDED", mtls=True, service="web", backend="web-0"):
@@ -35,8 +32,10 @@ def proxied(port, ts, *, verdict="FORWARDED", mtls=True, service="web", backend=
     return flow
 
 
+
 def edges_by_id(snapshot):
     return {edge["id"]: edge for edge in snapshot["edges"]}
+
 
 
 def test_connections_are_counted_once_across_observation_points():
@@ -53,6 +52,7 @@ def test_connections_are_counted_once_across_observation_points():
         "spiffe://cluster.local/ns/demo/sa/client -> spiffe://cluster.local/ns/demo/sa/web"]
 
 
+
 def test_a_drop_turns_the_edge_denied_and_forwarding_clears_it():
     graph = ServiceMap()
     graph.add(proxied(40000, NOW - 2 * 10**9))
@@ -62,6 +62,7 @@ def test_a_drop_turns_the_edge_denied_and_forwarding_clears_it():
     graph.add(proxied(40002, NOW))
     edge = edges_by_id(graph.snapshot(NOW, None))["workload:demo/client->service:demo/web"]
     assert edge["verdict"] == "forwarded"
+
 
 
 def test_plaintext_and_error_rate():
@@ -78,6 +79,7 @@ def test_plaintext_and_error_rate():
     assert edges["workload:demo/client->workload:demo/web"]["error_rate"] == 0.5
 
 
+
 def test_namespace_view_and_expiry():
     graph = ServiceMap(window_s=10, expire_s=60)
     graph.add(proxied(40000, NOW - 120 * 10**9))
@@ -87,57 +89,9 @@ def test_namespace_view_and_expiry():
     assert len(graph.snapshot(NOW, "demo")["edges"]) == 2
 
 
+
 def test_edges_are_bounded():
     graph = ServiceMap(max_edges=10)
     for index in range(50):
         graph.add(proxied(40000 + index, NOW, service=f"svc-{index}", backend=None))
     assert len(graph.edges) <= 10
-
-
-def test_filter_text_is_hubble_flags():
-    allow, deny = parse_filter_text("--namespace demo --not --verdict FORWARDED -t drop --to-pod=demo/db")
-    assert allow.namespace == ["demo"] and allow.plain == {"type": ["drop"]}
-    assert allow.destination == {"pod": ["demo/db"]}
-    assert deny.plain == {"verdict": ["FORWARDED"]}
-    for bad in ("--bogus x", "demo", "--namespace", "--not", "'unclosed", " ".join(["-n a"] * (MAX_FILTER_TERMS + 1))):
-        with pytest.raises(FilterError):
-            parse_filter_text(bad)
-
-
-@pytest.fixture
-async def client(tmp_path):
-    import grpc
-    from aiohttp.test_utils import TestClient, TestServer
-
-    feed = FlowFeed(lambda: grpc.aio.insecure_channel(f"unix:{tmp_path}/none.sock"))
-    feed.add(proxied(40000, time.time_ns()))
-    async with TestClient(TestServer(build_app(feed, {"127.0.0.1", "localhost"}), host="127.0.0.1")) as client:
-        yield client
-
-
-async def test_read_only_and_hardened(client):
-    for method in ("POST", "PUT", "DELETE", "PATCH"):
-        for path in ("/", "/api/graph", "/api/flows"):
-            response = await client.request(method, path)
-            assert response.status == 405, (method, path)
-    page = await client.get("/")
-    assert page.status == 200
-    assert "script-src 'self'" in page.headers["Content-Security-Policy"]
-    assert page.headers["X-Content-Type-Options"] == "nosniff"
-    for path in ("/static/../server.py", "/static/%2e%2e%2fserver.py", "/static/index.py", "/static/VENDOR.md"):
-        assert (await client.get(path)).status == 404, path
-    assert (await client.get("/static/cytoscape.min.js")).status == 200
-    rebinding = await client.get("/api/graph", headers={"Host": "attacker.example:8089"})
-    assert rebinding.status == 421
-
-
-async def test_flows_api(client):
-    body = await (await client.get("/api/flows", params={"filter": "--from-pod demo/client-0"})).json()
-    assert len(body["flows"]) == 1 and body["flows"][0]["source"].startswith("demo/client-0")
-    assert (await (await client.get("/api/flows", params={"filter": "--to-pod demo/nothing"})).json())["flows"] == []
-    bad = await client.get("/api/flows", params={"filter": "--verdict NOPE"})
-    assert bad.status == 400 and "unknown verdict" in (await bad.json())["error"]
-    assert (await client.get("/api/flows", params={"filter": "-n x " * 2000})).status == 400
-    assert (await client.get("/api/flows", params={"after": "x"})).status == 400
-    graph = await (await client.get("/api/graph")).json()
-    assert graph["relay"]["connected"] is False and graph["namespaces"] == ["demo"]
