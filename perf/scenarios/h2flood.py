@@ -95,7 +95,8 @@ def run(ctx: Context) -> Iterator[Measurement]:
             note = f"{result['ok']} of {result['ok'] + result['failed']} succeeded ({reasons})"
             if attack is not None:
                 note += (f"; attacker: {attack['frames']} frames over {attack['connections']} connections, "
-                         f"GOAWAY codes {attack['goaway']} (11 = ENHANCE_YOUR_CALM), errors {attack['errors']}")
+                         f"GOAWAY codes {attack['goaway']} (11 = ENHANCE_YOUR_CALM), "
+                         f"{attack['stalled']} stalled (the proxy stopped reading), errors {attack['errors']}")
             ctx.log(f"  {phase}: {note}; victim p99 {result['p99']}")
             yield Measurement(BENCH, phase, "failures", "count", (float(result["failed"]),), "lower", note)
             if result["p99"] is not None:
