@@ -263,6 +263,13 @@ class ZdsClient:
         except OSError as exc:
             sock.close()
             raise ZdsError(f"cannot connect to {self.path}: {exc}") from exc
+        await self.attach(sock)
+
+    async def attach(self, sock: socket.socket) -> None:
+        """Speak over an already connected SEQPACKET socket (the node proxy's supervisor
+        hands pods to each worker over a socketpair); the client owns it from here."""
+        await self.close()
+        sock.setblocking(False)
         self._sock = sock
         self._closed = asyncio.Event()
         self._reader = asyncio.create_task(self._read_acks(sock), name="zds-client-reader")
@@ -389,6 +396,13 @@ class ZdsServer:
         self._listener = sock
         self._accept_task = asyncio.create_task(self._accept_loop(sock), name="zds-accept")
 
+    def owns_path(self) -> bool:
+        """Whether the ZDS path is still our socket (a successor replaces it to take over)."""
+        try:
+            return os.stat(self.path).st_ino == self._path_inode
+        except FileNotFoundError:
+            return False
+
     async def close(self, unlink: bool = True) -> None:
         if self._accept_task is not None:
             self._accept_task.cancel()
@@ -412,10 +426,16 @@ class ZdsServer:
         loop = asyncio.get_running_loop()
         while True:
             conn, _ = await loop.sock_accept(listener)
-            conn.setblocking(False)
-            task = asyncio.create_task(self._serve(conn), name="zds-conn")
-            self._connections.add(task)
-            task.add_done_callback(self._connections.discard)
+            self.serve_connection(conn)
+
+    def serve_connection(self, conn: socket.socket) -> asyncio.Task:
+        """Serve one connected SEQPACKET socket (accepted here, or a socketpair end handed
+        to a worker by the supervisor); it is closed when the peer goes or on ``close``."""
+        conn.setblocking(False)
+        task = asyncio.create_task(self._serve(conn), name="zds-conn")
+        self._connections.add(task)
+        task.add_done_callback(self._connections.discard)
+        return task
 
     async def _serve(self, conn: socket.socket) -> None:
         greeted = False

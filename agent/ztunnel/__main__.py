@@ -18,7 +18,7 @@ def run(argv: list[str] | None = None) -> None:
     access.setFormatter(logging.Formatter("%(message)s"))
     access_log.addHandler(access)
     access_log.setLevel(logging.INFO)
-    run_daemon(lambda: main(config), config.log_level)
+    run_daemon(lambda: main(config, argv=sys.argv[1:] if argv is None else argv), config.log_level)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ Malformed or oversized requests get a 400 and are counted; other methods a 405.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import socket
 from typing import Awaitable, Callable, Iterable
 
@@ -26,7 +28,7 @@ Page = Callable[[], Awaitable[tuple[int, str, bytes]]]  # -> (status, content ty
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 
 
-def _json(data, status: int = 200) -> tuple[int, str, bytes]:
+def json_page(data, status: int = 200) -> tuple[int, str, bytes]:
     return status, "application/json", json.dumps(data, indent=1, default=str).encode()
 
 
@@ -55,6 +57,13 @@ class HttpEndpoint:
         sock.listen(64)
         sock.setblocking(False)
         self.server = await asyncio.start_server(self._serve, sock=sock)
+
+    async def start_unix(self, path: str) -> None:
+        """Serve on a Unix socket (a worker's pages, fetched by its supervisor), owner only."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self.server = await asyncio.start_unix_server(self._serve, path=path)
+        os.chmod(path, 0o600)
 
     async def close(self) -> None:
         if self.server is not None:
@@ -94,7 +103,7 @@ def admin_pages(ctx: ProxyContext, served: Callable[[], Iterable[ServedPod]]) ->
     """Loopback only: /config_dump, /certs, /connections, read from the data path's context."""
 
     async def config_dump():
-        return _json({
+        return json_page({
             "node": ctx.config.node,
             "config_version": ctx.state.version,
             "pods": [pod.describe() for pod in served()],
@@ -104,10 +113,10 @@ def admin_pages(ctx: ProxyContext, served: Callable[[], Iterable[ServedPod]]) ->
         })
 
     async def certs():
-        return _json({"certificates": ctx.identities.describe(), "rotations": ctx.identities.rotations})
+        return json_page({"certificates": ctx.identities.describe(), "rotations": ctx.identities.rotations})
 
     async def connections():
-        return _json({"connections": ctx.telemetry.live_connections(), "pool": ctx.pool.describe(),
+        return json_page({"connections": ctx.telemetry.live_connections(), "pool": ctx.pool.describe(),
                       "inbound_hbone_sessions": len(ctx.inbound_sessions)})
 
     return {"/config_dump": config_dump, "/certs": certs, "/connections": connections}

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
+import ctypes
+import json
 import logging
 import os
 import signal
+import socket
 import time
 from pathlib import Path
+from typing import Sequence
 
 import grpc
 from prometheus_client import CollectorRegistry
@@ -31,6 +34,7 @@ from shoal.agent.ztunnel.admin import HttpEndpoint, admin_pages, metrics_pages, 
 from shoal.agent.ztunnel.admission import Admission, DialLimits, default_max_connections, raise_open_file_limit
 from shoal.agent.ztunnel.config import ProxyConfig
 from shoal.agent.ztunnel.context import DestinationLookup, ProxyContext
+from shoal.agent.ztunnel.handover import Markers
 from shoal.agent.ztunnel.netns import NetnsHandle
 from shoal.agent.ztunnel.proxy import PodRegistry
 from shoal.agent.ztunnel.telemetry import ConnectionTelemetry, ProxyMetrics
@@ -41,24 +45,13 @@ from shoal.zds import ZdsServer
 
 log = logging.getLogger(__name__)
 
+PR_SET_PDEATHSIG = 1
+
 
 # The controller's CA answering these is down, restarting or busy: retried with backoff.
 TRANSIENT_RPC_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                                  grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
                                  grpc.StatusCode.CANCELLED})
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError as exc:
-        return exc.errno == errno.EPERM
-
-
-def _marker_pid(marker: str) -> int:
-    head = marker.split("-", 1)[0]
-    return int(head) if head.isdigit() else 0
 
 
 class ProxyApp:
@@ -87,14 +80,13 @@ class ProxyApp:
         self.ctx = ProxyContext(config=config, state=self.state, identities=identities, metrics=self.metrics,
                                 telemetry=telemetry, pool=pool, origdst=origdst, home=NetnsHandle.current(),
                                 admission=admission, dial_limits=DialLimits(config.upstream_dials_per_identity))
-        self.pods = PodRegistry(self.ctx)
+        self.pods = PodRegistry(self.ctx, prepares_netns=not config.is_worker)
         self.zds = ZdsServer(config.zds_path, self.pods, on_error=lambda r: self.metrics.reject("zds", "message"))
         self._serve_http = serve_http
         self._endpoints: list[HttpEndpoint] = []
         self._tasks: list[asyncio.Task] = []
         self.retiring = asyncio.Event()
-        # Markers name this instance, not just the pid (two instances may share a pid in tests).
-        self.instance = f"{os.getpid()}-{os.urandom(4).hex()}"
+        self.markers = Markers(config.node_dir)
 
     @property
     def ready(self) -> bool:
@@ -126,9 +118,12 @@ class ProxyApp:
     # -- lifecycle
     async def start(self) -> None:
         Path(self.config.node_dir).mkdir(parents=True, exist_ok=True)
-        predecessor = self._read_marker("proxy.pid")
+        if self.config.is_worker:
+            await self._start_worker()
+            return
+        predecessor = self.markers.read("proxy.pid")
         await self.zds.start()  # from here on the agent's (re)connects reach us
-        self._write_marker("proxy.pid")
+        self.markers.write("proxy.pid")
         if self.config.controller or self._config_client is not None:
             client = self._client()
             self._tasks.append(asyncio.ensure_future(client.run()))
@@ -139,10 +134,35 @@ class ProxyApp:
         self._tasks.append(asyncio.ensure_future(self._announce_ready()))
         if self._serve_http:
             await self._start_http()
-        old_pid = _marker_pid(predecessor)
-        if old_pid and old_pid != os.getpid() and _pid_alive(old_pid):
-            log.info("handover: asking proxy %d to retire", old_pid)
-            os.kill(old_pid, signal.SIGTERM)
+        self.markers.retire_predecessor(predecessor)
+
+    async def _start_worker(self) -> None:
+        """A worker of a supervised node proxy: pods come over the inherited channel, the
+        pages go to the supervisor over a Unix socket; markers, ports and the handover
+        belong to the supervisor."""
+        channel = socket.socket(fileno=self.config.worker_channel_fd)
+        self.zds.serve_connection(channel)
+        if self.config.controller or self._config_client is not None:
+            client = self._client()
+            self._tasks.append(asyncio.ensure_future(client.run()))
+            self._tasks.append(asyncio.ensure_future(self._mark_synced(client.synced)))
+        else:
+            self.ctx.config_synced.set()
+        self._tasks.append(asyncio.ensure_future(self._rotate()))
+        pages = {**admin_pages(self.ctx, lambda: self.pods.pods.values()), **metrics_pages(self.registry),
+                 **ready_pages(lambda: self.ready), "/worker": self._worker_page}
+        endpoint = HttpEndpoint(pages, on_bad_request=lambda: self.metrics.reject("http", "bad_request"))
+        await endpoint.start_unix(self.config.worker_admin_path(os.getpid()))
+        self._endpoints.append(endpoint)
+
+    async def _worker_page(self) -> tuple[int, str, bytes]:
+        telemetry = self.ctx.telemetry
+        return 200, "application/json", json.dumps({
+            "index": self.config.worker_index, "pid": os.getpid(), "ready": self.ready,
+            "retiring": self.retiring.is_set(), "connections": len(telemetry.live), "handled": telemetry.handled,
+            "in_setup": self.pods.connections_in_setup(),
+            "pods": sorted(f"{p.info.namespace}/{p.info.name}" for p in self.pods.pods.values()),
+            "hbone_connections": len(self.ctx.pool.describe())}).encode()
 
     async def _start_http(self) -> None:
         home = self.config.http_address
@@ -169,24 +189,23 @@ class ProxyApp:
         # A predecessor stops accepting only when we can route: pods open AND config in.
         await self.pods.snapshot_done.wait()
         await self.ctx.config_synced.wait()
-        self._write_marker("proxy.ready")
+        self.markers.write("proxy.ready")
 
     async def retire(self) -> None:
         """Handover/shutdown: let a successor take over, stop accepting, drain, stop."""
         if self.retiring.is_set():
             return
         self.retiring.set()
-        successor = not self._owns_zds_path()
+        if self.config.is_worker:  # the supervisor waited for the successor before asking us
+            await self._stop_accepting_and_drain()
+            return
+        successor = not self.zds.owns_path()
         await self.zds.close()  # the agent reconnects to the successor and replays
         if successor:
-            deadline = time.monotonic() + self.config.handover_wait
-            while time.monotonic() < deadline:
-                ready = self._read_marker("proxy.ready")
-                if ready and ready != self.instance and _pid_alive(_marker_pid(ready)):
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                log.warning("handover: no ready successor after %.0fs, stopping anyway", self.config.handover_wait)
+            await self.markers.wait_for_successor(self.config.handover_wait)
+        await self._stop_accepting_and_drain()
+
+    async def _stop_accepting_and_drain(self) -> None:
         self.pods.stop_accepting()
         for session in list(self.ctx.inbound_sessions):
             session.drain()  # peers' pools stop opening tunnels to us, live ones go on
@@ -209,7 +228,8 @@ class ProxyApp:
         completed = len(at_start - set(live))
         self.metrics.drained.labels("completed").inc(completed)
         self.metrics.drained.labels("cut").inc(cut)
-        log.info("drain: carried %d of %d connections to their end in %.1fs; %d cut at the %.0fs grace deadline",
+        who = f"worker {self.config.worker_index}: " if self.config.is_worker else ""
+        log.info(who + "drain: carried %d of %d connections to their end in %.1fs; %d cut at the %.0fs grace deadline",
                  completed, len(at_start), time.monotonic() - started, cut, self.config.drain_grace)
 
     async def stop(self) -> None:
@@ -229,30 +249,11 @@ class ProxyApp:
         self._endpoints.clear()
         if self._config_client is not None:
             await self._config_client.close()
-        for name in ("proxy.pid", "proxy.ready"):
-            if self._read_marker(name) == self.instance:
-                with contextlib.suppress(FileNotFoundError):
-                    (Path(self.config.node_dir) / name).unlink()
-
-    # -- markers
-    def _owns_zds_path(self) -> bool:
-        try:
-            return os.stat(self.config.zds_path).st_ino == self.zds._path_inode
-        except FileNotFoundError:
-            return False
-
-    def _write_marker(self, name: str) -> None:
-        path = Path(self.config.node_dir) / name
-        tmp = path.with_name(f".{name}.{self.instance}")
-        tmp.write_text(f"{self.instance}\n")
-        os.replace(tmp, path)
-
-    def _read_marker(self, name: str) -> str:
-        try:
-            return (Path(self.config.node_dir) / name).read_text().strip()
-        except FileNotFoundError:
-            return ""
-
+        if self.config.is_worker:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.config.worker_admin_path(os.getpid()))
+            return
+        self.markers.remove_own()
 
 def _default_origdst(config: ProxyConfig) -> DestinationLookup | None:
     try:
@@ -279,7 +280,16 @@ class _LazyOrigdst:
         return self._lookup.lookup(sock)
 
 
-async def main(config: ProxyConfig, install_signals: bool = True) -> None:
+async def main(config: ProxyConfig, install_signals: bool = True, argv: Sequence[str] = ()) -> None:
+    """Run the node proxy: a single process, or (``config.workers`` > 1) a supervisor
+    that runs this same command as each of its workers (``argv``: its flags)."""
+    if config.workers > 1 and not config.is_worker:
+        from shoal.agent.ztunnel.supervisor import run_supervisor
+
+        await run_supervisor(config, argv)
+        return
+    if config.is_worker:
+        exit_with_parent()
     log.info("open-file limit %d", raise_open_file_limit())
     app = ProxyApp(config, origdst=_LazyOrigdst(config), flows=True)
     await app.start()
@@ -293,5 +303,16 @@ async def main(config: ProxyConfig, install_signals: bool = True) -> None:
     if install_signals:
         loop.add_signal_handler(signal.SIGTERM, on_signal)
         loop.add_signal_handler(signal.SIGINT, on_signal)
-    log.info("node proxy for %s up (pid %d)", config.node, os.getpid())
+    role = f"worker {config.worker_index} of the " if config.is_worker else ""
+    log.info("%snode proxy for %s up (pid %d)", role, config.node, os.getpid())
     await done.wait()
+
+
+def exit_with_parent() -> None:
+    """A worker whose supervisor died gets SIGTERM (and drains) instead of serving on
+    unsupervised, unseen by the agent and by the metrics (prctl PR_SET_PDEATHSIG)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG): %s", os.strerror(ctypes.get_errno()))
+    if os.getppid() == 1:   # the supervisor died before we asked
+        os.kill(os.getpid(), signal.SIGTERM)

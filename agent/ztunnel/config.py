@@ -43,7 +43,18 @@ class ProxyConfig:
     max_connections_in_setup: int = 8192
     max_connections: int = 0
     upstream_dials_per_identity: int = 256   # concurrent app connects per HBONE peer identity
+    # Worker processes (issue 13): 1 = one process, no supervisor; N > 1 = a supervisor
+    # (ZDS, admin, metrics, handover) and N workers sharing the in-pod listeners.
+    workers: int = 1
+    # Set only in a worker the supervisor started: its index and the inherited fd of its
+    # pod-handover channel (one end of a SEQPACKET socketpair). -1 = not a worker.
+    worker_index: int = -1
+    worker_channel_fd: int = -1
     log_level: str = "INFO"
+
+    @property
+    def is_worker(self) -> bool:
+        return self.worker_index >= 0
 
     @property
     def zds_path(self) -> str:
@@ -56,6 +67,16 @@ class ProxyConfig:
     @property
     def node_dir(self) -> str:
         return str(self.layout.node_dir(self.node))
+
+    def worker_admin_path(self, pid: int) -> str:
+        """Where worker ``pid`` serves its pages (admin, metrics, readiness, status) to the
+        supervisor: a Unix socket in the node's private directory, not a port."""
+        return str(self.layout.node_dir(self.node) / f"proxy-worker-{pid}.sock")
+
+    @property
+    def workers_status_path(self) -> str:
+        """The supervisor's per-worker report (pid, connections, health), read by ``shoal status``."""
+        return str(self.layout.node_dir(self.node) / "proxy-workers.json")
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> "ProxyConfig":
@@ -77,8 +98,21 @@ class ProxyConfig:
                             help="live connections before new ones are refused (0: from the open-file limit)")
         parser.add_argument("--cert-ttl", type=int, default=int(env.get("SHOAL_CERT_TTL", 0)),
                             help="SVID lifetime to ask the CA for, seconds (0: CA default)")
+        parser.add_argument("--workers", type=int, default=int(env.get("SHOAL_PROXY_WORKERS", 0)),
+                            help="worker processes (env SHOAL_PROXY_WORKERS; 0: one per core this "
+                                 "process may run on; 1: a single process without a supervisor)")
+        parser.add_argument("--worker", default="", help=argparse.SUPPRESS)  # "INDEX:FD", set by the supervisor
         parser.add_argument("--log-level", default=env.get("SHOAL_LOG_LEVEL", "INFO"))
         args = parser.parse_args(argv)
+        if args.workers < 0:
+            parser.error("--workers must be 0 (one per core) or more")
+        workers = args.workers or default_workers()
+        worker_index, worker_fd = -1, -1
+        if args.worker:
+            try:
+                worker_index, worker_fd = (int(part) for part in args.worker.split(":"))
+            except ValueError:
+                parser.error(f"--worker must be INDEX:FD, got {args.worker!r}")
         if not args.node:
             parser.error("--node (or SHOAL_NODE) is required")
         if args.handshake_timeout <= 0 or args.drain_grace < 0 or args.cert_ttl < 0 or args.max_connections < 0:
@@ -94,5 +128,12 @@ class ProxyConfig:
                    token_file=token_file, ca_bundle=args.ca_bundle, trust_domain=args.trust_domain, admin_port=args.admin_port,
                    metrics_port=args.metrics_port, ready_port=args.ready_port,
                    handshake_timeout=args.handshake_timeout, drain_grace=args.drain_grace,
-                   max_connections=args.max_connections,
+                   max_connections=args.max_connections, workers=workers,
+                   worker_index=worker_index, worker_channel_fd=worker_fd,
                    cert_ttl_seconds=args.cert_ttl, log_level=args.log_level.upper())
+
+
+def default_workers() -> int:
+    """One worker per core this process may run on (its CPU affinity, so a pod's cpuset or
+    a taskset is honoured, not the machine's core count)."""
+    return max(1, len(os.sched_getaffinity(0)))

@@ -149,11 +149,28 @@ def listener_plan(pod_ips: tuple[str, ...]) -> list[tuple[str, int, bool, Callab
     return plan
 
 
-class PodRegistry:
-    """The pods this proxy serves (the ZDS handler)."""
+def prepare_pod_netns(netns: NetnsHandle, pod: PodInfo) -> str | None:
+    """What a pod's namespace needs before any proxy serves it; None, or why it failed."""
+    try:
+        # A successor proxy's (or worker's) SO_REUSEPORT listeners take over queued connections
+        # when ours close, instead of the kernel resetting them (net.ipv4.tcp_migrate_req).
+        netns.write_sysctl(transparent.HANDOVER_SYSCTL, "1")
+    except OSError as exc:
+        log.warning("tcp_migrate_req not set in %s: %s", pod.name, exc)
+    problem = transparent.install(netns, pod.ips)
+    return None if problem is None else f"{pod.namespace}/{pod.name}: inbound delivery: {problem}"
 
-    def __init__(self, ctx: ProxyContext):
+
+class PodRegistry:
+    """The pods this proxy serves (the ZDS handler).
+
+    ``prepares_netns``: set each pod's namespace up for delivery (and undo it on release).
+    Workers of a supervised proxy do not: the namespace is the pod's, not a worker's, so
+    their supervisor does it once (two workers racing on the same rules would fail)."""
+
+    def __init__(self, ctx: ProxyContext, prepares_netns: bool = True):
         self.ctx = ctx
+        self.prepares_netns = prepares_netns
         self.pods: dict[str, ServedPod] = {}
         self.snapshot_done = asyncio.Event()
 
@@ -180,16 +197,10 @@ class PodRegistry:
         except IdentityError as exc:
             raise ZdsError(str(exc)) from exc
         enrolled = ServedPod(pod, netns, spiffe)
-        try:
-            # A successor proxy's SO_REUSEPORT listeners take over queued connections when
-            # ours close, instead of the kernel resetting them (net.ipv4.tcp_migrate_req).
-            netns.write_sysctl(transparent.HANDOVER_SYSCTL, "1")
-        except OSError as exc:
-            log.warning("tcp_migrate_req not set in %s: %s", pod.name, exc)
-        problem = transparent.install(netns, pod.ips)
+        problem = prepare_pod_netns(netns, pod) if self.prepares_netns else None
         if problem is not None:
             self.ctx.identities.release(pod.namespace, pod.service_account)
-            raise ZdsError(f"{pod.namespace}/{pod.name}: inbound delivery: {problem}")
+            raise ZdsError(problem)
         try:
             for host, port, any_address, handler, name in listener_plan(pod.ips):
                 sock = netns.listener(host, port, transparent=any_address, backlog=LISTEN_BACKLOG)
@@ -200,7 +211,8 @@ class PodRegistry:
                     on_pause=lambda listener: self.ctx.metrics.accept_paused.labels(listener).inc()))
         except OSError:
             enrolled.stop_accepting()
-            transparent.remove(netns, pod.ips)
+            if self.prepares_netns:
+                transparent.remove(netns, pod.ips)
             self.ctx.identities.release(pod.namespace, pod.service_account)
             raise
         return enrolled
@@ -219,7 +231,8 @@ class PodRegistry:
         # land in the dead pod's namespace.
         for session in list(enrolled.sessions):
             session.close()
-        transparent.remove(enrolled.netns, enrolled.info.ips)
+        if self.prepares_netns:
+            transparent.remove(enrolled.netns, enrolled.info.ips)
         enrolled.netns.close()
         self.ctx.identities.release(enrolled.info.namespace, enrolled.info.service_account)
         self.ctx.metrics.pods.set(len(self.pods))

@@ -110,6 +110,7 @@ class ConnectionTelemetry:
         self.emitter = emitter  # shoal.flows.emitter.FlowEmitter or None
         self.node = node
         self.live: dict[int, ConnectionRecord] = {}
+        self.handled = 0   # connections seen (opened, or refused before opening): a worker's share
 
     def _labels(self, rec: ConnectionRecord) -> tuple[str, ...]:
         return standard_labels(rec.reporter, peer(rec.src_workload, rec.src_identity),
@@ -120,6 +121,7 @@ class ConnectionTelemetry:
         if rec.opened:
             return
         rec.opened = True
+        self.handled += 1
         self.live[id(rec)] = rec
         self.metrics.opened.labels(*self._labels(rec)).inc()
         self.metrics.active.labels(rec.reporter).inc()
@@ -136,6 +138,7 @@ class ConnectionTelemetry:
         else:
             # Refused before it opened (denied, no upstream): still one opened+closed pair,
             # so dashboards see the attempt with its response flag.
+            self.handled += 1
             self.metrics.opened.labels(*labels).inc()
         self.metrics.closed.labels(*labels).inc()
         if rec.bytes_out:

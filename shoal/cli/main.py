@@ -111,8 +111,11 @@ def cli(ctx: click.Context, cluster: str) -> None:
 @click.option("--containers", is_flag=True,
               help="Run each node's agent and proxy as podman containers from the images (`make images`), "
                    "with the rendered DaemonSet's privileges.")
+@click.option("--proxy-workers", type=click.IntRange(0, 256), default=1, show_default=True,
+              help="Worker processes per node proxy (0: one per core). Every node of the local cluster "
+                   "shares this machine's cores, so 1 is the default here.")
 @click.pass_context
-def up(ctx: click.Context, nodes: int, demo: bool, containers: bool) -> None:
+def up(ctx: click.Context, nodes: int, demo: bool, containers: bool, proxy_workers: int) -> None:
     """Build a local cluster from network namespaces, cgroups and eBPF."""
     from shoal.local.cluster import LocalCluster, PreflightError
     from shoal.local.linux import LinuxError
@@ -123,7 +126,8 @@ def up(ctx: click.Context, nodes: int, demo: bool, containers: bool) -> None:
         from shoal.cli.deploy.render import RenderOptions, render
         node_manifests = lambda tag: render(RenderOptions(local_cluster=layout.name,   # noqa: E731
                                                           **({"image_tag": tag} if tag else {})))
-    cluster = LocalCluster(layout, progress=lambda m: click.echo(f"  {m}"), node_manifests=node_manifests)
+    cluster = LocalCluster(layout, progress=lambda m: click.echo(f"  {m}"), node_manifests=node_manifests,
+                           proxy_workers=proxy_workers)
     click.echo(f"Bringing up cluster {layout.name!r} with {nodes} node(s)")
     try:
         cluster.up(nodes)
@@ -339,6 +343,7 @@ def status(ctx: click.Context, output: str) -> None:
     except ObserverUnreachable as e:
         report["flows"] = {"error": str(e)}
     report["capture"] = capture_audits(layout)
+    report["proxy_workers"] = proxy_workers(layout)
     if output == "json":
         click.echo(json.dumps(report, indent=2))
         return
@@ -378,6 +383,37 @@ def capture_audits(layout) -> dict[str, Any]:
         except (OSError, ValueError) as err:
             found[path.parent.name] = {"error": f"unreadable {path}: {err}"}
     return found
+
+
+def proxy_workers(layout) -> dict[str, Any]:
+    """Each node proxy's workers (pid, connections, health) as its supervisor last wrote
+    them, by node; a single-process node proxy writes none."""
+    found = {}
+    for path in sorted(layout.run_dir.glob("*/proxy-workers.json")):
+        try:
+            found[path.parent.name] = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            found[path.parent.name] = {"error": f"unreadable {path}: {err}"}
+    return found
+
+
+def render_workers(report: dict[str, Any], now: float) -> list[str]:
+    """The lines under a node for its proxy's workers: a summary, then one per worker."""
+    if "error" in report:
+        return [f"             proxy workers: {report['error']}"]
+    workers = report.get("workers", [])
+    ready = sum(w.get("health") == "ready" for w in workers)
+    restarts, lost = report.get("restarts", 0), report.get("lost_connections", 0)
+    line = (f"             proxy workers: {ready}/{report.get('workers_wanted', len(workers))} ready, "
+            f"{restarts} restart{'' if restarts == 1 else 's'}, {lost} connections lost")
+    if now - report.get("time", 0) > 10:
+        line += " (STALE: is the node proxy running?)"
+    lines = [line]
+    for w in workers:
+        lines.append(f"               worker {w.get('index')}: pid {w.get('pid')}, {w.get('health')}, "
+                     f"{w.get('connections', 0)} connections ({w.get('handled', 0)} handled), "
+                     f"{len(w.get('pods', []))} pods")
+    return lines
 
 
 def render_capture(node: str, audit: dict[str, Any], now: float) -> str:
@@ -427,6 +463,8 @@ def render_status(report: dict[str, Any]) -> str:
             health = "healthy" if hubble["state"] == "NODE_CONNECTED" else hubble["state"].removeprefix("NODE_").lower()
             cells.append(f"flows: {health}" + (f" ({hubble['version']})" if hubble.get("version") else ""))
         lines.append(f"  {node:<10} " + "   ".join(cells))
+        if node in report.get("proxy_workers", {}):
+            lines.extend(render_workers(report["proxy_workers"][node], time.time()))
     if waypoints:
         lines.append("Waypoints:   " + "   ".join(
             f"{w.get('node', '?').removeprefix('waypoint-')}: {describe_component(w, version)}"

@@ -88,8 +88,11 @@ def _kernel_config() -> dict[str, str]:
 
 class LocalCluster:
     def __init__(self, layout: ClusterLayout, progress: Progress = lambda _: None,
-                 node_manifests: "RenderManifests | None" = None):
+                 node_manifests: "RenderManifests | None" = None, proxy_workers: int = 1):
+        """proxy_workers: worker processes per node proxy (0: one per core). Every node of
+        the local cluster runs on this machine's cores, so one worker each is the default."""
         self.layout = layout
+        self.proxy_workers = proxy_workers
         self.progress = progress
         # With the DaemonSet rendered for this cluster: node components run as podman
         # containers from the images, under exactly its privileges (shoal/local/nodepods.py).
@@ -214,7 +217,7 @@ class LocalCluster:
             Component(f"agent-{node}", "shoal.agent", layout.node_netns(node),
                       layout.system_cgroup(node, "agent"), ("--node", node)),
             Component(f"proxy-{node}", "shoal.agent.ztunnel", layout.node_netns(node),
-                      layout.system_cgroup(node, "proxy"), ("--node", node)),
+                      layout.system_cgroup(node, "proxy"), ("--node", node, "--workers", str(self.proxy_workers))),
         ]
 
     def component_env(self, node: str | None = None) -> dict[str, str]:

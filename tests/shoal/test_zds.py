@@ -149,3 +149,26 @@ async def test_server_rejects_messages_before_hello_and_stray_fds(tmp_path):
     sock.close()
     await server.close()
     assert handler.snapshots == 0
+
+
+async def test_protocol_over_a_socketpair_as_the_supervisor_speaks_to_a_worker():
+    """The supervisor hands pods to each worker over a SEQPACKET socketpair, fd included."""
+    import socket
+
+    handler = RecordingHandler()
+    server = ZdsServer("/nonexistent/never-bound.sock", handler)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    served = server.serve_connection(theirs)
+    client = ZdsClient("worker 0", timeout=2)
+    fd = os.open("/proc/self/ns/net", os.O_RDONLY)
+    try:
+        await client.attach(ours)
+        await client.add(POD, fd)
+        await client.snapshot_sent()
+        assert handler.pods == {"u1": POD} and handler.inodes["u1"] == os.fstat(fd).st_ino
+        assert handler.snapshots == 1
+    finally:
+        os.close(fd)
+        await client.close()
+    await asyncio.wait_for(served, 2)   # the worker's side ends with the supervisor's
+    await server.close()

@@ -92,3 +92,21 @@ def test_documents_refuse_non_utf8_and_deep_nesting_with_a_clear_error(tmp_path)
     deep.write_text("[" * 20000 + "]" * 20000)
     with pytest.raises(click.BadParameter, match="nested too deeply"):
         _load_documents((str(deep),))
+
+
+def test_status_lists_each_proxy_worker_and_flags_a_stale_report():
+    import time
+
+    peer = {"node": "node-1", "component": "proxy", "version": "7", "build_version": "0.1.0", "health": "healthy"}
+    workers = {"supervisor": 10, "time": time.time(), "workers_wanted": 2, "restarts": 1, "lost_connections": 3,
+               "workers": [{"index": 0, "pid": 11, "health": "ready", "connections": 5, "handled": 40,
+                            "pods": ["demo/a", "demo/b"]},
+                           {"index": 1, "pid": 12, "health": "starting", "connections": 0, "handled": 0, "pods": []}]}
+    text = render_status({"controller": {"ready": True, "version": "7", "agents": [peer]},
+                          "flows": {"error": "x"}, "proxy_workers": {"node-1": workers}}).splitlines()
+    assert "             proxy workers: 1/2 ready, 1 restart, 3 connections lost" in text
+    assert "               worker 0: pid 11, ready, 5 connections (40 handled), 2 pods" in text
+    assert "               worker 1: pid 12, starting, 0 connections (0 handled), 0 pods" in text
+    stale = render_status({"controller": {"ready": True, "version": "7", "agents": [peer]}, "flows": {"error": "x"},
+                           "proxy_workers": {"node-1": {**workers, "time": time.time() - 60}}})
+    assert "(STALE: is the node proxy running?)" in stale

@@ -1,0 +1,78 @@
+"""The restart handover's markers, shared by the single-process proxy and the supervisor.
+
+A new node proxy takes over the ZDS path, writes ``<node dir>/proxy.pid`` and SIGTERMs
+the instance named there; once it serves every pod it writes ``proxy.ready``, which is
+what the retiring one waits for before it stops accepting (app.py's docstring has the
+whole sequence). Markers name an instance (``<pid>-<random>``), not just a pid: two
+instances may share a pid in tests.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError as exc:
+        return exc.errno == errno.EPERM
+
+
+def marker_pid(marker: str) -> int:
+    head = marker.split("-", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+class Markers:
+    """``proxy.pid`` / ``proxy.ready`` in the node directory, written atomically."""
+
+    def __init__(self, node_dir: str):
+        self.node_dir = Path(node_dir)
+        self.instance = f"{os.getpid()}-{os.urandom(4).hex()}"
+
+    def write(self, name: str) -> None:
+        path = self.node_dir / name
+        tmp = path.with_name(f".{name}.{self.instance}")
+        tmp.write_text(f"{self.instance}\n")
+        os.replace(tmp, path)
+
+    def read(self, name: str) -> str:
+        try:
+            return (self.node_dir / name).read_text().strip()
+        except FileNotFoundError:
+            return ""
+
+    def remove_own(self) -> None:
+        """Remove the markers that still name us (a successor may have replaced them)."""
+        for name in ("proxy.pid", "proxy.ready"):
+            if self.read(name) == self.instance:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.node_dir / name).unlink()
+
+    def retire_predecessor(self, predecessor: str) -> None:
+        """SIGTERM the proxy that held ``proxy.pid`` before us (read before we wrote ours)."""
+        old_pid = marker_pid(predecessor)
+        if old_pid and old_pid != os.getpid() and pid_alive(old_pid):
+            log.info("handover: asking proxy %d to retire", old_pid)
+            os.kill(old_pid, signal.SIGTERM)
+
+    async def wait_for_successor(self, timeout: float) -> bool:
+        """Until another live instance wrote ``proxy.ready`` (it serves every pod), or ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready = self.read("proxy.ready")
+            if ready and ready != self.instance and pid_alive(marker_pid(ready)):
+                return True
+            await asyncio.sleep(0.05)
+        log.warning("handover: no ready successor after %.0fs, stopping anyway", timeout)
+        return False

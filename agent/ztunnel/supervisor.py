@@ -1,0 +1,403 @@
+"""The node proxy on every core (issue 13): a supervisor and N worker processes.
+
+Python runs one thread of bytecode per process, so one process carries one core. The
+supervisor starts N copies of the single-process proxy as workers and shares the work
+out with the kernel's SO_REUSEPORT: every worker opens its own in-pod listeners
+(15001/15006/15008) on the same addresses, and the kernel hashes each new connection to
+one of them. Each worker holds its own HBONE pool, SVIDs (keys never leave the process)
+and config stream; a connection lives and dies in the worker that accepted it.
+
+What stays single, in the supervisor (no data path, a few MB):
+
+- **ZDS.** The agent connects to the supervisor as to any node proxy (its cgroup is the
+  workers' cgroup). Each pod's ``add``/``del``/``snapshot_sent`` goes to every worker over
+  its own SEQPACKET socketpair, in the same ZDS protocol (``shoal.zds``), the netns fd
+  passed on with SCM_RIGHTS; the agent's ack comes once every worker acked. The
+  supervisor keeps a dup of each pod's netns fd, so a restarted worker gets every pod
+  replayed without asking the agent.
+- **HTTP.** 15000 admin, 15020 metrics and 15021 readiness: each page is every worker's
+  page (fetched over a Unix socket in the node directory) merged by ``aggregate.py``, so a
+  node proxy exports one set of metrics whatever N is. ``/workers`` lists the workers.
+- **Handover.** The markers and the SIGTERM dance of ``handover.py``: the supervisor is
+  ``ready`` when every worker serves every pod; when retiring it waits for its
+  successor's ``proxy.ready`` before it asks its workers to stop accepting and drain.
+- **Crashes.** A worker that exits unasked is started again and gets every pod; its
+  connections (the live ones at the last poll, once a second) are counted as lost. The
+  other workers' connections are not touched. New connections are never refused
+  meanwhile: the dead worker's listeners leave the SO_REUSEPORT groups, the others take
+  every new connection (and ``tcp_migrate_req`` moves its queued ones to them).
+- ``<node dir>/proxy-workers.json``: each worker's pid, connections and health, for
+  ``shoal status``.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from shoal.agent.ztunnel import transparent
+from shoal.agent.ztunnel.admin import HttpEndpoint, json_page, ready_pages
+from shoal.agent.ztunnel.aggregate import merge_certs, merge_connections, merge_expositions
+from shoal.agent.ztunnel.config import ProxyConfig
+from shoal.agent.ztunnel.handover import Markers
+from shoal.agent.ztunnel.netns import NetnsHandle
+from shoal.agent.ztunnel.proxy import prepare_pod_netns
+from shoal.zds import PodInfo, ZdsClient, ZdsError, ZdsServer
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL = 1.0        # worker status (and the connections a crash would lose)
+PAGE_TIMEOUT = 5.0         # one worker page
+WORKER_HELLO_TIMEOUT = 60.0  # a worker's first ack includes its start-up (imports) on a loaded node
+RESTART_BACKOFF = (0.2, 5.0)
+
+
+@dataclass
+class Worker:
+    index: int
+    process: asyncio.subprocess.Process
+    zds: ZdsClient
+    started: float = field(default_factory=time.monotonic)
+    attached: bool = False        # hello acked and every pod replayed: live changes reach it
+    status: dict = field(default_factory=dict)  # its last /worker page
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def describe(self) -> dict:
+        if self.process.returncode is not None:
+            health = "down"
+        elif not self.attached:
+            health = "starting"
+        else:
+            health = "ready" if self.status.get("ready") else "not ready"
+        return {"index": self.index, "pid": self.pid, "health": health,
+                "connections": self.status.get("connections", 0), "handled": self.status.get("handled", 0),
+                "hbone_connections": self.status.get("hbone_connections", 0), "pods": self.status.get("pods", []),
+                "uptime_seconds": round(time.monotonic() - self.started, 1)}
+
+
+class SupervisorMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.workers = Gauge("shoal_proxy_workers", "Worker processes serving the node's pods now",
+                             registry=registry)
+        self.restarts = Counter("shoal_proxy_worker_restarts", "Workers that exited unasked and were started again",
+                                registry=registry)
+        self.lost = Counter("shoal_proxy_worker_lost_connections",
+                            "Connections that were live in a worker when it exited unasked", registry=registry)
+        self.rejected = Counter("shoal_proxy_rejected", "Connections, streams or messages refused, by reason",
+                                ["listener", "reason"], registry=registry)
+        self.worker_connections = Gauge("shoal_proxy_worker_connections", "Live connections per worker",
+                                        ["worker"], registry=registry)
+
+
+async def fetch_page(path: str, page: str, timeout: float = PAGE_TIMEOUT) -> tuple[int, bytes]:
+    """GET ``page`` from a worker's Unix socket: (status, body)."""
+    async def get() -> bytes:
+        reader, writer = await asyncio.open_unix_connection(path)
+        try:
+            writer.write(f"GET {page} HTTP/1.0\r\n\r\n".encode())
+            return await reader.read()
+        finally:
+            writer.close()
+    raw = await asyncio.wait_for(get(), timeout)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    try:
+        status = int(head.split(b" ", 2)[1])
+    except (IndexError, ValueError):
+        raise OSError(f"bad answer from {path}: {head[:80]!r}") from None
+    return status, body
+
+
+class Supervisor:
+    """Starts the workers, relays ZDS to each, merges their pages, restarts the dead."""
+
+    def __init__(self, config: ProxyConfig, argv: Sequence[str]):
+        self.config = config
+        self.argv = list(argv)   # a worker runs with the supervisor's own flags, plus --worker
+        self.registry = CollectorRegistry()
+        self.metrics = SupervisorMetrics(self.registry)
+        self.workers: dict[int, Worker] = {}
+        self.pods: dict[str, tuple[PodInfo, int]] = {}   # uid -> (pod, our dup of its netns fd)
+        self.snapshot_done = asyncio.Event()
+        self.restarts = 0           # workers that exited unasked
+        self.lost_connections = 0   # their live connections
+        self.retiring = asyncio.Event()
+        self.markers = Markers(config.node_dir)
+        self.home = NetnsHandle.current()
+        self.zds = ZdsServer(config.zds_path, self, on_error=lambda reason: log.warning("zds: %s", reason))
+        self._relay = asyncio.Lock()   # one pod change at a time, and none during a worker's replay
+        self._endpoints: list[HttpEndpoint] = []
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def ready(self) -> bool:
+        return (self.snapshot_done.is_set() and not self.retiring.is_set()
+                and len(self.workers) == self.config.workers
+                and all(w.attached and w.status.get("ready") for w in self.workers.values()))
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        Path(self.config.node_dir).mkdir(parents=True, exist_ok=True)
+        predecessor = self.markers.read("proxy.pid")
+        await self.zds.start()
+        self.markers.write("proxy.pid")
+        await asyncio.gather(*(self._start_worker(i) for i in range(self.config.workers)))
+        self._tasks.append(asyncio.ensure_future(self._poll()))
+        self._tasks.append(asyncio.ensure_future(self._announce_ready()))
+        await self._start_http()
+        self.markers.retire_predecessor(predecessor)
+        log.info("supervisor: %d workers: %s", self.config.workers,
+                 ", ".join(str(w.pid) for w in self.workers.values()))
+
+    async def _start_worker(self, index: int) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "shoal.agent.ztunnel", *self.argv, "--worker", f"{index}:{theirs.fileno()}",
+                pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        worker = Worker(index, process, ZdsClient(f"worker {index}", timeout=WORKER_HELLO_TIMEOUT))
+        self.workers[index] = worker
+        self._tasks.append(asyncio.ensure_future(self._watch(worker)))
+        try:
+            await worker.zds.attach(ours)
+            async with self._relay:
+                for pod, fd in list(self.pods.values()):
+                    await worker.zds.add(pod, fd)
+                if self.snapshot_done.is_set():
+                    await worker.zds.snapshot_sent()
+                worker.attached = True
+        except ZdsError as exc:
+            log.error("supervisor: worker %d (pid %d) did not take the pods: %s", index, worker.pid, exc)
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()   # _watch starts another
+            return
+        self.metrics.workers.set(sum(w.attached for w in self.workers.values()))
+        log.info("supervisor: worker %d (pid %d) serves %d pods", index, worker.pid, len(self.pods))
+
+    async def _watch(self, worker: Worker) -> None:
+        code = await worker.process.wait()
+        await worker.zds.close()
+        self.metrics.workers.set(sum(w.attached and w.process.returncode is None for w in self.workers.values()))
+        if self.retiring.is_set():
+            return
+        lost = int(worker.status.get("connections", 0))
+        self.restarts += 1
+        self.lost_connections += lost
+        self.metrics.restarts.inc()
+        self.metrics.lost.inc(lost)
+        log.error("supervisor: worker %d (pid %d) exited with %s; its %d live connections are lost; restarting",
+                  worker.index, worker.pid, code, lost)
+        uptime = time.monotonic() - worker.started
+        await asyncio.sleep(RESTART_BACKOFF[0] if uptime > 10 else RESTART_BACKOFF[1])
+        if not self.retiring.is_set():
+            await self._start_worker(worker.index)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.gather(*(self._poll_one(w) for w in list(self.workers.values())))
+            self._write_status()
+            await asyncio.sleep(POLL_INTERVAL)
+
+    async def _poll_one(self, worker: Worker) -> None:
+        if worker.process.returncode is not None:
+            return
+        try:
+            status, body = await fetch_page(self.config.worker_admin_path(worker.pid), "/worker")
+            if status == 200:
+                worker.status = json.loads(body)
+        except (OSError, asyncio.TimeoutError, ValueError) as exc:
+            log.debug("supervisor: worker %d status: %s", worker.index, exc)
+        self.metrics.worker_connections.labels(str(worker.index)).set(worker.status.get("connections", 0))
+
+    def describe(self) -> dict:
+        return {"supervisor": os.getpid(), "time": time.time(), "workers_wanted": self.config.workers,
+                "restarts": self.restarts, "lost_connections": self.lost_connections,
+                "workers": [w.describe() for _, w in sorted(self.workers.items())]}
+
+    def _write_status(self) -> None:
+        path = Path(self.config.workers_status_path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(self.describe()))
+        os.replace(tmp, path)
+
+    async def _announce_ready(self) -> None:
+        while not self.ready:
+            await asyncio.sleep(0.1)
+        self.markers.write("proxy.ready")
+        log.info("supervisor: every worker serves every pod")
+
+    async def retire(self) -> None:
+        """Handover/shutdown: let the successor take over, then let each worker drain."""
+        if self.retiring.is_set():
+            return
+        self.retiring.set()
+        successor = not self.zds.owns_path()
+        await self.zds.close()   # the agent reconnects to the successor and replays
+        if successor:
+            await self.markers.wait_for_successor(self.config.handover_wait)
+        for worker in self.workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.send_signal(signal.SIGTERM)   # each stops accepting and drains
+        waits = [w.process.wait() for w in self.workers.values()]
+        try:
+            await asyncio.wait_for(asyncio.gather(*waits), self.config.drain_grace + 30)
+        except asyncio.TimeoutError:
+            for worker in self.workers.values():
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.kill()
+        await self.stop()
+
+    async def stop(self) -> None:
+        self.retiring.set()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        await self.zds.close()
+        for worker in self.workers.values():
+            await worker.zds.close()
+            if worker.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.kill()
+                await worker.process.wait()
+        for endpoint in self._endpoints:
+            await endpoint.close()
+        self._endpoints.clear()
+        for _, fd in self.pods.values():
+            os.close(fd)
+        self.pods.clear()
+        self.markers.remove_own()
+        with contextlib.suppress(FileNotFoundError):
+            status = Path(self.config.workers_status_path)
+            if json.loads(status.read_text()).get("supervisor") == os.getpid():
+                status.unlink()
+
+    # -- ZDS: the agent's changes, to every worker ---------------------------------------------
+    def _attached(self) -> list[Worker]:
+        return [w for w in self.workers.values() if w.attached and w.process.returncode is None]
+
+    async def add_pod(self, pod: PodInfo, netns_fd: int) -> None:
+        async with self._relay:
+            try:
+                current = self.pods.get(pod.uid)
+                if current is None or current[0] != pod or os.fstat(current[1]).st_ino != os.fstat(netns_fd).st_ino:
+                    problem = prepare_pod_netns(NetnsHandle(netns_fd, self.home.fd), pod)
+                    if problem is not None:
+                        raise ZdsError(problem)
+                workers = self._attached()
+                results = await asyncio.gather(*(w.zds.add(pod, netns_fd) for w in workers), return_exceptions=True)
+                failed = [(w, r) for w, r in zip(workers, results, strict=True) if isinstance(r, BaseException)]
+                if failed:
+                    # All or nothing: a pod served by some workers only would look enrolled
+                    # while part of its connections went to a worker without its identity.
+                    for worker, result in zip(workers, results, strict=True):
+                        if not isinstance(result, BaseException):
+                            with contextlib.suppress(ZdsError):
+                                await worker.zds.remove(pod.uid)
+                    worker, error = failed[0]
+                    raise ZdsError(f"worker {worker.index}: {error}")
+                previous = self.pods.pop(pod.uid, None)
+                if previous is not None:
+                    os.close(previous[1])
+                self.pods[pod.uid] = (pod, os.dup(netns_fd))
+            finally:
+                os.close(netns_fd)
+
+    async def remove_pod(self, uid: str) -> None:
+        async with self._relay:
+            entry = self.pods.pop(uid, None)
+            if entry is None:
+                raise ZdsError(f"unknown pod {uid}")
+            results = await asyncio.gather(*(w.zds.remove(uid) for w in self._attached()), return_exceptions=True)
+            netns = NetnsHandle(entry[1], self.home.fd)
+            transparent.remove(netns, entry[0].ips)
+            netns.close()
+            errors = [str(r) for r in results if isinstance(r, BaseException)]
+            if errors:
+                raise ZdsError("; ".join(errors))
+
+    async def snapshot_complete(self) -> None:
+        async with self._relay:
+            await asyncio.gather(*(w.zds.snapshot_sent() for w in self._attached()))
+            self.snapshot_done.set()
+        log.info("supervisor: agent snapshot complete: %d pods", len(self.pods))
+
+    # -- HTTP: one node proxy's pages -----------------------------------------------------------
+    async def _worker_pages(self, page: str) -> dict[int, bytes]:
+        async def one(worker: Worker) -> tuple[int, bytes | None]:
+            try:
+                status, body = await fetch_page(self.config.worker_admin_path(worker.pid), page)
+            except (OSError, asyncio.TimeoutError) as exc:
+                log.warning("supervisor: worker %d %s: %s", worker.index, page, exc)
+                return worker.index, None
+            return worker.index, body if status == 200 else None
+        pages = await asyncio.gather(*(one(w) for w in self._attached()))
+        return {index: body for index, body in pages if body is not None}
+
+    async def _json_pages(self, page: str) -> dict[int, dict]:
+        return {i: json.loads(body) for i, body in (await self._worker_pages(page)).items()}
+
+    async def _start_http(self) -> None:
+        async def metrics():
+            texts = [body.decode() for body in (await self._worker_pages("/metrics")).values()]
+            texts.append(generate_latest(self.registry).decode())
+            return 200, "text/plain; version=0.0.4; charset=utf-8", merge_expositions(texts)
+
+        async def config_dump():
+            dumps = await self._json_pages("/config_dump")
+            first = dumps[min(dumps)] if dumps else {}
+            return json_page({**first, "workers": self.describe()["workers"]})
+
+        async def certs():
+            return json_page(merge_certs(await self._json_pages("/certs")))
+
+        async def connections():
+            return json_page(merge_connections(await self._json_pages("/connections")))
+
+        async def workers():
+            return json_page(self.describe())
+
+        home = self.config.http_address
+        for pages, host, port in (
+                ({"/config_dump": config_dump, "/certs": certs, "/connections": connections, "/workers": workers},
+                 self.config.admin_address, self.config.admin_port),
+                ({"/metrics": metrics, "/stats/prometheus": metrics}, home, self.config.metrics_port),
+                (ready_pages(lambda: self.ready), home, self.config.ready_port)):
+            endpoint = HttpEndpoint(pages, on_bad_request=lambda: self.metrics.rejected.labels("http", "bad_request").inc())
+            await endpoint.start(host, port)
+            self._endpoints.append(endpoint)
+
+
+async def run_supervisor(config: ProxyConfig, argv: Sequence[str]) -> None:
+    supervisor = Supervisor(config, argv)
+    await supervisor.start()
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        task = asyncio.ensure_future(supervisor.retire())
+        task.add_done_callback(lambda _: done.set())
+
+    loop.add_signal_handler(signal.SIGTERM, on_signal)
+    loop.add_signal_handler(signal.SIGINT, on_signal)
+    await done.wait()
