@@ -34,9 +34,10 @@ from shoal.agent.ztunnel.admin import HttpEndpoint, admin_pages, metrics_pages, 
 from shoal.agent.ztunnel.admission import Admission, DialLimits, default_max_connections, raise_open_file_limit
 from shoal.agent.ztunnel.config import ProxyConfig
 from shoal.agent.ztunnel.context import DestinationLookup, ProxyContext
-from shoal.agent.ztunnel.handover import Markers
+from shoal.agent.ztunnel.handover import Markers, cancel_all
 from shoal.agent.ztunnel.netns import NetnsHandle
 from shoal.agent.ztunnel.proxy import PodRegistry
+from shoal.agent.ztunnel.supervisor import Supervisor
 from shoal.agent.ztunnel.telemetry import ConnectionTelemetry, ProxyMetrics
 from shoal.hbone.identity import IdentityError, IdentityManager, Signer, SignerUnavailable
 from shoal.hbone.pool import HbonePool
@@ -233,12 +234,7 @@ class ProxyApp:
                  completed, len(at_start), time.monotonic() - started, cut, self.config.drain_grace)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+        await cancel_all(self._tasks)
         await self.zds.close()
         self.ctx.pool.close_all()
         for session in list(self.ctx.inbound_sessions):
@@ -283,15 +279,14 @@ class _LazyOrigdst:
 async def main(config: ProxyConfig, install_signals: bool = True, argv: Sequence[str] = ()) -> None:
     """Run the node proxy: a single process, or (``config.workers`` > 1) a supervisor
     that runs this same command as each of its workers (``argv``: its flags)."""
+    app: ProxyApp | Supervisor
     if config.workers > 1 and not config.is_worker:
-        from shoal.agent.ztunnel.supervisor import run_supervisor
-
-        await run_supervisor(config, argv)
-        return
-    if config.is_worker:
-        exit_with_parent()
-    log.info("open-file limit %d", raise_open_file_limit())
-    app = ProxyApp(config, origdst=_LazyOrigdst(config), flows=True)
+        app = Supervisor(config, argv)
+    else:
+        if config.is_worker:
+            exit_with_parent()
+        log.info("open-file limit %d", raise_open_file_limit())
+        app = ProxyApp(config, origdst=_LazyOrigdst(config), flows=True)
     await app.start()
     done = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -303,7 +298,8 @@ async def main(config: ProxyConfig, install_signals: bool = True, argv: Sequence
     if install_signals:
         loop.add_signal_handler(signal.SIGTERM, on_signal)
         loop.add_signal_handler(signal.SIGINT, on_signal)
-    role = f"worker {config.worker_index} of the " if config.is_worker else ""
+    role = f"worker {config.worker_index} of the " if config.is_worker else (
+        f"supervisor of {config.workers} workers of the " if config.workers > 1 else "")
     log.info("%snode proxy for %s up (pid %d)", role, config.node, os.getpid())
     await done.wait()
 

@@ -76,3 +76,13 @@ class Markers:
             await asyncio.sleep(0.05)
         log.warning("handover: no ready successor after %.0fs, stopping anyway", timeout)
         return False
+
+
+async def cancel_all(tasks: list[asyncio.Task]) -> None:
+    """Cancel a stopping proxy's background tasks and wait until each has ended."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    tasks.clear()

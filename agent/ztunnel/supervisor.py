@@ -50,7 +50,7 @@ from shoal.agent.ztunnel import transparent
 from shoal.agent.ztunnel.admin import HttpEndpoint, json_page, ready_pages
 from shoal.agent.ztunnel.aggregate import merge_certs, merge_connections, merge_expositions
 from shoal.agent.ztunnel.config import ProxyConfig
-from shoal.agent.ztunnel.handover import Markers
+from shoal.agent.ztunnel.handover import Markers, cancel_all
 from shoal.agent.ztunnel.netns import NetnsHandle
 from shoal.agent.ztunnel.proxy import prepare_pod_netns
 from shoal.zds import PodInfo, ZdsClient, ZdsError, ZdsServer
@@ -267,12 +267,7 @@ class Supervisor:
 
     async def stop(self) -> None:
         self.retiring.set()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+        await cancel_all(self._tasks)
         await self.zds.close()
         for worker in self.workers.values():
             await worker.zds.close()
@@ -386,18 +381,3 @@ class Supervisor:
             endpoint = HttpEndpoint(pages, on_bad_request=lambda: self.metrics.rejected.labels("http", "bad_request").inc())
             await endpoint.start(host, port)
             self._endpoints.append(endpoint)
-
-
-async def run_supervisor(config: ProxyConfig, argv: Sequence[str]) -> None:
-    supervisor = Supervisor(config, argv)
-    await supervisor.start()
-    done = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal() -> None:
-        task = asyncio.ensure_future(supervisor.retire())
-        task.add_done_callback(lambda _: done.set())
-
-    loop.add_signal_handler(signal.SIGTERM, on_signal)
-    loop.add_signal_handler(signal.SIGINT, on_signal)
-    await done.wait()
