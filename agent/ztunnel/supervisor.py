@@ -144,9 +144,18 @@ class Supervisor:
 
     @property
     def ready(self) -> bool:
+        """Every worker serves every pod: what a predecessor waits for (``proxy.ready``)."""
         return (self.snapshot_done.is_set() and not self.retiring.is_set()
                 and len(self.workers) == self.config.workers
                 and all(w.attached and w.status.get("ready") for w in self.workers.values()))
+
+    @property
+    def serving(self) -> bool:
+        """Readiness (15021): some worker serves every pod. While a crashed worker restarts
+        the others carry every new connection, so the node proxy stays ready."""
+        return (self.snapshot_done.is_set() and not self.retiring.is_set()
+                and any(w.attached and w.process.returncode is None and w.status.get("ready")
+                        for w in self.workers.values()))
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -195,6 +204,8 @@ class Supervisor:
     async def _watch(self, worker: Worker) -> None:
         code = await worker.process.wait()
         await worker.zds.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.config.worker_admin_path(worker.pid))   # a killed worker could not
         self.metrics.workers.set(sum(w.attached and w.process.returncode is None for w in self.workers.values()))
         if self.retiring.is_set():
             return
@@ -301,10 +312,12 @@ class Supervisor:
                         raise ZdsError(problem)
                 workers = self._attached()
                 results = await asyncio.gather(*(w.zds.add(pod, netns_fd) for w in workers), return_exceptions=True)
-                failed = [(w, r) for w, r in zip(workers, results, strict=True) if isinstance(r, BaseException)]
+                failed = [(w, r) for w, r in zip(workers, results, strict=True)
+                          if isinstance(r, BaseException) and w.zds.connected]
                 if failed:
                     # All or nothing: a pod served by some workers only would look enrolled
                     # while part of its connections went to a worker without its identity.
+                    # (A worker that died meanwhile is not a refusal: its successor gets the replay.)
                     for worker, result in zip(workers, results, strict=True):
                         if not isinstance(result, BaseException):
                             with contextlib.suppress(ZdsError):
@@ -323,11 +336,13 @@ class Supervisor:
             entry = self.pods.pop(uid, None)
             if entry is None:
                 raise ZdsError(f"unknown pod {uid}")
-            results = await asyncio.gather(*(w.zds.remove(uid) for w in self._attached()), return_exceptions=True)
+            workers = self._attached()
+            results = await asyncio.gather(*(w.zds.remove(uid) for w in workers), return_exceptions=True)
             netns = NetnsHandle(entry[1], self.home.fd)
             transparent.remove(netns, entry[0].ips)
             netns.close()
-            errors = [str(r) for r in results if isinstance(r, BaseException)]
+            errors = [f"worker {w.index}: {r}" for w, r in zip(workers, results, strict=True)
+                      if isinstance(r, BaseException) and w.zds.connected]
             if errors:
                 raise ZdsError("; ".join(errors))
 
@@ -377,7 +392,7 @@ class Supervisor:
                 ({"/config_dump": config_dump, "/certs": certs, "/connections": connections, "/workers": workers},
                  self.config.admin_address, self.config.admin_port),
                 ({"/metrics": metrics, "/stats/prometheus": metrics}, home, self.config.metrics_port),
-                (ready_pages(lambda: self.ready), home, self.config.ready_port)):
+                (ready_pages(lambda: self.serving), home, self.config.ready_port)):
             endpoint = HttpEndpoint(pages, on_bad_request=lambda: self.metrics.rejected.labels("http", "bad_request").inc())
             await endpoint.start(host, port)
             self._endpoints.append(endpoint)
