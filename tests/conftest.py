@@ -6,6 +6,7 @@ of CPU on this 2-core machine. Tests that change it (labels, policies) undo thei
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -93,15 +94,16 @@ def pod_exec(layout: ClusterLayout, target: str, *argv: str, timeout: float = 30
     return shoal_cli(layout, "exec", target, "--", *argv, timeout=timeout, check=check, input=input)
 
 
-@pytest.fixture(scope="session")
-def demo_cluster():
-    """A 2-node local cluster with the demo, shared by the session; removed at the end.
-    ``SHOAL_KEEP_LOGS=<folder>`` copies its logs there first (diagnosing a cluster test)."""
+@contextlib.contextmanager
+def running_demo_cluster(name: str, **options):
+    """A 2-node local cluster named ``name`` with the demo (``options``: LocalCluster's),
+    removed at the end, also when the block fails. ``SHOAL_KEEP_LOGS=<folder>`` copies its
+    logs there first (diagnosing a cluster test)."""
     from shoal.local.cluster import LocalCluster
     from shoal.local.demo import deploy_demo
 
-    layout = ClusterLayout(name=f"shoal-test-{os.getpid()}")
-    cluster = LocalCluster(layout)
+    layout = ClusterLayout(name=name)
+    cluster = LocalCluster(layout, **options)
     try:
         cluster.up(2)
         deploy_demo(cluster, echo=lambda _: None, settle=20)
@@ -111,6 +113,13 @@ def demo_cluster():
             shutil.copytree(layout.log_dir, os.environ["SHOAL_KEEP_LOGS"], dirs_exist_ok=True)
         cluster.down()
         assert not cluster.leftovers(), cluster.leftovers()
+
+
+@pytest.fixture(scope="session")
+def demo_cluster():
+    """A 2-node local cluster with the demo, shared by the session; removed at the end."""
+    with running_demo_cluster(f"shoal-test-{os.getpid()}") as cluster:
+        yield cluster
 
 
 @pytest.fixture

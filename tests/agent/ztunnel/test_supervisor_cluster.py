@@ -12,9 +12,8 @@ import time
 
 import pytest
 
-from shoal.config import ClusterLayout
 from shoal.perf.connscripts import ECHO_APP, HOLD_CLIENT
-from tests.conftest import eventually, pod_exec, shoal_cli
+from tests.conftest import eventually, pod_exec, running_demo_cluster, shoal_cli
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 
@@ -36,17 +35,8 @@ spec:
 
 @pytest.fixture(scope="module")
 def cluster():
-    from shoal.local.cluster import LocalCluster
-    from shoal.local.demo import deploy_demo
-
-    cluster = LocalCluster(ClusterLayout(name=f"shoal-wk-{os.getpid()}"), proxy_workers=2)
-    try:
-        cluster.up(2)
-        deploy_demo(cluster, echo=lambda _: None, settle=20)
+    with running_demo_cluster(f"shoal-wk-{os.getpid()}", proxy_workers=2) as cluster:
         yield cluster
-    finally:
-        cluster.down()
-        assert not cluster.leftovers(), cluster.leftovers()
 
 
 def node_get(layout, node: str, port: int, path: str) -> str:
