@@ -198,7 +198,7 @@ class Datapath:
         with _CapturedStderr() as captured:
             try:
                 module = BPF(text=unit.encode(), cflags=cflags)
-            except Exception as err:  # bcc raises bare Exception for compile errors
+            except Exception as err:  # noqa: BLE001 - bcc raises bare Exception for compile errors
                 failure = err
             else:
                 failure = None
@@ -219,7 +219,7 @@ class Datapath:
                             kwargs["attach_type"] = spec.expected_attach_type
                         prog_type = spec.prog_type if isinstance(spec.prog_type, int) else getattr(BPF, spec.prog_type)
                         fn = module.load_func(spec.function.encode(), prog_type, **kwargs)
-                    except Exception as err:  # bcc raises bare Exception for verifier errors
+                    except Exception as err:  # noqa: BLE001 - bcc raises bare Exception for verifier errors
                         failure = err
                     else:
                         failure = None

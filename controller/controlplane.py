@@ -145,7 +145,7 @@ class ControlPlane:
             try:
                 await self.persist_identities(pending)
                 return
-            except Exception as err:  # API errors of any kind: nothing is pushed until saved
+            except Exception as err:  # noqa: BLE001 - API errors of any kind: nothing is pushed until saved
                 self.metrics.source_errors.labels("identities", "ConfigMap").inc()
                 log.warning("saving %d new identities failed (%s); retrying", len(pending), err)
                 await asyncio.sleep(backoff)

@@ -98,7 +98,7 @@ def discover(package: str = SCENARIO_PACKAGE) -> Discovered:
             continue
         try:
             module = importlib.import_module(f"{package}.{info.name}")
-        except Exception as exc:  # one broken module must not hide everyone else's figures
+        except Exception as exc:  # noqa: BLE001 - one broken module must not hide everyone else's figures
             broken.append((info.name, f"import failed: {type(exc).__name__}: {exc}"))
             continue
         scenario = getattr(module, "SCENARIO", None)
@@ -311,7 +311,7 @@ def _run(discovered: Discovered, selected: Sequence[Scenario], only: Sequence[st
                         measurements.append(measurement)
                 outcomes.append(report.ScenarioOutcome(scenario.name, scenario.title, "ok",
                                                        time.monotonic() - began))
-            except Exception as exc:  # reported in the run's table; the other scenarios still run
+            except Exception as exc:  # noqa: BLE001 - reported in the run's table; the other scenarios still run
                 say(f"{scenario.name} failed:\n{traceback.format_exc()}")
                 outcomes.append(report.ScenarioOutcome(scenario.name, scenario.title, "failed",
                                                        time.monotonic() - began,

@@ -52,7 +52,7 @@ def in_netns(netns_path: Path | str, fn: Callable[[], T]) -> T:
             finally:
                 os.close(fd)
             value.append(fn())
-        except BaseException as err:  # handed back to the caller's thread, not swallowed
+        except BaseException as err:  # noqa: BLE001 - handed back to the caller's thread, not swallowed
             error.append(err)
 
     thread = threading.Thread(target=runner, name="shoal-netns")
