@@ -85,14 +85,16 @@ class Bed:
         return endpoint
 
     def grpc_backend(self, service: str, name: str | None = None, namespace: str = "demo") -> Endpoint:
-        """A real grpcio server (h2c) as an endpoint of ``service`` (see grpc_echo_handler)."""
+        """A real grpcio server (h2c) as an endpoint of ``service`` (see grpcecho.py)."""
         from concurrent import futures
 
         import grpc
+
+        from . import grpcecho
         name = name or service
         seen = self.seen.setdefault(name, [])
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
-        server.add_generic_rpc_handlers((grpc_echo_handler(name, seen),))
+        server.add_generic_rpc_handlers((grpcecho.handler(name, seen),))
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         self.grpc_servers.append(server)
@@ -143,51 +145,6 @@ async def bed():
         yield b
     finally:
         await b.close()
-
-
-def grpc_echo_handler(name: str, seen: list):
-    """Raw-bytes gRPC service ``demo.Echo`` (no generated code) that names its backend:
-
-    Say (unary): ``<name>:<request>``, with the request's metadata noted in ``seen``;
-    Fail (unary): the request is ``CODE[:N]``: the first N calls (all, without N) end with
-    that status code and a trailing ``x-failed-by``, then OK; Count (server streaming):
-    the request is a number, that many messages; Chat (bidi): echoes each message."""
-    import threading
-
-    import grpc
-    failures: dict[bytes, int] = {}
-    lock = threading.Lock()
-
-    def say(request: bytes, context) -> bytes:
-        seen.append(("Say", dict(context.invocation_metadata())))
-        return f"{name}:".encode() + request
-
-    def fail(request: bytes, context) -> bytes:
-        code, _, times = request.partition(b":")
-        with lock:
-            failures[request] = failures.get(request, 0) + 1
-            failing = not times or failures[request] <= int(times)
-        seen.append(("Fail", failures[request]))
-        if failing:
-            context.set_trailing_metadata((("x-failed-by", name),))
-            context.abort(grpc.StatusCode(next(c.value for c in grpc.StatusCode if c.value[0] == int(code))),
-                          f"failed by {name}")
-        return f"{name}:recovered".encode()
-
-    def count(request: bytes, context):
-        for i in range(int(request)):
-            yield f"{name}:{i}".encode()
-
-    def chat(requests, context):
-        for request in requests:
-            yield f"{name}:".encode() + request
-
-    return grpc.method_handlers_generic_handler("demo.Echo", {
-        "Say": grpc.unary_unary_rpc_method_handler(say),
-        "Fail": grpc.unary_unary_rpc_method_handler(fail),
-        "Count": grpc.unary_stream_rpc_method_handler(count),
-        "Chat": grpc.stream_stream_rpc_method_handler(chat),
-    })
 
 
 def route(rules, name="r", service="web", namespace="demo"):
