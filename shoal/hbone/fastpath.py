@@ -84,9 +84,12 @@ class FrameSplitter:
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME):
         self.max_frame = max_frame
         self._partial = b""
+        self.consumed = 0
 
-    def split(self, data: bytes | memoryview) -> Iterator[tuple[int, int, int, int, memoryview]]:
-        """(type, flags, stream_id, length, whole frame) for every complete frame so far."""
+    def split(self, data: bytes | memoryview, keep_partial: bool = True) -> Iterator[tuple[int, int, int, int, memoryview]]:
+        """(type, flags, stream_id, length, whole frame) for every complete frame so far.
+        ``keep_partial`` False: a trailing partial frame is left where it is (the caller's
+        read buffer keeps it) and ``consumed`` says how far the whole frames went."""
         if self._partial:
             data = self._partial + bytes(data)
             self._partial = b""
@@ -103,7 +106,8 @@ class FrameSplitter:
             stream_id = int.from_bytes(view[offset + 5:offset + 9], "big") & MAX_WINDOW
             yield view[offset + 3], view[offset + 4], stream_id, length, view[offset:stop]
             offset = stop
-        if offset < end:
+        self.consumed = offset
+        if offset < end and keep_partial:
             self._partial = bytes(view[offset:])
 
 

@@ -474,13 +474,13 @@ class HboneConnection:
             pass  # the connection is closing (GOAWAY): no credit to give any more
 
     # -- input
-    def receive(self, data: bytes | memoryview) -> list[Event]:
+    def receive(self, data: bytes | memoryview, keep_partial: bool = True) -> list[Event]:
         if self.closed:
             return []  # after our GOAWAY: nothing more is acted on
         events: list[Event] = []
         try:
             if self.fast_path:
-                self._receive_fast(data, events)
+                self._receive_fast(data, events, keep_partial)
             else:
                 self._receive_h2(data, events)
         except (h2.exceptions.ProtocolError, fastpath.FramingError) as exc:
@@ -497,7 +497,18 @@ class HboneConnection:
                                           if isinstance(exc, Abuse) else "h2_protocol"))
         return events
 
-    def _receive_fast(self, data: bytes | memoryview, events: list[Event]) -> None:
+    def receive_buffer(self, data: memoryview) -> tuple[list[Event], int]:
+        """As ``receive``, for a driver reading into its own buffer: (events, how many
+        bytes were used). A trailing partial frame is not copied: it stays in the
+        driver's buffer, to be passed again with what follows."""
+        if not self.fast_path or self.closed:
+            return self.receive(bytes(data)), len(data)
+        self._splitter.consumed = 0
+        preface = self._preface
+        events = self.receive(data, keep_partial=False)
+        return events, (len(data) if self.closed else min(preface, len(data)) + self._splitter.consumed)
+
+    def _receive_fast(self, data: bytes | memoryview, events: list[Event], keep_partial: bool = True) -> None:
         """Split the bytes into frames: DATA and WINDOW_UPDATE are the fast path's, runs of
         other frames go to h2 in order. h2 has processed every frame before a DATA frame
         when that DATA frame's ownership is decided (a 200 and its first bytes may share
@@ -509,7 +520,7 @@ class HboneConnection:
             self._receive_h2(head, events)
         flow = self._flow
         for_h2: list[bytes | memoryview] = []
-        for frame_type, flags, stream_id, length, frame in self._splitter.split(data):
+        for frame_type, flags, stream_id, length, frame in self._splitter.split(data, keep_partial):
             if frame_type == fastpath.TYPE_DATA:
                 if for_h2:
                     self._receive_h2(b"".join(for_h2), events)

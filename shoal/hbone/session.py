@@ -43,10 +43,24 @@ SESSION_WRITE_HIGH = 8 * 1024 * 1024
 SESSION_WRITE_LOW = 2 * 1024 * 1024
 TCP_WRITE_HIGH = 2 * 1024 * 1024
 TCP_WRITE_LOW = 512 * 1024
+# TLS decrypts straight into this buffer (BufferedProtocol): a partial frame held at its
+# start still leaves room for a whole 1 MiB frame after it, and reads are never tiny.
+READ_BUFFER = 2 * hbone.MAX_FRAME + 256 * 1024
+READ_MIN_FREE = 256 * 1024
 
 
-class HboneSession(asyncio.Protocol):
-    """An HTTP/2 connection (over TLS) carrying many tunnels."""
+# Events that change no stream count nor limit (WindowOpened may: the peer's SETTINGS).
+_BYTES_ONLY = (hbone.TunnelData,)
+
+
+class HboneSession(asyncio.BufferedProtocol):
+    """An HTTP/2 connection (over TLS) carrying many tunnels.
+
+    Reads land in one preallocated buffer, and the fast path hands out DATA payloads as
+    views of it, written to the TCP sockets without a copy. A socket that could not
+    take a view at once keeps a reference to it (uvloop queues the view itself), so the
+    buffer is then *lent* (``read_buffer_lent``): it is never written over again, and
+    the next compaction takes a fresh one."""
 
     def __init__(self, client_side: bool, idle_timeout: float,
                  on_request: Callable[["HboneSession", hbone.TunnelRequested], asyncio.Task | None] | None = None,
@@ -81,6 +95,9 @@ class HboneSession(asyncio.Protocol):
         # answering is alive, just busy; one that answers nothing is stuck (outbound's wait).
         self.last_answer = time.monotonic()
         self._flush_scheduled = False
+        self._read_buffer = bytearray(READ_BUFFER)
+        self._read_start = self._read_end = 0
+        self.read_buffer_lent = False
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.Transport) -> None:
@@ -100,8 +117,32 @@ class HboneSession(asyncio.Protocol):
         self.flush()
         self._arm_idle()
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if len(self._read_buffer) - self._read_end < READ_MIN_FREE:
+            self._compact_read_buffer()
+        return memoryview(self._read_buffer)[self._read_end:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._read_end += nbytes
+        events, used = self.h2.receive_buffer(memoryview(self._read_buffer)[self._read_start:self._read_end])
+        self._read_start += used
+        self._handle(events)  # delivers the payloads: only then is it known whether one was lent
+        if self._read_start == self._read_end and not self.read_buffer_lent:
+            self._read_start = self._read_end = 0
+
+    def _compact_read_buffer(self) -> None:
+        held = bytes(self._read_buffer[self._read_start:self._read_end])  # at most one partial frame
+        if self.read_buffer_lent:
+            self._read_buffer, self.read_buffer_lent = bytearray(READ_BUFFER), False
+        self._read_buffer[:len(held)] = held
+        self._read_start, self._read_end = 0, len(held)
+
     def data_received(self, data: bytes) -> None:
-        for event in self.h2.receive(data):
+        """Bytes handed in directly (a caller that does not use the read buffer)."""
+        self._handle(self.h2.receive(data))
+
+    def _handle(self, events: list[hbone.Event]) -> None:
+        for event in events:
             kind = type(event)
             if kind is hbone.TunnelData:
                 peer = self.streams.get(event.stream_id)
@@ -158,7 +199,8 @@ class HboneSession(asyncio.Protocol):
                 self._shutdown(event.error or "peer sent GOAWAY")
                 return
         self.flush()
-        self.report_room()  # the peer's stream limit may have changed
+        if any(type(event) not in _BYTES_ONLY for event in events):
+            self.report_room()  # the peer's stream limit (or our stream count) may have changed
 
     def eof_received(self) -> bool:
         return False  # TLS: close
@@ -344,7 +386,7 @@ class StreamPeer(asyncio.Protocol):
         self.stream_id = 0
         self.transport: asyncio.Transport | None = None
         self._pending = memoryview(b"")     # TCP bytes waiting for send window
-        self._early: list[tuple[bytes, int]] = []  # stream bytes before the TCP side existed
+        self._early: list[tuple[bytes, int]] = []  # stream bytes before the TCP side existed (copies)
         self._held: list[bytes] = []        # TCP bytes before the tunnel was established
         self._unacked = 0                   # stream bytes written but not credited back
         self._tcp_write_paused = False
@@ -444,18 +486,21 @@ class StreamPeer(asyncio.Protocol):
         if self.response is not None and not self.response.done():
             self.response.set_result(status)
 
-    def on_stream_data(self, data: bytes, length: int) -> None:
+    def on_stream_data(self, data: bytes | memoryview, length: int) -> None:
         if self._tcp_is_client:
             self.record.bytes_out += len(data)
         else:
             self.record.bytes_in += len(data)
         if self.transport is None:
-            self._early.append((data, length))
+            self._early.append((bytes(data), length))  # a view of the session's read buffer: copied
             return
         self._deliver(data, length)
 
-    def _deliver(self, data: bytes, length: int) -> None:
-        self.transport.write(data)
+    def _deliver(self, data: bytes | memoryview, length: int) -> None:
+        transport = self.transport
+        transport.write(data)
+        if type(data) is memoryview and transport.get_write_buffer_size():
+            self.session.read_buffer_lent = True  # the socket queued the view itself
         if self._tcp_write_paused:
             self._unacked += length
         else:
