@@ -258,6 +258,19 @@ def _stamp(moment: datetime.datetime) -> str:
     return moment.strftime("%Y%m%dT%H%M%SZ")
 
 
+SCRATCH_PARENT = Path("/srv/shoal-perf")
+
+
+def _scratch_dir() -> Path:
+    """The run's scratch folder. Not under /tmp: pods get a private /tmp (and /run), so
+    the peers' configs and certificates must live where the pod sandbox shows the
+    machine's files (read-only)."""
+    SCRATCH_PARENT.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="run-", dir=SCRATCH_PARENT))
+    scratch.chmod(0o755)
+    return scratch
+
+
 def run(only: Sequence[str] = (), quick: bool = False, bed: str = "auto",
         results_dir: Path = RESULTS_DIR, log: Callable[[str], None] | None = None,
         package: str = SCENARIO_PACKAGE, lock: Path | str | None = PER_CLUSTER, enforce_timeouts: bool = False,
@@ -283,7 +296,7 @@ def _run(discovered: Discovered, selected: Sequence[Scenario], only: Sequence[st
         report.ScenarioOutcome(name, "(broken module)", "failed", reason=error)
         for name, error in discovered.broken if not only or name in only]
     measurements: list[Measurement] = []
-    scratch = Path(tempfile.mkdtemp(prefix="shoal-perf-"))
+    scratch = _scratch_dir()
     host = host_info()
     try:
         for scenario in selected:

@@ -97,7 +97,7 @@ def mint_certificates(directory: Path, server_ip: str) -> CertPaths:
                        (paths.client_cert, client_cert), (paths.client_key, client_key),
                        (paths.client_pem, client_cert + client_key)):
         path.write_bytes(data)
-        path.chmod(0o600)
+        path.chmod(0o644)  # throwaway bench keys: the pods run as their own uids
     return paths
 
 
