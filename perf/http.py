@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,15 +81,16 @@ def haproxy_http_proxy(ctx: Context, pod: Pod, port: int, upstream: str,
 
 def fixed_rate_once(ctx: Context, client: Pod, url: str, rate: int = RATE) -> list[float]:
     seconds = ctx.seconds(5, 2)
-    log = ctx.workdir / "h2load-requests.log"
-    log.unlink(missing_ok=True)
-    argv = h2load.client_argv(url, seconds, rate, str(log), data_file=str(body_file(ctx.workdir)))
-    done = client.run(argv, timeout=seconds + 30, check=False)
-    said = (done.stdout + done.stderr).strip()[-400:]
-    if not log.exists():
-        raise ToolOutputError(f"h2load wrote no log: {said}")
+    # The per-request log comes back on stdout (h2load's own output goes to stderr): a
+    # cluster pod has a private /tmp and a read-only view of the host, so a log file it
+    # wrote there would never reach this side ("the log is empty, no request completed").
+    log = f"/tmp/shoal-perf-h2load-{os.getpid()}.log"
+    argv = h2load.client_argv(url, seconds, rate, log, data_file=str(body_file(ctx.workdir)))
+    script = 'log=$1; shift; "$@" >&2; status=$?; cat "$log"; rm -f "$log"; exit $status'
+    done = client.run(["sh", "-c", script, "h2load", log, *argv], timeout=seconds + 30, check=False)
+    said = done.stderr.strip()[-400:]
     try:
-        good, bad = h2load.latencies_us(log.read_text())
+        good, bad = h2load.latencies_us(done.stdout)
     except ToolOutputError as exc:
         raise ToolOutputError(f"{exc} (url {url}); h2load said: {said}") from exc
     if bad:
@@ -107,7 +109,7 @@ def measure(ctx: Context, path: str, client: Pod, url: str,
             processes: Callable[[], Sequence[int]] | None = None,
             max_rate: bool = True) -> Iterator[Measurement]:
     """p50/p99 (µs) at a fixed 1,000 req/s, [cpu, rss of ``processes``], and the max req/s."""
-    p50, p99, cpu, rss, rates = [], [], [], [], []
+    p50, p99, cpu, cpu_per_request, rss, rates = [], [], [], [], [], []
     for rep in range(ctx.repetitions):
         pids = list(processes()) if processes else []
         if pids:
@@ -115,6 +117,9 @@ def measure(ctx: Context, path: str, client: Pod, url: str,
                 latencies = fixed_rate_once(ctx, client, url)
             assert sampler.usage is not None
             cpu.append(sampler.usage.cpu_cores)
+            # CPU-seconds per request served: what a request costs, whatever share of the
+            # machine the process got (cores alone mostly measure the load on a busy host).
+            cpu_per_request.append(sampler.usage.cpu_cores * sampler.usage.seconds * 1e6 / max(len(latencies), 1))
             rss.append(sampler.usage.rss_peak_mb)
         else:
             latencies = fixed_rate_once(ctx, client, url)
@@ -125,6 +130,7 @@ def measure(ctx: Context, path: str, client: Pod, url: str,
     yield Measurement(RR, path, "p99", "µs", tuple(p99), "lower")
     if cpu:
         yield Measurement(RR, path, "cpu", "cores", tuple(cpu), "lower")
+        yield Measurement(RR, path, "cpu_per_request", "µs", tuple(cpu_per_request), "lower")
         yield Measurement(RR, path, "rss", "MB", tuple(rss), "lower")
     if max_rate:
         for rep in range(ctx.repetitions):
