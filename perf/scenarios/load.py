@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Iterator
 
+from shoal.config import PORT_PROXY_METRICS
 from shoal.perf import procstat
 from shoal.perf.connscripts import ECHO_APP, HOLD_CLIENT, SOAK_CLIENT
 from shoal.perf.scenario import Context, Measurement, Scenario, Target
@@ -97,14 +98,51 @@ def run(ctx: Context) -> Iterator[Measurement]:
         ctx.bed.stop(echo)
 
 
+REFUSAL_METRICS = ("shoal_proxy_rejected_total", "shoal_proxy_accept_paused_total")
+
+
+def parse_refusals(metrics_text: str) -> dict[str, float]:
+    """``listener/reason`` (or ``listener/accept_paused``) -> count, from a proxy's /metrics."""
+    counts: dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        name, _, rest = line.partition("{")
+        if name not in REFUSAL_METRICS or "}" not in rest:
+            continue
+        labels_text, _, value = rest.rpartition("}")
+        labels = dict(item.split("=", 1) for item in labels_text.split(",") if "=" in item)
+        listener = labels.get("listener", '""').strip('"')
+        reason = labels.get("reason", '"accept_paused"').strip('"')
+        counts[f"{listener}/{reason}"] = counts.get(f"{listener}/{reason}", 0.0) + float(value)
+    return counts
+
+
+def proxy_refusals(ctx: Context) -> dict[str, float]:
+    """Refusals and accept pauses counted by both node proxies so far (their /metrics on
+    15020 in each node's namespace); empty when they cannot be read."""
+    totals: dict[str, float] = {}
+    for node in ("node-1", "node-2"):
+        done = subprocess.run(["ip", "netns", "exec", ctx.bed.layout.node_netns(node), "curl", "-s", "-m", "20",
+                               f"http://127.0.0.1:{PORT_PROXY_METRICS}/metrics"],
+                              capture_output=True, text=True, timeout=30)
+        for key, value in parse_refusals(done.stdout).items():
+            totals[f"{node} {key}"] = totals.get(f"{node} {key}", 0.0) + value
+    return totals
+
+
 def _concurrent(ctx: Context, client, server, proxies, count: int) -> Iterator[Measurement]:
     ctx.log(f"  {count} concurrent connections through the node proxies")
+    before = proxy_refusals(ctx)
     summary, sampler = _run_client(ctx, client, [HOLD_CLIENT, server.ip, str(PORT), str(count), "5"],
                                    "concurrent", 600, proxies)
+    after = proxy_refusals(ctx)
     bench = concurrent_benchmark(count)
     reasons = ", ".join(f"{n} {why}" for why, n in sorted(summary.get("reasons", {}).items())) or "none"
+    refused = ", ".join(f"{after[k] - before.get(k, 0):.0f} {k}" for k in sorted(after)
+                        if after[k] > before.get(k, 0)) or "none"
+    ctx.log(f"  concurrent: client failures {reasons}; the proxies counted {refused}")
     yield Measurement(bench, PATH, "succeeded", "fraction", (summary["ok"] / count,), "higher",
-                      f"{summary['n_failed']} failed ({reasons}), {len(summary['lost'])} lost while held")
+                      f"{summary['n_failed']} failed ({reasons}), {len(summary['lost'])} lost while held; "
+                      f"the proxies counted: {refused}")
     yield Measurement(bench, PATH, "open_time", "s", (summary["open_seconds"],), "lower",
                       "all connections opened and echoed once")
     if sampler.usage:

@@ -1,0 +1,24 @@
+"""The load scenario's pure parts: the proxies' refusal counters and the soak's RSS growth."""
+from shoal.perf.scenarios.load import parse_refusals, rss_growth
+
+METRICS = """# HELP shoal_proxy_rejected_total Connections, streams or messages refused, by reason
+# TYPE shoal_proxy_rejected_total counter
+shoal_proxy_rejected_total{listener="outbound",reason="overloaded"} 1408.0
+shoal_proxy_rejected_total{listener="outbound",reason="hbone_no_answer"} 2163.0
+shoal_proxy_rejected_created{listener="outbound",reason="overloaded"} 1.79e+09
+shoal_proxy_accept_paused_total{listener="outbound"} 3.0
+shoal_proxy_accept_paused_created{listener="outbound"} 1.79e+09
+shoal_proxy_connections_in_setup 12.0
+"""
+
+
+def test_refusals_are_read_by_listener_and_reason():
+    assert parse_refusals(METRICS) == {"outbound/overloaded": 1408.0, "outbound/hbone_no_answer": 2163.0,
+                                       "outbound/accept_paused": 3.0}
+    assert parse_refusals("") == {}
+
+
+def test_rss_growth_compares_the_last_quarter_with_the_first():
+    assert rss_growth((100.0,) * 4) is None                  # too few readings to say
+    assert abs(rss_growth((100.0,) * 8 + (110.0,) * 8) - 10.0) < 1e-9
+    assert abs(rss_growth((100.0, 101.0, 99.0, 100.0) * 4)) < 1.5
