@@ -86,10 +86,11 @@ def plan_route(state: ConfigState, dst_ip: str, dst_port: int,
         if waypoint is None:
             return Route("none", service=service_name,
                          reason=f"waypoint {waypoint_ref.namespace}/{waypoint_ref.name} unknown")
-        # The waypoint gets the original destination (VIP or pod) as :authority.
-        # The waypoint at its primary address: it listens on IPv4 only for now, and it looks
-        # the original destination (either family, the :authority) up itself.
-        return Route("waypoint", waypoint.ip, PORT_HBONE, dst_ip, dst_port,
+        # The waypoint gets the original destination (VIP or pod) as :authority. It listens
+        # on both families: the tunnel runs in the family the app used (its primary address
+        # when it has none in that family).
+        address = address_of_family(waypoint.ips, ip_family(dst_ip)) or waypoint.ip
+        return Route("waypoint", address, PORT_HBONE, dst_ip, dst_port,
                      waypoint.spiffe_id, workload, service_name)
     if workload is not None and workload.meshed and workload.protocol == "HBONE":
         address = same_family_address(workload, dst_ip)

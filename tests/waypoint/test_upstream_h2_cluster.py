@@ -49,6 +49,7 @@ apiVersion: v1
 kind: Service
 metadata: {{name: echo, namespace: {NAMESPACE}}}
 spec:
+  ipFamilyPolicy: PreferDualStack
   selector: {{app: echo}}
   ports: [{{name: grpc, port: 50051, targetPort: 50051}}]
 {pods}
@@ -66,8 +67,8 @@ spec:
 """
 
 
-def run_client(layout, calls: int) -> dict:
-    out = pod_exec(layout, "demo/client-0", sys.executable, ECHO, "call", f"echo.{NAMESPACE}:50051", str(calls),
+def run_client(layout, calls: int, target: str = f"echo.{NAMESPACE}:50051") -> dict:
+    out = pod_exec(layout, "demo/client-0", sys.executable, ECHO, "call", target, str(calls),
                    timeout=240, check=False)
     lines = out.stdout.strip().splitlines()
     assert lines and lines[-1].startswith("{"), f"client failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
@@ -114,3 +115,21 @@ def test_grpcio_client_through_the_waypoint_splits_90_10_and_gets_grpc_statuses(
     statuses = {line.split('grpc_response_status="')[1].split('"')[0] for line in metrics.splitlines()
                 if line.startswith("istio_requests_total{") and 'request_protocol="grpc"' in line}
     assert {"0", "5", "8", "12"} <= statuses, metrics[-3000:]
+
+
+def test_an_ipv6_client_reaches_the_dual_stack_waypoint_over_ipv6(echo):
+    """The echo Service's IPv6 ClusterIP: the node proxy tunnels to the waypoint's IPv6
+    address (the waypoint listens on both families), and the waypoint, trusting the
+    node proxy's ``forwarded`` for client-0's own identity, reports client-0's IPv6 address."""
+    services = json.loads(shoal_cli(echo, "get", "services", "-n", NAMESPACE, "-o", "json").stdout)["items"]
+    spec = next(s["spec"] for s in services if s["metadata"]["name"] == "echo")
+    vip6 = next(ip for ip in spec["clusterIPs"] if ":" in ip)
+    result = run_client(echo, 20, target=f"ipv6:[{vip6}]:50051")
+    assert result["errors"] == {} and sum(result["backends"].values()) == 20, result
+    pods = json.loads(shoal_cli(echo, "get", "pods", "-n", "demo", "-o", "json").stdout)["items"]
+    client = next(p for p in pods if p["metadata"]["name"] == "client-0")
+    client6 = next(a["ip"] for a in client["status"]["podIPs"] if ":" in a["ip"])
+    logs = shoal_cli(echo, "logs", f"{NAMESPACE}/waypoint-0", "--tail", "100000", check=False).stdout
+    sources = {json.loads(line)["downstream_remote_address"] for line in logs.splitlines()
+               if line.startswith("{") and '"downstream_remote_address"' in line}
+    assert f"{client6}:0" in sources, sorted(sources)

@@ -45,6 +45,20 @@ def test_service_waypoint_gets_the_vip_as_authority():
     assert (route.authority_ip, route.authority_port, route.identity) == ("10.96.0.10", 80, WAYPOINT.spiffe_id)
 
 
+def test_the_tunnel_to_a_waypoint_runs_in_the_family_the_app_used():
+    """The waypoint listens on both families: an IPv6 VIP reaches it at its IPv6 address; a
+    waypoint without one is reached at its primary (IPv4) address."""
+    import dataclasses
+
+    svc = Service("web", "demo", "10.96.0.10", (ServicePort("http", 80, 8080),), (WEB0.uid,),
+                  waypoint=WaypointRef("demo", "waypoint"), vips=("10.96.0.10", "fd00:10:96::10"))
+    dual = dataclasses.replace(WAYPOINT, ips=("10.244.2.9", "fd00:10:244:2::9"))
+    route = plan_route(state(svc, dual), "fd00:10:96::10", 80)
+    assert (route.kind, route.target_ip, route.authority_ip) == ("waypoint", "fd00:10:244:2::9", "fd00:10:96::10")
+    assert plan_route(state(svc, dual), "10.96.0.10", 80).target_ip == "10.244.2.9"
+    assert plan_route(state(svc), "fd00:10:96::10", 80).target_ip == "10.244.2.9"
+
+
 def test_workload_waypoint_and_unknown_waypoint():
     import dataclasses
 
@@ -77,5 +91,5 @@ def test_routes_stay_in_the_family_the_app_dialled():
     assert plan_route(st, "::ffff:10.244.1.4", 9000).target_ip == "10.244.1.4"
     st.apply(ConfigDelta("2", upserted=(workload("web-1", "10.244.2.3", "web", ips=("10.244.2.3", "fd00:10:244:2::3"),
                                                  waypoint=WaypointRef("demo", "waypoint")),)))
-    via_waypoint = plan_route(st, "fd00:10:244:2::3", 8080)   # the waypoint listens on IPv4 only
-    assert (via_waypoint.target_ip, via_waypoint.authority_ip) == ("10.244.2.9", "fd00:10:244:2::3")
+    via_waypoint = plan_route(st, "fd00:10:244:2::3", 8080)   # the waypoint listens on both families
+    assert (via_waypoint.target_ip, via_waypoint.authority_ip) == ("fd00::9", "fd00:10:244:2::3")
