@@ -11,12 +11,9 @@ from shoal.runtime import run_daemon
 def main(argv: list[str] | None = None) -> int:
     config = AgentConfig.from_args(argv)
     from shoal.agent.app import AgentApp
-    try:
-        run_daemon(lambda: AgentApp(config).run(), config.log_level, fast_loop=False)  # pyroute2: see run_daemon
-    except ProgramLoadError as err:
-        print(f"shoal-agent: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_daemon(lambda: AgentApp(config).run(), config.log_level,
+                      fast_loop=False,                 # pyroute2: see run_daemon
+                      fatal={ProgramLoadError: 2})     # the kernel refused a program: named, not retried
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from shoal.kubernetes import KubernetesLayout, KubernetesModeError
+from shoal.runtime import setup_logging
 
 log = logging.getLogger("shoal.agent.k8s")
 
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="written when done (the clean-up DaemonSet's readiness probe)")
     clean.add_argument("--stay", action="store_true", help="keep running when done (DaemonSet)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging("INFO")
     if args.command == "wait-captured":
         try:
             waited = wait_captured(args.timeout)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -21,6 +20,7 @@ import yaml
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from shoal.runtime import access_log
 from shoal.xds import model as m
 from shoal.xds.state import ConfigState
 
@@ -33,7 +33,6 @@ from .telemetry import OtlpSpanExporter, RequestTelemetry
 from .upstream import Endpoint, TcpConnector
 
 log = logging.getLogger(__name__)
-access_logger = logging.getLogger("shoal.waypoint.access")
 
 PARSERS: dict[str, Callable[[dict], Any]] = {"HTTPRoute": parse_httproute, "GRPCRoute": parse_grpcroute,
                                              "TrafficPolicy": parse_traffic_policy}
@@ -120,12 +119,7 @@ class WaypointApp:
         target = self.config.access_log
         if not target:
             return None
-        access_logger.propagate = False
-        handler = logging.StreamHandler(sys.stdout) if target == "-" else logging.FileHandler(target)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        access_logger.handlers[:] = [handler]
-        access_logger.setLevel(logging.INFO)
-        return access_logger.info
+        return access_log("shoal.waypoint.access", target)
 
     def _controller_signer(self):
         import grpc

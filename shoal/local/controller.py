@@ -8,12 +8,14 @@ nodes' addresses the relay dials. They are handed in, so the controller never im
 """
 from __future__ import annotations
 
+import sys
+
+from shoal.controller.__main__ import main as run_controller
 from shoal.controller.app import ControllerApp, StoreFollower
 from shoal.controller.config import ControllerConfig
 from shoal.local import network
 from shoal.local.kubelet import LocalKubelet
 from shoal.local.waypoints import LocalWaypointLauncher
-from shoal.runtime import run_daemon
 
 
 def store_followers(config: ControllerConfig) -> list[StoreFollower]:
@@ -25,10 +27,14 @@ def store_followers(config: ControllerConfig) -> list[StoreFollower]:
     return followers
 
 
-def main() -> None:
-    config = ControllerConfig.from_args()
-    run_daemon(lambda: ControllerApp(config, store_followers(config), node_address=network.node_ip).run(), config.log_level)
+def assemble(config: ControllerConfig) -> ControllerApp:
+    return ControllerApp(config, store_followers(config), node_address=network.node_ip)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Started as ``python -m shoal.controller`` is, with the local cluster's parts."""
+    return run_controller(argv, assemble)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
