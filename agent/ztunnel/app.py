@@ -37,7 +37,7 @@ from shoal.agent.ztunnel.context import DestinationLookup, ProxyContext
 from shoal.agent.ztunnel.handover import Markers, cancel_all
 from shoal.agent.ztunnel.netns import NetnsHandle
 from shoal.agent.ztunnel.proxy import PodRegistry
-from shoal.agent.ztunnel.supervisor import Supervisor
+from shoal.agent.ztunnel.supervisor import Supervisor, remove_workers_report, worker_entry, write_workers_report
 from shoal.agent.ztunnel.telemetry import ConnectionTelemetry, ProxyMetrics
 from shoal.hbone.identity import IdentityError, IdentityManager, Signer, SignerUnavailable
 from shoal.hbone.pool import HbonePool
@@ -47,6 +47,7 @@ from shoal.zds import ZdsServer
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+WORKERS_REPORT_INTERVAL = 1.0
 
 
 # The controller's CA answering these is down, restarting or busy: retried with backoff.
@@ -133,9 +134,23 @@ class ProxyApp:
             self.ctx.config_synced.set()  # state handed in (tests, benches): nothing to wait for
         self._tasks.append(asyncio.ensure_future(self._rotate()))
         self._tasks.append(asyncio.ensure_future(self._announce_ready()))
+        self._tasks.append(asyncio.ensure_future(self._report_alone()))
         if self._serve_http:
             await self._start_http()
         self.markers.retire_predecessor(predecessor)
+
+    async def _report_alone(self) -> None:
+        """A single-process proxy is its own one worker in ``shoal status``."""
+        started = time.monotonic()
+        while True:
+            if not self.retiring.is_set():
+                status = self.worker_status()
+                entry = worker_entry(0, os.getpid(), "ready" if status["ready"] else "not ready", status,
+                                     time.monotonic() - started)
+                write_workers_report(self.config.workers_status_path, {
+                    "proxy": os.getpid(), "time": time.time(), "workers_wanted": 1, "restarts": 0,
+                    "lost_connections": 0, "workers": [entry]})
+            await asyncio.sleep(WORKERS_REPORT_INTERVAL)
 
     async def _start_worker(self) -> None:
         """A worker of a supervised node proxy: pods come over the inherited channel, the
@@ -156,14 +171,17 @@ class ProxyApp:
         await endpoint.start_unix(self.config.worker_admin_path(os.getpid()))
         self._endpoints.append(endpoint)
 
-    async def _worker_page(self) -> tuple[int, str, bytes]:
+    def worker_status(self) -> dict:
+        """What this process carries (the supervisor polls it as ``/worker``)."""
         telemetry = self.ctx.telemetry
-        return 200, "application/json", json.dumps({
-            "index": self.config.worker_index, "pid": os.getpid(), "ready": self.ready,
-            "retiring": self.retiring.is_set(), "connections": len(telemetry.live), "handled": telemetry.handled,
-            "in_setup": self.pods.connections_in_setup(),
-            "pods": sorted(f"{p.info.namespace}/{p.info.name}" for p in self.pods.pods.values()),
-            "hbone_connections": len(self.ctx.pool.describe())}).encode()
+        return {"index": self.config.worker_index, "pid": os.getpid(), "ready": self.ready,
+                "retiring": self.retiring.is_set(), "connections": len(telemetry.live), "handled": telemetry.handled,
+                "in_setup": self.pods.connections_in_setup(),
+                "pods": sorted(f"{p.info.namespace}/{p.info.name}" for p in self.pods.pods.values()),
+                "hbone_connections": len(self.ctx.pool.describe())}
+
+    async def _worker_page(self) -> tuple[int, str, bytes]:
+        return 200, "application/json", json.dumps(self.worker_status()).encode()
 
     async def _start_http(self) -> None:
         home = self.config.http_address
@@ -250,6 +268,7 @@ class ProxyApp:
                 os.unlink(self.config.worker_admin_path(os.getpid()))
             return
         self.markers.remove_own()
+        remove_workers_report(self.config.workers_status_path)
 
 def _default_origdst(config: ProxyConfig) -> DestinationLookup | None:
     try:

@@ -83,10 +83,30 @@ class Worker:
             health = "starting"
         else:
             health = "ready" if self.status.get("ready") else "not ready"
-        return {"index": self.index, "pid": self.pid, "health": health,
-                "connections": self.status.get("connections", 0), "handled": self.status.get("handled", 0),
-                "hbone_connections": self.status.get("hbone_connections", 0), "pods": self.status.get("pods", []),
-                "uptime_seconds": round(time.monotonic() - self.started, 1)}
+        return worker_entry(self.index, self.pid, health, self.status, time.monotonic() - self.started)
+
+
+def worker_entry(index: int, pid: int, health: str, status: dict, uptime: float) -> dict:
+    """One worker in ``/workers`` and ``proxy-workers.json``, from its ``/worker`` page."""
+    return {"index": index, "pid": pid, "health": health,
+            "connections": status.get("connections", 0), "handled": status.get("handled", 0),
+            "hbone_connections": status.get("hbone_connections", 0), "pods": status.get("pods", []),
+            "uptime_seconds": round(uptime, 1)}
+
+
+def write_workers_report(path: str, report: dict) -> None:
+    """``proxy-workers.json``, replaced atomically (``shoal status`` reads it)."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(report))
+    os.replace(tmp, target)
+
+
+def remove_workers_report(path: str) -> None:
+    """Remove ``proxy-workers.json`` if this process wrote it (a successor may have replaced it)."""
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        if json.loads(Path(path).read_text()).get("proxy") == os.getpid():
+            os.unlink(path)
 
 
 class SupervisorMetrics:
@@ -224,7 +244,7 @@ class Supervisor:
     async def _poll(self) -> None:
         while True:
             await asyncio.gather(*(self._poll_one(w) for w in list(self.workers.values())))
-            self._write_status()
+            write_workers_report(self.config.workers_status_path, self.describe())
             await asyncio.sleep(POLL_INTERVAL)
 
     async def _poll_one(self, worker: Worker) -> None:
@@ -239,15 +259,9 @@ class Supervisor:
         self.metrics.worker_connections.labels(str(worker.index)).set(worker.status.get("connections", 0))
 
     def describe(self) -> dict:
-        return {"supervisor": os.getpid(), "time": time.time(), "workers_wanted": self.config.workers,
+        return {"proxy": os.getpid(), "time": time.time(), "workers_wanted": self.config.workers,
                 "restarts": self.restarts, "lost_connections": self.lost_connections,
                 "workers": [w.describe() for _, w in sorted(self.workers.items())]}
-
-    def _write_status(self) -> None:
-        path = Path(self.config.workers_status_path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(self.describe()))
-        os.replace(tmp, path)
 
     async def _announce_ready(self) -> None:
         while not self.ready:
@@ -293,10 +307,7 @@ class Supervisor:
             os.close(fd)
         self.pods.clear()
         self.markers.remove_own()
-        with contextlib.suppress(FileNotFoundError):
-            status = Path(self.config.workers_status_path)
-            if json.loads(status.read_text()).get("supervisor") == os.getpid():
-                status.unlink()
+        remove_workers_report(self.config.workers_status_path)
 
     # -- ZDS: the agent's changes, to every worker ---------------------------------------------
     def _attached(self) -> list[Worker]:

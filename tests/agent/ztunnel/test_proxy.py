@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import ssl
+from pathlib import Path
 
 import h2.config
 import h2.connection
@@ -522,10 +523,21 @@ async def test_admin_metrics_and_readiness_endpoints(pod_netns, state, ca, tmp_p
         writer.write(b"\x16\x03\x01garbage\r\n\r\n")
         assert (await reader.read()).startswith(b"HTTP/1.1 400")
         assert metric(app, "shoal_proxy_rejected_total", listener="http", reason="bad_request") == 1
+        # A single process is its own one worker for `shoal status` (pid, connections, health).
+        report_path = Path(app.config.workers_status_path)
+        for _ in range(50):   # written once a second
+            report = json.loads(report_path.read_text()) if report_path.exists() else {}
+            if report and report["workers"][0]["health"] == "ready" and report["workers"][0]["handled"]:
+                break
+            await asyncio.sleep(0.1)
+        assert report["workers_wanted"] == 1 and report["proxy"] == os.getpid()
+        assert [(w["pid"], w["health"]) for w in report["workers"]] == [(os.getpid(), "ready")]
+        assert report["workers"][0]["handled"] >= 1 and report["workers"][0]["pods"] == ["demo/client-0", "demo/web-0"]
         agent.cancel()
     finally:
         echo.close()
         await app.stop()
+    assert not Path(app.config.workers_status_path).exists()   # removed with the proxy
 
 
 async def test_own_connection_steered_back_is_refused_not_looped(harness):

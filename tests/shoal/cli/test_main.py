@@ -98,7 +98,7 @@ def test_status_lists_each_proxy_worker_and_flags_a_stale_report():
     import time
 
     peer = {"node": "node-1", "component": "proxy", "version": "7", "build_version": "0.1.0", "health": "healthy"}
-    workers = {"supervisor": 10, "time": time.time(), "workers_wanted": 2, "restarts": 1, "lost_connections": 3,
+    workers = {"proxy": 10, "time": time.time(), "workers_wanted": 2, "restarts": 1, "lost_connections": 3,
                "workers": [{"index": 0, "pid": 11, "health": "ready", "connections": 5, "handled": 40,
                             "pods": ["demo/a", "demo/b"]},
                            {"index": 1, "pid": 12, "health": "starting", "connections": 0, "handled": 0, "pods": []}]}
