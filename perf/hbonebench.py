@@ -1,0 +1,102 @@
+"""Interleaved loopback bench of the HBONE data path alone (no cluster): direct, the
+haproxy mTLS pair, and the local HBONE pair (``shoal.perf.hbonepair``) on the fast path
+and on the h2 path, every path once per round, back to back, so load hits them alike.
+
+    python -m shoal.perf.hbonebench [--rounds 3] [--seconds 3]
+
+Prints a Markdown table: iperf3 single stream (and × haproxy), sockperf 1 KiB ping-pong
+at 1,000/s (p50, added p50 over direct, p99) and the CPU of both ends during it. A
+development tool for A/B runs of the two paths; the node proxy's own figures come from
+the ``baseline`` scenario.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from shoal.perf import peers
+from shoal.perf.tools import sockperf
+
+PORTS = {"iperf": 6201, "sockperf": 6202}
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=3)
+    args = parser.parse_args()
+    procs: list[subprocess.Popen] = []
+    work = Path(tempfile.mkdtemp(prefix="hbonebench-"))
+
+    def spawn(argv: list[str], log: str) -> subprocess.Popen:
+        proc = subprocess.Popen(argv, stdout=(work / log).open("w"), stderr=subprocess.STDOUT)
+        procs.append(proc)
+        return proc
+
+    try:
+        spawn(["iperf3", "-s", "-p", str(PORTS["iperf"])], "iperf3.log")
+        spawn(sockperf.server_argv("127.0.0.1", PORTS["sockperf"]), "sockperf.log")
+        certs = peers.mint_certificates(work / "certs", "127.0.0.1")
+        forwards = (peers.Forward("stream", 6301, 6302, PORTS["iperf"]), peers.Forward("rr", 6303, 6304, PORTS["sockperf"]))
+        (work / "server.cfg").write_text(peers.haproxy_server_config(certs, "127.0.0.1", forwards))
+        (work / "client.cfg").write_text(peers.haproxy_client_config(certs, "127.0.0.1", forwards))
+        haproxy = [spawn(["haproxy", "-db", "-f", str(work / f"{end}.cfg")], f"haproxy-{end}.log").pid
+                   for end in ("server", "client")]
+        paths: dict[str, tuple[int, int, list[int]]] = {"direct": (PORTS["iperf"], PORTS["sockperf"], []),
+                                                         "haproxy": (6301, 6303, haproxy)}
+        for n, path in enumerate(("fast", "h2")):
+            ends = [spawn([sys.executable, "-m", "shoal.perf.hbonepair", "--listen", str(6401 + 2 * n + i),
+                           "--upstream", f"127.0.0.1:{upstream}", "--client-path", path, "--server-path", path],
+                          f"pair-{path}-{i}.log").pid for i, upstream in enumerate(PORTS.values())]
+            paths[f"shoal-{path}"] = (6401 + 2 * n, 6402 + 2 * n, ends)
+        time.sleep(3)
+        results: dict[str, dict[str, list[float]]] = {p: {"gbps": [], "p50": [], "p99": [], "cpu": []} for p in paths}
+        for round_ in range(args.rounds):
+            for name, (stream_port, rr_port, pids) in paths.items():
+                out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(stream_port), "-t", str(args.seconds), "-J"],
+                                     capture_output=True, text=True, check=True).stdout
+                results[name]["gbps"].append(json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9)
+                before = _cpu_seconds(pids)
+                out = subprocess.run(sockperf.client_argv("127.0.0.1", args.seconds, 1000, 1024, rr_port),
+                                     capture_output=True, text=True, check=True).stdout
+                results[name]["cpu"].append((_cpu_seconds(pids) - before) / args.seconds)
+                percentiles = sockperf.percentiles(out)
+                results[name]["p50"].append(percentiles[50.0])
+                results[name]["p99"].append(percentiles[99.0])
+            print(f"round {round_ + 1} of {args.rounds} done", file=sys.stderr, flush=True)
+        med = {p: {k: statistics.median(v) for k, v in d.items()} for p, d in results.items()}
+        print(f"load1 {os.getloadavg()[0]:.1f}; {args.rounds} rounds x {args.seconds} s; medians")
+        print("| path | stream Gbit/s | × haproxy | 1 KiB RR p50 µs | added p50 µs | p99 µs | cores, both ends, at 1,000 req/s |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for name, m in med.items():
+            print(f"| {name} | {m['gbps']:.2f} | {m['gbps'] / med['haproxy']['gbps']:.2f} | {m['p50']:.0f} | "
+                  f"{m['p50'] - med['direct']['p50']:+.0f} | {m['p99']:.0f} | {m['cpu']:.3f} |")
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
