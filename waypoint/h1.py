@@ -14,6 +14,7 @@ header count, HTTP version, the Host header.
 """
 from __future__ import annotations
 
+import re
 from collections import deque
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -322,6 +323,17 @@ def encode_head(first_line: str, headers: list[tuple[str, str]]) -> bytes:
         lines.append(f"{name}: {value}")
     lines.append("\r\n")
     return "\r\n".join(lines).encode("latin-1")
+
+
+_SPLITS_REQUEST_LINE = re.compile(r"[\x00-\x20\x7f]")
+
+
+def encode_request_head(method: str, target: str, headers: list[tuple[str, str]]) -> bytes:
+    """A request head; a target with whitespace or control characters (a rewritten path
+    from a bad filter) would split the request line, so it is refused (ValueError)."""
+    if not target or _SPLITS_REQUEST_LINE.search(target):
+        raise ValueError(f"request target {target!r} would split the request line")
+    return encode_head(f"{method} {target} HTTP/1.1", headers)
 
 
 def encode_chunk(data: bytes) -> bytes:

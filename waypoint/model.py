@@ -356,6 +356,8 @@ def _parse_path_modifier(raw: Any, where: str) -> PathModifier | None:
         raise ValueError(f"{where}.type: expected ReplaceFullPath or ReplacePrefixMatch, got {kind!r}")
     if not isinstance(value, str) or not value.startswith("/"):
         raise ValueError(f"{where}: the replacement path must start with '/'")
+    if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in value):
+        raise ValueError(f"{where}: the replacement path may not hold whitespace or control characters")
     return PathModifier(kind, value)
 
 

@@ -16,7 +16,16 @@ from typing import Protocol
 
 from shoal.telemetry_labels import UNKNOWN, PeerLabels, principal
 
-from .h1 import END, LAST_CHUNK, ResponseHead, ResponseReader, Upgraded, UpstreamFramingError, encode_chunk, encode_head
+from .h1 import (
+    END,
+    LAST_CHUNK,
+    ResponseHead,
+    ResponseReader,
+    Upgraded,
+    UpstreamFramingError,
+    encode_chunk,
+    encode_request_head,
+)
 from .http import Body, TcpStream, Tunnel
 from .model import ConnectionPoolPolicy
 from .resilience import CONNECT_FAILURE, RESET
@@ -211,7 +220,11 @@ async def send_request(pool: ClusterPool, conn: UpstreamConnection, method: str,
     if chunked:
         headers = headers + [("transfer-encoding", "chunked")]
     try:
-        head = encode_head(f"{method} {target} HTTP/1.1", headers)
+        head = encode_request_head(method, target, headers)
+    except ValueError as err:
+        # Nothing was sent: the request itself cannot be written as HTTP/1.1 (a filter's doing).
+        raise UpstreamError("protocol-error", str(err)) from None
+    try:
         if isinstance(body, bytes):
             # A buffered body goes out with the head in one write (one syscall, one TLS record).
             if chunked:

@@ -13,6 +13,7 @@ from shoal.waypoint.h1 import (
     UpstreamFramingError,
     encode_chunk,
     encode_head,
+    encode_request_head,
     status_line,
 )
 
@@ -182,3 +183,10 @@ def test_encoding():
     assert encode_chunk(b"hello") == b"5\r\nhello\r\n" and encode_chunk(b"") == b"" and LAST_CHUNK == b"0\r\n\r\n"
     with pytest.raises(ValueError):
         encode_head("GET / HTTP/1.1", [("x", "a\r\nInjected: yes")])
+
+
+@pytest.mark.parametrize("target", ["/a b", "/a\r\nX-Injected: 1", "/a\x00", ""])
+def test_a_target_that_would_split_the_request_line_is_refused(target):
+    with pytest.raises(ValueError):
+        encode_request_head("GET", target, [("host", "web")])
+    assert encode_request_head("GET", "/a?b=%20", [("host", "web")]) == b"GET /a?b=%20 HTTP/1.1\r\nhost: web\r\n\r\n"

@@ -55,6 +55,8 @@ def test_route_without_rules_gets_a_catch_all():
     ({"rules": [{"filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {"set": [{"name": "X", "value": "a\r\nb"}]}}]}]}, "CR, LF"),
     ({"rules": [{"matches": [{"path": {"type": "Exact", "value": "/a"}}],
                  "filters": [{"type": "URLRewrite", "urlRewrite": {"path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/b"}}}]}]}, "ReplacePrefixMatch"),
+    # A rewritten path would go on the upstream request line: no request splitting through it.
+    ({"rules": [{"filters": [{"type": "URLRewrite", "urlRewrite": {"path": {"type": "ReplaceFullPath", "replaceFullPath": "/a HTTP/1.1\r\nX: y"}}}]}]}, "whitespace or control"),
 ])
 def test_bad_routes_name_the_field(spec, needle):
     with pytest.raises(ValueError, match=needle if needle[0].isalpha() else None) as err:
