@@ -14,6 +14,11 @@ before they were answered (Rapid Reset), each draw from a per-connection budget;
 it the connection ends with GOAWAY ``ENHANCE_YOUR_CALM``. Header bytes are decoded here,
 strictly: a non-ASCII ``:authority`` is a 400 for that stream, not an exception.
 
+GOAWAY, as RFC 9113 6.8 says: a graceful one (NO_ERROR) from the peer stops new streams
+here, while the streams up to its last-stream-id run to their end (h2 alone would close
+the connection at once); ours above it are refused, so the driver may retry them on a new
+connection. Only an error GOAWAY ends the connection at once.
+
 Speed: windows and frames are large (ztunnel's 4 MiB stream windows, 1 MiB frames), so
 Python work is per frame, not per byte; flow control is credited back only once the
 driver says the bytes left the process (``consumed``), which is the backpressure.
@@ -125,9 +130,18 @@ class GuardedFrameBuffer(h2.frame_buffer.FrameBuffer):
         self._budget_data = budget_data  # False: the fast path budgets empty DATA itself
         self._max_header_block = max_header_block
         self._header_block = 0
+        # The lowest last-stream-id of the graceful GOAWAYs received (None: none yet).
+        self.graceful_goaway: int | None = None
 
     def __next__(self) -> hyperframe.frame.Frame:
         frame = super().__next__()
+        # A graceful GOAWAY (NO_ERROR) never reaches h2: h2 would close the connection at
+        # once (no frame sent or read any more), but the streams up to its last-stream-id
+        # are to run to their end (RFC 9113 6.8). HboneConnection acts on it instead.
+        while isinstance(frame, hyperframe.frame.GoAwayFrame) and frame.error_code == 0:
+            last = frame.last_stream_id
+            self.graceful_goaway = last if self.graceful_goaway is None else min(last, self.graceful_goaway)
+            frame = super().__next__()
         kind = _BUDGETED.get(type(frame))
         if kind == "empty_data" and (frame.data or "END_STREAM" in frame.flags or not self._budget_data):
             kind = None
@@ -214,6 +228,14 @@ class SettingsAcked:
 
 
 @dataclass(frozen=True)
+class PeerGoingAway:
+    """A graceful GOAWAY from the peer: no new streams here; streams up to ``last_stream_id``
+    carry on to their end. Ours above it were never processed by the peer: each gets a
+    ``TunnelReset`` with REFUSED_STREAM (safe to retry on another connection)."""
+    last_stream_id: int
+
+
+@dataclass(frozen=True)
 class ConnectionEnded:
     """GOAWAY received, or a protocol violation or abuse (``error`` set; GOAWAY already
     queued). ``reason`` names it for metrics: ``h2_protocol``, ``ping_flood``..."""
@@ -223,7 +245,7 @@ class ConnectionEnded:
 
 
 Event = (TunnelRequested | RequestRejected | TunnelResponse | TunnelData | TunnelEnded
-         | TunnelReset | WindowOpened | SettingsAcked | ConnectionEnded)
+         | TunnelReset | WindowOpened | SettingsAcked | PeerGoingAway | ConnectionEnded)
 
 
 def format_authority(host: str, port: int) -> str:
@@ -269,14 +291,17 @@ class HboneConnection:
         })
         self._h2.max_inbound_frame_size = max_frame  # h2 reads it once, from the defaults
         self._budget = Budget(limits, clock)
-        self._h2.incoming_buffer = GuardedFrameBuffer(server=not client_side, budget=self._budget,
-                                                      budget_data=not fast_path)
+        self._frames = GuardedFrameBuffer(server=not client_side, budget=self._budget, budget_data=not fast_path)
+        self._h2.incoming_buffer = self._frames
         self._connection_window = connection_window
         self._max_frame = max_frame
         self._max_streams = max_streams
         self._unanswered: set[int] = set()  # server side: CONNECTs not answered yet
         self.closed = False
         self._closed_by_us = False
+        self.peer_going_away = False  # a graceful GOAWAY came: no new streams here
+        self.peer_last_stream_id: int | None = None
+        self.going_away = False       # we sent one
         # The fast path: its flow control, its frame splitter, and the one outbound buffer
         # that h2's bytes and ours join in order (small pieces merged; large payloads kept
         # as the caller's buffers, so they are not copied before TLS).
@@ -299,8 +324,6 @@ class HboneConnection:
             self._h2.increment_flow_control_window(extra)
 
     def data_to_send(self) -> bytes:
-        if not self.fast_path:
-            return self._h2.data_to_send()
         return b"".join(self.buffers_to_send())
 
     def buffers_to_send(self) -> list[bytes | memoryview]:
@@ -308,6 +331,8 @@ class HboneConnection:
         buffers they were sent from, the rest is merged. Empties the outbound buffer."""
         if not self.fast_path:
             data = self._h2.data_to_send()
+            if self._small:  # our own frames (go_away) queued before h2's
+                data, self._small = bytes(self._small) + data, bytearray()
             return [data] if data else []
         self._pull_h2()
         out = self._out
@@ -334,11 +359,24 @@ class HboneConnection:
             self._small += payload
 
     def drain(self) -> None:
-        """Ask the peer to open no more tunnels here (MAX_CONCURRENT_STREAMS 0). Unlike a
-        GOAWAY (after which h2 can no longer send), live tunnels carry on; streams the
-        peer opened before applying it arrive before its ACK and are still served."""
+        """Ask the peer to open no more tunnels here (MAX_CONCURRENT_STREAMS 0); live tunnels
+        carry on. Streams the peer opened before applying it arrive before its ACK and are
+        still served; the driver then says ``go_away`` (for peers that ignore the limit)."""
         self._h2.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0})
         self._pull_h2_if_fast()
+
+    def go_away(self) -> None:
+        """Graceful GOAWAY (NO_ERROR): the peer opens no more streams here, the ones it
+        opened so far (up to the highest we received) run to their end. Sent by hand: h2's
+        own GOAWAY would close the connection for those streams too. After ``drain``'s
+        SETTINGS are acknowledged, every stream the peer opened before has arrived."""
+        if self.closed or self.going_away:
+            return
+        self.going_away = True
+        frame = hyperframe.frame.GoAwayFrame(0)
+        frame.last_stream_id = self._h2.highest_inbound_stream_id
+        frame.error_code = 0
+        self._small += self._h2.data_to_send() + frame.serialize()   # after what h2 queued
 
     def close(self, error_code: int = 0) -> None:
         if not self.closed:
@@ -354,7 +392,9 @@ class HboneConnection:
     def stream_limit(self) -> int:
         """How many tunnels the peer lets us have open at once here (O(1): a settings
         lookup, never h2's scan of its stream table). The driver counts its own."""
-        return 0 if self.closed else min(self._h2.remote_settings.max_concurrent_streams, self._max_streams)
+        if self.closed or self.peer_going_away:
+            return 0
+        return min(self._h2.remote_settings.max_concurrent_streams, self._max_streams)
 
     def release(self, stream_id: int) -> bool:
         """The driver is done with a stream: close it in h2 too, so h2's count of open
@@ -569,6 +609,8 @@ class HboneConnection:
 
     def _receive_h2(self, data: bytes, events: list[Event]) -> None:
         h2_events = self._h2.receive_data(data)
+        if self._frames.graceful_goaway is not None:
+            self._on_graceful_goaway(events)
         if self.fast_path:
             self._pull_h2()
         flow = self._flow
@@ -577,6 +619,9 @@ class HboneConnection:
                 if ev.flow_controlled_length:
                     events.append(TunnelData(ev.stream_id, ev.data, ev.flow_controlled_length))
             elif isinstance(ev, h2.events.RequestReceived):
+                if self.going_away:  # opened after our GOAWAY: never processed, retry elsewhere
+                    self.reset(ev.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                    continue
                 event = self._on_request(ev)
                 events.append(event)
                 if self.fast_path and isinstance(event, TunnelRequested):
@@ -613,6 +658,25 @@ class HboneConnection:
                 self.closed = True
                 events.append(ConnectionEnded(None if ev.error_code == 0 else f"GOAWAY {ev.error_code!r}",
                                               ev.last_stream_id, reason="peer_goaway"))
+
+    def _on_graceful_goaway(self, events: list[Event]) -> None:
+        """Events for a graceful GOAWAY the frame buffer kept from h2 (first, or a lower
+        last-stream-id): the streams we opened above it are refused, the rest carry on."""
+        last = self._frames.graceful_goaway
+        self._frames.graceful_goaway = None
+        if last is None:
+            return
+        if self.peer_last_stream_id is not None:
+            last = min(last, self.peer_last_stream_id)
+        self.peer_last_stream_id = last
+        self.peer_going_away = True
+        events.append(PeerGoingAway(last))
+        ours = 1 if self.client_side else 0  # stream ids we open are odd as client, even as server
+        refused = sorted(sid for sid, stream in self._h2.streams.items()
+                         if sid > last and sid % 2 == ours and not stream.closed)
+        for stream_id in refused:
+            self.reset(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            events.append(TunnelReset(stream_id, int(h2.errors.ErrorCodes.REFUSED_STREAM)))
 
     def _on_request(self, ev: h2.events.RequestReceived) -> Event:
         headers, reason = _decode_headers(ev.headers)

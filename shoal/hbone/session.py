@@ -188,9 +188,15 @@ class HboneSession(asyncio.BufferedProtocol):
                 log.warning("hbone: rejected stream %d from %s: %s", event.stream_id, self.peer_identity, event.reason)
                 self._on_rejected("bad_request")
             elif kind is hbone.SettingsAcked:
-                if self.draining:
+                if self.draining and not self._drain_acked:
+                    # Every stream the peer opened before our zero limit has arrived: say
+                    # GOAWAY too (a peer that ignores the limit learns it so), streams go on.
                     self._drain_acked = True
-                    self._close_if_drained()
+                    self.h2.go_away()
+            elif kind is hbone.PeerGoingAway:
+                # Streams up to its last id carry on; ours above it come as REFUSED_STREAM
+                # resets next (unanswered: the caller may retry them on a new connection).
+                log.debug("hbone: %s going away after stream %d", self.peer_identity, event.last_stream_id)
             elif kind is hbone.ConnectionEnded:
                 if event.error:
                     log.warning("hbone: connection with %s ended: %s", self.peer_identity, event.error)
@@ -201,6 +207,7 @@ class HboneSession(asyncio.BufferedProtocol):
         self.flush()
         if any(type(event) not in _BYTES_ONLY for event in events):
             self.report_room()  # the peer's stream limit (or our stream count) may have changed
+            self._close_if_drained()   # the peer going away, our drain acknowledged, a stream reset
 
     def eof_received(self) -> bool:
         return False  # TLS: close
@@ -254,7 +261,8 @@ class HboneSession(asyncio.BufferedProtocol):
             self.on_room(self)
 
     def drain(self) -> None:
-        """Server side, when retiring: no new tunnels here; close once the live ones end."""
+        """When retiring: no new tunnels here (zero stream limit, then a graceful GOAWAY
+        once the peer acknowledged it); close once the live ones end."""
         if self.closed or self.draining:
             return
         self.draining = True
@@ -263,7 +271,10 @@ class HboneSession(asyncio.BufferedProtocol):
         self.report_room()
 
     def _close_if_drained(self) -> None:
-        if self.draining and self._drain_acked and not self.streams and not self._requests:
+        """Close once the last stream ended, when draining (our GOAWAY sent) or when the
+        peer is going away."""
+        if (self._drain_acked or self.h2.peer_going_away) and not self.closed \
+                and not self.streams and not self._requests:
             self.close()
 
     def open_stream(self, peer: "StreamPeer", host: str, port: int, forwarded_for: str, traceparent: str,

@@ -61,6 +61,11 @@ async def test_restart_keeps_50_live_connections_through_the_grace_period(pod_ne
                 await asyncio.sleep(0.5)
             assert lost == [] and refused == []
             assert not retiring.done()  # still serving them: the grace is not cut short
+            # The drain said GOAWAY (graceful) once its zero stream limit was acknowledged: the
+            # old proxy's own pooled connections (its client side) got it and, as HTTP/2 says,
+            # carried every stream up to its last-stream-id on (before: all 50 were reset).
+            pooled = [session for sessions in old.ctx.pool._sessions.values() for session in sessions]
+            assert pooled and all(session.h2.peer_going_away for session in pooled)
             for _, writer in live:
                 writer.close()
             await asyncio.wait_for(retiring, 10)  # all ended: the drain finishes early

@@ -12,10 +12,12 @@ from shoal.hbone import framing as hbone
 from shoal.hbone.framing import (
     ConnectionEnded,
     HboneConnection,
+    PeerGoingAway,
     RequestRejected,
     TunnelData,
     TunnelEnded,
     TunnelRequested,
+    TunnelReset,
     TunnelResponse,
     WindowOpened,
     parse_authority,
@@ -279,7 +281,7 @@ def test_commands_after_the_peer_goaway_raise_nothing(pair):
     server.respond(sid, 200)
     server.send(sid, memoryview(b"data"))
     server.end(sid)
-    server.close()
+    server.close(h2.errors.ErrorCodes.INTERNAL_ERROR)   # an error GOAWAY ends the connection at once
     events = pump(server, client)
     assert isinstance(events[-1], ConnectionEnded) and client.closed
     assert client.release(sid)
@@ -287,3 +289,58 @@ def test_commands_after_the_peer_goaway_raise_nothing(pair):
     client.consumed(sid, 4)
     client.reset(sid)
     assert client.send(sid, memoryview(b"more")) == 0
+
+
+def _open(client: HboneConnection, server: HboneConnection) -> int:
+    sid = client.connect("10.0.0.1", 80, "10.0.0.2", hbone.new_traceparent())
+    pump(client, server)
+    server.respond(sid, 200)
+    pump(server, client)
+    return sid
+
+
+def test_a_graceful_goaway_lets_the_streams_up_to_its_last_id_finish(pair):
+    """RFC 9113 6.8: streams up to the last-stream-id run to their end, both ways; the
+    ones above were never processed: refused (retry elsewhere); no new stream here."""
+    client, server = pair
+    first, second = _open(client, server), _open(client, server)
+    server.go_away()                      # last-stream-id: the highest it received (second)
+    late = client.connect("10.0.0.1", 80, "10.0.0.2", hbone.new_traceparent())  # crosses the GOAWAY
+    assert pump(client, server) == []     # opened after the GOAWAY: refused, never a TunnelRequested
+    events = pump(server, client)
+    assert events[:2] == [PeerGoingAway(second), TunnelReset(late, h2.errors.ErrorCodes.REFUSED_STREAM)]
+    assert client.stream_limit == 0 and not client.closed
+    # Both live streams carry on, in both directions, to a normal end.
+    for sid in (first, second):
+        assert client.send(sid, memoryview(b"up")) == 2
+        client.end(sid)
+    events = pump(client, server)
+    assert [e for e in events if isinstance(e, (TunnelData, TunnelEnded))] == [
+        TunnelData(first, b"up", 2), TunnelEnded(first), TunnelData(second, b"up", 2), TunnelEnded(second)]
+    for sid in (first, second):
+        server.consumed(sid, 2)
+        assert server.send(sid, memoryview(b"down")) == 4
+        server.end(sid)
+    events = pump(server, client)
+    assert [e for e in events if isinstance(e, (TunnelData, TunnelEnded))] == [
+        TunnelData(first, b"down", 4), TunnelEnded(first), TunnelData(second, b"down", 4), TunnelEnded(second)]
+    assert not any(isinstance(e, ConnectionEnded) for e in events)
+
+
+def test_a_later_goaway_never_raises_the_last_stream_id(pair):
+    client, server = pair
+    first, second = _open(client, server), _open(client, server)
+    goaway = hyperframe.frame.GoAwayFrame(0)
+    goaway.last_stream_id = first
+    events = client.receive(goaway.serialize())
+    assert events == [PeerGoingAway(first), TunnelReset(second, h2.errors.ErrorCodes.REFUSED_STREAM)]
+    goaway.last_stream_id = second
+    assert client.receive(goaway.serialize()) == [PeerGoingAway(first)]
+
+
+def test_an_error_goaway_still_ends_the_connection(pair):
+    client, server = pair
+    _open(client, server)
+    server.close(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+    (event,) = pump(server, client)
+    assert isinstance(event, ConnectionEnded) and event.reason == "peer_goaway" and client.closed
