@@ -106,9 +106,9 @@ class HbonePool:
     def discard(self, session: HboneSession) -> None:
         """A session closed (its on_closed): forget it. O(1) by its own key."""
         key = session.pool_key
-        sessions = self._sessions.get(key)
-        if sessions is None or session not in sessions:
-            return
+        sessions = None if key is None else self._sessions.get(key)
+        if key is None or sessions is None or session not in sessions:
+            return   # never pooled, or forgotten already
         sessions.discard(session)
         if not sessions:
             del self._sessions[key]

@@ -16,10 +16,13 @@ import logging
 import socket
 import struct
 import time
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from shoal.hbone import framing as hbone
 from shoal.hbone.identity import IdentityError
+
+if TYPE_CHECKING:   # the pool imports this module
+    from shoal.hbone.pool import PoolKey
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +90,7 @@ class HboneSession(asyncio.BufferedProtocol):
         # from the peer cancels the task, which closes its upstream socket at once.
         self._requests: dict[int, asyncio.Task | None] = {}
         # Client side, set by the pool: told whenever has_room may have changed.
-        self.pool_key = None
+        self.pool_key: PoolKey | None = None
         self.on_room: Callable[["HboneSession"], None] | None = None
         self._had_room = False
         self._lingering: set[int] = set()  # done here, still open in h2 until the peer ends them
