@@ -54,10 +54,6 @@ def sample(layout, seconds: float) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "intermittent: a pooled node-proxy HBONE connection can stop answering streams after an early 503 "
-    "(5 s stall, then a reset, while routes move to or from a waypoint); root cause open, see the "
-    "session note"))
 def test_waypoint_delete_removes_the_enrolment_and_no_request_is_refused(demo_cluster):
     layout = demo_cluster.layout
     shoal_cli(layout, "waypoint", "apply", "-n", "demo", "--enroll-namespace")
