@@ -243,9 +243,10 @@ async def _tunnel(ctx, pod, conn: socket.socket, route: Route, rec: ConnectionRe
             error = "no HBONE answer in time"
             session.h2.reset(peer.stream_id)
             session.stream_done(peer.stream_id)
-            # A connection whose peer leaves a stream unanswered is suspect (seen: a pooled
-            # connection that stopped answering after an early 503): no new tunnels on it,
-            # the next ones dial afresh; it closes once its live tunnels end.
+            # A connection whose peer answered nothing for the whole wait is suspect: its
+            # path may be black-holed (seen on the local cluster while pod MACs changed under
+            # their addresses; a peer node gone without a RST looks the same). No new tunnels
+            # on it, the next ones dial afresh; it closes once its live tunnels end.
             session.drain()
             session.flush()
         rec.response_flags, rec.error = FLAG_UPSTREAM_FAILURE, error
