@@ -58,6 +58,7 @@ MAX_STREAMS = 100              # per HBONE connection, as ztunnel; the pool open
 MAX_HEADER_BLOCK = 64 * 1024   # HEADERS + CONTINUATION bytes of one block (and SETTINGS_MAX_HEADER_LIST_SIZE)
 
 STATUS_OK = 200
+CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 3.4, before the first frame
 _COPY_BELOW = 16 * 1024  # payloads this small are merged into one write; larger ones go as they are
 STATUS_BAD_REQUEST = 400
 STATUS_UNAUTHORIZED = 401
@@ -308,7 +309,7 @@ class HboneConnection:
         self.fast_path = fast_path
         self._flow = fastpath.FlowControl(stream_window, connection_window)
         self._splitter = fastpath.FrameSplitter(max_frame)
-        self._preface = 0 if client_side else 24  # the client's magic "PRI * HTTP/2.0...", h2's
+        self._preface = 0 if client_side else len(CLIENT_PREFACE)  # h2 checks the client's magic
         self._out: list[bytes | memoryview] = []
         self._small = bytearray()
 
