@@ -31,6 +31,8 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
+from shoal.hbone.framing import Budget, GuardedFrameBuffer
+
 from .http import Body, Tunnel
 from .model import ConnectionPoolPolicy
 from .resilience import CONNECT_FAILURE, RESET
@@ -129,6 +131,9 @@ class H2ClientCore:
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_RESPONSE_HEADERS,
         })
         self._h2.max_inbound_frame_size = max_frame
+        # An upstream is a workload, not a trusted peer: the frame limits every HBONE
+        # endpoint applies (header-block cap, PING/SETTINGS/empty-DATA/RST budgets) hold here too.
+        self._h2.incoming_buffer = GuardedFrameBuffer(server=False, budget=Budget(), max_header_block=MAX_RESPONSE_HEADERS)
         self._h2.initiate_connection()
         if connection_window > 65535:
             self._h2.increment_flow_control_window(connection_window - 65535)
@@ -209,7 +214,7 @@ class H2ClientCore:
             if self._h2.state_machine.state != h2.connection.ConnectionState.CLOSED:
                 self._h2.close_connection(err.error_code)
             self.gone = True
-            return [ConnectionGone(0, f"upstream HTTP/2 protocol error: {err}")]
+            return [ConnectionGone(0, f"upstream HTTP/2 protocol error: {err}")]   # Abuse included
         events: list[Event] = []
         for ev in h2_events:
             if isinstance(ev, h2.events.ResponseReceived):

@@ -250,3 +250,19 @@ async def test_grpcroute_weights_method_and_header_matches_and_header_filter(bed
     with pytest.raises(grpc.RpcError) as caught:
         await call(bed.port, "stream", "/demo.Echo/Count", b"2")
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_core_refuses_a_continuation_flood_and_a_ping_flood_from_the_upstream():
+    """An upstream is a workload: the shared HBONE frame limits apply (GOAWAY, connection gone)."""
+    core, _ = pair()
+    sid = core.request("GET", "a", "/", [], end_stream=True)
+    block = b"\x40\x01x\x01y" * 3000
+    flood = len(block).to_bytes(3, "big") + b"\x01\x00" + sid.to_bytes(4, "big") + block
+    flood += (len(block).to_bytes(3, "big") + b"\x09\x00" + sid.to_bytes(4, "big") + block) * 8
+    events = core.receive(flood)
+    assert len(events) == 1 and isinstance(events[0], ConnectionGone) and "header block" in events[0].error
+    core, _ = pair()
+    pings = (b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"\x00" * 8) * 500
+    events = core.receive(pings)
+    assert isinstance(events[-1], ConnectionGone) and "ping" in events[-1].error
+    assert core.gone and b"\x00\x00\x00\x0b" in core.data_to_send()   # GOAWAY ENHANCE_YOUR_CALM
