@@ -113,6 +113,7 @@ class _Cluster:
         self.pool: ClusterPool | H2ClusterPool = \
             H2ClusterPool(connector, pool_policy) if http2 else ClusterPool(connector, pool_policy)
         self.send = send_request_h2 if http2 else send_request
+        self.http2 = http2
         self.breaker = CircuitBreaker(pool_policy)
         self.outliers = OutlierDetector(policy.outlier_detection, clock) if policy and policy.outlier_detection else None
         self._next = itertools.count()
@@ -424,7 +425,8 @@ class WaypointProxy:
             cluster.pool.discard(conn)  # a broken downstream body or a cancel: the exchange is half-sent
             raise
         attempt = _Attempt(response.status, response, endpoint)
-        attempt.grpc_status = grpc.status_of(response.headers)   # a trailers-only gRPC answer
+        if cluster.http2:
+            attempt.grpc_status = grpc.status_of(response.headers)   # a trailers-only gRPC answer
         return attempt
 
     async def _respond(self, attempt: _Attempt, plan: RequestPlan, req: ProxyRequest, sink: ResponseSink,
@@ -467,9 +469,9 @@ class WaypointProxy:
         finally:
             response.body.abandon()
         trailers = getattr(response, "trailers", None)   # HTTP/2 upstreams (grpc-status...)
-        code = grpc.status_of(trailers or response.headers)
-        if rec.grpc and code is not None:
-            rec.grpc_status = str(code)
+        if rec.grpc:
+            code = grpc.status_of(trailers or response.headers)
+            rec.grpc_status = "" if code is None else str(code)
         send_trailers = getattr(sink, "end_with_trailers", None)
         if trailers and send_trailers is not None:
             await send_trailers(trailers)
