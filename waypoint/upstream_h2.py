@@ -105,7 +105,8 @@ class WindowOpened:
 
 @dataclass(frozen=True)
 class ConnectionGone:
-    """GOAWAY or a protocol error: streams above ``last_stream_id`` were never processed."""
+    """GOAWAY or a protocol error: streams above ``last_stream_id`` were never processed
+    (safe to retry elsewhere); after a graceful GOAWAY (no ``error``) the others finish."""
     last_stream_id: int
     error: str | None
 
@@ -133,25 +134,27 @@ class H2ClientCore:
         self._h2.max_inbound_frame_size = max_frame
         # An upstream is a workload, not a trusted peer: the frame limits every HBONE
         # endpoint applies (header-block cap, PING/SETTINGS/empty-DATA/RST budgets) hold here too.
-        self._h2.incoming_buffer = GuardedFrameBuffer(server=False, budget=Budget(), max_header_block=MAX_RESPONSE_HEADERS)
+        self._frames = GuardedFrameBuffer(server=False, budget=Budget(), max_header_block=MAX_RESPONSE_HEADERS)
+        self._h2.incoming_buffer = self._frames
         self._h2.initiate_connection()
         if connection_window > 65535:
             self._h2.increment_flow_control_window(connection_window - 65535)
         self._max_streams = max_streams
         self.open_streams: set[int] = set()   # counted against the peer's limit until released
-        self.gone = False                     # GOAWAY (either way) or broken: no new streams
+        self.going_away = False               # a graceful GOAWAY (either way): no new streams, live ones finish
+        self.gone = False                     # closed or broken: nothing more is sent or read
 
     def data_to_send(self) -> bytes:
         return self._h2.data_to_send()
 
     @property
     def stream_limit(self) -> int:
-        return 0 if self.gone else min(self._h2.remote_settings.max_concurrent_streams, self._max_streams)
+        return 0 if self.gone or self.going_away else min(self._h2.remote_settings.max_concurrent_streams, self._max_streams)
 
     def request(self, method: str, authority: str, path: str, headers: list[tuple[str, str]],
                 end_stream: bool, scheme: str = "http") -> int:
         """Open a stream with this request head; the headers' names are lower-case."""
-        if self.gone:
+        if self.gone or self.going_away:
             raise h2.exceptions.ProtocolError("connection is going away")
         stream_id = self._h2.get_next_available_stream_id()
         block = [(":method", method), (":scheme", scheme), (":authority", authority), (":path", path)]
@@ -202,7 +205,7 @@ class H2ClientCore:
 
     def close(self) -> None:
         if not self.gone:
-            self.gone = True
+            self.gone = self.going_away = True
             self._h2.close_connection()
 
     def receive(self, data: bytes) -> list[Event]:
@@ -213,7 +216,7 @@ class H2ClientCore:
         except h2.exceptions.ProtocolError as err:
             if self._h2.state_machine.state != h2.connection.ConnectionState.CLOSED:
                 self._h2.close_connection(err.error_code)
-            self.gone = True
+            self.gone = self.going_away = True
             return [ConnectionGone(0, f"upstream HTTP/2 protocol error: {err}")]   # Abuse included
         events: list[Event] = []
         for ev in h2_events:
@@ -237,9 +240,14 @@ class H2ClientCore:
             elif isinstance(ev, h2.events.RemoteSettingsChanged):
                 events.append(WindowOpened(0))   # the initial window or the stream limit may have grown
             elif isinstance(ev, h2.events.ConnectionTerminated):
-                self.gone = True
+                self.gone = self.going_away = True
                 error = None if ev.error_code == 0 else f"GOAWAY {ev.error_code!r}"
                 events.append(ConnectionGone(ev.last_stream_id or 0, error))
+        # A graceful GOAWAY is kept from h2 by the shared frame buffer (h2 would close at
+        # once): streams up to its last-stream-id run to their end, no new ones start here.
+        if self._frames.graceful_goaway is not None and not self.going_away:
+            self.going_away = True
+            events.append(ConnectionGone(self._frames.graceful_goaway, None))
         return events
 
 
@@ -343,7 +351,7 @@ class H2UpstreamConnection:
 
     def open(self, exchange: H2Exchange, method: str, authority: str, path: str,
              headers: list[tuple[str, str]], end_stream: bool) -> None:
-        if self.closed or self.core.gone:
+        if self.closed or self.core.going_away:
             raise UpstreamError(RESET, f"HTTP/2 connection to {self.endpoint.address} is closing")
         stream_id = self.core.request(method, authority, path, headers, end_stream)
         self.reserved -= 1
@@ -358,7 +366,7 @@ class H2UpstreamConnection:
             self.exchanges.pop(exchange.stream_id, None)
             self.core.release(exchange.stream_id, error_code)
             self.flush()
-        if self.core.gone and not self.exchanges:
+        if self.core.going_away and not self.exchanges:
             self.close()
         self._on_room(self)
 
@@ -424,7 +432,7 @@ class H2UpstreamConnection:
         if self.closed:
             return
         self.closed = True
-        self.core.gone = True
+        self.core.gone = self.core.going_away = True
         for exchange in list(self.exchanges.values()):
             exchange.fail(UpstreamError(RESET, reason))
         self.tunnel.close()

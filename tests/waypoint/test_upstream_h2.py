@@ -7,6 +7,7 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.exceptions
 import pytest
 
 from shoal.waypoint.upstream_h2 import (
@@ -116,7 +117,12 @@ def test_core_stream_limit_refused_streams_and_goaway():
     assert core.open_streams == {first}
     srv.close_connection(last_stream_id=first)
     assert core.receive(srv.data_to_send()) == [ConnectionGone(first, None)]
-    assert core.stream_limit == 0 and core.gone
+    # A graceful GOAWAY: no new streams; the connection stays up for the one it covers.
+    assert core.stream_limit == 0 and core.going_away and not core.gone
+    with pytest.raises(h2.exceptions.ProtocolError):
+        core.request("GET", "a", "/3", [], end_stream=True)
+    core.release(first)
+    assert core.data_to_send()            # still speaking: the RST_STREAM goes out
 
 
 def test_core_release_resets_a_stream_still_open():
