@@ -191,8 +191,11 @@ class ControllerApp:
         if self.store is not None:
             from shoal.controller.localapi import build_app, serve_unix
             from shoal.controller.sources.local import LocalSource
+            from shoal.controller.store import poll_forever
             tasks.extend(asyncio.create_task(follow(self.store)) for follow in self.store_followers)
             tasks.append(asyncio.create_task(LocalSource(self.store, self.control_plane).run()))
+            # The kubelet may be another process (the controller in a container): its writes too.
+            tasks.append(asyncio.create_task(poll_forever(self.store)))
             bad_requests = self.metrics.bad_requests
             runner = await serve_unix(
                 build_app(self.store, self.controller_status,

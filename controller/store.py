@@ -58,6 +58,10 @@ class Store:
         self._service_nets = {m.ip_family(str(net.network_address)): net
                               for net in map(ipaddress.ip_network, service_cidrs)}
         self._watchers: list[Watcher] = []
+        # What this process has seen, to tell other processes' writes (``follow_others``).
+        self._following = False
+        self._seen_version = 0
+        self._seen: dict[tuple[str, str, str], Obj] = {}
 
     def close(self) -> None:
         self._db.close()
@@ -85,6 +89,63 @@ class Store:
     def watch(self, watcher: Watcher) -> None:
         """Calls ``watcher`` with the events of every committed write, in order."""
         self._watchers.append(watcher)
+
+    def follow_others(self) -> None:
+        """Starts telling this process's watchers of other processes' writes (``poll``): the
+        local cluster's kubelet and its controller run apart when the controller is a container."""
+        self._db.execute("BEGIN")
+        try:
+            self._seen_version = self.resource_version
+            self._seen = {object_key(obj): obj for obj in self._all()}
+        finally:
+            self._db.execute("COMMIT")
+        self._following = True
+
+    def poll(self) -> list[WatchEvent]:
+        """Publishes, and returns, the writes other processes committed since the last look
+        (one cheap read when there are none). Only after ``follow_others``."""
+        if not self._following or self.resource_version == self._seen_version:
+            return []
+        self._db.execute("BEGIN")     # one snapshot: the version and the rows agree
+        try:
+            version = self.resource_version
+            current = {object_key(obj): obj for obj in self._all()}
+        finally:
+            self._db.execute("COMMIT")
+        events = [WatchEvent("DELETED", obj) for key, obj in self._seen.items() if key not in current]
+        for key, obj in current.items():
+            before = self._seen.get(key)
+            if before is None:
+                events.append(WatchEvent("ADDED", obj))
+            elif before["metadata"].get("resourceVersion") != obj["metadata"].get("resourceVersion"):
+                events.append(WatchEvent("MODIFIED", obj))
+        self._seen, self._seen_version = current, version
+        if events:
+            self._publish(events)
+        return events
+
+    def _all(self) -> list[Obj]:
+        return [json.loads(body) for (body,) in self._db.execute("SELECT body FROM objects")]
+
+    def _publish(self, events: list[WatchEvent]) -> None:
+        for watcher in list(self._watchers):
+            try:
+                watcher(events)
+            except Exception:  # a broken watcher must not undo a committed write
+                log.exception("store watcher failed")
+
+    def _committed(self, started_at: int, version: int, events: list[WatchEvent]) -> None:
+        """After this process's own commit: publish it, and remember it as seen. Writes of
+        others that came before it and were not polled yet stay for ``poll`` to find."""
+        if self._following:
+            for event in events:
+                if event.type == "DELETED":
+                    self._seen.pop(object_key(event.object), None)
+                else:
+                    self._seen[object_key(event.object)] = event.object
+            if started_at == self._seen_version:
+                self._seen_version = version
+        self._publish(events)
 
     # -- writes ------------------------------------------------------------------------
 
@@ -272,7 +333,7 @@ class _Transaction:
 
     def __enter__(self) -> "_Transaction":
         self._db.execute("BEGIN IMMEDIATE")
-        self._rv = self._store.resource_version
+        self._rv = self._started_at = self._store.resource_version
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -282,11 +343,7 @@ class _Transaction:
             return
         self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('resourceVersion', ?)", (str(self._rv),))
         self._db.execute("COMMIT")
-        for watcher in list(self._store._watchers):
-            try:
-                watcher(self.events)
-            except Exception:  # a broken watcher must not undo a committed write
-                log.exception("store watcher failed")
+        self._store._committed(self._started_at, self._rv, self.events)
 
     def get(self, kind: str, namespace: str, name: str) -> Obj | None:
         return self._store.get(kind, namespace, name)
@@ -329,3 +386,12 @@ class _Transaction:
         self._rv += 1
         existing["metadata"]["resourceVersion"] = str(self._rv)
         self.events.append(WatchEvent("DELETED", existing))
+
+
+async def poll_forever(store: Store, interval: float = 0.2) -> None:
+    """Follows the other processes that write ``store`` (``Store.follow_others``)."""
+    import asyncio
+    store.follow_others()
+    while True:
+        store.poll()
+        await asyncio.sleep(interval)

@@ -176,28 +176,41 @@ class LocalCluster:
                 Cgroup(layout.node_cgroup(node) / part).create()
             layout.node_dir(node).mkdir(parents=True, exist_ok=True, mode=0o700)
             credentials.issue_file(node, layout.node_credential_path(node))
+        if self.node_manifests is not None:
+            self._up_in_containers(self.node_manifests, node_names, components)
+            return
         self.progress("controller: starting")
         self.start(self.controller_component())
         self._wait(self.api.healthy, 30, "the controller did not become ready (see `shoal logs controller`)")
         self.api.apply([self._node_object(n) for n in node_names])
-        if self.node_manifests is not None:
-            self._start_node_containers(self.node_manifests, node_names, components)
-            return
         for node in node_names:
             for component in self.node_components(node):
                 if component.name.split("-")[0] in components:
                     self.progress(f"{component.name}: starting")
                     self.start(component)
 
-    def _start_node_containers(self, render: "RenderManifests", node_names: list[str], components: set[str]) -> None:
+    def _up_in_containers(self, render: "RenderManifests", node_names: list[str], components: set[str]) -> None:
+        """The controller and every node's agent and proxy as the rendered manifests'
+        containers; the kubelet and the waypoint launcher as a host process beside them."""
         from shoal.local.nodepods import NodeContainers
         pods = NodeContainers(self.layout, render)
         pods.prepare_images(self.progress)
+        self.progress(f"controller: starting container {pods.controller_image}")
+        pods.start_controller()
+        self._wait(self.api.healthy, 60, "the controller did not become ready (see `shoal logs controller`)")
+        self.progress("kubelet: starting (host process)")
+        self.start(self.kubelet_component())
+        self.api.apply([self._node_object(n) for n in node_names])
         for node in node_names:
             for container in ("agent", "proxy"):
                 if container in components:
                     self.progress(f"{container}-{node}: starting container {pods.image}")
                     pods.start(node, container)
+
+    def kubelet_component(self) -> Component:
+        """The local kubelet and waypoint launcher alone (the controller runs in a container)."""
+        return Component("kubelet", "shoal.local.controller", self.layout.control_netns,
+                         self.layout.cgroup / "control", ("node-side", "--cluster", self.layout.name))
 
     def _node_object(self, node: str) -> dict:
         return {"apiVersion": "v1", "kind": "Node",

@@ -8,14 +8,19 @@ nodes' addresses the relay dials. They are handed in, so the controller never im
 """
 from __future__ import annotations
 
+import argparse
+import asyncio
 import sys
 
+from shoal.config import ClusterLayout, cluster_name
 from shoal.controller.__main__ import main as run_controller
 from shoal.controller.app import ControllerApp, StoreFollower
 from shoal.controller.config import ControllerConfig
+from shoal.controller.store import Store, poll_forever
 from shoal.local import network
 from shoal.local.kubelet import LocalKubelet
 from shoal.local.waypoints import LocalWaypointLauncher
+from shoal.runtime import run_daemon
 
 
 def store_followers(config: ControllerConfig) -> list[StoreFollower]:
@@ -36,5 +41,22 @@ def main(argv: list[str] | None = None) -> int:
     return run_controller(argv, assemble)
 
 
+def node_main() -> int:
+    """``python -m shoal.local.controller node-side --cluster NAME``: the kubelet and the waypoint
+    launcher on their own, on the host, beside a controller that runs in a container (as
+    root: they make namespaces, cgroups and pod processes, which the controller may not)."""
+    parser = argparse.ArgumentParser(prog="python -m shoal.local.controller node-side")
+    parser.add_argument("--cluster", default=cluster_name())
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(sys.argv[2:])
+    layout = ClusterLayout(name=args.cluster)
+
+    async def run() -> None:
+        store = Store(layout.store_path)
+        kubelet, launcher = LocalKubelet(layout, store), LocalWaypointLauncher(store, layout)
+        await asyncio.gather(kubelet.run(), launcher.run(), poll_forever(store))
+    return run_daemon(run, args.log_level)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(node_main() if sys.argv[1:2] == ["node-side"] else main())

@@ -14,6 +14,7 @@ name of the controller Service is given as a host entry.
 """
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -24,6 +25,7 @@ from shoal.local import podman
 from shoal.local.containers import PODMAN_GLOBAL, ContainerRun, container_run, ulimits
 
 DAEMONSET = "shoal-agent"
+CONTROLLER = "shoal-controller"
 CONTROLLER_SERVICE = "shoal-controller.shoal-system.svc"
 # The sandbox's process, as Kubernetes' pause: holds the pod's PID namespace and reaps
 # the orphans that land on it (PID 1), nothing else.
@@ -63,9 +65,39 @@ class NodeContainers:
             if not podman.image_exists(self.image):
                 raise podman.PodmanError(f"image {self.image} is not built: run `make images`")
             return
-        progress(f"images: {self.image} with this checkout's sources")
+        progress(f"images: {self.image} and {self.controller_image} with this checkout's sources")
         tagged = podman.source_image(self.image, root)
+        podman.source_image(self.controller_image, root)    # the same sources: the same tag
         self.objects = self.render(tagged.rsplit(":", 1)[1])
+
+    @property
+    def controller_image(self) -> str:
+        return self._template("Deployment", CONTROLLER)["spec"]["containers"][0]["image"]
+
+    def _template(self, kind: str, name: str) -> dict[str, Any]:
+        return next(o for o in self.objects if o.get("kind") == kind
+                    and o["metadata"]["name"] == name)["spec"]["template"]
+
+    def start_controller(self) -> str:
+        """The controller Deployment's container, in the control namespace. Its user (1337)
+        owns the cluster's run dir, where it keeps the store, the CA and the identities;
+        the Hubble CA's key stays root's."""
+        layout = self.layout
+        run = container_run(self.objects, "Deployment", CONTROLLER, "controller", "control",
+                            {"shoal-hubble-tls": str(layout.hubble_tls_dir)})
+        uid, gid = (int(part) for part in (run.user or "0:0").split(":"))
+        for path in (layout.run_dir, layout.credential_key_path, layout.hubble_tls_dir,
+                     *(p for p in layout.hubble_tls_dir.iterdir() if p.name != "ca-key.pem")):
+            os.chown(path, uid, gid)
+        argv = run.argv(self.container_name("control", "controller"), f"ns:/run/netns/{layout.control_netns}",
+                        labels=self.labels("control"))
+        return podman.run(self._logged(argv, "controller"))
+
+    def _logged(self, argv: list[str], name: str) -> list[str]:
+        """The container's output goes where `shoal logs` reads a process's."""
+        at = argv.index("--detach") + 1
+        return [*argv[:at], "--log-driver", "k8s-file", "--log-opt", f"path={self.layout.log_dir / name}.log",
+                *argv[at:]]
 
     def container_name(self, node: str, container: str) -> str:
         return f"{self.layout.name}.{node}.{container}"
@@ -119,8 +151,4 @@ class NodeContainers:
             self.start_sandbox(node)
         argv = run.argv(name, self.network(node), labels=self.labels(node),
                         hosts={CONTROLLER_SERVICE: LOCAL_CONTROLLER_IP}, sandbox=sandbox)
-        # The container's output goes where `shoal logs` reads a process's.
-        log = self.layout.log_dir / f"{container}-{node}.log"
-        argv[argv.index("--detach") + 1:argv.index("--detach") + 1] = [
-            "--log-driver", "k8s-file", "--log-opt", f"path={log}"]
-        return podman.run(argv)
+        return podman.run(self._logged(argv, f"{container}-{node}"))

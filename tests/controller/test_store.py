@@ -186,3 +186,27 @@ def test_cluster_ips_outside_their_family_range_are_refused(store):
     store.apply([service("web", clusterIP="fd00:10:96::20")])
     with pytest.raises(ManifestError, match="spec.clusterIP: field is immutable"):
         store.apply([service("web", clusterIP="fd00:10:96::21")])
+
+
+def test_a_follower_sees_the_writes_of_another_process_once_and_its_own_once(tmp_path):
+    """The controller in a container and the local kubelet on the host share the store file."""
+    kubelet, controller = Store(tmp_path / "s.db"), Store(tmp_path / "s.db")
+    seen: list[tuple[str, str]] = []
+    controller.watch(lambda events: seen.extend((e.type, e.object["metadata"]["name"]) for e in events))
+    controller.apply([node("node-1")])
+    controller.follow_others()
+    assert controller.poll() == [] and seen == [("ADDED", "node-1")]
+    controller.apply([node("node-2")])                 # its own write: published once, at commit
+    kubelet.apply([node("node-3")])                    # another process's write
+    kubelet.update_status("Node", "", "node-1", {"phase": "Ready"})
+    controller.apply([node("node-4")])                 # its own, after the other's unpolled ones
+    polled = controller.poll()
+    assert sorted((e.type, e.object["metadata"]["name"]) for e in polled) == [("ADDED", "node-3"),
+                                                                              ("MODIFIED", "node-1")]
+    kubelet.delete([node("node-2")])
+    assert [(e.type, e.object["metadata"]["name"]) for e in controller.poll()] == [("DELETED", "node-2")]
+    assert controller.poll() == []
+    assert seen == [("ADDED", "node-1"), ("ADDED", "node-2"), ("ADDED", "node-4"), *[
+        (e.type, e.object["metadata"]["name"]) for e in polled], ("DELETED", "node-2")]
+    kubelet.close()
+    controller.close()

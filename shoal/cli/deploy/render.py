@@ -141,6 +141,8 @@ def _apply(obj: dict[str, Any], options: RenderOptions) -> dict[str, Any]:
         _mount_ca_secret(obj, options.ca_secret)
     if _is(obj, "DaemonSet", AGENT) and options.local_cluster:
         _local_node_paths(obj, ClusterLayout(name=options.local_cluster))
+    if _is(obj, "Deployment", CONTROLLER) and options.local_cluster:
+        _local_controller(obj, ClusterLayout(name=options.local_cluster))
     obj = _map_strings(obj, lambda s: _replace_trust_domain(s, options.trust_domain))
     for container in _containers(obj):
         container["image"] = _retag(container["image"], options)
@@ -192,6 +194,32 @@ def _local_node_paths(daemonset: dict[str, Any], layout: ClusterLayout) -> None:
             container["volumeMounts"].append({"name": "netns", "mountPath": LOCAL_NETNS_MOUNT, "readOnly": True,
                                               "mountPropagation": "HostToContainer"})
             container["env"].append({"name": "SHOAL_NETNS_DIR", "value": LOCAL_NETNS_MOUNT})
+
+
+def _local_controller(deployment: dict[str, Any], layout: ClusterLayout) -> None:
+    """The controller Deployment for one local cluster: its source is the embedded store.
+
+    The entry point is the local cluster's (``shoal.local.controller``: the same app, plus
+    the node addresses its relay dials), with ``--source=local --cluster NAME --no-kubelet``:
+    the kubelet makes namespaces and processes, so it runs on the host, beside it. The state
+    volume is the cluster's run dir instead of an emptyDir (the CA and the identities are
+    kept there, as the API server keeps them on Kubernetes), and the run dir is also mounted
+    where the store, the credential key and the CLI's socket are. User, capabilities and
+    read-only root are the Deployment's.
+    """
+    spec = deployment["spec"]["template"]["spec"]
+    for volume in spec["volumes"]:
+        if volume["name"] == "state":
+            volume.pop("emptyDir", None)
+            volume["hostPath"] = {"path": str(layout.run_dir), "type": "Directory"}
+    spec["volumes"].append({"name": "local-run", "hostPath": {"path": str(layout.run_dir), "type": "Directory"}})
+    for container in spec["containers"]:
+        if container["name"] != "controller":
+            continue
+        container["command"] = ["python", "-m", "shoal.local.controller"]
+        container["args"] = [("--source=local" if arg == "--source=kubernetes" else arg)
+                             for arg in container.get("args", [])] + [f"--cluster={layout.name}", "--no-kubelet"]
+        container["volumeMounts"].append({"name": "local-run", "mountPath": str(layout.run_dir)})
 
 
 def _is(obj: dict[str, Any], kind: str, name: str) -> bool:

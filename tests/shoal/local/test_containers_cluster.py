@@ -1,5 +1,7 @@
-"""``shoal up --containers``: every node's agent and proxy run as podman containers of the
-rendered DaemonSet, with its exact privileges, and the demo's meshed traffic flows over mTLS.
+"""``shoal up --containers``: the controller and every node's agent and proxy run as podman
+containers of the rendered Deployment and DaemonSet, with their exact privileges; the demo's
+meshed traffic flows over mTLS; a killed controller container comes back with its CA root and
+identities, and live connections keep flowing.
 
 Needs root, podman (scripts/install.sh --images) and the images of `make images`. The test
 does not build them: the first build takes minutes (debootstrap, apt, pip), longer than
@@ -109,6 +111,7 @@ CAP_NUMBERS = {"NET_RAW": 13, "NET_ADMIN": 12, "SYS_PTRACE": 19, "SYS_ADMIN": 21
 
 def test_no_node_component_runs_outside_its_container(container_cluster):
     layout = container_cluster.layout
+    assert not (layout.run_dir / "controller.pid").exists(), "the controller was started as a host process"
     for node in ("node-1", "node-2"):
         for name in ("agent", "proxy"):
             pidfile = layout.run_dir / f"{name}-{node}.pid"
@@ -150,3 +153,65 @@ def test_the_agent_in_its_container_serves_the_node_proxy_and_hubble(container_c
                           "--node", "node-1"], capture_output=True, text=True, timeout=30).stdout
     assert "its sockets are exempt from capture" in out
     assert "cannot learn the node proxy's cgroup" not in out
+
+
+def test_the_controller_container_has_the_deployments_privileges_and_runs_the_store(container_cluster):
+    layout = container_cluster.layout
+    info = podman.inspect(f"{layout.name}.control.controller")
+    image_tag = info["Config"]["Image"].rsplit(":", 1)[1]
+    objects = local_manifests(layout)(image_tag)
+    deployment = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "shoal-controller")
+    pod = deployment["spec"]["template"]["spec"]
+    manifest = pod["containers"][0]
+    assert info["Config"]["Image"] == manifest["image"]
+    assert info["EffectiveCaps"] in (None, []) and info["HostConfig"]["CapDrop"]   # drop ALL, add nothing
+    assert info["HostConfig"]["ReadonlyRootfs"] and "no-new-privileges" in info["HostConfig"]["SecurityOpt"]
+    assert info["Config"]["User"] == f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
+    assert info["Config"]["Cmd"] == manifest["command"] + manifest["args"]
+    assert "--source=local" in manifest["args"] and f"--cluster={layout.name}" in manifest["args"]
+    status = next(line for line in open(f"/proc/{info['State']['Pid']}/status") if line.startswith("Uid:"))
+    assert status.split()[1:3] == ["1337", "1337"]
+    # Its state lives in the cluster's run dir (the store, the CA, the identities), written as 1337.
+    assert (layout.ca_dir / "root-cert.pem").stat().st_uid == 1337
+    assert (layout.run_dir / "identities").stat().st_uid == 1337
+
+
+def test_killing_the_controller_container_keeps_root_identities_and_live_traffic(container_cluster):
+    """SIGKILL of the controller's container, then `podman start` (what the kubelet does):
+    the CA root and every numeric identity come back from the state it persisted, a db
+    session opened before keeps flowing across the outage, new certificates chain to the
+    same root."""
+    from cryptography import x509
+
+    from tests.controller.test_controller_cluster import SESSION_PROBE, _node_view
+
+    layout = container_cluster.layout
+    name = f"{layout.name}.control.controller"
+    before = _node_view(layout)
+    root_before = layout.ca_bundle_path.read_text()
+    assert before["roots"] == root_before and before["identities"]
+    session = subprocess.Popen([sys.executable, "-m", "shoal", "exec", "demo/client-0", "--",
+                                "python3", SESSION_PROBE, "session", "db.demo", "7000", "--hold", "8"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "SHOAL_CLUSTER": layout.name})
+    try:
+        time.sleep(2.5)   # the session is established and had its first exchange
+        subprocess.run(["podman", *podman.PODMAN_GLOBAL, "kill", "--signal", "KILL", name], check=True,
+                       capture_output=True)
+        time.sleep(1.0)
+        subprocess.run(["podman", *podman.PODMAN_GLOBAL, "start", name], check=True, capture_output=True)
+        container_cluster._wait(container_cluster.api.healthy, 60, "the controller did not come back")
+        out, err = session.communicate(timeout=60)
+        result = __import__("json").loads(out.strip().splitlines()[-1])
+        assert result["replies"] == ["ok one", "ok two"], (result, err)
+        after = _node_view(layout)
+        assert layout.ca_bundle_path.read_text() == root_before and after["roots"] == root_before
+        assert after["identities"] == before["identities"]
+        leaf = x509.load_pem_x509_certificates(after["chain"].encode())[0]
+        leaf.verify_directly_issued_by(x509.load_pem_x509_certificates(root_before.encode())[0])
+    finally:
+        if session.poll() is None:
+            session.kill()
+            session.wait()
+        if not podman.inspect(name)["State"]["Running"]:
+            subprocess.run(["podman", *podman.PODMAN_GLOBAL, "start", name], capture_output=True)
