@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from shoal.local.nodepods import RenderManifests
 
 Progress = Callable[[str], None]
+# An agent container compiles its programs before it serves (the DaemonSet allows 300 s).
+AGENT_START_TIMEOUT = 240.0
 
 
 class PreflightError(RuntimeError):
@@ -206,6 +208,11 @@ class LocalCluster:
                 if container in components:
                     self.progress(f"{container}-{node}: starting container {pods.image}")
                     pods.start(node, container)
+        if "agent" in components:
+            # As a DaemonSet's startupProbe: bcc compiles first, which takes long on a busy machine.
+            for node in node_names:
+                self._wait(self.layout.hubble_socket(node).exists, AGENT_START_TIMEOUT,
+                           f"the agent of {node} did not start (see `shoal logs agent --node {node}`)")
 
     def kubelet_component(self) -> Component:
         """The local kubelet and waypoint launcher alone (the controller runs in a container)."""

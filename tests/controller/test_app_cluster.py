@@ -221,37 +221,33 @@ def _node_view(layout, node="node-1"):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_killing_the_controller_changes_neither_root_nor_identities_and_traffic_flows(demo_cluster):
-    """SIGKILL of the local cluster's controller, then a new one: the CA root and every
-    numeric identity are the ones persisted (store dir: ca/, identities), a db session
-    opened before keeps flowing across the outage, and new certificates chain to the
-    same root."""
+def controller_outage_keeps_state_and_traffic(cluster, kill, start) -> None:
+    """Around ``kill()`` then ``start()`` of the controller: the CA root and every numeric
+    identity are the ones persisted, a db session opened before keeps flowing across the
+    outage, and new certificates chain to the same root. ``start`` runs once, also on failure."""
     from cryptography import x509
 
-    layout = demo_cluster.layout
+    layout = cluster.layout
     before = _node_view(layout)
-    root_before = (layout.ca_dir / "root-cert.pem").read_text()
+    root_before = layout.ca_bundle_path.read_text()
     assert before["roots"] == root_before and before["identities"]
-    env = {**os.environ, "SHOAL_CLUSTER": layout.name}
     session = subprocess.Popen([sys.executable, "-m", "shoal", "exec", "demo/client-0", "--",
                                 "python3", SESSION_PROBE, "session", "db.demo", "7000", "--hold", "8"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    controller = demo_cluster.controller_component()
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "SHOAL_CLUSTER": layout.name})
     restarted = False
     try:
         time.sleep(2.5)   # the session is established and had its first exchange
-        os.kill(int((layout.run_dir / "controller.pid").read_text()), signal.SIGKILL)
-        demo_cluster.stop(controller, kill=True)   # the rest of its cgroup (nothing else)
+        kill()
         time.sleep(1.0)
-        demo_cluster.start(controller)
         restarted = True
-        demo_cluster._wait(demo_cluster.api.healthy, 30, "the controller did not come back")
+        start()
+        cluster._wait(cluster.api.healthy, 60, "the controller did not come back")
         out, err = session.communicate(timeout=60)
         result = json.loads(out.strip().splitlines()[-1])
         assert result["replies"] == ["ok one", "ok two"], (result, err)
         after = _node_view(layout)
-        assert (layout.ca_dir / "root-cert.pem").read_text() == root_before
-        assert after["roots"] == root_before
+        assert layout.ca_bundle_path.read_text() == root_before and after["roots"] == root_before
         assert after["identities"] == before["identities"]
         leaf = x509.load_pem_x509_certificates(after["chain"].encode())[0]
         leaf.verify_directly_issued_by(x509.load_pem_x509_certificates(root_before.encode())[0])
@@ -260,5 +256,17 @@ def test_killing_the_controller_changes_neither_root_nor_identities_and_traffic_
             session.kill()
             session.wait()
         if not restarted:
-            demo_cluster.start(controller)
-            demo_cluster._wait(demo_cluster.api.healthy, 30, "the controller did not come back")
+            start()
+            cluster._wait(cluster.api.healthy, 60, "the controller did not come back")
+
+
+def test_killing_the_controller_changes_neither_root_nor_identities_and_traffic_flows(demo_cluster):
+    """SIGKILL of the local cluster's controller, then a new one (store dir: ca/, identities)."""
+    layout = demo_cluster.layout
+    controller = demo_cluster.controller_component()
+
+    def kill() -> None:
+        os.kill(int((layout.run_dir / "controller.pid").read_text()), signal.SIGKILL)
+        demo_cluster.stop(controller, kill=True)   # the rest of its cgroup (nothing else)
+
+    controller_outage_keeps_state_and_traffic(demo_cluster, kill, lambda: demo_cluster.start(controller))

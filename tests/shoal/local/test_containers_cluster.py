@@ -178,40 +178,14 @@ def test_the_controller_container_has_the_deployments_privileges_and_runs_the_st
 
 def test_killing_the_controller_container_keeps_root_identities_and_live_traffic(container_cluster):
     """SIGKILL of the controller's container, then `podman start` (what the kubelet does):
-    the CA root and every numeric identity come back from the state it persisted, a db
-    session opened before keeps flowing across the outage, new certificates chain to the
-    same root."""
-    from cryptography import x509
+    the CA root and every identity come back from the state it persisted (the run dir,
+    its state volume), and a db session opened before keeps flowing across the outage."""
+    from tests.controller.test_app_cluster import controller_outage_keeps_state_and_traffic
 
-    from tests.controller.test_controller_cluster import SESSION_PROBE, _node_view
+    name = f"{container_cluster.layout.name}.control.controller"
 
-    layout = container_cluster.layout
-    name = f"{layout.name}.control.controller"
-    before = _node_view(layout)
-    root_before = layout.ca_bundle_path.read_text()
-    assert before["roots"] == root_before and before["identities"]
-    session = subprocess.Popen([sys.executable, "-m", "shoal", "exec", "demo/client-0", "--",
-                                "python3", SESSION_PROBE, "session", "db.demo", "7000", "--hold", "8"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "SHOAL_CLUSTER": layout.name})
-    try:
-        time.sleep(2.5)   # the session is established and had its first exchange
-        subprocess.run(["podman", *podman.PODMAN_GLOBAL, "kill", "--signal", "KILL", name], check=True,
-                       capture_output=True)
-        time.sleep(1.0)
-        subprocess.run(["podman", *podman.PODMAN_GLOBAL, "start", name], check=True, capture_output=True)
-        container_cluster._wait(container_cluster.api.healthy, 60, "the controller did not come back")
-        out, err = session.communicate(timeout=60)
-        result = __import__("json").loads(out.strip().splitlines()[-1])
-        assert result["replies"] == ["ok one", "ok two"], (result, err)
-        after = _node_view(layout)
-        assert layout.ca_bundle_path.read_text() == root_before and after["roots"] == root_before
-        assert after["identities"] == before["identities"]
-        leaf = x509.load_pem_x509_certificates(after["chain"].encode())[0]
-        leaf.verify_directly_issued_by(x509.load_pem_x509_certificates(root_before.encode())[0])
-    finally:
-        if session.poll() is None:
-            session.kill()
-            session.wait()
-        if not podman.inspect(name)["State"]["Running"]:
-            subprocess.run(["podman", *podman.PODMAN_GLOBAL, "start", name], capture_output=True)
+    def podman_do(*argv: str) -> None:
+        subprocess.run(["podman", *podman.PODMAN_GLOBAL, *argv, name], check=True, capture_output=True)
+
+    controller_outage_keeps_state_and_traffic(container_cluster, lambda: podman_do("kill", "--signal", "KILL"),
+                                              lambda: podman_do("start"))
