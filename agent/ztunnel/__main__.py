@@ -3,17 +3,22 @@ from __future__ import annotations
 
 import sys
 
-from shoal.agent.ztunnel import app
 from shoal.agent.ztunnel.config import ProxyConfig
 from shoal.runtime import access_log, run_daemon
 
 
 def main(argv: list[str] | None = None) -> int:
     config = ProxyConfig.from_args(argv)
+    if config.workers > 1 and not config.is_worker:
+        # The supervisor: no data path, so none of its modules (a lighter process).
+        from shoal.agent.ztunnel import supervisor
+
+        flags = sys.argv[1:] if argv is None else argv   # every worker runs with these
+        return run_daemon(lambda: supervisor.main(config, flags), config.log_level)
+    from shoal.agent.ztunnel import app
+
     access_log("shoal.proxy.access")   # one JSON line per closed connection, on stdout
-    # A supervisor (--workers > 1) starts each worker with these same flags.
-    flags = sys.argv[1:] if argv is None else argv
-    return run_daemon(lambda: app.main(config, argv=flags), config.log_level)
+    return run_daemon(lambda: app.main(config), config.log_level)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,12 @@ import json
 import logging
 import os
 import socket
-from typing import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from shoal.agent.ztunnel.context import ProxyContext, ServedPod
+if TYPE_CHECKING:   # the supervisor serves these pages without the data path's modules
+    from shoal.agent.ztunnel.context import ProxyContext, ServedPod
 
 log = logging.getLogger(__name__)
 

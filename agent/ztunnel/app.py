@@ -25,7 +25,6 @@ import signal
 import socket
 import time
 from pathlib import Path
-from typing import Sequence
 
 import grpc
 from prometheus_client import CollectorRegistry
@@ -34,10 +33,10 @@ from shoal.agent.ztunnel.admin import HttpEndpoint, admin_pages, metrics_pages, 
 from shoal.agent.ztunnel.admission import Admission, DialLimits, default_max_connections, raise_open_file_limit
 from shoal.agent.ztunnel.config import ProxyConfig
 from shoal.agent.ztunnel.context import DestinationLookup, ProxyContext
-from shoal.agent.ztunnel.handover import Markers, cancel_all
+from shoal.agent.ztunnel.handover import Markers, cancel_all, serve_until_signalled
 from shoal.agent.ztunnel.netns import NetnsHandle
 from shoal.agent.ztunnel.proxy import PodRegistry
-from shoal.agent.ztunnel.supervisor import Supervisor, remove_workers_report, worker_entry, write_workers_report
+from shoal.agent.ztunnel.supervisor import remove_workers_report, worker_entry, write_workers_report
 from shoal.agent.ztunnel.telemetry import ConnectionTelemetry, ProxyMetrics
 from shoal.hbone.identity import IdentityError, IdentityManager, Signer, SignerUnavailable
 from shoal.hbone.pool import HbonePool
@@ -295,32 +294,15 @@ class _LazyOrigdst:
         return self._lookup.lookup(sock)
 
 
-async def main(config: ProxyConfig, install_signals: bool = True, argv: Sequence[str] = ()) -> None:
-    """Run the node proxy: a single process, or (``config.workers`` > 1) a supervisor
-    that runs this same command as each of its workers (``argv``: its flags)."""
-    app: ProxyApp | Supervisor
-    if config.workers > 1 and not config.is_worker:
-        app = Supervisor(config, argv)
-    else:
-        if config.is_worker:
-            exit_with_parent()
-        log.info("open-file limit %d", raise_open_file_limit())
-        app = ProxyApp(config, origdst=_LazyOrigdst(config), flows=True)
-    await app.start()
-    done = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal() -> None:
-        task = asyncio.ensure_future(app.retire())
-        task.add_done_callback(lambda _: done.set())
-
-    if install_signals:
-        loop.add_signal_handler(signal.SIGTERM, on_signal)
-        loop.add_signal_handler(signal.SIGINT, on_signal)
-    role = f"worker {config.worker_index} of the " if config.is_worker else (
-        f"supervisor of {config.workers} workers of the " if config.workers > 1 else "")
-    log.info("%snode proxy for %s up (pid %d)", role, config.node, os.getpid())
-    await done.wait()
+async def main(config: ProxyConfig, install_signals: bool = True) -> None:
+    """Run the single-process node proxy, or one worker of a supervised one."""
+    if config.is_worker:
+        exit_with_parent()
+    log.info("open-file limit %d", raise_open_file_limit())
+    app = ProxyApp(config, origdst=_LazyOrigdst(config), flows=True)
+    role = f"worker {config.worker_index} of the " if config.is_worker else ""
+    log.info("%snode proxy for %s starting (pid %d)", role, config.node, os.getpid())
+    await serve_until_signalled(app, install_signals)
 
 
 def exit_with_parent() -> None:

@@ -16,6 +16,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
@@ -86,3 +87,26 @@ async def cancel_all(tasks: list[asyncio.Task]) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     tasks.clear()
+
+
+class Retiring(Protocol):
+    """A node proxy as a process runs it: the single process, a worker or the supervisor."""
+
+    async def start(self) -> None: ...
+    async def retire(self) -> None: ...
+
+
+async def serve_until_signalled(proxy: Retiring, install_signals: bool = True) -> None:
+    """Start ``proxy``; SIGTERM or SIGINT retires it (handover or stop); return when it has."""
+    await proxy.start()
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        task = asyncio.ensure_future(proxy.retire())
+        task.add_done_callback(lambda _: done.set())
+
+    if install_signals:
+        loop.add_signal_handler(signal.SIGTERM, on_signal)
+        loop.add_signal_handler(signal.SIGINT, on_signal)
+    await done.wait()

@@ -149,18 +149,6 @@ def listener_plan(pod_ips: tuple[str, ...]) -> list[tuple[str, int, bool, Callab
     return plan
 
 
-def prepare_pod_netns(netns: NetnsHandle, pod: PodInfo) -> str | None:
-    """What a pod's namespace needs before any proxy serves it; None, or why it failed."""
-    try:
-        # A successor proxy's (or worker's) SO_REUSEPORT listeners take over queued connections
-        # when ours close, instead of the kernel resetting them (net.ipv4.tcp_migrate_req).
-        netns.write_sysctl(transparent.HANDOVER_SYSCTL, "1")
-    except OSError as exc:
-        log.warning("tcp_migrate_req not set in %s: %s", pod.name, exc)
-    problem = transparent.install(netns, pod.ips)
-    return None if problem is None else f"{pod.namespace}/{pod.name}: inbound delivery: {problem}"
-
-
 class PodRegistry:
     """The pods this proxy serves (the ZDS handler).
 
@@ -197,7 +185,7 @@ class PodRegistry:
         except IdentityError as exc:
             raise ZdsError(str(exc)) from exc
         enrolled = ServedPod(pod, netns, spiffe)
-        problem = prepare_pod_netns(netns, pod) if self.prepares_netns else None
+        problem = transparent.prepare_pod_netns(netns, pod) if self.prepares_netns else None
         if problem is not None:
             self.ctx.identities.release(pod.namespace, pod.service_account)
             raise ZdsError(problem)

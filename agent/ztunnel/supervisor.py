@@ -50,9 +50,8 @@ from shoal.agent.ztunnel import transparent
 from shoal.agent.ztunnel.admin import HttpEndpoint, json_page, ready_pages
 from shoal.agent.ztunnel.aggregate import merge_certs, merge_connections, merge_expositions
 from shoal.agent.ztunnel.config import ProxyConfig
-from shoal.agent.ztunnel.handover import Markers, cancel_all
+from shoal.agent.ztunnel.handover import Markers, cancel_all, serve_until_signalled
 from shoal.agent.ztunnel.netns import NetnsHandle
-from shoal.agent.ztunnel.proxy import prepare_pod_netns
 from shoal.zds import PodInfo, ZdsClient, ZdsError, ZdsServer
 
 log = logging.getLogger(__name__)
@@ -318,7 +317,7 @@ class Supervisor:
             try:
                 current = self.pods.get(pod.uid)
                 if current is None or current[0] != pod or os.fstat(current[1]).st_ino != os.fstat(netns_fd).st_ino:
-                    problem = prepare_pod_netns(NetnsHandle(netns_fd, self.home.fd), pod)
+                    problem = transparent.prepare_pod_netns(NetnsHandle(netns_fd, self.home.fd), pod)
                     if problem is not None:
                         raise ZdsError(problem)
                 workers = self._attached()
@@ -407,3 +406,11 @@ class Supervisor:
             endpoint = HttpEndpoint(pages, on_bad_request=lambda: self.metrics.rejected.labels("http", "bad_request").inc())
             await endpoint.start(host, port)
             self._endpoints.append(endpoint)
+
+
+async def main(config: ProxyConfig, argv: Sequence[str], install_signals: bool = True) -> None:
+    """Run the supervisor of ``config.workers`` workers, each started with ``argv``. Only
+    this module and light ones are imported here: the data path lives in the workers."""
+    log.info("supervisor of %d workers of the node proxy for %s starting (pid %d)",
+             config.workers, config.node, os.getpid())
+    await serve_until_signalled(Supervisor(config, argv), install_signals)

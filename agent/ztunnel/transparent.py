@@ -39,6 +39,7 @@ import logging
 import subprocess
 
 from shoal.agent.ztunnel.netns import NetnsHandle
+from shoal.zds import PodInfo
 
 log = logging.getLogger(__name__)
 
@@ -111,3 +112,15 @@ def remove(netns: NetnsHandle, addresses: tuple[str, ...]) -> None:
             _ip_batch(netns, version, _batch(True, version))
     except (OSError, subprocess.SubprocessError) as exc:
         log.info("delivery rules not removed: %s", exc)
+
+
+def prepare_pod_netns(netns: NetnsHandle, pod: PodInfo) -> str | None:
+    """What a pod's namespace needs before any proxy serves it; None, or why it failed."""
+    try:
+        # A successor proxy's (or worker's) SO_REUSEPORT listeners take over queued connections
+        # when ours close, instead of the kernel resetting them (net.ipv4.tcp_migrate_req).
+        netns.write_sysctl(HANDOVER_SYSCTL, "1")
+    except OSError as exc:
+        log.warning("tcp_migrate_req not set in %s: %s", pod.name, exc)
+    problem = install(netns, pod.ips)
+    return None if problem is None else f"{pod.namespace}/{pod.name}: inbound delivery: {problem}"

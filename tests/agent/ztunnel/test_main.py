@@ -1,24 +1,50 @@
-"""``python -m shoal.agent.ztunnel``: a supervisor starts its workers with its own flags."""
+"""``python -m shoal.agent.ztunnel``: N > 1 runs the supervisor, which starts its workers with
+its own flags; the supervisor process imports none of the data path."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 from shoal.agent.ztunnel import __main__ as entry
+from shoal.agent.ztunnel import app, supervisor
+
+
+def _run_inline(main, log_level, **_):
+    asyncio.run(main())
+    return 0
 
 
 def test_the_command_line_reaches_the_supervisor_for_its_workers(monkeypatch):
     seen = {}
 
-    async def fake_main(config, install_signals=True, argv=()):
+    async def fake_supervisor(config, argv, install_signals=True):
         seen.update(workers=config.workers, argv=list(argv))
 
-    def fake_run_daemon(main, log_level, **_):
-        asyncio.run(main())
-        return 0
-
-    monkeypatch.setattr(entry.app, "main", fake_main)
-    monkeypatch.setattr(entry, "run_daemon", fake_run_daemon)
-    monkeypatch.setattr(entry, "access_log", lambda name: None)   # would detach the logger from caplog
+    monkeypatch.setattr(supervisor, "main", fake_supervisor)
+    monkeypatch.setattr(entry, "run_daemon", _run_inline)
     flags = ["--node", "node-1", "--workers", "3", "--drain-grace", "7"]
     assert entry.main(flags) == 0
     assert seen == {"workers": 3, "argv": flags}
+
+
+def test_one_worker_and_each_worker_run_the_proxy_itself(monkeypatch):
+    seen = []
+
+    async def fake_app(config, install_signals=True):
+        seen.append((config.workers, config.worker_index))
+
+    monkeypatch.setattr(app, "main", fake_app)
+    monkeypatch.setattr(entry, "run_daemon", _run_inline)
+    monkeypatch.setattr(entry, "access_log", lambda name: None)   # would detach the logger from caplog
+    assert entry.main(["--node", "n", "--workers", "1"]) == 0
+    assert entry.main(["--node", "n", "--workers", "2", "--worker", "1:9"]) == 0
+    assert seen == [(1, -1), (2, 1)]
+
+
+def test_the_supervisor_imports_no_data_path_module():
+    code = ("import sys, shoal.agent.ztunnel.supervisor, shoal.agent.ztunnel.__main__;"
+            "print(sorted(m for m in sys.modules if m.split('.')[-1] in "
+            "('app', 'proxy', 'inbound', 'outbound', 'session', 'identity', 'h2', 'grpc')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
