@@ -46,10 +46,16 @@ import hyperframe.frame
 
 from shoal.hbone import fastpath
 
+
 # h2 4.x formats repr(frame) for its trace log on every received frame, logging on or
 # off, and hyperframe's DATA repr hex-encodes the whole payload to show 20 characters:
 # a third of the proxy's CPU with 1 MiB frames. Describe DATA frames by size instead.
-hyperframe.frame.DataFrame._body_repr = lambda frame: f"<{len(frame.data)} bytes>"
+def _data_body_repr(frame: hyperframe.frame.DataFrame) -> str:
+    return f"<{len(frame.data)} bytes>"
+
+
+# A patch of hyperframe's own method (h2 builds the frames, so no subclass can take its place).
+hyperframe.frame.DataFrame._body_repr = _data_body_repr  # type: ignore[method-assign,assignment]
 
 STREAM_WINDOW = 4 * 1024 * 1024
 CONNECTION_WINDOW = 16 * 1024 * 1024
@@ -144,7 +150,8 @@ class GuardedFrameBuffer(h2.frame_buffer.FrameBuffer):
             self.graceful_goaway = last if self.graceful_goaway is None else min(last, self.graceful_goaway)
             frame = super().__next__()
         kind = _BUDGETED.get(type(frame))
-        if kind == "empty_data" and (frame.data or "END_STREAM" in frame.flags or not self._budget_data):
+        if kind == "empty_data" and isinstance(frame, hyperframe.frame.DataFrame) and (
+                frame.data or "END_STREAM" in frame.flags or not self._budget_data):
             kind = None
         elif kind in ("ping", "settings") and "ACK" in frame.flags:
             kind = None
@@ -201,7 +208,7 @@ class TunnelResponse:
 @dataclass(frozen=True)
 class TunnelData:
     stream_id: int
-    data: bytes
+    data: bytes | memoryview   # the fast path hands a view of the session's read buffer
     flow_controlled_length: int  # pass to ``consumed`` once written out
 
 
@@ -608,7 +615,7 @@ class HboneConnection:
         if for_h2:
             self._receive_h2(b"".join(for_h2), events)
 
-    def _receive_h2(self, data: bytes, events: list[Event]) -> None:
+    def _receive_h2(self, data: bytes | memoryview, events: list[Event]) -> None:
         h2_events = self._h2.receive_data(data)
         if self._frames.graceful_goaway is not None:
             self._on_graceful_goaway(events)

@@ -16,7 +16,7 @@ import logging
 import socket
 import struct
 import time
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol, cast
 
 from shoal.hbone import framing as hbone
 from shoal.hbone.identity import IdentityError
@@ -103,7 +103,8 @@ class HboneSession(asyncio.BufferedProtocol):
         self.read_buffer_lent = False
 
     # -- asyncio.Protocol
-    def connection_made(self, transport: asyncio.Transport) -> None:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)   # a stream (TLS) transport, as every caller makes
         self.transport = transport
         # asyncio's 64 KiB default would pause every stream at each 1 MiB frame.
         transport.set_write_buffer_limits(high=SESSION_WRITE_HIGH, low=SESSION_WRITE_LOW)
@@ -146,30 +147,29 @@ class HboneSession(asyncio.BufferedProtocol):
 
     def _handle(self, events: list[hbone.Event]) -> None:
         for event in events:
-            kind = type(event)
-            if kind is hbone.TunnelData:
+            if isinstance(event, hbone.TunnelData):
                 peer = self.streams.get(event.stream_id)
                 if peer is None:
                     self.h2.consumed(event.stream_id, event.flow_controlled_length)
                     self.h2.reset(event.stream_id)
                 else:
                     peer.on_stream_data(event.data, event.flow_controlled_length)
-            elif kind is hbone.WindowOpened:
+            elif isinstance(event, hbone.WindowOpened):
                 targets = list(self.streams.values()) if event.stream_id == 0 else \
                     [p for p in (self.streams.get(event.stream_id),) if p is not None]
                 for peer in targets:
                     peer.on_window()
-            elif kind is hbone.TunnelEnded:
+            elif isinstance(event, hbone.TunnelEnded):
                 self._lingering.discard(event.stream_id)
                 peer = self.streams.get(event.stream_id)
                 if peer is not None:
                     peer.on_stream_end()
-            elif kind is hbone.TunnelResponse:
+            elif isinstance(event, hbone.TunnelResponse):
                 self.last_answer = time.monotonic()
                 peer = self.streams.get(event.stream_id)
                 if peer is not None:
                     peer.on_response(event.status)
-            elif kind is hbone.TunnelReset:
+            elif isinstance(event, hbone.TunnelReset):
                 self._lingering.discard(event.stream_id)
                 task = self._requests.pop(event.stream_id, None)
                 if task is not None:
@@ -178,7 +178,7 @@ class HboneSession(asyncio.BufferedProtocol):
                 if peer is not None:
                     peer.on_stream_reset(f"stream reset by peer (code {event.error_code})")
                 self.report_room()
-            elif kind is hbone.TunnelRequested:
+            elif isinstance(event, hbone.TunnelRequested):
                 self._cancel_idle()
                 if self._on_request is None:
                     self.h2.reset(event.stream_id)
@@ -187,20 +187,20 @@ class HboneSession(asyncio.BufferedProtocol):
                     task = self._on_request(self, event)
                     if task is not None and event.stream_id in self._requests:
                         self._requests[event.stream_id] = task
-            elif kind is hbone.RequestRejected:
+            elif isinstance(event, hbone.RequestRejected):
                 log.warning("hbone: rejected stream %d from %s: %s", event.stream_id, self.peer_identity, event.reason)
                 self._on_rejected("bad_request")
-            elif kind is hbone.SettingsAcked:
+            elif isinstance(event, hbone.SettingsAcked):
                 if self.draining and not self._drain_acked:
                     # Every stream the peer opened before our zero limit has arrived: say
                     # GOAWAY too (a peer that ignores the limit learns it so), streams go on.
                     self._drain_acked = True
                     self.h2.go_away()
-            elif kind is hbone.PeerGoingAway:
+            elif isinstance(event, hbone.PeerGoingAway):
                 # Streams up to its last id carry on; ours above it come as REFUSED_STREAM
                 # resets next (unanswered: the caller may retry them on a new connection).
                 log.debug("hbone: %s going away after stream %d", self.peer_identity, event.last_stream_id)
-            elif kind is hbone.ConnectionEnded:
+            elif isinstance(event, hbone.ConnectionEnded):
                 if event.error:
                     log.warning("hbone: connection with %s ended: %s", self.peer_identity, event.error)
                     self._on_rejected(event.reason)
@@ -368,7 +368,7 @@ class HboneSession(asyncio.BufferedProtocol):
             self.close()
 
 
-def abort_with_reset(transport: asyncio.BaseTransport) -> None:
+def abort_with_reset(transport: asyncio.WriteTransport) -> None:
     """Close at once with a TCP RST (SO_LINGER 0): a FIN to an app that does not read
     would leave the socket in FIN-WAIT-1, orphaned, for minutes (Rapid Reset left 12,443)."""
     sock = transport.get_extra_info("socket")
@@ -438,8 +438,8 @@ class StreamPeer(asyncio.Protocol):
         self._apply_pause()
 
     # -- TCP side (asyncio.Protocol)
-    def connection_made(self, transport: asyncio.Transport) -> None:
-        self.start(transport)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.start(cast(asyncio.Transport, transport))   # TCP: a stream transport
 
     def data_received(self, data: bytes) -> None:
         if self._tcp_is_client:
@@ -450,6 +450,7 @@ class StreamPeer(asyncio.Protocol):
             # uvloop starts reading right after connection_made, paused or not: hold the
             # bytes (a server-first app greets before the tunnel is answered) until then.
             self._held.append(data)
+            assert self.transport is not None   # data comes only after connection_made
             self.transport.pause_reading()
             return
         self._push(data)
@@ -511,14 +512,16 @@ class StreamPeer(asyncio.Protocol):
         self._deliver(data, length)
 
     def _deliver(self, data: bytes | memoryview, length: int) -> None:
-        transport = self.transport
+        transport, session = self.transport, self.session
+        # Stream bytes come from the bound session, and are held in _early until the TCP side is up.
+        assert transport is not None and session is not None
         transport.write(data)
         if type(data) is memoryview and transport.get_write_buffer_size():
-            self.session.read_buffer_lent = True  # the socket queued the view itself
+            session.read_buffer_lent = True  # the socket queued the view itself
         if self._tcp_write_paused:
             self._unacked += length
         else:
-            self.session.h2.consumed(self.stream_id, length)
+            session.h2.consumed(self.stream_id, length)
 
     def on_window(self) -> None:
         if not self._pending or self.session is None:
@@ -589,7 +592,7 @@ class PipeEnd(asyncio.Protocol):
     def __init__(self, record: TransferRecord, is_client: bool, on_finished: Callable[[TransferRecord], None]):
         self.record = record
         self.is_client = is_client
-        self.other: "PipeEnd | None" = None
+        self._other: PipeEnd | None = None
         self.transport: asyncio.Transport | None = None
         self._on_finished = on_finished
         self._early: list[bytes] = []  # bytes that arrived before the other side was wired
@@ -598,16 +601,24 @@ class PipeEnd(asyncio.Protocol):
 
     @staticmethod
     def join(client: "PipeEnd", server: "PipeEnd") -> None:
-        client.other, server.other = server, client
+        client._other, server._other = server, client
 
-    def connection_made(self, transport: asyncio.Transport) -> None:
-        self.transport = transport
+    @property
+    def other(self) -> PipeEnd:
+        """The other end: ``join`` wires both before either socket is connected."""
+        if self._other is None:
+            raise RuntimeError("PipeEnd used before join()")
+        return self._other
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = tcp = cast(asyncio.Transport, transport)   # TCP: a stream transport
         other = self.other
         if other._early:
             for data in other._early:
-                transport.write(data)
+                tcp.write(data)
             other._early.clear()
-            other.transport.resume_reading()
+            if other.transport is not None:   # it held bytes, so it is connected
+                other.transport.resume_reading()
         if other._eof:
             other._forward_eof()
 
@@ -616,11 +627,13 @@ class PipeEnd(asyncio.Protocol):
             self.record.bytes_in += len(data)
         else:
             self.record.bytes_out += len(data)
-        if self.other.transport is None:
+        peer = self.other.transport
+        if peer is None:
             self._early.append(data)
-            self.transport.pause_reading()
+            if self.transport is not None:
+                self.transport.pause_reading()
             return
-        self.other.transport.write(data)
+        peer.write(data)
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -629,28 +642,37 @@ class PipeEnd(asyncio.Protocol):
         return True
 
     def _forward_eof(self) -> None:
-        other = self.other.transport
-        if other.can_write_eof() and not other.is_closing():
-            other.write_eof()
-        if self.other._eof:
-            self.transport.close()
-            other.close()
+        """Half-close the other side (its socket is connected: both callers check)."""
+        other = self.other
+        peer = other.transport
+        if peer is None:
+            return
+        if peer.can_write_eof() and not peer.is_closing():
+            peer.write_eof()
+        if other._eof:
+            if self.transport is not None:
+                self.transport.close()
+            peer.close()
 
     def pause_writing(self) -> None:
-        self.other.transport.pause_reading()
+        if self.other.transport is not None:   # what fills our buffer is the other side's reading
+            self.other.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self.other.transport.resume_reading()
+        if self.other.transport is not None:
+            self.other.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None:
             self.record.failed(str(exc))
-        if self.other is not None and self.other.transport is not None:
+        other = self._other
+        if other is not None and other.transport is not None:
             if exc is not None:
-                self.other.transport.abort()
+                other.transport.abort()
             else:
-                self.other.transport.close()
+                other.transport.close()
         if not self._done:
             self._done = True
-            self.other._done = True
+            if other is not None:
+                other._done = True
             self._on_finished(self.record)
