@@ -109,17 +109,7 @@ def source_image(image: str, root: Path) -> str:
         _run([*BUILDAH, "commit", "-q", container, tagged], f"buildah commit {tagged}")
     finally:
         subprocess.run([*BUILDAH, "rm", container], capture_output=True)
-    _prune_source_images(image, keep=tagged)
     return tagged
-
-
-def _prune_source_images(image: str, keep: str) -> None:
-    """Older source layers of ``image``: podman keeps those a container still uses."""
-    listed = subprocess.run(["podman", *PODMAN_GLOBAL, "images", "--format", "{{.Repository}}:{{.Tag}}"],
-                            capture_output=True, text=True).stdout.split()
-    stale = [name for name in listed if name.startswith(f"{image}-src") and name != keep]
-    if stale:
-        subprocess.run(["podman", *PODMAN_GLOBAL, "rmi", *stale], capture_output=True)
 
 
 # -- containers ------------------------------------------------------------------------
