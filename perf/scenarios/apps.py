@@ -12,6 +12,7 @@ import glob
 import os
 import pwd
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -52,20 +53,25 @@ def _postgres_bin() -> Path:
 def _postgres(ctx: Context, pod: Pod) -> Iterator[None]:
     """A throwaway postgres in ``pod``, trusting every address (a benchmark bed, nothing to protect).
 
-    Postgres refuses to run as root: its data lives in a directory of its own, owned by the
-    ``postgres`` user (the scenario's scratch directory is root-only).
+    Pods run as an unprivileged uid of their own, with no passwd entry and the machine's
+    filesystems read-only. initdb needs a named non-root user, so the cluster is made on the
+    host as ``postgres`` (in the scenario's scratch directory), then copied into the pod's
+    private /tmp, where the copy belongs to the pod's uid and the server can run from it.
     """
     bindir, user = _postgres_bin(), pwd.getpwnam("postgres")
-    data = Path(tempfile.mkdtemp(prefix=f"shoal-perf-pg-{pod.namespace}-"))
+    data = Path(tempfile.mkdtemp(prefix=f"pg-{pod.namespace}-", dir=ctx.workdir))
+    in_pod = f"/tmp/shoal-perf-pg-{pod.namespace}"
     proc = None
     try:
         os.chown(data, user.pw_uid, user.pw_gid)
-        as_postgres = ["runuser", "-u", "postgres", "--"]
-        pod.run([*as_postgres, str(bindir / "initdb"), "-D", str(data / "db"), "-A", "trust", "-U", "postgres"],
-                timeout=120)
+        subprocess.run(["runuser", "-u", "postgres", "--", str(bindir / "initdb"), "-D", str(data / "db"),
+                        "-A", "trust", "-U", "postgres"], capture_output=True, check=True, timeout=120)
         with open(data / "db" / "pg_hba.conf", "a") as hba:
             hba.write("host all all 0.0.0.0/0 trust\n")
-        proc = pod.spawn([*as_postgres, str(bindir / "postgres"), "-D", str(data / "db"), "-k", str(data),
+        subprocess.run(["chmod", "-R", "a+rX", str(data)], check=True)   # readable by the pod's uid
+        pod.run(["sh", "-c", f"rm -rf {in_pod} && cp -r {data / 'db'} {in_pod} && chmod 700 {in_pod}"],
+                timeout=60)
+        proc = pod.spawn([str(bindir / "postgres"), "-D", in_pod, "-k", "/tmp",
                           "-c", "listen_addresses=*", "-c", f"port={pgbench.DEFAULT_PORT}", "-c", "fsync=off"],
                          log=ctx.workdir / f"postgres-{pod.namespace}.log")
         peers.wait_all_listening(pod, "0.0.0.0", [pgbench.DEFAULT_PORT], timeout=30, procs=[proc])
