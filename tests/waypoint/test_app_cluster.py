@@ -7,8 +7,10 @@ back to the L4 path without a restart. Everything applied here is removed at the
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -165,26 +167,29 @@ def test_request_timeout_answers_504_in_about_100ms(waypoint):
         shoal_cli(layout, "delete", "-f", "-", input=TIMEOUT, check=False)
 
 
-def test_l7_deny_answers_403_and_shows_in_flows(waypoint):
-    layout = waypoint
+@contextlib.contextmanager
+def l7_deny_in_force(layout) -> Iterator[None]:
+    """The DENY policy applied and answering (a DELETE to /admin/users gets 403); removed after."""
     shoal_cli(layout, "apply", "-f", "-", input=DENY)
     try:
         eventually(lambda: load(layout, 1, "--method", "DELETE", "--path", "/admin/users")["statuses"].get("403"), "the L7 deny", timeout=30, interval=0.5)
+        yield
+    finally:
+        shoal_cli(layout, "delete", "-f", "-", input=DENY, check=False)
+
+
+def test_l7_deny_answers_403_and_shows_in_flows(waypoint):
+    layout = waypoint
+    with l7_deny_in_force(layout):
         assert load(layout, 3, "--method", "DELETE", "--path", "/admin/x")["statuses"] == {"403": 3}
         flows = shoal_cli(layout, "observe", "--namespace", "demo", "--last", "200", check=False).stdout
         assert any("403" in line and "DELETE" in line and "DROPPED" in line for line in flows.splitlines()), flows[-2000:]
-    finally:
-        shoal_cli(layout, "delete", "-f", "-", input=DENY, check=False)
 
 
 def test_l7_deny_leaves_other_requests_alone(waypoint):
     layout = waypoint
-    shoal_cli(layout, "apply", "-f", "-", input=DENY)
-    try:
-        eventually(lambda: load(layout, 1, "--method", "DELETE", "--path", "/admin/users")["statuses"].get("403"), "the L7 deny", timeout=30, interval=0.5)
+    with l7_deny_in_force(layout):
         assert load(layout, 3, "--method", "GET", "--path", "/admin/users")["statuses"] == {"200": 3}
-    finally:
-        shoal_cli(layout, "delete", "-f", "-", input=DENY, check=False)
 
 
 def restarts(layout) -> dict[str, int]:

@@ -141,6 +141,22 @@ async def test_idle_keepalive_connection_is_closed_quietly(bed):
     writer.close()
 
 
+async def response_statuses(reader, writer, conn, count: int) -> dict[int, str]:
+    """Sends what ``conn`` has queued, then reads until ``count`` streams have a response
+    head; returns their :status by stream id, and closes the connection."""
+    writer.write(conn.data_to_send())
+    statuses: dict[int, str] = {}
+    while len(statuses) < count:
+        data = await asyncio.wait_for(reader.read(65536), 3)
+        assert data
+        for ev in conn.receive_data(data):
+            if isinstance(ev, h2.events.ResponseReceived):
+                statuses[ev.stream_id] = dict(ev.headers)[":status"]
+        writer.write(conn.data_to_send())
+    writer.close()
+    return statuses
+
+
 async def test_http2_protocol_error_gets_goaway_and_others_live_on(tight):
     reader, writer = await asyncio.open_connection("127.0.0.1", tight.port)
     # The preface, then a DATA frame on stream 0: a connection error (PROTOCOL_ERROR).
@@ -223,16 +239,7 @@ async def test_http2_oversized_headers_get_431_on_that_stream(tight):
     base = [(":method", "GET"), (":scheme", "http"), (":authority", "web.demo")]
     conn.send_headers(1, base + [(":path", "/big"), ("x-big", "a" * 5000)], end_stream=True)
     conn.send_headers(3, base + [(":path", "/fine")], end_stream=True)
-    writer.write(conn.data_to_send())
-    statuses = {}
-    while len(statuses) < 2:
-        data = await asyncio.wait_for(reader.read(65536), 3)
-        assert data
-        for ev in conn.receive_data(data):
-            if isinstance(ev, h2.events.ResponseReceived):
-                statuses[ev.stream_id] = dict(ev.headers)[":status"]
-        writer.write(conn.data_to_send())
-    writer.close()
+    statuses = await response_statuses(reader, writer, conn, 2)
     assert statuses == {1: "431", 3: "200"}
 
 
@@ -244,14 +251,5 @@ async def test_http2_stalled_body_resets_only_that_stream(tight):
     conn.send_headers(1, base + [(":method", "POST"), (":path", "/stall"), ("content-length", "100")])
     conn.send_data(1, b"x" * 10)
     conn.send_headers(3, base + [(":method", "GET"), (":path", "/fine")], end_stream=True)
-    writer.write(conn.data_to_send())
-    statuses = {}
-    while len(statuses) < 2:
-        data = await asyncio.wait_for(reader.read(65536), 3)
-        assert data
-        for ev in conn.receive_data(data):
-            if isinstance(ev, h2.events.ResponseReceived):
-                statuses[ev.stream_id] = dict(ev.headers)[":status"]
-        writer.write(conn.data_to_send())
-    writer.close()
+    statuses = await response_statuses(reader, writer, conn, 2)
     assert statuses == {1: "408", 3: "200"}
