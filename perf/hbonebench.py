@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from shoal.perf import peers
+from shoal.perf.beds import procs as bedprocs
 from shoal.perf.tools import sockperf
 
 PORTS = {"iperf": 6201, "sockperf": 6202}
@@ -45,7 +46,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="hbonebench-"))
 
     def spawn(argv: list[str], log: str) -> subprocess.Popen:
-        proc = subprocess.Popen(argv, stdout=(work / log).open("w"), stderr=subprocess.STDOUT)
+        proc = bedprocs.spawn(argv, work / log)
         procs.append(proc)
         return proc
 
@@ -89,12 +90,7 @@ def main() -> None:
                   f"{m['p50'] - med['direct']['p50']:+.0f} | {m['p99']:.0f} | {m['cpu']:.3f} |")
     finally:
         for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            bedprocs.stop(proc)
         shutil.rmtree(work, ignore_errors=True)
 
 
