@@ -118,6 +118,7 @@ class AgentApp:
         # Load everything first: a program that fails to verify stops us here, attaching nothing.
         self.datapath.load()
         self.datapath.pin_programs()
+        self.datapath.attach_bypass()
         self.datapath.attach_cgroup(config.node_cgroup)
         adopted, replaced = self.datapath.maps.adopted, self.datapath.maps.replaced
         log.info("programs loaded and attached to %s; maps %s%s", config.node_cgroup,

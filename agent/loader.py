@@ -60,6 +60,8 @@ PROGRAMS: tuple[ProgramSpec, ...] = (
     ProgramSpec("tc_ingress", "tc_ingress.c", "shoal_tc_ingress", "SCHED_CLS", None),
     ProgramSpec("sk_lookup", "sk_lookup.c", "shoal_sk_lookup", bpfsys.PROG_TYPE_SK_LOOKUP, None,
                 bpfsys.ATTACH_SK_LOOKUP),
+    # attached to the bypass_socks map, not to a cgroup (attach_bypass)
+    ProgramSpec("sk_skb_bypass", "sk_skb_bypass.c", "shoal_sk_skb_bypass", "SK_SKB", None),
 )
 CGROUP_PROGRAMS = tuple(p for p in PROGRAMS if p.attach_type is not None)
 
@@ -261,6 +263,13 @@ class Datapath:
     def program_id(self, name: str) -> int:
         return bpfsys.prog_info(self.programs[name].fd).id
 
+    def attach_bypass(self) -> None:
+        """Attach (or replace) the same-node bypass verdict on the bypass_socks map. It
+        runs only for sockets the node proxy puts into that map; a restarted agent's
+        attach replaces the previous program in place (the map keeps it meanwhile)."""
+        bpfsys.prog_attach(self.programs["sk_skb_bypass"].fd, self.maps.fds["bypass_socks"],
+                           bpfsys.ATTACH_SK_SKB_STREAM_VERDICT)
+
     def tc_program_fd(self) -> int:
         return self.programs["tc_ingress"].fd
 
@@ -270,6 +279,7 @@ class Datapath:
     def start(self, cgroup: Path) -> None:
         self.load()
         self.pin_programs()
+        self.attach_bypass()
         self.attach_cgroup(cgroup)
 
     def close(self) -> None:

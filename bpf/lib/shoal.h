@@ -217,3 +217,14 @@ struct flow_event {
     __u8  drop_reason;
     __u16 pad;
 };
+
+/* Same-node bypass (sk_skb_bypass.c): two of the node proxy's own sockets joined in
+ * the kernel. bypass_socks (a SOCKHASH) holds them keyed by their socket cookie;
+ * bypass_pairs says, per cookie, whose egress its received bytes go to. Cookies are
+ * never reused while the machine runs, so an entry left by a closed socket can never
+ * name a new one. */
+struct bypass_pair {
+    __u64 peer;          /* socket cookie of the other socket of the pair */
+    __u64 bytes;         /* bytes received on this socket and redirected to the peer */
+    __u64 unredirected;  /* skbs the kernel could not redirect (kept for the proxy, which resets the pair) */
+};

@@ -30,6 +30,7 @@ ATTACH_SK_LOOKUP = 36
 ATTACH_CGROUP_SOCK_OPS, ATTACH_CGROUP_INET4_CONNECT, ATTACH_CGROUP_INET6_CONNECT = 3, 10, 11
 ATTACH_CGROUP_UDP4_SENDMSG, ATTACH_CGROUP_UDP6_SENDMSG, ATTACH_CGROUP_UDP4_RECVMSG, ATTACH_CGROUP_UDP6_RECVMSG = 14, 15, 19, 20
 ATTACH_CGROUP_INET4_GETPEERNAME, ATTACH_CGROUP_INET6_GETPEERNAME = 29, 30
+ATTACH_SK_SKB_STREAM_VERDICT = 5
 BPF_ANY = 0
 
 
@@ -126,7 +127,7 @@ def obj_get(path: Path | str) -> int:
     return _call(OBJ_GET, _ObjAttr(pathname=ctypes.addressof(raw)))
 
 
-def map_lookup(fd: int, key: ctypes.Array | ctypes.Structure, value) -> bool:
+def map_lookup(fd: int, key: ctypes.Array | ctypes.Structure | ctypes._SimpleCData, value) -> bool:
     """Fill `value` from the entry at `key`; False when absent."""
     attr = _ElemAttr(map_fd=fd, key=ctypes.addressof(key), value=ctypes.addressof(value))
     try:

@@ -166,6 +166,11 @@ class FlowRecord(ctypes.Structure):
                 ("drop_reason", ctypes.c_uint8), ("pad", ctypes.c_uint16)]
 
 
+class BypassPair(ctypes.Structure):
+    """struct bypass_pair: one socket of a same-node bypassed pair (bpf/sk_skb_bypass.c)."""
+    _fields_ = [("peer", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("unredirected", ctypes.c_uint64)]
+
+
 U64 = ctypes.c_uint64
 U32 = ctypes.c_uint32
 
@@ -188,6 +193,7 @@ class MapSpec:
 
 
 RINGBUF_BYTES = 64 * 4096
+BYPASS_SOCKETS = 65536   # two per bypassed connection; a full map falls back to the userspace relay
 
 MAPS: tuple[MapSpec, ...] = (
     MapSpec("enrolled_pods", bpfsys.MAP_TYPE_HASH, U64, PodValue, 4096),
@@ -205,6 +211,10 @@ MAPS: tuple[MapSpec, ...] = (
     MapSpec("flow_events", bpfsys.MAP_TYPE_RINGBUF, None, None, RINGBUF_BYTES),
     # the proxy's in-pod listeners, refreshed by tc, read by sk_lookup (value: socket cookie)
     MapSpec("proxy_listeners", bpfsys.MAP_TYPE_SOCKHASH, ListenerKey, U64, 8192),
+    # the same-node bypass: the proxy's paired sockets by socket cookie, and each one's peer
+    # (value on update: the socket's fd; on lookup: its cookie)
+    MapSpec("bypass_socks", bpfsys.MAP_TYPE_SOCKHASH, U64, U64, BYPASS_SOCKETS),
+    MapSpec("bypass_pairs", bpfsys.MAP_TYPE_HASH, U64, BypassPair, BYPASS_SOCKETS),
 )
 MAP_BY_NAME = {spec.name: spec for spec in MAPS}
 
@@ -213,5 +223,5 @@ C_MIRRORS = {
     "pod_info": PodValue, "endpoint_info": EndpointInfo, "svc_key": SvcKey, "svc_value": SvcValue,
     "policy_key": PolicyKey, "policy_value": PolicyValue, "orig_dst": OrigDst,
     "origdst_key": OrigDstKey, "flow_event": FlowRecord, "listener_key": ListenerKey,
-    "shoal_addr": Addr,
+    "shoal_addr": Addr, "bypass_pair": BypassPair,
 }

@@ -1,0 +1,184 @@
+"""The same-node kernel bypass, from the node proxy's side: join two of its own connected
+TCP sockets in the kernel (bpf/sk_skb_bypass.c), read their byte counts, know when the
+bytes redirected into one of them have all been queued on it.
+
+    bypass = KernelBypass(pin_dir)            # BypassUnavailable: no agent maps/program
+    pair = bypass.join(client_side, server_side)
+    ...
+    pair.drained(client_side_is_source=True)  # before forwarding a FIN
+    counts = bypass.release(pair)             # (client->server bytes, server->client bytes)
+
+**Joining without losing or reordering a byte.** Both sockets may already hold received
+bytes (the client app wrote its request before the proxy decided; a server app may greet
+first). Those bytes must go through the verdict program too, in order, ahead of later ones
+(a userspace copy racing the kernel's redirect could reorder them). So:
+
+1. ``SO_RCVLOWAT`` is raised on both sockets: arrivals no longer wake the socket
+   (``tcp_data_ready`` only calls ``sk_data_ready`` past the low-water mark), so the
+   verdict does not run for bytes that arrive while the pair is half made;
+2. the pair entries (each cookie -> its peer's) are written, then both sockets enter the
+   SOCKHASH (the verdict program is attached to the map);
+3. ``SO_RCVLOWAT`` back to 1: ``tcp_set_rcvlowat`` calls ``tcp_data_ready``, which now runs
+   the verdict over everything queued, oldest first.
+
+Under memory pressure the kernel wakes a socket regardless of the mark; if that happened
+between the two inserts the verdict could not redirect (its peer was not in the map yet)
+and passed the skb to the socket itself: ``unredirected`` says so, and the pair is
+refused (the caller resets both connections: nothing was sent anywhere else).
+
+**Half-close.** The kernel does not forward a FIN through the redirect: the proxy sees EOF
+on one socket (a read returns 0) and shuts the other's write side. The redirect completes
+on a workqueue, so before that shutdown the proxy waits until the peer socket has queued
+every byte the verdict redirected to it (``drained``: TCP_INFO's bytes acked plus
+SIOCOUTQ), or the FIN would overtake them and the rest would fail with EPIPE.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import socket
+import struct
+import termios
+from dataclasses import dataclass
+from pathlib import Path
+
+from shoal.datapath import bpfsys
+from shoal.datapath.structs import U64, BypassPair
+
+SO_COOKIE = 57
+TCP_INFO_BYTES_ACKED = 120      # offset of tcpi_bytes_acked (u64) in struct tcp_info
+TCP_INFO_SIZE = 232
+GATE_LOWAT = 1 << 30            # capped by the kernel at half the receive buffer: never reached
+
+
+class BypassUnavailable(RuntimeError):
+    """The bypass cannot take this pair (no maps, map full, socket state): relay it instead."""
+
+
+class BypassBroken(RuntimeError):
+    """Bytes could not be redirected while the pair was made: reset both connections."""
+
+
+def socket_cookie(sock: socket.socket) -> int:
+    return struct.unpack("Q", sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
+
+
+def queued_bytes(sock: socket.socket) -> int:
+    """Bytes ever queued for sending on ``sock``: acknowledged ones plus those still in its
+    write queue (the FIN and SYN excluded)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_SIZE)
+    acked = struct.unpack_from("Q", info, TCP_INFO_BYTES_ACKED)[0]
+    outq = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    return acked + outq
+
+
+@dataclass
+class JoinedPair:
+    """Two sockets joined in the kernel: ``client`` (accepted from the client app) and
+    ``server`` (connected to the server app)."""
+    client: socket.socket
+    server: socket.socket
+    client_cookie: int
+    server_cookie: int
+    # what each socket had queued for sending before the join (the proxy wrote nothing,
+    # but a fallback path might have): the baseline of ``drained``
+    client_queued_before: int = 0
+    server_queued_before: int = 0
+
+
+@dataclass(frozen=True)
+class PairCounts:
+    client_to_server: int
+    server_to_client: int
+    unredirected: int
+
+
+class KernelBypass:
+    """The pinned ``bypass_socks`` / ``bypass_pairs`` maps the agent created, with the
+    verdict program it attached to the first. Needs no bcc: plain bpf(2)."""
+
+    def __init__(self, pin_dir: Path | str):
+        pin_dir = Path(pin_dir)
+        try:
+            self._socks = bpfsys.obj_get(pin_dir / "bypass_socks")
+        except OSError as exc:
+            raise BypassUnavailable(f"no bypass maps under {pin_dir}: {exc}") from exc
+        try:
+            self._pairs = bpfsys.obj_get(pin_dir / "bypass_pairs")
+        except OSError as exc:
+            os.close(self._socks)
+            raise BypassUnavailable(f"no bypass maps under {pin_dir}: {exc}") from exc
+
+    def close(self) -> None:
+        for fd in (self._socks, self._pairs):
+            if fd >= 0:
+                os.close(fd)
+        self._socks = self._pairs = -1
+
+    def join(self, client: socket.socket, server: socket.socket) -> JoinedPair:
+        """Joins two connected TCP sockets (see the module docstring for the order).
+        BypassUnavailable: nothing changed, relay them as usual. BypassBroken: reset both."""
+        pair = JoinedPair(client, server, socket_cookie(client), socket_cookie(server),
+                          queued_bytes(client), queued_bytes(server))
+        sides = ((client, pair.client_cookie, pair.server_cookie), (server, pair.server_cookie, pair.client_cookie))
+        for sock, _cookie, _peer in sides:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, GATE_LOWAT)
+        try:
+            for _sock, cookie, peer in sides:
+                bpfsys.map_update(self._pairs, U64(cookie), BypassPair(peer=peer))
+            for sock, cookie, _peer in sides:
+                bpfsys.map_update(self._socks, U64(cookie), U64(sock.fileno()))
+        except OSError as exc:
+            broken = self.release(pair).unredirected
+            for sock, _cookie, _peer in sides:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+            reason = "map full" if getattr(exc, "errno", None) in (errno.E2BIG, errno.ENOSPC) else str(exc)
+            if broken:
+                raise BypassBroken(f"bytes received while the join failed ({reason})") from exc
+            raise BypassUnavailable(reason) from exc
+        for sock, _cookie, _peer in sides:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)   # runs the verdict on what waits
+        if self.counts(pair).unredirected:
+            self.release(pair)
+            raise BypassBroken("bytes arrived between the two inserts and could not be redirected")
+        return pair
+
+    def counts(self, pair: JoinedPair) -> PairCounts:
+        """The verdict's counters for the pair (zero for an entry already released)."""
+        values = []
+        for cookie in (pair.client_cookie, pair.server_cookie):
+            value = BypassPair()
+            bpfsys.map_lookup(self._pairs, U64(cookie), value)
+            values.append(value)
+        return PairCounts(values[0].bytes, values[1].bytes, values[0].unredirected + values[1].unredirected)
+
+    def drained(self, pair: JoinedPair, toward_server: bool) -> bool:
+        """Whether every byte redirected toward one side is queued on its socket (so a FIN
+        written now goes after them)."""
+        counts = self.counts(pair)
+        if toward_server:
+            return queued_bytes(pair.server) - pair.server_queued_before >= counts.client_to_server
+        return queued_bytes(pair.client) - pair.client_queued_before >= counts.server_to_client
+
+    def release(self, pair: JoinedPair) -> PairCounts:
+        """The final counts; the pair's entries removed (a closed socket leaves the SOCKHASH
+        by itself, an open one is taken out here so nothing redirects into it any more)."""
+        counts = self.counts(pair)
+        self._forget(pair)
+        return counts
+
+    def _forget(self, pair: JoinedPair) -> None:
+        for cookie in (pair.client_cookie, pair.server_cookie):
+            bpfsys.map_delete(self._pairs, U64(cookie))
+            bpfsys.map_delete(self._socks, U64(cookie))
+
+
+def pair_entries(pin_dir: Path | str) -> int:
+    """How many sockets the pair map names (tests, debug)."""
+    fd = bpfsys.obj_get(Path(pin_dir) / "bypass_pairs")
+    try:
+        return len(bpfsys.map_keys(fd, ctypes.c_uint64))
+    finally:
+        os.close(fd)
