@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from typing import Any, Awaitable, Callable, Sequence
 
 from shoal.config import PORT_HUBBLE
@@ -105,22 +106,93 @@ class ControllerApp:
             self.config.agent_service_accounts, kubernetes_pod_lookup(self.api_client),
             self.config.token_audiences)
 
+    def _state_store(self):
+        if self.kube_state is None:
+            from shoal.controller.kubestate import KubernetesState
+            self.kube_state = KubernetesState(self.api_client, namespace=self.config.namespace,
+                                              ca_secret=self.config.ca_secret)
+        return self.kube_state
+
     async def _kubernetes_state(self):
-        """CA from the Secret (created on first start), trust bundle published, identities
-        restored from their ConfigMap; returns the identity saver for the control plane."""
-        from shoal.controller.kubestate import KubernetesState
+        """The leader's: CA from the Secret (created on first start), trust bundle
+        published, identities restored from their ConfigMap; returns the identity saver for
+        the control plane."""
         config = self.config
-        self.kube_state = KubernetesState(self.api_client, namespace=config.namespace,
-                                          ca_secret=config.ca_secret)
-        self.ca = await self.kube_state.load_ca(config.ca_dir, config.trust_domain,
-                                                default_ttl=config.cert_ttl)
-        await self.kube_state.publish_roots(self.ca.roots_pem)
+        kube_state = self._state_store()
+        self.ca = await kube_state.load_ca(config.ca_dir, config.trust_domain,
+                                           default_ttl=config.cert_ttl)
+        await kube_state.publish_roots(self.ca.roots_pem)
         identities = IdentityAllocator(None, external=True)
-        identities.restore(await self.kube_state.load_identities())
+        identities.restore(await kube_state.load_identities())
         self.model = MeshModel(identities, config.trust_domain, generation=self._saved_generation())
         log.info("kubernetes state: CA from Secret %s/%s, %d identities restored",
                  config.namespace, config.ca_secret, len(identities))
-        return self.kube_state.save_identities
+        return kube_state.save_identities
+
+    async def _standby_state(self) -> None:
+        """A standby's state, read only: the CA Secret once the leader has created it, and
+        the leader's identity table, which it follows (``_follow_identities``) but never
+        writes. Its model withholds a workload until the leader's number for it arrives."""
+        config = self.config
+        kube_state = self._state_store()
+        while True:
+            ca = await kube_state.load_ca(config.ca_dir, config.trust_domain, create=False,
+                                          default_ttl=config.cert_ttl)
+            if ca is not None:
+                break
+            log.info("standby: waiting for the leader to create Secret %s/%s",
+                     config.namespace, config.ca_secret)
+            await asyncio.sleep(self.elector.retry_period)
+        self.ca = ca
+        identities = IdentityAllocator(None, external=True, following=True)
+        identities.restore(await kube_state.load_identities())
+        self.model = MeshModel(identities, config.trust_domain, generation=self._saved_generation())
+        log.info("standby: serving reads with %d identities of the leader", len(identities))
+
+    async def _follow_identities(self) -> None:
+        """A standby re-reads the leader's identity table every retry period."""
+        from aiohttp import ClientError
+        from kubernetes_asyncio.client.exceptions import ApiException
+        while True:
+            await asyncio.sleep(self.elector.retry_period)
+            try:
+                allocations = await self.kube_state.load_identities()
+            except (ApiException, ClientError, OSError, asyncio.TimeoutError) as err:
+                log.warning("standby: identity table not read: %s", err)
+                continue
+            self.control_plane.learn_identities(allocations)
+
+    async def _take_over(self) -> None:
+        """The standby now holds the Lease: it allocates from the latest saved table on
+        and publishes what it withheld; the config streams it serves stay connected."""
+        kube_state = self.kube_state
+        allocations = await kube_state.load_identities()
+        change = await self.control_plane.lead(allocations, kube_state.save_identities)
+        await kube_state.publish_roots(self.ca.roots_pem)
+        log.info("took over as leader %s: %d identities, %d withheld resources published",
+                 self.config.identity, len(self.model.identities), len(change.keys))
+
+    def _not_issuing(self) -> str | None:
+        """Why this replica may not sign now (see ``CertificateService``), or None."""
+        elector = self.elector
+        if elector is None:
+            return None
+        lease = f"Lease {self.config.namespace}/{self.config.lease_name}"
+        if not elector.leading:
+            return (f"replica {elector.identity} is a standby: certificates are issued only by the "
+                    f"leader {elector.holder or '(none yet)'} of {lease}; retry on another replica")
+        stale = time.monotonic() - elector.last_renewed
+        if stale >= elector.renew_deadline:
+            return (f"replica {elector.identity} has not renewed {lease} for {stale:.1f} s: "
+                    "it issues nothing until it leads again")
+        return None
+
+    def _admin_status(self) -> dict[str, Any]:
+        status = self.control_plane.status()
+        if self.elector is not None:
+            status.update(role="leader" if self.elector.leading else "standby",
+                          identity=self.elector.identity, leader=self.elector.holder)
+        return status
 
     async def _kubernetes_client(self):
         from kubernetes_asyncio import client
@@ -131,35 +203,37 @@ class ControllerApp:
             kube_config.load_incluster_config()
         return client.ApiClient()
 
-    async def _lead(self, stop: asyncio.Event) -> bool:
-        """Stands by until this replica holds the Lease (True) or is told to stop (False).
-        Meanwhile it answers /status (who leads) and /metrics, and /ready says 503 so the
-        Service sends nodes to the leader only."""
-        from shoal.controller.controlplane import serve_admin
+    async def _elect(self, stop: asyncio.Event) -> asyncio.Future | None:
+        """Competes for the Lease while loading the standby's read-only state; returns the
+        acquisition (done: this replica leads and loads the leader's state; pending: it
+        stands by, serving reads), or None when told to stop first."""
         from shoal.controller.leader import LeaseElector
 
         config = self.config
         self.elector = LeaseElector(self.api_client, config.namespace, config.lease_name,
                                     config.identity)
-        standby = await serve_admin(*_host_port(config.admin_address), self.metrics,
-                                    await self._authenticator(), lambda: False,
-                                    lambda: {"ready": False, "role": "standby",
-                                             "identity": config.identity,
-                                             "leader": self.elector.holder, "agents": []})
-        log.info("standing by as %s for Lease %s/%s", config.identity, config.namespace,
+        log.info("candidate %s for Lease %s/%s", config.identity, config.namespace,
                  config.lease_name)
         acquired = asyncio.ensure_future(self.elector.acquire())
         stopped = asyncio.ensure_future(stop.wait())
+        reads = asyncio.ensure_future(self._standby_state())
         try:
-            await asyncio.wait({acquired, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({acquired, stopped, reads}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopped.cancel()
-            await standby.cleanup()
-        if not acquired.done():
-            acquired.cancel()
-            await asyncio.gather(acquired, return_exceptions=True)
-            return False
-        return True
+        if stop.is_set() or not acquired.done():
+            reads_done = reads.done()
+            if stop.is_set() or not reads_done:
+                for task in (acquired, reads):
+                    task.cancel()
+                await asyncio.gather(acquired, reads, return_exceptions=True)
+                return None
+            reads.result()   # a corrupt CA Secret stops a standby too
+            return acquired
+        reads.cancel()
+        await asyncio.gather(reads, return_exceptions=True)
+        acquired.result()
+        return acquired
 
     def controller_status(self) -> dict[str, Any]:
         """The view behind ``shoal status``: connected agents and each node's config version."""
@@ -174,18 +248,25 @@ class ControllerApp:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         persist = None
+        acquired = None
         if self.config.source == "kubernetes":
             self.api_client = await self._kubernetes_client()
-            if self.config.leader_elect and not await self._lead(stop):
-                await self.api_client.close()
-                return
-            persist = await self._kubernetes_state()
+            if self.config.leader_elect:
+                acquired = await self._elect(stop)
+                if acquired is None:
+                    await self.api_client.close()
+                    return
+            if acquired is None or acquired.done():
+                persist = await self._kubernetes_state()
+        standing_by = acquired is not None and not acquired.done()
         self.control_plane = ControlPlane(self.model, self.ca, await self._authenticator(),
-                                          self.metrics, persist_identities=persist)
+                                          self.metrics, persist_identities=persist,
+                                          not_issuing=self._not_issuing)
         await self.control_plane.start(
             self.config.grpc_address,
             tls_names=self.config.certificate_names() if self.config.tls else None)
-        await self.control_plane.start_admin(*_host_port(self.config.admin_address))
+        await self.control_plane.start_admin(*_host_port(self.config.admin_address),
+                                             status=self._admin_status)
         tasks = [asyncio.create_task(self._save_generation())]
         runner = None
         if self.store is not None:
@@ -209,11 +290,29 @@ class ControllerApp:
         log.info("controller up: config stream + CA on %s, admin on %s, source %s",
                  self.config.grpc_address, self.config.admin_address, self.config.source)
         leadership = None
-        if self.elector is not None:
+        if self.elector is not None and not standing_by:
             leadership = asyncio.create_task(self.elector.keep())
             tasks.append(leadership)
+        follow = asyncio.create_task(self._follow_identities()) if standing_by else None
+        if follow is not None:
+            tasks.append(follow)
         done = asyncio.ensure_future(stop.wait())
-        await asyncio.wait([done, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        while True:
+            await asyncio.wait([done, *tasks, *([acquired] if standing_by else [])],
+                               return_when=asyncio.FIRST_COMPLETED)
+            if not (standing_by and acquired.done() and not done.done()
+                    and not any(task.done() for task in tasks)):
+                break
+            standing_by = False
+            follow.cancel()
+            await asyncio.gather(follow, return_exceptions=True)
+            tasks.remove(follow)
+            await self._take_over()
+            leadership = asyncio.create_task(self.elector.keep())
+            tasks.append(leadership)
+        if acquired is not None and not acquired.done():
+            acquired.cancel()
+            await asyncio.gather(acquired, return_exceptions=True)
         lost = leadership is not None and leadership.done()
         if lost:   # stop issuing first: another replica may lead once the Lease expires
             await self.control_plane.stop(grace=0)

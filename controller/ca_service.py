@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from typing import Callable
 
 import grpc
 
@@ -23,8 +24,13 @@ MAX_TRUST_BUNDLE_REQUEST_BYTES = 1024
 
 class CertificateService:
     def __init__(self, ca: CertificateAuthority, model: MeshModel,
-                 metrics: ControllerMetrics) -> None:
+                 metrics: ControllerMetrics,
+                 not_issuing: Callable[[], str | None] = lambda: None) -> None:
+        """``not_issuing``: why this replica may not sign now (a standby, or a leader whose
+        Lease is not fresh), or None. Checked for every request, so issuance stops the
+        moment the Lease may have passed to another replica, however late the loop runs."""
         self.ca, self.model, self.metrics = ca, model, metrics
+        self.not_issuing = not_issuing
 
     def handler(self) -> grpc.GenericRpcHandler:
         """Callers are authenticated by NodeAuthInterceptor before a body is read; the
@@ -46,6 +52,9 @@ class CertificateService:
             await self._refuse(context, node, "too_large", grpc.StatusCode.RESOURCE_EXHAUSTED,
                                str(request) if isinstance(request, TooLarge)
                                else f"CSR larger than {MAX_CSR_BYTES} bytes")
+        refusal = self.not_issuing()
+        if refusal is not None:   # UNAVAILABLE: the client retries on another replica
+            await self._refuse(context, node, "not_leader", grpc.StatusCode.UNAVAILABLE, refusal)
         spiffe_id = request.spiffe_id or parse_spiffe_from_csr(request.csr_pem)
         if spiffe_id not in self.model.identities_for_caller(node):
             await self._refuse(context, node, "not_on_node", grpc.StatusCode.PERMISSION_DENIED,

@@ -70,7 +70,10 @@ class ControllerConfig:
         names = ["localhost", "127.0.0.1", LOCAL_CONTROLLER_IP,
                  "shoal-controller", "shoal-controller.shoal-system",
                  "shoal-controller.shoal-system.svc",
-                 f"shoal-controller.shoal-system.svc.{self.trust_domain}"]
+                 f"shoal-controller.shoal-system.svc.{self.trust_domain}",
+                 # the headless Service nodes balance over (every replica, round-robin)
+                 "shoal-controller-replicas.shoal-system.svc",
+                 f"shoal-controller-replicas.shoal-system.svc.{self.trust_domain}"]
         if host and host not in ("0.0.0.0", "::"):
             names.insert(0, host)
         names += list(self.tls_names)

@@ -82,16 +82,18 @@ async def serve_admin(host: str, port: int, metrics: ControllerMetrics,
 class ControlPlane:
     def __init__(self, model: MeshModel, ca: CertificateAuthority, authenticator: Authenticator,
                  metrics: ControllerMetrics | None = None,
-                 persist_identities: Callable[[list], Awaitable[None]] | None = None) -> None:
+                 persist_identities: Callable[[list], Awaitable[None]] | None = None,
+                 not_issuing: Callable[[], str | None] = lambda: None) -> None:
         """``persist_identities``: saves new identity allocations elsewhere (Kubernetes mode)
-        before any push uses them; see ``apply_async``."""
+        before any push uses them; see ``apply_async``. ``not_issuing``: see
+        ``CertificateService`` (a standby serves the config stream but signs nothing)."""
         self.model = model
         self.persist_identities = persist_identities
         self.ca = ca
         self.metrics = metrics or ControllerMetrics.create()
         self.authenticator = authenticator
         self.distributor = Distributor(model, self.metrics)
-        self.certificates = CertificateService(ca, model, self.metrics)
+        self.certificates = CertificateService(ca, model, self.metrics, not_issuing)
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
         self._synced_sources: set[str] = set()
@@ -132,6 +134,26 @@ class ControlPlane:
 
     async def replace_async(self, kind: str, objs: Iterable[Obj]) -> Change:
         change = self.model.replace(kind, objs)
+        await self._persist()
+        self._after(change)
+        return change
+
+    def learn_identities(self, allocations: list) -> Change:
+        """A standby: the leader's identity table as last read; publishes the workloads
+        that waited for their number."""
+        self.model.identities.restore(allocations)
+        change = self.model.recheck_withheld()
+        self._after(change)
+        return change
+
+    async def lead(self, allocations: list,
+                   persist_identities: Callable[[list], Awaitable[None]]) -> Change:
+        """A standby becomes the leader: from the latest table on, it allocates (and saves)
+        the numbers of the workloads it withheld."""
+        self.model.identities.restore(allocations)
+        self.model.identities.lead()
+        self.persist_identities = persist_identities
+        change = self.model.recheck_withheld()
         await self._persist()
         self._after(change)
         return change
@@ -183,10 +205,11 @@ class ControlPlane:
         log.info("config stream and CA on %s (port %d)", address, self.port)
         return self.port
 
-    async def start_admin(self, host: str, port: int) -> None:
+    async def start_admin(self, host: str, port: int,
+                          status: Callable[[], dict[str, Any]] | None = None) -> None:
         """The admin HTTP endpoints (``serve_admin``) for this control plane."""
         self._metrics_runner = await serve_admin(host, port, self.metrics, self.authenticator,
-                                                 lambda: self.ready, self.status)
+                                                 lambda: self.ready, status or self.status)
 
     async def stop(self, grace: float = 1.0) -> None:
         if self.server is not None:

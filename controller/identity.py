@@ -22,13 +22,25 @@ MAX_IDENTITY = 2**32 - 1   # the eBPF maps hold u32
 Allocation = tuple[int, str, str]   # (identity, namespace, service account)
 
 
+class IdentityPending(LookupError):
+    """A following allocator (a standby controller) does not know this identity yet: only
+    the leader allocates, and its number reaches the standby through the API server."""
+
+
 class IdentityAllocator:
-    def __init__(self, path: Path | str | None, external: bool = False) -> None:
+    def __init__(self, path: Path | str | None, external: bool = False,
+                 following: bool = False) -> None:
         """``path``: the local log file. None keeps allocations in memory (tests,
         benchmarks), or, with ``external``, for someone else to persist: ``take_pending()``
-        (the Kubernetes mode's ConfigMap), after ``restore()`` of what was saved."""
+        (the Kubernetes mode's ConfigMap), after ``restore()`` of what was saved.
+
+        ``following``: never allocate (a standby replica): ``get`` of an unknown pair raises
+        ``IdentityPending`` and remembers the pair in ``withheld`` until ``restore`` brings
+        the leader's number; ``lead()`` starts allocating."""
         self._path = Path(path) if path is not None else None
         self._external = external
+        self.following = following
+        self.withheld: set[tuple[str, str]] = set()
         self._ids: dict[tuple[str, str], int] = {}
         self._next = FIRST_IDENTITY
         self._pending: list[Allocation] = []
@@ -40,6 +52,11 @@ class IdentityAllocator:
         for number, namespace, sa in allocations:
             self._ids[(namespace, sa)] = number
             self._next = max(self._next, number + 1)
+
+    def lead(self) -> None:
+        """This replica now leads: unknown pairs get new numbers (after the latest
+        ``restore``, so none is handed out twice)."""
+        self.following = False
 
     def take_pending(self) -> list[Allocation]:
         """External persistence: the allocations not yet saved (and forgets them)."""
@@ -63,6 +80,9 @@ class IdentityAllocator:
         number = self._ids.get(key)
         if number is not None:
             return number
+        if self.following:
+            self.withheld.add(key)
+            raise IdentityPending(f"identity of {namespace}/{service_account} not allocated yet")
         if self._next > MAX_IDENTITY:
             raise RuntimeError("identity space exhausted")
         number = self._next

@@ -50,13 +50,17 @@ class KubernetesState:
 
     # -- CA ----------------------------------------------------------------------------------
 
-    async def load_ca(self, ca_dir: Path, trust_domain: str, **ca_options) -> CertificateAuthority:
+    async def load_ca(self, ca_dir: Path, trust_domain: str, create: bool = True,
+                      **ca_options) -> CertificateAuthority | None:
         """Materializes the CA Secret into ``ca_dir`` (created 0700) and loads it; generates
-        and stores one when the Secret does not exist."""
+        and stores one when the Secret does not exist, unless not ``create`` (a standby,
+        which never writes: then None until the leader has created it)."""
         ca_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         for stale in CA_FILES:
             (ca_dir / stale).unlink(missing_ok=True)
         secret = await self._read_secret()
+        if secret is None and not create:
+            return None
         if secret is None:
             generated = CertificateAuthority.load_or_create(ca_dir, trust_domain, **ca_options)
             data = {name: base64.b64encode((ca_dir / name).read_bytes()).decode()

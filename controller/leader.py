@@ -1,9 +1,9 @@
 """Leader election on a ``coordination.k8s.io/v1`` Lease (Kubernetes mode, 2+ replicas).
 
-Only the leader writes (the CA Secret, the identity ConfigMap, the trust bundle) and serves
-the config stream and the CA: identity numbers must come from one allocator. A standby
-answers ``/status`` and ``/metrics``, reports not ready (so the Service sends nodes to the
-leader only), and takes over once the Lease has not been renewed for its duration.
+Only the leader writes (the CA Secret, the identity ConfigMap, the trust bundle) and issues
+certificates: identity numbers must come from one allocator, and one signer answers for the
+Lease. A standby serves reads (the config stream, ``/status``) from its own watch and the
+leader's identity table, and takes over once the Lease has not been renewed for its duration.
 
 As client-go's leaderelection, expiry is judged on this process's monotonic clock from the
 moment it last saw the Lease record change, never by comparing wall clocks across machines.

@@ -40,7 +40,7 @@ from shoal.config import (
     WAYPOINT_GATEWAY_CLASS,
     spiffe_id,
 )
-from shoal.controller.identity import IdentityAllocator
+from shoal.controller.identity import IdentityAllocator, IdentityPending
 from shoal.xds import convert
 from shoal.xds import model as m
 
@@ -128,6 +128,10 @@ def _waypoint_label(namespace: str, *objs: Obj | None) -> m.WaypointRef | None:
         if value:
             return None if value == "none" else m.WaypointRef(namespace=namespace, name=value)
     return None
+
+
+def service_account(pod_spec: Obj) -> str:
+    return pod_spec.get("serviceAccountName") or pod_spec.get("serviceAccount") or "default"
 
 
 def owning_workload(pod: Obj) -> tuple[str, str]:
@@ -322,6 +326,19 @@ class MeshModel:
             change.generation = self.generation
         return change
 
+    def recheck_withheld(self) -> Change:
+        """Rebuilds the pods whose identity a following allocator withheld and now knows
+        (restored from the leader's table, or allocated since this replica leads)."""
+        known = {key for key in self.identities.withheld
+                 if self.identities.lookup(*key) is not None or not self.identities.following}
+        if not known:
+            return Change(generation=self.generation)
+        self.identities.withheld -= known
+        pods = [pod for namespace in {ns for ns, _ in known}
+                for pod in self.objects("Pod", namespace)
+                if (namespace, service_account(pod.get("spec") or {})) in known]
+        return self.apply(("MODIFIED", pod) for pod in pods)
+
     # -- rebuilding ----------------------------------------------------------------------------
 
     def _rebuild(self, key: str, build, description: str, change: Change) -> Entry | None:
@@ -365,8 +382,7 @@ class MeshModel:
         if pod is not None:
             spec, status = pod.get("spec") or {}, pod.get("status") or {}
             if spec.get("nodeName") and status.get("phase") not in TERMINAL_PHASES:
-                sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
-                placed = (spec["nodeName"], spiffe_id(namespace, sa, self.trust_domain))
+                placed = (spec["nodeName"], spiffe_id(namespace, service_account(spec), self.trust_domain))
         before = self._scheduled.pop((namespace, name), None)
         if before == placed:
             if placed is not None:
@@ -476,13 +492,17 @@ class MeshModel:
         owner_kind, owner_name = owning_workload(pod)
         ns_obj = self.get("Namespace", "", namespace)
         meshed = pod_meshed(pod, ns_obj)
-        sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+        sa = service_account(spec)
         ip, ips = pod_addresses(status)
         if not ip:
             return None   # not routable yet: it appears once the CNI has given it an address
+        try:
+            identity = self.identities.get(namespace, sa)
+        except IdentityPending:
+            return None   # a standby: published once the leader's number arrives
         return m.Workload(
             uid=f"{namespace}/{name}", name=name, namespace=namespace, service_account=sa,
-            node=node, ip=ip, ips=ips, identity=self.identities.get(namespace, sa),
+            node=node, ip=ip, ips=ips, identity=identity,
             spiffe_id=spiffe_id(namespace, sa, self.trust_domain), meshed=meshed,
             waypoint=self._bound_waypoint(_waypoint_label(namespace, pod, ns_obj)) if meshed else None,
             protocol="HBONE" if meshed else "TCP", labels=m.Labels(labels),

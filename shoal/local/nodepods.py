@@ -27,6 +27,7 @@ from shoal.local.containers import PODMAN_GLOBAL, ContainerRun, container_run, u
 DAEMONSET = "shoal-agent"
 CONTROLLER = "shoal-controller"
 CONTROLLER_SERVICE = "shoal-controller.shoal-system.svc"
+CONTROLLER_REPLICAS = "shoal-controller-replicas.shoal-system.svc"   # what nodes dial
 # The sandbox's process, as Kubernetes' pause: holds the pod's PID namespace and reaps
 # the orphans that land on it (PID 1), nothing else.
 PAUSE = ("import os, signal\n"
@@ -150,5 +151,6 @@ class NodeContainers:
         if run.share_process_namespace and not podman.exists(sandbox):
             self.start_sandbox(node)
         argv = run.argv(name, self.network(node), labels=self.labels(node),
-                        hosts={CONTROLLER_SERVICE: LOCAL_CONTROLLER_IP}, sandbox=sandbox)
+                        hosts={CONTROLLER_SERVICE: LOCAL_CONTROLLER_IP,
+                               CONTROLLER_REPLICAS: LOCAL_CONTROLLER_IP}, sandbox=sandbox)
         return podman.run(self._logged(argv, f"{container}-{node}"))

@@ -30,7 +30,13 @@ CHANNEL_OPTIONS = (
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
+    # Every address of the target (a headless Service over the controller replicas, or
+    # ``ipv4:a:p,b:p``) gets a connection, and calls take them in turn: a certificate
+    # request a standby refuses is retried on the other replica.
+    ("grpc.lb_policy_name", "round_robin"),
 )
+# Attempts of a certificate request answered UNAVAILABLE (a standby replica, or none up).
+SIGN_ATTEMPTS = 3
 
 
 def read_token(path: str | Path) -> str:
@@ -143,14 +149,25 @@ class ConfigClient:
         """Asks the controller's CA to sign ``csr_pem``; returns (cert_chain_pem, roots_pem).
 
         ``spiffe_id`` defaults to the CSR's URI SAN. Raises grpc.aio.AioRpcError
-        (PERMISSION_DENIED, INVALID_ARGUMENT...) when refused.
+        (PERMISSION_DENIED, INVALID_ARGUMENT...) when refused. UNAVAILABLE (a standby
+        replica, which signs nothing) is retried: round-robin takes the next replica.
         """
         if isinstance(csr_pem, bytes):
             csr_pem = csr_pem.decode()
+        request = pb.CertificateRequest(csr_pem=csr_pem, spiffe_id=spiffe_id, ttl_seconds=ttl_seconds)
+        for attempt in range(1, SIGN_ATTEMPTS):
+            try:
+                return await self._sign_once(request, timeout)
+            except grpc.aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                log.info("certificate request: %s; retrying", err.details())
+                await asyncio.sleep(0.05 * attempt)
+        return await self._sign_once(request, timeout)
+
+    async def _sign_once(self, request: pb.CertificateRequest, timeout: float) -> tuple[str, str]:
         stub = pb_grpc.CertificateAuthorityStub(self._get_channel())
-        reply = await stub.SignCertificate(
-            pb.CertificateRequest(csr_pem=csr_pem, spiffe_id=spiffe_id, ttl_seconds=ttl_seconds),
-            metadata=self._metadata, timeout=timeout)
+        reply = await stub.SignCertificate(request, metadata=self._metadata, timeout=timeout)
         return reply.cert_chain_pem, reply.roots_pem
 
     async def trust_bundle(self, timeout: float = 10.0) -> str:

@@ -342,15 +342,38 @@ def _http(url, token=None):
         return None, b""
 
 
-@pytest.mark.timeout(240)   # two controllers, a lease expiry and a lost lease: ~45 s unloaded
-async def test_two_replicas_one_lease_failover_keeps_root_and_identities(tmp_path):
-    """2 controllers on one coordination.k8s.io Lease (fake API server): one leads, the
-    other stands by (not ready, /status names the leader, no config stream, no CA); the
-    leader is SIGKILLed and the standby takes over within 15 s with the same root and the
-    same numbers; then the Lease can no longer be renewed and the new leader stops
-    issuing within the lease time."""
-    import grpc
+def _csr(spiffe="spiffe://cluster.local/ns/demo/sa/web"):
     from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+           .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe)]),
+                          critical=True)
+           .sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256()))
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def _issued_root(chain, roots):
+    """The root the leaf of ``chain`` verifies against (one of ``roots``)."""
+    from cryptography import x509
+    leaf = x509.load_pem_x509_certificates(chain.encode())[0]
+    root = x509.load_pem_x509_certificates(roots.encode())[0]
+    leaf.verify_directly_issued_by(root)
+    return root
+
+
+@pytest.mark.timeout(300)   # two controllers, a lease expiry and a lost lease: ~45 s unloaded
+async def test_two_replicas_one_lease_standby_serves_reads_and_takes_over(tmp_path):
+    """2 controllers on one coordination.k8s.io Lease (fake API server). One leads; the
+    other stands by and serves reads: a node's config stream connected to the standby gets
+    the same config and updates as one on the leader (a new service account's number is
+    the leader's, read from the ConfigMap), /status names the leader, and certificate
+    requests are refused UNAVAILABLE naming the leader and never issued, so a client over
+    both replicas (round-robin) gets its certificates from the leader. The leader is
+    SIGKILLed: the standby takes over within the issue's 15 s, its config stream stays
+    connected, and issuance continues with the same root and numbers. Then the Lease can
+    no longer be renewed: the new leader issues nothing later than its lease time."""
+    import grpc
 
     from shoal.api import config_pb2 as pb
 
@@ -364,6 +387,7 @@ async def test_two_replicas_one_lease_failover_keeps_root_and_identities(tmp_pat
     token = server.pod_token("shoal-system", "shoal-agent-x7")
     kubeconfig = _kubeconfig(tmp_path, server)
     replicas = {}
+    clients = []
 
     def start(name):
         grpc_port, admin_port = free_port(), free_port()
@@ -383,77 +407,126 @@ async def test_two_replicas_one_lease_failover_keeps_root_and_identities(tmp_pat
         code, body = await asyncio.to_thread(_http, f"http://127.0.0.1:{replicas[name][2]}/status", token)
         return json.loads(body) if code == 200 else {}
 
+    async def role(name):
+        return (await status(name)).get("role")
+
+    async def metrics(name):
+        return (await asyncio.to_thread(_http, f"http://127.0.0.1:{replicas[name][2]}/metrics"))[1].decode()
+
     async def wait_for(check, timeout, what):
         deadline = time.monotonic() + timeout
         while not await check():
             assert time.monotonic() < deadline, f"{what}: {[(tmp_path / f'{n}.log').read_text()[-1500:] for n in replicas]}"
             await asyncio.sleep(0.1)
 
-    async def identities_and_root(grpc_port):
+    def stream(target):
         state = ConfigState()
-        client = ConfigClient(f"127.0.0.1:{grpc_port}", "node-7", token, state, component="agent",
+        client = ConfigClient(target, "node-7", token, state, component="agent",
                               min_backoff=0.05, max_backoff=0.3)
-        task = asyncio.ensure_future(client.run())
-        try:
-            await until(lambda: state.workload("demo/web-0") is not None, timeout=20)
-            from cryptography.hazmat.primitives import hashes, serialization
-            from cryptography.hazmat.primitives.asymmetric import ec
-            spiffe = "spiffe://cluster.local/ns/demo/sa/web"
-            csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
-                   .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe)]),
-                                  critical=True)
-                   .sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256()))
-            chain, roots = await client.sign_certificate(csr.public_bytes(serialization.Encoding.PEM))
-            leaf = x509.load_pem_x509_certificates(chain.encode())[0]
-            leaf.verify_directly_issued_by(x509.load_pem_x509_certificates(roots.encode())[0])
-            return state.workload("demo/web-0").identity, roots
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await client.close()
+        clients.append((client, asyncio.ensure_future(client.run())))
+        return client, state
+
+    def identity_of(state, name):
+        workload = state.workload(f"demo/{name}")
+        return workload.identity if workload else None
+
+    async def sign_directly(name):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{replicas[name][1]}") as channel:
+            return await channel.unary_unary(
+                "/shoal.config.v1.CertificateAuthority/SignCertificate",
+                request_serializer=pb.CertificateRequest.SerializeToString,
+                response_deserializer=pb.CertificateResponse.FromString)(
+                pb.CertificateRequest(csr_pem=_csr().decode()), timeout=5,
+                metadata=(("authorization", f"Bearer {token}"),))
 
     try:
         start("replica-a")
-        await wait_for(lambda: _is(ready("replica-a"), 200), 30, "replica-a leads")
+        await wait_for(lambda: _is(role("replica-a"), "leader"), 30, "replica-a leads")
         start("replica-b")
-        await wait_for(lambda: _has_status(status("replica-b")), 30, "replica-b stands by")
+        await wait_for(lambda: _is(role("replica-b"), "standby"), 30, "replica-b stands by")
         standby = await status("replica-b")
-        assert standby["role"] == "standby" and standby["leader"] == "replica-a"
-        assert await ready("replica-b") == 503
+        assert standby["leader"] == "replica-a" and standby["identity"] == "replica-b"
         lease = server.stored[("leases", "shoal-system", "shoal-controller")]
         assert lease["spec"]["holderIdentity"] == "replica-a"
-        identity, root = await identities_and_root(replicas["replica-a"][1])
-        # The standby issues nothing: its config and CA port is not even open.
-        with pytest.raises(OSError):
-            socket.create_connection(("127.0.0.1", replicas["replica-b"][1]), timeout=1).close()
+        # The standby is ready (the Service spans both) once it has listed everything.
+        await wait_for(lambda: _is(ready("replica-b"), 200), 30, "the standby serves reads")
 
+        # The same config, and the same updates, from either replica.
+        on_leader, leader_state = stream(f"127.0.0.1:{replicas['replica-a'][1]}")
+        on_standby, standby_state = stream(f"127.0.0.1:{replicas['replica-b'][1]}")
+        await until(lambda: identity_of(leader_state, "web-0") and identity_of(standby_state, "web-0"))
+        web = identity_of(leader_state, "web-0")
+        assert identity_of(standby_state, "web-0") == web
+        server.put(pod("demo", "api-0", node="node-7", ip="10.244.7.5", sa="api"))   # a new number
+        await until(lambda: identity_of(leader_state, "api-0") and identity_of(standby_state, "api-0"))
+        api = identity_of(standby_state, "api-0")
+        assert api == identity_of(leader_state, "api-0") != web
+        assert server.stored[("configmaps", "shoal-system", "shoal-identities")]["data"]["demo.api"] == str(api)
+        await until(lambda: on_leader.receiver.versions == on_standby.receiver.versions)
+        assert [a["node"] for a in (await status("replica-b"))["agents"]] == ["node-7"]
+
+        # The standby signs nothing: UNAVAILABLE, naming the leader.
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await sign_directly("replica-b")
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "standby" in refused.value.details() and "replica-a" in refused.value.details()
+        standby_metrics = await metrics("replica-b")
+        assert "citadel_server_success_cert_issuance_count_total 0.0" in standby_metrics
+        assert 'citadel_server_csr_sign_err_count_total{reason="not_leader"} 1.0' in standby_metrics
+        # A client over both replicas: every request reaches the leader (retried once
+        # when round-robin picks the standby).
+        both = ",".join(f"127.0.0.1:{replicas[n][1]}" for n in ("replica-a", "replica-b"))
+        over_both, _ = stream(f"ipv4:{both}")
+        roots_before = set()
+        for _ in range(4):
+            chain, roots = await over_both.sign_certificate(_csr())
+            roots_before.add(_issued_root(chain, roots).fingerprint(_sha256()))
+        assert len(roots_before) == 1
+        assert "citadel_server_success_cert_issuance_count_total 0.0" in await metrics("replica-b")
+
+        reconnects = on_standby.reconnects
         replicas["replica-a"][0].kill()          # SIGKILL: no release of the Lease
         replicas["replica-a"][0].wait()
         killed = time.monotonic()
-        await wait_for(lambda: _is(ready("replica-b"), 200), 20, "replica-b takes over")
+        await wait_for(lambda: _is(role("replica-b"), "leader"), 30, "replica-b takes over")
+        chain, roots = await on_standby.sign_certificate(_csr(), timeout=10)
         took = time.monotonic() - killed
-        print(f"takeover after SIGKILL: {took:.1f} s")
+        print(f"takeover after SIGKILL, to the first certificate: {took:.1f} s")
         assert took <= 15, f"takeover took {took:.1f} s"
+        assert _issued_root(chain, roots).fingerprint(_sha256()) in roots_before
         assert server.stored[("leases", "shoal-system", "shoal-controller")]["spec"]["holderIdentity"] == "replica-b"
-        assert await identities_and_root(replicas["replica-b"][1]) == (identity, root)
+        # The stream on the standby was never cut; the new leader allocates from the table.
+        assert on_standby.reconnects == reconnects and on_standby.connected
+        server.put(pod("demo", "db-0", node="node-7", ip="10.244.7.4", sa="db"))
+        await until(lambda: identity_of(standby_state, "db-0"))
+        assert identity_of(standby_state, "db-0") not in (web, api)
+        ids = server.stored[("configmaps", "shoal-system", "shoal-identities")]["data"]
+        assert (ids["demo.web"], ids["demo.api"]) == (str(web), str(api))
+        assert ids["demo.db"] == str(identity_of(standby_state, "db-0"))
 
-        # The API server stops accepting Lease writes: the leader stops issuing in time.
+        # The API server stops accepting Lease writes: the leader issues nothing later than
+        # its lease time (8 s) after the last renewal, and exits to rejoin as a standby.
         server.failing.add("leases")
         failed = time.monotonic()
+        last_issued = None
         proc_b = replicas["replica-b"][0]
-        while proc_b.poll() is None:
-            assert time.monotonic() - failed < 12, "the leader kept running without its Lease"
-            await asyncio.sleep(0.1)
-        assert time.monotonic() - failed <= 8.0 and proc_b.returncode == 1   # the lease time
+        while proc_b.poll() is None and time.monotonic() - failed < 30:
+            try:
+                await sign_directly("replica-b")
+                last_issued = time.monotonic() - failed
+            except grpc.aio.AioRpcError as err:
+                assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+            await asyncio.sleep(0.2)
+        assert last_issued is not None, "the leader never issued before the outage"
+        print(f"last certificate {last_issued:.1f} s after the Lease outage began")
+        assert last_issued < 8.0, f"issued {last_issued:.1f} s into the outage"
+        assert proc_b.wait(15) == 1
         assert "lost the Lease" in (tmp_path / "replica-b.log").read_text()
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{replicas['replica-b'][1]}") as channel:
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await channel.unary_unary("/shoal.config.v1.CertificateAuthority/TrustBundle",
-                                          request_serializer=pb.TrustBundleRequest.SerializeToString,
-                                          response_deserializer=pb.TrustBundleResponse.FromString)(
-                    pb.TrustBundleRequest(), metadata=(("authorization", f"Bearer {token}"),), timeout=3)
-            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
+        for client, task in clients:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await client.close()
         for proc, *_ in replicas.values():
             if proc.poll() is None:
                 proc.kill()
@@ -461,12 +534,13 @@ async def test_two_replicas_one_lease_failover_keeps_root_and_identities(tmp_pat
         await server.stop()
 
 
+def _sha256():
+    from cryptography.hazmat.primitives import hashes
+    return hashes.SHA256()
+
+
 async def _is(awaitable, value):
     return await awaitable == value
-
-
-async def _has_status(awaitable):
-    return bool(await awaitable)
 
 
 async def test_unauthenticated_calls_are_always_refused_as_unauthenticated(controller, layout):

@@ -449,3 +449,43 @@ async def test_requests_are_refused_by_size_per_method_and_unauthenticated_unrea
                                    response_deserializer=pb.CertificateResponse.FromString)
         reply = await stub(pb.CertificateRequest(csr_pem=make_csr(WEB)), metadata=authed)
         assert "BEGIN CERTIFICATE" in reply.cert_chain_pem
+
+
+async def test_a_standby_plane_streams_config_but_signs_nothing_until_it_leads(ca, tmp_path):
+    """A standby's plane (following allocator, not issuing) over real gRPC: the stream
+    carries what the leader numbered; a CSR gets UNAVAILABLE with the refusal's text
+    (retried by the client, then raised), counted, nothing issued. ``lead()`` numbers and
+    saves what was withheld, and signing starts."""
+    refusal = ["replica b is a standby: certificates are issued only by the leader a"]
+    identities = IdentityAllocator(None, external=True, following=True)
+    identities.restore([(500, "demo", "web")])
+    plane = ControlPlane(MeshModel(identities), ca, NodeCredentialAuthenticator(CREDENTIALS),
+                         not_issuing=lambda: refusal[0])
+    plane.apply(demo_objects())
+    await plane.start("127.0.0.1:0")
+    node = Node(plane.port, "node-2")
+    try:
+        await node.client.synced.wait()
+        assert {w.uid: w.identity for w in node.state.all_workloads()} == {"demo/web-0": 500}
+        assert await node.client.trust_bundle() == ca.roots_pem
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await node.client.sign_certificate(make_csr(DB))
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert refused.value.details() == refusal[0]
+        assert plane.metrics.cert_errors.labels("not_leader")._value.get() == 3   # 3 attempts
+        assert plane.metrics.certs_issued._value.get() == 0
+
+        saved = []
+
+        async def persist(allocations):
+            saved.extend(allocations)
+        refusal[0] = None
+        change = await plane.lead([(500, "demo", "web"), (501, "demo", "api")], persist)
+        assert change.keys == {"workload/demo/db-0"} and saved == [(502, "demo", "db")]
+        await node.until(lambda: node.state.workload("demo/db-0") is not None)
+        assert node.state.workload("demo/db-0").identity == 502
+        await node.client.sign_certificate(make_csr(DB))
+        assert plane.metrics.certs_issued._value.get() == 1
+    finally:
+        await node.close()
+        await plane.stop(0)

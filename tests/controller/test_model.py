@@ -292,3 +292,23 @@ def test_service_ports_carry_their_app_protocol_and_grpcroutes_pass_through():
     assert [p.app_protocol for p in echo.ports] == ["", "kubernetes.io/h2c"]
     passed = [r.resource for r in model.resources.values() if isinstance(r.resource, m.KubeObject)]
     assert [(o.kind, o.namespace, o.name) for o in passed] == [("GRPCRoute", "demo", "echo")]
+
+
+def test_a_standby_model_withholds_a_workload_until_the_leaders_number_arrives():
+    """A following allocator (standby): a pod of a new service account is not published
+    (no number of its own invented) but counts for the CA scope; once the leader's number
+    is restored it is published with that number, and only what waited is rebuilt."""
+    identities = IdentityAllocator(None, external=True, following=True)
+    identities.restore([(400, "demo", "web")])
+    model = MeshModel(identities)
+    model.apply(added(namespace("demo"), pod("demo", "web-0", sa="web"),
+                      pod("demo", "api-0", sa="api", ip="10.244.1.9")))
+    assert model.resources["workload/demo/web-0"].resource.identity == 400
+    assert "workload/demo/api-0" not in model.resources
+    assert "spiffe://cluster.local/ns/demo/sa/api" in model.identities_on_node("node-1")
+    assert not model.recheck_withheld()          # still unknown: nothing to do
+    identities.restore([(400, "demo", "web"), (401, "demo", "api")])
+    change = model.recheck_withheld()
+    assert change.keys == {"workload/demo/api-0"}
+    assert model.resources["workload/demo/api-0"].resource.identity == 401
+    assert not identities.withheld
