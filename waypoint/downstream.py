@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Protocol
 
 import h2.config
 import h2.connection
@@ -35,12 +35,47 @@ REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large",
            501: "Not Implemented", 505: "HTTP Version Not Supported"}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
-Handler = Callable[[ProxyRequest, Body, object], Awaitable[None]]
+Handler = Callable[..., Awaitable[None]]   # (request, body, sink[, handoff]) -> the pipeline
 Reject = Callable[[str, int], None]  # (reason, status) -> count it
 
 
+class Handoff:
+    """A request the fast path parsed (and routed) but leaves to the pipeline.
+
+    ``body`` yields the request body it already took from the reader; ``routed`` and
+    ``record`` are the pipeline's own decisions and record (made once: the authorization
+    counter and the rate limiter see each request once), ``attempt`` a first upstream
+    attempt that failed before any answer was forwarded.
+    """
+
+    __slots__ = ("head", "request", "body", "record", "routed", "attempt")
+
+    def __init__(self, head: RequestHead, request: ProxyRequest, body: Body, record: object = None,
+                 routed: object = None, attempt: object = None) -> None:
+        self.head = head
+        self.request = request
+        self.body = body
+        self.record = record
+        self.routed = routed
+        self.attempt = attempt
+
+
+CLOSE = object()   # what a fast lane returns when the connection ends after its answer
+
+
+class FastLane(Protocol):
+    """Serves plain requests from callbacks (``waypoint.fastpath``); ``serve`` returns when it
+    stops: None (the reader holds something for the pipeline), a ``Handoff``, or ``CLOSE``."""
+
+    def serve(self) -> Awaitable["Handoff | object | None"]: ...
+
+
+FastLaneFactory = Callable[["H1Server"], "FastLane | None"]
+
+
 async def serve_connection(stream: Tunnel, peer: PeerInfo, handler: Handler, limits: Limits,
-                           reject: Reject, on_protocol: Callable[[str], None] = lambda p: None) -> None:
+                           reject: Reject, on_protocol: Callable[[str], None] = lambda p: None,
+                           fast_lane: "FastLaneFactory | None" = None) -> None:
     """Serve one downstream connection until it closes; never raises for client misbehaviour."""
     try:
         try:
@@ -59,7 +94,10 @@ async def serve_connection(stream: Tunnel, peer: PeerInfo, handler: Handler, lim
             await H2Server(stream, peer, handler, limits, reject).run(first)
         else:
             on_protocol("HTTP/1.1")
-            await H1Server(stream, peer, handler, limits, reject).run(first)
+            server = H1Server(stream, peer, handler, limits, reject)
+            if fast_lane is not None:
+                server.lane = fast_lane(server)
+            await server.run(first)
     except (ConnectionError, OSError) as err:
         log.debug("downstream %s:%d: %s", peer.source_ip, peer.source_port, err)
     finally:
@@ -107,6 +145,7 @@ class H1Server:
         self._no_body = False          # ...or has no body at all (HEAD, 204, 304)
         self._close_after = False      # the connection ends with the current response
         self._switched = False
+        self.lane: FastLane | None = None   # callback fast path for plain requests (waypoint.fastpath)
 
     def _fail(self, status: int, reason: str, detail: str) -> _Close:
         self.reject(reason, status)
@@ -117,13 +156,23 @@ class H1Server:
 
     async def run(self, initial: bytes) -> None:
         self.reader.feed(initial)
+        lane = self.lane
         try:
             while True:
+                handoff = None
+                if lane is not None:
+                    handoff = await lane.serve()
+                    if handoff is CLOSE:
+                        raise _Close()
                 self.response_started = False
-                head = await self._read_head()
-                if head is None:
-                    return
-                await self._serve(head)
+                if handoff is None:
+                    head = await self._read_head()
+                    if head is None:
+                        return
+                    await self._serve(head)
+                else:
+                    assert isinstance(handoff, Handoff)
+                    await self._serve(handoff.head, handoff)
                 if self._switched or self._close_after or not self._body_done:
                     return
         except _Close:
@@ -157,7 +206,9 @@ class H1Server:
             raise self._fail(event.status, event.reason, event.detail)
         raise self._fail(400, "malformed_request", f"unexpected {event!r}")
 
-    async def _serve(self, head: RequestHead) -> None:
+    def begin(self, head: RequestHead) -> None:
+        """A new request: its head is the current one, its body not consumed yet."""
+        self.response_started = False
         self._head = head
         self._body_done = False
         events = self.reader.events
@@ -166,6 +217,8 @@ class H1Server:
             # reusable however the handler answers.
             events.popleft()
             self._body_done = True
+
+    def request_for(self, head: RequestHead) -> ProxyRequest:
         authority = ""
         headers = []
         for name, value in head.headers:
@@ -173,11 +226,32 @@ class H1Server:
                 authority = value
             else:
                 headers.append((name, value))
-        request = ProxyRequest(method=head.method, target=head.target, authority=authority, headers=headers,
-                               protocol="HTTP/1.1" if head.version == "1.1" else "HTTP/1.0", peer=self.peer,
-                               content_length=head.content_length, upgrade=head.upgrade)
+        return ProxyRequest(method=head.method, target=head.target, authority=authority, headers=headers,
+                            protocol="HTTP/1.1" if head.version == "1.1" else "HTTP/1.0", peer=self.peer,
+                            content_length=head.content_length, upgrade=head.upgrade)
+
+    @property
+    def body_done(self) -> bool:
+        """The current request's body was read to its end."""
+        return self._body_done
+
+    def body_taken(self) -> None:
+        """The current request's body was consumed to its end (by the fast path)."""
+        self._body_done = True
+
+    async def buffered_body(self, chunks: list[bytes]) -> Body:
+        """A body the fast path already took from the reader, as the pipeline reads one."""
+        for chunk in chunks:
+            yield chunk
+        self._body_done = True
+
+    async def _serve(self, head: RequestHead, handoff: Handoff | None = None) -> None:
         try:
-            await self.handler(request, self._body(), self)
+            if handoff is None:
+                self.begin(head)
+                await self.handler(self.request_for(head), self._body(), self)
+            else:
+                await self.handler(handoff.request, handoff.body, self, handoff)
         except BodyError as err:
             raise self._fail(err.status, "bad_body", err.reason) from None
         except _Close:
@@ -226,6 +300,10 @@ class H1Server:
         return self.response_started
 
     async def start(self, status: int, headers: list[tuple[str, str]], content_length: int | None) -> None:
+        self.start_head(status, headers, content_length)
+
+    def start_head(self, status: int, headers: list[tuple[str, str]], content_length: int | None) -> None:
+        """The answer's head, held until its first body bytes (or its end) go out with it."""
         self.response_started = True
         head = self._head
         assert head is not None
@@ -253,21 +331,35 @@ class H1Server:
         self._held = encode_head(status_line(status), headers)
 
     async def send(self, chunk: bytes) -> None:
+        if self.write_body(chunk):
+            await self.stream.drain()
+
+    def write_body(self, chunk: bytes) -> bool:
+        """Frame and write body bytes (with the held head); False when nothing was written."""
         if self._no_body or not chunk:
-            return
+            return False
         data = encode_chunk(chunk) if self._chunked else chunk
         if self._held:
             data, self._held = self._held + data, b""
         self.stream.write(data)
-        await self.stream.drain()
+        return True
 
     async def end(self) -> None:
+        self.write_end()
+        await self.stream.drain()
+
+    def write_end(self) -> None:
+        """The answer's last bytes: the held head if nothing went yet, the last chunk."""
         data = LAST_CHUNK if self._chunked else b""
         if self._held:
             data, self._held = self._held + data, b""
         if data:
             self.stream.write(data)
-        await self.stream.drain()
+
+    @property
+    def close_after(self) -> bool:
+        """The connection ends with the current answer."""
+        return self._close_after
 
     async def upgrade(self, headers: list[tuple[str, str]], upstream: Tunnel, leftover: bytes) -> None:
         """101 Switching Protocols: from now on both sides are raw bytes (websockets)."""

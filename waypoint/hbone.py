@@ -30,6 +30,7 @@ from shoal.hbone.session import HboneSession
 from shoal.hbone.stream import HboneStream
 
 from .downstream import serve_connection
+from .fastpath import fast_lanes
 from .http import Limits, PeerInfo
 from .listener import connection_callbacks
 from .proxy import WaypointProxy
@@ -168,6 +169,7 @@ async def start_hbone_listener(proxy: WaypointProxy, limits: Limits, identities:
                                idle_timeout: float = 300.0) -> HboneListener:
     """mTLS HBONE with the waypoint's SVID; every tunnel carries one downstream HTTP connection."""
     reject, on_protocol = connection_callbacks(proxy, limits)
+    lanes = fast_lanes(proxy)
     loop = asyncio.get_running_loop()
     sessions: set[HboneSession] = set()
     tunnels: set[asyncio.Task] = set()  # strong references: a task nobody holds may be collected
@@ -183,7 +185,7 @@ async def start_hbone_listener(proxy: WaypointProxy, limits: Limits, identities:
         peer = PeerInfo(source_ip=source, source_port=0,
                         source_principal=session.peer_identity or "", destination_ip=event.host,
                         destination_port=event.port, mtls=True)
-        task = loop.create_task(serve_connection(stream, peer, proxy.handle, limits, reject, on_protocol))
+        task = loop.create_task(serve_connection(stream, peer, proxy.handle, limits, reject, on_protocol, lanes))
         tunnels.add(task)
         task.add_done_callback(tunnels.discard)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Callable, Protocol
 
 # Hop-by-hop headers (RFC 9110 7.6.1): never forwarded as they are.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te",
@@ -164,6 +164,10 @@ class TcpStream(asyncio.Protocol):
     ``high_water`` unread bytes the socket stops being read, which is the backpressure
     towards a fast sender. Half-close is kept: EOF from the peer ends ``read`` but the
     answer can still be written.
+
+    Callback use (the waypoint's fast path, ``waypoint.fastpath``): ``on_readable`` is
+    called whenever ``read_nowait`` may have something new (bytes, EOF, an error), so a
+    reader needs no task or future; the same buffer and backpressure serve both uses.
     """
 
     def __init__(self, high_water: int = 256 * 1024) -> None:
@@ -178,6 +182,7 @@ class TcpStream(asyncio.Protocol):
         self._read_waiter: asyncio.Future | None = None
         self._write_paused = False
         self._drain_waiter: asyncio.Future | None = None
+        self.on_readable: Callable[[], None] | None = None
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.Transport) -> None:
@@ -214,6 +219,8 @@ class TcpStream(asyncio.Protocol):
         waiter, self._read_waiter = self._read_waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        if self.on_readable is not None:
+            self.on_readable()
 
     def _wake_drainer(self) -> None:
         waiter, self._drain_waiter = self._drain_waiter, None
@@ -222,13 +229,19 @@ class TcpStream(asyncio.Protocol):
 
     # -- Tunnel
     async def read(self, n: int) -> bytes:
-        while not self._chunks:
+        while (data := self.read_nowait()) is None:
+            self._read_waiter = asyncio.get_running_loop().create_future()
+            await self._read_waiter
+        return data
+
+    def read_nowait(self) -> bytes | None:
+        """The next received chunk, b"" at EOF, None when nothing came yet (raises if reset)."""
+        if not self._chunks:
             if self._eof:
                 if self._error is not None:
                     raise ConnectionResetError(str(self._error))
                 return b""
-            self._read_waiter = asyncio.get_running_loop().create_future()
-            await self._read_waiter
+            return None
         data = self._chunks.popleft()
         self._buffered -= len(data)
         if self._reading_paused and self._buffered <= self._high_water // 2 and not self._lost:
@@ -240,6 +253,11 @@ class TcpStream(asyncio.Protocol):
         if self._lost:
             raise ConnectionResetError("connection lost")
         self.transport.write(data)
+
+    @property
+    def write_blocked(self) -> bool:
+        """The transport's buffer is past its high-water mark: ``drain`` would wait."""
+        return self._write_paused and not self._lost
 
     async def drain(self) -> None:
         while self._write_paused and not self._lost:

@@ -10,6 +10,7 @@ import asyncio
 from typing import Callable
 
 from .downstream import serve_connection
+from .fastpath import fast_lanes
 from .http import Limits, PeerInfo, TcpStream
 from .proxy import WaypointProxy
 
@@ -50,6 +51,7 @@ async def start_plaintext(proxy: WaypointProxy, limits: Limits, host: str = "127
                           destination: tuple[str, int] | None = None) -> PlainListener:
     """Plain HTTP on ``host:port``; ``destination`` (ip, port) plays the role of the HBONE target."""
     reject, on_protocol = connection_callbacks(proxy, limits)
+    lanes = fast_lanes(proxy)
     loop = asyncio.get_running_loop()
     connections: set[asyncio.Task] = set()  # strong references to the per-connection tasks
 
@@ -59,7 +61,7 @@ async def start_plaintext(proxy: WaypointProxy, limits: Limits, host: str = "127
             ip, src_port = transport.get_extra_info("peername")[:2]
             dst_ip, dst_port = destination or ("", 0)
             peer = PeerInfo(ip, src_port, destination_ip=dst_ip, destination_port=dst_port)
-            task = loop.create_task(serve_connection(self, peer, proxy.handle, limits, reject, on_protocol))
+            task = loop.create_task(serve_connection(self, peer, proxy.handle, limits, reject, on_protocol, lanes))
             connections.add(task)
             task.add_done_callback(connections.discard)
 

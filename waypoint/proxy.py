@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Collection, Iterable, Protocol
 
 from shoal.telemetry_labels import PeerLabels, ServiceLabels, principal
 from shoal.xds.model import Authorization
@@ -116,15 +115,22 @@ class _Cluster:
         self.http2 = http2
         self.breaker = CircuitBreaker(pool_policy)
         self.outliers = OutlierDetector(policy.outlier_detection, clock) if policy and policy.outlier_detection else None
-        self._next = itertools.count()
+        self.turn = 0   # round robin
 
-    def pick(self, endpoints: list[Endpoint], tried: set[Endpoint]) -> Endpoint | None:
+    def pick(self, endpoints: list[Endpoint], tried: Collection[Endpoint], advance: bool = True) -> Endpoint | None:
+        """Round robin over the endpoints not ejected and not tried yet; ``advance=False``
+        only looks (the fast path advances the turn once it has a connection)."""
         outliers = self.outliers
         candidates = [e for e in endpoints if not outliers.is_ejected(e.address)] if outliers else endpoints
         if not candidates:
             candidates = endpoints  # everything ejected: panic mode, use them all
-        fresh = [e for e in candidates if e not in tried] or candidates
-        return fresh[next(self._next) % len(fresh)] if fresh else None
+        fresh = [e for e in candidates if e not in tried] or candidates if tried else candidates
+        if not fresh:
+            return None
+        turn = self.turn
+        if advance:
+            self.turn = turn + 1
+        return fresh[turn % len(fresh)]
 
 
 class _RequestPolicy:
@@ -137,6 +143,23 @@ class _RequestPolicy:
         self.bucket = TokenBucket(policy.rate_limit, clock) if policy and policy.rate_limit else None
         self.delay_sampler = PercentSampler(self.faults.delay_percent) if self.faults and self.faults.delay else None
         self.abort_sampler = PercentSampler(self.faults.abort_percent) if self.faults and self.faults.abort_status else None
+
+
+class Routed:
+    """``WaypointProxy.route``'s answer: a local reply (status, text[, headers]), or where to send the request."""
+
+    __slots__ = ("reply", "service", "rule", "plan", "endpoints", "cluster", "request_policy")
+
+    def __init__(self, reply: tuple | None = None, service: ServiceKey | None = None, rule=None,
+                 plan: RequestPlan | None = None, endpoints: list[Endpoint] | None = None,
+                 cluster: "_Cluster | None" = None, request_policy: "_RequestPolicy | None" = None) -> None:
+        self.reply = reply
+        self.service = service
+        self.rule = rule
+        self.plan = plan
+        self.endpoints = endpoints
+        self.cluster = cluster
+        self.request_policy = request_policy
 
 
 class _Attempt:
@@ -162,8 +185,9 @@ FAILURE_ANSWERS = {
 class WaypointProxy:
     def __init__(self, resolver: Resolver, connector: Connector, telemetry: RequestTelemetry, limits: Limits = Limits(),
                  clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None,
-                 mirror_connector: Connector | None = None) -> None:
+                 mirror_connector: Connector | None = None, fast_path: bool = True) -> None:
         self.resolver = resolver
+        self.fast_path = fast_path   # plain HTTP/1.1 requests served from callbacks (waypoint.fastpath)
         self.connector = connector
         self.telemetry = telemetry
         self.limits = limits
@@ -214,19 +238,26 @@ class WaypointProxy:
 
     # -- one request -------------------------------------------------------------------------
 
-    async def handle(self, req: ProxyRequest, body: Body, sink: ResponseSink) -> None:
+    def new_record(self, req: ProxyRequest) -> RequestRecord:
+        """The telemetry record of one request, as it starts."""
+        header_map = req.header_map
         rec = RequestRecord(start=self.clock(), method=req.method, path=req.path, authority=req.authority,
                             protocol=req.protocol, source_ip=req.peer.source_ip, source_port=req.peer.source_port,
                             source_principal=req.peer.source_principal, mtls=req.peer.mtls,
-                            user_agent=req.header_map.get("user-agent", ""),
-                            request_id=req.header_map.get("x-request-id") or f"{random.getrandbits(128):032x}")
-        rec.trace = TraceContext.from_header(req.header_map.get("traceparent"))
-        rec.grpc = req.protocol == "HTTP/2" and grpc.is_grpc(req.header_map.get("content-type", ""))
+                            user_agent=header_map.get("user-agent", ""),
+                            request_id=header_map.get("x-request-id") or f"{random.getrandbits(128):032x}")
+        rec.trace = TraceContext.from_header(header_map.get("traceparent"))
+        rec.grpc = req.protocol == "HTTP/2" and grpc.is_grpc(header_map.get("content-type", ""))
         source = self.resolver.workload_by_ip(req.peer.source_ip)
         if source is not None:
             rec.source = source.peer_labels()
+        return rec
+
+    async def handle(self, req: ProxyRequest, body: Body, sink: ResponseSink, handoff=None) -> None:
+        """One request; ``handoff`` carries what the fast path already decided (``downstream.Handoff``)."""
+        rec = handoff.record if handoff is not None else self.new_record(req)
         try:
-            await self._handle(req, body, sink, rec)
+            await self._handle(req, body, sink, rec, handoff)
         except BodyError as err:
             rec.flags.add("DPE" if err.status in (400, 413) else "DC")
             self.telemetry.metrics.rejected.labels(reason="bad_body", status=str(err.status)).inc()
@@ -260,11 +291,13 @@ class WaypointProxy:
         await sink.send(payload)
         await sink.end()
 
-    async def _handle(self, req: ProxyRequest, body: Body, sink: ResponseSink, rec: RequestRecord) -> None:
+    def route(self, req: ProxyRequest, rec: RequestRecord) -> "Routed":
+        """Everything decided before the upstream: service, L7 authorization, rate limit, route,
+        filters, endpoints (synchronous: the fast path and the pipeline share it)."""
         service = self.resolver.service_for(req.peer, req.authority)
         if service is None:
             rec.flags.add("NR")
-            return await self._local_reply(sink, rec, 404, f"no service for {req.authority}")
+            return Routed(reply=(404, f"no service for {req.authority}"))
         rec.service = ServiceLabels(service.fqdn, service.key.name, service.key.namespace)
         vip = req.peer.destination_ip or service.vip
         if vip:
@@ -281,53 +314,62 @@ class WaypointProxy:
             rec.flags.add("RBAC")
             log.info("L7 deny %s %s from %s to %s: %s (%s)", req.method, req.path, req.peer.source_principal or req.peer.source_ip,
                      service.fqdn, verdict.reason, verdict.policy or "-")
-            return await self._local_reply(sink, rec, 403, "RBAC: access denied")
+            return Routed(reply=(403, "RBAC: access denied"))
 
         request_policy = self._request_policy(service.key)
         if request_policy.bucket is not None and not request_policy.bucket.take():
             rec.flags.add("RL")
-            return await self._local_reply(sink, rec, 429, "local_rate_limited")
+            return Routed(reply=(429, "local_rate_limited"))
 
         decision = self.config.routes.select(service.key, req.method, req.target, req.header_map)
         rec.route = decision.route_name
         if decision.rule is None:
             rec.flags.add("NR")
-            return await self._local_reply(sink, rec, 404, "no matching route")
+            return Routed(reply=(404, "no matching route"))
         headers = strip_hop_by_hop(req.headers)
         plan = plan_request(decision, req.target, req.authority, headers, req.scheme)
         if plan.redirect is not None:
             status, location = plan.redirect
-            return await self._local_reply(sink, rec, status, f"redirecting to {location}", [("location", location)])
+            return Routed(reply=(status, f"redirecting to {location}", [("location", location)]))
         backend = decision.backend
         if backend is None:
             rec.flags.add("NC")
-            return await self._local_reply(sink, rec, 500, "route has no usable backend")
+            return Routed(reply=(500, "route has no usable backend"))
         endpoints = self.resolver.endpoints(backend.namespace, backend.name, backend.port or service.key.port)
         if endpoints is None:
             rec.flags.add("NC")
-            return await self._local_reply(sink, rec, 500, f"unknown backend service {backend.namespace}/{backend.name}")
+            return Routed(reply=(500, f"unknown backend service {backend.namespace}/{backend.name}"))
         if not endpoints:
             rec.flags.add("UH")
-            return await self._local_reply(sink, rec, 503, "no healthy upstream")
-
+            return Routed(reply=(503, "no healthy upstream"))
         cluster = self._cluster(backend.namespace, backend.name, service.key, backend.port or service.key.port)
+        return Routed(service=service.key, rule=decision.rule, plan=plan, endpoints=endpoints, cluster=cluster,
+                      request_policy=request_policy)
+
+    async def _handle(self, req: ProxyRequest, body: Body, sink: ResponseSink, rec: RequestRecord, handoff) -> None:
+        routed = handoff.routed if handoff is not None and handoff.routed is not None else self.route(req, rec)
+        if routed.reply is not None:
+            return await self._local_reply(sink, rec, *routed.reply)
+        cluster, plan, rule = routed.cluster, routed.plan, routed.rule
         if not cluster.breaker.try_acquire():
             rec.flags.add("UO")
             return await self._local_reply(sink, rec, 503, "upstream overflow (max requests)")
         try:
-            plan.headers = self._upstream_headers(plan, req, rec)
-            timeout = decision.rule.timeouts.request if decision.rule else None
+            if handoff is None or handoff.attempt is None:
+                plan.headers = self._upstream_headers(plan, req, rec)   # the fast path's attempt set them already
+            timeout = rule.timeouts.request
             try:
                 async with _deadline(timeout):
-                    attempt, body_source = await self._attempts(req, body, plan, cluster, endpoints, request_policy,
-                                                                decision.rule.timeouts.backend_request, rec)
+                    attempt, body_source = await self._attempts(req, body, plan, cluster, routed.endpoints,
+                                                                routed.request_policy, rule.timeouts.backend_request,
+                                                                rec, handoff.attempt if handoff is not None else None)
             except TimeoutError:
                 rec.flags.add("UT")
                 return await self._local_reply(sink, rec, 504, "upstream request timeout")
             rec.request_bytes = body_source.bytes
             if plan.mirrors and body_source.replayable:
-                self._mirror(plan, req, body_source.buffer, service.key)
-            await self._respond(attempt, plan, req, sink, rec, cluster, service.key)
+                self._mirror(plan, req, body_source.buffer, routed.service)
+            await self._respond(attempt, plan, req, sink, rec, cluster, routed.service)
         finally:
             cluster.breaker.release()
 
@@ -347,8 +389,10 @@ class WaypointProxy:
 
     async def _attempts(self, req: ProxyRequest, body: Body, plan: RequestPlan, cluster: _Cluster,
                         endpoints: list[Endpoint], rp: _RequestPolicy, backend_timeout: float | None,
-                        rec: RequestRecord) -> tuple[_Attempt, "_BodySource"]:
-        """Up to ``attempts`` tries, each under the per-try timeout; returns the one that stands."""
+                        rec: RequestRecord, first: _Attempt | None = None) -> tuple[_Attempt, "_BodySource"]:
+        """Up to ``attempts`` tries, each under the per-try timeout; returns the one that stands.
+
+        ``first``: the outcome of a first try the fast path made (it stands for try 1)."""
         retries = rp.retries
         attempts = retries.attempts if retries else 1
         per_try = backend_timeout
@@ -362,13 +406,14 @@ class WaypointProxy:
         attempt = _Attempt(CONNECT_FAILURE)
         for number in range(1, attempts + 1):
             rec.attempts = number
-            endpoint = cluster.pick(endpoints, tried)
+            endpoint = first.endpoint if first is not None and number == 1 else cluster.pick(endpoints, tried)
             assert endpoint is not None
             tried.add(endpoint)
             rec.upstream_host = endpoint.address
             try:
                 async with _deadline(per_try):
-                    attempt = await self._try_once(req, source, plan, cluster, endpoint, rp, rec)
+                    attempt = await self._try_once(req, source, plan, cluster, endpoint, rp, rec,
+                                                   first if number == 1 else None)
             except TimeoutError:
                 attempt = _Attempt(TIMEOUT, endpoint=endpoint)
             if attempt.flag != "FI" and cluster.outliers is not None:
@@ -388,7 +433,13 @@ class WaypointProxy:
         return attempt, source  # pragma: no cover - the loop always returns
 
     async def _try_once(self, req: ProxyRequest, source: "_BodySource", plan: RequestPlan, cluster: _Cluster,
-                        endpoint: Endpoint, rp: _RequestPolicy, rec: RequestRecord) -> _Attempt:
+                        endpoint: Endpoint, rp: _RequestPolicy, rec: RequestRecord, tried: _Attempt | None = None) -> _Attempt:
+        if tried is not None:
+            # The fast path's exchange on a pooled connection failed before any answer (it
+            # has no faults to inject): as below, a stale connection gets one fresh retry.
+            if tried.stale and source.replayable:
+                return await self._exchange(req, source, plan, cluster, endpoint, fresh=True)
+            return tried
         faults = rp.faults
         if faults is not None:
             if rp.delay_sampler is not None and rp.delay_sampler.sample():

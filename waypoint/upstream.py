@@ -145,10 +145,8 @@ class ClusterPool:
 
     async def acquire(self, endpoint: Endpoint, fresh: bool = False) -> UpstreamConnection:
         while True:
-            idle = self._idle.get(endpoint)
-            if idle and not fresh:
-                conn = idle.pop()
-                conn.reused = True
+            conn = None if fresh else self.take_idle(endpoint)
+            if conn is not None:
                 return conn
             if self.open_connections < self.policy.max_connections:
                 self.open_connections += 1
@@ -171,6 +169,15 @@ class ClusterPool:
                     await self._released.wait()
             finally:
                 self.pending -= 1
+
+    def take_idle(self, endpoint: Endpoint) -> UpstreamConnection | None:
+        """An idle keep-alive connection to ``endpoint``, without waiting (the fast path's acquire)."""
+        idle = self._idle.get(endpoint)
+        if not idle:
+            return None
+        conn = idle.pop()
+        conn.reused = True
+        return conn
 
     def _close_one_idle(self) -> bool:
         """At the connection limit, an idle connection to another endpoint makes room."""

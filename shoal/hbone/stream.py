@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from typing import Callable
 
 from shoal.hbone.session import HboneSession
 
@@ -18,6 +19,8 @@ class HboneStream:
 
     Backpressure: received bytes are credited back to the sender only when ``read``
     hands them out; ``drain`` waits for send window and for the TLS transport.
+    A reader driven by callbacks (the waypoint's fast path) sets ``on_readable`` and
+    takes chunks with ``read_nowait``: same buffer, same credit, no future per read.
     """
 
     def __init__(self) -> None:
@@ -35,6 +38,7 @@ class HboneStream:
         self._eof_out = False
         self._reset: str | None = None
         self.finished = False
+        self.on_readable: Callable[[], None] | None = None
 
     # -- HboneSession's stream-peer callbacks
     def bind(self, session: HboneSession, stream_id: int) -> None:
@@ -49,14 +53,14 @@ class HboneStream:
     def on_stream_data(self, data: bytes | memoryview, length: int) -> None:
         # The fast path hands out views of the received bytes; readers here parse them.
         self._chunks.append((bytes(data), length))
-        self._readable.set()
+        self._wake_reader()
 
     def on_window(self) -> None:
         self._push()
 
     def on_stream_end(self) -> None:
         self._eof_in = True
-        self._readable.set()
+        self._wake_reader()
         if self._eof_out:
             self._finish()
 
@@ -64,9 +68,9 @@ class HboneStream:
         self._reset = reason
         if self.response is not None and not self.response.done():
             self.response.set_exception(ConnectionResetError(reason))
-        self._readable.set()
         self._writable.set()
         self._finish()
+        self._wake_reader()
 
     def set_paused(self, why: str, paused: bool) -> None:
         if why == "tls":
@@ -75,13 +79,19 @@ class HboneStream:
 
     # -- the byte-stream interface
     async def read(self, n: int) -> bytes:
-        while not self._chunks:
+        while (data := self.read_nowait()) is None:
+            self._readable.clear()
+            await self._readable.wait()
+        return data
+
+    def read_nowait(self) -> bytes | None:
+        """The next received chunk, b"" at the end of the stream, None when nothing came yet."""
+        if not self._chunks:
             if self._reset is not None:
                 raise ConnectionResetError(self._reset)
             if self._eof_in:
                 return b""
-            self._readable.clear()
-            await self._readable.wait()
+            return None
         data, length = self._chunks.popleft()
         session = self.session
         if session is not None and not session.closed and length:
@@ -96,6 +106,11 @@ class HboneStream:
             return
         self._pending = memoryview(bytes(self._pending) + data) if self._pending else memoryview(data)
         self._push()
+
+    @property
+    def write_blocked(self) -> bool:
+        """Bytes wait for send window or the TLS transport: ``drain`` would wait."""
+        return not self._writable.is_set()
 
     async def drain(self) -> None:
         while not self._writable.is_set():
@@ -125,6 +140,11 @@ class HboneStream:
         self._finish()
 
     # -- internals
+    def _wake_reader(self) -> None:
+        self._readable.set()
+        if self.on_readable is not None:
+            self.on_readable()
+
     def _push(self) -> None:
         session = self.session
         if session is None or session.closed or self._reset is not None:
