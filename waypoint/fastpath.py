@@ -320,6 +320,7 @@ class FastLane:
             exchange.conn.stream.on_readable = None
             exchange.routed.cluster.pool.discard(exchange.conn)
         exchange.routed.cluster.breaker.release()
+        self.proxy.fast_served += 1
         self.proxy.telemetry.record(exchange.record)
 
     def _upstream_failed(self, exchange: _Exchange, outcome: str, detail: str) -> None:

@@ -188,6 +188,7 @@ class WaypointProxy:
                  mirror_connector: Connector | None = None, fast_path: bool = True) -> None:
         self.resolver = resolver
         self.fast_path = fast_path   # plain HTTP/1.1 requests served from callbacks (waypoint.fastpath)
+        self.fast_served = 0         # requests the fast path forwarded (tests, profiles)
         self.connector = connector
         self.telemetry = telemetry
         self.limits = limits

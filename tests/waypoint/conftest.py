@@ -111,10 +111,12 @@ class Bed:
         s.close()  # nothing listens there: connection refused
         self.services.setdefault((namespace, service), []).append(Endpoint("127.0.0.1", port, name="dead", namespace=namespace))
 
-    async def start(self, routes=(), policies=(), authz=(), limits: Limits = Limits(), seed: int = 1) -> None:
+    async def start(self, routes=(), policies=(), authz=(), limits: Limits = Limits(), seed: int = 1,
+                    fast_path: bool = True) -> None:
         resolver = StaticResolver(self.services, namespace="demo", policies=list(authz), http2=frozenset(self.http2))
         telemetry = RequestTelemetry(self.registry, access_log=lambda line: self.access_log.append(json.loads(line)))
-        self.proxy = WaypointProxy(resolver, TcpConnector(), telemetry, limits, rng=random.Random(seed))
+        self.proxy = WaypointProxy(resolver, TcpConnector(), telemetry, limits, rng=random.Random(seed),
+                                   fast_path=fast_path)
         self.proxy.update([parse_route(r) for r in routes], [parse_traffic_policy(p) for p in policies])
         self.server = await start_plaintext(self.proxy, limits)
         self.port = self.server.sockets[0].getsockname()[1]
