@@ -12,6 +12,12 @@
     refused at once (TCP RST, counted as ``shoal_proxy_rejected_total{reason="overloaded"}``,
     logged at most once a second): true overload, a socket more would starve the
     established ones, which keep being served; the proxy never goes silent.
+  - Queueing delay (``shedding.py``, CoDel-like, per listener kind): once connections
+    have stood waiting longer than a target for an interval and the backlog is not
+    draining, those that already waited past the target in the accept queue are reset
+    when accepted (``reason="queue_delay"``, logged at most once a second) and setups in
+    flight are capped at what the proxy completes within the target, so the connections
+    served are ones whose client still waits. A burst that drains is never shed.
 - :class:`DialLimits`: a cap on concurrent upstream dials per peer identity, so one
   HBONE peer (say, one replaying Rapid Reset) cannot hold every dial of the node.
 """
@@ -23,6 +29,8 @@ import logging
 import resource
 import time
 from typing import AsyncIterator, Callable
+
+from shoal.agent.ztunnel.shedding import DelayShedder, ShedPolicy
 
 log = logging.getLogger(__name__)
 
@@ -56,68 +64,139 @@ class Admission:
     """Counts connections in setup per listener kind; says whether a new one may be
     accepted now. The setup cap is per kind (outbound, plaintext, hbone) so a burst on one
     never stops another: outbound setups wait for HBONE handshakes on 15008, which must
-    go on being accepted (same-node traffic crosses this very proxy's 15008)."""
+    go on being accepted (same-node traffic crosses this very proxy's 15008). So is the
+    delay controller: a kind whose setups stand in a queue is shed, not the others."""
 
     def __init__(self, max_in_setup: int, max_live: int, live: Callable[[], int],
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, shed_policy: ShedPolicy = ShedPolicy(),
+                 observe_wait: Callable[[str, float], None] = lambda kind, waited: None):
         self.max_in_setup = max_in_setup
-        self.resume_below = max(1, max_in_setup * 3 // 4)
         self.max_live = max_live
         self._live = live
-        self._clock = clock
+        self.clock = clock
+        self.shed_policy = shed_policy
+        self._observe_wait = observe_wait
         self._in_setup: dict[str, int] = {}
         self.shed = 0
         self.pauses = 0
         self._waiting: dict[str, list[Callable[[], None]]] = {}  # listeners paused until setups drain
-        self._last_log = {"pause": float("-inf"), "shed": float("-inf")}
+        self._queues: dict[str, set[Callable[[], int]]] = {}      # each listener's accept-queue length
+        self._shedders: dict[str, DelayShedder] = {}
+        self._shed_since_log: dict[str, int] = {}
+        self._last_log: dict[str, float] = {}
 
     @property
     def in_setup(self) -> int:
         """Connections in setup, every kind together."""
         return sum(self._in_setup.values())
 
+    def overloaded(self, kind: str) -> bool:
+        """Whether this kind is shedding on queueing delay now."""
+        shedder = self._shedders.get(kind)
+        return shedder is not None and shedder.overloaded
+
+    def setup_cap(self, kind: str) -> int:
+        """Setups of this kind allowed in flight now (lower while it is overloaded)."""
+        shedder = self._shedders.get(kind)
+        return self.max_in_setup if shedder is None else shedder.setup_cap(self.max_in_setup)
+
     def full(self, kind: str) -> bool:
         """Setups of this kind at the cap: accept nothing more of it for now (between
-        the cap and the resume mark, a paused kind stays paused)."""
-        count = self._in_setup.get(kind, 0)
-        return count >= self.max_in_setup or kind in self._waiting and count >= self.resume_below
+        the cap and the resume mark, three quarters of it, a paused kind stays paused)."""
+        count, cap = self._in_setup.get(kind, 0), self.setup_cap(kind)
+        return count >= cap or kind in self._waiting and count >= max(1, cap * 3 // 4)
 
     def wait_for_room(self, kind: str, resume: Callable[[], None]) -> None:
         """A listener stops accepting; ``resume`` is called once its kind's setups have drained."""
         self.pauses += 1
         self._waiting.setdefault(kind, []).append(resume)
-        if self._should_log("pause"):
+        cap = self.setup_cap(kind)
+        if self._should_log(f"pause {kind}"):
             log.warning("busy: %d %s connections in setup (max %d): their listeners pause accepting until %d; "
                         "new connections wait in the kernel's accept queue (%d pauses so far)",
-                        self._in_setup.get(kind, 0), kind, self.max_in_setup, self.resume_below, self.pauses)
+                        self._in_setup.get(kind, 0), kind, cap, max(1, cap * 3 // 4), self.pauses)
 
-    def setup_started(self, kind: str) -> None:
+    def add_queue(self, kind: str, queued: Callable[[], int]) -> None:
+        """A listener of ``kind``: ``queued`` says how many connections wait in its accept queue."""
+        self._queues.setdefault(kind, set()).add(queued)
+
+    def remove_queue(self, kind: str, queued: Callable[[], int]) -> None:
+        self._queues.get(kind, set()).discard(queued)
+
+    def backlog(self, kind: str) -> int:
+        """Connections of ``kind`` waiting: in setup, and in its listeners' accept queues."""
+        return self._in_setup.get(kind, 0) + sum(queued() for queued in self._queues.get(kind, ()))
+
+    def admit(self, kind: str = "", age: float = 0.0) -> str | None:
+        """For a connection of ``kind`` just accepted after ``age`` seconds in the accept
+        queue: None to set it up, else the reason to refuse it: ``overloaded`` (the
+        open-file budget is spent) or ``queue_delay`` (it waited too long, see shedding.py)."""
+        if self._live() + self.in_setup >= self.max_live:
+            self.shed += 1
+            if self._should_log("live"):
+                log.warning("overloaded: refusing new connections (%d live + %d in setup, max %d; %d refused so far)",
+                            self._live(), self.in_setup, self.max_live, self.shed)
+            return "overloaded"
+        shedder = self._shedders.get(kind)
+        if shedder is None or not shedder.should_shed(age):
+            return None
+        self.shed += 1
+        self._shed_since_log[kind] = self._shed_since_log.get(kind, 0) + 1
+        if self._should_log(f"delay {kind}"):
+            log.warning("overloaded: %s: refused %d connection(s) that waited over %.1f s in the accept queue "
+                        "(%d in all; %d in setup, capped at %d)", kind, self._shed_since_log.pop(kind),
+                        shedder.policy.target, shedder.shed, self._in_setup.get(kind, 0),
+                        self.setup_cap(kind))
+        return "queue_delay"
+
+    def setup_started(self, kind: str, age: float = 0.0) -> float:
+        """A connection of ``kind`` goes into setup after ``age`` seconds in the accept
+        queue; returns when its handshake completed, for :meth:`setup_done`."""
         self._in_setup[kind] = self._in_setup.get(kind, 0) + 1
+        return self.clock() - age
 
-    def setup_done(self, kind: str) -> None:
+    def setup_done(self, kind: str, arrived: float | None = None) -> None:
+        """A setup of ``kind`` ended (wired or refused); ``arrived`` as setup_started returned it."""
         count = self._in_setup[kind] - 1
         if count:
             self._in_setup[kind] = count
         else:
             del self._in_setup[kind]
-        if kind in self._waiting and count < self.resume_below:
+        if arrived is not None:
+            waited = self.clock() - arrived
+            self._observe_wait(kind, waited)
+            if self.shed_policy.enabled:
+                shedder = self._shedders.get(kind)
+                if shedder is None:
+                    shedder = self._shedders[kind] = DelayShedder(self.shed_policy,
+                                                                  lambda: self.backlog(kind), self.clock)
+                self._changed(kind, shedder.completed(waited))
+                if not count and shedder.overloaded and not self.backlog(kind):
+                    self._changed(kind, shedder.idle())   # the last one of the queue: it is gone
+        if kind in self._waiting and count < max(1, self.setup_cap(kind) * 3 // 4):
             for resume in self._waiting.pop(kind):
                 resume()
 
-    def admit(self) -> str | None:
-        """For a connection just accepted: None to set it up, else why it must be refused
-        (``live``: the open-file budget is spent)."""
-        if self._live() + self.in_setup < self.max_live:
-            return None
-        self.shed += 1
-        if self._should_log("shed"):
-            log.warning("overloaded: refusing new connections (%d live + %d in setup, max %d; %d refused so far)",
-                        self._live(), self.in_setup, self.max_live, self.shed)
-        return "live"
+    def queue_empty(self, kind: str) -> None:
+        """A listener of ``kind`` found its accept queue empty."""
+        shedder = self._shedders.get(kind)
+        if shedder is not None and not self._in_setup.get(kind):
+            self._changed(kind, shedder.idle())
+
+    def _changed(self, kind: str, change: str | None) -> None:
+        if change == "overloaded":
+            shedder = self._shedders[kind]
+            log.warning("overloaded: %s connections have waited over %.1f s for %.1f s and their backlog (%d) "
+                        "is not draining: refusing those that waited past %.1f s in the accept queue, "
+                        "setups capped at %d", kind, shedder.policy.target, shedder.policy.interval,
+                        self.backlog(kind), shedder.policy.target, self.setup_cap(kind))
+        elif change == "recovered":
+            log.warning("recovered: %s connections wait less than %.1f s again (%d refused for their wait so far)",
+                        kind, self.shed_policy.target, self._shedders[kind].shed)
 
     def _should_log(self, what: str) -> bool:
-        now = self._clock()
-        if now - self._last_log[what] < 1.0:
+        now = self.clock()
+        if now - self._last_log.get(what, float("-inf")) < 1.0:
             return False
         self._last_log[what] = now
         return True

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -35,7 +36,8 @@ from shoal.agent.ztunnel.config import ProxyConfig
 from shoal.agent.ztunnel.context import DestinationLookup, ProxyContext
 from shoal.agent.ztunnel.handover import Markers, cancel_all, serve_until_signalled
 from shoal.agent.ztunnel.netns import NetnsHandle
-from shoal.agent.ztunnel.proxy import PodRegistry
+from shoal.agent.ztunnel.proxy import LISTENER_KINDS, PodRegistry
+from shoal.agent.ztunnel.shedding import ShedPolicy
 from shoal.agent.ztunnel.supervisor import remove_workers_report, worker_entry, write_workers_report
 from shoal.agent.ztunnel.telemetry import ConnectionTelemetry, ProxyMetrics
 from shoal.hbone.identity import IdentityError, IdentityManager, Signer, SignerUnavailable
@@ -76,8 +78,12 @@ class ProxyApp:
             emitter = FlowEmitter(config.flows_path, registry=self.registry, component="proxy")
         telemetry = ConnectionTelemetry(self.metrics, emitter, config.node)
         admission = Admission(config.max_connections_in_setup, config.max_connections or default_max_connections(),
-                              live=lambda: len(telemetry.live))
+                              live=lambda: len(telemetry.live),
+                              shed_policy=ShedPolicy(config.overload_target, config.overload_interval),
+                              observe_wait=self.metrics.observe_setup_wait)
         self.metrics.in_setup.set_function(lambda: admission.in_setup)
+        for kind in LISTENER_KINDS:
+            self.metrics.overloaded.labels(kind).set_function(functools.partial(admission.overloaded, kind))
         self.ctx = ProxyContext(config=config, state=self.state, identities=identities, metrics=self.metrics,
                                 telemetry=telemetry, pool=pool, origdst=origdst, home=NetnsHandle.current(),
                                 admission=admission, dial_limits=DialLimits(config.upstream_dials_per_identity))

@@ -42,6 +42,11 @@ class ProxyConfig:
     # derived from the open-file limit (two sockets per proxied connection, at worst).
     max_connections_in_setup: int = 8192
     max_connections: int = 0
+    # Shedding on queueing delay (agent/ztunnel/shedding.py): once connections have waited
+    # longer than the target for an interval and their backlog is not draining, those
+    # that waited past the target are refused (RST, reason="queue_delay"). 0: off.
+    overload_target: float = 1.0
+    overload_interval: float = 3.0
     upstream_dials_per_identity: int = 256   # concurrent app connects per HBONE peer identity
     # Worker processes (issue 13): 1 = one process, no supervisor; N > 1 = a supervisor
     # (ZDS, admin, metrics, handover) and N workers sharing the in-pod listeners.
@@ -96,6 +101,13 @@ class ProxyConfig:
         parser.add_argument("--drain-grace", type=float, default=float(env.get("SHOAL_PROXY_DRAIN_GRACE", 30)))
         parser.add_argument("--max-connections", type=int, default=int(env.get("SHOAL_PROXY_MAX_CONNECTIONS", 0)),
                             help="live connections before new ones are refused (0: from the open-file limit)")
+        parser.add_argument("--overload-target", type=float,
+                            default=float(env.get("SHOAL_PROXY_OVERLOAD_TARGET", 1.0)),
+                            help="seconds a connection may wait for its setup before an overloaded proxy "
+                                 "refuses it (0: no shedding on delay)")
+        parser.add_argument("--overload-interval", type=float,
+                            default=float(env.get("SHOAL_PROXY_OVERLOAD_INTERVAL", 3.0)),
+                            help="seconds a standing delay must last before shedding starts")
         parser.add_argument("--cert-ttl", type=int, default=int(env.get("SHOAL_CERT_TTL", 0)),
                             help="SVID lifetime to ask the CA for, seconds (0: CA default)")
         parser.add_argument("--workers", type=int, default=int(env.get("SHOAL_PROXY_WORKERS", 0)),
@@ -117,6 +129,8 @@ class ProxyConfig:
             parser.error("--node (or SHOAL_NODE) is required")
         if args.handshake_timeout <= 0 or args.drain_grace < 0 or args.cert_ttl < 0 or args.max_connections < 0:
             parser.error("timeouts and TTL must be positive")
+        if args.overload_target < 0 or args.overload_interval <= 0:
+            parser.error("--overload-target must be 0 (off) or more, --overload-interval positive")
         if env.get("SHOAL_MODE") == "kubernetes":
             from shoal.kubernetes import layout_from_env
             layout = layout_from_env(env)      # the same host paths as the agent (DaemonSet env)
@@ -128,7 +142,8 @@ class ProxyConfig:
                    token_file=token_file, ca_bundle=args.ca_bundle, trust_domain=args.trust_domain, admin_port=args.admin_port,
                    metrics_port=args.metrics_port, ready_port=args.ready_port,
                    handshake_timeout=args.handshake_timeout, drain_grace=args.drain_grace,
-                   max_connections=args.max_connections, workers=workers,
+                   max_connections=args.max_connections, overload_target=args.overload_target,
+                   overload_interval=args.overload_interval, workers=workers,
                    worker_index=worker_index, worker_channel_fd=worker_fd,
                    cert_ttl_seconds=args.cert_ttl, log_level=args.log_level.upper())
 

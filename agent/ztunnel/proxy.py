@@ -13,6 +13,7 @@ import functools
 import ipaddress
 import logging
 import socket
+import struct
 from typing import Awaitable, Callable
 
 from shoal.agent.ztunnel import transparent
@@ -36,6 +37,28 @@ ACCEPT_PAUSE = 0.1
 # A burst of new connections queues in the kernel instead of costing SYN retransmits
 # (1 s, then 3 s); the kernel caps it at net.core.somaxconn (4096 by default).
 LISTEN_BACKLOG = 4096
+# struct tcp_info (linux/tcp.h): tcpi_unacked is, on a listening socket, the length of its
+# accept queue; tcpi_last_data_sent is, on a socket the proxy has not written to yet,
+# the milliseconds since its handshake completed (the kernel stamps it then).
+TCP_INFO_LEN = 104
+TCPI_UNACKED, TCPI_LAST_DATA_SENT = struct.Struct("=24xI"), struct.Struct("=44xI")
+
+
+def accept_queue_age(conn: socket.socket) -> float:
+    """Seconds ``conn`` (just accepted) waited in the accept queue since its handshake."""
+    try:
+        info = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
+    except OSError:
+        return 0.0
+    return TCPI_LAST_DATA_SENT.unpack_from(info)[0] / 1000.0
+
+
+def accept_queue_length(listener: socket.socket) -> int:
+    """Connections waiting in ``listener``'s accept queue."""
+    try:
+        return TCPI_UNACKED.unpack_from(listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN))[0]
+    except OSError:
+        return 0
 
 
 class Acceptor:
@@ -44,13 +67,14 @@ class Acceptor:
     Raw sockets (not asyncio servers) so nothing is read before the handler decides
     where the bytes go: the kernel keeps them until the connection is wired up.
     Admission first: while too many connections are in setup, this listener stops
-    accepting (the kernel queues the burst); past the open-file budget a new connection
-    is reset at once and counted.
+    accepting (the kernel queues the burst); past the open-file budget, or when it waited
+    too long in the accept queue of an overloaded kind, a new connection is reset at once
+    and counted. Each setup's wait (accept queue + setup) feeds the delay controller.
     """
 
     def __init__(self, listener: socket.socket, handler: Callable[[socket.socket], Awaitable[None]],
                  name: str, on_error: Callable[[BaseException], None], admission: Admission,
-                 on_shed: Callable[[str], None], on_pause: Callable[[str], None] = lambda name: None):
+                 on_shed: Callable[[str, str], None], on_pause: Callable[[str], None] = lambda name: None):
         self.listener, self.handler, self.name = listener, handler, name
         self._on_error = on_error
         self._admission = admission
@@ -60,7 +84,11 @@ class Acceptor:
         self._resume: asyncio.TimerHandle | None = None
         self._reading = True
         self.serving = True
+        admission.add_queue(name, self.queued)
         asyncio.get_running_loop().add_reader(listener.fileno(), self._on_readable)
+
+    def queued(self) -> int:
+        return accept_queue_length(self.listener) if self.serving else 0
 
     def _on_readable(self) -> None:
         while self.serving:
@@ -72,6 +100,7 @@ class Acceptor:
             try:
                 conn, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
+                self._admission.queue_empty(self.name)
                 return
             except OSError as exc:
                 self._on_error(exc)
@@ -79,19 +108,21 @@ class Acceptor:
                     self._stop_reading()
                     self._resume = asyncio.get_running_loop().call_later(ACCEPT_PAUSE, self._unpause)
                 return
-            if self._admission.admit() is not None:
+            age = accept_queue_age(conn)
+            refusal = self._admission.admit(self.name, age)
+            if refusal is not None:
                 reset_connection(conn)
-                self._on_shed(self.name)
+                self._on_shed(self.name, refusal)
                 continue
             conn.setblocking(False)
-            self._admission.setup_started(self.name)
+            arrived = self._admission.setup_started(self.name, age)
             task = asyncio.ensure_future(self._run(conn))
             self._tasks.add(task)
-            task.add_done_callback(self._setup_done)
+            task.add_done_callback(functools.partial(self._setup_done, arrived))
 
-    def _setup_done(self, task: asyncio.Task) -> None:
+    def _setup_done(self, arrived: float, task: asyncio.Task) -> None:
         self._tasks.discard(task)
-        self._admission.setup_done(self.name)
+        self._admission.setup_done(self.name, arrived)
 
     def _stop_reading(self) -> None:
         if self._reading:
@@ -126,9 +157,11 @@ class Acceptor:
             if self._resume is not None:
                 self._resume.cancel()
             self._stop_reading()
+            self._admission.remove_queue(self.name, self.queued)
             self.listener.close()
 
 
+LISTENER_KINDS = ("outbound", "plaintext", "hbone")  # the names listener_plan gives
 LOOPBACK = {4: "127.0.0.1", 6: "::1"}
 ANY_ADDRESS = {4: "0.0.0.0", 6: "::"}
 
@@ -195,7 +228,7 @@ class PodRegistry:
                 enrolled.servers.append(Acceptor(
                     sock, functools.partial(handler, self.ctx, enrolled), name,
                     on_error=functools.partial(self._handler_failed, name), admission=self.ctx.admission,
-                    on_shed=lambda listener: self.ctx.metrics.reject(listener, "overloaded"),
+                    on_shed=self.ctx.metrics.reject,
                     on_pause=lambda listener: self.ctx.metrics.accept_paused.labels(listener).inc()))
         except OSError:
             enrolled.stop_accepting()

@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from shoal.telemetry_labels import TCP_LABELS, ServiceLabels, peer, standard_labels
 from shoal.xds.model import Workload
@@ -67,6 +67,10 @@ class ConnectionRecord:
             self.response_flags = FLAG_RESET
 
 
+# Setup waits: milliseconds when all is well, seconds under overload (the shedding target is 1 s).
+SETUP_WAIT_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
 class ProxyMetrics:
     """Every metric the node proxy serves, in the app's own registry (no globals)."""
 
@@ -95,11 +99,25 @@ class ProxyMetrics:
                                      "Times a listener stopped accepting because too many connections were in "
                                      "setup (the burst waits in the kernel's accept queue)", ["listener"],
                                      registry=registry)
+        self.overloaded = Gauge("shoal_proxy_overloaded",
+                                "1 while a listener kind sheds on queueing delay (connections waiting past the "
+                                "target for an interval, backlog not draining)", ["listener"], registry=registry)
+        self.setup_wait = Histogram("shoal_proxy_setup_wait_seconds",
+                                    "How long accepted connections waited, accept queue and setup together, "
+                                    "until wired or refused", ["listener"], buckets=SETUP_WAIT_BUCKETS,
+                                    registry=registry)
+        self._setup_wait_by_kind: dict[str, Histogram] = {}
         self.certs_rotated = Counter("shoal_proxy_certificates_rotated", "SVIDs renewed at half-life",
                                      registry=registry)
 
     def reject(self, listener: str, reason: str) -> None:
         self.rejected.labels(listener, reason).inc()
+
+    def observe_setup_wait(self, listener: str, seconds: float) -> None:
+        child = self._setup_wait_by_kind.get(listener)
+        if child is None:
+            child = self._setup_wait_by_kind[listener] = self.setup_wait.labels(listener)
+        child.observe(seconds)
 
 
 class ConnectionTelemetry:

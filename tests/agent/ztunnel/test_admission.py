@@ -5,6 +5,7 @@ import asyncio
 import logging
 
 from shoal.agent.ztunnel.admission import Admission, DialLimits
+from shoal.agent.ztunnel.shedding import ShedPolicy
 
 
 def test_sheds_past_the_live_budget_and_logs_at_most_once_a_second(caplog):
@@ -15,7 +16,7 @@ def test_sheds_past_the_live_budget_and_logs_at_most_once_a_second(caplog):
     admission.setup_started("outbound")
     admission.setup_started("hbone")
     live[0] = 8
-    assert admission.admit() == "live"          # live + in setup reach the cap
+    assert admission.admit() == "overloaded"    # live + in setup reach the cap
     live[0] = 7
     assert admission.admit() is None
     live[0] = 10
@@ -82,3 +83,66 @@ async def test_dials_are_capped_per_identity_and_one_peer_cannot_take_another_s(
     await asyncio.gather(*abusive, polite, return_exceptions=True)
     assert peak == {"a": 2, "b": 1}
     assert limits._slots == {} and limits._users == {}  # nothing kept per past peer
+
+
+def _overloaded_admission(now: list, queued: list) -> Admission:
+    """An admission whose outbound kind went through 4 s of 2 s waits with a growing backlog."""
+    admission = Admission(max_in_setup=100, max_live=10_000, live=lambda: 0, clock=lambda: now[0],
+                          shed_policy=ShedPolicy(target=1.0, interval=3.0, min_cap=4))
+    admission.add_queue("outbound", lambda: queued[0])
+    for step in range(40):
+        now[0] = step / 10
+        queued[0] = 50 + step                    # arrivals outrun the service
+        arrived = admission.setup_started("outbound", age=1.5)
+        now[0] += 0.5
+        admission.setup_done("outbound", arrived)
+    return admission
+
+
+def test_waits_that_stand_shed_old_connections_with_a_rate_limited_log(caplog):
+    caplog.set_level(logging.WARNING, logger="shoal.agent.ztunnel.admission")
+    now, queued = [0.0], [0]
+    admission = _overloaded_admission(now, queued)
+    assert admission.overloaded("outbound") and not admission.overloaded("hbone")
+    assert sum("not draining" in r.getMessage() for r in caplog.records) == 1
+    assert admission.admit("outbound", age=0.2) is None       # fresh: served
+    assert admission.admit("hbone", age=5.0) is None          # another kind: not overloaded
+    for _ in range(50):
+        assert admission.admit("outbound", age=2.5) == "queue_delay"
+    now[0] += 1.5
+    assert admission.admit("outbound", age=2.5) == "queue_delay"
+    assert admission.shed == 51
+    shed_lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    # 51 refusals, two lines: the first at once, then the 50 since, a second later.
+    assert len(shed_lines) == 2 and "refused 1 connection(s)" in shed_lines[0]
+    assert "refused 50 connection(s)" in shed_lines[1] and "51 in all" in shed_lines[1]
+
+
+def test_overload_lowers_the_setup_cap_and_an_idle_kind_recovers(caplog):
+    caplog.set_level(logging.WARNING, logger="shoal.agent.ztunnel.admission")
+    now, queued = [0.0], [0]
+    admission = _overloaded_admission(now, queued)
+    cap = admission.setup_cap("outbound")
+    assert 4 <= cap < 100                      # throughput x target, not the configured 100
+    for _ in range(cap):
+        admission.setup_started("outbound")
+    assert admission.full("outbound")
+    admission.queue_empty("outbound")          # setups still in flight: not idle
+    assert admission.overloaded("outbound")
+    for _ in range(cap):
+        admission.setup_done("outbound")
+    admission.queue_empty("outbound")
+    assert not admission.overloaded("outbound") and admission.setup_cap("outbound") == 100
+    assert any("recovered" in r.getMessage() for r in caplog.records)
+
+
+def test_waits_are_observed_per_kind_and_shedding_can_be_off():
+    seen: list = []
+    now = [0.0]
+    admission = Admission(max_in_setup=10, max_live=100, live=lambda: 0, clock=lambda: now[0],
+                          shed_policy=ShedPolicy(target=0), observe_wait=lambda kind, w: seen.append((kind, w)))
+    arrived = admission.setup_started("plaintext", age=0.25)
+    now[0] = 0.5
+    admission.setup_done("plaintext", arrived)
+    assert seen == [("plaintext", 0.75)]
+    assert admission.admit("plaintext", age=100.0) is None and not admission.overloaded("plaintext")

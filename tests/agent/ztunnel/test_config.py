@@ -26,10 +26,19 @@ def test_flags_win_over_environment():
 
 
 @pytest.mark.parametrize("argv", [[], ["--node", "n", "--cert-ttl", "-1"], ["--node", "n", "--handshake-timeout", "0"],
-                                  ["--node", "n", "--admin-port", "x"]])
+                                  ["--node", "n", "--admin-port", "x"], ["--node", "n", "--overload-target", "-1"],
+                                  ["--node", "n", "--overload-interval", "0"]])
 def test_bad_arguments_are_refused(argv):
     with pytest.raises(SystemExit):
         ProxyConfig.from_args(argv, env={})
+
+
+def test_shedding_on_delay_from_flags_or_environment():
+    assert (ProxyConfig.from_args(["--node", "n"], env={}).overload_target,
+            ProxyConfig.from_args(["--node", "n"], env={}).overload_interval) == (1.0, 3.0)
+    config = ProxyConfig.from_args(["--node", "n", "--overload-interval", "5"],
+                                   env={"SHOAL_PROXY_OVERLOAD_TARGET": "0"})
+    assert (config.overload_target, config.overload_interval) == (0.0, 5.0)
 
 
 def test_workers_default_to_the_cores_this_process_may_use():

@@ -5,7 +5,9 @@ down for CI; the full-size runs are ``python -m shoal.perf run --only load``."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
+import time
 
 import h2.config
 import h2.connection
@@ -15,7 +17,7 @@ import hyperframe.frame
 import pytest
 
 from shoal.hbone import framing as hbone
-from tests.agent.ztunnel.proxybed import SERVER_IP
+from tests.agent.ztunnel.proxybed import OTHER_IP, SERVER_IP, EchoServer
 from tests.agent.ztunnel.test_proxy import (
     APP_PORT,
     Harness,
@@ -92,6 +94,110 @@ async def test_a_burst_past_the_setup_cap_waits_in_the_kernel_instead_of_being_r
         assert metric(h.app, "shoal_proxy_rejected_total", reason="overloaded") == 0
         assert h.app.ctx.admission.in_setup == 0
         assert await h.echo_roundtrip() == b"hello"
+
+
+# -- shedding on queueing delay -------------------------------------------------------------
+
+SLOW_PORT = 9000
+SLOW_LINK = ["tbf", "rate", "16kbit", "burst", "1600", "latency", "20s"]  # ~5 connections a second
+
+
+@contextlib.asynccontextmanager
+async def _slow_upstream(pod_netns, state, ca, tmp_path):
+    """The proxy (outbound setups capped at 4, shedding after 0.5 s standing for 1 s) in
+    front of an unmeshed app behind a 16 kbit/s link: every setup waits for its SYN to
+    cross the link, so the proxy serves about five connections a second, first-in first-out."""
+    tc = ["ip", "netns", "exec", pod_netns["server"], "tc", "qdisc"]
+    subprocess.run([*tc, "replace", "dev", "vother", "root", *SLOW_LINK], check=True)
+    try:
+        async with running_proxy(pod_netns, state, ca.sign, tmp_path, max_connections_in_setup=4,
+                                 overload_target=0.5, overload_interval=1.0, connect_timeout=60.0) as (h, _):
+            legacy = await EchoServer().start(f"/run/netns/{pod_netns['other']}", OTHER_IP, SLOW_PORT)
+            try:
+                yield h
+            finally:
+                legacy.close()
+    finally:
+        subprocess.run([*tc, "del", "dev", "vother", "root"], capture_output=True)   # the namespaces outlive a test
+
+
+async def _timed_roundtrip(h: Harness, i: int, timeout: float = 60) -> tuple[str, float]:
+    """One connection through the proxy to the slow app: (outcome, seconds to its echo)."""
+    started = time.monotonic()
+    line = b"conn %d\n" % i
+    try:
+        reader, writer = await h.connect_via_proxy(OTHER_IP, SLOW_PORT)
+        try:
+            writer.write(line)
+            echoed = await asyncio.wait_for(reader.readexactly(len(line)), timeout)
+        finally:
+            writer.close()
+        return ("ok" if echoed == line else "bad echo"), time.monotonic() - started
+    except (ConnectionError, asyncio.IncompleteReadError) as exc:
+        return f"reset:{type(exc).__name__}", time.monotonic() - started
+    except asyncio.TimeoutError:
+        return "timeout", time.monotonic() - started
+
+
+async def test_sustained_overload_sheds_old_setups_and_serves_the_rest_in_bounded_time(pod_netns, state, ca,
+                                                                                         tmp_path):
+    # 20 connections a second for 6 s into a proxy that serves ~5 a second. First-in
+    # first-out without shedding, the last one would wait ~20 s (and a client with a 10 s
+    # timeout would see every one served after it had gone).
+    async with _slow_upstream(pod_netns, state, ca, tmp_path) as h:
+        established = await h.connect_via_proxy(SERVER_IP, APP_PORT)   # HBONE, not behind the slow link
+        pings: list[float] = []
+
+        async def keep_pinging(stop: asyncio.Event):
+            reader, writer = established
+            while not stop.is_set():
+                started = time.monotonic()
+                writer.write(b"ping")
+                assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+                pings.append(time.monotonic() - started)
+                await asyncio.sleep(0.25)
+
+        stop = asyncio.Event()
+        pinger = asyncio.ensure_future(keep_pinging(stop))
+        clients = []
+        for i in range(120):
+            clients.append(asyncio.ensure_future(_timed_roundtrip(h, i)))
+            await asyncio.sleep(0.05)
+        results = await asyncio.gather(*clients)
+        stop.set()
+        await pinger
+        served = [seconds for outcome, seconds in results if outcome == "ok"]
+        refused = [outcome for outcome, _ in results if outcome != "ok"]
+        shed = metric(h.app, "shoal_proxy_rejected_total", listener="outbound", reason="queue_delay")
+        # The excess was refused, at once (a reset, not a hang), and every refusal counted.
+        assert refused and all(outcome.startswith("reset") for outcome in refused), refused
+        assert shed == len(refused)
+        # Those served did not wait behind a backlog older than they are.
+        assert len(served) >= 15
+        assert max(served) < 6.0, sorted(served)[-5:]
+        # The established connection kept flowing all along.
+        assert len(pings) >= 10 and max(pings) < 3.0, pings
+        # Once the load is gone, the kind recovers and serves at once.
+        outcome, seconds = await _timed_roundtrip(h, 1000, timeout=10)
+        assert outcome == "ok"
+        for _ in range(50):
+            if not h.app.ctx.admission.overloaded("outbound"):
+                break
+            await asyncio.sleep(0.1)
+        assert not h.app.ctx.admission.overloaded("outbound")
+        assert metric(h.app, "shoal_proxy_setup_wait_seconds_count", listener="outbound") >= len(served)
+
+
+async def test_a_burst_that_drains_is_not_shed_although_it_stands_longer_than_the_interval(pod_netns, state, ca,
+                                                                                            tmp_path):
+    # 40 connections at once, clients that wait: ~8 s to drain at ~5 a second, far more
+    # than the 1 s interval, but nothing new arrives and the backlog shrinks all along.
+    async with _slow_upstream(pod_netns, state, ca, tmp_path) as h:
+        results = await asyncio.gather(*(_timed_roundtrip(h, i) for i in range(40)))
+        assert [outcome for outcome, _ in results if outcome != "ok"] == []
+        assert max(seconds for _, seconds in results) > 2.0   # it did stand past interval + target
+        assert metric(h.app, "shoal_proxy_rejected_total", reason="queue_delay") == 0
+        assert not h.app.ctx.admission.overloaded("outbound")
 
 
 # -- HTTP/2 abuse on 15008 ---------------------------------------------------------------------
