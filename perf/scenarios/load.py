@@ -1,17 +1,21 @@
 """Issue 18's load targets through two Shoal node proxies: many concurrent connections,
 and a soak at a steady connection rate.
 
+- ``proxy.idle``: the RSS of the largest node proxy process (a worker, or the single
+  process) with the pods enrolled and no connection yet (issue 13: <= 60 MB per worker).
 - ``proxy.concurrent[conns=N]``: a client pod (node-1) opens N connections at once to an
   echo app (node-2), holds every one until all have exchanged a line, then pings each
   for a few seconds. Figures: the fraction that succeeded, seconds to open them all,
-  and the peak RSS of the largest node proxy meanwhile (target <= 150 MB at 10,000).
+  and the peak RSS of the largest node proxy process meanwhile (targets: <= 120 MB at
+  1,000, issue 13; <= 150 MB at 10,000, issue 18). Runs 1,000 then 10,000.
 - ``proxy.soak[rate=R/s]``: R new connections a second for the run's duration (each a
   line echoed), with the node proxies' RSS sampled: failures, and RSS growth from the
   first to the last quarter (target 0 and <= 5 %).
 
-Full size is 10,000 connections and a 10-minute soak (the issue's 1 h soak:
-``SHOAL_PERF_SOAK_SECONDS=3600``); ``--quick`` runs 2,000 connections and a 60 s soak;
-``SHOAL_PERF_LOAD_CONNECTIONS`` sets the count. Either set to 0 skips that part (a soak-only run:
+Full size is 1,000 then 10,000 connections and a 10-minute soak (the issue's 1 h soak:
+``SHOAL_PERF_SOAK_SECONDS=3600``); ``--quick`` runs 1,000 then 2,000 connections and a 60 s
+soak; ``SHOAL_PERF_LOAD_CONNECTIONS`` sets the counts (comma-separated, e.g. ``1000``). Either
+set to 0 skips that part (a soak-only run:
 ``SHOAL_PERF_LOAD_CONNECTIONS=0 SHOAL_PERF_SOAK_SECONDS=3600``). Failures are reported by
 reason (exception type and errno, client side) beside the proxies' refusals.
 The HTTP/2 floods are scaled down in ``make test`` (tests/agent/ztunnel/test_proxy_load.py).
@@ -35,6 +39,8 @@ NAMESPACE = "perf-load"
 PATH = "shoal-l4"
 PORT = 9100
 FULL, QUICK = 10_000, 2_000
+ONE_THOUSAND = 1_000
+IDLE = "proxy.idle"
 FULL_SOAK, QUICK_SOAK = 600.0, 60.0
 SOAK_RATE = 200
 
@@ -45,9 +51,13 @@ def concurrent_benchmark(count: int) -> str:
 SOAK = f"proxy.soak[rate={SOAK_RATE}/s]"
 
 
-def connection_count(quick: bool) -> int:
-    """Concurrent connections to open (0: skip that part, e.g. for a soak-only run)."""
-    return int(os.environ.get("SHOAL_PERF_LOAD_CONNECTIONS", QUICK if quick else FULL))
+def connection_counts(quick: bool) -> tuple[int, ...]:
+    """Concurrent connections to open, one run per count (0 or nothing: skip that part,
+    e.g. for a soak-only run)."""
+    given = os.environ.get("SHOAL_PERF_LOAD_CONNECTIONS")
+    if given is None:
+        return (ONE_THOUSAND, QUICK if quick else FULL)
+    return tuple(count for count in (int(item) for item in given.split(",") if item.strip()) if count > 0)
 
 
 def soak_seconds(quick: bool) -> float:
@@ -88,8 +98,8 @@ def run(ctx: Context) -> Iterator[Measurement]:
     echo = server.spawn([sys.executable, "-c", ECHO_APP, str(PORT)], log=ctx.workdir / "echo.log")
     try:
         time.sleep(1.0)
-        count = connection_count(ctx.quick)
-        if count > 0:
+        yield from _idle(proxies)
+        for count in connection_counts(ctx.quick):
             yield from _concurrent(ctx, client, server, proxies, count)
         seconds = soak_seconds(ctx.quick)
         if seconds > 0:
@@ -127,6 +137,17 @@ def proxy_refusals(ctx: Context) -> dict[str, float]:
         for key, value in parse_refusals(done.stdout).items():
             totals[f"{node} {key}"] = totals.get(f"{node} {key}", 0.0) + value
     return totals
+
+
+def _idle(proxies) -> Iterator[Measurement]:
+    """RSS of each node proxy process with pods enrolled and nothing connected (a few samples)."""
+    with procstat.ProcessSampler(proxies(), interval=0.5) as sampler:
+        time.sleep(2.0)
+    if sampler.usage:
+        per_process = sampler.rss_peak_per_process_mb
+        yield Measurement(IDLE, PATH, "rss", "MB", (max(per_process.values()),), "lower",
+                          "largest node proxy process, no connection; each: "
+                          + ", ".join(f"{mb:.1f}" for mb in sorted(per_process.values())))
 
 
 def _concurrent(ctx: Context, client, server, proxies, count: int) -> Iterator[Measurement]:
@@ -186,6 +207,8 @@ SCENARIO = Scenario(
     run=run,
     requires=("root", "cluster"),
     targets=(
+        Target(IDLE, "rss", PATH, "<=", 60, label="60 MB per worker"),
+        Target(concurrent_benchmark(ONE_THOUSAND), "rss", PATH, "<=", 120, label="120 MB per worker"),
         Target(concurrent_benchmark(FULL), "succeeded", PATH, ">=", 1.0),
         Target(concurrent_benchmark(FULL), "rss", PATH, "<=", 150, label="150 MB per worker"),
         Target(SOAK, "failures", PATH, "<=", 0),

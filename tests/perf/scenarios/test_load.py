@@ -22,3 +22,15 @@ def test_rss_growth_compares_the_last_quarter_with_the_first():
     assert rss_growth((100.0,) * 4) is None                  # too few readings to say
     assert abs(rss_growth((100.0,) * 8 + (110.0,) * 8) - 10.0) < 1e-9
     assert abs(rss_growth((100.0, 101.0, 99.0, 100.0) * 4)) < 1.5
+
+
+def test_connection_counts_default_and_from_env(monkeypatch):
+    from shoal.perf.scenarios.load import FULL, ONE_THOUSAND, QUICK, connection_counts
+
+    monkeypatch.delenv("SHOAL_PERF_LOAD_CONNECTIONS", raising=False)
+    assert connection_counts(quick=False) == (ONE_THOUSAND, FULL)
+    assert connection_counts(quick=True) == (ONE_THOUSAND, QUICK)
+    monkeypatch.setenv("SHOAL_PERF_LOAD_CONNECTIONS", "500, 3000")
+    assert connection_counts(quick=False) == (500, 3000)
+    monkeypatch.setenv("SHOAL_PERF_LOAD_CONNECTIONS", "0")
+    assert connection_counts(quick=True) == ()
