@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable, Protocol, cast
 
 from shoal.hbone import framing as hbone
 from shoal.hbone.identity import IdentityError
+from shoal.hbone.readbuffer import ReadBuffer
 
 if TYPE_CHECKING:   # the pool imports this module
     from shoal.hbone.pool import PoolKey
@@ -46,10 +47,6 @@ SESSION_WRITE_HIGH = 8 * 1024 * 1024
 SESSION_WRITE_LOW = 2 * 1024 * 1024
 TCP_WRITE_HIGH = 2 * 1024 * 1024
 TCP_WRITE_LOW = 512 * 1024
-# TLS decrypts straight into this buffer (BufferedProtocol): a partial frame held at its
-# start still leaves room for a whole 1 MiB frame after it, and reads are never tiny.
-READ_BUFFER = 2 * hbone.MAX_FRAME + 256 * 1024
-READ_MIN_FREE = 256 * 1024
 
 
 # Events that change no stream count nor limit (WindowOpened may: the peer's SETTINGS).
@@ -59,11 +56,12 @@ _BYTES_ONLY = (hbone.TunnelData,)
 class HboneSession(asyncio.BufferedProtocol):
     """An HTTP/2 connection (over TLS) carrying many tunnels.
 
-    Reads land in one preallocated buffer, and the fast path hands out DATA payloads as
-    views of it, written to the TCP sockets without a copy. A socket that could not
-    take a view at once keeps a reference to it (uvloop queues the view itself), so the
-    buffer is then *lent* (``read_buffer_lent``): it is never written over again, and
-    the next compaction takes a fresh one."""
+    Reads land in the connection's read buffer (``readbuffer.ReadBuffer``: small until
+    the traffic needs more), and the fast path hands out DATA payloads as views of it,
+    written to the TCP sockets without a copy. A socket that could not take a view at
+    once keeps a reference to it (uvloop queues the view itself), so the buffer is then
+    *lent* (``reads.lent``): it is never written over again, and the next compaction
+    takes a fresh one."""
 
     def __init__(self, client_side: bool, idle_timeout: float,
                  on_request: Callable[["HboneSession", hbone.TunnelRequested], asyncio.Task | None] | None = None,
@@ -98,9 +96,7 @@ class HboneSession(asyncio.BufferedProtocol):
         # answering is alive, just busy; one that answers nothing is stuck (outbound's wait).
         self.last_answer = time.monotonic()
         self._flush_scheduled = False
-        self._read_buffer = bytearray(READ_BUFFER)
-        self._read_start = self._read_end = 0
-        self.read_buffer_lent = False
+        self.reads = ReadBuffer()   # starts small, grows with what the connection carries
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -122,24 +118,12 @@ class HboneSession(asyncio.BufferedProtocol):
         self._arm_idle()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if len(self._read_buffer) - self._read_end < READ_MIN_FREE:
-            self._compact_read_buffer()
-        return memoryview(self._read_buffer)[self._read_end:]
+        return self.reads.room(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._read_end += nbytes
-        events, used = self.h2.receive_buffer(memoryview(self._read_buffer)[self._read_start:self._read_end])
-        self._read_start += used
+        events, used = self.h2.receive_buffer(self.reads.filled(nbytes))
         self._handle(events)  # delivers the payloads: only then is it known whether one was lent
-        if self._read_start == self._read_end and not self.read_buffer_lent:
-            self._read_start = self._read_end = 0
-
-    def _compact_read_buffer(self) -> None:
-        held = bytes(self._read_buffer[self._read_start:self._read_end])  # at most one partial frame
-        if self.read_buffer_lent:
-            self._read_buffer, self.read_buffer_lent = bytearray(READ_BUFFER), False
-        self._read_buffer[:len(held)] = held
-        self._read_start, self._read_end = 0, len(held)
+        self.reads.used(used)
 
     def data_received(self, data: bytes) -> None:
         """Bytes handed in directly (a caller that does not use the read buffer)."""
@@ -320,6 +304,7 @@ class HboneSession(asyncio.BufferedProtocol):
             self._lingering.add(stream_id)  # still counts against the peer's limit
         self.flush()
         if not self.streams:
+            self.reads.shrink()   # a quiet connection does not keep a bulk-sized buffer
             self._arm_idle()
             self._close_if_drained()
         self.report_room()
@@ -517,7 +502,7 @@ class StreamPeer(asyncio.Protocol):
         assert transport is not None and session is not None
         transport.write(data)
         if type(data) is memoryview and transport.get_write_buffer_size():
-            session.read_buffer_lent = True  # the socket queued the view itself
+            session.reads.lent = True  # the socket queued the view itself
         if self._tcp_write_paused:
             self._unacked += length
         else:

@@ -8,7 +8,8 @@ import asyncio
 import pytest
 
 from shoal.hbone import framing
-from shoal.hbone.session import READ_BUFFER, HboneSession, StreamPeer
+from shoal.hbone.readbuffer import LARGE
+from shoal.hbone.session import HboneSession, StreamPeer
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -98,4 +99,4 @@ async def test_views_a_socket_queued_are_never_overwritten(queues):
     kept = sockets[0].kept
     assert all(bytes(held) == original for held, original in kept), "a queued view was written over"
     assert b"".join(original for _, original in kept) == sent
-    assert server.read_buffer_lent is queues or len(sent) < READ_BUFFER
+    assert server.reads.lent is queues or len(sent) < LARGE
