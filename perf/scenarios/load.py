@@ -95,9 +95,8 @@ def run(ctx: Context) -> Iterator[Measurement]:
     client = ctx.bed.pod(NAMESPACE, "client", "node-1", meshed=True, service_account="client")
     server = ctx.bed.pod(NAMESPACE, "server", "node-2", meshed=True, service_account="server")
     proxies = lambda: ctx.bed.component_pids("proxy", nodes=("node-1", "node-2"))
-    echo = server.spawn([sys.executable, "-c", ECHO_APP, str(PORT)], log=ctx.workdir / "echo.log")
+    echo = _start_echo(ctx, server)
     try:
-        time.sleep(1.0)
         yield from _idle(proxies)
         for count in connection_counts(ctx.quick):
             yield from _concurrent(ctx, client, server, proxies, count)
@@ -106,6 +105,29 @@ def run(ctx: Context) -> Iterator[Measurement]:
             yield from _soak(ctx, client, server, proxies, seconds)
     finally:
         ctx.bed.stop(echo)
+
+
+ECHO_START_TIMEOUT = 60.0   # a python app on a loaded machine takes seconds to start
+
+
+def _start_echo(ctx: Context, server):
+    """The echo app, once it listens. Connections before that fail at the inbound proxy's
+    upstream connect (counted as the proxies' failures); on a loaded machine the pod's
+    process may not even be there yet ("no running process to enter"): started again."""
+    log = ctx.workdir / "echo.log"
+    deadline = time.monotonic() + ECHO_START_TIMEOUT
+    while True:
+        echo = server.spawn([sys.executable, "-c", ECHO_APP, str(PORT)], log=log)
+        while echo.poll() is None and time.monotonic() < deadline:
+            if log.exists() and "listening" in log.read_text():
+                return echo
+            time.sleep(0.2)
+        output = log.read_text()[-300:] if log.exists() else "(no output)"
+        ctx.bed.stop(echo)
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"the echo app did not start in {ECHO_START_TIMEOUT:.0f} s: {output}")
+        ctx.log(f"  echo app exited before listening ({output.strip()}), starting it again")
+        time.sleep(1.0)
 
 
 REFUSAL_METRICS = ("shoal_proxy_rejected_total", "shoal_proxy_accept_paused_total")

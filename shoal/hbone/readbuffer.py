@@ -31,7 +31,7 @@ def size_for(need: int) -> int:
     return next((size for size in SIZES if size >= need), LARGE)
 
 
-class ReadBuffer:
+class SessionReadBuffer:
     """One connection's read buffer: ``data[start:end]`` is received, not yet parsed
     (at most one partial frame once the parser has run)."""
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, Protocol, cast
 
 from shoal.hbone import framing as hbone
 from shoal.hbone.identity import IdentityError
-from shoal.hbone.readbuffer import ReadBuffer
+from shoal.hbone.readbuffer import SessionReadBuffer
 
 if TYPE_CHECKING:   # the pool imports this module
     from shoal.hbone.pool import PoolKey
@@ -56,8 +56,8 @@ _BYTES_ONLY = (hbone.TunnelData,)
 class HboneSession(asyncio.BufferedProtocol):
     """An HTTP/2 connection (over TLS) carrying many tunnels.
 
-    Reads land in the connection's read buffer (``readbuffer.ReadBuffer``: small until
-    the traffic needs more), and the fast path hands out DATA payloads as views of it,
+    Reads land in the connection's ``SessionReadBuffer`` (small until the traffic
+    needs more), and the fast path hands out DATA payloads as views of it,
     written to the TCP sockets without a copy. A socket that could not take a view at
     once keeps a reference to it (uvloop queues the view itself), so the buffer is then
     *lent* (``reads.lent``): it is never written over again, and the next compaction
@@ -96,7 +96,7 @@ class HboneSession(asyncio.BufferedProtocol):
         # answering is alive, just busy; one that answers nothing is stuck (outbound's wait).
         self.last_answer = time.monotonic()
         self._flush_scheduled = False
-        self.reads = ReadBuffer()   # starts small, grows with what the connection carries
+        self.reads = SessionReadBuffer()   # starts small, grows with what the connection carries
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

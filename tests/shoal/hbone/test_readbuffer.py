@@ -6,18 +6,18 @@ from __future__ import annotations
 import random
 
 from shoal.hbone import framing
-from shoal.hbone.readbuffer import LARGE, MEDIUM, SHRINK_AFTER_SMALL_READS, SMALL, ReadBuffer, size_for
+from shoal.hbone.readbuffer import LARGE, MEDIUM, SHRINK_AFTER_SMALL_READS, SMALL, SessionReadBuffer, size_for
 from shoal.hbone.session import HboneSession
 
 
 def _connected_pair():
-    """A client ``HboneConnection`` with one CONNECT answered by a server fed through a ReadBuffer."""
+    """A client ``HboneConnection`` with one CONNECT answered by a server fed through a SessionReadBuffer."""
     client = framing.HboneConnection(client_side=True)
     server = framing.HboneConnection(client_side=False)
     client.initiate()
     server.initiate()
     sid = client.connect("10.0.0.1", 80, "10.0.0.2", framing.new_traceparent())
-    buffer = ReadBuffer()
+    buffer = SessionReadBuffer()
     events = _feed(server, buffer, client.data_to_send(), step=1000)
     request = next(e for e in events if isinstance(e, framing.TunnelRequested))
     server.respond(request.stream_id, framing.STATUS_OK)
@@ -26,7 +26,7 @@ def _connected_pair():
     return client, server, buffer, sid
 
 
-def _feed(server, buffer: ReadBuffer, data: bytes, step: int, sizehint: int | None = None) -> list:
+def _feed(server, buffer: SessionReadBuffer, data: bytes, step: int, sizehint: int | None = None) -> list:
     """What the TLS layer does: ask for room, decrypt into it (possibly less than asked), say how much."""
     events: list = []
     position = 0
@@ -50,7 +50,7 @@ def _payload(events) -> bytes:
 
 
 def test_a_new_or_idle_connection_costs_small():
-    buffer = ReadBuffer()
+    buffer = SessionReadBuffer()
     assert len(buffer.data) == SMALL
     assert len(buffer.room(0)) == SMALL and len(buffer.room(-1)) == SMALL
     session = HboneSession(client_side=False, idle_timeout=0)
@@ -66,7 +66,7 @@ def test_sizes_are_a_ladder_up_to_large():
 
 
 def test_room_honours_the_size_hint_up_to_large():
-    buffer = ReadBuffer()
+    buffer = SessionReadBuffer()
     assert len(buffer.room(200_000)) >= 200_000 and len(buffer.data) == MEDIUM
     assert len(buffer.room(LARGE)) == LARGE
     assert len(buffer.room(10 * LARGE)) == LARGE
@@ -115,7 +115,7 @@ def test_a_partial_frame_survives_every_resize():
 
 
 def test_shrink_keeps_held_bytes_and_a_lent_buffer_is_not_reused():
-    buffer = ReadBuffer()
+    buffer = SessionReadBuffer()
     room = buffer.room(MEDIUM)
     room[:5] = b"abcde"
     buffer.filled(5)
