@@ -9,7 +9,7 @@ import pytest
 
 from shoal.cli.deploy import RenderOptions, render
 from shoal.cli.deploy.render import WAYPOINT_TEMPLATE, WAYPOINT_TEMPLATE_KEY, default_base, render_file
-from shoal.cli.deploy.waypoint import instantiate
+from shoal.waypointtemplate import instantiate
 
 REPO = Path(__file__).resolve().parents[4]
 SAMPLE_GATEWAY = {

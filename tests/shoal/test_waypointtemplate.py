@@ -7,8 +7,8 @@ import kubernetes_validate
 import pytest
 from kubernetes_validate.utils import latest_version
 
-from shoal.cli.deploy.waypoint import WaypointTemplateError, instantiate, template_values
-from tests.shoal.cli.deploy.deploybed import SAMPLE_GATEWAY, waypoint_objects
+from shoal.waypointtemplate import WaypointTemplateError, instantiate, template_values
+from tests.shoal.cli.deploy.deploybed import SAMPLE_GATEWAY, base, rendered, waypoint_objects  # noqa: F401  (fixtures)
 
 
 def test_template_yields_a_valid_deployment_service_and_account(rendered):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
-import yaml
+import yaml  # type: ignore[import-untyped]  # no stubs installed (types-PyYAML is not a dependency)
 
 from shoal.config import WAYPOINT_GATEWAY_CLASS
 
@@ -38,7 +38,7 @@ def template_values(gateway: Mapping[str, Any]) -> dict[str, str]:
             raise WaypointTemplateError(f"{where}: {field} must be a DNS label (a-z, 0-9, '-', at most 63)")
     if not isinstance(uid, str) or not _UID.match(uid):
         raise WaypointTemplateError(f"{where}: metadata.uid is required (the owner reference needs it)")
-    return {"GATEWAY_NAME": name, "GATEWAY_NAMESPACE": namespace, "GATEWAY_UID": uid}
+    return {"GATEWAY_NAME": str(name), "GATEWAY_NAMESPACE": str(namespace), "GATEWAY_UID": str(uid)}
 
 
 def instantiate(template_text: str, gateway: Mapping[str, Any]) -> list[dict[str, Any]]:
