@@ -25,6 +25,9 @@ CAPABILITIES = frozenset({
 })
 MAX_ID = 2**31 - 2
 MAX_ID = 2**31 - 2
+# Writable and private to each pod: a container's own root filesystem has them, and the local
+# sandbox makes them tmpfs. An emptyDir volume may only be mounted on one of them.
+PRIVATE_TMPFS = ("/tmp", "/var/tmp", "/dev/shm")
 _VOLUME_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -89,16 +92,21 @@ class PodSecurity:
 
 def host_mounts(spec: dict[str, Any], container: dict[str, Any], env: dict[str, str]) -> tuple[HostMount, ...]:
     """hostPath volumes named by the container's volumeMounts (subPathExpr expands $(VAR) from env)."""
-    volumes = {}
+    volumes: dict[str, str | None] = {}    # name -> host path (None: an emptyDir)
     for i, volume in enumerate(_list(spec.get("volumes"), "spec.volumes")):
         where = f"spec.volumes[{i}]"
         volume = _mapping(volume, where)
-        host = _mapping(volume.get("hostPath"), f"{where}.hostPath")
-        path = host.get("path")
         if not isinstance(volume.get("name"), str) or not _VOLUME_NAME.match(volume["name"]):
             raise PodSpecError(f"{where}.name: expected a DNS label")
+        if "emptyDir" in volume and "hostPath" not in volume:
+            _mapping(volume["emptyDir"], f"{where}.emptyDir")
+            volumes[volume["name"]] = None
+            continue
+        host = _mapping(volume.get("hostPath"), f"{where}.hostPath")
+        path = host.get("path")
         if not isinstance(path, str) or not path.startswith("/"):
-            raise PodSpecError(f"{where}.hostPath.path: expected an absolute path (only hostPath volumes exist here)")
+            raise PodSpecError(f"{where}.hostPath.path: expected an absolute path "
+                               "(only hostPath and emptyDir volumes exist here)")
         volumes[volume["name"]] = path
     mounts = []
     for i, vm in enumerate(_list(container.get("volumeMounts"), "volumeMounts")):
@@ -110,6 +118,11 @@ def host_mounts(spec: dict[str, Any], container: dict[str, Any], env: dict[str, 
         if not isinstance(target, str) or not target.startswith("/") or ".." in target.split("/"):
             raise PodSpecError(f"{where}.mountPath: expected an absolute path without '..'")
         source = volumes[vm["name"]]
+        if source is None:   # an emptyDir: the pod's own private tmpfs is already there
+            if target.rstrip("/") not in PRIVATE_TMPFS:
+                raise PodSpecError(f"{where}.mountPath: an emptyDir can only be mounted on "
+                                   f"{', '.join(PRIVATE_TMPFS)} here")
+            continue
         sub = vm.get("subPathExpr") or vm.get("subPath") or ""
         if sub:
             # Checked as written (apply time, no env yet) and as expanded (the kubelet's env).

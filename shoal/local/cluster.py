@@ -200,6 +200,9 @@ class LocalCluster:
         self.progress(f"controller: starting container {pods.controller_image}")
         pods.start_controller()
         self._wait(self.api.healthy, 60, "the controller did not become ready (see `shoal logs controller`)")
+        # Waypoints run from the rendered template, as the controller instantiates it on Kubernetes.
+        from shoal.local.waypoints import template_path
+        template_path(self.layout).write_text(pods.waypoint_template)
         self.progress("kubelet: starting (host process)")
         self.start(self.kubelet_component())
         self.api.apply([self._node_object(n) for n in node_names])
@@ -215,9 +218,10 @@ class LocalCluster:
                            f"the agent of {node} did not start (see `shoal logs agent --node {node}`)")
 
     def kubelet_component(self) -> Component:
-        """The local kubelet and waypoint launcher alone (the controller runs in a container)."""
+        """The local kubelet and waypoint launcher alone (the controller runs in a container);
+        pods whose containers name an image (the waypoints) run as podman containers."""
         return Component("kubelet", "shoal.local.controller", self.layout.control_netns,
-                         self.layout.cgroup / "control", ("node-side", "--cluster", self.layout.name))
+                         self.layout.cgroup / "control", ("node-side", "--cluster", self.layout.name, "--containers"))
 
     def _node_object(self, node: str) -> dict:
         return {"apiVersion": "v1", "kind": "Node",
@@ -291,12 +295,11 @@ class LocalCluster:
         """Removes every process, namespace, cgroup, pin and file of this cluster; idempotent."""
         removed = []
         layout = self.layout
+        # The controller and kubelet first, so that the kubelet restarts no pod (process or
+        # container) we are stopping; then the containers; then every other process.
+        removed += self._kill(Cgroup(layout.cgroup / "control"))
         removed += self._remove_containers()
-        # The controller first, so that its kubelet does not restart pods we are stopping.
-        for cgroup in (Cgroup(layout.cgroup / "control"), Cgroup(layout.cgroup)):
-            if cgroup.exists() and cgroup.pids():
-                removed.append(f"{len(cgroup.pids())} processes in {cgroup.path}")
-                cgroup.kill_all()
+        removed += self._kill(Cgroup(layout.cgroup))
         for node in self.nodes():
             self._uninstall_node_datapath(node)
         pins = layout.bpffs_root / layout.name
@@ -313,13 +316,23 @@ class LocalCluster:
             shutil.rmtree(layout.run_dir)
         return removed
 
+    @staticmethod
+    def _kill(cgroup: Cgroup) -> list[str]:
+        if not cgroup.exists() or not cgroup.pids():
+            return []
+        found = f"{len(cgroup.pids())} processes in {cgroup.path}"
+        cgroup.kill_all()
+        return [found]
+
     def _remove_containers(self) -> list[str]:
         """Every podman container labelled with this cluster (``shoal up --containers``)."""
         from shoal.local import podman
         if podman.available() is not None:
             return []
-        found = podman.cluster_containers(self.layout.name)
+        layout = self.layout
+        found = podman.cluster_containers(layout.name)
         podman.remove(found)
+        podman.remove_v1_mirrors(layout.cgroup_root, str(layout.cgroup.relative_to(layout.cgroup_root)))
         return [f"container {c[:12]}" for c in found]
 
     def _uninstall_node_datapath(self, node: str) -> None:

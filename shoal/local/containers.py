@@ -104,24 +104,40 @@ def container_run(objects: list[dict[str, Any]], kind: str, name: str, container
     owner = next(o for o in objects if o.get("kind") == kind and o["metadata"]["name"] == name)
     fields = {"spec.nodeName": node, "metadata.namespace": owner["metadata"].get("namespace", "default"),
               "metadata.name": f"{name}-{node}"}
-    spec = template["spec"]
+    return pod_container_run(template["spec"], container, f"{kind} {name}", fields, volume_sources,
+                             config_maps(objects))
+
+
+def config_maps(objects: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """The rendered ConfigMaps' data by name (what ``configMapKeyRef`` env entries read)."""
+    return {o["metadata"]["name"]: o.get("data", {}) for o in objects if o.get("kind") == "ConfigMap"}
+
+
+def pod_container_run(spec: dict[str, Any], container: str, where: str, fields: dict[str, str],
+                      volume_sources: dict[str, str],
+                      maps: dict[str, dict[str, str]] | None = None) -> ContainerRun:
+    """The podman view of ``container`` in pod ``spec`` (a template's or a running Pod's).
+
+    ``fields`` are the pod fields its env may read (``spec.nodeName``, ``status.podIP``...).
+    """
     found = [c for c in spec["containers"] if c["name"] == container]
     if not found:
-        raise ManifestError(f"{kind} {name} has no container {container!r}")
+        raise ManifestError(f"{where} has no container {container!r}")
     c = found[0]
+    where = f"{where}/{container}"
     pod_sc = spec.get("securityContext", {})
     sc = {**pod_sc, **c.get("securityContext", {})}
     if sc.get("privileged"):
-        raise ManifestError(f"{kind} {name}/{container} asks for privileged mode")
+        raise ManifestError(f"{where} asks for privileged mode")
     caps = sc.get("capabilities", {})
     drops = caps.get("drop", [])
     if drops not in ([], ["ALL"]):
-        raise ManifestError(f"{kind} {name}/{container}: only drop [ALL] is supported, got {drops}")
+        raise ManifestError(f"{where}: only drop [ALL] is supported, got {drops}")
     user = None
     if "runAsUser" in sc:
         user = str(sc["runAsUser"]) + (f":{sc['runAsGroup']}" if "runAsGroup" in sc else "")
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
-    env = _env(objects, c.get("env", []), fields)
+    env = _env(maps or {}, c.get("env", []), fields)
     mounts, tmpfs = [], []
     for vm in c.get("volumeMounts", []):
         volume = volumes[vm["name"]]
@@ -134,9 +150,9 @@ def container_run(objects: list[dict[str, Any]], kind: str, name: str, container
         elif vm["name"] in volume_sources:
             source = volume_sources[vm["name"]]
         else:
-            raise ManifestError(f"{kind} {name}/{container}: volume {vm['name']!r} needs a local source")
+            raise ManifestError(f"{where}: volume {vm['name']!r} needs a local source")
         if "subPathExpr" in vm:
-            source = f"{source.rstrip('/')}/{_expand(vm['subPathExpr'], env, f'{kind} {name}/{container}')}"
+            source = f"{source.rstrip('/')}/{_expand(vm['subPathExpr'], env, where)}"
         elif "subPath" in vm:
             source = f"{source.rstrip('/')}/{vm['subPath']}"
         mount = f"type=bind,source={source},destination={target}"
@@ -167,9 +183,8 @@ def _expand(expression: str, env: dict[str, str], where: str) -> str:
     return expanded
 
 
-def _env(objects: list[dict[str, Any]], entries: list[dict[str, Any]], fields: dict[str, str]) -> dict[str, str]:
+def _env(maps: dict[str, dict[str, str]], entries: list[dict[str, Any]], fields: dict[str, str]) -> dict[str, str]:
     """Resolves literal values, the pod fields in ``fields`` and keys of the rendered ConfigMaps."""
-    config_maps = {o["metadata"]["name"]: o.get("data", {}) for o in objects if o.get("kind") == "ConfigMap"}
     env = {}
     for entry in entries:
         if "value" in entry:
@@ -181,7 +196,7 @@ def _env(objects: list[dict[str, Any]], entries: list[dict[str, Any]], fields: d
         elif "configMapKeyRef" in source:
             ref = source["configMapKeyRef"]
             try:
-                env[entry["name"]] = config_maps[ref["name"]][ref["key"]]
+                env[entry["name"]] = maps[ref["name"]][ref["key"]]
             except KeyError:
                 raise ManifestError(f"env {entry['name']}: ConfigMap {ref['name']} has no key {ref['key']}") from None
         else:

@@ -19,17 +19,19 @@ from shoal.controller.config import ControllerConfig
 from shoal.controller.store import Store, poll_forever
 from shoal.local import network
 from shoal.local.kubelet import LocalKubelet
-from shoal.local.waypoints import LocalWaypointLauncher
+from shoal.local.nodepods import PodContainers
+from shoal.local.waypoints import LocalWaypointLauncher, template_path
 from shoal.runtime import run_daemon
 
 
 def store_followers(config: ControllerConfig) -> list[StoreFollower]:
-    """The kubelet (unless ``--no-kubelet``) and the waypoint launcher, for ``config``'s cluster."""
-    followers: list[StoreFollower] = []
-    if config.run_kubelet:
-        followers.append(lambda store: LocalKubelet(config.layout, store).run())
-    followers.append(lambda store: LocalWaypointLauncher(store, config.layout).run())
-    return followers
+    """The kubelet and the waypoint launcher, for ``config``'s cluster. With ``--no-kubelet``
+    neither: both run beside the controller (``node-side``), and two launchers would fight
+    over each waypoint's Deployment (each rewriting it with its own view of the pod)."""
+    if not config.run_kubelet:
+        return []
+    return [lambda store: LocalKubelet(config.layout, store).run(),
+            lambda store: LocalWaypointLauncher(store, config.layout).run()]
 
 
 def assemble(config: ControllerConfig) -> ControllerApp:
@@ -48,12 +50,18 @@ def node_main() -> int:
     parser = argparse.ArgumentParser(prog="python -m shoal.local.controller node-side")
     parser.add_argument("--cluster", default=cluster_name())
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--containers", action="store_true",
+                        help="run waypoints from the rendered template as podman containers")
     args = parser.parse_args(sys.argv[2:])
     layout = ClusterLayout(name=args.cluster)
 
     async def run() -> None:
         store = Store(layout.store_path)
-        kubelet, launcher = LocalKubelet(layout, store), LocalWaypointLauncher(store, layout)
+        if args.containers:
+            kubelet = LocalKubelet(layout, store, containers=PodContainers(layout))
+            launcher = LocalWaypointLauncher(store, layout, template=template_path(layout).read_text())
+        else:
+            kubelet, launcher = LocalKubelet(layout, store), LocalWaypointLauncher(store, layout)
         await asyncio.gather(kubelet.run(), launcher.run(), poll_forever(store))
     return run_daemon(run, args.log_level)
 

@@ -26,6 +26,8 @@ from shoal.controller.model import pod_meshed
 from shoal.controller.store import Store, WatchEvent
 from shoal.local import network
 from shoal.local.linux import Cgroup, LinuxError, Netns
+from shoal.local.nodepods import PodContainers
+from shoal.local.podman import PodmanError
 from shoal.local.sandbox import SandboxError, check_host, default_uid, pod_argv, security_record
 from shoal.local.topology import Topology
 from shoal.netns import NetnsError, netns_cookie
@@ -116,8 +118,12 @@ class LocalKubelet:
     """Reconciles the store's Pods with namespaces, cgroups and processes on this machine."""
 
     def __init__(self, layout: ClusterLayout, store: Store, interval: float = 1.0,
-                 capture_timeout: float = CAPTURE_TIMEOUT, capture_poll: float = 0.05):
+                 capture_timeout: float = CAPTURE_TIMEOUT, capture_poll: float = 0.05,
+                 containers: PodContainers | None = None):
+        """``containers``: the runtime for pods whose containers name an image (``--containers``);
+        without one every pod runs as sandboxed processes."""
         self.layout = layout
+        self.containers = containers
         self.store = store
         self.topology = Topology(layout)
         self.interval = interval
@@ -333,6 +339,14 @@ class LocalKubelet:
 
     def _start(self, pod: dict[str, Any], runtime: _PodRuntime, cgroup: Cgroup) -> None:
         meta, spec = pod["metadata"], pod["spec"]
+        if self.containers is not None and self.containers.wants(pod):
+            try:
+                ids = self.containers.start(pod, runtime.ips, cgroup.path)
+            except PodmanError as err:
+                raise LinuxError(str(err)) from err
+            log.info("started pod %s/%s as container(s) %s", meta["namespace"], meta["name"],
+                     ", ".join(i[:12] for i in ids))
+            return
         netns_name = self.layout.pod_netns(meta["namespace"], meta["name"])
         log_dir = self.layout.log_dir / "pods"
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -377,6 +391,11 @@ class LocalKubelet:
 
     def _stop_pod(self, key: tuple[str, str]) -> None:
         runtime = self._pods.pop(key)
+        if self.containers is not None:   # also the containers of a pod adopted after a restart
+            try:
+                self.containers.stop(*key)
+            except PodmanError as err:
+                log.error("pod %s/%s: %s", *key, err)
         for cgroup_dir in self.layout.cgroup.glob(f"*/pods/{key[0]}.{key[1]}"):
             cgroup = Cgroup(cgroup_dir)
             cgroup.kill_all()

@@ -15,6 +15,7 @@ name of the controller Service is given as a host entry.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -22,9 +23,10 @@ from typing import Any, Callable
 from shoal.config import LOCAL_CONTROLLER_IP, ClusterLayout
 from shoal.credentials import write_secret_file
 from shoal.local import podman
-from shoal.local.containers import PODMAN_GLOBAL, ContainerRun, container_run, ulimits
+from shoal.local.containers import PODMAN_GLOBAL, ContainerRun, container_run, pod_container_run, ulimits
 
 DAEMONSET = "shoal-agent"
+WAYPOINT_TEMPLATE = "shoal-waypoint-template"
 CONTROLLER = "shoal-controller"
 CONTROLLER_SERVICE = "shoal-controller.shoal-system.svc"
 CONTROLLER_REPLICAS = "shoal-controller-replicas.shoal-system.svc"   # what nodes dial
@@ -40,6 +42,15 @@ PAUSE = ("import os, signal\n"
          "            pass\n"
          "    except ChildProcessError:\n"
          "        pass\n")
+
+
+LABEL_POD = "shoal.io/pod"   # <namespace>.<name> of a workload pod's containers
+
+
+def logged(argv: list[str], path: Path) -> list[str]:
+    """``podman run`` argv whose output goes to ``path``, where `shoal logs` reads a process's."""
+    at = argv.index("--detach") + 1
+    return [*argv[:at], "--log-driver", "k8s-file", "--log-opt", f"path={path}", *argv[at:]]
 
 
 # ``shoal install --render --local-cluster NAME [--image-tag TAG]``: the caller renders
@@ -66,10 +77,25 @@ class NodeContainers:
             if not podman.image_exists(self.image):
                 raise podman.PodmanError(f"image {self.image} is not built: run `make images`")
             return
-        progress(f"images: {self.image} and {self.controller_image} with this checkout's sources")
+        progress(f"images: {self.image}, {self.controller_image} and {self.waypoint_image} "
+                 "with this checkout's sources")
         tagged = podman.source_image(self.image, root)
-        podman.source_image(self.controller_image, root)    # the same sources: the same tag
+        for image in (self.controller_image, self.waypoint_image):
+            podman.source_image(image, root)    # the same sources: the same tag
         self.objects = self.render(tagged.rsplit(":", 1)[1])
+
+    @property
+    def waypoint_template(self) -> str:
+        """The rendered waypoint template (ConfigMap ``shoal-waypoint-template``), as YAML."""
+        return next(o for o in self.objects if o.get("kind") == "ConfigMap"
+                    and o["metadata"]["name"] == WAYPOINT_TEMPLATE)["data"]["template.yaml"]
+
+    @property
+    def waypoint_image(self) -> str:
+        found = re.search(r"^\s*image:\s*(\S+)", self.waypoint_template, re.MULTILINE)
+        if found is None:
+            raise podman.PodmanError(f"the rendered {WAYPOINT_TEMPLATE} names no image")
+        return found.group(1)
 
     @property
     def controller_image(self) -> str:
@@ -95,10 +121,7 @@ class NodeContainers:
         return podman.run(self._logged(argv, "controller"))
 
     def _logged(self, argv: list[str], name: str) -> list[str]:
-        """The container's output goes where `shoal logs` reads a process's."""
-        at = argv.index("--detach") + 1
-        return [*argv[:at], "--log-driver", "k8s-file", "--log-opt", f"path={self.layout.log_dir / name}.log",
-                *argv[at:]]
+        return logged(argv, self.layout.log_dir / f"{name}.log")
 
     def container_name(self, node: str, container: str) -> str:
         return f"{self.layout.name}.{node}.{container}"
@@ -154,3 +177,48 @@ class NodeContainers:
                         hosts={CONTROLLER_SERVICE: LOCAL_CONTROLLER_IP,
                                CONTROLLER_REPLICAS: LOCAL_CONTROLLER_IP}, sandbox=sandbox)
         return podman.run(self._logged(argv, f"{container}-{node}"))
+
+
+class PodContainers:
+    """The local kubelet's container runtime (``--containers``): a Pod whose containers name
+    an image runs them as podman containers, in the pod's network namespace and below its
+    cgroup, with the flags its spec asks for (``containers.pod_container_run``), as a CRI
+    runtime would. The kubelet keeps judging liveness by the pod's cgroup."""
+
+    def __init__(self, layout: ClusterLayout):
+        self.layout = layout
+
+    @staticmethod
+    def wants(pod: dict[str, Any]) -> bool:
+        containers = (pod.get("spec") or {}).get("containers") or []
+        return bool(containers) and all(isinstance(c, dict) and c.get("image") for c in containers)
+
+    def container_name(self, namespace: str, pod: str, container: str) -> str:
+        return f"{self.layout.name}.pod.{namespace}.{pod}.{container}"
+
+    def start(self, pod: dict[str, Any], ips: tuple[str, ...], cgroup: Path) -> list[str]:
+        """Starts (or replaces) every container of ``pod``; returns their IDs."""
+        meta, spec = pod["metadata"], pod["spec"]
+        fields = {"spec.nodeName": spec["nodeName"], "metadata.namespace": meta["namespace"],
+                  "metadata.name": meta["name"], "status.podIP": ips[0],
+                  "spec.serviceAccountName": spec.get("serviceAccountName", "default")}
+        netns = f"ns:/run/netns/{self.layout.pod_netns(meta['namespace'], meta['name'])}"
+        parent = "/" + str(cgroup.relative_to(self.layout.cgroup_root))
+        log_dir = self.layout.log_dir / "pods"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        started = []
+        for container in spec["containers"]:
+            run = pod_container_run(spec, container["name"], f"Pod {meta['namespace']}/{meta['name']}", fields, {})
+            name = self.container_name(meta["namespace"], meta["name"], container["name"])
+            podman.remove_named([name])   # an exited run of the same container
+            argv = run.argv(name, netns, cgroup_parent=parent,
+                            labels={podman.LABEL_CLUSTER: self.layout.name, LABEL_POD: f"{meta['namespace']}.{meta['name']}"},
+                            hosts={CONTROLLER_SERVICE: LOCAL_CONTROLLER_IP})
+            started.append(podman.run(logged(argv, log_dir / f"{meta['namespace']}_{meta['name']}_{container['name']}.log")))
+        return started
+
+    def stop(self, namespace: str, name: str, grace: int = 5) -> None:
+        """SIGTERM, ``grace`` seconds, SIGKILL, then removes the pod's containers."""
+        podman.remove(podman.cluster_containers(self.layout.name, {LABEL_POD: f"{namespace}.{name}"}), grace)
+        layout = self.layout
+        podman.remove_v1_mirrors(layout.cgroup_root, f"{layout.cgroup.relative_to(layout.cgroup_root)}/*/pods/{namespace}.{name}")

@@ -12,17 +12,28 @@ so a cluster never runs stale code and the dependencies stay the image's own.
 from __future__ import annotations
 
 import ast
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
+import os
+import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from shoal.local.containers import PODMAN_GLOBAL
+from shoal.local.linux import Cgroup
 
 LABEL_CLUSTER = "shoal.io/cluster"
 LABEL_SOURCE = "shoal.io/source-hash"
+LABEL_BASE = "shoal.io/base-image"     # the image ID a source image was layered on
+# A source image asked for this recently is kept even if no container runs it yet.
+PRUNE_GRACE = 900.0
+log = logging.getLogger(__name__)
 BUILDAH = ("buildah", "--cgroup-manager", "cgroupfs")
 
 
@@ -78,6 +89,19 @@ def _files(root: Path, folders: dict[str, str]) -> list[tuple[Path, str]]:
     return found
 
 
+def missing_dependencies(root: Path, site: Path) -> list[str]:
+    """The checkout's ``[project] dependencies`` that no distribution in ``site`` provides."""
+    import tomllib
+    wanted = tomllib.loads((root / "pyproject.toml").read_text())["project"].get("dependencies", [])
+    installed = {_normal(path.name.split("-", 1)[0]) for path in site.glob("*.dist-info")}
+    names = [re.split(r"[\s<>=!~;\[]", spec, maxsplit=1)[0] for spec in wanted]
+    return [name for name in names if _normal(name) not in installed]
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
 def source_hash(root: Path) -> str:
     digest = hashlib.sha256()
     for path, target in _files(root, package_folders(root)):
@@ -85,31 +109,142 @@ def source_hash(root: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def source_image(image: str, root: Path) -> str:
-    """``image`` with ``root``'s packages in place of the venv's: ``<image>-src<hash>``, made once."""
+def image_state_dir() -> Path:
+    """Where ``make images`` caches its base, and where source images are locked and tracked."""
+    return Path(os.environ.get("SHOAL_IMAGE_STATE", "/var/lib/shoal/images"))
+
+
+@contextlib.contextmanager
+def build_lock(state: Path) -> Iterator[None]:
+    """One source-image build or prune at a time on this machine (every cluster, every checkout)."""
+    state.mkdir(parents=True, exist_ok=True)
+    with open(state / "source-images.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def image_id(image: str) -> str | None:
+    done = subprocess.run(["podman", *PODMAN_GLOBAL, "image", "inspect", "--format", "{{.Id}}", image],
+                          capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def source_image(image: str, root: Path, state: Path | None = None) -> str:
+    """``image`` with ``root``'s packages in place of the venv's: ``<image>-src<hash>``, made once
+    per base image (a rebuilt ``image`` gets a new layer), then unused old ones are pruned."""
+    state = state or image_state_dir()
     digest = source_hash(root)
     tagged = f"{image}-src{digest}"
-    if image_exists(tagged):
-        return tagged
-    if not image_exists(image):
-        raise PodmanError(f"image {image} is not built: run `make images`")
+    with build_lock(state):
+        base = image_id(image)
+        if base is None:
+            raise PodmanError(f"image {image} is not built: run `make images`")
+        labels = images(f"reference={tagged}")
+        if not labels or (labels[0].get("Labels") or {}).get(LABEL_BASE) != base:
+            _build_source_image(image, base, root, digest, tagged)
+        _record_use(state, digest)
+        pruned = prune_source_images(state)
+        if pruned:
+            log.info("pruned %d unused source image(s): %s", len(pruned), ", ".join(pruned))
+    return tagged
+
+
+def _build_source_image(image: str, base: str, root: Path, digest: str, tagged: str) -> None:
     container = _run([*BUILDAH, "from", "--pull=never", image], f"buildah from {image}").strip()
     try:
         mount = Path(_run([*BUILDAH, "mount", container], "buildah mount").strip())
         site = sorted(mount.glob("opt/shoal/lib/python3*/site-packages"))
         if not site:
             raise PodmanError(f"{image} has no /opt/shoal venv")
+        missing = missing_dependencies(root, site[0])
+        if missing:
+            raise PodmanError(f"{image} was built before this checkout needed {', '.join(missing)}: "
+                              "run `make images` (the source layer adds code, never dependencies)")
         for folder in {p.split(".")[0] for p in package_folders(root)}:
             shutil.rmtree(site[0] / folder, ignore_errors=True)
         for path, target in _files(root, package_folders(root)):
             (site[0] / target).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, site[0] / target)
         _run([*BUILDAH, "umount", container], "buildah umount")
-        _run([*BUILDAH, "config", "--label", f"{LABEL_SOURCE}={digest}", container], "buildah config")
+        _run([*BUILDAH, "config", "--label", f"{LABEL_SOURCE}={digest}", "--label", f"{LABEL_BASE}={base}",
+              container], "buildah config")
         _run([*BUILDAH, "commit", "-q", container, tagged], f"buildah commit {tagged}")
     finally:
         subprocess.run([*BUILDAH, "rm", container], capture_output=True)
-    return tagged
+
+
+def images(*filters: str) -> list[dict[str, Any]]:
+    """``podman images`` as JSON (Id, Names, Labels, Created...), with ``--filter``s."""
+    argv = ["podman", *PODMAN_GLOBAL, "images", "--format", "json"]
+    for value in filters:
+        argv += ["--filter", value]
+    return json.loads(_run(argv, "podman images") or "[]")
+
+
+def _uses_path(state: Path) -> Path:
+    return state / "source-images.json"
+
+
+def _record_use(state: Path, digest: str, now: float | None = None) -> None:
+    """When each source hash was last asked for (under the build lock)."""
+    _write_uses(state, {**_read_uses(state), digest: time.time() if now is None else now})
+
+
+def _write_uses(state: Path, uses: dict[str, float]) -> None:
+    staged = _uses_path(state).with_suffix(".tmp")
+    staged.write_text(json.dumps(uses))
+    os.replace(staged, _uses_path(state))
+
+
+def _read_uses(state: Path) -> dict[str, float]:
+    try:
+        raw = json.loads(_uses_path(state).read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as err:
+        log.warning("%s is unreadable (%s): every source image counts as unused", _uses_path(state), err)
+        return {}
+    return {k: float(v) for k, v in raw.items() if isinstance(v, (int, float))} if isinstance(raw, dict) else {}
+
+
+def prune_source_images(state: Path, grace: float = PRUNE_GRACE, now: float | None = None,
+                        repositories: Iterable[str] | None = None) -> list[str]:
+    """Removes source images (label ``shoal.io/source-hash``) that no container uses, running
+    or not, and whose hash nobody asked for within ``grace`` seconds; returns what went.
+
+    Call it under ``build_lock``. A hash stays while any container runs an image of it: one
+    cluster's controller, agents and waypoints share one hash, so a live cluster's waypoint
+    image, started only when a Gateway comes, stays too. The grace covers a cluster that got
+    its image and has not started a container yet. ``repositories`` narrows it (tests)."""
+    now = time.time() if now is None else now
+    uses = _read_uses(state)
+    used_ids = set(_run(["podman", *PODMAN_GLOBAL, "ps", "--all", "--no-trunc", "--format", "{{.ImageID}}"],
+                        "podman ps").split())
+    found = images(f"label={LABEL_SOURCE}")
+    in_use = {(i.get("Labels") or {}).get(LABEL_SOURCE) for i in found if i["Id"] in used_ids}
+    wanted = set(repositories) if repositories is not None else None
+    removed = []
+    for image in found:
+        digest = (image.get("Labels") or {}).get(LABEL_SOURCE)
+        names = image.get("Names") or []
+        if wanted is not None and not any(name.rsplit(":", 1)[0] in wanted for name in names):
+            continue
+        if digest in in_use or now - uses.get(digest, 0.0) < grace:
+            continue
+        # By name: removing a name never takes a container with it (rmi --force would).
+        for target in names or [image["Id"]]:
+            done = subprocess.run(["podman", *PODMAN_GLOBAL, "rmi", target], capture_output=True, text=True)
+            if done.returncode == 0:
+                removed.append(target)
+            else:
+                log.warning("source image %s not pruned: %s", target, done.stderr.strip()[-300:])
+    if removed:   # forget hashes that have no image left
+        left = {(i.get("Labels") or {}).get(LABEL_SOURCE) for i in images(f"label={LABEL_SOURCE}")}
+        _write_uses(state, {d: t for d, t in uses.items() if d in left or now - t < grace})
+    return removed
 
 
 # -- containers ------------------------------------------------------------------------
@@ -125,10 +260,11 @@ def exists(container: str) -> bool:
                           capture_output=True).returncode == 0
 
 
-def cluster_containers(cluster: str) -> list[str]:
-    """IDs of every container, running or not, labelled with ``cluster``."""
-    out = _run(["podman", *PODMAN_GLOBAL, "ps", "--all", "--quiet", "--no-trunc",
-                "--filter", f"label={LABEL_CLUSTER}={cluster}"], "podman ps")
+def cluster_containers(cluster: str, labels: dict[str, str] | None = None) -> list[str]:
+    """IDs of every container, running or not, labelled with ``cluster`` (and ``labels``)."""
+    filters = [flag for key, value in {LABEL_CLUSTER: cluster, **(labels or {})}.items()
+               for flag in ("--filter", f"label={key}={value}")]
+    out = _run(["podman", *PODMAN_GLOBAL, "ps", "--all", "--quiet", "--no-trunc", *filters], "podman ps")
     return out.split()
 
 
@@ -137,6 +273,25 @@ def remove(container_ids: list[str], grace: int = 5) -> None:
         # --depend: a pod's containers go with the sandbox whose PID namespace they share.
         _run(["podman", *PODMAN_GLOBAL, "rm", "--force", "--depend", "--time", str(grace), *container_ids],
              "podman rm", timeout=60 + grace)
+
+
+def remove_named(names: list[str], grace: int = 5) -> None:
+    """Removes the containers of these names that exist (the others are no error)."""
+    if names:
+        _run(["podman", *PODMAN_GLOBAL, "rm", "--force", "--ignore", "--time", str(grace), *names], "podman rm",
+             timeout=60 + grace)
+
+
+def remove_v1_mirrors(unified_root: Path, pattern: str) -> None:
+    """runc with cgroupfs on a hybrid host makes a ``--cgroup-parent`` folder in every cgroup v1
+    hierarchy as well as in the unified one, and leaves it when the container goes: removes
+    those matching ``pattern`` (a glob relative to the unified root), deepest first."""
+    if unified_root.name != "unified":   # a pure cgroup v2 host has no v1 hierarchies
+        return
+    for hierarchy in unified_root.parent.iterdir():
+        if hierarchy != unified_root and hierarchy.is_dir() and not hierarchy.is_symlink():
+            for mirror in hierarchy.glob(pattern):
+                Cgroup(mirror).remove()
 
 
 def inspect(container: str) -> dict[str, Any]:

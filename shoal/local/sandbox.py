@@ -35,14 +35,12 @@ from pathlib import Path
 from typing import Sequence
 
 from shoal.config import ClusterLayout
-from shoal.podspec import HostMount, PodSecurity
+from shoal.podspec import PRIVATE_TMPFS, HostMount, PodSecurity
 
 # uids given to pods that do not set runAsUser: POD_UID_BASE + a block per cluster + the low 16
 # bits of the pod IP (the largest is below 2**31, the kernel's limit).
 POD_UID_BASE = 200_000
 CLUSTER_UID_BLOCKS = 30_000
-# Writable and private to each pod (containers get the same from their own root filesystem).
-PRIVATE_TMPFS = ("/tmp", "/var/tmp", "/dev/shm")
 STAGE = "/mnt"   # where host paths wait while the folders above them are covered
 # Paths a mount script may create a mount point under (they are tmpfs by then).
 _CREATABLE_UNDER = ("/run/", "/tmp/")

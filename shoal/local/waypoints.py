@@ -10,6 +10,13 @@ waypoint template in ``daemonset/``.)
 ``desired_deployments`` is pure (Gateways in, Deployments out); ``LocalWaypointLauncher``
 applies the difference to the store whenever a Gateway changes.
 
+With ``shoal up --containers`` the Deployment is instead the rendered waypoint template
+(``shoal install --render``'s ConfigMap ``shoal-waypoint-template``, filled in as the
+controller fills it on Kubernetes): its image, user, capabilities, read-only root, env and
+mounts unchanged; only the two volumes the kubelet would project (the ServiceAccount token and
+the CA ConfigMap) become host folders, staged here. The kubelet runs that pod as a podman
+container (``nodepods.PodContainers``).
+
 Changes lose no request: the pod's readiness probe (``/healthz/ready``: listening, SVID
 and first config in hand) is what the controller waits for before it routes to the
 waypoint; when a Gateway goes, the controller moves the routes away at once and the
@@ -20,8 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from shoal.config import ENV_CLUSTER, LABEL_MESH, PORT_HBONE, WAYPOINT_GATEWAY_CLASS, ClusterLayout
@@ -101,8 +110,49 @@ def deployment_for(gateway: Obj, layout: ClusterLayout, python: str = sys.execut
     }
 
 
-def desired_deployments(gateways: Iterable[Obj], layout: ClusterLayout, python: str = sys.executable) -> dict[tuple[str, str], Obj]:
-    return {(g["metadata"]["namespace"], g["metadata"]["name"]): deployment_for(g, layout, python)
+def template_path(layout: ClusterLayout) -> Path:
+    """Where ``shoal up --containers`` leaves the rendered waypoint template for the launcher."""
+    return layout.run_dir / "waypoint-template.yaml"
+
+
+def volume_dir(layout: ClusterLayout, namespace: str, name: str) -> Path:
+    """The folder standing in for one waypoint's projected token volume (``shoal-token``)."""
+    return layout.run_dir / "volumes" / "waypoints" / f"{namespace}.{name}"
+
+
+def ca_volume_dir(layout: ClusterLayout) -> Path:
+    """The folder standing in for the ``shoal-ca-root`` ConfigMap (the root only; nodepods stages it)."""
+    return layout.run_dir / "volumes" / "ca"
+
+
+def container_deployment_for(gateway: Obj, layout: ClusterLayout, template: str) -> Obj:
+    """The rendered template's Deployment for ``gateway``, with the kubelet's two projected
+    volumes as host folders: nothing else of it changes (ManifestError if it cannot)."""
+    from shoal.controller.manifests import ManifestError
+    from shoal.waypointtemplate import WaypointTemplateError, instantiate
+
+    meta = gateway["metadata"]
+    try:
+        deployment = next(d for d in instantiate(template, gateway) if d.get("kind") == "Deployment")
+    except (WaypointTemplateError, StopIteration) as err:
+        raise ManifestError([f"waypoint template for {meta['namespace']}/{meta['name']}: {str(err) or 'it makes no Deployment'}"]) from None
+    deployment["metadata"].pop("ownerReferences", None)   # the launcher removes it with its Gateway
+    deployment["metadata"].setdefault("labels", {})[LABEL_MANAGED_BY] = MANAGER
+    local = {"shoal-token": str(volume_dir(layout, meta["namespace"], meta["name"])),
+             "shoal-ca": str(ca_volume_dir(layout))}
+    spec = deployment["spec"]["template"]["spec"]
+    for i, volume in enumerate(spec.get("volumes", [])):
+        if volume["name"] in local:
+            spec["volumes"][i] = {"name": volume["name"], "hostPath": {"path": local[volume["name"]]}}
+    return deployment
+
+
+def desired_deployments(gateways: Iterable[Obj], layout: ClusterLayout, python: str = sys.executable,
+                        template: str | None = None) -> dict[tuple[str, str], Obj]:
+    """One Deployment per waypoint Gateway: a pod process, or with ``template`` (the rendered
+    waypoint template, ``--containers``) the template's container."""
+    return {(g["metadata"]["namespace"], g["metadata"]["name"]):
+            container_deployment_for(g, layout, template) if template is not None else deployment_for(g, layout, python)
             for g in gateways if is_waypoint(g)}
 
 
@@ -111,9 +161,9 @@ def _managed(deployment: Obj) -> bool:
 
 
 def plan(gateways: Iterable[Obj], deployments: Iterable[Obj], layout: ClusterLayout,
-         python: str = sys.executable) -> tuple[list[Obj], list[Obj]]:
+         python: str = sys.executable, template: str | None = None) -> tuple[list[Obj], list[Obj]]:
     """(Deployments to apply, Deployments to delete) to match the waypoint Gateways."""
-    desired = desired_deployments(gateways, layout, python)
+    desired = desired_deployments(gateways, layout, python, template)
     current = {(d["metadata"]["namespace"], d["metadata"]["name"]): d for d in deployments if _managed(d)}
     to_apply = [d for key, d in desired.items()
                 if key not in current or current[key].get("spec") != d["spec"]]
@@ -133,8 +183,10 @@ class LocalWaypointLauncher:
 
     def __init__(self, store, layout: ClusterLayout, python: str = sys.executable,
                  on_error: Callable[[str], None] = lambda reason: None, drain_seconds: float = 2.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, template: str | None = None) -> None:
+        """``template``: the rendered waypoint template (``--containers``), else pod processes."""
         self.store = store
+        self.template = template
         self.layout = layout
         self.python = python
         self.on_error = on_error
@@ -155,8 +207,17 @@ class LocalWaypointLauncher:
         credentials = NodeCredentials.load_or_create(self.layout.credential_key_path)
         for deployment in deployments:
             namespace, name = deployment["metadata"]["namespace"], deployment["metadata"]["name"]
-            credentials.issue_file(f"waypoint-{namespace}-{name}",
-                                   self.layout.waypoint_credential_path(namespace, name))
+            if self.template is None:
+                credentials.issue_file(f"waypoint-{namespace}-{name}",
+                                       self.layout.waypoint_credential_path(namespace, name))
+                continue
+            # The projected token's place, owned by the pod's user as the kubelet makes it.
+            security = deployment["spec"]["template"]["spec"].get("securityContext") or {}
+            folder = volume_dir(self.layout, namespace, name)
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            token = credentials.issue_file(f"waypoint-{namespace}-{name}", folder / "shoal-token")
+            for path in (folder, token):
+                os.chown(path, security.get("runAsUser", 0), security.get("runAsGroup", 0))
 
     async def run(self) -> None:
         """Attaches, then follows the store (through its watch) until cancelled."""
@@ -186,7 +247,13 @@ class LocalWaypointLauncher:
 
         self.update_route_status()
         self.update_gateway_status()
-        to_apply, to_delete = plan(self.store.list("Gateway"), self.store.list("Deployment"), self.layout, self.python)
+        try:
+            to_apply, to_delete = plan(self.store.list("Gateway"), self.store.list("Deployment"), self.layout,
+                                       self.python, self.template)
+        except ManifestError as err:
+            self.on_error("waypoint_template")
+            log.error("waypoints not reconciled: %s", err)
+            return
         if to_apply:
             self._issue_credentials(to_apply)
         for deployment in to_apply:

@@ -57,6 +57,17 @@ def test_host_path_volumes_with_sub_path_expr():
     p["spec"]["containers"][0]["volumeMounts"][0]["subPathExpr"] = "../../etc"
     with pytest.raises(PodSpecError, match="without '..'"):
         security(p)
-    p["spec"]["volumes"] = [{"name": "run", "emptyDir": {}}]
-    with pytest.raises(PodSpecError, match="only hostPath volumes"):
+    p["spec"]["volumes"] = [{"name": "run", "configMap": {"name": "x"}}]
+    with pytest.raises(PodSpecError, match="only hostPath and emptyDir volumes"):
+        security(p)
+
+
+def test_an_empty_dir_is_the_pods_own_private_tmp_and_nowhere_else():
+    """A container image's emptyDir (the waypoint's /tmp): the sandbox's private tmpfs is
+    already there, so it needs no host mount; anywhere else it could not be honoured."""
+    p = pod(volumeMounts=[{"name": "tmp", "mountPath": "/tmp"}])
+    p["spec"]["volumes"] = [{"name": "tmp", "emptyDir": {}}]
+    assert security(p).mounts == ()
+    p["spec"]["containers"][0]["volumeMounts"][0]["mountPath"] = "/var/lib/data"
+    with pytest.raises(PodSpecError, match="an emptyDir can only be mounted on /tmp"):
         security(p)

@@ -1,0 +1,102 @@
+"""Source images (``<image>-src<hash>``): a checkout's code layered on the built image, made
+under a machine-wide lock, refused when the image lacks a dependency, and pruned once no
+container runs them and nobody asked for them recently.
+
+The pruning test makes its own tiny images (``buildah from scratch``) in a repository of its
+own and prunes only that repository: it never touches the images of `make images` or another
+helper's cluster."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from shoal.local import podman
+from shoal.local.containers import PODMAN_GLOBAL
+
+
+def test_a_dependency_missing_from_the_image_is_named(tmp_path):
+    root, site = tmp_path / "checkout", tmp_path / "site"
+    root.mkdir()
+    site.mkdir()
+    (root / "pyproject.toml").write_text('[project]\nname = "x"\ndependencies = [\n'
+                                         '  "grpcio>=1.60", "google-re2>=1.1", "httptools>=0.9",\n'
+                                         '  "PyYAML[extra]>=6 ; python_version > \'3\'",\n]\n')
+    for dist in ("grpcio-1.70.0.dist-info", "google_re2-1.1.dist-info", "pyyaml-6.0.2.dist-info"):
+        (site / dist).mkdir()
+    assert podman.missing_dependencies(root, site) == ["httptools"]
+    (site / "httptools-0.9.dist-info").mkdir()
+    assert podman.missing_dependencies(root, site) == []
+
+
+def _need_podman():
+    if os.geteuid() != 0:
+        pytest.skip("needs root (podman)")
+    missing = podman.available()
+    if missing:
+        pytest.skip(missing)
+
+
+def _tiny_image(repository: str, digest: str) -> str:
+    """An empty image carrying the source-hash label, as ``source_image`` makes them."""
+    ctr = subprocess.run([*podman.BUILDAH, "from", "scratch"], check=True, capture_output=True, text=True).stdout.strip()
+    try:
+        subprocess.run([*podman.BUILDAH, "config", "--label", f"{podman.LABEL_SOURCE}={digest}", ctr],
+                       check=True, capture_output=True)
+        tag = f"{repository}:0.1.0-src{digest}"
+        subprocess.run([*podman.BUILDAH, "commit", "-q", ctr, tag], check=True, capture_output=True)
+    finally:
+        subprocess.run([*podman.BUILDAH, "rm", ctr], capture_output=True)
+    return tag
+
+
+def test_unused_source_images_are_pruned_and_used_or_recent_ones_kept(tmp_path):
+    _need_podman()
+    repository = f"localhost/shoal-prunetest-{os.getpid()}"
+    run = f"{os.getpid()}{time.monotonic_ns() % 10**6}"
+    digests = {name: f"{name}{run}"[:12] for name in ("used", "recent", "old", "never")}
+    tags = {name: _tiny_image(repository, digest) for name, digest in digests.items()}
+    container = f"shoal-prunetest-{run}"
+    now = time.time()
+    try:
+        # A container (created, never started) holds "used"; "recent" was asked for a minute ago.
+        subprocess.run(["podman", *PODMAN_GLOBAL, "create", "--name", container, tags["used"], "/none"],
+                       check=True, capture_output=True)
+        (tmp_path / "source-images.json").write_text(json.dumps({
+            digests["used"]: now - 10 * podman.PRUNE_GRACE, digests["recent"]: now - 60,
+            digests["old"]: now - 2 * podman.PRUNE_GRACE}))
+        with podman.build_lock(tmp_path):
+            removed = podman.prune_source_images(tmp_path, now=now, repositories=[repository])
+        assert sorted(removed) == sorted([tags["old"], tags["never"]])
+        assert [podman.image_exists(tags[n]) for n in ("used", "recent", "old", "never")] == [True, True, False, False]
+        # The record forgets the hashes whose images are gone.
+        assert set(json.loads((tmp_path / "source-images.json").read_text())) == {digests["used"], digests["recent"]}
+        # Once the container goes and the grace passes, both go too.
+        podman.remove_named([container])
+        later = now + 2 * podman.PRUNE_GRACE
+        assert sorted(podman.prune_source_images(tmp_path, now=later, repositories=[repository])) == sorted(
+            [tags["used"], tags["recent"]])
+    finally:
+        podman.remove_named([container])
+        for tag in tags.values():
+            subprocess.run(["podman", *PODMAN_GLOBAL, "rmi", "--ignore", tag], capture_output=True)
+
+
+def test_the_build_lock_is_exclusive_across_processes(tmp_path):
+    """Two `shoal up` on one machine never build or prune at the same time."""
+    script = ("import sys, time; from pathlib import Path; from shoal.local import podman\n"
+              "with podman.build_lock(Path(sys.argv[1])):\n"
+              "    print('locked', flush=True); time.sleep(1.5)\n")
+    first = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "locked"
+        started = time.monotonic()
+        with podman.build_lock(tmp_path):
+            waited = time.monotonic() - started
+    finally:
+        first.wait(timeout=10)
+    assert waited > 0.8, f"the lock was taken while another process held it (waited {waited:.2f}s)"
