@@ -47,6 +47,11 @@ PAUSE = ("import os, signal\n"
 LABEL_POD = "shoal.io/pod"   # <namespace>.<name> of a workload pod's containers
 
 
+def controller_hosts() -> dict[str, str]:
+    """The controller's Service names, as the cluster's DNS would resolve them for a pod."""
+    return {CONTROLLER_SERVICE: LOCAL_CONTROLLER_IP, CONTROLLER_REPLICAS: LOCAL_CONTROLLER_IP}
+
+
 def logged(argv: list[str], path: Path) -> list[str]:
     """``podman run`` argv whose output goes to ``path``, where `shoal logs` reads a process's."""
     at = argv.index("--detach") + 1
@@ -174,8 +179,7 @@ class NodeContainers:
         if run.share_process_namespace and not podman.exists(sandbox):
             self.start_sandbox(node)
         argv = run.argv(name, self.network(node), labels=self.labels(node),
-                        hosts={CONTROLLER_SERVICE: LOCAL_CONTROLLER_IP,
-                               CONTROLLER_REPLICAS: LOCAL_CONTROLLER_IP}, sandbox=sandbox)
+                        hosts=controller_hosts(), sandbox=sandbox)
         return podman.run(self._logged(argv, f"{container}-{node}"))
 
 
@@ -213,7 +217,7 @@ class PodContainers:
             podman.remove_named([name])   # an exited run of the same container
             argv = run.argv(name, netns, cgroup_parent=parent,
                             labels={podman.LABEL_CLUSTER: self.layout.name, LABEL_POD: f"{meta['namespace']}.{meta['name']}"},
-                            hosts={CONTROLLER_SERVICE: LOCAL_CONTROLLER_IP})
+                            hosts=controller_hosts())
             started.append(podman.run(logged(argv, log_dir / f"{meta['namespace']}_{meta['name']}_{container['name']}.log")))
         return started
 

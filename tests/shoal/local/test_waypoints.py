@@ -73,7 +73,7 @@ def test_the_kubelets_podman_flags_are_the_templates_privileges(tmp_path):
     assert run.command == ("python", "-m", "shoal.waypoint")
     assert run.env["SHOAL_NODE"] == "node-1" and run.env["SHOAL_POD_IP"] == "10.244.1.9"
     assert run.env["SHOAL_WAYPOINT_NAME"] == "waypoint" and run.env["SHOAL_WAYPOINT_NAMESPACE"] == "demo"
-    assert run.env["SHOAL_CONTROLLER"] == "shoal-controller.shoal-system.svc:15012"
+    assert run.env["SHOAL_CONTROLLER"] == "shoal-controller-replicas.shoal-system.svc:15012"
     assert run.tmpfs == ("/tmp",)
     assert sorted(run.mounts) == sorted([
         f"type=bind,source={volume_dir(layout, 'demo', 'waypoint')},destination=/var/run/secrets/shoal/tokens,ro=true",
