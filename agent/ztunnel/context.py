@@ -15,6 +15,7 @@ from shoal.agent.ztunnel.netns import NetnsHandle
 from shoal.agent.ztunnel.telemetry import ConnectionTelemetry, ProxyMetrics
 from shoal.hbone.identity import IdentityManager
 from shoal.hbone.pool import HbonePool
+from shoal.hbone.session import TCP_READ_BUFFER, ReadBuffer
 from shoal.xds.model import Workload, canonical_ip
 from shoal.xds.state import ConfigState
 from shoal.zds import PodInfo
@@ -48,6 +49,8 @@ class ProxyContext:
     admission: Admission
     dial_limits: DialLimits
     inbound_sessions: set = field(default_factory=set)
+    # What every tunnel's plain TCP socket reads into, one read at a time (one per worker).
+    tcp_reads: ReadBuffer = field(default_factory=lambda: ReadBuffer(TCP_READ_BUFFER))
     # Set once the config stream delivered its first snapshot: before that an unknown
     # destination might be a meshed pod, and guessing "plaintext" would leak.
     config_synced: asyncio.Event = field(default_factory=asyncio.Event)

@@ -100,7 +100,8 @@ async def handle_hbone(ctx: ProxyContext, pod: ServedPod, conn: socket.socket) -
                            on_request=lambda s, ev: _on_request(ctx, pod, s, ev, peer[0]),
                            on_rejected=lambda reason: ctx.metrics.reject("hbone", reason),
                            on_closed=lambda s: (ctx.inbound_sessions.discard(s), pod.sessions.discard(s)),
-                           verify=lambda ssl_object: check_session(ssl_object, None))
+                           verify=lambda ssl_object: check_session(ssl_object, None),
+                           tcp_reads=ctx.tcp_reads)
     loop = asyncio.get_running_loop()
     started = loop.time()
     try:

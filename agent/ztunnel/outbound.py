@@ -174,7 +174,8 @@ async def dial(ctx: ProxyContext, pod: ServedPod, key: PoolKey) -> HboneSession:
         raise
     session = HboneSession(client_side=True, idle_timeout=ctx.config.pool_idle_timeout,
                            on_closed=ctx.pool.discard,
-                           verify=lambda ssl_object: check_session(ssl_object, key.dst_identity))
+                           verify=lambda ssl_object: check_session(ssl_object, key.dst_identity),
+                           tcp_reads=ctx.tcp_reads)
     await loop.create_connection(lambda: session, sock=sock, ssl=svid.client_context, server_hostname="",
                                  ssl_handshake_timeout=ctx.config.handshake_timeout)
     if session.verify_error is not None:

@@ -24,6 +24,7 @@ beyond the window ends the connection, it is not queued.
 """
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 
 FRAME_HEADER = 9
@@ -52,9 +53,12 @@ class FramingError(Exception):
 
 # -- encoding -----------------------------------------------------------------------------------
 
+# A frame header as one struct: the 24-bit length as 8 + 16 bits, type, flags, stream id.
+_HEADER = struct.Struct(">BHBBI")
+
+
 def frame_header(length: int, frame_type: int, flags: int, stream_id: int) -> bytes:
-    return (length.to_bytes(3, "big") + bytes((frame_type, flags))
-            + (stream_id & MAX_WINDOW).to_bytes(4, "big"))
+    return _HEADER.pack(length >> 16, length & 0xFFFF, frame_type, flags, stream_id & MAX_WINDOW)
 
 
 def data_header(stream_id: int, length: int, end_stream: bool = False) -> bytes:
@@ -94,17 +98,17 @@ class FrameSplitter:
             data = self._partial + bytes(data)
             self._partial = b""
         view = memoryview(data)
-        offset, end, max_frame = 0, len(view), self.max_frame
+        offset, end, max_frame, unpack = 0, len(view), self.max_frame, _HEADER.unpack_from
         while end - offset >= FRAME_HEADER:
-            length = (view[offset] << 16) | (view[offset + 1] << 8) | view[offset + 2]
+            high, low, frame_type, flags, stream_id = unpack(view, offset)
+            length = high << 16 | low
             if length > max_frame:
                 raise FramingError(FRAME_SIZE_ERROR, 0, f"frame of {length} bytes over the {max_frame} maximum")
             stop = offset + FRAME_HEADER + length
             if stop > end:
-                _check_stream_association(view[offset + 3], int.from_bytes(view[offset + 5:offset + 9], "big"))
+                _check_stream_association(frame_type, stream_id)
                 break
-            stream_id = int.from_bytes(view[offset + 5:offset + 9], "big") & MAX_WINDOW
-            yield view[offset + 3], view[offset + 4], stream_id, length, view[offset:stop]
+            yield frame_type, flags, stream_id & MAX_WINDOW, length, view[offset:stop]
             offset = stop
         self.consumed = offset
         if offset < end and keep_partial:

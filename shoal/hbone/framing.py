@@ -319,6 +319,13 @@ class HboneConnection:
         self._preface = 0 if client_side else len(CLIENT_PREFACE)  # h2 checks the client's magic
         self._out: list[bytes | memoryview] = []
         self._small = bytearray()
+        # The driver's receiver of owned DATA payloads, called as each frame is parsed
+        # (stream_id, payload view, flow-controlled length) -> taken; None or False: the
+        # payload becomes a ``TunnelData`` event instead. It saves an event object and a
+        # dispatch per frame on the request/response path. One difference from events: a
+        # payload handed over before a bad frame later in the same read stays delivered
+        # (it was valid; the connection still ends with the same GOAWAY).
+        self.data_sink: Callable[[int, memoryview, int], bool] | None = None
 
     # -- lifecycle
     def initiate(self) -> None:
@@ -342,13 +349,25 @@ class HboneConnection:
             if self._small:  # our own frames (go_away) queued before h2's
                 data, self._small = bytes(self._small) + data, bytearray()
             return [data] if data else []
-        self._pull_h2()
-        out = self._out
-        if self._small:
-            out.append(bytes(self._small))
-            self._small.clear()
+        # No pull from h2 here: every command that makes h2 write pulls right after it.
+        out, small = self._out, self._small
+        if not out:
+            if not small:
+                return out
+            data = bytes(small)
+            small.clear()
+            return [data]
+        if small:
+            out.append(bytes(small))
+            small.clear()
         self._out = []
         return out
+
+    @property
+    def views_queued(self) -> bool:
+        """Payloads are waiting in the outbound buffer as views of the caller's buffers
+        (16 KiB and more; smaller ones are copied): flush before reusing those buffers."""
+        return bool(self._out)
 
     def _pull_h2(self) -> None:
         """Move h2's queued bytes into the one outbound buffer (after every h2 command,
@@ -477,7 +496,20 @@ class HboneConnection:
     def _send_fast(self, stream_id: int, data: memoryview) -> int:
         if self.closed:
             return 0
-        granted = self._flow.grant(stream_id, len(data))
+        length = len(data)
+        flow = self._flow
+        window = flow.send.get(stream_id)
+        if 0 < length < _COPY_BELOW and window is not None and length <= window \
+                and length <= flow.send_connection and stream_id not in flow.send_ended:
+            # A request or response of a ping-pong exchange: one frame (every peer takes
+            # 16 KiB frames), merged into the outbound buffer with its header: one TLS record.
+            flow.send[stream_id] = window - length
+            flow.send_connection -= length
+            small = self._small
+            small += fastpath.data_header(stream_id, length)
+            small += data
+            return length
+        granted = flow.grant(stream_id, length)
         frame = min(self._max_frame, self._h2.max_outbound_frame_size)
         for offset in range(0, granted, frame):
             chunk = data[offset:offset + min(frame, granted - offset)]
@@ -566,7 +598,7 @@ class HboneConnection:
             data = data[self._preface:]
             self._preface -= len(head)
             self._receive_h2(head, events)
-        flow = self._flow
+        flow, sink = self._flow, self.data_sink
         for_h2: list[bytes | memoryview] = []
         for frame_type, flags, stream_id, length, frame in self._splitter.split(data, keep_partial):
             if frame_type == fastpath.TYPE_DATA:
@@ -585,7 +617,8 @@ class HboneConnection:
                 end_stream = flags & fastpath.FLAG_END_STREAM
                 if owned:
                     if len(payload):
-                        events.append(TunnelData(stream_id, payload, length))
+                        if sink is None or not sink(stream_id, payload, length):
+                            events.append(TunnelData(stream_id, payload, length))
                     elif length:
                         self._small += flow.credit(stream_id, length)  # all padding: nobody consumes it
                     if end_stream:

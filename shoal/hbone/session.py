@@ -47,6 +47,24 @@ SESSION_WRITE_HIGH = 8 * 1024 * 1024
 SESSION_WRITE_LOW = 2 * 1024 * 1024
 TCP_WRITE_HIGH = 2 * 1024 * 1024
 TCP_WRITE_LOW = 512 * 1024
+# The plain TCP sockets of the tunnels read into one shared buffer (each read is framed,
+# and copied into the outbound buffer or written to TLS, before the next socket reads):
+# as large as uvloop's own read buffer, so bulk transfers read as much per syscall.
+TCP_READ_BUFFER = 256 * 1024
+EARLY_READ_BUFFER = 4 * 1024   # a socket that reads before its stream is bound (held, then paused)
+
+
+class ReadBuffer:
+    """One preallocated buffer that many sockets read into in turn (BufferedProtocol): a
+    read is consumed before the next begins. Whoever had to leave a view of it queued
+    somewhere calls ``lend``: the next read gets a fresh buffer, the queued view stays intact."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.view = memoryview(bytearray(size))
+
+    def lend(self) -> None:
+        self.view = memoryview(bytearray(self.size))
 
 
 # Events that change no stream count nor limit (WindowOpened may: the peer's SETTINGS).
@@ -67,7 +85,8 @@ class HboneSession(asyncio.BufferedProtocol):
                  on_request: Callable[["HboneSession", hbone.TunnelRequested], asyncio.Task | None] | None = None,
                  on_rejected: Callable[[str], None] | None = None,
                  on_closed: Callable[["HboneSession"], None] | None = None,
-                 verify: Callable[[object], str] | None = None, fast_path: bool = True):
+                 verify: Callable[[object], str] | None = None, fast_path: bool = True,
+                 tcp_reads: ReadBuffer | None = None):
         self.h2 = hbone.HboneConnection(client_side=client_side, fast_path=fast_path)
         self._verify = verify  # ssl_object -> peer SPIFFE ID; raises IdentityError
         self.verify_error: Exception | None = None
@@ -97,11 +116,16 @@ class HboneSession(asyncio.BufferedProtocol):
         self.last_answer = time.monotonic()
         self._flush_scheduled = False
         self.reads = SessionReadBuffer()   # starts small, grows with what the connection carries
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tcp_reads = tcp_reads   # shared by every session of a node proxy worker, when given
+        if fast_path:
+            self.h2.data_sink = self._take_data
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)   # a stream (TLS) transport, as every caller makes
         self.transport = transport
+        self._loop = asyncio.get_running_loop()
         # asyncio's 64 KiB default would pause every stream at each 1 MiB frame.
         transport.set_write_buffer_limits(high=SESSION_WRITE_HIGH, low=SESSION_WRITE_LOW)
         if self._verify is not None:
@@ -129,7 +153,27 @@ class HboneSession(asyncio.BufferedProtocol):
         """Bytes handed in directly (a caller that does not use the read buffer)."""
         self._handle(self.h2.receive(data))
 
+    @property
+    def tcp_reads(self) -> ReadBuffer:
+        """The read buffer of this session's tunnels' TCP sockets: the one it was given
+        (a node proxy worker's, shared by all its sessions), else its own, made on first use."""
+        if self._tcp_reads is None:
+            self._tcp_reads = ReadBuffer(TCP_READ_BUFFER)
+        return self._tcp_reads
+
+    def _take_data(self, stream_id: int, data: memoryview, length: int) -> bool:
+        """The fast path's DATA payload, as it is parsed: straight to its stream's socket
+        (no event object, no dispatch). A stream without a peer is left to ``_handle``."""
+        peer = self.streams.get(stream_id)
+        if peer is None:
+            return False
+        peer.on_stream_data(data, length)
+        return True
+
     def _handle(self, events: list[hbone.Event]) -> None:
+        if not events:   # DATA only (handed over as parsed): what is left is credit to send
+            self.flush()
+            return
         for event in events:
             if isinstance(event, hbone.TunnelData):
                 peer = self.streams.get(event.stream_id)
@@ -229,7 +273,7 @@ class HboneSession(asyncio.BufferedProtocol):
         of one each. Bytes stay in order: every flush drains h2's one outbound buffer."""
         if not self._flush_scheduled and not self.closed:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._scheduled_flush)
+            (self._loop or asyncio.get_running_loop()).call_soon(self._scheduled_flush)
 
     def _scheduled_flush(self) -> None:
         self._flush_scheduled = False
@@ -368,12 +412,17 @@ def abort_with_reset(transport: asyncio.WriteTransport) -> None:
 LINGER_RESET = struct.pack("ii", 1, 0)
 
 
-class StreamPeer(asyncio.Protocol):
+class StreamPeer(asyncio.BufferedProtocol):
     """A plain TCP socket joined to one HBONE stream (either end of the tunnel).
 
     On the client side the socket is the app's accepted connection (``record`` is the
     outbound view); on the server side it is the upstream connection to the app.
-    ``to_stream`` names which record counter the TCP bytes feed.
+    ``tcp_is_client`` names which record counter the TCP bytes feed.
+
+    The socket reads into its session's shared buffer (``HboneSession.tcp_reads``), no
+    bytes object per read: each read becomes DATA frames at once, small ones copied into
+    the session's outbound buffer (sent at the end of the loop turn, with every other
+    stream's), large ones written to TLS right away, before the next read reuses it.
     """
 
     def __init__(self, record: TransferRecord, on_finished: Callable[[TransferRecord], None],
@@ -387,6 +436,7 @@ class StreamPeer(asyncio.Protocol):
         self._pending = memoryview(b"")     # TCP bytes waiting for send window
         self._early: list[tuple[bytes, int]] = []  # stream bytes before the TCP side existed (copies)
         self._held: list[bytes] = []        # TCP bytes before the tunnel was established
+        self._reads: ReadBuffer | None = None  # the session's, once bound
         self._unacked = 0                   # stream bytes written but not credited back
         self._tcp_write_paused = False
         self._paused: set[str] = set()
@@ -400,6 +450,7 @@ class StreamPeer(asyncio.Protocol):
     # -- joining
     def bind(self, session: HboneSession, stream_id: int) -> None:
         self.session, self.stream_id = session, stream_id
+        self._reads = session.tcp_reads
         if session.write_paused:
             self.set_paused("tls", True)
 
@@ -417,7 +468,7 @@ class StreamPeer(asyncio.Protocol):
         self._established = True
         held, self._held = self._held, []
         for data in held:
-            self._push(data)
+            self._push(memoryview(data))
         self._send_eof_if_ready()
         self._maybe_finish()
         self._apply_pause()
@@ -426,34 +477,48 @@ class StreamPeer(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.start(cast(asyncio.Transport, transport))   # TCP: a stream transport
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        reads = self._reads
+        if reads is None:  # reading before the stream is bound (an upstream that connected first)
+            reads = self._reads = ReadBuffer(EARLY_READ_BUFFER)
+        return reads.view
+
+    def buffer_updated(self, nbytes: int) -> None:
         if self._tcp_is_client:
-            self.record.bytes_in += len(data)
+            self.record.bytes_in += nbytes
         else:
-            self.record.bytes_out += len(data)
+            self.record.bytes_out += nbytes
+        data = cast(ReadBuffer, self._reads).view[:nbytes]   # get_buffer came first
         if not self._established:
             # uvloop starts reading right after connection_made, paused or not: hold the
             # bytes (a server-first app greets before the tunnel is answered) until then.
-            self._held.append(data)
-            assert self.transport is not None   # data comes only after connection_made
-            self.transport.pause_reading()
+            self._held.append(bytes(data))
+            cast(asyncio.Transport, self.transport).pause_reading()   # reads come after connection_made
             return
         self._push(data)
 
-    def _push(self, data: bytes) -> None:
+    def _push(self, data: memoryview) -> None:
+        """Frame ``data`` (a view of the shared read buffer, valid until the next read)."""
         session = self.session
         if session is None or session.closed:
             return
         if self._pending:
             self._pending = memoryview(bytes(self._pending) + data)
         else:
-            view = memoryview(data)
-            sent = session.h2.send(self.stream_id, view)
+            sent = session.h2.send(self.stream_id, data)
             if sent < len(data):
-                self._pending = view[sent:]
+                self._pending = memoryview(bytes(data[sent:]))  # waits for window: a copy
         if self._pending:
             self.set_paused("window", True)
-        session.flush_soon()
+        if session.h2.views_queued:
+            # Large payloads are queued as views, not copied: TLS must take them before the
+            # next read reuses the buffer. A TLS transport that kept them queued lends it.
+            session.flush()
+            transport = session.transport
+            if transport is not None and transport.get_write_buffer_size() and self._reads is not None:
+                self._reads.lend()
+        else:
+            session.flush_soon()
 
     def eof_received(self) -> bool:
         self._eof_from_tcp = True

@@ -5,6 +5,7 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.settings
 import hyperframe.frame
 import pytest
 
@@ -344,3 +345,50 @@ def test_an_error_goaway_still_ends_the_connection(pair):
     server.close(h2.errors.ErrorCodes.PROTOCOL_ERROR)
     (event,) = pump(server, client)
     assert isinstance(event, ConnectionEnded) and event.reason == "peer_goaway" and client.closed
+
+
+def test_every_command_leaves_nothing_behind_in_h2():
+    """The fast path's flush does not ask h2 for bytes (a call per flush on the
+    request/response path): every command that makes h2 write moves its bytes into the
+    one outbound buffer at once. Checked after every command and every receive."""
+    client, server = HboneConnection(client_side=True), HboneConnection(client_side=False)
+
+    def settled(*conns: HboneConnection) -> None:
+        for conn in conns:
+            assert conn._h2.data_to_send() == b"", "bytes left in h2"
+
+    client.initiate(), server.initiate()
+    settled(client, server)
+    for _ in range(2):
+        pump(client, server), pump(server, client)
+        settled(client, server)
+    first = client.connect("10.0.0.1", 80, "10.0.0.2", hbone.new_traceparent())
+    second = client.connect("10.0.0.1", 81, "10.0.0.2", hbone.new_traceparent())
+    settled(client)
+    pump(client, server)
+    settled(server)
+    server.respond(first, 200), server.respond(second, 503)
+    settled(server)
+    pump(server, client)
+    settled(client)
+    client.send(first, memoryview(b"x" * 70_000)), client.end(first)
+    settled(client)
+    pump(client, server)
+    server.consumed(first, 70_000), server.send(first, memoryview(b"y")), server.reset(first)
+    settled(server)
+    pump(server, client)
+    raw = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    raw.initiate_connection()
+    raw.ping(b"12345678")
+    raw.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 100_000})
+    fresh = HboneConnection(client_side=False)
+    fresh.initiate()
+    fresh.receive(raw.data_to_send())   # SETTINGS, PING: h2 answers with ACKs
+    settled(fresh)
+    assert fresh.buffers_to_send(), "the ACKs are in the outbound buffer"
+    client.drain(), server.go_away()
+    settled(client, server)
+    pump(client, server), pump(server, client)
+    settled(client, server)
+    client.close(), fresh.receive(b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x")   # a DATA frame on stream 0
+    settled(client, fresh)

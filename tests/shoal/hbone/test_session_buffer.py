@@ -100,3 +100,86 @@ async def test_views_a_socket_queued_are_never_overwritten(queues):
     assert all(bytes(held) == original for held, original in kept), "a queued view was written over"
     assert b"".join(original for _, original in kept) == sent
     assert server.reads.lent is queues or len(sent) < LARGE
+
+
+# -- the TCP side: every tunnel socket of a session reads into the session's one buffer
+
+def _feed(peer: StreamPeer, data: bytes) -> None:
+    """What uvloop does for a BufferedProtocol socket."""
+    buffer = peer.get_buffer(len(data))
+    assert len(buffer) >= len(data)
+    buffer[:len(data)] = data
+    peer.buffer_updated(len(data))
+
+
+async def _client_with_streams(tls: StalledSocket, server: framing.HboneConnection, count: int
+                               ) -> tuple[HboneSession, list[StreamPeer]]:
+    session = HboneSession(client_side=True, idle_timeout=0)
+    session.connection_made(tls)
+    peers = []
+    for n in range(count):
+        peer = StreamPeer(Record(), on_finished=lambda r: None, tcp_is_client=True)
+        session.open_stream(peer, "10.0.0.2", 8000 + n, "10.0.0.1", framing.new_traceparent())
+        peer.start(StalledSocket(queues=False))
+        peers.append(peer)
+    _pass(tls, server)
+    for peer in peers:
+        assert server.respond(peer.stream_id, framing.STATUS_OK)
+    session.data_received(server.data_to_send())
+    for peer in peers:
+        peer.established()
+    return session, peers
+
+
+def _pass(tls: StalledSocket, server: framing.HboneConnection) -> dict[int, bytes]:
+    """Everything the client wrote so far, decoded by the server: payload per stream."""
+    got: dict[int, bytes] = {}
+    for event in server.receive(b"".join(bytes(held) for held, _ in tls.kept)):
+        if isinstance(event, framing.TunnelData):
+            got[event.stream_id] = got.get(event.stream_id, b"") + bytes(event.data)
+            server.consumed(event.stream_id, event.flow_controlled_length)
+    tls.kept.clear()
+    return got
+
+
+@pytest.mark.parametrize("queues", [True, False])
+async def test_tcp_reads_share_one_buffer_and_a_view_tls_queued_is_never_overwritten(queues):
+    """Large reads (16 KiB and more) go to TLS as views of the shared buffer, at once; a
+    TLS transport that kept them queued makes the next read use a fresh buffer. One that
+    took them reuses the one buffer: no allocation per read."""
+    server = framing.HboneConnection(client_side=False)
+    server.initiate()
+    tls = StalledSocket(queues)
+    session, (first, second) = await _client_with_streams(tls, server, 2)
+    _pass(tls, server)
+    buffer = session.tcp_reads.view
+    fed: dict[int, bytes] = {first.stream_id: b"", second.stream_id: b""}
+    for n in range(6):   # one loop turn: large and small reads of both streams interleaved
+        for peer, size in ((first, 40_000 + n), (second, 700 + n), (second, 20_000 + n)):
+            data = bytes([n * 3 + size % 7]) * size
+            _feed(peer, data)
+            fed[peer.stream_id] += data
+    await asyncio.sleep(0)   # the coalesced flush of the small ones
+    assert all(bytes(held) == original for held, original in tls.kept), "a queued view was written over"
+    assert _pass(tls, server) == fed
+    assert (session.tcp_reads.view is buffer) is not queues
+
+
+async def test_bytes_waiting_for_window_are_a_copy_that_later_reads_leave_intact():
+    server = framing.HboneConnection(client_side=False, stream_window=4096)
+    server.initiate()
+    tls = StalledSocket(queues=False)
+    session, (blocked, other) = await _client_with_streams(tls, server, 2)
+    _pass(tls, server)
+    data = bytes(range(256)) * 40   # 10,240 bytes: 4,096 go now, the rest waits for credit
+    _feed(blocked, data)
+    assert blocked.transport is not None
+    _feed(other, b"\xff" * 8000)    # reuses the shared buffer the waiting bytes came in
+    got = b""
+    for _ in range(10):
+        await asyncio.sleep(0)
+        got += _pass(tls, server).get(blocked.stream_id, b"")
+        session.data_received(server.data_to_send())   # the credit: the waiting bytes go on
+        if len(got) == len(data):
+            break
+    assert got == data
