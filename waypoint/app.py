@@ -112,7 +112,7 @@ class WaypointApp:
                 connector = HboneConnector(self.identities, config.spiffe_id, config.pod_ip,
                                            connect_timeout=config.connect_timeout)
         self.connector = connector
-        self.proxy = WaypointProxy(resolver, connector, self.telemetry, config.limits)
+        self.proxy = WaypointProxy(resolver, connector, self.telemetry, config.limits, fast_path=config.fast_path)
         self._static_objects = load_objects_file(config.routes_file) if config.routes_file else []
 
     def _access_sink(self) -> Callable[[str], None] | None:

@@ -49,6 +49,7 @@ class WaypointConfig:
     access_log: str = "-"                       # "-" stdout, "" off, else a file path
     otlp_endpoint: str = ""                     # e.g. http://collector:4318/v1/traces; "" = no export
     emit_flows: bool = True
+    fast_path: bool = True                      # plain HTTP/1.1 requests from callbacks (waypoint/fastpath.py)
     connect_timeout: float = 5.0
     drain_seconds: float = 2.5                  # on SIGTERM: in-flight connections finish (kubelet's grace is 3 s)
     limits: Limits = Limits()
@@ -94,6 +95,8 @@ class WaypointConfig:
         p.add_argument("--access-log", default=env.get("SHOAL_ACCESS_LOG", "-"))
         p.add_argument("--otlp-endpoint", default=env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", ""))
         p.add_argument("--no-flows", action="store_true", help="do not send L7 flow events to the node agent")
+        p.add_argument("--no-fast-path", action="store_true",
+                       help="serve every request through the pipeline (the fast path's reference, for A/B runs)")
         p.add_argument("--header-timeout", type=float, default=Limits.header_timeout)
         p.add_argument("--max-header-bytes", type=int, default=Limits.max_header_bytes)
         p.add_argument("--max-headers", type=int, default=Limits.max_headers)
@@ -120,6 +123,7 @@ class WaypointConfig:
                    plaintext_address=plaintext, metrics_port=args.metrics_port, ready_port=args.ready_port,
                    routes_file=args.routes_file, static_services=static, access_log=args.access_log,
                    otlp_endpoint=args.otlp_endpoint, emit_flows=not args.no_flows, limits=limits,
+                   fast_path=not args.no_fast_path,
                    cert_ttl_seconds=args.cert_ttl, drain_seconds=max(0.0, args.drain_seconds),
                    log_level=args.log_level.upper(), flows_socket=env.get("SHOAL_FLOWS_SOCKET", ""))
 

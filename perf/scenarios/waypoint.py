@@ -10,6 +10,8 @@ Paths (client pod on node-1; origin and proxies on node-2):
 - ``shoal-waypoint``: client -> ``python -m shoal.waypoint`` (one process, one core) in
   the same proxy pod, plain HTTP/1.1 on both sides, its full L7 pipeline (routing, L7
   authorization, telemetry) -> origin. Same position as haproxy: same path.
+- ``shoal-waypoint-nofast``: the same waypoint with ``--no-fast-path`` (every request
+  through the coroutine pipeline, as before ``waypoint/fastpath.py``): an A/B in one run.
 - on the cluster bed, also through the mesh: ``shoal-l4`` (meshed client and origin,
   node proxies only) and ``shoal-l4+waypoint`` (the origin's Service labelled with a
   waypoint: client node proxy -> HBONE -> waypoint -> HBONE -> origin node proxy).
@@ -34,6 +36,7 @@ PROXY_PORT = 18081
 WAYPOINT_PORT = 18082
 PATH_HAPROXY_HTTP = "haproxy-http"
 PATH_WAYPOINT = "shoal-waypoint"
+PATH_WAYPOINT_PIPELINE = "shoal-waypoint-nofast"   # the same, every request through the pipeline (before the fast path)
 PATH_L4 = "shoal-l4"
 PATH_MESH_WAYPOINT = "shoal-l4+waypoint"
 
@@ -51,10 +54,12 @@ def _waypoint_pids(root_pid: int) -> list[int]:
     return found
 
 
-def _start_waypoint(ctx: Context, pod, upstream: str):
+def _start_waypoint(ctx: Context, pod, upstream: str, fast_path: bool = True):
     argv = [sys.executable, "-m", "shoal.waypoint", "--name", "perf-waypoint", "--namespace", NAMESPACE,
             "--plaintext", f"0.0.0.0:{WAYPOINT_PORT}", "--static-service", f"{NAMESPACE}/origin={upstream}",
             "--metrics-port", "0", "--ready-port", "0", "--no-flows", "--access-log", "", "--log-level", "WARNING"]
+    if not fast_path:
+        argv.append("--no-fast-path")
     proc = pod.spawn(argv, log=ctx.workdir / "waypoint.log")
     peers.wait_listening(pod, "0.0.0.0", WAYPOINT_PORT, timeout=30)
     return proc
@@ -124,12 +129,13 @@ def run(ctx: Context) -> Iterator[Measurement]:
         with http.haproxy_http_proxy(ctx, proxy, PROXY_PORT, upstream) as haproxy_pids:
             yield from http.measure(ctx, PATH_HAPROXY_HTTP, client, f"http://{proxy.ip}:{PROXY_PORT}/",
                                     processes=haproxy_pids)
-        waypoint = _start_waypoint(ctx, proxy, upstream)
-        try:
-            yield from http.measure(ctx, PATH_WAYPOINT, client, f"http://{proxy.ip}:{WAYPOINT_PORT}/",
-                                    processes=lambda: _waypoint_pids(waypoint.pid))
-        finally:
-            bed.stop(waypoint)
+        for path, fast_path in ((PATH_WAYPOINT, True), (PATH_WAYPOINT_PIPELINE, False)):
+            waypoint = _start_waypoint(ctx, proxy, upstream, fast_path)
+            try:
+                yield from http.measure(ctx, path, client, f"http://{proxy.ip}:{WAYPOINT_PORT}/",
+                                        processes=lambda: _waypoint_pids(waypoint.pid))  # noqa: B023 - used before the loop moves on
+            finally:
+                bed.stop(waypoint)
     if bed.kind == "cluster":
         try:
             yield from _mesh_paths(ctx)
