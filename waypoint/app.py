@@ -12,6 +12,7 @@ new HTTPRoute or a removed policy applies to the next request, without a restart
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -33,6 +34,7 @@ from .telemetry import OtlpSpanExporter, RequestTelemetry
 from .upstream import Endpoint, TcpConnector
 
 log = logging.getLogger(__name__)
+GC_YOUNG_THRESHOLD = 20_000   # allocations between young collections (default 700)
 
 PARSERS: dict[str, Callable[[dict], Any]] = {"HTTPRoute": parse_httproute, "GRPCRoute": parse_grpcroute,
                                              "TrafficPolicy": parse_traffic_policy}
@@ -273,6 +275,11 @@ async def main(config: WaypointConfig) -> None:
 
     app = WaypointApp(config)
     await app.start()
+    # What start-up built (modules, config, pools) lives as long as the process: out of the
+    # collector's sight, and young collections less often (each request allocates a few
+    # hundred objects, almost none in cycles).
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

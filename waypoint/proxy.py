@@ -46,6 +46,7 @@ from .upstream_h2 import H2ClusterPool, send_request_h2
 log = logging.getLogger(__name__)
 
 DEFAULT_POOL = ConnectionPoolPolicy()
+UNRESTRICTED = authz.decide((), None)   # the (frozen) verdict without any policy: allowed  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -304,11 +305,15 @@ class WaypointProxy:
         if vip:
             rec.requested_address = f"{vip}:{service.key.port}"
 
-        verdict = authz.evaluate(self.resolver.policies_for(service.key), authz.RequestAttributes(
-            source_principal=req.peer.source_principal, source_namespace=rec.source_namespace if source_known(rec) else _ns_of(req.peer.source_principal),
-            source_ip=req.peer.source_ip, destination_ip=req.peer.destination_ip or service.vip,
-            destination_port=service.key.port, method=req.method, path=req.path, host=req.authority,
-            headers=req.header_map))
+        policies = self.resolver.policies_for(service.key)
+        if not policies:
+            verdict = UNRESTRICTED   # the request's attributes are only built for policies to read
+        else:
+            verdict = authz.evaluate(policies, authz.RequestAttributes(
+                source_principal=req.peer.source_principal, source_namespace=rec.source_namespace if source_known(rec) else _ns_of(req.peer.source_principal),
+                source_ip=req.peer.source_ip, destination_ip=req.peer.destination_ip or service.vip,
+                destination_port=service.key.port, method=req.method, path=req.path, host=req.authority,
+                headers=req.header_map))
         rec.authz_policy = verdict.policy or ""
         self.telemetry.count_authz(verdict.allowed, verdict.policy)
         if not verdict.allowed:

@@ -19,6 +19,8 @@ from .routing import ServiceKey
 from .upstream import Endpoint
 from .upstream_h2 import speaks_h2c
 
+MEMO_LIMIT = 4096   # remembered lookups per config version
+
 
 def fqdn(namespace: str, name: str) -> str:
     return service_fqdn(name, namespace)
@@ -52,11 +54,29 @@ class StateResolver:
     def __init__(self, state: ConfigState, namespace: str, trust_domain: str = DEFAULT_TRUST_DOMAIN,
                  gateway: tuple[str, str] | None = None) -> None:
         self.state = state
+        # Per-request lookups (endpoints, policies, source workloads) computed once per
+        # config version: each push clears them.
+        self._memo: dict[tuple, object] = {}
+        state.subscribe(lambda _delta: self._memo.clear())
         self.namespace = namespace  # the waypoint's own: default for short Host names
         self.trust_domain = trust_domain
         self.gateway = gateway      # (namespace, name) of this waypoint's Gateway
 
+    def _remembered(self, key: tuple, compute):
+        memo = self._memo
+        try:
+            return memo[key]
+        except KeyError:
+            if len(memo) >= MEMO_LIMIT:
+                memo.clear()       # many distinct keys (addresses): stay bounded
+            value = memo[key] = compute()
+            return value
+
     def service_for(self, peer: PeerInfo, authority: str) -> ServiceInfo | None:
+        return self._remembered(("service", peer.destination_ip, peer.destination_port, authority),
+                                lambda: self._service_for(peer, authority))
+
+    def _service_for(self, peer: PeerInfo, authority: str) -> ServiceInfo | None:
         service = self.state.service_by_vip(peer.destination_ip) if peer.destination_ip else None
         port = peer.destination_port
         if service is None:
@@ -84,6 +104,9 @@ class StateResolver:
         return port
 
     def endpoints(self, namespace: str, name: str, port: int) -> list[Endpoint] | None:
+        return self._remembered(("endpoints", namespace, name, port), lambda: self._endpoints(namespace, name, port))
+
+    def _endpoints(self, namespace: str, name: str, port: int) -> list[Endpoint] | None:
         service = self.state.service(namespace, name)
         if service is None:
             return None
@@ -100,6 +123,9 @@ class StateResolver:
         those selecting any endpoint of the Service (a workload's policies hold at its
         waypoint too).
         """
+        return self._remembered(("policies", service), lambda: self._policies_for(service))
+
+    def _policies_for(self, service: ServiceKey) -> list[Authorization]:
         svc = self.state.service(service.namespace, service.name)
         if svc is None:
             return []
@@ -119,6 +145,9 @@ class StateResolver:
         return list(seen.values())
 
     def workload_by_ip(self, ip: str) -> WorkloadInfo | None:
+        return self._remembered(("workload", ip), lambda: self._workload_by_ip(ip))
+
+    def _workload_by_ip(self, ip: str) -> WorkloadInfo | None:
         w = self.state.workload_by_ip(ip)
         if w is None:
             return None

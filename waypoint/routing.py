@@ -55,6 +55,7 @@ class RouteTable:
     def __init__(self, routes: Iterable[HTTPRoute] = (), rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
         self._by_service: dict[tuple[str, str], list[tuple[tuple, HTTPRoute, RouteRule, RouteMatch, int | None]]] = {}
+        self._to_itself: dict[ServiceKey, RouteDecision] = {}
         ordered = sorted(routes, key=lambda r: (r.created, r.namespace, r.name))
         for order, route in enumerate(ordered):
             for parent in route.parent_refs:
@@ -76,9 +77,15 @@ class RouteTable:
     def select(self, service: ServiceKey, method: str, target: str, headers: Mapping[str, str]) -> RouteDecision:
         candidates = self._by_service.get((service.namespace, service.name))
         if candidates is None:
-            # No HTTPRoute: the Service routes to itself, as without a waypoint.
-            return RouteDecision(None, RouteRule((RouteMatch(),)), RouteMatch(),
-                                 BackendRef(service.name, service.namespace, service.port))
+            # No HTTPRoute: the Service routes to itself, as without a waypoint (one
+            # immutable decision per Service port, kept with this table).
+            decision = self._to_itself.get(service)
+            if decision is None:
+                if len(self._to_itself) >= 4096:
+                    self._to_itself.clear()
+                decision = self._to_itself[service] = RouteDecision(
+                    None, RouteRule((RouteMatch(),)), RouteMatch(), BackendRef(service.name, service.namespace, service.port))
+            return decision
         path, query = split_target(target)
         for _, route, rule, match, port in candidates:
             if port is not None and port != service.port:

@@ -52,9 +52,15 @@ class Endpoint:
         return f"{self.ip}:{self.port}"
 
     def peer_labels(self) -> PeerLabels:
-        return self.labels or PeerLabels(workload=self.name or UNKNOWN, namespace=self.namespace or UNKNOWN,
-                                         principal=principal(self.spiffe_id), app=self.app or UNKNOWN,
-                                         canonical_service=self.app or UNKNOWN)
+        if self.labels is not None:
+            return self.labels
+        labels = self.__dict__.get("_derived_labels")   # built once (each answer's telemetry asks)
+        if labels is None:
+            labels = PeerLabels(workload=self.name or UNKNOWN, namespace=self.namespace or UNKNOWN,
+                                principal=principal(self.spiffe_id), app=self.app or UNKNOWN,
+                                canonical_service=self.app or UNKNOWN)
+            object.__setattr__(self, "_derived_labels", labels)
+        return labels
 
 
 class Connector(Protocol):

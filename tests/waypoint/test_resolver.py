@@ -52,3 +52,23 @@ def test_source_workload_and_host_parsing():
     assert split_host("[fd00::1]:80") == ("fd00::1", 80) and split_host("Web.Demo") == ("web.demo", None)
     assert service_name_from_host("web.demo.svc", "x") == ("demo", "web")
     assert service_name_from_host("a.b.c.d", "x") is None
+
+
+def test_lookups_are_remembered_until_the_next_config_push():
+    s = state()
+    r = StateResolver(s, "demo")
+    peer = PeerInfo("10.244.1.2", 0, destination_ip="10.96.0.10", destination_port=80)
+    key = ServiceKey("demo", "web", 80)
+    first = r.endpoints("demo", "web", 80)
+    assert r.endpoints("demo", "web", 80) is first           # no new Endpoint objects per request
+    assert r.service_for(peer, "x") is r.service_for(peer, "x")
+    assert {p.key for p in r.policies_for(key)} >= {"demo/web-only"}
+    assert r.workload_by_ip("10.244.9.9") is None
+    s.apply(m.ConfigDelta("2", upserted=(
+        workload("web-2", "10.244.2.4", {"app": "web"}),
+        workload("late", "10.244.9.9", {"app": "late"}),
+        m.Service("web", "demo", "10.96.0.10", (m.ServicePort("http", 80, 9090),), ("web-0", "web-2")),
+    ), removed=(m.resource_key(m.Authorization("web-only", "demo", "DENY")),)))
+    assert sorted((e.name, e.port) for e in r.endpoints("demo", "web", 80)) == [("web-0", 9090), ("web-2", 9090)]
+    assert "demo/web-only" not in {p.key for p in r.policies_for(key)}
+    assert r.workload_by_ip("10.244.9.9").name == "late"
