@@ -12,6 +12,7 @@ from shoal.controller.ca import CertificateAuthority, CsrError, parse_spiffe_fro
 from shoal.controller.metrics import ControllerMetrics
 from shoal.controller.model import MeshModel
 from shoal.controller.rpcguard import TooLarge, decoder
+from shoal.ratelog import LogLimiter, held_note
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class CertificateService:
         moment the Lease may have passed to another replica, however late the loop runs."""
         self.ca, self.model, self.metrics = ca, model, metrics
         self.not_issuing = not_issuing
+        self._log_limiter = LogLimiter()   # refusals: every one counted, a line a second per reason
 
     def handler(self) -> grpc.GenericRpcHandler:
         """Callers are authenticated by NodeAuthInterceptor before a body is read; the
@@ -73,7 +75,8 @@ class CertificateService:
     async def _refuse(self, context, node: str, reason: str, code: grpc.StatusCode,
                       message: str) -> None:
         self.metrics.cert_errors.labels(reason).inc()
-        log.warning("certificate for node %s refused: %s", node, message)
+        if (held := self._log_limiter.allow(reason)) is not None:
+            log.warning("certificate for node %s refused: %s%s", node, message, held_note(held))
         await context.abort(code, message)
 
     async def trust_bundle(self, request: pb.TrustBundleRequest, context,

@@ -12,6 +12,11 @@
 
 The authenticated node is handed to the handler as a third argument, so handlers never
 look at caller-declared metadata.
+
+Every refusal is counted (``shoal_controller_auth_failures_total``,
+``shoal_controller_bad_requests_total``); its warning is logged at most once a second
+per method and reason, saying how many were held back (a flood of refused calls used to
+be a flood of log lines).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import grpc
 
 from shoal.controller.auth import Authenticator, AuthError, AuthUnavailable
 from shoal.controller.metrics import ControllerMetrics
+from shoal.ratelog import LogLimiter, held_note
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +50,20 @@ class TooLarge:
 def decoder(message_type, rpc: str, limit: int, metrics: ControllerMetrics) -> Callable[[bytes], Any]:
     """A request deserializer that refuses (counts, and returns TooLarge for) anything past
     ``limit`` before protobuf allocates a thing, and counts undecodable messages."""
+    limiter = LogLimiter()
+
     def decode(data: bytes):
         if len(data) > limit:
             metrics.bad_requests.labels(rpc).inc()
-            log.warning("refused a %d-byte %s request (limit %d)", len(data), rpc, limit)
+            if (held := limiter.allow("too_large")) is not None:
+                log.warning("refused a %d-byte %s request (limit %d)%s", len(data), rpc, limit, held_note(held))
             return TooLarge(len(data), limit)
         try:
             return message_type.FromString(data)
         except Exception:  # protobuf's DecodeError and friends, depending on the backend
             metrics.bad_requests.labels(rpc).inc()
-            log.warning("refused an undecodable %s request (%d bytes)", rpc, len(data))
+            if (held := limiter.allow("undecodable")) is not None:
+                log.warning("refused an undecodable %s request (%d bytes)%s", rpc, len(data), held_note(held))
             raise
     return decode
 
@@ -62,7 +72,8 @@ def decoder(message_type, rpc: str, limit: int, metrics: ControllerMetrics) -> C
 FIRST_MESSAGE_WAIT = 2.0
 
 
-def _refusal(code: grpc.StatusCode, message: str, rpc: str, client_streaming: bool) -> grpc.RpcMethodHandler:
+def _refusal(code: grpc.StatusCode, message: str, rpc: str, client_streaming: bool,
+             limiter: LogLimiter) -> grpc.RpcMethodHandler:
     """A handler that answers ``code``. A stream-stream handler's behaviour runs before any
     message is received, whatever the client sent, so a unary request is never read.
 
@@ -72,7 +83,8 @@ def _refusal(code: grpc.StatusCode, message: str, rpc: str, client_streaming: bo
     INTERNAL ("Internal error from Core") instead of our code (about 1 call in 60 under
     load). That message is bounded by the server's receive limit, and never decoded."""
     async def refuse(requests, context):
-        log.warning("%s from %s refused: %s", rpc, context.peer(), message)
+        if (held := limiter.allow((rpc, code))) is not None:
+            log.warning("%s from %s refused: %s%s", rpc, context.peer(), message, held_note(held))
         if client_streaming:
             try:
                 await asyncio.wait_for(anext(aiter(requests), None), FIRST_MESSAGE_WAIT)
@@ -108,6 +120,7 @@ class NodeAuthInterceptor(grpc.aio.ServerInterceptor):
         self.authenticator = authenticator
         self.metrics = metrics
         self._prefixes = tuple(f"/{s}/" for s in services)
+        self._log_limiter = LogLimiter()
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
@@ -118,8 +131,10 @@ class NodeAuthInterceptor(grpc.aio.ServerInterceptor):
             node = await self.authenticator.authenticate(details.invocation_metadata)
         except AuthUnavailable as err:
             self.metrics.auth_failures.labels(rpc, err.reason).inc()
-            return _refusal(grpc.StatusCode.UNAVAILABLE, str(err), rpc, handler.request_streaming)
+            return _refusal(grpc.StatusCode.UNAVAILABLE, str(err), rpc, handler.request_streaming,
+                            self._log_limiter)
         except AuthError as err:
             self.metrics.auth_failures.labels(rpc, err.reason).inc()
-            return _refusal(grpc.StatusCode.UNAUTHENTICATED, str(err), rpc, handler.request_streaming)
+            return _refusal(grpc.StatusCode.UNAUTHENTICATED, str(err), rpc, handler.request_streaming,
+                            self._log_limiter)
         return _with_node(handler, node)

@@ -31,6 +31,7 @@ import time
 from typing import AsyncIterator, Callable
 
 from shoal.agent.ztunnel.shedding import DelayShedder, ShedPolicy
+from shoal.ratelog import LogLimiter
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class Admission:
         self._queues: dict[str, set[Callable[[], int]]] = {}      # each listener's accept-queue length
         self._shedders: dict[str, DelayShedder] = {}
         self._shed_since_log: dict[str, int] = {}
-        self._last_log: dict[str, float] = {}
+        self._log_limiter = LogLimiter(clock=clock)
 
     @property
     def in_setup(self) -> int:
@@ -195,11 +196,7 @@ class Admission:
                         kind, self.shed_policy.target, self._shedders[kind].shed)
 
     def _should_log(self, what: str) -> bool:
-        now = self.clock()
-        if now - self._last_log.get(what, float("-inf")) < 1.0:
-            return False
-        self._last_log[what] = now
-        return True
+        return self._log_limiter.allow(what) is not None
 
 
 class DialLimits:

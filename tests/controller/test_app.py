@@ -576,7 +576,17 @@ async def test_unauthenticated_calls_are_always_refused_as_unauthenticated(contr
                 return refused.code(), refused.details()
             return "answered", ""
         results = []
+        started = time.monotonic()
         for _ in range(3):
             results += await asyncio.gather(*(call(i % 2 == 0) for i in range(200)))
+        elapsed = time.monotonic() - started
     wrong = [r for r in results if r[0] != grpc.StatusCode.UNAUTHENTICATED]
     assert not wrong, f"{len(wrong)} of {len(results)}: {wrong[:5]}"
+    # Every refusal counted; logged at most once a second per method (a flood of refused
+    # calls used to be as many warnings), the next line saying how many were held back.
+    metrics = (await asyncio.to_thread(_http, f"http://127.0.0.1:{controller.admin_port}/metrics"))[1].decode()
+    counted = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                  if line.startswith("shoal_controller_auth_failures_total{"))
+    assert counted == 600
+    lines = [line for line in controller.log_path.read_text(errors="replace").splitlines() if " refused: " in line]
+    assert 2 <= len(lines) <= 2 * (elapsed + 3), len(lines)
