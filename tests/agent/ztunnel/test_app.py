@@ -1,5 +1,6 @@
 """The node proxy's wiring (``ProxyApp``): its certificate client against a controller that
-is down retries (UNAVAILABLE) and never leaves an unretrieved task exception."""
+is down retries (UNAVAILABLE) and never leaves an unretrieved task exception; a worker
+imports none of the heavy packages only other daemons need (its idle RSS)."""
 from __future__ import annotations
 
 import logging
@@ -35,3 +36,49 @@ async def test_real_controller_client_down_is_a_retried_unavailable(tmp_path, ca
     finally:
         app.ctx.identities.release("demo", "web")
         await app.stop()
+
+
+# Heavy packages the node proxy's workers never need (RSS each adds to a worker, measured
+# on top of the worker's own imports): the Kubernetes client (~40 MB), pyroute2 (~10 MB,
+# the agent's), aiohttp (~8 MB, the CLI's and the controller's), the waypoint's HTTP parser,
+# and every other daemon and user tool. The worker's budget is 60 MB idle (issue 13).
+WORKER_MUST_NOT_IMPORT = ("kubernetes_asyncio", "pyroute2", "aiohttp", "yaml", "click", "httptools", "re2", "bcc",
+                          "shoal.local", "shoal.cli", "shoal.controller", "shoal.waypoint", "shoal.agent.hubble",
+                          "shoal.agent.app", "shoal.agent.loader", "shoal.agent.k8s")
+
+
+def _modules_the_worker_imports() -> list[str]:
+    """Every module named by an import statement, at any depth (lazy imports in functions
+    included), in the worker's own code: the node proxy and the HBONE library."""
+    import ast
+    from pathlib import Path
+
+    import shoal.agent.ztunnel
+    import shoal.hbone
+
+    names = {"shoal.agent.ztunnel.__main__", "shoal.agent.ztunnel.app"}
+    for package in (shoal.agent.ztunnel, shoal.hbone):
+        prefix = package.__name__
+        for path in Path(package.__path__[0]).glob("*.py"):
+            names.add(f"{prefix}.{path.stem}" if path.stem != "__init__" else prefix)
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names.add(node.module)
+                elif isinstance(node, ast.Import):
+                    names.update(alias.name for alias in node.names)
+    return sorted(names)
+
+
+def test_the_worker_imports_none_of_the_heavy_packages_it_does_not_need():
+    import subprocess
+    import sys
+
+    modules = _modules_the_worker_imports()
+    assert "shoal.xds.client" in modules and "shoal.flows.emitter" in modules, "lazy imports are found"
+    code = ("import importlib, sys\n"
+            f"for name in {modules!r}:\n"
+            "    importlib.import_module(name)\n"
+            f"bad = {WORKER_MUST_NOT_IMPORT!r}\n"
+            "print(sorted(m for m in sys.modules if any(m == b or m.startswith(b + '.') for b in bad)))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", f"the node proxy's worker imports {out.strip()}"
