@@ -20,6 +20,12 @@
 
 int shoal_sk_skb_bypass(struct __sk_buff *skb)
 {
+    /* An empty skb is a bare FIN. Sent on the peer's egress it would be a zero-byte
+     * send, which the psock backlog takes for a broken pipe (EPIPE on the peer). Kept
+     * here, it is what the kernel's own FIN handling expects: the proxy's read returns
+     * EOF, and the proxy forwards the half-close itself once the bytes before it are out. */
+    if (skb->len == 0)
+        return SK_PASS;
     __u64 cookie = bpf_get_socket_cookie(skb);
     struct bypass_pair *pair = bpf_map_lookup_elem(SHOAL_MAP(bypass_pairs), &cookie);
     if (!pair)

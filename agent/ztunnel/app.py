@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry
 
 from shoal.agent.ztunnel.admin import HttpEndpoint, admin_pages, metrics_pages, ready_pages
 from shoal.agent.ztunnel.admission import Admission, DialLimits, default_max_connections, raise_open_file_limit
+from shoal.agent.ztunnel.bypass import SameNodeBypass
 from shoal.agent.ztunnel.config import ProxyConfig
 from shoal.agent.ztunnel.context import DestinationLookup, ProxyContext
 from shoal.agent.ztunnel.handover import Markers, cancel_all, serve_until_signalled
@@ -88,6 +89,10 @@ class ProxyApp:
                                 telemetry=telemetry, pool=pool, origdst=origdst, home=NetnsHandle.current(),
                                 admission=admission, dial_limits=DialLimits(config.upstream_dials_per_identity))
         self.pods = PodRegistry(self.ctx, prepares_netns=not config.is_worker)
+        self.ctx.served_pods = self.pods.pods
+        if config.same_node_bypass:
+            self.ctx.bypass = SameNodeBypass(config.layout.bpf_pin_dir(config.node), self.state, telemetry,
+                                             self.registry)
         self.zds = ZdsServer(config.zds_path, self.pods, on_error=lambda r: self.metrics.reject("zds", "message"))
         self._serve_http = serve_http
         self._endpoints: list[HttpEndpoint] = []
@@ -263,6 +268,8 @@ class ProxyApp:
         for session in list(self.ctx.inbound_sessions):
             session.close()
         self.pods.close()
+        if self.ctx.bypass is not None:
+            self.ctx.bypass.close()
         for endpoint in self._endpoints:
             await endpoint.close()
         self._endpoints.clear()

@@ -55,6 +55,9 @@ class ProxyConfig:
     # pod-handover channel (one end of a SEQPACKET socketpair). -1 = not a worker.
     worker_index: int = -1
     worker_channel_fd: int = -1
+    # Same-node kernel bypass (bypass.py): on unless turned off (--no-same-node-bypass,
+    # SHOAL_PROXY_SAME_NODE_BYPASS=0); the security argument is in the README.
+    same_node_bypass: bool = True
     log_level: str = "INFO"
 
     @property
@@ -114,6 +117,10 @@ class ProxyConfig:
                             help="worker processes (env SHOAL_PROXY_WORKERS; 0: one per core this "
                                  "process may run on; 1: a single process without a supervisor)")
         parser.add_argument("--worker", default="", help=argparse.SUPPRESS)  # "INDEX:FD", set by the supervisor
+        parser.add_argument("--same-node-bypass", action=argparse.BooleanOptionalAction,
+                            default=env.get("SHOAL_PROXY_SAME_NODE_BYPASS", "1") not in ("0", "false", "no", "off"),
+                            help="join same-node pod connections in the kernel instead of an HBONE tunnel "
+                                 "(env SHOAL_PROXY_SAME_NODE_BYPASS; default on)")
         parser.add_argument("--log-level", default=env.get("SHOAL_LOG_LEVEL", "INFO"))
         args = parser.parse_args(argv)
         if args.workers < 0:
@@ -145,7 +152,8 @@ class ProxyConfig:
                    max_connections=args.max_connections, overload_target=args.overload_target,
                    overload_interval=args.overload_interval, workers=workers,
                    worker_index=worker_index, worker_channel_fd=worker_fd,
-                   cert_ttl_seconds=args.cert_ttl, log_level=args.log_level.upper())
+                   cert_ttl_seconds=args.cert_ttl, same_node_bypass=args.same_node_bypass,
+                   log_level=args.log_level.upper())
 
 
 def default_workers() -> int:

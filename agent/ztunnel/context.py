@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from shoal.agent.ztunnel.admission import Admission, DialLimits
 from shoal.agent.ztunnel.config import ProxyConfig
@@ -51,6 +51,10 @@ class ProxyContext:
     inbound_sessions: set = field(default_factory=set)
     # What every tunnel's plain TCP socket reads into, one read at a time (one per worker).
     tcp_reads: ReadBuffer = field(default_factory=lambda: ReadBuffer(TCP_READ_BUFFER))
+    # The pods this proxy serves, by uid (the pod registry's own dict): a destination
+    # found here is on this node, which the same-node bypass needs to know.
+    served_pods: dict[str, "ServedPod"] = field(default_factory=dict)
+    bypass: Any = None   # bypass.SameNodeBypass, or None when turned off
     # Set once the config stream delivered its first snapshot: before that an unknown
     # destination might be a meshed pod, and guessing "plaintext" would leak.
     config_synced: asyncio.Event = field(default_factory=asyncio.Event)

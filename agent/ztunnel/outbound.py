@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from shoal.agent.ztunnel.bypass import local_destination, serve_same_node
 from shoal.agent.ztunnel.context import ProxyContext, ServedPod
 from shoal.agent.ztunnel.relay import join_plain, reset_connection
 from shoal.agent.ztunnel.telemetry import (
@@ -135,6 +136,9 @@ async def handle_outbound(ctx: ProxyContext, pod: ServedPod, conn: socket.socket
             ctx.telemetry.closed(rec)
         elif route.kind == "passthrough":
             await _passthrough(ctx, pod, conn, route, rec)
+        elif route.kind == "hbone" and (local := local_destination(ctx, route.workload)) is not None \
+                and await serve_same_node(ctx, pod, conn, route.authority_ip, route.authority_port, local, rec):
+            pass   # both pods are ours: joined in the kernel (bypass.py), no tunnel to ourselves
         else:
             await _tunnel(ctx, pod, conn, route, rec)
     except (OSError, asyncio.TimeoutError, IdentityError) as exc:

@@ -1,0 +1,343 @@
+"""Same-node kernel bypass: a captured connection between two pods this proxy serves is
+joined in the kernel (``shoal.datapath.bypass``, ``bpf/sk_skb_bypass.c``) instead of
+crossing an HBONE tunnel to ourselves.
+
+What the proxy does for such a connection is exactly what its two halves do for a
+tunnelled one, minus the TLS: the outbound half (15001 in the client pod) found a meshed
+destination without a waypoint; the destination is a pod we serve (so on this node,
+enrolled, its netns ours to enter); both pods' SVIDs are held (the identities a TLS
+handshake would have shown, issued for pods this node hosts); the inbound half's
+refusals (not an app port of the pod, loopback) and the destination's L4 policy
+(``authorize``, with the client pod's SPIFFE ID as principal) are applied; the app is
+dialled from the client's IP inside the server pod (``connect_app``). Only then are the
+proxy's two sockets joined. The security argument is in the README ("Same-node bypass").
+
+While joined the proxy holds both sockets: it learns EOF and resets from them (it reads
+nothing else: every byte goes through the kernel), forwards a half-close once the bytes
+ahead of it are queued, reports both sides' telemetry with the kernel's byte counts, and
+re-checks the policy on every config change (a DENY now resets both apps).
+
+Declined (the HBONE path takes the connection, as without the bypass): bypass off, no
+pinned bypass maps (no agent yet), an SVID missing. Join refused by the kernel (map full,
+socket state): the two sockets are relayed in userspace instead, still inside the node.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from pathlib import Path
+from typing import Callable
+
+from prometheus_client import Counter
+
+from shoal.agent.ztunnel.authz import ConnectionInfo, authorize
+from shoal.agent.ztunnel.context import ProxyContext, ServedPod
+from shoal.agent.ztunnel.inbound import connect_app, delivery_refusal
+from shoal.agent.ztunnel.relay import join_plain, reset_connection
+from shoal.agent.ztunnel.telemetry import (
+    FLAG_DENIED,
+    FLAG_NO_ROUTE,
+    FLAG_RESET,
+    FLAG_UPSTREAM_FAILURE,
+    ConnectionRecord,
+    ConnectionTelemetry,
+)
+from shoal.datapath.bypass import BypassBroken, BypassUnavailable, JoinedPair, KernelBypass
+from shoal.hbone.session import abort_with_reset
+from shoal.telemetry_labels import service_of_endpoint
+from shoal.xds.model import Workload
+from shoal.xds.state import ConfigState
+
+log = logging.getLogger(__name__)
+
+ROUTE = "bypass"
+# How often a forwarded half-close checks that the bytes ahead of it are queued: fast at
+# first (usually they already are), backing off while a slow reader holds them.
+DRAIN_POLL_FIRST, DRAIN_POLL_MAX = 0.0005, 0.05
+# A socket that has seen EOF is no longer read (the event loop stops at EOF, and a socket
+# in a SOCKHASH reports EOF, not the error, once the FIN came), so a reset arriving
+# after it is noticed by looking at its TCP state this often.
+RESET_POLL = 0.2
+TCP_CLOSE = 7
+
+
+class SameNodeBypass:
+    """The proxy's bypassed connections and its handle on the agent's pinned maps
+    (opened on first use: the agent may start after us)."""
+
+    def __init__(self, pin_dir: Path, state: ConfigState, telemetry: ConnectionTelemetry, registry):
+        self.pin_dir = Path(pin_dir)
+        self.state = state
+        self.telemetry = telemetry
+        self.live: set[BypassedConnection] = set()
+        self._kernel: KernelBypass | None = None
+        self._warned = False
+        self.outcomes = Counter("shoal_proxy_bypass_connections",
+                                "Same-node connections by what the bypass did: joined in the kernel, relayed "
+                                "in userspace (the kernel refused the join), declined (HBONE instead), "
+                                "revoked (a policy change denied it), broken (reset: bytes not redirectable)",
+                                ["outcome"], registry=registry)
+        self._unsubscribe: Callable[[], None] | None = state.subscribe(lambda _delta: self.recheck())
+
+    def kernel(self) -> KernelBypass | None:
+        if self._kernel is None:
+            try:
+                self._kernel = KernelBypass(self.pin_dir)
+            except BypassUnavailable as exc:
+                if not self._warned:
+                    log.warning("same-node bypass unavailable (%s): same-node connections use HBONE", exc)
+                    self._warned = True
+                return None
+            log.info("same-node bypass: kernel maps at %s", self.pin_dir)
+        return self._kernel
+
+    def recheck(self) -> None:
+        """Re-evaluate every live connection against the policy now in force; reset the
+        ones it denies (both apps see a reset, as a refused connection)."""
+        for conn in list(self.live):
+            workload = self.state.workload(conn.dst_uid) or conn.dst_workload
+            decision = authorize(self.state.policies_for(workload), conn.info)
+            if not decision.allowed:
+                self.outcomes.labels("revoked").inc()
+                log.info("bypass %s -> %s:%d: %s now denies it (%s): reset", conn.info.src_identity,
+                         conn.info.dst_ip, conn.info.dst_port, decision.policy or "policy", decision.reason)
+                conn.revoke(f"{decision.reason} ({decision.policy or '-'})", decision.policy or "")
+
+    def close(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        for conn in list(self.live):
+            conn.reset("proxy stopped")
+        if self._kernel is not None:
+            self._kernel.close()
+            self._kernel = None
+
+
+def local_destination(ctx: ProxyContext, workload: Workload | None) -> ServedPod | None:
+    """The pod we serve that ``workload`` is, if any (then it is on this node)."""
+    return ctx.served_pods.get(workload.uid) if workload is not None else None
+
+
+async def serve_same_node(ctx: ProxyContext, pod: ServedPod, conn: socket.socket, dst_ip: str, dst_port: int,
+                          dst_pod: ServedPod, rec: ConnectionRecord) -> bool:
+    """Serves an outbound connection whose destination pod ``dst_pod`` we serve too;
+    False when the bypass declines it (the caller tunnels it as usual)."""
+    bypass: SameNodeBypass | None = ctx.bypass
+    if bypass is None:
+        return False
+    kernel = bypass.kernel()
+    if kernel is None or ctx.identities.current(pod.spiffe_id) is None \
+            or ctx.identities.current(dst_pod.spiffe_id) is None:
+        bypass.outcomes.labels("declined").inc()
+        return False
+    src_ip = rec.src_ip
+    dst_workload = ctx.state.workload(dst_pod.info.uid) or dst_pod.workload_stub()
+    rec.src_identity, rec.dst_identity, rec.mtls, rec.route = pod.spiffe_id, dst_pod.spiffe_id, True, ROUTE
+    dest = ConnectionRecord("destination", src_ip, rec.src_port, dst_ip, dst_port, src_workload=rec.src_workload,
+                            dst_workload=dst_workload, src_identity=pod.spiffe_id, dst_identity=dst_pod.spiffe_id,
+                            mtls=True, route=ROUTE,
+                            service=service_of_endpoint(ctx.state.all_services(), dst_workload, dst_port).fqdn)
+    refusal = delivery_refusal(dst_pod, dst_ip, dst_port)
+    info = ConnectionInfo(src_ip, dst_ip, dst_port, pod.spiffe_id)
+    decision = authorize(ctx.state.policies_for(dst_workload), info) if refusal is None else None
+    if refusal is not None or decision is not None and not decision.allowed:
+        if refusal is not None:
+            flags, error, policy, reason = FLAG_NO_ROUTE, refusal[1], "", refusal[0]
+        else:
+            assert decision is not None
+            flags, error, policy = FLAG_DENIED, f"{decision.reason} ({decision.policy or '-'})", decision.policy or ""
+            reason = "policy_denied"
+        ctx.metrics.reject(ROUTE, reason)
+        _refuse(ctx, conn, (rec, dest), flags, error, policy)
+        return True
+    try:
+        async with ctx.dial_limits.slot(pod.spiffe_id):
+            upstream = await connect_app(ctx, dst_pod, dst_ip, dst_port, src_ip)
+    except (OSError, asyncio.TimeoutError) as exc:
+        ctx.metrics.reject(ROUTE, "upstream_connect")
+        _refuse(ctx, conn, (rec, dest), FLAG_UPSTREAM_FAILURE, f"{type(exc).__name__}: {exc}", "")
+        return True
+    try:
+        pair = kernel.join(conn, upstream)
+    except BypassUnavailable as exc:
+        bypass.outcomes.labels("relayed").inc()
+        log.info("bypass %s -> %s:%d: kernel join refused (%s): relayed in userspace", pod.info.name, dst_ip,
+                 dst_port, exc)
+        await join_plain(conn, upstream, rec, _BothRecords(ctx.telemetry, dest))
+        return True
+    except BypassBroken as exc:
+        bypass.outcomes.labels("broken").inc()
+        ctx.metrics.reject(ROUTE, "unredirected")
+        reset_connection(upstream)
+        _refuse(ctx, conn, (rec, dest), FLAG_RESET, str(exc), "")
+        return True
+    bypass.outcomes.labels("joined").inc()
+    await BypassedConnection(bypass, kernel, pair, rec, dest, dst_pod.info.uid, dst_workload, info).wire()
+    return True
+
+
+def _refuse(ctx: ProxyContext, conn: socket.socket, records, flags: str, error: str, policy: str) -> None:
+    reset_connection(conn)   # the app sees a reset, like a refused connection
+    for record in records:
+        record.response_flags, record.error, record.denied_by = flags, error, policy
+        ctx.telemetry.closed(record)
+
+
+class _BothRecords:
+    """Telemetry for a userspace-relayed same-node connection: the relay fills the source
+    record; the destination record reports the same connection."""
+
+    def __init__(self, telemetry: ConnectionTelemetry, dest: ConnectionRecord):
+        self.telemetry, self.dest = telemetry, dest
+
+    def opened(self, rec: ConnectionRecord) -> None:
+        self.telemetry.opened(rec)
+        self.telemetry.opened(self.dest)
+
+    def closed(self, rec: ConnectionRecord) -> None:
+        self.dest.bytes_in, self.dest.bytes_out = rec.bytes_in, rec.bytes_out
+        self.dest.response_flags, self.dest.error = rec.response_flags, rec.error
+        self.telemetry.closed(rec)
+        self.telemetry.closed(self.dest)
+
+
+class BypassedConnection:
+    """One joined pair: the proxy watches both sockets for EOF and resets and reports the
+    connection once both are done."""
+
+    def __init__(self, owner: SameNodeBypass, kernel: KernelBypass, pair: JoinedPair, source: ConnectionRecord,
+                 dest: ConnectionRecord, dst_uid: str, dst_workload: Workload, info: ConnectionInfo):
+        self.owner, self.kernel, self.pair = owner, kernel, pair
+        self.source, self.dest = source, dest
+        self.dst_uid, self.dst_workload, self.info = dst_uid, dst_workload, info
+        self.client_end = _End(self, toward_server=True)
+        self.server_end = _End(self, toward_server=False)
+        self.finished = False
+        self.wired = False
+
+    async def wire(self) -> None:
+        """Watch both sockets. An EOF may arrive on the first before the second is watched
+        (a client that writes and half-closes at once): it is forwarded once both are."""
+        loop = asyncio.get_running_loop()
+        self.owner.live.add(self)
+        for record in (self.source, self.dest):
+            self.owner.telemetry.opened(record)
+        await loop.connect_accepted_socket(lambda: self.client_end, self.pair.client)
+        await loop.connect_accepted_socket(lambda: self.server_end, self.pair.server)
+        self.wired = True
+        for end in (self.client_end, self.server_end):
+            end.start_forwarding()
+
+    def other(self, end: "_End") -> "_End":
+        return self.server_end if end is self.client_end else self.client_end
+
+    def revoke(self, error: str, policy: str) -> None:
+        for record in (self.source, self.dest):
+            record.response_flags, record.denied_by = FLAG_DENIED, policy
+        self.reset(f"policy changed: {error}")
+
+    def reset(self, error: str) -> None:
+        """Both apps get a RST at once."""
+        for record in (self.source, self.dest):
+            record.reset(error)
+        for end in (self.client_end, self.server_end):
+            if end.transport is not None and not end.transport.is_closing():
+                abort_with_reset(end.transport)
+        self.finish()
+
+    def maybe_close(self) -> None:
+        """Both directions ended (EOF forwarded both ways): close both sockets."""
+        if self.client_end.eof_forwarded and self.server_end.eof_forwarded:
+            for end in (self.client_end, self.server_end):
+                if end.transport is not None:
+                    end.transport.close()
+            self.finish()
+
+    def finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.owner.live.discard(self)
+        try:
+            counts = self.kernel.release(self.pair)
+        except OSError as exc:
+            log.warning("bypass: pair counters unreadable: %s", exc)
+        else:
+            for record in (self.source, self.dest):
+                record.bytes_in, record.bytes_out = counts.client_to_server, counts.server_to_client
+        for record in (self.source, self.dest):
+            self.owner.telemetry.closed(record)
+
+
+class _End(asyncio.Protocol):
+    """One of the proxy's two joined sockets. It never carries data to us: every byte is
+    redirected by the kernel; what we see is EOF, a reset, or (never expected) bytes the
+    kernel could not redirect, which end the pair."""
+
+    def __init__(self, conn: BypassedConnection, toward_server: bool):
+        self.conn = conn
+        self.toward_server = toward_server   # this socket's bytes go to the server app
+        self.transport: asyncio.Transport | None = None
+        self.eof = False
+        self.eof_forwarded = False
+        self._forwarding: asyncio.Task | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        if self.conn.finished:   # reset while the other end was being wired
+            abort_with_reset(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.owner.outcomes.labels("broken").inc()
+        log.warning("bypass: %d bytes were not redirected by the kernel: resetting the pair", len(data))
+        self.conn.reset("bytes not redirected by the kernel")
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.start_forwarding()
+        return True   # keep our write side: the other direction may still flow
+
+    def start_forwarding(self) -> None:
+        if self.eof and self.conn.wired and self._forwarding is None and not self.conn.finished:
+            self._forwarding = asyncio.ensure_future(self._forward_eof())
+
+    async def _forward_eof(self) -> None:
+        """Half-close the other app's connection once every byte ahead of the FIN is queued
+        on its socket (the redirect completes on a kernel workqueue)."""
+        other = self.conn.other(self)
+        delay = DRAIN_POLL_FIRST
+        while not self.conn.finished:
+            try:
+                if self.conn.kernel.drained(self.conn.pair, self.toward_server):
+                    break
+            except OSError:
+                return   # the other socket is gone: its own callbacks end the pair
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, DRAIN_POLL_MAX)
+        if self.conn.finished or other.transport is None or other.transport.is_closing():
+            return
+        other.transport.write_eof()
+        self.eof_forwarded = True
+        self.conn.maybe_close()
+        await self._watch_for_reset()
+
+    async def _watch_for_reset(self) -> None:
+        """Until the pair ends: a reset of this (half-closed) socket resets the other app."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        while sock is not None and not self.conn.finished:
+            await asyncio.sleep(RESET_POLL)
+            try:
+                state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+            except OSError:
+                return
+            if state == TCP_CLOSE and not self.conn.finished:
+                self.conn.reset("connection reset by peer after half-close")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.conn.finished:
+            return
+        if exc is not None or not self.eof_forwarded:
+            # a reset (or a close before both directions ended): the other app is reset too
+            self.conn.reset(str(exc) if exc else "closed")

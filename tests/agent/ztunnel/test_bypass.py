@@ -1,0 +1,311 @@
+"""Same-node bypass through the node proxy: the agent's real verdict program on its pinned
+maps, the proxy serving two pods of its node in real namespaces, apps in those pods."""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+
+import pytest
+
+from shoal.agent.ztunnel.app import ProxyApp
+from shoal.agent.ztunnel.config import ProxyConfig
+from shoal.config import ClusterLayout
+from shoal.xds.model import Authorization, ConfigDelta, Rule, Source
+from shoal.zds import ZdsClient
+from tests.agent.ztunnel.proxybed import CLIENT_IP, SERVER_IP, EchoServer, FakeOrigdst
+from tests.agent.ztunnel.test_proxy import APP_PORT, PODS, Harness, metric
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
+
+
+@pytest.fixture(scope="module")
+def bypass_layout(tmp_path_factory):
+    """The agent's maps and programs for a node of a cluster of our own, with the bypass
+    verdict attached to its SOCKHASH (nothing attached to any cgroup: capture is stood in
+    for by FakeOrigdst, and tested in tests/agent)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: eBPF")
+    from shoal.agent.loader import Datapath, FeatureFlags
+    layout = ClusterLayout(name=f"shoal-t{os.getpid()}-bypass", run_root=tmp_path_factory.mktemp("run"))
+    datapath = Datapath(layout.bpf_pin_dir("node-1"), FeatureFlags(15001, 15006, 15008))
+    try:
+        datapath.load()
+        datapath.attach_bypass()
+        yield layout
+    finally:
+        datapath.close()
+        shutil.rmtree(layout.bpffs_root / layout.name, ignore_errors=True)
+
+
+@pytest.fixture
+async def proxy(pod_netns, state, ca, bypass_layout, caplog):
+    caplog.set_level(logging.INFO, logger="shoal.proxy.access")
+    harnesses = []
+
+    async def start(**overrides) -> Harness:
+        config = ProxyConfig(node="node-1", layout=bypass_layout, handshake_timeout=2.0, connect_timeout=4.0,
+                             drain_grace=1.0, **overrides)
+        origdst = FakeOrigdst()
+        app = ProxyApp(config, state=state, signer=ca.sign, origdst=origdst, serve_http=False)
+        await app.start()
+        echo = await EchoServer().start(f"/run/netns/{pod_netns['server']}", SERVER_IP, APP_PORT)
+        agent = ZdsClient(config.zds_path)
+        await agent.connect()
+        for role, pod in PODS.items():
+            fd = os.open(f"/run/netns/{pod_netns[role]}", os.O_RDONLY)
+            try:
+                await agent.add(pod, fd)
+            finally:
+                os.close(fd)
+        await agent.snapshot_sent()
+        harness = Harness(pod_netns, app, origdst, echo)
+        harnesses.append((harness, agent))
+        return harness
+    yield start
+    for harness, agent in harnesses:
+        await agent.close()
+        harness.echo.close()
+        await harness.app.stop()
+
+
+def _access_lines(caplog) -> list[dict]:
+    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "shoal.proxy.access"]
+
+
+async def _pump(reader, writer, payload: bytes) -> bytes:
+    """Send ``payload`` and read as many bytes back, concurrently."""
+    async def send():
+        for at in range(0, len(payload), 1 << 20):
+            writer.write(payload[at:at + (1 << 20)])
+            await writer.drain()
+    sender = asyncio.ensure_future(send())
+    got = await asyncio.wait_for(reader.readexactly(len(payload)), 60)
+    await sender
+    return got
+
+
+async def _until(predicate, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+def _sockhash_holds(layout: ClusterLayout, cookie: int) -> bool:
+    from shoal.datapath import bpfsys
+    fd = bpfsys.obj_get(layout.bpf_pin_dir("node-1") / "bypass_socks")
+    try:
+        return bpfsys.map_lookup(fd, ctypes.c_uint64(cookie), ctypes.c_uint64())
+    finally:
+        os.close(fd)
+
+
+async def test_large_transfer_both_ways_is_identical_and_reported_with_identities_and_byte_counts(proxy, caplog):
+    harness = await proxy()
+    app = harness.app
+    reader, writer = await harness.connect_via_proxy(SERVER_IP, APP_PORT)
+    payload = os.urandom(32 * 1024 * 1024)
+    echoed = await _pump(reader, writer, payload)
+    assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
+    await _until(lambda: not app.ctx.bypass.live)
+    assert len(app.ctx.pool) == 0            # no HBONE connection to ourselves
+    assert metric(app, "shoal_proxy_bypass_connections_total", outcome="joined") == 1
+    identities = dict(source_principal="spiffe://cluster.local/ns/demo/sa/client",
+                      destination_principal="spiffe://cluster.local/ns/demo/sa/web")
+    for reporter in ("source", "destination"):
+        assert metric(app, "istio_tcp_received_bytes_total", reporter=reporter, **identities) == len(payload)
+        assert metric(app, "istio_tcp_sent_bytes_total", reporter=reporter, **identities) == len(payload)
+        assert metric(app, "istio_tcp_connections_closed_total", reporter=reporter, response_flags="-",
+                      **identities) == 1
+    lines = [line for line in _access_lines(caplog) if line["route"] == "bypass"]
+    assert {line["reporter"] for line in lines} == {"source", "destination"}
+    for line in lines:
+        assert (line["bytes_received"], line["bytes_sent"]) == (len(payload), len(payload))
+        assert line["src_identity"].endswith("/sa/client") and line["dst_identity"].endswith("/sa/web")
+        assert line["response_flags"] == "-"
+    assert {peer[0] for peer in harness.echo.peers} == {CLIENT_IP}   # the app sees the real client
+
+
+class HalfCloser:
+    """A server app that half-closes first, then reads the client to EOF. ``wait_for_go``:
+    it first waits for the client's two bytes (so the proxy has joined the pair);
+    otherwise it speaks and half-closes at once."""
+
+    def __init__(self, wait_for_go: bool):
+        self.received: list[bytes] = []
+        self.server = None
+        self.wait_for_go = wait_for_go
+
+    async def start(self, netns_path: str, port: int):
+        from shoal.agent.ztunnel.netns import NetnsHandle
+        home = NetnsHandle.current()
+        ns = NetnsHandle.from_path(netns_path, home)
+        with ns.entered():
+            sock = socket.socket()
+        ns.close()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", port))
+        self.server = await asyncio.start_server(self._serve, sock=sock)
+        return self
+
+    async def _serve(self, reader, writer):
+        if self.wait_for_go:
+            await reader.readexactly(2)
+        writer.write(b"server says bye first")
+        writer.write_eof()
+        self.received.append(await reader.read())
+        writer.close()
+
+
+async def test_a_server_that_closed_before_the_join_is_relayed_in_userspace(proxy, caplog):
+    """The kernel takes only established sockets into a SOCKHASH: a server app that
+    greets and half-closes at once may leave the proxy a CLOSE-WAIT socket. The join is
+    refused with nothing changed, and the proxy relays that connection itself."""
+    harness = await proxy()
+    app = await HalfCloser(wait_for_go=False).start(harness.path("server"), 7101)
+    try:
+        for _ in range(5):
+            reader, writer = await harness.connect_via_proxy(SERVER_IP, 7101)
+            assert await asyncio.wait_for(reader.read(), 10) == b"server says bye first"
+            writer.write(b"client still talking")
+            writer.write_eof()
+            writer.close()
+        await _until(lambda: len(app.received) == 5, timeout=10)
+        assert app.received == [b"client still talking"] * 5
+    finally:
+        app.server.close()
+    outcomes = {o: metric(harness.app, "shoal_proxy_bypass_connections_total", outcome=o)
+                for o in ("joined", "relayed")}
+    assert sum(outcomes.values()) == 5
+    await _until(lambda: metric(harness.app, "istio_tcp_connections_closed_total", reporter="destination") == 5)
+    lines = [line for line in _access_lines(caplog) if line["reporter"] == "destination"]
+    assert [(line["bytes_received"], line["bytes_sent"]) for line in lines] == [(20, 21)] * 5
+
+
+async def test_half_close_in_both_directions(proxy):
+    harness = await proxy()
+    # client first: its FIN reaches the app after all its bytes, the answer still flows back
+    reader, writer = await harness.connect_via_proxy(SERVER_IP, APP_PORT)
+    payload = os.urandom(4 * 1024 * 1024)
+    writer.write(payload)
+    writer.write_eof()
+    got = await asyncio.wait_for(reader.read(), 30)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+    writer.close()
+    # server first: the client reads to EOF, then sends and closes; the app reads all of it
+    app = await HalfCloser(wait_for_go=True).start(harness.path("server"), 7100)
+    try:
+        reader, writer = await harness.connect_via_proxy(SERVER_IP, 7100)
+        writer.write(b"go")
+        assert await asyncio.wait_for(reader.read(), 10) == b"server says bye first"
+        writer.write(b"client still talking")
+        writer.write_eof()
+        await _until(lambda: app.received == [b"client still talking"], timeout=10)
+        writer.close()
+    finally:
+        app.server.close()
+    await _until(lambda: not harness.app.ctx.bypass.live)
+    assert metric(harness.app, "shoal_proxy_bypass_connections_total", outcome="joined") == 2
+
+
+@pytest.mark.parametrize("closer", ["client", "server"])
+async def test_close_or_reset_of_either_end_tears_the_pair_down(proxy, bypass_layout, closer):
+    harness = await proxy()
+    bypass = harness.app.ctx.bypass
+    reader, writer = await harness.connect_via_proxy(SERVER_IP, APP_PORT)
+    writer.write(b"ping")
+    assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+    (conn,) = bypass.live
+    cookies = (conn.pair.client_cookie, conn.pair.server_cookie)
+    assert all(_sockhash_holds(bypass_layout, c) for c in cookies)
+    if closer == "client":
+        writer.transport.abort()      # the client app dies: RST
+    else:
+        harness.echo.server.close()   # the server app goes: its connection closes
+        for task in asyncio.all_tasks():
+            if "EchoServer._serve" in repr(task):
+                task.cancel()
+        with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+            await asyncio.wait_for(reader.readexactly(1), 5)   # its FIN reached the client
+        # the client, still open, writes: the closed app's kernel answers RST, the proxy
+        # resets the client too
+        writer.write(b"anyone there?")
+    await _until(lambda: not bypass.live)
+    await asyncio.sleep(0.05)
+    assert not any(_sockhash_holds(bypass_layout, c) for c in cookies)
+    assert metric(harness.app, "shoal_proxy_active_connections", reporter="source") == 0
+    assert metric(harness.app, "istio_tcp_connections_closed_total", reporter="destination") == 1
+
+
+async def test_a_deny_policy_applied_mid_connection_resets_it(proxy, state):
+    harness = await proxy()
+    reader, writer = await harness.connect_via_proxy(SERVER_IP, APP_PORT)
+    writer.write(b"before")
+    assert await asyncio.wait_for(reader.readexactly(6), 5) == b"before"
+    state.apply(ConfigDelta("9", upserted=(Authorization(
+        "deny-client", "demo", "DENY", rules=(Rule(sources=(Source(principals=("cluster.local/ns/demo/sa/client",)),)),)),)))
+    with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+        await asyncio.wait_for(reader.readexactly(1), 5)
+    app = harness.app
+    assert not app.ctx.bypass.live
+    assert metric(app, "shoal_proxy_bypass_connections_total", outcome="revoked") == 1
+    for reporter in ("source", "destination"):
+        assert metric(app, "istio_tcp_connections_closed_total", reporter=reporter, response_flags="UAEX") == 1
+    # and a new connection is refused before anything reaches the app
+    served = len(harness.echo.peers)
+    reader, writer = await harness.connect_via_proxy(SERVER_IP, APP_PORT)
+    writer.write(b"after")
+    with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+        await asyncio.wait_for(reader.readexactly(1), 5)
+    assert len(harness.echo.peers) == served
+    assert metric(app, "shoal_proxy_rejected_total", listener="bypass", reason="policy_denied") == 1
+
+
+async def test_concurrent_pairs_never_mix_bytes(proxy):
+    """Attack surface: pairs are keyed by socket cookie only; eight at once, each gets
+    exactly its own bytes back."""
+    harness = await proxy()
+    conns = [await harness.connect_via_proxy(SERVER_IP, APP_PORT) for _ in range(8)]
+    payloads = [bytes([i]) * 300_000 + os.urandom(1000) for i in range(8)]
+    results = await asyncio.gather(*(_pump(r, w, p) for (r, w), p in zip(conns, payloads)))
+    assert results == payloads
+    for _reader, writer in conns:
+        writer.close()
+    await _until(lambda: not harness.app.ctx.bypass.live)
+
+
+async def test_bypass_turned_off_keeps_the_hbone_tunnel(proxy):
+    harness = await proxy(same_node_bypass=False)
+    assert harness.app.ctx.bypass is None
+    assert await harness.echo_roundtrip(b"via hbone") == b"via hbone"
+    assert len(harness.app.ctx.pool) == 1
+    assert metric(harness.app, "istio_tcp_connections_closed_total", reporter="destination") == 1
+
+
+def test_the_flag_and_its_environment_variable():
+    assert ProxyConfig.from_args(["--node", "n"], env={}).same_node_bypass
+    assert not ProxyConfig.from_args(["--node", "n", "--no-same-node-bypass"], env={}).same_node_bypass
+    assert not ProxyConfig.from_args(["--node", "n"], env={"SHOAL_PROXY_SAME_NODE_BYPASS": "0"}).same_node_bypass
+
+
+def test_without_the_agents_maps_same_node_connections_stay_on_hbone(tmp_path):
+    """Declined, not failed: a proxy started before the agent (or with an old one)."""
+    from prometheus_client import CollectorRegistry
+
+    from shoal.agent.ztunnel.bypass import SameNodeBypass
+    from shoal.agent.ztunnel.telemetry import ConnectionTelemetry, ProxyMetrics
+    from shoal.xds.state import ConfigState
+    registry = CollectorRegistry()
+    bypass = SameNodeBypass(tmp_path / "no-maps", ConfigState(), ConnectionTelemetry(ProxyMetrics(registry)),
+                            registry)
+    assert bypass.kernel() is None
+    bypass.close()
