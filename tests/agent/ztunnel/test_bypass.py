@@ -13,13 +13,11 @@ import socket
 
 import pytest
 
-from shoal.agent.ztunnel.app import ProxyApp
 from shoal.agent.ztunnel.config import ProxyConfig
 from shoal.config import ClusterLayout
 from shoal.xds.model import Authorization, ConfigDelta, Rule, Source
-from shoal.zds import ZdsClient
-from tests.agent.ztunnel.proxybed import CLIENT_IP, SERVER_IP, EchoServer, FakeOrigdst
-from tests.agent.ztunnel.test_proxy import APP_PORT, PODS, Harness, metric
+from tests.agent.ztunnel.proxybed import CLIENT_IP, SERVER_IP
+from tests.agent.ztunnel.test_proxy import APP_PORT, Harness, metric, start_harness
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 
@@ -51,20 +49,7 @@ async def proxy(pod_netns, state, ca, bypass_layout, caplog):
     async def start(**overrides) -> Harness:
         config = ProxyConfig(node="node-1", layout=bypass_layout, handshake_timeout=2.0, connect_timeout=4.0,
                              drain_grace=1.0, **overrides)
-        origdst = FakeOrigdst()
-        app = ProxyApp(config, state=state, signer=ca.sign, origdst=origdst, serve_http=False)
-        await app.start()
-        echo = await EchoServer().start(f"/run/netns/{pod_netns['server']}", SERVER_IP, APP_PORT)
-        agent = ZdsClient(config.zds_path)
-        await agent.connect()
-        for role, pod in PODS.items():
-            fd = os.open(f"/run/netns/{pod_netns[role]}", os.O_RDONLY)
-            try:
-                await agent.add(pod, fd)
-            finally:
-                os.close(fd)
-        await agent.snapshot_sent()
-        harness = Harness(pod_netns, app, origdst, echo)
+        harness, agent = await start_harness(config, pod_netns, state, ca.sign)
         harnesses.append((harness, agent))
         return harness
     yield start

@@ -89,13 +89,10 @@ class Harness:
         return data
 
 
-@pytest.fixture
-async def harness(pod_netns, state, ca, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="shoal.proxy.access")
-    config = ProxyConfig(node="node-1", layout=ClusterLayout(name="shoal-test", run_root=tmp_path),
-                         handshake_timeout=2.0, connect_timeout=4.0, drain_grace=2.0, handover_wait=3.0)
+async def start_harness(config: ProxyConfig, pod_netns, state, signer) -> tuple[Harness, ZdsClient]:
+    """A proxy app serving both PODS (handed over by a stand-in agent) and the echo app."""
     origdst = FakeOrigdst()
-    app = ProxyApp(config, state=state, signer=ca.sign, origdst=origdst, serve_http=False)
+    app = ProxyApp(config, state=state, signer=signer, origdst=origdst, serve_http=False)
     await app.start()
     echo = await EchoServer().start(f"/run/netns/{pod_netns['server']}", SERVER_IP, APP_PORT)
     agent = ZdsClient(config.zds_path)
@@ -107,7 +104,17 @@ async def harness(pod_netns, state, ca, tmp_path, caplog):
         finally:
             os.close(fd)
     await agent.snapshot_sent()
-    yield Harness(pod_netns, app, origdst, echo)
+    return Harness(pod_netns, app, origdst, echo), agent
+
+
+@pytest.fixture
+async def harness(pod_netns, state, ca, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="shoal.proxy.access")
+    config = ProxyConfig(node="node-1", layout=ClusterLayout(name="shoal-test", run_root=tmp_path),
+                         handshake_timeout=2.0, connect_timeout=4.0, drain_grace=2.0, handover_wait=3.0)
+    harness, agent = await start_harness(config, pod_netns, state, ca.sign)
+    app, echo = harness.app, harness.echo
+    yield harness
     await agent.close()
     echo.close()
     await app.stop()
