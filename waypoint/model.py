@@ -283,8 +283,12 @@ def _parse_value_matches(raw: Any, where: str, header: bool) -> tuple[ValueMatch
     for i, item in enumerate(_require_list(raw, where)):
         item = _require_mapping(item, f"{where}[{i}]")
         kind = item.get("type", "Exact")
-        name = _header_name(item.get("name"), f"{where}[{i}].name") if header else item.get("name")
-        if not header and (not isinstance(name, str) or not name):
+        raw_name = item.get("name")
+        if header:
+            name = _header_name(raw_name, f"{where}[{i}].name")
+        elif isinstance(raw_name, str) and raw_name:
+            name = raw_name
+        else:
             raise ValueError(f"{where}[{i}].name: expected a query parameter name")
         if name in seen:
             raise ValueError(f"{where}[{i}].name: duplicate match on {name!r}")
