@@ -15,6 +15,7 @@ says more about the machine than about the proxy (the report's note says so).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterator
@@ -41,17 +42,18 @@ def _proxy_marker(layout, node: str) -> str:
         return ""
 
 
-def set_workers(ctx: Context, workers: int, timeout: float = 90.0) -> None:
-    """Restart both node proxies with ``workers`` workers (the restart handover) and wait
-    until the new ones serve every pod and the old ones have exited."""
+def set_workers(ctx: Context, workers: int, timeout: float = 90.0, nodes: tuple[str, ...] = NODES,
+                extra_args: tuple[str, ...] = ()) -> None:
+    """Restart the ``nodes``' proxies with ``workers`` workers (and ``extra_args``) by the
+    restart handover, and wait until the new ones serve every pod and the old ones have exited."""
     from shoal.local.cluster import LocalCluster
 
     layout = ctx.bed.layout  # type: ignore[attr-defined]
     cluster = LocalCluster(layout, proxy_workers=workers)
     started: dict[str, int] = {}
-    for node in NODES:
+    for node in nodes:
         component = next(c for c in cluster.node_components(node) if c.name == f"proxy-{node}")
-        started[node] = cluster.start(component)
+        started[node] = cluster.start(dataclasses.replace(component, args=component.args + extra_args))
     deadline = time.monotonic() + timeout
     for node, pid in started.items():
         while not _proxy_marker(layout, node).startswith(f"{pid}-"):
@@ -59,7 +61,7 @@ def set_workers(ctx: Context, workers: int, timeout: float = 90.0) -> None:
                 raise RuntimeError(f"the {workers}-worker proxy of {node} (pid {pid}) did not become ready")
             time.sleep(0.2)
     # The predecessors drain, then exit: only the new proxies' processes may remain.
-    while len(ctx.bed.component_pids("proxy", nodes=NODES)) > len(NODES) * (workers + (workers > 1)):  # type: ignore[attr-defined]
+    while len(ctx.bed.component_pids("proxy", nodes=nodes)) > len(nodes) * (workers + (workers > 1)):  # type: ignore[attr-defined]
         if time.monotonic() > deadline:
             raise RuntimeError("the previous node proxies did not exit")
         time.sleep(0.2)

@@ -1,0 +1,85 @@
+"""Same-node pods (issue 13): the kernel bypass against direct and against the HBONE path.
+
+Client and server pods both on node-1. ``direct``: pods outside the mesh. ``shoal-bypass``:
+meshed pods, node-1's proxy as the cluster runs it (bypass on): after the proxy's checks
+the two plaintext sockets are joined in the kernel (agent/ztunnel/bypass.py).
+``shoal-hbone``: the same meshed pods with node-1's proxy restarted with
+``--no-same-node-bypass`` (the tunnel the proxy opens to itself), then restarted back.
+
+The bypass block (direct and bypass interleaved) runs first, then the no-bypass block
+(direct again and HBONE interleaved): a restart lies between them, so direct is measured
+in both and its samples pooled. Targets: bypass throughput ≥ 0.9× direct, added p50 ≤ 20 µs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack
+
+from shoal.perf import pod2pod
+from shoal.perf.scenario import PATH_DIRECT, Context, Measurement, Scenario, Target
+from shoal.perf.scenarios.workers import set_workers
+
+STREAM = "samenode.tcp_stream"
+RR = "samenode.tcp_rr_1k@1000/s"
+PATH_BYPASS = "shoal-bypass"
+PATH_HBONE = "shoal-hbone"
+PLAIN_NAMESPACE = "perf-samenode-plain"
+MESH_NAMESPACE = "perf-samenode-mesh"
+NODE = "node-1"
+
+
+def _renamed(measurements: Iterator[Measurement]) -> Iterator[Measurement]:
+    """pod2pod's measurements under this scenario's benchmark names (rows never mix with
+    the cross-node ones of the baseline)."""
+    names = {pod2pod.STREAM: STREAM, pod2pod.RR: RR}
+    for m in measurements:
+        yield dataclasses.replace(m, benchmark=names.get(m.benchmark, m.benchmark))
+
+
+def _pooled(blocks: list[list[Measurement]]) -> Iterator[Measurement]:
+    merged: dict[tuple[str, str, str], Measurement] = {}
+    for block in blocks:
+        for m in block:
+            key = (m.benchmark, m.path, m.metric)
+            if key in merged:
+                m = dataclasses.replace(m, samples=merged[key].samples + m.samples)
+            merged[key] = m
+    yield from merged.values()
+
+
+def run(ctx: Context) -> Iterator[Measurement]:
+    bed = ctx.bed
+    plain_client, plain_server = bed.pod(PLAIN_NAMESPACE, "client", NODE), bed.pod(PLAIN_NAMESPACE, "server", NODE)
+    mesh_client = bed.pod(MESH_NAMESPACE, "client", NODE, meshed=True, service_account="client")
+    mesh_server = bed.pod(MESH_NAMESPACE, "server", NODE, meshed=True, service_account="server")
+    proxy = lambda: bed.component_pids("proxy", nodes=(NODE,))  # type: ignore[attr-defined]  # noqa: E731
+    workers = int(os.environ.get("SHOAL_PERF_RESTORE_WORKERS", "1"))
+    direct = pod2pod.Route(PATH_DIRECT, plain_client, plain_server.ip)
+    blocks: list[list[Measurement]] = []
+    with ExitStack() as stack:
+        stack.enter_context(pod2pod.servers(ctx, plain_server))
+        stack.enter_context(pod2pod.servers(ctx, mesh_server))
+        blocks.append(list(_renamed(pod2pod.measure_interleaved(ctx, [
+            direct, pod2pod.Route(PATH_BYPASS, mesh_client, mesh_server.ip, processes=proxy, ends=1)]))))
+        set_workers(ctx, workers, nodes=(NODE,), extra_args=("--no-same-node-bypass",))
+        try:
+            blocks.append(list(_renamed(pod2pod.measure_interleaved(ctx, [
+                direct, pod2pod.Route(PATH_HBONE, mesh_client, mesh_server.ip, processes=proxy, ends=1)]))))
+        finally:
+            set_workers(ctx, workers, nodes=(NODE,))
+    yield from _pooled(blocks)
+
+
+SCENARIO = Scenario(
+    name="samenode",
+    title="Same-node pods: the kernel bypass against direct and the HBONE path",
+    run=run,
+    requires=("root", "cluster", "bin:iperf3", "bin:sockperf"),
+    targets=(
+        Target(STREAM, "throughput", PATH_BYPASS, ">=", 0.9, kind="ratio", against=PATH_DIRECT),
+        Target(RR, "p50", PATH_BYPASS, "<=", 20, kind="added", against=PATH_DIRECT),
+    ),
+    order=12,
+)
