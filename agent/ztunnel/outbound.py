@@ -190,28 +190,38 @@ async def dial(ctx: ProxyContext, pod: ServedPod, key: PoolKey) -> HboneSession:
     return session
 
 
-def answer_deadline(opened: float, last_answer: float, quiet: float, limit: float) -> float:
-    """When to stop waiting for a stream's answer (pure): once the connection has answered
-    no stream for ``quiet`` seconds since ours was opened (a stuck or dead peer), or
-    ``limit`` after opening at the latest. A peer answering others is busy, not stuck:
-    a 10,000-connection burst queues at its dial limit for longer than a connect
-    timeout, and a fixed 5 s here failed 2,163 of them (each reset, then counted by
-    the peer as a Rapid Reset, which cost whole connections)."""
-    return min(max(opened, last_answer) + quiet, opened + limit)
+def answer_deadline(opened: float, last_progress: float, quiet: float, limit: float) -> float:
+    """When to stop waiting for a stream's answer (pure): once the connection has shown no
+    progress (an answer to any stream, or the ACK of a liveness PING) for ``quiet`` seconds
+    since ours was opened (a stuck or dead peer, a black-holed path), or ``limit`` after
+    opening at the latest. A peer answering others is busy, not stuck: a 10,000-connection
+    burst queues at its dial limit for longer than a connect timeout, and a fixed 5 s here
+    failed 2,163 of them (each reset, then counted by the peer as a Rapid Reset, which cost
+    whole connections). A peer tearing down 10,000 tunnels answers nothing for seconds, but
+    acknowledges PINGs: 4,965 failed after a burst before the PINGs counted."""
+    return min(max(opened, last_progress) + quiet, opened + limit)
 
 
 async def await_answer(session: HboneSession, response: asyncio.Future, quiet: float, limit: float) -> int:
     """The HBONE status of a stream just opened on ``session``; TimeoutError past
-    :func:`answer_deadline`."""
+    :func:`answer_deadline`. Half way through a quiet spell the session probes the peer
+    (a PING): its ACK is progress, so a busy peer is waited for, a silent one is not."""
     opened = time.monotonic()
     while True:
-        remaining = answer_deadline(opened, session.last_answer, quiet, limit) - time.monotonic()
-        if remaining <= 0:
+        now = time.monotonic()
+        deadline = answer_deadline(opened, session.last_progress, quiet, limit)
+        if deadline <= now:
             raise asyncio.TimeoutError
+        probe_at = max(opened, session.last_progress) + quiet / 2
+        if probe_at <= now:
+            session.probe()
+            wake = deadline
+        else:
+            wake = min(deadline, probe_at)
         try:
-            return await asyncio.wait_for(asyncio.shield(response), remaining)
+            return await asyncio.wait_for(asyncio.shield(response), wake - now)
         except asyncio.TimeoutError:
-            continue  # the peer may have answered others meanwhile: the deadline moved
+            continue  # the peer may have shown progress meanwhile: the deadline moved
 
 
 async def _tunnel(ctx, pod, conn: socket.socket, route: Route, rec: ConnectionRecord) -> None:

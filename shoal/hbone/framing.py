@@ -231,6 +231,12 @@ class WindowOpened:
 
 
 @dataclass(frozen=True)
+class PingAnswered:
+    """The peer acknowledged our PING: it has read everything we sent before it."""
+    opaque: bytes
+
+
+@dataclass(frozen=True)
 class SettingsAcked:
     """The peer applied our last SETTINGS (e.g. the drain's zero stream limit)."""
 
@@ -253,7 +259,7 @@ class ConnectionEnded:
 
 
 Event = (TunnelRequested | RequestRejected | TunnelResponse | TunnelData | TunnelEnded
-         | TunnelReset | WindowOpened | SettingsAcked | PeerGoingAway | ConnectionEnded)
+         | TunnelReset | WindowOpened | SettingsAcked | PingAnswered | PeerGoingAway | ConnectionEnded)
 
 
 def format_authority(host: str, port: int) -> str:
@@ -391,6 +397,13 @@ class HboneConnection:
         still served; the driver then says ``go_away`` (for peers that ignore the limit)."""
         self._h2.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0})
         self._pull_h2_if_fast()
+
+    def ping(self, opaque: bytes) -> None:
+        """A PING (8 bytes of ``opaque``) for the peer to echo: its ACK (``PingAnswered``)
+        proves the peer reads this connection, however busy it is otherwise."""
+        if not self.closed:
+            self._h2.ping(opaque)
+            self._pull_h2_if_fast()
 
     def go_away(self) -> None:
         """Graceful GOAWAY (NO_ERROR): the peer opens no more streams here, the ones it
@@ -695,6 +708,8 @@ class HboneConnection:
                 events.append(WindowOpened(0))  # initial window may have grown
             elif isinstance(ev, h2.events.SettingsAcknowledged):
                 events.append(SettingsAcked())
+            elif isinstance(ev, h2.events.PingAckReceived):
+                events.append(PingAnswered(bytes(ev.ping_data)))
             elif isinstance(ev, h2.events.ConnectionTerminated):
                 self.closed = True
                 events.append(ConnectionEnded(None if ev.error_code == 0 else f"GOAWAY {ev.error_code!r}",

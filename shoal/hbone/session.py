@@ -67,6 +67,9 @@ class ReadBuffer:
         self.view = memoryview(bytearray(self.size))
 
 
+# The opaque bytes of our liveness PING (``HboneSession.probe``).
+PROBE_PING = b"shoalpng"
+
 # Events that change no stream count nor limit (WindowOpened may: the peer's SETTINGS).
 _BYTES_ONLY = (hbone.TunnelData,)
 
@@ -111,9 +114,11 @@ class HboneSession(asyncio.BufferedProtocol):
         self.on_room: Callable[["HboneSession"], None] | None = None
         self._had_room = False
         self._lingering: set[int] = set()  # done here, still open in h2 until the peer ends them
-        # Client side: when the peer last answered a CONNECT (any stream). A peer that keeps
-        # answering is alive, just busy; one that answers nothing is stuck (outbound's wait).
-        self.last_answer = time.monotonic()
+        # Client side: when the peer last showed progress on this connection: an answer to a
+        # CONNECT (any stream) or the ACK of our liveness PING (``probe``). A peer that keeps
+        # answering is alive, just busy; one that shows nothing is stuck (outbound's wait).
+        self.last_progress = time.monotonic()
+        self._probing = False
         self._flush_scheduled = False
         self.reads = SessionReadBuffer()   # starts small, grows with what the connection carries
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -193,7 +198,7 @@ class HboneSession(asyncio.BufferedProtocol):
                 if peer is not None:
                     peer.on_stream_end()
             elif isinstance(event, hbone.TunnelResponse):
-                self.last_answer = time.monotonic()
+                self.last_progress = time.monotonic()
                 peer = self.streams.get(event.stream_id)
                 if peer is not None:
                     peer.on_response(event.status)
@@ -218,6 +223,10 @@ class HboneSession(asyncio.BufferedProtocol):
             elif isinstance(event, hbone.RequestRejected):
                 log.warning("hbone: rejected stream %d from %s: %s", event.stream_id, self.peer_identity, event.reason)
                 self._on_rejected("bad_request")
+            elif isinstance(event, hbone.PingAnswered):
+                if event.opaque == PROBE_PING:
+                    self._probing = False
+                    self.last_progress = time.monotonic()
             elif isinstance(event, hbone.SettingsAcked):
                 if self.draining and not self._drain_acked:
                     # Every stream the peer opened before our zero limit has arrived: say
@@ -277,6 +286,17 @@ class HboneSession(asyncio.BufferedProtocol):
 
     def _scheduled_flush(self) -> None:
         self._flush_scheduled = False
+        self.flush()
+
+    def probe(self) -> None:
+        """Ask the peer for a sign of life: one PING at a time, whose ACK moves
+        ``last_progress``. A peer busy tearing down thousands of tunnels acknowledges it
+        within a loop turn although its answers to new CONNECTs lag; a black-holed path
+        (or a dead peer) acknowledges nothing, and is given up on as before."""
+        if self._probing or self.closed:
+            return
+        self._probing = True
+        self.h2.ping(PROBE_PING)
         self.flush()
 
     @property
@@ -346,7 +366,7 @@ class HboneSession(asyncio.BufferedProtocol):
         self.streams.pop(stream_id, None)
         if not self.h2.release(stream_id):
             self._lingering.add(stream_id)  # still counts against the peer's limit
-        self.flush()
+        self.flush_soon()
         if not self.streams:
             self.reads.shrink()   # a quiet connection does not keep a bulk-sized buffer
             self._arm_idle()
@@ -541,7 +561,7 @@ class StreamPeer(asyncio.BufferedProtocol):
             if exc is not None or not (self._eof_sent and self._eof_from_stream):
                 if self.session is not None and not self.session.closed:
                     self.session.h2.reset(self.stream_id)
-                    self.session.flush()
+                    self.session.flush_soon()
                 if exc is not None:
                     self.record.failed(str(exc))
             self._finish()
@@ -621,7 +641,7 @@ class StreamPeer(asyncio.BufferedProtocol):
                 and not self.session.closed and self._established:
             self._eof_sent = True
             self.session.h2.end(self.stream_id)
-            self.session.flush()
+            self.session.flush_soon()   # the ends of every stream closing this turn: one TLS write
 
     def _maybe_finish(self) -> None:
         if self._eof_sent and self._eof_from_stream and not self.finished:

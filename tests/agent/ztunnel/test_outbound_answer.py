@@ -12,21 +12,21 @@ from shoal.agent.ztunnel.outbound import answer_deadline, await_answer
 
 def test_answer_deadline_follows_the_peers_answers_up_to_the_limit():
     # Nothing answered since the stream opened: quiet seconds after opening.
-    assert answer_deadline(opened=100.0, last_answer=90.0, quiet=5.0, limit=30.0) == 105.0
+    assert answer_deadline(opened=100.0, last_progress=90.0, quiet=5.0, limit=30.0) == 105.0
     # The peer answered another stream at 108: still alive, wait on.
-    assert answer_deadline(opened=100.0, last_answer=108.0, quiet=5.0, limit=30.0) == 113.0
+    assert answer_deadline(opened=100.0, last_progress=108.0, quiet=5.0, limit=30.0) == 113.0
     # However busy, never past the limit.
-    assert answer_deadline(opened=100.0, last_answer=128.0, quiet=5.0, limit=30.0) == 130.0
+    assert answer_deadline(opened=100.0, last_progress=128.0, quiet=5.0, limit=30.0) == 130.0
 
 
 async def test_a_busy_peer_is_waited_for_past_the_quiet_time():
-    session = SimpleNamespace(last_answer=time.monotonic())
+    session = SimpleNamespace(last_progress=time.monotonic(), probe=lambda: None)
     response = asyncio.get_running_loop().create_future()
 
     async def busy_peer():  # answers other streams every 50 ms, ours after 0.4 s
         for _ in range(8):
             await asyncio.sleep(0.05)
-            session.last_answer = time.monotonic()
+            session.last_progress = time.monotonic()
         response.set_result(200)
 
     answering = asyncio.ensure_future(busy_peer())
@@ -35,7 +35,7 @@ async def test_a_busy_peer_is_waited_for_past_the_quiet_time():
 
 
 async def test_a_peer_that_answers_nothing_times_out_after_the_quiet_time():
-    session = SimpleNamespace(last_answer=time.monotonic() - 60)
+    session = SimpleNamespace(last_progress=time.monotonic() - 60, probe=lambda: None)
     response = asyncio.get_running_loop().create_future()
     began = time.monotonic()
     with pytest.raises(asyncio.TimeoutError):
@@ -45,13 +45,13 @@ async def test_a_peer_that_answers_nothing_times_out_after_the_quiet_time():
 
 
 async def test_a_peer_answering_only_others_times_out_at_the_limit():
-    session = SimpleNamespace(last_answer=time.monotonic())
+    session = SimpleNamespace(last_progress=time.monotonic(), probe=lambda: None)
     response = asyncio.get_running_loop().create_future()
 
     async def answers_others():
         while True:
             await asyncio.sleep(0.05)
-            session.last_answer = time.monotonic()
+            session.last_progress = time.monotonic()
 
     chatter = asyncio.ensure_future(answers_others())
     began = time.monotonic()
@@ -61,3 +61,52 @@ async def test_a_peer_answering_only_others_times_out_at_the_limit():
     finally:
         chatter.cancel()
     assert 0.55 <= time.monotonic() - began < 3.0
+
+
+class ProbedPeer:
+    """A session whose peer answers no CONNECT but acknowledges each liveness PING
+    ``ack_after`` seconds after it was sent (None: never, a black-holed path)."""
+
+    def __init__(self, ack_after: float | None) -> None:
+        self.last_progress = time.monotonic()
+        self.ack_after = ack_after
+        self.probes = 0
+        self._outstanding = False
+
+    def probe(self) -> None:
+        if self._outstanding:
+            return
+        self._outstanding = True
+        self.probes += 1
+        if self.ack_after is not None:
+            asyncio.get_running_loop().call_later(self.ack_after, self._ack)
+
+    def _ack(self) -> None:
+        self._outstanding = False
+        self.last_progress = time.monotonic()
+
+
+async def test_a_peer_that_acknowledges_pings_is_waited_for_until_it_answers():
+    # Busy tearing down tunnels: no answer to anyone for 6 quiet times, but PINGs come back.
+    session = ProbedPeer(ack_after=0.05)
+    response = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_later(0.9, response.set_result, 200)
+    assert await await_answer(session, response, quiet=0.15, limit=5.0) == 200
+    assert session.probes >= 3   # it kept asking, once per half quiet time
+
+
+async def test_a_black_holed_peer_is_probed_once_and_given_up_on_after_the_quiet_time():
+    session = ProbedPeer(ack_after=None)
+    response = asyncio.get_running_loop().create_future()
+    began = time.monotonic()
+    with pytest.raises(asyncio.TimeoutError):
+        await await_answer(session, response, quiet=0.2, limit=5.0)
+    assert 0.15 <= time.monotonic() - began < 2.0
+    assert session.probes == 1
+
+
+async def test_a_peer_too_slow_to_acknowledge_within_the_quiet_time_is_given_up_on():
+    session = ProbedPeer(ack_after=0.5)
+    response = asyncio.get_running_loop().create_future()
+    with pytest.raises(asyncio.TimeoutError):
+        await await_answer(session, response, quiet=0.2, limit=5.0)
