@@ -24,7 +24,7 @@ from shoal.agent.hubble.enrich import Enricher
 from shoal.agent.hubble.metrics import HubbleMetrics
 from shoal.api.flow import flow_pb2
 from shoal.api.observer import observer_pb2, observer_pb2_grpc, relay_pb2
-from shoal.flows.emitter import KIND_FLOW, KIND_LOST, LOST_FORMAT
+from shoal.flows.emitter import KIND_BATCH, KIND_FLOW, KIND_LOST, LOST_FORMAT, decode_batch
 from shoal.flows.query import HEALTH_SERVICES, MAX_REQUEST_BYTES, FlowQuery, as_flows_request
 from shoal.flows.store import FlowStore, RingSource
 from shoal.flows.writer import ClientTooSlow, GuardedWriter
@@ -251,10 +251,13 @@ class FlowSocketReceiver:
                 return
             self.handle(record)
 
-    def handle(self, record: bytes) -> None:
+    def handle(self, record: bytes, in_batch: bool = False) -> None:
         kind, body = record[:1], record[1:]
         try:
-            if kind == KIND_FLOW:
+            if kind == KIND_BATCH and not in_batch:
+                for inner in decode_batch(body):
+                    self.handle(inner, in_batch=True)
+            elif kind == KIND_FLOW:
                 flow = flow_pb2.Flow.FromString(body)
                 if not flow.HasField("IP") or not flow.IP.source or not flow.IP.destination:
                     raise ValueError("flow without source/destination IP")

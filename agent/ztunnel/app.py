@@ -275,6 +275,8 @@ class ProxyApp:
         self._endpoints.clear()
         if self._config_client is not None:
             await self._config_client.close()
+        self.ctx.telemetry.report()       # the closes and flows still batched: none is lost
+        self.ctx.telemetry.send_flows()
         if self.config.is_worker:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.config.worker_admin_path(os.getpid()))

@@ -224,3 +224,20 @@ async def test_flow_uuids_are_stable_and_filterable(hub):
     assert first == again and len(set(first)) == 3
     only = await collect(hub.test_stub, whitelist=[F.FlowFilter(uuid=[first[1]])])
     assert ports_of(only) == [1]
+
+
+def test_a_batch_datagram_delivers_every_flow_and_a_bad_one_is_dropped_whole(tmp_path):
+    from shoal.agent.hubble.metrics import HubbleMetrics
+    from shoal.agent.hubble.server import FlowSocketReceiver
+    from shoal.flows.emitter import BATCH_LENGTH, KIND_BATCH, encode_batches, encode_flow
+
+    flows, lost = [], []
+    metrics = HubbleMetrics()
+    receiver = FlowSocketReceiver(tmp_path / "flows.sock", flows.append, lost.append, metrics)
+    records = [encode_flow(l4_flow("10.244.1.2", 1000 + i, "10.244.1.3", 80, event="open")) for i in range(50)]
+    [(datagram, count)] = encode_batches(records)
+    receiver.handle(datagram)
+    assert count == 50 and [f.l4.TCP.source_port for f in flows] == list(range(1000, 1050))
+    receiver.handle(datagram[:-3])                 # cut inside its last record
+    receiver.handle(KIND_BATCH + BATCH_LENGTH.pack(len(datagram)) + datagram)   # a batch in a batch
+    assert len(flows) == 50 and metrics.malformed_records == 2
