@@ -130,8 +130,16 @@ class HbonePair:
     def _serve(self, session: HboneSession, request: framing.TunnelRequested) -> asyncio.Task:
         return self._spawn(self._dial(session, request))
 
+    def upstream_peer(self, request: framing.TunnelRequested) -> StreamPeer:
+        """The serving end's stream peer for ``request`` (a bench may report it elsewhere)."""
+        return StreamPeer(PairRecord(), on_finished=lambda r: None, tcp_is_client=False)
+
+    def answered(self, peer: StreamPeer) -> None:
+        """The serving end answered 200 and joined ``peer``'s upstream socket."""
+        peer.established()
+
     async def _dial(self, session: HboneSession, request: framing.TunnelRequested) -> None:
-        peer = StreamPeer(PairRecord(), on_finished=lambda r: None, tcp_is_client=False)
+        peer = self.upstream_peer(request)
         try:
             transport, _ = await asyncio.get_running_loop().create_connection(lambda: peer, request.host, request.port)
         except OSError:
@@ -140,7 +148,7 @@ class HbonePair:
         if not session.accept_stream(peer, request.stream_id):
             transport.abort()
             return
-        peer.established()
+        self.answered(peer)
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)

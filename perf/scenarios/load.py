@@ -17,7 +17,8 @@ Full size is 1,000 then 10,000 connections and a 10-minute soak (the issue's 1 h
 soak; ``SHOAL_PERF_LOAD_CONNECTIONS`` sets the counts (comma-separated, e.g. ``1000``). Either
 set to 0 skips that part (a soak-only run:
 ``SHOAL_PERF_LOAD_CONNECTIONS=0 SHOAL_PERF_SOAK_SECONDS=3600``). Failures are reported by
-reason (exception type and errno, client side) beside the proxies' refusals.
+reason (exception type and errno, client side) beside the refusals both node proxies
+counted during that part (burst and soak each).
 The HTTP/2 floods are scaled down in ``make test`` (tests/agent/ztunnel/test_proxy_load.py).
 """
 from __future__ import annotations
@@ -177,11 +178,9 @@ def _concurrent(ctx: Context, client, server, proxies, count: int) -> Iterator[M
     before = proxy_refusals(ctx)
     summary, sampler = _run_client(ctx, client, [HOLD_CLIENT, server.ip, str(PORT), str(count), "5"],
                                    "concurrent", 600, proxies)
-    after = proxy_refusals(ctx)
+    refused = refusal_delta(before, proxy_refusals(ctx))
     bench = concurrent_benchmark(count)
     reasons = ", ".join(f"{n} {why}" for why, n in sorted(summary.get("reasons", {}).items())) or "none"
-    refused = ", ".join(f"{after[k] - before.get(k, 0):.0f} {k}" for k in sorted(after)
-                        if after[k] > before.get(k, 0)) or "none"
     ctx.log(f"  concurrent: client failures {reasons}; the proxies counted {refused}")
     yield Measurement(bench, PATH, "succeeded", "fraction", (summary["ok"] / count,), "higher",
                       f"{summary['n_failed']} failed ({reasons}), {len(summary['lost'])} lost while held; "
@@ -194,14 +193,23 @@ def _concurrent(ctx: Context, client, server, proxies, count: int) -> Iterator[M
                           f"{sampler.usage.rss_peak_mb:.0f} MB")
 
 
+def refusal_delta(before: dict[str, float], after: dict[str, float]) -> str:
+    """What the proxies counted between two ``proxy_refusals`` readings, for a note."""
+    return ", ".join(f"{after[k] - before.get(k, 0):.0f} {k}" for k in sorted(after)
+                     if after[k] > before.get(k, 0)) or "none"
+
+
 def _soak(ctx: Context, client, server, proxies, seconds: float) -> Iterator[Measurement]:
     ctx.log(f"  soak: {SOAK_RATE} connections/s for {seconds:.0f} s")
+    before = proxy_refusals(ctx)
     summary, sampler = _run_client(ctx, client, [SOAK_CLIENT, server.ip, str(PORT), str(SOAK_RATE), str(seconds)],
                                    "soak", seconds + 300, proxies)
+    refused = refusal_delta(before, proxy_refusals(ctx))
     total = int(SOAK_RATE * seconds)
     reasons = ", ".join(f"{n} {why}" for why, n in sorted(summary["reasons"].items())) or "none"
+    ctx.log(f"  soak: client failures {reasons}; the proxies counted {refused}")
     yield Measurement(SOAK, PATH, "failures", "count", (float(summary["failed"]),), "lower",
-                      f"{summary['ok']} of {total} succeeded; failures: {reasons}")
+                      f"{summary['ok']} of {total} succeeded; failures: {reasons}; the proxies counted: {refused}")
     if summary.get("p99") is not None:
         yield Measurement(SOAK, PATH, "p99", "ms", (summary["p99"] * 1000,), "lower",
                           f"connect + one echo; p50 {summary['p50'] * 1000:.1f} ms")

@@ -34,3 +34,13 @@ def test_connection_counts_default_and_from_env(monkeypatch):
     assert connection_counts(quick=False) == (500, 3000)
     monkeypatch.setenv("SHOAL_PERF_LOAD_CONNECTIONS", "0")
     assert connection_counts(quick=True) == ()
+
+
+def test_the_refusal_note_names_what_grew_during_the_part():
+    from shoal.perf.scenarios.load import refusal_delta
+
+    before = {"node-1 outbound/hbone_no_answer": 10.0, "node-2 hbone/reset_before_answer": 4.0}
+    after = {"node-1 outbound/hbone_no_answer": 25.0, "node-2 hbone/reset_before_answer": 4.0,
+             "node-2 hbone/upstream_connect": 2.0}
+    assert refusal_delta(before, after) == "15 node-1 outbound/hbone_no_answer, 2 node-2 hbone/upstream_connect"
+    assert refusal_delta(after, after) == "none"

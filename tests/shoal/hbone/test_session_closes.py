@@ -104,7 +104,7 @@ async def test_a_connect_arriving_among_closes_is_answered_in_the_same_write():
     assert kinds.index(framing.TunnelResponse) == 0
 
 
-class Link(asyncio.Transport):
+class Link(RecordingTransport):
     """One direction of an in-memory TLS link: writes reach the other session at the next
     loop turn, unless the link is black-holed (they vanish, as on a path with a stale MAC)."""
 
@@ -116,18 +116,6 @@ class Link(asyncio.Transport):
     def write(self, data) -> None:
         if not self.black_holed and self.to is not None:
             asyncio.get_running_loop().call_soon(self.to.data_received, bytes(data))
-
-    def set_write_buffer_limits(self, high=None, low=None) -> None:
-        pass
-
-    def get_extra_info(self, name, default=None):
-        return default
-
-    def is_closing(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass
 
 
 async def _linked_pair() -> tuple[HboneSession, HboneSession, Link]:
