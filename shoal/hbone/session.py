@@ -430,6 +430,8 @@ def abort_with_reset(transport: asyncio.WriteTransport) -> None:
 
 
 LINGER_RESET = struct.pack("ii", 1, 0)
+NO_BYTES = memoryview(b"")   # read-only and empty: every idle StreamPeer shares it
+PAUSE_REASONS = {"tls": 1, "window": 2}
 
 
 class StreamPeer(asyncio.BufferedProtocol):
@@ -445,6 +447,11 @@ class StreamPeer(asyncio.BufferedProtocol):
     stream's), large ones written to TLS right away, before the next read reuses it.
     """
 
+    # One per tunnel end, 10,000 at a time in a busy worker: no instance dict.
+    __slots__ = ("record", "_on_finished", "_tcp_is_client", "session", "stream_id", "transport", "_pending",
+                 "_early", "_held", "_reads", "_unacked", "_tcp_write_paused", "_paused", "_eof_from_tcp",
+                 "_eof_sent", "_eof_from_stream", "_established", "response", "finished")
+
     def __init__(self, record: TransferRecord, on_finished: Callable[[TransferRecord], None],
                  tcp_is_client: bool):
         self.record = record
@@ -453,13 +460,13 @@ class StreamPeer(asyncio.BufferedProtocol):
         self.session: HboneSession | None = None
         self.stream_id = 0
         self.transport: asyncio.Transport | None = None
-        self._pending = memoryview(b"")     # TCP bytes waiting for send window
+        self._pending = NO_BYTES            # TCP bytes waiting for send window
         self._early: list[tuple[bytes, int]] = []  # stream bytes before the TCP side existed (copies)
         self._held: list[bytes] = []        # TCP bytes before the tunnel was established
         self._reads: ReadBuffer | None = None  # the session's, once bound
         self._unacked = 0                   # stream bytes written but not credited back
         self._tcp_write_paused = False
-        self._paused: set[str] = set()
+        self._paused = 0                    # PAUSE_REASONS bits: why reading the TCP side is paused
         self._eof_from_tcp = False
         self._eof_sent = False
         self._eof_from_stream = False
@@ -599,7 +606,7 @@ class StreamPeer(asyncio.BufferedProtocol):
         sent = self.session.h2.send(self.stream_id, self._pending)
         self._pending = self._pending[sent:]
         if not self._pending:
-            self._pending = memoryview(b"")
+            self._pending = NO_BYTES
             self.set_paused("window", False)
             self._send_eof_if_ready()
         self.session.flush_soon()
@@ -625,7 +632,9 @@ class StreamPeer(asyncio.BufferedProtocol):
 
     # -- helpers
     def set_paused(self, why: str, paused: bool) -> None:
-        (self._paused.add if paused else self._paused.discard)(why)
+        """``why``: "tls" (the session's TLS transport is full) or "window" (no send window)."""
+        bit = PAUSE_REASONS[why]
+        self._paused = self._paused | bit if paused else self._paused & ~bit
         self._apply_pause()
 
     def _apply_pause(self) -> None:

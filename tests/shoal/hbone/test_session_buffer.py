@@ -183,3 +183,17 @@ async def test_bytes_waiting_for_window_are_a_copy_that_later_reads_leave_intact
         if len(got) == len(data):
             break
     assert got == data
+
+
+def test_a_tunnel_end_carries_no_instance_dict():
+    """One StreamPeer per tunnel end, 10,000 at a time in a busy worker: slots, no dict, no
+    set and no memoryview of its own while idle (about 0.6 KB less each)."""
+    peers = [StreamPeer(Record(), on_finished=lambda r: None, tcp_is_client=True) for _ in range(2)]
+    assert not hasattr(peers[0], "__dict__")
+    assert peers[0]._pending is peers[1]._pending and not peers[0]._pending
+    peers[0].set_paused("window", True)
+    peers[0].set_paused("tls", True)
+    peers[0].set_paused("window", False)
+    assert peers[0]._paused and not peers[1]._paused
+    peers[0].set_paused("tls", False)
+    assert not peers[0]._paused
