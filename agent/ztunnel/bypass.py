@@ -104,6 +104,13 @@ class SameNodeBypass:
                          conn.info.dst_ip, conn.info.dst_port, decision.policy or "policy", decision.reason)
                 conn.revoke(f"{decision.reason} ({decision.policy or '-'})", decision.policy or "")
 
+    def release_pod(self, uid: str) -> None:
+        """A pod leaves this proxy: its bypassed connections (either end) are reset, as its
+        tunnels are closed (their sockets would keep its namespace alive)."""
+        for conn in list(self.live):
+            if uid in (conn.src_uid, conn.dst_uid):
+                conn.reset("pod released")
+
     def close(self) -> None:
         if self._unsubscribe is not None:
             self._unsubscribe()
@@ -174,7 +181,8 @@ async def serve_same_node(ctx: ProxyContext, pod: ServedPod, conn: socket.socket
         _refuse(ctx, conn, (rec, dest), FLAG_RESET, str(exc), "")
         return True
     bypass.outcomes.labels("joined").inc()
-    await BypassedConnection(bypass, kernel, pair, rec, dest, dst_pod.info.uid, dst_workload, info).wire()
+    await BypassedConnection(bypass, kernel, pair, rec, dest, (pod.info.uid, dst_pod.info.uid), dst_workload,
+                             info).wire()
     return True
 
 
@@ -208,10 +216,11 @@ class BypassedConnection:
     connection once both are done."""
 
     def __init__(self, owner: SameNodeBypass, kernel: KernelBypass, pair: JoinedPair, source: ConnectionRecord,
-                 dest: ConnectionRecord, dst_uid: str, dst_workload: Workload, info: ConnectionInfo):
+                 dest: ConnectionRecord, uids: tuple[str, str], dst_workload: Workload, info: ConnectionInfo):
         self.owner, self.kernel, self.pair = owner, kernel, pair
         self.source, self.dest = source, dest
-        self.dst_uid, self.dst_workload, self.info = dst_uid, dst_workload, info
+        self.src_uid, self.dst_uid = uids
+        self.dst_workload, self.info = dst_workload, info
         self.client_end = _End(self, toward_server=True)
         self.server_end = _End(self, toward_server=False)
         self.finished = False

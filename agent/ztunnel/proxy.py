@@ -252,6 +252,8 @@ class PodRegistry:
         # land in the dead pod's namespace.
         for session in list(enrolled.sessions):
             session.close()
+        if self.ctx.bypass is not None:   # and the same-node connections it is an end of
+            self.ctx.bypass.release_pod(uid)
         if self.prepares_netns:
             transparent.remove(enrolled.netns, enrolled.info.ips)
         enrolled.netns.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import hashlib
 import json
 import logging
@@ -294,3 +295,54 @@ def test_without_the_agents_maps_same_node_connections_stay_on_hbone(tmp_path):
                             registry)
     assert bypass.kernel() is None
     bypass.close()
+
+
+async def test_a_pod_on_another_node_is_still_reached_over_hbone(proxy, state, ca, tmp_path, caplog):
+    """Cross-node connections are untouched: a meshed destination this proxy does not serve
+    (here pod "remote-0", served by a second proxy as node-2) goes through the HBONE tunnel
+    to its 15008, mTLS, even with the bypass on."""
+    from shoal.zds import PodInfo, ZdsClient
+    from tests.agent.ztunnel.proxybed import OTHER_IP, OTHER_IP6, EchoServer, workload
+    from tests.agent.ztunnel.test_proxy import _make_app
+    remote_pod = dataclasses.replace(workload("remote-0", OTHER_IP, "remote", ips=(OTHER_IP, OTHER_IP6)), node="node-2")
+    state.apply(ConfigDelta("5", upserted=(remote_pod,)))
+    harness = await proxy()
+    remote = await _make_app(tmp_path, state, ca.sign, None)
+    agent = ZdsClient(remote.config.zds_path)
+    remote_app = await EchoServer().start(harness.path("other"), OTHER_IP, APP_PORT)
+    try:
+        await agent.connect()
+        fd = os.open(harness.path("other"), os.O_RDONLY)
+        try:
+            await agent.add(PodInfo("uid-remote-0", "demo", "remote-0", OTHER_IP, "remote", (OTHER_IP, OTHER_IP6)), fd)
+        finally:
+            os.close(fd)
+        await agent.snapshot_sent()
+        assert await harness.echo_roundtrip(b"across nodes", dst=(OTHER_IP, APP_PORT)) == b"across nodes"
+        await _until(lambda: metric(remote, "istio_tcp_connections_closed_total", reporter="destination") == 1)
+    finally:
+        await agent.close()
+        remote_app.close()
+        await remote.stop()
+    local = harness.app
+    assert [entry["address"] for entry in local.ctx.pool.describe()] == [f"{OTHER_IP}:15008"]
+    assert metric(local, "shoal_proxy_bypass_connections_total") == 0
+    assert metric(remote, "istio_tcp_received_bytes_total", reporter="destination",
+                  connection_security_policy="mutual_tls",
+                  source_principal="spiffe://cluster.local/ns/demo/sa/client") == len(b"across nodes")
+    routes = {line["route"] for line in _access_lines(caplog) if line["reporter"] == "source"}
+    assert routes == {"hbone"}
+
+
+async def test_a_released_pod_loses_its_bypassed_connections(proxy, pod_netns):
+    """As its tunnels are closed when a pod leaves the proxy (their sockets would keep its
+    namespace alive), so are its same-node pairs: both apps get a reset."""
+    from tests.agent.ztunnel.test_proxy import PODS
+    harness = await proxy()
+    reader, writer = await harness.connect_via_proxy(SERVER_IP, APP_PORT)
+    writer.write(b"ping")
+    assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+    await harness.app.pods.remove_pod(PODS["server"].uid)
+    with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+        await asyncio.wait_for(reader.readexactly(1), 5)
+    assert not harness.app.ctx.bypass.live
