@@ -54,11 +54,11 @@ class FramingError(Exception):
 # -- encoding -----------------------------------------------------------------------------------
 
 # A frame header as one struct: the 24-bit length as 8 + 16 bits, type, flags, stream id.
-_HEADER = struct.Struct(">BHBBI")
+HEADER = struct.Struct(">BHBBI")
 
 
 def frame_header(length: int, frame_type: int, flags: int, stream_id: int) -> bytes:
-    return _HEADER.pack(length >> 16, length & 0xFFFF, frame_type, flags, stream_id & MAX_WINDOW)
+    return HEADER.pack(length >> 16, length & 0xFFFF, frame_type, flags, stream_id & MAX_WINDOW)
 
 
 def data_header(stream_id: int, length: int, end_stream: bool = False) -> bytes:
@@ -98,7 +98,7 @@ class FrameSplitter:
             data = self._partial + bytes(data)
             self._partial = b""
         view = memoryview(data)
-        offset, end, max_frame, unpack = 0, len(view), self.max_frame, _HEADER.unpack_from
+        offset, end, max_frame, unpack = 0, len(view), self.max_frame, HEADER.unpack_from
         while end - offset >= FRAME_HEADER:
             high, low, frame_type, flags, stream_id = unpack(view, offset)
             length = high << 16 | low

@@ -519,7 +519,7 @@ class HboneConnection:
             flow.send[stream_id] = window - length
             flow.send_connection -= length
             small = self._small
-            small += fastpath.data_header(stream_id, length)
+            small += fastpath.HEADER.pack(length >> 16, length & 0xFFFF, fastpath.TYPE_DATA, 0, stream_id)
             small += data
             return length
         granted = flow.grant(stream_id, length)
