@@ -96,7 +96,7 @@ class HboneStream:
         session = self.session
         if session is not None and not session.closed and length:
             session.h2.consumed(self.stream_id, length)
-            session.flush()
+            session.flush_soon()
         return data
 
     def write(self, data: bytes) -> None:
@@ -155,7 +155,10 @@ class HboneStream:
         if self._want_eof and not self._pending and not self._eof_out:
             self._eof_out = True
             session.h2.end(self.stream_id)
-        session.flush()
+        # At the end of this loop turn: what every stream of the session wrote in it (the
+        # answers to requests that came in one read) leaves in one TLS write, as the node
+        # proxy's streams do; bytes stay in order (each flush drains h2's one buffer).
+        session.flush_soon()
         self._update_writable()
         if self._eof_out and self._eof_in:
             self._finish()
