@@ -44,8 +44,9 @@ def _programs(pin_dir: Path, cgroup: Path) -> list[dict]:
             if spec.attach_type is not None:
                 row["attached_to"] = str(cgroup) if info.id in attached.get(spec.attach_type, ()) else None
             else:
-                row["attached_to"] = ("tc ingress of each enrolled pod" if spec.name == "tc_ingress"
-                                      else "a link in each enrolled pod's netns")
+                row["attached_to"] = {"tc_ingress": "tc ingress of each enrolled pod",
+                                      "sk_skb_bypass": "the bypass_socks map (the node proxy's same-node pairs)",
+                                      }.get(spec.name, "a link in each enrolled pod's netns")
         out.append(row)
     return out
 

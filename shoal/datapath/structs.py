@@ -214,7 +214,10 @@ MAPS: tuple[MapSpec, ...] = (
     # the same-node bypass: the proxy's paired sockets by socket cookie, and each one's peer
     # (value on update: the socket's fd; on lookup: its cookie)
     MapSpec("bypass_socks", bpfsys.MAP_TYPE_SOCKHASH, U64, U64, BYPASS_SOCKETS),
-    MapSpec("bypass_pairs", bpfsys.MAP_TYPE_HASH, U64, BypassPair, BYPASS_SOCKETS),
+    # LRU: a proxy that crashed leaves its pairs' entries behind (its sockets leave
+    # bypass_socks by themselves); LRU bounds them. An evicted live pair fails closed: its
+    # next bytes stay with the proxy, which resets it.
+    MapSpec("bypass_pairs", bpfsys.MAP_TYPE_LRU_HASH, U64, BypassPair, BYPASS_SOCKETS),
 )
 MAP_BY_NAME = {spec.name: spec for spec in MAPS}
 
