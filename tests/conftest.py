@@ -3,6 +3,10 @@
 ``demo_cluster`` is one real local cluster (2 nodes, the demo deployed, every component
 running) shared by all cluster-level tests of the session: bringing one up costs seconds
 of CPU on this 2-core machine. Tests that change it (labels, policies) undo their change.
+
+``SHOAL_TEST_CONTAINERS=1`` brings that cluster up as ``shoal up --containers`` does: the
+controller, every agent and proxy, and the waypoints as podman containers of the rendered
+manifests (it needs the images of `make images`, and fails saying so without them).
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ from pathlib import Path
 import pytest
 
 from shoal.config import ClusterLayout
+
+ENV_CONTAINERS = "SHOAL_TEST_CONTAINERS"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -113,12 +119,41 @@ def running_demo_cluster(name: str, **options):
             shutil.copytree(layout.log_dir, os.environ["SHOAL_KEEP_LOGS"], dirs_exist_ok=True)
         cluster.down()
         assert not cluster.leftovers(), cluster.leftovers()
+        if options.get("node_manifests") is not None:
+            from shoal.local import podman
+            assert podman.cluster_containers(name) == [], "containers left behind"
+
+
+def containers_missing() -> str | None:
+    """Why ``shoal up --containers`` cannot run here (podman or the images), or None."""
+    from shoal.cli.deploy.render import RenderOptions
+    from shoal.local import podman
+
+    image = RenderOptions().image("shoal-agent")
+    return podman.available() or (None if podman.image_exists(image) else
+                                  f"image {image} is not built: `make images` takes minutes, "
+                                  "more than the suite may spend, so make test does not build it")
+
+
+def container_manifests(layout: ClusterLayout):
+    """What `shoal up --containers` renders: `shoal install --render` for this local cluster."""
+    from shoal.cli.deploy.render import RenderOptions, render
+
+    return lambda tag: render(RenderOptions(local_cluster=layout.name, **({"image_tag": tag} if tag else {})))
 
 
 @pytest.fixture(scope="session")
 def demo_cluster():
-    """A 2-node local cluster with the demo, shared by the session; removed at the end."""
-    with running_demo_cluster(f"shoal-test-{os.getpid()}") as cluster:
+    """A 2-node local cluster with the demo, shared by the session; removed at the end.
+    In containers mode (``SHOAL_TEST_CONTAINERS=1``) with every component in podman."""
+    name = f"shoal-test-{os.getpid()}"
+    options = {}
+    if os.environ.get(ENV_CONTAINERS) == "1":
+        missing = containers_missing()
+        if missing:
+            pytest.fail(f"{ENV_CONTAINERS}=1 asks for containers: {missing}")
+        options["node_manifests"] = container_manifests(ClusterLayout(name=name))
+    with running_demo_cluster(name, **options) as cluster:
         yield cluster
 
 

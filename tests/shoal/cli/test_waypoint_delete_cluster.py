@@ -8,6 +8,7 @@ delete, each on a new connection, all succeed.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -61,25 +62,31 @@ def test_waypoint_delete_removes_the_enrolment_and_no_request_is_refused(demo_cl
         assert namespace_labels(layout).get("shoal.io/use-waypoint") == "waypoint"
         eventually(lambda: sample(layout, 1).get("200") and waypoint_requests(layout) > 0,
                    "requests through the waypoint", timeout=90, interval=0.5)
-        sampler = subprocess.Popen(
-            [sys.executable, "-m", "shoal", "exec", "demo/client-0", "--", sys.executable,
-             "-c", SAMPLER, "web.demo", "8080", "12"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**__import__("os").environ, "SHOAL_CLUSTER": layout.name})
-        try:
-            deleted = shoal_cli(layout, "waypoint", "delete", "-n", "demo", timeout=60)
-            out, err = sampler.communicate(timeout=90)
-        finally:
-            if sampler.poll() is None:
-                sampler.kill()
-                sampler.wait()
-        statuses = json.loads(out.strip().splitlines()[-1])
-        assert "label removed" in deleted.stdout, deleted.stdout + deleted.stderr
-        assert set(statuses) == {"200"} and statuses["200"] > 50, (statuses, err)
-        assert "shoal.io/use-waypoint" not in namespace_labels(layout)
-        # Afterwards: the L4 path, the waypoint's pod gone.
-        eventually(lambda: "no waypoints" in shoal_cli(layout, "waypoint", "list").stderr,
-                   "the waypoint to go", timeout=30, interval=0.5)
-        assert sample(layout, 1) .keys() == {"200"}
+        delete_refusing_nothing(layout)
     finally:
         shoal_cli(layout, "waypoint", "delete", "-n", "demo", check=False)
+
+
+def delete_refusing_nothing(layout) -> None:
+    """`shoal waypoint delete -n demo` while demo/client-0 samples web.demo, each request on a
+    new connection: every one answers 200, and afterwards traffic takes the L4 path."""
+    sampler = subprocess.Popen(
+        [sys.executable, "-m", "shoal", "exec", "demo/client-0", "--", sys.executable,
+         "-c", SAMPLER, "web.demo", "8080", "12"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "SHOAL_CLUSTER": layout.name})
+    try:
+        deleted = shoal_cli(layout, "waypoint", "delete", "-n", "demo", timeout=60)
+        out, err = sampler.communicate(timeout=90)
+    finally:
+        if sampler.poll() is None:
+            sampler.kill()
+            sampler.wait()
+    statuses = json.loads(out.strip().splitlines()[-1])
+    assert "label removed" in deleted.stdout, deleted.stdout + deleted.stderr
+    assert set(statuses) == {"200"} and statuses["200"] > 50, (statuses, err)
+    assert "shoal.io/use-waypoint" not in namespace_labels(layout)
+    # Afterwards: the L4 path, the waypoint's pod gone.
+    eventually(lambda: "no waypoints" in shoal_cli(layout, "waypoint", "list").stderr,
+               "the waypoint to go", timeout=30, interval=0.5)
+    assert sample(layout, 1).keys() == {"200"}

@@ -17,40 +17,28 @@ import sys
 import time
 
 import pytest
+import yaml
 
-from shoal.cli.deploy.render import RenderOptions, render
 from shoal.config import ClusterLayout
 from shoal.local import podman
-from tests.conftest import eventually, pod_exec
+from tests.conftest import container_manifests, containers_missing, eventually, pod_exec, shoal_cli
 
 pytestmark = pytest.mark.cluster
 
-AGENT_IMAGE = RenderOptions().image("shoal-agent")
-
-
-def _missing() -> str | None:
-    return podman.available() or (None if podman.image_exists(AGENT_IMAGE) else
-                                  f"image {AGENT_IMAGE} is not built: `make images` takes minutes, "
-                                  "more than the suite may spend, so make test does not build it")
-
-
-def local_manifests(layout: ClusterLayout):
-    """What `shoal up --containers` renders: `shoal install --render` for this local cluster."""
-    return lambda tag: render(RenderOptions(local_cluster=layout.name, **({"image_tag": tag} if tag else {})))
 
 
 @pytest.fixture(scope="module")
 def container_cluster():
     if os.geteuid() != 0:
         pytest.skip("needs root")
-    missing = _missing()
+    missing = containers_missing()
     if missing:
         pytest.skip(missing)
     from shoal.local.cluster import LocalCluster
     from shoal.local.demo import deploy_demo
 
     layout = ClusterLayout(name=f"shoal-ctr-{os.getpid()}")
-    cluster = LocalCluster(layout, node_manifests=local_manifests(layout))
+    cluster = LocalCluster(layout, node_manifests=container_manifests(layout))
     try:
         cluster.up(2)
         deploy_demo(cluster, echo=lambda _: None, settle=20)
@@ -74,7 +62,7 @@ def test_each_node_container_has_exactly_the_rendered_privileges(container_clust
     assert info["State"]["Running"], podman.logs(info["Id"])[-2000:]
     # The manifest the cluster was started from (its image carries this checkout's sources).
     image_tag = info["Config"]["Image"].rsplit(":", 1)[1]
-    manifest = daemonset_container(local_manifests(layout)(image_tag), name)
+    manifest = daemonset_container(container_manifests(layout)(image_tag), name)
     sc = manifest["securityContext"]
     assert info["Config"]["Image"] == manifest["image"]
     assert sorted(info["EffectiveCaps"]) == sorted(f"CAP_{c}" for c in sc["capabilities"]["add"])
@@ -159,7 +147,7 @@ def test_the_controller_container_has_the_deployments_privileges_and_runs_the_st
     layout = container_cluster.layout
     info = podman.inspect(f"{layout.name}.control.controller")
     image_tag = info["Config"]["Image"].rsplit(":", 1)[1]
-    objects = local_manifests(layout)(image_tag)
+    objects = container_manifests(layout)(image_tag)
     deployment = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "shoal-controller")
     pod = deployment["spec"]["template"]["spec"]
     manifest = pod["containers"][0]
@@ -189,3 +177,46 @@ def test_killing_the_controller_container_keeps_root_identities_and_live_traffic
 
     controller_outage_keeps_state_and_traffic(container_cluster, lambda: podman_do("kill", "--signal", "KILL"),
                                               lambda: podman_do("start"))
+
+
+def test_a_waypoint_runs_as_the_templates_container_enforces_l7_and_goes_refusing_nothing(container_cluster):
+    """`shoal waypoint apply -n demo --enroll-namespace`: the waypoint is the rendered
+    template's container (uid 1337, no capabilities, read-only root, in the pod's netns and
+    cgroup); demo/client-0's requests go through it, an L7 DENY answers 403 while other
+    requests pass; `shoal waypoint delete` then restores L4 with no request refused."""
+    from shoal.local.waypoints import volume_dir
+    from tests.shoal.cli.test_waypoint_delete_cluster import delete_refusing_nothing
+    from tests.waypoint.test_app_cluster import l7_deny_in_force, load, waypoint_requests
+
+    layout = container_cluster.layout
+    shoal_cli(layout, "waypoint", "apply", "-n", "demo", "--enroll-namespace")
+    name = f"{layout.name}.pod.demo.waypoint-0.waypoint"
+    try:
+        eventually(lambda: load(layout, 5)["statuses"].get("200") == 5 and waypoint_requests(layout) > 0,
+                   "requests of demo/client-0 through the waypoint", timeout=120, interval=0.5)
+        info = podman.inspect(name)
+        template = yaml.safe_load_all(next(
+            o for o in container_manifests(layout)(info["Config"]["Image"].rsplit(":", 1)[1])
+            if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "shoal-waypoint-template")["data"]["template.yaml"])
+        pod = next(d for d in template if d and d["kind"] == "Deployment")["spec"]["template"]["spec"]
+        manifest = pod["containers"][0]
+        assert info["Config"]["Image"] == manifest["image"] and info["Config"]["Cmd"] == manifest["command"]
+        assert info["EffectiveCaps"] in (None, []) and manifest["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        assert info["HostConfig"]["ReadonlyRootfs"] and "no-new-privileges" in info["HostConfig"]["SecurityOpt"]
+        assert info["Config"]["User"] == f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
+        assert info["HostConfig"]["NetworkMode"] == f"ns:/run/netns/{layout.pod_netns('demo', 'waypoint-0')}"
+        mounts = {m["Destination"]: m for m in info["Mounts"]}
+        assert set(mounts) == {m["mountPath"] for m in manifest["volumeMounts"]} - {"/tmp"}
+        assert mounts["/var/run/secrets/shoal/tokens"]["Source"] == str(volume_dir(layout, "demo", "waypoint"))
+        assert not any(m["RW"] for m in mounts.values())
+        pid = info["State"]["Pid"]
+        assert next(line for line in open(f"/proc/{pid}/status") if line.startswith("CapEff")).split()[1] == "0" * 16
+        assert "/pods/demo.waypoint-0/" in open(f"/proc/{pid}/cgroup").read()
+        # L7: enforced by the waypoint, which only an HTTP-aware hop can do.
+        with l7_deny_in_force(layout):
+            assert load(layout, 3, "--method", "DELETE", "--path", "/admin/x")["statuses"] == {"403": 3}
+            assert load(layout, 3, "--method", "GET", "--path", "/admin/x")["statuses"] == {"200": 3}
+        delete_refusing_nothing(layout)
+        eventually(lambda: not podman.exists(name), "the waypoint container to go", timeout=30, interval=0.5)
+    finally:
+        shoal_cli(layout, "waypoint", "delete", "-n", "demo", check=False)
