@@ -294,7 +294,11 @@ def exec(ctx: click.Context, target: str, command: tuple[str, ...]) -> None:  # 
     try:
         argv = exec_argv(layout, namespace, pod, list(command))
     except SandboxError as err:
-        raise click.ClickException(str(err)) from None
+        from shoal.local.nodepods import PodContainers
+        found = PodContainers(layout).exec_argv(namespace, pod, list(command))   # --containers: a waypoint
+        if found is None:
+            raise click.ClickException(str(err)) from None
+        argv = found
     sys.exit(subprocess.call(argv))
 
 

@@ -221,6 +221,14 @@ class PodContainers:
             started.append(podman.run(logged(argv, log_dir / f"{meta['namespace']}_{meta['name']}_{container['name']}.log")))
         return started
 
+    def exec_argv(self, namespace: str, name: str, argv: list[str]) -> list[str] | None:
+        """`shoal exec` into a running container of the pod (``podman exec``: its user, its
+        capabilities, its namespaces, as kubectl exec), or None if it has none."""
+        if podman.available() is not None:
+            return None
+        running = podman.cluster_containers(self.layout.name, {LABEL_POD: f"{namespace}.{name}"}, running=True)
+        return ["podman", *PODMAN_GLOBAL, "exec", "--interactive", running[0], *argv] if running else None
+
     def stop(self, namespace: str, name: str, grace: int = 5) -> None:
         """SIGTERM, ``grace`` seconds, SIGKILL, then removes the pod's containers."""
         podman.remove(podman.cluster_containers(self.layout.name, {LABEL_POD: f"{namespace}.{name}"}), grace)

@@ -232,7 +232,8 @@ def prune_source_images(state: Path, grace: float = PRUNE_GRACE, now: float | No
         names = image.get("Names") or []
         if wanted is not None and not any(name.rsplit(":", 1)[0] in wanted for name in names):
             continue
-        if digest in in_use or now - uses.get(digest, 0.0) < grace:
+        # Recently asked for, or made (a checkout without this record made it), counts as in use.
+        if digest in in_use or now - max(uses.get(digest, 0.0), float(image.get("Created") or 0)) < grace:
             continue
         # By name: removing a name never takes a container with it (rmi --force would).
         for target in names or [image["Id"]]:
@@ -260,11 +261,13 @@ def exists(container: str) -> bool:
                           capture_output=True).returncode == 0
 
 
-def cluster_containers(cluster: str, labels: dict[str, str] | None = None) -> list[str]:
-    """IDs of every container, running or not, labelled with ``cluster`` (and ``labels``)."""
+def cluster_containers(cluster: str, labels: dict[str, str] | None = None, running: bool = False) -> list[str]:
+    """IDs of every container (``running``: of the running ones) labelled with ``cluster``
+    (and ``labels``)."""
     filters = [flag for key, value in {LABEL_CLUSTER: cluster, **(labels or {})}.items()
                for flag in ("--filter", f"label={key}={value}")]
-    out = _run(["podman", *PODMAN_GLOBAL, "ps", "--all", "--quiet", "--no-trunc", *filters], "podman ps")
+    out = _run(["podman", *PODMAN_GLOBAL, "ps", *(() if running else ("--all",)), "--quiet", "--no-trunc",
+                *filters], "podman ps")
     return out.split()
 
 

@@ -61,7 +61,7 @@ def test_unused_source_images_are_pruned_and_used_or_recent_ones_kept(tmp_path):
     digests = {name: f"{name}{run}"[:12] for name in ("used", "recent", "old", "never")}
     tags = {name: _tiny_image(repository, digest) for name, digest in digests.items()}
     container = f"shoal-prunetest-{run}"
-    now = time.time()
+    now = time.time() + 2 * podman.PRUNE_GRACE   # as if made long ago: their creation counts as a use
     try:
         # A container (created, never started) holds "used"; "recent" was asked for a minute ago.
         subprocess.run(["podman", *PODMAN_GLOBAL, "create", "--name", container, tags["used"], "/none"],
@@ -72,14 +72,18 @@ def test_unused_source_images_are_pruned_and_used_or_recent_ones_kept(tmp_path):
         with podman.build_lock(tmp_path):
             removed = podman.prune_source_images(tmp_path, now=now, repositories=[repository])
         assert sorted(removed) == sorted([tags["old"], tags["never"]])
+        # Just made (by a checkout that records no use): kept.
+        fresh = _tiny_image(repository, f"fresh{run}"[:12])
+        tags["fresh"] = fresh
+        assert podman.prune_source_images(tmp_path, now=time.time(), repositories=[repository]) == []
         assert [podman.image_exists(tags[n]) for n in ("used", "recent", "old", "never")] == [True, True, False, False]
         # The record forgets the hashes whose images are gone.
         assert set(json.loads((tmp_path / "source-images.json").read_text())) == {digests["used"], digests["recent"]}
-        # Once the container goes and the grace passes, both go too.
+        # Once the container goes and the grace passes, the others go too.
         podman.remove_named([container])
         later = now + 2 * podman.PRUNE_GRACE
         assert sorted(podman.prune_source_images(tmp_path, now=later, repositories=[repository])) == sorted(
-            [tags["used"], tags["recent"]])
+            [tags["used"], tags["recent"], tags["fresh"]])
     finally:
         podman.remove_named([container])
         for tag in tags.values():
