@@ -243,3 +243,64 @@ def test_graceful_restart_keeps_50_live_connections_and_reports_the_drain(demo_c
     assert reports, log[-2000:]
     carried, live, cut = map(int, reports[-1])  # the demo's own traffic may add a few
     assert carried == live >= 50 and cut == 0, reports[-1]
+
+
+# Sends SIZE random bytes, reads the echo concurrently, half-closes, reads to EOF; prints
+# the JSON of what was sent and received (lengths, sha256). Args: host port size.
+TRANSFER = """
+import hashlib, json, os, socket, sys, threading
+payload = os.urandom(int(sys.argv[3]))
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+got = {}
+def read():
+    h, n = hashlib.sha256(), 0
+    while data := c.recv(1 << 20):
+        h.update(data)
+        n += len(data)
+    got.update(n=n, sha=h.hexdigest())
+reader = threading.Thread(target=read)
+reader.start()
+c.sendall(payload)
+c.shutdown(socket.SHUT_WR)
+reader.join(60)
+print(json.dumps({"sent": len(payload), "sent_sha": hashlib.sha256(payload).hexdigest(), **got}))
+"""
+
+
+def test_same_node_pods_are_joined_in_the_kernel_and_nothing_crosses_the_fabric(demo_cluster):
+    """Issue 13's same-node bypass in the real cluster: the client's bytes to a pod of its
+    own node are identical after a round trip, the node proxy joined the two sockets in
+    the kernel (its metric), both reporters count the bytes, and no packet between the
+    two pods crosses the fabric (cross-node stays HBONE on 15008: the test above)."""
+    layout = demo_cluster.layout
+    listing = pods(layout)
+    node = listing["demo/client-0"]["spec"]["nodeName"]
+    target = next(name for name, pod in listing.items() if name.startswith("demo/") and name != "demo/client-0"
+                  and pod["spec"]["nodeName"] == node and pod["status"].get("podIP"))
+    client_ip, target_ip = pod_ip(layout, "demo/client-0"), pod_ip(layout, target)
+    echo = _start_echo(layout, target)
+    joined = proxy_metric(layout, node, "shoal_proxy_bypass_connections_total", outcome="joined")
+    received = proxy_metric(layout, node, "istio_tcp_received_bytes_total", reporter="destination",
+                            source_principal="spiffe://cluster.local/ns/demo/sa/client")
+    capture = subprocess.Popen(["ip", "netns", "exec", layout.control_netns, "tcpdump", "-i", "fabric0", "-nn",
+                                "-c", "50", f"host {client_ip} and host {target_ip}"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, errors="replace")
+    size = 8 * 1024 * 1024
+    try:
+        time.sleep(1)
+        done = pod_exec(layout, "demo/client-0", sys.executable, "-c", TRANSFER, target_ip, str(ECHO_PORT), str(size),
+                        timeout=120)
+        time.sleep(1)
+    finally:
+        capture.terminate()
+        dump = capture.communicate(timeout=10)[0]
+        echo.terminate()
+        echo.wait(10)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["n"] == result["sent"] == size and result["sha"] == result["sent_sha"], result
+    assert dump.strip() == "", dump[:2000]
+    eventually(lambda: proxy_metric(layout, node, "shoal_proxy_bypass_connections_total", outcome="joined") > joined,
+               "the node proxy joined the pair in the kernel")
+    eventually(lambda: proxy_metric(layout, node, "istio_tcp_received_bytes_total", reporter="destination",
+                                    source_principal="spiffe://cluster.local/ns/demo/sa/client") - received >= size,
+               "the destination reporter counted the bytes")
