@@ -36,6 +36,7 @@ from shoal.ratelog import LogLimiter
 log = logging.getLogger(__name__)
 
 
+QUEUE_READ_PERIOD = 0.1   # seconds between two reads of a kind's accept-queue lengths
 FD_RESERVE = 512  # listeners, HBONE connections, pod namespaces, logs, the agent link
 
 
@@ -82,6 +83,7 @@ class Admission:
         self.pauses = 0
         self._waiting: dict[str, list[Callable[[], None]]] = {}  # listeners paused until setups drain
         self._queues: dict[str, set[Callable[[], int]]] = {}      # each listener's accept-queue length
+        self._queued_cache: dict[str, tuple[float, int]] = {}     # kind -> (read at, connections queued)
         self._shedders: dict[str, DelayShedder] = {}
         self._shed_since_log: dict[str, int] = {}
         self._log_limiter = LogLimiter(clock=clock)
@@ -125,8 +127,16 @@ class Admission:
         self._queues.get(kind, set()).discard(queued)
 
     def backlog(self, kind: str) -> int:
-        """Connections of ``kind`` waiting: in setup, and in its listeners' accept queues."""
-        return self._in_setup.get(kind, 0) + sum(queued() for queued in self._queues.get(kind, ()))
+        """Connections of ``kind`` waiting: in setup, and in its listeners' accept queues.
+        The queues' lengths (one getsockopt per listener, so per pod) are read at most
+        every ``QUEUE_READ_PERIOD``: waits that hover around the target would otherwise ask
+        at every setup."""
+        now = self.clock()
+        read_at, queued = self._queued_cache.get(kind, (float("-inf"), 0))
+        if now - read_at >= QUEUE_READ_PERIOD:
+            queued = sum(length() for length in self._queues.get(kind, ()))
+            self._queued_cache[kind] = (now, queued)
+        return self._in_setup.get(kind, 0) + queued
 
     def admit(self, kind: str = "", age: float = 0.0) -> str | None:
         """For a connection of ``kind`` just accepted after ``age`` seconds in the accept

@@ -146,3 +146,15 @@ def test_waits_are_observed_per_kind_and_shedding_can_be_off():
     admission.setup_done("plaintext", arrived)
     assert seen == [("plaintext", 0.75)]
     assert admission.admit("plaintext", age=100.0) is None and not admission.overloaded("plaintext")
+
+
+def test_accept_queue_lengths_are_read_at_most_every_tenth_of_a_second():
+    """One getsockopt per listener (so per pod): waits hovering around the target must not
+    make every setup read them all."""
+    now, reads = [0.0], []
+    admission = Admission(max_in_setup=10, max_live=100, live=lambda: 0, clock=lambda: now[0])
+    admission.add_queue("outbound", lambda: reads.append(1) or 7)
+    admission.setup_started("outbound")
+    assert [admission.backlog("outbound") for _ in range(100)] == [8] * 100
+    now[0] = 0.1
+    assert admission.backlog("outbound") == 8 and len(reads) == 2
