@@ -131,3 +131,41 @@ async def test_releasing_a_pod_closes_its_inbound_tunnels(harness):
     await harness.app.pods.remove_pod("uid-web-0")
     await asyncio.sleep(0.1)
     assert session.closed and not harness.app.ctx.inbound_sessions
+
+
+async def test_the_app_connect_starts_no_task_of_its_own():
+    """A CONNECT waits for the app connect before its answer. A task around the connect
+    (asyncio.wait_for's) costs three more loop turns, and each turn is as long as all the
+    I/O of that turn: 10,000 tunnels closing made them long enough to miss the answer wait."""
+    import socket
+    from types import SimpleNamespace
+
+    from shoal.agent.ztunnel.inbound import connect_app
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def plain_socket(family, transparent=False, mark=0):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        return sock
+
+    pod = SimpleNamespace(netns=SimpleNamespace(socket=plain_socket), owns=lambda ip: True)
+    ctx = SimpleNamespace(config=SimpleNamespace(connect_timeout=5.0))
+    loop = asyncio.get_running_loop()
+    started: list[object] = []
+
+    def counting_factory(loop, coro, **kwargs):
+        started.append(coro)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    previous = loop.get_task_factory()
+    loop.set_task_factory(counting_factory)
+    try:
+        upstream = await connect_app(ctx, pod, "127.0.0.1", listener.getsockname()[1], "127.0.0.1")
+    finally:
+        loop.set_task_factory(previous)
+        listener.close()
+    upstream.close()
+    assert started == [], f"the app connect ran {len(started)} task(s) of its own"
