@@ -1,6 +1,7 @@
 """Interleaved loopback bench of the HBONE data path alone (no cluster): direct, the
-haproxy mTLS pair, and the local HBONE pair (``shoal.perf.hbonepair``) on the fast path
-and on the h2 path, every path once per round, back to back, so load hits them alike.
+haproxy mTLS pair, and the local HBONE pair (``shoal.perf.hbonepair``, its two ends in two
+processes, as haproxy's) on the fast path and on the h2 path, every path once per round,
+back to back, so load hits them alike.
 
     python -m shoal.perf.hbonebench [--rounds 3] [--seconds 3]
 
@@ -22,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from shoal.perf import peers
+from shoal.perf import hbonepair, peers
 from shoal.perf.beds import procs as bedprocs
 from shoal.perf.tools import sockperf
 
@@ -61,12 +62,27 @@ def main() -> None:
                    for end in ("server", "client")]
         paths: dict[str, tuple[int, int, list[int]]] = {"direct": (PORTS["iperf"], PORTS["sockperf"], []),
                                                          "haproxy": (6301, 6303, haproxy)}
+        (work / "pair-certs").mkdir()
+        hbonepair.tls_contexts(work / "pair-certs")   # made once: both ends of every pair load it
         for n, path in enumerate(("fast", "h2")):
-            ends = [spawn([sys.executable, "-m", "shoal.perf.hbonepair", "--listen", str(6401 + 2 * n + i),
-                           "--upstream", f"127.0.0.1:{upstream}", "--client-path", path, "--server-path", path],
-                          f"pair-{path}-{i}.log").pid for i, upstream in enumerate(PORTS.values())]
+            ends = []
+            for i, upstream in enumerate(PORTS.values()):
+                # Two processes per pair, as two node proxies (and as haproxy's two ends).
+                common = ["--upstream", f"127.0.0.1:{upstream}", "--client-path", path, "--server-path", path,
+                          "--tls-port", str(6501 + 2 * n + i), "--certs", str(work / "pair-certs")]
+                ends.append(spawn([sys.executable, "-m", "shoal.perf.hbonepair", "--role", "server", *common],
+                                  f"pair-{path}-{i}-server.log").pid)
+                ends.append(spawn([sys.executable, "-m", "shoal.perf.hbonepair", "--role", "client",
+                                   "--listen", str(6401 + 2 * n + i), *common], f"pair-{path}-{i}-client.log").pid)
             paths[f"shoal-{path}"] = (6401 + 2 * n, 6402 + 2 * n, ends)
-        time.sleep(3)
+        time.sleep(1)
+        for log in work.glob("pair-*.log"):   # every end says when it serves (a loaded machine imports slowly)
+            deadline = time.monotonic() + 60
+            while "hbone pair (" not in log.read_text():
+                exited = [proc.args for proc in procs if proc.poll() is not None]
+                if time.monotonic() > deadline or exited:
+                    raise RuntimeError(f"{log.name} did not start (exited: {exited}): {log.read_text()[-2000:]}")
+                time.sleep(0.2)
         results: dict[str, dict[str, list[float]]] = {p: {"gbps": [], "p50": [], "p99": [], "cpu": []} for p in paths}
         for round_ in range(args.rounds):
             for name, (stream_port, rr_port, pids) in paths.items():

@@ -9,6 +9,10 @@ profiles (py-spy) and benchmarks see the data path alone:
 
     python -m shoal.perf.hbonepair --listen 5301 --upstream 127.0.0.1:5201 [--client-path h2] [--server-path h2]
     iperf3 -c 127.0.0.1 -p 5301
+
+``--role server --tls-port P`` and ``--role client --tls-port P`` (with one ``--certs``
+directory) run the two ends as two processes, as two node proxies are: each hop then
+wakes another process, which a one-process pair never pays.
 """
 from __future__ import annotations
 
@@ -47,20 +51,11 @@ class PairRecord:
 
 
 def tls_contexts(directory: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """(server, client) contexts: one self-signed P-256 certificate both trust, TLS 1.3, h2."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SERVER_NAME)])
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(SERVER_NAME)]), critical=False)
-            .sign(key, hashes.SHA256()))
+    """(server, client) contexts: one self-signed P-256 certificate both trust, TLS 1.3, h2.
+    A certificate already in ``directory`` is used (the two ends of a split pair share it)."""
     cert_path, key_path = directory / "pair.crt", directory / "pair.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    key_path.chmod(0o600)
+    if not key_path.exists():
+        _make_certificate(cert_path, key_path)
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.minimum_version = ssl.TLSVersion.TLSv1_3
     server.load_cert_chain(cert_path, key_path)
@@ -70,6 +65,21 @@ def tls_contexts(directory: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     client.load_verify_locations(cert_path)
     client.set_alpn_protocols(["h2"])
     return server, client
+
+
+def _make_certificate(cert_path: Path, key_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SERVER_NAME)])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(SERVER_NAME)]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.touch(mode=0o600)
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
 
 
 @dataclass
@@ -84,12 +94,18 @@ class HbonePair:
     client: HboneSession | None = None
     server: HboneSession | None = None
 
-    async def start(self, listen_port: int = 0) -> "HbonePair":
+    async def start(self, listen_port: int = 0, role: str = "both", tls_port: int = 0,
+                    certs: Path | None = None) -> "HbonePair":
+        """``role`` "both": the two ends here, joined over an ephemeral TLS port. "server":
+        only the serving end, on ``tls_port``; "client": only the app-facing end, dialling
+        ``tls_port`` (two processes, as two node proxies are). Split ends share ``certs``."""
         loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task] = set()
         self._tmp = tempfile.TemporaryDirectory(prefix="hbone-pair-")
-        server_tls, client_tls = tls_contexts(Path(self._tmp.name))
+        server_tls, client_tls = tls_contexts(certs or Path(self._tmp.name))
         accepted: asyncio.Future[HboneSession] = loop.create_future()
+        self._tls_server: asyncio.Server | None = None
+        self._listener: asyncio.Server | None = None
 
         def server_session() -> HboneSession:
             session = HboneSession(client_side=False, idle_timeout=0, on_request=self._serve,
@@ -98,12 +114,24 @@ class HbonePair:
                 accepted.set_result(session)
             return session
 
-        self._tls_server = await loop.create_server(server_session, "127.0.0.1", 0, ssl=server_tls)
-        tls_port = self._tls_server.sockets[0].getsockname()[1]
-        self.client = HboneSession(client_side=True, idle_timeout=0, fast_path=self.client_fast)
-        await loop.create_connection(lambda: self.client, "127.0.0.1", tls_port, ssl=client_tls,
-                                     server_hostname=SERVER_NAME)
-        self.server = await accepted
+        if role != "client":
+            self._tls_server = await loop.create_server(server_session, "127.0.0.1", tls_port, ssl=server_tls)
+            tls_port = self._tls_server.sockets[0].getsockname()[1]
+        if role == "server":
+            self.port = tls_port
+            return self
+        client = self.client = HboneSession(client_side=True, idle_timeout=0, fast_path=self.client_fast)
+        for attempt in range(100):   # a serving end started beside us may still be importing
+            try:
+                await loop.create_connection(lambda: client, "127.0.0.1", tls_port, ssl=client_tls,
+                                             server_hostname=SERVER_NAME)
+                break
+            except ConnectionRefusedError:
+                if role == "both" or attempt == 99:
+                    raise
+                await asyncio.sleep(0.1)
+        if role == "both":
+            self.server = await accepted
         self._listener = await loop.create_server(self._accept, "127.0.0.1", listen_port, backlog=1024)
         self.port = self._listener.sockets[0].getsockname()[1]
         return self
@@ -157,11 +185,12 @@ class HbonePair:
         return task
 
     async def close(self) -> None:
-        self._listener.close()
+        for server in (self._listener, self._tls_server):
+            if server is not None:
+                server.close()
         for session in (self.client, self.server):
             if session is not None:
                 session.close()
-        self._tls_server.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.sleep(0)
@@ -171,8 +200,9 @@ class HbonePair:
 async def _serve_forever(args: argparse.Namespace) -> None:
     host, _, port = args.upstream.rpartition(":")
     pair = await HbonePair((host, int(port)), client_fast=args.client_path == "fast",
-                           server_fast=args.server_path == "fast").start(args.listen)
-    print(f"hbone pair: 127.0.0.1:{pair.port} -> {args.upstream} "
+                           server_fast=args.server_path == "fast").start(
+        args.listen, args.role, args.tls_port, Path(args.certs) if args.certs else None)
+    print(f"hbone pair ({args.role}): 127.0.0.1:{pair.port} -> {args.upstream} "
           f"(client {args.client_path} path, server {args.server_path} path)", flush=True)
     await asyncio.Event().wait()
 
@@ -181,6 +211,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--listen", type=int, default=0, help="local port for the app side (0: any)")
     parser.add_argument("--upstream", required=True, help="host:port each stream is carried to")
+    parser.add_argument("--role", choices=("both", "client", "server"), default="both",
+                        help="both ends here, or one of them (the other in another process)")
+    parser.add_argument("--tls-port", type=int, default=0, help="the HBONE port between split ends")
+    parser.add_argument("--certs", help="directory with the certificate split ends share (made if missing)")
     for end in ("client", "server"):
         parser.add_argument(f"--{end}-path", choices=("fast", "h2"), default="fast",
                             help=f"the {end} end's DATA path (h2: every frame through h2, the reference)")
