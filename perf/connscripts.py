@@ -3,6 +3,18 @@ concurrent connections: the ``load`` scenario and the node proxy's cluster tests
 them, so the test and the benchmark measure the same thing."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+
+def summary_of(log: Path) -> dict:
+    """The JSON summary these scripts print last, from the log their output went to."""
+    lines = log.read_text().strip().splitlines() if log.exists() else []
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, ValueError):
+        raise RuntimeError(f"{log.name}: no summary: {' | '.join(lines[-3:])}") from None
+
 # An echo app: asyncio, a backlog that takes a burst (the demo's db answers
 # from a 5-deep ThreadingTCPServer queue, which would measure the app, not the proxies).
 # Args: port.
@@ -69,13 +81,14 @@ asyncio.run(main())
 """
 
 # Opens RATE connections a second for SECONDS, each echoing a line (connect and echo within
-# 10 s each), and holds no finished task (an hour at 200/s is 720,000 of them). Prints a
-# JSON progress line every PROGRESS seconds and a JSON summary last: ok, failed, the
-# failures by reason (exception type and errno), the first few errors, and the p50/p99
-# seconds of connect + echo. Args: host port rate seconds.
+# TIMEOUT s each, default 10), and holds no finished task (an hour at 200/s is 720,000 of
+# them). Prints a JSON progress line every PROGRESS seconds and a JSON summary last: ok,
+# failed, the failures by reason (exception type and errno), the first few errors, and the
+# p50/p99/max seconds of connect + echo. Args: host port rate seconds [timeout].
 SOAK_CLIENT = """
 import asyncio, collections, json, sys, time
 host, port, rate, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+TIMEOUT = float(sys.argv[5]) if len(sys.argv) > 5 else 10.0
 PROGRESS = 60.0
 ok, reasons, errors, latencies = 0, collections.Counter(), [], []
 def reason(exc):
@@ -86,10 +99,10 @@ async def one(i):
     line = b"soak %d\\n" % i
     began = time.monotonic()
     try:
-        r, w = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+        r, w = await asyncio.wait_for(asyncio.open_connection(host, port), TIMEOUT)
         try:
             w.write(line)
-            if await asyncio.wait_for(r.readexactly(len(line)), 10) != line:
+            if await asyncio.wait_for(r.readexactly(len(line)), TIMEOUT) != line:
                 raise ValueError("bad echo")
         finally:
             w.close()
@@ -118,7 +131,8 @@ async def main():
     if pending:
         await asyncio.wait(pending)
     print(json.dumps({"ok": ok, "failed": sum(reasons.values()), "reasons": dict(reasons), "errors": errors,
-                      "p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99)}), flush=True)
+                      "p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99),
+                      "max": round(max(latencies), 4) if latencies else None}), flush=True)
 asyncio.run(main())
 """
 

@@ -102,6 +102,7 @@ class ClusterBed:
     log: Callable[[str], None] = print
     attach: bool = False
     kind: str = "cluster"
+    containers: bool = False      # `shoal up --containers`: node pods as podman containers
     _pods: dict[tuple[str, str], ClusterPod] = field(default_factory=dict)
     _applied: list[dict[str, Any]] = field(default_factory=list)
 
@@ -132,9 +133,10 @@ class ClusterBed:
             self.log(f"bed: using the running cluster {self.name!r}")
             self._shoal("get", "nodes", timeout=30)
             return self
-        self.log(f"bed: shoal up --nodes {self.node_count} (cluster {self.name!r})")
+        containers = ("--containers",) if self.containers else ()
+        self.log(f"bed: shoal up --nodes {self.node_count} {' '.join(containers)}(cluster {self.name!r})")
         try:
-            self._shoal("up", "--nodes", str(self.node_count), timeout=300)
+            self._shoal("up", "--nodes", str(self.node_count), *containers, timeout=600)
         except BaseException:
             self.close()
             raise

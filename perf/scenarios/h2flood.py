@@ -14,7 +14,6 @@ The scaled-down versions run in ``make test`` (tests/agent/ztunnel/test_proxy_lo
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from shoal.perf import procstat
-from shoal.perf.connscripts import ECHO_APP, H2_FLOOD_CLIENT, SOAK_CLIENT
+from shoal.perf.connscripts import ECHO_APP, H2_FLOOD_CLIENT, SOAK_CLIENT, summary_of
 from shoal.perf.scenario import Context, Measurement, Scenario, Target
 
 NAMESPACE, ATTACKER_NAMESPACE = "perf-flood", "perf-flood-attacker"
@@ -49,14 +48,6 @@ def attacker_credentials(ctx: Context) -> tuple[str, str, str]:
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption()).decode()
     return signed.chain_pem, key_pem, signed.roots_pem
-
-
-def _summary(log) -> dict:
-    lines = log.read_text().strip().splitlines() if log.exists() else []
-    try:
-        return json.loads(lines[-1])
-    except (IndexError, ValueError):
-        raise RuntimeError(f"{log.name}: no summary: {' | '.join(lines[-3:])}") from None
 
 
 def run(ctx: Context) -> Iterator[Measurement]:
@@ -89,8 +80,8 @@ def run(ctx: Context) -> Iterator[Measurement]:
                             flood.wait(30)
                         finally:
                             ctx.bed.stop(flood)
-            result = _summary(victim_log)
-            attack = _summary(ctx.workdir / f"{phase}-attacker.log") if flood is not None else None
+            result = summary_of(victim_log)
+            attack = summary_of(ctx.workdir / f"{phase}-attacker.log") if flood is not None else None
             reasons = ", ".join(f"{n} {why}" for why, n in sorted(result["reasons"].items())) or "none"
             note = f"{result['ok']} of {result['ok'] + result['failed']} succeeded ({reasons})"
             if attack is not None:

@@ -121,12 +121,8 @@ def up(ctx: click.Context, nodes: int, demo: bool, containers: bool, proxy_worke
     from shoal.local.linux import LinuxError
     from shoal.local.podman import PodmanError
     layout = layout_of(ctx)
-    node_manifests = None
-    if containers:
-        from shoal.cli.deploy.render import RenderOptions, render
-        node_manifests = lambda tag: render(RenderOptions(local_cluster=layout.name,   # noqa: E731
-                                                          **({"image_tag": tag} if tag else {})))
-    cluster = LocalCluster(layout, progress=lambda m: click.echo(f"  {m}"), node_manifests=node_manifests,
+    cluster = LocalCluster(layout, progress=lambda m: click.echo(f"  {m}"),
+                           node_manifests=local_manifests(layout) if containers else None,
                            proxy_workers=proxy_workers)
     click.echo(f"Bringing up cluster {layout.name!r} with {nodes} node(s)")
     try:
@@ -137,6 +133,33 @@ def up(ctx: click.Context, nodes: int, demo: bool, containers: bool, proxy_worke
     except (PreflightError, LinuxError, PodmanError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"Cluster {layout.name!r} is up. Try: shoal get pods -A")
+
+
+def local_manifests(layout: ClusterLayout):
+    """What ``--containers`` runs: ``shoal install --render --local-cluster NAME [--image-tag TAG]``."""
+    from shoal.cli.deploy.render import RenderOptions, render
+    return lambda tag: render(RenderOptions(local_cluster=layout.name, **({"image_tag": tag} if tag else {})))
+
+
+@cli.command("replace-proxy")
+@click.option("--node", required=True, help="The node whose proxy container is replaced.")
+@click.option("--image-tag", default=None,
+              help="Upgrade to this tag of the agent image (it must exist locally); default: a restart.")
+@click.pass_context
+def replace_proxy(ctx: click.Context, node: str, image_tag: str | None) -> None:
+    """--containers clusters: replace a node's proxy container without refusing a connection.
+
+    The new container takes over the listeners (the restart handover) before the old one
+    stops accepting; the old one drains its live connections (--drain-grace) and is removed."""
+    from shoal.local.cluster import LocalCluster
+    from shoal.local.podman import PodmanError
+    layout = layout_of(ctx)
+    cluster = LocalCluster(layout, progress=lambda m: click.echo(f"  {m}"), node_manifests=local_manifests(layout))
+    try:
+        container = cluster.replace_proxy(node, image_tag)
+    except (PodmanError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"proxy of {node} replaced: container {container[:12]}")
 
 
 @cli.command()

@@ -217,6 +217,20 @@ class LocalCluster:
                 self._wait(self.layout.hubble_socket(node).exists, AGENT_START_TIMEOUT,
                            f"the agent of {node} did not start (see `shoal logs agent --node {node}`)")
 
+    def replace_proxy(self, node: str, image_tag: str | None = None) -> str:
+        """``--containers``: replaces ``node``'s proxy container, refusing no connection
+        (``NodeContainers.replace_proxy``); returns the new container's ID."""
+        from shoal.local import podman
+        from shoal.local.nodepods import NodeContainers
+        if self.node_manifests is None:
+            raise ValueError("replacing a proxy container needs the rendered manifests (a --containers cluster)")
+        pods = NodeContainers(self.layout, self.node_manifests)
+        if not podman.exists(pods.container_name(node, "proxy")):
+            raise podman.PodmanError(f"no proxy container on {node} of cluster {self.layout.name!r} "
+                                     "(is it a `shoal up --containers` cluster?)")
+        pods.prepare_images(self.progress)
+        return pods.replace_proxy(node, image_tag)
+
     def kubelet_component(self) -> Component:
         """The local kubelet and waypoint launcher alone (the controller runs in a container);
         pods whose containers name an image (the waypoints) run as podman containers."""

@@ -171,16 +171,48 @@ class NodeContainers:
                     self.image, "python", "-c", PAUSE])
         return name
 
-    def start(self, node: str, container: str) -> str:
+    def start(self, node: str, container: str, run: ContainerRun | None = None,
+              name: str | None = None) -> str:
         self.stage(node)
-        name = self.container_name(node, container)
-        run = self.run_of(node, container)
+        name = name or self.container_name(node, container)
+        run = run or self.run_of(node, container)
         sandbox = self.container_name(node, "sandbox")
         if run.share_process_namespace and not podman.exists(sandbox):
             self.start_sandbox(node)
         argv = run.argv(name, self.network(node), labels=self.labels(node),
                         hosts=controller_hosts(), sandbox=sandbox)
         return podman.run(self._logged(argv, f"{container}-{node}"))
+
+    def termination_grace(self) -> float:
+        """The DaemonSet's terminationGracePeriodSeconds: how long a stopping container
+        may take before it is killed, as the kubelet allows."""
+        return float(self._template("DaemonSet", DAEMONSET)["spec"].get("terminationGracePeriodSeconds", 30))
+
+    def replace_proxy(self, node: str, image_tag: str | None = None) -> str:
+        """Replaces ``node``'s proxy container (a restart, or ``image_tag``'s image as an
+        upgrade renders it) without refusing a connection; returns the new container's ID.
+
+        The successor starts beside the old container in the same pod (its PID namespace,
+        the node directory): the proxy's restart handover (agent/ztunnel/handover.py) has
+        it take over the ZDS socket and open its in-pod listeners with SO_REUSEPORT, and
+        only once it serves every pod does the old proxy stop accepting and drain its live
+        connections (``--drain-grace`` in the manifest). The old container is waited for
+        up to the pod's terminationGracePeriodSeconds, killed after it as the kubelet
+        would, and removed; the successor takes its name. The old container's log is kept
+        as ``proxy-<node>.previous.log`` (``kubectl logs --previous``)."""
+        objects = self.render(image_tag) if image_tag else self.objects
+        run = container_run(objects, "DaemonSet", DAEMONSET, "proxy", node, self.volumes(node))
+        current = self.container_name(node, "proxy")
+        successor = f"{current}.next"
+        log = self.layout.log_dir / f"proxy-{node}.log"
+        if log.exists():   # the old container's logger keeps writing to the renamed file
+            log.replace(log.with_suffix(".previous.log"))
+        new_id = self.start(node, "proxy", run=run, name=successor)
+        if not podman.wait_stopped(current, self.termination_grace()):
+            podman.kill(current)
+        podman.remove([current], grace=0)
+        podman.rename(successor, current)
+        return new_id
 
 
 class PodContainers:

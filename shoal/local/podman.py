@@ -297,6 +297,25 @@ def remove_v1_mirrors(unified_root: Path, pattern: str) -> None:
                 Cgroup(mirror).remove()
 
 
+def wait_stopped(container: str, timeout: float) -> bool:
+    """True once ``container`` has exited (within ``timeout`` seconds)."""
+    try:
+        subprocess.run(["podman", *PODMAN_GLOBAL, "wait", "--condition", "stopped", container],
+                       capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False
+    return inspect(container)["State"]["Status"] in ("exited", "stopped")
+
+
+def kill(container: str) -> None:
+    """SIGKILL, as the kubelet does once the termination grace has passed."""
+    subprocess.run(["podman", *PODMAN_GLOBAL, "kill", "--signal", "KILL", container], capture_output=True)
+
+
+def rename(container: str, new_name: str) -> None:
+    _run(["podman", *PODMAN_GLOBAL, "rename", container, new_name], "podman rename")
+
+
 def inspect(container: str) -> dict[str, Any]:
     return json.loads(_run(["podman", *PODMAN_GLOBAL, "inspect", container], "podman inspect"))[0]
 

@@ -6,7 +6,9 @@ resourceVersion; a compacted history answers old versions with an ERROR event ca
 410 Status (as the API server does inside a 200 stream) and old continue tokens with an
 HTTP 410; TokenReview of bound ServiceAccount tokens (audiences, expiry, the bound pod's
 existence and UID, as the API server checks them); GET of one pod; Secrets and ConfigMaps
-with resourceVersion conflicts. Good enough to drive kubernetes_asyncio, not a real API
+with resourceVersion conflicts; and for the real kubectl: discovery, OpenAPI v3 documents
+declaring ``fieldValidation``, and server-side apply (``metadata.generation`` moves only
+when the applied object changed). Good enough to drive kubernetes_asyncio, not a real API
 server.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ import secrets
 import time
 import uuid
 
+import yaml
 from aiohttp import web
 
 RESOURCES = {
@@ -34,6 +37,34 @@ RESOURCES = {
     ("apis/gateway.networking.k8s.io/v1", "grpcroutes"): ("GRPCRoute", "gateway.networking.k8s.io/v1"),
     ("apis/networking.shoal.io/v1", "trafficpolicies"): ("TrafficPolicy", "networking.shoal.io/v1"),
 }
+
+
+# What `kubectl apply --server-side` may write here (group, version, plural, namespaced),
+# by kind: what `shoal install` renders, and the GatewayClass it adds.
+APPLIED_KINDS = {
+    "Namespace": ("", "v1", "namespaces", False),
+    "ServiceAccount": ("", "v1", "serviceaccounts", True),
+    "ConfigMap": ("", "v1", "configmaps", True),
+    "Secret": ("", "v1", "secrets", True),
+    "Service": ("", "v1", "services", True),
+    "Pod": ("", "v1", "pods", True),
+    "Deployment": ("apps", "v1", "deployments", True),
+    "DaemonSet": ("apps", "v1", "daemonsets", True),
+    "ClusterRole": ("rbac.authorization.k8s.io", "v1", "clusterroles", False),
+    "ClusterRoleBinding": ("rbac.authorization.k8s.io", "v1", "clusterrolebindings", False),
+    "Role": ("rbac.authorization.k8s.io", "v1", "roles", True),
+    "RoleBinding": ("rbac.authorization.k8s.io", "v1", "rolebindings", True),
+    "PodDisruptionBudget": ("policy", "v1", "poddisruptionbudgets", True),
+    "CustomResourceDefinition": ("apiextensions.k8s.io", "v1", "customresourcedefinitions", False),
+    "Gateway": ("gateway.networking.k8s.io", "v1", "gateways", True),
+    "GatewayClass": ("gateway.networking.k8s.io", "v1", "gatewayclasses", False),
+}
+# Fields that are not the desired state: a re-apply that changes none of the rest is a no-op.
+_STATUS_FIELDS = ("status",)
+
+
+def _group_prefix(group, version):
+    return f"api/{version}" if not group else f"apis/{group}/{version}"
 
 
 def _status(code, reason, message):
@@ -55,6 +86,10 @@ class FakeApiServer:
         self.requests: list[str] = []
         self.stored: dict[tuple[str, str, str], dict] = {}   # (plural, ns, name): secrets, configmaps, leases
         self.failing: set[str] = set()          # plurals answered 503 (an API server outage for them)
+        # Server-side applied objects (kind, namespace, name) -> object, with metadata.generation
+        # bumped only when the applied spec changed, as the API server does.
+        self.applied: dict[tuple[str, str, str], dict] = {}
+        self.patches: list[tuple[str, str]] = []   # (path with query, content type) of each PATCH
         self.runner = None
         self.url = ""
 
@@ -133,6 +168,15 @@ class FakeApiServer:
             app.router.add_put(f"{base}/{{name}}", self._replace_stored(plural))
         for (prefix, plural) in RESOURCES:
             app.router.add_get(f"/{prefix}/{plural}", self._handler(prefix, plural))
+        # kubectl: version, legacy discovery, OpenAPI v3 (field validation), server-side apply.
+        app.router.add_get("/version", self._version)
+        app.router.add_get("/api", self._discover_core)
+        app.router.add_get("/apis", self._discover_groups)
+        app.router.add_get("/api/{version}", self._discover_resources)
+        app.router.add_get("/apis/{group}/{version}", self._discover_resources)
+        app.router.add_get("/openapi/v3", self._openapi_root)
+        app.router.add_get("/openapi/v3/{path:.*}", self._openapi_group)
+        app.router.add_patch("/{path:.*}", self._apply)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -140,6 +184,17 @@ class FakeApiServer:
         port = site._server.sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         return self
+
+    def kubeconfig(self, path, user="controller"):
+        """A kubeconfig file at ``path`` for this server (a bearer token named after ``user``)."""
+        path.write_text(f"""apiVersion: v1
+kind: Config
+clusters: [{{name: fake, cluster: {{server: "{self.url}"}}}}]
+users: [{{name: {user}, user: {{token: {user}-token}}}}]
+contexts: [{{name: fake, context: {{cluster: fake, user: {user}}}}}]
+current-context: fake
+""")
+        return path
 
     async def stop(self):
         """Stops serving (idempotent: a test may stop it early to play an outage)."""
@@ -279,6 +334,96 @@ class FakeApiServer:
         finally:
             self.watchers.remove(entry)
         return response
+
+    # -- kubectl apply --server-side ---------------------------------------------------------
+
+    @staticmethod
+    def _group_versions():
+        versions = {}
+        for kind, (group, version, plural, namespaced) in APPLIED_KINDS.items():
+            versions.setdefault((group, version), []).append((kind, plural, namespaced))
+        return versions
+
+    async def _version(self, _request):
+        return web.json_response({"major": "1", "minor": "32", "gitVersion": "v1.32.0-fake"})
+
+    async def _discover_core(self, _request):
+        return web.json_response({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [
+            {"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]})
+
+    async def _discover_groups(self, _request):
+        groups = sorted({g for g, _ in self._group_versions() if g})
+        return web.json_response({"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+            {"name": g, "versions": [{"groupVersion": f"{g}/v1", "version": "v1"}],
+             "preferredVersion": {"groupVersion": f"{g}/v1", "version": "v1"}} for g in groups]})
+
+    async def _discover_resources(self, request):
+        group, version = request.match_info.get("group", ""), request.match_info["version"]
+        kinds = self._group_versions().get((group, version))
+        if kinds is None:
+            return web.json_response(_status(404, "NotFound", "the server could not find the requested resource"),
+                                     status=404)
+        return web.json_response({
+            "kind": "APIResourceList", "apiVersion": "v1",
+            "groupVersion": f"{group}/{version}" if group else version,
+            "resources": [{"name": plural, "singularName": kind.lower(), "namespaced": namespaced, "kind": kind,
+                           "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"]}
+                          for kind, plural, namespaced in kinds]})
+
+    async def _openapi_root(self, _request):
+        return web.json_response({"paths": {
+            _group_prefix(g, v): {"serverRelativeURL": f"/openapi/v3/{_group_prefix(g, v)}?hash=fake"}
+            for g, v in self._group_versions()}})
+
+    async def _openapi_group(self, request):
+        """Just enough of a group's OpenAPI v3 document for kubectl to learn that PATCH
+        takes ``fieldValidation`` (so it validates on the server, not against a schema)."""
+        wanted = request.match_info["path"]
+        for (group, version), kinds in self._group_versions().items():
+            if _group_prefix(group, version) != wanted:
+                continue
+            paths = {}
+            for kind, plural, namespaced in kinds:
+                scope = "namespaces/{namespace}/" if namespaced else ""
+                paths[f"/{wanted}/{scope}{plural}/{{name}}"] = {"patch": {
+                    "x-kubernetes-group-version-kind": {"group": group, "version": version, "kind": kind},
+                    "parameters": [{"name": name, "in": "query", "schema": {"type": "string"}}
+                                   for name in ("fieldManager", "fieldValidation", "force", "dryRun")],
+                    "responses": {"200": {"description": "OK"}}}}
+            return web.json_response({"openapi": "3.0.0", "info": {"title": "fake", "version": version},
+                                      "paths": paths})
+        return web.json_response(_status(404, "NotFound", wanted), status=404)
+
+    async def _apply(self, request):
+        """Server-side apply: the applied object is the desired state (no field ownership
+        merging: one manager, ``shoal``); ``metadata.generation`` moves only when what was
+        applied differs, so a rollout happens only then."""
+        self.patches.append((str(request.rel_url), request.content_type))
+        if request.content_type != "application/apply-patch+yaml":
+            return web.json_response(_status(415, "UnsupportedMediaType", request.content_type), status=415)
+        if request.query.get("fieldManager") != "shoal":
+            return web.json_response(_status(422, "Invalid", "fieldManager is required"), status=422)
+        parts = request.match_info["path"].split("/")
+        namespace = parts[parts.index("namespaces") + 1] if "namespaces" in parts[:-2] else ""
+        obj = yaml.safe_load(await request.text())
+        kind, name = obj.get("kind"), (obj.get("metadata") or {}).get("name")
+        if kind not in APPLIED_KINDS or name != parts[-1]:
+            return web.json_response(_status(400, "BadRequest", f"{kind} {name} at {request.path}"), status=400)
+        key = (kind, namespace, name)
+        current = self.applied.get(key)
+        desired = {k: v for k, v in obj.items() if k not in _STATUS_FIELDS}
+        desired["metadata"] = {k: v for k, v in obj["metadata"].items()}
+        if namespace:
+            desired["metadata"]["namespace"] = namespace
+        if current is not None and current["desired"] == desired:
+            return web.json_response(current["object"])
+        self.rv += 1
+        metadata = {**desired["metadata"], "resourceVersion": str(self.rv),
+                    "uid": current["object"]["metadata"]["uid"] if current else str(uuid.uuid4()),
+                    "generation": current["object"]["metadata"]["generation"] + 1 if current else 1}
+        stored = {**copy.deepcopy(desired), "metadata": metadata}
+        self.applied[key] = {"desired": desired, "object": stored}
+        return web.json_response(stored, status=200 if current else 201)
 
     async def _get_pod(self, request):
         self.requests.append(str(request.rel_url))

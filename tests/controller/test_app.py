@@ -181,7 +181,7 @@ async def test_controller_process_kubernetes_mode_with_token_review(tmp_path):
     agent = pod("shoal-system", "shoal-agent-x7", node="node-7", ip="192.168.0.7", sa="shoal-agent")
     server.put(agent)
     token = server.pod_token("shoal-system", "shoal-agent-x7")   # audience shoal, pod-bound
-    kubeconfig = _kubeconfig(tmp_path, server)
+    kubeconfig = server.kubeconfig(tmp_path / "kubeconfig")
     grpc_port, admin_port = free_port(), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "shoal.controller", "--source", "kubernetes",
@@ -317,18 +317,6 @@ async def test_unauthenticated_huge_requests_cost_the_controller_process_no_memo
             in metrics)
 
 
-def _kubeconfig(tmp_path, server):
-    path = tmp_path / "kubeconfig"
-    path.write_text(f"""apiVersion: v1
-kind: Config
-clusters: [{{name: fake, cluster: {{server: "{server.url}"}}}}]
-users: [{{name: controller, user: {{token: controller-token}}}}]
-contexts: [{{name: fake, context: {{cluster: fake, user: controller}}}}]
-current-context: fake
-""")
-    return path
-
-
 def _http(url, token=None):
     """(status, body) of a GET; run it in a thread when the controller will call the fake
     API server (served by this test's loop) to answer."""
@@ -385,7 +373,7 @@ async def test_two_replicas_one_lease_standby_serves_reads_and_takes_over(tmp_pa
     server.put(pod("demo", "web-0", node="node-7", ip="10.244.7.2", sa="web"))
     server.put(pod("shoal-system", "shoal-agent-x7", node="node-7", ip="192.168.0.7", sa="shoal-agent"))
     token = server.pod_token("shoal-system", "shoal-agent-x7")
-    kubeconfig = _kubeconfig(tmp_path, server)
+    kubeconfig = server.kubeconfig(tmp_path / "kubeconfig")
     replicas = {}
     clients = []
 

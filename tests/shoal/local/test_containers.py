@@ -40,7 +40,8 @@ def test_node_containers_get_exactly_the_manifest_capabilities():
         assert argv[argv.index("--cap-drop") + 1] == "ALL"
         assert [argv[i + 1] for i, a in enumerate(argv) if a == "--cap-add"] == sc["capabilities"]["add"]
         assert "--privileged" not in argv and "--read-only" in argv
-        assert argv[-len(manifest["command"]):] == manifest["command"]
+        command = manifest["command"] + manifest.get("args", [])   # as the kubelet joins them
+        assert argv[-len(command):] == command
 
 
 def test_mounts_env_and_image_follow_the_render_options():

@@ -244,3 +244,49 @@ def test_missing_manifests_say_where_to_point(tmp_path, monkeypatch):
     monkeypatch.setenv("SHOAL_MANIFESTS", str(tmp_path))
     result = run(install, "--render")
     assert result.exit_code == 1 and "SHOAL_MANIFESTS" in result.output and "kustomization.yaml" in result.output
+
+
+async def test_install_again_with_a_new_tag_rolls_the_controller_and_the_daemonset(kubectl, tmp_path):
+    """`shoal install` run by the real kubectl (server-side apply) against the fake API
+    server: again unchanged, nothing moves (no object's generation or resourceVersion, so
+    no rollout); again with --image-tag, exactly the Deployment's and the DaemonSet's pod
+    templates get the new images, and their generations move by one (the rollout)."""
+    import asyncio
+
+    from tests.controller.fake_apiserver import FakeApiServer
+
+    server = await FakeApiServer().start()
+    kubeconfig = server.kubeconfig(tmp_path / "kubeconfig", user="admin")
+
+    async def install_with(*args):
+        # In a thread: kubectl talks to the fake API server, served by this test's loop.
+        result = await asyncio.to_thread(run, install, "--kubectl", kubectl, "--no-wait", *args,
+                                         env={"KUBECONFIG": str(kubeconfig)})
+        assert result.exit_code == 0, result.output
+        return {key: (entry["object"]["metadata"]["generation"], entry["object"]["metadata"]["resourceVersion"])
+                for key, entry in server.applied.items()}
+
+    def images(kind, name):
+        template = server.applied[(kind, "shoal-system", name)]["object"]["spec"]["template"]["spec"]
+        return {c["image"] for c in template["containers"]}
+
+    try:
+        first = await install_with()
+        assert {("Deployment", "shoal-system", "shoal-controller"), ("DaemonSet", "shoal-system", "shoal-agent"),
+                ("Namespace", "", "shoal-system")} <= set(first)
+        assert all(content_type == "application/apply-patch+yaml" and "fieldManager=shoal" in path
+                   for path, content_type in server.patches)
+        assert images("DaemonSet", "shoal-agent") == {"ghcr.io/shoal-mesh/shoal-agent:0.1.0"}
+        assert await install_with() == first                      # idempotent: nothing rolls
+        upgraded = await install_with("--image-tag", "0.2.0")
+        assert images("Deployment", "shoal-controller") == {"ghcr.io/shoal-mesh/shoal-controller:0.2.0"}
+        assert images("DaemonSet", "shoal-agent") == {"ghcr.io/shoal-mesh/shoal-agent:0.2.0"}
+        moved = {key for key in first if upgraded[key] != first[key]}
+        # The waypoint template ConfigMap names the waypoint image too: it changes, rolls nothing.
+        assert moved == {("Deployment", "shoal-system", "shoal-controller"), ("DaemonSet", "shoal-system", "shoal-agent"),
+                         ("ConfigMap", "shoal-system", "shoal-waypoint-template")}, moved
+        for key in moved - {("ConfigMap", "shoal-system", "shoal-waypoint-template")}:
+            assert upgraded[key][0] == first[key][0] + 1, key
+        assert await install_with("--image-tag", "0.2.0") == upgraded
+    finally:
+        await server.stop()
