@@ -137,9 +137,9 @@ def containers_missing() -> str | None:
 
 def container_manifests(layout: ClusterLayout):
     """What `shoal up --containers` renders: `shoal install --render` for this local cluster."""
-    from shoal.cli.deploy.render import RenderOptions, render
+    from shoal.cli.main import local_manifests
 
-    return lambda tag: render(RenderOptions(local_cluster=layout.name, **({"image_tag": tag} if tag else {})))
+    return local_manifests(layout)
 
 
 @pytest.fixture(scope="session")
