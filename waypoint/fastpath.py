@@ -31,7 +31,7 @@ import logging
 from typing import Callable
 
 from .downstream import CLOSE, H1Server, Handoff
-from .h1 import END, RequestHead, ResponseHead, ResponseReader, UpstreamFramingError, encode_request_head
+from .h1 import END, RequestHead, ResponseHead, UpstreamFramingError, encode_request_head
 from .http import strip_hop_by_hop
 from .proxy import Routed, WaypointProxy, _Attempt
 from .resilience import RESET
@@ -214,7 +214,7 @@ class FastLane:
         record.destination = endpoint.peer_labels()
         record.request_bytes = sum(map(len, chunks))
         exchange = self.exchange = _Exchange(head, request, chunks, record, routed, conn)
-        conn.reader = ResponseReader(head_only=request.method == "HEAD")
+        conn.start_exchange(head_only=request.method == "HEAD")
         conn.stream.on_readable = self._pump
         try:
             conn.stream.write(upstream_head + b"".join(chunks) if chunks else upstream_head)

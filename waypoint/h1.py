@@ -240,6 +240,23 @@ class ResponseReader:
         self._until_close = False
         self._interim = False
 
+    def next_answer(self, head_only: bool = False) -> "ResponseReader":
+        """The reader of the next answer on the same connection.
+
+        The same llhttp parser when this answer ended cleanly (complete, keep-alive, nothing
+        after it, not an answer to HEAD): llhttp is then at the start of the next message.
+        Otherwise a fresh reader."""
+        if not self.reusable or self.head_only:
+            return ResponseReader(head_only)
+        self.events = deque()
+        self.head_only = head_only
+        self.done = self.reusable = False
+        self.received = 0
+        self._raw_headers = []
+        self._head = None
+        self._until_close = self._interim = False
+        return self
+
     def feed(self, data: bytes) -> None:
         self.received += len(data)
         if self.done:

@@ -100,6 +100,11 @@ class UpstreamConnection:
         self.reader: ResponseReader | None = None   # the current exchange's answer
         self.reused = False
 
+    def start_exchange(self, head_only: bool) -> ResponseReader:
+        """A reader for the answer to the request about to be sent."""
+        reader = self.reader = self.reader.next_answer(head_only) if self.reader is not None else ResponseReader(head_only)
+        return reader
+
     @property
     def reusable(self) -> bool:
         """The last answer is complete and the connection may carry another exchange."""
@@ -229,7 +234,7 @@ async def send_request(pool: ClusterPool, conn: UpstreamConnection, method: str,
     UpstreamError("protocol-error") when what came back is not HTTP/1.1.
     """
     stream = conn.stream
-    reader = conn.reader = ResponseReader(head_only=method == "HEAD")
+    reader = conn.start_exchange(head_only=method == "HEAD")
     if chunked:
         headers = headers + [("transfer-encoding", "chunked")]
     try:

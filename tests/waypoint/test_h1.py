@@ -190,3 +190,23 @@ def test_a_target_that_would_split_the_request_line_is_refused(target):
     with pytest.raises(ValueError):
         encode_request_head("GET", target, [("host", "web")])
     assert encode_request_head("GET", "/a?b=%20", [("host", "web")]) == b"GET /a?b=%20 HTTP/1.1\r\nhost: web\r\n\r\n"
+
+
+def test_the_next_answer_reuses_the_parser_only_after_a_clean_answer():
+    first = ResponseReader()
+    response_events(first, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+    second = first.next_answer()
+    assert second is first and not second.done and not second.events and second.received == 0
+    events = response_events(second, b"HTTP/1.1 404 Not Found\r\nContent-Length: 1\r\n\r\n", b"x")
+    assert events[0].status == 404 and events[1:] == [b"x", END] and second.reusable
+    head = second.next_answer(head_only=True)       # an answer to HEAD announces a body it lacks
+    assert head is first
+    events = response_events(head, b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n")
+    assert events[0].content_length == 99 and events[1:] == [END] and head.reusable
+    assert head.next_answer() is not head            # llhttp would wait for those 99 bytes: a fresh parser
+    closing = ResponseReader()
+    response_events(closing, b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+    assert closing.next_answer() is not closing
+    extra = ResponseReader()
+    response_events(extra, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nHTTP/1.1 200 OK\r\n")
+    assert not extra.reusable and extra.next_answer() is not extra
