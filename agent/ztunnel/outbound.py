@@ -190,7 +190,8 @@ async def dial(ctx: ProxyContext, pod: ServedPod, key: PoolKey) -> HboneSession:
     return session
 
 
-def answer_deadline(opened: float, last_progress: float, quiet: float, limit: float) -> float:
+def answer_deadline(opened: float, last_progress: float, quiet: float, limit: float,
+                    probed: float = 0.0) -> float:
     """When to stop waiting for a stream's answer (pure): once the connection has shown no
     progress (an answer to any stream, or the ACK of a liveness PING) for ``quiet`` seconds
     since ours was opened (a stuck or dead peer, a black-holed path), or ``limit`` after
@@ -198,8 +199,10 @@ def answer_deadline(opened: float, last_progress: float, quiet: float, limit: fl
     burst queues at its dial limit for longer than a connect timeout, and a fixed 5 s here
     failed 2,163 of them (each reset, then counted by the peer as a Rapid Reset, which cost
     whole connections). A peer tearing down 10,000 tunnels answers nothing for seconds, but
-    acknowledges PINGs: 4,965 failed after a burst before the PINGs counted."""
-    return min(max(opened, last_progress) + quiet, opened + limit)
+    acknowledges PINGs: 4,965 failed after a burst before the PINGs counted. The peer always
+    gets half the quiet time after our latest PING (``probed``): a sender whose own loop
+    stalled past the deadline must not give up before the peer could acknowledge."""
+    return min(max(max(opened, last_progress) + quiet, probed + quiet / 2), opened + limit)
 
 
 async def await_answer(session: HboneSession, response: asyncio.Future, quiet: float, limit: float) -> int:
@@ -207,17 +210,18 @@ async def await_answer(session: HboneSession, response: asyncio.Future, quiet: f
     :func:`answer_deadline`. Half way through a quiet spell the session probes the peer
     (a PING): its ACK is progress, so a busy peer is waited for, a silent one is not."""
     opened = time.monotonic()
+    probed = 0.0
     while True:
         now = time.monotonic()
-        deadline = answer_deadline(opened, session.last_progress, quiet, limit)
+        progress = max(opened, session.last_progress)
+        probe_at = progress + quiet / 2
+        if probe_at <= now and probed <= progress:   # no PING since the last progress
+            session.probe()
+            probed = now
+        deadline = answer_deadline(opened, session.last_progress, quiet, limit, probed)
         if deadline <= now:
             raise asyncio.TimeoutError
-        probe_at = max(opened, session.last_progress) + quiet / 2
-        if probe_at <= now:
-            session.probe()
-            wake = deadline
-        else:
-            wake = min(deadline, probe_at)
+        wake = deadline if probed > progress else min(deadline, probe_at)
         try:
             return await asyncio.wait_for(asyncio.shield(response), wake - now)
         except asyncio.TimeoutError:

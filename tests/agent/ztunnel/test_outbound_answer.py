@@ -17,6 +17,8 @@ def test_answer_deadline_follows_the_peers_answers_up_to_the_limit():
     assert answer_deadline(opened=100.0, last_progress=108.0, quiet=5.0, limit=30.0) == 113.0
     # However busy, never past the limit.
     assert answer_deadline(opened=100.0, last_progress=128.0, quiet=5.0, limit=30.0) == 130.0
+    # A PING sent late (our own loop stalled until 107) gets half the quiet time for its ACK.
+    assert answer_deadline(opened=100.0, last_progress=90.0, quiet=5.0, limit=30.0, probed=107.0) == 109.5
 
 
 async def test_a_busy_peer_is_waited_for_past_the_quiet_time():
@@ -110,3 +112,14 @@ async def test_a_peer_too_slow_to_acknowledge_within_the_quiet_time_is_given_up_
     response = asyncio.get_running_loop().create_future()
     with pytest.raises(asyncio.TimeoutError):
         await await_answer(session, response, quiet=0.2, limit=5.0)
+
+
+async def test_a_sender_whose_own_loop_stalled_past_the_deadline_still_lets_the_peer_acknowledge():
+    # Our loop is blocked for 2.5 quiet times right after the stream opens (a burst of
+    # accepts on a loaded node): the PING leaves late, and its ACK must still count.
+    session = ProbedPeer(ack_after=0.05)
+    loop = asyncio.get_running_loop()
+    response = loop.create_future()
+    loop.call_later(0.01, time.sleep, 0.5)
+    loop.call_later(0.8, response.set_result, 200)
+    assert await await_answer(session, response, quiet=0.2, limit=5.0) == 200
