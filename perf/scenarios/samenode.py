@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
 
@@ -49,6 +51,18 @@ def _pooled(blocks: list[list[Measurement]]) -> Iterator[Measurement]:
     yield from merged.values()
 
 
+def joined_pairs(ctx: Context) -> float:
+    """node-1's proxy's count of same-node connections joined in the kernel (its 15020
+    metrics): the proof that the bypass path was the one measured."""
+    layout = ctx.bed.layout  # type: ignore[attr-defined]
+    out = subprocess.run(["ip", "netns", "exec", layout.node_netns(NODE), sys.executable, "-c",
+                          "import urllib.request;print(urllib.request.urlopen("
+                          "'http://127.0.0.1:15020/metrics', timeout=5).read().decode())"],
+                         capture_output=True, text=True, timeout=30).stdout
+    return sum(float(line.rsplit(" ", 1)[1]) for line in out.splitlines()
+               if line.startswith("shoal_proxy_bypass_connections_total{") and 'outcome="joined"' in line)
+
+
 def run(ctx: Context) -> Iterator[Measurement]:
     bed = ctx.bed
     plain_client, plain_server = bed.pod(PLAIN_NAMESPACE, "client", NODE), bed.pod(PLAIN_NAMESPACE, "server", NODE)
@@ -63,6 +77,10 @@ def run(ctx: Context) -> Iterator[Measurement]:
         stack.enter_context(pod2pod.servers(ctx, mesh_server))
         blocks.append(list(_renamed(pod2pod.measure_interleaved(ctx, [
             direct, pod2pod.Route(PATH_BYPASS, mesh_client, mesh_server.ip, processes=proxy, ends=1)]))))
+        joined = joined_pairs(ctx)
+        ctx.log(f"  node-1's proxy joined {joined:.0f} same-node connections in the kernel")
+        if not joined:
+            raise RuntimeError(f"the {PATH_BYPASS} path was not bypassed (no joined pair in node-1's proxy metrics)")
         set_workers(ctx, workers, nodes=(NODE,), extra_args=("--no-same-node-bypass",))
         try:
             blocks.append(list(_renamed(pod2pod.measure_interleaved(ctx, [
