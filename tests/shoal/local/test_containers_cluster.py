@@ -220,3 +220,67 @@ def test_a_waypoint_runs_as_the_templates_container_enforces_l7_and_goes_refusin
         eventually(lambda: not podman.exists(name), "the waypoint container to go", timeout=30, interval=0.5)
     finally:
         shoal_cli(layout, "waypoint", "delete", "-n", "demo", check=False)
+
+
+def test_replacing_the_node_proxy_container_under_load_refuses_nothing_and_drains(container_cluster):
+    """Scaled down from perf/scenarios/upgrade.py: a client on node-1 opens 50 new
+    connections a second to an echo app on node-2, and holds 20 long-lived ones, while
+    node-1's proxy container is replaced (what an upgrade does to it). The successor takes
+    over through the restart handover before the old proxy stops accepting: no new
+    connection fails, every held one survives the drain, and the old container is gone.
+
+    Why 50/s and 30 s per connection: on the shared 2-core machine the successor's start
+    (podman, then three Python processes importing) starves the old proxy, which then
+    answers in seconds (measured at 100/s under load 14: p50 2.8 s, max 6.3 s, against
+    0.2 s without a replacement). At 100/s that delay stood long enough for the proxy's
+    shedding on queueing delay (agent/ztunnel/shedding.py) to reset 139 of 1,000: an
+    overload answer, not the handover's, and what perf/scenarios/upgrade.py measures at
+    the issue's 200/s. Slow is reported here; refused, reset or never answered fails."""
+    from shoal.perf.connscripts import SOAK_CLIENT
+    from shoal.perf.scenarios.load import parse_refusals
+    from tests.agent.ztunnel.test_app_cluster import ECHO_PORT, _hold, _start_echo, _summary, pod_ip, probe
+
+    def refusals(node):
+        return parse_refusals(subprocess.run(
+            ["ip", "netns", "exec", layout.node_netns(node), "curl", "-s", "-m", "20", "http://127.0.0.1:15020/metrics"],
+            capture_output=True, text=True, timeout=30).stdout)
+
+    layout = container_cluster.layout
+    name = f"{layout.name}.node-1.proxy"
+    old_id = podman.inspect(name)["Id"]
+    echo = _start_echo(layout, "demo/db-0")
+    try:
+        db = pod_ip(layout, "demo/db-0")
+        hold = _hold(layout, "demo/client-0", db, 20, 16)
+        time.sleep(3)   # all 20 open and pinging
+        load = subprocess.Popen([sys.executable, "-m", "shoal", "exec", "demo/client-0", "--", sys.executable,
+                                 "-c", SOAK_CLIENT, db, str(ECHO_PORT), "50", "12", "30"],
+                                env={**os.environ, "SHOAL_CLUSTER": layout.name},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(2)
+        before = refusals("node-2")
+        started = time.monotonic()
+        new_id = container_cluster.replace_proxy("node-1")
+        replaced = time.monotonic() - started
+        new_connections, held = _summary(load), _summary(hold)
+    finally:
+        echo.terminate()
+        echo.wait(10)
+    previous = (layout.log_dir / "proxy-node-1.previous.log").read_text()
+    # Who refused what, if anything: the new node-1 proxy's and node-2's counters, the old one's log.
+    refused = {"node-1 (new)": refusals("node-1"),
+               "node-2 (since the replacement)": {k: v - before.get(k, 0) for k, v in refusals("node-2").items()
+                                                  if v > before.get(k, 0)},
+               "node-1 (old)": [line[-200:] for line in previous.splitlines() if "overloaded" in line or "busy" in line]}
+    print(f"replacement took {replaced:.1f} s; new connections {new_connections}; held {held}; refusals {refused}")
+    assert new_connections["reasons"] == {}, (new_connections, refused)
+    assert new_connections["failed"] == 0 and new_connections["ok"] == 600, new_connections
+    assert held["ok"] == 20 and held["lost"] == [] and held["n_failed"] == 0, held
+    assert new_id != old_id and podman.inspect(name)["Id"] == new_id
+    assert podman.inspect(name)["State"]["Running"]
+    assert not podman.exists(old_id) and not podman.exists(f"{name}.next")
+    assert "handover: asking proxy" not in previous and "drain: carried" in previous, previous[-2000:]
+    assert "handover: asking proxy" in (layout.log_dir / "proxy-node-1.log").read_text()
+    # The new container serves: a fresh connection through it.
+    eventually(lambda: "reply: db" in probe(layout, "demo/client-0", "db.demo", 7000, "hello"),
+               "db through the new proxy")
