@@ -351,3 +351,16 @@ async def test_a_released_pod_loses_its_bypassed_connections(proxy, pod_netns):
     with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
         await asyncio.wait_for(reader.readexactly(1), 5)
     assert not harness.app.ctx.bypass.live
+
+
+async def test_ipv6_destination_takes_the_same_path(proxy):
+    """Both families, one path: an app dialling the server's IPv6 address is joined the
+    same way; the server app sees the client's IPv6 address."""
+    from tests.agent.ztunnel.proxybed import CLIENT_IP6, SERVER_IP6
+    harness = await proxy()
+    payload = os.urandom(2 * 1024 * 1024)
+    assert await harness.echo_roundtrip(payload, dst=(SERVER_IP6, APP_PORT)) == payload
+    await _until(lambda: not harness.app.ctx.bypass.live)
+    assert metric(harness.app, "shoal_proxy_bypass_connections_total", outcome="joined") == 1
+    assert metric(harness.app, "istio_tcp_received_bytes_total", reporter="destination") == len(payload)
+    assert {peer[0] for peer in harness.echo.peers} == {CLIENT_IP6}
