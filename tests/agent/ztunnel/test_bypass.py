@@ -364,3 +364,27 @@ async def test_ipv6_destination_takes_the_same_path(proxy):
     assert metric(harness.app, "shoal_proxy_bypass_connections_total", outcome="joined") == 1
     assert metric(harness.app, "istio_tcp_received_bytes_total", reporter="destination") == len(payload)
     assert {peer[0] for peer in harness.echo.peers} == {CLIENT_IP6}
+
+
+async def test_bytes_the_kernel_cannot_redirect_end_the_pair_and_go_nowhere(proxy, bypass_layout):
+    """Fail closed: when the peer socket is no longer in the map (here taken out by hand;
+    in life, a socket closing), the verdict keeps the bytes on the receiving socket; the
+    proxy reads them there, resets both apps and counts it. The server app never sees them."""
+    from shoal.datapath import bpfsys
+    harness = await proxy()
+    reader, writer = await harness.connect_via_proxy(SERVER_IP, APP_PORT)
+    writer.write(b"ping")
+    assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+    (conn,) = harness.app.ctx.bypass.live
+    fd = bpfsys.obj_get(bypass_layout.bpf_pin_dir("node-1") / "bypass_socks")
+    try:
+        assert bpfsys.map_delete(fd, ctypes.c_uint64(conn.pair.server_cookie))
+    finally:
+        os.close(fd)
+    writer.write(b"not for anyone else")
+    with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+        await asyncio.wait_for(reader.readexactly(1), 5)
+    await _until(lambda: not harness.app.ctx.bypass.live)
+    assert metric(harness.app, "shoal_proxy_bypass_connections_total", outcome="broken") == 1
+    for reporter in ("source", "destination"):
+        assert metric(harness.app, "istio_tcp_connections_closed_total", reporter=reporter, response_flags="UR") == 1
