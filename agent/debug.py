@@ -64,6 +64,15 @@ def _flags(flags: int) -> str:
     return ",".join(names) or "-"
 
 
+def _host_netns_path(layout: ClusterLayout, known: dict) -> str:
+    """The pod's namespace as this command sees it. The agent records its own view, which in
+    a container (``shoal up --containers``) lies under its /host mounts: the local cluster's
+    named namespace stands in when that path is not on this machine."""
+    recorded = known["netns_path"]
+    named = f"/run/netns/{layout.pod_netns(known.get('namespace', ''), known.get('name', ''))}"
+    return named if not os.path.exists(recorded) and os.path.exists(named) else recorded
+
+
 def collect(layout: ClusterLayout, node: str) -> dict:
     from shoal.agent.mapsync import DatapathMaps, histogram_quantile
     pin_dir = layout.bpf_pin_dir(node)
@@ -82,7 +91,7 @@ def collect(layout: ClusterLayout, node: str) -> dict:
             tc = []
             if known.get("netns_path"):
                 try:
-                    tc = tc_ingress_programs(known["netns_path"])
+                    tc = tc_ingress_programs(_host_netns_path(layout, known))
                 except (NetnsError, OSError) as err:
                     tc = [f"error: {err}"]
             pods.append({"pod": f"{known.get('namespace', '?')}/{known.get('name', '?')}", "ip": info["ip"],

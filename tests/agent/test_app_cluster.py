@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import eventually, pod_exec, shoal_cli
+from tests.conftest import eventually, host_processes_only, pod_exec, shoal_cli
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
@@ -159,6 +159,7 @@ def _db_session_works(layout) -> bool:
     return bool(lines) and json.loads(lines[-1]).get("replies") == ["ok one", "ok two"]
 
 
+@host_processes_only("an agent container's SIGKILL is not tested yet")
 def test_db_session_survives_sigkill_of_the_agent(demo_cluster):
     layout = demo_cluster.layout
     component = next(c for c in demo_cluster.node_components("node-1") if c.name == "agent-node-1")

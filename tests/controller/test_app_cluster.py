@@ -13,7 +13,7 @@ import pytest
 from shoal.config import PORT_CONTROLLER_METRICS
 from shoal.local import network
 from shoal.local.apiclient import ApiClient
-from tests.conftest import pod_exec
+from tests.conftest import host_processes_only, pod_exec
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
 
@@ -260,6 +260,7 @@ def controller_outage_keeps_state_and_traffic(cluster, kill, start) -> None:
             cluster._wait(cluster.api.healthy, 60, "the controller did not come back")
 
 
+@host_processes_only("tests/shoal/local/test_containers_cluster.py kills and restarts the controller container")
 def test_killing_the_controller_changes_neither_root_nor_identities_and_traffic_flows(demo_cluster):
     """SIGKILL of the local cluster's controller, then a new one (store dir: ca/, identities)."""
     layout = demo_cluster.layout

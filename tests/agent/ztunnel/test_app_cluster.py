@@ -12,7 +12,7 @@ import time
 import pytest
 
 from shoal.perf.connscripts import ECHO_APP, HOLD_CLIENT
-from tests.conftest import eventually, pod_exec, shoal_cli
+from tests.conftest import eventually, host_processes_only, pod_exec, shoal_cli
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
@@ -159,6 +159,7 @@ def test_allow_policy_naming_another_account_denies_client_to_db(demo_cluster):
     eventually(lambda: "reply: db" in probe(layout, "demo/client-0", "db.demo", 7000, "hello"), "policy removal")
 
 
+@host_processes_only("the proxy container's replacement with drain is the upgrade work of issue 15 (not tested here yet)")
 def test_node_proxy_restart_under_load_refuses_nothing(demo_cluster):
     layout = demo_cluster.layout
     web0 = pod_ip(layout, "demo/web-0")  # same node as client-0: both ends on node-1's proxy
@@ -221,6 +222,7 @@ def test_1000_concurrent_connections_through_two_node_proxies_then_curl_works(de
     assert out.strip(), "curl web.demo after the burst got no answer"
 
 
+@host_processes_only("the proxy container's replacement with drain is the upgrade work of issue 15 (not tested here yet)")
 def test_graceful_restart_keeps_50_live_connections_and_reports_the_drain(demo_cluster):
     layout = demo_cluster.layout
     node = pods(layout)["demo/client-0"]["spec"]["nodeName"]
