@@ -46,7 +46,7 @@ class ProxyConfig:
     # longer than the target for an interval and their backlog is not draining, those
     # that waited past the target are refused (RST, reason="queue_delay"). 0: off.
     overload_target: float = 1.0
-    overload_interval: float = 3.0
+    overload_interval: float = 10.0
     upstream_dials_per_identity: int = 256   # concurrent app connects per HBONE peer identity
     # Worker processes (issue 13): 1 = one process, no supervisor; N > 1 = a supervisor
     # (ZDS, admin, metrics, handover) and N workers sharing the in-pod listeners.
@@ -109,7 +109,7 @@ class ProxyConfig:
                             help="seconds a connection may wait for its setup before an overloaded proxy "
                                  "refuses it (0: no shedding on delay)")
         parser.add_argument("--overload-interval", type=float,
-                            default=float(env.get("SHOAL_PROXY_OVERLOAD_INTERVAL", 3.0)),
+                            default=float(env.get("SHOAL_PROXY_OVERLOAD_INTERVAL", 10.0)),
                             help="seconds a standing delay must last before shedding starts")
         parser.add_argument("--cert-ttl", type=int, default=int(env.get("SHOAL_CERT_TTL", 0)),
                             help="SVID lifetime to ask the CA for, seconds (0: CA default)")

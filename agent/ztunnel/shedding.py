@@ -17,11 +17,14 @@ When it is overload (:meth:`DelayShedder.completed`), per listener kind:
 
 - **standing delay**: every wait that ended during one ``interval`` was above ``target``
   (CoDel: the minimum over an interval; one quick setup says the queue drains and resets it);
-- **and not draining**: over that interval the backlog (setups in flight plus the kernel's
-  accept queue) did not shrink by at least half of what completed, i.e. new arrivals kept
-  up with the service. A burst (10,000 connections opened at once, then nothing) shrinks
-  its backlog all along: it is left alone however long it lasts, and looked at again one
-  interval later. Sustained overload keeps its backlog (or grows it): that is shed.
+- **and not draining**: the backlog (setups in flight plus the kernel's accept queues) is
+  still at its peak, or its peak is recent (less than half an interval ago), or since the
+  peak it shrank by less than half of what completed, i.e. new arrivals kept up with the
+  service. A burst (10,000 connections opened within a few seconds, then nothing) shrinks
+  its backlog from the moment its arrivals end: it is left alone however long it takes to
+  drain, and looked at again one interval later. Sustained overload keeps its backlog
+  (or grows it): that is shed. So the interval must outlast a burst's arrivals (seconds
+  on a loaded node), which is why it is 10 s by default.
 
 What overload does, until every wait for a whole interval was within target again (or
 the kind went idle):
@@ -50,7 +53,7 @@ class ShedPolicy:
     and how long waits must stay within target before it stops. ``min_cap``: setups in
     flight are never capped below this."""
     target: float = 1.0
-    interval: float = 3.0
+    interval: float = 10.0
     min_cap: int = 16
 
     @property
@@ -70,8 +73,9 @@ class DelayShedder:
         self.overloaded = False
         self.shed = 0                                # refused for their wait, all episodes
         self._first_above: float | None = None      # calm: since when every wait was above target
-        self._window_backlog = 0                    # ... the backlog then,
-        self._window_done = 0                       # ... and setups ended since
+        self._peak = 0                              # ... the largest backlog since,
+        self._peak_at = 0.0                         # ... when it was seen,
+        self._done_since_peak = 0                   # ... and setups ended after it
         self._first_below: float | None = None      # overloaded: since when every wait was within target
         self._bucket_start = clock()                # throughput: completions per interval
         self._bucket_done = 0
@@ -96,20 +100,29 @@ class DelayShedder:
         if waited <= target:
             self._first_above = None
             return None
+        backlog = self._backlog()
         if self._first_above is None:
-            self._first_above, self._window_backlog, self._window_done = now, self._backlog(), 0
+            self._first_above, self._peak, self._peak_at, self._done_since_peak = now, backlog, now, 0
             return None
-        self._window_done += 1
+        if backlog >= self._peak:
+            self._peak, self._peak_at, self._done_since_peak = backlog, now, 0
+        else:
+            self._done_since_peak += 1
         if now - self._first_above < interval:
             return None
-        backlog = self._backlog()
-        drained = self._window_backlog - backlog
-        if drained * 2 >= self._window_done or backlog <= self.policy.min_cap:
+        if backlog <= self.policy.min_cap or self._draining(now, backlog):
             # A queue that drains (or hardly exists) is transient: judge it again in an interval.
-            self._first_above, self._window_backlog, self._window_done = now, backlog, 0
+            self._first_above, self._peak, self._peak_at, self._done_since_peak = now, backlog, now, 0
             return None
         self.overloaded, self._first_below = True, None
         return "overloaded"
+
+    def _draining(self, now: float, backlog: int) -> bool:
+        """Since its peak, at least half an interval ago, the backlog shrank by at least
+        half of what completed: arrivals stopped or fell well below the service (a burst
+        that is over). A backlog still growing, or flat, is not draining."""
+        return (backlog < self._peak and now - self._peak_at >= self.policy.interval / 2
+                and (self._peak - backlog) * 2 >= self._done_since_peak)
 
     def should_shed(self, age: float) -> bool:
         """For a connection just accepted after ``age`` seconds in the accept queue: refuse it?"""

@@ -35,7 +35,7 @@ def test_bad_arguments_are_refused(argv):
 
 def test_shedding_on_delay_from_flags_or_environment():
     assert (ProxyConfig.from_args(["--node", "n"], env={}).overload_target,
-            ProxyConfig.from_args(["--node", "n"], env={}).overload_interval) == (1.0, 3.0)
+            ProxyConfig.from_args(["--node", "n"], env={}).overload_interval) == (1.0, 10.0)
     config = ProxyConfig.from_args(["--node", "n", "--overload-interval", "5"],
                                    env={"SHOAL_PROXY_OVERLOAD_TARGET": "0"})
     assert (config.overload_target, config.overload_interval) == (0.0, 5.0)

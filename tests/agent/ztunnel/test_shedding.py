@@ -72,6 +72,30 @@ def test_a_draining_burst_is_never_shed_however_long_it_stands():
     assert not bed.shedder.overloaded
 
 
+def test_a_burst_still_arriving_for_part_of_the_interval_is_not_shed():
+    """A loaded client opens 6,000 connections over 1.2 s while the first are served: the
+    backlog peaks, then falls; judged after an interval, it drains."""
+    bed = Bed()
+    for ms in range(1, 6_000):
+        bed.now = ms / 1000
+        arrived = min(6_000, ms * 5)
+        bed.backlog = arrived - ms
+        assert bed.complete(waited=1.5) is None
+    assert not bed.shedder.overloaded
+
+
+def test_a_flat_backlog_with_jitter_is_overload():
+    """The accept queue full (arrivals dropped at its door), setups at their cap: the
+    backlog hovers below an early peak while thousands complete."""
+    bed = Bed()
+    changes = []
+    for step in range(1, 500):
+        bed.now = step / 100
+        bed.backlog = 12_000 - step % 7
+        changes.append(bed.complete(waited=3.0))
+    assert "overloaded" in changes
+
+
 def test_a_burst_on_top_of_arrivals_that_keep_up_is_overload():
     """The same backlog, but new connections arrive as fast as they are served: not draining."""
     bed = Bed()
