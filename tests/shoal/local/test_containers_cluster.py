@@ -72,7 +72,7 @@ def test_each_node_container_has_exactly_the_rendered_privileges(container_clust
     assert not info["HostConfig"]["Privileged"]
     assert "no-new-privileges" in info["HostConfig"]["SecurityOpt"]
     assert info["Config"]["User"] == str(sc["runAsUser"])
-    assert info["Config"]["Cmd"] == manifest["command"]
+    assert info["Config"]["Cmd"] == manifest["command"] + manifest.get("args", [])
     # hostNetwork: the node's namespace; shareProcessNamespace: the sandbox's PID namespace.
     assert info["HostConfig"]["NetworkMode"] == f"ns:/run/netns/{layout.node_netns(node)}"
     assert info["HostConfig"]["PidMode"].startswith("container:")
@@ -200,7 +200,7 @@ def test_a_waypoint_runs_as_the_templates_container_enforces_l7_and_goes_refusin
             if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "shoal-waypoint-template")["data"]["template.yaml"])
         pod = next(d for d in template if d and d["kind"] == "Deployment")["spec"]["template"]["spec"]
         manifest = pod["containers"][0]
-        assert info["Config"]["Image"] == manifest["image"] and info["Config"]["Cmd"] == manifest["command"]
+        assert info["Config"]["Image"] == manifest["image"] and info["Config"]["Cmd"] == manifest["command"] + manifest.get("args", [])
         assert info["EffectiveCaps"] in (None, []) and manifest["securityContext"]["capabilities"] == {"drop": ["ALL"]}
         assert info["HostConfig"]["ReadonlyRootfs"] and "no-new-privileges" in info["HostConfig"]["SecurityOpt"]
         assert info["Config"]["User"] == f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
