@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import re
-import signal
 import socket
 import subprocess
 import sys
 import threading
 
 import pytest
+
+from shoal.perf.beds import procs as bed_procs
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -23,7 +24,8 @@ def _free_port() -> int:
 
 def _start(role: str, *args: str) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen([sys.executable, "-m", "shoal.perf.hbonepair", "--role", role, *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)   # its own group: the bed's stop takes it whole
     assert proc.stdout is not None
     line = proc.stdout.readline()
     match = re.search(r"127\.0\.0\.1:(\d+) ->", line)
@@ -61,9 +63,5 @@ def test_the_two_ends_in_two_processes_carry_bytes_both_ways(tmp_path):
         assert got == payload
     finally:
         for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            bed_procs.stop(proc, grace=10)
         echo.close()
