@@ -95,10 +95,18 @@ def held_per_worker(layout, expected: int) -> dict[int, int]:
     return eventually(counts, f"{expected} connections live on node-1's workers", timeout=60, interval=0.5)
 
 
+def all_ready(report: dict) -> dict | None:
+    """The workers report when every worker in it is ready, else None."""
+    return report if all(w["health"] == "ready" for w in report["workers"]) else None
+
+
 def test_status_shows_both_workers_serving_every_pod(cluster):
     layout = cluster.layout
     for node in ("node-1", "node-2"):
-        report = workers(layout, node)
+        # A worker reports ready once its certificates and config arrived, which may follow
+        # the cluster's own readiness by a moment on a busy machine: wait for it, bounded.
+        report = eventually(lambda node=node: all_ready(workers(layout, node)),
+                            f"{node}'s workers ready", timeout=30, interval=0.5)
         assert [w["index"] for w in report["workers"]] == [0, 1]
         assert all(w["health"] == "ready" for w in report["workers"]), report
         assert len({w["pid"] for w in report["workers"]}) == 2
