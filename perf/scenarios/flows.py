@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from shoal.perf.beds import procs
 from shoal.perf.scenario import Context, Measurement, Scenario, Target
 
 PATH = "shoal-agent"
@@ -173,10 +174,9 @@ def measure_ingest(ctx: Context) -> Iterator[Measurement]:
 
 # ------------------------------------------------------------------ follow latency
 
-def _spawn(ctx: Context, *args: str) -> subprocess.Popen:
-    log = open(ctx.workdir / f"flows-{args[0]}-{len(list(ctx.workdir.iterdir()))}.log", "wb")
-    return subprocess.Popen([sys.executable, "-m", "shoal.perf.scenarios.flows", *args],
-                            stdout=log, stderr=subprocess.STDOUT)
+def _spawn(ctx: Context, *args: str) -> "subprocess.Popen[bytes]":
+    log = ctx.workdir / f"flows-{args[0]}-{len(list(ctx.workdir.iterdir()))}.log"
+    return procs.spawn([sys.executable, "-m", "shoal.perf.scenarios.flows", *args], log)
 
 
 def _wait_socket(path: Path, timeout: float = 20.0) -> None:
@@ -214,14 +214,14 @@ def measure_follow(ctx: Context) -> Iterator[Measurement]:
     rate = 1000
     workdir = Path(ctx.workdir) / "follow"
     workdir.mkdir(parents=True, exist_ok=True)
-    procs = []
+    started = []
     try:
         for node in ("node-1", "node-2"):
-            procs.append(_spawn(ctx, "node", "--name", node, "--socket", str(workdir / f"{node}.sock"),
+            started.append(_spawn(ctx, "node", "--name", node, "--socket", str(workdir / f"{node}.sock"),
                                 "--rate", str(rate)))
         for node in ("node-1", "node-2"):
             _wait_socket(workdir / f"{node}.sock")
-        procs.append(_spawn(ctx, "relay", "--socket", str(workdir / "relay.sock"),
+        started.append(_spawn(ctx, "relay", "--socket", str(workdir / "relay.sock"),
                             *(f"{n}=unix:{workdir / f'{n}.sock'}" for n in ("node-1", "node-2"))))
         _wait_socket(workdir / "relay.sock")
         time.sleep(0.5)
@@ -239,13 +239,8 @@ def measure_follow(ctx: Context) -> Iterator[Measurement]:
         yield Measurement("flows.follow_latency", PATH, "p50", "ms", tuple(p50s), better="lower", note=note)
         yield Measurement("flows.follow_latency", PATH, "p99", "ms", tuple(p99s), better="lower", note=note)
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        for proc in started:
+            procs.stop(proc)
 
 
 def run(ctx: Context) -> Iterator[Measurement]:
