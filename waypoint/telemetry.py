@@ -17,7 +17,7 @@ from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
@@ -38,7 +38,6 @@ ISTIO_LABELS = REQUEST_LABELS
 DURATION_BUCKETS_MS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000)
 SIZE_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000)
 
-MAX_CACHED_LABEL_SETS = 4096
 
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 
@@ -187,22 +186,69 @@ class IstioRequestMetrics:
             yield family
 
 
+class _Count:
+    """One label set of a ``PlainCounter``: a plain number."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
+
+
+class PlainCounter:
+    """A Prometheus counter kept as plain numbers, exported when scraped.
+
+    ``prometheus_client.Counter`` takes a lock and validates the labels on every
+    ``labels(...).inc()``; here one event-loop thread writes and the same loop serves
+    /metrics, so a dict of numbers is enough (the labelled child is looked up once per
+    label set, as with ``Counter``).
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...], registry: CollectorRegistry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labelnames
+        self.children: dict[tuple[str, ...], _Count] = {}
+        registry.register(self)
+
+    def labels(self, *values: str, **named: str) -> _Count:
+        key = values or tuple(named[label] for label in self.labelnames)
+        child = self.children.get(key)
+        if child is None:
+            if len(key) != len(self.labelnames):
+                raise ValueError(f"{self.name}: labels {self.labelnames}, got {key}")
+            child = self.children[key] = _Count()
+        return child
+
+    def describe(self):
+        yield CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def collect(self):
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for key, child in list(self.children.items()):
+            family.add_metric(key, child.value)
+        yield family
+
+
 class RequestMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.istio = IstioRequestMetrics()
         registry.register(self.istio)
-        self.rejected = Counter("shoal_waypoint_rejected_requests", "Downstream input rejected before routing",
-                                ["reason", "status"], registry=registry)
-        self.authz = Counter("shoal_waypoint_authorization_decisions", "L7 authorization decisions",
-                             ["decision", "policy"], registry=registry)
-        self.retries = Counter("shoal_waypoint_upstream_retries", "Upstream attempts retried",
-                               ["destination_service", "outcome"], registry=registry)
-        self.ejections = Counter("shoal_waypoint_outlier_ejections", "Endpoints ejected by outlier detection",
-                                 ["destination_service"], registry=registry)
-        self.config_rejected = Counter("shoal_waypoint_config_rejected", "Routes/policies rejected as invalid",
-                                       ["kind"], registry=registry)
-        self.downstream_connections = Counter("shoal_waypoint_downstream_connections",
-                                              "Downstream connections accepted", ["protocol"], registry=registry)
+        self.rejected = PlainCounter("shoal_waypoint_rejected_requests", "Downstream input rejected before routing",
+                                     ("reason", "status"), registry)
+        self.authz = PlainCounter("shoal_waypoint_authorization_decisions", "L7 authorization decisions",
+                                  ("decision", "policy"), registry)
+        self.retries = PlainCounter("shoal_waypoint_upstream_retries", "Upstream attempts retried",
+                                    ("destination_service", "outcome"), registry)
+        self.ejections = PlainCounter("shoal_waypoint_outlier_ejections", "Endpoints ejected by outlier detection",
+                                      ("destination_service",), registry)
+        self.config_rejected = PlainCounter("shoal_waypoint_config_rejected", "Routes/policies rejected as invalid",
+                                            ("kind",), registry)
+        self.downstream_connections = PlainCounter("shoal_waypoint_downstream_connections",
+                                                   "Downstream connections accepted", ("protocol",), registry)
 
 
 class RequestTelemetry:
@@ -213,8 +259,6 @@ class RequestTelemetry:
         self._flows = flow_emitter
         self._spans = span_exporter
         self.clock = clock
-        # prometheus_client's labels() validates on every call; requests repeat few label sets.
-        self._authz_children: dict[tuple[bool, str], Any] = {}
 
     def label_values(self, r: RequestRecord) -> tuple[str, ...]:
         """``ISTIO_LABELS`` values; the source principal is the HBONE peer's certificate."""
@@ -228,15 +272,8 @@ class RequestTelemetry:
                                r.mtls) + (str(r.status), r.grpc_status)
 
     def count_authz(self, allowed: bool, policy: str | None) -> None:
-        """One L7 authorization decision (once per request: the labelled child is cached)."""
-        key = (allowed, policy or "-")
-        child = self._authz_children.get(key)
-        if child is None:
-            if len(self._authz_children) >= MAX_CACHED_LABEL_SETS:
-                self._authz_children.clear()
-            child = self._authz_children[key] = self.metrics.authz.labels(decision="allow" if allowed else "deny",
-                                                                         policy=key[1])
-        child.inc()
+        """One L7 authorization decision."""
+        self.metrics.authz.labels("allow" if allowed else "deny", policy or "-").value += 1
 
     def labels(self, r: RequestRecord) -> dict[str, str]:
         return dict(zip(ISTIO_LABELS, self.label_values(r)))

@@ -81,7 +81,7 @@ async def test_routes_follow_the_config_state_without_restart():
             broken = route([{"matches": [{"path": {"type": "Nope"}}]}], name="broken")
             state.apply(m.ConfigDelta("3", upserted=(kube(broken),)))
             assert await backend() == ("web-v2", 200)
-            assert app.telemetry.metrics.config_rejected.labels(kind="HTTPRoute")._value.get() >= 1
+            assert app.telemetry.metrics.config_rejected.labels(kind="HTTPRoute").value >= 1
             # Rate limit policy added, then the route removed.
             state.apply(m.ConfigDelta("4", upserted=(kube(traffic_policy({"rateLimit": {"maxTokens": 1, "fillInterval": "1h"}})),),
                                       removed=("object/HTTPRoute/demo/r",)))
