@@ -31,8 +31,8 @@ import logging
 from typing import Callable
 
 from .downstream import CLOSE, H1Server, Handoff
-from .h1 import END, RequestHead, ResponseHead, UpstreamFramingError, encode_request_head
-from .http import strip_hop_by_hop
+from .h1 import END, RequestHead, UpstreamFramingError, encode_request_head
+from .http import ResponseHead, strip_hop_by_hop
 from .proxy import Routed, WaypointProxy, _Attempt
 from .resilience import RESET
 from .routing import apply_response_filters

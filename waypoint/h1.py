@@ -21,6 +21,8 @@ from http import HTTPStatus
 
 import httptools
 
+from .http import ResponseHead
+
 
 class H1Error(Exception):
     """The client's request cannot be served: answer ``status`` and close (counted as ``reason``)."""
@@ -46,14 +48,6 @@ class RequestHead:
     keep_alive: bool
     upgrade: str | None                 # the Upgrade token when the client asked to switch protocols
     expect_continue: bool
-
-
-@dataclass(slots=True)
-class ResponseHead:
-    status: int
-    headers: list[tuple[str, str]]      # lower-case names, in order
-    content_length: int | None          # None: chunked, or until the connection closes
-    keep_alive: bool                    # the connection can carry another exchange afterwards
 
 
 @dataclass(slots=True)

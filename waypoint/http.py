@@ -72,6 +72,18 @@ class ProxyRequest:
         return self.target.partition("?")[0]
 
 
+@dataclass(slots=True)
+class ResponseHead:
+    """An upstream's response head, whichever protocol carried it (``h1`` or ``upstream_h2``)."""
+
+    status: int
+    headers: list[tuple[str, str]]      # lower-case names, in order (no pseudo-headers)
+    content_length: int | None = None   # None: chunked, until the connection closes, or not announced
+    keep_alive: bool = False            # HTTP/1.1: the connection can carry another exchange afterwards
+    stream_id: int = 0                  # HTTP/2: the stream it answers
+    ended: bool = False                 # HTTP/2: a trailers-only or empty answer, nothing follows
+
+
 class ResponseSink(Protocol):
     """Where the pipeline writes its answer; the downstream connection implements it."""
 

@@ -19,14 +19,13 @@ from shoal.telemetry_labels import UNKNOWN, PeerLabels, principal
 from .h1 import (
     END,
     LAST_CHUNK,
-    ResponseHead,
     ResponseReader,
     Upgraded,
     UpstreamFramingError,
     encode_chunk,
     encode_request_head,
 )
-from .http import Body, TcpStream, Tunnel
+from .http import Body, ResponseHead, TcpStream, Tunnel
 from .model import ConnectionPoolPolicy
 from .resilience import CONNECT_FAILURE, RESET
 

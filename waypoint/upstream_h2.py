@@ -33,7 +33,7 @@ import h2.settings
 
 from shoal.hbone.framing import Budget, GuardedFrameBuffer
 
-from .http import Body, Tunnel
+from .http import Body, ResponseHead, Tunnel
 from .model import ConnectionPoolPolicy
 from .resilience import CONNECT_FAILURE, RESET
 from .upstream import Connector, Endpoint, PoolOverflow, UpstreamError
@@ -64,14 +64,6 @@ def speaks_h2c(app_protocol: str, port_name: str) -> bool:
 
 
 # -- sans-I/O core ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ResponseHead:
-    stream_id: int
-    status: int
-    headers: list[tuple[str, str]]
-    ended: bool                  # trailers-only / empty answer: nothing follows
-
 
 @dataclass(frozen=True)
 class ResponseData:
@@ -223,9 +215,9 @@ class H2ClientCore:
             if isinstance(ev, h2.events.ResponseReceived):
                 headers = _text(ev.headers)
                 status = next((v for n, v in headers if n == ":status"), "0")
-                events.append(ResponseHead(ev.stream_id, int(status) if status.isdigit() else 0,
+                events.append(ResponseHead(int(status) if status.isdigit() else 0,
                                            [(n, v) for n, v in headers if not n.startswith(":")],
-                                           ev.stream_ended is not None))
+                                           stream_id=ev.stream_id, ended=ev.stream_ended is not None))
             elif isinstance(ev, h2.events.DataReceived):
                 events.append(ResponseData(ev.stream_id, ev.data, ev.flow_controlled_length))
             elif isinstance(ev, h2.events.TrailersReceived):

@@ -7,7 +7,6 @@ from shoal.waypoint.h1 import (
     H1Error,
     RequestHead,
     RequestReader,
-    ResponseHead,
     ResponseReader,
     Upgraded,
     UpstreamFramingError,
@@ -16,6 +15,7 @@ from shoal.waypoint.h1 import (
     encode_request_head,
     status_line,
 )
+from shoal.waypoint.http import ResponseHead
 
 
 def request_events(*chunks: bytes, **limits) -> list:

@@ -10,12 +10,12 @@ import h2.events
 import h2.exceptions
 import pytest
 
+from shoal.waypoint.http import ResponseHead
 from shoal.waypoint.upstream_h2 import (
     ConnectionGone,
     H2ClientCore,
     ResponseData,
     ResponseEnded,
-    ResponseHead,
     ResponseTrailers,
     StreamReset,
     WindowOpened,
@@ -73,7 +73,7 @@ def test_core_request_response_with_trailers():
     srv.send_data(sid, b"\0\0\0\0\2ok")
     srv.send_headers(sid, [("grpc-status", "0"), ("grpc-message", "")], end_stream=True)
     events = core.receive(srv.data_to_send())
-    assert events[0] == ResponseHead(sid, 200, [("content-type", "application/grpc")], False)
+    assert events[0] == ResponseHead(200, [("content-type", "application/grpc")], stream_id=sid, ended=False)
     assert events[1] == ResponseData(sid, b"\0\0\0\0\2ok", 7)
     assert ResponseTrailers(sid, [("grpc-status", "0"), ("grpc-message", "")]) in events
     assert events[-1] == ResponseEnded(sid)
@@ -85,7 +85,7 @@ def test_core_trailers_only_answer_ends_with_the_head():
     srv.receive_data(core.data_to_send())
     srv.send_headers(sid, [(":status", "200"), ("grpc-status", "14")], end_stream=True)
     events = core.receive(srv.data_to_send())
-    assert events == [ResponseHead(sid, 200, [("grpc-status", "14")], True), ResponseEnded(sid)]
+    assert events == [ResponseHead(200, [("grpc-status", "14")], stream_id=sid, ended=True), ResponseEnded(sid)]
 
 
 def test_core_send_stops_at_the_window_and_resumes_on_window_update():
