@@ -135,9 +135,16 @@ class ClusterLayout:
         """Agent -> node proxy: pod netns handover (SCM_RIGHTS)."""
         return self.node_dir(node) / "zds.sock"
 
+    def flows_dir(self, node: str) -> Path:
+        """The folder of the flows socket alone: what a waypoint pod mounts (hostPath) to
+        report L7 flows to its node's agent, as Cilium's Envoy mounts its access-log socket
+        folder. A folder, not the socket file: a bind-mounted socket would keep pointing at
+        the old one after the agent restarts and binds a new one."""
+        return self.node_dir(node) / "flows"
+
     def flows_socket(self, node: str) -> Path:
         """Node proxy and waypoints -> agent: L4/L7 flow events."""
-        return self.node_dir(node) / "flows.sock"
+        return self.flows_dir(node) / "flows.sock"
 
     @property
     def hubble_tls_dir(self) -> Path:

@@ -232,6 +232,9 @@ class FlowSocketReceiver:
 
     def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Waypoint pods mount this folder (hostPath) and run as another user: they must reach
+        # the socket, never create or replace anything in here (the folder stays root's).
+        os.chmod(self.path.parent, 0o755)
         if self.path.exists() or self.path.is_symlink():
             self.path.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)

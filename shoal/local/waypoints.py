@@ -45,8 +45,10 @@ LABEL_GATEWAY_NAME = "gateway.networking.k8s.io/gateway-name"   # the controller
 LABEL_MANAGED_BY = "shoal.io/managed-by"
 MANAGER = "waypoint-launcher"
 ANNOTATION_SERVICE_ACCOUNT = "shoal.io/service-account"
-# Where a waypoint pod sees its node's flows socket (a hostPath volume: pods do not see the run dir).
-POD_FLOWS_SOCKET = "/run/shoal-node/flows.sock"
+# Where a waypoint pod sees its node's flows folder (a hostPath volume: pods do not see the
+# run dir), as the waypoint template mounts /var/run/shoal/flows on Kubernetes. Under /run:
+# the sandbox's root filesystem is read-only, /run is its tmpfs.
+POD_FLOWS_DIR = "/run/shoal-node/flows"
 
 
 def is_waypoint(gateway: Obj) -> bool:
@@ -71,7 +73,7 @@ def deployment_for(gateway: Obj, layout: ClusterLayout, python: str = sys.execut
            {"name": "SHOAL_CONTROLLER", "value": network.CONTROLLER_ADDRESS},
            {"name": "SHOAL_TOKEN_FILE", "value": str(layout.waypoint_credential_path(namespace, name))},
            {"name": "SHOAL_CA_BUNDLE", "value": str(layout.ca_bundle_path)},
-           {"name": "SHOAL_FLOWS_SOCKET", "value": POD_FLOWS_SOCKET},
+           {"name": "SHOAL_FLOWS_SOCKET", "value": f"{POD_FLOWS_DIR}/{layout.flows_socket('node').name}"},
            *({"name": k, "value": v} for k, v in extra_env)]
     # Pods are sandboxed (shoal/local/sandbox.py): the waypoint gets exactly the three host files it
     # needs, read-only, and runs as uid 0 without capabilities to read its root-only credential.
@@ -81,7 +83,8 @@ def deployment_for(gateway: Obj, layout: ClusterLayout, python: str = sys.execut
                {"name": "node-run", "hostPath": {"path": str(layout.run_dir)}}]
     mounts = [{"name": "credential", "mountPath": credential, "readOnly": True},
               {"name": "ca-bundle", "mountPath": str(layout.ca_bundle_path), "readOnly": True},
-              {"name": "node-run", "mountPath": POD_FLOWS_SOCKET, "subPathExpr": "$(NODE_NAME)/flows.sock"}]
+              {"name": "node-run", "mountPath": POD_FLOWS_DIR, "readOnly": True,
+               "subPathExpr": f"$(NODE_NAME)/{layout.flows_dir('node').relative_to(layout.node_dir('node'))}"}]
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": name, "namespace": namespace, "labels": {LABEL_GATEWAY_NAME: name, LABEL_MANAGED_BY: MANAGER}},

@@ -28,7 +28,7 @@ def test_layout_from_the_daemonset_env(tmp_path):
                                         "SHOAL_BPFFS": "/sys/fs/bpf", "SHOAL_HOST_PROC": "/host/proc"})
     assert layout.node_cgroup("node-a") == tmp_path / "cg" / "unified"
     assert layout.zds_socket("node-a") == Path("/var/run/shoal/zds.sock")
-    assert layout.flows_socket("node-a") == Path("/var/run/shoal/flows.sock")
+    assert layout.flows_socket("node-a") == Path("/var/run/shoal/flows/flows.sock")
     assert layout.bpf_pin_dir("node-a") == Path("/sys/fs/bpf/shoal/node-a")
     assert layout.proc_root == Path("/host/proc")
     assert layout.netns_dir is None          # pods are found through /host/proc

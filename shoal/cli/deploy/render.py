@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from shoal.cli.deploy import kustomize
-from shoal.config import DEFAULT_TRUST_DOMAIN, ClusterLayout
+from shoal.config import DEFAULT_TRUST_DOMAIN, ENV_CLUSTER, ClusterLayout
 
 DEFAULT_HUB = "ghcr.io/shoal-mesh"
 DEFAULT_TAG = "0.1.0"
@@ -36,6 +36,8 @@ SHOAL_IMAGES = ("shoal-controller", "shoal-agent", "shoal-waypoint")
 
 CONTROLLER = "shoal-controller"
 AGENT = "shoal-agent"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+FLOWS_VOLUME = "shoal-flows"   # the waypoint's hostPath of its node agent's flows folder
 # Where the agent sees the local cluster's named pod namespaces (render for a local cluster only).
 LOCAL_NETNS_MOUNT = "/host/run/netns"
 CA_MOUNT = "/etc/shoal/cacerts"
@@ -143,6 +145,8 @@ def _apply(obj: dict[str, Any], options: RenderOptions) -> dict[str, Any]:
         _local_node_paths(obj, ClusterLayout(name=options.local_cluster))
     if _is(obj, "Deployment", CONTROLLER) and options.local_cluster:
         _local_controller(obj, ClusterLayout(name=options.local_cluster))
+    if _is_waypoint(obj) and options.local_cluster:
+        _local_waypoint_paths(obj, ClusterLayout(name=options.local_cluster))
     obj = _map_strings(obj, lambda s: _replace_trust_domain(s, options.trust_domain))
     for container in _containers(obj):
         container["image"] = _retag(container["image"], options)
@@ -188,12 +192,33 @@ def _local_node_paths(daemonset: dict[str, Any], layout: ClusterLayout) -> None:
         # The YAML anchor shares one env list between the containers: give each its own.
         container["env"] = [dict(entry) for entry in container.get("env", [])]
         for entry in container["env"]:
-            if entry["name"] == "SHOAL_CLUSTER":
+            if entry["name"] == ENV_CLUSTER:
                 entry["value"] = layout.name
         if container["name"] == "agent":
             container["volumeMounts"].append({"name": "netns", "mountPath": LOCAL_NETNS_MOUNT, "readOnly": True,
                                               "mountPropagation": "HostToContainer"})
             container["env"].append({"name": "SHOAL_NETNS_DIR", "value": LOCAL_NETNS_MOUNT})
+
+
+def _is_waypoint(obj: dict[str, Any]) -> bool:
+    """The waypoint template's Deployment (its name is still the ``${GATEWAY_NAME}`` placeholder)."""
+    labels = obj.get("metadata", {}).get("labels") or {}
+    return obj.get("kind") == "Deployment" and labels.get(COMPONENT_LABEL) == "waypoint"
+
+
+def _local_waypoint_paths(deployment: dict[str, Any], layout: ClusterLayout) -> None:
+    """The waypoint template for one local cluster: its node's flows folder is
+    ``<run dir>/<node>/flows`` (the agent's ``run`` volume, ``subPathExpr: $(SHOAL_NODE)``,
+    as in ``_local_node_paths``) rather than a Kubernetes node's ``/var/run/shoal/flows``."""
+    spec = deployment["spec"]["template"]["spec"]
+    under_node = layout.flows_dir("node").relative_to(layout.node_dir("node"))
+    for volume in spec.get("volumes", []):
+        if volume["name"] == FLOWS_VOLUME:
+            volume["hostPath"]["path"] = str(layout.run_dir)
+    for container in spec["containers"]:
+        for mount in container.get("volumeMounts", []):
+            if mount["name"] == FLOWS_VOLUME:
+                mount["subPathExpr"] = f"$(SHOAL_NODE)/{under_node}"
 
 
 def _local_controller(deployment: dict[str, Any], layout: ClusterLayout) -> None:

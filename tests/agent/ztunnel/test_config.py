@@ -15,7 +15,7 @@ def test_environment_of_the_local_cluster():
     assert (config.node, config.layout.name, config.controller, config.token_file) == \
         ("node-2", "c1", "172.18.0.1:15012", "/t")
     assert config.cert_ttl_seconds == 600
-    assert config.zds_path.endswith("/c1/node-2/zds.sock") and config.flows_path.endswith("/c1/node-2/flows.sock")
+    assert config.zds_path.endswith("/c1/node-2/zds.sock") and config.flows_path.endswith("/c1/node-2/flows/flows.sock")
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.node = "x"
 

@@ -75,9 +75,14 @@ def test_the_kubelets_podman_flags_are_the_templates_privileges(tmp_path):
     assert run.env["SHOAL_WAYPOINT_NAME"] == "waypoint" and run.env["SHOAL_WAYPOINT_NAMESPACE"] == "demo"
     assert run.env["SHOAL_CONTROLLER"] == "shoal-controller-replicas.shoal-system.svc:15012"
     assert run.tmpfs == ("/tmp",)
+    # The flows folder is the one of the pod's node's agent (the render's cluster's run dir),
+    # read-only: the waypoint can send to the socket, never replace it.
+    flows = ClusterLayout(name=layout.name).flows_dir("node-1")
+    assert run.env["SHOAL_FLOWS_SOCKET"] == "/var/run/shoal/flows/flows.sock"
     assert sorted(run.mounts) == sorted([
         f"type=bind,source={volume_dir(layout, 'demo', 'waypoint')},destination=/var/run/secrets/shoal/tokens,ro=true",
-        f"type=bind,source={ca_volume_dir(layout)},destination=/var/run/secrets/shoal/ca,ro=true"])
+        f"type=bind,source={ca_volume_dir(layout)},destination=/var/run/secrets/shoal/ca,ro=true",
+        f"type=bind,source={flows},destination=/var/run/shoal/flows,ro=true"])
 
 
 def test_the_launcher_stages_the_token_for_the_pods_user_only(tmp_path, monkeypatch):

@@ -331,3 +331,43 @@ def test_controller_runs_two_replicas_electing_a_leader_on_a_lease(rendered):
                for r in role["rules"])
     cluster_role = find(rendered, "ClusterRole", "shoal-controller")
     assert any("pods" in r["resources"] and "get" in r["verbs"] for r in cluster_role["rules"])
+
+
+def host_path_of(spec, container, path: str) -> str:
+    """Where ``path`` inside ``container`` of pod ``spec`` lies on the node (its hostPath mounts)."""
+    volumes = {v["name"]: v for v in spec.get("volumes") or []}
+    for mount in sorted(container.get("volumeMounts") or [], key=lambda m: -len(m["mountPath"])):
+        inside = mount["mountPath"].rstrip("/")
+        if (path == inside or path.startswith(inside + "/")) and "hostPath" in volumes[mount["name"]]:
+            return volumes[mount["name"]]["hostPath"]["path"].rstrip("/") + path[len(inside):]
+    raise AssertionError(f"{path} is on no hostPath volume of {container['name']}")
+
+
+def test_a_waypoint_reports_l7_flows_to_its_own_nodes_agent(rendered, monkeypatch, tmp_path):
+    """The waypoint template's pod and the agent DaemonSet meet at one socket on the node, as
+    Cilium's Envoy and agent do: the waypoint's flows socket (its env, through its hostPath
+    mount) is the agent's (its layout, through its run mount). The waypoint sees only that
+    folder, read-only (not the agent's ZDS socket or its state), and nothing else of the host."""
+    from shoal.kubernetes import layout_from_env
+    from shoal.waypoint.config import WaypointConfig
+    from tests.shoal.cli.deploy.deploybed import waypoint_objects
+
+    (tmp_path / "cgroup.controllers").write_text("")
+    agent_spec = agent_pod(rendered)
+    agent = next(c for c in agent_spec["containers"] if c["name"] == "agent")
+    layout = layout_from_env(resolved_env(agent, rendered) | {"SHOAL_CGROUP_ROOT": str(tmp_path)})
+    agent_socket = host_path_of(agent_spec, agent, str(layout.flows_socket("node-1")))
+
+    waypoint_spec = pod_spec(next(o for o in waypoint_objects(rendered) if o["kind"] == "Deployment"))
+    waypoint = waypoint_spec["containers"][0]
+    config = WaypointConfig.from_args([], env=resolved_env(waypoint, rendered))
+    assert config.emit_flows and host_path_of(waypoint_spec, waypoint, config.flows_path) == agent_socket
+
+    host_mounts = [(m, next(v for v in waypoint_spec["volumes"] if v["name"] == m["name"]))
+                   for m in waypoint["volumeMounts"]]
+    host_mounts = [(m, v) for m, v in host_mounts if "hostPath" in v]
+    assert [(v["hostPath"]["path"], m.get("readOnly")) for m, v in host_mounts] == [
+        (str(layout.flows_dir("node-1")), True)]
+    assert agent_socket.startswith(str(layout.flows_dir("node-1")) + "/")
+    zds = host_path_of(agent_spec, agent, str(layout.zds_socket("node-1")))
+    assert not zds.startswith(str(layout.flows_dir("node-1")) + "/")
