@@ -33,7 +33,7 @@ from typing import Callable
 from .downstream import CLOSE, H1Server, Handoff
 from .h1 import END, RequestHead, UpstreamFramingError, encode_request_head
 from .http import ResponseHead, strip_hop_by_hop
-from .proxy import Routed, WaypointProxy, _Attempt
+from .proxy import ConnectionMemo, Routed, WaypointProxy, _Attempt
 from .resilience import RESET
 from .routing import apply_response_filters
 from .upstream import UpstreamConnection
@@ -86,6 +86,7 @@ class FastLane:
         self.stream = server.stream
         self.reader = server.reader
         self.body_limit = proxy.limits.retry_buffer_bytes
+        self.memo = ConnectionMemo()   # route decisions shared by this connection's requests
         self.loop = asyncio.get_running_loop()
         self.exchange: _Exchange | None = None
         self._waiter: asyncio.Future | None = None
@@ -185,8 +186,8 @@ class FastLane:
             while (event := events.popleft()) is not END:
                 chunks.append(event)   # type: ignore[arg-type]
         request = server.request_for(head)
-        record = proxy.new_record(request)
-        routed = proxy.route(request, record)
+        record = proxy.new_record(request, self.memo)
+        routed = proxy.route(request, record, self.memo)
         if routed.reply is not None or not _plain(routed):
             return self._hand_off(head, request, chunks, record, routed)
         cluster = routed.cluster

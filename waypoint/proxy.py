@@ -82,6 +82,9 @@ class Resolver(Protocol):
 
     def workload_by_ip(self, ip: str) -> WorkloadInfo | None: ...
 
+    # Grows with every change of the answers above: what was remembered before is stale.
+    generation: int
+
 
 class L7Config:
     """Routes and TrafficPolicies currently in force (swapped whole on each update)."""
@@ -163,6 +166,61 @@ class Routed:
         self.request_policy = request_policy
 
 
+MEMO_LIMIT = 256   # remembered decisions per connection (distinct authorities, methods, paths)
+_UNSET = object()
+
+
+class ConnectionMemo:
+    """What the requests of one downstream connection share, remembered while the
+    configuration stays the same (``WaypointProxy.route``): the peer's workload, and per
+    authority and method the Service, its policies and, when its routes read only the
+    method and path, the route decision with its endpoints. The peer never changes on a
+    connection; the generation says when the routes or the cluster did."""
+
+    __slots__ = ("generation", "source", "targets")
+
+    def __init__(self) -> None:
+        self.generation = -1
+        self.source: object = _UNSET
+        self.targets: dict[tuple[str, str], _Target] = {}
+
+    def refresh(self, generation: int) -> None:
+        if generation != self.generation:
+            self.generation = generation
+            self.source = _UNSET
+            self.targets.clear()
+
+
+class _Target:
+    """The Service a request's authority names, and what follows from it alone."""
+
+    __slots__ = ("service", "labels", "requested_address", "policies", "request_policy", "depends_on", "choices")
+
+    def __init__(self, service: ServiceInfo | None, requested_address: str = "", policies=(),
+                 request_policy: "_RequestPolicy | None" = None, depends_on: str = "request") -> None:
+        self.service = service
+        self.labels = ServiceLabels(service.fqdn, service.key.name, service.key.namespace) if service else None
+        self.requested_address = requested_address
+        self.policies = policies
+        self.request_policy = request_policy
+        self.depends_on = depends_on          # RouteTable.depends_on: when a route decision can be reused
+        self.choices: dict[str | None, _Choice] = {}
+
+
+class _Choice:
+    """A route decision and where it leads (endpoints, cluster), or why it leads nowhere."""
+
+    __slots__ = ("decision", "route_name", "endpoints", "cluster", "failure")
+
+    def __init__(self, decision, endpoints: list[Endpoint] | None = None, cluster: "_Cluster | None" = None,
+                 failure: tuple[str, int, str] | None = None) -> None:
+        self.decision = decision
+        self.route_name = decision.route_name
+        self.endpoints = endpoints
+        self.cluster = cluster
+        self.failure = failure                # (response flag, status, text)
+
+
 class _Attempt:
     """The outcome of one try: a response head, or a failure outcome."""
 
@@ -190,6 +248,7 @@ class WaypointProxy:
         self.resolver = resolver
         self.fast_path = fast_path   # plain HTTP/1.1 requests served from callbacks (waypoint.fastpath)
         self.fast_served = 0         # requests the fast path forwarded (tests, profiles)
+        self.generation = 0          # counts update()s (ConnectionMemo)
         self.connector = connector
         self.telemetry = telemetry
         self.limits = limits
@@ -205,6 +264,7 @@ class WaypointProxy:
     def update(self, routes: Iterable[HTTPRoute], policies: Iterable[TrafficPolicy]) -> None:
         """Swap in new routes and policies; runtime state survives where its policy did not change."""
         self.config = L7Config(routes, policies, self.rng)
+        self.generation += 1
         for key, cluster in list(self._clusters.items()):
             if self._cluster_policy(key[0], key[1]) != cluster.policy:
                 cluster.pool.close()
@@ -240,8 +300,8 @@ class WaypointProxy:
 
     # -- one request -------------------------------------------------------------------------
 
-    def new_record(self, req: ProxyRequest) -> RequestRecord:
-        """The telemetry record of one request, as it starts."""
+    def new_record(self, req: ProxyRequest, memo: ConnectionMemo | None = None) -> RequestRecord:
+        """The telemetry record of one request, as it starts (``memo``: the connection's, see ``route``)."""
         header_map = req.header_map
         rec = RequestRecord(start=self.clock(), method=req.method, path=req.path, authority=req.authority,
                             protocol=req.protocol, source_ip=req.peer.source_ip, source_port=req.peer.source_port,
@@ -250,7 +310,13 @@ class WaypointProxy:
                             request_id=header_map.get("x-request-id") or f"{random.getrandbits(128):032x}")
         rec.trace = TraceContext.from_header(header_map.get("traceparent"))
         rec.grpc = req.protocol == "HTTP/2" and grpc.is_grpc(header_map.get("content-type", ""))
-        source = self.resolver.workload_by_ip(req.peer.source_ip)
+        if memo is None:
+            source = self.resolver.workload_by_ip(req.peer.source_ip)
+        else:
+            memo.refresh(self.generation + self.resolver.generation)
+            source = memo.source
+            if source is _UNSET:
+                source = memo.source = self.resolver.workload_by_ip(req.peer.source_ip)
         if source is not None:
             rec.source = source.peer_labels()
         return rec
@@ -293,19 +359,33 @@ class WaypointProxy:
         await sink.send(payload)
         await sink.end()
 
-    def route(self, req: ProxyRequest, rec: RequestRecord) -> "Routed":
+    def route(self, req: ProxyRequest, rec: RequestRecord, memo: ConnectionMemo | None = None) -> "Routed":
         """Everything decided before the upstream: service, L7 authorization, rate limit, route,
-        filters, endpoints (synchronous: the fast path and the pipeline share it)."""
-        service = self.resolver.service_for(req.peer, req.authority)
+        filters, endpoints (synchronous: the fast path and the pipeline share it).
+
+        ``memo``: the connection's ``ConnectionMemo``. What depends only on the connection,
+        the authority and the method (and the path, when the routes read nothing else) is
+        then looked up once per configuration instead of once per request; authorization
+        with policies, the rate limit, weighted choices and filters still run per request."""
+        if memo is None:
+            target = self._target(req, remembered=False)
+        else:
+            memo.refresh(self.generation + self.resolver.generation)
+            key = (req.authority, req.method)
+            target = memo.targets.get(key)   # type: ignore[assignment]
+            if target is None:
+                if len(memo.targets) >= MEMO_LIMIT:
+                    memo.targets.clear()
+                target = memo.targets[key] = self._target(req)
+        service = target.service
         if service is None:
             rec.flags.add("NR")
             return Routed(reply=(404, f"no service for {req.authority}"))
-        rec.service = ServiceLabels(service.fqdn, service.key.name, service.key.namespace)
-        vip = req.peer.destination_ip or service.vip
-        if vip:
-            rec.requested_address = f"{vip}:{service.key.port}"
+        rec.service = target.labels   # type: ignore[assignment]
+        if target.requested_address:
+            rec.requested_address = target.requested_address
 
-        policies = self.resolver.policies_for(service.key)
+        policies = target.policies
         if not policies:
             verdict = UNRESTRICTED   # the request's attributes are only built for policies to read
         else:
@@ -322,13 +402,25 @@ class WaypointProxy:
                      service.fqdn, verdict.reason, verdict.policy or "-")
             return Routed(reply=(403, "RBAC: access denied"))
 
-        request_policy = self._request_policy(service.key)
+        request_policy = target.request_policy
+        assert request_policy is not None
         if request_policy.bucket is not None and not request_policy.bucket.take():
             rec.flags.add("RL")
             return Routed(reply=(429, "local_rate_limited"))
 
-        decision = self.config.routes.select(service.key, req.method, req.target, req.header_map)
-        rec.route = decision.route_name
+        depends_on = target.depends_on
+        if depends_on == "request":
+            choice = self._choose(service.key, req)
+        else:
+            choices = target.choices
+            path = req.path if depends_on == "path" else None
+            choice = choices.get(path)   # type: ignore[assignment]
+            if choice is None:
+                if len(choices) >= MEMO_LIMIT:
+                    choices.clear()
+                choice = choices[path] = self._choose(service.key, req)
+        rec.route = choice.route_name
+        decision = choice.decision
         if decision.rule is None:
             rec.flags.add("NR")
             return Routed(reply=(404, "no matching route"))
@@ -337,20 +429,38 @@ class WaypointProxy:
         if plan.redirect is not None:
             status, location = plan.redirect
             return Routed(reply=(status, f"redirecting to {location}", [("location", location)]))
+        if choice.failure is not None:
+            flag, status, text = choice.failure
+            rec.flags.add(flag)
+            return Routed(reply=(status, text))
+        return Routed(service=service.key, rule=decision.rule, plan=plan, endpoints=choice.endpoints,
+                      cluster=choice.cluster, request_policy=request_policy)
+
+    def _target(self, req: ProxyRequest, remembered: bool = True) -> _Target:
+        """What the request's connection, authority and method decide (``route``'s first part)."""
+        service = self.resolver.service_for(req.peer, req.authority)
+        if service is None:
+            return _Target(None)
+        vip = req.peer.destination_ip or service.vip
+        return _Target(service, f"{vip}:{service.key.port}" if vip else "", self.resolver.policies_for(service.key),
+                       self._request_policy(service.key),
+                       self.config.routes.depends_on(service.key) if remembered else "request")
+
+    def _choose(self, service: ServiceKey, req: ProxyRequest) -> _Choice:
+        """The route decision for the request and its backend's endpoints and cluster."""
+        decision = self.config.routes.select(service, req.method, req.target, req.header_map)
         backend = decision.backend
+        if decision.rule is None:
+            return _Choice(decision)
         if backend is None:
-            rec.flags.add("NC")
-            return Routed(reply=(500, "route has no usable backend"))
-        endpoints = self.resolver.endpoints(backend.namespace, backend.name, backend.port or service.key.port)
+            return _Choice(decision, failure=("NC", 500, "route has no usable backend"))
+        port = backend.port or service.port
+        endpoints = self.resolver.endpoints(backend.namespace, backend.name, port)
         if endpoints is None:
-            rec.flags.add("NC")
-            return Routed(reply=(500, f"unknown backend service {backend.namespace}/{backend.name}"))
+            return _Choice(decision, failure=("NC", 500, f"unknown backend service {backend.namespace}/{backend.name}"))
         if not endpoints:
-            rec.flags.add("UH")
-            return Routed(reply=(503, "no healthy upstream"))
-        cluster = self._cluster(backend.namespace, backend.name, service.key, backend.port or service.key.port)
-        return Routed(service=service.key, rule=decision.rule, plan=plan, endpoints=endpoints, cluster=cluster,
-                      request_policy=request_policy)
+            return _Choice(decision, failure=("UH", 503, "no healthy upstream"))
+        return _Choice(decision, endpoints, self._cluster(backend.namespace, backend.name, service, port))
 
     async def _handle(self, req: ProxyRequest, body: Body, sink: ResponseSink, rec: RequestRecord, handoff) -> None:
         routed = handoff.routed if handoff is not None and handoff.routed is not None else self.route(req, rec)

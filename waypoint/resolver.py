@@ -57,10 +57,15 @@ class StateResolver:
         # Per-request lookups (endpoints, policies, source workloads) computed once per
         # config version: each push clears them.
         self._memo: dict[tuple, object] = {}
-        state.subscribe(lambda _delta: self._memo.clear())
+        self.generation = 0   # counts config pushes: what callers remembered from answers before is stale
+        state.subscribe(self._changed)
         self.namespace = namespace  # the waypoint's own: default for short Host names
         self.trust_domain = trust_domain
         self.gateway = gateway      # (namespace, name) of this waypoint's Gateway
+
+    def _changed(self, _delta) -> None:
+        self._memo.clear()
+        self.generation += 1
 
     def _remembered(self, key: tuple, compute):
         memo = self._memo
@@ -166,6 +171,7 @@ class StaticResolver:
     vips: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     default: tuple[str, str] | None = None   # serves Hosts that name no known service (benchmarks)
     http2: frozenset[tuple[str, str]] = frozenset()   # (namespace, name) of Services that speak h2c
+    generation: int = 0   # bump after changing the tables while connections are open
 
     def service_for(self, peer: PeerInfo, authority: str) -> ServiceInfo | None:
         named = self.vips.get(peer.destination_ip)

@@ -74,6 +74,19 @@ class RouteTable:
     def has_routes(self, namespace: str, name: str) -> bool:
         return (namespace, name) in self._by_service
 
+    def depends_on(self, service: ServiceKey) -> str:
+        """What ``select`` reads for this Service, so callers know when a decision can be reused:
+        ``"service"`` (no HTTPRoute: the same decision for every request), ``"path"`` (the
+        method and path only, and one backend per rule), or ``"request"`` (headers, query
+        parameters or a weighted choice among backends: decide each request)."""
+        candidates = self._by_service.get((service.namespace, service.name))
+        if candidates is None:
+            return "service"
+        for _, _, rule, match, _ in candidates:
+            if match.headers or match.query_params or sum(1 for b in rule.backend_refs if b.weight > 0) > 1:
+                return "request"
+        return "path"
+
     def select(self, service: ServiceKey, method: str, target: str, headers: Mapping[str, str]) -> RouteDecision:
         candidates = self._by_service.get((service.namespace, service.name))
         if candidates is None:

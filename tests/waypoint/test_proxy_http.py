@@ -271,6 +271,29 @@ async def test_route_update_applies_without_restart(bed):
     assert (await get(bed, "/"))[1]["x-backend"] == "web"
 
 
+async def test_decisions_remembered_on_a_connection_follow_route_and_cluster_changes(bed):
+    """The fast path remembers route decisions per connection (proxy.ConnectionMemo): per path
+    when the routes read only the path, and a route update or a cluster change (the
+    resolver's generation) applies to the very next request on the same connection."""
+    await bed.backend("web-v1")
+    await bed.backend("web-v2")
+    await bed.backend("web")
+    await bed.start(routes=[route([
+        {"matches": [{"path": {"type": "PathPrefix", "value": "/two"}}], "backendRefs": [{"name": "web-v2", "port": 8080}]},
+        {"backendRefs": [{"name": "web-v1", "port": 8080}]}])])
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
+        paths = ("/one", "/two", "/one", "/two/x", "/", "/two")
+        assert [(await get(bed, p, session=session))[1]["x-backend"] for p in paths] == \
+            ["web-v1", "web-v2", "web-v1", "web-v2", "web-v1", "web-v2"]
+        assert (await get(bed, "/two", host="nowhere.demo", session=session))[0] == 404
+        bed.proxy.update([], [])
+        assert (await get(bed, "/two", session=session))[1]["x-backend"] == "web"
+        bed.services[("demo", "web")] = list(bed.services[("demo", "web-v2")])
+        bed.proxy.resolver.generation += 1
+        assert (await get(bed, "/two", session=session))[1]["x-backend"] == "web-v2"
+    assert bed.proxy.fast_served >= 3   # the first request to each backend opens its connection on the pipeline
+
+
 async def test_stale_pooled_connection_is_replaced_transparently(bed):
     """A backend that silently closes keep-alive connections: the next request gets a fresh one."""
     served = []

@@ -104,3 +104,17 @@ def test_redirect_scheme_change_drops_port():
     t = RouteTable([r])
     plan = plan_request(t.select(WEB, "GET", "/a", {}), "/a", "web:8080", [])
     assert plan.redirect == (302, "https://web/a")
+
+
+def test_depends_on_says_when_a_decision_can_be_reused():
+    other = ServiceKey("demo", "other", 8080)
+    assert RouteTable([]).depends_on(WEB) == "service"
+    paths = RouteTable([route([{"matches": [{"path": {"type": "PathPrefix", "value": "/a"}, "method": "POST"}],
+                                "backendRefs": [backend("a")]}, {"backendRefs": [backend("b", 0), backend("c")]}])])
+    assert paths.depends_on(WEB) == "path" and paths.depends_on(other) == "service"
+    headers = RouteTable([route([{"matches": [{"headers": [{"name": "x-user", "value": "a"}]}],
+                                  "backendRefs": [backend("a")]}])])
+    query = RouteTable([route([{"matches": [{"queryParams": [{"name": "v", "value": "1"}]}],
+                                "backendRefs": [backend("a")]}])])
+    weighted = RouteTable([route([{"backendRefs": [backend("v1", 90), backend("v2", 10)]}])])
+    assert headers.depends_on(WEB) == query.depends_on(WEB) == weighted.depends_on(WEB) == "request"
