@@ -31,6 +31,7 @@ class StandInTransport(asyncio.Transport):
         super().__init__()
         self.writes: list[bytes] = []
         self.reading = True
+        self.aborted = False
 
     def write(self, data) -> None:
         self.writes.append(bytes(data))
@@ -63,6 +64,9 @@ class StandInTransport(asyncio.Transport):
 
     def close(self) -> None:
         pass
+
+    def abort(self) -> None:
+        self.aborted = True
 
 
 def _into(protocol, data: bytes) -> None:

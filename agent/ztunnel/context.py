@@ -16,6 +16,7 @@ from shoal.agent.ztunnel.telemetry import ConnectionTelemetry, ProxyMetrics
 from shoal.hbone.identity import IdentityManager
 from shoal.hbone.pool import HbonePool
 from shoal.hbone.session import TCP_READ_BUFFER, ReadBuffer
+from shoal.ratelog import LogLimiter
 from shoal.xds.model import Workload, canonical_ip
 from shoal.xds.state import ConfigState
 from shoal.zds import PodInfo
@@ -51,6 +52,9 @@ class ProxyContext:
     inbound_sessions: set = field(default_factory=set)
     # What every tunnel's plain TCP socket reads into, one read at a time (one per worker).
     tcp_reads: ReadBuffer = field(default_factory=lambda: ReadBuffer(TCP_READ_BUFFER))
+    # Log lines about HBONE peers that break the protocol or its limits: a line a second
+    # per reason for the whole worker (the metrics count every one).
+    hbone_log_limiter: LogLimiter = field(default_factory=LogLimiter)
     # The pods this proxy serves, by uid (the pod registry's own dict): a destination
     # found here is on this node, which the same-node bypass needs to know.
     served_pods: dict[str, "ServedPod"] = field(default_factory=dict)

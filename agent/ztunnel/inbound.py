@@ -104,7 +104,7 @@ async def handle_hbone(ctx: ProxyContext, pod: ServedPod, conn: socket.socket) -
                            on_rejected=lambda reason: ctx.metrics.reject("hbone", reason),
                            on_closed=lambda s: (ctx.inbound_sessions.discard(s), pod.sessions.discard(s)),
                            verify=lambda ssl_object: check_session(ssl_object, None),
-                           tcp_reads=ctx.tcp_reads)
+                           tcp_reads=ctx.tcp_reads, log_limiter=ctx.hbone_log_limiter)
     loop = asyncio.get_running_loop()
     started = loop.time()
     try:

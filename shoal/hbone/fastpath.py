@@ -93,7 +93,9 @@ class FrameSplitter:
     def split(self, data: bytes | memoryview, keep_partial: bool = True) -> Iterator[tuple[int, int, int, int, memoryview]]:
         """(type, flags, stream_id, length, whole frame) for every complete frame so far.
         ``keep_partial`` False: a trailing partial frame is left where it is (the caller's
-        read buffer keeps it) and ``consumed`` says how far the whole frames went."""
+        read buffer keeps it) and ``consumed`` says how far the whole frames went. Such a
+        caller may also stop early (its per-read frame budget): ``consumed`` then ends
+        before the frame it was last handed, which stays in its buffer for later."""
         if self._partial:
             data = self._partial + bytes(data)
             self._partial = b""
@@ -108,6 +110,7 @@ class FrameSplitter:
             if stop > end:
                 _check_stream_association(frame_type, stream_id)
                 break
+            self.consumed = offset   # what came before this frame: where a caller stopping here resumes
             yield frame_type, flags, stream_id & MAX_WINDOW, length, view[offset:stop]
             offset = stop
         self.consumed = offset

@@ -63,6 +63,15 @@ MAX_FRAME = 1024 * 1024
 MAX_STREAMS = 100              # per HBONE connection, as ztunnel; the pool opens more beyond
 MAX_HEADER_BLOCK = 64 * 1024   # HEADERS + CONTINUATION bytes of one block (and SETTINGS_MAX_HEADER_LIST_SIZE)
 
+# The work one ``receive_buffer`` call does, in frames (issue 18: one peer must not hold
+# the event loop). A DATA or WINDOW_UPDATE frame (the fast path's, a few microseconds)
+# costs 1; a frame h2 handles (HEADERS with HPACK and validation, RST_STREAM, PING,
+# SETTINGS..., up to hundreds of microseconds) costs H2_FRAME_COST. Past it the call
+# stops at a frame boundary; the driver stops reading that connection and parses the
+# rest on a later loop turn, after every other ready connection had its turn.
+READ_BUDGET = 256
+H2_FRAME_COST = 8
+
 STATUS_OK = 200
 CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 3.4, before the first frame
 _COPY_BELOW = 16 * 1024  # payloads this small are merged into one write; larger ones go as they are
@@ -257,6 +266,11 @@ class ConnectionEnded:
     last_stream_id: int | None = None
     reason: str = ""
 
+    @property
+    def refused_peer(self) -> bool:
+        """Our error GOAWAY ended it (the peer broke the protocol or a limit), not the peer's."""
+        return self.error is not None and self.reason != "peer_goaway"
+
 
 Event = (TunnelRequested | RequestRejected | TunnelResponse | TunnelData | TunnelEnded
          | TunnelReset | WindowOpened | SettingsAcked | PingAnswered | PeerGoingAway | ConnectionEnded)
@@ -323,6 +337,8 @@ class HboneConnection:
         self._flow = fastpath.FlowControl(stream_window, connection_window)
         self._splitter = fastpath.FrameSplitter(max_frame)
         self._preface = 0 if client_side else len(CLIENT_PREFACE)  # h2 checks the client's magic
+        # The last ``receive_buffer`` stopped at its budget with whole frames left unparsed.
+        self.budget_spent = False
         self._out: list[bytes | memoryview] = []
         self._small = bytearray()
         # The driver's receiver of owned DATA payloads, called as each frame is parsed
@@ -567,13 +583,17 @@ class HboneConnection:
             pass  # the connection is closing (GOAWAY): no credit to give any more
 
     # -- input
-    def receive(self, data: bytes | memoryview, keep_partial: bool = True) -> list[Event]:
+    def receive(self, data: bytes | memoryview, keep_partial: bool = True, budget: int = 0) -> list[Event]:
+        """Events of the frames in ``data``. ``budget`` (``receive_buffer``'s) needs the
+        caller to keep what was not used: only without ``keep_partial``."""
+        if budget and keep_partial:
+            raise ValueError("a receive budget leaves bytes unused: only for a caller that keeps them")
         if self.closed:
             return []  # after our GOAWAY: nothing more is acted on
         events: list[Event] = []
         try:
             if self.fast_path:
-                self._receive_fast(data, events, keep_partial)
+                self._receive_fast(data, events, keep_partial, budget)
             else:
                 self._receive_h2(data, events)
         except (h2.exceptions.ProtocolError, fastpath.FramingError) as exc:
@@ -590,18 +610,28 @@ class HboneConnection:
                                           if isinstance(exc, Abuse) else "h2_protocol"))
         return events
 
-    def receive_buffer(self, data: memoryview) -> tuple[list[Event], int]:
+    def receive_buffer(self, data: memoryview, budget: int = READ_BUDGET) -> tuple[list[Event], int]:
         """As ``receive``, for a driver reading into its own buffer: (events, how many
         bytes were used). A trailing partial frame is not copied: it stays in the
-        driver's buffer, to be passed again with what follows."""
-        if not self.fast_path or self.closed:
+        driver's buffer, to be passed again with what follows. At most ``budget`` work
+        (READ_BUDGET) is done per call: when ``budget_spent`` says it stopped there, the
+        unused bytes hold whole frames, for the driver to pass again on a later turn
+        (not reading more meanwhile: backpressure, not buffering). 0: no budget."""
+        self.budget_spent = False
+        if self.closed:
+            return [], len(data)   # after our GOAWAY: read into the void, never parsed
+        if not self.fast_path:
             return self.receive(bytes(data)), len(data)
         self._splitter.consumed = 0
         preface = self._preface
-        events = self.receive(data, keep_partial=False)
-        return events, (len(data) if self.closed else min(preface, len(data)) + self._splitter.consumed)
+        events = self.receive(data, keep_partial=False, budget=budget)
+        if self.closed:
+            self.budget_spent = False
+            return events, len(data)
+        return events, min(preface, len(data)) + self._splitter.consumed
 
-    def _receive_fast(self, data: bytes | memoryview, events: list[Event], keep_partial: bool = True) -> None:
+    def _receive_fast(self, data: bytes | memoryview, events: list[Event], keep_partial: bool = True,
+                      budget: int = 0) -> None:
         """Split the bytes into frames: DATA and WINDOW_UPDATE are the fast path's, runs of
         other frames go to h2 in order. h2 has processed every frame before a DATA frame
         when that DATA frame's ownership is decided (a 200 and its first bytes may share
@@ -613,7 +643,14 @@ class HboneConnection:
             self._receive_h2(head, events)
         flow, sink = self._flow, self.data_sink
         for_h2: list[bytes | memoryview] = []
+        spent = 0
         for frame_type, flags, stream_id, length, frame in self._splitter.split(data, keep_partial):
+            if budget:
+                if spent >= budget:   # this frame and the rest wait for the driver's next turn
+                    self.budget_spent = True
+                    break
+                spent += 1 if frame_type == fastpath.TYPE_DATA or frame_type == fastpath.TYPE_WINDOW_UPDATE \
+                    else H2_FRAME_COST
             if frame_type == fastpath.TYPE_DATA:
                 if for_h2:
                     self._receive_h2(b"".join(for_h2), events)

@@ -11,7 +11,8 @@ shrinks back after a run of small reads or when its connection has no stream lef
 
 Sans-I/O: the driver asks for ``room`` to read into, says how much was ``filled``, hands
 the bytes to the parser, then says how many were ``used``; ``lent`` marks a buffer a
-socket still holds a view of, which is never written over again.
+socket still holds a view of, which is never written over again. A parser that stopped at
+its per-turn budget is handed the ``unparsed`` rest on a later turn, with no read between.
 """
 from __future__ import annotations
 
@@ -61,6 +62,11 @@ class SessionReadBuffer:
             self._small_reads += 1
         else:
             self._small_reads = 0
+        return memoryview(self.data)[self.start:self.end]
+
+    def unparsed(self) -> memoryview:
+        """The bytes received and not parsed yet (whole frames the parser left for a
+        later turn, and at most one partial frame)."""
         return memoryview(self.data)[self.start:self.end]
 
     def used(self, nbytes: int) -> None:

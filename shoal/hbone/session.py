@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable, Protocol, cast
 from shoal.hbone import framing as hbone
 from shoal.hbone.identity import IdentityError
 from shoal.hbone.readbuffer import SessionReadBuffer
+from shoal.ratelog import LogLimiter, held_note
 
 if TYPE_CHECKING:   # the pool imports this module
     from shoal.hbone.pool import PoolKey
@@ -89,7 +90,7 @@ class HboneSession(asyncio.BufferedProtocol):
                  on_rejected: Callable[[str], None] | None = None,
                  on_closed: Callable[["HboneSession"], None] | None = None,
                  verify: Callable[[object], str] | None = None, fast_path: bool = True,
-                 tcp_reads: ReadBuffer | None = None):
+                 tcp_reads: ReadBuffer | None = None, log_limiter: LogLimiter | None = None):
         self.h2 = hbone.HboneConnection(client_side=client_side, fast_path=fast_path)
         self._verify = verify  # ssl_object -> peer SPIFFE ID; raises IdentityError
         self.verify_error: Exception | None = None
@@ -103,6 +104,10 @@ class HboneSession(asyncio.BufferedProtocol):
         self._on_request = on_request
         self._on_rejected = on_rejected or (lambda reason: None)
         self._on_closed = on_closed
+        # Lines about peers breaking the rules, a line a second per reason at most: a flood of
+        # bad connections is counted in full by ``on_rejected``, not logged in full. The
+        # node proxy shares one across its sessions; otherwise each has its own.
+        self._log_limiter = log_limiter or LogLimiter()
         self.closed = False
         self.draining = False
         self._drain_acked = False
@@ -120,6 +125,7 @@ class HboneSession(asyncio.BufferedProtocol):
         self.last_progress = time.monotonic()
         self._probing = False
         self._flush_scheduled = False
+        self._parse_later = False   # whole frames wait in ``reads`` for a later turn (reading paused)
         self.reads = SessionReadBuffer()   # starts small, grows with what the connection carries
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tcp_reads = tcp_reads   # shared by every session of a node proxy worker, when given
@@ -150,9 +156,29 @@ class HboneSession(asyncio.BufferedProtocol):
         return self.reads.room(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
-        events, used = self.h2.receive_buffer(self.reads.filled(nbytes))
+        self._parse(self.reads.filled(nbytes))
+
+    def _parse(self, data: memoryview) -> None:
+        """Parse at most a budget of frames (``READ_BUDGET``); the rest waits in the read
+        buffer for a later loop turn, with reading paused until it is parsed: one peer's
+        flood of small frames never holds the loop for a whole 256 KiB read, and what it
+        sends meanwhile waits in its socket (backpressure), not in our memory."""
+        events, used = self.h2.receive_buffer(data)
         self._handle(events)  # delivers the payloads: only then is it known whether one was lent
         self.reads.used(used)
+        if self.h2.budget_spent and not self.closed:
+            if not self._parse_later:
+                self._parse_later = True
+                cast(asyncio.Transport, self.transport).pause_reading()   # bytes came: it is connected
+            (self._loop or asyncio.get_running_loop()).call_soon(self._parse_rest)
+        elif self._parse_later:
+            self._parse_later = False
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def _parse_rest(self) -> None:
+        if not self.closed:
+            self._parse(self.reads.unparsed())
 
     def data_received(self, data: bytes) -> None:
         """Bytes handed in directly (a caller that does not use the read buffer)."""
@@ -221,7 +247,10 @@ class HboneSession(asyncio.BufferedProtocol):
                     if task is not None and event.stream_id in self._requests:
                         self._requests[event.stream_id] = task
             elif isinstance(event, hbone.RequestRejected):
-                log.warning("hbone: rejected stream %d from %s: %s", event.stream_id, self.peer_identity, event.reason)
+                held = self._log_limiter.allow("bad_request")
+                if held is not None:
+                    log.warning("hbone: rejected stream %d from %s: %s%s", event.stream_id, self.peer_identity,
+                                event.reason, held_note(held))
                 self._on_rejected("bad_request")
             elif isinstance(event, hbone.PingAnswered):
                 if event.opaque == PROBE_PING:
@@ -239,9 +268,17 @@ class HboneSession(asyncio.BufferedProtocol):
                 log.debug("hbone: %s going away after stream %d", self.peer_identity, event.last_stream_id)
             elif isinstance(event, hbone.ConnectionEnded):
                 if event.error:
-                    log.warning("hbone: connection with %s ended: %s", self.peer_identity, event.error)
+                    held = self._log_limiter.allow(event.reason)
+                    if held is not None:
+                        log.warning("hbone: connection with %s ended: %s%s", self.peer_identity, event.error,
+                                    held_note(held))
                     self._on_rejected(event.reason)
                 self.flush()
+                if event.refused_peer and self.transport is not None:
+                    # Our GOAWAY is written (the socket takes it at once); a graceful TLS close
+                    # would go on reading and decrypting whatever the abuser still sends, for
+                    # up to the shutdown timeout. Cut it off instead.
+                    self.transport.abort()
                 self._shutdown(event.error or "peer sent GOAWAY")
                 return
         self.flush()

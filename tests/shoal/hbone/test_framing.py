@@ -273,6 +273,79 @@ def test_non_ascii_header_bytes_are_a_400_for_that_stream_only(server, name, val
     assert isinstance(event, TunnelRequested) and not server.closed  # the connection lives on
 
 
+# -- the per-read budget: one peer's read is parsed a slice per loop turn ----------------------
+
+PING_SIZE = 9 + 8
+H2_FRAMES_PER_CALL = hbone.READ_BUDGET // hbone.H2_FRAME_COST
+
+
+def _pings(count: int) -> memoryview:
+    return memoryview(b"".join(hyperframe.frame.PingFrame(0, opaque_data=i.to_bytes(8, "big")).serialize()
+                               for i in range(count)))
+
+
+def _acks(data: bytes) -> int:
+    attacker = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    attacker.initiate_connection()
+    return sum(isinstance(e, h2.events.PingAckReceived) for e in attacker.receive_data(data))
+
+
+def test_a_read_is_parsed_a_budget_at_a_time_and_the_rest_on_later_calls(server):
+    _attacker(server)
+    data = _pings(90)   # under the PING burst: a polite peer, only many frames in one read
+    events, used = server.receive_buffer(data)
+    assert server.budget_spent and used == H2_FRAMES_PER_CALL * PING_SIZE   # stopped at a frame boundary
+    assert _acks(server.data_to_send()) == H2_FRAMES_PER_CALL               # the rest not even split yet
+    calls, answered = 1, H2_FRAMES_PER_CALL
+    while server.budget_spent:
+        events, step = server.receive_buffer(data[used:])
+        used += step
+        calls += 1
+        answered += _acks(server.data_to_send())
+    assert used == len(data) and answered == 90 and not server.closed
+    assert calls == -(-90 // H2_FRAMES_PER_CALL)
+
+
+def test_a_partial_frame_left_at_the_end_is_not_a_spent_budget(server):
+    _attacker(server)
+    data = _pings(3)[:-5]
+    events, used = server.receive_buffer(data)
+    assert used == 2 * PING_SIZE and not server.budget_spent   # the driver reads more, not parses again
+
+
+def test_a_flood_in_one_read_is_cut_after_a_few_budgets_not_parsed_whole(server):
+    _attacker(server)
+    data = _pings(20000)   # 340 KB of PINGs in one read: h2 alone answers every one
+    used, calls, ended = 0, 0, []
+    while not ended:
+        events, step = server.receive_buffer(data[used:])
+        used += step
+        calls += 1
+        ended = [e for e in events if isinstance(e, ConnectionEnded)]
+    assert ended[0].reason == "ping_flood" and ended[0].refused_peer
+    assert calls == -(-(hbone.LIMITS["ping"].burst + 1) // H2_FRAMES_PER_CALL)
+    assert used == len(data) and not server.budget_spent   # all of it dropped, never parsed
+    assert server.receive_buffer(data) == ([], len(data))   # what comes after: read into the void
+
+
+def test_data_frames_cost_a_fraction_of_what_h2_frames_cost(pair):
+    client, server = pair
+    sid = _open(client, server)
+    for _ in range(hbone.READ_BUDGET + 10):
+        assert client.send(sid, memoryview(b"0123456789")) == 10   # one small DATA frame each
+    data = memoryview(client.data_to_send())
+    events, used = server.receive_buffer(data)
+    assert server.budget_spent and len(events) == hbone.READ_BUDGET
+    events, rest = server.receive_buffer(data[used:])
+    assert len(events) == 10 and used + rest == len(data) and not server.budget_spent
+    assert all(isinstance(e, TunnelData) for e in events)
+
+
+def test_a_budget_is_refused_where_the_unused_bytes_would_be_lost(server):
+    with pytest.raises(ValueError):
+        server.receive(bytes(_pings(1)), budget=8)
+
+
 def test_commands_after_the_peer_goaway_raise_nothing(pair):
     # Streams still held by the driver are released, ended and credited while the
     # connection is already closed: none of that may raise into the data path.
