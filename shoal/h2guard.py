@@ -1,4 +1,5 @@
-"""HTTP/2 flood guard: the frame-level abuse an HTTP/2 library lets through (sans-I/O).
+"""HTTP/2 flood guard: the frame-level abuse an HTTP/2 library lets through (sans-I/O),
+and h2's one table that grows with a connection's age (``BoundedH2Connection``).
 
 Two attacks cost a server far more than the client:
 
@@ -20,6 +21,9 @@ import time
 from collections import deque
 from typing import Callable
 
+import h2.config
+import h2.connection
+
 from shoal.framescan import FrameScanner
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -27,6 +31,30 @@ FRAME_HEADER = 9
 TYPE_HEADERS, TYPE_RST_STREAM, TYPE_CONTINUATION = 0x1, 0x3, 0x9
 FLAG_END_HEADERS = 0x4
 ENHANCE_YOUR_CALM = 0xB
+
+
+# Closed streams a connection remembers per stream it allows open at once (see below).
+CLOSED_STREAMS_PER_OPEN = 16
+
+
+class BoundedH2Connection(h2.connection.H2Connection):
+    """h2's connection, remembering ``remember_closed`` closed streams instead of 65,536.
+
+    h2 remembers how each closed stream closed, to answer the frames a peer sent before it
+    learnt of the close: after our RST_STREAM, its DATA or HEADERS in flight get a stream
+    error; on a stream h2 no longer remembers, a connection error (every stream of the
+    connection lost). It remembers the last 65,536, at ~176 bytes each, for the
+    connection's life: an HBONE connection carries one stream per proxied TCP connection
+    and lives while traffic flows, so at 200 new connections/s each end of it grew by
+    11.5 MB in five and a half minutes (the soak's RSS "steps", issue 18), and 100 such
+    connections could hold 1.1 GB. A frame trails its stream's close by about a round trip,
+    in which a connection allowing N streams at once closes few more than N of them:
+    ``CLOSED_STREAMS_PER_OPEN`` times N covers that many complete turnovers of its streams.
+    """
+
+    def __init__(self, config: h2.config.H2Configuration, remember_closed: int) -> None:
+        self.MAX_CLOSED_STREAMS = remember_closed   # h2 sizes its table from it, in __init__
+        super().__init__(config=config)
 
 
 class FloodGuard:

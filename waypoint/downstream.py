@@ -20,7 +20,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from shoal.h2guard import ENHANCE_YOUR_CALM, FloodGuard
+from shoal.h2guard import CLOSED_STREAMS_PER_OPEN, ENHANCE_YOUR_CALM, BoundedH2Connection, FloodGuard
 
 from .grpc import RESOURCE_EXHAUSTED, MessageSizeLimit, MessageTooLarge, is_grpc
 from .h1 import END, LAST_CHUNK, H1Error, RequestHead, RequestReader, Upgraded, encode_chunk, encode_head, status_line
@@ -402,7 +402,7 @@ class H2Server:
         self.limits = limits
         self.reject = reject
         config = h2.config.H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True)
-        self.h2 = h2.connection.H2Connection(config)
+        self.h2 = BoundedH2Connection(config, remember_closed=CLOSED_STREAMS_PER_OPEN * limits.max_concurrent_streams)
         # hpack refuses header lists past twice our limit (connection error); between 1x and 2x
         # the stream gets a clean 431.
         self.h2.max_inbound_frame_size = limits.max_h2_frame

@@ -31,6 +31,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
+from shoal.h2guard import CLOSED_STREAMS_PER_OPEN, BoundedH2Connection
 from shoal.hbone.framing import Budget, GuardedFrameBuffer
 
 from .http import Body, ResponseHead, Tunnel
@@ -116,7 +117,7 @@ class H2ClientCore:
     def __init__(self, stream_window: int = STREAM_WINDOW, connection_window: int = CONNECTION_WINDOW,
                  max_frame: int = MAX_FRAME, max_streams: int = MAX_STREAMS) -> None:
         config = h2.config.H2Configuration(client_side=True, header_encoding=None, validate_inbound_headers=True)
-        self._h2 = h2.connection.H2Connection(config)
+        self._h2 = BoundedH2Connection(config, remember_closed=CLOSED_STREAMS_PER_OPEN * max_streams)
         self._h2.local_settings = h2.settings.Settings(client=True, initial_values={
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: stream_window,
             h2.settings.SettingCodes.MAX_FRAME_SIZE: max_frame,

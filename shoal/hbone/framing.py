@@ -44,6 +44,7 @@ import h2.settings
 import h2.stream
 import hyperframe.frame
 
+from shoal.h2guard import CLOSED_STREAMS_PER_OPEN, BoundedH2Connection
 from shoal.hbone import fastpath
 
 
@@ -309,7 +310,7 @@ class HboneConnection:
         # receive_data on a bad byte; we decode the few we read, strictly, per stream.
         config = h2.config.H2Configuration(client_side=client_side, header_encoding=None)
         self.client_side = client_side
-        self._h2 = h2.connection.H2Connection(config=config)
+        self._h2 = BoundedH2Connection(config, remember_closed=CLOSED_STREAMS_PER_OPEN * max_streams)
         self._h2.local_settings = h2.settings.Settings(client=client_side, initial_values={
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: stream_window,
             h2.settings.SettingCodes.MAX_FRAME_SIZE: max_frame,
@@ -443,6 +444,13 @@ class HboneConnection:
     def _pull_h2_if_fast(self) -> None:
         if self.fast_path:
             self._pull_h2()
+
+    def table_sizes(self) -> dict[str, int]:
+        """Entries in this connection's per-stream tables (for ``/debug/memory``)."""
+        flow = self._flow
+        return {"h2_streams": len(self._h2.streams), "h2_closed_streams": len(self._h2._closed_streams),
+                "flow_streams": len(flow.receive) + len(flow.send) + len(flow.send_ended),
+                "unanswered": len(self._unanswered)}
 
     @property
     def stream_limit(self) -> int:

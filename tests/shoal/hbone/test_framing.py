@@ -9,6 +9,7 @@ import h2.settings
 import hyperframe.frame
 import pytest
 
+from shoal.h2guard import CLOSED_STREAMS_PER_OPEN
 from shoal.hbone import framing as hbone
 from shoal.hbone.framing import (
     ConnectionEnded,
@@ -465,3 +466,54 @@ def test_every_command_leaves_nothing_behind_in_h2():
     settled(client, server)
     client.close(), fresh.receive(b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x")   # a DATA frame on stream 0
     settled(client, fresh)
+
+
+def _exchange(client: HboneConnection, server: HboneConnection) -> int:
+    """One complete tunnel: CONNECT, 200, a byte each way, both ends closed and released."""
+    sid = _open(client, server)
+    client.send(sid, memoryview(b"q")), client.end(sid)
+    pump(client, server)
+    server.consumed(sid, 1), server.send(sid, memoryview(b"a")), server.end(sid)
+    server.release(sid)
+    pump(server, client)
+    client.consumed(sid, 1)
+    client.release(sid)
+    pump(client, server), pump(server, client)
+    return sid
+
+
+def test_a_long_lived_connection_remembers_a_bounded_number_of_closed_streams():
+    """h2 remembers 65,536 closed streams per connection, ~176 bytes each, for the
+    connection's life: a pooled HBONE connection carrying a stream per proxied connection
+    grew by 11.5 MB in a soak (issue 18). Both ends now keep CLOSED_STREAMS_PER_OPEN per
+    stream they allow open at once; the per-stream tables of the fast path stay empty."""
+    client = HboneConnection(client_side=True, max_streams=4)
+    server = HboneConnection(client_side=False, max_streams=4)
+    client.initiate(), server.initiate()
+    pump(client, server), pump(server, client), pump(client, server)
+    bound = CLOSED_STREAMS_PER_OPEN * 4
+    for _ in range(3 * bound):
+        _exchange(client, server)
+    for end in (client, server):
+        sizes = end.table_sizes()
+        assert 0 < sizes["h2_closed_streams"] <= bound, sizes
+        assert sizes["flow_streams"] == 0 and sizes["unanswered"] == 0, sizes
+        assert not end.closed
+
+
+def test_late_data_on_a_stream_reset_within_the_remembered_window_is_a_stream_error(pair):
+    """What h2's memory is for: DATA the peer sent before our RST_STREAM reached it is
+    answered on that stream alone, even after as many other streams came and went as the
+    bound allows (a forgotten one would end the connection with all its tunnels)."""
+    client, server = pair
+    sid = _open(client, server)
+    client.reset(sid)
+    client.release(sid)
+    server.send(sid, memoryview(b"in flight"))
+    in_flight = server.data_to_send()          # crossed our RST on the wire
+    pump(client, server)
+    for _ in range(CLOSED_STREAMS_PER_OPEN * hbone.MAX_STREAMS - hbone.MAX_STREAMS):
+        _exchange(client, server)
+    events = client.receive(in_flight)
+    assert not any(isinstance(e, ConnectionEnded) for e in events) and not client.closed
+    assert _open(client, server)               # the connection carries on
