@@ -4,10 +4,12 @@ from __future__ import annotations
 import sys
 
 from shoal.agent.ztunnel.config import ProxyConfig
+from shoal.memdebug import start_tracing
 from shoal.runtime import access_log, run_daemon
 
 
 def main(argv: list[str] | None = None) -> int:
+    start_tracing()   # SHOAL_TRACEMALLOC=<frames>: /debug/memory names the lines that allocate
     config = ProxyConfig.from_args(argv)
     if config.workers > 1 and not config.is_worker:
         # The supervisor: no data path, so none of its modules (a lighter process).

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from shoal.memdebug import MemoryReport
+
 if TYPE_CHECKING:   # the supervisor serves these pages without the data path's modules
     from shoal.agent.ztunnel.context import ProxyContext, ServedPod
 
@@ -101,7 +103,7 @@ class HttpEndpoint:
 
 
 def admin_pages(ctx: ProxyContext, served: Callable[[], Iterable[ServedPod]]) -> dict[str, Page]:
-    """Loopback only: /config_dump, /certs, /connections, read from the data path's context."""
+    """Loopback only: /config_dump, /certs, /connections, /debug/memory, read from the data path's context."""
 
     async def config_dump():
         return json_page({
@@ -120,7 +122,32 @@ def admin_pages(ctx: ProxyContext, served: Callable[[], Iterable[ServedPod]]) ->
         return json_page({"connections": ctx.telemetry.live_connections(), "pool": ctx.pool.describe(),
                       "inbound_hbone_sessions": len(ctx.inbound_sessions)})
 
-    return {"/config_dump": config_dump, "/certs": certs, "/connections": connections}
+    report = MemoryReport(lambda: proxy_tables(ctx))
+
+    async def memory():
+        return json_page(report.page())
+
+    return {"/config_dump": config_dump, "/certs": certs, "/connections": connections, "/debug/memory": memory}
+
+
+def proxy_tables(ctx: ProxyContext) -> dict[str, int]:
+    """The sizes of every table of the data path that traffic could grow (``/debug/memory``):
+    connection records, HBONE connections and their per-stream tables and read buffers,
+    metric label sets, TLS session caches."""
+    telemetry = ctx.telemetry
+    tables = {"connection_records": len(telemetry.live), "closes_unreported": len(telemetry.pending_closes),
+              "flows_unsent": len(telemetry.pending_flows), "pool_connections": len(ctx.pool),
+              "inbound_hbone_connections": len(ctx.inbound_sessions), "served_pods": len(ctx.served_pods),
+              "tasks": len(asyncio.all_tasks())}
+    sessions = [*ctx.pool.sessions(), *ctx.inbound_sessions]
+    for session in sessions:
+        for name, size in session.table_sizes().items():
+            tables[f"hbone_{name}"] = tables.get(f"hbone_{name}", 0) + size
+    for family in ctx.metrics.registry.collect():
+        tables[f"metric_samples:{family.name}"] = len(family.samples)
+    for name, size in ctx.identities.table_sizes().items():
+        tables[name] = size
+    return tables
 
 
 def metrics_pages(registry: CollectorRegistry) -> dict[str, Page]:

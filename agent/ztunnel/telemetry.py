@@ -284,5 +284,15 @@ class ConnectionTelemetry:
         if send:
             self._schedule_flows()
 
+    @property
+    def pending_closes(self) -> list[ConnectionRecord]:
+        """Closes marked and not reported yet (reported within the loop turn)."""
+        return self._closing
+
+    @property
+    def pending_flows(self) -> list:
+        """Flow events waiting for their datagram (``FLOW_DELAY`` at most)."""
+        return self._flows
+
     def live_connections(self) -> list[dict]:
         return [self.access_entry(rec) for rec in list(self.live.values())]

@@ -273,3 +273,10 @@ class IdentityManager:
 
     def describe(self) -> list[dict]:
         return [svid.describe() for svid in self._svids.values()]
+
+    def table_sizes(self) -> dict[str, int]:
+        """SVIDs held and fetching, and the TLS sessions their contexts cache (OpenSSL's
+        server-side cache holds up to 20,480 per context by default)."""
+        return {"svids": len(self._svids), "svids_fetching": len(self._inflight),
+                "tls_sessions_cached": sum(context.session_stats()["number"] for svid in self._svids.values()
+                                           for context in (svid.server_context, svid.client_context))}

@@ -120,6 +120,10 @@ class HbonePool:
         self._count -= 1
         self._on_change(self._count)
 
+    def sessions(self) -> list[HboneSession]:
+        """Every pooled connection."""
+        return [session for sessions in self._sessions.values() for session in sessions]
+
     def close_all(self) -> None:
         for sessions in list(self._sessions.values()):
             for session in list(sessions):

@@ -399,6 +399,11 @@ class HboneSession(asyncio.BufferedProtocol):
         self.flush()
         self._close_if_drained()
 
+    def table_sizes(self) -> dict[str, int]:
+        """Entries in this connection's per-stream tables and its read buffer's bytes."""
+        return {"tunnels": len(self.streams), "lingering": len(self._lingering), "requests": len(self._requests),
+                "read_buffer_bytes": len(self.reads.data), **self.h2.table_sizes()}
+
     def stream_done(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)
         if not self.h2.release(stream_id):

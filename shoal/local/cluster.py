@@ -23,6 +23,7 @@ from shoal.local import network
 from shoal.local.apiclient import ApiClient
 from shoal.local.linux import Cgroup, LinuxError, Netns
 from shoal.local.topology import Topology
+from shoal.memdebug import TRACE_ENV
 
 if TYPE_CHECKING:
     from shoal.local.nodepods import RenderManifests
@@ -259,7 +260,9 @@ class LocalCluster:
         ]
 
     def component_env(self, node: str | None = None) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
+        # The caller's SHOAL_* settings are not the components' (a test's cluster name is not
+        # the one it starts), except memory tracing, asked for at ``shoal up`` (shoal.memdebug).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_") or k == TRACE_ENV}
         env.update({
             ENV_CLUSTER: self.layout.name,
             "SHOAL_CONTROLLER": network.CONTROLLER_ADDRESS,

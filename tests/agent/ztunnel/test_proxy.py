@@ -523,6 +523,13 @@ async def test_admin_metrics_and_readiness_endpoints(pod_netns, state, ca, tmp_p
                                                   "spiffe://cluster.local/ns/demo/sa/web"}
         connections = json.loads((await get(ports["admin_port"], "/connections"))[1])
         assert connections["pool"] and connections["pool"][0]["dst"].endswith("/sa/web")
+        status, body = await get(ports["admin_port"], "/debug/memory")
+        memory = json.loads(body)
+        tables = memory["structures"]
+        assert status == 200 and memory["rss_kib"] > 0 and "off" in memory["tracemalloc"]
+        assert tables["pool_connections"] == 1 and tables["inbound_hbone_connections"] == 1
+        assert tables["hbone_h2_closed_streams"] >= 0 and tables["hbone_read_buffer_bytes"] > 0
+        assert tables["svids"] == 2 and tables["metric_samples:istio_tcp_connections_opened"] >= 1
         status, metrics = await get(ports["metrics_port"], "/metrics")
         assert status == 200 and 'istio_tcp_connections_opened_total{' in metrics
         assert 'connection_security_policy="mutual_tls"' in metrics
