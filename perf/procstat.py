@@ -108,6 +108,7 @@ class ProcessSampler:
             raise ValueError("ProcessSampler needs at least one PID")
         self.interval = interval
         self._rss: list[float] = []
+        self._timeline: dict[int, list[tuple[float, float]]] = {}   # pid -> (seconds since start, MB)
         self._latest: dict[int, float] = {}
         self._peaks: dict[int, float] = {}
         self._stop = threading.Event()
@@ -127,12 +128,14 @@ class ProcessSampler:
 
     def _rss_total(self) -> float:
         latest = {}
+        now = time.monotonic() - self._start_time
         for pid in self.pids:
             try:
                 latest[pid] = rss_mb(pid)
             except FileNotFoundError:
                 continue
             self._peaks[pid] = max(latest[pid], self._peaks.get(pid, 0.0))
+            self._timeline.setdefault(pid, []).append((now, latest[pid]))
         self._latest = latest
         return sum(latest.values())
 
@@ -151,6 +154,11 @@ class ProcessSampler:
     def rss_samples_mb(self) -> tuple[float, ...]:
         """Every RSS reading so far (MB, the processes together), oldest first."""
         return tuple(self._rss)
+
+    @property
+    def rss_timeline_mb(self) -> dict[int, tuple[tuple[float, float], ...]]:
+        """Each process's RSS readings as (seconds since the sampler started, MB), oldest first."""
+        return {pid: tuple(readings) for pid, readings in self._timeline.items()}
 
     @property
     def latest_rss_mb(self) -> dict[int, float]:

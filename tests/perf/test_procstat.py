@@ -41,6 +41,10 @@ def test_sampler_measures_this_process_burning_cpu():
     assert usage.rss_peak_mb >= usage.rss_mean_mb > 1
     assert set(sampler.rss_peak_per_process_mb) == {os.getpid()} == set(sampler.latest_rss_mb)
     assert sampler.rss_peak_per_process_mb[os.getpid()] == usage.rss_peak_mb
+    timeline = sampler.rss_timeline_mb[os.getpid()]    # per process, timed: for a growth fit
+    assert [mb for _, mb in timeline] == list(sampler.rss_samples_mb)
+    times = [t for t, _ in timeline]
+    assert times == sorted(times) and 0 <= times[0] < 0.05 and times[-1] <= usage.seconds + 0.01
 
 
 

@@ -1,5 +1,5 @@
 """The load scenario's pure parts: the proxies' refusal counters and the soak's RSS growth."""
-from shoal.perf.scenarios.load import parse_refusals, rss_growth
+from shoal.perf.scenarios.load import parse_refusals, steady_growth
 
 METRICS = """# HELP shoal_proxy_rejected_total Connections, streams or messages refused, by reason
 # TYPE shoal_proxy_rejected_total counter
@@ -18,10 +18,30 @@ def test_refusals_are_read_by_listener_and_reason():
     assert parse_refusals("") == {}
 
 
-def test_rss_growth_compares_the_last_quarter_with_the_first():
-    assert rss_growth((100.0,) * 4) is None                  # too few readings to say
-    assert abs(rss_growth((100.0,) * 8 + (110.0,) * 8) - 10.0) < 1e-9
-    assert abs(rss_growth((100.0, 101.0, 99.0, 100.0) * 4)) < 1.5
+def _run(rss_at, seconds: int = 600) -> list[tuple[float, float]]:
+    return [(float(t), rss_at(t)) for t in range(seconds + 1)]
+
+
+def test_memory_that_plateaus_after_warm_up_is_not_growth():
+    # The shape of issue 18's quiet soak, warm-up only: 69.9 MB rising to 77.9 within the
+    # first quarter, flat after. Quarter medians of the sum called such a run +13.8 %.
+    warm = _run(lambda t: 69.9 + 8.0 * min(t, 140) / 140)
+    growth = steady_growth(warm)
+    assert abs(growth.percent) < 0.1 and abs(growth.start_mb - 77.9) < 0.1
+
+
+def test_memory_that_keeps_rising_is_growth_wherever_it_is_in_the_run():
+    leak = steady_growth(_run(lambda t: 100.0 + 0.01 * t))            # 36 MB an hour
+    assert abs(leak.mb_per_hour - 36.0) < 1e-6
+    assert abs(leak.percent - 4.5 / 101.5 * 100) < 0.01               # over the last 450 s
+    steps = steady_growth(_run(lambda t: 70.0 + 2.0 * (t // 100)))    # a step every 100 s, never flat
+    assert steps.percent > 5.0
+
+
+def test_noise_is_not_growth_and_too_few_readings_say_nothing():
+    noisy = steady_growth(_run(lambda t: 100.0 + (1.0 if t % 2 else -1.0)))
+    assert abs(noisy.percent) < 0.1
+    assert steady_growth(_run(lambda t: 100.0, seconds=5)) is None
 
 
 def test_connection_counts_default_and_from_env(monkeypatch):
