@@ -105,7 +105,7 @@ class WaypointApp:
                                      gateway=(config.namespace, config.name))
             connector = TcpConnector(config.connect_timeout)
         if signer is not None or config.controller:
-            from shoal.hbone.identity import IdentityManager
+            from shoal.hbone.issuer import IdentityManager
 
             from .hbone import HboneConnector
 

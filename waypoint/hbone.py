@@ -24,7 +24,8 @@ from typing import Awaitable, Callable
 
 from shoal.config import PORT_HBONE, PROXY_MARK
 from shoal.hbone import framing as hbone
-from shoal.hbone.identity import IdentityError, IdentityManager, check_session
+from shoal.hbone.identity import IdentityError, check_session
+from shoal.hbone.issuer import IdentityManager
 from shoal.hbone.pool import HbonePool, PoolKey
 from shoal.hbone.session import HboneSession
 from shoal.hbone.stream import HboneStream

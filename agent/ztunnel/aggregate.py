@@ -66,8 +66,9 @@ def merge_connections(pages: dict[int, dict]) -> dict:
 
 
 def merge_certs(pages: dict[int, dict]) -> dict:
-    """``/certs`` of every worker: each holds its own SVIDs (keys never leave a process)."""
+    """``/certs`` of every worker: each holds the SVIDs its supervisor handed it (the same
+    ones); ``rotations`` is what a worker saw, the supervisor's own count replaces it."""
     return {
         "certificates": [{**c, "worker": i} for i, page in sorted(pages.items()) for c in page.get("certificates", [])],
-        "rotations": sum(page.get("rotations", 0) for page in pages.values()),
+        "rotations": max((page.get("rotations", 0) for page in pages.values()), default=0),
     }

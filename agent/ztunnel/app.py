@@ -24,10 +24,11 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import time
 from pathlib import Path
+from typing import Callable
 
-import grpc
 from prometheus_client import CollectorRegistry
 
 from shoal.agent.ztunnel.admin import HttpEndpoint, admin_pages, metrics_pages, ready_pages
@@ -35,14 +36,30 @@ from shoal.agent.ztunnel.admission import Admission, DialLimits, default_max_con
 from shoal.agent.ztunnel.bypass import SameNodeBypass
 from shoal.agent.ztunnel.config import ProxyConfig
 from shoal.agent.ztunnel.context import DestinationLookup, ProxyContext
-from shoal.agent.ztunnel.handover import Markers, cancel_all, serve_until_signalled
+from shoal.agent.ztunnel.feed import (
+    ConfigUpdate,
+    FeedDecoder,
+    FeedError,
+    FeedMessage,
+    SvidDropped,
+    SvidGrant,
+    SvidPending,
+)
+from shoal.agent.ztunnel.handover import (
+    Markers,
+    cancel_all,
+    remove_workers_report,
+    serve_until_signalled,
+    worker_entry,
+    write_workers_report,
+)
 from shoal.agent.ztunnel.netns import NetnsHandle
 from shoal.agent.ztunnel.proxy import LISTENER_KINDS, PodRegistry
 from shoal.agent.ztunnel.shedding import ShedPolicy
-from shoal.agent.ztunnel.supervisor import remove_workers_report, worker_entry, write_workers_report
 from shoal.agent.ztunnel.telemetry import ConnectionTelemetry, ProxyMetrics
-from shoal.hbone.identity import IdentityError, IdentityManager, Signer, SignerUnavailable
+from shoal.hbone.identity import HeldIdentities, Identities, Signer, Svid
 from shoal.hbone.pool import HbonePool
+from shoal.xds import model as m
 from shoal.xds.state import ConfigState
 from shoal.zds import ZdsServer
 
@@ -50,12 +67,61 @@ log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 WORKERS_REPORT_INTERVAL = 1.0
+FEED_READ = 1 << 20
 
 
-# The controller's CA answering these is down, restarting or busy: retried with backoff.
-TRANSIENT_RPC_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                 grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
-                                 grpc.StatusCode.CANCELLED})
+class FeedReader:
+    """A worker's end of its supervisor's feed (``feed.py``): config into ``state`` (the
+    feed is its only writer in a worker, as the config stream is in the supervisor) and
+    SVIDs into the worker's held identities. ``synced`` is set by the first snapshot.
+
+    A frame it cannot trust is the end of this worker: it logs, counts and asks itself to
+    stop (SIGTERM: it drains), and the supervisor starts a fresh one with a full snapshot.
+    """
+
+    def __init__(self, sock: socket.socket, state: ConfigState, identities: HeldIdentities,
+                 synced: asyncio.Event, on_error: Callable[[str], None]):
+        self.sock = sock
+        self.state = state
+        self.identities = identities
+        self.synced = synced
+        self._on_error = on_error
+        self._decoder = FeedDecoder()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.sock.setblocking(False)
+        while True:
+            data = await loop.sock_recv(self.sock, FEED_READ)
+            if not data:   # the supervisor is gone or retiring: PDEATHSIG/SIGTERM follow
+                log.warning("feed: the supervisor closed it")
+                return
+            try:
+                for message in self._decoder.feed(data):
+                    self.apply(message)
+            except (FeedError, ssl.SSLError) as exc:
+                self._on_error("message")
+                log.error("feed: %s; this worker stops, its supervisor starts a fresh one", exc)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    def apply(self, message: FeedMessage) -> None:
+        if isinstance(message, ConfigUpdate):
+            delta = message.delta
+            if message.snapshot:   # the whole state: what we hold beyond it goes
+                keep = {m.resource_key(r) for r in delta.upserted}
+                gone = tuple(key for key in map(m.resource_key, self.state.resources()) if key not in keep)
+                delta = m.ConfigDelta(version=delta.version, upserted=delta.upserted, removed=gone)
+            self.state.apply(delta)
+            if message.snapshot:
+                self.synced.set()
+        elif isinstance(message, SvidGrant):
+            self.identities.grant(Svid.from_parts(message.spiffe_id, message.chain_pem, message.key_pem,
+                                                  message.roots_pem, message.not_before, message.not_after))
+        elif isinstance(message, SvidPending):
+            self.identities.pending(message.spiffe_id)
+        elif isinstance(message, SvidDropped):
+            self.identities.drop(message.spiffe_id)
 
 
 class ProxyApp:
@@ -66,11 +132,16 @@ class ProxyApp:
         self.registry = CollectorRegistry()
         self.state = state if state is not None else ConfigState()
         self.metrics = ProxyMetrics(self.registry)
-        self._config_client = config_client
-        if signer is None:
-            signer = self._controller_signer()
-        identities = IdentityManager(signer, config.trust_domain,
-                                     on_error=lambda reason: self.metrics.reject("identity", "svid"))
+        identities: Identities
+        self.link = None
+        if config.is_worker:   # its supervisor streams config and fetches certificates
+            identities = HeldIdentities(config.trust_domain)
+        else:
+            from shoal.agent.ztunnel.nodelink import NodeLink
+
+            self.link = NodeLink(config, self.state, signer=signer, config_client=config_client,
+                                 on_error=lambda reason: self.metrics.reject("identity", "svid"))
+            identities = self.link.identities
         pool = HbonePool(on_change=self.metrics.hbone_connections.set)
         emitter = None
         if flows:  # L4 flow events to the agent (contract C); drops and counts when it is away
@@ -104,29 +175,6 @@ class ProxyApp:
     def ready(self) -> bool:
         return self.pods.snapshot_done.is_set() and self.ctx.config_synced.is_set() and not self.retiring.is_set()
 
-    def _controller_signer(self) -> Signer:
-        async def sign(csr_pem: bytes):
-            try:
-                chain, roots = await self._client().sign_certificate(csr_pem,
-                                                                     ttl_seconds=self.config.cert_ttl_seconds)
-            except grpc.aio.AioRpcError as exc:
-                # Down or restarting (UNAVAILABLE, DEADLINE_EXCEEDED...) is retried with
-                # backoff by the identity manager; a refusal is final.
-                error = SignerUnavailable if exc.code() in TRANSIENT_RPC_CODES else IdentityError
-                raise error(f"controller CA: {exc.code().name}: {exc.details()}") from None
-            to_bytes = lambda v: v.encode() if isinstance(v, str) else v
-            return to_bytes(chain), to_bytes(roots)
-        return sign
-
-    def _client(self):
-        if self._config_client is None:
-            from shoal.xds.client import ConfigClient
-
-            token = Path(self.config.token_file) if self.config.token_file else ""
-            self._config_client = ConfigClient(self.config.controller, self.config.node, token, self.state,
-                                               component="proxy", ca_bundle=self.config.ca_bundle or None)
-        return self._config_client
-
     # -- lifecycle
     async def start(self) -> None:
         Path(self.config.node_dir).mkdir(parents=True, exist_ok=True)
@@ -136,13 +184,8 @@ class ProxyApp:
         predecessor = self.markers.read("proxy.pid")
         await self.zds.start()  # from here on the agent's (re)connects reach us
         self.markers.write("proxy.pid")
-        if self.config.controller or self._config_client is not None:
-            client = self._client()
-            self._tasks.append(asyncio.ensure_future(client.run()))
-            self._tasks.append(asyncio.ensure_future(self._mark_synced(client.synced)))
-        else:
-            self.ctx.config_synced.set()  # state handed in (tests, benches): nothing to wait for
-        self._tasks.append(asyncio.ensure_future(self._rotate()))
+        assert self.link is not None
+        self._tasks += self.link.start(self.ctx.config_synced, self.metrics.certs_rotated.inc)
         self._tasks.append(asyncio.ensure_future(self._announce_ready()))
         self._tasks.append(asyncio.ensure_future(self._report_alone()))
         if self._serve_http:
@@ -167,14 +210,14 @@ class ProxyApp:
         pages go to the supervisor over a Unix socket; markers, ports and the handover
         belong to the supervisor."""
         channel = socket.socket(fileno=self.config.worker_channel_fd)
+        channel.set_inheritable(False)
         self.zds.serve_connection(channel)
-        if self.config.controller or self._config_client is not None:
-            client = self._client()
-            self._tasks.append(asyncio.ensure_future(client.run()))
-            self._tasks.append(asyncio.ensure_future(self._mark_synced(client.synced)))
-        else:
-            self.ctx.config_synced.set()
-        self._tasks.append(asyncio.ensure_future(self._rotate()))
+        feed = socket.socket(fileno=self.config.worker_feed_fd)
+        feed.set_inheritable(False)
+        assert isinstance(self.ctx.identities, HeldIdentities)
+        reader = FeedReader(feed, self.state, self.ctx.identities, self.ctx.config_synced,
+                            on_error=lambda reason: self.metrics.reject("feed", reason))
+        self._tasks.append(asyncio.ensure_future(reader.run()))
         pages = {**admin_pages(self.ctx, lambda: self.pods.pods.values()), **metrics_pages(self.registry),
                  **ready_pages(lambda: self.ready), "/worker": self._worker_page}
         endpoint = HttpEndpoint(pages, on_bad_request=lambda: self.metrics.reject("http", "bad_request"))
@@ -202,17 +245,6 @@ class ProxyApp:
             endpoint = HttpEndpoint(pages, on_bad_request=lambda: self.metrics.reject("http", "bad_request"))
             await endpoint.start(host, port)
             self._endpoints.append(endpoint)
-
-    async def _rotate(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.rotation_check_interval)
-            rotated = await self.ctx.identities.rotate_due()
-            if rotated:
-                self.metrics.certs_rotated.inc(rotated)
-
-    async def _mark_synced(self, synced: asyncio.Event) -> None:
-        await synced.wait()
-        self.ctx.config_synced.set()
 
     async def _announce_ready(self) -> None:
         # A predecessor stops accepting only when we can route: pods open AND config in.
@@ -273,8 +305,8 @@ class ProxyApp:
         for endpoint in self._endpoints:
             await endpoint.close()
         self._endpoints.clear()
-        if self._config_client is not None:
-            await self._config_client.close()
+        if self.link is not None:
+            await self.link.close()
         self.ctx.telemetry.report()       # the closes and flows still batched: none is lost
         self.ctx.telemetry.send_flows()
         if self.config.is_worker:

@@ -51,10 +51,12 @@ class ProxyConfig:
     # Worker processes (issue 13): 1 = one process, no supervisor; N > 1 = a supervisor
     # (ZDS, admin, metrics, handover) and N workers sharing the in-pod listeners.
     workers: int = 1
-    # Set only in a worker the supervisor started: its index and the inherited fd of its
-    # pod-handover channel (one end of a SEQPACKET socketpair). -1 = not a worker.
+    # Set only in a worker the supervisor started: its index and the inherited fds of its
+    # pod-handover channel (one end of a SEQPACKET socketpair) and of its feed of config
+    # and certificates (one end of a STREAM socketpair, feed.py). -1 = not a worker.
     worker_index: int = -1
     worker_channel_fd: int = -1
+    worker_feed_fd: int = -1
     # Same-node kernel bypass (bypass.py): on unless turned off (--no-same-node-bypass,
     # SHOAL_PROXY_SAME_NODE_BYPASS=0); the security argument is in the README.
     same_node_bypass: bool = True
@@ -116,7 +118,7 @@ class ProxyConfig:
         parser.add_argument("--workers", type=int, default=int(env.get("SHOAL_PROXY_WORKERS", 0)),
                             help="worker processes (env SHOAL_PROXY_WORKERS; 0: one per core this "
                                  "process may run on; 1: a single process without a supervisor)")
-        parser.add_argument("--worker", default="", help=argparse.SUPPRESS)  # "INDEX:FD", set by the supervisor
+        parser.add_argument("--worker", default="", help=argparse.SUPPRESS)  # "INDEX:ZDS_FD:FEED_FD", by the supervisor
         parser.add_argument("--same-node-bypass", action=argparse.BooleanOptionalAction,
                             default=env.get("SHOAL_PROXY_SAME_NODE_BYPASS", "1") not in ("0", "false", "no", "off"),
                             help="join same-node pod connections in the kernel instead of an HBONE tunnel "
@@ -126,12 +128,12 @@ class ProxyConfig:
         if args.workers < 0:
             parser.error("--workers must be 0 (one per core) or more")
         workers = args.workers or default_workers()
-        worker_index, worker_fd = -1, -1
+        worker_index, worker_fd, feed_fd = -1, -1, -1
         if args.worker:
             try:
-                worker_index, worker_fd = (int(part) for part in args.worker.split(":"))
+                worker_index, worker_fd, feed_fd = (int(part) for part in args.worker.split(":"))
             except ValueError:
-                parser.error(f"--worker must be INDEX:FD, got {args.worker!r}")
+                parser.error(f"--worker must be INDEX:ZDS_FD:FEED_FD, got {args.worker!r}")
         if not args.node:
             parser.error("--node (or SHOAL_NODE) is required")
         if args.handshake_timeout <= 0 or args.drain_grace < 0 or args.cert_ttl < 0 or args.max_connections < 0:
@@ -151,7 +153,7 @@ class ProxyConfig:
                    handshake_timeout=args.handshake_timeout, drain_grace=args.drain_grace,
                    max_connections=args.max_connections, overload_target=args.overload_target,
                    overload_interval=args.overload_interval, workers=workers,
-                   worker_index=worker_index, worker_channel_fd=worker_fd,
+                   worker_index=worker_index, worker_channel_fd=worker_fd, worker_feed_fd=feed_fd,
                    cert_ttl_seconds=args.cert_ttl, same_node_bypass=args.same_node_bypass,
                    log_level=args.log_level.upper())
 

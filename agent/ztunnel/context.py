@@ -13,7 +13,7 @@ from shoal.agent.ztunnel.admission import Admission, DialLimits
 from shoal.agent.ztunnel.config import ProxyConfig
 from shoal.agent.ztunnel.netns import NetnsHandle
 from shoal.agent.ztunnel.telemetry import ConnectionTelemetry, ProxyMetrics
-from shoal.hbone.identity import IdentityManager
+from shoal.hbone.identity import Identities
 from shoal.hbone.pool import HbonePool
 from shoal.hbone.session import TCP_READ_BUFFER, ReadBuffer
 from shoal.ratelog import LogLimiter
@@ -41,7 +41,7 @@ class ProxyContext:
     """What the data path needs, built once by the app wiring and passed down."""
     config: ProxyConfig
     state: ConfigState
-    identities: IdentityManager
+    identities: Identities
     metrics: ProxyMetrics
     telemetry: ConnectionTelemetry
     pool: HbonePool

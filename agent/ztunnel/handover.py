@@ -5,12 +5,16 @@ the instance named there; once it serves every pod it writes ``proxy.ready``, wh
 what the retiring one waits for before it stops accepting (app.py's docstring has the
 whole sequence). Markers name an instance (``<pid>-<random>``), not just a pid: two
 instances may share a pid in tests.
+
+Both also keep ``<node dir>/proxy-workers.json`` (each worker's pid, connections and
+health, for ``shoal status``): a single process is its own one worker.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import errno
+import json
 import logging
 import os
 import signal
@@ -110,3 +114,26 @@ async def serve_until_signalled(proxy: Retiring, install_signals: bool = True) -
         loop.add_signal_handler(signal.SIGTERM, on_signal)
         loop.add_signal_handler(signal.SIGINT, on_signal)
     await done.wait()
+
+
+def worker_entry(index: int, pid: int, health: str, status: dict, uptime: float) -> dict:
+    """One worker in ``/workers`` and ``proxy-workers.json``, from its ``/worker`` page."""
+    return {"index": index, "pid": pid, "health": health,
+            "connections": status.get("connections", 0), "handled": status.get("handled", 0),
+            "hbone_connections": status.get("hbone_connections", 0), "pods": status.get("pods", []),
+            "uptime_seconds": round(uptime, 1)}
+
+
+def write_workers_report(path: str, report: dict) -> None:
+    """``proxy-workers.json``, replaced atomically (``shoal status`` reads it)."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(report))
+    os.replace(tmp, target)
+
+
+def remove_workers_report(path: str) -> None:
+    """Remove ``proxy-workers.json`` if this process wrote it (a successor may have replaced it)."""
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        if json.loads(Path(path).read_text()).get("proxy") == os.getpid():
+            os.unlink(path)

@@ -4,10 +4,19 @@ Python runs one thread of bytecode per process, so one process carries one core.
 supervisor starts N copies of the single-process proxy as workers and shares the work
 out with the kernel's SO_REUSEPORT: every worker opens its own in-pod listeners
 (15001/15006/15008) on the same addresses, and the kernel hashes each new connection to
-one of them. Each worker holds its own HBONE pool, SVIDs (keys never leave the process)
-and config stream; a connection lives and dies in the worker that accepted it.
+one of them. Each worker holds its own HBONE pool; a connection lives and dies in the
+worker that accepted it.
 
-What stays single, in the supervisor (no data path, a few MB):
+What stays single, in the supervisor (no data path):
+
+- **The config stream and the certificates** (``nodelink.py``): one stream to the
+  controller per node, whatever N is, and one CSR per identity the node hosts (asked
+  for when the agent hands over a pod of it, renewed at half-life, dropped with the
+  node's last pod of it). Each worker gets them over its own end of a socketpair passed
+  at exec (``feed.py``): a full config snapshot once the stream is synced (and to a
+  restarted worker), every later change as it is applied, every SVID with its key as it
+  is issued or rotated. Keys go nowhere else: no file, no path. So the workers import
+  neither ``grpc`` nor ``cryptography`` (~25 MB RSS each).
 
 - **ZDS.** The agent connects to the supervisor as to any node proxy (its cgroup is the
   workers' cgroup). Each pod's ``add``/``del``/``snapshot_sent`` goes to every worker over
@@ -42,7 +51,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
@@ -50,8 +59,20 @@ from shoal.agent.ztunnel import transparent
 from shoal.agent.ztunnel.admin import HttpEndpoint, json_page, ready_pages
 from shoal.agent.ztunnel.aggregate import merge_certs, merge_connections, merge_expositions
 from shoal.agent.ztunnel.config import ProxyConfig
-from shoal.agent.ztunnel.handover import Markers, cancel_all, serve_until_signalled
+from shoal.agent.ztunnel.feed import ConfigUpdate, FeedMessage, SvidDropped, SvidGrant, SvidPending, encode
+from shoal.agent.ztunnel.handover import (
+    Markers,
+    cancel_all,
+    remove_workers_report,
+    serve_until_signalled,
+    worker_entry,
+    write_workers_report,
+)
 from shoal.agent.ztunnel.netns import NetnsHandle
+from shoal.agent.ztunnel.nodelink import NodeLink
+from shoal.hbone.identity import IdentityError, Svid
+from shoal.xds import model as m
+from shoal.xds.state import ConfigState
 from shoal.zds import PodInfo, ZdsClient, ZdsError, ZdsServer
 
 log = logging.getLogger(__name__)
@@ -60,6 +81,41 @@ POLL_INTERVAL = 1.0        # worker status (and the connections a crash would lo
 PAGE_TIMEOUT = 5.0         # one worker page
 WORKER_HELLO_TIMEOUT = 60.0  # a worker's first ack includes its start-up (imports) on a loaded node
 RESTART_BACKOFF = (0.2, 5.0)
+FEED_BACKLOG = 256 * 1024 * 1024   # unread feed bytes before a worker counts as stuck
+
+
+class WorkerFeed:
+    """The supervisor's end of one worker's feed (``feed.py``): frames written in order,
+    buffered by the transport while the worker reads. A worker that stops reading is not
+    buffered for without bound: past ``FEED_BACKLOG`` bytes it is stuck, and ``on_stuck``
+    (the supervisor kills it; its successor gets a fresh snapshot)."""
+
+    def __init__(self, sock: socket.socket, on_stuck: Callable[[], None]):
+        self.sock = sock
+        self._on_stuck = on_stuck
+        self._writer: asyncio.StreamWriter | None = None
+        self.config_fed = False   # its snapshot went: every later change goes too
+
+    async def open(self) -> None:
+        _, self._writer = await asyncio.open_unix_connection(sock=self.sock)
+
+    def send(self, message: FeedMessage) -> None:
+        if self._writer is None or self._writer.is_closing():
+            return
+        self._writer.write(encode(message))
+        if self._writer.transport.get_write_buffer_size() > FEED_BACKLOG:
+            self._writer.close()
+            self._on_stuck()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        else:
+            self.sock.close()
+
+
+def grant_of(svid: Svid) -> SvidGrant:
+    return SvidGrant(svid.spiffe_id, svid.chain_pem, svid.key_pem, svid.roots_pem, svid.not_before, svid.not_after)
 
 
 @dataclass
@@ -67,6 +123,7 @@ class Worker:
     index: int
     process: asyncio.subprocess.Process
     zds: ZdsClient
+    feed: WorkerFeed
     started: float = field(default_factory=time.monotonic)
     attached: bool = False        # hello acked and every pod replayed: live changes reach it
     status: dict = field(default_factory=dict)  # its last /worker page
@@ -85,29 +142,6 @@ class Worker:
         return worker_entry(self.index, self.pid, health, self.status, time.monotonic() - self.started)
 
 
-def worker_entry(index: int, pid: int, health: str, status: dict, uptime: float) -> dict:
-    """One worker in ``/workers`` and ``proxy-workers.json``, from its ``/worker`` page."""
-    return {"index": index, "pid": pid, "health": health,
-            "connections": status.get("connections", 0), "handled": status.get("handled", 0),
-            "hbone_connections": status.get("hbone_connections", 0), "pods": status.get("pods", []),
-            "uptime_seconds": round(uptime, 1)}
-
-
-def write_workers_report(path: str, report: dict) -> None:
-    """``proxy-workers.json``, replaced atomically (``shoal status`` reads it)."""
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(report))
-    os.replace(tmp, target)
-
-
-def remove_workers_report(path: str) -> None:
-    """Remove ``proxy-workers.json`` if this process wrote it (a successor may have replaced it)."""
-    with contextlib.suppress(FileNotFoundError, ValueError):
-        if json.loads(Path(path).read_text()).get("proxy") == os.getpid():
-            os.unlink(path)
-
-
 class SupervisorMetrics:
     def __init__(self, registry: CollectorRegistry):
         self.workers = Gauge("shoal_proxy_workers", "Worker processes serving the node's pods now",
@@ -120,6 +154,9 @@ class SupervisorMetrics:
                                 ["listener", "reason"], registry=registry)
         self.worker_connections = Gauge("shoal_proxy_worker_connections", "Live connections per worker",
                                         ["worker"], registry=registry)
+        # The same name as a single process's (telemetry.ProxyMetrics): the workers' stay 0.
+        self.certs_rotated = Counter("shoal_proxy_certificates_rotated", "SVIDs renewed at half-life",
+                                     registry=registry)
 
 
 async def fetch_page(path: str, page: str, timeout: float = PAGE_TIMEOUT) -> tuple[int, bytes]:
@@ -157,6 +194,13 @@ class Supervisor:
         self.markers = Markers(config.node_dir)
         self.home = NetnsHandle.current()
         self.zds = ZdsServer(config.zds_path, self, on_error=lambda reason: log.warning("zds: %s", reason))
+        self.state = ConfigState()   # written by the config stream only; fed to every worker
+        self.config_synced = asyncio.Event()
+        self.link = NodeLink(config, self.state, on_error=lambda reason: self.metrics.rejected.labels(
+                                 "identity", "svid").inc(),
+                             on_issued=lambda svid: self._broadcast(grant_of(svid)),
+                             on_dropped=lambda spiffe: self._broadcast(SvidDropped(spiffe)))
+        self.state.subscribe(self._config_changed)
         self._relay = asyncio.Lock()   # one pod change at a time, and none during a worker's replay
         self._endpoints: list[HttpEndpoint] = []
         self._tasks: list[asyncio.Task] = []
@@ -182,6 +226,8 @@ class Supervisor:
         predecessor = self.markers.read("proxy.pid")
         await self.zds.start()
         self.markers.write("proxy.pid")
+        self._tasks += self.link.start(self.config_synced, self.metrics.certs_rotated.inc)
+        self._tasks.append(asyncio.ensure_future(self._feed_snapshots()))
         await asyncio.gather(*(self._start_worker(i) for i in range(self.config.workers)))
         self._tasks.append(asyncio.ensure_future(self._poll()))
         self._tasks.append(asyncio.ensure_future(self._announce_ready()))
@@ -192,17 +238,30 @@ class Supervisor:
 
     async def _start_worker(self, index: int) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        feed_ours, feed_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            fds = (theirs.fileno(), feed_theirs.fileno())
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "shoal.agent.ztunnel", *self.argv, "--worker", f"{index}:{theirs.fileno()}",
-                pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL)
+                sys.executable, "-m", "shoal.agent.ztunnel", *self.argv, "--worker", f"{index}:{fds[0]}:{fds[1]}",
+                pass_fds=fds, stdin=asyncio.subprocess.DEVNULL)
         except BaseException:
             ours.close()
+            feed_ours.close()
             raise
         finally:
             theirs.close()
-        worker = Worker(index, process, ZdsClient(f"worker {index}", timeout=WORKER_HELLO_TIMEOUT))
+            feed_theirs.close()
+        feed = WorkerFeed(feed_ours, on_stuck=lambda: self._stuck(index, process))
+        await feed.open()
+        worker = Worker(index, process, ZdsClient(f"worker {index}", timeout=WORKER_HELLO_TIMEOUT), feed)
+        # What it needs before its pods: the node's SVIDs and, once synced, the config; from
+        # here on (no await in between) every change reaches it as it reaches the others.
         self.workers[index] = worker
+        for spiffe in self.link.identities.in_use():
+            svid = self.link.identities.current(spiffe)
+            feed.send(grant_of(svid) if svid is not None else SvidPending(spiffe))
+        if self.config_synced.is_set():
+            self._feed_snapshot(feed)
         self._tasks.append(asyncio.ensure_future(self._watch(worker)))
         try:
             await worker.zds.attach(ours)
@@ -223,6 +282,7 @@ class Supervisor:
     async def _watch(self, worker: Worker) -> None:
         code = await worker.process.wait()
         await worker.zds.close()
+        worker.feed.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.config.worker_admin_path(worker.pid))   # a killed worker could not
         self.metrics.workers.set(sum(w.attached and w.process.returncode is None for w in self.workers.values()))
@@ -295,6 +355,7 @@ class Supervisor:
         await self.zds.close()
         for worker in self.workers.values():
             await worker.zds.close()
+            worker.feed.close()
             if worker.process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     worker.process.kill()
@@ -302,9 +363,11 @@ class Supervisor:
         for endpoint in self._endpoints:
             await endpoint.close()
         self._endpoints.clear()
-        for _, fd in self.pods.values():
+        for pod, fd in self.pods.values():
             os.close(fd)
+            self._release(pod)
         self.pods.clear()
+        await self.link.close()
         self.markers.remove_own()
         remove_workers_report(self.config.workers_status_path)
 
@@ -314,12 +377,17 @@ class Supervisor:
 
     async def add_pod(self, pod: PodInfo, netns_fd: int) -> None:
         async with self._relay:
+            acquired = False
             try:
                 current = self.pods.get(pod.uid)
                 if current is None or current[0] != pod or os.fstat(current[1]).st_ino != os.fstat(netns_fd).st_ino:
                     problem = transparent.prepare_pod_netns(NetnsHandle(netns_fd, self.home.fd), pod)
                     if problem is not None:
                         raise ZdsError(problem)
+                # Its identity first: the workers get the SVID (or word that the CA is being
+                # retried) before the pod, whose enrolment waits for it.
+                spiffe = await self._acquire(pod)
+                acquired = True
                 workers = self._attached()
                 results = await asyncio.gather(*(w.zds.add(pod, netns_fd) for w in workers), return_exceptions=True)
                 failed = [(w, r) for w, r in zip(workers, results, strict=True)
@@ -337,9 +405,26 @@ class Supervisor:
                 previous = self.pods.pop(pod.uid, None)
                 if previous is not None:
                     os.close(previous[1])
+                    self._release(previous[0])   # the new entry holds its own
                 self.pods[pod.uid] = (pod, os.dup(netns_fd))
+                acquired = False
+                log.debug("supervisor: %s/%s served as %s", pod.namespace, pod.name, spiffe)
             finally:
+                if acquired:
+                    self._release(pod)
                 os.close(netns_fd)
+
+    async def _acquire(self, pod: PodInfo) -> str:
+        try:
+            spiffe = await self.link.identities.acquire(pod.namespace, pod.service_account)
+        except IdentityError as exc:
+            raise ZdsError(str(exc)) from exc
+        if self.link.identities.current(spiffe) is None:   # the CA is being retried
+            self._broadcast(SvidPending(spiffe))
+        return spiffe
+
+    def _release(self, pod: PodInfo) -> None:
+        self.link.identities.release(pod.namespace, pod.service_account)
 
     async def remove_pod(self, uid: str) -> None:
         async with self._relay:
@@ -351,6 +436,7 @@ class Supervisor:
             netns = NetnsHandle(entry[1], self.home.fd)
             transparent.remove(netns, entry[0].ips)
             netns.close()
+            self._release(entry[0])   # the node's last pod of it: the workers drop the key
             errors = [f"worker {w.index}: {r}" for w, r in zip(workers, results, strict=True)
                       if isinstance(r, BaseException) and w.zds.connected]
             if errors:
@@ -361,6 +447,39 @@ class Supervisor:
             await asyncio.gather(*(w.zds.snapshot_sent() for w in self._attached()))
             self.snapshot_done.set()
         log.info("supervisor: agent snapshot complete: %d pods", len(self.pods))
+
+    # -- the feed: config and certificates, to every worker ----------------------------------
+    def _stuck(self, index: int, process: asyncio.subprocess.Process) -> None:
+        log.error("supervisor: worker %d (pid %d) reads nothing of its feed (%d bytes unread): killing it",
+                  index, process.pid, FEED_BACKLOG)
+        self.metrics.rejected.labels("feed", "worker_stuck").inc()
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()   # _watch starts another, which gets a fresh snapshot
+
+    def _broadcast(self, message: FeedMessage) -> None:
+        for worker in self.workers.values():
+            if worker.process.returncode is None:
+                worker.feed.send(message)
+
+    def _feed_snapshot(self, feed: WorkerFeed) -> None:
+        feed.send(ConfigUpdate(m.ConfigDelta(version=self.state.version, upserted=tuple(self.state.resources())),
+                               snapshot=True))
+        feed.config_fed = True
+
+    async def _feed_snapshots(self) -> None:
+        """Once the config stream is synced, every worker started before gets its snapshot
+        (later ones get theirs when they start); from then on, every change."""
+        await self.config_synced.wait()
+        for worker in self.workers.values():
+            if not worker.feed.config_fed:
+                self._feed_snapshot(worker.feed)
+        log.info("supervisor: config version %s fed to %d workers", self.state.version, len(self.workers))
+
+    def _config_changed(self, delta: m.ConfigDelta) -> None:
+        message = ConfigUpdate(m.ConfigDelta(version=delta.version, upserted=delta.upserted, removed=delta.removed))
+        for worker in self.workers.values():
+            if worker.feed.config_fed and worker.process.returncode is None:
+                worker.feed.send(message)
 
     # -- HTTP: one node proxy's pages -----------------------------------------------------------
     async def _worker_pages(self, page: str) -> dict[int, bytes]:
@@ -389,7 +508,8 @@ class Supervisor:
             return json_page({**first, "workers": self.describe()["workers"]})
 
         async def certs():
-            return json_page(merge_certs(await self._json_pages("/certs")))
+            return json_page({**merge_certs(await self._json_pages("/certs")),
+                              "rotations": self.link.identities.rotations})
 
         async def connections():
             return json_page(merge_connections(await self._json_pages("/connections")))

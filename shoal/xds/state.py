@@ -151,6 +151,11 @@ class ConfigState:
     def all_waypoints(self) -> list[m.Waypoint]:
         return list(self._waypoints.values())
 
+    def resources(self) -> list[m.Resource]:
+        """Everything held: what a node proxy's supervisor hands a new worker as its snapshot."""
+        return [*self._workloads.values(), *self._services.values(), *self._policies.values(),
+                *self._waypoints.values(), *self._objects.values()]
+
     def objects(self, kind: str) -> list[m.KubeObject]:
         """Pass-through Kubernetes objects of one kind (HTTPRoute, TrafficPolicy): waypoints."""
         return [o for o in self._objects.values() if o.kind == kind]

@@ -9,7 +9,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from shoal.hbone import framing as hbone
-from shoal.hbone.identity import IdentityManager, check_session
+from shoal.hbone.identity import check_session
+from shoal.hbone.issuer import IdentityManager
 from shoal.hbone.session import HboneSession
 from shoal.hbone.stream import HboneStream
 from shoal.waypoint.hbone import HboneConnector, start_hbone_listener, trusted_source

@@ -48,11 +48,11 @@ def test_workers_default_to_the_cores_this_process_may_use():
     assert ProxyConfig.from_args(["--node", "n"], env={"SHOAL_PROXY_WORKERS": "3"}).workers == 3
     one = ProxyConfig.from_args(["--node", "n", "--workers", "1"], env={"SHOAL_PROXY_WORKERS": "3"})
     assert one.workers == 1 and not one.is_worker
-    worker = ProxyConfig.from_args(["--node", "n", "--workers", "2", "--worker", "1:7"], env={})
-    assert worker.is_worker and (worker.worker_index, worker.worker_channel_fd) == (1, 7)
+    worker = ProxyConfig.from_args(["--node", "n", "--workers", "2", "--worker", "1:7:8"], env={})
+    assert worker.is_worker and (worker.worker_index, worker.worker_channel_fd, worker.worker_feed_fd) == (1, 7, 8)
 
 
-@pytest.mark.parametrize("argv", [["--node", "n", "--workers", "-1"], ["--node", "n", "--worker", "x"]])
+@pytest.mark.parametrize("argv", [["--node", "n", "--workers", "-1"], ["--node", "n", "--worker", "x"], ["--node", "n", "--worker", "1:7"]])
 def test_bad_worker_arguments_are_refused(argv):
     with pytest.raises(SystemExit):
         ProxyConfig.from_args(argv, env={})

@@ -21,7 +21,7 @@ import pytest
 from shoal.agent.ztunnel.app import ProxyApp
 from shoal.agent.ztunnel.config import ProxyConfig
 from shoal.config import ClusterLayout
-from shoal.hbone.identity import make_csr
+from shoal.hbone.issuer import make_csr
 from shoal.xds.model import Authorization, ConfigDelta, Rule, Service, ServicePort, Source
 from shoal.zds import PodInfo, ZdsClient
 from tests.agent.ztunnel.proxybed import (

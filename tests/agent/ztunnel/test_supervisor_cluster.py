@@ -1,8 +1,11 @@
 """Issue 13 "every core", on a real local cluster of its own whose node proxies run two
-workers each: new connections spread over both, a killed worker is restarted with only
-its own connections lost (and counted), pod handovers reach both, restarts refuse nothing."""
+workers each: one config stream per node (the supervisor's), whose config and SVIDs reach
+both workers, which load neither grpc nor cryptography; new connections spread over both,
+a killed worker is restarted with only its own connections lost (and counted) and gets
+the full config and every SVID again, pod handovers reach both, restarts refuse nothing."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -12,6 +15,7 @@ import time
 
 import pytest
 
+from shoal.agent.ztunnel.supervisor import fetch_page
 from shoal.perf.connscripts import ECHO_APP, HOLD_CLIENT
 from tests.conftest import eventually, pod_exec, running_demo_cluster, shoal_cli
 
@@ -48,6 +52,24 @@ def node_get(layout, node: str, port: int, path: str) -> str:
 
 def workers(layout, node: str) -> dict:
     return json.loads(node_get(layout, node, 15000, "/workers"))
+
+
+def worker_page(layout, node: str, pid: int, page: str) -> dict:
+    """One worker's own page, from its Unix socket in the node directory (as the supervisor reads it)."""
+    status, body = asyncio.run(fetch_page(str(layout.node_dir(node) / f"proxy-worker-{pid}.sock"), page))
+    assert status == 200, body
+    return json.loads(body)
+
+
+def fed_alike(layout, node: str) -> list[dict]:
+    """Every worker's config version, workloads and SVIDs (identity, expiry): the same in all."""
+    seen = []
+    for w in workers(layout, node)["workers"]:
+        dump = worker_page(layout, node, w["pid"], "/config_dump")
+        certs = worker_page(layout, node, w["pid"], "/certs")["certificates"]
+        seen.append({"version": dump["config_version"], "workloads": sorted(x["uid"] for x in dump["workloads"]),
+                     "certs": sorted((c["identity"], c["not_after"]) for c in certs)})
+    return seen
 
 
 def metric(layout, node: str, name: str) -> float:
@@ -116,6 +138,29 @@ def test_status_shows_both_workers_serving_every_pod(cluster):
     assert "workers: 2/2 ready" in text, text
 
 
+def test_one_config_stream_per_node_feeds_both_workers_which_load_no_grpc_nor_cryptography(cluster):
+    layout = cluster.layout
+    streams = json.loads(shoal_cli(layout, "status", "-o", "json").stdout)["controller"]["agents"]
+    for node in ("node-1", "node-2"):
+        proxies = [s for s in streams if s["node"] == node and s["component"] == "proxy" and s["connected"]]
+        assert len(proxies) == 1, streams   # the supervisor's, whatever the number of workers
+        report = eventually(lambda node=node: all_ready(workers(layout, node)), f"{node}'s workers ready", timeout=30)
+        fed = eventually(lambda node=node: (lambda f: f if f[0] == f[1] and f[0]["certs"] else None)(
+            fed_alike(layout, node)), f"{node}'s workers fed alike", timeout=30)
+        assert fed[0]["workloads"], fed
+        for w in report["workers"]:
+            maps = open(f"/proc/{w['pid']}/maps").read()
+            assert "cygrpc" not in maps and "/cryptography/" not in maps, f"worker {w['pid']} loaded grpc/cryptography"
+            print(f"{node} worker {w['index']} (pid {w['pid']}): RSS {rss_mb(w['pid']):.1f} MB")
+        supervisor = int((layout.run_dir / f"proxy-{node}.pid").read_text())
+        print(f"{node} supervisor (pid {supervisor}): RSS {rss_mb(supervisor):.1f} MB")
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS"))
+
+
 def test_new_connections_spread_over_both_workers(cluster, echo):
     layout = cluster.layout
     before = {w["index"]: w["handled"] for w in workers(layout, "node-1")["workers"]}
@@ -157,6 +202,9 @@ def test_killed_worker_is_restarted_and_only_its_connections_are_lost(cluster, e
         fresh = now[victim["index"]]
         return fresh["pid"] != victim["pid"] and fresh["health"] == "ready" and fresh["pods"] == victim["pods"]
     eventually(restarted, "the killed worker to be back, serving every pod", timeout=60)
+    # A fresh worker gets the full snapshot and every SVID from its supervisor.
+    eventually(lambda: (lambda f: f[0] == f[1] and f[0]["certs"])(fed_alike(layout, "node-1")),
+               "the restarted worker fed as the other", timeout=30)
     assert metric(layout, "node-1", "shoal_proxy_worker_restarts_total") == restarts_before + 1
     counted = metric(layout, "node-1", "shoal_proxy_worker_lost_connections_total") - lost_before
     assert len(result["lost"]) <= counted <= len(result["lost"]) + 2, (counted, result)
@@ -174,8 +222,12 @@ def test_pod_add_and_remove_reach_both_workers(cluster):
     try:
         eventually(lambda: served_by_both(True), "extra-0 enrolled in both workers", timeout=60)
         certs = json.loads(node_get(layout, "node-1", 15000, "/certs"))["certificates"]
-        extra = {c["worker"] for c in certs if c["identity"].endswith("/ns/demo/sa/extra")}
-        assert extra == {0, 1}, certs   # each worker holds its own SVID for the new pod
+        extra = {c["worker"]: c["not_after"] for c in certs if c["identity"].endswith("/ns/demo/sa/extra")}
+        assert set(extra) == {0, 1} and len(set(extra.values())) == 1, certs   # the supervisor's one SVID, in each
+        # The config change (the new workload) reached both workers too.
+        eventually(lambda: all(any(x["name"] == "extra-0" for x in worker_page(layout, "node-1", w["pid"],
+                                                                                "/config_dump")["workloads"])
+                               for w in workers(layout, "node-1")["workers"]), "extra-0 in both workers' config")
         ip = pod_ip(layout, "demo/extra-0")
         eventually(lambda: pod_exec(layout, "demo/client-0", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
                                     "--max-time", "5", f"http://{ip}:8081/", check=False).stdout == "200",
@@ -183,6 +235,9 @@ def test_pod_add_and_remove_reach_both_workers(cluster):
     finally:
         shoal_cli(layout, "delete", "-f", "-", input=EXTRA_POD)
     eventually(lambda: served_by_both(False), "extra-0 released by both workers", timeout=60)
+    # Its identity's last pod left the node: no worker keeps that key.
+    eventually(lambda: not any(c["identity"].endswith("/ns/demo/sa/extra") for c in json.loads(
+        node_get(layout, "node-1", 15000, "/certs"))["certificates"]), "the extra SVID dropped by both workers")
 
 
 def test_restart_of_a_two_worker_proxy_refuses_nothing(cluster, echo):

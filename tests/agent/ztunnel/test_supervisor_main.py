@@ -38,13 +38,15 @@ def test_one_worker_and_each_worker_run_the_proxy_itself(monkeypatch):
     monkeypatch.setattr(entry, "run_daemon", _run_inline)
     monkeypatch.setattr(entry, "access_log", lambda name: None)   # would detach the logger from caplog
     assert entry.main(["--node", "n", "--workers", "1"]) == 0
-    assert entry.main(["--node", "n", "--workers", "2", "--worker", "1:9"]) == 0
+    assert entry.main(["--node", "n", "--workers", "2", "--worker", "1:9:10"]) == 0
     assert seen == [(1, -1), (2, 1)]
 
 
 def test_the_supervisor_imports_no_data_path_module():
+    """It owns the node's config stream and certificates (grpc, cryptography), no data path."""
     code = ("import sys, shoal.agent.ztunnel.supervisor, shoal.agent.ztunnel.__main__;"
             "print(sorted(m for m in sys.modules if m.split('.')[-1] in "
-            "('app', 'proxy', 'inbound', 'outbound', 'session', 'identity', 'h2', 'grpc')))")
+            "('app', 'proxy', 'inbound', 'outbound', 'session', 'framing', 'pool', 'h2')));"
+            "print('grpc' in sys.modules and 'cryptography' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]", out
+    assert out.split() == ["[]", "True"], out

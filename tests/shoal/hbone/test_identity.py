@@ -1,18 +1,17 @@
-"""Certificate fetch while the controller is down (issue 18): retried with backoff,
-logged and counted, never an unhandled ``AioRpcError`` ("Task exception was never
-retrieved"); a refusal stays final. The node proxy's real gRPC client against a dead
-address is in tests/agent/ztunnel/test_app.py."""
+"""``HeldIdentities``, a supervised worker's SVIDs: only what its supervisor handed over,
+waited for while announced as pending, refused when never announced, gone when dropped."""
 from __future__ import annotations
 
 import asyncio
-import gc
 
 import pytest
 
-from shoal.hbone.identity import IdentityError, IdentityManager, SignerUnavailable
+from shoal.hbone.identity import HeldIdentities, IdentityError
+from shoal.hbone.issuer import make_csr, svid_from_signed
 from tests.devca import DevCA
 
 pytestmark = pytest.mark.timeout(30)
+WEB = "spiffe://cluster.local/ns/demo/sa/web"
 
 
 @pytest.fixture(scope="module")
@@ -20,62 +19,44 @@ def ca():
     return DevCA()
 
 
-class FlakyCA:
-    """Unreachable for the first ``down`` requests, then the real test CA."""
-
-    def __init__(self, ca, down: int):
-        self.ca, self.down, self.calls = ca, down, 0
-
-    async def sign(self, csr_pem: bytes):
-        self.calls += 1
-        if self.calls <= self.down:
-            raise SignerUnavailable("controller CA: UNAVAILABLE: connection refused")
-        return await self.ca.sign(csr_pem)
+async def signed(ca, spiffe: str = WEB):
+    key_pem, csr_pem = make_csr(spiffe)
+    chain_pem, roots_pem = await ca.sign(csr_pem)
+    return svid_from_signed(spiffe, chain_pem, key_pem, roots_pem)
 
 
-def never_retrieved(caplog) -> list:
-    gc.collect()
-    return [r for r in caplog.records if "never retrieved" in r.getMessage()]
+async def test_an_identity_never_handed_over_is_refused():
+    held = HeldIdentities(wait=0.2)
+    with pytest.raises(IdentityError, match="holds no such identity"):
+        await held.acquire("demo", "db")
+    with pytest.raises(IdentityError, match="not an identity of this node"):
+        await held.get("spiffe://cluster.local/ns/demo/sa/db")
 
 
-async def test_unreachable_ca_is_retried_with_backoff_and_the_pod_goes_on(ca, caplog):
-    flaky, errors = FlakyCA(ca, down=4), []
-    identities = IdentityManager(flaky.sign, on_error=errors.append, wait=0.3)
-    spiffe = await identities.acquire("demo", "web")   # does not raise: enrolment goes on
-    assert spiffe == "spiffe://cluster.local/ns/demo/sa/web" and identities.current(spiffe) is None
-    svid = await asyncio.wait_for(_eventually_issued(identities, spiffe), 10)
-    assert svid.spiffe_id == spiffe and flaky.calls == 5 and len(errors) == 4  # counted each time
-    assert sum("retrying in" in r.getMessage() for r in caplog.records) == 4    # and logged
-    assert never_retrieved(caplog) == []
-
-
-async def _eventually_issued(identities, spiffe):
-    while identities.current(spiffe) is None:
-        await asyncio.sleep(0.05)
-    return identities.current(spiffe)
-
-
-async def test_refusal_is_final_and_released(ca, caplog):
-    async def refuse(csr_pem):
-        raise IdentityError("controller CA: PERMISSION_DENIED: node-1 does not host demo/db")
-
-    identities = IdentityManager(refuse, wait=0.3)
-    with pytest.raises(IdentityError, match="PERMISSION_DENIED"):
-        await identities.acquire("demo", "db")
-    assert identities._users == {} and identities._inflight == {}
-    assert never_retrieved(caplog) == []
-
-
-async def test_release_stops_the_retries_and_fails_who_still_waits(ca):
-    flaky = FlakyCA(ca, down=10**6)
-    identities = IdentityManager(flaky.sign, wait=0.1)
-    spiffe = await identities.acquire("demo", "web")
-    identities.wait = 5.0
-    waiter = asyncio.ensure_future(identities.get(spiffe))  # e.g. a dial from that pod
+async def test_enrolment_waits_for_the_announcement_and_a_dial_for_the_svid(ca):
+    held = HeldIdentities(wait=5)
+    enrolling = asyncio.ensure_future(held.acquire("demo", "web"))
     await asyncio.sleep(0.05)
-    identities.release("demo", "web")
-    with pytest.raises(IdentityError, match="no longer served"):  # refused, not left cancelled
-        await asyncio.wait_for(waiter, 2)
-    calls = flaky.calls
-    await asyncio.sleep(0.6)
-    assert flaky.calls == calls  # nobody needs it: no more requests to the CA
+    assert not enrolling.done()
+    held.pending(WEB)                     # the CA is being retried: the pod goes on
+    assert await asyncio.wait_for(enrolling, 1) == WEB and held.current(WEB) is None
+    dial = asyncio.ensure_future(held.get(WEB))
+    await asyncio.sleep(0.05)
+    assert not dial.done()
+    svid = await signed(ca)
+    held.grant(svid)
+    assert await asyncio.wait_for(dial, 1) is svid and held.rotations == 0
+    held.grant(await signed(ca))          # rotation
+    assert held.rotations == 1 and held.current(WEB) is not svid
+    assert [c["identity"] for c in held.describe()] == [WEB]
+    held.drop(WEB)                        # the node's last pod of it left
+    assert held.current(WEB) is None and held.describe() == []
+    with pytest.raises(IdentityError):
+        await held.get(WEB)
+
+
+async def test_a_pending_svid_not_handed_over_in_time_is_a_clear_error():
+    held = HeldIdentities(wait=0.2)
+    held.pending(WEB)
+    with pytest.raises(IdentityError, match="not handed over by the supervisor"):
+        await held.get(WEB)
