@@ -12,6 +12,7 @@ from typing import Any, Protocol
 from shoal.agent.ztunnel.admission import Admission, DialLimits
 from shoal.agent.ztunnel.config import ProxyConfig
 from shoal.agent.ztunnel.netns import NetnsHandle
+from shoal.agent.ztunnel.penalty import PenaltyBox
 from shoal.agent.ztunnel.telemetry import ConnectionTelemetry, ProxyMetrics
 from shoal.hbone.identity import Identities
 from shoal.hbone.pool import HbonePool
@@ -55,6 +56,8 @@ class ProxyContext:
     # Log lines about HBONE peers that break the protocol or its limits: a line a second
     # per reason for the whole worker (the metrics count every one).
     hbone_log_limiter: LogLimiter = field(default_factory=LogLimiter)
+    # Sources cut off for HTTP/2 abuse on 15008, refused at accept for a while.
+    abusers: PenaltyBox = field(default_factory=PenaltyBox)
     # The pods this proxy serves, by uid (the pod registry's own dict): a destination
     # found here is on this node, which the same-node bypass needs to know.
     served_pods: dict[str, "ServedPod"] = field(default_factory=dict)

@@ -39,6 +39,7 @@ from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND, PROX
 from shoal.hbone import framing as hbone
 from shoal.hbone.identity import check_session
 from shoal.hbone.session import HboneSession, StreamPeer, abort_with_reset
+from shoal.ratelog import held_note
 from shoal.telemetry_labels import service_of_endpoint
 from shoal.xds.model import canonical_ip
 
@@ -92,8 +93,14 @@ async def connect_app(ctx: ProxyContext, pod: ServedPod, dst_ip: str, port: int,
 # -- 15008 ------------------------------------------------------------------------------------
 
 async def handle_hbone(ctx: ProxyContext, pod: ServedPod, conn: socket.socket) -> None:
-    """One accepted connection on 15008: mTLS handshake (bounded), then HTTP/2."""
+    """One accepted connection on 15008: mTLS handshake (bounded), then HTTP/2. A source
+    recently cut off for abuse is refused first, before the handshake (penalty.py)."""
     peer = conn.getpeername()
+    loop = asyncio.get_running_loop()
+    if ctx.abusers.refuses(peer[0], loop.time()):
+        ctx.metrics.reject("hbone", "abuser_penalty")
+        reset_connection(conn)
+        return
     svid = ctx.identities.current(pod.spiffe_id)
     if svid is None:
         ctx.metrics.reject("hbone", "no_certificate")
@@ -101,11 +108,10 @@ async def handle_hbone(ctx: ProxyContext, pod: ServedPod, conn: socket.socket) -
         return
     session = HboneSession(client_side=False, idle_timeout=ctx.config.pool_idle_timeout,
                            on_request=lambda s, ev: _on_request(ctx, pod, s, ev, peer[0]),
-                           on_rejected=lambda reason: ctx.metrics.reject("hbone", reason),
+                           on_rejected=lambda reason: _session_refused(ctx, peer[0], reason),
                            on_closed=lambda s: (ctx.inbound_sessions.discard(s), pod.sessions.discard(s)),
                            verify=lambda ssl_object: check_session(ssl_object, None),
                            tcp_reads=ctx.tcp_reads, log_limiter=ctx.hbone_log_limiter)
-    loop = asyncio.get_running_loop()
     started = loop.time()
     try:
         # The context is the SVID current at accept time: rotation never touches live sessions.
@@ -121,6 +127,18 @@ async def handle_hbone(ctx: ProxyContext, pod: ServedPod, conn: socket.socket) -
     session.local_identity = pod.spiffe_id
     ctx.inbound_sessions.add(session)
     pod.sessions.add(session)
+
+
+def _session_refused(ctx: ProxyContext, source: str, reason: str) -> None:
+    """A stream or the whole session refused for ``reason`` (counted); an abuser's address
+    goes in the penalty box."""
+    ctx.metrics.reject("hbone", reason)
+    if reason in hbone.ABUSE_REASONS:
+        seconds = ctx.abusers.punish(source, asyncio.get_running_loop().time())
+        held = ctx.hbone_log_limiter.allow("abuser_penalty")
+        if held is not None:
+            log.warning("hbone: %s cut off for %s; its new connections are refused for %.0f s%s",
+                        source, reason, seconds, held_note(held))
 
 
 def _refuse_handshake(ctx, conn, peer, reason: str, exc: BaseException) -> None:

@@ -103,6 +103,11 @@ LIMITS: dict[str, Limit] = {
 }
 
 
+# The reasons a connection ends with our GOAWAY ENHANCE_YOUR_CALM: a limit spent, not a
+# malformed frame (what a node proxy holds against the peer's address, agent/ztunnel/penalty.py).
+ABUSE_REASONS = frozenset({f"{kind}_flood" for kind in LIMITS} | {"header_block_too_large"})
+
+
 class Budget:
     """Per-connection frame budgets (token buckets); ``spend`` says False once one is empty."""
 

@@ -16,6 +16,7 @@ import h2.events
 import hyperframe.frame
 import pytest
 
+from shoal.agent.ztunnel.penalty import PenaltyBox
 from shoal.hbone import framing as hbone
 from tests.agent.ztunnel.proxybed import OTHER_IP, SERVER_IP, EchoServer
 from tests.agent.ztunnel.test_proxy import (
@@ -313,6 +314,39 @@ async def test_control_frame_flood_gets_goaway_and_costs_other_clients_nothing(b
     assert await _during(bed, flood()) == []
     assert raw.goaway() == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
     assert metric(bed.app, "shoal_proxy_rejected_total", reason=f"{kind}_flood") == 1
+
+
+async def test_an_abuser_reconnecting_at_once_is_refused_before_tls_and_no_one_else_is(bed, ca):
+    bed.app.ctx.abusers = PenaltyBox(first=60.0)   # the default 2 s could pass on a loaded machine
+    raw = await RawH2.open(bed, ca)
+    chunk = hyperframe.frame.PingFrame(0, opaque_data=bytes(8)).serialize() * 2000
+    refused: list = []
+
+    async def flood():
+        reading = asyncio.ensure_future(raw.read_until_closed())
+        for _ in range(100):
+            if not await raw.write(chunk):
+                break
+        await reading
+        loop = asyncio.get_running_loop()
+        for _ in range(5):   # straight back, as an abuser does, for a fresh budget each time
+            sock = bed.raw_socket("other")
+            try:
+                await loop.sock_connect(sock, (SERVER_IP, 15008))
+                # Refused at accept: reset at once, before any TLS (a served one would wait
+                # for our ClientHello until the handshake timeout).
+                refused.append(await asyncio.wait_for(loop.sock_recv(sock, 1), 5))
+            except ConnectionResetError as exc:
+                refused.append(repr(exc))
+            finally:
+                sock.close()
+
+    assert await _during(bed, flood()) == []
+    assert raw.goaway() == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    assert len(refused) == 5, refused   # no TLS handshake, no new budget to spend
+    assert all("reset" in str(answer) for answer in refused), refused
+    assert metric(bed.app, "shoal_proxy_rejected_total", reason="ping_flood") == 1
+    assert metric(bed.app, "shoal_proxy_rejected_total", reason="abuser_penalty") == 5, refused
 
 
 async def test_continuation_flood_is_cut_at_the_header_block_cap(bed, ca):
