@@ -23,7 +23,19 @@ import h2.settings
 from shoal.h2guard import CLOSED_STREAMS_PER_OPEN, ENHANCE_YOUR_CALM, BoundedH2Connection, FloodGuard
 
 from .grpc import RESOURCE_EXHAUSTED, MessageSizeLimit, MessageTooLarge, is_grpc
-from .h1 import END, LAST_CHUNK, H1Error, RequestHead, RequestReader, Upgraded, encode_chunk, encode_head, status_line
+from .h1 import (
+    END,
+    LAST_CHUNK,
+    H1Error,
+    RequestHead,
+    RequestReader,
+    ResponseFraming,
+    Upgraded,
+    encode_chunk,
+    encode_head,
+    frame_response_head,
+    status_line,
+)
 from .http import Body, BodyError, Limits, PeerInfo, ProxyRequest, Tunnel, pipe
 from .upstream import UpstreamError
 
@@ -304,31 +316,24 @@ class H1Server:
 
     def start_head(self, status: int, headers: list[tuple[str, str]], content_length: int | None) -> None:
         """The answer's head, held until its first body bytes (or its end) go out with it."""
-        self.response_started = True
         head = self._head
         assert head is not None
-        close = not head.keep_alive or self.reader.upgraded
-        if not self._body_done:
-            # Answering before the whole request body arrived (403, 429...): this
-            # connection closes after the response rather than reading a body nobody wants.
-            close = True
-        self._no_body = head.method == "HEAD" or status in (204, 304) or status < 200
-        self._chunked = False
-        headers = [(n, v) for n, v in headers if n != "connection"]
-        if not self._no_body and content_length is None:
-            if head.version == "1.1":
-                self._chunked = True
-                headers.append(("transfer-encoding", "chunked"))
-            else:
-                close = True     # an HTTP/1.0 client reads the body until the connection closes
-        elif content_length is not None and not self._no_body and not any(n == "content-length" for n, _ in headers):
-            headers.append(("content-length", str(content_length)))
-        if close:
-            headers.append(("connection", "close"))
-        elif head.version == "1.0":
-            headers.append(("connection", "keep-alive"))
-        self._close_after = close
-        self._held = encode_head(status_line(status), headers)
+        self.start_framed(frame_response_head(status, headers, content_length, head.method, head.version,
+                                              self.closes_after_answer))
+
+    @property
+    def closes_after_answer(self) -> bool:
+        """The connection cannot carry another request after the current answer: the client
+        said so, a protocol switch was asked for, or the answer starts before the whole
+        request body arrived (403, 429...: rather than reading a body nobody wants)."""
+        head = self._head
+        assert head is not None
+        return not head.keep_alive or self.reader.upgraded or not self._body_done
+
+    def start_framed(self, framing: ResponseFraming) -> None:
+        """Start the answer with a head ``h1.frame_response_head`` made for the current request."""
+        self.response_started = True
+        self._held, self._chunked, self._no_body, self._close_after = framing
 
     async def send(self, chunk: bytes) -> None:
         if self.write_body(chunk):

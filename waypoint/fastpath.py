@@ -31,7 +31,7 @@ import logging
 from typing import Callable
 
 from .downstream import CLOSE, H1Server, Handoff
-from .h1 import END, RequestHead, UpstreamFramingError, encode_request_head
+from .h1 import END, RequestHead, ResponseFraming, UpstreamFramingError, encode_request_head, frame_response_head
 from .http import ResponseHead, strip_hop_by_hop
 from .proxy import ConnectionMemo, Routed, WaypointProxy, _Attempt
 from .resilience import RESET
@@ -41,6 +41,7 @@ from .upstream import UpstreamConnection
 log = logging.getLogger(__name__)
 
 IDLE_HANDBACK = 1.0     # seconds without a request before the connection goes back to its coroutine
+FRAMINGS_KEPT = 256     # answer heads remembered (answers alike get the same head bytes)
 _NOTHING_TRIED: frozenset = frozenset()
 
 
@@ -49,8 +50,11 @@ def fast_lanes(proxy: WaypointProxy) -> Callable[[H1Server], "FastLane | None"] 
     if not proxy.fast_path:
         return None
 
+    # Answer heads by what makes them (h1.frame_response_head is pure): one dict for all lanes.
+    framings: dict[tuple, ResponseFraming] = {}
+
     def lane(server: H1Server) -> FastLane | None:
-        return FastLane(proxy, server) if hasattr(server.stream, "read_nowait") else None
+        return FastLane(proxy, server, framings) if hasattr(server.stream, "read_nowait") else None
 
     return lane
 
@@ -80,8 +84,10 @@ class _Exchange:
 
 
 class FastLane:
-    def __init__(self, proxy: WaypointProxy, server: H1Server) -> None:
+    def __init__(self, proxy: WaypointProxy, server: H1Server,
+                 framings: dict[tuple, ResponseFraming] | None = None) -> None:
         self.proxy = proxy
+        self.framings = framings if framings is not None else {}
         self.server = server
         self.stream = server.stream
         self.reader = server.reader
@@ -276,10 +282,26 @@ class FastLane:
                                                  f"unexpected {event!r} before the response head")
                 exchange.answered = True
                 exchange.record.status = event.status
-                headers = apply_response_filters(exchange.routed.plan, strip_hop_by_hop(event.headers))
-                server.start_head(event.status, headers, event.content_length)
+                self._start_answer(exchange, event)
             else:
                 return self._upstream_failed(exchange, RESET, f"unexpected {event!r} inside the response body")
+
+    def _start_answer(self, exchange: _Exchange, answer: ResponseHead) -> None:
+        """The answer's head to the client, as ``H1Server.start_head`` makes it; answers alike
+        (same status, headers and length, to requests alike) reuse the head bytes."""
+        server, plan = self.server, exchange.routed.plan
+        if plan.response_filters:
+            return server.start_head(answer.status, apply_response_filters(plan, strip_hop_by_hop(answer.headers)),
+                                     answer.content_length)
+        head, close = exchange.head, server.closes_after_answer
+        key = (answer.status, tuple(answer.headers), answer.content_length, head.method, head.version, close)
+        framing = self.framings.get(key)
+        if framing is None:
+            if len(self.framings) >= FRAMINGS_KEPT:
+                self.framings.clear()
+            framing = self.framings[key] = frame_response_head(answer.status, strip_hop_by_hop(answer.headers),
+                                                               answer.content_length, head.method, head.version, close)
+        server.start_framed(framing)
 
     async def _drain(self, exchange: _Exchange) -> None:
         try:

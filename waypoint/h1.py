@@ -18,6 +18,7 @@ import re
 from collections import deque
 from dataclasses import dataclass
 from http import HTTPStatus
+from operator import itemgetter
 
 import httptools
 
@@ -71,8 +72,8 @@ Event = RequestHead | ResponseHead | bytes | _End | Upgraded | H1Error
 _SUPPORTED_VERSIONS = ("1.1", "1.0")
 
 
-def _decode_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    return [(name.decode("latin-1").lower(), value.decode("latin-1")) for name, value in raw]
+# Request header names the reader acts on (one set lookup per header instead of a chain of comparisons).
+_REQUEST_FRAMING = frozenset({"content-length", "transfer-encoding", "host", "upgrade", "expect"})
 
 
 class RequestReader:
@@ -95,7 +96,8 @@ class RequestReader:
         self._parser = httptools.HttpRequestParser(self)
         self._pending_head_bytes = 0
         self._url = b""
-        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._headers: list[tuple[str, str]] = []   # decoded as they come, names lower-cased
+        self._header_bytes = 0
         self._error: H1Error | None = None
 
     def feed(self, data: bytes) -> None:
@@ -130,13 +132,15 @@ class RequestReader:
         self.in_head = True
         self._pending_head_bytes = 0
         self._url = b""
-        self._raw_headers = []
+        self._headers = []
+        self._header_bytes = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._raw_headers.append((name, value))
+        self._headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+        self._header_bytes += len(name) + len(value) + 4
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -154,26 +158,27 @@ class RequestReader:
 
     def _head(self) -> RequestHead:
         parser = self._parser
-        raw = self._raw_headers
+        headers = self._headers
         version = parser.get_http_version()
         if version not in _SUPPORTED_VERSIONS:
             if version.startswith(("2", "3")):
                 raise H1Error(505, "bad_version", f"HTTP/{version} not supported on HTTP/1")
             raise H1Error(400, "bad_version", f"HTTP/{version} not supported")
-        if len(raw) > self.max_headers:
-            raise H1Error(431, "too_many_headers", f"{len(raw)} headers (limit {self.max_headers})")
-        size = len(self._url) + sum(len(n) + len(v) + 4 for n, v in raw)
+        if len(headers) > self.max_headers:
+            raise H1Error(431, "too_many_headers", f"{len(headers)} headers (limit {self.max_headers})")
+        size = len(self._url) + self._header_bytes
         if size > self.max_header_bytes:
             raise H1Error(431, "header_too_large", f"{size} header bytes (limit {self.max_header_bytes})")
         method = parser.get_method().decode("ascii")
         if method == "CONNECT":
             raise H1Error(501, "malformed_request", "CONNECT is not proxied")
-        headers = _decode_headers(raw)
         content_length: int | None = 0
         lengths = transfer_encodings = 0
         host = upgrade = None
         expect_continue = False
         for name, value in headers:
+            if name not in _REQUEST_FRAMING:
+                continue
             if name == "content-length":
                 lengths += 1
                 content_length = int(value)        # llhttp checked the digits
@@ -229,7 +234,7 @@ class ResponseReader:
         self.reusable = False
         self.received = 0
         self._parser = httptools.HttpResponseParser(self)
-        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._headers: list[tuple[str, str]] = []
         self._head: ResponseHead | None = None
         self._until_close = False
         self._interim = False
@@ -246,7 +251,7 @@ class ResponseReader:
         self.head_only = head_only
         self.done = self.reusable = False
         self.received = 0
-        self._raw_headers = []
+        self._headers = []
         self._head = None
         self._until_close = self._interim = False
         return self
@@ -281,17 +286,17 @@ class ResponseReader:
     def on_message_begin(self) -> None:
         if self.done:
             self.reusable = False
-        self._raw_headers = []
+        self._headers = []
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._raw_headers.append((name, value))
+        self._headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             self._interim = True
             return
-        headers = _decode_headers(self._raw_headers)
+        headers = self._headers
         length: int | None = None
         chunked = False
         for name, value in headers:
@@ -326,16 +331,18 @@ class ResponseReader:
 
 
 def encode_head(first_line: str, headers: list[tuple[str, str]]) -> bytes:
-    """A head from trusted parts; header values are checked for CR/LF (no response splitting)."""
-    lines = [first_line]
-    for name, value in headers:
-        if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
-            raise ValueError(f"header {name!r} would split the message")
-        lines.append(f"{name}: {value}")
-    lines.append("\r\n")
-    return "\r\n".join(lines).encode("latin-1")
+    """A head from trusted parts, checked anyway: no CR or LF in any name or value (no
+    response splitting), no ':' in a name. The checks run on the joined text, in C,
+    instead of five per header."""
+    text = "\r\n".join([first_line, *[f"{name}: {value}" for name, value in headers], "\r\n"])
+    line_ends = len(headers) + 2    # the first line's, each header's, the blank line's
+    if text.count("\r") != line_ends or text.count("\n") != line_ends or ":" in "".join(map(_NAME, headers)):
+        bad = next((n for n, v in headers if "\r" in n + v or "\n" in n + v or ":" in n), first_line)
+        raise ValueError(f"header {bad!r} would split the message")
+    return text.encode("latin-1")
 
 
+_NAME = itemgetter(0)
 _SPLITS_REQUEST_LINE = re.compile(r"[\x00-\x20\x7f]")
 
 
@@ -345,6 +352,32 @@ def encode_request_head(method: str, target: str, headers: list[tuple[str, str]]
     if not target or _SPLITS_REQUEST_LINE.search(target):
         raise ValueError(f"request target {target!r} would split the request line")
     return encode_head(f"{method} {target} HTTP/1.1", headers)
+
+
+ResponseFraming = tuple[bytes, bool, bool, bool]   # (head bytes, chunked, no body, connection closes after)
+
+
+def frame_response_head(status: int, headers: list[tuple[str, str]], content_length: int | None,
+                        request_method: str, request_version: str, close: bool) -> ResponseFraming:
+    """How an answer goes to an HTTP/1.x client: its head (framing headers added, any
+    ``connection`` header replaced) and how its body is framed. A pure function of its
+    arguments, so callers may keep the result for answers alike (``fastpath``)."""
+    no_body = request_method == "HEAD" or status in (204, 304) or status < 200
+    chunked = False
+    headers = [(n, v) for n, v in headers if n != "connection"]
+    if not no_body and content_length is None:
+        if request_version == "1.1":
+            chunked = True
+            headers.append(("transfer-encoding", "chunked"))
+        else:
+            close = True     # an HTTP/1.0 client reads the body until the connection closes
+    elif content_length is not None and not no_body and not any(n == "content-length" for n, _ in headers):
+        headers.append(("content-length", str(content_length)))
+    if close:
+        headers.append(("connection", "close"))
+    elif request_version == "1.0":
+        headers.append(("connection", "keep-alive"))
+    return encode_head(status_line(status), headers), chunked, no_body, close
 
 
 def encode_chunk(data: bytes) -> bytes:

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 ISTIO_LABELS = REQUEST_LABELS
 DURATION_BUCKETS_MS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000)
 SIZE_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000)
+SERIES_KEPT = 4096   # label sets found by identity (RequestTelemetry._series); then forgotten and found again
 
 
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
@@ -163,10 +164,17 @@ class IstioRequestMetrics:
     def __init__(self) -> None:
         self.series: dict[tuple[str, ...], _RequestSeries] = {}
 
-    def record(self, labels: tuple[str, ...], duration_ms: float, request_bytes: int, response_bytes: int) -> None:
+    def series_for(self, labels: tuple[str, ...]) -> _RequestSeries:
         series = self.series.get(labels)
         if series is None:
             series = self.series[labels] = _RequestSeries()
+        return series
+
+    def record(self, labels: tuple[str, ...], duration_ms: float, request_bytes: int, response_bytes: int) -> None:
+        self.observe(self.series_for(labels), duration_ms, request_bytes, response_bytes)
+
+    @staticmethod
+    def observe(series: _RequestSeries, duration_ms: float, request_bytes: int, response_bytes: int) -> None:
         series.count += 1
         series.duration.observe(duration_ms)
         series.request_bytes.observe(request_bytes)
@@ -259,6 +267,10 @@ class RequestTelemetry:
         self._flows = flow_emitter
         self._spans = span_exporter
         self.clock = clock
+        # The series of requests alike, found without building their 25 label values: by the
+        # identity of the (immutable, shared) label objects of both sides and the Service,
+        # which the entry holds so those identities stay theirs; plus the plain values.
+        self._series_by_peers: dict[tuple, tuple[PeerLabels, PeerLabels, ServiceLabels, _RequestSeries]] = {}
 
     def label_values(self, r: RequestRecord) -> tuple[str, ...]:
         """``ISTIO_LABELS`` values; the source principal is the HBONE peer's certificate."""
@@ -271,6 +283,18 @@ class RequestTelemetry:
         return standard_labels("waypoint", source, r.destination, r.service, protocol, r.response_flags,
                                r.mtls) + (str(r.status), r.grpc_status)
 
+    def _series(self, r: RequestRecord) -> _RequestSeries:
+        source, destination, service = r.source, r.destination, r.service
+        key = (id(source), id(destination), id(service), r.source_principal, r.protocol, r.grpc_status, r.status,
+               r.mtls, r.response_flags if r.flags else "")
+        found = self._series_by_peers.get(key)
+        if found is None:
+            if len(self._series_by_peers) >= SERIES_KEPT:
+                self._series_by_peers.clear()
+            found = self._series_by_peers[key] = (source, destination, service,
+                                                  self.metrics.istio.series_for(self.label_values(r)))
+        return found[3]
+
     def count_authz(self, allowed: bool, policy: str | None) -> None:
         """One L7 authorization decision."""
         self.metrics.authz.labels("allow" if allowed else "deny", policy or "-").value += 1
@@ -281,7 +305,7 @@ class RequestTelemetry:
     def record(self, r: RequestRecord) -> None:
         if not r.end:
             r.end = self.clock()
-        self.metrics.istio.record(self.label_values(r), r.duration_ms, r.request_bytes, r.response_bytes)
+        self.metrics.istio.observe(self._series(r), r.duration_ms, r.request_bytes, r.response_bytes)
         if self._access_log is not None:
             self._access_log(access_log_line(r))
         if self._flows is not None:

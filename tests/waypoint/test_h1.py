@@ -183,6 +183,15 @@ def test_encoding():
     assert encode_chunk(b"hello") == b"5\r\nhello\r\n" and encode_chunk(b"") == b"" and LAST_CHUNK == b"0\r\n\r\n"
     with pytest.raises(ValueError):
         encode_head("GET / HTTP/1.1", [("x", "a\r\nInjected: yes")])
+    assert encode_head("GET / HTTP/1.1", [("host", "a:80"), ("x", "t: 12:00")]) == \
+        b"GET / HTTP/1.1\r\nhost: a:80\r\nx: t: 12:00\r\n\r\n"   # colons in values are fine
+
+
+@pytest.mark.parametrize("header", [("x", "a\rb"), ("x", "a\nb"), ("x\r\ny", "v"), ("x\n", "v"), ("a:b", "v"),
+                                    ("x", "\r\n\r\n"), ("x", "\n\r")])
+def test_a_header_that_would_split_or_confuse_the_head_is_refused(header):
+    with pytest.raises(ValueError):
+        encode_head("HTTP/1.1 200 OK", [("ok", "1"), header])
 
 
 @pytest.mark.parametrize("target", ["/a b", "/a\r\nX-Injected: 1", "/a\x00", ""])
