@@ -53,24 +53,53 @@ _OLD_PRIORITIES = (15537, 15539)
 
 
 def _batch(remove_only: bool, version: int) -> str:
-    """The ``ip -<version> -batch`` script for one family: delete what we (or an older
-    version) may have added, then unless ``remove_only`` add the rule and the table."""
-    lines = [f"rule del priority {p}" for p in (RULE_PRIORITY, *_OLD_PRIORITIES)]
-    lines.append(f"route flush table {TABLE}")
-    if not remove_only:
+    """The ``ip -<version> -batch`` script for one family.
+
+    Install removes only what an older version added and puts ours in place without
+    ever taking it away first: a successor proxy prepares every pod again during a restart
+    handover while its predecessor still delivers through this rule and table, and a
+    delete-then-add left a moment in which the apps' marked replies followed the main
+    table to the client pod's real address, which answered with a reset (the app saw
+    ECONNRESET on its reply, the client a reset connection, in the restart-under-load
+    test). So the route is replaced (atomic) and the rule added (an identical one already
+    there fails with "File exists": that is done, see :func:`batch_failures`).
+    ``remove_only``: take ours away too (the pod leaves the proxy)."""
+    lines = [f"rule del priority {p}" for p in _OLD_PRIORITIES]
+    if remove_only:
+        lines += [f"rule del priority {RULE_PRIORITY}", f"route flush table {TABLE}"]
+    else:
+        lines.append(f"route replace local {ANY_ADDRESS[version]} dev lo table {TABLE}")
         lines.append(f"rule add priority {RULE_PRIORITY} fwmark {DELIVERY_MARK:#x}/0xffffffff lookup {TABLE}")
-        lines.append(f"route add local {ANY_ADDRESS[version]} dev lo table {TABLE}")
     return "\n".join(lines) + "\n"
 
 
+def batch_failures(script: str, stderr: str) -> list[str]:
+    """The commands of an ``ip -force -batch`` ``script`` that failed for real, from its
+    stderr (``RTNETLINK answers: <why>`` then ``Command failed -:<line>``): a delete of
+    something absent, or the add of a rule that already exists, is what we wanted."""
+    commands = script.splitlines()
+    failures, why = [], ""
+    for line in stderr.splitlines():
+        if line.startswith("Command failed"):
+            number = line.rsplit(":", 1)[-1].strip()
+            command = commands[int(number) - 1] if number.isdigit() and 0 < int(number) <= len(commands) else line
+            absent = " del " in f" {command} " and "No such file" in why
+            present = command.startswith("rule add") and "File exists" in why
+            if not (absent or present):
+                failures.append(f"{command}: {why or line}")
+            why = ""
+        else:
+            why = line.removeprefix("RTNETLINK answers: ").strip()
+    return failures
+
+
 def _ip_batch(netns: NetnsHandle, version: int, script: str) -> list[str]:
-    """Runs ``script`` for one family in the pod's namespace; returns the failed adds."""
+    """Runs ``script`` for one family in the pod's namespace; returns the commands that failed."""
     # A child forked from this thread starts in the thread's (pod's) namespace.
     with netns.entered():
         done = subprocess.run(["ip", f"-{version}", "-force", "-batch", "-"], input=script,
                               capture_output=True, text=True, timeout=10)
-    # -force keeps going past the deletes of rules that did not exist yet; the adds must work.
-    return [line for line in done.stderr.splitlines() if "add" in line or "File exists" in line]
+    return batch_failures(script, done.stderr)
 
 
 def _versions(addresses: tuple[str, ...]) -> tuple[int, ...]:
