@@ -333,10 +333,13 @@ class _End(asyncio.Protocol):
         await self._watch_for_reset()
 
     async def _watch_for_reset(self) -> None:
-        """Until the pair ends: a reset of this (half-closed) socket resets the other app."""
+        """Until the pair ends: a reset of this (half-closed) socket resets the other app.
+        The pair may end (and close this socket) during a sleep: looked at after each."""
         sock = self.transport.get_extra_info("socket") if self.transport is not None else None
-        while sock is not None and not self.conn.finished:
+        while sock is not None:
             await asyncio.sleep(RESET_POLL)
+            if self.conn.finished or self.transport is None or self.transport.is_closing():
+                return
             try:
                 state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
             except OSError:

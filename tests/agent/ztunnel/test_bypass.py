@@ -207,6 +207,29 @@ async def test_half_close_in_both_directions(proxy):
     assert metric(harness.app, "shoal_proxy_bypass_connections_total", outcome="joined") == 2
 
 
+async def test_a_finished_pair_leaves_no_watch_behind(proxy):
+    """The end that forwarded its EOF first watches its socket for a reset until the pair
+    ends; when the other end's EOF ends the pair (and closes both sockets) during its
+    sleep, it stops there: it once read TCP_INFO of the closed socket, and each such pair
+    (every request/answer connection) logged a "Task exception was never retrieved"
+    traceback, thousands a minute under load."""
+    from shoal.agent.ztunnel.bypass import RESET_POLL
+
+    harness = await proxy()
+    reader, writer = await harness.connect_via_proxy(SERVER_IP, APP_PORT)
+    await _until(lambda: harness.app.ctx.bypass.live)
+    (pair,) = harness.app.ctx.bypass.live
+    writer.write(b"request")
+    writer.write_eof()   # client first: its end forwards and watches; the echo app closes next
+    assert await asyncio.wait_for(reader.read(), 10) == b"request"
+    writer.close()
+    await _until(lambda: pair.finished)
+    await asyncio.sleep(RESET_POLL * 2)
+    watches = [end._forwarding for end in (pair.client_end, pair.server_end) if end._forwarding is not None]
+    assert watches and all(task.done() for task in watches)
+    assert [task.exception() for task in watches] == [None] * len(watches)
+
+
 @pytest.mark.parametrize("closer", ["client", "server"])
 async def test_close_or_reset_of_either_end_tears_the_pair_down(proxy, bypass_layout, closer):
     harness = await proxy()
