@@ -34,31 +34,36 @@ spec:
     - from: [{source: {principals: ["cluster.local/ns/demo/sa/not-the-client"]}}]
 """
 
-# Opens connections at a fixed rate; each must get an HTTP answer. Prints a JSON summary.
+# Opens connections at a fixed rate; each must get an HTTP answer. Prints a JSON summary:
+# each failure as (seconds since the load started, when it was opened; what went wrong, at
+# which step), and the load's start as wall-clock time (to find it in the proxies' logs).
 LOAD = """
 import asyncio, json, sys, time
 host, port, rate, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 ok, failed = 0, []
-async def one():
+async def one(opened):
     global ok
+    step = "connect"
     try:
         r, w = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+        step = "read"
         w.write(b"GET / HTTP/1.0\\r\\nHost: web\\r\\n\\r\\n")
         data = await asyncio.wait_for(r.read(), 5)
         w.close()
         if data.startswith(b"HTTP/1"):
             ok += 1
         else:
-            failed.append(repr(data[:40]))
+            failed.append([round(opened, 3), round(time.monotonic() - start, 3), step, repr(data[:40])])
     except (OSError, asyncio.TimeoutError) as exc:
-        failed.append(repr(exc))
+        failed.append([round(opened, 3), round(time.monotonic() - start, 3), step, repr(exc)])
 async def main():
-    tasks, start = [], time.monotonic()
+    global start
+    tasks, start, wall = [], time.monotonic(), time.time()
     for i in range(int(rate * seconds)):
-        tasks.append(asyncio.ensure_future(one()))
+        tasks.append(asyncio.ensure_future(one(time.monotonic() - start)))
         await asyncio.sleep(max(0, start + (i + 1) / rate - time.monotonic()))
     await asyncio.gather(*tasks)
-    print(json.dumps({"ok": ok, "failed": failed}))
+    print(json.dumps({"ok": ok, "failed": failed, "started": wall}))
 asyncio.run(main())
 """
 
@@ -159,21 +164,64 @@ def test_allow_policy_naming_another_account_denies_client_to_db(demo_cluster):
     eventually(lambda: "reply: db" in probe(layout, "demo/client-0", "db.demo", 7000, "hello"), "policy removal")
 
 
+RESTART_METRICS = ("shoal_proxy_rejected_total", "shoal_proxy_overloaded", "shoal_proxy_accept_paused_total",
+                   "shoal_proxy_hbone_connections", "shoal_proxy_enrolled_pods", "shoal_proxy_bypass_connections_total")
+
+
+def _worth_reporting(log_line: str) -> bool:
+    """A log line that may explain a failure: not an access-log line of a connection that
+    went well, not the body of a traceback (its last line, the exception, is kept)."""
+    if log_line.startswith("{"):
+        return '"response_flags":"-"' not in log_line
+    return not log_line.startswith((" ", "Traceback", "future:"))
+
+
+def restart_failure_report(layout, node: str, result: dict, load_stderr: str, log_from: dict[str, int],
+                           restarted_at: float) -> str:
+    """Why connections failed across a restart, from every side: the client's errors (when
+    each was opened and ended, relative to the load's start, and at which step), the proxy
+    restart's time on that scale, the node's proxy and agent log lines since the load began
+    (old and new proxy log to the same file; access-log lines only for failed connections),
+    and the new proxy's refusal, overload, HBONE and bypass metrics."""
+    lines = [f"{len(result['failed'])} failed, {result['ok']} ok; proxy restarted at "
+             f"{restarted_at - result['started']:+.2f} s; failures (opened s, ended s, step, error):"]
+    lines += [f"  {failure}" for failure in result["failed"][:40]]
+    for name, offset in log_from.items():
+        with open(layout.log_dir / f"{name}.log", "rb") as log_file:
+            log_file.seek(offset)
+            text = log_file.read().decode(errors="replace")
+        kept = [line for line in text.splitlines() if _worth_reporting(line)]
+        lines.append(f"--- {name}.log since the load began ({len(kept)} lines kept):")
+        lines += kept[:150]
+    metrics = subprocess.run(["ip", "netns", "exec", layout.node_netns(node), sys.executable, "-c",
+                              "import urllib.request;print(urllib.request.urlopen("
+                              "'http://127.0.0.1:15020/metrics', timeout=5).read().decode())"],
+                             capture_output=True, text=True, timeout=30)
+    lines.append("--- the new proxy's metrics:")
+    lines += [line for line in metrics.stdout.splitlines() if line.startswith(RESTART_METRICS)] or [metrics.stderr]
+    lines.append(f"--- the load's stderr: {load_stderr[-500:]}")
+    return "\n".join(lines)
+
+
 @host_processes_only("the proxy container's replacement with drain is the upgrade work of issue 15 (not tested here yet)")
 def test_node_proxy_restart_under_load_refuses_nothing(demo_cluster):
     layout = demo_cluster.layout
     web0 = pod_ip(layout, "demo/web-0")  # same node as client-0: both ends on node-1's proxy
     old_pid = int((layout.run_dir / "proxy-node-1.pid").read_text())
+    log_from = {name: (layout.log_dir / f"{name}.log").stat().st_size for name in ("proxy-node-1", "agent-node-1")}
     load = subprocess.Popen([sys.executable, "-m", "shoal", "exec", "demo/client-0", "--", sys.executable,
                              "-c", LOAD, web0, "8080", "200", "6"],
                             env={**__import__("os").environ, "SHOAL_CLUSTER": layout.name},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(2)
     component = next(c for c in demo_cluster.node_components("node-1") if c.name == "proxy-node-1")
+    restarted_at = time.time()
     new_pid = demo_cluster.start(component)  # the successor retires the old proxy itself
     out, err = load.communicate(timeout=120)
+    assert out.strip(), err[-800:]
     result = json.loads(out.strip().splitlines()[-1])
-    assert result["failed"] == [] and result["ok"] == 1200, (result, err[-500:])
+    if result["failed"] or result["ok"] != 1200:
+        pytest.fail(restart_failure_report(layout, "node-1", result, err, log_from, restarted_at), pytrace=False)
     eventually(lambda: subprocess.run(["kill", "-0", str(old_pid)], capture_output=True).returncode != 0,
                "the old proxy to exit")
     assert subprocess.run(["kill", "-0", str(new_pid)], capture_output=True).returncode == 0
