@@ -3,7 +3,9 @@ node proxies): only TLS on the fabric, STRICT vs PERMISSIVE, an ALLOW that denie
 node proxy restart under load that refuses nothing. Every change is undone."""
 from __future__ import annotations
 
+import collections
 import json
+import os
 import re
 import subprocess
 import sys
@@ -165,7 +167,8 @@ def test_allow_policy_naming_another_account_denies_client_to_db(demo_cluster):
 
 
 RESTART_METRICS = ("shoal_proxy_rejected_total", "shoal_proxy_overloaded", "shoal_proxy_accept_paused_total",
-                   "shoal_proxy_hbone_connections", "shoal_proxy_enrolled_pods", "shoal_proxy_bypass_connections_total")
+                   "shoal_proxy_hbone_connections", "shoal_proxy_enrolled_pods", "shoal_proxy_bypass_connections_total",
+                   "shoal_proxy_setup_wait_seconds_sum", "shoal_proxy_setup_wait_seconds_count")
 
 
 def _worth_reporting(log_line: str) -> bool:
@@ -183,9 +186,13 @@ def restart_failure_report(layout, node: str, result: dict, load_stderr: str, lo
     restart's time on that scale, the node's proxy and agent log lines since the load began
     (old and new proxy log to the same file; access-log lines only for failed connections),
     and the new proxy's refusal, overload, HBONE and bypass metrics."""
+    kinds = collections.Counter((step, error) for _, _, step, error in result["failed"])
+    opened = [failure[0] for failure in result["failed"]] or [0.0]
     lines = [f"{len(result['failed'])} failed, {result['ok']} ok; proxy restarted at "
-             f"{restarted_at - result['started']:+.2f} s; failures (opened s, ended s, step, error):"]
-    lines += [f"  {failure}" for failure in result["failed"][:40]]
+             f"{restarted_at - result['started']:+.2f} s; failures opened from {min(opened):.2f} to "
+             f"{max(opened):.2f} s; load average {os.getloadavg()[0]:.1f}; by step and error: {dict(kinds)}",
+             "the first failures (opened s, ended s, step, error):"]
+    lines += [f"  {failure}" for failure in result["failed"][:20]]
     for name, offset in log_from.items():
         with open(layout.log_dir / f"{name}.log", "rb") as log_file:
             log_file.seek(offset)
@@ -193,6 +200,12 @@ def restart_failure_report(layout, node: str, result: dict, load_stderr: str, lo
         kept = [line for line in text.splitlines() if _worth_reporting(line)]
         lines.append(f"--- {name}.log since the load began ({len(kept)} lines kept):")
         lines += kept[:150]
+    server_log = layout.log_dir / "pods" / "demo_web-0_web.log"
+    if server_log.exists():   # the app's errors (a reset while it answered...), not its access lines
+        problems = [line for line in server_log.read_text(errors="replace").splitlines()
+                    if "Error" in line or "Exception" in line]
+        lines.append(f"--- {server_log.name}: {len(problems)} error lines, the last ones:")
+        lines += problems[-10:]
     metrics = subprocess.run(["ip", "netns", "exec", layout.node_netns(node), sys.executable, "-c",
                               "import urllib.request;print(urllib.request.urlopen("
                               "'http://127.0.0.1:15020/metrics', timeout=5).read().decode())"],
@@ -211,7 +224,7 @@ def test_node_proxy_restart_under_load_refuses_nothing(demo_cluster):
     log_from = {name: (layout.log_dir / f"{name}.log").stat().st_size for name in ("proxy-node-1", "agent-node-1")}
     load = subprocess.Popen([sys.executable, "-m", "shoal", "exec", "demo/client-0", "--", sys.executable,
                              "-c", LOAD, web0, "8080", "200", "6"],
-                            env={**__import__("os").environ, "SHOAL_CLUSTER": layout.name},
+                            env={**os.environ, "SHOAL_CLUSTER": layout.name},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(2)
     component = next(c for c in demo_cluster.node_components("node-1") if c.name == "proxy-node-1")
@@ -243,7 +256,7 @@ def _start_echo(layout, pod: str) -> subprocess.Popen:
 def _hold(layout, client: str, ip: str, count: int, seconds: float) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "shoal", "exec", client, "--", sys.executable, "-c", HOLD_CLIENT,
                              ip, str(ECHO_PORT), str(count), str(seconds)],
-                            env={**__import__("os").environ, "SHOAL_CLUSTER": layout.name},
+                            env={**os.environ, "SHOAL_CLUSTER": layout.name},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
