@@ -164,14 +164,18 @@ class HboneSession(asyncio.BufferedProtocol):
         flood of small frames never holds the loop for a whole 256 KiB read, and what it
         sends meanwhile waits in its socket (backpressure), not in our memory."""
         events, used = self.h2.receive_buffer(data)
-        self._handle(events)  # delivers the payloads: only then is it known whether one was lent
-        self.reads.used(used)
-        if self.h2.budget_spent and not self.closed:
+        more = self.h2.budget_spent
+        if more:
+            # Scheduled before the events are handled, so before the first step of any
+            # serving task they start: a CONNECT whose RST_STREAM waits in the rest of the
+            # read is cancelled before it dials (Rapid Reset split across two slices).
             if not self._parse_later:
                 self._parse_later = True
                 cast(asyncio.Transport, self.transport).pause_reading()   # bytes came: it is connected
             (self._loop or asyncio.get_running_loop()).call_soon(self._parse_rest)
-        elif self._parse_later:
+        self._handle(events)  # delivers the payloads: only then is it known whether one was lent
+        self.reads.used(used)
+        if not more and self._parse_later:
             self._parse_later = False
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.resume_reading()

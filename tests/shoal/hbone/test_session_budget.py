@@ -122,3 +122,32 @@ async def test_after_the_cut_nothing_the_abuser_sends_is_parsed():
     peer.answers()
     peer.send(pings(20000))
     assert peer.acks() == 0 and peer.session.reads.unparsed().nbytes == 0
+
+
+async def test_a_connect_whose_reset_waits_in_the_rest_of_the_read_is_never_dialled():
+    dialled: list[int] = []
+    tasks: list[asyncio.Task] = []
+
+    async def dial(stream_id: int) -> None:
+        dialled.append(stream_id)   # the first step of a serving task: where it would connect upstream
+        await asyncio.sleep(3600)
+
+    def on_request(session: HboneSession, request: framing.TunnelRequested) -> asyncio.Task:
+        tasks.append(asyncio.ensure_future(dial(request.stream_id)))
+        return tasks[-1]
+
+    tls = StandInTransport()
+    session = HboneSession(client_side=False, idle_timeout=0, on_request=on_request)
+    session.connection_made(tls)
+    attacker = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    attacker.initiate_connection()
+    _into(session, attacker.data_to_send())
+    attacker.ping(bytes(8))   # one frame ahead: every slice boundary falls between a CONNECT and its RST
+    for stream_id in range(1, 2 * 3 * PER_TURN, 2):
+        attacker.send_headers(stream_id, [(":method", "CONNECT"), (":authority", "10.0.0.1:80")])
+        attacker.reset_stream(stream_id)
+    _into(session, attacker.data_to_send())
+    for _ in range(10):
+        await turn()
+    assert tls.reading and len(tasks) == 3 * PER_TURN
+    assert dialled == [] and all(task.cancelled() for task in tasks)
