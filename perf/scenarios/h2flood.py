@@ -6,7 +6,8 @@ line. First alone (the baseline, measured in this run), then during each flood: 
 attacker in an unmeshed pod on node-1 holding a certificate of the cluster's CA (what
 any meshed pod has) floods node-2's 15008 for the server pod with Rapid Reset
 (CONNECT + RST_STREAM pairs), PING, SETTINGS or CONTINUATION frames, reconnecting each
-time the proxy cuts it off.
+time the proxy cuts it off (one attacker pod per flood: the proxy holds a cut-off source
+in its penalty box for a while, which would otherwise carry over to the next flood).
 
 Figures per phase (path = baseline or the flood's name): the victim's failures and p99
 (ms), and the node-2 proxy's peak RSS. Targets: 0 failures and p99 <= 2x the baseline.
@@ -53,7 +54,11 @@ def attacker_credentials(ctx: Context) -> tuple[str, str, str]:
 def run(ctx: Context) -> Iterator[Measurement]:
     client = ctx.bed.pod(NAMESPACE, "victim", "node-1", meshed=True, service_account="victim")
     server = ctx.bed.pod(NAMESPACE, "server", "node-2", meshed=True, service_account="server")
-    attacker = ctx.bed.pod(ATTACKER_NAMESPACE, "attacker", "node-1", meshed=False, service_account="attacker")
+    # One attacker pod per flood: node-2's proxy refuses a source it cut off for abuse for a
+    # while (agent/ztunnel/penalty.py), so a flood from the previous flood's address would
+    # meet that refusal instead of the proxy's handling of this flood.
+    attackers = {flood: ctx.bed.pod(ATTACKER_NAMESPACE, f"attacker-{flood.replace('_', '-')}", "node-1",
+                                    meshed=False, service_account="attacker") for flood in FLOODS}
     chain, key, roots = attacker_credentials(ctx)
     seconds = ctx.seconds(30, 10)
     echo = server.spawn([sys.executable, "-c", ECHO_APP, str(PORT)], log=ctx.workdir / "echo.log")
@@ -63,7 +68,7 @@ def run(ctx: Context) -> Iterator[Measurement]:
             ctx.log(f"  {phase}: victim at {VICTIM_RATE} connections/s for {seconds:.0f} s")
             flood = None
             if phase != "baseline":
-                flood = attacker.spawn([sys.executable, "-c", H2_FLOOD_CLIENT, server.ip, str(HBONE_PORT),
+                flood = attackers[phase].spawn([sys.executable, "-c", H2_FLOOD_CLIENT, server.ip, str(HBONE_PORT),
                                         f"{server.ip}:{PORT}", phase, str(seconds + 2), chain, key, roots],
                                        log=ctx.workdir / f"{phase}-attacker.log")
                 time.sleep(1.0)   # the flood is on before the victim starts
@@ -87,7 +92,8 @@ def run(ctx: Context) -> Iterator[Measurement]:
             if attack is not None:
                 note += (f"; attacker: {attack['frames']} frames over {attack['connections']} connections, "
                          f"GOAWAY codes {attack['goaway']} (11 = ENHANCE_YOUR_CALM), "
-                         f"{attack['stalled']} stalled (the proxy stopped reading), errors {attack['errors']}")
+                         f"{attack['stalled']} stalled (the proxy stopped reading), errors {attack['errors']} "
+                         "(ConnectionResetError: refused at accept, a source cut off for abuse)")
             ctx.log(f"  {phase}: {note}; victim p99 {result['p99']}")
             yield Measurement(BENCH, phase, "failures", "count", (float(result["failed"]),), "lower", note)
             if result["p99"] is not None:
