@@ -17,7 +17,7 @@ import logging
 import os
 import ssl
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Protocol, cast
+from typing import Awaitable, Callable, Iterable, Protocol, cast
 
 from shoal.config import DEFAULT_TRUST_DOMAIN, spiffe_id
 
@@ -143,6 +143,8 @@ class Identities(Protocol):
 
     def describe(self) -> list[dict]: ...
 
+    def table_sizes(self) -> dict[str, int]: ...   # entries of its tables, for /debug/memory
+
 
 class HeldIdentities:
     """A worker's SVIDs: exactly those its supervisor handed over, for the identities the
@@ -227,8 +229,13 @@ class HeldIdentities:
         return [svid.describe() for svid in self._svids.values()]
 
     def table_sizes(self) -> dict[str, int]:
-        """SVIDs held and fetching, and the TLS sessions their contexts cache (OpenSSL's
-        server-side cache holds up to 20,480 per context by default)."""
-        return {"svids": len(self._svids), "svids_fetching": len(self._inflight),
-                "tls_sessions_cached": sum(context.session_stats()["number"] for svid in self._svids.values()
-                                           for context in (svid.server_context, svid.client_context))}
+        """SVIDs held, identities announced and waited for, TLS sessions cached."""
+        return {"svids": len(self._svids), "svids_announced": len(self._announced),
+                "svid_waiters": len(self._waiters), "tls_sessions_cached": tls_sessions_cached(self._svids.values())}
+
+
+def tls_sessions_cached(svids: Iterable[Svid]) -> int:
+    """The TLS sessions the SVIDs' contexts cache (OpenSSL's server-side cache holds up to
+    20,480 per context by default): for ``/debug/memory``."""
+    return sum(context.session_stats()["number"] for svid in svids
+               for context in (svid.server_context, svid.client_context))

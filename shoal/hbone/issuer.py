@@ -29,6 +29,7 @@ from shoal.hbone.identity import (
     SignerUnavailable,
     Svid,
     SvidPending,
+    tls_sessions_cached,
 )
 
 log = logging.getLogger(__name__)
@@ -200,3 +201,8 @@ class IdentityManager:
 
     def describe(self) -> list[dict]:
         return [svid.describe() for svid in self._svids.values()]
+
+    def table_sizes(self) -> dict[str, int]:
+        """SVIDs held and being fetched, their users, the TLS sessions their contexts cache."""
+        return {"svids": len(self._svids), "svids_fetching": len(self._inflight), "svid_users": len(self._users),
+                "tls_sessions_cached": tls_sessions_cached(self._svids.values())}
