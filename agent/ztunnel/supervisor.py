@@ -71,6 +71,7 @@ from shoal.agent.ztunnel.handover import (
 from shoal.agent.ztunnel.netns import NetnsHandle
 from shoal.agent.ztunnel.nodelink import NodeLink
 from shoal.hbone.identity import IdentityError, Svid
+from shoal.memdebug import MemoryReport
 from shoal.xds import model as m
 from shoal.xds.state import ConfigState
 from shoal.zds import PodInfo, ZdsClient, ZdsError, ZdsServer
@@ -79,6 +80,7 @@ log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 1.0        # worker status (and the connections a crash would lose)
 PAGE_TIMEOUT = 5.0         # one worker page
+MEMORY_PAGE_TIMEOUT = 60.0  # its /debug/memory walks the heap (and diffs traces when tracing)
 WORKER_HELLO_TIMEOUT = 60.0  # a worker's first ack includes its start-up (imports) on a loaded node
 RESTART_BACKOFF = (0.2, 5.0)
 FEED_BACKLOG = 256 * 1024 * 1024   # unread feed bytes before a worker counts as stuck
@@ -482,10 +484,10 @@ class Supervisor:
                 worker.feed.send(message)
 
     # -- HTTP: one node proxy's pages -----------------------------------------------------------
-    async def _worker_pages(self, page: str) -> dict[int, bytes]:
+    async def _worker_pages(self, page: str, timeout: float = PAGE_TIMEOUT) -> dict[int, bytes]:
         async def one(worker: Worker) -> tuple[int, bytes | None]:
             try:
-                status, body = await fetch_page(self.config.worker_admin_path(worker.pid), page)
+                status, body = await fetch_page(self.config.worker_admin_path(worker.pid), page, timeout)
             except (OSError, asyncio.TimeoutError) as exc:
                 log.warning("supervisor: worker %d %s: %s", worker.index, page, exc)
                 return worker.index, None
@@ -493,8 +495,8 @@ class Supervisor:
         pages = await asyncio.gather(*(one(w) for w in self._attached()))
         return {index: body for index, body in pages if body is not None}
 
-    async def _json_pages(self, page: str) -> dict[int, dict]:
-        return {i: json.loads(body) for i, body in (await self._worker_pages(page)).items()}
+    async def _json_pages(self, page: str, timeout: float = PAGE_TIMEOUT) -> dict[int, dict]:
+        return {i: json.loads(body) for i, body in (await self._worker_pages(page, timeout)).items()}
 
     async def _start_http(self) -> None:
         async def metrics():
@@ -517,9 +519,16 @@ class Supervisor:
         async def workers():
             return json_page(self.describe())
 
+        own_memory = MemoryReport(lambda: {"workers": len(self.workers), "pods": len(self.pods)})
+
+        async def memory():   # each worker's own page (its data path), and ours
+            return json_page({"supervisor": own_memory.page(),
+                              "workers": await self._json_pages("/debug/memory", MEMORY_PAGE_TIMEOUT)})
+
         home = self.config.http_address
         for pages, host, port in (
-                ({"/config_dump": config_dump, "/certs": certs, "/connections": connections, "/workers": workers},
+                ({"/config_dump": config_dump, "/certs": certs, "/connections": connections, "/workers": workers,
+                  "/debug/memory": memory},
                  self.config.admin_address, self.config.admin_port),
                 ({"/metrics": metrics, "/stats/prometheus": metrics}, home, self.config.metrics_port),
                 (ready_pages(lambda: self.serving), home, self.config.ready_port)):

@@ -161,6 +161,15 @@ def rss_mb(pid: int) -> float:
         return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS"))
 
 
+def test_debug_memory_shows_the_supervisor_and_each_workers_data_path(cluster):
+    page = json.loads(node_get(cluster.layout, "node-1", 15000, "/debug/memory"))
+    assert page["supervisor"]["rss_kib"] > 0 and page["supervisor"]["structures"]["workers"] == 2
+    assert sorted(page["workers"]) == ["0", "1"]
+    for worker in page["workers"].values():
+        assert worker["rss_kib"] > 0 and "connection_records" in worker["structures"]
+        assert worker["structures"]["served_pods"] >= 1
+
+
 def test_new_connections_spread_over_both_workers(cluster, echo):
     layout = cluster.layout
     before = {w["index"]: w["handled"] for w in workers(layout, "node-1")["workers"]}
