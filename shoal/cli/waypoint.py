@@ -14,6 +14,7 @@ import time
 import click
 
 from shoal.config import LABEL_USE_WAYPOINT, LABEL_USE_WAYPOINT_ISTIO, PORT_HBONE, WAYPOINT_GATEWAY_CLASS, ClusterLayout
+from shoal.local.waypoints import LABEL_GATEWAY_NAME
 
 NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
@@ -124,7 +125,7 @@ def list_cmd(namespace: str | None, all_namespaces: bool, output: str) -> None:
             return _uses(obj, name)
 
         pod = next((p for p in pods if p["metadata"]["namespace"] == ns
-                    and (p["metadata"].get("labels") or {}).get("gateway.networking.k8s.io/gateway-name") == name), None)
+                    and (p["metadata"].get("labels") or {}).get(LABEL_GATEWAY_NAME) == name), None)
         rows.append({
             "namespace": ns, "name": name,
             "address": ((pod or {}).get("status") or {}).get("podIP", ""),
@@ -153,13 +154,17 @@ def list_cmd(namespace: str | None, all_namespaces: bool, output: str) -> None:
 @click.option("-n", "--namespace", required=True)
 @click.option("--settle-timeout", default=15.0, show_default=True,
               help="seconds to wait for every node to take the namespace off the waypoint")
-def delete_cmd(name: str, namespace: str, settle_timeout: float) -> None:
+@click.option("--wait", "wait_seconds", type=float, default=0, metavar="SECONDS",
+              help="also wait until the waypoint's pods are gone (they drain first), at most SECONDS")
+def delete_cmd(name: str, namespace: str, settle_timeout: float, wait_seconds: float) -> None:
     """Delete waypoint NAME (default "waypoint") from NAMESPACE.
 
     Undoes ``apply --enroll-namespace`` first: the namespace's use-waypoint label is removed,
     and the Gateway is deleted only once every connected node has that config, so new
     connections take the L4 path before the waypoint goes (none is refused as "waypoint
-    unknown" in between)."""
+    unknown" in between). Its Deployment and pod go after it, as a Gateway's dependents do
+    in Kubernetes (background cascade): the pod drains for a few seconds first. --wait
+    returns only once no pod of the waypoint is left (kubectl's foreground cascade)."""
     client = _client()
     enrolled = [ns for ns in _call(client.list, "Namespace")
                 if ns["metadata"]["name"] == namespace and _uses(ns, name)]
@@ -175,9 +180,23 @@ def delete_cmd(name: str, namespace: str, settle_timeout: float) -> None:
     _call(client.delete, [{"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
                            "metadata": {"name": name, "namespace": namespace}}])
     click.echo(f"waypoint {namespace}/{name} deleted")
+    if wait_seconds > 0:
+        deadline = time.monotonic() + wait_seconds
+        while left := _pods_of(client, namespace, name):
+            if time.monotonic() > deadline:
+                raise click.ClickException(f"waypoint {namespace}/{name}: pod(s) {', '.join(left)} "
+                                           f"still there after {wait_seconds:g} s")
+            time.sleep(0.2)
+        click.echo(f"waypoint {namespace}/{name}: its pods are gone")
     if labelled:
         click.echo(f"warning: services still labelled to use it (their traffic is refused until "
                    f"the label goes): {', '.join(labelled)}", err=True)
+
+
+def _pods_of(client, namespace: str, name: str) -> list[str]:
+    """The waypoint's pods (the Gateway's label on them, as the controller finds them)."""
+    return sorted(p["metadata"]["name"] for p in _call(client.list, "Pod", namespace)
+                  if (p["metadata"].get("labels") or {}).get(LABEL_GATEWAY_NAME) == name)
 
 
 def _uses(obj: dict, name: str) -> bool:

@@ -128,7 +128,8 @@ def waypoint(demo_cluster):
         yield layout
     finally:
         shoal_cli(layout, "apply", "-f", "-", input=DEMO_NS, check=False)
-        shoal_cli(layout, "waypoint", "delete", "-n", "demo", check=False)
+        # --wait: the pod drains after its Gateway goes; the next module must not find it.
+        shoal_cli(layout, "waypoint", "delete", "-n", "demo", "--wait", "60", check=False, timeout=120)
 
 
 def test_http_route_splits_90_10(waypoint):

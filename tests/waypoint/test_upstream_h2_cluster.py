@@ -91,7 +91,7 @@ def echo(demo_cluster):
                    timeout=120, interval=1)
         yield layout
     finally:
-        shoal_cli(layout, "waypoint", "delete", "-n", NAMESPACE, check=False, timeout=150)
+        shoal_cli(layout, "waypoint", "delete", "-n", NAMESPACE, "--wait", "60", check=False, timeout=150)
         shoal_cli(layout, "delete", "-f", "-", input=objects, check=False, timeout=150)
 
 

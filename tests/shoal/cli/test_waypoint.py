@@ -106,6 +106,37 @@ def test_apply_list_delete(api):
     assert not [p for p in api.list("Pod", "demo") if p["metadata"]["labels"].get(LABEL_GATEWAY_NAME)]
 
 
+def waypoint_pods(api) -> list[str]:
+    return [p["metadata"]["name"] for p in api.list("Pod", "demo") if p["metadata"]["labels"].get(LABEL_GATEWAY_NAME)]
+
+
+def applied_with_its_pod(runner, api) -> None:
+    assert runner.invoke(cli.waypoint, ["apply", "-n", "demo"]).exit_code == 0
+    for _ in range(100):
+        if waypoint_pods(api):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the launcher made no waypoint pod")
+
+
+def test_delete_wait_returns_once_the_waypoint_pod_is_gone(api):
+    """Without --wait the pod outlives the command by the drain period (2 s here), which
+    once leaked demo/waypoint-0 into the next cluster test; with it, nothing is left."""
+    runner = CliRunner()
+    applied_with_its_pod(runner, api)
+    result = runner.invoke(cli.waypoint, ["delete", "-n", "demo", "--wait", "30"])
+    assert result.exit_code == 0, result.output
+    assert "its pods are gone" in result.output and waypoint_pods(api) == []
+
+
+def test_delete_wait_names_the_pod_still_draining_when_it_times_out(api):
+    runner = CliRunner()
+    applied_with_its_pod(runner, api)
+    result = runner.invoke(cli.waypoint, ["delete", "-n", "demo", "--wait", "0.5"])
+    assert result.exit_code != 0 and "waypoint-0 still there after 0.5 s" in result.output
+    assert api.get("Gateway", "demo", "waypoint") is None   # deleted all the same
+
+
 def test_apply_wait_fails_while_the_waypoint_is_not_ready(api):
     """No kubelet here: the pod never gets Ready, so --wait times out and says so."""
     runner = CliRunner()

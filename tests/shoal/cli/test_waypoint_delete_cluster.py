@@ -64,7 +64,7 @@ def test_waypoint_delete_removes_the_enrolment_and_no_request_is_refused(demo_cl
                    "requests through the waypoint", timeout=90, interval=0.5)
         delete_refusing_nothing(layout)
     finally:
-        shoal_cli(layout, "waypoint", "delete", "-n", "demo", check=False)
+        shoal_cli(layout, "waypoint", "delete", "-n", "demo", "--wait", "60", check=False, timeout=120)
 
 
 def delete_refusing_nothing(layout) -> None:
@@ -76,7 +76,8 @@ def delete_refusing_nothing(layout) -> None:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "SHOAL_CLUSTER": layout.name})
     try:
-        deleted = shoal_cli(layout, "waypoint", "delete", "-n", "demo", timeout=60)
+        # --wait: the pod drains after its Gateway goes; the next test must not find it.
+        deleted = shoal_cli(layout, "waypoint", "delete", "-n", "demo", "--wait", "60", timeout=120)
         out, err = sampler.communicate(timeout=90)
     finally:
         if sampler.poll() is None:

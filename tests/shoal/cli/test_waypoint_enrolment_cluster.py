@@ -67,7 +67,7 @@ def test_applies_and_deletes_lose_no_request(demo_cluster):
             cycles_done += 1
     finally:
         sampler.join(duration + 90)
-        shoal_cli(layout, "waypoint", "delete", "-n", "demo", check=False)
+        shoal_cli(layout, "waypoint", "delete", "-n", "demo", "--wait", "60", check=False, timeout=120)
         shoal_cli(layout, "apply", "-f", "-", input=DEMO_NS, check=False)
     assert cycles_done == CYCLES
     assert result["sent"] >= duration * 2, result          # at most ~0.5 s per request on average

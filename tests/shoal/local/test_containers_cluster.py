@@ -219,7 +219,7 @@ def test_a_waypoint_runs_as_the_templates_container_enforces_l7_and_goes_refusin
         delete_refusing_nothing(layout)
         eventually(lambda: not podman.exists(name), "the waypoint container to go", timeout=30, interval=0.5)
     finally:
-        shoal_cli(layout, "waypoint", "delete", "-n", "demo", check=False)
+        shoal_cli(layout, "waypoint", "delete", "-n", "demo", "--wait", "60", check=False, timeout=120)
 
 
 def test_replacing_the_node_proxy_container_under_load_refuses_nothing_and_drains(container_cluster):
