@@ -343,14 +343,25 @@ def logs(ctx: click.Context, component: str, node: str | None, follow: bool, tai
         files = sorted(layout.log_dir.glob(f"{component}.log"))
     if not files:
         raise click.ClickException(f"no logs for {component!r} in {layout.log_dir}")
+    # Containers' logs are in the CRI format (podman's k8s-file driver): shown as kubectl shows them.
+    from shoal.local.podman import log_messages
+
     if follow:
-        sys.exit(subprocess.call(["tail", "-n", str(tail), "-F", *map(str, files)]))
+        with subprocess.Popen(["tail", "-n", str(tail), "-F", *map(str, files)], stdout=subprocess.PIPE,
+                              text=True, errors="replace") as tailing:
+            assert tailing.stdout is not None
+            try:
+                for message in log_messages(tailing.stdout):
+                    click.echo(message)
+            except KeyboardInterrupt:
+                tailing.terminate()
+        sys.exit(tailing.returncode or 0)
     for path in files:
         if len(files) > 1:
             click.echo(f"==> {path.name} <==")
-        lines = path.read_text(errors="replace").splitlines()
-        for line in lines[-tail:]:
-            click.echo(line)
+        messages = list(log_messages(path.read_text(errors="replace").splitlines()))
+        for message in messages[-tail:]:
+            click.echo(message)
 
 
 @cli.command()

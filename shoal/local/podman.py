@@ -312,12 +312,43 @@ def kill(container: str) -> None:
     subprocess.run(["podman", *PODMAN_GLOBAL, "kill", "--signal", "KILL", container], capture_output=True)
 
 
+def start(container: str) -> None:
+    """Starts an exited container again, as it was created (the kubelet's restart)."""
+    _run(["podman", *PODMAN_GLOBAL, "start", container], "podman start")
+
+
 def rename(container: str, new_name: str) -> None:
     _run(["podman", *PODMAN_GLOBAL, "rename", container, new_name], "podman rename")
 
 
 def inspect(container: str) -> dict[str, Any]:
     return json.loads(_run(["podman", *PODMAN_GLOBAL, "inspect", container], "podman inspect"))[0]
+
+
+# A line of the CRI log format that podman's k8s-file driver writes (what `shoal logs` reads
+# for containers): "<RFC 3339 time> <stdout|stderr> <P|F> <message>"; P: the message goes on
+# in the next line (a long line split), F: it ends here.
+_CRI_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:\d\d) (?:stdout|stderr) ([PF]) (.*)$")
+
+
+def log_messages(lines: Iterable[str]) -> Iterator[str]:
+    """A container log's messages as ``kubectl logs`` shows them: without the CRI prefix, the
+    parts of a split line joined. Other lines (a host process's own log) pass unchanged."""
+    partial: list[str] = []
+    for line in lines:
+        cri = _CRI_LINE.match(line.rstrip("\n"))
+        if cri is None:
+            if partial:
+                yield "".join(partial)
+                partial = []
+            yield line.rstrip("\n")
+            continue
+        partial.append(cri.group(2))
+        if cri.group(1) == "F":
+            yield "".join(partial)
+            partial = []
+    if partial:
+        yield "".join(partial)
 
 
 def logs(container: str) -> str:

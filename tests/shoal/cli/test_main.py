@@ -110,3 +110,26 @@ def test_status_lists_each_proxy_worker_and_flags_a_stale_report():
     stale = render_status({"controller": {"ready": True, "version": "7", "agents": [peer]}, "flows": {"error": "x"},
                            "proxy_workers": {"node-1": {**workers, "time": time.time() - 60}}})
     assert "(STALE: is the node proxy running?)" in stale
+
+
+def test_logs_show_a_containers_messages_without_the_cri_prefix_as_kubectl_does(tmp_path):
+    """podman's k8s-file driver writes "<time> <stream> <P|F> <message>": `shoal logs` shows
+    the message, a split line (P, then F) joined; a host process's log is shown as it is."""
+    from click.testing import CliRunner
+
+    from shoal.cli.main import logs
+    from shoal.config import ClusterLayout
+
+    layout = ClusterLayout(name="logs-test", run_root=tmp_path)
+    (layout.log_dir / "pods").mkdir(parents=True)
+    (layout.log_dir / "pods" / "demo_waypoint-0_waypoint.log").write_text(
+        "2026-12-02T15:01:02.123456789+00:00 stdout F first\n"
+        "2026-12-02T15:01:02.2Z stderr P a long \n"
+        "2026-12-02T15:01:02.3Z stderr F line, joined\n"
+        "2026-12-02T15:01:03Z stdout F {\"response_code\": 403}\n")
+    (layout.log_dir / "controller.log").write_text("2026-12-02 15:01:02 INFO stdout F as a process wrote it\n")
+    shown = CliRunner().invoke(logs, ["demo/waypoint-0"], obj=layout)
+    assert shown.exit_code == 0, shown.output
+    assert shown.output.splitlines() == ["first", "a long line, joined", '{"response_code": 403}']
+    assert CliRunner().invoke(logs, ["demo/waypoint-0", "--tail", "1"], obj=layout).output == '{"response_code": 403}\n'
+    assert CliRunner().invoke(logs, ["controller"], obj=layout).output == "2026-12-02 15:01:02 INFO stdout F as a process wrote it\n"
