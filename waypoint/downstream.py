@@ -233,14 +233,17 @@ class H1Server:
     def request_for(self, head: RequestHead) -> ProxyRequest:
         authority = ""
         headers = []
+        header_map: dict[str, str] = {}     # ProxyRequest's, built in the same pass
         for name, value in head.headers:
             if name == "host":
                 authority = value
             else:
                 headers.append((name, value))
+                # Repeated headers match as one comma-joined value, as Envoy does.
+                header_map[name] = f"{header_map[name]},{value}" if name in header_map else value
         return ProxyRequest(method=head.method, target=head.target, authority=authority, headers=headers,
                             protocol="HTTP/1.1" if head.version == "1.1" else "HTTP/1.0", peer=self.peer,
-                            content_length=head.content_length, upgrade=head.upgrade)
+                            content_length=head.content_length, upgrade=head.upgrade, header_map=header_map)
 
     @property
     def body_done(self) -> bool:

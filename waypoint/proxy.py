@@ -166,6 +166,8 @@ class Routed:
         self.request_policy = request_policy
 
 
+# Request headers the waypoint writes itself on the way upstream (the client's are dropped).
+_SET_UPSTREAM = frozenset({"host", "traceparent", "content-length", "x-forwarded-proto", "x-request-id", "expect"})
 MEMO_LIMIT = 256   # remembered decisions per connection (distinct authorities, methods, paths)
 _UNSET = object()
 
@@ -490,8 +492,7 @@ class WaypointProxy:
             cluster.breaker.release()
 
     def _upstream_headers(self, plan: RequestPlan, req: ProxyRequest, rec: RequestRecord) -> list[tuple[str, str]]:
-        headers = [(n, v) for n, v in plan.headers
-                   if n not in ("host", "traceparent", "content-length", "x-forwarded-proto", "x-request-id", "expect")]
+        headers = [(n, v) for n, v in plan.headers if n not in _SET_UPSTREAM]
         headers.insert(0, ("host", plan.authority))
         if req.content_length is not None:
             headers.append(("content-length", str(req.content_length)))

@@ -48,7 +48,20 @@ class Endpoint:
 
     @property
     def address(self) -> str:
-        return f"{self.ip}:{self.port}"
+        address = self.__dict__.get("_address")     # built once (each request's record asks)
+        if address is None:
+            address = f"{self.ip}:{self.port}"
+            object.__setattr__(self, "_address", address)
+        return address
+
+    def __hash__(self) -> int:
+        # A pool key on every request: hashed once (the generated hash reads nine fields each time).
+        value = self.__dict__.get("_hash")
+        if value is None:
+            value = hash((self.ip, self.port, self.uid, self.name, self.namespace, self.spiffe_id, self.protocol,
+                          self.app, self.labels))
+            object.__setattr__(self, "_hash", value)
+        return value
 
     def peer_labels(self) -> PeerLabels:
         if self.labels is not None:
