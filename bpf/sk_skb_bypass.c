@@ -20,12 +20,16 @@
 
 int shoal_sk_skb_bypass(struct __sk_buff *skb)
 {
-    /* An empty skb is a bare FIN. Sent on the peer's egress it would be a zero-byte
-     * send, which the psock backlog takes for a broken pipe (EPIPE on the peer). Kept
-     * here, it is what the kernel's own FIN handling expects: the proxy's read returns
-     * EOF, and the proxy forwards the half-close itself once the bytes before it are out. */
+    /* An empty skb is a bare FIN, and it carries nothing TCP still needs: the FIN was
+     * handled when it arrived (RCV_SHUTDOWN, the proxy's read returns EOF and it forwards
+     * the half-close itself once the bytes before it are out). It must not enter the
+     * psock's queue: neither redirected (a zero-byte send) nor passed (behind bytes
+     * redirected toward this socket and not sent yet, a passed skb waits in the same
+     * queue), since the psock backlog takes a zero-byte skb for a broken pipe: EPIPE on
+     * this socket, and every byte queued or redirected to it afterwards is dropped. So
+     * it is dropped here, which frees it and nothing else. */
     if (skb->len == 0)
-        return SK_PASS;
+        return SK_DROP;
     __u64 cookie = bpf_get_socket_cookie(skb);
     struct bypass_pair *pair = bpf_map_lookup_elem(SHOAL_MAP(bypass_pairs), &cookie);
     if (!pair)

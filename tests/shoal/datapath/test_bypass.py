@@ -74,6 +74,22 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes:
     return b"".join(chunks)
 
 
+def _read_until_quiet(sock: socket.socket, size: int) -> bytes:
+    """Up to ``size`` bytes; fewer if the socket's timeout passes with none (what arrived is
+    what the failure reports)."""
+    chunks, got = [], 0
+    while got < size:
+        try:
+            data = sock.recv(min(1 << 20, size - got))
+        except TimeoutError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+        got += len(data)
+    return b"".join(chunks)
+
+
 def _read_to_eof(sock: socket.socket) -> bytes:
     chunks = []
     while data := sock.recv(1 << 20):
@@ -216,3 +232,31 @@ def test_a_socket_the_map_refuses_leaves_both_sockets_untouched(agent_bed, bypas
         for sock in (app_client, proxy_client, unconnected):
             sock.close()
 
+
+
+def test_a_half_close_behind_bytes_still_queued_toward_the_closer_loses_none_of_them(agent_bed, bypass):
+    """The client app half-closes while the server's answer still waits in the kernel for
+    it (it has not read yet): its FIN (an empty skb) must not break the redirect queue it
+    lands behind. What the server sends after that FIN must arrive too, and the proxy's
+    socket must hold no error."""
+    joined = Joined(agent_bed, bypass)
+    try:
+        answer, more = os.urandom(16 * 1024 * 1024), os.urandom(1024 * 1024)
+        sender = threading.Thread(target=joined.app_server.sendall, args=(answer,))
+        sender.start()
+        deadline = time.monotonic() + 10
+        while bypass.counts(joined.pair).server_to_client < len(answer):   # all past the verdict,
+            assert time.monotonic() < deadline                              # most still queued
+            time.sleep(0.01)
+        sender.join()
+        joined.app_client.shutdown(socket.SHUT_WR)
+        assert joined.proxy_client.recv(1) == b""          # the proxy learns EOF
+        joined.app_server.sendall(more)                     # the other direction still flows
+        joined.app_client.settimeout(5)
+        got = _read_until_quiet(joined.app_client, len(answer) + len(more))
+        error = joined.proxy_client.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        assert (len(got), error) == (len(answer) + len(more), 0), f"{len(got)} bytes arrived, error {error}"
+        assert got == answer + more
+    finally:
+        bypass.release(joined.pair)
+        joined.close()
