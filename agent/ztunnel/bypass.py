@@ -24,7 +24,9 @@ socket state): the two sockets are relayed in userspace instead, still inside th
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import socket
 from pathlib import Path
 from typing import Callable
@@ -242,6 +244,34 @@ class BypassedConnection:
     def other(self, end: "_End") -> "_End":
         return self.server_end if end is self.client_end else self.client_end
 
+    def broken(self, error: str) -> None:
+        """The kernel could not carry the pair's bytes (some are lost): both apps are reset
+        rather than left waiting for them."""
+        self.owner.outcomes.labels("broken").inc()
+        log.warning("bypass %s -> %s:%d: %s: resetting the pair", self.info.src_identity, self.info.dst_ip,
+                    self.info.dst_port, error)
+        self.reset(error)
+
+    def kernel_error(self) -> bool:
+        """Whether the kernel reported an error on either socket, and then ends the pair.
+
+        Once a socket's EOF is read the event loop stops reading it, so an error set on it
+        later would go unseen: the psock's EPIPE when it could not send bytes redirected to
+        that socket (it drops them and every later one), or a reset from its app. Reading
+        SO_ERROR clears it: it is acted on here, at once."""
+        for name, sock in (("client", self.pair.client), ("server", self.pair.server)):
+            try:
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            except OSError:
+                continue   # closed: its own callbacks end the pair
+            if error == errno.EPIPE:   # the proxy never writes to it: only the psock breaks its pipe
+                self.broken(f"the kernel broke the redirect into the {name} side ({os.strerror(error)})")
+                return True
+            if error:
+                self.reset(f"{name} side: {os.strerror(error)}")
+                return True
+        return False
+
     def revoke(self, error: str, policy: str) -> None:
         for record in (self.source, self.dest):
             record.response_flags, record.denied_by = FLAG_DENIED, policy
@@ -299,9 +329,7 @@ class _End(asyncio.Protocol):
             abort_with_reset(transport)
 
     def data_received(self, data: bytes) -> None:
-        self.conn.owner.outcomes.labels("broken").inc()
-        log.warning("bypass: %d bytes were not redirected by the kernel: resetting the pair", len(data))
-        self.conn.reset("bytes not redirected by the kernel")
+        self.conn.broken(f"{len(data)} bytes were not redirected by the kernel")
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -318,6 +346,8 @@ class _End(asyncio.Protocol):
         other = self.conn.other(self)
         delay = DRAIN_POLL_FIRST
         while not self.conn.finished:
+            if self.conn.kernel_error():
+                return   # the bytes it waits for are lost: the pair was reset
             try:
                 if self.conn.kernel.drained(self.conn.pair, self.toward_server):
                     break
@@ -333,12 +363,15 @@ class _End(asyncio.Protocol):
         await self._watch_for_reset()
 
     async def _watch_for_reset(self) -> None:
-        """Until the pair ends: a reset of this (half-closed) socket resets the other app.
-        The pair may end (and close this socket) during a sleep: looked at after each."""
+        """Until the pair ends: a reset of this (half-closed) socket resets the other app,
+        and so does an error the kernel sets on either socket (``kernel_error``). The pair
+        may end (and close this socket) during a sleep: looked at after each."""
         sock = self.transport.get_extra_info("socket") if self.transport is not None else None
         while sock is not None:
             await asyncio.sleep(RESET_POLL)
             if self.conn.finished or self.transport is None or self.transport.is_closing():
+                return
+            if self.conn.kernel_error():
                 return
             try:
                 state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]

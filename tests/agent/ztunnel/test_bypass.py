@@ -125,6 +125,18 @@ async def test_large_transfer_both_ways_is_identical_and_reported_with_identitie
     assert {peer[0] for peer in harness.echo.peers} == {CLIENT_IP}   # the app sees the real client
 
 
+async def _listen_in_pod(netns_path: str, port: int, serve) -> asyncio.Server:
+    from shoal.agent.ztunnel.netns import NetnsHandle
+    home = NetnsHandle.current()
+    ns = NetnsHandle.from_path(netns_path, home)
+    with ns.entered():
+        sock = socket.socket()
+    ns.close()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("0.0.0.0", port))
+    return await asyncio.start_server(serve, sock=sock)
+
+
 class HalfCloser:
     """A server app that half-closes first, then reads the client to EOF. ``wait_for_go``:
     it first waits for the client's two bytes (so the proxy has joined the pair);
@@ -136,15 +148,7 @@ class HalfCloser:
         self.wait_for_go = wait_for_go
 
     async def start(self, netns_path: str, port: int):
-        from shoal.agent.ztunnel.netns import NetnsHandle
-        home = NetnsHandle.current()
-        ns = NetnsHandle.from_path(netns_path, home)
-        with ns.entered():
-            sock = socket.socket()
-        ns.close()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("0.0.0.0", port))
-        self.server = await asyncio.start_server(self._serve, sock=sock)
+        self.server = await _listen_in_pod(netns_path, port, self._serve)
         return self
 
     async def _serve(self, reader, writer):
@@ -228,6 +232,95 @@ async def test_a_finished_pair_leaves_no_watch_behind(proxy):
     watches = [end._forwarding for end in (pair.client_end, pair.server_end) if end._forwarding is not None]
     assert watches and all(task.done() for task in watches)
     assert [task.exception() for task in watches] == [None] * len(watches)
+
+
+class Streamer:
+    """A server app that sends ``head`` at once, reads the client to EOF, then sends
+    ``tail`` and closes: its answer outlives the client's half-close."""
+
+    def __init__(self, head: bytes, tail: bytes):
+        self.head, self.tail = head, tail
+        self.received: list[bytes] = []
+        self.server = None
+
+    async def start(self, netns_path: str, port: int):
+        self.server = await _listen_in_pod(netns_path, port, self._serve)
+        return self
+
+    async def _serve(self, reader, writer):
+        writer.write(self.head)
+        self.received.append(await reader.read())
+        writer.write(self.tail)
+        await writer.drain()
+        writer.close()
+
+
+async def test_a_client_that_half_closes_before_reading_the_answer_still_gets_all_of_it(proxy):
+    """The CI stall of the same-node test, made deterministic: the client half-closes
+    while the answer it has not read yet waits in the kernel's redirect queue toward it,
+    and the server keeps answering after that FIN. Every byte arrives, then EOF; the pair
+    ends cleanly (a FIN queued behind those bytes used to break the redirect: EPIPE on the
+    proxy's socket, the rest dropped, the client waiting for ever)."""
+    harness = await proxy()
+    bypass = harness.app.ctx.bypass
+    head, tail = os.urandom(16 * 1024 * 1024), os.urandom(1024 * 1024)
+    app = await Streamer(head, tail).start(harness.path("server"), 7102)
+    try:
+        reader, writer = await harness.connect_via_proxy(SERVER_IP, 7102)
+        await _until(lambda: len(bypass.live) == 1)
+        (conn,) = bypass.live
+        await _until(lambda: bypass.kernel().counts(conn.pair).server_to_client == len(head), timeout=20)
+        # the precondition: part of the answer still waits in the kernel, not yet on the socket
+        assert not bypass.kernel().drained(conn.pair, toward_server=False)
+        writer.write(b"request")
+        writer.write_eof()
+        got = await asyncio.wait_for(reader.read(), 30)
+        assert (len(got), hashlib.sha256(got).digest()) == (len(head) + len(tail),
+                                                             hashlib.sha256(head + tail).digest())
+        await _until(lambda: app.received == [b"request"])
+        writer.close()
+    finally:
+        app.server.close()
+    await _until(lambda: not bypass.live)
+    assert metric(harness.app, "shoal_proxy_bypass_connections_total", outcome="broken") == 0
+    assert metric(harness.app, "istio_tcp_connections_closed_total", reporter="destination",
+                  response_flags="-") == 1
+
+
+async def test_a_redirect_broken_after_a_half_close_is_counted_and_resets_both_apps(proxy):
+    """Once a socket's EOF is read the event loop stops reading it, so the proxy polls its
+    SO_ERROR. Here the server app half-closes and stops reading while the client keeps
+    sending; the kernel then fails to send the bytes redirected toward it (the proxy's
+    socket's write side shut by the test, standing in for any break of the redirect:
+    EPIPE). Those bytes cannot reach the app any more: both apps are reset, and it is
+    counted as a broken pair (not as an app's reset)."""
+    async def say_bye_then_read_nothing(reader, writer):
+        await reader.readexactly(2)
+        writer.write(b"bye")
+        writer.write_eof()
+        await asyncio.sleep(30)
+        writer.close()
+
+    harness = await proxy()
+    bypass = harness.app.ctx.bypass
+    server = await _listen_in_pod(harness.path("server"), 7103, say_bye_then_read_nothing)
+    try:
+        reader, writer = await harness.connect_via_proxy(SERVER_IP, 7103)
+        writer.write(b"go")
+        assert await asyncio.wait_for(reader.read(), 10) == b"bye"
+        (conn,) = bypass.live
+        conn.pair.server.shutdown(socket.SHUT_WR)
+        with pytest.raises(ConnectionError):
+            for _ in range(100):
+                writer.write(os.urandom(1024 * 1024))
+                await asyncio.wait_for(writer.drain(), 10)
+                await asyncio.sleep(0.05)
+        await _until(lambda: not bypass.live)
+    finally:
+        server.close()
+    assert metric(harness.app, "shoal_proxy_bypass_connections_total", outcome="broken") == 1
+    for reporter in ("source", "destination"):
+        assert metric(harness.app, "istio_tcp_connections_closed_total", reporter=reporter, response_flags="UR") == 1
 
 
 @pytest.mark.parametrize("closer", ["client", "server"])
