@@ -309,25 +309,40 @@ def test_graceful_restart_keeps_50_live_connections_and_reports_the_drain(demo_c
 
 
 # Sends SIZE random bytes, reads the echo concurrently, half-closes, reads to EOF; prints
-# the JSON of what was sent and received (lengths, sha256). Args: host port size.
+# the JSON of what was sent and received (lengths, sha256, whether EOF came, the read
+# error if any), also when the echo stalls (then what had arrived). Args: host port size.
 TRANSFER = """
 import hashlib, json, os, socket, sys, threading
 payload = os.urandom(int(sys.argv[3]))
 c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
-got = {}
+got = {"n": 0, "eof": False}
 def read():
-    h, n = hashlib.sha256(), 0
-    while data := c.recv(1 << 20):
-        h.update(data)
-        n += len(data)
-    got.update(n=n, sha=h.hexdigest())
-reader = threading.Thread(target=read)
+    h = hashlib.sha256()
+    try:
+        while data := c.recv(1 << 20):
+            h.update(data)
+            got["n"] += len(data)
+        got["eof"] = True
+    except OSError as exc:
+        got["error"] = repr(exc)
+    got["sha"] = h.hexdigest()
+reader = threading.Thread(target=read, daemon=True)
 reader.start()
 c.sendall(payload)
 c.shutdown(socket.SHUT_WR)
 reader.join(60)
 print(json.dumps({"sent": len(payload), "sent_sha": hashlib.sha256(payload).hexdigest(), **got}))
 """
+
+
+def bypass_diagnostics(layout, node: str) -> str:
+    """What node ``node``'s proxy says about its bypassed connections: its outcome counters
+    and its last log lines about them (for a failure message)."""
+    outcomes = {outcome: proxy_metric(layout, node, "shoal_proxy_bypass_connections_total", outcome=outcome)
+                for outcome in ("joined", "relayed", "declined", "revoked", "broken")}
+    log_file = layout.log_dir / f"proxy-{node}.log"
+    lines = log_file.read_text(errors="replace").splitlines() if log_file.exists() else []
+    return f"bypass outcomes {outcomes}; proxy log: " + "\n".join([line for line in lines if "bypass" in line][-15:])
 
 
 def test_same_node_pods_are_joined_in_the_kernel_and_nothing_crosses_the_fabric(demo_cluster):
@@ -359,8 +374,10 @@ def test_same_node_pods_are_joined_in_the_kernel_and_nothing_crosses_the_fabric(
         dump = capture.communicate(timeout=10)[0]
         echo.terminate()
         echo.wait(10)
+    assert done.stdout.strip(), done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["n"] == result["sent"] == size and result["sha"] == result["sent_sha"], result
+    complete = result["eof"] and result["n"] == result["sent"] == size and result["sha"] == result["sent_sha"]
+    assert complete, f"{result}; {bypass_diagnostics(layout, node)}"
     assert dump.strip() == "", dump[:2000]
     eventually(lambda: proxy_metric(layout, node, "shoal_proxy_bypass_connections_total", outcome="joined") > joined,
                "the node proxy joined the pair in the kernel")
