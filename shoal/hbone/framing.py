@@ -718,6 +718,7 @@ class HboneConnection:
         if self.fast_path:
             self._pull_h2()
         flow = self._flow
+        stillborn = _opened_and_reset(h2_events) if len(h2_events) > 1 else _NONE
         for ev in h2_events:
             if isinstance(ev, h2.events.DataReceived):
                 if ev.flow_controlled_length:
@@ -725,6 +726,11 @@ class HboneConnection:
             elif isinstance(ev, h2.events.RequestReceived):
                 if self.going_away:  # opened after our GOAWAY: never processed, retry elsewhere
                     self.reset(ev.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                    continue
+                if ev.stream_id in stillborn:
+                    # Opened and reset in the same frames (Rapid Reset): the driver never
+                    # hears of it (no serving task, no dial); its reset below is counted.
+                    self._unanswered.add(ev.stream_id)
                     continue
                 event = self._on_request(ev)
                 events.append(event)
@@ -748,7 +754,8 @@ class HboneConnection:
                         events.append(ConnectionEnded("streams reset before their answer (rapid reset)",
                                                       reason="premature_reset_flood"))
                         return
-                events.append(TunnelReset(ev.stream_id, int(ev.error_code)))
+                if ev.stream_id not in stillborn:
+                    events.append(TunnelReset(ev.stream_id, int(ev.error_code)))
             elif isinstance(ev, h2.events.WindowUpdated):
                 events.append(WindowOpened(ev.stream_id))
             elif isinstance(ev, h2.events.RemoteSettingsChanged):
@@ -806,6 +813,21 @@ class HboneConnection:
         self._unanswered.add(ev.stream_id)
         client_ip, client_port = _forwarded_for(headers.get("forwarded"))
         return TunnelRequested(ev.stream_id, host, port, client_ip, headers.get("traceparent"), client_port)
+
+
+_NONE: frozenset[int] = frozenset()
+
+
+def _opened_and_reset(h2_events: list) -> set[int] | frozenset[int]:
+    """The streams a batch of h2 events both opens (a request) and resets after it."""
+    opened: set[int] = set()
+    both: set[int] = set()
+    for ev in h2_events:
+        if isinstance(ev, h2.events.RequestReceived):
+            opened.add(ev.stream_id)
+        elif isinstance(ev, h2.events.StreamReset) and ev.stream_id in opened:
+            both.add(ev.stream_id)
+    return both or _NONE
 
 
 # The request headers HBONE reads; all ASCII by their grammars (RFC 9113, 7239, W3C).

@@ -232,20 +232,28 @@ def test_budget_refills_so_a_steady_polite_peer_is_never_cut():
     assert not server.closed
 
 
-def test_rapid_reset_ends_the_connection_once_the_premature_budget_is_spent():
+@pytest.mark.parametrize("same_read", [True, False])
+def test_rapid_reset_ends_the_connection_once_the_premature_budget_is_spent(same_read):
     server = HboneConnection(client_side=False, clock=lambda: 0.0)  # no refill: exact count
     server.initiate()
     attacker = _attacker(server)
-    ended, requested, stream_id = [], 0, 1
+    ended, requested, resets, pairs, stream_id = [], 0, 0, 0, 1
     while not ended and stream_id < 20000:
         attacker.send_headers(stream_id, [(":method", "CONNECT"), (":authority", "10.0.0.1:80")])
+        events = [] if same_read else server.receive(attacker.data_to_send())
         attacker.reset_stream(stream_id)
-        events = server.receive(attacker.data_to_send())
+        events += server.receive(attacker.data_to_send())
         requested += sum(isinstance(e, TunnelRequested) for e in events)
+        resets += sum(isinstance(e, TunnelReset) for e in events)
         ended = [e for e in events if isinstance(e, ConnectionEnded)]
         stream_id += 2
+        pairs += 1
     assert ended and ended[0].reason == "premature_reset_flood"
-    assert requested == hbone.LIMITS["premature_reset"].burst + 1  # each one could have cost a dial
+    assert pairs == hbone.LIMITS["premature_reset"].burst + 1   # counted either way
+    if same_read:   # opened and reset in the same read: the driver never hears of it, nothing is dialled
+        assert requested == resets == 0
+    else:           # each one could have cost a dial: the driver hears of the reset
+        assert requested == pairs and resets == pairs - 1
     assert _goaway_code(server.data_to_send()) == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
 
 

@@ -149,5 +149,6 @@ async def test_a_connect_whose_reset_waits_in_the_rest_of_the_read_is_never_dial
     _into(session, attacker.data_to_send())
     for _ in range(10):
         await turn()
-    assert tls.reading and len(tasks) == 3 * PER_TURN
+    # Only the pairs a slice boundary split reach the driver (the others never do: framing)
+    assert tls.reading and 0 < len(tasks) < 3 * PER_TURN
     assert dialled == [] and all(task.cancelled() for task in tasks)
