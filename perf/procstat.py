@@ -55,6 +55,25 @@ def pids_in_cgroup(cgroup: Path) -> list[int]:
     return pids
 
 
+def parent_pid(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rfind(")") + 2:].split()[1])
+
+
+def split_supervisors(pids: Iterable[int]) -> tuple[list[int], list[int]]:
+    """(workers, supervisors): a process that is the parent of another in ``pids`` is a
+    supervisor (a node proxy's with N > 1 workers, which carries no connection); the rest,
+    a single process included, carry the data path. Processes gone meanwhile are left out."""
+    parents: dict[int, int] = {}
+    for pid in pids:
+        try:
+            parents[pid] = parent_pid(pid)
+        except (OSError, ValueError, IndexError):
+            continue
+    supervisors = {ppid for ppid in parents.values() if ppid in parents}
+    return sorted(set(parents) - supervisors), sorted(supervisors)
+
+
 def parse_stat_pgid_comm(stat_line: str) -> tuple[int, str, str]:
     """(process group id, comm, state letter) from a /proc/PID/stat line."""
     open_, close = stat_line.find("("), stat_line.rfind(")")

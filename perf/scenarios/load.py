@@ -165,14 +165,21 @@ def proxy_refusals(ctx: Context) -> dict[str, float]:
 
 
 def _idle(proxies) -> Iterator[Measurement]:
-    """RSS of each node proxy process with pods enrolled and nothing connected (a few samples)."""
-    with procstat.ProcessSampler(proxies(), interval=0.5) as sampler:
+    """RSS of each node proxy process with pods enrolled and nothing connected (a few
+    samples). The figure is per worker (the target's unit): the largest process that
+    carries connections; a supervisor (N > 1 workers: it holds the config stream and the
+    certificates, no connection) is in the note."""
+    workers, supervisors = procstat.split_supervisors(proxies())
+    with procstat.ProcessSampler(workers + supervisors, interval=0.5) as sampler:
         time.sleep(2.0)
     if sampler.usage:
         per_process = sampler.rss_peak_per_process_mb
-        yield Measurement(IDLE, PATH, "rss", "MB", (max(per_process.values()),), "lower",
-                          "largest node proxy process, no connection; each: "
-                          + ", ".join(f"{mb:.1f}" for mb in sorted(per_process.values())))
+        per_worker = {pid: mb for pid, mb in per_process.items() if pid not in supervisors}
+        note = "largest node proxy worker (or single process), no connection; each: " + ", ".join(
+            f"{mb:.1f}" for mb in sorted(per_worker.values()))
+        if supervisors:
+            note += "; supervisors: " + ", ".join(f"{per_process[pid]:.1f}" for pid in supervisors if pid in per_process)
+        yield Measurement(IDLE, PATH, "rss", "MB", (max(per_worker.values()),), "lower", note)
 
 
 def _concurrent(ctx: Context, client, server, proxies, count: int) -> Iterator[Measurement]:

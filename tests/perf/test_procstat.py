@@ -78,3 +78,19 @@ def test_pids_in_group_finds_the_tool_under_its_wrapper():
     finally:
         procs.stop(proc)
     assert proc.poll() is not None and procstat.pids_in_group(proc.pid) == []
+
+
+def test_a_parent_of_another_measured_process_is_a_supervisor():
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        me = os.getpid()
+        assert procstat.parent_pid(child.pid) == me
+        assert procstat.split_supervisors([me, child.pid]) == ([child.pid], [me])
+        assert procstat.split_supervisors([child.pid]) == ([child.pid], [])   # a single process
+        assert procstat.split_supervisors([child.pid, 2 ** 22 + 17]) == ([child.pid], [])   # gone: left out
+    finally:
+        child.kill()
+        child.wait()
