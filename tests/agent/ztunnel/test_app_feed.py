@@ -111,6 +111,8 @@ async def test_config_and_certificates_reach_a_worker_that_imports_neither_grpc_
     await worker.until("/worker", lambda page: page["ready"])   # the snapshot is what makes it ready
     certs = await worker.page("/certs")
     assert [c["identity"] for c in certs["certificates"]] == [WEB] and certs["rotations"] == 0
+    tables = (await worker.page("/debug/memory"))["structures"]
+    assert tables["svids"] == 1 and tables["svids_announced"] == 1
     dump = await worker.page("/config_dump")
     assert dump["config_version"] == "5" and keys(dump) == {"demo/web-0", "svc:demo/web"}
 
