@@ -14,14 +14,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, TextIO
 
 import yaml
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from shoal.runtime import access_log
 from shoal.xds import model as m
 from shoal.xds.state import ConfigState
 
@@ -30,7 +30,7 @@ from .listener import start_plaintext
 from .model import ROUTE_KINDS, HTTPRoute, TrafficPolicy, parse_grpcroute, parse_httproute, parse_traffic_policy
 from .proxy import WaypointProxy
 from .resolver import StateResolver, StaticResolver
-from .telemetry import OtlpSpanExporter, RequestTelemetry
+from .telemetry import BatchedLines, OtlpSpanExporter, RequestTelemetry
 from .upstream import Endpoint, TcpConnector
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,9 @@ class WaypointApp:
             self.flows = FlowEmitter(config.flows_path, registry=self.registry, component="waypoint")
         self.spans = OtlpSpanExporter(config.otlp_endpoint, f"{config.name}.{config.namespace}") \
             if config.otlp_endpoint else None
-        self.telemetry = RequestTelemetry(self.registry, access_log=self._access_sink(), flow_emitter=self.flows,
+        self._access_stream: TextIO | None = None
+        self.access_log = self._access_sink()
+        self.telemetry = RequestTelemetry(self.registry, access_log=self.access_log, flow_emitter=self.flows,
                                    span_exporter=self.spans)
         self.identities = None
         if config.static_services:
@@ -117,11 +119,19 @@ class WaypointApp:
         self.proxy = WaypointProxy(resolver, connector, self.telemetry, config.limits, fast_path=config.fast_path)
         self._static_objects = load_objects_file(config.routes_file) if config.routes_file else []
 
-    def _access_sink(self) -> Callable[[str], None] | None:
+    def _access_sink(self) -> BatchedLines | None:
+        """One JSON line per request on stdout (``-``) or appended to a file, written in batches."""
         target = self.config.access_log
         if not target:
             return None
-        return access_log("shoal.waypoint.access", target)
+        stream = sys.stdout if target == "-" else open(target, "a", encoding="utf-8")  # noqa: SIM115 - closed in stop()
+
+        def write(text: str) -> None:
+            stream.write(text)
+            stream.flush()
+
+        self._access_stream = None if stream is sys.stdout else stream
+        return BatchedLines(write)
 
     def _controller_signer(self):
         import grpc
@@ -268,6 +278,10 @@ class WaypointApp:
             self.flows.close()
         if self.spans is not None:
             self.spans.shutdown()
+        if self.access_log is not None:
+            self.access_log.flush()
+        if self._access_stream is not None:
+            self._access_stream.close()
 
 
 async def main(config: WaypointConfig) -> None:

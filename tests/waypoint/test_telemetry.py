@@ -1,11 +1,12 @@
 """W3C trace context, OTLP export of the waypoint's spans, the request metrics."""
+import asyncio
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from shoal.waypoint.telemetry import ISTIO_LABELS, RequestRecord, RequestTelemetry, TraceContext
+from shoal.waypoint.telemetry import ISTIO_LABELS, BatchedLines, RequestRecord, RequestTelemetry, TraceContext
 
 
 def test_traceparent_is_continued_or_started():
@@ -80,3 +81,33 @@ def test_counts_and_histograms_follow_prometheus_semantics():
     assert samples(registry, "istio_response_bytes_sum")[(None, "200")] == 1015
     labelled = next(s for f in registry.collect() for s in f.samples if s.name == "istio_requests_total")
     assert set(labelled.labels) == set(ISTIO_LABELS)
+
+
+async def test_access_log_lines_are_written_in_batches_and_flushed_on_demand():
+    writes: list[str] = []
+    lines = BatchedLines(writes.append, interval=0.05, limit=100)
+    lines('{"a":1}')
+    lines('{"a":2}')
+    assert writes == []                                   # waiting for the interval
+    await asyncio.sleep(0.15)
+    assert writes == ['{"a":1}\n{"a":2}\n']              # one write for both, in order
+    lines("x" * 120)                                      # past the size limit: at once
+    assert writes[-1] == "x" * 120 + "\n"
+    lines('{"a":3}')
+    lines.flush()                                         # the app's stop
+    assert writes[-1] == '{"a":3}\n' and len(writes) == 3
+    await asyncio.sleep(0.1)
+    assert len(writes) == 3                               # the cancelled timer wrote nothing more
+
+
+def test_access_log_without_a_loop_writes_at_once_and_a_failed_write_only_drops_lines():
+    writes: list[str] = []
+    BatchedLines(writes.append)("line")
+    assert writes == ["line\n"]
+
+    def broken(_text: str) -> None:
+        raise BrokenPipeError("stdout closed")
+
+    lines = BatchedLines(broken)
+    lines("lost")                                         # logged, not raised into the request
+    lines.flush()
