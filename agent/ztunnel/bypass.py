@@ -46,7 +46,7 @@ from shoal.agent.ztunnel.telemetry import (
     ConnectionTelemetry,
 )
 from shoal.datapath.bypass import BypassBroken, BypassUnavailable, JoinedPair, KernelBypass
-from shoal.hbone.session import abort_with_reset
+from shoal.hbone.session import PipeEnd, abort_with_reset
 from shoal.telemetry_labels import service_of_endpoint
 from shoal.xds.model import Workload
 from shoal.xds.state import ConfigState
@@ -72,7 +72,7 @@ class SameNodeBypass:
         self.pin_dir = Path(pin_dir)
         self.state = state
         self.telemetry = telemetry
-        self.live: set[BypassedConnection] = set()
+        self.live: set[BypassedConnection | RelayedConnection] = set()
         self._kernel: KernelBypass | None = None
         self._warned = False
         self.outcomes = Counter("shoal_proxy_bypass_connections",
@@ -95,16 +95,33 @@ class SameNodeBypass:
         return self._kernel
 
     def recheck(self) -> None:
-        """Re-evaluate every live connection against the policy now in force; reset the
-        ones it denies (both apps see a reset, as a refused connection)."""
+        """Re-evaluate every live same-node connection (joined or relayed) against the
+        config now in force; reset the ones it would refuse (both apps see a reset, as a
+        refused connection)."""
         for conn in list(self.live):
-            workload = self.state.workload(conn.dst_uid) or conn.dst_workload
-            decision = authorize(self.state.policies_for(workload), conn.info)
-            if not decision.allowed:
+            refusal = self.refusal(conn.source.dst_ip, conn.dst_uid, conn.dst_workload, conn.info)
+            if refusal is not None:
+                error, policy = refusal
                 self.outcomes.labels("revoked").inc()
-                log.info("bypass %s -> %s:%d: %s now denies it (%s): reset", conn.info.src_identity,
-                         conn.info.dst_ip, conn.info.dst_port, decision.policy or "policy", decision.reason)
-                conn.revoke(f"{decision.reason} ({decision.policy or '-'})", decision.policy or "")
+                log.info("bypass %s -> %s:%d: now refused (%s): reset", conn.info.src_identity,
+                         conn.info.dst_ip, conn.info.dst_port, error)
+                conn.revoke(error, policy)
+
+    def refusal(self, dialled_ip: str, dst_uid: str, dst_workload: Workload,
+                info: ConnectionInfo) -> tuple[str, str] | None:
+        """Why the config now in force would not let this connection go around a tunnel
+        (error, denying policy), or None: the destination's L4 policy denies it, or the
+        destination (the service dialled, or the pod) is now behind a waypoint, whose L7
+        policy a same-node pair would skip."""
+        service = self.state.service_by_vip(dialled_ip)
+        workload = self.state.workload(dst_uid) or dst_workload
+        waypoint = service.waypoint if service is not None else workload.waypoint
+        if waypoint is not None:
+            return f"destination now behind waypoint {waypoint.namespace}/{waypoint.name}", ""
+        decision = authorize(self.state.policies_for(workload), info)
+        if not decision.allowed:
+            return f"{decision.reason} ({decision.policy or '-'})", decision.policy or ""
+        return None
 
     def release_pod(self, uid: str) -> None:
         """A pod leaves this proxy: its bypassed connections (either end) are reset, as its
@@ -168,13 +185,23 @@ async def serve_same_node(ctx: ProxyContext, pod: ServedPod, conn: socket.socket
         ctx.metrics.reject(ROUTE, "upstream_connect")
         _refuse(ctx, conn, (rec, dest), FLAG_UPSTREAM_FAILURE, f"{type(exc).__name__}: {exc}", "")
         return True
+    # The config may have changed while the app was dialled (a DENY pushed then found no
+    # live connection to reset): decided again, and nothing is awaited from here until the
+    # connection is in ``bypass.live``, where every later change re-checks it.
+    refusal = bypass.refusal(rec.dst_ip, dst_pod.info.uid, dst_workload, info)
+    if refusal is not None:
+        ctx.metrics.reject(ROUTE, "policy_denied")
+        reset_connection(upstream)
+        _refuse(ctx, conn, (rec, dest), FLAG_DENIED, *refusal)
+        return True
+    uids = (pod.info.uid, dst_pod.info.uid)
     try:
         pair = kernel.join(conn, upstream)
     except BypassUnavailable as exc:
         bypass.outcomes.labels("relayed").inc()
         log.info("bypass %s -> %s:%d: kernel join refused (%s): relayed in userspace", pod.info.name, dst_ip,
                  dst_port, exc)
-        await join_plain(conn, upstream, rec, _BothRecords(ctx.telemetry, dest))
+        await RelayedConnection(bypass, rec, dest, uids, dst_workload, info).relay(conn, upstream)
         return True
     except BypassBroken as exc:
         bypass.outcomes.labels("broken").inc()
@@ -183,8 +210,7 @@ async def serve_same_node(ctx: ProxyContext, pod: ServedPod, conn: socket.socket
         _refuse(ctx, conn, (rec, dest), FLAG_RESET, str(exc), "")
         return True
     bypass.outcomes.labels("joined").inc()
-    await BypassedConnection(bypass, kernel, pair, rec, dest, (pod.info.uid, dst_pod.info.uid), dst_workload,
-                             info).wire()
+    await BypassedConnection(bypass, kernel, pair, rec, dest, uids, dst_workload, info).wire()
     return True
 
 
@@ -195,22 +221,52 @@ def _refuse(ctx: ProxyContext, conn: socket.socket, records, flags: str, error: 
         ctx.telemetry.closed(record)
 
 
-class _BothRecords:
-    """Telemetry for a userspace-relayed same-node connection: the relay fills the source
-    record; the destination record reports the same connection."""
+class RelayedConnection:
+    """A same-node connection the kernel would not join, relayed by the proxy in
+    userspace: reported by both reporters (the relay fills the source record, the
+    destination record reports the same connection) and re-checked on every config change
+    like a joined pair."""
 
-    def __init__(self, telemetry: ConnectionTelemetry, dest: ConnectionRecord):
-        self.telemetry, self.dest = telemetry, dest
+    def __init__(self, owner: SameNodeBypass, source: ConnectionRecord, dest: ConnectionRecord,
+                 uids: tuple[str, str], dst_workload: Workload, info: ConnectionInfo):
+        self.owner, self.source, self.dest = owner, source, dest
+        self.src_uid, self.dst_uid = uids
+        self.dst_workload, self.info = dst_workload, info
+        self.ends: tuple[PipeEnd, PipeEnd] | None = None
+        self.ended: str | None = None   # why it was reset before its ends were wired
+
+    async def relay(self, client: socket.socket, upstream: socket.socket) -> None:
+        self.owner.live.add(self)
+        self.ends = await join_plain(client, upstream, self.source, self)
+        if self.ended is not None:
+            self._abort()
 
     def opened(self, rec: ConnectionRecord) -> None:
-        self.telemetry.opened(rec)
-        self.telemetry.opened(self.dest)
+        self.owner.telemetry.opened(rec)
+        self.owner.telemetry.opened(self.dest)
 
     def closed(self, rec: ConnectionRecord) -> None:
+        self.owner.live.discard(self)
         self.dest.bytes_in, self.dest.bytes_out = rec.bytes_in, rec.bytes_out
         self.dest.response_flags, self.dest.error = rec.response_flags, rec.error
-        self.telemetry.closed(rec)
-        self.telemetry.closed(self.dest)
+        self.dest.denied_by = rec.denied_by
+        self.owner.telemetry.closed(rec)
+        self.owner.telemetry.closed(self.dest)
+
+    def revoke(self, error: str, policy: str) -> None:
+        self.source.response_flags, self.source.denied_by = FLAG_DENIED, policy
+        self.reset(f"policy changed: {error}")
+
+    def reset(self, error: str) -> None:
+        """Both apps get a RST at once."""
+        self.source.reset(error)
+        self.ended = error
+        self._abort()
+
+    def _abort(self) -> None:
+        for end in self.ends or ():
+            if end.transport is not None and not end.transport.is_closing():
+                abort_with_reset(end.transport)
 
 
 class BypassedConnection:

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from typing import Protocol
 
-from shoal.agent.ztunnel.telemetry import ConnectionRecord, ConnectionTelemetry
+from shoal.agent.ztunnel.telemetry import ConnectionRecord
 from shoal.hbone.session import PipeEnd
+
+
+class ConnectionReports(Protocol):
+    """Where a relay reports its connection: ConnectionTelemetry, or a wrapper of it."""
+
+    def opened(self, rec: ConnectionRecord) -> None: ...
+
+    def closed(self, rec: ConnectionRecord) -> None: ...
 
 
 def reset_connection(conn: socket.socket) -> None:
@@ -19,8 +28,8 @@ def reset_connection(conn: socket.socket) -> None:
 
 
 async def join_plain(client: socket.socket, upstream: socket.socket, rec: ConnectionRecord,
-                     telemetry: ConnectionTelemetry) -> None:
-    """Relay two connected sockets back to back."""
+                     telemetry: ConnectionReports) -> tuple[PipeEnd, PipeEnd]:
+    """Relay two connected sockets back to back; the two ends (client's, upstream's)."""
     loop = asyncio.get_running_loop()
     client_end = PipeEnd(rec, True, telemetry.closed)
     server_end = PipeEnd(rec, False, telemetry.closed)
@@ -28,3 +37,4 @@ async def join_plain(client: socket.socket, upstream: socket.socket, rec: Connec
     await loop.connect_accepted_socket(lambda: server_end, upstream)
     await loop.connect_accepted_socket(lambda: client_end, client)
     telemetry.opened(rec)
+    return client_end, server_end

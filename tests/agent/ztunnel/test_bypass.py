@@ -377,6 +377,83 @@ async def test_a_deny_policy_applied_mid_connection_resets_it(proxy, state):
     assert metric(app, "shoal_proxy_rejected_total", listener="bypass", reason="policy_denied") == 1
 
 
+DENY_CLIENT = Authorization("deny-client", "demo", "DENY",
+                            rules=(Rule(sources=(Source(principals=("cluster.local/ns/demo/sa/client",)),)),))
+
+
+async def test_a_deny_pushed_while_the_app_is_dialled_refuses_the_connection(proxy, state, monkeypatch):
+    """Attack on the window between the policy check and the join: the DENY arrives while
+    the proxy dials the app (the re-check on that change finds no pair yet). The proxy
+    decides again once dialled: the connection is refused, nothing is joined, the app gets
+    no byte."""
+    import shoal.agent.ztunnel.bypass as bypass_module
+    real_connect = bypass_module.connect_app
+
+    async def connect_then_deny(*args, **kwargs):
+        upstream = await real_connect(*args, **kwargs)
+        state.apply(ConfigDelta("9", upserted=(DENY_CLIENT,)))
+        return upstream
+
+    monkeypatch.setattr(bypass_module, "connect_app", connect_then_deny)
+    harness = await proxy()
+    served = len(harness.echo.peers)
+    reader, writer = await harness.connect_via_proxy(SERVER_IP, APP_PORT)
+    writer.write(b"must not arrive")
+    with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+        await asyncio.wait_for(reader.readexactly(1), 5)
+    await asyncio.sleep(0.05)
+    app = harness.app
+    assert not app.ctx.bypass.live
+    assert metric(app, "shoal_proxy_bypass_connections_total", outcome="joined") == 0
+    assert metric(app, "shoal_proxy_rejected_total", listener="bypass", reason="policy_denied") == 1
+    assert metric(app, "istio_tcp_connections_closed_total", reporter="destination", response_flags="UAEX") == 1
+    assert len(harness.echo.peers) - served <= 1 and harness.echo.finished == len(harness.echo.peers)
+
+
+async def test_a_deny_cuts_a_same_node_connection_relayed_in_userspace_too(proxy, state):
+    """The fallback is held to the same rule: a connection the kernel would not join
+    (here: the join refused as when the map is full) and the proxy relays is reset by a
+    DENY pushed while it is open."""
+    from shoal.datapath.bypass import BypassUnavailable
+    harness = await proxy()
+    kernel = harness.app.ctx.bypass.kernel()
+
+    def refuse(*_sockets):
+        raise BypassUnavailable("map full")
+    kernel.join = refuse
+    reader, writer = await harness.connect_via_proxy(SERVER_IP, APP_PORT)
+    writer.write(b"before")
+    assert await asyncio.wait_for(reader.readexactly(6), 5) == b"before"
+    app = harness.app
+    assert metric(app, "shoal_proxy_bypass_connections_total", outcome="relayed") == 1
+    state.apply(ConfigDelta("9", upserted=(DENY_CLIENT,)))
+    with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+        await asyncio.wait_for(reader.readexactly(1), 5)
+    await _until(lambda: not app.ctx.bypass.live)
+    assert metric(app, "shoal_proxy_bypass_connections_total", outcome="revoked") == 1
+    for reporter in ("source", "destination"):
+        assert metric(app, "istio_tcp_connections_closed_total", reporter=reporter, response_flags="UAEX") == 1
+
+
+async def test_a_waypoint_put_in_front_of_the_destination_cuts_its_joined_pairs(proxy, state):
+    """A waypoint enforces L7 policy a same-node pair would skip: a destination that gets
+    one resets its live pairs (and new connections take the waypoint, never the bypass)."""
+    from shoal.xds.model import Waypoint, WaypointRef
+    from tests.agent.ztunnel.proxybed import workload
+    harness = await proxy()
+    reader, writer = await harness.connect_via_proxy(SERVER_IP, APP_PORT)
+    writer.write(b"ping")
+    assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+    behind = dataclasses.replace(workload("web-0", SERVER_IP, "web", ips=(SERVER_IP, "fd00:250::2")),
+                                 waypoint=WaypointRef("demo", "waypoint"))
+    state.apply(ConfigDelta("9", upserted=(Waypoint("waypoint", "demo", "10.250.0.9", "waypoint",
+                                                    "spiffe://cluster.local/ns/demo/sa/waypoint"), behind)))
+    with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+        await asyncio.wait_for(reader.readexactly(1), 5)
+    await _until(lambda: not harness.app.ctx.bypass.live)
+    assert metric(harness.app, "shoal_proxy_bypass_connections_total", outcome="revoked") == 1
+
+
 async def test_concurrent_pairs_never_mix_bytes(proxy):
     """Attack surface: pairs are keyed by socket cookie only; eight at once, each gets
     exactly its own bytes back."""
