@@ -30,7 +30,10 @@ from collections.abc import Iterator
 FRAME_HEADER = 9
 TYPE_DATA = 0x0
 TYPE_WINDOW_UPDATE = 0x8
+TYPE_CONTINUATION = 0x9
+OPENS_HEADER_BLOCK = frozenset((0x1, 0x5, 0x9))   # HEADERS, PUSH_PROMISE, CONTINUATION
 FLAG_END_STREAM = 0x1
+FLAG_END_HEADERS = 0x4
 FLAG_PADDED = 0x8
 MAX_WINDOW = 2 ** 31 - 1
 DEFAULT_WINDOW = 65_535          # RFC 9113's initial window, stream and connection
@@ -105,6 +108,7 @@ class FrameSplitter:
             high, low, frame_type, flags, stream_id = unpack(view, offset)
             length = high << 16 | low
             if length > max_frame:
+                _check_stream_association(frame_type, stream_id)   # h2 judges that first
                 raise FramingError(FRAME_SIZE_ERROR, 0, f"frame of {length} bytes over the {max_frame} maximum")
             stop = offset + FRAME_HEADER + length
             if stop > end:
@@ -134,7 +138,9 @@ def data_payload(frame: memoryview, length: int, flags: int) -> memoryview:
     """The payload of a DATA frame, padding removed (a view: no copy)."""
     if not flags & FLAG_PADDED:
         return frame[FRAME_HEADER:]
-    if length < 1 or frame[FRAME_HEADER] >= length:
+    if length < 1:   # no room for the Pad Length field itself: h2's answer is FRAME_SIZE_ERROR
+        raise FramingError(FRAME_SIZE_ERROR, 0, "padded DATA frame without its pad length")
+    if frame[FRAME_HEADER] >= length:
         raise FramingError(PROTOCOL_ERROR, 0, "DATA padding as long as the frame")
     return frame[FRAME_HEADER + 1:FRAME_HEADER + length - frame[FRAME_HEADER]]
 

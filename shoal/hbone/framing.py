@@ -31,8 +31,9 @@ from __future__ import annotations
 import ipaddress
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import h2.config
 import h2.connection
@@ -304,6 +305,14 @@ def new_traceparent() -> str:
     return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
 
 
+class DataSink(Protocol):
+    """Where the driver takes one stream's received DATA payloads as they are parsed."""
+
+    def on_stream_data(self, data: bytes | memoryview, length: int) -> None:
+        """``data``: a view of the driver's read buffer (valid until its next read);
+        ``length``: the flow-controlled length to give back with ``consumed``."""
+
+
 class HboneConnection:
     """One HTTP/2 connection carrying HBONE tunnels (either side)."""
 
@@ -343,17 +352,19 @@ class HboneConnection:
         self._flow = fastpath.FlowControl(stream_window, connection_window)
         self._splitter = fastpath.FrameSplitter(max_frame)
         self._preface = 0 if client_side else len(CLIENT_PREFACE)  # h2 checks the client's magic
+        self._header_block_open = False   # a HEADERS went to h2 without END_HEADERS: CONTINUATION due
         # The last ``receive_buffer`` stopped at its budget with whole frames left unparsed.
         self.budget_spent = False
         self._out: list[bytes | memoryview] = []
         self._small = bytearray()
-        # The driver's receiver of owned DATA payloads, called as each frame is parsed
-        # (stream_id, payload view, flow-controlled length) -> taken; None or False: the
-        # payload becomes a ``TunnelData`` event instead. It saves an event object and a
-        # dispatch per frame on the request/response path. One difference from events: a
-        # payload handed over before a bad frame later in the same read stays delivered
-        # (it was valid; the connection still ends with the same GOAWAY).
-        self.data_sink: Callable[[int, memoryview, int], bool] | None = None
+        # The driver's receivers of owned DATA payloads, by stream (the driver's own table
+        # of stream peers), each called as its frames are parsed: ``on_stream_data(payload
+        # view, flow-controlled length)``. A stream with none (or no table): the payload
+        # becomes a ``TunnelData`` event instead. It saves an event object and a dispatch
+        # per frame on the request/response path. One difference from events: a payload
+        # handed over before a bad frame later in the same read stays delivered (it was
+        # valid; the connection still ends with the same GOAWAY).
+        self.data_sinks: Mapping[int, DataSink] | None = None
 
     # -- lifecycle
     def initiate(self) -> None:
@@ -390,6 +401,11 @@ class HboneConnection:
             small.clear()
         self._out = []
         return out
+
+    @property
+    def output_queued(self) -> bool:
+        """Bytes wait for ``buffers_to_send`` (on the h2 path: maybe, h2 does not say cheaply)."""
+        return bool(self._small or self._out) or not self.fast_path
 
     @property
     def views_queued(self) -> bool:
@@ -535,22 +551,31 @@ class HboneConnection:
             return sent
         return sent
 
-    def _send_fast(self, stream_id: int, data: memoryview) -> int:
-        if self.closed:
-            return 0
+    def send_small(self, stream_id: int, data: memoryview) -> bool:
+        """A request or response of a ping-pong exchange, all of it or nothing: True when
+        ``data`` (under 16 KiB, within both send windows) went as one DATA frame, merged
+        into the outbound buffer with its header (one TLS record, nothing left as a view
+        of ``data``). False: nothing was sent, ``send`` decides."""
         length = len(data)
         flow = self._flow
         window = flow.send.get(stream_id)
-        if 0 < length < _COPY_BELOW and window is not None and length <= window \
-                and length <= flow.send_connection and stream_id not in flow.send_ended:
-            # A request or response of a ping-pong exchange: one frame (every peer takes
-            # 16 KiB frames), merged into the outbound buffer with its header: one TLS record.
-            flow.send[stream_id] = window - length
-            flow.send_connection -= length
-            small = self._small
-            small += fastpath.HEADER.pack(length >> 16, length & 0xFFFF, fastpath.TYPE_DATA, 0, stream_id)
-            small += data
-            return length
+        if not self.fast_path or self.closed or not 0 < length < _COPY_BELOW or window is None \
+                or length > window or length > flow.send_connection or stream_id in flow.send_ended:
+            return False
+        flow.send[stream_id] = window - length
+        flow.send_connection -= length
+        small = self._small
+        small += fastpath.HEADER.pack(length >> 16, length & 0xFFFF, fastpath.TYPE_DATA, 0, stream_id)
+        small += data
+        return True
+
+    def _send_fast(self, stream_id: int, data: memoryview) -> int:
+        if self.closed:
+            return 0
+        if self.send_small(stream_id, data):   # every peer takes 16 KiB frames: one frame
+            return len(data)
+        length = len(data)
+        flow = self._flow
         granted = flow.grant(stream_id, length)
         frame = min(self._max_frame, self._h2.max_outbound_frame_size)
         for offset in range(0, granted, frame):
@@ -635,13 +660,59 @@ class HboneConnection:
             return [], len(data)   # after our GOAWAY: read into the void, never parsed
         if not self.fast_path:
             return self.receive(bytes(data)), len(data)
+        # The sink loop spends at most all but one of the budget, so that whether frames
+        # are left over when it runs out is the general path's to say (``budget_spent``).
+        taken, frames, events = self._take_owned_data(data, budget - 1 if budget else -1) \
+            if not self._preface else (0, 0, [])
+        if taken == len(data):
+            return events, taken
         self._splitter.consumed = 0
         preface = self._preface
-        events = self.receive(data, keep_partial=False, budget=budget)
+        rest = self.receive(data[taken:] if taken else data, keep_partial=False, budget=budget - frames if budget else 0)
         if self.closed:
             self.budget_spent = False
-            return events, len(data)
-        return events, min(preface, len(data)) + self._splitter.consumed
+            # As ``receive``: no event of a read that ended the connection with our GOAWAY.
+            return (rest if self._closed_by_us else events + rest), len(data)
+        events += rest
+        return events, taken + min(preface, len(data)) + self._splitter.consumed
+
+    def _take_owned_data(self, data: memoryview, limit: int) -> tuple[int, int, list[Event]]:
+        """The request/response case, without the splitter, its generator or a frame view:
+        the leading complete DATA frames with no flags (not padded, not the end) and a
+        payload, of streams the fast path owns, within both windows, each handed to its
+        stream's sink as it is parsed; at most ``limit`` of them (-1: no limit). Anything
+        else (a flag, another frame type, a partial or oversized frame, a window exceeded)
+        stops it; ``_receive_fast`` takes the rest from there and gives every answer,
+        errors included. (bytes taken, frames taken, TunnelData events for payloads of
+        streams without a sink)."""
+        sinks, flow = self.data_sinks, self._flow
+        events: list[Event] = []
+        if sinks is None or self._header_block_open:
+            return 0, 0, events
+        windows, unpack, max_frame = flow.receive, fastpath.HEADER.unpack_from, self._max_frame
+        offset, end, frames = 0, len(data), 0
+        while end - offset >= fastpath.FRAME_HEADER and frames != limit:
+            high, low, frame_type, flags, stream_id = unpack(data, offset)
+            length = high << 16 | low
+            start = offset + fastpath.FRAME_HEADER
+            stop = start + length
+            if frame_type or flags or not length or stop > end or length > max_frame \
+                    or length > flow.receive_connection:
+                break
+            window = windows.get(stream_id)   # a reserved bit set is no owned stream: left to the general path
+            if window is None or length > window:
+                break
+            flow.receive_connection -= length
+            windows[stream_id] = window - length
+            payload = data[start:stop]
+            sink = sinks.get(stream_id)
+            if sink is None:
+                events.append(TunnelData(stream_id, payload, length))
+            else:
+                sink.on_stream_data(payload, length)
+            offset = stop
+            frames += 1
+        return offset, frames, events
 
     def _receive_fast(self, data: bytes | memoryview, events: list[Event], keep_partial: bool = True,
                       budget: int = 0) -> None:
@@ -654,60 +725,76 @@ class HboneConnection:
             data = data[self._preface:]
             self._preface -= len(head)
             self._receive_h2(head, events)
-        flow, sink = self._flow, self.data_sink
+        flow, sinks = self._flow, self.data_sinks
         for_h2: list[bytes | memoryview] = []
         spent = 0
-        for frame_type, flags, stream_id, length, frame in self._splitter.split(data, keep_partial):
-            if budget:
-                if spent >= budget:   # this frame and the rest wait for the driver's next turn
-                    self.budget_spent = True
-                    break
-                spent += 1 if frame_type == fastpath.TYPE_DATA or frame_type == fastpath.TYPE_WINDOW_UPDATE \
-                    else H2_FRAME_COST
-            if frame_type == fastpath.TYPE_DATA:
-                if for_h2:
-                    self._receive_h2(b"".join(for_h2), events)
-                    for_h2.clear()
-                    if self._closed_by_us:
-                        return  # our GOAWAY is out: nothing more is acted on
-                if stream_id == 0:
-                    raise fastpath.FramingError(fastpath.PROTOCOL_ERROR, 0, "DATA on stream 0")
-                if not length and not flags & fastpath.FLAG_END_STREAM and not self._budget.spend("empty_data"):
-                    raise Abuse("empty_data_flood", "empty data budget exhausted")
-                owned = stream_id in flow.receive
-                payload = fastpath.data_payload(frame, length, flags)
-                flow.received(stream_id, length, owned)
-                end_stream = flags & fastpath.FLAG_END_STREAM
-                if owned:
-                    if len(payload):
-                        if sink is None or not sink(stream_id, payload, length):
-                            events.append(TunnelData(stream_id, payload, length))
-                    elif length:
-                        self._small += flow.credit(stream_id, length)  # all padding: nobody consumes it
-                    if end_stream:
-                        del flow.receive[stream_id]
+        try:
+            for frame_type, flags, stream_id, length, frame in self._splitter.split(data, keep_partial):
+                if budget:
+                    if spent >= budget:   # this frame and the rest wait for the driver's next turn
+                        self.budget_spent = True
+                        break
+                    spent += 1 if frame_type == fastpath.TYPE_DATA or frame_type == fastpath.TYPE_WINDOW_UPDATE \
+                        else H2_FRAME_COST
+                if self._header_block_open:
+                    # Only CONTINUATION may follow a header block without END_HEADERS (RFC 9113
+                    # 6.10): whatever comes is h2's, which refuses anything else (PROTOCOL_ERROR).
+                    for_h2.append(frame)
+                    self._header_block_open = frame_type == fastpath.TYPE_CONTINUATION \
+                        and not flags & fastpath.FLAG_END_HEADERS
+                elif frame_type == fastpath.TYPE_DATA:
+                    if for_h2:
+                        self._receive_h2(b"".join(for_h2), events)
+                        for_h2.clear()
+                        if self._closed_by_us:
+                            return  # our GOAWAY is out: nothing more is acted on
+                    if stream_id == 0:
+                        raise fastpath.FramingError(fastpath.PROTOCOL_ERROR, 0, "DATA on stream 0")
+                    if not length and not flags & fastpath.FLAG_END_STREAM and not self._budget.spend("empty_data"):
+                        raise Abuse("empty_data_flood", "empty data budget exhausted")
+                    owned = stream_id in flow.receive
+                    payload = fastpath.data_payload(frame, length, flags)
+                    flow.received(stream_id, length, owned)
+                    end_stream = flags & fastpath.FLAG_END_STREAM
+                    if owned:
+                        if len(payload):
+                            sink = sinks.get(stream_id) if sinks is not None else None
+                            if sink is None:
+                                events.append(TunnelData(stream_id, payload, length))
+                            else:
+                                sink.on_stream_data(payload, length)
+                        elif length:
+                            self._small += flow.credit(stream_id, length)  # all padding: nobody consumes it
+                        if end_stream:
+                            del flow.receive[stream_id]
+                            for_h2.append(fastpath.empty_data(stream_id, flags))
+                    else:
+                        # Not ours (idle, closed, reset, unanswered): h2 answers as it always
+                        # did for that state; the connection window gets its credit back now.
+                        if length:
+                            self._small += flow.credit(stream_id, length)
                         for_h2.append(fastpath.empty_data(stream_id, flags))
+                elif frame_type == fastpath.TYPE_WINDOW_UPDATE and length == 4 and (
+                        stream_id == 0 or stream_id in flow.send) \
+                        and 0 < (increment := fastpath.window_increment(frame)) <= fastpath.MAX_WINDOW:
+                    try:
+                        flow.window_updated(stream_id, increment)
+                    except fastpath.FramingError as exc:
+                        if not exc.stream_id:
+                            raise
+                        # As h2: RST_STREAM FLOW_CONTROL_ERROR, and the stream is over here.
+                        self.reset(stream_id, exc.code)
+                        events.append(TunnelReset(stream_id, exc.code))
+                        continue
+                    events.append(WindowOpened(stream_id))
                 else:
-                    # Not ours (idle, closed, reset, unanswered): h2 answers as it always
-                    # did for that state; the connection window gets its credit back now.
-                    if length:
-                        self._small += flow.credit(stream_id, length)
-                    for_h2.append(fastpath.empty_data(stream_id, flags))
-            elif frame_type == fastpath.TYPE_WINDOW_UPDATE and length == 4 and (
-                    stream_id == 0 or stream_id in flow.send) \
-                    and 0 < (increment := fastpath.window_increment(frame)) <= fastpath.MAX_WINDOW:
-                try:
-                    flow.window_updated(stream_id, increment)
-                except fastpath.FramingError as exc:
-                    if not exc.stream_id:
-                        raise
-                    # As h2: RST_STREAM FLOW_CONTROL_ERROR, and the stream is over here.
-                    self.reset(stream_id, exc.code)
-                    events.append(TunnelReset(stream_id, exc.code))
-                    continue
-                events.append(WindowOpened(stream_id))
-            else:
-                for_h2.append(frame)  # malformed WINDOW_UPDATEs too: h2 gives its answer
+                    for_h2.append(frame)  # malformed WINDOW_UPDATEs too: h2 gives its answer
+                    if frame_type in fastpath.OPENS_HEADER_BLOCK:
+                        self._header_block_open = not flags & fastpath.FLAG_END_HEADERS
+        except fastpath.FramingError:
+            if for_h2:   # the frames before the bad one first: an error of theirs is the answer
+                self._receive_h2(b"".join(for_h2), events)
+            raise
         if for_h2:
             self._receive_h2(b"".join(for_h2), events)
 

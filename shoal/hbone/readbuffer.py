@@ -76,7 +76,7 @@ class SessionReadBuffer:
         self.start += nbytes
         if self.start == self.end and not self.lent:
             self.start = self.end = 0
-            if self._small_reads >= SHRINK_AFTER_SMALL_READS:
+            if self._small_reads >= SHRINK_AFTER_SMALL_READS and len(self.data) > SMALL:
                 self.shrink()
 
     def shrink(self) -> None:

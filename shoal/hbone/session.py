@@ -130,7 +130,7 @@ class HboneSession(asyncio.BufferedProtocol):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tcp_reads = tcp_reads   # shared by every session of a node proxy worker, when given
         if fast_path:
-            self.h2.data_sink = self._take_data
+            self.h2.data_sinks = self.streams   # DATA straight to its stream's peer, as parsed
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -173,7 +173,8 @@ class HboneSession(asyncio.BufferedProtocol):
                 self._parse_later = True
                 cast(asyncio.Transport, self.transport).pause_reading()   # bytes came: it is connected
             (self._loop or asyncio.get_running_loop()).call_soon(self._parse_rest)
-        self._handle(events)  # delivers the payloads: only then is it known whether one was lent
+        if events or self.h2.output_queued:
+            self._handle(events)  # delivers the payloads: only then is it known whether one was lent
         self.reads.used(used)
         if not more and self._parse_later:
             self._parse_later = False
@@ -195,15 +196,6 @@ class HboneSession(asyncio.BufferedProtocol):
         if self._tcp_reads is None:
             self._tcp_reads = ReadBuffer(TCP_READ_BUFFER)
         return self._tcp_reads
-
-    def _take_data(self, stream_id: int, data: memoryview, length: int) -> bool:
-        """The fast path's DATA payload, as it is parsed: straight to its stream's socket
-        (no event object, no dispatch). A stream without a peer is left to ``_handle``."""
-        peer = self.streams.get(stream_id)
-        if peer is None:
-            return False
-        peer.on_stream_data(data, length)
-        return True
 
     def _handle(self, events: list[hbone.Event]) -> None:
         if not events:   # DATA only (handed over as parsed): what is left is credit to send
@@ -561,7 +553,7 @@ class StreamPeer(asyncio.BufferedProtocol):
             self.record.bytes_in += nbytes
         else:
             self.record.bytes_out += nbytes
-        data = cast(ReadBuffer, self._reads).view[:nbytes]   # get_buffer came first
+        data = self._reads.view[:nbytes]   # type: ignore[union-attr]  # get_buffer came first
         if not self._established:
             # uvloop starts reading right after connection_made, paused or not: hold the
             # bytes (a server-first app greets before the tunnel is answered) until then.
@@ -574,6 +566,9 @@ class StreamPeer(asyncio.BufferedProtocol):
         """Frame ``data`` (a view of the shared read buffer, valid until the next read)."""
         session = self.session
         if session is None or session.closed:
+            return
+        if not self._pending and session.h2.send_small(self.stream_id, data):
+            session.flush_soon()   # a request or response: one frame, merged, sent at the turn's end
             return
         if self._pending:
             self._pending = memoryview(bytes(self._pending) + data)
@@ -629,10 +624,19 @@ class StreamPeer(asyncio.BufferedProtocol):
             self.record.bytes_out += len(data)
         else:
             self.record.bytes_in += len(data)
-        if self.transport is None:
+        transport = self.transport
+        if transport is None:
             self._early.append((bytes(data), length))  # a view of the session's read buffer: copied
             return
-        self._deliver(data, length)
+        # ``_deliver``, inline: this runs for every payload received.
+        transport.write(data)
+        session = self.session
+        if type(data) is memoryview and transport.get_write_buffer_size():
+            session.reads.lent = True   # type: ignore[union-attr]  # the socket queued the view itself
+        if self._tcp_write_paused:
+            self._unacked += length
+        else:
+            session.h2.consumed(self.stream_id, length)   # type: ignore[union-attr]  # bound before any data
 
     def _deliver(self, data: bytes | memoryview, length: int) -> None:
         transport, session = self.transport, self.session

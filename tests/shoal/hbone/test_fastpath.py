@@ -173,6 +173,8 @@ def _bad_inputs():
     return {
         "oversized frame": hdr(2 << 20, 0, 0, 1) + bytes(2 << 20),  # whole: h2 waits for it
         "padding as long as the frame": hdr(4, 0, fastpath.FLAG_PADDED, 1) + bytes([9, 0, 0, 0]),
+        "padded DATA without its pad length": hdr(0, 0, fastpath.FLAG_PADDED, 1),
+        "oversized DATA on stream 0": hdr(2 << 20, 0, 0, 0) + bytes(16),
         "DATA on stream 0": data_header(0, 1) + b"x",
         "DATA on an idle stream": data_header(7, 1) + b"x",
         "DATA past the stream window": data_header(1, 1 << 20) + bytes(1 << 20)
@@ -185,6 +187,8 @@ def _bad_inputs():
         "connection window past 2^31-1": window_update(0, fastpath.MAX_WINDOW),
         "DATA after END_STREAM": data_header(1, 1, end_stream=True) + b"x" + data_header(1, 1) + b"y",
         "empty DATA flood": data_header(1, 0) * 300,
+        "DATA inside a header block": hdr(4, 1, 0, 1) + bytes(4) + data_header(1, 1) + b"x",
+        "WINDOW_UPDATE inside a header block": hdr(4, 1, 0, 1) + bytes(4) + window_update(1, 10),
     }
 
 
@@ -342,3 +346,133 @@ def test_seeded_fuzz_of_valid_frames_with_mutations():
         answers = [_answer(fast, bytes(wire)) for fast in (True, False)]
         if answers[0] != answers[1]:  # only an oversized frame refused from its header
             assert answers[0][1] == [(7, 0, fastpath.FRAME_SIZE_ERROR)] and not answers[1][1], bytes(wire).hex()
+
+
+# -- buffered reads with the driver's sinks (the request/response loop) -----------------------------
+
+class _Sink:
+    """A stream peer as the driver has it: takes each payload as it is parsed (and gives
+    no credit back, as the h2 path's reference reader here)."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def on_stream_data(self, data, length: int) -> None:
+        self.data += bytes(data)   # a view of the read buffer: copied before the buffer moves
+
+
+def _buffered_answer(wire: bytes, step: int, sink: bool):
+    """As ``_answer``, for a fast-path server read as the driver reads (``receive_buffer``,
+    ``step`` bytes at a time, unparsed bytes kept and passed again) with stream 1 taken by
+    a sink (or, ``sink`` False, by nobody: its payloads come out as events)."""
+    _, server = _connected(True)
+    server.data_to_send()
+    taker = _Sink()
+    server.data_sinks = {1: taker} if sink else {}
+    pending, events = b"", []
+    for start in range(0, len(wire), step):
+        pending += wire[start:start + step]
+        new, used = server.receive_buffer(memoryview(pending))
+        for event in new:
+            if isinstance(event, TunnelData):
+                event = TunnelData(event.stream_id, bytes(event.data), event.flow_controlled_length)
+            events.append(event)
+        pending = pending[used:]
+    summary, received = [], taker.data + b"".join(e.data for e in events if isinstance(e, TunnelData))
+    for event in events:
+        if isinstance(event, ConnectionEnded):
+            summary.append(("ended", event.reason, event.error is not None))
+        elif not isinstance(event, (TunnelData, WindowOpened)):
+            summary.append(event)
+    frames = [(t, s, int.from_bytes(f[9:13] if t == 3 else f[13:17], "big"))
+              for t, _, s, _, f in FrameSplitter(1 << 24).split(server.data_to_send()) if t in (3, 7)]
+    return summary, received, frames, server.closed
+
+
+def _h2_path_answer(wire: bytes, step: int):
+    """The reference: the h2 path, fed the same reads."""
+    _, server = _connected(False)
+    server.data_to_send()
+    events = [e for start in range(0, len(wire), step) for e in server.receive(wire[start:start + step])]
+    summary = [("ended", e.reason, e.error is not None) if isinstance(e, ConnectionEnded) else e
+               for e in events if not isinstance(e, (TunnelData, WindowOpened))]
+    frames = [(t, s, int.from_bytes(f[9:13] if t == 3 else f[13:17], "big"))
+              for t, _, s, _, f in FrameSplitter(1 << 24).split(server.data_to_send()) if t in (3, 7)]
+    return summary, b"".join(bytes(e.data) for e in events if isinstance(e, TunnelData)), frames, server.closed
+
+
+def _agree(buffered, reference) -> bool:
+    """The same events, answers and state; the same bytes delivered, except that payloads
+    handed to a sink before a connection error later in the same read stay delivered
+    (the h2 path drops every event of that read): then the reference's are a prefix."""
+    (summary, received, frames, closed), (ref_summary, ref_received, ref_frames, ref_closed) = buffered, reference
+    same_bytes = received == ref_received or (closed and received.startswith(ref_received))
+    return same_bytes and (summary, frames, closed) == (ref_summary, ref_frames, ref_closed)
+
+
+def test_request_response_reads_go_to_the_sink_and_leave_a_partial_frame_in_place():
+    _, server = _connected(True)
+    server.data_to_send()
+    taker = _Sink()
+    server.data_sinks = {1: taker}
+    wire = data_header(1, 5) + b"hello" + data_header(1, 6) + b" world" + data_header(1, 4) + b"ta"
+    events, used = server.receive_buffer(memoryview(wire))
+    assert events == [] and taker.data == b"hello world" and used == len(wire) - 11
+    events, used = server.receive_buffer(memoryview(wire[used:] + b"il"))
+    assert events == [] and taker.data == b"hello worldtail" and used == 13
+
+
+@pytest.mark.parametrize("sink", [True, False])
+@pytest.mark.parametrize("case", list(_bad_inputs()))
+def test_bad_input_read_as_the_driver_reads_gets_the_h2_paths_answer(case, sink):
+    wire = _bad_inputs()[case]
+    for step in (1, 7, len(wire)) if len(wire) < 10_000 else (65_536, len(wire)):
+        assert _agree(_buffered_answer(wire, step, sink), _h2_path_answer(wire, step)), (case, step)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["data", "end", "padded", "update", "ping", "other stream"]),
+                          st.binary(max_size=200)), max_size=10),
+       st.integers(1, 400), st.booleans(), st.one_of(st.none(), st.tuples(st.integers(0, 4000), st.integers(0, 255))))
+def test_fuzz_buffered_reads_with_sinks_agree_with_the_h2_path(spec, step, sink, mutation):
+    """Frames the sink loop takes, frames it must leave to the general path (flags,
+    other types, other streams), and single-byte mutations of them: the same bytes
+    delivered, the same events and answers as the h2 path."""
+    wire = bytearray()
+    for kind, payload in spec:
+        if kind == "data":
+            wire += data_header(1, len(payload)) + payload
+        elif kind == "end":
+            wire += data_header(1, len(payload), end_stream=True) + payload
+        elif kind == "padded":
+            wire += fastpath.frame_header(len(payload) + 3, 0, fastpath.FLAG_PADDED, 1) + b"\x02" + payload + b"\0\0"
+        elif kind == "update":
+            wire += window_update(1, len(payload) + 1)
+        elif kind == "ping":
+            wire += fastpath.frame_header(8, 6, 0, 0) + payload[:8].ljust(8, b"\0")
+        else:
+            wire += data_header(3, len(payload)) + payload
+    if mutation is not None and wire:
+        wire[mutation[0] % len(wire)] = mutation[1]
+    buffered, reference = _buffered_answer(bytes(wire), step, sink), _h2_path_answer(bytes(wire), step)
+    if not _agree(buffered, reference):
+        # As the unbuffered fast path: an oversized frame is refused from its header (h2
+        # waits for its body), and what came before it may already have been delivered.
+        assert buffered[2][-1:] == [(7, 0, fastpath.FRAME_SIZE_ERROR)] and not reference[3], bytes(wire).hex()
+
+
+def test_the_sink_loop_keeps_to_the_read_budget():
+    """A read of many small DATA frames (a flood, or a burst of requests) is parsed at
+    most READ_BUDGET frames at a time by the sink loop too: the rest waits, whole."""
+    _, server = _connected(True)
+    server.data_to_send()
+    taker = _Sink()
+    server.data_sinks = {1: taker}
+    frame = data_header(1, 3) + b"abc"
+    wire = frame * (hbone.READ_BUDGET + 44)
+    events, used = server.receive_buffer(memoryview(wire))
+    assert events == [] and server.budget_spent
+    assert used == hbone.READ_BUDGET * len(frame) and taker.data == b"abc" * hbone.READ_BUDGET
+    events, used = server.receive_buffer(memoryview(wire[used:]))
+    assert events == [] and not server.budget_spent and used == 44 * len(frame)
+    assert taker.data == b"abc" * (hbone.READ_BUDGET + 44)
