@@ -119,6 +119,8 @@ def admin_pages(ctx: ProxyContext, served: Callable[[], Iterable[ServedPod]]) ->
         return json_page({"certificates": ctx.identities.describe(), "rotations": ctx.identities.rotations})
 
     async def connections():
+        if ctx.bypass is not None:
+            ctx.bypass.count_live_bytes()   # the kernel carries those bytes: read them now
         return json_page({"connections": ctx.telemetry.live_connections(), "pool": ctx.pool.describe(),
                       "inbound_hbone_sessions": len(ctx.inbound_sessions)})
 

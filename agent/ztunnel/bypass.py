@@ -62,6 +62,9 @@ DRAIN_POLL_FIRST, DRAIN_POLL_MAX = 0.0005, 0.05
 # after it is noticed by looking at its TCP state this often.
 RESET_POLL = 0.2
 TCP_CLOSE = 7
+# How often the bytes of open same-node connections reach istio_tcp_*_bytes (the kernel
+# counts them; nothing in the proxy sees them pass). /connections reads them when asked.
+LIVE_BYTES_INTERVAL = 2.0
 
 
 class SameNodeBypass:
@@ -81,6 +84,26 @@ class SameNodeBypass:
                                 "revoked (a policy change denied it), broken (reset: bytes not redirectable)",
                                 ["outcome"], registry=registry)
         self._unsubscribe: Callable[[], None] | None = state.subscribe(lambda _delta: self.recheck())
+        self._counting: asyncio.Task | None = None
+
+    def track(self, conn: "BypassedConnection | RelayedConnection") -> None:
+        """``conn`` is live: re-checked on config changes, its bytes counted while open."""
+        self.live.add(conn)
+        if self._counting is None or self._counting.done():
+            self._counting = asyncio.ensure_future(self._count_while_live())
+
+    async def _count_while_live(self) -> None:
+        while self.live:
+            await asyncio.sleep(LIVE_BYTES_INTERVAL)
+            self.count_live_bytes()
+
+    def count_live_bytes(self) -> None:
+        """Brings every open same-node connection's records (and istio_tcp_*_bytes) up to
+        the bytes carried so far."""
+        for conn in list(self.live):
+            conn.count_bytes()
+            for record in (conn.source, conn.dest):
+                self.telemetry.progress(record)
 
     def kernel(self) -> KernelBypass | None:
         if self._kernel is None:
@@ -136,6 +159,9 @@ class SameNodeBypass:
             self._unsubscribe = None
         for conn in list(self.live):
             conn.reset("proxy stopped")
+        if self._counting is not None:
+            self._counting.cancel()
+            self._counting = None
         if self._kernel is not None:
             self._kernel.close()
             self._kernel = None
@@ -236,7 +262,7 @@ class RelayedConnection:
         self.ended: str | None = None   # why it was reset before its ends were wired
 
     async def relay(self, client: socket.socket, upstream: socket.socket) -> None:
-        self.owner.live.add(self)
+        self.owner.track(self)
         self.ends = await join_plain(client, upstream, self.source, self)
         if self.ended is not None:
             self._abort()
@@ -244,6 +270,10 @@ class RelayedConnection:
     def opened(self, rec: ConnectionRecord) -> None:
         self.owner.telemetry.opened(rec)
         self.owner.telemetry.opened(self.dest)
+
+    def count_bytes(self) -> None:
+        """The relay counts into the source record as bytes pass; the destination's follows."""
+        self.dest.bytes_in, self.dest.bytes_out = self.source.bytes_in, self.source.bytes_out
 
     def closed(self, rec: ConnectionRecord) -> None:
         self.owner.live.discard(self)
@@ -288,7 +318,7 @@ class BypassedConnection:
         """Watch both sockets. An EOF may arrive on the first before the second is watched
         (a client that writes and half-closes at once): it is forwarded once both are."""
         loop = asyncio.get_running_loop()
-        self.owner.live.add(self)
+        self.owner.track(self)
         for record in (self.source, self.dest):
             self.owner.telemetry.opened(record)
         await loop.connect_accepted_socket(lambda: self.client_end, self.pair.client)
@@ -296,6 +326,17 @@ class BypassedConnection:
         self.wired = True
         for end in (self.client_end, self.server_end):
             end.start_forwarding()
+
+    def count_bytes(self) -> None:
+        """Both records take the verdict program's counts so far."""
+        try:
+            counts = self.kernel.counts(self.pair)
+        except OSError as exc:
+            log.debug("bypass: pair counters unreadable: %s", exc)
+            return
+        for record in (self.source, self.dest):   # never less: an evicted entry reads as zero
+            record.bytes_in = max(record.bytes_in, counts.client_to_server)
+            record.bytes_out = max(record.bytes_out, counts.server_to_client)
 
     def other(self, end: "_End") -> "_End":
         return self.server_end if end is self.client_end else self.client_end
@@ -361,7 +402,8 @@ class BypassedConnection:
             log.warning("bypass: pair counters unreadable: %s", exc)
         else:
             for record in (self.source, self.dest):
-                record.bytes_in, record.bytes_out = counts.client_to_server, counts.server_to_client
+                record.bytes_in = max(record.bytes_in, counts.client_to_server)
+                record.bytes_out = max(record.bytes_out, counts.server_to_client)
         for record in (self.source, self.dest):
             self.owner.telemetry.closed(record)
 

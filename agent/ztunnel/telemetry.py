@@ -52,6 +52,9 @@ class ConnectionRecord:
     denied_by: str = ""          # "namespace/name" of the AuthorizationPolicy that refused it
     bytes_in: int = 0                   # client -> server (Istio "received")
     bytes_out: int = 0                  # server -> client (Istio "sent")
+    # what istio_tcp_*_bytes already hold of the two (``progress``): the close adds the rest
+    bytes_in_counted: int = 0
+    bytes_out_counted: int = 0
     started: float = field(default_factory=time.time)
     opened: bool = False
     closed: bool = False
@@ -169,6 +172,19 @@ class ConnectionTelemetry:
         self.metrics.active.labels(rec.reporter).inc()
         self._flow(rec, "open")
 
+    def progress(self, rec: ConnectionRecord) -> None:
+        """Adds to istio_tcp_*_bytes what the open connection ``rec`` carried since it was
+        last counted: a long connection shows its bytes while it lasts, not only at close."""
+        sent, received = rec.bytes_out - rec.bytes_out_counted, rec.bytes_in - rec.bytes_in_counted
+        if rec.closed or (sent <= 0 and received <= 0):
+            return
+        labels = self._labels(rec)
+        if sent > 0:
+            self.metrics.sent.labels(*labels).inc(sent)
+        if received > 0:
+            self.metrics.received.labels(*labels).inc(received)
+        rec.bytes_out_counted, rec.bytes_in_counted = rec.bytes_out, rec.bytes_in
+
     def closed(self, rec: ConnectionRecord) -> None:
         if rec.closed:
             return
@@ -212,8 +228,8 @@ class ConnectionTelemetry:
                 # so dashboards see the attempt with its response flag.
                 tally[0] += 1
             tally[1] += 1
-            tally[2] += rec.bytes_out
-            tally[3] += rec.bytes_in
+            tally[2] += rec.bytes_out - rec.bytes_out_counted
+            tally[3] += rec.bytes_in - rec.bytes_in_counted
             self._flow(rec, "close", send=False)
             lines.append(json.dumps(self.access_entry(rec), separators=(",", ":")))
         metrics = self.metrics
@@ -221,9 +237,9 @@ class ConnectionTelemetry:
             if unopened:
                 metrics.opened.labels(*labels).inc(unopened)
             metrics.closed.labels(*labels).inc(closed)
-            if sent:
+            if sent > 0:
                 metrics.sent.labels(*labels).inc(sent)
-            if received:
+            if received > 0:
                 metrics.received.labels(*labels).inc(received)
         for reporter, count in active.items():
             metrics.active.labels(reporter).dec(count)

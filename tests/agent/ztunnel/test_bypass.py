@@ -137,6 +137,45 @@ async def _listen_in_pod(netns_path: str, port: int, serve) -> asyncio.Server:
     return await asyncio.start_server(serve, sock=sock)
 
 
+@pytest.mark.parametrize("kind", ["joined", "relayed"])
+async def test_an_open_same_node_connection_shows_its_bytes_before_it_closes(proxy, kind):
+    """The kernel carries a joined pair's bytes, so nothing counts them as they pass: the
+    proxy reads the verdict's counters every LIVE_BYTES_INTERVAL into istio_tcp_*_bytes
+    (both reporters), and /connections reads them when asked. The close adds only the rest."""
+    from shoal.agent.ztunnel.admin import admin_pages
+    from shoal.agent.ztunnel.bypass import LIVE_BYTES_INTERVAL
+    from shoal.datapath.bypass import BypassUnavailable
+    harness = await proxy()
+    app = harness.app
+    if kind == "relayed":
+        def refuse(*_sockets):
+            raise BypassUnavailable("map full")
+        app.ctx.bypass.kernel().join = refuse
+    reader, writer = await harness.connect_via_proxy(SERVER_IP, APP_PORT)
+    first = os.urandom(3 * 1024 * 1024)
+    assert await _pump(reader, writer, first) == first
+    pages = admin_pages(app.ctx, lambda: app.ctx.served_pods.values())
+    listed = json.loads((await pages["/connections"]())[2])["connections"]
+    same_node = [entry for entry in listed if entry["route"] == "bypass"]
+    assert sorted(entry["reporter"] for entry in same_node) == ["destination", "source"]
+    assert {(entry["bytes_received"], entry["bytes_sent"]) for entry in same_node} == {(len(first), len(first))}
+    await asyncio.sleep(LIVE_BYTES_INTERVAL + 0.5)
+    assert app.ctx.bypass.live, "still open"
+    for reporter in ("source", "destination"):
+        assert metric(app, "istio_tcp_received_bytes_total", reporter=reporter) == len(first)
+        assert metric(app, "istio_tcp_sent_bytes_total", reporter=reporter) == len(first)
+    more = os.urandom(1024 * 1024)
+    assert await _pump(reader, writer, more) == more
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
+    await _until(lambda: not app.ctx.bypass.live)
+    for reporter in ("source", "destination"):   # counted once: the close added the rest
+        assert metric(app, "istio_tcp_received_bytes_total", reporter=reporter) == len(first) + len(more)
+        assert metric(app, "istio_tcp_sent_bytes_total", reporter=reporter) == len(first) + len(more)
+    assert metric(app, "shoal_proxy_bypass_connections_total", outcome=kind) == 1
+
+
 class HalfCloser:
     """A server app that half-closes first, then reads the client to EOF. ``wait_for_go``:
     it first waits for the client's two bytes (so the proxy has joined the pair);
