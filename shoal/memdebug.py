@@ -10,8 +10,10 @@ live process without restarting it under a profiler (ztunnel answers it with
   fragmentation;
 - the sizes of the daemon's own tables (connection records, pools, metric label sets),
   named by the daemon;
-- Python object counts by type (the top types: a growing count names a leak without any
-  tracing), which walks the heap once (tens of ms at 10,000 connections);
+- on request (``/debug/memory/objects``), Python object counts by type after a full
+  collection (the top types: a growing count names a leak without any tracing), which
+  walks the heap twice: the process serves nothing meanwhile (up to seconds on a
+  loaded node);
 - when tracing is on (``SHOAL_TRACEMALLOC=<frames>`` in the daemon's environment, read
   at start: tracing costs CPU and memory, so it is never on by default), the source lines
   whose allocations grew most since the previous request (``tracemalloc`` snapshot diff;
@@ -141,11 +143,15 @@ class MemoryReport:
                              for diff in snapshot.compare_to(baseline, "traceback")[:self.top // 2]]
         return page
 
-    def page(self) -> dict:
+    def page(self, objects: bool = False) -> dict:
+        """The report; ``objects``: with object counts by type, after a full collection
+        (the heap walked twice: the process does nothing else meanwhile, up to seconds on
+        a loaded machine, so only when asked: ``/debug/memory/objects``)."""
         report: dict = {"rss_kib": rss_kib(), "python_blocks": sys.getallocatedblocks(), "malloc": malloc_stats(),
                         "structures": self._structures()}
-        # Before counting: cyclic garbage would pass for live objects (see object_counts).
-        report["gc"] = {"collected_now": gc.collect(), "objects_by_type": object_counts(self.top)}
+        if objects:
+            # Before counting: cyclic garbage would pass for live objects (see object_counts).
+            report["gc"] = {"collected_now": gc.collect(), "objects_by_type": object_counts(self.top)}
         report["tracemalloc"] = self.growth() if tracemalloc.is_tracing() else \
             f"off (start the process with {TRACE_ENV}=<frames> to see which lines allocate)"
         return report

@@ -103,7 +103,8 @@ class HttpEndpoint:
 
 
 def admin_pages(ctx: ProxyContext, served: Callable[[], Iterable[ServedPod]]) -> dict[str, Page]:
-    """Loopback only: /config_dump, /certs, /connections, /debug/memory, read from the data path's context."""
+    """Loopback only: /config_dump, /certs, /connections, /debug/memory[/objects], read from the data
+    path's context."""
 
     async def config_dump():
         return json_page({
@@ -129,7 +130,11 @@ def admin_pages(ctx: ProxyContext, served: Callable[[], Iterable[ServedPod]]) ->
     async def memory():
         return json_page(report.page())
 
-    return {"/config_dump": config_dump, "/certs": certs, "/connections": connections, "/debug/memory": memory}
+    async def memory_objects():
+        return json_page(report.page(objects=True))
+
+    return {"/config_dump": config_dump, "/certs": certs, "/connections": connections, "/debug/memory": memory,
+            "/debug/memory/objects": memory_objects}
 
 
 def proxy_tables(ctx: ProxyContext) -> dict[str, int]:

@@ -56,7 +56,7 @@ from typing import Callable, Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from shoal.agent.ztunnel import transparent
-from shoal.agent.ztunnel.admin import HttpEndpoint, json_page, ready_pages
+from shoal.agent.ztunnel.admin import HttpEndpoint, Page, json_page, ready_pages
 from shoal.agent.ztunnel.aggregate import merge_certs, merge_connections, merge_expositions
 from shoal.agent.ztunnel.config import ProxyConfig
 from shoal.agent.ztunnel.feed import ConfigUpdate, FeedMessage, SvidDropped, SvidGrant, SvidPending, encode
@@ -521,14 +521,17 @@ class Supervisor:
 
         own_memory = MemoryReport(lambda: {"workers": len(self.workers), "pods": len(self.pods)})
 
-        async def memory():   # each worker's own page (its data path), and ours
-            return json_page({"supervisor": own_memory.page(),
-                              "workers": await self._json_pages("/debug/memory", MEMORY_PAGE_TIMEOUT)})
+        def memory(objects: bool) -> Page:   # each worker's own page (its data path), and ours
+            async def page() -> tuple[int, str, bytes]:
+                path = "/debug/memory/objects" if objects else "/debug/memory"
+                return json_page({"supervisor": own_memory.page(objects),
+                                  "workers": await self._json_pages(path, MEMORY_PAGE_TIMEOUT)})
+            return page
 
         home = self.config.http_address
         for pages, host, port in (
                 ({"/config_dump": config_dump, "/certs": certs, "/connections": connections, "/workers": workers,
-                  "/debug/memory": memory},
+                  "/debug/memory": memory(objects=False), "/debug/memory/objects": memory(objects=True)},
                  self.config.admin_address, self.config.admin_port),
                 ({"/metrics": metrics, "/stats/prometheus": metrics}, home, self.config.metrics_port),
                 (ready_pages(lambda: self.serving), home, self.config.ready_port)):

@@ -1,6 +1,7 @@
 """The /debug/memory page's parts, in this process: tracing on request, growth named by line."""
 from __future__ import annotations
 
+import gc
 import tracemalloc
 
 import pytest
@@ -23,9 +24,33 @@ def test_a_bad_tracing_setting_is_an_error_not_silence(value):
 def test_tracing_is_off_unless_asked():
     assert start_tracing({}) == 0 and start_tracing({TRACE_ENV: "0"}) == 0
     assert not tracemalloc.is_tracing()
-    page = MemoryReport(lambda: {"records": 3}).page()
+    report = MemoryReport(lambda: {"records": 3})
+    page = report.page()
     assert page["structures"] == {"records": 3} and "off" in page["tracemalloc"]
-    assert page["rss_kib"] > 0 and page["python_blocks"] > 0 and page["gc"]["objects_by_type"]
+    assert page["rss_kib"] > 0 and page["python_blocks"] > 0
+    assert "gc" not in page   # the heap walk only when asked: it stalls the process
+
+
+def test_object_counts_are_of_live_objects_only():
+    class Leaked:
+        pass
+
+    class Garbage:
+        pass
+
+    held = [Leaked() for _ in range(3000)]
+    gc.disable()   # the cycles below wait for the page's collection, as a closed connection's do
+    try:
+        for _ in range(3000):   # cycles nobody holds
+            cycle = Garbage()
+            cycle.me = cycle
+        del cycle
+        counts = MemoryReport(dict, top=1000).page(objects=True)["gc"]
+    finally:
+        gc.enable()
+    assert counts["objects_by_type"]["test_object_counts_are_of_live_objects_only.<locals>.Leaked"] == len(held)
+    assert "test_object_counts_are_of_live_objects_only.<locals>.Garbage" not in counts["objects_by_type"]
+    assert counts["collected_now"] >= 3000
 
 
 def test_malloc_stats_tell_bytes_in_use_from_bytes_held_free():

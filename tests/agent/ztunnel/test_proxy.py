@@ -530,6 +530,8 @@ async def test_admin_metrics_and_readiness_endpoints(pod_netns, state, ca, tmp_p
         assert tables["pool_connections"] == 1 and tables["inbound_hbone_connections"] == 1
         assert tables["hbone_h2_closed_streams"] >= 0 and tables["hbone_read_buffer_bytes"] > 0
         assert tables["svids"] == 2 and tables["metric_samples:istio_tcp_connections_opened"] >= 1
+        objects = json.loads((await get(ports["admin_port"], "/debug/memory/objects"))[1])
+        assert objects["gc"]["objects_by_type"] and objects["gc"]["collected_now"] >= 0
         status, metrics = await get(ports["metrics_port"], "/metrics")
         assert status == 200 and 'istio_tcp_connections_opened_total{' in metrics
         assert 'connection_security_policy="mutual_tls"' in metrics

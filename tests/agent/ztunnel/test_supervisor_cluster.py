@@ -167,7 +167,9 @@ def test_debug_memory_shows_the_supervisor_and_each_workers_data_path(cluster):
     assert sorted(page["workers"]) == ["0", "1"]
     for worker in page["workers"].values():
         assert worker["rss_kib"] > 0 and "connection_records" in worker["structures"]
-        assert worker["structures"]["served_pods"] >= 1
+        assert worker["structures"]["served_pods"] >= 1 and "gc" not in worker
+    objects = json.loads(node_get(cluster.layout, "node-1", 15000, "/debug/memory/objects"))
+    assert all(worker["gc"]["objects_by_type"] for worker in objects["workers"].values()), objects.keys()
 
 
 def test_new_connections_spread_over_both_workers(cluster, echo):
