@@ -124,14 +124,6 @@ def running_demo_cluster(name: str, **options):
             assert podman.cluster_containers(name) == [], "containers left behind"
 
 
-def host_processes_only(how: str):
-    """For a test that stops or restarts a component through its host process (pid file,
-    cgroup): skipped when ``SHOAL_TEST_CONTAINERS=1`` runs the components as containers;
-    ``how`` says where the container case is (or is not yet) tested."""
-    return pytest.mark.skipif(os.environ.get(ENV_CONTAINERS) == "1",
-                              reason=f"restarts a host process; in containers mode: {how}")
-
-
 def containers_missing() -> str | None:
     """Why ``shoal up --containers`` cannot run here (podman or the images), or None."""
     from shoal.cli.deploy.render import RenderOptions

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -289,6 +290,47 @@ class LocalCluster:
 
     def stop(self, component: Component, kill: bool = False) -> None:
         Cgroup(component.cgroup).kill_all(grace=0.0 if kill else 5.0)
+
+    def container_of(self, component: Component) -> str | None:
+        """The podman container that runs ``component`` in a ``--containers`` cluster, else None."""
+        from shoal.local.nodepods import container_name
+
+        if self.node_manifests is None:
+            return None
+        if component.name == "controller":
+            return container_name(self.layout, "control", "controller")
+        kind, _, node = component.name.partition("-")
+        return container_name(self.layout, node, kind)
+
+    def crash(self, component: Component) -> None:
+        """SIGKILLs ``component``: its process (and anything left in its cgroup), or its
+        container in a ``--containers`` cluster. ``recover`` brings it back."""
+        from shoal.local import podman
+
+        container = self.container_of(component)
+        if container is not None:
+            podman.kill(container)
+            if not podman.wait_stopped(container, 30):
+                raise LinuxError(f"container {container} still runs after SIGKILL")
+            return
+        pid_file = self.layout.run_dir / f"{component.name}.pid"
+        try:
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.stop(component, kill=True)
+
+    def recover(self, component: Component) -> None:
+        """Starts ``component`` again after ``crash``: a new process, or in a ``--containers``
+        cluster the same container again (``podman start``), as the kubelet restarts a
+        container that exited: same name, flags, mounts and pod."""
+        from shoal.local import podman
+
+        container = self.container_of(component)
+        if container is None:
+            self.start(component)
+        else:
+            podman.start(container)
 
     @staticmethod
     def _wait(ready: Callable[[], bool], timeout: float, message: str) -> None:

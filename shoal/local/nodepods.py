@@ -47,6 +47,11 @@ PAUSE = ("import os, signal\n"
 LABEL_POD = "shoal.io/pod"   # <namespace>.<name> of a workload pod's containers
 
 
+def container_name(layout: ClusterLayout, node: str, container: str) -> str:
+    """A node pod's container (``node`` is "control" for the controller's)."""
+    return f"{layout.name}.{node}.{container}"
+
+
 def controller_hosts() -> dict[str, str]:
     """The controller's Service names, as the cluster's DNS would resolve them for a pod."""
     return {CONTROLLER_SERVICE: LOCAL_CONTROLLER_IP, CONTROLLER_REPLICAS: LOCAL_CONTROLLER_IP}
@@ -129,7 +134,7 @@ class NodeContainers:
         return logged(argv, self.layout.log_dir / f"{name}.log")
 
     def container_name(self, node: str, container: str) -> str:
-        return f"{self.layout.name}.{node}.{container}"
+        return container_name(self.layout, node, container)
 
     def run_of(self, node: str, container: str) -> ContainerRun:
         return container_run(self.objects, "DaemonSet", DAEMONSET, container, node, self.volumes(node))

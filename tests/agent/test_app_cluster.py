@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import eventually, host_processes_only, pod_exec, shoal_cli
+from tests.conftest import eventually, pod_exec, shoal_cli
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
@@ -159,11 +158,11 @@ def _db_session_works(layout) -> bool:
     return bool(lines) and json.loads(lines[-1]).get("replies") == ["ok one", "ok two"]
 
 
-@host_processes_only("an agent container's SIGKILL is not tested yet")
 def test_db_session_survives_sigkill_of_the_agent(demo_cluster):
+    """SIGKILL of node-1's agent (its process, or with SHOAL_TEST_CONTAINERS=1 its container),
+    then a new one (a process; the same container started again, as the kubelet does)."""
     layout = demo_cluster.layout
     component = next(c for c in demo_cluster.node_components("node-1") if c.name == "agent-node-1")
-    pid_file = layout.run_dir / f"{component.name}.pid"
     env = {**os.environ, "SHOAL_CLUSTER": layout.name}
     eventually(lambda: _db_session_works(layout), "a working client-0 -> db path", timeout=60, interval=0.5)
     session = subprocess.Popen([sys.executable, "-m", "shoal", "exec", "demo/client-0", "--", "python3", PROBE,
@@ -173,11 +172,11 @@ def test_db_session_survives_sigkill_of_the_agent(demo_cluster):
     try:
         time.sleep(2.5)   # the session is established and has had its first exchange
         programs_before = {p["name"]: p.get("id") for p in datapath(layout, "node-1")["programs"]}
-        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        demo_cluster.crash(component)
         # no agent: capture keeps working from the pinned state
         during = probe(layout, "demo/client-0", "connect", "web.demo", "8080")
         assert during["ok"] and during["peer"][0].startswith("10.96.")
-        demo_cluster.start(component)
+        demo_cluster.recover(component)
         restarted = True
         eventually(lambda: {p["name"]: p.get("id") for p in datapath(layout, "node-1")["programs"]}
                    != programs_before, "the new agent's programs attached", timeout=60, interval=0.5)
@@ -193,7 +192,7 @@ def test_db_session_survives_sigkill_of_the_agent(demo_cluster):
             session.kill()
             session.wait()
         if not restarted:
-            demo_cluster.start(component)
+            demo_cluster.recover(component)
 
 
 UDP_ECHO = """

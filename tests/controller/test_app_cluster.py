@@ -1,7 +1,6 @@
 """The controller on the real local cluster (the session's shared demo cluster)."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -13,7 +12,7 @@ import pytest
 from shoal.config import PORT_CONTROLLER_METRICS
 from shoal.local import network
 from shoal.local.apiclient import ApiClient
-from tests.conftest import host_processes_only, pod_exec
+from tests.conftest import pod_exec
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
 
@@ -260,14 +259,9 @@ def controller_outage_keeps_state_and_traffic(cluster, kill, start) -> None:
             cluster._wait(cluster.api.healthy, 60, "the controller did not come back")
 
 
-@host_processes_only("tests/shoal/local/test_containers_cluster.py kills and restarts the controller container")
 def test_killing_the_controller_changes_neither_root_nor_identities_and_traffic_flows(demo_cluster):
-    """SIGKILL of the local cluster's controller, then a new one (store dir: ca/, identities)."""
-    layout = demo_cluster.layout
+    """SIGKILL of the local cluster's controller, then a new one (store dir: ca/, identities);
+    with SHOAL_TEST_CONTAINERS=1, of its container, started again as the kubelet does."""
     controller = demo_cluster.controller_component()
-
-    def kill() -> None:
-        os.kill(int((layout.run_dir / "controller.pid").read_text()), signal.SIGKILL)
-        demo_cluster.stop(controller, kill=True)   # the rest of its cgroup (nothing else)
-
-    controller_outage_keeps_state_and_traffic(demo_cluster, kill, lambda: demo_cluster.start(controller))
+    controller_outage_keeps_state_and_traffic(demo_cluster, lambda: demo_cluster.crash(controller),
+                                              lambda: demo_cluster.recover(controller))

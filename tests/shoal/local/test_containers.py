@@ -271,3 +271,21 @@ def test_bcc_compiles_in_the_agent_container_against_the_hosts_mounted_headers(t
               "int f(struct sock *sk) { return sk->__sk_common.skc_family; }'); print('compiled')")
     inspect, output = run_once(run, ("python", "-c", source))
     assert inspect["State"]["ExitCode"] == 0 and "compiled" in output, output
+
+
+def test_a_restart_test_reaches_the_container_that_runs_each_component(tmp_path):
+    """``LocalCluster.crash``/``recover`` act on the container of a --containers cluster (the
+    names nodepods gives them), on the process otherwise."""
+    from shoal.config import ClusterLayout
+    from shoal.local.cluster import LocalCluster
+    from shoal.local.nodepods import NodeContainers
+
+    layout = ClusterLayout(name="ctr-names", run_root=tmp_path)
+    manifests = lambda tag: render(RenderOptions(local_cluster=layout.name))   # noqa: E731
+    in_containers, processes = LocalCluster(layout, node_manifests=manifests), LocalCluster(layout)
+    pods = NodeContainers(layout, manifests)
+    components = {c.name: c for c in in_containers.node_components("node-2")}
+    assert in_containers.container_of(components["agent-node-2"]) == pods.container_name("node-2", "agent")
+    assert in_containers.container_of(components["proxy-node-2"]) == pods.container_name("node-2", "proxy")
+    assert in_containers.container_of(in_containers.controller_component()) == pods.container_name("control", "controller")
+    assert processes.container_of(components["agent-node-2"]) is None
