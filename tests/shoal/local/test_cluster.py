@@ -254,3 +254,15 @@ def test_config_stream_is_tls_verified_with_the_cluster_ca(demo_cluster):
     assert "Verification: OK" in trusted.stderr
     untrusted = handshake()  # the machine's CAs do not vouch for the controller
     assert untrusted.returncode != 0
+
+
+def test_components_get_memory_tracing_from_the_caller_but_no_other_shoal_setting(monkeypatch):
+    """``SHOAL_TRACEMALLOC=N shoal up``: the node proxies' /debug/memory then names the lines
+    that allocate; the caller's other SHOAL_* settings are not the components' business."""
+    from shoal.local.cluster import LocalCluster
+
+    monkeypatch.setenv("SHOAL_TRACEMALLOC", "3")
+    monkeypatch.setenv("SHOAL_PROXY_WORKERS", "4")
+    env = LocalCluster(ClusterLayout(name="envcheck")).component_env("node-1")
+    assert env["SHOAL_TRACEMALLOC"] == "3" and env["SHOAL_NODE"] == "node-1"
+    assert "SHOAL_PROXY_WORKERS" not in env
