@@ -198,10 +198,10 @@ class _Target:
 
     __slots__ = ("service", "labels", "requested_address", "policies", "request_policy", "depends_on", "choices")
 
-    def __init__(self, service: ServiceInfo | None, requested_address: str = "", policies=(),
-                 request_policy: "_RequestPolicy | None" = None, depends_on: str = "request") -> None:
+    def __init__(self, service: ServiceInfo | None, labels: ServiceLabels | None = None, requested_address: str = "",
+                 policies=(), request_policy: "_RequestPolicy | None" = None, depends_on: str = "request") -> None:
         self.service = service
-        self.labels = ServiceLabels(service.fqdn, service.key.name, service.key.namespace) if service else None
+        self.labels = labels
         self.requested_address = requested_address
         self.policies = policies
         self.request_policy = request_policy
@@ -259,6 +259,7 @@ class WaypointProxy:
         self.config = L7Config(rng=self.rng)
         self._clusters: dict[tuple[str, str, bool], _Cluster] = {}   # (namespace, name, HTTP/2)
         self._request_policies: dict[tuple[str, str], _RequestPolicy] = {}
+        self._service_labels: dict[str, ServiceLabels] = {}   # by FQDN (_labels_of)
         self._background: set[asyncio.Task] = set()
 
     # -- configuration ---------------------------------------------------------------------
@@ -444,9 +445,21 @@ class WaypointProxy:
         if service is None:
             return _Target(None)
         vip = req.peer.destination_ip or service.vip
-        return _Target(service, f"{vip}:{service.key.port}" if vip else "", self.resolver.policies_for(service.key),
+        return _Target(service, self._labels_of(service), f"{vip}:{service.key.port}" if vip else "",
+                       self.resolver.policies_for(service.key),
                        self._request_policy(service.key),
                        self.config.routes.depends_on(service.key) if remembered else "request")
+
+    def _labels_of(self, service: ServiceInfo) -> ServiceLabels:
+        """One ServiceLabels object per Service for every request and connection: telemetry
+        finds a request's series by the identity of its label objects (RequestTelemetry._series)."""
+        labels = self._service_labels.get(service.fqdn)
+        if labels is None:
+            if len(self._service_labels) >= MEMO_LIMIT * 16:
+                self._service_labels.clear()
+            labels = self._service_labels[service.fqdn] = ServiceLabels(service.fqdn, service.key.name,
+                                                                        service.key.namespace)
+        return labels
 
     def _choose(self, service: ServiceKey, req: ProxyRequest) -> _Choice:
         """The route decision for the request and its backend's endpoints and cluster."""

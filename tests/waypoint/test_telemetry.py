@@ -111,3 +111,26 @@ def test_access_log_without_a_loop_writes_at_once_and_a_failed_write_only_drops_
     lines = BatchedLines(broken)
     lines("lost")                                         # logged, not raised into the request
     lines.flush()
+
+
+async def test_requests_alike_share_one_istio_series_on_the_fast_path_and_the_pipeline():
+    """Series are found by the identity of the label objects: the Service's must be one object
+    for every request, or each request would add an entry (found again only by its values)."""
+    import aiohttp
+
+    from .conftest import Bed
+
+    for fast in (True, False):
+        bed = Bed()
+        try:
+            await bed.backend("web")
+            await bed.start(fast_path=fast)
+            async with aiohttp.ClientSession() as session:
+                for _ in range(5):
+                    async with session.get(f"http://127.0.0.1:{bed.port}/", headers={"host": "web.demo:8080"}) as resp:
+                        assert resp.status == 200
+            telemetry = bed.proxy.telemetry
+            assert len(telemetry._series_by_peers) == 1, fast
+            assert bed.metric("istio_requests_total", response_code="200") == 5
+        finally:
+            await bed.close()
