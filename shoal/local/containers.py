@@ -48,6 +48,9 @@ class ContainerRun:
     tmpfs: tuple[str, ...] = ()       # emptyDir volumes
     # shareProcessNamespace: the pod's containers join one PID namespace (the caller's sandbox).
     share_process_namespace: bool = False
+    # hostPath folders of type DirectoryOrCreate (with their subPath): the kubelet makes them
+    # before the container starts, podman would refuse a missing bind source.
+    create_dirs: tuple[str, ...] = ()
 
     def argv(self, container_name: str, network: str, cgroup_parent: str | None = None,
              extra_env: dict[str, str] | None = None, command: tuple[str, ...] | None = None,
@@ -138,7 +141,7 @@ def pod_container_run(spec: dict[str, Any], container: str, where: str, fields: 
         user = str(sc["runAsUser"]) + (f":{sc['runAsGroup']}" if "runAsGroup" in sc else "")
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
     env = _env(maps or {}, c.get("env", []), fields)
-    mounts, tmpfs = [], []
+    mounts, tmpfs, create_dirs = [], [], []
     for vm in c.get("volumeMounts", []):
         volume = volumes[vm["name"]]
         target, read_only = vm["mountPath"], vm.get("readOnly", False)
@@ -155,6 +158,8 @@ def pod_container_run(spec: dict[str, Any], container: str, where: str, fields: 
             source = f"{source.rstrip('/')}/{_expand(vm['subPathExpr'], env, where)}"
         elif "subPath" in vm:
             source = f"{source.rstrip('/')}/{vm['subPath']}"
+        if (volume.get("hostPath") or {}).get("type") == "DirectoryOrCreate":
+            create_dirs.append(source)
         mount = f"type=bind,source={source},destination={target}"
         if read_only:
             mount += ",ro=true"
@@ -167,7 +172,7 @@ def pod_container_run(spec: dict[str, Any], container: str, where: str, fields: 
         cap_add=tuple(caps.get("add", [])), cap_drop_all=drops == ["ALL"],
         read_only=bool(sc.get("readOnlyRootFilesystem")), user=user,
         no_new_privileges=sc.get("allowPrivilegeEscalation") is False,
-        env=env, mounts=tuple(mounts), tmpfs=tuple(tmpfs),
+        env=env, mounts=tuple(mounts), tmpfs=tuple(tmpfs), create_dirs=tuple(create_dirs),
         share_process_namespace=bool(spec.get("shareProcessNamespace")))
 
 

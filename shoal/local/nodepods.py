@@ -251,6 +251,8 @@ class PodContainers:
         for container in spec["containers"]:
             run = pod_container_run(spec, container["name"], f"Pod {meta['namespace']}/{meta['name']}", fields, {})
             name = self.container_name(meta["namespace"], meta["name"], container["name"])
+            for folder in run.create_dirs:   # as the kubelet does (the waypoint's node flows folder)
+                Path(folder).mkdir(parents=True, exist_ok=True)
             podman.remove_named([name])   # an exited run of the same container
             argv = run.argv(name, netns, cgroup_parent=parent,
                             labels={podman.LABEL_CLUSTER: self.layout.name, LABEL_POD: f"{meta['namespace']}.{meta['name']}"},

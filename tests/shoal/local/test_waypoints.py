@@ -83,6 +83,8 @@ def test_the_kubelets_podman_flags_are_the_templates_privileges(tmp_path):
         f"type=bind,source={volume_dir(layout, 'demo', 'waypoint')},destination=/var/run/secrets/shoal/tokens,ro=true",
         f"type=bind,source={ca_volume_dir(layout)},destination=/var/run/secrets/shoal/ca,ro=true",
         f"type=bind,source={flows},destination=/var/run/shoal/flows,ro=true"])
+    # DirectoryOrCreate: made before the start (a waypoint may come up before its node's agent).
+    assert run.create_dirs == (str(flows),)
 
 
 def test_the_launcher_stages_the_token_for_the_pods_user_only(tmp_path, monkeypatch):
