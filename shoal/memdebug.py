@@ -75,7 +75,8 @@ def malloc_stats() -> dict[str, int] | None:
     """glibc's heap accounting, in bytes (None on another libc): ``in_use`` by live
     allocations, ``free_in_arenas`` held by malloc but unused (fragmentation, or room a
     burst left), ``mmapped`` in large blocks of their own, ``trimmable`` at the top of the
-    main arena (what ``malloc_trim`` could return at least)."""
+    main arena (what ``malloc_trim`` could return at least). The main arena only, as
+    glibc counts it: threads that allocate get arenas of their own, not counted here."""
     mallinfo2 = _mallinfo2()
     if mallinfo2 is None:
         return None
