@@ -100,6 +100,9 @@ class ControlPlane:
         self._expected_sources: set[str] = set()
         self._metrics_runner: web.AppRunner | None = None
         self.started_at = time.time()
+        # The embedded store's newest write the model has taken (its resourceVersion; 0 in
+        # Kubernetes mode): set by the local source, shown in status.
+        self.applied_revision = 0
 
     # -- sources -----------------------------------------------------------------------------
 
@@ -233,6 +236,7 @@ class ControlPlane:
             "resources": self.model.counts(),
             "identities": len(self.model.identities),
             "agents": agents,
+            "applied_revision": self.applied_revision,
             "errors": sorted(self.model.errors.values()),
             "trust_domain": self.ca.trust_domain,
         }

@@ -80,7 +80,8 @@ def build_app(store: Store, status: Callable[[], dict[str, Any]], on_error: Call
                 return web.json_response({"errors": e.errors}, status=code)
             return web.json_response({"events": [
                 {"type": ev.type, "kind": ev.object["kind"], "namespace": ev.object["metadata"].get("namespace", ""),
-                 "name": ev.object["metadata"]["name"]} for ev in events]})
+                 "name": ev.object["metadata"]["name"],
+                 "resourceVersion": ev.object["metadata"].get("resourceVersion", "")} for ev in events]})
         return handler
 
     async def objects(request: web.Request) -> web.Response:

@@ -38,10 +38,12 @@ class LocalSource:
         self._queue = asyncio.Queue()
         # Watch first, then list: an event racing the list is applied again, harmlessly.
         self.store.watch(self._on_events)
+        listed = self.store.resource_version
         for kind in WATCHED_KINDS:
             objs = self.store.list(kind)
             self.control_plane.metrics.source_events.labels(SOURCE, kind).inc(len(objs))
             self.control_plane.replace(kind, objs)
+        self.control_plane.applied_revision = max(self.control_plane.applied_revision, listed)
         self.control_plane.source_synced(SOURCE)
         log.info("local store synced: %s", self.control_plane.model.counts())
         while True:
@@ -51,3 +53,8 @@ class LocalSource:
             for _, obj in batch:
                 self.control_plane.metrics.source_events.labels(SOURCE, obj.get("kind", "")).inc()
             self.control_plane.apply(batch)
+            # What ``shoal waypoint delete`` waits for: a write the model took without any
+            # config change moves no version, so the version alone cannot say it was taken.
+            self.control_plane.applied_revision = max(
+                [self.control_plane.applied_revision,
+                 *(int(obj["metadata"].get("resourceVersion") or 0) for _, obj in batch)])

@@ -170,9 +170,10 @@ def delete_cmd(name: str, namespace: str, settle_timeout: float, wait_seconds: f
                 if ns["metadata"]["name"] == namespace and _uses(ns, name)]
     if enrolled:
         version = _call(client.status).get("version")
-        _call(client.apply, [_without_waypoint_labels(enrolled[0], name)])
+        events = _call(client.apply, [_without_waypoint_labels(enrolled[0], name)])
         click.echo(f"namespace {namespace}: {LABEL_USE_WAYPOINT} label removed")
-        if version is not None and not _nodes_caught_up(client, int(version), settle_timeout):
+        written = max((int(e.get("resourceVersion") or 0) for e in events), default=None)
+        if version is not None and events and not _nodes_caught_up(client, int(version), written, settle_timeout):
             click.echo(f"warning: not every node confirmed the change within {settle_timeout:g}s; "
                        "deleting the waypoint anyway", err=True)
     labelled = sorted(s["metadata"]["name"] for s in _call(client.list, "Service", namespace)
@@ -212,16 +213,23 @@ def _without_waypoint_labels(namespace_obj: dict, name: str) -> dict:
     return {**{k: v for k, v in namespace_obj.items() if k != "status"}, "metadata": meta}
 
 
-def _nodes_caught_up(client, version_before: int, timeout: float) -> bool:
-    """True once the config version moved past ``version_before`` and every connected node
-    component has ACKed the current version (nothing in flight)."""
+def _nodes_caught_up(client, version_before: int, written: int | None, timeout: float) -> bool:
+    """True once the model took our write (revision ``written``) and every connected node
+    component has ACKed the current version (nothing in flight).
+
+    A write that changes no node's config (a waypoint not yet bound: nothing used it) moves
+    no version, so "the version moved past ``version_before``" would wait the whole
+    timeout; the controller's ``applied_revision`` says the write was taken either way.
+    (A controller without it: the version must move.)"""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = _call(client.status)
         current = int(status["version"])
+        applied = status.get("applied_revision")
+        taken = (applied is not None and written is not None and int(applied) >= written) \
+            if applied is not None else current > version_before
         agents = [a for a in status.get("agents") or [] if a.get("connected", True)]
-        if current > version_before and all(
-                int(a["version"] or 0) >= current and not a["in_flight"] for a in agents):
+        if taken and all(int(a["version"] or 0) >= current and not a["in_flight"] for a in agents):
             return True
         time.sleep(0.1)
     return False

@@ -249,3 +249,44 @@ def test_gateway_is_programmed_once_its_waypoint_pod_is_ready(tmp_path):
         assert programmed() == ("True", "Programmed")
     finally:
         store.close()
+
+
+class _StatusSequence:
+    """The controller's /status as the settle loop polls it."""
+
+    def __init__(self, *answers: dict) -> None:
+        self.answers = list(answers)
+
+    def status(self) -> dict:
+        return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+
+
+def _status(version: int, applied: int | None, acked: int, in_flight: int = 0) -> dict:
+    status = {"version": str(version), "agents": [
+        {"node": "node-1", "component": "proxy", "version": str(acked), "in_flight": in_flight}]}
+    if applied is not None:
+        status["applied_revision"] = applied
+    return status
+
+
+def test_settle_ends_once_the_write_is_taken_even_if_no_version_moved():
+    """A label removal that changes no node's config (the waypoint was not bound yet) moves
+    no version: the settle used to wait its whole timeout for one."""
+    client = _StatusSequence(_status(34, applied=40, acked=34))
+    started = time.monotonic()
+    assert cli._nodes_caught_up(client, 34, 40, timeout=5)
+    assert time.monotonic() - started < 1
+
+
+def test_settle_waits_for_the_write_then_for_every_node():
+    client = _StatusSequence(_status(34, applied=39, acked=34),      # the model has not taken it yet
+                             _status(35, applied=40, acked=34, in_flight=1),   # taken, pushed
+                             _status(35, applied=40, acked=35))       # ACKed
+    assert cli._nodes_caught_up(client, 34, 40, timeout=5)
+    assert client.answers == [_status(35, applied=40, acked=35)]
+    assert not cli._nodes_caught_up(_StatusSequence(_status(34, applied=39, acked=34)), 34, 40, timeout=0.3)
+
+
+def test_settle_with_a_controller_that_has_no_applied_revision_waits_for_the_version():
+    assert not cli._nodes_caught_up(_StatusSequence(_status(34, None, 34)), 34, 40, timeout=0.3)
+    assert cli._nodes_caught_up(_StatusSequence(_status(35, None, 35)), 34, 40, timeout=5)

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -91,3 +92,23 @@ def delete_refusing_nothing(layout) -> None:
     eventually(lambda: "no waypoints" in shoal_cli(layout, "waypoint", "list").stderr,
                "the waypoint to go", timeout=30, interval=0.5)
     assert sample(layout, 1).keys() == {"200"}
+
+
+def test_waypoint_delete_right_after_its_pod_runs_does_not_wait_the_settle_timeout(demo_cluster):
+    """Deleted as soon as its pod runs, before its Gateway is bound: nothing used the
+    waypoint yet, so removing the namespace's label changed no node's config and moved no
+    version. The delete waited for the version to move, i.e. its whole settle timeout
+    (15 s, with a warning); now it waits for the controller to have taken the write."""
+    layout = demo_cluster.layout
+    shoal_cli(layout, "waypoint", "apply", "-n", "demo", "--enroll-namespace")
+    try:
+        eventually(lambda: any(p["metadata"]["name"].startswith("waypoint")
+                               for p in json.loads(shoal_cli(layout, "get", "pods", "-n", "demo", "-o", "json").stdout)["items"]),
+                   "the waypoint's pod", timeout=30, interval=0.1)
+        started = time.monotonic()
+        deleted = shoal_cli(layout, "waypoint", "delete", "-n", "demo", "--settle-timeout", "15", timeout=60)
+        elapsed = time.monotonic() - started
+        assert "not every node confirmed" not in deleted.stderr, deleted.stderr
+        assert elapsed < 12, f"delete took {elapsed:.1f} s"
+    finally:
+        shoal_cli(layout, "waypoint", "delete", "-n", "demo", "--wait", "60", check=False, timeout=120)
