@@ -89,9 +89,10 @@ class NodeContainers:
             return
         progress(f"images: {self.image}, {self.controller_image} and {self.waypoint_image} "
                  "with this checkout's sources")
-        tagged = podman.source_image(self.image, root)
+        sources = podman.snapshot_sources(root)   # read once: one tag, and the bytes it names
+        tagged = podman.source_image(self.image, sources)
         for image in (self.controller_image, self.waypoint_image):
-            podman.source_image(image, root)    # the same sources: the same tag
+            podman.source_image(image, sources)
         self.objects = self.render(tagged.rsplit(":", 1)[1])
 
     @property

@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -79,14 +80,41 @@ def package_folders(root: Path) -> dict[str, str]:
     raise PodmanError(f"{root / 'setup.py'} has no FOLDERS mapping")
 
 
-def _files(root: Path, folders: dict[str, str]) -> list[tuple[Path, str]]:
-    """(file, path below site-packages) of every packaged file, sorted."""
+@dataclass(frozen=True)
+class SourceSnapshot:
+    """The checkout's packaged files, read once. The tag is the hash of exactly these bytes
+    and these bytes go into the image: reading the files again to copy them would let an
+    edit made mid-build (an editor, ``git checkout``) put other code under the same tag."""
+
+    root: Path                                   # the checkout (its pyproject.toml: dependencies)
+    folders: dict[str, str]                      # setup.py's FOLDERS (package -> folder)
+    files: tuple[tuple[str, bytes], ...]         # (path below site-packages, content), sorted
+
+    @property
+    def digest(self) -> str:
+        digest = hashlib.sha256()
+        for target, content in self.files:
+            digest.update(target.encode() + b"\0" + content + b"\0")
+        return digest.hexdigest()[:12]
+
+    def install(self, site: Path) -> None:
+        """Replaces the packages' folders in ``site`` with the snapshot's files."""
+        for folder in {p.split(".")[0] for p in self.folders}:
+            shutil.rmtree(site / folder, ignore_errors=True)
+        for target, content in self.files:
+            (site / target).parent.mkdir(parents=True, exist_ok=True)
+            (site / target).write_bytes(content)
+
+
+def snapshot_sources(root: Path) -> SourceSnapshot:
+    """Every packaged file of the checkout at ``root`` (no caches), read now."""
+    folders = package_folders(root)
     found = []
     for package, folder in folders.items():
         for path in sorted((root / folder).rglob("*")):
             if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
-                found.append((path, f"{package.replace('.', '/')}/{path.relative_to(root / folder)}"))
-    return found
+                found.append((f"{package.replace('.', '/')}/{path.relative_to(root / folder)}", path.read_bytes()))
+    return SourceSnapshot(root, folders, tuple(sorted(found)))
 
 
 def missing_dependencies(root: Path, site: Path) -> list[str]:
@@ -100,13 +128,6 @@ def missing_dependencies(root: Path, site: Path) -> list[str]:
 
 def _normal(name: str) -> str:
     return re.sub(r"[-_.]+", "_", name).lower()
-
-
-def source_hash(root: Path) -> str:
-    digest = hashlib.sha256()
-    for path, target in _files(root, package_folders(root)):
-        digest.update(target.encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:12]
 
 
 def image_state_dir() -> Path:
@@ -132,11 +153,12 @@ def image_id(image: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-def source_image(image: str, root: Path, state: Path | None = None) -> str:
-    """``image`` with ``root``'s packages in place of the venv's: ``<image>-src<hash>``, made once
-    per base image (a rebuilt ``image`` gets a new layer), then unused old ones are pruned."""
+def source_image(image: str, sources: SourceSnapshot, state: Path | None = None) -> str:
+    """``image`` with the ``sources``' packages in place of the venv's: ``<image>-src<hash>``,
+    made once per base image (a rebuilt ``image`` gets a new layer), then unused old ones are
+    pruned. One snapshot for every image of a cluster gives them one tag."""
     state = state or image_state_dir()
-    digest = source_hash(root)
+    digest = sources.digest
     tagged = f"{image}-src{digest}"
     with build_lock(state):
         base = image_id(image)
@@ -144,7 +166,7 @@ def source_image(image: str, root: Path, state: Path | None = None) -> str:
             raise PodmanError(f"image {image} is not built: run `make images`")
         labels = images(f"reference={tagged}")
         if not labels or (labels[0].get("Labels") or {}).get(LABEL_BASE) != base:
-            _build_source_image(image, base, root, digest, tagged)
+            _build_source_image(image, base, sources, tagged)
         _record_use(state, digest)
         pruned = prune_source_images(state)
         if pruned:
@@ -152,24 +174,20 @@ def source_image(image: str, root: Path, state: Path | None = None) -> str:
     return tagged
 
 
-def _build_source_image(image: str, base: str, root: Path, digest: str, tagged: str) -> None:
+def _build_source_image(image: str, base: str, sources: SourceSnapshot, tagged: str) -> None:
     container = _run([*BUILDAH, "from", "--pull=never", image], f"buildah from {image}").strip()
     try:
         mount = Path(_run([*BUILDAH, "mount", container], "buildah mount").strip())
         site = sorted(mount.glob("opt/shoal/lib/python3*/site-packages"))
         if not site:
             raise PodmanError(f"{image} has no /opt/shoal venv")
-        missing = missing_dependencies(root, site[0])
+        missing = missing_dependencies(sources.root, site[0])
         if missing:
             raise PodmanError(f"{image} was built before this checkout needed {', '.join(missing)}: "
                               "run `make images` (the source layer adds code, never dependencies)")
-        for folder in {p.split(".")[0] for p in package_folders(root)}:
-            shutil.rmtree(site[0] / folder, ignore_errors=True)
-        for path, target in _files(root, package_folders(root)):
-            (site[0] / target).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, site[0] / target)
+        sources.install(site[0])
         _run([*BUILDAH, "umount", container], "buildah umount")
-        _run([*BUILDAH, "config", "--label", f"{LABEL_SOURCE}={digest}", "--label", f"{LABEL_BASE}={base}",
+        _run([*BUILDAH, "config", "--label", f"{LABEL_SOURCE}={sources.digest}", "--label", f"{LABEL_BASE}={base}",
               container], "buildah config")
         _run([*BUILDAH, "commit", "-q", container, tagged], f"buildah commit {tagged}")
     finally:

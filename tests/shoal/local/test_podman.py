@@ -104,3 +104,35 @@ def test_the_build_lock_is_exclusive_across_processes(tmp_path):
     finally:
         first.wait(timeout=10)
     assert waited > 0.8, f"the lock was taken while another process held it (waited {waited:.2f}s)"
+
+
+def _checkout(root):
+    (root / "pkg" / "sub").mkdir(parents=True)
+    (root / "setup.py").write_text('FOLDERS = {"shoal.pkg": "pkg"}\n')
+    (root / "pkg" / "__init__.py").write_text("VERSION = 1\n")
+    (root / "pkg" / "sub" / "mod.py").write_text("X = 1\n")
+    (root / "pkg" / "__pycache__").mkdir()
+    (root / "pkg" / "__pycache__" / "mod.cpython-311.pyc").write_bytes(b"\0")
+
+
+def _tree(site) -> dict[str, bytes]:
+    return {str(p.relative_to(site)): p.read_bytes() for p in sorted(site.rglob("*")) if p.is_file()}
+
+
+def test_the_image_gets_the_bytes_its_tag_was_computed_from_even_if_sources_change_mid_build(tmp_path):
+    """The tag was the hash of the files read at one time and the layer copied them again
+    later: an edit in between put other code under the tag (and the controller's and the
+    waypoint's images, hashed again, could get another tag than the rendered one)."""
+    root, site = tmp_path / "checkout", tmp_path / "site"
+    _checkout(root)
+    sources = podman.snapshot_sources(root)
+    (root / "pkg" / "sub" / "mod.py").write_text("X = 2  # edited mid-build\n")
+    (root / "pkg" / "new.py").write_text("Y = 1\n")
+    (site / "shoal" / "pkg").mkdir(parents=True)
+    (site / "shoal" / "pkg" / "stale.py").write_text("old\n")
+    sources.install(site)
+    installed = _tree(site)
+    assert installed == {"shoal/pkg/__init__.py": b"VERSION = 1\n", "shoal/pkg/sub/mod.py": b"X = 1\n"}
+    # The tag names what went in; the edited checkout hashes to another tag.
+    rehashed = podman.SourceSnapshot(root, sources.folders, tuple(sorted(installed.items())))
+    assert rehashed.digest == sources.digest != podman.snapshot_sources(root).digest
