@@ -53,6 +53,13 @@ async def test_store_changes_reach_the_model(tmp_path):
         store.apply([policy("demo", "p", selector={"app": "web"})])
         await until(lambda: "authorization/demo/p" in plane.model.resources)
         assert plane.model.generation == generation + 1
+        assert plane.status()["applied_revision"] == store.resource_version
+        # A write that changes no node's config moves no version, but is seen as taken.
+        labelled = namespace("demo")
+        labelled["metadata"].setdefault("labels", {})["team"] = "a"
+        written = int(store.apply([labelled])[0].object["metadata"]["resourceVersion"])
+        await until(lambda: plane.applied_revision >= written)
+        assert plane.model.generation == generation + 1
         store.delete([namespace("demo")])   # cascades to everything in it
         await until(lambda: plane.model.counts()["workload"] == 0
                     and "authorization/demo/p" not in plane.model.resources)
