@@ -74,6 +74,21 @@ def split_supervisors(pids: Iterable[int]) -> tuple[list[int], list[int]]:
     return sorted(set(parents) - supervisors), sorted(supervisors)
 
 
+def totals_per_supervisor(rss_mb: dict[int, float], supervisors: Iterable[int]) -> dict[int, float]:
+    """Each node proxy's RSS in all, by its top pid: a supervisor with the workers it started
+    (``split_supervisors``), a single process alone. Processes gone meanwhile are left out."""
+    totals: dict[int, float] = {}
+    tops = set(supervisors)
+    for pid, mb in rss_mb.items():
+        try:
+            top = pid if pid in tops else parent_pid(pid)
+        except (OSError, ValueError, IndexError):
+            continue
+        top = top if top in tops else pid
+        totals[top] = totals.get(top, 0.0) + mb
+    return totals
+
+
 def parse_stat_pgid_comm(stat_line: str) -> tuple[int, str, str]:
     """(process group id, comm, state letter) from a /proc/PID/stat line."""
     open_, close = stat_line.find("("), stat_line.rfind(")")

@@ -11,7 +11,7 @@ from shoal.runtime import access_log, run_daemon
 def main(argv: list[str] | None = None) -> int:
     start_tracing()   # SHOAL_TRACEMALLOC=<frames>: /debug/memory names the lines that allocate
     config = ProxyConfig.from_args(argv)
-    if config.workers > 1 and not config.is_worker:
+    if not config.is_worker and not config.single_process:
         # The supervisor: no data path, so none of its modules (a lighter process).
         from shoal.agent.ztunnel import supervisor
 

@@ -59,6 +59,7 @@ from shoal.agent.ztunnel.shedding import ShedPolicy
 from shoal.agent.ztunnel.telemetry import ConnectionTelemetry, ProxyMetrics
 from shoal.hbone.identity import HeldIdentities, Identities, Signer, Svid
 from shoal.hbone.pool import HbonePool
+from shoal.memdebug import rss_kib
 from shoal.xds import model as m
 from shoal.xds.state import ConfigState
 from shoal.zds import ZdsServer
@@ -202,7 +203,7 @@ class ProxyApp:
                                      time.monotonic() - started)
                 write_workers_report(self.config.workers_status_path, {
                     "proxy": os.getpid(), "time": time.time(), "workers_wanted": 1, "restarts": 0,
-                    "lost_connections": 0, "workers": [entry]})
+                    "lost_connections": 0, "rss_kib": entry["rss_kib"], "workers": [entry]})
             await asyncio.sleep(WORKERS_REPORT_INTERVAL)
 
     async def _start_worker(self) -> None:
@@ -231,7 +232,7 @@ class ProxyApp:
                 "retiring": self.retiring.is_set(), "connections": len(telemetry.live), "handled": telemetry.handled,
                 "in_setup": self.pods.connections_in_setup(),
                 "pods": sorted(f"{p.info.namespace}/{p.info.name}" for p in self.pods.pods.values()),
-                "hbone_connections": len(self.ctx.pool.describe())}
+                "hbone_connections": len(self.ctx.pool.describe()), "rss_kib": rss_kib()}
 
     async def _worker_page(self) -> tuple[int, str, bytes]:
         return 200, "application/json", json.dumps(self.worker_status()).encode()

@@ -48,9 +48,11 @@ class ProxyConfig:
     overload_target: float = 1.0
     overload_interval: float = 10.0
     upstream_dials_per_identity: int = 256   # concurrent app connects per HBONE peer identity
-    # Worker processes (issue 13): 1 = one process, no supervisor; N > 1 = a supervisor
-    # (ZDS, admin, metrics, handover) and N workers sharing the in-pod listeners.
+    # Worker processes (issue 13): a supervisor (config stream, certificates, ZDS, admin,
+    # metrics, handover) and N workers sharing the in-pod listeners, also for N = 1 (the
+    # README says why). single_process: no supervisor, one process does everything.
     workers: int = 1
+    single_process: bool = False
     # Set only in a worker the supervisor started: its index and the inherited fds of its
     # pod-handover channel (one end of a SEQPACKET socketpair) and of its feed of config
     # and certificates (one end of a STREAM socketpair, feed.py). -1 = not a worker.
@@ -117,7 +119,12 @@ class ProxyConfig:
                             help="SVID lifetime to ask the CA for, seconds (0: CA default)")
         parser.add_argument("--workers", type=int, default=int(env.get("SHOAL_PROXY_WORKERS", 0)),
                             help="worker processes (env SHOAL_PROXY_WORKERS; 0: one per core this "
-                                 "process may run on; 1: a single process without a supervisor)")
+                                 "process may run on); each worker is started by a supervisor")
+        parser.add_argument("--single-process", action="store_true",
+                            default=env.get("SHOAL_PROXY_SINGLE_PROCESS", "0") not in ("0", "false", "no", "off", ""),
+                            help="one process without a supervisor or workers (env SHOAL_PROXY_SINGLE_PROCESS): "
+                                 "the smallest node total, but a crash loses every connection and the "
+                                 "config stream; --workers is then ignored")
         parser.add_argument("--worker", default="", help=argparse.SUPPRESS)  # "INDEX:ZDS_FD:FEED_FD", by the supervisor
         parser.add_argument("--same-node-bypass", action=argparse.BooleanOptionalAction,
                             default=env.get("SHOAL_PROXY_SAME_NODE_BYPASS", "1") not in ("0", "false", "no", "off"),
@@ -152,7 +159,8 @@ class ProxyConfig:
                    metrics_port=args.metrics_port, ready_port=args.ready_port,
                    handshake_timeout=args.handshake_timeout, drain_grace=args.drain_grace,
                    max_connections=args.max_connections, overload_target=args.overload_target,
-                   overload_interval=args.overload_interval, workers=workers,
+                   overload_interval=args.overload_interval,
+                   workers=1 if args.single_process else workers, single_process=args.single_process,
                    worker_index=worker_index, worker_channel_fd=worker_fd, worker_feed_fd=feed_fd,
                    cert_ttl_seconds=args.cert_ttl, same_node_bypass=args.same_node_bypass,
                    log_level=args.log_level.upper())

@@ -121,6 +121,7 @@ def worker_entry(index: int, pid: int, health: str, status: dict, uptime: float)
     return {"index": index, "pid": pid, "health": health,
             "connections": status.get("connections", 0), "handled": status.get("handled", 0),
             "hbone_connections": status.get("hbone_connections", 0), "pods": status.get("pods", []),
+            "rss_kib": status.get("rss_kib", 0),
             "uptime_seconds": round(uptime, 1)}
 
 

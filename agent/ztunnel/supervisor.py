@@ -71,7 +71,7 @@ from shoal.agent.ztunnel.handover import (
 from shoal.agent.ztunnel.netns import NetnsHandle
 from shoal.agent.ztunnel.nodelink import NodeLink
 from shoal.hbone.identity import IdentityError, Svid
-from shoal.memdebug import MemoryReport
+from shoal.memdebug import MemoryReport, rss_kib
 from shoal.xds import model as m
 from shoal.xds.state import ConfigState
 from shoal.zds import PodInfo, ZdsClient, ZdsError, ZdsServer
@@ -320,9 +320,13 @@ class Supervisor:
         self.metrics.worker_connections.labels(str(worker.index)).set(worker.status.get("connections", 0))
 
     def describe(self) -> dict:
+        workers = [w.describe() for _, w in sorted(self.workers.items())]
+        own = rss_kib()
         return {"proxy": os.getpid(), "time": time.time(), "workers_wanted": self.config.workers,
                 "restarts": self.restarts, "lost_connections": self.lost_connections,
-                "workers": [w.describe() for _, w in sorted(self.workers.items())]}
+                "supervisor_rss_kib": own,
+                "rss_kib": own + sum(w["rss_kib"] for w in workers if w["health"] != "down"),
+                "workers": workers}
 
     async def _announce_ready(self) -> None:
         while not self.ready:

@@ -166,9 +166,10 @@ def proxy_refusals(ctx: Context) -> dict[str, float]:
 
 def _idle(proxies) -> Iterator[Measurement]:
     """RSS of each node proxy process with pods enrolled and nothing connected (a few
-    samples). The figure is per worker (the target's unit): the largest process that
-    carries connections; a supervisor (N > 1 workers: it holds the config stream and the
-    certificates, no connection) is in the note."""
+    samples). Two figures: per worker (the target's unit), the largest process that
+    carries connections; and per node proxy, the largest total of a supervisor (it holds
+    the config stream and the certificates, no connection) and its workers (or a single
+    process), the figure a DaemonSet's memory limit must cover."""
     workers, supervisors = procstat.split_supervisors(proxies())
     with procstat.ProcessSampler(workers + supervisors, interval=0.5) as sampler:
         time.sleep(2.0)
@@ -180,6 +181,10 @@ def _idle(proxies) -> Iterator[Measurement]:
         if supervisors:
             note += "; supervisors: " + ", ".join(f"{per_process[pid]:.1f}" for pid in supervisors if pid in per_process)
         yield Measurement(IDLE, PATH, "rss", "MB", (max(per_worker.values()),), "lower", note)
+        totals = procstat.totals_per_supervisor(per_process, supervisors)
+        yield Measurement(IDLE, PATH, "rss_node_total", "MB", (max(totals.values()),), "lower",
+                          "largest node proxy in all (supervisor + workers, or one process); each: "
+                          + ", ".join(f"{mb:.1f}" for mb in sorted(totals.values())))
 
 
 def _concurrent(ctx: Context, client, server, proxies, count: int) -> Iterator[Measurement]:

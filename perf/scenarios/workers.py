@@ -61,7 +61,7 @@ def set_workers(ctx: Context, workers: int, timeout: float = 90.0, nodes: tuple[
                 raise RuntimeError(f"the {workers}-worker proxy of {node} (pid {pid}) did not become ready")
             time.sleep(0.2)
     # The predecessors drain, then exit: only the new proxies' processes may remain.
-    while len(ctx.bed.component_pids("proxy", nodes=nodes)) > len(nodes) * (workers + (workers > 1)):  # type: ignore[attr-defined]
+    while len(ctx.bed.component_pids("proxy", nodes=nodes)) > len(nodes) * (workers + 1):  # type: ignore[attr-defined]
         if time.monotonic() > deadline:
             raise RuntimeError("the previous node proxies did not exit")
         time.sleep(0.2)

@@ -424,8 +424,8 @@ def capture_audits(layout) -> dict[str, Any]:
 
 
 def proxy_workers(layout) -> dict[str, Any]:
-    """Each node proxy's workers (pid, connections, health) as its supervisor last wrote
-    them, by node; a single-process node proxy writes none."""
+    """Each node proxy's workers (pid, connections, health, RSS) and its RSS in all as its
+    supervisor (or a single-process proxy) last wrote them, by node."""
     found = {}
     for path in sorted(layout.run_dir.glob("*/proxy-workers.json")):
         try:
@@ -444,14 +444,22 @@ def render_workers(report: dict[str, Any], now: float) -> list[str]:
     restarts, lost = report.get("restarts", 0), report.get("lost_connections", 0)
     line = (f"             proxy workers: {ready}/{report.get('workers_wanted', len(workers))} ready, "
             f"{restarts} restart{'' if restarts == 1 else 's'}, {lost} connections lost")
+    if report.get("rss_kib"):
+        supervisor = report.get("supervisor_rss_kib")
+        line += f", RSS {_mb(report['rss_kib'])} in all" + (
+            f" (supervisor {_mb(supervisor)})" if supervisor else " (one process)")
     if now - report.get("time", 0) > 10:
         line += " (STALE: is the node proxy running?)"
     lines = [line]
     for w in workers:
         lines.append(f"               worker {w.get('index')}: pid {w.get('pid')}, {w.get('health')}, "
                      f"{w.get('connections', 0)} connections ({w.get('handled', 0)} handled), "
-                     f"{len(w.get('pods', []))} pods")
+                     f"{len(w.get('pods', []))} pods" + (f", RSS {_mb(w['rss_kib'])}" if w.get("rss_kib") else ""))
     return lines
+
+
+def _mb(kib: int) -> str:
+    return f"{kib / 1024:.1f} MB"
 
 
 def render_capture(node: str, audit: dict[str, Any], now: float) -> str:

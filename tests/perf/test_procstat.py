@@ -91,6 +91,9 @@ def test_a_parent_of_another_measured_process_is_a_supervisor():
         assert procstat.split_supervisors([me, child.pid]) == ([child.pid], [me])
         assert procstat.split_supervisors([child.pid]) == ([child.pid], [])   # a single process
         assert procstat.split_supervisors([child.pid, 2 ** 22 + 17]) == ([child.pid], [])   # gone: left out
+        # A node proxy in all: the supervisor with its workers; a lone process alone.
+        assert procstat.totals_per_supervisor({me: 60.0, child.pid: 38.0}, [me]) == {me: 98.0}
+        assert procstat.totals_per_supervisor({child.pid: 67.0}, []) == {child.pid: 67.0}
     finally:
         child.kill()
         child.wait()

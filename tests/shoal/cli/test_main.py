@@ -111,6 +111,15 @@ def test_status_lists_each_proxy_worker_and_flags_a_stale_report():
                            "proxy_workers": {"node-1": {**workers, "time": time.time() - 60}}})
     assert "(STALE: is the node proxy running?)" in stale
 
+    # RSS per worker and for the node proxy in all (its supervisor named beside it).
+    measured = {**workers, "rss_kib": 3 * 40960, "supervisor_rss_kib": 61440,
+                "workers": [{**w, "rss_kib": 30720} for w in workers["workers"]]}
+    text = render_status({"controller": {"ready": True, "version": "7", "agents": [peer]},
+                          "flows": {"error": "x"}, "proxy_workers": {"node-1": measured}}).splitlines()
+    assert ("             proxy workers: 1/2 ready, 1 restart, 3 connections lost, "
+            "RSS 120.0 MB in all (supervisor 60.0 MB)") in text
+    assert "               worker 0: pid 11, ready, 5 connections (40 handled), 2 pods, RSS 30.0 MB" in text
+
 
 def test_logs_show_a_containers_messages_without_the_cri_prefix_as_kubectl_does(tmp_path):
     """podman's k8s-file driver writes "<time> <stream> <P|F> <message>": `shoal logs` shows
