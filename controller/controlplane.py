@@ -24,6 +24,7 @@ from shoal.controller.distribution import Distributor
 from shoal.controller.metrics import ControllerMetrics
 from shoal.controller.model import Change, MeshModel, Obj
 from shoal.controller.rpcguard import MAX_REQUEST_BYTES, NodeAuthInterceptor
+from shoal.ratelog import LogLimiter, held_note
 from shoal.xds.client import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,9 @@ async def serve_admin(host: str, port: int, metrics: ControllerMetrics,
     anyone, as scrapers and probes expect; /status (JSON: every node and its config
     version) only for a caller presenting a node credential as a bearer token."""
     app = web.Application()
+    # Any pod can reach 15014: a flood of refused /status requests is counted in full but
+    # logged a line a second per reason, saying how many were held back.
+    refusals_logged = LogLimiter()
 
     async def metrics_handler(_request):
         return web.Response(body=generate_latest(metrics.registry),
@@ -64,7 +68,9 @@ async def serve_admin(host: str, port: int, metrics: ControllerMetrics,
                 (("authorization", request.headers.get("Authorization", "")),))
         except AuthError as err:
             metrics.auth_failures.labels("status", err.reason).inc()
-            log.warning("/status from %s refused: %s", request.remote, err)
+            held = refusals_logged.allow(err.reason)
+            if held is not None:
+                log.warning("/status from %s refused: %s%s", request.remote, err, held_note(held))
             code = 503 if isinstance(err, AuthUnavailable) else 401
             return web.json_response({"error": str(err)}, status=code,
                                      headers={"WWW-Authenticate": "Bearer"})

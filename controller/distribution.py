@@ -21,6 +21,7 @@ from shoal.api import config_pb2 as pb
 from shoal.controller.metrics import ControllerMetrics
 from shoal.controller.model import Change, MeshModel
 from shoal.controller.rpcguard import MAX_REQUEST_BYTES, TooLarge, decoder
+from shoal.ratelog import LogLimiter, held_note
 from shoal.xds.delta import DeltaSender, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class Distributor:
     def __init__(self, model: MeshModel, metrics: ControllerMetrics) -> None:
         self.model = model
         self.metrics = metrics
+        self._refusals_logged = LogLimiter()   # bad hellos: every one counted, a line a second
         self.connections: set[Connection] = set()
         # (node, component) -> its last status, for components that went away and have not
         # come back: shown as disconnected rather than silently missing.
@@ -160,7 +162,9 @@ class Distributor:
                                     f"{sender.node!r}")
         except (ProtocolError, ValueError) as err:
             self.metrics.bad_requests.labels("StreamConfig").inc()
-            log.warning("config stream from %s (%s) refused: %s", context.peer(), node, err)
+            held = self._refusals_logged.allow("hello")
+            if held is not None:
+                log.warning("config stream from %s (%s) refused: %s%s", context.peer(), node, err, held_note(held))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except (StopAsyncIteration, asyncio.TimeoutError):
             return

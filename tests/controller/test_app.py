@@ -1,6 +1,7 @@
 """The real controller process (`python -m shoal.controller`, local source, no kubelet) on
 loopback: apply through the local API, stream with the real ConfigClient, survive a restart."""
 import asyncio
+import concurrent.futures
 import json
 import os
 import shutil
@@ -578,3 +579,23 @@ async def test_unauthenticated_calls_are_always_refused_as_unauthenticated(contr
     assert counted == 600
     lines = [line for line in controller.log_path.read_text(errors="replace").splitlines() if " refused: " in line]
     assert 2 <= len(lines) <= 2 * (elapsed + 3), len(lines)
+
+
+async def test_refused_status_requests_are_counted_each_and_logged_a_line_a_second(controller):
+    """Any pod reaches 15014: 300 /status requests without a credential (and 100 with a
+    forged one) are each refused and counted, but logged at most a line a second per
+    reason, the next line saying how many were held back (each used to be a warning)."""
+    controller.start()
+    url = f"http://127.0.0.1:{controller.admin_port}/status"
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(16) as threads:
+        codes = list(threads.map(lambda i: _http(url, "forged" if i % 3 == 0 else None)[0], range(300)))
+    elapsed = time.monotonic() - started
+    assert codes == [401] * 300
+    metrics = _http(f"http://127.0.0.1:{controller.admin_port}/metrics")[1].decode()
+    counted = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                  if line.startswith("shoal_controller_auth_failures_total{") and 'rpc="status"' in line)
+    assert counted == 300
+    lines = [line for line in controller.log_path.read_text(errors="replace").splitlines()
+             if "/status from" in line]
+    assert 1 <= len(lines) <= 2 * (2 * elapsed + 3), len(lines)   # two reasons, a line a second each
