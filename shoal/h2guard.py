@@ -10,7 +10,8 @@ Two attacks cost a server far more than the client:
   END_HEADERS, then CONTINUATION frames without end. The header block is buffered
   until it ends, so memory grows without bound before any header-size limit applies.
 
-``FloodGuard.feed`` reads the frame headers of the bytes a peer sends (before the HTTP/2
+``PrematureResets`` is the rule for the first one where the server knows which streams
+it answered (the HBONE layer); ``FloodGuard.feed`` reads the frame headers of the bytes a peer sends (before the HTTP/2
 library sees them) and names the first violation; the caller then answers GOAWAY
 (ENHANCE_YOUR_CALM) and closes the connection. Only 9-byte frame headers are parsed;
 payloads are skipped, so the cost is a few operations per frame.
@@ -55,6 +56,56 @@ class BoundedH2Connection(h2.connection.H2Connection):
     def __init__(self, config: h2.config.H2Configuration, remember_closed: int) -> None:
         self.MAX_CLOSED_STREAMS = remember_closed   # h2 sizes its table from it, in __init__
         super().__init__(config=config)
+
+
+class PrematureResets:
+    """Rapid Reset (CVE-2023-44487) as a ratio, Envoy's rule: a connection is cut once the
+    streams its peer reset prematurely are half of its streams.
+
+    A reset is premature when the peer resets a stream we have not answered yet, within
+    ``min_lifetime`` seconds of opening it: the work it started (authorization, an upstream
+    dial) is thrown away. A stream answered, or reset after waiting that long (a client
+    whose patience ran out because we were slow), counts as a normal stream. Why a ratio,
+    not a fixed count or rate: the fixed budgets of 2023 differ 10x (hyper 20 reset streams
+    waiting to be accepted, our own first rule 200 then 20/s) and a rate still lets a
+    connection waste that many dials a second forever; a ratio lets a client cancel a few
+    streams whatever its volume, and makes every wasted stream cost the attacker one
+    complete stream (each one a real stream we would serve anyway), so an abuser gets at
+    most twice a normal client's work out of us. Envoy (``overload.premature_reset_*``)
+    waits for 500 streams before the ratio applies and cuts at 250 premature ones before
+    that; here ``min_streams`` (100: one full window of an HBONE connection's streams)
+    and so 50, since each premature stream may have cost a dial, not a cheap request.
+
+    Unlike Envoy's, the counts do not cover the connection's whole life: once
+    ``memory`` streams were counted both counts are halved, so a long-lived pooled
+    connection cannot bank millions of good streams and then spend them in one burst of
+    resets (it can bank at most about ``memory`` / 2). Pure: the caller gives the times.
+    """
+
+    def __init__(self, min_streams: int = 100, min_lifetime: float = 1.0, memory: int = 1000) -> None:
+        if min_streams < 2 or memory < 2 * min_streams:
+            raise ValueError("min_streams must be at least 2 and memory at least twice it")
+        self.min_streams, self.min_lifetime, self.memory = min_streams, min_lifetime, memory
+        self.streams = 0      # streams counted (decayed): answered, or reset before that
+        self.premature = 0    # of those, reset prematurely (decayed)
+
+    def answered(self) -> None:
+        """A stream was answered (whatever the status)."""
+        self._count(premature=False)
+
+    def reset_unanswered(self, opened: float, now: float) -> bool:
+        """The peer reset a stream opened at ``opened`` before we answered it: True when
+        the connection has now gone past the limit (cut it)."""
+        premature = now - opened < self.min_lifetime
+        self._count(premature)
+        return premature and self.premature * 2 >= max(self.streams, self.min_streams)
+
+    def _count(self, premature: bool) -> None:
+        self.streams += 1
+        self.premature += premature
+        if self.streams >= self.memory:
+            self.streams //= 2
+            self.premature //= 2
 
 
 class FloodGuard:

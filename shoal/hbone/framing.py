@@ -9,9 +9,10 @@ and a W3C ``traceparent``, the answer is 200 / 400 / 401 / 503.
 
 Abuse limits (issue 18), enforced here so every HBONE endpoint gets them: the header
 block (HEADERS + CONTINUATION) is capped at 64 KiB before it is buffered; PING,
-SETTINGS, PRIORITY, empty DATA and RST_STREAM frames, and streams the peer resets
-before they were answered (Rapid Reset), each draw from a per-connection budget; past
-it the connection ends with GOAWAY ``ENHANCE_YOUR_CALM``. Header bytes are decoded here,
+SETTINGS, PRIORITY, empty DATA and RST_STREAM frames each draw from a per-connection
+budget, and streams the peer resets before they were answered (Rapid Reset) may be at
+most half of its streams (``shoal.h2guard.PrematureResets``); past either the connection
+ends with GOAWAY ``ENHANCE_YOUR_CALM``. Header bytes are decoded here,
 strictly: a non-ASCII ``:authority`` is a 400 for that stream, not an exception.
 
 GOAWAY, as RFC 9113 6.8 says: a graceful one (NO_ERROR) from the peer stops new streams
@@ -45,7 +46,7 @@ import h2.settings
 import h2.stream
 import hyperframe.frame
 
-from shoal.h2guard import CLOSED_STREAMS_PER_OPEN, BoundedH2Connection
+from shoal.h2guard import CLOSED_STREAMS_PER_OPEN, BoundedH2Connection, PrematureResets
 from shoal.hbone import fastpath
 
 
@@ -92,21 +93,21 @@ class Limit:
 
 
 # Our own peers send none of the first four in steady state (no keepalive PINGs, one
-# SETTINGS per drain); legitimate clients stay far below. Premature resets are streams
-# the peer reset before we answered them: each one cost us an upstream dial.
+# SETTINGS per drain); legitimate clients stay far below. Streams the peer reset before
+# we answered them (each one may have cost an upstream dial) are a ratio, not a budget:
+# ``PrematureResets``.
 LIMITS: dict[str, Limit] = {
     "ping": Limit(100, 10.0),
     "settings": Limit(50, 5.0),
     "priority": Limit(200, 50.0),
     "empty_data": Limit(200, 50.0),
     "rst_stream": Limit(2000, 500.0),
-    "premature_reset": Limit(200, 20.0),
 }
 
 
 # The reasons a connection ends with our GOAWAY ENHANCE_YOUR_CALM: a limit spent, not a
 # malformed frame (what a node proxy holds against the peer's address, agent/ztunnel/penalty.py).
-ABUSE_REASONS = frozenset({f"{kind}_flood" for kind in LIMITS} | {"header_block_too_large"})
+ABUSE_REASONS = frozenset({f"{kind}_flood" for kind in LIMITS} | {"premature_reset_flood", "header_block_too_large"})
 
 
 class Budget:
@@ -334,12 +335,14 @@ class HboneConnection:
         })
         self._h2.max_inbound_frame_size = max_frame  # h2 reads it once, from the defaults
         self._budget = Budget(limits, clock)
+        self._clock = clock
+        self._premature = PrematureResets()
         self._frames = GuardedFrameBuffer(server=not client_side, budget=self._budget, budget_data=not fast_path)
         self._h2.incoming_buffer = self._frames
         self._connection_window = connection_window
         self._max_frame = max_frame
         self._max_streams = max_streams
-        self._unanswered: set[int] = set()  # server side: CONNECTs not answered yet
+        self._unanswered: dict[int, float] = {}  # server side: CONNECTs not answered yet, when opened
         self.closed = False
         self._closed_by_us = False
         self.peer_going_away = False  # a graceful GOAWAY came: no new streams here
@@ -518,7 +521,8 @@ class HboneConnection:
 
     def respond(self, stream_id: int, status: int) -> bool:
         """Answer a CONNECT; False when the stream is gone (the peer reset it meanwhile)."""
-        self._unanswered.discard(stream_id)
+        if self._unanswered.pop(stream_id, None) is not None:
+            self._premature.answered()
         try:
             self._h2.send_headers(stream_id, [(":status", str(status))], end_stream=status != STATUS_OK)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
@@ -817,7 +821,7 @@ class HboneConnection:
                 if ev.stream_id in stillborn:
                     # Opened and reset in the same frames (Rapid Reset): the driver never
                     # hears of it (no serving task, no dial); its reset below is counted.
-                    self._unanswered.add(ev.stream_id)
+                    self._unanswered[ev.stream_id] = self._clock()
                     continue
                 event = self._on_request(ev)
                 events.append(event)
@@ -834,13 +838,12 @@ class HboneConnection:
                 events.append(TunnelEnded(ev.stream_id))
             elif isinstance(ev, h2.events.StreamReset):
                 flow.release(ev.stream_id)
-                if ev.stream_id in self._unanswered:
-                    self._unanswered.discard(ev.stream_id)
-                    if not self._budget.spend("premature_reset"):
-                        self.close(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
-                        events.append(ConnectionEnded("streams reset before their answer (rapid reset)",
-                                                      reason="premature_reset_flood"))
-                        return
+                opened = self._unanswered.pop(ev.stream_id, None)
+                if opened is not None and self._premature.reset_unanswered(opened, self._clock()):
+                    self.close(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+                    events.append(ConnectionEnded("half its streams reset before their answer (rapid reset)",
+                                                  reason="premature_reset_flood"))
+                    return
                 if ev.stream_id not in stillborn:
                     events.append(TunnelReset(ev.stream_id, int(ev.error_code)))
             elif isinstance(ev, h2.events.WindowUpdated):
@@ -897,7 +900,7 @@ class HboneConnection:
         if reason is not None:
             self.respond(ev.stream_id, STATUS_BAD_REQUEST)
             return RequestRejected(ev.stream_id, STATUS_BAD_REQUEST, reason)
-        self._unanswered.add(ev.stream_id)
+        self._unanswered[ev.stream_id] = self._clock()
         client_ip, client_port = _forwarded_for(headers.get("forwarded"))
         return TunnelRequested(ev.stream_id, host, port, client_ip, headers.get("traceparent"), client_port)
 

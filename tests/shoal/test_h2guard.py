@@ -1,8 +1,9 @@
 """The HTTP/2 flood guard on raw frames (pure, an injected clock)."""
 import h2.config
 import h2.connection
+import pytest
 
-from shoal.h2guard import PREFACE, FloodGuard
+from shoal.h2guard import PREFACE, FloodGuard, PrematureResets
 
 
 def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
@@ -49,3 +50,54 @@ def test_rapid_reset_counts_resets_in_a_sliding_window():
         client.reset_stream(sid)
         sid += 2
     assert "rapid reset" in guard.feed(client.data_to_send())
+
+
+# -- premature resets: a ratio (Envoy's rule), not a count ---------------------------------
+
+def test_a_fresh_connection_is_cut_at_half_of_min_streams_premature_resets():
+    guard = PrematureResets(min_streams=100)
+    cuts = [guard.reset_unanswered(opened=0.0, now=0.0) for _ in range(50)]
+    assert cuts == [False] * 49 + [True]   # the first rule allowed 200, then 20/s forever
+
+
+def test_a_client_cancelling_a_minority_of_its_streams_is_never_cut():
+    guard = PrematureResets(min_streams=100)
+    for n in range(100_000):   # 49 % cancelled before the answer, spread out, for a long life
+        if (n + 1) * 49 // 100 > n * 49 // 100:
+            assert not guard.reset_unanswered(opened=0.0, now=0.1)
+        else:
+            guard.answered()
+
+
+def test_one_complete_stream_per_reset_is_the_most_an_abuser_gets():
+    guard = PrematureResets(min_streams=100)
+    cut_at = None
+    for n in range(1000):
+        guard.answered()
+        if guard.reset_unanswered(opened=0.0, now=0.0):
+            cut_at = n
+            break
+    assert cut_at is not None and cut_at < 100   # half premature: cut once the ratio applies
+
+
+def test_a_reset_after_the_minimum_lifetime_is_a_client_giving_up_not_an_attack():
+    guard = PrematureResets(min_streams=100, min_lifetime=1.0)
+    assert not any(guard.reset_unanswered(opened=0.0, now=1.5) for _ in range(10_000))
+    assert guard.premature == 0
+
+
+def test_good_streams_banked_long_ago_buy_a_bounded_burst_of_resets():
+    guard = PrematureResets(min_streams=100, memory=1000)
+    for _ in range(1_000_000):
+        guard.answered()
+    burst = 0
+    while not guard.reset_unanswered(opened=0.0, now=0.0):
+        burst += 1
+    assert burst <= 1000   # without the decay: a million
+
+
+def test_settings_that_cannot_work_are_refused():
+    with pytest.raises(ValueError):
+        PrematureResets(min_streams=1)
+    with pytest.raises(ValueError):
+        PrematureResets(min_streams=100, memory=150)

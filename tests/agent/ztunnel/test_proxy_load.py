@@ -17,7 +17,7 @@ import hyperframe.frame
 import pytest
 
 from shoal.agent.ztunnel.penalty import PenaltyBox
-from shoal.hbone import framing as hbone
+from shoal.h2guard import PrematureResets
 from tests.agent.ztunnel.proxybed import OTHER_IP, SERVER_IP, EchoServer
 from tests.agent.ztunnel.test_proxy import (
     APP_PORT,
@@ -294,7 +294,30 @@ async def test_rapid_reset_costs_no_orphaned_upstream_socket_and_no_other_client
     assert metric(bed.app, "shoal_proxy_rejected_total", reason="premature_reset_flood") == 1
     await asyncio.sleep(0.5)
     assert _sockets_to_app(bed.netns["server"]) == []  # no FIN-WAIT-1, no leaked ESTABLISHED
-    assert len(bed.echo.peers) <= hbone.LIMITS["premature_reset"].burst + 40  # not one per reset
+    assert len(bed.echo.peers) <= PrematureResets().min_streams // 2 + 40  # not one per reset
+
+
+async def test_a_slow_rapid_reset_is_cut_at_half_of_the_streams(bed, ca):
+    """CONNECT+RST pairs a few a second: the old budget (200, then 20 a second) never ran
+    out at this pace, so each pair could cost a dial forever; the ratio cuts it at 50."""
+    raw = await RawH2.open(bed, ca)
+    authority = f"{SERVER_IP}:{APP_PORT}"
+    reading = asyncio.ensure_future(raw.read_until_closed())
+    sent = 0
+    for stream_id in range(1, 2 * 120, 2):
+        if reading.done() or raw.goaway() is not None:
+            break
+        raw.conn.send_headers(stream_id, [(":method", "CONNECT"), (":authority", authority)])
+        raw.conn.reset_stream(stream_id)
+        if not await raw.write(raw.conn.data_to_send()):
+            break
+        sent += 1
+        await asyncio.sleep(0.02)
+    await reading
+    assert raw.goaway() == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    assert metric(bed.app, "shoal_proxy_rejected_total", reason="premature_reset_flood") == 1
+    assert sent < 120
+    assert await _roundtrips(bed, 2) == []   # and the others are served
 
 
 @pytest.mark.parametrize("kind", ["ping", "settings"])

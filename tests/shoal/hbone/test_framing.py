@@ -9,7 +9,7 @@ import h2.settings
 import hyperframe.frame
 import pytest
 
-from shoal.h2guard import CLOSED_STREAMS_PER_OPEN
+from shoal.h2guard import CLOSED_STREAMS_PER_OPEN, PrematureResets
 from shoal.hbone import framing as hbone
 from shoal.hbone.framing import (
     ConnectionEnded,
@@ -233,8 +233,8 @@ def test_budget_refills_so_a_steady_polite_peer_is_never_cut():
 
 
 @pytest.mark.parametrize("same_read", [True, False])
-def test_rapid_reset_ends_the_connection_once_the_premature_budget_is_spent(same_read):
-    server = HboneConnection(client_side=False, clock=lambda: 0.0)  # no refill: exact count
+def test_rapid_reset_ends_the_connection_once_half_its_streams_were_reset_unanswered(same_read):
+    server = HboneConnection(client_side=False, clock=lambda: 0.0)
     server.initiate()
     attacker = _attacker(server)
     ended, requested, resets, pairs, stream_id = [], 0, 0, 0, 1
@@ -249,7 +249,7 @@ def test_rapid_reset_ends_the_connection_once_the_premature_budget_is_spent(same
         stream_id += 2
         pairs += 1
     assert ended and ended[0].reason == "premature_reset_flood"
-    assert pairs == hbone.LIMITS["premature_reset"].burst + 1   # counted either way
+    assert pairs == PrematureResets().min_streams // 2   # counted either way; 201 before the ratio
     if same_read:   # opened and reset in the same read: the driver never hears of it, nothing is dialled
         assert requested == resets == 0
     else:           # each one could have cost a dial: the driver hears of the reset
@@ -257,13 +257,47 @@ def test_rapid_reset_ends_the_connection_once_the_premature_budget_is_spent(same
     assert _goaway_code(server.data_to_send()) == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
 
 
+def test_a_slow_trickle_of_rapid_resets_is_cut_too():
+    """Two resets a second never emptied the old budget (200, then 20 a second); half of
+    the streams is half of them, at any pace."""
+    now = [0.0]
+    server = HboneConnection(client_side=False, clock=lambda: now[0])
+    server.initiate()
+    attacker = _attacker(server)
+    ended = []
+    for n in range(200):
+        now[0] = n * 0.5
+        sid = 1 + 2 * n
+        attacker.send_headers(sid, [(":method", "CONNECT"), (":authority", "10.0.0.1:80")])
+        attacker.reset_stream(sid)
+        ended = [e for e in server.receive(attacker.data_to_send()) if isinstance(e, ConnectionEnded)]
+        if ended:
+            break
+    assert ended and ended[0].reason == "premature_reset_flood" and n + 1 == 50
+
+
 def test_answered_streams_reset_by_the_client_are_not_premature(pair):
     client, server = pair
-    for _ in range(3 * hbone.LIMITS["premature_reset"].burst):
+    for _ in range(1000):
         sid = client.connect("10.0.0.1", 80, "10.0.0.2", hbone.new_traceparent())
         pump(client, server)
         server.respond(sid, 200)
         pump(server, client)
+        client.reset(sid)
+        assert not any(isinstance(e, ConnectionEnded) for e in pump(client, server))
+
+
+def test_streams_the_client_gave_up_on_after_a_long_wait_are_not_premature():
+    """A slow answer (a dial waiting its turn) that the client stops waiting for is our
+    slowness, not an attack: the node proxy's own answer deadline is seconds."""
+    now = [0.0]
+    client, server = HboneConnection(client_side=True), HboneConnection(client_side=False, clock=lambda: now[0])
+    client.initiate(), server.initiate()
+    pump(client, server), pump(server, client), pump(client, server)
+    for _ in range(300):
+        sid = client.connect("10.0.0.1", 80, "10.0.0.2", hbone.new_traceparent())
+        pump(client, server)
+        now[0] += 5.0
         client.reset(sid)
         assert not any(isinstance(e, ConnectionEnded) for e in pump(client, server))
 
