@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from shoal.agent.ztunnel.admission import Admission, DialLimits
 from shoal.agent.ztunnel.config import ProxyConfig
+from shoal.agent.ztunnel.handshakes import HandshakeGate
 from shoal.agent.ztunnel.netns import NetnsHandle
 from shoal.agent.ztunnel.penalty import PenaltyBox
 from shoal.agent.ztunnel.telemetry import ConnectionTelemetry, ProxyMetrics
@@ -58,6 +59,8 @@ class ProxyContext:
     hbone_log_limiter: LogLimiter = field(default_factory=LogLimiter)
     # Sources cut off for HTTP/2 abuse on 15008, refused at accept for a while.
     abusers: PenaltyBox = field(default_factory=PenaltyBox)
+    # TLS handshakes in progress on 15008, per source and overall, and failing sources.
+    handshakes: HandshakeGate = field(default_factory=HandshakeGate)
     # The pods this proxy serves, by uid (the pod registry's own dict): a destination
     # found here is on this node, which the same-node bypass needs to know.
     served_pods: dict[str, "ServedPod"] = field(default_factory=dict)

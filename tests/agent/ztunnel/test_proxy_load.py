@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import subprocess
 import time
 
@@ -16,6 +17,7 @@ import h2.events
 import hyperframe.frame
 import pytest
 
+from shoal.agent.ztunnel.handshakes import HandshakeGate
 from shoal.agent.ztunnel.penalty import PenaltyBox
 from shoal.h2guard import PrematureResets
 from tests.agent.ztunnel.proxybed import OTHER_IP, SERVER_IP, EchoServer
@@ -27,6 +29,7 @@ from tests.agent.ztunnel.test_proxy import (
     metric,
     running_proxy,
 )
+from tests.devca import DevCA
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(90)]
 ATTACKER = "spiffe://cluster.local/ns/demo/sa/client"  # any meshed pod's certificate will do
@@ -411,3 +414,103 @@ async def test_non_utf8_header_bytes_get_400_on_that_stream_and_are_counted(bed,
     raw.writer.close()
     assert statuses == {1: 400, 3: 400, 5: 200}
     assert metric(bed.app, "shoal_proxy_rejected_total", listener="hbone", reason="bad_request") == 2
+
+
+# -- TLS handshake floods on 15008 -----------------------------------------------------------
+
+async def _open_idle(h: Harness, count: int) -> list:
+    """``count`` TCP connections to the server pod's 15008 from the 'other' pod that never
+    start TLS (a handshake flood); the sockets, connected."""
+    loop = asyncio.get_running_loop()
+    socks = []
+    for _ in range(count):
+        sock = h.raw_socket("other")
+        await loop.sock_connect(sock, (SERVER_IP, 15008))
+        socks.append(sock)
+    return socks
+
+
+async def _ended_within(socks: list, seconds: float) -> int:
+    """How many of ``socks`` the proxy ended (EOF or RST) within ``seconds``."""
+    loop = asyncio.get_running_loop()
+
+    async def ended(sock) -> bool:
+        try:
+            return await asyncio.wait_for(loop.sock_recv(sock, 1), seconds) == b""
+        except ConnectionError:
+            return True
+        except asyncio.TimeoutError:
+            return False
+    return sum(await asyncio.gather(*(ended(s) for s in socks)))
+
+
+async def test_a_handshake_flood_from_one_pod_is_capped_and_others_keep_being_served(pod_netns, state, ca,
+                                                                                       tmp_path):
+    # A setup cap small enough for CI (8,192 by default) and a handshake timeout longer than
+    # the other client's patience: before the per-source cap, 200 idle connections held
+    # every setup slot of 15008 and the other client's HBONE dials waited in the kernel.
+    async with running_proxy(pod_netns, state, ca.sign, tmp_path, max_connections_in_setup=64,
+                             handshake_timeout=30.0) as (h, _):
+        h.app.ctx.handshakes = HandshakeGate(per_source=20, total=1024)
+        flood = await _open_idle(h, 200)
+        try:
+            await asyncio.sleep(0.5)
+            assert await _roundtrips(h, 20, timeout=10) == []
+            assert len(h.app.ctx.handshakes) == 20
+            assert metric(h.app, "shoal_proxy_rejected_total", reason="handshake_source_cap") == 180
+            assert await _ended_within(flood[20:], 2.0) == 180   # reset at accept, before any TLS
+        finally:
+            for sock in flood:
+                sock.close()
+
+
+async def test_a_pod_failing_handshakes_is_boxed_and_its_handshakes_in_progress_are_cut(bed, ca, caplog):
+    bed.app.ctx.abusers = PenaltyBox(first=60.0)   # the default 2 s could pass on a loaded machine
+    bed.app.ctx.handshakes = HandshakeGate(failures=30)
+    idle = await _open_idle(bed, 5)
+    await asyncio.sleep(0.2)
+    loop = asyncio.get_running_loop()
+    for n in range(30):   # garbage ClientHellos, and certificates the mesh CA never issued
+        if n % 2:
+            with contextlib.suppress(ssl.SSLError, ConnectionError, asyncio.TimeoutError):
+                _, writer = await asyncio.wait_for(_tls_15008(bed, _client_context(DevCA("evil"), ATTACKER)), 5)
+                writer.close()
+            continue
+        sock = bed.raw_socket("other")
+        await loop.sock_connect(sock, (SERVER_IP, 15008))
+        await loop.sock_sendall(sock, b"\x16\x03\x01\x02\x00" + bytes(512))
+        await _ended_within([sock], 5)
+        sock.close()
+    # Boxed: its idle handshakes are cut at once, not at the 2 s timeout, and it is refused
+    # at accept; another pod's requests are served.
+    assert await _ended_within(idle, 1.5) == 5
+    later = await _open_idle(bed, 3)
+    assert await _ended_within(later, 1.5) == 3
+    assert await _roundtrips(bed, 5) == []
+    for sock in idle + later:
+        sock.close()
+    failed = sum(metric(bed.app, "shoal_proxy_rejected_total", reason=r)
+                 for r in ("tls_handshake", "untrusted_certificate"))
+    assert failed == 30
+    assert metric(bed.app, "shoal_proxy_rejected_total", reason="untrusted_certificate") >= 1
+    assert metric(bed.app, "shoal_proxy_rejected_total", reason="handshake_failures") == 5
+    assert metric(bed.app, "shoal_proxy_rejected_total", reason="abuser_penalty") == 3
+    # 38 refusals, a warning a second per reason at most (each used to be one).
+    lines = [r for r in caplog.records if r.getMessage().startswith("hbone: refused")]
+    assert 1 <= len(lines) <= 12, [r.getMessage() for r in lines]
+
+
+async def test_past_the_workers_handshake_total_the_largest_holder_makes_room(pod_netns, state, ca, tmp_path):
+    async with running_proxy(pod_netns, state, ca.sign, tmp_path, max_connections_in_setup=40,
+                             handshake_timeout=30.0) as (h, _):
+        h.app.ctx.handshakes = HandshakeGate(per_source=30, total=30)
+        flood = await _open_idle(h, 30)   # every handshake slot of the worker
+        try:
+            await asyncio.sleep(0.3)
+            assert len(h.app.ctx.handshakes) == 30
+            assert await _roundtrips(h, 5, timeout=10) == []   # the client pod's dial took a slot
+            cut = metric(h.app, "shoal_proxy_rejected_total", reason="handshake_capacity")
+            assert cut >= 1 and await _ended_within(flood, 1.0) == cut
+        finally:
+            for sock in flood:
+                sock.close()

@@ -1,0 +1,121 @@
+"""TLS handshakes in progress on 15008, bounded per source address and per worker, and the
+sources that keep failing them (issue 18). Pure: the caller gives the time and owns the
+sockets; the keys it registers are opaque here.
+
+A handshake costs the proxy before it knows who is calling: a socket, an SSL object and
+a setup slot for up to the handshake timeout, and a signature and a chain verification
+when it completes. Any sender that reaches 15008 can open thousands of connections and
+never finish (or send garbage ClientHellos, or present a certificate we do not trust);
+until these limits, nothing but the per-kind setup cap (8,192) bounded that, and a flood
+that filled it paused the accept of every pod's 15008 until the handshakes timed out.
+
+- **Per source** (``per_source``): the source IP on 15008 is the client pod's own (its
+  node proxy dials from inside the pod), so one pod's flood is refused at accept beyond
+  it and costs no other pod anything. A legitimate pod dials far fewer at once: its node
+  proxy opens one HBONE connection per 100 streams waiting, so even a 10,000-connection
+  burst is about 100 dials per worker of it (256: two such workers, as many as the upstream
+  dials allowed per peer identity).
+- **Overall** (``total``, per worker): past it, the source holding the most handshakes
+  loses its oldest one to the newcomer (a fair share, as a fair queue would give), or the
+  newcomer is refused when it is itself that source. So many attacking pods together
+  cannot keep a well-behaved pod from completing its handshakes.
+- **Failures** (``failures``): a source whose handshakes fail (garbage, an untrusted or
+  non-SPIFFE certificate; the caller decides which failures count) that many times within ``window`` seconds is
+  reported once, so the caller puts it in the penalty box (penalty.py: refused at accept,
+  before TLS, for a while that doubles per repeat) and cuts its handshakes in progress.
+  A legitimate node proxy fails none: it holds a certificate from the mesh CA.
+
+Tables are bounded: sources with handshakes in progress by ``total``, failing sources by
+``capacity`` (oldest forgotten first).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Hashable
+
+# Why a handshake in progress was cut by the gate (the caller's metric reason).
+EVICTED = "handshake_capacity"        # the worker's total was reached; its source held the most
+PENALISED = "handshake_failures"      # its source failed too many handshakes and was boxed
+SOURCE_CAP = "handshake_source_cap"   # refused at accept: its source has per_source in progress
+
+
+@dataclass
+class _Failures:
+    count: int
+    since: float
+
+
+class HandshakeGate:
+    """Handshakes in progress per source and overall, and failing sources."""
+
+    def __init__(self, per_source: int = 256, total: int = 1024, failures: int = 20,
+                 window: float = 60.0, capacity: int = 4096) -> None:
+        if per_source < 1 or total < per_source:
+            raise ValueError("per_source must be at least 1 and total at least per_source")
+        self.per_source, self.total, self.failures, self.window, self.capacity = \
+            per_source, total, failures, window, capacity
+        # source -> its handshakes in progress, oldest first (insertion-ordered dicts as sets)
+        self._open: dict[str, dict[Hashable, None]] = {}
+        self._count = 0
+        self._cut: dict[Hashable, str] = {}   # keys cut while in progress -> why, until finish()
+        self._failing: OrderedDict[str, _Failures] = OrderedDict()
+
+    def __len__(self) -> int:
+        """Handshakes in progress (cut ones excluded)."""
+        return self._count
+
+    def admit(self, source: str, key: Hashable) -> tuple[str | None, list[Hashable]]:
+        """A new connection from ``source`` wants to handshake: (refusal reason or None, the
+        keys of handshakes in progress to cut now to make room for it)."""
+        mine = self._open.get(source)
+        if mine is not None and len(mine) >= self.per_source:
+            return SOURCE_CAP, []
+        victims: list[Hashable] = []
+        if self._count >= self.total:
+            largest = max(self._open, key=lambda s: len(self._open[s]))
+            if len(self._open[largest]) <= (len(mine) if mine else 0):
+                return EVICTED, []
+            victims.append(self._take_oldest(largest, EVICTED))
+        self._open.setdefault(source, {})[key] = None
+        self._count += 1
+        return None, victims
+
+    def finish(self, source: str, key: Hashable) -> str | None:
+        """The handshake of ``key`` ended (either way): None, or why the gate cut it."""
+        reason = self._cut.pop(key, None)
+        if reason is not None:
+            return reason
+        mine = self._open.get(source)
+        if mine is not None and key in mine:
+            del mine[key]
+            self._count -= 1
+            if not mine:
+                del self._open[source]
+        return None
+
+    def failed(self, source: str, now: float) -> list[Hashable] | None:
+        """A handshake from ``source`` failed at ``now``. None, or (once per ``failures``
+        within ``window``) the keys of its handshakes in progress: penalise the source and
+        cut those."""
+        record = self._failing.pop(source, None)
+        if record is None or now - record.since > self.window:
+            record = _Failures(0, now)
+        record.count += 1
+        if record.count < self.failures:
+            self._failing[source] = record   # the most recent last: the oldest go first
+            while len(self._failing) > self.capacity:
+                self._failing.popitem(last=False)
+            return None
+        mine = self._open.get(source, {})
+        return [self._take_oldest(source, PENALISED) for _ in range(len(mine))]
+
+    def _take_oldest(self, source: str, reason: str) -> Hashable:
+        mine = self._open[source]
+        key = next(iter(mine))
+        del mine[key]
+        if not mine:
+            del self._open[source]
+        self._count -= 1
+        self._cut[key] = reason
+        return key

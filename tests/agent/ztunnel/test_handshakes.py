@@ -1,0 +1,75 @@
+"""The handshake gate of 15008 (issue 18), pure: handshakes in progress bounded per source
+and per worker with a fair share, and sources that keep failing reported once."""
+from __future__ import annotations
+
+import pytest
+
+from shoal.agent.ztunnel.handshakes import EVICTED, PENALISED, SOURCE_CAP, HandshakeGate
+
+ABUSER, OTHER, THIRD = "10.0.0.66", "10.0.0.7", "10.0.0.8"
+
+
+def test_one_source_is_capped_and_no_one_else_is():
+    gate = HandshakeGate(per_source=3, total=10)
+    assert [gate.admit(ABUSER, n) for n in range(3)] == [(None, [])] * 3
+    assert gate.admit(ABUSER, 3) == (SOURCE_CAP, [])
+    assert gate.admit(OTHER, "o") == (None, [])
+    assert gate.finish(ABUSER, 0) is None          # one ended: room for one more
+    assert gate.admit(ABUSER, 4) == (None, [])
+    assert len(gate) == 4
+
+
+def test_past_the_total_the_largest_holder_makes_room_for_a_smaller_one():
+    gate = HandshakeGate(per_source=8, total=8)
+    for n in range(6):
+        gate.admit(ABUSER, n)
+    gate.admit(THIRD, "t0"), gate.admit(THIRD, "t1")
+    assert gate.admit(OTHER, "o") == (None, [0])   # the abuser's oldest goes
+    assert gate.admit(THIRD, "t2") == (None, [1])
+    assert len(gate) == 8
+    assert gate.finish(ABUSER, 0) == EVICTED and gate.finish(ABUSER, 1) == EVICTED
+    assert len(gate) == 8                        # cut ones were already out
+
+
+def test_a_newcomer_that_is_itself_the_largest_holder_is_refused():
+    gate = HandshakeGate(per_source=4, total=4)
+    for n in range(2):
+        gate.admit(ABUSER, n), gate.admit(OTHER, f"o{n}")
+    assert gate.admit(ABUSER, 9) == (EVICTED, [])
+    assert gate.admit(THIRD, "t") == (None, [0])
+
+
+def test_a_source_failing_again_and_again_is_reported_once_with_its_handshakes_in_progress():
+    gate = HandshakeGate(failures=5, window=60.0)
+    gate.admit(ABUSER, "a1"), gate.admit(ABUSER, "a2"), gate.admit(OTHER, "o")
+    assert [gate.failed(ABUSER, float(n)) for n in range(4)] == [None] * 4
+    assert gate.failed(OTHER, 4.0) is None
+    assert gate.failed(ABUSER, 5.0) == ["a1", "a2"]
+    assert gate.finish(ABUSER, "a1") == PENALISED and gate.finish(OTHER, "o") is None
+    assert len(gate) == 0
+    assert gate.failed(ABUSER, 6.0) is None         # counting starts over
+
+
+def test_failures_spread_wider_than_the_window_are_forgiven():
+    gate = HandshakeGate(failures=3, window=10.0)
+    assert all(gate.failed(ABUSER, 11.0 * n) is None for n in range(100))
+
+
+def test_tables_are_bounded():
+    gate = HandshakeGate(failures=3, capacity=100)
+    for n in range(10_000):
+        gate.failed(f"10.1.{n // 256}.{n % 256}", 0.0)
+    assert len(gate._failing) == 100
+    gate = HandshakeGate(per_source=1, total=50)
+    for n in range(10_000):
+        refusal, victims = gate.admit(f"10.2.{n // 256}.{n % 256}", n)
+        for victim in victims:
+            assert gate.finish("", victim) == EVICTED
+    assert len(gate) == 50 and len(gate._cut) == 0
+
+
+def test_settings_that_cannot_work_are_refused():
+    with pytest.raises(ValueError):
+        HandshakeGate(per_source=0)
+    with pytest.raises(ValueError):
+        HandshakeGate(per_source=10, total=5)
