@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shoal.datapath import bpfsys
+from shoal.datapath.btf import Btf, BtfError
 from shoal.datapath.structs import MAPS, MapSpec
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,19 @@ class FeatureFlags:
             f"-DSHOAL_FLOW_EVENTS={int(self.flow_events)}",
             f"-DSHOAL_SOCKET_LB={int(self.socket_lb)}",
         ]
+
+
+def kernel_layout_cflags() -> list[str]:
+    """Offsets of the kernel struct members the programs read (the running kernel's, from
+    BTF: the headers bcc compiles with may be another kernel's). Without BTF none is
+    defined, and the programs that need one take their safe path (sk_skb_bypass.c: every
+    byte handed back to the proxy)."""
+    try:
+        btf = Btf.of_running_kernel()
+        return [f"-DSHOAL_TCP_SOCK_WRITE_SEQ={btf.member_offset('tcp_sock', 'write_seq')}"]
+    except BtfError as exc:
+        log.warning("kernel BTF unusable (%s): the same-node bypass hands every byte to the proxy", exc)
+        return []
 
 
 class PinnedMaps:
@@ -192,7 +206,7 @@ class Datapath:
         raises ProgramLoadError naming the program on the first failure."""
         from bcc import BPF  # only the loader needs bcc (and clang) on the path
         cflags = [f'-DSHOAL_PIN_DIR="{self.pin_dir}"', f"-I{self.source_dir}"]
-        cflags += self.flags.cflags() + self.maps.cflags()
+        cflags += self.flags.cflags() + self.maps.cflags() + kernel_layout_cflags()
         # bcc takes as programs only functions of its main file: the sources are joined,
         # each behind a #line so compiler errors still name its file.
         unit = "".join(f'#line 1 "{spec.source}"\n' + (self.source_dir / spec.source).read_text() + "\n"
