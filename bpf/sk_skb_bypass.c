@@ -13,10 +13,54 @@
  * the packet, so no third socket can get its bytes into a pair. An skb that cannot be
  * redirected (the peer already left the map: it is closing) is passed to the
  * receiving socket itself, where only the proxy can read it; the proxy treats any
- * byte it reads there as the end of the pair and resets both sides. Nothing is
- * dropped silently and nothing goes anywhere but to the intended peer or the proxy.
+ * byte it reads there, beyond those handed back (below), as the end of the pair and
+ * resets both sides. Nothing is dropped silently and nothing goes anywhere but to the
+ * intended peer or the proxy.
+ *
+ * Backpressure. A redirected skb leaves this socket's receive queue at once (uncharged:
+ * TCP reopens the window) and waits in the peer's psock queue, which the kernel does not
+ * bound, until the peer's socket has room. So the verdict bounds it: bytes redirected
+ * and not yet on the peer's socket (its write_seq since the first byte, minus what the
+ * proxy wrote there itself) stay below SHOAL_BYPASS_HIGH_WATER. Past the mark the skb,
+ * and every later one, is handed back: passed to this socket, where it is charged to its
+ * receive buffer, so TCP closes the sender's window as for any slow reader. The proxy
+ * reads the handed-back bytes, writes them to the peer once everything redirected before
+ * is on it (no reordering), and records how many it wrote in bypass_relayed; when that
+ * equals everything handed back, nothing of this direction is anywhere but on the peer's
+ * socket, and the next skb is redirected again.
  */
 #include "lib/helpers.h"
+
+/* The peer socket's write_seq (bytes ever queued on it, mod 2^32), read through its
+ * tcp_sock with the running kernel's offset (the loader takes it from BTF). 0 if the
+ * peer is not in the map (closing: the redirect fails too) or not TCP. */
+static __always_inline int peer_write_seq(__u64 peer, __u32 *seq)
+{
+#ifdef SHOAL_TCP_SOCK_WRITE_SEQ
+    struct bpf_sock *sk = bpf_map_lookup_elem(SHOAL_MAP(bypass_socks), &peer);
+    if (!sk)
+        return 0;
+    void *tp = bpf_skc_to_tcp_sock(sk);
+    int found = 0;
+    if (tp) {
+        *seq = *(__u32 *)(tp + SHOAL_TCP_SOCK_WRITE_SEQ);
+        found = 1;
+    }
+    bpf_sk_release(sk);
+    return found;
+#else
+    return 0;   /* no kernel BTF: nothing bounds the peer's queue, so every byte is handed back */
+#endif
+}
+
+static __always_inline int hand_back(struct bypass_pair *pair, struct __sk_buff *skb)
+{
+    if (pair->state != BYPASS_HANDING_BACK)
+        __sync_fetch_and_add(&pair->handbacks, 1);
+    pair->state = BYPASS_HANDING_BACK;
+    __sync_fetch_and_add(&pair->handed_back, skb->len);
+    return SK_PASS;
+}
 
 int shoal_sk_skb_bypass(struct __sk_buff *skb)
 {
@@ -34,7 +78,32 @@ int shoal_sk_skb_bypass(struct __sk_buff *skb)
     struct bypass_pair *pair = bpf_map_lookup_elem(SHOAL_MAP(bypass_pairs), &cookie);
     if (!pair)
         return SK_PASS;   /* not paired (yet, or any more): the proxy's own to read */
+    /* The verdict of one socket runs under that socket's lock: one writer per entry. */
+    if (pair->state == BYPASS_HANDING_BACK) {
+        __u64 *relayed = bpf_map_lookup_elem(SHOAL_MAP(bypass_relayed), &cookie);
+        if (!relayed || *relayed != pair->handed_back)
+            return hand_back(pair, skb);   /* the proxy still holds some: stay behind them */
+        pair->state = BYPASS_REDIRECTING;
+    }
     __u64 peer = pair->peer;
+    __u32 seq = 0;
+    if (!peer_write_seq(peer, &seq)) {
+#ifdef SHOAL_TCP_SOCK_WRITE_SEQ
+        __sync_fetch_and_add(&pair->unredirected, 1);   /* the peer is gone: the proxy resets */
+        return SK_PASS;
+#else
+        return hand_back(pair, skb);
+#endif
+    }
+    if (pair->state == BYPASS_UNSTARTED) {
+        pair->peer_seq_base = seq;
+        pair->state = BYPASS_REDIRECTING;
+    }
+    /* On the peer since the first byte: what the psock delivered plus what the proxy
+     * relayed (all of handed_back, in this state). In u32: true in-flight is far below 4 GiB. */
+    __u32 in_flight = (__u32)(pair->bytes + pair->handed_back) - (seq - pair->peer_seq_base);
+    if (in_flight + skb->len > SHOAL_BYPASS_HIGH_WATER)
+        return hand_back(pair, skb);
     if (bpf_sk_redirect_hash(skb, SHOAL_MAP(bypass_socks), &peer, 0) != SK_PASS) {
         __sync_fetch_and_add(&pair->unredirected, 1);
         return SK_PASS;

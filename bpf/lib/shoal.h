@@ -220,11 +220,26 @@ struct flow_event {
 
 /* Same-node bypass (sk_skb_bypass.c): two of the node proxy's own sockets joined in
  * the kernel. bypass_socks (a SOCKHASH) holds them keyed by their socket cookie;
- * bypass_pairs says, per cookie, whose egress its received bytes go to. Cookies are
- * never reused while the machine runs, so an entry left by a closed socket can never
- * name a new one. */
+ * bypass_pairs says, per cookie, whose egress its received bytes go to (written by the
+ * verdict only, once the proxy created it); bypass_relayed, per cookie, how many of the
+ * bytes handed back to the proxy it has written to the peer itself (written by the proxy
+ * only: a map value is never written from both sides). Cookies are never reused while
+ * the machine runs, so an entry left by a closed socket can never name a new one. */
+#ifndef SHOAL_BYPASS_HIGH_WATER
+#define SHOAL_BYPASS_HIGH_WATER (4 << 20)   /* bytes redirected to a peer and not yet on its socket */
+#endif
+
+/* bypass_pair.state */
+#define BYPASS_UNSTARTED   0   /* no byte seen yet: peer_seq_base not taken */
+#define BYPASS_REDIRECTING 1
+#define BYPASS_HANDING_BACK 2  /* past the high-water mark: bytes go to the proxy's own socket */
+
 struct bypass_pair {
     __u64 peer;          /* socket cookie of the other socket of the pair */
     __u64 bytes;         /* bytes received on this socket and redirected to the peer */
     __u64 unredirected;  /* skbs the kernel could not redirect (kept for the proxy, which resets the pair) */
+    __u64 handed_back;   /* bytes passed to this socket for the proxy to relay (the peer was past the mark) */
+    __u64 handbacks;     /* how many times the mark was crossed */
+    __u32 peer_seq_base; /* the peer's write_seq when this socket's first byte was seen */
+    __u32 state;         /* BYPASS_* */
 };

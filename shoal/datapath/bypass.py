@@ -31,6 +31,15 @@ on one socket (a read returns 0) and shuts the other's write side. The redirect 
 on a workqueue, so before that shutdown the proxy waits until the peer socket has queued
 every byte the verdict redirected to it (``drained``: TCP_INFO's bytes acked plus
 SIOCOUTQ), or the FIN would overtake them and the rest would fail with EPIPE.
+
+**Backpressure: bytes handed back.** The verdict keeps what it redirected toward a peer
+and the peer's socket has not taken yet below ``BYPASS_HIGH_WATER``; past it the bytes,
+and every later one of that direction, are passed to the receiving socket instead, where
+they are charged to its receive buffer (TCP closes the sender's window). The proxy reads
+them there and, once the bytes redirected before them are all on the peer's socket
+(``drained``), writes them to the peer itself and reports them (``relayed``); when it has
+reported all of them, the verdict redirects again. A byte read on a joined socket that
+was not handed back (``unredirected``) still ends the pair.
 """
 from __future__ import annotations
 
@@ -86,13 +95,27 @@ class JoinedPair:
     # but a fallback path might have): the baseline of ``drained``
     client_queued_before: int = 0
     server_queued_before: int = 0
+    # handed-back bytes the proxy wrote to each side itself (they are on its socket too)
+    relayed_to_server: int = 0
+    relayed_to_client: int = 0
 
 
 @dataclass(frozen=True)
 class PairCounts:
-    client_to_server: int
+    client_to_server: int       # every byte of the direction: redirected or handed back
     server_to_client: int
     unredirected: int
+    handed_back_to_server: int = 0   # of which handed back to the proxy (the peer was past the mark)
+    handed_back_to_client: int = 0
+    handbacks: int = 0               # times a direction crossed the mark
+
+    @property
+    def redirected_to_server(self) -> int:
+        return self.client_to_server - self.handed_back_to_server
+
+    @property
+    def redirected_to_client(self) -> int:
+        return self.server_to_client - self.handed_back_to_client
 
 
 class KernelBypass:
@@ -107,15 +130,17 @@ class KernelBypass:
             raise BypassUnavailable(f"no bypass maps under {pin_dir}: {exc}") from exc
         try:
             self._pairs = bpfsys.obj_get(pin_dir / "bypass_pairs")
+            self._relayed = bpfsys.obj_get(pin_dir / "bypass_relayed")
         except OSError as exc:
-            os.close(self._socks)
+            self._pairs = self._relayed = -1
+            self.close()
             raise BypassUnavailable(f"no bypass maps under {pin_dir}: {exc}") from exc
 
     def close(self) -> None:
-        for fd in (self._socks, self._pairs):
+        for fd in (self._socks, self._pairs, self._relayed):
             if fd >= 0:
                 os.close(fd)
-        self._socks = self._pairs = -1
+        self._socks = self._pairs = self._relayed = -1
 
     def join(self, client: socket.socket, server: socket.socket) -> JoinedPair:
         """Joins two connected TCP sockets (see the module docstring for the order).
@@ -127,6 +152,7 @@ class KernelBypass:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, GATE_LOWAT)
         try:
             for _sock, cookie, peer in sides:
+                bpfsys.map_update(self._relayed, U64(cookie), U64(0))
                 bpfsys.map_update(self._pairs, U64(cookie), BypassPair(peer=peer))
             for sock, cookie, _peer in sides:
                 bpfsys.map_update(self._socks, U64(cookie), U64(sock.fileno()))
@@ -152,15 +178,33 @@ class KernelBypass:
             value = BypassPair()
             bpfsys.map_lookup(self._pairs, U64(cookie), value)
             values.append(value)
-        return PairCounts(values[0].bytes, values[1].bytes, values[0].unredirected + values[1].unredirected)
+        up, down = values
+        return PairCounts(up.bytes + up.handed_back, down.bytes + down.handed_back,
+                          up.unredirected + down.unredirected, up.handed_back, down.handed_back,
+                          up.handbacks + down.handbacks)
 
     def drained(self, pair: JoinedPair, toward_server: bool) -> bool:
-        """Whether every byte redirected toward one side is queued on its socket (so a FIN
-        written now goes after them)."""
+        """Whether every byte redirected toward one side, and every handed-back byte the
+        proxy relayed to it, is queued on its socket (so a FIN, or more relayed bytes,
+        written now go after them)."""
         counts = self.counts(pair)
         if toward_server:
-            return queued_bytes(pair.server) - pair.server_queued_before >= counts.client_to_server
-        return queued_bytes(pair.client) - pair.client_queued_before >= counts.server_to_client
+            return queued_bytes(pair.server) - pair.server_queued_before >= \
+                counts.redirected_to_server + pair.relayed_to_server
+        return queued_bytes(pair.client) - pair.client_queued_before >= \
+            counts.redirected_to_client + pair.relayed_to_client
+
+    def relayed(self, pair: JoinedPair, toward_server: bool, size: int) -> None:
+        """The proxy wrote ``size`` more handed-back bytes to one side, and they are all on
+        its socket (not in a userspace buffer): once it has reported every byte handed
+        back, the verdict redirects that direction again."""
+        if toward_server:
+            pair.relayed_to_server += size
+            total, source = pair.relayed_to_server, pair.client_cookie
+        else:
+            pair.relayed_to_client += size
+            total, source = pair.relayed_to_client, pair.server_cookie
+        bpfsys.map_update(self._relayed, U64(source), U64(total))
 
     def release(self, pair: JoinedPair) -> PairCounts:
         """The final counts; the pair's entries removed (a closed socket leaves the SOCKHASH
@@ -172,6 +216,7 @@ class KernelBypass:
     def _forget(self, pair: JoinedPair) -> None:
         for cookie in (pair.client_cookie, pair.server_cookie):
             bpfsys.map_delete(self._pairs, U64(cookie))
+            bpfsys.map_delete(self._relayed, U64(cookie))
             bpfsys.map_delete(self._socks, U64(cookie))
 
 

@@ -168,7 +168,15 @@ class FlowRecord(ctypes.Structure):
 
 class BypassPair(ctypes.Structure):
     """struct bypass_pair: one socket of a same-node bypassed pair (bpf/sk_skb_bypass.c)."""
-    _fields_ = [("peer", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("unredirected", ctypes.c_uint64)]
+    _fields_ = [("peer", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("unredirected", ctypes.c_uint64),
+                ("handed_back", ctypes.c_uint64), ("handbacks", ctypes.c_uint64),
+                ("peer_seq_base", ctypes.c_uint32), ("state", ctypes.c_uint32)]
+
+
+# bpf/lib/shoal.h: bytes redirected into a pair's peer and not yet on its socket, past
+# which the verdict hands the bytes back to the proxy (TCP flow control then applies)
+BYPASS_HIGH_WATER = 4 << 20
+BYPASS_REDIRECTING, BYPASS_HANDING_BACK = 1, 2
 
 
 U64 = ctypes.c_uint64
@@ -218,6 +226,9 @@ MAPS: tuple[MapSpec, ...] = (
     # bypass_socks by themselves); LRU bounds them. An evicted live pair fails closed: its
     # next bytes stay with the proxy, which resets it.
     MapSpec("bypass_pairs", bpfsys.MAP_TYPE_LRU_HASH, U64, BypassPair, BYPASS_SOCKETS),
+    # bytes handed back to the proxy that it wrote to the peer itself, per cookie (the proxy
+    # writes it, the verdict reads it: see bpf/sk_skb_bypass.c); LRU like bypass_pairs
+    MapSpec("bypass_relayed", bpfsys.MAP_TYPE_LRU_HASH, U64, U64, BYPASS_SOCKETS),
 )
 MAP_BY_NAME = {spec.name: spec for spec in MAPS}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import select
 import socket
 import threading
 import time
@@ -31,12 +32,48 @@ def _tcp_pair(netns_path: str) -> tuple[socket.socket, socket.socket]:
     return in_netns(netns_path, make)
 
 
-class Joined:
-    """client app <-> proxy(client side) ~kernel~ proxy(server side) <-> server app."""
+class HandBackRelay(threading.Thread):
+    """What the node proxy does with bytes the verdict hands back on one of its sockets:
+    wait until every byte carried before them is on the peer's socket, write them there,
+    report them (the verdict then redirects again). ``eof`` once the socket's EOF is read."""
 
-    def __init__(self, bed, bypass, early: tuple[bytes, bytes] = (b"", b"")):
+    def __init__(self, bypass, pair, source: socket.socket, dest: socket.socket, toward_server: bool):
+        super().__init__(daemon=True)
+        self.bypass, self.pair, self.source, self.dest = bypass, pair, source, dest
+        self.toward_server = toward_server
+        self.relayed = 0
+        self.stop = threading.Event()
+        self.eof = threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            if not select.select([self.source], [], [], 0.05)[0]:
+                continue
+            try:
+                data = self.source.recv(1 << 20, socket.MSG_DONTWAIT)
+            except (BlockingIOError, OSError):
+                continue
+            if not data:
+                self.eof.set()
+                return
+            while not self.bypass.drained(self.pair, self.toward_server):
+                time.sleep(0.001)
+            self.dest.sendall(data)
+            self.relayed += len(data)
+            self.bypass.relayed(self.pair, self.toward_server, len(data))
+
+
+class Joined:
+    """client app <-> proxy(client side) ~kernel~ proxy(server side) <-> server app; with
+    ``relay``, the proxy's part for handed-back bytes is played by two HandBackRelay threads."""
+
+    def __init__(self, bed, bypass, early: tuple[bytes, bytes] = (b"", b""), relay: bool = False,
+                 client_buffers: int = 0):
         self.app_client, self.proxy_client = _tcp_pair(bed.a.netns_path)
         self.proxy_server, self.app_server = _tcp_pair(bed.b.netns_path)
+        if client_buffers:   # what the client side holds beyond the kernel's redirect queue
+            self.app_client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, client_buffers)
+            self.proxy_client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, client_buffers)
         for sock in self.sockets:
             sock.settimeout(10)
         if early[0]:
@@ -45,12 +82,21 @@ class Joined:
             self.app_server.sendall(early[1])
         time.sleep(0.05)   # queued on the proxy's sockets before the join
         self.pair = bypass.join(self.proxy_client, self.proxy_server)
+        self.relays = ()
+        if relay:
+            self.relays = (HandBackRelay(bypass, self.pair, self.proxy_client, self.proxy_server, True),
+                           HandBackRelay(bypass, self.pair, self.proxy_server, self.proxy_client, False))
+            for thread in self.relays:
+                thread.start()
 
     @property
     def sockets(self):
         return (self.app_client, self.proxy_client, self.proxy_server, self.app_server)
 
     def close(self):
+        for thread in self.relays:
+            thread.stop.set()
+            thread.join(2)
         for sock in self.sockets:
             sock.close()
 
@@ -98,7 +144,7 @@ def _read_to_eof(sock: socket.socket) -> bytes:
 
 
 def test_bytes_queued_before_the_join_go_first_then_large_transfers_both_ways_are_identical(agent_bed, bypass):
-    joined = Joined(agent_bed, bypass, early=(b"GET / early", b"220 banner"))
+    joined = Joined(agent_bed, bypass, early=(b"GET / early", b"220 banner"), relay=True)
     try:
         assert _read_exactly(joined.app_server, 11) == b"GET / early"
         assert _read_exactly(joined.app_client, 10) == b"220 banner"
@@ -121,11 +167,9 @@ def test_bytes_queued_before_the_join_go_first_then_large_transfers_both_ways_ar
         counts = bypass.counts(joined.pair)
         assert (counts.client_to_server, counts.server_to_client, counts.unredirected) == \
             (size + 11, size // 2 + 10, 0)
-        # nothing climbed to the proxy: its sockets hold no byte to read
-        for sock in (joined.proxy_client, joined.proxy_server):
-            sock.setblocking(False)
-            with pytest.raises(BlockingIOError):
-                sock.recv(1)
+        # nothing climbed to the proxy but what was handed back (a reader fell behind)
+        assert [relay.relayed for relay in joined.relays] == \
+            [counts.handed_back_to_server, counts.handed_back_to_client]
     finally:
         bypass.release(joined.pair)
         joined.close()
@@ -133,18 +177,19 @@ def test_bytes_queued_before_the_join_go_first_then_large_transfers_both_ways_ar
 
 @pytest.mark.parametrize("first", ["client", "server"])
 def test_half_close_is_seen_by_the_proxy_and_forwarded_after_the_bytes(agent_bed, bypass, first):
-    joined = Joined(agent_bed, bypass)
+    joined = Joined(agent_bed, bypass, relay=True)
     try:
-        closer, closer_proxy, other_proxy, other_app = (
-            (joined.app_client, joined.proxy_client, joined.proxy_server, joined.app_server) if first == "client"
-            else (joined.app_server, joined.proxy_server, joined.proxy_client, joined.app_client))
+        closer, closer_relay, other_proxy, other_app = (
+            (joined.app_client, joined.relays[0], joined.proxy_server, joined.app_server) if first == "client"
+            else (joined.app_server, joined.relays[1], joined.proxy_client, joined.app_client))
         payload = os.urandom(8 * 1024 * 1024)
         received = []
         reader = threading.Thread(target=lambda: received.append(_read_to_eof(other_app)))
         reader.start()
         closer.sendall(payload)
         closer.shutdown(socket.SHUT_WR)
-        assert closer_proxy.recv(1) == b""          # the proxy learns EOF, holding no data
+        assert closer_relay.eof.wait(10)             # the proxy learns EOF
+        closer_relay.join(10)                         # after relaying what it was handed
         deadline = time.monotonic() + 10
         while not bypass.drained(joined.pair, toward_server=first == "client"):
             assert time.monotonic() < deadline
@@ -238,8 +283,9 @@ def test_a_half_close_behind_bytes_still_queued_toward_the_closer_loses_none_of_
     """The client app half-closes while the server's answer still waits in the kernel for
     it (it has not read yet): its FIN (an empty skb) must not break the redirect queue it
     lands behind. What the server sends after that FIN must arrive too, and the proxy's
-    socket must hold no error."""
-    joined = Joined(agent_bed, bypass)
+    socket must hold no error. (Small client-side buffers keep the redirect queue full,
+    up to the high-water mark; the rest of the answer is handed back to the proxy.)"""
+    joined = Joined(agent_bed, bypass, relay=True, client_buffers=128 * 1024)
     try:
         answer, more = os.urandom(16 * 1024 * 1024), os.urandom(1024 * 1024)
         sender = threading.Thread(target=joined.app_server.sendall, args=(answer,))
@@ -249,8 +295,9 @@ def test_a_half_close_behind_bytes_still_queued_toward_the_closer_loses_none_of_
             assert time.monotonic() < deadline                              # most still queued
             time.sleep(0.01)
         sender.join()
+        assert not bypass.drained(joined.pair, toward_server=False)        # in the kernel's queue
         joined.app_client.shutdown(socket.SHUT_WR)
-        assert joined.proxy_client.recv(1) == b""          # the proxy learns EOF
+        assert joined.relays[0].eof.wait(10)                # the proxy learns EOF
         joined.app_server.sendall(more)                     # the other direction still flows
         joined.app_client.settimeout(5)
         got = _read_until_quiet(joined.app_client, len(answer) + len(more))
@@ -258,5 +305,102 @@ def test_a_half_close_behind_bytes_still_queued_toward_the_closer_loses_none_of_
         assert (len(got), error) == (len(answer) + len(more), 0), f"{len(got)} bytes arrived, error {error}"
         assert got == answer + more
     finally:
+        bypass.release(joined.pair)
+        joined.close()
+
+
+def _send_until_blocked(sock: socket.socket, quiet: float = 1.0, limit: int = 160 * 1024 * 1024) -> int:
+    """Bytes a non-blocking sender gets accepted before the path stops taking any for
+    ``quiet`` seconds (or ``limit``: the hole this guards against takes everything)."""
+    sock.setblocking(False)
+    chunk, sent, last_progress = b"\0" * (1 << 20), 0, time.monotonic()
+    while sent < limit and time.monotonic() - last_progress < quiet:
+        try:
+            sent += sock.send(chunk)
+            last_progress = time.monotonic()
+        except BlockingIOError:
+            time.sleep(0.01)
+    return sent
+
+
+def test_a_receiver_that_reads_nothing_pushes_back_on_the_sender_through_the_pair(agent_bed, bypass):
+    """Attack: a client writing to a server app that never reads. Before the bound, every
+    byte left the proxy's receive queue for the peer's psock queue (unbounded, charged to
+    no socket): 256 MiB in half a second. Now the verdict hands bytes back to the proxy's
+    own socket past the high-water mark, where TCP closes the window: the sender gets
+    EAGAIN after the sockets' buffers and the mark, a few MiB."""
+    from shoal.datapath.structs import BYPASS_HIGH_WATER
+    joined = Joined(agent_bed, bypass)
+    try:
+        sent = _send_until_blocked(joined.app_client)
+        counts = bypass.counts(joined.pair)
+        # what the kernel holds for the pair beyond ordinary TCP buffers: redirected, not yet
+        # on the server-side socket (whose own send buffer is bounded by TCP)
+        queued_on_peer = queued_bytes_since_join(joined)
+        in_flight = counts.redirected_to_server - queued_on_peer
+        bufs = sum(s.getsockopt(socket.SOL_SOCKET, opt) for s in joined.sockets
+                   for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF))
+        print(f"sender wrote {sent >> 10} KiB, redirected {counts.redirected_to_server >> 10} KiB, "
+              f"on the peer {queued_on_peer >> 10} KiB, handed back {counts.handed_back_to_server >> 10} KiB, "
+              f"socket buffers {bufs >> 10} KiB")
+        assert in_flight <= BYPASS_HIGH_WATER
+        assert counts.handed_back_to_server > 0 and counts.handbacks == 1
+        assert sent < BYPASS_HIGH_WATER + bufs, f"{sent} bytes accepted: nothing pushed back"
+        assert counts.unredirected == 0
+    finally:
+        bypass.release(joined.pair)
+        joined.close()
+
+
+def queued_bytes_since_join(joined: Joined) -> int:
+    from shoal.datapath.bypass import queued_bytes
+    return queued_bytes(joined.proxy_server) - joined.pair.server_queued_before
+
+
+def test_a_slow_reader_that_resumes_gets_every_byte_in_order_and_the_pair_is_joined_again(agent_bed, bypass):
+    """The server app stalls (the mark is crossed, bytes are handed back to the proxy),
+    then reads everything: the same bytes in the same order, the handed-back ones relayed
+    by the proxy behind what the kernel carried before. Once the proxy has relayed all it
+    was handed, the kernel carries the direction again: a second transfer is redirected."""
+    joined = Joined(agent_bed, bypass)
+    relay = HandBackRelay(bypass, joined.pair, joined.proxy_client, joined.proxy_server, toward_server=True)
+    relay.start()
+    try:
+        first, second = os.urandom(48 * 1024 * 1024), os.urandom(16 * 1024 * 1024)
+        sender = threading.Thread(target=joined.app_client.sendall, args=(first,))
+        sender.start()
+        deadline = time.monotonic() + 20
+        while bypass.counts(joined.pair).handed_back_to_server == 0:   # the reader stalls
+            assert time.monotonic() < deadline, "the mark was never crossed"
+            time.sleep(0.01)
+        time.sleep(0.5)
+        stalled = bypass.counts(joined.pair)
+        digest, got = hashlib.sha256(), 0
+        while got < len(first):       # now it reads: slowly at first, then at full speed
+            data = joined.app_server.recv(64 * 1024 if got < 8 * 1024 * 1024 else 1 << 20)
+            assert data, f"EOF after {got} bytes"
+            digest.update(data)
+            got += len(data)
+            if got < 8 * 1024 * 1024:
+                time.sleep(0.001)
+        sender.join(10)
+        assert digest.hexdigest() == hashlib.sha256(first).hexdigest()
+        caught_up = bypass.counts(joined.pair)
+        assert relay.relayed == caught_up.handed_back_to_server
+        sender = threading.Thread(target=joined.app_client.sendall, args=(second,))
+        sender.start()
+        assert hashlib.sha256(_read_exactly(joined.app_server, len(second))).digest() == \
+            hashlib.sha256(second).digest()
+        sender.join(10)
+        counts = bypass.counts(joined.pair)
+        print(f"stalled: handed back {stalled.handed_back_to_server >> 10} KiB; in all: redirected "
+              f"{counts.redirected_to_server >> 10} KiB, handed back {counts.handed_back_to_server >> 10} KiB "
+              f"in {counts.handbacks} times")
+        assert counts.client_to_server == len(first) + len(second) and counts.unredirected == 0
+        assert relay.relayed == counts.handed_back_to_server
+        assert counts.redirected_to_server > caught_up.redirected_to_server   # joined again
+    finally:
+        relay.stop.set()
+        relay.join(2)
         bypass.release(joined.pair)
         joined.close()
