@@ -12,10 +12,13 @@ refusals (not an app port of the pod, loopback) and the destination's L4 policy
 dialled from the client's IP inside the server pod (``connect_app``). Only then are the
 proxy's two sockets joined. The security argument is in the README ("Same-node bypass").
 
-While joined the proxy holds both sockets: it learns EOF and resets from them (it reads
-nothing else: every byte goes through the kernel), forwards a half-close once the bytes
-ahead of it are queued, reports both sides' telemetry with the kernel's byte counts, and
-re-checks the policy on every config change (a DENY now resets both apps).
+While joined the proxy holds both sockets: it learns EOF and resets from them, forwards a
+half-close once the bytes ahead of it are queued, reports both sides' telemetry with the
+kernel's byte counts, and re-checks the policy on every config change (a DENY now resets
+both apps). The only bytes it reads are those the verdict hands back when a receiver falls
+behind (``shoal.datapath.bypass``): it writes them to the other socket once the bytes the
+kernel carried before them are there, so TCP flow control reaches the sender as through
+any relay, and the kernel carries the direction again once the proxy has caught up.
 
 Declined (the HBONE path takes the connection, as without the bypass): bypass off, no
 pinned bypass maps (no agent yet), an SVID missing. Join refused by the kernel (map full,
@@ -420,14 +423,70 @@ class _End(asyncio.Protocol):
         self.eof = False
         self.eof_forwarded = False
         self._forwarding: asyncio.Task | None = None
+        self.handed_back: list[bytes] = []   # read, not yet written to the other side
+        self._relaying: asyncio.Task | None = None
+        self._flushed = asyncio.Event()
+        self._flushed.set()
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        transport.set_write_buffer_limits(high=0)   # relayed bytes: know when they are all in the kernel
         if self.conn.finished:   # reset while the other end was being wired
             abort_with_reset(transport)
 
     def data_received(self, data: bytes) -> None:
-        self.conn.broken(f"{len(data)} bytes were not redirected by the kernel")
+        """Bytes on a joined socket: handed back by the verdict (the other side was past
+        the high-water mark), or, if it could not redirect some, the end of the pair."""
+        try:
+            unredirected = self.conn.kernel.counts(self.conn.pair).unredirected
+        except OSError as exc:
+            self.conn.broken(f"pair counters unreadable with {len(data)} bytes read: {exc}")
+            return
+        if unredirected:
+            self.conn.broken(f"{len(data)} bytes were not redirected by the kernel")
+            return
+        self.handed_back.append(data)
+        if self.transport is not None:
+            self.transport.pause_reading()   # held until relayed: TCP pushes back meanwhile
+        if self._relaying is None or self._relaying.done():
+            self._relaying = asyncio.ensure_future(self._relay_handed_back())
+
+    async def _relay_handed_back(self) -> None:
+        """Write the handed-back bytes to the other app once every byte the kernel carried
+        before them is on its socket, report them when they are all in its send queue (the
+        verdict then redirects again), and read on."""
+        other = self.conn.other(self)
+        while not self.conn.wired and not self.conn.finished:   # bytes handed back during wire()
+            await asyncio.sleep(DRAIN_POLL_FIRST)
+        while self.handed_back and not self.conn.finished:
+            if not await self._until_drained():
+                return
+            if other.transport is None or other.transport.is_closing():
+                return
+            data = b"".join(self.handed_back)
+            self.handed_back.clear()
+            other.transport.write(data)
+            await other.flushed()
+            if self.conn.finished:
+                return
+            self.conn.kernel.relayed(self.conn.pair, self.toward_server, len(data))
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        self._flushed.clear()
+
+    def resume_writing(self) -> None:
+        self._flushed.set()
+
+    async def flushed(self) -> None:
+        """Until everything written to this socket is in its kernel send queue (the write
+        buffer limits are 0: any byte left in userspace pauses writing)."""
+        while not self._flushed.is_set() and not self.conn.finished:
+            try:
+                await asyncio.wait_for(self._flushed.wait(), RESET_POLL)
+            except asyncio.TimeoutError:
+                continue
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -438,21 +497,31 @@ class _End(asyncio.Protocol):
         if self.eof and self.conn.wired and self._forwarding is None and not self.conn.finished:
             self._forwarding = asyncio.ensure_future(self._forward_eof())
 
-    async def _forward_eof(self) -> None:
-        """Half-close the other app's connection once every byte ahead of the FIN is queued
-        on its socket (the redirect completes on a kernel workqueue)."""
-        other = self.conn.other(self)
+    async def _until_drained(self) -> bool:
+        """Until every byte carried toward the other side (redirected by the kernel, or
+        relayed by us) is queued on its socket (the redirect completes on a kernel
+        workqueue); False if the pair ended meanwhile."""
         delay = DRAIN_POLL_FIRST
         while not self.conn.finished:
             if self.conn.kernel_error():
-                return   # the bytes it waits for are lost: the pair was reset
+                return False   # the bytes it waits for are lost: the pair was reset
             try:
                 if self.conn.kernel.drained(self.conn.pair, self.toward_server):
-                    break
+                    return True
             except OSError:
-                return   # the other socket is gone: its own callbacks end the pair
+                return False   # the other socket is gone: its own callbacks end the pair
             await asyncio.sleep(delay)
             delay = min(delay * 2, DRAIN_POLL_MAX)
+        return False
+
+    async def _forward_eof(self) -> None:
+        """Half-close the other app's connection once every byte ahead of the FIN is queued
+        on its socket."""
+        other = self.conn.other(self)
+        if self._relaying is not None:
+            await asyncio.shield(self._relaying)   # handed-back bytes read before the EOF go first
+        if not await self._until_drained():
+            return
         if self.conn.finished or other.transport is None or other.transport.is_closing():
             return
         other.transport.write_eof()

@@ -16,6 +16,7 @@ import pytest
 
 from shoal.agent.ztunnel.config import ProxyConfig
 from shoal.config import ClusterLayout
+from shoal.datapath.bypass import queued_bytes
 from shoal.xds.model import Authorization, ConfigDelta, Rule, Source
 from tests.agent.ztunnel.proxybed import CLIENT_IP, SERVER_IP
 from tests.agent.ztunnel.test_proxy import APP_PORT, Harness, metric, start_harness
@@ -309,8 +310,9 @@ async def test_a_client_that_half_closes_before_reading_the_answer_still_gets_al
         await _until(lambda: len(bypass.live) == 1)
         (conn,) = bypass.live
         await _until(lambda: bypass.kernel().counts(conn.pair).server_to_client == len(head), timeout=20)
-        # the precondition: part of the answer still waits in the kernel, not yet on the socket
-        assert not bypass.kernel().drained(conn.pair, toward_server=False)
+        # the precondition: part of the answer is not on the client's socket yet (in the
+        # kernel's redirect queue, or handed back to the proxy past the high-water mark)
+        assert queued_bytes(conn.pair.client) - conn.pair.client_queued_before < len(head)
         writer.write(b"request")
         writer.write_eof()
         got = await asyncio.wait_for(reader.read(), 30)
@@ -620,3 +622,61 @@ async def test_bytes_the_kernel_cannot_redirect_end_the_pair_and_go_nowhere(prox
     assert metric(harness.app, "shoal_proxy_bypass_connections_total", outcome="broken") == 1
     for reporter in ("source", "destination"):
         assert metric(harness.app, "istio_tcp_connections_closed_total", reporter=reporter, response_flags="UR") == 1
+
+
+async def test_a_server_that_stops_reading_pushes_back_on_the_client_then_gets_every_byte(proxy):
+    """Attack: a client writing to a server app that reads nothing. The kernel's redirect
+    queue stays below the high-water mark, the rest is handed back to the proxy, which
+    holds one read of it until the server catches up, so TCP pushes back: the client's
+    writes stop being taken. When the server reads again, every byte arrives in order, the
+    byte counts are exact, and the pair is not broken."""
+    from shoal.datapath.structs import BYPASS_HIGH_WATER
+    harness = await proxy()
+    bypass = harness.app.ctx.bypass
+    reading, done = asyncio.Event(), asyncio.Event()
+    digest, got = hashlib.sha256(), []
+
+    async def stall_then_read(reader, writer):
+        await reading.wait()
+        while data := await reader.read(1 << 20):
+            digest.update(data)
+            got.append(len(data))
+        done.set()
+        writer.close()
+    server = await _listen_in_pod(harness.path("server"), 7103, stall_then_read)
+    try:
+        reader, writer = await harness.connect_via_proxy(SERVER_IP, 7103)
+        await _until(lambda: len(bypass.live) == 1)
+        (conn,) = bypass.live
+        payload = os.urandom(128 * 1024 * 1024)
+        sent = 0
+        while sent < len(payload):
+            writer.write(payload[sent:sent + (1 << 20)])
+            sent += 1 << 20
+            try:
+                await asyncio.wait_for(writer.drain(), 1.0)
+            except asyncio.TimeoutError:
+                break   # the path took nothing for a second
+        accepted = sent - writer.transport.get_write_buffer_size()
+        counts = bypass.kernel().counts(conn.pair)
+        on_server_socket = queued_bytes(conn.pair.server) - conn.pair.server_queued_before
+        held_by_proxy = sum(map(len, conn.client_end.handed_back))
+        print(f"accepted {accepted >> 10} KiB; redirected {counts.redirected_to_server >> 10} KiB, on the server "
+              f"side's socket {on_server_socket >> 10} KiB, handed back {counts.handed_back_to_server >> 10} KiB, "
+              f"held by the proxy {held_by_proxy >> 10} KiB")
+        assert accepted < len(payload), "the client was never pushed back"
+        assert counts.redirected_to_server - on_server_socket <= BYPASS_HIGH_WATER
+        assert counts.handbacks >= 1 and held_by_proxy <= 1 << 20
+        reading.set()
+        writer.write(payload[sent:])
+        await asyncio.wait_for(writer.drain(), 60)
+        writer.write_eof()
+        await asyncio.wait_for(done.wait(), 60)
+        assert (sum(got), digest.digest()) == (len(payload), hashlib.sha256(payload).digest())
+        writer.close()
+    finally:
+        server.close()
+    await _until(lambda: not bypass.live)
+    assert metric(harness.app, "shoal_proxy_bypass_connections_total", outcome="broken") == 0
+    for reporter in ("source", "destination"):
+        assert metric(harness.app, "istio_tcp_received_bytes_total", reporter=reporter) == len(payload)
