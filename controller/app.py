@@ -280,7 +280,8 @@ class ControllerApp:
             bad_requests = self.metrics.bad_requests
             runner = await serve_unix(
                 build_app(self.store, self.controller_status,
-                          on_error=lambda reason: bad_requests.labels(f"local-api:{reason}").inc()),
+                          on_error=lambda reason: bad_requests.labels(f"local-api:{reason}").inc(),
+                          protected_host_paths=(self.config.layout.run_root,)),
                 self.config.layout.api_socket)
         else:
             from shoal.controller.sources.kubernetes import KubernetesSource

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from aiohttp import web
 
@@ -45,8 +45,49 @@ def nesting_depth(value: Any, limit: int) -> int:
     return deepest
 
 
-def build_app(store: Store, status: Callable[[], dict[str, Any]], on_error: Callable[[str], None] = lambda _: None
-              ) -> web.Application:
+def _pod_specs(obj: Any) -> list[tuple[str, dict]]:
+    """(field, pod spec) of a Pod or of a Deployment's pod template."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("spec"), dict):
+        return []
+    if obj.get("kind") == "Pod":
+        return [("spec", obj["spec"])]
+    template = obj["spec"].get("template")
+    if obj.get("kind") == "Deployment" and isinstance(template, dict) and isinstance(template.get("spec"), dict):
+        return [("spec.template.spec", template["spec"])]
+    return []
+
+
+def host_paths_refused(objects: list[Any], protected: Sequence[Path]) -> list[str]:
+    """hostPath volumes (of Pods and pod templates written through this API) that reach a
+    ``protected`` folder: the folder itself, anything in it, or a parent of it.
+
+    The mesh's state lives there: the CA, node and waypoint credentials, the agents' flows
+    sockets (which a waypoint writes its L7 flows to, trusted because nothing else can reach
+    them). The waypoint launcher writes its Deployments into the store directly, not here,
+    so it is the only one that mounts them, as Pod Security "baseline" keeps hostPath to
+    privileged namespaces on Kubernetes (agent/README.md, "Who may write flows")."""
+    roots = [Path(os.path.realpath(p)) for p in protected]
+    problems = []
+    for index, obj in enumerate(objects):
+        for field, spec in _pod_specs(obj):
+            volumes = spec.get("volumes")
+            for v, volume in enumerate(volumes if isinstance(volumes, list) else []):
+                host = volume.get("hostPath") if isinstance(volume, dict) else None
+                path = host.get("path") if isinstance(host, dict) else None
+                if not isinstance(path, str) or not path.startswith("/"):
+                    continue
+                real = Path(os.path.realpath(path))
+                for root in roots:
+                    if real == root or root in real.parents or real in root.parents:
+                        problems.append(f"objects[{index}] {field}.volumes[{v}].hostPath.path: {path} reaches "
+                                        f"the mesh's state under {root}: refused (only the mesh's own pods mount it)")
+                        break
+    return problems
+
+
+def build_app(store: Store, status: Callable[[], dict[str, Any]], on_error: Callable[[str], None] = lambda _: None,
+              protected_host_paths: Sequence[Path] = ()) -> web.Application:
+    """``protected_host_paths``: folders no pod written through this API may mount (``host_paths_refused``)."""
     app = web.Application(client_max_size=MAX_BODY)
 
     async def read_objects(request: web.Request) -> list[Any]:
@@ -68,9 +109,14 @@ def build_app(store: Store, status: Callable[[], dict[str, Any]], on_error: Call
         log.warning("local API: refused a request: %s", message)
         return web.HTTPBadRequest(text=json.dumps({"errors": [message]}), content_type="application/json")
 
-    def write(operation: Callable[[list[Any]], list]) -> Callable:
+    def write(operation: Callable[[list[Any]], list], admit: bool) -> Callable:
         async def handler(request: web.Request) -> web.Response:
             objects = await read_objects(request)
+            refused = host_paths_refused(objects, protected_host_paths) if admit else []
+            if refused:
+                on_error("host_path")
+                log.warning("refused %s: %s", request.path, "; ".join(refused))
+                return web.json_response({"errors": refused}, status=422)
             try:
                 events = operation(objects)
             except ManifestError as e:
@@ -97,8 +143,8 @@ def build_app(store: Store, status: Callable[[], dict[str, Any]], on_error: Call
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
-    app.router.add_post("/apply", write(store.apply))
-    app.router.add_post("/delete", write(store.delete))
+    app.router.add_post("/apply", write(store.apply, admit=True))
+    app.router.add_post("/delete", write(store.delete, admit=False))
     app.router.add_get("/objects", objects)
     app.router.add_get("/status", status_handler)
     app.router.add_get("/healthz", healthz)

@@ -160,3 +160,50 @@ _SAMPLES = [
      "spec": {"gatewayClassName": "shoal-waypoint",
               "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}},
 ]
+
+
+async def test_a_pod_mounting_the_mesh_state_is_refused_counted_and_the_launcher_still_may(tmp_path):
+    """The attack: a pod that mounts its node's flows folder (hostPath) sends forged L7
+    flows to the agent, which trusts that only waypoints reach the socket. Through the API
+    (what `shoal apply` uses) every hostPath that reaches the mesh's state is refused; the
+    waypoint launcher writes its Deployments into the store directly."""
+    state = tmp_path / "run" / "shoal"
+    flows = state / "c1" / "node-1" / "flows"
+    flows.mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link").symlink_to(flows)
+    store = Store(tmp_path / "store.db")
+    store.apply([{"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"}},
+                 {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo"}}])
+    errors = []
+    path = tmp_path / "api.sock"
+    runner = await serve_unix(build_app(store, lambda: {}, on_error=errors.append, protected_host_paths=(state,)), path)
+
+    def pod(name, host_path):
+        return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "demo"},
+                "spec": {"volumes": [{"name": "v", "hostPath": {"path": host_path}}],
+                         "containers": [{"name": "c", "command": ["sleep", "inf"],
+                                         "volumeMounts": [{"name": "v", "mountPath": "/tmp/v"}]}]}}
+
+    def deployment(name, host_path):
+        return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": "demo"},
+                "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
+                         "template": {"metadata": {"labels": {"app": name}}, "spec": pod(name, host_path)["spec"]}}}
+
+    try:
+        async with ClientSession(connector=UnixConnector(path=str(path))) as session:
+            for obj in (pod("evil", str(flows)), pod("parent", "/"), pod("above", str(state.parent)),
+                        pod("via-link", str(tmp_path / "link")), deployment("evil-deploy", str(state / "c1"))):
+                async with session.post("http://local/apply", json={"objects": [obj]}) as resp:
+                    body = await resp.json()
+                    assert resp.status == 422 and "reaches the mesh's state" in body["errors"][0], body
+            assert errors == ["host_path"] * 5
+            assert store.list("Pod", "demo") == [] and store.list("Deployment", "demo") == []
+            async with session.post("http://local/apply",
+                                    json={"objects": [pod("fine", str(tmp_path / "elsewhere"))]}) as resp:
+                assert resp.status == 200, await resp.text()
+        store.apply([deployment("waypoint", str(flows))])   # the launcher's path: not the API's
+        assert store.list("Deployment", "demo")
+    finally:
+        await runner.cleanup()
+        store.close()

@@ -208,3 +208,43 @@ def test_a_pod_whose_manifest_adds_net_admin_gets_exactly_that(demo_cluster):
         assert seen[str(layout.node_credential_path("node-1"))] == "FileNotFoundError"
     finally:
         shoal_cli(layout, "delete", "-f", "-", input=NET_ADMIN_POD, check=False)
+
+
+FORGED_FLOW = textwrap.dedent("""
+    import socket, sys
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.sendto(b"F", sys.argv[1])
+        print("sent")
+    except OSError as err:
+        print(type(err).__name__)
+""")
+
+FLOWS_POD = """
+apiVersion: v1
+kind: Pod
+metadata: {{name: flows-forger, namespace: legacy}}
+spec:
+  volumes: [{{name: flows, hostPath: {{path: {path}}}}}]
+  containers:
+    - name: main
+      command: [sleep, "600"]
+      volumeMounts: [{{name: flows, mountPath: /tmp/flows}}]
+"""
+
+
+@pytest.mark.cluster
+def test_a_pod_can_neither_reach_its_nodes_flows_socket_nor_mount_its_folder(demo_cluster):
+    """The agent trusts the L7 flows on its flows socket because only waypoints reach it
+    (agent/README.md, "Who may write flows"). A pod's sandbox hides it, and a pod that asks
+    for the folder as a hostPath volume is refused at apply."""
+    layout = demo_cluster.layout
+    socket_path = layout.flows_socket("node-1")
+    assert socket_path.exists()
+    sent = pod_exec(layout, "demo/web-0", sys.executable, "-c", FORGED_FLOW, str(socket_path)).stdout.strip()
+    assert sent == "FileNotFoundError", sent
+    refused = shoal_cli(layout, "apply", "-f", "-", input=FLOWS_POD.format(path=layout.flows_dir("node-1")),
+                        check=False)
+    assert refused.returncode != 0 and "reaches the mesh's state" in refused.stderr + refused.stdout, refused
+    pods = json.loads(shoal_cli(layout, "get", "pods", "-n", "legacy", "-o", "json").stdout)["items"]
+    assert "flows-forger" not in {p["metadata"]["name"] for p in pods}
