@@ -194,6 +194,16 @@ class KernelBypass:
         return queued_bytes(pair.client) - pair.client_queued_before >= \
             counts.redirected_to_client + pair.relayed_to_client
 
+    def handed_back(self, pair: JoinedPair, toward_server: bool) -> int | None:
+        """Bytes the verdict handed back to the proxy on one direction's receiving socket;
+        None when its entry is gone (evicted: the verdict passes everything unchecked) or
+        it could not redirect some: bytes read there then prove nothing, the pair ends."""
+        value = BypassPair()
+        cookie = pair.client_cookie if toward_server else pair.server_cookie
+        if not bpfsys.map_lookup(self._pairs, U64(cookie), value) or value.unredirected:
+            return None
+        return value.handed_back
+
     def relayed(self, pair: JoinedPair, toward_server: bool, size: int) -> None:
         """The proxy wrote ``size`` more handed-back bytes to one side, and they are all on
         its socket (not in a userspace buffer): once it has reported every byte handed

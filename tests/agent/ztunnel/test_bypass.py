@@ -680,3 +680,26 @@ async def test_a_server_that_stops_reading_pushes_back_on_the_client_then_gets_e
     assert metric(harness.app, "shoal_proxy_bypass_connections_total", outcome="broken") == 0
     for reporter in ("source", "destination"):
         assert metric(harness.app, "istio_tcp_received_bytes_total", reporter=reporter) == len(payload)
+
+
+async def test_bytes_after_the_pair_entry_is_gone_are_not_taken_for_handed_back_ones(proxy, bypass_layout):
+    """Attack on the hand-back: once a pair's entry is gone (evicted from the LRU map, here
+    deleted by hand), the verdict passes every byte to the proxy unchecked. The proxy
+    must not relay them (they could overtake bytes still in the kernel's queue): both apps
+    are reset and it is counted as broken (not an app's reset)."""
+    from shoal.datapath import bpfsys
+    harness = await proxy()
+    reader, writer = await harness.connect_via_proxy(SERVER_IP, APP_PORT)
+    writer.write(b"ping")
+    assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+    (conn,) = harness.app.ctx.bypass.live
+    fd = bpfsys.obj_get(bypass_layout.bpf_pin_dir("node-1") / "bypass_pairs")
+    try:
+        assert bpfsys.map_delete(fd, ctypes.c_uint64(conn.pair.client_cookie))
+    finally:
+        os.close(fd)
+    writer.write(b"unchecked bytes")
+    with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+        await asyncio.wait_for(reader.readexactly(1), 5)
+    await _until(lambda: not harness.app.ctx.bypass.live)
+    assert metric(harness.app, "shoal_proxy_bypass_connections_total", outcome="broken") == 1
