@@ -274,6 +274,7 @@ class WaypointApp:
             await runner.cleanup()
         if self._config_client is not None:
             await self._config_client.close()
+        self.telemetry.flush()   # the last requests' log lines, flows and spans
         if self.flows is not None:
             self.flows.close()
         if self.spans is not None:

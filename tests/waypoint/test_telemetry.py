@@ -1,5 +1,6 @@
 """W3C trace context, OTLP export of the waypoint's spans, the request metrics."""
 import asyncio
+import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -134,3 +135,71 @@ async def test_requests_alike_share_one_istio_series_on_the_fast_path_and_the_pi
             assert bed.metric("istio_requests_total", response_code="200") == 5
         finally:
             await bed.close()
+
+
+async def test_log_lines_and_flows_follow_the_loop_turn_and_flows_share_datagrams(tmp_path):
+    """``record`` only counts: the log line and the flow are made at the end of the loop turn
+    (after the answer's HBONE bytes, flushed at the end of the turn too), and the flows of
+    requests close together leave in one datagram, not one each (each wakes the agent)."""
+    import socket
+
+    from shoal.api.flow import flow_pb2
+    from shoal.flows.emitter import KIND_BATCH, KIND_FLOW, FlowEmitter, decode_batch
+
+    path = tmp_path / "flows.sock"
+    agent = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    agent.bind(str(path))
+    agent.setblocking(False)
+    lines: list[str] = []
+    emitter = FlowEmitter(path)
+    registry = CollectorRegistry()
+    telemetry = RequestTelemetry(registry, access_log=lines.append, flow_emitter=emitter)
+    try:
+        for code in (200, 201, 404):
+            telemetry.record(RequestRecord(start=0.0, end=0.001, status=code, method="GET", path="/x",
+                                           authority="web.demo:8080", source_ip="10.244.1.7",
+                                           upstream_host="10.244.2.3:8080"))
+        assert lines == [] and samples(registry, "istio_requests_total")[(None, "404")] == 1
+        await asyncio.sleep(0)
+        assert [json.loads(line)["response_code"] for line in lines] == [200, 201, 404]
+        datagram = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(agent, 65536), 5)
+        assert datagram[:1] == KIND_BATCH
+        flows = [flow_pb2.Flow.FromString(record[1:]) for record in decode_batch(datagram[1:])]
+        assert [flow.l7.http.code for flow in flows] == [200, 201, 404]
+        assert emitter.sent == 3
+        telemetry.record(RequestRecord(start=0.0, end=0.001, status=503))
+        telemetry.flush()                                 # the app's stop: at once
+        assert json.loads(lines[-1])["response_code"] == 503
+        alone = agent.recv(65536)                         # a record alone is sent as itself
+        assert alone[:1] == KIND_FLOW and flow_pb2.Flow.FromString(alone[1:]).l7.http.code == 503
+    finally:
+        emitter.close()
+        agent.close()
+
+
+def test_flows_made_from_a_template_are_the_flows_http_flow_makes():
+    """``_flow`` copies the flow of requests alike and sets what differs: each must be the
+    flow ``http_flow`` builds from scratch (time aside), whatever came before it."""
+    from shoal.flows.records import http_flow
+
+    telemetry = RequestTelemetry(CollectorRegistry())
+    trace = TraceContext.from_header("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+    cases = [
+        dict(status=200, end=0.0005, trace=trace),
+        dict(status=503, end=0.0123, trace=None),                         # same key: the template again
+        dict(status=403, end=2.5, trace=trace, flags={"RBAC"}),            # denied: DROPPED
+        dict(status=200, end=0.001, trace=trace, path="/other", mtls=False, upstream_host=""),
+    ]
+    for case in cases:
+        fields = dict(start=0.0, method="POST", path="/x", authority="web.demo:8080", source_ip="10.244.1.7",
+                      source_port=0, upstream_host="10.244.2.3:8080", requested_address="10.96.0.10:8080",
+                      mtls=True)
+        record = RequestRecord(**{**fields, **case})
+        made = telemetry._flow(record)
+        server = record.upstream_host or record.requested_address
+        expected = http_flow(server.rpartition(":")[0], int(server.rpartition(":")[2]), "10.244.1.7", 0,
+                             kind="response", method="POST", url=f"http://web.demo:8080{record.path}",
+                             code=record.status, latency_ns=int(record.duration_ms * 1e6),
+                             verdict="DROPPED" if "RBAC" in record.flags else "FORWARDED", mtls=record.mtls,
+                             trace_id=trace.trace_id if record.trace else "", ts_ns=made.time.ToNanoseconds())
+        assert made == expected, case
