@@ -219,3 +219,83 @@ async def main():
     print(json.dumps({**stats, "goaway": dict(stats["goaway"]), "errors": dict(stats["errors"])}), flush=True)
 asyncio.run(main())
 """
+
+# A TLS handshake flood on a pod's 15008 (issue 18), from one source: ``idle`` connections
+# kept open that start a ClientHello and never finish it (each reopened as soon as the
+# proxy ends it), and ``loops`` loops each of garbage ClientHellos and of complete
+# handshakes with a certificate the mesh CA never issued. Prints one JSON summary.
+# Args: host, port, seconds, idle, loops, untrusted chain PEM, its key PEM.
+HANDSHAKE_FLOOD_CLIENT = """
+import asyncio, collections, contextlib, json, os, resource, ssl, sys, tempfile, time
+host, port, seconds, idle, loops = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+context.check_hostname = False
+context.verify_mode = ssl.CERT_NONE
+with tempfile.NamedTemporaryFile("w") as chain, tempfile.NamedTemporaryFile("w") as key:
+    chain.write(sys.argv[6]); chain.flush(); key.write(sys.argv[7]); key.flush()
+    context.load_cert_chain(chain.name, key.name)
+context.set_alpn_protocols(["h2"])
+# A TLS record announcing a 512-byte ClientHello, of which only the start is ever sent.
+PARTIAL_HELLO = bytes([0x16, 3, 1, 2, 0, 1, 0, 1, 0xfc, 3, 3])
+stats = {"idle_open": 0, "idle_peak": 0, "idle_opened": 0, "idle_held_s": 0.0, "garbage": 0, "untrusted": 0,
+         "untrusted_accepted": 0, "reset": 0, "errors": collections.Counter()}
+async def until_closed(reader, limit):
+    try:
+        while await asyncio.wait_for(reader.read(65536), limit):
+            pass
+    except ConnectionResetError:
+        stats["reset"] += 1
+async def connect():
+    return await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+async def guarded(deadline, attempt):
+    while time.monotonic() < deadline:
+        try:
+            await attempt(deadline)
+        except (OSError, asyncio.TimeoutError, EOFError) as exc:
+            stats["errors"][type(exc).__name__] += 1
+            await asyncio.sleep(0.05)
+async def hold_idle(deadline):
+    reader, writer = await connect()
+    stats["idle_opened"] += 1
+    stats["idle_open"] += 1
+    stats["idle_peak"] = max(stats["idle_peak"], stats["idle_open"])
+    began = time.monotonic()
+    try:
+        writer.write(PARTIAL_HELLO)
+        with contextlib.suppress(asyncio.TimeoutError):   # still held at the end of the run
+            await until_closed(reader, max(0.1, deadline - time.monotonic()))
+    finally:
+        stats["idle_open"] -= 1
+        stats["idle_held_s"] += time.monotonic() - began
+        writer.close()
+async def garbage(deadline):
+    reader, writer = await connect()
+    writer.write(bytes([0x16, 3, 1, 2, 0]) + os.urandom(512))
+    stats["garbage"] += 1
+    try:
+        await until_closed(reader, 10)
+    finally:
+        writer.close()
+async def untrusted(deadline):
+    stats["untrusted"] += 1
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=context, server_hostname=""), 10)
+    except ssl.SSLError:
+        return
+    try:   # TLS 1.3: the client's handshake ends before the server has checked its certificate
+        if await asyncio.wait_for(reader.read(1), 10):
+            stats["untrusted_accepted"] += 1
+    except (ConnectionError, ssl.SSLError):
+        pass
+    finally:
+        writer.close()
+async def main():
+    deadline = time.monotonic() + seconds
+    tasks = [guarded(deadline, hold_idle) for _ in range(idle)]
+    tasks += [guarded(deadline, job) for _ in range(loops) for job in (garbage, untrusted)]
+    await asyncio.gather(*tasks)
+    print(json.dumps({**stats, "idle_held_s": round(stats["idle_held_s"], 1), "errors": dict(stats["errors"])}), flush=True)
+asyncio.run(main())
+"""

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import ssl
 import subprocess
+import sys
 import time
 
 import h2.config
@@ -514,3 +516,29 @@ async def test_past_the_workers_handshake_total_the_largest_holder_makes_room(po
         finally:
             for sock in flood:
                 sock.close()
+
+
+async def test_the_perf_handshake_flood_scaled_down_costs_another_pod_nothing(bed, tmp_path):
+    """perf's h2flood ``handshake`` attacker (never-finished ClientHellos, garbage, an
+    untrusted certificate, all at once) from one pod, scaled down: the other pod's requests
+    all succeed, the attacker is capped and boxed, and its summary is what perf reads."""
+    from shoal.perf.connscripts import HANDSHAKE_FLOOD_CLIENT
+    from shoal.perf.scenarios.h2flood import attacker_note, untrusted_credentials
+
+    bed.app.ctx.handshakes = HandshakeGate(per_source=50)
+    attacker = await asyncio.create_subprocess_exec(
+        "ip", "netns", "exec", bed.netns["other"], sys.executable, "-c", HANDSHAKE_FLOOD_CLIENT, SERVER_IP,
+        "15008", "4", "200", "2", *untrusted_credentials(), stdout=asyncio.subprocess.PIPE)
+    try:
+        await asyncio.sleep(1.0)
+        assert await _during(bed, asyncio.sleep(0)) == []
+        out, _ = await asyncio.wait_for(attacker.communicate(), 60)
+    finally:
+        if attacker.returncode is None:
+            attacker.kill()
+            await attacker.wait()
+    summary = json.loads(out.decode().strip().splitlines()[-1])
+    assert summary["idle_opened"] >= 200 and summary["garbage"] >= 1 and summary["untrusted_accepted"] == 0
+    assert "never-finished handshakes" in attacker_note(summary)
+    assert metric(bed.app, "shoal_proxy_rejected_total", reason="handshake_source_cap") >= 150
+    assert metric(bed.app, "shoal_proxy_rejected_total", reason="handshake_failures") >= 1   # boxed
