@@ -93,34 +93,35 @@ async def connect_app(ctx: ProxyContext, pod: ServedPod, dst_ip: str, port: int,
 
 # -- 15008 ------------------------------------------------------------------------------------
 
+def refused_at_accept(ctx: ProxyContext, address: tuple) -> str | None:
+    """15008's screen at accept (``proxy.Acceptor``): a source recently cut off for abuse,
+    or for failing handshakes, is refused before anything else (penalty.py)."""
+    return "abuser_penalty" if ctx.abusers.refuses(address[0], asyncio.get_running_loop().time()) else None
+
+
 async def handle_hbone(ctx: ProxyContext, pod: ServedPod, conn: socket.socket) -> None:
-    """One accepted connection on 15008: mTLS handshake (bounded in time, and in number per
-    source and per worker: handshakes.py), then HTTP/2. A source recently cut off for
-    abuse, or for failing handshakes, is refused first, before the handshake (penalty.py)."""
+    """One accepted connection on 15008 (past ``refused_at_accept``): mTLS handshake (bounded
+    in time, and in number per source and per worker: handshakes.py), then HTTP/2."""
     peer = conn.getpeername()
     loop = asyncio.get_running_loop()
-    if ctx.abusers.refuses(peer[0], loop.time()):
-        ctx.metrics.reject("hbone", "abuser_penalty")
-        reset_connection(conn)
-        return
     svid = ctx.identities.current(pod.spiffe_id)
     if svid is None:
         ctx.metrics.reject("hbone", "no_certificate")
         conn.close()
         return
-    session = HboneSession(client_side=False, idle_timeout=ctx.config.pool_idle_timeout,
-                           on_request=lambda s, ev: _on_request(ctx, pod, s, ev, peer[0]),
-                           on_rejected=lambda reason: _session_refused(ctx, peer[0], reason),
-                           on_closed=lambda s: (ctx.inbound_sessions.discard(s), pod.sessions.discard(s)),
-                           verify=lambda ssl_object: check_session(ssl_object, None),
-                           tcp_reads=ctx.tcp_reads, log_limiter=ctx.hbone_log_limiter)
-    refusal, victims = ctx.handshakes.admit(peer[0], conn)
+    refusal, victims = ctx.handshakes.admit(peer[0], conn)   # before any cost of ours
     if refusal is not None:
         _refuse_handshake(ctx, conn, peer, refusal, None, reset=True)
         return
     _cut_handshakes(victims)
     started = loop.time()
     try:
+        session = HboneSession(client_side=False, idle_timeout=ctx.config.pool_idle_timeout,
+                               on_request=lambda s, ev: _on_request(ctx, pod, s, ev, peer[0]),
+                               on_rejected=lambda reason: _session_refused(ctx, peer[0], reason),
+                               on_closed=lambda s: (ctx.inbound_sessions.discard(s), pod.sessions.discard(s)),
+                               verify=lambda ssl_object: check_session(ssl_object, None),
+                               tcp_reads=ctx.tcp_reads, log_limiter=ctx.hbone_log_limiter)
         # The context is the SVID current at accept time: rotation never touches live sessions.
         await loop.connect_accepted_socket(lambda: session, conn, ssl=svid.server_context,
                                            ssl_handshake_timeout=ctx.config.handshake_timeout)

@@ -19,7 +19,7 @@ from typing import Awaitable, Callable
 from shoal.agent.ztunnel import transparent
 from shoal.agent.ztunnel.admission import Admission
 from shoal.agent.ztunnel.context import ProxyContext, ServedPod
-from shoal.agent.ztunnel.inbound import handle_hbone, handle_plaintext
+from shoal.agent.ztunnel.inbound import handle_hbone, handle_plaintext, refused_at_accept
 from shoal.agent.ztunnel.netns import NetnsHandle
 from shoal.agent.ztunnel.outbound import handle_outbound
 from shoal.agent.ztunnel.relay import reset_connection
@@ -70,12 +70,17 @@ class Acceptor:
     accepting (the kernel queues the burst); past the open-file budget, or when it waited
     too long in the accept queue of an overloaded kind, a new connection is reset at once
     and counted. Each setup's wait (accept queue + setup) feeds the delay controller.
+    ``screen`` (the client's address -> a refusal reason, or None) refuses a connection
+    before any of that, for the cost of the accept alone: a source in the penalty box that
+    reconnects in a loop is refused thousands of times a second.
     """
 
     def __init__(self, listener: socket.socket, handler: Callable[[socket.socket], Awaitable[None]],
                  name: str, on_error: Callable[[BaseException], None], admission: Admission,
-                 on_shed: Callable[[str, str], None], on_pause: Callable[[str], None] = lambda name: None):
+                 on_shed: Callable[[str, str], None], on_pause: Callable[[str], None] = lambda name: None,
+                 screen: Callable[[tuple], str | None] | None = None):
         self.listener, self.handler, self.name = listener, handler, name
+        self._screen = screen
         self._on_error = on_error
         self._admission = admission
         self._on_shed = on_shed
@@ -98,7 +103,7 @@ class Acceptor:
                 self._on_pause(self.name)
                 return
             try:
-                conn, _ = self.listener.accept()
+                conn, address = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 self._admission.queue_empty(self.name)
                 return
@@ -108,6 +113,11 @@ class Acceptor:
                     self._stop_reading()
                     self._resume = asyncio.get_running_loop().call_later(ACCEPT_PAUSE, self._unpause)
                 return
+            refusal = self._screen(address) if self._screen is not None else None
+            if refusal is not None:
+                reset_connection(conn)
+                self._on_shed(self.name, refusal)
+                continue
             age = accept_queue_age(conn)
             refusal = self._admission.admit(self.name, age)
             if refusal is not None:
@@ -229,7 +239,8 @@ class PodRegistry:
                     sock, functools.partial(handler, self.ctx, enrolled), name,
                     on_error=functools.partial(self._handler_failed, name), admission=self.ctx.admission,
                     on_shed=self.ctx.metrics.reject,
-                    on_pause=lambda listener: self.ctx.metrics.accept_paused.labels(listener).inc()))
+                    on_pause=lambda listener: self.ctx.metrics.accept_paused.labels(listener).inc(),
+                    screen=functools.partial(refused_at_accept, self.ctx) if name == "hbone" else None))
         except OSError:
             enrolled.stop_accepting()
             if self.prepares_netns:

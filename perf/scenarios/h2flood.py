@@ -147,6 +147,8 @@ def run(ctx: Context) -> Iterator[Measurement]:
             if sampler.usage is not None:
                 yield Measurement(BENCH, phase, "rss", "MB", (sampler.usage.rss_peak_mb,), "lower",
                                   "node-2 proxy (the flooded one), peak")
+                yield Measurement(BENCH, phase, "proxy_cpu", "cores", (round(sampler.usage.cpu_cores, 3),), "lower",
+                                  "node-2 proxy (the flooded one), average over the phase")
     finally:
         ctx.bed.stop(echo)
 

@@ -372,7 +372,7 @@ async def test_an_abuser_reconnecting_at_once_is_refused_before_tls_and_no_one_e
     assert await _during(bed, flood()) == []
     assert raw.goaway() == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
     assert len(refused) == 5, refused   # no TLS handshake, no new budget to spend
-    assert all("reset" in str(answer) for answer in refused), refused
+    assert all("reset" in str(answer).lower() for answer in refused), refused
     assert metric(bed.app, "shoal_proxy_rejected_total", reason="ping_flood") == 1
     assert metric(bed.app, "shoal_proxy_rejected_total", reason="abuser_penalty") == 5, refused
 
@@ -422,12 +422,14 @@ async def test_non_utf8_header_bytes_get_400_on_that_stream_and_are_counted(bed,
 
 async def _open_idle(h: Harness, count: int) -> list:
     """``count`` TCP connections to the server pod's 15008 from the 'other' pod that never
-    start TLS (a handshake flood); the sockets, connected."""
+    start TLS (a handshake flood); the sockets (one the proxy reset as it connected
+    included: refused at accept can be that fast)."""
     loop = asyncio.get_running_loop()
     socks = []
     for _ in range(count):
         sock = h.raw_socket("other")
-        await loop.sock_connect(sock, (SERVER_IP, 15008))
+        with contextlib.suppress(ConnectionResetError):
+            await loop.sock_connect(sock, (SERVER_IP, 15008))
         socks.append(sock)
     return socks
 
@@ -439,10 +441,10 @@ async def _ended_within(socks: list, seconds: float) -> int:
     async def ended(sock) -> bool:
         try:
             return await asyncio.wait_for(loop.sock_recv(sock, 1), seconds) == b""
-        except ConnectionError:
-            return True
-        except asyncio.TimeoutError:
+        except asyncio.TimeoutError:   # (an OSError too: first)
             return False
+        except OSError:   # reset, or reset while connecting
+            return True
     return sum(await asyncio.gather(*(ended(s) for s in socks)))
 
 
