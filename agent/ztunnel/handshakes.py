@@ -13,9 +13,11 @@ that filled it paused the accept of every pod's 15008 until the handshakes timed
   node proxy dials from inside the pod), so one pod's flood is refused at accept beyond
   it and costs no other pod anything. A legitimate pod dials far fewer at once: its node
   proxy opens one HBONE connection per 100 streams waiting, so even a 10,000-connection
-  burst is about 100 dials per worker of it (256: two such workers, as many as the upstream
-  dials allowed per peer identity).
-- **Overall** (``total``, per worker): past it, the source holding the most handshakes
+  burst is about 100 dials per worker of it.
+- **Overall** (``total``, per worker): memory is the reason. A handshake in progress held
+  about 230 KB of the worker (the h2flood ``handshake`` run, measured under load: 256
+  never-finished ones from one pod took the worker from 102 to 160 MB; the TLS transport's
+  read buffer is 256 KiB), so 256 of them are ~60 MB at most, whoever sends them. Past it, the source holding the most handshakes
   loses its oldest one to the newcomer (a fair share, as a fair queue would give), or the
   newcomer is refused when it is itself that source. So many attacking pods together
   cannot keep a well-behaved pod from completing its handshakes.
@@ -49,7 +51,7 @@ class _Failures:
 class HandshakeGate:
     """Handshakes in progress per source and overall, and failing sources."""
 
-    def __init__(self, per_source: int = 256, total: int = 1024, failures: int = 20,
+    def __init__(self, per_source: int = 128, total: int = 256, failures: int = 20,
                  window: float = 60.0, capacity: int = 4096) -> None:
         if per_source < 1 or total < per_source:
             raise ValueError("per_source must be at least 1 and total at least per_source")
