@@ -83,14 +83,18 @@ asyncio.run(main())
 # Opens RATE connections a second for SECONDS, each echoing a line (connect and echo within
 # TIMEOUT s each, default 10), and holds no finished task (an hour at 200/s is 720,000 of
 # them). Prints a JSON progress line every PROGRESS seconds and a JSON summary last: ok,
-# failed, the failures by reason (exception type and errno), the first few errors, and the
-# p50/p99/max seconds of connect + echo. Args: host port rate seconds [timeout].
+# failed, the failures by reason (exception type and errno), the first few errors, the
+# p50/p99/max seconds of connect + echo, and per WINDOW seconds of the run (by when each
+# connection started; only windows with any) the failures and the connections slower than
+# 1 s: whether trouble is spread over the run or bunched (say, right after a burst).
+# Args: host port rate seconds [timeout].
 SOAK_CLIENT = """
 import asyncio, collections, json, sys, time
 host, port, rate, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 TIMEOUT = float(sys.argv[5]) if len(sys.argv) > 5 else 10.0
-PROGRESS = 60.0
+PROGRESS, WINDOW = 60.0, 5
 ok, reasons, errors, latencies = 0, collections.Counter(), [], []
+failed_by_window, slow_by_window = collections.Counter(), collections.Counter()
 def reason(exc):
     errno = getattr(exc, "errno", None)
     return type(exc).__name__ + (f"[errno {errno}]" if errno else "")
@@ -98,6 +102,7 @@ async def one(i):
     global ok
     line = b"soak %d\\n" % i
     began = time.monotonic()
+    window = int(i / rate) // WINDOW * WINDOW
     try:
         r, w = await asyncio.wait_for(asyncio.open_connection(host, port), TIMEOUT)
         try:
@@ -108,8 +113,11 @@ async def one(i):
             w.close()
         ok += 1
         latencies.append(time.monotonic() - began)
+        if latencies[-1] > 1.0:
+            slow_by_window[window] += 1
     except (OSError, ValueError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
         reasons[reason(exc)] += 1
+        failed_by_window[window] += 1
         if len(errors) < 10:
             errors.append(f"{i}: {exc!r}")
 def percentile(values, q):
@@ -132,7 +140,9 @@ async def main():
         await asyncio.wait(pending)
     print(json.dumps({"ok": ok, "failed": sum(reasons.values()), "reasons": dict(reasons), "errors": errors,
                       "p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99),
-                      "max": round(max(latencies), 4) if latencies else None}), flush=True)
+                      "max": round(max(latencies), 4) if latencies else None, "window": WINDOW,
+                      "failed_by_window": dict(sorted(failed_by_window.items())),
+                      "slow_by_window": dict(sorted(slow_by_window.items()))}), flush=True)
 asyncio.run(main())
 """
 

@@ -19,7 +19,10 @@ soak; ``SHOAL_PERF_LOAD_CONNECTIONS`` sets the counts (comma-separated, e.g. ``1
 set to 0 skips that part (a soak-only run:
 ``SHOAL_PERF_LOAD_CONNECTIONS=0 SHOAL_PERF_SOAK_SECONDS=3600``). Failures are reported by
 reason (exception type and errno, client side) beside the refusals both node proxies
-counted during that part (burst and soak each).
+counted during that part (burst and soak each). The soak's failures and slow (> 1 s)
+connections are also given per 5 s of start time, and ``failures_after_burst`` counts
+those started in its first 15 s, right after the concurrent part's connections closed:
+trouble bunched after a burst, or spread over the run.
 The HTTP/2 floods are scaled down in ``make test`` (tests/agent/ztunnel/test_proxy_load.py).
 """
 from __future__ import annotations
@@ -221,9 +224,16 @@ def _soak(ctx: Context, client, server, proxies, seconds: float) -> Iterator[Mea
     refused = refusal_delta(before, proxy_refusals(ctx))
     total = int(SOAK_RATE * seconds)
     reasons = ", ".join(f"{n} {why}" for why, n in sorted(summary["reasons"].items())) or "none"
-    ctx.log(f"  soak: client failures {reasons}; the proxies counted {refused}")
+    spread = failure_spread(summary)
+    ctx.log(f"  soak: client failures {reasons}; the proxies counted {refused}; {spread}")
     yield Measurement(SOAK, PATH, "failures", "count", (float(summary["failed"]),), "lower",
-                      f"{summary['ok']} of {total} succeeded; failures: {reasons}; the proxies counted: {refused}")
+                      f"{summary['ok']} of {total} succeeded; failures: {reasons}; {spread}; "
+                      f"the proxies counted: {refused}")
+    if summary.get("failed_by_window") is not None:
+        yield Measurement(SOAK, PATH, "failures_after_burst", "count",
+                          (float(failures_in_first(summary, AFTER_BURST_SECONDS)),), "lower",
+                          f"failures of the connections started in the soak's first {AFTER_BURST_SECONDS:.0f} s "
+                          "(right after the concurrent part's connections closed)")
     if summary.get("p99") is not None:
         yield Measurement(SOAK, PATH, "p99", "ms", (summary["p99"] * 1000,), "lower",
                           f"connect + one echo; p50 {summary['p50'] * 1000:.1f} ms")
@@ -238,6 +248,26 @@ def _soak(ctx: Context, client, server, proxies, seconds: float) -> Iterator[Mea
         yield Measurement(SOAK, PATH, "rss_growth", "%", (growths[worst].percent,), "lower",
                           f"the node proxy that grew most, after a warm-up of the first {WARMUP_FRACTION:.0%} "
                           f"of the run (least-squares line through the rest); each: {each}")
+
+
+AFTER_BURST_SECONDS = 15.0
+
+
+def failures_in_first(summary: dict, seconds: float) -> int:
+    """Failures of the soak's connections that started in its first ``seconds``."""
+    return sum(count for start, count in summary.get("failed_by_window", {}).items() if float(start) < seconds)
+
+
+def failure_spread(summary: dict) -> str:
+    """Where in the run failures and slow (> 1 s) connections fell, per window of start
+    time: bunched after a burst or spread over the run."""
+    window = summary.get("window")
+    if window is None:
+        return "no per-window figures"
+    def listing(counts: dict) -> str:
+        return ", ".join(f"{int(start)}-{int(start) + window} s: {n}" for start, n in counts.items()) or "none"
+    return (f"failures by start time {listing(summary['failed_by_window'])}; "
+            f"slower than 1 s {listing(summary['slow_by_window'])}")
 
 
 WARMUP_FRACTION = 0.25

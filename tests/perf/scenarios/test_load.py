@@ -64,3 +64,15 @@ def test_the_refusal_note_names_what_grew_during_the_part():
              "node-2 hbone/upstream_connect": 2.0}
     assert refusal_delta(before, after) == "15 node-1 outbound/hbone_no_answer, 2 node-2 hbone/upstream_connect"
     assert refusal_delta(after, after) == "none"
+
+
+def test_soak_failures_are_placed_by_start_time_and_those_after_the_burst_counted_apart():
+    from shoal.perf.scenarios.load import failure_spread, failures_in_first
+
+    # The shape of the soak after a 10,000 burst (issue 18): slow from the start, failing later.
+    summary = {"window": 5, "failed_by_window": {"30": 232, "35": 963}, "slow_by_window": {"0": 441, "10": 7}}
+    assert failures_in_first(summary, 15.0) == 0 and failures_in_first(summary, 35.0) == 232
+    assert failure_spread(summary) == ("failures by start time 30-35 s: 232, 35-40 s: 963; "
+                                       "slower than 1 s 0-5 s: 441, 10-15 s: 7")
+    assert failure_spread({"window": 5, "failed_by_window": {}, "slow_by_window": {}}).count("none") == 2
+    assert failure_spread({"ok": 1}) == "no per-window figures"
