@@ -17,7 +17,13 @@
     draining, those that already waited past the target in the accept queue are reset
     when accepted (``reason="queue_delay"``, logged at most once a second) and setups in
     flight are capped at what the proxy completes within the target, so the connections
-    served are ones whose client still waits. A burst that drains is never shed.
+    served are ones whose client still waits. A burst that drains is never shed. The
+    wait is this proxy's own (:class:`Setup`): what a setup spends waiting on its peer
+    (the HBONE handshake and answer, an upstream connect) is left out.
+  - Inbound HBONE streams in setup (``STREAM_KIND``): past ``max_streams_in_setup`` a
+    NEW stream is reset with REFUSED_STREAM at once (``reason="stream_overloaded"``,
+    logged at most once a second), established streams untouched. The peer learns that
+    nothing of it was processed and may retry it.
 - :class:`DialLimits`: a cap on concurrent upstream dials per peer identity, so one
   HBONE peer (say, one replaying Rapid Reset) cannot hold every dial of the node.
 """
@@ -28,7 +34,8 @@ import contextlib
 import logging
 import resource
 import time
-from typing import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Iterator
 
 from shoal.agent.ztunnel.shedding import DelayShedder, ShedPolicy
 from shoal.ratelog import LogLimiter
@@ -37,6 +44,12 @@ log = logging.getLogger(__name__)
 
 
 QUEUE_READ_PERIOD = 0.1   # seconds between two reads of a kind's accept-queue lengths
+# The "kind" of inbound HBONE streams (CONNECTs on an established 15008 connection):
+# counted in setup like a listener's connections, but past their cap refused at once (no
+# kernel queue to wait in), with REFUSED_STREAM so the peer knows nothing was done. Not
+# shed on delay: that refused 5,061 streams of a 10,000 burst on a machine at load 10,
+# and each refusal came straight back as the source's retry.
+STREAM_KIND = "hbone_stream"
 FD_RESERVE = 512  # listeners, HBONE connections, pod namespaces, logs, the agent link
 
 
@@ -62,6 +75,23 @@ def default_max_connections() -> int:
     return max(64, soft - FD_RESERVE)
 
 
+@dataclass
+class Setup:
+    """One connection (or inbound stream) being set up. Its *own* wait is what the delay
+    controller judges: from ``arrived`` (its handshake completed; a stream: its CONNECT was
+    read) until its setup ended, less ``peer_wait``, the time spent waiting for another
+    party (the HBONE peer's handshake and answer, an upstream's connect). A slow peer is
+    the peer's overload, shed by the peer itself and bounded by our timeouts: counted as
+    ours, it made a proxy refuse everything after a burst that had only slowed its peer."""
+    kind: str
+    arrived: float
+    peer_wait: float = 0.0
+    peer_since: float | None = None   # waiting on a peer now, since then
+
+    def own_wait(self, now: float) -> float:
+        return now - self.arrived - self.peer_wait - (now - self.peer_since if self.peer_since is not None else 0.0)
+
+
 class Admission:
     """Counts connections in setup per listener kind; says whether a new one may be
     accepted now. The setup cap is per kind (outbound, plaintext, hbone) so a burst on one
@@ -71,14 +101,18 @@ class Admission:
 
     def __init__(self, max_in_setup: int, max_live: int, live: Callable[[], int],
                  clock: Callable[[], float] = time.monotonic, shed_policy: ShedPolicy = ShedPolicy(),
-                 observe_wait: Callable[[str, float], None] = lambda kind, waited: None):
+                 observe_wait: Callable[[str, float], None] = lambda kind, waited: None,
+                 max_streams_in_setup: int | None = None):
         self.max_in_setup = max_in_setup
+        self.max_streams_in_setup = max_in_setup if max_streams_in_setup is None else max_streams_in_setup
         self.max_live = max_live
         self._live = live
         self.clock = clock
         self.shed_policy = shed_policy
         self._observe_wait = observe_wait
         self._in_setup: dict[str, int] = {}
+        self._with_peer: dict[str, int] = {}      # of those, waiting on a peer now
+        self._setups: dict[asyncio.Future, Setup] = {}   # by the task that sets it up
         self.shed = 0
         self.pauses = 0
         self._waiting: dict[str, list[Callable[[], None]]] = {}  # listeners paused until setups drain
@@ -90,8 +124,8 @@ class Admission:
 
     @property
     def in_setup(self) -> int:
-        """Connections in setup, every kind together."""
-        return sum(self._in_setup.values())
+        """Connections in setup, every listener kind together (not inbound streams)."""
+        return sum(count for kind, count in self._in_setup.items() if kind != STREAM_KIND)
 
     def overloaded(self, kind: str) -> bool:
         """Whether this kind is shedding on queueing delay now."""
@@ -99,21 +133,27 @@ class Admission:
         return shedder is not None and shedder.overloaded
 
     def setup_cap(self, kind: str) -> int:
-        """Setups of this kind allowed in flight now (lower while it is overloaded)."""
+        """Setups of this kind doing this proxy's own work (not waiting on a peer) allowed
+        now: all of them when calm, throughput x target while it is overloaded."""
         shedder = self._shedders.get(kind)
         return self.max_in_setup if shedder is None else shedder.setup_cap(self.max_in_setup)
 
     def full(self, kind: str) -> bool:
-        """Setups of this kind at the cap: accept nothing more of it for now (between
-        the cap and the resume mark, three quarters of it, a paused kind stays paused)."""
-        count, cap = self._in_setup.get(kind, 0), self.setup_cap(kind)
-        return count >= cap or kind in self._waiting and count >= max(1, cap * 3 // 4)
+        """Setups of this kind at a cap: accept nothing more of it for now (between a cap
+        and its resume mark, three quarters of it, a paused kind stays paused). Two caps:
+        all setups (memory and sockets), and while overloaded those not waiting on a peer
+        (a setup waiting for a slow peer's answer costs this proxy nothing meanwhile)."""
+        total = self._in_setup.get(kind, 0)
+        own = total - self._with_peer.get(kind, 0)
+        paused = kind in self._waiting
+        return any(count >= cap or paused and count >= max(1, cap * 3 // 4)
+                   for count, cap in ((total, self.max_in_setup), (own, self.setup_cap(kind))))
 
     def wait_for_room(self, kind: str, resume: Callable[[], None]) -> None:
         """A listener stops accepting; ``resume`` is called once its kind's setups have drained."""
         self.pauses += 1
         self._waiting.setdefault(kind, []).append(resume)
-        cap = self.setup_cap(kind)
+        cap = min(self.max_in_setup, self.setup_cap(kind))
         if self._should_log(f"pause {kind}"):
             log.warning("busy: %d %s connections in setup (max %d): their listeners pause accepting until %d; "
                         "new connections wait in the kernel's accept queue (%d pauses so far)",
@@ -160,23 +200,67 @@ class Admission:
                         self.setup_cap(kind))
         return "queue_delay"
 
-    def setup_started(self, kind: str, age: float = 0.0) -> float:
-        """A connection of ``kind`` goes into setup after ``age`` seconds in the accept
-        queue; returns when its handshake completed, for :meth:`setup_done`."""
-        self._in_setup[kind] = self._in_setup.get(kind, 0) + 1
-        return self.clock() - age
+    def admit_stream(self) -> str | None:
+        """For an inbound HBONE stream (a CONNECT) just read: None to set it up, else the
+        reason to refuse it at once: ``stream_overloaded`` (streams in setup at the cap).
+        Refusals are logged at most once a second."""
+        count = self._in_setup.get(STREAM_KIND, 0)
+        if count < self.max_streams_in_setup:
+            return None
+        self._note_refusal(STREAM_KIND, f"streams in setup at the cap ({count}, max {self.max_streams_in_setup})")
+        return "stream_overloaded"
 
-    def setup_done(self, kind: str, arrived: float | None = None) -> None:
-        """A setup of ``kind`` ended (wired or refused); ``arrived`` as setup_started returned it."""
+    def _note_refusal(self, kind: str, why: str) -> None:
+        self.shed += 1
+        self._shed_since_log[kind] = self._shed_since_log.get(kind, 0) + 1
+        if self._should_log(f"refuse {kind}"):
+            log.warning("overloaded: %s: refused %d new one(s): %s (%d refused in all)",
+                        kind, self._shed_since_log.pop(kind), why, self.shed)
+
+    def setup_started(self, kind: str, age: float = 0.0, task: asyncio.Future | None = None) -> Setup:
+        """A connection of ``kind`` goes into setup after ``age`` seconds in the accept
+        queue (an inbound stream: 0); ``task`` sets it up (it may say when it waits on a
+        peer, :meth:`waiting_on_peer`). Returns the setup, for :meth:`setup_done`."""
+        self._in_setup[kind] = self._in_setup.get(kind, 0) + 1
+        setup = Setup(kind, self.clock() - age)
+        if task is not None:
+            self._setups[task] = setup
+        return setup
+
+    @contextlib.contextmanager
+    def waiting_on_peer(self) -> Iterator[None]:
+        """Around what the current setup waits for from another party (a dial, the HBONE
+        peer's answer): that time is not this proxy's delay. Outside a tracked setup
+        (a test calling a handler directly) it does nothing."""
+        setup = self._setups.get(asyncio.current_task())   # type: ignore[arg-type]
+        if setup is None or setup.peer_since is not None:
+            yield
+            return
+        setup.peer_since = self.clock()
+        self._with_peer[setup.kind] = self._with_peer.get(setup.kind, 0) + 1
+        self._resume_if_room(setup.kind)   # one fewer doing our own work
+        try:
+            yield
+        finally:
+            setup.peer_wait += self.clock() - setup.peer_since
+            setup.peer_since = None
+            self._with_peer[setup.kind] -= 1
+            if not self._with_peer[setup.kind]:
+                del self._with_peer[setup.kind]
+
+    def setup_done(self, kind: str, setup: Setup | None = None, task: asyncio.Future | None = None) -> None:
+        """A setup of ``kind`` ended (wired or refused); ``setup`` as setup_started returned it."""
+        if task is not None:
+            self._setups.pop(task, None)
         count = self._in_setup[kind] - 1
         if count:
             self._in_setup[kind] = count
         else:
             del self._in_setup[kind]
-        if arrived is not None:
-            waited = self.clock() - arrived
+        if setup is not None:
+            waited = setup.own_wait(self.clock())
             self._observe_wait(kind, waited)
-            if self.shed_policy.enabled:
+            if self.shed_policy.enabled and kind != STREAM_KIND:
                 shedder = self._shedders.get(kind)
                 if shedder is None:
                     shedder = self._shedders[kind] = DelayShedder(self.shed_policy,
@@ -184,7 +268,10 @@ class Admission:
                 self._changed(kind, shedder.completed(waited))
                 if not count and shedder.overloaded and not self.backlog(kind):
                     self._changed(kind, shedder.idle())   # the last one of the queue: it is gone
-        if kind in self._waiting and count < max(1, self.setup_cap(kind) * 3 // 4):
+        self._resume_if_room(kind)
+
+    def _resume_if_room(self, kind: str) -> None:
+        if kind in self._waiting and not self.full(kind):
             for resume in self._waiting.pop(kind):
                 resume()
 

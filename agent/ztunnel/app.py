@@ -153,7 +153,8 @@ class ProxyApp:
         admission = Admission(config.max_connections_in_setup, config.max_connections or default_max_connections(),
                               live=lambda: len(telemetry.live),
                               shed_policy=ShedPolicy(config.overload_target, config.overload_interval),
-                              observe_wait=self.metrics.observe_setup_wait)
+                              observe_wait=self.metrics.observe_setup_wait,
+                              max_streams_in_setup=config.max_streams_in_setup)
         self.metrics.in_setup.set_function(lambda: admission.in_setup)
         for kind in LISTENER_KINDS:
             self.metrics.overloaded.labels(kind).set_function(functools.partial(admission.overloaded, kind))

@@ -41,6 +41,9 @@ class ProxyConfig:
     # reason="overloaded"); established ones keep being served. max_connections 0 =
     # derived from the open-file limit (two sockets per proxied connection, at worst).
     max_connections_in_setup: int = 8192
+    # Inbound HBONE streams (CONNECTs) in setup: past it a NEW stream is reset with
+    # REFUSED_STREAM (reason="stream_overloaded"). As many as one peer's setups can be.
+    max_streams_in_setup: int = 8192
     max_connections: int = 0
     # Shedding on queueing delay (agent/ztunnel/shedding.py): once connections have waited
     # longer than the target for an interval and their backlog is not draining, those

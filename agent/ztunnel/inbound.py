@@ -3,6 +3,8 @@
 - 15008, HBONE: mTLS (client certificate required), then HTTP/2 CONNECT streams. A
   stream gets 200 only after L4 authorization passed *and* the upstream connect to the
   app succeeded; 400 malformed or not addressed to this pod, 401 denied, 503 no upstream.
+  An overloaded proxy, past its cap on streams in setup (admission.py), resets NEW
+  streams with REFUSED_STREAM: nothing of them was done, the peer may retry.
 - 15006, plaintext (the agent's tc program steers other inbound TCP here): refused in
   STRICT mode, authorized without an identity in PERMISSIVE mode, then relayed.
 
@@ -27,6 +29,7 @@ import socket
 import ssl
 
 from shoal.agent.ztunnel import transparent
+from shoal.agent.ztunnel.admission import STREAM_KIND
 from shoal.agent.ztunnel.authz import ConnectionInfo, authorize
 from shoal.agent.ztunnel.context import ProxyContext, ServedPod
 from shoal.agent.ztunnel.relay import join_plain, reset_connection
@@ -214,9 +217,19 @@ def _refuse_handshake(ctx: ProxyContext, conn: socket.socket, peer, reason: str,
             _cut_handshakes(in_progress)
 
 
-def _on_request(ctx, pod, session: HboneSession, ev: hbone.TunnelRequested, peer_ip: str) -> asyncio.Task:
-    """The serving task, held by the session: a reset of the stream cancels it."""
-    return asyncio.ensure_future(_serve_stream(ctx, pod, session, ev, peer_ip))
+def _on_request(ctx, pod, session: HboneSession, ev: hbone.TunnelRequested, peer_ip: str) -> asyncio.Task | None:
+    """The serving task, held by the session: a reset of the stream cancels it. Past the
+    cap on streams in setup the stream is refused at once, unprocessed (REFUSED_STREAM:
+    the peer may retry it); established streams are not touched."""
+    refusal = ctx.admission.admit_stream()
+    if refusal is not None:
+        ctx.metrics.reject("hbone", refusal)
+        session.refuse_stream(ev.stream_id, None)
+        return None
+    task = asyncio.ensure_future(_serve_stream(ctx, pod, session, ev, peer_ip))
+    setup = ctx.admission.setup_started(STREAM_KIND, task=task)
+    task.add_done_callback(lambda done: ctx.admission.setup_done(STREAM_KIND, setup, done))
+    return task
 
 
 async def _serve_stream(ctx: ProxyContext, pod: ServedPod, session: HboneSession,
@@ -254,7 +267,8 @@ async def _serve_stream(ctx: ProxyContext, pod: ServedPod, session: HboneSession
         return
     try:
         async with ctx.dial_limits.slot(session.peer_identity):
-            upstream = await connect_app(ctx, pod, ev.host, ev.port, src_ip)
+            with ctx.admission.waiting_on_peer():   # the app's accept: not our delay
+                upstream = await connect_app(ctx, pod, ev.host, ev.port, src_ip)
     except (OSError, asyncio.TimeoutError) as exc:
         rec.response_flags, rec.error = FLAG_UPSTREAM_FAILURE, f"{type(exc).__name__}: {exc}"
         ctx.metrics.reject("hbone", "upstream_connect")

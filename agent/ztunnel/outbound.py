@@ -28,7 +28,8 @@ from shoal.config import PORT_HBONE
 from shoal.hbone import framing as hbone
 from shoal.hbone.identity import IdentityError, check_session
 from shoal.hbone.pool import PoolKey
-from shoal.hbone.session import HboneSession, StreamPeer
+from shoal.hbone.session import HboneSession, StreamPeer, StreamRefused
+from shoal.ratelog import held_note
 from shoal.telemetry_labels import service_fqdn
 from shoal.xds.model import Workload, address_of_family, canonical_ip, ip_family
 from shoal.xds.state import ConfigState
@@ -157,8 +158,9 @@ async def _passthrough(ctx, pod, conn: socket.socket, route: Route, rec: Connect
     family = socket.AF_INET6 if ":" in route.target_ip else socket.AF_INET
     upstream = pod.netns.socket(family)
     try:
-        await asyncio.wait_for(loop.sock_connect(upstream, (route.target_ip, route.target_port)),
-                               ctx.config.connect_timeout)
+        with ctx.admission.waiting_on_peer():
+            await asyncio.wait_for(loop.sock_connect(upstream, (route.target_ip, route.target_port)),
+                                   ctx.config.connect_timeout)
     except BaseException:
         upstream.close()
         raise
@@ -233,7 +235,8 @@ async def _tunnel(ctx, pod, conn: socket.socket, route: Route, rec: ConnectionRe
     rec.src_identity, rec.dst_identity, rec.mtls = pod.spiffe_id, route.identity, True
     for attempt in (1, 2):
         try:
-            session = await ctx.pool.session(key, lambda k: dial(ctx, pod, k))
+            with ctx.admission.waiting_on_peer():   # the peer's handshake: not our delay (admission.Setup)
+                session = await ctx.pool.session(key, lambda k: dial(ctx, pod, k))
         except (ConnectionError, asyncio.TimeoutError) as exc:
             # A dial that failed (a handshake the busy peer did not finish in time) fails
             # every stream waiting for it: each gets one more dial before giving up.
@@ -247,19 +250,27 @@ async def _tunnel(ctx, pod, conn: socket.socket, route: Route, rec: ConnectionRe
         session.open_stream(peer, route.authority_ip, route.authority_port, rec.src_ip, hbone.new_traceparent(),
                             rec.src_port)
         try:
-            status = await await_answer(session, peer.response, ctx.config.connect_timeout,
-                                        ctx.config.answer_limit)
+            with ctx.admission.waiting_on_peer():   # nor its answer: a slow peer sheds itself
+                status = await await_answer(session, peer.response, ctx.config.connect_timeout,
+                                            ctx.config.answer_limit)
             break
         except ConnectionError as exc:
             # The HBONE connection went away before answering (e.g. the peer proxy was
-            # retiring): nothing reached the app yet, so one retry on a fresh connection.
+            # retiring), or the peer refused the stream unprocessed (REFUSED_STREAM: it is
+            # overloaded or going away): nothing reached the app yet, so one retry.
             session.stream_done(peer.stream_id)
             if attempt == 1:
                 log.info("outbound %s: stream lost before its answer (%s), retrying", pod.info.name, exc)
                 continue
-            error = f"no HBONE answer: {exc}"
+            refused = isinstance(exc, StreamRefused)
+            error = f"refused by the peer proxy: {exc}" if refused else f"no HBONE answer: {exc}"
+            reason = "peer_refused" if refused else "hbone_no_answer"
+            if refused and (held := ctx.hbone_log_limiter.allow("peer_refused")) is not None:
+                log.warning("outbound %s: the peer proxy at %s refused the stream twice, unprocessed "
+                            "(overloaded or going away): connection reset%s", pod.info.name, route.target_ip,
+                            held_note(held))
         except asyncio.TimeoutError:
-            error = "no HBONE answer in time"
+            error, reason = "no HBONE answer in time", "hbone_no_answer"
             session.h2.reset(peer.stream_id)
             session.stream_done(peer.stream_id)
             # A connection whose peer answered nothing for the whole wait is suspect: its
@@ -269,7 +280,7 @@ async def _tunnel(ctx, pod, conn: socket.socket, route: Route, rec: ConnectionRe
             session.drain()
             session.flush()
         rec.response_flags, rec.error = FLAG_UPSTREAM_FAILURE, error
-        ctx.metrics.reject("outbound", "hbone_no_answer")
+        ctx.metrics.reject("outbound", reason)
         reset_connection(conn)
         ctx.telemetry.closed(rec)
         return

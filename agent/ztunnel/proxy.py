@@ -17,7 +17,7 @@ import struct
 from typing import Awaitable, Callable
 
 from shoal.agent.ztunnel import transparent
-from shoal.agent.ztunnel.admission import Admission
+from shoal.agent.ztunnel.admission import Admission, Setup
 from shoal.agent.ztunnel.context import ProxyContext, ServedPod
 from shoal.agent.ztunnel.inbound import handle_hbone, handle_plaintext, refused_at_accept
 from shoal.agent.ztunnel.netns import NetnsHandle
@@ -69,7 +69,8 @@ class Acceptor:
     Admission first: while too many connections are in setup, this listener stops
     accepting (the kernel queues the burst); past the open-file budget, or when it waited
     too long in the accept queue of an overloaded kind, a new connection is reset at once
-    and counted. Each setup's wait (accept queue + setup) feeds the delay controller.
+    and counted. Each setup's own wait (accept queue + setup, less what it waited on a
+    peer) feeds the delay controller.
     ``screen`` (the client's address -> a refusal reason, or None) refuses a connection
     before any of that, for the cost of the accept alone: a source in the penalty box that
     reconnects in a loop is refused thousands of times a second.
@@ -125,14 +126,14 @@ class Acceptor:
                 self._on_shed(self.name, refusal)
                 continue
             conn.setblocking(False)
-            arrived = self._admission.setup_started(self.name, age)
             task = asyncio.ensure_future(self._run(conn))
+            setup = self._admission.setup_started(self.name, age, task)
             self._tasks.add(task)
-            task.add_done_callback(functools.partial(self._setup_done, arrived))
+            task.add_done_callback(functools.partial(self._setup_done, setup))
 
-    def _setup_done(self, arrived: float, task: asyncio.Task) -> None:
+    def _setup_done(self, setup: Setup, task: asyncio.Task) -> None:
         self._tasks.discard(task)
-        self._admission.setup_done(self.name, arrived)
+        self._admission.setup_done(self.name, setup, task)
 
     def _stop_reading(self) -> None:
         if self._reading:

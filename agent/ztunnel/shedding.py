@@ -8,10 +8,16 @@ the wait bounded, so the connections served are ones whose client is still there
 refuse the rest at once (an RST costs microseconds; a setup nobody waits for costs a
 tunnel at both ends).
 
-What is measured: each connection's *wait*, from the moment the kernel completed its
+What is measured: each connection's *own wait*, from the moment the kernel completed its
 handshake (the accepted socket's age, ``TCP_INFO``) until its setup ended (wired, or
-refused for its own reasons). That is the delay its client saw, the accept queue and
-the proxy's own setups both included.
+refused for its own reasons), less the time it spent waiting for another party: the HBONE
+peer's handshake and its answer to the CONNECT, an upstream's connect (``admission.Setup``).
+That is the delay this proxy added: its accept queue, its loop, its admission. The peer's
+share is left out on purpose: counted, a peer slowed down for a few seconds (tearing down
+a 10,000-connection burst) made this proxy stand "overloaded", cap its setups at a
+throughput that the slow answers had lowered, and refuse 2,613 of the 12,000 connections
+of the soak that followed while its own loop was idle. A slow peer refuses new streams
+past its own cap (``admission.STREAM_KIND``), and our timeouts bound the wait for it.
 
 When it is overload (:meth:`DelayShedder.completed`), per listener kind:
 
@@ -32,9 +38,10 @@ the kind went idle):
 - a connection that already waited longer than ``target`` in the accept queue is refused
   when it is accepted (:meth:`DelayShedder.should_shed`): the oldest ones, whose client
   is the likeliest to have gone;
-- setups in flight are capped at what the proxy completes in ``target`` (Little's law:
-  throughput × target; :meth:`DelayShedder.setup_cap`, at least ``min_cap``), so a setup
-  admitted now ends within about target; the rest wait in the accept queue, where
+- setups doing the proxy's own work (not waiting on a peer) are capped at what it
+  completes in ``target`` (Little's law: throughput × target;
+  :meth:`DelayShedder.setup_cap`, at least ``min_cap``), so a setup admitted now gets
+  through its own part within about target; the rest wait in the accept queue, where
   refusing costs nothing.
 
 Established connections are never touched, and refusals are counted and logged by the

@@ -111,8 +111,9 @@ class ProxyMetrics:
                                 "1 while a listener kind sheds on queueing delay (connections waiting past the "
                                 "target for an interval, backlog not draining)", ["listener"], registry=registry)
         self.setup_wait = Histogram("shoal_proxy_setup_wait_seconds",
-                                    "How long accepted connections waited, accept queue and setup together, "
-                                    "until wired or refused", ["listener"], buckets=SETUP_WAIT_BUCKETS,
+                                    "How long accepted connections (and inbound streams) waited in this proxy, "
+                                    "accept queue and setup together, until wired or refused; the wait "
+                                    "for a peer (HBONE handshake and answer, upstream connect) left out", ["listener"], buckets=SETUP_WAIT_BUCKETS,
                                     registry=registry)
         self._setup_wait_by_kind: dict[str, Histogram] = {}
         self.certs_rotated = Counter("shoal_proxy_certificates_rotated", "SVIDs renewed at half-life",

@@ -18,6 +18,8 @@ import struct
 import time
 from typing import TYPE_CHECKING, Callable, Protocol, cast
 
+import h2.errors
+
 from shoal.hbone import framing as hbone
 from shoal.hbone.identity import IdentityError
 from shoal.hbone.readbuffer import SessionReadBuffer
@@ -231,7 +233,8 @@ class HboneSession(asyncio.BufferedProtocol):
                     task.cancel()
                 peer = self.streams.pop(event.stream_id, None)
                 if peer is not None:
-                    peer.on_stream_reset(f"stream reset by peer (code {event.error_code})")
+                    peer.on_stream_reset(f"stream reset by peer (code {event.error_code})",
+                                         unprocessed=event.error_code == h2.errors.ErrorCodes.REFUSED_STREAM)
                 self.report_room()
             elif isinstance(event, hbone.TunnelRequested):
                 self._cancel_idle()
@@ -387,11 +390,16 @@ class HboneSession(asyncio.BufferedProtocol):
         self.flush()
         return True
 
-    def refuse_stream(self, stream_id: int, status: int) -> None:
+    def refuse_stream(self, stream_id: int, status: int | None) -> None:
+        """Server side: answer a CONNECT with ``status``; None: reset it with REFUSED_STREAM,
+        which tells the peer nothing of it was processed (RFC 9113 8.7: it may retry)."""
         self._requests.pop(stream_id, None)
         if self.closed:
             return
-        self.h2.respond(stream_id, status)
+        if status is None:
+            self.h2.reset(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+        else:
+            self.h2.respond(stream_id, status)
         self.flush()
         self._close_if_drained()
 
@@ -453,6 +461,11 @@ class HboneSession(asyncio.BufferedProtocol):
     def _idle(self) -> None:
         if not self.streams:
             self.close()
+
+
+class StreamRefused(ConnectionResetError):
+    """The peer reset our CONNECT with REFUSED_STREAM before answering: it processed none
+    of it (overloaded, or going away), so the caller may retry it elsewhere or later."""
 
 
 def abort_with_reset(transport: asyncio.WriteTransport) -> None:
@@ -667,10 +680,10 @@ class StreamPeer(asyncio.BufferedProtocol):
             self.transport.write_eof()
         self._maybe_finish()
 
-    def on_stream_reset(self, reason: str) -> None:
+    def on_stream_reset(self, reason: str, unprocessed: bool = False) -> None:
         if self.response is not None and not self.response.done():
             # Not answered yet: whoever awaits the answer decides (retry or give up).
-            self.response.set_exception(ConnectionResetError(reason))
+            self.response.set_exception(StreamRefused(reason) if unprocessed else ConnectionResetError(reason))
             self.finished = True
             return
         if not self.finished:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from shoal.agent.ztunnel.admission import Admission, DialLimits
+from shoal.agent.ztunnel.admission import STREAM_KIND, Admission, DialLimits
 from shoal.agent.ztunnel.shedding import ShedPolicy
 
 
@@ -158,3 +158,89 @@ def test_accept_queue_lengths_are_read_at_most_every_tenth_of_a_second():
     assert [admission.backlog("outbound") for _ in range(100)] == [8] * 100
     now[0] = 0.1
     assert admission.backlog("outbound") == 8 and len(reads) == 2
+
+
+# -- own delay only: what a peer makes a setup wait is the peer's (issue 18's soak after a burst)
+
+async def _setup(admission: Admission, now: list, kind: str, age: float, own: float, peer: float) -> None:
+    """One setup in its own task, on the fake clock: ``age`` in the accept queue, ``own``
+    seconds of our work, ``peer`` seconds waiting for the peer's answer."""
+    task = asyncio.current_task()
+    setup = admission.setup_started(kind, age=age, task=task)
+    now[0] += own
+    with admission.waiting_on_peer():
+        now[0] += peer
+        await asyncio.sleep(0)
+    admission.setup_done(kind, setup, task)
+
+
+async def _sustained_setups(own: float, peer: float) -> tuple[Admission, list]:
+    """Five setups a second for 8 s, the backlog growing all along (a steady stream of
+    arrivals: after a burst, the peer is still busy tearing it down); the waits observed."""
+    now, queued, seen = [0.0], [0], []
+    admission = Admission(max_in_setup=100, max_live=10_000, live=lambda: 0, clock=lambda: now[0],
+                          shed_policy=ShedPolicy(target=1.0, interval=3.0, min_cap=4),
+                          observe_wait=lambda kind, waited: seen.append(round(waited, 3)))
+    admission.add_queue("outbound", lambda: queued[0])
+    for step in range(40):
+        now[0], queued[0] = step / 5, 50 + step
+        await asyncio.ensure_future(_setup(admission, now, "outbound", age=0.1, own=own, peer=peer))
+    return admission, seen
+
+
+async def test_a_slow_peer_answer_is_not_counted_as_this_proxys_queueing_delay():
+    admission, seen = await _sustained_setups(own=0.05, peer=2.0)
+    assert seen == [0.15] * 40                       # accept queue + own work, not the 2 s answer
+    assert not admission.overloaded("outbound") and admission.admit("outbound", age=0.5) is None
+    # The same waits spent in this proxy are overload: the accounting is what differs.
+    admission, seen = await _sustained_setups(own=2.0, peer=0.05)
+    assert seen == [2.1] * 40 and admission.overloaded("outbound")
+
+
+async def test_setups_waiting_on_a_peer_do_not_count_against_the_overloaded_cap():
+    now, queued = [0.0], [0]
+    admission = _overloaded_admission(now, queued)
+    cap = admission.setup_cap("outbound")
+    assert cap < 100
+    answers = asyncio.Event()
+
+    async def waiting_for_answer():
+        setup = admission.setup_started("outbound", task=asyncio.current_task())
+        with admission.waiting_on_peer():
+            await answers.wait()
+        admission.setup_done("outbound", setup, asyncio.current_task())
+
+    waiting = [asyncio.ensure_future(waiting_for_answer()) for _ in range(cap * 2)]
+    await asyncio.sleep(0)
+    assert admission.in_setup == cap * 2 and not admission.full("outbound")   # all with the peer
+    for _ in range(cap):
+        admission.setup_started("outbound")          # our own work: these count
+    assert admission.full("outbound")
+    resumed: list = []
+    admission.wait_for_room("outbound", lambda: resumed.append(True))
+    answers.set()                                    # answers in: those go, ours still stand
+    await asyncio.gather(*waiting)
+    assert admission.in_setup == cap and admission.full("outbound") and not resumed
+    for _ in range(cap):
+        admission.setup_done("outbound")
+    assert resumed == [True]
+
+
+def test_inbound_streams_past_their_cap_are_refused_with_a_rate_limited_log(caplog):
+    caplog.set_level(logging.WARNING, logger="shoal.agent.ztunnel.admission")
+    now = [0.0]
+    admission = Admission(max_in_setup=100, max_live=10_000, live=lambda: 0, clock=lambda: now[0],
+                          max_streams_in_setup=2)
+    for _ in range(2):
+        assert admission.admit_stream() is None
+        admission.setup_started(STREAM_KIND)
+    assert admission.in_setup == 0                   # streams are not connections in setup
+    assert admission.full("outbound") is False       # nor do they stop the listeners
+    assert [admission.admit_stream() for _ in range(30)] == ["stream_overloaded"] * 30
+    now[0] = 1.5
+    assert admission.admit_stream() == "stream_overloaded" and admission.shed == 31
+    assert not admission.overloaded(STREAM_KIND)     # a cap, never shed on delay
+    lines = [r.getMessage() for r in caplog.records if STREAM_KIND in r.getMessage()]
+    assert len(lines) == 2 and "refused 30 new one(s)" in lines[1] and "max 2" in lines[1]
+    admission.setup_done(STREAM_KIND)
+    assert admission.admit_stream() is None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import ssl
 import subprocess
 import sys
@@ -19,8 +20,11 @@ import h2.events
 import hyperframe.frame
 import pytest
 
+from shoal.agent.ztunnel.admission import STREAM_KIND
 from shoal.agent.ztunnel.handshakes import HandshakeGate
+from shoal.agent.ztunnel.netns import NetnsHandle
 from shoal.agent.ztunnel.penalty import PenaltyBox
+from shoal.agent.ztunnel.proxy import accept_queue_length
 from shoal.h2guard import PrematureResets
 from tests.agent.ztunnel.proxybed import OTHER_IP, SERVER_IP, EchoServer
 from tests.agent.ztunnel.test_proxy import (
@@ -204,6 +208,69 @@ async def test_a_burst_that_drains_is_not_shed_although_it_stands_longer_than_th
         assert max(seconds for _, seconds in results) > 2.0   # it did stand past interval + target
         assert metric(h.app, "shoal_proxy_rejected_total", reason="queue_delay") == 0
         assert not h.app.ctx.admission.overloaded("outbound")
+
+
+# -- an overloaded peer: inbound streams refused unprocessed ----------------------------------
+
+STALL_PORT = 9300
+
+
+def _stalled_app(netns: str) -> socket.socket:
+    """An app in the pod that never accepts, its accept queue one deep: once one connection
+    waits there, a connect to it hangs (the kernel drops its SYNs), so a stream dialling
+    it stays in setup as long as we like."""
+    home = NetnsHandle.current()
+    pod = NetnsHandle.from_path(f"/run/netns/{netns}", home)
+    try:
+        with pod.entered():
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    finally:
+        pod.close()
+    sock.bind(("0.0.0.0", STALL_PORT))
+    sock.listen(0)
+    return sock
+
+
+async def _until(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_an_overloaded_peer_refuses_new_streams_unprocessed_and_keeps_serving_established_ones(
+        pod_netns, state, ca, tmp_path):
+    # The inbound half at its cap of streams in setup (1, by config): a new CONNECT is reset
+    # with REFUSED_STREAM before anything is done; the outbound half retries once, then
+    # resets its client and counts it. Neither half stalls, established tunnels carry on.
+    async with running_proxy(pod_netns, state, ca.sign, tmp_path, max_streams_in_setup=1,
+                             connect_timeout=30.0) as (h, _):
+        admission = h.app.ctx.admission
+        reader, writer = await h.connect_via_proxy(SERVER_IP, APP_PORT)
+        writer.write(b"up")
+        assert await asyncio.wait_for(reader.readexactly(2), 10) == b"up"
+        stalled = _stalled_app(pod_netns["server"])
+        try:
+            await h.connect_via_proxy(SERVER_IP, STALL_PORT)                  # fills its accept queue
+            await _until(lambda: accept_queue_length(stalled) == 1 and not admission.backlog(STREAM_KIND))
+            await h.connect_via_proxy(SERVER_IP, STALL_PORT)                  # its dial hangs: in setup
+            await _until(lambda: admission.backlog(STREAM_KIND) == 1)
+            apps_seen = len(h.echo.peers)
+            refused_reader, refused_writer = await h.connect_via_proxy(SERVER_IP, APP_PORT)
+            with pytest.raises(ConnectionError):         # reset, not left hanging until a timeout
+                if not await asyncio.wait_for(refused_reader.read(), 15):
+                    raise ConnectionResetError("closed")
+            refused_writer.close()
+            assert len(h.echo.peers) == apps_seen        # unprocessed: the app never saw it
+            assert metric(h.app, "shoal_proxy_rejected_total", listener="hbone", reason="stream_overloaded") == 2
+            assert metric(h.app, "shoal_proxy_rejected_total", listener="outbound", reason="peer_refused") == 1
+            writer.write(b"still")                       # the established tunnel carries on
+            assert await asyncio.wait_for(reader.readexactly(5), 10) == b"still"
+        finally:
+            stalled.close()   # the hung dial is refused at its next SYN: room again
+        await _until(lambda: not admission.backlog(STREAM_KIND))
+        assert await h.echo_roundtrip() == b"hello"
+        writer.close()
 
 
 # -- HTTP/2 abuse on 15008 ---------------------------------------------------------------------
