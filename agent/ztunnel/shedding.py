@@ -33,7 +33,7 @@ When it is overload (:meth:`DelayShedder.completed`), per listener kind:
   on a loaded node), which is why it is 10 s by default.
 
 What overload does, until every wait for a whole interval was within target again (or
-the kind went idle):
+the kind went idle), refused connections' included:
 
 - a connection that already waited longer than ``target`` in the accept queue is refused
   when it is accepted (:meth:`DelayShedder.should_shed`): the oldest ones, whose client
@@ -132,9 +132,14 @@ class DelayShedder:
                 and (self._peak - backlog) * 2 >= self._done_since_peak)
 
     def should_shed(self, age: float) -> bool:
-        """For a connection just accepted after ``age`` seconds in the accept queue: refuse it?"""
+        """For a connection just accepted after ``age`` seconds in the accept queue: refuse it?
+        A refused one's wait was above target too: it keeps the overload standing (CoDel
+        stays in its dropping state while what it dequeues is old). Counting only the
+        fresh ones admitted meanwhile, the state ended after an interval whatever the
+        queue, and the next episode served connections seconds old."""
         if self.overloaded and age > self.policy.target:
             self.shed += 1
+            self._first_below = None
             return True
         return False
 

@@ -151,3 +151,19 @@ def test_overload_caps_setups_at_what_completes_within_the_target():
 
 def test_target_zero_disables():
     assert not ShedPolicy(target=0).enabled and ShedPolicy().enabled
+
+
+def test_refusing_old_connections_keeps_the_overload_standing():
+    """While old connections are still being refused, the fresh ones admitted meanwhile
+    (all within target) do not end the state: the queue is still old."""
+    bed = Bed()
+    _sustained(bed, until=4.0)
+    assert bed.shedder.overloaded
+    for step in range(1, 80):
+        bed.now = 4.0 + step / 10
+        assert bed.complete(0.2) is None               # an admitted one, quick
+        assert bed.shedder.should_shed(2.5)             # and an old one refused
+    assert bed.shedder.overloaded
+    for step in range(1, 40):                           # nothing old any more: it ends
+        change = bed.complete(0.2, at=12.0 + step / 10)
+    assert change is None and not bed.shedder.overloaded
