@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry
 from shoal.hbone import framing
 from shoal.hbone.session import HboneSession
 from shoal.hbone.stream import HboneStream
-from shoal.perf.rrmicro import _into
+from shoal.perf.rrmicro import StandInTransport, _into
 
 CLIENT_ID = "spiffe://cluster.local/ns/perf-wp/sa/client"
 ORIGIN_ID = "spiffe://cluster.local/ns/perf-wp/sa/origin"
@@ -45,51 +45,21 @@ ANSWER = (b"HTTP/1.1 200 OK\r\ncontent-length: 1024\r\ncontent-type: text/plain\
           b"cache-control: no-cache\r\n\r\n" + BODY)
 
 
-class Wire(asyncio.Transport):
+class Wire(StandInTransport):
     """One end of an in-memory connection: what is written reaches the other end's protocol
     on the next loop turn (every write of a turn at once, as one socket read)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.peer: Any = None
-        self._queue: list[bytes] = []
 
     def write(self, data) -> None:
-        if not self._queue:
+        if not self.writes:
             asyncio.get_running_loop().call_soon(self._deliver)
-        self._queue.append(bytes(data))
-
-    def writelines(self, list_of_data) -> None:
-        for data in list_of_data:
-            self.write(data)
+        super().write(data)
 
     def _deliver(self) -> None:
-        data, self._queue = b"".join(self._queue), []
-        _into(self.peer, data)
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def set_write_buffer_limits(self, high=None, low=None) -> None:
-        pass
-
-    def get_extra_info(self, name, default=None):
-        return default
-
-    def is_closing(self) -> bool:
-        return False
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
+        _into(self.peer, self.take())
 
 
 def join(client: HboneSession, server: HboneSession) -> None:
