@@ -93,7 +93,8 @@ def kernel_layout_cflags() -> list[str]:
     byte handed back to the proxy)."""
     try:
         btf = Btf.of_running_kernel()
-        return [f"-DSHOAL_TCP_SOCK_WRITE_SEQ={btf.member_offset('tcp_sock', 'write_seq')}"]
+        return [f"-DSHOAL_TCP_SOCK_WRITE_SEQ={btf.member_offset('tcp_sock', 'write_seq')}",
+                f"-DSHOAL_SOCK_RCVBUF={btf.member_offset('sock', 'sk_rcvbuf')}"]
     except BtfError as exc:
         log.warning("kernel BTF unusable (%s): the same-node bypass hands every byte to the proxy", exc)
         return []

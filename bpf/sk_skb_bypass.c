@@ -53,8 +53,38 @@ static __always_inline int peer_write_seq(__u64 peer, __u32 *seq)
 #endif
 }
 
-static __always_inline int hand_back(struct bypass_pair *pair, struct __sk_buff *skb)
+/* This socket's receive buffer size (bytes), or -1 if unknown. */
+static __always_inline int own_rcvbuf(__u64 cookie)
 {
+#if defined(SHOAL_TCP_SOCK_WRITE_SEQ) && defined(SHOAL_SOCK_RCVBUF)
+    struct bpf_sock *sk = bpf_map_lookup_elem(SHOAL_MAP(bypass_socks), &cookie);
+    if (!sk)
+        return -1;
+    void *tp = bpf_skc_to_tcp_sock(sk);
+    int rcvbuf = tp ? *(int *)(tp + SHOAL_SOCK_RCVBUF) : -1;
+    bpf_sk_release(sk);
+    return rcvbuf;
+#else
+    return -1;
+#endif
+}
+
+/* Handed-back bytes are charged to this socket's receive buffer once they reach its
+ * message queue, but while bytes redirected toward this socket wait in its psock queue
+ * (its own app not reading), a passed skb waits behind them uncharged, and TCP keeps the
+ * window open. So what the proxy has not relayed yet is bounded too: past the receive
+ * buffer plus a slack (16 MiB: more than flow control lets through when they are charged),
+ * the skb is dropped and counted as unredirected: the proxy resets the pair (fail closed:
+ * the sender was pushing past every window). */
+static __always_inline int hand_back(struct bypass_pair *pair, struct __sk_buff *skb, __u64 cookie)
+{
+    __u64 *relayed = bpf_map_lookup_elem(SHOAL_MAP(bypass_relayed), &cookie);
+    __u64 unrelayed = pair->handed_back - (relayed ? *relayed : 0);
+    int rcvbuf = own_rcvbuf(cookie);
+    if (rcvbuf >= 0 && unrelayed + skb->len > (__u64)rcvbuf + SHOAL_BYPASS_UNRELAYED_SLACK) {
+        __sync_fetch_and_add(&pair->unredirected, 1);
+        return SK_DROP;
+    }
     if (pair->state != BYPASS_HANDING_BACK)
         __sync_fetch_and_add(&pair->handbacks, 1);
     pair->state = BYPASS_HANDING_BACK;
@@ -82,7 +112,7 @@ int shoal_sk_skb_bypass(struct __sk_buff *skb)
     if (pair->state == BYPASS_HANDING_BACK) {
         __u64 *relayed = bpf_map_lookup_elem(SHOAL_MAP(bypass_relayed), &cookie);
         if (!relayed || *relayed != pair->handed_back)
-            return hand_back(pair, skb);   /* the proxy still holds some: stay behind them */
+            return hand_back(pair, skb, cookie);   /* the proxy still holds some: stay behind them */
         pair->state = BYPASS_REDIRECTING;
     }
     __u64 peer = pair->peer;
@@ -92,7 +122,7 @@ int shoal_sk_skb_bypass(struct __sk_buff *skb)
         __sync_fetch_and_add(&pair->unredirected, 1);   /* the peer is gone: the proxy resets */
         return SK_PASS;
 #else
-        return hand_back(pair, skb);
+        return hand_back(pair, skb, cookie);
 #endif
     }
     if (pair->state == BYPASS_UNSTARTED) {
@@ -103,7 +133,7 @@ int shoal_sk_skb_bypass(struct __sk_buff *skb)
      * relayed (all of handed_back, in this state). In u32: true in-flight is far below 4 GiB. */
     __u32 in_flight = (__u32)(pair->bytes + pair->handed_back) - (seq - pair->peer_seq_base);
     if (in_flight + skb->len > SHOAL_BYPASS_HIGH_WATER)
-        return hand_back(pair, skb);
+        return hand_back(pair, skb, cookie);
     if (bpf_sk_redirect_hash(skb, SHOAL_MAP(bypass_socks), &peer, 0) != SK_PASS) {
         __sync_fetch_and_add(&pair->unredirected, 1);
         return SK_PASS;

@@ -86,6 +86,10 @@ class SameNodeBypass:
                                 "in userspace (the kernel refused the join), declined (HBONE instead), "
                                 "revoked (a policy change denied it), broken (reset: bytes not redirectable)",
                                 ["outcome"], registry=registry)
+        self.handed_back_bytes = Counter("shoal_proxy_bypass_handed_back_bytes",
+                                         "Bytes of joined same-node connections the kernel handed back to the "
+                                         "proxy (a receiver fell behind by the high-water mark) and the proxy "
+                                         "relayed", registry=registry)
         self._unsubscribe: Callable[[], None] | None = state.subscribe(lambda _delta: self.recheck())
         self._counting: asyncio.Task | None = None
 
@@ -340,6 +344,8 @@ class BypassedConnection:
         for record in (self.source, self.dest):   # never less: an evicted entry reads as zero
             record.bytes_in = max(record.bytes_in, counts.client_to_server)
             record.bytes_out = max(record.bytes_out, counts.server_to_client)
+        if counts.unredirected and not self.finished:   # dropped past every window: nobody reads them
+            self.broken(f"the kernel could not carry {counts.unredirected} skbs")
 
     def other(self, end: "_End") -> "_End":
         return self.server_end if end is self.client_end else self.client_end
@@ -471,6 +477,7 @@ class _End(asyncio.Protocol):
             data = b"".join(self.handed_back)
             self.handed_back.clear()
             other.transport.write(data)
+            self.conn.owner.handed_back_bytes.inc(len(data))
             await other.flushed()
             if self.conn.finished:
                 return
@@ -522,12 +529,49 @@ class _End(asyncio.Protocol):
             delay = min(delay * 2, DRAIN_POLL_MAX)
         return False
 
+    async def _relay_rest(self) -> bool:
+        """Every byte handed back before the FIN relayed. EOF can be read while some still
+        wait in the psock's queue (behind bytes redirected toward this socket's app, not
+        read yet): the event loop no longer reads after EOF, so they are read here."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        delay = DRAIN_POLL_FIRST
+        while not self.conn.finished and sock is not None:
+            if self._relaying is not None:
+                await asyncio.shield(self._relaying)
+            pair = self.conn.pair
+            try:
+                handed_back = self.conn.kernel.handed_back(pair, self.toward_server)
+            except OSError as exc:
+                self.conn.broken(f"pair counters unreadable after EOF: {exc}")
+                return False
+            relayed = pair.relayed_to_server if self.toward_server else pair.relayed_to_client
+            if handed_back is None:
+                self.conn.broken("the kernel could not carry some bytes before the FIN")
+                return False
+            missing = handed_back - relayed - sum(map(len, self.handed_back))
+            if missing <= 0:
+                return True
+            try:
+                data = os.read(sock.fileno(), missing)
+            except BlockingIOError:
+                data = b""
+            except OSError:
+                return False   # closed or reset: its callbacks end the pair
+            if data:
+                self.handed_back.append(data)
+                self._relaying = asyncio.ensure_future(self._relay_handed_back())
+                delay = DRAIN_POLL_FIRST
+            else:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, DRAIN_POLL_MAX)
+        return False
+
     async def _forward_eof(self) -> None:
         """Half-close the other app's connection once every byte ahead of the FIN is queued
         on its socket."""
         other = self.conn.other(self)
-        if self._relaying is not None:
-            await asyncio.shield(self._relaying)   # handed-back bytes read before the EOF go first
+        if not await self._relay_rest():
+            return
         if not await self._until_drained():
             return
         if self.conn.finished or other.transport is None or other.transport.is_closing():

@@ -228,6 +228,8 @@ struct flow_event {
 #ifndef SHOAL_BYPASS_HIGH_WATER
 #define SHOAL_BYPASS_HIGH_WATER (4 << 20)   /* bytes redirected to a peer and not yet on its socket */
 #endif
+/* handed back and not yet relayed by the proxy, beyond the receiving socket's buffer */
+#define SHOAL_BYPASS_UNRELAYED_SLACK (4 * SHOAL_BYPASS_HIGH_WATER)
 
 /* bypass_pair.state */
 #define BYPASS_UNSTARTED   0   /* no byte seen yet: peer_seq_base not taken */

@@ -673,6 +673,7 @@ async def test_a_server_that_stops_reading_pushes_back_on_the_client_then_gets_e
         writer.write_eof()
         await asyncio.wait_for(done.wait(), 60)
         assert (sum(got), digest.digest()) == (len(payload), hashlib.sha256(payload).digest())
+        relayed_at_end = conn.pair.relayed_to_server
         writer.close()
     finally:
         server.close()
@@ -680,6 +681,7 @@ async def test_a_server_that_stops_reading_pushes_back_on_the_client_then_gets_e
     assert metric(harness.app, "shoal_proxy_bypass_connections_total", outcome="broken") == 0
     for reporter in ("source", "destination"):
         assert metric(harness.app, "istio_tcp_received_bytes_total", reporter=reporter) == len(payload)
+    assert metric(harness.app, "shoal_proxy_bypass_handed_back_bytes_total") == relayed_at_end > 0
 
 
 async def test_bytes_after_the_pair_entry_is_gone_are_not_taken_for_handed_back_ones(proxy, bypass_layout):

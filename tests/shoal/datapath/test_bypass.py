@@ -404,3 +404,29 @@ def test_a_slow_reader_that_resumes_gets_every_byte_in_order_and_the_pair_is_joi
         relay.join(2)
         bypass.release(joined.pair)
         joined.close()
+
+
+def test_bytes_handed_back_behind_a_stuck_reverse_queue_stay_bounded(agent_bed, bypass):
+    """Attack on the hand-back: the client app reads nothing while the server streams to it
+    (the redirect queue toward the client stays full), and the server app reads nothing
+    either, while the client uploads. A handed-back skb then waits behind that queue,
+    uncharged, and TCP keeps the window open. The verdict bounds what the proxy has not
+    relayed (its socket's buffer plus a slack) and drops past it, counted as unredirected,
+    so the proxy resets the pair: the client cannot make the kernel hold more."""
+    from shoal.datapath.structs import BYPASS_HIGH_WATER
+    joined = Joined(agent_bed, bypass, client_buffers=128 * 1024)
+    try:
+        joined.app_server.setblocking(False)
+        streamed = _send_until_blocked(joined.app_server, quiet=0.5, limit=64 * 1024 * 1024)
+        sent = _send_until_blocked(joined.app_client)
+        counts = bypass.counts(joined.pair)
+        rcvbuf = joined.proxy_client.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        print(f"server streamed {streamed >> 10} KiB; client sent {sent >> 10} KiB, handed back "
+              f"{counts.handed_back_to_server >> 10} KiB, unredirected {counts.unredirected}, rcvbuf {rcvbuf >> 10} KiB")
+        # what the kernel holds for the proxy stays under the bound; the rest was dropped
+        # (freed) and counted, which makes the proxy reset the pair
+        assert 0 < counts.handed_back_to_server <= rcvbuf + 4 * BYPASS_HIGH_WATER
+        assert counts.unredirected > 0 or sent < 160 * 1024 * 1024
+    finally:
+        bypass.release(joined.pair)
+        joined.close()
