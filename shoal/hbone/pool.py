@@ -50,6 +50,9 @@ class HbonePool:
         self._sessions: dict[PoolKey, set[HboneSession]] = {}
         self._with_room: dict[PoolKey, dict[HboneSession, None]] = {}  # ordered set
         self._dialing: dict[PoolKey, _Dial] = {}  # the newest dial still running, per key
+        # Each pooled session's key: the pool's own table, so a session knows nothing of
+        # the pool (no import back from session.py) and a discard is still O(1).
+        self._keys: dict[HboneSession, PoolKey] = {}
         self._count = 0
         self._streams_per_connection = streams_per_connection
         self._on_change = on_change or (lambda count: None)
@@ -84,7 +87,7 @@ class HbonePool:
             if self._dialing.get(key) is not None and self._dialing[key].task is asyncio.current_task():
                 del self._dialing[key]
         if not session.closed:
-            session.pool_key = key
+            self._keys[session] = key
             self._sessions.setdefault(key, set()).add(session)
             self._count += 1
             session.on_room = lambda s, key=key: self._room_changed(key, s)
@@ -105,10 +108,10 @@ class HbonePool:
 
     def discard(self, session: HboneSession) -> None:
         """A session closed (its on_closed): forget it. O(1) by its own key."""
-        key = session.pool_key
-        sessions = None if key is None else self._sessions.get(key)
-        if key is None or sessions is None or session not in sessions:
+        key = self._keys.pop(session, None)
+        if key is None:
             return   # never pooled, or forgotten already
+        sessions = self._sessions[key]
         sessions.discard(session)
         if not sessions:
             del self._sessions[key]

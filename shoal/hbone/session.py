@@ -16,7 +16,7 @@ import logging
 import socket
 import struct
 import time
-from typing import TYPE_CHECKING, Callable, Protocol, cast
+from typing import Callable, Protocol, cast
 
 import h2.errors
 
@@ -24,9 +24,6 @@ from shoal.hbone import framing as hbone
 from shoal.hbone.identity import IdentityError
 from shoal.hbone.readbuffer import SessionReadBuffer
 from shoal.ratelog import LogLimiter, held_note
-
-if TYPE_CHECKING:   # the pool imports this module
-    from shoal.hbone.pool import PoolKey
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +114,6 @@ class HboneSession(asyncio.BufferedProtocol):
         # from the peer cancels the task, which closes its upstream socket at once.
         self._requests: dict[int, asyncio.Task | None] = {}
         # Client side, set by the pool: told whenever has_room may have changed.
-        self.pool_key: PoolKey | None = None
         self.on_room: Callable[["HboneSession"], None] | None = None
         self._had_room = False
         self._lingering: set[int] = set()  # done here, still open in h2 until the peer ends them

@@ -3,6 +3,7 @@ that keep the same room contract as HboneSession (own stream count against a lim
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +16,7 @@ KEY = PoolKey("spiffe://a", "spiffe://b", "10.0.0.2", 15008)
 class FakeSession:
     def __init__(self, limit: int = 100):
         self.limit, self.streams, self.closed, self.draining = limit, {}, False, False
-        self.on_room, self.pool_key, self._had_room = None, None, False
+        self.on_room, self._had_room = None, False
         self.room_checks = 0
 
     @property
@@ -132,3 +133,38 @@ async def test_a_failed_dial_reaches_every_waiter_and_is_not_retried_in_a_loop()
     results = await asyncio.gather(*(pool.session(KEY, failing) for _ in range(150)), return_exceptions=True)
     assert all(isinstance(r, ConnectionRefusedError) for r in results)
     assert attempts == 2 and len(pool) == 0
+
+
+def test_the_session_driver_does_not_import_the_pool():
+    """The pool drives sessions and keeps its own keys: session.py names nothing of it,
+    not even for type checking (the import cycle pool -> session -> pool is gone)."""
+    import ast
+
+    import shoal.hbone.session as session_module
+    tree = ast.parse(Path(session_module.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)} | \
+        {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert not any(name and name.startswith("shoal.hbone.pool") for name in imported), imported
+
+
+def test_a_discarded_session_leaves_no_key_behind():
+    """The pool's own table of keys empties with its sessions (no growth per connection)."""
+    async def scenario():
+        pool = HbonePool()
+        sessions = [FakeSession() for _ in range(3)]
+        made = iter(sessions)
+
+        async def dial(key):
+            await asyncio.sleep(0)
+            return next(made)
+
+        for n, _ in enumerate(sessions):
+            got = await pool.session(KEY._replace(dst_port=n), dial)
+            got.open_stream()
+        assert len(pool) == 3 and len(pool._keys) == 3
+        for session in sessions:
+            session.closed = True
+            pool.discard(session)
+            pool.discard(session)   # twice: a no-op
+        assert len(pool) == 0 and not pool._keys and not pool.sessions()
+    asyncio.run(scenario())
