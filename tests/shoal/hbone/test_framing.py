@@ -559,3 +559,42 @@ def test_late_data_on_a_stream_reset_within_the_remembered_window_is_a_stream_er
     events = client.receive(in_flight)
     assert not any(isinstance(e, ConnectionEnded) for e in events) and not client.closed
     assert _open(client, server)               # the connection carries on
+
+
+class _TraceLines:
+    """An h2 logger that keeps the trace lines, formatted as logging would."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def debug(self, *vargs, **kwargs) -> None:
+        pass
+
+    def trace(self, fmtstr, *args) -> None:
+        self.lines.append(fmtstr % args)
+
+
+def test_h2_formats_no_frame_repr_unless_its_trace_line_is_written(monkeypatch):
+    """h2 calls repr(frame) for its trace line on every frame it handles; with tracing off
+    (h2's default logger) no frame is formatted, with it on the line is as before."""
+    formatted: list[str] = []
+    real_repr = hyperframe.frame.Frame.__repr__
+
+    def counting_repr(frame) -> str:
+        text = real_repr(frame)
+        formatted.append(text)
+        return text
+
+    monkeypatch.setattr(hyperframe.frame.Frame, "__repr__", counting_repr)
+    client, server = HboneConnection(client_side=True), HboneConnection(client_side=False)
+    client.initiate(), server.initiate()
+    pump(client, server), pump(server, client), pump(client, server)
+    sid = _open(client, server)
+    assert formatted == [], "frames were formatted for a trace line nobody writes"
+    traced = _TraceLines()
+    server._h2.config.logger = traced
+    client.end(sid)
+    pump(client, server)
+    frame_lines = [line for line in traced.lines if line.startswith("Received frame: ")]
+    assert formatted and frame_lines == [f"Received frame: {text}" for text in formatted]
+    assert "DataFrame(stream_id=1, flags=['END_STREAM'])" in frame_lines[0]
