@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from shoal.hbone import framing
+from shoal.hbone.identity import DirectSSLObject
 from shoal.hbone.session import HboneSession, StreamPeer
 
 SERVER_NAME = "hbone-pair"
@@ -64,6 +65,8 @@ def tls_contexts(directory: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     client.minimum_version = ssl.TLSVersion.TLSv1_3
     client.load_verify_locations(cert_path)
     client.set_alpn_protocols(["h2"])
+    for context in (server, client):   # as the node proxy's (identity._context)
+        context.sslobject_class = DirectSSLObject
     return server, client
 
 
@@ -137,17 +140,19 @@ class HbonePair:
         return self
 
     def _accept(self) -> StreamPeer:
+        if self.client is None:
+            raise RuntimeError("the pair's client end accepts only after start()")
         record = PairRecord()
         self.records.append(record)
         peer = StreamPeer(record, on_finished=lambda r: None, tcp_is_client=True)
-        peer.response = asyncio.get_running_loop().create_future()
+        response = peer.response = asyncio.get_running_loop().create_future()
         self.client.open_stream(peer, self.upstream[0], self.upstream[1], "127.0.0.1", framing.new_traceparent())
-        self._spawn(self._established(peer))
+        self._spawn(self._established(peer, response))
         return peer
 
-    async def _established(self, peer: StreamPeer) -> None:
+    async def _established(self, peer: StreamPeer, response: asyncio.Future) -> None:
         try:
-            status = await peer.response
+            status = await response
         except ConnectionError:
             status = 0
         if status == framing.STATUS_OK:

@@ -3,10 +3,12 @@ waited for while announced as pending, refused when never announced, gone when d
 from __future__ import annotations
 
 import asyncio
+import ssl
+import types
 
 import pytest
 
-from shoal.hbone.identity import HeldIdentities, IdentityError
+from shoal.hbone.identity import DirectSSLObject, HeldIdentities, IdentityError
 from shoal.hbone.issuer import make_csr, svid_from_signed
 from tests.devca import DevCA
 
@@ -60,3 +62,40 @@ async def test_a_pending_svid_not_handed_over_in_time_is_a_clear_error():
     held.pending(WEB)
     with pytest.raises(IdentityError, match="not handed over by the supervisor"):
         await held.get(WEB)
+
+
+async def test_tls_objects_call_the_native_methods_and_behave_as_ssl_objects(ca):
+    """The contexts' TLS objects (memory BIOs, as uvloop's TLS transport makes them) read,
+    write and report pending bytes through the C methods directly, with ssl's results
+    and exceptions: a handshake, bytes both ways, a read with nothing in, the peer's cert."""
+    svid = await signed(ca)
+    bios = [ssl.MemoryBIO() for _ in range(4)]   # client in/out, server in/out
+    client = svid.client_context.wrap_bio(bios[0], bios[1])
+    server = svid.server_context.wrap_bio(bios[2], bios[3], server_side=True)
+    for tls in (client, server):
+        assert isinstance(tls, DirectSSLObject)
+        assert all(isinstance(getattr(tls, name), types.BuiltinMethodType) for name in ("read", "write", "pending"))
+
+    def shuttle() -> None:
+        bios[2].write(bios[1].read())
+        bios[0].write(bios[3].read())
+
+    for _ in range(4):
+        for tls in (client, server):
+            try:
+                tls.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+        shuttle()
+    assert client.selected_alpn_protocol() == server.selected_alpn_protocol() == "h2"
+    assert client.getpeercert() and server.getpeercert()
+    assert client.write(b"ping" * 300) == 1200
+    shuttle()
+    buffer = bytearray(4096)
+    assert server.read(4096, buffer) == 1200 and bytes(buffer[:1200]) == b"ping" * 300
+    assert server.pending() == 0
+    with pytest.raises(ssl.SSLWantReadError):
+        server.read(4096, buffer)
+    server.write(b"pong")
+    shuttle()
+    assert client.read(4096) == b"pong"
