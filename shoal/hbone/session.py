@@ -569,15 +569,20 @@ class StreamPeer(asyncio.BufferedProtocol):
             self._held.append(bytes(data))
             cast(asyncio.Transport, self.transport).pause_reading()   # reads come after connection_made
             return
+        session = self.session
+        # ``_push``'s first case, inline (a request or response of a ping-pong: one frame,
+        # merged into the outbound buffer, sent at the end of the loop turn): one interpreter
+        # frame fewer on every small read.
+        if not self._pending and session is not None and not session.closed \
+                and session.h2.send_small(self.stream_id, data):
+            session.flush_soon()
+            return
         self._push(data)
 
     def _push(self, data: memoryview) -> None:
         """Frame ``data`` (a view of the shared read buffer, valid until the next read)."""
         session = self.session
         if session is None or session.closed:
-            return
-        if not self._pending and session.h2.send_small(self.stream_id, data):
-            session.flush_soon()   # a request or response: one frame, merged, sent at the turn's end
             return
         if self._pending:
             self._pending = memoryview(bytes(self._pending) + data)
