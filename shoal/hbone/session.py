@@ -125,6 +125,7 @@ class HboneSession(asyncio.BufferedProtocol):
         self._flush_scheduled = False
         self._parse_later = False   # whole frames wait in ``reads`` for a later turn (reading paused)
         self.reads = SessionReadBuffer()   # starts small, grows with what the connection carries
+        self.get_buffer = self.reads.room  # type: ignore[method-assign]  # the same, one frame fewer per read
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tcp_reads = tcp_reads   # shared by every session of a node proxy worker, when given
         if fast_path:
@@ -151,6 +152,8 @@ class HboneSession(asyncio.BufferedProtocol):
         self._arm_idle()
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        """Where TLS decrypts to (replaced per instance by ``reads.room`` itself: uvloop
+        looks it up once per connection, and calls it on every read)."""
         return self.reads.room(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -301,6 +304,9 @@ class HboneSession(asyncio.BufferedProtocol):
 
     # -- used by stream peers and the pool
     def flush(self) -> None:
+        """Write everything queued, now (also what ``flush_soon`` scheduled: a flush made
+        before it leaves it nothing, and the next ``flush_soon`` schedules again)."""
+        self._flush_scheduled = False
         buffers = self.h2.buffers_to_send()
         if buffers and self.transport is not None and not self.transport.is_closing():
             if len(buffers) == 1:
@@ -314,11 +320,7 @@ class HboneSession(asyncio.BufferedProtocol):
         of one each. Bytes stay in order: every flush drains h2's one outbound buffer."""
         if not self._flush_scheduled and not self.closed:
             self._flush_scheduled = True
-            (self._loop or asyncio.get_running_loop()).call_soon(self._scheduled_flush)
-
-    def _scheduled_flush(self) -> None:
-        self._flush_scheduled = False
-        self.flush()
+            (self._loop or asyncio.get_running_loop()).call_soon(self.flush)
 
     def probe(self) -> None:
         """Ask the peer for a sign of life: one PING at a time, whose ACK moves
