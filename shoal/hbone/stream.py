@@ -11,7 +11,7 @@ import asyncio
 from collections import deque
 from typing import Callable
 
-from shoal.hbone.session import HboneSession
+from shoal.hbone.session import HboneSession, StreamRefused
 
 
 class HboneStream:
@@ -64,10 +64,10 @@ class HboneStream:
         if self._eof_out:
             self._finish()
 
-    def on_stream_reset(self, reason: str) -> None:
+    def on_stream_reset(self, reason: str, unprocessed: bool = False) -> None:
         self._reset = reason
         if self.response is not None and not self.response.done():
-            self.response.set_exception(ConnectionResetError(reason))
+            self.response.set_exception(StreamRefused(reason) if unprocessed else ConnectionResetError(reason))
         self._writable.set()
         self._finish()
         self._wake_reader()
