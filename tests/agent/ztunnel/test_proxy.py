@@ -66,9 +66,12 @@ class Harness:
 
         home = NetnsHandle.current()
         ns = NetnsHandle.from_path(self.path(role), home)
-        with ns.entered():
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        ns.close()
+        try:
+            with ns.entered():
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        finally:   # both (a home handle's close() keeps its fd): one leaked fd per socket
+            ns.close()   # took later tests of the run past select()'s limit of 1,024
+            os.close(home.fd)
         sock.setblocking(False)
         return sock
 
