@@ -38,6 +38,16 @@ class Forward:
     target: int
 
 
+def forwards(base: int, targets: Sequence[tuple[str, int]]) -> tuple[Forward, ...]:
+    """One Forward per (name, target port): local base+1, TLS base+2, then base+3, base+4, ...
+
+    Each path of a scenario takes its own ``base`` so that its two ends never share a port
+    with another pair's.
+    """
+    return tuple(Forward(name, base + 2 * i + 1, base + 2 * i + 2, target)
+                 for i, (name, target) in enumerate(targets))
+
+
 @dataclass(frozen=True)
 class CertPaths:
     ca: Path

@@ -20,11 +20,6 @@ PEER_PORTS = ((peers.STUNNEL, 20000, pod2pod.STREAM_PORT + 1, pod2pod.RR_PORT + 
               (peers.HAPROXY, 21000, pod2pod.STREAM_PORT + 2, pod2pod.RR_PORT + 2))
 
 
-def _forwards(base: int, stream_port: int, rr_port: int) -> tuple[peers.Forward, ...]:
-    return (peers.Forward("stream", base + 1, base + 2, stream_port),
-            peers.Forward("rr", base + 3, base + 4, rr_port))
-
-
 def run(ctx: Context) -> Iterator[Measurement]:
     client, server = pod2pod.plain_pods(ctx.bed)
     routes = [pod2pod.Route(PATH_DIRECT, client, server.ip)]
@@ -33,7 +28,7 @@ def run(ctx: Context) -> Iterator[Measurement]:
             ctx, server, stream_ports=(pod2pod.STREAM_PORT, *(p[2] for p in PEER_PORTS)),
             rr_ports=(pod2pod.RR_PORT, *(p[3] for p in PEER_PORTS))))
         for peer, base, stream_port, rr_port in PEER_PORTS:
-            forwards = _forwards(base, stream_port, rr_port)
+            forwards = peers.forwards(base, (("stream", stream_port), ("rr", rr_port)))
             pids = stack.enter_context(peers.pair(peer, ctx.bed, client, server, forwards, ctx.workdir))
             routes.append(pod2pod.Route(peer.name, client, "127.0.0.1", forwards[0].local, forwards[1].local,
                                         processes=pids))

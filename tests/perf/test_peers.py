@@ -51,3 +51,9 @@ def test_listening_reads_ss_output():
     assert peers.listening(out, "127.0.0.1", 20001)
     assert not peers.listening(out, "127.0.0.1", 2000)      # no prefix matches
     assert not peers.listening(out, "10.244.2.10", 20001)   # bound to another address
+
+
+def test_forwards_take_consecutive_port_pairs_from_the_base():
+    made = peers.forwards(20000, (("stream", 5201), ("rr", 11111)))
+    assert made == FORWARDS
+    assert peers.forwards(23000, ()) == ()

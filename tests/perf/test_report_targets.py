@@ -53,7 +53,8 @@ def test_issue_13_real_client_targets():
                Measurement(get, PATH_SHOAL, "rate", "req/s", (20_000.0,)),
                Measurement(apps.PGBENCH, "direct", "rate", "tx/s", (5_000.0,)),
                Measurement(apps.PGBENCH, PATH_SHOAL, "rate", "tx/s", (1_400.0,))]
-    results = {r["benchmark"]: r for r in (report.evaluate_target(t, figures) for t in apps.SCENARIO.targets)}
+    results = {r["benchmark"]: r for r in (report.evaluate_target(t, figures) for t in apps.SCENARIO.targets)
+               if r["path"] == PATH_SHOAL}   # the issue's targets; the haproxy rows are references
     assert results[get]["status"] == "met" and results[get]["actual"] == pytest.approx(0.5)
     assert results[apps.PGBENCH]["status"] == "missed" and results[apps.PGBENCH]["actual"] == pytest.approx(0.28)
     assert results[apps.DOWNLOAD]["status"] == "not measured"
