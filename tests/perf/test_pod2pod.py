@@ -1,8 +1,7 @@
 """pod2pod interleaves every path once per round, Shoal in the same rounds as direct and the peers; CPU per proxy."""
 import json
 import subprocess
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 from shoal.perf import pod2pod
 from shoal.perf.pod2pod import PATH_SHOAL, RR, STREAM
@@ -36,26 +35,12 @@ class RecordingPod:
 
 
 
-@dataclass
-class FakeContext:
-    repetitions: int = 2
-    quick: bool = True
-    workdir: Path = Path("/nonexistent")
-    lines: list[str] = field(default_factory=list)
 
-    def seconds(self, full, quick):
-        return quick
-
-    def log(self, message):
-        self.lines.append(message)
-
-
-
-def test_shoal_runs_in_the_same_rounds_as_direct_and_the_peers():
+def test_shoal_runs_in_the_same_rounds_as_direct_and_the_peers(fake_context):
     calls: list[tuple[str, str]] = []
     routes = [pod2pod.Route(name, RecordingPod(name, calls), "10.0.0.2")
               for name in ("direct", "stunnel", "haproxy", PATH_SHOAL)]
-    figures = list(pod2pod.measure_interleaved(FakeContext(), routes))
+    figures = list(pod2pod.measure_interleaved(fake_context(), routes))
     names = [r.path for r in routes]
     # Throughput rounds first, then latency rounds; inside each, every path back to back.
     assert calls == ([(n, "iperf3") for n in names] * 2) + ([(n, "sockperf") for n in names] * 2)
@@ -65,7 +50,7 @@ def test_shoal_runs_in_the_same_rounds_as_direct_and_the_peers():
 
 
 
-def test_cpu_is_reported_per_proxy(monkeypatch):
+def test_cpu_is_reported_per_proxy(monkeypatch, fake_context):
     calls: list[tuple[str, str]] = []
 
     class FixedSampler:
@@ -80,7 +65,7 @@ def test_cpu_is_reported_per_proxy(monkeypatch):
 
     monkeypatch.setattr(pod2pod.procstat, "ProcessSampler", FixedSampler)
     route = pod2pod.Route(PATH_SHOAL, RecordingPod(PATH_SHOAL, calls), "10.0.0.2", processes=lambda: [1, 2])
-    figures = {(m.metric): m for m in pod2pod.measure_interleaved(FakeContext(repetitions=1), [route])
+    figures = {(m.metric): m for m in pod2pod.measure_interleaved(fake_context(repetitions=1), [route])
                if m.benchmark == RR}
     assert figures["cpu"].samples == (0.2,)
     assert figures["cpu_per_proxy"].samples == (0.1,)

@@ -1,7 +1,7 @@
 """The apps scenario's pure parts: the four paths (direct, the C pairs, Shoal) in one set of
 interleaved rounds, the pairs' forwards to the same servers, and the per-figure ratios."""
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -138,28 +138,14 @@ class CannedPod:
         return subprocess.CompletedProcess(argv, 0, out, "")
 
 
-@dataclass
-class FakeContext:
-    repetitions: int = 2
-    quick: bool = True
-    workdir: Path = Path("/nonexistent")
-    lines: list[str] = field(default_factory=list)
-
-    def seconds(self, full, quick):
-        return quick
-
-    def log(self, message):
-        self.lines.append(message)
-
-
-def test_every_path_runs_every_client_in_the_same_interleaved_rounds(monkeypatch):
+def test_every_path_runs_every_client_in_the_same_interleaved_rounds(monkeypatch, fake_context):
     calls: list[tuple[str, str, str]] = []
     forwards = {PATH_STUNNEL: apps.peer_forwards(22000), PATH_HAPROXY: apps.peer_forwards(23000)}
     paths = [apps.peer_path(name, CannedPod(name, calls), forwards[name]) if name in forwards
              else apps.direct_path(name, CannedPod(name, calls), Pod(ip=f"10.244.2.{i}"))
              for i, name in enumerate(PATHS)]
     monkeypatch.setattr(apps, "_paths", lambda ctx, stack: paths)
-    ctx = FakeContext()
+    ctx = fake_context()
     figures = {(m.benchmark, m.metric, m.path): m for m in apps.run(ctx)}
     tools = ["redis-benchmark", "redis-benchmark", "pgbench", "curl"]
     assert [(path, tool) for path, tool, _ in calls] == [(p, t) for t in tools for _ in range(2) for p in PATHS]
