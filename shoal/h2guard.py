@@ -11,16 +11,15 @@ Two attacks cost a server far more than the client:
   until it ends, so memory grows without bound before any header-size limit applies.
 
 ``PrematureResets`` is the rule for the first one where the server knows which streams
-it answered (the HBONE layer); ``FloodGuard.feed`` reads the frame headers of the bytes a peer sends (before the HTTP/2
-library sees them) and names the first violation; the caller then answers GOAWAY
-(ENHANCE_YOUR_CALM) and closes the connection. Only 9-byte frame headers are parsed;
-payloads are skipped, so the cost is a few operations per frame.
+it answered (the HBONE layer, the waypoint's downstream HTTP/2): both proxies judge
+resets the same way. ``FloodGuard.feed`` reads the frame headers of the bytes a peer
+sends (before the HTTP/2 library sees them) and names the first violation; the caller
+then answers GOAWAY (ENHANCE_YOUR_CALM) and closes the connection. Only 9-byte frame
+headers are parsed; payloads are skipped, so the cost is a few operations per frame.
 """
 from __future__ import annotations
 
-import time
-from collections import deque
-from typing import Callable
+from typing import Protocol
 
 import h2.config
 import h2.connection
@@ -29,8 +28,10 @@ from shoal.framescan import FrameScanner
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 FRAME_HEADER = 9
-TYPE_HEADERS, TYPE_RST_STREAM, TYPE_CONTINUATION = 0x1, 0x3, 0x9
-FLAG_END_HEADERS = 0x4
+TYPE_HEADERS, TYPE_PRIORITY, TYPE_RST_STREAM, TYPE_SETTINGS, TYPE_PING, TYPE_CONTINUATION = 0x1, 0x2, 0x3, 0x4, 0x6, 0x9
+FLAG_END_HEADERS, FLAG_ACK = 0x4, 0x1
+# The frames a ``FloodGuard`` with a budget charges, by the budget's kinds (framing.LIMITS).
+BUDGETED = {TYPE_PING: "ping", TYPE_SETTINGS: "settings", TYPE_PRIORITY: "priority", TYPE_RST_STREAM: "rst_stream"}
 ENHANCE_YOUR_CALM = 0xB
 
 
@@ -108,47 +109,50 @@ class PrematureResets:
             self.premature //= 2
 
 
-class FloodGuard:
-    """Counts, per connection, header-block bytes and stream resets sent by the peer.
+class FrameBudget(Protocol):
+    """Per-connection frame budgets by kind (``shoal.hbone.framing.Budget``): False once spent."""
 
-    ``max_header_block``: bytes of one HEADERS+CONTINUATION sequence (the decoded header
-    list limit bounds it only after it ends). ``max_resets`` within ``window`` seconds:
-    RST_STREAM frames from the peer (a client cancelling now and then stays far below).
+    def spend(self, kind: str) -> bool: ...
+
+
+class FloodGuard:
+    """Reads, per connection, the frame headers the peer sends: the header-block bytes of
+    one HEADERS+CONTINUATION sequence (``max_header_block``; the decoded header list limit
+    bounds it only after it ends), and, with a ``budget``, the control frames that cost us
+    an answer or h2's work each (PING and SETTINGS but their ACKs, PRIORITY, RST_STREAM).
+
+    Stream resets are not a count here: a client may cancel any number of streams it was
+    answered (a long-lived HTTP/2 client does, for hours). Rapid Reset is judged where the
+    server knows which streams it answered, by ``PrematureResets``; the RST_STREAM budget
+    only bounds the frames themselves.
     """
 
-    def __init__(self, max_header_block: int, max_resets: int = 200, window: float = 10.0,
-                 expect_preface: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, max_header_block: int, expect_preface: bool = False, budget: FrameBudget | None = None) -> None:
         self.max_header_block = max_header_block
-        self.max_resets = max_resets
-        self.window = window
-        self._clock = clock
+        self._budget = budget
         self._frames = FrameScanner(FRAME_HEADER, lambda header: int.from_bytes(header[:3], "big"),
                                     skip_first=len(PREFACE) if expect_preface else 0)
         self._block = -1                # bytes of the open header block; -1: none open
-        self._resets: deque[float] = deque()
 
-    def feed(self, data: bytes) -> str | None:
-        """The violation in ``data`` (with what came before), or None."""
+    def feed(self, data: bytes) -> tuple[str, str] | None:
+        """The first violation in ``data`` (with what came before): (reason, detail), or None."""
         for header in self._frames.feed(data):
             problem = self._frame(header[3], header[4], int.from_bytes(header[:3], "big"))
             if problem is not None:
                 return problem
         return None
 
-    def _frame(self, kind: int, flags: int, length: int) -> str | None:
+    def _frame(self, kind: int, flags: int, length: int) -> tuple[str, str] | None:
         if kind == TYPE_HEADERS:
             self._block = -1 if flags & FLAG_END_HEADERS else length
         elif kind == TYPE_CONTINUATION and self._block >= 0:
             self._block += length
             if flags & FLAG_END_HEADERS:
                 self._block = -1
-        elif kind == TYPE_RST_STREAM:
-            now = self._clock()
-            self._resets.append(now)
-            while self._resets and self._resets[0] < now - self.window:
-                self._resets.popleft()
-            if len(self._resets) > self.max_resets:
-                return f"rapid reset: more than {self.max_resets} RST_STREAM in {self.window:g} s"
+        elif self._budget is not None and kind in BUDGETED:
+            budgeted = BUDGETED[kind]
+            if not (kind in (TYPE_PING, TYPE_SETTINGS) and flags & FLAG_ACK) and not self._budget.spend(budgeted):
+                return f"{budgeted}_flood", f"{budgeted.replace('_', ' ')} budget exhausted"
         if self._block > self.max_header_block:
-            return f"CONTINUATION flood: header block over {self.max_header_block} bytes"
+            return "header_block_too_large", f"CONTINUATION flood: header block over {self.max_header_block} bytes"
         return None

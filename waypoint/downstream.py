@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Awaitable, Callable, Protocol
 
 import h2.config
@@ -20,7 +21,8 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from shoal.h2guard import CLOSED_STREAMS_PER_OPEN, ENHANCE_YOUR_CALM, BoundedH2Connection, FloodGuard
+from shoal.h2guard import CLOSED_STREAMS_PER_OPEN, ENHANCE_YOUR_CALM, BoundedH2Connection, FloodGuard, PrematureResets
+from shoal.hbone.framing import Budget
 
 from .grpc import RESOURCE_EXHAUSTED, MessageSizeLimit, MessageTooLarge, is_grpc
 from .h1 import (
@@ -391,8 +393,9 @@ class H1Server:
 
 
 class _H2Stream:
-    def __init__(self, stream_id: int) -> None:
+    def __init__(self, stream_id: int, opened: float) -> None:
         self.stream_id = stream_id
+        self.opened = opened   # monotonic: a reset before its answer soon after is premature
         self.chunks: asyncio.Queue[tuple[bytes, int] | None] = asyncio.Queue()
         self.task: asyncio.Task | None = None
         self.window_open = asyncio.Event()
@@ -416,9 +419,13 @@ class H2Server:
         self.h2.max_inbound_frame_size = limits.max_h2_frame
         self.streams: dict[int, _H2Stream] = {}
         self.closed = False
-        # Rapid reset and CONTINUATION floods, which h2 itself lets through.
-        self.guard = FloodGuard(max_header_block=2 * limits.max_header_bytes, max_resets=limits.max_h2_resets,
-                                expect_preface=True)
+        self.cut = False   # ended by us for a flood
+        # What h2 itself lets through, judged as the HBONE side judges it (shoal.hbone.framing),
+        # so both proxies cut the same peers: CONTINUATION floods and control-frame floods
+        # (its budgets) here, before h2 reads the bytes; Rapid Reset by the ratio of streams
+        # reset before their answer (``PrematureResets``), never by counting cancels.
+        self.guard = FloodGuard(max_header_block=2 * limits.max_header_bytes, expect_preface=True, budget=Budget())
+        self.premature = PrematureResets()
 
     def flush(self) -> None:
         data = self.h2.data_to_send()
@@ -441,10 +448,7 @@ class H2Server:
             while data:
                 flood = self.guard.feed(data)
                 if flood is not None:
-                    self.reject("h2_flood", 400)
-                    log.warning("downstream %s:%d: %s: GOAWAY", self.peer.source_ip, self.peer.source_port, flood)
-                    self.h2.close_connection(ENHANCE_YOUR_CALM)
-                    self.flush()
+                    self._calm_down(*flood)
                     return
                 try:
                     events = self.h2.receive_data(data)
@@ -455,6 +459,8 @@ class H2Server:
                     return
                 for event in events:
                     self._on_event(event)
+                    if self.cut:
+                        return
                 self.flush()
                 await self.stream.drain()
                 timeout = None if self.streams else self.limits.keepalive_timeout
@@ -489,6 +495,8 @@ class H2Server:
                 s.chunks.put_nowait(None)
         elif isinstance(event, h2.events.StreamReset):
             s = self.streams.get(event.stream_id)
+            if s is not None and not s.started and self.premature.reset_unanswered(s.opened, time.monotonic()):
+                self._calm_down("premature_reset_flood", "half its streams reset before their answer (rapid reset)")
             if s is not None:
                 s.reset = True
                 s.window_open.set()
@@ -502,9 +510,18 @@ class H2Server:
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.closed = True
 
+    def _calm_down(self, reason: str, detail: str) -> None:
+        """A flood: GOAWAY ENHANCE_YOUR_CALM, counted as ``h2_<reason>`` (the HBONE side's
+        names, ``hbone_<reason>``), and the connection ends."""
+        self.reject(f"h2_{reason}", 400)
+        log.warning("downstream %s:%d: %s: GOAWAY", self.peer.source_ip, self.peer.source_port, detail)
+        self.h2.close_connection(ENHANCE_YOUR_CALM)
+        self.flush()
+        self.cut = True
+
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         stream_id = event.stream_id
-        s = self.streams[stream_id] = _H2Stream(stream_id)
+        s = self.streams[stream_id] = _H2Stream(stream_id, time.monotonic())
         headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers]
         size = sum(len(n) + len(v) + 32 for n, v in headers)
         if len(headers) > self.limits.max_headers or size > self.limits.max_header_bytes:
@@ -613,6 +630,8 @@ class _H2Sink:
         return self.s.started
 
     async def start(self, status: int, headers: list[tuple[str, str]], content_length: int | None) -> None:
+        if not self.s.started:
+            self.server.premature.answered()
         self.s.started = True
         h2_headers = [(":status", str(status))] + [(n, v) for n, v in headers if n not in ("connection", "keep-alive")]
         if content_length == 0:

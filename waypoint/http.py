@@ -30,7 +30,6 @@ class Limits:
     body_idle_timeout: float = 30.0        # longest silence inside a request body -> 408
     keepalive_timeout: float = 60.0        # idle keep-alive connection closed silently
     max_concurrent_streams: int = 100      # HTTP/2 per connection
-    max_h2_resets: int = 200               # RST_STREAM from one peer per 10 s -> GOAWAY (rapid reset)
     retry_buffer_bytes: int = 64 * 1024    # bodies up to this size (known length) are read whole: replayable
     max_h2_frame: int = 1 << 20
     max_grpc_message: int = 4 * 1024 * 1024   # one gRPC request message -> RESOURCE_EXHAUSTED

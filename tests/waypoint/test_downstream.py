@@ -5,6 +5,7 @@ import time
 import aiohttp
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import pytest
 
@@ -217,7 +218,17 @@ def continuation_flood(frames: int) -> bytes:
     return head + b"".join(frames_out)
 
 
-@pytest.mark.parametrize("attack,reason", [(rapid_resets(400), "rapid"), (continuation_flood(200), "continuation")])
+def ping_flood(count: int) -> bytes:
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    for i in range(count):
+        client.ping(i.to_bytes(8, "big"))
+    return client.data_to_send()
+
+
+@pytest.mark.parametrize("attack,reason", [(rapid_resets(400), "h2_premature_reset_flood"),
+                                           (continuation_flood(200), "h2_header_block_too_large"),
+                                           (ping_flood(400), "h2_ping_flood")])
 async def test_http2_floods_get_goaway_enhance_your_calm_and_others_live_on(tight, attack, reason):
     reader, writer = await asyncio.open_connection("127.0.0.1", tight.port)
     writer.write(attack)
@@ -228,8 +239,116 @@ async def test_http2_floods_get_goaway_enhance_your_calm_and_others_live_on(tigh
     got = await read_all(reader)
     writer.close()
     assert goaway_code(got) == 0xB, got[:200]      # ENHANCE_YOUR_CALM
-    assert tight.metric("shoal_waypoint_rejected_requests_total", reason="h2_flood") == 1
+    assert tight.metric("shoal_waypoint_rejected_requests_total", reason=reason) == 1
+    assert tight.metric("shoal_waypoint_rejected_requests_total") == 1
     await healthy_client_works(tight)
+
+
+# -- Rapid Reset judged as the HBONE side judges it (in memory: no socket) -------------------
+
+class MemoryTunnel:
+    """A downstream connection as bytes in and bytes out, for ``serve_connection``."""
+
+    def __init__(self) -> None:
+        self.incoming: asyncio.Queue[bytes] = asyncio.Queue()
+        self.sent = bytearray()
+        self.wrote = asyncio.Event()
+
+    async def read(self, n: int) -> bytes:
+        return await self.incoming.get()
+
+    def write(self, data: bytes) -> None:
+        self.sent += data
+        self.wrote.set()
+
+    async def drain(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.incoming.put_nowait(b"")
+
+
+class H2Client:
+    """A raw h2 client on a ``MemoryTunnel`` served by the waypoint's HTTP/2 server, whose
+    handler answers at once and then streams until cancelled (a watch, a download)."""
+
+    def __init__(self) -> None:
+        from shoal.waypoint.downstream import serve_connection
+        from shoal.waypoint.http import PeerInfo
+
+        self.tunnel = MemoryTunnel()
+        self.rejected: list[tuple[str, int]] = []
+        self.handled = 0
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        self.conn.initiate_connection()
+        self.events: list = []
+        self.server = asyncio.ensure_future(serve_connection(
+            self.tunnel, PeerInfo("10.244.1.7", 40000), self.answer_then_stream, Limits(),
+            lambda reason, status: self.rejected.append((reason, status))))
+        self.push()
+
+    async def answer_then_stream(self, request, body, sink) -> None:
+        self.handled += 1
+        await sink.start(200, [("content-type", "text/plain")], None)
+        await asyncio.sleep(3600)
+
+    def push(self) -> None:
+        self.tunnel.incoming.put_nowait(self.conn.data_to_send())
+
+    async def receive(self) -> None:
+        await asyncio.wait_for(self.tunnel.wrote.wait(), 5)
+        self.tunnel.wrote.clear()
+        data, self.tunnel.sent = bytes(self.tunnel.sent), bytearray()
+        self.events += self.conn.receive_data(data)
+
+    def request(self) -> int:
+        stream_id = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(stream_id, [(":method", "GET"), (":path", "/watch"), (":scheme", "http"),
+                                           (":authority", "web")], end_stream=True)
+        return stream_id
+
+    def answered(self, stream_id: int) -> bool:
+        return any(isinstance(e, h2.events.ResponseReceived) and e.stream_id == stream_id for e in self.events)
+
+    def goaway(self) -> int | None:
+        return next((int(e.error_code) for e in self.events if isinstance(e, h2.events.ConnectionTerminated)), None)
+
+    async def close(self) -> None:
+        self.tunnel.close()
+        await asyncio.wait_for(self.server, 5)
+
+
+async def test_a_client_cancelling_answered_streams_is_never_cut_but_a_rapid_reset_is():
+    """Both proxies judge resets by ``PrematureResets`` (Envoy's ratio): a client that
+    cancels every stream after its answer (300 here; counting every RST_STREAM cut it at
+    201) keeps its connection, while HEADERS + RST_STREAM pairs are cut after 50, before
+    the 200 that counting allowed, with GOAWAY ENHANCE_YOUR_CALM."""
+    patient = H2Client()
+    for _ in range(300):
+        stream_id = patient.request()
+        patient.push()
+        while not patient.answered(stream_id):
+            await patient.receive()
+        patient.conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+        patient.push()
+    stream_id = patient.request()   # and it is served as before
+    patient.push()
+    while not patient.answered(stream_id):
+        await patient.receive()
+    assert patient.goaway() is None and patient.rejected == [] and patient.handled == 301
+    await patient.close()
+
+    attacker = H2Client()
+    for _ in range(60):
+        stream_id = attacker.request()
+        attacker.conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+    attacker.push()
+    while attacker.goaway() is None:
+        await attacker.receive()
+    assert attacker.goaway() == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    assert attacker.rejected == [("h2_premature_reset_flood", 400)]
+    assert attacker.handled == 0   # reset in the same read: no handler ran
+    await asyncio.wait_for(attacker.server, 5)   # the server ended the connection itself
 
 
 async def test_http2_oversized_headers_get_431_on_that_stream(tight):
