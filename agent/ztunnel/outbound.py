@@ -26,6 +26,7 @@ from shoal.agent.ztunnel.telemetry import (
 )
 from shoal.config import PORT_HBONE
 from shoal.hbone import framing as hbone
+from shoal.hbone.handoff import create_connection_on
 from shoal.hbone.identity import IdentityError, check_session
 from shoal.hbone.pool import PoolKey
 from shoal.hbone.session import HboneSession, StreamPeer, StreamRefused
@@ -182,8 +183,11 @@ async def dial(ctx: ProxyContext, pod: ServedPod, key: PoolKey) -> HboneSession:
                            on_closed=ctx.pool.discard,
                            verify=lambda ssl_object: check_session(ssl_object, key.dst_identity),
                            tcp_reads=ctx.tcp_reads)
-    await loop.create_connection(lambda: session, sock=sock, ssl=svid.client_context, server_hostname="",
-                                 ssl_handshake_timeout=ctx.config.handshake_timeout)
+    # Not loop.create_connection(sock=...): a peer resetting before our ClientHello left
+    # ``sock`` owning a number libuv had closed, and freeing it closed another connection's
+    # socket behind libuv's back (shoal/hbone/handoff.py).
+    await create_connection_on(loop, lambda: session, sock, ssl=svid.client_context, server_hostname="",
+                               ssl_handshake_timeout=ctx.config.handshake_timeout)
     if session.verify_error is not None:
         ctx.metrics.reject("outbound", "peer_identity")
         log.warning("outbound HBONE to %s:%d: %s", key.dst_ip, key.dst_port, session.verify_error)
