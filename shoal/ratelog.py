@@ -6,6 +6,7 @@ keeps). Keys are a small fixed set chosen by the caller (a method, a reason), ne
 peer address, so the table cannot grow with the traffic."""
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable, Hashable
 
@@ -33,3 +34,13 @@ class LogLimiter:
 def held_note(held: int) -> str:
     """The tail of a line that follows ``held`` silent ones."""
     return f" ({held} more like it in the last seconds, not logged)" if held else ""
+
+
+def log_limited(logger: logging.Logger, limiter: LogLimiter, key: Hashable, level: int, msg: str, *args: object,
+                exc_info: BaseException | None = None) -> None:
+    """``logger.log(level, msg, *args)`` if ``limiter`` lets ``key`` through now, saying how
+    many were held back; ``exc_info`` adds its traceback (one per period, not one per
+    connection: an unknown error is diagnosable without a flood)."""
+    held = limiter.allow(key)
+    if held is not None:
+        logger.log(level, msg + "%s", *args, held_note(held), exc_info=exc_info, stacklevel=2)

@@ -17,7 +17,7 @@ from typing import Callable
 
 from shoal.agent.ztunnel.bypass import local_destination, serve_same_node
 from shoal.agent.ztunnel.context import ProxyContext, ServedPod
-from shoal.agent.ztunnel.relay import join_plain, reset_connection
+from shoal.agent.ztunnel.relay import is_network_failure, join_plain, reset_connection
 from shoal.agent.ztunnel.telemetry import (
     FLAG_DENIED,
     FLAG_NO_ROUTE,
@@ -30,7 +30,7 @@ from shoal.hbone.handoff import create_connection_on
 from shoal.hbone.identity import IdentityError, check_session
 from shoal.hbone.pool import PoolKey
 from shoal.hbone.session import HboneSession, StreamPeer, StreamRefused
-from shoal.ratelog import held_note
+from shoal.ratelog import held_note, log_limited
 from shoal.telemetry_labels import service_fqdn
 from shoal.xds.model import Workload, address_of_family, canonical_ip, ip_family
 from shoal.xds.state import ConfigState
@@ -113,7 +113,8 @@ async def handle_outbound(ctx: ProxyContext, pod: ServedPod, conn: socket.socket
         original = None
     if original is None:
         ctx.metrics.reject("outbound", "no_original_destination")
-        log.warning("outbound from %s: no original destination for %s", pod.info.name, peer)
+        log_limited(log, ctx.hbone_log_limiter, "outbound:no_original_destination", logging.WARNING,
+                    "outbound from %s: no original destination for %s", pod.info.name, peer)
         reset_connection(conn)
         return
     dst_ip, dst_port = canonical_ip(original[0]), original[1]
@@ -122,7 +123,8 @@ async def handle_outbound(ctx: ProxyContext, pod: ServedPod, conn: socket.socket
             await asyncio.wait_for(ctx.config_synced.wait(), ctx.config.connect_timeout)
         except asyncio.TimeoutError:
             ctx.metrics.reject("outbound", "config_not_synced")
-            log.warning("outbound from %s to %s:%d refused: no config yet", pod.info.name, dst_ip, dst_port)
+            log_limited(log, ctx.hbone_log_limiter, "outbound:config_not_synced", logging.WARNING,
+                        "outbound from %s to %s:%d refused: no config yet", pod.info.name, dst_ip, dst_port)
             reset_connection(conn)
             return
     route = plan_route(ctx.state, dst_ip, dst_port)
@@ -147,9 +149,15 @@ async def handle_outbound(ctx: ProxyContext, pod: ServedPod, conn: socket.socket
         if rec.response_flags == "-":
             rec.response_flags = FLAG_UPSTREAM_FAILURE
         rec.error = rec.error or f"{type(exc).__name__}: {exc}"
+        # A failure of the network or the peer is counted and logged a line a second per
+        # kind (a burst fails thousands at once); anything else is a bug of ours, logged
+        # with its traceback (the FileExistsError of the 10,000 burst came without one).
+        unexpected = not isinstance(exc, IdentityError) and not is_network_failure(exc)
         if not isinstance(exc, IdentityError):
-            ctx.metrics.reject("outbound", "upstream_connect")
-        log.info("outbound %s -> %s:%d failed: %s", pod.info.name, dst_ip, dst_port, rec.error)
+            ctx.metrics.reject("outbound", "internal_error" if unexpected else "upstream_connect")
+        log_limited(log, ctx.hbone_log_limiter, ("outbound:failed", type(exc).__name__),
+                    logging.ERROR if unexpected else logging.INFO, "outbound %s -> %s:%d failed: %s",
+                    pod.info.name, dst_ip, dst_port, rec.error, exc_info=exc if unexpected else None)
         reset_connection(conn)
         ctx.telemetry.closed(rec)
 
@@ -246,8 +254,10 @@ async def _tunnel(ctx, pod, conn: socket.socket, route: Route, rec: ConnectionRe
             # every stream waiting for it: each gets one more dial before giving up.
             if attempt == 2:
                 raise
-            log.info("outbound %s: HBONE dial to %s failed (%s: %s), retrying", pod.info.name, route.target_ip,
-                     type(exc).__name__, exc)
+            ctx.metrics.outbound_retries.labels("dial_failed").inc()
+            log_limited(log, ctx.hbone_log_limiter, "outbound:dial_retry", logging.INFO,
+                        "outbound %s: HBONE dial to %s failed (%s: %s), retrying", pod.info.name, route.target_ip,
+                        type(exc).__name__, exc)
             continue
         peer = StreamPeer(rec, ctx.telemetry.closed, tcp_is_client=True)
         peer.response = asyncio.get_running_loop().create_future()
@@ -264,7 +274,12 @@ async def _tunnel(ctx, pod, conn: socket.socket, route: Route, rec: ConnectionRe
             # overloaded or going away): nothing reached the app yet, so one retry.
             session.stream_done(peer.stream_id)
             if attempt == 1:
-                log.info("outbound %s: stream lost before its answer (%s), retrying", pod.info.name, exc)
+                # One line a second, not one per connection: a refusing peer refuses a
+                # whole burst (~5,000 lines in 5 s once, the proxy's one thread writing them).
+                ctx.metrics.outbound_retries.labels(
+                    "stream_refused" if isinstance(exc, StreamRefused) else "stream_lost").inc()
+                log_limited(log, ctx.hbone_log_limiter, "outbound:stream_retry", logging.INFO,
+                            "outbound %s: stream lost before its answer (%s), retrying", pod.info.name, exc)
                 continue
             refused = isinstance(exc, StreamRefused)
             error = f"refused by the peer proxy: {exc}" if refused else f"no HBONE answer: {exc}"

@@ -8,7 +8,6 @@ bind beside us during a restart) and acks only then; on ``del`` it stops accepti
 from __future__ import annotations
 
 import asyncio
-import errno
 import functools
 import ipaddress
 import logging
@@ -22,17 +21,18 @@ from shoal.agent.ztunnel.context import ProxyContext, ServedPod
 from shoal.agent.ztunnel.inbound import handle_hbone, handle_plaintext, refused_at_accept
 from shoal.agent.ztunnel.netns import NetnsHandle
 from shoal.agent.ztunnel.outbound import handle_outbound
-from shoal.agent.ztunnel.relay import reset_connection
+from shoal.agent.ztunnel.relay import RESOURCE_ERRNOS, is_network_failure, reset_connection
 from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND
 from shoal.hbone.identity import IdentityError
+from shoal.ratelog import log_limited
 from shoal.zds import PodInfo, ZdsError
 
 log = logging.getLogger(__name__)
 
 
-# accept() failures that say "no resources now": the listener stays readable, so
-# retrying at once would spin the loop at 100 % CPU; pause this listener instead.
-RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# accept() failures that say "no resources now" (relay.RESOURCE_ERRNOS): the listener
+# stays readable, so retrying at once would spin the loop at 100 % CPU; pause this
+# listener for ACCEPT_PAUSE instead.
 ACCEPT_PAUSE = 0.1
 # A burst of new connections queues in the kernel instead of costing SYN retransmits
 # (1 s, then 3 s); the kernel caps it at net.core.somaxconn (4096 by default).
@@ -159,6 +159,9 @@ class Acceptor:
         except (OSError, asyncio.TimeoutError) as exc:
             self._on_error(exc)
             conn.close()
+        except Exception as exc:   # noqa: BLE001 - a bug on one connection's path: logged with its traceback
+            self._on_error(exc)    # and counted (on_error), the app told at once, the listener serving on
+            reset_connection(conn)
 
     def close(self) -> None:
         """Stop accepting. Live connections carry on; queued ones migrate to a successor's
@@ -251,8 +254,14 @@ class PodRegistry:
         return enrolled
 
     def _handler_failed(self, listener: str, exc: BaseException) -> None:
-        log.warning("%s: %s: %s", listener, type(exc).__name__, exc)
+        """A connection's handler (or accept) failed: counted; a line a second per listener
+        and error type, with the traceback when it is no network failure (a bug of ours,
+        which the next line must let us diagnose)."""
         self.ctx.metrics.reject(listener, "internal_error")
+        unexpected = not is_network_failure(exc)
+        log_limited(log, self.ctx.hbone_log_limiter, ("handler_failed", listener, type(exc).__name__),
+                    logging.ERROR if unexpected else logging.WARNING, "%s: %s: %s", listener, type(exc).__name__,
+                    exc, exc_info=exc if unexpected else None)
 
     async def remove_pod(self, uid: str) -> None:
         enrolled = self.pods.pop(uid, None)

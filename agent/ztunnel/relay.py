@@ -3,7 +3,9 @@ inbound (15006, 15008) and outbound (15001) listeners and the pod registry."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
+import ssl
 from typing import Protocol
 
 from shoal.agent.ztunnel.telemetry import ConnectionRecord
@@ -16,6 +18,24 @@ class ConnectionReports(Protocol):
     def opened(self, rec: ConnectionRecord) -> None: ...
 
     def closed(self, rec: ConnectionRecord) -> None: ...
+
+
+# What the network and the peers do to a connection, or the node running short of
+# descriptors or buffers: counted and logged, no traceback. Anything else on a
+# connection's path is a bug of ours (an EEXIST from the event loop, an EBADF, a
+# RuntimeError), logged with its traceback.
+NETWORK_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE, errno.ETIMEDOUT,
+                            errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN,
+                            errno.EADDRNOTAVAIL, errno.ENOTCONN})
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def is_network_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` on a connection's path is the network's or the peer's doing (or the
+    node short of resources), not a bug of the proxy."""
+    if isinstance(exc, (ConnectionError, TimeoutError, asyncio.TimeoutError, ssl.SSLError)):
+        return True
+    return isinstance(exc, OSError) and exc.errno in NETWORK_ERRNOS | RESOURCE_ERRNOS
 
 
 def reset_connection(conn: socket.socket) -> None:

@@ -118,6 +118,11 @@ class ProxyMetrics:
         self._setup_wait_by_kind: dict[str, Histogram] = {}
         self.certs_rotated = Counter("shoal_proxy_certificates_rotated", "SVIDs renewed at half-life",
                                      registry=registry)
+        self.outbound_retries = Counter("shoal_proxy_outbound_retries",
+                                        "Outbound tunnels tried a second time, by why the first failed (dial_failed: "
+                                        "the HBONE connection; stream_refused: the peer refused the stream "
+                                        "unprocessed; stream_lost: the connection went before the answer)",
+                                        ["reason"], registry=registry)
 
     def reject(self, listener: str, reason: str) -> None:
         self.rejected.labels(listener, reason).inc()
