@@ -11,6 +11,7 @@ its own SIGTERM/SIGINT handlers to drain; this only starts and runs the loop.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import sys
 from types import MappingProxyType
@@ -34,10 +35,16 @@ def run_daemon(main: Callable[[], Coroutine[Any, Any, None]], log_level: str, *,
     built (CA loaded, token created) is not lost. ``fast_loop=False`` keeps asyncio's own
     loop: the agent's pyroute2 talks netlink through asyncio datagram endpoints, which
     uvloop refuses for AF_NETLINK ("cannot open a UDP handle, invalid family 16").
+    A fatal signal (SIGSEGV, SIGABRT, SIGBUS, SIGFPE, SIGILL) dumps every thread's
+    traceback to stderr first (``faulthandler``).
     ``fatal`` maps the errors a daemon stops on by design (a CA Secret it cannot use, a lost
     Lease, programs the kernel refuses) to its exit code: logged as critical, not a traceback.
     """
     setup_logging(log_level)
+    # A crash below Python (libuv's abort() on an fd closed behind its back, a SIGSEGV in
+    # an extension) would end the daemon without a line: the traceback of every thread
+    # goes to the log instead (issue 18: a node proxy died mid-burst, its log just stopped).
+    faulthandler.enable(file=sys.stderr, all_threads=True)
     if fast_loop:
         uvloop.install()
     try:

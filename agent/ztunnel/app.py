@@ -49,6 +49,7 @@ from shoal.agent.ztunnel.handover import (
     Markers,
     cancel_all,
     remove_workers_report,
+    reported,
     serve_until_signalled,
     worker_entry,
     write_workers_report,
@@ -187,9 +188,10 @@ class ProxyApp:
         await self.zds.start()  # from here on the agent's (re)connects reach us
         self.markers.write("proxy.pid")
         assert self.link is not None
-        self._tasks += self.link.start(self.ctx.config_synced, self.metrics.certs_rotated.inc)
-        self._tasks.append(asyncio.ensure_future(self._announce_ready()))
-        self._tasks.append(asyncio.ensure_future(self._report_alone()))
+        self._tasks += [reported(task, "node link") for task in
+                        self.link.start(self.ctx.config_synced, self.metrics.certs_rotated.inc)]
+        self._tasks.append(reported(asyncio.ensure_future(self._announce_ready()), "readiness"))
+        self._tasks.append(reported(asyncio.ensure_future(self._report_alone()), "workers report"))
         if self._serve_http:
             await self._start_http()
         self.markers.retire_predecessor(predecessor)
@@ -219,7 +221,7 @@ class ProxyApp:
         assert isinstance(self.ctx.identities, HeldIdentities)
         reader = FeedReader(feed, self.state, self.ctx.identities, self.ctx.config_synced,
                             on_error=lambda reason: self.metrics.reject("feed", reason))
-        self._tasks.append(asyncio.ensure_future(reader.run()))
+        self._tasks.append(reported(asyncio.ensure_future(reader.run()), "feed reader"))
         pages = {**admin_pages(self.ctx, lambda: self.pods.pods.values()), **metrics_pages(self.registry),
                  **ready_pages(lambda: self.ready), "/worker": self._worker_page}
         endpoint = HttpEndpoint(pages, on_bad_request=lambda: self.metrics.reject("http", "bad_request"))

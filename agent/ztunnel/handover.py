@@ -83,13 +83,24 @@ class Markers:
         return False
 
 
+def reported(task: asyncio.Task, name: str) -> asyncio.Task:
+    """``task``, a proxy's long-lived background task, logged with its traceback the
+    moment it ends with an exception: kept in a list, it is never freed, so asyncio's
+    "Task exception was never retrieved" would never be written (a feed reader or a
+    restart loop that died would go unseen)."""
+    def ended(done: asyncio.Task) -> None:
+        if not done.cancelled() and (exc := done.exception()) is not None:
+            log.error("%s stopped: %s: %s", name, type(exc).__name__, exc, exc_info=exc)
+    task.add_done_callback(ended)
+    return task
+
+
 async def cancel_all(tasks: list[asyncio.Task]) -> None:
-    """Cancel a stopping proxy's background tasks and wait until each has ended."""
+    """Cancel a stopping proxy's background tasks and wait until each has ended (one
+    that failed earlier was logged then: the stop goes on)."""
     for task in tasks:
         task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    await asyncio.gather(*tasks, return_exceptions=True)
     tasks.clear()
 
 
@@ -106,13 +117,16 @@ async def serve_until_signalled(proxy: Retiring, install_signals: bool = True) -
     done = asyncio.Event()
     loop = asyncio.get_running_loop()
 
-    def on_signal() -> None:
-        task = asyncio.ensure_future(proxy.retire())
+    def on_signal(signum: int) -> None:
+        # A worker whose supervisor died gets SIGTERM too (PR_SET_PDEATHSIG): either way
+        # the log says why this process is going.
+        log.info("%s (pid %d): retiring", signal.Signals(signum).name, os.getpid())
+        task = reported(asyncio.ensure_future(proxy.retire()), "retiring")
         task.add_done_callback(lambda _: done.set())
 
     if install_signals:
-        loop.add_signal_handler(signal.SIGTERM, on_signal)
-        loop.add_signal_handler(signal.SIGINT, on_signal)
+        loop.add_signal_handler(signal.SIGTERM, on_signal, signal.SIGTERM)
+        loop.add_signal_handler(signal.SIGINT, on_signal, signal.SIGINT)
     await done.wait()
 
 

@@ -64,6 +64,7 @@ from shoal.agent.ztunnel.handover import (
     Markers,
     cancel_all,
     remove_workers_report,
+    reported,
     serve_until_signalled,
     worker_entry,
     write_workers_report,
@@ -114,6 +115,18 @@ class WorkerFeed:
             self._writer.close()
         else:
             self.sock.close()
+
+
+def exit_description(returncode: int) -> str:
+    """How a process ended, from its return code as asyncio gives it (minus the signal
+    that killed it)."""
+    if returncode >= 0:
+        return f"exited with code {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    return f"was killed by {name}"
 
 
 def grant_of(svid: Svid) -> SvidGrant:
@@ -228,11 +241,12 @@ class Supervisor:
         predecessor = self.markers.read("proxy.pid")
         await self.zds.start()
         self.markers.write("proxy.pid")
-        self._tasks += self.link.start(self.config_synced, self.metrics.certs_rotated.inc)
-        self._tasks.append(asyncio.ensure_future(self._feed_snapshots()))
+        self._tasks += [reported(task, "supervisor: node link") for task in
+                        self.link.start(self.config_synced, self.metrics.certs_rotated.inc)]
+        self._tasks.append(reported(asyncio.ensure_future(self._feed_snapshots()), "supervisor: config feed"))
         await asyncio.gather(*(self._start_worker(i) for i in range(self.config.workers)))
-        self._tasks.append(asyncio.ensure_future(self._poll()))
-        self._tasks.append(asyncio.ensure_future(self._announce_ready()))
+        self._tasks.append(reported(asyncio.ensure_future(self._poll()), "supervisor: worker polling"))
+        self._tasks.append(reported(asyncio.ensure_future(self._announce_ready()), "supervisor: readiness"))
         await self._start_http()
         self.markers.retire_predecessor(predecessor)
         log.info("supervisor: %d workers: %s", self.config.workers,
@@ -264,7 +278,7 @@ class Supervisor:
             feed.send(grant_of(svid) if svid is not None else SvidPending(spiffe))
         if self.config_synced.is_set():
             self._feed_snapshot(feed)
-        self._tasks.append(asyncio.ensure_future(self._watch(worker)))
+        self._tasks.append(reported(asyncio.ensure_future(self._watch(worker)), f"supervisor: worker {index}'s watch"))
         try:
             await worker.zds.attach(ours)
             async with self._relay:
@@ -282,6 +296,8 @@ class Supervisor:
         log.info("supervisor: worker %d (pid %d) serves %d pods", index, worker.pid, len(self.pods))
 
     async def _watch(self, worker: Worker) -> None:
+        """Every end of a worker leaves a line: how it ended (exit code, or the signal that
+        killed it: SIGKILL is the OOM killer's) and what the supervisor does next."""
         code = await worker.process.wait()
         await worker.zds.close()
         worker.feed.close()
@@ -289,18 +305,29 @@ class Supervisor:
             os.unlink(self.config.worker_admin_path(worker.pid))   # a killed worker could not
         self.metrics.workers.set(sum(w.attached and w.process.returncode is None for w in self.workers.values()))
         if self.retiring.is_set():
+            log.info("supervisor: worker %d (pid %d) %s; retiring, not restarted", worker.index, worker.pid,
+                     exit_description(code))
             return
         lost = int(worker.status.get("connections", 0))
         self.restarts += 1
         self.lost_connections += lost
         self.metrics.restarts.inc()
         self.metrics.lost.inc(lost)
-        log.error("supervisor: worker %d (pid %d) exited with %s; its %d live connections are lost; restarting",
-                  worker.index, worker.pid, code, lost)
         uptime = time.monotonic() - worker.started
-        await asyncio.sleep(RESTART_BACKOFF[0] if uptime > 10 else RESTART_BACKOFF[1])
-        if not self.retiring.is_set():
-            await self._start_worker(worker.index)
+        backoff = RESTART_BACKOFF[0] if uptime > 10 else RESTART_BACKOFF[1]
+        log.error("supervisor: worker %d (pid %d) %s after %.0f s; its %d live connections are lost; "
+                  "restarting it in %.1f s", worker.index, worker.pid, exit_description(code), uptime, lost, backoff)
+        while True:
+            await asyncio.sleep(backoff)
+            if self.retiring.is_set():
+                return
+            try:
+                await self._start_worker(worker.index)
+                return
+            except OSError as exc:   # out of fds or memory for a process: try again, never give up silently
+                backoff = RESTART_BACKOFF[1]
+                log.error("supervisor: worker %d could not be started again (%s: %s); retrying in %.1f s",
+                          worker.index, type(exc).__name__, exc, backoff)
 
     async def _poll(self) -> None:
         while True:

@@ -21,6 +21,9 @@ DAEMON = textwrap.dedent("""
             raise LeaseLost("lost the Lease")
         if sys.argv[1] == "bug":
             raise KeyError("a bug")
+        if sys.argv[1] == "abort":   # what libuv does on an fd closed behind its back
+            import os
+            os.abort()
 
     sys.exit(run_daemon(main, "info", fatal={LeaseLost: 7}))
 """)
@@ -46,3 +49,10 @@ def test_a_fatal_error_is_logged_and_exits_with_the_daemons_code():
 def test_any_other_error_is_not_hidden():
     done = daemon("bug")
     assert done.returncode == 1 and "Traceback" in done.stderr and "KeyError: 'a bug'" in done.stderr
+
+
+def test_a_crash_below_python_leaves_a_traceback_in_the_log():
+    """libuv's abort() once ended a node proxy mid-burst without a line."""
+    done = daemon("abort")
+    assert done.returncode < 0   # killed by SIGABRT
+    assert "Fatal Python error: Aborted" in done.stderr and "in main" in done.stderr, done.stderr
