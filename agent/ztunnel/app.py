@@ -106,6 +106,14 @@ class FeedReader:
                 log.error("feed: %s; this worker stops, its supervisor starts a fresh one", exc)
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
+            except OSError as exc:
+                # A message it could not take (no fd left for an SVID's key, say): going on
+                # would serve with a config or certificates behind the node's, unseen.
+                self._on_error("apply")
+                log.error("feed: a message could not be applied (%s: %s); this worker stops, its supervisor "
+                          "starts a fresh one", type(exc).__name__, exc, exc_info=exc)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
 
     def apply(self, message: FeedMessage) -> None:
         if isinstance(message, ConfigUpdate):

@@ -155,3 +155,32 @@ async def test_a_frame_it_cannot_trust_stops_the_worker(worker, ca):
     await asyncio.wait_for(worker.process.wait(), 30)
     _, err = await worker.process.communicate()
     assert b"feed version 2" in err and b"this worker stops" in err
+
+
+async def test_a_message_it_cannot_apply_stops_the_worker_with_a_line(monkeypatch, caplog):
+    """No fd left for an SVID's key, say: the worker stops (its supervisor starts a fresh
+    one with a full snapshot) instead of serving on behind the node's config, unseen."""
+    import logging
+    import signal
+
+    from shoal.agent.ztunnel.app import FeedReader
+    from shoal.hbone.identity import HeldIdentities
+    from shoal.xds.state import ConfigState
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    errors: list[str] = []
+    reader = FeedReader(theirs, ConfigState(), HeldIdentities("cluster.local"), asyncio.Event(), errors.append)
+
+    def apply(message):
+        raise OSError(24, "Too many open files")
+
+    signalled: list[tuple[int, int]] = []
+    monkeypatch.setattr(reader, "apply", apply)
+    monkeypatch.setattr(os, "kill", lambda pid, sig: signalled.append((pid, sig)))
+    ours.sendall(feed.encode(feed.SvidPending(WEB)))
+    with caplog.at_level(logging.ERROR, logger="shoal.agent.ztunnel.app"):
+        await asyncio.wait_for(reader.run(), 10)
+    ours.close()
+    theirs.close()
+    assert errors == ["apply"] and signalled == [(os.getpid(), signal.SIGTERM)]
+    assert "Too many open files" in caplog.text and "this worker stops" in caplog.text
