@@ -153,6 +153,8 @@ class Scenario:
     first, so the direct path is measured early in the run). ``timeout`` (seconds, for a
     full run; a third of it under --quick, at least 60 s) stops a scenario that hangs:
     the harness raises ``ScenarioTimeout`` inside it, so its own cleanup still runs.
+    ``told_seconds(quick)``, if given, is how long the run was told to take on top (a
+    soak's length, read when the run starts): added whole, never divided under --quick.
     """
 
     name: str
@@ -162,9 +164,11 @@ class Scenario:
     targets: tuple[Target, ...] = ()
     order: int = 50
     timeout: float = 900.0
+    told_seconds: Callable[[bool], float] | None = None
 
     def time_limit(self, quick: bool) -> float:
-        return max(60.0, self.timeout / 3) if quick else self.timeout
+        budget = max(60.0, self.timeout / 3) if quick else self.timeout
+        return budget + (self.told_seconds(quick) if self.told_seconds else 0.0)
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():

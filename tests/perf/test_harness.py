@@ -180,5 +180,12 @@ def test_scenario_time_limits():
     s = Scenario("x", "t", lambda ctx: [], timeout=600)
     assert s.time_limit(quick=False) == 600 and s.time_limit(quick=True) == 200
     assert Scenario("y", "t", lambda ctx: [], timeout=90).time_limit(quick=True) == 60
+
+
+def test_told_seconds_are_added_whole_and_read_when_asked():
+    told = {"seconds": 60.0}
+    s = Scenario("soak", "t", lambda ctx: [], timeout=1800, told_seconds=lambda quick: told["seconds"])
+    told["seconds"] = 3600.0   # set after the module was imported, as an env variable is
+    assert s.time_limit(quick=True) == 600 + 3600 and s.time_limit(quick=False) == 1800 + 3600
     with pytest.raises(ValueError, match="timeout"):
         Scenario("z", "t", lambda ctx: [], timeout=0)

@@ -76,3 +76,11 @@ def test_soak_failures_are_placed_by_start_time_and_those_after_the_burst_counte
                                        "slower than 1 s 0-5 s: 441, 10-15 s: 7")
     assert failure_spread({"window": 5, "failed_by_window": {}, "slow_by_window": {}}).count("none") == 2
     assert failure_spread({"ok": 1}) == "no per-window figures"
+
+
+def test_a_soak_of_an_hour_gets_its_hour_even_under_quick(monkeypatch):
+    from shoal.perf.scenarios.load import SCENARIO
+    monkeypatch.setenv("SHOAL_PERF_SOAK_SECONDS", "3600")
+    assert SCENARIO.time_limit(quick=True) >= 3600 + 300   # the concurrent part's budget on top
+    monkeypatch.setenv("SHOAL_PERF_SOAK_SECONDS", "0")
+    assert SCENARIO.time_limit(quick=True) < 3600
