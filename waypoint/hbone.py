@@ -24,6 +24,7 @@ from typing import Awaitable, Callable
 
 from shoal.config import PORT_HBONE, PROXY_MARK
 from shoal.hbone import framing as hbone
+from shoal.hbone.handoff import create_connection_on
 from shoal.hbone.identity import IdentityError, check_session
 from shoal.hbone.issuer import IdentityManager
 from shoal.hbone.pool import HbonePool, PoolKey
@@ -282,8 +283,10 @@ class HboneConnector:
             sock.close()
             raise
         session = HboneSession(client_side=True, idle_timeout=self.idle_timeout, on_closed=self.pool.discard)
-        transport, _ = await loop.create_connection(lambda: session, sock=sock, ssl=svid.client_context,
-                                                    server_hostname="", ssl_handshake_timeout=self.connect_timeout)
+        # Not loop.create_connection(sock=...): a peer resetting before our ClientHello left
+        # ``sock`` naming a number libuv had closed (shoal/hbone/handoff.py).
+        transport, _ = await create_connection_on(loop, lambda: session, sock, ssl=svid.client_context,
+                                                  server_hostname="", ssl_handshake_timeout=self.connect_timeout)
         try:
             session.peer_identity = check_session(transport.get_extra_info("ssl_object"), key.dst_identity or None)
         except IdentityError:

@@ -424,3 +424,73 @@ async def test_the_hbone_listener_is_dual_stack():
             assert answer.startswith(b"HTTP/1.1 200"), (host, answer)
             stream.close()
         assert [line["downstream_remote_address"] for line in bed.access_log] == ["::1:0", "127.0.0.1:0"]
+
+
+def test_an_upstream_dial_reset_before_its_client_hello_closes_no_other_socket(monkeypatch):
+    """The waypoint's HBONE dial has the node proxy's burst bug's shape: a peer resetting
+    before the ClientHello left the dial's socket naming a number libuv had closed; freed,
+    it closed whichever socket had that number next (shoal/hbone/handoff.py). On uvloop,
+    the waypoint's loop (shoal.runtime), where the bug lives."""
+    import gc
+    import os
+    import select
+    import socket
+    import struct
+
+    import uvloop
+
+    from tests.shoal.hbone.test_handoff import client_context, sockets_until
+
+    async def scenario() -> None:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        loop = asyncio.get_running_loop()
+        real_connect = loop.sock_connect
+
+        async def connect_then_get_reset(sock, address):
+            await real_connect(sock, address)
+            conn, _ = listener.accept()
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+            poller = select.poll()
+            poller.register(sock, select.POLLERR | select.POLLHUP)
+            assert poller.poll(2000), "the reset did not arrive"
+
+        monkeypatch.setattr(loop, "sock_connect", connect_then_get_reset)
+
+        async def identity(_spiffe_id):
+            return types.SimpleNamespace(client_context=client_context())
+
+        connector = HboneConnector(types.SimpleNamespace(get=identity), "spiffe://cluster.local/ns/a/sa/waypoint",
+                                   "127.0.0.1", hbone_port=listener.getsockname()[1], mark=None, connect_timeout=2.0)
+        made: list[tuple[socket.socket, int]] = []   # each socket and the number it was given
+        real_socket = connector._socket
+
+        def recorded_socket(family):
+            sock = real_socket(family)
+            made.append((sock, sock.fileno()))
+            return sock
+
+        monkeypatch.setattr(connector, "_socket", recorded_socket)
+        try:
+            with pytest.raises(ConnectionError):
+                await connector.open(Endpoint("127.0.0.1", 8080, protocol="HBONE",
+                                              spiffe_id="spiffe://cluster.local/ns/b/sa/b"))
+            await asyncio.sleep(0.01)   # the closes the loop queued have run
+            [(sock, number)] = made
+            others = sockets_until(number)   # one takes the failed dial's number
+            try:
+                [other] = [s for s in others if s.fileno() == number]
+                before = os.fstat(other.fileno()).st_ino
+                made.clear()
+                del sock
+                gc.collect()   # frees whatever the failed dial left behind
+                assert os.fstat(other.fileno()).st_ino == before, "the failed dial closed another socket"
+            finally:
+                for s in others:
+                    s.close()
+        finally:
+            listener.close()
+
+    uvloop.run(scenario())
