@@ -50,6 +50,7 @@ from shoal.agent.ztunnel.telemetry import (
 )
 from shoal.datapath.bypass import BypassBroken, BypassUnavailable, JoinedPair, KernelBypass
 from shoal.hbone.session import PipeEnd, abort_with_reset
+from shoal.ratelog import LogLimiter, log_limited
 from shoal.telemetry_labels import service_of_endpoint
 from shoal.xds.model import Workload
 from shoal.xds.state import ConfigState
@@ -81,6 +82,9 @@ class SameNodeBypass:
         self.live: set[BypassedConnection | RelayedConnection] = set()
         self._kernel: KernelBypass | None = None
         self._warned = False
+        # Per-connection lines (a full pair map refuses every join of a burst; a policy
+        # change revokes every live connection it denies): a line a second per kind.
+        self.log_limiter = LogLimiter()
         self.outcomes = Counter("shoal_proxy_bypass_connections",
                                 "Same-node connections by what the bypass did: joined in the kernel, relayed "
                                 "in userspace (the kernel refused the join), declined (HBONE instead), "
@@ -133,8 +137,8 @@ class SameNodeBypass:
             if refusal is not None:
                 error, policy = refusal
                 self.outcomes.labels("revoked").inc()
-                log.info("bypass %s -> %s:%d: now refused (%s): reset", conn.info.src_identity,
-                         conn.info.dst_ip, conn.info.dst_port, error)
+                log_limited(log, self.log_limiter, "revoked", logging.INFO, "bypass %s -> %s:%d: now refused (%s): reset",
+                            conn.info.src_identity, conn.info.dst_ip, conn.info.dst_port, error)
                 conn.revoke(error, policy)
 
     def refusal(self, dialled_ip: str, dst_uid: str, dst_workload: Workload,
@@ -232,8 +236,9 @@ async def serve_same_node(ctx: ProxyContext, pod: ServedPod, conn: socket.socket
         pair = kernel.join(conn, upstream)
     except BypassUnavailable as exc:
         bypass.outcomes.labels("relayed").inc()
-        log.info("bypass %s -> %s:%d: kernel join refused (%s): relayed in userspace", pod.info.name, dst_ip,
-                 dst_port, exc)
+        log_limited(log, bypass.log_limiter, "relayed", logging.INFO,
+                    "bypass %s -> %s:%d: kernel join refused (%s): relayed in userspace", pod.info.name, dst_ip,
+                    dst_port, exc)
         await RelayedConnection(bypass, rec, dest, uids, dst_workload, info).relay(conn, upstream)
         return True
     except BypassBroken as exc:
@@ -354,8 +359,8 @@ class BypassedConnection:
         """The kernel could not carry the pair's bytes (some are lost): both apps are reset
         rather than left waiting for them."""
         self.owner.outcomes.labels("broken").inc()
-        log.warning("bypass %s -> %s:%d: %s: resetting the pair", self.info.src_identity, self.info.dst_ip,
-                    self.info.dst_port, error)
+        log_limited(log, self.owner.log_limiter, "broken", logging.WARNING, "bypass %s -> %s:%d: %s: resetting the pair",
+                    self.info.src_identity, self.info.dst_ip, self.info.dst_port, error)
         self.reset(error)
 
     def kernel_error(self) -> bool:

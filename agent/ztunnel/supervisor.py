@@ -268,7 +268,15 @@ class Supervisor:
             theirs.close()
             feed_theirs.close()
         feed = WorkerFeed(feed_ours, on_stuck=lambda: self._stuck(index, process))
-        await feed.open()
+        try:
+            await feed.open()
+        except BaseException:
+            # Not left running unsupervised (its restart is tried again by _watch).
+            ours.close()
+            feed.close()
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            raise
         worker = Worker(index, process, ZdsClient(f"worker {index}", timeout=WORKER_HELLO_TIMEOUT), feed)
         # What it needs before its pods: the node's SVIDs and, once synced, the config; from
         # here on (no await in between) every change reaches it as it reaches the others.
