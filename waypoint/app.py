@@ -184,7 +184,8 @@ class WaypointApp:
 
             host, port = config.hbone_address
             self._servers.append(await start_hbone_listener(self.proxy, config.limits, self.identities,
-                                                            config.spiffe_id, host, port))
+                                                            config.spiffe_id, host, port,
+                                                            handshake_limits=config.handshake_limits))
             self._tasks.append(asyncio.ensure_future(self._rotate()))
         if config.plaintext_address is not None:
             host, port = config.plaintext_address

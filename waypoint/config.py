@@ -15,6 +15,8 @@ from shoal.config import (
     cluster_name,
     spiffe_id,
 )
+from shoal.hbone import handshakes
+from shoal.hbone.handshakes import HandshakeLimits
 
 from .http import Limits
 
@@ -53,6 +55,8 @@ class WaypointConfig:
     connect_timeout: float = 5.0
     drain_seconds: float = 2.5                  # on SIGTERM: in-flight connections finish (kubelet's grace is 3 s)
     limits: Limits = Limits()
+    # The HBONE listener's door (shoal.hbone.gatekeeper), the same flags as the node proxy's.
+    handshake_limits: HandshakeLimits = HandshakeLimits()
     cert_ttl_seconds: int = 0
     log_level: str = "INFO"
     flows_socket: str = ""                      # default: the node's flows socket in the cluster layout
@@ -104,7 +108,9 @@ class WaypointConfig:
                        help="on SIGTERM, how long connections in flight may take to finish")
         p.add_argument("--cert-ttl", type=int, default=int(env.get("SHOAL_CERT_TTL", 0)))
         p.add_argument("--log-level", default=env.get("SHOAL_LOG_LEVEL", "INFO"))
+        handshakes.add_flags(p)
         args = p.parse_args(argv)
+        handshake_limits = handshakes.limits_from_args(p, args)
         if not args.name or not args.namespace:
             p.error("--name and --namespace (or SHOAL_WAYPOINT_NAME/_NAMESPACE) are required")
         if args.header_timeout <= 0 or args.max_header_bytes < 1024 or args.max_headers < 1:
@@ -123,6 +129,7 @@ class WaypointConfig:
                    plaintext_address=plaintext, metrics_port=args.metrics_port, ready_port=args.ready_port,
                    routes_file=args.routes_file, static_services=static, access_log=args.access_log,
                    otlp_endpoint=args.otlp_endpoint, emit_flows=not args.no_flows, limits=limits,
+                   handshake_limits=handshake_limits,
                    fast_path=not args.no_fast_path,
                    cert_ttl_seconds=args.cert_ttl, drain_seconds=max(0.0, args.drain_seconds),
                    log_level=args.log_level.upper(), flows_socket=env.get("SHOAL_FLOWS_SOCKET", ""))

@@ -8,7 +8,10 @@ checks are ``shoal.hbone``'s, the same code as the node proxy's.
 
 - ``start_hbone_listener``: the waypoint's only listener in the mesh: mTLS HBONE on
   15008 with the waypoint's SVID. Each CONNECT ``:authority`` (the Service VIP and port
-  the client dialled) becomes one downstream HTTP connection.
+  the client dialled) becomes one downstream HTTP connection. Its door is the node
+  proxy's (``shoal.hbone.gatekeeper``): a source in the penalty box is refused at
+  accept, TLS handshakes in progress are capped per source and in all, a source failing
+  handshakes or cut off for HTTP/2 abuse is boxed; every refusal counted by reason.
 - ``HboneConnector``: upstream streams to endpoints' node proxies (HBONE, pooled per
   destination identity and address) or plain TCP for endpoints outside the mesh.
 """
@@ -19,17 +22,19 @@ import errno
 import ipaddress
 import logging
 import socket
-import ssl
 from typing import Awaitable, Callable
 
 from shoal.config import PORT_HBONE, PROXY_MARK
 from shoal.hbone import framing as hbone
+from shoal.hbone.gatekeeper import Gatekeeper, reset_socket
 from shoal.hbone.handoff import create_connection_on
+from shoal.hbone.handshakes import HandshakeLimits
 from shoal.hbone.identity import IdentityError, check_session
 from shoal.hbone.issuer import IdentityManager
 from shoal.hbone.pool import HbonePool, PoolKey
 from shoal.hbone.session import HboneSession
 from shoal.hbone.stream import HboneStream
+from shoal.ratelog import LogLimiter
 
 from .downstream import serve_connection
 from .fastpath import fast_lanes
@@ -84,13 +89,18 @@ class HboneListener:
     SVID current at accept time: rotation never touches live sessions.
 
     ``drain`` stops accepting and asks every session to finish (GOAWAY): streams in
-    flight complete, new ones go elsewhere.
+    flight complete, new ones go elsewhere. The ``gatekeeper`` refuses a source in its
+    penalty box for the cost of the accept alone (reset, counted through ``on_refused``):
+    a boxed source reconnecting in a loop costs no TLS.
     """
 
     def __init__(self, sock: socket.socket, accept: Callable[[socket.socket], Awaitable[None]],
-                 sessions: set[HboneSession], tunnels: set[asyncio.Task]) -> None:
+                 sessions: set[HboneSession], tunnels: set[asyncio.Task], gatekeeper: Gatekeeper,
+                 on_refused: Callable[[str], None]) -> None:
         self.sockets = [sock]
         self._accept = accept
+        self.gatekeeper = gatekeeper
+        self._on_refused = on_refused
         self.sessions = sessions
         self.tunnels = tunnels
         self.serving = True
@@ -101,12 +111,17 @@ class HboneListener:
         sock = self.sockets[0]
         while self.serving:
             try:
-                conn, _ = sock.accept()
+                conn, address = sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:  # EMFILE and friends: keep the listener
                 log.warning("hbone: accept failed: %s", err)
                 return
+            refusal = self.gatekeeper.refused_at_accept(_unmapped(address[0]))
+            if refusal is not None:
+                reset_socket(conn)
+                self._on_refused(refusal)
+                continue
             conn.setblocking(False)
             task = self._loop.create_task(self._accept(conn))
             self.tunnels.add(task)
@@ -166,11 +181,25 @@ def _bind(family: int, host: str, port: int, backlog: int, dual_stack: bool = Fa
     return sock
 
 
+# The status label of each refusal at the door (the metric's other label): not the
+# peer's certificate, too slow, over a cap or boxed; anything else a bad handshake (400).
+DOOR_STATUS = {"peer_identity": 401, "untrusted_certificate": 401, "handshake_timeout": 408,
+               "handshake_source_cap": 429, "handshake_capacity": 429, "handshake_failures": 429,
+               "abuser_penalty": 429}
+
+
 async def start_hbone_listener(proxy: WaypointProxy, limits: Limits, identities: IdentityManager, spiffe_id: str,
                                host: str = DUAL_STACK, port: int = PORT_HBONE, handshake_timeout: float = 10.0,
-                               idle_timeout: float = 300.0) -> HboneListener:
+                               idle_timeout: float = 300.0,
+                               handshake_limits: HandshakeLimits = HandshakeLimits()) -> HboneListener:
     """mTLS HBONE with the waypoint's SVID; every tunnel carries one downstream HTTP connection."""
     reject, on_protocol = connection_callbacks(proxy, limits)
+
+    def refused(reason: str) -> None:
+        reject(reason, DOOR_STATUS.get(reason, 400))
+
+    log_limiter = LogLimiter()   # a line a second per reason about misbehaving peers
+    gatekeeper = Gatekeeper(handshake_limits, refused, log_limiter)
     lanes = fast_lanes(proxy)
     loop = asyncio.get_running_loop()
     sessions: set[HboneSession] = set()
@@ -191,8 +220,13 @@ async def start_hbone_listener(proxy: WaypointProxy, limits: Limits, identities:
         tunnels.add(task)
         task.add_done_callback(tunnels.discard)
 
+    def session_refused(source: str, reason: str) -> None:
+        reject(f"hbone_{reason}", 400)
+        gatekeeper.abused(source, reason)
+
     async def accept(conn: socket.socket) -> None:
-        peer = conn.getpeername()
+        address = conn.getpeername()
+        peer = (_unmapped(address[0]), address[1])
         svid = identities.current(spiffe_id)
         if svid is None:
             reject("no_certificate", 503)
@@ -200,28 +234,18 @@ async def start_hbone_listener(proxy: WaypointProxy, limits: Limits, identities:
             return
         # Flood limits (rapid reset, CONTINUATION, control-frame floods) are the shared
         # HBONE layer's (shoal.hbone.framing), as for the node proxy: a flood ends the
-        # session with GOAWAY ENHANCE_YOUR_CALM, counted as hbone_<reason>.
+        # session with GOAWAY ENHANCE_YOUR_CALM, counted as hbone_<reason>, and its source
+        # waits in the penalty box.
         session = HboneSession(client_side=False, idle_timeout=idle_timeout,
                                on_request=lambda s, ev: on_request(s, ev, peer[0]),
-                               on_rejected=lambda reason: reject(f"hbone_{reason}", 400),
+                               on_rejected=lambda reason: session_refused(peer[0], reason),
                                on_closed=sessions.discard,
-                               verify=lambda ssl_object: check_session(ssl_object, None))
-        try:
-            await loop.connect_accepted_socket(lambda: session, conn, ssl=svid.server_context,
-                                               ssl_handshake_timeout=handshake_timeout)
-        except (TimeoutError, ssl.SSLError, ConnectionError, OSError) as err:
-            reject("tls_handshake", 400)
-            log.info("hbone: handshake with %s failed: %s", peer[0], err or type(err).__name__)
-            conn.close()
-            return
-        if session.verify_error is not None:
-            reject("peer_identity", 401)
-            log.warning("hbone: %s refused: %s", peer[0], session.verify_error)
-            return
-        session.local_identity = spiffe_id
-        sessions.add(session)
+                               verify=lambda ssl_object: check_session(ssl_object, None), log_limiter=log_limiter)
+        if await gatekeeper.handshake(conn, peer, session, svid.server_context, handshake_timeout):
+            session.local_identity = spiffe_id
+            sessions.add(session)
 
-    return HboneListener(_listening_socket(host, port), accept, sessions, tunnels)
+    return HboneListener(_listening_socket(host, port), accept, sessions, tunnels, gatekeeper, refused)
 
 
 class HboneConnector:

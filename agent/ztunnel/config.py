@@ -14,6 +14,8 @@ from shoal.config import (
     ClusterLayout,
     cluster_name,
 )
+from shoal.hbone import handshakes
+from shoal.hbone.handshakes import HandshakeLimits
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,9 @@ class ProxyConfig:
     overload_target: float = 1.0
     overload_interval: float = 10.0
     upstream_dials_per_identity: int = 256   # concurrent app connects per HBONE peer identity
+    # 15008's door (shoal.hbone.gatekeeper): TLS handshakes in progress per source and per
+    # worker, failures before the penalty box, and its waits. The waypoint has the same flags.
+    handshake_limits: HandshakeLimits = HandshakeLimits()
     # Worker processes (issue 13): a supervisor (config stream, certificates, ZDS, admin,
     # metrics, handover) and N workers sharing the in-pod listeners, also for N = 1 (the
     # README says why). single_process: no supervisor, one process does everything.
@@ -134,7 +139,9 @@ class ProxyConfig:
                             help="join same-node pod connections in the kernel instead of an HBONE tunnel "
                                  "(env SHOAL_PROXY_SAME_NODE_BYPASS; default on)")
         parser.add_argument("--log-level", default=env.get("SHOAL_LOG_LEVEL", "INFO"))
+        handshakes.add_flags(parser)
         args = parser.parse_args(argv)
+        handshake_limits = handshakes.limits_from_args(parser, args)
         if args.workers < 0:
             parser.error("--workers must be 0 (one per core) or more")
         workers = args.workers or default_workers()
@@ -166,7 +173,7 @@ class ProxyConfig:
                    workers=1 if args.single_process else workers, single_process=args.single_process,
                    worker_index=worker_index, worker_channel_fd=worker_fd, worker_feed_fd=feed_fd,
                    cert_ttl_seconds=args.cert_ttl, same_node_bypass=args.same_node_bypass,
-                   log_level=args.log_level.upper())
+                   handshake_limits=handshake_limits, log_level=args.log_level.upper())
 
 
 def default_workers() -> int:

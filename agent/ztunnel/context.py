@@ -11,10 +11,9 @@ from typing import Any, Protocol
 
 from shoal.agent.ztunnel.admission import Admission, DialLimits
 from shoal.agent.ztunnel.config import ProxyConfig
-from shoal.agent.ztunnel.handshakes import HandshakeGate
 from shoal.agent.ztunnel.netns import NetnsHandle
-from shoal.agent.ztunnel.penalty import PenaltyBox
 from shoal.agent.ztunnel.telemetry import ConnectionTelemetry, ProxyMetrics
+from shoal.hbone.gatekeeper import Gatekeeper
 from shoal.hbone.identity import Identities
 from shoal.hbone.pool import HbonePool
 from shoal.hbone.session import TCP_READ_BUFFER, ReadBuffer
@@ -57,10 +56,10 @@ class ProxyContext:
     # Log lines about HBONE peers that break the protocol or its limits: a line a second
     # per reason for the whole worker (the metrics count every one).
     hbone_log_limiter: LogLimiter = field(default_factory=LogLimiter)
-    # Sources cut off for HTTP/2 abuse on 15008, refused at accept for a while.
-    abusers: PenaltyBox = field(default_factory=PenaltyBox)
-    # TLS handshakes in progress on 15008, per source and overall, and failing sources.
-    handshakes: HandshakeGate = field(default_factory=HandshakeGate)
+    # 15008's door (shoal.hbone.gatekeeper, shared with the waypoint): sources cut off for
+    # abuse refused at accept for a while; TLS handshakes in progress per source and
+    # overall, and failing sources. Built from the config's limits.
+    gatekeeper: Gatekeeper = field(init=False)
     # The pods this proxy serves, by uid (the pod registry's own dict): a destination
     # found here is on this node, which the same-node bypass needs to know.
     served_pods: dict[str, "ServedPod"] = field(default_factory=dict)
@@ -68,6 +67,11 @@ class ProxyContext:
     # Set once the config stream delivered its first snapshot: before that an unknown
     # destination might be a meshed pod, and guessing "plaintext" would leak.
     config_synced: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+    def __post_init__(self) -> None:
+        self.gatekeeper = Gatekeeper(self.config.handshake_limits, lambda reason: self.metrics.reject("hbone", reason),
+                                     self.hbone_log_limiter)
 
 
 @dataclass

@@ -22,11 +22,9 @@ is client-controlled text (counted as ``forwarded_ignored`` when it disagrees).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import socket
-import ssl
 
 from shoal.agent.ztunnel import transparent
 from shoal.agent.ztunnel.admission import STREAM_KIND
@@ -43,7 +41,6 @@ from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND, PROX
 from shoal.hbone import framing as hbone
 from shoal.hbone.identity import check_session
 from shoal.hbone.session import HboneSession, StreamPeer, abort_with_reset
-from shoal.ratelog import held_note
 from shoal.telemetry_labels import service_of_endpoint
 from shoal.xds.model import canonical_ip
 
@@ -104,117 +101,38 @@ async def connect_app(ctx: ProxyContext, pod: ServedPod, dst_ip: str, port: int,
 
 def refused_at_accept(ctx: ProxyContext, address: tuple) -> str | None:
     """15008's screen at accept (``proxy.Acceptor``): a source recently cut off for abuse,
-    or for failing handshakes, is refused before anything else (penalty.py)."""
-    return "abuser_penalty" if ctx.abusers.refuses(address[0], asyncio.get_running_loop().time()) else None
+    or for failing handshakes, is refused before anything else (shoal.hbone.penalty)."""
+    return ctx.gatekeeper.refused_at_accept(address[0])
 
 
 async def handle_hbone(ctx: ProxyContext, pod: ServedPod, conn: socket.socket) -> None:
     """One accepted connection on 15008 (past ``refused_at_accept``): mTLS handshake (bounded
-    in time, and in number per source and per worker: handshakes.py), then HTTP/2."""
+    in time, and in number per source and per worker: shoal.hbone.gatekeeper), then HTTP/2."""
     peer = conn.getpeername()
-    loop = asyncio.get_running_loop()
     svid = ctx.identities.current(pod.spiffe_id)
     if svid is None:
         ctx.metrics.reject("hbone", "no_certificate")
         conn.close()
         return
-    refusal, victims = ctx.handshakes.admit(peer[0], conn)   # before any cost of ours
-    if refusal is not None:
-        _refuse_handshake(ctx, conn, peer, refusal, None, reset=True)
-        return
-    _cut_handshakes(victims)
-    started = loop.time()
-    try:
-        session = HboneSession(client_side=False, idle_timeout=ctx.config.pool_idle_timeout,
-                               on_request=lambda s, ev: _on_request(ctx, pod, s, ev, peer[0]),
-                               on_rejected=lambda reason: _session_refused(ctx, peer[0], reason),
-                               on_closed=lambda s: (ctx.inbound_sessions.discard(s), pod.sessions.discard(s)),
-                               verify=lambda ssl_object: check_session(ssl_object, None),
-                               tcp_reads=ctx.tcp_reads, log_limiter=ctx.hbone_log_limiter)
-        # The context is the SVID current at accept time: rotation never touches live sessions.
-        await loop.connect_accepted_socket(lambda: session, conn, ssl=svid.server_context,
-                                           ssl_handshake_timeout=ctx.config.handshake_timeout)
-    except (ssl.SSLError, OSError, asyncio.TimeoutError) as exc:
-        reason = ctx.handshakes.finish(peer[0], conn) or _handshake_failure(
-            exc, loop.time() - started >= ctx.config.handshake_timeout * 0.99)
-        _refuse_handshake(ctx, conn, peer, reason, exc)
-        return
-    except BaseException:
-        ctx.handshakes.finish(peer[0], conn)
-        raise
-    cut = ctx.handshakes.finish(peer[0], conn)
-    if cut is not None and session.transport is not None:
-        session.transport.abort()   # completed as the gate cut it: its socket is shut already
-    if session.verify_error is not None or cut is not None:
-        _refuse_handshake(ctx, conn, peer, cut or "peer_identity", session.verify_error)
+    session = HboneSession(client_side=False, idle_timeout=ctx.config.pool_idle_timeout,
+                           on_request=lambda s, ev: _on_request(ctx, pod, s, ev, peer[0]),
+                           on_rejected=lambda reason: _session_refused(ctx, peer[0], reason),
+                           on_closed=lambda s: (ctx.inbound_sessions.discard(s), pod.sessions.discard(s)),
+                           verify=lambda ssl_object: check_session(ssl_object, None),
+                           tcp_reads=ctx.tcp_reads, log_limiter=ctx.hbone_log_limiter)
+    # The context is the SVID current at accept time: rotation never touches live sessions.
+    if not await ctx.gatekeeper.handshake(conn, peer, session, svid.server_context, ctx.config.handshake_timeout):
         return
     session.local_identity = pod.spiffe_id
     ctx.inbound_sessions.add(session)
     pod.sessions.add(session)
 
 
-def _handshake_failure(exc: BaseException, timed_out: bool) -> str:
-    """The metric reason of a failed handshake: the peer's certificate was not one the mesh
-    CA issued (or none), it did not finish in time, or it did not speak TLS 1.3 with h2."""
-    if timed_out:
-        return "handshake_timeout"
-    if isinstance(exc, ssl.SSLCertVerificationError) or \
-            getattr(exc, "reason", None) in ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFICATE_VERIFY_FAILED"):
-        return "untrusted_certificate"
-    return "tls_handshake"
-
-
-def _cut_handshakes(victims: list) -> None:
-    """End handshakes the gate took back: their reads see EOF at once and their handler
-    reports the gate's reason (the socket stays the handler's to close)."""
-    for victim in victims:
-        with contextlib.suppress(OSError):
-            victim.shutdown(socket.SHUT_RDWR)
-
-
 def _session_refused(ctx: ProxyContext, source: str, reason: str) -> None:
     """A stream or the whole session refused for ``reason`` (counted); an abuser's address
     goes in the penalty box."""
     ctx.metrics.reject("hbone", reason)
-    if reason in hbone.ABUSE_REASONS:
-        _punish(ctx, source, reason)
-
-
-def _punish(ctx: ProxyContext, source: str, reason: str) -> None:
-    seconds = ctx.abusers.punish(source, asyncio.get_running_loop().time())
-    held = ctx.hbone_log_limiter.allow("abuser_penalty")
-    if held is not None:
-        log.warning("hbone: %s cut off for %s; its new connections are refused for %.0f s%s",
-                    source, reason, seconds, held_note(held))
-
-
-# Handshake refusals that are the source's doing, which its penalty counts: what it sent
-# was not TLS 1.3 with h2, or its certificate is not a mesh identity. Not a timeout: that
-# can be our own slowness (a proxy short of CPU), and idle holders are bounded by the
-# per-source cap and the timeout already; nor the gate's own cuts and caps, which a busy
-# but well-behaved source can meet.
-HANDSHAKE_FAILURES = frozenset({"tls_handshake", "untrusted_certificate", "peer_identity"})
-
-
-def _refuse_handshake(ctx: ProxyContext, conn: socket.socket, peer, reason: str, exc: BaseException | None,
-                      reset: bool = False) -> None:
-    """Counted by reason; logged a line a second per reason (a flood of handshakes must not
-    become a flood of log lines); a source failing too many is boxed and its other
-    handshakes in progress cut."""
-    ctx.metrics.reject("hbone", reason)
-    held = ctx.hbone_log_limiter.allow(("handshake", reason))
-    if held is not None:
-        log.warning("hbone: refused %s:%s: %s (%s)%s", peer[0], peer[1], reason,
-                    (exc or type(exc).__name__) if exc is not None else "at accept", held_note(held))
-    if reset:
-        reset_connection(conn)
-    else:
-        conn.close()
-    if reason in HANDSHAKE_FAILURES:
-        in_progress = ctx.handshakes.failed(peer[0], asyncio.get_running_loop().time())
-        if in_progress is not None:
-            _punish(ctx, peer[0], "handshake_failures")
-            _cut_handshakes(in_progress)
+    ctx.gatekeeper.abused(source, reason)
 
 
 def _on_request(ctx, pod, session: HboneSession, ev: hbone.TunnelRequested, peer_ip: str) -> asyncio.Task | None:

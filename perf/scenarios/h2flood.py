@@ -11,7 +11,7 @@ in its penalty box for a while, which would otherwise carry over to the next flo
 The ``handshake`` flood needs no certificate: the attacker holds thousands of connections
 that start a ClientHello and never finish it, and sends garbage ClientHellos and complete
 handshakes with a certificate the mesh CA never issued, all at once
-(``HANDSHAKE_FLOOD_CLIENT``; the proxy's side is agent/ztunnel/handshakes.py).
+(``HANDSHAKE_FLOOD_CLIENT``; the proxy's side is shoal/hbone/handshakes.py).
 
 Figures per phase (path = baseline or the flood's name): the victim's failures and p99
 (ms), and the node-2 proxy's peak RSS. Targets: 0 failures and p99 <= 2x the baseline.
@@ -103,7 +103,7 @@ def run(ctx: Context) -> Iterator[Measurement]:
     client = ctx.bed.pod(NAMESPACE, "victim", "node-1", meshed=True, service_account="victim")
     server = ctx.bed.pod(NAMESPACE, "server", "node-2", meshed=True, service_account="server")
     # One attacker pod per flood: node-2's proxy refuses a source it cut off for abuse for a
-    # while (agent/ztunnel/penalty.py), so a flood from the previous flood's address would
+    # while (shoal/hbone/penalty.py), so a flood from the previous flood's address would
     # meet that refusal instead of the proxy's handling of this flood.
     attackers = {flood: ctx.bed.pod(ATTACKER_NAMESPACE, f"attacker-{flood.replace('_', '-')}", "node-1",
                                     meshed=False, service_account="attacker") for flood in FLOODS}

@@ -126,7 +126,7 @@ LIMITS: dict[str, Limit] = {
 
 
 # The reasons a connection ends with our GOAWAY ENHANCE_YOUR_CALM: a limit spent, not a
-# malformed frame (what a node proxy holds against the peer's address, agent/ztunnel/penalty.py).
+# malformed frame (what both proxies hold against the peer's address, shoal/hbone/penalty.py).
 ABUSE_REASONS = frozenset({f"{kind}_flood" for kind in LIMITS} | {"premature_reset_flood", "header_block_too_large"})
 
 

@@ -1,5 +1,6 @@
 """The waypoint as a whole: wiring, config from the stream's objects, and the real process."""
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -186,3 +187,81 @@ def test_bad_flags_are_rejected():
     c = WaypointConfig.from_args(["--name", "w", "--namespace", "d", "--static-service", "d/web=10.0.0.1:80,10.0.0.2:81"], env={})
     assert c.static_services == (("d", "web", (("10.0.0.1", 80), ("10.0.0.2", 81))),)
     assert c.spiffe_id == "spiffe://cluster.local/ns/d/sa/w"
+
+
+def registry_total(registry, name: str, **labels) -> float:
+    return sum(s.value for f in registry.collect() for s in f.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+async def test_a_handshake_flood_from_one_source_costs_another_client_nothing(tmp_path):
+    """perf's h2flood ``handshake`` attacker (a real process) on the waypoint's HBONE
+    listener, from one address, scaled down, against a waypoint built from its flags (caps
+    scaled down too): first never-finished ClientHellos, then garbage and an untrusted
+    certificate. Another client, from another address, opens HBONE sessions throughout and
+    gets every answer; the attacker is capped per source, then boxed for its failures and
+    refused at accept. Before the waypoint had the node proxy's door, nothing capped the
+    idle handshakes and nothing boxed a failing source."""
+    from shoal.hbone.issuer import IdentityManager
+    from shoal.perf.connscripts import HANDSHAKE_FLOOD_CLIENT
+    from shoal.perf.scenarios.h2flood import untrusted_credentials
+    from tests.devca import DevCA
+
+    from .test_hbone import VIP, hbone_client, http_over, open_tunnel
+
+    runner, backend_port = await start_backend("web")
+    port = free_port()
+    config = WaypointConfig.from_args([
+        "--name", "waypoint", "--namespace", "demo", "--hbone", f"127.0.0.1:{port}",
+        "--static-service", f"demo/web=127.0.0.1:{backend_port}", "--metrics-port", "0", "--ready-port", "0",
+        "--no-flows", "--access-log", "", "--max-handshakes-per-source", "20", "--max-handshakes", "64",
+        "--handshake-failures", "6", "--abuser-penalty", "30"], env={})
+    ca = DevCA()
+    app = WaypointApp(config, signer=ca.sign)
+    await app.start()
+    client_ids = IdentityManager(ca.sign)
+    untrusted = untrusted_credentials()
+    rejected = functools.partial(registry_total, app.registry, "shoal_waypoint_rejected_requests_total")
+    attackers = []
+
+    async def attack(idle: int, loops: int, seconds: float) -> dict:
+        """The attacker from 127.0.0.1 for ``seconds``, while the other client (127.0.0.2)
+        opens a new HBONE session and asks one request every 0.2 s: its summary."""
+        attacker = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", HANDSHAKE_FLOOD_CLIENT, "127.0.0.1", str(port), str(seconds), str(idle),
+            str(loops), *untrusted, stdout=asyncio.subprocess.PIPE)
+        attackers.append(attacker)
+        await asyncio.sleep(0.5)
+        answers = []
+        for _ in range(8):
+            session = await asyncio.wait_for(hbone_client(client_ids, port, source="127.0.0.2"), 10)
+            stream, status = await open_tunnel(session, VIP, 80)
+            answers.append((status, (await http_over(stream, b"GET / HTTP/1.1\r\nHost: web\r\n\r\n"))[:12]))
+            stream.close()
+            session.close()
+            await asyncio.sleep(0.2)
+        assert answers == [(200, b"HTTP/1.1 200")] * 8
+        out, _ = await asyncio.wait_for(attacker.communicate(), 60)
+        return json.loads(out.decode().strip().splitlines()[-1])
+
+    try:
+        idle = await attack(idle=100, loops=0, seconds=3)
+        assert idle["idle_opened"] >= 100
+        assert rejected(reason="handshake_source_cap", status="429") >= 80   # 100 idle against a cap of 20
+        failing = await attack(idle=0, loops=2, seconds=3)
+        assert failing["garbage"] >= 1 and failing["untrusted_accepted"] == 0
+        assert rejected(reason="tls_handshake") + rejected(reason="untrusted_certificate") >= 6
+        assert rejected(reason="abuser_penalty", status="429") >= 1   # boxed, then refused at accept
+        gate = app._servers[0].gatekeeper.gate
+        for _ in range(50):   # the attacker's last connections close as it exits
+            if len(gate) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert len(gate) == 0   # nothing of it left in progress
+    finally:
+        for attacker in attackers:
+            if attacker.returncode is None:
+                attacker.kill()
+                await attacker.wait()
+        await app.stop()
+        await runner.cleanup()

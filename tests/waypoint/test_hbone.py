@@ -64,12 +64,14 @@ async def hbone_terminator(identities: IdentityManager, spiffe: str):
     return server, seen
 
 
-async def hbone_client(identities, port, identity=CLIENT_ID, host="127.0.0.1"):
+async def hbone_client(identities, port, identity=CLIENT_ID, host="127.0.0.1", source=None):
+    """An HBONE session to the waypoint; ``source``: the local address to dial from (the
+    waypoint keys its abuse limits by it, as by a pod's address in the mesh)."""
     svid = await identities.get(identity)
     loop = asyncio.get_running_loop()
     session = HboneSession(client_side=True, idle_timeout=30)
     transport, _ = await loop.create_connection(lambda: session, host, port, ssl=svid.client_context,
-                                                server_hostname="")
+                                                server_hostname="", local_addr=(source, 0) if source else None)
     assert check_session(transport.get_extra_info("ssl_object"), WAYPOINT_ID) == WAYPOINT_ID
     return session
 
@@ -343,10 +345,16 @@ def _hbone_continuation_flood() -> bytes:
     return continuation_flood(4)   # 5 x 18 KB: past the 64 KiB cap, small enough to be read whole
 
 
+def rejected_by_reason(registry) -> dict:
+    return {s.labels.get("reason"): s.value for f in registry.collect() for s in f.samples
+            if s.name == "shoal_waypoint_rejected_requests_total"}
+
+
 @pytest.mark.parametrize("attack,reason", [(_hbone_rapid_reset, "hbone_premature_reset_flood"),
                                            (_hbone_continuation_flood, "hbone_header_block_too_large")])
 async def test_floods_on_the_hbone_side_get_goaway_and_others_live_on(attack, reason):
-    """The HBONE side relies on the shared HBONE limits (shoal.hbone.framing), once."""
+    """The HBONE side relies on the shared HBONE limits (shoal.hbone.framing), once; the
+    abuser's address then waits in the penalty box, as on the node proxy."""
     from .test_downstream import goaway_code, read_all
 
     async with mesh_bed() as bed:
@@ -357,11 +365,13 @@ async def test_floods_on_the_hbone_side_get_goaway_and_others_live_on(attack, re
         got = await read_all(reader)
         writer.close()
         assert goaway_code(got) == 0xB        # ENHANCE_YOUR_CALM
-        rejected = {s.labels.get("reason"): s.value for f in bed.registry.collect() for s in f.samples
-                    if s.name == "shoal_waypoint_rejected_requests_total"}
-        assert rejected == {reason: 1}, rejected
-        # Another client's tunnel is unaffected.
-        session = await hbone_client(bed.identities, bed.port)
+        assert rejected_by_reason(bed.registry) == {reason: 1}
+        # Its next connection is refused at accept (reset before any TLS), counted.
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(hbone_client(bed.identities, bed.port), 5)
+        assert rejected_by_reason(bed.registry) == {reason: 1, "abuser_penalty": 1}
+        # Another client's tunnel (another address) is unaffected.
+        session = await hbone_client(bed.identities, bed.port, source="127.0.0.2")
         stream, status = await open_tunnel(session, VIP, 8080)
         assert status == 200
         assert (await http_over(stream, b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")).startswith(b"HTTP/1.1 200")

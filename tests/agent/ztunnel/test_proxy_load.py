@@ -21,11 +21,11 @@ import hyperframe.frame
 import pytest
 
 from shoal.agent.ztunnel.admission import STREAM_KIND
-from shoal.agent.ztunnel.handshakes import HandshakeGate
 from shoal.agent.ztunnel.netns import NetnsHandle
-from shoal.agent.ztunnel.penalty import PenaltyBox
 from shoal.agent.ztunnel.proxy import accept_queue_length
 from shoal.h2guard import PrematureResets
+from shoal.hbone.handshakes import HandshakeGate, HandshakeLimits
+from shoal.hbone.penalty import PenaltyBox
 from tests.agent.ztunnel.proxybed import OTHER_IP, SERVER_IP, EchoServer
 from tests.agent.ztunnel.test_proxy import (
     APP_PORT,
@@ -412,7 +412,7 @@ async def test_control_frame_flood_gets_goaway_and_costs_other_clients_nothing(b
 
 
 async def test_an_abuser_reconnecting_at_once_is_refused_before_tls_and_no_one_else_is(bed, ca):
-    bed.app.ctx.abusers = PenaltyBox(first=60.0)   # the default 2 s could pass on a loaded machine
+    bed.app.ctx.gatekeeper.box = PenaltyBox(first=60.0)   # the default 2 s could pass on a loaded machine
     raw = await RawH2.open(bed, ca)
     chunk = hyperframe.frame.PingFrame(0, opaque_data=bytes(8)).serialize() * 2000
     refused: list = []
@@ -522,14 +522,13 @@ async def test_a_handshake_flood_from_one_pod_is_capped_and_others_keep_being_se
     # A setup cap small enough for CI (8,192 by default) and a handshake timeout longer than
     # the other client's patience: before the per-source cap, 200 idle connections held
     # every setup slot of 15008 and the other client's HBONE dials waited in the kernel.
-    async with running_proxy(pod_netns, state, ca.sign, tmp_path, max_connections_in_setup=64,
-                             handshake_timeout=30.0) as (h, _):
-        h.app.ctx.handshakes = HandshakeGate(per_source=20, total=1024)
+    async with running_proxy(pod_netns, state, ca.sign, tmp_path, max_connections_in_setup=64, handshake_timeout=30.0,
+                             handshake_limits=HandshakeLimits(per_source=20, total=1024)) as (h, _):
         flood = await _open_idle(h, 200)
         try:
             await asyncio.sleep(0.5)
             assert await _roundtrips(h, 20, timeout=10) == []
-            assert len(h.app.ctx.handshakes) == 20
+            assert len(h.app.ctx.gatekeeper.gate) == 20
             assert metric(h.app, "shoal_proxy_rejected_total", reason="handshake_source_cap") == 180
             assert await _ended_within(flood[20:], 2.0) == 180   # reset at accept, before any TLS
         finally:
@@ -538,8 +537,8 @@ async def test_a_handshake_flood_from_one_pod_is_capped_and_others_keep_being_se
 
 
 async def test_a_pod_failing_handshakes_is_boxed_and_its_handshakes_in_progress_are_cut(bed, ca, caplog):
-    bed.app.ctx.abusers = PenaltyBox(first=60.0)   # the default 2 s could pass on a loaded machine
-    bed.app.ctx.handshakes = HandshakeGate(failures=30)
+    bed.app.ctx.gatekeeper.box = PenaltyBox(first=60.0)   # the default 2 s could pass on a loaded machine
+    bed.app.ctx.gatekeeper.gate = HandshakeGate(failures=30)
     idle = await _open_idle(bed, 5)
     await asyncio.sleep(0.2)
     loop = asyncio.get_running_loop()
@@ -574,13 +573,12 @@ async def test_a_pod_failing_handshakes_is_boxed_and_its_handshakes_in_progress_
 
 
 async def test_past_the_workers_handshake_total_the_largest_holder_makes_room(pod_netns, state, ca, tmp_path):
-    async with running_proxy(pod_netns, state, ca.sign, tmp_path, max_connections_in_setup=40,
-                             handshake_timeout=30.0) as (h, _):
-        h.app.ctx.handshakes = HandshakeGate(per_source=30, total=30)
+    async with running_proxy(pod_netns, state, ca.sign, tmp_path, max_connections_in_setup=40, handshake_timeout=30.0,
+                             handshake_limits=HandshakeLimits(per_source=30, total=30)) as (h, _):
         flood = await _open_idle(h, 30)   # every handshake slot of the worker
         try:
             await asyncio.sleep(0.3)
-            assert len(h.app.ctx.handshakes) == 30
+            assert len(h.app.ctx.gatekeeper.gate) == 30
             assert await _roundtrips(h, 5, timeout=10) == []   # the client pod's dial took a slot
             cut = metric(h.app, "shoal_proxy_rejected_total", reason="handshake_capacity")
             assert cut >= 1 and await _ended_within(flood, 1.0) == cut
@@ -596,7 +594,7 @@ async def test_the_perf_handshake_flood_scaled_down_costs_another_pod_nothing(be
     from shoal.perf.connscripts import HANDSHAKE_FLOOD_CLIENT
     from shoal.perf.scenarios.h2flood import attacker_note, untrusted_credentials
 
-    bed.app.ctx.handshakes = HandshakeGate(per_source=50)
+    bed.app.ctx.gatekeeper.gate = HandshakeGate(per_source=50)
     attacker = await asyncio.create_subprocess_exec(
         "ip", "netns", "exec", bed.netns["other"], sys.executable, "-c", HANDSHAKE_FLOOD_CLIENT, SERVER_IP,
         "15008", "4", "200", "2", *untrusted_credentials(), stdout=asyncio.subprocess.PIPE)

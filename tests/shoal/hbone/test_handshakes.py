@@ -1,10 +1,14 @@
 """The handshake gate of 15008 (issue 18), pure: handshakes in progress bounded per source
-and per worker with a fair share, and sources that keep failing reported once."""
+and per worker with a fair share, and sources that keep failing reported once; its limits
+as both daemons' flags read them."""
 from __future__ import annotations
+
+import argparse
 
 import pytest
 
-from shoal.agent.ztunnel.handshakes import EVICTED, PENALISED, SOURCE_CAP, HandshakeGate
+from shoal.hbone import handshakes
+from shoal.hbone.handshakes import EVICTED, PENALISED, SOURCE_CAP, HandshakeGate, HandshakeLimits
 
 ABUSER, OTHER, THIRD = "10.0.0.66", "10.0.0.7", "10.0.0.8"
 
@@ -73,3 +77,42 @@ def test_settings_that_cannot_work_are_refused():
         HandshakeGate(per_source=0)
     with pytest.raises(ValueError):
         HandshakeGate(per_source=10, total=5)
+
+
+# -- the limits as both daemons' flags read them ---------------------------------------------
+
+def parse(*argv: str) -> HandshakeLimits:
+    parser = argparse.ArgumentParser()
+    handshakes.add_flags(parser)
+    return handshakes.limits_from_args(parser, parser.parse_args(list(argv)))
+
+
+def test_the_flags_default_to_the_limits_and_set_each_of_them():
+    assert parse() == HandshakeLimits() == HandshakeLimits(128, 256, 20, 60.0, 2.0, 60.0)
+    limits = parse("--max-handshakes-per-source", "8", "--max-handshakes", "32", "--handshake-failures", "5",
+                   "--handshake-failure-window", "10", "--abuser-penalty", "1.5", "--abuser-longest-penalty", "30")
+    assert limits == HandshakeLimits(per_source=8, total=32, failures=5, window=10.0, penalty=1.5,
+                                     longest_penalty=30.0)
+    gate, box = limits.gate(), limits.penalty_box()
+    assert (gate.per_source, gate.total, gate.failures, gate.window) == (8, 32, 5, 10.0)
+    assert (box.first, box.longest) == (1.5, 30.0)
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["--max-handshakes-per-source", "0"], "--max-handshakes-per-source must be at least 1"),
+    (["--max-handshakes", "64"], "--max-handshakes must be at least the per-source cap"),   # 128 per source
+    (["--handshake-failures", "0"], "--handshake-failures must be at least 1"),
+    (["--handshake-failure-window", "-1"], "--handshake-failure-window must be positive"),
+    (["--abuser-penalty", "0"], "--abuser-penalty must be positive"),
+    (["--abuser-penalty", "90"], "--abuser-longest-penalty must be at least the first penalty"),
+    (["--max-handshakes", "lots"], "invalid int value"),
+])
+def test_values_that_cannot_work_are_a_usage_error_naming_the_flag(argv, named, capsys):
+    with pytest.raises(SystemExit):
+        parse(*argv)
+    assert named in capsys.readouterr().err
+
+
+def test_limits_built_in_code_are_checked_too():
+    with pytest.raises(ValueError, match="total: must be at least the per-source cap"):
+        HandshakeLimits(per_source=10, total=5)

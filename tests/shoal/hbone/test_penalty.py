@@ -2,8 +2,8 @@
 accept for a while that doubles with each repeat, others never are; the table is bounded."""
 from __future__ import annotations
 
-from shoal.agent.ztunnel.penalty import PenaltyBox
 from shoal.hbone import framing
+from shoal.hbone.penalty import PenaltyBox
 
 ABUSER, OTHER = "10.0.0.66", "10.0.0.7"
 

@@ -1,6 +1,8 @@
-"""TLS handshakes in progress on 15008, bounded per source address and per worker, and the
-sources that keep failing them (issue 18). Pure: the caller gives the time and owns the
-sockets; the keys it registers are opaque here.
+"""TLS handshakes in progress on an HBONE listener (15008: the node proxy's in every pod,
+the waypoint's), bounded per source address and per worker, and the sources that keep
+failing them (issue 18). Pure: the caller gives the time and owns the sockets; the keys
+it registers are opaque here. Both daemons take the bounds from their flags
+(``HandshakeLimits``, ``add_flags``/``limits_from_args``), so they are the same by default.
 
 A handshake costs the proxy before it knows who is calling: a socket, an SSL object and
 a setup slot for up to the handshake timeout, and a signature and a chain verification
@@ -10,8 +12,8 @@ until these limits, nothing but the per-kind setup cap (8,192) bounded that, and
 that filled it paused the accept of every pod's 15008 until the handshakes timed out.
 
 - **Per source** (``per_source``): the source IP on 15008 is the client pod's own (its
-  node proxy dials from inside the pod), so one pod's flood is refused at accept beyond
-  it and costs no other pod anything. A legitimate pod dials far fewer at once: its node
+  node proxy dials from inside the pod; a waypoint is dialled the same way), so one pod's
+  flood is refused at accept beyond it and costs no other pod anything. A legitimate pod dials far fewer at once: its node
   proxy opens one HBONE connection per 100 streams waiting, so even a 10,000-connection
   burst is about 100 dials per worker of it.
 - **Overall** (``total``, per worker): memory is the reason. A handshake in progress held
@@ -23,7 +25,7 @@ that filled it paused the accept of every pod's 15008 until the handshakes timed
   cannot keep a well-behaved pod from completing its handshakes.
 - **Failures** (``failures``): a source whose handshakes fail (garbage, an untrusted or
   non-SPIFFE certificate; the caller decides which failures count) that many times within ``window`` seconds is
-  reported once, so the caller puts it in the penalty box (penalty.py: refused at accept,
+  reported once, so the caller puts it in the penalty box (``shoal.hbone.penalty``: refused at accept,
   before TLS, for a while that doubles per repeat) and cuts its handshakes in progress.
   A legitimate node proxy fails none: it holds a certificate from the mesh CA.
 
@@ -32,9 +34,12 @@ Tables are bounded: sources with handshakes in progress by ``total``, failing so
 """
 from __future__ import annotations
 
+import argparse
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Hashable
+from typing import Hashable, Mapping
+
+from shoal.hbone.penalty import PenaltyBox
 
 # Why a handshake in progress was cut by the gate (the caller's metric reason).
 EVICTED = "handshake_capacity"        # the worker's total was reached; its source held the most
@@ -46,6 +51,73 @@ SOURCE_CAP = "handshake_source_cap"   # refused at accept: its source has per_so
 class _Failures:
     count: int
     since: float
+
+
+@dataclass(frozen=True)
+class HandshakeLimits:
+    """The gate's bounds and the penalty box's waits, as a daemon's config holds them."""
+    per_source: int = 128          # handshakes in progress from one source address
+    total: int = 256               # handshakes in progress in one worker, whoever sends them
+    failures: int = 20             # failed handshakes of one source within ``window``: boxed
+    window: float = 60.0
+    penalty: float = 2.0           # a boxed source's first wait, doubling per repeat...
+    longest_penalty: float = 60.0  # ...up to this
+
+    def __post_init__(self) -> None:
+        problems = _problems(vars(self))
+        if problems:
+            raise ValueError("; ".join(f"{name}: {why}" for name, why in problems))
+
+    def gate(self) -> "HandshakeGate":
+        return HandshakeGate(self.per_source, self.total, self.failures, self.window)
+
+    def penalty_box(self) -> PenaltyBox:
+        return PenaltyBox(first=self.penalty, longest=self.longest_penalty)
+
+
+def _problems(values: Mapping[str, float]) -> list[tuple[str, str]]:
+    """(field, why) for each of ``HandshakeLimits``'s values that cannot work."""
+    checks = (("per_source", values["per_source"] < 1, "at least 1"),
+              ("total", values["total"] < values["per_source"], "at least the per-source cap"),
+              ("failures", values["failures"] < 1, "at least 1"),
+              ("window", values["window"] <= 0, "positive"),
+              ("penalty", values["penalty"] <= 0, "positive"),
+              ("longest_penalty", values["longest_penalty"] < values["penalty"], "at least the first penalty"))
+    return [(name, f"must be {why}") for name, bad, why in checks if bad]
+
+
+# The flags of ``HandshakeLimits``, the same in both daemons: (flag, field, type, help).
+FLAGS = (
+    ("--max-handshakes-per-source", "per_source", int, "TLS handshakes in progress on 15008 from one source "
+     "address; more are refused at accept"),
+    ("--max-handshakes", "total", int, "TLS handshakes in progress on 15008 per worker; past it the source "
+     "holding the most loses its oldest"),
+    ("--handshake-failures", "failures", int, "failed handshakes of one source (within "
+     "--handshake-failure-window) before it goes in the penalty box"),
+    ("--handshake-failure-window", "window", float, "seconds over which handshake failures are counted"),
+    ("--abuser-penalty", "penalty", float, "seconds a source cut off for abuse is refused at accept, "
+     "doubling per repeat"),
+    ("--abuser-longest-penalty", "longest_penalty", float, "the longest such wait, seconds"),
+)
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """The handshake and penalty flags, with today's defaults."""
+    defaults = HandshakeLimits()
+    group = parser.add_argument_group("HBONE abuse limits (15008)")
+    for flag, name, kind, text in FLAGS:
+        group.add_argument(flag, type=kind, default=getattr(defaults, name), dest=f"handshake_{name}",
+                           help=f"{text} (default {getattr(defaults, name)})")
+
+
+def limits_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> HandshakeLimits:
+    """The limits ``add_flags`` read; values that cannot work are a usage error naming them."""
+    values = {name: getattr(args, f"handshake_{name}") for _, name, _, _ in FLAGS}
+    flags = {name: flag for flag, name, _, _ in FLAGS}
+    problems = _problems(values)
+    if problems:
+        parser.error("; ".join(f"{flags[name]} {why} (got {values[name]})" for name, why in problems))
+    return HandshakeLimits(**values)
 
 
 class HandshakeGate:
