@@ -41,6 +41,7 @@ from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND, PROX
 from shoal.hbone import framing as hbone
 from shoal.hbone.identity import check_session
 from shoal.hbone.session import HboneSession, StreamPeer, abort_with_reset
+from shoal.ratelog import log_limited
 from shoal.telemetry_labels import service_of_endpoint
 from shoal.xds.model import canonical_ip
 
@@ -157,8 +158,9 @@ async def _serve_stream(ctx: ProxyContext, pod: ServedPod, session: HboneSession
     src_ip = canonical_ip(peer_ip)
     if ev.forwarded_for is not None and canonical_ip(ev.forwarded_for) != src_ip:
         ctx.metrics.reject("hbone", "forwarded_ignored")
-        log.info("hbone: %s at %s claimed forwarded for=%s; using the peer address",
-                 session.peer_identity, src_ip, ev.forwarded_for)
+        log_limited(log, ctx.hbone_log_limiter, "hbone:forwarded_ignored", logging.INFO,
+                    "hbone: %s at %s claimed forwarded for=%s; using the peer address",
+                    session.peer_identity, src_ip, ev.forwarded_for)
     src_workload = ctx.state.workload_by_ip(src_ip)
     dst_workload = ctx.state.workload(pod.info.uid) or pod.workload_stub()
     rec = ConnectionRecord("destination", src_ip, ev.forwarded_port, ev.host, ev.port, src_workload=src_workload,
@@ -169,7 +171,9 @@ async def _serve_stream(ctx: ProxyContext, pod: ServedPod, session: HboneSession
     if refusal is not None:
         rec.response_flags, rec.error = FLAG_NO_ROUTE, refusal[1]
         ctx.metrics.reject("hbone", refusal[0])
-        log.warning("hbone: %s asked for %s:%d at %s: %s", session.peer_identity, ev.host, ev.port,
+        # A line a second per reason: any mesh identity can ask for these thousands of times.
+        log_limited(log, ctx.hbone_log_limiter, ("hbone:refused", refusal[0]), logging.WARNING,
+                    "hbone: %s asked for %s:%d at %s: %s", session.peer_identity, ev.host, ev.port,
                     pod.info.name, refusal[0])
         session.refuse_stream(ev.stream_id, hbone.STATUS_BAD_REQUEST)
         ctx.telemetry.closed(rec)
@@ -243,8 +247,9 @@ async def handle_plaintext(ctx: ProxyContext, pod: ServedPod, conn: socket.socke
         # Our own upstream connect came back (tcp_fwmark_accept gives accepted sockets
         # the SYN's mark): a capture loop would eat every fd; refuse and say so loudly.
         ctx.metrics.reject("plaintext", "proxy_loop")
-        log.error("plaintext: the proxy's own connection %s:%s -> %s:%s was steered back to it",
-                  src_ip, src_port, dst_ip, dst_port)
+        log_limited(log, ctx.hbone_log_limiter, "plaintext:proxy_loop", logging.ERROR,
+                    "plaintext: the proxy's own connection %s:%s -> %s:%s was steered back to it",
+                    src_ip, src_port, dst_ip, dst_port)
         reset_connection(conn)
         return
     dst_workload = ctx.state.workload(pod.info.uid) or pod.workload_stub()
@@ -256,7 +261,8 @@ async def handle_plaintext(ctx: ProxyContext, pod: ServedPod, conn: socket.socke
     if reason is not None:
         rec.response_flags, rec.error = FLAG_DENIED, detail
         ctx.metrics.reject("plaintext", reason)
-        log.info("plaintext %s:%s -> %s:%s refused: %s", src_ip, src_port, dst_ip, dst_port, detail)
+        log_limited(log, ctx.hbone_log_limiter, ("plaintext:refused", reason), logging.INFO,
+                    "plaintext %s:%s -> %s:%s refused: %s", src_ip, src_port, dst_ip, dst_port, detail)
         reset_connection(conn)
         ctx.telemetry.closed(rec)
         return

@@ -1,8 +1,9 @@
-"""What the outbound listener says under a burst (issue 18): a peer that refuses every
+"""What the listeners say under a burst (issue 18): a peer that refuses every outbound
 stream costs a line a second, not a line per connection (once ~5,000 lines in 5 s from
 the proxy's one thread), every refusal and retry still counted; an error that is no
 network failure (the FileExistsError of the 10,000 burst) is logged with its traceback,
-once, and counted as ours."""
+once, and counted as ours; inbound, a peer asking for what a pod does not expose is
+refused and counted each time, logged a line a second."""
 from __future__ import annotations
 
 import asyncio
@@ -146,3 +147,38 @@ async def test_an_error_that_is_no_network_failure_is_logged_with_its_traceback_
     assert [r.error for r in ctx.closed] == ["FileExistsError: [Errno 17] File exists"] * 20
     [line] = lines(caplog, "FileExistsError")
     assert line.levelno == logging.ERROR and line.exc_info is not None and "Traceback" in caplog.text
+
+
+class RefusalRecordingSession:
+    """The HBONE connection a stream came on: who the peer is, what it was answered."""
+
+    peer_identity = CLIENT.spiffe_id
+
+    def __init__(self):
+        self.refused: list[tuple[int, int | None]] = []
+
+    def refuse_stream(self, stream_id: int, status: int | None) -> None:
+        self.refused.append((stream_id, status))
+
+
+async def test_a_peer_asking_for_what_a_pod_does_not_expose_costs_a_line_a_second(caplog):
+    """Any mesh identity can send thousands of CONNECTs to a loopback address, or claim a
+    forwarded address: each is refused (or ignored) and counted, a line a second per reason."""
+    from shoal.agent.ztunnel.inbound import _serve_stream
+    from shoal.hbone.framing import TunnelRequested
+
+    ctx = context(None)
+    server = ServedPod(PodInfo(SERVER.uid, SERVER.namespace, SERVER.name, SERVER.ip, SERVER.service_account),
+                       netns=None, spiffe_id=SERVER.spiffe_id)   # type: ignore[arg-type]  # nothing dialled
+    session = RefusalRecordingSession()
+    with caplog.at_level(logging.INFO, logger="shoal.agent.ztunnel.inbound"):
+        for i in range(CONNECTIONS):
+            ev = TunnelRequested(2 * i + 1, "127.0.0.1", 22, forwarded_for="192.0.2.9", traceparent=None)
+            await _serve_stream(ctx, server, session, ev, CLIENT.ip)   # type: ignore[arg-type]
+    assert len(session.refused) == CONNECTIONS and {status for _, status in session.refused} == {400}
+    assert count(ctx.metrics, "shoal_proxy_rejected_total", listener="hbone", reason="loopback_destination") \
+        == CONNECTIONS
+    assert count(ctx.metrics, "shoal_proxy_rejected_total", listener="hbone", reason="forwarded_ignored") \
+        == CONNECTIONS
+    assert len(lines(caplog, "loopback_destination")) == 1
+    assert len(lines(caplog, "claimed forwarded")) == 1
