@@ -26,7 +26,7 @@ from typing import Awaitable, Callable
 
 from shoal.config import PORT_HBONE, PROXY_MARK
 from shoal.hbone import framing as hbone
-from shoal.hbone.gatekeeper import Gatekeeper, reset_socket
+from shoal.hbone.gatekeeper import ACCEPTS_PER_WAKEUP, Gatekeeper, reset_socket
 from shoal.hbone.handoff import create_connection_on
 from shoal.hbone.handshakes import HandshakeLimits
 from shoal.hbone.identity import IdentityError, check_session
@@ -109,7 +109,9 @@ class HboneListener:
 
     def _on_readable(self) -> None:
         sock = self.sockets[0]
-        while self.serving:
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            if not self.serving:
+                return
             try:
                 conn, address = sock.accept()
             except (BlockingIOError, InterruptedError):

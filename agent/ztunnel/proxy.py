@@ -23,6 +23,7 @@ from shoal.agent.ztunnel.netns import NetnsHandle
 from shoal.agent.ztunnel.outbound import handle_outbound
 from shoal.agent.ztunnel.relay import RESOURCE_ERRNOS, is_network_failure, reset_connection
 from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND
+from shoal.hbone.gatekeeper import ACCEPTS_PER_WAKEUP
 from shoal.hbone.identity import IdentityError
 from shoal.ratelog import log_limited
 from shoal.zds import PodInfo, ZdsError
@@ -97,7 +98,9 @@ class Acceptor:
         return accept_queue_length(self.listener) if self.serving else 0
 
     def _on_readable(self) -> None:
-        while self.serving:
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            if not self.serving:
+                return
             if self._admission.full(self.name):
                 self._stop_reading()
                 self._admission.wait_for_room(self.name, self._start_reading)

@@ -18,7 +18,7 @@ import ssl
 from typing import Callable, Hashable
 
 from shoal.hbone.framing import ABUSE_REASONS
-from shoal.hbone.handshakes import HandshakeLimits
+from shoal.hbone.handshakes import SOURCE_CAP, HandshakeLimits
 from shoal.hbone.session import LINGER_RESET, HboneSession
 from shoal.ratelog import LogLimiter, held_note
 
@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 
 # Refused at accept, before anything else: the source is in the penalty box.
 PENALTY = "abuser_penalty"
+
+# Connections an acceptor takes per wake-up of its listening socket, as asyncio's own servers
+# bound theirs: a reconnect-loop flood keeps the accept queue full, and draining it to empty in
+# one callback holds every established connection's reads back meanwhile. What is left is
+# taken on the next loop turn (the listener stays readable).
+ACCEPTS_PER_WAKEUP = 64
 
 # Handshake refusals that are the source's doing, which its penalty counts: what it sent
 # was not TLS 1.3 with h2, or its certificate is not a mesh identity. Not a timeout: that
@@ -66,8 +72,13 @@ class Gatekeeper:
 
     def refused_at_accept(self, source: str) -> str | None:
         """A refusal reason for a new connection from ``source`` (the caller resets it and
-        counts the reason), or None."""
-        return PENALTY if self.box.refuses(source, asyncio.get_running_loop().time()) else None
+        counts the reason), or None: the source is in the penalty box, or holds its share of
+        handshakes already. Both refused for the cost of the accept alone: an idle-handshake
+        flood reconnects thousands of times a second, and a task with a TLS object for each
+        (refused at ``admit`` a moment later) took half a core and stalled other clients."""
+        if self.box.refuses(source, asyncio.get_running_loop().time()):
+            return PENALTY
+        return SOURCE_CAP if self.gate.at_cap(source) else None
 
     async def handshake(self, conn: socket.socket, peer: tuple, session: HboneSession,
                         context: ssl.SSLContext, timeout: float) -> bool:

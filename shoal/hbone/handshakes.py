@@ -139,6 +139,12 @@ class HandshakeGate:
         """Handshakes in progress (cut ones excluded)."""
         return self._count
 
+    def at_cap(self, source: str) -> bool:
+        """Whether ``source`` holds ``per_source`` handshakes already: the acceptor refuses its
+        next connection before it costs a task or a TLS object (``admit`` checks again)."""
+        mine = self._open.get(source)
+        return mine is not None and len(mine) >= self.per_source
+
     def admit(self, source: str, key: Hashable) -> tuple[str | None, list[Hashable]]:
         """A new connection from ``source`` wants to handshake: (refusal reason or None, the
         keys of handshakes in progress to cut now to make room for it)."""

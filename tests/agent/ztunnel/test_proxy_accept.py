@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from shoal.agent.ztunnel.admission import Admission
 from shoal.agent.ztunnel.proxy import Acceptor, PodRegistry
 from shoal.agent.ztunnel.telemetry import ProxyMetrics
+from shoal.hbone.gatekeeper import ACCEPTS_PER_WAKEUP
 from shoal.ratelog import LogLimiter
 
 pytestmark = pytest.mark.timeout(30)
@@ -64,3 +65,38 @@ async def test_a_bug_in_a_handler_resets_its_connection_is_counted_logged_once_a
     [line] = [r for r in caplog.records if "RuntimeError" in r.getMessage()]
     assert line.levelno == logging.ERROR and line.exc_info is not None
     assert "a bug of ours" in caplog.text and "Traceback" in caplog.text
+
+
+async def test_a_full_accept_queue_is_taken_a_batch_per_wake_up_so_other_callbacks_run_between():
+    """A reconnect-loop flood keeps the queue full: draining it in one callback held every
+    established connection's reads back meanwhile."""
+    loop = asyncio.get_running_loop()
+    queued = 3 * ACCEPTS_PER_WAKEUP
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(queued + 16)
+    listener.setblocking(False)
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(queued)]   # all in the queue
+    seen: list[str] = []
+    shed: list[str] = []
+
+    def screen(address: tuple) -> str:
+        if not seen:
+            loop.call_soon(seen.append, "another callback")
+        seen.append("accepted")
+        return "refused"
+
+    acceptor = Acceptor(listener, lambda conn: asyncio.sleep(0), "hbone", on_error=lambda exc: None,
+                        admission=Admission(8192, 100_000, live=lambda: 0),
+                        on_shed=lambda kind, reason: shed.append(reason), screen=screen)
+    try:
+        for _ in range(100):
+            if len(shed) == queued:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        acceptor.close()
+        for client in clients:
+            client.close()
+    assert shed == ["refused"] * queued   # every one taken in the end
+    assert seen.index("another callback") <= ACCEPTS_PER_WAKEUP

@@ -103,6 +103,9 @@ async def test_a_source_over_its_cap_is_reset_at_accept_and_another_source_gets_
         await door.settle(lambda: door.counted == [SOURCE_CAP], "the third is over the cap")
         assert await ended(idle[2], 1.0) and len(door.keeper.gate) == 2
         assert not await ended(idle[0], 0.2)              # the two within the cap still wait
+        # Its next one is refused by the acceptor itself: no task, no TLS object for it.
+        assert door.keeper.refused_at_accept(ABUSER) == SOURCE_CAP
+        assert door.keeper.refused_at_accept(OTHER) is None
         # Another source completes its handshake meanwhile.
         _, writer = await asyncio.wait_for(asyncio.open_connection(
             "127.0.0.1", door.port, ssl=client.client_context, server_hostname="", local_addr=(OTHER, 0)), 5)

@@ -23,6 +23,15 @@ def test_one_source_is_capped_and_no_one_else_is():
     assert len(gate) == 4
 
 
+def test_a_source_at_its_cap_is_known_before_a_key_is_asked_for():
+    gate = HandshakeGate(per_source=2, total=10)
+    assert not gate.at_cap(ABUSER)
+    gate.admit(ABUSER, 0), gate.admit(ABUSER, 1)
+    assert gate.at_cap(ABUSER) and not gate.at_cap(OTHER)
+    gate.finish(ABUSER, 0)
+    assert not gate.at_cap(ABUSER)
+
+
 def test_past_the_total_the_largest_holder_makes_room_for_a_smaller_one():
     gate = HandshakeGate(per_source=8, total=8)
     for n in range(6):
