@@ -80,6 +80,29 @@ def node_proxies(bed: Bed) -> Callable[[], list[int]]:
     return lambda: bed.component_pids("proxy", nodes=("node-1", "node-2"))  # type: ignore[attr-defined]
 
 
+def idle_rss(proxies: Callable[[], list[int]], bench: str, path: str) -> Iterator[Measurement]:
+    """RSS of each node proxy process with pods enrolled and nothing connected (a few
+    samples). Two figures: per worker (the target's unit), the largest process that
+    carries connections; and per node proxy, the largest total of a supervisor (it holds
+    the config stream and the certificates, no connection) and its workers (or a single
+    process), the figure a DaemonSet's memory limit must cover."""
+    workers, supervisors = procstat.split_supervisors(proxies())
+    with procstat.ProcessSampler(workers + supervisors, interval=0.5) as sampler:
+        time.sleep(2.0)
+    if sampler.usage:
+        per_process = sampler.rss_peak_per_process_mb
+        per_worker = {pid: mb for pid, mb in per_process.items() if pid not in supervisors}
+        note = "largest node proxy worker (or single process), no connection; each: " + ", ".join(
+            f"{mb:.1f}" for mb in sorted(per_worker.values()))
+        if supervisors:
+            note += "; supervisors: " + ", ".join(f"{per_process[pid]:.1f}" for pid in supervisors if pid in per_process)
+        yield Measurement(bench, path, "rss", "MB", (max(per_worker.values()),), "lower", note)
+        totals = procstat.totals_per_supervisor(per_process, supervisors)
+        yield Measurement(bench, path, "rss_node_total", "MB", (max(totals.values()),), "lower",
+                          "largest node proxy in all (supervisor + workers, or one process); each: "
+                          + ", ".join(f"{mb:.1f}" for mb in sorted(totals.values())))
+
+
 @contextmanager
 def servers(ctx: Context, pod: Pod, stream_ports: Sequence[int] = (STREAM_PORT,),
             rr_ports: Sequence[int] = (RR_PORT,)) -> Iterator[None]:

@@ -37,7 +37,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from shoal.config import PORT_PROXY_METRICS
-from shoal.perf import procstat
+from shoal.perf import pod2pod, procstat
 from shoal.perf.connscripts import ECHO_APP, HOLD_CLIENT, SOAK_CLIENT
 from shoal.perf.scenario import Context, Measurement, Scenario, Target
 
@@ -103,7 +103,7 @@ def run(ctx: Context) -> Iterator[Measurement]:
     proxies = lambda: ctx.bed.component_pids("proxy", nodes=("node-1", "node-2"))
     echo = _start_echo(ctx, server)
     try:
-        yield from _idle(proxies)
+        yield from pod2pod.idle_rss(proxies, IDLE, PATH)
         for count in connection_counts(ctx.quick):
             yield from _concurrent(ctx, client, server, proxies, count)
         seconds = soak_seconds(ctx.quick)
@@ -165,29 +165,6 @@ def proxy_refusals(ctx: Context) -> dict[str, float]:
         for key, value in parse_refusals(done.stdout).items():
             totals[f"{node} {key}"] = totals.get(f"{node} {key}", 0.0) + value
     return totals
-
-
-def _idle(proxies) -> Iterator[Measurement]:
-    """RSS of each node proxy process with pods enrolled and nothing connected (a few
-    samples). Two figures: per worker (the target's unit), the largest process that
-    carries connections; and per node proxy, the largest total of a supervisor (it holds
-    the config stream and the certificates, no connection) and its workers (or a single
-    process), the figure a DaemonSet's memory limit must cover."""
-    workers, supervisors = procstat.split_supervisors(proxies())
-    with procstat.ProcessSampler(workers + supervisors, interval=0.5) as sampler:
-        time.sleep(2.0)
-    if sampler.usage:
-        per_process = sampler.rss_peak_per_process_mb
-        per_worker = {pid: mb for pid, mb in per_process.items() if pid not in supervisors}
-        note = "largest node proxy worker (or single process), no connection; each: " + ", ".join(
-            f"{mb:.1f}" for mb in sorted(per_worker.values()))
-        if supervisors:
-            note += "; supervisors: " + ", ".join(f"{per_process[pid]:.1f}" for pid in supervisors if pid in per_process)
-        yield Measurement(IDLE, PATH, "rss", "MB", (max(per_worker.values()),), "lower", note)
-        totals = procstat.totals_per_supervisor(per_process, supervisors)
-        yield Measurement(IDLE, PATH, "rss_node_total", "MB", (max(totals.values()),), "lower",
-                          "largest node proxy in all (supervisor + workers, or one process); each: "
-                          + ", ".join(f"{mb:.1f}" for mb in sorted(totals.values())))
 
 
 def _concurrent(ctx: Context, client, server, proxies, count: int) -> Iterator[Measurement]:
