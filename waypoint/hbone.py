@@ -191,7 +191,7 @@ DOOR_STATUS = {"peer_identity": 401, "untrusted_certificate": 401, "handshake_ti
 
 
 async def start_hbone_listener(proxy: WaypointProxy, limits: Limits, identities: IdentityManager, spiffe_id: str,
-                               host: str = DUAL_STACK, port: int = PORT_HBONE, handshake_timeout: float = 10.0,
+                               host: str = DUAL_STACK, port: int = PORT_HBONE,
                                idle_timeout: float = 300.0,
                                handshake_limits: HandshakeLimits = HandshakeLimits()) -> HboneListener:
     """mTLS HBONE with the waypoint's SVID; every tunnel carries one downstream HTTP connection."""
@@ -243,7 +243,7 @@ async def start_hbone_listener(proxy: WaypointProxy, limits: Limits, identities:
                                on_rejected=lambda reason: session_refused(peer[0], reason),
                                on_closed=sessions.discard,
                                verify=lambda ssl_object: check_session(ssl_object, None), log_limiter=log_limiter)
-        if await gatekeeper.handshake(conn, peer, session, svid.server_context, handshake_timeout):
+        if await gatekeeper.handshake(conn, peer, session, svid.server_context):
             session.local_identity = spiffe_id
             sessions.add(session)
 

@@ -31,7 +31,6 @@ class ProxyConfig:
     http_address: str = "0.0.0.0"        # metrics and readiness (the node's netns)
     metrics_port: int = PORT_PROXY_METRICS
     ready_port: int = PORT_PROXY_READY
-    handshake_timeout: float = 10.0      # TLS handshake (stalled clients are cut here)
     connect_timeout: float = 5.0         # upstream TCP connect; a 200 from a peer that answers nothing
     answer_limit: float = 60.0           # a 200 from a busy peer that keeps answering others
     pool_idle_timeout: float = 60.0      # HBONE connections with no stream are closed after this
@@ -54,7 +53,8 @@ class ProxyConfig:
     overload_interval: float = 10.0
     upstream_dials_per_identity: int = 256   # concurrent app connects per HBONE peer identity
     # 15008's door (shoal.hbone.gatekeeper): TLS handshakes in progress per source and per
-    # worker, failures before the penalty box, and its waits. The waypoint has the same flags.
+    # worker, failures before the penalty box, its waits, and the handshake timeout (also
+    # that of our own outbound HBONE dials). The waypoint has the same flags.
     handshake_limits: HandshakeLimits = HandshakeLimits()
     # Worker processes (issue 13): a supervisor (config stream, certificates, ZDS, admin,
     # metrics, handover) and N workers sharing the in-pod listeners, also for N = 1 (the
@@ -112,7 +112,6 @@ class ProxyConfig:
         parser.add_argument("--admin-port", type=int, default=PORT_PROXY_ADMIN)
         parser.add_argument("--metrics-port", type=int, default=PORT_PROXY_METRICS)
         parser.add_argument("--ready-port", type=int, default=PORT_PROXY_READY)
-        parser.add_argument("--handshake-timeout", type=float, default=10.0)
         parser.add_argument("--drain-grace", type=float, default=float(env.get("SHOAL_PROXY_DRAIN_GRACE", 30)))
         parser.add_argument("--max-connections", type=int, default=int(env.get("SHOAL_PROXY_MAX_CONNECTIONS", 0)),
                             help="live connections before new ones are refused (0: from the open-file limit)")
@@ -153,7 +152,7 @@ class ProxyConfig:
                 parser.error(f"--worker must be INDEX:ZDS_FD:FEED_FD, got {args.worker!r}")
         if not args.node:
             parser.error("--node (or SHOAL_NODE) is required")
-        if args.handshake_timeout <= 0 or args.drain_grace < 0 or args.cert_ttl < 0 or args.max_connections < 0:
+        if args.drain_grace < 0 or args.cert_ttl < 0 or args.max_connections < 0:
             parser.error("timeouts and TTL must be positive")
         if args.overload_target < 0 or args.overload_interval <= 0:
             parser.error("--overload-target must be 0 (off) or more, --overload-interval positive")
@@ -167,7 +166,7 @@ class ProxyConfig:
         return cls(node=args.node, layout=layout, controller=args.controller,
                    token_file=token_file, ca_bundle=args.ca_bundle, trust_domain=args.trust_domain, admin_port=args.admin_port,
                    metrics_port=args.metrics_port, ready_port=args.ready_port,
-                   handshake_timeout=args.handshake_timeout, drain_grace=args.drain_grace,
+                   drain_grace=args.drain_grace,
                    max_connections=args.max_connections, overload_target=args.overload_target,
                    overload_interval=args.overload_interval,
                    workers=1 if args.single_process else workers, single_process=args.single_process,

@@ -122,7 +122,7 @@ async def handle_hbone(ctx: ProxyContext, pod: ServedPod, conn: socket.socket) -
                            verify=lambda ssl_object: check_session(ssl_object, None),
                            tcp_reads=ctx.tcp_reads, log_limiter=ctx.hbone_log_limiter)
     # The context is the SVID current at accept time: rotation never touches live sessions.
-    if not await ctx.gatekeeper.handshake(conn, peer, session, svid.server_context, ctx.config.handshake_timeout):
+    if not await ctx.gatekeeper.handshake(conn, peer, session, svid.server_context):
         return
     session.local_identity = pod.spiffe_id
     ctx.inbound_sessions.add(session)

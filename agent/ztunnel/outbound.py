@@ -195,7 +195,7 @@ async def dial(ctx: ProxyContext, pod: ServedPod, key: PoolKey) -> HboneSession:
     # ``sock`` owning a number libuv had closed, and freeing it closed another connection's
     # socket behind libuv's back (shoal/hbone/handoff.py).
     await create_connection_on(loop, lambda: session, sock, ssl=svid.client_context, server_hostname="",
-                               ssl_handshake_timeout=ctx.config.handshake_timeout)
+                               ssl_handshake_timeout=ctx.config.handshake_limits.timeout)
     if session.verify_error is not None:
         ctx.metrics.reject("outbound", "peer_identity")
         log.warning("outbound HBONE to %s:%d: %s", key.dst_ip, key.dst_port, session.verify_error)

@@ -67,6 +67,7 @@ class Gatekeeper:
                  log_limiter: LogLimiter | None = None) -> None:
         self.gate = limits.gate()
         self.box = limits.penalty_box()
+        self.timeout = limits.timeout
         self._count = count
         self._log_limiter = log_limiter or LogLimiter()
 
@@ -81,9 +82,9 @@ class Gatekeeper:
         return SOURCE_CAP if self.gate.at_cap(source) else None
 
     async def handshake(self, conn: socket.socket, peer: tuple, session: HboneSession,
-                        context: ssl.SSLContext, timeout: float) -> bool:
+                        context: ssl.SSLContext) -> bool:
         """TLS on the accepted ``conn`` (its protocol ``session``), admitted by the gate
-        first. True: the session is up and its peer verified. False: refused, counted,
+        first and cut after the limits' ``timeout``. True: the session is up and its peer verified. False: refused, counted,
         logged and closed (the source penalised when it was its doing)."""
         loop = asyncio.get_running_loop()
         refusal, victims = self.gate.admit(peer[0], conn)   # before any cost of ours
@@ -91,7 +92,7 @@ class Gatekeeper:
             self._refuse(conn, peer, refusal, None, reset=True)
             return False
         _cut(victims)
-        started = loop.time()
+        started, timeout = loop.time(), self.timeout
         try:
             await loop.connect_accepted_socket(lambda: session, conn, ssl=context, ssl_handshake_timeout=timeout)
         except (ssl.SSLError, OSError, asyncio.TimeoutError) as exc:

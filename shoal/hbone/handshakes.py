@@ -55,13 +55,17 @@ class _Failures:
 
 @dataclass(frozen=True)
 class HandshakeLimits:
-    """The gate's bounds and the penalty box's waits, as a daemon's config holds them."""
+    """The gate's bounds, the penalty box's waits and the handshake timeout, as a daemon's
+    config holds them (one definition for both daemons: their flags are ``FLAGS``)."""
     per_source: int = 128          # handshakes in progress from one source address
     total: int = 256               # handshakes in progress in one worker, whoever sends them
     failures: int = 20             # failed handshakes of one source within ``window``: boxed
     window: float = 60.0
     penalty: float = 2.0           # a boxed source's first wait, doubling per repeat...
     longest_penalty: float = 60.0  # ...up to this
+    # A handshake not done by then is cut (reason handshake_timeout): the longest an idle
+    # holder keeps its slot under ``per_source``. Also the node proxy's own outbound dials'.
+    timeout: float = 10.0
 
     def __post_init__(self) -> None:
         problems = _problems(vars(self))
@@ -82,7 +86,8 @@ def _problems(values: Mapping[str, float]) -> list[tuple[str, str]]:
               ("failures", values["failures"] < 1, "at least 1"),
               ("window", values["window"] <= 0, "positive"),
               ("penalty", values["penalty"] <= 0, "positive"),
-              ("longest_penalty", values["longest_penalty"] < values["penalty"], "at least the first penalty"))
+              ("longest_penalty", values["longest_penalty"] < values["penalty"], "at least the first penalty"),
+              ("timeout", values["timeout"] <= 0, "positive"))
     return [(name, f"must be {why}") for name, bad, why in checks if bad]
 
 
@@ -98,13 +103,14 @@ FLAGS = (
     ("--abuser-penalty", "penalty", float, "seconds a source cut off for abuse is refused at accept, "
      "doubling per repeat"),
     ("--abuser-longest-penalty", "longest_penalty", float, "the longest such wait, seconds"),
+    ("--handshake-timeout", "timeout", float, "seconds a TLS handshake on 15008 may take before it is cut"),
 )
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    """The handshake and penalty flags, with today's defaults."""
+    """The handshake, timeout and penalty flags, with today's defaults."""
     defaults = HandshakeLimits()
-    group = parser.add_argument_group("HBONE abuse limits (15008)")
+    group = parser.add_argument_group("HBONE handshakes and abuse limits (15008)")
     for flag, name, kind, text in FLAGS:
         group.add_argument(flag, type=kind, default=getattr(defaults, name), dest=f"handshake_{name}",
                            help=f"{text} (default {getattr(defaults, name)})")

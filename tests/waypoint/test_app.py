@@ -194,6 +194,34 @@ def registry_total(registry, name: str, **labels) -> float:
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
+async def test_the_handshake_timeout_flag_cuts_a_silent_client_on_the_hbone_listener():
+    """``--handshake-timeout`` (the node proxy's flag, shoal.hbone.handshakes) reaches the
+    waypoint's 15008: a client that connects and sends no ClientHello is cut after it, and
+    counted. Before, the waypoint had no such flag and held it for a fixed 10 s."""
+    from tests.devca import DevCA
+
+    port = free_port()
+    config = WaypointConfig.from_args([
+        "--name", "waypoint", "--namespace", "demo", "--hbone", f"127.0.0.1:{port}", "--metrics-port", "0",
+        "--ready-port", "0", "--no-flows", "--access-log", "", "--handshake-timeout", "0.5"], env={})
+    app = WaypointApp(config, signer=DevCA().sign)
+    await app.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = time.monotonic()
+        try:
+            answer = await asyncio.wait_for(reader.read(1), 8)   # b"": closed without a byte
+        except ConnectionResetError:
+            answer = b""
+        took = time.monotonic() - started
+        writer.close()
+        assert answer == b"" and 0.45 <= took < 8, (answer, took)   # the flag's 0.5 s, not the default 10 s
+        assert registry_total(app.registry, "shoal_waypoint_rejected_requests_total",
+                              reason="handshake_timeout", status="408") == 1
+    finally:
+        await app.stop()
+
+
 async def test_a_handshake_flood_from_one_source_costs_another_client_nothing(tmp_path):
     """perf's h2flood ``handshake`` attacker (a real process) on the waypoint's HBONE
     listener, from one address, scaled down, against a waypoint built from its flags (caps

@@ -9,6 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from shoal.hbone import framing as hbone
+from shoal.hbone.handshakes import HandshakeLimits
 from shoal.hbone.identity import check_session
 from shoal.hbone.issuer import IdentityManager
 from shoal.hbone.session import HboneSession
@@ -281,7 +282,7 @@ def test_early_client_hello_is_never_lost_on_uvloop():
         proxy = WaypointProxy(StaticResolver({}), HboneConnector(identities, WAYPOINT_ID, "127.0.0.1", mark=None),
                               RequestTelemetry(CollectorRegistry()))
         listener = await start_hbone_listener(proxy, Limits(), identities, WAYPOINT_ID, host="127.0.0.1", port=0,
-                                              handshake_timeout=8.0)
+                                              handshake_limits=HandshakeLimits(timeout=8.0))
         port = listener.sockets[0].getsockname()[1]
         client = (await identities.get(CLIENT_ID)).client_context
         loop = asyncio.get_running_loop()

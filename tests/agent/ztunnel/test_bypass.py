@@ -17,6 +17,7 @@ import pytest
 from shoal.agent.ztunnel.config import ProxyConfig
 from shoal.config import ClusterLayout
 from shoal.datapath.bypass import queued_bytes
+from shoal.hbone.handshakes import HandshakeLimits
 from shoal.xds.model import Authorization, ConfigDelta, Rule, Source
 from tests.agent.ztunnel.proxybed import CLIENT_IP, SERVER_IP
 from tests.agent.ztunnel.test_proxy import APP_PORT, Harness, metric, start_harness
@@ -49,7 +50,8 @@ async def proxy(pod_netns, state, ca, bypass_layout, caplog):
     harnesses = []
 
     async def start(**overrides) -> Harness:
-        config = ProxyConfig(node="node-1", layout=bypass_layout, handshake_timeout=2.0, connect_timeout=4.0,
+        config = ProxyConfig(node="node-1", layout=bypass_layout, handshake_limits=HandshakeLimits(timeout=2.0),
+                             connect_timeout=4.0,
                              drain_grace=1.0, **overrides)
         harness, agent = await start_harness(config, pod_netns, state, ca.sign)
         harnesses.append((harness, agent))

@@ -63,12 +63,14 @@ def test_the_handshake_limits_of_15008_are_flags():
 
     assert ProxyConfig.from_args(["--node", "n"], env={}).handshake_limits == HandshakeLimits()
     config = ProxyConfig.from_args(["--node", "n", "--max-handshakes-per-source", "16", "--max-handshakes", "64",
-                                    "--handshake-failures", "4", "--abuser-penalty", "5"], env={})
-    assert config.handshake_limits == HandshakeLimits(per_source=16, total=64, failures=4, penalty=5.0)
+                                    "--handshake-failures", "4", "--abuser-penalty", "5",
+                                    "--handshake-timeout", "3.5"], env={})
+    assert config.handshake_limits == HandshakeLimits(per_source=16, total=64, failures=4, penalty=5.0, timeout=3.5)
 
 
 @pytest.mark.parametrize("argv", [["--max-handshakes-per-source", "0"], ["--max-handshakes", "10"],
-                                  ["--handshake-failure-window", "0"], ["--abuser-longest-penalty", "1"]])
+                                  ["--handshake-failure-window", "0"], ["--abuser-longest-penalty", "1"],
+                                  ["--handshake-timeout", "-1"]])
 def test_bad_handshake_limits_are_refused_naming_the_flag(argv, capsys):
     with pytest.raises(SystemExit):
         ProxyConfig.from_args(["--node", "n", *argv], env={})

@@ -17,6 +17,7 @@ import pytest
 
 from shoal.agent.ztunnel.netns import NetnsHandle
 from shoal.agent.ztunnel.outbound import dial
+from shoal.hbone.handshakes import HandshakeLimits
 from shoal.hbone.pool import PoolKey
 from tests.shoal.hbone.test_handoff import client_context, sockets_until
 
@@ -85,7 +86,8 @@ async def test_a_dial_reset_before_its_client_hello_closes_no_other_connection(m
         return svid
 
     ctx = SimpleNamespace(identities=SimpleNamespace(get=identity), tcp_reads=None,
-                          config=SimpleNamespace(connect_timeout=2.0, pool_idle_timeout=60.0, handshake_timeout=2.0),
+                          config=SimpleNamespace(connect_timeout=2.0, pool_idle_timeout=60.0,
+                                                 handshake_limits=HandshakeLimits(timeout=2.0)),
                           pool=SimpleNamespace(discard=lambda session: None))
     key = PoolKey("spiffe://cluster.local/ns/a/sa/a", "spiffe://cluster.local/ns/b/sa/b", "127.0.0.1", peer.port)
     try:

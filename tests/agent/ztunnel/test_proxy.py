@@ -21,6 +21,7 @@ import pytest
 from shoal.agent.ztunnel.app import ProxyApp
 from shoal.agent.ztunnel.config import ProxyConfig
 from shoal.config import ClusterLayout
+from shoal.hbone.handshakes import HandshakeLimits
 from shoal.hbone.issuer import make_csr
 from shoal.xds.model import Authorization, ConfigDelta, Rule, Service, ServicePort, Source
 from shoal.zds import PodInfo, ZdsClient
@@ -114,7 +115,8 @@ async def start_harness(config: ProxyConfig, pod_netns, state, signer) -> tuple[
 async def harness(pod_netns, state, ca, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="shoal.proxy.access")
     config = ProxyConfig(node="node-1", layout=ClusterLayout(name="shoal-test", run_root=tmp_path),
-                         handshake_timeout=2.0, connect_timeout=4.0, drain_grace=2.0, handover_wait=3.0)
+                         handshake_limits=HandshakeLimits(timeout=2.0), connect_timeout=4.0, drain_grace=2.0,
+                         handover_wait=3.0)
     harness, agent = await start_harness(config, pod_netns, state, ca.sign)
     app, echo = harness.app, harness.echo
     yield harness
@@ -254,7 +256,7 @@ async def test_garbage_and_plaintext_http_on_15008_are_refused(harness):
 
 async def test_stalled_handshake_times_out(harness):
     reader, writer = await _raw_15008(harness)
-    await _expect_closed(reader)  # handshake_timeout is 2 s in the fixture
+    await _expect_closed(reader)  # the handshake timeout is 2 s in the fixture
     writer.close()
     assert metric(harness.app, "shoal_proxy_rejected_total", reason="handshake_timeout") == 1
 
@@ -369,7 +371,7 @@ async def test_client_verifies_server_identity(harness, state):
 # -- lifecycle: rotation and restart --------------------------------------------------------------
 
 async def _make_app(tmp_path, state, signer, origdst, serve_http=False, **overrides) -> ProxyApp:
-    settings = dict(handshake_timeout=2.0, connect_timeout=4.0, drain_grace=3.0, handover_wait=5.0) | overrides
+    settings = dict(handshake_limits=HandshakeLimits(timeout=2.0), connect_timeout=4.0, drain_grace=3.0, handover_wait=5.0) | overrides
     config = ProxyConfig(node="node-1", layout=ClusterLayout(name="shoal-test", run_root=tmp_path), **settings)
     app = ProxyApp(config, state=state, signer=signer, origdst=origdst, serve_http=serve_http)
     await app.start()

@@ -63,7 +63,7 @@ async def test_many_concurrent_connections_share_capped_hbone_connections(pod_ne
     # machine: generous timeouts (all must succeed, not fast); 1,000 run against the
     # cluster's real proxies (test_zt_cluster) and 10,000 in perf/ (scenario "load").
     async with running_proxy(pod_netns, state, ca.sign, tmp_path, connect_timeout=60.0,
-                             handshake_timeout=60.0) as (h, _):
+                             handshake_limits=HandshakeLimits(timeout=60.0)) as (h, _):
         assert await _roundtrips(h, 350, timeout=60) == []
         pool = h.app.ctx.pool
         assert len(pool) == 4  # 100 streams per HBONE connection, more opened beyond
@@ -98,7 +98,7 @@ async def test_a_burst_past_the_setup_cap_waits_in_the_kernel_instead_of_being_r
     # gone through (issue 18): past the cap the listener pauses, the burst queues in the
     # kernel's accept queue, and every connection is served.
     async with running_proxy(pod_netns, state, ca.sign, tmp_path, max_connections_in_setup=10,
-                             connect_timeout=60.0, handshake_timeout=60.0) as (h, _):
+                             connect_timeout=60.0, handshake_limits=HandshakeLimits(timeout=60.0)) as (h, _):
         assert await _roundtrips(h, 200, timeout=60) == []
         assert metric(h.app, "shoal_proxy_accept_paused_total", listener="outbound") >= 1
         assert metric(h.app, "shoal_proxy_rejected_total", reason="overloaded") == 0
@@ -522,8 +522,8 @@ async def test_a_handshake_flood_from_one_pod_is_capped_and_others_keep_being_se
     # A setup cap small enough for CI (8,192 by default) and a handshake timeout longer than
     # the other client's patience: before the per-source cap, 200 idle connections held
     # every setup slot of 15008 and the other client's HBONE dials waited in the kernel.
-    async with running_proxy(pod_netns, state, ca.sign, tmp_path, max_connections_in_setup=64, handshake_timeout=30.0,
-                             handshake_limits=HandshakeLimits(per_source=20, total=1024)) as (h, _):
+    async with running_proxy(pod_netns, state, ca.sign, tmp_path, max_connections_in_setup=64,
+                             handshake_limits=HandshakeLimits(per_source=20, total=1024, timeout=30.0)) as (h, _):
         flood = await _open_idle(h, 200)
         try:
             await asyncio.sleep(0.5)
@@ -573,8 +573,8 @@ async def test_a_pod_failing_handshakes_is_boxed_and_its_handshakes_in_progress_
 
 
 async def test_past_the_workers_handshake_total_the_largest_holder_makes_room(pod_netns, state, ca, tmp_path):
-    async with running_proxy(pod_netns, state, ca.sign, tmp_path, max_connections_in_setup=40, handshake_timeout=30.0,
-                             handshake_limits=HandshakeLimits(per_source=30, total=30)) as (h, _):
+    async with running_proxy(pod_netns, state, ca.sign, tmp_path, max_connections_in_setup=40,
+                             handshake_limits=HandshakeLimits(per_source=30, total=30, timeout=30.0)) as (h, _):
         flood = await _open_idle(h, 30)   # every handshake slot of the worker
         try:
             await asyncio.sleep(0.3)

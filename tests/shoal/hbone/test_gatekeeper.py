@@ -58,7 +58,7 @@ class Door:
             self.tasks.add(task)
 
     async def _handshake(self, conn: socket.socket, address: tuple) -> None:
-        ok = await self.keeper.handshake(conn, address, Session(), self.context, 10.0)
+        ok = await self.keeper.handshake(conn, address, Session(), self.context)
         self.outcomes.setdefault(address[0], []).append(ok)
 
     async def dial(self, source: str) -> socket.socket:

@@ -97,11 +97,12 @@ def parse(*argv: str) -> HandshakeLimits:
 
 
 def test_the_flags_default_to_the_limits_and_set_each_of_them():
-    assert parse() == HandshakeLimits() == HandshakeLimits(128, 256, 20, 60.0, 2.0, 60.0)
+    assert parse() == HandshakeLimits() == HandshakeLimits(128, 256, 20, 60.0, 2.0, 60.0, 10.0)
     limits = parse("--max-handshakes-per-source", "8", "--max-handshakes", "32", "--handshake-failures", "5",
-                   "--handshake-failure-window", "10", "--abuser-penalty", "1.5", "--abuser-longest-penalty", "30")
+                   "--handshake-failure-window", "10", "--abuser-penalty", "1.5", "--abuser-longest-penalty", "30",
+                   "--handshake-timeout", "2.5")
     assert limits == HandshakeLimits(per_source=8, total=32, failures=5, window=10.0, penalty=1.5,
-                                     longest_penalty=30.0)
+                                     longest_penalty=30.0, timeout=2.5)
     gate, box = limits.gate(), limits.penalty_box()
     assert (gate.per_source, gate.total, gate.failures, gate.window) == (8, 32, 5, 10.0)
     assert (box.first, box.longest) == (1.5, 30.0)
@@ -115,6 +116,9 @@ def test_the_flags_default_to_the_limits_and_set_each_of_them():
     (["--abuser-penalty", "0"], "--abuser-penalty must be positive"),
     (["--abuser-penalty", "90"], "--abuser-longest-penalty must be at least the first penalty"),
     (["--max-handshakes", "lots"], "invalid int value"),
+    (["--handshake-timeout", "0"], "--handshake-timeout must be positive (got 0.0)"),
+    (["--handshake-timeout", "-2"], "--handshake-timeout must be positive (got -2.0)"),
+    (["--handshake-timeout", "soon"], "argument --handshake-timeout: invalid float value"),
 ])
 def test_values_that_cannot_work_are_a_usage_error_naming_the_flag(argv, named, capsys):
     with pytest.raises(SystemExit):
@@ -125,3 +129,5 @@ def test_values_that_cannot_work_are_a_usage_error_naming_the_flag(argv, named, 
 def test_limits_built_in_code_are_checked_too():
     with pytest.raises(ValueError, match="total: must be at least the per-source cap"):
         HandshakeLimits(per_source=10, total=5)
+    with pytest.raises(ValueError, match="timeout: must be positive"):
+        HandshakeLimits(timeout=0)
