@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -30,6 +31,15 @@ def _address(text: str, what: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
+def is_loopback(host: str) -> bool:
+    """True for an address literal only this host can reach (127.0.0.0/8, ::1); a name or a
+    wildcard (0.0.0.0, ::) is not."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class WaypointConfig:
     name: str                                   # the Gateway's name
@@ -43,7 +53,9 @@ class WaypointConfig:
     ca_bundle: str = ""                         # verify the controller's TLS with it; "" = plaintext
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     hbone_address: tuple[str, int] = ("::", PORT_HBONE)   # both families (IPv4 too)
-    plaintext_address: tuple[str, int] | None = None   # development/benchmarks only, never in the mesh
+    # Plain HTTP, no identity: development and benchmarks only, never in the mesh. Loopback
+    # unless plaintext_beyond_loopback (a benchmark outside the mesh) says otherwise.
+    plaintext_address: tuple[str, int] | None = None
     metrics_port: int = PORT_PROXY_METRICS
     ready_port: int = PORT_PROXY_READY
     routes_file: str = ""                       # static HTTPRoutes/TrafficPolicies (YAML), besides the stream
@@ -89,7 +101,12 @@ class WaypointConfig:
         p.add_argument("--trust-domain", default=env.get("SHOAL_TRUST_DOMAIN", DEFAULT_TRUST_DOMAIN))
         p.add_argument("--hbone", default=f"[::]:{PORT_HBONE}",
                        help="HBONE listen address ([::]: both IPv6 and IPv4, the default)")
-        p.add_argument("--plaintext", default="", help="also serve plain HTTP here (development, benchmarks)")
+        p.add_argument("--plaintext", default="", metavar="HOST:PORT",
+                       help="also serve plain HTTP here, without mTLS or identities (development, benchmarks); "
+                            "a loopback address unless --plaintext-beyond-loopback")
+        p.add_argument("--plaintext-beyond-loopback", action="store_true",
+                       help="let --plaintext listen where other pods can reach it: plain HTTP that bypasses the "
+                            "mesh's mTLS and identities, for a benchmark outside any mesh only")
         p.add_argument("--metrics-port", type=int, default=PORT_PROXY_METRICS)
         p.add_argument("--ready-port", type=int, default=PORT_PROXY_READY)
         p.add_argument("--routes-file", default="", help="YAML with HTTPRoute/TrafficPolicy objects")
@@ -118,6 +135,10 @@ class WaypointConfig:
         try:
             hbone = _address(args.hbone, "--hbone")
             plaintext = _address(args.plaintext, "--plaintext") if args.plaintext else None
+            if plaintext is not None and not is_loopback(plaintext[0]) and not args.plaintext_beyond_loopback:
+                raise ValueError(f"--plaintext {args.plaintext} is reachable beyond this host: plain HTTP there "
+                                 "bypasses the mesh's mTLS; listen on 127.0.0.1 or [::1], or add "
+                                 "--plaintext-beyond-loopback for a benchmark outside the mesh")
             static = tuple(_static_service(s) for s in args.static_service)
         except ValueError as err:
             p.error(str(err))

@@ -1,18 +1,23 @@
 """Listeners that feed downstream connections to the HTTP servers.
 
 ``start_plaintext`` is for tests and benchmarks (the proxy without mTLS, on an address
-the caller picks, loopback by default). In the mesh the waypoint accepts only HBONE:
-see ``shoal.waypoint.hbone``.
+the caller picks, loopback by default; the config refuses another address unless
+``--plaintext-beyond-loopback``). In the mesh the waypoint accepts only HBONE: see
+``shoal.waypoint.hbone``.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Callable
 
+from .config import is_loopback
 from .downstream import serve_connection
 from .fastpath import fast_lanes
 from .http import Limits, PeerInfo, TcpStream
 from .proxy import WaypointProxy
+
+log = logging.getLogger(__name__)
 
 
 def connection_callbacks(proxy: WaypointProxy, limits: Limits) -> tuple[Callable[[str, int], None], Callable[[str], None]]:
@@ -50,6 +55,9 @@ class PlainListener:
 async def start_plaintext(proxy: WaypointProxy, limits: Limits, host: str = "127.0.0.1", port: int = 0,
                           destination: tuple[str, int] | None = None) -> PlainListener:
     """Plain HTTP on ``host:port``; ``destination`` (ip, port) plays the role of the HBONE target."""
+    if not is_loopback(host):
+        log.warning(
+            "plain HTTP on %s:%s, reachable beyond this host: no mTLS, no identities (benchmarks only)", host, port)
     reject, on_protocol = connection_callbacks(proxy, limits)
     lanes = fast_lanes(proxy)
     loop = asyncio.get_running_loop()

@@ -56,7 +56,8 @@ def _waypoint_pids(root_pid: int) -> list[int]:
 
 def _start_waypoint(ctx: Context, pod, upstream: str, fast_path: bool = True):
     argv = [sys.executable, "-m", "shoal.waypoint", "--name", "perf-waypoint", "--namespace", NAMESPACE,
-            "--plaintext", f"0.0.0.0:{WAYPOINT_PORT}", "--static-service", f"{NAMESPACE}/origin={upstream}",
+            "--plaintext", f"0.0.0.0:{WAYPOINT_PORT}", "--plaintext-beyond-loopback",
+            "--static-service", f"{NAMESPACE}/origin={upstream}",
             "--metrics-port", "0", "--ready-port", "0", "--no-flows", "--access-log", "", "--log-level", "WARNING"]
     if not fast_path:
         argv.append("--no-fast-path")

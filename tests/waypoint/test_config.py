@@ -25,3 +25,21 @@ def test_bad_handshake_limits_are_refused_naming_the_flag(argv, capsys):
     with pytest.raises(SystemExit):
         WaypointConfig.from_args(BASE + argv, env={})
     assert argv[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("address,served", [("127.0.0.1:8080", ("127.0.0.1", 8080)), ("[::1]:8080", ("::1", 8080)),
+                                            (":8080", ("127.0.0.1", 8080)), ("127.0.0.9:80", ("127.0.0.9", 80))])
+def test_the_plaintext_door_is_off_by_default_and_loopback_when_asked_for(address, served):
+    assert WaypointConfig.from_args(BASE, env={}).plaintext_address is None
+    assert WaypointConfig.from_args(BASE + ["--plaintext", address], env={}).plaintext_address == served
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0:8080", "[::]:8080", "10.244.1.5:8080", "[fd00::5]:8080", "web:8080"])
+def test_a_plaintext_door_other_pods_could_reach_is_a_usage_error_unless_asked_for(address, capsys):
+    """Plain HTTP has no identity: on a pod-reachable address it would bypass the mesh's
+    mTLS. Only a benchmark outside any mesh (perf's waypoint scenario) says so explicitly."""
+    with pytest.raises(SystemExit):
+        WaypointConfig.from_args(BASE + ["--plaintext", address], env={})
+    assert f"--plaintext {address} is reachable beyond this host" in capsys.readouterr().err
+    config = WaypointConfig.from_args(BASE + ["--plaintext", address, "--plaintext-beyond-loopback"], env={})
+    assert config.plaintext_address is not None and config.plaintext_address[1] == 8080

@@ -115,3 +115,20 @@ def test_a_broken_template_is_refused_with_its_reason(tmp_path):
         container_deployment_for(GATEWAY, layout, "kind: Deployment\nmetadata: {name: ${NOPE}}\n")
     with pytest.raises(ManifestError, match="it makes no Deployment"):
         container_deployment_for(GATEWAY, layout, "kind: Service\nmetadata: {name: x}\n")
+
+
+def test_no_waypoint_the_mesh_deploys_has_a_plaintext_door(tmp_path):
+    """A waypoint pod is not captured (it terminates HBONE itself), so a plain HTTP port of
+    it would be a way around the mesh's mTLS for any pod: neither the local cluster's pod
+    process nor the rendered template (Kubernetes, ``--containers``) asks for one."""
+    from shoal.local.waypoints import deployment_for
+    from shoal.waypoint.config import WaypointConfig
+
+    layout = ClusterLayout(name="t", run_root=tmp_path)
+    for deployment in (deployment_for(GATEWAY, layout), container_deployment_for(GATEWAY, layout, rendered_template(layout))):
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        assert container["command"][-2:] == ["-m", "shoal.waypoint"]
+        env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+        config = WaypointConfig.from_args(container.get("args", []), env=env)
+        assert config.plaintext_address is None
+        assert not any("plaintext" in part for part in (*container["command"], *container.get("args", []), *env))
