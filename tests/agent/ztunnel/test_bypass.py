@@ -162,11 +162,13 @@ async def test_an_open_same_node_connection_shows_its_bytes_before_it_closes(pro
     same_node = [entry for entry in listed if entry["route"] == "bypass"]
     assert sorted(entry["reporter"] for entry in same_node) == ["destination", "source"]
     assert {(entry["bytes_received"], entry["bytes_sent"]) for entry in same_node} == {(len(first), len(first))}
-    await asyncio.sleep(LIVE_BYTES_INTERVAL + 0.5)
+    # Read every LIVE_BYTES_INTERVAL: the next read (its timer can fire late on a loaded
+    # machine, so waited for, not slept for) counts them while the connection is open.
+    def counted() -> bool:
+        return all(metric(app, name, reporter=reporter) == len(first) for reporter in ("source", "destination")
+                   for name in ("istio_tcp_received_bytes_total", "istio_tcp_sent_bytes_total"))
+    await _until(counted, timeout=LIVE_BYTES_INTERVAL + 10)
     assert app.ctx.bypass.live, "still open"
-    for reporter in ("source", "destination"):
-        assert metric(app, "istio_tcp_received_bytes_total", reporter=reporter) == len(first)
-        assert metric(app, "istio_tcp_sent_bytes_total", reporter=reporter) == len(first)
     more = os.urandom(1024 * 1024)
     assert await _pump(reader, writer, more) == more
     writer.write_eof()
@@ -270,9 +272,9 @@ async def test_a_finished_pair_leaves_no_watch_behind(proxy):
     assert await asyncio.wait_for(reader.read(), 10) == b"request"
     writer.close()
     await _until(lambda: pair.finished)
-    await asyncio.sleep(RESET_POLL * 2)
     watches = [end._forwarding for end in (pair.client_end, pair.server_end) if end._forwarding is not None]
-    assert watches and all(task.done() for task in watches)
+    assert watches
+    await _until(lambda: all(task.done() for task in watches), timeout=RESET_POLL * 2 + 10)   # at its next poll
     assert [task.exception() for task in watches] == [None] * len(watches)
 
 

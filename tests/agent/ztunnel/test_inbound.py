@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from shoal.xds.model import Authorization, ConfigDelta, Rule, Source
-from tests.agent.ztunnel.proxybed import CLIENT_IP, CLIENT_IP6, OTHER_IP, SERVER_IP, SERVER_IP6, EchoServer
+from tests.agent.ztunnel.proxybed import CLIENT_IP, CLIENT_IP6, OTHER_IP, SERVER_IP, SERVER_IP6, EchoServer, until
 
 from .test_proxy import APP_PORT, _h2_exchange, _status, harness, metric  # noqa: F401 (fixture)
 
@@ -51,7 +51,8 @@ async def test_loopback_only_listener_is_not_reachable_through_the_mesh(harness,
         authority = f"[{loopback}]:9999" if ":" in loopback else f"{loopback}:9999"
         events = await _h2_exchange(harness, ca, [(":method", "CONNECT"), (":authority", authority)])
         assert _status(events) == 400
-        await asyncio.sleep(0.05)
+        await until(lambda: metric(harness.app, "shoal_proxy_rejected_total", reason="loopback_destination"),
+                    "the refusal counted")
         assert metric(harness.app, "shoal_proxy_rejected_total", reason="loopback_destination") == 1
         assert private.peers == []
     finally:
@@ -65,7 +66,7 @@ async def test_forwarded_header_never_changes_the_client_address(harness, ca, cl
     events = await _h2_exchange(harness, ca, [(":method", "CONNECT"), (":authority", f"{SERVER_IP}:{APP_PORT}"),
                                                      ("forwarded", f"for={node}")])
     assert _status(events) == 200
-    await asyncio.sleep(0.1)
+    await until(lambda: harness.echo.peers, "the app's connection")
     assert harness.echo.peers[-1][0] == OTHER_IP   # what the app sees: the real peer
     assert metric(harness.app, "shoal_proxy_rejected_total", reason="forwarded_ignored") == 1
 
@@ -129,8 +130,7 @@ async def test_releasing_a_pod_closes_its_inbound_tunnels(harness):
     assert len(server.sessions) == 1
     session = next(iter(server.sessions))
     await harness.app.pods.remove_pod("uid-web-0")
-    await asyncio.sleep(0.1)
-    assert session.closed and not harness.app.ctx.inbound_sessions
+    await until(lambda: session.closed and not harness.app.ctx.inbound_sessions, "the tunnel closed")
 
 
 async def test_the_app_connect_starts_no_task_of_its_own():
