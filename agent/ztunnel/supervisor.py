@@ -71,6 +71,7 @@ from shoal.agent.ztunnel.handover import (
 )
 from shoal.agent.ztunnel.netns import NetnsHandle
 from shoal.agent.ztunnel.nodelink import NodeLink
+from shoal.exits import exit_description
 from shoal.hbone.identity import IdentityError, Svid
 from shoal.memdebug import MemoryReport, rss_kib
 from shoal.xds import model as m
@@ -115,18 +116,6 @@ class WorkerFeed:
             self._writer.close()
         else:
             self.sock.close()
-
-
-def exit_description(returncode: int) -> str:
-    """How a process ended, from its return code as asyncio gives it (minus the signal
-    that killed it)."""
-    if returncode >= 0:
-        return f"exited with code {returncode}"
-    try:
-        name = signal.Signals(-returncode).name
-    except ValueError:
-        name = f"signal {-returncode}"
-    return f"was killed by {name}"
 
 
 def grant_of(svid: Svid) -> SvidGrant:

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 Progress = Callable[[str], None]
 # An agent container compiles its programs before it serves (the DaemonSet allows 300 s).
 AGENT_START_TIMEOUT = 240.0
+# The components' monitors (shoal/local/runner.py), beside the nodes, never in a component's.
+RUNNERS_CGROUP = "runners"
 
 
 class PreflightError(RuntimeError):
@@ -277,16 +279,28 @@ class LocalCluster:
         return env
 
     def start(self, component: Component) -> int:
-        """Starts a component in its netns and cgroup, detached, logging to a file."""
+        """Starts a component in its netns and cgroup, detached, logging to a file, under a
+        monitor (``shoal.local.runner``, in the cluster's ``runners`` cgroup) that appends
+        how it ended to that log. The component's pid (also in its pid file)."""
         cgroup = Cgroup(component.cgroup).create()
         argv = cgroup.join_argv(Netns(component.netns).enter_argv(
             [sys.executable, "-m", component.module, *component.args]))
         node = component.name.split("-", 1)[1] if "-" in component.name else None
-        with open(self.layout.log_dir / f"{component.name}.log", "ab") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        log_path = self.layout.log_dir / f"{component.name}.log"
+        runners = Cgroup(self.layout.cgroup / RUNNERS_CGROUP).create()
+        monitor = runners.join_argv([sys.executable, "-m", "shoal.local.runner", component.name, str(log_path),
+                                     "--", *argv])
+        with open(log_path, "ab") as log:   # the monitor's own errors, if any
+            proc = subprocess.Popen(monitor, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
                                     env=self.component_env(node), start_new_session=True, cwd="/")
-        (self.layout.run_dir / f"{component.name}.pid").write_text(str(proc.pid))
-        return proc.pid
+        assert proc.stdout is not None
+        with proc.stdout:
+            reported = proc.stdout.readline().strip()
+        if not reported.isdigit():
+            raise LinuxError(f"{component.name} did not start (its monitor exited {proc.wait()}); see {log_path}")
+        pid = int(reported)
+        (self.layout.run_dir / f"{component.name}.pid").write_text(str(pid))
+        return pid
 
     def stop(self, component: Component, kill: bool = False) -> None:
         Cgroup(component.cgroup).kill_all(grace=0.0 if kill else 5.0)

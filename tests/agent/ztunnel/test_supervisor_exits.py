@@ -17,18 +17,9 @@ import uuid
 
 import pytest
 
-from shoal.agent.ztunnel.supervisor import exit_description
 from shoal.config import ClusterLayout
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def test_an_exit_is_described_by_its_code_or_its_signals_name():
-    assert exit_description(0) == "exited with code 0"
-    assert exit_description(3) == "exited with code 3"
-    assert exit_description(-signal.SIGKILL) == "was killed by SIGKILL"
-    assert exit_description(-signal.SIGABRT) == "was killed by SIGABRT"
-    assert exit_description(-200) == "was killed by signal 200"
 
 
 class LogTail:

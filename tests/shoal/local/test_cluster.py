@@ -156,8 +156,16 @@ def test_up_and_down_leave_the_machine_as_it_was(tmp_path):
         assert len(Netns.list(layout.netns_prefix)) == 3
         assert Cgroup(layout.cgroup).pids()  # the controller (and node components) run
         controller_pid = int((layout.run_dir / "controller.pid").read_text())
+        proxy_pid = int((layout.run_dir / "proxy-node-1.pid").read_text())
         # A crash: the controller is gone, everything else is left behind.
         os.kill(controller_pid, signal.SIGKILL)
+        # (and a node proxy, as the OOM killer would): neither can write a line, their
+        # monitors do, as Kubernetes shows a container's last state.
+        os.kill(proxy_pid, signal.SIGKILL)
+        for name, pid in (("controller", controller_pid), ("proxy-node-1", proxy_pid)):
+            line = f"{name} (pid {pid}) was killed by SIGKILL (exit code 137"
+            log = layout.log_dir / f"{name}.log"
+            eventually(lambda: line in log.read_text(), f"the end of {name} in its log", timeout=20)  # noqa: B023
         out = shoal_cli(layout, "up", "--nodes", "1", timeout=180).stdout
         assert "cleaning leftovers" in out
         assert len(Netns.list(layout.netns_prefix)) == 2
