@@ -512,14 +512,15 @@ async def test_restart_handover_refuses_no_connection(pod_netns, state, ca, tmp_
 
 
 async def test_admin_metrics_and_readiness_endpoints(pod_netns, state, ca, tmp_path):
-    import random
     import urllib.error
     import urllib.request
 
-    base = random.randint(20000, 40000)
-    ports = dict(admin_port=base, metrics_port=base + 1, ready_port=base + 2)
     origdst = FakeOrigdst()
-    app = await _make_app(tmp_path, state, ca.sign, origdst, serve_http=True, http_address="127.0.0.1", **ports)
+    # Ports the kernel picks (three random ones could be taken on a shared machine).
+    app = await _make_app(tmp_path, state, ca.sign, origdst, serve_http=True, http_address="127.0.0.1",
+                          admin_port=0, metrics_port=0, ready_port=0)
+    ports = dict(zip(("admin_port", "metrics_port", "ready_port"),
+                     (endpoint.server.sockets[0].getsockname()[1] for endpoint in app._endpoints)))
     echo = await EchoServer().start(f"/run/netns/{pod_netns['server']}", SERVER_IP, APP_PORT)
 
     async def get(port, path):
