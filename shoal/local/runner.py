@@ -35,12 +35,13 @@ def ended_line(name: str, pid: int, returncode: int, uptime: float) -> str:
     now = time.time()
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int(now % 1 * 1000):03d}"
     level = "INFO" if returncode == 0 else "ERROR"
-    how = exit_description(returncode)
+    detail = ""
     if returncode < 0:
-        how += f" (exit code {container_exit_code(returncode)}, as a container's last state shows it)"
+        detail = f" (exit code {container_exit_code(returncode)}, as a container's last state shows it"
         if -returncode == signal.SIGKILL:
-            how += ": the OOM killer's signal, or a kill -9; the process could write nothing itself"
-    return f"{stamp} {level} {LOGGER} {name} (pid {pid}) {how} after {uptime:.0f} s\n"
+            detail += "; the OOM killer's signal, or a kill -9, which no process can log itself"
+        detail += ")"
+    return f"{stamp} {level} {LOGGER} {name} (pid {pid}) {exit_description(returncode)} after {uptime:.0f} s{detail}\n"
 
 
 def run(name: str, log_path: str, command: Sequence[str]) -> int:

@@ -163,7 +163,7 @@ def test_up_and_down_leave_the_machine_as_it_was(tmp_path):
         # monitors do, as Kubernetes shows a container's last state.
         os.kill(proxy_pid, signal.SIGKILL)
         for name, pid in (("controller", controller_pid), ("proxy-node-1", proxy_pid)):
-            line = f"{name} (pid {pid}) was killed by SIGKILL (exit code 137"
+            line = f"{name} (pid {pid}) was killed by SIGKILL after "
             log = layout.log_dir / f"{name}.log"
             eventually(lambda: line in log.read_text(), f"the end of {name} in its log", timeout=20)  # noqa: B023
         out = shoal_cli(layout, "up", "--nodes", "1", timeout=180).stdout
