@@ -10,8 +10,10 @@ the fast path, pooled HBONE upstreams), whose upstream session reaches a termina
 next loop turn, as a socket would. Prints the process CPU per request (``process_time``:
 steadier than wall time on a busy machine) of the four parties together; the waypoint is
 most of it, the rest is the same for every variant, so an A/B of waypoint code (run each
-tree with ``PYTHONPATH``, interleaved) compares the waypoint's Python work. TLS and the
-kernel are not in it (the scenario and ``hbonebench`` measure those): in the mesh they are
+tree with ``PYTHONPATH``, interleaved) compares the waypoint's Python work. The garbage
+collector is set as the waypoint process sets it (start-up objects frozen, young
+collections every ``GC_YOUNG_THRESHOLD`` allocations). TLS and the kernel are not in it
+(the scenario and ``hbonebench`` measure those): in the mesh they are
 about as much again.
 
 With telemetry (the default, as a mesh waypoint runs): an access log (batched, discarded)
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import random
 import socket
@@ -102,6 +105,7 @@ def _origin(session: HboneSession, event: framing.TunnelRequested) -> None:
 async def run(requests: int, telemetry: bool = True) -> dict[str, float]:
     """CPU seconds per request, and what the waypoint served (on its fast path, logged)."""
     from shoal.flows.emitter import FlowEmitter
+    from shoal.waypoint.app import GC_YOUNG_THRESHOLD
     from shoal.waypoint.downstream import serve_connection
     from shoal.waypoint.fastpath import fast_lanes
     from shoal.waypoint.http import Limits, PeerInfo
@@ -183,9 +187,13 @@ async def run(requests: int, telemetry: bool = True) -> dict[str, float]:
         client.write(REQUEST)
         await asyncio.wait_for(answered, 5)
 
+    thresholds = gc.get_threshold()
     try:
         for _ in range(50):              # warm: the upstream connection, memo, answer heads
             await exchange()
+        # The collector as the waypoint process sets it once started (waypoint.app.main).
+        gc.freeze()
+        gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
         fast_before = proxy.fast_served
         started = time.process_time()
         for _ in range(requests):
@@ -196,6 +204,8 @@ async def run(requests: int, telemetry: bool = True) -> dict[str, float]:
         if access_log is not None:
             access_log.flush()
     finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
         for task in tunnels:
             task.cancel()
         await asyncio.gather(*tunnels, return_exceptions=True)
