@@ -575,7 +575,7 @@ class HboneConnection:
             return sent
         return sent
 
-    def send_small(self, stream_id: int, data: memoryview) -> bool:
+    def send_small(self, stream_id: int, data: bytes | memoryview) -> bool:
         """A request or response of a ping-pong exchange, all of it or nothing: True when
         ``data`` (under 16 KiB, within both send windows) went as one DATA frame, merged
         into the outbound buffer with its header (one TLS record, nothing left as a view

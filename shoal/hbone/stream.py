@@ -95,14 +95,24 @@ class HboneStream:
         data, length = self._chunks.popleft()
         session = self.session
         if session is not None and not session.closed and length:
-            session.h2.consumed(self.stream_id, length)
-            session.flush_soon()
+            h2 = session.h2
+            h2.consumed(self.stream_id, length)
+            if h2.output_queued:     # credit is sent in batches: most reads queue no WINDOW_UPDATE
+                session.flush_soon()
         return data
 
     def write(self, data: bytes) -> None:
         if self._reset is not None:
             raise ConnectionResetError(self._reset)
         if not data:
+            return
+        session = self.session
+        if not self._pending and session is not None and not session.closed \
+                and session.h2.send_small(self.stream_id, data):
+            # A request or answer of a ping-pong: one DATA frame within the windows, merged into
+            # the session's outbound buffer (``_push``'s first case without its bookkeeping:
+            # nothing is left pending, so writability and the stream's end are as they were).
+            session.flush_soon()
             return
         self._pending = memoryview(bytes(self._pending) + data) if self._pending else memoryview(data)
         self._push()
