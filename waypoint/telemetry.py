@@ -6,9 +6,9 @@ optional at run time except the metrics: the access log, the flow emitter and th
 OTLP exporter are wired only when configured.
 
 The metrics are counted at once; the access log line, the L7 flow and the span are made
-at the end of the loop turn, after the answer's bytes left (an HBONE stream's writes leave
-at the end of the turn too, and were scheduled first), so they cost CPU but no latency.
-Flows leave in batches, as the node proxy's do: each datagram wakes the node's agent.
+later, for the requests of up to 50 ms together (``REPORT_DELAY``), long after the answer's
+bytes left: they cost CPU but no latency, and one timer and one datagram to the node's agent
+serve them all (each datagram wakes the agent).
 """
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ ISTIO_LABELS = REQUEST_LABELS
 DURATION_BUCKETS_MS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000)
 SIZE_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000)
 SERIES_KEPT = 4096   # label sets found by identity (RequestTelemetry._series); then forgotten and found again
-FLOW_DELAY = 0.05    # a flow waits at most this long for others to share its datagram (the node proxy's)
-FLOW_BATCH = 200     # ...or until this many wait
+REPORT_DELAY = 0.05  # a request's log line, flow and span wait at most this long for others' (flows: the node proxy's)
+REPORT_BATCH = 200   # ...or until this many wait
 FLOW_TEMPLATES_KEPT = 1024   # flows of requests alike (RequestTelemetry._flow); then forgotten and built again
 
 
@@ -282,9 +282,9 @@ class RequestTelemetry:
         self._series_by_peers: dict[tuple, tuple[PeerLabels, PeerLabels, ServiceLabels, _RequestSeries]] = {}
         self._reporting = access_log is not None or flow_emitter is not None or span_exporter is not None
         self._unreported: list[RequestRecord] = []   # recorded; their log line, flow and span not made yet
-        self._flows_waiting: list = []
-        self._flows_timer: asyncio.TimerHandle | None = None
+        self._report_timer: asyncio.Handle | None = None
         self._flow_templates: dict[tuple, Any] = {}
+        self._access_log_line = AccessLogLines()
 
     def label_values(self, r: RequestRecord) -> tuple[str, ...]:
         """``ISTIO_LABELS`` values; the source principal is the HBONE peer's certificate."""
@@ -317,50 +317,52 @@ class RequestTelemetry:
         return dict(zip(ISTIO_LABELS, self.label_values(r)))
 
     def record(self, r: RequestRecord) -> None:
-        """Counts the request now; its log line, flow and span follow at the end of the loop
-        turn (at once without a running loop). The record must not change after this."""
+        """Counts the request now; its log line, flow and span are made with those of the
+        requests around it, ``REPORT_DELAY`` later (or once ``REPORT_BATCH`` wait, at the end of
+        the loop turn; at once without a running loop). The record must not change after this."""
         if not r.end:
             r.end = self.clock()
         self.metrics.istio.observe(self._series(r), r.duration_ms, r.request_bytes, r.response_bytes)
         if not self._reporting:
             return
-        self._unreported.append(r)
-        if len(self._unreported) == 1:
+        unreported = self._unreported
+        unreported.append(r)
+        waiting = len(unreported)
+        if waiting == 1 or waiting == REPORT_BATCH:
             try:
-                asyncio.get_running_loop().call_soon(self.report)
+                loop = asyncio.get_running_loop()
             except RuntimeError:     # no loop (start-up, shutdown, sans-I/O callers)
-                self.flush()
+                return self.report()
+            if self._report_timer is not None:
+                self._report_timer.cancel()
+            # Never now: ``record`` runs on the answer's path, before its bytes leave at the turn's end.
+            self._report_timer = loop.call_later(REPORT_DELAY, self.report) if waiting == 1 else \
+                loop.call_soon(self.report)
 
     def report(self) -> None:
-        """Access log lines, flows and spans of the requests recorded since the last call."""
+        """Access log lines, flows (in as few datagrams as fit) and spans of the requests
+        recorded since the last call. Made in one go for requests close together: one timer
+        and one datagram for them all, and the formatting runs hot, once, while the loop
+        has nothing else to do."""
+        if self._report_timer is not None:
+            self._report_timer.cancel()
+            self._report_timer = None
         records, self._unreported = self._unreported, []
-        for r in records:
-            if self._access_log is not None:
-                self._access_log(access_log_line(r))
-            if self._flows is not None:
-                self._flows_waiting.append(self._flow(r))
-            if self._spans is not None and r.trace is not None and r.trace.sampled:
-                self._spans.export(r)
-        if len(self._flows_waiting) >= FLOW_BATCH:
-            self.send_flows()
-        elif self._flows_waiting and self._flows_timer is None:
-            try:
-                self._flows_timer = asyncio.get_running_loop().call_later(FLOW_DELAY, self.send_flows)
-            except RuntimeError:
-                self.send_flows()
-
-    def send_flows(self) -> None:
-        if self._flows_timer is not None:
-            self._flows_timer.cancel()
-            self._flows_timer = None
-        flows, self._flows_waiting = self._flows_waiting, []
-        if flows and self._flows is not None:
-            self._flows.emit_many(flows)
+        access_log, flows, spans = self._access_log, self._flows, self._spans
+        if access_log is not None:
+            line = self._access_log_line
+            for r in records:
+                access_log(line(r))
+        if flows is not None and records:
+            flows.emit_many([self._flow(r) for r in records])
+        if spans is not None:
+            for r in records:
+                if r.trace is not None and r.trace.sampled:
+                    spans.export(r)
 
     def flush(self) -> None:
         """Everything recorded goes out now (the app calls it when it stops)."""
         self.report()
-        self.send_flows()
 
     def _flow(self, r: RequestRecord):
         """The request's L7 flow: a copy of the flow of requests alike (same addresses, method,
@@ -438,33 +440,42 @@ class BatchedLines:
             log.warning("access log: %d lines dropped: %s", dropped, err)
 
 
-_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))   # json.dumps builds an encoder per call for these
+_JSON_STRING = json.encoder.encode_basestring_ascii   # json's own string encoder (C): quotes and escapes
 
 
-def access_log_line(r: RequestRecord) -> str:
-    """One JSON object per request, with Envoy's access-log field names where they exist."""
-    return _COMPACT_JSON.encode({
-        "start_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - r.duration_ms / 1000)),
-        "method": r.method,
-        "path": r.path,
-        "protocol": r.protocol,
-        "response_code": r.status,
-        "response_flags": r.response_flags,
-        "bytes_received": r.request_bytes,
-        "bytes_sent": r.response_bytes,
-        "duration_ms": round(r.duration_ms, 3),
-        "upstream_host": r.upstream_host or None,
-        "upstream_attempts": r.attempts,
-        "route_name": r.route or None,
-        "authority": r.authority,
-        "user_agent": r.user_agent or None,
-        "x_request_id": r.request_id,
-        "downstream_remote_address": f"{r.source_ip}:{r.source_port}",
-        "source_principal": r.source_principal or None,
-        "destination_service": r.destination_service,
-        "authz_policy": r.authz_policy or None,
-        "trace_id": r.trace.trace_id if r.trace else None,
-    })
+class AccessLogLines:
+    """One JSON object per request, with Envoy's access-log field names where they exist.
+
+    The same text ``json.JSONEncoder(separators=(",", ":"))`` makes of the fields (the
+    tests compare them), assembled directly: each string through json's own escaping, the
+    start time formatted once per second instead of once per request."""
+
+    __slots__ = ("_second", "_stamp")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._stamp = ""
+
+    def __call__(self, r: RequestRecord) -> str:
+        duration_ms = r.duration_ms
+        second = int(time.time() - duration_ms / 1000)   # gmtime's rounding (down) for times after 1970
+        if second != self._second:
+            self._second, self._stamp = second, _JSON_STRING(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second)))
+        text = _JSON_STRING
+        trace = r.trace
+        return (f'{{"start_time":{self._stamp},"method":{text(r.method)},"path":{text(r.path)},'
+                f'"protocol":{text(r.protocol)},"response_code":{int(r.status)},'
+                f'"response_flags":{text(r.response_flags)},"bytes_received":{int(r.request_bytes)},'
+                f'"bytes_sent":{int(r.response_bytes)},"duration_ms":{float(round(duration_ms, 3))!r},'
+                f'"upstream_host":{text(r.upstream_host) if r.upstream_host else "null"},'
+                f'"upstream_attempts":{int(r.attempts)},"route_name":{text(r.route) if r.route else "null"},'
+                f'"authority":{text(r.authority)},"user_agent":{text(r.user_agent) if r.user_agent else "null"},'
+                f'"x_request_id":{text(r.request_id)},'
+                f'"downstream_remote_address":{text(f"{r.source_ip}:{r.source_port}")},'
+                f'"source_principal":{text(r.source_principal) if r.source_principal else "null"},'
+                f'"destination_service":{text(r.destination_service)},'
+                f'"authz_policy":{text(r.authz_policy) if r.authz_policy else "null"},'
+                f'"trace_id":{text(trace.trace_id) if trace else "null"}}}')
 
 
 class OtlpSpanExporter:

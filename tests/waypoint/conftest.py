@@ -64,7 +64,7 @@ class Bed:
         self.services: dict[tuple[str, str], list[Endpoint]] = {}
         self.seen: dict[str, list] = {}
         self.registry = CollectorRegistry()
-        self.access_log: list[dict] = []
+        self._access_log: list[dict] = []
         self.http2: set[tuple[str, str]] = set()   # Services whose endpoints speak h2c
         self.grpc_servers: list = []
         self.proxy: WaypointProxy | None = None
@@ -114,12 +114,20 @@ class Bed:
     async def start(self, routes=(), policies=(), authz=(), limits: Limits = Limits(), seed: int = 1,
                     fast_path: bool = True) -> None:
         resolver = StaticResolver(self.services, namespace="demo", policies=list(authz), http2=frozenset(self.http2))
-        telemetry = RequestTelemetry(self.registry, access_log=lambda line: self.access_log.append(json.loads(line)))
+        telemetry = RequestTelemetry(self.registry, access_log=lambda line: self._access_log.append(json.loads(line)))
         self.proxy = WaypointProxy(resolver, TcpConnector(), telemetry, limits, rng=random.Random(seed),
                                    fast_path=fast_path)
         self.proxy.update([parse_route(r) for r in routes], [parse_traffic_policy(p) for p in policies])
         self.server = await start_plaintext(self.proxy, limits)
         self.port = self.server.sockets[0].getsockname()[1]
+
+    @property
+    def access_log(self) -> list[dict]:
+        """The access log so far: the lines of requests already answered are made in batches
+        (``telemetry.REPORT_DELAY``), so what is recorded is reported first."""
+        if self.proxy is not None:
+            self.proxy.telemetry.flush()
+        return self._access_log
 
     def metric(self, name: str, **labels) -> float:
         total = 0.0

@@ -419,6 +419,7 @@ async def test_a_forged_forwarded_header_does_not_borrow_another_workloads_sourc
         answer = await http_over(stream, b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 200"), answer
         stream.close()
+        bed.proxy.telemetry.flush()   # lines are made in batches
         sources = [(line["downstream_remote_address"], line["response_code"]) for line in bed.access_log]
         assert sources == [("127.0.0.1:0", 403), (f"{client_ip}:0", 200)], bed.access_log
 
@@ -434,6 +435,7 @@ async def test_the_hbone_listener_is_dual_stack():
             answer = await http_over(stream, b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
             assert answer.startswith(b"HTTP/1.1 200"), (host, answer)
             stream.close()
+        bed.proxy.telemetry.flush()   # lines are made in batches
         assert [line["downstream_remote_address"] for line in bed.access_log] == ["::1:0", "127.0.0.1:0"]
 
 

@@ -137,14 +137,16 @@ async def test_requests_alike_share_one_istio_series_on_the_fast_path_and_the_pi
             await bed.close()
 
 
-async def test_log_lines_and_flows_follow_the_loop_turn_and_flows_share_datagrams(tmp_path):
-    """``record`` only counts: the log line and the flow are made at the end of the loop turn
-    (after the answer's HBONE bytes, flushed at the end of the turn too), and the flows of
-    requests close together leave in one datagram, not one each (each wakes the agent)."""
+async def test_log_lines_and_flows_of_requests_close_together_are_made_together(tmp_path):
+    """``record`` only counts (it runs on the answer's path): the log lines and flows of the
+    requests of up to ``REPORT_DELAY`` are made together afterwards, every request's, and the
+    flows leave in one datagram, not one each (each wakes the agent); ``REPORT_BATCH``
+    waiting go at the end of the loop turn, never inside ``record``."""
     import socket
 
     from shoal.api.flow import flow_pb2
     from shoal.flows.emitter import KIND_BATCH, KIND_FLOW, FlowEmitter, decode_batch
+    from shoal.waypoint import telemetry as telemetry_module
 
     path = tmp_path / "flows.sock"
     agent = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -154,24 +156,44 @@ async def test_log_lines_and_flows_follow_the_loop_turn_and_flows_share_datagram
     emitter = FlowEmitter(path)
     registry = CollectorRegistry()
     telemetry = RequestTelemetry(registry, access_log=lines.append, flow_emitter=emitter)
+    loop = asyncio.get_running_loop()
+
+    def request(code: int) -> RequestRecord:
+        return RequestRecord(start=0.0, end=0.001, status=code, method="GET", path="/x", authority="web.demo:8080",
+                             source_ip="10.244.1.7", upstream_host="10.244.2.3:8080")
+
     try:
-        for code in (200, 201, 404):
-            telemetry.record(RequestRecord(start=0.0, end=0.001, status=code, method="GET", path="/x",
-                                           authority="web.demo:8080", source_ip="10.244.1.7",
-                                           upstream_host="10.244.2.3:8080"))
-        assert lines == [] and samples(registry, "istio_requests_total")[(None, "404")] == 1
+        started = loop.time()
+        for code in (200, 201):
+            telemetry.record(request(code))
         await asyncio.sleep(0)
+        telemetry.record(request(404))                    # a later turn, within the delay
+        assert lines == [] and samples(registry, "istio_requests_total")[(None, "404")] == 1
+        datagram = await asyncio.wait_for(loop.sock_recv(agent, 65536), 5)
+        assert loop.time() - started >= telemetry_module.REPORT_DELAY * 0.9
         assert [json.loads(line)["response_code"] for line in lines] == [200, 201, 404]
-        datagram = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(agent, 65536), 5)
         assert datagram[:1] == KIND_BATCH
         flows = [flow_pb2.Flow.FromString(record[1:]) for record in decode_batch(datagram[1:])]
         assert [flow.l7.http.code for flow in flows] == [200, 201, 404]
         assert emitter.sent == 3
-        telemetry.record(RequestRecord(start=0.0, end=0.001, status=503))
+
+        full = telemetry_module.REPORT_BATCH
+        for _ in range(full):
+            telemetry.record(request(202))
+        assert len(lines) == 3                            # not inside record, even when the batch is full
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert len(lines) == 3 + full                     # at the end of the turn, not after the delay
+        datagram = await asyncio.wait_for(loop.sock_recv(agent, 65536), 5)
+        assert len(decode_batch(datagram[1:])) == full and emitter.sent == 3 + full
+
+        telemetry.record(request(503))
         telemetry.flush()                                 # the app's stop: at once
         assert json.loads(lines[-1])["response_code"] == 503
         alone = agent.recv(65536)                         # a record alone is sent as itself
         assert alone[:1] == KIND_FLOW and flow_pb2.Flow.FromString(alone[1:]).l7.http.code == 503
+        await asyncio.sleep(telemetry_module.REPORT_DELAY * 2)
+        assert len(lines) == 4 + full                     # the cancelled timer made nothing twice
     finally:
         emitter.close()
         agent.close()
@@ -203,3 +225,45 @@ def test_flows_made_from_a_template_are_the_flows_http_flow_makes():
                              verdict="DROPPED" if "RBAC" in record.flags else "FORWARDED", mtls=record.mtls,
                              trace_id=trace.trace_id if record.trace else "", ts_ns=made.time.ToNanoseconds())
         assert made == expected, case
+
+
+def test_access_log_lines_are_the_compact_json_of_their_fields():
+    """``AccessLogLines`` assembles the text itself: it must be exactly what the JSON encoder
+    makes of the fields (escapes, nulls, numbers), whatever a client put in them."""
+    import time as clock
+
+    from shoal.waypoint.telemetry import AccessLogLines
+
+    trace = TraceContext.from_header("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+    lines = AccessLogLines()
+    now = clock.monotonic()
+    cases = [
+        dict(),
+        dict(method="POST", path="/a\"b\\c\u00e9\u2028\x01", authority="web.demo:8080", user_agent="curl/8 \"x\"",
+             request_id="r-1", source_ip="10.244.1.7", source_port=41000, source_principal="spiffe://td/ns/a/sa/b",
+             upstream_host="10.244.2.3:8080", attempts=2, route="demo/web", status=503, flags={"UC", "URX"},
+             request_bytes=1024, response_bytes=17, authz_policy="demo/allow", trace=trace),
+        dict(trace=TraceContext("", "00f067aa0ba902b7", "", True), status=200),       # a trace without an id: ""
+    ]
+    for case in cases:
+        record = RequestRecord(start=now - 0.0123456, end=now, **case)
+        duration = record.duration_ms
+        stamps = [clock.strftime("%Y-%m-%dT%H:%M:%SZ", clock.gmtime(clock.time() - duration / 1000))]
+        line = lines(record)
+        stamps.append(clock.strftime("%Y-%m-%dT%H:%M:%SZ", clock.gmtime(clock.time() - duration / 1000)))
+        start_time = json.loads(line)["start_time"]
+        assert start_time in stamps                        # a second may turn between the two
+        expected = {
+            "start_time": start_time,
+            "method": record.method, "path": record.path, "protocol": record.protocol,
+            "response_code": record.status, "response_flags": record.response_flags,
+            "bytes_received": record.request_bytes, "bytes_sent": record.response_bytes,
+            "duration_ms": round(duration, 3), "upstream_host": record.upstream_host or None,
+            "upstream_attempts": record.attempts, "route_name": record.route or None,
+            "authority": record.authority, "user_agent": record.user_agent or None,
+            "x_request_id": record.request_id, "downstream_remote_address": f"{record.source_ip}:{record.source_port}",
+            "source_principal": record.source_principal or None, "destination_service": record.destination_service,
+            "authz_policy": record.authz_policy or None, "trace_id": record.trace.trace_id if record.trace else None,
+        }
+        assert json.loads(line) == expected, case
+        assert line == json.JSONEncoder(separators=(",", ":")).encode(expected), case
