@@ -110,9 +110,12 @@ class FlowEmitter:
 
     def emit_many(self, flows: list[flow_pb2.Flow]) -> int:
         """Sends ``flows`` in as few datagrams as fit (``B`` batches); how many got through."""
+        return self.emit_records([encode_flow(flow) for flow in flows])
+
+    def emit_records(self, encoded: list[bytes]) -> int:
+        """``emit_many`` for flows a sender encoded itself (``encode_flow``'s records)."""
         records = []
-        for flow in flows:
-            record = encode_flow(flow)
+        for record in encoded:
             if len(record) > MAX_RECORD_BYTES:
                 log.warning("flow record of %d bytes dropped (limit %d)", len(record), MAX_RECORD_BYTES)
                 self._drop("too_big")

@@ -200,8 +200,11 @@ async def test_log_lines_and_flows_of_requests_close_together_are_made_together(
 
 
 def test_flows_made_from_a_template_are_the_flows_http_flow_makes():
-    """``_flow`` copies the flow of requests alike and sets what differs: each must be the
-    flow ``http_flow`` builds from scratch (time aside), whatever came before it."""
+    """``_flow`` encodes the flow of requests alike once and what differs per request: each
+    must decode to the flow ``http_flow`` builds from scratch (time aside), whatever came
+    before it, zero latency and code included."""
+    from shoal.api.flow import flow_pb2
+    from shoal.flows.emitter import KIND_FLOW
     from shoal.flows.records import http_flow
 
     telemetry = RequestTelemetry(CollectorRegistry())
@@ -211,13 +214,17 @@ def test_flows_made_from_a_template_are_the_flows_http_flow_makes():
         dict(status=503, end=0.0123, trace=None),                         # same key: the template again
         dict(status=403, end=2.5, trace=trace, flags={"RBAC"}),            # denied: DROPPED
         dict(status=200, end=0.001, trace=trace, path="/other", mtls=False, upstream_host=""),
+        dict(status=0, end=1e-10, trace=trace, path="/other", mtls=False, upstream_host=""),  # zeros: unset
+        dict(status=200, end=0.001, trace=None, path="/other", mtls=False, upstream_host=""),
     ]
     for case in cases:
         fields = dict(start=0.0, method="POST", path="/x", authority="web.demo:8080", source_ip="10.244.1.7",
                       source_port=0, upstream_host="10.244.2.3:8080", requested_address="10.96.0.10:8080",
                       mtls=True)
         record = RequestRecord(**{**fields, **case})
-        made = telemetry._flow(record)
+        encoded = telemetry._flow(record)
+        assert encoded[:1] == KIND_FLOW
+        made = flow_pb2.Flow.FromString(encoded[1:])
         server = record.upstream_host or record.requested_address
         expected = http_flow(server.rpartition(":")[0], int(server.rpartition(":")[2]), "10.244.1.7", 0,
                              kind="response", method="POST", url=f"http://web.demo:8080{record.path}",
