@@ -52,7 +52,7 @@ FLOW_TEMPLATES_KEPT = 1024   # flows of requests alike (RequestTelemetry._flow);
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 
 
-@dataclass
+@dataclass(slots=True)
 class TraceContext:
     """W3C trace context for one request: the waypoint's own span in the caller's trace."""
 
@@ -76,9 +76,10 @@ class TraceContext:
         return cls(f"{random.getrandbits(128):032x}", span_id, "", True)
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestRecord:
-    """Everything telemetry needs about one request, filled in by the proxy as it goes."""
+    """Everything telemetry needs about one request, filled in by the proxy as it goes (one
+    per request: slots, no instance dict)."""
 
     start: float
     method: str = ""
