@@ -47,7 +47,7 @@ class PeerInfo:
     mtls: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class ProxyRequest:
     method: str
     target: str                          # path + query, as received

@@ -117,7 +117,7 @@ class RouteTable:
         return chosen
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestPlan:
     """What the proxy does with one request after filters ran."""
 
@@ -151,9 +151,9 @@ def plan_request(decision: RouteDecision, target: str, authority: str, headers: 
                  scheme: str = "http") -> RequestPlan:
     """Apply the rule's filters, then the chosen backend's, in order."""
     plan = RequestPlan(target=target, authority=authority, headers=list(headers))
-    filters: list[Filter] = list(decision.rule.filters) if decision.rule else []
-    if decision.backend is not None:
-        filters.extend(decision.backend.filters)
+    filters = decision.rule.filters if decision.rule else ()
+    if decision.backend is not None and decision.backend.filters:
+        filters = (*filters, *decision.backend.filters)
     for f in filters:
         if f.request_headers is not None:
             plan.headers = f.request_headers.apply(plan.headers)
