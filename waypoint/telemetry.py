@@ -27,6 +27,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
+from shoal.api.flow import flow_pb2
+from shoal.flows.emitter import encode_flow
+from shoal.flows.records import http_flow
 from shoal.telemetry_labels import (
     REQUEST_LABELS,
     UNKNOWN_PEER,
@@ -372,10 +375,6 @@ class RequestTelemetry:
         code, latency, trace id, summary). A protobuf parser merges the two as ``MergeFrom``
         would (fields that differ are unset in the first): the flow ``http_flow`` makes, for
         an encoding of the small part only."""
-        from shoal.api.flow import flow_pb2
-        from shoal.flows.emitter import encode_flow
-        from shoal.flows.records import http_flow
-
         url = f"http://{r.authority}{r.path}"
         verdict = "DROPPED" if "RBAC" in r.flags else "FORWARDED"
         # A response flow carries the addresses as seen on the reply: server -> client. The
