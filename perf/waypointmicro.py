@@ -212,6 +212,8 @@ async def run(requests: int, telemetry: bool = True) -> dict[str, float]:
         if agent is not None:
             loop.remove_reader(agent.fileno())
             agent.close()
+            os.unlink(os.path.join(folder, "flows.sock"))
+            os.rmdir(folder)
         if emitter is not None:
             emitter.close()
     return {"cpu_per_request": spent / requests, "fast_path": fast / requests, "logged": logged}
