@@ -86,8 +86,9 @@ class StandInConnector:
         return stream
 
 
-def _origin(session: HboneSession, event: framing.TunnelRequested) -> None:
-    """The origin behind its node proxy: one ANSWER per whole request."""
+def origin(session: HboneSession, event: framing.TunnelRequested) -> None:
+    """The origin behind its node proxy (an HBONE terminator's ``on_request``): one ANSWER
+    per whole request."""
     stream = HboneStream()
     session.accept_stream(stream, event.stream_id)
     received = bytearray()
@@ -100,6 +101,60 @@ def _origin(session: HboneSession, event: framing.TunnelRequested) -> None:
             stream.write(ANSWER)
 
     stream.on_readable = readable
+
+
+class StandInAgent:
+    """The node agent's flow socket, drained by the running loop (flows arrive, nobody reads
+    them); ``close`` removes it and its folder."""
+
+    def __init__(self) -> None:
+        self.folder = tempfile.mkdtemp(prefix="shoal-waypointmicro-")
+        self.path = os.path.join(self.folder, "flows.sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.setblocking(False)
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(self.sock.fileno(), self._drain)
+
+    def _drain(self) -> None:
+        try:
+            while True:
+                self.sock.recv(65536)
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        os.unlink(self.path)
+        os.rmdir(self.folder)
+
+
+class Client:
+    """The client behind its node proxy, on one tunnel (an answered HBONE stream): a request,
+    its whole answer (the origin's, or the exchange fails), then the next."""
+
+    def __init__(self, stream: HboneStream) -> None:
+        self.stream = stream
+        self._received = bytearray()
+        self._answered: asyncio.Future | None = None
+        stream.on_readable = self._readable
+
+    def _readable(self) -> None:
+        received, answered = self._received, self._answered
+        while data := self.stream.read_nowait():
+            received.extend(data)
+        if len(received) >= len(ANSWER) and answered is not None and not answered.done():
+            if received[:len(ANSWER)] == ANSWER:
+                answered.set_result(None)
+            else:
+                answered.set_exception(RuntimeError(f"not the origin's answer: {bytes(received[:200])!r}"))
+            del received[:len(ANSWER)]
+
+    async def exchange(self) -> None:
+        self._answered = asyncio.get_running_loop().create_future()
+        self.stream.write(REQUEST)
+        await asyncio.wait_for(self._answered, 5)
 
 
 async def run(requests: int, telemetry: bool = True) -> dict[str, float]:
@@ -124,25 +179,13 @@ async def run(requests: int, telemetry: bool = True) -> dict[str, float]:
         logged += text.count("\n")
 
     if telemetry:
-        folder = tempfile.mkdtemp(prefix="shoal-waypointmicro-")
-        agent = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        agent.bind(os.path.join(folder, "flows.sock"))
-        agent.setblocking(False)
-        emitter = FlowEmitter(os.path.join(folder, "flows.sock"))
-
-        def drain_agent() -> None:
-            try:
-                while True:
-                    agent.recv(65536)
-            except BlockingIOError:
-                pass
-
-        loop.add_reader(agent.fileno(), drain_agent)
+        agent = StandInAgent()
+        emitter = FlowEmitter(agent.path)
     access_log = BatchedLines(count_lines) if telemetry else None
     request_telemetry = RequestTelemetry(CollectorRegistry(), access_log=access_log, flow_emitter=emitter)
 
     upstream, terminator = HboneSession(client_side=True, idle_timeout=0), \
-        HboneSession(client_side=False, idle_timeout=0, on_request=_origin)
+        HboneSession(client_side=False, idle_timeout=0, on_request=origin)
     join(upstream, terminator)
     endpoint = Endpoint("10.244.2.2", 18080, "origin-0", "origin", "perf-wp", ORIGIN_ID, "HBONE")
     resolver = StaticResolver({("perf-wp", "origin-wp"): [endpoint]}, namespace="perf-wp",
@@ -169,23 +212,7 @@ async def run(requests: int, telemetry: bool = True) -> dict[str, float]:
     client.response = loop.create_future()
     node_proxy.open_stream(client, VIP, 80, "10.244.1.2", framing.new_traceparent())
     assert await asyncio.wait_for(client.response, 5) == 200
-    received = bytearray()
-    answered: asyncio.Future | None = None
-
-    def readable() -> None:
-        while data := client.read_nowait():
-            received.extend(data)
-        if len(received) >= len(ANSWER) and answered is not None and not answered.done():
-            del received[:len(ANSWER)]
-            answered.set_result(None)
-
-    client.on_readable = readable
-
-    async def exchange() -> None:
-        nonlocal answered
-        answered = loop.create_future()
-        client.write(REQUEST)
-        await asyncio.wait_for(answered, 5)
+    exchange = Client(client).exchange
 
     thresholds = gc.get_threshold()
     try:
@@ -210,10 +237,7 @@ async def run(requests: int, telemetry: bool = True) -> dict[str, float]:
             task.cancel()
         await asyncio.gather(*tunnels, return_exceptions=True)
         if agent is not None:
-            loop.remove_reader(agent.fileno())
             agent.close()
-            os.unlink(os.path.join(folder, "flows.sock"))
-            os.rmdir(folder)
         if emitter is not None:
             emitter.close()
     return {"cpu_per_request": spent / requests, "fast_path": fast / requests, "logged": logged}

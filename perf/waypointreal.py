@@ -22,21 +22,14 @@ import gc
 import os
 import random
 import signal
-import socket
 import tempfile
 import time
 
 from cryptography import x509
 
-CLIENT_ID = "spiffe://cluster.local/ns/perf-wp/sa/client"
-ORIGIN_ID = "spiffe://cluster.local/ns/perf-wp/sa/origin"
+from shoal.perf.waypointmicro import CLIENT_ID, ORIGIN_ID, VIP, Client, StandInAgent, origin
+
 WAYPOINT_ID = "spiffe://cluster.local/ns/perf-wp/sa/waypoint"
-VIP = "10.96.0.20"
-BODY = b"x" * 1024
-REQUEST = (b"POST / HTTP/1.1\r\nhost: origin-wp.perf-wp\r\nuser-agent: h2load nghttp2/1.52.0\r\n"
-           b"content-length: 1024\r\n\r\n" + BODY)
-ANSWER = (b"HTTP/1.1 200 OK\r\ncontent-length: 1024\r\ncontent-type: text/plain\r\n"
-          b"cache-control: no-cache\r\n\r\n" + BODY)
 
 
 class ThrowAwayCA:
@@ -109,38 +102,12 @@ async def driver(ca: ThrowAwayCA, args: argparse.Namespace, pid: int, setup_w: i
     origin_svid = await identities.get(ORIGIN_ID)
     client_svid = await identities.get(CLIENT_ID)
 
-    def origin(session, event) -> None:
-        stream = HboneStream()
-        session.accept_stream(stream, event.stream_id)
-        received = bytearray()
-
-        def readable() -> None:
-            while data := stream.read_nowait():
-                received.extend(data)
-            while (end := received.find(b"\r\n\r\n")) >= 0 and len(received) >= end + 4 + len(BODY):
-                del received[:end + 4 + len(BODY)]
-                stream.write(ANSWER)
-        stream.on_readable = readable
-
     terminator = await loop.create_server(
         lambda: HboneSession(client_side=False, idle_timeout=0, on_request=origin,
                              verify=lambda ssl_object: check_session(ssl_object, None)),
         "127.0.0.1", 0, ssl=origin_svid.server_context)
-    folder = tempfile.mkdtemp(prefix="wpreal-")
-    flows_path = os.path.join(folder, "flows.sock")
-    agent = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    agent.bind(flows_path)
-    agent.setblocking(False)
-
-    def drain_agent() -> None:
-        try:
-            while True:
-                agent.recv(65536)
-        except BlockingIOError:
-            pass
-    loop.add_reader(agent.fileno(), drain_agent)
-
-    os.write(setup_w, f"{terminator.sockets[0].getsockname()[1]} {flows_path}".encode())
+    agent = StandInAgent()
+    os.write(setup_w, f"{terminator.sockets[0].getsockname()[1]} {agent.path}".encode())
     try:
         port = int((await loop.run_in_executor(None, os.read, ready_r, 64)).decode())
         if args.pidfile:
@@ -153,26 +120,11 @@ async def driver(ca: ThrowAwayCA, args: argparse.Namespace, pid: int, setup_w: i
         client.response = loop.create_future()
         session.open_stream(client, VIP, 80, "10.244.1.2", framing.new_traceparent())
         assert await asyncio.wait_for(client.response, 5) == 200
-        received = bytearray()
-        answered: asyncio.Future | None = None
-
-        def readable() -> None:
-            while data := client.read_nowait():
-                received.extend(data)
-            if len(received) >= len(ANSWER) and answered is not None and not answered.done():
-                if received[:len(ANSWER)] != ANSWER:
-                    answered.set_exception(RuntimeError(f"not the origin's answer: {bytes(received[:200])!r}"))
-                del received[:len(ANSWER)]
-                if not answered.done():
-                    answered.set_result(None)
-        client.on_readable = readable
+        client_exchange = Client(client).exchange
 
         async def exchange() -> float:
-            nonlocal answered
-            answered = loop.create_future()
             sent = time.perf_counter()
-            client.write(REQUEST)
-            await asyncio.wait_for(answered, 5)
+            await client_exchange()
             return time.perf_counter() - sent
 
         for _ in range(200):
@@ -198,11 +150,8 @@ async def driver(ca: ThrowAwayCA, args: argparse.Namespace, pid: int, setup_w: i
         return {"cpu_per_request": cpu / args.requests, "p50": rtts[len(rtts) // 2],
                 "p99": rtts[int(len(rtts) * 0.99)], "rate": args.requests / wall, "load": load}
     finally:
-        loop.remove_reader(agent.fileno())
         agent.close()
         terminator.close()
-        os.unlink(flows_path)
-        os.rmdir(folder)
 
 
 def measure(args: argparse.Namespace) -> dict[str, float]:
