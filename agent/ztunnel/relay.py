@@ -9,6 +9,7 @@ import ssl
 from typing import Protocol
 
 from shoal.agent.ztunnel.telemetry import ConnectionRecord
+from shoal.hbone.gatekeeper import reset_socket
 from shoal.hbone.session import PipeEnd
 
 
@@ -38,13 +39,8 @@ def is_network_failure(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in NETWORK_ERRNOS | RESOURCE_ERRNOS
 
 
-def reset_connection(conn: socket.socket) -> None:
-    """Close with RST (SO_LINGER 0): the app sees a refused/reset connection at once."""
-    try:
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    except OSError:
-        pass
-    conn.close()
+# Close with RST (SO_LINGER 0): the app sees a refused/reset connection at once.
+reset_connection = reset_socket
 
 
 async def join_plain(client: socket.socket, upstream: socket.socket, rec: ConnectionRecord,
