@@ -56,6 +56,7 @@ def tls_contexts(directory: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     A certificate already in ``directory`` is used (the two ends of a split pair share it)."""
     cert_path, key_path = directory / "pair.crt", directory / "pair.key"
     if not key_path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
         _make_certificate(cert_path, key_path)
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.minimum_version = ssl.TLSVersion.TLSv1_3

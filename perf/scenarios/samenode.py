@@ -54,13 +54,27 @@ def _pooled(blocks: list[list[Measurement]]) -> Iterator[Measurement]:
 def joined_pairs(ctx: Context) -> float:
     """node-1's proxy's count of same-node connections joined in the kernel (its 15020
     metrics): the proof that the bypass path was the one measured."""
+    return _metric_sum(_proxy_metrics(ctx), "shoal_proxy_bypass_connections_total{", 'outcome="joined"')
+
+
+def _proxy_metrics(ctx: Context) -> str:
+    """node-1's proxy's 15020 metrics text."""
     layout = ctx.bed.layout  # type: ignore[attr-defined]
-    out = subprocess.run(["ip", "netns", "exec", layout.node_netns(NODE), sys.executable, "-c",
+    return subprocess.run(["ip", "netns", "exec", layout.node_netns(NODE), sys.executable, "-c",
                           "import urllib.request;print(urllib.request.urlopen("
                           "'http://127.0.0.1:15020/metrics', timeout=5).read().decode())"],
                          capture_output=True, text=True, timeout=30).stdout
-    return sum(float(line.rsplit(" ", 1)[1]) for line in out.splitlines()
-               if line.startswith("shoal_proxy_bypass_connections_total{") and 'outcome="joined"' in line)
+
+
+def handed_back_bytes(ctx: Context) -> float:
+    """Bytes node-1's proxy relayed itself for joined pairs (a receiver fell behind the
+    verdict's high-water mark): how much of the bypass path was userspace after all."""
+    return _metric_sum(_proxy_metrics(ctx), "shoal_proxy_bypass_handed_back_bytes_total", "")
+
+
+def _metric_sum(text: str, prefix: str, contains: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(prefix) and contains in line)
 
 
 def run(ctx: Context) -> Iterator[Measurement]:
@@ -78,7 +92,8 @@ def run(ctx: Context) -> Iterator[Measurement]:
         blocks.append(list(_renamed(pod2pod.measure_interleaved(ctx, [
             direct, pod2pod.Route(PATH_BYPASS, mesh_client, mesh_server.ip, processes=proxy, ends=1)]))))
         joined = joined_pairs(ctx)
-        ctx.log(f"  node-1's proxy joined {joined:.0f} same-node connections in the kernel")
+        ctx.log(f"  node-1's proxy joined {joined:.0f} same-node connections in the kernel, "
+                f"relayed {handed_back_bytes(ctx):.0f} handed-back bytes itself")
         if not joined:
             raise RuntimeError(f"the {PATH_BYPASS} path was not bypassed (no joined pair in node-1's proxy metrics)")
         set_workers(ctx, workers, nodes=(NODE,), extra_args=("--no-same-node-bypass",))
