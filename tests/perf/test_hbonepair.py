@@ -44,14 +44,14 @@ def test_the_two_ends_in_two_processes_carry_bytes_both_ways(tmp_path):
 
     threading.Thread(target=serve, daemon=True).start()
     common = ["--upstream", f"127.0.0.1:{echo.getsockname()[1]}", "--tls-port", str(_free_port()),
-              "--certs", str(tmp_path)]
+              "--certs", str(tmp_path / "certs")]   # made by the first end
     procs = []
     try:
         server, _ = _start("server", *common)   # it makes the certificate the client then trusts
         procs.append(server)
         client, port = _start("client", *common)
         procs.append(client)
-        assert (tmp_path / "pair.key").stat().st_mode & 0o077 == 0, "the key is the owner's only"
+        assert (tmp_path / "certs" / "pair.key").stat().st_mode & 0o077 == 0, "the key is the owner's only"
         payload = hashlib.sha256(b"split").digest() * 40_000   # 1.28 MB
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
             writer = threading.Thread(target=lambda: (sock.sendall(payload), sock.shutdown(socket.SHUT_WR)))
