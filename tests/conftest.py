@@ -10,6 +10,7 @@ manifests (it needs the images of `make images`, and fails saying so without the
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -18,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -44,6 +46,21 @@ def shoal_cli(layout: ClusterLayout, *args: str, check: bool = True, timeout: fl
     if check and proc.returncode != 0:
         raise AssertionError(f"shoal {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+async def until(condition: Callable[[], object], what: str | Callable[[], object] = "the condition",
+                timeout: float = 30.0, interval: float = 0.02):
+    """Polls ``condition`` from a coroutine until it returns something truthy (returned), or
+    fails after ``timeout`` seconds naming ``what`` (a callable is asked at that moment: the
+    state it describes). What a test awaits instead of a fixed sleep: on a loaded machine the
+    next step of the code under test comes later than any sleep short enough to keep the
+    suite fast."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what() if callable(what) else what}")
+        await asyncio.sleep(interval)
+    return value
 
 
 def eventually(check, what: str, timeout: float = 30.0, interval: float = 0.2):

@@ -20,6 +20,7 @@ from shoal.credentials import NodeCredentials
 from shoal.local.apiclient import ApiClient
 from shoal.xds.client import ConfigClient
 from shoal.xds.state import ConfigState
+from tests.conftest import until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -92,12 +93,6 @@ def objects():
                 "status": {"phase": "Running", "podIP": ip}}
     return [node, ns, pod("web-0", "10.244.1.2")], pod
 
-
-async def until(predicate, timeout=30):
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, "condition not reached"
-        await asyncio.sleep(0.02)
 
 
 async def test_controller_process_streams_survives_restart_and_reports_status(controller, layout):

@@ -11,6 +11,7 @@ from shoal.api.observer import observer_pb2 as O
 from shoal.api.observer import observer_pb2_grpc, relay_pb2
 from shoal.controller.relay import NodeTarget, Relay
 from shoal.flows.records import http_flow
+from tests.conftest import until
 from tests.shoal.flows.flowbed import demo_state, kernel_event
 
 pytestmark = pytest.mark.timeout(60)
@@ -90,26 +91,27 @@ async def test_follow_survives_a_node_dying_and_picks_it_up_again(cluster, sockd
         return [name for r in seen if r.HasField("node_status") and r.node_status.state_change == state
                 for name in r.node_status.node_names]
 
+    def flows():
+        return [(r.node_name, r.flow.l4.TCP.source_port) for r in seen if r.HasField("flow")]
+
     reader = asyncio.create_task(read())
-    await asyncio.sleep(0.3)
-    assert sorted(statuses(relay_pb2.NODE_CONNECTED)) == ["node-1", "node-2"]
+    await until(lambda: sorted(statuses(relay_pb2.NODE_CONNECTED)) == ["node-1", "node-2"], "both nodes connected")
     nodes["node-1"].kernel_sink(kernel_event(sport=1))
-    await asyncio.sleep(0.2)
+    await until(lambda: flows() == [("node-1", 1)], "node-1's flow")
     await nodes["node-1"].stop(grace=0)
-    await asyncio.sleep(0.3)
+    await until(lambda: "node-1" in statuses(relay_pb2.NODE_UNAVAILABLE), "node-1 reported unavailable")
     nodes["node-2"].kernel_sink(kernel_event(sport=2))
-    await asyncio.sleep(0.3)
+    await until(lambda: len(flows()) == 2, "node-2's flow while node-1 is down")
     assert sorted(statuses(relay_pb2.NODE_UNAVAILABLE)) == ["node-1", "node-3"]
-    # node-1 comes back (a restarted agent, empty store): the relay reconnects by itself.
+    # node-1 comes back (a restarted agent, empty store): the relay reconnects by itself,
+    # and asks it for what came after the last flow it forwarded (``since``).
     nodes["node-1"] = await start_node(sockdir, "node-1")
-    await asyncio.sleep(1.0)
+    await until(lambda: statuses(relay_pb2.NODE_CONNECTED).count("node-1") == 2, "node-1 reconnected")
     nodes["node-1"].kernel_sink(kernel_event(sport=3))
-    await asyncio.sleep(0.3)
+    await until(lambda: len(flows()) == 3, "node-1's flow after it came back")
     call.cancel()
     await asyncio.gather(reader, return_exceptions=True)
-    flows = [(r.node_name, r.flow.l4.TCP.source_port) for r in seen if r.HasField("flow")]
-    assert flows == [("node-1", 1), ("node-2", 2), ("node-1", 3)]
-    assert statuses(relay_pb2.NODE_CONNECTED).count("node-1") == 2
+    assert flows() == [("node-1", 1), ("node-2", 2), ("node-1", 3)]
 
 
 async def test_follow_picks_up_a_node_that_joins(sockdir):
@@ -121,21 +123,24 @@ async def test_follow_picks_up_a_node_that_joins(sockdir):
     try:
         async with grpc.aio.insecure_channel(f"unix:{sockdir / 'relay.sock'}") as channel:
             call = observer_pb2_grpc.ObserverStub(channel).GetFlows(O.GetFlowsRequest(follow=True))
-            seen = []
+            seen, connected = [], []
 
             async def read():
                 async for response in call:
                     if response.HasField("flow"):
                         seen.append(response.node_name)
+                    elif response.HasField("node_status") and \
+                            response.node_status.state_change == relay_pb2.NODE_CONNECTED:
+                        connected.extend(response.node_status.node_names)
 
             reader = asyncio.create_task(read())
-            await asyncio.sleep(0.2)
+            await until(lambda: "node-1" in connected, "node-1 followed")
             late = await start_node(sockdir, "node-2")
             targets.append(NodeTarget("node-2", f"unix:{sockdir / 'node-2.sock'}"))
-            await asyncio.sleep(0.8)
+            await until(lambda: "node-2" in connected, "the node that joined followed")
             late.kernel_sink(kernel_event())
             first.kernel_sink(kernel_event())
-            await asyncio.sleep(0.3)
+            await until(lambda: len(seen) == 2, "a flow of each node")
             call.cancel()
             await asyncio.gather(reader, return_exceptions=True)
             assert sorted(seen) == ["node-1", "node-2"]

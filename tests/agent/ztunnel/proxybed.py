@@ -4,25 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
-from typing import Callable
 
 from shoal.xds.model import Workload, canonical_ip
+from tests.conftest import until  # noqa: F401  (the ztunnel tests import it from here)
 
 CLIENT_IP, SERVER_IP, OTHER_IP = "10.250.0.1", "10.250.0.2", "10.250.0.3"
 CLIENT_IP6, SERVER_IP6, OTHER_IP6 = "fd00:250::1", "fd00:250::2", "fd00:250::3"
-
-
-async def until(condition: Callable[[], object], what: str = "the condition", timeout: float = 20.0) -> None:
-    """Polls ``condition`` until it holds; fails after ``timeout`` seconds naming ``what``.
-    What a test waits for instead of a fixed sleep: its clients, the proxy and the apps share
-    one event loop, and on a loaded machine the proxy's next step (counting a refusal, closing
-    a socket) comes later than any sleep short enough to keep the suite fast."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def workload(name, ip, sa, ns="demo", meshed=True, **kw) -> Workload:

@@ -20,6 +20,7 @@ from shoal.controller.controlplane import ControlPlane
 from shoal.controller.model import MeshModel
 from shoal.controller.sources import kubernetes as kube
 from shoal.controller.sources.kubernetes import KubernetesSource
+from tests.conftest import until
 from tests.controller.fake_apiserver import FakeApiServer
 from tests.controller.objects import namespace, pod, policy, service
 
@@ -48,12 +49,6 @@ def plane(tmp_path):
     ca = CertificateAuthority.load_or_create(tmp_path / "ca", "cluster.local")
     return ControlPlane(MeshModel(), ca, NodeCredentialAuthenticator(NodeCredentials(bytes(32))))
 
-
-async def until(predicate, timeout=10, message=lambda: ""):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, f"condition not reached {message()}"
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -143,7 +138,7 @@ async def test_missing_crd_does_not_block_other_kinds(plane, api_client):
     task = asyncio.ensure_future(src.run())
     try:
         await until(lambda: "workload/demo/web-0" in keys(plane))
-        await until(lambda: src._unsynced == {"TrafficPolicy"}, message=lambda: src._unsynced)
+        await until(lambda: src._unsynced == {"TrafficPolicy"}, what=lambda: f"sync; unsynced: {src._unsynced}")
         await asyncio.sleep(0.3)   # retries keep failing; readiness waits for every kind
         assert src._unsynced == {"TrafficPolicy"} and not plane.ready
         assert plane.metrics.source_errors.labels("kubernetes", "TrafficPolicy")._value.get() >= 2

@@ -10,6 +10,7 @@ from shoal.controller.model import MeshModel
 from shoal.controller.sources.local import LocalSource
 from shoal.controller.store import Store
 from shoal.credentials import NodeCredentials
+from tests.conftest import until
 from tests.controller.objects import namespace, policy
 
 pytestmark = pytest.mark.timeout(30)
@@ -23,12 +24,6 @@ def deployment(name, replicas, labels):
                 "spec": {"serviceAccountName": name,
                          "containers": [{"name": "main", "command": ["sleep", "inf"]}]}}}}
 
-
-async def until(predicate, timeout=10):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 async def test_store_changes_reach_the_model(tmp_path):
