@@ -160,6 +160,8 @@ class H1Server:
         self._close_after = False      # the connection ends with the current response
         self._switched = False
         self.lane: FastLane | None = None   # callback fast path for plain requests (waypoint.fastpath)
+        self._last_head: RequestHead | None = None       # request_for's last head and request
+        self._last_request: ProxyRequest | None = None
 
     def _fail(self, status: int, reason: str, detail: str) -> _Close:
         self.reject(reason, status)
@@ -233,6 +235,10 @@ class H1Server:
             self._body_done = True
 
     def request_for(self, head: RequestHead) -> ProxyRequest:
+        """The request a head makes on this connection; the same head (the reader's same
+        object: the same bytes) makes the same request, which nothing changes once made."""
+        if head is self._last_head:
+            return self._last_request    # type: ignore[return-value]
         authority = ""
         headers = []
         header_map: dict[str, str] = {}     # ProxyRequest's, built in the same pass
@@ -243,9 +249,11 @@ class H1Server:
                 headers.append((name, value))
                 # Repeated headers match as one comma-joined value, as Envoy does.
                 header_map[name] = f"{header_map[name]},{value}" if name in header_map else value
-        return ProxyRequest(method=head.method, target=head.target, authority=authority, headers=headers,
-                            protocol="HTTP/1.1" if head.version == "1.1" else "HTTP/1.0", peer=self.peer,
-                            content_length=head.content_length, upgrade=head.upgrade, header_map=header_map)
+        request = ProxyRequest(method=head.method, target=head.target, authority=authority, headers=headers,
+                               protocol="HTTP/1.1" if head.version == "1.1" else "HTTP/1.0", peer=self.peer,
+                               content_length=head.content_length, upgrade=head.upgrade, header_map=header_map)
+        self._last_head, self._last_request = head, request
+        return request
 
     @property
     def body_done(self) -> bool:

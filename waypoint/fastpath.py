@@ -31,7 +31,7 @@ import logging
 from typing import Callable
 
 from .downstream import CLOSE, H1Server, Handoff
-from .h1 import END, RequestHead, ResponseFraming, UpstreamFramingError, encode_request_head, frame_response_head
+from .h1 import END, RequestHead, ResponseFraming, UpstreamFramingError, frame_response_head
 from .http import ResponseHead, strip_hop_by_hop
 from .proxy import ConnectionMemo, Routed, WaypointProxy, _Attempt
 from .resilience import RESET
@@ -197,10 +197,8 @@ class FastLane:
         if routed.reply is not None or not _plain(routed):
             return self._hand_off(head, request, chunks, record, routed)
         cluster = routed.cluster
-        plan = routed.plan
-        headers = proxy._upstream_headers(plan, request, record)
         try:
-            upstream_head = encode_request_head(request.method, plan.target, headers)
+            upstream_head = proxy.upstream_head(routed, request, record)
         except ValueError:
             return self._hand_off(head, request, chunks, record, routed)   # the pipeline answers 502
         if not cluster.breaker.try_acquire():
@@ -215,7 +213,6 @@ class FastLane:
             return self._hand_off(head, request, chunks, record, routed)
         cluster.turn += 1
         server.body_taken()
-        plan.headers = headers
         record.attempts = 1
         record.upstream_host = endpoint.address
         record.destination = endpoint.peer_labels()
@@ -357,6 +354,9 @@ class FastLane:
             exchange.routed.cluster.breaker.release()
             attempt = _Attempt(outcome, endpoint=exchange.conn.endpoint)
             attempt.stale = outcome == RESET   # pooled connections only, here
+            # The pipeline sends this attempt's headers again (the upstream head was encoded from them).
+            routed = exchange.routed
+            routed.plan.headers = self.proxy._upstream_headers(routed.plan, exchange.request, exchange.record)
             return self._hand_off(exchange.head, exchange.request, exchange.chunks, exchange.record,
                                   exchange.routed, attempt)
         exchange.record.flags.add("UC")

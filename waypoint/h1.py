@@ -41,6 +41,9 @@ class UpstreamFramingError(Exception):
 
 @dataclass(slots=True)
 class RequestHead:
+    """A parsed request head; never changed once made (a reader hands the same object out
+    again for the same head bytes on its connection)."""
+
     method: str
     target: str
     version: str                        # "1.1" | "1.0"
@@ -96,9 +99,13 @@ class RequestReader:
         self._parser = httptools.HttpRequestParser(self)
         self._pending_head_bytes = 0
         self._url = b""
-        self._headers: list[tuple[str, str]] = []   # decoded as they come, names lower-cased
-        self._header_bytes = 0
+        self._raw_headers: list[tuple[bytes, bytes]] = []   # as llhttp gives them (decoded in _head)
         self._error: H1Error | None = None
+        # The last head parsed and what it was made of (method, URL, version, raw headers): a
+        # keep-alive client sends the same head again and again, which then gets the same
+        # (immutable) RequestHead without decoding and checking it again.
+        self._last_parts: tuple | None = None
+        self._last_head: RequestHead | None = None
 
     def feed(self, data: bytes) -> None:
         if self.failed or self.upgraded:
@@ -132,23 +139,30 @@ class RequestReader:
         self.in_head = True
         self._pending_head_bytes = 0
         self._url = b""
-        self._headers = []
-        self._header_bytes = 0
+        self._raw_headers = []
 
     def on_url(self, url: bytes) -> None:
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
-        self._header_bytes += len(name) + len(value) + 4
+        self._raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        parser = self._parser
+        parts = (parser.get_method(), self._url, parser.get_http_version(), self._raw_headers)
+        if parts == self._last_parts:
+            # The same bytes as the last head: the same checks pass, the same head results
+            # (llhttp's keep-alive and upgrade answers read only the version and the headers).
+            self.events.append(self._last_head)
+            return
         try:
-            self.events.append(self._head())
+            head = self._head(*parts)
         except H1Error as err:
             self._error = err
             raise
+        self._last_parts, self._last_head = parts, head
+        self.events.append(head)
 
     def on_body(self, body: bytes) -> None:
         self.events.append(body)
@@ -156,20 +170,19 @@ class RequestReader:
     def on_message_complete(self) -> None:
         self.events.append(END)
 
-    def _head(self) -> RequestHead:
+    def _head(self, raw_method: bytes, url: bytes, version: str, raw_headers: list[tuple[bytes, bytes]]) -> RequestHead:
         parser = self._parser
-        headers = self._headers
-        version = parser.get_http_version()
         if version not in _SUPPORTED_VERSIONS:
             if version.startswith(("2", "3")):
                 raise H1Error(505, "bad_version", f"HTTP/{version} not supported on HTTP/1")
             raise H1Error(400, "bad_version", f"HTTP/{version} not supported")
-        if len(headers) > self.max_headers:
-            raise H1Error(431, "too_many_headers", f"{len(headers)} headers (limit {self.max_headers})")
-        size = len(self._url) + self._header_bytes
+        if len(raw_headers) > self.max_headers:
+            raise H1Error(431, "too_many_headers", f"{len(raw_headers)} headers (limit {self.max_headers})")
+        size = len(url) + sum(len(name) + len(value) + 4 for name, value in raw_headers)
         if size > self.max_header_bytes:
             raise H1Error(431, "header_too_large", f"{size} header bytes (limit {self.max_header_bytes})")
-        method = parser.get_method().decode("ascii")
+        headers = [(name.decode("latin-1").lower(), value.decode("latin-1")) for name, value in raw_headers]
+        method = raw_method.decode("ascii")
         if method == "CONNECT":
             raise H1Error(501, "malformed_request", "CONNECT is not proxied")
         content_length: int | None = 0
@@ -201,7 +214,7 @@ class RequestReader:
             raise H1Error(400, "malformed_request", "no Host header")
         if upgrade is not None and not parser.should_upgrade():
             upgrade = None      # Upgrade without "Connection: upgrade" is only a header
-        return RequestHead(method=method, target=self._url.decode("latin-1"), version=version, headers=headers,
+        return RequestHead(method=method, target=url.decode("latin-1"), version=version, headers=headers,
                            content_length=content_length, keep_alive=parser.should_keep_alive(), upgrade=upgrade,
                            expect_continue=expect_continue)
 

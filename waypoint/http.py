@@ -49,6 +49,9 @@ class PeerInfo:
 
 @dataclass(slots=True)
 class ProxyRequest:
+    """A request's head as the pipeline reads it; never changed once made (an HTTP/1.1
+    connection hands the same object out again for the same head, ``H1Server.request_for``)."""
+
     method: str
     target: str                          # path + query, as received
     authority: str

@@ -40,6 +40,7 @@ from .resilience import (
 )
 from .routing import RequestPlan, RouteTable, ServiceKey, apply_response_filters, plan_request
 from .telemetry import RequestRecord, RequestTelemetry, TraceContext
+from .h1 import encode_request_head
 from .upstream import ClusterPool, Connector, Endpoint, PoolOverflow, UpstreamError, send_request
 from .upstream_h2 import H2ClusterPool, send_request_h2
 
@@ -152,11 +153,12 @@ class _RequestPolicy:
 class Routed:
     """``WaypointProxy.route``'s answer: a local reply (status, text[, headers]), or where to send the request."""
 
-    __slots__ = ("reply", "service", "rule", "plan", "endpoints", "cluster", "request_policy")
+    __slots__ = ("reply", "service", "rule", "plan", "endpoints", "cluster", "request_policy", "planned")
 
     def __init__(self, reply: tuple | None = None, service: ServiceKey | None = None, rule=None,
                  plan: RequestPlan | None = None, endpoints: list[Endpoint] | None = None,
-                 cluster: "_Cluster | None" = None, request_policy: "_RequestPolicy | None" = None) -> None:
+                 cluster: "_Cluster | None" = None, request_policy: "_RequestPolicy | None" = None,
+                 planned: "_Planned | None" = None) -> None:
         self.reply = reply
         self.service = service
         self.rule = rule
@@ -164,6 +166,7 @@ class Routed:
         self.endpoints = endpoints
         self.cluster = cluster
         self.request_policy = request_policy
+        self.planned = planned      # the remembered plan ``plan`` copies, if any (``upstream_head``)
 
 
 # Request headers the waypoint writes itself on the way upstream (the client's are dropped).
@@ -209,10 +212,23 @@ class _Target:
         self.choices: dict[str | None, _Choice] = {}
 
 
+class _Planned:
+    """A remembered decision's plan for one request (``ProxyRequest``, which a connection
+    hands out again for the same head): the plan is a pure function of the decision and the
+    request, and so is the upstream head up to the per-request ids (encoded at first use)."""
+
+    __slots__ = ("request", "plan", "upstream_prefix")
+
+    def __init__(self, request: ProxyRequest, plan: RequestPlan) -> None:
+        self.request = request
+        self.plan = plan
+        self.upstream_prefix: bytes | None = None
+
+
 class _Choice:
     """A route decision and where it leads (endpoints, cluster), or why it leads nowhere."""
 
-    __slots__ = ("decision", "route_name", "endpoints", "cluster", "failure")
+    __slots__ = ("decision", "route_name", "endpoints", "cluster", "failure", "planned")
 
     def __init__(self, decision, endpoints: list[Endpoint] | None = None, cluster: "_Cluster | None" = None,
                  failure: tuple[str, int, str] | None = None) -> None:
@@ -221,6 +237,7 @@ class _Choice:
         self.endpoints = endpoints
         self.cluster = cluster
         self.failure = failure                # (response flag, status, text)
+        self.planned: _Planned | None = None  # the plan of the last request (a remembered choice's)
 
 
 class _Attempt:
@@ -427,8 +444,13 @@ class WaypointProxy:
         if decision.rule is None:
             rec.flags.add("NR")
             return Routed(reply=(404, "no matching route"))
-        headers = strip_hop_by_hop(req.headers)
-        plan = plan_request(decision, req.target, req.authority, headers, req.scheme)
+        planned = choice.planned
+        if planned is not None and planned.request is req:
+            plan = planned.plan.copy()
+        else:
+            plan = plan_request(decision, req.target, req.authority, strip_hop_by_hop(req.headers), req.scheme)
+            # Only a remembered choice sees the request again (a per-request one is new each time).
+            planned = choice.planned = _Planned(req, plan.copy()) if depends_on != "request" else None
         if plan.redirect is not None:
             status, location = plan.redirect
             return Routed(reply=(status, f"redirecting to {location}", [("location", location)]))
@@ -437,7 +459,7 @@ class WaypointProxy:
             rec.flags.add(flag)
             return Routed(reply=(status, text))
         return Routed(service=service.key, rule=decision.rule, plan=plan, endpoints=choice.endpoints,
-                      cluster=choice.cluster, request_policy=request_policy)
+                      cluster=choice.cluster, request_policy=request_policy, planned=planned)
 
     def _target(self, req: ProxyRequest, remembered: bool = True) -> _Target:
         """What the request's connection, authority and method decide (``route``'s first part)."""
@@ -516,6 +538,23 @@ class WaypointProxy:
         if req.upgrade:
             headers += [("connection", "upgrade"), ("upgrade", req.upgrade)]
         return headers
+
+    def upstream_head(self, routed: Routed, req: ProxyRequest, rec: RequestRecord) -> bytes:
+        """The HTTP/1.1 head ``_upstream_headers`` makes, encoded (ValueError: it would split).
+        Only ``x-request-id`` and ``traceparent`` differ between requests alike, and they come
+        last: the part before them is encoded once per remembered plan (``_Planned``)."""
+        plan, planned = routed.plan, routed.planned
+        assert plan is not None and rec.trace is not None
+        if planned is None or req.upgrade:
+            return encode_request_head(req.method, plan.target, self._upstream_headers(plan, req, rec))
+        prefix = planned.upstream_prefix
+        if prefix is None:
+            fixed = self._upstream_headers(plan, req, rec)[:-2]       # all but x-request-id, traceparent
+            prefix = planned.upstream_prefix = encode_request_head(req.method, plan.target, fixed)[:-2]  # no blank line
+        ids = f"x-request-id: {rec.request_id}\r\ntraceparent: {rec.trace.traceparent}\r\n\r\n"
+        if ids.count("\r") != 3 or ids.count("\n") != 3:
+            raise ValueError(f"x-request-id {rec.request_id!r} would split the message")
+        return prefix + ids.encode("latin-1")
 
     async def _attempts(self, req: ProxyRequest, body: Body, plan: RequestPlan, cluster: _Cluster,
                         endpoints: list[Endpoint], rp: _RequestPolicy, backend_timeout: float | None,

@@ -128,6 +128,12 @@ class RequestPlan:
     mirrors: list[tuple[BackendRef, float]] = field(default_factory=list)
     response_filters: list[Filter] = field(default_factory=list)
 
+    def copy(self) -> "RequestPlan":
+        """A plan alike for another request. The lists are shared: after ``plan_request``
+        a plan's fields are replaced (``headers``: the upstream's), never changed in place."""
+        return RequestPlan(self.target, self.authority, self.headers, self.redirect, self.mirrors,
+                           self.response_filters)
+
 
 def _redirect_location(filter_: Filter, scheme: str, authority: str, target: str, match: PathMatch | None) -> str:
     r = filter_.redirect
