@@ -43,6 +43,37 @@ def test_a_request_with_a_body_split_anywhere_gives_the_same_events():
         assert b"".join(e for e in events if isinstance(e, bytes)) == b"hello" and events[-1] is END
 
 
+def test_the_same_head_again_on_a_connection_is_the_same_head_and_any_difference_is_parsed():
+    """A keep-alive client's same head bytes give the same (immutable) RequestHead; a head
+    that differs in the method, target, version, a header name or value is parsed as itself,
+    and a refused head behind good ones is still refused."""
+    base = b"GET /a HTTP/1.1\r\nHost: web\r\nX-Note: 1\r\n\r\n"
+    variants = {b"HEAD /a HTTP/1.1\r\nHost: web\r\nX-Note: 1\r\n\r\n": ("HEAD", "/a", "1.1", [("host", "web"), ("x-note", "1")], True),
+                b"GET /b HTTP/1.1\r\nHost: web\r\nX-Note: 1\r\n\r\n": ("GET", "/b", "1.1", [("host", "web"), ("x-note", "1")], True),
+                b"GET /a HTTP/1.0\r\nHost: web\r\nX-Note: 1\r\n\r\n": ("GET", "/a", "1.0", [("host", "web"), ("x-note", "1")], False),
+                b"GET /a HTTP/1.1\r\nHost: web\r\nX-Note: 2\r\n\r\n": ("GET", "/a", "1.1", [("host", "web"), ("x-note", "2")], True),
+                b"GET /a HTTP/1.1\r\nHost: web\r\nX-Other: 1\r\n\r\n": ("GET", "/a", "1.1", [("host", "web"), ("x-other", "1")], True),
+                b"GET /a HTTP/1.1\r\nHost: other\r\nX-Note: 1\r\n\r\n": ("GET", "/a", "1.1", [("host", "other"), ("x-note", "1")], True),
+                b"GET /a HTTP/1.1\r\nHost: web\r\nX-Note: 1\r\nConnection: close\r\n\r\n":
+                    ("GET", "/a", "1.1", [("host", "web"), ("x-note", "1"), ("connection", "close")], False)}
+    for raw, expected in variants.items():
+        reader = RequestReader()
+        for chunk in (base, base, raw):
+            reader.feed(chunk)
+        first, again, other = [e for e in reader.events if isinstance(e, RequestHead)]
+        assert reader.events.count(END) == 3
+        assert again is first and (first.method, first.target, first.headers) == ("GET", "/a", [("host", "web"), ("x-note", "1")])
+        assert (other.method, other.target, other.version, other.headers, other.keep_alive) == expected
+        assert other == request_events(raw)[0]
+        if other.keep_alive:
+            reader.feed(base)
+            last = reader.events[-2]
+            assert last == first and last is not first   # parsed again: it differed from the head before it
+    reader = RequestReader()
+    reader.feed(base + base + b"GET /a HTTP/1.1\r\nX-Note: 1\r\n\r\n")   # no Host
+    assert reader.events[2] is reader.events[0] and isinstance(reader.events[4], H1Error)
+
+
 def test_chunked_bodies_come_out_decoded():
     events = request_events(b"POST / HTTP/1.1\r\nHost: w\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
     assert events[0].content_length is None

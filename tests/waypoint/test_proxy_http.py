@@ -330,3 +330,80 @@ async def test_a_rule_whose_backend_is_missing_answers_500_and_others_still_rout
     assert status == 500 and b"no-such-service" in body
     assert (await get(bed, "/fine"))[0] == 200
     assert bed.metric("istio_requests_total", response_code="500") == 1
+
+
+async def _raw_exchanges(bed, requests: list[bytes]) -> list[tuple[int, dict]]:
+    """Each request on one keep-alive connection, in turn: (status, the backend's JSON echo)."""
+    from shoal.waypoint.h1 import END, ResponseReader
+    reader, writer = await asyncio.open_connection("127.0.0.1", bed.port)
+    answers = []
+    try:
+        for raw in requests:
+            writer.write(raw)
+            parser, status, body = ResponseReader(), 0, b""
+            while True:
+                while not parser.events:
+                    data = await asyncio.wait_for(reader.read(65536), 10)
+                    assert data, "the waypoint closed the connection"
+                    parser.feed(data)
+                event = parser.events.popleft()
+                if event is END:
+                    break
+                if isinstance(event, bytes):
+                    body += event
+                else:
+                    status = event.status
+            answers.append((status, json.loads(body) if status == 200 else body))
+    finally:
+        writer.close()
+    return answers
+
+
+def _raw(path: str, headers: str = "", body: bytes = b"") -> bytes:
+    length = f"content-length: {len(body)}\r\n" if body else ""
+    return f"POST {path} HTTP/1.1\r\nhost: web.demo:8080\r\n{headers}{length}\r\n".encode() + body if body else \
+        f"GET {path} HTTP/1.1\r\nhost: web.demo:8080\r\n{headers}\r\n".encode()
+
+
+async def test_requests_alike_on_one_connection_each_go_upstream_as_sent(bed):
+    """The same head bytes again on a keep-alive connection reuse its parsed head, its request,
+    its plan and the upstream head up to the ids (h1.RequestReader, H1Server.request_for,
+    proxy._Planned): each request still goes upstream with its own x-request-id and span, and
+    a request that differs in a header value, the client's x-request-id, the body or the path
+    is sent as itself, through the same route filter."""
+    await bed.backend("web")
+    await bed.backend("web-v1")
+    await bed.start(routes=[route([{
+        "matches": [{"path": {"type": "PathPrefix", "value": "/"}}], "backendRefs": [{"name": "web-v1", "port": 8080}],
+        "filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {"add": [{"name": "x-added", "value": "yes"}]}}]}])])
+    same = _raw("/a", "x-note: 1\r\n")
+    sent = [same, same, _raw("/a", "x-note: 2\r\n"), _raw("/a", "x-note: 2\r\nx-request-id: mine\r\n"),
+            _raw("/a", "x-note: 2\r\n", b"abc"), _raw("/b", "x-note: 2\r\n"), same]
+    answers = await _raw_exchanges(bed, sent)
+    assert [status for status, _ in answers] == [200] * 7
+    echoes = [{**echo, "headers": {k.lower(): v for k, v in echo["headers"].items()}} for _, echo in answers]
+    assert [(e["path"], e["headers"]["x-note"], e["headers"]["x-added"], e["body_len"]) for e in echoes] == \
+        [("/a", "1", "yes", 0), ("/a", "1", "yes", 0), ("/a", "2", "yes", 0), ("/a", "2", "yes", 0),
+         ("/a", "2", "yes", 3), ("/b", "2", "yes", 0), ("/a", "1", "yes", 0)]
+    ids = [e["headers"]["x-request-id"] for e in echoes]
+    assert ids[3] == "mine" and len(set(ids)) == 7
+    spans = [e["headers"]["traceparent"].split("-")[2] for e in echoes]
+    assert len(set(spans)) == 7
+    # Besides the ids, requests alike reach the backend with the very same headers.
+    fixed = [{k: v for k, v in e["headers"].items() if k not in ("x-request-id", "traceparent")} for e in echoes]
+    assert fixed[0] == fixed[1] == fixed[6] and fixed[0] != fixed[2]
+    assert bed.proxy.fast_served >= 6   # all but the first (which opens the upstream connection)
+
+
+async def test_a_header_that_picks_the_route_is_read_on_each_request_of_a_connection(bed):
+    """A route that matches a header decides every request: the same head again, then one that
+    differs only in that header, on one keep-alive connection, each reach their own backend."""
+    await bed.backend("web")
+    await bed.backend("web-v1")
+    await bed.backend("web-v2")
+    await bed.start(routes=[route([
+        {"matches": [{"headers": [{"name": "x-pick", "value": "two"}]}], "backendRefs": [{"name": "web-v2", "port": 8080}]},
+        {"backendRefs": [{"name": "web-v1", "port": 8080}]}])])
+    two, one = _raw("/", "x-pick: two\r\n"), _raw("/", "x-pick: one\r\n")
+    answers = await _raw_exchanges(bed, [two, two, one, one, two, one])
+    assert [echo["backend"] for _, echo in answers] == ["web-v2", "web-v2", "web-v1", "web-v1", "web-v2", "web-v1"]
