@@ -99,6 +99,7 @@ class FastLane:
         self._watchdog: asyncio.TimerHandle | None = None
         self._drainer: asyncio.Task | None = None
         self._active_at = 0.0
+        self._last_framing: tuple | None = None   # (answer head, request head, close, its framing)
 
     # -- the connection's coroutine
 
@@ -291,6 +292,10 @@ class FastLane:
             return server.start_head(answer.status, apply_response_filters(plan, strip_hop_by_hop(answer.headers)),
                                      answer.content_length)
         head, close = exchange.head, server.closes_after_answer
+        last = self._last_framing
+        # The same answer head to the same request head (the readers' same objects) frames alike.
+        if last is not None and last[0] is answer and last[1] is head and last[2] == close:
+            return server.start_framed(last[3])
         key = (answer.status, tuple(answer.headers), answer.content_length, head.method, head.version, close)
         framing = self.framings.get(key)
         if framing is None:
@@ -298,6 +303,7 @@ class FastLane:
                 self.framings.clear()
             framing = self.framings[key] = frame_response_head(answer.status, strip_hop_by_hop(answer.headers),
                                                                answer.content_length, head.method, head.version, close)
+        self._last_framing = (answer, head, close, framing)
         server.start_framed(framing)
 
     async def _drain(self, exchange: _Exchange) -> None:

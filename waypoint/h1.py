@@ -247,10 +247,15 @@ class ResponseReader:
         self.reusable = False
         self.received = 0
         self._parser = httptools.HttpResponseParser(self)
-        self._headers: list[tuple[str, str]] = []
+        self._raw_headers: list[tuple[bytes, bytes]] = []   # as llhttp gives them (decoded in _answer_head)
         self._head: ResponseHead | None = None
         self._until_close = False
         self._interim = False
+        # The last answer head and what it was made of: an origin answers requests alike with
+        # the same head, which then gets the same (immutable) ResponseHead without decoding it again.
+        self._last_parts: tuple | None = None
+        self._last_head: ResponseHead | None = None
+        self._last_until_close = False
 
     def next_answer(self, head_only: bool = False) -> "ResponseReader":
         """The reader of the next answer on the same connection.
@@ -264,7 +269,7 @@ class ResponseReader:
         self.head_only = head_only
         self.done = self.reusable = False
         self.received = 0
-        self._headers = []
+        self._raw_headers = []
         self._head = None
         self._until_close = self._interim = False
         return self
@@ -299,17 +304,32 @@ class ResponseReader:
     def on_message_begin(self) -> None:
         if self.done:
             self.reusable = False
-        self._headers = []
+        self._raw_headers = []
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+        self._raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        status = self._parser.get_status_code()
+        parser = self._parser
+        status = parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             self._interim = True
             return
-        headers = self._headers
+        # llhttp's keep-alive answer reads the version and the headers: with them, the same head.
+        parts = (status, parser.should_keep_alive(), self.head_only, self._raw_headers)
+        if parts == self._last_parts:
+            head, self._until_close = self._last_head, self._last_until_close
+        else:
+            head = self._answer_head(*parts)
+            self._last_parts, self._last_head, self._last_until_close = parts, head, self._until_close
+        self._head = head
+        self.events.append(head)
+        if self.head_only and status != 101:
+            self._finish(head.keep_alive)
+
+    def _answer_head(self, status: int, llhttp_keep_alive: bool, head_only: bool,
+                     raw_headers: list[tuple[bytes, bytes]]) -> ResponseHead:
+        headers = [(name.decode("latin-1").lower(), value.decode("latin-1")) for name, value in raw_headers]
         length: int | None = None
         chunked = False
         for name, value in headers:
@@ -317,15 +337,11 @@ class ResponseReader:
                 length = int(value)
             elif name == "transfer-encoding":
                 chunked = True
-        no_body = self.head_only or status in (204, 304) or status == 101
+        no_body = head_only or status in (204, 304) or status == 101
         if no_body:
             length = 0 if status in (204, 304) else length
         self._until_close = not no_body and length is None and not chunked
-        keep_alive = self._parser.should_keep_alive() and not self._until_close
-        self._head = ResponseHead(status, headers, length, keep_alive)
-        self.events.append(self._head)
-        if self.head_only and status != 101:
-            self._finish(keep_alive)
+        return ResponseHead(status, headers, length, llhttp_keep_alive and not self._until_close)
 
     def on_body(self, body: bytes) -> None:
         self.events.append(body)

@@ -62,21 +62,21 @@ class ProxyRequest:
     upgrade: str | None = None           # e.g. "websocket" on an HTTP/1.1 Upgrade request
     scheme: str = "http"
     header_map: dict[str, str] = field(default_factory=dict)
+    path: str = field(init=False, default="")   # the target without its query (read by each request's record)
 
     def __post_init__(self) -> None:
+        self.path = self.target.partition("?")[0]
         if not self.header_map:
             for name, value in self.headers:
                 # Repeated headers match as one comma-joined value, as Envoy does.
                 self.header_map[name] = f"{self.header_map[name]},{value}" if name in self.header_map else value
 
-    @property
-    def path(self) -> str:
-        return self.target.partition("?")[0]
-
 
 @dataclass(slots=True)
 class ResponseHead:
-    """An upstream's response head, whichever protocol carried it (``h1`` or ``upstream_h2``)."""
+    """An upstream's response head, whichever protocol carried it (``h1`` or ``upstream_h2``);
+    never changed once made (``h1.ResponseReader`` hands the same object out again for the
+    same head on its connection)."""
 
     status: int
     headers: list[tuple[str, str]]      # lower-case names, in order (no pseudo-headers)

@@ -322,14 +322,16 @@ class WaypointProxy:
 
     def new_record(self, req: ProxyRequest, memo: ConnectionMemo | None = None) -> RequestRecord:
         """The telemetry record of one request, as it starts (``memo``: the connection's, see ``route``)."""
-        header_map = req.header_map
-        rec = RequestRecord(start=self.clock(), method=req.method, path=req.path, authority=req.authority,
-                            protocol=req.protocol, source_ip=req.peer.source_ip, source_port=req.peer.source_port,
-                            source_principal=req.peer.source_principal, mtls=req.peer.mtls,
-                            user_agent=header_map.get("user-agent", ""),
-                            request_id=header_map.get("x-request-id") or f"{random.getrandbits(128):032x}")
+        header_map, peer = req.header_map, req.peer
+        # Positional: RequestRecord's field order (start ... source_principal).
+        rec = RequestRecord(self.clock(), req.method, req.path, req.authority, req.protocol,
+                            header_map.get("user-agent", ""),
+                            header_map.get("x-request-id") or f"{random.getrandbits(128):032x}",
+                            peer.source_ip, peer.source_port, peer.source_principal)
+        rec.mtls = peer.mtls
         rec.trace = TraceContext.from_header(header_map.get("traceparent"))
-        rec.grpc = req.protocol == "HTTP/2" and grpc.is_grpc(header_map.get("content-type", ""))
+        if req.protocol == "HTTP/2":
+            rec.grpc = grpc.is_grpc(header_map.get("content-type", ""))
         if memo is None:
             source = self.resolver.workload_by_ip(req.peer.source_ip)
         else:

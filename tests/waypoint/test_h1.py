@@ -169,6 +169,34 @@ def test_response_with_length_skips_interim_answers_and_is_reusable():
     assert events[1:] == [b"ok", END] and reader.reusable
 
 
+def test_the_same_answer_head_again_on_a_connection_is_the_same_head_and_any_difference_is_parsed():
+    """An upstream's same answer head on a reused reader gives the same (immutable) ResponseHead;
+    one that differs in the status, version, a header or the length is parsed as itself."""
+    base = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX: y\r\n\r\nok"
+    variants = {b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\nX: y\r\n\r\nok": (201, [("content-length", "2"), ("x", "y")], 2, True),
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX: z\r\n\r\nok": (200, [("content-length", "2"), ("x", "z")], 2, True),
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX: y\r\n\r\nok!": (200, [("content-length", "3"), ("x", "y")], 3, True),
+                b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nX: y\r\n\r\nok": (200, [("content-length", "2"), ("x", "y")], 2, False),
+                b"HTTP/1.1 200 OK\r\nX: y\r\n\r\nok": (200, [("x", "y")], None, False)}
+    for raw, expected in variants.items():
+        reader = ResponseReader()
+        heads = []
+        for answer in (base, base, raw):
+            reader = reader.next_answer()
+            heads.append(response_events(reader, answer)[0])
+        assert heads[1] is heads[0] and (heads[0].status, heads[0].keep_alive) == (200, True)
+        other = heads[2]
+        assert (other.status, other.headers, other.content_length, other.keep_alive) == expected
+        assert other == response_events(ResponseReader(), raw)[0]
+        if other.keep_alive:
+            again = response_events(reader.next_answer(), base)[0]
+            assert again == heads[0] and again is not heads[0]   # parsed again: it differed from the head before it
+    reader = ResponseReader()
+    response_events(reader, base)
+    head_answer = response_events(reader.next_answer(head_only=True), b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX: y\r\n\r\n")
+    assert head_answer[1:] == [END]     # an answer to HEAD: the same bytes, no body
+
+
 def test_response_until_close_ends_at_eof_and_is_not_reusable():
     reader = ResponseReader()
     response_events(reader, b"HTTP/1.1 200 OK\r\n\r\nabc")

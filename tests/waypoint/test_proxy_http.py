@@ -407,3 +407,26 @@ async def test_a_header_that_picks_the_route_is_read_on_each_request_of_a_connec
     two, one = _raw("/", "x-pick: two\r\n"), _raw("/", "x-pick: one\r\n")
     answers = await _raw_exchanges(bed, [two, two, one, one, two, one])
     assert [echo["backend"] for _, echo in answers] == ["web-v2", "web-v2", "web-v1", "web-v1", "web-v2", "web-v1"]
+
+
+def test_a_request_record_starts_with_the_request_and_peer_it_belongs_to():
+    """new_record fills the record positionally (RequestRecord's field order): each field from its own source."""
+    from prometheus_client import CollectorRegistry
+
+    from shoal.waypoint.http import PeerInfo, ProxyRequest
+    from shoal.waypoint.proxy import WaypointProxy
+    from shoal.waypoint.resolver import StaticResolver
+    from shoal.waypoint.telemetry import RequestTelemetry
+
+    proxy = WaypointProxy(StaticResolver({}), None, RequestTelemetry(CollectorRegistry()), clock=lambda: 12.5)
+    peer = PeerInfo("10.0.0.7", 41000, "spiffe://td/ns/a/sa/b", mtls=True)
+    headers = [("user-agent", "ua/1"), ("x-request-id", "rid"), ("traceparent", "00-" + "a" * 32 + "-" + "b" * 16 + "-01")]
+    rec = proxy.new_record(ProxyRequest("PUT", "/p/q?x=1", "web.demo:8080", headers, "HTTP/1.0", peer, 3))
+    assert (rec.start, rec.method, rec.path, rec.authority, rec.protocol, rec.user_agent, rec.request_id, rec.source_ip,
+            rec.source_port, rec.source_principal, rec.mtls, rec.grpc) == \
+        (12.5, "PUT", "/p/q", "web.demo:8080", "HTTP/1.0", "ua/1", "rid", "10.0.0.7", 41000, "spiffe://td/ns/a/sa/b",
+         True, False)
+    assert (rec.trace.trace_id, rec.trace.parent_span_id, rec.trace.sampled) == ("a" * 32, "b" * 16, True)
+    fresh = proxy.new_record(ProxyRequest("GET", "/", "web", [("content-type", "application/grpc")], "HTTP/2", peer))
+    assert len(fresh.request_id) == 32 and len(fresh.trace.trace_id) == 32 and len(fresh.trace.span_id) == 16
+    assert fresh.trace.parent_span_id == "" and fresh.trace.trace_id != fresh.request_id and fresh.grpc
