@@ -335,7 +335,9 @@ class WaypointProxy:
         if memo is None:
             source = self.resolver.workload_by_ip(req.peer.source_ip)
         else:
-            memo.refresh(self.generation + self.resolver.generation)
+            generation = self.generation + self.resolver.generation
+            if generation != memo.generation:
+                memo.refresh(generation)
             source = memo.source
             if source is _UNSET:
                 source = memo.source = self.resolver.workload_by_ip(req.peer.source_ip)
@@ -392,7 +394,9 @@ class WaypointProxy:
         if memo is None:
             target = self._target(req, remembered=False)
         else:
-            memo.refresh(self.generation + self.resolver.generation)
+            generation = self.generation + self.resolver.generation
+            if generation != memo.generation:
+                memo.refresh(generation)
             key = (req.authority, req.method)
             target = memo.targets.get(key)   # type: ignore[assignment]
             if target is None:
@@ -460,8 +464,7 @@ class WaypointProxy:
             flag, status, text = choice.failure
             rec.flags.add(flag)
             return Routed(reply=(status, text))
-        return Routed(service=service.key, rule=decision.rule, plan=plan, endpoints=choice.endpoints,
-                      cluster=choice.cluster, request_policy=request_policy, planned=planned)
+        return Routed(None, service.key, decision.rule, plan, choice.endpoints, choice.cluster, request_policy, planned)
 
     def _target(self, req: ProxyRequest, remembered: bool = True) -> _Target:
         """What the request's connection, authority and method decide (``route``'s first part)."""

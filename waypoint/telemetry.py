@@ -289,6 +289,7 @@ class RequestTelemetry:
         self._report_timer: asyncio.Handle | None = None
         self._flow_templates: dict[tuple, Any] = {}
         self._access_log_line = AccessLogLines()
+        self._allowed_without_policy: _Count | None = None   # count_authz's commonest series
 
     def label_values(self, r: RequestRecord) -> tuple[str, ...]:
         """``ISTIO_LABELS`` values; the source principal is the HBONE peer's certificate."""
@@ -315,6 +316,13 @@ class RequestTelemetry:
 
     def count_authz(self, allowed: bool, policy: str | None) -> None:
         """One L7 authorization decision."""
+        if allowed and policy is None:
+            # Most requests: allowed, no policy. Its series, found once (made at its first request, as any).
+            count = self._allowed_without_policy
+            if count is None:
+                count = self._allowed_without_policy = self.metrics.authz.labels("allow", "-")
+            count.value += 1
+            return
         self.metrics.authz.labels("allow" if allowed else "deny", policy or "-").value += 1
 
     def labels(self, r: RequestRecord) -> dict[str, str]:

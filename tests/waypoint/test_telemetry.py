@@ -274,3 +274,19 @@ def test_access_log_lines_are_the_compact_json_of_their_fields():
         }
         assert json.loads(line) == expected, case
         assert line == json.JSONEncoder(separators=(",", ":")).encode(expected), case
+
+
+def test_authorization_decisions_are_counted_per_verdict_and_policy_and_exported_once_seen():
+    """count_authz: the commonest series (allowed, no policy) is kept found, and like any
+    series it is exported only once a request was counted in it."""
+    from prometheus_client import CollectorRegistry
+
+    from shoal.waypoint.telemetry import RequestTelemetry
+
+    telemetry = RequestTelemetry(CollectorRegistry())
+    authz = telemetry.metrics.authz
+    assert list(authz.children) == []
+    for allowed, policy in ((True, None), (False, "ns/deny-all"), (True, None), (True, "ns/allow-get"), (True, None)):
+        telemetry.count_authz(allowed, policy)
+    assert {key: child.value for key, child in authz.children.items()} == \
+        {("allow", "-"): 3, ("deny", "ns/deny-all"): 1, ("allow", "ns/allow-get"): 1}
