@@ -279,10 +279,6 @@ def test_access_log_lines_are_the_compact_json_of_their_fields():
 def test_authorization_decisions_are_counted_per_verdict_and_policy_and_exported_once_seen():
     """count_authz: the commonest series (allowed, no policy) is kept found, and like any
     series it is exported only once a request was counted in it."""
-    from prometheus_client import CollectorRegistry
-
-    from shoal.waypoint.telemetry import RequestTelemetry
-
     telemetry = RequestTelemetry(CollectorRegistry())
     authz = telemetry.metrics.authz
     assert list(authz.children) == []
