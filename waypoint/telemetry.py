@@ -189,9 +189,16 @@ class IstioRequestMetrics:
     @staticmethod
     def observe(series: _RequestSeries, duration_ms: float, request_bytes: int, response_bytes: int) -> None:
         series.count += 1
-        series.duration.observe(duration_ms)
-        series.request_bytes.observe(request_bytes)
-        series.response_bytes.observe(response_bytes)
+        # _Buckets.observe three times, written out: once per request, three calls fewer.
+        buckets = series.duration
+        buckets.counts[bisect_left(buckets.bounds, duration_ms)] += 1
+        buckets.total += duration_ms
+        buckets = series.request_bytes
+        buckets.counts[bisect_left(buckets.bounds, request_bytes)] += 1
+        buckets.total += request_bytes
+        buckets = series.response_bytes
+        buckets.counts[bisect_left(buckets.bounds, response_bytes)] += 1
+        buckets.total += response_bytes
 
     def collect(self):
         items = list(self.series.items())

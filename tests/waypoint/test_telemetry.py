@@ -68,8 +68,9 @@ def samples(registry: CollectorRegistry, name: str) -> dict[tuple, float]:
 def test_counts_and_histograms_follow_prometheus_semantics():
     registry = CollectorRegistry()
     telemetry = RequestTelemetry(registry)
-    for duration_s, code, sent in ((0.0005, 200, 10), (0.0007, 200, 1000), (0.004, 200, 5), (2.0, 503, 0)):
-        telemetry.record(RequestRecord(start=0.0, end=duration_s, status=code, response_bytes=sent))
+    for duration_s, code, sent, got in ((0.0005, 200, 10, 100), (0.0007, 200, 1000, 0), (0.004, 200, 5, 7),
+                                        (2.0, 503, 0, 20000)):
+        telemetry.record(RequestRecord(start=0.0, end=duration_s, status=code, response_bytes=sent, request_bytes=got))
     assert samples(registry, "istio_requests_total") == {(None, "200"): 3, (None, "503"): 1}
     buckets = samples(registry, "istio_request_duration_milliseconds_bucket")
     # "le" is inclusive (0.5 ms lands in le=0.5) and buckets are cumulative, up to +Inf.
@@ -80,6 +81,10 @@ def test_counts_and_histograms_follow_prometheus_semantics():
     sizes = samples(registry, "istio_response_bytes_bucket")
     assert sizes[("10.0", "200")] == 2 and sizes[("1000.0", "200")] == 3
     assert samples(registry, "istio_response_bytes_sum")[(None, "200")] == 1015
+    received = samples(registry, "istio_request_bytes_bucket")
+    assert received[("1.0", "200")] == 1 and received[("10.0", "200")] == 2 and received[("100.0", "200")] == 3
+    assert received[("10000.0", "503")] == 0 and received[("100000.0", "503")] == 1
+    assert samples(registry, "istio_request_bytes_sum")[(None, "200")] == 107
     labelled = next(s for f in registry.collect() for s in f.samples if s.name == "istio_requests_total")
     assert set(labelled.labels) == set(ISTIO_LABELS)
 
