@@ -25,6 +25,7 @@ from shoal.telemetry_labels import PeerLabels, ServiceLabels, principal
 from shoal.xds.model import Authorization
 
 from . import authz, grpc
+from .h1 import encode_request_head
 from .http import Body, BodyError, Limits, PeerInfo, ProxyRequest, ResponseSink, strip_hop_by_hop
 from .model import ConnectionPoolPolicy, HTTPRoute, TrafficPolicy
 from .resilience import (
@@ -40,7 +41,6 @@ from .resilience import (
 )
 from .routing import RequestPlan, RouteTable, ServiceKey, apply_response_filters, plan_request
 from .telemetry import RequestRecord, RequestTelemetry, TraceContext
-from .h1 import encode_request_head
 from .upstream import ClusterPool, Connector, Endpoint, PoolOverflow, UpstreamError, send_request
 from .upstream_h2 import H2ClusterPool, send_request_h2
 
