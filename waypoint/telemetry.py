@@ -49,6 +49,7 @@ SIZE_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000)
 SERIES_KEPT = 4096   # label sets found by identity (RequestTelemetry._series); then forgotten and found again
 REPORT_DELAY = 0.05  # a request's log line, flow and span wait at most this long for others' (flows: the node proxy's)
 REPORT_BATCH = 200   # ...or until this many wait
+REPORT_SLICE = 4     # records reported per loop turn: a request arriving meanwhile waits for 4, not for all
 FLOW_TEMPLATES_KEPT = 1024   # flows of requests alike (RequestTelemetry._flow); then forgotten and built again
 
 
@@ -295,6 +296,7 @@ class RequestTelemetry:
         self._series_by_peers: dict[tuple, tuple[PeerLabels, PeerLabels, ServiceLabels, _RequestSeries]] = {}
         self._reporting = access_log is not None or flow_emitter is not None or span_exporter is not None
         self._unreported: list[RequestRecord] = []   # recorded; their log line, flow and span not made yet
+        self._flows_made: list[bytes] = []           # encoded flows of reported records, not sent yet
         self._report_timer: asyncio.Handle | None = None
         self._flow_templates: dict[tuple, Any] = {}
         self._access_log_line = AccessLogLines()
@@ -362,28 +364,57 @@ class RequestTelemetry:
 
     def report(self) -> None:
         """Access log lines, flows (in as few datagrams as fit) and spans of the requests
-        recorded since the last call. Made in one go for requests close together: one timer
-        and one datagram for them all, and the formatting runs hot, once, while the loop
-        has nothing else to do."""
+        recorded since the last call. Made together for requests close together: one timer
+        and one datagram for them all, and the formatting runs hot while the loop has nothing
+        else to do. ``REPORT_SLICE`` records per loop turn, the rest on the next ones: a batch
+        made in one go (50 requests at 1,000 req/s, ~0.7 ms) held up any request that arrived
+        meanwhile, which was the waypoint's p99 (1.2 ms with telemetry, 0.4-0.7 ms without)."""
         if self._report_timer is not None:
             self._report_timer.cancel()
             self._report_timer = None
-        records, self._unreported = self._unreported, []
-        access_log, flows, spans = self._access_log, self._flows, self._spans
+        unreported = self._unreported
+        records = unreported[:REPORT_SLICE]
+        del unreported[:REPORT_SLICE]
+        self._report(records)
+        if unreported:
+            try:
+                self._report_timer = asyncio.get_running_loop().call_soon(self.report)
+                return
+            except RuntimeError:     # no loop (start-up, shutdown): all at once
+                self._report(unreported)
+                unreported.clear()
+        self._emit_flows()
+
+    def _report(self, records: list[RequestRecord]) -> None:
+        access_log, spans = self._access_log, self._spans
         if access_log is not None:
             line = self._access_log_line
             for r in records:
                 access_log(line(r))
-        if flows is not None and records:
-            flows.emit_records([self._flow(r) for r in records])
+        if self._flows is not None:
+            flows = self._flows_made
+            flows += [self._flow(r) for r in records]
+            if len(flows) >= REPORT_BATCH:    # requests that never pause: do not hold their flows
+                self._emit_flows()
         if spans is not None:
             for r in records:
                 if r.trace is not None and r.trace.sampled:
                     spans.export(r)
 
+    def _emit_flows(self) -> None:
+        """The flows made since the last datagram, in as few datagrams as fit."""
+        if self._flows_made:
+            flows, self._flows_made = self._flows_made, []
+            self._flows.emit_records(flows)
+
     def flush(self) -> None:
         """Everything recorded goes out now (the app calls it when it stops)."""
-        self.report()
+        if self._report_timer is not None:
+            self._report_timer.cancel()
+            self._report_timer = None
+        records, self._unreported = self._unreported, []
+        self._report(records)
+        self._emit_flows()
 
     def _flow(self, r: RequestRecord) -> bytes:
         """The request's L7 flow, encoded for the agent (``emitter.encode_flow``'s record): the

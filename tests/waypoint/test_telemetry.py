@@ -146,7 +146,8 @@ async def test_log_lines_and_flows_of_requests_close_together_are_made_together(
     """``record`` only counts (it runs on the answer's path): the log lines and flows of the
     requests of up to ``REPORT_DELAY`` are made together afterwards, every request's, and the
     flows leave in one datagram, not one each (each wakes the agent); ``REPORT_BATCH``
-    waiting go at the end of the loop turn, never inside ``record``."""
+    waiting go from the end of the loop turn on, ``REPORT_SLICE`` per turn, never inside
+    ``record``."""
     import socket
 
     from shoal.api.flow import flow_pb2
@@ -183,12 +184,18 @@ async def test_log_lines_and_flows_of_requests_close_together_are_made_together(
         assert emitter.sent == 3
 
         full = telemetry_module.REPORT_BATCH
+        started = loop.time()
         for _ in range(full):
             telemetry.record(request(202))
         assert len(lines) == 3                            # not inside record, even when the batch is full
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
-        assert len(lines) == 3 + full                     # at the end of the turn, not after the delay
+        made = [len(lines)]
+        while len(lines) < 3 + full and len(made) <= full:
+            await asyncio.sleep(0)                        # one loop turn
+            made.append(len(lines))
+        assert len(lines) == 3 + full and loop.time() - started < telemetry_module.REPORT_DELAY   # not after the delay
+        # A slice per turn, not the whole batch in one: a request arriving meanwhile waits for a slice.
+        per_turn = [after - before for before, after in zip(made, made[1:])]
+        assert max(per_turn) <= telemetry_module.REPORT_SLICE < full, per_turn
         datagram = await asyncio.wait_for(loop.sock_recv(agent, 65536), 5)
         assert len(decode_batch(datagram[1:])) == full and emitter.sent == 3 + full
 
