@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -109,6 +110,13 @@ spec:
   selector: {{app: server}}
   ports: [{{name: http, port: 8080, targetPort: 8080}}]
 """
+
+
+def pod_ip(layout: ClusterLayout, target: str) -> str:
+    """The IP of pod ``target`` ('namespace/name'), as `shoal get pods` reports it."""
+    namespace, name = target.split("/")
+    listing = json.loads(shoal_cli(layout, "get", "pods", "-n", namespace, "-o", "json").stdout)
+    return next(p["status"]["podIP"] for p in listing["items"] if p["metadata"]["name"] == name)
 
 
 def pod_exec(layout: ClusterLayout, target: str, *argv: str, timeout: float = 30,

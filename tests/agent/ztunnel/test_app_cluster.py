@@ -14,7 +14,7 @@ import time
 import pytest
 
 from shoal.perf.connscripts import ECHO_APP, HOLD_CLIENT
-from tests.conftest import eventually, pod_exec, shoal_cli
+from tests.conftest import eventually, pod_exec, pod_ip, shoal_cli
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
@@ -88,8 +88,6 @@ def pods(layout) -> dict[str, dict]:
     return {f"{p['metadata']['namespace']}/{p['metadata']['name']}": p for p in items}
 
 
-def pod_ip(layout, name: str) -> str:
-    return pods(layout)[name]["status"]["podIP"]
 
 
 def probe(layout, src: str, ip: str, port: int, payload: str = "GET / HTTP/1.0\r\n") -> str:

@@ -17,7 +17,7 @@ import pytest
 
 from shoal.agent.ztunnel.supervisor import fetch_page
 from shoal.perf.connscripts import ECHO_APP, HOLD_CLIENT
-from tests.conftest import eventually, pod_exec, running_demo_cluster, shoal_cli
+from tests.conftest import eventually, pod_exec, pod_ip, running_demo_cluster, shoal_cli
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 
@@ -79,9 +79,6 @@ def metric(layout, node: str, name: str) -> float:
     raise AssertionError(f"{name} not exported by the node proxy of {node}")
 
 
-def pod_ip(layout, name: str) -> str:
-    items = json.loads(shoal_cli(layout, "get", "pods", "-A", "-o", "json").stdout)["items"]
-    return next(p["status"]["podIP"] for p in items if f"{p['metadata']['namespace']}/{p['metadata']['name']}" == name)
 
 
 @pytest.fixture(scope="module")

@@ -238,7 +238,8 @@ def test_replacing_the_node_proxy_container_under_load_refuses_nothing_and_drain
     the issue's 200/s. Slow is reported here; refused, reset or never answered fails."""
     from shoal.perf.connscripts import SOAK_CLIENT
     from shoal.perf.scenarios.load import parse_refusals
-    from tests.agent.ztunnel.test_app_cluster import ECHO_PORT, _hold, _start_echo, _summary, pod_ip, probe
+    from tests.agent.ztunnel.test_app_cluster import ECHO_PORT, _hold, _start_echo, _summary, probe
+    from tests.conftest import pod_ip
 
     def refusals(node):
         return parse_refusals(subprocess.run(

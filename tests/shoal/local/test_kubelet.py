@@ -16,7 +16,7 @@ import pytest
 from shoal.config import ClusterLayout
 from shoal.controller.store import Store
 from shoal.local.kubelet import LocalKubelet, _PodRuntime
-from tests.conftest import eventually, pod_exec, shoal_cli, strict_web_manifest
+from tests.conftest import eventually, pod_exec, pod_ip, shoal_cli, strict_web_manifest
 
 # 50 is the issue's figure; on the shared 2-core machine it takes ~60-90 s (see the report in the
 # test's output). SHOAL_BURST_PODS lowers or raises it.
@@ -46,9 +46,6 @@ spec:
 """
 
 
-def pod_ip(layout: ClusterLayout, namespace: str, name: str) -> str:
-    listing = json.loads(shoal_cli(layout, "get", "pods", "-n", namespace, "-o", "json").stdout)
-    return next(p["status"]["podIP"] for p in listing["items"] if p["metadata"]["name"] == name)
 
 
 def first_line(layout: ClusterLayout, namespace: str, pod: str) -> str:
@@ -68,7 +65,7 @@ def test_every_new_meshed_pods_first_connection_uses_mtls(demo_cluster):
         # The server answers meshed clients (the STRICT policy is in force for plaintext: below).
         eventually(lambda: pod_exec(layout, "burst/server-0", "true", check=False).returncode == 0,
                    "burst/server-0 running", timeout=60)
-        web = pod_ip(layout, "burst", "server-0")
+        web = pod_ip(layout, "burst/server-0")
         plain = pod_exec(layout, "legacy/client-0", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
                          "--max-time", "5", f"http://{web}:8080/", check=False)
         assert plain.stdout in ("", "000"), f"STRICT let plaintext through: {plain.stdout!r}"

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.conftest import eventually, pod_exec, shoal_cli
+from tests.conftest import eventually, pod_exec, pod_ip, shoal_cli
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
@@ -81,10 +81,21 @@ def test_status_shows_a_real_flow_rate_and_each_nodes_flow_server(demo_cluster):
 
 
 def test_last_n_is_n_in_total(demo_cluster):
-    out = shoal_cli(demo_cluster.layout, "observe", "--last", "20").stdout
+    """`--last 20` is the cluster's 20 newest, merged across nodes, not 20 per node. Which
+    nodes the newest 20 of all traffic come from depends on what ran last (a burst of
+    same-node traffic fills them with node-1's); flows to web-1 (node-2) all come from
+    clients on node-1, so each connection shows on both nodes: 8 of them just before make
+    sure both are among the newest 20 to it."""
+    layout = demo_cluster.layout
+    script = ("import socket,sys\n"
+              "for _ in range(8):\n"
+              "    s = socket.create_connection((sys.argv[1], 8080), timeout=5)\n"
+              "    s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); s.recv(4096); s.close()\n")
+    pod_exec(layout, "demo/client-0", "python3", "-c", script, pod_ip(layout, "demo/web-1"))
+    out = shoal_cli(layout, "observe", "--last", "20", "--to-pod", "demo/web-1").stdout
     lines = out.splitlines()
     assert len(lines) == 20, out
-    assert {"[node-1]", "[node-2]"} <= {line.split()[3].rstrip(":") for line in lines}
+    assert {"[node-1]", "[node-2]"} <= {line.split()[3].rstrip(":") for line in lines}, out
 
 
 POD_PROBE = """
