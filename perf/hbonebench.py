@@ -25,17 +25,14 @@ from pathlib import Path
 
 from shoal.perf import hbonepair, peers
 from shoal.perf.beds import procs as bedprocs
+from shoal.perf.procstat import cpu_seconds
 from shoal.perf.tools import sockperf
 
 PORTS = {"iperf": 6201, "sockperf": 6202}
 
 
 def _cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+    return sum(map(cpu_seconds, pids))
 
 
 def main() -> None:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,6 +45,17 @@ def _haproxy_head(threads: int) -> str:
 def origin_config(port: int, body: Path) -> str:
     return (_haproxy_head(1) + f"frontend origin\n    bind 0.0.0.0:{port}\n"
             f"    http-request return status 200 content-type text/plain file {body}\n")
+
+
+def waypoint_argv(listen: str, upstream: str, namespace: str, fast_path: bool = True) -> list[str]:
+    """A plaintext waypoint as the perf scenario runs it: one static Service
+    (``namespace``/origin -> ``upstream``), no metrics or ready port, no flows, no access log."""
+    argv = [sys.executable, "-m", "shoal.waypoint", "--name", "perf-waypoint", "--namespace", namespace,
+            "--plaintext", listen, "--static-service", f"{namespace}/origin={upstream}",
+            "--metrics-port", "0", "--ready-port", "0", "--no-flows", "--access-log", "", "--log-level", "WARNING"]
+    if not fast_path:
+        argv.append("--no-fast-path")
+    return argv
 
 
 def proxy_config(listen: str, upstream: str, threads: int = 1) -> str:

@@ -42,6 +42,11 @@ def cpu_ticks(pid: int) -> int:
     return parse_stat_cpu_ticks(Path(f"/proc/{pid}/stat").read_text())
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) ``pid`` has used so far, in seconds (clock-tick steps)."""
+    return cpu_ticks(pid) / CLOCK_TICKS
+
+
 def rss_mb(pid: int) -> float:
     return parse_status_rss_kib(Path(f"/proc/{pid}/status").read_text()) / 1024
 

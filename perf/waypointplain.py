@@ -16,24 +16,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from shoal.perf.http import body_file, origin_config
-
-TICKS = os.sysconf("SC_CLK_TCK")
-_DONE = re.compile(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded")
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS     # utime, stime
+from shoal.perf.http import MAX_CONNECTIONS, body_file, origin_config, waypoint_argv
+from shoal.perf.procstat import cpu_seconds
+from shoal.perf.tools import h2load
 
 
 def _wait_listening(port: int, timeout: float = 20.0) -> None:
@@ -54,27 +46,23 @@ def one_round(pythonpath: str, port: int, origin_port: int, body: Path, seconds:
         env["PYTHONPATH"] = pythonpath
     else:
         env.pop("PYTHONPATH", None)
-    argv = [sys.executable, "-m", "shoal.waypoint", "--name", "perf-waypoint", "--namespace", "perf",
-            "--plaintext", f"127.0.0.1:{port}", "--static-service", f"perf/origin=127.0.0.1:{origin_port}",
-            "--metrics-port", "0", "--ready-port", "0", "--no-flows", "--access-log", "", "--log-level", "WARNING"]
+    argv = waypoint_argv(f"127.0.0.1:{port}", f"127.0.0.1:{origin_port}", "perf")
     waypoint = subprocess.Popen(argv, env=env, cwd="/tmp")
     try:
         _wait_listening(port)
         url = f"http://127.0.0.1:{port}/"
-        subprocess.run(["h2load", "--h1", "-c", "16", "-t", "1", "-n", "2000", "--data", str(body), url],
-                       check=True, capture_output=True)    # warm: pooled connections, caches
+        # Warm first (pooled connections, caches), then measure: the scenario's max-rate run.
+        subprocess.run(h2load.max_rate_argv(url, 2, MAX_CONNECTIONS, data_file=str(body)), check=True,
+                       capture_output=True)
         load1 = os.getloadavg()[0]
-        before = _cpu_seconds(waypoint.pid)
-        done = subprocess.run(["h2load", "--h1", "-c", "16", "-t", "1", "-D", f"{seconds:g}", "--data", str(body), url],
+        before = cpu_seconds(waypoint.pid)
+        done = subprocess.run(h2load.max_rate_argv(url, seconds, MAX_CONNECTIONS, data_file=str(body)),
                               check=True, capture_output=True, text=True)
-        cpu = _cpu_seconds(waypoint.pid) - before
+        cpu = cpu_seconds(waypoint.pid) - before
     finally:
         waypoint.terminate()
         waypoint.wait(10)
-    found = _DONE.search(done.stdout)
-    if found is None:
-        raise RuntimeError(f"h2load said: {done.stdout[-400:]}")
-    succeeded = int(found.group(2))
+    succeeded = h2load.summary_succeeded(done.stdout)
     return {"requests": succeeded, "rate": succeeded / seconds, "cpu_us": cpu / succeeded * 1e6, "load1": load1}
 
 

@@ -27,6 +27,7 @@ import time
 
 from cryptography import x509
 
+from shoal.perf.procstat import cpu_seconds
 from shoal.perf.waypointmicro import CLIENT_ID, ORIGIN_ID, VIP, Client, StandInAgent, origin
 
 WAYPOINT_ID = "spiffe://cluster.local/ns/perf-wp/sa/waypoint"
@@ -47,12 +48,6 @@ class ThrowAwayCA:
             .get_values_for_type(x509.UniformResourceIdentifier)[0]
         signed = self.ca.sign(csr_pem, spiffe)
         return signed.chain_pem.encode(), signed.roots_pem.encode()
-
-
-def cpu_of(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def waypoint(ca: ThrowAwayCA, setup_r: int, ready_w: int, telemetry_on: bool) -> None:
@@ -133,7 +128,7 @@ async def driver(ca: ThrowAwayCA, args: argparse.Namespace, pid: int, setup_w: i
             await asyncio.sleep(args.wait_before)
         interval = 1 / args.rate if args.rate else 0
         rtts = []
-        cpu0, wall0 = cpu_of(pid), time.monotonic()
+        cpu0, wall0 = cpu_seconds(pid), time.monotonic()
         next_at = loop.time()
         for _ in range(args.requests):
             if interval:
@@ -142,7 +137,7 @@ async def driver(ca: ThrowAwayCA, args: argparse.Namespace, pid: int, setup_w: i
                 if delay > 0:
                     await asyncio.sleep(delay)
             rtts.append(await exchange())
-        cpu = cpu_of(pid) - cpu0
+        cpu = cpu_seconds(pid) - cpu0
         wall = time.monotonic() - wall0
         rtts.sort()
         with open("/proc/loadavg") as f:

@@ -20,7 +20,6 @@ Paths (client pod on node-1; origin and proxies on node-2):
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,12 +54,8 @@ def _waypoint_pids(root_pid: int) -> list[int]:
 
 
 def _start_waypoint(ctx: Context, pod, upstream: str, fast_path: bool = True):
-    argv = [sys.executable, "-m", "shoal.waypoint", "--name", "perf-waypoint", "--namespace", NAMESPACE,
-            "--plaintext", f"0.0.0.0:{WAYPOINT_PORT}", "--plaintext-beyond-loopback",
-            "--static-service", f"{NAMESPACE}/origin={upstream}",
-            "--metrics-port", "0", "--ready-port", "0", "--no-flows", "--access-log", "", "--log-level", "WARNING"]
-    if not fast_path:
-        argv.append("--no-fast-path")
+    # A pod's address, not loopback: the client pod reaches it across the fabric.
+    argv = [*http.waypoint_argv(f"0.0.0.0:{WAYPOINT_PORT}", upstream, NAMESPACE, fast_path), "--plaintext-beyond-loopback"]
     proc = pod.spawn(argv, log=ctx.workdir / "waypoint.log")
     peers.wait_listening(pod, "0.0.0.0", WAYPOINT_PORT, timeout=30)
     return proc

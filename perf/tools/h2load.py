@@ -69,6 +69,15 @@ def max_rate_argv(url: str, seconds: float, connections: int, *, http1: bool = T
 
 def summary_rate(output: str) -> float:
     """req/s from h2load's summary; refuses runs where any request failed."""
+    return _summary(output)[0]
+
+
+def summary_succeeded(output: str) -> int:
+    """The requests h2load completed, from its summary; refuses runs where any failed."""
+    return _summary(output)[1]
+
+
+def _summary(output: str) -> tuple[float, int]:
     finished = _FINISHED.search(output)
     counts = _REQUESTS.search(output)
     if not finished or not counts:
@@ -77,4 +86,4 @@ def summary_rate(output: str) -> float:
     if failed or errored or timeout or succeeded == 0:
         raise ToolOutputError(f"h2load: {succeeded}/{total} succeeded, {failed} failed, "
                               f"{errored} errored, {timeout} timed out")
-    return float(finished.group(2))
+    return float(finished.group(2)), succeeded

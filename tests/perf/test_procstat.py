@@ -25,6 +25,14 @@ def test_status_rss():
 
 
 
+def test_a_process_cpu_is_its_user_and_system_time():
+    start = procstat.cpu_seconds(os.getpid())
+    busy_until = time.process_time() + 0.2
+    while time.process_time() < busy_until:
+        pass
+    assert procstat.cpu_seconds(os.getpid()) - start >= 0.1    # clock ticks: 10 ms steps
+
+
 def test_sampler_measures_this_process_burning_cpu():
     # What the process itself counts is the reference: on a shared machine a busy thread
     # may get far less than a core, so no absolute share is asserted.

@@ -47,6 +47,12 @@ def test_h2load_summary_rate():
         h2load.summary_rate("connect: Connection refused\n")
 
 
+def test_h2load_summary_succeeded_is_the_completed_count():
+    assert h2load.summary_succeeded(H2LOAD_SUMMARY) == 1992
+    with pytest.raises(ToolOutputError, match="1 failed"):
+        h2load.summary_succeeded(H2LOAD_SUMMARY.replace("1992 succeeded, 0 failed", "1991 succeeded, 1 failed"))
+
+
 
 def test_h2load_max_rate_argv_one_thread():
     argv = h2load.max_rate_argv("http://127.0.0.1:18081/", 2, 16, data_file="/tmp/b")
