@@ -21,6 +21,9 @@ import time
 
 from prometheus_client import CollectorRegistry
 
+from shoal.perf.rrmicro import StandInTransport
+from shoal.perf.waypointmicro import ANSWER, BODY
+from shoal.waypoint.app import GC_YOUNG_THRESHOLD
 from shoal.waypoint.downstream import serve_connection
 from shoal.waypoint.fastpath import fast_lanes
 from shoal.waypoint.http import Limits, PeerInfo, TcpStream
@@ -30,40 +33,20 @@ from shoal.waypoint.resolver import StaticResolver
 from shoal.waypoint.telemetry import RequestTelemetry
 from shoal.waypoint.upstream import Endpoint
 
-BODY = b"x" * 1024
+# The plain scenario's request as h2load sends it (waypointmicro's is the mesh path's).
 REQUEST = (b"POST / HTTP/1.1\r\nHost: 127.0.0.1:18081\r\nUser-Agent: h2load nghttp2/1.52.0\r\n"
            b"Content-Length: 1024\r\n\r\n" + BODY)
-ANSWER = (b"HTTP/1.1 200 OK\r\ncontent-length: 1024\r\ncontent-type: text/plain\r\n"
-          b"cache-control: no-cache\r\n\r\n" + BODY)
-GC_YOUNG_THRESHOLD = 20_000     # as the waypoint process sets it (app.GC_YOUNG_THRESHOLD)
 
 
-class MemoryTransport:
-    """What a ``TcpStream`` writes goes to ``on_write``; nothing else a transport does matters here."""
+class MemoryTransport(StandInTransport):
+    """What a ``TcpStream`` writes goes to ``on_write`` at once (the rest as ``StandInTransport``)."""
 
     def __init__(self, on_write) -> None:
+        super().__init__()
         self.on_write = on_write
 
-    def write(self, data: bytes) -> None:
+    def write(self, data) -> None:
         self.on_write(data)
-
-    def get_extra_info(self, name: str, default=None):
-        return default
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def is_closing(self) -> bool:
-        return False
-
-    def can_write_eof(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass
 
 
 class OriginConnector:
@@ -83,7 +66,7 @@ class OriginConnector:
                 del received[:end + 4 + len(BODY)]
                 self.loop.call_soon(stream.data_received, ANSWER)
 
-        stream.connection_made(MemoryTransport(on_write))   # type: ignore[arg-type]
+        stream.connection_made(MemoryTransport(on_write))
         return stream
 
 
@@ -98,7 +81,7 @@ class Client:
         self.received = bytearray()
         self.expected = b""
         self.stream = TcpStream()
-        self.stream.connection_made(MemoryTransport(self._answer))   # type: ignore[arg-type]
+        self.stream.connection_made(MemoryTransport(self._answer))
         reject, on_protocol = connection_callbacks(proxy, limits)
         self.task = self.loop.create_task(serve_connection(self.stream, PeerInfo("127.0.0.1", port), proxy.handle,
                                                            limits, reject, on_protocol, lanes))
