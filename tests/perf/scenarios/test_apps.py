@@ -162,3 +162,15 @@ def test_every_path_runs_every_client_in_the_same_interleaved_rounds(monkeypatch
         (line,) = [line for line in ctx.lines if line.startswith(f"  {figure}: ")]
         assert "(0.40× direct, 0.50× haproxy)" in line
     assert figures[(apps.PGBENCH, "rate", PATH_HAPROXY)].samples == (4_000.0, 4_000.0)
+
+
+def test_the_download_blob_is_written_not_sparse_so_no_path_reads_it_cold(tmp_path):
+    """A sparse file's first read zero-fills its pages in the server's time: the first path to
+    each server paid it alone. Written bytes are in the page cache for every path."""
+    blob = tmp_path / "blob"
+    apps._write_cached_blob(blob, 3 * 1024 * 1024 + 5, chunk=1024 * 1024)
+    stat = blob.stat()
+    assert stat.st_size == 3 * 1024 * 1024 + 5
+    assert stat.st_blocks * 512 >= stat.st_size   # allocated: no holes
+    with open(blob, "rb") as f:
+        assert f.read() == bytes(stat.st_size)
