@@ -1,0 +1,200 @@
+"""The same-node app join in the kernel (bpf/sk_msg_join.c): real sockops on the bed's node
+cgroup, apps as processes in two pods (their sockets are the node's, sockops sees them),
+the proxy's part played by this test: it accepts the captured connection, dials the
+server app, joins its two sockets, links the apps, relays handed-back bytes, publishes
+what landed and forwards half-closes, as agent/ztunnel/bypass.py does."""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from shoal.netns import in_netns
+from tests.agent.agentbed import ID_B, agent_bed, datapath, meshed_a  # noqa: F401  (fixtures)
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
+
+APP = Path(__file__).with_name("joinapp.py")
+PORT = 9090
+
+
+@pytest.fixture
+def kernel(agent_bed, datapath):
+    from shoal.datapath.bypass import KernelBypass
+    handle = KernelBypass(agent_bed.pin_dir, app_join=True)
+    assert handle.app_join, handle.app_join_error
+    yield handle
+    handle.disable_app_join()
+    handle.close()
+
+
+@pytest.fixture
+def local_server(agent_bed, datapath):
+    """Pod b's IP is a meshed pod of this node in the ipcache (the client's sockets to it
+    enter app_socks); returns a function setting its flags."""
+    from shoal.agent.compiler import Endpoint
+    from shoal.datapath.structs import ENDPOINT_LOCAL, ENDPOINT_MESHED
+    _dp, maps = datapath
+
+    def place(flags: int = ENDPOINT_LOCAL | ENDPOINT_MESHED) -> None:
+        maps.sync_endpoints({agent_bed.b.ip: Endpoint(ID_B, 8, flags)})
+    place()
+    yield place
+    maps.sync_endpoints({})
+
+
+def _app_sockets(pin_dir: Path) -> int:
+    from shoal.datapath import bpfsys
+    from shoal.datapath.structs import AppKey
+    fd = bpfsys.obj_get(pin_dir / "app_socks")
+    try:
+        return len(bpfsys.map_keys(fd, AppKey))
+    finally:
+        os.close(fd)
+
+
+class StandInProxy(threading.Thread):
+    """The proxy's part for one joined pair: handed-back bytes relayed once the bytes before
+    them are on the other socket, what landed published, EOF forwarded once drained."""
+
+    def __init__(self, kernel, pair):
+        super().__init__(daemon=True)
+        self.kernel, self.pair = kernel, pair
+        self.stop = threading.Event()
+        self.eof = {True: False, False: False}
+        self.relayed = 0
+
+    def _drain_then(self, toward_server: bool) -> None:
+        while not self.kernel.drained(self.pair, toward_server) and not self.stop.is_set():
+            time.sleep(0.001)
+
+    def run(self):
+        sides = {self.pair.client: True, self.pair.server: False}
+        while not self.stop.is_set() and not all(self.eof.values()):
+            self.kernel.publish_landed(self.pair)
+            readable = select.select([s for s, t in sides.items() if not self.eof[t]], [], [], 0.02)[0]
+            for sock in readable:
+                toward_server = sides[sock]
+                dest = self.pair.server if toward_server else self.pair.client
+                try:
+                    data = sock.recv(1 << 20, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    self.eof[toward_server] = True
+                    continue
+                if not data:
+                    self._drain_then(toward_server)
+                    self.kernel.freeze(self.pair, toward_server)
+                    dest.shutdown(socket.SHUT_WR)
+                    self.eof[toward_server] = True
+                    continue
+                self._drain_then(toward_server)
+                dest.sendall(data)
+                self.relayed += len(data)
+                self.kernel.relayed(self.pair, toward_server, len(data))
+
+
+class Bed:
+    """Server app in pod b, client app in pod a dialling it (captured), the stand-in proxy."""
+
+    def __init__(self, agent_bed, meshed_a, kernel, client_args=(), server_args=()):
+        self.kernel = kernel
+        b = agent_bed.b
+        self.server_app = b.spawn(sys.executable, str(APP), "server", b.ip, str(PORT), *server_args)
+        assert self.server_app.stdout.readline().strip() == "ready"
+        self.client_app = agent_bed.a.spawn(sys.executable, str(APP), "client", b.ip, str(PORT), *client_args)
+        meshed_a.settimeout(10)
+        self.proxy_client, _ = meshed_a.accept()
+        expected = kernel.expect_server_app(b.ip, PORT, b.ip)
+
+        def dial():
+            sock = socket.create_connection((b.ip, PORT), timeout=10)
+            return sock
+        self.proxy_server = in_netns(b.netns_path, dial)
+        kernel.forget_expected(expected)
+        self.pair = kernel.join(self.proxy_client, self.proxy_server)
+        kernel.link_apps(self.pair)
+        self.proxy = StandInProxy(kernel, self.pair)
+        self.proxy.start()
+
+    def finish(self, timeout: float = 120) -> tuple[dict, dict]:
+        results = []
+        for proc in (self.client_app, self.server_app):
+            out, err = proc.communicate(timeout=timeout)
+            assert proc.returncode == 0, err
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        self.proxy.join(10)
+        return results[0], results[1]
+
+    def close(self):
+        self.proxy.stop.set()
+        self.proxy.join(5)
+        for proc in (self.client_app, self.server_app):
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        self.kernel.release(self.pair)
+        self.proxy_client.close()
+        self.proxy_server.close()
+
+
+@pytest.fixture
+def bed(agent_bed, meshed_a, kernel, local_server):
+    made = []
+
+    def make(client_args=(), server_args=()):
+        made.append(Bed(agent_bed, meshed_a, kernel, client_args, server_args))
+        return made[-1]
+    yield make
+    for one in made:
+        one.close()
+
+
+def _assert_exchanged(client: dict, server: dict, up: int, down: int) -> None:
+    assert not client["error"] and not server["error"], (client, server)
+    assert (client["sent"], server["received"], server["sent"], client["received"]) == (up, up, down, down)
+    assert client["sent_sha"] == server["received_sha"]
+    assert server["sent_sha"] == client["received_sha"]
+
+
+def test_both_directions_switch_to_direct_sends_with_identical_bytes_and_exact_counts(bed):
+    """The client greets before the server exists on the proxy's path (the verdict carries
+    it), then both stream 256 MiB at once: each direction switches to direct sends at its
+    first send that finds the proxy's path empty, with no byte lost or reordered."""
+    from shoal.datapath.structs import DIRECT_ON
+    size = 256 << 20
+    one = bed(client_args=("--greet", "4096", "--pause", "0.3", "--send", str(size)),
+              server_args=("--wait-greeting", "4096", "--greet", "512", "--pause", "0.3", "--send", str(size)))
+    up_direct, down_direct = one.kernel.direct(one.pair)   # before the apps finish: the pair is live
+    client, server = one.finish()
+    _assert_exchanged(client, server, 4096 + size, 512 + size)
+    up_direct, down_direct = one.kernel.direct(one.pair)
+    assert (up_direct.state, down_direct.state) == (DIRECT_ON, DIRECT_ON)
+    assert up_direct.bytes >= size and down_direct.bytes >= size   # the bulk went direct
+    assert one.kernel.carried(one.pair) == (4096 + size, 512 + size)
+
+
+def test_a_socket_outside_a_pair_never_enters_the_map(bed, agent_bed, local_server, kernel):
+    """Sockops puts the client app's socket into app_socks only toward a meshed pod of this
+    node, and the server app's only when the proxy announced the connection."""
+    from shoal.datapath.structs import ENDPOINT_MESHED
+    before = _app_sockets(agent_bed.pin_dir)
+    local_server(ENDPOINT_MESHED)   # a meshed pod of another node
+    one = bed(client_args=("--pause", "0.5", "--send", "1000"), server_args=("--pause", "0.5", "--send", "1000"))
+    time.sleep(0.2)
+    # the server app's socket (announced) is in; the client app's (not local) is not
+    assert _app_sockets(agent_bed.pin_dir) == before + 1
+    client, server = one.finish()
+    _assert_exchanged(client, server, 1000, 1000)
+    up_direct, _down = one.kernel.direct(one.pair)
+    assert up_direct.sends == 0
