@@ -138,6 +138,8 @@ class Bed:
 
     def close(self):
         self.proxy.stop.set()
+        if self.proxy_client.fileno() < 0:
+            return
         self.proxy.join(5)
         for proc in (self.client_app, self.server_app):
             if proc.poll() is None:
@@ -175,8 +177,8 @@ def test_both_directions_switch_to_direct_sends_with_identical_bytes_and_exact_c
     size = 256 << 20
     one = bed(client_args=("--greet", "4096", "--pause", "0.3", "--send", str(size)),
               server_args=("--wait-greeting", "4096", "--greet", "512", "--pause", "0.3", "--send", str(size)))
-    up_direct, down_direct = one.kernel.direct(one.pair)   # before the apps finish: the pair is live
     client, server = one.finish()
+    print("recv EAGAIN seen by the apps:", client.get("recv_eagain", 0), server.get("recv_eagain", 0))
     _assert_exchanged(client, server, 4096 + size, 512 + size)
     up_direct, down_direct = one.kernel.direct(one.pair)
     assert (up_direct.state, down_direct.state) == (DIRECT_ON, DIRECT_ON)
@@ -198,3 +200,52 @@ def test_a_socket_outside_a_pair_never_enters_the_map(bed, agent_bed, local_serv
     _assert_exchanged(client, server, 1000, 1000)
     up_direct, _down = one.kernel.direct(one.pair)
     assert up_direct.sends == 0
+
+
+def test_revoking_a_switched_pair_mid_stream_resets_both_apps(bed):
+    """A policy change: the proxy unlinks the apps (their next sends take its path) and
+    resets its two sockets; both apps see the connection reset, neither gets a byte after."""
+    one = bed(client_args=("--pause", "0.3", "--send", str(1 << 30)),
+              server_args=("--pause", "0.3", "--send", str(1 << 30)))
+    deadline = time.monotonic() + 30
+    while not all(d.sends for d in one.kernel.direct(one.pair)):
+        assert time.monotonic() < deadline, "no direction switched"
+        time.sleep(0.05)
+    one.proxy.stop.set()
+    one.proxy.join(5)
+    one.kernel.unlink_apps(one.pair)
+    for sock in (one.proxy_client, one.proxy_server):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        sock.close()
+    client, server = one.finish(timeout=30)
+    for result in (client, server):
+        assert result["error"], result   # reset: a send or a read failed
+        assert result["sent"] < 1 << 30 and result["received"] < 1 << 30
+
+
+def _sysctl_max(netns_path: str, name: str) -> int:
+    out = subprocess.run(["ip", "netns", "exec", os.path.basename(netns_path), "cat", f"/proc/sys/net/ipv4/{name}"],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[-1])
+
+
+def test_a_server_that_stops_reading_holds_back_a_switched_sender_within_the_socket_buffers(bed, agent_bed):
+    """Direct sends go into the proxy's socket's send buffer: when the server app stops
+    reading, the client's sends wait there, as on any socket. What the client got onto
+    the path stays within the server side's buffers (the proxy socket's send buffer, the
+    server app's receive buffer), and stops growing."""
+    held_after = 1 << 20
+    size = 512 << 20
+    one = bed(client_args=("--pause", "0.3", "--send", str(size)),
+              server_args=("--pause", "1", "--stop-reading-after", str(held_after), "--hold", "4"))
+    time.sleep(2.0)
+    first = one.kernel.carried(one.pair)[0]
+    time.sleep(1.0)
+    second = one.kernel.carried(one.pair)[0]
+    up_direct, _down = one.kernel.direct(one.pair)
+    assert up_direct.sends, "the client's sends were not switched"
+    assert second == first, "the sender kept going while nobody read"
+    bound = _sysctl_max(agent_bed.b.netns_path, "tcp_wmem") + _sysctl_max(agent_bed.b.netns_path, "tcp_rmem")
+    assert second - held_after <= bound, (second, bound)
+    client, server = one.finish()
+    _assert_exchanged(client, server, size, 0)
