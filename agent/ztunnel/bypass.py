@@ -56,6 +56,7 @@ from shoal.agent.ztunnel.telemetry import (
     ConnectionTelemetry,
 )
 from shoal.datapath.bypass import BypassBroken, BypassUnavailable, JoinedPair, KernelBypass
+from shoal.datapath.structs import DIRECT_OFF, DIRECT_ON, DIRECT_RETIRED
 from shoal.hbone.session import PipeEnd, abort_with_reset
 from shoal.ratelog import LogLimiter, log_limited
 from shoal.telemetry_labels import service_of_endpoint
@@ -80,6 +81,7 @@ LIVE_BYTES_INTERVAL = 2.0
 # (then a direction can switch to direct sends at its next send); later, every
 # LIVE_BYTES_INTERVAL, and after each relay of handed-back bytes.
 LANDED_CHECKS = (0.001, 0.005, 0.02, 0.1, 0.5)
+APP_DIRECTION_STATES = {DIRECT_ON: "direct", DIRECT_RETIRED: "retired", DIRECT_OFF: "proxy_path"}
 
 
 class SameNodeBypass:
@@ -107,6 +109,14 @@ class SameNodeBypass:
                                          "Bytes of joined same-node connections the kernel handed back to the "
                                          "proxy (a receiver fell behind by the high-water mark) and the proxy "
                                          "relayed", registry=registry)
+        self.app_directions = Counter("shoal_proxy_bypass_app_directions",
+                                      "Directions of ended same-node connections by how the app join left "
+                                      "them: direct (the app's sends went straight to the proxy's socket "
+                                      "toward the other app), retired (switched, then back to the proxy's "
+                                      "path), proxy_path (never switched)", ["state"], registry=registry)
+        self.app_direct_bytes = Counter("shoal_proxy_bypass_app_direct_bytes",
+                                        "Bytes the apps of same-node connections sent straight to the proxy's "
+                                        "socket toward the other app (as asked by their sends)", registry=registry)
         self._unsubscribe: Callable[[], None] | None = state.subscribe(lambda _delta: self.recheck())
         self._counting: asyncio.Task | None = None
 
@@ -463,6 +473,16 @@ class BypassedConnection:
                 abort_with_reset(end.transport)
         self.finish()
 
+    def _count_directions(self) -> None:
+        try:
+            directions = self.kernel.direct(self.pair)
+        except OSError as exc:
+            log.debug("bypass: app join state unreadable: %s", exc)
+            return
+        for direction in directions:
+            self.owner.app_directions.labels(APP_DIRECTION_STATES.get(direction.state, "proxy_path")).inc()
+            self.owner.app_direct_bytes.inc(direction.bytes)
+
     def maybe_close(self) -> None:
         """Both directions ended (EOF forwarded both ways): close both sockets."""
         if self.client_end.eof_forwarded and self.server_end.eof_forwarded:
@@ -477,6 +497,8 @@ class BypassedConnection:
             return
         self.finished = True
         self.owner.live.discard(self)
+        if self.kernel.app_join:
+            self._count_directions()
         try:
             carried = self.kernel.carried(self.pair)
             self.kernel.release(self.pair)

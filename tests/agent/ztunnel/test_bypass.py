@@ -754,6 +754,7 @@ async def test_with_the_app_join_the_proxy_links_both_apps_and_counts_exactly(pr
     writer.close()
     await _until(lambda: not app.ctx.bypass.live)
     assert _app_links(bypass_layout) == 0
+    assert metric(app, "shoal_proxy_bypass_app_directions_total", state="proxy_path") == 2
     for reporter in ("source", "destination"):
         assert metric(app, "istio_tcp_received_bytes_total", reporter=reporter) == len(payload)
         assert metric(app, "istio_tcp_sent_bytes_total", reporter=reporter) == len(payload)
