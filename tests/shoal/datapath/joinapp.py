@@ -47,6 +47,8 @@ if args.role == "server":
 else:
     conn = socket.create_connection((args.host, args.port), timeout=10)
 conn.settimeout(None)
+if args.nonblocking:   # O_NONBLOCK on the file; the reader then waits in select too
+    conn.setblocking(False)
 result = {"sent": 0, "received": 0, "error": ""}
 sent_hash, received_hash = hashlib.sha256(), hashlib.sha256()
 
@@ -59,7 +61,7 @@ def send_all(data: bytes) -> None:
     while view:
         select.select([], [conn], [])
         try:
-            view = view[conn.send(view, socket.MSG_DONTWAIT):]
+            view = view[conn.send(view):]
         except BlockingIOError:
             result["eagain"] = result.get("eagain", 0) + 1
 
@@ -108,6 +110,8 @@ try:
             time.sleep(args.hold)
             args.stop_reading_after = -1
         try:
+            if args.nonblocking:
+                select.select([conn], [], [])
             data = conn.recv(1 << 20)
         except BlockingIOError:
             # a blocking socket in a sockmap: tcp_bpf_recvmsg answers EAGAIN when its wait

@@ -249,3 +249,31 @@ def test_a_server_that_stops_reading_holds_back_a_switched_sender_within_the_soc
     assert second - held_after <= bound, (second, bound)
     client, server = one.finish()
     _assert_exchanged(client, server, size, 0)
+
+
+def test_a_server_that_speaks_first_switches_too(bed):
+    """The server app greets before the client sends anything (the verdict carries the
+    greeting, which the client reads before it streams); then both directions switch."""
+    from shoal.datapath.structs import DIRECT_ON
+    size = 64 << 20
+    one = bed(client_args=("--wait-greeting", "8192", "--pause", "0.3", "--send", str(size)),
+              server_args=("--greet", "8192", "--pause", "0.3", "--send", str(size)))
+    client, server = one.finish()
+    _assert_exchanged(client, server, size, 8192 + size)
+    assert [d.state for d in one.kernel.direct(one.pair)] == [DIRECT_ON, DIRECT_ON]
+    assert one.kernel.carried(one.pair) == (size, 8192 + size)
+
+
+def test_a_non_blocking_sender_is_never_switched(bed):
+    """A non-blocking app's send redirected into a full proxy socket would fail with EAGAIN
+    while its own socket polls writable (nothing would wake an edge-triggered app): its
+    sends always take the proxy's path, byte-exact."""
+    from shoal.datapath.structs import DIRECT_OFF
+    size = 64 << 20
+    one = bed(client_args=("--pause", "0.3", "--nonblocking", "--send", str(size)),
+              server_args=("--pause", "0.3", "--send", "1000"))
+    client, server = one.finish()
+    _assert_exchanged(client, server, size, 1000)
+    up, _down = one.kernel.direct(one.pair)
+    assert (up.state, up.sends) == (DIRECT_OFF, 0)
+    assert one.kernel.carried(one.pair) == (size, 1000)
