@@ -173,6 +173,8 @@ class KernelBypass:
             self._pairs = self._relayed = -1
             self.close()
             raise BypassUnavailable(f"no bypass maps under {pin_dir}: {exc}") from exc
+        if not app_join:
+            self._set_app_join_config(pin_dir, 0)   # the last proxy started decides (a crashed one left 1)
         if app_join:
             try:
                 for name in self.APP_MAPS:
@@ -184,6 +186,19 @@ class KernelBypass:
                 bpfsys.map_update(self._apps["config"], U32(CONFIG_APP_JOIN), U64(1))
 
     app_join_error = ""
+
+    @staticmethod
+    def _set_app_join_config(pin_dir: Path, value: int) -> None:
+        try:
+            fd = bpfsys.obj_get(pin_dir / "config")
+        except OSError:
+            return   # an agent without the slot, or none yet
+        try:
+            bpfsys.map_update(fd, U32(CONFIG_APP_JOIN), U64(value))
+        except OSError:
+            pass   # an older agent's config map has no such slot: nothing inserts app sockets
+        finally:
+            os.close(fd)
 
     @property
     def app_join(self) -> bool:

@@ -277,3 +277,22 @@ def test_a_non_blocking_sender_is_never_switched(bed):
     up, _down = one.kernel.direct(one.pair)
     assert (up.state, up.sends) == (DIRECT_OFF, 0)
     assert one.kernel.carried(one.pair) == (size, 1000)
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_an_app_reset_after_the_switch_reaches_the_proxys_socket(bed, side):
+    """A switched app that resets its connection: its RST still travels its own TCP
+    connection to the proxy's socket, where the proxy sees it and resets the other app
+    (agent/ztunnel/bypass.py, as without the app join)."""
+    reset = ("--pause", "0.3", "--send", str(64 << 20), "--reset-after", str(16 << 20))
+    quiet = ("--pause", "0.3", "--send", "0")
+    one = bed(client_args=reset if side == "client" else quiet, server_args=reset if side == "server" else quiet)
+    proc = one.client_app if side == "client" else one.server_app
+    proc.wait(timeout=60)
+    sock = one.proxy_client if side == "client" else one.proxy_server
+    deadline = time.monotonic() + 10
+    while sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != 7:   # TCP_CLOSE
+        assert time.monotonic() < deadline, "the proxy's socket did not see the reset"
+        time.sleep(0.02)
+    direction = one.kernel.direct(one.pair)[0 if side == "client" else 1]
+    assert direction.sends, "the resetting app was not switched"
