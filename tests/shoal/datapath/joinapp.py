@@ -33,6 +33,7 @@ parser.add_argument("--nonblocking", action="store_true")
 parser.add_argument("--reset-after", type=int, default=-1)
 parser.add_argument("--stop-reading-after", type=int, default=-1)
 parser.add_argument("--hold", type=float, default=0.0)
+parser.add_argument("--fast", action="store_true", help="one buffer of zeros, no hashing (benchmarks)")
 args = parser.parse_args()
 
 family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
@@ -76,15 +77,17 @@ def sender() -> None:
         if args.pause:
             time.sleep(args.pause)
         left = args.send
+        zeros = bytes(args.chunk)
         while left > 0:
-            data = os.urandom(min(args.chunk, left))
+            data = zeros[:min(args.chunk, left)] if args.fast else os.urandom(min(args.chunk, left))
             if 0 <= args.reset_after <= result["sent"]:
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 conn.close()
                 result["reset"] = True
                 return
             send_all(data)
-            sent_hash.update(data)
+            if not args.fast:
+                sent_hash.update(data)
             result["sent"] += len(data)
             left -= len(data)
         conn.shutdown(socket.SHUT_WR)
@@ -120,7 +123,8 @@ try:
             continue
         if not data:
             break
-        received_hash.update(data)
+        if not args.fast:
+            received_hash.update(data)
         result["received"] += len(data)
 except OSError as exc:
     result["error"] = result["error"] or f"recv: {exc}"
