@@ -46,7 +46,7 @@ def local_server(agent_bed, datapath):
     _dp, maps = datapath
 
     def place(flags: int = ENDPOINT_LOCAL | ENDPOINT_MESHED) -> None:
-        maps.sync_endpoints({agent_bed.b.ip: Endpoint(ID_B, 8, flags)})
+        maps.sync_endpoints({agent_bed.b.ip: Endpoint(ID_B, 8, flags), agent_bed.b.ip6: Endpoint(ID_B, 8, flags)})
     place()
     yield place
     maps.sync_endpoints({})
@@ -107,18 +107,19 @@ class StandInProxy(threading.Thread):
 class Bed:
     """Server app in pod b, client app in pod a dialling it (captured), the stand-in proxy."""
 
-    def __init__(self, agent_bed, meshed_a, kernel, client_args=(), server_args=()):
+    def __init__(self, agent_bed, meshed_a, kernel, client_args=(), server_args=(), server_ip: str = ""):
         self.kernel = kernel
         b = agent_bed.b
-        self.server_app = b.spawn(sys.executable, str(APP), "server", b.ip, str(PORT), *server_args)
+        server_ip = server_ip or b.ip
+        self.server_app = b.spawn(sys.executable, str(APP), "server", server_ip, str(PORT), *server_args)
         assert self.server_app.stdout.readline().strip() == "ready"
-        self.client_app = agent_bed.a.spawn(sys.executable, str(APP), "client", b.ip, str(PORT), *client_args)
+        self.client_app = agent_bed.a.spawn(sys.executable, str(APP), "client", server_ip, str(PORT), *client_args)
         meshed_a.settimeout(10)
         self.proxy_client, _ = meshed_a.accept()
-        expected = kernel.expect_server_app(b.ip, PORT, b.ip)
+        expected = kernel.expect_server_app(server_ip, PORT, server_ip)
 
         def dial():
-            sock = socket.create_connection((b.ip, PORT), timeout=10)
+            sock = socket.create_connection((server_ip, PORT), timeout=10)
             return sock
         self.proxy_server = in_netns(b.netns_path, dial)
         kernel.forget_expected(expected)
@@ -154,8 +155,8 @@ class Bed:
 def bed(agent_bed, meshed_a, kernel, local_server):
     made = []
 
-    def make(client_args=(), server_args=()):
-        made.append(Bed(agent_bed, meshed_a, kernel, client_args, server_args))
+    def make(client_args=(), server_args=(), server_ip: str = "", proxy_listener=None):
+        made.append(Bed(agent_bed, proxy_listener or meshed_a, kernel, client_args, server_args, server_ip))
         return made[-1]
     yield make
     for one in made:
@@ -296,3 +297,21 @@ def test_an_app_reset_after_the_switch_reaches_the_proxys_socket(bed, side):
         time.sleep(0.02)
     direction = one.kernel.direct(one.pair)[0 if side == "client" else 1]
     assert direction.sends, "the resetting app was not switched"
+
+
+def test_ipv6_takes_the_same_path(bed, agent_bed):
+    """An IPv6 destination: captured to [::1]:15001, the same keys (IPv6 as is, IPv4 as
+    mapped), the same switch."""
+    from shoal.datapath.structs import DIRECT_ON
+    listener = agent_bed.a.listen(15001, host="::1")
+    try:
+        size = 32 << 20
+        one = bed(client_args=("--greet", "100", "--pause", "0.3", "--send", str(size)),
+                  server_args=("--pause", "0.3", "--send", str(size)), server_ip=agent_bed.b.ip6,
+                  proxy_listener=listener)
+        client, server = one.finish()
+        _assert_exchanged(client, server, 100 + size, size)
+        assert [d.state for d in one.kernel.direct(one.pair)] == [DIRECT_ON, DIRECT_ON]
+        assert one.kernel.carried(one.pair) == (100 + size, size)
+    finally:
+        listener.close()
