@@ -133,6 +133,7 @@ class JoinedPair:
     landed_to_client: int = 0
     server_frozen: bool = False
     client_frozen: bool = False
+    linked: bool = False   # the apps' links are in place (never written again once unlinked)
 
 
 @dataclass(frozen=True)
@@ -249,6 +250,7 @@ class KernelBypass:
             return
         pair.client_app = _app_key_of_peer(pair.client)
         pair.server_app = _app_key_of_peer(pair.server)
+        pair.linked = True
         for source in (pair.client_cookie, pair.server_cookie):
             bpfsys.map_update(self._apps["app_direct"], U64(source), AppDirect())
         self._write_links(pair, landed_to_server=0, landed_to_client=0)
@@ -263,7 +265,7 @@ class KernelBypass:
         """Tell the apps' program how many of the bytes the verdict redirected are queued on
         each target (all of them, for a direction that is ``drained``; else what was
         published before): the last condition of a direction's switch."""
-        if not self._apps or pair.client_app is None:
+        if not self._apps or not pair.linked:
             return
         previous = [AppLink(), AppLink()]
         bpfsys.map_lookup(self._apps["app_links"], pair.client_app, previous[0])
@@ -296,6 +298,7 @@ class KernelBypass:
     def unlink_apps(self, pair: JoinedPair) -> None:
         """The apps' next sends take the proxy's path (a revoked or ending pair: the proxy
         then resets both, as today)."""
+        pair.linked = False
         if not self._apps or pair.client_app is None:
             return
         for key in (pair.client_app, pair.server_app):
