@@ -238,14 +238,16 @@ def test_a_server_that_stops_reading_holds_back_a_switched_sender_within_the_soc
     held_after = 1 << 20
     size = 512 << 20
     one = bed(client_args=("--pause", "0.3", "--send", str(size)),
-              server_args=("--pause", "1", "--stop-reading-after", str(held_after), "--hold", "4"))
-    time.sleep(2.0)
-    first = one.kernel.carried(one.pair)[0]
-    time.sleep(1.0)
-    second = one.kernel.carried(one.pair)[0]
+              server_args=("--pause", "1", "--stop-reading-after", str(held_after), "--hold", "10"))
+    deadline = time.monotonic() + 25
+    first, second = -1, one.kernel.carried(one.pair)[0]
+    while second != first:   # until the sender is held (two readings 0.5 s apart agree)
+        assert time.monotonic() < deadline, "the sender kept going while nobody read"
+        time.sleep(0.5)
+        first, second = second, one.kernel.carried(one.pair)[0]
     up_direct, _down = one.kernel.direct(one.pair)
     assert up_direct.sends, "the client's sends were not switched"
-    assert second == first, "the sender kept going while nobody read"
+    assert second > held_after
     bound = _sysctl_max(agent_bed.b.netns_path, "tcp_wmem") + _sysctl_max(agent_bed.b.netns_path, "tcp_rmem")
     assert second - held_after <= bound, (second, bound)
     client, server = one.finish()
