@@ -119,6 +119,10 @@ class SameNodeBypass:
                                         "socket toward the other app (as asked by their sends)", registry=registry)
         self._unsubscribe: Callable[[], None] | None = state.subscribe(lambda _delta: self.recheck())
         self._counting: asyncio.Task | None = None
+        if app_join:
+            # Opened now, not at the first same-node connection: opening turns on sockops'
+            # insertion of app sockets, which must precede the apps' connect()s.
+            self.kernel()
 
     def track(self, conn: "BypassedConnection | RelayedConnection") -> None:
         """``conn`` is live: re-checked on config changes, its bytes counted while open."""

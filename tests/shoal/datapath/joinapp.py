@@ -81,9 +81,11 @@ def sender() -> None:
         while left > 0:
             data = zeros[:min(args.chunk, left)] if args.fast else os.urandom(min(args.chunk, left))
             if 0 <= args.reset_after <= result["sent"]:
+                # RST at close; the reader (blocked in recv, which holds the file) is woken
+                # by the read-side shutdown and closes the socket
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                conn.close()
                 result["reset"] = True
+                conn.shutdown(socket.SHUT_RD)
                 return
             send_all(data)
             if not args.fast:
@@ -129,6 +131,8 @@ try:
 except OSError as exc:
     result["error"] = result["error"] or f"recv: {exc}"
 thread.join()
+if result.get("reset"):
+    conn.close()
 result["sent_sha"], result["received_sha"] = sent_hash.hexdigest(), received_hash.hexdigest()
 print(json.dumps(result), flush=True)
 sys.exit(0)

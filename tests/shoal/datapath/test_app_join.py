@@ -114,6 +114,16 @@ class Bed:
         self.server_app = b.spawn(sys.executable, str(APP), "server", server_ip, str(PORT), *server_args)
         assert self.server_app.stdout.readline().strip() == "ready"
         self.client_app = agent_bed.a.spawn(sys.executable, str(APP), "client", server_ip, str(PORT), *client_args)
+        try:
+            self._proxy_side(agent_bed, meshed_a, kernel, server_ip)
+        except BaseException:   # the apps must go, or the bed's cgroups cannot
+            for proc in (self.client_app, self.server_app):
+                proc.kill()
+                proc.communicate()
+            raise
+
+    def _proxy_side(self, agent_bed, meshed_a, kernel, server_ip: str) -> None:
+        b = agent_bed.b
         meshed_a.settimeout(10)
         self.proxy_client, _ = meshed_a.accept()
         expected = kernel.expect_server_app(server_ip, PORT, server_ip)
