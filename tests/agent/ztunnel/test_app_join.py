@@ -5,7 +5,6 @@ real origdst map, join, link, landed bytes, half-close, counts) serves it."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import os

@@ -733,8 +733,8 @@ async def test_with_the_app_join_the_proxy_links_both_apps_and_counts_exactly(pr
     both app sockets linked while the pair lives, unlinked when it ends, the same bytes and
     the same counts. (No sockops here, so the apps' sockets are not in app_socks: their
     sends take the proxy's path, which must stay exact with the links in place.)"""
-    from shoal.datapath.structs import CONFIG_APP_JOIN, U32, U64
     from shoal.datapath import bpfsys
+    from shoal.datapath.structs import CONFIG_APP_JOIN, U32, U64
     harness = await proxy(same_node_app_join=True)
     app = harness.app
     reader, writer = await harness.connect_via_proxy(SERVER_IP, APP_PORT)

@@ -5,7 +5,6 @@ server app, joins its two sockets, links the apps, relays handed-back bytes, pub
 what landed and forwards half-closes, as agent/ztunnel/bypass.py does."""
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import select
