@@ -45,8 +45,6 @@
  */
 #include "lib/join.h"
 
-#define O_NONBLOCK_ 04000
-
 #if SHOAL_APP_JOIN_FIELDS
 /* The app socket's write_seq, and whether its file is blocking. */
 static __always_inline int app_socket(struct sk_msg_md *msg, __u32 *write_seq, int *blocking)
@@ -58,14 +56,7 @@ static __always_inline int app_socket(struct sk_msg_md *msg, __u32 *write_seq, i
     if (!tp)
         return 0;
     *write_seq = *(volatile __u32 *)(tp + SHOAL_TCP_SOCK_WRITE_SEQ);
-    void *sock = *(void **)(tp + SHOAL_SOCK_SK_SOCKET);
-    if (!sock)
-        return 0;
-    void *file = *(void **)(sock + SHOAL_SOCKET_FILE);
-    if (!file)
-        return 0;
-    __u32 flags = *(__u32 *)(file + SHOAL_FILE_F_FLAGS);
-    *blocking = !(flags & O_NONBLOCK_);
+    *blocking = file_nonblocking(tp) == 0;
     return 1;
 }
 

@@ -11,8 +11,9 @@
  * CONFIG_APP_JOIN): the apps' sockets of a same-node connection enter app_socks here,
  * the only place that can insert them (the proxy holds no descriptor of them;
  * bpf_sock_hash_update is allowed at ACTIVE/PASSIVE_ESTABLISHED): the client app's
- * captured socket when its original destination is a meshed pod of this node (so no
- * other socket pays for the sk_msg program), the server app's accepted socket when the
+ * captured socket when its original destination is a meshed pod of this node and it
+ * connected blocking (so no other socket pays for the sk_msg program), the server app's
+ * accepted socket when the
  * proxy announced the connection in app_expected before dialling it. Being in the map
  * redirects nothing: only the proxy's link of a checked pair does.
  */
@@ -88,6 +89,16 @@ static __always_inline void client_app_established(struct bpf_sock_ops *skops, c
     __u32 local_meshed = ENDPOINT_LOCAL | ENDPOINT_MESHED;
     if (!endpoint || (endpoint->flags & local_meshed) != local_meshed)
         return;
+#if SHOAL_APP_JOIN_FIELDS
+    /* A socket that connects non-blocking (Go, Node, nginx, Java NIO...) would never be
+     * switched (sk_msg_join.c) and would only pay for the sk_msg send path: left out. */
+    struct bpf_sock *sk = skops->sk;
+    if (!sk)
+        return;
+    void *tp = bpf_skc_to_tcp_sock(sk);
+    if (!tp || file_nonblocking(tp) != 0)
+        return;
+#endif
     struct app_key key = {};
     APP_KEY_FILL(key, skops, bpf_get_netns_cookie(skops));
     app_enter(skops, &key);

@@ -51,3 +51,21 @@ static __always_inline int app_join_enabled(void)
     (key).remote_port = (__u16)bpf_ntohl(CTX_U32((ctx)->remote_port));                            \
 } while (0)
 
+
+#define O_NONBLOCK_ 04000
+
+#if SHOAL_APP_JOIN_FIELDS
+/* Whether a socket's file is non-blocking (sock->sk_socket->file->f_flags, at BTF
+ * offsets); -1 if it has no file (yet: a socket not accepted). ``tp`` is what
+ * bpf_skc_to_tcp_sock returned for it. */
+static __always_inline int file_nonblocking(void *tp)
+{
+    void *sock = *(void **)(tp + SHOAL_SOCK_SK_SOCKET);
+    if (!sock)
+        return -1;
+    void *file = *(void **)(sock + SHOAL_SOCKET_FILE);
+    if (!file)
+        return -1;
+    return (*(__u32 *)(file + SHOAL_FILE_F_FLAGS) & O_NONBLOCK_) != 0;
+}
+#endif

@@ -30,6 +30,7 @@ parser.add_argument("--greet", type=int, default=0)
 parser.add_argument("--wait-greeting", type=int, default=0)
 parser.add_argument("--pause", type=float, default=0.0)
 parser.add_argument("--nonblocking", action="store_true")
+parser.add_argument("--nonblocking-connect", action="store_true", help="connect() already non-blocking")
 parser.add_argument("--reset-after", type=int, default=-1)
 parser.add_argument("--stop-reading-after", type=int, default=-1)
 parser.add_argument("--hold", type=float, default=0.0)
@@ -45,11 +46,19 @@ if args.role == "server":
     print("ready", flush=True)
     conn, _ = listener.accept()
     listener.close()
-else:
-    conn = socket.create_connection((args.host, args.port), timeout=10)
-conn.settimeout(None)
+elif args.nonblocking_connect:
+    conn = socket.socket(family)
+    conn.setblocking(False)
+    conn.connect_ex((args.host, args.port))
+    select.select([], [conn], [], 10)
+    args.nonblocking = True
+else:   # a blocking connect (a timeout would make Python's socket non-blocking meanwhile)
+    conn = socket.socket(family)
+    conn.connect((args.host, args.port))
 if args.nonblocking:   # O_NONBLOCK on the file; the reader then waits in select too
     conn.setblocking(False)
+else:
+    conn.settimeout(None)
 result = {"sent": 0, "received": 0, "error": ""}
 sent_hash, received_hash = hashlib.sha256(), hashlib.sha256()
 

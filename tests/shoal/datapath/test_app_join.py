@@ -326,3 +326,15 @@ def test_ipv6_takes_the_same_path(bed, agent_bed):
         assert one.kernel.carried(one.pair) == (100 + size, size)
     finally:
         listener.close()
+
+
+def test_a_client_that_connects_non_blocking_never_enters_the_map(bed, agent_bed):
+    """It would never be switched, so sockops leaves it out: it pays nothing for the app
+    join (its sends keep tcp_sendmsg, its reads tcp_recvmsg)."""
+    before = _app_sockets(agent_bed.pin_dir)
+    one = bed(client_args=("--nonblocking-connect", "--pause", "0.5", "--send", str(8 << 20)),
+              server_args=("--pause", "0.5", "--send", "1000"))
+    assert _app_sockets(agent_bed.pin_dir) == before + 1   # the server app's (announced) only
+    client, server = one.finish()
+    _assert_exchanged(client, server, 8 << 20, 1000)
+    assert one.kernel.direct(one.pair)[0].sends == 0
