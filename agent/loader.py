@@ -63,6 +63,8 @@ PROGRAMS: tuple[ProgramSpec, ...] = (
                 bpfsys.ATTACH_SK_LOOKUP),
     # attached to the bypass_socks map, not to a cgroup (attach_bypass)
     ProgramSpec("sk_skb_bypass", "sk_skb_bypass.c", "shoal_sk_skb_bypass", "SK_SKB", None),
+    # attached to the app_socks map (attach_bypass)
+    ProgramSpec("sk_msg_join", "sk_msg_join.c", "shoal_sk_msg_join", "SK_MSG", None),
 )
 CGROUP_PROGRAMS = tuple(p for p in PROGRAMS if p.attach_type is not None)
 
@@ -90,11 +92,14 @@ def kernel_layout_cflags() -> list[str]:
     """Offsets of the kernel struct members the programs read (the running kernel's, from
     BTF: the headers bcc compiles with may be another kernel's). Without BTF none is
     defined, and the programs that need one take their safe path (sk_skb_bypass.c: every
-    byte handed back to the proxy)."""
+    byte handed back to the proxy; sk_msg_join.c: no send redirected)."""
     try:
         btf = Btf.of_running_kernel()
         return [f"-DSHOAL_TCP_SOCK_WRITE_SEQ={btf.member_offset('tcp_sock', 'write_seq')}",
-                f"-DSHOAL_SOCK_RCVBUF={btf.member_offset('sock', 'sk_rcvbuf')}"]
+                f"-DSHOAL_SOCK_RCVBUF={btf.member_offset('sock', 'sk_rcvbuf')}",
+                f"-DSHOAL_SOCK_SK_SOCKET={btf.member_offset('sock', 'sk_socket')}",
+                f"-DSHOAL_SOCKET_FILE={btf.member_offset('socket', 'file')}",
+                f"-DSHOAL_FILE_F_FLAGS={btf.member_offset('file', 'f_flags')}"]
     except BtfError as exc:
         log.warning("kernel BTF unusable (%s): the same-node bypass hands every byte to the proxy", exc)
         return []
@@ -284,6 +289,9 @@ class Datapath:
         attach replaces the previous program in place (the map keeps it meanwhile)."""
         bpfsys.prog_attach(self.programs["sk_skb_bypass"].fd, self.maps.fds["bypass_socks"],
                            bpfsys.ATTACH_SK_SKB_STREAM_VERDICT)
+        # the apps' sends of joined pairs (sk_msg_join.c); only sockops fills app_socks
+        bpfsys.prog_attach(self.programs["sk_msg_join"].fd, self.maps.fds["app_socks"],
+                           bpfsys.ATTACH_SK_MSG_VERDICT)
 
     def tc_program_fd(self) -> int:
         return self.programs["tc_ingress"].fd

@@ -108,6 +108,13 @@ int shoal_sk_skb_bypass(struct __sk_buff *skb)
     struct bypass_pair *pair = bpf_map_lookup_elem(SHOAL_MAP(bypass_pairs), &cookie);
     if (!pair)
         return SK_PASS;   /* not paired (yet, or any more): the proxy's own to read */
+    /* The apps' sends of this direction switched to the target directly (sk_msg_join.c):
+     * a byte still seen here (a send of another thread of the app racing the switch, or
+     * every send once the target was full) goes to the proxy, which writes it after
+     * everything already on the target; the kernel never redirects behind the switch. */
+    struct app_direct *direct = bpf_map_lookup_elem(SHOAL_MAP(app_direct), &cookie);
+    if (direct && direct->state != DIRECT_OFF)
+        return hand_back(pair, skb, cookie);
     /* The verdict of one socket runs under that socket's lock: one writer per entry. */
     if (pair->state == BYPASS_HANDING_BACK) {
         __u64 *relayed = bpf_map_lookup_elem(SHOAL_MAP(bypass_relayed), &cookie);

@@ -174,7 +174,7 @@ class ProxyApp:
         self.ctx.served_pods = self.pods.pods
         if config.same_node_bypass:
             self.ctx.bypass = SameNodeBypass(config.layout.bpf_pin_dir(config.node), self.state, telemetry,
-                                             self.registry)
+                                             self.registry, app_join=config.same_node_app_join)
         self.zds = ZdsServer(config.zds_path, self.pods, on_error=lambda r: self.metrics.reject("zds", "message"))
         self._serve_http = serve_http
         self._endpoints: list[HttpEndpoint] = []

@@ -20,6 +20,13 @@ behind (``shoal.datapath.bypass``): it writes them to the other socket once the 
 kernel carried before them are there, so TCP flow control reaches the sender as through
 any relay, and the kernel carries the direction again once the proxy has caught up.
 
+With ``app_join`` (off by default, README "Same-node bypass"), the proxy also announces its
+connection to the server app before dialling it, links both apps' sockets to the joined
+pair, and tells the kernel when the bytes the verdict redirected have landed
+(``publish_landed``): each direction then switches to the app's sends going straight into
+the proxy's socket toward the other app (bpf/sk_msg_join.c). Byte counts then come from
+that socket's queue (``KernelBypass.carried``); a reset unlinks the apps first.
+
 Declined (the HBONE path takes the connection, as without the bypass): bypass off, no
 pinned bypass maps (no agent yet), an SVID missing. Join refused by the kernel (map full,
 socket state): the two sockets are relayed in userspace instead, still inside the node.
@@ -49,6 +56,7 @@ from shoal.agent.ztunnel.telemetry import (
     ConnectionTelemetry,
 )
 from shoal.datapath.bypass import BypassBroken, BypassUnavailable, JoinedPair, KernelBypass
+from shoal.datapath.structs import DIRECT_OFF, DIRECT_ON, DIRECT_RETIRED
 from shoal.hbone.session import PipeEnd, abort_with_reset
 from shoal.ratelog import LogLimiter, log_limited
 from shoal.telemetry_labels import service_of_endpoint
@@ -69,14 +77,21 @@ TCP_CLOSE = 7
 # How often the bytes of open same-node connections reach istio_tcp_*_bytes (the kernel
 # counts them; nothing in the proxy sees them pass). /connections reads them when asked.
 LIVE_BYTES_INTERVAL = 2.0
+# After a join, when the proxy looks whether the bytes the verdict redirected have landed
+# (then a direction can switch to direct sends at its next send); later, every
+# LIVE_BYTES_INTERVAL, and after each relay of handed-back bytes.
+LANDED_CHECKS = (0.001, 0.005, 0.02, 0.1, 0.5)
+APP_DIRECTION_STATES = {DIRECT_ON: "direct", DIRECT_RETIRED: "retired", DIRECT_OFF: "proxy_path"}
 
 
 class SameNodeBypass:
     """The proxy's bypassed connections and its handle on the agent's pinned maps
     (opened on first use: the agent may start after us)."""
 
-    def __init__(self, pin_dir: Path, state: ConfigState, telemetry: ConnectionTelemetry, registry):
+    def __init__(self, pin_dir: Path, state: ConfigState, telemetry: ConnectionTelemetry, registry,
+                 app_join: bool = False):
         self.pin_dir = Path(pin_dir)
+        self.app_join = app_join
         self.state = state
         self.telemetry = telemetry
         self.live: set[BypassedConnection | RelayedConnection] = set()
@@ -94,8 +109,20 @@ class SameNodeBypass:
                                          "Bytes of joined same-node connections the kernel handed back to the "
                                          "proxy (a receiver fell behind by the high-water mark) and the proxy "
                                          "relayed", registry=registry)
+        self.app_directions = Counter("shoal_proxy_bypass_app_directions",
+                                      "Directions of ended same-node connections by how the app join left "
+                                      "them: direct (the app's sends went straight to the proxy's socket "
+                                      "toward the other app), retired (switched, then back to the proxy's "
+                                      "path), proxy_path (never switched)", ["state"], registry=registry)
+        self.app_direct_bytes = Counter("shoal_proxy_bypass_app_direct_bytes",
+                                        "Bytes the apps of same-node connections sent straight to the proxy's "
+                                        "socket toward the other app (as asked by their sends)", registry=registry)
         self._unsubscribe: Callable[[], None] | None = state.subscribe(lambda _delta: self.recheck())
         self._counting: asyncio.Task | None = None
+        if app_join:
+            # Opened now, not at the first same-node connection: opening turns on sockops'
+            # insertion of app sockets, which must precede the apps' connect()s.
+            self.kernel()
 
     def track(self, conn: "BypassedConnection | RelayedConnection") -> None:
         """``conn`` is live: re-checked on config changes, its bytes counted while open."""
@@ -119,13 +146,15 @@ class SameNodeBypass:
     def kernel(self) -> KernelBypass | None:
         if self._kernel is None:
             try:
-                self._kernel = KernelBypass(self.pin_dir)
+                self._kernel = KernelBypass(self.pin_dir, app_join=self.app_join)
             except BypassUnavailable as exc:
                 if not self._warned:
                     log.warning("same-node bypass unavailable (%s): same-node connections use HBONE", exc)
                     self._warned = True
                 return None
             log.info("same-node bypass: kernel maps at %s", self.pin_dir)
+            if self.app_join and not self._kernel.app_join:
+                log.warning("same-node app join unavailable (%s): the proxy's sockets only", self._kernel.app_join_error)
         return self._kernel
 
     def recheck(self) -> None:
@@ -174,6 +203,7 @@ class SameNodeBypass:
             self._counting.cancel()
             self._counting = None
         if self._kernel is not None:
+            self._kernel.disable_app_join()
             self._kernel.close()
             self._kernel = None
 
@@ -215,6 +245,10 @@ async def serve_same_node(ctx: ProxyContext, pod: ServedPod, conn: socket.socket
         ctx.metrics.reject(ROUTE, reason)
         _refuse(ctx, conn, (rec, dest), flags, error, policy)
         return True
+    # The server app's socket enters app_socks at its accept (sockops) only if announced:
+    # from the address connect_app dials from (the client's, or loopback for a hairpin).
+    dial_from = src_ip if not dst_pod.owns(src_ip) else ("::1" if ":" in dst_ip else "127.0.0.1")
+    expected = kernel.expect_server_app(dst_ip, dst_port, dial_from)
     try:
         async with ctx.dial_limits.slot(pod.spiffe_id):
             upstream = await connect_app(ctx, dst_pod, dst_ip, dst_port, src_ip)
@@ -222,6 +256,8 @@ async def serve_same_node(ctx: ProxyContext, pod: ServedPod, conn: socket.socket
         ctx.metrics.reject(ROUTE, "upstream_connect")
         _refuse(ctx, conn, (rec, dest), FLAG_UPSTREAM_FAILURE, f"{type(exc).__name__}: {exc}", "")
         return True
+    finally:
+        kernel.forget_expected(expected)
     # The config may have changed while the app was dialled (a DENY pushed then found no
     # live connection to reset): decided again, and nothing is awaited from here until the
     # connection is in ``bypass.live``, where every later change re-checks it.
@@ -248,6 +284,12 @@ async def serve_same_node(ctx: ProxyContext, pod: ServedPod, conn: socket.socket
         _refuse(ctx, conn, (rec, dest), FLAG_RESET, str(exc), "")
         return True
     bypass.outcomes.labels("joined").inc()
+    try:
+        kernel.link_apps(pair)
+    except OSError as exc:   # the apps' sends keep taking the proxy's path: still exact
+        kernel.unlink_apps(pair)
+        log_limited(log, bypass.log_limiter, "unlinked", logging.INFO, "bypass %s -> %s:%d: apps not linked (%s)",
+                    pod.info.name, dst_ip, dst_port, exc)
     await BypassedConnection(bypass, kernel, pair, rec, dest, uids, dst_workload, info).wire()
     return True
 
@@ -338,19 +380,50 @@ class BypassedConnection:
         self.wired = True
         for end in (self.client_end, self.server_end):
             end.start_forwarding()
+        if self.kernel.app_join:
+            asyncio.ensure_future(self._publish_landed_soon())
 
-    def count_bytes(self) -> None:
-        """Both records take the verdict program's counts so far."""
+    async def _publish_landed_soon(self) -> None:
+        """Right after the join the bytes the verdict redirected (a request sent before the
+        server was dialled) land within microseconds: tell the apps' program soon, so a
+        direction switches at its next send; later checks ride on LIVE_BYTES_INTERVAL."""
+        for delay in LANDED_CHECKS:
+            await asyncio.sleep(delay)
+            if self.finished:
+                return
+            self.publish_landed()
+
+    def publish_landed(self) -> None:
+        try:
+            self.kernel.publish_landed(self.pair)
+        except OSError as exc:   # closing: nothing switches any more
+            log.debug("bypass: landed bytes not published: %s", exc)
+
+    def take_counts(self):
+        """Both records take the bytes carried so far (the verdict program's counts, or
+        what is queued on the proxy's sockets when the apps send there directly); the
+        verdict's counts, or None if unreadable."""
         try:
             counts = self.kernel.counts(self.pair)
+            carried = self.kernel.carried(self.pair)
         except OSError as exc:
             log.debug("bypass: pair counters unreadable: %s", exc)
-            return
+            return None
         for record in (self.source, self.dest):   # never less: an evicted entry reads as zero
-            record.bytes_in = max(record.bytes_in, counts.client_to_server)
-            record.bytes_out = max(record.bytes_out, counts.server_to_client)
+            record.bytes_in = max(record.bytes_in, carried[0])
+            record.bytes_out = max(record.bytes_out, carried[1])
+        return counts
+
+    def count_bytes(self) -> None:
+        """``take_counts``; a pair whose bytes the kernel could not carry is reset."""
+        counts = self.take_counts()
+        if counts is None:
+            return
         if counts.unredirected and not self.finished:   # dropped past every window: nobody reads them
             self.broken(f"the kernel could not carry {counts.unredirected} skbs")
+            return
+        if self.kernel.app_join and not self.finished:
+            self.publish_landed()
 
     def other(self, end: "_End") -> "_End":
         return self.server_end if end is self.client_end else self.client_end
@@ -389,7 +462,14 @@ class BypassedConnection:
         self.reset(f"policy changed: {error}")
 
     def reset(self, error: str) -> None:
-        """Both apps get a RST at once."""
+        """Both apps get a RST at once (their sockets unlinked first: a send now takes the
+        proxy's path, into a socket being reset)."""
+        if not self.finished:
+            try:
+                self.kernel.unlink_apps(self.pair)
+            except OSError as exc:
+                log.debug("bypass: apps not unlinked: %s", exc)
+            self.take_counts()
         for record in (self.source, self.dest):
             record.reset(error)
         for end in (self.client_end, self.server_end):
@@ -397,9 +477,20 @@ class BypassedConnection:
                 abort_with_reset(end.transport)
         self.finish()
 
+    def _count_directions(self) -> None:
+        try:
+            directions = self.kernel.direct(self.pair)
+        except OSError as exc:
+            log.debug("bypass: app join state unreadable: %s", exc)
+            return
+        for direction in directions:
+            self.owner.app_directions.labels(APP_DIRECTION_STATES.get(direction.state, "proxy_path")).inc()
+            self.owner.app_direct_bytes.inc(direction.bytes)
+
     def maybe_close(self) -> None:
         """Both directions ended (EOF forwarded both ways): close both sockets."""
         if self.client_end.eof_forwarded and self.server_end.eof_forwarded:
+            self.take_counts()   # while both sockets are open
             for end in (self.client_end, self.server_end):
                 if end.transport is not None:
                     end.transport.close()
@@ -410,14 +501,17 @@ class BypassedConnection:
             return
         self.finished = True
         self.owner.live.discard(self)
+        if self.kernel.app_join:
+            self._count_directions()
         try:
-            counts = self.kernel.release(self.pair)
+            carried = self.kernel.carried(self.pair)
+            self.kernel.release(self.pair)
         except OSError as exc:
             log.warning("bypass: pair counters unreadable: %s", exc)
         else:
             for record in (self.source, self.dest):
-                record.bytes_in = max(record.bytes_in, counts.client_to_server)
-                record.bytes_out = max(record.bytes_out, counts.server_to_client)
+                record.bytes_in = max(record.bytes_in, carried[0])
+                record.bytes_out = max(record.bytes_out, carried[1])
         for record in (self.source, self.dest):
             self.owner.telemetry.closed(record)
 
@@ -581,6 +675,10 @@ class _End(asyncio.Protocol):
             return
         if self.conn.finished or other.transport is None or other.transport.is_closing():
             return
+        try:   # every byte of the direction is on the other socket: its count is final
+            self.conn.kernel.freeze(self.conn.pair, self.toward_server)
+        except OSError as exc:
+            log.debug("bypass: count not frozen: %s", exc)
         other.transport.write_eof()
         self.eof_forwarded = True
         self.conn.maybe_close()

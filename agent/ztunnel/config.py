@@ -70,6 +70,10 @@ class ProxyConfig:
     # Same-node kernel bypass (bypass.py): on unless turned off (--no-same-node-bypass,
     # SHOAL_PROXY_SAME_NODE_BYPASS=0); the security argument is in the README.
     same_node_bypass: bool = True
+    # ... and the apps' own sockets of a joined pair send straight into the proxy's socket
+    # toward the other app (bpf/sk_msg_join.c): off unless turned on (--same-node-app-join,
+    # SHOAL_PROXY_SAME_NODE_APP_JOIN=1); why it is off is in the README.
+    same_node_app_join: bool = False
     log_level: str = "INFO"
 
     @property
@@ -137,6 +141,11 @@ class ProxyConfig:
                             default=env.get("SHOAL_PROXY_SAME_NODE_BYPASS", "1") not in ("0", "false", "no", "off"),
                             help="join same-node pod connections in the kernel instead of an HBONE tunnel "
                                  "(env SHOAL_PROXY_SAME_NODE_BYPASS; default on)")
+        parser.add_argument("--same-node-app-join", action=argparse.BooleanOptionalAction,
+                            default=env.get("SHOAL_PROXY_SAME_NODE_APP_JOIN", "0") not in ("0", "false", "no", "off", ""),
+                            help="with the bypass, let the apps' own sockets of a joined pair send straight into "
+                                 "the proxy's socket toward the other app (env SHOAL_PROXY_SAME_NODE_APP_JOIN; "
+                                 "default off)")
         parser.add_argument("--log-level", default=env.get("SHOAL_LOG_LEVEL", "INFO"))
         handshakes.add_flags(parser)
         args = parser.parse_args(argv)
@@ -172,6 +181,7 @@ class ProxyConfig:
                    workers=1 if args.single_process else workers, single_process=args.single_process,
                    worker_index=worker_index, worker_channel_fd=worker_fd, worker_feed_fd=feed_fd,
                    cert_ttl_seconds=args.cert_ttl, same_node_bypass=args.same_node_bypass,
+                   same_node_app_join=args.same_node_app_join,
                    handshake_limits=handshake_limits, log_level=args.log_level.upper())
 
 

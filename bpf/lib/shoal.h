@@ -75,6 +75,7 @@
 enum shoal_config {
     CONFIG_PROXY_CGROUP = 0,    /* cgroup v2 id of the node proxy: its sockets are never captured */
     CONFIG_PROXY_CGROUP_PREVIOUS, /* the one before a proxy restart moved it (a draining proxy still dials) */
+    CONFIG_APP_JOIN,            /* 1: sockops puts same-node app sockets into app_socks (sk_msg_join.c) */
     CONFIG_MAX,
 };
 
@@ -244,4 +245,55 @@ struct bypass_pair {
     __u64 handbacks;     /* how many times the mark was crossed */
     __u32 peer_seq_base; /* the peer's write_seq when this socket's first byte was seen */
     __u32 state;         /* BYPASS_* */
+};
+
+/* Same-node app join (sk_msg_join.c): the two apps' own sockets of a joined pair send
+ * straight into the proxy's socket toward the other app, once nothing of that direction
+ * is anywhere but on that socket.
+ *
+ * app_socks (a SOCKHASH, the sk_msg program attached) holds app sockets keyed by app_key;
+ * only sockops inserts (the proxy has no descriptor of them): the client app's captured
+ * socket whose original destination is a local meshed pod, and the server app's accepted
+ * socket whose (local, remote, local port) the proxy announced in app_expected before
+ * dialling it. Sockops also records each one's first sequence number (app_origin), so the
+ * program knows how many bytes the app ever queued on its own socket. app_links (written
+ * by the proxy alone, once it joined the pair): app socket -> the proxy socket its TCP
+ * bytes reach (source), the proxy socket toward the other app (target), and how many of
+ * the bytes the verdict redirected the proxy has seen queued on the target. app_direct
+ * (written by the sk_msg program alone, under the app socket's lock; created zeroed by the
+ * proxy), per source cookie: the direction's switch. */
+struct app_key {
+    __u64 netns;              /* the app socket's netns cookie: every pod has a 127.0.0.1 */
+    struct shoal_addr local;  /* the app socket's own address */
+    struct shoal_addr remote;
+    __u16 local_port;         /* host order */
+    __u16 remote_port;        /* host order */
+    __u32 pad;
+};
+
+struct app_expect_key {
+    struct shoal_addr local;  /* the server app's address (its pod IP: one netns on the node) */
+    struct shoal_addr remote; /* the address the proxy dials from (the client's, or loopback) */
+    __u16 local_port;         /* host order */
+    __u16 pad;
+    __u32 pad2;
+};
+
+struct app_link {
+    __u64 source;   /* cookie of the proxy socket the app's TCP bytes reach */
+    __u64 target;   /* cookie of the proxy socket toward the other app */
+    __u64 landed;   /* of the bytes the verdict redirected from source, how many the proxy saw on target */
+};
+
+/* app_direct.state: only ever OFF -> ON -> RETIRED */
+#define DIRECT_OFF     0   /* sends take the proxy's path (the verdict) */
+#define DIRECT_ON      1   /* sends are redirected to the target's egress */
+#define DIRECT_RETIRED 2   /* the app's socket became non-blocking, or the target left: the proxy's path for good */
+
+struct app_direct {
+    __u64 bytes;    /* bytes of sends redirected (as asked: a send may come back short) */
+    __u64 sends;    /* sends redirected */
+    __u64 waits;    /* sends passed while off because the proxy's path still held bytes */
+    __u32 state;    /* DIRECT_* */
+    __u32 pad;
 };

@@ -3,12 +3,15 @@
 Client and server pods both on node-1. ``direct``: pods outside the mesh. ``shoal-bypass``:
 meshed pods, node-1's proxy as the cluster runs it (bypass on): after the proxy's checks
 the two plaintext sockets are joined in the kernel (agent/ztunnel/bypass.py).
-``shoal-hbone``: the same meshed pods with node-1's proxy restarted with
-``--no-same-node-bypass`` (the tunnel the proxy opens to itself), then restarted back.
+``shoal-appjoin``: the same meshed pods with node-1's proxy restarted with
+``--same-node-app-join`` (the apps' own sockets send straight into the proxy's socket
+toward the other app once switched, bpf/sk_msg_join.c). ``shoal-hbone``: the same meshed
+pods with node-1's proxy restarted with ``--no-same-node-bypass`` (the tunnel the proxy
+opens to itself), then restarted back.
 
-The bypass block (direct and bypass interleaved) runs first, then the no-bypass block
-(direct again and HBONE interleaved): a restart lies between them, so direct is measured
-in both and its samples pooled. Targets: bypass throughput ≥ 0.9× direct, added p50 ≤ 20 µs.
+The bypass block (direct and bypass interleaved) runs first, then the app-join block, then
+the no-bypass block (direct again and HBONE interleaved): a restart lies between them, so
+direct is measured in each and its samples pooled. Targets: bypass throughput ≥ 0.9× direct, added p50 ≤ 20 µs.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ STREAM = "samenode.tcp_stream"
 RR = "samenode.tcp_rr_1k@1000/s"
 PATH_BYPASS = "shoal-bypass"
 PATH_HBONE = "shoal-hbone"
+PATH_APPJOIN = "shoal-appjoin"
 PLAIN_NAMESPACE = "perf-samenode-plain"
 MESH_NAMESPACE = "perf-samenode-mesh"
 NODE = "node-1"
@@ -72,6 +76,14 @@ def handed_back_bytes(ctx: Context) -> float:
     return _metric_sum(_proxy_metrics(ctx), "shoal_proxy_bypass_handed_back_bytes_total", "")
 
 
+def app_directions(ctx: Context) -> dict[str, float]:
+    """node-1's proxy's ended same-node directions by how the app join left them (direct,
+    retired, proxy_path): whether the apps' sends were the ones carried."""
+    text = _proxy_metrics(ctx)
+    return {state: _metric_sum(text, "shoal_proxy_bypass_app_directions_total{", f'state="{state}"')
+            for state in ("direct", "retired", "proxy_path")}
+
+
 def _metric_sum(text: str, prefix: str, contains: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith(prefix) and contains in line)
@@ -96,6 +108,11 @@ def run(ctx: Context) -> Iterator[Measurement]:
                 f"relayed {handed_back_bytes(ctx):.0f} handed-back bytes itself")
         if not joined:
             raise RuntimeError(f"the {PATH_BYPASS} path was not bypassed (no joined pair in node-1's proxy metrics)")
+        set_workers(ctx, workers, nodes=(NODE,), extra_args=("--same-node-app-join",))
+        blocks.append(list(_renamed(pod2pod.measure_interleaved(ctx, [
+            direct, pod2pod.Route(PATH_APPJOIN, mesh_client, mesh_server.ip, processes=proxy, ends=1)]))))
+        ctx.log(f"  node-1's proxy with the app join: directions {app_directions(ctx)}, relayed "
+                f"{handed_back_bytes(ctx):.0f} handed-back bytes itself")
         set_workers(ctx, workers, nodes=(NODE,), extra_args=("--no-same-node-bypass",))
         try:
             blocks.append(list(_renamed(pod2pod.measure_interleaved(ctx, [
@@ -113,6 +130,8 @@ SCENARIO = Scenario(
     targets=(
         Target(STREAM, "throughput", PATH_BYPASS, ">=", 0.9, kind="ratio", against=PATH_DIRECT),
         Target(RR, "p50", PATH_BYPASS, "<=", 20, kind="added", against=PATH_DIRECT),
+        Target(STREAM, "throughput", PATH_APPJOIN, ">=", 0.9, kind="ratio", against=PATH_DIRECT),
+        Target(RR, "p50", PATH_APPJOIN, "<=", 20, kind="added", against=PATH_DIRECT),
     ),
     order=12,
 )

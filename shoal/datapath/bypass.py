@@ -40,6 +40,21 @@ them there and, once the bytes redirected before them are all on the peer's sock
 (``drained``), writes them to the peer itself and reports them (``relayed``); when it has
 reported all of them, the verdict redirects again. A byte read on a joined socket that
 was not handed back (``unredirected``) still ends the pair.
+
+**The apps' own sockets (``app_join``, bpf/sk_msg_join.c).** Sockops put the two apps'
+sockets of a same-node connection into ``app_socks`` (the client's when its original
+destination is a local meshed pod, the server's when the proxy announced the connection
+with ``expect_server_app`` before dialling). Once the pair is joined, ``link_apps`` links
+each app socket to the proxy socket toward the other app; each direction then switches,
+once, to the app's sends being written straight into that socket, at the first send that
+finds nothing of the direction anywhere else: every byte the app queued on its own socket
+met the verdict, every handed-back byte was relayed, and every byte the verdict redirected
+is on the target (``publish_landed``: the proxy tells the program so once ``drained``).
+After the switch the direction's bytes are still all queued on the proxy's socket toward
+the other app (synchronously, in the app's send), so ``drained`` and the byte counts
+(``landed_*``: that socket's queue since the join) stay exact; the verdict hands the proxy
+any byte it still sees of a switched direction. ``unlink_apps`` (before a reset, and on
+release) sends the apps' next bytes the proxy's way, where a revoked pair is reset.
 """
 from __future__ import annotations
 
@@ -54,7 +69,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shoal.datapath import bpfsys
-from shoal.datapath.structs import U64, BypassPair
+from shoal.datapath.structs import (
+    CONFIG_APP_JOIN,
+    U32,
+    U64,
+    Addr,
+    AppDirect,
+    AppExpectKey,
+    AppKey,
+    AppLink,
+    BypassPair,
+)
+from shoal.netns import socket_netns_cookie
 
 SO_COOKIE = 57
 TCP_INFO_BYTES_ACKED = 120      # offset of tcpi_bytes_acked (u64) in struct tcp_info
@@ -98,6 +124,16 @@ class JoinedPair:
     # handed-back bytes the proxy wrote to each side itself (they are on its socket too)
     relayed_to_server: int = 0
     relayed_to_client: int = 0
+    # the apps' sockets, when linked (app_join): the client app's and the server app's keys
+    client_app: AppKey | None = None
+    server_app: AppKey | None = None
+    # every byte of a direction queued on its target socket since the join (read while the
+    # socket is open; frozen when the proxy half-closes it, so its FIN is not counted)
+    landed_to_server: int = 0
+    landed_to_client: int = 0
+    server_frozen: bool = False
+    client_frozen: bool = False
+    linked: bool = False   # the apps' links are in place (never written again once unlinked)
 
 
 @dataclass(frozen=True)
@@ -122,8 +158,11 @@ class KernelBypass:
     """The pinned ``bypass_socks`` / ``bypass_pairs`` maps the agent created, with the
     verdict program it attached to the first. Needs no bcc: plain bpf(2)."""
 
-    def __init__(self, pin_dir: Path | str):
+    APP_MAPS = ("app_expected", "app_links", "app_direct", "app_origin", "config")
+
+    def __init__(self, pin_dir: Path | str, app_join: bool = False):
         pin_dir = Path(pin_dir)
+        self._apps: dict[str, int] = {}
         try:
             self._socks = bpfsys.obj_get(pin_dir / "bypass_socks")
         except OSError as exc:
@@ -135,12 +174,135 @@ class KernelBypass:
             self._pairs = self._relayed = -1
             self.close()
             raise BypassUnavailable(f"no bypass maps under {pin_dir}: {exc}") from exc
+        if not app_join:
+            self._set_app_join_config(pin_dir, 0)   # the last proxy started decides (a crashed one left 1)
+        if app_join:
+            try:
+                for name in self.APP_MAPS:
+                    self._apps[name] = bpfsys.obj_get(pin_dir / name)
+            except OSError as exc:   # an older agent: the apps' sockets are left alone
+                self.app_join_error = f"no app join maps under {pin_dir}: {exc}"
+                self._close_apps()
+            else:
+                bpfsys.map_update(self._apps["config"], U32(CONFIG_APP_JOIN), U64(1))
+
+    app_join_error = ""
+
+    @staticmethod
+    def _set_app_join_config(pin_dir: Path, value: int) -> None:
+        try:
+            fd = bpfsys.obj_get(pin_dir / "config")
+        except OSError:
+            return   # an agent without the slot, or none yet
+        try:
+            bpfsys.map_update(fd, U32(CONFIG_APP_JOIN), U64(value))
+        except OSError:
+            pass   # an older agent's config map has no such slot: nothing inserts app sockets
+        finally:
+            os.close(fd)
+
+    @property
+    def app_join(self) -> bool:
+        """Whether the apps' own sockets are linked to joined pairs (bpf/sk_msg_join.c)."""
+        return bool(self._apps)
+
+    def _close_apps(self) -> None:
+        for fd in self._apps.values():
+            os.close(fd)
+        self._apps = {}
 
     def close(self) -> None:
         for fd in (self._socks, self._pairs, self._relayed):
             if fd >= 0:
                 os.close(fd)
         self._socks = self._pairs = self._relayed = -1
+        self._close_apps()
+
+    def disable_app_join(self) -> None:
+        """Sockops stops putting app sockets into app_socks (linked pairs go on)."""
+        if self._apps:
+            bpfsys.map_update(self._apps["config"], U32(CONFIG_APP_JOIN), U64(0))
+
+    # -- the apps' own sockets (bpf/sk_msg_join.c) ------------------------------------
+
+    def expect_server_app(self, server_ip: str, server_port: int, dial_from_ip: str) -> AppExpectKey | None:
+        """Announce the proxy's coming connection to the server app (before connect(); the
+        port it dials from is chosen then), so sockops puts the app's accepted socket into
+        app_socks. ``forget_expected`` once connected."""
+        if not self._apps:
+            return None
+        key = AppExpectKey(local=Addr.of(server_ip), remote=Addr.of(dial_from_ip), local_port=server_port)
+        try:
+            bpfsys.map_update(self._apps["app_expected"], key, U64(1))
+        except OSError:
+            return None   # full: this pair's server app is not joined (its client still can be)
+        return key
+
+    def forget_expected(self, key: AppExpectKey | None) -> None:
+        if key is not None and self._apps:
+            bpfsys.map_delete(self._apps["app_expected"], key)
+
+    def link_apps(self, pair: JoinedPair) -> None:
+        """Link both apps' sockets to the joined pair: from now on each direction switches
+        to direct sends at its first send that finds the proxy's path empty. Sockets that
+        sockops did not put into app_socks are linked too and simply never send here."""
+        if not self._apps:
+            return
+        pair.client_app = _app_key_of_peer(pair.client)
+        pair.server_app = _app_key_of_peer(pair.server)
+        pair.linked = True
+        for source in (pair.client_cookie, pair.server_cookie):
+            bpfsys.map_update(self._apps["app_direct"], U64(source), AppDirect())
+        self._write_links(pair, landed_to_server=0, landed_to_client=0)
+        self.publish_landed(pair)
+
+    def _write_links(self, pair: JoinedPair, landed_to_server: int, landed_to_client: int) -> None:
+        links = self._apps["app_links"]
+        bpfsys.map_update(links, pair.client_app, AppLink(pair.client_cookie, pair.server_cookie, landed_to_server))
+        bpfsys.map_update(links, pair.server_app, AppLink(pair.server_cookie, pair.client_cookie, landed_to_client))
+
+    def publish_landed(self, pair: JoinedPair) -> None:
+        """Tell the apps' program how many of the bytes the verdict redirected are queued on
+        each target (all of them, for a direction that is ``drained``; else what was
+        published before): the last condition of a direction's switch."""
+        if not self._apps or not pair.linked:
+            return
+        previous = [AppLink(), AppLink()]
+        bpfsys.map_lookup(self._apps["app_links"], pair.client_app, previous[0])
+        bpfsys.map_lookup(self._apps["app_links"], pair.server_app, previous[1])
+        landed = []
+        for index, toward_server in enumerate((True, False)):
+            redirected = self._redirected_if_drained(pair, toward_server)
+            landed.append(previous[index].landed if redirected is None else redirected)
+        if landed != [previous[0].landed, previous[1].landed]:
+            self._write_links(pair, *landed)
+
+    def _redirected_if_drained(self, pair: JoinedPair, toward_server: bool) -> int | None:
+        counts = self.counts(pair)
+        if toward_server:
+            redirected = counts.redirected_to_server
+            on_socket = queued_bytes(pair.server) - pair.server_queued_before
+            return redirected if on_socket >= redirected + pair.relayed_to_server else None
+        redirected = counts.redirected_to_client
+        on_socket = queued_bytes(pair.client) - pair.client_queued_before
+        return redirected if on_socket >= redirected + pair.relayed_to_client else None
+
+    def direct(self, pair: JoinedPair) -> tuple[AppDirect, AppDirect]:
+        """Each direction's switch (client->server, server->client), as the program left it."""
+        values = (AppDirect(), AppDirect())
+        if self._apps:
+            bpfsys.map_lookup(self._apps["app_direct"], U64(pair.client_cookie), values[0])
+            bpfsys.map_lookup(self._apps["app_direct"], U64(pair.server_cookie), values[1])
+        return values
+
+    def unlink_apps(self, pair: JoinedPair) -> None:
+        """The apps' next sends take the proxy's path (a revoked or ending pair: the proxy
+        then resets both, as today)."""
+        pair.linked = False
+        if not self._apps or pair.client_app is None:
+            return
+        for key in (pair.client_app, pair.server_app):
+            bpfsys.map_delete(self._apps["app_links"], key)
 
     def join(self, client: socket.socket, server: socket.socket) -> JoinedPair:
         """Joins two connected TCP sockets (see the module docstring for the order).
@@ -183,6 +345,36 @@ class KernelBypass:
                           up.unredirected + down.unredirected, up.handed_back, down.handed_back,
                           up.handbacks + down.handbacks)
 
+    def carried(self, pair: JoinedPair) -> tuple[int, int]:
+        """Bytes of each direction (client->server, server->client) carried so far: the
+        verdict's counts, or what is queued on the target socket since the join when that is
+        more (the apps' direct sends are counted only there; at the end both agree). A
+        socket is read while open; once the proxy half-closed it, its count is frozen."""
+        counts = self.counts(pair)
+        for toward_server in (True, False):
+            sock, frozen = (pair.server, pair.server_frozen) if toward_server else (pair.client, pair.client_frozen)
+            if frozen or not self._apps:
+                continue
+            try:
+                landed = queued_bytes(sock) - (pair.server_queued_before if toward_server
+                                               else pair.client_queued_before)
+            except OSError:
+                continue   # closed: the last reading stands
+            if toward_server:
+                pair.landed_to_server = max(pair.landed_to_server, landed)
+            else:
+                pair.landed_to_client = max(pair.landed_to_client, landed)
+        return (max(counts.client_to_server, pair.landed_to_server),
+                max(counts.server_to_client, pair.landed_to_client))
+
+    def freeze(self, pair: JoinedPair, toward_server: bool) -> None:
+        """The proxy is about to half-close one target: its byte count is final (read it now)."""
+        self.carried(pair)
+        if toward_server:
+            pair.server_frozen = True
+        else:
+            pair.client_frozen = True
+
     def drained(self, pair: JoinedPair, toward_server: bool) -> bool:
         """Whether every byte redirected toward one side, and every handed-back byte the
         proxy relayed to it, is queued on its socket (so a FIN, or more relayed bytes,
@@ -215,6 +407,7 @@ class KernelBypass:
             pair.relayed_to_client += size
             total, source = pair.relayed_to_client, pair.server_cookie
         bpfsys.map_update(self._relayed, U64(source), U64(total))
+        self.publish_landed(pair)   # everything redirected before them was on the target too
 
     def release(self, pair: JoinedPair) -> PairCounts:
         """The final counts; the pair's entries removed (a closed socket leaves the SOCKHASH
@@ -224,10 +417,25 @@ class KernelBypass:
         return counts
 
     def _forget(self, pair: JoinedPair) -> None:
+        self.unlink_apps(pair)
+        if self._apps and pair.client_app is not None:
+            for key in (pair.client_app, pair.server_app):
+                bpfsys.map_delete(self._apps["app_origin"], key)
         for cookie in (pair.client_cookie, pair.server_cookie):
+            if self._apps:
+                bpfsys.map_delete(self._apps["app_direct"], U64(cookie))
             bpfsys.map_delete(self._pairs, U64(cookie))
             bpfsys.map_delete(self._relayed, U64(cookie))
             bpfsys.map_delete(self._socks, U64(cookie))
+
+
+def _app_key_of_peer(sock: socket.socket) -> AppKey:
+    """The app socket at the other end of one of the proxy's sockets (same netns, loopback
+    or pod addresses): its own address is the proxy socket's peer."""
+    local_ip, local_port = sock.getpeername()[:2]
+    remote_ip, remote_port = sock.getsockname()[:2]
+    return AppKey(netns=socket_netns_cookie(sock), local=Addr.of(local_ip), remote=Addr.of(remote_ip),
+                  local_port=local_port, remote_port=remote_port)
 
 
 def pair_entries(pin_dir: Path | str) -> int:

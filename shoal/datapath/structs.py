@@ -32,7 +32,8 @@ DROP_AUTH_REQUIRED = 189
 
 CONFIG_PROXY_CGROUP = 0   # enum shoal_config
 CONFIG_PROXY_CGROUP_PREVIOUS = 1
-CONFIG_MAX = 2
+CONFIG_APP_JOIN = 2       # 1: sockops puts same-node app sockets into app_socks (bpf/sk_msg_join.c)
+CONFIG_MAX = 3
 
 
 class Verdict(enum.IntEnum):
@@ -183,6 +184,34 @@ U64 = ctypes.c_uint64
 U32 = ctypes.c_uint32
 
 
+class AppKey(ctypes.Structure):
+    """struct app_key: an app socket of a same-node pair (bpf/sk_msg_join.c): its netns
+    cookie, its own and its peer's address (IPv4 as mapped) and ports (host order)."""
+    _fields_ = [("netns", ctypes.c_uint64), ("local", Addr), ("remote", Addr),
+                ("local_port", ctypes.c_uint16), ("remote_port", ctypes.c_uint16), ("pad", ctypes.c_uint32)]
+
+
+class AppExpectKey(ctypes.Structure):
+    """struct app_expect_key: a server app's connection the proxy is about to dial."""
+    _fields_ = [("local", Addr), ("remote", Addr), ("local_port", ctypes.c_uint16),
+                ("pad", ctypes.c_uint16), ("pad2", ctypes.c_uint32)]
+
+
+class AppLink(ctypes.Structure):
+    """struct app_link: the proxy socket an app's TCP bytes reach, the one toward the other app,
+    and how many bytes the verdict redirected the proxy saw queued on the latter."""
+    _fields_ = [("source", ctypes.c_uint64), ("target", ctypes.c_uint64), ("landed", ctypes.c_uint64)]
+
+
+class AppDirect(ctypes.Structure):
+    """struct app_direct: one direction's switch to direct sends (written by the sk_msg program)."""
+    _fields_ = [("bytes", ctypes.c_uint64), ("sends", ctypes.c_uint64), ("waits", ctypes.c_uint64),
+                ("state", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+DIRECT_OFF, DIRECT_ON, DIRECT_RETIRED = 0, 1, 2
+
+
 @dataclass(frozen=True)
 class MapSpec:
     name: str
@@ -229,6 +258,15 @@ MAPS: tuple[MapSpec, ...] = (
     # bytes handed back to the proxy that it wrote to the peer itself, per cookie (the proxy
     # writes it, the verdict reads it: see bpf/sk_skb_bypass.c); LRU like bypass_pairs
     MapSpec("bypass_relayed", bpfsys.MAP_TYPE_LRU_HASH, U64, U64, BYPASS_SOCKETS),
+    # the same-node app join (bpf/sk_msg_join.c): app sockets (inserted by sockops only),
+    # the server-app connections the proxy is dialling, each app socket's link to the
+    # pair (the proxy writes it), each direction's switch (the sk_msg program writes it);
+    # app_origin: each app socket's first sequence number (sockops writes it)
+    MapSpec("app_socks", bpfsys.MAP_TYPE_SOCKHASH, AppKey, U64, BYPASS_SOCKETS),
+    MapSpec("app_expected", bpfsys.MAP_TYPE_LRU_HASH, AppExpectKey, U64, 4096),
+    MapSpec("app_origin", bpfsys.MAP_TYPE_LRU_HASH, AppKey, U64, BYPASS_SOCKETS),
+    MapSpec("app_links", bpfsys.MAP_TYPE_LRU_HASH, AppKey, AppLink, BYPASS_SOCKETS),
+    MapSpec("app_direct", bpfsys.MAP_TYPE_LRU_HASH, U64, AppDirect, BYPASS_SOCKETS),
 )
 MAP_BY_NAME = {spec.name: spec for spec in MAPS}
 
@@ -237,5 +275,6 @@ C_MIRRORS = {
     "pod_info": PodValue, "endpoint_info": EndpointInfo, "svc_key": SvcKey, "svc_value": SvcValue,
     "policy_key": PolicyKey, "policy_value": PolicyValue, "orig_dst": OrigDst,
     "origdst_key": OrigDstKey, "flow_event": FlowRecord, "listener_key": ListenerKey,
-    "shoal_addr": Addr, "bypass_pair": BypassPair,
+    "shoal_addr": Addr, "bypass_pair": BypassPair, "app_key": AppKey, "app_expect_key": AppExpectKey,
+    "app_link": AppLink, "app_direct": AppDirect,
 }

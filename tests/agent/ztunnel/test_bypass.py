@@ -709,3 +709,66 @@ async def test_bytes_after_the_pair_entry_is_gone_are_not_taken_for_handed_back_
         await asyncio.wait_for(reader.readexactly(1), 5)
     await _until(lambda: not harness.app.ctx.bypass.live)
     assert metric(harness.app, "shoal_proxy_bypass_connections_total", outcome="broken") == 1
+
+
+def test_the_app_join_flag_and_its_environment_variable():
+    """Off unless asked for (README: a blocking app's read in a sockmap can fail with EAGAIN)."""
+    assert not ProxyConfig.from_args(["--node", "n"], env={}).same_node_app_join
+    assert ProxyConfig.from_args(["--node", "n", "--same-node-app-join"], env={}).same_node_app_join
+    assert ProxyConfig.from_args(["--node", "n"], env={"SHOAL_PROXY_SAME_NODE_APP_JOIN": "1"}).same_node_app_join
+
+
+def _app_links(layout: ClusterLayout) -> int:
+    from shoal.datapath import bpfsys
+    from shoal.datapath.structs import AppKey
+    fd = bpfsys.obj_get(layout.bpf_pin_dir("node-1") / "app_links")
+    try:
+        return len(bpfsys.map_keys(fd, AppKey))
+    finally:
+        os.close(fd)
+
+
+async def test_with_the_app_join_the_proxy_links_both_apps_and_counts_exactly(proxy, bypass_layout, caplog):
+    """The proxy's side of the app join (the kernel's is tests/shoal/datapath/test_app_join.py):
+    both app sockets linked while the pair lives, unlinked when it ends, the same bytes and
+    the same counts. (No sockops here, so the apps' sockets are not in app_socks: their
+    sends take the proxy's path, which must stay exact with the links in place.)"""
+    from shoal.datapath import bpfsys
+    from shoal.datapath.structs import CONFIG_APP_JOIN, U32, U64
+    harness = await proxy(same_node_app_join=True)
+    app = harness.app
+    reader, writer = await harness.connect_via_proxy(SERVER_IP, APP_PORT)
+    payload = os.urandom(8 * 1024 * 1024)
+    assert await _pump(reader, writer, payload) == payload
+    assert app.ctx.bypass.kernel().app_join
+    assert _app_links(bypass_layout) == 2
+    fd = bpfsys.obj_get(bypass_layout.bpf_pin_dir("node-1") / "config")
+    try:
+        value = U64()
+        bpfsys.map_lookup(fd, U32(CONFIG_APP_JOIN), value)
+        assert value.value == 1   # sockops puts app sockets into app_socks
+    finally:
+        os.close(fd)
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
+    await _until(lambda: not app.ctx.bypass.live)
+    assert _app_links(bypass_layout) == 0
+    assert metric(app, "shoal_proxy_bypass_app_directions_total", state="proxy_path") == 2
+    for reporter in ("source", "destination"):
+        assert metric(app, "istio_tcp_received_bytes_total", reporter=reporter) == len(payload)
+        assert metric(app, "istio_tcp_sent_bytes_total", reporter=reporter) == len(payload)
+
+
+async def test_with_the_app_join_a_reset_unlinks_the_apps_and_resets_both(proxy, bypass_layout):
+    harness = await proxy(same_node_app_join=True)
+    app = harness.app
+    reader, writer = await harness.connect_via_proxy(SERVER_IP, APP_PORT)
+    assert await _pump(reader, writer, b"x" * 1000) == b"x" * 1000
+    assert _app_links(bypass_layout) == 2
+    conn = next(iter(app.ctx.bypass.live))
+    conn.reset("test")
+    assert _app_links(bypass_layout) == 0
+    with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+        await asyncio.wait_for(reader.readexactly(1), 10)
+    writer.close()
