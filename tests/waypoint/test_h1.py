@@ -402,7 +402,7 @@ def test_the_same_answer_again_is_not_parsed_again():
     reader = reader.next_answer()
     reader.feed(ANSWER)
     first = reader.events[0]
-    parser, reader._parser = reader._parser, None      # llhttp untouched from now on
+    reader._parser = None      # llhttp untouched from now on
     reader = reader.next_answer()
     reader.feed(ANSWER.replace(b"ok", b"no"))
     assert list(reader.events) == [first, b"no", END] and reader.done and reader.reusable and reader.received == len(ANSWER)
