@@ -195,7 +195,12 @@ class FastLane:
         request = server.request_for(head)
         record = proxy.new_record(request, self.memo)
         routed = proxy.route(request, record, self.memo)
-        if routed.reply is not None or not _plain(routed):
+        if routed.reply is not None:
+            return self._hand_off(head, request, chunks, record, routed)
+        plain = routed.plain
+        if plain is None:
+            plain = routed.plain = _plain(routed)    # the same Routed answers requests alike
+        if not plain:
             return self._hand_off(head, request, chunks, record, routed)
         cluster = routed.cluster
         try:
@@ -360,11 +365,12 @@ class FastLane:
             exchange.routed.cluster.breaker.release()
             attempt = _Attempt(outcome, endpoint=exchange.conn.endpoint)
             attempt.stale = outcome == RESET   # pooled connections only, here
-            # The pipeline sends this attempt's headers again (the upstream head was encoded from them).
-            routed = exchange.routed
-            routed.plan.headers = self.proxy._upstream_headers(routed.plan, exchange.request, exchange.record)
+            # The pipeline sends this attempt's headers again (the upstream head was encoded from
+            # them), in a plan of its own: the routed one is shared by the requests alike.
+            plan = exchange.routed.plan.copy()
+            plan.headers = self.proxy._upstream_headers(plan, exchange.request, exchange.record)
             return self._hand_off(exchange.head, exchange.request, exchange.chunks, exchange.record,
-                                  exchange.routed, attempt)
+                                  exchange.routed.with_plan(plan), attempt)
         exchange.record.flags.add("UC")
         self._settle(exchange, reuse=False)
         self._closing(ConnectionResetError(f"{outcome}: {detail}"))

@@ -7,7 +7,15 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 from prometheus_client import CollectorRegistry
 
-from shoal.waypoint.telemetry import ISTIO_LABELS, BatchedLines, RequestRecord, RequestTelemetry, TraceContext
+from shoal.waypoint.telemetry import (
+    ID_POOL_BYTES,
+    ISTIO_LABELS,
+    BatchedLines,
+    RandomHex,
+    RequestRecord,
+    RequestTelemetry,
+    TraceContext,
+)
 
 
 def test_traceparent_is_continued_or_started():
@@ -20,6 +28,22 @@ def test_traceparent_is_continued_or_started():
     for bad in (None, "", "garbage", "00-" + "0" * 32 + "-b7ad6b7169203331-01", "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"):
         fresh = TraceContext.from_header(bad)
         assert fresh.parent_span_id == "" and len(fresh.trace_id) == 32 and fresh.sampled
+
+
+def test_ids_are_fresh_hex_digits_across_draws():
+    """RandomHex hands out slices of the PRNG's digits: lower-case hex of the length asked, never
+    the same digits twice, across the refills of its pool; a trace continued or started with it
+    has ids of its W3C lengths."""
+    ids = RandomHex()
+    taken = [ids.take(32) for _ in range(3 * ID_POOL_BYTES // 16 + 7)]    # past three refills
+    assert all(len(t) == 32 and set(t) <= set("0123456789abcdef") for t in taken)
+    assert len(set(taken)) == len(taken)
+    assert len(ids.take(2 * ID_POOL_BYTES)) == 2 * ID_POOL_BYTES
+    started = TraceContext.from_header(None, ids)
+    continued = TraceContext.from_header("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", ids)
+    assert (len(started.trace_id), len(started.span_id), started.parent_span_id, started.sampled) == (32, 16, "", True)
+    assert continued.trace_id == "0af7651916cd43dd8448eb211c80319c" and len(continued.span_id) == 16
+    assert continued.span_id not in (started.span_id, "b7ad6b7169203331")
 
 
 def test_spans_are_exported_over_otlp():
