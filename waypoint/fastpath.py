@@ -99,7 +99,10 @@ class FastLane:
         self._watchdog: asyncio.TimerHandle | None = None
         self._drainer: asyncio.Task | None = None
         self._active_at = 0.0
-        self._last_framing: tuple | None = None   # (answer head, request head, close, its framing)
+        # Framings by the identity of the answer and request heads (the readers hand the same
+        # objects out for the same bytes): (id, id, close) -> (answer head, request head, framing).
+        # One per upstream connection this lane's requests met, kept with the heads they name.
+        self._framed: dict[tuple[int, int, bool], tuple[ResponseHead, RequestHead, ResponseFraming]] = {}
 
     # -- the connection's coroutine
 
@@ -222,12 +225,13 @@ class FastLane:
         record.attempts = 1
         record.upstream_host = endpoint.address
         record.destination = endpoint.peer_labels()
-        record.request_bytes = sum(map(len, chunks))
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)     # the body in one piece
+        record.request_bytes = len(body)
         exchange = self.exchange = _Exchange(head, request, chunks, record, routed, conn)
         conn.start_exchange(head_only=request.method == "HEAD")
         conn.stream.on_readable = self._pump
         try:
-            conn.stream.write(upstream_head + b"".join(chunks) if chunks else upstream_head)
+            conn.stream.write(upstream_head + body if body else upstream_head)
         except OSError as err:
             return self._upstream_failed(exchange, RESET, str(err) or type(err).__name__)
         self._pump()
@@ -297,10 +301,13 @@ class FastLane:
             return server.start_head(answer.status, apply_response_filters(plan, strip_hop_by_hop(answer.headers)),
                                      answer.content_length)
         head, close = exchange.head, server.closes_after_answer
-        last = self._last_framing
-        # The same answer head to the same request head (the readers' same objects) frames alike.
-        if last is not None and last[0] is answer and last[1] is head and last[2] == close:
-            return server.start_framed(last[3])
+        # The same answer head to the same request head (the readers' same objects) frames alike;
+        # the entry holds both heads, so their ids stay theirs while it is kept.
+        framed = self._framed
+        identity = (id(answer), id(head), close)
+        known = framed.get(identity)
+        if known is not None and known[0] is answer and known[1] is head:
+            return server.start_framed(known[2])
         key = (answer.status, tuple(answer.headers), answer.content_length, head.method, head.version, close)
         framing = self.framings.get(key)
         if framing is None:
@@ -308,7 +315,9 @@ class FastLane:
                 self.framings.clear()
             framing = self.framings[key] = frame_response_head(answer.status, strip_hop_by_hop(answer.headers),
                                                                answer.content_length, head.method, head.version, close)
-        self._last_framing = (answer, head, close, framing)
+        if len(framed) >= FRAMINGS_KEPT:
+            framed.clear()
+        framed[identity] = (answer, head, framing)
         server.start_framed(framing)
 
     async def _drain(self, exchange: _Exchange) -> None:

@@ -371,9 +371,11 @@ class RequestTelemetry:
         """Counts the request now; its log line, flow and span are made with those of the
         requests around it, ``REPORT_DELAY`` later (or once ``REPORT_BATCH`` wait, at the end of
         the loop turn; at once without a running loop). The record must not change after this."""
-        if not r.end:
-            r.end = self.clock()
-        self.metrics.istio.observe(self._series(r), r.duration_ms, r.request_bytes, r.response_bytes)
+        end = r.end
+        if not end:
+            end = r.end = self.clock()
+        # r.duration_ms, written out (once per request: a property call fewer).
+        IstioRequestMetrics.observe(self._series(r), max(0.0, end - r.start) * 1000.0, r.request_bytes, r.response_bytes)
         if not self._reporting:
             return
         unreported = self._unreported
