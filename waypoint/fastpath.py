@@ -161,7 +161,9 @@ class FastLane:
                 if not isinstance(head, RequestHead) or head.upgrade is not None \
                         or head.content_length is None or head.content_length > self.body_limit:
                     return self._stop(None)
-                complete = self._body_complete()
+                # A request whose body came in one piece (the common case), else _body_complete.
+                complete = True if len(events) == 3 and events[2] is END and type(events[1]) is bytes \
+                    else self._body_complete()
                 if complete is None:
                     return self._stop(None)
                 if complete:
