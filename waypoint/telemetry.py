@@ -471,7 +471,8 @@ class RequestTelemetry:
             alike.ClearField("Summary")    # (code, latency and trace id are unset: http_flow's defaults)
             template = self._flow_templates[key] = encode_flow(alike)
         own = flow_pb2.Flow()
-        own.time.FromNanoseconds(time.time_ns())
+        stamp = own.time      # Timestamp.FromNanoseconds's fields, set without its Python checks
+        stamp.seconds, stamp.nanos = divmod(time.time_ns(), 1_000_000_000)
         latency_ns = int(r.duration_ms * 1e6)
         l7 = own.l7
         l7.latency_ns = latency_ns

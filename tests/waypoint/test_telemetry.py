@@ -239,6 +239,8 @@ def test_flows_made_from_a_template_are_the_flows_http_flow_makes():
     """``_flow`` encodes the flow of requests alike once and what differs per request: each
     must decode to the flow ``http_flow`` builds from scratch (time aside), whatever came
     before it, zero latency and code included."""
+    import time
+
     from shoal.api.flow import flow_pb2
     from shoal.flows.emitter import KIND_FLOW
     from shoal.flows.records import http_flow
@@ -258,9 +260,12 @@ def test_flows_made_from_a_template_are_the_flows_http_flow_makes():
                       source_port=0, upstream_host="10.244.2.3:8080", requested_address="10.96.0.10:8080",
                       mtls=True)
         record = RequestRecord(**{**fields, **case})
+        before = time.time_ns()
         encoded = telemetry._flow(record)
+        after = time.time_ns()
         assert encoded[:1] == KIND_FLOW
         made = flow_pb2.Flow.FromString(encoded[1:])
+        assert before <= made.time.ToNanoseconds() <= after and 0 <= made.time.nanos < 10**9   # the wall clock's now
         server = record.upstream_host or record.requested_address
         expected = http_flow(server.rpartition(":")[0], int(server.rpartition(":")[2]), "10.244.1.7", 0,
                              kind="response", method="POST", url=f"http://web.demo:8080{record.path}",
