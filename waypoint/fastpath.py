@@ -99,7 +99,10 @@ class FastLane:
         self._watchdog: asyncio.TimerHandle | None = None
         self._drainer: asyncio.Task | None = None
         self._active_at = 0.0
-        self._last_framing: tuple | None = None   # (answer head, request head, close, its framing)
+        # Framings by the identity of the answer and request heads (the readers hand the same
+        # objects out for the same bytes): (id, id, close) -> (answer head, request head, framing).
+        # One per upstream connection this lane's requests met, kept with the heads they name.
+        self._framed: dict[tuple[int, int, bool], tuple[ResponseHead, RequestHead, ResponseFraming]] = {}
 
     # -- the connection's coroutine
 
@@ -158,7 +161,9 @@ class FastLane:
                 if not isinstance(head, RequestHead) or head.upgrade is not None \
                         or head.content_length is None or head.content_length > self.body_limit:
                     return self._stop(None)
-                complete = self._body_complete()
+                # A request whose body came in one piece (the common case), else _body_complete.
+                complete = True if len(events) == 3 and events[2] is END and type(events[1]) is bytes \
+                    else self._body_complete()
                 if complete is None:
                     return self._stop(None)
                 if complete:
@@ -195,7 +200,12 @@ class FastLane:
         request = server.request_for(head)
         record = proxy.new_record(request, self.memo)
         routed = proxy.route(request, record, self.memo)
-        if routed.reply is not None or not _plain(routed):
+        if routed.reply is not None:
+            return self._hand_off(head, request, chunks, record, routed)
+        plain = routed.plain
+        if plain is None:
+            plain = routed.plain = _plain(routed)    # the same Routed answers requests alike
+        if not plain:
             return self._hand_off(head, request, chunks, record, routed)
         cluster = routed.cluster
         try:
@@ -217,12 +227,13 @@ class FastLane:
         record.attempts = 1
         record.upstream_host = endpoint.address
         record.destination = endpoint.peer_labels()
-        record.request_bytes = sum(map(len, chunks))
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)     # the body in one piece
+        record.request_bytes = len(body)
         exchange = self.exchange = _Exchange(head, request, chunks, record, routed, conn)
         conn.start_exchange(head_only=request.method == "HEAD")
         conn.stream.on_readable = self._pump
         try:
-            conn.stream.write(upstream_head + b"".join(chunks) if chunks else upstream_head)
+            conn.stream.write(upstream_head + body if body else upstream_head)
         except OSError as err:
             return self._upstream_failed(exchange, RESET, str(err) or type(err).__name__)
         self._pump()
@@ -292,10 +303,13 @@ class FastLane:
             return server.start_head(answer.status, apply_response_filters(plan, strip_hop_by_hop(answer.headers)),
                                      answer.content_length)
         head, close = exchange.head, server.closes_after_answer
-        last = self._last_framing
-        # The same answer head to the same request head (the readers' same objects) frames alike.
-        if last is not None and last[0] is answer and last[1] is head and last[2] == close:
-            return server.start_framed(last[3])
+        # The same answer head to the same request head (the readers' same objects) frames alike;
+        # the entry holds both heads, so their ids stay theirs while it is kept.
+        framed = self._framed
+        identity = (id(answer), id(head), close)
+        known = framed.get(identity)
+        if known is not None and known[0] is answer and known[1] is head:
+            return server.start_framed(known[2])
         key = (answer.status, tuple(answer.headers), answer.content_length, head.method, head.version, close)
         framing = self.framings.get(key)
         if framing is None:
@@ -303,7 +317,9 @@ class FastLane:
                 self.framings.clear()
             framing = self.framings[key] = frame_response_head(answer.status, strip_hop_by_hop(answer.headers),
                                                                answer.content_length, head.method, head.version, close)
-        self._last_framing = (answer, head, close, framing)
+        if len(framed) >= FRAMINGS_KEPT:
+            framed.clear()
+        framed[identity] = (answer, head, framing)
         server.start_framed(framing)
 
     async def _drain(self, exchange: _Exchange) -> None:
@@ -360,11 +376,12 @@ class FastLane:
             exchange.routed.cluster.breaker.release()
             attempt = _Attempt(outcome, endpoint=exchange.conn.endpoint)
             attempt.stale = outcome == RESET   # pooled connections only, here
-            # The pipeline sends this attempt's headers again (the upstream head was encoded from them).
-            routed = exchange.routed
-            routed.plan.headers = self.proxy._upstream_headers(routed.plan, exchange.request, exchange.record)
+            # The pipeline sends this attempt's headers again (the upstream head was encoded from
+            # them), in a plan of its own: the routed one is shared by the requests alike.
+            plan = exchange.routed.plan.copy()
+            plan.headers = self.proxy._upstream_headers(plan, exchange.request, exchange.record)
             return self._hand_off(exchange.head, exchange.request, exchange.chunks, exchange.record,
-                                  exchange.routed, attempt)
+                                  exchange.routed.with_plan(plan), attempt)
         exchange.record.flags.add("UC")
         self._settle(exchange, reuse=False)
         self._closing(ConnectionResetError(f"{outcome}: {detail}"))

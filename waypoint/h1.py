@@ -75,6 +75,35 @@ Event = RequestHead | ResponseHead | bytes | _End | Upgraded | H1Error
 _SUPPORTED_VERSIONS = ("1.1", "1.0")
 
 
+HEAD_END = b"\r\n\r\n"
+
+
+def _whole_message(data: bytes, events: deque, before: int, head_type: type) -> tuple | None:
+    """``(head bytes, head, body length)`` when ``data``, fed at the start of a message, was
+    exactly one keep-alive message of known length: its events (from ``before``) are that
+    head, at most one body chunk and ``END``, and the bytes are the head, up to its first
+    blank line (llhttp allows no bare CR or LF inside a head), then the body, nothing else.
+    llhttp is then at the start of a message again, as it was: the same bytes would give the
+    same events (``RequestReader.feed``, ``ResponseReader.feed``)."""
+    count = len(events) - before
+    if count not in (2, 3) or events[-1] is not END or type(data) is not bytes:
+        return None
+    head = events[before]
+    if type(head) is not head_type or not head.keep_alive or head.content_length is None:
+        return None
+    length = head.content_length
+    if count == 3:
+        body = events[before + 1]
+        if type(body) is not bytes or len(body) != length or not data.endswith(body):
+            return None
+    elif length:
+        return None
+    head_size = data.find(HEAD_END) + len(HEAD_END)
+    if head_size < len(HEAD_END) or head_size + length != len(data) or data[:1] in (b"\r", b"\n"):
+        return None
+    return data[:head_size], head, length
+
+
 # Request header names the reader acts on (one set lookup per header instead of a chain of comparisons).
 _REQUEST_FRAMING = frozenset({"content-length", "transfer-encoding", "host", "upgrade", "expect"})
 
@@ -106,10 +135,29 @@ class RequestReader:
         # (immutable) RequestHead without decoding and checking it again.
         self._last_parts: tuple | None = None
         self._last_head: RequestHead | None = None
+        # The last feed when it was one whole keep-alive request (``_whole_message``): the
+        # same head bytes and a body of the same length again give the same events without
+        # llhttp and its callbacks (a keep-alive client sends the same request again and again).
+        self._replay: tuple[bytes, RequestHead, int] | None = None
+        self._begun = 0     # messages llhttp began (on_message_begin) and ended (on_message_complete)
+        self._ended = 0
 
     def feed(self, data: bytes) -> None:
         if self.failed or self.upgraded:
             return      # nothing after a refusal or a protocol switch is HTTP/1 to parse
+        replay = self._replay
+        if replay is not None:
+            raw, head, length = replay
+            if len(data) == len(raw) + length and data.startswith(raw) and type(data) is bytes:
+                events = self.events
+                events.append(head)
+                if length:
+                    events.append(data[len(raw):])
+                events.append(END)
+                return
+            self._replay = None
+        at_start = not self.in_head and self._begun == self._ended
+        before, begun = len(self.events), self._begun
         if self.in_head:
             self._pending_head_bytes += len(data)
         try:
@@ -127,6 +175,8 @@ class RequestReader:
         else:
             if self.in_head and self._pending_head_bytes > self.max_header_bytes:
                 self._refuse(H1Error(431, "header_too_large", f"request head over {self.max_header_bytes} bytes"))
+            elif at_start and self._begun == begun + 1 == self._ended:
+                self._replay = _whole_message(data, self.events, before, RequestHead)
 
     def _refuse(self, error: H1Error) -> None:
         """The error is an event: the requests complete before it are still served, in order."""
@@ -136,6 +186,7 @@ class RequestReader:
     # -- llhttp callbacks (through httptools)
 
     def on_message_begin(self) -> None:
+        self._begun += 1
         self.in_head = True
         self._pending_head_bytes = 0
         self._url = b""
@@ -168,6 +219,7 @@ class RequestReader:
         self.events.append(body)
 
     def on_message_complete(self) -> None:
+        self._ended += 1
         self.events.append(END)
 
     def _head(self, raw_method: bytes, url: bytes, version: str, raw_headers: list[tuple[bytes, bytes]]) -> RequestHead:
@@ -256,6 +308,11 @@ class ResponseReader:
         self._last_parts: tuple | None = None
         self._last_head: ResponseHead | None = None
         self._last_until_close = False
+        # The last answer when it came whole in one feed (``_whole_message``): the same head
+        # bytes and a body of the same length, on the same parser, give the same events
+        # without llhttp and its callbacks (an origin answers requests alike alike).
+        self._replay: tuple[bytes, ResponseHead, int] | None = None
+        self._begun = 0     # messages llhttp began (on_message_begin)
 
     def next_answer(self, head_only: bool = False) -> "ResponseReader":
         """The reader of the next answer on the same connection.
@@ -275,10 +332,26 @@ class ResponseReader:
         return self
 
     def feed(self, data: bytes) -> None:
+        first = self.received == 0      # llhttp is at the start of this answer (next_answer)
         self.received += len(data)
         if self.done:
             self.reusable = False       # bytes nobody asked for: never reuse this connection
             return
+        replay = self._replay
+        if replay is not None:
+            raw, head, length = replay
+            if first and not self.head_only and len(data) == len(raw) + length and data.startswith(raw) \
+                    and type(data) is bytes:
+                # What llhttp's callbacks would do: the head, the body, then _finish(keep-alive).
+                self._head, self._until_close = head, False
+                events = self.events
+                events.append(head)
+                if length:
+                    events.append(data[len(raw):])
+                self._finish(True)
+                return
+            self._replay = None
+        before, begun = len(self.events), self._begun
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as switch:
@@ -289,6 +362,10 @@ class ResponseReader:
                 self.reusable = False
                 return
             raise UpstreamFramingError(str(err)) from None
+        else:
+            if first and not self.head_only and self._begun == begun + 1 and self.reusable \
+                    and 200 <= self._head.status not in (204, 304):   # type: ignore[union-attr]
+                self._replay = _whole_message(data, self.events, before, ResponseHead)
 
     def eof(self) -> None:
         if self.done:
@@ -302,6 +379,7 @@ class ResponseReader:
     # -- llhttp callbacks
 
     def on_message_begin(self) -> None:
+        self._begun += 1
         if self.done:
             self.reusable = False
         self._raw_headers = []

@@ -208,7 +208,15 @@ class TcpStream(asyncio.Protocol):
         if self._buffered > self._high_water and not self._reading_paused:
             self._reading_paused = True
             self.transport.pause_reading()
-        self._wake_reader()
+        # _wake_reader, written out: once per read (a call fewer on every request's two reads).
+        waiter = self._read_waiter
+        if waiter is not None:
+            self._read_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+        on_readable = self.on_readable
+        if on_readable is not None:
+            on_readable()
 
     def eof_received(self) -> bool:
         self._eof = True

@@ -40,7 +40,7 @@ from .resilience import (
     is_retriable,
 )
 from .routing import RequestPlan, RouteTable, ServiceKey, apply_response_filters, plan_request
-from .telemetry import RequestRecord, RequestTelemetry, TraceContext
+from .telemetry import RandomHex, RequestRecord, RequestTelemetry, TraceContext
 from .upstream import ClusterPool, Connector, Endpoint, PoolOverflow, UpstreamError, send_request
 from .upstream_h2 import H2ClusterPool, send_request_h2
 
@@ -151,9 +151,11 @@ class _RequestPolicy:
 
 
 class Routed:
-    """``WaypointProxy.route``'s answer: a local reply (status, text[, headers]), or where to send the request."""
+    """``WaypointProxy.route``'s answer: a local reply (status, text[, headers]), or where to send
+    the request. Never changed once made (the same one answers requests alike: ``_Planned``);
+    ``with_plan`` makes one with another plan."""
 
-    __slots__ = ("reply", "service", "rule", "plan", "endpoints", "cluster", "request_policy", "planned")
+    __slots__ = ("reply", "service", "rule", "plan", "endpoints", "cluster", "request_policy", "planned", "plain")
 
     def __init__(self, reply: tuple | None = None, service: ServiceKey | None = None, rule=None,
                  plan: RequestPlan | None = None, endpoints: list[Endpoint] | None = None,
@@ -167,6 +169,12 @@ class Routed:
         self.cluster = cluster
         self.request_policy = request_policy
         self.planned = planned      # the remembered plan ``plan`` copies, if any (``upstream_head``)
+        self.plain: bool | None = None   # the fast path's verdict on it, found once (fastpath._plain)
+
+    def with_plan(self, plan: RequestPlan) -> "Routed":
+        """The same decision with another plan (its own upstream headers: the pipeline's retry)."""
+        return Routed(self.reply, self.service, self.rule, plan, self.endpoints, self.cluster, self.request_policy,
+                      self.planned)
 
 
 # Request headers the waypoint writes itself on the way upstream (the client's are dropped).
@@ -215,14 +223,17 @@ class _Target:
 class _Planned:
     """A remembered decision's plan for one request (``ProxyRequest``, which a connection
     hands out again for the same head): the plan is a pure function of the decision and the
-    request, and so is the upstream head up to the per-request ids (encoded at first use)."""
+    request, and so is the upstream head up to the per-request ids (encoded at first use),
+    and so is ``route``'s answer when it sends the request upstream (made at the second use:
+    ``Routed`` and its plan are shared by the requests alike and never changed in place)."""
 
-    __slots__ = ("request", "plan", "upstream_prefix")
+    __slots__ = ("request", "plan", "upstream_prefix", "routed")
 
     def __init__(self, request: ProxyRequest, plan: RequestPlan) -> None:
         self.request = request
         self.plan = plan
         self.upstream_prefix: bytes | None = None
+        self.routed: Routed | None = None
 
 
 class _Choice:
@@ -273,6 +284,7 @@ class WaypointProxy:
         self.limits = limits
         self.clock = clock
         self.rng = rng or random.Random()
+        self.ids = RandomHex()       # request, trace and span ids (made here: after any fork)
         self.config = L7Config(rng=self.rng)
         self._clusters: dict[tuple[str, str, bool], _Cluster] = {}   # (namespace, name, HTTP/2)
         self._request_policies: dict[tuple[str, str], _RequestPolicy] = {}
@@ -324,12 +336,12 @@ class WaypointProxy:
         """The telemetry record of one request, as it starts (``memo``: the connection's, see ``route``)."""
         header_map, peer = req.header_map, req.peer
         # Positional: RequestRecord's field order (start ... source_principal).
+        ids = self.ids
         rec = RequestRecord(self.clock(), req.method, req.path, req.authority, req.protocol,
-                            header_map.get("user-agent", ""),
-                            header_map.get("x-request-id") or random.getrandbits(128).to_bytes(16, "big").hex(),
+                            header_map.get("user-agent", ""), header_map.get("x-request-id") or ids.take(32),
                             peer.source_ip, peer.source_port, peer.source_principal)
         rec.mtls = peer.mtls
-        rec.trace = TraceContext.from_header(header_map.get("traceparent"))
+        rec.trace = TraceContext.from_header(header_map.get("traceparent"), ids)
         if req.protocol == "HTTP/2":
             rec.grpc = grpc.is_grpc(header_map.get("content-type", ""))
         if memo is None:
@@ -452,7 +464,9 @@ class WaypointProxy:
             return Routed(reply=(404, "no matching route"))
         planned = choice.planned
         if planned is not None and planned.request is req:
-            plan = planned.plan.copy()
+            if planned.routed is not None:
+                return planned.routed       # the same request again: the same answer (nothing changes it)
+            plan = planned.plan             # shared: whoever sets a plan's headers copies it first
         else:
             plan = plan_request(decision, req.target, req.authority, strip_hop_by_hop(req.headers), req.scheme)
             # Only a remembered choice sees the request again (a per-request one is new each time).
@@ -464,7 +478,10 @@ class WaypointProxy:
             flag, status, text = choice.failure
             rec.flags.add(flag)
             return Routed(reply=(status, text))
-        return Routed(None, service.key, decision.rule, plan, choice.endpoints, choice.cluster, request_policy, planned)
+        routed = Routed(None, service.key, decision.rule, plan, choice.endpoints, choice.cluster, request_policy, planned)
+        if planned is not None and planned.plan is plan:
+            planned.routed = routed
+        return routed
 
     def _target(self, req: ProxyRequest, remembered: bool = True) -> _Target:
         """What the request's connection, authority and method decide (``route``'s first part)."""
@@ -514,6 +531,8 @@ class WaypointProxy:
             return await self._local_reply(sink, rec, 503, "upstream overflow (max requests)")
         try:
             if handoff is None or handoff.attempt is None:
+                # A copy: the plan of a remembered decision is shared by the requests alike (route).
+                plan = plan.copy()
                 plan.headers = self._upstream_headers(plan, req, rec)   # the fast path's attempt set them already
             timeout = rule.timeouts.request
             try:

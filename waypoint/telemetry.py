@@ -51,9 +51,35 @@ REPORT_DELAY = 0.05  # a request's log line, flow and span wait at most this lon
 REPORT_BATCH = 200   # ...or until this many wait
 REPORT_SLICE = 4     # records reported per loop turn: a request arriving meanwhile waits for 4, not for all
 FLOW_TEMPLATES_KEPT = 1024   # flows of requests alike (RequestTelemetry._flow); then forgotten and built again
+ID_POOL_BYTES = 4096   # random bytes drawn at once for request, trace and span ids (RandomHex)
 
 
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+
+
+class RandomHex:
+    """Lower-case hex digits of the PRNG's bits, for request, trace and span ids: drawn
+    ``ID_POOL_BYTES`` at a time (one ``getrandbits``, ``to_bytes`` and ``hex`` per ~100
+    requests instead of two of each per request), each id a slice of them: the digits
+    ``format(n, "0Nx")`` gives for N digits' worth of the same generator's bits. Ids need
+    uniqueness, not secrecy. Made in the process that uses it: digits drawn before a fork
+    would be handed out in both processes."""
+
+    __slots__ = ("_digits", "_at")
+
+    def __init__(self) -> None:
+        self._digits = ""
+        self._at = 0
+
+    def take(self, count: int) -> str:
+        """``count`` fresh hex digits (at most ``2 * ID_POOL_BYTES``)."""
+        at = self._at
+        end = at + count
+        if end > len(self._digits):
+            self._digits = random.getrandbits(ID_POOL_BYTES * 8).to_bytes(ID_POOL_BYTES, "big").hex()
+            at, end = 0, count
+        self._at = end
+        return self._digits[at:end]
 
 
 @dataclass(slots=True)
@@ -70,16 +96,18 @@ class TraceContext:
         return f"00-{self.trace_id}-{self.span_id}-{'01' if self.sampled else '00'}"
 
     @classmethod
-    def from_header(cls, value: str | None) -> "TraceContext":
-        """Continue the caller's trace, or start one if the header is absent or malformed."""
+    def from_header(cls, value: str | None, ids: RandomHex | None = None) -> "TraceContext":
+        """Continue the caller's trace, or start one if the header is absent or malformed
+        (new ids from ``ids``, or drawn here)."""
         # Trace ids need uniqueness, not secrecy: the PRNG saves a syscall per request. Hex by
         # bytes.hex: the same digits as format(n, "0Nx"), in half the time.
         match = _TRACEPARENT.match(value.strip().lower()) if value else None
         if match and match.group(1) != "ff" and set(match.group(2)) != {"0"} and set(match.group(3)) != {"0"}:
-            return cls(match.group(2), random.getrandbits(64).to_bytes(8, "big").hex(), match.group(3),
-                       bool(int(match.group(4), 16) & 1))
-        ids = random.getrandbits(192).to_bytes(24, "big").hex()     # a new trace's id and the span's, drawn at once
-        return cls(ids[:32], ids[32:], "", True)
+            span_id = ids.take(16) if ids is not None else random.getrandbits(64).to_bytes(8, "big").hex()
+            return cls(match.group(2), span_id, match.group(3), bool(int(match.group(4), 16) & 1))
+        # A new trace's id and the span's, drawn at once.
+        digits = ids.take(48) if ids is not None else random.getrandbits(192).to_bytes(24, "big").hex()
+        return cls(digits[:32], digits[32:], "", True)
 
 
 @dataclass(slots=True)
@@ -343,9 +371,11 @@ class RequestTelemetry:
         """Counts the request now; its log line, flow and span are made with those of the
         requests around it, ``REPORT_DELAY`` later (or once ``REPORT_BATCH`` wait, at the end of
         the loop turn; at once without a running loop). The record must not change after this."""
-        if not r.end:
-            r.end = self.clock()
-        self.metrics.istio.observe(self._series(r), r.duration_ms, r.request_bytes, r.response_bytes)
+        end = r.end
+        if not end:
+            end = r.end = self.clock()
+        # r.duration_ms, written out (once per request: a property call fewer).
+        IstioRequestMetrics.observe(self._series(r), max(0.0, end - r.start) * 1000.0, r.request_bytes, r.response_bytes)
         if not self._reporting:
             return
         unreported = self._unreported
@@ -441,7 +471,8 @@ class RequestTelemetry:
             alike.ClearField("Summary")    # (code, latency and trace id are unset: http_flow's defaults)
             template = self._flow_templates[key] = encode_flow(alike)
         own = flow_pb2.Flow()
-        own.time.FromNanoseconds(time.time_ns())
+        stamp = own.time      # Timestamp.FromNanoseconds's fields, set without its Python checks
+        stamp.seconds, stamp.nanos = divmod(time.time_ns(), 1_000_000_000)
         latency_ns = int(r.duration_ms * 1e6)
         l7 = own.l7
         l7.latency_ns = latency_ns

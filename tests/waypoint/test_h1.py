@@ -278,3 +278,131 @@ def test_the_next_answer_reuses_the_parser_only_after_a_clean_answer():
     extra = ResponseReader()
     response_events(extra, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nHTTP/1.1 200 OK\r\n")
     assert not extra.reusable and extra.next_answer() is not extra
+
+
+class _ParsedRequests(RequestReader):
+    """The reference: every feed through llhttp (no replay of a whole request fed before)."""
+
+    @property
+    def _replay(self):
+        return None
+
+    @_replay.setter
+    def _replay(self, value):
+        pass
+
+
+class _ParsedAnswers(ResponseReader):
+    """The reference: every answer through llhttp (no replay of a whole answer fed before)."""
+
+    @property
+    def _replay(self):
+        return None
+
+    @_replay.setter
+    def _replay(self, value):
+        pass
+
+
+def _outcome(events) -> list:
+    """Events as comparable values (a refusal by its status and reason)."""
+    return [(e.status, e.reason) if isinstance(e, H1Error) else e for e in events]
+
+
+def _identities(events) -> list[list[bool]]:
+    """Which heads are the same object."""
+    heads = [e for e in events if isinstance(e, RequestHead)]
+    return [[a is b for b in heads] for a in heads]
+
+
+REQUEST = b"POST /a HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\n\r\nhello"
+GET = b"GET /a HTTP/1.1\r\nHost: web\r\n\r\n"
+
+
+@pytest.mark.parametrize("then", [
+    REQUEST,                                                        # the same again
+    b"POST /a HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\n\r\nworld",   # same head, another body
+    b"POST /a HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\n\r\nhell",    # a body short of its length
+    REQUEST + b"\r\n",                                              # a CRLF after the body
+    REQUEST + REQUEST,                                              # pipelined, one read
+    REQUEST[:20], REQUEST[:-1],                                     # cut in the head, in the body
+    b"POST /a HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+    b"POST /b HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\n\r\nhello",
+    b"POST /a HTTP/1.1\r\nHost: web\r\nContent-Length: 6\r\n\r\nhello!",
+    b"POST /a HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\nhello",
+    b"POST /a HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\nhello",
+    b"\r\n" + REQUEST, GET, GET + GET, b"GET /a HTTP/1.1\r\n\r\n",
+])
+def test_a_request_like_the_one_before_gives_what_llhttp_gives(then):
+    """A keep-alive client's same request again skips llhttp (the same head object, the body,
+    END), and anything else on the connection, before or after, is what parsing gives."""
+    for before in ([REQUEST], [REQUEST, REQUEST], [GET, GET], [REQUEST[:9], REQUEST[9:]],
+                   [b"POST /a HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"]):
+        chunks = [*before, then, REQUEST, then, GET, REQUEST, REQUEST]
+        reader, reference = RequestReader(), _ParsedRequests()
+        for chunk in chunks:
+            reader.feed(chunk)
+            reference.feed(chunk)
+            assert _outcome(reader.events) == _outcome(reference.events), (before, then, chunk)
+            assert (reader.failed, reader.upgraded, reader.in_head) == (reference.failed, reference.upgraded, reference.in_head)
+        # The same objects where parsing gives the same object (H1Server.request_for reads identity).
+        assert _identities(reader.events) == _identities(reference.events)
+
+
+def test_the_same_request_again_is_not_parsed_again():
+    reader = RequestReader()
+    reader.feed(REQUEST)
+    reader.feed(REQUEST)
+    parser, reader._parser = reader._parser, None      # llhttp untouched from now on
+    reader.feed(REQUEST)
+    reader.feed(REQUEST.replace(b"hello", b"world"))
+    assert _outcome(reader.events)[-3:] == [reader.events[0], b"world", END] and reader.events[0].content_length == 5
+    assert list(reader.events).count(END) == 4
+    reader._parser = parser
+    reader.feed(GET)                                   # another head: parsed
+    assert reader.events[-2] == request_events(GET)[0]
+
+
+ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
+
+
+@pytest.mark.parametrize("then", [
+    ANSWER, ANSWER.replace(b"ok", b"no"), ANSWER[:-1], ANSWER + b"\r\n", ANSWER + ANSWER, ANSWER[:15],
+    ANSWER.replace(b"200 OK", b"201 Created"), ANSWER.replace(b"Content-Length: 2\r\n", b"Connection: close\r\n"),
+    ANSWER.replace(b"Content-Length: 2", b"Content-Length: 2\r\nConnection: close"),
+    b"HTTP/1.1 100 Continue\r\n\r\n" + ANSWER, b"HTTP/1.1 204 No Content\r\nContent-Length: 2\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", b"\r\n" + ANSWER, b"HTTP/1.1 nope\r\n\r\n",
+])
+@pytest.mark.parametrize("head_only", [False, True])
+def test_an_answer_like_the_one_before_gives_what_llhttp_gives(then, head_only):
+    """An origin's same answer again on a reused connection skips llhttp; anything else, an
+    answer to HEAD included, is what parsing gives (events, end, reuse, failures)."""
+    def exchange(reader, data: bytes, head_only: bool = False):
+        reader = reader.next_answer(head_only)
+        try:
+            reader.feed(data)
+            reader.eof()
+        except UpstreamFramingError as err:
+            return reader, ("error", str(err) if "closed before" in str(err) else "llhttp")
+        return reader, (_outcome(reader.events), reader.done, reader.reusable, reader.received)
+
+    for before in ([ANSWER], [ANSWER, ANSWER]):
+        reader, reference = ResponseReader(), _ParsedAnswers()
+        for data, only in [*[(b, False) for b in before], (then, head_only), (ANSWER, False), (then, False),
+                           (ANSWER, False), (ANSWER, False)]:
+            reader, got = exchange(reader, data, only)
+            reference, expected = exchange(reference, data, only)
+            assert got == expected, (before, then, data, only)
+            assert (reader is reader.next_answer()) == (reference is reference.next_answer())
+
+
+def test_the_same_answer_again_is_not_parsed_again():
+    reader = ResponseReader()
+    reader.feed(ANSWER)
+    reader = reader.next_answer()
+    reader.feed(ANSWER)
+    first = reader.events[0]
+    reader._parser = None      # llhttp untouched from now on
+    reader = reader.next_answer()
+    reader.feed(ANSWER.replace(b"ok", b"no"))
+    assert list(reader.events) == [first, b"no", END] and reader.done and reader.reusable and reader.received == len(ANSWER)

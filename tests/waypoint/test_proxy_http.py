@@ -433,3 +433,62 @@ def test_a_request_record_starts_with_the_request_and_peer_it_belongs_to():
     for made in (fresh.request_id, fresh.trace.trace_id, fresh.trace.span_id, rec.trace.span_id):
         assert set(made) <= set("0123456789abcdef")   # lower-case hex digits, zero-padded (lengths above)
     assert fresh.trace.traceparent == f"00-{fresh.trace.trace_id}-{fresh.trace.span_id}-01"
+
+
+async def test_requests_alike_handed_to_the_pipeline_each_go_upstream_as_sent(bed):
+    """A route with a timeout is the pipeline's: the fast path hands each request over with its
+    route decision, which requests alike share (proxy._Planned.routed). Each still goes upstream
+    with its own ids and the same other headers, and the shared plan keeps the client's
+    headers (the pipeline sets the upstream headers on a copy)."""
+    await bed.backend("web")
+    await bed.backend("web-v1")
+    await bed.start(routes=[route([{
+        "timeouts": {"request": "5s"}, "backendRefs": [{"name": "web-v1", "port": 8080}],
+        "filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {"add": [{"name": "x-added", "value": "yes"}]}}]}])])
+    same = _raw("/a", "x-note: handed-1\r\n")
+    answers = await _raw_exchanges(bed, [same] * 4 + [_raw("/a", "x-note: handed-2\r\n"), same])
+    assert [status for status, _ in answers] == [200] * 6 and bed.proxy.fast_served == 0
+    headers = [{k.lower(): v for k, v in echo["headers"].items()} for _, echo in answers]
+    assert len({h["x-request-id"] for h in headers}) == 6 and len({h["traceparent"] for h in headers}) == 6
+    fixed = [{k: v for k, v in h.items() if k not in ("x-request-id", "traceparent")} for h in headers]
+    assert fixed[0] == fixed[1] == fixed[2] == fixed[3] == fixed[5] != fixed[4]
+    assert fixed[0]["x-added"] == "yes" and fixed[0]["x-note"] == "handed-1"
+    import gc
+
+    from shoal.waypoint.proxy import _Planned
+    remembered = [o for o in gc.get_objects()
+                  if type(o) is _Planned and any(v.startswith("handed-") for _, v in o.plan.headers)]
+    assert remembered
+    assert not any(name in ("x-request-id", "traceparent", "host") for p in remembered for name, _ in p.plan.headers)
+
+
+def test_the_same_request_again_on_a_connection_gets_the_same_route_decision():
+    """route() answers the same request (the connection's same ProxyRequest) with the same Routed
+    once its plan is remembered; authorization is still counted per request, and another
+    request, a route change or a cluster change each get a decision of their own."""
+    from prometheus_client import CollectorRegistry
+
+    from shoal.waypoint.http import PeerInfo, ProxyRequest
+    from shoal.waypoint.proxy import ConnectionMemo, WaypointProxy
+    from shoal.waypoint.resolver import StaticResolver
+    from shoal.waypoint.telemetry import RequestTelemetry
+    from shoal.waypoint.upstream import Endpoint
+
+    resolver = StaticResolver({("demo", "web"): [Endpoint("127.0.0.1", 9, name="web-0", namespace="demo")]}, namespace="demo")
+    proxy = WaypointProxy(resolver, None, RequestTelemetry(CollectorRegistry()))
+    peer = PeerInfo("10.0.0.7", 41000)
+    request = ProxyRequest("GET", "/a", "web.demo:8080", [("x-note", "1")], "HTTP/1.1", peer)
+    memo = ConnectionMemo()
+    decisions = [proxy.route(request, proxy.new_record(request, memo), memo) for _ in range(4)]
+    first, second = decisions[0], decisions[1]
+    assert first is not second and decisions[2] is second and decisions[3] is second
+    assert first.plan == second.plan and second.plan.headers == [("x-note", "1")]
+    assert first.cluster is second.cluster and first.endpoints is second.endpoints
+    assert proxy.telemetry.metrics.authz.labels("allow", "-").value == 4
+    other = ProxyRequest("GET", "/a", "web.demo:8080", [("x-note", "1")], "HTTP/1.1", peer)
+    assert proxy.route(other, proxy.new_record(other, memo), memo) is not second
+    proxy.update([], [])
+    assert proxy.route(request, proxy.new_record(request, memo), memo) is not second
+    again = proxy.route(request, proxy.new_record(request, memo), memo)
+    resolver.generation += 1
+    assert proxy.route(request, proxy.new_record(request, memo), memo) is not again

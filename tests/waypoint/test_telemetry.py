@@ -7,7 +7,15 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 from prometheus_client import CollectorRegistry
 
-from shoal.waypoint.telemetry import ISTIO_LABELS, BatchedLines, RequestRecord, RequestTelemetry, TraceContext
+from shoal.waypoint.telemetry import (
+    ID_POOL_BYTES,
+    ISTIO_LABELS,
+    BatchedLines,
+    RandomHex,
+    RequestRecord,
+    RequestTelemetry,
+    TraceContext,
+)
 
 
 def test_traceparent_is_continued_or_started():
@@ -20,6 +28,22 @@ def test_traceparent_is_continued_or_started():
     for bad in (None, "", "garbage", "00-" + "0" * 32 + "-b7ad6b7169203331-01", "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"):
         fresh = TraceContext.from_header(bad)
         assert fresh.parent_span_id == "" and len(fresh.trace_id) == 32 and fresh.sampled
+
+
+def test_ids_are_fresh_hex_digits_across_draws():
+    """RandomHex hands out slices of the PRNG's digits: lower-case hex of the length asked, never
+    the same digits twice, across the refills of its pool; a trace continued or started with it
+    has ids of its W3C lengths."""
+    ids = RandomHex()
+    taken = [ids.take(32) for _ in range(3 * ID_POOL_BYTES // 16 + 7)]    # past three refills
+    assert all(len(t) == 32 and set(t) <= set("0123456789abcdef") for t in taken)
+    assert len(set(taken)) == len(taken)
+    assert len(ids.take(2 * ID_POOL_BYTES)) == 2 * ID_POOL_BYTES
+    started = TraceContext.from_header(None, ids)
+    continued = TraceContext.from_header("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", ids)
+    assert (len(started.trace_id), len(started.span_id), started.parent_span_id, started.sampled) == (32, 16, "", True)
+    assert continued.trace_id == "0af7651916cd43dd8448eb211c80319c" and len(continued.span_id) == 16
+    assert continued.span_id not in (started.span_id, "b7ad6b7169203331")
 
 
 def test_spans_are_exported_over_otlp():
@@ -215,6 +239,8 @@ def test_flows_made_from_a_template_are_the_flows_http_flow_makes():
     """``_flow`` encodes the flow of requests alike once and what differs per request: each
     must decode to the flow ``http_flow`` builds from scratch (time aside), whatever came
     before it, zero latency and code included."""
+    import time
+
     from shoal.api.flow import flow_pb2
     from shoal.flows.emitter import KIND_FLOW
     from shoal.flows.records import http_flow
@@ -234,9 +260,12 @@ def test_flows_made_from_a_template_are_the_flows_http_flow_makes():
                       source_port=0, upstream_host="10.244.2.3:8080", requested_address="10.96.0.10:8080",
                       mtls=True)
         record = RequestRecord(**{**fields, **case})
+        before = time.time_ns()
         encoded = telemetry._flow(record)
+        after = time.time_ns()
         assert encoded[:1] == KIND_FLOW
         made = flow_pb2.Flow.FromString(encoded[1:])
+        assert before <= made.time.ToNanoseconds() <= after and 0 <= made.time.nanos < 10**9   # the wall clock's now
         server = record.upstream_host or record.requested_address
         expected = http_flow(server.rpartition(":")[0], int(server.rpartition(":")[2]), "10.244.1.7", 0,
                              kind="response", method="POST", url=f"http://web.demo:8080{record.path}",
