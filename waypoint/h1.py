@@ -104,6 +104,19 @@ def _whole_message(data: bytes, events: deque, before: int, head_type: type) -> 
     return data[:head_size], head, length
 
 
+def _replayed(replay: tuple, data: bytes, events: deque) -> bool:
+    """Whether ``data`` is the whole message ``replay`` (from ``_whole_message``) again: the
+    same head bytes and a body of the same length. If so its head and body are appended to
+    ``events`` (the caller ends the message)."""
+    raw, head, length = replay
+    if len(data) != len(raw) + length or type(data) is not bytes or not data.startswith(raw):
+        return False
+    events.append(head)
+    if length:
+        events.append(data[len(raw):])
+    return True
+
+
 # Request header names the reader acts on (one set lookup per header instead of a chain of comparisons).
 _REQUEST_FRAMING = frozenset({"content-length", "transfer-encoding", "host", "upgrade", "expect"})
 
@@ -147,13 +160,8 @@ class RequestReader:
             return      # nothing after a refusal or a protocol switch is HTTP/1 to parse
         replay = self._replay
         if replay is not None:
-            raw, head, length = replay
-            if len(data) == len(raw) + length and data.startswith(raw) and type(data) is bytes:
-                events = self.events
-                events.append(head)
-                if length:
-                    events.append(data[len(raw):])
-                events.append(END)
+            if _replayed(replay, data, self.events):
+                self.events.append(END)
                 return
             self._replay = None
         at_start = not self.in_head and self._begun == self._ended
@@ -339,15 +347,9 @@ class ResponseReader:
             return
         replay = self._replay
         if replay is not None:
-            raw, head, length = replay
-            if first and not self.head_only and len(data) == len(raw) + length and data.startswith(raw) \
-                    and type(data) is bytes:
+            if first and not self.head_only and _replayed(replay, data, self.events):
                 # What llhttp's callbacks would do: the head, the body, then _finish(keep-alive).
-                self._head, self._until_close = head, False
-                events = self.events
-                events.append(head)
-                if length:
-                    events.append(data[len(raw):])
+                self._head, self._until_close = replay[1], False
                 self._finish(True)
                 return
             self._replay = None

@@ -280,28 +280,18 @@ def test_the_next_answer_reuses_the_parser_only_after_a_clean_answer():
     assert not extra.reusable and extra.next_answer() is not extra
 
 
-class _ParsedRequests(RequestReader):
-    """The reference: every feed through llhttp (no replay of a whole request fed before)."""
+class _NoReplay:
+    """A reader that never remembers a whole message: every feed goes through llhttp."""
 
-    @property
-    def _replay(self):
-        return None
-
-    @_replay.setter
-    def _replay(self, value):
-        pass
+    _replay = property(lambda self: None, lambda self, value: None)
 
 
-class _ParsedAnswers(ResponseReader):
-    """The reference: every answer through llhttp (no replay of a whole answer fed before)."""
+class _ParsedRequests(_NoReplay, RequestReader):
+    """The reference for requests (no replay of a whole request fed before)."""
 
-    @property
-    def _replay(self):
-        return None
 
-    @_replay.setter
-    def _replay(self, value):
-        pass
+class _ParsedAnswers(_NoReplay, ResponseReader):
+    """The reference for answers (no replay of a whole answer fed before)."""
 
 
 def _outcome(events) -> list:
