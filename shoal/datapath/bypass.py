@@ -265,11 +265,12 @@ class KernelBypass:
         """Tell the apps' program how many of the bytes the verdict redirected are queued on
         each target (all of them, for a direction that is ``drained``; else what was
         published before): the last condition of a direction's switch."""
-        if not self._apps or not pair.linked:
+        client_app, server_app = pair.client_app, pair.server_app
+        if not self._apps or not pair.linked or client_app is None or server_app is None:
             return
         previous = [AppLink(), AppLink()]
-        bpfsys.map_lookup(self._apps["app_links"], pair.client_app, previous[0])
-        bpfsys.map_lookup(self._apps["app_links"], pair.server_app, previous[1])
+        bpfsys.map_lookup(self._apps["app_links"], client_app, previous[0])
+        bpfsys.map_lookup(self._apps["app_links"], server_app, previous[1])
         landed = []
         for index, toward_server in enumerate((True, False)):
             redirected = self._redirected_if_drained(pair, toward_server)

@@ -729,7 +729,7 @@ def _app_links(layout: ClusterLayout) -> int:
 
 
 async def test_with_the_app_join_the_proxy_links_both_apps_and_counts_exactly(proxy, bypass_layout, caplog):
-    """The proxy's side of the app join (the kernel's is tests/shoal/datapath/test_app_join.py):
+    """The proxy's side of the app join (the kernel's is tests/shoal/datapath/test_bypass_app_join.py):
     both app sockets linked while the pair lives, unlinked when it ends, the same bytes and
     the same counts. (No sockops here, so the apps' sockets are not in app_socks: their
     sends take the proxy's path, which must stay exact with the links in place.)"""
