@@ -126,8 +126,15 @@ class Topology:
         return netns
 
     def detach_pod(self, namespace: str, pod: str) -> None:
-        # Deleting the namespace deletes eth0, and with it the veth peer in the node.
-        Netns(self.layout.pod_netns(namespace, pod)).delete()
+        """Takes the pod off the network at once, then deletes its namespace. eth0 is
+        deleted first (with its veth peer in the node) because a namespace dies
+        asynchronously after its name is removed: until the kernel's cleanup runs, its eth0
+        still holds the pod's addresses, and the next pod given them had its SYNs answered
+        by the dying one (RST: "connection refused")."""
+        netns = Netns(self.layout.pod_netns(namespace, pod))
+        if netns.exists():
+            netns.ip("link", "del", "eth0", check=False)   # absent if the pod never got one
+        netns.delete()
 
     def pod_ip_range(self, node: str) -> list[str]:
         """Addresses a pod on ``node`` may get (.1 is the node's gateway)."""
