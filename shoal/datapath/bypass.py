@@ -176,7 +176,7 @@ class KernelBypass:
             raise BypassUnavailable(f"no bypass maps under {pin_dir}: {exc}") from exc
         if not app_join:
             self._set_app_join_config(pin_dir, 0)   # the last proxy started decides (a crashed one left 1)
-        if app_join:
+        else:
             try:
                 for name in self.APP_MAPS:
                     self._apps[name] = bpfsys.obj_get(pin_dir / name)
@@ -280,13 +280,9 @@ class KernelBypass:
 
     def _redirected_if_drained(self, pair: JoinedPair, toward_server: bool) -> int | None:
         counts = self.counts(pair)
-        if toward_server:
-            redirected = counts.redirected_to_server
-            on_socket = queued_bytes(pair.server) - pair.server_queued_before
-            return redirected if on_socket >= redirected + pair.relayed_to_server else None
-        redirected = counts.redirected_to_client
-        on_socket = queued_bytes(pair.client) - pair.client_queued_before
-        return redirected if on_socket >= redirected + pair.relayed_to_client else None
+        redirected, relayed = ((counts.redirected_to_server, pair.relayed_to_server) if toward_server
+                               else (counts.redirected_to_client, pair.relayed_to_client))
+        return redirected if _landed(pair, toward_server) >= redirected + relayed else None
 
     def direct(self, pair: JoinedPair) -> tuple[AppDirect, AppDirect]:
         """Each direction's switch (client->server, server->client), as the program left it."""
@@ -353,12 +349,11 @@ class KernelBypass:
         socket is read while open; once the proxy half-closed it, its count is frozen."""
         counts = self.counts(pair)
         for toward_server in (True, False):
-            sock, frozen = (pair.server, pair.server_frozen) if toward_server else (pair.client, pair.client_frozen)
+            frozen = pair.server_frozen if toward_server else pair.client_frozen
             if frozen or not self._apps:
                 continue
             try:
-                landed = queued_bytes(sock) - (pair.server_queued_before if toward_server
-                                               else pair.client_queued_before)
+                landed = _landed(pair, toward_server)
             except OSError:
                 continue   # closed: the last reading stands
             if toward_server:
@@ -428,6 +423,13 @@ class KernelBypass:
             bpfsys.map_delete(self._pairs, U64(cookie))
             bpfsys.map_delete(self._relayed, U64(cookie))
             bpfsys.map_delete(self._socks, U64(cookie))
+
+
+def _landed(pair: JoinedPair, toward_server: bool) -> int:
+    """Bytes queued on the direction's target socket (the proxy's toward that app) since the join."""
+    if toward_server:
+        return queued_bytes(pair.server) - pair.server_queued_before
+    return queued_bytes(pair.client) - pair.client_queued_before
 
 
 def _app_key_of_peer(sock: socket.socket) -> AppKey:
