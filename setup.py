@@ -10,6 +10,11 @@ is ``bpf/``; any other ``shoal.X`` is ``shoal/X.py`` or ``shoal/X/``. The README
 table says what each holds; tests/test_checks.py reads FOLDERS to lay the package out as
 installed for the import contracts.
 """
+import os
+import shutil
+import tomllib
+from pathlib import Path
+
 from setuptools import find_namespace_packages, find_packages, setup
 
 FOLDERS = {
@@ -35,5 +40,39 @@ def packages() -> tuple[list[str], dict[str, str]]:
     return names, dirs
 
 
+def installed_path(source: str) -> str:
+    """``waypoint/h1.py`` -> ``shoal/waypoint/h1.py``: where a source file sits as installed."""
+    folder, _, rest = source.partition("/")
+    package = next(name for name, path in FOLDERS.items() if path == folder)
+    return f"{package.replace('.', '/')}/{rest}"
+
+
+def compiled_extensions() -> list:
+    """The hot-path modules of pyproject's [tool.shoal] compiled, as mypyc C extensions.
+
+    mypyc names a module after its path, so it reads them from a copy of the tree laid out as
+    installed (build/mypyc-src: ``waypoint/h1.py`` there is ``shoal/waypoint/h1.py``);
+    build_ext puts each extension back beside its source (package_dir). SHOAL_COMPILE=0
+    installs without them: the same modules then run interpreted. Their shared runtime is
+    the top-level extension ``shoal__mypyc``."""
+    sources = tomllib.loads(Path("pyproject.toml").read_text())["tool"]["shoal"]["compiled"]
+    if os.environ.get("SHOAL_COMPILE", "1") == "0":
+        # An editable install built them beside their sources, where they would shadow them.
+        for built in [*Path(".").glob("shoal__mypyc.*.so"), *(p for s in sources for p in Path(s).parent.glob(f"{Path(s).stem}.cpython-*.so"))]:
+            built.unlink()
+        return []
+    from mypyc.build import mypycify
+
+    stage = Path("build/mypyc-src")
+    shutil.rmtree(stage, ignore_errors=True)
+    for folder in FOLDERS.values():
+        for source in Path(folder).rglob("*.py"):
+            target = stage / installed_path(source.as_posix())
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+    return mypycify([str(stage / installed_path(source)) for source in sources], opt_level="3",
+                    target_dir="build/mypyc", group_name="shoal")
+
+
 PACKAGES, PACKAGE_DIR = packages()
-setup(packages=PACKAGES, package_dir=PACKAGE_DIR)
+setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=compiled_extensions())

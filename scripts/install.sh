@@ -11,7 +11,8 @@ VENV=${VENV:-.venv}
 APT_PACKAGES=(python3-bpfcc libbpfcc bpfcc-tools linux-headers-amd64 iproute2
               iperf3 sockperf stunnel4 haproxy wrk nghttp2-client socat tcpdump bpftool curl
               iptables nftables chromium
-              openjdk-17-jdk-headless nodejs)   # real-client tests: a Java (javac + JRE) and a Node.js client
+              openjdk-17-jdk-headless nodejs   # real-client tests: a Java (javac + JRE) and a Node.js client
+              gcc python3-dev)   # mypyc compiles the hot-path modules at install (setup.py)
 
 PERF_PACKAGES=(redis-server redis-tools postgresql postgresql-contrib)
 # `--images` (make images) adds the image tools: buildah builds, podman runs (with runc: crun
@@ -103,8 +104,11 @@ fi
 site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
 
-# Reinstall when what decides the install changes (dependencies, package mapping, this script).
-stamp="$VENV/.installed-$(cat pyproject.toml setup.py scripts/install.sh | sha1sum | cut -c1-12)"
+# Reinstall when what decides the install changes (dependencies, package mapping, this script),
+# or a module compiled at install (pyproject's [tool.shoal] compiled) changed: its extension
+# is rebuilt from the new source.
+compiled=$(python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["tool"]["shoal"]["compiled"]))')
+stamp="$VENV/.installed-$(cat pyproject.toml setup.py scripts/install.sh $compiled | sha1sum | cut -c1-12)"
 if [ ! -e "$stamp" ]; then
   log "pip: installing shoal and its dependencies"
   "$VENV/bin/pip" install -q --upgrade pip >/dev/null

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +28,27 @@ import pytest
 from shoal.config import ClusterLayout
 
 ENV_CONTAINERS = "SHOAL_TEST_CONTAINERS"
+
+
+def compiled_modules() -> list[tuple[Path, list[Path]]]:
+    """Each module pyproject's [tool.shoal] compiled names, with the extensions built beside it."""
+    repo = Path(__file__).resolve().parents[1]
+    sources = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["shoal"]["compiled"]
+    return [(repo / s, sorted((repo / s).parent.glob(f"{Path(s).stem}.cpython-*.so"))) for s in sources]
+
+
+def pytest_sessionstart(session):
+    """An extension older than its source would run the old code in the tests' place."""
+    stale = [str(source) for source, built in compiled_modules()
+             if built and max(p.stat().st_mtime for p in built) < source.stat().st_mtime]
+    if stale:
+        pytest.exit(f"compiled modules older than their sources: {', '.join(stale)}; "
+                    "`make install` (or `bash scripts/install.sh`) rebuilds them", returncode=3)
+
+
+def pytest_report_header(config):
+    built = sum(1 for _, extensions in compiled_modules() if extensions)
+    return f"shoal: {built} of {len(compiled_modules())} hot-path modules compiled (mypyc)"
 
 
 def pytest_collection_modifyitems(config, items):

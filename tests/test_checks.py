@@ -341,3 +341,19 @@ def test_planted_module_level_state_is_named():
     planted = "SEEN = {}\nCOUNT = 0\n\n\ndef remember(key):\n    SEEN[key] = True\n\n\ndef bump():\n" \
               "    global COUNT\n    COUNT += 1\n\n\ndef forget(key, SEEN=None):\n    SEEN.pop(key)\n"
     assert module_state_writes(planted) == ["line 6: SEEN[...] written", "line 10: global COUNT"]
+
+
+# -- compiled hot path ---------------------------------------------------------------------
+
+@pytest.mark.skipif(os.environ.get("SHOAL_COMPILE") == "0", reason="installed with SHOAL_COMPILE=0: interpreted")
+def test_the_hot_path_modules_run_compiled():
+    """The install compiled every module of [tool.shoal] compiled, and an import loads the
+    extension, not the source beside it (setup.py; a failed build must not go unnoticed)."""
+    import importlib
+
+    from tests.conftest import compiled_modules
+    for source, _ in compiled_modules():
+        parts = source.relative_to(REPO).with_suffix("").parts   # agent/x.py is shoal.agent.x
+        name = ".".join(parts if parts[0] == "shoal" else ("shoal", *parts))
+        module = importlib.import_module(name)
+        assert module.__file__ and module.__file__.endswith(".so"), f"{name} runs interpreted: {module.__file__}"

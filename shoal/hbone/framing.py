@@ -29,6 +29,7 @@ flow control are :mod:`shoal.hbone.fastpath`'s, not h2's (see there who owns wha
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import time
@@ -58,7 +59,9 @@ def _data_body_repr(frame: hyperframe.frame.DataFrame) -> str:
 
 
 # A patch of hyperframe's own method (h2 builds the frames, so no subclass can take its place).
-hyperframe.frame.DataFrame._body_repr = _data_body_repr  # type: ignore[method-assign,assignment]
+# partialmethod binds the frame as a method does, also when this module runs compiled (a
+# compiled function is no descriptor).
+hyperframe.frame.DataFrame._body_repr = functools.partialmethod(_data_body_repr)  # type: ignore[method-assign,assignment]
 
 
 class DeferredRepr:
@@ -75,7 +78,8 @@ class DeferredRepr:
     def __str__(self) -> str:
         return repr(self._obj)
 
-    __repr__ = __str__
+    def __repr__(self) -> str:
+        return repr(self._obj)
 
 
 h2.connection.repr = DeferredRepr  # type: ignore[attr-defined]
@@ -153,11 +157,13 @@ class Budget:
 
 class Abuse(h2.exceptions.ProtocolError):
     """A peer went past a limit: h2 answers it with GOAWAY ENHANCE_YOUR_CALM."""
-    error_code = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
 
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
         self.reason = reason
+        # Set on the instance: compiled (shoal.compiled), a class attribute of a subclass of
+        # a Python exception is not seen, and h2 would answer PROTOCOL_ERROR.
+        self.error_code = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
 
 
 class GuardedFrameBuffer(h2.frame_buffer.FrameBuffer):

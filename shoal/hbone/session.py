@@ -19,6 +19,7 @@ import time
 from typing import Callable, Protocol, cast
 
 import h2.errors
+from mypy_extensions import mypyc_attr
 
 from shoal.hbone import framing as hbone
 from shoal.hbone.identity import IdentityError
@@ -40,6 +41,20 @@ class TransferRecord(Protocol):
 
     def reset(self, reason: str) -> None:
         """The peer reset the stream before both ends were done."""
+
+
+class StreamEnd(Protocol):
+    """What a session drives at the far end of each of its streams: ``StreamPeer`` (a TCP
+    socket) or ``shoal.hbone.stream.HboneStream`` (a reader and writer in the process).
+    A Protocol, not the class: compiled (mypyc), an annotation with a class is enforced."""
+
+    def bind(self, session: "HboneSession", stream_id: int) -> None: ...
+    def on_response(self, status: int) -> None: ...
+    def on_stream_data(self, data: bytes | memoryview, length: int) -> None: ...
+    def on_window(self) -> None: ...
+    def on_stream_end(self) -> None: ...
+    def on_stream_reset(self, reason: str, unprocessed: bool = False) -> None: ...
+    def set_paused(self, why: str, paused: bool) -> None: ...
 
 
 # Write-buffer watermarks: sized to the HTTP/2 frames and windows, not asyncio's 64 KiB.
@@ -93,7 +108,7 @@ class HboneSession(asyncio.BufferedProtocol):
         self.h2 = hbone.HboneConnection(client_side=client_side, fast_path=fast_path)
         self._verify = verify  # ssl_object -> peer SPIFFE ID; raises IdentityError
         self.verify_error: Exception | None = None
-        self.streams: dict[int, "StreamPeer"] = {}
+        self.streams: dict[int, StreamEnd] = {}
         self.transport: asyncio.Transport | None = None
         self.peer_identity: str | None = None
         self.local_identity: str | None = None
@@ -362,7 +377,7 @@ class HboneSession(asyncio.BufferedProtocol):
                 and not self.streams and not self._requests:
             self.close()
 
-    def open_stream(self, peer: "StreamPeer", host: str, port: int, forwarded_for: str, traceparent: str,
+    def open_stream(self, peer: StreamEnd, host: str, port: int, forwarded_for: str, traceparent: str,
                     forwarded_port: int = 0) -> int:
         self._cancel_idle()
         stream_id = self.h2.connect(host, port, forwarded_for, traceparent, forwarded_port)
@@ -376,7 +391,7 @@ class HboneSession(asyncio.BufferedProtocol):
         """Server side: the CONNECT is still waiting for its answer (not reset, not closed)."""
         return not self.closed and stream_id in self._requests
 
-    def accept_stream(self, peer: "StreamPeer", stream_id: int) -> bool:
+    def accept_stream(self, peer: StreamEnd, stream_id: int) -> bool:
         """Server side: answer 200 and join the stream to ``peer``; False when the
         stream is gone (reset or connection closed meanwhile): the caller closes."""
         if self._requests.pop(stream_id, False) is False or self.closed:
@@ -461,6 +476,7 @@ class HboneSession(asyncio.BufferedProtocol):
             self.close()
 
 
+@mypyc_attr(native_class=False)   # compiled: a subclass of a built-in exception stays a Python class
 class StreamRefused(ConnectionResetError):
     """The peer reset our CONNECT with REFUSED_STREAM before answering: it processed none
     of it (overloaded, or going away), so the caller may retry it elsewhere or later."""
