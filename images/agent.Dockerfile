@@ -11,6 +11,7 @@ ARG BUILD_BASE=${BASE}
 FROM ${BUILD_BASE} AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-pip \
+    gcc python3-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
@@ -22,6 +23,8 @@ COPY perf/ perf/
 COPY bpf/ bpf/
 # --system-site-packages: bcc comes from the base image's python3-bpfcc (the PyPI
 # package called "bcc" is unrelated).
+# gcc, python3-dev: pip builds the compiled hot-path modules (mypyc, setup.py); the runtime
+# stage copies the venv with them and gets no compiler.
 RUN python3 -m venv --system-site-packages /opt/shoal \
  && /opt/shoal/bin/pip install --no-cache-dir --no-compile /src \
  && /opt/shoal/bin/pip uninstall -q -y pip setuptools

@@ -109,6 +109,7 @@ def admin_pages(ctx: ProxyContext, served: Callable[[], Iterable[ServedPod]]) ->
     async def config_dump():
         return json_page({
             "node": ctx.config.node,
+            "data_path": data_path_build(),
             "config_version": ctx.state.version,
             "pods": [pod.describe() for pod in served()],
             "workloads": [dataclasses.asdict(w) for w in ctx.state.all_workloads()],
@@ -135,6 +136,13 @@ def admin_pages(ctx: ProxyContext, served: Callable[[], Iterable[ServedPod]]) ->
 
     return {"/config_dump": config_dump, "/certs": certs, "/connections": connections, "/debug/memory": memory,
             "/debug/memory/objects": memory_objects}
+
+
+def data_path_build() -> str:
+    """"compiled" when the HBONE data path runs as mypyc's extensions (the install's
+    default), "interpreted" when installed with SHOAL_COMPILE=0 or the build is missing."""
+    from shoal.hbone import session
+    return "compiled" if (session.__file__ or "").endswith(".so") else "interpreted"
 
 
 def proxy_tables(ctx: ProxyContext) -> dict[str, int]:

@@ -115,6 +115,8 @@ async def test_config_and_certificates_reach_a_worker_that_imports_neither_grpc_
     assert tables["svids"] == 1 and tables["svids_announced"] == 1
     dump = await worker.page("/config_dump")
     assert dump["config_version"] == "5" and keys(dump) == {"demo/web-0", "svc:demo/web"}
+    # The install compiles the data path (setup.py); SHOAL_COMPILE=0 installs it interpreted.
+    assert dump["data_path"] == ("interpreted" if os.environ.get("SHOAL_COMPILE") == "0" else "compiled")
 
     # A delta, then a snapshot that no longer holds what the worker has: it goes.
     worker.send(feed.ConfigUpdate(m.ConfigDelta(version="6", upserted=(OTHER,), removed=("service/demo/web",))))
