@@ -237,8 +237,9 @@ class H1Server:
     def request_for(self, head: RequestHead) -> ProxyRequest:
         """The request a head makes on this connection; the same head (the reader's same
         object: the same bytes) makes the same request, which nothing changes once made."""
-        if head is self._last_head:
-            return self._last_request    # type: ignore[return-value]
+        last = self._last_request
+        if last is not None and head is self._last_head:
+            return last
         authority = ""
         headers = []
         header_map: dict[str, str] = {}     # ProxyRequest's, built in the same pass
@@ -264,17 +265,15 @@ class H1Server:
         """The current request's body was consumed to its end (by the fast path)."""
         self._body_done = True
 
-    async def buffered_body(self, chunks: list[bytes]) -> Body:
+    def buffered_body(self, chunks: list[bytes]) -> Body:
         """A body the fast path already took from the reader, as the pipeline reads one."""
-        for chunk in chunks:
-            yield chunk
-        self._body_done = True
+        return _BufferedBody(self, chunks)
 
     async def _serve(self, head: RequestHead, handoff: Handoff | None = None) -> None:
         try:
             if handoff is None:
                 self.begin(head)
-                await self.handler(self.request_for(head), self._body(), self)
+                await self.handler(self.request_for(head), _H1Body(self), self)
             else:
                 await self.handler(handoff.request, handoff.body, self, handoff)
         except BodyError as err:
@@ -288,35 +287,9 @@ class H1Server:
                 raise _Close() from None
             raise
 
-    async def _body(self) -> Body:
-        events = self.reader.events
-        head = self._head
-        assert head is not None
-        received = False
-        while True:
-            if not events:
-                if head.expect_continue and not received and not self.response_started:
-                    self.stream.write(CONTINUE)
-                    received = True
-                try:
-                    data = await read_within(self.stream, self.limits.body_idle_timeout)
-                except TimeoutError:
-                    raise BodyError(408, "request body stalled") from None
-                if not data:
-                    raise BodyError(400, "connection closed inside the request body")
-                self.reader.feed(data)
-                continue
-            event = events.popleft()
-            if isinstance(event, bytes):
-                received = True
-                yield event
-            elif event is END:
-                self._body_done = True
-                return
-            elif isinstance(event, H1Error):
-                raise BodyError(400, f"malformed body: {event.detail}")
-            else:
-                raise BodyError(400, f"unexpected {event!r} inside the request body")
+    def body_ended(self) -> None:
+        """The current request's END was consumed (by the pipeline's body)."""
+        self._body_done = True
 
     # -- ResponseSink -------------------------------------------------------------------------
 
@@ -571,7 +544,7 @@ class H2Server:
         try:
             grpc_limit = MessageSizeLimit(self.limits.max_grpc_message) \
                 if is_grpc(request.header_map.get("content-type", "")) else None
-            await self.handler(request, self._body(s, grpc_limit), sink)
+            await self.handler(request, _H2Body(self, s, grpc_limit), sink)
         except BodyError as err:
             self.reject("bad_body", err.status)
             self._reset(s, h2.errors.ErrorCodes.CANCEL)
@@ -606,25 +579,118 @@ class H2Server:
             return
         self.flush()
 
-    async def _body(self, s: _H2Stream, grpc_limit: MessageSizeLimit | None = None) -> Body:
+
+class _Body:
+    """A request body as the pipeline reads it (``Body``): an async iterator of chunks.
+
+    Written as a class, not an async generator (mypyc compiles no async generator), and
+    ending as one does: once it has ended or raised, it yields nothing more."""
+
+    def __init__(self) -> None:
+        self.finished = False
+
+    def __aiter__(self) -> "_Body":
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self.finished:
+            raise StopAsyncIteration
+        self.finished = True       # until a chunk comes: an error or the end finishes it
+        chunk = await self.next_chunk()
+        if chunk is None:
+            raise StopAsyncIteration
+        self.finished = False
+        return chunk
+
+    async def next_chunk(self) -> bytes | None:
+        """The next chunk, or None at the end."""
+        raise NotImplementedError
+
+
+class _BufferedBody(_Body):
+    """The chunks the fast path already took from the reader, up to the request's END."""
+
+    def __init__(self, server: H1Server, chunks: list[bytes]) -> None:
+        super().__init__()
+        self.server = server
+        self.chunks = chunks
+        self.index = 0
+
+    async def next_chunk(self) -> bytes | None:
+        index = self.index
+        if index < len(self.chunks):
+            self.index = index + 1
+            return self.chunks[index]
+        self.server.body_ended()
+        return None
+
+
+class _H1Body(_Body):
+    """The current request's body from the reader's events, reading the stream when they run out."""
+
+    def __init__(self, server: H1Server) -> None:
+        super().__init__()
+        self.server = server
+        self.received = False
+
+    async def next_chunk(self) -> bytes | None:
+        server = self.server
+        events = server.reader.events
+        head = server._head
+        assert head is not None
         while True:
-            try:
-                item = await asyncio.wait_for(s.chunks.get(), self.limits.body_idle_timeout)
-            except TimeoutError:
-                raise BodyError(408, "request body stalled") from None
-            if item is None:
-                return
-            data, flow_length = item
-            if not self.closed:
-                self.h2.acknowledge_received_data(flow_length, s.stream_id)
-                self.flush()
-            if grpc_limit is not None:
+            if not events:
+                if head.expect_continue and not self.received and not server.response_started:
+                    server.stream.write(CONTINUE)
+                    self.received = True
                 try:
-                    grpc_limit.feed(data)
-                except MessageTooLarge as err:
-                    self.reject("grpc_message_too_large", 413)
-                    raise BodyError(413, str(err), grpc_status=RESOURCE_EXHAUSTED) from None
-            yield data
+                    data = await read_within(server.stream, server.limits.body_idle_timeout)
+                except TimeoutError:
+                    raise BodyError(408, "request body stalled") from None
+                if not data:
+                    raise BodyError(400, "connection closed inside the request body")
+                server.reader.feed(data)
+                continue
+            event = events.popleft()
+            if isinstance(event, bytes):
+                self.received = True
+                return event
+            if event is END:
+                server.body_ended()
+                return None
+            if isinstance(event, H1Error):
+                raise BodyError(400, f"malformed body: {event.detail}")
+            raise BodyError(400, f"unexpected {event!r} inside the request body")
+
+
+class _H2Body(_Body):
+    """One HTTP/2 stream's request body, its flow-control credit given back as it is read."""
+
+    def __init__(self, server: H2Server, s: _H2Stream, grpc_limit: MessageSizeLimit | None = None) -> None:
+        super().__init__()
+        self.server = server
+        self.s = s
+        self.grpc_limit = grpc_limit
+
+    async def next_chunk(self) -> bytes | None:
+        server, s = self.server, self.s
+        try:
+            item = await asyncio.wait_for(s.chunks.get(), server.limits.body_idle_timeout)
+        except TimeoutError:
+            raise BodyError(408, "request body stalled") from None
+        if item is None:
+            return None
+        data, flow_length = item
+        if not server.closed:
+            server.h2.acknowledge_received_data(flow_length, s.stream_id)
+            server.flush()
+        if self.grpc_limit is not None:
+            try:
+                self.grpc_limit.feed(data)
+            except MessageTooLarge as err:
+                server.reject("grpc_message_too_large", 413)
+                raise BodyError(413, str(err), grpc_status=RESOURCE_EXHAUSTED) from None
+        return data
 
 
 class _H2Sink:

@@ -28,15 +28,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from typing import Callable, cast
 
 from .downstream import CLOSE, H1Server, Handoff
 from .h1 import END, RequestHead, ResponseFraming, UpstreamFramingError, frame_response_head
-from .http import ResponseHead, strip_hop_by_hop
-from .proxy import ConnectionMemo, Routed, WaypointProxy, _Attempt
+from .http import CallbackStream, ResponseHead, strip_hop_by_hop
+from .proxy import ConnectionMemo, Routed, WaypointProxy, _Attempt, _Cluster
 from .resilience import RESET
-from .routing import apply_response_filters
-from .upstream import UpstreamConnection
+from .routing import RequestPlan, apply_response_filters
+from .upstream import ClusterPool, UpstreamConnection
 
 log = logging.getLogger(__name__)
 
@@ -61,24 +61,31 @@ def fast_lanes(proxy: WaypointProxy) -> Callable[[H1Server], "FastLane | None"] 
 
 def _plain(routed: Routed) -> bool:
     """A route decision the fast path serves as the pipeline would (no retry, fault, timer, mirror)."""
-    cluster, policy, rule = routed.cluster, routed.request_policy, routed.rule
+    cluster, policy, rule, plan = routed.cluster, routed.request_policy, routed.rule, routed.plan
+    assert cluster is not None and policy is not None and plan is not None   # not a local reply
     return (not cluster.http2 and cluster.outliers is None and policy.retries is None and policy.faults is None
-            and not rule.timeouts.request and not rule.timeouts.backend_request and not routed.plan.mirrors)
+            and not rule.timeouts.request and not rule.timeouts.backend_request and not plan.mirrors)
 
 
 class _Exchange:
-    """One request in flight on the fast path."""
+    """One request in flight on the fast path (``plan``, ``cluster``, ``pool``: the routed
+    decision's, ``stream``: the connection's, as the types the fast path knows them to be)."""
 
-    __slots__ = ("head", "request", "chunks", "record", "routed", "conn", "answered", "paused")
+    __slots__ = ("head", "request", "chunks", "record", "routed", "plan", "cluster", "pool", "conn", "stream",
+                 "answered", "paused")
 
-    def __init__(self, head: RequestHead, request, chunks: list[bytes], record, routed: Routed,
-                 conn: UpstreamConnection) -> None:
+    def __init__(self, head: RequestHead, request, chunks: list[bytes], record, routed: Routed, plan: RequestPlan,
+                 cluster: _Cluster, pool: ClusterPool, conn: UpstreamConnection, stream: CallbackStream) -> None:
         self.head = head
         self.request = request
         self.chunks = chunks
         self.record = record
         self.routed = routed
+        self.plan = plan
+        self.cluster = cluster
+        self.pool = pool
         self.conn = conn
+        self.stream = stream
         self.answered = False   # the upstream's head came and was handed to the downstream side
         self.paused = False     # waiting for the downstream's write buffer to drain
 
@@ -89,7 +96,8 @@ class FastLane:
         self.proxy = proxy
         self.framings = framings if framings is not None else {}
         self.server = server
-        self.stream = server.stream
+        # fast_lanes makes a lane only for a stream that reads from callbacks (read_nowait).
+        self.stream = cast(CallbackStream, server.stream)
         self.reader = server.reader
         self.body_limit = proxy.limits.retry_buffer_bytes
         self.memo = ConnectionMemo()   # route decisions shared by this connection's requests
@@ -207,18 +215,20 @@ class FastLane:
             plain = routed.plain = _plain(routed)    # the same Routed answers requests alike
         if not plain:
             return self._hand_off(head, request, chunks, record, routed)
-        cluster = routed.cluster
+        cluster, endpoints, plan = routed.cluster, routed.endpoints, routed.plan
+        assert cluster is not None and endpoints is not None and plan is not None   # not a local reply
         try:
             upstream_head = proxy.upstream_head(routed, request, record)
         except ValueError:
             return self._hand_off(head, request, chunks, record, routed)   # the pipeline answers 502
         if not cluster.breaker.try_acquire():
             return self._hand_off(head, request, chunks, record, routed)   # ...503 UO
-        endpoint = cluster.pick(routed.endpoints, _NOTHING_TRIED, advance=False)
-        conn = cluster.pool.take_idle(endpoint) if endpoint is not None else None
-        if conn is None or not hasattr(conn.stream, "read_nowait"):
+        pool = cast(ClusterPool, cluster.pool)    # an HTTP/1.1 cluster's (_plain)
+        endpoint = cluster.pick(endpoints, _NOTHING_TRIED, advance=False)
+        conn = pool.take_idle(endpoint) if endpoint is not None else None
+        if endpoint is None or conn is None or not hasattr(conn.stream, "read_nowait"):
             if conn is not None:
-                cluster.pool.release(conn)
+                pool.release(conn)
             cluster.breaker.release()
             # The pipeline picks the same endpoint (the turn did not advance) and connects.
             return self._hand_off(head, request, chunks, record, routed)
@@ -229,11 +239,12 @@ class FastLane:
         record.destination = endpoint.peer_labels()
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)     # the body in one piece
         record.request_bytes = len(body)
-        exchange = self.exchange = _Exchange(head, request, chunks, record, routed, conn)
+        stream = cast(CallbackStream, conn.stream)    # it has read_nowait (above)
+        exchange = self.exchange = _Exchange(head, request, chunks, record, routed, plan, cluster, pool, conn, stream)
         conn.start_exchange(head_only=request.method == "HEAD")
-        conn.stream.on_readable = self._pump
+        stream.on_readable = self._pump
         try:
-            conn.stream.write(upstream_head + body if body else upstream_head)
+            stream.write(upstream_head + body if body else upstream_head)
         except OSError as err:
             return self._upstream_failed(exchange, RESET, str(err) or type(err).__name__)
         self._pump()
@@ -248,15 +259,14 @@ class FastLane:
         exchange = self.exchange
         if exchange is None or exchange.paused:
             return
-        conn = exchange.conn
-        reader = conn.reader
+        reader = exchange.conn.reader
         assert reader is not None
         events = reader.events
-        server = self.server
+        server, stream = self.server, exchange.stream
         while True:
             while not events:
                 try:
-                    data = conn.stream.read_nowait()
+                    data = stream.read_nowait()
                 except OSError as err:
                     return self._upstream_failed(exchange, RESET, str(err) or type(err).__name__)
                 if data is None:
@@ -298,7 +308,7 @@ class FastLane:
     def _start_answer(self, exchange: _Exchange, answer: ResponseHead) -> None:
         """The answer's head to the client, as ``H1Server.start_head`` makes it; answers alike
         (same status, headers and length, to requests alike) reuse the head bytes."""
-        server, plan = self.server, exchange.routed.plan
+        server, plan = self.server, exchange.plan
         if plan.response_filters:
             return server.start_head(answer.status, apply_response_filters(plan, strip_hop_by_hop(answer.headers)),
                                      answer.content_length)
@@ -339,9 +349,8 @@ class FastLane:
 
     def _finish(self, exchange: _Exchange) -> None:
         self.exchange = None
-        conn = exchange.conn
-        conn.stream.on_readable = None
-        exchange.routed.cluster.pool.release(conn)   # idle again if the answer was complete and keep-alive
+        exchange.stream.on_readable = None
+        exchange.pool.release(exchange.conn)   # idle again if the answer was complete and keep-alive
         try:
             self.server.write_end()
         except OSError as err:
@@ -359,9 +368,9 @@ class FastLane:
     def _settle(self, exchange: _Exchange, reuse: bool) -> None:
         """The exchange is over: its connection released (or closed), its breaker slot back, its record out."""
         if not reuse:
-            exchange.conn.stream.on_readable = None
-            exchange.routed.cluster.pool.discard(exchange.conn)
-        exchange.routed.cluster.breaker.release()
+            exchange.stream.on_readable = None
+            exchange.pool.discard(exchange.conn)
+        exchange.cluster.breaker.release()
         self.proxy.fast_served += 1
         self.proxy.telemetry.record(exchange.record)
 
@@ -371,14 +380,14 @@ class FastLane:
             # Before any answer went out: the pipeline takes over with this failed first try
             # (it retries a stale connection on a fresh one, or answers 502/503).
             log.debug("upstream %s failed before answering: %s", exchange.conn.endpoint.address, detail)
-            exchange.conn.stream.on_readable = None
-            exchange.routed.cluster.pool.discard(exchange.conn)
-            exchange.routed.cluster.breaker.release()
+            exchange.stream.on_readable = None
+            exchange.pool.discard(exchange.conn)
+            exchange.cluster.breaker.release()
             attempt = _Attempt(outcome, endpoint=exchange.conn.endpoint)
             attempt.stale = outcome == RESET   # pooled connections only, here
             # The pipeline sends this attempt's headers again (the upstream head was encoded from
             # them), in a plan of its own: the routed one is shared by the requests alike.
-            plan = exchange.routed.plan.copy()
+            plan = exchange.plan.copy()
             plan.headers = self.proxy._upstream_headers(plan, exchange.request, exchange.record)
             return self._hand_off(exchange.head, exchange.request, exchange.chunks, exchange.record,
                                   exchange.routed.with_plan(plan), attempt)

@@ -78,7 +78,8 @@ _SUPPORTED_VERSIONS = ("1.1", "1.0")
 HEAD_END = b"\r\n\r\n"
 
 
-def _whole_message(data: bytes, events: deque, before: int, head_type: type) -> tuple | None:
+def _whole_message(data: bytes, events: deque, before: int,
+                   head_type: type[RequestHead] | type[ResponseHead]) -> tuple | None:
     """``(head bytes, head, body length)`` when ``data``, fed at the start of a message, was
     exactly one keep-alive message of known length: its events (from ``before``) are that
     head, at most one body chunk and ``END``, and the bytes are the head, up to its first
@@ -89,7 +90,8 @@ def _whole_message(data: bytes, events: deque, before: int, head_type: type) -> 
     if count not in (2, 3) or events[-1] is not END or type(data) is not bytes:
         return None
     head = events[before]
-    if type(head) is not head_type or not head.keep_alive or head.content_length is None:
+    # isinstance, not type(head) is: mypy narrows it (neither head class has subclasses).
+    if not isinstance(head, head_type) or not head.keep_alive or head.content_length is None:
         return None
     length = head.content_length
     if count == 3:
@@ -210,10 +212,11 @@ class RequestReader:
         self.in_head = False
         parser = self._parser
         parts = (parser.get_method(), self._url, parser.get_http_version(), self._raw_headers)
-        if parts == self._last_parts:
+        last = self._last_head
+        if last is not None and parts == self._last_parts:
             # The same bytes as the last head: the same checks pass, the same head results
             # (llhttp's keep-alive and upgrade answers read only the version and the headers).
-            self.events.append(self._last_head)
+            self.events.append(last)
             return
         try:
             head = self._head(*parts)
@@ -397,8 +400,9 @@ class ResponseReader:
             return
         # llhttp's keep-alive answer reads the version and the headers: with them, the same head.
         parts = (status, parser.should_keep_alive(), self.head_only, self._raw_headers)
-        if parts == self._last_parts:
-            head, self._until_close = self._last_head, self._last_until_close
+        last = self._last_head
+        if last is not None and parts == self._last_parts:
+            head, self._until_close = last, self._last_until_close
         else:
             head = self._answer_head(*parts)
             self._last_parts, self._last_head, self._last_until_close = parts, head, self._until_close

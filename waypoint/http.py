@@ -110,6 +110,18 @@ class Tunnel(Protocol):
     def close(self) -> None: ...
 
 
+class CallbackStream(Tunnel, Protocol):
+    """A ``Tunnel`` that can also be read from I/O callbacks (``TcpStream``, the HBONE stream):
+    ``on_readable`` is called whenever ``read_nowait`` may have something new (the fast path)."""
+
+    on_readable: Callable[[], None] | None
+
+    def read_nowait(self) -> bytes | None: ...
+
+    @property
+    def write_blocked(self) -> bool: ...
+
+
 class BodyError(Exception):
     """The downstream request body broke (client vanished, lied about its length, stalled)."""
 

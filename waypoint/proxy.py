@@ -19,7 +19,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Collection, Iterable, Protocol
+from typing import Callable, Collection, Iterable, Protocol, Sequence
 
 from shoal.telemetry_labels import PeerLabels, ServiceLabels, principal
 from shoal.xds.model import Authorization
@@ -47,7 +47,8 @@ from .upstream_h2 import H2ClusterPool, send_request_h2
 log = logging.getLogger(__name__)
 
 DEFAULT_POOL = ConnectionPoolPolicy()
-UNRESTRICTED = authz.decide((), None)   # the (frozen) verdict without any policy: allowed  # type: ignore[arg-type]
+# The (frozen) verdict without any policy: allowed. No policy, so no matcher is ever read.
+UNRESTRICTED = authz.decide((), None)   # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,6 @@ class Routed:
 # Request headers the waypoint writes itself on the way upstream (the client's are dropped).
 _SET_UPSTREAM = frozenset({"host", "traceparent", "content-length", "x-forwarded-proto", "x-request-id", "expect"})
 MEMO_LIMIT = 256   # remembered decisions per connection (distinct authorities, methods, paths)
-_UNSET = object()
 
 
 class ConnectionMemo:
@@ -190,17 +190,18 @@ class ConnectionMemo:
     method and path, the route decision with its endpoints. The peer never changes on a
     connection; the generation says when the routes or the cluster did."""
 
-    __slots__ = ("generation", "source", "targets")
+    __slots__ = ("generation", "source", "source_found", "targets")
 
     def __init__(self) -> None:
         self.generation = -1
-        self.source: object = _UNSET
+        self.source: WorkloadInfo | None = None
+        self.source_found = False     # whether ``source`` was looked up (None: no known workload)
         self.targets: dict[tuple[str, str], _Target] = {}
 
     def refresh(self, generation: int) -> None:
         if generation != self.generation:
             self.generation = generation
-            self.source = _UNSET
+            self.source, self.source_found = None, False
             self.targets.clear()
 
 
@@ -263,7 +264,7 @@ class _Attempt:
         self.grpc_status: int | None = None   # grpc-status of a trailers-only answer
 
 
-FAILURE_ANSWERS = {
+FAILURE_ANSWERS: dict[int | str, tuple[int, str, str]] = {
     CONNECT_FAILURE: (503, "UF", "upstream connect error or disconnect/reset before headers. reset reason: connection failure"),
     RESET: (503, "UC", "upstream connect error or disconnect/reset before headers. reset reason: connection termination"),
     TIMEOUT: (504, "UT", "upstream request timeout"),
@@ -301,9 +302,9 @@ class WaypointProxy:
             if self._cluster_policy(key[0], key[1]) != cluster.policy:
                 cluster.pool.close()
                 del self._clusters[key]
-        for key, state in list(self._request_policies.items()):
-            if self.config.policy_for(*key) != state.policy:
-                del self._request_policies[key]
+        for called, state in list(self._request_policies.items()):
+            if self.config.policy_for(*called) != state.policy:
+                del self._request_policies[called]
 
     def _cluster_policy(self, namespace: str, name: str) -> TrafficPolicy | None:
         return self.config.policy_for(namespace, name)
@@ -350,9 +351,9 @@ class WaypointProxy:
             generation = self.generation + self.resolver.generation
             if generation != memo.generation:
                 memo.refresh(generation)
+            if not memo.source_found:
+                memo.source, memo.source_found = self.resolver.workload_by_ip(req.peer.source_ip), True
             source = memo.source
-            if source is _UNSET:
-                source = memo.source = self.resolver.workload_by_ip(req.peer.source_ip)
         if source is not None:
             rec.source = source.peer_labels()
         return rec
@@ -379,7 +380,7 @@ class WaypointProxy:
             self.telemetry.record(rec)
 
     async def _local_reply(self, sink: ResponseSink, rec: RequestRecord, status: int, text: str,
-                           extra: list[tuple[str, str]] = (), grpc_status: int | None = None) -> None:
+                           extra: Sequence[tuple[str, str]] = (), grpc_status: int | None = None) -> None:
         if rec.grpc:
             # gRPC clients read grpc-status: trailers-only, HTTP 200 (as Envoy's local replies).
             code = grpc_status if grpc_status is not None else grpc.status_for_http(status)
@@ -410,16 +411,18 @@ class WaypointProxy:
             if generation != memo.generation:
                 memo.refresh(generation)
             key = (req.authority, req.method)
-            target = memo.targets.get(key)   # type: ignore[assignment]
-            if target is None:
+            known = memo.targets.get(key)
+            if known is None:
                 if len(memo.targets) >= MEMO_LIMIT:
                     memo.targets.clear()
-                target = memo.targets[key] = self._target(req)
-        service = target.service
+                known = memo.targets[key] = self._target(req)
+            target = known
+        service, labels = target.service, target.labels
         if service is None:
             rec.flags.add("NR")
             return Routed(reply=(404, f"no service for {req.authority}"))
-        rec.service = target.labels   # type: ignore[assignment]
+        assert labels is not None    # a target with a Service has its labels (_target)
+        rec.service = labels
         if target.requested_address:
             rec.requested_address = target.requested_address
 
@@ -452,11 +455,12 @@ class WaypointProxy:
         else:
             choices = target.choices
             path = req.path if depends_on == "path" else None
-            choice = choices.get(path)   # type: ignore[assignment]
-            if choice is None:
+            remembered = choices.get(path)
+            if remembered is None:
                 if len(choices) >= MEMO_LIMIT:
                     choices.clear()
-                choice = choices[path] = self._choose(service.key, req)
+                remembered = choices[path] = self._choose(service.key, req)
+            choice = remembered
         rec.route = choice.route_name
         decision = choice.decision
         if decision.rule is None:
@@ -522,10 +526,14 @@ class WaypointProxy:
         return _Choice(decision, endpoints, self._cluster(backend.namespace, backend.name, service, port))
 
     async def _handle(self, req: ProxyRequest, body: Body, sink: ResponseSink, rec: RequestRecord, handoff) -> None:
-        routed = handoff.routed if handoff is not None and handoff.routed is not None else self.route(req, rec)
+        routed: Routed = handoff.routed if handoff is not None and handoff.routed is not None else self.route(req, rec)
         if routed.reply is not None:
             return await self._local_reply(sink, rec, *routed.reply)
-        cluster, plan, rule = routed.cluster, routed.plan, routed.rule
+        cluster, plan, rule, service = routed.cluster, routed.plan, routed.rule, routed.service
+        endpoints, request_policy = routed.endpoints, routed.request_policy
+        # A decision without a reply says where the request goes, all of it (route).
+        assert cluster is not None and plan is not None and service is not None
+        assert endpoints is not None and request_policy is not None
         if not cluster.breaker.try_acquire():
             rec.flags.add("UO")
             return await self._local_reply(sink, rec, 503, "upstream overflow (max requests)")
@@ -537,16 +545,16 @@ class WaypointProxy:
             timeout = rule.timeouts.request
             try:
                 async with _deadline(timeout):
-                    attempt, body_source = await self._attempts(req, body, plan, cluster, routed.endpoints,
-                                                                routed.request_policy, rule.timeouts.backend_request,
+                    attempt, body_source = await self._attempts(req, body, plan, cluster, endpoints,
+                                                                request_policy, rule.timeouts.backend_request,
                                                                 rec, handoff.attempt if handoff is not None else None)
             except TimeoutError:
                 rec.flags.add("UT")
                 return await self._local_reply(sink, rec, 504, "upstream request timeout")
             rec.request_bytes = body_source.bytes
             if plan.mirrors and body_source.replayable:
-                self._mirror(plan, req, body_source.buffer, routed.service)
-            await self._respond(attempt, plan, req, sink, rec, cluster, routed.service)
+                self._mirror(plan, req, body_source.buffer, service)
+            await self._respond(attempt, plan, req, sink, rec, cluster, service)
         finally:
             cluster.breaker.release()
 
@@ -614,7 +622,7 @@ class WaypointProxy:
                     self.telemetry.metrics.ejections.labels(destination_service=cluster.name).inc()
             last = number == attempts
             retriable = retries is not None and is_retriable(retries, attempt.outcome, attempt.grpc_status)
-            if last or not retriable or not source.replayable:
+            if last or retries is None or not retriable or not source.replayable:
                 if number > 1 and retriable:
                     rec.flags.add("URX")
                 return attempt, source
@@ -635,10 +643,11 @@ class WaypointProxy:
             return tried
         faults = rp.faults
         if faults is not None:
-            if rp.delay_sampler is not None and rp.delay_sampler.sample():
+            # A sampler is made only for a delay or an abort status that is set (_RequestPolicy).
+            if faults.delay and rp.delay_sampler is not None and rp.delay_sampler.sample():
                 rec.flags.add("DI")
                 await asyncio.sleep(faults.delay)
-            if rp.abort_sampler is not None and rp.abort_sampler.sample():
+            if faults.abort_status and rp.abort_sampler is not None and rp.abort_sampler.sample():
                 rec.flags.add("FI")
                 return _Attempt(faults.abort_status, endpoint=endpoint, flag="FI")
         attempt = await self._exchange(req, source, plan, cluster, endpoint, fresh=bool(req.upgrade))
@@ -661,12 +670,12 @@ class WaypointProxy:
             response = await cluster.send(cluster.pool, conn, req.method, plan.target, plan.headers,  # type: ignore[arg-type]
                                           source.body(), req.content_length is None and source.may_have_body)
         except UpstreamError as err:
-            cluster.pool.discard(conn)
+            cluster.pool.discard(conn)   # type: ignore[arg-type]  # conn is this pool's (acquire above)
             attempt = _Attempt(err.outcome, endpoint=endpoint)
             attempt.stale = conn.reused and err.outcome == RESET
             return attempt
         except BaseException:
-            cluster.pool.discard(conn)  # a broken downstream body or a cancel: the exchange is half-sent
+            cluster.pool.discard(conn)  # type: ignore[arg-type]  # a broken downstream body or a cancel: the exchange is half-sent
             raise
         attempt = _Attempt(response.status, response, endpoint)
         if cluster.http2:
@@ -737,6 +746,7 @@ class WaypointProxy:
             return
         cluster = self._cluster(backend.namespace, backend.name, service, backend.port or service.port)
         endpoint = cluster.pick(endpoints, set())
+        assert endpoint is not None     # endpoints is not empty, nothing was tried
         host, _, port = plan.authority.partition(":")
         headers = [(n, v) for n, v in plan.headers if n != "host"]
         headers.insert(0, ("host", f"{host}-shadow" + (f":{port}" if port else "")))
@@ -770,7 +780,7 @@ class _BodySource:
     def __init__(self, req: ProxyRequest, body: Body, buffer_limit: int) -> None:
         self._req = req
         self._body = body
-        self._limit = buffer_limit
+        self.buffer_limit = buffer_limit
         self.buffer = b""
         self.replayable = False
         self.consumed = False
@@ -781,7 +791,7 @@ class _BodySource:
         length = self._req.content_length
         if length == 0:
             self.replayable = True
-        elif length is not None and length <= self._limit:
+        elif length is not None and length <= self.buffer_limit:
             chunks = []
             async for chunk in self._body:
                 chunks.append(chunk)
@@ -795,19 +805,44 @@ class _BodySource:
         if self.consumed:
             raise BodyError(500, "request body already streamed")
         self.consumed = True
-        return self._counting(self._body)
+        return _CountingBody(self, self._body)
 
-    async def _counting(self, body: Body) -> Body:
-        kept: list[bytes] | None = []
-        async for chunk in body:
-            self.bytes += len(chunk)
+    def streamed_whole(self, kept: list[bytes]) -> None:
+        """A small body of unknown length (chunked, HTTP/2, every gRPC call) streamed whole:
+        it can be replayed now, so a failed attempt can still be retried."""
+        self.buffer = b"".join(kept)
+        self.replayable = True
+
+
+class _CountingBody:
+    """The downstream body streamed once, its bytes counted on ``source`` and kept while they
+    fit its replay buffer. A class, not an async generator (mypyc compiles none), that ends
+    as one does: once it has ended or raised, it yields nothing more."""
+
+    def __init__(self, source: _BodySource, body: Body) -> None:
+        self.source = source
+        self.chunks = aiter(body)
+        self.kept: list[bytes] | None = []
+        self.finished = False
+
+    def __aiter__(self) -> "_CountingBody":
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self.finished:
+            raise StopAsyncIteration
+        self.finished = True       # until a chunk comes: an error or the end finishes it
+        source, kept = self.source, self.kept
+        try:
+            chunk = await anext(self.chunks)
+        except StopAsyncIteration:
             if kept is not None:
-                kept.append(chunk)
-                if self.bytes > self._limit:
-                    kept = None
-            yield chunk
+                source.streamed_whole(kept)
+            raise
+        source.bytes += len(chunk)
         if kept is not None:
-            # A small body of unknown length (chunked, HTTP/2, every gRPC call) streamed
-            # whole: it can be replayed now, so a failed attempt can still be retried.
-            self.buffer = b"".join(kept)
-            self.replayable = True
+            kept.append(chunk)
+            if source.bytes > source.buffer_limit:
+                self.kept = None
+        self.finished = False
+        return chunk

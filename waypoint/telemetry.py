@@ -470,7 +470,8 @@ class RequestTelemetry:
             alike.ClearField("time")       # the fields set below: unset here, so theirs stand
             alike.ClearField("Summary")    # (code, latency and trace id are unset: http_flow's defaults)
             template = self._flow_templates[key] = encode_flow(alike)
-        own = flow_pb2.Flow()
+        # The mypyc build type-checks a copy of the tree without the generated modules' .pyi stubs.
+        own = flow_pb2.Flow()  # type: ignore[attr-defined, unused-ignore]
         stamp = own.time      # Timestamp.FromNanoseconds's fields, set without its Python checks
         stamp.seconds, stamp.nanos = divmod(time.time_ns(), 1_000_000_000)
         latency_ns = int(r.duration_ms * 1e6)
@@ -564,6 +565,25 @@ class AccessLogLines:
                 f'"trace_id":{text(trace.trace_id) if trace else "null"}}}')
 
 
+class _FixedIds:
+    """The SDK's id generator (its ``IdGenerator`` interface, which TracerProvider only calls):
+    hands it the ids the waypoint already put on the wire. Not a subclass of the optional
+    dependency's class, and not nested, so that mypyc compiles this module."""
+
+    def __init__(self) -> None:
+        self.next_span_id = 0
+        self.next_trace_id = 0
+
+    def generate_span_id(self) -> int:
+        return self.next_span_id
+
+    def generate_trace_id(self) -> int:
+        return self.next_trace_id
+
+    def is_trace_id_random(self) -> bool:
+        return False    # IdGenerator's default: the ids are the client's, not known to be random
+
+
 class OtlpSpanExporter:
     """Exports one server span per request with the OpenTelemetry SDK (optional dependency).
 
@@ -577,26 +597,14 @@ class OtlpSpanExporter:
             from opentelemetry.sdk.resources import Resource
             from opentelemetry.sdk.trace import TracerProvider
             from opentelemetry.sdk.trace.export import BatchSpanProcessor
-            from opentelemetry.sdk.trace.id_generator import IdGenerator
             from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags, set_span_in_context
         except ImportError as err:
             raise RuntimeError("OTLP export needs the optional dependency: pip install 'shoal[otel]'") from err
 
-        class _Fixed(IdGenerator):
-            """Hands the SDK the span id the waypoint already put on the wire."""
-
-            def __init__(self) -> None:
-                self.next_span_id = 0
-                self.next_trace_id = 0
-
-            def generate_span_id(self) -> int:
-                return self.next_span_id
-
-            def generate_trace_id(self) -> int:
-                return self.next_trace_id
-
-        self._ids = _Fixed()
-        self._provider = TracerProvider(resource=Resource.create({"service.name": service_name}), id_generator=self._ids)
+        self._ids = _FixedIds()
+        # _FixedIds has IdGenerator's methods without being one (see there).
+        self._provider = TracerProvider(resource=Resource.create({"service.name": service_name}),
+                                        id_generator=self._ids)  # type: ignore[arg-type]
         self._provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
         self._tracer = self._provider.get_tracer("shoal.waypoint")
         self._otel = (NonRecordingSpan, SpanContext, SpanKind, TraceFlags, set_span_in_context)

@@ -14,6 +14,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Protocol
 
+from mypy_extensions import mypyc_attr
+
 from shoal.telemetry_labels import UNKNOWN, PeerLabels, principal
 
 from .h1 import (
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 READ_CHUNK = 65536
 
 
+@mypyc_attr(native_class=False)   # compiled: keeps its __dict__, where it caches its address, hash and labels
 @dataclass(frozen=True)
 class Endpoint:
     ip: str

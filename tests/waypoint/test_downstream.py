@@ -372,3 +372,33 @@ async def test_http2_stalled_body_resets_only_that_stream(tight):
     conn.send_headers(3, base + [(":method", "GET"), (":path", "/fine")], end_stream=True)
     statuses = await response_statuses(reader, writer, conn, 2)
     assert statuses == {1: "408", 3: "200"}
+
+
+@pytest.mark.parametrize("rest, outcome", [(b"lo", [b"hel", b"lo"]), (b"", "BodyError")])
+async def test_a_request_body_yields_nothing_more_after_its_end_or_an_error(rest, outcome):
+    """The pipeline's request body ends as an async generator would: once it has ended, or
+    raised for a body cut short, iterating it again yields nothing (it is a class: mypyc
+    compiles no async generator)."""
+    from shoal.waypoint.downstream import serve_connection
+    from shoal.waypoint.http import BodyError, PeerInfo
+
+    seen = []
+
+    async def handler(request, body, sink, handoff=None):
+        try:
+            seen.append([chunk async for chunk in body])
+        except BodyError as err:
+            seen.append(type(err).__name__)
+            seen.append([chunk async for chunk in body])
+            raise
+        seen.append([chunk async for chunk in body])
+        await sink.start(200, [("content-length", "0")], 0)
+        await sink.end()
+
+    tunnel = MemoryTunnel()
+    for data in (b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\n\r\nhel", rest, b""):
+        tunnel.incoming.put_nowait(data)
+    await asyncio.wait_for(serve_connection(tunnel, PeerInfo("10.0.0.1", 1234), handler, Limits(),
+                                            lambda reason, status: None), 10)
+    assert seen == [outcome, []]
+    assert bytes(tunnel.sent).startswith(b"HTTP/1.1 200 " if rest else b"HTTP/1.1 400 ")
