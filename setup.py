@@ -66,7 +66,7 @@ def compiled_extensions() -> list:
     stage = Path("build/mypyc-src")
     shutil.rmtree(stage, ignore_errors=True)
     for folder in FOLDERS.values():
-        for source in Path(folder).rglob("*.py"):
+        for source in [*Path(folder).rglob("*.py"), *Path(folder).rglob("*.pyi")]:   # .pyi: the protobuf stubs
             target = stage / installed_path(source.as_posix())
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)

@@ -471,7 +471,7 @@ class RequestTelemetry:
             alike.ClearField("Summary")    # (code, latency and trace id are unset: http_flow's defaults)
             template = self._flow_templates[key] = encode_flow(alike)
         # The mypyc build type-checks a copy of the tree without the generated modules' .pyi stubs.
-        own = flow_pb2.Flow()  # type: ignore[attr-defined, unused-ignore]
+        own = flow_pb2.Flow()
         stamp = own.time      # Timestamp.FromNanoseconds's fields, set without its Python checks
         stamp.seconds, stamp.nanos = divmod(time.time_ns(), 1_000_000_000)
         latency_ns = int(r.duration_ms * 1e6)
@@ -604,7 +604,7 @@ class OtlpSpanExporter:
         self._ids = _FixedIds()
         # _FixedIds has IdGenerator's methods without being one (see there).
         self._provider = TracerProvider(resource=Resource.create({"service.name": service_name}),
-                                        id_generator=self._ids)  # type: ignore[arg-type]
+                                        id_generator=self._ids)  # type: ignore[arg-type, unused-ignore]  # unused: built without the otel extra
         self._provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
         self._tracer = self._provider.get_tracer("shoal.waypoint")
         self._otel = (NonRecordingSpan, SpanContext, SpanKind, TraceFlags, set_span_in_context)
