@@ -58,8 +58,11 @@ def compiled_extensions() -> list:
     sources = tomllib.loads(Path("pyproject.toml").read_text())["tool"]["shoal"]["compiled"]
     if os.environ.get("SHOAL_COMPILE", "1") == "0":
         # An editable install built them beside their sources, where they would shadow them.
-        for built in [*Path(".").glob("shoal__mypyc.*.so"), *(p for s in sources for p in Path(s).parent.glob(f"{Path(s).stem}.cpython-*.so"))]:
+        for built in Path(".").glob("shoal__mypyc.*.so"):
             built.unlink()
+        for source in map(Path, sources):
+            for built in source.parent.glob(f"{source.stem}.cpython-*.so"):
+                built.unlink()
         return []
     from mypyc.build import mypycify
 

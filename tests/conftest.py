@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -30,31 +31,44 @@ from shoal.config import ClusterLayout
 ENV_CONTAINERS = "SHOAL_TEST_CONTAINERS"
 
 
-def compiled_modules() -> list[tuple[Path, list[Path]]]:
-    """Each module pyproject's [tool.shoal] compiled names, with the extensions built beside it."""
+@dataclasses.dataclass(frozen=True)
+class CompiledModule:
+    """A module of pyproject's [tool.shoal] compiled: its source, where it sits as installed
+    (``waypoint/h1.py`` is ``shoal/waypoint/h1.py``), and the extensions built beside it."""
+    source: Path
+    installed: Path
+    built: list[Path]
+
+    @property
+    def name(self) -> str:
+        return ".".join(self.installed.with_suffix("").parts)
+
+
+def compiled_modules() -> list[CompiledModule]:
     repo = Path(__file__).resolve().parents[1]
-    sources = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["shoal"]["compiled"]
-    return [(repo / s, sorted((repo / s).parent.glob(f"{Path(s).stem}.cpython-*.so"))) for s in sources]
+    modules = []
+    for relative in map(Path, tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["shoal"]["compiled"]):
+        source = repo / relative
+        installed = relative if relative.parts[0] == "shoal" else Path("shoal", relative)
+        modules.append(CompiledModule(source, installed, sorted(source.parent.glob(f"{source.stem}.cpython-*.so"))))
+    return modules
 
 
 def pytest_sessionstart(session):
     """An extension built from other source than the file beside it would run old code in the
-    tests' place. setup.py compiles copies staged in build/mypyc-src (laid out as installed:
-    waypoint/h1.py is shoal/waypoint/h1.py), so the copy is what the extension was built from."""
-    repo = Path(__file__).resolve().parents[1]
-    stale = []
-    for source, built in compiled_modules():
-        relative = source.relative_to(repo)
-        staged = repo / "build/mypyc-src" / (relative if relative.parts[0] == "shoal" else Path("shoal", relative))
-        if built and (not staged.exists() or staged.read_bytes() != source.read_bytes()):
-            stale.append(str(relative))
+    tests' place. setup.py compiles copies staged in build/mypyc-src (laid out as installed),
+    so the copy is what the extension was built from."""
+    stage = Path(__file__).resolve().parents[1] / "build/mypyc-src"
+    stale = [str(m.installed) for m in compiled_modules()
+             if m.built and (not (stage / m.installed).exists()
+                             or (stage / m.installed).read_bytes() != m.source.read_bytes())]
     if stale:
         pytest.exit(f"compiled modules built from other source than theirs: {', '.join(stale)}; "
                     "`make install` (or `bash scripts/install.sh`) rebuilds them", returncode=3)
 
 
 def pytest_report_header(config):
-    built = sum(1 for _, extensions in compiled_modules() if extensions)
+    built = sum(1 for m in compiled_modules() if m.built)
     return f"shoal: {built} of {len(compiled_modules())} hot-path modules compiled (mypyc)"
 
 

@@ -352,8 +352,6 @@ def test_the_hot_path_modules_run_compiled():
     import importlib
 
     from tests.conftest import compiled_modules
-    for source, _ in compiled_modules():
-        parts = source.relative_to(REPO).with_suffix("").parts   # agent/x.py is shoal.agent.x
-        name = ".".join(parts if parts[0] == "shoal" else ("shoal", *parts))
-        module = importlib.import_module(name)
-        assert module.__file__ and module.__file__.endswith(".so"), f"{name} runs interpreted: {module.__file__}"
+    for compiled in compiled_modules():
+        module = importlib.import_module(compiled.name)
+        assert module.__file__ and module.__file__.endswith(".so"), f"{compiled.name} runs interpreted: {module.__file__}"

@@ -161,7 +161,7 @@ class Abuse(h2.exceptions.ProtocolError):
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
         self.reason = reason
-        # Set on the instance: compiled (shoal.compiled), a class attribute of a subclass of
+        # Set on the instance: compiled (mypyc, pyproject [tool.shoal] compiled), a class attribute of a subclass of
         # a Python exception is not seen, and h2 would answer PROTOCOL_ERROR.
         self.error_code = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
 
