@@ -580,8 +580,9 @@ class H2Server:
         self.flush()
 
 
-class _Body:
-    """A request body as the pipeline reads it (``Body``): an async iterator of chunks.
+class BodyIterator:
+    """A request body as the pipeline reads it (``Body``): an async iterator of chunks, each
+    from ``next_chunk``. Here and in the proxy's counting body.
 
     Written as a class, not an async generator (mypyc compiles no async generator), and
     ending as one does: once it has ended or raised, it yields nothing more."""
@@ -589,7 +590,7 @@ class _Body:
     def __init__(self) -> None:
         self.finished = False
 
-    def __aiter__(self) -> "_Body":
+    def __aiter__(self) -> "BodyIterator":
         return self
 
     async def __anext__(self) -> bytes:
@@ -607,7 +608,7 @@ class _Body:
         raise NotImplementedError
 
 
-class _BufferedBody(_Body):
+class _BufferedBody(BodyIterator):
     """The chunks the fast path already took from the reader, up to the request's END."""
 
     def __init__(self, server: H1Server, chunks: list[bytes]) -> None:
@@ -625,7 +626,7 @@ class _BufferedBody(_Body):
         return None
 
 
-class _H1Body(_Body):
+class _H1Body(BodyIterator):
     """The current request's body from the reader's events, reading the stream when they run out."""
 
     def __init__(self, server: H1Server) -> None:
@@ -663,7 +664,7 @@ class _H1Body(_Body):
             raise BodyError(400, f"unexpected {event!r} inside the request body")
 
 
-class _H2Body(_Body):
+class _H2Body(BodyIterator):
     """One HTTP/2 stream's request body, its flow-control credit given back as it is read."""
 
     def __init__(self, server: H2Server, s: _H2Stream, grpc_limit: MessageSizeLimit | None = None) -> None:

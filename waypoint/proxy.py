@@ -25,6 +25,7 @@ from shoal.telemetry_labels import PeerLabels, ServiceLabels, principal
 from shoal.xds.model import Authorization
 
 from . import authz, grpc
+from .downstream import BodyIterator
 from .h1 import encode_request_head
 from .http import Body, BodyError, Limits, PeerInfo, ProxyRequest, ResponseSink, strip_hop_by_hop
 from .model import ConnectionPoolPolicy, HTTPRoute, TrafficPolicy
@@ -814,35 +815,27 @@ class _BodySource:
         self.replayable = True
 
 
-class _CountingBody:
+class _CountingBody(BodyIterator):
     """The downstream body streamed once, its bytes counted on ``source`` and kept while they
-    fit its replay buffer. A class, not an async generator (mypyc compiles none), that ends
-    as one does: once it has ended or raised, it yields nothing more."""
+    fit its replay buffer."""
 
     def __init__(self, source: _BodySource, body: Body) -> None:
+        super().__init__()
         self.source = source
         self.chunks = aiter(body)
         self.kept: list[bytes] | None = []
-        self.finished = False
 
-    def __aiter__(self) -> "_CountingBody":
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self.finished:
-            raise StopAsyncIteration
-        self.finished = True       # until a chunk comes: an error or the end finishes it
+    async def next_chunk(self) -> bytes | None:
         source, kept = self.source, self.kept
         try:
             chunk = await anext(self.chunks)
         except StopAsyncIteration:
             if kept is not None:
                 source.streamed_whole(kept)
-            raise
+            return None
         source.bytes += len(chunk)
         if kept is not None:
             kept.append(chunk)
             if source.bytes > source.buffer_limit:
                 self.kept = None
-        self.finished = False
         return chunk
