@@ -259,13 +259,17 @@ async def until_closed(reader, limit):
         stats["reset"] += 1
 async def connect():
     return await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+# Every loop pauses between attempts, ended well or not: a holder cut at the handshake
+# timeout does not take its slot back before the other loops can try for it, so the
+# garbage and untrusted handshakes get their share of the freed slots (they used to lose
+# every race to the 200 holders, and the source was never boxed).
 async def guarded(deadline, attempt):
     while time.monotonic() < deadline:
         try:
             await attempt(deadline)
         except (OSError, asyncio.TimeoutError, EOFError) as exc:
             stats["errors"][type(exc).__name__] += 1
-            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)
 async def hold_idle(deadline):
     reader, writer = await connect()
     stats["idle_opened"] += 1
