@@ -56,13 +56,15 @@ def compiled_extensions() -> list:
     installs without them: the same modules then run interpreted. Their shared runtime is
     the top-level extension ``shoal__mypyc``."""
     sources = tomllib.loads(Path("pyproject.toml").read_text())["tool"]["shoal"]["compiled"]
-    if os.environ.get("SHOAL_COMPILE", "1") == "0":
-        # An editable install built them beside their sources, where they would shadow them.
-        for built in Path(".").glob("shoal__mypyc.*.so"):
+    # An editable install built them beside their sources, where they shadow them. Removed
+    # first, every time: interpreted (SHOAL_COMPILE=0) they must not shadow the sources, and
+    # a build that fails (a type error) must leave none, never an old one over newer source.
+    for built in Path(".").glob("shoal__mypyc.*.so"):
+        built.unlink()
+    for source in map(Path, sources):
+        for built in source.parent.glob(f"{source.stem}.cpython-*.so"):
             built.unlink()
-        for source in map(Path, sources):
-            for built in source.parent.glob(f"{source.stem}.cpython-*.so"):
-                built.unlink()
+    if os.environ.get("SHOAL_COMPILE", "1") == "0":
         return []
     from mypyc.build import mypycify
 
