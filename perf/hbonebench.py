@@ -6,7 +6,8 @@ back to back, so load hits them alike.
     python -m shoal.perf.hbonebench [--rounds 3] [--seconds 3]
 
 Prints a Markdown table: iperf3 single stream each way (``-R``: the server end sends, as in
-a download; each × haproxy), sockperf 1 KiB ping-pong
+a download; each × haproxy; the forward one also as CPU per GB of both ends, steadier
+than the rate on a busy machine), sockperf 1 KiB ping-pong
 at 1,000/s (p50, added p50 over direct, p99) and the CPU of both ends during it. A
 development tool for A/B runs of the two paths; the node proxy's own figures come from
 the ``baseline`` scenario.
@@ -82,13 +83,17 @@ def main() -> None:
                     raise RuntimeError(f"{log.name} did not start (exited: {exited}): {log.read_text()[-2000:]}")
                 time.sleep(0.2)
         results: dict[str, dict[str, list[float]]] = {
-            p: {"gbps": [], "gbps_reverse": [], "p50": [], "p99": [], "cpu": []} for p in paths}
+            p: {"gbps": [], "gbps_reverse": [], "cpu_gb": [], "p50": [], "p99": [], "cpu": []} for p in paths}
         for round_ in range(args.rounds):
             for name, (stream_port, rr_port, pids) in paths.items():
                 for key, direction in (("gbps", []), ("gbps_reverse", ["-R"])):
+                    before = _cpu_seconds(pids)
                     out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(stream_port), "-t", str(args.seconds),
                                           "-J", *direction], capture_output=True, text=True, check=True).stdout
-                    results[name][key].append(json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9)
+                    received = json.loads(out)["end"]["sum_received"]
+                    results[name][key].append(received["bits_per_second"] / 1e9)
+                    if key == "gbps":   # CPU per byte: steadier than the rate on a busy machine
+                        results[name]["cpu_gb"].append((_cpu_seconds(pids) - before) * 1e3 / (received["bytes"] / 1e9))
                 before = _cpu_seconds(pids)
                 out = subprocess.run(sockperf.client_argv("127.0.0.1", args.seconds, 1000, 1024, rr_port),
                                      capture_output=True, text=True, check=True).stdout
@@ -99,10 +104,11 @@ def main() -> None:
             print(f"round {round_ + 1} of {args.rounds} done", file=sys.stderr, flush=True)
         med = {p: {k: statistics.median(v) for k, v in d.items()} for p, d in results.items()}
         print(f"load1 {os.getloadavg()[0]:.1f}; {args.rounds} rounds x {args.seconds} s; medians")
-        print("| path | stream Gbit/s | × haproxy | reverse (-R) Gbit/s | × haproxy | 1 KiB RR p50 µs | added p50 µs | p99 µs | cores, both ends, at 1,000 req/s |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("| path | stream Gbit/s | × haproxy | CPU ms per GB, both ends | reverse (-R) Gbit/s | × haproxy | "
+              "1 KiB RR p50 µs | added p50 µs | p99 µs | cores, both ends, at 1,000 req/s |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for name, m in med.items():
-            print(f"| {name} | {m['gbps']:.2f} | {m['gbps'] / med['haproxy']['gbps']:.2f} | "
+            print(f"| {name} | {m['gbps']:.2f} | {m['gbps'] / med['haproxy']['gbps']:.2f} | {m['cpu_gb']:.0f} | "
                   f"{m['gbps_reverse']:.2f} | {m['gbps_reverse'] / med['haproxy']['gbps_reverse']:.2f} | {m['p50']:.0f} | "
                   f"{m['p50'] - med['direct']['p50']:+.0f} | {m['p99']:.0f} | {m['cpu']:.3f} |")
     finally:

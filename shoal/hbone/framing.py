@@ -101,9 +101,7 @@ H2_FRAME_COST = 8
 
 STATUS_OK = 200
 CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 3.4, before the first frame
-# Payloads this small are copied into the outbound buffer as they are framed; larger ones
-# stay views of the caller's buffer until ``data_to_send`` joins them (one copy either way).
-_COPY_BELOW = 16 * 1024
+_COPY_BELOW = 16 * 1024  # payloads this small are merged into one write; larger ones go as they are
 STATUS_BAD_REQUEST = 400
 STATUS_UNAUTHORIZED = 401
 STATUS_UNAVAILABLE = 503
@@ -378,7 +376,7 @@ class HboneConnection:
         self.going_away = False       # we sent one
         # The fast path: its flow control, its frame splitter, and the one outbound buffer
         # that h2's bytes and ours join in order (small pieces merged; large payloads kept
-        # as views of the caller's buffers until ``data_to_send`` joins them).
+        # as the caller's buffers, so they are not copied before TLS).
         self.fast_path = fast_path
         self._flow = fastpath.FlowControl(stream_window, connection_window)
         self._splitter = fastpath.FrameSplitter(max_frame)
@@ -409,30 +407,33 @@ class HboneConnection:
             self._h2.increment_flow_control_window(extra)
 
     def data_to_send(self) -> bytes:
-        """What to write, in order, as one buffer, for one TLS write. Empties the outbound
-        buffer. One buffer, not a list for ``writelines``: uvloop's TLS transport makes each
-        buffer of a list its own SSL_write, so each 16 KiB DATA frame's 9-byte header became a
-        TLS record of its own (twice the records, seals and the peer's reads). The join's one
-        copy of the large payloads costs less: the loopback pair's single stream went from
-        0.73-0.79 to 1.01-1.04 × haproxy (perf README, session 12)."""
+        return b"".join(self.buffers_to_send())
+
+    def buffers_to_send(self) -> list[bytes | memoryview]:
+        """What to write, in order, as a list (for ``writelines``): large payloads are the
+        buffers they were sent from, the rest is merged. Empties the outbound buffer."""
         if not self.fast_path:
             data = self._h2.data_to_send()
             if self._small:  # our own frames (go_away) queued before h2's
                 data, self._small = bytes(self._small) + data, bytearray()
-            return data
+            return [data] if data else []
         # No pull from h2 here: every command that makes h2 write pulls right after it.
         out, small = self._out, self._small
+        if not out:
+            if not small:
+                return out
+            data = bytes(small)
+            small.clear()
+            return [data]
         if small:
             out.append(bytes(small))
             small.clear()
-        if not out:
-            return b""
         self._out = []
-        return b"".join(out)   # one bytes item is returned as it is, without a copy
+        return out
 
     @property
     def output_queued(self) -> bool:
-        """Bytes wait for ``data_to_send`` (on the h2 path: maybe, h2 does not say cheaply)."""
+        """Bytes wait for ``buffers_to_send`` (on the h2 path: maybe, h2 does not say cheaply)."""
         return bool(self._small or self._out) or not self.fast_path
 
     @property

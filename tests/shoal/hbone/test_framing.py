@@ -501,7 +501,7 @@ def test_every_command_leaves_nothing_behind_in_h2():
     fresh.initiate()
     fresh.receive(raw.data_to_send())   # SETTINGS, PING: h2 answers with ACKs
     settled(fresh)
-    assert fresh.data_to_send(), "the ACKs are in the outbound buffer"
+    assert fresh.buffers_to_send(), "the ACKs are in the outbound buffer"
     client.drain(), server.go_away(), client.ping(b"12345678")
     settled(client, server)
     pump(client, server), pump(server, client)
