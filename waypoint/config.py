@@ -118,9 +118,11 @@ class WaypointConfig:
         p.add_argument("--no-flows", action="store_true", help="do not send L7 flow events to the node agent")
         p.add_argument("--no-fast-path", action="store_true",
                        help="serve every request through the pipeline (the fast path's reference, for A/B runs)")
-        p.add_argument("--header-timeout", type=float, default=Limits.header_timeout)
-        p.add_argument("--max-header-bytes", type=int, default=Limits.max_header_bytes)
-        p.add_argument("--max-headers", type=int, default=Limits.max_headers)
+        # An instance's: Limits is compiled (mypyc), whose class attributes are not the defaults.
+        limit_defaults = Limits()
+        p.add_argument("--header-timeout", type=float, default=limit_defaults.header_timeout)
+        p.add_argument("--max-header-bytes", type=int, default=limit_defaults.max_header_bytes)
+        p.add_argument("--max-headers", type=int, default=limit_defaults.max_headers)
         p.add_argument("--drain-seconds", type=float, default=2.5,
                        help="on SIGTERM, how long connections in flight may take to finish")
         p.add_argument("--cert-ttl", type=int, default=int(env.get("SHOAL_CERT_TTL", 0)))

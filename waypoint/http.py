@@ -47,10 +47,13 @@ class PeerInfo:
     mtls: bool = False
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class ProxyRequest:
     """A request's head as the pipeline reads it; never changed once made (an HTTP/1.1
-    connection hands the same object out again for the same head, ``H1Server.request_for``)."""
+    connection hands the same object out again for the same head, ``H1Server.request_for``).
+
+    ``__init__`` is written out, the one the dataclass would make: mypyc compiles it, while
+    a generated one stays Python (the pipeline makes one per request)."""
 
     method: str
     target: str                          # path + query, as received
@@ -64,12 +67,24 @@ class ProxyRequest:
     header_map: dict[str, str] = field(default_factory=dict)
     path: str = field(init=False, default="")   # the target without its query (read by each request's record)
 
-    def __post_init__(self) -> None:
-        self.path = self.target.partition("?")[0]
-        if not self.header_map:
-            for name, value in self.headers:
+    def __init__(self, method: str, target: str, authority: str, headers: list[tuple[str, str]], protocol: str,
+                 peer: PeerInfo, content_length: int | None = None, upgrade: str | None = None,
+                 scheme: str = "http", header_map: dict[str, str] | None = None) -> None:
+        self.method = method
+        self.target = target
+        self.authority = authority
+        self.headers = headers
+        self.protocol = protocol
+        self.peer = peer
+        self.content_length = content_length
+        self.upgrade = upgrade
+        self.scheme = scheme
+        self.path = target.partition("?")[0]
+        self.header_map = joined = {} if header_map is None else header_map
+        if not joined:
+            for name, value in headers:
                 # Repeated headers match as one comma-joined value, as Envoy does.
-                self.header_map[name] = f"{self.header_map[name]},{value}" if name in self.header_map else value
+                joined[name] = f"{joined[name]},{value}" if name in joined else value
 
 
 @dataclass(slots=True)
@@ -135,14 +150,23 @@ class BodyError(Exception):
 Body = AsyncIterator[bytes]
 
 
-async def empty_body() -> Body:
-    return
-    yield b""  # pragma: no cover - makes this an async generator
+class EmptyBody:
+    """A body without a chunk (a class: mypyc compiles no async generator)."""
+
+    def __aiter__(self) -> "EmptyBody":
+        return self
+
+    async def __anext__(self) -> bytes:
+        raise StopAsyncIteration
+
+
+def empty_body() -> Body:
+    return EmptyBody()
 
 
 def strip_hop_by_hop(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """Drop hop-by-hop headers, including those named by ``Connection``."""
-    named = set()
+    named: set[str] = set()
     for name, value in headers:
         if name == "connection":
             named.update(token.strip().lower() for token in value.split(","))
@@ -194,10 +218,15 @@ class TcpStream(asyncio.Protocol):
     Callback use (the waypoint's fast path, ``waypoint.fastpath``): ``on_readable`` is
     called whenever ``read_nowait`` may have something new (bytes, EOF, an error), so a
     reader needs no task or future; the same buffer and backpressure serve both uses.
+
+    ``on_connected`` is called once the connection is made (a listener starts serving it
+    there: a callback, not a subclass, since this class is compiled and a subclass in
+    interpreted code would slow its every call).
     """
 
-    def __init__(self, high_water: int = 256 * 1024) -> None:
+    def __init__(self, high_water: int = 256 * 1024, on_connected: Callable[["TcpStream"], None] | None = None) -> None:
         self.transport: asyncio.Transport | None = None
+        self.on_connected = on_connected
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._high_water = high_water
@@ -211,15 +240,21 @@ class TcpStream(asyncio.Protocol):
         self.on_readable: Callable[[], None] | None = None
 
     # -- asyncio.Protocol
-    def connection_made(self, transport: asyncio.Transport) -> None:
+    # asyncio hands a stream protocol its stream transport (typed BaseTransport there; uvloop's
+    # is no asyncio.Transport subclass, so this cannot be an isinstance check).
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
+        if self.on_connected is not None:
+            self.on_connected(self)
 
     def data_received(self, data: bytes) -> None:
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > self._high_water and not self._reading_paused:
+            transport = self.transport
+            assert transport is not None   # bytes come after connection_made
             self._reading_paused = True
-            self.transport.pause_reading()
+            transport.pause_reading()
         # _wake_reader, written out: once per read (a call fewer on every request's two reads).
         waiter = self._read_waiter
         if waiter is not None:
@@ -279,14 +314,18 @@ class TcpStream(asyncio.Protocol):
         data = self._chunks.popleft()
         self._buffered -= len(data)
         if self._reading_paused and self._buffered <= self._high_water // 2 and not self._lost:
+            transport = self.transport
+            assert transport is not None   # reading was paused by data_received
             self._reading_paused = False
-            self.transport.resume_reading()
+            transport.resume_reading()
         return data
 
     def write(self, data: bytes) -> None:
         if self._lost:
             raise ConnectionResetError("connection lost")
-        self.transport.write(data)
+        transport = self.transport
+        assert transport is not None, "write before the connection was made"
+        transport.write(data)
 
     @property
     def write_blocked(self) -> bool:

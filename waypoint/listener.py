@@ -63,14 +63,16 @@ async def start_plaintext(proxy: WaypointProxy, limits: Limits, host: str = "127
     loop = asyncio.get_running_loop()
     connections: set[asyncio.Task] = set()  # strong references to the per-connection tasks
 
-    class Accepted(TcpStream):
-        def connection_made(self, transport: asyncio.Transport) -> None:
-            super().connection_made(transport)
-            ip, src_port = transport.get_extra_info("peername")[:2]
-            dst_ip, dst_port = destination or ("", 0)
-            peer = PeerInfo(ip, src_port, destination_ip=dst_ip, destination_port=dst_port)
-            task = loop.create_task(serve_connection(self, peer, proxy.handle, limits, reject, on_protocol, lanes))
-            connections.add(task)
-            task.add_done_callback(connections.discard)
+    def serve(stream: TcpStream) -> None:
+        assert stream.transport is not None   # called from connection_made
+        ip, src_port = stream.transport.get_extra_info("peername")[:2]
+        dst_ip, dst_port = destination or ("", 0)
+        peer = PeerInfo(ip, src_port, destination_ip=dst_ip, destination_port=dst_port)
+        task = loop.create_task(serve_connection(stream, peer, proxy.handle, limits, reject, on_protocol, lanes))
+        connections.add(task)
+        task.add_done_callback(connections.discard)
 
-    return PlainListener(await loop.create_server(Accepted, host, port, backlog=1024), connections)
+    def accepted() -> TcpStream:
+        return TcpStream(on_connected=serve)
+
+    return PlainListener(await loop.create_server(accepted, host, port, backlog=1024), connections)

@@ -17,9 +17,23 @@ from .model import BackendRef, Filter, HTTPRoute, PathMatch, RouteMatch, RouteRu
 
 @dataclass(frozen=True)
 class ServiceKey:
+    """A backend Service's port; a dict key on every request (clusters, policies).
+
+    ``__eq__`` and ``__hash__`` written out, the dataclass's own (the same hash): mypyc
+    compiles them, generated ones stay Python."""
+
     namespace: str
     name: str
     port: int
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, ServiceKey)
+        return (self.namespace, self.name, self.port) == (other.namespace, other.name, other.port)
+
+    def __hash__(self) -> int:
+        return hash((self.namespace, self.name, self.port))
 
 
 @dataclass(frozen=True)
@@ -117,9 +131,10 @@ class RouteTable:
         return chosen
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class RequestPlan:
-    """What the proxy does with one request after filters ran."""
+    """What the proxy does with one request after filters ran (two per request through the
+    pipeline: ``__init__`` written out, the dataclass's own, so that mypyc compiles it)."""
 
     target: str
     authority: str
@@ -127,6 +142,16 @@ class RequestPlan:
     redirect: tuple[int, str] | None = None  # (status, Location)
     mirrors: list[tuple[BackendRef, float]] = field(default_factory=list)
     response_filters: list[Filter] = field(default_factory=list)
+
+    def __init__(self, target: str, authority: str, headers: list[tuple[str, str]],
+                 redirect: tuple[int, str] | None = None, mirrors: list[tuple[BackendRef, float]] | None = None,
+                 response_filters: list[Filter] | None = None) -> None:
+        self.target = target
+        self.authority = authority
+        self.headers = headers
+        self.redirect = redirect
+        self.mirrors = [] if mirrors is None else mirrors
+        self.response_filters = [] if response_filters is None else response_filters
 
     def copy(self) -> "RequestPlan":
         """A plan alike for another request. The lists are shared: after ``plan_request``

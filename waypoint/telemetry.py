@@ -82,14 +82,22 @@ class RandomHex:
         return self._digits[at:end]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class TraceContext:
-    """W3C trace context for one request: the waypoint's own span in the caller's trace."""
+    """W3C trace context for one request: the waypoint's own span in the caller's trace.
+
+    ``__init__`` written out (the dataclass's own): mypyc compiles it, a generated one stays Python."""
 
     trace_id: str
     span_id: str          # the waypoint's span
     parent_span_id: str   # the caller's span, '' when the waypoint started the trace
     sampled: bool
+
+    def __init__(self, trace_id: str, span_id: str, parent_span_id: str, sampled: bool) -> None:
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.parent_span_id = parent_span_id
+        self.sampled = sampled
 
     @property
     def traceparent(self) -> str:
@@ -110,10 +118,11 @@ class TraceContext:
         return cls(digits[:32], digits[32:], "", True)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class RequestRecord:
     """Everything telemetry needs about one request, filled in by the proxy as it goes (one
-    per request: slots, no instance dict)."""
+    per request: slots, no instance dict). ``__init__`` is written out, the one the dataclass
+    would make: mypyc compiles it, a generated one stays Python."""
 
     start: float
     method: str = ""
@@ -142,6 +151,42 @@ class RequestRecord:
     trace: TraceContext | None = None
     authz_policy: str = ""
     end: float = 0.0
+
+    def __init__(self, start: float, method: str = "", path: str = "", authority: str = "", protocol: str = "HTTP/1.1",
+                 user_agent: str = "", request_id: str = "", source_ip: str = "", source_port: int = 0,
+                 source_principal: str = "", source: PeerLabels = UNKNOWN_PEER, destination: PeerLabels = UNKNOWN_PEER,
+                 service: ServiceLabels = UNKNOWN_SERVICE, grpc: bool = False, grpc_status: str = "",
+                 upstream_host: str = "", requested_address: str = "", route: str = "", status: int = 0,
+                 flags: set[str] | None = None, request_bytes: int = 0, response_bytes: int = 0, attempts: int = 0,
+                 mtls: bool = False, trace: TraceContext | None = None, authz_policy: str = "",
+                 end: float = 0.0) -> None:
+        self.start = start
+        self.method = method
+        self.path = path
+        self.authority = authority
+        self.protocol = protocol
+        self.user_agent = user_agent
+        self.request_id = request_id
+        self.source_ip = source_ip
+        self.source_port = source_port
+        self.source_principal = source_principal
+        self.source = source
+        self.destination = destination
+        self.service = service
+        self.grpc = grpc
+        self.grpc_status = grpc_status
+        self.upstream_host = upstream_host
+        self.requested_address = requested_address
+        self.route = route
+        self.status = status
+        self.flags = set() if flags is None else flags
+        self.request_bytes = request_bytes
+        self.response_bytes = response_bytes
+        self.attempts = attempts
+        self.mtls = mtls
+        self.trace = trace
+        self.authz_policy = authz_policy
+        self.end = end
 
     @property
     def response_flags(self) -> str:

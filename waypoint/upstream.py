@@ -147,8 +147,11 @@ class UpstreamConnection:
         self.stream.close()
 
 
-@dataclass
+@dataclass(init=False)
 class UpstreamResponse:
+    """One per request through the pipeline: ``__init__`` written out, the dataclass's own,
+    so that mypyc compiles it."""
+
     status: int
     headers: list[tuple[str, str]]
     content_length: int | None
@@ -156,6 +159,17 @@ class UpstreamResponse:
     connection: UpstreamConnection
     upgraded: bool = False   # 101: ``connection.stream`` is now a raw tunnel (plus ``leftover`` bytes)
     leftover: bytes = b""
+
+    def __init__(self, status: int, headers: list[tuple[str, str]], content_length: int | None,
+                 body: "_ResponseBody | _NoBody", connection: UpstreamConnection, upgraded: bool = False,
+                 leftover: bytes = b"") -> None:
+        self.status = status
+        self.headers = headers
+        self.content_length = content_length
+        self.body = body
+        self.connection = connection
+        self.upgraded = upgraded
+        self.leftover = leftover
 
 
 class ClusterPool:

@@ -7,6 +7,7 @@ sockets and real clients.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 
@@ -21,6 +22,27 @@ from shoal.waypoint.proxy import WaypointProxy
 from shoal.waypoint.resolver import StaticResolver
 from shoal.waypoint.telemetry import RequestTelemetry
 from shoal.waypoint.upstream import Endpoint, TcpConnector
+
+
+def generated_twin(cls: type) -> type:
+    """A dataclass with ``cls``'s init fields and defaults and the ``__init__`` the decorator
+    generates: the reference for a class whose ``__init__`` is written out (so mypyc compiles it)."""
+    specs: list = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            specs.append((f.name, object, dataclasses.field(default=f.default)))
+        elif f.default_factory is not dataclasses.MISSING:
+            specs.append((f.name, object, dataclasses.field(default_factory=f.default_factory)))
+        else:
+            specs.append((f.name, object))
+    return dataclasses.make_dataclass(f"{cls.__name__}Twin", specs)
+
+
+def init_values(obj: object) -> dict[str, object]:
+    """A dataclass instance's init fields by name."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}
 
 
 def make_backend_app(name: str, seen: list) -> web.Application:

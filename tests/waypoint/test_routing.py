@@ -1,10 +1,13 @@
 """Route selection (Gateway API precedence), weighted backends, filters."""
+import dataclasses
 import random
 
 import pytest
 
-from shoal.waypoint.model import parse_httproute
-from shoal.waypoint.routing import RouteTable, ServiceKey, apply_response_filters, plan_request
+from shoal.waypoint.model import BackendRef, Filter, parse_httproute
+from shoal.waypoint.routing import RequestPlan, RouteTable, ServiceKey, apply_response_filters, plan_request
+
+from .conftest import generated_twin, init_values
 
 WEB = ServiceKey("demo", "web", 8080)
 
@@ -118,3 +121,27 @@ def test_depends_on_says_when_a_decision_can_be_reused():
                                 "backendRefs": [backend("a")]}])])
     weighted = RouteTable([route([{"backendRefs": [backend("v1", 90), backend("v2", 10)]}])])
     assert headers.depends_on(WEB) == query.depends_on(WEB) == weighted.depends_on(WEB) == "request"
+
+
+def test_service_key_compares_and_hashes_as_the_dataclass_did():
+    """Its __eq__ and __hash__ are written out (mypyc compiles them): the generated ones' results."""
+    twin = dataclasses.make_dataclass("ServiceKeyTwin", [("namespace", str), ("name", str), ("port", int)], frozen=True)
+    for key in (WEB, ServiceKey("demo", "api", 80), ServiceKey("", "", 0)):
+        assert hash(key) == hash(twin(key.namespace, key.name, key.port))
+    assert WEB == ServiceKey("demo", "web", 8080) and WEB != ServiceKey("demo", "web", 8081)
+    assert WEB != ("demo", "web", 8080) and WEB.__eq__(("demo", "web", 8080)) is NotImplemented
+    assert {WEB: 1}[ServiceKey("demo", "web", 8080)] == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        WEB.port = 1
+
+
+def test_request_plan_init_is_the_dataclass_one():
+    """Written out (two per request through the pipeline; mypyc compiles it)."""
+    given = ("/t", "web", [("a", "1")], (301, "/x"), [(BackendRef("m", "demo", 80), 50.0)],
+             [Filter("ResponseHeaderModifier")])
+    assert len(given) == len(init_values(RequestPlan(*given)))
+    for values in (given, given[:3]):
+        assert init_values(RequestPlan(*values)) == init_values(generated_twin(RequestPlan)(*values))
+    one, two = RequestPlan("/", "web", []), RequestPlan("/", "web", [])
+    assert one.mirrors == [] and one.mirrors is not two.mirrors and one.response_filters is not two.response_filters
+    assert one == two and "target='/'" in repr(one)

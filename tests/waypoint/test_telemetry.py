@@ -7,6 +7,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 from prometheus_client import CollectorRegistry
 
+from shoal.telemetry_labels import PeerLabels, ServiceLabels
 from shoal.waypoint.telemetry import (
     ID_POOL_BYTES,
     ISTIO_LABELS,
@@ -16,6 +17,8 @@ from shoal.waypoint.telemetry import (
     RequestTelemetry,
     TraceContext,
 )
+
+from .conftest import generated_twin, init_values
 
 
 def test_traceparent_is_continued_or_started():
@@ -332,3 +335,25 @@ def test_authorization_decisions_are_counted_per_verdict_and_policy_and_exported
         telemetry.count_authz(allowed, policy)
     assert {key: child.value for key, child in authz.children.items()} == \
         {("allow", "-"): 3, ("deny", "ns/deny-all"): 1, ("allow", "ns/allow-get"): 1}
+
+
+@pytest.mark.parametrize("cls, given, required", [
+    (TraceContext, ("1" * 32, "2" * 16, "3" * 16, True), ("1" * 32, "2" * 16, "", False)),
+    (RequestRecord, (1.5, "POST", "/p", "web:80", "HTTP/2", "curl", "rid", "10.0.0.2", 5, "spiffe://s",
+                     PeerLabels(workload="src"), PeerLabels(workload="dst"), ServiceLabels("f", "n", "ns"), True,
+                     "14", "10.0.0.3:80", "10.96.0.1:80", "route-a", 503, {"UH"}, 11, 12, 3, True,
+                     TraceContext("a" * 32, "b" * 16, "", True), "deny-all", 2.5), (0.25,)),
+], ids=["TraceContext", "RequestRecord"])
+def test_written_out_inits_are_the_dataclass_ones(cls, given, required):
+    """Written out (mypyc compiles them; new_record fills RequestRecord positionally): every
+    field lands where the generated __init__ puts it, and the defaults are the fields'."""
+    assert len(given) == len(init_values(cls(*given)))
+    assert init_values(cls(*given)) == init_values(generated_twin(cls)(*given))
+    assert init_values(cls(*required)) == init_values(generated_twin(cls)(*required))
+
+
+def test_request_record_defaults_are_fresh_and_fields_still_compare():
+    one, two = RequestRecord(start=0.0, status=200), RequestRecord(0.0)
+    assert one.flags == set() and one.flags is not two.flags
+    assert one == RequestRecord(0.0, status=200) and one != two
+    assert "status=200" in repr(one)
