@@ -24,6 +24,9 @@ class HubbleMetrics:
         # Raw kernel records counted by their key bytes (see server.RawRecordLayout).
         self.raw_counts: dict[bytes, int] = {}
         self.raw_layout = None
+        # Enum numbers -> names, looked up per flow (the enum wrapper's Name() is Python).
+        self._type_names = {number: name for name, number in flow_pb2.FlowType.items()}
+        self._verdict_names = {number: name for name, number in flow_pb2.Verdict.items()}
 
     def count_kernel(self, kind: str, verdict: str, drop_reason: int, protocol) -> None:
         key = ("L3_L4", kind, verdict)
@@ -33,9 +36,10 @@ class HubbleMetrics:
             self.drops[drop] = self.drops.get(drop, 0) + 1
 
     def count_flow(self, flow: flow_pb2.Flow) -> None:
-        kind = flow_pb2.FlowType.Name(flow.Type)
+        kind = self._type_names.get(flow.Type) or flow_pb2.FlowType.Name(flow.Type)
+        verdict = self._verdict_names.get(flow.verdict) or flow_pb2.Verdict.Name(flow.verdict)
         subtype = "http" if flow.l7.WhichOneof("record") == "http" else "proxy"
-        key = (kind, subtype, flow_pb2.Verdict.Name(flow.verdict))
+        key = (kind, subtype, verdict)
         self.processed[key] = self.processed.get(key, 0) + 1
         if flow.verdict == flow_pb2.DROPPED:
             protocol = flow.l4.WhichOneof("protocol") or "unknown"
