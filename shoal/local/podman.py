@@ -107,12 +107,18 @@ class SourceSnapshot:
 
 
 def snapshot_sources(root: Path) -> SourceSnapshot:
-    """Every packaged file of the checkout at ``root`` (no caches), read now."""
+    """Every packaged file of the checkout at ``root`` (no caches), read now. Not the
+    extensions an editable install compiled beside the sources (mypyc, pyproject's
+    [tool.shoal] compiled): they are built for this host's Python, which need not be the
+    image's, and each is a shim into the ``shoal__mypyc`` runtime outside the packages,
+    which stays the image's own. Beside that older runtime they failed to import (or would
+    run the image's compiled code, not the checkout's). In a source image the hot path
+    runs interpreted, the checkout's code; ``make images`` builds it compiled."""
     folders = package_folders(root)
     found = []
     for package, folder in folders.items():
         for path in sorted((root / folder).rglob("*")):
-            if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
+            if path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".pyc", ".so"):
                 found.append((f"{package.replace('.', '/')}/{path.relative_to(root / folder)}", path.read_bytes()))
     return SourceSnapshot(root, folders, tuple(sorted(found)))
 

@@ -115,6 +115,22 @@ def _checkout(root):
     (root / "pkg" / "__pycache__" / "mod.cpython-311.pyc").write_bytes(b"\0")
 
 
+def test_a_source_image_leaves_out_the_extensions_compiled_beside_the_sources(tmp_path):
+    """An editable install compiles the hot path beside its sources (mypyc shims into the
+    ``shoal__mypyc`` runtime at the top of site-packages). Copied into an image whose runtime
+    was built from older code, the waypoint failed to import its new compiled module; and
+    its old compiled modules would have run the image's code, not the checkout's. The
+    image's own extensions go with its package folder, so the checkout's code runs there,
+    interpreted."""
+    root, site = tmp_path / "checkout", tmp_path / "site"
+    _checkout(root)
+    (root / "pkg" / "sub" / "mod.cpython-311-x86_64-linux-gnu.so").write_bytes(b"\x7fELF host build")
+    (site / "shoal" / "pkg" / "sub").mkdir(parents=True)
+    (site / "shoal" / "pkg" / "sub" / "mod.cpython-311-x86_64-linux-gnu.so").write_bytes(b"\x7fELF image build")
+    podman.snapshot_sources(root).install(site)
+    assert _tree(site) == {"shoal/pkg/__init__.py": b"VERSION = 1\n", "shoal/pkg/sub/mod.py": b"X = 1\n"}
+
+
 def _tree(site) -> dict[str, bytes]:
     return {str(p.relative_to(site)): p.read_bytes() for p in sorted(site.rglob("*")) if p.is_file()}
 
