@@ -8,7 +8,7 @@
  * and connections accepted before enrolment. A lookup that finds a LISTEN socket (the
  * app's, or the proxy's 15006 hit directly) is steered like any new connection; a SYN
  * reusing a TIME_WAIT tuple is handed to sk_lookup.c (see there). Inbound L4 DENY
- * drops the SYN.
+ * drops the SYN, and so does the node proxy's penalty box for a SYN to 15008.
  *
  * UDP is not tunnelled (nor proxied): it reaches the app, after the L4 DENY and, for a
  * STRICT destination, only from a meshed source (plaintext UDP from outside the mesh
@@ -202,6 +202,13 @@ static __always_inline int tc_tcp(struct __sk_buff *skb, struct l4_packet *pkt)
     if (is_syn) {
         event.src_identity = identity_of(&pkt->src);
         event.dst_identity = identity_of(&pkt->dst);
+        /* A source the node proxy boxed for abuse on 15008 (failed handshakes, HTTP/2
+         * floods) is refused here, not at accept: a reconnect loop refused at accept
+         * costs the proxy an accept and a reset, and the node a handshake, per attempt,
+         * thousands a second; a dropped SYN costs one lookup, and the sender's own
+         * retransmit backoff slows it down. Connections already open are left alone. */
+        if (dport == SHOAL_PORT_HBONE && hbone_source_boxed(&pkt->src))
+            return drop(&event, DROP_RATE_LIMITED, 0, COUNTER_TC_HBONE_BOXED);
         __u32 rule = policy_denied(event.src_identity, event.dst_identity, dport, IPPROTO_TCP);
         if (rule)
             return drop(&event, DROP_POLICY_DENY, rule, COUNTER_TC_DENIED);

@@ -187,7 +187,7 @@ def _bind(family: int, host: str, port: int, backlog: int, dual_stack: bool = Fa
 # peer's certificate, too slow, over a cap or boxed; anything else a bad handshake (400).
 DOOR_STATUS = {"peer_identity": 401, "untrusted_certificate": 401, "handshake_timeout": 408,
                "handshake_source_cap": 429, "handshake_capacity": 429, "handshake_failures": 429,
-               "abuser_penalty": 429}
+               "handshake_reconnect_loop": 429, "abuser_penalty": 429}
 
 
 async def start_hbone_listener(proxy: WaypointProxy, limits: Limits, identities: IdentityManager, spiffe_id: str,

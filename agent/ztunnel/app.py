@@ -58,6 +58,7 @@ from shoal.agent.ztunnel.netns import NetnsHandle
 from shoal.agent.ztunnel.proxy import LISTENER_KINDS, PodRegistry
 from shoal.agent.ztunnel.shedding import ShedPolicy
 from shoal.agent.ztunnel.telemetry import ConnectionTelemetry, ProxyMetrics
+from shoal.datapath.penaltybox import LazyKernelPenaltyBox
 from shoal.hbone.identity import HeldIdentities, Identities, Signer, Svid
 from shoal.hbone.pool import HbonePool
 from shoal.memdebug import rss_kib
@@ -137,7 +138,7 @@ class FeedReader:
 class ProxyApp:
     def __init__(self, config: ProxyConfig, *, state: ConfigState | None = None, signer: Signer | None = None,
                  origdst: DestinationLookup | None = None, flows: bool = False, config_client=None,
-                 serve_http: bool = True):
+                 serve_http: bool = True, kernel_box: Callable[[str, float], object] | None = None):
         self.config = config
         self.registry = CollectorRegistry()
         self.state = state if state is not None else ConfigState()
@@ -169,7 +170,8 @@ class ProxyApp:
             self.metrics.overloaded.labels(kind).set_function(functools.partial(admission.overloaded, kind))
         self.ctx = ProxyContext(config=config, state=self.state, identities=identities, metrics=self.metrics,
                                 telemetry=telemetry, pool=pool, origdst=origdst, home=NetnsHandle.current(),
-                                admission=admission, dial_limits=DialLimits(config.upstream_dials_per_identity))
+                                admission=admission, dial_limits=DialLimits(config.upstream_dials_per_identity),
+                                kernel_box=kernel_box)
         self.pods = PodRegistry(self.ctx, prepares_netns=not config.is_worker)
         self.ctx.served_pods = self.pods.pods
         if config.same_node_bypass:
@@ -358,7 +360,8 @@ async def main(config: ProxyConfig, install_signals: bool = True) -> None:
     if config.is_worker:
         exit_with_parent()
     log.info("open-file limit %d", raise_open_file_limit())
-    app = ProxyApp(config, origdst=_LazyOrigdst(config), flows=True)
+    kernel_box = LazyKernelPenaltyBox(config.layout.bpf_pin_dir(config.node))
+    app = ProxyApp(config, origdst=_LazyOrigdst(config), flows=True, kernel_box=kernel_box.box)
     role = f"worker {config.worker_index} of the " if config.is_worker else ""
     log.info("%snode proxy for %s starting (pid %d)", role, config.node, os.getpid())
     await serve_until_signalled(app, install_signals)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from shoal.agent.ztunnel.admission import Admission, DialLimits
 from shoal.agent.ztunnel.config import ProxyConfig
@@ -64,6 +64,9 @@ class ProxyContext:
     # found here is on this node, which the same-node bypass needs to know.
     served_pods: dict[str, "ServedPod"] = field(default_factory=dict)
     bypass: Any = None   # bypass.SameNodeBypass, or None when turned off
+    # The gatekeeper's boxings also written below userspace: (source, seconds) ->
+    # its SYNs to 15008 dropped at tc (shoal.datapath.penaltybox); None without the map.
+    kernel_box: Callable[[str, float], object] | None = None
     # Set once the config stream delivered its first snapshot: before that an unknown
     # destination might be a meshed pod, and guessing "plaintext" would leak.
     config_synced: asyncio.Event = field(default_factory=asyncio.Event)
@@ -71,7 +74,7 @@ class ProxyContext:
 
     def __post_init__(self) -> None:
         self.gatekeeper = Gatekeeper(self.config.handshake_limits, lambda reason: self.metrics.reject("hbone", reason),
-                                     self.hbone_log_limiter)
+                                     self.hbone_log_limiter, on_boxed=self.kernel_box)
 
 
 @dataclass

@@ -104,6 +104,14 @@ static __always_inline __u32 identity_of(const struct shoal_addr *ip)
     return endpoint ? endpoint->identity : IDENTITY_WORLD;
 }
 
+/* Whether the node proxy boxed ``src`` for abuse on 15008 and the box has not expired
+ * (hbone_boxed: until when, bpf_ktime_get_ns, written by the proxy from CLOCK_MONOTONIC). */
+static __always_inline int hbone_source_boxed(const struct shoal_addr *src)
+{
+    __u64 *until = bpf_map_lookup_elem(SHOAL_MAP(hbone_boxed), (void *)src);
+    return until && bpf_ktime_get_ns() < *until;
+}
+
 static __always_inline __u32 deny_rule(struct policy_key *key)
 {
     struct policy_value *hit = bpf_map_lookup_elem(SHOAL_MAP(policy_deny), key);

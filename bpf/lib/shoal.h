@@ -70,6 +70,7 @@
 #define DROP_POLICY_DENY        181 /* an explicit DENY rule matched */
 #define DROP_PROXY_UNAVAILABLE  182 /* meshed pod but the proxy's in-pod listener is absent: fail closed */
 #define DROP_AUTH_REQUIRED      189 /* STRICT: plaintext UDP from outside the mesh */
+#define DROP_RATE_LIMITED       198 /* a SYN to 15008 from a source the node proxy boxed for abuse */
 
 /* config (an array of u64 written by the agent) */
 enum shoal_config {
@@ -103,6 +104,7 @@ enum shoal_counter {
     COUNTER_UDP_REVNAT,         /* recvmsg() source restored to the VIP */
     COUNTER_TC_UDP_DENIED,      /* inbound UDP dropped by a DENY rule */
     COUNTER_TC_UDP_STRICT,      /* inbound plaintext UDP from outside the mesh dropped under STRICT */
+    COUNTER_TC_HBONE_BOXED,     /* SYNs to 15008 dropped: their source is in the node proxy's penalty box */
     COUNTER_MAX,
 };
 

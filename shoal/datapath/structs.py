@@ -29,6 +29,7 @@ DROP_NO_BACKEND = 158
 DROP_POLICY_DENY = 181
 DROP_PROXY_UNAVAILABLE = 182
 DROP_AUTH_REQUIRED = 189
+DROP_RATE_LIMITED = 198   # Hubble's code; the flow.proto vendored here predates its name
 
 CONFIG_PROXY_CGROUP = 0   # enum shoal_config
 CONFIG_PROXY_CGROUP_PREVIOUS = 1
@@ -77,6 +78,7 @@ class Counter(enum.IntEnum):
     UDP_REVNAT = 19
     TC_UDP_DENIED = 20
     TC_UDP_STRICT = 21
+    TC_HBONE_BOXED = 22
 
 
 COUNTER_MAX = len(Counter)
@@ -230,6 +232,7 @@ class MapSpec:
 
 
 RINGBUF_BYTES = 64 * 4096
+PENALTY_SOURCES = 4096   # as the userspace box (shoal.hbone.penalty): the oldest forgotten first
 BYPASS_SOCKETS = 65536   # two per bypassed connection; a full map falls back to the userspace relay
 
 MAPS: tuple[MapSpec, ...] = (
@@ -267,6 +270,10 @@ MAPS: tuple[MapSpec, ...] = (
     MapSpec("app_origin", bpfsys.MAP_TYPE_LRU_HASH, AppKey, U64, BYPASS_SOCKETS),
     MapSpec("app_links", bpfsys.MAP_TYPE_LRU_HASH, AppKey, AppLink, BYPASS_SOCKETS),
     MapSpec("app_direct", bpfsys.MAP_TYPE_LRU_HASH, U64, AppDirect, BYPASS_SOCKETS),
+    # 15008's penalty box in the kernel: source address -> until when (CLOCK_MONOTONIC ns,
+    # bpf_ktime_get_ns) its SYNs to 15008 are dropped at tc. The node proxy's workers
+    # write it when they box a source (shoal/datapath/penaltybox.py); LRU bounds it.
+    MapSpec("hbone_boxed", bpfsys.MAP_TYPE_LRU_HASH, Addr, U64, PENALTY_SOURCES),
 )
 MAP_BY_NAME = {spec.name: spec for spec in MAPS}
 

@@ -18,7 +18,7 @@ import ssl
 from typing import Callable, Hashable
 
 from shoal.hbone.framing import ABUSE_REASONS
-from shoal.hbone.handshakes import SOURCE_CAP, HandshakeLimits
+from shoal.hbone.handshakes import RECONNECT_LOOP, SOURCE_CAP, HandshakeLimits
 from shoal.hbone.session import LINGER_RESET, HboneSession
 from shoal.ratelog import LogLimiter, held_note
 
@@ -64,22 +64,30 @@ class Gatekeeper:
     """One worker's door of 15008: the penalty box at accept, the handshake gate around TLS."""
 
     def __init__(self, limits: HandshakeLimits, count: Callable[[str], None],
-                 log_limiter: LogLimiter | None = None) -> None:
+                 log_limiter: LogLimiter | None = None,
+                 on_boxed: Callable[[str, float], object] | None = None) -> None:
+        """``on_boxed(source, seconds)``: told of every boxing, for a box below userspace
+        (the node proxy's: ``shoal.datapath.penaltybox``, SYNs dropped at tc)."""
         self.gate = limits.gate()
         self.box = limits.penalty_box()
         self.timeout = limits.timeout
         self._count = count
         self._log_limiter = log_limiter or LogLimiter()
+        self._on_boxed = on_boxed
 
     def refused_at_accept(self, source: str) -> str | None:
         """A refusal reason for a new connection from ``source`` (the caller resets it and
         counts the reason), or None: the source is in the penalty box, or holds its share of
         handshakes already. Both refused for the cost of the accept alone: an idle-handshake
         flood reconnects thousands of times a second, and a task with a TLS object for each
-        (refused at ``admit`` a moment later) took half a core and stalled other clients."""
+        (refused at ``admit`` a moment later) took half a core and stalled other clients.
+        A refusal at the cap is also a strike: ``cap_refusals`` of them box the source."""
         if self.box.refuses(source, asyncio.get_running_loop().time()):
             return PENALTY
-        return SOURCE_CAP if self.gate.at_cap(source) else None
+        if not self.gate.at_cap(source):
+            return None
+        self._refused_at_cap(source)
+        return SOURCE_CAP
 
     async def handshake(self, conn: socket.socket, peer: tuple, session: HboneSession,
                         context: ssl.SSLContext) -> bool:
@@ -90,6 +98,8 @@ class Gatekeeper:
         refusal, victims = self.gate.admit(peer[0], conn)   # before any cost of ours
         if refusal is not None:
             self._refuse(conn, peer, refusal, None, reset=True)
+            if refusal == SOURCE_CAP:
+                self._refused_at_cap(peer[0])
             return False
         _cut(victims)
         started, timeout = loop.time(), self.timeout
@@ -117,8 +127,18 @@ class Gatekeeper:
         if reason in ABUSE_REASONS:
             self._punish(source, reason)
 
+    def _refused_at_cap(self, source: str) -> None:
+        """A refusal at the source's cap is a strike: a reconnect loop (holders that never
+        finish, each back as the timeout ends it) is boxed, its handshakes cut."""
+        in_progress = self.gate.refused_at_cap(source, asyncio.get_running_loop().time())
+        if in_progress is not None:
+            self._punish(source, RECONNECT_LOOP)
+            _cut(in_progress)
+
     def _punish(self, source: str, reason: str) -> None:
         seconds = self.box.punish(source, asyncio.get_running_loop().time())
+        if self._on_boxed is not None:
+            self._on_boxed(source, seconds)
         held = self._log_limiter.allow(PENALTY)
         if held is not None:
             log.warning("hbone: %s cut off for %s; its new connections are refused for %.0f s%s",

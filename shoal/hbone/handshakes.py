@@ -23,6 +23,12 @@ that filled it paused the accept of every pod's 15008 until the handshakes timed
   loses its oldest one to the newcomer (a fair share, as a fair queue would give), or the
   newcomer is refused when it is itself that source. So many attacking pods together
   cannot keep a well-behaved pod from completing its handshakes.
+- **A reconnect loop at the cap** (``cap_refusals``): a source refused at its cap that many
+  times within ``window`` is boxed the same way. Holders that never finish stay within
+  the cap, and each one the timeout ends comes back at once, so the cap alone refused the
+  h2flood ``handshake`` attacker about 4,600 times a second, an accept and a reset each,
+  without ever boxing it. A node proxy that meets the cap in a burst backs off after a
+  refused dial; 1,000 refusals within a minute is a loop, not a burst.
 - **Failures** (``failures``): a source whose handshakes fail (garbage, an untrusted or
   non-SPIFFE certificate; the caller decides which failures count) that many times within ``window`` seconds is
   reported once, so the caller puts it in the penalty box (``shoal.hbone.penalty``: refused at accept,
@@ -44,6 +50,7 @@ from shoal.hbone.penalty import PenaltyBox
 # Why a handshake in progress was cut by the gate (the caller's metric reason).
 EVICTED = "handshake_capacity"        # the worker's total was reached; its source held the most
 PENALISED = "handshake_failures"      # its source failed too many handshakes and was boxed
+RECONNECT_LOOP = "handshake_reconnect_loop"   # its source kept dialling at its cap and was boxed
 SOURCE_CAP = "handshake_source_cap"   # refused at accept: its source has per_source in progress
 
 
@@ -66,6 +73,7 @@ class HandshakeLimits:
     # A handshake not done by then is cut (reason handshake_timeout): the longest an idle
     # holder keeps its slot under ``per_source``. Also the node proxy's own outbound dials'.
     timeout: float = 10.0
+    cap_refusals: int = 1000       # refusals of one source at ``per_source`` within ``window``: boxed
 
     def __post_init__(self) -> None:
         problems = _problems(vars(self))
@@ -73,7 +81,8 @@ class HandshakeLimits:
             raise ValueError("; ".join(f"{name}: {why}" for name, why in problems))
 
     def gate(self) -> "HandshakeGate":
-        return HandshakeGate(self.per_source, self.total, self.failures, self.window)
+        return HandshakeGate(self.per_source, self.total, self.failures, self.window,
+                             cap_refusals=self.cap_refusals)
 
     def penalty_box(self) -> PenaltyBox:
         return PenaltyBox(first=self.penalty, longest=self.longest_penalty)
@@ -84,6 +93,7 @@ def _problems(values: Mapping[str, float]) -> list[tuple[str, str]]:
     checks = (("per_source", values["per_source"] < 1, "at least 1"),
               ("total", values["total"] < values["per_source"], "at least the per-source cap"),
               ("failures", values["failures"] < 1, "at least 1"),
+              ("cap_refusals", values["cap_refusals"] < 1, "at least 1"),
               ("window", values["window"] <= 0, "positive"),
               ("penalty", values["penalty"] <= 0, "positive"),
               ("longest_penalty", values["longest_penalty"] < values["penalty"], "at least the first penalty"),
@@ -99,7 +109,10 @@ FLAGS = (
      "holding the most loses its oldest"),
     ("--handshake-failures", "failures", int, "failed handshakes of one source (within "
      "--handshake-failure-window) before it goes in the penalty box"),
-    ("--handshake-failure-window", "window", float, "seconds over which handshake failures are counted"),
+    ("--handshake-cap-refusals", "cap_refusals", int, "refusals of one source at "
+     "--max-handshakes-per-source (within --handshake-failure-window) before it goes in the penalty box"),
+    ("--handshake-failure-window", "window", float, "seconds over which handshake failures and cap "
+     "refusals are counted"),
     ("--abuser-penalty", "penalty", float, "seconds a source cut off for abuse is refused at accept, "
      "doubling per repeat"),
     ("--abuser-longest-penalty", "longest_penalty", float, "the longest such wait, seconds"),
@@ -130,16 +143,18 @@ class HandshakeGate:
     """Handshakes in progress per source and overall, and failing sources."""
 
     def __init__(self, per_source: int = 128, total: int = 256, failures: int = 20,
-                 window: float = 60.0, capacity: int = 4096) -> None:
+                 window: float = 60.0, capacity: int = 4096, cap_refusals: int = 1000) -> None:
         if per_source < 1 or total < per_source:
             raise ValueError("per_source must be at least 1 and total at least per_source")
         self.per_source, self.total, self.failures, self.window, self.capacity = \
             per_source, total, failures, window, capacity
+        self.cap_refusals = cap_refusals
         # source -> its handshakes in progress, oldest first (insertion-ordered dicts as sets)
         self._open: dict[str, dict[Hashable, None]] = {}
         self._count = 0
         self._cut: dict[Hashable, str] = {}   # keys cut while in progress -> why, until finish()
         self._failing: OrderedDict[str, _Failures] = OrderedDict()
+        self._capped: OrderedDict[str, _Failures] = OrderedDict()   # refusals at the cap, alike
 
     def __len__(self) -> int:
         """Handshakes in progress (cut ones excluded)."""
@@ -184,17 +199,27 @@ class HandshakeGate:
         """A handshake from ``source`` failed at ``now``. None, or (once per ``failures``
         within ``window``) the keys of its handshakes in progress: penalise the source and
         cut those."""
-        record = self._failing.pop(source, None)
+        return self._strike(self._failing, self.failures, source, now, PENALISED)
+
+    def refused_at_cap(self, source: str, now: float) -> list[Hashable] | None:
+        """``source`` was refused at its per-source cap at ``now``. None, or (once per
+        ``cap_refusals`` within ``window``) the keys of its handshakes in progress: a
+        reconnect loop against the cap, to penalise and cut as ``failed`` says."""
+        return self._strike(self._capped, self.cap_refusals, source, now, RECONNECT_LOOP)
+
+    def _strike(self, table: OrderedDict[str, _Failures], limit: int, source: str, now: float,
+                reason: str) -> list[Hashable] | None:
+        record = table.pop(source, None)
         if record is None or now - record.since > self.window:
             record = _Failures(0, now)
         record.count += 1
-        if record.count < self.failures:
-            self._failing[source] = record   # the most recent last: the oldest go first
-            while len(self._failing) > self.capacity:
-                self._failing.popitem(last=False)
+        if record.count < limit:
+            table[source] = record   # the most recent last: the oldest go first
+            while len(table) > self.capacity:
+                table.popitem(last=False)
             return None
         mine = self._open.get(source, {})
-        return [self._take_oldest(source, PENALISED) for _ in range(len(mine))]
+        return [self._take_oldest(source, reason) for _ in range(len(mine))]
 
     def _take_oldest(self, source: str, reason: str) -> Hashable:
         mine = self._open[source]

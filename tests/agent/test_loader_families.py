@@ -17,7 +17,8 @@ import pytest
 from shoal.agent.compiler import Endpoint, PolicyEntry
 from shoal.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND
 from shoal.datapath.origdst import OriginalDestinations
-from shoal.datapath.structs import ENDPOINT_MESHED, ENDPOINT_STRICT
+from shoal.datapath.penaltybox import KernelPenaltyBox
+from shoal.datapath.structs import DROP_RATE_LIMITED, ENDPOINT_MESHED, ENDPOINT_STRICT
 from tests.agent.agentbed import CHECKSUM_SOURCE, ID_A, ID_B, finish, serve_once
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
@@ -206,6 +207,38 @@ def test_inbound_ipv6_tcp_is_steered_to_the_proxy(agent_bed, datapath, meshed_b6
     assert finish(client)["reply"] == "pong"
     conn.close()
     assert_nothing_accepted(meshed_b6[8080])
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_source_the_proxy_boxed_has_its_syns_to_15008_dropped_in_the_kernel(
+        agent_bed, datapath, meshed_b, meshed_b6, events, family):
+    """Attack (issue 18's handshake flood): a boxed source refused at accept still cost an
+    accept and a reset per reconnect, thousands a second. Boxed in the kernel map, its SYNs
+    to 15008 never reach the proxy (dropped, counted, reported); its connections to other
+    ports, and to 15008 once the box expires, are served as before."""
+    _dp, maps = datapath
+    listeners, host = (meshed_b, agent_bed.b.ip) if family == 4 else (meshed_b6, agent_bed.b.ip6)
+    source = agent_bed.a.ip if family == 4 else agent_bed.a.ip6
+    with KernelPenaltyBox(agent_bed.pin_dir) as box:
+        box.box(source, seconds=3.0)
+        before = maps.counters()["tc_hbone_boxed"]
+        boxed = agent_bed.a.connect(host, PORT_HBONE, timeout=1.5)
+        assert not boxed["ok"] and "timed out" in boxed["error"], boxed    # dropped: no RST, no accept
+        assert maps.counters()["tc_hbone_boxed"] > before                # the SYN and its retransmit
+        assert_nothing_accepted(listeners[PORT_HBONE])
+        dropped = flows(events, verdict="DROPPED", kind="tc", dst_port=PORT_HBONE)
+        assert dropped and dropped[-1].drop_reason == DROP_RATE_LIMITED and dropped[-1].src_ip == source
+
+        other_port = agent_bed.a.connect(host, 8080, wait=False)          # the box covers 15008 only
+        conn, _ = serve_once(listeners[PORT_INBOUND_PLAINTEXT])
+        assert finish(other_port)["reply"] == "pong"
+        conn.close()
+
+        box.box(source, seconds=0.0)                                      # expired
+        served = agent_bed.a.connect(host, PORT_HBONE, wait=False)
+        conn, _ = serve_once(listeners[PORT_HBONE])
+        assert finish(served)["reply"] == "pong"
+        conn.close()
 
 
 @pytest.mark.parametrize("family", [4, 6])

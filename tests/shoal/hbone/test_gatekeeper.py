@@ -10,7 +10,7 @@ import ssl
 import pytest
 
 from shoal.hbone.gatekeeper import PENALTY, Gatekeeper, handshake_failure, reset_socket
-from shoal.hbone.handshakes import SOURCE_CAP, HandshakeLimits
+from shoal.hbone.handshakes import RECONNECT_LOOP, SOURCE_CAP, HandshakeLimits
 from shoal.hbone.issuer import IdentityManager
 from tests.devca import DevCA
 
@@ -35,7 +35,8 @@ class Door:
 
     def __init__(self, limits: HandshakeLimits, context: ssl.SSLContext) -> None:
         self.counted: list[str] = []
-        self.keeper = Gatekeeper(limits, self.counted.append)
+        self.boxed: list[tuple[str, float]] = []   # what a box below userspace is told
+        self.keeper = Gatekeeper(limits, self.counted.append, on_boxed=lambda *boxing: self.boxed.append(boxing))
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.setblocking(False)
         self.port = self.listener.getsockname()[1]
@@ -117,6 +118,29 @@ async def test_a_source_over_its_cap_is_reset_at_accept_and_another_source_gets_
         await door.close()
 
 
+async def test_a_source_dialling_again_and_again_at_its_cap_is_boxed_and_its_holders_cut():
+    """The handshake flood: holders that never finish keep the source at its cap, and every
+    refusal at accept is followed by another dial. The cap alone never boxed it."""
+    door = Door(HandshakeLimits(per_source=2, cap_refusals=3, penalty=30.0), ssl.create_default_context(
+        ssl.Purpose.CLIENT_AUTH))
+    holders = [await door.dial(ABUSER) for _ in range(2)]   # never start TLS
+    try:
+        for _ in range(3):
+            refused = await door.dial(ABUSER)
+            assert await ended(refused, 1.0)
+            refused.close()
+        await door.settle(lambda: door.boxed == [(ABUSER, 30.0)], "boxed for the loop")
+        assert door.counted[:3] == [SOURCE_CAP] * 3
+        assert all([await ended(sock, 1.0) for sock in holders])   # cut at once, not at the timeout
+        await door.settle(lambda: door.counted.count(RECONNECT_LOOP) == 2, "its holders cut")
+        assert door.keeper.refused_at_accept(ABUSER) == PENALTY
+        assert door.keeper.refused_at_accept(OTHER) is None
+    finally:
+        for sock in holders:
+            sock.close()
+        await door.close()
+
+
 async def test_a_source_failing_handshakes_is_boxed_its_handshakes_cut_and_refused_at_accept():
     ca = DevCA()
     server = await IdentityManager(ca.sign).get(SERVER_ID)
@@ -131,6 +155,7 @@ async def test_a_source_failing_handshakes_is_boxed_its_handshakes_cut_and_refus
             sock.close()
         await door.settle(lambda: door.counted.count("handshake_failures") == 1, "boxed")
         assert door.counted == ["tls_handshake", "tls_handshake", "handshake_failures"]
+        assert door.boxed == [(FAILING, 30.0)]   # the node proxy drops its SYNs to 15008 as long
         assert await ended(waiting, 1.0)   # cut at once, not at the 10 s timeout
         later = await door.dial(FAILING)
         assert await ended(later, 1.0)
@@ -146,9 +171,11 @@ async def test_only_abuse_boxes_a_source_not_a_malformed_frame():
     door = Door(HandshakeLimits(), ssl.create_default_context(ssl.Purpose.CLIENT_AUTH))
     try:
         door.keeper.abused(OTHER, "h2_protocol")
-        assert door.keeper.refused_at_accept(OTHER) is None
+        assert door.keeper.refused_at_accept(OTHER) is None and door.boxed == []
         door.keeper.abused(OTHER, "ping_flood")
         assert door.keeper.refused_at_accept(OTHER) == PENALTY
+        door.keeper.abused(OTHER, "ping_flood")   # a repeat: the wait doubles, below userspace too
+        assert door.boxed == [(OTHER, 2.0), (OTHER, 4.0)]
         assert door.keeper.refused_at_accept(ABUSER) is None
     finally:
         await door.close()

@@ -8,7 +8,7 @@ import argparse
 import pytest
 
 from shoal.hbone import handshakes
-from shoal.hbone.handshakes import EVICTED, PENALISED, SOURCE_CAP, HandshakeGate, HandshakeLimits
+from shoal.hbone.handshakes import EVICTED, PENALISED, RECONNECT_LOOP, SOURCE_CAP, HandshakeGate, HandshakeLimits
 
 ABUSER, OTHER, THIRD = "10.0.0.66", "10.0.0.7", "10.0.0.8"
 
@@ -63,6 +63,19 @@ def test_a_source_failing_again_and_again_is_reported_once_with_its_handshakes_i
     assert gate.failed(ABUSER, 6.0) is None         # counting starts over
 
 
+def test_a_source_dialling_again_and_again_at_its_cap_is_reported_with_its_holders():
+    """The handshake flood's holders: always at the cap, each freed slot taken back at once."""
+    gate = HandshakeGate(per_source=2, cap_refusals=4, window=10.0)
+    gate.admit(ABUSER, "h1"), gate.admit(ABUSER, "h2"), gate.admit(OTHER, "o")
+    assert gate.admit(ABUSER, "h3") == (SOURCE_CAP, [])
+    assert [gate.refused_at_cap(ABUSER, float(n)) for n in range(3)] == [None] * 3
+    assert gate.refused_at_cap(ABUSER, 3.0) == ["h1", "h2"]
+    assert gate.finish(ABUSER, "h1") == RECONNECT_LOOP and gate.finish(OTHER, "o") is None
+    assert gate.failed(ABUSER, 4.0) is None          # a count of its own, not the failures'
+    # A burst that meets the cap now and then, slower than the window, is never reported.
+    assert all(gate.refused_at_cap(OTHER, 11.0 * n) is None for n in range(100))
+
+
 def test_failures_spread_wider_than_the_window_are_forgiven():
     gate = HandshakeGate(failures=3, window=10.0)
     assert all(gate.failed(ABUSER, 11.0 * n) is None for n in range(100))
@@ -100,11 +113,11 @@ def test_the_flags_default_to_the_limits_and_set_each_of_them():
     assert parse() == HandshakeLimits() == HandshakeLimits(128, 256, 20, 60.0, 2.0, 60.0, 10.0)
     limits = parse("--max-handshakes-per-source", "8", "--max-handshakes", "32", "--handshake-failures", "5",
                    "--handshake-failure-window", "10", "--abuser-penalty", "1.5", "--abuser-longest-penalty", "30",
-                   "--handshake-timeout", "2.5")
+                   "--handshake-timeout", "2.5", "--handshake-cap-refusals", "50")
     assert limits == HandshakeLimits(per_source=8, total=32, failures=5, window=10.0, penalty=1.5,
-                                     longest_penalty=30.0, timeout=2.5)
+                                     longest_penalty=30.0, timeout=2.5, cap_refusals=50)
     gate, box = limits.gate(), limits.penalty_box()
-    assert (gate.per_source, gate.total, gate.failures, gate.window) == (8, 32, 5, 10.0)
+    assert (gate.per_source, gate.total, gate.failures, gate.window, gate.cap_refusals) == (8, 32, 5, 10.0, 50)
     assert (box.first, box.longest) == (1.5, 30.0)
 
 
@@ -112,6 +125,7 @@ def test_the_flags_default_to_the_limits_and_set_each_of_them():
     (["--max-handshakes-per-source", "0"], "--max-handshakes-per-source must be at least 1"),
     (["--max-handshakes", "64"], "--max-handshakes must be at least the per-source cap"),   # 128 per source
     (["--handshake-failures", "0"], "--handshake-failures must be at least 1"),
+    (["--handshake-cap-refusals", "0"], "--handshake-cap-refusals must be at least 1"),
     (["--handshake-failure-window", "-1"], "--handshake-failure-window must be positive"),
     (["--abuser-penalty", "0"], "--abuser-penalty must be positive"),
     (["--abuser-penalty", "90"], "--abuser-longest-penalty must be at least the first penalty"),
