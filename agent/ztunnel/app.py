@@ -58,7 +58,7 @@ from shoal.agent.ztunnel.netns import NetnsHandle
 from shoal.agent.ztunnel.proxy import LISTENER_KINDS, PodRegistry
 from shoal.agent.ztunnel.shedding import ShedPolicy
 from shoal.agent.ztunnel.telemetry import ConnectionTelemetry, ProxyMetrics
-from shoal.datapath.penaltybox import LazyKernelPenaltyBox
+from shoal.datapath.penaltybox import PenaltyBoxPublisher
 from shoal.hbone.identity import HeldIdentities, Identities, Signer, Svid
 from shoal.hbone.pool import HbonePool
 from shoal.memdebug import rss_kib
@@ -360,7 +360,7 @@ async def main(config: ProxyConfig, install_signals: bool = True) -> None:
     if config.is_worker:
         exit_with_parent()
     log.info("open-file limit %d", raise_open_file_limit())
-    kernel_box = LazyKernelPenaltyBox(config.layout.bpf_pin_dir(config.node))
+    kernel_box = PenaltyBoxPublisher(config.layout.bpf_pin_dir(config.node))
     app = ProxyApp(config, origdst=_LazyOrigdst(config), flows=True, kernel_box=kernel_box.box)
     role = f"worker {config.worker_index} of the " if config.is_worker else ""
     log.info("%snode proxy for %s starting (pid %d)", role, config.node, os.getpid())

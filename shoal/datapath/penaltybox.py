@@ -57,31 +57,28 @@ class KernelPenaltyBox:
         self.close()
 
 
-class LazyKernelPenaltyBox:
-    """A ``KernelPenaltyBox`` opened on the first boxing (the proxy may start before the
-    agent pins the map). Without the map the source stays boxed in userspace only: said
-    once, and tried again at the next boxing."""
+class PenaltyBoxPublisher:
+    """What the node proxy's gatekeeper calls at each boxing: the pinned map opened anew
+    each time (boxings are rare; a proxy started before the agent, or an agent that
+    replaced the map on upgrade, is then never written to a stale map). Without the map,
+    or when the write fails, the source stays boxed in userspace only: said once per kind
+    of failure, and tried again at the next boxing. Never raises: a boxing runs in the
+    acceptor."""
 
     def __init__(self, pin_dir: Path | str):
         self._pin_dir = Path(pin_dir)
-        self._box: KernelPenaltyBox | None = None
-        self._warned = False
+        self._warned: set[str] = set()
 
     def box(self, source: str, seconds: float) -> bool:
         """True when the kernel drops ``source``'s SYNs to 15008 for ``seconds``."""
-        if self._box is None:
-            try:
-                self._box = KernelPenaltyBox(self._pin_dir)
-            except OSError as exc:
-                if not self._warned:
-                    self._warned = True
-                    log.warning("penalty box: no %s map under %s (%s): boxed sources are refused at "
-                                "accept only", MAP_NAME, self._pin_dir, exc)
-                return False
-        self._box.box(source, seconds)
+        try:
+            with KernelPenaltyBox(self._pin_dir) as box:
+                box.box(source, seconds)
+        except (OSError, ValueError) as exc:   # no map, a failed write; a source not an address
+            kind = f"{type(exc).__name__}{getattr(exc, 'errno', '')}"
+            if kind not in self._warned:
+                self._warned.add(kind)
+                log.warning("penalty box: %s under %s not written (%s): boxed sources are refused at "
+                            "accept only", MAP_NAME, self._pin_dir, exc)
+            return False
         return True
-
-    def close(self) -> None:
-        if self._box is not None:
-            self._box.close()
-            self._box = None

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from shoal.datapath.penaltybox import MAP_NAME, KernelPenaltyBox, LazyKernelPenaltyBox
+from shoal.datapath.penaltybox import MAP_NAME, KernelPenaltyBox, PenaltyBoxPublisher
 from tests.agent.agentbed import agent_bed, datapath  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(60)]
@@ -25,17 +25,14 @@ def test_a_boxing_writes_its_expiry_on_the_kernels_clock_for_either_family(agent
         assert box.until("10.99.0.7") <= time.monotonic_ns() + 1e9
 
 
-def test_the_lazy_box_opens_the_map_once_the_agent_pinned_it(agent_bed, datapath, tmp_path, caplog):
-    missing = LazyKernelPenaltyBox(tmp_path / "no-agent-yet")
+def test_the_publisher_writes_once_the_agent_pinned_the_map_and_never_raises(agent_bed, datapath, tmp_path,
+                                                                              caplog):
+    missing = PenaltyBoxPublisher(tmp_path / "no-agent-yet")
     with caplog.at_level(logging.WARNING, logger="shoal.datapath.penaltybox"):
         assert missing.box("10.99.0.9", 2.0) is False
         assert missing.box("10.99.0.9", 2.0) is False
-    assert [r.message.count(MAP_NAME) for r in caplog.records] == [1]   # said once
-
-    lazy = LazyKernelPenaltyBox(agent_bed.pin_dir)
-    try:
-        assert lazy.box("10.99.0.9", 2.0) is True
-        with KernelPenaltyBox(agent_bed.pin_dir) as box:
-            assert box.until("10.99.0.9") is not None
-    finally:
-        lazy.close()
+        assert PenaltyBoxPublisher(agent_bed.pin_dir).box("not an address", 2.0) is False
+    assert [r.message.count(MAP_NAME) for r in caplog.records] == [1, 1]   # once per kind of failure
+    assert PenaltyBoxPublisher(agent_bed.pin_dir).box("10.99.0.9", 2.0) is True
+    with KernelPenaltyBox(agent_bed.pin_dir) as box:
+        assert box.until("10.99.0.9") is not None
