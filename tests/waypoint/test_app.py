@@ -243,7 +243,8 @@ async def test_a_handshake_flood_from_one_source_costs_another_client_nothing(tm
         "--name", "waypoint", "--namespace", "demo", "--hbone", f"127.0.0.1:{port}",
         "--static-service", f"demo/web=127.0.0.1:{backend_port}", "--metrics-port", "0", "--ready-port", "0",
         "--no-flows", "--access-log", "", "--max-handshakes-per-source", "20", "--max-handshakes", "64",
-        "--handshake-failures", "6", "--abuser-penalty", "30"], env={})
+        "--handshake-failures", "6", "--abuser-penalty", "30",
+        "--handshake-cap-refusals", "1000000"], env={})   # the cap's loop rule: test_gatekeeper
     ca = DevCA()
     app = WaypointApp(config, signer=ca.sign)
     await app.start()
